@@ -1,0 +1,1 @@
+"""tagway's way out: the ClickHouse schema and store, the OpenTelemetry span exporter and its durable processor."""

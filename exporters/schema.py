@@ -1,0 +1,292 @@
+"""ClickHouse schema: versioned migrations, the same code for a single node (embedded chDB or a server) and a
+cluster (`ON CLUSTER`, Replicated*MergeTree local tables behind Distributed tables).
+
+`otel_traces` and its `_trace_id_ts` helper and MV copy the OpenTelemetry Collector ClickHouse exporter's DDL
+(exporter/clickhouseexporter/internal/sqltemplates/traces_table.sql), so a Collector, Grafana's ClickHouse trace
+view and tagway can share the table. `llm_calls` is one typed row per LLM call, filled by a materialized view
+from the `tagway.kind = 'call'` spans. Migrations are append-only: never edit an applied one, add the next.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from . import semconv as sc
+from .store import Store
+
+__all__ = ["SchemaSettings", "MIGRATIONS", "migrate", "applied_versions", "statements_for"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SchemaSettings:
+    database: str = ""  # "" = the client's current database
+    cluster: str = ""  # "" = single node; a name = ON CLUSTER + Replicated*MergeTree + Distributed
+    ttl_days: int = 0  # 0 = keep forever
+
+    def on_cluster(self) -> str:
+        return f" ON CLUSTER `{self.cluster}`" if self.cluster else ""
+
+    def name(self, table: str) -> str:
+        return f"`{self.database}`.`{table}`" if self.database else f"`{table}`"
+
+    def local(self, table: str) -> str:
+        """Where rows physically live: the table itself on one node, `<table>_local` on a cluster."""
+        return self.name(f"{table}_local" if self.cluster else table)
+
+    def engine(self, table: str, kind: str = "MergeTree") -> str:
+        if not self.cluster:
+            return f"{kind}()"
+        db = self.database or "{database}"
+        return f"Replicated{kind}('/clickhouse/tables/{{shard}}/{db}/{table}_local', '{{replica}}')"
+
+    def ttl(self, column: str) -> str:
+        return f"TTL toDateTime({column}) + toIntervalDay({self.ttl_days})" if self.ttl_days > 0 else ""
+
+
+def _table(s: SchemaSettings, table: str, columns: str, tail: str, kind: str = "MergeTree",
+           sharding_key: str = "rand()") -> list[str]:
+    """CREATE the (local) table and, on a cluster, the Distributed table in front of it."""
+    stmts = [f"CREATE TABLE IF NOT EXISTS {s.local(table)}{s.on_cluster()} (\n{columns}\n) ENGINE = {s.engine(table, kind)}\n{tail}"]
+    if s.cluster:
+        db = s.database or "currentDatabase()"
+        db_arg = f"'{s.database}'" if s.database else db
+        stmts.append(
+            f"CREATE TABLE IF NOT EXISTS {s.name(table)}{s.on_cluster()} AS {s.local(table)}\n"
+            f"ENGINE = Distributed('{s.cluster}', {db_arg}, '{table}_local', {sharding_key})"
+        )
+    return stmts
+
+
+OTEL_TRACES_COLUMNS = """    Timestamp DateTime64(9) CODEC(Delta, ZSTD(1)),
+    TraceId String CODEC(ZSTD(1)),
+    SpanId String CODEC(ZSTD(1)),
+    ParentSpanId String CODEC(ZSTD(1)),
+    TraceState String CODEC(ZSTD(1)),
+    SpanName LowCardinality(String) CODEC(ZSTD(1)),
+    SpanKind LowCardinality(String) CODEC(ZSTD(1)),
+    ServiceName LowCardinality(String) CODEC(ZSTD(1)),
+    ResourceAttributes Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    ScopeName String CODEC(ZSTD(1)),
+    ScopeVersion String CODEC(ZSTD(1)),
+    SpanAttributes Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    Duration UInt64 CODEC(ZSTD(1)),
+    StatusCode LowCardinality(String) CODEC(ZSTD(1)),
+    StatusMessage String CODEC(ZSTD(1)),
+    Events Nested (
+        Timestamp DateTime64(9),
+        Name LowCardinality(String),
+        Attributes Map(LowCardinality(String), String)
+    ) CODEC(ZSTD(1)),
+    Links Nested (
+        TraceId String,
+        SpanId String,
+        TraceState String,
+        Attributes Map(LowCardinality(String), String)
+    ) CODEC(ZSTD(1)),
+    INDEX idx_trace_id TraceId TYPE bloom_filter(0.001) GRANULARITY 1,
+    INDEX idx_res_attr_key mapKeys(ResourceAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_res_attr_value mapValues(ResourceAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_span_attr_key mapKeys(SpanAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_span_attr_value mapValues(SpanAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_duration Duration TYPE minmax GRANULARITY 1"""
+
+
+def _m1_otel_traces(s: SchemaSettings) -> list[str]:
+    stmts = _table(s, "otel_traces", OTEL_TRACES_COLUMNS,
+                   "PARTITION BY toDate(Timestamp)\nORDER BY (ServiceName, SpanName, toDateTime(Timestamp))\n"
+                   f"{s.ttl('Timestamp')}\nSETTINGS index_granularity=8192, ttl_only_drop_parts = 1")
+    stmts += _table(s, "otel_traces_trace_id_ts", """    TraceId String CODEC(ZSTD(1)),
+    Start DateTime CODEC(Delta, ZSTD(1)),
+    End DateTime CODEC(Delta, ZSTD(1)),
+    INDEX idx_trace_id TraceId TYPE bloom_filter(0.01) GRANULARITY 1""",
+                    "PARTITION BY toDate(Start)\nORDER BY (TraceId, Start)\n"
+                    f"{s.ttl('Start')}\nSETTINGS index_granularity=8192, ttl_only_drop_parts = 1")
+    stmts.append(
+        f"CREATE MATERIALIZED VIEW IF NOT EXISTS {s.local('otel_traces_trace_id_ts_mv')}{s.on_cluster()}\n"
+        f"TO {s.local('otel_traces_trace_id_ts')}\n"
+        "AS SELECT TraceId, min(Timestamp) AS Start, max(Timestamp) AS End\n"
+        f"FROM {s.local('otel_traces')}\nWHERE TraceId != ''\nGROUP BY TraceId"
+    )
+    return stmts
+
+
+LLM_CALLS_COLUMNS = """    Timestamp DateTime64(9) CODEC(Delta, ZSTD(1)),
+    trace_id String CODEC(ZSTD(1)),
+    span_id String CODEC(ZSTD(1)),
+    service_name LowCardinality(String),
+    customer LowCardinality(String),
+    intent LowCardinality(String),
+    prompt_version LowCardinality(String),
+    tags Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    operation LowCardinality(String),
+    model_requested LowCardinality(String),
+    model_served LowCardinality(String),
+    provider LowCardinality(String),
+    deployment LowCardinality(String),
+    stream Bool,
+    status LowCardinality(String),
+    error_type LowCardinality(String),
+    http_status UInt16,
+    attempts UInt8,
+    latency_ms Float64,
+    ttft_ms Nullable(Float64),
+    input_tokens UInt32,
+    output_tokens UInt32,
+    cost_usd Float64,
+    finish_reasons String,
+    source LowCardinality(String),
+    key_id LowCardinality(String),
+    end_user String CODEC(ZSTD(1)),
+    client_disconnected Bool,
+    request_json String CODEC(ZSTD(3)),
+    system_instructions String CODEC(ZSTD(3)),
+    request_params String CODEC(ZSTD(3)),
+    response_json String CODEC(ZSTD(3)),
+    replay_run_id String,
+    replay_candidate LowCardinality(String),
+    replay_case_id String,
+    INDEX idx_trace_id trace_id TYPE bloom_filter(0.001) GRANULARITY 1,
+    INDEX idx_tag_keys mapKeys(tags) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_run replay_run_id TYPE bloom_filter(0.01) GRANULARITY 1"""
+
+
+def _a(name: str) -> str:
+    return f"SpanAttributes['{name}']"
+
+
+def _m2_llm_calls(s: SchemaSettings) -> list[str]:
+    stmts = _table(s, "llm_calls", LLM_CALLS_COLUMNS,
+                   "PARTITION BY toDate(Timestamp)\nORDER BY (customer, intent, Timestamp)\n"
+                   f"{s.ttl('Timestamp')}\nSETTINGS index_granularity=8192, ttl_only_drop_parts = 1",
+                   sharding_key="cityHash64(trace_id)")
+    prefix_len = len(sc.TAG_PREFIX)
+    stmts.append(f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {s.local('llm_calls_mv')}{s.on_cluster()}
+TO {s.local('llm_calls')}
+AS SELECT
+    Timestamp,
+    TraceId AS trace_id,
+    SpanId AS span_id,
+    ServiceName AS service_name,
+    {_a(sc.CUSTOMER)} AS customer,
+    {_a(sc.INTENT)} AS intent,
+    {_a(sc.PROMPT_VERSION)} AS prompt_version,
+    mapApply((k, v) -> (substring(k, {prefix_len + 1}), v),
+             mapFilter((k, v) -> startsWith(k, '{sc.TAG_PREFIX}'), SpanAttributes)) AS tags,
+    {_a(sc.OPERATION)} AS operation,
+    {_a(sc.REQUESTED_MODEL)} AS model_requested,
+    if({_a(sc.RESPONSE_MODEL)} != '', {_a(sc.RESPONSE_MODEL)}, {_a(sc.REQUEST_MODEL)}) AS model_served,
+    {_a(sc.PROVIDER)} AS provider,
+    {_a(sc.DEPLOYMENT)} AS deployment,
+    {_a(sc.REQUEST_STREAM)} = 'true' AS stream,
+    if(StatusCode = 'Error', 'error', 'ok') AS status,
+    {_a(sc.ERROR_TYPE)} AS error_type,
+    toUInt16OrZero({_a(sc.HTTP_STATUS)}) AS http_status,
+    toUInt8OrZero({_a(sc.ATTEMPTS)}) AS attempts,
+    Duration / 1e6 AS latency_ms,
+    toFloat64OrNull({_a(sc.TIME_TO_FIRST_CHUNK)}) * 1000 AS ttft_ms,
+    toUInt32OrZero({_a(sc.INPUT_TOKENS)}) AS input_tokens,
+    toUInt32OrZero({_a(sc.OUTPUT_TOKENS)}) AS output_tokens,
+    toFloat64OrZero({_a(sc.COST_USD)}) AS cost_usd,
+    {_a(sc.FINISH_REASONS)} AS finish_reasons,
+    {_a(sc.SOURCE)} AS source,
+    {_a(sc.KEY_ID)} AS key_id,
+    {_a(sc.END_USER)} AS end_user,
+    {_a(sc.CLIENT_DISCONNECTED)} = 'true' AS client_disconnected,
+    {_a(sc.INPUT_MESSAGES)} AS request_json,
+    {_a(sc.SYSTEM_INSTRUCTIONS)} AS system_instructions,
+    {_a(sc.REQUEST_PARAMS)} AS request_params,
+    {_a(sc.OUTPUT_MESSAGES)} AS response_json,
+    {_a(sc.REPLAY_RUN_ID)} AS replay_run_id,
+    {_a(sc.REPLAY_CANDIDATE)} AS replay_candidate,
+    {_a(sc.REPLAY_CASE_ID)} AS replay_case_id
+FROM {s.local('otel_traces')}
+WHERE {_a(sc.KIND)} = 'call'""")
+    return stmts
+
+
+def _m3_replay(s: SchemaSettings) -> list[str]:
+    stmts = _table(s, "replay_runs", """    run_id String,
+    created_at DateTime64(3),
+    finished_at Nullable(DateTime64(3)),
+    status LowCardinality(String),
+    spec_json String CODEC(ZSTD(3)),
+    dataset_id String,
+    judge_version LowCardinality(String),
+    candidates Array(String),
+    segment_by Array(String),
+    n_cases UInt32,
+    verdict LowCardinality(String),
+    report_json String CODEC(ZSTD(3)),
+    version UInt64""", "ORDER BY run_id", kind="ReplacingMergeTree", sharding_key="cityHash64(run_id)")
+    # ReplacingMergeTree(version) would need the column in the engine args; keep the latest row by `version` at
+    # read time (argMax) instead, which also works before merges happen.
+    stmts += _table(s, "replay_results", """    run_id String,
+    case_id String,
+    candidate LowCardinality(String),
+    Timestamp DateTime64(9),
+    trace_id String,
+    customer LowCardinality(String),
+    intent LowCardinality(String),
+    prompt_version LowCardinality(String),
+    model LowCardinality(String),
+    segment String,
+    tags Map(LowCardinality(String), String),
+    dataset_id String,
+    judge_version LowCardinality(String),
+    status LowCardinality(String),
+    passed Nullable(Bool),
+    score Nullable(Float64),
+    error String,
+    evaluations String CODEC(ZSTD(3)),
+    output String CODEC(ZSTD(3)),
+    latency_ms Float64,
+    cost_usd Float64,
+    input_tokens UInt32,
+    output_tokens UInt32""", "ORDER BY (run_id, candidate, case_id)", sharding_key="cityHash64(run_id)")
+    return stmts
+
+
+Migration = tuple[int, str, Callable[[SchemaSettings], list[str]]]
+
+MIGRATIONS: list[Migration] = [
+    (1, "otel_traces (OpenTelemetry Collector layout) and trace-id helper", _m1_otel_traces),
+    (2, "llm_calls and its materialized view", _m2_llm_calls),
+    (3, "replay_runs and replay_results", _m3_replay),
+]
+
+
+def statements_for(settings: SchemaSettings, upto: int | None = None) -> list[tuple[int, str]]:
+    """Every statement of every migration (version, sql), for review or `tagway db migrate --print`."""
+    return [(v, sql) for v, _, fn in MIGRATIONS if upto is None or v <= upto for sql in fn(settings)]
+
+
+def _versions_table(s: SchemaSettings) -> str:
+    return s.name("tagway_schema_migrations")
+
+
+def applied_versions(store: Store, settings: SchemaSettings = SchemaSettings()) -> set[int]:
+    store.command(
+        f"CREATE TABLE IF NOT EXISTS {_versions_table(settings)}{settings.on_cluster()} "
+        "(version UInt32, name String, applied_at DateTime DEFAULT now()) "
+        f"ENGINE = {settings.engine('tagway_schema_migrations')} ORDER BY version"
+    )
+    rows, _ = store.query_rows(f"SELECT DISTINCT version FROM {_versions_table(settings)}")
+    return {int(r[0]) for r in rows}
+
+
+def migrate(store: Store, settings: SchemaSettings = SchemaSettings()) -> list[int]:
+    """Apply the migrations not yet applied, in order. Returns the versions applied now. Every statement is
+    `IF NOT EXISTS`, so two gateways migrating at the same time at start-up do no harm."""
+    if settings.database:
+        store.command(f"CREATE DATABASE IF NOT EXISTS `{settings.database}`{settings.on_cluster()}")
+    done = applied_versions(store, settings)
+    applied: list[int] = []
+    for version, name, fn in MIGRATIONS:
+        if version in done:
+            continue
+        for sql in fn(settings):
+            store.command(sql)
+        store.command(f"INSERT INTO {_versions_table(settings)} (version, name) VALUES ({version}, {{name:String}})",
+                      parameters={"name": name})
+        applied.append(version)
+    return applied

@@ -1,0 +1,187 @@
+"""One way to reach ClickHouse: `connect(dsn)` returns a `Store` over clickhouse-connect's `get_client`.
+
+`chdb:///<dir>` runs the ClickHouse engine in-process (the embedded default); `http(s)://user:pass@host:8123/db`
+talks to a server or cluster. The SQL is the same in both modes.
+
+chDB facts that shape this module (see DESIGN.md): one process per data directory, one directory per process,
+statements on a session run one at a time. So a process shares one client per DSN (reference counted), every
+statement goes through a lock, and a second process gets a clear error from our own file lock instead of the
+engine's opaque "Error initializing EmbeddedServer".
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+from typing import Any, Sequence
+
+import clickhouse_connect
+from clickhouse_connect.driver.exceptions import ClickHouseError
+
+__all__ = ["Store", "StoreError", "StoreLockedError", "connect", "is_embedded"]
+
+
+class StoreError(RuntimeError):
+    """ClickHouse could not be reached or refused a statement."""
+
+
+class StoreLockedError(StoreError):
+    """Another process holds the embedded data directory."""
+
+
+def is_embedded(dsn: str) -> bool:
+    return dsn.startswith("chdb:")
+
+
+def _chdb_path(dsn: str) -> str:
+    path = dsn[len("chdb://"):] if dsn.startswith("chdb://") else dsn[len("chdb:"):]
+    path = path.split("?", 1)[0]
+    if path in ("", ":memory:"):
+        return ":memory:"
+    return os.path.realpath(path)
+
+
+class Store:
+    """A thread-safe handle on one ClickHouse client. Statements are serialised (chDB needs it; a server does not
+    mind) and every driver error surfaces as `StoreError` with a one-line message."""
+
+    def __init__(self, dsn: str, client: Any, lock_fd: int | None) -> None:
+        self.dsn = dsn
+        self._client = client
+        self._lock = threading.RLock()
+        self._lock_fd = lock_fd
+        self._refs = 1
+        self.embedded = is_embedded(dsn)
+
+    # -- statements -------------------------------------------------------------------------------------------
+    def command(self, sql: str, parameters: dict | None = None, settings: dict | None = None) -> Any:
+        with self._lock:
+            try:
+                return self._client.command(sql, parameters=parameters, settings=settings)
+            except ClickHouseError as e:
+                raise StoreError(_one_line(e)) from e
+            except OSError as e:
+                raise StoreError(f"ClickHouse unreachable: {e}") from e
+
+    def query(self, sql: str, parameters: dict | None = None, settings: dict | None = None) -> list[dict]:
+        """Rows as dicts (column name -> value)."""
+        rows, cols = self.query_rows(sql, parameters, settings)
+        return [dict(zip(cols, r)) for r in rows]
+
+    def query_rows(self, sql: str, parameters: dict | None = None,
+                   settings: dict | None = None) -> tuple[Sequence[Sequence[Any]], tuple[str, ...]]:
+        with self._lock:
+            try:
+                res = self._client.query(sql, parameters=parameters, settings=settings)
+            except ClickHouseError as e:
+                raise StoreError(_one_line(e)) from e
+            except OSError as e:
+                raise StoreError(f"ClickHouse unreachable: {e}") from e
+        return res.result_rows, tuple(res.column_names)
+
+    def insert_json_rows(self, table: str, body: bytes) -> None:
+        """Insert newline-separated JSON objects (JSONEachRow). The exporter builds these bytes once and either
+        sends them here or writes the very same bytes to the spool."""
+        if not body:
+            return
+        with self._lock:
+            try:
+                self._client.raw_insert(table, insert_block=body, fmt="JSONEachRow")
+            except ClickHouseError as e:
+                raise StoreError(_one_line(e)) from e
+            except OSError as e:
+                raise StoreError(f"ClickHouse unreachable: {e}") from e
+
+    def ping(self) -> bool:
+        with self._lock:
+            try:
+                return bool(self._client.ping())
+            except Exception:
+                return False
+
+    # -- lifetime ---------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        with _REGISTRY_LOCK:
+            self._refs -= 1
+            if self._refs > 0:
+                return
+            _REGISTRY.pop(self.dsn, None)
+        with self._lock:
+            try:
+                self._client.close()
+            finally:
+                if self._lock_fd is not None:
+                    os.close(self._lock_fd)  # releases the flock
+                    self._lock_fd = None
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_REGISTRY: dict[str, Store] = {}
+_REGISTRY_LOCK = threading.Lock()
+
+
+def connect(dsn: str, *, settings: dict[str, Any] | None = None, connect_timeout: float = 5,
+            send_receive_timeout: float = 30) -> Store:
+    """Open (or share) the client for `dsn`. Raises StoreError with a clear message when it cannot."""
+    key = dsn
+    with _REGISTRY_LOCK:
+        store = _REGISTRY.get(key)
+        if store is not None:
+            store._refs += 1
+            return store
+        lock_fd = None
+        try:
+            if is_embedded(dsn):
+                path = _chdb_path(dsn)
+                if path != ":memory:":
+                    os.makedirs(path, exist_ok=True)
+                    lock_fd = _lock_dir(path)
+                client = clickhouse_connect.get_client(dsn=f"chdb://{path}", settings=settings)
+            else:
+                client = clickhouse_connect.get_client(dsn=dsn, settings=settings, connect_timeout=connect_timeout,
+                                                       send_receive_timeout=send_receive_timeout)
+        except StoreError:
+            raise
+        except Exception as e:  # the driver raises several types for "cannot connect"
+            if lock_fd is not None:
+                os.close(lock_fd)
+            raise StoreError(f"cannot open ClickHouse at {redact_dsn(dsn)}: {_one_line(e)}") from e
+        store = Store(key, client, lock_fd)
+        _REGISTRY[key] = store
+        return store
+
+
+def _lock_dir(path: str) -> int:
+    fd = os.open(os.path.join(path, "tagway.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreLockedError(
+            f"the embedded store {path} is in use by another process (chDB allows one process per data directory);"
+            " stop the other tagway process, choose another data directory, or use a ClickHouse server DSN"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+def redact_dsn(dsn: str) -> str:
+    """Hide the password in a DSN for messages."""
+    if "://" not in dsn or "@" not in dsn:
+        return dsn
+    scheme, rest = dsn.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    first = next((line.strip() for line in text if line.strip()), type(e).__name__)
+    return first[:500]
