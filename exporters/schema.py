@@ -178,7 +178,7 @@ AS SELECT
     {_a(sc.PROVIDER)} AS provider,
     {_a(sc.DEPLOYMENT)} AS deployment,
     {_a(sc.REQUEST_STREAM)} = 'true' AS stream,
-    if(StatusCode = 'Error', 'error', 'ok') AS status,
+    multiIf({_a(sc.ERROR_TYPE)} = 'client_disconnected', 'cancelled', StatusCode = 'Error', 'error', 'ok') AS status,
     {_a(sc.ERROR_TYPE)} AS error_type,
     toUInt16OrZero({_a(sc.HTTP_STATUS)}) AS http_status,
     toUInt8OrZero({_a(sc.ATTEMPTS)}) AS attempts,

@@ -1,0 +1,263 @@
+"""Configuration: one YAML file plus `TAGWAY_*` environment overrides (`__` nests: TAGWAY_STORAGE__DSN), validated
+by pydantic at start-up and reported as one clear line per problem."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+__all__ = ["GatewayConfig", "ModelConfig", "TenantConfig", "KeyConfig", "Taxonomy", "ConfigError", "load_config",
+           "OPENAI_COMPATIBLE"]
+
+# Providers served by the pass-through client; anything else goes through litellm for translation.
+OPENAI_COMPATIBLE = {"openai", "azure", "vllm", "ollama", "openai_compatible", "together_ai", "groq", "deepseek",
+                     "mistral", "fireworks_ai", "openrouter"}
+NAME_RE = re.compile(r"^[a-z0-9_.-]{1,64}$")
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; `problems` holds one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MockConfig(_Strict):
+    latency_ms: float = 0.0
+    jitter_ms: float = 0.0
+    error_rate: float = Field(0.0, ge=0.0, le=1.0)
+    error_status: int = 503
+    seed: int = 0
+    reply: str | None = None  # fixed reply; default is a deterministic echo of the last user message
+    stream_chunk_words: int = 3
+
+
+class ModelConfig(_Strict):
+    name: str  # the public name clients ask for
+    provider: str = "openai"
+    model: str | None = None  # upstream model name; defaults to `name`
+    base_url: str | None = None
+    api_key_env: str | None = None  # name of the env var holding the provider key (never the key itself)
+    api_version: str | None = None  # azure
+    timeout: float = Field(60.0, gt=0)  # seconds, whole call (non-stream) / between chunks (stream)
+    connect_timeout: float = Field(5.0, gt=0)
+    fallbacks: list[str] = []
+    headers: dict[str, str] = {}
+    input_cost_per_token: float | None = None  # overrides litellm's local price map
+    output_cost_per_token: float | None = None
+    mock: MockConfig | None = None
+
+    @property
+    def upstream_model(self) -> str:
+        return self.model or self.name
+
+    @property
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+class KeyConfig(_Strict):
+    id: str
+    hash: str  # "sha256:<hex>" of the key; the key itself is never stored
+    customer: str | None = None  # set when the key lives in the keys file rather than under a tenant
+    revoked: bool = False
+    created_at: str | None = None
+    tags: dict[str, str] = {}  # key-bound tags: the highest authority
+
+
+class TenantConfig(_Strict):
+    customer: str
+    allowed_models: list[str] = ["*"]
+    may_set_customer: bool = False  # e.g. a platform key that serves many customers
+    capture_content: bool = True
+    tags: dict[str, str] = {}  # tenant-bound tags, e.g. {intent: support}
+    keys: list[KeyConfig] = []
+
+    def allows(self, model: str) -> bool:
+        return "*" in self.allowed_models or model in self.allowed_models
+
+
+class TagRule(_Strict):
+    values: list[str] | None = None  # None = any value
+
+
+class Taxonomy(_Strict):
+    keys: dict[str, TagRule] = {}  # known keys (customer/intent/prompt_version may list values too)
+    required: list[str] = []
+    unknown: Literal["keep", "drop", "reject"] = "keep"  # what an unknown key or value gets
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = 4000
+    max_body_bytes: int = 8 * 1024 * 1024
+
+
+class StorageConfig(_Strict):
+    data_dir: str = "./tagway-data"
+    dsn: str | None = None  # default chdb:///<data_dir>/clickhouse
+    spool_dir: str | None = None  # default <data_dir>/spool
+    database: str = ""
+    cluster: str = ""
+    ttl_days: int = Field(0, ge=0)
+
+    def resolved_dsn(self) -> str:
+        return self.dsn or f"chdb://{os.path.abspath(os.path.join(self.data_dir, 'clickhouse'))}"
+
+    def resolved_spool(self) -> str:
+        return self.spool_dir or os.path.abspath(os.path.join(self.data_dir, "spool"))
+
+
+class RecordingConfig(_Strict):
+    enabled: bool = True
+    capture_content: bool = True  # global switch; a tenant can turn it off for itself
+    redact_builtin: list[Literal["email", "card", "bearer"]] = ["email", "card", "bearer"]
+    redact_patterns: list[str] = []
+    batch_max_rows: int = Field(2000, ge=1)
+    batch_max_seconds: float = Field(1.0, gt=0)
+    queue_max: int = Field(50_000, ge=100)
+    service_name: str = "tagway"
+    source: str = "production"  # tagway.source when the request does not say
+
+    @field_validator("redact_patterns")
+    @classmethod
+    def _compiles(cls, v: list[str]) -> list[str]:
+        for p in v:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"redact pattern {p!r} does not compile: {e}") from None
+        return v
+
+
+class GatewayConfig(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TAGWAY_", env_nested_delimiter="__", extra="forbid")
+
+    server: ServerConfig = ServerConfig()
+    storage: StorageConfig = StorageConfig()
+    recording: RecordingConfig = RecordingConfig()
+    admin_key_env: str = "TAGWAY_ADMIN_KEY"
+    admin_key_hash: str | None = None
+    keys_file: str | None = None  # where `tagway keys create` stores hashes; default beside the config file
+    models: list[ModelConfig] = []
+    tenants: list[TenantConfig] = []
+    taxonomy: Taxonomy = Taxonomy()
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource) -> tuple:
+        # The YAML file arrives as init values; the environment overrides it (12-factor deployments).
+        return env_settings, init_settings
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "GatewayConfig":
+        problems: list[str] = []
+        names = [m.name for m in self.models]
+        for dup in sorted({n for n in names if names.count(n) > 1}):
+            problems.append(f"models: duplicate model name {dup!r}")
+        known = set(names)
+        for i, m in enumerate(self.models):
+            for fb in m.fallbacks:
+                if fb not in known:
+                    problems.append(f"models[{i}] ({m.name}).fallbacks: unknown model {fb!r}")
+                if fb == m.name:
+                    problems.append(f"models[{i}] ({m.name}).fallbacks: a model cannot fall back to itself")
+            if m.provider == "mock":
+                continue
+            if m.provider == "azure" and not (m.base_url and m.api_version):
+                problems.append(f"models[{i}] ({m.name}): azure needs base_url and api_version")
+            if m.provider not in OPENAI_COMPATIBLE and "/" in (m.model or ""):
+                problems.append(f"models[{i}] ({m.name}).model: give the upstream name without a provider prefix")
+        customers = [t.customer for t in self.tenants]
+        for dup in sorted({c for c in customers if customers.count(c) > 1}):
+            problems.append(f"tenants: duplicate customer {dup!r}")
+        key_ids: list[str] = []
+        for i, t in enumerate(self.tenants):
+            if not NAME_RE.match(t.customer):
+                problems.append(f"tenants[{i}].customer: {t.customer!r} must match [a-z0-9_.-]{{1,64}}")
+            for m in t.allowed_models:
+                if m != "*" and m not in known:
+                    problems.append(f"tenants[{i}] ({t.customer}).allowed_models: unknown model {m!r}")
+            for k in t.keys:
+                key_ids.append(k.id)
+                if not k.hash.startswith("sha256:"):
+                    problems.append(f"tenants[{i}] ({t.customer}).keys: key {k.id!r} hash must be 'sha256:<hex>'")
+        for dup in sorted({k for k in key_ids if key_ids.count(k) > 1}):
+            problems.append(f"tenants: duplicate key id {dup!r}")
+        for k in self.taxonomy.keys:
+            if not NAME_RE.match(k):
+                problems.append(f"taxonomy.keys: {k!r} must match [a-z0-9_.-]{{1,64}}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def model(self, name: str) -> ModelConfig | None:
+        return self._models_by_name().get(name)
+
+    def _models_by_name(self) -> dict[str, ModelConfig]:
+        cache = self.__dict__.get("_by_name_cache")
+        if cache is None:
+            cache = {m.name: m for m in self.models}
+            self.__dict__["_by_name_cache"] = cache
+        return cache
+
+    def tenant(self, customer: str) -> TenantConfig | None:
+        return next((t for t in self.tenants if t.customer == customer), None)
+
+
+def _format_errors(e: ValidationError) -> list[str]:
+    out = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown setting"
+        out.append(f"{loc}: {msg}" if loc else msg)
+    # cross-checks arrive as one message joined with "; "
+    return [p for line in out for p in line.split("; ")]
+
+
+def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> GatewayConfig:
+    """Load the YAML file at `path` (or $TAGWAY_CONFIG, or built-in defaults when neither is given), apply env
+    overrides, validate. Raises ConfigError with one line per problem."""
+    path = path or os.environ.get("TAGWAY_CONFIG")
+    data: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError([f"config file {str(p)!r} does not exist"])
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError([f"{p}: invalid YAML{where}: {getattr(e, 'problem', e)}"]) from None
+        except UnicodeDecodeError:
+            raise ConfigError([f"{p}: not UTF-8 text"]) from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError([f"{p}: the top level must be a mapping"])
+        data = loaded
+        if not data.get("keys_file"):
+            data["keys_file"] = str(p.with_name(p.stem + ".keys.yaml"))
+        base = p.parent
+        storage = data.get("storage") or {}
+        if isinstance(storage, dict) and storage.get("data_dir") and not os.path.isabs(storage["data_dir"]):
+            storage["data_dir"] = str(base / storage["data_dir"])
+    data.update(overrides)
+    try:
+        return GatewayConfig(**data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e)) from None
