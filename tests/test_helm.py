@@ -1,0 +1,239 @@
+"""The Helm chart in helm/tagway renders what production needs.
+
+Runs the real `helm` binary (`helm lint`, `helm template`) and parses the multi-document output with PyYAML.
+Skipped only when no helm binary is found; install one with `bash helm/scripts/install-helm.sh`.
+"""
+from __future__ import annotations
+
+import base64
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+CHART = Path(__file__).resolve().parent.parent / "helm" / "tagway"
+HELM = shutil.which("helm")
+
+pytestmark = pytest.mark.skipif(
+    HELM is None,
+    reason="helm binary not on PATH; install it with `bash helm/scripts/install-helm.sh` to run the chart tests",
+)
+
+
+def helm_template(tmp_path: Path, values: dict | None = None, chart: Path = CHART) -> list[dict]:
+    """`helm template` with a values file; returns the rendered documents (empty ones dropped)."""
+    args = [HELM, "template", "t", str(chart), "--namespace", "llm"]
+    if values is not None:
+        values_file = tmp_path / f"values-{len(list(tmp_path.glob('values-*')))}.yaml"
+        values_file.write_text(yaml.safe_dump(values))
+        args += ["-f", str(values_file)]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def helm_template_error(tmp_path: Path, values: dict) -> str:
+    values_file = tmp_path / "bad-values.yaml"
+    values_file.write_text(yaml.safe_dump(values))
+    out = subprocess.run([HELM, "template", "t", str(CHART), "-f", str(values_file)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0, "helm template should have refused these values"
+    return out.stderr
+
+
+def by_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def one(docs: list[dict], kind: str) -> dict:
+    found = by_kind(docs, kind)
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+def gateway_container(workload: dict) -> dict:
+    (container,) = [c for c in workload["spec"]["template"]["spec"]["containers"] if c["name"] == "gateway"]
+    return container
+
+
+def secret_data(secret: dict) -> dict[str, str]:
+    return {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+
+
+def chart_values() -> dict:
+    return yaml.safe_load((CHART / "values.yaml").read_text())
+
+
+def test_helm_lint_passes():
+    out = subprocess.run([HELM, "lint", "--strict", str(CHART)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_default_render_is_a_deployment_with_probes_security_and_spool(tmp_path):
+    docs = helm_template(tmp_path)
+    kinds = {d["kind"] for d in docs}
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ConfigMap", "Secret",
+            "ServiceAccount"} <= kinds
+    assert "StatefulSet" not in kinds and "ServiceMonitor" not in kinds
+
+    dep = one(docs, "Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    c = gateway_container(dep)
+    assert c["command"] == ["tagway"]
+    assert c["args"] == ["serve", "--config", "/etc/tagway/tagway.yaml", "--host", "0.0.0.0", "--port", "4000"]
+    assert c["ports"] == [{"name": "http", "containerPort": 4000, "protocol": "TCP"}]
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["resources"]["requests"]["cpu"]  # the HPA's CPU utilisation needs a request
+
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert mounts["spool"]["mountPath"] == "/var/lib/tagway/spool"
+    assert "emptyDir" in volumes["spool"]
+    assert mounts["config"]["mountPath"] == "/etc/tagway" and mounts["config"]["readOnly"] is True
+    assert volumes["config"]["configMap"]["name"] == one(docs, "ConfigMap")["metadata"]["name"]
+    assert pod["terminationGracePeriodSeconds"] >= 60  # SIGTERM flushes the spool
+    assert "checksum/config" in dep["spec"]["template"]["metadata"]["annotations"]
+    assert "replicas" not in dep["spec"]  # the HPA owns the replica count
+
+    # Secrets arrive as env vars named like the Secret's keys.
+    secret = one(docs, "Secret")
+    assert {"secretRef": {"name": secret["metadata"]["name"]}} in c["envFrom"]
+
+    labels = dep["metadata"]["labels"]
+    assert labels["app.kubernetes.io/name"] == "tagway" and labels["app.kubernetes.io/instance"] == "t"
+    assert labels["app.kubernetes.io/managed-by"] == "Helm"
+
+
+def test_service_hpa_and_pdb(tmp_path):
+    docs = helm_template(tmp_path)
+    svc = one(docs, "Service")
+    assert svc["spec"]["type"] == "ClusterIP"
+    assert svc["spec"]["ports"] == [{"name": "http", "port": 4000, "targetPort": "http", "protocol": "TCP"}]
+    dep = one(docs, "Deployment")
+    assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+
+    hpa = one(docs, "HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["minReplicas"] == 2 and hpa["spec"]["maxReplicas"] == 10
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                             "name": dep["metadata"]["name"]}
+    assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+
+    pdb = one(docs, "PodDisruptionBudget")
+    assert pdb["apiVersion"] == "policy/v1"
+    assert pdb["spec"]["selector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
+
+
+def test_secret_keys_are_env_var_names(tmp_path):
+    docs = helm_template(tmp_path, {"secrets": {
+        "adminKey": "admin-secret",
+        "clickhouseDsn": "https://tagway:pw@ch.example.internal:8443/tagway",
+        "providerKeys": {"OPENAI_API_KEY": "sk-test", "ANTHROPIC_API_KEY": ""},
+        "extra": {"AZURE_API_KEY": "az-test"},
+    }})
+    data = secret_data(one(docs, "Secret"))
+    assert data == {
+        "TAGWAY_ADMIN_KEY": "admin-secret",
+        "TAGWAY_STORAGE__DSN": "https://tagway:pw@ch.example.internal:8443/tagway",
+        "OPENAI_API_KEY": "sk-test",  # empty provider keys are left out
+        "AZURE_API_KEY": "az-test",
+    }
+
+
+def test_admin_key_is_generated_when_not_given(tmp_path):
+    data = secret_data(one(helm_template(tmp_path), "Secret"))
+    assert len(data["TAGWAY_ADMIN_KEY"]) == 40
+
+
+def test_configmap_is_the_config_block_verbatim(tmp_path):
+    docs = helm_template(tmp_path)
+    rendered = yaml.safe_load(one(docs, "ConfigMap")["data"]["tagway.yaml"])
+    assert rendered == chart_values()["config"]
+    assert rendered["storage"]["spool_dir"] == "/var/lib/tagway/spool"
+    assert rendered["admin_key_env"] == "TAGWAY_ADMIN_KEY"
+    assert rendered["models"][0]["api_key_env"] == "OPENAI_API_KEY"
+    assert "dsn" not in rendered["storage"]  # the DSN (with its password) comes from the Secret
+
+    # A passthrough: keys the chart has never heard of arrive untouched, and a config change rolls the pods.
+    config = chart_values()["config"]
+    config["storage"]["cluster"] = "analytics"
+    config["future_section"] = {"anything": [1, 2, 3]}
+    docs2 = helm_template(tmp_path, {"config": config})
+    assert yaml.safe_load(one(docs2, "ConfigMap")["data"]["tagway.yaml"]) == config
+    checksum = lambda d: one(d, "Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+    assert checksum(docs) != checksum(docs2)
+
+
+def test_existing_secret_is_referenced_not_created(tmp_path):
+    docs = helm_template(tmp_path, {"secrets": {"existingSecret": "tagway-prod"}})
+    assert by_kind(docs, "Secret") == []
+    c = gateway_container(one(docs, "Deployment"))
+    assert {"secretRef": {"name": "tagway-prod"}} in c["envFrom"]
+
+
+def test_statefulset_servicemonitor_and_dashboards(tmp_path):
+    # A copy of the chart with a dashboard in it (the real dashboards/ folder may still be empty).
+    chart = tmp_path / "tagway"
+    shutil.copytree(CHART, chart)
+    (chart / "dashboards" / "tagway-overview.json").write_text('{"title": "tagway overview", "panels": []}')
+    docs = helm_template(tmp_path, {
+        "kind": "StatefulSet",
+        "spool": {"persistence": {"enabled": True, "size": "10Gi", "storageClass": "fast"}},
+        "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
+        "grafana": {"dashboards": {"enabled": True}},
+    }, chart=chart)
+    assert by_kind(docs, "Deployment") == []
+
+    sts = one(docs, "StatefulSet")
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "spool"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "10Gi"
+    assert claim["spec"]["storageClassName"] == "fast"
+    assert "spool" not in {v["name"] for v in sts["spec"]["template"]["spec"]["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in gateway_container(sts)["volumeMounts"]}
+    assert mounts["spool"] == "/var/lib/tagway/spool"
+
+    services = {s["metadata"]["name"]: s for s in by_kind(docs, "Service")}
+    assert services[sts["spec"]["serviceName"]]["spec"]["clusterIP"] == "None"
+    assert one(docs, "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]["kind"] == "StatefulSet"
+
+    sm = one(docs, "ServiceMonitor")
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert sm["spec"]["endpoints"][0]["port"] == "http"
+    assert sm["spec"]["endpoints"][0]["path"] == "/metrics"
+
+    (dash,) = [cm for cm in by_kind(docs, "ConfigMap") if cm["metadata"]["name"].endswith("-dashboards")]
+    assert dash["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert set(dash["data"]) == {"tagway-overview.json"}  # .gitkeep is not a dashboard
+    assert '"tagway overview"' in dash["data"]["tagway-overview.json"]
+
+
+def test_dashboards_enabled_with_no_dashboards_renders_nothing(tmp_path):
+    docs = helm_template(tmp_path, {"grafana": {"dashboards": {"enabled": True}}})
+    if not list((CHART / "dashboards").glob("*.json")):
+        assert [cm for cm in by_kind(docs, "ConfigMap") if cm["metadata"]["name"].endswith("-dashboards")] == []
+
+
+def test_autoscaling_off_sets_replicas(tmp_path):
+    docs = helm_template(tmp_path, {"autoscaling": {"enabled": False}, "replicaCount": 3})
+    assert by_kind(docs, "HorizontalPodAutoscaler") == []
+    assert one(docs, "Deployment")["spec"]["replicas"] == 3
+
+
+def test_refuses_bad_combinations(tmp_path):
+    assert "StatefulSet" in helm_template_error(tmp_path, {"spool": {"persistence": {"enabled": True}}})
+    assert "chDB" in helm_template_error(tmp_path, {"secrets": {"clickhouseDsn": "chdb:///var/lib/tagway/data"}})
+    config = chart_values()["config"]
+    config["storage"]["spool_dir"] = "/somewhere/else"
+    assert "spool.mountPath" in helm_template_error(tmp_path, {"config": config})
+    config["storage"]["spool_dir"] = None  # values merge over the defaults; null removes the key
+    assert "spool_dir is not set" in helm_template_error(tmp_path, {"config": config})
