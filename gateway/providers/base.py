@@ -1,0 +1,65 @@
+"""The upstream seam: one `send(call)` per provider, returning a whole body or a stream of SSE events.
+
+Errors before the first byte reaches the client are `UpstreamFailure`s; the proxy decides whether to fall back.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, AsyncIterator, Protocol
+
+from ..config import ModelConfig
+
+__all__ = ["UpstreamCall", "UpstreamResponse", "UpstreamStream", "UpstreamFailure", "Provider", "RETRYABLE_STATUS"]
+
+# 408/409 are retried by the OpenAI SDK too; 429 and 5xx are the classic fallback triggers.
+RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504, 520, 522, 524, 529})
+
+
+@dataclasses.dataclass(slots=True)
+class UpstreamCall:
+    deployment: ModelConfig
+    operation: str  # chat | text_completion | embeddings
+    path: str  # /chat/completions | /completions | /embeddings
+    body: bytes  # the JSON to send, already rewritten for this deployment
+    payload: dict[str, Any]  # the same, parsed (providers that translate need it; pass-through ones do not)
+    stream: bool
+
+
+@dataclasses.dataclass(slots=True)
+class UpstreamResponse:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+
+
+class UpstreamStream(Protocol):
+    """Raw SSE events (each ending in a blank line), in upstream order."""
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class UpstreamFailure(Exception):
+    """The attempt failed. `status`/`body` are the upstream's answer, if there was one (relayed to the client when
+    no fallback is left); `error_type` goes to the span's `error.type`."""
+
+    def __init__(self, error_type: str, message: str, *, status: int | None = None, body: bytes | None = None,
+                 retryable: bool = True) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+        self.message = message
+        self.status = status
+        self.body = body
+        self.retryable = retryable
+
+    @classmethod
+    def from_status(cls, status: int, body: bytes) -> "UpstreamFailure":
+        return cls(f"http_{status}", f"upstream answered HTTP {status}", status=status, body=body,
+                   retryable=status in RETRYABLE_STATUS)
+
+
+class Provider(Protocol):
+    async def send(self, call: UpstreamCall) -> UpstreamResponse | UpstreamStream: ...
+
+    async def aclose(self) -> None: ...

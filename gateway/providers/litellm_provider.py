@@ -1,0 +1,105 @@
+"""Providers that do not speak the OpenAI wire format (Anthropic, Gemini, Bedrock, Vertex, ...) go through
+`litellm` for translation. litellm is imported on first use: it costs seconds and ~100 MB, and a gateway that only
+talks to OpenAI-compatible upstreams never pays it."""
+from __future__ import annotations
+
+import os
+from typing import Any, AsyncIterator
+
+import orjson
+
+from .base import UpstreamCall, UpstreamFailure, UpstreamResponse
+
+__all__ = ["LiteLLMProvider"]
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # never fetch the price list at import
+
+# request fields litellm understands for chat; anything else stays out rather than confusing a translator
+_CHAT_PARAMS = {"temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "tools", "tool_choice",
+                "response_format", "seed", "n", "presence_penalty", "frequency_penalty", "user", "parallel_tool_calls",
+                "reasoning_effort", "logprobs", "top_logprobs"}
+
+
+def _litellm() -> Any:
+    import litellm  # noqa: PLC0415 - deliberate lazy import
+
+    litellm.suppress_debug_info = True
+    litellm.telemetry = False
+    return litellm
+
+
+def _failure(e: Exception) -> UpstreamFailure:
+    status = getattr(e, "status_code", None)
+    if not isinstance(status, int):
+        name = type(e).__name__
+        if "Timeout" in name:
+            return UpstreamFailure("timeout", "upstream timed out")
+        if "Connection" in name:
+            return UpstreamFailure("connect_error", "cannot connect to upstream")
+        return UpstreamFailure("upstream_error", f"upstream call failed: {name}")
+    message = str(getattr(e, "message", "")) or f"upstream answered HTTP {status}"
+    # litellm prefixes messages with its own exception names; keep the provider's words, not a traceback
+    body = orjson.dumps({"error": {"message": message[:2000], "type": "upstream_error", "param": None,
+                                   "code": str(status)}})
+    return UpstreamFailure.from_status(status, body)
+
+
+class LiteLLMProvider:
+    async def send(self, call: UpstreamCall) -> UpstreamResponse | "_LiteLLMStream":
+        d = call.deployment
+        litellm = _litellm()
+        p = call.payload
+        kwargs: dict[str, Any] = {"model": f"{d.provider}/{d.upstream_model}", "timeout": d.timeout,
+                                  "num_retries": 0}  # fallbacks are ours to decide
+        if d.base_url:
+            kwargs["api_base"] = d.base_url
+        if d.api_key:
+            kwargs["api_key"] = d.api_key
+        if d.headers:
+            kwargs["extra_headers"] = dict(d.headers)
+        try:
+            if call.operation == "embeddings":
+                resp = await litellm.aembedding(input=p.get("input"), **kwargs)
+                return UpstreamResponse(200, resp.model_dump_json().encode())
+            if call.operation != "chat":
+                raise UpstreamFailure("unsupported_operation", f"{d.provider} supports chat and embeddings only",
+                                      status=400, retryable=False,
+                                      body=orjson.dumps({"error": {"message": f"Provider {d.provider} does not"
+                                                                   " support /v1/completions; use chat.",
+                                                                   "type": "invalid_request_error", "param": None,
+                                                                   "code": "unsupported_operation"}}))
+            params = {k: v for k, v in p.items() if k in _CHAT_PARAMS}
+            if call.stream:
+                stream = await litellm.acompletion(messages=p.get("messages"), stream=True,
+                                                   stream_options={"include_usage": True}, **params, **kwargs)
+                return _LiteLLMStream(stream)
+            resp = await litellm.acompletion(messages=p.get("messages"), **params, **kwargs)
+            return UpstreamResponse(200, resp.model_dump_json().encode())
+        except UpstreamFailure:
+            raise
+        except Exception as e:  # litellm maps provider errors onto OpenAI-like exception classes with status_code
+            raise _failure(e) from None
+
+    async def aclose(self) -> None:
+        pass
+
+
+class _LiteLLMStream:
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._stream:
+                yield b"data: " + chunk.model_dump_json(exclude_none=False).encode() + b"\n\n"
+        except Exception as e:
+            raise _failure(e) from None
+        yield b"data: [DONE]\n\n"
+
+    async def aclose(self) -> None:
+        close = getattr(self._stream, "aclose", None)
+        if close is not None:
+            try:
+                await close()
+            except Exception:
+                pass

@@ -1,0 +1,55 @@
+"""Redaction of captured content before it is recorded: built-in patterns (e-mail, card numbers, bearer tokens)
+plus the operator's regexes. Applied to every string inside the captured structure, never to the JSON text, so
+a pattern can never break the JSON it is recorded in."""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+__all__ = ["Redactor", "BUILTIN"]
+
+BUILTIN = {
+    "email": (re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}"), "[REDACTED:email]"),
+    # 13-19 digits, optionally grouped by spaces or dashes; checked with Luhn so order ids survive
+    "card": (re.compile(r"\b(?:\d[ -]?){12,18}\d\b"), "[REDACTED:card]"),
+    "bearer": (re.compile(r"(?i)\b(?:bearer\s+|sk-|tw-)[A-Za-z0-9._~+/=-]{16,}"), "[REDACTED:secret]"),
+}
+
+
+def _luhn_ok(digits: str) -> bool:
+    total, alt = 0, False
+    for ch in reversed(digits):
+        d = ord(ch) - 48
+        if alt:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+        alt = not alt
+    return total % 10 == 0
+
+
+class Redactor:
+    def __init__(self, builtin: list[str], patterns: list[str]) -> None:
+        self._rules = [BUILTIN[name] for name in builtin]
+        self._rules += [(re.compile(p), "[REDACTED]") for p in patterns]
+
+    def text(self, s: str) -> str:
+        for rx, repl in self._rules:
+            if repl == "[REDACTED:card]":
+                s = rx.sub(lambda m: repl if _luhn_ok(re.sub(r"\D", "", m.group())) else m.group(), s)
+            else:
+                s = rx.sub(repl, s)
+        return s
+
+    def deep(self, obj: Any) -> Any:
+        """Redact every string in a JSON-like structure (keys are left alone)."""
+        if not self._rules:
+            return obj
+        if isinstance(obj, str):
+            return self.text(obj)
+        if isinstance(obj, list):
+            return [self.deep(x) for x in obj]
+        if isinstance(obj, dict):
+            return {k: self.deep(v) for k, v in obj.items()}
+        return obj

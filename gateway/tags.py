@@ -1,0 +1,130 @@
+"""Tag resolution: who asked (customer) and why (intent, prompt version, free tags), from the sources in order of
+authority: key-bound values > `x-tagway-*` headers > body `metadata` > body `user`. Pure functions."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Mapping
+
+from .config import Taxonomy
+from .errors import GatewayError, bad_request, forbidden
+
+__all__ = ["ResolvedTags", "normalise", "parse_tags_header", "resolve_tags", "RESERVED"]
+
+_INVALID = re.compile(r"[^a-z0-9_.-]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+RESERVED = ("customer", "intent", "prompt_version")
+MAX_LEN = 128
+
+
+def normalise(value: str) -> str:
+    """Lower-case, and every run of characters outside [a-z0-9_.-] becomes one '_' ('Refund Flow' -> 'refund_flow')."""
+    return _INVALID.sub("_", value.strip().lower()).strip("_")[:MAX_LEN]
+
+
+@dataclasses.dataclass(slots=True)
+class ResolvedTags:
+    customer: str = ""
+    intent: str = ""
+    prompt_version: str = ""
+    tags: dict[str, str] = dataclasses.field(default_factory=dict)
+    end_user: str = ""
+
+
+def check_header(name: str, value: str) -> str:
+    if _CONTROL.search(value):
+        raise bad_request(f"Header {name} contains control characters.", code="invalid_header", param=name)
+    return value
+
+
+def parse_tags_header(value: str) -> dict[str, str]:
+    """`k=v,k2=v2` -> {k: v, k2: v2} (normalised). A segment without '=' is a 400, not silently dropped."""
+    out: dict[str, str] = {}
+    for seg in value.split(","):
+        if not seg.strip():
+            continue
+        k, sep, v = seg.partition("=")
+        if not sep or not k.strip():
+            raise bad_request(f"x-tagway-tags: {seg.strip()!r} is not key=value.", code="invalid_tag",
+                              param="x-tagway-tags")
+        out[normalise(k)] = normalise(v)
+    return out
+
+
+def _scalar(key: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (str, int, float)):
+        return str(value)
+    raise bad_request(f"metadata.{key} must be a string, number or boolean.", code="invalid_metadata",
+                      param=f"metadata.{key}")
+
+
+def resolve_tags(*, bound_customer: str, may_set_customer: bool, key_tags: Mapping[str, str],
+                 headers: Mapping[str, str], metadata: Any, user: Any, taxonomy: Taxonomy) -> ResolvedTags:
+    """Merge the sources, normalise, apply the taxonomy. `headers` holds the x-tagway-* headers by short name
+    (customer, intent, prompt-version, tags). Raises GatewayError (400/403) for bad input."""
+    if metadata is not None and not isinstance(metadata, dict):
+        raise bad_request("metadata must be an object.", code="invalid_metadata", param="metadata")
+    meta = {normalise(str(k)).replace("-", "_"): normalise(_scalar(str(k), v)) for k, v in (metadata or {}).items()}
+    if user is not None and not isinstance(user, str):
+        raise bad_request("user must be a string.", code="invalid_type", param="user")
+    end_user = user or ""
+
+    def pick(name: str, header: str) -> str:
+        if key_tags.get(name):
+            return normalise(key_tags[name])
+        if headers.get(header):
+            return normalise(headers[header])
+        return meta.pop(name, "") if name in meta else ""
+
+    # customer: the key's tenant unless the key may set it; an attempt to record as someone else is refused
+    asked = normalise(headers.get("customer", "")) or meta.pop("customer", "")
+    if may_set_customer:
+        customer = asked or normalise(end_user) or bound_customer
+    else:
+        meta.pop("customer", None)
+        if asked and asked != bound_customer:
+            raise forbidden(f"This key is bound to customer {bound_customer!r} and may not record calls as {asked!r}.",
+                            code="customer_not_allowed", param="x-tagway-customer")
+        customer = bound_customer
+    intent = pick("intent", "intent")
+    prompt_version = pick("prompt_version", "prompt-version")
+    meta.pop("intent", None)
+    meta.pop("prompt_version", None)
+    tags = {k: v for k, v in meta.items() if k and v}
+    tags.update(parse_tags_header(headers["tags"]) if headers.get("tags") else {})
+    tags.update({normalise(k): normalise(v) for k, v in key_tags.items() if k not in RESERVED})
+    for r in RESERVED:
+        tags.pop(r, None)
+    out = ResolvedTags(customer=customer, intent=intent, prompt_version=prompt_version, tags=tags, end_user=end_user)
+    return apply_taxonomy(out, taxonomy)
+
+
+def apply_taxonomy(t: ResolvedTags, tax: Taxonomy) -> ResolvedTags:
+    def unknown(what: str, param: str) -> None:
+        raise GatewayError(400, f"{what} is not in the tag taxonomy.", code="unknown_tag", param=param)
+
+    for name in RESERVED:
+        rule = tax.keys.get(name)
+        value = getattr(t, name)
+        if rule and rule.values is not None and value and value not in rule.values:
+            if tax.unknown == "reject":
+                unknown(f"{name} {value!r}", name)
+            if tax.unknown == "drop":
+                setattr(t, name, "")
+    kept: dict[str, str] = {}
+    for k, v in t.tags.items():
+        rule = tax.keys.get(k)
+        if rule is None or (rule.values is not None and v not in rule.values):
+            if tax.unknown == "reject":
+                unknown(f"tag {k}={v!r}" if rule else f"tag key {k!r}", f"tags.{k}")
+            if tax.unknown == "drop":
+                continue
+        kept[k] = v
+    t.tags = kept
+    missing = [k for k in tax.required if not (getattr(t, k) if k in RESERVED else t.tags.get(k))]
+    if missing:
+        raise GatewayError(400, f"Missing required tag(s): {', '.join(missing)}.", code="missing_tag",
+                           param=missing[0])
+    return t

@@ -1,0 +1,155 @@
+"""Span stamping: everything the proxy learnt about one call becomes one CLIENT span with the OpenTelemetry GenAI
+attributes and the tags under `tagway.*`, plus a child span per upstream attempt when there was more than one.
+
+The call span is started when the request arrives (so its trace id can go back in a response header) and gets
+its attributes in one `set_attributes` when the call ends. Attempt spans are created afterwards with their
+recorded times: a call served on the first try pays for no extra span.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import orjson
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from exporters import semconv as sc
+
+__all__ = ["CallRecord", "Attempt", "finish_call_span"]
+
+
+@dataclasses.dataclass(slots=True)
+class Attempt:
+    deployment: str
+    provider: str
+    model: str
+    start_ns: int
+    end_ns: int = 0
+    error_type: str = ""
+    status: int = 0
+    server_address: str = ""
+
+
+@dataclasses.dataclass(slots=True)
+class CallRecord:
+    """Mutable state of one call, filled in by the proxy as it goes."""
+    operation: str = "chat"
+    start_ns: int = 0
+    requested_model: str = ""
+    stream: bool = False
+    key_id: str = ""
+    customer: str = ""
+    intent: str = ""
+    prompt_version: str = ""
+    tags: dict[str, str] = dataclasses.field(default_factory=dict)
+    end_user: str = ""
+    source: str = "production"
+    replay: dict[str, str] = dataclasses.field(default_factory=dict)  # replay.run_id/candidate/case_id
+    provider: str = ""
+    deployment: str = ""
+    upstream_model: str = ""
+    server_address: str = ""
+    response_model: str = ""
+    response_id: str = ""
+    http_status: int = 0
+    error_type: str = ""
+    error_message: str = ""
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cost_usd: float | None = None
+    finish_reasons: list[str] = dataclasses.field(default_factory=list)
+    ttft_s: float | None = None
+    client_disconnected: bool = False
+    temperature: Any = None
+    max_tokens: Any = None
+    attempts: list[Attempt] = dataclasses.field(default_factory=list)
+    # captured content (already redacted), JSON-ready
+    system_instructions: list | None = None
+    input_messages: list | None = None
+    output_messages: list | None = None
+    request_params: dict | None = None
+
+
+def _json(obj: Any) -> str:
+    return orjson.dumps(obj).decode()
+
+
+def call_attributes(r: CallRecord, latency_ms: float) -> dict[str, Any]:
+    a: dict[str, Any] = {
+        sc.KIND: "call",
+        sc.OPERATION: r.operation,
+        sc.REQUEST_MODEL: r.upstream_model or r.requested_model,
+        sc.REQUESTED_MODEL: r.requested_model,
+        sc.REQUEST_STREAM: r.stream,
+        sc.SOURCE: r.source,
+        sc.LATENCY_MS: round(latency_ms, 3),
+        sc.ATTEMPTS: len(r.attempts),
+    }
+    if r.http_status:
+        a[sc.HTTP_STATUS] = r.http_status
+    for key, value in ((sc.CUSTOMER, r.customer), (sc.INTENT, r.intent), (sc.PROMPT_VERSION, r.prompt_version),
+                       (sc.KEY_ID, r.key_id), (sc.END_USER, r.end_user), (sc.PROVIDER, r.provider),
+                       (sc.DEPLOYMENT, r.deployment), (sc.SERVER_ADDRESS, r.server_address),
+                       (sc.RESPONSE_MODEL, r.response_model), (sc.RESPONSE_ID, r.response_id),
+                       (sc.ERROR_TYPE, r.error_type)):
+        if value:
+            a[key] = value
+    for k, v in r.tags.items():
+        a[sc.TAG_PREFIX + k] = v
+    for k, v in r.replay.items():
+        a[k] = v
+    if r.input_tokens is not None:
+        a[sc.INPUT_TOKENS] = r.input_tokens
+    if r.output_tokens is not None:
+        a[sc.OUTPUT_TOKENS] = r.output_tokens
+    if r.cost_usd is not None:
+        a[sc.COST_USD] = round(r.cost_usd, 10)
+    if r.finish_reasons:
+        a[sc.FINISH_REASONS] = r.finish_reasons
+    if r.ttft_s is not None:
+        a[sc.TIME_TO_FIRST_CHUNK] = round(r.ttft_s, 6)
+    if r.client_disconnected:
+        a[sc.CLIENT_DISCONNECTED] = True
+    if isinstance(r.temperature, (int, float)) and not isinstance(r.temperature, bool):
+        a[sc.REQUEST_TEMPERATURE] = float(r.temperature)
+    if isinstance(r.max_tokens, int) and not isinstance(r.max_tokens, bool):
+        a[sc.REQUEST_MAX_TOKENS] = r.max_tokens
+    if r.input_messages is not None:
+        a[sc.INPUT_MESSAGES] = _json(r.input_messages)
+    if r.system_instructions:
+        a[sc.SYSTEM_INSTRUCTIONS] = _json(r.system_instructions)
+    if r.output_messages is not None:
+        a[sc.OUTPUT_MESSAGES] = _json(r.output_messages)
+    if r.request_params:
+        a[sc.REQUEST_PARAMS] = _json(r.request_params)
+    return a
+
+
+def span_name(r: CallRecord) -> str:
+    return f"{r.operation} {r.requested_model}" if r.requested_model else r.operation
+
+
+def finish_call_span(tracer: trace.Tracer, span: trace.Span, r: CallRecord, start_ns: int, end_ns: int) -> None:
+    span.update_name(span_name(r))
+    span.set_attributes(call_attributes(r, (end_ns - start_ns) / 1e6))
+    if r.error_type:
+        span.set_status(Status(StatusCode.ERROR, r.error_message[:500] or r.error_type))
+    if len(r.attempts) > 1:
+        ctx = trace.set_span_in_context(span)
+        for i, at in enumerate(r.attempts):
+            attrs: dict[str, Any] = {sc.KIND: "attempt", sc.OPERATION: r.operation, sc.REQUEST_MODEL: at.model,
+                                     sc.PROVIDER: at.provider, sc.DEPLOYMENT: at.deployment,
+                                     sc.REQUESTED_MODEL: r.requested_model, "tagway.attempt": i + 1}
+            if at.server_address:
+                attrs[sc.SERVER_ADDRESS] = at.server_address
+            if at.status:
+                attrs[sc.HTTP_STATUS] = at.status
+            if at.error_type:
+                attrs[sc.ERROR_TYPE] = at.error_type
+            child = tracer.start_span(f"{r.operation} {at.model}", context=ctx, kind=SpanKind.CLIENT,
+                                      start_time=at.start_ns, attributes=attrs)
+            if at.error_type:
+                child.set_status(Status(StatusCode.ERROR, at.error_type))
+            child.end(end_time=at.end_ns or end_ns)
+    span.end(end_time=end_ns)
