@@ -1,0 +1,664 @@
+"""The one query layer over `llm_calls` behind `tagway stats|errors|show`, the stats API and the dashboard page.
+
+Inputs are validated here and reach ClickHouse only as server-side parameters (`{name:Type}` placeholders passed
+with `parameters=`): a group-by or filter key is looked up in a fixed column table or, for `tag.<key>`, checked
+against `^[a-z0-9_.-]{1,64}$` and bound as `tags[{k0:String}]`; values and times are always bound. Nothing the
+caller typed is pasted into SQL text. Bad input raises `QueryInputError` with one line saying what is wrong.
+
+Per segment the report gives calls, errors, the error rate with a 95% Wilson score interval (computed in Python
+from the counts), the delta against the previous window of the same length, latency and TTFT percentiles,
+tokens and cost; segments are sorted worst first and those under `min_calls` are kept but flagged, because
+averages hide the failing segment and a three-call segment is three coin flips.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import math
+import re
+from typing import Any, Iterable, Sequence
+
+from .store import Store
+
+__all__ = [
+    "QueryInputError", "GROUP_COLUMNS", "STATUSES", "Window", "Filter", "Selection",
+    "parse_duration", "parse_window", "parse_dimension", "parse_filter", "parse_where", "parse_by",
+    "make_selection", "wilson_interval", "choose_step",
+    "SegmentStats", "StatsReport", "ErrorGroup", "ErrorsReport", "Series", "TimeSeries",
+    "segment_stats", "top_errors", "get_call", "error_timeseries", "calls_table",
+]
+
+# Group-by / filter names -> llm_calls columns. `model` is what the client asked for (model_requested).
+GROUP_COLUMNS: dict[str, str] = {
+    "customer": "customer",
+    "intent": "intent",
+    "prompt_version": "prompt_version",
+    "model": "model_requested",
+    "model_served": "model_served",
+    "provider": "provider",
+    "operation": "operation",
+    "status": "status",
+    "error_type": "error_type",
+    "source": "source",
+    "key_id": "key_id",
+    "stream": "stream",
+}
+STATUSES = ("ok", "error", "cancelled")
+TAG_KEY_RE = re.compile(r"^[a-z0-9_.-]{1,64}$")
+TRACE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+_DB_RE = re.compile(r"^[A-Za-z0-9_]{0,64}$")
+_DURATION_RE = re.compile(r"^\s*(\d{1,7})\s*(s|m|h|d|w)\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+MAX_WINDOW = dt.timedelta(days=400)
+MAX_DIMENSIONS = 5
+MAX_FILTERS = 20
+MAX_VALUE_LEN = 1024
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+# Bucket sizes for the time series, smallest first; the first that gives <= MAX_BUCKETS buckets wins.
+STEPS = (60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 86400, 7 * 86400)
+MAX_BUCKETS = 60
+
+
+class QueryInputError(ValueError):
+    """Invalid query input. `str(e)` is one line for a user; `param` names the input at fault."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+def _show(text: str, limit: int = 80) -> str:
+    """Quote user input for an error message, shortened, on one line."""
+    text = text if len(text) <= limit else text[:limit] + "..."
+    return repr(text.replace("\n", " ").replace("\r", " "))
+
+
+# -- windows ---------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Window:
+    start: dt.datetime  # aware, UTC, inclusive
+    end: dt.datetime  # aware, UTC, exclusive
+
+    @property
+    def seconds(self) -> float:
+        return (self.end - self.start).total_seconds()
+
+    def previous(self) -> "Window":
+        """The window of the same length just before this one."""
+        return Window(self.start - (self.end - self.start), self.start)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"from": _iso(self.start), "to": _iso(self.end), "seconds": self.seconds}
+
+
+def parse_duration(text: str) -> dt.timedelta:
+    """'15m', '24h', '7d', '2w', '90s' -> timedelta."""
+    m = _DURATION_RE.match(text or "")
+    if not m:
+        raise QueryInputError(f"invalid window {_show(text or '')}: use a number and a unit, e.g. 15m, 24h, 7d",
+                              param="since")
+    seconds = int(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+    if seconds <= 0:
+        raise QueryInputError(f"invalid window {_show(text)}: it must be longer than zero", param="since")
+    if seconds > MAX_WINDOW.total_seconds():
+        raise QueryInputError(f"window {_show(text)} is too long (at most {MAX_WINDOW.days}d)", param="since")
+    return dt.timedelta(seconds=seconds)
+
+
+def _parse_time(text: str, param: str) -> dt.datetime:
+    raw = (text or "").strip()
+    try:
+        value = dt.datetime.fromisoformat(raw[:-1] + "+00:00" if raw.endswith(("Z", "z")) else raw)
+    except ValueError:
+        raise QueryInputError(f"invalid --{param} time {_show(raw)}: use an ISO timestamp such as "
+                              "2026-11-24T09:00:00Z", param=param) from None
+    if value.tzinfo is None:  # naive times are UTC, like the stored timestamps
+        value = value.replace(tzinfo=dt.timezone.utc)
+    return value.astimezone(dt.timezone.utc)
+
+
+def parse_window(since: str | None = None, from_: str | None = None, to: str | None = None,
+                 now: dt.datetime | None = None, default_since: str = "24h") -> Window:
+    """`since` (a duration back from now) or `from_`/`to` (ISO timestamps; `to` defaults to now)."""
+    now = (now or dt.datetime.now(dt.timezone.utc)).astimezone(dt.timezone.utc)
+    if since and (from_ or to):
+        raise QueryInputError("give either a window (since) or from/to times, not both", param="since")
+    if from_ or to:
+        if not from_:
+            raise QueryInputError("--to needs --from (or use --since)", param="from")
+        start = _parse_time(from_, "from")
+        end = _parse_time(to, "to") if to else now
+        if end <= start:
+            raise QueryInputError("--from must be before --to", param="from")
+        if end - start > MAX_WINDOW:
+            raise QueryInputError(f"the window from/to is too long (at most {MAX_WINDOW.days}d)", param="from")
+        return Window(start, end)
+    return Window(now - parse_duration(since or default_since), now)
+
+
+# -- dimensions and filters ------------------------------------------------------------------------------------
+def _known_keys() -> str:
+    return ", ".join(GROUP_COLUMNS) + " or tag.<key>"
+
+
+def parse_dimension(name: str, param: str = "by") -> str:
+    """Validate a group-by/filter key: a known column name or `tag.<key>`. Returns it normalised."""
+    key = (name or "").strip()
+    if key in GROUP_COLUMNS:
+        return key
+    if key.startswith("tag."):
+        tag = key[4:]
+        if not TAG_KEY_RE.match(tag):
+            raise QueryInputError(f"invalid tag key {_show(tag)}: tag keys match [a-z0-9_.-]{{1,64}}", param=param)
+        return key
+    what = "group-by column" if param == "by" else "filter column"
+    raise QueryInputError(f"unknown {what} {_show(key)}: use one of {_known_keys()}", param=param)
+
+
+def parse_by(by: Iterable[str] | None) -> tuple[str, ...]:
+    """Group-by keys; each item may also be comma separated ('customer,intent'). Default: customer."""
+    keys: list[str] = []
+    for item in by or ():
+        for part in str(item).split(","):
+            if part.strip():
+                keys.append(parse_dimension(part, "by"))
+    if not keys:
+        keys = ["customer"]
+    if len(set(keys)) != len(keys):
+        raise QueryInputError("a group-by column is repeated", param="by")
+    if len(keys) > MAX_DIMENSIONS:
+        raise QueryInputError(f"at most {MAX_DIMENSIONS} group-by columns", param="by")
+    return tuple(keys)
+
+
+@dataclasses.dataclass(frozen=True)
+class Filter:
+    key: str  # a GROUP_COLUMNS name or tag.<key>
+    value: str
+    op: str = "="  # "=" or "!="
+
+    def to_dict(self) -> dict[str, str]:
+        return {"key": self.key, "op": self.op, "value": self.value}
+
+    def __str__(self) -> str:
+        return f"{self.key}{self.op}{self.value}"
+
+
+def parse_filter(text: str) -> Filter:
+    """'intent=refund', 'tag.region=eu', 'status!=ok'."""
+    raw = text or ""
+    m = re.match(r"^\s*([^=!\s]+)\s*(!=|=)(.*)$", raw, re.S)
+    if not m:
+        raise QueryInputError(f"invalid filter {_show(raw)}: use key=value (or key!=value)", param="where")
+    key, op, value = parse_dimension(m.group(1), "where"), m.group(2), m.group(3).strip()
+    if len(value) > MAX_VALUE_LEN:
+        raise QueryInputError(f"filter value for {key} is too long (at most {MAX_VALUE_LEN} characters)",
+                              param="where")
+    if key == "stream":
+        low = value.lower()
+        if low not in ("true", "false", "1", "0"):
+            raise QueryInputError(f"invalid filter {_show(raw)}: stream is true or false", param="where")
+        value = "true" if low in ("true", "1") else "false"
+    if key == "status" and value not in STATUSES:
+        raise QueryInputError(f"invalid filter {_show(raw)}: status is one of {', '.join(STATUSES)}", param="where")
+    return Filter(key, value, op)
+
+
+def parse_where(items: Iterable[str] | None) -> tuple[Filter, ...]:
+    filters = tuple(parse_filter(i) for i in items or () if str(i).strip())
+    if len(filters) > MAX_FILTERS:
+        raise QueryInputError(f"at most {MAX_FILTERS} filters", param="where")
+    return filters
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """Which rows: a time window, ANDed filters and an optional status."""
+    window: Window
+    filters: tuple[Filter, ...] = ()
+    status: str | None = None
+
+    def with_filter(self, f: Filter) -> "Selection":
+        return dataclasses.replace(self, filters=self.filters + (f,))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"window": self.window.to_dict(), "filters": [f.to_dict() for f in self.filters],
+                "status": self.status}
+
+
+def make_selection(where: Iterable[str] | None = None, status: str | None = None, since: str | None = None,
+                   from_: str | None = None, to: str | None = None, now: dt.datetime | None = None,
+                   default_since: str = "24h") -> Selection:
+    """Validate the common inputs of every query (the CLI options and API query parameters)."""
+    if status is not None and status != "" and status not in STATUSES:
+        raise QueryInputError(f"invalid status {_show(status)}: use one of {', '.join(STATUSES)}", param="status")
+    return Selection(parse_window(since, from_, to, now, default_since), parse_where(where), status or None)
+
+
+# -- SQL building ----------------------------------------------------------------------------------------------
+class _Params:
+    """Allocates `{name:Type}` placeholders; the values go to ClickHouse as server-side parameters."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+
+    def add(self, prefix: str, type_: str, value: Any) -> str:
+        name = f"{prefix}{len(self.values)}"
+        self.values[name] = value
+        return f"{{{name}:{type_}}}"
+
+    def time(self, t: dt.datetime) -> str:
+        # Epoch microseconds: no time zone ambiguity between the client and the server.
+        return f"fromUnixTimestamp64Micro({self.add('t', 'Int64', _epoch_us(t))})"
+
+
+def _epoch_us(t: dt.datetime) -> int:
+    return (t - _EPOCH) // dt.timedelta(microseconds=1)
+
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+
+
+def _expr(key: str, p: _Params) -> str:
+    if key.startswith("tag."):
+        return f"tags[{p.add('k', 'String', key[4:])}]"
+    return GROUP_COLUMNS[key]
+
+
+def _dim_select(key: str, p: _Params) -> str:
+    e = _expr(key, p)
+    return f"toString({e})" if key == "stream" else e
+
+
+def _where(sel: Selection, p: _Params, window: Window) -> str:
+    parts = [f"Timestamp >= {p.time(window.start)}", f"Timestamp < {p.time(window.end)}"]
+    for f in sel.filters:
+        e = _expr(f.key, p)
+        v = p.add("v", "Bool", f.value == "true") if f.key == "stream" else p.add("v", "String", f.value)
+        parts.append(f"{e} {f.op} {v}")
+    if sel.status:
+        parts.append(f"status = {p.add('v', 'String', sel.status)}")
+    return " AND ".join(parts)
+
+
+def calls_table(database: str = "") -> str:
+    if not _DB_RE.match(database or ""):
+        raise QueryInputError(f"invalid database name {_show(database)}", param="database")
+    return f"`{database}`.`llm_calls`" if database else "`llm_calls`"
+
+
+# -- statistics ------------------------------------------------------------------------------------------------
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion successes/n. n == 0 -> (0.0, 1.0): nothing is known."""
+    if n <= 0:
+        return 0.0, 1.0
+    if successes < 0 or successes > n:
+        raise ValueError("successes must be between 0 and n")
+    phat = successes / n
+    z2 = z * z
+    denom = 1 + z2 / n
+    centre = phat + z2 / (2 * n)
+    margin = z * math.sqrt(phat * (1 - phat) / n + z2 / (4 * n * n))
+    low = (centre - margin) / denom
+    high = (centre + margin) / denom
+    return max(0.0, low), min(1.0, high)
+
+
+def _num(x: Any) -> float | None:
+    """NaN/None -> None (JSON null); anything else -> float."""
+    if x is None:
+        return None
+    x = float(x)
+    return None if math.isnan(x) or math.isinf(x) else x
+
+
+def _iso(t: dt.datetime) -> str:
+    return t.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _iso_us(us: int) -> str:
+    return _iso(_EPOCH + dt.timedelta(microseconds=int(us)))
+
+
+# -- segment stats ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class SegmentStats:
+    key: dict[str, str]
+    calls: int
+    errors: int
+    cancelled: int
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    latency_p50: float | None = None
+    latency_p95: float | None = None
+    latency_p99: float | None = None
+    ttft_p50: float | None = None
+    low_confidence: bool = False
+    prev_calls: int | None = None  # set in compare mode
+    prev_errors: int | None = None
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.calls if self.calls else 0.0
+
+    @property
+    def error_rate_ci(self) -> tuple[float, float]:
+        return wilson_interval(self.errors, self.calls)
+
+    @property
+    def prev_error_rate(self) -> float | None:
+        if not self.prev_calls:
+            return None
+        return self.prev_errors / self.prev_calls
+
+    @property
+    def delta_error_rate(self) -> float | None:
+        prev = self.prev_error_rate
+        return None if prev is None else self.error_rate - prev
+
+    def to_dict(self) -> dict[str, Any]:
+        low, high = self.error_rate_ci
+        out: dict[str, Any] = {
+            "key": dict(self.key),
+            "calls": self.calls,
+            "errors": self.errors,
+            "cancelled": self.cancelled,
+            "error_rate": self.error_rate,
+            "error_rate_ci": {"low": low, "high": high},
+            "low_confidence": self.low_confidence,
+            "latency_ms": {"p50": self.latency_p50, "p95": self.latency_p95, "p99": self.latency_p99},
+            "ttft_ms": {"p50": self.ttft_p50},
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "cost_usd": self.cost_usd,
+        }
+        if self.prev_calls is not None:
+            out["previous"] = {"calls": self.prev_calls, "errors": self.prev_errors,
+                               "error_rate": self.prev_error_rate}
+            out["delta_error_rate"] = self.delta_error_rate
+        return out
+
+
+def _sort_key(s: SegmentStats) -> tuple:
+    # Trustworthy segments first, then the flagged ones; each worst first (error rate, then volume).
+    return (s.low_confidence, -s.error_rate, -s.calls, tuple(s.key.values()))
+
+
+@dataclasses.dataclass
+class StatsReport:
+    by: tuple[str, ...]
+    selection: Selection
+    compare: bool
+    min_calls: int
+    segments: list[SegmentStats]
+    total: SegmentStats
+    truncated: bool = False
+
+    @property
+    def previous_window(self) -> Window | None:
+        return self.selection.window.previous() if self.compare else None
+
+    def to_dict(self) -> dict[str, Any]:
+        total = self.total.to_dict()
+        for k in ("key", "low_confidence", "latency_ms", "ttft_ms"):
+            total.pop(k, None)
+        prev = self.previous_window
+        return {
+            "by": list(self.by),
+            "window": self.selection.window.to_dict(),
+            "previous_window": prev.to_dict() if prev else None,
+            "filters": [f.to_dict() for f in self.selection.filters],
+            "status": self.selection.status,
+            "min_calls": self.min_calls,
+            "compare": self.compare,
+            "segments": [s.to_dict() for s in self.segments],
+            "total": total,
+            "truncated": self.truncated,
+        }
+
+
+def _validate_limits(min_calls: int, limit: int) -> None:
+    if not isinstance(min_calls, int) or min_calls < 0 or min_calls > 10**9:
+        raise QueryInputError("min_calls must be a whole number >= 0", param="min_calls")
+    if not isinstance(limit, int) or limit < 1 or limit > 10_000:
+        raise QueryInputError("limit must be between 1 and 10000", param="limit")
+
+
+def segment_stats(store: Store, sel: Selection, by: Sequence[str] = ("customer",), *, compare: bool = False,
+                  min_calls: int = 20, limit: int = 500, database: str = "") -> StatsReport:
+    """Per-segment failure rates over `sel`, worst first. `by` keys are validated again here."""
+    by = parse_by(by)
+    _validate_limits(min_calls, limit)
+    p = _Params()
+    dims = [f"{_dim_select(k, p)} AS d{i}" for i, k in enumerate(by)]
+    window = sel.window.previous() if compare else sel.window
+    window = Window(window.start, sel.window.end)
+    where = _where(sel, p, window)
+    if compare:
+        cur = f"Timestamp >= {p.time(sel.window.start)}"
+        agg = (f"countIf({cur}) AS calls, countIf({cur} AND status = 'error') AS errors, "
+               f"countIf({cur} AND status = 'cancelled') AS cancelled, "
+               f"quantilesIf(0.5, 0.95, 0.99)(latency_ms, {cur}) AS lat, quantileIf(0.5)(ttft_ms, {cur}) AS ttft, "
+               f"sumIf(input_tokens, {cur}) AS tin, sumIf(output_tokens, {cur}) AS tout, "
+               f"sumIf(cost_usd, {cur}) AS cost, "
+               f"countIf(NOT ({cur})) AS prev_calls, countIf(NOT ({cur}) AND status = 'error') AS prev_errors")
+    else:
+        agg = ("count() AS calls, countIf(status = 'error') AS errors, countIf(status = 'cancelled') AS cancelled, "
+               "quantiles(0.5, 0.95, 0.99)(latency_ms) AS lat, quantile(0.5)(ttft_ms) AS ttft, "
+               "sum(input_tokens) AS tin, sum(output_tokens) AS tout, sum(cost_usd) AS cost")
+    group = ", ".join(f"d{i}" for i in range(len(by)))
+    mc = p.add("n", "UInt64", min_calls)
+    sql = (f"SELECT {', '.join(dims)}, {agg}\nFROM {calls_table(database)}\nWHERE {where}\nGROUP BY {group}\n"
+           f"ORDER BY calls = 0, calls < {mc}, errors / calls DESC, calls DESC, {group}\n"
+           f"LIMIT {p.add('n', 'UInt32', limit + 1)}")
+    # In compare mode a segment seen only in the previous window comes back with calls = 0: it counts in the
+    # previous total but is not listed (it has no current rate). Such rows sort last.
+    rows = store.query(sql, parameters=p.values)
+    truncated = len(rows) > limit
+    rows = rows[:limit]
+    segments = [_segment(r, by, min_calls, compare) for r in rows if int(r["calls"]) > 0]
+    segments.sort(key=_sort_key)
+    if truncated:
+        total = _totals(store, sel, compare, database)
+    else:
+        total = SegmentStats(key={}, calls=sum(s.calls for s in segments), errors=sum(s.errors for s in segments),
+                             cancelled=sum(s.cancelled for s in segments),
+                             input_tokens=sum(s.input_tokens for s in segments),
+                             output_tokens=sum(s.output_tokens for s in segments),
+                             cost_usd=sum(s.cost_usd for s in segments),
+                             prev_calls=sum(int(r["prev_calls"]) for r in rows) if compare else None,
+                             prev_errors=sum(int(r["prev_errors"]) for r in rows) if compare else None)
+    return StatsReport(by, sel, compare, min_calls, segments, total, truncated)
+
+
+def _segment(r: dict, by: Sequence[str], min_calls: int, compare: bool) -> SegmentStats:
+    lat = list(r.get("lat") or [])
+    lat += [None] * (3 - len(lat))
+    calls = int(r["calls"])
+    return SegmentStats(
+        key={k: str(r[f"d{i}"]) for i, k in enumerate(by)},
+        calls=calls, errors=int(r["errors"]), cancelled=int(r["cancelled"]),
+        input_tokens=int(r["tin"]), output_tokens=int(r["tout"]), cost_usd=float(r["cost"] or 0.0),
+        latency_p50=_num(lat[0]), latency_p95=_num(lat[1]), latency_p99=_num(lat[2]), ttft_p50=_num(r["ttft"]),
+        low_confidence=calls < min_calls,
+        prev_calls=int(r["prev_calls"]) if compare else None,
+        prev_errors=int(r["prev_errors"]) if compare else None,
+    )
+
+
+def _totals(store: Store, sel: Selection, compare: bool, database: str) -> SegmentStats:
+    p = _Params()
+    window = Window(sel.window.previous().start, sel.window.end) if compare else sel.window
+    where = _where(sel, p, window)
+    cur = f"Timestamp >= {p.time(sel.window.start)}" if compare else "1"
+    sql = (f"SELECT countIf({cur}) AS calls, countIf({cur} AND status = 'error') AS errors, "
+           f"countIf({cur} AND status = 'cancelled') AS cancelled, sumIf(input_tokens, {cur}) AS tin, "
+           f"sumIf(output_tokens, {cur}) AS tout, sumIf(cost_usd, {cur}) AS cost, "
+           f"countIf(NOT ({cur})) AS prev_calls, countIf(NOT ({cur}) AND status = 'error') AS prev_errors\n"
+           f"FROM {calls_table(database)}\nWHERE {where}")
+    r = store.query(sql, parameters=p.values)[0]
+    return SegmentStats(key={}, calls=int(r["calls"]), errors=int(r["errors"]), cancelled=int(r["cancelled"]),
+                        input_tokens=int(r["tin"]), output_tokens=int(r["tout"]), cost_usd=float(r["cost"] or 0.0),
+                        prev_calls=int(r["prev_calls"]) if compare else None,
+                        prev_errors=int(r["prev_errors"]) if compare else None)
+
+
+# -- top errors ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class ErrorGroup:
+    error_type: str
+    count: int
+    share: float  # of the errors matched
+    http_statuses: list[int]
+    customers: int
+    example_trace_ids: list[str]
+    first_seen: str
+    last_seen: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class ErrorsReport:
+    selection: Selection
+    total_errors: int
+    groups: list[ErrorGroup]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.selection.to_dict(), "total_errors": self.total_errors,
+                "errors": [g.to_dict() for g in self.groups]}
+
+
+def top_errors(store: Store, sel: Selection, *, limit: int = 10, examples: int = 3,
+               database: str = "") -> ErrorsReport:
+    """The most frequent error types among the selected calls (status 'error' unless the selection says
+    otherwise), each with up to `examples` trace ids to look at with `tagway show`."""
+    if not isinstance(limit, int) or not 1 <= limit <= 1000:
+        raise QueryInputError("limit must be between 1 and 1000", param="limit")
+    if not isinstance(examples, int) or not 1 <= examples <= 20:
+        raise QueryInputError("examples must be between 1 and 20", param="examples")
+    if sel.status is None:
+        sel = dataclasses.replace(sel, status="error")
+    p = _Params()
+    where = _where(sel, p, sel.window)
+    sql = (f"SELECT error_type, count() AS n, sum(count()) OVER () AS total, "
+           f"groupUniqArray(5)(http_status) AS statuses, uniq(customer) AS customers, "
+           f"groupArray({p.add('n', 'UInt32', examples)})(trace_id) AS examples, "
+           f"toUnixTimestamp64Micro(min(Timestamp)) AS first_us, toUnixTimestamp64Micro(max(Timestamp)) AS last_us\n"
+           f"FROM {calls_table(database)}\nWHERE {where}\nGROUP BY error_type\n"
+           f"ORDER BY n DESC, error_type\nLIMIT {p.add('n', 'UInt32', limit)}")
+    rows = store.query(sql, parameters=p.values)
+    total = int(rows[0]["total"]) if rows else 0
+    groups = [ErrorGroup(error_type=r["error_type"], count=int(r["n"]), share=int(r["n"]) / total if total else 0.0,
+                         http_statuses=sorted(int(s) for s in r["statuses"] if s), customers=int(r["customers"]),
+                         example_trace_ids=list(r["examples"]), first_seen=_iso_us(r["first_us"]),
+                         last_seen=_iso_us(r["last_us"])) for r in rows]
+    return ErrorsReport(sel, total, groups)
+
+
+# -- one call --------------------------------------------------------------------------------------------------
+def get_call(store: Store, trace_id: str, *, database: str = "") -> dict[str, Any] | None:
+    """Every column of the call with this trace id (the first one, if a trace holds several), or None.
+    Timestamps come back as ISO strings (UTC), `tags` as a dict."""
+    tid = (trace_id or "").strip()
+    if not TRACE_ID_RE.match(tid):
+        raise QueryInputError(f"invalid trace id {_show(tid)}: expected letters, digits, '-' or '_'",
+                              param="trace_id")
+    p = _Params()
+    sql = (f"SELECT *, toUnixTimestamp64Micro(Timestamp) AS _ts_us FROM {calls_table(database)}\n"
+           f"WHERE trace_id = {p.add('v', 'String', tid)}\nORDER BY Timestamp\nLIMIT 1")
+    rows = store.query(sql, parameters=p.values)
+    if not rows:
+        return None
+    row = rows[0]
+    ts_us = row.pop("_ts_us")
+    out: dict[str, Any] = {}
+    for k, v in row.items():
+        if k == "Timestamp":
+            v = _iso_us(ts_us)
+        elif isinstance(v, dt.datetime):
+            v = _iso(v if v.tzinfo else v.replace(tzinfo=dt.timezone.utc))
+        elif isinstance(v, float):
+            v = _num(v)
+        elif isinstance(v, dict):
+            v = dict(v)
+        out[k] = v
+    return out
+
+
+# -- error rate over time --------------------------------------------------------------------------------------
+def choose_step(window: Window) -> int:
+    """Bucket size in seconds for a window: the smallest of STEPS giving at most MAX_BUCKETS buckets."""
+    for step in STEPS:
+        if window.seconds / step <= MAX_BUCKETS:
+            return step
+    return STEPS[-1]
+
+
+@dataclasses.dataclass
+class Series:
+    key: str
+    calls: int
+    errors: int
+    points: list[dict[str, Any]]  # {t, calls, errors, error_rate (None without calls)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "calls": self.calls, "errors": self.errors,
+                "error_rate": self.errors / self.calls if self.calls else None, "points": self.points}
+
+
+@dataclasses.dataclass
+class TimeSeries:
+    selection: Selection
+    by: str
+    step_seconds: int
+    buckets: list[str]
+    series: list[Series]
+    omitted: int  # series left out by series_limit
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.selection.to_dict(), "by": self.by, "step_seconds": self.step_seconds,
+                "buckets": self.buckets, "series": [s.to_dict() for s in self.series], "omitted": self.omitted}
+
+
+def error_timeseries(store: Store, sel: Selection, *, by: str = "customer", step: int | None = None,
+                     series_limit: int = 10, database: str = "") -> TimeSeries:
+    """Error rate per bucket for each value of `by` (a tenant by default). The bucket size follows the window
+    (choose_step) unless given. Keeps the `series_limit` series with the most errors (then calls)."""
+    by = parse_dimension(by, "by")
+    if step is None:
+        step = choose_step(sel.window)
+    if not isinstance(step, int) or step < 1 or sel.window.seconds / step > 10_000:
+        raise QueryInputError("step is too small for this window", param="step")
+    if not isinstance(series_limit, int) or not 1 <= series_limit <= 100:
+        raise QueryInputError("series_limit must be between 1 and 100", param="series_limit")
+    p = _Params()
+    key = _dim_select(by, p)
+    st = p.add("s", "UInt32", step)
+    where = _where(sel, p, sel.window)
+    sql = (f"SELECT toUnixTimestamp(toStartOfInterval(Timestamp, toIntervalSecond({st}), 'UTC')) AS b, "
+           f"{key} AS k, count() AS calls, countIf(status = 'error') AS errors\n"
+           f"FROM {calls_table(database)}\nWHERE {where}\nGROUP BY b, k\nORDER BY b, k")
+    rows = store.query(sql, parameters=p.values)
+    start = int(sel.window.start.timestamp()) // step * step
+    end = sel.window.end.timestamp()
+    bucket_ts = list(range(start, int(math.ceil(end)), step)) or [start]
+    index = {b: i for i, b in enumerate(bucket_ts)}
+    per_key: dict[str, list[list[int]]] = {}
+    for r in rows:
+        counts = per_key.setdefault(str(r["k"]), [[0, 0] for _ in bucket_ts])
+        i = index.get(int(r["b"]))
+        if i is not None:
+            counts[i][0] += int(r["calls"])
+            counts[i][1] += int(r["errors"])
+    ranked = sorted(per_key.items(), key=lambda kv: (-sum(c[1] for c in kv[1]), -sum(c[0] for c in kv[1]), kv[0]))
+    series = []
+    for k, counts in ranked[:series_limit]:
+        points = [{"t": _iso_us(b * 1_000_000), "calls": c, "errors": e, "error_rate": e / c if c else None}
+                  for b, (c, e) in zip(bucket_ts, counts)]
+        series.append(Series(k, sum(c for c, _ in counts), sum(e for _, e in counts), points))
+    return TimeSeries(sel, by, step, [_iso_us(b * 1_000_000) for b in bucket_ts], series,
+                      max(0, len(ranked) - series_limit))
