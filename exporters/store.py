@@ -79,14 +79,15 @@ class Store:
                 raise StoreError(f"ClickHouse unreachable: {e}") from e
         return res.result_rows, tuple(res.column_names)
 
-    def insert_json_rows(self, table: str, body: bytes) -> None:
+    def insert_json_rows(self, table: str, body: bytes, settings: dict[str, Any] | None = None) -> None:
         """Insert newline-separated JSON objects (JSONEachRow). The exporter builds these bytes once and either
-        sends them here or writes the very same bytes to the spool."""
+        sends them here or writes the very same bytes to the spool. `settings` are per-insert ClickHouse settings
+        (the exporter passes `insert_deduplication_token` so a re-sent batch is not stored twice)."""
         if not body:
             return
         with self._lock:
             try:
-                self._client.raw_insert(table, insert_block=body, fmt="JSONEachRow")
+                self._client.raw_insert(table, insert_block=body, fmt="JSONEachRow", settings=settings)
             except ClickHouseError as e:
                 raise StoreError(_one_line(e)) from e
             except OSError as e:

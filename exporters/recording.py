@@ -1,0 +1,162 @@
+"""The one call the gateway makes at start-up: `start_recording(...)` -> `Recorder`.
+
+It wires store, schema, spool, exporter and processor into a private `TracerProvider` (never the global one:
+tests and embedders may run several) and hands back what the gateway needs: a tracer to stamp spans with, the
+metrics to serve on /metrics, the store for its read APIs, and `force_flush`/`shutdown`.
+
+`start_recording(enabled=False)` (or `disabled_recorder()`) gives the same surface with a processor that
+discards every span on purpose, counted as `spans_discarded`: the benchmark's "recording off" mode.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.metadata
+import logging
+from typing import Any, Mapping
+
+from opentelemetry import trace as trace_api
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+
+from .clickhouse import ClickHouseSpanExporter
+from .metrics import ExportMetrics
+from .processor import DurableBatchSpanProcessor
+from .schema import SchemaSettings, migrate
+from .semconv import SCOPE_NAME
+from .spool import Spool
+from .store import Store, StoreError, StoreLockedError, connect, is_embedded, redact_dsn
+
+__all__ = ["Recorder", "start_recording", "disabled_recorder", "DiscardingSpanProcessor"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Recorder:
+    tracer_provider: TracerProvider
+    tracer: trace_api.Tracer
+    metrics: ExportMetrics
+    processor: SpanProcessor
+    exporter: ClickHouseSpanExporter | None = None
+    spool: Spool | None = None
+    enabled: bool = True
+
+    @property
+    def store(self) -> Store | None:
+        """The ClickHouse store, or None while it has not been reached (server down at start-up) or when
+        recording is disabled."""
+        return self.exporter.store if self.exporter is not None else None
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.tracer_provider.force_flush(timeout_millis)
+
+    def shutdown(self) -> None:
+        """Idempotent: flush (to ClickHouse, or to the spool), stop the threads, close the store and spool."""
+        self.tracer_provider.shutdown()
+        if self.spool is not None:
+            self.spool.close()
+
+    def render_metrics(self) -> str:
+        return self.metrics.render_prometheus()
+
+
+def start_recording(*, dsn: str, spool_dir: str, schema: SchemaSettings | None = None,
+                    batch_max_rows: int = 2000, batch_max_seconds: float = 1.0, queue_max: int = 50_000,
+                    retry_max_seconds: float = 30.0, service_name: str = "tagway",
+                    resource_attributes: Mapping[str, Any] | None = None, enabled: bool = True,
+                    store: Store | None = None) -> Recorder:
+    """Connect, migrate, replay any spool left by an earlier process, and return a recording `Recorder`.
+
+    Raises `StoreLockedError` (one clear line) when another process holds the embedded data directory or the
+    spool directory, and `StoreError` when the embedded store cannot be opened. A ClickHouse *server* that is
+    down is not an error: spans are spooled and the schema is migrated once it answers.
+
+    `store` overrides `dsn` with an already open store, which the recorder then does not close.
+    """
+    if not enabled:
+        return disabled_recorder(service_name=service_name, resource_attributes=resource_attributes)
+    schema = schema if schema is not None else SchemaSettings()
+    metrics = ExportMetrics()
+    owns_store = store is None
+    schema_ready = False
+    if store is None:
+        try:
+            store = connect(dsn)
+        except StoreLockedError:
+            raise
+        except StoreError as e:
+            if is_embedded(dsn):
+                raise
+            log.error("ClickHouse at %s is unreachable (%s): recording to the spool at %s until it answers",
+                      redact_dsn(dsn), e, spool_dir)
+    if store is not None:
+        try:
+            migrate(store, schema)
+            schema_ready = True
+        except StoreError as e:
+            if is_embedded(store.dsn) and owns_store:
+                store.close()
+                raise
+            log.error("migrating the ClickHouse schema failed (%s): spooling spans until it succeeds", e)
+    spool = Spool(spool_dir, metrics=metrics)
+    try:
+        exporter = ClickHouseSpanExporter(store=store, dsn=dsn, schema=schema, metrics=metrics,
+                                          owns_store=owns_store, schema_ready=schema_ready)
+        processor = DurableBatchSpanProcessor(exporter, spool, metrics=metrics, batch_max_rows=batch_max_rows,
+                                              batch_max_seconds=batch_max_seconds, queue_max=queue_max,
+                                              retry_max_seconds=retry_max_seconds)
+    except BaseException:
+        spool.close()
+        if store is not None and owns_store:
+            store.close()
+        raise
+    provider = _provider(service_name, resource_attributes)
+    provider.add_span_processor(processor)
+    return Recorder(tracer_provider=provider, tracer=_tracer(provider), metrics=metrics, processor=processor,
+                    exporter=exporter, spool=spool, enabled=True)
+
+
+def disabled_recorder(*, service_name: str = "tagway",
+                      resource_attributes: Mapping[str, Any] | None = None) -> Recorder:
+    """A Recorder whose spans are created as usual (same cost on the request path) but discarded, counted."""
+    metrics = ExportMetrics()
+    processor = DiscardingSpanProcessor(metrics)
+    provider = _provider(service_name, resource_attributes)
+    provider.add_span_processor(processor)
+    return Recorder(tracer_provider=provider, tracer=_tracer(provider), metrics=metrics, processor=processor,
+                    enabled=False)
+
+
+class DiscardingSpanProcessor(SpanProcessor):
+    """Recording turned off on purpose: every span is counted as `spans_discarded` and nothing else."""
+
+    def __init__(self, metrics: ExportMetrics) -> None:
+        self._metrics = metrics
+
+    def on_end(self, span: ReadableSpan) -> None:
+        self._metrics.inc("spans_discarded")
+
+
+def _provider(service_name: str, resource_attributes: Mapping[str, Any] | None) -> TracerProvider:
+    attrs: dict[str, Any] = {"service.name": service_name}
+    version = _version()
+    if version:
+        attrs["service.version"] = version
+    attrs.update(resource_attributes or {})
+    # ALWAYS_ON, not the default ParentBased: a caller's `traceparent` with sampled=0 must not switch recording
+    # off, since every call has to be counted.
+    return TracerProvider(resource=Resource.create(attrs), sampler=ALWAYS_ON)
+
+
+def _tracer(provider: TracerProvider) -> trace_api.Tracer:
+    return provider.get_tracer(SCOPE_NAME, _version() or None)
+
+
+@functools.cache
+def _version() -> str:
+    try:
+        return importlib.metadata.version("tagway")
+    except importlib.metadata.PackageNotFoundError:
+        return ""

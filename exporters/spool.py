@@ -1,0 +1,291 @@
+"""A durable on-disk spool: one file per batch of rows that could not (yet) be inserted into ClickHouse.
+
+File layout: one header line of JSON, then the payload exactly as it would have been inserted:
+
+    {"format":"tagway-spool","v":1,"table":"otel_traces","rows":2000,"bytes":4123456,"sha256":"..."}\\n<payload>
+
+Names are `<seq:016d>-<unix ns>.spool`, so lexical order is sequence order. The sequence number is reserved when a
+batch is taken from the in-memory queue (`reserve()`), not when the file is written, so a batch that failed after
+a slow insert still sorts before the batches spilled while it was in flight.
+
+Writes are atomic (write `.<name>.tmp`, fsync, rename, fsync the directory): a crash leaves either a complete file
+or a `.tmp`. On start-up a `.tmp` whose checksum holds is promoted (the process died between fsync and rename),
+any other is quarantined. A file that fails its checksum when read is renamed to `*.corrupt`, logged at ERROR
+and counted: never silently skipped, never deleted. A failed write (disk full, I/O error) is the one way a batch
+is lost: counted as dropped and logged at ERROR with the reason.
+
+One process per spool directory (an flock on `spool.lock`), as with chDB's data directory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import threading
+import time
+
+import orjson
+
+from .metrics import ExportMetrics
+from .rows import EncodedBatch
+from .store import StoreLockedError
+
+__all__ = ["Spool", "SpoolFile", "SpoolLockedError", "FORMAT", "VERSION"]
+
+log = logging.getLogger(__name__)
+
+FORMAT = "tagway-spool"
+VERSION = 1
+_SUFFIX = ".spool"
+_CORRUPT = ".corrupt"
+_TMP = ".tmp"
+_LOCK = "spool.lock"
+
+
+class SpoolLockedError(StoreLockedError):
+    """Another process uses the spool directory. (A StoreLockedError so the CLI reports both the same way.)"""
+
+
+class _Corrupt(Exception):
+    pass
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SpoolFile:
+    name: str
+    size: int
+
+    @property
+    def seq(self) -> int:
+        return int(self.name.split("-", 1)[0])
+
+
+class Spool:
+    def __init__(self, directory: str, *, metrics: ExportMetrics | None = None, fsync: bool = True) -> None:
+        self.directory = os.path.realpath(directory)
+        self.metrics = metrics if metrics is not None else ExportMetrics()
+        self._fsync = fsync
+        self._lock = threading.Lock()
+        self._pending: dict[str, int] = {}  # name -> size in bytes
+        self._pending_bytes = 0
+        os.makedirs(self.directory, exist_ok=True)
+        self._lock_fd: int | None = _lock_dir(self.directory)
+        self._next_seq = 0
+        self._recover()
+        self.metrics.set_gauge("spool_files_pending", lambda: len(self._pending))
+        self.metrics.set_gauge("spool_bytes_pending", lambda: self._pending_bytes)
+
+    # -- state ------------------------------------------------------------------------------------------------
+    @property
+    def pending_files(self) -> int:
+        return len(self._pending)
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._pending_bytes
+
+    def pending(self) -> list[SpoolFile]:
+        """Files waiting to be re-sent, oldest first."""
+        with self._lock:
+            return [SpoolFile(n, self._pending[n]) for n in sorted(self._pending)]
+
+    def oldest_seq(self) -> int | None:
+        """Sequence number of the oldest pending file, or None when the spool is empty."""
+        with self._lock:
+            return _seq_of(min(self._pending)) if self._pending else None
+
+    def reserve(self) -> int:
+        """The next sequence number; the file written with it sorts after every earlier reservation."""
+        with self._lock:
+            seq = self._next_seq
+            self._next_seq += 1
+            return seq
+
+    # -- write ------------------------------------------------------------------------------------------------
+    def write(self, batch: EncodedBatch, seq: int | None = None) -> str | None:
+        """Persist one batch. Returns the file name, or None when it could not be written (the batch is then
+        counted as dropped and logged at ERROR: the only way the pipeline loses data)."""
+        if batch.rows == 0:
+            return None
+        if seq is None:
+            seq = self.reserve()
+        name = f"{seq:016d}-{time.time_ns()}{_SUFFIX}"
+        final = os.path.join(self.directory, name)
+        tmp = os.path.join(self.directory, f".{name}{_TMP}")
+        header = orjson.dumps({"format": FORMAT, "v": VERSION, "table": batch.table, "rows": batch.rows,
+                               "bytes": len(batch.body), "sha256": batch.digest}) + b"\n"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                _write_all(fd, header)
+                _write_all(fd, batch.body)
+                if self._fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, final)
+            if self._fsync:
+                _fsync_dir(self.directory)
+        except OSError as e:
+            _unlink_quietly(tmp)
+            reason = "disk full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or type(e).__name__)
+            log.error("spool write failed, %d spans DROPPED: %s (%s)", batch.rows, reason, e)
+            self.metrics.inc("spool_write_errors")
+            self.metrics.inc("spans_dropped", batch.rows)
+            return None
+        size = len(header) + len(batch.body)
+        with self._lock:
+            self._pending[name] = size
+            self._pending_bytes += size
+        self.metrics.inc("spans_spooled", batch.rows)
+        return name
+
+    # -- read -------------------------------------------------------------------------------------------------
+    def read(self, f: SpoolFile) -> EncodedBatch | None:
+        """The batch stored in `f`, verified. A torn or corrupt file is quarantined (renamed *.corrupt), logged
+        at ERROR, counted, and None is returned. A file that vanished returns None."""
+        path = os.path.join(self.directory, f.name)
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read()
+        except FileNotFoundError:
+            self._forget(f.name)
+            return None
+        except OSError as e:
+            # Unreadable now (EIO, permissions) is not proof of corruption: keep the file, let the caller retry.
+            raise OSError(f"cannot read spool file {path}: {e}") from e
+        try:
+            return _parse(data)
+        except _Corrupt as e:
+            self.quarantine(f.name, str(e))
+            return None
+
+    def remove(self, f: SpoolFile) -> None:
+        """Delete a file whose rows are now in ClickHouse."""
+        _unlink_quietly(os.path.join(self.directory, f.name))
+        self._forget(f.name)
+
+    def quarantine(self, name: str, reason: str) -> None:
+        src = os.path.join(self.directory, name)
+        dst_name = name.lstrip(".").removesuffix(_TMP) + _CORRUPT
+        try:
+            os.rename(src, os.path.join(self.directory, dst_name))
+        except OSError as e:
+            log.error("spool file %s is corrupt (%s) and could not be quarantined: %s", src, reason, e)
+        else:
+            log.error("spool file %s is corrupt (%s): quarantined as %s; its rows were NOT sent. Inspect it by "
+                      "hand (header line + JSONEachRow payload)", src, reason, dst_name)
+        self.metrics.inc("spool_corrupt_files")
+        self._forget(name)
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- internals --------------------------------------------------------------------------------------------
+    def _forget(self, name: str) -> None:
+        with self._lock:
+            size = self._pending.pop(name, None)
+            if size is not None:
+                self._pending_bytes -= size
+
+    def _recover(self) -> None:
+        """Pick up what a previous process left: pending files, and `.tmp` files from a write cut short."""
+        max_seq = -1
+        names = sorted(os.listdir(self.directory))
+        for name in names:
+            seq = _seq_of(name)
+            if seq is not None:
+                max_seq = max(max_seq, seq)
+        self._next_seq = max_seq + 1
+        for name in names:
+            path = os.path.join(self.directory, name)
+            if name.startswith(".") and name.endswith(_TMP):
+                try:
+                    with open(path, "rb") as fh:
+                        _parse(fh.read())
+                except (_Corrupt, OSError) as e:
+                    self.quarantine(name, f"incomplete write from an earlier process: {e}")
+                    continue
+                final = name[1:].removesuffix(_TMP)
+                os.rename(path, os.path.join(self.directory, final))
+                log.warning("spool: completed the interrupted write of %s", final)
+                name, path = final, os.path.join(self.directory, final)
+            if name.endswith(_SUFFIX) and not name.startswith("."):
+                try:
+                    size = os.path.getsize(path)
+                except OSError:
+                    continue
+                self._pending[name] = size
+                self._pending_bytes += size
+        if self._pending:
+            log.warning("spool %s holds %d file(s) (%d bytes) from an earlier run; they will be re-sent",
+                        self.directory, len(self._pending), self._pending_bytes)
+
+
+def _parse(data: bytes) -> EncodedBatch:
+    nl = data.find(b"\n")
+    if nl < 0:
+        raise _Corrupt("no header line")
+    try:
+        header = orjson.loads(data[:nl])
+    except orjson.JSONDecodeError as e:
+        raise _Corrupt(f"unreadable header: {e}") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise _Corrupt("not a tagway spool file")
+    if header.get("v") != VERSION:
+        raise _Corrupt(f"unknown spool format version {header.get('v')!r}")
+    body = data[nl + 1:]
+    if len(body) != header.get("bytes"):
+        raise _Corrupt(f"payload is {len(body)} bytes, header says {header.get('bytes')} (torn write)")
+    digest = hashlib.sha256(body).hexdigest()
+    if digest != header.get("sha256"):
+        raise _Corrupt("payload checksum mismatch")
+    table, rows = header.get("table"), header.get("rows")
+    if not isinstance(table, str) or not table or not isinstance(rows, int):
+        raise _Corrupt("header lacks table or rows")
+    return EncodedBatch(table, body, rows, digest)
+
+
+def _seq_of(name: str) -> int | None:
+    head = name.lstrip(".").split("-", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _lock_dir(path: str) -> int:
+    fd = os.open(os.path.join(path, _LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SpoolLockedError(
+            f"the spool directory {path} is in use by another process; give each gateway process its own spool"
+            " directory"
+        ) from None
+    return fd
