@@ -80,6 +80,7 @@ class Proxy:
         self._secrets = sorted({m.api_key for m in config.models if m.api_key and len(m.api_key) >= 6}, key=len,
                                reverse=True)
         self._addresses = {m.name: server_address(m)[0] for m in config.models}
+        self._chains = {m.name: fallback_chain(config, m) for m in config.models}
 
     # -- ASGI entry ---------------------------------------------------------------------------------------------
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -191,7 +192,7 @@ class Proxy:
     async def _forward(self, operation: str, upstream_path: str, first: ModelConfig, payload: dict, body: bytes,
                        stream: bool, send: Any, rec: CallRecord, trace_id: bytes, state: "_Sent", capture: bool,
                        receive: Any) -> None:
-        chain = [first] + [self.config.model(n) for n in first.fallbacks]  # validated at start-up
+        chain = self._chains[first.name]
         opts = payload.get("stream_options")
         client_wants_usage = bool(stream and isinstance(opts, dict) and opts.get("include_usage") is True)
         failure: UpstreamFailure | None = None
@@ -451,6 +452,28 @@ def _output_messages(operation: str, choices: list) -> list[dict] | None:
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
+def fallback_chain(config: GatewayConfig, first: ModelConfig) -> list[ModelConfig]:
+    """The deployment and its fallbacks, followed transitively (a fallback's own fallbacks come after it), each
+    deployment once, so cycles end."""
+    chain: list[ModelConfig] = []
+    seen: set[str] = set()
+
+    def visit(m: ModelConfig) -> None:
+        if m.name in seen:
+            return
+        seen.add(m.name)
+        chain.append(m)
+        for name in m.fallbacks:
+            nxt = config.model(name)
+            if nxt is not None:
+                visit(nxt)
+
+    visit(first)
+    # breadth matters more than depth: direct fallbacks first, then theirs
+    direct = [first] + [m for m in (config.model(n) for n in first.fallbacks) if m is not None]
+    return direct + [m for m in chain if m not in direct]
+
+
 async def _read_body(receive: Any, limit: int, content_length: int) -> bytes:
     if content_length > limit:
         raise GatewayError(413, f"Request body is larger than the limit of {limit} bytes.", code="body_too_large")

@@ -1,0 +1,206 @@
+"""The gateway as one ASGI app: the `/v1/*` LLM routes go straight to the raw-ASGI proxy (the hot path), everything
+else (models, health, metrics, admin, stats, UI) to FastAPI. Start-up and shutdown run on the ASGI lifespan, or
+explicitly through `startup()`/`shutdown()` for hosts that do not send lifespan events (e.g. httpx.ASGITransport).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from typing import Any, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .auth import KeyRing
+from .config import GatewayConfig, load_config
+from .errors import GatewayError, error_body
+from .pricing import Pricing
+from .providers import Providers
+from .proxy import HOT_ROUTES, Proxy
+from .redact import Redactor
+
+__all__ = ["TagwayApp", "create_app"]
+
+log = logging.getLogger("tagway")
+
+
+class TagwayApp:
+    def __init__(self, config: GatewayConfig, *, recorder: Any = None,
+                 recorder_factory: Callable[[GatewayConfig], Any] | None = None) -> None:
+        self.config = config
+        self.keyring = KeyRing(config)
+        self.providers = Providers()
+        self.pricing = Pricing()
+        self.redactor = Redactor(list(config.recording.redact_builtin), config.recording.redact_patterns)
+        self.recorder = recorder
+        self._recorder_factory = recorder_factory or default_recorder
+        self._owns_recorder = recorder is None
+        self.proxy: Proxy | None = None
+        self._start_lock: asyncio.Lock | None = None
+        self.api = _build_api(self)
+
+    # -- lifetime -----------------------------------------------------------------------------------------------
+    async def startup(self) -> None:
+        if self.proxy is not None:
+            return
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:
+            if self.proxy is not None:
+                return
+            loop = asyncio.get_running_loop()
+            if self.recorder is None:
+                # connecting, migrating and replaying a spool are blocking work: keep them off the event loop
+                self.recorder = await loop.run_in_executor(None, self._recorder_factory, self.config)
+            await loop.run_in_executor(None, self.pricing.load)
+            self.proxy = Proxy(config=self.config, keyring=self.keyring, providers=self.providers,
+                               tracer=self.recorder.tracer, pricing=self.pricing, redactor=self.redactor)
+
+    async def shutdown(self) -> None:
+        await self.providers.aclose()
+        if self.recorder is not None and self._owns_recorder:
+            await asyncio.get_running_loop().run_in_executor(None, self.recorder.shutdown)
+
+    @property
+    def store(self) -> Any:
+        return getattr(self.recorder, "store", None)
+
+    # -- ASGI ---------------------------------------------------------------------------------------------------
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] in HOT_ROUTES:
+            if self.proxy is None:
+                await self.startup()
+            await self.proxy(scope, receive, send)  # type: ignore[misc]
+            return
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        await self.api(scope, receive, send)
+
+    async def _lifespan(self, receive: Any, send: Any) -> None:
+        while True:
+            msg = await receive()
+            if msg["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as e:
+                    await send({"type": "lifespan.startup.failed", "message": str(e)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif msg["type"] == "lifespan.shutdown":
+                try:
+                    await self.shutdown()
+                finally:
+                    await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def default_recorder(config: GatewayConfig) -> Any:
+    from exporters.recording import start_recording  # noqa: PLC0415 - chDB import is heavy; only when recording
+    from exporters.schema import SchemaSettings  # noqa: PLC0415
+
+    s, r = config.storage, config.recording
+    return start_recording(
+        dsn=s.resolved_dsn(), spool_dir=s.resolved_spool(),
+        schema=SchemaSettings(database=s.database, cluster=s.cluster, ttl_days=s.ttl_days),
+        batch_max_rows=r.batch_max_rows, batch_max_seconds=r.batch_max_seconds, queue_max=r.queue_max,
+        service_name=r.service_name, enabled=r.enabled)
+
+
+def _openai_error(status: int, message: str, code: str | None = None, type_: str = "invalid_request_error") -> Response:
+    return Response(error_body(message, type_, code), status_code=status, media_type="application/json")
+
+
+def _build_api(app: TagwayApp) -> FastAPI:
+    api = FastAPI(title="tagway", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+
+    @api.exception_handler(GatewayError)
+    async def _gateway_error(_: Request, e: GatewayError) -> Response:
+        return Response(e.body(), status_code=e.status, media_type="application/json")
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+        return _openai_error(e.status_code, str(e.detail), code)
+
+    @api.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, e: RequestValidationError) -> Response:
+        first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "body", "path"))
+        return _openai_error(400, f"{where}: {first.get('msg')}" if where else str(first.get("msg")), "invalid_request")
+
+    def principal(request: Request) -> Any:
+        return app.keyring.authenticate(request.headers.get("authorization"), request.headers.get("api-key"))
+
+    def model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "tagway"}
+
+    @api.get("/v1/models")
+    @api.get("/models", include_in_schema=False)
+    async def list_models(request: Request) -> dict:
+        p = principal(request)
+        return {"object": "list", "data": [model_card(m.name) for m in app.config.models if p.allows(m.name)]}
+
+    @api.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str, request: Request) -> dict:
+        p = principal(request)
+        if app.config.model(model_id) is None or not p.allows(model_id):
+            raise GatewayError(404, f"The model `{model_id}` does not exist or you do not have access to it.",
+                               code="model_not_found", param="model")
+        return model_card(model_id)
+
+    @api.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz() -> Response:
+        if app.proxy is None:
+            return JSONResponse({"status": "starting"}, status_code=503)
+        health = getattr(app.recorder, "health", None)
+        recording = health() if callable(health) else "ok"
+        # a degraded recorder still spools to disk, so the gateway stays in rotation
+        return JSONResponse({"status": "ready", "recording": recording})
+
+    @api.get("/metrics")
+    async def metrics() -> Response:
+        return PlainTextResponse(render_metrics(app), media_type="text/plain; version=0.0.4")
+
+    try:
+        from .stats_api import build_stats_router  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - during development of the stats module
+        build_stats_router = None
+    if build_stats_router is not None:
+        api.include_router(build_stats_router(app.keyring, lambda: app.store))
+    return api
+
+
+def render_metrics(app: TagwayApp) -> str:
+    lines: list[str] = []
+    p = app.proxy
+    if p is not None:
+        s = p.stats
+        for name, kind, value, help_ in (
+                ("tagway_calls_total", "counter", s.calls, "LLM calls received on /v1/*"),
+                ("tagway_call_errors_total", "counter", s.errors, "LLM calls that ended in an error"),
+                ("tagway_fallbacks_total", "counter", s.fallbacks, "Times a call moved on to a fallback deployment"),
+                ("tagway_record_failures_total", "counter", s.record_failures,
+                 "Calls whose span could not be built (should stay 0)"),
+                ("tagway_calls_in_flight", "gauge", s.in_flight, "Calls being served now")):
+            lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]
+    render = getattr(getattr(app.recorder, "metrics", None), "render_prometheus", None)
+    text = "\n".join(lines) + "\n"
+    if callable(render):
+        text += render()
+    return text
+
+
+def create_app(config: GatewayConfig | str | os.PathLike | None = None, **kwargs: Any) -> TagwayApp:
+    """Build the app from a config object or a config path (default: $TAGWAY_CONFIG or built-in defaults)."""
+    if not isinstance(config, GatewayConfig):
+        config = load_config(config)
+    return TagwayApp(config, **kwargs)

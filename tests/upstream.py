@@ -1,0 +1,227 @@
+"""A real OpenAI-compatible (and Anthropic-compatible) HTTP server on 127.0.0.1 for tests.
+
+Behaviour is picked by the upstream model name the gateway sends, so one server plays every deployment:
+  ok-*        answers normally (streams real SSE when asked; usage only when stream_options.include_usage)
+  tools-*     answers with a tool call
+  fail503-*, fail500-*, fail429-*, fail400-*   answers that HTTP error with an OpenAI-shaped body
+  slow-*      waits 2 s before answering (for timeouts)
+  cut-*       streams two chunks then drops the connection
+  refund-bad-* answers "WRONG" when the prompt mentions refund, else like ok-*
+  garbage-*   answers 502 with an HTML body
+Every request is recorded (path, headers, JSON body) in `requests`.
+"""
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+SECRET_ECHO = "sk-upstream-secret-should-never-leak"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _last_user(messages: list) -> str:
+    for m in reversed(messages or []):
+        if m.get("role") == "user":
+            c = m.get("content")
+            return c if isinstance(c, str) else " ".join(p.get("text", "") for p in c or [])
+    return ""
+
+
+class Upstream:
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.requests: list[dict[str, Any]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: web.AppRunner | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
+    def start(self) -> "Upstream":
+        ready = threading.Event()
+
+        def run() -> None:
+            self._loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(self._loop)
+            app = web.Application()
+            app.router.add_post("/v1/chat/completions", self.chat)
+            app.router.add_post("/v1/completions", self.completions)
+            app.router.add_post("/v1/embeddings", self.embeddings)
+            app.router.add_post("/v1/messages", self.anthropic_messages)
+            self._runner = web.AppRunner(app, access_log=None)
+            self._loop.run_until_complete(self._runner.setup())
+            self._loop.run_until_complete(web.TCPSite(self._runner, "127.0.0.1", self.port).start())
+            ready.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        if self._loop and self._runner:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread:
+            self._thread.join(10)
+
+    def last(self, path: str = "/v1/chat/completions") -> dict[str, Any]:
+        return [r for r in self.requests if r["path"] == path][-1]
+
+    def clear(self) -> None:
+        self.requests.clear()
+
+    # -- handlers -----------------------------------------------------------------------------------------------
+    async def _record(self, request: web.Request) -> dict:
+        raw = await request.read()
+        body = orjson.loads(raw)
+        self.requests.append({"path": request.path, "headers": dict(request.headers), "body": body, "raw": raw})
+        return body
+
+    @staticmethod
+    def _error(status: int, message: str) -> web.Response:
+        return web.Response(status=status, content_type="application/json", body=orjson.dumps(
+            {"error": {"message": message, "type": "server_error" if status >= 500 else "invalid_request_error",
+                       "param": None, "code": None}}))
+
+    async def _behaviour(self, model: str) -> web.Response | None:
+        if model.startswith("fail"):
+            status = int(model[4:7])
+            return self._error(status, f"upstream says {status} (key {SECRET_ECHO})")
+        if model.startswith("garbage"):
+            return web.Response(status=502, text="<html>bad gateway</html>", content_type="text/html")
+        if model.startswith("slow"):
+            await asyncio.sleep(2)
+        return None
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await self._record(request)
+        model = body.get("model", "")
+        early = await self._behaviour(model)
+        if early is not None:
+            return early
+        user = _last_user(body.get("messages"))
+        text = f"Echo: {user}"
+        if model.startswith("refund-bad") and "refund" in user.lower():
+            text = "WRONG"
+        usage = {"prompt_tokens": 10 + len(user.split()), "completion_tokens": len(text.split()),
+                 "total_tokens": 10 + len(user.split()) + len(text.split())}
+        tool_call = None
+        if model.startswith("tools"):
+            tool_call = {"id": "call_1", "type": "function",
+                         "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+        base = {"id": "chatcmpl-test", "created": int(time.time()), "model": model + "-2026"}
+        if not body.get("stream"):
+            msg: dict[str, Any] = {"role": "assistant", "content": None if tool_call else text}
+            if tool_call:
+                msg["tool_calls"] = [tool_call]
+            return web.json_response({**base, "object": "chat.completion", "choices": [
+                {"index": 0, "message": msg, "finish_reason": "tool_calls" if tool_call else "stop"}],
+                "usage": usage}, dumps=lambda o: orjson.dumps(o).decode())
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+
+        async def event(obj: Any) -> None:
+            await resp.write(b"data: " + orjson.dumps(obj) + b"\n\n")
+
+        chunk = {**base, "object": "chat.completion.chunk"}
+        await event({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                           "finish_reason": None}]})
+        if tool_call:
+            await event({**chunk, "choices": [{"index": 0, "delta": {"tool_calls": [
+                {"index": 0, "id": "call_1", "type": "function",
+                 "function": {"name": "get_weather", "arguments": ""}}]}, "finish_reason": None}]})
+            await event({**chunk, "choices": [{"index": 0, "delta": {"tool_calls": [
+                {"index": 0, "function": {"arguments": '{"city": "Paris"}'}}]}, "finish_reason": None}]})
+        else:
+            for i, word in enumerate(text.split(" ")):
+                await event({**chunk, "choices": [{"index": 0, "delta": {"content": (" " if i else "") + word},
+                                                   "finish_reason": None}]})
+                if model.startswith("cut") and i == 0:
+                    await asyncio.sleep(0.05)
+                    request.transport.close()  # drop the connection mid-stream
+                    return resp
+                if model.startswith("slowstream"):
+                    await asyncio.sleep(0.3)
+        await event({**chunk, "choices": [{"index": 0, "delta": {},
+                                           "finish_reason": "tool_calls" if tool_call else "stop"}]})
+        if (body.get("stream_options") or {}).get("include_usage"):
+            await event({**chunk, "choices": [], "usage": usage})
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    async def completions(self, request: web.Request) -> web.Response:
+        body = await self._record(request)
+        early = await self._behaviour(body.get("model", ""))
+        if early is not None:
+            return early
+        prompt = body.get("prompt")
+        text = f"Echo: {prompt}"
+        return web.json_response({"id": "cmpl-test", "object": "text_completion", "created": int(time.time()),
+                                  "model": body["model"], "choices": [
+                                      {"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}],
+                                  "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}})
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        body = await self._record(request)
+        early = await self._behaviour(body.get("model", ""))
+        if early is not None:
+            return early
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        return web.json_response({"object": "list", "model": body["model"], "data": [
+            {"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]} for i, _ in enumerate(inputs)],
+            "usage": {"prompt_tokens": 4 * len(inputs), "total_tokens": 4 * len(inputs)}})
+
+    async def anthropic_messages(self, request: web.Request) -> web.StreamResponse:
+        """Enough of Anthropic's Messages API for litellm's translation: one text block, usage, SSE events."""
+        body = await self._record(request)
+        model = body.get("model", "")
+        if model.startswith("fail"):
+            status = int(model[4:7])
+            return web.json_response({"type": "error", "error": {"type": "overloaded_error",
+                                                                 "message": f"anthropic says {status}"}},
+                                     status=status)
+        user = ""
+        for m in body.get("messages", []):
+            if m.get("role") == "user":
+                c = m.get("content")
+                user = c if isinstance(c, str) else " ".join(p.get("text", "") for p in c)
+        text = f"Claude echo: {user}"
+        if not body.get("stream"):
+            return web.json_response({"id": "msg_test", "type": "message", "role": "assistant", "model": model,
+                                      "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
+                                      "stop_sequence": None, "usage": {"input_tokens": 11, "output_tokens": 4}})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+
+        async def ev(name: str, obj: Any) -> None:
+            await resp.write(f"event: {name}\n".encode() + b"data: " + orjson.dumps(obj) + b"\n\n")
+
+        await ev("message_start", {"type": "message_start", "message": {
+            "id": "msg_test", "type": "message", "role": "assistant", "model": model, "content": [],
+            "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 11, "output_tokens": 1}}})
+        await ev("content_block_start", {"type": "content_block_start", "index": 0,
+                                          "content_block": {"type": "text", "text": ""}})
+        for word in text.split(" "):
+            await ev("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                             "delta": {"type": "text_delta", "text": word + " "}})
+        await ev("content_block_stop", {"type": "content_block_stop", "index": 0})
+        await ev("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn",
+                                                                      "stop_sequence": None},
+                                   "usage": {"output_tokens": 4}})
+        await ev("message_stop", {"type": "message_stop"})
+        await resp.write_eof()
+        return resp
