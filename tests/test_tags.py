@@ -1,0 +1,71 @@
+"""Tag resolution rules (pure)."""
+from __future__ import annotations
+
+import pytest
+
+from gateway.config import Taxonomy
+from gateway.errors import GatewayError
+from gateway.tags import normalise, parse_tags_header, resolve_tags
+
+
+def resolve(**kw):
+    base = dict(bound_customer="acme", may_set_customer=False, key_tags={}, headers={}, metadata=None, user=None,
+                taxonomy=Taxonomy())
+    base.update(kw)
+    return resolve_tags(**base)
+
+
+def test_normalise():
+    assert normalise("  Refund Flow ") == "refund_flow"
+    assert normalise("EU-West.1") == "eu-west.1"
+    assert normalise("a/b\\c'd") == "a_b_c_d"
+    assert normalise("x" * 300) == "x" * 128
+
+
+def test_parse_tags_header():
+    assert parse_tags_header("Region=EU, tier = Gold") == {"region": "eu", "tier": "gold"}
+    with pytest.raises(GatewayError) as e:
+        parse_tags_header("region")
+    assert e.value.status == 400 and e.value.param == "x-tagway-tags"
+
+
+def test_authority_order():
+    t = resolve(key_tags={"intent": "bound"}, headers={"intent": "hdr", "prompt-version": "v2", "tags": "a=h"},
+                metadata={"intent": "meta", "prompt_version": "v1", "a": "m", "b": "m"})
+    assert (t.intent, t.prompt_version, t.tags) == ("bound", "v2", {"a": "h", "b": "m"})
+
+
+@pytest.mark.parametrize("unknown,expect", [("keep", {"region": "mars", "color": "red"}),
+                                            ("drop", {})])
+def test_taxonomy_keep_drop(unknown, expect):
+    tax = Taxonomy(keys={"region": {"values": ["eu", "us"]}}, unknown=unknown)
+    assert resolve(headers={"tags": "region=mars,color=red"}, taxonomy=tax).tags == expect
+
+
+def test_taxonomy_reject_and_required():
+    tax = Taxonomy(keys={"region": {"values": ["eu", "us"]}, "intent": {"values": ["refund"]}}, unknown="reject",
+                   required=["intent", "region"])
+    with pytest.raises(GatewayError) as e:
+        resolve(headers={"tags": "region=mars", "intent": "refund"}, taxonomy=tax)
+    assert e.value.status == 400 and e.value.code == "unknown_tag" and "mars" in e.value.message
+    with pytest.raises(GatewayError) as e:
+        resolve(headers={"tags": "color=red", "intent": "refund"}, taxonomy=tax)
+    assert "color" in e.value.message
+    with pytest.raises(GatewayError) as e:
+        resolve(headers={"tags": "region=eu", "intent": "chitchat"}, taxonomy=tax)
+    assert "chitchat" in e.value.message
+    with pytest.raises(GatewayError) as e:
+        resolve(headers={"intent": "refund"}, taxonomy=tax)
+    assert e.value.code == "missing_tag" and "region" in e.value.message
+    ok = resolve(headers={"tags": "region=EU", "intent": "Refund"}, taxonomy=tax)
+    assert (ok.intent, ok.tags) == ("refund", {"region": "eu"})
+
+
+def test_customer_rules():
+    with pytest.raises(GatewayError) as e:
+        resolve(headers={"customer": "globex"})
+    assert e.value.status == 403
+    assert resolve(headers={"customer": "Acme"}).customer == "acme"
+    assert resolve(may_set_customer=True, headers={"customer": "globex"}).customer == "globex"
+    assert resolve(may_set_customer=True, user="Hooli").customer == "hooli"
+    assert resolve(may_set_customer=True).customer == "acme"
