@@ -217,6 +217,7 @@ def _m3_replay(s: SchemaSettings) -> list[str]:
     n_cases UInt32,
     verdict LowCardinality(String),
     report_json String CODEC(ZSTD(3)),
+    cost_usd Float64,
     version UInt64""", "ORDER BY run_id", kind="ReplacingMergeTree", sharding_key="cityHash64(run_id)")
     # ReplacingMergeTree(version) would need the column in the engine args; keep the latest row by `version` at
     # read time (argMax) instead, which also works before merges happen.
@@ -224,7 +225,7 @@ def _m3_replay(s: SchemaSettings) -> list[str]:
     case_id String,
     candidate LowCardinality(String),
     Timestamp DateTime64(9),
-    trace_id String,
+    replay_trace_id String,
     customer LowCardinality(String),
     intent LowCardinality(String),
     prompt_version LowCardinality(String),
@@ -242,7 +243,16 @@ def _m3_replay(s: SchemaSettings) -> list[str]:
     latency_ms Float64,
     cost_usd Float64,
     input_tokens UInt32,
-    output_tokens UInt32""", "ORDER BY (run_id, candidate, case_id)", sharding_key="cityHash64(run_id)")
+    output_tokens UInt32,
+    http_status UInt16,
+    attempts UInt8""", "ORDER BY (run_id, candidate, case_id)", sharding_key="cityHash64(run_id)")
+    # A pinned dataset: the trace ids of a slice (and the segment each was sampled in), immutable once saved.
+    stmts += _table(s, "replay_datasets", """    dataset_id String,
+    trace_id String,
+    segment String,
+    position UInt32,
+    description String,
+    added_at DateTime64(3)""", "ORDER BY (dataset_id, position)", sharding_key="cityHash64(dataset_id)")
     return stmts
 
 
@@ -251,7 +261,7 @@ Migration = tuple[int, str, Callable[[SchemaSettings], list[str]]]
 MIGRATIONS: list[Migration] = [
     (1, "otel_traces (OpenTelemetry Collector layout) and trace-id helper", _m1_otel_traces),
     (2, "llm_calls and its materialized view", _m2_llm_calls),
-    (3, "replay_runs and replay_results", _m3_replay),
+    (3, "replay_runs, replay_results and replay_datasets", _m3_replay),
 ]
 
 

@@ -1,0 +1,235 @@
+"""`tagway replay ...`: the gateway's CLI loads `register` through the entry-point group "tagway.cli", so the
+gateway never imports replay. `python -m replay` runs the same commands on their own.
+
+Exit codes: 0 gate passed, 1 gate failed, 2 bad spec or input (one line, no traceback), 3 run incomplete.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import typer
+
+from .datasets import DatasetError
+from .runner import FatalRunError
+from .slice import EmptySliceError
+from .spec import SpecError, apply_overrides, load_spec_data, parse_spec
+
+__all__ = ["replay_app", "register", "main", "DEFAULT_DSN"]
+
+DEFAULT_DSN = "chdb:///./tagway-data"
+EXIT_PASSED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INCOMPLETE = 0, 1, 2, 3
+
+replay_app = typer.Typer(help="Replay tagged slices of real traffic against candidates; report and gate per segment.",
+                         no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+dataset_app = typer.Typer(help="Pinned datasets: a slice frozen as trace ids.", no_args_is_help=True)
+replay_app.add_typer(dataset_app, name="dataset")
+
+
+def register(app: typer.Typer) -> None:
+    """Entry point "tagway.cli": add the `replay` sub-app to the gateway's CLI."""
+    app.add_typer(replay_app, name="replay")
+
+
+def main() -> None:
+    """`python -m replay run ...`: the replay commands without the gateway's CLI."""
+    replay_app(prog_name="tagway replay")
+
+
+def _fail(msg: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
+    typer.echo(f"error: {msg}", err=True)
+    return typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """Bad input becomes one line on stderr and exit 2, never a traceback."""
+    from exporters.store import StoreError, StoreLockedError
+    try:
+        yield
+    except StoreLockedError as e:
+        raise _fail(f"{e}. The gateway probably holds it: point replay at a ClickHouse server DSN (--dsn / "
+                    "TAGWAY_DSN), or stop the gateway and use --in-process") from None
+    except (SpecError, EmptySliceError, DatasetError, FatalRunError, StoreError) as e:
+        raise _fail(str(e)) from None
+
+
+def _store(dsn: Optional[str]):
+    from exporters.schema import migrate
+    from exporters.store import connect
+    store = connect(dsn or os.environ.get("TAGWAY_DSN") or DEFAULT_DSN)
+    migrate(store)
+    return store
+
+
+def _api_key(flag: Optional[str]) -> str:
+    return flag or os.environ.get("TAGWAY_API_KEY") or os.environ.get("TAGWAY_ADMIN_KEY") or ""
+
+
+def _emit(report, fmt: str, out: Optional[Path]) -> None:
+    from rich.console import Console
+    from .report import FORMATS, render, render_terminal
+    if fmt not in FORMATS:
+        raise SpecError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
+    if out is not None:
+        out.write_text(render(report, fmt))
+        render_terminal(report, Console())
+        typer.echo(f"report written to {out}", err=True)
+    elif fmt == "table":
+        render_terminal(report, Console())
+    else:
+        sys.stdout.write(render(report, fmt))
+
+
+GatewayOpt = typer.Option(None, "--gateway", envvar="TAGWAY_GATEWAY_URL", help="Gateway base URL.")
+InProcessOpt = typer.Option(False, "--in-process", help="Run the gateway app in this process (gateway.app:create_app).")
+DsnOpt = typer.Option(None, "--dsn", help=f"ClickHouse DSN (env TAGWAY_DSN, default {DEFAULT_DSN}).")
+KeyOpt = typer.Option(None, "--api-key", help="Gateway key (env TAGWAY_API_KEY or TAGWAY_ADMIN_KEY).")
+FormatOpt = typer.Option("table", "--format", "-f", help="table | md | json | html")
+OutOpt = typer.Option(None, "--out", "-o", help="Write the report in --format to this file.")
+
+
+@replay_app.command("run")
+def run_cmd(
+    spec: Path = typer.Option(..., "--spec", "-s", help="Replay spec YAML."),
+    customer: Optional[List[str]] = typer.Option(None, "--customer"),
+    intent: Optional[List[str]] = typer.Option(None, "--intent"),
+    tag: Optional[List[str]] = typer.Option(None, "--tag", help="key=value, repeatable."),
+    since: Optional[str] = typer.Option(None, "--since", help="e.g. 7d, 24h."),
+    segment_by: Optional[str] = typer.Option(None, "--segment-by", help="e.g. customer or customer,intent"),
+    limit: Optional[int] = typer.Option(None, "--limit"),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Replay a pinned dataset (id or JSONL file)."),
+    candidate_model: Optional[List[str]] = typer.Option(None, "--candidate-model"),
+    gate_aggregate: Optional[str] = typer.Option(None, "--gate-aggregate", help="min_segment | mean"),
+    threshold: Optional[float] = typer.Option(None, "--threshold"),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop"),
+    min_cases: Optional[int] = typer.Option(None, "--min-cases-per-segment"),
+    max_cost: Optional[float] = typer.Option(None, "--max-cost", help="USD budget for the run."),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency"),
+    fmt: str = FormatOpt, out: Optional[Path] = OutOpt, gateway: Optional[str] = GatewayOpt,
+    in_process: bool = InProcessOpt, dsn: Optional[str] = DsnOpt, api_key: Optional[str] = KeyOpt,
+    run_id: Optional[str] = typer.Option(None, "--run-id", help="Choose the run id (default: time + random)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Select a slice (or dataset), replay it against the candidates through the gateway, report and gate."""
+    from .pipeline import RunOptions, new_run_id, start_run
+    with _user_errors():
+        data = apply_overrides(load_spec_data(spec), customer=customer, intent=intent, tags=tag, since=since,
+                               segment_by=segment_by, limit=limit, dataset=dataset, candidate_models=candidate_model,
+                               gate_aggregate=gate_aggregate, threshold=threshold, max_drop=max_drop,
+                               min_cases=min_cases, max_cost=max_cost, concurrency=concurrency)
+        parsed = parse_spec(data, str(spec))
+        spec_dir = spec.resolve().parent
+        sys.path[:0] = [str(spec_dir), os.getcwd()]  # `python` evaluators: module:function beside the spec
+        store = _store(dsn)
+        rid = run_id or new_run_id()
+        opts = RunOptions(gateway_url=gateway, in_process=in_process, api_key=_api_key(api_key), progress=progress,
+                          spec_dir=spec_dir, run_id=rid)
+        typer.echo(f"replay run {rid}", err=True)
+        try:
+            result = asyncio.run(start_run(store, parsed, opts))
+        except KeyboardInterrupt:
+            raise _fail(f"interrupted; resume with: tagway replay resume {rid}", EXIT_INCOMPLETE) from None
+        _emit(result.report, fmt, out)
+    raise typer.Exit(result.exit_code)
+
+
+@replay_app.command("resume")
+def resume_cmd(
+    run_id: str = typer.Argument(..., help="The run to finish."),
+    retry_errored: bool = typer.Option(False, "--retry-errored", help="Also re-run cases whose result is errored."),
+    fmt: str = FormatOpt, out: Optional[Path] = OutOpt, gateway: Optional[str] = GatewayOpt,
+    in_process: bool = InProcessOpt, dsn: Optional[str] = DsnOpt, api_key: Optional[str] = KeyOpt,
+    spec_dir: Optional[Path] = typer.Option(None, "--spec-dir", help="Where prompt files / python evaluators live."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Re-run only the (candidate, case) pairs of RUN_ID that have no result yet."""
+    from .pipeline import RunOptions, resume_run
+    with _user_errors():
+        store = _store(dsn)
+        base = (spec_dir or Path.cwd()).resolve()
+        sys.path[:0] = [str(base)]
+        opts = RunOptions(gateway_url=gateway, in_process=in_process, api_key=_api_key(api_key), progress=progress,
+                          spec_dir=base, retry_errored=retry_errored)
+        try:
+            result = asyncio.run(resume_run(store, run_id, opts))
+        except KeyboardInterrupt:
+            raise _fail(f"interrupted; resume again with: tagway replay resume {run_id}", EXIT_INCOMPLETE) from None
+        _emit(result.report, fmt, out)
+    raise typer.Exit(result.exit_code)
+
+
+@replay_app.command("report")
+def report_cmd(
+    run_id: str = typer.Argument(...),
+    fmt: str = FormatOpt, out: Optional[Path] = OutOpt, dsn: Optional[str] = DsnOpt,
+    gate_aggregate: Optional[str] = typer.Option(None, "--gate-aggregate"),
+    threshold: Optional[float] = typer.Option(None, "--threshold"),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop"),
+    min_cases: Optional[int] = typer.Option(None, "--min-cases-per-segment"),
+) -> None:
+    """Rebuild the report of a run from ClickHouse (optionally re-gated with other settings)."""
+    from .pipeline import report_for
+    from .store import get_run
+    with _user_errors():
+        store = _store(dsn)
+        run = get_run(store, run_id)
+        if run is None:
+            raise SpecError(f"no replay run {run_id!r}")
+        data = apply_overrides(run.spec, gate_aggregate=gate_aggregate, threshold=threshold, max_drop=max_drop,
+                               min_cases=min_cases)
+        spec = parse_spec(data, f"run {run_id} spec")
+        status = run.status if run.status in ("complete", "incomplete") else "incomplete"
+        report = report_for(store, run_id, spec, status=status, n_cases=run.n_cases)
+        _emit(report, fmt, out)
+    raise typer.Exit(EXIT_INCOMPLETE if report.status != "complete" else EXIT_PASSED if report.passed else EXIT_FAILED)
+
+
+@dataset_app.command("save")
+def dataset_save_cmd(
+    dataset_id: str = typer.Argument(..., help="New dataset id, or a .jsonl path to write the cases with content."),
+    spec: Path = typer.Option(..., "--spec", "-s", help="A spec whose slice selects the cases."),
+    customer: Optional[List[str]] = typer.Option(None, "--customer"),
+    intent: Optional[List[str]] = typer.Option(None, "--intent"),
+    tag: Optional[List[str]] = typer.Option(None, "--tag"),
+    since: Optional[str] = typer.Option(None, "--since"),
+    segment_by: Optional[str] = typer.Option(None, "--segment-by"),
+    limit: Optional[int] = typer.Option(None, "--limit"),
+    description: str = typer.Option("", "--description"),
+    dsn: Optional[str] = DsnOpt,
+) -> None:
+    """Pin a slice: the sampled trace ids (and their segments) under an id, or the full cases in a JSONL file."""
+    from .datasets import is_file_ref, save_dataset, save_jsonl
+    from .slice import Sampled, select_slice
+    with _user_errors():
+        data = apply_overrides(load_spec_data(spec), customer=customer, intent=intent, tags=tag, since=since,
+                               segment_by=segment_by, limit=limit)
+        parsed = parse_spec(data, str(spec))
+        if parsed.slice is None:
+            raise SpecError("dataset save needs a spec with a slice")
+        store = _store(dsn)
+        cases, sampled = select_slice(store, parsed.slice)
+        if is_file_ref(dataset_id):
+            n = save_jsonl(dataset_id, cases)
+        else:
+            n = save_dataset(store, dataset_id, [Sampled(c.case_id, c.segment) for c in cases], description)
+        typer.echo(f"saved {n} case(s) in {len(sampled.selected)} segment(s) as {dataset_id}")
+        for reason, k in sampled.skipped.items():
+            typer.echo(f"skipped {k}: {reason}", err=True)
+
+
+@dataset_app.command("list")
+def dataset_list_cmd(dsn: Optional[str] = DsnOpt,
+                     all_: bool = typer.Option(False, "--all", help="Include the datasets pinned by runs.")) -> None:
+    """The saved datasets."""
+    from .datasets import list_datasets
+    with _user_errors():
+        rows = list_datasets(_store(dsn), include_runs=all_)
+    if not rows:
+        typer.echo("no dataset")
+    for r in rows:
+        typer.echo(f"{r['dataset_id']}\t{r['n']} cases\t{r['segments']} segments\t{r['description']}")

@@ -1,0 +1,474 @@
+"""Evaluators in promptfoo's vocabulary: one dict of handlers keyed by type, each returning (pass, score, reason)
+or (pass, score, reason, fields). A `not-` prefix negates any type, handled once in `run_one`. An evaluator that
+cannot decide (bad user code, unparseable judge answer, judge call failed) raises, and the case is `errored`.
+
+`fields` are the typed outputs (similarity, latency_ms, verdict, critique, ...) that tag rules read later.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import inspect
+import math
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
+
+import jsonschema
+import orjson
+
+if TYPE_CHECKING:
+    from .spec import EvaluatorSpec
+
+__all__ = ["EvalContext", "EvalResult", "CaseVerdict", "EvaluatorError", "HANDLERS", "ALIASES", "base_type",
+           "check_spec", "run_one", "evaluate", "parse_judge_answer", "normalize_tool_calls"]
+
+
+class EvaluatorError(RuntimeError):
+    """The evaluator could not decide; the case is marked errored with this message."""
+
+
+# judge(model, messages, params) -> the judge's answer text. The runner provides it (a call through the gateway).
+JudgeFn = Callable[[str, list[dict], dict], Awaitable[str]]
+
+
+@dataclasses.dataclass
+class EvalContext:
+    output: str  # the text of the answer under test
+    message: dict = dataclasses.field(default_factory=dict)  # the OpenAI assistant message (content, tool_calls)
+    reference: str = ""  # the baseline answer's text
+    reference_tool_calls: list[dict] = dataclasses.field(default_factory=list)
+    latency_ms: float | None = None
+    cost_usd: float | None = None
+    vars: dict[str, Any] = dataclasses.field(default_factory=dict)  # customer, intent, tags, messages, ...
+    judge: JudgeFn | None = None
+
+
+@dataclasses.dataclass
+class EvalResult:
+    name: str
+    type: str
+    passed: bool
+    score: float
+    reason: str
+    weight: float = 1.0
+    fields: dict[str, Any] = dataclasses.field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclasses.dataclass
+class CaseVerdict:
+    status: str  # passed | failed | errored
+    score: float | None
+    reason: str
+    results: list[EvalResult]
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+
+Outcome = tuple  # (pass, score, reason) or (pass, score, reason, fields)
+Handler = Callable[["EvaluatorSpec", EvalContext], "Outcome | Awaitable[Outcome]"]
+
+
+def _threshold(spec: "EvaluatorSpec", default: float | None = None) -> float:
+    t = spec.threshold if spec.threshold is not None else spec.value if isinstance(spec.value, (int, float)) else default
+    if t is None:
+        raise EvaluatorError(f"{spec.type}: needs a threshold")
+    return float(t)
+
+
+def _as_text(v: Any) -> str:
+    return v if isinstance(v, str) else orjson.dumps(v).decode()
+
+
+def _values(spec: "EvaluatorSpec") -> list[str]:
+    v = spec.value
+    return [_as_text(x) for x in v] if isinstance(v, list) else [_as_text(v)]
+
+
+# -- deterministic ------------------------------------------------------------------------------------------------
+
+def _equals(spec: "EvaluatorSpec", ctx: EvalContext) -> Outcome:
+    if isinstance(spec.value, (dict, list)):
+        try:
+            ok = orjson.loads(ctx.output) == spec.value
+        except orjson.JSONDecodeError:
+            ok = False
+    else:
+        ok = ctx.output.strip() == str(spec.value).strip()
+    return ok, float(ok), "output equals the expected value" if ok else "output differs from the expected value"
+
+
+def _contains(spec: "EvaluatorSpec", ctx: EvalContext, fold: bool = False, mode: str = "all") -> Outcome:
+    out = ctx.output.casefold() if fold else ctx.output
+    needles = _values(spec)
+    found = [n for n in needles if (n.casefold() if fold else n) in out]
+    ok = bool(found) if mode == "any" else len(found) == len(needles)
+    missing = [n for n in needles if n not in found]
+    reason = f"contains {found!r}" if ok else f"missing {missing!r}" if mode == "all" else f"none of {needles!r}"
+    return ok, float(ok), reason
+
+
+def _regex(spec: "EvaluatorSpec", ctx: EvalContext) -> Outcome:
+    m = re.search(str(spec.value), ctx.output, re.MULTILINE)
+    return bool(m), float(bool(m)), f"matches /{spec.value}/" if m else f"no match for /{spec.value}/"
+
+
+def _load_schema(value: Any) -> dict:
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, str) and value.startswith("file://"):
+        value = value[len("file://"):]
+    try:
+        return orjson.loads(Path(str(value)).read_bytes())
+    except (OSError, orjson.JSONDecodeError) as e:
+        raise EvaluatorError(f"cannot load JSON schema {value!r}: {e}") from None
+
+
+def _json_valid(spec: "EvaluatorSpec", ctx: EvalContext) -> Outcome:
+    try:
+        doc = orjson.loads(ctx.output)
+    except orjson.JSONDecodeError as e:
+        return False, 0.0, f"not valid JSON: {str(e).splitlines()[0]}"
+    if spec.value is None:
+        return True, 1.0, "valid JSON"
+    return _validate(doc, _load_schema(spec.value))
+
+
+def _json_schema(spec: "EvaluatorSpec", ctx: EvalContext) -> Outcome:
+    try:
+        doc = orjson.loads(ctx.output)
+    except orjson.JSONDecodeError as e:
+        return False, 0.0, f"not valid JSON: {str(e).splitlines()[0]}", {"schema_errors": 1}
+    return _validate(doc, _load_schema(spec.value))
+
+
+def _validate(doc: Any, schema: dict) -> Outcome:
+    try:
+        validator = jsonschema.validators.validator_for(schema)(schema)
+        errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.path))
+    except jsonschema.SchemaError as e:
+        raise EvaluatorError(f"invalid JSON schema: {e.message}") from None
+    if not errors:
+        return True, 1.0, "matches the JSON schema", {"schema_errors": 0}
+    first = errors[0]
+    where = "/".join(str(p) for p in first.path) or "(root)"
+    return False, 0.0, f"schema: {where}: {first.message}", {"schema_errors": len(errors)}
+
+
+def normalize_tool_calls(calls: Any) -> list[dict]:
+    """OpenAI `tool_calls`, semconv `tool_call` parts or a spec's expected calls -> [{name, arguments}] with the
+    arguments parsed when they are a JSON string."""
+    if isinstance(calls, dict):
+        calls = [calls]
+    out = []
+    for c in calls or []:
+        if not isinstance(c, dict):
+            continue
+        fn = c.get("function") if isinstance(c.get("function"), dict) else c
+        args = fn.get("arguments")
+        if isinstance(args, str):
+            try:
+                args = orjson.loads(args) if args.strip() else {}
+            except orjson.JSONDecodeError:
+                pass
+        out.append({"name": fn.get("name", ""), "arguments": args})
+    return out
+
+
+def _args_match(expected: Any, actual: Any, how: str) -> bool:
+    if how == "ignore" or expected is None:
+        return True
+    if how == "subset" and isinstance(expected, dict) and isinstance(actual, dict):
+        return all(k in actual and actual[k] == v for k, v in expected.items())
+    return expected == actual
+
+
+def _tool_call_match(spec: "EvaluatorSpec", ctx: EvalContext) -> Outcome:
+    expected = normalize_tool_calls(spec.value) if spec.value is not None else normalize_tool_calls(
+        ctx.reference_tool_calls)
+    actual = normalize_tool_calls(ctx.message.get("tool_calls"))
+    how = str(spec.option("arguments", "exact"))
+    if not expected and not actual:
+        return True, 1.0, "no tool call expected and none made", {"tool_calls": 0}
+    left = list(actual)
+    matched, misses = 0, []
+    for e in expected:
+        hit = next((a for a in left if a["name"] == e["name"] and _args_match(e.get("arguments"), a["arguments"], how)),
+                   None)
+        if hit is None:
+            misses.append(e["name"])
+        else:
+            left.remove(hit)
+            matched += 1
+    score = matched / max(len(expected), len(actual))
+    ok = not misses and not left
+    if ok:
+        reason = f"tool calls match ({matched})"
+    else:
+        extra = [a["name"] for a in left]
+        reason = "tool calls differ: " + "; ".join(
+            p for p in (f"missing {misses}" if misses else "", f"unexpected {extra}" if extra else "") if p)
+    return ok, score, reason, {"tool_calls": len(actual), "tool_calls_matched": matched}
+
+
+def _similarity(a: str, b: str, method: str) -> float:
+    if method == "jaccard":
+        ta, tb = set(re.findall(r"\w+", a.lower())), set(re.findall(r"\w+", b.lower()))
+        return 1.0 if not ta and not tb else len(ta & tb) / len(ta | tb)
+    return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
+
+
+def _similar(spec: "EvaluatorSpec", ctx: EvalContext) -> Outcome:
+    ref = _as_text(spec.value) if spec.value is not None else ctx.reference
+    method = str(spec.option("method", "ratio"))
+    sim = _similarity(ctx.output, ref, method)
+    t = spec.threshold if spec.threshold is not None else 0.75
+    ok = sim >= t
+    return ok, sim, f"{method} similarity {sim:.3f} {'>=' if ok else '<'} {t}", {"similarity": round(sim, 6)}
+
+
+def _latency(spec: "EvaluatorSpec", ctx: EvalContext) -> Outcome:
+    if ctx.latency_ms is None:
+        raise EvaluatorError("latency: no latency recorded for this call")
+    t = _threshold(spec)
+    ok = ctx.latency_ms <= t
+    return ok, float(ok), f"latency {ctx.latency_ms:.0f} ms {'<=' if ok else '>'} {t:g} ms", {
+        "latency_ms": ctx.latency_ms}
+
+
+def _cost(spec: "EvaluatorSpec", ctx: EvalContext) -> Outcome:
+    if ctx.cost_usd is None:
+        raise EvaluatorError("cost: no cost recorded for this call")
+    t = _threshold(spec)
+    ok = ctx.cost_usd <= t
+    return ok, float(ok), f"cost ${ctx.cost_usd:.6f} {'<=' if ok else '>'} ${t:g}", {"cost_usd": ctx.cost_usd}
+
+
+# -- model-graded -------------------------------------------------------------------------------------------------
+
+JUDGE_SYSTEM = (
+    "You are a strict evaluator. Grade the RESPONSE against the RUBRIC. Answer with one JSON object only: "
+    '{"verdict": "pass" or "fail", "score": a number from 0 to 1, "critique": "one or two sentences"}.'
+)
+
+
+def _judge_messages(spec: "EvaluatorSpec", ctx: EvalContext) -> list[dict]:
+    convo = ctx.vars.get("messages") or []
+    last_user = next((m.get("content") for m in reversed(convo) if m.get("role") == "user"), "")
+    parts = [f"RUBRIC:\n{spec.value}", f"USER MESSAGE:\n{_as_text(last_user or '')}"]
+    if spec.option("include_reference", True) and ctx.reference:
+        parts.append(f"REFERENCE ANSWER (previous production answer):\n{ctx.reference}")
+    parts.append(f"RESPONSE:\n{ctx.output}")
+    return [{"role": "system", "content": str(spec.option("system", JUDGE_SYSTEM))},
+            {"role": "user", "content": "\n\n".join(parts)}]
+
+
+_FENCE_RE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL | re.IGNORECASE)
+_VERDICT_RE = re.compile(r"\b(?:verdict|result|grade|answer)\b\s*[:=\-]?\s*[\"'*]*\s*(pass|fail)", re.IGNORECASE)
+_WORD_RE = re.compile(r"\b(PASS(?:ED)?|FAIL(?:ED)?)\b", re.IGNORECASE)
+
+
+def _json_objects(text: str) -> list[dict]:
+    found = []
+    for chunk in [*_FENCE_RE.findall(text), text]:
+        chunk = chunk.strip()
+        for start in [i for i, ch in enumerate(chunk) if ch == "{"][:20]:
+            depth = 0
+            for j in range(start, len(chunk)):
+                depth += {"{": 1, "}": -1}.get(chunk[j], 0)
+                if depth == 0:
+                    try:
+                        obj = orjson.loads(chunk[start:j + 1])
+                    except orjson.JSONDecodeError:
+                        break
+                    if isinstance(obj, dict):
+                        found.append(obj)
+                    break
+    return found
+
+
+def parse_judge_answer(text: str) -> tuple[bool, float, str]:
+    """A judge answer -> (pass, score, critique). Accepts the asked-for JSON (also fenced or surrounded by prose,
+    with `pass: true` instead of a verdict), then `Verdict: PASS` lines, then a lone PASS/FAIL word."""
+    for obj in _json_objects(text):
+        low = {str(k).lower(): v for k, v in obj.items()}
+        verdict = next((low[k] for k in ("verdict", "result", "grade", "pass", "passed") if k in low), None)
+        if isinstance(verdict, str) and verdict.strip().lower() in ("pass", "passed", "fail", "failed", "true",
+                                                                     "false"):
+            ok = verdict.strip().lower() in ("pass", "passed", "true")
+        elif isinstance(verdict, bool):
+            ok = verdict
+        else:
+            continue
+        critique = str(next((low[k] for k in ("critique", "reason", "explanation", "rationale") if k in low), ""))
+        score = low.get("score")
+        score = float(score) if isinstance(score, (int, float)) and not isinstance(score, bool) else float(ok)
+        return ok, min(max(score, 0.0), 1.0), critique
+    m = _VERDICT_RE.search(text)
+    words = {w.upper().rstrip("ED") for w in _WORD_RE.findall(text)}
+    if m:
+        ok = m.group(1).lower() == "pass"
+    elif len(words) == 1:
+        ok = words == {"PASS"}
+    else:
+        raise EvaluatorError(f"judge answer has no pass/fail verdict: {text.strip()[:120]!r}")
+    critique = _VERDICT_RE.sub("", text).strip() if m else text.strip()
+    return ok, float(ok), critique[:2000]
+
+
+async def _llm_judge(spec: "EvaluatorSpec", ctx: EvalContext) -> Outcome:
+    if ctx.judge is None:
+        raise EvaluatorError("llm_judge: no judge client (the runner provides one)")
+    model = str(spec.option("model"))
+    params = {"temperature": 0, **(spec.option("params") or {})}
+    try:
+        answer = await ctx.judge(model, _judge_messages(spec, ctx), params)
+    except EvaluatorError:
+        raise
+    except Exception as e:  # the judge call itself failed: undecided, not failed
+        raise EvaluatorError(f"llm_judge call failed: {e}") from None
+    ok, score, critique = parse_judge_answer(answer)
+    if spec.threshold is not None:
+        ok = ok and score >= spec.threshold
+    fields = {"verdict": "pass" if ok else "fail", "critique": critique, "judge_score": score,
+              "judge_version": str(spec.option("judge_version")), "judge_model": model}
+    return ok, score, f"judge: {'pass' if ok else 'fail'}: {critique[:200]}", fields
+
+
+# -- user code ----------------------------------------------------------------------------------------------------
+
+def _load_callable(ref: str) -> Callable:
+    mod_name, _, fn_name = ref.partition(":")
+    try:
+        fn = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise EvaluatorError(f"python: cannot load {ref!r}: {e}") from None
+    if not callable(fn):
+        raise EvaluatorError(f"python: {ref!r} is not callable")
+    return fn
+
+
+async def _python(spec: "EvaluatorSpec", ctx: EvalContext) -> Outcome:
+    fn = _load_callable(str(spec.value))
+    context = {"vars": ctx.vars, "reference": ctx.reference, "message": ctx.message, "latency_ms": ctx.latency_ms,
+               "cost_usd": ctx.cost_usd, "config": spec.option("config", {})}
+    try:
+        got = fn(ctx.output, context)
+        if inspect.isawaitable(got):
+            got = await got
+    except Exception as e:
+        raise EvaluatorError(f"python {spec.value}: {type(e).__name__}: {e}") from None
+    t = spec.threshold if spec.threshold is not None else 0.5
+    if isinstance(got, bool):
+        return got, float(got), f"{spec.value} returned {got}"
+    if isinstance(got, (int, float)):
+        if math.isnan(got):
+            raise EvaluatorError(f"python {spec.value}: returned NaN")
+        return got >= t, float(got), f"{spec.value} scored {got:g}"
+    if isinstance(got, dict):
+        score = got.get("score")
+        ok = got.get("pass", got.get("passed"))
+        if ok is None and score is None:
+            raise EvaluatorError(f"python {spec.value}: the dict needs pass or score")
+        ok = bool(ok) if ok is not None else float(score) >= t
+        score = float(score) if score is not None else float(ok)
+        fields = dict(got.get("fields") or {})
+        return ok, score, str(got.get("reason", f"{spec.value} returned pass={ok}")), fields
+    raise EvaluatorError(f"python {spec.value}: must return bool, number or dict, got {type(got).__name__}")
+
+
+HANDLERS: dict[str, Handler] = {
+    "equals": _equals,
+    "contains": _contains,
+    "icontains": lambda s, c: _contains(s, c, fold=True),
+    "contains-any": lambda s, c: _contains(s, c, mode="any"),
+    "contains-all": _contains,
+    "icontains-any": lambda s, c: _contains(s, c, fold=True, mode="any"),
+    "regex": _regex,
+    "json_valid": _json_valid,
+    "json_schema": _json_schema,
+    "tool_call_match": _tool_call_match,
+    "similar": _similar,
+    "latency": _latency,
+    "cost": _cost,
+    "llm_judge": _llm_judge,
+    "python": _python,
+}
+# promptfoo spellings
+ALIASES = {"is-json": "json_valid", "llm-rubric": "llm_judge", "is-valid-json-schema": "json_schema",
+           "contains-json": "json_valid"}
+
+
+def base_type(t: str) -> str:
+    t = t.removeprefix("not-")
+    return ALIASES.get(t, t)
+
+
+def check_spec(spec: "EvaluatorSpec") -> None:
+    """Per-type validation at spec load time, so a typo fails before any call is made. Raises ValueError."""
+    t = base_type(spec.type)
+    if t in ("equals", "contains", "icontains", "contains-any", "contains-all", "icontains-any", "regex",
+             "json_schema", "python", "llm_judge") and spec.value is None:
+        raise ValueError(f"{spec.type} needs a value")
+    if t == "regex":
+        try:
+            re.compile(str(spec.value))
+        except re.error as e:
+            raise ValueError(f"regex {spec.value!r} does not compile: {e}") from None
+    if t in ("latency", "cost") and spec.threshold is None and not isinstance(spec.value, (int, float)):
+        raise ValueError(f"{spec.type} needs a threshold (max {'ms' if t == 'latency' else 'usd'})")
+    if t == "python" and not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", str(spec.value)):
+        raise ValueError(f"python evaluator value must be 'module:function', got {spec.value!r}")
+    if t == "llm_judge":
+        if not spec.option("model"):
+            raise ValueError("llm_judge needs a model (the judge, called through the gateway)")
+        if not spec.option("judge_version"):
+            raise ValueError("llm_judge needs a pinned judge_version")
+    if t == "similar" and spec.option("method", "ratio") not in ("ratio", "jaccard"):
+        raise ValueError("similar.method must be ratio or jaccard")
+    if t == "tool_call_match" and spec.option("arguments", "exact") not in ("exact", "subset", "ignore"):
+        raise ValueError("tool_call_match.arguments must be exact, subset or ignore")
+
+
+async def run_one(spec: "EvaluatorSpec", ctx: EvalContext) -> EvalResult:
+    """Run one evaluator; negation (`not-`) is applied here, once, for every type. Errors are captured."""
+    inverse = spec.type.startswith("not-")
+    t = base_type(spec.type)
+    try:
+        out = HANDLERS[t](spec, ctx)
+        if inspect.isawaitable(out):
+            out = await out
+        ok, score, reason, *rest = out
+        fields = rest[0] if rest else {}
+    except EvaluatorError as e:
+        return EvalResult(spec.name, spec.type, False, 0.0, str(e), spec.weight, {}, str(e))
+    except Exception as e:  # a bug in a handler must not kill the run: the case is errored, with the cause
+        msg = f"{spec.type}: {type(e).__name__}: {e}"
+        return EvalResult(spec.name, spec.type, False, 0.0, msg, spec.weight, {}, msg)
+    if inverse:
+        ok, score, reason = not ok, 1.0 - score, f"NOT ({reason})"
+    return EvalResult(spec.name, spec.type, bool(ok), float(score), reason, spec.weight, dict(fields))
+
+
+async def evaluate(specs: Sequence["EvaluatorSpec"], ctx: EvalContext,
+                   case_threshold: float | None = None) -> CaseVerdict:
+    """All evaluators on one answer. Weighted score; a case passes when every weighted check passes (or, with a
+    case threshold, when the weighted score reaches it). Any evaluator error makes the case `errored`."""
+    results = [await run_one(s, ctx) for s in specs]
+    errors = [r for r in results if r.error]
+    if errors:
+        return CaseVerdict("errored", None, "; ".join(f"{r.name}: {r.error}" for r in errors), results)
+    weighted = [r for r in results if r.weight > 0] or results
+    total = sum(r.weight for r in weighted) or float(len(weighted))
+    score = sum(r.score * (r.weight or 1.0) for r in weighted) / total
+    if case_threshold is None:
+        ok = all(r.passed for r in weighted)
+    else:
+        ok = score >= case_threshold
+    failed = [f"{r.name}: {r.reason}" for r in weighted if not r.passed]
+    reason = "all checks passed" if not failed else "; ".join(failed)
+    return CaseVerdict("passed" if ok else "failed", score, reason, results)

@@ -1,0 +1,355 @@
+"""Per-segment report, pure: aggregation of case results into segment rows (n, baseline and candidate pass rates,
+delta, 95% Wilson intervals, flags) and a weighted mean row, per candidate; renderers for the terminal (rich),
+Markdown (PR comments), JSON and a self-contained HTML page (inline SVG chart, no CDN).
+"""
+from __future__ import annotations
+
+import dataclasses
+import html
+import io
+import math
+from typing import Any, Iterable, Sequence
+
+import orjson
+
+from .gate import Verdict, evaluate_gate, segment_failures
+
+__all__ = ["wilson", "SegmentRow", "CandidateReport", "Report", "aggregate", "render_terminal", "render_markdown",
+           "render_json", "render_html", "render", "FORMATS", "BASELINE"]
+
+BASELINE = "baseline"
+FAIL_MARK = "❌"
+LOW_MARK = "⚠ low n"
+Z95 = 1.959963984540054
+
+
+def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for k successes in n trials (95% by default). (0, 1) when n is 0."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = k / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+@dataclasses.dataclass
+class SegmentRow:
+    segment: str
+    n: int  # candidate cases with a result
+    after_pass: int
+    after: float
+    after_ci: tuple[float, float]
+    before_n: int = 0  # baseline results on the same cases
+    before_pass: int = 0
+    before: float | None = None
+    before_ci: tuple[float, float] | None = None
+    delta: float | None = None
+    errored: int = 0
+    failing: bool = False  # violates threshold or max_drop AND counts for the gate
+    below: bool = False  # violates threshold or max_drop (shown even when the gate does not count it)
+    low_confidence: bool = False
+    problems: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class CandidateReport:
+    candidate: str
+    model: str
+    rows: list[SegmentRow]
+    overall: SegmentRow
+    verdict: Verdict
+    cost_usd: float = 0.0
+
+
+@dataclasses.dataclass
+class Report:
+    run_id: str
+    status: str  # complete | incomplete | running
+    segment_by: list[str]
+    gating: dict[str, Any]
+    baseline_mode: str
+    candidates: list[CandidateReport]
+    passed: bool
+    reasons: list[str]
+    n_cases: int = 0
+    baseline_cost_usd: float = 0.0
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def verdict(self) -> str:
+        return "passed" if self.passed else "failed"
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["verdict"] = self.verdict
+        return d
+
+
+def _row(segment: str, cand: Sequence[Any], base: Sequence[Any]) -> SegmentRow:
+    n, k = len(cand), sum(1 for r in cand if r.status == "passed")
+    row = SegmentRow(segment, n, k, k / n if n else 0.0, wilson(k, n),
+                     errored=sum(1 for r in cand if r.status == "errored"))
+    if base:
+        bk = sum(1 for r in base if r.status == "passed")
+        row.before_n, row.before_pass = len(base), bk
+        row.before, row.before_ci = bk / len(base), wilson(bk, len(base))
+        row.delta = row.after - row.before
+    return row
+
+
+def aggregate(results: Iterable[Any], gating: Any, *, run_id: str = "", status: str = "complete",
+              segment_by: Sequence[str] = (), baseline_mode: str = "logged", models: dict[str, str] | None = None,
+              n_cases: int = 0, skipped: dict[str, int] | None = None, notes: Sequence[str] = ()) -> Report:
+    """Case results (objects with candidate, case_id, segment, status, cost_usd) -> Report. The baseline's results
+    are those of candidate "baseline"; each candidate is compared with the baseline on the same cases."""
+    by_cand: dict[str, dict[str, Any]] = {}
+    for r in results:
+        by_cand.setdefault(r.candidate, {})[r.case_id] = r
+    base = by_cand.pop(BASELINE, {})
+    reports = []
+    for name in sorted(by_cand):
+        cases = by_cand[name]
+        segments: dict[str, list[Any]] = {}
+        for r in cases.values():
+            segments.setdefault(r.segment, []).append(r)
+        rows = []
+        for seg in sorted(segments):
+            cand = segments[seg]
+            rows.append(_row(seg, cand, [base[r.case_id] for r in cand if r.case_id in base]))
+        overall = _row("mean (weighted)", list(cases.values()), [base[c] for c in cases if c in base])
+        verdict = evaluate_gate(rows, overall, gating)
+        for row in rows:
+            row.low_confidence = row.n < gating.min_cases_per_segment
+            row.problems = segment_failures(row, gating)
+            row.below = bool(row.problems)
+            row.failing = row.segment in verdict.failing
+        overall.problems = segment_failures(overall, gating) if gating.aggregate == "mean" else []
+        overall.failing = "mean" in verdict.failing
+        reports.append(CandidateReport(name, (models or {}).get(name, ""), rows, overall, verdict,
+                                       sum(float(r.cost_usd or 0) for r in cases.values())))
+    reasons = [f"{c.candidate}: {x}" if len(reports) > 1 else x for c in reports for x in c.verdict.reasons]
+    passed = bool(reports) and all(c.verdict.passed for c in reports)
+    if not reports:
+        reasons.append("no candidate result: nothing to gate on")
+    if status != "complete":
+        reasons.append(f"run {status}: the verdict covers only the cases that finished")
+    return Report(run_id, status, list(segment_by), _gating_dict(gating), baseline_mode, reports, passed, reasons,
+                  n_cases, sum(float(r.cost_usd or 0) for r in base.values()), dict(skipped or {}), list(notes))
+
+
+def _gating_dict(g: Any) -> dict:
+    if hasattr(g, "model_dump"):
+        return g.model_dump()
+    return {k: getattr(g, k) for k in ("metric", "aggregate", "threshold", "max_drop", "min_cases_per_segment")
+            if hasattr(g, k)}
+
+
+# -- formatting helpers -------------------------------------------------------------------------------------------
+
+def _rate(v: float | None) -> str:
+    return "—" if v is None else f"{v:.3f}"
+
+
+def _delta(v: float | None) -> str:
+    return "—" if v is None else f"{v:+.3f}"
+
+
+def _mark(row: SegmentRow) -> str:
+    marks = []
+    if row.failing:
+        marks.append(FAIL_MARK)
+    elif row.below and not row.low_confidence:
+        marks.append("▽ not gated")
+    if row.low_confidence:
+        marks.append(LOW_MARK)
+    if row.errored:
+        marks.append(f"{row.errored} errored")
+    return "  ".join(marks)
+
+
+def _gate_line(r: Report) -> str:
+    g = r.gating
+    extra = f", max_drop {g['max_drop']:g}" if g.get("max_drop") is not None else ""
+    return (f"gate {g.get('aggregate')} {g.get('metric', 'pass_rate')} >= {g.get('threshold'):g}{extra}, "
+            f"min {g.get('min_cases_per_segment')} cases per segment")
+
+
+def _title(c: CandidateReport) -> str:
+    return f"candidate {c.candidate}" + (f" ({c.model})" if c.model else "")
+
+
+# -- terminal -----------------------------------------------------------------------------------------------------
+
+def render_terminal(r: Report, console: Any = None) -> str:
+    """The seed-001 table (segment, n, before, after, delta, mark), one per candidate, then the verdict. Printed to
+    `console` (colours on a terminal) if given; the plain text is returned either way."""
+    from rich.console import Console
+
+    buf = io.StringIO()
+    targets = [Console(file=buf, width=110, force_terminal=False, color_system=None)]
+    if console is not None:
+        targets.append(console)
+    for out in targets:
+        for c in r.candidates:
+            out.print(_rich_table(c))
+            out.print(f"cost ${c.cost_usd:.4f}   {c.verdict.status.upper()}", highlight=False)
+        out.print(_footer_text(r), highlight=False)
+    return buf.getvalue()
+
+
+def _rich_table(c: CandidateReport) -> Any:
+    from rich.table import Table
+    from rich import box
+    t = Table(title=_title(c), box=box.SIMPLE_HEAD, title_justify="left")
+    for col, just in (("segment", "left"), ("n", "right"), ("before", "right"), ("after", "right"),
+                      ("delta", "right"), ("", "left")):
+        t.add_column(col, justify=just)  # type: ignore[arg-type]
+    for row in c.rows:
+        style = "red" if row.failing else "yellow" if row.low_confidence else None
+        t.add_row(row.segment, str(row.n), _rate(row.before), _rate(row.after), _delta(row.delta), _mark(row),
+                  style=style)
+    t.add_section()
+    o = c.overall
+    t.add_row(o.segment, str(o.n), _rate(o.before), _rate(o.after), _delta(o.delta), FAIL_MARK if o.failing else "",
+              style="bold")
+    return t
+
+
+def _footer_text(r: Report) -> str:
+    lines = [f"run {r.run_id} ({r.status}), segments by {', '.join(r.segment_by) or '-'}, baseline {r.baseline_mode}",
+             _gate_line(r), f"VERDICT: {r.verdict.upper()}"]
+    lines += [f"  - {x}" for x in r.reasons]
+    if r.skipped:
+        lines.append("skipped: " + "; ".join(f"{n} {why}" for why, n in r.skipped.items()))
+    lines += [f"note: {x}" for x in r.notes]
+    return "\n".join(lines)
+
+
+# -- markdown -----------------------------------------------------------------------------------------------------
+
+def _md_cell(s: str) -> str:
+    return s.replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(r: Report) -> str:
+    icon = "✅" if r.passed else FAIL_MARK
+    out = [f"### tagway replay `{r.run_id}`: {icon} gate {r.verdict}", "",
+           f"{_gate_line(r)}; segments by `{', '.join(r.segment_by)}`; baseline {r.baseline_mode}; "
+           f"run {r.status}", ""]
+    for c in r.candidates:
+        out += [f"#### {_md_cell(_title(c))}: {c.verdict.status}", "",
+                "| segment | n | before | after | delta | 95% CI after | |", "|---|---:|---:|---:|---:|---|---|"]
+        for row in c.rows:
+            ci = f"{row.after_ci[0]:.3f}–{row.after_ci[1]:.3f}"
+            out.append(f"| {_md_cell(row.segment)} | {row.n} | {_rate(row.before)} | {_rate(row.after)} | "
+                       f"{_delta(row.delta)} | {ci} | {_md_cell(_mark(row))} |")
+        o = c.overall
+        out.append(f"| **{o.segment}** | **{o.n}** | **{_rate(o.before)}** | **{_rate(o.after)}** | "
+                   f"**{_delta(o.delta)}** | {o.after_ci[0]:.3f}–{o.after_ci[1]:.3f} | "
+                   f"{FAIL_MARK if o.failing else ''} |")
+        out += ["", f"cost ${c.cost_usd:.4f}", ""]
+    out.append(f"**Verdict: {r.verdict.upper()}**")
+    out += [f"- {_md_cell(x)}" for x in r.reasons]
+    if r.skipped:
+        out.append("- skipped: " + "; ".join(f"{n} {why}" for why, n in r.skipped.items()))
+    out += [f"- note: {_md_cell(x)}" for x in r.notes]
+    return "\n".join(out) + "\n"
+
+
+# -- json ---------------------------------------------------------------------------------------------------------
+
+def render_json(r: Report) -> str:
+    return orjson.dumps(r.to_dict(), option=orjson.OPT_INDENT_2).decode() + "\n"
+
+
+# -- html ---------------------------------------------------------------------------------------------------------
+
+_CSS = """body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem;color:#1d1d1f}
+h1{font-size:1.3rem}h2{font-size:1.1rem;margin-top:2rem}table{border-collapse:collapse;margin:.5rem 0}
+th,td{padding:.25rem .7rem;border-bottom:1px solid #ddd;text-align:right}th:first-child,td:first-child{text-align:left}
+tr.failing td{background:#fde8e8;color:#9b1c1c;font-weight:600}tr.low-confidence td{color:#8a6d00;background:#fffbea}
+tr.mean td{font-weight:700;border-top:2px solid #333}.verdict.passed{color:#046c4e}.verdict.failed{color:#9b1c1c}
+.muted{color:#666}svg text{font:12px system-ui,sans-serif}"""
+
+
+def _svg_chart(c: CandidateReport, threshold: float) -> str:
+    rows = c.rows
+    label_w, bar_w, row_h = 190, 420, 34
+    height = 30 + row_h * len(rows) + 10
+    width = label_w + bar_w + 70
+    x = lambda v: label_w + v * bar_w  # noqa: E731
+    e = html.escape
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+             f'aria-label="pass rate per segment, {e(c.candidate)}">',
+             f'<text x="{label_w}" y="14" fill="#666">0</text><text x="{label_w + bar_w - 8}" y="14" fill="#666">1</text>',
+             '<rect x="{0}" y="6" width="10" height="10" fill="#9ca3af"/><text x="{1}" y="15">baseline</text>'.format(
+                 label_w + 30, label_w + 44),
+             '<rect x="{0}" y="6" width="10" height="10" fill="#2563eb"/><text x="{1}" y="15">candidate</text>'.format(
+                 label_w + 110, label_w + 124)]
+    for i, row in enumerate(rows):
+        y = 24 + i * row_h
+        colour = "#dc2626" if row.failing else "#d97706" if row.low_confidence else "#2563eb"
+        parts.append(f'<g class="seg" data-segment="{e(row.segment)}"><title>{e(row.segment)}: n={row.n}, before '
+                     f'{_rate(row.before)}, after {_rate(row.after)}, delta {_delta(row.delta)}</title>')
+        parts.append(f'<text x="{label_w - 8}" y="{y + 18}" text-anchor="end">{e(row.segment[:28])}</text>')
+        if row.before is not None:
+            parts.append(f'<rect x="{label_w}" y="{y + 3}" width="{row.before * bar_w:.1f}" height="11" fill="#9ca3af"/>')
+        parts.append(f'<rect x="{label_w}" y="{y + 15}" width="{row.after * bar_w:.1f}" height="11" fill="{colour}"/>')
+        lo, hi = row.after_ci
+        parts.append(f'<line x1="{x(lo):.1f}" x2="{x(hi):.1f}" y1="{y + 20.5}" y2="{y + 20.5}" stroke="#111" '
+                     f'stroke-width="1.2"/>')
+        parts.append(f'<text x="{label_w + bar_w + 6}" y="{y + 25}">{_rate(row.after)}</text></g>')
+    tx = x(threshold)
+    parts.append(f'<line x1="{tx:.1f}" x2="{tx:.1f}" y1="20" y2="{height - 6}" stroke="#dc2626" '
+                 f'stroke-dasharray="4 3"><title>threshold {threshold:g}</title></line>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def render_html(r: Report) -> str:
+    e = html.escape
+    body = [f"<h1>tagway replay <code>{e(r.run_id)}</code></h1>",
+            f'<p class="verdict {r.verdict}" id="verdict"><strong>Gate {e(r.verdict.upper())}</strong> — '
+            f'{e(_gate_line(r))}</p>',
+            f'<p class="muted">segments by {e(", ".join(r.segment_by))}; baseline {e(r.baseline_mode)}; '
+            f'run {e(r.status)}; {r.n_cases} cases</p>']
+    for c in r.candidates:
+        body.append(f'<section class="candidate" data-candidate="{e(c.candidate)}"><h2>{e(_title(c))}: '
+                    f'{e(c.verdict.status)}</h2>')
+        body.append(_svg_chart(c, float(r.gating.get("threshold", 0))))
+        body.append("<table><thead><tr><th>segment</th><th>n</th><th>before</th><th>after</th><th>delta</th>"
+                    "<th>95% CI before</th><th>95% CI after</th><th></th></tr></thead><tbody>")
+        for row in c.rows:
+            cls = " ".join(x for x in ("failing" if row.failing else "", "low-confidence" if row.low_confidence
+                                       else "") if x)
+            bci = f"{row.before_ci[0]:.3f}–{row.before_ci[1]:.3f}" if row.before_ci else "—"
+            body.append(f'<tr class="{cls}" data-segment="{e(row.segment)}"><td>{e(row.segment)}</td><td>{row.n}</td>'
+                        f"<td>{_rate(row.before)}</td><td>{_rate(row.after)}</td><td>{_delta(row.delta)}</td>"
+                        f"<td>{bci}</td><td>{row.after_ci[0]:.3f}–{row.after_ci[1]:.3f}</td>"
+                        f"<td>{e(_mark(row))}</td></tr>")
+        o = c.overall
+        body.append(f'<tr class="mean{" failing" if o.failing else ""}"><td>{e(o.segment)}</td><td>{o.n}</td>'
+                    f"<td>{_rate(o.before)}</td><td>{_rate(o.after)}</td><td>{_delta(o.delta)}</td><td></td>"
+                    f"<td>{o.after_ci[0]:.3f}–{o.after_ci[1]:.3f}</td><td></td></tr></tbody></table>")
+        body.append(f'<p class="muted">cost ${c.cost_usd:.4f}</p></section>')
+    body.append(f'<h2>Verdict: <span class="verdict {r.verdict}">{e(r.verdict.upper())}</span></h2><ul id="reasons">')
+    body += [f"<li>{e(x)}</li>" for x in r.reasons]
+    if r.skipped:
+        body.append("<li>skipped: " + e("; ".join(f"{n} {why}" for why, n in r.skipped.items())) + "</li>")
+    body += [f"<li>note: {e(x)}</li>" for x in r.notes]
+    body.append("</ul>")
+    return ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>tagway replay "
+            f"{e(r.run_id)}</title><style>{_CSS}</style></head><body>" + "\n".join(body) + "</body></html>\n")
+
+
+FORMATS = {"table": render_terminal, "md": render_markdown, "json": render_json, "html": render_html}
+
+
+def render(r: Report, fmt: str) -> str:
+    try:
+        return FORMATS[fmt](r)
+    except KeyError:
+        raise ValueError(f"unknown format {fmt!r} (use {', '.join(FORMATS)})") from None

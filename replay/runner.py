@@ -1,0 +1,456 @@
+"""Run cases against targets THROUGH THE GATEWAY, so every replayed call is itself a tagged, logged span.
+
+One `httpx.AsyncClient` (a gateway base URL, or any transport: the in-process mode wraps the gateway's ASGI app,
+imported by name at run time so `replay` never imports `gateway`). A pool of `concurrency` workers; retries with
+exponential backoff on 429/5xx/transport errors; a cost budget (no new case starts once spent >= max_cost); each
+finished result goes to `sink` in small batches, so a crashed or stopped run resumes where it was.
+
+Request contract with the gateway: the original call's customer/intent/tags plus the replay keys as
+`x-tagway-*` headers; the gateway answers with `x-tagway-trace-id` and `x-tagway-cost-usd`.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import importlib
+import random
+import re
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Sequence
+
+import httpx
+import orjson
+
+from .evaluators import EvalContext, evaluate
+from .slice import Case
+from .spec import Candidate, PromptSpec, ReplaySpec
+from .store import ResultRow
+
+__all__ = ["Target", "RunOutcome", "FatalRunError", "Runner", "targets_for", "build_request", "replay_headers",
+           "apply_prompt", "gateway_client", "GATEWAY_APP", "RETRY_STATUSES"]
+
+GATEWAY_APP = "gateway.app:create_app"
+RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
+CHAT_PATH = "/v1/chat/completions"
+
+
+class FatalRunError(RuntimeError):
+    """The run cannot go on (unknown model, rejected key, unreachable gateway): one line for the user."""
+
+
+@dataclasses.dataclass
+class Target:
+    """What a case runs against: a candidate, or the baseline (`logged`: no call, the recorded answer)."""
+    name: str
+    model: str | None = None  # None: the original call's model
+    prompt: PromptSpec | None = None
+    prompt_text: str | None = None
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    logged: bool = False
+
+
+def targets_for(spec: ReplaySpec, base_dir: Path | None = None) -> list[Target]:
+    """The baseline first, then the candidates; prompt files are read once, here."""
+    b = spec.baseline
+    out = [Target("baseline", b.model, b.prompt, b.prompt.text(base_dir) if b.prompt else None, dict(b.params),
+                  logged=b.mode == "logged")]
+    for c in spec.candidates:
+        out.append(_candidate_target(c, base_dir))
+    return out
+
+
+def _candidate_target(c: Candidate, base_dir: Path | None) -> Target:
+    return Target(c.name, c.model, c.prompt, c.prompt.text(base_dir) if c.prompt else None, dict(c.params))
+
+
+# -- request building (pure) --------------------------------------------------------------------------------------
+
+_VAR_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return ""
+
+
+def apply_prompt(case: Case, prompt: PromptSpec | None, text: str | None) -> list[dict]:
+    """The case's messages with the target's system prompt: `replace` swaps the leading system/developer messages
+    for `text`; `template` fills `{original_system}`, `{customer}`, `{intent}`, `{prompt_version}`, `{tag_<k>}` and
+    bare tag keys (unknown `{names}` and other braces are left as they are, so JSON examples survive)."""
+    msgs = [dict(m) for m in case.messages]
+    if prompt is None or text is None:
+        return msgs
+    lead = 0
+    while lead < len(msgs) and msgs[lead].get("role") in ("system", "developer"):
+        lead += 1
+    system = text
+    if prompt.mode == "template":
+        original = "\n\n".join(_text_of(m.get("content")) for m in msgs[:lead])
+        variables = {**case.tags, **{f"tag_{k}": v for k, v in case.tags.items()}, "original_system": original,
+                     "customer": case.customer, "intent": case.intent, "prompt_version": case.prompt_version}
+        system = _VAR_RE.sub(lambda m: str(variables[m.group(1)]) if m.group(1) in variables else m.group(0), text)
+    return [{"role": "system", "content": system}, *msgs[lead:]]
+
+
+def build_request(case: Case, target: Target) -> dict:
+    """The chat request: rebuilt messages + the original request params, overridden by the target's params and
+    model. Replay is never streamed (the answer is scored whole and the gateway reports its cost)."""
+    body = {**case.params, **target.params}
+    body.update(model=target.model or case.model, messages=apply_prompt(case, target.prompt, target.prompt_text),
+                stream=False)
+    body.pop("stream_options", None)
+    return body
+
+
+def replay_headers(case: Case, *, api_key: str, run_id: str, candidate: str, prompt_version: str,
+                   source: str = "replay") -> dict[str, str]:
+    h = {"authorization": f"Bearer {api_key}", "content-type": "application/json",
+         "x-tagway-source": source, "x-tagway-replay-run-id": run_id, "x-tagway-replay-candidate": candidate,
+         "x-tagway-replay-case-id": case.case_id}
+    if case.customer:
+        h["x-tagway-customer"] = case.customer
+    if case.intent:
+        h["x-tagway-intent"] = case.intent
+    if prompt_version:
+        h["x-tagway-prompt-version"] = prompt_version
+    if case.tags:
+        h["x-tagway-tags"] = ",".join(f"{k}={v}" for k, v in sorted(case.tags.items()))
+    return h
+
+
+def _prompt_version(case: Case, target: Target) -> str:
+    return (target.prompt.version if target.prompt and target.prompt.version else None) or case.prompt_version
+
+
+# -- running ------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class RunOutcome:
+    results: list[ResultRow]
+    cost_usd: float
+    complete: bool
+    stop_reason: str = ""
+    pending: int = 0  # items not run (budget or stop)
+
+
+@dataclasses.dataclass
+class _Answer:
+    ok: bool
+    message: dict
+    text: str
+    http_status: int
+    attempts: int
+    latency_ms: float
+    cost_usd: float
+    trace_id: str
+    input_tokens: int = 0
+    output_tokens: int = 0
+    error: str = ""
+    error_code: str = ""
+
+
+def _error_of(resp: httpx.Response) -> tuple[str, str]:
+    try:
+        err = resp.json().get("error") or {}
+        if isinstance(err, dict):
+            return str(err.get("message") or resp.reason_phrase), str(err.get("code") or err.get("type") or "")
+        return str(err), ""
+    except ValueError:
+        return resp.text[:200] or resp.reason_phrase, ""
+
+
+def _float_header(resp: httpx.Response, name: str) -> float:
+    try:
+        return float(resp.headers.get(name, "") or 0.0)
+    except ValueError:
+        return 0.0
+
+
+class Runner:
+    """Runs (case, target) items with bounded concurrency. `sink(rows)` persists a batch (called in a thread)."""
+
+    def __init__(self, client: httpx.AsyncClient, spec: ReplaySpec, *, run_id: str, api_key: str,
+                 dataset_id: str = "", sink: Callable[[list[ResultRow]], Any] | None = None,
+                 concurrency: int | None = None, retries: int | None = None, max_cost: float | None = None,
+                 progress: bool = True, backoff_base: float = 0.25, backoff_max: float = 8.0,
+                 batch_size: int = 16, flush_interval: float = 1.0, spent_before: float = 0.0) -> None:
+        self.client = client
+        self.spec = spec
+        self.run_id = run_id
+        self.api_key = api_key
+        self.dataset_id = dataset_id
+        self.sink = sink
+        self.concurrency = concurrency or spec.concurrency
+        self.retries = spec.retries if retries is None else retries
+        self.max_cost = spec.max_cost if max_cost is None else max_cost
+        self.progress = progress
+        self.backoff_base, self.backoff_max = backoff_base, backoff_max
+        self.batch_size, self.flush_interval = batch_size, flush_interval
+        self.spent = spent_before
+        self.judge_version = spec.judge_version
+        self._buffer: list[ResultRow] = []
+        self._last_flush = time.monotonic()
+        self._flush_lock = asyncio.Lock()
+        self._probing = False  # while True, an unknown model / rejected key / dead gateway stops the run
+
+    # -- HTTP ---------------------------------------------------------------------------------------------------
+    async def _post(self, body: dict, headers: dict[str, str]) -> _Answer:
+        payload = orjson.dumps(body)
+        attempt = 0
+        while True:
+            attempt += 1
+            t0 = time.perf_counter()
+            try:
+                resp = await self.client.post(CHAT_PATH, content=payload, headers=headers)
+            except httpx.TransportError as e:
+                if attempt > self.retries:
+                    return _Answer(False, {}, "", 0, attempt, 0.0, 0.0, "",
+                                   error=f"gateway unreachable after {attempt} attempt(s): {type(e).__name__}: {e}",
+                                   error_code="connection")
+                await asyncio.sleep(self._backoff(attempt, None))
+                continue
+            latency = (time.perf_counter() - t0) * 1000
+            if resp.status_code in RETRY_STATUSES and attempt <= self.retries:
+                await asyncio.sleep(self._backoff(attempt, resp.headers.get("retry-after")))
+                continue
+            cost = _float_header(resp, "x-tagway-cost-usd")
+            trace_id = resp.headers.get("x-tagway-trace-id", "")
+            if resp.status_code != 200:
+                msg, code = _error_of(resp)
+                return _Answer(False, {}, "", resp.status_code, attempt, latency, cost, trace_id,
+                               error=f"HTTP {resp.status_code}: {msg}", error_code=code)
+            try:
+                data = resp.json()
+                choice = (data.get("choices") or [{}])[0]
+                message = choice.get("message") or {}
+            except (ValueError, AttributeError, IndexError):
+                return _Answer(False, {}, "", 200, attempt, latency, cost, trace_id,
+                               error="gateway answered 200 with a body that is not a chat completion")
+            usage = data.get("usage") or {}
+            text = _text_of(message.get("content")) if not isinstance(message.get("content"), str) else message["content"]
+            return _Answer(True, message, text, 200, attempt, latency, cost, trace_id,
+                           int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+
+    def _backoff(self, attempt: int, retry_after: str | None) -> float:
+        if retry_after:
+            try:
+                return min(float(retry_after), self.backoff_max)
+            except ValueError:
+                pass
+        delay = min(self.backoff_base * (2 ** (attempt - 1)), self.backoff_max)
+        return delay * (0.5 + random.random() / 2)  # jitter: concurrent retries do not come back together
+
+    def _judge_fn(self, case: Case, target: Target) -> Callable:
+        async def judge(model: str, messages: list[dict], params: dict) -> str:
+            headers = replay_headers(case, api_key=self.api_key, run_id=self.run_id, candidate=target.name,
+                                     prompt_version=self.judge_version or case.prompt_version, source="replay-judge")
+            ans = await self._post({**params, "model": model, "messages": messages, "stream": False}, headers)
+            self.spent += ans.cost_usd
+            if not ans.ok:
+                raise RuntimeError(ans.error)
+            return ans.text
+        return judge
+
+    # -- one item -----------------------------------------------------------------------------------------------
+    async def run_item(self, case: Case, target: Target) -> ResultRow:
+        prompt_version = _prompt_version(case, target)
+        if target.logged:
+            ans = _Answer(case.baseline_status == "ok", case.baseline_message, case.baseline_text, 0, 0,
+                          float(case.baseline_latency_ms or 0.0), float(case.baseline_cost_usd or 0.0), case.case_id)
+            model = case.model
+        else:
+            body = build_request(case, target)
+            model = body["model"]
+            headers = replay_headers(case, api_key=self.api_key, run_id=self.run_id, candidate=target.name,
+                                     prompt_version=prompt_version)
+            ans = await self._post(body, headers)
+            self.spent += ans.cost_usd
+        row = ResultRow(run_id=self.run_id, case_id=case.case_id, candidate=target.name, segment=case.segment,
+                        status="errored", replay_trace_id="" if target.logged else ans.trace_id,
+                        customer=case.customer, intent=case.intent, prompt_version=prompt_version, model=model,
+                        tags=dict(case.tags), dataset_id=self.dataset_id, judge_version=self.judge_version,
+                        latency_ms=ans.latency_ms, cost_usd=ans.cost_usd, input_tokens=ans.input_tokens,
+                        output_tokens=ans.output_tokens, http_status=ans.http_status, attempts=ans.attempts)
+        if not ans.ok and not target.logged:
+            row.error = ans.error
+            row.passed = None
+            self._check_fatal(target, model, ans)
+            return row
+        ctx = EvalContext(output=ans.text, message=ans.message, reference=case.baseline_text,
+                          reference_tool_calls=case.baseline_message.get("tool_calls") or [],
+                          latency_ms=ans.latency_ms, cost_usd=ans.cost_usd,
+                          vars={"customer": case.customer, "intent": case.intent, "prompt_version": prompt_version,
+                                "tags": case.tags, "case_id": case.case_id, "candidate": target.name,
+                                "messages": case.messages},
+                          judge=self._judge_fn(case, target))
+        verdict = await evaluate(self.spec.evaluators, ctx, self.spec.case_threshold)
+        row.status, row.score = verdict.status, verdict.score
+        row.passed = None if verdict.status == "errored" else verdict.passed
+        row.error = verdict.reason if verdict.status == "errored" else ""
+        row.evaluations = [dataclasses.asdict(r) for r in verdict.results]
+        row.output = ans.text or (orjson.dumps(ans.message.get("tool_calls")).decode()
+                                  if ans.message.get("tool_calls") else "")
+        return row
+
+    def _check_fatal(self, target: Target, model: str, ans: _Answer) -> None:
+        if not self._probing:
+            return
+        if ans.http_status == 404 or ans.error_code == "model_not_found":
+            raise FatalRunError(f"{target.name}: model {model!r} is not served by the gateway (404 "
+                                f"{ans.error_code or 'not found'}): {ans.error}")
+        if ans.http_status in (401, 403):
+            raise FatalRunError(f"the gateway rejected the API key (HTTP {ans.http_status}): {ans.error}; "
+                                "pass --api-key or set TAGWAY_API_KEY / TAGWAY_ADMIN_KEY")
+        if ans.error_code == "connection":
+            raise FatalRunError(ans.error)
+
+    # -- persistence --------------------------------------------------------------------------------------------
+    async def _emit(self, row: ResultRow, results: list[ResultRow]) -> None:
+        results.append(row)
+        if self.sink is None:
+            return
+        self._buffer.append(row)
+        if len(self._buffer) >= self.batch_size or time.monotonic() - self._last_flush >= self.flush_interval:
+            await self.flush()
+
+    async def flush(self) -> None:
+        async with self._flush_lock:
+            batch, self._buffer = self._buffer, []
+            self._last_flush = time.monotonic()
+            if batch and self.sink is not None:
+                await asyncio.to_thread(self.sink, batch)
+
+    # -- the run ------------------------------------------------------------------------------------------------
+    async def run(self, cases: Sequence[Case], targets: Sequence[Target],
+                  skip: set[tuple[str, str]] = frozenset()) -> RunOutcome:  # type: ignore[assignment]
+        """Every (case, target) not in `skip`, case-major so a partial run still has paired results. The first item
+        of each calling target runs alone first (a probe): an unknown model or a rejected key stops the run
+        before the rest is sent."""
+        items = [(c, t) for c in cases for t in targets if (t.name, c.case_id) not in skip]
+        results: list[ResultRow] = []
+        probes: list[tuple[Case, Target]] = []
+        for t in targets:
+            first = next((it for it in items if it[1] is t), None)
+            if first is not None and not t.logged:
+                probes.append(first)
+        probe_ids = {id(p) for p in probes}
+        rest = [it for it in items if id(it) not in probe_ids]
+        stop_reason = ""
+        done = 0
+        with _progress(self.progress, len(items)) as bar:
+            def advance() -> None:
+                nonlocal done
+                done += 1
+                bar(done, self.spent)
+
+            try:
+                self._probing = True
+                for case, target in probes:
+                    await self._emit(await self.run_item(case, target), results)
+                    advance()
+                self._probing = False
+                queue = iter(rest)
+                pending = len(rest)
+
+                async def worker() -> None:
+                    nonlocal pending, stop_reason
+                    for case, target in queue:
+                        if self.max_cost is not None and self.spent >= self.max_cost:
+                            stop_reason = f"budget reached: spent ${self.spent:.4f} of max_cost ${self.max_cost:g}"
+                            return
+                        pending -= 1
+                        await self._emit(await self.run_item(case, target), results)
+                        advance()
+
+                await asyncio.gather(*(worker() for _ in range(min(self.concurrency, max(len(rest), 1)))))
+            finally:
+                self._probing = False
+                await asyncio.shield(self.flush())
+        left = len(items) - done
+        return RunOutcome(results, self.spent, left == 0, stop_reason if left else "", left)
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, total: int):
+    if not enabled:
+        yield lambda done, cost: None
+        return
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+    prog = Progress(TextColumn("replay"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
+                    TimeRemainingColumn(), TextColumn("${task.fields[cost]:.4f}"), console=Console(stderr=True),
+                    transient=False)
+    with prog:
+        task = prog.add_task("replay", total=total, cost=0.0)
+        yield lambda done, cost: prog.update(task, completed=done, cost=cost)
+
+
+# -- the client ---------------------------------------------------------------------------------------------------
+
+def _load_app(ref: str) -> Any:
+    mod_name, _, attr = ref.partition(":")
+    try:
+        factory = getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise FatalRunError(f"in-process mode needs {ref} (the gateway package): {e}") from None
+    return factory()
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: Any) -> AsyncIterator[None]:
+    """Run the ASGI lifespan protocol (startup/shutdown), which httpx.ASGITransport does not do by itself."""
+    receive_q: asyncio.Queue = asyncio.Queue()
+    send_q: asyncio.Queue = asyncio.Queue()
+    scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}, "state": {}}
+
+    async def receive() -> dict:
+        return await receive_q.get()
+
+    async def send(msg: dict) -> None:
+        await send_q.put(msg)
+
+    task = asyncio.create_task(app(scope, receive, send))
+    await receive_q.put({"type": "lifespan.startup"})
+    getter = asyncio.create_task(send_q.get())
+    done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+    if getter not in done:  # the app does not speak lifespan (it returned or raised): nothing to run
+        getter.cancel()
+        yield
+        return
+    msg = getter.result()
+    if msg["type"] == "lifespan.startup.failed":
+        raise FatalRunError(f"the in-process gateway failed to start: {msg.get('message', '')}")
+    try:
+        yield
+    finally:
+        await receive_q.put({"type": "lifespan.shutdown"})
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(send_q.get(), timeout=10)
+            await asyncio.wait_for(task, timeout=10)
+
+
+@contextlib.asynccontextmanager
+async def gateway_client(*, base_url: str | None = None, transport: httpx.AsyncBaseTransport | None = None,
+                         in_process: bool = False, app_ref: str = GATEWAY_APP, timeout: float = 120.0,
+                         concurrency: int = 8) -> AsyncIterator[httpx.AsyncClient]:
+    """An AsyncClient on the gateway: its URL, a given transport, or (in-process) the gateway's ASGI app."""
+    limits = httpx.Limits(max_connections=max(concurrency * 2, 10), max_keepalive_connections=max(concurrency, 10))
+    tm = httpx.Timeout(timeout, connect=min(timeout, 10.0))
+    if in_process:
+        app = _load_app(app_ref)
+        async with _lifespan(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://tagway.in-process",
+                                         timeout=tm) as client:
+                yield client
+        return
+    if not base_url and transport is None:
+        raise FatalRunError("no gateway: pass --gateway URL (or env TAGWAY_GATEWAY_URL), or --in-process")
+    async with httpx.AsyncClient(base_url=base_url or "http://gateway", transport=transport, timeout=tm,
+                                 limits=limits) as client:
+        yield client

@@ -1,0 +1,302 @@
+"""Slice selection: the parameterized SQL over `llm_calls`, a pure sampler (stratified by segment with a floor, or
+uniform; deterministic under a seed), and the `Case` a replay runs, rebuilt from the recorded call.
+
+Two queries: a light one for the pool (keys and tags only, so sampling 100k calls does not move their content)
+and one for the content of the sampled trace ids. Every value, tag keys included, is a server-side parameter.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from collections import Counter
+from typing import Any, Iterable, Sequence
+
+import orjson
+
+from exporters.genai_messages import from_semconv_input, loads_or_empty, output_text
+
+from .spec import SEGMENT_COLUMNS, Sampling, SliceSpec, parse_duration, validate_tag_key
+
+__all__ = ["NONE_SEGMENT", "PoolRow", "Sampled", "SampleResult", "Case", "EmptySliceError", "build_pool_query",
+           "build_content_query", "segment_of", "sample", "case_from_row", "select_slice", "fetch_cases",
+           "REPLAY_SOURCES"]
+
+NONE_SEGMENT = "(none)"
+REPLAY_SOURCES = ["replay", "replay-judge"]
+# request params never forwarded as recorded: replay is non-streaming
+_DROP_PARAMS = {"stream", "stream_options", "messages", "model"}
+
+
+class EmptySliceError(ValueError):
+    """The slice (or dataset) has no replayable call."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolRow:
+    trace_id: str
+    customer: str = ""
+    intent: str = ""
+    prompt_version: str = ""
+    model: str = ""
+    tags: dict[str, str] = dataclasses.field(default_factory=dict)
+    has_content: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampled:
+    trace_id: str
+    segment: str
+
+
+@dataclasses.dataclass
+class SampleResult:
+    cases: list[Sampled]
+    available: dict[str, int]  # replayable calls per segment in the pool
+    selected: dict[str, int]
+    skipped: dict[str, int]  # reason -> count
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+# -- SQL ----------------------------------------------------------------------------------------------------------
+
+def _window(s: SliceSpec, now: float) -> tuple[float | None, float | None]:
+    if s.since:
+        return now - parse_duration(s.since), None
+    return s.from_, s.to
+
+
+def build_pool_query(s: SliceSpec, *, now: float | None = None, table: str = "llm_calls") -> tuple[str, dict]:
+    """The light pool query. Returns (sql, parameters) for `Store.query`; no value is pasted into the SQL."""
+    now = time.time() if now is None else now
+    where = ["operation = {operation:String}", "replay_run_id = ''"]
+    params: dict[str, Any] = {"operation": s.operation}
+    for key, column in SEGMENT_COLUMNS.items():
+        values = getattr(s, key)
+        if values:
+            where.append(f"{column} IN {{f_{key}:Array(String)}}")
+            params[f"f_{key}"] = list(values)
+    for i, (k, v) in enumerate(sorted(s.tags.items())):
+        validate_tag_key(k)  # defence in depth: the key is a parameter anyway
+        where.append(f"tags[{{tk{i}:String}}] = {{tv{i}:String}}")
+        params[f"tk{i}"], params[f"tv{i}"] = k, v
+    if s.source:
+        where.append("source IN {sources:Array(String)}")
+        params["sources"] = list(s.source)
+    else:
+        where.append("source NOT IN {excluded_sources:Array(String)}")
+        params["excluded_sources"] = REPLAY_SOURCES
+    if s.status != "any":
+        where.append("status = {status:String}")
+        params["status"] = s.status
+    t_from, t_to = _window(s, now)
+    if t_from is not None:
+        where.append("Timestamp >= fromUnixTimestamp64Milli({t_from:Int64})")
+        params["t_from"] = int(t_from * 1000)
+    if t_to is not None:
+        where.append("Timestamp < fromUnixTimestamp64Milli({t_to:Int64})")
+        params["t_to"] = int(t_to * 1000)
+    params["pool_max"] = s.pool_max
+    sql = (f"SELECT trace_id, customer, intent, prompt_version, model_requested AS model, tags, "
+           f"request_json != '' AS has_content\nFROM {table}\nWHERE " + "\n  AND ".join(where) +
+           "\nORDER BY Timestamp DESC\nLIMIT 1 BY trace_id\nLIMIT {pool_max:UInt32}")
+    return sql, params
+
+
+CONTENT_COLUMNS = ("trace_id, toUnixTimestamp64Milli(Timestamp) AS ts_ms, customer, intent, prompt_version, "
+                   "model_requested AS model, tags, status, latency_ms, cost_usd, input_tokens, output_tokens, "
+                   "request_json, system_instructions, request_params, response_json")
+
+
+def build_content_query(trace_ids: Sequence[str], *, table: str = "llm_calls") -> tuple[str, dict]:
+    return (f"SELECT {CONTENT_COLUMNS}\nFROM {table}\nWHERE trace_id IN {{ids:Array(String)}} AND replay_run_id = ''\n"
+            "ORDER BY Timestamp DESC\nLIMIT 1 BY trace_id", {"ids": list(trace_ids)})
+
+
+# -- sampling (pure) ----------------------------------------------------------------------------------------------
+
+def segment_of(row: PoolRow | Any, segment_by: Sequence[str]) -> str:
+    """The segment name of a call: its values for the segment keys joined with '/'; a key absent on the call
+    (empty column or missing tag) is its own "(none)" value."""
+    values = []
+    for key in segment_by:
+        v = row.tags.get(key[4:], "") if key.startswith("tag.") else getattr(row, key, "")
+        values.append(str(v) if v else NONE_SEGMENT)
+    return "/".join(values)
+
+
+def _order_key(seed: int, trace_id: str) -> bytes:
+    return hashlib.blake2b(f"{seed}:{trace_id}".encode(), digest_size=8).digest()
+
+
+def _proportional(remaining: int, room: dict[str, int], weight: dict[str, int]) -> dict[str, int]:
+    """Share `remaining` among segments proportionally to `weight`, never beyond `room` (largest remainder,
+    ties broken by segment name). Loops while caps bind."""
+    give = {s: 0 for s in room}
+    while remaining > 0:
+        open_ = {s: room[s] - give[s] for s in room if room[s] - give[s] > 0}
+        if not open_:
+            break
+        if sum(open_.values()) <= remaining:
+            for s, r in open_.items():
+                give[s] += r
+            break
+        total_w = sum(weight[s] for s in open_) or len(open_)
+        exact = {s: remaining * (weight[s] or 1) / total_w for s in open_}
+        step = {s: min(int(exact[s]), open_[s]) for s in open_}
+        left = remaining - sum(step.values())
+        for s in sorted(open_, key=lambda s: (-(exact[s] - int(exact[s])), s)):
+            if left <= 0:
+                break
+            if step[s] < open_[s]:
+                step[s] += 1
+                left -= 1
+        for s, n in step.items():
+            give[s] += n
+        remaining -= sum(step.values())
+    return give
+
+
+def sample(rows: Iterable[PoolRow], segment_by: Sequence[str], limit: int | None, sampling: Sampling) -> SampleResult:
+    """Pick the cases. Stratified: every segment gets min(min_per_segment, available) cases, the rest of `limit`
+    goes to segments in proportion to their size (capped by max_per_segment). Uniform: `limit` calls at random.
+    Deterministic under `sampling.seed` whatever the order of `rows`."""
+    skipped: Counter[str] = Counter()
+    groups: dict[str, list[PoolRow]] = {}
+    seen: set[str] = set()
+    for r in rows:
+        if r.trace_id in seen:
+            continue
+        seen.add(r.trace_id)
+        if not r.has_content:
+            skipped["no captured content (content capture off for that call)"] += 1
+            continue
+        groups.setdefault(segment_of(r, segment_by), []).append(r)
+    for g in groups.values():
+        g.sort(key=lambda r: _order_key(sampling.seed, r.trace_id))
+    available = {s: len(g) for s, g in sorted(groups.items())}
+    notes: list[str] = []
+    if sampling.mode == "uniform":
+        everything = sorted((r for g in groups.values() for r in g), key=lambda r: _order_key(sampling.seed, r.trace_id))
+        chosen = everything[:limit] if limit is not None else everything
+        picked = [Sampled(r.trace_id, segment_of(r, segment_by)) for r in chosen]
+    else:
+        cap = {s: min(n, sampling.max_per_segment or n) for s, n in available.items()}
+        quota = {s: min(sampling.min_per_segment, cap[s]) for s in available}
+        if limit is None:
+            quota = dict(cap)
+        elif sum(quota.values()) > limit:
+            notes.append(f"the per-segment floor ({sampling.min_per_segment} x {len(quota)} segments = "
+                         f"{sum(quota.values())}) exceeds limit {limit}; the floor wins")
+        else:
+            extra = _proportional(limit - sum(quota.values()), {s: cap[s] - quota[s] for s in quota}, available)
+            quota = {s: quota[s] + extra[s] for s in quota}
+        picked = [Sampled(r.trace_id, s) for s in sorted(groups) for r in groups[s][:quota[s]]]
+    selected = dict(sorted(Counter(p.segment for p in picked).items()))
+    for s, n in available.items():
+        if n < sampling.min_per_segment and sampling.mode == "stratified":
+            notes.append(f"segment {s!r} has only {n} replayable call(s) (floor {sampling.min_per_segment})")
+    return SampleResult(picked, available, selected, dict(skipped), notes)
+
+
+# -- cases --------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Case:
+    """One recorded call to replay: the rebuilt OpenAI request and the logged production answer (the baseline)."""
+    case_id: str  # = the original call's trace id
+    segment: str
+    customer: str = ""
+    intent: str = ""
+    prompt_version: str = ""
+    model: str = ""
+    tags: dict[str, str] = dataclasses.field(default_factory=dict)
+    messages: list[dict] = dataclasses.field(default_factory=list)
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    baseline_output: list[dict] = dataclasses.field(default_factory=list)  # semconv output messages
+    baseline_status: str = "ok"
+    baseline_latency_ms: float | None = None
+    baseline_cost_usd: float | None = None
+    timestamp_ms: int = 0
+
+    @property
+    def baseline_text(self) -> str:
+        return output_text(self.baseline_output)
+
+    @property
+    def baseline_message(self) -> dict:
+        msgs = from_semconv_input(None, self.baseline_output[:1])
+        return msgs[0] if msgs else {"role": "assistant", "content": ""}
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Case":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def case_from_row(row: dict, segment: str) -> tuple[Case | None, str | None]:
+    """A `llm_calls` row -> (Case, None), or (None, skip reason) when it cannot be replayed."""
+    if not row.get("request_json"):
+        return None, "no captured content (content capture off for that call)"
+    try:
+        inputs = orjson.loads(row["request_json"])
+        system = loads_or_empty(row.get("system_instructions"))
+    except orjson.JSONDecodeError:
+        return None, "unparseable request_json"
+    if not isinstance(inputs, list) or not inputs:
+        return None, "no input messages recorded"
+    params = loads_or_empty(row.get("request_params")) or {}
+    params = {k: v for k, v in params.items() if k not in _DROP_PARAMS} if isinstance(params, dict) else {}
+    output = loads_or_empty(row.get("response_json"))
+    return Case(
+        case_id=row["trace_id"], segment=segment, customer=row.get("customer") or "", intent=row.get("intent") or "",
+        prompt_version=row.get("prompt_version") or "", model=row.get("model") or "", tags=dict(row.get("tags") or {}),
+        messages=from_semconv_input(system if isinstance(system, list) else [], inputs), params=params,
+        baseline_output=output if isinstance(output, list) else [], baseline_status=row.get("status") or "ok",
+        baseline_latency_ms=row.get("latency_ms"), baseline_cost_usd=row.get("cost_usd"),
+        timestamp_ms=int(row.get("ts_ms") or 0),
+    ), None
+
+
+def fetch_cases(store: Any, picked: Sequence[Sampled], *, chunk: int = 2000) -> tuple[list[Case], dict[str, int]]:
+    """Load the content of the picked calls (in chunks), in the picked order. Returns (cases, skipped reasons)."""
+    rows: dict[str, dict] = {}
+    ids = [p.trace_id for p in picked]
+    for i in range(0, len(ids), chunk):
+        sql, params = build_content_query(ids[i:i + chunk])
+        for r in store.query(sql, params):
+            rows[r["trace_id"]] = r
+    cases, skipped = [], Counter()
+    for p in picked:
+        row = rows.get(p.trace_id)
+        if row is None:
+            skipped["call no longer in llm_calls (TTL or deleted)"] += 1
+            continue
+        case, why = case_from_row(row, p.segment)
+        if case is None:
+            skipped[why or "unknown"] += 1
+        else:
+            cases.append(case)
+    return cases, dict(skipped)
+
+
+def select_slice(store: Any, s: SliceSpec, *, now: float | None = None) -> tuple[list[Case], SampleResult]:
+    """Pool query -> sampler -> content query. Raises EmptySliceError when nothing is replayable."""
+    sql, params = build_pool_query(s, now=now)
+    pool = [PoolRow(r["trace_id"], r["customer"], r["intent"], r["prompt_version"], r["model"], dict(r["tags"] or {}),
+                    bool(r["has_content"])) for r in store.query(sql, params)]
+    result = sample(pool, s.segment_by, s.limit, s.sampling)
+    if not result.cases:
+        why = "; ".join(f"{n} skipped: {r}" for r, n in result.skipped.items())
+        raise EmptySliceError(f"the slice matched no replayable call in llm_calls ({len(pool)} matched the filters"
+                              f"{'; ' + why if why else ''})")
+    cases, skipped = fetch_cases(store, result.cases)
+    for reason, n in skipped.items():
+        result.skipped[reason] = result.skipped.get(reason, 0) + n
+    if not cases:
+        raise EmptySliceError("none of the sampled calls could be rebuilt: " +
+                              "; ".join(f"{n} {r}" for r, n in result.skipped.items()))
+    return cases, result

@@ -1,0 +1,374 @@
+"""The replay spec: what to replay (a slice of `llm_calls` or a pinned dataset), against which candidates, scored
+how, and gated how. Pydantic models off the hot path; `load_spec` turns every validation problem into one line.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "SpecError", "Sampling", "SliceSpec", "PromptSpec", "Candidate", "Baseline", "EvaluatorSpec", "Gating",
+    "ReplaySpec", "load_spec", "load_spec_data", "apply_overrides", "parse_spec", "parse_duration", "validate_key", "validate_tag_key", "SEGMENT_COLUMNS",
+    "TAG_KEY_RE",
+]
+
+TAG_KEY_RE = re.compile(r"^[a-z0-9_.-]{1,64}$")
+# Segment / filter keys that are columns of llm_calls (the public name -> the column).
+SEGMENT_COLUMNS = {"customer": "customer", "intent": "intent", "prompt_version": "prompt_version",
+                   "model": "model_requested"}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.:@+-]{1,64}$")
+
+
+class SpecError(ValueError):
+    """A replay spec (or a CLI override of it) is invalid. The message is one line, fit for a terminal."""
+
+
+def parse_duration(text: str) -> float:
+    """'7d' -> seconds. Units s, m, h, d, w."""
+    m = _DURATION_RE.match(str(text))
+    if not m:
+        raise ValueError(f"bad duration {text!r} (expected e.g. 30m, 24h, 7d)")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+def validate_tag_key(key: str) -> str:
+    if not TAG_KEY_RE.match(key):
+        raise ValueError(f"bad tag key {key!r} (allowed: lower-case [a-z0-9_.-], 1-64 chars)")
+    return key
+
+
+def validate_key(key: str) -> str:
+    """A segment key: a llm_calls column name (customer, intent, prompt_version, model) or `tag.<key>`."""
+    if key in SEGMENT_COLUMNS:
+        return key
+    if key.startswith("tag."):
+        validate_tag_key(key[4:])
+        return key
+    raise ValueError(f"bad segment key {key!r} (use customer, intent, prompt_version, model or tag.<key>)")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Sampling(_Model):
+    mode: Literal["stratified", "uniform"] = "stratified"
+    min_per_segment: int = Field(20, ge=0)
+    max_per_segment: int | None = Field(None, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "Sampling":
+        if self.max_per_segment is not None and self.max_per_segment < self.min_per_segment:
+            raise ValueError("max_per_segment must be >= min_per_segment")
+        return self
+
+
+class SliceSpec(_Model):
+    """Which production calls to replay. Filters accept one value or a list; `tags` (or `tag.<key>` keys) match
+    exact tag values. Replayed and judge traffic (source replay / replay-judge) is excluded unless `source` says."""
+    customer: list[str] | None = None
+    intent: list[str] | None = None
+    prompt_version: list[str] | None = None
+    model: list[str] | None = None
+    tags: dict[str, str] = Field(default_factory=dict)
+    source: list[str] | None = None
+    operation: str = "chat"
+    status: Literal["ok", "error", "any"] = "ok"
+    since: str | None = None
+    from_: float | None = Field(None, alias="from")  # epoch seconds, or an ISO timestamp in YAML
+    to: float | None = None
+    limit: int | None = Field(500, ge=1)
+    pool_max: int = Field(100_000, ge=1)  # how many calls the sampler may look at
+    segment_by: list[str] = Field(default_factory=lambda: ["customer"])
+    sampling: Sampling = Field(default_factory=Sampling)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tag_dot_keys(cls, data: Any) -> Any:
+        # `tag.region: eu` is a shorthand for `tags: {region: eu}`
+        if isinstance(data, dict):
+            data = dict(data)
+            for k in [k for k in data if isinstance(k, str) and k.startswith("tag.")]:
+                data.setdefault("tags", {})
+                data["tags"] = {**data["tags"], k[4:]: data.pop(k)}
+        return data
+
+    @field_validator("customer", "intent", "prompt_version", "model", "source", mode="before")
+    @classmethod
+    def _listify(cls, v: Any) -> Any:
+        if v is None or isinstance(v, list):
+            return v
+        return [v]
+
+    @field_validator("tags", mode="before")
+    @classmethod
+    def _tags(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            raise ValueError("tags must be a mapping of key: value")
+        return {validate_tag_key(str(k)): str(val) for k, val in v.items()}
+
+    @field_validator("segment_by", mode="before")
+    @classmethod
+    def _segment_by(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [p.strip() for p in v.split(",") if p.strip()]
+        if not v:
+            raise ValueError("segment_by needs at least one key")
+        return [validate_key(str(k)) for k in v]
+
+    @field_validator("since")
+    @classmethod
+    def _since(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_duration(v)
+        return v
+
+    @field_validator("from_", "to", mode="before")
+    @classmethod
+    def _time(cls, v: Any) -> Any:
+        import datetime as dt
+        if isinstance(v, str):
+            try:
+                v = dt.datetime.fromisoformat(v)
+            except ValueError:
+                raise ValueError(f"bad timestamp {v!r} (use ISO 8601, e.g. 2026-11-01T00:00:00Z)") from None
+        if isinstance(v, dt.date) and not isinstance(v, dt.datetime):
+            v = dt.datetime(v.year, v.month, v.day)
+        if isinstance(v, dt.datetime):
+            if v.tzinfo is None:
+                v = v.replace(tzinfo=dt.timezone.utc)
+            return v.timestamp()
+        return v
+
+    @model_validator(mode="after")
+    def _window(self) -> "SliceSpec":
+        if self.since and (self.from_ is not None or self.to is not None):
+            raise ValueError("use either since or from/to, not both")
+        if self.from_ is not None and self.to is not None and self.to <= self.from_:
+            raise ValueError("to must be after from")
+        return self
+
+
+class PromptSpec(_Model):
+    """A candidate system prompt: inline `system` text or a `file`, applied in `replace` mode (the recorded system
+    messages are replaced) or `template` mode (`{original_system}`, `{customer}`, `{intent}`, `{tag_<key>}`...)."""
+    system: str | None = None
+    file: str | None = None
+    mode: Literal["replace", "template"] = "replace"
+    version: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "PromptSpec":
+        if (self.system is None) == (self.file is None):
+            raise ValueError("prompt needs exactly one of system or file")
+        if self.file is not None and not self.version:
+            raise ValueError("a prompt file needs a version (prompt.version)")
+        return self
+
+    def text(self, base_dir: Path | None = None) -> str:
+        if self.system is not None:
+            return self.system
+        path = Path(self.file or "")
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        try:
+            return path.read_text()
+        except OSError as e:
+            raise SpecError(f"cannot read prompt file {path}: {e.strerror}") from None
+
+
+class Candidate(_Model):
+    name: str
+    model: str
+    prompt: PromptSpec | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME_RE.match(v) or v == "baseline":
+            raise ValueError(f"bad candidate name {v!r} (1-64 of [A-Za-z0-9_.:@+-], not 'baseline')")
+        return v
+
+
+class Baseline(_Model):
+    """`logged`: the production response recorded in llm_calls is the baseline. `rerun`: re-run each case now
+    (with `model`/`prompt`/`params`, defaulting to the original call's), to remove drift of the logged answers."""
+    mode: Literal["logged", "rerun"] = "logged"
+    model: str | None = None
+    prompt: PromptSpec | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class EvaluatorSpec(BaseModel):
+    """One check, promptfoo-style: `type` (any type negated by a `not-` prefix), `value`, `threshold`, `weight`.
+    Type-specific options (rubric, judge_version, model, method, ...) are kept as extra fields."""
+    model_config = ConfigDict(extra="allow")
+    type: str
+    value: Any = None
+    threshold: float | None = None
+    weight: float = Field(1.0, ge=0)
+    metric: str | None = None  # a name for the evaluator in reports and tag rules (default: its type)
+
+    @field_validator("type")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from .evaluators import HANDLERS, base_type
+        if base_type(v) not in HANDLERS:
+            raise ValueError(f"unknown evaluator type {v!r} (known: {', '.join(sorted(HANDLERS))}; any with not-)")
+        return v
+
+    @model_validator(mode="after")
+    def _per_type(self) -> "EvaluatorSpec":
+        from .evaluators import check_spec
+        check_spec(self)
+        return self
+
+    @property
+    def name(self) -> str:
+        return self.metric or self.type
+
+    def option(self, key: str, default: Any = None) -> Any:
+        return (self.model_extra or {}).get(key, default)
+
+
+class Gating(_Model):
+    metric: Literal["pass_rate"] = "pass_rate"
+    aggregate: Literal["min_segment", "mean"] = "min_segment"
+    threshold: float = Field(0.85, ge=0, le=1)
+    max_drop: float | None = Field(None, ge=0, le=1)
+    min_cases_per_segment: int = Field(20, ge=1)
+
+
+class ReplaySpec(_Model):
+    name: str | None = None
+    slice: SliceSpec | None = None
+    dataset: str | None = None
+    candidates: list[Candidate] = Field(min_length=1)
+    baseline: Baseline = Field(default_factory=Baseline)
+    evaluators: list[EvaluatorSpec] = Field(min_length=1)
+    case_threshold: float | None = Field(None, ge=0, le=1)  # None: a case passes when every weighted check passes
+    gating: Gating = Field(default_factory=Gating)
+    concurrency: int = Field(8, ge=1, le=1024)
+    retries: int = Field(3, ge=0, le=20)
+    timeout: float = Field(120.0, gt=0)
+    max_cost: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _source(self) -> "ReplaySpec":
+        if (self.slice is None) == (self.dataset is None):
+            raise ValueError("give exactly one of slice or dataset")
+        names = [c.name for c in self.candidates]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"duplicate candidate name(s): {', '.join(sorted(dup))}")
+        return self
+
+    @property
+    def segment_by(self) -> list[str]:
+        return self.slice.segment_by if self.slice else ["segment"]
+
+    @property
+    def judge_version(self) -> str:
+        return ",".join(sorted({str(e.option("judge_version")) for e in self.evaluators
+                                if e.type.removeprefix("not-") == "llm_judge"}))
+
+
+def _one_line(e: ValidationError, source: str) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("function-after", "function-before"))
+    msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+    more = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+    return f"{source}: {loc + ': ' if loc else ''}{msg}{more}"
+
+
+def parse_spec(data: Any, source: str = "spec") -> ReplaySpec:
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: expected a mapping at the top level")
+    try:
+        return ReplaySpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(_one_line(e, source)) from None
+
+
+def load_spec(path: str | Path) -> ReplaySpec:
+    return parse_spec(load_spec_data(path), str(path))
+
+
+def _parse_tag_flags(values: list[str]) -> dict[str, str]:
+    out = {}
+    for v in values:
+        k, sep, val = v.partition("=")
+        if not sep or not k.strip():
+            raise SpecError(f"--tag {v!r}: expected key=value")
+        out[k.strip()] = val.strip()
+    return out
+
+
+def apply_overrides(data: dict, *, customer: list[str] | None = None, intent: list[str] | None = None,
+                    tags: list[str] | None = None, since: str | None = None, segment_by: str | None = None,
+                    limit: int | None = None, dataset: str | None = None, candidate_models: list[str] | None = None,
+                    gate_aggregate: str | None = None, threshold: float | None = None, max_drop: float | None = None,
+                    min_cases: int | None = None, max_cost: float | None = None,
+                    concurrency: int | None = None) -> dict:
+    """CLI flags onto the raw spec mapping (before validation, so flags are validated like the file)."""
+    data = {**data}
+    if dataset is not None:
+        data.pop("slice", None)
+        data["dataset"] = dataset
+    slice_over = {k: v for k, v in {"customer": customer or None, "intent": intent or None, "since": since,
+                                    "segment_by": segment_by, "limit": limit}.items() if v is not None}
+    if tags:
+        slice_over["tags"] = _parse_tag_flags(tags)
+    if slice_over:
+        if "dataset" in data and "slice" not in data:
+            raise SpecError("slice flags (--customer, --intent, --tag, --since, --segment-by, --limit) do not apply "
+                            "to a dataset run")
+        sl = dict(data.get("slice") or {})
+        if "since" in slice_over:
+            sl.pop("from", None)
+            sl.pop("to", None)
+        if "tags" in slice_over:
+            slice_over["tags"] = {**(sl.get("tags") or {}), **slice_over["tags"]}
+        data["slice"] = {**sl, **slice_over}
+    if candidate_models:
+        existing = list(data.get("candidates") or [])
+        if len(candidate_models) == 1 and len(existing) == 1 and isinstance(existing[0], dict):
+            data["candidates"] = [{**existing[0], "model": candidate_models[0]}]
+        else:
+            template = {k: v for k, v in (existing[0] if existing and isinstance(existing[0], dict) else {}).items()
+                        if k in ("prompt", "params")}
+            data["candidates"] = [{**template, "name": re.sub(r"[^A-Za-z0-9_.:@+-]", "-", m)[:64], "model": m}
+                                  for m in candidate_models]
+    gate = {k: v for k, v in {"aggregate": gate_aggregate, "threshold": threshold, "max_drop": max_drop,
+                              "min_cases_per_segment": min_cases}.items() if v is not None}
+    if gate:
+        data["gating"] = {**(data.get("gating") or {}), **gate}
+    if max_cost is not None:
+        data["max_cost"] = max_cost
+    if concurrency is not None:
+        data["concurrency"] = concurrency
+    return data
+
+
+def load_spec_data(path: str | Path) -> dict:
+    """The raw mapping of a spec file (to apply CLI overrides before validation)."""
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except OSError as e:
+        raise SpecError(f"cannot read spec {p}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise SpecError(f"{p}:{where} invalid YAML: {getattr(e, 'problem', None) or e}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{p}: expected a mapping at the top level")
+    return data

@@ -1,0 +1,153 @@
+"""Replay runs and results in ClickHouse (tables `replay_runs`, `replay_results` of migration 3).
+
+A result row carries the keys that line it up with production in one join:
+`replay_results.case_id = llm_calls.trace_id` (the original call), plus customer, intent, prompt_version, model,
+dataset_id, judge_version and run_id; `replay_trace_id` is the replayed call's own trace id, which appears in
+`llm_calls` with `replay_run_id` / `replay_case_id` set by the gateway.
+
+Runs are append-only versions (newest `version` wins at read time); results may be written again for the same
+(run, candidate, case) on a resume with --retry-errored, and the newest row wins.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Iterable
+
+import orjson
+
+__all__ = ["ResultRow", "RunRow", "write_results", "read_results", "done_keys", "write_run", "get_run", "list_runs",
+           "RESULT_COLUMNS", "JOIN_SQL"]
+
+
+@dataclasses.dataclass
+class ResultRow:
+    run_id: str
+    case_id: str  # the original call's trace id
+    candidate: str  # a candidate name, or "baseline"
+    segment: str
+    status: str  # passed | failed | errored
+    replay_trace_id: str = ""
+    customer: str = ""
+    intent: str = ""
+    prompt_version: str = ""
+    model: str = ""
+    tags: dict[str, str] = dataclasses.field(default_factory=dict)
+    dataset_id: str = ""
+    judge_version: str = ""
+    passed: bool | None = None
+    score: float | None = None
+    error: str = ""
+    evaluations: list[dict] = dataclasses.field(default_factory=list)
+    output: str = ""
+    latency_ms: float = 0.0
+    cost_usd: float = 0.0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    http_status: int = 0
+    attempts: int = 0
+    timestamp: float = dataclasses.field(default_factory=time.time)
+
+    def to_json_row(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["Timestamp"] = d.pop("timestamp")
+        d["evaluations"] = orjson.dumps(self.evaluations).decode()
+        d["attempts"] = min(int(self.attempts), 255)
+        return d
+
+
+RESULT_COLUMNS = [f.name for f in dataclasses.fields(ResultRow) if f.name != "timestamp"]
+
+
+@dataclasses.dataclass
+class RunRow:
+    run_id: str
+    status: str  # running | complete | incomplete
+    spec_json: str = ""
+    dataset_id: str = ""
+    judge_version: str = ""
+    candidates: list[str] = dataclasses.field(default_factory=list)
+    segment_by: list[str] = dataclasses.field(default_factory=list)
+    n_cases: int = 0
+    verdict: str = ""  # passed | failed | "" while running
+    report_json: str = ""
+    cost_usd: float = 0.0
+    created_at: float = dataclasses.field(default_factory=time.time)
+    finished_at: float | None = None
+
+    @property
+    def spec(self) -> dict:
+        return orjson.loads(self.spec_json) if self.spec_json else {}
+
+
+def write_results(store: Any, rows: Iterable[ResultRow]) -> int:
+    body = b"\n".join(orjson.dumps(r.to_json_row()) for r in rows)
+    if body:
+        store.insert_json_rows("replay_results", body)
+    return body.count(b"\n") + 1 if body else 0
+
+
+def read_results(store: Any, run_id: str) -> list[ResultRow]:
+    """The newest result per (candidate, case) of a run."""
+    cols = ", ".join(RESULT_COLUMNS)
+    rows = store.query(
+        f"SELECT {cols}, toFloat64(Timestamp) AS timestamp FROM replay_results WHERE run_id = {{run_id:String}} "
+        "ORDER BY Timestamp DESC LIMIT 1 BY candidate, case_id", {"run_id": run_id})
+    out = []
+    for r in rows:
+        r["evaluations"] = orjson.loads(r["evaluations"]) if r["evaluations"] else []
+        r["tags"] = dict(r["tags"] or {})
+        out.append(ResultRow(**r))
+    out.sort(key=lambda r: (r.candidate, r.segment, r.case_id))
+    return out
+
+
+def done_keys(store: Any, run_id: str, *, include_errored: bool = True) -> set[tuple[str, str]]:
+    """(candidate, case_id) pairs that already have a result (optionally not counting errored ones)."""
+    rows = store.query(
+        "SELECT candidate, case_id, argMax(status, Timestamp) AS st FROM replay_results "
+        "WHERE run_id = {run_id:String} GROUP BY candidate, case_id", {"run_id": run_id})
+    return {(r["candidate"], r["case_id"]) for r in rows if include_errored or r["st"] != "errored"}
+
+
+def write_run(store: Any, run: RunRow) -> None:
+    row = {
+        "run_id": run.run_id, "created_at": run.created_at, "finished_at": run.finished_at, "status": run.status,
+        "spec_json": run.spec_json, "dataset_id": run.dataset_id, "judge_version": run.judge_version,
+        "candidates": run.candidates, "segment_by": run.segment_by, "n_cases": run.n_cases, "verdict": run.verdict,
+        "report_json": run.report_json, "cost_usd": run.cost_usd, "version": time.time_ns(),
+    }
+    store.insert_json_rows("replay_runs", orjson.dumps(row))
+
+
+_RUN_COLS = ("run_id", "status", "spec_json", "dataset_id", "judge_version", "candidates", "segment_by", "n_cases",
+             "verdict", "report_json", "cost_usd")
+
+
+def _run_select(where: str) -> str:
+    latest = ", ".join(f"argMax({c}, version) AS {c}" for c in _RUN_COLS[1:])
+    return (f"SELECT run_id, {latest}, toFloat64(min(created_at)) AS created_at, "
+            f"toFloat64(argMax(finished_at, version)) AS finished_at FROM replay_runs {where} GROUP BY run_id")
+
+
+def get_run(store: Any, run_id: str) -> RunRow | None:
+    rows = store.query(_run_select("WHERE run_id = {run_id:String}"), {"run_id": run_id})
+    if not rows:
+        return None
+    r = rows[0]
+    r["candidates"], r["segment_by"] = list(r["candidates"]), list(r["segment_by"])
+    return RunRow(**r)
+
+
+def list_runs(store: Any, limit: int = 20) -> list[RunRow]:
+    rows = store.query(_run_select("") + " ORDER BY created_at DESC LIMIT {limit:UInt32}", {"limit": limit})
+    return [RunRow(**{**r, "candidates": list(r["candidates"]), "segment_by": list(r["segment_by"])}) for r in rows]
+
+
+# The join the keys exist for: each replayed case beside the production call it came from (and the replayed call).
+JOIN_SQL = """SELECT r.run_id, r.candidate, r.case_id, r.segment, r.status, r.model AS candidate_model,
+       p.model_requested AS production_model, p.customer, p.intent, p.latency_ms AS production_latency_ms,
+       r.latency_ms AS replay_latency_ms, r.replay_trace_id
+FROM replay_results AS r
+INNER JOIN llm_calls AS p ON p.trace_id = r.case_id
+WHERE r.run_id = {run_id:String} AND p.replay_run_id = ''"""
