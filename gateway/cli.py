@@ -1,0 +1,222 @@
+"""The `tagway` command. Subcommands from other packages (e.g. `tagway replay`) arrive through the `tagway.cli`
+entry-point group, so the gateway never imports them. Bad input ends with one line on stderr and exit code 2."""
+from __future__ import annotations
+
+import os
+import sys
+from importlib.metadata import entry_points
+from typing import Optional
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+import typer  # noqa: E402
+
+from .config import ConfigError, GatewayConfig, load_config  # noqa: E402
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="tagway: an OpenAI-compatible LLM gateway that records who asked and why.")
+keys_app = typer.Typer(no_args_is_help=True, help="Create, list and revoke virtual keys (stored as hashes).")
+db_app = typer.Typer(no_args_is_help=True, help="ClickHouse schema.")
+config_app = typer.Typer(no_args_is_help=True, help="Configuration.")
+app.add_typer(keys_app, name="keys")
+app.add_typer(db_app, name="db")
+app.add_typer(config_app, name="config")
+
+ConfigOpt = typer.Option(None, "--config", "-c", envvar="TAGWAY_CONFIG", help="Path to tagway.yaml.")
+
+
+def fail(message: str, code: int = 2) -> "typer.Exit":
+    typer.echo(f"tagway: error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _load(path: Optional[str]) -> GatewayConfig:
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        for line in e.problems:
+            typer.echo(f"tagway: config error: {line}", err=True)
+        raise typer.Exit(2) from None
+
+
+# -- serve --------------------------------------------------------------------------------------------------------
+@app.command()
+def serve(config: Optional[str] = ConfigOpt,
+          host: Optional[str] = typer.Option(None, help="Bind address (default from config: 127.0.0.1)."),
+          port: Optional[int] = typer.Option(None, help="Port (default from config: 4000)."),
+          workers: int = typer.Option(1, min=1, help="Worker processes (needs a ClickHouse server DSN)."),
+          log_level: str = typer.Option("warning")) -> None:
+    """Run the gateway."""
+    import uvicorn  # noqa: PLC0415
+
+    from exporters.store import StoreError, is_embedded  # noqa: PLC0415
+
+    from .app import TagwayApp, default_recorder  # noqa: PLC0415
+
+    cfg = _load(config)
+    host, port = host or cfg.server.host, port or cfg.server.port
+    if workers > 1:
+        if cfg.recording.enabled and is_embedded(cfg.storage.resolved_dsn()):
+            raise fail("--workers > 1 needs a ClickHouse server DSN: the embedded store allows one process per "
+                       "data directory")
+        if config:
+            os.environ["TAGWAY_CONFIG"] = os.path.abspath(config)
+        uvicorn.run("gateway.app:create_app", factory=True, host=host, port=port, workers=workers,
+                    loop="uvloop", http="httptools", access_log=False, log_level=log_level,
+                    timeout_graceful_shutdown=60)
+        return
+    try:
+        recorder = default_recorder(cfg)
+    except StoreError as e:
+        raise fail(str(e)) from None
+    gateway = TagwayApp(cfg, recorder=recorder)
+    typer.echo(f"tagway: serving on http://{host}:{port}/v1 (store: {_describe_store(cfg)})", err=True)
+    try:
+        # uvicorn turns SIGTERM/SIGINT into a graceful stop: in-flight calls finish, then we flush the recorder
+        uvicorn.run(gateway, host=host, port=port, loop="uvloop", http="httptools", lifespan="on", access_log=False,
+                    log_level=log_level, timeout_graceful_shutdown=60)
+    finally:
+        recorder.shutdown()
+
+
+def _describe_store(cfg: GatewayConfig) -> str:
+    from exporters.store import redact_dsn  # noqa: PLC0415
+
+    if not cfg.recording.enabled:
+        return "recording off"
+    return redact_dsn(cfg.storage.resolved_dsn())
+
+
+# -- demo ---------------------------------------------------------------------------------------------------------
+@app.command()
+def demo(data_dir: str = typer.Option("./tagway-data", help="Embedded store directory."),
+         port: int = typer.Option(0, help="Port for the demo gateway (0 = any free port)."),
+         calls: int = typer.Option(240, min=1, max=100_000, help="How many calls to drive through it."),
+         keep_running: bool = typer.Option(False, help="Keep serving after the demo traffic (Ctrl-C to stop)."),
+         ) -> None:
+    """Start the gateway on the embedded store with mock models and a few tenants, drive tagged traffic through it
+    with the openai client, and show what was recorded. Needs no provider keys and no network."""
+    from .demo import run_demo  # noqa: PLC0415
+
+    code = run_demo(data_dir=data_dir, port=port, calls=calls, keep_running=keep_running)
+    raise typer.Exit(code)
+
+
+# -- keys ---------------------------------------------------------------------------------------------------------
+def _keys_file(cfg: GatewayConfig, config_path: Optional[str]) -> str:
+    if cfg.keys_file:
+        return cfg.keys_file
+    raise fail("no keys file: pass --config (keys are stored beside it) or set keys_file in the config")
+
+
+@keys_app.command("create")
+def keys_create(customer: str = typer.Option(..., "--customer", help="Tenant the key belongs to."),
+                key_id: Optional[str] = typer.Option(None, "--id", help="Key id (default: <customer>-<random>)."),
+                tag: list[str] = typer.Option([], "--tag", help="Key-bound tag k=v (repeatable)."),
+                config: Optional[str] = ConfigOpt) -> None:
+    """Create a key: printed once, only its hash is stored."""
+    from .auth import add_key_to_file  # noqa: PLC0415
+    from .tags import normalise  # noqa: PLC0415
+
+    cfg = _load(config)
+    if cfg.tenants and cfg.tenant(customer) is None:
+        raise fail(f"no tenant {customer!r} in the config (tenants: {', '.join(t.customer for t in cfg.tenants)})")
+    tags = {}
+    for t in tag:
+        k, sep, v = t.partition("=")
+        if not sep or not k:
+            raise fail(f"--tag {t!r} is not key=value")
+        tags[normalise(k)] = normalise(v)
+    try:
+        kid, key = add_key_to_file(_keys_file(cfg, config), customer, key_id, tags)
+    except (ValueError, OSError) as e:
+        raise fail(str(e)) from None
+    typer.echo(f"key id: {kid}", err=True)
+    typer.echo("store this key now; tagway keeps only its hash and cannot show it again:", err=True)
+    typer.echo(key)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str, config: Optional[str] = ConfigOpt) -> None:
+    """Revoke a key (takes effect within a second on a running gateway)."""
+    from .auth import revoke_key_in_file  # noqa: PLC0415
+
+    cfg = _load(config)
+    try:
+        revoke_key_in_file(_keys_file(cfg, config), key_id)
+    except (ValueError, OSError) as e:
+        raise fail(str(e)) from None
+    typer.echo(f"revoked {key_id}")
+
+
+@keys_app.command("list")
+def keys_list(config: Optional[str] = ConfigOpt) -> None:
+    """List key ids, customers and states (never the keys)."""
+    from .auth import _read_list  # noqa: PLC0415
+
+    cfg = _load(config)
+    rows = [(k.id, t.customer, "revoked" if k.revoked else "active", "config") for t in cfg.tenants for k in t.keys]
+    try:
+        rows += [(i.get("id", ""), i.get("customer", ""), "revoked" if i.get("revoked") else "active", "keys file")
+                 for i in _read_list(_keys_file(cfg, config))]
+    except ValueError as e:
+        raise fail(str(e)) from None
+    for r in rows:
+        typer.echo("\t".join(r))
+
+
+# -- db -----------------------------------------------------------------------------------------------------------
+@db_app.command("migrate")
+def db_migrate(config: Optional[str] = ConfigOpt,
+               dsn: Optional[str] = typer.Option(None, envvar="TAGWAY_DSN", help="Overrides the config's store."),
+               print_only: bool = typer.Option(False, "--print", help="Print the SQL instead of running it.")) -> None:
+    """Create or upgrade the ClickHouse schema (also done at gateway start-up)."""
+    from exporters.schema import SchemaSettings, migrate, statements_for  # noqa: PLC0415
+    from exporters.store import StoreError, connect  # noqa: PLC0415
+
+    cfg = _load(config)
+    s = cfg.storage
+    settings = SchemaSettings(database=s.database, cluster=s.cluster, ttl_days=s.ttl_days)
+    if print_only:
+        for version, sql in statements_for(settings):
+            typer.echo(f"-- migration {version}\n{sql};\n")
+        return
+    try:
+        store = connect(dsn or s.resolved_dsn())
+        try:
+            applied = migrate(store, settings)
+        finally:
+            store.close()
+    except StoreError as e:
+        raise fail(str(e)) from None
+    typer.echo(f"applied migrations: {', '.join(map(str, applied))}" if applied else "schema is up to date")
+
+
+@config_app.command("check")
+def config_check(config: Optional[str] = ConfigOpt) -> None:
+    """Validate the configuration and print a summary."""
+    cfg = _load(config)
+    typer.echo(f"ok: {len(cfg.models)} models, {len(cfg.tenants)} tenants, store {_describe_store(cfg)}")
+
+
+def _register_plugins() -> None:
+    from . import stats_cli  # noqa: PLC0415
+
+    stats_cli.register(app)
+    for ep in entry_points(group="tagway.cli"):
+        try:
+            ep.load()(app)
+        except ImportError as e:  # a plugin that cannot load must not take the whole CLI down
+            typer.echo(f"tagway: warning: plugin {ep.name!r} unavailable: {e}", err=True)
+
+
+def main() -> None:
+    _register_plugins()
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""`tagway demo`: the gateway on the embedded store with mock models and three tenants, a realistic mix of tagged
+traffic through the real openai client, then a per-tenant / per-intent summary read back from ClickHouse."""
+from __future__ import annotations
+
+import os
+import random
+import socket
+import threading
+import time
+from typing import Any
+
+from .auth import hash_key, new_key
+from .config import GatewayConfig
+
+TENANTS = ("acme", "globex", "initech")
+INTENTS = ("refund", "billing", "support", "onboarding")
+
+
+def demo_config(data_dir: str, keys: dict[str, str], admin_key: str) -> GatewayConfig:
+    price = {"input_cost_per_token": 1.5e-7, "output_cost_per_token": 6e-7}
+    return GatewayConfig(
+        storage={"data_dir": os.path.abspath(data_dir)},
+        admin_key_hash=hash_key(admin_key),
+        models=[
+            {"name": "gpt-4o-mini", "provider": "mock", "mock": {"latency_ms": 15, "jitter_ms": 20, "seed": 1,
+                                                                 "error_rate": 0.02}, **price},
+            {"name": "gpt-4o", "provider": "mock", "mock": {"latency_ms": 40, "jitter_ms": 40, "seed": 2},
+             "input_cost_per_token": 2.5e-6, "output_cost_per_token": 1e-5},
+            # an unreliable primary that falls back to gpt-4o-mini on its 503s
+            {"name": "claude-3-5-haiku", "provider": "mock", "fallbacks": ["gpt-4o-mini"],
+             "mock": {"latency_ms": 25, "seed": 3, "error_rate": 0.25, "error_status": 503},
+             "input_cost_per_token": 8e-7, "output_cost_per_token": 4e-6},
+            # a model that fails a lot and has no fallback: its failures land on whoever uses it
+            {"name": "legacy-refunds", "provider": "mock", "mock": {"latency_ms": 30, "seed": 4, "error_rate": 0.35,
+                                                                    "error_status": 500}, **price},
+        ],
+        tenants=[{"customer": t, "keys": [{"id": f"{t}-demo", "hash": hash_key(keys[t])}]} for t in TENANTS],
+        taxonomy={"keys": {"region": {"values": ["eu", "us"]}, "tier": {}}, "unknown": "keep"},
+        recording={"source": "demo", "batch_max_seconds": 0.5},
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _traffic(base_url: str, keys: dict[str, str], calls: int) -> dict[str, int]:
+    import openai  # noqa: PLC0415
+
+    rng = random.Random(7)
+    clients = {t: openai.OpenAI(base_url=base_url, api_key=k, max_retries=0) for t, k in keys.items()}
+    outcome = {"ok": 0, "error": 0}
+    for i in range(calls):
+        tenant = rng.choices(TENANTS, weights=(5, 3, 2))[0]
+        intent = rng.choices(INTENTS, weights=(2, 3, 4, 1))[0]
+        # initech's refund flow runs on the flaky legacy model: the failing segment the averages hide
+        model = "legacy-refunds" if (tenant == "initech" and intent == "refund") else \
+            rng.choice(("gpt-4o-mini", "gpt-4o-mini", "gpt-4o", "claude-3-5-haiku"))
+        headers = {"x-tagway-intent": intent, "x-tagway-prompt-version": f"{intent}-v{rng.choice((3, 4))}",
+                   "x-tagway-tags": f"region={rng.choice(('eu', 'us'))},tier={rng.choice(('free', 'pro'))}"}
+        messages = [{"role": "system", "content": f"You handle {intent} requests."},
+                    {"role": "user", "content": f"Customer question #{i} about {intent}"}]
+        try:
+            if i % 5 == 0:
+                stream = clients[tenant].chat.completions.create(
+                    model=model, messages=messages, stream=True, extra_headers=headers)
+                for _ in stream:
+                    pass
+            else:
+                clients[tenant].chat.completions.create(model=model, messages=messages, extra_headers=headers)
+            outcome["ok"] += 1
+        except openai.APIError:
+            outcome["error"] += 1
+    # a few rejected calls: they are recorded too
+    for bad in ("no-such-model",):
+        try:
+            clients["globex"].chat.completions.create(model=bad, messages=[{"role": "user", "content": "x"}])
+        except openai.APIError:
+            outcome["error"] += 1
+    try:
+        openai.OpenAI(base_url=base_url, api_key="tw-wrong", max_retries=0).chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
+    except openai.APIError:
+        outcome["error"] += 1
+    return outcome
+
+
+def _summary(store: Any, since_ns: int) -> list[dict]:
+    return store.query(
+        "SELECT customer, intent, count() AS calls, countIf(status != 'ok') AS errors,"
+        " round(quantile(0.5)(latency_ms), 1) AS p50_ms, sum(input_tokens + output_tokens) AS tokens,"
+        " round(sum(cost_usd), 6) AS cost_usd"
+        " FROM llm_calls WHERE source = 'demo' AND Timestamp >= fromUnixTimestamp64Nano({since:Int64})"
+        " GROUP BY customer, intent ORDER BY errors / calls DESC, calls DESC",
+        parameters={"since": since_ns})
+
+
+def run_demo(*, data_dir: str, port: int, calls: int, keep_running: bool) -> int:
+    import uvicorn  # noqa: PLC0415
+    from rich.console import Console  # noqa: PLC0415
+    from rich.table import Table  # noqa: PLC0415
+
+    from exporters.store import StoreError  # noqa: PLC0415
+
+    from .app import TagwayApp, default_recorder  # noqa: PLC0415
+
+    console = Console(stderr=False)
+    keys = {t: new_key() for t in TENANTS}
+    admin_key = new_key()
+    cfg = demo_config(data_dir, keys, admin_key)
+    try:
+        recorder = default_recorder(cfg)
+    except StoreError as e:
+        console.print(f"[red]tagway: error:[/] {e}")
+        return 2
+    port = port or _free_port()
+    app = TagwayApp(cfg, recorder=recorder)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="on", log_level="warning",
+                                           access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            console.print("[red]tagway: error:[/] the demo gateway did not start")
+            recorder.shutdown()
+            return 1
+        time.sleep(0.02)
+    base_url = f"http://127.0.0.1:{port}/v1"
+    console.print(f"tagway demo gateway on [bold]{base_url}[/] (embedded store {cfg.storage.resolved_dsn()})")
+    started_ns = time.time_ns()
+    try:
+        with console.status(f"driving {calls} tagged calls through the openai client..."):
+            outcome = _traffic(base_url, keys, calls)
+        recorder.force_flush()
+        rows = _summary(recorder.store, started_ns)
+        table = Table(title="What tagway recorded (worst segment first)")
+        for col in ("customer", "intent", "calls", "errors", "error rate", "p50 ms", "tokens", "cost $"):
+            table.add_column(col, justify="left" if col in ("customer", "intent") else "right")
+        for r in rows:
+            rate = r["errors"] / r["calls"] if r["calls"] else 0.0
+            style = "bold red" if rate >= 0.2 else None
+            table.add_row(r["customer"] or "(none)", r["intent"] or "(none)", str(r["calls"]), str(r["errors"]),
+                          f"{rate:.1%}", f"{r['p50_ms']:.1f}", str(r["tokens"]), f"{r['cost_usd']:.6f}", style=style)
+        console.print(table)
+        total = sum(r["calls"] for r in rows)
+        errors = sum(r["errors"] for r in rows)
+        console.print(f"client saw {outcome['ok']} ok / {outcome['error']} errors; recorded {total} calls,"
+                      f" {errors} errors ({errors / max(total, 1):.1%} overall: the mean hides the red rows).")
+        console.print(f"metrics: {base_url[:-3]}/metrics   try: tagway stats --dsn {cfg.storage.resolved_dsn()}"
+                      " --by customer --by intent (after the demo exits)")
+        if keep_running:
+            console.print(f"keys (shown once): " + ", ".join(f"{t}={k}" for t, k in keys.items())
+                          + f", admin={admin_key}")
+            console.print("serving until Ctrl-C")
+            while thread.is_alive():
+                time.sleep(0.5)
+        return 0 if total >= calls else 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        recorder.shutdown()
