@@ -64,7 +64,7 @@ class Recorder:
 
 def start_recording(*, dsn: str, spool_dir: str, schema: SchemaSettings | None = None,
                     batch_max_rows: int = 2000, batch_max_seconds: float = 1.0, queue_max: int = 50_000,
-                    retry_max_seconds: float = 30.0, service_name: str = "tagway",
+                    retry_min_seconds: float = 1.0, retry_max_seconds: float = 30.0, service_name: str = "tagway",
                     resource_attributes: Mapping[str, Any] | None = None, enabled: bool = True,
                     store: Store | None = None) -> Recorder:
     """Connect, migrate, replay any spool left by an earlier process, and return a recording `Recorder`.
@@ -106,6 +106,7 @@ def start_recording(*, dsn: str, spool_dir: str, schema: SchemaSettings | None =
                                           owns_store=owns_store, schema_ready=schema_ready)
         processor = DurableBatchSpanProcessor(exporter, spool, metrics=metrics, batch_max_rows=batch_max_rows,
                                               batch_max_seconds=batch_max_seconds, queue_max=queue_max,
+                                              retry_min_seconds=retry_min_seconds,
                                               retry_max_seconds=retry_max_seconds)
     except BaseException:
         spool.close()

@@ -1,0 +1,96 @@
+"""The durable spool on its own: atomic files, order, corruption quarantine, torn writes, disk full, locking."""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+
+import pytest
+
+from exporters import spool as spool_mod
+from exporters.metrics import ExportMetrics
+from exporters.rows import EncodedBatch
+from exporters.spool import Spool, SpoolLockedError
+
+
+def _batch(i: int, rows: int = 3) -> EncodedBatch:
+    body = b"".join(b'{"SpanName":"s%d-%d"}\n' % (i, r) for r in range(rows))
+    return EncodedBatch.of("otel_traces", body, rows)
+
+
+def test_write_read_in_order_and_remove(tmp_path) -> None:
+    m = ExportMetrics()
+    sp = Spool(str(tmp_path), metrics=m)
+    seqs = [sp.reserve() for _ in range(3)]
+    # Written out of order (a slow insert that failed after two spills): read back in reservation order.
+    for i in (1, 2, 0):
+        assert sp.write(_batch(i), seqs[i])
+    files = sp.pending()
+    assert [sp.read(f).body for f in files] == [_batch(i).body for i in range(3)]
+    assert [f.name for f in files] == sorted(os.listdir(tmp_path))[: 3]
+    assert sp.pending_files == 3 and sp.pending_bytes == sum(f.size for f in files)
+    assert m.get("spans_spooled") == 9 and m.get("spool_files_pending") == 3
+    assert sp.oldest_seq() == seqs[0]
+    sp.remove(files[0])
+    assert sp.pending_files == 2 and not (tmp_path / files[0].name).exists()
+    sp.close()
+    # A new process continues after the highest sequence number on disk.
+    sp2 = Spool(str(tmp_path))
+    assert sp2.pending_files == 2 and sp2.reserve() == seqs[-1] + 1
+    sp2.close()
+
+
+def test_corrupt_and_torn_files_are_quarantined_loudly(tmp_path, caplog) -> None:
+    sp = Spool(str(tmp_path))
+    names = [sp.write(_batch(i)) for i in range(4)]
+    sp.close()
+    flipped = bytearray((tmp_path / names[0]).read_bytes())
+    flipped[-3] ^= 0x01
+    (tmp_path / names[0]).write_bytes(bytes(flipped))  # bit rot
+    data = (tmp_path / names[1]).read_bytes()
+    (tmp_path / names[1]).write_bytes(data[: len(data) - 5])  # torn
+    (tmp_path / names[2]).write_bytes(b"garbage without a header")
+    # A write cut short before its rename, and one that completed its fsync but not its rename.
+    (tmp_path / ".0000000000000100-1.spool.tmp").write_bytes(data[:10])
+    good_tmp = (tmp_path / names[3]).read_bytes()
+    (tmp_path / ".0000000000000101-1.spool.tmp").write_bytes(good_tmp)
+
+    m = ExportMetrics()
+    with caplog.at_level(logging.ERROR, logger="exporters.spool"):
+        sp = Spool(str(tmp_path), metrics=m)
+        assert m.get("spool_corrupt_files") == 1  # the torn .tmp, at start-up
+        results = [sp.read(f) for f in sp.pending()]
+    assert [r is not None for r in results] == [False, False, False, True, True]
+    assert m.get("spool_corrupt_files") == 4
+    assert sp.pending_files == 2  # names[3] and the promoted .tmp
+    corrupt = sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".corrupt"))
+    assert len(corrupt) == 4 and all(p.endswith(".spool.corrupt") for p in corrupt)
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 4 and all("quarantined" in r.getMessage() for r in errors)
+    assert any("checksum" in r.getMessage() for r in errors)
+    assert any("torn write" in r.getMessage() for r in errors)
+    sp.close()
+
+
+def test_disk_full_counts_dropped_and_logs_error(tmp_path, monkeypatch, caplog) -> None:
+    m = ExportMetrics()
+    sp = Spool(str(tmp_path), metrics=m)
+
+    def full(fd: int, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(spool_mod, "_write_all", full)
+    with caplog.at_level(logging.ERROR, logger="exporters.spool"):
+        assert sp.write(_batch(0, rows=7)) is None
+    assert m.get("spans_dropped") == 7 and m.get("spool_write_errors") == 1 and m.get("spans_spooled") == 0
+    assert "disk full" in caplog.text and "7 spans DROPPED" in caplog.text
+    assert sp.pending_files == 0 and os.listdir(tmp_path) == ["spool.lock"]  # no temp file left behind
+    sp.close()
+
+
+def test_one_process_per_spool_directory(tmp_path) -> None:
+    sp = Spool(str(tmp_path))
+    with pytest.raises(SpoolLockedError, match="in use by another process"):
+        Spool(str(tmp_path))
+    sp.close()
+    Spool(str(tmp_path)).close()
