@@ -7,10 +7,11 @@ from __future__ import annotations
 import dataclasses
 import html
 import io
-import math
 from typing import Any, Iterable, Sequence
 
 import orjson
+
+from exporters.queries import wilson_interval as wilson
 
 from .gate import Verdict, evaluate_gate, segment_failures
 
@@ -20,18 +21,6 @@ __all__ = ["wilson", "SegmentRow", "CandidateReport", "Report", "aggregate", "re
 BASELINE = "baseline"
 FAIL_MARK = "❌"
 LOW_MARK = "⚠ low n"
-Z95 = 1.959963984540054
-
-
-def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for k successes in n trials (95% by default). (0, 1) when n is 0."""
-    if n <= 0:
-        return 0.0, 1.0
-    p = k / n
-    denom = 1 + z * z / n
-    center = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, center - half), min(1.0, center + half)
 
 
 @dataclasses.dataclass

@@ -1,0 +1,232 @@
+"""Every evaluator type, `not-` negation (handled once), errors -> errored, the judge parser, and spec errors."""
+from __future__ import annotations
+
+import asyncio
+import sys
+import textwrap
+
+import pytest
+
+from replay.evaluators import EvalContext, evaluate, parse_judge_answer, run_one, EvaluatorError
+from replay.spec import EvaluatorSpec, SpecError, parse_spec
+
+
+def ev(**kw) -> EvaluatorSpec:
+    return EvaluatorSpec.model_validate(kw)
+
+
+def run(spec: EvaluatorSpec, ctx: EvalContext):
+    return asyncio.run(run_one(spec, ctx))
+
+
+CTX = EvalContext(output='{"status": "refunded", "amount": 42}', reference='{"status": "refunded", "amount": 40}',
+                  latency_ms=850.0, cost_usd=0.002)
+
+
+@pytest.mark.parametrize("spec,expected", [
+    (dict(type="equals", value="hello"), False),
+    (dict(type="equals", value={"status": "refunded", "amount": 42}), True),
+    (dict(type="contains", value="refunded"), True),
+    (dict(type="contains", value="REFUNDED"), False),
+    (dict(type="icontains", value="REFUNDED"), True),
+    (dict(type="contains-any", value=["nope", "amount"]), True),
+    (dict(type="contains-all", value=["status", "nope"]), False),
+    (dict(type="regex", value=r'"amount":\s*\d+'), True),
+    (dict(type="regex", value=r"^refund"), False),
+    (dict(type="json_valid"), True),
+    (dict(type="is-json"), True),
+    (dict(type="json_schema", value={"type": "object", "required": ["status", "amount"],
+                                     "properties": {"amount": {"type": "integer"}}}), True),
+    (dict(type="json_schema", value={"type": "object", "required": ["reason"]}), False),
+    (dict(type="latency", threshold=1000), True),
+    (dict(type="latency", threshold=500), False),
+    (dict(type="cost", threshold=0.001), False),
+    (dict(type="cost", value=0.01), True),
+    (dict(type="similar", threshold=0.9), True),
+    (dict(type="similar", value="something else entirely", threshold=0.5), False),
+])
+def test_deterministic_types_and_their_negation(spec, expected):
+    r = run(ev(**spec), CTX)
+    assert (r.passed, r.error) == (expected, None), r.reason
+    neg = run(ev(**{**spec, "type": "not-" + spec["type"]}), CTX)
+    assert neg.passed is (not expected) and neg.reason.startswith("NOT (")
+    assert neg.score == pytest.approx(1 - r.score)
+
+
+def test_json_valid_rejects_invalid_and_schema_reports_where():
+    r = run(ev(type="json_valid"), EvalContext(output="{nope"))
+    assert not r.passed and "not valid JSON" in r.reason
+    r = run(ev(type="json_schema", value={"properties": {"amount": {"type": "string"}}}), CTX)
+    assert not r.passed and r.reason.startswith("schema: amount:") and r.fields == {"schema_errors": 1}
+
+
+def test_similar_score_and_fields():
+    r = run(ev(type="similar", method="jaccard", threshold=0.5), EvalContext(output="the cat sat", reference="the cat"))
+    assert r.passed and r.score == pytest.approx(2 / 3) and r.fields["similarity"] == pytest.approx(2 / 3, abs=1e-6)
+
+
+def tool_msg(*calls):
+    return {"role": "assistant", "content": None,
+            "tool_calls": [{"id": f"c{i}", "type": "function", "function": {"name": n, "arguments": a}}
+                           for i, (n, a) in enumerate(calls)]}
+
+
+def test_tool_call_match_against_value_and_reference():
+    ctx = EvalContext(output="", message=tool_msg(("refund", '{"order": "A1", "amount": 5}')),
+                      reference_tool_calls=[{"id": "x", "type": "function",
+                                             "function": {"name": "refund", "arguments": '{"amount": 5, "order": "A1"}'}}])
+    assert run(ev(type="tool_call_match"), ctx).passed  # reference = the baseline's calls; argument order irrelevant
+    assert run(ev(type="tool_call_match", value={"name": "refund", "arguments": {"order": "A1"}},
+                  arguments="subset"), ctx).passed
+    r = run(ev(type="tool_call_match", value={"name": "refund", "arguments": {"order": "B2"}}), ctx)
+    assert not r.passed and "missing ['refund']" in r.reason and "unexpected ['refund']" in r.reason
+    r = run(ev(type="tool_call_match", value=[{"name": "lookup"}, {"name": "refund"}], arguments="ignore"), ctx)
+    assert not r.passed and r.score == 0.5 and r.fields["tool_calls_matched"] == 1
+    assert run(ev(type="not-tool_call_match", value={"name": "escalate"}), ctx).passed
+    assert run(ev(type="tool_call_match"), EvalContext(output="fine")).passed  # none expected, none made
+
+
+def test_missing_latency_is_an_error_not_a_failure():
+    r = run(ev(type="latency", threshold=10), EvalContext(output="x"))
+    assert r.error and "no latency" in r.error
+    neg = run(ev(type="not-latency", threshold=10), EvalContext(output="x"))
+    assert neg.error and not neg.passed  # negation never turns an error into a pass
+
+
+@pytest.fixture()
+def user_module(tmp_path, monkeypatch):
+    (tmp_path / "my_checks.py").write_text(textwrap.dedent("""
+        def polite(output, context):
+            return "please" in output
+        def graded(output, context):
+            return {"pass": len(output) < 20, "score": 0.7, "reason": "short enough",
+                    "fields": {"length": len(output), "customer": context["vars"].get("customer")}}
+        def number(output, context):
+            return 0.4
+        async def async_ok(output, context):
+            return True
+        def boom(output, context):
+            raise KeyError("missing")
+        def weird(output, context):
+            return "yes"
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield
+    sys.modules.pop("my_checks", None)
+
+
+def test_python_evaluator_shapes(user_module):
+    ctx = EvalContext(output="please wait", vars={"customer": "acme"})
+    assert run(ev(type="python", value="my_checks:polite"), ctx).passed
+    r = run(ev(type="python", value="my_checks:graded"), ctx)
+    assert r.passed and r.score == 0.7 and r.fields == {"length": 11, "customer": "acme"}
+    assert not run(ev(type="python", value="my_checks:number"), ctx).passed
+    assert run(ev(type="python", value="my_checks:number", threshold=0.3), ctx).passed
+    assert run(ev(type="python", value="my_checks:async_ok"), ctx).passed
+    assert not run(ev(type="not-python", value="my_checks:polite"), ctx).passed
+    assert "KeyError" in run(ev(type="python", value="my_checks:boom"), ctx).error
+    assert "must return bool" in run(ev(type="python", value="my_checks:weird"), ctx).error
+    assert "cannot load" in run(ev(type="python", value="my_checks:nope"), ctx).error
+
+
+@pytest.mark.parametrize("text,expected", [
+    ('{"verdict": "pass", "score": 0.9, "critique": "correct refund amount"}', (True, 0.9, "correct refund amount")),
+    ('Sure!\n```json\n{"verdict": "FAIL", "critique": "wrong order id"}\n```', (False, 0.0, "wrong order id")),
+    ('{"pass": true, "reason": "ok"}', (True, 1.0, "ok")),
+    ("Verdict: PASS\nThe answer addresses the question.", (True, 1.0, "The answer addresses the question.")),
+    ("**Result**: fail - it invents a policy", (False, 0.0, None)),
+    ("FAIL", (False, 0.0, "FAIL")),
+])
+def test_judge_answers_are_parsed_robustly(text, expected):
+    ok, score, critique = parse_judge_answer(text)
+    assert (ok, score) == expected[:2]
+    if expected[2] is not None:
+        assert critique == expected[2]
+
+
+@pytest.mark.parametrize("text", ["I am not sure.", "PASS or FAIL? Hard to say", ""])
+def test_judge_answers_without_a_verdict_raise(text):
+    with pytest.raises(EvaluatorError, match="no pass/fail verdict"):
+        parse_judge_answer(text)
+
+
+def test_llm_judge_calls_the_judge_and_records_fields():
+    seen = {}
+
+    async def judge(model, messages, params):
+        seen.update(model=model, messages=messages, params=params)
+        return '{"verdict": "fail", "score": 0.2, "critique": "refund amount is wrong"}'
+
+    spec = ev(type="llm_judge", value="The refund amount must match the order.", model="judge-1",
+              judge_version="j-2026-11")
+    ctx = EvalContext(output="Refunded $50", reference="Refunded $42", judge=judge,
+                      vars={"messages": [{"role": "user", "content": "refund order A1"}]})
+    r = run(spec, ctx)
+    assert not r.passed and r.score == 0.2
+    assert r.fields == {"verdict": "fail", "critique": "refund amount is wrong", "judge_score": 0.2,
+                        "judge_version": "j-2026-11", "judge_model": "judge-1"}
+    assert seen["model"] == "judge-1" and seen["params"]["temperature"] == 0
+    prompt = seen["messages"][1]["content"]
+    assert "RUBRIC:\nThe refund amount must match" in prompt and "refund order A1" in prompt
+    assert "RESPONSE:\nRefunded $50" in prompt and "Refunded $42" in prompt
+
+
+def test_llm_judge_errors_when_the_call_or_the_answer_fails():
+    async def down(model, messages, params):
+        raise RuntimeError("HTTP 503: upstream down")
+
+    async def vague(model, messages, params):
+        return "hmm"
+
+    spec = ev(type="llm_judge", value="r", model="j", judge_version="1")
+    assert "llm_judge call failed: HTTP 503" in run(spec, EvalContext(output="x", judge=down)).error
+    assert "no pass/fail verdict" in run(spec, EvalContext(output="x", judge=vague)).error
+
+
+def test_case_verdict_weights_threshold_and_errors():
+    specs = [ev(type="contains", value="refund"), ev(type="contains", value="sorry", weight=0),
+             ev(type="regex", value=r"\d+", weight=3)]
+    v = asyncio.run(evaluate(specs, EvalContext(output="refund 42")))
+    assert v.status == "passed" and v.score == 1.0  # the weight-0 check is informational
+    v = asyncio.run(evaluate(specs, EvalContext(output="refund now")))
+    assert v.status == "failed" and v.score == pytest.approx(0.25) and "regex" in v.reason
+    v = asyncio.run(evaluate(specs, EvalContext(output="refund now"), case_threshold=0.2))
+    assert v.status == "passed"
+    v = asyncio.run(evaluate([*specs, ev(type="latency", threshold=1)], EvalContext(output="refund 42")))
+    assert v.status == "errored" and v.score is None and "no latency" in v.reason
+
+
+BASE = {"slice": {"customer": "acme"}, "candidates": [{"name": "c1", "model": "m"}],
+        "evaluators": [{"type": "contains", "value": "x"}]}
+
+
+@pytest.mark.parametrize("patch,message", [
+    ({"evaluators": [{"type": "containz", "value": "x"}]}, "evaluators.0.type: unknown evaluator type 'containz'"),
+    ({"evaluators": [{"type": "regex", "value": "("}]}, "does not compile"),
+    ({"evaluators": [{"type": "llm_judge", "value": "r", "model": "j"}]}, "llm_judge needs a pinned judge_version"),
+    ({"evaluators": [{"type": "python", "value": "not a ref"}]}, "module:function"),
+    ({"evaluators": [{"type": "latency"}]}, "latency needs a threshold"),
+    ({"candidates": [{"name": "c1"}]}, "candidates.0.model: Field required"),
+    ({"candidates": [{"name": "a", "model": "m"}, {"name": "a", "model": "n"}]}, "duplicate candidate name"),
+    ({"dataset": "d1"}, "give exactly one of slice or dataset"),
+    ({"slice": {"segment_by": ["customr"]}}, "bad segment key 'customr'"),
+    ({"slice": {"since": "7 days"}}, "bad duration"),
+    ({"slice": {"since": "7d", "from": "2026-01-01"}}, "either since or from/to"),
+    ({"gating": {"aggregate": "median"}}, "gating.aggregate"),
+    ({"gating": {"threshold": 85}}, "gating.threshold"),
+    ({"candidates": [{"name": "c", "model": "m", "prompt": {"file": "p.txt"}}]}, "needs a version"),
+    ({"bogus": 1}, "bogus: Extra inputs are not permitted"),
+])
+def test_spec_errors_are_one_line(patch, message):
+    with pytest.raises(SpecError) as e:
+        parse_spec({**BASE, **patch}, "spec.yaml")
+    assert message in str(e.value) and "\n" not in str(e.value) and str(e.value).startswith("spec.yaml: ")
+
+
+def test_spec_defaults_and_shorthands():
+    s = parse_spec({**BASE, "slice": {"customer": "acme", "tag.region": "eu", "segment_by": "customer, intent",
+                                      "from": "2026-11-01T00:00:00Z"}})
+    assert s.slice.customer == ["acme"] and s.slice.tags == {"region": "eu"}
+    assert s.slice.segment_by == ["customer", "intent"] and s.slice.from_ == 1793491200.0
+    assert s.baseline.mode == "logged" and s.gating.aggregate == "min_segment" and s.gating.min_cases_per_segment == 20
+    assert s.slice.sampling.mode == "stratified"
