@@ -142,6 +142,8 @@ def run_cmd(
 def resume_cmd(
     run_id: str = typer.Argument(..., help="The run to finish."),
     retry_errored: bool = typer.Option(False, "--retry-errored", help="Also re-run cases whose result is errored."),
+    max_cost: Optional[float] = typer.Option(None, "--max-cost", help="New total USD budget for the run."),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency"),
     fmt: str = FormatOpt, out: Optional[Path] = OutOpt, gateway: Optional[str] = GatewayOpt,
     in_process: bool = InProcessOpt, dsn: Optional[str] = DsnOpt, api_key: Optional[str] = KeyOpt,
     spec_dir: Optional[Path] = typer.Option(None, "--spec-dir", help="Where prompt files / python evaluators live."),
@@ -154,7 +156,7 @@ def resume_cmd(
         base = (spec_dir or Path.cwd()).resolve()
         sys.path[:0] = [str(base)]
         opts = RunOptions(gateway_url=gateway, in_process=in_process, api_key=_api_key(api_key), progress=progress,
-                          spec_dir=base, retry_errored=retry_errored)
+                          spec_dir=base, retry_errored=retry_errored, max_cost=max_cost, concurrency=concurrency)
         try:
             result = asyncio.run(resume_run(store, run_id, opts))
         except KeyboardInterrupt:

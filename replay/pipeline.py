@@ -35,6 +35,8 @@ class RunOptions:
     run_id: str | None = None
     retry_errored: bool = False
     backoff_base: float = 0.25
+    max_cost: float | None = None  # overrides the spec's (a resume may raise the budget); total for the run
+    concurrency: int | None = None
 
 
 @dataclasses.dataclass
@@ -111,7 +113,8 @@ async def _execute(store: Any, spec: ReplaySpec, run: RunRow, cases: list[Case],
                                   app_ref=opts.app_ref, timeout=spec.timeout, concurrency=spec.concurrency) as client:
             runner = Runner(client, spec, run_id=run.run_id, api_key=opts.api_key, dataset_id=run.dataset_id,
                             sink=lambda rows: write_results(store, rows), progress=opts.progress,
-                            backoff_base=opts.backoff_base, spent_before=spent_before)
+                            backoff_base=opts.backoff_base, spent_before=spent_before, max_cost=opts.max_cost,
+                            concurrency=opts.concurrency)
             outcome = await runner.run(cases, targets, skip)
         status = "complete" if outcome.complete else "incomplete"
         if outcome.stop_reason:

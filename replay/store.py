@@ -145,9 +145,10 @@ def list_runs(store: Any, limit: int = 20) -> list[RunRow]:
 
 
 # The join the keys exist for: each replayed case beside the production call it came from (and the replayed call).
-JOIN_SQL = """SELECT r.run_id, r.candidate, r.case_id, r.segment, r.status, r.model AS candidate_model,
-       p.model_requested AS production_model, p.customer, p.intent, p.latency_ms AS production_latency_ms,
-       r.latency_ms AS replay_latency_ms, r.replay_trace_id
+JOIN_SQL = """SELECT r.run_id AS run_id, r.candidate AS candidate, r.case_id AS case_id, r.segment AS segment,
+       r.status AS status, r.model AS candidate_model, p.model_requested AS production_model,
+       p.customer AS customer, p.intent AS intent, p.latency_ms AS production_latency_ms,
+       r.latency_ms AS replay_latency_ms, r.replay_trace_id AS replay_trace_id
 FROM replay_results AS r
 INNER JOIN llm_calls AS p ON p.trace_id = r.case_id
 WHERE r.run_id = {run_id:String} AND p.replay_run_id = ''"""

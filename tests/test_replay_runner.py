@@ -1,0 +1,230 @@
+"""The runner through a real HTTP server playing the gateway, with results in chDB: the header contract, the
+request body, retries, bounded concurrency, the cost budget, resume, unknown models, and the in-process mode."""
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import orjson
+import pytest
+
+from replay.pipeline import RunOptions, resume_run, start_run
+from replay.runner import FatalRunError, Runner, gateway_client, targets_for
+from replay.slice import Case
+from replay.spec import parse_spec
+from replay.store import JOIN_SQL, get_run, read_results
+from tests.test_replay_support import API_KEY, FakeLLM, call_span, record, unique
+
+
+def approve_unless(customer_word: str, every: int = 1) -> callable:
+    """An answer function: 'approved' except for requests whose customer header is `customer_word`, where every
+    `every`-th case (by the number in the user text) is 'denied'."""
+    def answer(user: str, headers: dict) -> str:
+        n = int(user.split("#")[-1])
+        if headers.get("x-tagway-customer") == customer_word and n % every == 0:
+            return "denied"
+        return "approved"
+    return answer
+
+
+@pytest.fixture()
+def slice_data(chdb_store):
+    """Production calls for three fresh customers: 24 for A (refund), 24 for B (invoice), 4 for C, 2 uncaptured."""
+    a, b, c = unique("acme"), unique("globex"), unique("initech")
+    spans = []
+    for i in range(24):
+        spans.append(call_span(customer=a, intent="refund", user=f"refund order #{i}", answer="approved",
+                               tags={"region": "eu"}))
+        spans.append(call_span(customer=b, intent="invoice", user=f"invoice #{i}",
+                               answer="approved" if i % 6 else "denied"))
+    for i in range(4):
+        spans.append(call_span(customer=c, intent="refund", user=f"refund #{i}", answer="approved"))
+    for i in range(2):
+        spans.append(call_span(customer=a, intent="refund", user=f"secret #{i}", answer="approved", capture=False))
+    record(chdb_store, spans)
+    return a, b, c
+
+
+def spec_for(customers, **over) -> dict:
+    return {"slice": {"customer": list(customers), "limit": 100, "segment_by": ["customer"],
+                      "sampling": {"min_per_segment": 5, "seed": 1}},
+            "candidates": [{"name": "cand", "model": "cand-model", "params": {"temperature": 0.0},
+                            "prompt": {"system": "You are precise. Was: {original_system}", "mode": "template",
+                                       "version": "v2"}}],
+            "evaluators": [{"type": "icontains", "value": "approved"}],
+            "gating": {"aggregate": "min_segment", "threshold": 0.85, "min_cases_per_segment": 10},
+            "concurrency": 4, "retries": 2, **over}
+
+
+def opts(server: FakeLLM, **kw) -> RunOptions:
+    return RunOptions(gateway_url=server.url, api_key=API_KEY, progress=False, backoff_base=0.01, **kw)
+
+
+def test_run_sends_the_contract_and_records_joinable_results(chdb_store, slice_data):
+    a, b, c = slice_data
+    with FakeLLM({"cand-model": approve_unless(a, every=3)}) as gw:
+        res = asyncio.run(start_run(chdb_store, parse_spec(spec_for(slice_data)), opts(gw)))
+        reqs = gw.chat_requests()
+    assert len(reqs) == 52  # every captured call once for the one candidate (baseline is the logged answer)
+    r0 = next(r for r in reqs if r["headers"]["x-tagway-customer"] == a)
+    h, body = r0["headers"], r0["body"]
+    assert h["authorization"] == f"Bearer {API_KEY}" and h["x-tagway-source"] == "replay"
+    assert h["x-tagway-intent"] == "refund" and h["x-tagway-tags"] == "region=eu"
+    assert h["x-tagway-prompt-version"] == "v2"  # the candidate's prompt version
+    assert h["x-tagway-replay-run-id"] == res.run_id and h["x-tagway-replay-candidate"] == "cand"
+    assert body["model"] == "cand-model" and body["stream"] is False and body["temperature"] == 0.0
+    assert body["messages"][0] == {"role": "system", "content": "You are precise. Was: You are helpful."}
+    assert body["messages"][1]["content"].startswith("refund order #")
+
+    results = read_results(chdb_store, res.run_id)
+    cand = [r for r in results if r.candidate == "cand"]
+    assert len(cand) == 52 and len([r for r in results if r.candidate == "baseline"]) == 52
+    case_ids = {r["headers"]["x-tagway-replay-case-id"] for r in reqs}
+    assert case_ids == {r.case_id for r in cand}
+    assert all(r.replay_trace_id and r.cost_usd == pytest.approx(0.001) and r.http_status == 200 for r in cand)
+
+    seg = {row.segment: row for row in res.report.candidates[0].rows}
+    assert (seg[a].n, seg[a].before, round(seg[a].after, 3)) == (24, 1.0, 0.667)  # every third A case denied
+    assert (seg[b].n, round(seg[b].before, 3), seg[b].after) == (24, 0.833, 1.0)
+    assert seg[c].n == 4 and seg[c].low_confidence
+    assert not res.report.passed and res.report.candidates[0].verdict.failing == [a] and res.exit_code == 1
+    assert "2 no captured content" in " ".join(f"{n} {k}" for k, n in res.report.skipped.items())
+
+    run = get_run(chdb_store, res.run_id)
+    assert run.status == "complete" and run.verdict == "failed" and run.n_cases == 52
+    assert run.dataset_id == f"run-{res.run_id}" and run.cost_usd == pytest.approx(0.052)
+    joined = chdb_store.query(JOIN_SQL, {"run_id": res.run_id})
+    assert len(joined) == 104 and {j["customer"] for j in joined} == {a, b, c}
+    assert {j["production_model"] for j in joined} == {"prod-model"}
+
+
+def test_retries_on_503_and_bounded_concurrency(chdb_store, slice_data):
+    a, b, _ = slice_data
+    spec = parse_spec(spec_for([a, b], concurrency=3))
+    with FakeLLM({"cand-model": approve_unless("nobody")}, delay=0.02) as gw:
+        # fail the first call of two cases once each: they are retried and pass
+        picked = [p["trace_id"] for p in chdb_store.query(
+            "SELECT trace_id FROM llm_calls WHERE customer = {c:String} AND request_json != '' LIMIT 2", {"c": b})]
+        gw.fail_once.update({t: 503 for t in picked})
+        res = asyncio.run(start_run(chdb_store, spec, opts(gw)))
+        assert gw.max_in_flight == 3
+        assert not gw.fail_once  # both failures were served
+    rows = {r.case_id: r for r in read_results(chdb_store, res.run_id) if r.candidate == "cand"}
+    assert all(rows[t].attempts == 2 and rows[t].status == "passed" for t in picked)
+    assert res.report.passed and res.exit_code == 0
+
+
+def test_budget_stops_the_run_and_resume_finishes_only_the_missing_cases(chdb_store, slice_data):
+    a, _, _ = slice_data
+    spec = parse_spec(spec_for([a], concurrency=1, max_cost=0.0045))
+    with FakeLLM({"cand-model": approve_unless("nobody")}) as gw:
+        res = asyncio.run(start_run(chdb_store, spec, opts(gw)))
+        first = len(gw.chat_requests())
+        assert first == 5  # 5 x $0.001 reaches $0.0045: no new case starts after that
+        assert res.exit_code == 3 and res.report.status == "incomplete"
+        assert any("budget reached" in n for n in res.report.notes)
+        run = get_run(chdb_store, res.run_id)
+        assert run.status == "incomplete" and run.cost_usd == pytest.approx(0.005)
+
+        again = asyncio.run(resume_run(chdb_store, res.run_id, opts(gw, max_cost=1.0)))
+        second = gw.chat_requests()[first:]
+    assert len(second) == 24 - 5
+    done_before = {r["headers"]["x-tagway-replay-case-id"] for r in gw.chat_requests()[:first]}
+    assert not done_before & {r["headers"]["x-tagway-replay-case-id"] for r in second}
+    assert again.exit_code == 0 and again.report.status == "complete"
+    assert again.report.candidates[0].rows[0].n == 24
+    assert get_run(chdb_store, res.run_id).status == "complete"
+
+
+def test_unknown_candidate_model_stops_before_running_everything(chdb_store, slice_data):
+    a, _, _ = slice_data
+    spec = parse_spec({**spec_for([a]), "candidates": [{"name": "typo", "model": "gpt-nope"}]})
+    with FakeLLM({"cand-model": approve_unless("nobody")}) as gw:
+        with pytest.raises(FatalRunError, match="model 'gpt-nope' is not served by the gateway .404 model_not_found"):
+            asyncio.run(start_run(chdb_store, spec, opts(gw)))
+        assert len(gw.chat_requests()) == 1  # the probe only
+
+
+def test_rejected_key_is_fatal(chdb_store, slice_data):
+    a, _, _ = slice_data
+    with FakeLLM({"cand-model": approve_unless("nobody")}) as gw:
+        with pytest.raises(FatalRunError, match="rejected the API key .HTTP 401"):
+            asyncio.run(start_run(chdb_store, parse_spec(spec_for([a])), RunOptions(
+                gateway_url=gw.url, api_key="wrong", progress=False)))
+
+
+def case(i: int, customer: str = "acme") -> Case:
+    return Case(case_id=f"case-{i}", segment=customer, customer=customer, intent="refund", model="prod-model",
+                messages=[{"role": "user", "content": f"#{i}"}], baseline_output=[])
+
+
+def test_errored_cases_and_a_dead_gateway_after_the_probe():
+    spec = parse_spec({"dataset": "x.jsonl", "candidates": [{"name": "cand", "model": "cand-model"}],
+                       "evaluators": [{"type": "latency", "threshold": 1e9}, {"type": "python", "value": "nope:fn"}],
+                       "retries": 1})
+    sent: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(1)
+        if len(sent) > 1:
+            raise httpx.ConnectError("connection refused")
+        return httpx.Response(200, json={"choices": [{"message": {"role": "assistant", "content": "ok"}}]},
+                              headers={"x-tagway-trace-id": "t1"})
+
+    async def go():
+        async with gateway_client(transport=httpx.MockTransport(handler)) as client:
+            runner = Runner(client, spec, run_id="r", api_key="k", progress=False, backoff_base=0.001)
+            return await runner.run([case(1), case(2)], targets_for(spec)[1:])
+
+    out = asyncio.run(go())
+    by = {r.case_id: r for r in out.results}
+    assert by["case-1"].status == "errored" and "cannot load 'nope:fn'" in by["case-1"].error
+    assert by["case-2"].status == "errored" and "gateway unreachable after 2 attempt(s)" in by["case-2"].error
+    assert out.complete and len(sent) == 3
+
+
+class TinyGateway:
+    """A minimal ASGI app with a lifespan, to check the in-process path (import by name, lifespan, transport)."""
+    started = False
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            while True:
+                msg = await receive()
+                if msg["type"] == "lifespan.startup":
+                    TinyGateway.started = True
+                    await send({"type": "lifespan.startup.complete"})
+                else:
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        await receive()
+        body = orjson.dumps({"choices": [{"message": {"role": "assistant", "content": "approved"}}]})
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"application/json"), (b"x-tagway-trace-id", b"inproc"), (b"x-tagway-cost-usd", b"0.5")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def create_tiny_app():
+    return TinyGateway()
+
+
+def test_in_process_mode_imports_the_app_by_name_and_runs_its_lifespan():
+    spec = parse_spec({"dataset": "x.jsonl", "candidates": [{"name": "cand", "model": "m"}],
+                       "evaluators": [{"type": "equals", "value": "approved"}]})
+
+    async def go():
+        async with gateway_client(in_process=True, app_ref=f"{__name__}:create_tiny_app") as client:
+            return await Runner(client, spec, run_id="r", api_key="k", progress=False).run([case(1)],
+                                                                                           targets_for(spec)[1:])
+
+    out = asyncio.run(go())
+    assert TinyGateway.started
+    r = out.results[0]
+    assert (r.status, r.replay_trace_id, r.cost_usd) == ("passed", "inproc", 0.5)
+    with pytest.raises(FatalRunError, match="in-process mode needs nowhere.app:create_app"):
+        asyncio.run(_missing_app())
+
+
+async def _missing_app():
+    async with gateway_client(in_process=True, app_ref="nowhere.app:create_app"):
+        pass

@@ -1,0 +1,166 @@
+"""Helpers for the replay tests (no tests here): a small real OpenAI-compatible HTTP server that can play the
+gateway (it answers with `x-tagway-trace-id` / `x-tagway-cost-usd` and checks the key) or an upstream, and
+production calls written as `otel_traces` spans so the `llm_calls` materialized view fills as in production.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+import threading
+import time
+import uuid
+from typing import Any, Callable
+
+import orjson
+from aiohttp import web
+
+from exporters import semconv as sc
+from exporters.genai_messages import choices_to_semconv_output, to_semconv_input
+
+API_KEY = "tw-replay-test-key"
+
+# model name -> answer(last user text, request headers) -> text
+Answer = Callable[[str, dict], str]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def last_user(messages: list) -> str:
+    for m in reversed(messages or []):
+        if m.get("role") == "user":
+            c = m.get("content")
+            return c if isinstance(c, str) else " ".join(p.get("text", "") for p in c or [])
+    return ""
+
+
+class FakeLLM:
+    """aiohttp on 127.0.0.1 in a thread. Unknown model -> 404 model_not_found; wrong key -> 401 (when a key is
+    required); `fail_once[case_id] = status` answers that status once; `delay` seconds per call."""
+
+    def __init__(self, answers: dict[str, Answer], *, cost: float = 0.001, delay: float = 0.0,
+                 require_key: str | None = API_KEY) -> None:
+        self.answers = answers
+        self.cost = cost
+        self.delay = delay
+        self.require_key = require_key
+        self.fail_once: dict[str, int] = {}
+        self.requests: list[dict[str, Any]] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: web.AppRunner | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "FakeLLM":
+        ready = threading.Event()
+
+        def run() -> None:
+            self._loop = asyncio.new_event_loop()
+            app = web.Application()
+            app.router.add_post("/v1/chat/completions", self.chat)
+            app.router.add_get("/v1/models", self.models)
+            self._runner = web.AppRunner(app, access_log=None)
+            self._loop.run_until_complete(self._runner.setup())
+            self._loop.run_until_complete(web.TCPSite(self._runner, "127.0.0.1", self.port, backlog=1024).start())
+            ready.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        assert ready.wait(10), "fake LLM server did not start"
+        return self
+
+    def stop(self) -> None:
+        if self._loop and self._runner:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread:
+            self._thread.join(10)
+
+    def __enter__(self) -> "FakeLLM":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def chat_requests(self) -> list[dict]:
+        return [r for r in self.requests if r["path"] == "/v1/chat/completions"]
+
+    @staticmethod
+    def _error(status: int, message: str, code: str | None = None) -> web.Response:
+        return web.json_response({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                             "code": code}}, status=status)
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": m, "object": "model"} for m in self.answers]})
+
+    async def chat(self, request: web.Request) -> web.Response:
+        body = orjson.loads(await request.read())
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        self.requests.append({"path": request.path, "headers": headers, "body": body, "t": time.monotonic()})
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            if self.require_key and headers.get("authorization") != f"Bearer {self.require_key}":
+                return self._error(401, "invalid api key", "invalid_api_key")
+            case = headers.get("x-tagway-replay-case-id", "")
+            if case in self.fail_once:
+                return self._error(self.fail_once.pop(case), "try again later")
+            model = body.get("model", "")
+            if model not in self.answers:
+                return self._error(404, f"The model `{model}` does not exist", "model_not_found")
+            text = self.answers[model](last_user(body.get("messages")), headers)
+            usage = {"prompt_tokens": 12, "completion_tokens": len(text.split()), "total_tokens": 12 + len(text.split())}
+            return web.json_response(
+                {"id": "chatcmpl-" + uuid.uuid4().hex[:8], "object": "chat.completion", "created": int(time.time()),
+                 "model": model, "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                              "finish_reason": "stop"}], "usage": usage},
+                headers={"x-tagway-trace-id": uuid.uuid4().hex, "x-tagway-cost-usd": f"{self.cost:.10f}"})
+        finally:
+            self.in_flight -= 1
+
+
+# -- production calls as spans ------------------------------------------------------------------------------------
+
+def call_span(*, customer: str, intent: str, user: str, answer: str, model: str = "prod-model",
+              prompt_version: str = "v1", tags: dict[str, str] | None = None, system: str = "You are helpful.",
+              params: dict | None = None, capture: bool = True, status: str = "Ok", latency_ms: float = 300.0,
+              cost: float = 0.0005, source: str = "production", at: float | None = None) -> dict:
+    """One `otel_traces` row shaped like the gateway's call span (attributes as strings, as the Collector writes)."""
+    sys_parts, inputs = to_semconv_input([{"role": "system", "content": system}, {"role": "user", "content": user}])
+    output = choices_to_semconv_output([{"message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}])
+    attrs = {sc.KIND: "call", sc.OPERATION: "chat", sc.REQUEST_MODEL: model, sc.REQUESTED_MODEL: model,
+             sc.RESPONSE_MODEL: model, sc.PROVIDER: "openai", sc.CUSTOMER: customer, sc.INTENT: intent,
+             sc.PROMPT_VERSION: prompt_version, sc.SOURCE: source, sc.COST_USD: str(cost),
+             sc.INPUT_TOKENS: "12", sc.OUTPUT_TOKENS: str(len(answer.split())), sc.REQUEST_STREAM: "false",
+             sc.REQUEST_PARAMS: orjson.dumps(params or {"temperature": 0.7}).decode(), sc.HTTP_STATUS: "200"}
+    for k, v in (tags or {}).items():
+        attrs[sc.TAG_PREFIX + k] = v
+    if capture:
+        attrs[sc.INPUT_MESSAGES] = orjson.dumps(inputs).decode()
+        attrs[sc.SYSTEM_INSTRUCTIONS] = orjson.dumps(sys_parts).decode()
+        attrs[sc.OUTPUT_MESSAGES] = orjson.dumps(output).decode()
+    trace_id = uuid.uuid4().hex
+    return {"Timestamp": at if at is not None else time.time(), "TraceId": trace_id,
+            "SpanId": hashlib.blake2b(trace_id.encode(), digest_size=8).hexdigest(), "ParentSpanId": "",
+            "TraceState": "", "SpanName": f"chat {model}", "SpanKind": "Client", "ServiceName": "tagway",
+            "ResourceAttributes": {"service.name": "tagway"}, "ScopeName": sc.SCOPE_NAME, "ScopeVersion": "test",
+            "SpanAttributes": attrs, "Duration": int(latency_ms * 1e6), "StatusCode": status, "StatusMessage": ""}
+
+
+def record(store: Any, spans: list[dict]) -> list[str]:
+    store.insert_json_rows("otel_traces", b"\n".join(orjson.dumps(s) for s in spans))
+    return [s["TraceId"] for s in spans]
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
