@@ -25,7 +25,7 @@ __all__ = [
     "parse_duration", "parse_window", "parse_dimension", "parse_filter", "parse_where", "parse_by",
     "make_selection", "wilson_interval", "choose_step",
     "SegmentStats", "StatsReport", "ErrorGroup", "ErrorsReport", "Series", "TimeSeries",
-    "segment_stats", "top_errors", "get_call", "error_timeseries", "calls_table",
+    "segment_stats", "top_errors", "get_call", "parse_trace_id", "error_timeseries", "calls_table",
 ]
 
 # Group-by / filter names -> llm_calls columns. `model` is what the client asked for (model_requested).
@@ -302,7 +302,8 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     margin = z * math.sqrt(phat * (1 - phat) / n + z2 / (4 * n * n))
     low = (centre - margin) / denom
     high = (centre + margin) / denom
-    return max(0.0, low), min(1.0, high)
+    # exact bounds at the edges (the formula gives 0.9999999999999999 for n/n)
+    return (0.0 if successes == 0 else max(0.0, low)), (1.0 if successes == n else min(1.0, high))
 
 
 def _num(x: Any) -> float | None:
@@ -560,13 +561,18 @@ def top_errors(store: Store, sel: Selection, *, limit: int = 10, examples: int =
 
 
 # -- one call --------------------------------------------------------------------------------------------------
-def get_call(store: Store, trace_id: str, *, database: str = "") -> dict[str, Any] | None:
-    """Every column of the call with this trace id (the first one, if a trace holds several), or None.
-    Timestamps come back as ISO strings (UTC), `tags` as a dict."""
+def parse_trace_id(trace_id: str) -> str:
     tid = (trace_id or "").strip()
     if not TRACE_ID_RE.match(tid):
         raise QueryInputError(f"invalid trace id {_show(tid)}: expected letters, digits, '-' or '_'",
                               param="trace_id")
+    return tid
+
+
+def get_call(store: Store, trace_id: str, *, database: str = "") -> dict[str, Any] | None:
+    """Every column of the call with this trace id (the first one, if a trace holds several), or None.
+    Timestamps come back as ISO strings (UTC), `tags` as a dict."""
+    tid = parse_trace_id(trace_id)
     p = _Params()
     sql = (f"SELECT *, toUnixTimestamp64Micro(Timestamp) AS _ts_us FROM {calls_table(database)}\n"
            f"WHERE trace_id = {p.add('v', 'String', tid)}\nORDER BY Timestamp\nLIMIT 1")

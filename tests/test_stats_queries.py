@@ -1,0 +1,404 @@
+"""exporters.queries against the shared chDB store: exact counts, rates and Wilson intervals per segment, the
+segment hidden by the mean, compare-mode deltas, top errors, one call, the error-rate series, and input validation.
+
+`seed_calls` (also used by the CLI, API and page tests) writes rows straight into llm_calls with current
+timestamps, plus a few spans into otel_traces that reach llm_calls through the materialized view. Every row
+carries the tag run=<id>, so a test sees only its own rows in the shared store.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import math
+import uuid
+
+import orjson
+import pytest
+
+from exporters import queries as q
+from exporters.store import Store
+
+NOW = dt.datetime.now(dt.timezone.utc)
+
+
+def _ts(t: dt.datetime) -> str:
+    return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclasses.dataclass
+class Seeded:
+    run: str  # tag.run value on every row
+    acme: str
+    globex: str
+    initech: str
+    spans: str  # customer whose rows came through otel_traces and the MV
+    error_trace: str  # trace id of one acme refund error
+    span_trace_ok: str
+    span_trace_err: str
+
+    @property
+    def where(self) -> str:
+        return f"tag.run={self.run}"
+
+
+def seed_calls(store: Store) -> Seeded:
+    """The current window (last 50 minutes):
+
+        acme/refund     100 calls, 30 errors (20 upstream_5xx/502, 10 timeout/504) -- 30%: the hidden segment;
+                        region eu for the first 50 calls (all 30 errors), us for the rest
+        acme/chat       400 calls, 0 errors
+        globex/refund   200 calls, 0 errors, latency 100 ms each, no streaming
+        globex/chat     290 calls, 0 errors, 5 of them cancelled by the client
+        initech/chat     10 calls, 3 errors (rate_limited/429) -- under min_calls 20: low confidence
+        total          1000 calls, 33 errors = 3.3%
+
+    The previous 24 h window (36 h ago): acme/refund 100 calls with 5 errors, globex/chat 100 calls, 0 errors.
+    Plus 4 spans in otel_traces for customer <run>-spans (1 error), which reach llm_calls through the MV.
+    """
+    run = "r" + uuid.uuid4().hex[:10]
+    s = Seeded(run=run, acme=f"{run}-acme", globex=f"{run}-globex", initech=f"{run}-initech", spans=f"{run}-spans",
+               error_trace=f"{run}err0000", span_trace_ok=uuid.uuid4().hex, span_trace_err=uuid.uuid4().hex)
+    rows: list[dict] = []
+    n = 0
+
+    def add(customer: str, intent: str, *, count: int, errors: list[tuple[str, int]] = (), cancelled: int = 0,
+            when: dt.datetime = NOW, latency: float | None = None, stream: bool = True, region=lambda i: "us",
+            trace_ids: dict[int, str] | None = None) -> None:
+        nonlocal n
+        kinds: list[tuple[str, str, int]] = []
+        for etype, status_code in errors:
+            kinds.append(("error", etype, status_code))
+        kinds += [("cancelled", "client_disconnected", 499)] * cancelled
+        kinds += [("ok", "", 200)] * (count - len(kinds))
+        for i, (status, etype, http) in enumerate(kinds):
+            n += 1
+            rows.append({
+                "Timestamp": _ts(when - dt.timedelta(minutes=i % 50, seconds=n % 60)),
+                "trace_id": (trace_ids or {}).get(i, f"{run}t{n:06d}"),
+                "span_id": f"{n:016x}",
+                "service_name": "tagway",
+                "customer": customer, "intent": intent, "prompt_version": "v2" if i % 2 else "v1",
+                "tags": {"run": run, "region": region(i)},
+                "operation": "chat", "model_requested": "gpt-4o-mini", "model_served": "gpt-4o-mini-2024-07-18",
+                "provider": "openai", "deployment": "openai-main", "stream": stream,
+                "status": status, "error_type": etype, "http_status": http, "attempts": 1,
+                "latency_ms": latency if latency is not None else 50.0 + (i % 10) * 10,
+                "ttft_ms": 40.0 if stream else None,
+                "input_tokens": 10, "output_tokens": 5, "cost_usd": 0.001,
+                "source": "production", "key_id": f"{customer}-key",
+                "request_json": orjson.dumps([{"role": "user", "parts": [{"type": "text", "content": "hi"}]}]).decode(),
+                "response_json": "" if status != "ok" else orjson.dumps(
+                    [{"role": "assistant", "parts": [{"type": "text", "content": "hello"}]}]).decode(),
+            })
+
+    add(s.acme, "refund", count=100, errors=[("upstream_5xx", 502)] * 20 + [("timeout", 504)] * 10,
+        region=lambda i: "eu" if i < 50 else "us", trace_ids={0: s.error_trace})
+    add(s.acme, "chat", count=400)
+    add(s.globex, "refund", count=200, latency=100.0, stream=False)
+    add(s.globex, "chat", count=290, cancelled=5)
+    add(s.initech, "chat", count=10, errors=[("rate_limited", 429)] * 3)
+    before = NOW - dt.timedelta(hours=36)
+    add(s.acme, "refund", count=100, errors=[("upstream_5xx", 502)] * 5, when=before)
+    add(s.globex, "chat", count=100, when=before)
+    store.insert_json_rows("llm_calls", b"\n".join(orjson.dumps(r) for r in rows),
+                           settings={"date_time_input_format": "best_effort"})
+
+    spans = []
+    for i, (trace, err) in enumerate([(s.span_trace_ok, False), (uuid.uuid4().hex, False), (uuid.uuid4().hex, False),
+                                      (s.span_trace_err, True)]):
+        attrs = {"tagway.kind": "call", "tagway.customer": s.spans, "tagway.intent": "refund",
+                 "tagway.prompt_version": "v3", "tagway.tag.run": run, "tagway.tag.region": "eu",
+                 "gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai",
+                 "gen_ai.request.model": "gpt-4o", "gen_ai.response.model": "gpt-4o-2024-08-06",
+                 "tagway.model.requested": "gpt-4o", "gen_ai.request.stream": "true",
+                 "gen_ai.response.time_to_first_chunk": "0.25", "gen_ai.usage.input_tokens": "12",
+                 "gen_ai.usage.output_tokens": "7", "tagway.cost_usd": "0.0005", "tagway.source": "production",
+                 "tagway.key_id": "spans-key", "http.response.status_code": "200",
+                 "gen_ai.input.messages": '[{"role":"user","parts":[{"type":"text","content":"refund please"}]}]'}
+        if err:
+            attrs.update({"error.type": "upstream_5xx", "http.response.status_code": "502"})
+        else:
+            attrs["gen_ai.output.messages"] = '[{"role":"assistant","parts":[{"type":"text","content":"done"}]}]'
+        spans.append({"Timestamp": _ts(NOW - dt.timedelta(minutes=5 + i)), "TraceId": trace,
+                      "SpanId": f"{i + 1:016x}", "SpanName": "chat gpt-4o", "SpanKind": "Client",
+                      "ServiceName": "tagway", "ScopeName": "tagway.gateway", "SpanAttributes": attrs,
+                      "Duration": 120_000_000 + i * 10_000_000, "StatusCode": "Error" if err else "Ok",
+                      "StatusMessage": "upstream 502" if err else ""})
+    store.insert_json_rows("otel_traces", b"\n".join(orjson.dumps(r) for r in spans),
+                           settings={"date_time_input_format": "best_effort"})
+    return s
+
+
+@pytest.fixture(scope="module")
+def seeded(chdb_store: Store) -> Seeded:
+    return seed_calls(chdb_store)
+
+
+def by_key(report: q.StatsReport) -> dict[tuple, q.SegmentStats]:
+    return {tuple(s.key[k] for k in report.by): s for s in report.segments}
+
+
+# -- pure functions --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("k,n,low,high", [
+    # reference values: scipy.stats.binomtest(k, n).proportion_ci(method="wilson")
+    (30, 100, 0.21894885294932764, 0.39584854633346667),
+    (0, 10, 0.0, 0.27753279986288926),
+    (10, 10, 0.7224672001371109, 1.0),
+    (33, 1000, 0.0235929279584269, 0.04598126446708158),
+    (1, 2, 0.09453120573423074, 0.9054687942657693),
+    (3, 10, 0.10779126740630102, 0.6032218525388546),
+])
+def test_wilson_interval_known_values(k, n, low, high):
+    got = q.wilson_interval(k, n)
+    assert got[0] == pytest.approx(low, abs=1e-12)
+    assert got[1] == pytest.approx(high, abs=1e-12)
+
+
+def test_wilson_interval_edges():
+    assert q.wilson_interval(0, 0) == (0.0, 1.0)
+    with pytest.raises(ValueError):
+        q.wilson_interval(5, 3)
+
+
+def test_parse_window():
+    now = dt.datetime(2026, 11, 24, 12, 0, tzinfo=dt.timezone.utc)
+    w = q.parse_window("15m", now=now)
+    assert (w.start, w.end) == (now - dt.timedelta(minutes=15), now)
+    assert q.parse_window(None, now=now).seconds == 86400
+    assert q.parse_window("7d", now=now).previous() == q.Window(now - dt.timedelta(days=14), now - dt.timedelta(days=7))
+    w = q.parse_window(from_="2026-11-20T00:00:00Z", to="2026-11-21T06:00:00+02:00", now=now)
+    assert w.start == dt.datetime(2026, 11, 20, tzinfo=dt.timezone.utc)
+    assert w.end == dt.datetime(2026, 11, 21, 4, tzinfo=dt.timezone.utc)
+    assert q.parse_window(from_="2026-11-24T10:00", now=now).end == now  # naive = UTC; `to` defaults to now
+    for bad in [dict(since="3x"), dict(since="0h"), dict(since="-1h"), dict(since="1h; DROP TABLE llm_calls"),
+                dict(since="9999d"), dict(from_="yesterday"), dict(from_="2026-11-21", to="2026-11-20"),
+                dict(to="2026-11-20"), dict(since="1h", from_="2026-11-20")]:
+        with pytest.raises(q.QueryInputError) as e:
+            q.parse_window(now=now, **bad)
+        assert "\n" not in str(e.value)
+
+
+def test_parse_dimensions_and_filters():
+    assert q.parse_by(None) == ("customer",)
+    assert q.parse_by(["customer,intent", "tag.region"]) == ("customer", "intent", "tag.region")
+    assert q.parse_where(["intent=refund", "tag.region!=eu", "stream=1"]) == (
+        q.Filter("intent", "refund"), q.Filter("tag.region", "eu", "!="), q.Filter("stream", "true"))
+    assert q.parse_filter("tag.note=a=b").value == "a=b"
+    for bad in (["nope"], ["tag.a'b"], ["tag.x; DROP TABLE llm_calls"], ["tag.UPPER"], ["tag." + "a" * 65],
+                ["customer", "customer"], ["customer) FROM system.tables --"]):
+        with pytest.raises(q.QueryInputError) as e:
+            q.parse_by(bad)
+        assert e.value.param == "by"
+    for bad in ("intent", "=x", "tag.a'b=1", "stream=maybe", "status=broken", "foo=bar"):
+        with pytest.raises(q.QueryInputError) as e:
+            q.parse_filter(bad)
+        assert e.value.param == "where"
+    with pytest.raises(q.QueryInputError):
+        q.make_selection(status="failed")
+
+
+def test_choose_step():
+    now = dt.datetime(2026, 11, 24, tzinfo=dt.timezone.utc)
+    assert q.choose_step(q.parse_window("15m", now=now)) == 60
+    assert q.choose_step(q.parse_window("1h", now=now)) == 60
+    assert q.choose_step(q.parse_window("24h", now=now)) == 1800
+    assert q.choose_step(q.parse_window("7d", now=now)) == 3 * 3600
+    assert q.choose_step(q.parse_window("30d", now=now)) == 12 * 3600
+
+
+# -- segment stats ---------------------------------------------------------------------------------------------
+def test_per_customer_rates_exact(chdb_store, seeded):
+    sel = q.make_selection([seeded.where], since="24h")
+    r = q.segment_stats(chdb_store, sel, ["customer"], min_calls=20)
+    seg = by_key(r)
+    acme, globex, initech, spans = (seg[(c,)] for c in (seeded.acme, seeded.globex, seeded.initech, seeded.spans))
+    assert (acme.calls, acme.errors, acme.cancelled) == (500, 30, 0)
+    assert acme.error_rate == pytest.approx(0.06)
+    assert acme.error_rate_ci == q.wilson_interval(30, 500)
+    assert (globex.calls, globex.errors, globex.cancelled) == (490, 0, 5)
+    assert (initech.calls, initech.errors, initech.low_confidence) == (10, 3, True)
+    assert (spans.calls, spans.errors, spans.low_confidence) == (4, 1, True)
+    # worst first among trustworthy segments; low-confidence ones last (worst first among them too)
+    assert [s.key["customer"] for s in r.segments] == [seeded.acme, seeded.globex, seeded.initech, seeded.spans]
+    assert (acme.input_tokens, acme.output_tokens) == (5000, 2500)
+    assert acme.cost_usd == pytest.approx(0.5)
+    assert acme.ttft_p50 == pytest.approx(40.0)
+    t = r.total
+    assert (t.calls, t.errors) == (1004, 34)
+    assert not r.truncated
+
+
+def test_hidden_segment_is_on_top(chdb_store, seeded):
+    """Overall 3.3% errors, but acme on intent refund fails 30%: the by customer+intent view puts it first."""
+    sel = q.make_selection([seeded.where, f"customer!={seeded.spans}"], since="24h")
+    overall = q.segment_stats(chdb_store, sel, ["source"]).segments
+    assert len(overall) == 1 and overall[0].calls == 1000 and overall[0].error_rate == pytest.approx(0.033)
+    r = q.segment_stats(chdb_store, sel, ["customer", "intent"], min_calls=20)
+    top = r.segments[0]
+    assert top.key == {"customer": seeded.acme, "intent": "refund"}
+    assert (top.calls, top.errors, top.error_rate) == (100, 30, 0.3)
+    low, high = top.error_rate_ci
+    assert low == pytest.approx(0.21894885294932764) and high == pytest.approx(0.39584854633346667)
+    assert [tuple(s.key.values()) for s in r.segments] == [
+        (seeded.acme, "refund"), (seeded.acme, "chat"), (seeded.globex, "chat"), (seeded.globex, "refund"),
+        (seeded.initech, "chat")]
+    assert r.segments[-1].low_confidence and not any(s.low_confidence for s in r.segments[:-1])
+    # latency percentiles: globex/refund answered in exactly 100 ms every time
+    g = by_key(r)[(seeded.globex, "refund")]
+    assert (g.latency_p50, g.latency_p95, g.latency_p99) == (100.0, 100.0, 100.0)
+    assert g.ttft_p50 is None  # no streaming, no time to first token
+
+
+def test_group_and_filter_by_tag(chdb_store, seeded):
+    sel = q.make_selection([seeded.where, f"customer={seeded.acme}", "intent=refund"], since="24h")
+    r = q.segment_stats(chdb_store, sel, ["tag.region"])
+    seg = by_key(r)
+    assert (seg[("eu",)].calls, seg[("eu",)].errors) == (50, 30)
+    assert (seg[("us",)].calls, seg[("us",)].errors) == (50, 0)
+    only_eu = q.segment_stats(chdb_store, q.make_selection([seeded.where, "tag.region=eu"], since="24h"),
+                              ["customer"])
+    assert {s.key["customer"]: (s.calls, s.errors) for s in only_eu.segments} == {
+        seeded.acme: (50, 30), seeded.spans: (4, 1)}
+    assert q.segment_stats(chdb_store, q.make_selection([seeded.where, "tag.nosuchkey=x"], since="24h"),
+                           ["customer"]).segments == []
+
+
+def test_status_filter_and_other_columns(chdb_store, seeded):
+    sel = q.make_selection([seeded.where], status="error", since="24h")
+    r = q.segment_stats(chdb_store, sel, ["error_type"])
+    assert {s.key["error_type"]: s.calls for s in r.segments} == {"upstream_5xx": 21, "timeout": 10, "rate_limited": 3}
+    r = q.segment_stats(chdb_store, q.make_selection([seeded.where], since="24h"), ["stream", "model"])
+    assert {tuple(s.key.values()): s.calls for s in r.segments} == {
+        ("true", "gpt-4o-mini"): 800, ("false", "gpt-4o-mini"): 200, ("true", "gpt-4o"): 4}
+    r = q.segment_stats(chdb_store, q.make_selection([seeded.where, "stream=false"], since="24h"), ["status"])
+    assert {s.key["status"]: s.calls for s in r.segments} == {"ok": 200}
+
+
+def test_compare_with_previous_window(chdb_store, seeded):
+    sel = q.make_selection([seeded.where], since="24h")
+    r = q.segment_stats(chdb_store, sel, ["customer", "intent"], compare=True)
+    seg = by_key(r)
+    top = seg[(seeded.acme, "refund")]
+    assert (top.prev_calls, top.prev_errors) == (100, 5)
+    assert top.prev_error_rate == pytest.approx(0.05)
+    assert top.delta_error_rate == pytest.approx(0.25)
+    gc = seg[(seeded.globex, "chat")]
+    assert (gc.prev_calls, gc.prev_errors, gc.delta_error_rate) == (100, 0, 0.0)
+    assert seg[(seeded.acme, "chat")].prev_calls == 0 and seg[(seeded.acme, "chat")].delta_error_rate is None
+    assert (r.total.prev_calls, r.total.prev_errors) == (200, 5)
+    d = r.to_dict()
+    assert d["previous_window"]["seconds"] == 86400
+    first = d["segments"][0]
+    assert first["previous"] == {"calls": 100, "errors": 5, "error_rate": 0.05}
+    assert first["delta_error_rate"] == pytest.approx(0.25)
+    # the previous window alone gives the same numbers
+    prev = q.segment_stats(chdb_store, dataclasses.replace(sel, window=sel.window.previous()), ["customer", "intent"])
+    assert {tuple(s.key.values()): (s.calls, s.errors) for s in prev.segments} == {
+        (seeded.acme, "refund"): (100, 5), (seeded.globex, "chat"): (100, 0)}
+
+
+def test_compare_counts_segments_only_in_previous_window(chdb_store, seeded):
+    sel = q.make_selection([seeded.where, "intent=refund", f"customer={seeded.acme}"], since="24h")
+    r = q.segment_stats(chdb_store, sel, ["prompt_version"], compare=True)
+    assert {s.key["prompt_version"]: s.calls for s in r.segments} == {"v1": 50, "v2": 50}
+    assert r.total.prev_calls == 100
+
+
+def test_limit_truncates_and_totals_stay_exact(chdb_store, seeded):
+    sel = q.make_selection([seeded.where], since="24h")
+    r = q.segment_stats(chdb_store, sel, ["customer", "intent"], limit=2)
+    assert r.truncated and len(r.segments) == 2
+    assert (r.total.calls, r.total.errors) == (1004, 34)
+
+
+def test_to_dict_is_json_for_programs(chdb_store, seeded):
+    sel = q.make_selection([seeded.where], since="24h")
+    d = orjson.loads(orjson.dumps(q.segment_stats(chdb_store, sel, ["customer"]).to_dict()))
+    s = d["segments"][0]
+    assert s["key"] == {"customer": seeded.acme}
+    assert s["calls"] == 500 and s["errors"] == 30 and s["error_rate"] == 0.06
+    assert set(s["error_rate_ci"]) == {"low", "high"} and isinstance(s["error_rate_ci"]["low"], float)
+    assert set(s["latency_ms"]) == {"p50", "p95", "p99"}
+    assert d["filters"] == [{"key": "tag.run", "op": "=", "value": seeded.run}]
+    assert d["total"]["calls"] == 1004
+
+
+def test_values_are_parameters_not_sql(chdb_store, seeded):
+    """A hostile value is just a value: no rows, no error, the table is still there."""
+    evil = "x' OR 1=1 --"
+    r = q.segment_stats(chdb_store, q.make_selection([seeded.where, f"customer={evil}", f"tag.region={evil}"],
+                                                      since="24h"), ["customer"])
+    assert r.segments == [] and r.total.calls == 0
+    assert q.segment_stats(chdb_store, q.make_selection([seeded.where], since="24h")).total.calls == 1004
+
+
+# -- errors, one call, time series -----------------------------------------------------------------------------
+def test_top_errors(chdb_store, seeded):
+    rep = q.top_errors(chdb_store, q.make_selection([seeded.where], since="24h"))
+    assert [(g.error_type, g.count) for g in rep.groups] == [("upstream_5xx", 21), ("timeout", 10), ("rate_limited", 3)]
+    assert rep.total_errors == 34
+    g = rep.groups[0]
+    assert g.http_statuses == [502] and g.customers == 2 and g.share == pytest.approx(21 / 34)
+    assert 1 <= len(g.example_trace_ids) <= 3
+    for tid in g.example_trace_ids:
+        call = q.get_call(chdb_store, tid)
+        assert call["status"] == "error" and call["error_type"] == "upstream_5xx"
+    only_acme = q.top_errors(chdb_store, q.make_selection([seeded.where, f"customer={seeded.acme}"], since="24h"),
+                             limit=1)
+    assert [(g.error_type, g.count) for g in only_acme.groups] == [("upstream_5xx", 20)]
+    cancelled = q.top_errors(chdb_store, q.make_selection([seeded.where], status="cancelled", since="24h"))
+    assert [(g.error_type, g.count, g.http_statuses) for g in cancelled.groups] == [("client_disconnected", 5, [499])]
+
+
+def test_get_call(chdb_store, seeded):
+    call = q.get_call(chdb_store, seeded.error_trace)
+    assert call["customer"] == seeded.acme and call["intent"] == "refund"
+    assert call["status"] == "error" and call["http_status"] == 502
+    assert call["tags"] == {"run": seeded.run, "region": "eu"}
+    assert call["Timestamp"].endswith("Z")
+    assert dt.datetime.fromisoformat(call["Timestamp"].replace("Z", "+00:00")) <= NOW + dt.timedelta(seconds=1)
+    orjson.dumps(call)  # JSON-ready
+    assert q.get_call(chdb_store, "0" * 32) is None
+    with pytest.raises(q.QueryInputError):
+        q.get_call(chdb_store, "abc' OR '1'='1")
+
+
+def test_spans_flow_through_the_materialized_view(chdb_store, seeded):
+    call = q.get_call(chdb_store, seeded.span_trace_err)
+    assert call is not None, "the span did not reach llm_calls through llm_calls_mv"
+    assert (call["customer"], call["intent"], call["prompt_version"]) == (seeded.spans, "refund", "v3")
+    assert (call["status"], call["error_type"], call["http_status"]) == ("error", "upstream_5xx", 502)
+    assert call["tags"] == {"run": seeded.run, "region": "eu"}
+    assert (call["model_requested"], call["model_served"]) == ("gpt-4o", "gpt-4o-2024-08-06")
+    assert call["latency_ms"] == pytest.approx(150.0) and call["ttft_ms"] == pytest.approx(250.0)
+    ok = q.get_call(chdb_store, seeded.span_trace_ok)
+    assert ok["status"] == "ok" and "done" in ok["response_json"] and ok["input_tokens"] == 12
+    r = q.segment_stats(chdb_store, q.make_selection([seeded.where, f"customer={seeded.spans}"], since="24h"),
+                        ["intent", "tag.region"], min_calls=1)
+    (seg,) = r.segments
+    assert (seg.key, seg.calls, seg.errors, seg.low_confidence) == ({"intent": "refund", "tag.region": "eu"}, 4, 1,
+                                                                    False)
+    assert seg.cost_usd == pytest.approx(0.002) and seg.ttft_p50 == pytest.approx(250.0)
+
+
+def test_error_timeseries(chdb_store, seeded):
+    sel = q.make_selection([seeded.where], since="1h")
+    ts = q.error_timeseries(chdb_store, sel)
+    assert ts.step_seconds == 60 and 60 <= len(ts.buckets) <= 61
+    keys = [s.key for s in ts.series]
+    assert keys[0] == seeded.acme  # most errors first
+    assert set(keys) == {seeded.acme, seeded.globex, seeded.initech, seeded.spans}
+    per = {s.key: s for s in ts.series}
+    assert (per[seeded.acme].calls, per[seeded.acme].errors) == (500, 30)
+    assert sum(p["calls"] for p in per[seeded.globex].points) == 490
+    assert all(p["error_rate"] is None for p in per[seeded.globex].points if p["calls"] == 0)
+    assert all(len(s.points) == len(ts.buckets) for s in ts.series)
+    rate = [p for p in per[seeded.initech].points if p["calls"]]
+    assert sum(p["errors"] for p in rate) == 3
+    assert all(math.isclose(p["error_rate"], p["errors"] / p["calls"]) for p in rate)
+    top1 = q.error_timeseries(chdb_store, sel, series_limit=1)
+    assert [s.key for s in top1.series] == [seeded.acme] and top1.omitted == 3
+    by_intent = q.error_timeseries(chdb_store, sel, by="intent")
+    assert {s.key: s.errors for s in by_intent.series} == {"refund": 31, "chat": 3}
+    with pytest.raises(q.QueryInputError):
+        q.error_timeseries(chdb_store, sel, by="tag.a'b")
