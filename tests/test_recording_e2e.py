@@ -1,0 +1,198 @@
+"""Every call through the real gateway becomes one `llm_calls` row in ClickHouse (chDB), including failed,
+rejected, fallback, cut and cancelled calls; a ClickHouse outage loses nothing."""
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from exporters.recording import start_recording
+from exporters.store import Store, StoreError
+from gateway.app import TagwayApp
+from gateway.config import GatewayConfig
+from tests.gateway_fixture import ADMIN_KEY, KEYS, GatewayServer, gateway_config
+
+MSG = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}]
+
+
+class SwitchableStore:
+    """The real chDB store, except that while `down` is set every insert fails like a refused connection."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.down = threading.Event()
+        self.failed_inserts = 0
+
+    def insert_json_rows(self, table: str, body: bytes, settings: dict | None = None) -> None:
+        if self.down.is_set():
+            self.failed_inserts += 1
+            raise StoreError("ClickHouse unreachable: [Errno 111] Connection refused (simulated)")
+        self._store.insert_json_rows(table, body, settings)
+
+    def ping(self) -> bool:
+        return not self.down.is_set() and self._store.ping()
+
+    def close(self) -> None:
+        pass  # the session's store outlives this test
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+@pytest.fixture(scope="module")
+def recorded(upstream, chdb_store, tmp_path_factory):
+    import os
+    os.environ["TEST_UPSTREAM_KEY"] = "sk-upstream-secret-should-never-leak"
+    store = SwitchableStore(chdb_store)
+    recorder = start_recording(dsn=chdb_store.dsn, spool_dir=str(tmp_path_factory.mktemp("spool")), store=store,
+                               batch_max_seconds=0.2, retry_max_seconds=0.5)
+    app = TagwayApp(GatewayConfig(**gateway_config(upstream.base_url)), recorder=recorder)
+    server = GatewayServer(app).start()
+    server.recorder, server.store = recorder, store
+    yield server
+    server.stop()
+    recorder.shutdown()
+
+
+def rows_for(store: Store, trace_ids: list[str]) -> dict[str, dict]:
+    rows = store.query("SELECT * FROM llm_calls WHERE trace_id IN {ids:Array(String)}", parameters={"ids": trace_ids})
+    out: dict[str, dict] = {}
+    for r in rows:
+        assert r["trace_id"] not in out, f"duplicate llm_calls row for {r['trace_id']}"
+        out[r["trace_id"]] = r
+    return out
+
+
+def call(gw, model: str, key: str = KEYS["platform"], customer: str = "", **kw) -> str:
+    headers = {"authorization": f"Bearer {key}", "x-tagway-intent": "refund", "x-tagway-tags": "region=eu"}
+    if customer:
+        headers["x-tagway-customer"] = customer
+    r = httpx.post(gw.url + "/v1/chat/completions", json={"model": model, "messages": MSG, **kw}, headers=headers,
+                   timeout=20)
+    return r.headers["x-tagway-trace-id"]
+
+
+def test_every_kind_of_call_is_one_typed_row(recorded, chdb_store):
+    cust = f"rec-{uuid.uuid4().hex[:8]}"
+    c = openai.OpenAI(base_url=recorded.url + "/v1", api_key=KEYS["platform"], max_retries=0,
+                      default_headers={"x-tagway-customer": cust, "x-tagway-intent": "refund",
+                                       "x-tagway-prompt-version": "refund-v4", "x-tagway-tags": "region=eu,tier=pro"})
+    ids: dict[str, str] = {}
+    ids["ok"] = c.chat.completions.with_raw_response.create(model="gpt-test", messages=MSG).headers["x-tagway-trace-id"]
+    raw = c.chat.completions.with_raw_response.create(model="gpt-test", messages=MSG, stream=True)
+    list(raw.parse())
+    ids["stream"] = raw.headers["x-tagway-trace-id"]
+    ids["fallback"] = c.chat.completions.with_raw_response.create(model="flaky", messages=MSG).headers[
+        "x-tagway-trace-id"]
+    with pytest.raises(openai.InternalServerError) as e:
+        c.chat.completions.create(model="broken", messages=MSG)
+    ids["failed"] = e.value.response.headers["x-tagway-trace-id"]
+    with pytest.raises(openai.NotFoundError) as e:
+        c.chat.completions.create(model="nope", messages=MSG)
+    ids["unknown_model"] = e.value.response.headers["x-tagway-trace-id"]
+    with pytest.raises(openai.AuthenticationError) as e:
+        openai.OpenAI(base_url=recorded.url + "/v1", api_key="tw-bad", max_retries=0).chat.completions.create(
+            model="gpt-test", messages=MSG)
+    ids["bad_key"] = e.value.response.headers["x-tagway-trace-id"]
+    raw = c.chat.completions.with_raw_response.create(model="cut", messages=MSG, stream=True)
+    with pytest.raises(openai.APIError):
+        list(raw.parse())
+    ids["cut"] = raw.headers["x-tagway-trace-id"]
+    with httpx.Client(base_url=recorded.url, timeout=10) as h:
+        with h.stream("POST", "/v1/chat/completions", json={"model": "slowstream", "messages": MSG, "stream": True},
+                      headers={"authorization": f"Bearer {KEYS['platform']}", "x-tagway-customer": cust}) as r:
+            ids["cancelled"] = r.headers["x-tagway-trace-id"]
+            next(r.iter_raw())
+    time.sleep(0.5)  # the cancelled stream's span ends when the server notices the hang-up
+    assert recorded.recorder.force_flush()
+    rows = rows_for(chdb_store, list(ids.values()))
+    assert set(rows) == set(ids.values()), "every call, whatever its outcome, has exactly one row"
+    ok = rows[ids["ok"]]
+    assert (ok["customer"], ok["intent"], ok["prompt_version"], ok["tags"]) == (cust, "refund", "refund-v4",
+                                                                                {"region": "eu", "tier": "pro"})
+    assert (ok["status"], ok["error_type"], ok["http_status"]) == ("ok", "", 200)
+    assert (ok["input_tokens"], ok["output_tokens"]) == (11, 2)
+    assert ok["cost_usd"] == pytest.approx(11e-6 + 2 * 2e-6)
+    assert ok["model_requested"] == "gpt-test" and ok["model_served"] == "ok-model-2026"
+    assert ok["provider"] == "openai" and ok["operation"] == "chat" and ok["key_id"] == "platform-1"
+    assert ok["source"] == "production" and ok["latency_ms"] > 0 and ok["ttft_ms"] is None
+    assert '"content":"hello"' in ok["request_json"] and "Be brief." in ok["system_instructions"]
+    assert "Echo: hello" in ok["response_json"]
+    st = rows[ids["stream"]]
+    assert st["stream"] is True and st["ttft_ms"] > 0 and st["output_tokens"] == 2
+    fb = rows[ids["fallback"]]
+    assert (fb["status"], fb["attempts"], fb["deployment"], fb["model_requested"]) == ("ok", 2, "gpt-test", "flaky")
+    failed = rows[ids["failed"]]
+    assert (failed["status"], failed["error_type"], failed["http_status"]) == ("error", "http_500", 500)
+    nf = rows[ids["unknown_model"]]
+    assert (nf["status"], nf["error_type"], nf["http_status"], nf["customer"]) == ("error", "model_not_found", 404, cust)
+    bad = rows[ids["bad_key"]]
+    assert (bad["status"], bad["error_type"], bad["http_status"], bad["customer"]) == ("error", "invalid_api_key", 401, "")
+    assert (rows[ids["cut"]]["status"], rows[ids["cut"]]["error_type"]) == ("error", "stream_cut")
+    cancelled = rows[ids["cancelled"]]
+    assert (cancelled["status"], cancelled["error_type"], cancelled["client_disconnected"]) == (
+        "cancelled", "client_disconnected", True)
+    # the fallback's attempts are child spans in otel_traces, under the call span
+    spans = chdb_store.query("SELECT SpanAttributes['tagway.kind'] AS kind, SpanAttributes['error.type'] AS err,"
+                             " ParentSpanId != '' AS child FROM otel_traces WHERE TraceId = {t:String}"
+                             " ORDER BY Timestamp", parameters={"t": ids["fallback"]})
+    assert sorted((s["kind"], s["err"], bool(s["child"])) for s in spans) == [
+        ("attempt", "", True), ("attempt", "http_503", True), ("call", "", False)]
+
+
+EXPECTED_OTEL_TRACES = [
+    ("Timestamp", "DateTime64(9)"), ("TraceId", "String"), ("SpanId", "String"), ("ParentSpanId", "String"),
+    ("TraceState", "String"), ("SpanName", "LowCardinality(String)"), ("SpanKind", "LowCardinality(String)"),
+    ("ServiceName", "LowCardinality(String)"), ("ResourceAttributes", "Map(LowCardinality(String), String)"),
+    ("ScopeName", "String"), ("ScopeVersion", "String"), ("SpanAttributes", "Map(LowCardinality(String), String)"),
+    ("Duration", "UInt64"), ("StatusCode", "LowCardinality(String)"), ("StatusMessage", "String"),
+    ("Events.Timestamp", "Array(DateTime64(9))"), ("Events.Name", "Array(LowCardinality(String))"),
+    ("Events.Attributes", "Array(Map(LowCardinality(String), String))"), ("Links.TraceId", "Array(String)"),
+    ("Links.SpanId", "Array(String)"), ("Links.TraceState", "Array(String)"),
+    ("Links.Attributes", "Array(Map(LowCardinality(String), String))"),
+]
+
+
+def test_otel_traces_has_the_collector_columns(chdb_store):
+    got = [(r["name"], r["type"]) for r in chdb_store.query("DESCRIBE TABLE otel_traces")]
+    assert got == EXPECTED_OTEL_TRACES
+    helper = [(r["name"], r["type"]) for r in chdb_store.query("DESCRIBE TABLE otel_traces_trace_id_ts")]
+    assert helper == [("TraceId", "String"), ("Start", "DateTime"), ("End", "DateTime")]
+
+
+def test_clickhouse_outage_while_traffic_flows_loses_nothing(recorded, chdb_store):
+    cust = f"outage-{uuid.uuid4().hex[:8]}"
+    m = recorded.recorder.metrics
+    spooled_before = m.snapshot()["spans_spooled"] if hasattr(m, "snapshot") else None
+    recorded.store.down.set()
+    try:
+        during = [call(recorded, "gpt-test", customer=cust) for _ in range(30)]
+        deadline = time.monotonic() + 10
+        while recorded.store.failed_inserts == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert recorded.store.failed_inserts > 0, "the exporter must have tried (and failed) while ClickHouse was down"
+        ready = httpx.get(recorded.url + "/readyz").json()
+        assert ready["status"] == "ready"  # calls keep flowing: the spool absorbs the outage
+    finally:
+        recorded.store.down.clear()
+    after = [call(recorded, "gpt-test", customer=cust) for _ in range(10)]
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        recorded.recorder.force_flush()
+        if len(rows_for(chdb_store, during + after)) == 40:
+            break
+        time.sleep(0.2)
+    rows = rows_for(chdb_store, during + after)  # also asserts no duplicates
+    assert set(rows) == set(during + after)
+    metrics = httpx.get(recorded.url + "/metrics").text
+    assert "tagway_spans_dropped_total 0" in metrics
+    values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+              if line.startswith("tagway_spans_") and not line.startswith("#")}
+    assert values["tagway_spans_spooled_total"] >= 30 and values["tagway_spans_resent_total"] >= 30
+    if spooled_before is not None:
+        assert values["tagway_spans_spooled_total"] - spooled_before >= 30
