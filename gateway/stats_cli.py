@@ -1,0 +1,427 @@
+"""`tagway stats`, `tagway errors`, `tagway show`: which tenant / intent / prompt version is failing, from the terminal.
+
+`register(app)` adds the commands to the main `tagway` Typer app. They all go through exporters.queries (the same
+numbers as the stats API and the dashboard page). Bad input is one line on stderr and exit code 2; a store that a
+running gateway holds (embedded chDB allows one process per data directory) is also exit 2, with the way around.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import sys
+from typing import Annotated, Any, Callable, Optional
+
+import orjson
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from exporters import queries as q
+from exporters.store import Store, StoreError, StoreLockedError, connect, is_embedded, redact_dsn
+
+__all__ = ["register", "resolve_dsn", "default_dsn", "fmt_rate", "fmt_ci", "fmt_delta"]
+
+# The embedded store under ./tagway-data of the current directory (what a gateway started here uses by default).
+# Made absolute: `chdb:///./tagway-data/...` would name /tagway-data for exporters.store.
+DEFAULT_DATA_DIR = os.path.join(".", "tagway-data", "clickhouse")
+EXIT_BAD_INPUT = 2
+EXIT_STORE = 1
+
+
+class _CliError(Exception):
+    def __init__(self, message: str, code: int = EXIT_BAD_INPUT) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# -- formatting (the page's ui.js formats the same way) ---------------------------------------------------------
+def fmt_rate(x: float | None) -> str:
+    return "-" if x is None else f"{x * 100:.1f}%"
+
+
+def fmt_ci(low: float, high: float) -> str:
+    return f"{low * 100:.1f}-{high * 100:.1f}%"
+
+
+def fmt_delta(x: float | None) -> str:
+    return "-" if x is None else f"{x * 100:+.1f} pp"
+
+
+def fmt_ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:,.0f}"
+
+
+def fmt_cost(x: float) -> str:
+    return f"${x:,.4f}" if x < 100 else f"${x:,.2f}"
+
+
+def _label(value: str) -> str:
+    return value if value != "" else "(none)"
+
+
+# -- DSN and store ---------------------------------------------------------------------------------------------
+def resolve_dsn(dsn: str | None = None, config: str | None = None) -> tuple[str, str]:
+    """(dsn, database): --dsn, else $TAGWAY_DSN, else the gateway config (--config / $TAGWAY_CONFIG), else the
+    embedded default next to the current directory."""
+    if dsn:
+        return dsn, ""
+    if os.environ.get("TAGWAY_DSN"):
+        return os.environ["TAGWAY_DSN"], ""
+    config = config or os.environ.get("TAGWAY_CONFIG")
+    if config:
+        from .config import ConfigError, load_config  # noqa: PLC0415
+
+        try:
+            cfg = load_config(config)
+        except ConfigError as e:
+            raise _CliError(f"config: {e.problems[0] if e.problems else e}") from None
+        return cfg.storage.resolved_dsn(), cfg.storage.database
+    return default_dsn(), ""
+
+
+def default_dsn() -> str:
+    return f"chdb://{os.path.abspath(DEFAULT_DATA_DIR)}"
+
+
+def _open_store(dsn: str) -> Store:
+    if is_embedded(dsn):
+        # parsed like exporters.store does
+        path = dsn[len("chdb://"):] if dsn.startswith("chdb://") else dsn[len("chdb:"):]
+        path = path.split("?", 1)[0]
+        if path not in ("", ":memory:") and not os.path.isdir(os.path.realpath(path)):
+            raise _CliError(f"no tagway store at {path}: start the gateway once, or pass --dsn / --config")
+    try:
+        return connect(dsn)
+    except StoreLockedError:
+        raise _CliError(
+            f"the embedded store {redact_dsn(dsn)} is in use by a running gateway (chDB allows one process per data "
+            "directory): query through the gateway's HTTP API (GET /admin/stats with the admin key, or the /ui "
+            "page) or use a ClickHouse server DSN") from None
+    except StoreError as e:
+        raise _CliError(str(e), EXIT_STORE) from None
+
+
+def _store_message(e: StoreError, dsn: str) -> str:
+    text = str(e)
+    if "UNKNOWN_TABLE" in text or "Unknown table" in text or "does not exist" in text:
+        return f"no llm_calls table in {redact_dsn(dsn)}: run `tagway db migrate` (or start the gateway) first"
+    return f"query failed: {text}"
+
+
+def _run(fn: Callable[[], None]) -> None:
+    """Run a command body; every expected failure becomes one line on stderr and an exit code."""
+    try:
+        fn()
+    except q.QueryInputError as e:
+        typer.echo(f"error: {e.message}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    except _CliError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(e.code) from None
+
+
+def _with_store(dsn: str | None, config: str | None, body: Callable[[Store, str, str], None]) -> None:
+    resolved, database = resolve_dsn(dsn, config)
+    store = _open_store(resolved)
+    try:
+        body(store, resolved, database)
+    except StoreError as e:
+        raise _CliError(_store_message(e, resolved), EXIT_STORE) from None
+    finally:
+        store.close()
+
+
+def _console() -> Console:
+    console = Console(highlight=False, soft_wrap=False)
+    if not console.is_terminal:  # piped or captured: don't squeeze the table into 80 columns
+        console = Console(highlight=False, width=max(console.width, 200))
+    return console
+
+
+def _json_out(data: Any) -> None:
+    sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+# -- options shared by the commands ----------------------------------------------------------------------------
+WhereOpt = Annotated[Optional[list[str]], typer.Option(
+    "--where", "-w", help="Filter key=value (or key!=value) on a column or tag.<key>; repeat to AND.")]
+StatusOpt = Annotated[Optional[str], typer.Option("--status", help="Only calls with this status: ok, error, cancelled.")]
+SinceOpt = Annotated[Optional[str], typer.Option("--since", help="Window back from now, e.g. 15m, 24h, 7d (default 24h).")]
+FromOpt = Annotated[Optional[str], typer.Option("--from", help="Window start, ISO time (UTC unless it says).")]
+ToOpt = Annotated[Optional[str], typer.Option("--to", help="Window end, ISO time (default now).")]
+DsnOpt = Annotated[Optional[str], typer.Option("--dsn", help="ClickHouse DSN (default $TAGWAY_DSN, the config's store, "
+                                                             "or chdb:///./tagway-data/clickhouse).")]
+ConfigOpt = Annotated[Optional[str], typer.Option("--config", "-c", help="Gateway config file (default $TAGWAY_CONFIG).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for programs.")]
+
+
+def _window_title(sel: q.Selection, since: str | None, from_: str | None) -> str:
+    w = sel.window
+    span = f"last {since or '24h'}" if not from_ else "window"
+    return f"{span} ({w.start:%Y-%m-%d %H:%M} to {w.end:%Y-%m-%d %H:%M} UTC)"
+
+
+# -- tagway stats ----------------------------------------------------------------------------------------------
+def stats_command(
+    by: Annotated[Optional[list[str]], typer.Option(
+        "--by", "-b", help="Group by a column (customer, intent, prompt_version, model, model_served, provider, "
+                           "operation, status, error_type, source, key_id, stream) or tag.<key>; repeat.")] = None,
+    where: WhereOpt = None,
+    status: StatusOpt = None,
+    since: SinceOpt = None,
+    from_: FromOpt = None,
+    to: ToOpt = None,
+    compare: Annotated[bool, typer.Option("--compare", help="Compare with the previous window of the same length.")] = False,
+    min_calls: Annotated[int, typer.Option("--min-calls", help="Flag segments with fewer calls as low confidence.")] = 20,
+    limit: Annotated[int, typer.Option("--limit", help="At most this many segments.")] = 500,
+    as_json: JsonOpt = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False,
+    dsn: DsnOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Error rate per segment (worst first) with 95% Wilson intervals, latency, tokens and cost."""
+
+    def body() -> None:
+        if as_json and as_csv:
+            raise _CliError("choose one of --json and --csv")
+        keys = q.parse_by(by)
+        sel = q.make_selection(where, status, since, from_, to)
+        if min_calls < 0:
+            raise q.QueryInputError("--min-calls must be >= 0")
+        if not 1 <= limit <= 10_000:
+            raise q.QueryInputError("--limit must be between 1 and 10000")
+
+        def query(store: Store, resolved: str, database: str) -> None:
+            report = q.segment_stats(store, sel, keys, compare=compare, min_calls=min_calls, limit=limit,
+                                     database=database)
+            if as_json:
+                _json_out(report.to_dict())
+            elif as_csv:
+                sys.stdout.write(stats_csv(report))
+            else:
+                print_stats(report, _console(), _window_title(sel, since, from_))
+
+        _with_store(dsn, config, query)
+
+    _run(body)
+
+
+def stats_csv(report: q.StatsReport) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    head = list(report.by) + ["calls", "errors", "cancelled", "error_rate", "ci_low", "ci_high", "low_confidence",
+                              "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "ttft_p50_ms", "input_tokens",
+                              "output_tokens", "cost_usd"]
+    if report.compare:
+        head += ["prev_calls", "prev_errors", "prev_error_rate", "delta_error_rate"]
+    w.writerow(head)
+
+    def num(x: float | None) -> str:
+        return "" if x is None else repr(x)
+
+    for s in report.segments:
+        low, high = s.error_rate_ci
+        row = [s.key[k] for k in report.by] + [
+            s.calls, s.errors, s.cancelled, repr(s.error_rate), repr(low), repr(high), str(s.low_confidence).lower(),
+            num(s.latency_p50), num(s.latency_p95), num(s.latency_p99), num(s.ttft_p50), s.input_tokens,
+            s.output_tokens, repr(s.cost_usd)]
+        if report.compare:
+            row += [s.prev_calls, s.prev_errors, num(s.prev_error_rate), num(s.delta_error_rate)]
+        w.writerow(row)
+    return buf.getvalue()
+
+
+def print_stats(report: q.StatsReport, console: Console, window_title: str) -> None:
+    filters = "  ".join(str(f) for f in report.selection.filters)
+    if report.selection.status:
+        filters = (filters + f"  status={report.selection.status}").strip()
+    title = f"Error rate by {', '.join(report.by)}, {window_title}"
+    if filters:
+        title += f"\nwhere {filters}"
+    table = Table(title=title, title_justify="left", header_style="bold", show_footer=False, pad_edge=False)
+    for k in report.by:
+        table.add_column(k, no_wrap=True)
+    table.add_column("calls", justify="right")
+    table.add_column("errors", justify="right")
+    table.add_column("error rate", justify="right")
+    table.add_column("95% CI", justify="right")
+    if report.compare:
+        table.add_column("prev rate", justify="right")
+        table.add_column("delta", justify="right")
+    for col in ("p50 ms", "p95 ms", "p99 ms", "ttft p50", "tok in", "tok out", "cost"):
+        table.add_column(col, justify="right")
+    table.add_column("note")
+    for s in report.segments:
+        low, high = s.error_rate_ci
+        rate_style = "bold red" if s.error_rate >= 0.10 and not s.low_confidence else (
+            "yellow" if s.error_rate >= 0.02 and not s.low_confidence else "")
+        cells: list[Any] = [_label(s.key[k]) for k in report.by]
+        cells += [f"{s.calls:,}", f"{s.errors:,}", Text(fmt_rate(s.error_rate), style=rate_style), fmt_ci(low, high)]
+        if report.compare:
+            d = s.delta_error_rate
+            cells += [fmt_rate(s.prev_error_rate),
+                      Text(fmt_delta(d), style="red" if d is not None and d > 0.005 else
+                           ("green" if d is not None and d < -0.005 else ""))]
+        cells += [fmt_ms(s.latency_p50), fmt_ms(s.latency_p95), fmt_ms(s.latency_p99), fmt_ms(s.ttft_p50),
+                  f"{s.input_tokens:,}", f"{s.output_tokens:,}", fmt_cost(s.cost_usd),
+                  Text(f"low n (<{report.min_calls})", style="dim") if s.low_confidence else ""]
+        table.add_row(*cells, style="dim" if s.low_confidence else None)
+    t = report.total
+    low, high = t.error_rate_ci
+    total_cells: list[Any] = ["all"] + [""] * (len(report.by) - 1)
+    total_cells += [f"{t.calls:,}", f"{t.errors:,}", fmt_rate(t.error_rate), fmt_ci(low, high)]
+    if report.compare:
+        total_cells += [fmt_rate(t.prev_error_rate), fmt_delta(t.delta_error_rate)]
+    total_cells += ["", "", "", "", f"{t.input_tokens:,}", f"{t.output_tokens:,}", fmt_cost(t.cost_usd), ""]
+    if report.segments:
+        table.add_section()
+        table.add_row(*total_cells, style="bold")
+    console.print(table)
+    if not report.segments:
+        console.print("no calls match this window and these filters")
+    flagged = sum(1 for s in report.segments if s.low_confidence)
+    if flagged:
+        console.print(f"{flagged} segment(s) under --min-calls {report.min_calls} are flagged 'low n' and listed last.",
+                      style="dim")
+    if report.truncated:
+        console.print(f"only the first {len(report.segments)} segments are shown (--limit).", style="dim")
+
+
+# -- tagway errors ---------------------------------------------------------------------------------------------
+def errors_command(
+    where: WhereOpt = None,
+    status: StatusOpt = None,
+    since: SinceOpt = None,
+    from_: FromOpt = None,
+    to: ToOpt = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", help="At most this many error types.")] = 10,
+    as_json: JsonOpt = False,
+    dsn: DsnOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Top error types for the filters, with example trace ids (see `tagway show TRACE_ID`)."""
+
+    def body() -> None:
+        sel = q.make_selection(where, status, since, from_, to)
+        if not 1 <= limit <= 1000:
+            raise q.QueryInputError("--limit must be between 1 and 1000")
+
+        def query(store: Store, resolved: str, database: str) -> None:
+            report = q.top_errors(store, sel, limit=limit, database=database)
+            if as_json:
+                _json_out(report.to_dict())
+                return
+            console = _console()
+            filters = "  ".join(str(f) for f in sel.filters)
+            title = f"Top error types, {_window_title(sel, since, from_)}" + (f"\nwhere {filters}" if filters else "")
+            table = Table(title=title, title_justify="left", header_style="bold", pad_edge=False)
+            for col, just in (("error type", "left"), ("count", "right"), ("share", "right"), ("http", "left"),
+                              ("customers", "right"), ("last seen", "left"), ("example trace ids", "left")):
+                table.add_column(col, justify=just, no_wrap=col != "example trace ids")
+            for g in report.groups:
+                table.add_row(_label(g.error_type), f"{g.count:,}", fmt_rate(g.share),
+                              ",".join(str(s) for s in g.http_statuses) or "-", str(g.customers),
+                              g.last_seen[:19].replace("T", " "), " ".join(g.example_trace_ids))
+            console.print(table)
+            if not report.groups:
+                console.print(f"no {sel.status or 'error'} calls match this window and these filters")
+
+        _with_store(dsn, config, query)
+
+    _run(body)
+
+
+# -- tagway show -----------------------------------------------------------------------------------------------
+def show_command(
+    trace_id: Annotated[str, typer.Argument(help="The trace id of the call (from `tagway errors` or a span).")],
+    as_json: JsonOpt = False,
+    dsn: DsnOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """One call: tags, timings, tokens, cost, and the request/response when content capture was on."""
+
+    def body() -> None:
+        q.parse_trace_id(trace_id)  # bad input fails before a store is opened
+
+        def query(store: Store, resolved: str, database: str) -> None:
+            call = q.get_call(store, trace_id, database=database)
+            if call is None:
+                raise _CliError(f"no call with trace id {trace_id.strip()!r} in {redact_dsn(resolved)}")
+            if as_json:
+                _json_out(call)
+            else:
+                print_call(call, _console())
+
+        _with_store(dsn, config, query)
+
+    _run(body)
+
+
+def _pretty_json(text: str) -> str:
+    try:
+        return orjson.dumps(orjson.loads(text), option=orjson.OPT_INDENT_2).decode()
+    except orjson.JSONDecodeError:
+        return text
+
+
+def print_call(call: dict[str, Any], console: Console) -> None:
+    status = call.get("status", "")
+    style = {"ok": "green", "error": "bold red", "cancelled": "yellow"}.get(status, "")
+    table = Table(show_header=False, box=None, pad_edge=False, title=f"call {call.get('trace_id')}",
+                  title_justify="left", title_style="bold")
+    table.add_column("field", style="bold", no_wrap=True)
+    table.add_column("value")
+
+    def row(name: str, value: Any, style: str = "") -> None:
+        if value in (None, "", {}, []):
+            return
+        table.add_row(name, Text(str(value), style=style))
+
+    row("time", call.get("Timestamp"))
+    row("span id", call.get("span_id"))
+    row("status", status + (f"  ({call['error_type']})" if call.get("error_type") else ""), style)
+    row("http status", call.get("http_status") or None)
+    row("customer", call.get("customer"))
+    row("intent", call.get("intent"))
+    row("prompt version", call.get("prompt_version"))
+    tags = call.get("tags") or {}
+    row("tags", "  ".join(f"{k}={v}" for k, v in sorted(tags.items())))
+    row("operation", call.get("operation"))
+    row("model", call.get("model_requested"))
+    if call.get("model_served") and call.get("model_served") != call.get("model_requested"):
+        row("model served", call.get("model_served"))
+    row("provider", call.get("provider"))
+    row("deployment", call.get("deployment"))
+    row("attempts", call.get("attempts") or None)
+    row("stream", "yes" if call.get("stream") else "no")
+    row("latency", f"{call['latency_ms']:,.1f} ms" if call.get("latency_ms") is not None else None)
+    row("time to first token", f"{call['ttft_ms']:,.1f} ms" if call.get("ttft_ms") is not None else None)
+    row("tokens", f"{call.get('input_tokens', 0):,} in / {call.get('output_tokens', 0):,} out")
+    row("cost", f"${call.get('cost_usd') or 0:.6f}")
+    row("finish reasons", call.get("finish_reasons"))
+    row("source", call.get("source"))
+    row("key id", call.get("key_id"))
+    row("end user", call.get("end_user"))
+    if call.get("client_disconnected"):
+        row("client disconnected", "yes")
+    row("replay run", call.get("replay_run_id"))
+    row("replay candidate", call.get("replay_candidate"))
+    row("replay case", call.get("replay_case_id"))
+    console.print(table)
+    for name, key in (("system instructions", "system_instructions"), ("request", "request_json"),
+                      ("request parameters", "request_params"), ("response", "response_json")):
+        if call.get(key):
+            console.print(Text(name, style="bold"))
+            console.print(Text(_pretty_json(call[key])))
+    if not call.get("request_json") and not call.get("response_json"):
+        console.print(Text("content not captured for this call", style="dim"))
+
+
+# -- wiring ----------------------------------------------------------------------------------------------------
+def register(app: typer.Typer) -> None:
+    """Add `stats`, `errors` and `show` to the main `tagway` CLI."""
+    app.command("stats")(stats_command)
+    app.command("errors")(errors_command)
+    app.command("show")(show_command)
