@@ -1,0 +1,416 @@
+// tagway dashboard: per-segment failure rates, error rate over time per tenant, top error types.
+// Plain JS, no dependencies. Every data call sends the admin key (kept in sessionStorage, or given once as
+// #key=... in the URL fragment, which is then removed from the address bar). Numbers are formatted exactly as
+// `tagway stats` prints them (gateway/stats_cli.py).
+"use strict";
+
+const KEY_STORE = "tagway.adminKey";
+const PALETTE = ["#d62728", "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+  "#bcbd22", "#7f7f7f"];
+const SVGNS = "http://www.w3.org/2000/svg";
+const $ = (id) => document.getElementById(id);
+
+// -- formatting (same as the CLI) ----------------------------------------------------------------------------
+// Python's format() rounds an exact binary tie to even; toFixed rounds it up. Match Python.
+function fixed(v, digits) {
+  const m = Math.pow(10, digits);
+  const scaled = v * m;
+  const floor = Math.floor(scaled);
+  if (scaled - floor === 0.5) {
+    return ((floor % 2 === 0 ? floor : floor + 1) / m).toFixed(digits);
+  }
+  return v.toFixed(digits);
+}
+function grouped(s) {  // "1234567.89" -> "1,234,567.89"
+  const neg = s.startsWith("-");
+  const [i, f] = (neg ? s.slice(1) : s).split(".");
+  const g = i.replace(/\B(?=(\d{3})+(?!\d))/g, ",");
+  return (neg ? "-" : "") + g + (f !== undefined ? "." + f : "");
+}
+const fmtInt = (n) => grouped(String(Math.trunc(n)));
+const fmtRate = (x) => (x === null || x === undefined ? "-" : fixed(x * 100, 1) + "%");
+const fmtCI = (ci) => fixed(ci.low * 100, 1) + "-" + fixed(ci.high * 100, 1) + "%";
+const fmtDelta = (x) => {
+  if (x === null || x === undefined) return "-";
+  const s = fixed(x * 100, 1);
+  return (s.startsWith("-") ? s : "+" + s) + " pp";
+};
+const fmtMs = (x) => (x === null || x === undefined ? "-" : grouped(fixed(x, 0)));
+const fmtCost = (x) => "$" + grouped(fixed(x, x < 100 ? 4 : 2));
+const label = (v) => (v === "" ? "(none)" : v);
+
+// -- state ---------------------------------------------------------------------------------------------------
+const apiBase = location.pathname.replace(/\/ui\/?$/, "/");
+
+function readHash() {
+  const h = new URLSearchParams(location.hash.replace(/^#/, ""));
+  const key = h.get("key");
+  if (key) {
+    sessionStorage.setItem(KEY_STORE, key);
+    h.delete("key");
+  }
+  const set = (id, name) => { if (h.has(name)) $(id).value = h.get(name); };
+  if (h.has("since") && ![...$("f-since").options].some((o) => o.value === h.get("since"))) {
+    const o = document.createElement("option");
+    o.value = o.textContent = h.get("since");
+    $("f-since").appendChild(o);
+  }
+  set("f-since", "since"); set("f-by", "by"); set("f-where", "where"); set("f-status", "status");
+  set("f-min", "min_calls");
+  if (h.has("compare")) $("f-compare").checked = ["1", "true", "yes", "on"].includes(h.get("compare"));
+  writeHash();
+}
+
+function formState() {
+  return {
+    since: $("f-since").value,
+    by: $("f-by").value.trim(),
+    where: $("f-where").value.trim(),
+    status: $("f-status").value,
+    min_calls: $("f-min").value.trim(),
+    compare: $("f-compare").checked,
+  };
+}
+
+function writeHash() {
+  const s = formState();
+  const h = new URLSearchParams();
+  h.set("since", s.since);
+  if (s.by && s.by !== "customer") h.set("by", s.by);
+  if (s.where) h.set("where", s.where);
+  if (s.status) h.set("status", s.status);
+  if (s.min_calls && s.min_calls !== "20") h.set("min_calls", s.min_calls);
+  if (s.compare) h.set("compare", "1");
+  history.replaceState(null, "", location.pathname + location.search + "#" + h.toString());
+}
+
+// "intent=refund tag.region=eu, model=gpt-4o" -> ["intent=refund", "tag.region=eu", "model=gpt-4o"]
+function splitFilters(text) {
+  return text.split(/[\s,]+(?=[A-Za-z0-9_.\-]+!?=)/).map((s) => s.trim().replace(/,$/, "")).filter(Boolean);
+}
+
+function common(params, s) {
+  params.set("since", s.since);
+  for (const w of splitFilters(s.where)) params.append("where", w);
+  if (s.status) params.set("status", s.status);
+}
+
+// -- HTTP ----------------------------------------------------------------------------------------------------
+class ApiError extends Error {
+  constructor(status, message) { super(message); this.status = status; }
+}
+
+async function api(path, params) {
+  const key = sessionStorage.getItem(KEY_STORE) || "";
+  const url = apiBase + path + (params ? "?" + params.toString() : "");
+  const res = await fetch(url, { headers: { Authorization: "Bearer " + key }, cache: "no-store" });
+  let body = null;
+  try { body = await res.json(); } catch (e) { body = null; }
+  if (!res.ok) {
+    const msg = body && body.error && body.error.message ? body.error.message : "HTTP " + res.status;
+    throw new ApiError(res.status, msg);
+  }
+  return body;
+}
+
+// -- DOM helpers ---------------------------------------------------------------------------------------------
+function el(tag, attrs, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === "class") e.className = v;
+    else if (k.startsWith("data-")) e.setAttribute(k, v);
+    else if (k === "title") e.title = v;
+    else e[k] = v;
+  }
+  for (const c of children) {
+    if (c === null || c === undefined) continue;
+    e.appendChild(typeof c === "string" ? document.createTextNode(c) : c);
+  }
+  return e;
+}
+function svg(tag, attrs, text) {
+  const e = document.createElementNS(SVGNS, tag);
+  for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, String(v));
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+function clear(node) { while (node.firstChild) node.removeChild(node.firstChild); }
+function showError(msg) { const b = $("error"); b.textContent = msg; b.hidden = !msg; }
+
+// -- key handling --------------------------------------------------------------------------------------------
+function showKeyPanel(message) {
+  $("key-panel").hidden = false;
+  $("key-error").textContent = message || "";
+  $("key-error").hidden = !message;
+  $("key-state").textContent = "no admin key";
+  $("key-change").hidden = true;
+  $("key-input").focus();
+}
+function keyReady() {
+  $("key-panel").hidden = true;
+  $("key-state").textContent = "admin key set";
+  $("key-change").hidden = false;
+}
+
+// -- rendering -----------------------------------------------------------------------------------------------
+function rateClass(x, lowConfidence) {
+  if (lowConfidence) return "";
+  return x >= 0.10 ? "rate-bad" : x >= 0.02 ? "rate-warn" : "";
+}
+
+function renderSegments(report) {
+  const table = $("segments");
+  const thead = table.tHead, tbody = table.tBodies[0], tfoot = table.tFoot;
+  clear(thead); clear(tbody); clear(tfoot);
+  $("table-by").textContent = report.by.join(", ");
+  const numeric = ["calls", "errors", "error rate", "95% CI"]
+    .concat(report.compare ? ["prev rate", "delta"] : [])
+    .concat(["p50 ms", "p95 ms", "p99 ms", "ttft p50", "tok in", "tok out", "cost"]);
+  thead.appendChild(el("tr", {}, ...report.by.map((k) => el("th", {}, k)),
+    ...numeric.map((k) => el("th", { class: "r" }, k)), el("th", {}, "note")));
+  const maxRate = Math.max(0.0001, ...report.segments.map((s) => s.error_rate));
+  for (const s of report.segments) {
+    const cells = report.by.map((k) => el("td", { class: "seg", "data-col": k }, label(s.key[k])));
+    const bar = el("span", { class: "bar" });
+    bar.style.width = Math.round(40 * s.error_rate / maxRate) + "px";
+    cells.push(
+      el("td", { class: "r calls" }, fmtInt(s.calls)),
+      el("td", { class: "r errors" }, fmtInt(s.errors)),
+      el("td", { class: "r rate " + rateClass(s.error_rate, s.low_confidence) }, fmtRate(s.error_rate)),
+      el("td", { class: "r ci" }, fmtCI(s.error_rate_ci)));
+    if (report.compare) {
+      const d = s.delta_error_rate;
+      cells.push(el("td", { class: "r prev" }, s.previous ? fmtRate(s.previous.error_rate) : "-"),
+        el("td", { class: "r delta " + (d > 0.005 ? "delta-up" : d < -0.005 ? "delta-down" : "") }, fmtDelta(d)));
+    }
+    cells.push(
+      el("td", { class: "r p50" }, fmtMs(s.latency_ms.p50)),
+      el("td", { class: "r p95" }, fmtMs(s.latency_ms.p95)),
+      el("td", { class: "r p99" }, fmtMs(s.latency_ms.p99)),
+      el("td", { class: "r ttft" }, fmtMs(s.ttft_ms.p50)),
+      el("td", { class: "r tin" }, fmtInt(s.input_tokens)),
+      el("td", { class: "r tout" }, fmtInt(s.output_tokens)),
+      el("td", { class: "r cost" }, fmtCost(s.cost_usd)),
+      el("td", { class: "note" }, s.low_confidence ? el("span", { class: "badge" }, "low n (<" + report.min_calls + ")") : bar));
+    tbody.appendChild(el("tr", {
+      class: s.low_confidence ? "low-confidence" : "",
+      "data-segment": report.by.map((k) => s.key[k]).join("|"),
+    }, ...cells));
+  }
+  if (!report.segments.length) {
+    tbody.appendChild(el("tr", {}, el("td", { colSpan: report.by.length + numeric.length + 1, class: "muted" },
+      "no calls match this window and these filters")));
+    return;
+  }
+  const t = report.total;
+  const foot = [el("td", { class: "seg" }, "all")].concat(report.by.slice(1).map(() => el("td", {})));
+  foot.push(el("td", { class: "r calls" }, fmtInt(t.calls)), el("td", { class: "r errors" }, fmtInt(t.errors)),
+    el("td", { class: "r rate" }, fmtRate(t.error_rate)), el("td", { class: "r ci" }, fmtCI(t.error_rate_ci)));
+  if (report.compare) {
+    foot.push(el("td", { class: "r prev" }, t.previous ? fmtRate(t.previous.error_rate) : "-"),
+      el("td", { class: "r delta" }, fmtDelta(t.delta_error_rate)));
+  }
+  foot.push(el("td", {}), el("td", {}), el("td", {}), el("td", {}),
+    el("td", { class: "r tin" }, fmtInt(t.input_tokens)), el("td", { class: "r tout" }, fmtInt(t.output_tokens)),
+    el("td", { class: "r cost" }, fmtCost(t.cost_usd)), el("td", {}));
+  tfoot.appendChild(el("tr", { "data-segment": "all" }, ...foot));
+}
+
+function renderSummary(report) {
+  const t = report.total;
+  $("m-calls").textContent = fmtInt(t.calls);
+  $("m-errors").textContent = fmtInt(t.errors);
+  $("m-rate").textContent = fmtRate(t.error_rate);
+  $("m-ci").textContent = t.calls ? "95% CI " + fmtCI(t.error_rate_ci) : "";
+  $("m-cost").textContent = fmtCost(t.cost_usd);
+  const worst = report.segments.find((s) => !s.low_confidence);
+  $("m-worst").textContent = worst ? report.by.map((k) => label(worst.key[k])).join(" · ") : "-";
+  $("m-worst-rate").textContent = worst
+    ? fmtRate(worst.error_rate) + " of " + fmtInt(worst.calls) + " calls" +
+      (t.calls ? " (overall " + fmtRate(t.error_rate) + ")" : "")
+    : "";
+}
+
+function niceMax(x) {
+  for (const m of [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1]) if (x <= m) return m;
+  return 1;
+}
+
+function timeLabel(iso, long) {
+  const d = new Date(iso);
+  const p = (n) => String(n).padStart(2, "0");
+  const hm = p(d.getUTCHours()) + ":" + p(d.getUTCMinutes());
+  return long ? p(d.getUTCMonth() + 1) + "-" + p(d.getUTCDate()) + " " + hm : hm;
+}
+
+function renderChart(ts) {
+  const box = $("chart"), legend = $("legend");
+  clear(box); clear(legend);
+  $("chart-by").textContent = "per " + ts.by + (ts.omitted ? " (top " + ts.series.length + ")" : "");
+  const W = 1000, H = 260, L = 52, R = 16, T = 14, B = 30;
+  const root = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": "error rate over time" });
+  box.appendChild(root);
+  const n = ts.buckets.length;
+  if (!ts.series.length || !n) {
+    root.appendChild(svg("text", { x: W / 2, y: H / 2, "text-anchor": "middle", class: "empty" },
+      "no calls in this window"));
+    return;
+  }
+  let top = 0;
+  for (const s of ts.series) for (const p of s.points) if (p.error_rate !== null) top = Math.max(top, p.error_rate);
+  const ymax = niceMax(Math.max(top, 0.005));
+  const x = (i) => L + (n === 1 ? (W - L - R) / 2 : (i * (W - L - R)) / (n - 1));
+  const y = (v) => T + (1 - v / ymax) * (H - T - B);
+  const step = { 0.3: 0.05, 0.75: 0.15 }[ymax] || ymax / 5;
+  for (let k = 0; k * step <= ymax + 1e-9; k++) {
+    const v = k * step;
+    root.appendChild(svg("line", { x1: L, x2: W - R, y1: y(v), y2: y(v), class: "grid" }));
+    root.appendChild(svg("text", { x: L - 8, y: y(v) + 4, "text-anchor": "end", class: "axis" },
+      fixed(v * 100, step < 0.01 ? 1 : 0) + "%"));
+  }
+  const long = ts.window.seconds > 86400;
+  const ticks = Math.min(n, 7);
+  for (let k = 0; k < ticks; k++) {
+    const i = ticks === 1 ? 0 : Math.round((k * (n - 1)) / (ticks - 1));
+    root.appendChild(svg("text", { x: x(i), y: H - 10, "text-anchor": k === 0 ? "start" : k === ticks - 1 ? "end" : "middle",
+      class: "axis" }, timeLabel(ts.buckets[i], long)));
+  }
+  ts.series.forEach((s, si) => {
+    const color = PALETTE[si % PALETTE.length];
+    const g = svg("g", { "data-series": s.key });
+    let d = "", open = false;
+    s.points.forEach((p, i) => {
+      if (p.error_rate === null) { open = false; return; }
+      d += (open ? " L" : " M") + x(i).toFixed(1) + " " + y(p.error_rate).toFixed(1);
+      open = true;
+    });
+    if (d) g.appendChild(svg("path", { d: d.trim(), fill: "none", stroke: color, "stroke-width": 2,
+      "stroke-linejoin": "round", "stroke-linecap": "round" }));
+    s.points.forEach((p, i) => {
+      if (p.error_rate === null) return;
+      const c = svg("circle", { cx: x(i).toFixed(1), cy: y(p.error_rate).toFixed(1), r: p.errors ? 3 : 2, fill: color });
+      c.appendChild(svg("title", {}, `${label(s.key)} · ${timeLabel(p.t, long)} · ${fmtInt(p.errors)}/${fmtInt(p.calls)} = ${fmtRate(p.error_rate)}`));
+      g.appendChild(c);
+    });
+    root.appendChild(g);
+    const sw = el("span", { class: "sw" });
+    sw.style.background = color;
+    legend.appendChild(el("span", { "data-series": s.key }, sw, label(s.key) + " ",
+      el("span", { class: "muted" }, fmtRate(s.error_rate) + " of " + fmtInt(s.calls))));
+  });
+  if (ts.omitted) legend.appendChild(el("span", { class: "muted" }, "+" + ts.omitted + " more with fewer errors"));
+}
+
+function renderErrors(report) {
+  const tbody = $("errors").tBodies[0];
+  clear(tbody);
+  for (const g of report.errors) {
+    const ids = el("td", { class: "mono" });
+    for (const id of g.example_trace_ids) {
+      const a = el("span", { class: "trace", title: "show this call" }, id.length > 16 ? id.slice(0, 16) + "…" : id);
+      a.addEventListener("click", () => showCall(id));
+      ids.appendChild(a);
+    }
+    tbody.appendChild(el("tr", { "data-error-type": g.error_type },
+      el("td", {}, label(g.error_type)), el("td", { class: "r" }, fmtInt(g.count)),
+      el("td", { class: "r" }, fmtRate(g.share)), el("td", {}, g.http_statuses.join(",") || "-"),
+      el("td", { class: "r" }, String(g.customers)), el("td", {}, g.last_seen.slice(0, 19).replace("T", " ")), ids));
+  }
+  if (!report.errors.length) {
+    tbody.appendChild(el("tr", {}, el("td", { colSpan: 7, class: "muted" }, "no errors in this window")));
+  }
+}
+
+async function showCall(id) {
+  const panel = $("call-panel"), body = $("call-body");
+  clear(body);
+  $("call-id").textContent = id;
+  panel.hidden = false;
+  try {
+    const c = await api("admin/calls/" + encodeURIComponent(id));
+    const dl = el("dl");
+    const add = (k, v) => { if (v !== null && v !== undefined && v !== "") dl.append(el("dt", {}, k), el("dd", {}, String(v))); };
+    add("time", c.Timestamp); add("status", c.status + (c.error_type ? " (" + c.error_type + ")" : ""));
+    add("http status", c.http_status || ""); add("customer", c.customer); add("intent", c.intent);
+    add("prompt version", c.prompt_version);
+    add("tags", Object.entries(c.tags || {}).map(([k, v]) => k + "=" + v).join("  "));
+    add("model", c.model_requested); add("provider", c.provider);
+    add("latency", fmtMs(c.latency_ms) + " ms"); add("ttft", c.ttft_ms === null ? "" : fmtMs(c.ttft_ms) + " ms");
+    add("tokens", fmtInt(c.input_tokens) + " in / " + fmtInt(c.output_tokens) + " out");
+    add("cost", "$" + fixed(c.cost_usd || 0, 6)); add("source", c.source); add("key id", c.key_id);
+    body.appendChild(dl);
+    for (const [name, k] of [["request", "request_json"], ["response", "response_json"]]) {
+      if (!c[k]) continue;
+      let text = c[k];
+      try { text = JSON.stringify(JSON.parse(text), null, 2); } catch (e) { /* keep as is */ }
+      body.append(el("h2", {}, name), el("pre", {}, text));
+    }
+  } catch (e) {
+    body.appendChild(el("div", { class: "error" }, e.message));
+  }
+  panel.scrollIntoView({ behavior: "smooth", block: "nearest" });
+}
+
+// -- loading -------------------------------------------------------------------------------------------------
+let loading = 0;
+
+async function load() {
+  if (!sessionStorage.getItem(KEY_STORE)) { showKeyPanel(); return; }
+  keyReady();
+  writeHash();
+  const s = formState();
+  const stats = new URLSearchParams();
+  common(stats, s);
+  for (const b of s.by.split(",").map((x) => x.trim()).filter(Boolean)) stats.append("by", b);
+  if (s.min_calls !== "") stats.set("min_calls", s.min_calls);
+  if (s.compare) stats.set("compare", "1");
+  const series = new URLSearchParams();
+  common(series, s);
+  const errors = new URLSearchParams();
+  common(errors, s);
+  errors.set("limit", "10");
+  const mine = ++loading;
+  $("status-line").textContent = "loading…";
+  try {
+    const [report, ts, errs] = await Promise.all([
+      api("admin/stats", stats), api("admin/timeseries", series), api("admin/errors", errors)]);
+    if (mine !== loading) return;
+    showError("");
+    renderSummary(report);
+    renderSegments(report);
+    renderChart(ts);
+    renderErrors(errs);
+    const w = report.window;
+    $("status-line").textContent = `${report.segments.length} segment(s) · ${w.from.slice(0, 16).replace("T", " ")} to ` +
+      `${w.to.slice(0, 16).replace("T", " ")} UTC · bucket ${ts.step_seconds / 60} min · updated ` +
+      new Date().toLocaleTimeString();
+    document.body.setAttribute("data-loaded", "1");
+  } catch (e) {
+    if (mine !== loading) return;
+    $("status-line").textContent = "";
+    if (e.status === 401 || e.status === 403) {
+      sessionStorage.removeItem(KEY_STORE);
+      showKeyPanel(e.message);
+    } else {
+      showError(e.message);
+    }
+    document.body.setAttribute("data-loaded", "error");
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  readHash();
+  $("filters").addEventListener("submit", (ev) => { ev.preventDefault(); load(); });
+  for (const id of ["f-since", "f-status", "f-compare"]) $(id).addEventListener("change", load);
+  $("key-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const k = $("key-input").value.trim();
+    if (!k) return;
+    sessionStorage.setItem(KEY_STORE, k);
+    $("key-input").value = "";
+    load();
+  });
+  $("key-change").addEventListener("click", () => { sessionStorage.removeItem(KEY_STORE); showKeyPanel(); });
+  $("call-close").addEventListener("click", () => { $("call-panel").hidden = true; });
+  load();
+});
