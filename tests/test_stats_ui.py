@@ -1,0 +1,214 @@
+"""The /ui dashboard in headless Chromium against a real server (uvicorn on 127.0.0.1 in a thread) serving the stats
+router over the shared chDB store: the dumped DOM must show the seeded numbers, the same cells `tagway stats`
+prints, and nothing without the admin key."""
+from __future__ import annotations
+
+import html.parser
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.parse
+
+import pytest
+import typer
+import uvicorn
+from fastapi import FastAPI
+from typer.testing import CliRunner
+
+from gateway import stats_cli
+from gateway.auth import KeyRing
+from gateway.config import GatewayConfig
+from gateway.stats_api import build_stats_router
+from tests.test_stats_queries import Seeded, seed_calls
+
+ADMIN = "tw-admin-ui-test-key"
+
+
+def chromium_binary() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+@pytest.fixture(scope="module")
+def seeded(chdb_store) -> Seeded:
+    return seed_calls(chdb_store)
+
+
+@pytest.fixture(scope="module")
+def server(chdb_store):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TAGWAY_ADMIN_KEY", ADMIN)
+    keyring = KeyRing(GatewayConfig())  # admin key from $TAGWAY_ADMIN_KEY
+    mp.undo()
+    app = FastAPI()
+    app.include_router(build_stats_router(keyring, lambda: chdb_store))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not srv.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            pytest.fail("uvicorn did not start")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(10)
+
+
+def dump_dom(url: str) -> str:
+    binary = chromium_binary()
+    if binary is None:
+        pytest.skip("no chromium binary on PATH (Debian: apt-get install chromium); the page test needs one")
+    with tempfile.TemporaryDirectory(prefix="tagway-chromium-") as profile:
+        proc = subprocess.run(
+            [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+             f"--user-data-dir={profile}", "--virtual-time-budget=5000", "--dump-dom", url],
+            capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+class _Dom(html.parser.HTMLParser):
+    """Collects table rows (id of the table, section, attributes, cell texts) and a few element texts by id."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[dict] = []
+        self.by_id: dict[str, str] = {}
+        self.attrs_by_id: dict[str, dict] = {}
+        self.series: list[str] = []
+        self._table: str | None = None
+        self._section: str | None = None
+        self._row: dict | None = None
+        self._cell: list[str] | None = None
+        self._capture: list[tuple[str, str, int, list[str]]] = []
+        self._depth = 0
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag not in ("br", "input", "img", "meta", "link", "path", "circle", "line"):
+            self._depth += 1
+        if "id" in a:
+            self.attrs_by_id[a["id"]] = a
+            self._capture.append((a["id"], tag, self._depth, []))
+        if tag == "table":
+            self._table = a.get("id")
+        elif tag in ("thead", "tbody", "tfoot"):
+            self._section = tag
+        elif tag == "tr":
+            self._row = {"table": self._table, "section": self._section, "attrs": a, "cells": []}
+        elif tag in ("td", "th") and self._row is not None:
+            self._cell = []
+        elif tag == "g" and "data-series" in a:
+            self.series.append(a["data-series"])
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._row is not None and self._cell is not None:
+            self._row["cells"].append("".join(self._cell).strip())
+            self._cell = None
+        elif tag == "tr" and self._row is not None:
+            self.rows.append(self._row)
+            self._row = None
+        elif tag == "table":
+            self._table = None
+        if self._capture and self._capture[-1][2] == self._depth:
+            ident, _, _, text = self._capture.pop()
+            self.by_id[ident] = "".join(text).strip()
+            if self._capture:
+                self._capture[-1][3].extend(text)
+        if tag not in ("br", "input", "img", "meta", "link", "path", "circle", "line"):
+            self._depth -= 1
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+        if self._capture:
+            self._capture[-1][3].append(data)
+
+    def table(self, ident: str, section: str = "tbody") -> list[dict]:
+        return [r for r in self.rows if r["table"] == ident and r["section"] == section]
+
+
+def parse(dom: str) -> _Dom:
+    p = _Dom()
+    p.feed(dom)
+    return p
+
+
+def page_url(base: str, **state: str) -> str:
+    return f"{base}/ui#" + urllib.parse.urlencode(state)
+
+
+def test_page_shows_the_seeded_numbers(server, seeded, chdb_dsn):
+    where = f"tag.run={seeded.run} customer!={seeded.spans}"
+    dom = parse(dump_dom(page_url(server, key=ADMIN, since="1h", by="customer,intent", where=where)))
+    body = dom.attrs_by_id.get("key-panel", {})
+    assert "hidden" in body, "the key form should be hidden once a key is given"
+    rows = dom.table("segments")
+    assert rows, "no segment rows rendered; error banner: " + dom.by_id.get("error", "")
+    # worst segment on top: acme on intent refund, 30 of 100 calls, Wilson 95% interval 21.9-39.6%
+    top = rows[0]
+    assert top["attrs"]["data-segment"] == f"{seeded.acme}|refund"
+    assert top["cells"][:6] == [seeded.acme, "refund", "100", "30", "30.0%", "21.9-39.6%"]
+    assert [r["attrs"]["data-segment"] for r in rows] == [
+        f"{seeded.acme}|refund", f"{seeded.acme}|chat", f"{seeded.globex}|chat", f"{seeded.globex}|refund",
+        f"{seeded.initech}|chat"]
+    low = rows[-1]
+    assert "low-confidence" in low["attrs"]["class"] and low["cells"][-1] == "low n (<20)"
+    assert low["cells"][2:6] == ["10", "3", "30.0%", "10.8-60.3%"]
+    (total,) = dom.table("segments", "tfoot")
+    assert total["cells"][:6] == ["all", "", "1,000", "33", "3.3%", "2.4-4.6%"]  # the mean that hides it
+    assert dom.by_id["m-rate"] == "3.3%" and dom.by_id["m-calls"] == "1,000"
+    assert dom.by_id["m-worst"] == f"{seeded.acme} · refund"
+    # error rate over time: one series per tenant, worst first
+    assert dom.series[:1] == [seeded.acme] and set(dom.series) == {seeded.acme, seeded.globex, seeded.initech}
+    # top error types with example trace ids
+    errors = dom.table("errors")
+    assert [r["cells"][:2] for r in errors] == [["upstream_5xx", "20"], ["timeout", "10"], ["rate_limited", "3"]]
+
+    # the same cells as `tagway stats` prints for the same filters
+    app = typer.Typer()
+    stats_cli.register(app)
+    res = CliRunner().invoke(app, ["stats", "--since", "1h", "--by", "customer", "--by", "intent", "--where",
+                                   f"tag.run={seeded.run}", "--where", f"customer!={seeded.spans}", "--dsn",
+                                   chdb_dsn])
+    assert res.exit_code == 0, res.output
+    cli_rows = [[c.strip() for c in ln.strip().strip("│").split("│")] for ln in res.stdout.splitlines()
+                if ln.strip().startswith("│")]
+    page_rows = [r["cells"] for r in rows] + [total["cells"]]
+    assert [r[:-1] for r in cli_rows] == [r[:-1] for r in page_rows]
+
+
+def test_page_compare_and_filters(server, seeded):
+    dom = parse(dump_dom(page_url(server, key=ADMIN, since="24h", by="customer",
+                                  where=f"tag.run={seeded.run},intent=refund", compare="1")))
+    rows = dom.table("segments")
+    heads = dom.table("segments", "thead")[0]["cells"]
+    assert "prev rate" in heads and "delta" in heads
+    top = rows[0]
+    assert top["cells"][:7] == [seeded.acme, "100", "30", "30.0%", "21.9-39.6%", "5.0%", "+25.0 pp"]
+    assert {r["attrs"]["data-segment"] for r in rows} == {seeded.acme, seeded.globex, seeded.spans}
+
+
+def test_page_without_key_shows_no_data(server, seeded):
+    dom = parse(dump_dom(f"{server}/ui"))
+    assert "hidden" not in dom.attrs_by_id["key-panel"], "the page should ask for the admin key"
+    assert dom.table("segments") == [] and dom.by_id["m-calls"] == "-"
+
+
+def test_page_with_a_wrong_key_asks_again(server, seeded):
+    dom = parse(dump_dom(page_url(server, key="tw-not-the-key", since="1h")))
+    assert "hidden" not in dom.attrs_by_id["key-panel"]
+    assert "Incorrect API key" in dom.by_id["key-error"]
+    assert dom.table("segments") == []
