@@ -153,6 +153,14 @@ def test_rejected_key_is_fatal(chdb_store, slice_data):
                 gateway_url=gw.url, api_key="wrong", progress=False)))
 
 
+def test_unreachable_gateway_is_fatal_at_the_probe(chdb_store, slice_data):
+    from tests.test_replay_support import free_port
+    a, _, _ = slice_data
+    with pytest.raises(FatalRunError, match="gateway unreachable after 3 attempt"):
+        asyncio.run(start_run(chdb_store, parse_spec(spec_for([a])), RunOptions(
+            gateway_url=f"http://127.0.0.1:{free_port()}", api_key=API_KEY, progress=False, backoff_base=0.01)))
+
+
 def case(i: int, customer: str = "acme") -> Case:
     return Case(case_id=f"case-{i}", segment=customer, customer=customer, intent="refund", model="prod-model",
                 messages=[{"role": "user", "content": f"#{i}"}], baseline_output=[])
