@@ -236,3 +236,19 @@ def test_in_process_mode_imports_the_app_by_name_and_runs_its_lifespan():
 async def _missing_app():
     async with gateway_client(in_process=True, app_ref="nowhere.app:create_app"):
         pass
+
+
+def test_baseline_rerun_calls_the_gateway_for_the_baseline_too(chdb_store, slice_data, tmp_path):
+    a, _, _ = slice_data
+    (tmp_path / "prompt.txt").write_text("Answer for {customer}.")
+    spec = parse_spec({**spec_for([a]), "baseline": {"mode": "rerun", "model": "old-model",
+                                                     "prompt": {"file": "prompt.txt", "version": "p-old"}}})
+    with FakeLLM({"cand-model": approve_unless(a, every=2), "old-model": approve_unless("nobody")}) as gw:
+        res = asyncio.run(start_run(chdb_store, spec, opts(gw, spec_dir=tmp_path)))
+        base = [r for r in gw.chat_requests() if r["headers"]["x-tagway-replay-candidate"] == "baseline"]
+    assert len(base) == 24 and {r["body"]["model"] for r in base} == {"old-model"}
+    assert {r["headers"]["x-tagway-prompt-version"] for r in base} == {"p-old"}
+    assert base[0]["body"]["messages"][0] == {"role": "system", "content": "Answer for {customer}."}  # replace mode
+    row = res.report.candidates[0].rows[0]
+    assert (row.n, row.before, row.after) == (24, 1.0, 0.5) and res.report.baseline_mode == "rerun"
+    assert all(r.replay_trace_id for r in read_results(chdb_store, res.run_id) if r.candidate == "baseline")
