@@ -29,7 +29,7 @@ log = logging.getLogger("tagway")
 
 
 class TagwayApp:
-    def __init__(self, config: GatewayConfig, *, recorder: Any = None,
+    def __init__(self, config: GatewayConfig, *, recorder: Any = None, owns_recorder: bool | None = None,
                  recorder_factory: Callable[[GatewayConfig], Any] | None = None) -> None:
         self.config = config
         self.keyring = KeyRing(config)
@@ -38,7 +38,8 @@ class TagwayApp:
         self.redactor = Redactor(list(config.recording.redact_builtin), config.recording.redact_patterns)
         self.recorder = recorder
         self._recorder_factory = recorder_factory or default_recorder
-        self._owns_recorder = recorder is None
+        # whoever owns the recorder flushes it at shutdown; by default the app owns what it creates
+        self._owns_recorder = recorder is None if owns_recorder is None else owns_recorder
         self.proxy: Proxy | None = None
         self._start_lock: asyncio.Lock | None = None
         self.api = _build_api(self)

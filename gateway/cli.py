@@ -69,7 +69,9 @@ def serve(config: Optional[str] = ConfigOpt,
         recorder = default_recorder(cfg)
     except StoreError as e:
         raise fail(str(e)) from None
-    gateway = TagwayApp(cfg, recorder=recorder)
+    # the app owns the recorder: its lifespan shutdown flushes it, which matters because uvicorn re-raises
+    # SIGTERM once it has stopped serving, so nothing after uvicorn.run() would run
+    gateway = TagwayApp(cfg, recorder=recorder, owns_recorder=True)
     typer.echo(f"tagway: serving on http://{host}:{port}/v1 (store: {_describe_store(cfg)})", err=True)
     try:
         # uvicorn turns SIGTERM/SIGINT into a graceful stop: in-flight calls finish, then we flush the recorder

@@ -129,6 +129,12 @@ class RecordingConfig(_Strict):
     service_name: str = "tagway"
     source: str = "production"  # tagway.source when the request does not say
 
+    @model_validator(mode="after")
+    def _batch_fits_queue(self) -> "RecordingConfig":
+        if self.batch_max_rows > self.queue_max:
+            raise ValueError(f"batch_max_rows ({self.batch_max_rows}) cannot exceed queue_max ({self.queue_max})")
+        return self
+
     @field_validator("redact_patterns")
     @classmethod
     def _compiles(cls, v: list[str]) -> list[str]:
