@@ -12,13 +12,12 @@ from typing import Any
 
 import httpx
 
-from .datasets import RUN_DATASET_PREFIX, is_file_ref, load_cases
-from .report import Report, aggregate
+from .datasets import RUN_DATASET_PREFIX, is_file_ref, load_cases, save_dataset
+from .report import Report, aggregate, render_json
 from .runner import GATEWAY_APP, RunOutcome, Runner, gateway_client, targets_for
 from .slice import Case, EmptySliceError, Sampled, select_slice
 from .spec import ReplaySpec, SpecError, parse_spec
-from .store import RunRow, get_run, read_results, done_keys, write_results, write_run
-from . import datasets
+from .store import RunRow, done_keys, get_run, read_results, write_results, write_run
 
 __all__ = ["RunOptions", "RunResult", "new_run_id", "start_run", "resume_run", "report_for", "spec_to_json"]
 
@@ -76,7 +75,7 @@ async def start_run(store: Any, spec: ReplaySpec, opts: RunOptions) -> RunResult
     run_id = opts.run_id or new_run_id()
     if spec.slice is not None:
         dataset_id = RUN_DATASET_PREFIX + run_id
-        datasets.save_dataset(store, dataset_id, [Sampled(c.case_id, c.segment) for c in cases],
+        save_dataset(store, dataset_id, [Sampled(c.case_id, c.segment) for c in cases],
                               description=f"cases of replay run {run_id}")
     else:
         dataset_id = spec.dataset or ""
@@ -124,14 +123,9 @@ async def _execute(store: Any, spec: ReplaySpec, run: RunRow, cases: list[Case],
         report = report_for(store, run.run_id, spec, status=status, n_cases=len(cases), skipped=skipped, notes=notes)
         spent = outcome.cost_usd if outcome else spent_before
         write_run(store, dataclasses.replace(run, status=status, verdict=report.verdict,
-                                             report_json=_report_json(report), cost_usd=spent,
+                                             report_json=render_json(report), cost_usd=spent,
                                              finished_at=time.time()))
     return RunResult(run.run_id, report, outcome)
-
-
-def _report_json(report: Report) -> str:
-    from .report import render_json
-    return render_json(report)
 
 
 def report_for(store: Any, run_id: str, spec: ReplaySpec, *, status: str, n_cases: int = 0,

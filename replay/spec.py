@@ -3,6 +3,7 @@ how, and gated how. Pydantic models off the hot path; `load_spec` turns every va
 """
 from __future__ import annotations
 
+import datetime as dt
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -133,7 +134,6 @@ class SliceSpec(_Model):
     @field_validator("from_", "to", mode="before")
     @classmethod
     def _time(cls, v: Any) -> Any:
-        import datetime as dt
         if isinstance(v, str):
             try:
                 v = dt.datetime.fromisoformat(v)

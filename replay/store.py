@@ -81,10 +81,10 @@ class RunRow:
 
 
 def write_results(store: Any, rows: Iterable[ResultRow]) -> int:
-    body = b"\n".join(orjson.dumps(r.to_json_row()) for r in rows)
-    if body:
-        store.insert_json_rows("replay_results", body)
-    return body.count(b"\n") + 1 if body else 0
+    lines = [orjson.dumps(r.to_json_row()) for r in rows]
+    if lines:
+        store.insert_json_rows("replay_results", b"\n".join(lines))
+    return len(lines)
 
 
 def read_results(store: Any, run_id: str) -> list[ResultRow]:
