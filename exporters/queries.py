@@ -631,9 +631,11 @@ class TimeSeries:
 
 
 def error_timeseries(store: Store, sel: Selection, *, by: str = "customer", step: int | None = None,
-                     series_limit: int = 10, database: str = "") -> TimeSeries:
+                     series_limit: int = 10, min_calls: int = 20, database: str = "") -> TimeSeries:
     """Error rate per bucket for each value of `by` (a tenant by default). The bucket size follows the window
-    (choose_step) unless given. Keeps the `series_limit` series with the most errors (then calls)."""
+    (choose_step) unless given. Keeps the `series_limit` worst series in the order of the stats table: series with
+    at least `min_calls` calls first, each group by error rate (then calls), so the chart's legend and the table
+    agree and a 1-in-2 series does not push the real problem off the chart."""
     by = parse_dimension(by, "by")
     if step is None:
         step = choose_step(sel.window)
@@ -641,6 +643,7 @@ def error_timeseries(store: Store, sel: Selection, *, by: str = "customer", step
         raise QueryInputError("step is too small for this window", param="step")
     if not isinstance(series_limit, int) or not 1 <= series_limit <= 100:
         raise QueryInputError("series_limit must be between 1 and 100", param="series_limit")
+    _validate_limits(min_calls, 1)
     p = _Params()
     key = _dim_select(by, p)
     st = p.add("s", "UInt32", step)
@@ -660,7 +663,11 @@ def error_timeseries(store: Store, sel: Selection, *, by: str = "customer", step
         if i is not None:
             counts[i][0] += int(r["calls"])
             counts[i][1] += int(r["errors"])
-    ranked = sorted(per_key.items(), key=lambda kv: (-sum(c[1] for c in kv[1]), -sum(c[0] for c in kv[1]), kv[0]))
+    def rank(kv: tuple[str, list[list[int]]]) -> tuple:  # the order of the stats table
+        calls, errors = sum(c for c, _ in kv[1]), sum(e for _, e in kv[1])
+        return calls < min_calls, -(errors / calls if calls else 0.0), -calls, kv[0]
+
+    ranked = sorted(per_key.items(), key=rank)
     series = []
     for k, counts in ranked[:series_limit]:
         points = [{"t": _iso_us(b * 1_000_000), "calls": c, "errors": e, "error_rate": e / c if c else None}

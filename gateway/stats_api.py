@@ -41,7 +41,7 @@ _COMMON = {"where", "customer", "status", "since", "from", "to"}
 ALLOWED_PARAMS = {
     "stats": _COMMON | {"by", "compare", "min_calls", "limit"},
     "errors": _COMMON | {"limit", "examples"},
-    "timeseries": _COMMON | {"by", "step", "series"},
+    "timeseries": _COMMON | {"by", "step", "series", "min_calls"},
 }
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -203,7 +203,8 @@ def build_stats_router(keyring: KeyRing, get_store: Callable[[], Any], *,
             sel = params.selection()
             step = params.integer("step", 0, 0, 30 * 86400) or None
             return q.error_timeseries(store(), sel, by=params.one("by") or "customer", step=step,
-                                      series_limit=params.integer("series", 10, 1, 100), database=db).to_dict()
+                                      series_limit=params.integer("series", 10, 1, 100),
+                                      min_calls=params.integer("min_calls", 20, 0, 10**9), database=db).to_dict()
         return handle(run)
 
     # -- the page ------------------------------------------------------------------------------------------------

@@ -386,7 +386,8 @@ def test_error_timeseries(chdb_store, seeded):
     ts = q.error_timeseries(chdb_store, sel)
     assert ts.step_seconds == 60 and 60 <= len(ts.buckets) <= 61
     keys = [s.key for s in ts.series]
-    assert keys[0] == seeded.acme  # most errors first
+    # the stats table's order: enough calls first, worst rate first; low-confidence series after them
+    assert keys == [seeded.acme, seeded.globex, seeded.initech, seeded.spans]
     assert set(keys) == {seeded.acme, seeded.globex, seeded.initech, seeded.spans}
     per = {s.key: s for s in ts.series}
     assert (per[seeded.acme].calls, per[seeded.acme].errors) == (500, 30)
@@ -400,5 +401,7 @@ def test_error_timeseries(chdb_store, seeded):
     assert [s.key for s in top1.series] == [seeded.acme] and top1.omitted == 3
     by_intent = q.error_timeseries(chdb_store, sel, by="intent")
     assert {s.key: s.errors for s in by_intent.series} == {"refund": 31, "chat": 3}
+    assert [s.key for s in q.error_timeseries(chdb_store, sel, min_calls=1).series] == [
+        seeded.initech, seeded.spans, seeded.acme, seeded.globex]
     with pytest.raises(q.QueryInputError):
         q.error_timeseries(chdb_store, sel, by="tag.a'b")

@@ -88,6 +88,7 @@ class _Dom(html.parser.HTMLParser):
         self.by_id: dict[str, str] = {}
         self.attrs_by_id: dict[str, dict] = {}
         self.series: list[str] = []
+        self.chart_series: list[str] = []
         self._table: str | None = None
         self._section: str | None = None
         self._row: dict | None = None
@@ -111,7 +112,9 @@ class _Dom(html.parser.HTMLParser):
         elif tag in ("td", "th") and self._row is not None:
             self._cell = []
         elif tag == "g" and "data-series" in a:
-            self.series.append(a["data-series"])
+            self.chart_series.append(a["data-series"])
+        elif tag == "span" and "data-series" in a:
+            self.series.append(a["data-series"])  # the legend, worst first
 
     def handle_endtag(self, tag):
         if tag in ("td", "th") and self._row is not None and self._cell is not None:
@@ -173,6 +176,7 @@ def test_page_shows_the_seeded_numbers(server, seeded, chdb_dsn):
     assert dom.by_id["m-worst"] == f"{seeded.acme} · refund"
     # error rate over time: one series per tenant, worst first
     assert dom.series[:1] == [seeded.acme] and set(dom.series) == {seeded.acme, seeded.globex, seeded.initech}
+    assert sorted(dom.chart_series) == sorted(dom.series) and dom.chart_series[-1] == seeded.acme  # drawn on top
     # top error types with example trace ids
     errors = dom.table("errors")
     assert [r["cells"][:2] for r in errors] == [["upstream_5xx", "20"], ["timeout", "10"], ["rate_limited", "3"]]

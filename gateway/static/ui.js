@@ -284,15 +284,18 @@ function renderChart(ts) {
       d += (open ? " L" : " M") + x(i).toFixed(1) + " " + y(p.error_rate).toFixed(1);
       open = true;
     });
-    if (d) g.appendChild(svg("path", { d: d.trim(), fill: "none", stroke: color, "stroke-width": 2,
-      "stroke-linejoin": "round", "stroke-linecap": "round" }));
+    // the series with the most errors is drawn on top and thicker; the rest stay readable but quieter
+    if (d) g.appendChild(svg("path", { d: d.trim(), fill: "none", stroke: color, "stroke-width": si === 0 ? 2.5 : 1.5,
+      "stroke-opacity": si === 0 ? 1 : 0.75, "stroke-linejoin": "round", "stroke-linecap": "round" }));
     s.points.forEach((p, i) => {
       if (p.error_rate === null) return;
-      const c = svg("circle", { cx: x(i).toFixed(1), cy: y(p.error_rate).toFixed(1), r: p.errors ? 3 : 2, fill: color });
+      const c = svg("circle", { cx: x(i).toFixed(1), cy: y(p.error_rate).toFixed(1), r: p.errors ? (si === 0 ? 3.5 : 2.5) : 1.5,
+        fill: color });
       c.appendChild(svg("title", {}, `${label(s.key)} · ${timeLabel(p.t, long)} · ${fmtInt(p.errors)}/${fmtInt(p.calls)} = ${fmtRate(p.error_rate)}`));
       g.appendChild(c);
     });
-    root.appendChild(g);
+    // worst series last in the SVG, so it is drawn on top
+    root.insertBefore(g, root.querySelector("g[data-series]"));
     const sw = el("span", { class: "sw" });
     sw.style.background = color;
     legend.appendChild(el("span", { "data-series": s.key }, sw, label(s.key) + " ",
@@ -366,6 +369,7 @@ async function load() {
   if (s.compare) stats.set("compare", "1");
   const series = new URLSearchParams();
   common(series, s);
+  if (s.min_calls !== "") series.set("min_calls", s.min_calls);
   const errors = new URLSearchParams();
   common(errors, s);
   errors.set("limit", "10");
