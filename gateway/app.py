@@ -162,8 +162,12 @@ def _build_api(app: TagwayApp) -> FastAPI:
     async def readyz() -> Response:
         if app.proxy is None:
             return JSONResponse({"status": "starting"}, status_code=503)
-        health = getattr(app.recorder, "health", None)
-        recording = health() if callable(health) else "ok"
+        rec = app.recorder
+        if not getattr(rec, "enabled", True):
+            recording = "off"
+        else:
+            degraded = getattr(getattr(rec, "processor", None), "degraded", None)
+            recording = "degraded" if callable(degraded) and degraded() else "ok"
         # a degraded recorder still spools to disk, so the gateway stays in rotation
         return JSONResponse({"status": "ready", "recording": recording})
 

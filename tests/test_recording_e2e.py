@@ -177,7 +177,7 @@ def test_clickhouse_outage_while_traffic_flows_loses_nothing(recorded, chdb_stor
             time.sleep(0.05)
         assert recorded.store.failed_inserts > 0, "the exporter must have tried (and failed) while ClickHouse was down"
         ready = httpx.get(recorded.url + "/readyz").json()
-        assert ready["status"] == "ready"  # calls keep flowing: the spool absorbs the outage
+        assert ready == {"status": "ready", "recording": "degraded"}  # calls keep flowing: the spool absorbs it
     finally:
         recorded.store.down.clear()
     after = [call(recorded, "gpt-test", customer=cust) for _ in range(10)]
@@ -188,6 +188,7 @@ def test_clickhouse_outage_while_traffic_flows_loses_nothing(recorded, chdb_stor
             break
         time.sleep(0.2)
     rows = rows_for(chdb_store, during + after)  # also asserts no duplicates
+    assert httpx.get(recorded.url + "/readyz").json()["recording"] == "ok"
     assert set(rows) == set(during + after)
     metrics = httpx.get(recorded.url + "/metrics").text
     assert "tagway_spans_dropped_total 0" in metrics
