@@ -343,29 +343,29 @@ class Runner:
         stop_reason = ""
         done = 0
         with _progress(self.progress, len(items)) as bar:
-            def advance() -> None:
-                nonlocal done
+            async def one(case: Case, target: Target) -> bool:
+                """Run one item unless the budget is spent (then say so and return False)."""
+                nonlocal stop_reason, done
+                if self.max_cost is not None and self.spent >= self.max_cost:
+                    stop_reason = f"budget reached: spent ${self.spent:.4f} of max_cost ${self.max_cost:g}"
+                    return False
+                await self._emit(await self.run_item(case, target), results)
                 done += 1
                 bar(done, self.spent)
+                return True
 
             try:
                 self._probing = True
                 for case, target in probes:
-                    await self._emit(await self.run_item(case, target), results)
-                    advance()
+                    if not await one(case, target):
+                        break
                 self._probing = False
-                queue = iter(rest)
-                pending = len(rest)
+                queue = iter(rest) if not stop_reason else iter(())
 
                 async def worker() -> None:
-                    nonlocal pending, stop_reason
                     for case, target in queue:
-                        if self.max_cost is not None and self.spent >= self.max_cost:
-                            stop_reason = f"budget reached: spent ${self.spent:.4f} of max_cost ${self.max_cost:g}"
+                        if not await one(case, target):
                             return
-                        pending -= 1
-                        await self._emit(await self.run_item(case, target), results)
-                        advance()
 
                 await asyncio.gather(*(worker() for _ in range(min(self.concurrency, max(len(rest), 1)))))
             finally:
