@@ -166,8 +166,7 @@ def _build_api(app: TagwayApp) -> FastAPI:
         if not getattr(rec, "enabled", True):
             recording = "off"
         else:
-            degraded = getattr(getattr(rec, "processor", None), "degraded", None)
-            recording = "degraded" if callable(degraded) and degraded() else "ok"
+            recording = "degraded" if getattr(getattr(rec, "processor", None), "degraded", False) else "ok"
         # a degraded recorder still spools to disk, so the gateway stays in rotation
         return JSONResponse({"status": "ready", "recording": recording})
 
