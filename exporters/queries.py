@@ -383,8 +383,8 @@ class SegmentStats:
 
 
 def _sort_key(s: SegmentStats) -> tuple:
-    # Trustworthy segments first, then the flagged ones; each worst first (error rate, then volume).
-    return (s.low_confidence, -s.error_rate, -s.calls, tuple(s.key.values()))
+    # Worst first: error rate, then volume. Segments under min_calls keep their place and carry the flag.
+    return (-s.error_rate, -s.calls, tuple(s.key.values()))
 
 
 @dataclasses.dataclass
@@ -450,9 +450,8 @@ def segment_stats(store: Store, sel: Selection, by: Sequence[str] = ("customer",
                "quantiles(0.5, 0.95, 0.99)(latency_ms) AS lat, quantile(0.5)(ttft_ms) AS ttft, "
                "sum(input_tokens) AS tin, sum(output_tokens) AS tout, sum(cost_usd) AS cost")
     group = ", ".join(f"d{i}" for i in range(len(by)))
-    mc = p.add("n", "UInt64", min_calls)
     sql = (f"SELECT {', '.join(dims)}, {agg}\nFROM {calls_table(database)}\nWHERE {where}\nGROUP BY {group}\n"
-           f"ORDER BY calls = 0, calls < {mc}, errors / calls DESC, calls DESC, {group}\n"
+           f"ORDER BY calls = 0, errors / calls DESC, calls DESC, {group}\n"
            f"LIMIT {p.add('n', 'UInt32', limit + 1)}")
     # In compare mode a segment seen only in the previous window comes back with calls = 0: it counts in the
     # previous total but is not listed (it has no current rate). Such rows sort last.
@@ -633,9 +632,9 @@ class TimeSeries:
 def error_timeseries(store: Store, sel: Selection, *, by: str = "customer", step: int | None = None,
                      series_limit: int = 10, min_calls: int = 20, database: str = "") -> TimeSeries:
     """Error rate per bucket for each value of `by` (a tenant by default). The bucket size follows the window
-    (choose_step) unless given. Keeps the `series_limit` worst series in the order of the stats table: series with
-    at least `min_calls` calls first, each group by error rate (then calls), so the chart's legend and the table
-    agree and a 1-in-2 series does not push the real problem off the chart."""
+    (choose_step) unless given. Keeps the `series_limit` worst series, worst first: series with at least
+    `min_calls` calls before the others, each group by error rate (then calls), so that on a chart a 1-in-2 tenant
+    does not push the real problem out of the legend."""
     by = parse_dimension(by, "by")
     if step is None:
         step = choose_step(sel.window)
@@ -663,7 +662,7 @@ def error_timeseries(store: Store, sel: Selection, *, by: str = "customer", step
         if i is not None:
             counts[i][0] += int(r["calls"])
             counts[i][1] += int(r["errors"])
-    def rank(kv: tuple[str, list[list[int]]]) -> tuple:  # the order of the stats table
+    def rank(kv: tuple[str, list[list[int]]]) -> tuple:
         calls, errors = sum(c for c, _ in kv[1]), sum(e for _, e in kv[1])
         return calls < min_calls, -(errors / calls if calls else 0.0), -calls, kv[0]
 

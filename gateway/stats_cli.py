@@ -152,7 +152,7 @@ SinceOpt = Annotated[Optional[str], typer.Option("--since", help="Window back fr
 FromOpt = Annotated[Optional[str], typer.Option("--from", help="Window start, ISO time (UTC unless it says).")]
 ToOpt = Annotated[Optional[str], typer.Option("--to", help="Window end, ISO time (default now).")]
 DsnOpt = Annotated[Optional[str], typer.Option("--dsn", help="ClickHouse DSN (default $TAGWAY_DSN, the config's store, "
-                                                             "or chdb:///./tagway-data/clickhouse).")]
+                                                             "or the embedded store in ./tagway-data).")]
 ConfigOpt = Annotated[Optional[str], typer.Option("--config", "-c", help="Gateway config file (default $TAGWAY_CONFIG).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for programs.")]
 
@@ -283,7 +283,7 @@ def print_stats(report: q.StatsReport, console: Console, window_title: str) -> N
         console.print("no calls match this window and these filters")
     flagged = sum(1 for s in report.segments if s.low_confidence)
     if flagged:
-        console.print(f"{flagged} segment(s) under --min-calls {report.min_calls} are flagged 'low n' and listed last.",
+        console.print(f"{flagged} segment(s) under --min-calls {report.min_calls} are flagged 'low n' (low confidence).",
                       style="dim")
     if report.truncated:
         console.print(f"only the first {len(report.segments)} segments are shown (--limit).", style="dim")
