@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import socket
 import threading
 import time
 import uuid
@@ -17,25 +16,12 @@ from aiohttp import web
 
 from exporters import semconv as sc
 from exporters.genai_messages import choices_to_semconv_output, to_semconv_input
+from tests.upstream import _free_port as free_port, _last_user as last_user
 
 API_KEY = "tw-replay-test-key"
 
 # model name -> answer(last user text, request headers) -> text
 Answer = Callable[[str, dict], str]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def last_user(messages: list) -> str:
-    for m in reversed(messages or []):
-        if m.get("role") == "user":
-            c = m.get("content")
-            return c if isinstance(c, str) else " ".join(p.get("text", "") for p in c or [])
-    return ""
 
 
 class FakeLLM:
