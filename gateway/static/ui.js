@@ -224,6 +224,7 @@ function renderSummary(report) {
   $("m-ci").textContent = t.calls ? "95% CI " + fmtCI(t.error_rate_ci) : "";
   $("m-cost").textContent = fmtCost(t.cost_usd);
   const worst = report.segments.find((s) => !s.low_confidence);
+  $("m-worst-label").textContent = "worst segment with ≥ " + report.min_calls + " calls";
   $("m-worst").textContent = worst ? report.by.map((k) => label(worst.key[k])).join(" · ") : "-";
   $("m-worst-rate").textContent = worst
     ? fmtRate(worst.error_rate) + " of " + fmtInt(worst.calls) + " calls" +
