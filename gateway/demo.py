@@ -2,6 +2,7 @@
 traffic through the real openai client, then a per-tenant / per-intent summary read back from ClickHouse."""
 from __future__ import annotations
 
+import datetime as dt
 import os
 import random
 import socket
@@ -87,24 +88,16 @@ def _traffic(base_url: str, keys: dict[str, str], calls: int) -> dict[str, int]:
     return outcome
 
 
-def _summary(store: Any, since_ns: int) -> list[dict]:
-    return store.query(
-        "SELECT customer, intent, count() AS calls, countIf(status != 'ok') AS errors,"
-        " round(quantile(0.5)(latency_ms), 1) AS p50_ms, sum(input_tokens + output_tokens) AS tokens,"
-        " round(sum(cost_usd), 6) AS cost_usd"
-        " FROM llm_calls WHERE source = 'demo' AND Timestamp >= fromUnixTimestamp64Nano({since:Int64})"
-        " GROUP BY customer, intent ORDER BY errors / calls DESC, calls DESC",
-        parameters={"since": since_ns})
-
-
 def run_demo(*, data_dir: str, port: int, calls: int, keep_running: bool) -> int:
     import uvicorn  # noqa: PLC0415
     from rich.console import Console  # noqa: PLC0415
-    from rich.table import Table  # noqa: PLC0415
+
+    from exporters import queries as q  # noqa: PLC0415
 
     from exporters.store import StoreError  # noqa: PLC0415
 
     from .app import TagwayApp, default_recorder  # noqa: PLC0415
+    from .stats_cli import print_stats  # noqa: PLC0415
 
     console = Console(stderr=False)
     keys = {t: new_key() for t in TENANTS}
@@ -134,22 +127,18 @@ def run_demo(*, data_dir: str, port: int, calls: int, keep_running: bool) -> int
         with console.status(f"driving {calls} tagged calls through the openai client..."):
             outcome = _traffic(base_url, keys, calls)
         recorder.force_flush()
-        rows = _summary(recorder.store, started_ns)
-        table = Table(title="What tagway recorded (worst segment first)")
-        for col in ("customer", "intent", "calls", "errors", "error rate", "p50 ms", "tokens", "cost $"):
-            table.add_column(col, justify="left" if col in ("customer", "intent") else "right")
-        for r in rows:
-            rate = r["errors"] / r["calls"] if r["calls"] else 0.0
-            style = "bold red" if rate >= 0.2 else None
-            table.add_row(r["customer"] or "(none)", r["intent"] or "(none)", str(r["calls"]), str(r["errors"]),
-                          f"{rate:.1%}", f"{r['p50_ms']:.1f}", str(r["tokens"]), f"{r['cost_usd']:.6f}", style=style)
-        console.print(table)
-        total = sum(r["calls"] for r in rows)
-        errors = sum(r["errors"] for r in rows)
+        # the same query layer and table as `tagway stats`
+        started = dt.datetime.fromtimestamp(started_ns / 1e9, dt.timezone.utc).isoformat()
+        report = q.segment_stats(recorder.store, q.make_selection(where=["source=demo"], from_=started),
+                                 by=["customer", "intent"], min_calls=10)
+        console.print()
+        print_stats(report, console, "this demo run")
+        total = sum(s.calls for s in report.segments)
+        errors = sum(s.errors for s in report.segments)
         console.print(f"client saw {outcome['ok']} ok / {outcome['error']} errors; recorded {total} calls,"
-                      f" {errors} errors ({errors / max(total, 1):.1%} overall: the mean hides the red rows).")
-        console.print(f"metrics: {base_url[:-3]}/metrics   try: tagway stats --dsn {cfg.storage.resolved_dsn()}"
-                      " --by customer --by intent (after the demo exits)")
+                      f" {errors} errors ({errors / max(total, 1):.1%} overall: the mean hides the worst rows).")
+        console.print(f"metrics: {base_url[:-3]}/metrics   dashboard: {base_url[:-3]}/ui   after the demo exits:"
+                      f" tagway stats --dsn {cfg.storage.resolved_dsn()} --by customer --by intent")
         if keep_running:
             console.print(f"keys (shown once): " + ", ".join(f"{t}={k}" for t, k in keys.items())
                           + f", admin={admin_key}")
