@@ -3,23 +3,28 @@
 The SDK's BatchSpanProcessor keeps a `deque(maxlen=2048)`: when ClickHouse is slow the oldest spans fall off the
 end and nobody knows. Here nothing falls off:
 
-* `on_end` (called on the gateway's event-loop thread) only appends to an unbounded deque and, at a threshold,
-  sets an Event. No I/O, no locks beyond the Event's, no logging (a log handler exporting spans would recurse,
+* `on_end` (called on the gateway's event-loop thread) only appends to a deque and, at a threshold, sets an
+  Event. No I/O, no locks beyond the Event's, no logging (a log handler exporting spans would recurse,
   opentelemetry-python#4261), no exceptions.
-* One export thread takes batches of up to `batch_max_rows` (or whatever is queued after `batch_max_seconds`),
-  builds their bytes once and inserts them. chDB runs one statement at a time, so one thread is all it can use.
+* An encoder thread turns queued spans into JSONEachRow bytes in chunks of ~256, soon after they end. The
+  backlog is then held as bytes, not as SDK span objects (~11 GC-tracked objects each): a backlog of spans makes
+  every full GC pause (and so the event loop) longer, measured at ~400 ms for a few tens of thousands of spans.
+* A sender thread groups chunks into batches of up to `batch_max_rows` (or whatever is encoded after
+  `batch_max_seconds`) and inserts them. chDB runs one statement at a time, so one sender is all it can use;
+  the insert releases the GIL, so encoding goes on meanwhile.
 * An insert that fails puts the batch's bytes in the spool and the processor turns *degraded*: new batches go to
   the spool behind the older ones, and the spool is replayed oldest first, with capped exponential backoff,
   until it is empty. Spool files left by a previous process are replayed the same way on start.
-* If the export thread is stuck in a slow insert and the queue passes `queue_max`, a spill thread moves batches
-  from the queue to the spool. Batches take their spool sequence number when they leave the queue, so the spool
-  replays them in the order the spans ended.
+* If the sender is stuck in a slow insert and the encoded backlog passes `queue_max` rows, the encoder writes the
+  oldest of it to the spool. A batch takes its spool sequence number when it is formed, so the spool replays
+  batches in the order their spans ended.
 
 The only loss is a spool write that fails (disk full / I/O error): counted as dropped and logged at ERROR.
 """
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import random
 import threading
@@ -39,6 +44,22 @@ __all__ = ["DurableBatchSpanProcessor"]
 
 log = logging.getLogger(__name__)
 
+_CHUNK_ROWS = 256  # spans encoded per step: short GIL holds, few wake-ups
+
+
+@dataclasses.dataclass(slots=True)
+class _Chunk:
+    start: int  # on_end index of its first span
+    rows: int
+    body: bytes  # newline-terminated JSONEachRow lines
+
+
+@dataclasses.dataclass(slots=True)
+class _Batch:
+    starts: list[int]
+    encoded: EncodedBatch
+    seq: int  # spool sequence number, reserved when the batch was formed
+
 
 class DurableBatchSpanProcessor(SpanProcessor):
     def __init__(self, exporter: ClickHouseSpanExporter, spool: Spool, *, metrics: ExportMetrics | None = None,
@@ -52,37 +73,42 @@ class DurableBatchSpanProcessor(SpanProcessor):
         self.metrics = metrics if metrics is not None else exporter.metrics
         self._batch_max_rows = batch_max_rows
         self._batch_max_seconds = batch_max_seconds
+        # Equal chunks that add up to exactly one batch (2000 -> 8 x 250), so batches come out full.
+        chunks_per_batch = -(-batch_max_rows // _CHUNK_ROWS)
+        self._chunk_rows = max(1, batch_max_rows // chunks_per_batch)
         self._queue_max = queue_max
         self._retry_min = retry_min_seconds
         self._retry_max = retry_max_seconds
         self._shutdown_timeout = shutdown_timeout_seconds
 
-        # on_end appends on the right; the export and spill threads pop on the left (deque ops are atomic).
-        self._queue: collections.deque[ReadableSpan] = collections.deque()
-        self._wake = threading.Event()  # export thread: a full batch, a flush, or shutdown
-        self._spill_wake = threading.Event()  # spill thread: queue over queue_max, or shutdown
-        # Guards taking from the queue and the bookkeeping below; never taken by on_end.
+        # on_end appends spans on the right; the encoder pops them on the left (deque ops are atomic).
+        self._spans: collections.deque[ReadableSpan] = collections.deque()
+        self._encode_wake = threading.Event()
+        self._send_wake = threading.Event()
+        # Guards the bookkeeping below (never taken by on_end).
         self._cv = threading.Condition(threading.Lock())
-        self._taken = 0  # spans taken from the queue so far
-        self._inflight: dict[int, int] = {}  # first index of a batch being handled -> its size
-        self._flush_target = 0  # drain partial batches until `_taken` reaches this
+        self._encoded: collections.deque[_Chunk] = collections.deque()
+        self._encoded_rows = 0
+        self._taken = 0  # spans popped from `_spans` so far
+        self._inflight: set[int] = set()  # start index of every chunk not yet exported/spooled
+        self._flush_target = 0  # spans below this index are wanted out now (force_flush)
 
         self._degraded = False
         self._backoff = 0.0
         self._retry_at = 0.0  # monotonic; replay the spool no earlier than this
-        self._shutdown = False
-        self._closed = False  # set once the final sweep starts: late spans are then spooled by on_end itself
+        self._shutdown = False  # no more waiting for full batches: encode everything, then stop
+        self._sender_final = False  # the sender's last cycle: drain, no replay
+        self._closed = False  # the final sweep has begun: a late span is spooled by on_end itself
         self._shutdown_lock = threading.Lock()
 
-        self.metrics.set_gauge("queue_depth", lambda: len(self._queue))
+        self.metrics.set_gauge("queue_depth", lambda: len(self._spans) + self._encoded_rows)
         self.metrics.set_gauge("export_degraded", lambda: 1 if self._degraded else 0)
         if spool.pending_files:
-            # Behind the files of an earlier run: new batches queue up behind them until they are re-sent.
-            self._degraded = True
-        self._writer = threading.Thread(target=self._run_writer, name="tagway-span-export", daemon=True)
-        self._spiller = threading.Thread(target=self._run_spiller, name="tagway-span-spill", daemon=True)
-        self._writer.start()
-        self._spiller.start()
+            self._degraded = True  # behind the files of an earlier run until they are re-sent
+        self._encoder = threading.Thread(target=self._run_encoder, name="tagway-span-encode", daemon=True)
+        self._sender = threading.Thread(target=self._run_sender, name="tagway-span-send", daemon=True)
+        self._encoder.start()
+        self._sender.start()
 
     # -- SpanProcessor ----------------------------------------------------------------------------------------
     def on_start(self, span: Span, parent_context: object = None) -> None:
@@ -93,17 +119,14 @@ class DurableBatchSpanProcessor(SpanProcessor):
         try:
             if not span.context.trace_flags.sampled:
                 return
-            queue = self._queue
-            queue.append(span)
-            n = len(queue)
-            if n >= self._batch_max_rows and not self._wake.is_set():
-                self._wake.set()
-            if n > self._queue_max and not self._spill_wake.is_set():
-                self._spill_wake.set()
+            spans = self._spans
+            spans.append(span)
+            if len(spans) >= self._chunk_rows and not self._encode_wake.is_set():
+                self._encode_wake.set()
             if self._closed:
-                # Ended after shutdown's final sweep started: nobody else will see it. Shutdown is over, so
+                # Ended after shutdown's final sweep began: nobody else will see it. Shutdown is over, so
                 # spooling here (synchronous I/O) is no longer on a serving event loop.
-                self._sweep_to_spool()
+                self._sweep()
         except Exception:  # pragma: no cover - a processor must never break the instrumented code
             pass
 
@@ -113,9 +136,10 @@ class DurableBatchSpanProcessor(SpanProcessor):
         if self._shutdown:
             return False
         with self._cv:
-            target = self._taken + len(self._queue)
+            target = self._taken + len(self._spans)
             self._flush_target = max(self._flush_target, target)
-        self._wake.set()
+        self._encode_wake.set()
+        self._send_wake.set()
         with self._cv:
             return self._cv.wait_for(lambda: self._handled_upto() >= target, timeout_millis / 1000)
 
@@ -126,19 +150,20 @@ class DurableBatchSpanProcessor(SpanProcessor):
             if self._shutdown:
                 return
             self._shutdown = True
-        self._wake.set()
-        self._spill_wake.set()
-        self._writer.join(self._shutdown_timeout)
-        self._spiller.join(max(1.0, self._shutdown_timeout / 10))
-        stuck = self._writer.is_alive()
+        deadline = time.monotonic() + self._shutdown_timeout
+        self._encode_wake.set()
+        self._encoder.join(self._shutdown_timeout)
+        self._sender_final = True
+        self._send_wake.set()
+        self._sender.join(max(0.1, deadline - time.monotonic()))
+        stuck = self._sender.is_alive() or self._encoder.is_alive()
         if stuck:
-            log.error("span export thread still busy after %.0fs (ClickHouse insert hanging?); spooling the %d"
-                      " queued spans directly", self._shutdown_timeout, len(self._queue))
+            log.error("span export still busy after %.0fs (ClickHouse insert hanging?); spooling the %d queued"
+                      " spans directly", self._shutdown_timeout, len(self._spans) + self._encoded_rows)
         self._closed = True
-        self._sweep_to_spool()
+        self._sweep()
         if stuck:
-            # Closing the store would wait for the hanging insert; the process is going away anyway.
-            return
+            return  # closing the store would wait for the hanging insert; the process is going away anyway
         self._exporter.shutdown()
 
     # -- introspection ----------------------------------------------------------------------------------------
@@ -148,35 +173,114 @@ class DurableBatchSpanProcessor(SpanProcessor):
 
     @property
     def queue_depth(self) -> int:
-        return len(self._queue)
+        """Spans held in memory: not yet encoded, or encoded and not yet inserted or spooled."""
+        return len(self._spans) + self._encoded_rows
 
     @property
     def handled_spans(self) -> int:
-        """Every span up to this index (in on_end order, counting from this processor's start) has been
-        exported, spooled or (on a failed spool write, logged) dropped."""
+        """Every span below this index (in on_end order, from this processor's start) has been exported, spooled
+        or (on a failed spool write, logged) dropped."""
         with self._cv:
             return self._handled_upto()
 
     def _handled_upto(self) -> int:
         return min(self._inflight) if self._inflight else self._taken
 
-    # -- taking batches ---------------------------------------------------------------------------------------
-    def _take(self, limit: int) -> tuple[list[ReadableSpan], int, int]:
-        """Pop up to `limit` spans (caller holds `_cv`). Returns (spans, first index, spool sequence)."""
-        popleft = self._queue.popleft
-        spans = [popleft() for _ in range(min(limit, len(self._queue)))]
-        start = self._taken
-        self._taken += len(spans)
-        self._inflight[start] = len(spans)
-        return spans, start, self._spool.reserve()
+    # -- encoding ---------------------------------------------------------------------------------------------
+    def _run_encoder(self) -> None:
+        interval = min(0.25, self._batch_max_seconds / 4)
+        while True:
+            self._encode_wake.wait(interval)
+            self._encode_wake.clear()
+            stopping = self._shutdown
+            try:
+                self._encode_queued()
+            except Exception:  # keep the thread alive whatever a bug does; the queue is intact
+                log.exception("span encoding failed; retrying")
+                time.sleep(interval)
+            if stopping:
+                return
 
-    def _done(self, start: int) -> None:
+    def _encode_queued(self) -> None:
+        """Encode every queued span, a chunk at a time; spill the oldest of the backlog past `queue_max`."""
+        while True:
+            chunk = self._encode_chunk()
+            if chunk is None:
+                return
+            with self._cv:
+                self._encoded.append(chunk)
+                self._encoded_rows += chunk.rows
+                backlog = self._encoded_rows
+                flush_due = self._flush_target > self._encoded[0].start
+            if backlog >= self._batch_max_rows or flush_due:
+                self._send_wake.set()
+            if backlog > self._queue_max:
+                self._spill(low_water=self._queue_max // 2)
+
+    def _encode_chunk(self) -> _Chunk | None:
         with self._cv:
-            del self._inflight[start]
+            n = min(len(self._spans), self._chunk_rows)
+            if n == 0:
+                return None
+            popleft = self._spans.popleft
+            spans = [popleft() for _ in range(n)]
+            start = self._taken
+            self._taken += n
+            self._inflight.add(start)
+        body, rows = self._encode(spans)
+        return _Chunk(start, rows, body)
+
+    def _encode(self, spans: Sequence[ReadableSpan]) -> tuple[bytes, int]:
+        try:
+            b = self._exporter.encode(spans)
+            return b.body, b.rows
+        except Exception:
+            log.exception("encoding %d spans failed; encoding them one by one", len(spans))
+        bodies: list[bytes] = []
+        for span in spans:
+            try:
+                bodies.append(self._exporter.encode([span]).body)
+            except Exception as e:
+                log.error("span %r could not be encoded and is DROPPED: %s", getattr(span, "name", "?"), e)
+                self.metrics.inc("spans_dropped")
+        return b"".join(bodies), len(bodies)
+
+    def _form_batch(self) -> _Batch | None:
+        """The oldest encoded chunks, up to `batch_max_rows` rows (caller holds `_cv`)."""
+        if not self._encoded:
+            return None
+        chunks: list[_Chunk] = []
+        rows = 0
+        while self._encoded and (not chunks or rows + self._encoded[0].rows <= self._batch_max_rows):
+            chunk = self._encoded.popleft()
+            chunks.append(chunk)
+            rows += chunk.rows
+        self._encoded_rows -= rows
+        body = b"".join(c.body for c in chunks)
+        return _Batch([c.start for c in chunks], EncodedBatch.of(self._exporter.table, body, rows),
+                      self._spool.reserve())
+
+    def _done(self, batch: _Batch) -> None:
+        with self._cv:
+            self._inflight.difference_update(batch.starts)
             self._cv.notify_all()
 
-    # -- the export thread ------------------------------------------------------------------------------------
-    def _run_writer(self) -> None:
+    def _spill(self, *, low_water: int) -> None:
+        """Write the oldest encoded batches to the spool until the backlog is down to `low_water` rows."""
+        while True:
+            with self._cv:
+                if not self._encoded or (low_water > 0 and self._encoded_rows <= low_water):
+                    return
+                batch = self._form_batch()
+            if batch is None:
+                return
+            try:
+                self._spool.write(batch.encoded, batch.seq)
+            finally:
+                self._done(batch)
+
+    # -- sending ----------------------------------------------------------------------------------------------
+    def _run_sender(self) -> None:
         # The exporter's own I/O (an instrumented HTTP client, say) must not produce spans.
         token = attach(set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))
         try:
@@ -187,14 +291,13 @@ class DurableBatchSpanProcessor(SpanProcessor):
                 if self._degraded and self._spool.pending_files:
                     wait = min(wait, self._retry_at - now)
                 if wait > 0:
-                    self._wake.wait(wait)
-                self._wake.clear()
-                final = self._shutdown
-                now = time.monotonic()
-                partial = final or now >= next_partial
+                    self._send_wake.wait(wait)
+                self._send_wake.clear()
+                final = self._sender_final
+                partial = final or time.monotonic() >= next_partial
                 try:
-                    self._cycle(partial=partial, final=final)
-                except Exception:  # keep the thread alive whatever a bug does; the queue is still intact
+                    self._send_cycle(partial=partial, final=final)
+                except Exception:  # keep the thread alive whatever a bug does; the backlog is intact
                     log.exception("span export cycle failed; retrying")
                     time.sleep(min(1.0, self._batch_max_seconds))
                 if partial:
@@ -204,23 +307,24 @@ class DurableBatchSpanProcessor(SpanProcessor):
         finally:
             detach(token)
 
-    def _cycle(self, *, partial: bool, final: bool) -> None:
+    def _send_cycle(self, *, partial: bool, final: bool) -> None:
         self._maybe_replay(final=final)
         while True:
             with self._cv:
-                n = len(self._queue)
-                if n == 0:
+                if not self._encoded:
                     return
-                if n < self._batch_max_rows and not (partial or self._taken < self._flush_target):
-                    return
-                spans, start, seq = self._take(self._batch_max_rows)
+                wanted = (self._encoded_rows >= self._batch_max_rows or partial
+                          or self._flush_target > self._encoded[0].start)
+                batch = self._form_batch() if wanted else None
+            if batch is None:
+                return
             try:
-                self._export_or_spool(spans, seq, final=final)
+                self._export_or_spool(batch, final=final)
             finally:
-                self._done(start)
+                self._done(batch)
 
-    def _export_or_spool(self, spans: Sequence[ReadableSpan], seq: int, *, final: bool) -> None:
-        batch = self._encode(spans)
+    def _export_or_spool(self, b: _Batch, *, final: bool) -> None:
+        batch, seq = b.encoded, b.seq
         if batch.rows == 0:
             return
         if self._degraded and (final or time.monotonic() < self._retry_at):
@@ -252,7 +356,7 @@ class DurableBatchSpanProcessor(SpanProcessor):
         for f in self._spool.pending():
             if before is not None and f.seq >= before:
                 break
-            if self._taken < self._flush_target or self._shutdown:
+            if self._flush_target > self._handled_upto_unlocked() or self._shutdown:
                 return  # the queue is wanted now (flush/shutdown); resume on the next cycle
             try:
                 batch = self._spool.read(f)
@@ -272,6 +376,10 @@ class DurableBatchSpanProcessor(SpanProcessor):
         if not self._spool.pending_files:
             self._recovered(resent)
 
+    def _handled_upto_unlocked(self) -> int:
+        with self._cv:
+            return self._handled_upto()
+
     def _failed(self, err: Exception, rows: int) -> None:
         if self._degraded:
             self._backoff = min(self._retry_max, max(self._retry_min, self._backoff * 2))
@@ -281,7 +389,7 @@ class DurableBatchSpanProcessor(SpanProcessor):
         self._retry_at = time.monotonic() + self._backoff * random.uniform(0.8, 1.2)
         what = f"{rows} spans go to the spool at {self._spool.directory}" if rows else "replay of the spool failed"
         if not self._degraded:
-            log.error("ClickHouse insert failed: %s; %s, and it is re-sent when ClickHouse answers (retry in"
+            log.error("ClickHouse insert failed: %s; %s, and are re-sent when ClickHouse answers (retry in"
                       " %.1fs, backing off up to %.0fs)", err, what, self._backoff, self._retry_max)
         else:
             log.warning("ClickHouse still failing: %s; %s; %d spool files pending; next retry in %.1fs",
@@ -295,50 +403,18 @@ class DurableBatchSpanProcessor(SpanProcessor):
         self._backoff = 0.0
         self._retry_at = 0.0
 
-    def _encode(self, spans: Sequence[ReadableSpan]) -> EncodedBatch:
-        try:
-            return self._exporter.encode(spans)
-        except Exception:
-            log.exception("encoding a batch of %d spans failed; encoding span by span", len(spans))
-        bodies: list[bytes] = []
-        for span in spans:
-            try:
-                bodies.append(self._exporter.encode([span]).body)
-            except Exception as e:
-                log.error("span %r could not be encoded and is DROPPED: %s", getattr(span, "name", "?"), e)
-                self.metrics.inc("spans_dropped")
-        return EncodedBatch.of(self._exporter.table, b"".join(bodies), len(bodies))
-
-    # -- the spill thread -------------------------------------------------------------------------------------
-    def _run_spiller(self) -> None:
-        token = attach(set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))
-        try:
-            low_water = self._queue_max // 2
-            while not self._shutdown:
-                self._spill_wake.wait()
-                self._spill_wake.clear()
-                while len(self._queue) > low_water and not self._shutdown:
-                    with self._cv:
-                        spans, start, seq = self._take(self._batch_max_rows)
-                    try:
-                        self._spool.write(self._encode(spans), seq)
-                    except Exception:  # write() reports its own I/O errors; this is a bug, still counted
-                        log.exception("spilling %d spans to the spool failed; they are DROPPED", len(spans))
-                        self.metrics.inc("spans_dropped", len(spans))
-                    finally:
-                        self._done(start)
-        finally:
-            detach(token)
-
     # -- after shutdown ---------------------------------------------------------------------------------------
-    def _sweep_to_spool(self) -> None:
-        """Spool whatever is still queued, from the calling thread (only once the export thread is gone)."""
-        while True:
-            with self._cv:
-                if not self._queue:
-                    return
-                spans, start, seq = self._take(self._batch_max_rows)
-            try:
-                self._spool.write(self._encode(spans), seq)
-            finally:
-                self._done(start)
+    def _sweep(self) -> None:
+        """Spool everything still in memory, from the calling thread (the worker threads are gone or stuck)."""
+        while self._encode_chunk_into_backlog():
+            pass
+        self._spill(low_water=0)
+
+    def _encode_chunk_into_backlog(self) -> bool:
+        chunk = self._encode_chunk()
+        if chunk is None:
+            return False
+        with self._cv:
+            self._encoded.append(chunk)
+            self._encoded_rows += chunk.rows
+        return True
