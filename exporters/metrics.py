@@ -2,8 +2,8 @@
 
 Every span handed to the processor ends up in exactly one of: exported (straight to ClickHouse), spooled (on
 disk, later counted again as resent once it reaches ClickHouse), dropped (the spool could not be written: disk
-full or I/O error, the only way to lose a span, always logged at ERROR) or discarded (recording turned off on
-purpose). So `exported + resent` converges on the number of spans recorded, and `dropped` says what was lost.
+full or I/O error, the only way to lose a span short of a bug, always logged at ERROR) or discarded (recording
+turned off on purpose). So `exported + resent` converges on the number of spans recorded, and `dropped` says what was lost.
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ _COUNTERS: dict[str, str] = {
     "spans_exported": "Spans inserted into ClickHouse straight from the in-memory queue.",
     "spans_spooled": "Spans written to the on-disk spool (ClickHouse down or slow, or the queue over its limit).",
     "spans_resent": "Spans inserted into ClickHouse from the spool.",
-    "spans_dropped": "Spans lost because the spool could not be written (disk full or I/O error). Should be 0.",
+    "spans_dropped": "Spans lost: the spool could not be written (disk full, I/O error) or a span could not be"
+                     " encoded (a bug). Logged at ERROR. Should be 0.",
     "spans_discarded": "Spans not recorded on purpose (recording disabled).",
     "spool_corrupt_files": "Spool files found torn or corrupt and quarantined as *.corrupt.",
     "export_errors": "Failed insert attempts into ClickHouse (live batches and spool replays).",

@@ -62,6 +62,11 @@ class _Batch:
 
 
 class DurableBatchSpanProcessor(SpanProcessor):
+    """`batch_max_rows`/`batch_max_seconds`: an insert happens when that many rows are encoded, or that long after
+    the previous partial one. `queue_max`: encoded rows held in memory while the sender is busy before the oldest
+    are spilled to the spool. `retry_*`: backoff between replays while ClickHouse fails. `shutdown_timeout_seconds`:
+    how long shutdown waits for a hanging insert before spooling the rest itself."""
+
     def __init__(self, exporter: ClickHouseSpanExporter, spool: Spool, *, metrics: ExportMetrics | None = None,
                  batch_max_rows: int = 2000, batch_max_seconds: float = 1.0, queue_max: int = 50_000,
                  retry_min_seconds: float = 1.0, retry_max_seconds: float = 30.0,
@@ -128,7 +133,10 @@ class DurableBatchSpanProcessor(SpanProcessor):
                 # spooling here (synchronous I/O) is no longer on a serving event loop.
                 self._sweep()
         except Exception:  # pragma: no cover - a processor must never break the instrumented code
-            pass
+            try:
+                self.metrics.inc("spans_dropped")  # not silent: it shows on /metrics
+            except Exception:
+                pass
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         """Export (or spool, while ClickHouse fails) every span ended before this call. False on timeout or
