@@ -256,12 +256,23 @@ def _m3_replay(s: SchemaSettings) -> list[str]:
     return stmts
 
 
+def _m4_dedup_window(s: SchemaSettings) -> list[str]:
+    # A spool batch re-sent after a crash between insert and unlink carries the same insert_deduplication_token;
+    # non-replicated MergeTree only honours it with a deduplication window (Replicated tables always do), and the
+    # view's target needs it too.
+    if s.cluster:
+        return []
+    return [f"ALTER TABLE {s.local(t)} MODIFY SETTING non_replicated_deduplication_window = 1000"
+            for t in ("otel_traces", "llm_calls")]
+
+
 Migration = tuple[int, str, Callable[[SchemaSettings], list[str]]]
 
 MIGRATIONS: list[Migration] = [
     (1, "otel_traces (OpenTelemetry Collector layout) and trace-id helper", _m1_otel_traces),
     (2, "llm_calls and its materialized view", _m2_llm_calls),
     (3, "replay_runs, replay_results and replay_datasets", _m3_replay),
+    (4, "deduplication window for re-sent spool batches", _m4_dedup_window),
 ]
 
 
