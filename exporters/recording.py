@@ -80,27 +80,13 @@ def start_recording(*, dsn: str, spool_dir: str, schema: SchemaSettings | None =
     schema = schema if schema is not None else SchemaSettings()
     metrics = ExportMetrics()
     owns_store = store is None
-    schema_ready = False
-    if store is None:
-        try:
-            store = connect(dsn)
-        except StoreLockedError:
-            raise
-        except StoreError as e:
-            if is_embedded(dsn):
-                raise
-            log.error("ClickHouse at %s is unreachable (%s): recording to the spool at %s until it answers",
-                      redact_dsn(dsn), e, spool_dir)
-    if store is not None:
-        try:
-            migrate(store, schema)
-            schema_ready = True
-        except StoreError as e:
-            if is_embedded(store.dsn) and owns_store:
-                store.close()
-                raise
-            log.error("migrating the ClickHouse schema failed (%s): spooling spans until it succeeds", e)
+    # The spool first: it is the cheap lock to take (and to fail on) before anything is connected.
     spool = Spool(spool_dir, metrics=metrics)
+    try:
+        store, schema_ready = _connect_and_migrate(dsn, store, schema, owns_store, spool_dir)
+    except BaseException:
+        spool.close()
+        raise
     try:
         exporter = ClickHouseSpanExporter(store=store, dsn=dsn, schema=schema, metrics=metrics,
                                           owns_store=owns_store, schema_ready=schema_ready)
@@ -117,6 +103,31 @@ def start_recording(*, dsn: str, spool_dir: str, schema: SchemaSettings | None =
     provider.add_span_processor(processor)
     return Recorder(tracer_provider=provider, tracer=_tracer(provider), metrics=metrics, processor=processor,
                     exporter=exporter, spool=spool, enabled=True)
+
+
+def _connect_and_migrate(dsn: str, store: Store | None, schema: SchemaSettings, owns_store: bool,
+                         spool_dir: str) -> tuple[Store | None, bool]:
+    """The store (None while a server is unreachable) and whether its schema is migrated."""
+    if store is None:
+        try:
+            store = connect(dsn)
+        except StoreLockedError:
+            raise
+        except StoreError as e:
+            if is_embedded(dsn):
+                raise
+            log.error("ClickHouse at %s is unreachable (%s): recording to the spool at %s until it answers",
+                      redact_dsn(dsn), e, spool_dir)
+            return None, False
+    try:
+        migrate(store, schema)
+        return store, True
+    except StoreError as e:
+        if is_embedded(store.dsn) and owns_store:
+            store.close()
+            raise
+        log.error("migrating the ClickHouse schema failed (%s): spooling spans until it succeeds", e)
+        return store, False
 
 
 def disabled_recorder(*, service_name: str = "tagway",

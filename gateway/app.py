@@ -101,15 +101,34 @@ class TagwayApp:
 
 
 def default_recorder(config: GatewayConfig) -> Any:
+    """Recording as configured. Worker processes share one spool directory: each takes the first free `worker-N`
+    slot under it (an flock), so a restarted worker adopts, and re-sends, whatever a dead one left behind. The
+    embedded store allows one process, which takes `worker-0`."""
     from exporters.recording import start_recording  # noqa: PLC0415 - chDB import is heavy; only when recording
     from exporters.schema import SchemaSettings  # noqa: PLC0415
+    from exporters.spool import SpoolLockedError  # noqa: PLC0415
+    from exporters.store import is_embedded  # noqa: PLC0415
 
     s, r = config.storage, config.recording
-    return start_recording(
-        dsn=s.resolved_dsn(), spool_dir=s.resolved_spool(),
-        schema=SchemaSettings(database=s.database, cluster=s.cluster, ttl_days=s.ttl_days),
-        batch_max_rows=r.batch_max_rows, batch_max_seconds=r.batch_max_seconds, queue_max=r.queue_max,
-        service_name=r.service_name, enabled=r.enabled)
+    dsn = s.resolved_dsn()
+
+    def start(spool_dir: str) -> Any:
+        return start_recording(
+            dsn=dsn, spool_dir=spool_dir,
+            schema=SchemaSettings(database=s.database, cluster=s.cluster, ttl_days=s.ttl_days),
+            batch_max_rows=r.batch_max_rows, batch_max_seconds=r.batch_max_seconds, queue_max=r.queue_max,
+            service_name=r.service_name, enabled=r.enabled)
+
+    if not r.enabled:
+        return start(s.resolved_spool())
+    if is_embedded(dsn):  # one process: a second one gets the lock error as it is
+        return start(os.path.join(s.resolved_spool(), "worker-0"))
+    for slot in range(256):
+        try:
+            return start(os.path.join(s.resolved_spool(), f"worker-{slot}"))
+        except SpoolLockedError:
+            continue
+    raise SpoolLockedError(f"all 256 spool slots under {s.resolved_spool()} are in use by other processes")
 
 
 def _openai_error(status: int, message: str, code: str | None = None, type_: str = "invalid_request_error") -> Response:
