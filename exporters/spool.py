@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import fcntl
 import hashlib
 import logging
 import os
@@ -29,6 +28,7 @@ import time
 
 import orjson
 
+from .dirlock import lock_dir
 from .metrics import ExportMetrics
 from .rows import EncodedBatch
 from .store import StoreLockedError
@@ -72,7 +72,9 @@ class Spool:
         self._pending: dict[str, int] = {}  # name -> size in bytes
         self._pending_bytes = 0
         os.makedirs(self.directory, exist_ok=True)
-        self._lock_fd: int | None = _lock_dir(self.directory)
+        self._lock_fd: int | None = lock_dir(self.directory, _LOCK, SpoolLockedError(
+            f"the spool directory {self.directory} is in use by another process; give each gateway process its own"
+            " spool directory"))
         self._next_seq = 0
         self._recover()
         self.metrics.set_gauge("spool_files_pending", lambda: len(self._pending))
@@ -276,16 +278,3 @@ def _unlink_quietly(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
-
-
-def _lock_dir(path: str) -> int:
-    fd = os.open(os.path.join(path, _LOCK), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise SpoolLockedError(
-            f"the spool directory {path} is in use by another process; give each gateway process its own spool"
-            " directory"
-        ) from None
-    return fd

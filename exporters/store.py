@@ -10,13 +10,14 @@ engine's opaque "Error initializing EmbeddedServer".
 """
 from __future__ import annotations
 
-import fcntl
 import os
 import threading
 from typing import Any, Sequence
 
 import clickhouse_connect
 from clickhouse_connect.driver.exceptions import ClickHouseError
+
+from .dirlock import lock_dir
 
 __all__ = ["Store", "StoreError", "StoreLockedError", "connect", "is_embedded"]
 
@@ -141,7 +142,10 @@ def connect(dsn: str, *, settings: dict[str, Any] | None = None, connect_timeout
                 path = _chdb_path(dsn)
                 if path != ":memory:":
                     os.makedirs(path, exist_ok=True)
-                    lock_fd = _lock_dir(path)
+                    lock_fd = lock_dir(path, "tagway.lock", StoreLockedError(
+                        f"the embedded store {path} is in use by another process (chDB allows one process per data"
+                        " directory); stop the other tagway process, choose another data directory, or use a"
+                        " ClickHouse server DSN"))
                 client = clickhouse_connect.get_client(dsn=f"chdb://{path}", settings=settings)
             else:
                 client = clickhouse_connect.get_client(dsn=dsn, settings=settings, connect_timeout=connect_timeout,
@@ -155,21 +159,6 @@ def connect(dsn: str, *, settings: dict[str, Any] | None = None, connect_timeout
         store = Store(key, client, lock_fd)
         _REGISTRY[key] = store
         return store
-
-
-def _lock_dir(path: str) -> int:
-    fd = os.open(os.path.join(path, "tagway.lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise StoreLockedError(
-            f"the embedded store {path} is in use by another process (chDB allows one process per data directory);"
-            " stop the other tagway process, choose another data directory, or use a ClickHouse server DSN"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
-    return fd
 
 
 def redact_dsn(dsn: str) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib
 import inspect
 import math
 import re
@@ -17,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
 
 import jsonschema
 import orjson
+
+from .refs import load_ref
 
 if TYPE_CHECKING:
     from .spec import EvaluatorSpec
@@ -342,10 +343,9 @@ async def _llm_judge(spec: "EvaluatorSpec", ctx: EvalContext) -> Outcome:
 # -- user code ----------------------------------------------------------------------------------------------------
 
 def _load_callable(ref: str) -> Callable:
-    mod_name, _, fn_name = ref.partition(":")
     try:
-        fn = getattr(importlib.import_module(mod_name), fn_name)
-    except (ImportError, AttributeError) as e:
+        fn = load_ref(ref)
+    except ImportError as e:
         raise EvaluatorError(f"python: cannot load {ref!r}: {e}") from None
     if not callable(fn):
         raise EvaluatorError(f"python: {ref!r} is not callable")

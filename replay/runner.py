@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import importlib
 import random
 import re
 import time
@@ -24,6 +23,7 @@ import httpx
 import orjson
 
 from .evaluators import EvalContext, evaluate
+from .refs import load_ref
 from .slice import Case
 from .spec import Candidate, PromptSpec, ReplaySpec
 from .store import ResultRow
@@ -394,10 +394,9 @@ def _progress(enabled: bool, total: int):
 # -- the client ---------------------------------------------------------------------------------------------------
 
 def _load_app(ref: str) -> Any:
-    mod_name, _, attr = ref.partition(":")
     try:
-        factory = getattr(importlib.import_module(mod_name), attr)
-    except (ImportError, AttributeError) as e:
+        factory = load_ref(ref)
+    except ImportError as e:
         raise FatalRunError(f"in-process mode needs {ref} (the gateway package): {e}") from None
     return factory()
 

@@ -5,10 +5,12 @@ the ClickHouse recording path has its own tests with chDB.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 import uvicorn
@@ -131,6 +133,23 @@ class GatewayServer:
         self.thread.join(30)
 
 
+@contextlib.contextmanager
+def recorded_gateway(upstream: Upstream, store: Any, spool_dir: str, **recording: Any) -> Iterator[GatewayServer]:
+    """The test gateway recording for real (durable processor, spool) into `store`, e.g. the session's chDB."""
+    from exporters.recording import start_recording  # noqa: PLC0415
+
+    os.environ["TEST_UPSTREAM_KEY"] = UPSTREAM_KEY
+    recorder = start_recording(dsn=store.dsn, spool_dir=spool_dir, store=store,
+                               **{"batch_max_seconds": 0.2, **recording})
+    server = GatewayServer(TagwayApp(GatewayConfig(**gateway_config(upstream.base_url)), recorder=recorder)).start()
+    server.recorder = recorder
+    try:
+        yield server
+    finally:
+        server.stop()
+        recorder.shutdown()
+
+
 @pytest.fixture(scope="session")
 def upstream() -> Upstream:
     up = Upstream().start()
@@ -140,7 +159,6 @@ def upstream() -> Upstream:
 
 @pytest.fixture(scope="session")
 def gateway(upstream: Upstream) -> GatewayServer:
-    import os
     os.environ["TEST_UPSTREAM_KEY"] = UPSTREAM_KEY
     recorder = MemoryRecorder()
     app = TagwayApp(GatewayConfig(**gateway_config(upstream.base_url)), recorder=recorder)

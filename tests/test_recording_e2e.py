@@ -11,11 +11,8 @@ import httpx
 import openai
 import pytest
 
-from exporters.recording import start_recording
 from exporters.store import Store, StoreError
-from gateway.app import TagwayApp
-from gateway.config import GatewayConfig
-from tests.gateway_fixture import ADMIN_KEY, KEYS, GatewayServer, gateway_config
+from tests.gateway_fixture import KEYS, recorded_gateway
 
 MSG = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}]
 
@@ -46,17 +43,10 @@ class SwitchableStore:
 
 @pytest.fixture(scope="module")
 def recorded(upstream, chdb_store, tmp_path_factory):
-    import os
-    os.environ["TEST_UPSTREAM_KEY"] = "sk-upstream-secret-should-never-leak"
     store = SwitchableStore(chdb_store)
-    recorder = start_recording(dsn=chdb_store.dsn, spool_dir=str(tmp_path_factory.mktemp("spool")), store=store,
-                               batch_max_seconds=0.2, retry_max_seconds=0.5)
-    app = TagwayApp(GatewayConfig(**gateway_config(upstream.base_url)), recorder=recorder)
-    server = GatewayServer(app).start()
-    server.recorder, server.store = recorder, store
-    yield server
-    server.stop()
-    recorder.shutdown()
+    with recorded_gateway(upstream, store, str(tmp_path_factory.mktemp("spool")), retry_max_seconds=0.5) as server:
+        server.store = store
+        yield server
 
 
 def rows_for(store: Store, trace_ids: list[str]) -> dict[str, dict]:

@@ -2,32 +2,21 @@
 back out of the gateway's own stats API with exact counts, and the tenant view stays inside its customer."""
 from __future__ import annotations
 
-import os
 import uuid
 
 import httpx
 import pytest
 
 from exporters import queries as q
-from exporters.recording import start_recording
-from gateway.app import TagwayApp
-from gateway.config import GatewayConfig
-from tests.gateway_fixture import ADMIN_KEY, KEYS, GatewayServer, UPSTREAM_KEY, gateway_config
+from tests.gateway_fixture import ADMIN_KEY, KEYS, recorded_gateway
 
 MSG = [{"role": "user", "content": "hello"}]
 
 
 @pytest.fixture(scope="module")
 def gw(upstream, chdb_store, tmp_path_factory):
-    os.environ["TEST_UPSTREAM_KEY"] = UPSTREAM_KEY
-    recorder = start_recording(dsn=chdb_store.dsn, spool_dir=str(tmp_path_factory.mktemp("stats-spool")),
-                               store=chdb_store, batch_max_seconds=0.2)
-    app = TagwayApp(GatewayConfig(**gateway_config(upstream.base_url)), recorder=recorder)
-    server = GatewayServer(app).start()
-    server.recorder = recorder
-    yield server
-    server.stop()
-    recorder.shutdown()
+    with recorded_gateway(upstream, chdb_store, str(tmp_path_factory.mktemp("stats-spool"))) as server:
+        yield server
 
 
 def test_calls_through_the_gateway_show_up_in_its_stats(gw):

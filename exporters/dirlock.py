@@ -1,0 +1,22 @@
+"""One process per directory: an exclusive, non-blocking flock on a file inside it. The kernel drops the lock when
+the process dies (even by SIGKILL), so a crashed gateway never leaves a stale lock behind."""
+from __future__ import annotations
+
+import fcntl
+import os
+
+__all__ = ["lock_dir"]
+
+
+def lock_dir(path: str, filename: str, error: Exception) -> int:
+    """Lock `path/filename` and return its fd (closing it releases the lock); raise `error` if another process
+    holds it. The file records the holder's pid for whoever investigates."""
+    fd = os.open(os.path.join(path, filename), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise error from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
