@@ -238,3 +238,14 @@ def test_refuses_bad_combinations(tmp_path):
     assert "spool.mountPath" in helm_template_error(tmp_path, {"config": config})
     config["storage"]["spool_dir"] = None  # values merge over the defaults; null removes the key
     assert "spool_dir is not set" in helm_template_error(tmp_path, {"config": config})
+
+
+def test_rendered_config_is_a_valid_gateway_config(tmp_path, monkeypatch):
+    from gateway.config import load_config
+
+    cm = next(d for d in by_kind(helm_template(tmp_path), "ConfigMap") if "tagway.yaml" in (d.get("data") or {}))
+    path = tmp_path / "tagway.yaml"
+    path.write_text(cm["data"]["tagway.yaml"])
+    monkeypatch.setenv("TAGWAY_STORAGE__DSN", "http://default:pw@clickhouse:8123/tagway")  # from the Secret
+    cfg = load_config(path)
+    assert cfg.storage.resolved_dsn().startswith("http://") and cfg.models
