@@ -99,7 +99,9 @@ def run_demo(*, data_dir: str, port: int, calls: int, keep_running: bool) -> int
     from .app import TagwayApp, default_recorder  # noqa: PLC0415
     from .stats_cli import print_stats  # noqa: PLC0415
 
-    console = Console(stderr=False)
+    console = Console()
+    if not console.is_terminal:  # piped or in CI: rich would squeeze the table into 80 columns
+        console = Console(width=160)
     keys = {t: new_key() for t in TENANTS}
     admin_key = new_key()
     cfg = demo_config(data_dir, keys, admin_key)
