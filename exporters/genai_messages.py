@@ -18,6 +18,8 @@ def _content_to_parts(content: Any) -> list[dict]:
         return []
     if isinstance(content, str):
         return [{"type": "text", "content": content}]
+    if not isinstance(content, list):
+        return [{"type": "text", "content": orjson.dumps(content).decode()}]
     parts: list[dict] = []
     if isinstance(content, list):
         for p in content:
@@ -52,8 +54,13 @@ def _parts_to_content(parts: list[dict]) -> Any:
     return out
 
 
+def _as_list(x: Any) -> list:
+    return x if isinstance(x, list) else []
+
+
 def _tool_call_part(tc: dict) -> dict:
-    fn = tc.get("function") or {}
+    fn = tc.get("function")
+    fn = fn if isinstance(fn, dict) else {}  # clients do send malformed tool calls; record what can be read
     args: Any = fn.get("arguments", "")
     try:
         args = orjson.loads(args) if isinstance(args, str) and args else args
@@ -77,7 +84,7 @@ def to_semconv_input(messages: list[dict]) -> tuple[list[dict], list[dict]]:
             continue
         parts = _content_to_parts(m.get("content"))
         if role == "assistant":
-            parts += [_tool_call_part(tc) for tc in (m.get("tool_calls") or []) if isinstance(tc, dict)]
+            parts += [_tool_call_part(tc) for tc in _as_list(m.get("tool_calls")) if isinstance(tc, dict)]
         if role == "tool":
             content = m.get("content")
             text = content if isinstance(content, str) else orjson.dumps(content).decode()
@@ -124,9 +131,10 @@ def choices_to_semconv_output(choices: list[dict]) -> list[dict]:
     """OpenAI response `choices` (each with `message` and `finish_reason`) -> semconv output messages."""
     out = []
     for c in choices:
-        msg = c.get("message") or {}
+        msg = c.get("message")
+        msg = msg if isinstance(msg, dict) else {}
         parts = _content_to_parts(msg.get("content"))
-        parts += [_tool_call_part(tc) for tc in (msg.get("tool_calls") or []) if isinstance(tc, dict)]
+        parts += [_tool_call_part(tc) for tc in _as_list(msg.get("tool_calls")) if isinstance(tc, dict)]
         out.append({"role": msg.get("role") or "assistant", "parts": parts, "finish_reason": c.get("finish_reason") or ""})
     return out
 

@@ -14,9 +14,11 @@ from typing import Any
 
 import orjson
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind
+from opentelemetry.context import Context
+from opentelemetry.trace import Link, SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from exporters import semconv as sc
 from exporters.genai_messages import choices_to_semconv_output, to_semconv_input
 
 from .auth import KeyRing, Principal
@@ -47,6 +49,14 @@ _NOT_PARAMS = frozenset({"messages", "model", "stream", "stream_options", "metad
 _SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                 (b"x-accel-buffering", b"no")]
 _PROPAGATOR = TraceContextTextMapPropagator()
+_ROOT = Context()  # an empty context: start a new trace
+_REPLAY_HEADERS = (("replay-run-id", sc.REPLAY_RUN_ID), ("replay-candidate", sc.REPLAY_CANDIDATE),
+                   ("replay-case-id", sc.REPLAY_CASE_ID))
+
+
+def _caller_link(traceparent: str) -> list[Link] | None:
+    ctx = trace.get_current_span(_PROPAGATOR.extract({"traceparent": traceparent})).get_span_context()
+    return [Link(ctx, {"tagway.link": "caller"})] if ctx.is_valid else None
 
 
 class ClientGone(Exception):
@@ -61,6 +71,7 @@ class ProxyStats:
         self.errors = 0
         self.fallbacks = 0
         self.record_failures = 0
+        self.capture_failures = 0
         self.in_flight = 0
 
 
@@ -101,32 +112,46 @@ class Proxy:
                 api_key = v.decode("latin-1")
             elif k == b"traceparent":
                 traceparent = v.decode("latin-1")
-        ctx = _PROPAGATOR.extract({"traceparent": traceparent}) if traceparent else None
-        span = self.tracer.start_span(operation, context=ctx, kind=SpanKind.CLIENT, start_time=start_ns)
+        # Every call is the root of its own trace, so its trace id names exactly one call (the response header,
+        # `tagway show`, replay case ids). A caller's trace is linked, not adopted as parent.
+        links = _caller_link(traceparent) if traceparent else None
+        span = self.tracer.start_span(operation, context=_ROOT, kind=SpanKind.CLIENT, start_time=start_ns,
+                                      links=links)
         rec = CallRecord(operation=operation, source=self._source, start_ns=start_ns)
         trace_id = b"%032x" % span.get_span_context().trace_id
-        state = _Sent()
+        state = _CallState()
         self.stats.calls += 1
         self.stats.in_flight += 1
+        reraise: BaseException | None = None
         try:
             if scope["method"] != "POST":
                 raise GatewayError(405, f"Method {scope['method']} not allowed; use POST.", code="method_not_allowed")
             await self._handle(operation, upstream_path, auth, api_key, content_length, tw, receive, send, rec,
                                trace_id, state)
         except GatewayError as e:
+            state.stop_watching()
             rec.error_type, rec.http_status, rec.error_message = e.error_type, e.status, e.message
             if not state.started:
                 await _send_json(send, e.status, e.body(), trace_id)
         except ClientGone:
             rec.error_type, rec.client_disconnected = "client_disconnected", True
             rec.error_message = "client disconnected before the response"
+        except asyncio.CancelledError as e:
+            if state.client_gone:  # our own watcher cancelled the call: the client hung up, stop paying upstream
+                rec.error_type, rec.client_disconnected = "client_disconnected", True
+                rec.error_message = "client disconnected " + ("mid-stream" if state.started else "before the response")
+            else:  # the server is shutting down (or something above us cancelled): record it, then let it go on
+                rec.error_type, rec.error_message = "cancelled", "the call was cancelled by the gateway"
+                reraise = e
         except Exception as e:  # a bug of ours: the client gets a 500, the record still gets written
+            state.stop_watching()
             log.exception("internal error on %s", scope["path"])
             rec.error_type, rec.http_status, rec.error_message = "internal_error", 500, type(e).__name__
             if not state.started:
                 await _send_json(send, 500, error_body("Internal gateway error.", "api_error", "internal_error"),
                                  trace_id)
         finally:
+            state.stop_watching()
             self.stats.in_flight -= 1
             if rec.error_type:
                 self.stats.errors += 1
@@ -135,14 +160,17 @@ class Proxy:
             except Exception:  # recording never fails a request; the counter makes the failure visible
                 self.stats.record_failures += 1
                 log.exception("could not record call")
+        if reraise is not None:
+            raise reraise
 
     # -- one call -----------------------------------------------------------------------------------------------
     async def _handle(self, operation: str, upstream_path: str, auth: str | None, api_key: str | None,
                       content_length: int, tw: dict[str, str], receive: Any, send: Any, rec: CallRecord,
-                      trace_id: bytes, state: "_Sent") -> None:
+                      trace_id: bytes, state: "_CallState") -> None:
         principal = self.keyring.authenticate(auth, api_key)
         rec.key_id, rec.customer = principal.key_id, principal.customer
         body = await _read_body(receive, self._max_body, content_length)
+        state.watch_disconnect(receive)
         payload = _parse(body)
         model = payload.get("model")
         if not isinstance(model, str) or not model:
@@ -168,10 +196,14 @@ class Proxy:
         capture = self._capture and principal.capture_content
         try:
             await self._forward(operation, upstream_path, deployment, payload, body, stream, send, rec, trace_id,
-                                state, capture, receive)
+                                state, capture)
         finally:
             if capture:
-                self._capture_input(operation, payload, rec)
+                try:
+                    self._capture_input(operation, payload, rec)
+                except Exception:  # odd input shapes must never change the call's outcome
+                    self.stats.capture_failures += 1
+                    log.warning("could not capture the input of a %s call", operation, exc_info=True)
 
     def _resolve_tags(self, principal: Principal, tw: dict[str, str], payload: dict, rec: CallRecord) -> None:
         for name, value in tw.items():
@@ -181,17 +213,21 @@ class Proxy:
                          user=payload.get("user"), taxonomy=self.config.taxonomy)
         rec.customer, rec.intent, rec.prompt_version, rec.tags, rec.end_user = (
             t.customer, t.intent, t.prompt_version, t.tags, t.end_user)
-        if tw.get("source"):
-            rec.source = normalise(tw["source"]) or rec.source
-        for header, attr in (("replay-run-id", "replay.run_id"), ("replay-candidate", "replay.candidate"),
-                             ("replay-case-id", "replay.case_id")):
-            if tw.get(header):
-                rec.replay[attr] = tw[header][:128]
+        # Replay marks its calls so that slices and stats can tell them from production; only keys that may speak
+        # for other customers (the admin key, platform keys: what the replay runner uses) may set those marks.
+        source = normalise(tw["source"]) if tw.get("source") else ""
+        replay = [(attr, tw[h][:128]) for h, attr in _REPLAY_HEADERS if tw.get(h)]
+        if (replay or source.startswith("replay")) and not principal.may_set_customer:
+            raise forbidden("Only the admin key or a key that may set its customer can mark calls as replay.",
+                            code="replay_marks_not_allowed", param="x-tagway-source")
+        if source:
+            rec.source = source
+        rec.replay.update(replay)
 
     # -- forwarding with fallbacks ------------------------------------------------------------------------------
     async def _forward(self, operation: str, upstream_path: str, first: ModelConfig, payload: dict, body: bytes,
-                       stream: bool, send: Any, rec: CallRecord, trace_id: bytes, state: "_Sent", capture: bool,
-                       receive: Any) -> None:
+                       stream: bool, send: Any, rec: CallRecord, trace_id: bytes, state: "_CallState",
+                       capture: bool) -> None:
         chain = self._chains[first.name]
         opts = payload.get("stream_options")
         client_wants_usage = bool(stream and isinstance(opts, dict) and opts.get("include_usage") is True)
@@ -231,7 +267,7 @@ class Proxy:
                 await self._respond_whole(operation, d, result, send, rec, trace_id, state, capture)
             else:
                 await self._relay_stream(operation, d, result, events, first_event, send, rec, trace_id, state,
-                                         capture, client_wants_usage, receive)
+                                         capture, client_wants_usage)
             return
         assert failure is not None
         raise self._final_error(failure)
@@ -267,7 +303,7 @@ class Proxy:
 
     # -- answers ------------------------------------------------------------------------------------------------
     async def _respond_whole(self, operation: str, d: ModelConfig, result: UpstreamResponse, send: Any,
-                             rec: CallRecord, trace_id: bytes, state: "_Sent", capture: bool) -> None:
+                             rec: CallRecord, trace_id: bytes, state: "_CallState", capture: bool) -> None:
         body = result.body
         obj: Any = None
         try:
@@ -289,6 +325,7 @@ class Proxy:
                 headers.append((b"x-tagway-cost-usd", b"%.10f" % rec.cost_usd))
         rec.http_status = 200
         state.started = True
+        state.stop_watching()  # completing the response makes uvicorn report a disconnect: not the client's doing
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
@@ -303,10 +340,9 @@ class Proxy:
             rec.cost_usd = self.pricing.cost(d, rec.input_tokens, rec.output_tokens or 0)
 
     async def _relay_stream(self, operation: str, d: ModelConfig, stream: Any, events: Any, first_event: bytes,
-                            send: Any, rec: CallRecord, trace_id: bytes, state: "_Sent", capture: bool,
-                            client_wants_usage: bool, receive: Any) -> None:
+                            send: Any, rec: CallRecord, trace_id: bytes, state: "_CallState", capture: bool,
+                            client_wants_usage: bool) -> None:
         acc = _StreamAccumulator(capture)
-        disconnect = asyncio.ensure_future(_wait_disconnect(receive))
         done = False
         state.started = True
         rec.http_status = 200
@@ -326,8 +362,9 @@ class Proxy:
                         obj = None
                     if isinstance(obj, dict):
                         if obj.get("error"):
+                            event = self._scrub(event)
                             rec.error_type = "upstream_stream_error"
-                            rec.error_message = str(obj["error"])[:500]
+                            rec.error_message = self._scrub(str(obj["error"]).encode()).decode()[:500]
                         usage = obj.get("usage")
                         if usage:
                             self._read_usage(usage, rec, d)
@@ -336,8 +373,6 @@ class Proxy:
                 if relay:
                     if rec.ttft_s is None and data and data != b"[DONE]":
                         rec.ttft_s = (time.time_ns() - rec.start_ns) / 1e9
-                    if disconnect.done():
-                        raise ClientGone
                     await send({"type": "http.response.body", "body": event, "more_body": True})
                 if done:
                     break
@@ -350,20 +385,19 @@ class Proxy:
         except UpstreamFailure as f:
             # bytes already reached the client: no fallback is possible; end with an error event the SDK raises on
             rec.error_type, rec.error_message = f.error_type, f.message
-            if not disconnect.done():
-                await send({"type": "http.response.body", "more_body": True, "body": b"data: " + error_body(
-                    f"Upstream stream failed: {f.message}.", "api_error", f.error_type) + b"\n\n"})
+            await send({"type": "http.response.body", "more_body": True, "body": b"data: " + error_body(
+                f"Upstream stream failed: {f.message}.", "api_error", f.error_type) + b"\n\n"})
         except (ClientGone, OSError):
             rec.error_type, rec.client_disconnected = "client_disconnected", True
             rec.error_message = "client disconnected mid-stream"
         finally:
-            disconnect.cancel()
             await stream.aclose()
             rec.response_model, rec.response_id = acc.model, acc.id
             rec.finish_reasons = acc.finish_reasons()
             if capture:
                 rec.output_messages = self.redactor.deep(acc.output(operation))
-            if not rec.client_disconnected:
+            if not rec.client_disconnected and not state.client_gone:
+                state.stop_watching()  # the end of the response is not a client disconnect
                 try:
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
                 except OSError:
@@ -386,11 +420,37 @@ class Proxy:
         rec.request_params = self.redactor.deep(params) if params else None
 
 
-class _Sent:
-    __slots__ = ("started",)
+class _CallState:
+    """Where the response is, and the watch for a client that hangs up: when it does, the call's task is cancelled
+    so the upstream request stops too (and stops costing), and the record says so."""
+
+    __slots__ = ("started", "client_gone", "_watcher", "_watching")
 
     def __init__(self) -> None:
         self.started = False
+        self.client_gone = False
+        self._watcher: asyncio.Future | None = None
+        self._watching = False
+
+    def watch_disconnect(self, receive: Any) -> None:
+        task = asyncio.current_task()
+
+        def gone(f: asyncio.Future) -> None:
+            # done callbacks run a loop iteration later: `_watching` says whether we still care
+            if self._watching and not f.cancelled() and f.exception() is None and task is not None:
+                self.client_gone = True
+                task.cancel()
+
+        self._watching = True
+        self._watcher = asyncio.ensure_future(_wait_disconnect(receive))
+        self._watcher.add_done_callback(gone)
+
+    def stop_watching(self) -> None:
+        """Call before completing the response: uvicorn then reports `http.disconnect` to a pending receive()."""
+        self._watching = False
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
 
 
 class _StreamAccumulator:

@@ -15,6 +15,9 @@ _INVALID = re.compile(r"[^a-z0-9_.-]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 RESERVED = ("customer", "intent", "prompt_version")
 MAX_LEN = 128
+# Free tags per call. Each becomes a span attribute; an unbounded number would let one request push the span
+# past the SDK's attribute limit (which drops the oldest attributes: tagway.kind and the customer first).
+MAX_TAGS = 64
 
 
 def normalise(value: str) -> str:
@@ -31,6 +34,11 @@ class ResolvedTags:
     end_user: str = ""
 
 
+def normalise_key(key: str) -> str:
+    """Tag keys additionally use '_' for '-', so `prompt-version`, `Prompt Version` and `prompt_version` agree."""
+    return normalise(key).replace("-", "_")
+
+
 def check_header(name: str, value: str) -> str:
     if _CONTROL.search(value):
         raise bad_request(f"Header {name} contains control characters.", code="invalid_header", param=name)
@@ -44,10 +52,13 @@ def parse_tags_header(value: str) -> dict[str, str]:
         if not seg.strip():
             continue
         k, sep, v = seg.partition("=")
-        if not sep or not k.strip():
-            raise bad_request(f"x-tagway-tags: {seg.strip()!r} is not key=value.", code="invalid_tag",
-                              param="x-tagway-tags")
-        out[normalise(k)] = normalise(v)
+        key = normalise_key(k)
+        if not sep or not key:
+            raise bad_request(f"x-tagway-tags: {seg.strip()!r} is not key=value with a key of [a-z0-9_.-].",
+                              code="invalid_tag", param="x-tagway-tags")
+        value = normalise(v)
+        if value:  # `team=` sets nothing
+            out[key] = value
     return out
 
 
@@ -66,7 +77,7 @@ def resolve_tags(*, bound_customer: str, may_set_customer: bool, key_tags: Mappi
     (customer, intent, prompt-version, tags). Raises GatewayError (400/403) for bad input."""
     if metadata is not None and not isinstance(metadata, dict):
         raise bad_request("metadata must be an object.", code="invalid_metadata", param="metadata")
-    meta = {normalise(str(k)).replace("-", "_"): normalise(_scalar(str(k), v)) for k, v in (metadata or {}).items()}
+    meta = {normalise_key(str(k)): normalise(_scalar(str(k), v)) for k, v in (metadata or {}).items()}
     if user is not None and not isinstance(user, str):
         raise bad_request("user must be a string.", code="invalid_type", param="user")
     end_user = user or ""
@@ -94,9 +105,13 @@ def resolve_tags(*, bound_customer: str, may_set_customer: bool, key_tags: Mappi
     meta.pop("prompt_version", None)
     tags = {k: v for k, v in meta.items() if k and v}
     tags.update(parse_tags_header(headers["tags"]) if headers.get("tags") else {})
-    tags.update({normalise(k): normalise(v) for k, v in key_tags.items() if k not in RESERVED})
+    tags.update({normalise_key(k): normalise(v) for k, v in key_tags.items() if k not in RESERVED})
     for r in RESERVED:
         tags.pop(r, None)
+    tags.pop("", None)
+    if len(tags) > MAX_TAGS:
+        raise bad_request(f"Too many tags: {len(tags)} (at most {MAX_TAGS} per call).", code="too_many_tags",
+                          param="x-tagway-tags")
     out = ResolvedTags(customer=customer, intent=intent, prompt_version=prompt_version, tags=tags, end_user=end_user)
     return apply_taxonomy(out, taxonomy)
 

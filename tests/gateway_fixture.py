@@ -85,6 +85,7 @@ def gateway_config(upstream_base: str, **overrides: Any) -> dict:
             {"name": "down", "model": "ok-x", "provider": "openai", "base_url": f"http://127.0.0.1:{free_port()}/v1",
              "fallbacks": ["gpt-test"]},
             {"name": "cut", "model": "cut-a", **openai},
+            {"name": "midstream-error", "model": "midstreamerror-a", **openai},
             {"name": "slowstream", "model": "slowstream-a", **openai},
             {"name": "tools", "model": "tools-a", **openai},
             {"name": "embed", "model": "ok-embed", **openai},

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import openai
@@ -249,3 +250,42 @@ def test_anthropic_through_litellm(gateway, upstream):
     chunks = list(client(gateway).chat.completions.create(model="claude", messages=MSG, max_tokens=50, stream=True,
                                                           stream_options={"include_usage": True}))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip() == "Claude echo: hello there"
+
+
+def test_mid_stream_error_event_is_relayed_without_secrets(gateway):
+    raw = client(gateway).chat.completions.with_raw_response.create(model="midstream-error", messages=MSG,
+                                                                      stream=True)
+    with pytest.raises(openai.APIError) as e:
+        list(raw.parse())
+    assert "overloaded" in str(e.value) and UPSTREAM_KEY not in str(e.value)
+    span = gateway.recorder.call(trace_of(raw))
+    assert span.attributes[sc.ERROR_TYPE] == "upstream_stream_error"
+    assert UPSTREAM_KEY not in (span.status.description or "") and "***" in span.status.description
+
+
+def test_non_stream_client_hang_up_cancels_the_upstream_call_and_is_recorded(gateway, upstream):
+    upstream.clear()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(gateway.url + "/v1/chat/completions", json={"model": "slow-alone", "messages": MSG},
+                   headers={"authorization": f"Bearer {KEYS['acme']}", "x-tagway-intent": "hangup"}, timeout=0.3)
+    deadline = time.monotonic() + 5
+    span = None
+    while span is None and time.monotonic() < deadline:
+        spans = [s for s in gateway.recorder.exporter.get_finished_spans()
+                 if s.attributes.get(sc.INTENT) == "hangup" and s.attributes.get(sc.KIND) == "call"]
+        span = spans[0] if spans else None
+        time.sleep(0.05)
+    assert span is not None
+    assert span.attributes[sc.ERROR_TYPE] == "client_disconnected" and span.attributes[sc.CLIENT_DISCONNECTED]
+    assert (span.end_time - span.start_time) / 1e9 < 1.5, "the 2 s upstream call was abandoned, not awaited"
+
+
+def test_caller_trace_is_linked_and_each_call_gets_its_own_trace(gateway):
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    c = client(gateway, default_headers={"traceparent": parent})
+    a = c.chat.completions.with_raw_response.create(model="gpt-test", messages=MSG)
+    b = c.chat.completions.with_raw_response.create(model="gpt-test", messages=MSG)
+    assert trace_of(a) != trace_of(b) != "0af7651916cd43dd8448eb211c80319c"
+    span = gateway.recorder.call(trace_of(a))
+    assert span.parent is None
+    assert [f"{link.context.trace_id:032x}" for link in span.links] == ["0af7651916cd43dd8448eb211c80319c"]

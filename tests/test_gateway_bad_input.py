@@ -185,3 +185,43 @@ def test_capture_is_redacted(gateway):
     assert "[REDACTED:email]" in a[sc.INPUT_MESSAGES] and "[REDACTED:card]" in a[sc.OUTPUT_MESSAGES]
     # the client still gets the real answer: redaction is for the record only
     assert "jane.doe@example.com" in r.json()["choices"][0]["message"]["content"]
+
+
+def test_tenant_keys_cannot_mark_calls_as_replay(gateway):
+    for headers in ({"x-tagway-source": "replay"}, {"x-tagway-replay-run-id": "r1"},
+                    {"x-tagway-replay-case-id": "abc"}):
+        r = post(gateway, {"model": "gpt-test", "messages": MSG}, headers=headers)
+        assert_openai_error(r, 403, "replay_marks_not_allowed")
+    r = post(gateway, {"model": "gpt-test", "messages": MSG}, headers={"x-tagway-source": "Batch Job"})
+    assert r.status_code == 200  # any other source is the tenant's own business
+    assert gateway.recorder.call(r.headers["x-tagway-trace-id"]).attributes[sc.SOURCE] == "batch_job"
+
+
+def test_too_many_tags_is_a_400_not_a_lost_record(gateway):
+    tags = ",".join(f"t{i}=v" for i in range(65))
+    r = post(gateway, {"model": "gpt-test", "messages": MSG}, headers={"x-tagway-tags": tags})
+    assert_openai_error(r, 400, "too_many_tags")
+    a = gateway.recorder.call(r.headers["x-tagway-trace-id"]).attributes
+    assert a[sc.KIND] == "call" and a[sc.CUSTOMER] == "acme"
+    many = {f"m{i}": "v" for i in range(64)}
+    r = post(gateway, {"model": "gpt-test", "messages": MSG, "metadata": many})
+    a = gateway.recorder.call(r.headers["x-tagway-trace-id"]).attributes
+    assert r.status_code == 200 and a[sc.KIND] == "call" and a[sc.CUSTOMER] == "acme"
+    assert sum(k.startswith(sc.TAG_PREFIX) for k in a) == 64
+
+
+def test_unusable_tag_keys_and_empty_values(gateway):
+    r = post(gateway, {"model": "gpt-test", "messages": MSG}, headers={"x-tagway-tags": "!!!=x"})
+    assert_openai_error(r, 400, "invalid_tag")
+    r = post(gateway, {"model": "gpt-test", "messages": MSG}, headers={"x-tagway-tags": "team=,Feature-Flag=On"})
+    a = gateway.recorder.call(r.headers["x-tagway-trace-id"]).attributes
+    assert sc.TAG_PREFIX + "team" not in a and a[sc.TAG_PREFIX + "feature_flag"] == "on"
+
+
+def test_malformed_tool_calls_in_history_do_not_change_the_outcome(gateway):
+    msgs = [{"role": "assistant", "content": None, "tool_calls": [{"function": "x"}, {"function": [1]}, 5]},
+            {"role": "user", "content": "hi"}]
+    r = post(gateway, {"model": "gpt-test", "messages": msgs})
+    assert r.status_code == 200
+    a = gateway.recorder.call(r.headers["x-tagway-trace-id"]).attributes
+    assert sc.ERROR_TYPE not in a and sc.INPUT_MESSAGES in a

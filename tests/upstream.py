@@ -8,6 +8,7 @@ Behaviour is picked by the upstream model name the gateway sends, so one server 
   cut-*       streams two chunks then drops the connection
   refund-bad-* answers "WRONG" when the prompt mentions refund, else like ok-*
   garbage-*   answers 502 with an HTML body
+  midstreamerror-*  streams one chunk, then an error event (mentioning the upstream key), then [DONE]
 Every request is recorded (path, headers, JSON body) in `requests`.
 """
 from __future__ import annotations
@@ -149,6 +150,11 @@ class Upstream:
             for i, word in enumerate(text.split(" ")):
                 await event({**chunk, "choices": [{"index": 0, "delta": {"content": (" " if i else "") + word},
                                                    "finish_reason": None}]})
+                if model.startswith("midstreamerror") and i == 0:
+                    await event({"error": {"message": f"overloaded (key {SECRET_ECHO})", "type": "server_error"}})
+                    await resp.write(b"data: [DONE]\n\n")
+                    await resp.write_eof()
+                    return resp
                 if model.startswith("cut") and i == 0:
                     await asyncio.sleep(0.05)
                     request.transport.close()  # drop the connection mid-stream

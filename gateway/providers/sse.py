@@ -10,9 +10,16 @@ async def iter_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     """Yield each complete event (terminated by a blank line, normalised to b"\\n\\n"). A trailing partial event
     at EOF is yielded as-is only if it carries data (some servers omit the last blank line)."""
     buf = b""
+    pending_cr = False  # a chunk ended in "\r": its "\n" may start the next chunk
     async for chunk in chunks:
+        if pending_cr:
+            chunk = b"\r" + chunk
+            pending_cr = False
         if b"\r" in chunk:
-            chunk = chunk.replace(b"\r\n", b"\n")
+            if chunk.endswith(b"\r"):
+                chunk, pending_cr = chunk[:-1], True
+            # SSE allows CRLF, LF or a bare CR as line ends; normalise all to LF
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         buf += chunk
         while True:
             i = buf.find(b"\n\n")
@@ -21,6 +28,8 @@ async def iter_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
             event, buf = buf[: i + 2], buf[i + 2:]
             if event.strip():
                 yield event
+    if pending_cr:
+        buf += b"\n"
     if buf.strip():
         yield buf.rstrip(b"\n") + b"\n\n"
 
