@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 from opentelemetry import trace as trace_api
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import SpanLimits, ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 
 from .clickhouse import ClickHouseSpanExporter
@@ -159,7 +159,11 @@ def _provider(service_name: str, resource_attributes: Mapping[str, Any] | None) 
     attrs.update(resource_attributes or {})
     # ALWAYS_ON, not the default ParentBased: a caller's `traceparent` with sampled=0 must not switch recording
     # off, since every call has to be counted.
-    return TracerProvider(resource=Resource.create(attrs), sampler=ALWAYS_ON)
+    # The SDK's default limit (128 attributes, oldest dropped first, values unbounded by env) would silently cut a
+    # call span's first attributes (tagway.kind, the customer) if a call carried many tags; the gateway caps tags at
+    # 64 and a call span has ~40 attributes of its own, so 256 leaves room and never truncates content values.
+    limits = SpanLimits(max_span_attributes=256, max_attribute_length=None)
+    return TracerProvider(resource=Resource.create(attrs), sampler=ALWAYS_ON, span_limits=limits)
 
 
 def _tracer(provider: TracerProvider) -> trace_api.Tracer:

@@ -20,6 +20,7 @@ from .config import GatewayConfig, load_config
 from .errors import GatewayError, error_body
 from .pricing import Pricing
 from .providers import Providers
+from .providers.litellm_provider import preload as preload_litellm
 from .proxy import HOT_ROUTES, Proxy
 from .redact import Redactor
 
@@ -58,10 +59,15 @@ class TagwayApp:
                 # connecting, migrating and replaying a spool are blocking work: keep them off the event loop
                 self.recorder = await loop.run_in_executor(None, self._recorder_factory, self.config)
             await loop.run_in_executor(None, self.pricing.load)
+            if any(self.providers.for_deployment(m) is self.providers.litellm for m in self.config.models):
+                # importing litellm takes seconds: pay it now, off the loop, not on the first call
+                await loop.run_in_executor(None, preload_litellm)
+            self.keyring.start_watching()
             self.proxy = Proxy(config=self.config, keyring=self.keyring, providers=self.providers,
                                tracer=self.recorder.tracer, pricing=self.pricing, redactor=self.redactor)
 
     async def shutdown(self) -> None:
+        self.keyring.stop_watching()
         await self.providers.aclose()
         if self.recorder is not None and self._owns_recorder:
             await asyncio.get_running_loop().run_in_executor(None, self.recorder.shutdown)

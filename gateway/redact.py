@@ -35,7 +35,10 @@ def _luhn_ok(digits: str) -> bool:
 
 
 class Redactor:
-    def __init__(self, builtin: list[str], patterns: list[str]) -> None:
+    def __init__(self, builtin: list[str], patterns: list[str], max_chars: int = 200_000) -> None:
+        # Captured text per call is bounded: redacting (and later storing) a multi-megabyte prompt would stall the
+        # event loop for every other call. Past the budget, strings are cut and say so.
+        self.max_chars = max_chars
         self._rules = [BUILTIN[name] for name in builtin]
         self._rules += [(re.compile(p), "[REDACTED]", None) for p in patterns]
 
@@ -50,13 +53,24 @@ class Redactor:
         return s
 
     def deep(self, obj: Any) -> Any:
-        """Redact every string in a JSON-like structure (keys are left alone)."""
-        if not self._rules:
-            return obj
-        if isinstance(obj, str):
-            return self.text(obj)
-        if isinstance(obj, list):
-            return [self.deep(x) for x in obj]
-        if isinstance(obj, dict):
-            return {k: self.deep(v) for k, v in obj.items()}
-        return obj
+        """Redact every string in a JSON-like structure (keys are left alone), within the character budget."""
+        budget = [self.max_chars]
+
+        def walk(x: Any) -> Any:
+            if isinstance(x, str):
+                cut = max(budget[0], 0)
+                if len(x) <= cut:
+                    budget[0] -= len(x)
+                    return self.text(x) if self._rules else x
+                # redact a margin past the cut, so a secret straddling it is replaced whole before the cut
+                head = x[:cut + 256]
+                head = (self.text(head) if self._rules else head)[:cut]
+                budget[0] = 0
+                return head + f"...[truncated by tagway: {len(x) - cut} more characters]"
+            if isinstance(x, list):
+                return [walk(v) for v in x]
+            if isinstance(x, dict):
+                return {k: walk(v) for k, v in x.items()}
+            return x
+
+        return walk(obj)

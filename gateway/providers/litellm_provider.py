@@ -20,6 +20,11 @@ _CHAT_PARAMS = {"temperature", "top_p", "max_tokens", "max_completion_tokens", "
                 "reasoning_effort", "logprobs", "top_logprobs"}
 
 
+def preload() -> None:
+    """Import litellm ahead of the first call (called off the event loop at start-up)."""
+    _litellm()
+
+
 def _litellm() -> Any:
     import litellm  # noqa: PLC0415 - deliberate lazy import
 
