@@ -9,6 +9,12 @@ Per segment the report gives calls, errors, the error rate with a 95% Wilson sco
 from the counts), the delta against the previous window of the same length, latency and TTFT percentiles,
 tokens and cost; segments are sorted worst first and those under `min_calls` are kept but flagged, because
 averages hide the failing segment and a three-call segment is three coin flips.
+
+Replayed and judge traffic is not production traffic: a replay re-sends a customer's recorded calls (with that
+customer's tags) to a candidate model, and the judge grades them, so their failures are the candidate's, not the
+customer's. Every query therefore leaves out rows whose `source` is in `EXCLUDED_SOURCES` ('replay',
+'replay-judge') unless the selection filters on `source` itself (`source=replay` shows exactly the replayed calls,
+`source!=production` everything else). Reports say which sources were left out (`sources_excluded`).
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ from typing import Any, Iterable, Sequence
 from .store import Store
 
 __all__ = [
-    "QueryInputError", "GROUP_COLUMNS", "STATUSES", "Window", "Filter", "Selection",
+    "QueryInputError", "GROUP_COLUMNS", "STATUSES", "EXCLUDED_SOURCES", "Window", "Filter", "Selection",
     "parse_duration", "parse_window", "parse_dimension", "parse_filter", "parse_where", "parse_by",
     "make_selection", "wilson_interval", "choose_step",
     "SegmentStats", "StatsReport", "ErrorGroup", "ErrorsReport", "Series", "TimeSeries",
@@ -44,6 +50,10 @@ GROUP_COLUMNS: dict[str, str] = {
     "stream": "stream",
 }
 STATUSES = ("ok", "error", "cancelled")
+# `source` values left out of every query unless the selection filters on `source` (see the module docstring):
+# calls the replay runner sends (its candidates) and its LLM judge. The same values as replay.slice.REPLAY_SOURCES,
+# which keeps them out of replay slices.
+EXCLUDED_SOURCES: tuple[str, ...] = ("replay", "replay-judge")
 TAG_KEY_RE = re.compile(r"^[a-z0-9_.-]{1,64}$")
 TRACE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _DB_RE = re.compile(r"^[A-Za-z0-9_]{0,64}$")
@@ -222,9 +232,14 @@ class Selection:
     def with_filter(self, f: Filter) -> "Selection":
         return dataclasses.replace(self, filters=self.filters + (f,))
 
+    @property
+    def sources_excluded(self) -> tuple[str, ...]:
+        """The sources left out: EXCLUDED_SOURCES, or none when a filter names `source` (either operator)."""
+        return () if any(f.key == "source" for f in self.filters) else EXCLUDED_SOURCES
+
     def to_dict(self) -> dict[str, Any]:
         return {"window": self.window.to_dict(), "filters": [f.to_dict() for f in self.filters],
-                "status": self.status}
+                "status": self.status, "sources_excluded": list(self.sources_excluded)}
 
 
 def make_selection(where: Iterable[str] | None = None, status: str | None = None, since: str | None = None,
@@ -279,6 +294,8 @@ def _where(sel: Selection, p: _Params, window: Window) -> str:
         parts.append(f"{e} {f.op} {v}")
     if sel.status:
         parts.append(f"status = {p.add('v', 'String', sel.status)}")
+    if sel.sources_excluded:
+        parts.append(f"source NOT IN {p.add('v', 'Array(String)', list(sel.sources_excluded))}")
     return " AND ".join(parts)
 
 
@@ -412,6 +429,7 @@ class StatsReport:
             "previous_window": prev.to_dict() if prev else None,
             "filters": [f.to_dict() for f in self.selection.filters],
             "status": self.selection.status,
+            "sources_excluded": list(self.selection.sources_excluded),
             "min_calls": self.min_calls,
             "compare": self.compare,
             "segments": [s.to_dict() for s in self.segments],

@@ -61,6 +61,22 @@ def _label(value: str) -> str:
     return value if value != "" else "(none)"
 
 
+def _text(value: Any, style: str = "") -> Text:
+    """A Rich cell or title from data (filter values, recorded tags, error types, trace ids): a Text is never
+    parsed for [markup] or :emoji: codes, so '[/]' is printed as typed instead of raising MarkupError."""
+    return Text(str(value), style=style)
+
+
+def _filters_line(sel: q.Selection) -> str:
+    """'where k=v  status=error  source not replay, replay-judge' (empty when nothing narrows the rows)."""
+    parts = [str(f) for f in sel.filters]
+    if sel.status:
+        parts.append(f"status={sel.status}")
+    if sel.sources_excluded:
+        parts.append(f"source not {', '.join(sel.sources_excluded)}")
+    return "\nwhere " + "  ".join(parts) if parts else ""
+
+
 # -- DSN and store ---------------------------------------------------------------------------------------------
 def resolve_dsn(dsn: str | None = None, config: str | None = None) -> tuple[str, str]:
     """(dsn, database): --dsn, else $TAGWAY_DSN, else the gateway config (--config / $TAGWAY_CONFIG), else the
@@ -146,7 +162,9 @@ def _json_out(data: Any) -> None:
 
 # -- options shared by the commands ----------------------------------------------------------------------------
 WhereOpt = Annotated[Optional[list[str]], typer.Option(
-    "--where", "-w", help="Filter key=value (or key!=value) on a column or tag.<key>; repeat to AND.")]
+    "--where", "-w", help="Filter key=value (or key!=value) on a column or tag.<key>; repeat to AND. Replayed and "
+                          "judge calls (source replay, replay-judge) are left out unless a filter names source, "
+                          "e.g. --where source=replay.")]
 StatusOpt = Annotated[Optional[str], typer.Option("--status", help="Only calls with this status: ok, error, cancelled.")]
 SinceOpt = Annotated[Optional[str], typer.Option("--since", help="Window back from now, e.g. 15m, 24h, 7d (default 24h).")]
 FromOpt = Annotated[Optional[str], typer.Option("--from", help="Window start, ISO time (UTC unless it says).")]
@@ -181,7 +199,10 @@ def stats_command(
     dsn: DsnOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Error rate per segment (worst first) with 95% Wilson intervals, latency, tokens and cost."""
+    """Error rate per segment (worst first) with 95% Wilson intervals, latency, tokens and cost.
+
+    Replayed and judge calls (source replay, replay-judge) are left out unless --where filters on source
+    (--where source=replay shows them); --json lists what was left out in sources_excluded."""
 
     def body() -> None:
         if as_json and as_csv:
@@ -234,12 +255,8 @@ def stats_csv(report: q.StatsReport) -> str:
 
 
 def print_stats(report: q.StatsReport, console: Console, window_title: str) -> None:
-    filters = "  ".join(str(f) for f in report.selection.filters)
-    if report.selection.status:
-        filters = (filters + f"  status={report.selection.status}").strip()
-    title = f"Error rate by {', '.join(report.by)}, {window_title}"
-    if filters:
-        title += f"\nwhere {filters}"
+    title = _text(f"Error rate by {', '.join(report.by)}, {window_title}{_filters_line(report.selection)}",
+                  "table.title")
     table = Table(title=title, title_justify="left", header_style="bold", show_footer=False, pad_edge=False)
     for k in report.by:
         table.add_column(k, no_wrap=True)
@@ -257,7 +274,7 @@ def print_stats(report: q.StatsReport, console: Console, window_title: str) -> N
         low, high = s.error_rate_ci
         rate_style = "bold red" if s.error_rate >= 0.10 and not s.low_confidence else (
             "yellow" if s.error_rate >= 0.02 and not s.low_confidence else "")
-        cells: list[Any] = [_label(s.key[k]) for k in report.by]
+        cells: list[Any] = [_text(_label(s.key[k])) for k in report.by]
         cells += [f"{s.calls:,}", f"{s.errors:,}", Text(fmt_rate(s.error_rate), style=rate_style), fmt_ci(low, high)]
         if report.compare:
             d = s.delta_error_rate
@@ -314,16 +331,15 @@ def errors_command(
                 _json_out(report.to_dict())
                 return
             console = _console()
-            filters = "  ".join(str(f) for f in sel.filters)
-            title = f"Top error types, {_window_title(sel, since, from_)}" + (f"\nwhere {filters}" if filters else "")
+            title = _text(f"Top error types, {_window_title(sel, since, from_)}{_filters_line(sel)}", "table.title")
             table = Table(title=title, title_justify="left", header_style="bold", pad_edge=False)
             for col, just in (("error type", "left"), ("count", "right"), ("share", "right"), ("http", "left"),
                               ("customers", "right"), ("last seen", "left"), ("example trace ids", "left")):
                 table.add_column(col, justify=just, no_wrap=col != "example trace ids")
             for g in report.groups:
-                table.add_row(_label(g.error_type), f"{g.count:,}", fmt_rate(g.share),
+                table.add_row(_text(_label(g.error_type)), f"{g.count:,}", fmt_rate(g.share),
                               ",".join(str(s) for s in g.http_statuses) or "-", str(g.customers),
-                              g.last_seen[:19].replace("T", " "), " ".join(g.example_trace_ids))
+                              _text(g.last_seen[:19].replace("T", " ")), _text(" ".join(g.example_trace_ids)))
             console.print(table)
             if not report.groups:
                 console.print(f"no {sel.status or 'error'} calls match this window and these filters")
@@ -369,7 +385,7 @@ def _pretty_json(text: str) -> str:
 def print_call(call: dict[str, Any], console: Console) -> None:
     status = call.get("status", "")
     style = {"ok": "green", "error": "bold red", "cancelled": "yellow"}.get(status, "")
-    table = Table(show_header=False, box=None, pad_edge=False, title=f"call {call.get('trace_id')}",
+    table = Table(show_header=False, box=None, pad_edge=False, title=_text(f"call {call.get('trace_id')}", "bold"),
                   title_justify="left", title_style="bold")
     table.add_column("field", style="bold", no_wrap=True)
     table.add_column("value")
@@ -377,7 +393,7 @@ def print_call(call: dict[str, Any], console: Console) -> None:
     def row(name: str, value: Any, style: str = "") -> None:
         if value in (None, "", {}, []):
             return
-        table.add_row(name, Text(str(value), style=style))
+        table.add_row(name, _text(value, style))
 
     row("time", call.get("Timestamp"))
     row("span id", call.get("span_id"))

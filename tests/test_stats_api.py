@@ -13,7 +13,7 @@ from exporters.store import StoreError
 from gateway.auth import KeyRing, hash_key
 from gateway.config import GatewayConfig, KeyConfig, TenantConfig
 from gateway.stats_api import build_stats_router
-from tests.test_stats_queries import Seeded, seed_calls
+from tests.test_stats_queries import Seeded, seed_calls, seed_replayed
 
 ADMIN = "tw-admin-stats-api-test"
 ACME_KEY = "tw-acme-stats-api-test"
@@ -205,3 +205,21 @@ def test_numbers_are_numbers(client, seeded):
     s = d["segments"][0]
     assert all(isinstance(s[k], int) for k in ("calls", "errors", "cancelled", "input_tokens", "output_tokens"))
     assert isinstance(s["error_rate"], float) and isinstance(s["cost_usd"], float)
+
+
+def test_replay_traffic_is_left_out_unless_asked_for(client, chdb_store, seeded):
+    """Replayed and judge calls carry the replayed customer: the admin and tenant views leave them out unless
+    `source` is filtered, and say so (`sources_excluded`)."""
+    r = seed_replayed(chdb_store, customer=seeded.acme)  # production 50/0, replay 40/40, replay-judge 10/10
+    for call in (admin, tenant):
+        d = call(client, "/admin/stats" if call is admin else "/v1/tagway/stats", where=r.where, since="24h").json()
+        assert [(s["key"]["customer"], s["calls"], s["errors"]) for s in d["segments"]] == [(seeded.acme, 50, 0)]
+        assert d["sources_excluded"] == ["replay", "replay-judge"]
+    d = tenant(client, "/v1/tagway/stats", where=[r.where, "source=replay"], since="24h").json()
+    assert (d["total"]["calls"], d["total"]["errors"], d["sources_excluded"]) == (40, 40, [])
+    errs = admin(client, "/admin/errors", where=r.where).json()
+    assert errs["errors"] == [] and errs["sources_excluded"] == ["replay", "replay-judge"]
+    ts = admin(client, "/admin/timeseries", where=r.where, since="1h").json()
+    assert [(s["key"], s["calls"], s["errors"]) for s in ts["series"]] == [(seeded.acme, 50, 0)]
+    judge = admin(client, "/admin/timeseries", where=[r.where, "source=replay-judge"], since="1h").json()
+    assert [(s["calls"], s["errors"]) for s in judge["series"]] == [(10, 10)]

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from exporters import queries as q
 from gateway import stats_cli
-from tests.test_stats_queries import Seeded, seed_calls
+from tests.test_stats_queries import Seeded, call_row, insert_calls, seed_calls, seed_replayed
 
 
 @pytest.fixture(scope="module")
@@ -195,3 +195,69 @@ def test_formatting_matches_the_page():
     assert stats_cli.fmt_ci(*q.wilson_interval(30, 100)) == "21.9-39.6%"
     assert stats_cli.fmt_delta(0.25) == "+25.0 pp" and stats_cli.fmt_delta(-0.015) == "-1.5 pp"
     assert os.path.exists(os.path.join(os.path.dirname(stats_cli.__file__), "static", "ui.js"))
+
+
+# -- replay traffic and Rich markup ----------------------------------------------------------------------------
+def test_stats_leave_out_replay_traffic_and_say_so(run, chdb_store):
+    r = seed_replayed(chdb_store)  # production 50/0, replay 40/40, replay-judge 10/10
+    d = orjson.loads(run("stats", "--where", r.where, "--json").stdout)
+    assert (d["total"]["calls"], d["total"]["errors"], d["sources_excluded"]) == (50, 0, ["replay", "replay-judge"])
+    d = orjson.loads(run("stats", "--where", r.where, "--where", "source=replay", "--json").stdout)
+    assert (d["total"]["calls"], d["total"]["errors"], d["sources_excluded"]) == (40, 40, [])
+    table = run("stats", "--where", r.where)
+    assert table_rows(table.stdout)[0][:4] == [r.customer, "50", "0", "0.0%"]
+    assert "source not replay, replay-judge" in table.stdout
+    assert "source not" not in run("stats", "--where", r.where, "--where", "source=replay").stdout
+    errs = run("errors", "--where", r.where)
+    assert "no error calls match" in errs.stdout and "source not replay, replay-judge" in errs.stdout
+    for cmd in ("stats", "errors"):
+        help_text = " ".join(run(cmd, "--help", dsn=False).stdout.replace("│", " ").split())
+        assert "source replay, replay-judge) are left out unless" in help_text, help_text
+
+
+HOSTILE = ["[/]", "[/x]", "[red]red[/red]", "[bold", "a\\", ":warning:", "[link=http://x]y[/link]"]
+
+
+def test_markup_in_recorded_values_is_printed_as_is(run, chdb_store):
+    """Any tenant can plant these (a requested model name, a tag, a customer header): Rich must print them, not
+    parse them (MarkupError) or restyle them."""
+    run_id = "mk" + os.urandom(5).hex()
+    rows = [call_row(run_id, f"{run_id}-{i}", 0, status="error", model_requested=v, error_type=v,
+                     tags={"run": run_id, "note": v}, intent=v) for i, v in enumerate(HOSTILE)]
+    insert_calls(chdb_store, rows)
+    for by in ("model", "intent", "tag.note"):
+        res = run("stats", "--by", by, "--where", f"tag.run={run_id}")
+        assert res.exit_code == 0, res.output
+        assert sorted(row[0] for row in table_rows(res.stdout)[:-1]) == sorted(HOSTILE)
+    res = run("errors", "--where", f"tag.run={run_id}", "--limit", "20")
+    assert res.exit_code == 0, res.output
+    assert sorted(row[0] for row in table_rows(res.stdout)) == sorted(HOSTILE)
+    shown = run("show", rows[2]["trace_id"])
+    assert shown.exit_code == 0, shown.output
+    assert "[red]red[/red]" in shown.stdout and "note=[red]red[/red]" in shown.stdout
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_markup_in_filter_values_is_printed_as_is(run, seeded, value):
+    for cmd in ("stats", "errors"):
+        res = run(cmd, "--where", seeded.where, "--where", f"intent={value}")
+        assert res.exit_code == 0, res.output
+        assert f"where tag.run={seeded.run}  intent={value}  " in res.stdout, res.stdout
+
+
+def test_print_functions_take_data_as_text():
+    """print_stats / print_call straight to a recording console: no markup parsed, no emoji code replaced."""
+    from rich.console import Console  # noqa: PLC0415
+
+    sel = q.make_selection(["intent=[/oops]", "tag.x=:warning:"])
+    seg = q.SegmentStats(key={"model": "[red]gpt[/red]"}, calls=3, errors=1, cancelled=0)
+    console = Console(record=True, width=250)
+    stats_cli.print_stats(q.StatsReport(("model",), sel, False, 20, [seg], seg), console, "last 24h")
+    text = console.export_text()
+    assert "where intent=[/oops]  tag.x=:warning:  source not replay, replay-judge" in text
+    assert "│[red]gpt[/red] │" in text
+    console = Console(record=True, width=250)
+    stats_cli.print_call({"trace_id": "t1", "status": "error", "error_type": "[/]", "customer": "[b]c",
+                          "tags": {"k": "[/k]"}, "input_tokens": 1, "output_tokens": 2}, console)
+    text = console.export_text()
+    assert "error  ([/])" in text and "[b]c" in text and "k=[/k]" in text

@@ -129,6 +129,55 @@ def seed_calls(store: Store) -> Seeded:
     return s
 
 
+def call_row(run: str, customer: str, i: int, *, status: str = "ok", source: str = "production",
+             when: dt.datetime | None = None, **columns) -> dict:
+    """One llm_calls row (tag run=<run>) with defaults for what the stats read; `columns` override them."""
+    row = {"Timestamp": _ts((when or NOW) - dt.timedelta(minutes=i % 50, seconds=i % 60)),
+           "trace_id": f"{run}x{uuid.uuid4().hex[:12]}", "span_id": f"{i:016x}", "service_name": "tagway",
+           "customer": customer, "intent": "refund", "prompt_version": "v1", "tags": {"run": run},
+           "operation": "chat", "model_requested": "gpt-4o-mini", "model_served": "gpt-4o-mini", "provider": "openai",
+           "stream": False, "status": status, "error_type": "upstream_5xx" if status == "error" else "",
+           "http_status": 502 if status == "error" else 200, "attempts": 1, "latency_ms": 80.0,
+           "input_tokens": 10, "output_tokens": 5, "cost_usd": 0.001, "source": source,
+           "key_id": f"{customer}-key"}
+    row.update(columns)
+    return row
+
+
+def insert_calls(store: Store, rows: list[dict]) -> None:
+    store.insert_json_rows("llm_calls", b"\n".join(orjson.dumps(r) for r in rows),
+                           settings={"date_time_input_format": "best_effort"})
+
+
+@dataclasses.dataclass
+class Replayed:
+    run: str
+    customer: str
+
+    @property
+    def where(self) -> str:
+        return f"tag.run={self.run}"
+
+
+def seed_replayed(store: Store, customer: str | None = None) -> Replayed:
+    """One customer's production traffic next to replay and judge traffic carrying the same customer and tags,
+    as the replay runner records it:
+
+        now:      production 50 calls, 0 errors; replay 40 calls, 40 errors; replay-judge 10 calls, 10 errors
+        36 h ago: production 20 calls, 2 errors; replay 20 calls, 20 errors
+    """
+    run = "rp" + uuid.uuid4().hex[:10]
+    r = Replayed(run, customer or f"{run}-acme")
+    before = NOW - dt.timedelta(hours=36)
+    rows = ([call_row(run, r.customer, i) for i in range(50)]
+            + [call_row(run, r.customer, i, status="error", source="replay") for i in range(40)]
+            + [call_row(run, r.customer, i, status="error", source="replay-judge") for i in range(10)]
+            + [call_row(run, r.customer, i, status="error" if i < 2 else "ok", when=before) for i in range(20)]
+            + [call_row(run, r.customer, i, status="error", source="replay", when=before) for i in range(20)])
+    insert_calls(store, rows)
+    return r
+
+
 @pytest.fixture(scope="module")
 def seeded(chdb_store: Store) -> Seeded:
     return seed_calls(chdb_store)
@@ -406,3 +455,56 @@ def test_error_timeseries(chdb_store, seeded):
         seeded.initech, seeded.spans, seeded.acme, seeded.globex]
     with pytest.raises(q.QueryInputError):
         q.error_timeseries(chdb_store, sel, by="tag.a'b")
+
+
+# -- replay and judge traffic ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def replayed(chdb_store: Store) -> Replayed:
+    return seed_replayed(chdb_store)
+
+
+def test_replay_and_judge_calls_are_not_production_failures(chdb_store, replayed):
+    """A replay re-sends a customer's calls (same customer, same tags) to a candidate: its 40 failures and the
+    judge's 10 are the candidate's, not the customer's. Left out of every query unless `source` is filtered."""
+    sel = q.make_selection([replayed.where], since="24h")
+    assert sel.sources_excluded == q.EXCLUDED_SOURCES == ("replay", "replay-judge")
+    r = q.segment_stats(chdb_store, sel, ["customer"])
+    (seg,) = r.segments
+    assert (seg.key["customer"], seg.calls, seg.errors) == (replayed.customer, 50, 0)
+    assert (r.total.calls, r.total.errors) == (50, 0)
+    d = r.to_dict()
+    assert d["sources_excluded"] == ["replay", "replay-judge"]
+    # compare mode: the previous window leaves them out too (20 production calls, 2 errors)
+    c = q.segment_stats(chdb_store, sel, ["customer"], compare=True)
+    assert (c.segments[0].prev_calls, c.segments[0].prev_errors) == (20, 2)
+    assert (c.total.prev_calls, c.total.prev_errors) == (20, 2)
+    # the separate totals query, used when --limit cuts the segment list (ok; error only in the previous window)
+    t = q.segment_stats(chdb_store, sel, ["status"], limit=1, compare=True)
+    assert t.truncated and [s.key["status"] for s in t.segments] == ["ok"]
+    assert (t.total.calls, t.total.errors, t.total.prev_calls, t.total.prev_errors) == (50, 0, 20, 2)
+    assert q.top_errors(chdb_store, sel).groups == []
+    ts = q.error_timeseries(chdb_store, sel)
+    assert [(s.key, s.calls, s.errors) for s in ts.series] == [(replayed.customer, 50, 0)]
+    assert ts.to_dict()["sources_excluded"] == ["replay", "replay-judge"]
+
+
+def test_a_source_filter_shows_replay_traffic(chdb_store, replayed):
+    only = q.make_selection([replayed.where, "source=replay"], since="24h")
+    assert only.sources_excluded == () and only.to_dict()["sources_excluded"] == []
+    r = q.segment_stats(chdb_store, only, ["customer"], compare=True)
+    assert (r.total.calls, r.total.errors, r.total.prev_calls, r.total.prev_errors) == (40, 40, 20, 20)
+    assert r.to_dict()["sources_excluded"] == []
+    not_prod = q.make_selection([replayed.where, "source!=production"], since="24h")
+    r = q.segment_stats(chdb_store, not_prod, ["source"])
+    assert {s.key["source"]: (s.calls, s.errors) for s in r.segments} == {"replay": (40, 40),
+                                                                          "replay-judge": (10, 10)}
+    assert [(g.error_type, g.count) for g in q.top_errors(chdb_store, not_prod).groups] == [("upstream_5xx", 50)]
+    ts = q.error_timeseries(chdb_store, q.make_selection([replayed.where, "source=replay-judge"], since="1h"))
+    assert [(s.calls, s.errors) for s in ts.series] == [(10, 10)]
+
+
+def test_excluded_sources_match_the_replay_slice():
+    """The replay runner's slices leave out the same sources (replay.slice.REPLAY_SOURCES)."""
+    from replay.slice import REPLAY_SOURCES  # noqa: PLC0415
+
+    assert set(q.EXCLUDED_SOURCES) == set(REPLAY_SOURCES)

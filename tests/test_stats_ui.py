@@ -3,7 +3,11 @@ router over the shared chDB store: the dumped DOM must show the seeded numbers, 
 prints, and nothing without the admin key."""
 from __future__ import annotations
 
+import html
 import html.parser
+import json
+import os
+import random
 import shutil
 import socket
 import subprocess
@@ -22,7 +26,8 @@ from gateway import stats_cli
 from gateway.auth import KeyRing
 from gateway.config import GatewayConfig
 from gateway.stats_api import build_stats_router
-from tests.test_stats_queries import Seeded, seed_calls
+from exporters import queries as q
+from tests.test_stats_queries import Seeded, call_row, insert_calls, seed_calls
 
 ADMIN = "tw-admin-ui-test-key"
 
@@ -216,3 +221,93 @@ def test_page_with_a_wrong_key_asks_again(server, seeded):
     assert "hidden" not in dom.attrs_by_id["key-panel"]
     assert "Incorrect API key" in dom.by_id["key-error"]
     assert dom.table("segments") == []
+
+
+# -- number formatting: the page prints what the CLI prints ----------------------------------------------------
+def test_page_rounds_rates_like_the_cli(server, chdb_store, chdb_dsn):
+    """1 error in 2000 calls is 0.05% as a double a little above 0.05: the CLI prints 0.1%, and so must the page
+    (it printed 0.0%); 13 in 2000 (0.65...) is 0.7% in both, 3 in 2000 (0.15, a little below) 0.1% in both."""
+    run = "fm" + os.urandom(5).hex()
+    rows = []
+    for errors in (1, 3, 13):
+        rows += [call_row(run, f"{run}-{errors:02d}", i, status="error" if i < errors else "ok")
+                 for i in range(2000)]
+    insert_calls(chdb_store, rows)
+    dom = parse(dump_dom(page_url(server, key=ADMIN, since="1h", by="customer", where=f"tag.run={run}",
+                                  min_calls="1")))
+    got = {r["attrs"]["data-segment"]: r["cells"][1:5] for r in dom.table("segments")}
+    assert got == {f"{run}-13": ["2,000", "13", "0.7%", "0.4-1.1%"], f"{run}-03": ["2,000", "3", "0.1%", "0.1-0.4%"],
+                   f"{run}-01": ["2,000", "1", "0.1%", "0.0-0.3%"]}, got
+    (total,) = dom.table("segments", "tfoot")
+    assert "source not replay, replay-judge" in dom.by_id["status-line"]
+
+    app = typer.Typer()
+    stats_cli.register(app)
+    res = CliRunner().invoke(app, ["stats", "--since", "1h", "--where", f"tag.run={run}", "--min-calls", "1",
+                                   "--dsn", chdb_dsn])
+    assert res.exit_code == 0, res.output
+    cli_rows = [[c.strip() for c in ln.strip().strip("│").split("│")] for ln in res.stdout.splitlines()
+                if ln.strip().startswith("│")]
+    page_rows = [r["cells"] for r in dom.table("segments")] + [total["cells"]]
+    assert [r[:-1] for r in cli_rows] == [r[:-1] for r in page_rows]
+
+
+def _format_cases() -> list[list]:
+    """[formatter, value] pairs: every k/n rate for small n and for n = 2000, Wilson bounds, deltas, exact binary
+    ties (0.125, 2.5, ...), latencies, costs and negative values."""
+    rng = random.Random(7)
+    cases: list[list] = []
+    fractions = [(k, n) for n in range(1, 41) for k in range(n + 1)] + [(k, 2000) for k in range(2001)]
+    fractions += [(k, n) for n in (1000, 4000, 10_000, 12_345) for k in rng.sample(range(n + 1), 300)]
+    for k, n in fractions:
+        cases.append(["rate", k / n])
+        cases.append(["ci", list(q.wilson_interval(k, n))])
+    rates = [k / n for k, n in fractions]
+    cases += [["delta", a - b] for a, b in zip(rng.sample(rates, 2000), rng.sample(rates, 2000))]
+    cases += [["delta", x] for x in (0.0, -0.0, 0.0005, -0.0005, 0.00125, -0.00125, 0.25, -0.015)]
+    ties = [i / 8 for i in range(-80, 81)] + [i / 2 for i in range(-40, 41)] + [i / 64 for i in range(0, 200)]
+    cases += [["ms", x] for x in ties + [rng.uniform(0, 1e6) for _ in range(500)] + [0.5, 1.5, 2.5, 1234567.5]]
+    costs = ties + [i * 0.00005 for i in range(400)] + [0.0001 * i + 0.00005 for i in range(200)]
+    costs += [rng.uniform(0, 5) for _ in range(500)] + [99.995, 99.99995, 100.005, 123.455, 1234567.125, 1e22]
+    cases += [["cost", abs(x)] for x in costs] + [["fixed6", abs(x)] for x in costs]
+    return cases
+
+
+def _python_format(kind: str, x) -> str:
+    if kind == "rate":
+        return stats_cli.fmt_rate(x)
+    if kind == "ci":
+        return stats_cli.fmt_ci(*x)
+    if kind == "delta":
+        return stats_cli.fmt_delta(x)
+    if kind == "ms":
+        return stats_cli.fmt_ms(x)
+    if kind == "cost":
+        return stats_cli.fmt_cost(x)
+    return f"{x:.6f}"  # `tagway show` prints the cost as ${x:.6f}; the page's call panel as "$" + fixed(x, 6)
+
+
+def test_ui_js_formats_numbers_like_the_cli(tmp_path):
+    """ui.js's formatters in Chromium (no node needed) against stats_cli's for thousands of values, including
+    1/2000 and 13/2000 (which the page printed as 0.0% and 0.6% while the CLI said 0.1% and 0.7%)."""
+    cases = _format_cases()
+    assert ["rate", 1 / 2000] in cases and ["rate", 13 / 2000] in cases
+    ui_js = os.path.join(os.path.dirname(stats_cli.__file__), "static", "ui.js")
+    page = tmp_path / "formats.html"
+    page.write_text(
+        f'<!doctype html><html><body><pre id="out"></pre><script src="file://{ui_js}"></script><script>\n'
+        f"const CASES = {json.dumps(cases)};\n"
+        "const F = {rate: fmtRate, ci: (b) => fmtCI({low: b[0], high: b[1]}), delta: fmtDelta, ms: fmtMs,\n"
+        "  cost: fmtCost, fixed6: (x) => fixed(x, 6)};\n"
+        "let out;\n"
+        "try { out = CASES.map(([k, x]) => F[k](x)); } catch (e) { out = 'error: ' + e; }\n"
+        'document.getElementById("out").textContent = JSON.stringify(out);\n'
+        "</script></body></html>\n")
+    dom = dump_dom(page.as_uri())
+    text = html.unescape(dom.split('<pre id="out">', 1)[1].split("</pre>", 1)[0])
+    got = json.loads(text)
+    assert isinstance(got, list) and len(got) == len(cases), str(got)[:500]
+    want = [_python_format(k, x) for k, x in cases]
+    wrong = [(k, x, g, w) for (k, x), g, w in zip(cases, got, want) if g != w]
+    assert not wrong, f"{len(wrong)} of {len(cases)} differ, e.g. (formatter, value, page, CLI): {wrong[:10]}"
+    assert got[cases.index(["rate", 1 / 2000])] == "0.1%" and got[cases.index(["rate", 13 / 2000])] == "0.7%"

@@ -11,15 +11,29 @@ const SVGNS = "http://www.w3.org/2000/svg";
 const $ = (id) => document.getElementById(id);
 
 // -- formatting (same as the CLI) ----------------------------------------------------------------------------
-// Python's format() rounds an exact binary tie to even; toFixed rounds it up. Match Python.
+// Python's format() (what the CLI prints) gives the decimal closest to the exact binary value of v and, only
+// when v lies exactly halfway, the even last digit. toFixed also works on the exact value but breaks a tie away
+// from zero, so only a true tie needs handling. v * 10^digits must not be rounded before that test: 0.05 * 10
+// gives exactly 0.5 in floating point although the double 0.05 is a little above 0.05 (Python: "0.1"). v is a
+// tie only when v * 2^(digits+1) (exact: a power of two) is an odd integer, and then v * 10^digits is that odd
+// integer times 5^digits, halved; the digits come from BigInt arithmetic, without rounding.
 function fixed(v, digits) {
-  const m = Math.pow(10, digits);
-  const scaled = v * m;
-  const floor = Math.floor(scaled);
-  if (scaled - floor === 0.5) {
-    return ((floor % 2 === 0 ? floor : floor + 1) / m).toFixed(digits);
+  if (!Number.isFinite(v)) return String(v);
+  const neg = v < 0 || Object.is(v, -0);  // Python prints -0.0 as "-0.0"
+  const a = Math.abs(v);
+  const half = a * Math.pow(2, digits + 1);
+  let s;
+  if (a >= 1e21) {  // toFixed switches to exponent notation here; such a double is an integer
+    s = BigInt(a).toString() + (digits ? "." + "0".repeat(digits) : "");
+  } else if (Number.isInteger(half) && half % 2 === 1) {
+    const lower = (BigInt(half) * 5n ** BigInt(digits) - 1n) / 2n;  // the tie is lower + 0.5
+    const digitsOf = (lower % 2n === 0n ? lower : lower + 1n).toString().padStart(digits + 1, "0");
+    const cut = digitsOf.length - digits;
+    s = digitsOf.slice(0, cut) + (digits ? "." + digitsOf.slice(cut) : "");
+  } else {
+    s = a.toFixed(digits);
   }
-  return v.toFixed(digits);
+  return neg ? "-" + s : s;
 }
 function grouped(s) {  // "1234567.89" -> "1,234,567.89"
   const neg = s.startsWith("-");
@@ -386,8 +400,10 @@ async function load() {
     renderChart(ts);
     renderErrors(errs);
     const w = report.window;
+    // replayed and judge calls are left out unless the filters name source (exporters/queries.py)
+    const excluded = (report.sources_excluded || []).length ? ` · source not ${report.sources_excluded.join(", ")}` : "";
     $("status-line").textContent = `${report.segments.length} segment(s) · ${w.from.slice(0, 16).replace("T", " ")} to ` +
-      `${w.to.slice(0, 16).replace("T", " ")} UTC · bucket ${ts.step_seconds / 60} min · updated ` +
+      `${w.to.slice(0, 16).replace("T", " ")} UTC${excluded} · bucket ${ts.step_seconds / 60} min · updated ` +
       new Date().toLocaleTimeString();
     document.body.setAttribute("data-loaded", "1");
   } catch (e) {
