@@ -112,7 +112,9 @@ class StorageConfig(_Strict):
     ttl_days: int = Field(0, ge=0)
 
     def resolved_dsn(self) -> str:
-        return self.dsn or f"chdb://{os.path.abspath(os.path.join(self.data_dir, 'clickhouse'))}"
+        from exporters.dsn import embedded_dsn  # noqa: PLC0415 (the one helper replay and stats use too)
+
+        return self.dsn or embedded_dsn(self.data_dir)
 
     def resolved_spool(self) -> str:
         return self.spool_dir or os.path.abspath(os.path.join(self.data_dir, "spool"))

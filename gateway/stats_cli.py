@@ -19,13 +19,11 @@ from rich.table import Table
 from rich.text import Text
 
 from exporters import queries as q
+from exporters.dsn import DsnConfigError, default_dsn as _default_dsn, resolve_dsn as _resolve
 from exporters.store import Store, StoreError, StoreLockedError, connect, is_embedded, redact_dsn
 
 __all__ = ["register", "resolve_dsn", "default_dsn", "fmt_rate", "fmt_ci", "fmt_delta"]
 
-# The embedded store under ./tagway-data of the current directory (what a gateway started here uses by default).
-# Made absolute: `chdb:///./tagway-data/...` would name /tagway-data for exporters.store.
-DEFAULT_DATA_DIR = os.path.join(".", "tagway-data", "clickhouse")
 EXIT_BAD_INPUT = 2
 EXIT_STORE = 1
 
@@ -80,25 +78,16 @@ def _filters_line(sel: q.Selection) -> str:
 # -- DSN and store ---------------------------------------------------------------------------------------------
 def resolve_dsn(dsn: str | None = None, config: str | None = None) -> tuple[str, str]:
     """(dsn, database): --dsn, else $TAGWAY_DSN, else the gateway config (--config / $TAGWAY_CONFIG), else the
-    embedded default next to the current directory."""
-    if dsn:
-        return dsn, ""
-    if os.environ.get("TAGWAY_DSN"):
-        return os.environ["TAGWAY_DSN"], ""
-    config = config or os.environ.get("TAGWAY_CONFIG")
-    if config:
-        from .config import ConfigError, load_config  # noqa: PLC0415
-
-        try:
-            cfg = load_config(config)
-        except ConfigError as e:
-            raise _CliError(f"config: {e.problems[0] if e.problems else e}") from None
-        return cfg.storage.resolved_dsn(), cfg.storage.database
-    return default_dsn(), ""
+    embedded default next to the current directory (exporters.dsn, shared with `tagway replay`)."""
+    try:
+        r = _resolve(dsn, config)
+    except DsnConfigError as e:
+        raise _CliError(f"config: {e}") from None
+    return r.dsn, r.database
 
 
 def default_dsn() -> str:
-    return f"chdb://{os.path.abspath(DEFAULT_DATA_DIR)}"
+    return _default_dsn()
 
 
 def _open_store(dsn: str) -> Store:

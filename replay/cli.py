@@ -19,9 +19,8 @@ from .runner import FatalRunError
 from .slice import EmptySliceError
 from .spec import SpecError, apply_overrides, load_spec_data, parse_spec
 
-__all__ = ["replay_app", "register", "main", "DEFAULT_DSN"]
+__all__ = ["replay_app", "register", "main"]
 
-DEFAULT_DSN = "chdb:///./tagway-data"
 EXIT_PASSED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INCOMPLETE = 0, 1, 2, 3
 
 replay_app = typer.Typer(help="Replay tagged slices of real traffic against candidates; report and gate per segment.",
@@ -48,20 +47,27 @@ def _fail(msg: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
 @contextlib.contextmanager
 def _user_errors() -> Iterator[None]:
     """Bad input becomes one line on stderr and exit 2, never a traceback."""
+    from exporters.dsn import DsnConfigError
     from exporters.store import StoreError, StoreLockedError
+    from .pipeline import RunExistsError
     try:
         yield
     except StoreLockedError as e:
         raise _fail(f"{e}. The gateway probably holds it: point replay at a ClickHouse server DSN (--dsn / "
                     "TAGWAY_DSN), or stop the gateway and use --in-process") from None
-    except (SpecError, EmptySliceError, DatasetError, FatalRunError, StoreError) as e:
+    except DsnConfigError as e:
+        raise _fail(f"config: {e}") from None
+    except (SpecError, EmptySliceError, DatasetError, FatalRunError, StoreError, RunExistsError) as e:
         raise _fail(str(e)) from None
 
 
-def _store(dsn: Optional[str]):
+def _store(dsn: Optional[str], config: Optional[Path]):
+    """The store the gateway writes to: --dsn > $TAGWAY_DSN > the gateway config (--config / $TAGWAY_CONFIG) >
+    ./tagway-data/clickhouse (exporters.dsn, the same resolution as `tagway stats`)."""
+    from exporters.dsn import resolve_dsn
     from exporters.schema import migrate
     from exporters.store import connect
-    store = connect(dsn or os.environ.get("TAGWAY_DSN") or DEFAULT_DSN)
+    store = connect(resolve_dsn(dsn, config).dsn)
     migrate(store)
     return store
 
@@ -70,24 +76,60 @@ def _api_key(flag: Optional[str]) -> str:
     return flag or os.environ.get("TAGWAY_API_KEY") or os.environ.get("TAGWAY_ADMIN_KEY") or ""
 
 
-def _emit(report, fmt: str, out: Optional[Path]) -> None:
-    from rich.console import Console
-    from .report import FORMATS, render, render_terminal
+def _check_output(fmt: str, out: Optional[Path]) -> None:
+    """--format and --out are checked before the store is opened or any call is paid for."""
+    from .datasets import check_writable
+    from .report import FORMATS
     if fmt not in FORMATS:
         raise SpecError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
     if out is not None:
-        out.write_text(render(report, fmt))
+        try:
+            check_writable(out, "--out")
+        except DatasetError as e:
+            raise SpecError(str(e)) from None
+
+
+def _check_limits(max_cost: Optional[float], concurrency: Optional[int]) -> None:
+    """The bounds the spec puts on the same settings (`run` gets them through the spec)."""
+    if max_cost is not None and not max_cost > 0:
+        raise SpecError(f"--max-cost {max_cost:g}: must be a USD amount > 0")
+    if concurrency is not None and not 1 <= concurrency <= 1024:
+        raise SpecError(f"--concurrency {concurrency}: must be between 1 and 1024")
+
+
+def _emit(report, fmt: str, out: Optional[Path]) -> None:
+    from rich.console import Console
+    from .report import render, render_terminal
+    if out is not None:
+        try:
+            out.write_text(render(report, fmt), encoding="utf-8")
+        except OSError as e:
+            raise _fail(f"cannot write the report to {out}: {e.strerror or e} (the run is stored: "
+                        f"`tagway replay report {report.run_id} --out FILE` writes it again)") from None
         render_terminal(report, Console())
         typer.echo(f"report written to {out}", err=True)
     elif fmt == "table":
         render_terminal(report, Console())
     else:
         sys.stdout.write(render(report, fmt))
+    if report.status != "complete":
+        typer.echo(_incomplete_line(report), err=True)
+
+
+def _incomplete_line(report) -> str:
+    """What exit 3 means for this run and what finishes it."""
+    rid = report.run_id
+    if report.errored:
+        return (f"run {rid} incomplete: {report.errored} errored case result(s) not counted; "
+                f"`tagway replay resume {rid}` retries them")
+    return f"run {rid} incomplete: `tagway replay resume {rid}` runs the rest (--max-cost raises the budget)"
 
 
 GatewayOpt = typer.Option(None, "--gateway", envvar="TAGWAY_GATEWAY_URL", help="Gateway base URL.")
 InProcessOpt = typer.Option(False, "--in-process", help="Run the gateway app in this process (gateway.app:create_app).")
-DsnOpt = typer.Option(None, "--dsn", help=f"ClickHouse DSN (env TAGWAY_DSN, default {DEFAULT_DSN}).")
+DsnOpt = typer.Option(None, "--dsn", help="ClickHouse DSN (default: env TAGWAY_DSN, else the gateway config's "
+                      "storage, else the embedded store ./tagway-data/clickhouse).")
+ConfigOpt = typer.Option(None, "--config", "-c", help="Gateway config file whose storage to open (env TAGWAY_CONFIG).")
 KeyOpt = typer.Option(None, "--api-key", help="Gateway key (env TAGWAY_API_KEY or TAGWAY_ADMIN_KEY).")
 FormatOpt = typer.Option("table", "--format", "-f", help="table | md | json | html")
 OutOpt = typer.Option(None, "--out", "-o", help="Write the report in --format to this file.")
@@ -111,13 +153,19 @@ def run_cmd(
     max_cost: Optional[float] = typer.Option(None, "--max-cost", help="USD budget for the run."),
     concurrency: Optional[int] = typer.Option(None, "--concurrency"),
     fmt: str = FormatOpt, out: Optional[Path] = OutOpt, gateway: Optional[str] = GatewayOpt,
-    in_process: bool = InProcessOpt, dsn: Optional[str] = DsnOpt, api_key: Optional[str] = KeyOpt,
-    run_id: Optional[str] = typer.Option(None, "--run-id", help="Choose the run id (default: time + random)."),
+    in_process: bool = InProcessOpt, dsn: Optional[str] = DsnOpt, config: Optional[Path] = ConfigOpt,
+    api_key: Optional[str] = KeyOpt,
+    run_id: Optional[str] = typer.Option(None, "--run-id", help="Choose the run id (default: time + random); a new "
+                                         "one: an existing run is continued with `resume`."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Select a slice (or dataset), replay it against the candidates through the gateway, report and gate."""
+    from .datasets import validate_run_id
     from .pipeline import RunOptions, new_run_id, start_run
     with _user_errors():
+        _check_output(fmt, out)
+        if run_id is not None:
+            validate_run_id(run_id)
         data = apply_overrides(load_spec_data(spec), customer=customer, intent=intent, tags=tag, since=since,
                                segment_by=segment_by, limit=limit, dataset=dataset, candidate_models=candidate_model,
                                gate_aggregate=gate_aggregate, threshold=threshold, max_drop=max_drop,
@@ -125,10 +173,10 @@ def run_cmd(
         parsed = parse_spec(data, str(spec))
         spec_dir = spec.resolve().parent
         sys.path[:0] = [str(spec_dir), os.getcwd()]  # `python` evaluators: module:function beside the spec
-        store = _store(dsn)
+        store = _store(dsn, config)
         rid = run_id or new_run_id()
         opts = RunOptions(gateway_url=gateway, in_process=in_process, api_key=_api_key(api_key), progress=progress,
-                          spec_dir=spec_dir, run_id=rid)
+                          spec_dir=spec_dir, run_id=rid, gateway_config=config)
         typer.echo(f"replay run {rid}", err=True)
         try:
             result = asyncio.run(start_run(store, parsed, opts))
@@ -141,22 +189,27 @@ def run_cmd(
 @replay_app.command("resume")
 def resume_cmd(
     run_id: str = typer.Argument(..., help="The run to finish."),
-    retry_errored: bool = typer.Option(False, "--retry-errored", help="Also re-run cases whose result is errored."),
-    max_cost: Optional[float] = typer.Option(None, "--max-cost", help="New total USD budget for the run."),
-    concurrency: Optional[int] = typer.Option(None, "--concurrency"),
+    retry_errored: bool = typer.Option(True, "--retry-errored/--no-retry-errored",
+                                       help="Re-run the cases whose result is errored (default), or keep them."),
+    max_cost: Optional[float] = typer.Option(None, "--max-cost", help="New total USD budget for the run (> 0)."),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", help="1-1024."),
     fmt: str = FormatOpt, out: Optional[Path] = OutOpt, gateway: Optional[str] = GatewayOpt,
-    in_process: bool = InProcessOpt, dsn: Optional[str] = DsnOpt, api_key: Optional[str] = KeyOpt,
+    in_process: bool = InProcessOpt, dsn: Optional[str] = DsnOpt, config: Optional[Path] = ConfigOpt,
+    api_key: Optional[str] = KeyOpt,
     spec_dir: Optional[Path] = typer.Option(None, "--spec-dir", help="Where prompt files / python evaluators live."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
-    """Re-run only the (candidate, case) pairs of RUN_ID that have no result yet."""
+    """Re-run the (candidate, case) pairs of RUN_ID without a score: not run yet, or errored."""
     from .pipeline import RunOptions, resume_run
     with _user_errors():
-        store = _store(dsn)
+        _check_output(fmt, out)
+        _check_limits(max_cost, concurrency)
+        store = _store(dsn, config)
         base = (spec_dir or Path.cwd()).resolve()
         sys.path[:0] = [str(base)]
         opts = RunOptions(gateway_url=gateway, in_process=in_process, api_key=_api_key(api_key), progress=progress,
-                          spec_dir=base, retry_errored=retry_errored, max_cost=max_cost, concurrency=concurrency)
+                          spec_dir=base, retry_errored=retry_errored, max_cost=max_cost, concurrency=concurrency,
+                          gateway_config=config)
         try:
             result = asyncio.run(resume_run(store, run_id, opts))
         except KeyboardInterrupt:
@@ -169,6 +222,7 @@ def resume_cmd(
 def report_cmd(
     run_id: str = typer.Argument(...),
     fmt: str = FormatOpt, out: Optional[Path] = OutOpt, dsn: Optional[str] = DsnOpt,
+    config: Optional[Path] = ConfigOpt,
     gate_aggregate: Optional[str] = typer.Option(None, "--gate-aggregate"),
     threshold: Optional[float] = typer.Option(None, "--threshold"),
     max_drop: Optional[float] = typer.Option(None, "--max-drop"),
@@ -178,7 +232,8 @@ def report_cmd(
     from .pipeline import report_for
     from .store import get_run
     with _user_errors():
-        store = _store(dsn)
+        _check_output(fmt, out)
+        store = _store(dsn, config)
         run = get_run(store, run_id)
         if run is None:
             raise SpecError(f"no replay run {run_id!r}")
@@ -202,21 +257,28 @@ def dataset_save_cmd(
     segment_by: Optional[str] = typer.Option(None, "--segment-by"),
     limit: Optional[int] = typer.Option(None, "--limit"),
     description: str = typer.Option("", "--description"),
-    dsn: Optional[str] = DsnOpt,
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file that is not a tagway dataset."),
+    dsn: Optional[str] = DsnOpt, config: Optional[Path] = ConfigOpt,
 ) -> None:
-    """Pin a slice: the sampled trace ids (and their segments) under an id, or the full cases in a JSONL file."""
-    from .datasets import is_file_ref, save_dataset, save_jsonl
+    """Pin a slice: the sampled trace ids (and their segments) under an id, or the full cases in a JSONL file.
+    DATASET_ID names a file only when it ends in .jsonl/.json or contains a / (write ./golden for a file)."""
+    from .datasets import check_writable, is_dataset_file, is_file_ref, save_dataset, save_jsonl, validate_dataset_id
     from .slice import Sampled, select_slice
     with _user_errors():
+        to_file = is_file_ref(dataset_id)
+        if to_file:
+            check_writable(dataset_id, "dataset file", force=force, keep_unless=is_dataset_file)
+        else:
+            validate_dataset_id(dataset_id)
         data = apply_overrides(load_spec_data(spec), customer=customer, intent=intent, tags=tag, since=since,
                                segment_by=segment_by, limit=limit)
         parsed = parse_spec(data, str(spec))
         if parsed.slice is None:
             raise SpecError("dataset save needs a spec with a slice")
-        store = _store(dsn)
+        store = _store(dsn, config)
         cases, sampled = select_slice(store, parsed.slice)
-        if is_file_ref(dataset_id):
-            n = save_jsonl(dataset_id, cases)
+        if to_file:
+            n = save_jsonl(dataset_id, cases, force=force)
         else:
             n = save_dataset(store, dataset_id, [Sampled(c.case_id, c.segment) for c in cases], description)
         typer.echo(f"saved {n} case(s) in {len(sampled.selected)} segment(s) as {dataset_id}")
@@ -225,12 +287,12 @@ def dataset_save_cmd(
 
 
 @dataset_app.command("list")
-def dataset_list_cmd(dsn: Optional[str] = DsnOpt,
+def dataset_list_cmd(dsn: Optional[str] = DsnOpt, config: Optional[Path] = ConfigOpt,
                      all_: bool = typer.Option(False, "--all", help="Include the datasets pinned by runs.")) -> None:
     """The saved datasets."""
     from .datasets import list_datasets
     with _user_errors():
-        rows = list_datasets(_store(dsn), include_runs=all_)
+        rows = list_datasets(_store(dsn, config), include_runs=all_)
     if not rows:
         typer.echo("no dataset")
     for r in rows:

@@ -4,34 +4,85 @@ which also carries each case's content so it survives the TTL of `llm_calls` (an
 """
 from __future__ import annotations
 
+import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import orjson
 
 from .slice import Case, Sampled, fetch_cases
 
-__all__ = ["DatasetError", "validate_dataset_id", "is_file_ref", "save_dataset", "load_dataset", "list_datasets",
-           "save_jsonl", "load_jsonl", "load_cases", "RUN_DATASET_PREFIX"]
+__all__ = ["DatasetError", "validate_dataset_id", "validate_run_id", "is_file_ref", "is_dataset_file",
+           "check_writable", "save_dataset", "load_dataset", "list_datasets", "save_jsonl", "load_jsonl", "load_cases",
+           "RUN_DATASET_PREFIX"]
 
-_ID_RE = re.compile(r"^[A-Za-z0-9_.:@+-]{1,128}$")
+# Ids and files never overlap: a reference is a file when it ends in .jsonl/.json or contains a path separator
+# (write ./golden for a file without a suffix); ids start with a letter, digit or _ and never end in those suffixes.
+FILE_SUFFIXES = (".jsonl", ".json")
+_ID_CHARS = r"[A-Za-z0-9_][A-Za-z0-9_.:@+-]"
+_ID_RE = re.compile(_ID_CHARS + "{0,127}")
 RUN_DATASET_PREFIX = "run-"  # the cases a slice run sampled are pinned as dataset run-<run_id> (resume reads it)
+_RUN_ID_RE = re.compile(_ID_CHARS + "{0,%d}" % (127 - len(RUN_DATASET_PREFIX)))
+_SEPARATORS = tuple(sep for sep in ("/", os.sep, os.altsep) if sep)
 
 
 class DatasetError(ValueError):
     """A dataset id or file is invalid, missing or already taken."""
 
 
+def _has_file_suffix(ref: str) -> bool:
+    return ref.lower().endswith(FILE_SUFFIXES)
+
+
 def validate_dataset_id(dataset_id: str) -> str:
-    if not _ID_RE.match(dataset_id):
-        raise DatasetError(f"bad dataset id {dataset_id!r} (1-128 of [A-Za-z0-9_.:@+-])")
+    if not _ID_RE.fullmatch(dataset_id) or _has_file_suffix(dataset_id):
+        raise DatasetError(f"bad dataset id {dataset_id!r}: 1-128 of [A-Za-z0-9_.:@+-], starting with a letter, digit "
+                           "or _, not ending in .json/.jsonl (a file is a path ending in .jsonl/.json or containing "
+                           "a /)")
     return dataset_id
 
 
+def validate_run_id(run_id: str) -> str:
+    """Run ids follow the dataset id rules (a slice run pins its cases as dataset run-<run_id>)."""
+    limit = 128 - len(RUN_DATASET_PREFIX)
+    if not _RUN_ID_RE.fullmatch(run_id) or _has_file_suffix(run_id):
+        raise DatasetError(f"bad run id {run_id!r}: 1-{limit} of [A-Za-z0-9_.:@+-], starting with a letter, digit or "
+                           "_, not ending in .json/.jsonl")
+    return run_id
+
+
 def is_file_ref(ref: str) -> bool:
-    return ref.endswith((".jsonl", ".json")) or "/" in ref or Path(ref).is_file()
+    """A dataset reference names a JSONL file when it says so (suffix or path separator); otherwise it is an id.
+    Never guessed from what happens to exist in the current directory."""
+    return _has_file_suffix(ref) or any(sep in ref for sep in _SEPARATORS)
+
+
+def is_dataset_file(path: str | Path) -> bool:
+    """An existing file that holds tagway cases (what `save_jsonl` writes), so overwriting it loses no other data."""
+    try:
+        load_jsonl(path)
+    except DatasetError:
+        return False
+    return True
+
+
+def check_writable(path: str | Path, what: str, *, force: bool = False,
+                   keep_unless: Callable[[Path], bool] | None = None) -> Path:
+    """Fail early (before any query or paid call) when `path` cannot be written: its directory is missing or not
+    writable, it is a directory, or it exists and `keep_unless(path)` is false and `force` is not set."""
+    p = Path(path)
+    parent = p.parent
+    if p.is_dir():
+        raise DatasetError(f"{what} {p}: is a directory")
+    if not parent.is_dir():
+        raise DatasetError(f"{what} {p}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise DatasetError(f"{what} {p}: not writable")
+    if p.exists() and keep_unless is not None and not force and not keep_unless(p):
+        raise DatasetError(f"{what} {p}: refusing to overwrite a file that is not a tagway dataset (pass --force)")
+    return p
 
 
 def save_dataset(store: Any, dataset_id: str, picked: Sequence[Sampled], description: str = "") -> int:
@@ -49,11 +100,13 @@ def save_dataset(store: Any, dataset_id: str, picked: Sequence[Sampled], descrip
     return len(picked)
 
 
-def load_dataset(store: Any, dataset_id: str) -> list[Sampled]:
+def load_dataset(store: Any, dataset_id: str, *, validate: bool = True) -> list[Sampled]:
     rows = store.query("SELECT trace_id, segment FROM replay_datasets WHERE dataset_id = {id:String} "
-                       "ORDER BY position LIMIT 1 BY trace_id", {"id": validate_dataset_id(dataset_id)})
+                       "ORDER BY position LIMIT 1 BY trace_id",
+                       {"id": validate_dataset_id(dataset_id) if validate else dataset_id})
     if not rows:
-        raise DatasetError(f"no dataset {dataset_id!r} (see `tagway replay dataset list`)")
+        hint = f"; for the file, write ./{dataset_id}" if Path(dataset_id).is_file() else ""
+        raise DatasetError(f"no dataset {dataset_id!r} (see `tagway replay dataset list`{hint})")
     return [Sampled(r["trace_id"], r["segment"]) for r in rows]
 
 
@@ -64,9 +117,14 @@ def list_datasets(store: Any, *, include_runs: bool = False) -> list[dict]:
     return [r for r in rows if include_runs or not r["dataset_id"].startswith(RUN_DATASET_PREFIX)]
 
 
-def save_jsonl(path: str | Path, cases: Sequence[Case]) -> int:
-    """Write full cases (request, baseline answer, keys) one per line."""
-    Path(path).write_bytes(b"".join(orjson.dumps(c.to_json()) + b"\n" for c in cases))
+def save_jsonl(path: str | Path, cases: Sequence[Case], *, force: bool = False) -> int:
+    """Write full cases (request, baseline answer, keys) one per line. An existing file is replaced only when it is
+    a tagway dataset (or `force`)."""
+    p = check_writable(path, "dataset file", force=force, keep_unless=is_dataset_file)
+    try:
+        p.write_bytes(b"".join(orjson.dumps(c.to_json()) + b"\n" for c in cases))
+    except OSError as e:
+        raise DatasetError(f"cannot write dataset file {p}: {e.strerror or e}") from None
     return len(cases)
 
 
@@ -95,8 +153,11 @@ def load_jsonl(path: str | Path) -> list[Case]:
     return cases
 
 
-def load_cases(store: Any, ref: str) -> tuple[list[Case], dict[str, int]]:
-    """A dataset id (content from llm_calls) or a JSONL file (content inline) -> (cases, skipped reasons)."""
+def load_cases(store: Any, ref: str, *, pinned_id: bool = False) -> tuple[list[Case], dict[str, int]]:
+    """A dataset id (content from llm_calls) or a JSONL file (content inline) -> (cases, skipped reasons).
+    `pinned_id`: `ref` is an id tagway itself stored (a run's run-<run_id>), never a file."""
+    if pinned_id:
+        return fetch_cases(store, load_dataset(store, ref, validate=False))
     if is_file_ref(ref):
         return load_jsonl(ref), {}
     return fetch_cases(store, load_dataset(store, ref))

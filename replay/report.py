@@ -1,6 +1,10 @@
 """Per-segment report, pure: aggregation of case results into segment rows (n, baseline and candidate pass rates,
 delta, 95% Wilson intervals, flags) and a weighted mean row, per candidate; renderers for the terminal (rich),
 Markdown (PR comments), JSON and a self-contained HTML page (inline SVG chart, no CDN).
+
+Errored results (the gateway failed after its retries, or an evaluator / the judge failed) are not scores: they are
+left out of n and the pass rates, counted in their own `errored` column, and make the run incomplete until a
+`tagway replay resume` scores them.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ __all__ = ["wilson", "SegmentRow", "CandidateReport", "Report", "aggregate", "re
            "render_json", "render_html", "render", "FORMATS", "BASELINE"]
 
 BASELINE = "baseline"
+ERRORED = "errored"
 FAIL_MARK = "❌"
 LOW_MARK = "⚠ low n"
 
@@ -26,16 +31,17 @@ LOW_MARK = "⚠ low n"
 @dataclasses.dataclass
 class SegmentRow:
     segment: str
-    n: int  # candidate cases with a result
+    n: int  # candidate cases with a score (passed or failed; errored ones are not counted here)
     after_pass: int
     after: float
     after_ci: tuple[float, float]
-    before_n: int = 0  # baseline results on the same cases
+    before_n: int = 0  # baseline scores on the same cases
     before_pass: int = 0
     before: float | None = None
     before_ci: tuple[float, float] | None = None
     delta: float | None = None
-    errored: int = 0
+    errored: int = 0  # candidate results without a score (not in n)
+    before_errored: int = 0  # baseline results without a score on the same cases (not in before_n)
     failing: bool = False  # violates threshold or max_drop AND counts for the gate
     below: bool = False  # violates threshold or max_drop (shown even when the gate does not count it)
     low_confidence: bool = False
@@ -63,6 +69,7 @@ class Report:
     passed: bool
     reasons: list[str]
     n_cases: int = 0
+    errored: int = 0  # results without a score, all candidates and the baseline: the run is incomplete while > 0
     baseline_cost_usd: float = 0.0
     skipped: dict[str, int] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
@@ -77,14 +84,22 @@ class Report:
         return d
 
 
-def _row(segment: str, cand: Sequence[Any], base: Sequence[Any]) -> SegmentRow:
-    n, k = len(cand), sum(1 for r in cand if r.status == "passed")
-    row = SegmentRow(segment, n, k, k / n if n else 0.0, wilson(k, n),
-                     errored=sum(1 for r in cand if r.status == "errored"))
-    if base:
-        bk = sum(1 for r in base if r.status == "passed")
-        row.before_n, row.before_pass = len(base), bk
-        row.before, row.before_ci = bk / len(base), wilson(bk, len(base))
+def _scored(results: Sequence[Any]) -> list[Any]:
+    return [r for r in results if r.status != ERRORED]
+
+
+def _row(segment: str, cand: Sequence[Any], base: dict[str, Any]) -> SegmentRow:
+    """One segment: the candidate's scored results, and the baseline's on the cases the candidate scored."""
+    scored = _scored(cand)
+    n, k = len(scored), sum(1 for r in scored if r.status == "passed")
+    row = SegmentRow(segment, n, k, k / n if n else 0.0, wilson(k, n), errored=len(cand) - n)
+    paired = [base[r.case_id] for r in scored if r.case_id in base]
+    base_scored = _scored(paired)
+    row.before_errored = len(paired) - len(base_scored)
+    if base_scored:
+        bk = sum(1 for r in base_scored if r.status == "passed")
+        row.before_n, row.before_pass = len(base_scored), bk
+        row.before, row.before_ci = bk / len(base_scored), wilson(bk, len(base_scored))
         row.delta = row.after - row.before
     return row
 
@@ -106,9 +121,8 @@ def aggregate(results: Iterable[Any], gating: Any, *, run_id: str = "", status: 
             segments.setdefault(r.segment, []).append(r)
         rows = []
         for seg in sorted(segments):
-            cand = segments[seg]
-            rows.append(_row(seg, cand, [base[r.case_id] for r in cand if r.case_id in base]))
-        overall = _row("mean (weighted)", list(cases.values()), [base[c] for c in cases if c in base])
+            rows.append(_row(seg, segments[seg], base))
+        overall = _row("mean (weighted)", list(cases.values()), base)
         verdict = evaluate_gate(rows, overall, gating)
         for row in rows:
             row.low_confidence = row.n < gating.min_cases_per_segment
@@ -123,10 +137,20 @@ def aggregate(results: Iterable[Any], gating: Any, *, run_id: str = "", status: 
     passed = bool(reports) and all(c.verdict.passed for c in reports)
     if not reports:
         reasons.append("no candidate result: nothing to gate on")
+    per_target = {c.candidate: c.overall.errored for c in reports}
+    per_target[BASELINE] = sum(1 for r in base.values() if r.status == ERRORED)
+    errored = sum(per_target.values())
+    if errored:
+        if status == "complete":  # a verdict on the cases that happened to score is not the run's verdict
+            status = "incomplete"
+        by = ", ".join(f"{name} {n}" for name, n in per_target.items() if n)
+        reasons.append(f"{errored} errored case result(s) ({by}: gateway errors after retries or evaluator "
+                       f"failures) are not counted in the pass rates; `tagway replay resume {run_id}` retries them")
     if status != "complete":
         reasons.append(f"run {status}: the verdict covers only the cases that finished")
     return Report(run_id, status, list(segment_by), _gating_dict(gating), baseline_mode, reports, passed, reasons,
-                  n_cases, sum(float(r.cost_usd or 0) for r in base.values()), dict(skipped or {}), list(notes))
+                  n_cases, errored, sum(float(r.cost_usd or 0) for r in base.values()), dict(skipped or {}),
+                  list(notes))
 
 
 def _gating_dict(g: Any) -> dict:
@@ -146,6 +170,19 @@ def _delta(v: float | None) -> str:
     return "—" if v is None else f"{v:+.3f}"
 
 
+def _after(row: SegmentRow) -> str:
+    return _rate(row.after if row.n else None)
+
+
+def _after_ci(row: SegmentRow) -> str:
+    return f"{row.after_ci[0]:.3f}–{row.after_ci[1]:.3f}" if row.n else "—"
+
+
+def _errored(row: SegmentRow) -> str:
+    """The errored column: the candidate's results without a score (and the baseline's, if any)."""
+    return str(row.errored) + (f" (+{row.before_errored} baseline)" if row.before_errored else "")
+
+
 def _mark(row: SegmentRow) -> str:
     marks = []
     if row.failing:
@@ -154,8 +191,6 @@ def _mark(row: SegmentRow) -> str:
         marks.append("▽ not gated")
     if row.low_confidence:
         marks.append(LOW_MARK)
-    if row.errored:
-        marks.append(f"{row.errored} errored")
     return "  ".join(marks)
 
 
@@ -164,6 +199,10 @@ def _gate_line(r: Report) -> str:
     extra = f", max_drop {g['max_drop']:g}" if g.get("max_drop") is not None else ""
     return (f"gate {g.get('aggregate')} {g.get('metric', 'pass_rate')} >= {g.get('threshold'):g}{extra}, "
             f"min {g.get('min_cases_per_segment')} cases per segment")
+
+
+def _not_final(r: Report) -> str:
+    return "" if r.status == "complete" else f" (run {r.status}: not final)"
 
 
 def _title(c: CandidateReport) -> str:
@@ -184,32 +223,39 @@ def render_terminal(r: Report, console: Any = None) -> str:
     for out in targets:
         for c in r.candidates:
             out.print(_rich_table(c))
-            out.print(f"cost ${c.cost_usd:.4f}   {c.verdict.status.upper()}", highlight=False)
-        out.print(_footer_text(r), highlight=False)
+            out.print(f"cost ${c.cost_usd:.4f}   {c.verdict.status.upper()}", markup=False, emoji=False,
+                      highlight=False)
+        out.print(_footer_text(r), markup=False, emoji=False, highlight=False)  # reasons quote segment values
     return buf.getvalue()
 
 
 def _rich_table(c: CandidateReport) -> Any:
-    from rich.table import Table
+    """Every cell and the title are `Text`: segment values and candidate names come from traffic and specs, so a
+    `[red]` or `[/]` in them is shown as written, never read as Rich markup."""
     from rich import box
-    t = Table(title=_title(c), box=box.SIMPLE_HEAD, title_justify="left")
+    from rich.table import Table
+    from rich.text import Text
+    t = Table(title=Text(_title(c)), box=box.SIMPLE_HEAD, title_justify="left")
     for col, just in (("segment", "left"), ("n", "right"), ("before", "right"), ("after", "right"),
-                      ("delta", "right"), ("", "left")):
+                      ("delta", "right"), ("errored", "right"), ("", "left")):
         t.add_column(col, justify=just)  # type: ignore[arg-type]
+
+    def cells(row: SegmentRow, mark: str) -> list[Text]:
+        return [Text(x) for x in (row.segment, str(row.n), _rate(row.before), _after(row), _delta(row.delta),
+                                  _errored(row), mark)]
+
     for row in c.rows:
         style = "red" if row.failing else "yellow" if row.low_confidence else None
-        t.add_row(row.segment, str(row.n), _rate(row.before), _rate(row.after), _delta(row.delta), _mark(row),
-                  style=style)
+        t.add_row(*cells(row, _mark(row)), style=style)
     t.add_section()
     o = c.overall
-    t.add_row(o.segment, str(o.n), _rate(o.before), _rate(o.after), _delta(o.delta), FAIL_MARK if o.failing else "",
-              style="bold")
+    t.add_row(*cells(o, FAIL_MARK if o.failing else ""), style="bold")
     return t
 
 
 def _footer_text(r: Report) -> str:
     lines = [f"run {r.run_id} ({r.status}), segments by {', '.join(r.segment_by) or '-'}, baseline {r.baseline_mode}",
-             _gate_line(r), f"VERDICT: {r.verdict.upper()}"]
+             _gate_line(r), f"VERDICT: {r.verdict.upper()}{_not_final(r)}"]
     lines += [f"  - {x}" for x in r.reasons]
     if r.skipped:
         lines.append("skipped: " + "; ".join(f"{n} {why}" for why, n in r.skipped.items()))
@@ -224,21 +270,20 @@ def _md_cell(s: str) -> str:
 
 
 def render_markdown(r: Report) -> str:
-    icon = "✅" if r.passed else FAIL_MARK
-    out = [f"### tagway replay `{r.run_id}`: {icon} gate {r.verdict}", "",
+    icon = "⚠️" if r.status != "complete" else "✅" if r.passed else FAIL_MARK
+    out = [f"### tagway replay `{r.run_id}`: {icon} gate {r.verdict}{_not_final(r)}", "",
            f"{_gate_line(r)}; segments by `{', '.join(r.segment_by)}`; baseline {r.baseline_mode}; "
            f"run {r.status}", ""]
     for c in r.candidates:
         out += [f"#### {_md_cell(_title(c))}: {c.verdict.status}", "",
-                "| segment | n | before | after | delta | 95% CI after | |", "|---|---:|---:|---:|---:|---|---|"]
+                "| segment | n | before | after | delta | 95% CI after | errored | |",
+                "|---|---:|---:|---:|---:|---|---:|---|"]
         for row in c.rows:
-            ci = f"{row.after_ci[0]:.3f}–{row.after_ci[1]:.3f}"
-            out.append(f"| {_md_cell(row.segment)} | {row.n} | {_rate(row.before)} | {_rate(row.after)} | "
-                       f"{_delta(row.delta)} | {ci} | {_md_cell(_mark(row))} |")
+            out.append(f"| {_md_cell(row.segment)} | {row.n} | {_rate(row.before)} | {_after(row)} | "
+                       f"{_delta(row.delta)} | {_after_ci(row)} | {_errored(row)} | {_md_cell(_mark(row))} |")
         o = c.overall
-        out.append(f"| **{o.segment}** | **{o.n}** | **{_rate(o.before)}** | **{_rate(o.after)}** | "
-                   f"**{_delta(o.delta)}** | {o.after_ci[0]:.3f}–{o.after_ci[1]:.3f} | "
-                   f"{FAIL_MARK if o.failing else ''} |")
+        out.append(f"| **{o.segment}** | **{o.n}** | **{_rate(o.before)}** | **{_after(o)}** | "
+                   f"**{_delta(o.delta)}** | {_after_ci(o)} | **{_errored(o)}** | {FAIL_MARK if o.failing else ''} |")
         out += ["", f"cost ${c.cost_usd:.4f}", ""]
     out.append(f"**Verdict: {r.verdict.upper()}**")
     out += [f"- {_md_cell(x)}" for x in r.reasons]
@@ -282,7 +327,8 @@ def _svg_chart(c: CandidateReport, threshold: float) -> str:
         y = 24 + i * row_h
         colour = "#dc2626" if row.failing else "#d97706" if row.low_confidence else "#2563eb"
         parts.append(f'<g class="seg" data-segment="{e(row.segment)}"><title>{e(row.segment)}: n={row.n}, before '
-                     f'{_rate(row.before)}, after {_rate(row.after)}, delta {_delta(row.delta)}</title>')
+                     f'{_rate(row.before)}, after {_after(row)}, delta {_delta(row.delta)}, '
+                     f'errored {e(_errored(row))}</title>')
         parts.append(f'<text x="{label_w - 8}" y="{y + 18}" text-anchor="end">{e(row.segment[:28])}</text>')
         if row.before is not None:
             parts.append(f'<rect x="{label_w}" y="{y + 3}" width="{row.before * bar_w:.1f}" height="11" fill="#9ca3af"/>')
@@ -301,28 +347,29 @@ def _svg_chart(c: CandidateReport, threshold: float) -> str:
 def render_html(r: Report) -> str:
     e = html.escape
     body = [f"<h1>tagway replay <code>{e(r.run_id)}</code></h1>",
-            f'<p class="verdict {r.verdict}" id="verdict"><strong>Gate {e(r.verdict.upper())}</strong> — '
+            f'<p class="verdict {r.verdict}" id="verdict"><strong>Gate {e(r.verdict.upper() + _not_final(r))}'
+            '</strong> — '
             f'{e(_gate_line(r))}</p>',
             f'<p class="muted">segments by {e(", ".join(r.segment_by))}; baseline {e(r.baseline_mode)}; '
-            f'run {e(r.status)}; {r.n_cases} cases</p>']
+            f'run {e(r.status)}; {r.n_cases} cases; {r.errored} errored</p>']
     for c in r.candidates:
         body.append(f'<section class="candidate" data-candidate="{e(c.candidate)}"><h2>{e(_title(c))}: '
                     f'{e(c.verdict.status)}</h2>')
         body.append(_svg_chart(c, float(r.gating.get("threshold", 0))))
         body.append("<table><thead><tr><th>segment</th><th>n</th><th>before</th><th>after</th><th>delta</th>"
-                    "<th>95% CI before</th><th>95% CI after</th><th></th></tr></thead><tbody>")
+                    "<th>95% CI before</th><th>95% CI after</th><th>errored</th><th></th></tr></thead><tbody>")
         for row in c.rows:
             cls = " ".join(x for x in ("failing" if row.failing else "", "low-confidence" if row.low_confidence
                                        else "") if x)
             bci = f"{row.before_ci[0]:.3f}–{row.before_ci[1]:.3f}" if row.before_ci else "—"
             body.append(f'<tr class="{cls}" data-segment="{e(row.segment)}"><td>{e(row.segment)}</td><td>{row.n}</td>'
-                        f"<td>{_rate(row.before)}</td><td>{_rate(row.after)}</td><td>{_delta(row.delta)}</td>"
-                        f"<td>{bci}</td><td>{row.after_ci[0]:.3f}–{row.after_ci[1]:.3f}</td>"
+                        f"<td>{_rate(row.before)}</td><td>{_after(row)}</td><td>{_delta(row.delta)}</td>"
+                        f"<td>{bci}</td><td>{_after_ci(row)}</td><td class=\"errored\">{e(_errored(row))}</td>"
                         f"<td>{e(_mark(row))}</td></tr>")
         o = c.overall
         body.append(f'<tr class="mean{" failing" if o.failing else ""}"><td>{e(o.segment)}</td><td>{o.n}</td>'
-                    f"<td>{_rate(o.before)}</td><td>{_rate(o.after)}</td><td>{_delta(o.delta)}</td><td></td>"
-                    f"<td>{o.after_ci[0]:.3f}–{o.after_ci[1]:.3f}</td><td></td></tr></tbody></table>")
+                    f"<td>{_rate(o.before)}</td><td>{_after(o)}</td><td>{_delta(o.delta)}</td><td></td>"
+                    f"<td>{_after_ci(o)}</td><td class=\"errored\">{e(_errored(o))}</td><td></td></tr></tbody></table>")
         body.append(f'<p class="muted">cost ${c.cost_usd:.4f}</p></section>')
     body.append(f'<h2>Verdict: <span class="verdict {r.verdict}">{e(r.verdict.upper())}</span></h2><ul id="reasons">')
     body += [f"<li>{e(x)}</li>" for x in r.reasons]

@@ -133,9 +133,10 @@ def _prompt_version(case: Case, target: Target) -> str:
 class RunOutcome:
     results: list[ResultRow]
     cost_usd: float
-    complete: bool
+    complete: bool  # every item ran AND got a score (no errored result)
     stop_reason: str = ""
     pending: int = 0  # items not run (budget or stop)
+    errored: int = 0  # items that ran but have no score (gateway error after retries, evaluator/judge failure)
 
 
 @dataclasses.dataclass
@@ -372,7 +373,8 @@ class Runner:
                 self._probing = False
                 await asyncio.shield(self.flush())
         left = len(items) - done
-        return RunOutcome(results, self.spent, left == 0, stop_reason if left else "", left)
+        errored = sum(1 for r in results if r.status == "errored")
+        return RunOutcome(results, self.spent, left == 0 and errored == 0, stop_reason if left else "", left, errored)
 
 
 @contextlib.contextmanager
@@ -393,12 +395,17 @@ def _progress(enabled: bool, total: int):
 
 # -- the client ---------------------------------------------------------------------------------------------------
 
-def _load_app(ref: str) -> Any:
+def _load_app(ref: str, config: str | Path | None = None) -> Any:
     try:
         factory = load_ref(ref)
     except ImportError as e:
         raise FatalRunError(f"in-process mode needs {ref} (the gateway package): {e}") from None
-    return factory()
+    try:
+        return factory(str(config)) if config else factory()
+    except Exception as e:  # e.g. the gateway's ConfigError: one line for the user, not a traceback
+        where = f"{ref}, config {config}" if config else ref
+        reason = "; ".join(str(e).splitlines()) or type(e).__name__
+        raise FatalRunError(f"the in-process gateway could not be built ({where}): {reason}") from None
 
 
 @contextlib.asynccontextmanager
@@ -448,13 +455,14 @@ def _fast_transport(limits: httpx.Limits) -> httpx.AsyncBaseTransport | None:
 
 @contextlib.asynccontextmanager
 async def gateway_client(*, base_url: str | None = None, transport: httpx.AsyncBaseTransport | None = None,
-                         in_process: bool = False, app_ref: str = GATEWAY_APP, timeout: float = 120.0,
-                         concurrency: int = 8) -> AsyncIterator[httpx.AsyncClient]:
-    """An AsyncClient on the gateway: its URL, a given transport, or (in-process) the gateway's ASGI app."""
+                         in_process: bool = False, app_ref: str = GATEWAY_APP, app_config: str | Path | None = None,
+                         timeout: float = 120.0, concurrency: int = 8) -> AsyncIterator[httpx.AsyncClient]:
+    """An AsyncClient on the gateway: its URL, a given transport, or (in-process) the gateway's ASGI app (built from
+    `app_config`, a config file path, when given)."""
     limits = httpx.Limits(max_connections=max(concurrency * 2, 10), max_keepalive_connections=max(concurrency, 10))
     tm = httpx.Timeout(timeout, connect=min(timeout, 10.0))
     if in_process:
-        app = _load_app(app_ref)
+        app = _load_app(app_ref, app_config)
         async with _lifespan(app):
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://tagway.in-process",
                                          timeout=tm) as client:

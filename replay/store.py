@@ -6,7 +6,7 @@ dataset_id, judge_version and run_id; `replay_trace_id` is the replayed call's o
 `llm_calls` with `replay_run_id` / `replay_case_id` set by the gateway.
 
 Runs are append-only versions (newest `version` wins at read time); results may be written again for the same
-(run, candidate, case) on a resume with --retry-errored, and the newest row wins.
+(run, candidate, case) when a resume retries an errored one, and the newest row wins.
 """
 from __future__ import annotations
 

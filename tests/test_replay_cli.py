@@ -165,3 +165,167 @@ def test_register_adds_the_replay_sub_app():
     register(app)
     res = cli.invoke(app, ["replay", "--help"])
     assert res.exit_code == 0 and "run" in res.output and "resume" in res.output and "dataset" in res.output
+
+
+def _one_error_line(res) -> str:
+    lines = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in res.output, res.output
+    return lines[0]
+
+
+@pytest.mark.parametrize("cmd", ["run", "resume", "report"])
+@pytest.mark.parametrize("args,message", [
+    (["--format", "pdf"], "--format 'pdf': use one of table, md, json, html"),
+    (["--format", "md", "--out", "/nonexistent/dir/r.md"], "--out /nonexistent/dir/r.md: directory /nonexistent/dir "
+                                                             "does not exist"),
+    (["--out", "."], "--out .: is a directory"),
+])
+def test_output_options_are_checked_before_any_call(world, cmd, args, message):
+    run_id = unique("out")
+    if cmd != "run":  # a run to resume / report on: stopped by its budget after one case
+        assert invoke("run", "--spec", world["spec"], *world["common"], "--run-id", run_id, "--max-cost", "0.0005",
+                      "--concurrency", "1").exit_code == 3
+    sent = len(world["gw"].chat_requests())
+    argv = {"run": ["run", "--spec", world["spec"], *world["common"]],
+            "resume": ["resume", run_id, *world["common"], "--max-cost", "1"],
+            "report": ["report", run_id, "--dsn", world["dsn"]]}[cmd]
+    res = invoke(*argv, *args)
+    assert res.exit_code == 2 and message in _one_error_line(res)
+    assert len(world["gw"].chat_requests()) == sent  # nothing paid for
+
+
+def test_a_failed_report_write_is_one_line(world, monkeypatch):
+    from pathlib import Path
+
+    run_id = unique("wr")
+    assert invoke("run", "--spec", world["spec"], *world["common"], "--run-id", run_id).exit_code == 1
+
+    def full_disk(self, *a, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    res = invoke("report", run_id, "--dsn", world["dsn"], "--format", "md", "--out", world["tmp"] / "r.md")
+    assert res.exit_code == 2
+    assert f"cannot write the report to {world['tmp'] / 'r.md'}: No space left on device" in _one_error_line(res)
+
+
+@pytest.mark.parametrize("rid", ["v1.json", "v1.JSONL", "feature/x", "-x", "a" * 125])
+def test_run_ids_are_ids_not_files(world, rid):
+    res = invoke("run", "--spec", world["spec"], *world["common"], "--run-id", rid)
+    assert res.exit_code == 2 and "bad run id" in _one_error_line(res)
+    assert not world["gw"].chat_requests()
+
+
+def test_an_existing_run_id_is_refused_with_exit_2(world):
+    run_id = unique("nightly")
+    assert invoke("run", "--spec", world["spec"], *world["common"], "--run-id", run_id,
+                  "--customer", world["b"]).exit_code == 0
+    sent = len(world["gw"].chat_requests())
+    res = invoke("run", "--spec", world["spec"], *world["common"], "--run-id", run_id, "--customer", world["a"])
+    assert res.exit_code == 2
+    assert _one_error_line(res) == f"error: run {run_id} exists; use tagway replay resume {run_id}"
+    assert len(world["gw"].chat_requests()) == sent
+    report = invoke("report", run_id, "--dsn", world["dsn"], "--format", "json")
+    d = orjson.loads(report.output[report.output.index("{"):])
+    assert [r["segment"] for r in d["candidates"][0]["rows"]] == [world["b"]]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--max-cost", "-1"], "--max-cost -1: must be a USD amount > 0"),
+    (["--max-cost", "0"], "--max-cost 0: must be a USD amount > 0"),
+    (["--max-cost", "nan"], "--max-cost nan: must be a USD amount > 0"),
+    (["--concurrency", "-1"], "--concurrency -1: must be between 1 and 1024"),
+    (["--concurrency", "0"], "--concurrency 0: must be between 1 and 1024"),
+])
+def test_resume_validates_its_limits(world, args, message):
+    run_id = unique("lim")
+    assert invoke("run", "--spec", world["spec"], *world["common"], "--run-id", run_id, "--max-cost", "0.0005",
+                  "--concurrency", "1").exit_code == 3
+    sent = len(world["gw"].chat_requests())
+    res = invoke("resume", run_id, *world["common"], *args)
+    assert res.exit_code == 2 and message in _one_error_line(res)
+    assert len(world["gw"].chat_requests()) == sent
+
+
+def test_errored_cases_make_exit_3_and_plain_resume_retries_them(world):
+    """A 503 outage on 6 of a's cases (no retries): exit 3 with the count and the command that retries them, the
+    errored column in the report, and `resume` without flags re-runs just those 6."""
+    spec = yaml.safe_load(world["spec"].read_text())
+    spec["retries"] = 0
+    path = world["tmp"] / "no-retry.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    gw = world["gw"]
+    outage = [tid for tid in _trace_ids(world, world["b"])[:6]]
+    gw.fail_once.update({t: 503 for t in outage})
+    run_id = unique("err")
+    res = invoke("run", "--spec", path, *world["common"], "--run-id", run_id, "--format", "md")
+    assert res.exit_code == 3, res.output
+    assert f"| {world['b']} | 14 |" in res.output and "| 6 |" in res.output
+    assert (f"run {run_id} incomplete: 6 errored case result(s) not counted; `tagway replay resume {run_id}` "
+            "retries them") in res.output
+    sent = len(gw.chat_requests())
+    res = invoke("resume", run_id, *world["common"], "--no-retry-errored")
+    assert res.exit_code == 3 and len(gw.chat_requests()) == sent
+    res = invoke("resume", run_id, *world["common"], "--format", "json")
+    assert res.exit_code == 1, res.output  # complete; the gate fails on customer a as in the first test
+    assert sorted(r["headers"]["x-tagway-replay-case-id"] for r in gw.chat_requests()[sent:]) == sorted(outage)
+    d = orjson.loads(res.output[res.output.index("{"):])
+    assert d["status"] == "complete" and d["errored"] == 0 and d["candidates"][0]["overall"]["n"] == 40
+
+
+def _trace_ids(world, customer: str) -> list[str]:
+    from exporters.store import connect
+    store = connect(world["dsn"])
+    try:
+        return [r["trace_id"] for r in store.query("SELECT trace_id FROM llm_calls WHERE customer = {c:String} "
+                                                   "ORDER BY trace_id", {"c": customer})]
+    finally:
+        store.close()
+
+
+def test_dataset_names_are_ids_unless_they_say_file(world, monkeypatch):
+    """`golden` is an id even when ./golden exists (it is left alone); `./golden` is a file, overwritten only when it
+    holds a tagway dataset or with --force; a missing directory is one line."""
+    monkeypatch.chdir(world["tmp"])
+    precious = world["tmp"] / "golden"
+    precious.write_text("precious notes\n")
+    base = ["--spec", world["spec"], "--dsn", world["dsn"], "--customer", world["b"]]
+    ds = unique("golden")
+    (world["tmp"] / ds).write_text("precious notes\n")
+    res = invoke("dataset", "save", ds, *base)
+    assert res.exit_code == 0 and f"as {ds}" in res.output
+    assert (world["tmp"] / ds).read_text() == "precious notes\n"
+
+    res = invoke("dataset", "save", "./golden", *base)
+    assert res.exit_code == 2 and "refusing to overwrite a file that is not a tagway dataset (pass --force)" in \
+        _one_error_line(res)
+    assert precious.read_text() == "precious notes\n"
+    assert invoke("dataset", "save", "./golden", *base, "--force").exit_code == 0
+    assert len(precious.read_text().splitlines()) == 20
+    assert invoke("dataset", "save", "./golden", *base, "--customer", world["a"]).exit_code == 0  # a dataset file
+
+    res = invoke("dataset", "save", "/nonexistent/d.jsonl", *base)
+    assert res.exit_code == 2 and "directory /nonexistent does not exist" in _one_error_line(res)
+    for bad in ("bad id!", ".hidden", "a" * 129):
+        res = invoke("dataset", "save", bad, *base)
+        assert res.exit_code == 2 and "bad dataset id" in _one_error_line(res)
+    res = invoke("run", "--spec", world["spec"], *world["common"], "--dataset", "golden")
+    assert res.exit_code == 2 and "no dataset 'golden'" in res.output and "write ./golden" in res.output
+
+
+def test_config_option_opens_the_gateway_store(world, tmp_path, monkeypatch):
+    """--config (or $TAGWAY_CONFIG) names the gateway config whose storage replay opens."""
+    monkeypatch.delenv("TAGWAY_DSN", raising=False)
+    monkeypatch.delenv("TAGWAY_CONFIG", raising=False)
+    cfg = tmp_path / "tagway.yaml"
+    cfg.write_text(yaml.safe_dump({"server": {"port": 4001}, "storage": {"dsn": world["dsn"]}}))
+    common = ["--gateway", world["gw"].url, "--api-key", API_KEY, "--no-progress"]
+    res = invoke("run", "--spec", world["spec"], "--config", cfg, *common, "--customer", world["b"])
+    assert res.exit_code == 0, res.output
+    run_id = res.output.split("replay run ", 1)[1].split()[0]
+    monkeypatch.setenv("TAGWAY_CONFIG", str(cfg))
+    assert invoke("report", run_id).exit_code == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("storage:\n  nope: 1\n")
+    res = invoke("report", run_id, "--config", bad)
+    assert res.exit_code == 2 and _one_error_line(res) == "error: config: storage.nope: unknown setting"

@@ -94,21 +94,58 @@ def test_gate_is_pure_on_plain_rows():
     assert v.passed and v.status == "passed" and "worst segment b" in v.reasons[0]
 
 
-def test_errored_cases_count_as_not_passed_and_are_marked():
-    rows = results({"a": (20, 20, 20)})
-    rows[1] = R("cand", "a-0", "a", "errored")
-    r = aggregate(rows, Gating(threshold=0.9, min_cases_per_segment=20))
+def test_errored_cases_are_not_scores_and_make_the_run_incomplete():
+    """6 of 20 cases errored (a gateway outage): they are left out of n and the pass rate (14/14, not 14/20, which
+    would fail the gate on an outage), counted apart per segment and in total, and the run is incomplete."""
+    rows = results({"a": (20, 20, 20), "b": (20, 20, 20)})
+    for i in range(6):
+        rows[2 * i + 1] = R("cand", f"a-{i}", "a", "errored")
+    rows[41] = R("cand", "b-0", "b", "errored")
+    rows[42] = R("baseline", "b-1", "b", "errored")
+    r = aggregate(rows, Gating(threshold=0.9, min_cases_per_segment=10), run_id="run-e", status="complete")
+    a, b = r.candidates[0].rows
+    assert (a.n, a.after_pass, a.after, a.errored) == (14, 14, 1.0, 6)
+    assert (a.before_n, a.before) == (14, 1.0) and a.delta == 0 and not a.failing
+    assert (b.n, b.errored, b.before_n, b.before_errored) == (19, 1, 18, 1)
+    o = r.candidates[0].overall
+    assert (o.n, o.errored, o.after) == (33, 7, 1.0)
+    assert r.errored == 8 and r.status == "incomplete"
+    line = "8 errored case result(s) (cand 7, baseline 1: gateway errors after retries or evaluator failures) are " \
+           "not counted in the pass rates; `tagway replay resume run-e` retries them"
+    assert line in r.reasons
+
+    md = render_markdown(r)
+    assert "| a | 14 | 1.000 | 1.000 | +0.000 | 0.785–1.000 | 6 |  |" in md
+    assert "| b | 19 | 1.000 | 1.000 | +0.000 | 0.832–1.000 | 1 (+1 baseline) |  |" in md
+    assert "| **mean (weighted)** | **33** |" in md and "| **7 (+1 baseline)** |" in md and f"- {line}" in md
+    assert md.startswith("### tagway replay `run-e`: ⚠️ gate passed (run incomplete: not final)")
+    text = render_terminal(r)
+    a_line = next(x for x in text.splitlines() if x.strip().startswith("a "))
+    assert a_line.split() == ["a", "14", "1.000", "1.000", "+0.000", "6"]
+    assert line in " ".join(text.split()) and "VERDICT: PASSED (run incomplete: not final)" in text
+    d = orjson.loads(render_json(r))
+    assert d["errored"] == 8 and d["status"] == "incomplete"
+    assert [(x["segment"], x["n"], x["errored"], x["before_errored"]) for x in d["candidates"][0]["rows"]] == [
+        ("a", 14, 6, 0), ("b", 19, 1, 1)]
+    assert d["candidates"][0]["overall"]["errored"] == 7
+    page = render_html(r)
+    assert '<td class="errored">6</td>' in page and "8 errored</p>" in page
+
+
+def test_a_segment_with_only_errored_results_shows_no_rate():
+    rows = [R("cand", f"x-{i}", "x", "errored") for i in range(3)]
+    r = aggregate(rows, Gating(threshold=0.9, min_cases_per_segment=1))
     row = r.candidates[0].rows[0]
-    assert row.after_pass == 19 and row.errored == 1
-    assert "1 errored" in render_markdown(r)
+    assert (row.n, row.errored) == (0, 3) and r.status == "incomplete"
+    assert "| x | 0 | — | — | — | — | 3 |" in render_markdown(r)
 
 
 def test_markdown_table_content():
     r = aggregate(results(SEED_001), Gating(threshold=0.85), run_id="run-1", segment_by=["customer"],
                   models={"cand": "gpt-new"})
     md = render_markdown(r)
-    assert "| segment | n | before | after | delta | 95% CI after | |" in md
-    assert "| refund_flow | 47 | 0.915 | 0.766 | -0.149 | 0.628–0.864 | ❌ |" in md
+    assert "| segment | n | before | after | delta | 95% CI after | errored | |" in md
+    assert "| refund_flow | 47 | 0.915 | 0.766 | -0.149 | 0.628–0.864 | 0 | ❌ |" in md
     assert "| invoice_parse | 210 | 0.838 | 0.910 | +0.071 |" in md
     assert "| tiny | 6 | 1.000 | 0.500 | -0.500 |" in md and "⚠ low n" in md
     assert "| **mean (weighted)** | **1206** |" in md
@@ -171,3 +208,24 @@ def test_html_renders_in_headless_chromium(tmp_path):
            '<td>0.766</td><td>-0.149</td>' in dom
     assert 'class="low-confidence" data-segment="tiny"' in dom
     assert "Gate FAILED" in dom and dom.count('<g class="seg"') == len(SEED_001)
+
+
+def test_terminal_shows_rich_markup_in_values_as_written():
+    """Segment values (customer names), candidate names and models come from traffic and specs: `[/]` must not
+    crash the table and `[red]x[/red]` must not restyle it."""
+    from rich.console import Console
+
+    rows = results({"[/]": (25, 25, 10), "[red]x[/red]": (25, 25, 25), "acme [bold]": (25, 25, 25)}, "[b]c[/b]")
+    r = aggregate(rows, Gating(threshold=0.85, min_cases_per_segment=20), run_id="r-[/]",
+                  models={"[b]c[/b]": "[/]model"}, notes=["note [/i] here"], skipped={"no content [/]": 2})
+    console = Console(record=True, width=200, force_terminal=True, color_system="truecolor")
+    text = render_terminal(r, console)
+    shown = console.export_text(clear=False)
+    for out in (text, shown):
+        assert "candidate [b]c[/b] ([/]model)" in out
+        assert any(line.split()[:2] == ["[/]", "25"] for line in out.splitlines())
+        assert any(line.split()[:2] == ["[red]x[/red]", "25"] for line in out.splitlines())
+        assert "segment [/]: pass rate 0.400 < threshold 0.85 (n=25)" in out
+        assert "note: note [/i] here" in out and "2 no content [/]" in out and "run r-[/] (" in out
+    styled = console.export_html(inline_styles=True)
+    assert "[red]x[/red]" in styled and ">x</span>" not in styled  # shown as written, not as a red "x"

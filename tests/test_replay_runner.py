@@ -188,7 +188,8 @@ def test_errored_cases_and_a_dead_gateway_after_the_probe():
     by = {r.case_id: r for r in out.results}
     assert by["case-1"].status == "errored" and "cannot load 'nope:fn'" in by["case-1"].error
     assert by["case-2"].status == "errored" and "gateway unreachable after 2 attempt(s)" in by["case-2"].error
-    assert out.complete and len(sent) == 3
+    # every item ran, but errored results are not scores: the outcome is not complete
+    assert not out.complete and (out.pending, out.errored) == (0, 2) and len(sent) == 3
 
 
 class TinyGateway:
@@ -252,3 +253,103 @@ def test_baseline_rerun_calls_the_gateway_for_the_baseline_too(chdb_store, slice
     row = res.report.candidates[0].rows[0]
     assert (row.n, row.before, row.after) == (24, 1.0, 0.5) and res.report.baseline_mode == "rerun"
     assert all(r.replay_trace_id for r in read_results(chdb_store, res.run_id) if r.candidate == "baseline")
+
+
+def test_errored_cases_are_not_scored_leave_the_run_incomplete_and_resume_retries_them(chdb_store, slice_data):
+    """A 503 outage on 6 of A's cases with no retries left: they are not failures (A's pass rate stays 18/18, not
+    18/24), the run is incomplete (exit 3) with the count and the resume command, and a plain resume retries just
+    those 6 and completes the run."""
+    a, _, _ = slice_data
+    spec = parse_spec(spec_for([a], retries=0, concurrency=2,
+                               gating={"aggregate": "min_segment", "threshold": 0.85, "min_cases_per_segment": 10}))
+    outage = [p["trace_id"] for p in chdb_store.query(
+        "SELECT trace_id FROM llm_calls WHERE customer = {c:String} AND request_json != '' LIMIT 6", {"c": a})]
+    with FakeLLM({"cand-model": approve_unless("nobody")}) as gw:
+        gw.fail_once.update({t: 503 for t in outage})
+        res = asyncio.run(start_run(chdb_store, spec, opts(gw)))
+        row = res.report.candidates[0].rows[0]
+        assert (row.n, row.after, row.errored) == (18, 1.0, 6) and not row.failing
+        assert res.exit_code == 3 and res.report.status == "incomplete" and res.report.errored == 6
+        assert any(f"6 errored case result(s)" in x and f"`tagway replay resume {res.run_id}` retries them" in x
+                   for x in res.report.reasons)
+        assert get_run(chdb_store, res.run_id).status == "incomplete"
+
+        kept = asyncio.run(resume_run(chdb_store, res.run_id, opts(gw, retry_errored=False)))
+        assert kept.exit_code == 3 and len(gw.chat_requests()) == 24  # nothing to run without retrying errored
+
+        again = asyncio.run(resume_run(chdb_store, res.run_id, opts(gw)))
+        retried = gw.chat_requests()[24:]
+    assert sorted(r["headers"]["x-tagway-replay-case-id"] for r in retried) == sorted(outage)
+    assert again.exit_code == 0 and again.report.status == "complete" and again.report.errored == 0
+    assert again.report.candidates[0].rows[0].n == 24
+    assert get_run(chdb_store, res.run_id).status == "complete"
+
+
+def test_an_existing_run_id_is_refused_before_any_call(chdb_store, slice_data):
+    a, b, _ = slice_data
+    from replay.pipeline import RunExistsError
+    run_id = unique("nightly")
+    with FakeLLM({"cand-model": approve_unless("nobody")}) as gw:
+        asyncio.run(start_run(chdb_store, parse_spec(spec_for([a])), opts(gw, run_id=run_id)))
+        sent = len(gw.chat_requests())
+        with pytest.raises(RunExistsError, match=f"run {run_id} exists; use tagway replay resume {run_id}"):
+            asyncio.run(start_run(chdb_store, parse_spec(spec_for([b])), opts(gw, run_id=run_id)))
+        assert len(gw.chat_requests()) == sent
+    assert {r.segment for r in read_results(chdb_store, run_id)} == {a}  # nothing of b merged in
+
+
+_CALLS = {"n": 0}
+
+
+def interrupt_at_the_8th(output, context):
+    """A python evaluator that plays Ctrl-C while scoring the 8th candidate answer."""
+    if context["vars"]["candidate"] == "cand":
+        _CALLS["n"] += 1
+        if _CALLS["n"] == 8:
+            raise KeyboardInterrupt
+    return "approved" in output
+
+
+def test_an_interrupted_run_records_what_it_spent_and_resume_keeps_the_budget(chdb_store, slice_data):
+    a, _, _ = slice_data
+    _CALLS["n"] = 0
+    spec = parse_spec(spec_for([a], concurrency=1, max_cost=0.0155,
+                               evaluators=[{"type": "python", "value": f"{__name__}:interrupt_at_the_8th"}]))
+    with FakeLLM({"cand-model": approve_unless("nobody")}) as gw:
+        run_id = unique("ctrlc")
+        with pytest.raises(KeyboardInterrupt):
+            asyncio.run(start_run(chdb_store, spec, opts(gw, run_id=run_id)))
+        assert len(gw.chat_requests()) == 8
+        run = get_run(chdb_store, run_id)
+        assert run.status == "incomplete" and run.cost_usd == pytest.approx(0.008)  # not $0
+
+        again = asyncio.run(resume_run(chdb_store, run_id, opts(gw)))
+        total = len(gw.chat_requests())
+    assert total == 16  # $0.008 before + 8 x $0.001 reaches max_cost $0.0155: no new case starts after that
+    assert again.exit_code == 3 and get_run(chdb_store, run_id).cost_usd == pytest.approx(0.016)
+
+
+_BUILT_WITH: list = []
+
+
+def create_tiny_app_from(config=None):
+    if config and "broken" in config:
+        raise ValueError("storage.nope: unknown setting\nmodels.0.name: required")
+    _BUILT_WITH.append(config)
+    return TinyGateway()
+
+
+def test_in_process_gateway_is_built_from_the_given_config():
+    """`--config` with `--in-process`: the gateway app in the replay process uses the same config file as the store;
+    a config it rejects is one line, not a traceback."""
+    async def go(cfg):
+        async with gateway_client(in_process=True, app_ref=f"{__name__}:create_tiny_app_from", app_config=cfg):
+            pass
+
+    _BUILT_WITH.clear()
+    asyncio.run(go("gw.yaml"))
+    asyncio.run(go(None))
+    assert _BUILT_WITH == ["gw.yaml", None]
+    with pytest.raises(FatalRunError, match=r"could not be built \(.*create_tiny_app_from, config broken.yaml\): "
+                                            r"storage.nope: unknown setting; models.0.name: required$"):
+        asyncio.run(go("broken.yaml"))
