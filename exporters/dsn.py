@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import yaml
 
 __all__ = ["DsnConfigError", "ResolvedDsn", "resolve_dsn", "embedded_dsn", "default_dsn", "DEFAULT_DATA_DIR",
-           "STORAGE_KEYS"]
+           "STORAGE_KEYS", "anchor_storage_paths"]
 
 DEFAULT_DATA_DIR = os.path.join(".", "tagway-data")
 STORAGE_KEYS = frozenset({"data_dir", "dsn", "spool_dir", "database", "cluster", "ttl_days"})
@@ -79,9 +79,20 @@ def _read_storage(path: str) -> dict[str, Any]:
     for key in _STRING_KEYS:
         if storage.get(key) is not None and not isinstance(storage[key], str):
             raise DsnConfigError(f"storage.{key}: must be a string")
+    return anchor_storage_paths(storage, p.parent)
+
+
+def anchor_storage_paths(storage: Mapping[str, Any], base: Path) -> dict[str, Any]:
+    """Relative paths in a config's `storage` mapping (data_dir, spool_dir, a `chdb://relative/path` DSN) are
+    relative to the config file's directory, not to wherever the command happens to run."""
     out = dict(storage)
-    if out.get("data_dir") and not os.path.isabs(out["data_dir"]):
-        out["data_dir"] = str(p.parent / out["data_dir"])
+    for key in ("data_dir", "spool_dir"):
+        if isinstance(out.get(key), str) and out[key] and not os.path.isabs(out[key]):
+            out[key] = str(base / out[key])
+    dsn = out.get("dsn")
+    if isinstance(dsn, str) and dsn.startswith("chdb://") and not dsn.startswith("chdb:///") \
+            and dsn[len("chdb://"):] not in ("", ":memory:"):
+        out["dsn"] = "chdb://" + str((base / dsn[len("chdb://"):]).resolve())
     return out
 
 

@@ -36,7 +36,8 @@ class TagwayApp:
         self.keyring = KeyRing(config)
         self.providers = Providers()
         self.pricing = Pricing()
-        self.redactor = Redactor(list(config.recording.redact_builtin), config.recording.redact_patterns)
+        self.redactor = Redactor(list(config.recording.redact_builtin), config.recording.redact_patterns,
+                                 max_chars=config.recording.capture_max_chars)
         self.recorder = recorder
         self._recorder_factory = recorder_factory or default_recorder
         # whoever owns the recorder flushes it at shutdown; by default the app owns what it creates

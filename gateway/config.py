@@ -11,6 +11,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from exporters.dsn import anchor_storage_paths, embedded_dsn
+
 __all__ = ["GatewayConfig", "ModelConfig", "TenantConfig", "KeyConfig", "Taxonomy", "ConfigError", "load_config",
            "OPENAI_COMPATIBLE"]
 
@@ -112,9 +114,7 @@ class StorageConfig(_Strict):
     ttl_days: int = Field(0, ge=0)
 
     def resolved_dsn(self) -> str:
-        from exporters.dsn import embedded_dsn  # noqa: PLC0415 (the one helper replay and stats use too)
-
-        return self.dsn or embedded_dsn(self.data_dir)
+        return self.dsn or embedded_dsn(self.data_dir)  # the one helper replay and stats use too
 
     def resolved_spool(self) -> str:
         return self.spool_dir or os.path.abspath(os.path.join(self.data_dir, "spool"))
@@ -123,6 +123,7 @@ class StorageConfig(_Strict):
 class RecordingConfig(_Strict):
     enabled: bool = True
     capture_content: bool = True  # global switch; a tenant can turn it off for itself
+    capture_max_chars: int = Field(200_000, ge=0)  # captured text per call; longer content is cut, and says so
     redact_builtin: list[Literal["email", "card", "bearer"]] = ["email", "card", "bearer"]
     redact_patterns: list[str] = []
     batch_max_rows: int = Field(2000, ge=1)
@@ -258,12 +259,13 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Gate
         if not isinstance(loaded, dict):
             raise ConfigError([f"{p}: the top level must be a mapping"])
         data = loaded
-        if not data.get("keys_file"):
-            data["keys_file"] = str(p.with_name(p.stem + ".keys.yaml"))
-        base = p.parent
-        storage = data.get("storage") or {}
-        if isinstance(storage, dict) and storage.get("data_dir") and not os.path.isabs(storage["data_dir"]):
-            storage["data_dir"] = str(base / storage["data_dir"])
+        # relative paths in the file are relative to the file, whatever directory the command runs in
+        base = p.resolve().parent
+        keys_file = data.get("keys_file")
+        data["keys_file"] = str(base / keys_file) if isinstance(keys_file, str) and keys_file \
+            else str(base / (p.stem + ".keys.yaml"))
+        if isinstance(data.get("storage"), dict):
+            data["storage"] = anchor_storage_paths(data["storage"], base)
     data.update(overrides)
     try:
         return GatewayConfig(**data)

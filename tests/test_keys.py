@@ -66,3 +66,19 @@ def test_bad_key_commands_are_one_line_and_exit_2(tmp_path):
     bad.write_text("models: [{name: a, fallbacks: [zz]}]\nbogus: 1\n")
     res = runner.invoke(cli, ["config", "check", "--config", str(bad)])
     assert res.exit_code == 2 and "bogus: unknown setting" in res.stderr and "Traceback" not in res.output
+
+
+def test_relative_paths_are_relative_to_the_config_file(tmp_path, monkeypatch):
+    (tmp_path / "etc").mkdir()
+    cfg_path = tmp_path / "etc" / "tagway.yaml"
+    cfg_path.write_text(yaml.safe_dump({"keys_file": "keys/k.yaml", "tenants": [{"customer": "acme"}],
+                                        "storage": {"data_dir": "data", "spool_dir": "spool"}}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config(cfg_path)
+    assert cfg.keys_file == str(tmp_path / "etc" / "keys" / "k.yaml")
+    assert cfg.storage.resolved_dsn() == f"chdb://{tmp_path / 'etc' / 'data' / 'clickhouse'}"
+    assert cfg.storage.resolved_spool() == str(tmp_path / "etc" / "spool")
+    cfg_path.write_text(yaml.safe_dump({"storage": {"dsn": "chdb://db/ch"}}))
+    assert load_config(cfg_path).storage.resolved_dsn() == f"chdb://{tmp_path / 'etc' / 'db' / 'ch'}"
