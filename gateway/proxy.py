@@ -422,32 +422,48 @@ class Proxy:
 
 class _CallState:
     """Where the response is, and the watch for a client that hangs up: when it does, the call's task is cancelled
-    so the upstream request stops too (and stops costing), and the record says so."""
+    so the upstream request stops too (and stops costing), and the record says so.
 
-    __slots__ = ("started", "client_gone", "_watcher", "_watching")
+    The watch starts only once a call has lasted `WATCH_AFTER` seconds: a watcher task per call costs ~10% of the
+    gateway's throughput on fast calls, and only a call that takes a while can be abandoned mid-way."""
+
+    WATCH_AFTER = 0.25
+    __slots__ = ("started", "client_gone", "_watcher", "_timer", "_watching")
 
     def __init__(self) -> None:
         self.started = False
         self.client_gone = False
         self._watcher: asyncio.Future | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self._watching = False
 
     def watch_disconnect(self, receive: Any) -> None:
         task = asyncio.current_task()
+        if task is None:
+            return
+        self._watching = True
+        self._timer = asyncio.get_running_loop().call_later(self.WATCH_AFTER, self._start_watcher, receive, task)
+
+    def _start_watcher(self, receive: Any, task: asyncio.Task) -> None:
+        self._timer = None
+        if not self._watching:
+            return
 
         def gone(f: asyncio.Future) -> None:
             # done callbacks run a loop iteration later: `_watching` says whether we still care
-            if self._watching and not f.cancelled() and f.exception() is None and task is not None:
+            if self._watching and not f.cancelled() and f.exception() is None:
                 self.client_gone = True
                 task.cancel()
 
-        self._watching = True
         self._watcher = asyncio.ensure_future(_wait_disconnect(receive))
         self._watcher.add_done_callback(gone)
 
     def stop_watching(self) -> None:
         """Call before completing the response: uvicorn then reports `http.disconnect` to a pending receive()."""
         self._watching = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._watcher is not None:
             self._watcher.cancel()
             self._watcher = None
