@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import threading
 import time
 from typing import Any, Iterator
@@ -23,6 +22,7 @@ from exporters import semconv as sc
 from gateway.app import TagwayApp
 from gateway.auth import hash_key
 from gateway.config import GatewayConfig
+from tests.http_server import free_port
 from tests.upstream import Upstream
 
 UPSTREAM_KEY = "sk-upstream-secret-should-never-leak"
@@ -34,12 +34,6 @@ KEYS = {
     "revoked": "tw-test-revoked-0123456789abcdefghijklmn",
 }
 ADMIN_KEY = "tw-test-admin-0123456789abcdefghijklmnopq"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MemoryRecorder:

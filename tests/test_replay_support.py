@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import threading
 import time
 import uuid
 from typing import Any, Callable
@@ -16,7 +15,8 @@ from aiohttp import web
 
 from exporters import semconv as sc
 from exporters.genai_messages import choices_to_semconv_output, to_semconv_input
-from tests.upstream import _free_port as free_port, _last_user as last_user
+from tests.http_server import ThreadedServer, free_port
+from tests.upstream import _last_user as last_user
 
 API_KEY = "tw-replay-test-key"
 
@@ -24,7 +24,7 @@ API_KEY = "tw-replay-test-key"
 Answer = Callable[[str, dict], str]
 
 
-class FakeLLM:
+class FakeLLM(ThreadedServer):
     """aiohttp on 127.0.0.1 in a thread. Unknown model -> 404 model_not_found; wrong key -> 401 (when a key is
     required); `fail_once[case_id] = status` answers that status once; `delay` seconds per call."""
 
@@ -38,43 +38,11 @@ class FakeLLM:
         self.requests: list[dict[str, Any]] = []
         self.in_flight = 0
         self.max_in_flight = 0
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._runner: web.AppRunner | None = None
-        self._thread: threading.Thread | None = None
+        super().__init__()
 
-    def start(self) -> "FakeLLM":
-        ready = threading.Event()
-
-        def run() -> None:
-            self._loop = asyncio.new_event_loop()
-            app = web.Application()
-            app.router.add_post("/v1/chat/completions", self.chat)
-            app.router.add_get("/v1/models", self.models)
-            self._runner = web.AppRunner(app, access_log=None)
-            self._loop.run_until_complete(self._runner.setup())
-            self._loop.run_until_complete(web.TCPSite(self._runner, "127.0.0.1", self.port, backlog=1024).start())
-            ready.set()
-            self._loop.run_forever()
-
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-        assert ready.wait(10), "fake LLM server did not start"
-        return self
-
-    def stop(self) -> None:
-        if self._loop and self._runner:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread:
-            self._thread.join(10)
-
-    def __enter__(self) -> "FakeLLM":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def routes(self, app: web.Application) -> None:
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_get("/v1/models", self.models)
 
     def chat_requests(self) -> list[dict]:
         return [r for r in self.requests if r["path"] == "/v1/chat/completions"]

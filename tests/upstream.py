@@ -14,21 +14,15 @@ Every request is recorded (path, headers, JSON body) in `requests`.
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
 import time
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from tests.http_server import ThreadedServer
+
 SECRET_ECHO = "sk-upstream-secret-should-never-leak"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _last_user(messages: list) -> str:
@@ -39,44 +33,17 @@ def _last_user(messages: list) -> str:
     return ""
 
 
-class Upstream:
+class Upstream(ThreadedServer):
     def __init__(self) -> None:
-        self.port = _free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        super().__init__()
+        self.base_url = f"{self.url}/v1"
         self.requests: list[dict[str, Any]] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._runner: web.AppRunner | None = None
-        self._thread: threading.Thread | None = None
 
-    # -- lifecycle ----------------------------------------------------------------------------------------------
-    def start(self) -> "Upstream":
-        ready = threading.Event()
-
-        def run() -> None:
-            self._loop = asyncio.new_event_loop()
-            asyncio.set_event_loop(self._loop)
-            app = web.Application()
-            app.router.add_post("/v1/chat/completions", self.chat)
-            app.router.add_post("/v1/completions", self.completions)
-            app.router.add_post("/v1/embeddings", self.embeddings)
-            app.router.add_post("/v1/messages", self.anthropic_messages)
-            self._runner = web.AppRunner(app, access_log=None)
-            self._loop.run_until_complete(self._runner.setup())
-            self._loop.run_until_complete(web.TCPSite(self._runner, "127.0.0.1", self.port).start())
-            ready.set()
-            self._loop.run_forever()
-
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-        ready.wait(10)
-        return self
-
-    def stop(self) -> None:
-        if self._loop and self._runner:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread:
-            self._thread.join(10)
+    def routes(self, app: web.Application) -> None:
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/embeddings", self.embeddings)
+        app.router.add_post("/v1/messages", self.anthropic_messages)
 
     def last(self, path: str = "/v1/chat/completions") -> dict[str, Any]:
         return [r for r in self.requests if r["path"] == path][-1]
