@@ -20,7 +20,7 @@ import yaml
 from .config import GatewayConfig, KeyConfig, TenantConfig
 from .errors import GatewayError, unauthorized
 
-__all__ = ["Principal", "KeyRing", "hash_key", "new_key", "add_key_to_file", "revoke_key_in_file"]
+__all__ = ["Principal", "KeyRing", "hash_key", "new_key", "add_key_to_file", "revoke_key_in_file", "read_keys_file"]
 
 KEY_PREFIX = "tw-"
 log = logging.getLogger("tagway.auth")
@@ -148,15 +148,9 @@ class KeyRing:
         k, tenant = hit
         return Principal(key_id=k.id, tenant=tenant, key_tags={**tenant.tags, **k.tags})
 
-    def is_admin(self, authorization: str | None) -> bool:
-        try:
-            return self.authenticate(authorization).is_admin
-        except GatewayError:
-            return False
-
 
 # -- the keys file (written by the CLI) ------------------------------------------------------------------------
-def _read_list(path: str) -> list[dict]:
+def read_keys_file(path: str) -> list[dict]:
     if not os.path.exists(path):
         return []
     with open(path, encoding="utf-8") as f:
@@ -180,7 +174,7 @@ def _write_list(path: str, items: list[dict]) -> None:
 def add_key_to_file(path: str, customer: str, key_id: str | None = None,
                     tags: dict[str, str] | None = None) -> tuple[str, str]:
     """Create a key for `customer`, store its hash in the keys file, return (key_id, key). The key is not kept."""
-    items = _read_list(path)
+    items = read_keys_file(path)
     key = new_key()
     key_id = key_id or f"{customer}-{secrets.token_hex(3)}"
     if any(i.get("id") == key_id for i in items):
@@ -193,7 +187,7 @@ def add_key_to_file(path: str, customer: str, key_id: str | None = None,
 
 
 def revoke_key_in_file(path: str, key_id: str) -> None:
-    items = _read_list(path)
+    items = read_keys_file(path)
     for i in items:
         if i.get("id") == key_id:
             i["revoked"] = True

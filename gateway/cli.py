@@ -117,7 +117,7 @@ def demo(data_dir: str = typer.Option("./tagway-data", help="Embedded store dire
 
 
 # -- keys ---------------------------------------------------------------------------------------------------------
-def _keys_file(cfg: GatewayConfig, config_path: Optional[str]) -> str:
+def _keys_file(cfg: GatewayConfig) -> str:
     if cfg.keys_file:
         return cfg.keys_file
     raise fail("no keys file: pass --config (keys are stored beside it) or set keys_file in the config")
@@ -142,7 +142,7 @@ def keys_create(customer: str = typer.Option(..., "--customer", help="Tenant the
             raise fail(f"--tag {t!r} is not key=value")
         tags[normalise(k)] = normalise(v)
     try:
-        kid, key = add_key_to_file(_keys_file(cfg, config), customer, key_id, tags)
+        kid, key = add_key_to_file(_keys_file(cfg), customer, key_id, tags)
     except (ValueError, OSError) as e:
         raise fail(str(e)) from None
     typer.echo(f"key id: {kid}", err=True)
@@ -157,7 +157,7 @@ def keys_revoke(key_id: str, config: Optional[str] = ConfigOpt) -> None:
 
     cfg = _load(config)
     try:
-        revoke_key_in_file(_keys_file(cfg, config), key_id)
+        revoke_key_in_file(_keys_file(cfg), key_id)
     except (ValueError, OSError) as e:
         raise fail(str(e)) from None
     typer.echo(f"revoked {key_id}")
@@ -166,13 +166,13 @@ def keys_revoke(key_id: str, config: Optional[str] = ConfigOpt) -> None:
 @keys_app.command("list")
 def keys_list(config: Optional[str] = ConfigOpt) -> None:
     """List key ids, customers and states (never the keys)."""
-    from .auth import _read_list  # noqa: PLC0415
+    from .auth import read_keys_file  # noqa: PLC0415
 
     cfg = _load(config)
     rows = [(k.id, t.customer, "revoked" if k.revoked else "active", "config") for t in cfg.tenants for k in t.keys]
     try:
         rows += [(i.get("id", ""), i.get("customer", ""), "revoked" if i.get("revoked") else "active", "keys file")
-                 for i in _read_list(_keys_file(cfg, config))]
+                 for i in read_keys_file(_keys_file(cfg))]
     except ValueError as e:
         raise fail(str(e)) from None
     for r in rows:

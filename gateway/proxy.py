@@ -387,7 +387,7 @@ class Proxy:
             rec.error_type, rec.error_message = f.error_type, f.message
             await send({"type": "http.response.body", "more_body": True, "body": b"data: " + error_body(
                 f"Upstream stream failed: {f.message}.", "api_error", f.error_type) + b"\n\n"})
-        except (ClientGone, OSError):
+        except OSError:  # a send to a client that has gone
             rec.error_type, rec.client_disconnected = "client_disconnected", True
             rec.error_message = "client disconnected mid-stream"
         finally:

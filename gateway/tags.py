@@ -87,26 +87,23 @@ def resolve_tags(*, bound_customer: str, may_set_customer: bool, key_tags: Mappi
             return normalise(key_tags[name])
         if headers.get(header):
             return normalise(headers[header])
-        return meta.pop(name, "") if name in meta else ""
+        return meta.get(name, "")
 
     # customer: the key's tenant unless the key may set it; an attempt to record as someone else is refused
-    asked = normalise(headers.get("customer", "")) or meta.pop("customer", "")
+    asked = normalise(headers.get("customer", "")) or meta.get("customer", "")
     if may_set_customer:
         customer = asked or normalise(end_user) or bound_customer
     else:
-        meta.pop("customer", None)
         if asked and asked != bound_customer:
             raise forbidden(f"This key is bound to customer {bound_customer!r} and may not record calls as {asked!r}.",
                             code="customer_not_allowed", param="x-tagway-customer")
         customer = bound_customer
     intent = pick("intent", "intent")
     prompt_version = pick("prompt_version", "prompt-version")
-    meta.pop("intent", None)
-    meta.pop("prompt_version", None)
     tags = {k: v for k, v in meta.items() if k and v}
     tags.update(parse_tags_header(headers["tags"]) if headers.get("tags") else {})
     tags.update({normalise_key(k): normalise(v) for k, v in key_tags.items() if k not in RESERVED})
-    for r in RESERVED:
+    for r in RESERVED:  # customer, intent and prompt_version are fields, not free tags, whatever their source
         tags.pop(r, None)
     tags.pop("", None)
     if len(tags) > MAX_TAGS:
