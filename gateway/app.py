@@ -220,6 +220,8 @@ def render_metrics(app: TagwayApp) -> str:
                 ("tagway_fallbacks_total", "counter", s.fallbacks, "Times a call moved on to a fallback deployment"),
                 ("tagway_record_failures_total", "counter", s.record_failures,
                  "Calls whose span could not be built (should stay 0)"),
+                ("tagway_capture_failures_total", "counter", s.capture_failures,
+                 "Calls whose input content could not be captured (the call itself was recorded)"),
                 ("tagway_calls_in_flight", "gauge", s.in_flight, "Calls being served now")):
             lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]
     render = getattr(getattr(app.recorder, "metrics", None), "render_prometheus", None)

@@ -225,3 +225,4 @@ def test_malformed_tool_calls_in_history_do_not_change_the_outcome(gateway):
     assert r.status_code == 200
     a = gateway.recorder.call(r.headers["x-tagway-trace-id"]).attributes
     assert sc.ERROR_TYPE not in a and sc.INPUT_MESSAGES in a
+    assert "tagway_capture_failures_total 0" in httpx.get(gateway.url + "/metrics").text
