@@ -1,9 +1,9 @@
 """The one query layer over `llm_calls` behind `tagway stats|errors|show`, the stats API and the dashboard page.
 
-Inputs are validated here and reach ClickHouse only as server-side parameters (`{name:Type}` placeholders passed
-with `parameters=`): a group-by or filter key is looked up in a fixed column table or, for `tag.<key>`, checked
-against `^[a-z0-9_.-]{1,64}$` and bound as `tags[{k0:String}]`; values and times are always bound. Nothing the
-caller typed is pasted into SQL text. Bad input raises `QueryInputError` with one line saying what is wrong.
+Inputs are validated with the vocabulary of `llm_calls` (exporters.vocabulary: columns, `tag.<key>`, durations,
+filters, sources) and reach ClickHouse only as server-side parameters (`{name:Type}` placeholders passed with
+`parameters=`); values and times are always bound. Nothing the caller typed is pasted into SQL text. Bad input
+raises `QueryInputError` with one line saying what is wrong.
 
 Per segment the report gives calls, errors, the error rate with a 95% Wilson score interval (computed in Python
 from the counts), the delta against the previous window of the same length, latency and TTFT percentiles,
@@ -12,8 +12,8 @@ averages hide the failing segment and a three-call segment is three coin flips.
 
 Replayed and judge traffic is not production traffic: a replay re-sends a customer's recorded calls (with that
 customer's tags) to a candidate model, and the judge grades them, so their failures are the candidate's, not the
-customer's. Every query therefore leaves out rows whose `source` is in `EXCLUDED_SOURCES` ('replay',
-'replay-judge') unless the selection filters on `source` itself (`source=replay` shows exactly the replayed calls,
+customer's. Every query therefore leaves out rows whose `source` is in `EXCLUDED_SOURCES` (the vocabulary's
+NON_PRODUCTION_SOURCES) unless the selection filters on `source` itself (`source=replay` shows exactly the replayed calls,
 `source!=production` everything else). Reports say which sources were left out (`sources_excluded`).
 """
 from __future__ import annotations
@@ -25,6 +25,11 @@ import re
 from typing import Any, Iterable, Sequence
 
 from .store import Store
+from .vocabulary import (COLUMNS, NON_PRODUCTION_SOURCES, STATUSES, Filter, Params, QueryInputError,
+                         Window, column_expr, filter_condition, parse_dimension, parse_duration, parse_filter,
+                         parse_filters, parse_window)
+from .vocabulary import iso_utc as _iso
+from .vocabulary import show as _show
 
 __all__ = [
     "QueryInputError", "GROUP_COLUMNS", "STATUSES", "EXCLUDED_SOURCES", "Window", "Filter", "Selection",
@@ -34,138 +39,20 @@ __all__ = [
     "segment_stats", "top_errors", "get_call", "parse_trace_id", "error_timeseries", "calls_table",
 ]
 
-# Group-by / filter names -> llm_calls columns. `model` is what the client asked for (model_requested).
-GROUP_COLUMNS: dict[str, str] = {
-    "customer": "customer",
-    "intent": "intent",
-    "prompt_version": "prompt_version",
-    "model": "model_requested",
-    "model_served": "model_served",
-    "provider": "provider",
-    "operation": "operation",
-    "status": "status",
-    "error_type": "error_type",
-    "source": "source",
-    "key_id": "key_id",
-    "stream": "stream",
-}
-STATUSES = ("ok", "error", "cancelled")
-# `source` values left out of every query unless the selection filters on `source` (see the module docstring):
-# calls the replay runner sends (its candidates) and its LLM judge. The same values as replay.slice.REPLAY_SOURCES,
-# which keeps them out of replay slices.
-EXCLUDED_SOURCES: tuple[str, ...] = ("replay", "replay-judge")
-TAG_KEY_RE = re.compile(r"^[a-z0-9_.-]{1,64}$")
+# The vocabulary (exporters.vocabulary) under the names this module's users know.
+GROUP_COLUMNS = COLUMNS
+EXCLUDED_SOURCES = NON_PRODUCTION_SOURCES
 TRACE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _DB_RE = re.compile(r"^[A-Za-z0-9_]{0,64}$")
-_DURATION_RE = re.compile(r"^\s*(\d{1,7})\s*(s|m|h|d|w)\s*$")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-MAX_WINDOW = dt.timedelta(days=400)
 MAX_DIMENSIONS = 5
 MAX_FILTERS = 20
-MAX_VALUE_LEN = 1024
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 # Bucket sizes for the time series, smallest first; the first that gives <= MAX_BUCKETS buckets wins.
 STEPS = (60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 86400, 7 * 86400)
 MAX_BUCKETS = 60
 
 
-class QueryInputError(ValueError):
-    """Invalid query input. `str(e)` is one line for a user; `param` names the input at fault."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-
-
-def _show(text: str, limit: int = 80) -> str:
-    """Quote user input for an error message, shortened, on one line."""
-    text = text if len(text) <= limit else text[:limit] + "..."
-    return repr(text.replace("\n", " ").replace("\r", " "))
-
-
-# -- windows ---------------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Window:
-    start: dt.datetime  # aware, UTC, inclusive
-    end: dt.datetime  # aware, UTC, exclusive
-
-    @property
-    def seconds(self) -> float:
-        return (self.end - self.start).total_seconds()
-
-    def previous(self) -> "Window":
-        """The window of the same length just before this one."""
-        return Window(self.start - (self.end - self.start), self.start)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"from": _iso(self.start), "to": _iso(self.end), "seconds": self.seconds}
-
-
-def parse_duration(text: str) -> dt.timedelta:
-    """'15m', '24h', '7d', '2w', '90s' -> timedelta."""
-    m = _DURATION_RE.match(text or "")
-    if not m:
-        raise QueryInputError(f"invalid window {_show(text or '')}: use a number and a unit, e.g. 15m, 24h, 7d",
-                              param="since")
-    seconds = int(m.group(1)) * _UNIT_SECONDS[m.group(2)]
-    if seconds <= 0:
-        raise QueryInputError(f"invalid window {_show(text)}: it must be longer than zero", param="since")
-    if seconds > MAX_WINDOW.total_seconds():
-        raise QueryInputError(f"window {_show(text)} is too long (at most {MAX_WINDOW.days}d)", param="since")
-    return dt.timedelta(seconds=seconds)
-
-
-def _parse_time(text: str, param: str) -> dt.datetime:
-    raw = (text or "").strip()
-    try:
-        value = dt.datetime.fromisoformat(raw[:-1] + "+00:00" if raw.endswith(("Z", "z")) else raw)
-    except ValueError:
-        raise QueryInputError(f"invalid --{param} time {_show(raw)}: use an ISO timestamp such as "
-                              "2026-11-24T09:00:00Z", param=param) from None
-    if value.tzinfo is None:  # naive times are UTC, like the stored timestamps
-        value = value.replace(tzinfo=dt.timezone.utc)
-    return value.astimezone(dt.timezone.utc)
-
-
-def parse_window(since: str | None = None, from_: str | None = None, to: str | None = None,
-                 now: dt.datetime | None = None, default_since: str = "24h") -> Window:
-    """`since` (a duration back from now) or `from_`/`to` (ISO timestamps; `to` defaults to now)."""
-    now = (now or dt.datetime.now(dt.timezone.utc)).astimezone(dt.timezone.utc)
-    if since and (from_ or to):
-        raise QueryInputError("give either a window (since) or from/to times, not both", param="since")
-    if from_ or to:
-        if not from_:
-            raise QueryInputError("--to needs --from (or use --since)", param="from")
-        start = _parse_time(from_, "from")
-        end = _parse_time(to, "to") if to else now
-        if end <= start:
-            raise QueryInputError("--from must be before --to", param="from")
-        if end - start > MAX_WINDOW:
-            raise QueryInputError(f"the window from/to is too long (at most {MAX_WINDOW.days}d)", param="from")
-        return Window(start, end)
-    return Window(now - parse_duration(since or default_since), now)
-
-
 # -- dimensions and filters ------------------------------------------------------------------------------------
-def _known_keys() -> str:
-    return ", ".join(GROUP_COLUMNS) + " or tag.<key>"
-
-
-def parse_dimension(name: str, param: str = "by") -> str:
-    """Validate a group-by/filter key: a known column name or `tag.<key>`. Returns it normalised."""
-    key = (name or "").strip()
-    if key in GROUP_COLUMNS:
-        return key
-    if key.startswith("tag."):
-        tag = key[4:]
-        if not TAG_KEY_RE.match(tag):
-            raise QueryInputError(f"invalid tag key {_show(tag)}: tag keys match [a-z0-9_.-]{{1,64}}", param=param)
-        return key
-    what = "group-by column" if param == "by" else "filter column"
-    raise QueryInputError(f"unknown {what} {_show(key)}: use one of {_known_keys()}", param=param)
-
-
 def parse_by(by: Iterable[str] | None) -> tuple[str, ...]:
     """Group-by keys; each item may also be comma separated ('customer,intent'). Default: customer."""
     keys: list[str] = []
@@ -182,45 +69,11 @@ def parse_by(by: Iterable[str] | None) -> tuple[str, ...]:
     return tuple(keys)
 
 
-@dataclasses.dataclass(frozen=True)
-class Filter:
-    key: str  # a GROUP_COLUMNS name or tag.<key>
-    value: str
-    op: str = "="  # "=" or "!="
-
-    def to_dict(self) -> dict[str, str]:
-        return {"key": self.key, "op": self.op, "value": self.value}
-
-    def __str__(self) -> str:
-        return f"{self.key}{self.op}{self.value}"
-
-
-def parse_filter(text: str) -> Filter:
-    """'intent=refund', 'tag.region=eu', 'status!=ok'."""
-    raw = text or ""
-    m = re.match(r"^\s*([^=!\s]+)\s*(!=|=)(.*)$", raw, re.S)
-    if not m:
-        raise QueryInputError(f"invalid filter {_show(raw)}: use key=value (or key!=value)", param="where")
-    key, op, value = parse_dimension(m.group(1), "where"), m.group(2), m.group(3).strip()
-    if len(value) > MAX_VALUE_LEN:
-        raise QueryInputError(f"filter value for {key} is too long (at most {MAX_VALUE_LEN} characters)",
-                              param="where")
-    if key == "stream":
-        low = value.lower()
-        if low not in ("true", "false", "1", "0"):
-            raise QueryInputError(f"invalid filter {_show(raw)}: stream is true or false", param="where")
-        value = "true" if low in ("true", "1") else "false"
-    if key == "status" and value not in STATUSES:
-        raise QueryInputError(f"invalid filter {_show(raw)}: status is one of {', '.join(STATUSES)}", param="where")
-    return Filter(key, value, op)
-
-
 def parse_where(items: Iterable[str] | None) -> tuple[Filter, ...]:
-    filters = tuple(parse_filter(i) for i in items or () if str(i).strip())
+    filters = parse_filters(items or ())
     if len(filters) > MAX_FILTERS:
         raise QueryInputError(f"at most {MAX_FILTERS} filters", param="where")
     return filters
-
 
 @dataclasses.dataclass(frozen=True)
 class Selection:
@@ -252,17 +105,7 @@ def make_selection(where: Iterable[str] | None = None, status: str | None = None
 
 
 # -- SQL building ----------------------------------------------------------------------------------------------
-class _Params:
-    """Allocates `{name:Type}` placeholders; the values go to ClickHouse as server-side parameters."""
-
-    def __init__(self) -> None:
-        self.values: dict[str, Any] = {}
-
-    def add(self, prefix: str, type_: str, value: Any) -> str:
-        name = f"{prefix}{len(self.values)}"
-        self.values[name] = value
-        return f"{{{name}:{type_}}}"
-
+class _Params(Params):
     def time(self, t: dt.datetime) -> str:
         # Epoch microseconds: no time zone ambiguity between the client and the server.
         return f"fromUnixTimestamp64Micro({self.add('t', 'Int64', _epoch_us(t))})"
@@ -275,23 +118,14 @@ def _epoch_us(t: dt.datetime) -> int:
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
 
-def _expr(key: str, p: _Params) -> str:
-    if key.startswith("tag."):
-        return f"tags[{p.add('k', 'String', key[4:])}]"
-    return GROUP_COLUMNS[key]
-
-
-def _dim_select(key: str, p: _Params) -> str:
-    e = _expr(key, p)
+def _dim_select(key: str, p: Params) -> str:
+    e = column_expr(key, p)
     return f"toString({e})" if key == "stream" else e
 
 
 def _where(sel: Selection, p: _Params, window: Window) -> str:
     parts = [f"Timestamp >= {p.time(window.start)}", f"Timestamp < {p.time(window.end)}"]
-    for f in sel.filters:
-        e = _expr(f.key, p)
-        v = p.add("v", "Bool", f.value == "true") if f.key == "stream" else p.add("v", "String", f.value)
-        parts.append(f"{e} {f.op} {v}")
+    parts += [filter_condition(f, p) for f in sel.filters]
     if sel.status:
         parts.append(f"status = {p.add('v', 'String', sel.status)}")
     if sel.sources_excluded:
@@ -329,10 +163,6 @@ def _num(x: Any) -> float | None:
         return None
     x = float(x)
     return None if math.isnan(x) or math.isinf(x) else x
-
-
-def _iso(t: dt.datetime) -> str:
-    return t.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 def _iso_us(us: int) -> str:

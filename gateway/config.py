@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from exporters.dsn import anchor_storage_paths, embedded_dsn
+from exporters.vocabulary import TAG_KEY_RE
 
 __all__ = ["GatewayConfig", "ModelConfig", "TenantConfig", "KeyConfig", "Taxonomy", "ConfigError", "load_config",
            "OPENAI_COMPATIBLE"]
@@ -19,7 +20,7 @@ __all__ = ["GatewayConfig", "ModelConfig", "TenantConfig", "KeyConfig", "Taxonom
 # Providers served by the pass-through client; anything else goes through litellm for translation.
 OPENAI_COMPATIBLE = {"openai", "azure", "vllm", "ollama", "openai_compatible", "together_ai", "groq", "deepseek",
                      "mistral", "fireworks_ai", "openrouter"}
-NAME_RE = re.compile(r"^[a-z0-9_.-]{1,64}$")
+NAME_RE = TAG_KEY_RE  # customer names and taxonomy keys follow the tag-key rule
 
 
 class ConfigError(ValueError):

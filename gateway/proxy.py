@@ -20,6 +20,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from exporters import semconv as sc
 from exporters.genai_messages import choices_to_semconv_output, to_semconv_input
+from exporters.vocabulary import NON_PRODUCTION_SOURCES
 
 from .auth import KeyRing, Principal
 from .config import GatewayConfig, ModelConfig
@@ -217,7 +218,7 @@ class Proxy:
         # for other customers (the admin key, platform keys: what the replay runner uses) may set those marks.
         source = normalise(tw["source"]) if tw.get("source") else ""
         replay = [(attr, tw[h][:128]) for h, attr in _REPLAY_HEADERS if tw.get(h)]
-        if (replay or source.startswith("replay")) and not principal.may_set_customer:
+        if (replay or source in NON_PRODUCTION_SOURCES) and not principal.may_set_customer:
             raise forbidden("Only the admin key or a key that may set its customer can mark calls as replay.",
                             code="replay_marks_not_allowed", param="x-tagway-source")
         if source:

@@ -22,6 +22,8 @@ from typing import Any, AsyncIterator, Callable, Sequence
 import httpx
 import orjson
 
+from exporters.vocabulary import JUDGE_SOURCE, REPLAY_SOURCE
+
 from .evaluators import EvalContext, evaluate
 from .refs import load_ref
 from .slice import Case
@@ -108,7 +110,7 @@ def build_request(case: Case, target: Target) -> dict:
 
 
 def replay_headers(case: Case, *, api_key: str, run_id: str, candidate: str, prompt_version: str,
-                   source: str = "replay") -> dict[str, str]:
+                   source: str = REPLAY_SOURCE) -> dict[str, str]:
     h = {"authorization": f"Bearer {api_key}", "content-type": "application/json",
          "x-tagway-source": source, "x-tagway-replay-run-id": run_id, "x-tagway-replay-candidate": candidate,
          "x-tagway-replay-case-id": case.case_id}
@@ -249,7 +251,7 @@ class Runner:
     def _judge_fn(self, case: Case, target: Target) -> Callable:
         async def judge(model: str, messages: list[dict], params: dict) -> str:
             headers = replay_headers(case, api_key=self.api_key, run_id=self.run_id, candidate=target.name,
-                                     prompt_version=self.judge_version or case.prompt_version, source="replay-judge")
+                                     prompt_version=self.judge_version or case.prompt_version, source=JUDGE_SOURCE)
             ans = await self._post({**params, "model": model, "messages": messages, "stream": False}, headers)
             self.spent += ans.cost_usd
             if not ans.ok:

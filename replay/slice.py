@@ -15,15 +15,17 @@ from typing import Any, Iterable, Sequence
 import orjson
 
 from exporters.genai_messages import from_semconv_input, loads_or_empty, output_text
+from exporters.vocabulary import (COLUMNS, NON_PRODUCTION_SOURCES, TAG_PREFIX, Filter, Params, filter_condition,
+                                  parse_duration, parse_filter)
 
-from .spec import SEGMENT_COLUMNS, Sampling, SliceSpec, parse_duration, validate_tag_key
+from .spec import Sampling, SliceSpec
 
 __all__ = ["NONE_SEGMENT", "PoolRow", "Sampled", "SampleResult", "Case", "EmptySliceError", "build_pool_query",
-           "build_content_query", "segment_of", "sample", "case_from_row", "select_slice", "fetch_cases",
-           "REPLAY_SOURCES"]
+           "build_content_query", "segment_of", "sample", "case_from_row", "select_slice", "fetch_cases"]
 
 NONE_SEGMENT = "(none)"
-REPLAY_SOURCES = ["replay", "replay-judge"]
+# the slice's own value-list filters: spec field -> llm_calls column
+_LIST_FILTERS = {k: COLUMNS[k] for k in ("customer", "intent", "prompt_version", "model")}
 # request params never forwarded as recorded: replay is non-streaming
 _DROP_PARAMS = {"stream", "stream_options", "messages", "model"}
 
@@ -41,6 +43,7 @@ class PoolRow:
     model: str = ""
     tags: dict[str, str] = dataclasses.field(default_factory=dict)
     has_content: bool = True
+    columns: dict[str, str] = dataclasses.field(default_factory=dict)  # other segment columns (provider, ...)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +65,7 @@ class SampleResult:
 
 def _window(s: SliceSpec, now: float) -> tuple[float | None, float | None]:
     if s.since:
-        return now - parse_duration(s.since), None
+        return now - parse_duration(s.since).total_seconds(), None
     return s.from_, s.to
 
 
@@ -71,21 +74,21 @@ def build_pool_query(s: SliceSpec, *, now: float | None = None, table: str = "ll
     now = time.time() if now is None else now
     where = ["operation = {operation:String}", "replay_run_id = ''"]
     params: dict[str, Any] = {"operation": s.operation}
-    for key, column in SEGMENT_COLUMNS.items():
+    for key, column in _LIST_FILTERS.items():
         values = getattr(s, key)
         if values:
             where.append(f"{column} IN {{f_{key}:Array(String)}}")
             params[f"f_{key}"] = list(values)
-    for i, (k, v) in enumerate(sorted(s.tags.items())):
-        validate_tag_key(k)  # defence in depth: the key is a parameter anyway
-        where.append(f"tags[{{tk{i}:String}}] = {{tv{i}:String}}")
-        params[f"tk{i}"], params[f"tv{i}"] = k, v
+    filters = [Filter(TAG_PREFIX + k, v) for k, v in sorted(s.tags.items())] + [parse_filter(f) for f in s.where]
+    p = Params("w_")
+    where += [filter_condition(f, p) for f in filters]
+    params.update(p.values)
     if s.source:
         where.append("source IN {sources:Array(String)}")
         params["sources"] = list(s.source)
-    else:
+    elif not any(f.key == "source" for f in filters):
         where.append("source NOT IN {excluded_sources:Array(String)}")
-        params["excluded_sources"] = REPLAY_SOURCES
+        params["excluded_sources"] = list(NON_PRODUCTION_SOURCES)
     if s.status != "any":
         where.append("status = {status:String}")
         params["status"] = s.status
@@ -97,10 +100,16 @@ def build_pool_query(s: SliceSpec, *, now: float | None = None, table: str = "ll
         where.append("Timestamp < fromUnixTimestamp64Milli({t_to:Int64})")
         params["t_to"] = int(t_to * 1000)
     params["pool_max"] = s.pool_max
-    sql = (f"SELECT trace_id, customer, intent, prompt_version, model_requested AS model, tags, "
+    extra = "".join(f"toString({COLUMNS[k]}) AS seg_{k}, " for k in _extra_columns(s.segment_by))
+    sql = (f"SELECT trace_id, customer, intent, prompt_version, model_requested AS model, {extra}tags, "
            f"request_json != '' AS has_content\nFROM {table}\nWHERE " + "\n  AND ".join(where) +
            "\nORDER BY Timestamp DESC\nLIMIT 1 BY trace_id\nLIMIT {pool_max:UInt32}")
     return sql, params
+
+
+def _extra_columns(segment_by: Sequence[str]) -> list[str]:
+    """Segment keys that are columns the pool query does not always select."""
+    return [k for k in segment_by if k in COLUMNS and k not in _LIST_FILTERS]
 
 
 CONTENT_COLUMNS = ("trace_id, toUnixTimestamp64Milli(Timestamp) AS ts_ms, customer, intent, prompt_version, "
@@ -120,7 +129,10 @@ def segment_of(row: PoolRow | Any, segment_by: Sequence[str]) -> str:
     (empty column or missing tag) is its own "(none)" value."""
     values = []
     for key in segment_by:
-        v = row.tags.get(key[4:], "") if key.startswith("tag.") else getattr(row, key, "")
+        if key.startswith(TAG_PREFIX):
+            v = row.tags.get(key[len(TAG_PREFIX):], "")
+        else:
+            v = row.columns.get(key, "") if key in row.columns else getattr(row, key, "")
         values.append(str(v) if v else NONE_SEGMENT)
     return "/".join(values)
 
@@ -286,8 +298,9 @@ def fetch_cases(store: Any, picked: Sequence[Sampled], *, chunk: int = 2000) -> 
 def select_slice(store: Any, s: SliceSpec, *, now: float | None = None) -> tuple[list[Case], SampleResult]:
     """Pool query -> sampler -> content query. Raises EmptySliceError when nothing is replayable."""
     sql, params = build_pool_query(s, now=now)
+    extra = _extra_columns(s.segment_by)
     pool = [PoolRow(r["trace_id"], r["customer"], r["intent"], r["prompt_version"], r["model"], dict(r["tags"] or {}),
-                    bool(r["has_content"])) for r in store.query(sql, params)]
+                    bool(r["has_content"]), {k: str(r[f"seg_{k}"]) for k in extra}) for r in store.query(sql, params)]
     result = sample(pool, s.segment_by, s.limit, s.sampling)
     if not result.cases:
         why = "; ".join(f"{n} skipped: {r}" for r, n in result.skipped.items())

@@ -11,47 +11,18 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from exporters.vocabulary import parse_dimension, parse_duration, parse_filter, validate_tag_key
+
 __all__ = [
     "SpecError", "Sampling", "SliceSpec", "PromptSpec", "Candidate", "Baseline", "EvaluatorSpec", "Gating",
-    "ReplaySpec", "load_spec", "load_spec_data", "apply_overrides", "parse_spec", "parse_duration", "validate_key", "validate_tag_key", "SEGMENT_COLUMNS",
-    "TAG_KEY_RE",
+    "ReplaySpec", "load_spec", "load_spec_data", "apply_overrides", "parse_spec",
 ]
 
-TAG_KEY_RE = re.compile(r"^[a-z0-9_.-]{1,64}$")
-# Segment / filter keys that are columns of llm_calls (the public name -> the column).
-SEGMENT_COLUMNS = {"customer": "customer", "intent": "intent", "prompt_version": "prompt_version",
-                   "model": "model_requested"}
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
-_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:@+-]{1,64}$")
 
 
 class SpecError(ValueError):
     """A replay spec (or a CLI override of it) is invalid. The message is one line, fit for a terminal."""
-
-
-def parse_duration(text: str) -> float:
-    """'7d' -> seconds. Units s, m, h, d, w."""
-    m = _DURATION_RE.match(str(text))
-    if not m:
-        raise ValueError(f"bad duration {text!r} (expected e.g. 30m, 24h, 7d)")
-    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-
-
-def validate_tag_key(key: str) -> str:
-    if not TAG_KEY_RE.match(key):
-        raise ValueError(f"bad tag key {key!r} (allowed: lower-case [a-z0-9_.-], 1-64 chars)")
-    return key
-
-
-def validate_key(key: str) -> str:
-    """A segment key: a llm_calls column name (customer, intent, prompt_version, model) or `tag.<key>`."""
-    if key in SEGMENT_COLUMNS:
-        return key
-    if key.startswith("tag."):
-        validate_tag_key(key[4:])
-        return key
-    raise ValueError(f"bad segment key {key!r} (use customer, intent, prompt_version, model or tag.<key>)")
 
 
 class _Model(BaseModel):
@@ -73,12 +44,15 @@ class Sampling(_Model):
 
 class SliceSpec(_Model):
     """Which production calls to replay. Filters accept one value or a list; `tags` (or `tag.<key>` keys) match
-    exact tag values. Replayed and judge traffic (source replay / replay-judge) is excluded unless `source` says."""
+    exact tag values; `where` takes `key=value` / `key!=value` filters as `tagway stats --where` does. Keys,
+    durations and filters follow exporters.vocabulary. Non-production traffic (replay, judge) is excluded unless
+    `source` or a `where` filter on source says."""
     customer: list[str] | None = None
     intent: list[str] | None = None
     prompt_version: list[str] | None = None
     model: list[str] | None = None
     tags: dict[str, str] = Field(default_factory=dict)
+    where: list[str] = Field(default_factory=list)
     source: list[str] | None = None
     operation: str = "chat"
     status: Literal["ok", "error", "any"] = "ok"
@@ -101,7 +75,7 @@ class SliceSpec(_Model):
                 data["tags"] = {**data["tags"], k[4:]: data.pop(k)}
         return data
 
-    @field_validator("customer", "intent", "prompt_version", "model", "source", mode="before")
+    @field_validator("customer", "intent", "prompt_version", "model", "source", "where", mode="before")
     @classmethod
     def _listify(cls, v: Any) -> Any:
         if v is None or isinstance(v, list):
@@ -113,7 +87,12 @@ class SliceSpec(_Model):
     def _tags(cls, v: Any) -> Any:
         if not isinstance(v, dict):
             raise ValueError("tags must be a mapping of key: value")
-        return {validate_tag_key(str(k)): str(val) for k, val in v.items()}
+        return {validate_tag_key(str(k), "tags"): str(val) for k, val in v.items()}
+
+    @field_validator("where")
+    @classmethod
+    def _where(cls, v: list[str]) -> list[str]:
+        return [str(parse_filter(f)) for f in v if str(f).strip()]
 
     @field_validator("segment_by", mode="before")
     @classmethod
@@ -122,7 +101,7 @@ class SliceSpec(_Model):
             v = [p.strip() for p in v.split(",") if p.strip()]
         if not v:
             raise ValueError("segment_by needs at least one key")
-        return [validate_key(str(k)) for k in v]
+        return [parse_dimension(str(k), "by") for k in v]
 
     @field_validator("since")
     @classmethod

@@ -119,7 +119,7 @@ def test_datasets_pin_a_slice(world):
 @pytest.mark.parametrize("args,message", [
     (["--candidate-model", "gpt-nope"], "model 'gpt-nope' is not served by the gateway (404 model_not_found)"),
     (["--tag", "region"], "--tag 'region': expected key=value"),
-    (["--segment-by", "customer,colour"], "bad segment key 'colour'"),
+    (["--segment-by", "customer,colour"], "unknown group-by column 'colour'"),
     (["--customer", "nobody-at-all"], "the slice matched no replayable call"),
     (["--gate-aggregate", "median"], "gating.aggregate"),
     (["--format", "pdf"], "--format 'pdf'"),

@@ -94,12 +94,14 @@ def test_calls_without_content_are_skipped_and_counted():
 
 def test_pool_query_is_parameterized():
     s = SliceSpec.model_validate({"customer": "acme", "intent": ["refund", "invoice"], "tag.region": "eu",
-                                  "tags": {"tier": "gold"}, "since": "7d", "status": "ok", "limit": 10})
+                                  "tags": {"tier": "gold"}, "where": "provider!=mock", "since": "7d", "status": "ok",
+                                  "limit": 10})
     sql, params = build_pool_query(s, now=1_000_000.0)
-    assert "acme" not in sql and "region" not in sql and "eu" not in sql
-    assert "tags[{tk0:String}] = {tv0:String}" in sql
+    assert "acme" not in sql and "region" not in sql and "eu" not in sql and "mock" not in sql
+    assert "tags[{w_k0:String}] = {w_v1:String}" in sql and "provider != {w_v4:String}" in sql
     assert params["f_customer"] == ["acme"] and params["f_intent"] == ["refund", "invoice"]
-    assert (params["tk0"], params["tv0"], params["tk1"], params["tv1"]) == ("region", "eu", "tier", "gold")
+    assert (params["w_k0"], params["w_v1"], params["w_k2"], params["w_v3"]) == ("region", "eu", "tier", "gold")
+    assert params["w_v4"] == "mock"
     assert params["t_from"] == int((1_000_000 - 7 * 86400) * 1000)
     assert params["excluded_sources"] == ["replay", "replay-judge"] and params["status"] == "ok"
 
@@ -109,7 +111,7 @@ def test_tag_keys_are_validated(bad):
     from replay.spec import SpecError, parse_spec
     data = {"slice": {"tags": {bad: "v"}}, "candidates": [{"name": "c", "model": "m"}],
             "evaluators": [{"type": "contains", "value": "x"}]}
-    with pytest.raises(SpecError, match="bad tag key"):
+    with pytest.raises(SpecError, match="invalid tag key"):
         parse_spec(data)
 
 

@@ -1,0 +1,226 @@
+"""The vocabulary of `llm_calls`: the words every entry point (`tagway stats`, the stats API, replay slices and
+specs, the gateway's source marks) uses for the columns a user may group or filter by, `tag.<key>`, durations and
+windows, filters and source names. Defined once here so that what one entry point rejects, all reject with the
+same one-line message (`QueryInputError`, with `param` naming the input at fault).
+
+Durations: a number (decimals allowed) and a unit, s m h d w: `90s`, `15m`, `1.5h`, `7d`, `2w`; longer than zero,
+at most MAX_WINDOW. Filters: `key=value` or `key!=value`, the key a column name or `tag.<key>`.
+
+Names and values reach SQL only as server-side parameters (`{name:Type}` placeholders, see `Params`): a key is
+looked up in COLUMNS or, for `tag.<key>`, checked against TAG_KEY_RE and bound as `tags[{k0:String}]`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import re
+from typing import Any, Iterable
+
+__all__ = [
+    "QueryInputError", "COLUMNS", "TAG_PREFIX", "TAG_KEY_RE", "STATUSES", "PRODUCTION_SOURCE", "REPLAY_SOURCE",
+    "JUDGE_SOURCE", "NON_PRODUCTION_SOURCES", "MAX_WINDOW", "MAX_VALUE_LEN", "Window", "Filter", "Params",
+    "show", "iso_utc", "validate_tag_key", "parse_duration", "parse_time", "parse_window", "parse_dimension", "parse_filter",
+    "parse_filters", "column_expr", "filter_condition",
+]
+
+# Group-by / filter names -> llm_calls columns. `model` is what the client asked for (model_requested).
+COLUMNS: dict[str, str] = {
+    "customer": "customer",
+    "intent": "intent",
+    "prompt_version": "prompt_version",
+    "model": "model_requested",
+    "model_served": "model_served",
+    "provider": "provider",
+    "operation": "operation",
+    "status": "status",
+    "error_type": "error_type",
+    "source": "source",
+    "key_id": "key_id",
+    "stream": "stream",
+}
+TAG_PREFIX = "tag."
+TAG_KEY_RE = re.compile(r"^[a-z0-9_.-]{1,64}$")
+STATUSES = ("ok", "error", "cancelled")
+
+# `tagway.source` values. Calls that are not production traffic carry a source from NON_PRODUCTION_SOURCES: stats
+# and replay slices leave them out unless a filter names `source`, and only keys that may speak for other customers
+# may set them. A new kind (e.g. shadow traffic) is one more name here.
+PRODUCTION_SOURCE = "production"
+REPLAY_SOURCE = "replay"  # the replay runner's candidate calls
+JUDGE_SOURCE = "replay-judge"  # its LLM judge's calls
+NON_PRODUCTION_SOURCES: tuple[str, ...] = (REPLAY_SOURCE, JUDGE_SOURCE)
+
+MAX_WINDOW = dt.timedelta(days=400)
+MAX_VALUE_LEN = 1024
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_FILTER_RE = re.compile(r"^\s*([^=!\s]+)\s*(!=|=)(.*)$", re.S)
+
+
+class QueryInputError(ValueError):
+    """Invalid input. `str(e)` is one line for a user; `param` names the input at fault."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+def show(text: str, limit: int = 80) -> str:
+    """Quote user input for an error message, shortened, on one line."""
+    text = text if len(text) <= limit else text[:limit] + "..."
+    return repr(text.replace("\n", " ").replace("\r", " "))
+
+
+# -- tag keys and columns --------------------------------------------------------------------------------------
+def validate_tag_key(key: str, param: str = "by") -> str:
+    if not TAG_KEY_RE.match(key or ""):
+        raise QueryInputError(f"invalid tag key {show(key or '')}: tag keys match [a-z0-9_.-]{{1,64}}", param=param)
+    return key
+
+
+def parse_dimension(name: str, param: str = "by") -> str:
+    """Validate a group-by (param "by") or filter key: a COLUMNS name or `tag.<key>`. Returns it stripped."""
+    key = (name or "").strip()
+    if key in COLUMNS:
+        return key
+    if key.startswith(TAG_PREFIX):
+        validate_tag_key(key[len(TAG_PREFIX):], param)
+        return key
+    what = "group-by column" if param == "by" else "filter column"
+    raise QueryInputError(f"unknown {what} {show(key)}: use one of {', '.join(COLUMNS)} or tag.<key>", param=param)
+
+
+# -- durations and windows -------------------------------------------------------------------------------------
+def parse_duration(text: str, param: str = "since") -> dt.timedelta:
+    """'90s', '15m', '1.5h', '7d', '2w' -> timedelta; longer than zero, at most MAX_WINDOW."""
+    raw = str(text or "")
+    m = _DURATION_RE.match(raw)
+    if not m:
+        raise QueryInputError(f"invalid window {show(raw)}: use a number and a unit (s, m, h, d, w), e.g. 90s, 15m, "
+                              "1.5h, 7d", param=param)
+    seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+    if seconds <= 0:
+        raise QueryInputError(f"invalid window {show(raw)}: it must be longer than zero", param=param)
+    if seconds > MAX_WINDOW.total_seconds():
+        raise QueryInputError(f"window {show(raw)} is too long (at most {MAX_WINDOW.days}d)", param=param)
+    return dt.timedelta(seconds=seconds)
+
+
+def parse_time(text: str, param: str) -> dt.datetime:
+    """An ISO timestamp -> aware UTC datetime; naive times are UTC, like the stored timestamps."""
+    raw = (text or "").strip()
+    try:
+        value = dt.datetime.fromisoformat(raw[:-1] + "+00:00" if raw.endswith(("Z", "z")) else raw)
+    except ValueError:
+        raise QueryInputError(f"invalid --{param} time {show(raw)}: use an ISO timestamp such as "
+                              "2026-11-24T09:00:00Z", param=param) from None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.timezone.utc)
+    return value.astimezone(dt.timezone.utc)
+
+
+def iso_utc(t: dt.datetime) -> str:
+    return t.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    start: dt.datetime  # aware, UTC, inclusive
+    end: dt.datetime  # aware, UTC, exclusive
+
+    @property
+    def seconds(self) -> float:
+        return (self.end - self.start).total_seconds()
+
+    def previous(self) -> "Window":
+        """The window of the same length just before this one."""
+        return Window(self.start - (self.end - self.start), self.start)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"from": iso_utc(self.start), "to": iso_utc(self.end), "seconds": self.seconds}
+
+
+def parse_window(since: str | None = None, from_: str | None = None, to: str | None = None,
+                 now: dt.datetime | None = None, default_since: str = "24h") -> Window:
+    """`since` (a duration back from now) or `from_`/`to` (ISO timestamps; `to` defaults to now)."""
+    now = (now or dt.datetime.now(dt.timezone.utc)).astimezone(dt.timezone.utc)
+    if since and (from_ or to):
+        raise QueryInputError("give either a window (since) or from/to times, not both", param="since")
+    if from_ or to:
+        if not from_:
+            raise QueryInputError("--to needs --from (or use --since)", param="from")
+        start = parse_time(from_, "from")
+        end = parse_time(to, "to") if to else now
+        if end <= start:
+            raise QueryInputError("--from must be before --to", param="from")
+        if end - start > MAX_WINDOW:
+            raise QueryInputError(f"the window from/to is too long (at most {MAX_WINDOW.days}d)", param="from")
+        return Window(start, end)
+    return Window(now - parse_duration(since or default_since), now)
+
+
+# -- filters ---------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Filter:
+    key: str  # a COLUMNS name or tag.<key>
+    value: str
+    op: str = "="  # "=" or "!="
+
+    def to_dict(self) -> dict[str, str]:
+        return {"key": self.key, "op": self.op, "value": self.value}
+
+    def __str__(self) -> str:
+        return f"{self.key}{self.op}{self.value}"
+
+
+def parse_filter(text: str) -> Filter:
+    """'intent=refund', 'tag.region=eu', 'status!=ok'."""
+    raw = str(text or "")
+    m = _FILTER_RE.match(raw)
+    if not m:
+        raise QueryInputError(f"invalid filter {show(raw)}: use key=value (or key!=value)", param="where")
+    key, op, value = parse_dimension(m.group(1), "where"), m.group(2), m.group(3).strip()
+    if len(value) > MAX_VALUE_LEN:
+        raise QueryInputError(f"filter value for {key} is too long (at most {MAX_VALUE_LEN} characters)",
+                              param="where")
+    if key == "stream":
+        low = value.lower()
+        if low not in ("true", "false", "1", "0"):
+            raise QueryInputError(f"invalid filter {show(raw)}: stream is true or false", param="where")
+        value = "true" if low in ("true", "1") else "false"
+    if key == "status" and value not in STATUSES:
+        raise QueryInputError(f"invalid filter {show(raw)}: status is one of {', '.join(STATUSES)}", param="where")
+    return Filter(key, value, op)
+
+
+# -- SQL -------------------------------------------------------------------------------------------------------
+class Params:
+    """Allocates `{name:Type}` placeholders; the values go to ClickHouse as server-side parameters. `prefix` keeps
+    the names apart from a caller's own fixed parameter names."""
+
+    def __init__(self, prefix: str = "") -> None:
+        self.prefix = prefix
+        self.values: dict[str, Any] = {}
+
+    def add(self, kind: str, type_: str, value: Any) -> str:
+        name = f"{self.prefix}{kind}{len(self.values)}"
+        self.values[name] = value
+        return f"{{{name}:{type_}}}"
+
+
+def column_expr(key: str, p: Params) -> str:
+    """The SQL expression of a validated key: its column, or `tags[<bound key>]`."""
+    if key.startswith(TAG_PREFIX):
+        return f"tags[{p.add('k', 'String', key[len(TAG_PREFIX):])}]"
+    return COLUMNS[key]
+
+
+def filter_condition(f: Filter, p: Params) -> str:
+    expr = column_expr(f.key, p)
+    value = p.add("v", "Bool", f.value == "true") if f.key == "stream" else p.add("v", "String", f.value)
+    return f"{expr} {f.op} {value}"
+
+
+def parse_filters(items: Iterable[str]) -> tuple[Filter, ...]:
+    return tuple(parse_filter(i) for i in items if str(i).strip())
