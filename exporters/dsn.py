@@ -5,8 +5,8 @@ Precedence: an explicit DSN (`--dsn`) > `$TAGWAY_DSN` > the gateway's config (`-
 `storage` mapping, with `$TAGWAY_STORAGE__DSN` / `$TAGWAY_STORAGE__DATA_DIR` / `$TAGWAY_STORAGE__DATABASE`
 overriding it as they do for the gateway) > the embedded default, `chdb://<abs ./tagway-data>/clickhouse`.
 
-Only the `storage` mapping of the config is read (with PyYAML): `exporters` never imports `gateway`. Its keys are
-checked against STORAGE_KEYS, which a test keeps equal to the gateway's StorageConfig fields.
+Only the `storage` mapping of the config is read (with exporters.yamlfile): `exporters` never imports `gateway`.
+Its keys are checked against STORAGE_KEYS, which a test keeps equal to the gateway's StorageConfig fields.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
+from .yamlfile import YamlFileError, load_mapping
 
 __all__ = ["DsnConfigError", "ResolvedDsn", "resolve_dsn", "embedded_dsn", "default_dsn", "DEFAULT_DATA_DIR",
            "STORAGE_KEYS", "anchor_storage_paths"]
@@ -52,22 +52,10 @@ def default_dsn() -> str:
 def _read_storage(path: str) -> dict[str, Any]:
     """The config file's `storage` mapping, `data_dir` made relative to the file's directory (as the gateway does)."""
     p = Path(path)
-    if not p.is_file():
-        raise DsnConfigError(f"config file {str(p)!r} does not exist")
     try:
-        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise DsnConfigError(f"{p}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
-    except UnicodeDecodeError:
-        raise DsnConfigError(f"{p}: not UTF-8 text") from None
-    except OSError as e:
-        raise DsnConfigError(f"cannot read config file {str(p)!r}: {e.strerror or e}") from None
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
-        raise DsnConfigError(f"{p}: the top level must be a mapping")
+        loaded = load_mapping(p)
+    except YamlFileError as e:
+        raise DsnConfigError(str(e)) from None
     storage = loaded.get("storage")
     if storage is None:
         return {}

@@ -10,16 +10,17 @@ engine's opaque "Error initializing EmbeddedServer".
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import clickhouse_connect
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
 from .dirlock import lock_dir
 
-__all__ = ["Store", "StoreError", "StoreLockedError", "connect", "is_embedded"]
+__all__ = ["Store", "StoreError", "StoreLockedError", "connect", "is_embedded", "chdb_path", "redact_dsn"]
 
 
 class StoreError(RuntimeError):
@@ -34,7 +35,8 @@ def is_embedded(dsn: str) -> bool:
     return dsn.startswith("chdb:")
 
 
-def _chdb_path(dsn: str) -> str:
+def chdb_path(dsn: str) -> str:
+    """The data directory of an embedded DSN (absolute), or ':memory:'."""
     path = dsn[len("chdb://"):] if dsn.startswith("chdb://") else dsn[len("chdb:"):]
     path = path.split("?", 1)[0]
     if path in ("", ":memory:"):
@@ -56,13 +58,8 @@ class Store:
 
     # -- statements -------------------------------------------------------------------------------------------
     def command(self, sql: str, parameters: dict | None = None, settings: dict | None = None) -> Any:
-        with self._lock:
-            try:
-                return self._client.command(sql, parameters=parameters, settings=settings)
-            except ClickHouseError as e:
-                raise StoreError(_one_line(e)) from e
-            except OSError as e:
-                raise StoreError(f"ClickHouse unreachable: {e}") from e
+        with self._lock, _driver_errors():
+            return self._client.command(sql, parameters=parameters, settings=settings)
 
     def query(self, sql: str, parameters: dict | None = None, settings: dict | None = None) -> list[dict]:
         """Rows as dicts (column name -> value)."""
@@ -71,13 +68,8 @@ class Store:
 
     def query_rows(self, sql: str, parameters: dict | None = None,
                    settings: dict | None = None) -> tuple[Sequence[Sequence[Any]], tuple[str, ...]]:
-        with self._lock:
-            try:
-                res = self._client.query(sql, parameters=parameters, settings=settings)
-            except ClickHouseError as e:
-                raise StoreError(_one_line(e)) from e
-            except OSError as e:
-                raise StoreError(f"ClickHouse unreachable: {e}") from e
+        with self._lock, _driver_errors():
+            res = self._client.query(sql, parameters=parameters, settings=settings)
         return res.result_rows, tuple(res.column_names)
 
     def insert_json_rows(self, table: str, body: bytes, settings: dict[str, Any] | None = None) -> None:
@@ -86,13 +78,8 @@ class Store:
         (the exporter passes `insert_deduplication_token` so a re-sent batch is not stored twice)."""
         if not body:
             return
-        with self._lock:
-            try:
-                self._client.raw_insert(table, insert_block=body, fmt="JSONEachRow", settings=settings)
-            except ClickHouseError as e:
-                raise StoreError(_one_line(e)) from e
-            except OSError as e:
-                raise StoreError(f"ClickHouse unreachable: {e}") from e
+        with self._lock, _driver_errors():
+            self._client.raw_insert(table, insert_block=body, fmt="JSONEachRow", settings=settings)
 
     def ping(self) -> bool:
         with self._lock:
@@ -139,7 +126,7 @@ def connect(dsn: str, *, settings: dict[str, Any] | None = None, connect_timeout
         lock_fd = None
         try:
             if is_embedded(dsn):
-                path = _chdb_path(dsn)
+                path = chdb_path(dsn)
                 if path != ":memory:":
                     os.makedirs(path, exist_ok=True)
                     lock_fd = lock_dir(path, "tagway.lock", StoreLockedError(
@@ -169,6 +156,17 @@ def redact_dsn(dsn: str) -> str:
     creds, host = rest.rsplit("@", 1)
     user = creds.split(":", 1)[0]
     return f"{scheme}://{user}:***@{host}"
+
+
+@contextlib.contextmanager
+def _driver_errors() -> Iterator[None]:
+    """Driver errors of a statement as StoreError with a one-line message."""
+    try:
+        yield
+    except ClickHouseError as e:
+        raise StoreError(_one_line(e)) from e
+    except OSError as e:
+        raise StoreError(f"ClickHouse unreachable: {e}") from e
 
 
 def _one_line(e: BaseException) -> str:

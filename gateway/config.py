@@ -7,12 +7,12 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from exporters.dsn import anchor_storage_paths, embedded_dsn
 from exporters.vocabulary import TAG_KEY_RE
+from exporters.yamlfile import YamlFileError, load_mapping
 
 __all__ = ["GatewayConfig", "ModelConfig", "TenantConfig", "KeyConfig", "Taxonomy", "ConfigError", "load_config",
            "OPENAI_COMPATIBLE"]
@@ -245,20 +245,10 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Gate
     data: dict[str, Any] = {}
     if path:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError([f"config file {str(p)!r} does not exist"])
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError([f"{p}: invalid YAML{where}: {getattr(e, 'problem', e)}"]) from None
-        except UnicodeDecodeError:
-            raise ConfigError([f"{p}: not UTF-8 text"]) from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError([f"{p}: the top level must be a mapping"])
+            loaded = load_mapping(p)
+        except YamlFileError as e:
+            raise ConfigError([str(e)]) from None
         data = loaded
         # relative paths in the file are relative to the file, whatever directory the command runs in
         base = p.resolve().parent

@@ -20,7 +20,7 @@ from rich.text import Text
 
 from exporters import queries as q
 from exporters.dsn import DsnConfigError, default_dsn as _default_dsn, resolve_dsn as _resolve
-from exporters.store import Store, StoreError, StoreLockedError, connect, is_embedded, redact_dsn
+from exporters.store import Store, StoreError, StoreLockedError, chdb_path, connect, is_embedded, redact_dsn
 
 __all__ = ["register", "resolve_dsn", "default_dsn", "fmt_rate", "fmt_ci", "fmt_delta"]
 
@@ -92,10 +92,8 @@ def default_dsn() -> str:
 
 def _open_store(dsn: str) -> Store:
     if is_embedded(dsn):
-        # parsed like exporters.store does
-        path = dsn[len("chdb://"):] if dsn.startswith("chdb://") else dsn[len("chdb:"):]
-        path = path.split("?", 1)[0]
-        if path not in ("", ":memory:") and not os.path.isdir(os.path.realpath(path)):
+        path = chdb_path(dsn)
+        if path != ":memory:" and not os.path.isdir(path):
             raise _CliError(f"no tagway store at {path}: start the gateway once, or pass --dsn / --config")
     try:
         return connect(dsn)

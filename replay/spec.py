@@ -8,10 +8,10 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from exporters.vocabulary import parse_dimension, parse_duration, parse_filter, validate_tag_key
+from exporters.yamlfile import YamlFileError, load_mapping
 
 __all__ = [
     "SpecError", "Sampling", "SliceSpec", "PromptSpec", "Candidate", "Baseline", "EvaluatorSpec", "Gating",
@@ -339,15 +339,7 @@ def apply_overrides(data: dict, *, customer: list[str] | None = None, intent: li
 
 def load_spec_data(path: str | Path) -> dict:
     """The raw mapping of a spec file (to apply CLI overrides before validation)."""
-    p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text())
-    except OSError as e:
-        raise SpecError(f"cannot read spec {p}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise SpecError(f"{p}:{where} invalid YAML: {getattr(e, 'problem', None) or e}") from None
-    if not isinstance(data, dict):
-        raise SpecError(f"{p}: expected a mapping at the top level")
-    return data
+        return load_mapping(path, "spec")
+    except YamlFileError as e:
+        raise SpecError(str(e)) from None

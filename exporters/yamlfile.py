@@ -1,0 +1,45 @@
+"""The one YAML loader of tagway's files (the gateway config, the DSN lookup's view of it, replay specs): a
+mapping or one line saying what is wrong, always in the same form:
+
+    <file>: invalid YAML at line <l>, column <c>: <what was expected>
+    <file>: the top level must be a mapping
+    config file '<file>' does not exist
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["YamlFileError", "load_mapping"]
+
+
+class YamlFileError(ValueError):
+    """The file is missing, unreadable, not YAML, or not a mapping. `str(e)` is one line."""
+
+
+def load_mapping(path: str | os.PathLike[str], what: str = "config file") -> dict[str, Any]:
+    """The top-level mapping of the YAML file at `path` ({} for an empty file). `what` names the file in the
+    messages that cannot quote its content ('config file', 'spec')."""
+    p = Path(path)
+    if not p.is_file():
+        raise YamlFileError(f"{what} {str(p)!r} does not exist")
+    try:
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise YamlFileError(f"{p}: invalid YAML{where}: {e.problem or e.context or 'unreadable'}") from None
+    except yaml.YAMLError as e:
+        raise YamlFileError(f"{p}: invalid YAML: {e}") from None
+    except UnicodeDecodeError:
+        raise YamlFileError(f"{p}: not UTF-8 text") from None
+    except OSError as e:
+        raise YamlFileError(f"cannot read {what} {str(p)!r}: {e.strerror or e}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise YamlFileError(f"{p}: the top level must be a mapping")
+    return loaded
