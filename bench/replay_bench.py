@@ -25,7 +25,7 @@ from replay.runner import Runner, gateway_client, targets_for  # noqa: E402
 from replay.slice import Case  # noqa: E402
 from replay.spec import parse_spec  # noqa: E402
 from replay.store import write_results  # noqa: E402
-from tests.test_replay_support import API_KEY, FakeLLM  # noqa: E402
+from tests.replay_support import API_KEY, FakeLLM  # noqa: E402
 
 KEY = "tw-bench-platform-0123456789abcdefghij"
 

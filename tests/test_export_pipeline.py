@@ -26,7 +26,7 @@ from exporters.recording import Recorder, start_recording
 from exporters.spool import Spool
 from exporters.store import Store, StoreError
 
-from .test_export_rows import COLUMNS
+from tests.otel_columns import COLUMNS
 
 
 class FlakyStore:

@@ -12,7 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from replay.cli import register, replay_app
-from tests.test_replay_support import API_KEY, FakeLLM, call_span, record, unique
+from tests.replay_support import API_KEY, FakeLLM, call_span, record, unique
 
 cli = CliRunner()
 

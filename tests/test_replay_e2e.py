@@ -18,7 +18,7 @@ from gateway.config import GatewayConfig
 from replay.cli import replay_app
 from replay.store import JOIN_SQL
 from tests.gateway_fixture import GatewayServer
-from tests.test_replay_support import FakeLLM, unique
+from tests.replay_support import FakeLLM, unique
 
 PLATFORM_KEY = "tw-replay-e2e-platform-0123456789abcdef"
 N = 20

@@ -13,7 +13,7 @@ from replay.runner import FatalRunError, Runner, gateway_client, targets_for
 from replay.slice import Case
 from replay.spec import parse_spec
 from replay.store import JOIN_SQL, get_run, read_results
-from tests.test_replay_support import API_KEY, FakeLLM, call_span, record, unique
+from tests.replay_support import API_KEY, FakeLLM, call_span, record, unique
 
 
 def approve_unless(customer_word: str, every: int = 1) -> callable:
@@ -154,7 +154,7 @@ def test_rejected_key_is_fatal(chdb_store, slice_data):
 
 
 def test_unreachable_gateway_is_fatal_at_the_probe(chdb_store, slice_data):
-    from tests.test_replay_support import free_port
+    from tests.replay_support import free_port
     a, _, _ = slice_data
     with pytest.raises(FatalRunError, match="gateway unreachable after 3 attempt"):
         asyncio.run(start_run(chdb_store, parse_spec(spec_for([a])), RunOptions(

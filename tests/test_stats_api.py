@@ -13,7 +13,7 @@ from exporters.store import StoreError
 from gateway.auth import KeyRing, hash_key
 from gateway.config import GatewayConfig, KeyConfig, TenantConfig
 from gateway.stats_api import build_stats_router
-from tests.test_stats_queries import Seeded, seed_calls, seed_replayed
+from tests.calls_seed import Seeded, seed_calls, seed_replayed
 
 ADMIN = "tw-admin-stats-api-test"
 ACME_KEY = "tw-acme-stats-api-test"

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from exporters import queries as q
 from gateway import stats_cli
-from tests.test_stats_queries import Seeded, call_row, insert_calls, seed_calls, seed_replayed
+from tests.calls_seed import Seeded, call_row, insert_calls, seed_calls, seed_replayed
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from exporters import queries as q
-from tests.test_stats_queries import Seeded, seed_calls
+from tests.calls_seed import Seeded, seed_calls
 
 DASHBOARD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "helm", "tagway",
                          "dashboards", "tagway-grafana.json")

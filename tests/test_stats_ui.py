@@ -27,7 +27,7 @@ from gateway.auth import KeyRing
 from gateway.config import GatewayConfig
 from gateway.stats_api import build_stats_router
 from exporters import queries as q
-from tests.test_stats_queries import Seeded, call_row, insert_calls, seed_calls
+from tests.calls_seed import Seeded, call_row, insert_calls, seed_calls
 
 ADMIN = "tw-admin-ui-test-key"
 
