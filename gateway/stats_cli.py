@@ -21,6 +21,7 @@ from rich.text import Text
 from exporters import queries as q
 from exporters.dsn import DsnConfigError, default_dsn as _default_dsn, resolve_dsn as _resolve
 from exporters.store import Store, StoreError, StoreLockedError, chdb_path, connect, is_embedded, redact_dsn
+from exporters.vocabulary import COLUMNS, NON_PRODUCTION_SOURCES
 
 __all__ = ["register", "resolve_dsn", "default_dsn", "fmt_rate", "fmt_ci", "fmt_delta"]
 
@@ -150,10 +151,11 @@ def _json_out(data: Any) -> None:
 # -- options shared by the commands ----------------------------------------------------------------------------
 WhereOpt = Annotated[Optional[list[str]], typer.Option(
     "--where", "-w", help="Filter key=value (or key!=value) on a column or tag.<key>; repeat to AND. Replayed and "
-                          "judge calls (source replay, replay-judge) are left out unless a filter names source, "
-                          "e.g. --where source=replay.")]
+                          f"judge calls (source {', '.join(NON_PRODUCTION_SOURCES)}) are left out unless a filter "
+                          "names source, e.g. --where source=replay.")]
 StatusOpt = Annotated[Optional[str], typer.Option("--status", help="Only calls with this status: ok, error, cancelled.")]
-SinceOpt = Annotated[Optional[str], typer.Option("--since", help="Window back from now, e.g. 15m, 24h, 7d (default 24h).")]
+SinceOpt = Annotated[Optional[str], typer.Option("--since", help="Window back from now: a number and a unit s, m, h, d "
+                                                                 "or w, e.g. 90s, 15m, 1.5h, 7d (default 24h).")]
 FromOpt = Annotated[Optional[str], typer.Option("--from", help="Window start, ISO time (UTC unless it says).")]
 ToOpt = Annotated[Optional[str], typer.Option("--to", help="Window end, ISO time (default now).")]
 DsnOpt = Annotated[Optional[str], typer.Option("--dsn", help="ClickHouse DSN (default $TAGWAY_DSN, the config's store, "
@@ -171,8 +173,7 @@ def _window_title(sel: q.Selection, since: str | None, from_: str | None) -> str
 # -- tagway stats ----------------------------------------------------------------------------------------------
 def stats_command(
     by: Annotated[Optional[list[str]], typer.Option(
-        "--by", "-b", help="Group by a column (customer, intent, prompt_version, model, model_served, provider, "
-                           "operation, status, error_type, source, key_id, stream) or tag.<key>; repeat.")] = None,
+        "--by", "-b", help=f"Group by a column ({', '.join(COLUMNS)}) or tag.<key>; repeat.")] = None,
     where: WhereOpt = None,
     status: StatusOpt = None,
     since: SinceOpt = None,
@@ -188,7 +189,7 @@ def stats_command(
 ) -> None:
     """Error rate per segment (worst first) with 95% Wilson intervals, latency, tokens and cost.
 
-    Replayed and judge calls (source replay, replay-judge) are left out unless --where filters on source
+    Replayed and judge calls (non-production sources) are left out unless --where filters on source
     (--where source=replay shows them); --json lists what was left out in sources_excluded."""
 
     def body() -> None:
