@@ -13,8 +13,8 @@ averages hide the failing segment and a three-call segment is three coin flips.
 Replayed and judge traffic is not production traffic: a replay re-sends a customer's recorded calls (with that
 customer's tags) to a candidate model, and the judge grades them, so their failures are the candidate's, not the
 customer's. Every query therefore leaves out rows whose `source` is in `EXCLUDED_SOURCES` (the vocabulary's
-NON_PRODUCTION_SOURCES) unless the selection filters on `source` itself (`source=replay` shows exactly the replayed calls,
-`source!=production` everything else). Reports say which sources were left out (`sources_excluded`).
+NON_PRODUCTION_SOURCES) unless the selection filters on `source` itself (`source=replay` shows exactly the
+replayed calls, `source!=production` everything else). Reports say which sources were left out (`sources_excluded`).
 """
 from __future__ import annotations
 

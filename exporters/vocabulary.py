@@ -19,8 +19,8 @@ from typing import Any, Iterable
 __all__ = [
     "QueryInputError", "COLUMNS", "TAG_PREFIX", "TAG_KEY_RE", "STATUSES", "PRODUCTION_SOURCE", "REPLAY_SOURCE",
     "JUDGE_SOURCE", "NON_PRODUCTION_SOURCES", "MAX_WINDOW", "MAX_VALUE_LEN", "Window", "Filter", "Params",
-    "show", "iso_utc", "validate_tag_key", "parse_duration", "parse_time", "parse_window", "parse_dimension", "parse_filter",
-    "parse_filters", "column_expr", "filter_condition",
+    "show", "iso_utc", "validate_tag_key", "parse_duration", "parse_time", "parse_window", "parse_dimension",
+    "parse_filter", "parse_filters", "column_expr", "filter_condition",
 ]
 
 # Group-by / filter names -> llm_calls columns. `model` is what the client asked for (model_requested).

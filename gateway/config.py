@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from exporters.dsn import anchor_storage_paths, embedded_dsn
-from exporters.vocabulary import TAG_KEY_RE
+from exporters.vocabulary import PRODUCTION_SOURCE, TAG_KEY_RE
 from exporters.yamlfile import YamlFileError, load_mapping
 
 __all__ = ["GatewayConfig", "ModelConfig", "TenantConfig", "KeyConfig", "Taxonomy", "ConfigError", "load_config",
@@ -131,7 +131,7 @@ class RecordingConfig(_Strict):
     batch_max_seconds: float = Field(2.0, gt=0)  # big blocks: fewer parts for ClickHouse to merge
     queue_max: int = Field(50_000, ge=100)
     service_name: str = "tagway"
-    source: str = "production"  # tagway.source when the request does not say
+    source: str = PRODUCTION_SOURCE  # tagway.source when the request does not say
 
     @model_validator(mode="after")
     def _batch_fits_queue(self) -> "RecordingConfig":
