@@ -23,6 +23,7 @@ from .providers import Providers
 from .providers.litellm_provider import preload as preload_litellm
 from .proxy import HOT_ROUTES, Proxy
 from .redact import Redactor
+from .store_api import LocalAccess, build_store_router
 
 __all__ = ["TagwayApp", "create_app"]
 
@@ -44,6 +45,7 @@ class TagwayApp:
         self._owns_recorder = recorder is None if owns_recorder is None else owns_recorder
         self.proxy: Proxy | None = None
         self._start_lock: asyncio.Lock | None = None
+        self.local = LocalAccess()  # the discovery file and credential that let local CLIs use our store
         self.api = _build_api(self)
 
     # -- lifetime -----------------------------------------------------------------------------------------------
@@ -67,7 +69,14 @@ class TagwayApp:
             self.proxy = Proxy(config=self.config, keyring=self.keyring, providers=self.providers,
                                tracer=self.recorder.tracer, pricing=self.pricing, redactor=self.redactor)
 
+    def announce(self, url: str) -> None:
+        """Tell local CLIs (through the store directory) that this gateway serves its embedded store at `url`."""
+        store = self.store
+        if store is not None and getattr(store, "embedded", False):
+            self.local.announce(store.dsn, url)
+
     async def shutdown(self) -> None:
+        self.local.close()
         self.keyring.stop_watching()
         await self.providers.aclose()
         if self.recorder is not None and self._owns_recorder:
@@ -206,6 +215,7 @@ def _build_api(app: TagwayApp) -> FastAPI:
         build_stats_router = None
     if build_stats_router is not None:
         api.include_router(build_stats_router(app.keyring, lambda: app.store))
+    api.include_router(build_store_router(app.keyring, lambda: app.store, app.local))
     return api
 
 

@@ -25,6 +25,13 @@ app.add_typer(config_app, name="config")
 ConfigOpt = typer.Option(None, "--config", "-c", envvar="TAGWAY_CONFIG", help="Path to tagway.yaml.")
 
 
+@app.callback()
+def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Say how the store was reached (directly, or "
+                                       "through the running gateway); also $TAGWAY_VERBOSE=1.")) -> None:
+    if verbose:
+        os.environ["TAGWAY_VERBOSE"] = "1"  # read by exporters.store_access, in this process and in replay's
+
+
 def fail(message: str, code: int = 2) -> "typer.Exit":
     typer.echo(f"tagway: error: {message}", err=True)
     return typer.Exit(code)
@@ -52,6 +59,7 @@ def serve(config: Optional[str] = ConfigOpt,
     from exporters.store import StoreError, is_embedded  # noqa: PLC0415
 
     from .app import TagwayApp, default_recorder  # noqa: PLC0415
+    from .store_api import serve as serve_announced  # noqa: PLC0415
 
     cfg = _load(config)
     host, port = host or cfg.server.host, port or cfg.server.port
@@ -68,7 +76,7 @@ def serve(config: Optional[str] = ConfigOpt,
     try:
         recorder = default_recorder(cfg)
     except StoreError as e:
-        raise fail(str(e)) from None
+        raise fail(_held_by(cfg, e)) from None
     tune_gc()
     # the app owns the recorder: its lifespan shutdown flushes it, which matters because uvicorn re-raises
     # SIGTERM once it has stopped serving, so nothing after uvicorn.run() would run
@@ -76,10 +84,29 @@ def serve(config: Optional[str] = ConfigOpt,
     typer.echo(f"tagway: serving on http://{host}:{port}/v1 (store: {_describe_store(cfg)})", err=True)
     try:
         # uvicorn turns SIGTERM/SIGINT into a graceful stop: in-flight calls finish, then we flush the recorder
-        uvicorn.run(gateway, host=host, port=port, loop="uvloop", http="httptools", lifespan="on", access_log=False,
-                    log_level=log_level, timeout_graceful_shutdown=60)
+        # as uvicorn.run, plus the discovery file local CLIs find the store through (gateway/store_api.py)
+        serve_announced(gateway, host=host, port=port, loop="uvloop", http="httptools", lifespan="on",
+                        access_log=False, log_level=log_level, timeout_graceful_shutdown=60)
     finally:
         recorder.shutdown()
+
+
+def _held_by(cfg: GatewayConfig, e: Exception) -> str:
+    """The lock error of a second gateway on the same store, naming the first one when it announced itself."""
+    from exporters import discovery  # noqa: PLC0415
+    from exporters.store import StoreLockedError  # noqa: PLC0415
+
+    directory = discovery.store_dir(cfg.storage.resolved_dsn())
+    if not isinstance(e, StoreLockedError) or directory is None:
+        return str(e)
+    try:
+        ann = discovery.read(directory)
+    except discovery.DiscoveryError:
+        ann = None
+    if ann is None or not discovery.pid_alive(ann.pid):
+        return str(e)
+    return (f"the embedded store {directory} is already served by the gateway {ann.describe()} (chDB allows one "
+            "process per data directory): use that gateway, or choose another data directory")
 
 
 def tune_gc() -> None:
@@ -186,7 +213,7 @@ def db_migrate(config: Optional[str] = ConfigOpt,
                print_only: bool = typer.Option(False, "--print", help="Print the SQL instead of running it.")) -> None:
     """Create or upgrade the ClickHouse schema (also done at gateway start-up)."""
     from exporters.schema import SchemaSettings, migrate, statements_for  # noqa: PLC0415
-    from exporters.store import StoreError, connect  # noqa: PLC0415
+    from exporters.store import StoreError  # noqa: PLC0415
 
     cfg = _load(config)
     s = cfg.storage
@@ -195,12 +222,20 @@ def db_migrate(config: Optional[str] = ConfigOpt,
         for version, sql in statements_for(settings):
             typer.echo(f"-- migration {version}\n{sql};\n")
         return
+    from exporters.discovery import DiscoveryError  # noqa: PLC0415
+    from exporters.remote_store import StoreGoneError  # noqa: PLC0415
+    from exporters.store_access import open_store  # noqa: PLC0415
+
     try:
-        store = connect(dsn or s.resolved_dsn())
+        store = open_store(dsn or s.resolved_dsn())  # through a running gateway when one holds the store
         try:
             applied = migrate(store, settings)
         finally:
             store.close()
+    except DiscoveryError as e:
+        raise fail(str(e)) from None
+    except StoreGoneError as e:
+        raise fail(f"{e}; the migration may be partly applied: run it again", 3) from None
     except StoreError as e:
         raise fail(str(e)) from None
     typer.echo(f"applied migrations: {', '.join(map(str, applied))}" if applied else "schema is up to date")

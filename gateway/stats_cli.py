@@ -20,13 +20,17 @@ from rich.text import Text
 
 from exporters import queries as q
 from exporters.dsn import DsnConfigError, default_dsn as _default_dsn, resolve_dsn as _resolve
-from exporters.store import Store, StoreError, StoreLockedError, chdb_path, connect, is_embedded, redact_dsn
+from exporters.discovery import DiscoveryError
+from exporters.remote_store import StoreGoneError
+from exporters.store import Store, StoreError, StoreLockedError, chdb_path, is_embedded, redact_dsn
+from exporters.store_access import open_store
 from exporters.vocabulary import COLUMNS, NON_PRODUCTION_SOURCES
 
 __all__ = ["register", "resolve_dsn", "default_dsn", "fmt_rate", "fmt_ci", "fmt_delta"]
 
 EXIT_BAD_INPUT = 2
 EXIT_STORE = 1
+EXIT_GONE = 3  # the gateway serving the store stopped mid-command
 
 
 class _CliError(Exception):
@@ -97,7 +101,11 @@ def _open_store(dsn: str) -> Store:
         if path != ":memory:" and not os.path.isdir(path):
             raise _CliError(f"no tagway store at {path}: start the gateway once, or pass --dsn / --config")
     try:
-        return connect(dsn)
+        return open_store(dsn)  # through the running gateway when one serves this store (exporters.store_access)
+    except DiscoveryError as e:
+        raise _CliError(str(e)) from None
+    except StoreGoneError as e:
+        raise _CliError(str(e), EXIT_GONE) from None
     except StoreLockedError:
         raise _CliError(
             f"the embedded store {redact_dsn(dsn)} is in use by a running gateway (chDB allows one process per data "
@@ -131,6 +139,8 @@ def _with_store(dsn: str | None, config: str | None, body: Callable[[Store, str,
     store = _open_store(resolved)
     try:
         body(store, resolved, database)
+    except StoreGoneError as e:
+        raise _CliError(f"{e} during the query", EXIT_GONE) from None
     except StoreError as e:
         raise _CliError(_store_message(e, resolved), EXIT_STORE) from None
     finally:

@@ -47,11 +47,18 @@ def _fail(msg: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
 @contextlib.contextmanager
 def _user_errors() -> Iterator[None]:
     """Bad input becomes one line on stderr and exit 2, never a traceback."""
+    from exporters.discovery import DiscoveryError
     from exporters.dsn import DsnConfigError
+    from exporters.remote_store import StoreGoneError
     from exporters.store import StoreError, StoreLockedError
     from .pipeline import RunExistsError
     try:
         yield
+    except StoreGoneError as e:
+        raise _fail(f"{e}; what was stored is kept (`tagway replay resume RUN_ID` finishes a run)",
+                    EXIT_INCOMPLETE) from None
+    except DiscoveryError as e:
+        raise _fail(str(e)) from None
     except StoreLockedError as e:
         raise _fail(f"{e}. The gateway probably holds it: point replay at a ClickHouse server DSN (--dsn / "
                     "TAGWAY_DSN), or stop the gateway and use --in-process") from None
@@ -66,8 +73,8 @@ def _store(dsn: Optional[str], config: Optional[Path]):
     ./tagway-data/clickhouse (exporters.dsn, the same resolution as `tagway stats`)."""
     from exporters.dsn import resolve_dsn
     from exporters.schema import migrate
-    from exporters.store import connect
-    store = connect(resolve_dsn(dsn, config).dsn)
+    from exporters.store_access import open_store
+    store = open_store(resolve_dsn(dsn, config).dsn)  # through the running gateway when one serves this store
     migrate(store)
     return store
 

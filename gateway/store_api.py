@@ -1,0 +1,227 @@
+"""The local store API: lets `tagway stats|errors|show|replay|db` work while this gateway holds the embedded store.
+
+chDB allows one process per data directory, so the gateway runs the CLI's statements on its own `Store` (same lock,
+same limits as its own work) and sends rows back (`exporters.remote_store` is the client). Who may use it:
+- only connections from this host (loopback, or the gateway's own address): anything else gets a 404;
+- only with the per-start local credential that `exporters.discovery` writes 0600 into the store directory (or the
+  admin key). A tenant key never reaches a statement: 403.
+Statements run on the thread pool, never on the event loop, so a heavy CLI query does not stall the proxy.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import logging
+import os
+import sys
+from typing import Any, Callable
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+from exporters import discovery
+from exporters.remote_store import API_PREFIX, decode_params, encode_rows, encode_value
+from exporters.store import StoreError
+
+from .auth import KeyRing
+from .errors import GatewayError, error_body
+
+__all__ = ["LocalAccess", "build_store_router", "serve"]
+
+log = logging.getLogger("tagway")
+
+# at most this many CLI statements wait for the store at once; the rest get a 503 instead of piling up threads
+MAX_PENDING = 8
+
+
+class LocalAccess:
+    """This start's announcement (discovery file + credential) and whether the store API still accepts work."""
+
+    def __init__(self) -> None:
+        self.announcement: discovery.Announcement | None = None
+        self.closed = False
+
+    def announce(self, dsn: str, url: str) -> discovery.Announcement | None:
+        directory = discovery.store_dir(dsn)
+        if directory is None:  # a server DSN: every CLI opens it directly
+            return None
+        self.announcement = discovery.announce(directory, url)
+        return self.announcement
+
+    def close(self) -> None:
+        """Stop accepting statements and remove the discovery file (idempotent)."""
+        self.closed = True
+        ann, self.announcement = self.announcement, None
+        if ann is not None:
+            try:
+                discovery.withdraw(ann)
+            except OSError as e:  # shutdown must go on
+                log.warning("could not remove %s: %s", ann.path, e)
+
+    def credential_ok(self, token: str) -> bool:
+        ann = self.announcement
+        return ann is not None and hmac.compare_digest(token.encode(), ann.credential.encode())
+
+
+def _is_local(request: Request) -> bool:
+    client, server = request.scope.get("client"), request.scope.get("server")
+    if not client:
+        return False
+    try:
+        addr = ipaddress.ip_address(client[0])
+    except ValueError:
+        return False
+    return addr.is_loopback or bool(server and server[0] == client[0])
+
+
+def _error(status: int, message: str, code: str, type_: str = "invalid_request_error") -> Response:
+    return Response(error_body(message, type_, code), status_code=status, media_type="application/json")
+
+
+def build_store_router(keyring: KeyRing, get_store: Callable[[], Any], access: LocalAccess) -> APIRouter:
+    router = APIRouter(include_in_schema=False)
+    pending = asyncio.Semaphore(MAX_PENDING)
+
+    def check(request: Request) -> Response | None:
+        if not _is_local(request):
+            return _error(404, "Not found.", "not_found")
+        auth = request.headers.get("authorization") or ""
+        token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        if not (token and access.credential_ok(token)):
+            try:
+                p = keyring.authenticate(auth or None, request.headers.get("api-key"))
+            except GatewayError:
+                return _error(401, "The store API needs the gateway's local credential (from its discovery file) "
+                                   "or the admin key.", "local_credential_required", "authentication_error")
+            if not p.is_admin:
+                return _error(403, "Tenant keys cannot use the store API.", "admin_key_required",
+                              "permission_error")
+        if access.closed or get_store() is None:
+            return _error(503, "The store is not available (the gateway is starting, stopping, or not recording).",
+                          "store_unavailable", "server_error")
+        return None
+
+    async def run(fn: Callable[[], Any]) -> Response:
+        if pending.locked():
+            return _error(503, f"Too many store statements in flight (max {MAX_PENDING}); retry.", "store_busy",
+                          "server_error")
+        async with pending:
+            try:
+                body = await run_in_threadpool(fn)
+            except StoreError as e:
+                return _error(400, str(e), "store_error", "store_error")
+            except (ValueError, TypeError, KeyError) as e:
+                return _error(400, f"bad store request: {e}", "invalid_request")
+        return Response(body, media_type="application/json")
+
+    async def statement(request: Request) -> tuple[str, Any, Any] | Response:
+        try:
+            data = orjson.loads(await request.body())
+            sql, settings = data["sql"], data.get("settings")
+            params = decode_params(data.get("parameters"))
+            if not isinstance(sql, str) or not (settings is None or isinstance(settings, dict)):
+                raise ValueError("sql must be a string, settings an object")
+        except (orjson.JSONDecodeError, KeyError, ValueError, TypeError) as e:
+            return _error(400, f"bad store request: {e}", "invalid_request")
+        return sql, params, settings
+
+    @router.get(API_PREFIX + "/ping")
+    async def ping(request: Request) -> Response:
+        denied = check(request)
+        if denied is not None:
+            return denied
+        ann = access.announcement
+        return Response(orjson.dumps({"instance": ann.instance if ann else "", "pid": os.getpid()}),
+                        media_type="application/json")
+
+    @router.post(API_PREFIX + "/query")
+    async def query(request: Request) -> Response:
+        denied = check(request)
+        if denied is not None:
+            return denied
+        st = await statement(request)
+        if isinstance(st, Response):
+            return st
+        sql, params, settings = st
+
+        def work() -> bytes:
+            rows, cols = get_store().query_rows(sql, params, settings)
+            return orjson.dumps({"columns": list(cols), "rows": encode_rows(rows)})
+        return await run(work)
+
+    @router.post(API_PREFIX + "/command")
+    async def command(request: Request) -> Response:
+        denied = check(request)
+        if denied is not None:
+            return denied
+        st = await statement(request)
+        if isinstance(st, Response):
+            return st
+        sql, params, settings = st
+
+        def work() -> bytes:
+            result = get_store().command(sql, params, settings)
+            if not isinstance(result, (str, int, float, list, tuple, type(None))):
+                result = None  # a QuerySummary: the callers never read it
+            return orjson.dumps({"result": encode_value(result)})
+        return await run(work)
+
+    @router.post(API_PREFIX + "/insert")
+    async def insert(request: Request) -> Response:
+        denied = check(request)
+        if denied is not None:
+            return denied
+        table = request.query_params.get("table") or ""
+        try:
+            settings = orjson.loads(request.query_params["settings"]) if "settings" in request.query_params else None
+        except orjson.JSONDecodeError:
+            return _error(400, "settings must be JSON", "invalid_request")
+        if not table or not all(c.isalnum() or c in "._`" for c in table):
+            return _error(400, "table: a table name is required", "invalid_request")
+        body = await request.body()
+
+        def work() -> bytes:
+            get_store().insert_json_rows(table, body, settings=settings)
+            return b'{"ok":true}'
+        return await run(work)
+
+    return router
+
+
+# -- serving with an announcement ---------------------------------------------------------------------------------
+def local_url(host: str, port: int) -> str:
+    """The URL a CLI on this host uses to reach a server bound to (host, port)."""
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def serve(app: Any, **kwargs: Any) -> None:
+    """uvicorn.run(app, **kwargs), announcing the store to local CLIs once the socket is bound (not before: a CLI
+    must never find an address that is not listening yet) and withdrawing it at shutdown."""
+    import uvicorn  # noqa: PLC0415
+
+    class AnnouncingServer(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)
+            if self.started and not self.should_exit and self.servers:
+                host, port = self.servers[0].sockets[0].getsockname()[:2]
+                try:
+                    app.announce(local_url(host, port))
+                except OSError as e:  # the gateway still serves traffic; CLIs get the lock error
+                    log.warning("could not write the discovery file: %s", e)
+
+    server = AnnouncingServer(uvicorn.Config(app, **kwargs))
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        app.local.close()
+    if not server.started:
+        sys.exit(3)  # uvicorn's STARTUP_FAILURE

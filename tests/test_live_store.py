@@ -1,0 +1,192 @@
+"""While `tagway serve` holds the embedded store, the CLI works through it (issue 17).
+
+The real gateway runs as a subprocess on a chDB store of its own; tagged traffic goes through it with the openai SDK
+to a real HTTP upstream; `tagway stats|errors|show|replay run|replay report` run as subprocesses while it serves
+(through its loopback store API), then again after it stopped (opening the store directly): same numbers. Then the
+gateway is SIGKILLed and the CLI notices the stale discovery file, says so in one line and opens the store directly.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import yaml
+from openai import OpenAI
+
+from exporters import discovery
+from gateway.auth import hash_key
+from tests.http_server import free_port
+from tests.upstream import Upstream
+
+ADMIN = "tw-live-admin-0123456789abcdefghijklmnopq"
+KEYS = {"acme": "tw-live-acme-0123456789abcdefghijklmnopq", "globex": "tw-live-globex-0123456789abcdefghijklmno"}
+ENV = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "TEST_UPSTREAM_KEY": "sk-up", "NO_COLOR": "1"}
+ENV.pop("TAGWAY_DSN", None)
+ENV.pop("TAGWAY_VERBOSE", None)
+
+
+def write_config(tmp_path, upstream: Upstream, port: int, name: str = "tagway.yaml") -> str:
+    up = {"provider": "openai", "base_url": upstream.base_url, "api_key_env": "TEST_UPSTREAM_KEY"}
+    cfg = {"server": {"host": "127.0.0.1", "port": port},
+           "storage": {"data_dir": str(tmp_path / "data")},
+           "recording": {"batch_max_seconds": 0.2},
+           "admin_key_hash": hash_key(ADMIN),
+           "models": [{"name": "gpt-test", "model": "ok-model", **up, "input_cost_per_token": 1e-6,
+                       "output_cost_per_token": 2e-6},
+                      {"name": "broken", "model": "fail500-a", **up}],
+           "tenants": [{"customer": c, "keys": [{"id": f"{c}-k", "hash": hash_key(k)}]} for c, k in KEYS.items()]}
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def start_gateway(config: str, port: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", config],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"gateway exited: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("gateway did not become ready")
+
+
+def tagway(*args: str, config: str, verbose: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "gateway.cli", *(["--verbose"] if verbose else []), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**ENV, "TAGWAY_CONFIG": config})
+
+
+def jout(r: subprocess.CompletedProcess) -> dict:
+    assert "Traceback" not in r.stderr, r.stderr
+    return json.loads(r.stdout[r.stdout.index("{"):])
+
+
+def stats_of(config: str) -> tuple[dict, str]:
+    r = tagway("stats", "--by", "customer", "--by", "intent", "--since", "1h", "--json", config=config)
+    assert r.returncode == 0, r.stderr
+    d = jout(r)
+    return {"segments": d["segments"], "total": d["total"]}, r.stderr
+
+
+def traffic(port: int) -> None:
+    for customer, intent, model, n in (("acme", "refund", "gpt-test", 8), ("acme", "refund", "broken", 3),
+                                       ("globex", "billing", "gpt-test", 6)):
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEYS[customer], max_retries=0)
+        for i in range(n):
+            try:
+                client.chat.completions.create(
+                    model=model, messages=[{"role": "user", "content": f"{intent} question #{i}"}],
+                    extra_headers={"x-tagway-intent": intent, "x-tagway-tags": "region=eu"})
+            except Exception:  # the broken model's 500s are part of the traffic
+                assert model == "broken"
+
+
+@pytest.fixture()
+def upstream():
+    with Upstream() as up:
+        yield up
+
+
+def test_cli_works_through_a_serving_gateway_then_directly_then_after_sigkill(tmp_path, upstream):
+    port = free_port()
+    config = write_config(tmp_path, upstream, port)
+    store_dir = str((tmp_path / "data" / "clickhouse").resolve())
+    disc = discovery.discovery_path(store_dir)
+    spec = tmp_path / "replay.yaml"
+    spec.write_text(yaml.safe_dump({
+        "slice": {"customer": ["acme", "globex"], "since": "1h", "segment_by": ["customer"],
+                  "sampling": {"min_per_segment": 5, "seed": 3}},
+        "candidates": [{"name": "cand", "model": "gpt-test"}],
+        "evaluators": [{"type": "icontains", "value": "refund"}],
+        "gating": {"aggregate": "min_segment", "threshold": 0.5, "min_cases_per_segment": 5}}))
+
+    gw = start_gateway(config, port)
+    try:
+        ann = discovery.read(store_dir)
+        assert ann is not None and ann.pid == gw.pid and ann.url == f"http://127.0.0.1:{port}"
+        assert os.stat(disc).st_mode & 0o777 == 0o600
+        traffic(port)
+        deadline = time.monotonic() + 30
+        while True:  # spans reach the store in batches
+            live, err = stats_of(config)
+            if live["total"]["calls"] == 17 or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert "through the running gateway" in err and f"pid {gw.pid}" in err
+        assert (live["total"]["calls"], live["total"]["errors"]) == (17, 3)
+        errors = tagway("errors", "--since", "1h", "--json", config=config)
+        assert errors.returncode == 0, errors.stderr
+        live_errors = jout(errors)["errors"]
+        assert live_errors[0]["count"] == 3
+        trace = live_errors[0]["example_trace_ids"][0]
+        show = tagway("show", trace, "--json", config=config)
+        assert show.returncode == 0, show.stderr
+        live_call = jout(show)
+        assert (live_call["customer"], live_call["status"]) == ("acme", "error")
+
+        run = tagway("replay", "run", "--spec", str(spec), "--gateway", f"http://127.0.0.1:{port}", "--api-key", ADMIN,
+                     "--format", "json", "--no-progress", "--run-id", "live-run-1", config=config)
+        assert run.returncode in (0, 1), run.stderr  # a gate verdict, not a store error
+        assert "through the running gateway" in run.stderr
+        run_report = jout(run)
+        assert run_report["status"] == "complete" and run_report["n_cases"] == 14  # the ok calls
+        report = tagway("replay", "report", "live-run-1", "--format", "json", config=config)
+        assert report.returncode == run.returncode, report.stderr
+        live_report = jout(report)
+        assert live_report["candidates"] == run_report["candidates"] and live_report["passed"] == run_report["passed"]
+
+        # a second gateway on the same store: exit 2, one line naming the first one
+        other = write_config(tmp_path, upstream, free_port(), name="other.yaml")
+        second = subprocess.run([sys.executable, "-m", "gateway.cli", "serve", "--config", other],
+                                capture_output=True, text=True, timeout=60, env=ENV)
+        lines = second.stderr.strip().splitlines()
+        assert second.returncode == 2 and len(lines) == 1, second.stderr
+        assert f"pid {gw.pid}" in lines[0] and f"http://127.0.0.1:{port}" in lines[0]
+
+        # a tenant key never reaches a statement; the credential does
+        api = f"http://127.0.0.1:{port}/admin/store"
+        sql = {"sql": "CREATE TABLE IF NOT EXISTS pwned (x UInt8) ENGINE = Memory"}
+        r = httpx.post(f"{api}/command", json=sql, headers={"authorization": f"Bearer {KEYS['acme']}"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "admin_key_required"
+        assert httpx.post(f"{api}/command", json=sql).status_code == 401
+        check = httpx.post(f"{api}/command", json={"sql": "EXISTS TABLE pwned"},
+                           headers={"authorization": f"Bearer {ann.credential}"})
+        assert check.status_code == 200 and check.json()["result"] == 0
+    finally:
+        gw.send_signal(signal.SIGTERM)
+        gw.wait(60)
+    assert not os.path.exists(disc), "a gateway that stopped cleanly removes its discovery file"
+
+    # the same commands opening the store directly: the same numbers
+    direct, err = stats_of(config)
+    assert "opened directly" in err and direct == live
+    assert jout(tagway("errors", "--since", "1h", "--json", config=config))["errors"] == live_errors
+    assert jout(tagway("show", trace, "--json", config=config)) == live_call
+    assert jout(tagway("replay", "report", "live-run-1", "--format", "json", config=config)) == live_report
+
+    # SIGKILL: the discovery file stays behind; the CLI says so once and opens the store directly
+    gw = start_gateway(config, port)
+    pid = gw.pid
+    gw.send_signal(signal.SIGKILL)
+    gw.wait(30)
+    assert os.path.exists(disc)
+    after = tagway("stats", "--by", "customer", "--by", "intent", "--since", "1h", "--json", config=config,
+                   verbose=False)
+    assert after.returncode == 0, after.stderr
+    lines = after.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"pid {pid}" in lines[0] and "gone" in lines[0] and "directly" in lines[0], lines
+    d = jout(after)
+    assert {"segments": d["segments"], "total": d["total"]}["total"]["calls"] >= 17
+    assert not os.path.exists(disc), "the stale file is removed once the store is ours"
