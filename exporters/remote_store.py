@@ -41,7 +41,8 @@ class StoreAccessDenied(StoreError):
 
 
 # -- values on the wire ------------------------------------------------------------------------------------------
-_PLAIN = (str, bool, int, type(None))
+_PLAIN = (str, bool, type(None))  # sent as they are (ints and floats are checked: 128-bit, NaN)
+_PLAIN_BACK = (str, bool, int, float, type(None))
 _I64_MIN, _U64_MAX = -(2 ** 63), 2 ** 64 - 1
 
 
@@ -126,7 +127,7 @@ def encode_rows(rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
 
 
 def decode_rows(rows: list[list[Any]]) -> list[tuple[Any, ...]]:
-    return [tuple(v if type(v) in _PLAIN else decode_value(v) for v in r) for r in rows]
+    return [tuple(v if type(v) in _PLAIN_BACK else decode_value(v) for v in r) for r in rows]
 
 
 def encode_params(parameters: Any) -> Any:

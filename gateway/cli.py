@@ -105,8 +105,8 @@ def _held_by(cfg: GatewayConfig, e: Exception) -> str:
         ann = None
     if ann is None or not discovery.pid_alive(ann.pid):
         return str(e)
-    return (f"the embedded store {directory} is already served by the gateway {ann.describe()} (chDB allows one "
-            "process per data directory): use that gateway, or choose another data directory")
+    return (f"the embedded store {directory} is in use by another process: the gateway {ann.describe()} serves it "
+            "(chDB allows one process per data directory); use that gateway, or choose another data directory")
 
 
 def tune_gc() -> None:

@@ -1,0 +1,207 @@
+"""Bad and stale discovery state (issue 17): one clear line and the right exit code, never a traceback; the store API
+refuses strangers and tenant keys before any statement runs; values survive the wire with their Python types."""
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import ipaddress
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from zoneinfo import ZoneInfo
+
+import httpx
+import orjson
+import pytest
+import typer
+from aiohttp import web
+from typer.testing import CliRunner
+
+from exporters import discovery
+from exporters.store import StoreLockedError
+from exporters.store_access import open_store
+from exporters.remote_store import decode_params, decode_rows, encode_params, encode_rows
+from gateway import stats_cli
+from gateway.app import TagwayApp
+from gateway.config import GatewayConfig
+from replay.cli import replay_app
+from tests.gateway_fixture import ADMIN_KEY, KEYS, MemoryRecorder, gateway_config
+from tests.http_server import ThreadedServer
+
+
+def _stats_app() -> typer.Typer:
+    app = typer.Typer()
+    stats_cli.register(app)
+    return app
+
+
+def _store_dir(tmp_path) -> str:
+    d = tmp_path / "data" / "clickhouse"
+    d.mkdir(parents=True)
+    return str(d.resolve())
+
+
+@pytest.fixture(autouse=True)
+def _no_env(monkeypatch):
+    for var in ("TAGWAY_DSN", "TAGWAY_CONFIG", "TAGWAY_VERBOSE"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"{not json", "not JSON"),
+    (b'{"hello": "world"}', "is not a tagway gateway discovery file"),
+    (b'{"kind": "tagway-gateway", "version": 99}', "another tagway version"),
+    (b'{"kind": "tagway-gateway", "version": 1, "pid": "x"}', "damaged"),
+])
+def test_a_corrupt_or_foreign_discovery_file_is_one_line_naming_it(tmp_path, content, says):
+    d = _store_dir(tmp_path)
+    path = discovery.discovery_path(d)
+    with open(path, "wb") as f:
+        f.write(content)
+    for app, argv in ((_stats_app(), ["stats", "--dsn", f"chdb://{d}"]),
+                      (replay_app, ["report", "some-run", "--dsn", f"chdb://{d}"])):
+        res = CliRunner().invoke(app, argv)
+        assert res.exit_code == 2, res.output
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and path in lines[0] and says in lines[0], lines
+        assert "Traceback" not in res.output
+
+
+def test_a_discovery_file_for_another_store_is_refused(tmp_path):
+    d = _store_dir(tmp_path)
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    discovery.announce(str(other), "http://127.0.0.1:9")
+    shutil.copy(discovery.discovery_path(str(other)), discovery.discovery_path(d))
+    res = CliRunner().invoke(_stats_app(), ["stats", "--dsn", f"chdb://{d}"])
+    assert res.exit_code == 2 and "announces a gateway for another store" in res.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+def test_a_user_who_cannot_read_the_credential_gets_a_permission_error(tmp_path):
+    """Root reads everything, so the CLI runs as root without CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH: for a 0600 file
+    owned by another user that is exactly what a different user sees."""
+    d = _store_dir(tmp_path)
+    ann = discovery.announce(d, "http://127.0.0.1:9", pid=os.getpid())
+    os.chown(ann.path, 65534, 65534)
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    r = subprocess.run(["setpriv", "--bounding-set", "-dac_override,-dac_read_search", sys.executable, "-m",
+                        "gateway.cli", "stats", "--dsn", f"chdb://{d}"], capture_output=True, text=True, timeout=60,
+                       env=env)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "permission denied" in lines[0] and ann.path in lines[0] and "401" not in lines[0]
+
+
+class VanishingGateway(ThreadedServer):
+    """Answers the ping as the announced gateway, then drops the connection in the middle of every statement:
+    what a CLI sees when the gateway stops (or is killed) while it queries."""
+
+    def __init__(self, instance: str) -> None:
+        super().__init__()
+        self.instance = instance
+
+    def routes(self, app: web.Application) -> None:
+        async def ping(request: web.Request) -> web.Response:
+            return web.json_response({"instance": self.instance, "pid": os.getpid()})
+
+        async def vanish(request: web.Request) -> web.Response:
+            await request.read()
+            request.transport.close()
+            return web.Response()
+
+        app.router.add_get("/admin/store/ping", ping)
+        app.router.add_post("/admin/store/{op}", vanish)
+
+
+def test_the_gateway_stopping_mid_query_is_one_line_and_exit_3(tmp_path):
+    d = _store_dir(tmp_path)
+    server = VanishingGateway("")
+    with server:
+        ann = discovery.announce(d, server.url, pid=os.getpid())
+        server.instance = ann.instance
+        for app, argv in ((_stats_app(), ["stats", "--dsn", f"chdb://{d}"]),
+                          (_stats_app(), ["show", "0af7651916cd43dd8448eb211c80319c", "--dsn", f"chdb://{d}"]),
+                          (replay_app, ["report", "some-run", "--dsn", f"chdb://{d}"])):
+            res = CliRunner().invoke(app, argv)
+            assert res.exit_code == 3, res.output
+            lines = res.stderr.strip().splitlines()
+            assert len(lines) == 1 and "stopped before it answered" in lines[0], lines
+            assert "Traceback" not in res.output
+
+
+def test_a_port_now_used_by_someone_else_makes_the_file_stale(tmp_path):
+    """The announced pid is alive (ours) but the port answers with another identity: reported once, then the store
+    is opened directly; here another holder of the lock keeps it, so the lock error follows."""
+    import fcntl
+
+    d = _store_dir(tmp_path)
+    server = VanishingGateway("someone-else")
+    with server:
+        discovery.announce(d, server.url, pid=os.getpid())
+        fd = os.open(os.path.join(d, "tagway.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        lines: list[str] = []
+        try:
+            with pytest.raises(StoreLockedError) as e:
+                open_store(f"chdb://{d}", lock_wait=0.3, say=lines.append)
+        finally:
+            os.close(fd)
+    assert "in use by another process" in str(e.value)
+    assert len(lines) == 1 and "does not answer as the gateway" in lines[0] and "stale" in lines[0]
+
+
+# -- the store API's guard (the in-process app: no store is touched) ---------------------------------------------
+@pytest.fixture()
+def app(upstream):
+    return TagwayApp(GatewayConfig.model_validate(gateway_config(upstream.base_url)), recorder=MemoryRecorder())
+
+
+async def _post(app, path, client=("127.0.0.1", 5555), **kw):
+    transport = httpx.ASGITransport(app=app, client=client)
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:4000") as h:
+        return await h.post(path, **kw)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_store_api_refuses_strangers_and_tenant_keys(app, anyio_backend):
+    app.local.announcement = ann = discovery.Announcement(1, "http://127.0.0.1:4000", 0.0, "cred-" + "x" * 40,
+                                                          "inst", "/nowhere")
+    body = {"json": {"sql": "SELECT 1"}}
+    # from another host, even with the credential: the route does not exist
+    r = await _post(app, "/admin/store/query", client=("10.1.2.3", 5555),
+                    headers={"authorization": f"Bearer {ann.credential}"}, **body)
+    assert r.status_code == 404
+    r = await _post(app, "/admin/store/query", **body)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "local_credential_required"
+    r = await _post(app, "/admin/store/query", headers={"authorization": "Bearer tw-not-a-key"}, **body)
+    assert r.status_code == 401
+    r = await _post(app, "/admin/store/query", headers={"authorization": f"Bearer {KEYS['acme']}"}, **body)
+    assert r.status_code == 403 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    # the credential and the admin key pass the guard (then: no store in this app, so 503)
+    for key in (ann.credential, ADMIN_KEY):
+        r = await _post(app, "/admin/store/query", headers={"authorization": f"Bearer {key}"}, **body)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable"
+
+
+def test_values_keep_their_python_types_over_the_wire():
+    utc, paris = ZoneInfo("UTC"), ZoneInfo("Europe/Paris")
+    row = ("text", 1, -(2 ** 63), 2 ** 64 - 1, 2 ** 70, 1.5, float("nan"), float("inf"), True, None,
+           dt.datetime(2026, 12, 3, 16, 0, 1, 123456, tzinfo=utc), dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=paris),
+           dt.datetime(2026, 1, 2, 3, 4, 5), dt.date(2026, 12, 3), decimal.Decimal("12.3400"), uuid.uuid4(),
+           b"\x00\xff", ipaddress.ip_address("10.0.0.1"), ["a", "b"], ("x", 2), {"k": "v", "$dt": "not a tag"},
+           {1: [1.0, 2.0]}, [{"nested": (1, dt.date(2026, 1, 1))}], dt.timedelta(seconds=3.5))
+    back = decode_rows(orjson.loads(orjson.dumps(encode_rows([row]))))[0]
+    assert len(back) == len(row)
+    for a, b in zip(row, back):
+        if isinstance(a, float) and a != a:
+            assert b != b
+            continue
+        assert a == b and type(a) is type(b), (a, b)
+        if isinstance(a, dt.datetime):
+            assert a.tzinfo == b.tzinfo
+    params = {"run_id": "r1", "since": dt.datetime(2026, 1, 1, tzinfo=utc), "ids": ["a", "b"], "n": 5}
+    assert decode_params(orjson.loads(orjson.dumps(encode_params(params)))) == params
