@@ -39,7 +39,8 @@ def write_config(tmp_path, upstream: Upstream, port: int, name: str = "tagway.ya
            "admin_key_hash": hash_key(ADMIN),
            "models": [{"name": "gpt-test", "model": "ok-model", **up, "input_cost_per_token": 1e-6,
                        "output_cost_per_token": 2e-6},
-                      {"name": "broken", "model": "fail500-a", **up}],
+                      {"name": "broken", "model": "fail500-a", **up},
+                      {"name": "slow", "model": "slow-a", **up, "timeout": 10}],  # answers after 2 s
            "tenants": [{"customer": c, "keys": [{"id": f"{c}-k", "hash": hash_key(k)}]} for c, k in KEYS.items()]}
     path = tmp_path / name
     path.write_text(yaml.safe_dump(cfg))
@@ -146,6 +147,25 @@ def test_cli_works_through_a_serving_gateway_then_directly_then_after_sigkill(tm
         assert report.returncode == run.returncode, report.stderr
         live_report = jout(report)
         assert live_report["candidates"] == run_report["candidates"] and live_report["passed"] == run_report["passed"]
+
+        # a replay CLI killed mid-run: `replay resume` finishes it through the gateway
+        slow = tmp_path / "slow.yaml"
+        slow.write_text(spec.read_text().replace("model: gpt-test", "model: slow"))
+        killed = subprocess.Popen([sys.executable, "-m", "gateway.cli", "replay", "run", "--spec", str(slow),
+                                   "--gateway", f"http://127.0.0.1:{port}", "--api-key", ADMIN, "--no-progress",
+                                   "--run-id", "live-run-2", "--concurrency", "2"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  env={**ENV, "TAGWAY_CONFIG": config})
+        time.sleep(9)  # start-up, then a few 2 s rounds of 2 cases: some results stored, most not
+        killed.kill()
+        killed.wait(30)
+        resume = tagway("replay", "resume", "live-run-2", "--gateway", f"http://127.0.0.1:{port}", "--api-key",
+                        ADMIN, "--format", "json", "--no-progress", "--concurrency", "16", config=config)
+        assert resume.returncode in (0, 1), resume.stderr
+        resumed = jout(resume)
+        assert resumed["status"] == "complete" and resumed["n_cases"] == 14
+        kept = next(n for n in resumed["notes"] if n.startswith("resumed:"))
+        assert 0 < int(kept.split()[1]) < 14, kept  # some results survived the kill, the rest ran now
 
         # a second gateway on the same store: exit 2, one line naming the first one
         other = write_config(tmp_path, upstream, free_port(), name="other.yaml")
