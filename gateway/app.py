@@ -21,6 +21,7 @@ from .errors import GatewayError, error_body
 from .pricing import Pricing
 from .providers import Providers
 from .providers.litellm_provider import preload as preload_litellm
+from .lanes import ReplayLane, is_replay_call
 from .proxy import HOT_ROUTES, Proxy
 from .redact import Redactor
 from .store_api import LocalAccess, build_store_router
@@ -45,6 +46,8 @@ class TagwayApp:
         self._owns_recorder = recorder is None if owns_recorder is None else owns_recorder
         self.proxy: Proxy | None = None
         self._start_lock: asyncio.Lock | None = None
+        limit = config.server.replay_concurrency
+        self.replay_lane = ReplayLane(limit) if limit else None
         self.local = LocalAccess()  # the discovery file and credential that let local CLIs use our store
         self.api = _build_api(self)
 
@@ -91,7 +94,10 @@ class TagwayApp:
         if scope["type"] == "http" and scope["path"] in HOT_ROUTES:
             if self.proxy is None:
                 await self.startup()
-            await self.proxy(scope, receive, send)  # type: ignore[misc]
+            if self.replay_lane is not None and is_replay_call(scope):
+                await self.replay_lane(self.proxy, scope, receive, send)
+            else:
+                await self.proxy(scope, receive, send)  # type: ignore[misc]
             return
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)

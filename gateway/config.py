@@ -104,6 +104,7 @@ class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = 4000
     max_body_bytes: int = 8 * 1024 * 1024
+    replay_concurrency: int = Field(4, ge=0)  # replay/judge calls in flight at once (gateway/lanes.py); 0 = no cap
 
 
 class StorageConfig(_Strict):
