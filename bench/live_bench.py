@@ -129,6 +129,8 @@ def main() -> None:
     ap.add_argument("--replay-lane", type=int, default=None,
                     help="server.replay_concurrency for the gateway (default: the gateway's default; 0 = no cap)")
     args = ap.parse_args()
+    import signal
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` stops us: still stop what we started
     from exporters.dsn import embedded_dsn
     from exporters.store_access import open_store
 
