@@ -17,6 +17,8 @@ from typing import Any
 
 import orjson
 
+from .store import chdb_path, is_embedded
+
 __all__ = ["Announcement", "DiscoveryError", "DiscoveryPermissionError", "FILENAME", "store_dir", "discovery_path",
            "announce", "withdraw", "read", "pid_alive"]
 
@@ -50,13 +52,10 @@ class Announcement:
 def store_dir(dsn: str) -> str | None:
     """The directory an embedded (`chdb://`) DSN names, resolved as exporters.store resolves it; None for a server
     DSN or an in-memory store (nothing to share)."""
-    if not dsn.startswith("chdb:"):
+    if not is_embedded(dsn):
         return None
-    path = dsn[len("chdb://"):] if dsn.startswith("chdb://") else dsn[len("chdb:"):]
-    path = path.split("?", 1)[0]
-    if path in ("", ":memory:"):
-        return None
-    return os.path.realpath(path)
+    path = chdb_path(dsn)
+    return None if path == ":memory:" else path
 
 
 def discovery_path(directory: str) -> str:
