@@ -10,6 +10,11 @@ on an embedded store in a temp dir; 1,000 seed calls are recorded first. Each ro
 seed calls. Production is open-loop (a request every 1/rps s whatever the previous did, so a stall shows as
 latency) and only requests sent while replay calls were being recorded count for the "with replay" figure
 (the window is read back from llm_calls). Medians over rounds; the ratio is with / without.
+
+Measured 2026-12-03 on the shared 2-core machine under heavy load from other jobs (load average 6-27), so these
+are indications, not results: without the replay lane (no cap), 1 round at load ~6: p99 alone 39.6 ms, with the
+replay 115.5 ms (2.92x). With the lane at its default (server.replay_concurrency 4), 2 rounds at load ~25: 436.6 ->
+783.6 ms (1.79x) and 440.5 -> 736.1 ms (1.67x). Later runs at load ~20 did not finish a round within 6-8 minutes.
 """
 from __future__ import annotations
 
