@@ -1,11 +1,17 @@
 """Gateway load benchmark: throughput and added latency over an instant upstream, in one run.
 
-    python bench/gateway_bench.py [--seconds 10] [--recording on,off]
+    python bench/gateway_bench.py [--seconds 10] [--recording on,off] [--rounds 3]
+    python bench/gateway_bench.py --recording off --conns 64 --rounds 5 --python /path/to/other/venv/bin/python
+
+`--python` runs a second interpreter (another checkout's venv: the code before a change) beside this one,
+alternating round by round, so before/after figures come from one run on one machine state.
 
 What it does (2-core machine): the instant upstream and wrk share core 1 (`taskset`), the gateway gets core 0 to
 itself (one process, uvloop + httptools, as `tagway serve` runs it). For each concurrency (1 and 64) it measures
 the upstream directly and then through the gateway with tags resolved (headers) and spans stamped, recording on
-(embedded chDB, batched off the event loop) and off. Prints req/s, p50/p99, and the gateway's added p50/p99.
+(embedded chDB, batched off the event loop) and off. Prints req/s, p50/p99, the gateway's added p50/p99 and its CPU per request (user + system time of the
+gateway process, all threads, from /proc, over the wrk run): the figure that does not depend on what else the
+machine is doing. Medians over rounds.
 Needs `wrk` (Debian: apt-get install wrk). Everything binds 127.0.0.1 and stops by itself.
 """
 from __future__ import annotations
@@ -16,6 +22,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -83,7 +90,15 @@ def wrk(url: str, script: str, conns: int, seconds: int) -> dict:
             "socket_errors": errors.group(1) if errors else ""}
 
 
-def start_gateway(tmp: str, upstream_port: int, recording: bool) -> tuple[subprocess.Popen, int]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its (waited-for and live) children, all threads."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+    return (utime + stime + cutime + cstime) / os.sysconf("SC_CLK_TCK")
+
+
+def start_gateway(tmp: str, upstream_port: int, recording: bool,
+                  python: str = sys.executable) -> tuple[subprocess.Popen, int]:
     port = free_port()
     data_dir = tempfile.mkdtemp(dir=tmp)
     cfg = {
@@ -97,7 +112,7 @@ def start_gateway(tmp: str, upstream_port: int, recording: bool) -> tuple[subpro
     path = os.path.join(data_dir, "tagway.yaml")
     yaml.safe_dump(cfg, open(path, "w"))
     env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
-    proc = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-m", "gateway.cli", "serve", "--config", path],
+    proc = subprocess.Popen(["taskset", "-c", "0", python, "-m", "gateway.cli", "serve", "--config", path],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     wait_http(f"http://127.0.0.1:{port}/readyz")
     return proc, port
@@ -113,56 +128,92 @@ def metrics(port: int) -> dict[str, float]:
     return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(tagway_\w+) ([\d.e+-]+)$", text, re.M)}
 
 
+def measure(python: str, tmp: str, up_port: int, mode: str, conns: list[int], seconds: int,
+            lua: tuple[str, str]) -> list[tuple]:
+    direct_lua, gw_lua = lua
+    rows = []
+    gw, gw_port = start_gateway(tmp, up_port, mode == "on", python)
+    try:
+        wrk(f"http://127.0.0.1:{gw_port}/v1/chat/completions", gw_lua, 16, 2)  # warm-up
+        for c in conns:
+            d = wrk(f"http://127.0.0.1:{up_port}/v1/chat/completions", direct_lua, c, seconds)
+            cpu0 = cpu_seconds(gw.pid)
+            g = wrk(f"http://127.0.0.1:{gw_port}/v1/chat/completions", gw_lua, c, seconds)
+            g["cpu_ms"] = (cpu_seconds(gw.pid) - cpu0) * 1000 / max(1.0, g["rps"] * seconds)
+            rows.append((mode, c, d, g))
+        time.sleep(2)  # let the exporter drain
+        m = metrics(gw_port)
+    finally:
+        gw.send_signal(signal.SIGTERM)
+        gw.wait(120)
+    exported = m.get("tagway_spans_exported_total", 0)
+    print(f"[{python}] recording {mode}: calls={m.get('tagway_calls_total', 0):.0f}"
+          f" errors={m.get('tagway_call_errors_total', 0):.0f} exported={exported:.0f}"
+          f" spooled={m.get('tagway_spans_spooled_total', 0):.0f}"
+          f" dropped={m.get('tagway_spans_dropped_total', 0):.0f}", flush=True)
+    return rows
+
+
+def _median(rows: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--recording", default="on,off")
     ap.add_argument("--conns", default="1,64")
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--python", default="", help="a second interpreter to compare against, round by round")
     args = ap.parse_args()
     if not shutil.which("wrk"):
         sys.exit("bench: wrk not found (apt-get install wrk)")
+    conns = [int(c) for c in args.conns.split(",")]
+    pythons = [sys.executable] + ([args.python] if args.python else [])
     tmp = tempfile.mkdtemp(prefix="tagway-bench-")
     up_port = free_port()
     upstream = subprocess.Popen(["taskset", "-c", "1", sys.executable, os.path.join(HERE, "instant_upstream.py"),
                                  str(up_port)], stdout=subprocess.DEVNULL)
-    direct_lua, gw_lua = os.path.join(tmp, "direct.lua"), os.path.join(tmp, "gw.lua")
-    lua_script(direct_lua, False)
-    lua_script(gw_lua, True)
-    rows = []
+    lua = (os.path.join(tmp, "direct.lua"), os.path.join(tmp, "gw.lua"))
+    lua_script(lua[0], False)
+    lua_script(lua[1], True)
+    results: dict[tuple, list[tuple[dict, dict]]] = {}
     try:
         wait_port(up_port)
-        for mode in args.recording.split(","):
-            gw, gw_port = start_gateway(tmp, up_port, mode == "on")
-            try:
-                wrk(f"http://127.0.0.1:{gw_port}/v1/chat/completions", gw_lua, 16, 2)  # warm-up
-                for c in map(int, args.conns.split(",")):
-                    d = wrk(f"http://127.0.0.1:{up_port}/v1/chat/completions", direct_lua, c, args.seconds)
-                    g = wrk(f"http://127.0.0.1:{gw_port}/v1/chat/completions", gw_lua, c, args.seconds)
-                    rows.append((mode, c, d, g))
-                time.sleep(2)  # let the exporter drain
-                m = metrics(gw_port)
-            finally:
-                gw.send_signal(signal.SIGTERM)
-                gw.wait(120)
-            exported = m.get("tagway_spans_exported_total", 0)
-            print(f"recording {mode}: calls={m.get('tagway_calls_total', 0):.0f} errors={m.get('tagway_call_errors_total', 0):.0f}"
-                  f" exported={exported:.0f} spooled={m.get('tagway_spans_spooled_total', 0):.0f}"
-                  f" dropped={m.get('tagway_spans_dropped_total', 0):.0f}", flush=True)
+        for _ in range(args.rounds):
+            for mode in args.recording.split(","):
+                for py in pythons:
+                    for mode_, c, d, g in measure(py, tmp, up_port, mode, conns, args.seconds, lua):
+                        results.setdefault((py, mode_, c), []).append((d, g))
     finally:
         upstream.terminate()
         upstream.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"\n{'recording':>9} {'conns':>5} | {'direct rps':>10} {'p50 ms':>7} {'p99 ms':>7} | {'gateway rps':>11}"
-          f" {'p50 ms':>7} {'p99 ms':>7} | {'added p50':>9} {'added p99':>9} | non-2xx")
-    for mode, c, d, g in rows:
-        print(f"{mode:>9} {c:>5} | {d['rps']:>10.0f} {d['p50']:>7.3f} {d['p99']:>7.3f} | {g['rps']:>11.0f}"
-              f" {g['p50']:>7.3f} {g['p99']:>7.3f} | {g['p50'] - d['p50']:>9.3f} {g['p99'] - d['p99']:>9.3f} |"
-              f" {g['non2xx']}{' ' + g['socket_errors'] if g['socket_errors'] else ''}")
-    by = {(m, c): g for m, c, _, g in rows}
-    for c in map(int, args.conns.split(",")):
-        if ("on", c) in by and ("off", c) in by:
-            cost = 1 - by[("on", c)]["rps"] / by[("off", c)]["rps"]
-            print(f"recording cost at {c} connections: {cost:.1%} of throughput")
+    print(f"\nmedians over {args.rounds} round(s)")
+    print(f"{'python':>8} {'recording':>9} {'conns':>5} | {'direct rps':>10} {'p50 ms':>7} {'p99 ms':>7} |"
+          f" {'gateway rps':>11} {'p50 ms':>7} {'p99 ms':>7} | {'added p50':>9} {'added p99':>9} | {'cpu ms/req':>10}"
+          " | non-2xx")
+    med: dict[tuple, dict] = {}
+    for (py, mode, c), pairs in results.items():
+        ds, gs = [d for d, _ in pairs], [g for _, g in pairs]
+        m = {k: _median(gs, k) for k in ("rps", "p50", "p99", "cpu_ms")}
+        med[(py, mode, c)] = m
+        label = "this" if py == sys.executable else "other"
+        print(f"{label:>8} {mode:>9} {c:>5} | {_median(ds, 'rps'):>10.0f} {_median(ds, 'p50'):>7.3f}"
+              f" {_median(ds, 'p99'):>7.3f} | {m['rps']:>11.0f} {m['p50']:>7.3f} {m['p99']:>7.3f} |"
+              f" {m['p50'] - _median(ds, 'p50'):>9.3f} {m['p99'] - _median(ds, 'p99'):>9.3f} |"
+              f" {m['cpu_ms']:>10.3f} | {sum(g['non2xx'] for g in gs)}")
+    for c in conns:
+        for py in pythons:
+            on, off = med.get((py, "on", c)), med.get((py, "off", c))
+            if on and off:
+                print(f"[{'this' if py == sys.executable else 'other'}] recording at {c} connections: throughput"
+                      f" {on['rps'] / off['rps']:.2f}x of off, CPU per request {on['cpu_ms'] / off['cpu_ms']:.2f}x")
+        for mode in args.recording.split(","):
+            a, b = med.get((sys.executable, mode, c)), med.get((args.python, mode, c))
+            if a and b:
+                print(f"this / other, recording {mode}, {c} connections: throughput {a['rps'] / b['rps']:.3f}x,"
+                      f" CPU per request {a['cpu_ms'] / b['cpu_ms']:.3f}x")
 
 
 if __name__ == "__main__":
