@@ -137,37 +137,33 @@ def build_store_router(keyring: KeyRing, get_store: Callable[[], Any], access: L
         return Response(orjson.dumps({"instance": ann.instance if ann else "", "pid": os.getpid()}),
                         media_type="application/json")
 
-    @router.post(API_PREFIX + "/query")
-    async def query(request: Request) -> Response:
+    async def run_statement(request: Request, execute: Callable[[Any, str, Any, Any], bytes]) -> Response:
+        """Check the caller, read the statement, run `execute(store, sql, params, settings)` off the loop."""
         denied = check(request)
         if denied is not None:
             return denied
         st = await statement(request)
         if isinstance(st, Response):
             return st
-        sql, params, settings = st
+        return await run(lambda: execute(get_store(), *st))
 
-        def work() -> bytes:
-            rows, cols = get_store().query_rows(sql, params, settings)
-            return orjson.dumps({"columns": list(cols), "rows": encode_rows(rows)})
-        return await run(work)
+    def query_rows(store: Any, sql: str, params: Any, settings: Any) -> bytes:
+        rows, cols = store.query_rows(sql, params, settings)
+        return orjson.dumps({"columns": list(cols), "rows": encode_rows(rows)})
+
+    def command_result(store: Any, sql: str, params: Any, settings: Any) -> bytes:
+        result = store.command(sql, params, settings)
+        if not isinstance(result, (str, int, float, list, tuple, type(None))):
+            result = None  # a QuerySummary: the callers never read it
+        return orjson.dumps({"result": encode_value(result)})
+
+    @router.post(API_PREFIX + "/query")
+    async def query(request: Request) -> Response:
+        return await run_statement(request, query_rows)
 
     @router.post(API_PREFIX + "/command")
     async def command(request: Request) -> Response:
-        denied = check(request)
-        if denied is not None:
-            return denied
-        st = await statement(request)
-        if isinstance(st, Response):
-            return st
-        sql, params, settings = st
-
-        def work() -> bytes:
-            result = get_store().command(sql, params, settings)
-            if not isinstance(result, (str, int, float, list, tuple, type(None))):
-                result = None  # a QuerySummary: the callers never read it
-            return orjson.dumps({"result": encode_value(result)})
-        return await run(work)
+        return await run_statement(request, command_result)
 
     @router.post(API_PREFIX + "/insert")
     async def insert(request: Request) -> Response:
