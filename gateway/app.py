@@ -19,7 +19,7 @@ from .auth import KeyRing
 from .config import GatewayConfig, load_config
 from .errors import GatewayError, error_body
 from .pricing import Pricing
-from .providers import Providers
+from .providers import ProviderRegistry
 from .providers.litellm_provider import preload as preload_litellm
 from .lanes import ReplayLane, is_replay_call
 from .proxy import HOT_ROUTES, Proxy
@@ -33,10 +33,11 @@ log = logging.getLogger("tagway")
 
 class TagwayApp:
     def __init__(self, config: GatewayConfig, *, recorder: Any = None, owns_recorder: bool | None = None,
-                 recorder_factory: Callable[[GatewayConfig], Any] | None = None) -> None:
+                 recorder_factory: Callable[[GatewayConfig], Any] | None = None,
+                 providers: ProviderRegistry | None = None) -> None:
         self.config = config
         self.keyring = KeyRing(config)
-        self.providers = Providers()
+        self.providers = providers or ProviderRegistry()
         self.pricing = Pricing()
         self.redactor = Redactor(list(config.recording.redact_builtin), config.recording.redact_patterns,
                                  max_chars=config.recording.capture_max_chars)
@@ -65,7 +66,7 @@ class TagwayApp:
                 # connecting, migrating and replaying a spool are blocking work: keep them off the event loop
                 self.recorder = await loop.run_in_executor(None, self._recorder_factory, self.config)
             await loop.run_in_executor(None, self.pricing.load)
-            if any(self.providers.for_deployment(m) is self.providers.litellm for m in self.config.models):
+            if self.providers.translates(self.config.models):
                 # importing litellm takes seconds: pay it now, off the loop, not on the first call
                 await loop.run_in_executor(None, preload_litellm)
             self.keyring.start_watching()

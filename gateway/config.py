@@ -14,12 +14,10 @@ from exporters.dsn import anchor_storage_paths, embedded_dsn
 from exporters.vocabulary import PRODUCTION_SOURCE, TAG_KEY_RE
 from exporters.yamlfile import YamlFileError, load_mapping
 
-__all__ = ["GatewayConfig", "ModelConfig", "TenantConfig", "KeyConfig", "Taxonomy", "ConfigError", "load_config",
-           "OPENAI_COMPATIBLE"]
+from .providers.names import kind_of
 
-# Providers served by the pass-through client; anything else goes through litellm for translation.
-OPENAI_COMPATIBLE = {"openai", "azure", "vllm", "ollama", "openai_compatible", "together_ai", "groq", "deepseek",
-                     "mistral", "fireworks_ai", "openrouter"}
+__all__ = ["GatewayConfig", "ModelConfig", "TenantConfig", "KeyConfig", "Taxonomy", "ConfigError", "load_config"]
+
 NAME_RE = TAG_KEY_RE  # customer names and taxonomy keys follow the tag-key rule
 
 
@@ -188,7 +186,7 @@ class GatewayConfig(BaseSettings):
                 continue
             if m.provider == "azure" and not (m.base_url and m.api_version):
                 problems.append(f"models[{i}] ({m.name}): azure needs base_url and api_version")
-            if m.provider not in OPENAI_COMPATIBLE and "/" in (m.model or ""):
+            if kind_of(m.provider) == "litellm" and "/" in (m.model or ""):
                 problems.append(f"models[{i}] ({m.name}).model: give the upstream name without a provider prefix")
         customers = [t.customer for t in self.tenants]
         for dup in sorted({c for c in customers if customers.count(c) > 1}):

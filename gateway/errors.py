@@ -14,8 +14,9 @@ class GatewayError(Exception):
     """An error the client should see. `error_type` is what the span records as `error.type`."""
 
     def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None, error_type: str | None = None) -> None:
+                 param: str | None = None, error_type: str | None = None, raw: bytes | None = None) -> None:
         super().__init__(message)
+        self.raw = raw  # an upstream's own error body, relayed as it was (after scrubbing)
         self.status = status
         self.message = message
         self.type = type_
@@ -24,7 +25,7 @@ class GatewayError(Exception):
         self.error_type = error_type or code or type_
 
     def body(self) -> bytes:
-        return error_body(self.message, self.type, self.code, self.param)
+        return self.raw if self.raw is not None else error_body(self.message, self.type, self.code, self.param)
 
 
 def bad_request(message: str, *, code: str = "invalid_request", param: str | None = None) -> GatewayError:

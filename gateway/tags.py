@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol
 
 from .config import Taxonomy
 from .errors import GatewayError, bad_request, forbidden
@@ -71,10 +71,20 @@ def _scalar(key: str, value: Any) -> str:
                       param=f"metadata.{key}")
 
 
-def resolve_tags(*, bound_customer: str, may_set_customer: bool, key_tags: Mapping[str, str],
-                 headers: Mapping[str, str], metadata: Any, user: Any, taxonomy: Taxonomy) -> ResolvedTags:
+class Sender(Protocol):
+    """Who sent the call, as far as tags care (an `auth.Principal`)."""
+    customer: str  # the customer the key is bound to ('' for the admin key)
+    may_set_customer: bool
+    key_tags: Mapping[str, str]
+
+
+def resolve_tags(sender: Sender, headers: Mapping[str, str], body: Mapping[str, Any],
+                 taxonomy: Taxonomy) -> ResolvedTags:
     """Merge the sources, normalise, apply the taxonomy. `headers` holds the x-tagway-* headers by short name
-    (customer, intent, prompt-version, tags). Raises GatewayError (400/403) for bad input."""
+    (customer, intent, prompt-version, tags); `body` is the request's JSON (its `metadata` and `user`). Raises
+    GatewayError (400/403) for bad input."""
+    bound_customer, may_set_customer, key_tags = sender.customer, sender.may_set_customer, sender.key_tags
+    metadata, user = body.get("metadata"), body.get("user")
     if metadata is not None and not isinstance(metadata, dict):
         raise bad_request("metadata must be an object.", code="invalid_metadata", param="metadata")
     meta = {normalise_key(str(k)): normalise(_scalar(str(k), v)) for k, v in (metadata or {}).items()}

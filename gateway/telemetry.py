@@ -70,6 +70,33 @@ class CallRecord:
     output_messages: list | None = None
     request_params: dict | None = None
 
+    def fail(self, error_type: str, message: str, http_status: int = 0) -> None:
+        self.error_type, self.error_message = error_type, message
+        if http_status:
+            self.http_status = http_status
+
+    def hung_up(self, when: str) -> None:
+        """The client went away (`when`: before the response / mid-stream)."""
+        self.error_type, self.error_message, self.client_disconnected = (
+            "client_disconnected", f"client disconnected {when}", True)
+
+    def begin_attempt(self, deployment: Any, server_address: str, start_ns: int) -> Attempt:
+        """A try on one deployment (a `ModelConfig`): the call is now attributed to it."""
+        at = Attempt(deployment=deployment.name, provider=deployment.provider, model=deployment.upstream_model,
+                     start_ns=start_ns, server_address=server_address)
+        self.attempts.append(at)
+        self.deployment, self.provider, self.upstream_model = at.deployment, at.provider, at.model
+        self.server_address = server_address
+        return at
+
+    def answered(self, model: Any, response_id: Any, finish_reasons: list[str]) -> None:
+        self.response_model, self.response_id = str(model or ""), str(response_id or "")
+        self.finish_reasons = finish_reasons
+
+    def usage(self, input_tokens: Any, output_tokens: Any) -> None:
+        self.input_tokens = input_tokens if isinstance(input_tokens, int) else None
+        self.output_tokens = output_tokens if isinstance(output_tokens, int) else None
+
 
 def _json(obj: Any) -> str:
     return orjson.dumps(obj).decode()

@@ -3,16 +3,18 @@ from __future__ import annotations
 
 import pytest
 
+from types import SimpleNamespace
+
 from gateway.config import Taxonomy
 from gateway.errors import GatewayError
 from gateway.tags import normalise, parse_tags_header, resolve_tags
 
 
-def resolve(**kw):
-    base = dict(bound_customer="acme", may_set_customer=False, key_tags={}, headers={}, metadata=None, user=None,
-                taxonomy=Taxonomy())
-    base.update(kw)
-    return resolve_tags(**base)
+def resolve(bound_customer="acme", may_set_customer=False, key_tags=None, headers=None, metadata=None, user=None,
+            taxonomy=None):
+    sender = SimpleNamespace(customer=bound_customer, may_set_customer=may_set_customer, key_tags=key_tags or {})
+    body = {k: v for k, v in (("metadata", metadata), ("user", user)) if v is not None}
+    return resolve_tags(sender, headers or {}, body, taxonomy or Taxonomy())
 
 
 def test_normalise():

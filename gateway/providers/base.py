@@ -5,9 +5,10 @@ Errors before the first byte reaches the client are `UpstreamFailure`s; the prox
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, AsyncIterator, Protocol
+from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol
 
-from ..config import ModelConfig
+if TYPE_CHECKING:  # config imports the provider registry: no import back at run time
+    from ..config import ModelConfig
 
 __all__ = ["UpstreamCall", "UpstreamResponse", "UpstreamStream", "UpstreamFailure", "Provider", "RETRYABLE_STATUS"]
 

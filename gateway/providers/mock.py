@@ -6,12 +6,14 @@ import asyncio
 import hashlib
 import random
 import time
-from typing import Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import orjson
 
-from ..config import ModelConfig
 from .base import UpstreamCall, UpstreamFailure, UpstreamResponse
+
+if TYPE_CHECKING:  # config imports the provider registry: no import back at run time
+    from ..config import ModelConfig
 
 __all__ = ["MockProvider"]
 

@@ -7,36 +7,18 @@ aiohttp, not httpx, on this path: measured in DESIGN.md, httpx's default transpo
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, AsyncIterator
 
 import aiohttp
 
-from ..config import ModelConfig
 from .base import UpstreamCall, UpstreamFailure, UpstreamResponse
+from .names import base_url
 from .sse import iter_events
 
-__all__ = ["OpenAICompatibleProvider", "DEFAULT_BASE_URLS", "server_address"]
+if TYPE_CHECKING:  # config imports the provider registry: no import back at run time
+    from ..config import ModelConfig
 
-DEFAULT_BASE_URLS = {
-    "openai": "https://api.openai.com/v1",
-    "ollama": "http://127.0.0.1:11434/v1",
-    "groq": "https://api.groq.com/openai/v1",
-    "deepseek": "https://api.deepseek.com/v1",
-    "mistral": "https://api.mistral.ai/v1",
-    "together_ai": "https://api.together.xyz/v1",
-    "fireworks_ai": "https://api.fireworks.ai/inference/v1",
-    "openrouter": "https://openrouter.ai/api/v1",
-}
-
-
-def base_url(d: ModelConfig) -> str:
-    return (d.base_url or DEFAULT_BASE_URLS.get(d.provider, "")).rstrip("/")
-
-
-def server_address(d: ModelConfig) -> tuple[str, int | None]:
-    parts = urlsplit(base_url(d))
-    return parts.hostname or "", parts.port
+__all__ = ["OpenAICompatibleProvider"]
 
 
 class _Prepared:

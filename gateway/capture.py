@@ -1,0 +1,95 @@
+"""What a call said, in the GenAI semantic conventions' message shapes, for the record: the input (from the request
+body), the output (from a whole response, or reassembled from a stream). Pure; redaction is applied by the caller's
+`Redactor`."""
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from exporters.genai_messages import choices_to_semconv_output, to_semconv_input
+
+from .redact import Redactor
+from .telemetry import CallRecord
+
+__all__ = ["capture_input", "output_messages", "StreamAccumulator"]
+
+# body fields that are request parameters worth keeping for replay (everything except content and plumbing)
+_NOT_PARAMS = frozenset({"messages", "model", "stream", "stream_options", "metadata", "prompt", "input", "user"})
+
+
+def capture_input(operation: str, payload: dict, rec: CallRecord, redactor: Redactor) -> None:
+    """The request's messages (system instructions apart) and parameters, redacted, onto the record."""
+    if operation == "chat":
+        messages = payload.get("messages")
+        system, inp = to_semconv_input(messages if isinstance(messages, list) else [])
+        rec.system_instructions = redactor.deep(system) if system else None
+        rec.input_messages = redactor.deep(inp)
+    else:
+        content = payload.get("prompt" if operation == "text_completion" else "input")
+        texts = content if isinstance(content, list) else [content]
+        rec.input_messages = redactor.deep(
+            [{"role": "user", "parts": [{"type": "text", "content": t if isinstance(t, str) else orjson.dumps(t).decode()}
+                                        for t in texts]}])
+    params = {k: v for k, v in payload.items() if k not in _NOT_PARAMS}
+    rec.request_params = redactor.deep(params) if params else None
+
+
+def output_messages(operation: str, choices: list) -> list[dict] | None:
+    """A whole response's choices as output messages (embeddings: vectors are not worth recording)."""
+    if operation == "chat":
+        return choices_to_semconv_output([c for c in choices if isinstance(c, dict)])
+    if operation == "text_completion":
+        return [{"role": "assistant", "parts": [{"type": "text", "content": str(c.get("text") or "")}],
+                 "finish_reason": c.get("finish_reason") or ""} for c in choices if isinstance(c, dict)]
+    return None
+
+
+class StreamAccumulator:
+    """Reassembles what a stream said (for the record), by choice index. Without capture it keeps only the model,
+    id and finish reasons."""
+
+    def __init__(self, capture: bool) -> None:
+        self.capture = capture
+        self.model = ""
+        self.id = ""
+        self.text: dict[int, list[str]] = {}
+        self.tools: dict[int, dict[int, dict]] = {}
+        self.finish: dict[int, str] = {}
+
+    def add(self, obj: dict) -> None:
+        if not self.model and obj.get("model"):
+            self.model, self.id = str(obj.get("model")), str(obj.get("id") or "")
+        for c in obj.get("choices") or ():
+            if not isinstance(c, dict):
+                continue
+            i = c.get("index", 0)
+            if c.get("finish_reason"):
+                self.finish[i] = str(c["finish_reason"])
+            if not self.capture:
+                continue
+            delta = c.get("delta")
+            if isinstance(delta, dict):
+                if delta.get("content"):
+                    self.text.setdefault(i, []).append(str(delta["content"]))
+                for tc in delta.get("tool_calls") or ():
+                    slot = self.tools.setdefault(i, {}).setdefault(tc.get("index", 0), {
+                        "id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+                    if tc.get("id"):
+                        slot["id"] = tc["id"]
+                    fn = tc.get("function") or {}
+                    slot["function"]["name"] += fn.get("name") or ""
+                    slot["function"]["arguments"] += fn.get("arguments") or ""
+            elif "text" in c:  # /v1/completions streams
+                self.text.setdefault(i, []).append(str(c.get("text") or ""))
+
+    def finish_reasons(self) -> list[str]:
+        return [self.finish[i] for i in sorted(self.finish)]
+
+    def output(self) -> list[dict]:
+        indexes = sorted(set(self.text) | set(self.tools) | set(self.finish))
+        choices = [{"index": i, "finish_reason": self.finish.get(i, ""),
+                    "message": {"role": "assistant", "content": "".join(self.text.get(i, [])) or None,
+                                "tool_calls": [self.tools[i][k] for k in sorted(self.tools.get(i, {}))] or None}}
+                   for i in indexes]
+        return choices_to_semconv_output(choices)

@@ -1,0 +1,65 @@
+"""What the gateway checks in a request body before forwarding it: JSON object, the fields each operation needs,
+and the types of the parameters it reads itself. Ranges are the upstream's business. Pure; raises GatewayError."""
+from __future__ import annotations
+
+import orjson
+
+from .errors import bad_request
+
+__all__ = ["parse_object", "requested_model", "check_request", "stream_flag"]
+
+
+def parse_object(body: bytes) -> dict:
+    if not body:
+        raise bad_request("The request body is empty; send a JSON object.", code="invalid_json")
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        if "UTF-8" in str(e) or "utf-8" in str(e):
+            raise bad_request("The request body is not valid UTF-8.", code="invalid_encoding") from None
+        raise bad_request(f"The request body is not valid JSON: {e}.", code="invalid_json") from None
+    if not isinstance(payload, dict):
+        raise bad_request("The request body must be a JSON object.", code="invalid_json")
+    return payload
+
+
+def requested_model(p: dict) -> str:
+    model = p.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad_request("You must provide a model parameter.", code="missing_model", param="model")
+    return model
+
+
+def check_request(operation: str, p: dict) -> None:
+    if operation == "chat":
+        msgs = p.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise bad_request("messages must be a non-empty array.", code="invalid_messages", param="messages")
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise bad_request(f"messages[{i}] must be an object with a role.", code="invalid_messages",
+                                  param=f"messages[{i}]")
+    elif operation == "text_completion":
+        if not isinstance(p.get("prompt"), (str, list)):
+            raise bad_request("prompt must be a string or an array.", code="invalid_prompt", param="prompt")
+    elif operation == "embeddings":
+        if not isinstance(p.get("input"), (str, list)) or p.get("input") in ("", []):
+            raise bad_request("input must be a non-empty string or array.", code="invalid_input", param="input")
+    for name in ("temperature", "top_p"):
+        v = p.get(name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise bad_request(f"{name} must be a number.", code="invalid_type", param=name)
+    v = p.get("max_tokens")
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+        raise bad_request("max_tokens must be a positive integer.", code="invalid_type", param="max_tokens")
+
+
+def stream_flag(operation: str, p: dict) -> bool:
+    stream = p.get("stream", False)
+    if stream is None:
+        return False
+    if not isinstance(stream, bool):
+        raise bad_request("stream must be a boolean.", code="invalid_type", param="stream")
+    if stream and operation == "embeddings":
+        raise bad_request("Embeddings cannot be streamed.", param="stream")
+    return stream
