@@ -41,6 +41,7 @@ DEPLOYMENT = "tagway.deployment"  # deployment that served (or last failed)
 ATTEMPTS = "tagway.attempts"  # number of upstream attempts
 REQUEST_PARAMS = "tagway.request.params"  # JSON: request parameters other than messages (tools, temperature, ...)
 LATENCY_MS = "tagway.latency_ms"
+TRUNCATED = "tagway.truncated"  # JSON {field: original length} for client values cut to their cap
 CLIENT_DISCONNECTED = "tagway.client_disconnected"  # "true" when the client went away mid-call
 REPLAY_RUN_ID = "replay.run_id"
 REPLAY_CANDIDATE = "replay.candidate"

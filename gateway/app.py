@@ -39,8 +39,9 @@ class TagwayApp:
         self.keyring = KeyRing(config)
         self.providers = providers or ProviderRegistry()
         self.pricing = Pricing()
-        self.redactor = Redactor(list(config.recording.redact_builtin), config.recording.redact_patterns,
-                                 max_chars=config.recording.capture_max_chars)
+        r = config.recording
+        self.redactor = Redactor(list(r.redact_builtin), r.redact_patterns, max_chars=r.capture_max_chars,
+                                 max_string_chars=r.capture_max_message_chars)
         self.recorder = recorder
         self._recorder_factory = recorder_factory or default_recorder
         # whoever owns the recorder flushes it at shutdown; by default the app owns what it creates

@@ -26,7 +26,7 @@ class ClientGone(Exception):
 class Call:
     __slots__ = ("operation", "upstream_path", "receive", "send", "trace_id", "rec", "watch", "auth", "api_key",
                  "content_length", "tagway_headers", "traceparent", "principal", "body", "payload", "stream",
-                 "client_wants_usage", "capture", "started")
+                 "client_wants_usage", "capture", "started", "answer", "answer_bytes")
 
     def __init__(self, route: tuple[str, str], scope: dict, receive: Any, send: Any, rec: CallRecord) -> None:
         self.operation, self.upstream_path = route
@@ -57,6 +57,10 @@ class Call:
         self.client_wants_usage = False  # a stream whose client asked for the usage chunk itself
         self.capture = False  # record the content of this call (the tenant allows it)
         self.started = False  # response headers went out: errors from now on are in-band
+        # what the upstream said, kept for capture after the response has gone (a whole response's choices, or
+        # the stream's accumulator) and its size, which decides whether capture runs off the event loop
+        self.answer: Any = None
+        self.answer_bytes = 0
 
     # -- reading ------------------------------------------------------------------------------------------------
     async def read_body(self, limit: int) -> bytes:

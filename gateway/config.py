@@ -3,7 +3,6 @@ by pydantic at start-up and reported as one clear line per problem."""
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +14,7 @@ from exporters.vocabulary import PRODUCTION_SOURCE, TAG_KEY_RE
 from exporters.yamlfile import YamlFileError, load_mapping
 
 from .providers.names import kind_of
+from .redact import PatternError, compile_pattern
 
 __all__ = ["GatewayConfig", "ModelConfig", "TenantConfig", "KeyConfig", "Taxonomy", "ConfigError", "load_config"]
 
@@ -102,6 +102,7 @@ class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = 4000
     max_body_bytes: int = 8 * 1024 * 1024
+    max_model_chars: int = Field(256, ge=1)  # a longer model name is refused (400), never cut
     replay_concurrency: int = Field(4, ge=0)  # replay/judge calls in flight at once (gateway/lanes.py); 0 = no cap
 
 
@@ -124,6 +125,8 @@ class RecordingConfig(_Strict):
     enabled: bool = True
     capture_content: bool = True  # global switch; a tenant can turn it off for itself
     capture_max_chars: int = Field(200_000, ge=0)  # captured text per call; longer content is cut, and says so
+    capture_max_message_chars: int = Field(50_000, ge=0)  # and per string (one message part, one parameter)
+    max_user_chars: int = Field(256, ge=1)  # the body's `user`, as recorded (cut with the original length noted)
     redact_builtin: list[Literal["email", "card", "bearer"]] = ["email", "card", "bearer"]
     redact_patterns: list[str] = []
     batch_max_rows: int = Field(5000, ge=1)
@@ -143,9 +146,9 @@ class RecordingConfig(_Strict):
     def _compiles(cls, v: list[str]) -> list[str]:
         for p in v:
             try:
-                re.compile(p)
-            except re.error as e:
-                raise ValueError(f"redact pattern {p!r} does not compile: {e}") from None
+                compile_pattern(p)
+            except PatternError as e:
+                raise ValueError(f"redact {e}") from None
         return v
 
 

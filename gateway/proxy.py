@@ -54,6 +54,8 @@ _SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache
                 (b"x-accel-buffering", b"no")]
 _PROPAGATOR = TraceContextTextMapPropagator()
 _ROOT = Context()  # an empty context: start a new trace
+# captured content up to this size (request + response bytes) is redacted inline; above it, on a worker thread
+CAPTURE_INLINE_BYTES = 64 * 1024
 _REPLAY_HEADERS = (("replay-run-id", sc.REPLAY_RUN_ID), ("replay-candidate", sc.REPLAY_CANDIDATE),
                    ("replay-case-id", sc.REPLAY_CASE_ID))
 
@@ -94,9 +96,11 @@ class Proxy:
         self.pricing = pricing
         self.redactor = redactor
         self.stats = ProxyStats()
-        self._capture = config.recording.capture_content
+        self._capture_on = config.recording.capture_content
         self._source = config.recording.source
         self._max_body = config.server.max_body_bytes
+        self._max_model_chars = config.server.max_model_chars
+        self._max_user_chars = config.recording.max_user_chars
         self._secrets = sorted({m.api_key for m in config.models if m.api_key and len(m.api_key) >= 6}, key=len,
                                reverse=True)
         self._addresses = {m.name: server_address(m)[0] for m in config.models}
@@ -142,16 +146,24 @@ class Proxy:
             if not call.started:
                 await call.respond_error(GatewayError(500, "Internal gateway error.", type_="api_error",
                                                       code="internal_error"))
+        except BaseException as e:  # the process is exiting: record the call, then let it go on
+            rec.fail("cancelled", f"the gateway stopped ({type(e).__name__})")
+            reraise = e
         finally:
             call.watch.stop()
             self.stats.in_flight -= 1
-            if rec.error_type:
-                self.stats.errors += 1
+        if call.capture:  # after the response: the client never waits for capture and redaction
             try:
-                finish_call_span(self.tracer, span, rec, start_ns, start_ns + int((time.perf_counter() - t0) * 1e9))
-            except Exception:  # recording never fails a request; the counter makes the failure visible
-                self.stats.record_failures += 1
-                log.exception("could not record call")
+                await self._capture(call, inline=reraise is not None)
+            except asyncio.CancelledError as e:  # stopping mid-capture: the call is still recorded, without content
+                reraise = reraise or e
+        if rec.error_type:
+            self.stats.errors += 1
+        try:
+            finish_call_span(self.tracer, span, rec, start_ns, start_ns + int((time.perf_counter() - t0) * 1e9))
+        except Exception:  # recording never fails a request; the counter makes the failure visible
+            self.stats.record_failures += 1
+            log.exception("could not record call")
         if reraise is not None:
             raise reraise
 
@@ -163,7 +175,7 @@ class Proxy:
         await call.read_body(self._max_body)
         call.watch.start(call.receive)
         payload = call.payload = parse_object(call.body)
-        model = rec.requested_model = requested_model(payload)
+        model = rec.requested_model = requested_model(payload, self._max_model_chars)
         check_request(call.operation, payload)
         call.stream = rec.stream = stream_flag(call.operation, payload)
         rec.temperature, rec.max_tokens = payload.get("temperature"), payload.get("max_tokens")
@@ -174,24 +186,44 @@ class Proxy:
                                code="model_not_found", param="model")
         if not principal.allows(model):
             raise forbidden(f"This key may not use model `{model}`.", code="model_not_allowed", param="model")
-        call.capture = self._capture and principal.capture_content
+        call.capture = self._capture_on and principal.capture_content
+        await self._forward(call, deployment)
+
+    # -- capture ------------------------------------------------------------------------------------------------
+    async def _capture(self, call: Call, *, inline: bool) -> None:
+        """Record what the call said, redacted. Big content is redacted on a worker thread, so one huge prompt
+        costs the event loop at most a GIL switch interval at a time, not its whole redaction."""
+        if inline or len(call.body) + call.answer_bytes <= CAPTURE_INLINE_BYTES:
+            ok = self._capture_now(call)
+        else:
+            ok = await asyncio.get_running_loop().run_in_executor(None, self._capture_now, call)
+        if not ok:
+            self.stats.capture_failures += 1
+
+    def _capture_now(self, call: Call) -> bool:
+        rec, redactor = call.rec, self.redactor
         try:
-            await self._forward(call, deployment)
-        finally:
-            if call.capture:
-                try:
-                    capture_input(call.operation, payload, rec, self.redactor)
-                except Exception:  # odd input shapes must never change the call's outcome
-                    self.stats.capture_failures += 1
-                    log.warning("could not capture the input of a %s call", call.operation, exc_info=True)
+            capture_input(call.operation, call.payload, rec, redactor)
+            if isinstance(call.answer, StreamAccumulator):
+                rec.output_messages = redactor.deep(call.answer.output())
+            elif call.answer is not None:
+                rec.output_messages = redactor.deep(output_messages(call.operation, call.answer))
+            return True
+        except Exception:  # odd shapes must never change the call's outcome
+            log.warning("could not capture the content of a %s call", call.operation, exc_info=True)
+            return False
 
     def _resolve_tags(self, call: Call) -> None:
         tw, rec = call.tagway_headers, call.rec
         for name, value in tw.items():
             check_header(f"x-tagway-{name}", value)
-        t = resolve_tags(call.principal, tw, call.payload, self.config.taxonomy)
-        rec.customer, rec.intent, rec.prompt_version, rec.tags, rec.end_user = (
-            t.customer, t.intent, t.prompt_version, t.tags, t.end_user)
+        t = resolve_tags(call.principal, tw, call.payload, self.config.taxonomy, self.redactor.text)
+        rec.customer, rec.intent, rec.prompt_version, rec.tags = t.customer, t.intent, t.prompt_version, t.tags
+        user = t.end_user
+        if len(user) > self._max_user_chars:
+            rec.truncated = {"user": len(user)}
+            user = user[:self._max_user_chars]
+        rec.end_user = self.redactor.text(user) if user else ""
         # Replay marks its calls so that slices and stats can tell them from production; only keys that may speak
         # for other customers (the admin key, platform keys: what the replay runner uses) may set those marks.
         source = normalise(tw["source"]) if tw.get("source") else ""
@@ -291,7 +323,7 @@ class Proxy:
                          [str(c.get("finish_reason") or "") for c in choices if isinstance(c, dict)]
                          if has_choices else [])
             if call.capture and has_choices:
-                rec.output_messages = self.redactor.deep(output_messages(call.operation, choices))
+                call.answer, call.answer_bytes = choices, len(result.body)
             if rec.cost_usd is not None:
                 extra.append((b"x-tagway-cost-usd", b"%.10f" % rec.cost_usd))
         await call.respond(200, result.body, result.content_type.encode("latin-1"), extra)
@@ -307,6 +339,8 @@ class Proxy:
     async def _relay_stream(self, call: Call, d: ModelConfig, opened: _Opened) -> None:
         rec = call.rec
         acc = StreamAccumulator(call.capture)
+        if call.capture:
+            call.answer = acc
         done = False
         await call.start(200, _SSE_HEADERS)
         event: bytes | None = opened.first
@@ -333,6 +367,7 @@ class Proxy:
                 if relay:
                     if rec.ttft_s is None and data and data != b"[DONE]":
                         rec.ttft_s = (time.time_ns() - rec.start_ns) / 1e9
+                    call.answer_bytes += len(event)
                     await call.chunk(event)
                 if done:
                     break
@@ -352,8 +387,6 @@ class Proxy:
         finally:
             await opened.stream.aclose()
             rec.answered(acc.model, acc.id, acc.finish_reasons())
-            if call.capture:
-                rec.output_messages = self.redactor.deep(acc.output())
             if not rec.client_disconnected and not call.watch.client_gone:
                 try:
                     await call.end_stream()

@@ -1,24 +1,52 @@
 """Redaction of captured content before it is recorded: built-in patterns (e-mail, card numbers, bearer tokens)
 plus the operator's regexes. Applied to every string inside the captured structure, never to the JSON text, so
-a pattern can never break the JSON it is recorded in."""
+a pattern can never break the JSON it is recorded in.
+
+Every pattern runs on RE2 (google-re2): matching is linear in the text whatever the pattern, so no prompt can make
+redaction backtrack (one 98 KB prompt against a backtracking e-mail regex held the event loop for 8-27 s), and an
+operator's pattern that would backtrack in Python's `re` cannot stall the gateway either. RE2 refuses what it
+cannot run in linear time (backreferences, look-around): such a pattern is a config error, said at start-up.
+"""
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Callable
 
-__all__ = ["Redactor", "BUILTIN"]
+import re2
 
-# name -> (pattern, replacement, cheap test that must pass before the regex runs). Capture runs on every call,
-# and most text holds no e-mail, card or token: the pre-checks keep redaction off the profile.
+__all__ = ["Redactor", "BUILTIN", "compile_pattern", "PatternError", "TRUNCATED"]
+
+# RE2 refuses rather than backtracks; its log lines about refused patterns are noise next to our own error
+_OPTIONS = re2.Options()
+_OPTIONS.log_errors = False
+
+
+class PatternError(ValueError):
+    pass
+
+
+def compile_pattern(pattern: str) -> Any:
+    try:
+        return re2.compile(pattern, options=_OPTIONS)
+    except re2.error as e:
+        raise PatternError(f"pattern {pattern!r} cannot be used (RE2 syntax, no backreferences or look-around): "
+                           f"{e}") from None
+
+
 _DIGITS = re.compile(r"\d{4}")
-BUILTIN = {
-    "email": (re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}"), "[REDACTED:email]",
+_NON_DIGITS = re.compile(r"\D")
+# name -> (pattern, replacement, cheap test that must pass before the pattern runs). Capture runs on every call,
+# and most text holds no e-mail, card or token: the pre-checks keep redaction off the profile.
+BUILTIN: dict[str, tuple[Any, str, Callable[[str], bool] | None]] = {
+    "email": (compile_pattern(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}"), "[REDACTED:email]",
               lambda s: "@" in s),
     # 13-19 digits, optionally grouped by spaces or dashes; checked with Luhn so order ids survive
-    "card": (re.compile(r"\b(?:\d[ -]?){12,18}\d\b"), "[REDACTED:card]", lambda s: _DIGITS.search(s) is not None),
-    "bearer": (re.compile(r"(?i)\b(?:bearer\s+|sk-|tw-)[A-Za-z0-9._~+/=-]{16,}"), "[REDACTED:secret]",
+    "card": (compile_pattern(r"\b(?:\d[ -]?){12,18}\d\b"), "[REDACTED:card]",
+             lambda s: _DIGITS.search(s) is not None),
+    "bearer": (compile_pattern(r"(?i)\b(?:bearer\s+|sk-|tw-)[A-Za-z0-9._~+/=-]{16,}"), "[REDACTED:secret]",
                lambda s: "-" in s or "earer" in s),
 }
+TRUNCATED = "...[truncated by tagway: {} more characters]"
 
 
 def _luhn_ok(digits: str) -> bool:
@@ -34,21 +62,27 @@ def _luhn_ok(digits: str) -> bool:
     return total % 10 == 0
 
 
+def _card(m: Any) -> str:
+    text = m.group()
+    return "[REDACTED:card]" if _luhn_ok(_NON_DIGITS.sub("", text)) else text
+
+
 class Redactor:
-    def __init__(self, builtin: list[str], patterns: list[str], max_chars: int = 200_000) -> None:
-        # Captured text per call is bounded: redacting (and later storing) a multi-megabyte prompt would stall the
-        # event loop for every other call. Past the budget, strings are cut and say so.
+    def __init__(self, builtin: list[str], patterns: list[str], max_chars: int = 200_000,
+                 max_string_chars: int = 50_000) -> None:
+        # Captured text per call is bounded (and per string): redacting and storing a multi-megabyte prompt would
+        # cost every other call its share of the gateway. Past the budget, strings are cut and say so.
         self.max_chars = max_chars
-        self._rules = [BUILTIN[name] for name in builtin]
-        self._rules += [(re.compile(p), "[REDACTED]", None) for p in patterns]
+        self.max_string_chars = max_string_chars
+        self._rules: list[tuple[Any, Any, Callable[[str], bool] | None]] = []
+        for name in builtin:
+            rx, repl, precheck = BUILTIN[name]
+            self._rules.append((rx, _card if name == "card" else repl, precheck))
+        self._rules += [(compile_pattern(p), "[REDACTED]", None) for p in patterns]
 
     def text(self, s: str) -> str:
         for rx, repl, precheck in self._rules:
-            if precheck is not None and not precheck(s):
-                continue
-            if repl == "[REDACTED:card]":
-                s = rx.sub(lambda m: repl if _luhn_ok(re.sub(r"\D", "", m.group())) else m.group(), s)
-            else:
+            if precheck is None or precheck(s):
                 s = rx.sub(repl, s)
         return s
 
@@ -58,15 +92,15 @@ class Redactor:
 
         def walk(x: Any) -> Any:
             if isinstance(x, str):
-                cut = max(budget[0], 0)
+                cut = max(min(budget[0], self.max_string_chars), 0)
                 if len(x) <= cut:
                     budget[0] -= len(x)
                     return self.text(x) if self._rules else x
                 # redact a margin past the cut, so a secret straddling it is replaced whole before the cut
                 head = x[:cut + 256]
                 head = (self.text(head) if self._rules else head)[:cut]
-                budget[0] = 0
-                return head + f"...[truncated by tagway: {len(x) - cut} more characters]"
+                budget[0] -= cut
+                return head + TRUNCATED.format(len(x) - cut)
             if isinstance(x, list):
                 return [walk(v) for v in x]
             if isinstance(x, dict):

@@ -23,10 +23,13 @@ def parse_object(body: bytes) -> dict:
     return payload
 
 
-def requested_model(p: dict) -> str:
+def requested_model(p: dict, max_chars: int) -> str:
     model = p.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request("You must provide a model parameter.", code="missing_model", param="model")
+    if len(model) > max_chars:  # cutting a model name would route (and record) a different model: refuse
+        raise bad_request(f"model is {len(model)} characters long; at most {max_chars} are accepted.",
+                          code="model_too_long", param="model")
     return model
 
 

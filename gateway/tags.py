@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 from .config import Taxonomy
 from .errors import GatewayError, bad_request, forbidden
@@ -22,7 +22,8 @@ MAX_TAGS = 64
 
 def normalise(value: str) -> str:
     """Lower-case, and every run of characters outside [a-z0-9_.-] becomes one '_' ('Refund Flow' -> 'refund_flow')."""
-    return _INVALID.sub("_", value.strip().lower()).strip("_")[:MAX_LEN]
+    # bounded work whatever the input's size: a 1 MB value costs what 512 characters cost
+    return _INVALID.sub("_", value[:4 * MAX_LEN].strip().lower()).strip("_")[:MAX_LEN]
 
 
 @dataclasses.dataclass(slots=True)
@@ -78,16 +79,21 @@ class Sender(Protocol):
     key_tags: Mapping[str, str]
 
 
-def resolve_tags(sender: Sender, headers: Mapping[str, str], body: Mapping[str, Any],
-                 taxonomy: Taxonomy) -> ResolvedTags:
+def resolve_tags(sender: Sender, headers: Mapping[str, str], body: Mapping[str, Any], taxonomy: Taxonomy,
+                 scrub: Callable[[str], str] = str) -> ResolvedTags:
     """Merge the sources, normalise, apply the taxonomy. `headers` holds the x-tagway-* headers by short name
-    (customer, intent, prompt-version, tags); `body` is the request's JSON (its `metadata` and `user`). Raises
-    GatewayError (400/403) for bad input."""
+    (customer, intent, prompt-version, tags); `body` is the request's JSON (its `metadata` and `user`); `scrub`
+    redacts the body's metadata values before they become tags (an e-mail address in metadata must not become a
+    tag value). Raises GatewayError (400/403) for bad input."""
     bound_customer, may_set_customer, key_tags = sender.customer, sender.may_set_customer, sender.key_tags
     metadata, user = body.get("metadata"), body.get("user")
     if metadata is not None and not isinstance(metadata, dict):
         raise bad_request("metadata must be an object.", code="invalid_metadata", param="metadata")
-    meta = {normalise_key(str(k)): normalise(_scalar(str(k), v)) for k, v in (metadata or {}).items()}
+    if metadata and len(metadata) > MAX_TAGS:
+        raise bad_request(f"Too many metadata keys: {len(metadata)} (at most {MAX_TAGS}).", code="too_many_tags",
+                          param="metadata")
+    meta = {normalise_key(str(k)[:MAX_LEN]): normalise(scrub(_scalar(str(k)[:MAX_LEN], v)[:4 * MAX_LEN]))
+            for k, v in (metadata or {}).items()}
     if user is not None and not isinstance(user, str):
         raise bad_request("user must be a string.", code="invalid_type", param="user")
     end_user = user or ""

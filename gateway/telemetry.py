@@ -69,6 +69,7 @@ class CallRecord:
     input_messages: list | None = None
     output_messages: list | None = None
     request_params: dict | None = None
+    truncated: dict[str, int] | None = None  # client values cut to their cap: field -> original length
 
     def fail(self, error_type: str, message: str, http_status: int = 0) -> None:
         self.error_type, self.error_message = error_type, message
@@ -150,6 +151,8 @@ def call_attributes(r: CallRecord, latency_ms: float) -> dict[str, Any]:
         a[sc.OUTPUT_MESSAGES] = _json(r.output_messages)
     if r.request_params:
         a[sc.REQUEST_PARAMS] = _json(r.request_params)
+    if r.truncated:
+        a[sc.TRUNCATED] = _json(r.truncated)
     return a
 
 
