@@ -83,6 +83,15 @@ class ClickHouseSpanExporter(SpanExporter):
     def insert_settings(batch: EncodedBatch) -> dict[str, Any]:
         return {"insert_deduplication_token": f"tagway-{batch.digest}"}
 
+    def connect(self) -> None:
+        """Connect and migrate now (raises StoreError, counted as an export error, while ClickHouse cannot be
+        reached)."""
+        try:
+            self._ready()
+        except StoreError:
+            self.metrics.inc("export_errors")
+            raise
+
     def _ready(self) -> Store:
         """The store, connected and migrated; raises StoreError while ClickHouse cannot be reached."""
         store = self._store

@@ -99,6 +99,7 @@ class DurableBatchSpanProcessor(SpanProcessor):
         self._flush_target = 0  # spans below this index are wanted out now (force_flush)
 
         self._degraded = False
+        self.last_error = ""  # why the processor is degraded (the last ClickHouse error), for /readyz
         self._backoff = 0.0
         self._retry_at = 0.0  # monotonic; replay the spool no earlier than this
         self._shutdown = False  # no more waiting for full batches: encode everything, then stop
@@ -292,6 +293,7 @@ class DurableBatchSpanProcessor(SpanProcessor):
         # The exporter's own I/O (an instrumented HTTP client, say) must not produce spans.
         token = attach(set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))
         try:
+            self._connect_early()
             next_partial = time.monotonic() + self._batch_max_seconds
             while True:
                 now = time.monotonic()
@@ -314,6 +316,16 @@ class DurableBatchSpanProcessor(SpanProcessor):
                     return
         finally:
             detach(token)
+
+    def _connect_early(self) -> None:
+        """Reach ClickHouse (and migrate) now rather than at the first batch, here on the sender thread: the
+        gateway serves meanwhile, and a server that is down or hangs at start-up only means spooling."""
+        try:
+            self._exporter.connect()
+        except StoreError as e:
+            self._failed(e, 0)
+        except Exception as e:  # a driver bug: the first send will try again
+            self._failed(StoreError(f"{type(e).__name__}: {e}"), 0)
 
     def _send_cycle(self, *, partial: bool, final: bool) -> None:
         self._maybe_replay(final=final)
@@ -395,10 +407,13 @@ class DurableBatchSpanProcessor(SpanProcessor):
             self._backoff = self._retry_min
         # Jitter, so gateway replicas do not retry against a recovering server in lockstep.
         self._retry_at = time.monotonic() + self._backoff * random.uniform(0.8, 1.2)
-        what = f"{rows} spans go to the spool at {self._spool.directory}" if rows else "replay of the spool failed"
+        self.last_error = str(err)
+        what = (f"{rows} spans go to the spool at {self._spool.directory}" if rows else
+                "replay of the spool failed" if self._spool.pending_files else
+                f"spans go to the spool at {self._spool.directory} until it answers")
         if not self._degraded:
-            log.error("ClickHouse insert failed: %s; %s, and are re-sent when ClickHouse answers (retry in"
-                      " %.1fs, backing off up to %.0fs)", err, what, self._backoff, self._retry_max)
+            log.error("ClickHouse unreachable or failing: %s; %s, and are re-sent when ClickHouse answers (retry"
+                      " in %.1fs, backing off up to %.0fs)", err, what, self._backoff, self._retry_max)
         else:
             log.warning("ClickHouse still failing: %s; %s; %d spool files pending; next retry in %.1fs",
                         err, what, self._spool.pending_files, self._backoff)
@@ -408,6 +423,7 @@ class DurableBatchSpanProcessor(SpanProcessor):
         if self._degraded:
             log.warning("ClickHouse reachable again: re-sent %d spooled spans; spool empty", resent)
         self._degraded = False
+        self.last_error = ""
         self._backoff = 0.0
         self._retry_at = 0.0
 

@@ -107,7 +107,10 @@ def start_recording(*, dsn: str, spool_dir: str, schema: SchemaSettings | None =
 
 def _connect_and_migrate(dsn: str, store: Store | None, schema: SchemaSettings, owns_store: bool,
                          spool_dir: str) -> tuple[Store | None, bool]:
-    """The store (None while a server is unreachable) and whether its schema is migrated."""
+    """The store (None while a server is unreachable) and whether its schema is migrated. A ClickHouse server is
+    reached later, by the exporter's own thread: one that hangs must not hold the gateway's start-up."""
+    if store is None and not is_embedded(dsn):
+        return None, False
     if store is None:
         try:
             store = connect(dsn)

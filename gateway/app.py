@@ -178,7 +178,7 @@ def _build_api(app: TagwayApp) -> FastAPI:
         return _openai_error(400, f"{where}: {first.get('msg')}" if where else str(first.get("msg")), "invalid_request")
 
     def principal(request: Request) -> Any:
-        return app.keyring.authenticate(request.headers.get("authorization"), request.headers.get("api-key"))
+        return app.keyring.authenticate_headers(request.headers)
 
     def model_card(name: str) -> dict:
         return {"id": name, "object": "model", "created": 0, "owned_by": "tagway"}
@@ -206,15 +206,26 @@ def _build_api(app: TagwayApp) -> FastAPI:
         if app.proxy is None:
             return JSONResponse({"status": "starting"}, status_code=503)
         rec = app.recorder
+        processor = getattr(rec, "processor", None)
+        body: dict[str, Any] = {"status": "ready"}
         if not getattr(rec, "enabled", True):
-            recording = "off"
+            body["recording"] = "off"
+        elif getattr(processor, "degraded", False):
+            body["recording"] = "degraded"
+            body["reason"] = getattr(processor, "last_error", "") or "ClickHouse is not answering"
+        elif getattr(rec, "exporter", None) is not None and rec.store is None:
+            body["recording"] = "degraded"  # still reaching a ClickHouse server: calls are spooled meanwhile
+            body["reason"] = "not connected to ClickHouse yet"
         else:
-            recording = "degraded" if getattr(getattr(rec, "processor", None), "degraded", False) else "ok"
+            body["recording"] = "ok"
         # a degraded recorder still spools to disk, so the gateway stays in rotation
-        return JSONResponse({"status": "ready", "recording": recording})
+        return JSONResponse(body)
 
     @api.get("/metrics")
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        if app.config.metrics.auth and not principal(request).is_admin:
+            raise GatewayError(403, "/metrics needs the admin key (metrics.auth is on).", type_="permission_error",
+                               code="admin_key_required")
         return PlainTextResponse(render_metrics(app), media_type="text/plain; version=0.0.4")
 
     try:
@@ -242,6 +253,11 @@ def render_metrics(app: TagwayApp) -> str:
                  "Calls whose input content could not be captured (the call itself was recorded)"),
                 ("tagway_calls_in_flight", "gauge", s.in_flight, "Calls being served now")):
             lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]
+    failures = dict(app.keyring.failures)
+    if failures:
+        lines += ["# HELP tagway_auth_failures_total Requests refused before a tenant was known, by reason",
+                  "# TYPE tagway_auth_failures_total counter"]
+        lines += [f'tagway_auth_failures_total{{reason="{r}"}} {n}' for r, n in sorted(failures.items())]
     render = getattr(getattr(app.recorder, "metrics", None), "render_prometheus", None)
     text = "\n".join(lines) + "\n"
     if callable(render):

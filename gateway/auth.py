@@ -14,17 +14,28 @@ import logging
 import os
 import secrets
 import threading
+from typing import Any
 
 import yaml
+from pydantic import ValidationError
+
+from exporters.yamlfile import YamlFileError, item_line, load_yaml
 
 from .config import GatewayConfig, KeyConfig, TenantConfig
-from .errors import GatewayError, unauthorized
+from .errors import GatewayError, bad_request, unauthorized
 
-__all__ = ["Principal", "KeyRing", "hash_key", "new_key", "add_key_to_file", "revoke_key_in_file", "read_keys_file"]
+__all__ = ["Principal", "KeyRing", "KeysFileError", "hash_key", "new_key", "add_key_to_file", "revoke_key_in_file",
+           "read_keys_file", "CREDENTIAL_HEADERS"]
 
 KEY_PREFIX = "tw-"
 log = logging.getLogger("tagway.auth")
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when PyYAML has it: ~10x faster
+# headers that say who is calling: each may come once (two `Authorization` headers must not be read as the first
+# by one route and the last by another)
+CREDENTIAL_HEADERS = ("authorization", "api-key")
+
+
+class KeysFileError(ValueError):
+    """The keys file cannot be used; `str(e)` is one line naming the file (and the line, where there is one)."""
 
 
 def hash_key(key: str) -> str:
@@ -69,6 +80,8 @@ class KeyRing:
             self._admin_hash = hash_key(os.environ[config.admin_key_env])
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        self._failures_lock = threading.Lock()
+        self.failures: dict[str, int] = {}  # refused credentials by reason (code), for /metrics
         self._load()
 
     # -- loading ----------------------------------------------------------------------------------------------
@@ -93,9 +106,24 @@ class KeyRing:
 
     @staticmethod
     def _read_file(path: str) -> list[KeyConfig]:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.load(f, Loader=_YAML_LOADER) or []
-        return [KeyConfig(**item) for item in data if isinstance(item, dict)]
+        try:
+            data = load_yaml(path, "keys file") or []
+        except YamlFileError as e:
+            raise KeysFileError(str(e)) from None
+        if not isinstance(data, list):
+            raise KeysFileError(f"{path}: expected a list of keys (as `tagway keys create` writes)")
+        keys = []
+        for i, item in enumerate(data):
+            try:
+                if not isinstance(item, dict):
+                    raise ValueError("each key must be a mapping")
+                keys.append(KeyConfig(**item))
+            except (ValidationError, ValueError, TypeError) as e:
+                line = item_line(path, i)
+                what = e.errors()[0] if isinstance(e, ValidationError) else None
+                why = f"{'.'.join(map(str, what['loc']))}: {what['msg']}" if what else str(e)
+                raise KeysFileError(f"{path}:{line or '?'}: key #{i + 1}: {why}") from None
+        return keys
 
     def reload_if_changed(self) -> bool:
         path = self.config.keys_file
@@ -127,7 +155,28 @@ class KeyRing:
 
     # -- per request ------------------------------------------------------------------------------------------
     def authenticate(self, authorization: str | None, api_key_header: str | None = None) -> Principal:
-        """`Authorization: Bearer <key>` (or Azure-style `api-key`) -> Principal, or a 401 GatewayError."""
+        """`Authorization: Bearer <key>` (or Azure-style `api-key`) -> Principal, or a 401 GatewayError (counted
+        by reason in `failures`)."""
+        try:
+            return self._principal(authorization, api_key_header)
+        except GatewayError as e:
+            self.refused(e.code or "invalid_api_key")
+            raise
+
+    def authenticate_headers(self, headers: Any) -> Principal:
+        """The same from a request's headers (anything with `getlist`, e.g. Starlette's): a credential header sent
+        twice is a 400, whichever of the two a route would have read."""
+        for name in CREDENTIAL_HEADERS:
+            if len(headers.getlist(name)) > 1:
+                self.refused("duplicate_header")
+                raise duplicate_header(name)
+        return self.authenticate(headers.get("authorization"), headers.get("api-key"))
+
+    def refused(self, reason: str) -> None:
+        with self._failures_lock:
+            self.failures[reason] = self.failures.get(reason, 0) + 1
+
+    def _principal(self, authorization: str | None, api_key_header: str | None) -> Principal:
         key = None
         if authorization:
             scheme, _, value = authorization.partition(" ")
@@ -147,6 +196,11 @@ class KeyRing:
             raise unauthorized("Incorrect API key provided.", code="invalid_api_key")
         k, tenant = hit
         return Principal(key_id=k.id, tenant=tenant, key_tags={**tenant.tags, **k.tags})
+
+
+def duplicate_header(name: str) -> GatewayError:
+    return bad_request(f"The {name} header is sent more than once; send it once.", code="duplicate_header",
+                       param=name)
 
 
 # -- the keys file (written by the CLI) ------------------------------------------------------------------------

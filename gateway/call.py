@@ -11,6 +11,7 @@ import asyncio
 from typing import Any
 
 from .auth import Principal
+from .config import TenantConfig
 from .errors import GatewayError
 from .telemetry import CallRecord
 
@@ -26,7 +27,7 @@ class ClientGone(Exception):
 class Call:
     __slots__ = ("operation", "upstream_path", "receive", "send", "trace_id", "rec", "watch", "auth", "api_key",
                  "content_length", "tagway_headers", "traceparent", "principal", "body", "payload", "stream",
-                 "client_wants_usage", "capture", "started", "answer", "answer_bytes")
+                 "client_wants_usage", "capture", "started", "answer", "answer_bytes", "repeated", "tenant")
 
     def __init__(self, route: tuple[str, str], scope: dict, receive: Any, send: Any, rec: CallRecord) -> None:
         self.operation, self.upstream_path = route
@@ -39,18 +40,30 @@ class Call:
         self.traceparent: str | None = None
         self.content_length = -1
         self.tagway_headers: dict[str, str] = {}  # x-tagway-* by short name (customer, intent, tags, ...)
+        self.repeated = ""  # a header that says who or what the call is, sent twice: a 400, never a guess
+        tw = self.tagway_headers
         for k, v in scope["headers"]:
             if k == b"authorization":
+                if self.auth is not None:
+                    self.repeated = "authorization"
                 self.auth = v.decode("latin-1")
             elif k.startswith(b"x-tagway-"):
-                self.tagway_headers[k[9:].decode("latin-1")] = v.decode("latin-1")
+                name = k[9:].decode("latin-1")
+                if name in tw:
+                    if name != "tags":
+                        self.repeated = self.repeated or k.decode("latin-1")
+                    v = tw[name].encode("latin-1") + b"," + v  # repeated tag headers are one list
+                tw[name] = v.decode("latin-1")
             elif k == b"content-length":
                 self.content_length = int(v) if v.isdigit() else -1
             elif k == b"api-key":
+                if self.api_key is not None:
+                    self.repeated = "api-key"
                 self.api_key = v.decode("latin-1")
             elif k == b"traceparent":
                 self.traceparent = v.decode("latin-1")
         self.principal: Principal | None = None
+        self.tenant: TenantConfig | None = None  # the tenant the call is recorded as (its settings apply)
         self.body = b""
         self.payload: dict = {}
         self.stream = False

@@ -61,8 +61,14 @@ def serve(config: Optional[str] = ConfigOpt,
     from .app import TagwayApp, default_recorder  # noqa: PLC0415
     from .store_api import serve as serve_announced  # noqa: PLC0415
 
+    from .auth import KeyRing, KeysFileError  # noqa: PLC0415
+
     cfg = _load(config)
     host, port = host or cfg.server.host, port or cfg.server.port
+    try:
+        KeyRing(cfg)  # a broken keys file is a start-up error of one line, not a traceback in a worker
+    except KeysFileError as e:
+        raise fail(str(e)) from None
     if workers > 1:
         if cfg.recording.enabled and is_embedded(cfg.storage.resolved_dsn()):
             raise fail("--workers > 1 needs a ClickHouse server DSN: the embedded store allows one process per "

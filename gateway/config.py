@@ -152,12 +152,17 @@ class RecordingConfig(_Strict):
         return v
 
 
+class MetricsConfig(_Strict):
+    auth: bool = False  # /metrics answers only with the admin key (Authorization: Bearer ...)
+
+
 class GatewayConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TAGWAY_", env_nested_delimiter="__", extra="forbid")
 
     server: ServerConfig = ServerConfig()
     storage: StorageConfig = StorageConfig()
     recording: RecordingConfig = RecordingConfig()
+    metrics: MetricsConfig = MetricsConfig()
     admin_key_env: str = "TAGWAY_ADMIN_KEY"
     admin_key_hash: str | None = None
     keys_file: str | None = None  # where `tagway keys create` stores hashes; default beside the config file

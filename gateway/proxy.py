@@ -23,7 +23,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from exporters import semconv as sc
 from exporters.vocabulary import NON_PRODUCTION_SOURCES
 
-from .auth import KeyRing
+from .auth import CREDENTIAL_HEADERS, KeyRing, duplicate_header
 from .call import Call, ClientGone
 from .capture import StreamAccumulator, capture_input, output_messages
 from .config import GatewayConfig, ModelConfig
@@ -101,8 +101,11 @@ class Proxy:
         self._max_body = config.server.max_body_bytes
         self._max_model_chars = config.server.max_model_chars
         self._max_user_chars = config.recording.max_user_chars
-        self._secrets = sorted({m.api_key for m in config.models if m.api_key and len(m.api_key) >= 6}, key=len,
-                               reverse=True)
+        # provider keys, longest first, scrubbed from everything an upstream says (a provider that echoes its key
+        # in an answer must not leak it to the client or the store)
+        self._secrets = [s.encode() for s in sorted({m.api_key for m in config.models
+                                                     if m.api_key and len(m.api_key) >= 6}, key=len, reverse=True)]
+        self._tenants = {t.customer: t for t in config.tenants}
         self._addresses = {m.name: server_address(m)[0] for m in config.models}
         self._chains = {m.name: fallback_chain(config, m) for m in config.models}
 
@@ -123,9 +126,7 @@ class Proxy:
         self.stats.in_flight += 1
         reraise: BaseException | None = None
         try:
-            if scope["method"] != "POST":
-                raise GatewayError(405, f"Method {scope['method']} not allowed; use POST.", code="method_not_allowed")
-            await self._handle(call)
+            await self._handle(call, scope["method"])
         except GatewayError as e:
             call.watch.stop()
             rec.fail(e.error_type, e.message, e.status)
@@ -168,10 +169,18 @@ class Proxy:
             raise reraise
 
     # -- one call -----------------------------------------------------------------------------------------------
-    async def _handle(self, call: Call) -> None:
+    async def _handle(self, call: Call, method: str) -> None:
         rec = call.rec
-        principal = call.principal = self.keyring.authenticate(call.auth, call.api_key)
+        if call.repeated in CREDENTIAL_HEADERS:
+            self.keyring.refused("duplicate_header")
+            raise duplicate_header(call.repeated)
+        principal = self.keyring.authenticate(call.auth, call.api_key)
+        call.principal = principal
         rec.key_id, rec.customer = principal.key_id, principal.customer
+        if call.repeated:
+            raise duplicate_header(call.repeated)
+        if method != "POST":
+            raise GatewayError(405, f"Method {method} not allowed; use POST.", code="method_not_allowed")
         await call.read_body(self._max_body)
         call.watch.start(call.receive)
         payload = call.payload = parse_object(call.body)
@@ -180,14 +189,27 @@ class Proxy:
         call.stream = rec.stream = stream_flag(call.operation, payload)
         rec.temperature, rec.max_tokens = payload.get("temperature"), payload.get("max_tokens")
         self._resolve_tags(call)
+        # The tenant the call is recorded as decides its settings, whoever's key sent it (an admin or platform key
+        # may record calls for a tenant that does not want its content stored).
+        tenant = call.tenant = principal.tenant if rec.customer == principal.customer else \
+            self._tenants.get(rec.customer)
         deployment = self.config.model(model)
         if deployment is None:
             raise GatewayError(404, f"The model `{model}` does not exist or you do not have access to it.",
                                code="model_not_found", param="model")
-        if not principal.allows(model):
+        if not self._allows(call, model):
             raise forbidden(f"This key may not use model `{model}`.", code="model_not_allowed", param="model")
-        call.capture = self._capture_on and principal.capture_content
+        call.capture = self._capture_on and (tenant.capture_content if tenant is not None else
+                                             principal.capture_content)
         await self._forward(call, deployment)
+
+    def _allows(self, call: Call, model: str) -> bool:
+        """The key may use the model, and so may the tenant the call is recorded as. Replays are exempt from the
+        latter: comparing a tenant's traffic on a candidate it does not use yet is what they are for."""
+        tenant = call.tenant
+        return call.principal.allows(model) and (
+            tenant is None or tenant is call.principal.tenant or call.rec.source in NON_PRODUCTION_SOURCES
+            or tenant.allows(model))
 
     # -- capture ------------------------------------------------------------------------------------------------
     async def _capture(self, call: Call, *, inline: bool) -> None:
@@ -219,11 +241,13 @@ class Proxy:
             check_header(f"x-tagway-{name}", value)
         t = resolve_tags(call.principal, tw, call.payload, self.config.taxonomy, self.redactor.text)
         rec.customer, rec.intent, rec.prompt_version, rec.tags = t.customer, t.intent, t.prompt_version, t.tags
-        user = t.end_user
-        if len(user) > self._max_user_chars:
+        user, cap = t.end_user, self._max_user_chars
+        if len(user) > cap:
             rec.truncated = {"user": len(user)}
-            user = user[:self._max_user_chars]
-        rec.end_user = self.redactor.text(user) if user else ""
+            # redact a margin past the cut, so a secret straddling it is replaced whole before the cut
+            rec.end_user = self.redactor.text(user[:cap + 256])[:cap]
+        elif user:
+            rec.end_user = self.redactor.text(user)
         # Replay marks its calls so that slices and stats can tell them from production; only keys that may speak
         # for other customers (the admin key, platform keys: what the replay runner uses) may set those marks.
         source = normalise(tw["source"]) if tw.get("source") else ""
@@ -242,6 +266,9 @@ class Proxy:
         call.client_wants_usage = bool(call.stream and isinstance(opts, dict) and opts.get("include_usage") is True)
         failure: UpstreamFailure | None = None
         for d in chain:
+            if d is not first and not self._allows(call, d.name):
+                call.rec.skipped = [*(call.rec.skipped or ()), d.name]  # a fallback this tenant may not use
+                continue
             attempt = call.rec.begin_attempt(d, self._addresses.get(d.name, ""), time.time_ns())
             try:
                 result = await self._try(call, d)
@@ -259,7 +286,8 @@ class Proxy:
             else:
                 await self._relay_stream(call, d, result)
             return
-        assert failure is not None
+        if failure is None:  # pragma: no cover - the first deployment is always tried
+            raise GatewayError(502, "No deployment could serve this call.", type_="api_error", code="no_deployment")
         raise self._final_error(failure)
 
     async def _try(self, call: Call, d: ModelConfig) -> UpstreamResponse | _Opened:
@@ -303,15 +331,16 @@ class Proxy:
 
     def _scrub(self, body: bytes) -> bytes:
         for s in self._secrets:
-            if s.encode() in body:
-                body = body.replace(s.encode(), b"***")
+            if s in body:
+                body = body.replace(s, b"***")
         return body
 
     # -- answers ------------------------------------------------------------------------------------------------
     async def _respond_whole(self, call: Call, d: ModelConfig, result: UpstreamResponse) -> None:
         rec = call.rec
+        body = self._scrub(result.body) if self._secrets else result.body
         try:
-            obj: Any = orjson.loads(result.body)
+            obj: Any = orjson.loads(body)
         except orjson.JSONDecodeError:
             obj = None
         extra: list[tuple[bytes, bytes]] = []
@@ -323,10 +352,10 @@ class Proxy:
                          [str(c.get("finish_reason") or "") for c in choices if isinstance(c, dict)]
                          if has_choices else [])
             if call.capture and has_choices:
-                call.answer, call.answer_bytes = choices, len(result.body)
+                call.answer, call.answer_bytes = choices, len(body)
             if rec.cost_usd is not None:
                 extra.append((b"x-tagway-cost-usd", b"%.10f" % rec.cost_usd))
-        await call.respond(200, result.body, result.content_type.encode("latin-1"), extra)
+        await call.respond(200, body, result.content_type.encode("latin-1"), extra)
 
     def _read_usage(self, usage: Any, rec: CallRecord, d: ModelConfig) -> None:
         if not isinstance(usage, dict):
@@ -346,6 +375,8 @@ class Proxy:
         event: bytes | None = opened.first
         try:
             while event is not None:
+                if self._secrets:
+                    event = self._scrub(event)
                 data = event_data(event)
                 relay = True
                 if data == b"[DONE]":
@@ -357,8 +388,7 @@ class Proxy:
                         obj = None
                     if isinstance(obj, dict):
                         if obj.get("error"):
-                            event = self._scrub(event)
-                            rec.fail("upstream_stream_error", self._scrub(str(obj["error"]).encode()).decode()[:500])
+                            rec.fail("upstream_stream_error", str(obj["error"])[:500])
                         usage = obj.get("usage")
                         if usage:
                             self._read_usage(usage, rec, d)

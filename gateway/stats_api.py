@@ -126,7 +126,7 @@ def build_stats_router(keyring: KeyRing, get_store: Callable[[], Any], *,
                                                 or "")
 
     def principal(request: Request, *, admin: bool) -> Principal:
-        p = keyring.authenticate(request.headers.get("authorization"), request.headers.get("api-key"))
+        p = keyring.authenticate_headers(request.headers)
         if admin and not p.is_admin:
             raise forbidden("This route needs the admin key.", code="admin_key_required")
         return p

@@ -26,7 +26,7 @@ from exporters import discovery
 from exporters.remote_store import API_PREFIX, decode_params, encode_rows, encode_value
 from exporters.store import StoreError
 
-from .auth import KeyRing
+from .auth import CREDENTIAL_HEADERS, KeyRing
 from .errors import GatewayError, error_body
 
 __all__ = ["LocalAccess", "build_store_router", "serve"]
@@ -88,6 +88,8 @@ def build_store_router(keyring: KeyRing, get_store: Callable[[], Any], access: L
     def check(request: Request) -> Response | None:
         if not _is_local(request):
             return _error(404, "Not found.", "not_found")
+        if any(len(request.headers.getlist(h)) > 1 for h in CREDENTIAL_HEADERS):
+            return _error(400, "A credential header is sent more than once; send it once.", "duplicate_header")
         auth = request.headers.get("authorization") or ""
         token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
         if not (token and access.credential_ok(token)):

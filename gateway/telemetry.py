@@ -70,6 +70,7 @@ class CallRecord:
     output_messages: list | None = None
     request_params: dict | None = None
     truncated: dict[str, int] | None = None  # client values cut to their cap: field -> original length
+    skipped: list[str] | None = None  # fallbacks passed over: the tenant may not use them
 
     def fail(self, error_type: str, message: str, http_status: int = 0) -> None:
         self.error_type, self.error_message = error_type, message
@@ -153,6 +154,8 @@ def call_attributes(r: CallRecord, latency_ms: float) -> dict[str, Any]:
         a[sc.REQUEST_PARAMS] = _json(r.request_params)
     if r.truncated:
         a[sc.TRUNCATED] = _json(r.truncated)
+    if r.skipped:
+        a[sc.FALLBACKS_SKIPPED] = _json(r.skipped)
     return a
 
 

@@ -182,11 +182,12 @@ def test_refused_connection_spools_then_a_later_start_replays(chdb_dsn: str, chd
     with caplog.at_level(logging.ERROR):
         rec = start_recording(dsn=f"http://default:secret@127.0.0.1:{_refused_port()}/default",
                               spool_dir=spool_dir, batch_max_rows=50, batch_max_seconds=0.05)
-    assert rec.store is None  # a server down at start-up is not an error
+        assert rec.store is None  # a server down at start-up is not an error
+        run = _run_id()
+        _emit(rec, run, 120)
+        assert rec.force_flush()
     assert "unreachable" in caplog.text and "secret" not in caplog.text
-    run = _run_id()
-    _emit(rec, run, 120)
-    assert rec.force_flush()
+    assert rec.processor.degraded and "refused" in rec.processor.last_error.lower()
     m = rec.metrics.snapshot()
     assert m["spans_spooled"] == 120 and m["spans_exported"] == 0 and m["export_errors"] >= 1
     rec.shutdown()

@@ -168,7 +168,9 @@ def test_clickhouse_outage_while_traffic_flows_loses_nothing(recorded, chdb_stor
             time.sleep(0.05)
         assert recorded.store.failed_inserts > 0, "the exporter must have tried (and failed) while ClickHouse was down"
         ready = httpx.get(recorded.url + "/readyz").json()
-        assert ready == {"status": "ready", "recording": "degraded"}  # calls keep flowing: the spool absorbs it
+        # calls keep flowing: the spool absorbs it; /readyz says why
+        assert ready == {"status": "ready", "recording": "degraded",
+                         "reason": "ClickHouse unreachable: [Errno 111] Connection refused (simulated)"}
     finally:
         recorded.store.down.clear()
     after = [call(recorded, "gpt-test", customer=cust) for _ in range(10)]

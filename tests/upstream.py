@@ -9,6 +9,7 @@ Behaviour is picked by the upstream model name the gateway sends, so one server 
   refund-bad-* answers "WRONG" when the prompt mentions refund, else like ok-*
   garbage-*   answers 502 with an HTML body
   midstreamerror-*  streams one chunk, then an error event (mentioning the upstream key), then [DONE]
+  echokey-*   answers 200 with the bearer key it was sent in its text (a provider that leaks its key)
 Every request is recorded (path, headers, JSON body) in `requests`.
 """
 from __future__ import annotations
@@ -82,6 +83,8 @@ class Upstream(ThreadedServer):
             return early
         user = _last_user(body.get("messages"))
         text = f"Echo: {user}"
+        if model.startswith("echokey"):
+            text = f"your key is {request.headers.get('Authorization', '')[7:]}"
         if model.startswith("refund-bad") and "refund" in user.lower():
             text = "WRONG"
         usage = {"prompt_tokens": 10 + len(user.split()), "completion_tokens": len(text.split()),
