@@ -24,14 +24,18 @@ _COUNTERS: dict[str, str] = {
                      " encoded (a bug). Logged at ERROR. Should be 0.",
     "spans_discarded": "Spans not recorded on purpose (recording disabled).",
     "spool_corrupt_files": "Spool files found torn or corrupt and quarantined as *.corrupt.",
+    "spool_poison_files": "Spool files whose rows ClickHouse refuses, quarantined as *.poison (tagway db spool).",
+    "spans_quarantined": "Spans in *.poison files: kept on disk, not in ClickHouse until re-queued.",
     "export_errors": "Failed insert attempts into ClickHouse (live batches and spool replays).",
     "batches_exported": "Batches inserted into ClickHouse (live and replayed).",
     "spool_write_errors": "Spool writes that failed (each one drops its batch; see spans_dropped).",
 }
 _GAUGES: dict[str, str] = {
     "queue_depth": "Spans waiting in memory for the export thread.",
+    "queue_bytes": "Bytes of encoded spans waiting in memory for the export thread.",
     "spool_files_pending": "Spool files waiting to be re-sent.",
     "spool_bytes_pending": "Bytes of spool files waiting to be re-sent.",
+    "spool_full": "1 while the spool is at recording.spool_max_bytes and spans are being dropped, else 0.",
     "export_degraded": "1 while ClickHouse is failing and new batches go to the spool, else 0.",
 }
 

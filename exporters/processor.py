@@ -19,6 +19,11 @@ end and nobody knows. Here nothing falls off:
   oldest of it to the spool. A batch takes its spool sequence number when it is formed, so the spool replays
   batches in the order their spans ended.
 
+* A spool file that ClickHouse refuses `poison_attempts` times with an error its rows can cause (a data error,
+  not an outage: exporters/insert_errors.py) is halved until the refused rows stand alone; the rest is sent and the
+  refused rows are quarantined (`*.poison`, kept on disk, counted, one log line; `tagway db spool` lists, re-queues
+  or purges them), so one bad row never stops recording.
+
 The only loss is a spool write that fails (disk full / I/O error): counted as dropped and logged at ERROR.
 """
 from __future__ import annotations
@@ -35,16 +40,18 @@ from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY, attach, detach,
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 
 from .clickhouse import ClickHouseSpanExporter
+from .insert_errors import may_be_poison
 from .metrics import ExportMetrics
 from .rows import EncodedBatch
-from .spool import Spool
+from .spool import Spool, SpoolFile
 from .store import StoreError
 
-__all__ = ["DurableBatchSpanProcessor"]
+__all__ = ["DurableBatchSpanProcessor", "split_rows"]
 
 log = logging.getLogger(__name__)
 
 _CHUNK_ROWS = 256  # spans encoded per step: short GIL holds, few wake-ups
+_CHUNK_BYTES = 4 << 20  # ...fewer when spans are big (captured content), so one step holds ~4 MB at most
 
 
 @dataclasses.dataclass(slots=True)
@@ -65,12 +72,14 @@ class DurableBatchSpanProcessor(SpanProcessor):
     """`batch_max_rows`/`batch_max_seconds`: an insert happens when that many rows are encoded, or that long after
     the previous partial one. `queue_max`: encoded rows held in memory while the sender is busy before the oldest
     are spilled to the spool. `retry_*`: backoff between replays while ClickHouse fails. `shutdown_timeout_seconds`:
-    how long shutdown waits for a hanging insert before spooling the rest itself."""
+    how long shutdown waits for a hanging insert before spooling the rest itself. `poison_attempts`: refusals of a
+    spool file's rows (a data error, the server otherwise fine) before its refused rows are set aside."""
 
     def __init__(self, exporter: ClickHouseSpanExporter, spool: Spool, *, metrics: ExportMetrics | None = None,
                  batch_max_rows: int = 2000, batch_max_seconds: float = 1.0, queue_max: int = 50_000,
                  retry_min_seconds: float = 1.0, retry_max_seconds: float = 30.0,
-                 shutdown_timeout_seconds: float = 30.0) -> None:
+                 shutdown_timeout_seconds: float = 30.0, poison_attempts: int = 3,
+                 batch_max_bytes: int = 16 << 20, queue_max_bytes: int = 256 << 20) -> None:
         assert batch_max_rows > 0 and batch_max_seconds > 0, "batch limits must be positive"
         assert queue_max >= batch_max_rows, "queue_max must be at least batch_max_rows"
         self._exporter = exporter
@@ -82,9 +91,15 @@ class DurableBatchSpanProcessor(SpanProcessor):
         chunks_per_batch = -(-batch_max_rows // _CHUNK_ROWS)
         self._chunk_rows = max(1, batch_max_rows // chunks_per_batch)
         self._queue_max = queue_max
+        self._batch_max_bytes = max(1, batch_max_bytes)
+        self._queue_max_bytes = max(self._batch_max_bytes, queue_max_bytes)
+        self._chunk_rows_now = self._chunk_rows  # lowered while spans are big (see _CHUNK_BYTES)
         self._retry_min = retry_min_seconds
         self._retry_max = retry_max_seconds
         self._shutdown_timeout = shutdown_timeout_seconds
+        self._poison_attempts_max = max(1, poison_attempts)
+        self._poison_attempts: dict[str, int] = {}  # spool file -> refusals that the rows may have caused
+        self._rescan_at = 0.0  # monotonic: look for re-queued spool files no earlier than this
 
         # on_end appends spans on the right; the encoder pops them on the left (deque ops are atomic).
         self._spans: collections.deque[ReadableSpan] = collections.deque()
@@ -94,6 +109,7 @@ class DurableBatchSpanProcessor(SpanProcessor):
         self._cv = threading.Condition(threading.Lock())
         self._encoded: collections.deque[_Chunk] = collections.deque()
         self._encoded_rows = 0
+        self._encoded_bytes = 0
         self._taken = 0  # spans popped from `_spans` so far
         self._inflight: set[int] = set()  # start index of every chunk not yet exported/spooled
         self._flush_target = 0  # spans below this index are wanted out now (force_flush)
@@ -108,6 +124,7 @@ class DurableBatchSpanProcessor(SpanProcessor):
         self._shutdown_lock = threading.Lock()
 
         self.metrics.set_gauge("queue_depth", lambda: len(self._spans) + self._encoded_rows)
+        self.metrics.set_gauge("queue_bytes", lambda: self._encoded_bytes)
         self.metrics.set_gauge("export_degraded", lambda: 1 if self._degraded else 0)
         if spool.pending_files:
             self._degraded = True  # behind the files of an earlier run until they are re-sent
@@ -213,31 +230,41 @@ class DurableBatchSpanProcessor(SpanProcessor):
     def _encode_queued(self) -> None:
         """Encode every queued span, a chunk at a time; spill the oldest of the backlog past `queue_max`."""
         while True:
-            chunk = self._encode_chunk()
-            if chunk is None:
+            chunks = self._encode_chunk()
+            if not chunks:
                 return
             with self._cv:
-                self._encoded.append(chunk)
-                self._encoded_rows += chunk.rows
-                backlog = self._encoded_rows
+                for chunk in chunks:
+                    self._encoded.append(chunk)
+                    self._encoded_rows += chunk.rows
+                    self._encoded_bytes += len(chunk.body)
+                backlog, backlog_bytes = self._encoded_rows, self._encoded_bytes
                 flush_due = self._flush_target > self._encoded[0].start
-            if backlog >= self._batch_max_rows or flush_due:
+            if backlog >= self._batch_max_rows or backlog_bytes >= self._batch_max_bytes or flush_due:
                 self._send_wake.set()
-            if backlog > self._queue_max:
-                self._spill(low_water=self._queue_max // 2)
+            if backlog > self._queue_max or backlog_bytes > self._queue_max_bytes:
+                self._spill(low_water=self._queue_max // 2, low_water_bytes=self._queue_max_bytes // 2)
 
-    def _encode_chunk(self) -> _Chunk | None:
+    def _encode_chunk(self) -> list[_Chunk]:
+        """The next spans, encoded: one chunk, or several when their bytes pass what one batch may hold."""
         with self._cv:
-            n = min(len(self._spans), self._chunk_rows)
+            n = min(len(self._spans), self._chunk_rows_now)
             if n == 0:
-                return None
+                return []
             popleft = self._spans.popleft
             spans = [popleft() for _ in range(n)]
             start = self._taken
             self._taken += n
             self._inflight.add(start)
         body, rows = self._encode(spans)
-        return _Chunk(start, rows, body)
+        if rows:  # big spans (captured content): encode fewer at a time, so a step holds a few MB at most
+            self._chunk_rows_now = max(1, min(self._chunk_rows, _CHUNK_BYTES * rows // max(1, len(body))))
+        if len(body) <= self._batch_max_bytes:
+            return [_Chunk(start, rows, body)]
+        chunks = [_Chunk(start + offset, k, part) for offset, k, part in split_rows(body, self._batch_max_bytes)]
+        with self._cv:  # each piece is tracked on its own (`start` stays in flight until the first is handled)
+            self._inflight.update(c.start for c in chunks)
+        return chunks
 
     def _encode(self, spans: Sequence[ReadableSpan]) -> tuple[bytes, int]:
         try:
@@ -259,12 +286,15 @@ class DurableBatchSpanProcessor(SpanProcessor):
         if not self._encoded:
             return None
         chunks: list[_Chunk] = []
-        rows = 0
-        while self._encoded and (not chunks or rows + self._encoded[0].rows <= self._batch_max_rows):
+        rows = size = 0
+        while self._encoded and (not chunks or (rows + self._encoded[0].rows <= self._batch_max_rows
+                                                and size + len(self._encoded[0].body) <= self._batch_max_bytes)):
             chunk = self._encoded.popleft()
             chunks.append(chunk)
             rows += chunk.rows
+            size += len(chunk.body)
         self._encoded_rows -= rows
+        self._encoded_bytes -= size
         body = b"".join(c.body for c in chunks)
         return _Batch([c.start for c in chunks], EncodedBatch.of(self._exporter.table, body, rows),
                       self._spool.reserve())
@@ -274,11 +304,13 @@ class DurableBatchSpanProcessor(SpanProcessor):
             self._inflight.difference_update(batch.starts)
             self._cv.notify_all()
 
-    def _spill(self, *, low_water: int) -> None:
-        """Write the oldest encoded batches to the spool until the backlog is down to `low_water` rows."""
+    def _spill(self, *, low_water: int, low_water_bytes: int = 0) -> None:
+        """Write the oldest encoded batches to the spool until the backlog is down to `low_water` rows and
+        `low_water_bytes` bytes (0: all of it)."""
         while True:
             with self._cv:
-                if not self._encoded or (low_water > 0 and self._encoded_rows <= low_water):
+                if not self._encoded or (low_water > 0 and self._encoded_rows <= low_water
+                                         and self._encoded_bytes <= low_water_bytes):
                     return
                 batch = self._form_batch()
             if batch is None:
@@ -328,12 +360,17 @@ class DurableBatchSpanProcessor(SpanProcessor):
             self._failed(StoreError(f"{type(e).__name__}: {e}"), 0)
 
     def _send_cycle(self, *, partial: bool, final: bool) -> None:
+        now = time.monotonic()
+        if now >= self._rescan_at and not final:  # files re-queued by `tagway db spool retry`
+            self._rescan_at = now + 5.0
+            self._spool.rescan()
         self._maybe_replay(final=final)
         while True:
             with self._cv:
                 if not self._encoded:
                     return
                 wanted = (self._encoded_rows >= self._batch_max_rows or partial
+                          or self._encoded_bytes >= self._batch_max_bytes
                           or self._flush_target > self._encoded[0].start)
                 batch = self._form_batch() if wanted else None
             if batch is None:
@@ -388,13 +425,55 @@ class DurableBatchSpanProcessor(SpanProcessor):
             try:
                 self._exporter.send(batch)
             except StoreError as e:
-                self._failed(e, 0)
-                return
+                if not self._poisoned(f, batch, e):
+                    self._failed(e, 0)
+                    return
+                resent += self._isolate(f, batch, e)
+                continue
+            self._poison_attempts.pop(f.name, None)
             self._spool.remove(f)
             self.metrics.inc("spans_resent", batch.rows)
             resent += batch.rows
         if not self._spool.pending_files:
             self._recovered(resent)
+
+    # -- poison batches -----------------------------------------------------------------------------------------
+    def _poisoned(self, f: SpoolFile, batch: EncodedBatch, err: StoreError) -> bool:
+        """Has ClickHouse refused this file's rows `poison_attempts` times with an error the rows can cause?"""
+        if not may_be_poison(err):
+            return False
+        n = self._poison_attempts[f.name] = self._poison_attempts.get(f.name, 0) + 1
+        if n < self._poison_attempts_max:
+            log.warning("ClickHouse refused spool file %s (%d rows), attempt %d of %d before it is set aside: %s",
+                        f.name, batch.rows, n, self._poison_attempts_max, err)
+            return False
+        self._poison_attempts.pop(f.name, None)
+        return True
+
+    def _isolate(self, f: SpoolFile, batch: EncodedBatch, err: StoreError) -> int:
+        """Halve a refused file until the refused rows stand alone; send every half ClickHouse takes and
+        quarantine the rows it refuses (kept on disk, listed by `tagway db spool`), so one bad row holds back
+        neither its batch nor the batches behind it. Returns the rows that got through. A transient error midway
+        leaves the remaining halves in the spool, in order, for the next replay."""
+        if batch.rows <= 1:
+            self._spool.quarantine(f.name, str(err), poison=True, rows=batch.rows)
+            return 0
+        sent = 0
+        for half in self._spool.split(f, batch):
+            part = self._spool.read(half)
+            if part is None:
+                continue
+            try:
+                self._exporter.send(part)
+            except StoreError as e:
+                if not may_be_poison(e):
+                    return sent
+                sent += self._isolate(half, part, e)
+                continue
+            self._spool.remove(half)
+            self.metrics.inc("spans_resent", part.rows)
+            sent += part.rows
+        return sent
 
     def _handled_upto_unlocked(self) -> int:
         with self._cv:
@@ -435,10 +514,29 @@ class DurableBatchSpanProcessor(SpanProcessor):
         self._spill(low_water=0)
 
     def _encode_chunk_into_backlog(self) -> bool:
-        chunk = self._encode_chunk()
-        if chunk is None:
-            return False
+        chunks = self._encode_chunk()
         with self._cv:
-            self._encoded.append(chunk)
-            self._encoded_rows += chunk.rows
-        return True
+            for chunk in chunks:
+                self._encoded.append(chunk)
+                self._encoded_rows += chunk.rows
+                self._encoded_bytes += len(chunk.body)
+        return bool(chunks)
+
+
+def split_rows(body: bytes, limit: int) -> list[tuple[int, int, bytes]]:
+    """Newline-terminated rows cut into pieces of at most `limit` bytes (a longer row is a piece of its own):
+    (row offset, rows, bytes) each."""
+    out: list[tuple[int, int, bytes]] = []
+    begin = row = first_row = 0
+    pos = 0
+    while pos < len(body):
+        end = body.index(b"\n", pos) + 1
+        if end - begin > limit and pos > begin:
+            out.append((first_row, row - first_row, body[begin:pos]))
+            begin, first_row = pos, row
+        pos = end
+        row += 1
+    if pos > begin:
+        out.append((first_row, row - first_row, body[begin:pos]))
+    return out
+

@@ -28,7 +28,7 @@ from .semconv import SCOPE_NAME
 from .spool import Spool
 from .store import Store, StoreError, StoreLockedError, connect, is_embedded, redact_dsn
 
-__all__ = ["Recorder", "start_recording", "disabled_recorder", "DiscardingSpanProcessor"]
+__all__ = ["Recorder", "RecordingLimits", "start_recording", "disabled_recorder", "DiscardingSpanProcessor"]
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +62,21 @@ class Recorder:
         return self.metrics.render_prometheus()
 
 
+@dataclasses.dataclass(frozen=True)
+class RecordingLimits:
+    """Byte caps of the pipeline and what happens at them (see DurableBatchSpanProcessor and Spool)."""
+    queue_max_bytes: int = 256 << 20
+    batch_max_bytes: int = 16 << 20
+    spool_max_bytes: int = 5 << 30
+    spool_full: str = "drop_oldest"
+    poison_attempts: int = 3
+
+
 def start_recording(*, dsn: str, spool_dir: str, schema: SchemaSettings | None = None,
                     batch_max_rows: int = 2000, batch_max_seconds: float = 1.0, queue_max: int = 50_000,
                     retry_min_seconds: float = 1.0, retry_max_seconds: float = 30.0, service_name: str = "tagway",
                     resource_attributes: Mapping[str, Any] | None = None, enabled: bool = True,
-                    store: Store | None = None) -> Recorder:
+                    store: Store | None = None, limits: RecordingLimits | None = None) -> Recorder:
     """Connect, migrate, replay any spool left by an earlier process, and return a recording `Recorder`.
 
     Raises `StoreLockedError` (one clear line) when another process holds the embedded data directory or the
@@ -81,7 +91,8 @@ def start_recording(*, dsn: str, spool_dir: str, schema: SchemaSettings | None =
     metrics = ExportMetrics()
     owns_store = store is None
     # The spool first: it is the cheap lock to take (and to fail on) before anything is connected.
-    spool = Spool(spool_dir, metrics=metrics)
+    limits = limits if limits is not None else RecordingLimits()
+    spool = Spool(spool_dir, metrics=metrics, max_bytes=limits.spool_max_bytes, on_full=limits.spool_full)
     try:
         store, schema_ready = _connect_and_migrate(dsn, store, schema, owns_store, spool_dir)
     except BaseException:
@@ -93,7 +104,10 @@ def start_recording(*, dsn: str, spool_dir: str, schema: SchemaSettings | None =
         processor = DurableBatchSpanProcessor(exporter, spool, metrics=metrics, batch_max_rows=batch_max_rows,
                                               batch_max_seconds=batch_max_seconds, queue_max=queue_max,
                                               retry_min_seconds=retry_min_seconds,
-                                              retry_max_seconds=retry_max_seconds)
+                                              retry_max_seconds=retry_max_seconds,
+                                              poison_attempts=limits.poison_attempts,
+                                              batch_max_bytes=limits.batch_max_bytes,
+                                              queue_max_bytes=limits.queue_max_bytes)
     except BaseException:
         spool.close()
         if store is not None and owns_store:

@@ -33,7 +33,8 @@ from .metrics import ExportMetrics
 from .rows import EncodedBatch
 from .store import StoreLockedError
 
-__all__ = ["Spool", "SpoolFile", "SpoolLockedError", "FORMAT", "VERSION"]
+__all__ = ["Spool", "SpoolFile", "SpoolLockedError", "FORMAT", "VERSION", "Quarantined", "quarantined",
+           "requeue", "purge"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ FORMAT = "tagway-spool"
 VERSION = 1
 _SUFFIX = ".spool"
 _CORRUPT = ".corrupt"
+_POISON = ".poison"  # refused by ClickHouse for its own rows (see exporters/insert_errors.py)
+_REASON = ".reason"  # beside a quarantined file: why, one line
 _TMP = ".tmp"
 _LOCK = "spool.lock"
 
@@ -64,10 +67,18 @@ class SpoolFile:
 
 
 class Spool:
-    def __init__(self, directory: str, *, metrics: ExportMetrics | None = None, fsync: bool = True) -> None:
+    def __init__(self, directory: str, *, metrics: ExportMetrics | None = None, fsync: bool = True,
+                 max_bytes: int = 0, on_full: str = "drop_oldest") -> None:
+        """`max_bytes` caps the pending files (0: no cap). When a batch would pass it, `on_full` says what goes:
+        `drop_oldest` (older files make room) or `drop_newest` (the new batch); every dropped span is counted, and
+        `full` says so until the spool is back under 90% of the cap."""
+        assert on_full in ("drop_oldest", "drop_newest"), on_full
         self.directory = os.path.realpath(directory)
         self.metrics = metrics if metrics is not None else ExportMetrics()
         self._fsync = fsync
+        self.max_bytes = max_bytes
+        self.on_full = on_full
+        self.full = False
         self._lock = threading.Lock()
         self._pending: dict[str, int] = {}  # name -> size in bytes
         self._pending_bytes = 0
@@ -79,6 +90,7 @@ class Spool:
         self._recover()
         self.metrics.set_gauge("spool_files_pending", lambda: len(self._pending))
         self.metrics.set_gauge("spool_bytes_pending", lambda: self._pending_bytes)
+        self.metrics.set_gauge("spool_full", lambda: 1 if self.full else 0)
 
     # -- state ------------------------------------------------------------------------------------------------
     @property
@@ -114,7 +126,37 @@ class Spool:
             return None
         if seq is None:
             seq = self.reserve()
-        name = f"{seq:016d}-{time.time_ns()}{_SUFFIX}"
+        if self.max_bytes and not self._make_room(batch):
+            return None
+        name = self._write_file(f"{seq:016d}-{time.time_ns()}{_SUFFIX}", batch)
+        if name is not None:
+            self.metrics.inc("spans_spooled", batch.rows)
+        return name
+
+    def _make_room(self, batch: EncodedBatch) -> bool:
+        """Under the cap: True. Else drop what the policy says (counted, logged) and say whether `batch` may go."""
+        need = len(batch.body) + 256  # + the header line
+        if self._pending_bytes + need <= self.max_bytes:
+            return True
+        if not self.full:
+            log.error("spool %s is full (cap %d bytes): dropping the %s spans until it drains; they are counted in"
+                      " tagway_spans_dropped_total", self.directory, self.max_bytes,
+                      "oldest" if self.on_full == "drop_oldest" else "newest")
+        self.full = True
+        if self.on_full == "drop_oldest" and need <= self.max_bytes:
+            for f in self.pending():
+                if self._pending_bytes + need <= self.max_bytes:
+                    break
+                path = os.path.join(self.directory, f.name)
+                self.metrics.inc("spans_dropped", _rows_in(path))
+                _unlink_quietly(path)
+                with self._lock:  # not _forget: dropping to make room does not end "full"
+                    self._pending_bytes -= self._pending.pop(f.name, 0)
+            return self._pending_bytes + need <= self.max_bytes
+        self.metrics.inc("spans_dropped", batch.rows)
+        return False
+
+    def _write_file(self, name: str, batch: EncodedBatch) -> str | None:
         final = os.path.join(self.directory, name)
         tmp = os.path.join(self.directory, f".{name}{_TMP}")
         header = orjson.dumps({"format": FORMAT, "v": VERSION, "table": batch.table, "rows": batch.rows,
@@ -142,7 +184,6 @@ class Spool:
         with self._lock:
             self._pending[name] = size
             self._pending_bytes += size
-        self.metrics.inc("spans_spooled", batch.rows)
         return name
 
     # -- read -------------------------------------------------------------------------------------------------
@@ -170,18 +211,65 @@ class Spool:
         _unlink_quietly(os.path.join(self.directory, f.name))
         self._forget(f.name)
 
-    def quarantine(self, name: str, reason: str) -> None:
+    def quarantine(self, name: str, reason: str, *, poison: bool = False, rows: int = 0) -> None:
+        """Move a file aside (`*.corrupt`: unreadable; `*.poison`: ClickHouse refuses its rows) with its reason
+        beside it, log one line, count it. Never deleted: `tagway db spool` lists, re-queues or purges it."""
         src = os.path.join(self.directory, name)
-        dst_name = name.lstrip(".").removesuffix(_TMP) + _CORRUPT
+        dst_name = name.lstrip(".").removesuffix(_TMP) + (_POISON if poison else _CORRUPT)
+        what = "refused by ClickHouse" if poison else "corrupt"
         try:
             os.rename(src, os.path.join(self.directory, dst_name))
+            with open(os.path.join(self.directory, dst_name + _REASON), "w", encoding="utf-8") as f:
+                f.write(reason.replace("\n", " ")[:2000] + "\n")
         except OSError as e:
-            log.error("spool file %s is corrupt (%s) and could not be quarantined: %s", src, reason, e)
+            log.error("spool file %s is %s (%s) and could not be quarantined: %s", src, what, reason, e)
         else:
-            log.error("spool file %s is corrupt (%s): quarantined as %s; its rows were NOT sent. Inspect it by "
-                      "hand (header line + JSONEachRow payload)", src, reason, dst_name)
-        self.metrics.inc("spool_corrupt_files")
+            log.error("spool file %s is %s (%s): quarantined as %s; its rows were NOT sent (`tagway db spool list`"
+                      " shows it, `tagway db spool retry` re-queues it)", src, what, reason, dst_name)
+        if poison:
+            self.metrics.inc("spool_poison_files")
+            self.metrics.inc("spans_quarantined", rows)
+        else:
+            self.metrics.inc("spool_corrupt_files")
         self._forget(name)
+
+    def split(self, f: SpoolFile, batch: EncodedBatch) -> list[SpoolFile]:
+        """Replace `f` by two files holding its first and second half of rows, in its place in the order (to find
+        the rows ClickHouse refuses without holding back the others). The halves are written before `f` goes, so
+        a crash in between re-sends rows, never loses them."""
+        lines = batch.body.split(b"\n")
+        if lines and not lines[-1]:
+            lines.pop()
+        mid = len(lines) // 2
+        out = []
+        base = f.name.removesuffix(_SUFFIX)
+        for i, part in enumerate((lines[:mid], lines[mid:]), 1):
+            body = b"\n".join(part) + b"\n"
+            name = self._write_file(f"{base}-{i}{_SUFFIX}", EncodedBatch.of(batch.table, body, len(part)))
+            if name is None:
+                raise OSError(f"cannot split spool file {f.name}")
+            out.append(SpoolFile(name, self._pending[name]))
+        self.remove(f)
+        return out
+
+    def rescan(self) -> int:
+        """Pick up `.spool` files put in the directory by someone else (`tagway db spool retry`). Returns how many."""
+        found = 0
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return 0
+        for name in names:
+            if name.endswith(_SUFFIX) and not name.startswith(".") and name not in self._pending:
+                try:
+                    size = os.path.getsize(os.path.join(self.directory, name))
+                except OSError:
+                    continue
+                with self._lock:
+                    self._pending[name] = size
+                    self._pending_bytes += size
+                found += 1
+        return found
 
     def close(self) -> None:
         if self._lock_fd is not None:
@@ -194,6 +282,10 @@ class Spool:
             size = self._pending.pop(name, None)
             if size is not None:
                 self._pending_bytes -= size
+            if self.full and self._pending_bytes <= 0.9 * self.max_bytes:
+                self.full = False
+                log.warning("spool %s has room again (%d bytes pending): no more drops", self.directory,
+                            self._pending_bytes)
 
     def _recover(self) -> None:
         """Pick up what a previous process left: pending files, and `.tmp` files from a write cut short."""
@@ -229,6 +321,63 @@ class Spool:
                         self.directory, len(self._pending), self._pending_bytes)
 
 
+# -- quarantined files, for `tagway db spool` (works on a directory whether or not a gateway uses it) ----------
+@dataclasses.dataclass(frozen=True, slots=True)
+class Quarantined:
+    path: str
+    kind: str  # poison | corrupt
+    rows: int | None  # from the header, when readable
+    bytes: int
+    reason: str
+    mtime: float
+
+
+def quarantined(directory: str) -> list[Quarantined]:
+    """Every quarantined file under `directory` (and its worker-N slots), oldest first."""
+    out = []
+    for root, _dirs, files in os.walk(directory):
+        for name in files:
+            kind = "poison" if name.endswith(_POISON) else "corrupt" if name.endswith(_CORRUPT) else ""
+            if not kind:
+                continue
+            path = os.path.join(root, name)
+            try:
+                st = os.stat(path)
+                with open(path, "rb") as fh:
+                    head = fh.readline(4096)
+            except OSError:
+                continue
+            try:
+                rows = orjson.loads(head).get("rows")
+            except (orjson.JSONDecodeError, AttributeError):
+                rows = None
+            try:
+                with open(path + _REASON, encoding="utf-8") as fh:
+                    reason = fh.read().strip()
+            except OSError:
+                reason = ""
+            out.append(Quarantined(path, kind, rows if isinstance(rows, int) else None, st.st_size, reason,
+                                   st.st_mtime))
+    return sorted(out, key=lambda q: (q.mtime, q.path))
+
+
+def requeue(q: Quarantined) -> str:
+    """Put a quarantined file back in line to be sent (after its cause was fixed); a running gateway picks it up
+    within seconds. Returns the new path."""
+    directory, name = os.path.split(q.path)
+    stem = name.removesuffix(_POISON).removesuffix(_CORRUPT).removesuffix(_SUFFIX)
+    new = os.path.join(directory, f"{stem}-retry{time.time_ns()}{_SUFFIX}")
+    os.rename(q.path, new)
+    _unlink_quietly(q.path + _REASON)
+    return new
+
+
+def purge(q: Quarantined) -> None:
+    """Delete a quarantined file for good (its rows are gone: only on a user's explicit request)."""
+    os.unlink(q.path)
+    _unlink_quietly(q.path + _REASON)
+
+
 def _parse(data: bytes) -> EncodedBatch:
     nl = data.find(b"\n")
     if nl < 0:
@@ -251,6 +400,16 @@ def _parse(data: bytes) -> EncodedBatch:
     if not isinstance(table, str) or not table or not isinstance(rows, int):
         raise _Corrupt("header lacks table or rows")
     return EncodedBatch(table, body, rows, digest)
+
+
+def _rows_in(path: str) -> int:
+    """The row count a spool file's header gives (0 when unreadable)."""
+    try:
+        with open(path, "rb") as fh:
+            rows = orjson.loads(fh.readline(4096)).get("rows")
+    except (OSError, orjson.JSONDecodeError, AttributeError):
+        return 0
+    return rows if isinstance(rows, int) else 0
 
 
 def _seq_of(name: str) -> int | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import threading
 from typing import Any, Iterator, Sequence
 
@@ -22,9 +23,17 @@ from .dirlock import lock_dir
 
 __all__ = ["Store", "StoreError", "StoreLockedError", "connect", "is_embedded", "chdb_path", "redact_dsn"]
 
+_CODE = re.compile(r"\bCode: (\d+)\b")
+
 
 class StoreError(RuntimeError):
-    """ClickHouse could not be reached or refused a statement."""
+    """ClickHouse could not be reached or refused a statement. `code` is ClickHouse's error code when the server
+    answered with one (it was reached, and said no), else None."""
+
+    @property
+    def code(self) -> int | None:
+        m = _CODE.search(str(self))
+        return int(m.group(1)) if m else None
 
 
 class StoreLockedError(StoreError):

@@ -128,7 +128,7 @@ def default_recorder(config: GatewayConfig) -> Any:
     """Recording as configured. Worker processes share one spool directory: each takes the first free `worker-N`
     slot under it (an flock), so a restarted worker adopts, and re-sends, whatever a dead one left behind. The
     embedded store allows one process, which takes `worker-0`."""
-    from exporters.recording import start_recording  # noqa: PLC0415 - chDB import is heavy; only when recording
+    from exporters.recording import RecordingLimits, start_recording  # noqa: PLC0415 - chDB import is heavy
     from exporters.schema import SchemaSettings  # noqa: PLC0415
     from exporters.spool import SpoolLockedError  # noqa: PLC0415
     from exporters.store import is_embedded  # noqa: PLC0415
@@ -141,7 +141,10 @@ def default_recorder(config: GatewayConfig) -> Any:
             dsn=dsn, spool_dir=spool_dir,
             schema=SchemaSettings(database=s.database, cluster=s.cluster, ttl_days=s.ttl_days),
             batch_max_rows=r.batch_max_rows, batch_max_seconds=r.batch_max_seconds, queue_max=r.queue_max,
-            service_name=r.service_name, enabled=r.enabled)
+            service_name=r.service_name, enabled=r.enabled,
+            limits=RecordingLimits(queue_max_bytes=r.queue_max_bytes, batch_max_bytes=r.batch_max_bytes,
+                                   spool_max_bytes=r.spool_max_bytes, spool_full=r.spool_full,
+                                   poison_attempts=r.poison_attempts))
 
     if not r.enabled:
         return start(s.resolved_spool())
@@ -210,6 +213,10 @@ def _build_api(app: TagwayApp) -> FastAPI:
         body: dict[str, Any] = {"status": "ready"}
         if not getattr(rec, "enabled", True):
             body["recording"] = "off"
+        elif getattr(getattr(rec, "spool", None), "full", False):
+            body["recording"] = "degraded"
+            body["reason"] = (f"spool full (recording.spool_max_bytes): dropping the "
+                              f"{rec.spool.on_full.removeprefix('drop_')} spans, counted in /metrics")
         elif getattr(processor, "degraded", False):
             body["recording"] = "degraded"
             body["reason"] = getattr(processor, "last_error", "") or "ClickHouse is not answering"

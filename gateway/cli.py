@@ -213,6 +213,54 @@ def keys_list(config: Optional[str] = ConfigOpt) -> None:
 
 
 # -- db -----------------------------------------------------------------------------------------------------------
+@db_app.command("spool")
+def db_spool(action: str = typer.Argument("list", help="list | retry | purge"),
+             files: Optional[list[str]] = typer.Argument(None, help="Quarantined files (paths or names) to act on."),
+             all_: bool = typer.Option(False, "--all", help="Every quarantined file."),
+             config: Optional[str] = ConfigOpt,
+             as_json: bool = typer.Option(False, "--json", help="Machine-readable list.")) -> None:
+    """Batches set aside by the recorder: `*.poison` (ClickHouse refused their rows) and `*.corrupt` (unreadable).
+    `list` shows them with the reason; `retry` puts them back in line (a running gateway sends them within
+    seconds); `purge` deletes them for good. Works whether or not the gateway runs."""
+    import json  # noqa: PLC0415
+    import time as _time  # noqa: PLC0415
+
+    from exporters.spool import purge, quarantined, requeue  # noqa: PLC0415
+
+    if action not in ("list", "retry", "purge"):
+        raise fail(f"unknown action {action!r}: use list, retry or purge")
+    cfg = _load(config)
+    found = quarantined(cfg.storage.resolved_spool())
+    if action == "list":
+        if as_json:
+            typer.echo(json.dumps([{"path": q.path, "kind": q.kind, "rows": q.rows, "bytes": q.bytes,
+                                    "reason": q.reason, "time": q.mtime} for q in found], indent=2))
+            return
+        if not found:
+            typer.echo("no quarantined batches")
+        for q in found:
+            when = _time.strftime("%Y-%m-%d %H:%M:%S", _time.localtime(q.mtime))
+            typer.echo(f"{q.kind:7} {q.rows if q.rows is not None else '?':>6} rows  {when}  {q.path}\n"
+                       f"        {q.reason or '(no reason recorded)'}")
+        return
+    if all_ == bool(files):
+        raise fail(f"{action}: name the files, or give --all")
+    wanted = found if all_ else [q for q in found if q.path in set(files or ()) or
+                                 os.path.basename(q.path) in set(files or ())]
+    missing = set(files or ()) - {q.path for q in wanted} - {os.path.basename(q.path) for q in wanted}
+    if missing:
+        raise fail(f"not a quarantined batch: {', '.join(sorted(missing))} (see `tagway db spool list`)")
+    for q in wanted:
+        try:
+            if action == "retry":
+                typer.echo(f"re-queued {requeue(q)}")
+            else:
+                purge(q)
+                typer.echo(f"purged {q.path} ({q.rows if q.rows is not None else '?'} rows deleted)")
+        except OSError as e:
+            raise fail(f"cannot {action} {q.path}: {e.strerror or e}") from None
+
+
 @db_app.command("migrate")
 def db_migrate(config: Optional[str] = ConfigOpt,
                dsn: Optional[str] = typer.Option(None, envvar="TAGWAY_DSN", help="Overrides the config's store."),

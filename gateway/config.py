@@ -132,6 +132,12 @@ class RecordingConfig(_Strict):
     batch_max_rows: int = Field(5000, ge=1)
     batch_max_seconds: float = Field(2.0, gt=0)  # big blocks: fewer parts for ClickHouse to merge
     queue_max: int = Field(50_000, ge=100)
+    # memory and disk are capped by bytes too: rows with big captured content are not interchangeable with small
+    queue_max_bytes: int = Field(256 << 20, ge=1 << 20)  # encoded spans in memory; past it, the oldest go to the spool
+    batch_max_bytes: int = Field(16 << 20, ge=64 << 10)  # one insert
+    spool_max_bytes: int = Field(5 << 30, ge=0)  # pending spool files (0: no cap)
+    spool_full: Literal["drop_oldest", "drop_newest"] = "drop_oldest"  # what goes when the spool is full (counted)
+    poison_attempts: int = Field(3, ge=1)  # refusals of a batch's rows before the refused rows are set aside
     service_name: str = "tagway"
     source: str = PRODUCTION_SOURCE  # tagway.source when the request does not say
 

@@ -40,6 +40,7 @@ class FlakyStore:
         self.gate = threading.Event()
         self.gate.set()
         self.inserted: list[int] = []
+        self.bodies: list[bytes] = []
         self.attempts = 0
 
     def insert_json_rows(self, table: str, body: bytes, settings: dict | None = None) -> None:
@@ -48,6 +49,7 @@ class FlakyStore:
         if self.down:
             raise StoreError("ClickHouse unreachable: [Errno 111] Connection refused (simulated)")
         self._store.insert_json_rows(table, body, settings=settings)
+        self.bodies.append(body)
         for line in body.splitlines():
             seq = orjson.loads(line)["SpanAttributes"].get("run.seq")
             if seq is not None:
@@ -332,3 +334,29 @@ def test_resending_a_batch_that_already_landed_does_not_duplicate(chdb_store: St
         assert rows[0][0] == 10
     finally:
         chdb_store.command(f"DROP TABLE IF EXISTS {table}")
+
+
+# -- byte caps (issue 19): rows with big captured content are not interchangeable with small ones -----------------
+def test_batches_and_the_memory_backlog_are_capped_in_bytes(chdb_dsn: str, chdb_store: Store, tmp_path) -> None:
+    flaky = FlakyStore(chdb_store)
+    flaky.gate.clear()  # the first insert hangs: the backlog must go to the spool by bytes, not wait for 50k rows
+    metrics = ExportMetrics()
+    exporter = ClickHouseSpanExporter(store=flaky, metrics=metrics, owns_store=False, schema_ready=True)
+    spool = Spool(str(tmp_path / "spool"), metrics=metrics, fsync=False)
+    proc = DurableBatchSpanProcessor(exporter, spool, metrics=metrics, batch_max_rows=5000, batch_max_seconds=0.05,
+                                     queue_max=50_000, batch_max_bytes=256 << 10, queue_max_bytes=1 << 20)
+    provider = TracerProvider()
+    provider.add_span_processor(proc)
+    tracer = provider.get_tracer("t")
+    run, blob = _run_id(), "x" * 20_000
+    for i in range(300):  # ~6 MB of rows, ~20 KB each
+        with tracer.start_as_current_span("chat m") as span:
+            span.set_attributes({"run.id": run, "run.seq": i, sc.KIND: "call", sc.INPUT_MESSAGES: blob})
+    assert _wait(lambda: metrics.get("spans_spooled") > 0, 20)  # spilled by bytes while the insert hangs
+    assert proc.queue_depth * 20_000 < 3 << 20  # what stays in memory is about the byte cap, not 300 rows
+    flaky.gate.set()
+    assert proc.force_flush(60_000)
+    assert _wait(lambda: _count(chdb_store, run) == (300, 300), 60)
+    assert flaky.bodies and all(len(b) <= (256 << 10) + 25_000 for b in flaky.bodies)  # inserts capped in bytes
+    provider.shutdown()
+    spool.close()

@@ -94,3 +94,43 @@ def test_one_process_per_spool_directory(tmp_path) -> None:
         Spool(str(tmp_path))
     sp.close()
     Spool(str(tmp_path)).close()
+
+
+@pytest.mark.parametrize("policy", ["drop_oldest", "drop_newest"])
+def test_the_spool_cap_drops_by_policy_counts_every_span_and_says_full(tmp_path, policy, caplog) -> None:
+    m = ExportMetrics()
+    one = len(_batch(0, rows=10).body) + 256
+    sp = Spool(str(tmp_path), metrics=m, max_bytes=3 * one + 100, on_full=policy)
+    names = [sp.write(_batch(i, rows=10)) for i in range(5)]
+    assert sp.full and m.get("spool_full") == 1 and "is full" in caplog.text
+    assert m.get("spans_dropped") == 20 and m.get("spans_spooled") == 50 - (20 if policy == "drop_newest" else 0)
+    kept = [sp.read(f).body for f in sp.pending()]
+    if policy == "drop_oldest":  # the newest three stayed
+        assert names[3:] == [f.name for f in sp.pending()][1:] and kept == [_batch(i, rows=10).body for i in (2, 3, 4)]
+    else:  # the first three stayed, the last two were refused
+        assert names[3:] == [None, None] and kept == [_batch(i, rows=10).body for i in (0, 1, 2)]
+    assert sp.pending_bytes <= sp.max_bytes
+    for f in sp.pending():  # drained: no longer full
+        sp.remove(f)
+    assert not sp.full and m.get("spool_full") == 0
+    sp.close()
+
+
+def test_a_batch_larger_than_the_cap_is_dropped_and_counted(tmp_path) -> None:
+    m = ExportMetrics()
+    sp = Spool(str(tmp_path), metrics=m, max_bytes=100)
+    assert sp.write(_batch(0, rows=50)) is None
+    assert m.get("spans_dropped") == 50 and sp.pending_files == 0
+    sp.close()
+
+
+def test_split_keeps_order_and_rows(tmp_path) -> None:
+    sp = Spool(str(tmp_path))
+    first = sp.write(_batch(0, rows=5))
+    second = sp.write(_batch(1, rows=2))
+    f = sp.pending()[0]
+    halves = sp.split(f, sp.read(f))
+    assert [h.name for h in sp.pending()] == [h.name for h in halves] + [second]
+    assert b"".join(sp.read(h).body for h in halves) == _batch(0, rows=5).body
+    assert [sp.read(h).rows for h in halves] == [2, 3] and not (tmp_path / first).exists()
+    sp.close()

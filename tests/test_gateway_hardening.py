@@ -226,3 +226,62 @@ def test_finding8_a_broken_keys_file_is_one_line_and_exit_2(tmp_path):
     keys.write_text("- id: ok\n  customer: acme\n  hash: sha256:00\n- id: bad\n  customer: acme\n  colour: red\n")
     r = g.cli("serve")
     assert r.returncode == 2 and f"{keys}:4: key #2: " in r.stderr and "Traceback" not in r.stderr
+
+
+def _poison_spool_file(spool_dir, service: str, good: int) -> None:
+    """A spool file as a crashed gateway would leave it: `good` valid call spans and one row ClickHouse refuses."""
+    from opentelemetry.sdk.resources import Resource  # noqa: PLC0415
+    from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: PLC0415
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: PLC0415
+
+    from exporters.rows import EncodedBatch, encode_spans  # noqa: PLC0415
+    from exporters.spool import Spool  # noqa: PLC0415
+
+    mem = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    provider.add_span_processor(SimpleSpanProcessor(mem))
+    tracer = provider.get_tracer("t")
+    for i in range(good + 1):
+        tracer.start_span(f"chat m{i}", attributes={"tagway.kind": "call", "tagway.customer": "acme"}).end()
+    lines = encode_spans(mem.get_finished_spans()).body.splitlines()
+    lines[good // 2] = lines[good // 2].replace(b'"Duration":', b'"Duration":"not a number","X":', 1)
+    body = b"\n".join(lines) + b"\n"
+    spool = Spool(str(spool_dir))
+    spool.write(EncodedBatch.of("otel_traces", body, len(lines)))
+    spool.close()
+
+
+def test_finding2_a_batch_clickhouse_refuses_is_set_aside_and_recording_goes_on(tmp_path):
+    service = "poison-test"
+    _poison_spool_file(tmp_path / "data" / "spool" / "worker-0", service, good=40)
+    with Upstream() as up:
+        config = {"admin_key_hash": hash_key(ADMIN),
+                  "models": [{"name": "gpt-test", "model": "ok-model", "provider": "openai", "base_url": up.base_url}],
+                  "tenants": [{"customer": "acme", "keys": [{"id": "acme-k", "hash": hash_key(KEYS["acme"])}]}]}
+        with GatewayProcess(tmp_path, config) as g:
+            traces = [chat(g, "acme").headers["x-tagway-trace-id"] for _ in range(5)]
+            for t in traces:  # recording goes on: the new calls are stored, not stuck behind the refused batch
+                g.call_row(t, ADMIN, timeout=60)
+            m = g.get("/metrics", ADMIN).text
+            assert metric(m, "tagway_spool_poison_files_total") == 1
+            assert metric(m, "tagway_spans_quarantined_total") == 1
+            kept = g.query("SELECT count() AS n FROM otel_traces WHERE ServiceName = {s:String}", ADMIN, s=service)
+            assert kept[0]["n"] == 40  # the refused row's 40 neighbours got through
+            listed = g.cli("db", "spool", "list", "--json")
+            assert listed.returncode == 0, listed.stderr
+            import json  # noqa: PLC0415
+            (q,) = json.loads(listed.stdout)
+            assert q["kind"] == "poison" and q["rows"] == 1 and "Code: " in q["reason"]
+            # re-queued, the gateway picks it up and (still refused) sets it aside again
+            assert g.cli("db", "spool", "retry", "--all").returncode == 0
+            assert json.loads(g.cli("db", "spool", "list", "--json").stdout) == []
+            deadline = time.monotonic() + 60
+            while not json.loads(g.cli("db", "spool", "list", "--json").stdout):
+                assert time.monotonic() < deadline, "the re-queued batch was not picked up"
+                time.sleep(1)
+            purged = g.cli("db", "spool", "purge", "--all")
+            assert purged.returncode == 0 and "1 rows deleted" in purged.stdout
+            assert g.cli("db", "spool", "list").stdout.strip() == "no quarantined batches"
+            bad = g.cli("db", "spool", "retry", "nope.poison")
+            assert bad.returncode == 2 and "not a quarantined batch: nope.poison" in bad.stderr
