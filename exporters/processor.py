@@ -45,6 +45,7 @@ from .metrics import ExportMetrics
 from .rows import EncodedBatch
 from .spool import Spool, SpoolFile
 from .store import StoreError
+from .wal import WriteAheadLog
 
 __all__ = ["DurableBatchSpanProcessor", "split_rows"]
 
@@ -79,7 +80,8 @@ class DurableBatchSpanProcessor(SpanProcessor):
                  batch_max_rows: int = 2000, batch_max_seconds: float = 1.0, queue_max: int = 50_000,
                  retry_min_seconds: float = 1.0, retry_max_seconds: float = 30.0,
                  shutdown_timeout_seconds: float = 30.0, poison_attempts: int = 3,
-                 batch_max_bytes: int = 16 << 20, queue_max_bytes: int = 256 << 20) -> None:
+                 batch_max_bytes: int = 16 << 20, queue_max_bytes: int = 256 << 20,
+                 wal: WriteAheadLog | None = None, flush_interval_seconds: float = 0.1) -> None:
         assert batch_max_rows > 0 and batch_max_seconds > 0, "batch limits must be positive"
         assert queue_max >= batch_max_rows, "queue_max must be at least batch_max_rows"
         self._exporter = exporter
@@ -98,6 +100,8 @@ class DurableBatchSpanProcessor(SpanProcessor):
         self._retry_max = retry_max_seconds
         self._shutdown_timeout = shutdown_timeout_seconds
         self._poison_attempts_max = max(1, poison_attempts)
+        self._wal = wal
+        self._flush_interval = flush_interval_seconds
         self._poison_attempts: dict[str, int] = {}  # spool file -> refusals that the rows may have caused
         self._rescan_at = 0.0  # monotonic: look for re-queued spool files no earlier than this
 
@@ -188,6 +192,8 @@ class DurableBatchSpanProcessor(SpanProcessor):
                       " spans directly", self._shutdown_timeout, len(self._spans) + self._encoded_rows)
         self._closed = True
         self._sweep()
+        if self._wal is not None and not stuck:
+            self._wal.close()  # everything is stored or spooled: the log goes
         if stuck:
             return  # closing the store would wait for the hanging insert; the process is going away anyway
         self._exporter.shutdown()
@@ -214,7 +220,9 @@ class DurableBatchSpanProcessor(SpanProcessor):
 
     # -- encoding ---------------------------------------------------------------------------------------------
     def _run_encoder(self) -> None:
-        interval = min(0.25, self._batch_max_seconds / 4)
+        # how long an ended span may wait to be encoded (and written to the write-ahead log, when there is one):
+        # the most a SIGKILL can lose
+        interval = min(self._flush_interval, self._batch_max_seconds / 4)
         while True:
             self._encode_wake.wait(interval)
             self._encode_wake.clear()
@@ -260,10 +268,14 @@ class DurableBatchSpanProcessor(SpanProcessor):
         if rows:  # big spans (captured content): encode fewer at a time, so a step holds a few MB at most
             self._chunk_rows_now = max(1, min(self._chunk_rows, _CHUNK_BYTES * rows // max(1, len(body))))
         if len(body) <= self._batch_max_bytes:
-            return [_Chunk(start, rows, body)]
-        chunks = [_Chunk(start + offset, k, part) for offset, k, part in split_rows(body, self._batch_max_bytes)]
-        with self._cv:  # each piece is tracked on its own (`start` stays in flight until the first is handled)
-            self._inflight.update(c.start for c in chunks)
+            chunks = [_Chunk(start, rows, body)]
+        else:
+            chunks = [_Chunk(start + offset, k, part) for offset, k, part in split_rows(body, self._batch_max_bytes)]
+            with self._cv:  # each piece is tracked on its own (`start` stays in flight until the first is handled)
+                self._inflight.update(c.start for c in chunks)
+        if self._wal is not None:
+            for c in chunks:
+                self._wal.chunk(c.start, c.rows, c.body)
         return chunks
 
     def _encode(self, spans: Sequence[ReadableSpan]) -> tuple[bytes, int]:
@@ -299,7 +311,14 @@ class DurableBatchSpanProcessor(SpanProcessor):
         return _Batch([c.start for c in chunks], EncodedBatch.of(self._exporter.table, body, rows),
                       self._spool.reserve())
 
+    def _formed(self, batch: _Batch) -> None:
+        """Note the batch's make-up before it goes anywhere, so a restart can rebuild it byte for byte."""
+        if self._wal is not None:
+            self._wal.batch(batch.seq, batch.starts)
+
     def _done(self, batch: _Batch) -> None:
+        if self._wal is not None:
+            self._wal.done(batch.starts)
         with self._cv:
             self._inflight.difference_update(batch.starts)
             self._cv.notify_all()
@@ -315,6 +334,7 @@ class DurableBatchSpanProcessor(SpanProcessor):
                 batch = self._form_batch()
             if batch is None:
                 return
+            self._formed(batch)
             try:
                 self._spool.write(batch.encoded, batch.seq)
             finally:
@@ -375,6 +395,7 @@ class DurableBatchSpanProcessor(SpanProcessor):
                 batch = self._form_batch() if wanted else None
             if batch is None:
                 return
+            self._formed(batch)
             try:
                 self._export_or_spool(batch, final=final)
             finally:

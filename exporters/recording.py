@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import importlib.metadata
 import logging
+import os
 from typing import Any, Mapping
 
 from opentelemetry import trace as trace_api
@@ -23,10 +24,14 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from .clickhouse import ClickHouseSpanExporter
 from .metrics import ExportMetrics
 from .processor import DurableBatchSpanProcessor
+from .rows import TABLE, EncodedBatch
 from .schema import SchemaSettings, migrate
 from .semconv import SCOPE_NAME
 from .spool import Spool
 from .store import Store, StoreError, StoreLockedError, connect, is_embedded, redact_dsn
+from .wal import WriteAheadLog, read_pending
+
+WAL_DIR = "wal"  # under the spool directory
 
 __all__ = ["Recorder", "RecordingLimits", "start_recording", "disabled_recorder", "DiscardingSpanProcessor"]
 
@@ -70,6 +75,8 @@ class RecordingLimits:
     spool_max_bytes: int = 5 << 30
     spool_full: str = "drop_oldest"
     poison_attempts: int = 3
+    write_ahead: bool = True  # encoded spans go to a write-ahead log within flush_interval_seconds of ending
+    flush_interval_seconds: float = 0.1
 
 
 def start_recording(*, dsn: str, spool_dir: str, schema: SchemaSettings | None = None,
@@ -94,6 +101,7 @@ def start_recording(*, dsn: str, spool_dir: str, schema: SchemaSettings | None =
     limits = limits if limits is not None else RecordingLimits()
     spool = Spool(spool_dir, metrics=metrics, max_bytes=limits.spool_max_bytes, on_full=limits.spool_full)
     try:
+        recover_wal(os.path.join(spool.directory, WAL_DIR), spool, schema.name(TABLE), limits.batch_max_bytes)
         store, schema_ready = _connect_and_migrate(dsn, store, schema, owns_store, spool_dir)
     except BaseException:
         spool.close()
@@ -107,7 +115,10 @@ def start_recording(*, dsn: str, spool_dir: str, schema: SchemaSettings | None =
                                               retry_max_seconds=retry_max_seconds,
                                               poison_attempts=limits.poison_attempts,
                                               batch_max_bytes=limits.batch_max_bytes,
-                                              queue_max_bytes=limits.queue_max_bytes)
+                                              queue_max_bytes=limits.queue_max_bytes,
+                                              wal=WriteAheadLog(os.path.join(spool.directory, WAL_DIR))
+                                              if limits.write_ahead else None,
+                                              flush_interval_seconds=limits.flush_interval_seconds)
     except BaseException:
         spool.close()
         if store is not None and owns_store:
@@ -117,6 +128,24 @@ def start_recording(*, dsn: str, spool_dir: str, schema: SchemaSettings | None =
     provider.add_span_processor(processor)
     return Recorder(tracer_provider=provider, tracer=_tracer(provider), metrics=metrics, processor=processor,
                     exporter=exporter, spool=spool, enabled=True)
+
+
+def recover_wal(directory: str, spool: Spool, table: str, max_bytes: int) -> int:
+    """Spool what a killed process had in its write-ahead log (exporters/wal.py), then remove the log. Returns the
+    rows recovered."""
+    batches, files = read_pending(directory, max_bytes)
+    rows = 0
+    for bodies, n in batches:
+        if spool.write(EncodedBatch.of(table, b"".join(bodies), n)) is None:
+            raise StoreError(f"cannot spool what the write-ahead log in {directory} holds; it is kept for the next"
+                             " start")
+        rows += n
+    for path in files:
+        os.unlink(path)
+    if rows:
+        log.warning("recovered %d spans from the write-ahead log of a process that did not stop cleanly; they are"
+                    " in the spool and will be sent", rows)
+    return rows
 
 
 def _connect_and_migrate(dsn: str, store: Store | None, schema: SchemaSettings, owns_store: bool,

@@ -144,7 +144,8 @@ def default_recorder(config: GatewayConfig) -> Any:
             service_name=r.service_name, enabled=r.enabled,
             limits=RecordingLimits(queue_max_bytes=r.queue_max_bytes, batch_max_bytes=r.batch_max_bytes,
                                    spool_max_bytes=r.spool_max_bytes, spool_full=r.spool_full,
-                                   poison_attempts=r.poison_attempts))
+                                   poison_attempts=r.poison_attempts, write_ahead=r.write_ahead,
+                                   flush_interval_seconds=r.flush_interval_ms / 1000))
 
     if not r.enabled:
         return start(s.resolved_spool())

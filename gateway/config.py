@@ -138,6 +138,9 @@ class RecordingConfig(_Strict):
     spool_max_bytes: int = Field(5 << 30, ge=0)  # pending spool files (0: no cap)
     spool_full: Literal["drop_oldest", "drop_newest"] = "drop_oldest"  # what goes when the spool is full (counted)
     poison_attempts: int = Field(3, ge=1)  # refusals of a batch's rows before the refused rows are set aside
+    # ended spans reach the write-ahead log within this: the most a SIGKILL or OOM kill can lose
+    flush_interval_ms: int = Field(100, ge=10, le=10_000)
+    write_ahead: bool = True
     service_name: str = "tagway"
     source: str = PRODUCTION_SOURCE  # tagway.source when the request does not say
 

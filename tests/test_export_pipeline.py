@@ -349,14 +349,16 @@ def test_batches_and_the_memory_backlog_are_capped_in_bytes(chdb_dsn: str, chdb_
     provider.add_span_processor(proc)
     tracer = provider.get_tracer("t")
     run, blob = _run_id(), "x" * 20_000
-    for i in range(300):  # ~6 MB of rows, ~20 KB each
+    for i in range(1000):  # ~20 MB of rows, ~20 KB each
         with tracer.start_as_current_span("chat m") as span:
             span.set_attributes({"run.id": run, "run.seq": i, sc.KIND: "call", sc.INPUT_MESSAGES: blob})
-    assert _wait(lambda: metrics.get("spans_spooled") > 0, 20)  # spilled by bytes while the insert hangs
-    assert proc.queue_depth * 20_000 < 3 << 20  # what stays in memory is about the byte cap, not 300 rows
+    # while the insert hangs, the backlog is spilled by bytes: what stays in memory is about the cap (1 MB, plus
+    # the chunk being encoded, at most ~4 MB), not 1,000 rows
+    assert _wait(lambda: metrics.get("spans_spooled") > 0 and proc.queue_depth * 20_000 < 6 << 20, 20)
+    assert metrics.get("queue_bytes") <= 5 << 20
     flaky.gate.set()
     assert proc.force_flush(60_000)
-    assert _wait(lambda: _count(chdb_store, run) == (300, 300), 60)
+    assert _wait(lambda: _count(chdb_store, run) == (1000, 1000), 60)
     assert flaky.bodies and all(len(b) <= (256 << 10) + 25_000 for b in flaky.bodies)  # inserts capped in bytes
     provider.shutdown()
     spool.close()

@@ -285,3 +285,52 @@ def test_finding2_a_batch_clickhouse_refuses_is_set_aside_and_recording_goes_on(
             assert g.cli("db", "spool", "list").stdout.strip() == "no quarantined batches"
             bad = g.cli("db", "spool", "retry", "nope.poison")
             assert bad.returncode == 2 and "not a quarantined batch: nope.poison" in bad.stderr
+
+
+def test_finding5_sigkill_loses_at_most_a_flush_interval(tmp_path):
+    """Acknowledged calls against stored rows after a SIGKILL mid-load. Batches are formed every 10 s here, so
+    without the write-ahead log everything since the last batch (all of it) would be lost."""
+    import signal  # noqa: PLC0415
+
+    config = {"admin_key_hash": hash_key(ADMIN), "recording": {"batch_max_seconds": 10, "flush_interval_ms": 100},
+              "models": [{"name": "m", "provider": "mock"}],
+              "tenants": [{"customer": "acme", "keys": [{"id": "acme-k", "hash": hash_key(KEYS["acme"])}]}]}
+    g = GatewayProcess(tmp_path, config).start()
+    acked: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(timeout=5) as c:
+            while not stop.is_set():
+                try:
+                    r = c.post(g.url + "/v1/chat/completions", headers={"authorization": f"Bearer {KEYS['acme']}"},
+                               json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+                except httpx.HTTPError:
+                    continue  # being killed under us
+                if r.status_code == 200:
+                    acked.append(r.headers["x-tagway-trace-id"])
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    t0 = time.monotonic()
+    [t.start() for t in threads]
+    time.sleep(4)
+    g.proc.send_signal(signal.SIGKILL)
+    g.proc.wait(10)
+    seconds = time.monotonic() - t0
+    stop.set()
+    [t.join(10) for t in threads]
+    assert len(acked) > 100
+    g.start()  # same data directory: the log is recovered into the spool and re-sent
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            rows = g.query("SELECT count() AS n FROM llm_calls WHERE trace_id IN {t:Array(String)}", ADMIN, t=acked)
+            lost = len(acked) - rows[0]["n"]
+            if lost <= 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    finally:
+        g.stop()
+    rate = len(acked) / seconds
+    # at most the flush interval's worth (100 ms) plus scheduling slack on a loaded machine
+    assert lost <= 0.3 * rate + 5, f"lost {lost} of {len(acked)} acknowledged calls ({rate:.0f}/s)"

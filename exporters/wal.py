@@ -1,0 +1,195 @@
+"""A write-ahead log of encoded spans, so a process killed without warning (SIGKILL, the OOM killer) loses at most
+the spans that ended in the last flush interval (~100 ms), not the batch it was filling (up to 2 s).
+
+The encoder appends each encoded chunk here before it joins the in-memory backlog; the sender notes each batch it
+forms (which chunks, in which order) before inserting it, and notes the chunks done once the batch is in ClickHouse
+or in the spool. Writes are plain `write()`s with no fsync: the page cache outlives the process, which is the
+failure this covers (a machine that loses power loses the page cache too; the spool's fsync covers spooled data).
+
+On start-up, `recover()` turns what a dead process left into spool files: every batch it had formed but not
+finished is rebuilt byte for byte (so if its insert did land before the kill, ClickHouse's deduplication token,
+the payload's sha256, drops the second copy), then the chunks it had not batched yet. Then the log starts afresh.
+
+Records (little-endian), one `write()` each:
+    b"D" start:u64 rows:u32 len:u32 crc32:u32 <len bytes>    a chunk of JSONEachRow rows (`start`: its first span)
+    b"B" seq:u64 n:u32 <n x u64 start>                          a batch formed from these chunks, in this order
+    b"F" n:u32 <n x u64 start>                                   these chunks are stored (ClickHouse or spool)
+A torn record at the end of a segment (the kill came mid-write) ends that segment's reading.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+import zlib
+from typing import Iterable, Iterator
+
+__all__ = ["WriteAheadLog", "read_pending"]
+
+log = logging.getLogger(__name__)
+
+_D = struct.Struct("<cQIII")
+_B = struct.Struct("<cQI")
+_F = struct.Struct("<cI")
+_U64 = struct.Struct("<Q")
+_PREFIX, _SUFFIX = "wal-", ".log"
+
+
+class WriteAheadLog:
+    def __init__(self, directory: str, *, segment_bytes: int = 64 << 20) -> None:
+        self.directory = directory
+        os.makedirs(directory, exist_ok=True)
+        self._segment_bytes = segment_bytes
+        self._lock = threading.Lock()
+        self._seg = max((_segment_no(n) for n in os.listdir(directory) if _segment_no(n) is not None), default=-1)
+        self._fd = -1
+        self._size = 0
+        self._pending: dict[int, set[int]] = {}  # segment -> chunk starts written there and not yet done
+        self._where: dict[int, int] = {}  # chunk start -> segment
+        self._open_next()
+
+    # -- the three records ------------------------------------------------------------------------------------
+    def chunk(self, start: int, rows: int, body: bytes) -> None:
+        rec = _D.pack(b"D", start, rows, len(body), zlib.crc32(body)) + body
+        with self._lock:
+            if self._fd < 0:
+                return  # closed: shutdown's last sweep goes straight to the spool
+            self._write(rec)
+            self._pending[self._seg].add(start)
+            self._where[start] = self._seg
+            if self._size >= self._segment_bytes:
+                self._open_next()
+
+    def batch(self, seq: int, starts: Iterable[int]) -> None:
+        starts = list(starts)
+        with self._lock:
+            self._write(_B.pack(b"B", seq, len(starts)) + b"".join(_U64.pack(s) for s in starts))
+
+    def done(self, starts: Iterable[int]) -> None:
+        starts = list(starts)
+        with self._lock:
+            self._write(_F.pack(b"F", len(starts)) + b"".join(_U64.pack(s) for s in starts))
+            for s in starts:
+                seg = self._where.pop(s, None)
+                if seg is not None:
+                    self._pending[seg].discard(s)
+            for seg in [g for g, left in self._pending.items() if not left and g != self._seg]:
+                self._drop(seg)  # every chunk in it is stored: nothing to recover from it
+
+    def close(self) -> None:
+        """At a clean stop: the log goes when everything in it is done (else it stays, for the next start)."""
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+            for seg in [g for g, left in self._pending.items() if not left]:
+                self._drop(seg)
+
+    # -- internals --------------------------------------------------------------------------------------------
+    def _write(self, rec: bytes) -> None:
+        if self._fd < 0:
+            return  # closed: shutdown's last sweep goes straight to the spool
+        try:
+            n = os.write(self._fd, rec)
+            while n < len(rec):  # a short write (rare on a regular file): finish it
+                n += os.write(self._fd, rec[n:])
+            self._size += len(rec)
+        except OSError as e:  # the log is a safety net: a full disk must not stop recording
+            log.error("write-ahead log %s: write failed (%s); spans of the next moments are protected only once"
+                      " they are batched", self.directory, e.strerror or e)
+
+    def _open_next(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            if not self._pending.get(self._seg):
+                self._drop(self._seg)
+        self._seg += 1
+        self._fd = os.open(os.path.join(self.directory, f"{_PREFIX}{self._seg:08d}{_SUFFIX}"),
+                           os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._size = 0
+        self._pending[self._seg] = set()
+
+    def _drop(self, seg: int) -> None:
+        self._pending.pop(seg, None)
+        try:
+            os.unlink(os.path.join(self.directory, f"{_PREFIX}{seg:08d}{_SUFFIX}"))
+        except OSError:
+            pass
+
+
+def _segment_no(name: str) -> int | None:
+    if name.startswith(_PREFIX) and name.endswith(_SUFFIX) and name[len(_PREFIX):-len(_SUFFIX)].isdigit():
+        return int(name[len(_PREFIX):-len(_SUFFIX)])
+    return None
+
+
+def _records(data: bytes) -> Iterator[tuple]:
+    pos = 0
+    while pos < len(data):
+        kind = data[pos:pos + 1]
+        try:
+            if kind == b"D":
+                _, start, rows, size, crc = _D.unpack_from(data, pos)
+                body = data[pos + _D.size:pos + _D.size + size]
+                if len(body) < size or zlib.crc32(body) != crc:
+                    return
+                yield ("D", start, rows, body)
+                pos += _D.size + size
+            elif kind == b"B":
+                _, seq, n = _B.unpack_from(data, pos)
+                end = pos + _B.size + 8 * n
+                if end > len(data):
+                    return
+                yield ("B", seq, [_U64.unpack_from(data, pos + _B.size + 8 * i)[0] for i in range(n)])
+                pos = end
+            elif kind == b"F":
+                _, n = _F.unpack_from(data, pos)
+                end = pos + _F.size + 8 * n
+                if end > len(data):
+                    return
+                yield ("F", [_U64.unpack_from(data, pos + _F.size + 8 * i)[0] for i in range(n)])
+                pos = end
+            else:
+                return
+        except struct.error:  # a header cut short
+            return
+
+
+def read_pending(directory: str, max_bytes: int = 16 << 20) -> tuple[list[tuple[list[bytes], int]], list[str]]:
+    """What a dead process left: the batches to spool, in order, each as (chunk bodies, rows), chunks it had not
+    batched yet grouped up to `max_bytes`; and the segment files read (to delete once those are spooled)."""
+    if not os.path.isdir(directory):
+        return [], []
+    files = sorted((n for n in os.listdir(directory) if _segment_no(n) is not None), key=_segment_no)
+    chunks: dict[int, tuple[int, bytes]] = {}
+    batches: list[tuple[int, list[int]]] = []
+    done: set[int] = set()
+    for name in files:
+        with open(os.path.join(directory, name), "rb") as f:
+            data = f.read()
+        for rec in _records(data):
+            if rec[0] == "D":
+                chunks[rec[1]] = (rec[2], rec[3])
+            elif rec[0] == "B":
+                batches.append((rec[1], rec[2]))
+            else:
+                done.update(rec[1])
+    out: list[tuple[list[bytes], int]] = []
+    for _seq, starts in sorted(batches):
+        if starts and all(s in chunks and s not in done for s in starts):
+            out.append(([chunks[s][1] for s in starts], sum(chunks[s][0] for s in starts)))
+            done.update(starts)
+    group: list[int] = []
+    size = 0
+    for s in sorted(chunks):
+        if s in done:
+            continue
+        if group and size + len(chunks[s][1]) > max_bytes:
+            out.append(([chunks[g][1] for g in group], sum(chunks[g][0] for g in group)))
+            group, size = [], 0
+        group.append(s)
+        size += len(chunks[s][1])
+    if group:
+        out.append(([chunks[g][1] for g in group], sum(chunks[g][0] for g in group)))
+    return out, [os.path.join(directory, n) for n in files]
