@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from exporters.vocabulary import parse_dimension, parse_duration, parse_filter, validate_tag_key
 from exporters.yamlfile import YamlFileError, load_mapping
 
+from .evaluators import EvaluatorSpec
+
 __all__ = [
     "SpecError", "Sampling", "SliceSpec", "PromptSpec", "Candidate", "Baseline", "EvaluatorSpec", "Gating",
     "ReplaySpec", "load_spec", "load_spec_data", "apply_overrides", "parse_spec",
@@ -186,38 +188,6 @@ class Baseline(_Model):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
-class EvaluatorSpec(BaseModel):
-    """One check, promptfoo-style: `type` (any type negated by a `not-` prefix), `value`, `threshold`, `weight`.
-    Type-specific options (rubric, judge_version, model, method, ...) are kept as extra fields."""
-    model_config = ConfigDict(extra="allow")
-    type: str
-    value: Any = None
-    threshold: float | None = None
-    weight: float = Field(1.0, ge=0)
-    metric: str | None = None  # a name for the evaluator in reports and tag rules (default: its type)
-
-    @field_validator("type")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        from .evaluators import HANDLERS, base_type
-        if base_type(v) not in HANDLERS:
-            raise ValueError(f"unknown evaluator type {v!r} (known: {', '.join(sorted(HANDLERS))}; any with not-)")
-        return v
-
-    @model_validator(mode="after")
-    def _per_type(self) -> "EvaluatorSpec":
-        from .evaluators import check_spec
-        check_spec(self)
-        return self
-
-    @property
-    def name(self) -> str:
-        return self.metric or self.type
-
-    def option(self, key: str, default: Any = None) -> Any:
-        return (self.model_extra or {}).get(key, default)
-
-
 class Gating(_Model):
     metric: Literal["pass_rate"] = "pass_rate"
     aggregate: Literal["min_segment", "mean"] = "min_segment"
@@ -256,8 +226,7 @@ class ReplaySpec(_Model):
 
     @property
     def judge_version(self) -> str:
-        return ",".join(sorted({str(e.option("judge_version")) for e in self.evaluators
-                                if e.type.removeprefix("not-") == "llm_judge"}))
+        return ",".join(sorted({str(e.option("judge_version")) for e in self.evaluators if e.kind == "llm_judge"}))
 
 
 def _one_line(e: ValidationError, source: str) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 import textwrap
 
@@ -58,6 +59,47 @@ def test_json_valid_rejects_invalid_and_schema_reports_where():
     assert not r.passed and "not valid JSON" in r.reason
     r = run(ev(type="json_schema", value={"properties": {"amount": {"type": "string"}}}), CTX)
     assert not r.passed and r.reason.startswith("schema: amount:") and r.fields == {"schema_errors": 1}
+
+
+@pytest.mark.parametrize("output,expected", [
+    ('Here is the order: {"id": "A1", "amount": 5} as requested.', True),
+    ('```json\n[{"id": "A1"}]\n```', True),
+    ('{"id": "A1"}', True),
+    ("{not json} but then {\"ok\": true}", True),
+    ('a brace { alone, a "quoted" word and the number 42', False),
+    ("[1, 2, 3] is a list, not an object", False),
+    ("no json here", False),
+])
+def test_contains_json_finds_a_json_object_anywhere(output, expected):
+    """promptfoo's contains-json: a JSON object appears somewhere in the text (is-json is the whole text)."""
+    r = run(ev(type="contains-json"), EvalContext(output=output))
+    assert r.passed is expected, r.reason
+    whole = run(ev(type="is-json"), EvalContext(output=output))
+    assert whole.passed is (output == '{"id": "A1"}')
+
+
+def test_contains_json_with_a_schema_needs_one_matching_object():
+    schema = {"type": "object", "required": ["amount"]}
+    r = run(ev(type="contains-json", value=schema), EvalContext(output='first {"id": 1} then {"amount": 5}'))
+    assert r.passed and r.fields == {"json_values": 2, "schema_errors": 0}
+    r = run(ev(type="contains-json", value=schema), EvalContext(output='only {"id": 1}'))
+    assert not r.passed and "amount" in r.reason
+    assert run(ev(type="not-contains-json"), EvalContext(output="plain prose")).passed
+
+
+def test_every_evaluator_validates_its_own_options():
+    """The registry: each type (and its promptfoo spelling) answers for its own spec checks."""
+    from replay.evaluators import REGISTRY
+    assert REGISTRY["llm-rubric"] is REGISTRY["llm_judge"] and REGISTRY["is-json"] is REGISTRY["json_valid"]
+    assert REGISTRY["contains-json"] is not REGISTRY["json_valid"]
+    for spec, message in [(dict(type="similar", method="cosine"), "similar.method must be ratio or jaccard"),
+                          (dict(type="tool_call_match", arguments="fuzzy"), "tool_call_match.arguments"),
+                          (dict(type="not-cost"), "not-cost needs a threshold (max usd)"),
+                          (dict(type="llm-rubric", value="r", judge_version="1"), "llm_judge needs a model"),
+                          (dict(type="icontains"), "icontains needs a value")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            ev(**spec)
+    assert ev(type="llm-rubric", value="r", model="j", judge_version="1").kind == "llm_judge"
 
 
 def test_similar_score_and_fields():
