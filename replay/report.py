@@ -9,7 +9,7 @@ left out of n and the pass rates, counted in their own `errored` column, and mak
 from __future__ import annotations
 
 import dataclasses
-import html
+import functools
 import io
 from typing import Any, Iterable, Sequence
 
@@ -301,84 +301,49 @@ def render_json(r: Report) -> str:
 
 # -- html ---------------------------------------------------------------------------------------------------------
 
-_CSS = """body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem;color:#1d1d1f}
-h1{font-size:1.3rem}h2{font-size:1.1rem;margin-top:2rem}table{border-collapse:collapse;margin:.5rem 0}
-th,td{padding:.25rem .7rem;border-bottom:1px solid #ddd;text-align:right}th:first-child,td:first-child{text-align:left}
-tr.failing td{background:#fde8e8;color:#9b1c1c;font-weight:600}tr.low-confidence td{color:#8a6d00;background:#fffbea}
-tr.mean td{font-weight:700;border-top:2px solid #333}.verdict.passed{color:#046c4e}.verdict.failed{color:#9b1c1c}
-.muted{color:#666}svg text{font:12px system-ui,sans-serif}"""
+@functools.cache
+def _templates() -> Any:
+    import jinja2
+    # autoescape on: segment values, candidate names and reasons come from traffic and specs
+    return jinja2.Environment(loader=jinja2.PackageLoader("replay", "templates"), autoescape=True,
+                              trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
 
 
-def _svg_chart(c: CandidateReport, threshold: float) -> str:
-    rows = c.rows
-    label_w, bar_w, row_h = 190, 420, 34
-    height = 30 + row_h * len(rows) + 10
-    width = label_w + bar_w + 70
-    x = lambda v: label_w + v * bar_w  # noqa: E731
-    e = html.escape
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-             f'aria-label="pass rate per segment, {e(c.candidate)}">',
-             f'<text x="{label_w}" y="14" fill="#666">0</text><text x="{label_w + bar_w - 8}" y="14" fill="#666">1</text>',
-             '<rect x="{0}" y="6" width="10" height="10" fill="#9ca3af"/><text x="{1}" y="15">baseline</text>'.format(
-                 label_w + 30, label_w + 44),
-             '<rect x="{0}" y="6" width="10" height="10" fill="#2563eb"/><text x="{1}" y="15">candidate</text>'.format(
-                 label_w + 110, label_w + 124)]
-    for i, row in enumerate(rows):
-        y = 24 + i * row_h
-        colour = "#dc2626" if row.failing else "#d97706" if row.low_confidence else "#2563eb"
-        parts.append(f'<g class="seg" data-segment="{e(row.segment)}"><title>{e(row.segment)}: n={row.n}, before '
-                     f'{_rate(row.before)}, after {_after(row)}, delta {_delta(row.delta)}, '
-                     f'errored {e(_errored(row))}</title>')
-        parts.append(f'<text x="{label_w - 8}" y="{y + 18}" text-anchor="end">{e(row.segment[:28])}</text>')
-        if row.before is not None:
-            parts.append(f'<rect x="{label_w}" y="{y + 3}" width="{row.before * bar_w:.1f}" height="11" fill="#9ca3af"/>')
-        parts.append(f'<rect x="{label_w}" y="{y + 15}" width="{row.after * bar_w:.1f}" height="11" fill="{colour}"/>')
+def _chart(c: CandidateReport, threshold: float) -> dict:
+    """Geometry of the inline SVG: per segment a baseline bar, a candidate bar and its Wilson interval."""
+    left, bar_w, row_h = 190, 420, 34
+    bars = []
+    for i, row in enumerate(c.rows):
         lo, hi = row.after_ci
-        parts.append(f'<line x1="{x(lo):.1f}" x2="{x(hi):.1f}" y1="{y + 20.5}" y2="{y + 20.5}" stroke="#111" '
-                     f'stroke-width="1.2"/>')
-        parts.append(f'<text x="{label_w + bar_w + 6}" y="{y + 25}">{_rate(row.after)}</text></g>')
-    tx = x(threshold)
-    parts.append(f'<line x1="{tx:.1f}" x2="{tx:.1f}" y1="20" y2="{height - 6}" stroke="#dc2626" '
-                 f'stroke-dasharray="4 3"><title>threshold {threshold:g}</title></line>')
-    parts.append("</svg>")
-    return "".join(parts)
+        bars.append({"row": row, "y": 24 + i * row_h, "before": _rate(row.before), "after": _rate(row.after),
+                     "delta": _delta(row.delta), "errored": _errored(row),
+                     "before_w": None if row.before is None else row.before * bar_w, "after_w": row.after * bar_w,
+                     "ci_x1": left + lo * bar_w, "ci_x2": left + hi * bar_w,
+                     "colour": "#dc2626" if row.failing else "#d97706" if row.low_confidence else "#2563eb"})
+    return {"left": left, "bar_w": bar_w, "width": left + bar_w + 70, "height": 30 + row_h * len(c.rows) + 10,
+            "bars": bars, "threshold": f"{threshold:g}", "threshold_x": left + threshold * bar_w}
+
+
+def _table_row(row: SegmentRow, classes: str, mark: str) -> dict:
+    bci = f"{row.before_ci[0]:.3f}–{row.before_ci[1]:.3f}" if row.before_ci else "—"
+    return {"row": row, "classes": classes, "before": _rate(row.before), "after": _after(row),
+            "delta": _delta(row.delta), "before_ci": bci, "after_ci": _after_ci(row), "errored": _errored(row),
+            "mark": mark}
 
 
 def render_html(r: Report) -> str:
-    e = html.escape
-    body = [f"<h1>tagway replay <code>{e(r.run_id)}</code></h1>",
-            f'<p class="verdict {r.verdict}" id="verdict"><strong>Gate {e(r.verdict.upper() + _not_final(r))}'
-            '</strong> — '
-            f'{e(_gate_line(r))}</p>',
-            f'<p class="muted">segments by {e(", ".join(r.segment_by))}; baseline {e(r.baseline_mode)}; '
-            f'run {e(r.status)}; {r.n_cases} cases; {r.errored} errored</p>']
+    """A self-contained page (inline CSS and SVG, no CDN) from replay/templates/report.html.j2."""
+    candidates = []
     for c in r.candidates:
-        body.append(f'<section class="candidate" data-candidate="{e(c.candidate)}"><h2>{e(_title(c))}: '
-                    f'{e(c.verdict.status)}</h2>')
-        body.append(_svg_chart(c, float(r.gating.get("threshold", 0))))
-        body.append("<table><thead><tr><th>segment</th><th>n</th><th>before</th><th>after</th><th>delta</th>"
-                    "<th>95% CI before</th><th>95% CI after</th><th>errored</th><th></th></tr></thead><tbody>")
-        for row in c.rows:
-            cls = " ".join(x for x in ("failing" if row.failing else "", "low-confidence" if row.low_confidence
-                                       else "") if x)
-            bci = f"{row.before_ci[0]:.3f}–{row.before_ci[1]:.3f}" if row.before_ci else "—"
-            body.append(f'<tr class="{cls}" data-segment="{e(row.segment)}"><td>{e(row.segment)}</td><td>{row.n}</td>'
-                        f"<td>{_rate(row.before)}</td><td>{_after(row)}</td><td>{_delta(row.delta)}</td>"
-                        f"<td>{bci}</td><td>{_after_ci(row)}</td><td class=\"errored\">{e(_errored(row))}</td>"
-                        f"<td>{e(_mark(row))}</td></tr>")
-        o = c.overall
-        body.append(f'<tr class="mean{" failing" if o.failing else ""}"><td>{e(o.segment)}</td><td>{o.n}</td>'
-                    f"<td>{_rate(o.before)}</td><td>{_after(o)}</td><td>{_delta(o.delta)}</td><td></td>"
-                    f"<td>{_after_ci(o)}</td><td class=\"errored\">{e(_errored(o))}</td><td></td></tr></tbody></table>")
-        body.append(f'<p class="muted">cost ${c.cost_usd:.4f}</p></section>')
-    body.append(f'<h2>Verdict: <span class="verdict {r.verdict}">{e(r.verdict.upper())}</span></h2><ul id="reasons">')
-    body += [f"<li>{e(x)}</li>" for x in r.reasons]
-    if r.skipped:
-        body.append("<li>skipped: " + e("; ".join(f"{n} {why}" for why, n in r.skipped.items())) + "</li>")
-    body += [f"<li>note: {e(x)}</li>" for x in r.notes]
-    body.append("</ul>")
-    return ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>tagway replay "
-            f"{e(r.run_id)}</title><style>{_CSS}</style></head><body>" + "\n".join(body) + "</body></html>\n")
+        rows = [_table_row(row, " ".join(x for x in ("failing" if row.failing else "",
+                                                     "low-confidence" if row.low_confidence else "") if x),
+                           _mark(row)) for row in c.rows]
+        overall = _table_row(c.overall, "mean failing" if c.overall.failing else "mean", "")
+        candidates.append({"report": c, "title": _title(c), "rows": rows, "overall": overall,
+                           "chart": _chart(c, float(r.gating.get("threshold", 0)))})
+    skipped = "; ".join(f"{n} {why}" for why, n in r.skipped.items())
+    return _templates().get_template("report.html.j2").render(
+        r=r, candidates=candidates, gate_line=_gate_line(r), not_final=_not_final(r), skipped=skipped)
 
 
 FORMATS = {"table": render_terminal, "md": render_markdown, "json": render_json, "html": render_html}
