@@ -3,6 +3,7 @@ request body, retries, bounded concurrency, the cost budget, resume, unknown mod
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 import orjson
@@ -232,6 +233,28 @@ def test_in_process_mode_imports_the_app_by_name_and_runs_its_lifespan():
     assert (r.status, r.replay_trace_id, r.cost_usd) == ("passed", "inproc", 0.5)
     with pytest.raises(FatalRunError, match="in-process mode needs nowhere.app:create_app"):
         asyncio.run(_missing_app())
+
+
+class FailingGateway:
+    """An app whose start-up fails the way the gateway's does (a `lifespan.startup.failed` message, then return)."""
+
+    async def __call__(self, scope, receive, send):
+        await receive()
+        await send({"type": "lifespan.startup.failed", "message": "store ./tagway-data is locked"})
+
+
+def test_in_process_startup_failure_is_reported_at_once_with_the_apps_message():
+    """The ASGI lifespan spec's `startup.failed` must end the run with the app's reason. (asgi-lifespan 2.1.0 was
+    tried here: it ignores that message and raises a bare TimeoutError after its startup timeout, 5 s by default,
+    so the runner keeps its own 30-line lifespan driver.)"""
+    async def go():
+        async with gateway_client(in_process=True, app_ref=f"{__name__}:FailingGateway"):
+            pass
+
+    t0 = time.monotonic()
+    with pytest.raises(FatalRunError, match="the in-process gateway failed to start: store ./tagway-data is locked"):
+        asyncio.run(go())
+    assert time.monotonic() - t0 < 2
 
 
 async def _missing_app():
