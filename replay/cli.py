@@ -1,7 +1,8 @@
 """`tagway replay ...`: the gateway's CLI loads `register` through the entry-point group "tagway.cli", so the
 gateway never imports replay. `python -m replay` runs the same commands on their own.
 
-Exit codes: 0 gate passed, 1 gate failed, 2 bad spec or input (one line, no traceback), 3 run incomplete.
+Exit codes (replay.gate.verdicts): 0 gate passed, 1 a regression, 2 bad spec or input (one line, no traceback),
+3 run incomplete, 4 inconclusive (with `gating.inconclusive: block`, the default; `pass` makes it 0).
 """
 from __future__ import annotations
 
@@ -15,13 +16,12 @@ from typing import Iterator, List, Optional
 import typer
 
 from .datasets import DatasetError
+from .gate import EXIT_BAD_INPUT, EXIT_INCOMPLETE
 from .runner import FatalRunError
 from .slice import EmptySliceError
-from .spec import SpecError, apply_overrides, load_spec_data, parse_spec
+from .spec import LEGACY_GATING_HELP, SpecError, apply_overrides, load_spec_data, parse_spec
 
 __all__ = ["replay_app", "register", "main"]
-
-EXIT_PASSED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INCOMPLETE = 0, 1, 2, 3
 
 replay_app = typer.Typer(help="Replay tagged slices of real traffic against candidates; report and gate per segment.",
                          no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -86,7 +86,7 @@ def _api_key(flag: Optional[str]) -> str:
 def _check_output(fmt: str, out: Optional[Path]) -> None:
     """--format and --out are checked before the store is opened or any call is paid for."""
     from .datasets import check_writable
-    from .report import FORMATS
+    from .render import FORMATS
     if fmt not in FORMATS:
         raise SpecError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
     if out is not None:
@@ -94,6 +94,20 @@ def _check_output(fmt: str, out: Optional[Path]) -> None:
             check_writable(out, "--out")
         except DatasetError as e:
             raise SpecError(str(e)) from None
+
+
+def _gate_flags(alpha: Optional[float], margin: Optional[float], inconclusive: Optional[str],
+                errors: Optional[str]) -> dict:
+    return {"alpha": alpha, "margin": margin, "inconclusive": inconclusive, "errors": errors}
+
+
+def _no_old_flags(**given: object) -> None:
+    old = {"gate_aggregate": "--gate-aggregate", "threshold": "--threshold", "max_drop": "--max-drop",
+           "min_cases": "--min-cases-per-segment"}
+    used = [old[k] for k, v in given.items() if v is not None]
+    if used:
+        hint = " (--margin replaces --max-drop)" if "--max-drop" in used else ""
+        raise SpecError(f"{', '.join(used)}: no longer used{hint}: {LEGACY_GATING_HELP}")
 
 
 def _check_limits(max_cost: Optional[float], concurrency: Optional[int]) -> None:
@@ -106,27 +120,33 @@ def _check_limits(max_cost: Optional[float], concurrency: Optional[int]) -> None
 
 def _emit(report, fmt: str, out: Optional[Path]) -> None:
     from rich.console import Console
-    from .report import render, render_terminal
+    from .render import render, render_terminal
     if out is not None:
         try:
             out.write_text(render(report, fmt), encoding="utf-8")
         except OSError as e:
             raise _fail(f"cannot write the report to {out}: {e.strerror or e} (the run is stored: "
                         f"`tagway replay report {report.run_id} --out FILE` writes it again)") from None
-        render_terminal(report, Console())
+        render_terminal(report, _console(Console))
         typer.echo(f"report written to {out}", err=True)
     elif fmt == "table":
-        render_terminal(report, Console())
+        render_terminal(report, _console(Console))
     else:
         sys.stdout.write(render(report, fmt))
     if report.status != "complete":
         typer.echo(_incomplete_line(report), err=True)
 
 
+def _console(console_cls):
+    """The terminal's width on a terminal; 160 columns in CI logs and pipes, which do not wrap (Rich would squeeze
+    the table into 80)."""
+    return console_cls() if sys.stdout.isatty() else console_cls(width=160)
+
+
 def _incomplete_line(report) -> str:
     """What exit 3 means for this run and what finishes it."""
     rid = report.run_id
-    if report.errored:
+    if report.errored and report.gating.get("errors") == "exclude":
         return (f"run {rid} incomplete: {report.errored} errored case result(s) not counted; "
                 f"`tagway replay resume {rid}` retries them")
     return f"run {rid} incomplete: `tagway replay resume {rid}` runs the rest (--max-cost raises the budget)"
@@ -139,6 +159,13 @@ DsnOpt = typer.Option(None, "--dsn", help="ClickHouse DSN (default: env TAGWAY_D
 ConfigOpt = typer.Option(None, "--config", "-c", help="Gateway config file whose storage to open (env TAGWAY_CONFIG).")
 KeyOpt = typer.Option(None, "--api-key", help="Gateway key (env TAGWAY_API_KEY or TAGWAY_ADMIN_KEY).")
 FormatOpt = typer.Option("table", "--format", "-f", help="table | md | json | html")
+AlphaOpt = typer.Option(None, "--alpha", help="Chance the gate calls any segment a regression when none got worse, "
+                        "in (0, 0.5) (default 0.05).")
+MarginOpt = typer.Option(None, "--margin", help="The drop a segment may show before it counts (default 0.05).")
+InconclusiveOpt = typer.Option(None, "--inconclusive", help="block: exit 4 (default) | pass: exit 0, listed.")
+ErrorsOpt = typer.Option(None, "--errors", help="fail: an errored result is a failed case (default) | exclude.")
+# the flags of the gate the paired gate replaced: hidden, and a clear error when used
+_OLD = {"hidden": True}
 OutOpt = typer.Option(None, "--out", "-o", help="Write the report in --format to this file.")
 
 
@@ -153,10 +180,16 @@ def run_cmd(
     limit: Optional[int] = typer.Option(None, "--limit"),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Replay a pinned dataset (id or JSONL file)."),
     candidate_model: Optional[List[str]] = typer.Option(None, "--candidate-model"),
-    gate_aggregate: Optional[str] = typer.Option(None, "--gate-aggregate", help="min_segment | mean"),
-    threshold: Optional[float] = typer.Option(None, "--threshold"),
-    max_drop: Optional[float] = typer.Option(None, "--max-drop"),
-    min_cases: Optional[int] = typer.Option(None, "--min-cases-per-segment"),
+    alpha: Optional[float] = AlphaOpt, margin: Optional[float] = MarginOpt,
+    inconclusive: Optional[str] = InconclusiveOpt, errors: Optional[str] = ErrorsOpt,
+    escalate: Optional[bool] = typer.Option(None, "--escalate/--no-escalate", help="Draw more production cases "
+                                            "for the segments the first sample cannot decide (gating.escalation)."),
+    escalation_max_cases: Optional[int] = typer.Option(None, "--escalation-max-cases",
+                                                       help="Extra cases escalation may draw in all."),
+    gate_aggregate: Optional[str] = typer.Option(None, "--gate-aggregate", **_OLD),
+    threshold: Optional[float] = typer.Option(None, "--threshold", **_OLD),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", **_OLD),
+    min_cases: Optional[int] = typer.Option(None, "--min-cases-per-segment", **_OLD),
     max_cost: Optional[float] = typer.Option(None, "--max-cost", help="USD budget for the run."),
     concurrency: Optional[int] = typer.Option(None, "--concurrency"),
     fmt: str = FormatOpt, out: Optional[Path] = OutOpt, gateway: Optional[str] = GatewayOpt,
@@ -171,12 +204,14 @@ def run_cmd(
     from .pipeline import RunOptions, new_run_id, start_run
     with _user_errors():
         _check_output(fmt, out)
+        _no_old_flags(gate_aggregate=gate_aggregate, threshold=threshold, max_drop=max_drop, min_cases=min_cases)
         if run_id is not None:
             validate_run_id(run_id)
         data = apply_overrides(load_spec_data(spec), customer=customer, intent=intent, tags=tag, since=since,
                                segment_by=segment_by, limit=limit, dataset=dataset, candidate_models=candidate_model,
-                               gate_aggregate=gate_aggregate, threshold=threshold, max_drop=max_drop,
-                               min_cases=min_cases, max_cost=max_cost, concurrency=concurrency)
+                               gating=_gate_flags(alpha, margin, inconclusive, errors),
+                               escalation={"enabled": escalate, "max_cases": escalation_max_cases},
+                               max_cost=max_cost, concurrency=concurrency)
         parsed = parse_spec(data, str(spec))
         spec_dir = spec.resolve().parent
         sys.path[:0] = [str(spec_dir), os.getcwd()]  # `python` evaluators: module:function beside the spec
@@ -230,27 +265,30 @@ def report_cmd(
     run_id: str = typer.Argument(...),
     fmt: str = FormatOpt, out: Optional[Path] = OutOpt, dsn: Optional[str] = DsnOpt,
     config: Optional[Path] = ConfigOpt,
-    gate_aggregate: Optional[str] = typer.Option(None, "--gate-aggregate"),
-    threshold: Optional[float] = typer.Option(None, "--threshold"),
-    max_drop: Optional[float] = typer.Option(None, "--max-drop"),
-    min_cases: Optional[int] = typer.Option(None, "--min-cases-per-segment"),
+    alpha: Optional[float] = AlphaOpt, margin: Optional[float] = MarginOpt,
+    inconclusive: Optional[str] = InconclusiveOpt, errors: Optional[str] = ErrorsOpt,
+    gate_aggregate: Optional[str] = typer.Option(None, "--gate-aggregate", **_OLD),
+    threshold: Optional[float] = typer.Option(None, "--threshold", **_OLD),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", **_OLD),
+    min_cases: Optional[int] = typer.Option(None, "--min-cases-per-segment", **_OLD),
 ) -> None:
-    """Rebuild the report of a run from ClickHouse (optionally re-gated with other settings)."""
-    from .pipeline import report_for
+    """Rebuild the report of a run from ClickHouse (optionally re-gated with another alpha, margin, ...)."""
+    from .pipeline import GateState, report_for
     from .store import get_run
     with _user_errors():
         _check_output(fmt, out)
+        _no_old_flags(gate_aggregate=gate_aggregate, threshold=threshold, max_drop=max_drop, min_cases=min_cases)
         store = _store(dsn, config)
         run = get_run(store, run_id)
         if run is None:
             raise SpecError(f"no replay run {run_id!r}")
-        data = apply_overrides(run.spec, gate_aggregate=gate_aggregate, threshold=threshold, max_drop=max_drop,
-                               min_cases=min_cases)
+        data = apply_overrides(run.spec, gating=_gate_flags(alpha, margin, inconclusive, errors))
         spec = parse_spec(data, f"run {run_id} spec")
         status = run.status if run.status in ("complete", "incomplete") else "incomplete"
-        report = report_for(store, run_id, spec, status=status, n_cases=run.n_cases)
+        report = report_for(store, run_id, spec, status=status, n_cases=run.n_cases,
+                            state=GateState.from_report_json(run.report_json))
         _emit(report, fmt, out)
-    raise typer.Exit(EXIT_INCOMPLETE if report.status != "complete" else EXIT_PASSED if report.passed else EXIT_FAILED)
+    raise typer.Exit(report.exit_code)
 
 
 @dataset_app.command("save")

@@ -254,8 +254,18 @@ BASE = {"slice": {"customer": "acme"}, "candidates": [{"name": "c1", "model": "m
     ({"slice": {"segment_by": ["customr"]}}, "unknown group-by column 'customr'"),
     ({"slice": {"since": "7 days"}}, "invalid window '7 days'"),
     ({"slice": {"since": "7d", "from": "2026-01-01"}}, "either since or from/to"),
-    ({"gating": {"aggregate": "median"}}, "gating.aggregate"),
-    ({"gating": {"threshold": 85}}, "gating.threshold"),
+    ({"gating": {"aggregate": "median"}}, "gating: aggregate: no longer used: the gate is now paired"),
+    ({"gating": {"threshold": 0.85, "max_drop": 0.05}}, "gating: threshold, max_drop: no longer used"),
+    ({"gating": {"alpha": 0.5}}, "gating.alpha: Input should be less than 0.5"),
+    ({"gating": {"alpha": 0}}, "gating.alpha: Input should be greater than 0"),
+    ({"gating": {"margin": -0.01}}, "gating.margin: Input should be greater than or equal to 0"),
+    ({"gating": {"escalation": {"max_cases": 0}}}, "gating.escalation.max_cases: Input should be greater than or "
+                                                   "equal to 1"),
+    ({"gating": {"escalation": {"max_cost": 0}}}, "gating.escalation.max_cost: Input should be greater than 0"),
+    ({"gating": {"families": {"by": "tier"}}}, "gating.families.by: unknown family dimension 'tier'"),
+    ({"gating": {"families": {"a": ["x"], "b": ["x"]}}}, "segment 'x' is in two families (a, b)"),
+    ({"dataset": "d1", "slice": None, "gating": {"escalation": {"enabled": True}}}, "escalation draws more cases "
+                                                                                    "from production"),
     ({"candidates": [{"name": "c", "model": "m", "prompt": {"file": "p.txt"}}]}, "needs a version"),
     ({"bogus": 1}, "bogus: Extra inputs are not permitted"),
 ])
@@ -270,5 +280,8 @@ def test_spec_defaults_and_shorthands():
                                       "from": "2026-11-01T00:00:00Z"}})
     assert s.slice.customer == ["acme"] and s.slice.tags == {"region": "eu"}
     assert s.slice.segment_by == ["customer", "intent"] and s.slice.from_ == 1793491200.0
-    assert s.baseline.mode == "logged" and s.gating.aggregate == "min_segment" and s.gating.min_cases_per_segment == 20
+    g = s.gating
+    assert s.baseline.mode == "logged" and (g.alpha, g.margin, g.inconclusive, g.errors) == (0.05, 0.05, "pass", "fail")
+    assert s.escalates and g.escalation.max_cases == 2000 and g.families is None  # on for a slice ...
+    assert not parse_spec({**BASE, "slice": None, "dataset": "d1"}).escalates  # ... off for a dataset
     assert s.slice.sampling.mode == "stratified"

@@ -53,7 +53,7 @@ def spec_for(customers, **over) -> dict:
                             "prompt": {"system": "You are precise. Was: {original_system}", "mode": "template",
                                        "version": "v2"}}],
             "evaluators": [{"type": "icontains", "value": "approved"}],
-            "gating": {"aggregate": "min_segment", "threshold": 0.85, "min_cases_per_segment": 10},
+            "gating": {"alpha": 0.05, "margin": 0.05},
             "concurrency": 4, "retries": 2, **over}
 
 
@@ -87,12 +87,15 @@ def test_run_sends_the_contract_and_records_joinable_results(chdb_store, slice_d
     seg = {row.segment: row for row in res.report.candidates[0].rows}
     assert (seg[a].n, seg[a].before, round(seg[a].after, 3)) == (24, 1.0, 0.667)  # every third A case denied
     assert (seg[b].n, round(seg[b].before, 3), seg[b].after) == (24, 0.833, 1.0)
-    assert seg[c].n == 4 and seg[c].low_confidence
-    assert not res.report.passed and res.report.candidates[0].verdict.failing == [a] and res.exit_code == 1
+    assert seg[c].n == 4 and seg[c].verdict == "ok"
+    # A: 8 pass->fail flips, none back: p = 0.5**8, Holm across 3 segments -> 0.012 <= 0.05: a regression
+    assert (seg[a].pass_fail, seg[a].fail_pass, seg[a].verdict) == (8, 0, "regression")
+    assert seg[a].p_adjusted == pytest.approx(3 * 0.5 ** 8) and seg[b].verdict == "ok"
+    assert not res.report.passed and res.report.verdict == "regression" and res.exit_code == 1
     assert "2 no captured content" in " ".join(f"{n} {k}" for k, n in res.report.skipped.items())
 
     run = get_run(chdb_store, res.run_id)
-    assert run.status == "complete" and run.verdict == "failed" and run.n_cases == 52
+    assert run.status == "complete" and run.verdict == "regression" and run.n_cases == 52
     assert run.dataset_id == f"run-{res.run_id}" and run.cost_usd == pytest.approx(0.052)
     joined = chdb_store.query(JOIN_SQL, {"run_id": res.run_id})
     assert len(joined) == 104 and {j["customer"] for j in joined} == {a, b, c}
@@ -170,7 +173,7 @@ def case(i: int, customer: str = "acme") -> Case:
 def test_errored_cases_and_a_dead_gateway_after_the_probe():
     spec = parse_spec({"dataset": "x.jsonl", "candidates": [{"name": "cand", "model": "cand-model"}],
                        "evaluators": [{"type": "latency", "threshold": 1e9}, {"type": "python", "value": "nope:fn"}],
-                       "retries": 1})
+                       "retries": 1, "gating": {"errors": "exclude"}})
     sent: list[int] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -189,7 +192,7 @@ def test_errored_cases_and_a_dead_gateway_after_the_probe():
     by = {r.case_id: r for r in out.results}
     assert by["case-1"].status == "errored" and "cannot load 'nope:fn'" in by["case-1"].error
     assert by["case-2"].status == "errored" and "gateway unreachable after 2 attempt(s)" in by["case-2"].error
-    # every item ran, but errored results are not scores: the outcome is not complete
+    # every item ran, but with errors: exclude errored results are not scores: the outcome is not complete
     assert not out.complete and (out.pending, out.errored) == (0, 2) and len(sent) == 3
 
 
@@ -278,22 +281,21 @@ def test_baseline_rerun_calls_the_gateway_for_the_baseline_too(chdb_store, slice
     assert all(r.replay_trace_id for r in read_results(chdb_store, res.run_id) if r.candidate == "baseline")
 
 
-def test_errored_cases_are_not_scored_leave_the_run_incomplete_and_resume_retries_them(chdb_store, slice_data):
-    """A 503 outage on 6 of A's cases with no retries left: they are not failures (A's pass rate stays 18/18, not
-    18/24), the run is incomplete (exit 3) with the count and the resume command, and a plain resume retries just
-    those 6 and completes the run."""
+def test_errored_cases_excluded_leave_the_run_incomplete_and_resume_retries_them(chdb_store, slice_data):
+    """errors: exclude. A 503 outage on 6 of A's cases with no retries left: they are left out of the test (A's
+    pass rate stays 18/18, not 18/24), the run is incomplete (exit 3) with the count and the resume command, and a
+    plain resume retries just those 6 and completes the run."""
     a, _, _ = slice_data
-    spec = parse_spec(spec_for([a], retries=0, concurrency=2,
-                               gating={"aggregate": "min_segment", "threshold": 0.85, "min_cases_per_segment": 10}))
+    spec = parse_spec(spec_for([a], retries=0, concurrency=2, gating={"errors": "exclude"}))
     outage = [p["trace_id"] for p in chdb_store.query(
         "SELECT trace_id FROM llm_calls WHERE customer = {c:String} AND request_json != '' LIMIT 6", {"c": a})]
     with FakeLLM({"cand-model": approve_unless("nobody")}) as gw:
         gw.fail_once.update({t: 503 for t in outage})
         res = asyncio.run(start_run(chdb_store, spec, opts(gw)))
         row = res.report.candidates[0].rows[0]
-        assert (row.n, row.after, row.errored) == (18, 1.0, 6) and not row.failing
+        assert (row.n, row.after, row.errored, row.excluded) == (18, 1.0, 6, 6) and row.verdict == "ok"
         assert res.exit_code == 3 and res.report.status == "incomplete" and res.report.errored == 6
-        assert any(f"6 errored case result(s)" in x and f"`tagway replay resume {res.run_id}` retries them" in x
+        assert any("6 errored result(s)" in x and f"`tagway replay resume {res.run_id}` retries them" in x
                    for x in res.report.reasons)
         assert get_run(chdb_store, res.run_id).status == "incomplete"
 
@@ -306,6 +308,23 @@ def test_errored_cases_are_not_scored_leave_the_run_incomplete_and_resume_retrie
     assert again.exit_code == 0 and again.report.status == "complete" and again.report.errored == 0
     assert again.report.candidates[0].rows[0].n == 24
     assert get_run(chdb_store, res.run_id).status == "complete"
+
+
+def test_errors_are_failures_by_default_and_an_always_erroring_candidate_fails_the_gate(chdb_store, slice_data):
+    """errors: fail (the default). Every candidate call answers 500: each errored result is a failed case (a
+    pass->fail flip), the run is complete, and the gate fails (exit 1) saying the candidate errored on every case,
+    even in a segment too small to be significant (C, 4 cases)."""
+    a, _, c = slice_data
+    with FakeLLM({"cand-model": approve_unless("nobody")}) as gw:
+        gw.fail_always["cand-model"] = 500
+        res = asyncio.run(start_run(chdb_store, parse_spec(spec_for([a, c], retries=0)), opts(gw)))
+    seg = {row.segment: row for row in res.report.candidates[0].rows}
+    assert res.report.status == "complete" and res.exit_code == 1 and res.report.verdict == "regression"
+    assert (seg[a].n, seg[a].after, seg[a].errored, seg[a].pass_fail) == (24, 0.0, 24, 24)
+    assert seg[a].verdict == "regression" and (seg[c].n, seg[c].verdict) == (4, "inconclusive")
+    assert any("candidate cand errored on every one of its 28 case(s)" in x and "HTTP 500: cand-model is broken" in x
+               for x in res.report.reasons)
+    assert seg[a].flips and seg[a].flips[0].candidate.startswith("[error] HTTP 500")
 
 
 def test_an_existing_run_id_is_refused_before_any_call(chdb_store, slice_data):
