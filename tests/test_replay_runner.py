@@ -395,3 +395,39 @@ def test_in_process_gateway_is_built_from_the_given_config():
     with pytest.raises(FatalRunError, match=r"could not be built \(.*create_tiny_app_from, config broken.yaml\): "
                                             r"storage.nope: unknown setting; models.0.name: required$"):
         asyncio.run(go("broken.yaml"))
+
+
+def test_escalation_draws_more_production_cases_for_an_inconclusive_segment(chdb_store):
+    """A's candidate fails every 5th case. 30 cases cannot tell that from noise once most of alpha is kept for
+    later looks (p = 1/64 at a 0.3% share); production holds 200 of A's calls, so the gate draws A's next planned
+    look (77 cases: 47 more, in the sampler's seeded order, through the real runner) and finds the regression.
+    B has no more calls in production: nothing is drawn for it."""
+    a, b = unique("acme"), unique("globex")
+    spans = [call_span(customer=a, intent="refund", user=f"refund #{i}", answer="approved") for i in range(200)]
+    spans += [call_span(customer=b, intent="refund", user=f"refund #{i}", answer="approved") for i in range(30)]
+    record(chdb_store, spans)
+    spec = parse_spec({"slice": {"customer": [a, b], "segment_by": ["customer"], "limit": 60,
+                                 "sampling": {"min_per_segment": 30, "max_per_segment": 30, "seed": 4}},
+                       "candidates": [{"name": "cand", "model": "cand-model"}],
+                       "evaluators": [{"type": "icontains", "value": "approved"}], "concurrency": 8})
+    with FakeLLM({"cand-model": approve_unless(a, every=5)}) as gw:
+        res = asyncio.run(start_run(chdb_store, spec, opts(gw)))
+        sent = gw.chat_requests()
+    seg = {row.segment: row for row in res.report.candidates[0].rows}
+    assert (seg[a].n, seg[a].looks, seg[a].verdict) == (77, 2, "regression") and res.exit_code == 1
+    assert (seg[b].n, seg[b].looks, seg[b].verdict) == (30, 1, "ok")
+    esc = res.report.escalation
+    assert esc["extra_cases"] == 47 and esc["plans"][a] == {"schedule": [30, 77, 200], "taken": 2}
+    assert esc["plans"][b] == {"schedule": [30], "taken": 1}
+    by_customer = {c: sum(1 for r in sent if r["headers"].get("x-tagway-customer") == c) for c in (a, b)}
+    assert by_customer == {a: 77, b: 30}  # the candidate ran on every drawn case, once
+    assert len({r["headers"]["x-tagway-replay-case-id"] for r in sent}) == 107
+    run = get_run(chdb_store, res.run_id)
+    assert run.n_cases == 107 and run.verdict == "regression"
+    pinned = chdb_store.query("SELECT count() AS n FROM replay_datasets WHERE dataset_id = {d:String}",
+                              {"d": run.dataset_id})
+    assert pinned[0]["n"] == 107  # the escalated cases are pinned with the run: resume and report see them
+    with FakeLLM({"cand-model": approve_unless(a, every=5)}) as gw:
+        again = asyncio.run(resume_run(chdb_store, res.run_id, opts(gw)))
+        assert not gw.chat_requests()  # nothing left to run, no further look either (A is decided)
+    assert again.report.candidates[0].rows == res.report.candidates[0].rows
