@@ -42,9 +42,11 @@ def cand_answer(user: str, headers: dict) -> str:
 
 
 def judge_answer(user: str, headers: dict) -> str:
-    response = user.rsplit("RESPONSE:", 1)[-1]
-    verdict = "pass" if "approved" in response else "fail"
-    return f'Here is my grade.\n```json\n{{"verdict": "{verdict}", "critique": "checked the decision"}}\n```'
+    """A judge that follows the contract: it grades the tagged response block and answers the verdict JSON."""
+    tag = user.split("each block is tagged ", 1)[1].split(".", 1)[0]
+    response = user.split(f"<response-{tag}>", 1)[1].split(f"</response-{tag}>", 1)[0]
+    verdict = "true" if "approved" in response else "false"
+    return f'{{"pass": {verdict}, "reason": "checked the decision"}}'
 
 
 @pytest.fixture(scope="module")
