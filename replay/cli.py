@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -289,6 +290,137 @@ def report_cmd(
                             state=GateState.from_report_json(run.report_json))
         _emit(report, fmt, out)
     raise typer.Exit(report.exit_code)
+
+
+PlainFormatOpt = typer.Option("table", "--format", "-f", help="table | json")
+
+
+def _check_plain_format(fmt: str) -> None:
+    if fmt not in ("table", "json"):
+        raise SpecError(f"--format {fmt!r}: use one of table, json")
+
+
+def _print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    """A plain rich table; every cell is Text (segment and tag values come from traffic)."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+    t = Table(title=Text(title), box=box.SIMPLE_HEAD, title_justify="left")
+    for i, col in enumerate(columns):
+        t.add_column(col, justify="left" if i < 2 else "right")
+    for row in rows:
+        t.add_row(*(Text(x) for x in row))
+    _console(Console).print(t)
+
+
+def _drop(v: float | None) -> str:
+    return "—" if v is None else f"{v:.3f}"
+
+
+@replay_app.command("plan")
+def plan_cmd(
+    spec: Path = typer.Option(..., "--spec", "-s", help="Replay spec YAML (its slice and gating)."),
+    pass_rate: float = typer.Option(0.9, "--pass-rate", help="Assumed baseline pass rate, in (0, 1]."),
+    drop: float = typer.Option(0.10, "--drop", help="Target drop to detect (cases needed), in (0, pass rate]."),
+    customer: Optional[List[str]] = typer.Option(None, "--customer"),
+    intent: Optional[List[str]] = typer.Option(None, "--intent"),
+    since: Optional[str] = typer.Option(None, "--since"),
+    segment_by: Optional[str] = typer.Option(None, "--segment-by"),
+    fmt: str = PlainFormatOpt, dsn: Optional[str] = DsnOpt, config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Before a run: per segment, the cases production holds, the smallest drop the gate can detect (80% power,
+    family-wise level), the cases a target drop needs, and the coverage a dataset can adopt."""
+    import orjson
+    from .planning import plan_segments
+    from .slice import sample_pool
+    with _user_errors():
+        _check_plain_format(fmt)
+        if not 0 < pass_rate <= 1:
+            raise SpecError(f"--pass-rate {pass_rate:g}: must be in (0, 1]")
+        if not 0 < drop <= pass_rate:
+            raise SpecError(f"--drop {drop:g}: must be in (0, --pass-rate]")
+        data = apply_overrides(load_spec_data(spec), customer=customer, intent=intent, since=since,
+                               segment_by=segment_by)
+        parsed = parse_spec(data, str(spec))
+        if parsed.slice is None:
+            raise SpecError("plan needs a spec with a slice (a dataset's coverage is fixed)")
+        sampled, matched = sample_pool(_store(dsn, config), parsed.slice)
+        if not sampled.available:
+            raise EmptySliceError(f"the slice's segments have no replayable case ({matched} call(s) matched the "
+                                  "filters): nothing to plan")
+        esc = parsed.gating.escalation
+        p = plan_segments(sampled.available, sampled.selected, alpha=parsed.gating.alpha, pass_rate=pass_rate,
+                          target_drop=drop, escalation_per_segment=esc.max_per_segment if parsed.escalates else 0,
+                          extra_looks=esc.looks)
+    if fmt == "json":
+        sys.stdout.write(orjson.dumps({**dataclasses.asdict(p), "coverage": p.coverage()},
+                                      option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    _print_table(f"plan: {len(p.rows)} segment(s), alpha {p.alpha:g} family-wise (level {p.level:.2g} per segment), "
+                 f"pass rate {p.pass_rate:g}, power {p.power:.0%}",
+                 ["segment", "in production", "sampled", "detectable drop", "with escalation",
+                  f"cases for a {drop:g} drop", ""],
+                 [[r.segment, str(r.available), str(r.sampled), _drop(r.detectable), _drop(r.detectable_escalated),
+                   str(r.needed), "production too small" if r.short else ""] for r in p.rows])
+    typer.echo(f"# suggested coverage: cases per segment to detect a {drop:g} drop (capped at what production "
+               "holds)\ncoverage:")
+    for seg, n in p.coverage().items():
+        typer.echo(f"  {orjson.dumps(seg).decode()}: {n}")
+
+
+@replay_app.command("discover")
+def discover_cmd(
+    run_id: str = typer.Argument(..., help="A finished (or partial) replay run."),
+    candidate: Optional[str] = typer.Option(None, "--candidate", help="Which candidate (default: every one)."),
+    top: int = typer.Option(15, "--top", help="How many cells to show per candidate."),
+    min_cases: int = typer.Option(5, "--min-cases", help="Skip cells with fewer cases."),
+    fmt: str = PlainFormatOpt, dsn: Optional[str] = DsnOpt, config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Rank the dimensions where a run's flips concentrate: every recorded column and tag of the original calls,
+    and input/output length, latency and turn buckets, each with the gate's paired test (Holm across cells)."""
+    import orjson
+    from exporters.vocabulary import COLUMNS
+    from .discover import describe, discover
+    from .report import BASELINE, pair_outcome
+    from .store import call_attributes, get_run, read_results
+    with _user_errors():
+        _check_plain_format(fmt)
+        if top < 1 or min_cases < 1:
+            raise SpecError("--top and --min-cases must be at least 1")
+        store = _store(dsn, config)
+        run = get_run(store, run_id)
+        if run is None:
+            raise SpecError(f"no replay run {run_id!r}")
+        gating = parse_spec(run.spec, f"run {run_id} spec").gating
+        results = read_results(store, run_id)
+        base = {r.case_id: r for r in results if r.candidate == BASELINE}
+        names = sorted({r.candidate for r in results} - {BASELINE})
+        if candidate is not None:
+            if candidate not in names:
+                raise SpecError(f"run {run_id} has no candidate {candidate!r} (it has: {', '.join(names) or 'none'})")
+            names = [candidate]
+        attrs = describe(call_attributes(store, base), list(COLUMNS))
+        found = {}
+        for name in names:
+            pairs = {r.case_id: pair_outcome(base.get(r.case_id), r, gating.errors) for r in results
+                     if r.candidate == name}
+            outcomes = {cid: o for cid, o in pairs.items() if o is not None}
+            if not outcomes:
+                raise SpecError(f"run {run_id}: candidate {name} has no scored pair to discover from")
+            found[name] = discover(outcomes, attrs, alpha=gating.alpha, margin=gating.margin, min_cases=min_cases)
+    if fmt == "json":
+        sys.stdout.write(orjson.dumps({"run_id": run_id, "candidates": {
+            k: [dataclasses.asdict(c) for c in v[:top]] for k, v in found.items()}},
+            option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    for name, cells in found.items():
+        _print_table(f"discover {run_id}, candidate {name}: where the flips concentrate (paired sign test per cell, "
+                     f"Holm across {len(cells)} cells)",
+                     ["dimension", "value", "n", "before", "after", "delta", "flips", "lift", "p adj", ""],
+                     [[c.dimension, c.value, str(c.n), f"{c.before:.3f}", f"{c.after:.3f}", f"{c.delta:+.3f}",
+                       f"↓{c.pass_fail} ↑{c.fail_pass}", f"{c.lift:.2f}", f"{c.p_adjusted:.3g}",
+                       "❌ regression" if c.regression else ""] for c in cells[:top]])
 
 
 @dataset_app.command("save")

@@ -15,8 +15,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from .gate import (EXIT_PASS, INCONCLUSIVE, OK, REGRESSION, Decision, Evidence, Finding, Pairs, SegmentPlan, decide,
                    exit_code, newcombe_interval, pairs_from, wilson_interval)
 
-__all__ = ["Flip", "SegmentRow", "CandidateReport", "Report", "aggregate", "BASELINE", "ERRORED", "excerpt",
-           "flipped_case_ids"]
+__all__ = ["Flip", "SegmentRow", "CandidateReport", "Report", "aggregate", "pair_outcome", "BASELINE", "ERRORED",
+           "excerpt", "flipped_case_ids"]
 
 BASELINE = "baseline"
 ERRORED = "errored"
@@ -129,6 +129,14 @@ def _outcome(r: Any, errors: str) -> bool | None:
     return r.status == "passed"
 
 
+def pair_outcome(base: Any | None, cand: Any, errors: str) -> tuple[bool, bool] | None:
+    """(baseline passed, candidate passed) of one case, or None when the pair is left out of the test (no baseline
+    result yet, or an errored side with `errors: exclude`)."""
+    ob = None if base is None else _outcome(base, errors)
+    oc = _outcome(cand, errors)
+    return None if ob is None or oc is None else (ob, oc)
+
+
 def _row(segment: str, pairs: Pairs) -> SegmentRow:
     row = SegmentRow(segment, pairs.n, pairs.before_pass, pairs.after_pass, pass_fail=pairs.pass_fail,
                      fail_pass=pairs.fail_pass)
@@ -168,9 +176,7 @@ def _candidate(name: str, model: str, cases: Mapping[str, Any], base: Mapping[st
         errored = before_errored = 0
         for cid in ids:
             b, c = base.get(cid), cases[cid]
-            ob = None if b is None else _outcome(b, errors)
-            oc = _outcome(c, errors)
-            outcomes.append(None if ob is None or oc is None else (ob, oc))
+            outcomes.append(pair_outcome(b, c, errors))
             errored += c.status == ERRORED
             before_errored += b is not None and b.status == ERRORED
         plan = plans.get(seg)

@@ -17,9 +17,10 @@ from typing import Any, Iterable
 import orjson
 
 from exporters.genai_messages import from_semconv_input, loads_or_empty
+from exporters.vocabulary import COLUMNS
 
 __all__ = ["ResultRow", "RunRow", "write_results", "read_results", "done_keys", "write_run", "get_run", "list_runs",
-           "case_inputs", "RESULT_COLUMNS", "JOIN_SQL"]
+           "case_inputs", "call_attributes", "RESULT_COLUMNS", "JOIN_SQL"]
 
 
 @dataclasses.dataclass
@@ -168,6 +169,24 @@ def case_inputs(store: Any, case_ids: Iterable[str], *, chunk: int = 2000) -> di
                 out[r["trace_id"]] = _last_user_text(r["request_json"])
             except (TypeError, ValueError, AttributeError):
                 out[r["trace_id"]] = ""
+    return out
+
+
+def call_attributes(store: Any, case_ids: Iterable[str], *, chunk: int = 2000) -> list[dict]:
+    """What `replay discover` slices by, for each original call: every vocabulary column (by its vocabulary name),
+    tags, token counts, latency, and the number of user turns (None when content was not captured)."""
+    cols = ", ".join(f"toString(any({col})) AS {name}" for name, col in COLUMNS.items())
+    turns = ("any(if(request_json = '', NULL, arrayCount(x -> JSONExtractString(x, 'role') = 'user', "
+             "JSONExtractArrayRaw(request_json)))) AS turns")
+    ids = sorted(set(case_ids))
+    out: list[dict] = []
+    for i in range(0, len(ids), chunk):
+        out += store.query(f"SELECT trace_id, {cols}, any(tags) AS tags, any(input_tokens) AS input_tokens, "
+                           f"any(output_tokens) AS output_tokens, any(latency_ms) AS latency_ms, {turns} "
+                           "FROM llm_calls WHERE trace_id IN {ids:Array(String)} AND replay_run_id = '' "
+                           "GROUP BY trace_id", {"ids": ids[i:i + chunk]})
+    for r in out:
+        r["tags"] = dict(r["tags"] or {})
     return out
 
 

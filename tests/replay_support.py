@@ -92,14 +92,15 @@ class FakeLLM(ThreadedServer):
 def call_span(*, customer: str, intent: str, user: str, answer: str, model: str = "prod-model",
               prompt_version: str = "v1", tags: dict[str, str] | None = None, system: str = "You are helpful.",
               params: dict | None = None, capture: bool = True, status: str = "Ok", latency_ms: float = 300.0,
-              cost: float = 0.0005, source: str = "production", at: float | None = None) -> dict:
+              cost: float = 0.0005, source: str = "production", at: float | None = None,
+              input_tokens: int = 12) -> dict:
     """One `otel_traces` row shaped like the gateway's call span (attributes as strings, as the Collector writes)."""
     sys_parts, inputs = to_semconv_input([{"role": "system", "content": system}, {"role": "user", "content": user}])
     output = choices_to_semconv_output([{"message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}])
     attrs = {sc.KIND: "call", sc.OPERATION: "chat", sc.REQUEST_MODEL: model, sc.REQUESTED_MODEL: model,
              sc.RESPONSE_MODEL: model, sc.PROVIDER: "openai", sc.CUSTOMER: customer, sc.INTENT: intent,
              sc.PROMPT_VERSION: prompt_version, sc.SOURCE: source, sc.COST_USD: str(cost),
-             sc.INPUT_TOKENS: "12", sc.OUTPUT_TOKENS: str(len(answer.split())), sc.REQUEST_STREAM: "false",
+             sc.INPUT_TOKENS: str(input_tokens), sc.OUTPUT_TOKENS: str(len(answer.split())), sc.REQUEST_STREAM: "false",
              sc.REQUEST_PARAMS: orjson.dumps(params or {"temperature": 0.7}).decode(), sc.HTTP_STATUS: "200"}
     for k, v in (tags or {}).items():
         attrs[sc.TAG_PREFIX + k] = v
