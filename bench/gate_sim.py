@@ -18,6 +18,7 @@ import dataclasses
 import random
 import sys
 import time
+import zlib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -163,6 +164,7 @@ SCENARIOS = [
     ("A/A independent, escalation off, inconclusive: block", dict(escalate=False, inconclusive="block")),
     ("seed 001 independent, recommended gate (production 200)", dict(seed_case=True)),
     ("seed 001 difficulty, recommended gate (production 200)", dict(seed_case=True, difficulty=True)),
+    ("seed 001 independent, recommended gate (production 400)", dict(seed_case=True, production=400)),
     ("seed 001 independent, escalation on, trigger: inconclusive", dict(seed_case=True, trigger="inconclusive")),
     ("seed 001 independent, escalation off", dict(seed_case=True, escalate=False)),
     ("seed 001 difficulty, escalation off", dict(seed_case=True, difficulty=True, escalate=False)),
@@ -179,10 +181,10 @@ def main() -> None:
     args = ap.parse_args()
     print(f"gate simulation: {args.runs} runs per scenario, seed {args.seed}; alpha 0.05, margin 0.05, escalation "
           "2 looks up to 200 cases per segment, 2,000 in all (the defaults)")
-    for i, (name, over) in enumerate(SCENARIOS):
+    for name, over in SCENARIOS:
         if args.only and args.only not in name:
             continue
-        out = simulate(Scenario(runs=args.runs, **over), seed=args.seed + i)
+        out = simulate(Scenario(runs=args.runs, **over), seed=args.seed + zlib.crc32(name.encode()))
         print(out.line(name), flush=True)
 
 

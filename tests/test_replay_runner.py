@@ -469,3 +469,27 @@ def test_a_candidate_that_echoes_the_rubric_fails_the_gate(chdb_store):
     cand = [r for r in read_results(chdb_store, res.run_id) if r.candidate == "echo"]
     assert all(r.status == "errored" and "judge answer is not the verdict" in r.error for r in cand)
     assert row.flips[0].candidate.startswith("[error] llm-rubric: judge answer is not the verdict")
+
+
+def test_production_errors_are_counted_or_kept_as_failing_cases(chdb_store):
+    """3 of A's production calls errored. By default the slice leaves them out and the report header says how many;
+    with include_errors they are cases whose baseline is a failure (an error is an outcome)."""
+    a = unique("acme")
+    spans = [call_span(customer=a, intent="refund", user=f"refund #{i}", answer="approved") for i in range(12)]
+    spans += [call_span(customer=a, intent="refund", user=f"refund #{i}", answer="", status="Error")
+              for i in range(12, 15)]
+    record(chdb_store, spans)
+    base = {"slice": {"customer": a, "sampling": {"min_per_segment": 20}},
+            "candidates": [{"name": "cand", "model": "cand-model"}],
+            "evaluators": [{"type": "icontains", "value": "approved"}]}
+    with FakeLLM({"cand-model": approve_unless("nobody")}) as gw:
+        left_out = asyncio.run(start_run(chdb_store, parse_spec(base), opts(gw)))
+        kept = asyncio.run(start_run(chdb_store, parse_spec({**base, "slice": {**base["slice"],
+                                                                                 "include_errors": True}}), opts(gw)))
+    assert left_out.report.production_errors == {"count": 3, "included": False}
+    assert left_out.report.candidates[0].rows[0].n == 12
+    assert kept.report.production_errors == {"count": 3, "included": True}
+    row = kept.report.candidates[0].rows[0]
+    assert (row.n, row.before_pass, row.after_pass, row.before_errored, row.fail_pass) == (15, 12, 15, 3, 3)
+    errored = [r for r in read_results(chdb_store, kept.run_id) if r.candidate == "baseline" and r.status == "errored"]
+    assert len(errored) == 3 and all(r.error == "the production call errored (error)" for r in errored)
