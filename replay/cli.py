@@ -1,12 +1,14 @@
 """`tagway replay ...`: the gateway's CLI loads `register` through the entry-point group "tagway.cli", so the
 gateway never imports replay. `python -m replay` runs the same commands on their own.
 
-Exit codes: 0 gate passed, 1 gate failed, 2 bad spec or input (one line, no traceback), 3 run incomplete.
+Exit codes (replay.gate.verdicts): 0 gate passed, 1 a regression, 2 bad spec or input (one line, no traceback),
+3 run incomplete, 4 inconclusive (with `gating.inconclusive: block`, the default; `pass` makes it 0).
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -15,13 +17,12 @@ from typing import Iterator, List, Optional
 import typer
 
 from .datasets import DatasetError
+from .gate import EXIT_BAD_INPUT, EXIT_INCOMPLETE
 from .runner import FatalRunError
 from .slice import EmptySliceError
-from .spec import SpecError, apply_overrides, load_spec_data, parse_spec
+from .spec import LEGACY_GATING_HELP, SpecError, apply_overrides, load_spec_data, parse_spec
 
 __all__ = ["replay_app", "register", "main"]
-
-EXIT_PASSED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INCOMPLETE = 0, 1, 2, 3
 
 replay_app = typer.Typer(help="Replay tagged slices of real traffic against candidates; report and gate per segment.",
                          no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -86,7 +87,7 @@ def _api_key(flag: Optional[str]) -> str:
 def _check_output(fmt: str, out: Optional[Path]) -> None:
     """--format and --out are checked before the store is opened or any call is paid for."""
     from .datasets import check_writable
-    from .report import FORMATS
+    from .render import FORMATS
     if fmt not in FORMATS:
         raise SpecError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
     if out is not None:
@@ -94,6 +95,20 @@ def _check_output(fmt: str, out: Optional[Path]) -> None:
             check_writable(out, "--out")
         except DatasetError as e:
             raise SpecError(str(e)) from None
+
+
+def _gate_flags(alpha: Optional[float], margin: Optional[float], inconclusive: Optional[str],
+                errors: Optional[str]) -> dict:
+    return {"alpha": alpha, "margin": margin, "inconclusive": inconclusive, "errors": errors}
+
+
+def _no_old_flags(**given: object) -> None:
+    old = {"gate_aggregate": "--gate-aggregate", "threshold": "--threshold", "max_drop": "--max-drop",
+           "min_cases": "--min-cases-per-segment"}
+    used = [old[k] for k, v in given.items() if v is not None]
+    if used:
+        hint = " (--margin replaces --max-drop)" if "--max-drop" in used else ""
+        raise SpecError(f"{', '.join(used)}: no longer used{hint}: {LEGACY_GATING_HELP}")
 
 
 def _check_limits(max_cost: Optional[float], concurrency: Optional[int]) -> None:
@@ -106,27 +121,33 @@ def _check_limits(max_cost: Optional[float], concurrency: Optional[int]) -> None
 
 def _emit(report, fmt: str, out: Optional[Path]) -> None:
     from rich.console import Console
-    from .report import render, render_terminal
+    from .render import render, render_terminal
     if out is not None:
         try:
             out.write_text(render(report, fmt), encoding="utf-8")
         except OSError as e:
             raise _fail(f"cannot write the report to {out}: {e.strerror or e} (the run is stored: "
                         f"`tagway replay report {report.run_id} --out FILE` writes it again)") from None
-        render_terminal(report, Console())
+        render_terminal(report, _console(Console))
         typer.echo(f"report written to {out}", err=True)
     elif fmt == "table":
-        render_terminal(report, Console())
+        render_terminal(report, _console(Console))
     else:
         sys.stdout.write(render(report, fmt))
     if report.status != "complete":
         typer.echo(_incomplete_line(report), err=True)
 
 
+def _console(console_cls):
+    """The terminal's width on a terminal; 160 columns in CI logs and pipes, which do not wrap (Rich would squeeze
+    the table into 80)."""
+    return console_cls() if sys.stdout.isatty() else console_cls(width=160)
+
+
 def _incomplete_line(report) -> str:
     """What exit 3 means for this run and what finishes it."""
     rid = report.run_id
-    if report.errored:
+    if report.errored and report.gating.get("errors") == "exclude":
         return (f"run {rid} incomplete: {report.errored} errored case result(s) not counted; "
                 f"`tagway replay resume {rid}` retries them")
     return f"run {rid} incomplete: `tagway replay resume {rid}` runs the rest (--max-cost raises the budget)"
@@ -139,6 +160,13 @@ DsnOpt = typer.Option(None, "--dsn", help="ClickHouse DSN (default: env TAGWAY_D
 ConfigOpt = typer.Option(None, "--config", "-c", help="Gateway config file whose storage to open (env TAGWAY_CONFIG).")
 KeyOpt = typer.Option(None, "--api-key", help="Gateway key (env TAGWAY_API_KEY or TAGWAY_ADMIN_KEY).")
 FormatOpt = typer.Option("table", "--format", "-f", help="table | md | json | html")
+AlphaOpt = typer.Option(None, "--alpha", help="Chance the gate calls any segment a regression when none got worse, "
+                        "in (0, 0.5) (default 0.05).")
+MarginOpt = typer.Option(None, "--margin", help="The drop a segment may show before it counts (default 0.05).")
+InconclusiveOpt = typer.Option(None, "--inconclusive", help="block: exit 4 (default) | pass: exit 0, listed.")
+ErrorsOpt = typer.Option(None, "--errors", help="fail: an errored result is a failed case (default) | exclude.")
+# the flags of the gate the paired gate replaced: hidden, and a clear error when used
+_OLD = {"hidden": True}
 OutOpt = typer.Option(None, "--out", "-o", help="Write the report in --format to this file.")
 
 
@@ -153,10 +181,16 @@ def run_cmd(
     limit: Optional[int] = typer.Option(None, "--limit"),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Replay a pinned dataset (id or JSONL file)."),
     candidate_model: Optional[List[str]] = typer.Option(None, "--candidate-model"),
-    gate_aggregate: Optional[str] = typer.Option(None, "--gate-aggregate", help="min_segment | mean"),
-    threshold: Optional[float] = typer.Option(None, "--threshold"),
-    max_drop: Optional[float] = typer.Option(None, "--max-drop"),
-    min_cases: Optional[int] = typer.Option(None, "--min-cases-per-segment"),
+    alpha: Optional[float] = AlphaOpt, margin: Optional[float] = MarginOpt,
+    inconclusive: Optional[str] = InconclusiveOpt, errors: Optional[str] = ErrorsOpt,
+    escalate: Optional[bool] = typer.Option(None, "--escalate/--no-escalate", help="Draw more production cases "
+                                            "for the segments the first sample cannot decide (gating.escalation)."),
+    escalation_max_cases: Optional[int] = typer.Option(None, "--escalation-max-cases",
+                                                       help="Extra cases escalation may draw in all."),
+    gate_aggregate: Optional[str] = typer.Option(None, "--gate-aggregate", **_OLD),
+    threshold: Optional[float] = typer.Option(None, "--threshold", **_OLD),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", **_OLD),
+    min_cases: Optional[int] = typer.Option(None, "--min-cases-per-segment", **_OLD),
     max_cost: Optional[float] = typer.Option(None, "--max-cost", help="USD budget for the run."),
     concurrency: Optional[int] = typer.Option(None, "--concurrency"),
     fmt: str = FormatOpt, out: Optional[Path] = OutOpt, gateway: Optional[str] = GatewayOpt,
@@ -171,12 +205,14 @@ def run_cmd(
     from .pipeline import RunOptions, new_run_id, start_run
     with _user_errors():
         _check_output(fmt, out)
+        _no_old_flags(gate_aggregate=gate_aggregate, threshold=threshold, max_drop=max_drop, min_cases=min_cases)
         if run_id is not None:
             validate_run_id(run_id)
         data = apply_overrides(load_spec_data(spec), customer=customer, intent=intent, tags=tag, since=since,
                                segment_by=segment_by, limit=limit, dataset=dataset, candidate_models=candidate_model,
-                               gate_aggregate=gate_aggregate, threshold=threshold, max_drop=max_drop,
-                               min_cases=min_cases, max_cost=max_cost, concurrency=concurrency)
+                               gating=_gate_flags(alpha, margin, inconclusive, errors),
+                               escalation={"enabled": escalate, "max_cases": escalation_max_cases},
+                               max_cost=max_cost, concurrency=concurrency)
         parsed = parse_spec(data, str(spec))
         spec_dir = spec.resolve().parent
         sys.path[:0] = [str(spec_dir), os.getcwd()]  # `python` evaluators: module:function beside the spec
@@ -230,27 +266,161 @@ def report_cmd(
     run_id: str = typer.Argument(...),
     fmt: str = FormatOpt, out: Optional[Path] = OutOpt, dsn: Optional[str] = DsnOpt,
     config: Optional[Path] = ConfigOpt,
-    gate_aggregate: Optional[str] = typer.Option(None, "--gate-aggregate"),
-    threshold: Optional[float] = typer.Option(None, "--threshold"),
-    max_drop: Optional[float] = typer.Option(None, "--max-drop"),
-    min_cases: Optional[int] = typer.Option(None, "--min-cases-per-segment"),
+    alpha: Optional[float] = AlphaOpt, margin: Optional[float] = MarginOpt,
+    inconclusive: Optional[str] = InconclusiveOpt, errors: Optional[str] = ErrorsOpt,
+    gate_aggregate: Optional[str] = typer.Option(None, "--gate-aggregate", **_OLD),
+    threshold: Optional[float] = typer.Option(None, "--threshold", **_OLD),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", **_OLD),
+    min_cases: Optional[int] = typer.Option(None, "--min-cases-per-segment", **_OLD),
 ) -> None:
-    """Rebuild the report of a run from ClickHouse (optionally re-gated with other settings)."""
-    from .pipeline import report_for
+    """Rebuild the report of a run from ClickHouse (optionally re-gated with another alpha, margin, ...)."""
+    from .pipeline import GateState, report_for
     from .store import get_run
     with _user_errors():
         _check_output(fmt, out)
+        _no_old_flags(gate_aggregate=gate_aggregate, threshold=threshold, max_drop=max_drop, min_cases=min_cases)
         store = _store(dsn, config)
         run = get_run(store, run_id)
         if run is None:
             raise SpecError(f"no replay run {run_id!r}")
-        data = apply_overrides(run.spec, gate_aggregate=gate_aggregate, threshold=threshold, max_drop=max_drop,
-                               min_cases=min_cases)
+        data = apply_overrides(run.spec, gating=_gate_flags(alpha, margin, inconclusive, errors))
         spec = parse_spec(data, f"run {run_id} spec")
         status = run.status if run.status in ("complete", "incomplete") else "incomplete"
-        report = report_for(store, run_id, spec, status=status, n_cases=run.n_cases)
+        report = report_for(store, run_id, spec, status=status, n_cases=run.n_cases,
+                            state=GateState.from_report_json(run.report_json))
         _emit(report, fmt, out)
-    raise typer.Exit(EXIT_INCOMPLETE if report.status != "complete" else EXIT_PASSED if report.passed else EXIT_FAILED)
+    raise typer.Exit(report.exit_code)
+
+
+PlainFormatOpt = typer.Option("table", "--format", "-f", help="table | json")
+
+
+def _check_plain_format(fmt: str) -> None:
+    if fmt not in ("table", "json"):
+        raise SpecError(f"--format {fmt!r}: use one of table, json")
+
+
+def _print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    """A plain rich table; every cell is Text (segment and tag values come from traffic)."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+    t = Table(title=Text(title), box=box.SIMPLE_HEAD, title_justify="left")
+    for i, col in enumerate(columns):
+        t.add_column(col, justify="left" if i < 2 else "right")
+    for row in rows:
+        t.add_row(*(Text(x) for x in row))
+    _console(Console).print(t)
+
+
+def _drop(v: float | None) -> str:
+    return "—" if v is None else f"{v:.3f}"
+
+
+@replay_app.command("plan")
+def plan_cmd(
+    spec: Path = typer.Option(..., "--spec", "-s", help="Replay spec YAML (its slice and gating)."),
+    pass_rate: float = typer.Option(0.9, "--pass-rate", help="Assumed baseline pass rate, in (0, 1]."),
+    drop: float = typer.Option(0.10, "--drop", help="Target drop to detect (cases needed), in (0, pass rate]."),
+    customer: Optional[List[str]] = typer.Option(None, "--customer"),
+    intent: Optional[List[str]] = typer.Option(None, "--intent"),
+    since: Optional[str] = typer.Option(None, "--since"),
+    segment_by: Optional[str] = typer.Option(None, "--segment-by"),
+    fmt: str = PlainFormatOpt, dsn: Optional[str] = DsnOpt, config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Before a run: per segment, the cases production holds, the smallest drop the gate can detect (80% power,
+    family-wise level), the cases a target drop needs, and the coverage a dataset can adopt."""
+    import orjson
+    from .planning import plan_segments
+    from .slice import sample_pool
+    with _user_errors():
+        _check_plain_format(fmt)
+        if not 0 < pass_rate <= 1:
+            raise SpecError(f"--pass-rate {pass_rate:g}: must be in (0, 1]")
+        if not 0 < drop <= pass_rate:
+            raise SpecError(f"--drop {drop:g}: must be in (0, --pass-rate]")
+        data = apply_overrides(load_spec_data(spec), customer=customer, intent=intent, since=since,
+                               segment_by=segment_by)
+        parsed = parse_spec(data, str(spec))
+        if parsed.slice is None:
+            raise SpecError("plan needs a spec with a slice (a dataset's coverage is fixed)")
+        sampled, matched = sample_pool(_store(dsn, config), parsed.slice)
+        if not sampled.available:
+            raise EmptySliceError(f"the slice's segments have no replayable case ({matched} call(s) matched the "
+                                  "filters): nothing to plan")
+        esc = parsed.gating.escalation
+        p = plan_segments(sampled.available, sampled.selected, alpha=parsed.gating.alpha, pass_rate=pass_rate,
+                          target_drop=drop, escalation_per_segment=esc.max_per_segment if parsed.escalates else 0,
+                          extra_looks=esc.looks)
+    if fmt == "json":
+        sys.stdout.write(orjson.dumps({**dataclasses.asdict(p), "coverage": p.coverage()},
+                                      option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    _print_table(f"plan: {len(p.rows)} segment(s), alpha {p.alpha:g} family-wise (level {p.level:.2g} per segment), "
+                 f"pass rate {p.pass_rate:g}, power {p.power:.0%}",
+                 ["segment", "in production", "sampled", "detectable drop", "with escalation",
+                  f"cases for a {drop:g} drop", ""],
+                 [[r.segment, str(r.available), str(r.sampled), _drop(r.detectable), _drop(r.detectable_escalated),
+                   str(r.needed), "production too small" if r.short else ""] for r in p.rows])
+    typer.echo(f"# suggested coverage: cases per segment to detect a {drop:g} drop (capped at what production "
+               "holds)\ncoverage:")
+    for seg, n in p.coverage().items():
+        typer.echo(f"  {orjson.dumps(seg).decode()}: {n}")
+
+
+@replay_app.command("discover")
+def discover_cmd(
+    run_id: str = typer.Argument(..., help="A finished (or partial) replay run."),
+    candidate: Optional[str] = typer.Option(None, "--candidate", help="Which candidate (default: every one)."),
+    top: int = typer.Option(15, "--top", help="How many cells to show per candidate."),
+    min_cases: int = typer.Option(5, "--min-cases", help="Skip cells with fewer cases."),
+    fmt: str = PlainFormatOpt, dsn: Optional[str] = DsnOpt, config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Rank the dimensions where a run's flips concentrate: every recorded column and tag of the original calls,
+    and input/output length, latency and turn buckets, each with the gate's paired test (Holm across cells)."""
+    import orjson
+    from exporters.vocabulary import COLUMNS
+    from .discover import describe, discover
+    from .report import BASELINE, pair_outcome
+    from .store import call_attributes, get_run, read_results
+    with _user_errors():
+        _check_plain_format(fmt)
+        if top < 1 or min_cases < 1:
+            raise SpecError("--top and --min-cases must be at least 1")
+        store = _store(dsn, config)
+        run = get_run(store, run_id)
+        if run is None:
+            raise SpecError(f"no replay run {run_id!r}")
+        gating = parse_spec(run.spec, f"run {run_id} spec").gating
+        results = read_results(store, run_id)
+        base = {r.case_id: r for r in results if r.candidate == BASELINE}
+        names = sorted({r.candidate for r in results} - {BASELINE})
+        if candidate is not None:
+            if candidate not in names:
+                raise SpecError(f"run {run_id} has no candidate {candidate!r} (it has: {', '.join(names) or 'none'})")
+            names = [candidate]
+        attrs = describe(call_attributes(store, base), list(COLUMNS))
+        found = {}
+        for name in names:
+            pairs = {r.case_id: pair_outcome(base.get(r.case_id), r, gating.errors) for r in results
+                     if r.candidate == name}
+            outcomes = {cid: o for cid, o in pairs.items() if o is not None}
+            if not outcomes:
+                raise SpecError(f"run {run_id}: candidate {name} has no scored pair to discover from")
+            found[name] = discover(outcomes, attrs, alpha=gating.alpha, margin=gating.margin, min_cases=min_cases)
+    if fmt == "json":
+        sys.stdout.write(orjson.dumps({"run_id": run_id, "candidates": {
+            k: [dataclasses.asdict(c) for c in v[:top]] for k, v in found.items()}},
+            option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    for name, cells in found.items():
+        _print_table(f"discover {run_id}, candidate {name}: where the flips concentrate (paired sign test per cell, "
+                     f"Holm across {len(cells)} cells)",
+                     ["dimension", "value", "n", "before", "after", "delta", "flips", "lift", "p adj", ""],
+                     [[c.dimension, c.value, str(c.n), f"{c.before:.3f}", f"{c.after:.3f}", f"{c.delta:+.3f}",
+                       f"↓{c.pass_fail} ↑{c.fail_pass}", f"{c.lift:.2f}", f"{c.p_adjusted:.3g}",
+                       "❌ regression" if c.regression else ""] for c in cells[:top]])
 
 
 @dataset_app.command("save")

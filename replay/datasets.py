@@ -15,8 +15,8 @@ import orjson
 from .slice import Case, Sampled, fetch_cases
 
 __all__ = ["DatasetError", "validate_dataset_id", "validate_run_id", "is_file_ref", "is_dataset_file",
-           "check_writable", "save_dataset", "load_dataset", "list_datasets", "save_jsonl", "load_jsonl", "load_cases",
-           "RUN_DATASET_PREFIX"]
+           "check_writable", "save_dataset", "append_to_run_dataset", "load_dataset", "list_datasets", "save_jsonl",
+           "load_jsonl", "load_cases", "RUN_DATASET_PREFIX"]
 
 # Ids and files never overlap: a reference is a file when it ends in .jsonl/.json or contains a path separator
 # (write ./golden for a file without a suffix); ids start with a letter, digit or _ and never end in those suffixes.
@@ -85,6 +85,16 @@ def check_writable(path: str | Path, what: str, *, force: bool = False,
     return p
 
 
+def _insert(store: Any, dataset_id: str, picked: Sequence[Sampled], start: int, description: str) -> int:
+    now = time.time()
+    body = b"\n".join(orjson.dumps({"dataset_id": dataset_id, "trace_id": p.trace_id, "segment": p.segment,
+                                    "position": start + i, "description": description, "added_at": now})
+                      for i, p in enumerate(picked))
+    if picked:
+        store.insert_json_rows("replay_datasets", body)
+    return len(picked)
+
+
 def save_dataset(store: Any, dataset_id: str, picked: Sequence[Sampled], description: str = "") -> int:
     validate_dataset_id(dataset_id)
     if not picked:
@@ -92,12 +102,16 @@ def save_dataset(store: Any, dataset_id: str, picked: Sequence[Sampled], descrip
     n = store.query("SELECT count() AS n FROM replay_datasets WHERE dataset_id = {id:String}", {"id": dataset_id})
     if n and n[0]["n"]:
         raise DatasetError(f"dataset {dataset_id!r} already exists (datasets are pinned: choose a new id)")
-    now = time.time()
-    body = b"\n".join(orjson.dumps({"dataset_id": dataset_id, "trace_id": p.trace_id, "segment": p.segment,
-                                    "position": i, "description": description, "added_at": now})
-                      for i, p in enumerate(picked))
-    store.insert_json_rows("replay_datasets", body)
-    return len(picked)
+    return _insert(store, dataset_id, picked, 0, description)
+
+
+def append_to_run_dataset(store: Any, dataset_id: str, picked: Sequence[Sampled], start: int,
+                          description: str = "") -> int:
+    """Escalation: more cases pinned to a run's own dataset (run-<run_id>), after the `start` cases it holds, so a
+    resume replays them too. Only tagway appends, and only to the run's dataset; saved datasets stay immutable."""
+    if not dataset_id.startswith(RUN_DATASET_PREFIX):
+        raise DatasetError(f"only a run's own dataset grows, not {dataset_id!r}")
+    return _insert(store, dataset_id, picked, start, description)
 
 
 def load_dataset(store: Any, dataset_id: str, *, validate: bool = True) -> list[Sampled]:

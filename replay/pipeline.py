@@ -1,10 +1,10 @@
 """One replay, start to end: select the cases (slice or dataset), pin them, record the run, run the targets
-through the gateway, aggregate, gate, record the verdict. `resume` picks a run up from ClickHouse and runs only
-the (candidate, case) pairs without a score (no result yet, or an errored one). The CLI is a thin shell over these
-three functions.
+through the gateway, aggregate, gate, escalate (draw more cases for the segments the gate cannot decide yet, look
+again), record the verdict. `resume` picks a run up from ClickHouse and runs only the (candidate, case) pairs
+without a result (and, by default, the errored ones again). The CLI is a thin shell over these functions.
 
-A run is complete when every (target, case) pair has a score: pairs not run (budget, Ctrl-C) and errored results
-(the gateway failed after its retries, an evaluator or the judge failed) leave it incomplete.
+A run is complete when every (target, case) pair has a result; with `errors: exclude` an errored result is not a
+score and leaves it incomplete too.
 """
 from __future__ import annotations
 
@@ -15,16 +15,21 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 
-from .datasets import RUN_DATASET_PREFIX, is_file_ref, load_cases, save_dataset, validate_run_id
-from .report import Report, aggregate, render_json
-from .runner import GATEWAY_APP, RunOutcome, Runner, gateway_client, targets_for
-from .slice import Case, EmptySliceError, Sampled, select_slice
+from .datasets import (RUN_DATASET_PREFIX, append_to_run_dataset, is_file_ref, load_cases, load_dataset, save_dataset,
+                       validate_run_id)
+from .gate import SegmentPlan, next_draws, plan
+from .render import render_json
+from .report import Report, aggregate, flipped_case_ids
+from .runner import GATEWAY_APP, RunOutcome, Runner, Target, gateway_client, targets_for
+from .slice import Case, EmptySliceError, SampleResult, Sampled, count_production_errors, fetch_cases, order_key, \
+    sample_pool, select_slice
 from .spec import ReplaySpec, SpecError, parse_spec
-from .store import RunRow, done_keys, get_run, read_results, write_results, write_run
+from .store import RunRow, case_inputs, done_keys, get_run, read_results, write_results, write_run
 
-__all__ = ["RunOptions", "RunResult", "RunExistsError", "new_run_id", "start_run", "resume_run", "report_for",
-           "spec_to_json"]
+__all__ = ["RunOptions", "RunResult", "RunExistsError", "GateState", "new_run_id", "start_run", "resume_run",
+           "report_for", "spec_to_json"]
 
 
 class RunExistsError(ValueError):
@@ -56,9 +61,50 @@ class RunResult:
 
     @property
     def exit_code(self) -> int:
-        if self.report.status != "complete":
-            return 3
-        return 0 if self.report.passed else 1
+        return self.report.exit_code
+
+
+@dataclasses.dataclass
+class GateState:
+    """What the gate needs beyond the results, kept in the run's stored report so `report` and `resume` see it:
+    each segment's planned looks (escalation) and the production errors the slice left out or kept."""
+    plans: dict[str, SegmentPlan] = dataclasses.field(default_factory=dict)
+    extra_cases: int = 0
+    extra_cost: float = 0.0
+    production_errors: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def escalation_json(self) -> dict:
+        return {"plans": {k: p.to_json() for k, p in sorted(self.plans.items())}, "extra_cases": self.extra_cases,
+                "cost_usd": round(self.extra_cost, 10)}
+
+    def stored_json(self) -> str:
+        """What a run row holds before its first report (the report carries the same keys)."""
+        return orjson.dumps({"escalation": self.escalation_json(), "production_errors": self.production_errors}).decode()
+
+    def next_look(self, report: Report, esc: Any, cost_per_case: float = 0.0) -> tuple[dict[str, int], str]:
+        """The segments that get their next planned look and how many cases each (replay.gate.next_draws over
+        every candidate's verdicts, within the case budget), or ({}, why not) when escalation stops here."""
+        if report.status != "complete":
+            return {}, ""
+        findings = [f for c in report.candidates for f in c.findings]
+        draws = next_draws(findings, self.plans, esc.max_cases - self.extra_cases, trigger=esc.trigger)
+        if draws and esc.max_cost is not None and self.extra_cost + cost_per_case * sum(draws.values()) > esc.max_cost:
+            return {}, (f"escalation stopped: its next look would pass escalation.max_cost ${esc.max_cost:g} "
+                        f"(spent ${self.extra_cost:.4f})")
+        return draws, ""
+
+    def took_look(self, draws: dict[str, int], drawn: int) -> None:
+        for seg in draws:
+            self.plans[seg].taken += 1
+        self.extra_cases += drawn
+
+    @classmethod
+    def from_report_json(cls, text: str) -> "GateState":
+        d = orjson.loads(text) if text else {}
+        esc = d.get("escalation") or {}
+        return cls({k: SegmentPlan.from_json(v) for k, v in (esc.get("plans") or {}).items()},
+                   int(esc.get("extra_cases") or 0), float(esc.get("cost_usd") or 0.0),
+                   dict(d.get("production_errors") or {}))
 
 
 def new_run_id() -> str:
@@ -69,32 +115,47 @@ def spec_to_json(spec: ReplaySpec) -> str:
     return spec.model_dump_json(by_alias=True, exclude_none=True)
 
 
-def _select(store: Any, spec: ReplaySpec) -> tuple[list[Case], dict[str, int], list[str]]:
+def _select(store: Any, spec: ReplaySpec) -> tuple[list[Case], dict[str, int], list[str], SampleResult | None]:
     if spec.slice is not None:
         cases, sampled = select_slice(store, spec.slice)
-        return cases, sampled.skipped, sampled.notes
+        return cases, sampled.skipped, sampled.notes, sampled
     cases, skipped = load_cases(store, spec.dataset or "")
     if not cases:
         raise EmptySliceError(f"dataset {spec.dataset!r} has no replayable case "
                               f"({'; '.join(f'{n} {r}' for r, n in skipped.items()) or 'empty'})")
-    return cases, skipped, []
+    return cases, skipped, [], None
+
+
+def _initial_state(store: Any, spec: ReplaySpec, sampled: SampleResult | None) -> GateState:
+    state = GateState()
+    if spec.slice is None or sampled is None:
+        return state
+    state.production_errors = {"count": count_production_errors(store, spec.slice),
+                               "included": spec.slice.status != "ok"}
+    esc = spec.gating.escalation
+    if spec.escalates:
+        state.plans = plan(sampled.selected, sampled.available, max_per_segment=esc.max_per_segment,
+                           extra_looks=esc.looks)
+    return state
 
 
 async def start_run(store: Any, spec: ReplaySpec, opts: RunOptions) -> RunResult:
     run_id = validate_run_id(opts.run_id or new_run_id())
     if get_run(store, run_id) is not None:
         raise RunExistsError(f"run {run_id} exists; use tagway replay resume {run_id}")
-    cases, skipped, notes = _select(store, spec)
+    cases, skipped, notes, sampled = _select(store, spec)
     if spec.slice is not None:
         dataset_id = RUN_DATASET_PREFIX + run_id
         save_dataset(store, dataset_id, [Sampled(c.case_id, c.segment) for c in cases],
-                              description=f"cases of replay run {run_id}")
+                     description=f"cases of replay run {run_id}")
     else:
         dataset_id = spec.dataset or ""
     run = RunRow(run_id, "running", spec_to_json(spec), dataset_id, spec.judge_version,
                  [c.name for c in spec.candidates], list(spec.segment_by), len(cases))
-    write_run(store, run)
-    return await _execute(store, spec, run, cases, opts, skip=set(), skipped=skipped, notes=notes)
+    state = _initial_state(store, spec, sampled)
+    write_run(store, dataclasses.replace(run, report_json=state.stored_json()))
+    return await _execute(store, spec, run, cases, opts, skip=set(), skipped=skipped, notes=notes, state=state,
+                          sampled=sampled)
 
 
 async def resume_run(store: Any, run_id: str, opts: RunOptions) -> RunResult:
@@ -111,18 +172,23 @@ async def resume_run(store: Any, run_id: str, opts: RunOptions) -> RunResult:
             ref = run.dataset_id
         cases, skipped = load_cases(store, ref)
     skip = done_keys(store, run_id, include_errored=not opts.retry_errored)
-    return await _execute(store, spec, run, cases, opts, skip=skip, skipped=skipped,
-                          notes=[f"resumed: {len(skip)} result(s) kept from before"],
-                          spent_before=run.cost_usd)
+    state = GateState.from_report_json(run.report_json)
+    sampled = None
+    if spec.escalates and state.plans:
+        sampled, _ = sample_pool(store, spec.slice)  # where further looks draw from
+    return await _execute(store, spec, dataclasses.replace(run, n_cases=len(cases)), cases, opts, skip=skip,
+                          skipped=skipped, notes=[f"resumed: {len(skip)} result(s) kept from before"],
+                          spent_before=run.cost_usd, state=state, sampled=sampled)
 
 
 async def _execute(store: Any, spec: ReplaySpec, run: RunRow, cases: list[Case], opts: RunOptions, *,
-                   skip: set[tuple[str, str]], skipped: dict[str, int], notes: list[str],
-                   spent_before: float = 0.0) -> RunResult:
+                   skip: set[tuple[str, str]], skipped: dict[str, int], notes: list[str], state: GateState,
+                   sampled: SampleResult | None, spent_before: float = 0.0) -> RunResult:
     targets = targets_for(spec, opts.spec_dir)
     outcome: RunOutcome | None = None
     runner: Runner | None = None
     status = "incomplete"
+    n_cases = len(cases)
     try:
         async with gateway_client(base_url=opts.gateway_url, transport=opts.transport, in_process=opts.in_process,
                                   app_ref=opts.app_ref, app_config=opts.gateway_config, timeout=spec.timeout,
@@ -132,24 +198,71 @@ async def _execute(store: Any, spec: ReplaySpec, run: RunRow, cases: list[Case],
                             backoff_base=opts.backoff_base, spent_before=spent_before, max_cost=opts.max_cost,
                             concurrency=opts.concurrency)
             outcome = await runner.run(cases, targets, skip)
+            if sampled is not None and state.plans and outcome.complete:
+                outcome, n_cases = await _escalate(store, spec, run, runner, targets, sampled, state, outcome,
+                                                   [c.case_id for c in cases])
         status = "complete" if outcome.complete else "incomplete"
         if outcome.stop_reason:
             notes = [*notes, outcome.stop_reason]
     finally:
         # even a crash or Ctrl-C leaves a consistent run row: incomplete, with what is in replay_results and what
         # the calls made so far cost (a resume's budget starts from it)
-        report = report_for(store, run.run_id, spec, status=status, n_cases=len(cases), skipped=skipped, notes=notes)
+        report = report_for(store, run.run_id, spec, status=status, n_cases=n_cases, skipped=skipped, notes=notes,
+                            state=state)
         spent = runner.spent if runner is not None else spent_before
-        write_run(store, dataclasses.replace(run, status=report.status, verdict=report.verdict,
+        write_run(store, dataclasses.replace(run, status=report.status, verdict=report.verdict, n_cases=n_cases,
                                              report_json=render_json(report), cost_usd=spent,
                                              finished_at=time.time()))
     return RunResult(run.run_id, report, outcome)
 
 
+async def _escalate(store: Any, spec: ReplaySpec, run: RunRow, runner: Runner, targets: list[Target],
+                    sampled: SampleResult, state: GateState, outcome: RunOutcome,
+                    case_ids: list[str]) -> tuple[RunOutcome, int]:
+    """Look, decide, draw the next planned look for the segments that go on, run it, look again; until no segment
+    goes on, the case budget or the escalation's cost budget is spent, or a run stops. Returns the merged outcome
+    and the run's case count."""
+    esc = spec.gating.escalation
+    # every call the run pinned, including any its content query skipped, so none is drawn twice
+    drawn = set(case_ids) | {p.trace_id for p in load_dataset(store, run.dataset_id, validate=False)}
+    while True:
+        report = report_for(store, run.run_id, spec, status="complete", n_cases=len(drawn), state=state,
+                            with_inputs=False)
+        draws, why = state.next_look(report, esc, runner.spent / max(len(drawn), 1))
+        if why:
+            outcome.stop_reason = why
+        if not draws:
+            break
+        picked = sampled.next_picks(draws, drawn)
+        state.took_look(draws, len(picked))
+        if not picked:
+            break
+        append_to_run_dataset(store, run.dataset_id, picked, len(drawn), f"escalation of replay run {run.run_id}")
+        drawn |= {p.trace_id for p in picked}
+        write_run(store, dataclasses.replace(run, n_cases=len(drawn), report_json=state.stored_json()))
+        new_cases, _ = fetch_cases(store, picked)
+        before = runner.spent
+        more = await runner.run(new_cases, targets, set())
+        state.extra_cost += runner.spent - before
+        outcome = RunOutcome(outcome.results + more.results, runner.spent, more.complete, more.stop_reason,
+                             more.pending, outcome.errored + more.errored)
+        if not more.complete:
+            break
+    return outcome, len(drawn)
+
+
 def report_for(store: Any, run_id: str, spec: ReplaySpec, *, status: str, n_cases: int = 0,
-               skipped: dict[str, int] | None = None, notes: list[str] | None = None) -> Report:
-    """Aggregate what replay_results holds for the run (this session's results and any earlier ones)."""
+               skipped: dict[str, int] | None = None, notes: list[str] | None = None,
+               state: GateState | None = None, with_inputs: bool = True) -> Report:
+    """Aggregate what replay_results holds for the run (this session's results and any earlier ones), with the
+    flipped cases' inputs from llm_calls."""
+    state = state or GateState()
+    results = read_results(store, run_id)
+    inputs = case_inputs(store, flipped_case_ids(results)) if with_inputs else {}
+    seed = spec.slice.sampling.seed if spec.slice is not None else 0
     models = {c.name: c.model for c in spec.candidates}
-    return aggregate(read_results(store, run_id), spec.gating, run_id=run_id, status=status,
-                     segment_by=spec.segment_by, baseline_mode=spec.baseline.mode, models=models, n_cases=n_cases,
-                     skipped=skipped, notes=notes or [])
+    return aggregate(results, spec.gating, run_id=run_id, status=status, segment_by=spec.segment_by,
+                     baseline_mode=spec.baseline.mode, models=models, n_cases=n_cases, skipped=skipped,
+                     notes=notes or [], plans=state.plans, order=lambda cid: order_key(seed, cid),
+                     family_of=spec.family_of, inputs=inputs, production_errors=state.production_errors,
+                     escalation=state.escalation_json() if state.plans else {})

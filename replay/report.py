@@ -1,51 +1,65 @@
-"""Per-segment report, pure: aggregation of case results into segment rows (n, baseline and candidate pass rates,
-delta, 95% Wilson intervals, flags) and a weighted mean row, per candidate; renderers for the terminal (rich),
-Markdown (PR comments), JSON and a self-contained HTML page (inline SVG chart, no CDN).
+"""The per-segment report, pure: case results -> for each candidate, the paired table of every segment (baseline and
+candidate on the same cases), its verdict from the gate (replay.gate), the flipped cases that point at the wound,
+and the run's verdict and exit code. Rendering lives in replay.render.
 
-Errored results (the gateway failed after its retries, or an evaluator / the judge failed) are not scores: they are
-left out of n and the pass rates, counted in their own `errored` column, and make the run incomplete until a
-`tagway replay resume` scores them.
+Errors are outcomes: with `errors: fail` (the default) an errored result (the call failed after its retries, an
+evaluator or the judge could not decide, the production call itself errored) is a failed case, shown in its own
+column; with `errors: exclude` the pair is left out of the test and the run stays incomplete until `tagway replay
+resume` scores it. A candidate that errored on every case fails the gate whatever the statistics say.
 """
 from __future__ import annotations
 
 import dataclasses
-import html
-import io
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
-import orjson
+from .gate import (EXIT_PASS, INCONCLUSIVE, OK, REGRESSION, Decision, Evidence, Finding, Pairs, SegmentPlan, decide,
+                   exit_code, newcombe_interval, pairs_from, wilson_interval)
 
-from exporters.queries import wilson_interval as wilson
-
-from .gate import Verdict, evaluate_gate, segment_failures
-
-__all__ = ["wilson", "SegmentRow", "CandidateReport", "Report", "aggregate", "render_terminal", "render_markdown",
-           "render_json", "render_html", "render", "FORMATS", "BASELINE"]
+__all__ = ["Flip", "SegmentRow", "CandidateReport", "Report", "aggregate", "pair_outcome", "BASELINE", "ERRORED",
+           "excerpt", "flipped_case_ids"]
 
 BASELINE = "baseline"
 ERRORED = "errored"
-FAIL_MARK = "❌"
-LOW_MARK = "⚠ low n"
+MAX_FLIPS = 20  # flipped cases kept per segment (the count says how many there were)
+
+
+@dataclasses.dataclass
+class Flip:
+    """One case whose outcome changed: where to look (trace id), what was asked, what each side answered, why."""
+    case_id: str
+    direction: str  # "pass->fail" | "fail->pass"
+    input: str = ""
+    baseline: str = ""
+    candidate: str = ""
+    reasons: str = ""  # the failing side's evaluator reasons (or its error)
 
 
 @dataclasses.dataclass
 class SegmentRow:
     segment: str
-    n: int  # candidate cases with a score (passed or failed; errored ones are not counted here)
-    after_pass: int
-    after: float
-    after_ci: tuple[float, float]
-    before_n: int = 0  # baseline scores on the same cases
+    n: int  # pairs in the test (both sides scored; errors counted as failures unless `errors: exclude`)
     before_pass: int = 0
+    after_pass: int = 0
     before: float | None = None
-    before_ci: tuple[float, float] | None = None
-    delta: float | None = None
-    errored: int = 0  # candidate results without a score (not in n)
-    before_errored: int = 0  # baseline results without a score on the same cases (not in before_n)
-    failing: bool = False  # violates threshold or max_drop AND counts for the gate
-    below: bool = False  # violates threshold or max_drop (shown even when the gate does not count it)
-    low_confidence: bool = False
-    problems: list[str] = dataclasses.field(default_factory=list)
+    after: float | None = None
+    before_ci: tuple[float, float] | None = None  # 95% Wilson
+    after_ci: tuple[float, float] | None = None
+    delta: float | None = None  # after - before
+    delta_ci: tuple[float, float] | None = None  # 95% Newcombe (paired)
+    pass_fail: int = 0  # flips that made the candidate worse
+    fail_pass: int = 0
+    errored: int = 0  # candidate results that errored (failures under errors: fail, else left out)
+    before_errored: int = 0
+    excluded: int = 0  # pairs left out (errors: exclude, or one side not run yet)
+    verdict: str = OK  # regression | ok | inconclusive ("" for the overall row)
+    p_value: float | None = None
+    p_adjusted: float | None = None
+    more_cases: int | None = None  # inconclusive: pairs more that would decide it at 80% power
+    looks: int = 1
+    family: str | None = None
+    why: str = ""
+    flips: list[Flip] = dataclasses.field(default_factory=list)
+    flips_total: int = 0
 
 
 @dataclasses.dataclass
@@ -53,9 +67,12 @@ class CandidateReport:
     candidate: str
     model: str
     rows: list[SegmentRow]
-    overall: SegmentRow
-    verdict: Verdict
+    overall: SegmentRow  # all segments pooled (the seed's "mean (weighted)" row), for reading, not gated
+    families: list[SegmentRow]
+    status: str  # regression | inconclusive | ok
+    reasons: list[str]
     cost_usd: float = 0.0
+    findings: list[Finding] = dataclasses.field(default_factory=list, repr=False)  # the gate's, for escalation
 
 
 @dataclasses.dataclass
@@ -66,326 +83,223 @@ class Report:
     gating: dict[str, Any]
     baseline_mode: str
     candidates: list[CandidateReport]
-    passed: bool
+    verdict: str  # passed | regression | inconclusive
+    exit_code: int
     reasons: list[str]
     n_cases: int = 0
-    errored: int = 0  # results without a score, all candidates and the baseline: the run is incomplete while > 0
+    errored: int = 0  # results without a score, all targets
     baseline_cost_usd: float = 0.0
     skipped: dict[str, int] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
+    production_errors: dict[str, Any] = dataclasses.field(default_factory=dict)  # {count, included}
+    escalation: dict[str, Any] = dataclasses.field(default_factory=dict)  # {plans, extra_cases, cost_usd}
 
     @property
-    def verdict(self) -> str:
-        return "passed" if self.passed else "failed"
+    def passed(self) -> bool:
+        return self.exit_code == EXIT_PASS
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["verdict"] = self.verdict
+        d["passed"] = self.passed
+        for c in d["candidates"]:
+            del c["findings"]
         return d
 
 
-def _scored(results: Sequence[Any]) -> list[Any]:
-    return [r for r in results if r.status != ERRORED]
+def excerpt(text: str, limit: int = 160) -> str:
+    flat = " ".join(str(text or "").split())
+    return flat if len(flat) <= limit else flat[:limit - 1] + "…"
 
 
-def _row(segment: str, cand: Sequence[Any], base: dict[str, Any]) -> SegmentRow:
-    """One segment: the candidate's scored results, and the baseline's on the cases the candidate scored."""
-    scored = _scored(cand)
-    n, k = len(scored), sum(1 for r in scored if r.status == "passed")
-    row = SegmentRow(segment, n, k, k / n if n else 0.0, wilson(k, n), errored=len(cand) - n)
-    paired = [base[r.case_id] for r in scored if r.case_id in base]
-    base_scored = _scored(paired)
-    row.before_errored = len(paired) - len(base_scored)
-    if base_scored:
-        bk = sum(1 for r in base_scored if r.status == "passed")
-        row.before_n, row.before_pass = len(base_scored), bk
-        row.before, row.before_ci = bk / len(base_scored), wilson(bk, len(base_scored))
-        row.delta = row.after - row.before
+def _reasons_of(r: Any) -> str:
+    if r.status == ERRORED:
+        return f"error: {r.error}"
+    failed = [f"{e.get('name')}: {e.get('reason')}" for e in (r.evaluations or []) if not e.get("passed")]
+    return "; ".join(failed) or "failed"
+
+
+def _answer(r: Any) -> str:
+    return f"[error] {excerpt(r.error, 120)}" if r.status == ERRORED else excerpt(r.output)
+
+
+def _outcome(r: Any, errors: str) -> bool | None:
+    """passed -> True, failed -> False, errored -> False (errors: fail) or None (left out)."""
+    if r.status == ERRORED:
+        return None if errors == "exclude" else False
+    return r.status == "passed"
+
+
+def pair_outcome(base: Any | None, cand: Any, errors: str) -> tuple[bool, bool] | None:
+    """(baseline passed, candidate passed) of one case, or None when the pair is left out of the test (no baseline
+    result yet, or an errored side with `errors: exclude`)."""
+    ob = None if base is None else _outcome(base, errors)
+    oc = _outcome(cand, errors)
+    return None if ob is None or oc is None else (ob, oc)
+
+
+def _row(segment: str, pairs: Pairs) -> SegmentRow:
+    row = SegmentRow(segment, pairs.n, pairs.before_pass, pairs.after_pass, pass_fail=pairs.pass_fail,
+                     fail_pass=pairs.fail_pass)
+    if pairs.n:
+        row.before, row.after = pairs.before_pass / pairs.n, pairs.after_pass / pairs.n
+        row.before_ci = wilson_interval(pairs.before_pass, pairs.n)
+        row.after_ci = wilson_interval(pairs.after_pass, pairs.n)
+        row.delta, row.delta_ci = row.after - row.before, newcombe_interval(pairs)
     return row
+
+
+def _flips(paired: list[tuple[str, tuple[bool, bool] | None]], base: Mapping[str, Any], cases: Mapping[str, Any],
+           inputs: Mapping[str, str]) -> list[Flip]:
+    flips = []
+    for cid, o in paired:
+        if o is None or o[0] == o[1]:
+            continue
+        b, c = base[cid], cases[cid]
+        down = o[0] and not o[1]
+        flips.append(Flip(cid, "pass->fail" if down else "fail->pass", excerpt(inputs.get(cid, "")), _answer(b),
+                          _answer(c), _reasons_of(c if down else b)))
+    flips.sort(key=lambda f: f.direction != "pass->fail")  # the wound first
+    return flips
+
+
+def _candidate(name: str, model: str, cases: Mapping[str, Any], base: Mapping[str, Any], gating: Any, *,
+               order: Callable[[str], Any], plans: Mapping[str, SegmentPlan], family_of: Callable[[str], str | None],
+               inputs: Mapping[str, str]) -> CandidateReport:
+    errors = getattr(gating, "errors", "fail")
+    segments: dict[str, list[str]] = {}
+    for cid, r in cases.items():
+        segments.setdefault(r.segment, []).append(cid)
+    evidence, rows, paired, pooled = [], {}, {}, Pairs()
+    for seg in sorted(segments):
+        ids = sorted(segments[seg], key=order)
+        outcomes: list[tuple[bool, bool] | None] = []
+        errored = before_errored = 0
+        for cid in ids:
+            b, c = base.get(cid), cases[cid]
+            outcomes.append(pair_outcome(b, c, errors))
+            errored += c.status == ERRORED
+            before_errored += b is not None and b.status == ERRORED
+        plan = plans.get(seg)
+        cuts = plan.schedule[:plan.taken] if plan is not None else [len(ids)]
+        cuts = [min(k, len(ids)) for k in cuts[:-1]] + [len(ids)]
+        looks = tuple(pairs_from(o for o in outcomes[:k] if o is not None) for k in cuts)
+        schedule = tuple(plan.schedule) if plan is not None else (len(ids),)
+        evidence.append(Evidence(seg, looks, schedule, family_of(seg)))
+        pooled = pooled + looks[-1]
+        row = _row(seg, looks[-1])
+        row.errored, row.before_errored = errored, before_errored
+        row.excluded = sum(1 for o in outcomes if o is None)
+        rows[seg], paired[seg] = row, list(zip(ids, outcomes))
+    decision = decide(evidence, alpha=gating.alpha, margin=gating.margin)
+    for f in decision.segments:
+        row = rows[f.key]
+        row.verdict, row.p_value, row.p_adjusted, row.more_cases = f.verdict, f.p_value, f.p_adjusted, f.more_cases
+        row.looks, row.family, row.why = f.looks, f.family, f.why
+        if row.verdict != OK:  # flips are listed where they matter: regression and inconclusive segments
+            flips = _flips(paired[f.key], base, cases, inputs)
+            row.flips, row.flips_total = flips[:MAX_FLIPS], len(flips)
+    families = []
+    for f in decision.families:
+        frow = _row(f.key, f.pairs)
+        frow.verdict, frow.p_value, frow.p_adjusted, frow.more_cases, frow.why = (
+            f.verdict, f.p_value, f.p_adjusted, f.more_cases, f.why)
+        families.append(frow)
+    overall = _row("all segments (pooled)", pooled)
+    overall.verdict = ""
+    overall.errored = sum(r.errored for r in rows.values())
+    overall.before_errored = sum(r.before_errored for r in rows.values())
+    overall.excluded = sum(r.excluded for r in rows.values())
+    status, reasons = _status(name, decision, list(rows.values()), cases, gating)
+    cost = sum(float(r.cost_usd or 0) for r in cases.values())
+    return CandidateReport(name, model, list(rows.values()), overall, families, status, reasons, cost,
+                           [*decision.families, *decision.segments])
+
+
+def _status(name: str, decision: Decision, rows: list[SegmentRow], cases: Mapping[str, Any],
+            gating: Any) -> tuple[str, list[str]]:
+    reasons = []
+    errored = [r for r in cases.values() if r.status == ERRORED]
+    if cases and len(errored) == len(cases):
+        first = excerpt(errored[0].error, 200)
+        return REGRESSION, [f"candidate {name} errored on every one of its {len(cases)} case(s), so nothing it "
+                            f"answered could be scored (first error: {first})"]
+    for f in decision.families:
+        if f.verdict != OK:
+            reasons.append(f"family {f.key}: {f.verdict}: {f.why}")
+    for r in rows:
+        if r.verdict == REGRESSION:
+            reasons.append(f"segment {r.segment}: regression: {r.why}")
+    for r in rows:
+        if r.verdict == INCONCLUSIVE:
+            more = f"; ~{r.more_cases} more case(s) would decide it (80% power)" if r.more_cases else ""
+            reasons.append(f"segment {r.segment}: inconclusive: {r.why}{more}")
+    status = decision.status
+    if status == OK:
+        m = len(decision.families) or len(rows)
+        what = "families" if decision.families else "segments"
+        reasons.append(f"no regression: {m} {what} within margin {gating.margin:g} or not significant at alpha "
+                       f"{gating.alpha:g} (Holm across {what})")
+    return status, reasons
 
 
 def aggregate(results: Iterable[Any], gating: Any, *, run_id: str = "", status: str = "complete",
               segment_by: Sequence[str] = (), baseline_mode: str = "logged", models: dict[str, str] | None = None,
-              n_cases: int = 0, skipped: dict[str, int] | None = None, notes: Sequence[str] = ()) -> Report:
-    """Case results (objects with candidate, case_id, segment, status, cost_usd) -> Report. The baseline's results
-    are those of candidate "baseline"; each candidate is compared with the baseline on the same cases."""
+              n_cases: int = 0, skipped: dict[str, int] | None = None, notes: Sequence[str] = (),
+              plans: Mapping[str, SegmentPlan] | None = None, order: Callable[[str], Any] | None = None,
+              family_of: Callable[[str], str | None] | None = None, inputs: Mapping[str, str] | None = None,
+              production_errors: dict[str, Any] | None = None, escalation: dict[str, Any] | None = None) -> Report:
+    """Case results (objects with candidate, case_id, segment, status, error, output, evaluations, cost_usd) ->
+    Report. The baseline's results are those of candidate "baseline"; each candidate is compared with it pairwise.
+    `plans` (escalation) say which looks each segment had, `order` the cases' seeded order within a segment."""
     by_cand: dict[str, dict[str, Any]] = {}
     for r in results:
         by_cand.setdefault(r.candidate, {})[r.case_id] = r
     base = by_cand.pop(BASELINE, {})
-    reports = []
-    for name in sorted(by_cand):
-        cases = by_cand[name]
-        segments: dict[str, list[Any]] = {}
-        for r in cases.values():
-            segments.setdefault(r.segment, []).append(r)
-        rows = []
-        for seg in sorted(segments):
-            rows.append(_row(seg, segments[seg], base))
-        overall = _row("mean (weighted)", list(cases.values()), base)
-        verdict = evaluate_gate(rows, overall, gating)
-        for row in rows:
-            row.low_confidence = row.n < gating.min_cases_per_segment
-            row.problems = segment_failures(row, gating)
-            row.below = bool(row.problems)
-            row.failing = row.segment in verdict.failing
-        overall.problems = segment_failures(overall, gating) if gating.aggregate == "mean" else []
-        overall.failing = "mean" in verdict.failing
-        reports.append(CandidateReport(name, (models or {}).get(name, ""), rows, overall, verdict,
-                                       sum(float(r.cost_usd or 0) for r in cases.values())))
-    reasons = [f"{c.candidate}: {x}" if len(reports) > 1 else x for c in reports for x in c.verdict.reasons]
-    passed = bool(reports) and all(c.verdict.passed for c in reports)
-    if not reports:
-        reasons.append("no candidate result: nothing to gate on")
+    errors = getattr(gating, "errors", "fail")
+    reports = [_candidate(name, (models or {}).get(name, ""), by_cand[name], base, gating, order=order or str,
+                          plans=plans or {}, family_of=family_of or (lambda s: None), inputs=inputs or {})
+               for name in sorted(by_cand)]
     per_target = {c.candidate: c.overall.errored for c in reports}
     per_target[BASELINE] = sum(1 for r in base.values() if r.status == ERRORED)
-    errored = sum(per_target.values())
-    if errored:
-        if status == "complete":  # a verdict on the cases that happened to score is not the run's verdict
-            status = "incomplete"
+    n_errored = sum(per_target.values())
+    reasons = [f"{c.candidate}: {x}" if len(reports) > 1 else x for c in reports for x in c.reasons]
+    if not reports:
+        reasons.append("no candidate result: nothing to gate on")
+    if n_errored:
         by = ", ".join(f"{name} {n}" for name, n in per_target.items() if n)
-        reasons.append(f"{errored} errored case result(s) ({by}: gateway errors after retries or evaluator "
-                       f"failures) are not counted in the pass rates; `tagway replay resume {run_id}` retries them")
+        if errors == "exclude":
+            if status == "complete":  # the test left these pairs out: the verdict is not the run's yet
+                status = "incomplete"
+            reasons.append(f"{n_errored} errored result(s) ({by}) are left out (errors: exclude); `tagway replay "
+                           f"resume {run_id}` retries them")
+        else:
+            reasons.append(f"{n_errored} errored result(s) ({by}) count as failures (errors: fail)")
     if status != "complete":
         reasons.append(f"run {status}: the verdict covers only the cases that finished")
-    return Report(run_id, status, list(segment_by), _gating_dict(gating), baseline_mode, reports, passed, reasons,
-                  n_cases, errored, sum(float(r.cost_usd or 0) for r in base.values()), dict(skipped or {}),
-                  list(notes))
+    statuses = {c.status for c in reports}
+    overall = REGRESSION if REGRESSION in statuses or not reports else INCONCLUSIVE if INCONCLUSIVE in statuses else OK
+    code = exit_code(overall, complete=status == "complete",
+                     inconclusive_blocks=getattr(gating, "inconclusive", "block") == "block")
+    verdict = "passed" if overall == OK else overall
+    return Report(run_id, status, list(segment_by), _gating_dict(gating), baseline_mode, reports, verdict, code,
+                  reasons, n_cases, n_errored, sum(float(r.cost_usd or 0) for r in base.values()),
+                  dict(skipped or {}), list(notes), dict(production_errors or {}), dict(escalation or {}))
+
+
+def flipped_case_ids(results: Iterable[Any]) -> set[str]:
+    """The case ids whose baseline and candidate outcomes differ (for fetching their inputs), any candidate."""
+    by_case: dict[str, dict[str, str]] = {}
+    for r in results:
+        by_case.setdefault(r.case_id, {})[r.candidate] = r.status
+    out = set()
+    for cid, st in by_case.items():
+        b = st.get(BASELINE)
+        if b is not None and any((s == "passed") != (b == "passed") for c, s in st.items() if c != BASELINE):
+            out.add(cid)
+    return out
 
 
 def _gating_dict(g: Any) -> dict:
     if hasattr(g, "model_dump"):
         return g.model_dump()
-    return {k: getattr(g, k) for k in ("metric", "aggregate", "threshold", "max_drop", "min_cases_per_segment")
-            if hasattr(g, k)}
-
-
-# -- formatting helpers -------------------------------------------------------------------------------------------
-
-def _rate(v: float | None) -> str:
-    return "—" if v is None else f"{v:.3f}"
-
-
-def _delta(v: float | None) -> str:
-    return "—" if v is None else f"{v:+.3f}"
-
-
-def _after(row: SegmentRow) -> str:
-    return _rate(row.after if row.n else None)
-
-
-def _after_ci(row: SegmentRow) -> str:
-    return f"{row.after_ci[0]:.3f}–{row.after_ci[1]:.3f}" if row.n else "—"
-
-
-def _errored(row: SegmentRow) -> str:
-    """The errored column: the candidate's results without a score (and the baseline's, if any)."""
-    return str(row.errored) + (f" (+{row.before_errored} baseline)" if row.before_errored else "")
-
-
-def _mark(row: SegmentRow) -> str:
-    marks = []
-    if row.failing:
-        marks.append(FAIL_MARK)
-    elif row.below and not row.low_confidence:
-        marks.append("▽ not gated")
-    if row.low_confidence:
-        marks.append(LOW_MARK)
-    return "  ".join(marks)
-
-
-def _gate_line(r: Report) -> str:
-    g = r.gating
-    extra = f", max_drop {g['max_drop']:g}" if g.get("max_drop") is not None else ""
-    return (f"gate {g.get('aggregate')} {g.get('metric', 'pass_rate')} >= {g.get('threshold'):g}{extra}, "
-            f"min {g.get('min_cases_per_segment')} cases per segment")
-
-
-def _not_final(r: Report) -> str:
-    return "" if r.status == "complete" else f" (run {r.status}: not final)"
-
-
-def _title(c: CandidateReport) -> str:
-    return f"candidate {c.candidate}" + (f" ({c.model})" if c.model else "")
-
-
-# -- terminal -----------------------------------------------------------------------------------------------------
-
-def render_terminal(r: Report, console: Any = None) -> str:
-    """The seed-001 table (segment, n, before, after, delta, mark), one per candidate, then the verdict. Printed to
-    `console` (colours on a terminal) if given; the plain text is returned either way."""
-    from rich.console import Console
-
-    buf = io.StringIO()
-    targets = [Console(file=buf, width=110, force_terminal=False, color_system=None)]
-    if console is not None:
-        targets.append(console)
-    for out in targets:
-        for c in r.candidates:
-            out.print(_rich_table(c))
-            out.print(f"cost ${c.cost_usd:.4f}   {c.verdict.status.upper()}", markup=False, emoji=False,
-                      highlight=False)
-        out.print(_footer_text(r), markup=False, emoji=False, highlight=False)  # reasons quote segment values
-    return buf.getvalue()
-
-
-def _rich_table(c: CandidateReport) -> Any:
-    """Every cell and the title are `Text`: segment values and candidate names come from traffic and specs, so a
-    `[red]` or `[/]` in them is shown as written, never read as Rich markup."""
-    from rich import box
-    from rich.table import Table
-    from rich.text import Text
-    t = Table(title=Text(_title(c)), box=box.SIMPLE_HEAD, title_justify="left")
-    for col, just in (("segment", "left"), ("n", "right"), ("before", "right"), ("after", "right"),
-                      ("delta", "right"), ("errored", "right"), ("", "left")):
-        t.add_column(col, justify=just)  # type: ignore[arg-type]
-
-    def cells(row: SegmentRow, mark: str) -> list[Text]:
-        return [Text(x) for x in (row.segment, str(row.n), _rate(row.before), _after(row), _delta(row.delta),
-                                  _errored(row), mark)]
-
-    for row in c.rows:
-        style = "red" if row.failing else "yellow" if row.low_confidence else None
-        t.add_row(*cells(row, _mark(row)), style=style)
-    t.add_section()
-    o = c.overall
-    t.add_row(*cells(o, FAIL_MARK if o.failing else ""), style="bold")
-    return t
-
-
-def _footer_text(r: Report) -> str:
-    lines = [f"run {r.run_id} ({r.status}), segments by {', '.join(r.segment_by) or '-'}, baseline {r.baseline_mode}",
-             _gate_line(r), f"VERDICT: {r.verdict.upper()}{_not_final(r)}"]
-    lines += [f"  - {x}" for x in r.reasons]
-    if r.skipped:
-        lines.append("skipped: " + "; ".join(f"{n} {why}" for why, n in r.skipped.items()))
-    lines += [f"note: {x}" for x in r.notes]
-    return "\n".join(lines)
-
-
-# -- markdown -----------------------------------------------------------------------------------------------------
-
-def _md_cell(s: str) -> str:
-    return s.replace("|", "\\|").replace("\n", " ")
-
-
-def render_markdown(r: Report) -> str:
-    icon = "⚠️" if r.status != "complete" else "✅" if r.passed else FAIL_MARK
-    out = [f"### tagway replay `{r.run_id}`: {icon} gate {r.verdict}{_not_final(r)}", "",
-           f"{_gate_line(r)}; segments by `{', '.join(r.segment_by)}`; baseline {r.baseline_mode}; "
-           f"run {r.status}", ""]
-    for c in r.candidates:
-        out += [f"#### {_md_cell(_title(c))}: {c.verdict.status}", "",
-                "| segment | n | before | after | delta | 95% CI after | errored | |",
-                "|---|---:|---:|---:|---:|---|---:|---|"]
-        for row in c.rows:
-            out.append(f"| {_md_cell(row.segment)} | {row.n} | {_rate(row.before)} | {_after(row)} | "
-                       f"{_delta(row.delta)} | {_after_ci(row)} | {_errored(row)} | {_md_cell(_mark(row))} |")
-        o = c.overall
-        out.append(f"| **{o.segment}** | **{o.n}** | **{_rate(o.before)}** | **{_after(o)}** | "
-                   f"**{_delta(o.delta)}** | {_after_ci(o)} | **{_errored(o)}** | {FAIL_MARK if o.failing else ''} |")
-        out += ["", f"cost ${c.cost_usd:.4f}", ""]
-    out.append(f"**Verdict: {r.verdict.upper()}**")
-    out += [f"- {_md_cell(x)}" for x in r.reasons]
-    if r.skipped:
-        out.append("- skipped: " + "; ".join(f"{n} {why}" for why, n in r.skipped.items()))
-    out += [f"- note: {_md_cell(x)}" for x in r.notes]
-    return "\n".join(out) + "\n"
-
-
-# -- json ---------------------------------------------------------------------------------------------------------
-
-def render_json(r: Report) -> str:
-    return orjson.dumps(r.to_dict(), option=orjson.OPT_INDENT_2).decode() + "\n"
-
-
-# -- html ---------------------------------------------------------------------------------------------------------
-
-_CSS = """body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem;color:#1d1d1f}
-h1{font-size:1.3rem}h2{font-size:1.1rem;margin-top:2rem}table{border-collapse:collapse;margin:.5rem 0}
-th,td{padding:.25rem .7rem;border-bottom:1px solid #ddd;text-align:right}th:first-child,td:first-child{text-align:left}
-tr.failing td{background:#fde8e8;color:#9b1c1c;font-weight:600}tr.low-confidence td{color:#8a6d00;background:#fffbea}
-tr.mean td{font-weight:700;border-top:2px solid #333}.verdict.passed{color:#046c4e}.verdict.failed{color:#9b1c1c}
-.muted{color:#666}svg text{font:12px system-ui,sans-serif}"""
-
-
-def _svg_chart(c: CandidateReport, threshold: float) -> str:
-    rows = c.rows
-    label_w, bar_w, row_h = 190, 420, 34
-    height = 30 + row_h * len(rows) + 10
-    width = label_w + bar_w + 70
-    x = lambda v: label_w + v * bar_w  # noqa: E731
-    e = html.escape
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-             f'aria-label="pass rate per segment, {e(c.candidate)}">',
-             f'<text x="{label_w}" y="14" fill="#666">0</text><text x="{label_w + bar_w - 8}" y="14" fill="#666">1</text>',
-             '<rect x="{0}" y="6" width="10" height="10" fill="#9ca3af"/><text x="{1}" y="15">baseline</text>'.format(
-                 label_w + 30, label_w + 44),
-             '<rect x="{0}" y="6" width="10" height="10" fill="#2563eb"/><text x="{1}" y="15">candidate</text>'.format(
-                 label_w + 110, label_w + 124)]
-    for i, row in enumerate(rows):
-        y = 24 + i * row_h
-        colour = "#dc2626" if row.failing else "#d97706" if row.low_confidence else "#2563eb"
-        parts.append(f'<g class="seg" data-segment="{e(row.segment)}"><title>{e(row.segment)}: n={row.n}, before '
-                     f'{_rate(row.before)}, after {_after(row)}, delta {_delta(row.delta)}, '
-                     f'errored {e(_errored(row))}</title>')
-        parts.append(f'<text x="{label_w - 8}" y="{y + 18}" text-anchor="end">{e(row.segment[:28])}</text>')
-        if row.before is not None:
-            parts.append(f'<rect x="{label_w}" y="{y + 3}" width="{row.before * bar_w:.1f}" height="11" fill="#9ca3af"/>')
-        parts.append(f'<rect x="{label_w}" y="{y + 15}" width="{row.after * bar_w:.1f}" height="11" fill="{colour}"/>')
-        lo, hi = row.after_ci
-        parts.append(f'<line x1="{x(lo):.1f}" x2="{x(hi):.1f}" y1="{y + 20.5}" y2="{y + 20.5}" stroke="#111" '
-                     f'stroke-width="1.2"/>')
-        parts.append(f'<text x="{label_w + bar_w + 6}" y="{y + 25}">{_rate(row.after)}</text></g>')
-    tx = x(threshold)
-    parts.append(f'<line x1="{tx:.1f}" x2="{tx:.1f}" y1="20" y2="{height - 6}" stroke="#dc2626" '
-                 f'stroke-dasharray="4 3"><title>threshold {threshold:g}</title></line>')
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-def render_html(r: Report) -> str:
-    e = html.escape
-    body = [f"<h1>tagway replay <code>{e(r.run_id)}</code></h1>",
-            f'<p class="verdict {r.verdict}" id="verdict"><strong>Gate {e(r.verdict.upper() + _not_final(r))}'
-            '</strong> — '
-            f'{e(_gate_line(r))}</p>',
-            f'<p class="muted">segments by {e(", ".join(r.segment_by))}; baseline {e(r.baseline_mode)}; '
-            f'run {e(r.status)}; {r.n_cases} cases; {r.errored} errored</p>']
-    for c in r.candidates:
-        body.append(f'<section class="candidate" data-candidate="{e(c.candidate)}"><h2>{e(_title(c))}: '
-                    f'{e(c.verdict.status)}</h2>')
-        body.append(_svg_chart(c, float(r.gating.get("threshold", 0))))
-        body.append("<table><thead><tr><th>segment</th><th>n</th><th>before</th><th>after</th><th>delta</th>"
-                    "<th>95% CI before</th><th>95% CI after</th><th>errored</th><th></th></tr></thead><tbody>")
-        for row in c.rows:
-            cls = " ".join(x for x in ("failing" if row.failing else "", "low-confidence" if row.low_confidence
-                                       else "") if x)
-            bci = f"{row.before_ci[0]:.3f}–{row.before_ci[1]:.3f}" if row.before_ci else "—"
-            body.append(f'<tr class="{cls}" data-segment="{e(row.segment)}"><td>{e(row.segment)}</td><td>{row.n}</td>'
-                        f"<td>{_rate(row.before)}</td><td>{_after(row)}</td><td>{_delta(row.delta)}</td>"
-                        f"<td>{bci}</td><td>{_after_ci(row)}</td><td class=\"errored\">{e(_errored(row))}</td>"
-                        f"<td>{e(_mark(row))}</td></tr>")
-        o = c.overall
-        body.append(f'<tr class="mean{" failing" if o.failing else ""}"><td>{e(o.segment)}</td><td>{o.n}</td>'
-                    f"<td>{_rate(o.before)}</td><td>{_after(o)}</td><td>{_delta(o.delta)}</td><td></td>"
-                    f"<td>{_after_ci(o)}</td><td class=\"errored\">{e(_errored(o))}</td><td></td></tr></tbody></table>")
-        body.append(f'<p class="muted">cost ${c.cost_usd:.4f}</p></section>')
-    body.append(f'<h2>Verdict: <span class="verdict {r.verdict}">{e(r.verdict.upper())}</span></h2><ul id="reasons">')
-    body += [f"<li>{e(x)}</li>" for x in r.reasons]
-    if r.skipped:
-        body.append("<li>skipped: " + e("; ".join(f"{n} {why}" for why, n in r.skipped.items())) + "</li>")
-    body += [f"<li>note: {e(x)}</li>" for x in r.notes]
-    body.append("</ul>")
-    return ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>tagway replay "
-            f"{e(r.run_id)}</title><style>{_CSS}</style></head><body>" + "\n".join(body) + "</body></html>\n")
-
-
-FORMATS = {"table": render_terminal, "md": render_markdown, "json": render_json, "html": render_html}
-
-
-def render(r: Report, fmt: str) -> str:
-    try:
-        return FORMATS[fmt](r)
-    except KeyError:
-        raise ValueError(f"unknown format {fmt!r} (use {', '.join(FORMATS)})") from None
+    return {k: getattr(g, k) for k in ("alpha", "margin", "inconclusive", "errors") if hasattr(g, k)}

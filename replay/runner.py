@@ -135,7 +135,7 @@ def _prompt_version(case: Case, target: Target) -> str:
 class RunOutcome:
     results: list[ResultRow]
     cost_usd: float
-    complete: bool  # every item ran AND got a score (no errored result)
+    complete: bool  # every item ran (and, with errors: exclude, got a score: no errored result)
     stop_reason: str = ""
     pending: int = 0  # items not run (budget or stop)
     errored: int = 0  # items that ran but have no score (gateway error after retries, evaluator/judge failure)
@@ -279,10 +279,12 @@ class Runner:
                         tags=dict(case.tags), dataset_id=self.dataset_id, judge_version=self.judge_version,
                         latency_ms=ans.latency_ms, cost_usd=ans.cost_usd, input_tokens=ans.input_tokens,
                         output_tokens=ans.output_tokens, http_status=ans.http_status, attempts=ans.attempts)
-        if not ans.ok and not target.logged:
-            row.error = ans.error
+        if not ans.ok:
+            # an error is an outcome: the call (or, for a logged baseline, the production call) failed
+            row.error = ans.error if not target.logged else f"the production call errored ({case.baseline_status})"
             row.passed = None
-            self._check_fatal(target, model, ans)
+            if not target.logged:
+                self._check_fatal(target, model, ans)
             return row
         ctx = EvalContext(output=ans.text, message=ans.message, reference=case.baseline_text,
                           reference_tool_calls=case.baseline_message.get("tool_calls") or [],
@@ -376,7 +378,9 @@ class Runner:
                 await asyncio.shield(self.flush())
         left = len(items) - done
         errored = sum(1 for r in results if r.status == "errored")
-        return RunOutcome(results, self.spent, left == 0 and errored == 0, stop_reason if left else "", left, errored)
+        # with `errors: fail` an errored result is an outcome (a failed case); with `exclude` it still needs a score
+        scored = errored == 0 or self.spec.gating.errors == "fail"
+        return RunOutcome(results, self.spent, left == 0 and scored, stop_reason if left else "", left, errored)
 
 
 @contextlib.contextmanager

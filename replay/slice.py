@@ -21,7 +21,8 @@ from exporters.vocabulary import (COLUMNS, NON_PRODUCTION_SOURCES, TAG_PREFIX, F
 from .spec import Sampling, SliceSpec
 
 __all__ = ["NONE_SEGMENT", "PoolRow", "Sampled", "SampleResult", "Case", "EmptySliceError", "build_pool_query",
-           "build_content_query", "segment_of", "sample", "case_from_row", "select_slice", "fetch_cases"]
+           "build_content_query", "count_production_errors", "segment_of", "order_key", "sample", "case_from_row",
+           "sample_pool", "select_slice", "fetch_cases"]
 
 NONE_SEGMENT = "(none)"
 # the slice's own value-list filters: spec field -> llm_calls column
@@ -59,6 +60,16 @@ class SampleResult:
     selected: dict[str, int]
     skipped: dict[str, int]  # reason -> count
     notes: list[str] = dataclasses.field(default_factory=list)
+    groups: dict[str, list[PoolRow]] = dataclasses.field(default_factory=dict, repr=False)  # each in seeded order
+
+    def next_picks(self, draws: dict[str, int], drawn: set[str]) -> list[Sampled]:
+        """Escalation: the next `k` calls of each segment in the seeded order that were not drawn yet (stratified,
+        without replacement, deterministic under the seed)."""
+        out = []
+        for seg, k in sorted(draws.items()):
+            fresh = [r for r in self.groups.get(seg, []) if r.trace_id not in drawn]
+            out += [Sampled(r.trace_id, seg) for r in fresh[:k]]
+        return out
 
 
 # -- SQL ----------------------------------------------------------------------------------------------------------
@@ -69,9 +80,8 @@ def _window(s: SliceSpec, now: float) -> tuple[float | None, float | None]:
     return s.from_, s.to
 
 
-def build_pool_query(s: SliceSpec, *, now: float | None = None, table: str = "llm_calls") -> tuple[str, dict]:
-    """The light pool query. Returns (sql, parameters) for `Store.query`; no value is pasted into the SQL."""
-    now = time.time() if now is None else now
+def _conditions(s: SliceSpec, now: float, status: str) -> tuple[list[str], dict[str, Any]]:
+    """The slice's WHERE conditions and their parameters (every value a server-side parameter)."""
     where = ["operation = {operation:String}", "replay_run_id = ''"]
     params: dict[str, Any] = {"operation": s.operation}
     for key, column in _LIST_FILTERS.items():
@@ -89,9 +99,9 @@ def build_pool_query(s: SliceSpec, *, now: float | None = None, table: str = "ll
     elif not any(f.key == "source" for f in filters):
         where.append("source NOT IN {excluded_sources:Array(String)}")
         params["excluded_sources"] = list(NON_PRODUCTION_SOURCES)
-    if s.status != "any":
+    if status != "any":
         where.append("status = {status:String}")
-        params["status"] = s.status
+        params["status"] = status
     t_from, t_to = _window(s, now)
     if t_from is not None:
         where.append("Timestamp >= fromUnixTimestamp64Milli({t_from:Int64})")
@@ -99,12 +109,26 @@ def build_pool_query(s: SliceSpec, *, now: float | None = None, table: str = "ll
     if t_to is not None:
         where.append("Timestamp < fromUnixTimestamp64Milli({t_to:Int64})")
         params["t_to"] = int(t_to * 1000)
+    return where, params
+
+
+def build_pool_query(s: SliceSpec, *, now: float | None = None, table: str = "llm_calls") -> tuple[str, dict]:
+    """The light pool query. Returns (sql, parameters) for `Store.query`; no value is pasted into the SQL."""
+    where, params = _conditions(s, time.time() if now is None else now, s.status)
     params["pool_max"] = s.pool_max
     extra = "".join(f"toString({COLUMNS[k]}) AS seg_{k}, " for k in _extra_columns(s.segment_by))
     sql = (f"SELECT trace_id, customer, intent, prompt_version, model_requested AS model, {extra}tags, "
            f"request_json != '' AS has_content\nFROM {table}\nWHERE " + "\n  AND ".join(where) +
            "\nORDER BY Timestamp DESC\nLIMIT 1 BY trace_id\nLIMIT {pool_max:UInt32}")
     return sql, params
+
+
+def count_production_errors(store: Any, s: SliceSpec, *, now: float | None = None) -> int:
+    """Errored production calls that match the slice's filters and window (whatever its `status` says), for the
+    report header: errors are outcomes, so the reader sees how many a status filter left out."""
+    where, params = _conditions(s, time.time() if now is None else now, "error")
+    rows = store.query("SELECT uniqExact(trace_id) AS n FROM llm_calls WHERE " + " AND ".join(where), params)
+    return int(rows[0]["n"]) if rows else 0
 
 
 def _extra_columns(segment_by: Sequence[str]) -> list[str]:
@@ -137,7 +161,9 @@ def segment_of(row: PoolRow | Any, segment_by: Sequence[str]) -> str:
     return "/".join(values)
 
 
-def _order_key(seed: int, trace_id: str) -> bytes:
+def order_key(seed: int, trace_id: str) -> bytes:
+    """The sampler's seeded order of calls: a segment's sample is a prefix of its calls in this order, and
+    escalation draws the next ones (so every look is a prefix too)."""
     return hashlib.blake2b(f"{seed}:{trace_id}".encode(), digest_size=8).digest()
 
 
@@ -185,11 +211,11 @@ def sample(rows: Iterable[PoolRow], segment_by: Sequence[str], limit: int | None
             continue
         groups.setdefault(segment_of(r, segment_by), []).append(r)
     for g in groups.values():
-        g.sort(key=lambda r: _order_key(sampling.seed, r.trace_id))
+        g.sort(key=lambda r: order_key(sampling.seed, r.trace_id))
     available = {s: len(g) for s, g in sorted(groups.items())}
     notes: list[str] = []
     if sampling.mode == "uniform":
-        everything = sorted((r for g in groups.values() for r in g), key=lambda r: _order_key(sampling.seed, r.trace_id))
+        everything = sorted((r for g in groups.values() for r in g), key=lambda r: order_key(sampling.seed, r.trace_id))
         chosen = everything[:limit] if limit is not None else everything
         picked = [Sampled(r.trace_id, segment_of(r, segment_by)) for r in chosen]
     else:
@@ -208,7 +234,7 @@ def sample(rows: Iterable[PoolRow], segment_by: Sequence[str], limit: int | None
     for s, n in available.items():
         if n < sampling.min_per_segment and sampling.mode == "stratified":
             notes.append(f"segment {s!r} has only {n} replayable call(s) (floor {sampling.min_per_segment})")
-    return SampleResult(picked, available, selected, dict(skipped), notes)
+    return SampleResult(picked, available, selected, dict(skipped), notes, groups)
 
 
 # -- cases --------------------------------------------------------------------------------------------------------
@@ -295,16 +321,21 @@ def fetch_cases(store: Any, picked: Sequence[Sampled], *, chunk: int = 2000) -> 
     return cases, dict(skipped)
 
 
-def select_slice(store: Any, s: SliceSpec, *, now: float | None = None) -> tuple[list[Case], SampleResult]:
-    """Pool query -> sampler -> content query. Raises EmptySliceError when nothing is replayable."""
+def sample_pool(store: Any, s: SliceSpec, *, now: float | None = None) -> tuple[SampleResult, int]:
+    """Pool query -> sampler (no content yet). Returns the sample and how many calls matched the filters."""
     sql, params = build_pool_query(s, now=now)
     extra = _extra_columns(s.segment_by)
     pool = [PoolRow(r["trace_id"], r["customer"], r["intent"], r["prompt_version"], r["model"], dict(r["tags"] or {}),
                     bool(r["has_content"]), {k: str(r[f"seg_{k}"]) for k in extra}) for r in store.query(sql, params)]
-    result = sample(pool, s.segment_by, s.limit, s.sampling)
+    return sample(pool, s.segment_by, s.limit, s.sampling), len(pool)
+
+
+def select_slice(store: Any, s: SliceSpec, *, now: float | None = None) -> tuple[list[Case], SampleResult]:
+    """Pool query -> sampler -> content query. Raises EmptySliceError when nothing is replayable."""
+    result, matched = sample_pool(store, s, now=now)
     if not result.cases:
         why = "; ".join(f"{n} skipped: {r}" for r, n in result.skipped.items())
-        raise EmptySliceError(f"the slice matched no replayable call in llm_calls ({len(pool)} matched the filters"
+        raise EmptySliceError(f"the slice matched no replayable call in llm_calls ({matched} matched the filters"
                               f"{'; ' + why if why else ''})")
     cases, skipped = fetch_cases(store, result.cases)
     for reason, n in skipped.items():

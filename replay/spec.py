@@ -13,8 +13,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from exporters.vocabulary import parse_dimension, parse_duration, parse_filter, validate_tag_key
 from exporters.yamlfile import YamlFileError, load_mapping
 
+from .evaluators import EvaluatorSpec
+
 __all__ = [
     "SpecError", "Sampling", "SliceSpec", "PromptSpec", "Candidate", "Baseline", "EvaluatorSpec", "Gating",
+    "Escalation", "Families", "LEGACY_GATING", "LEGACY_GATING_HELP",
     "ReplaySpec", "load_spec", "load_spec_data", "apply_overrides", "parse_spec",
 ]
 
@@ -56,6 +59,7 @@ class SliceSpec(_Model):
     source: list[str] | None = None
     operation: str = "chat"
     status: Literal["ok", "error", "any"] = "ok"
+    include_errors: bool = False  # errored production calls are cases too (their baseline is a failure)
     since: str | None = None
     from_: float | None = Field(None, alias="from")  # epoch seconds, or an ISO timestamp in YAML
     to: float | None = None
@@ -128,6 +132,8 @@ class SliceSpec(_Model):
 
     @model_validator(mode="after")
     def _window(self) -> "SliceSpec":
+        if self.include_errors and self.status == "ok":
+            self.status = "any"
         if self.since and (self.from_ is not None or self.to is not None):
             raise ValueError("use either since or from/to, not both")
         if self.from_ is not None and self.to is not None and self.to <= self.from_:
@@ -186,44 +192,73 @@ class Baseline(_Model):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
-class EvaluatorSpec(BaseModel):
-    """One check, promptfoo-style: `type` (any type negated by a `not-` prefix), `value`, `threshold`, `weight`.
-    Type-specific options (rubric, judge_version, model, method, ...) are kept as extra fields."""
-    model_config = ConfigDict(extra="allow")
-    type: str
-    value: Any = None
-    threshold: float | None = None
-    weight: float = Field(1.0, ge=0)
-    metric: str | None = None  # a name for the evaluator in reports and tag rules (default: its type)
+class Escalation(_Model):
+    """More cases for segments the first sample cannot decide, drawn from production (stratified by segment,
+    without replacement, in the slice's seeded order) at looks planned up front (replay.gate.escalation). On by
+    default for slice runs (a dataset has no production to draw from); `enabled: false` turns it off."""
+    enabled: bool | None = None  # None: on for a slice, off for a dataset
+    max_cases: int = Field(2000, ge=1)  # extra cases for the whole run (each runs against every target)
+    max_cost: float | None = Field(None, gt=0)  # USD for the escalation's calls; the spec's max_cost still caps all
+    max_per_segment: int = Field(200, ge=1)
+    looks: int = Field(2, ge=1, le=10)  # extra looks per segment at most
+    trigger: Literal["drop", "inconclusive"] = "drop"
 
-    @field_validator("type")
+
+class Families(_Model):
+    """Segments grouped into families: `by` one of the slice's segment_by keys (a second level, e.g.
+    segment_by: [tier, customer], families: {by: tier}), or explicit `groups: {name: [segment, ...]}`."""
+    by: str | None = None
+    groups: dict[str, list[str]] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
     @classmethod
-    def _known(cls, v: str) -> str:
-        from .evaluators import HANDLERS, base_type
-        if base_type(v) not in HANDLERS:
-            raise ValueError(f"unknown evaluator type {v!r} (known: {', '.join(sorted(HANDLERS))}; any with not-)")
-        return v
+    def _shorthand(cls, data: Any) -> Any:
+        # `families: {enterprise: [acme, globex], smb: [initech]}` is a shorthand for `groups:`
+        if isinstance(data, dict) and data and "by" not in data and "groups" not in data:
+            return {"groups": data}
+        return data
 
     @model_validator(mode="after")
-    def _per_type(self) -> "EvaluatorSpec":
-        from .evaluators import check_spec
-        check_spec(self)
+    def _one(self) -> "Families":
+        if (self.by is None) == (not self.groups):
+            raise ValueError("give either by: KEY or groups of segments")
+        seen: dict[str, str] = {}
+        for fam, members in self.groups.items():
+            for m in members:
+                if m in seen:
+                    raise ValueError(f"segment {m!r} is in two families ({seen[m]}, {fam})")
+                seen[m] = fam
         return self
 
-    @property
-    def name(self) -> str:
-        return self.metric or self.type
 
-    def option(self, key: str, default: Any = None) -> Any:
-        return (self.model_extra or {}).get(key, default)
+# The rule the paired gate replaced; a spec or flag still using these keys gets this, not a silent other meaning.
+LEGACY_GATING = ("aggregate", "threshold", "max_drop", "min_cases_per_segment")
+LEGACY_GATING_HELP = (
+    "the gate is now paired and significance-aware (README, 'Gate a replay'): a segment is a regression when its "
+    "drop beyond `margin` is significant at `alpha` across all segments (Holm); use gating.margin where you had "
+    "max_drop, and remove aggregate, threshold and min_cases_per_segment")
 
 
 class Gating(_Model):
+    """The paired gate (replay.gate): per segment the exact sign test on the flipped cases, Holm across segments
+    (or families), verdicts regression / ok / inconclusive. `alpha` bounds the chance of calling any segment a
+    regression when none got worse; `margin` is the drop a segment may show before it counts."""
     metric: Literal["pass_rate"] = "pass_rate"
-    aggregate: Literal["min_segment", "mean"] = "min_segment"
-    threshold: float = Field(0.85, ge=0, le=1)
-    max_drop: float | None = Field(None, ge=0, le=1)
-    min_cases_per_segment: int = Field(20, ge=1)
+    alpha: float = Field(0.05, gt=0, lt=0.5)
+    margin: float = Field(0.05, ge=0, lt=1)
+    inconclusive: Literal["block", "pass"] = "pass"  # exit 0 with the inconclusive segments listed, or exit 4
+    errors: Literal["fail", "exclude"] = "fail"  # an errored result is a failed case, or left out of the test
+    families: Families | None = None
+    escalation: Escalation = Field(default_factory=Escalation)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            old = [k for k in LEGACY_GATING if k in data]
+            if old:
+                raise ValueError(f"{', '.join(old)}: no longer used: {LEGACY_GATING_HELP}")
+        return data
 
 
 class ReplaySpec(_Model):
@@ -248,16 +283,37 @@ class ReplaySpec(_Model):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"duplicate candidate name(s): {', '.join(sorted(dup))}")
+        fam = self.gating.families
+        if fam is not None and fam.by is not None:
+            if fam.by not in self.segment_by or len(self.segment_by) < 2:
+                raise ValueError(f"gating.families.by: unknown family dimension {fam.by!r} (use one of the slice's "
+                                 f"segment_by keys, with a second key to segment by: {', '.join(self.segment_by)})")
+        if self.gating.escalation.enabled is True and self.slice is None:
+            raise ValueError("gating.escalation draws more cases from production: it needs a slice, not a dataset")
         return self
+
+    def family_of(self, segment: str) -> str | None:
+        """The family a segment belongs to (None without families); segments outside every group form "(other)"."""
+        fam = self.gating.families
+        if fam is None:
+            return None
+        if fam.by is not None:
+            parts = segment.split("/")
+            i = self.segment_by.index(fam.by)
+            return parts[i] if len(parts) == len(self.segment_by) else "(other)"
+        return next((name for name, members in fam.groups.items() if segment in members), "(other)")
 
     @property
     def segment_by(self) -> list[str]:
         return self.slice.segment_by if self.slice else ["segment"]
 
     @property
+    def escalates(self) -> bool:
+        return self.slice is not None and self.gating.escalation.enabled is not False
+
+    @property
     def judge_version(self) -> str:
-        return ",".join(sorted({str(e.option("judge_version")) for e in self.evaluators
-                                if e.type.removeprefix("not-") == "llm_judge"}))
+        return ",".join(sorted({str(e.option("judge_version")) for e in self.evaluators if e.kind == "llm_judge"}))
 
 
 def _one_line(e: ValidationError, source: str) -> str:
@@ -294,10 +350,10 @@ def _parse_tag_flags(values: list[str]) -> dict[str, str]:
 def apply_overrides(data: dict, *, customer: list[str] | None = None, intent: list[str] | None = None,
                     tags: list[str] | None = None, since: str | None = None, segment_by: str | None = None,
                     limit: int | None = None, dataset: str | None = None, candidate_models: list[str] | None = None,
-                    gate_aggregate: str | None = None, threshold: float | None = None, max_drop: float | None = None,
-                    min_cases: int | None = None, max_cost: float | None = None,
-                    concurrency: int | None = None) -> dict:
-    """CLI flags onto the raw spec mapping (before validation, so flags are validated like the file)."""
+                    gating: dict[str, Any] | None = None, escalation: dict[str, Any] | None = None,
+                    max_cost: float | None = None, concurrency: int | None = None) -> dict:
+    """CLI flags onto the raw spec mapping (before validation, so flags are validated like the file). `gating` and
+    `escalation` hold the gate flags that were given (None values are dropped)."""
     data = {**data}
     if dataset is not None:
         data.pop("slice", None)
@@ -326,10 +382,13 @@ def apply_overrides(data: dict, *, customer: list[str] | None = None, intent: li
                         if k in ("prompt", "params")}
             data["candidates"] = [{**template, "name": re.sub(r"[^A-Za-z0-9_.:@+-]", "-", m)[:64], "model": m}
                                   for m in candidate_models]
-    gate = {k: v for k, v in {"aggregate": gate_aggregate, "threshold": threshold, "max_drop": max_drop,
-                              "min_cases_per_segment": min_cases}.items() if v is not None}
-    if gate:
-        data["gating"] = {**(data.get("gating") or {}), **gate}
+    gate = {k: v for k, v in (gating or {}).items() if v is not None}
+    esc = {k: v for k, v in (escalation or {}).items() if v is not None}
+    if gate or esc:
+        merged = {**(data.get("gating") or {}), **gate}
+        if esc:
+            merged["escalation"] = {**(merged.get("escalation") or {}), **esc}
+        data["gating"] = merged
     if max_cost is not None:
         data["max_cost"] = max_cost
     if concurrency is not None:

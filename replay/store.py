@@ -16,8 +16,11 @@ from typing import Any, Iterable
 
 import orjson
 
+from exporters.genai_messages import from_semconv_input, loads_or_empty
+from exporters.vocabulary import COLUMNS
+
 __all__ = ["ResultRow", "RunRow", "write_results", "read_results", "done_keys", "write_run", "get_run", "list_runs",
-           "RESULT_COLUMNS", "JOIN_SQL"]
+           "case_inputs", "call_attributes", "RESULT_COLUMNS", "JOIN_SQL"]
 
 
 @dataclasses.dataclass
@@ -142,6 +145,49 @@ def get_run(store: Any, run_id: str) -> RunRow | None:
 def list_runs(store: Any, limit: int = 20) -> list[RunRow]:
     rows = store.query(_run_select("") + " ORDER BY created_at DESC LIMIT {limit:UInt32}", {"limit": limit})
     return [RunRow(**{**r, "candidates": list(r["candidates"]), "segment_by": list(r["segment_by"])}) for r in rows]
+
+
+def _last_user_text(request_json: str) -> str:
+    msgs = from_semconv_input(None, loads_or_empty(request_json) or [])
+    for m in reversed(msgs):
+        if m.get("role") == "user":
+            c = m.get("content")
+            return c if isinstance(c, str) else " ".join(p.get("text", "") for p in c or [] if isinstance(p, dict))
+    return ""
+
+
+def case_inputs(store: Any, case_ids: Iterable[str], *, chunk: int = 2000) -> dict[str, str]:
+    """The last user message of each original call (for the flipped cases of a report); calls past their TTL are
+    simply absent."""
+    ids = sorted(set(case_ids))
+    out: dict[str, str] = {}
+    for i in range(0, len(ids), chunk):
+        rows = store.query("SELECT trace_id, any(request_json) AS request_json FROM llm_calls WHERE trace_id IN "
+                           "{ids:Array(String)} AND replay_run_id = '' GROUP BY trace_id", {"ids": ids[i:i + chunk]})
+        for r in rows:
+            try:
+                out[r["trace_id"]] = _last_user_text(r["request_json"])
+            except (TypeError, ValueError, AttributeError):
+                out[r["trace_id"]] = ""
+    return out
+
+
+def call_attributes(store: Any, case_ids: Iterable[str], *, chunk: int = 2000) -> list[dict]:
+    """What `replay discover` slices by, for each original call: every vocabulary column (by its vocabulary name),
+    tags, token counts, latency, and the number of user turns (None when content was not captured)."""
+    cols = ", ".join(f"toString(any({col})) AS {name}" for name, col in COLUMNS.items())
+    turns = ("any(if(request_json = '', NULL, arrayCount(x -> JSONExtractString(x, 'role') = 'user', "
+             "JSONExtractArrayRaw(request_json)))) AS turns")
+    ids = sorted(set(case_ids))
+    out: list[dict] = []
+    for i in range(0, len(ids), chunk):
+        out += store.query(f"SELECT trace_id, {cols}, any(tags) AS tags, any(input_tokens) AS input_tokens, "
+                           f"any(output_tokens) AS output_tokens, any(latency_ms) AS latency_ms, {turns} "
+                           "FROM llm_calls WHERE trace_id IN {ids:Array(String)} AND replay_run_id = '' "
+                           "GROUP BY trace_id", {"ids": ids[i:i + chunk]})
+    for r in out:
+        r["tags"] = dict(r["tags"] or {})
+    return out
 
 
 # The join the keys exist for: each replayed case beside the production call it came from (and the replayed call).

@@ -26,7 +26,8 @@ Answer = Callable[[str, dict], str]
 
 class FakeLLM(ThreadedServer):
     """aiohttp on 127.0.0.1 in a thread. Unknown model -> 404 model_not_found; wrong key -> 401 (when a key is
-    required); `fail_once[case_id] = status` answers that status once; `delay` seconds per call."""
+    required); `fail_once[case_id] = status` answers that status once, `fail_always[model] = status` every time;
+    `delay` seconds per call."""
 
     def __init__(self, answers: dict[str, Answer], *, cost: float = 0.001, delay: float = 0.0,
                  require_key: str | None = API_KEY) -> None:
@@ -35,6 +36,7 @@ class FakeLLM(ThreadedServer):
         self.delay = delay
         self.require_key = require_key
         self.fail_once: dict[str, int] = {}
+        self.fail_always: dict[str, int] = {}  # model -> the status every call to it answers
         self.requests: list[dict[str, Any]] = []
         self.in_flight = 0
         self.max_in_flight = 0
@@ -70,6 +72,8 @@ class FakeLLM(ThreadedServer):
             if case in self.fail_once:
                 return self._error(self.fail_once.pop(case), "try again later")
             model = body.get("model", "")
+            if model in self.fail_always:
+                return self._error(self.fail_always[model], f"{model} is broken", "server_error")
             if model not in self.answers:
                 return self._error(404, f"The model `{model}` does not exist", "model_not_found")
             text = self.answers[model](last_user(body.get("messages")), headers)
@@ -88,14 +92,15 @@ class FakeLLM(ThreadedServer):
 def call_span(*, customer: str, intent: str, user: str, answer: str, model: str = "prod-model",
               prompt_version: str = "v1", tags: dict[str, str] | None = None, system: str = "You are helpful.",
               params: dict | None = None, capture: bool = True, status: str = "Ok", latency_ms: float = 300.0,
-              cost: float = 0.0005, source: str = "production", at: float | None = None) -> dict:
+              cost: float = 0.0005, source: str = "production", at: float | None = None,
+              input_tokens: int = 12) -> dict:
     """One `otel_traces` row shaped like the gateway's call span (attributes as strings, as the Collector writes)."""
     sys_parts, inputs = to_semconv_input([{"role": "system", "content": system}, {"role": "user", "content": user}])
     output = choices_to_semconv_output([{"message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}])
     attrs = {sc.KIND: "call", sc.OPERATION: "chat", sc.REQUEST_MODEL: model, sc.REQUESTED_MODEL: model,
              sc.RESPONSE_MODEL: model, sc.PROVIDER: "openai", sc.CUSTOMER: customer, sc.INTENT: intent,
              sc.PROMPT_VERSION: prompt_version, sc.SOURCE: source, sc.COST_USD: str(cost),
-             sc.INPUT_TOKENS: "12", sc.OUTPUT_TOKENS: str(len(answer.split())), sc.REQUEST_STREAM: "false",
+             sc.INPUT_TOKENS: str(input_tokens), sc.OUTPUT_TOKENS: str(len(answer.split())), sc.REQUEST_STREAM: "false",
              sc.REQUEST_PARAMS: orjson.dumps(params or {"temperature": 0.7}).decode(), sc.HTTP_STATUS: "200"}
     for k, v in (tags or {}).items():
         attrs[sc.TAG_PREFIX + k] = v

@@ -1,4 +1,4 @@
-"""`tagway replay` commands end to end on chDB and a real HTTP server playing the gateway: exit codes 0/1/2/3,
+"""`tagway replay` commands end to end on chDB and a real HTTP server playing the gateway: exit codes 0/1/2/3/4,
 one-line errors, flags overriding the spec, report / resume / dataset commands."""
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ def invoke(*args: str):
 
 @pytest.fixture()
 def world(chdb_store, tmp_path):
-    """Two customers: the candidate is better for `b` and worse for `a`; a spec file; a fake gateway."""
+    """Two customers: the candidate is better for `b` (15/20 -> 20/20) and worse for `a` (20/20 -> 10/20); a spec
+    file (the default gate); a fake gateway."""
     a, b = unique("acme"), unique("globex")
     spans = []
     for i in range(20):
@@ -34,13 +35,12 @@ def world(chdb_store, tmp_path):
 
     def cand(user: str, headers: dict) -> str:
         n = int(user.split("#")[-1])
-        return "denied" if headers.get("x-tagway-customer") == a and n % 4 == 0 else "approved"
+        return "denied" if headers.get("x-tagway-customer") == a and n % 2 == 0 else "approved"
 
     spec = {"slice": {"customer": [a, b], "since": "1h", "segment_by": ["customer"],
                       "sampling": {"min_per_segment": 10, "seed": 3}},
             "candidates": [{"name": "cand", "model": "cand-model"}],
-            "evaluators": [{"type": "icontains", "value": "approved"}],
-            "gating": {"aggregate": "min_segment", "threshold": 0.85, "min_cases_per_segment": 10}}
+            "evaluators": [{"type": "icontains", "value": "approved"}]}
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     with FakeLLM({"cand-model": cand}) as gw:
@@ -48,40 +48,52 @@ def world(chdb_store, tmp_path):
                "common": ["--dsn", chdb_store.dsn, "--gateway", gw.url, "--api-key", API_KEY, "--no-progress"]}
 
 
-def test_min_segment_gate_fails_with_exit_1_and_names_the_segment(world):
+def test_a_significant_drop_is_a_regression_exit_1_with_its_flipped_cases(world):
     md = world["tmp"] / "report.md"
     res = invoke("run", "--spec", world["spec"], *world["common"], "--format", "md", "--out", md)
     assert res.exit_code == 1, res.output
-    row = next(line for line in res.output.splitlines() if world["a"] in line and "0.750" in line)
-    assert "1.000" in row and "-0.250" in row and "❌" in row
+    row = next(line for line in res.output.splitlines() if world["a"] in line and "0.500" in line)
+    assert "1.000" in row and "-0.500" in row and "↓10 ↑0" in row and "regression" in row
     text = md.read_text()
-    assert f"| {world['a']} | 20 | 1.000 | 0.750 | -0.250 |" in text and "**Verdict: FAILED**" in text
+    assert text.startswith(f"### tagway replay `") and "gate REGRESSION, exit 1" in text
+    assert f"| {world['a']} | 20 | 1.000 | 0.500 | -0.500 |" in text and "**Verdict: REGRESSION** (exit 1)" in text
     assert f"| {world['b']} | 20 | 0.750 | 1.000 | +0.250 |" in text
+    assert f"Flipped cases in <b>{world['a']}</b> (regression: 10 pass→fail, 0 fail→pass; showing 10 of 10)" in text
+    flip = next(line for line in text.splitlines() if line.startswith("| pass->fail |"))
+    assert "refund #" in flip and "| approved | denied |" in flip and "icontains: missing ['approved']" in flip
+    assert "errored production call(s) in the slice left out (include_errors: false)" in text
 
 
-def test_mean_gate_passes_and_flags_override_the_spec(world):
-    res = invoke("run", "--spec", world["spec"], *world["common"], "--gate-aggregate", "mean", "--format", "json")
+def test_exit_0_when_no_segment_drops_and_flags_override_the_spec(world):
+    res = invoke("run", "--spec", world["spec"], *world["common"], "--customer", world["b"], "--format", "json")
     assert res.exit_code == 0, res.output
     report = orjson.loads(res.output[res.output.index("{"):])
-    assert report["verdict"] == "passed" and report["gating"]["aggregate"] == "mean"
-    assert report["candidates"][0]["overall"]["n"] == 40
-
-    res = invoke("run", "--spec", world["spec"], *world["common"], "--customer", world["b"], "--threshold", "0.9",
-                 "--format", "json")
-    assert res.exit_code == 0, res.output
-    report = orjson.loads(res.output[res.output.index("{"):])
+    assert report["verdict"] == "passed" and report["exit_code"] == 0 and report["passed"] is True
     assert [r["segment"] for r in report["candidates"][0]["rows"]] == [world["b"]]
+    assert report["candidates"][0]["rows"][0]["verdict"] == "ok"
+
+    res = invoke("run", "--spec", world["spec"], *world["common"], "--margin", "0.6", "--alpha", "0.01",
+                 "--format", "json")
+    assert res.exit_code == 0, res.output  # a's drop of 0.5 is within a margin of 0.6
+    report = orjson.loads(res.output[res.output.index("{"):])
+    assert report["gating"]["margin"] == 0.6 and report["gating"]["alpha"] == 0.01
 
 
-def test_report_rebuilds_and_regates_a_run(world):
+def test_report_rebuilds_and_regates_a_run_exit_4_when_inconclusive(world):
     res = invoke("run", "--spec", world["spec"], *world["common"], "--run-id", unique("run"), "--format", "json")
     run_id = orjson.loads(res.output[res.output.index("{"):])["run_id"]
     res = invoke("report", run_id, "--dsn", world["dsn"], "--format", "md")
-    assert res.exit_code == 1 and world["a"] in res.output and "FAILED" in res.output
-    res = invoke("report", run_id, "--dsn", world["dsn"], "--gate-aggregate", "mean", "--format", "html",
-                 "--out", world["tmp"] / "r.html")
-    assert res.exit_code == 0
-    assert f'data-segment="{world["a"]}"' in (world["tmp"] / "r.html").read_text()
+    assert res.exit_code == 1 and world["a"] in res.output and "REGRESSION" in res.output
+    # at alpha 1e-4 the same 10 flips (p = 0.5**10, x2 for Holm) are not enough: inconclusive, exit 4 ...
+    res = invoke("report", run_id, "--dsn", world["dsn"], "--alpha", "0.0001", "--inconclusive", "block",
+                 "--format", "html", "--out", world["tmp"] / "r.html")
+    assert res.exit_code == 4, res.output
+    page = (world["tmp"] / "r.html").read_text()
+    assert f'<tr class="inconclusive" data-segment="{world["a"]}">' in page and "gate INCONCLUSIVE, exit 4" in page
+    assert page.count('<tr class="flip"') == 10
+    # ... when `inconclusive: block`; with `pass` (the default) it is exit 0, the segment still listed
+    res = invoke("report", run_id, "--dsn", world["dsn"], "--alpha", "0.0001", "--format", "md")
+    assert res.exit_code == 0 and f"| {world['a']} | 20 |" in res.output and "inconclusive (~" in res.output
 
 
 def test_budget_makes_the_run_incomplete_and_resume_finishes_it(world):
@@ -92,7 +104,7 @@ def test_budget_makes_the_run_incomplete_and_resume_finishes_it(world):
     assert "budget reached" in res.output and "incomplete" in res.output
     sent = len(world["gw"].chat_requests())
     res = invoke("resume", run_id, *world["common"], "--max-cost", "1")
-    assert res.exit_code == 1, res.output  # complete now, and the gate fails on customer a
+    assert res.exit_code == 1, res.output  # complete now, and a regression on customer a
     assert len(world["gw"].chat_requests()) == 40 and sent == 10
 
 
@@ -121,7 +133,13 @@ def test_datasets_pin_a_slice(world):
     (["--tag", "region"], "--tag 'region': expected key=value"),
     (["--segment-by", "customer,colour"], "unknown group-by column 'colour'"),
     (["--customer", "nobody-at-all"], "the slice matched no replayable call"),
-    (["--gate-aggregate", "median"], "gating.aggregate"),
+    (["--gate-aggregate", "mean"], "--gate-aggregate: no longer used: the gate is now paired"),
+    (["--max-drop", "0.05"], "--max-drop: no longer used (--margin replaces --max-drop)"),
+    (["--alpha", "0.7"], "gating.alpha: Input should be less than 0.5"),
+    (["--alpha", "0"], "gating.alpha: Input should be greater than 0"),
+    (["--margin", "-0.1"], "gating.margin: Input should be greater than or equal to 0"),
+    (["--inconclusive", "maybe"], "gating.inconclusive: Input should be 'block' or 'pass'"),
+    (["--escalate", "--escalation-max-cases", "0"], "gating.escalation.max_cases: Input should be greater than"),
     (["--format", "pdf"], "--format 'pdf'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(world, args, message):
@@ -139,6 +157,13 @@ def test_bad_spec_file_and_unknown_run(world, tmp_path):
     bad.write_text(yaml.safe_dump({"slice": {}, "candidates": [], "evaluators": [{"type": "contains", "value": 1}]}))
     res = invoke("run", "--spec", bad, *world["common"])
     assert res.exit_code == 2 and "candidates: List should have at least 1 item" in res.output
+    spec = yaml.safe_load(world["spec"].read_text())
+    spec["gating"] = {"aggregate": "min_segment", "threshold": 0.85, "min_cases_per_segment": 20}
+    bad.write_text(yaml.safe_dump(spec))
+    res = invoke("run", "--spec", bad, *world["common"])
+    line = _one_error_line(res)
+    assert res.exit_code == 2 and "gating: aggregate, threshold, min_cases_per_segment: no longer used" in line
+    assert "use gating.margin where you had max_drop" in line and not world["gw"].chat_requests()
     assert invoke("resume", "no-such-run", *world["common"]).exit_code == 2
 
 
@@ -247,11 +272,12 @@ def test_resume_validates_its_limits(world, args, message):
     assert len(world["gw"].chat_requests()) == sent
 
 
-def test_errored_cases_make_exit_3_and_plain_resume_retries_them(world):
-    """A 503 outage on 6 of a's cases (no retries): exit 3 with the count and the command that retries them, the
-    errored column in the report, and `resume` without flags re-runs just those 6."""
+def test_errored_cases_excluded_make_exit_3_and_plain_resume_retries_them(world):
+    """errors: exclude. A 503 outage on 6 of b's cases (no retries): exit 3 with the count and the command that
+    retries them, the errored column in the report, and `resume` without flags re-runs just those 6."""
     spec = yaml.safe_load(world["spec"].read_text())
     spec["retries"] = 0
+    spec["gating"] = {"errors": "exclude"}
     path = world["tmp"] / "no-retry.yaml"
     path.write_text(yaml.safe_dump(spec))
     gw = world["gw"]
@@ -260,14 +286,14 @@ def test_errored_cases_make_exit_3_and_plain_resume_retries_them(world):
     run_id = unique("err")
     res = invoke("run", "--spec", path, *world["common"], "--run-id", run_id, "--format", "md")
     assert res.exit_code == 3, res.output
-    assert f"| {world['b']} | 14 |" in res.output and "| 6 |" in res.output
+    assert f"| {world['b']} | 14 |" in res.output and "| 6, 6 left out |" in res.output
     assert (f"run {run_id} incomplete: 6 errored case result(s) not counted; `tagway replay resume {run_id}` "
             "retries them") in res.output
     sent = len(gw.chat_requests())
     res = invoke("resume", run_id, *world["common"], "--no-retry-errored")
     assert res.exit_code == 3 and len(gw.chat_requests()) == sent
     res = invoke("resume", run_id, *world["common"], "--format", "json")
-    assert res.exit_code == 1, res.output  # complete; the gate fails on customer a as in the first test
+    assert res.exit_code == 1, res.output  # complete; a regression on customer a as in the first test
     assert sorted(r["headers"]["x-tagway-replay-case-id"] for r in gw.chat_requests()[sent:]) == sorted(outage)
     d = orjson.loads(res.output[res.output.index("{"):])
     assert d["status"] == "complete" and d["errored"] == 0 and d["candidates"][0]["overall"]["n"] == 40

@@ -1,4 +1,5 @@
-"""Pure aggregation, Wilson intervals, the gate (seed 001's numbers) and the four renderers."""
+"""Pure aggregation into the paired per-segment report (seed 001's numbers), errors as outcomes, each exit code, the
+flipped cases, families, and the four renderers."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,8 +9,9 @@ import subprocess
 import orjson
 import pytest
 
-from replay.gate import evaluate_gate
-from replay.report import aggregate, render_html, render_json, render_markdown, render_terminal, wilson
+from replay.gate import SegmentPlan
+from replay.render import render_html, render_json, render_markdown, render_terminal
+from replay.report import aggregate
 from replay.spec import Gating
 
 
@@ -20,9 +22,13 @@ class R:
     segment: str
     status: str
     cost_usd: float = 0.0
+    error: str = ""
+    output: str = ""
+    evaluations: list = dataclasses.field(default_factory=list)
 
 
-# seed 001: segment -> (n, baseline passes, candidate passes)
+# seed 001: segment -> (n, baseline passes, candidate passes); outcomes nested (a case the candidate passes, the
+# baseline passed too), so refund_flow has 7 pass->fail flips and none back
 SEED_001 = {"refund_flow": (47, 43, 36), "invoice_parse": (210, 176, 191), "contract_review": (156, 138, 139),
             "escalation_route": (89, 74, 77), "other": (698, 613, 607), "tiny": (6, 6, 3)}
 
@@ -31,159 +37,189 @@ def results(spec: dict[str, tuple[int, int, int]], candidate: str = "cand") -> l
     out = []
     for seg, (n, before, after) in spec.items():
         for i in range(n):
-            cid = f"{seg}-{i}"
-            out.append(R("baseline", cid, seg, "passed" if i < before else "failed"))
-            out.append(R(candidate, cid, seg, "passed" if i < after else "failed", 0.001))
+            cid = f"{seg}-{i:03d}"
+            out.append(R("baseline", cid, seg, "passed" if i < before else "failed", output=f"old answer {i}"))
+            out.append(R(candidate, cid, seg, "passed" if i < after else "failed", 0.001, output=f"new answer {i}",
+                         evaluations=[] if i < after else [{"name": "icontains", "passed": False,
+                                                            "reason": "missing ['refund']"}]))
     return out
 
 
-def test_wilson_known_values():
-    assert wilson(0, 0) == (0.0, 1.0)
-    lo, hi = wilson(5, 10)
-    assert (round(lo, 4), round(hi, 4)) == (0.2366, 0.7634)
-    lo, hi = wilson(0, 10)
-    assert (round(lo, 4), round(hi, 4)) == (0.0, 0.2775)
-    lo, hi = wilson(10, 10)
-    assert (round(lo, 4), round(hi, 4)) == (0.7225, 1.0)
-    lo, hi = wilson(43, 47)
-    assert (round(lo, 4), round(hi, 4)) == (0.8007, 0.9664)
-
-
-def test_seed_001_min_segment_fails_on_refund_while_the_mean_passes():
-    rows = results(SEED_001)
-    strict = aggregate(rows, Gating(aggregate="min_segment", threshold=0.85, min_cases_per_segment=20))
-    c = strict.candidates[0]
-    refund = next(r for r in c.rows if r.segment == "refund_flow")
-    assert (refund.n, refund.before_pass, refund.after_pass) == (47, 43, 36)
+def test_seed_001_refund_flow_is_a_regression_the_pooled_rate_hides():
+    r = aggregate(results(SEED_001), Gating(), inputs={"refund_flow-036": "Where is my refund?"})
+    c = r.candidates[0]
+    seg = {row.segment: row for row in c.rows}
+    refund = seg["refund_flow"]
+    assert (refund.n, refund.before_pass, refund.after_pass, refund.pass_fail, refund.fail_pass) == (47, 43, 36, 7, 0)
     assert round(refund.before, 3) == 0.915 and round(refund.after, 3) == 0.766 and round(refund.delta, 3) == -0.149
-    assert refund.failing and not refund.low_confidence
-    assert not strict.passed and c.verdict.failing == ["refund_flow"]
-    assert any("refund_flow: pass rate 0.766 < threshold 0.85" in x for x in strict.reasons)
-    tiny = next(r for r in c.rows if r.segment == "tiny")
-    assert tiny.low_confidence and not tiny.failing  # 3/6 = 0.5 but n < 20: printed, not gated
-    assert c.verdict.low_confidence == ["tiny"]
-    assert c.overall.n == 1206 and c.overall.after >= 0.85 and c.overall.delta > 0
-
-    lenient = aggregate(rows, Gating(aggregate="mean", threshold=0.85, min_cases_per_segment=20))
-    assert lenient.passed
-    assert any("not gated (aggregate=mean), below threshold: refund_flow" in x for x in lenient.reasons)
-
-
-def test_max_drop_fails_even_with_the_mean_aggregate():
-    rows = results(SEED_001)
-    r = aggregate(rows, Gating(aggregate="mean", threshold=0.5, max_drop=0.10, min_cases_per_segment=20))
-    assert not r.passed and r.candidates[0].verdict.failing == ["refund_flow"]
-    assert any("dropped -0.149 vs baseline, more than max_drop 0.1" in x for x in r.reasons)
-
-
-def test_gate_with_nothing_to_gate_on_fails():
-    r = aggregate(results({"a": (5, 5, 5)}), Gating(min_cases_per_segment=20))
-    assert not r.passed and "nothing to gate on" in r.reasons[0]
+    # exact one-sided sign test: 7 flips down of 7 -> p = 1/128; Holm across 6 segments -> 6/128 = 0.047 <= 0.05
+    assert refund.p_value == pytest.approx(1 / 128) and refund.p_adjusted == pytest.approx(6 / 128)
+    assert refund.verdict == "regression" and refund.delta_ci[1] < 0 < refund.delta_ci[1] + 1
+    lo, hi = refund.before_ci
+    assert (round(lo, 4), round(hi, 4)) == (0.8007, 0.9664)  # Wilson, 43/47
+    assert seg["tiny"].verdict == "inconclusive" and seg["tiny"].more_cases > 0  # 6 -> 3 on 6 cases: p = 1/8
+    assert seg["invoice_parse"].verdict == "ok" and seg["other"].verdict == "ok"  # -0.009 is within the margin
+    assert c.overall.n == 1206 and c.overall.after > c.overall.before  # the pooled rate went up
+    assert r.verdict == "regression" and r.exit_code == 1 and c.status == "regression"
+    # the wound: the 7 flipped cases, with their input, both answers and the failing check
+    assert refund.flips_total == 7 and [f.case_id for f in refund.flips] == [f"refund_flow-{i:03d}" for i in range(36, 43)]
+    first = refund.flips[0]
+    assert (first.direction, first.input, first.baseline, first.candidate) == (
+        "pass->fail", "Where is my refund?", "old answer 36", "new answer 36")
+    assert first.reasons == "icontains: missing ['refund']"
+    assert not seg["other"].flips  # ok segments list none
+    assert any(x.startswith("segment refund_flow: regression: dropped 0.149 > margin 0.05, significant") for x in
+               r.reasons)
+    assert any(x.startswith("segment tiny: inconclusive:") and "more case(s) would decide it" in x for x in r.reasons)
 
 
-def test_gate_is_pure_on_plain_rows():
-    @dataclasses.dataclass
-    class S:
-        segment: str
-        n: int
-        before: float | None
-        after: float
+@pytest.mark.parametrize("gating,status,code", [
+    (dict(), "complete", 1),  # regression
+    (dict(alpha=0.01), "complete", 0),  # 6/128 > 0.01: refund and tiny inconclusive, which pass by default ...
+    (dict(alpha=0.01, inconclusive="block"), "complete", 4),  # ... or block
+    (dict(margin=0.2), "complete", 4 - 4),  # no drop beyond 0.2 except tiny's (inconclusive, passes)
+    (dict(margin=0.2, inconclusive="block"), "complete", 4),
+    (dict(), "incomplete", 3),
+])
+def test_exit_codes(gating, status, code):
+    r = aggregate(results(SEED_001), Gating(**gating), status=status)
+    assert r.exit_code == code and r.passed is (code == 0)
 
-    v = evaluate_gate([S("a", 30, 0.9, 0.9), S("b", 30, None, 0.86)], S("mean", 60, None, 0.88),
-                      Gating(threshold=0.85, max_drop=0.05))
-    assert v.passed and v.status == "passed" and "worst segment b" in v.reasons[0]
+
+def test_errors_fail_by_default_or_are_left_out():
+    rows = results({"a": (30, 30, 30)})
+    for x in rows[1:20:2]:  # 10 candidate results errored
+        x.status, x.error = "errored", "HTTP 503: try again later"
+    failed = aggregate(rows, Gating(), run_id="r")
+    row = failed.candidates[0].rows[0]
+    assert (row.n, row.after_pass, row.errored, row.pass_fail) == (30, 20, 10, 10) and row.verdict == "regression"
+    assert failed.status == "complete" and failed.exit_code == 1
+    assert row.flips[0].candidate == "[error] HTTP 503: try again later" and row.flips[0].reasons.startswith("error:")
+    assert any("10 errored result(s) (cand 10) count as failures (errors: fail)" in x for x in failed.reasons)
+    left_out = aggregate(rows, Gating(errors="exclude"), run_id="r")
+    row = left_out.candidates[0].rows[0]
+    assert (row.n, row.errored, row.excluded, row.verdict) == (20, 10, 10, "ok")
+    assert left_out.status == "incomplete" and left_out.exit_code == 3
+    assert any("left out (errors: exclude); `tagway replay resume r` retries them" in x for x in left_out.reasons)
 
 
-def test_errored_cases_are_not_scores_and_make_the_run_incomplete():
-    """6 of 20 cases errored (a gateway outage): they are left out of n and the pass rate (14/14, not 14/20, which
-    would fail the gate on an outage), counted apart per segment and in total, and the run is incomplete."""
-    rows = results({"a": (20, 20, 20), "b": (20, 20, 20)})
-    for i in range(6):
-        rows[2 * i + 1] = R("cand", f"a-{i}", "a", "errored")
-    rows[41] = R("cand", "b-0", "b", "errored")
-    rows[42] = R("baseline", "b-1", "b", "errored")
-    r = aggregate(rows, Gating(threshold=0.9, min_cases_per_segment=10), run_id="run-e", status="complete")
-    a, b = r.candidates[0].rows
-    assert (a.n, a.after_pass, a.after, a.errored) == (14, 14, 1.0, 6)
-    assert (a.before_n, a.before) == (14, 1.0) and a.delta == 0 and not a.failing
-    assert (b.n, b.errored, b.before_n, b.before_errored) == (19, 1, 18, 1)
-    o = r.candidates[0].overall
-    assert (o.n, o.errored, o.after) == (33, 7, 1.0)
-    assert r.errored == 8 and r.status == "incomplete"
-    line = "8 errored case result(s) (cand 7, baseline 1: gateway errors after retries or evaluator failures) are " \
-           "not counted in the pass rates; `tagway replay resume run-e` retries them"
-    assert line in r.reasons
+def test_an_always_erroring_candidate_fails_the_gate_with_a_clear_message():
+    rows = results({"a": (3, 3, 3), "b": (2, 2, 2)})  # too few cases for any significance
+    for x in rows:
+        if x.candidate == "cand":
+            x.status, x.error = "errored", "HTTP 500: upstream exploded"
+    for errors in ("fail", "exclude"):
+        r = aggregate(rows, Gating(errors=errors), run_id="r")
+        assert r.verdict == "regression" and r.candidates[0].status == "regression"
+        assert any("candidate cand errored on every one of its 5 case(s)" in x and "HTTP 500: upstream exploded" in x
+                   for x in r.reasons)
+    assert aggregate(rows, Gating()).exit_code == 1
 
-    md = render_markdown(r)
-    assert "| a | 14 | 1.000 | 1.000 | +0.000 | 0.785–1.000 | 6 |  |" in md
-    assert "| b | 19 | 1.000 | 1.000 | +0.000 | 0.832–1.000 | 1 (+1 baseline) |  |" in md
-    assert "| **mean (weighted)** | **33** |" in md and "| **7 (+1 baseline)** |" in md and f"- {line}" in md
-    assert md.startswith("### tagway replay `run-e`: ⚠️ gate passed (run incomplete: not final)")
-    text = render_terminal(r)
-    a_line = next(x for x in text.splitlines() if x.strip().startswith("a "))
-    assert a_line.split() == ["a", "14", "1.000", "1.000", "+0.000", "6"]
-    assert line in " ".join(text.split()) and "VERDICT: PASSED (run incomplete: not final)" in text
-    d = orjson.loads(render_json(r))
-    assert d["errored"] == 8 and d["status"] == "incomplete"
-    assert [(x["segment"], x["n"], x["errored"], x["before_errored"]) for x in d["candidates"][0]["rows"]] == [
-        ("a", 14, 6, 0), ("b", 19, 1, 1)]
-    assert d["candidates"][0]["overall"]["errored"] == 7
+
+def test_a_segment_with_no_scored_pair_is_inconclusive_and_gets_no_bar():
+    rows = results({"a": (25, 25, 25), "gone": (3, 3, 3)})
+    for x in rows:
+        if x.segment == "gone" and x.candidate == "baseline":
+            x.status, x.error = "errored", "the production call errored (error)"
+    r = aggregate(rows, Gating(errors="exclude"), status="complete")
+    gone = next(row for row in r.candidates[0].rows if row.segment == "gone")
+    assert (gone.n, gone.verdict, gone.why, gone.before, gone.after) == (0, "inconclusive", "no scored case", None,
+                                                                         None)
     page = render_html(r)
-    assert '<td class="errored">6</td>' in page and "8 errored</p>" in page
+    block = page[page.index('<g class="seg" data-segment="gone">'):]
+    block = block[:block.index("</g>")]
+    assert "no scored case" in block and "<rect" not in block
+    assert page.count('<rect class="after"') == 1  # only segment a has a bar
 
 
-def test_a_segment_with_only_errored_results_shows_no_rate():
-    rows = [R("cand", f"x-{i}", "x", "errored") for i in range(3)]
-    r = aggregate(rows, Gating(threshold=0.9, min_cases_per_segment=1))
-    row = r.candidates[0].rows[0]
-    assert (row.n, row.errored) == (0, 3) and r.status == "incomplete"
-    assert "| x | 0 | — | — | — | — | 3 |" in render_markdown(r)
-
-
-def test_markdown_table_content():
-    r = aggregate(results(SEED_001), Gating(threshold=0.85), run_id="run-1", segment_by=["customer"],
-                  models={"cand": "gpt-new"})
+def test_families_pool_their_segments_and_gate_first():
+    rows = results({"ent/acme": (20, 20, 10), "ent/globex": (20, 18, 18), "smb/x": (20, 20, 20)})
+    r = aggregate(rows, Gating(families={"by": "tier"}), family_of=lambda s: s.split("/")[0])
+    c = r.candidates[0]
+    fams = {f.segment: f for f in c.families}
+    assert fams["ent"].n == 40 and fams["ent"].verdict == "regression" and fams["smb"].verdict == "ok"
+    seg = {row.segment: row for row in c.rows}
+    assert seg["ent/acme"].verdict == "regression" and seg["ent/acme"].family == "ent"
+    assert any(x.startswith("family ent: regression:") for x in r.reasons) and r.exit_code == 1
     md = render_markdown(r)
-    assert "| segment | n | before | after | delta | 95% CI after | errored | |" in md
-    assert "| refund_flow | 47 | 0.915 | 0.766 | -0.149 | 0.628–0.864 | 0 | ❌ |" in md
-    assert "| invoice_parse | 210 | 0.838 | 0.910 | +0.071 |" in md
-    assert "| tiny | 6 | 1.000 | 0.500 | -0.500 |" in md and "⚠ low n" in md
-    assert "| **mean (weighted)** | **1206** |" in md
-    assert "#### candidate cand (gpt-new): failed" in md
-    assert "**Verdict: FAILED**" in md and "- segment refund_flow: pass rate 0.766 < threshold 0.85 (n=47)" in md
+    assert "| family | n |" in md and "| ent | 40 |" in md
 
 
-def test_terminal_table_names_the_failing_segment():
-    r = aggregate(results(SEED_001), Gating(threshold=0.85), run_id="run-1", segment_by=["customer"])
-    text = render_terminal(r)
-    line = next(x for x in text.splitlines() if "refund_flow" in x and "47" in x)
-    assert "0.915" in line and "0.766" in line and "-0.149" in line and "❌" in line
-    assert "VERDICT: FAILED" in text and "mean (weighted)" in text
-
-
-def test_json_is_complete():
-    r = aggregate(results(SEED_001), Gating(threshold=0.85), run_id="run-1", segment_by=["customer"])
-    d = orjson.loads(render_json(r))
-    assert d["verdict"] == "failed" and d["run_id"] == "run-1" and d["gating"]["aggregate"] == "min_segment"
-    seg = {row["segment"]: row for row in d["candidates"][0]["rows"]}
-    assert seg["refund_flow"]["n"] == 47 and seg["refund_flow"]["failing"] is True
-    assert seg["tiny"]["low_confidence"] is True and len(seg["refund_flow"]["after_ci"]) == 2
+def test_escalation_looks_enter_the_test_with_their_share_of_alpha():
+    """Two planned looks (20 then 60 cases): the first may spend (20/60)^3 of alpha, the second the rest; the
+    report's p-value is the smallest p_k / w_k and the look count is shown."""
+    rows = results({"a": (60, 60, 50)})
+    plans = {"a": SegmentPlan([20, 60], taken=2)}
+    r = aggregate(rows, Gating(), plans=plans)
+    row = r.candidates[0].rows[0]
+    assert row.looks == 2 and row.pass_fail == 10
+    w2 = 1 - (20 / 60) ** 3
+    assert row.p_value == pytest.approx(0.5 ** 10 / w2)  # the first 20 cases had no flip: p_1 = 1
+    one = aggregate(rows, Gating())  # no plan: one look at all 60 cases
+    assert one.candidates[0].rows[0].p_value == pytest.approx(0.5 ** 10)
 
 
 def test_multiple_candidates_get_one_table_each():
-    rows = results({"a": (30, 27, 28)}, "c1") + [x for x in results({"a": (30, 27, 20)}, "c2")
+    rows = results({"a": (30, 27, 28)}, "c1") + [x for x in results({"a": (30, 27, 17)}, "c2")
                                                  if x.candidate == "c2"]
-    r = aggregate(rows, Gating(threshold=0.85))
+    r = aggregate(rows, Gating())
     assert [c.candidate for c in r.candidates] == ["c1", "c2"]
-    assert [c.verdict.passed for c in r.candidates] == [True, False] and not r.passed
+    assert [c.status for c in r.candidates] == ["ok", "regression"] and r.exit_code == 1
     md = render_markdown(r)
-    assert md.count("#### candidate") == 2 and "c2: segment a" in md
+    assert md.count("#### candidate") == 2 and "c2: segment a: regression" in md
+
+
+def test_markdown_and_json_carry_the_flipped_cases():
+    r = aggregate(results(SEED_001), Gating(), run_id="run-1", segment_by=["customer"],
+                  production_errors={"count": 12, "included": False})
+    md = render_markdown(r)
+    assert md.startswith("### tagway replay `run-1`: ❌ gate REGRESSION, exit 1")
+    assert "12 errored production call(s) in the slice left out (include_errors: false)" in md
+    assert "| refund_flow | 47 | 0.915 | 0.766 | -0.149 |" in md and "| ↓7 ↑0 | 0.047 | ❌ regression |" in md
+    assert "Flipped cases in <b>refund_flow</b> (regression: 7 pass→fail, 0 fail→pass; showing 7 of 7)" in md
+    assert "| pass->fail | `refund_flow-036` |  | old answer 36 | new answer 36 | icontains: missing ['refund'] |" in md
+    d = orjson.loads(render_json(r))
+    refund = next(x for x in d["candidates"][0]["rows"] if x["segment"] == "refund_flow")
+    assert refund["verdict"] == "regression" and len(refund["flips"]) == 7 and refund["flips"][0]["case_id"]
+    assert d["verdict"] == "regression" and d["exit_code"] == 1 and d["gating"]["alpha"] == 0.05
+    assert d["production_errors"] == {"count": 12, "included": False} and "findings" not in d["candidates"][0]
+
+
+def test_terminal_lists_flipped_cases_and_shows_rich_markup_as_written():
+    """Segment values (customer names), candidate names, models and answers come from traffic and specs: `[/]`
+    must not crash the table and `[red]x[/red]` must not restyle it."""
+    from rich.console import Console
+
+    rows = results({"[/]": (25, 25, 10), "[red]x[/red]": (25, 25, 25), "acme [bold]": (25, 25, 25)}, "[b]c[/b]")
+    for x in rows:
+        if x.candidate != "baseline" and x.status == "failed":
+            x.output = "[red]no[/red]"
+    r = aggregate(rows, Gating(), run_id="r-[/]", models={"[b]c[/b]": "[/]model"}, notes=["note [/i] here"],
+                  skipped={"no content [/]": 2})
+    console = Console(record=True, width=200, force_terminal=True, color_system="truecolor")
+    text = render_terminal(r, console)
+    shown = console.export_text(clear=False)
+    for out in (text, shown):
+        assert "candidate [b]c[/b] ([/]model)" in out
+        assert any(line.split()[:2] == ["[/]", "25"] for line in out.splitlines())
+        assert any(line.split()[:2] == ["[red]x[/red]", "25"] for line in out.splitlines())
+        assert "flipped cases in [/] (regression: 15 pass->fail, 0 fail->pass; showing 10 of 15):" in out
+        assert "    candidate: [red]no[/red]" in out
+        assert "segment [/]: regression" in out and "VERDICT: REGRESSION (exit 1)" in out
+        assert "note: note [/i] here" in out and "2 no content [/]" in out and "run r-[/] (" in out
+    styled = console.export_html(inline_styles=True)
+    assert "[red]x[/red]" in styled and ">x</span>" not in styled  # shown as written, not as a red "x"
 
 
 def test_html_is_self_contained_and_escaped():
     rows = results({"<script>x</script>": (25, 20, 20), **SEED_001})
-    page = render_html(aggregate(rows, Gating(threshold=0.85), run_id="r1"))
+    for x in rows:
+        if x.segment == "refund_flow" and x.candidate == "cand":
+            x.output = "<img src=x onerror=alert(1)>"
+    page = render_html(aggregate(rows, Gating(), run_id="r1", inputs={"refund_flow-036": "<b>refund</b>"}))
     assert "<script>x</script>" not in page and "&lt;script&gt;" in page
+    assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
+    assert "&lt;b&gt;refund&lt;/b&gt;" in page
     assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "") and "https://" not in page
     assert "<svg" in page and 'data-segment="refund_flow"' in page
 
@@ -193,7 +229,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shuti
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install -y chromium)")
 def test_html_renders_in_headless_chromium(tmp_path):
-    r = aggregate(results(SEED_001), Gating(threshold=0.85), run_id="run-html", segment_by=["customer"])
+    r = aggregate(results(SEED_001), Gating(), run_id="run-html", segment_by=["customer"])
     page = tmp_path / "report.html"
     page.write_text(render_html(r))
     out = subprocess.run(
@@ -203,29 +239,9 @@ def test_html_renders_in_headless_chromium(tmp_path):
     dom = out.stdout
     assert out.returncode == 0, out.stderr[-2000:]
     for seg in SEED_001:
-        assert f'<tr class="' in dom and f'data-segment="{seg}"><td>{seg}</td>' in dom
-    assert '<tr class="failing" data-segment="refund_flow"><td>refund_flow</td><td>47</td><td>0.915</td>' \
+        assert f'data-segment="{seg}"><td>{seg}</td>' in dom
+    assert '<tr class="regression" data-segment="refund_flow"><td>refund_flow</td><td>47</td><td>0.915</td>' \
            '<td>0.766</td><td>-0.149</td>' in dom
-    assert 'class="low-confidence" data-segment="tiny"' in dom
-    assert "Gate FAILED" in dom and dom.count('<g class="seg"') == len(SEED_001)
-
-
-def test_terminal_shows_rich_markup_in_values_as_written():
-    """Segment values (customer names), candidate names and models come from traffic and specs: `[/]` must not
-    crash the table and `[red]x[/red]` must not restyle it."""
-    from rich.console import Console
-
-    rows = results({"[/]": (25, 25, 10), "[red]x[/red]": (25, 25, 25), "acme [bold]": (25, 25, 25)}, "[b]c[/b]")
-    r = aggregate(rows, Gating(threshold=0.85, min_cases_per_segment=20), run_id="r-[/]",
-                  models={"[b]c[/b]": "[/]model"}, notes=["note [/i] here"], skipped={"no content [/]": 2})
-    console = Console(record=True, width=200, force_terminal=True, color_system="truecolor")
-    text = render_terminal(r, console)
-    shown = console.export_text(clear=False)
-    for out in (text, shown):
-        assert "candidate [b]c[/b] ([/]model)" in out
-        assert any(line.split()[:2] == ["[/]", "25"] for line in out.splitlines())
-        assert any(line.split()[:2] == ["[red]x[/red]", "25"] for line in out.splitlines())
-        assert "segment [/]: pass rate 0.400 < threshold 0.85 (n=25)" in out
-        assert "note: note [/i] here" in out and "2 no content [/]" in out and "run r-[/] (" in out
-    styled = console.export_html(inline_styles=True)
-    assert "[red]x[/red]" in styled and ">x</span>" not in styled  # shown as written, not as a red "x"
+    assert '<tr class="inconclusive" data-segment="tiny">' in dom
+    assert "gate REGRESSION, exit 1" in dom and dom.count('<g class="seg"') == len(SEED_001)
+    assert dom.count('<tr class="flip"') == 7 + 3  # refund_flow's 7 and tiny's 3

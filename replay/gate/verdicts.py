@@ -1,0 +1,159 @@
+"""Three verdicts per segment, never a silent pass, and what the gate does with them.
+
+- `regression`: the drop is significant (the segment's sequential exact sign test survives Holm at `alpha`) and
+  the observed drop is beyond `margin`;
+- `inconclusive`: the observed drop is beyond `margin` but the evidence is not enough (the report says how many
+  more cases would decide it: power 80% at the observed drop and discordance, at the family-wise level);
+- `ok`: the observed drop is within `margin` (an improvement, no change, or a drop too small to matter).
+What alpha controls: the chance that the gate calls any segment (or family) a regression when no segment got worse.
+`margin` keeps trivially small drops from blocking; it is not part of the tested hypothesis.
+
+The gate: any regression -> exit 1; else any inconclusive -> exit 4 when `inconclusive: block`, 0 when `pass`;
+else 0. An incomplete run is exit 3 whatever it shows.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Sequence
+
+from .multiplicity import holm_adjusted
+from .paired import Pairs, newcombe_interval, sign_test_drop
+from .power import cases_needed
+from .sequential import sequential_p, spending_weights
+
+__all__ = ["REGRESSION", "OK", "INCONCLUSIVE", "Evidence", "Finding", "Decision", "classify", "decide",
+           "exit_code", "EXIT_PASS", "EXIT_REGRESSION", "EXIT_BAD_INPUT", "EXIT_INCOMPLETE", "EXIT_INCONCLUSIVE"]
+
+REGRESSION, OK, INCONCLUSIVE = "regression", "ok", "inconclusive"
+EXIT_PASS, EXIT_REGRESSION, EXIT_BAD_INPUT, EXIT_INCOMPLETE, EXIT_INCONCLUSIVE = 0, 1, 2, 3, 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Evidence:
+    """One segment's paired tables at each look taken (cumulative), its planned look schedule (case counts) and
+    its family (None without families)."""
+    key: str
+    looks: tuple[Pairs, ...]
+    schedule: tuple[int, ...] = ()
+    family: str | None = None
+
+    @property
+    def pairs(self) -> Pairs:
+        return self.looks[-1] if self.looks else Pairs()
+
+    @property
+    def p_value(self) -> float:
+        """The sequential p-value over the looks taken (the plain exact test with one look)."""
+        if not self.looks:
+            return 1.0
+        weights = spending_weights(self.schedule) if len(self.schedule) >= len(self.looks) else [1.0]
+        return sequential_p([sign_test_drop(p) for p in self.looks], weights)
+
+
+@dataclasses.dataclass
+class Finding:
+    """The verdict on one hypothesis (a segment, or a family of segments)."""
+    key: str
+    verdict: str
+    pairs: Pairs
+    p_value: float  # the test's own p-value (sequential over the looks)
+    p_adjusted: float  # Holm-adjusted within its group; the verdict compares it with alpha
+    delta_ci: tuple[float, float]  # 95% Newcombe interval of after - before
+    more_cases: int | None = None  # inconclusive: more pairs that would decide it (80% power at the observed drop)
+    family: str | None = None
+    looks: int = 1
+    why: str = ""
+
+
+@dataclasses.dataclass
+class Decision:
+    segments: list[Finding]
+    families: list[Finding]
+    alpha: float
+    margin: float
+
+    @property
+    def regressions(self) -> list[Finding]:
+        return [f for f in [*self.families, *self.segments] if f.verdict == REGRESSION]
+
+    @property
+    def inconclusive(self) -> list[Finding]:
+        return [f for f in [*self.families, *self.segments] if f.verdict == INCONCLUSIVE]
+
+    @property
+    def status(self) -> str:
+        return REGRESSION if self.regressions else INCONCLUSIVE if self.inconclusive else OK
+
+
+def classify(pairs: Pairs, rejected: bool, margin: float) -> str:
+    if pairs.n == 0:
+        return INCONCLUSIVE  # nothing scored: no evidence either way
+    if pairs.drop <= margin + 1e-12:
+        return OK
+    return REGRESSION if rejected else INCONCLUSIVE
+
+
+def _finding(key: str, pairs: Pairs, p: float, adj: float, rejected: bool, alpha_each: float, margin: float, *,
+             family: str | None = None, looks: int = 1, may_regress: bool = True) -> Finding:
+    verdict = classify(pairs, rejected and may_regress, margin)
+    more = None
+    if verdict == INCONCLUSIVE and pairs.n:
+        need = cases_needed(pairs.drop, pairs.discordant / pairs.n, alpha_each)
+        more = None if need is None else max(need - pairs.n, 1)
+    why = _why(verdict, pairs, adj, margin, held_back=rejected and not may_regress)
+    return Finding(key, verdict, pairs, p, adj, newcombe_interval(pairs), more, family, looks, why)
+
+
+def _why(verdict: str, pairs: Pairs, adj: float, margin: float, *, held_back: bool = False) -> str:
+    flips = f"{pairs.pass_fail} pass->fail, {pairs.fail_pass} fail->pass of {pairs.n}"
+    if pairs.n == 0:
+        return "no scored case"
+    if verdict == REGRESSION:
+        return f"dropped {pairs.drop:.3f} > margin {margin:g}, significant (adjusted p={adj:.2g}; {flips})"
+    if verdict == INCONCLUSIVE and held_back:
+        return (f"dropped {pairs.drop:.3f} > margin {margin:g}, significant within its family (adjusted "
+                f"p={adj:.2g}; {flips}) but the family as a whole did not drop")
+    if verdict == INCONCLUSIVE:
+        return f"dropped {pairs.drop:.3f} > margin {margin:g}, not significant (adjusted p={adj:.2g}; {flips})"
+    return f"change {-pairs.drop:+.3f} within margin {margin:g} ({flips})"
+
+
+def decide(evidence: Sequence[Evidence], *, alpha: float, margin: float) -> Decision:
+    """Verdicts for every segment (and family, when segments carry one). Pure."""
+    fams: dict[str, list[Evidence]] = {}
+    for e in evidence:
+        if e.family is not None:
+            fams.setdefault(e.family, []).append(e)
+    if not fams:
+        adj = holm_adjusted({e.key: e.p_value for e in evidence})
+        m = max(len(evidence), 1)
+        segs = [_finding(e.key, e.pairs, e.p_value, adj[e.key], adj[e.key] <= alpha, alpha / m, margin,
+                         looks=len(e.looks)) for e in evidence]
+        return Decision(segs, [], alpha, margin)
+    # families: each on the pooled cases of its segments' first look (the planned sample; escalation draws are
+    # chosen by segment verdicts, which would bias a pooled fixed-size test)
+    pooled = {f: sum((e.looks[0] if e.looks else Pairs() for e in members), Pairs()) for f, members in fams.items()}
+    fam_p = {f: sign_test_drop(p) for f, p in pooled.items()}
+    fam_adj = holm_adjusted(fam_p)
+    families = [_finding(f, pooled[f], fam_p[f], fam_adj[f], fam_adj[f] <= alpha, alpha / len(fams), margin)
+                for f in sorted(fams)]
+    dropped = {f.key for f in families if f.verdict == REGRESSION}
+    segs = []
+    for f in sorted(fams):
+        members = fams[f]
+        adj = holm_adjusted({e.key: e.p_value for e in members})
+        for e in members:
+            segs.append(_finding(e.key, e.pairs, e.p_value, adj[e.key], adj[e.key] <= alpha, alpha / len(members),
+                                 margin, family=f, looks=len(e.looks), may_regress=f in dropped))
+    segs.sort(key=lambda s: s.key)
+    return Decision(segs, families, alpha, margin)
+
+
+def exit_code(status: str, *, complete: bool, inconclusive_blocks: bool) -> int:
+    if not complete:
+        return EXIT_INCOMPLETE
+    if status == REGRESSION:
+        return EXIT_REGRESSION
+    if status == INCONCLUSIVE and inconclusive_blocks:
+        return EXIT_INCONCLUSIVE
+    return EXIT_PASS

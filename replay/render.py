@@ -1,0 +1,296 @@
+"""The report in four formats, pure: the terminal (rich), Markdown (PR comments), JSON, and a self-contained HTML
+page (replay/templates/report.html.j2, jinja2 with autoescape, inline SVG chart, no CDN). Each shows per segment
+the paired table (n, before, after, delta with its interval, the flips each way, the adjusted p-value, the verdict)
+and, for regression and inconclusive segments, the flipped cases: trace id, input, both answers, the reasons.
+"""
+from __future__ import annotations
+
+import functools
+import io
+from typing import Any
+
+import orjson
+
+from .report import CandidateReport, Report, SegmentRow
+
+__all__ = ["render_terminal", "render_markdown", "render_json", "render_html", "render", "FORMATS"]
+
+MARKS = {"regression": "❌ regression", "inconclusive": "⚠ inconclusive", "ok": "ok", "": ""}
+SHOWN_FLIPS = 10  # per segment in the terminal, Markdown and HTML (JSON keeps what the report holds)
+
+
+def _rate(v: float | None) -> str:
+    return "—" if v is None else f"{v:.3f}"
+
+
+def _delta(v: float | None) -> str:
+    return "—" if v is None else f"{round(v, 3) + 0.0:+.3f}"
+
+
+def _ci(ci: tuple[float, float] | None, signed: bool = False) -> str:
+    if ci is None:
+        return "—"
+    f = "{:+.3f}" if signed else "{:.3f}"
+    lo, hi = (round(x, 3) + 0.0 for x in ci)  # + 0.0: no "-0.000"
+    return f"{f.format(lo)} … {f.format(hi)}"
+
+
+def _p(v: float | None) -> str:
+    return "—" if v is None else "<0.0001" if v < 1e-4 else f"{v:.4f}" if v < 0.01 else f"{v:.3f}"
+
+
+def _flips(row: SegmentRow) -> str:
+    return f"↓{row.pass_fail} ↑{row.fail_pass}"
+
+
+def _errored(row: SegmentRow) -> str:
+    out = str(row.errored) + (f" (+{row.before_errored} baseline)" if row.before_errored else "")
+    return out + (f", {row.excluded} left out" if row.excluded else "")
+
+
+def _mark(row: SegmentRow) -> str:
+    mark = MARKS.get(row.verdict, row.verdict)
+    if row.verdict == "inconclusive" and row.more_cases:
+        mark += f" (~{row.more_cases} more)"
+    return mark
+
+
+def _title(c: CandidateReport) -> str:
+    return f"candidate {c.candidate}" + (f" ({c.model})" if c.model else "")
+
+
+def _verdict_word(r: Report) -> str:
+    return {"passed": "PASSED", "regression": "REGRESSION", "inconclusive": "INCONCLUSIVE"}.get(r.verdict,
+                                                                                             r.verdict.upper())
+
+
+def _not_final(r: Report) -> str:
+    return "" if r.status == "complete" else f" (run {r.status}: not final)"
+
+
+def _headline(r: Report) -> str:
+    return f"gate {_verdict_word(r)}{_not_final(r)}, exit {r.exit_code}"
+
+
+def _gate_line(r: Report) -> str:
+    g = r.gating
+    fams = g.get("families") or {}
+    what = "families, then segments within" if fams else "segments"
+    line = (f"paired exact sign test per segment, Holm across {what} at alpha {g.get('alpha'):g}, margin "
+            f"{g.get('margin'):g}; inconclusive: {g.get('inconclusive')}; errors: {g.get('errors')}")
+    esc = g.get("escalation") or {}
+    if r.escalation.get("plans"):
+        spent = r.escalation.get("extra_cases", 0)
+        line += f"; escalation on ({spent} extra case(s) drawn of max {esc.get('max_cases')})"
+    else:
+        line += "; escalation off"
+    return line
+
+
+def _context_line(r: Report) -> str:
+    out = (f"run {r.run_id} ({r.status}), segments by {', '.join(r.segment_by) or '-'}, baseline {r.baseline_mode}, "
+           f"{r.n_cases} cases")
+    pe = r.production_errors
+    if pe:
+        n = pe.get("count", 0)
+        out += (f"; {n} errored production call(s) in the slice "
+                + ("included as cases (their baseline fails)" if pe.get("included") else
+                   "left out (include_errors: false)"))
+    return out
+
+
+def _flip_lines(row: SegmentRow) -> list[str]:
+    shown = row.flips[:SHOWN_FLIPS]
+    head = (f"flipped cases in {row.segment} ({row.verdict}: {row.pass_fail} pass->fail, {row.fail_pass} "
+            f"fail->pass; showing {len(shown)} of {row.flips_total}):")
+    out = [head]
+    for f in shown:
+        out += [f"  {f.direction}  trace {f.case_id}", f"    input:     {f.input or '—'}",
+                f"    baseline:  {f.baseline or '—'}", f"    candidate: {f.candidate or '—'}",
+                f"    why:       {f.reasons}"]
+    return out
+
+
+def _flipped_rows(c: CandidateReport) -> list[SegmentRow]:
+    return [row for row in c.rows if row.verdict in ("regression", "inconclusive") and row.flips]
+
+
+# -- terminal -----------------------------------------------------------------------------------------------------
+
+def render_terminal(r: Report, console: Any = None) -> str:
+    """One table per candidate (seed 001's columns plus the paired evidence), its flipped cases, then the verdict.
+    Printed to `console` (colours on a terminal) if given; the plain text is returned either way."""
+    from rich.console import Console
+
+    buf = io.StringIO()
+    targets = [Console(file=buf, width=150, force_terminal=False, color_system=None)]
+    if console is not None:
+        targets.append(console)
+    plain = {"markup": False, "emoji": False, "highlight": False}  # values come from traffic and specs
+    for out in targets:
+        out.print(_context_line(r), **plain)
+        for c in r.candidates:
+            if c.families:
+                out.print(_rich_table(c, c.families, "families", None))
+            out.print(_rich_table(c, c.rows, "segment", c.overall))
+            for row in _flipped_rows(c):
+                out.print("\n".join(_flip_lines(row)), **plain)
+            out.print(f"cost ${c.cost_usd:.4f}   {c.status.upper()}", **plain)
+        out.print(_footer_text(r), **plain)
+    return buf.getvalue()
+
+
+def _rich_table(c: CandidateReport, rows: list[SegmentRow], first: str, overall: SegmentRow | None) -> Any:
+    """Every cell and the title are `Text`: segment values and candidate names come from traffic and specs, so a
+    `[red]` or `[/]` in them is shown as written, never read as Rich markup."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+    t = Table(title=Text(_title(c) + (" — families" if first == "families" else "")), box=box.SIMPLE_HEAD,
+              title_justify="left")
+    for col, just in ((first, "left"), ("n", "right"), ("before", "right"), ("after", "right"), ("delta", "right"),
+                      ("95% CI delta", "right"), ("flips", "right"), ("p adj", "right"), ("verdict", "left"),
+                      ("errored", "right")):
+        t.add_column(col, justify=just)  # type: ignore[arg-type]
+
+    def cells(row: SegmentRow) -> list[Text]:
+        return [Text(x) for x in (row.segment, str(row.n), _rate(row.before), _rate(row.after), _delta(row.delta),
+                                  _ci(row.delta_ci, True), _flips(row), _p(row.p_adjusted), _mark(row),
+                                  _errored(row))]
+
+    for row in rows:
+        style = "red" if row.verdict == "regression" else "yellow" if row.verdict == "inconclusive" else None
+        t.add_row(*cells(row), style=style)
+    if overall is not None:
+        t.add_section()
+        t.add_row(*cells(overall), style="bold")
+    return t
+
+
+def _footer_text(r: Report) -> str:
+    lines = [_gate_line(r), f"VERDICT: {_verdict_word(r)}{_not_final(r)} (exit {r.exit_code})"]
+    lines += [f"  - {x}" for x in r.reasons]
+    if r.skipped:
+        lines.append("skipped: " + "; ".join(f"{n} {why}" for why, n in r.skipped.items()))
+    lines += [f"note: {x}" for x in r.notes]
+    return "\n".join(lines)
+
+
+# -- markdown -----------------------------------------------------------------------------------------------------
+
+def _md(s: Any) -> str:
+    return str(s).replace("|", "\\|").replace("\n", " ").replace("`", "'")
+
+
+_MD_HEAD = ["| {first} | n | before | after | delta | 95% CI delta | flips | p adj | verdict | errored |",
+            "|---|---:|---:|---:|---:|---|---:|---:|---|---:|"]
+
+
+def _md_row(row: SegmentRow, bold: bool = False) -> str:
+    cells = [row.segment, row.n, _rate(row.before), _rate(row.after), _delta(row.delta), _ci(row.delta_ci, True),
+             _flips(row), _p(row.p_adjusted), _mark(row), _errored(row)]
+    b = "**" if bold else ""
+    return "| " + " | ".join(f"{b}{_md(x)}{b}" if x != "" else "" for x in cells) + " |"
+
+
+def _md_flips(row: SegmentRow) -> list[str]:
+    shown = row.flips[:SHOWN_FLIPS]
+    out = ["", f"<details><summary>Flipped cases in <b>{_html_text(row.segment)}</b> ({row.verdict}: "
+               f"{row.pass_fail} pass→fail, {row.fail_pass} fail→pass; showing {len(shown)} of "
+               f"{row.flips_total})</summary>", "",
+           "| | trace | input | baseline | candidate | why |", "|---|---|---|---|---|---|"]
+    for f in shown:
+        out.append(f"| {f.direction} | `{_md(f.case_id)}` | {_md(f.input)} | {_md(f.baseline)} | "
+                   f"{_md(f.candidate)} | {_md(f.reasons)} |")
+    return out + ["", "</details>", ""]
+
+
+def _html_text(s: str) -> str:
+    import html
+    return html.escape(s)
+
+
+def render_markdown(r: Report) -> str:
+    icon = "⚠️" if r.status != "complete" else {"passed": "✅", "regression": "❌"}.get(r.verdict, "⚠️")
+    out = [f"### tagway replay `{_md(r.run_id)}`: {icon} {_headline(r)}", "", _md(_context_line(r)), "",
+           _md(_gate_line(r)), ""]
+    for c in r.candidates:
+        out += [f"#### {_md(_title(c))}: {c.status}", ""]
+        if c.families:
+            out += [x.format(first="family") for x in _MD_HEAD] + [_md_row(f) for f in c.families] + [""]
+        out += [x.format(first="segment") for x in _MD_HEAD]
+        out += [_md_row(row) for row in c.rows]
+        out.append(_md_row(c.overall, bold=True))
+        for row in _flipped_rows(c):
+            out += _md_flips(row)
+        out += ["", f"cost ${c.cost_usd:.4f}", ""]
+    out.append(f"**Verdict: {_verdict_word(r)}{_not_final(r)}** (exit {r.exit_code})")
+    out += [f"- {_md(x)}" for x in r.reasons]
+    if r.skipped:
+        out.append("- skipped: " + "; ".join(f"{n} {_md(why)}" for why, n in r.skipped.items()))
+    out += [f"- note: {_md(x)}" for x in r.notes]
+    return "\n".join(out) + "\n"
+
+
+# -- json ---------------------------------------------------------------------------------------------------------
+
+def render_json(r: Report) -> str:
+    return orjson.dumps(r.to_dict(), option=orjson.OPT_INDENT_2).decode() + "\n"
+
+
+# -- html ---------------------------------------------------------------------------------------------------------
+
+@functools.cache
+def _templates() -> Any:
+    import jinja2
+    # autoescape on: segment values, candidate names, answers and reasons come from traffic and specs
+    return jinja2.Environment(loader=jinja2.PackageLoader("replay", "templates"), autoescape=True,
+                              trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+
+
+def _chart(c: CandidateReport) -> dict:
+    """Geometry of the inline SVG: per segment a baseline bar, a candidate bar and its Wilson interval; a segment
+    with no scored pair gets no bar (an empty bar would read as a pass rate of 0)."""
+    left, bar_w, row_h = 190, 420, 34
+    bars = []
+    for i, row in enumerate(c.rows):
+        bar: dict[str, Any] = {"row": row, "y": 24 + i * row_h, "before": _rate(row.before),
+                               "after": _rate(row.after), "delta": _delta(row.delta), "errored": _errored(row),
+                               "mark": _mark(row), "scored": row.n > 0}
+        if row.n > 0:
+            lo, hi = row.after_ci or (0.0, 1.0)
+            bar.update(before_w=(row.before or 0.0) * bar_w, after_w=(row.after or 0.0) * bar_w,
+                       ci_x1=left + lo * bar_w, ci_x2=left + hi * bar_w,
+                       colour={"regression": "#dc2626", "inconclusive": "#d97706"}.get(row.verdict, "#2563eb"))
+        bars.append(bar)
+    return {"left": left, "bar_w": bar_w, "width": left + bar_w + 70, "height": 30 + row_h * len(c.rows) + 10,
+            "bars": bars}
+
+
+def _cells(row: SegmentRow) -> dict:
+    return {"row": row, "before": _rate(row.before), "after": _rate(row.after), "delta": _delta(row.delta),
+            "delta_ci": _ci(row.delta_ci, True), "before_ci": _ci(row.before_ci), "after_ci": _ci(row.after_ci),
+            "flips": _flips(row), "p": _p(row.p_adjusted), "mark": _mark(row), "errored": _errored(row)}
+
+
+def render_html(r: Report) -> str:
+    """A self-contained page (inline CSS and SVG, no CDN) from replay/templates/report.html.j2."""
+    candidates = [{"report": c, "title": _title(c), "rows": [_cells(row) for row in c.rows],
+                   "families": [_cells(f) for f in c.families], "overall": _cells(c.overall), "chart": _chart(c),
+                   "flipped": [(row, row.flips[:SHOWN_FLIPS]) for row in _flipped_rows(c)]}
+                  for c in r.candidates]
+    skipped = "; ".join(f"{n} {why}" for why, n in r.skipped.items())
+    return _templates().get_template("report.html.j2").render(
+        r=r, candidates=candidates, headline=_headline(r), verdict_word=_verdict_word(r), gate_line=_gate_line(r),
+        context=_context_line(r), skipped=skipped)
+
+
+FORMATS = {"table": render_terminal, "md": render_markdown, "json": render_json, "html": render_html}
+
+
+def render(r: Report, fmt: str) -> str:
+    try:
+        return FORMATS[fmt](r)
+    except KeyError:
+        raise ValueError(f"unknown format {fmt!r} (use {', '.join(FORMATS)})") from None
+
