@@ -21,7 +21,8 @@ __all__ = ["DsnConfigError", "ResolvedDsn", "resolve_dsn", "embedded_dsn", "defa
            "STORAGE_KEYS", "anchor_storage_paths"]
 
 DEFAULT_DATA_DIR = os.path.join(".", "tagway-data")
-STORAGE_KEYS = frozenset({"data_dir", "dsn", "spool_dir", "database", "cluster", "ttl_days"})
+STORAGE_KEYS = frozenset({"data_dir", "dsn", "spool_dir", "database", "cluster", "ttl_days", "query_concurrency",
+                          "query_max_seconds", "query_max_memory_bytes", "query_max_threads"})
 _STRING_KEYS = ("data_dir", "dsn", "database")
 _ENV_OVERRIDES = {"dsn": "TAGWAY_STORAGE__DSN", "data_dir": "TAGWAY_STORAGE__DATA_DIR",
                   "database": "TAGWAY_STORAGE__DATABASE"}

@@ -57,18 +57,24 @@ class Store:
     """A thread-safe handle on one ClickHouse client. Statements are serialised (chDB needs it; a server does not
     mind) and every driver error surfaces as `StoreError` with a one-line message."""
 
-    def __init__(self, dsn: str, client: Any, lock_fd: int | None) -> None:
+    def __init__(self, dsn: str, client: Any, lock_fd: int | None, *, key: str | None = None,
+                 defaults: dict[str, Any] | None = None) -> None:
         self.dsn = dsn
+        self._key = key or dsn
         self._client = client
         self._lock = threading.RLock()
         self._lock_fd = lock_fd
         self._refs = 1
         self.embedded = is_embedded(dsn)
+        self._defaults = dict(defaults or {})
+
+    def _settings(self, settings: dict | None) -> dict | None:
+        return {**self._defaults, **(settings or {})} if self._defaults else settings
 
     # -- statements -------------------------------------------------------------------------------------------
     def command(self, sql: str, parameters: dict | None = None, settings: dict | None = None) -> Any:
         with self._lock, _driver_errors():
-            return self._client.command(sql, parameters=parameters, settings=settings)
+            return self._client.command(sql, parameters=parameters, settings=self._settings(settings))
 
     def query(self, sql: str, parameters: dict | None = None, settings: dict | None = None) -> list[dict]:
         """Rows as dicts (column name -> value)."""
@@ -78,7 +84,7 @@ class Store:
     def query_rows(self, sql: str, parameters: dict | None = None,
                    settings: dict | None = None) -> tuple[Sequence[Sequence[Any]], tuple[str, ...]]:
         with self._lock, _driver_errors():
-            res = self._client.query(sql, parameters=parameters, settings=settings)
+            res = self._client.query(sql, parameters=parameters, settings=self._settings(settings))
         return res.result_rows, tuple(res.column_names)
 
     def insert_json_rows(self, table: str, body: bytes, settings: dict[str, Any] | None = None) -> None:
@@ -103,7 +109,7 @@ class Store:
             self._refs -= 1
             if self._refs > 0:
                 return
-            _REGISTRY.pop(self.dsn, None)
+            _REGISTRY.pop(self._key, None)
         with self._lock:
             try:
                 self._client.close()
@@ -124,9 +130,14 @@ _REGISTRY_LOCK = threading.Lock()
 
 
 def connect(dsn: str, *, settings: dict[str, Any] | None = None, connect_timeout: float = 5,
-            send_receive_timeout: float = 30) -> Store:
-    """Open (or share) the client for `dsn`. Raises StoreError with a clear message when it cannot."""
-    key = dsn
+            send_receive_timeout: float = 30, role: str = "", defaults: dict[str, Any] | None = None) -> Store:
+    """Open (or share) the client for `dsn`. Raises StoreError with a clear message when it cannot.
+
+    `role` opens a client of its own (shared by that role): reads that must not queue behind the span inserts, or
+    hold them up, use one (chDB runs statements of different clients side by side; each client runs one at a
+    time). An embedded role shares this process's hold on the data directory, so open the primary client first.
+    `defaults` are ClickHouse settings added to each of its queries and commands (limits, threads)."""
+    key = f"{dsn}#{role}" if role else dsn
     with _REGISTRY_LOCK:
         store = _REGISTRY.get(key)
         if store is not None:
@@ -136,7 +147,7 @@ def connect(dsn: str, *, settings: dict[str, Any] | None = None, connect_timeout
         try:
             if is_embedded(dsn):
                 path = chdb_path(dsn)
-                if path != ":memory:":
+                if path != ":memory:" and not role:
                     os.makedirs(path, exist_ok=True)
                     lock_fd = lock_dir(path, "tagway.lock", StoreLockedError(
                         f"the embedded store {path} is in use by another process (chDB allows one process per data"
@@ -152,7 +163,7 @@ def connect(dsn: str, *, settings: dict[str, Any] | None = None, connect_timeout
             if lock_fd is not None:
                 os.close(lock_fd)
             raise StoreError(f"cannot open ClickHouse at {redact_dsn(dsn)}: {_one_line(e)}") from e
-        store = Store(key, client, lock_fd)
+        store = Store(dsn, client, lock_fd, key=key, defaults=defaults)
         _REGISTRY[key] = store
         return store
 

@@ -15,6 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from exporters.vocabulary import PRODUCTION_SOURCE
+
 from .auth import KeyRing
 from .config import GatewayConfig, load_config
 from .errors import GatewayError, error_body
@@ -22,11 +24,14 @@ from .pricing import Pricing
 from .providers import ProviderRegistry
 from .providers.litellm_provider import preload as preload_litellm
 from .lanes import ReplayLane, is_replay_call
+from .limits import CallLimits
 from .proxy import HOT_ROUTES, Proxy
 from .redact import Redactor
 from .store_api import LocalAccess, build_store_router
 
 __all__ = ["TagwayApp", "create_app"]
+
+BUDGET_REFRESH = 30.0  # seconds between reads of recorded spend (calls are counted in-process meanwhile)
 
 log = logging.getLogger("tagway")
 
@@ -51,6 +56,13 @@ class TagwayApp:
         limit = config.server.replay_concurrency
         self.replay_lane = ReplayLane(limit) if limit else None
         self.local = LocalAccess()  # the discovery file and credential that let local CLIs use our store
+        # rate limits and budgets; with --workers N each worker holds 1/N of every rate limit (gateway/limits.py)
+        self.limits = CallLimits(share=1 / max(1, int(os.environ.get("TAGWAY_WORKERS", "1") or 1)),
+                                 read_spend=self._read_spend)
+        self._budget_task: asyncio.Future | None = None
+        self._query_store: Any = None
+        db = config.storage.database
+        self._calls_table = f"{db}.llm_calls" if db else "llm_calls"
         self.api = _build_api(self)
 
     # -- lifetime -----------------------------------------------------------------------------------------------
@@ -71,8 +83,37 @@ class TagwayApp:
                 # importing litellm takes seconds: pay it now, off the loop, not on the first call
                 await loop.run_in_executor(None, preload_litellm)
             self.keyring.start_watching()
+            await self._start_limits(loop)
             self.proxy = Proxy(config=self.config, keyring=self.keyring, providers=self.providers,
-                               tracer=self.recorder.tracer, pricing=self.pricing, redactor=self.redactor)
+                               tracer=self.recorder.tracer, pricing=self.pricing, redactor=self.redactor,
+                               limits=self.limits)
+
+    async def _start_limits(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Budgets read their spend from the store before the first call, then every BUDGET_REFRESH seconds."""
+        scopes = [s for t in self.config.tenants for s in self.limits.scopes("", None, t)]
+        scopes += [s for k, _t in self.keyring.keys() for s in self.limits.scopes(k.id, k.limits, None)]
+        self.limits.register(scopes)
+        if not self.limits.budgets._periods:
+            return
+        await loop.run_in_executor(None, self.limits.budgets.refresh)
+
+        async def refresh_forever() -> None:
+            while True:
+                await asyncio.sleep(BUDGET_REFRESH)
+                await loop.run_in_executor(None, self.limits.budgets.refresh)
+
+        self._budget_task = asyncio.ensure_future(refresh_forever())
+
+    def _read_spend(self, scope: str, who: str, since: float) -> float:
+        """Recorded production spend of a tenant or key since a Unix time (blocking; on a worker thread)."""
+        store = self.query_store
+        if store is None:
+            raise RuntimeError("the store is not reachable")
+        column = "customer" if scope == "tenant" else "key_id"
+        rows = store.query(f"SELECT sum(cost_usd) AS usd FROM {self._calls_table} WHERE {column} = {{who:String}} "
+                           "AND Timestamp >= fromUnixTimestamp64Nano({since:Int64}) AND source = {src:String}",
+                           parameters={"who": who, "since": int(since * 1e9), "src": PRODUCTION_SOURCE})
+        return float(rows[0]["usd"] or 0.0) if rows else 0.0
 
     def announce(self, url: str) -> None:
         """Tell local CLIs (through the store directory) that this gateway serves its embedded store at `url`."""
@@ -81,7 +122,12 @@ class TagwayApp:
             self.local.announce(store.dsn, url)
 
     async def shutdown(self) -> None:
+        if self._budget_task is not None:
+            self._budget_task.cancel()
         self.local.close()
+        if self._query_store is not None:
+            self._query_store.close()
+            self._query_store = None
         self.keyring.stop_watching()
         await self.providers.aclose()
         if self.recorder is not None and self._owns_recorder:
@@ -89,7 +135,24 @@ class TagwayApp:
 
     @property
     def store(self) -> Any:
+        """The recorder's store (span inserts); None until it is reached, or when recording is off."""
         return getattr(self.recorder, "store", None)
+
+    @property
+    def query_store(self) -> Any:
+        """Where reads go (exporters/query_pool.py): clients of their own, with limits; None until the store is
+        reached."""
+        if self._query_store is None and self.store is not None:
+            from exporters.query_pool import QueryPool, query_settings  # noqa: PLC0415
+
+            s = self.config.storage
+            try:
+                self._query_store = QueryPool(self.store.dsn, size=s.query_concurrency, defaults=query_settings(
+                    s.query_max_seconds, s.query_max_memory_bytes, s.query_max_threads))
+            except Exception as e:  # the store answers the recorder but not a new client: read through it
+                log.warning("cannot open clients for reads (%s); reads share the recorder's client", e)
+                return self.store
+        return self._query_store
 
     # -- ASGI ---------------------------------------------------------------------------------------------------
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -168,7 +231,8 @@ def _build_api(app: TagwayApp) -> FastAPI:
 
     @api.exception_handler(GatewayError)
     async def _gateway_error(_: Request, e: GatewayError) -> Response:
-        return Response(e.body(), status_code=e.status, media_type="application/json")
+        return Response(e.body(), status_code=e.status, media_type="application/json",
+                        headers={k.decode(): v.decode() for k, v in e.headers})
 
     @api.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, e: StarletteHTTPException) -> Response:
@@ -229,6 +293,22 @@ def _build_api(app: TagwayApp) -> FastAPI:
         # a degraded recorder still spools to disk, so the gateway stays in rotation
         return JSONResponse(body)
 
+    @api.get("/admin/budgets")
+    async def budgets(request: Request) -> dict:
+        """Spend against budget, per tenant and key that has one, in the current period."""
+        if not principal(request).is_admin:
+            raise GatewayError(403, "This route needs the admin key.", type_="permission_error",
+                               code="admin_key_required")
+        limits = {("tenant", t.customer): t.limits for t in app.config.tenants if t.limits}
+        limits.update({("key", k.id): k.limits for k, _ in app.keyring.keys() if k.limits})
+        out = []
+        for row in app.limits.budgets.report():
+            lim = limits.get((row["scope"], row["id"]))
+            if lim is not None and lim.budget is not None:
+                out.append({**row, "budget_usd": lim.budget.usd, "soft": lim.budget.soft,
+                            "used": round(row["spent_usd"] / lim.budget.usd, 6)})
+        return {"object": "list", "data": out}
+
     @api.get("/metrics")
     async def metrics(request: Request) -> Response:
         if app.config.metrics.auth and not principal(request).is_admin:
@@ -241,8 +321,8 @@ def _build_api(app: TagwayApp) -> FastAPI:
     except ImportError:  # pragma: no cover - during development of the stats module
         build_stats_router = None
     if build_stats_router is not None:
-        api.include_router(build_stats_router(app.keyring, lambda: app.store))
-    api.include_router(build_store_router(app.keyring, lambda: app.store, app.local))
+        api.include_router(build_stats_router(app.keyring, lambda: app.query_store))
+    api.include_router(build_store_router(app.keyring, lambda: app.query_store, app.local))
     return api
 
 
@@ -261,6 +341,10 @@ def render_metrics(app: TagwayApp) -> str:
                  "Calls whose input content could not be captured (the call itself was recorded)"),
                 ("tagway_calls_in_flight", "gauge", s.in_flight, "Calls being served now")):
             lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]
+    refused = app.limits.refused
+    lines += ["# HELP tagway_limited_total Calls refused by a rate limit or a budget (429), by reason",
+              "# TYPE tagway_limited_total counter"]
+    lines += [f'tagway_limited_total{{reason="{r}"}} {n}' for r, n in sorted(refused.items())]
     failures = dict(app.keyring.failures)
     if failures:
         lines += ["# HELP tagway_auth_failures_total Requests refused before a tenant was known, by reason",

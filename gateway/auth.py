@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from exporters.yamlfile import YamlFileError, item_line, load_yaml
 
-from .config import GatewayConfig, KeyConfig, TenantConfig
+from .config import GatewayConfig, KeyConfig, LimitsConfig, TenantConfig
 from .errors import GatewayError, bad_request, unauthorized
 
 __all__ = ["Principal", "KeyRing", "KeysFileError", "hash_key", "new_key", "add_key_to_file", "revoke_key_in_file",
@@ -52,6 +52,7 @@ class Principal:
     tenant: TenantConfig | None  # None for the admin key
     key_tags: dict[str, str]
     is_admin: bool = False
+    limits: LimitsConfig | None = None  # the key's own rate limits / budget
 
     @property
     def customer(self) -> str:
@@ -125,6 +126,10 @@ class KeyRing:
                 raise KeysFileError(f"{path}:{line or '?'}: key #{i + 1}: {why}") from None
         return keys
 
+    def keys(self) -> list[tuple[KeyConfig, TenantConfig]]:
+        """Every active key with its tenant (config and keys file)."""
+        return list(self._by_hash.values())
+
     def reload_if_changed(self) -> bool:
         path = self.config.keys_file
         mtime = os.path.getmtime(path) if path and os.path.exists(path) else None
@@ -195,7 +200,7 @@ class KeyRing:
                 raise unauthorized("This API key has been revoked.", code="revoked_api_key")
             raise unauthorized("Incorrect API key provided.", code="invalid_api_key")
         k, tenant = hit
-        return Principal(key_id=k.id, tenant=tenant, key_tags={**tenant.tags, **k.tags})
+        return Principal(key_id=k.id, tenant=tenant, key_tags={**tenant.tags, **k.tags}, limits=k.limits)
 
 
 def duplicate_header(name: str) -> GatewayError:

@@ -27,7 +27,8 @@ class ClientGone(Exception):
 class Call:
     __slots__ = ("operation", "upstream_path", "receive", "send", "trace_id", "rec", "watch", "auth", "api_key",
                  "content_length", "tagway_headers", "traceparent", "principal", "body", "payload", "stream",
-                 "client_wants_usage", "capture", "started", "answer", "answer_bytes", "repeated", "tenant")
+                 "client_wants_usage", "capture", "started", "answer", "answer_bytes", "repeated", "tenant",
+                 "extra_headers", "limited")
 
     def __init__(self, route: tuple[str, str], scope: dict, receive: Any, send: Any, rec: CallRecord) -> None:
         self.operation, self.upstream_path = route
@@ -74,6 +75,8 @@ class Call:
         # the stream's accumulator) and its size, which decides whether capture runs off the event loop
         self.answer: Any = None
         self.answer_bytes = 0
+        self.extra_headers: list[tuple[bytes, bytes]] = []  # ours, on whatever response goes out
+        self.limited: list = []  # the rate limits / budgets this call was admitted under (charged when it ends)
 
     # -- reading ------------------------------------------------------------------------------------------------
     async def read_body(self, limit: int) -> bytes:
@@ -102,7 +105,7 @@ class Call:
         self.started = True
         self.rec.http_status = status
         await self.send({"type": "http.response.start", "status": status,
-                         "headers": [*headers, (b"x-tagway-trace-id", self.trace_id)]})
+                         "headers": [*headers, *self.extra_headers, (b"x-tagway-trace-id", self.trace_id)]})
 
     async def respond(self, status: int, body: bytes, content_type: bytes = _JSON,
                       extra: list[tuple[bytes, bytes]] | None = None) -> None:
@@ -116,7 +119,7 @@ class Call:
     async def respond_error(self, e: GatewayError) -> None:
         """An error before the response started; the client may be gone already (the record says what it was sent)."""
         try:
-            await self.respond(e.status, e.body())
+            await self.respond(e.status, e.body(), extra=e.headers)
         except OSError:
             pass
 

@@ -75,6 +75,7 @@ def serve(config: Optional[str] = ConfigOpt,
                        "data directory")
         if config:
             os.environ["TAGWAY_CONFIG"] = os.path.abspath(config)
+        os.environ["TAGWAY_WORKERS"] = str(workers)  # each worker enforces 1/N of every rate limit
         uvicorn.run("gateway.app:create_app", factory=True, host=host, port=port, workers=workers,
                     loop="uvloop", http="httptools", access_log=False, log_level=log_level,
                     timeout_graceful_shutdown=60)

@@ -67,6 +67,30 @@ class ModelConfig(_Strict):
         return os.environ.get(self.api_key_env) if self.api_key_env else None
 
 
+class BudgetConfig(_Strict):
+    usd: float = Field(gt=0)  # spend per period (recorded cost of production calls)
+    per: str = "month"  # month (calendar, UTC) or a duration: 1h, 1d, 7d, 30d (windows aligned to the epoch)
+    soft: float = Field(0.8, gt=0, le=1)  # past this share of the budget, responses carry x-tagway-budget-warning
+
+    @field_validator("per")
+    @classmethod
+    def _period(cls, v: str) -> str:
+        if v != "month":
+            from exporters.vocabulary import QueryInputError, parse_duration  # noqa: PLC0415
+
+            try:
+                parse_duration(v, "per")
+            except QueryInputError as e:
+                raise ValueError(f"{e} (or 'month')") from None
+        return v
+
+
+class LimitsConfig(_Strict):
+    rpm: int | None = Field(None, ge=1)  # requests per minute
+    tpm: int | None = Field(None, ge=1)  # tokens (input + output) per minute
+    budget: BudgetConfig | None = None
+
+
 class KeyConfig(_Strict):
     id: str
     hash: str  # "sha256:<hex>" of the key; the key itself is never stored
@@ -74,6 +98,7 @@ class KeyConfig(_Strict):
     revoked: bool = False
     created_at: str | None = None
     tags: dict[str, str] = {}  # key-bound tags: the highest authority
+    limits: LimitsConfig | None = None  # this key's rate limits and budget
 
 
 class TenantConfig(_Strict):
@@ -83,6 +108,7 @@ class TenantConfig(_Strict):
     capture_content: bool = True
     tags: dict[str, str] = {}  # tenant-bound tags, e.g. {intent: support}
     keys: list[KeyConfig] = []
+    limits: LimitsConfig | None = None  # the tenant's rate limits and budget, over all its keys
 
     def allows(self, model: str) -> bool:
         return "*" in self.allowed_models or model in self.allowed_models
@@ -113,6 +139,11 @@ class StorageConfig(_Strict):
     database: str = ""
     cluster: str = ""
     ttl_days: int = Field(0, ge=0)
+    # reads (stats, dashboard, the CLI through the gateway, budgets) use clients of their own, with limits
+    query_concurrency: int = Field(2, ge=1, le=64)  # statements at once; more wait their turn
+    query_max_seconds: float = Field(30.0, gt=0)
+    query_max_memory_bytes: int = Field(4 << 30, ge=64 << 20)
+    query_max_threads: int = Field(0, ge=0)  # 0: half the cores
 
     def resolved_dsn(self) -> str:
         return self.dsn or embedded_dsn(self.data_dir)  # the one helper replay and stats use too

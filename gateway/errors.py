@@ -17,6 +17,7 @@ class GatewayError(Exception):
                  param: str | None = None, error_type: str | None = None, raw: bytes | None = None) -> None:
         super().__init__(message)
         self.raw = raw  # an upstream's own error body, relayed as it was (after scrubbing)
+        self.headers: list[tuple[bytes, bytes]] = []  # extra response headers (e.g. retry-after on a 429)
         self.status = status
         self.message = message
         self.type = type_

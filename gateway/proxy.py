@@ -28,6 +28,7 @@ from .call import Call, ClientGone
 from .capture import StreamAccumulator, capture_input, output_messages
 from .config import GatewayConfig, ModelConfig
 from .errors import GatewayError, error_body, forbidden
+from .limits import CallLimits
 from .pricing import Pricing
 from .providers import ProviderRegistry, UpstreamCall, UpstreamFailure, UpstreamResponse, server_address
 from .providers.sse import event_data
@@ -88,8 +89,10 @@ class _Opened:
 
 class Proxy:
     def __init__(self, *, config: GatewayConfig, keyring: KeyRing, providers: ProviderRegistry,
-                 tracer: trace.Tracer, pricing: Pricing, redactor: Redactor) -> None:
+                 tracer: trace.Tracer, pricing: Pricing, redactor: Redactor,
+                 limits: CallLimits | None = None) -> None:
         self.config = config
+        self.limits = limits if limits is not None else CallLimits()
         self.keyring = keyring
         self.providers = providers
         self.tracer = tracer
@@ -158,6 +161,8 @@ class Proxy:
                 await self._capture(call, inline=reraise is not None)
             except asyncio.CancelledError as e:  # stopping mid-capture: the call is still recorded, without content
                 reraise = reraise or e
+        if call.limited:  # tokens and cost count against the limits the call was admitted under
+            self.limits.finish(call.limited, (rec.input_tokens or 0) + (rec.output_tokens or 0), rec.cost_usd or 0.0)
         if rec.error_type:
             self.stats.errors += 1
         try:
@@ -199,6 +204,13 @@ class Proxy:
                                code="model_not_found", param="model")
         if not self._allows(call, model):
             raise forbidden(f"This key may not use model `{model}`.", code="model_not_allowed", param="model")
+        scopes = self.limits.scopes(principal.key_id, principal.limits, tenant)
+        if scopes:
+            refusal, warnings = self.limits.admit(scopes)
+            if refusal is not None:
+                raise refusal.error()
+            call.limited = scopes
+            call.extra_headers.extend((b"x-tagway-budget-warning", w.encode()) for w in warnings)
         call.capture = self._capture_on and (tenant.capture_content if tenant is not None else
                                              principal.capture_content)
         await self._forward(call, deployment)

@@ -334,3 +334,98 @@ def test_finding5_sigkill_loses_at_most_a_flush_interval(tmp_path):
     rate = len(acked) / seconds
     # at most the flush interval's worth (100 ms) plus scheduling slack on a loaded machine
     assert lost <= 0.3 * rate + 5, f"lost {lost} of {len(acked)} acknowledged calls ({rate:.0f}/s)"
+
+
+def test_rate_limits_and_budgets_per_key_and_tenant(tmp_path):
+    """429s with retry-after, recorded as such; a budget computed from recorded cost survives a restart."""
+    keys = {"fast": "tw-hard-fast-0123456789abcdefghijklmnopq", "spender": "tw-hard-spend-0123456789abcdefghijklmnop"}
+    with Upstream() as up:
+        model = {"name": "gpt-test", "model": "ok-model", "provider": "openai", "base_url": up.base_url,
+                 "input_cost_per_token": 1e-4, "output_cost_per_token": 1e-4}  # ~12-14 tokens: ~$0.0013 a call
+        config = {"admin_key_hash": hash_key(ADMIN), "models": [model],
+                  "tenants": [{"customer": "limited", "limits": {"rpm": 3},
+                               "keys": [{"id": "fast-k", "hash": hash_key(keys["fast"])}]},
+                              {"customer": "thrifty", "keys": [{"id": "spend-k", "hash": hash_key(keys["spender"]),
+                                                                "limits": {"budget": {"usd": 0.003, "per": "month",
+                                                                                      "soft": 0.3}}}]}]}
+        g = GatewayProcess(tmp_path, config).start()
+        try:
+            fast = openai.OpenAI(base_url=g.url + "/v1", api_key=keys["fast"], max_retries=0)
+            for _ in range(3):
+                fast.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "hi"}])
+            with pytest.raises(openai.RateLimitError) as e:
+                fast.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "hi"}])
+            assert e.value.code == "rate_limited" and int(e.value.response.headers["retry-after"]) >= 1
+            row = g.call_row(e.value.response.headers["x-tagway-trace-id"], ADMIN)
+            assert (row["error_type"], row["http_status"], row["customer"]) == ("rate_limited", 429, "limited")
+
+            spender = openai.OpenAI(base_url=g.url + "/v1", api_key=keys["spender"], max_retries=0)
+            first = spender.chat.completions.with_raw_response.create(
+                model="gpt-test", messages=[{"role": "user", "content": "hi"}])
+            assert "x-tagway-budget-warning" not in first.headers
+            second = spender.chat.completions.with_raw_response.create(
+                model="gpt-test", messages=[{"role": "user", "content": "hi"}])
+            assert "spend-k" in second.headers["x-tagway-budget-warning"]  # past 30% of $0.003
+            refused = None
+            for _ in range(5):
+                try:
+                    spender.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "hi"}])
+                except openai.RateLimitError as err:
+                    refused = err
+                    break
+            assert refused is not None and refused.code == "budget_exceeded"
+            assert refused.response.headers["x-should-retry"] == "false"
+            budgets = g.get("/admin/budgets", ADMIN).json()["data"]
+            (b,) = [b for b in budgets if b["id"] == "spend-k"]
+            assert b["spent_usd"] >= 0.003 and b["used"] >= 1
+            m = g.get("/metrics", ADMIN).text
+            assert metric(m, "tagway_limited_total", reason="rate_limited") == 1
+            assert metric(m, "tagway_limited_total", reason="budget_exceeded") == 1
+            for t in (first.headers["x-tagway-trace-id"], second.headers["x-tagway-trace-id"]):
+                g.call_row(t, ADMIN)  # the spend is in the store
+        finally:
+            g.stop()
+        g.start()  # a restart does not reset the spend: it is read back from the recorded calls
+        try:
+            with pytest.raises(openai.RateLimitError) as e:
+                openai.OpenAI(base_url=g.url + "/v1", api_key=keys["spender"], max_retries=0).chat.completions.create(
+                    model="gpt-test", messages=[{"role": "user", "content": "hi"}])
+            assert e.value.code == "budget_exceeded"
+        finally:
+            g.stop()
+
+
+def test_finding6_heavy_reads_run_apart_from_inserts_and_within_limits(tmp_path):
+    """A read that would run for minutes is cut at storage.query_max_seconds with a clear error; while it runs,
+    calls are answered and their spans are inserted (reads have clients of their own)."""
+    with Upstream() as up:
+        config = {"admin_key_hash": hash_key(ADMIN),
+                  "storage": {"query_max_seconds": 4, "query_concurrency": 2},
+                  "models": [{"name": "gpt-test", "model": "ok-model", "provider": "openai", "base_url": up.base_url}],
+                  "tenants": [{"customer": "acme", "keys": [{"id": "acme-k", "hash": hash_key(KEYS["acme"])}]}]}
+        with GatewayProcess(tmp_path, config) as g:
+            heavy: dict = {}
+
+            def run_heavy() -> None:
+                t0 = time.monotonic()
+                heavy["r"] = httpx.post(g.url + "/admin/store/query", headers={"Authorization": f"Bearer {ADMIN}"},
+                                        json={"sql": "SELECT sum(cityHash64(number)) FROM numbers(100000000000)"},
+                                        timeout=60)
+                heavy["seconds"] = time.monotonic() - t0
+
+            t = threading.Thread(target=run_heavy)
+            t.start()
+            time.sleep(0.5)
+            t0 = time.monotonic()
+            trace = chat(g, "acme").headers["x-tagway-trace-id"]
+            rows = []
+            while not rows and time.monotonic() - t0 < 3:  # stored while the heavy read still runs
+                rows = g.query("SELECT trace_id FROM llm_calls WHERE trace_id = {t:String}", ADMIN, t=trace)
+                time.sleep(0.1)
+            stored_after = time.monotonic() - t0
+            t.join(60)
+        assert rows, "the span was not inserted while a heavy read ran"
+        assert stored_after < 3.0 and "r" in heavy and heavy["seconds"] > stored_after
+        r = heavy["r"]
+        assert r.status_code == 400 and "Timeout exceeded" in r.json()["error"]["message"]
+        assert heavy["seconds"] < 15  # cut at its limit (4 s, plus start-up), not minutes

@@ -1,0 +1,267 @@
+"""Rate limits and budgets per key and per tenant, checked before a call is forwarded.
+
+Rate limits are token buckets (requests per minute, tokens per minute) that refill continuously: a key with
+`rpm: 60` may burst 60 calls, then one a second. Tokens are only known once a call ends, so a call is admitted
+while its buckets are not in debt and its tokens are charged afterwards (as LiteLLM's proxy does): a client that
+overdraws waits until the bucket refills. Budgets cap the spend (recorded `cost_usd` of production calls) per
+period: `per` is a duration (1h, 1d, 7d, 30d: windows aligned to the Unix epoch, UTC) or `month` (calendar month,
+UTC); at `soft` (a fraction) responses carry a warning header, at the budget calls are refused until the next
+period. Spend is read from the store (every `refresh_seconds`, off the event loop) and topped up in-process by
+each call's cost, so a burst cannot outrun the last refresh by more than the calls in flight.
+
+Buckets live in the process. With `tagway serve --workers N` each worker enforces its 1/N share of every rate
+limit (the OpenAI SDK's clients spread over workers evenly enough for this); budgets are shared through the store.
+Everything here runs on the event loop thread: no locks.
+"""
+from __future__ import annotations
+
+import calendar
+import dataclasses
+import datetime as dt
+import logging
+import math
+import time
+from typing import Any, Callable, Iterable
+
+from .errors import GatewayError
+
+__all__ = ["TokenBucket", "Limiter", "Budgets", "CallLimits", "period_bounds", "Refusal"]
+
+log = logging.getLogger("tagway.limits")
+
+
+class TokenBucket:
+    __slots__ = ("capacity", "rate", "level", "stamp")
+
+    def __init__(self, per_minute: float, now: float) -> None:
+        self.capacity = float(per_minute)
+        self.rate = per_minute / 60.0  # per second
+        self.level = self.capacity
+        self.stamp = now
+
+    def _refill(self, now: float) -> None:
+        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def wait_for(self, amount: float, now: float) -> float:
+        """Seconds until `amount` can be taken (0: now)."""
+        self._refill(now)
+        return 0.0 if self.level >= amount else (amount - self.level) / self.rate
+
+    def take(self, amount: float, now: float) -> None:
+        self._refill(now)
+        self.level -= amount  # may go into debt (tokens are charged after the call)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a call must wait: an OpenAI-shaped 429 with `retry-after`."""
+    code: str  # rate_limited | budget_exceeded
+    message: str
+    retry_after: float
+
+    def error(self) -> GatewayError:
+        e = GatewayError(429, self.message, type_="rate_limit_error" if self.code == "rate_limited" else
+                         "insufficient_quota", code=self.code, error_type=self.code)
+        e.headers = [(b"retry-after", b"%d" % max(1, math.ceil(self.retry_after))),
+                     (b"retry-after-ms", b"%d" % max(1, math.ceil(self.retry_after * 1000))),
+                     (b"x-should-retry", b"true" if self.code == "rate_limited" else b"false")]
+        return e
+
+
+class Limiter:
+    """rpm/tpm buckets by (scope, id), e.g. ("key", "acme-1") or ("tenant", "acme"). `share` is this process's
+    fraction of each limit (1/N with N workers)."""
+
+    def __init__(self, share: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.share = share
+        self.clock = clock
+        self._rpm: dict[tuple[str, str], TokenBucket] = {}
+        self._tpm: dict[tuple[str, str], TokenBucket] = {}
+        self.refused = 0
+
+    def _bucket(self, table: dict, who: tuple[str, str], per_minute: int, now: float) -> TokenBucket:
+        b = table.get(who)
+        limit = per_minute * self.share
+        if b is None or b.capacity != limit:  # new, or the limit changed
+            b = table[who] = TokenBucket(limit, now)
+        return b
+
+    def admit(self, limits: Iterable[tuple[tuple[str, str], int | None, int | None]]) -> Refusal | None:
+        """`limits`: (who, rpm, tpm) for each scope the call falls under. Takes one request from every rpm
+        bucket if all admit it; else takes nothing and says which refused, and for how long."""
+        now = self.clock()
+        checks = []
+        for who, rpm, tpm in limits:
+            if rpm:
+                b = self._bucket(self._rpm, who, rpm, now)
+                wait = b.wait_for(1, now)
+                if wait > 0:
+                    return self._refuse(f"{who[0]} {who[1]!r} is over its limit of {rpm} requests per minute", wait)
+                checks.append(b)
+            if tpm:
+                b = self._bucket(self._tpm, who, tpm, now)
+                if b.level <= 0 and b.wait_for(1, now) > 0:  # in debt from earlier calls' tokens
+                    return self._refuse(f"{who[0]} {who[1]!r} is over its limit of {tpm} tokens per minute",
+                                        b.wait_for(1, now))
+        for b in checks:
+            b.take(1, now)
+        return None
+
+    def charge(self, limits: Iterable[tuple[tuple[str, str], int | None, int | None]], tokens: int) -> None:
+        if tokens <= 0:
+            return
+        now = self.clock()
+        for who, _rpm, tpm in limits:
+            if tpm:
+                self._bucket(self._tpm, who, tpm, now).take(tokens, now)
+
+    def _refuse(self, message: str, wait: float) -> Refusal:
+        self.refused += 1
+        return Refusal("rate_limited", f"Rate limit reached: {message}. Retry in {wait:.1f}s.", wait)
+
+
+def period_bounds(per: str, now: float) -> tuple[float, float]:
+    """[start, end) of the budget period holding `now` (Unix seconds). `month`: the calendar month (UTC); a
+    duration: windows of that length aligned to the Unix epoch."""
+    if per == "month":
+        d = dt.datetime.fromtimestamp(now, dt.timezone.utc)
+        start = dt.datetime(d.year, d.month, 1, tzinfo=dt.timezone.utc)
+        days = calendar.monthrange(d.year, d.month)[1]
+        return start.timestamp(), (start + dt.timedelta(days=days)).timestamp()
+    from exporters.vocabulary import parse_duration  # noqa: PLC0415 - light, but only budgets need it
+
+    length = parse_duration(per, "per").total_seconds()
+    start = math.floor(now / length) * length
+    return start, start + length
+
+
+# calls reach the store a few seconds after they end (batching): their cost stays counted in-process this long
+# after a refresh, even if the store already had it (counting it twice errs on the side of the budget)
+_STORE_LAG = 15.0
+
+
+@dataclasses.dataclass(slots=True)
+class _Spend:
+    period_start: float
+    stored: float = 0.0  # spend in the period, as the store last said
+    recent: list[tuple[float, float]] = dataclasses.field(default_factory=list)  # (time, cost) added in-process
+
+    def total(self) -> float:
+        return self.stored + sum(c for _, c in self.recent)
+
+
+class Budgets:
+    """Spend against budget per (scope, id). `read_spend(scope, id, since)` returns the recorded production spend
+    since a Unix time; it is called off the event loop by `refresh()`."""
+
+    def __init__(self, read_spend: Callable[[str, str, float], float] | None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._read = read_spend
+        self.clock = clock
+        self._spend: dict[tuple[str, str], _Spend] = {}
+        self._periods: dict[tuple[str, str], str] = {}
+        self.refused = 0
+
+    def _current(self, who: tuple[str, str], per: str) -> _Spend:
+        start, _ = period_bounds(per, self.clock())
+        s = self._spend.get(who)
+        if s is None or s.period_start != start:  # first sight, or a new period began
+            s = self._spend[who] = _Spend(start)
+        return s
+
+    def spent(self, who: tuple[str, str], per: str) -> float:
+        return self._current(who, per).total()
+
+    def check(self, who: tuple[str, str], usd: float, per: str, soft: float) -> tuple[Refusal | None, str]:
+        """A refusal at the budget, else the warning header value past `soft` (or '')."""
+        self._periods[who] = per
+        spent = self.spent(who, per)
+        if spent >= usd:
+            self.refused += 1
+            _, end = period_bounds(per, self.clock())
+            return Refusal("budget_exceeded", f"Budget reached: {who[0]} {who[1]!r} spent ${spent:.2f} of "
+                           f"${usd:g} per {per}; calls resume when the period ends.",
+                           max(1.0, end - self.clock())), ""
+        if spent >= soft * usd:
+            return None, f"{who[0]} {who[1]} spent {spent:.4f} of {usd:g} USD per {per} ({spent / usd:.0%})"
+        return None, ""
+
+    def add(self, who: tuple[str, str], per: str, cost: float) -> None:
+        if cost > 0:
+            self._current(who, per).recent.append((self.clock(), cost))
+
+    def refresh(self) -> None:
+        """Re-read every tracked spend from the store (blocking: run it on a thread)."""
+        if self._read is None:
+            return
+        for who, per in list(self._periods.items()):
+            now = self.clock()
+            start, _ = period_bounds(per, now)
+            try:
+                stored = self._read(who[0], who[1], start)
+            except Exception as e:  # the store is down: keep counting in-process
+                log.warning("cannot read spend for %s %s (%s); using the last known figure", *who, e)
+                continue
+            old = self._spend.get(who)
+            recent = [(t, c) for t, c in (old.recent if old and old.period_start == start else ())
+                      if t > now - _STORE_LAG]
+            self._spend[who] = _Spend(start, stored, recent)
+
+    def report(self) -> list[dict]:
+        """Every tracked budget's spend in its current period (for /admin/budgets)."""
+        out = []
+        for who, per in sorted(self._periods.items()):
+            start, end = period_bounds(per, self.clock())
+            out.append({"scope": who[0], "id": who[1], "per": per, "period_start": start, "period_end": end,
+                        "spent_usd": round(self.spent(who, per), 6)})
+        return out
+
+
+Scope = tuple[tuple[str, str], Any]  # ((scope, id), LimitsConfig)
+
+
+class CallLimits:
+    """The limits a call falls under (its key's and its recorded tenant's), checked and charged as one."""
+
+    def __init__(self, share: float = 1.0, read_spend: Callable[[str, str, float], float] | None = None) -> None:
+        self.limiter = Limiter(share)
+        self.budgets = Budgets(read_spend)
+
+    @staticmethod
+    def scopes(key_id: str, key_limits: Any, tenant: Any) -> list[Scope]:
+        out: list[Scope] = []
+        if key_limits is not None:
+            out.append((("key", key_id), key_limits))
+        if tenant is not None and tenant.limits is not None:
+            out.append((("tenant", tenant.customer), tenant.limits))
+        return out
+
+    def register(self, scopes: Iterable[Scope]) -> None:
+        """Budgets known at start-up, so their spend is read from the store before the first call."""
+        for who, lim in scopes:
+            if lim.budget is not None:
+                self.budgets._periods[who] = lim.budget.per
+
+    def admit(self, scopes: list[Scope]) -> tuple[Refusal | None, list[str]]:
+        """A refusal (429), or the budget warnings to send along."""
+        warnings = []
+        for who, lim in scopes:
+            if lim.budget is not None:
+                refusal, warning = self.budgets.check(who, lim.budget.usd, lim.budget.per, lim.budget.soft)
+                if refusal is not None:
+                    return refusal, []
+                if warning:
+                    warnings.append(warning)
+        refusal = self.limiter.admit([(who, lim.rpm, lim.tpm) for who, lim in scopes])
+        return refusal, ([] if refusal else warnings)
+
+    def finish(self, scopes: list[Scope], tokens: int, cost: float) -> None:
+        self.limiter.charge([(who, lim.rpm, lim.tpm) for who, lim in scopes], tokens)
+        for who, lim in scopes:
+            if lim.budget is not None and cost:
+                self.budgets.add(who, lim.budget.per, cost)
+
+    @property
+    def refused(self) -> dict[str, int]:
+        return {"rate_limited": self.limiter.refused, "budget_exceeded": self.budgets.refused}

@@ -1,0 +1,123 @@
+"""Rate limits and budgets (gateway/limits.py), on a clock the tests move."""
+from __future__ import annotations
+
+import datetime as dt
+from types import SimpleNamespace
+
+import pytest
+
+from gateway.config import BudgetConfig, LimitsConfig
+from gateway.limits import Budgets, CallLimits, Limiter, period_bounds
+
+
+class Clock:
+    def __init__(self, t: float = 1_000_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_rpm_bursts_then_refills_one_per_interval():
+    clock = Clock()
+    lim = Limiter(clock=clock)
+    who = [(("key", "k1"), 6, None)]
+    assert all(lim.admit(who) is None for _ in range(6))
+    r = lim.admit(who)
+    assert r is not None and r.code == "rate_limited" and r.retry_after == pytest.approx(10.0)
+    clock.t += 10.0
+    assert lim.admit(who) is None and lim.admit(who) is not None
+    assert lim.refused == 2
+
+
+def test_a_refusal_takes_nothing_from_the_other_scope():
+    clock = Clock()
+    lim = Limiter(clock=clock)
+    key, tenant = (("key", "k"), 100, None), (("tenant", "t"), 1, None)
+    assert lim.admit([key, tenant]) is None
+    assert lim.admit([key, tenant]) is not None  # the tenant refuses...
+    assert lim.admit([key]) is None  # ...and the key's bucket was not charged for the refused call
+    assert lim._rpm[("key", "k")].level == pytest.approx(98)
+
+
+def test_tpm_charges_after_the_call_and_debt_makes_the_next_wait():
+    clock = Clock()
+    lim = Limiter(clock=clock)
+    who = [(("tenant", "t"), None, 600)]  # 10 tokens a second
+    assert lim.admit(who) is None
+    lim.charge(who, 900)  # the call used more than the whole minute's budget
+    r = lim.admit(who)
+    assert r is not None and r.retry_after == pytest.approx(30.1, abs=0.2)  # 300 in debt, +1 token
+    clock.t += 31
+    assert lim.admit(who) is None
+
+
+def test_workers_share_each_limit():
+    lim = Limiter(share=0.5, clock=Clock())
+    who = [(("key", "k"), 10, None)]
+    assert sum(lim.admit(who) is None for _ in range(10)) == 5
+
+
+def test_periods():
+    jan31 = dt.datetime(2026, 1, 31, 23, 0, tzinfo=dt.timezone.utc).timestamp()
+    start, end = period_bounds("month", jan31)
+    assert dt.datetime.fromtimestamp(start, dt.timezone.utc) == dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    assert dt.datetime.fromtimestamp(end, dt.timezone.utc) == dt.datetime(2026, 2, 1, tzinfo=dt.timezone.utc)
+    start, end = period_bounds("1d", jan31)
+    assert (start, end) == (jan31 - 23 * 3600, jan31 + 3600)
+    assert period_bounds("1.5h", 5400 * 7 + 1) == (5400 * 7, 5400 * 8)
+
+
+def test_budget_soft_warning_hard_refusal_until_the_period_ends():
+    clock = Clock(dt.datetime(2026, 3, 10, 12, tzinfo=dt.timezone.utc).timestamp())
+    b = Budgets(None, clock=clock)
+    who = ("tenant", "acme")
+    assert b.check(who, 1.0, "1d", 0.8) == (None, "")
+    b.add(who, "1d", 0.85)
+    refusal, warning = b.check(who, 1.0, "1d", 0.8)
+    assert refusal is None and "85%" in warning
+    b.add(who, "1d", 0.2)
+    refusal, _ = b.check(who, 1.0, "1d", 0.8)
+    assert refusal.code == "budget_exceeded" and refusal.retry_after == pytest.approx(12 * 3600)
+    assert refusal.error().status == 429 and dict(refusal.error().headers)[b"x-should-retry"] == b"false"
+    clock.t += 12 * 3600  # the next day: a new period
+    assert b.check(who, 1.0, "1d", 0.8) == (None, "")
+
+
+def test_refresh_takes_the_store_figure_and_keeps_calls_the_store_may_not_have_yet():
+    clock = Clock(1_700_000_000.0)
+    stored = {"v": 0.5}
+    b = Budgets(lambda scope, who, since: stored["v"], clock=clock)
+    who = ("key", "k1")
+    b.check(who, 10.0, "month", 0.8)  # tracked
+    b.add(who, "month", 0.25)  # a call that ended just now
+    b.refresh()
+    assert b.spent(who, "month") == pytest.approx(0.75)  # the store's 0.5 + the recent call (not stored yet)
+    clock.t += 60
+    stored["v"] = 0.75
+    b.refresh()
+    assert b.spent(who, "month") == pytest.approx(0.75)  # older than the store's lag: now only from the store
+
+
+def test_refresh_failure_keeps_counting():
+    def down(*_):
+        raise RuntimeError("store down")
+
+    b = Budgets(down, clock=Clock())
+    b.check(("tenant", "t"), 1.0, "1h", 0.8)
+    b.add(("tenant", "t"), "1h", 0.3)
+    b.refresh()
+    assert b.spent(("tenant", "t"), "1h") == pytest.approx(0.3)
+
+
+def test_call_limits_scopes_and_finish():
+    lim = LimitsConfig(rpm=2, tpm=None, budget=BudgetConfig(usd=0.001, per="month"))
+    tenant = SimpleNamespace(customer="acme", limits=LimitsConfig(tpm=100))
+    cl = CallLimits()
+    scopes = cl.scopes("k1", lim, tenant)
+    assert [who for who, _ in scopes] == [("key", "k1"), ("tenant", "acme")]
+    assert cl.admit(scopes) == (None, [])
+    cl.finish(scopes, tokens=150, cost=0.002)
+    refusal, _ = cl.admit(scopes)
+    assert refusal.code == "budget_exceeded" and cl.refused == {"rate_limited": 0, "budget_exceeded": 1}
+    assert CallLimits.scopes("admin", None, None) == []
