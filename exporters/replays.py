@@ -101,6 +101,8 @@ def list_runs(store: Any, *, spec: str | None = None, dataset: str | None = None
         sql += "\nHAVING " + " AND ".join(having)
     rows = store.query(sql + "\nORDER BY created_at DESC, run_id DESC LIMIT {limit:UInt32}", parameters=params)
     runs = [_run_dict(r, full=customer is None) for r in rows]
+    for r in runs:
+        r.pop("report", None)
     if customer is not None and runs:
         costs = store.query(f"SELECT run_id, sum(cost_usd) AS cost FROM {table_name('replay_results', database)} "
                             "WHERE customer = {customer:String} AND run_id IN {ids:Array(String)} GROUP BY run_id",

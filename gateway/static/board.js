@@ -316,7 +316,7 @@ async function pageCall() {
       ["attempts", String(c.attempts || 1)],
       ["tokens", fmtInt(c.input_tokens) + " in / " + fmtInt(c.output_tokens) + " out"],
       ["cost", "$" + fixed(c.cost_usd || 0, 6)]]), attemptsTable(c)),
-    c.request_params ? card("Request parameters", pre(pretty(c.request_params), "json")) : null,
+    c.request_params ? card("Request parameters", el("div", { id: "request-params" }, pre(pretty(c.request_params), "json"))) : null,
     card("Replays of this call", replaysOfCall(view))));
   main().appendChild(grid);
   status("");
