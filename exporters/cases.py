@@ -62,24 +62,35 @@ _TOKEN = re.compile(r"\s+|\w+|[^\w\s]", re.UNICODE)
 
 
 def word_diff(a: str, b: str) -> list[list[str]]:
-    """[op, text] runs turning `a` into `b`, word by word: "=" kept, "-" only in a, "+" only in b."""
+    """[op, text] runs turning `a` into `b`, word by word: "=" kept, "-" only in a, "+" only in b. A change reads
+    as one deletion then one insertion: whitespace kept between two changed words is folded into both."""
     ta, tb = _TOKEN.findall(a or ""), _TOKEN.findall(b or "")
-    out: list[list[str]] = []
-
-    def add(op: str, toks: list[str]) -> None:
-        if not toks:
-            return
-        if out and out[-1][0] == op:
-            out[-1][1] += "".join(toks)
-        else:
-            out.append([op, "".join(toks)])
-
+    runs: list[tuple[str, str]] = []
     for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, ta, tb, autojunk=False).get_opcodes():
         if tag == "equal":
-            add("=", ta[i1:i2])
+            runs.append(("=", "".join(ta[i1:i2])))
+            continue
+        if i2 > i1:
+            runs.append(("-", "".join(ta[i1:i2])))
+        if j2 > j1:
+            runs.append(("+", "".join(tb[j1:j2])))
+    out: list[list[str]] = []
+    block: list[tuple[str, str]] = []
+
+    def flush() -> None:
+        gone = "".join(t for op, t in block if op in "-~")
+        new = "".join(t for op, t in block if op in "+~")
+        out.extend([op, t] for op, t in (("-", gone), ("+", new)) if t)
+        block.clear()
+
+    for i, (op, text) in enumerate(runs):
+        between = 0 < i < len(runs) - 1 and runs[i - 1][0] != "=" and runs[i + 1][0] != "="
+        if op == "=" and not (text.isspace() and between):
+            flush()
+            out.append(["=", text])
         else:
-            add("-", ta[i1:i2])
-            add("+", tb[j1:j2])
+            block.append(("~" if op == "=" else op, text))
+    flush()
     return out
 
 

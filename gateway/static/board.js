@@ -517,7 +517,7 @@ async function pageRun() {
 
 // -- Trend -----------------------------------------------------------------------------------------------------
 function lineChart(id, labels, series, fmtY, opts) {
-  const W = 1000, H = (opts && opts.height) || 240, L = 64, R = 16, T = 14, B = 28;
+  const W = 1000, H = (opts && opts.height) || 200, L = 72, R = 16, T = 14, B = 28;
   const root = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", id });
   const n = labels.length;
   let top = 0;
@@ -533,7 +533,8 @@ function lineChart(id, labels, series, fmtY, opts) {
   const ticks = Math.min(n, 7);
   for (let k = 0; k < ticks; k++) {
     const i = ticks === 1 ? 0 : Math.round((k * (n - 1)) / (ticks - 1));
-    root.appendChild(svg("text", { x: x(i), y: H - 8, "text-anchor": "middle", class: "axis" }, labels[i]));
+    const anchor = ticks > 1 && k === 0 ? "start" : ticks > 1 && k === ticks - 1 ? "end" : "middle";
+    root.appendChild(svg("text", { x: x(i), y: H - 8, "text-anchor": anchor, class: "axis" }, labels[i]));
   }
   series.forEach((s) => {
     const g = svg("g", { "data-series": s.key });
@@ -555,7 +556,7 @@ function lineChart(id, labels, series, fmtY, opts) {
     });
     root.appendChild(g);
   });
-  return root;
+  return el("div", { class: "chart" }, root);
 }
 function legend(series) {
   return el("div", { class: "legend" }, ...series.map((s) => {
