@@ -70,6 +70,20 @@ FROM (SELECT number, (cityHash64(number, 1) % 1000000) / 1e6 AS r1, (cityHash64(
 """
 
 
+# One attempt span per call in otel_traces (kind "attempt", so the llm_calls view ignores them): the call page reads
+# a call's spans by trace id, and that lookup must stay fast with a big otel_traces beside llm_calls.
+GENERATE_SPANS = """
+INSERT INTO otel_traces (Timestamp, TraceId, SpanId, ParentSpanId, SpanName, SpanKind, ServiceName, SpanAttributes,
+    Duration, StatusCode)
+SELECT Timestamp, trace_id, lower(hex(cityHash64(trace_id, 'attempt'))), span_id, 'chat ' || model_requested, 'Client',
+    'tagway', map('tagway.kind', 'attempt', 'tagway.attempt', '1', 'tagway.deployment', deployment,
+                  'gen_ai.provider.name', provider, 'gen_ai.request.model', model_requested,
+                  'http.response.status_code', toString(http_status)),
+    toUInt64(latency_ms * 1e6), if(status = 'error', 'Error', 'Ok')
+FROM llm_calls WHERE cityHash64(trace_id) % {parts:UInt64} = {part:UInt64}
+"""
+
+
 def _results_for(store, trace_id: str) -> None:
     rows = []
     for cand, status, output in (("baseline", "passed", "Your refund is on its way."),
@@ -99,10 +113,15 @@ def main() -> None:
                 store.command(GENERATE, parameters={"start": start, "count": min(500_000, args.rows - start)})
             store.command("OPTIMIZE TABLE llm_calls FINAL")
             print(f"generated {args.rows - have:,} rows in {time.perf_counter() - t:.1f} s")
+        if int(store.query_rows("SELECT count() FROM otel_traces")[0][0][0]) == 0:
+            for part in range(4):
+                store.command(GENERATE_SPANS, parameters={"parts": 4, "part": part})
+            store.command("OPTIMIZE TABLE otel_traces FINAL")
         n, size = store.query_rows("SELECT count(), formatReadableSize(sum(data_compressed_bytes)) FROM system.parts "
                                    "WHERE table = 'llm_calls' AND active")[0][0]
+        spans = int(store.query_rows("SELECT count() FROM otel_traces")[0][0][0])
         print(f"llm_calls: {int(store.query_rows('SELECT count() FROM llm_calls')[0][0][0]):,} rows, {size} on disk "
-              f"({path})")
+              f"({path}); otel_traces: {spans:,} spans")
 
         cfg = GatewayConfig(admin_key_hash=hash_key(ADMIN), tenants=[
             {"customer": "cust-07", "keys": [{"id": "c7", "hash": hash_key(TENANT)}]}])
