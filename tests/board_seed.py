@@ -28,7 +28,7 @@ ADMIN_KEY = "tw-board-admin-0123456789abcdefghijklmn"
 PLATFORM_KEY = "tw-board-platform-0123456789abcdefghij"
 INTENTS = ("refund", "billing", "support")
 XSS = '<img src=x onerror="document.title=\'pwned\'"><script>window.pwned=1</script>'
-HUGE_CHARS = 60_000
+HUGE_CHARS = 40_000  # under the gateway's own per-string capture cap (50,000), over the page's 20,000
 
 
 @dataclasses.dataclass
