@@ -85,6 +85,12 @@ def test_tenant_keys_see_their_own_customer_and_nothing_else(board):
     assert sum(r["n"] for r in run["table"]["cand"]["rows"]) == run["table"]["cand"]["overall"]["n"] < 72
     chart = get(board, "/v1/tagway/charts", key, since="1h", by="customer").json()
     assert [s["key"] for s in chart["series"]] == [acme]
+    # the overview's other two routes, for the same page with a tenant key
+    series = get(board, "/v1/tagway/timeseries", key, since="1h", by="customer", min_calls=0).json()["series"]
+    assert [s["key"] for s in series] == [acme]
+    globex_errors = get(board, "/v1/tagway/errors", board.keys["globex"], since="1h").json()
+    assert globex_errors["total_errors"] == 1 and globex_errors["errors"][0]["example_trace_ids"] == [board.traces["error"]]
+    assert get(board, "/v1/tagway/errors", key, since="1h").json()["total_errors"] == 0
     # admin routes stay admin-only
     for path in ("/admin/calls", f"/admin/calls/{own}", f"/admin/cases/{own}", "/admin/replays", "/admin/charts"):
         assert error_of(get(board, path, key), 403)["code"] == "admin_key_required"
@@ -110,6 +116,12 @@ def test_call_detail_and_truncation(board):
     assert error_of(get(board, "/admin/calls/abc'--"), 400)["param"] == "trace_id"
     assert error_of(get(board, "/admin/replays/bad id!"), 400)["param"] == "run_id"
     assert error_of(get(board, "/admin/replays/trend"), 400)["param"] == "spec"
+    one = get(board, "/admin/replays", dataset=f"run-{board.runs[0]}").json()["runs"]
+    assert [r["run_id"] for r in one] == [board.runs[0]] and one[0]["spec_name"] == board.spec_name
+    by_spec = get(board, "/admin/replays", spec=board.spec_name).json()["runs"]
+    assert [r["run_id"] for r in by_spec] == board.runs[::-1]
+    trend = get(board, "/admin/replays/trend", dataset=f"run-{board.runs[1]}").json()
+    assert [r["run_id"] for r in trend["runs"]] == [board.runs[1]]
 
 
 def test_show_cases_cli_matches_the_case_view(board, chdb_dsn):

@@ -323,6 +323,9 @@ def test_unknown_ids_and_other_tenants_traces_are_404_pages(board, page, shots, 
     assert rows[1][:4] == ["refund", "8", "1.000", "0.500"] and all(r[8] == "" for r in rows)  # no marks
     assert page.query_selector("#reasons") is None
     shot(page, shots, "15-tenant-run")
+    goto(page, f"{board.url}/ui#since=1h&by=customer")  # the overview, limited the same way
+    assert page.get_attribute("body", "data-loaded") == "1"
+    assert page.eval_on_selector_all("#segments tbody tr", "rs => rs.map(r => r.dataset.segment)") == [acme]
 
 
 def test_charts_and_trend(board, page, shots):

@@ -169,8 +169,11 @@ function callsForm() {
     el("label", { class: "grow" }, "More filters", more), el("label", { class: "grow" }, "Search", search),
     el("button", { type: "submit" }, "Apply"));
   if (QS.get("dataset")) {
+    const without = new URLSearchParams(location.search);
+    for (const k of ["dataset", "segment", "cursor"]) without.delete(k);
     form.appendChild(el("span", { class: "chip", id: "f-dataset" }, "dataset " + QS.get("dataset") +
-      (QS.has("segment") ? " · segment " + QS.get("segment") : "")));
+      (QS.has("segment") ? " · segment " + QS.get("segment") : "") + " ",
+    link("×", uiLink("calls", null, without), { title: "all calls, not only this dataset's" })));
   }
   form.addEventListener("submit", (ev) => {
     ev.preventDefault();
