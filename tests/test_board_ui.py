@@ -347,7 +347,7 @@ def test_charts_and_trend(board, page, shots):
 
     goto(page, f"{board.url}/ui/trend?spec={urllib.parse.quote(board.spec_name)}")
     rows = {r[0]: r[1:] for r in cells(page, "#trend tbody tr")}
-    assert rows["refund"] == ["1.000 (+0.000)", "0.500 (-0.500) ❌"] and rows["billing"] == ["1.000 (+0.000)"] * 2
+    assert rows["refund"] == ["1.000 (+0.000)", "0.500 (-0.500) regression"] and rows["billing"] == ["1.000 (+0.000)"] * 2
     assert page.eval_on_selector_all("#trend-chart g[data-series='refund'] circle.regression-point", "x => x.length") == 1
     shot(page, shots, "17-trend")
     goto(page, f"{board.url}/ui#since=1h&by=customer&where={urllib.parse.quote(board.where)}")

@@ -574,7 +574,7 @@ async function pageTrend() {
   const p = new URLSearchParams();
   for (const k of ["spec", "dataset"]) if (QS.get(k)) p.set(k, QS.get(k));
   const tr = await api(apiPrefix() + "replays/trend", p);
-  const labels = tr.runs.map((r) => fmtEpoch(r.created_at).slice(5));
+  const labels = tr.runs.map((r) => (r.run_id.length > 24 ? "…" + r.run_id.slice(-23) : r.run_id));
   const series = tr.segments.map((s, i) => {
     const values = tr.runs.map(() => null), bad = tr.runs.map(() => false);
     for (const pt of s.points) { values[pt.run] = pt.after; bad[pt.run] = bad[pt.run] || pt.regression; }
@@ -588,7 +588,7 @@ async function pageTrend() {
     ...tr.runs.map((r, i) => {
       const pts = s.points.filter((pt) => pt.run === i);
       return el("td", { class: "r" + (pts.some((pt) => pt.regression) ? " failing" : ""), "data-run": r.run_id },
-        pts.map((pt) => rate3(pt.after) + " (" + delta3(pt.delta) + ")" + (pt.regression ? " ❌" : "")).join(" · ") || "—");
+        pts.map((pt) => rate3(pt.after) + " (" + delta3(pt.delta) + ")" + (pt.regression ? " regression" : "")).join(" · ") || "—");
     })));
   const runLinks = el("div", { class: "links" }, ...tr.runs.map((r) => link(r.run_id, uiLink("replays", r.run_id))));
   main().appendChild(card("Per run: candidate pass rate (delta vs baseline)", table(heads, rows, { id: "trend" }), runLinks));
