@@ -12,7 +12,6 @@ the candidate failed, or the other way round) always come from the results.
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 from typing import Any, Iterable
 
