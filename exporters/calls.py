@@ -23,14 +23,16 @@ from typing import Any
 
 import orjson
 
-from .queries import Selection, _Params, _where, calls_table, get_call, parse_trace_id
+from .queries import _EPOCH, Selection, _Params, _where, calls_table, get_call, parse_trace_id
 from .store import Store, StoreError
-from .vocabulary import QueryInputError, show
+from .vocabulary import QueryInputError, Window, show
 
 __all__ = ["Budget", "QueryTooHeavyError", "Cursor", "CallsPage", "list_calls", "call_detail", "truncate_json_text",
            "session_filter", "SESSION_TAG_KEYS", "LIST_COLUMNS", "table_name"]
 
 PAGE_DEFAULT = 50
+# How far back from the top of a page the list looks first, then next (see list_calls); then the whole window.
+LOOKBACK = (dt.timedelta(minutes=15), dt.timedelta(hours=3), dt.timedelta(days=1), dt.timedelta(days=7))
 PAGE_MAX = 500
 SEARCH_MAX_LEN = 200
 EXCERPT_CHARS = 200
@@ -142,6 +144,27 @@ def _list_row(r: dict) -> dict[str, Any]:
     return out
 
 
+def _page(store: Store, sel: Selection, window: Window, search: str | None, dataset: str | None,
+          segment: str | None, limit: int, cursor: Cursor | None, database: str, budget: Budget) -> list[dict]:
+    p = _Params()
+    where = [_where(sel, p, window)]
+    if cursor is not None:
+        where.append(f"(Timestamp, trace_id) < (fromUnixTimestamp64Nano({p.add('c', 'Int64', cursor.ts_ns)}), "
+                     f"{p.add('c', 'String', cursor.trace_id)})")
+    if search is not None:
+        needle = p.add("q", "String", search)
+        where.append(f"(trace_id = {needle} OR positionCaseInsensitiveUTF8(request_json, {needle}) > 0 "
+                     f"OR positionCaseInsensitiveUTF8(response_json, {needle}) > 0 "
+                     f"OR positionCaseInsensitiveUTF8(system_instructions, {needle}) > 0)")
+    if dataset:
+        in_segment = f" AND segment = {p.add('d', 'String', segment)}" if segment is not None else ""
+        where.append(f"trace_id IN (SELECT trace_id FROM {table_name('replay_datasets', database)} "
+                     f"WHERE dataset_id = {p.add('d', 'String', dataset)}{in_segment})")
+    sql = (f"SELECT {LIST_COLUMNS}\nFROM {calls_table(database)}\nWHERE {' AND '.join(where)}\n"
+           f"ORDER BY Timestamp DESC, trace_id DESC\nLIMIT {p.add('n', 'UInt32', limit + 1)}")
+    return _run(store, sql, p.values, budget, "the search" if search else "the calls query")
+
+
 def list_calls(store: Store, sel: Selection, *, search: str | None = None, dataset: str | None = None,
                segment: str | None = None, limit: int = PAGE_DEFAULT, cursor: Cursor | None = None,
                database: str = "", budget: Budget = Budget()) -> CallsPage:
@@ -152,25 +175,19 @@ def list_calls(store: Store, sel: Selection, *, search: str | None = None, datas
     search = (search or "").strip() or None
     if search is not None and len(search) > SEARCH_MAX_LEN:
         raise QueryInputError(f"search text is too long (at most {SEARCH_MAX_LEN} characters)", param="q")
-    p = _Params()
-    where = [_where(sel, p, sel.window)]
-    if cursor is not None:
-        where.append(f"(Timestamp, trace_id) < (fromUnixTimestamp64Nano({p.add('c', 'Int64', cursor.ts_ns)}), "
-                     f"{p.add('c', 'String', cursor.trace_id)})")
-    if search is not None:
-        needle = p.add("q", "String", search)
-        where.append(f"(trace_id = {needle} OR positionCaseInsensitiveUTF8(request_json, {needle}) > 0 "
-                     f"OR positionCaseInsensitiveUTF8(response_json, {needle}) > 0 "
-                     f"OR positionCaseInsensitiveUTF8(system_instructions, {needle}) > 0)")
     if segment is not None and not dataset:
         raise QueryInputError("segment needs dataset (the segment a dataset's case was sampled in)", param="segment")
-    if dataset:
-        in_segment = f" AND segment = {p.add('d', 'String', segment)}" if segment is not None else ""
-        where.append(f"trace_id IN (SELECT trace_id FROM {table_name('replay_datasets', database)} "
-                     f"WHERE dataset_id = {p.add('d', 'String', dataset)}{in_segment})")
-    sql = (f"SELECT {LIST_COLUMNS}\nFROM {calls_table(database)}\nWHERE {' AND '.join(where)}\n"
-           f"ORDER BY Timestamp DESC, trace_id DESC\nLIMIT {p.add('n', 'UInt32', limit + 1)}")
-    rows = _run(store, sql, p.values, budget, "the search" if search else "the calls query")
+    # Newest first, the page comes from the most recent stretch of the window: look back 15 minutes from the
+    # cursor (or the window's end) first, and widen only while that holds fewer than a page. Every call newer than
+    # the stretch's start is in it, so a full page from a stretch is the same page the whole window gives; the
+    # table's (customer, intent, Timestamp) key lets ClickHouse skip the granules outside the stretch.
+    top = min(sel.window.end, _EPOCH + dt.timedelta(microseconds=cursor.ts_ns // 1000)) if cursor else sel.window.end
+    for back in LOOKBACK + (None,):
+        start = sel.window.start if back is None else max(sel.window.start, top - back)
+        rows = _page(store, sel, Window(start, sel.window.end), search, dataset, segment, limit, cursor, database,
+                     budget)
+        if len(rows) > limit or start == sel.window.start:
+            break
     more = len(rows) > limit
     rows = rows[:limit]
     nxt = Cursor(int(rows[-1]["ts_ns"]), rows[-1]["trace_id"]) if more and rows else None

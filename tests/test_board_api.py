@@ -183,3 +183,33 @@ def test_session_filter():
     assert c.session_filter({"tags": {"session_id": "s1", "session": "x"}}) == "tag.session_id=s1"
     assert c.session_filter({"tags": {"thread_id": "t9"}}) == "tag.thread_id=t9"
     assert c.session_filter({"tags": {}}) is None
+
+
+def test_pages_are_the_same_whatever_stretch_they_come_from(chdb_store):
+    """The list looks back 15 min, 3 h, 1 d, 7 d, then the whole window for a page: calls spread over 9 days (dense
+    now, sparse later) page out in exactly the order of one ORDER BY over the window, for several page sizes."""
+    import datetime as dt  # noqa: PLC0415
+
+    from exporters import queries as q  # noqa: PLC0415
+    from tests.calls_seed import NOW, call_row, insert_calls  # noqa: PLC0415
+
+    run = "lk" + __import__("uuid").uuid4().hex[:8]
+    ages = [dt.timedelta(minutes=m) for m in range(0, 12)] + [dt.timedelta(hours=h) for h in (1, 2, 4, 8, 20, 30)]
+    ages += [dt.timedelta(days=d) for d in (2, 3, 6, 8, 9)]
+    insert_calls(chdb_store, [call_row(run, f"{run}-c", 0, when=NOW - a, trace_id=f"{run}-{i:03d}")
+                              for i, a in enumerate(ages)] + [call_row(run, f"{run}-c", 0, when=NOW - ages[3],
+                                                                       trace_id=f"{run}-tie")])
+    sel = q.make_selection([f"tag.run={run}"], since="10d")
+    want = [r["trace_id"] for r in chdb_store.query(
+        "SELECT trace_id FROM llm_calls WHERE tags['run'] = {r:String} ORDER BY Timestamp DESC, trace_id DESC",
+        {"r": run})]
+    assert len(want) == len(ages) + 1
+    for limit in (1, 4, 7, 50):
+        seen, cursor = [], None
+        while True:
+            page = c.list_calls(chdb_store, sel, limit=limit, cursor=cursor)
+            seen += [x["trace_id"] for x in page.calls]
+            cursor = page.next
+            if cursor is None:
+                break
+        assert seen == want, limit
