@@ -2,8 +2,9 @@
 pages of the dashboard, `GET /admin/calls` and `GET /v1/tagway/calls[/{trace_id}]` show.
 
 The list is newest first and pages with a keyset cursor on (Timestamp, trace_id), never OFFSET: page 1,000 costs
-what page 1 costs. Only the page's rows are read whole (ClickHouse's lazy materialization reads the captured
-content of the LIMIT rows only: 18 ms for a first page at 1M calls, bench/ui_bench.py). The selection (window,
+what page 1 costs. A page is looked for in the most recent stretch of the window first (list_calls), and only the
+page's rows are read whole (ClickHouse's lazy materialization reads the captured content of the LIMIT rows only):
+~30 ms for a first page at 1M calls, ~110 ms at 10M (bench/ui_bench.py). The selection (window,
 filters, status, non-production sources) is the stats' own (exporters.queries.Selection), so a link from a failing
 segment lists exactly the calls that segment counted.
 
