@@ -28,9 +28,9 @@ BASELINE = "baseline"
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 _RUN_COLS = ("status", "spec_json", "dataset_id", "judge_version", "candidates", "segment_by", "n_cases", "verdict",
              "report_json", "cost_usd")
-# What a failing row of the gate's report is called, newest report format first (issue 10's three verdicts), then
-# today's `failing`/`below` flags.
-_MARK_KEYS = ("verdict", "mark")
+# A report row's verdict (regression | inconclusive | ok); reports written before the paired gate had
+# `failing`/`below`/`low_confidence` flags instead, still read for runs stored then.
+_MARK_KEYS = ("verdict",)
 
 
 def parse_run_id(run_id: str) -> str:
@@ -157,24 +157,39 @@ def _run_results(store: Any, run_id: str, customer: str | None, database: str,
     return _results(store, where, params, database, fields)
 
 
-def _row(segment: str, cand: list[dict], base: dict[str, dict]) -> dict[str, Any]:
-    """Today's report arithmetic (replay/report.py): errored results are not scores; the baseline is compared on
-    the cases the candidate scored."""
-    scored = [r for r in cand if r["status"] != "errored"]
-    n, k = len(scored), sum(1 for r in scored if r["status"] == "passed")
-    paired = [base[r["case_id"]] for r in scored if r["case_id"] in base]
-    bscored = [r for r in paired if r["status"] != "errored"]
-    bk = sum(1 for r in bscored if r["status"] == "passed")
-    before = bk / len(bscored) if bscored else None
-    after = k / n if n else None
-    return {"segment": segment, "n": n, "after_pass": k, "after": after, "after_ci": list(wilson_interval(k, n)),
-            "before_n": len(bscored), "before_pass": bk, "before": before,
-            "before_ci": list(wilson_interval(bk, len(bscored))) if bscored else None,
-            "delta": after - before if after is not None and before is not None else None,
-            "errored": len(cand) - n, "marks": []}
+def _outcome(status: str, errors: str) -> bool | None:
+    """The gate's reading of a result (replay/report.py): errored is a failure, or left out with errors: exclude."""
+    if status == "errored":
+        return None if errors == "exclude" else False
+    return status == "passed"
 
 
-def _computed_table(results: list[dict]) -> dict[str, dict[str, Any]]:
+def _row(segment: str, cand: list[dict], base: dict[str, dict], errors: str) -> dict[str, Any]:
+    """One segment as the paired gate counts it: the cases where both the baseline and the candidate have an
+    outcome, each side's pass rate over those pairs, and the flips."""
+    pairs, excluded = [], 0
+    for r in cand:
+        b = base.get(r["case_id"])
+        ob = None if b is None else _outcome(b["status"], errors)
+        oc = _outcome(r["status"], errors)
+        if ob is None or oc is None:
+            excluded += 1
+        else:
+            pairs.append((ob, oc))
+    n, bk, k = len(pairs), sum(ob for ob, _ in pairs), sum(oc for _, oc in pairs)
+    return {"segment": segment, "n": n, "before_pass": bk, "after_pass": k,
+            "before": bk / n if n else None, "after": k / n if n else None,
+            "before_ci": list(wilson_interval(bk, n)) if n else None,
+            "after_ci": list(wilson_interval(k, n)) if n else None,
+            "delta": (k - bk) / n if n else None, "delta_ci": None,
+            "pass_fail": sum(1 for ob, oc in pairs if ob and not oc),
+            "fail_pass": sum(1 for ob, oc in pairs if oc and not ob),
+            "errored": sum(1 for r in cand if r["status"] == "errored"),
+            "before_errored": sum(1 for r in cand if base.get(r["case_id"], {}).get("status") == "errored"),
+            "excluded": excluded, "marks": [], "more_cases": None, "why": ""}
+
+
+def _computed_table(results: list[dict], errors: str) -> dict[str, dict[str, Any]]:
     by_cand: dict[str, dict[str, dict]] = {}
     for r in results:
         by_cand.setdefault(r["candidate"], {})[r["case_id"]] = r
@@ -184,16 +199,16 @@ def _computed_table(results: list[dict]) -> dict[str, dict[str, Any]]:
         segs: dict[str, list[dict]] = {}
         for r in by_cand[cand].values():
             segs.setdefault(r["segment"], []).append(r)
-        out[cand] = {"rows": [_row(s, segs[s], base) for s in sorted(segs)],
-                     "overall": _row("mean (weighted)", list(by_cand[cand].values()), base)}
+        out[cand] = {"rows": [_row(s, segs[s], base, errors) for s in sorted(segs)],
+                     "overall": _row("all segments (pooled)", list(by_cand[cand].values()), base, errors)}
     return out
 
 
 def _marks(row: dict) -> list[str]:
     for k in _MARK_KEYS:
         v = row.get(k)
-        if isinstance(v, str) and v and v != "ok":
-            return [v] + (["low n"] if row.get("low_confidence") else [])
+        if isinstance(v, str) and v:
+            return [v]
     marks = []
     if row.get("failing"):
         marks.append("regression")
@@ -205,17 +220,17 @@ def _marks(row: dict) -> list[str]:
 
 
 def _report_row(row: dict) -> dict[str, Any]:
-    keep = ("segment", "n", "after_pass", "after", "after_ci", "before_n", "before_pass", "before", "before_ci",
-            "delta", "errored")
+    keep = ("segment", "n", "before_pass", "after_pass", "before", "after", "before_ci", "after_ci", "delta",
+            "delta_ci", "pass_fail", "fail_pass", "errored", "before_errored", "excluded", "more_cases", "why",
+            "p_value", "p_adjusted", "family")
     out = {k: row.get(k) for k in keep}
-    if out["after_ci"] is not None:
-        out["after_ci"] = list(out["after_ci"])
-    if out["before_ci"] is not None:
-        out["before_ci"] = list(out["before_ci"])
+    for k in ("before_ci", "after_ci", "delta_ci"):
+        if out[k] is not None:
+            out[k] = list(out[k])
     if not out["n"]:
         out["after"] = None
     out["marks"] = _marks(row)
-    out["problems"] = list(row.get("problems") or [])
+    out["why"] = out["why"] or "; ".join(row.get("problems") or [])  # reports written before the paired gate
     return out
 
 
@@ -229,7 +244,7 @@ def _report_table(report: dict) -> dict[str, dict[str, Any]] | None:
             return None
         out[str(c.get("candidate"))] = {"rows": [_report_row(r) for r in c["rows"]],
                                         "overall": _report_row(c.get("overall") or {}),
-                                        "verdict": c.get("verdict") or {}}
+                                        "status": c.get("status") or ""}
     return out
 
 
@@ -243,19 +258,23 @@ def segment_table(store: Any, run: dict, *, customer: str | None = None, databas
             return table
     if results is None:
         results = _run_results(store, run["run_id"], customer, database)
-    return _computed_table(results)
+    return _computed_table(results, (run.get("gating") or {}).get("errors") or "fail")
 
 
-def flipped_cases(results: list[dict]) -> list[dict[str, Any]]:
-    """Cases where the baseline and a candidate disagree: `regressed` (baseline passed, candidate failed) first."""
+def flipped_cases(results: list[dict], errors: str = "fail") -> list[dict[str, Any]]:
+    """Cases where the baseline and a candidate disagree, as the gate reads outcomes (an errored result fails
+    unless errors: exclude): `regressed` (baseline passed, candidate did not) first, then `fixed`."""
     base = {r["case_id"]: r for r in results if r["candidate"] == BASELINE}
     out = []
     for r in results:
         b = base.get(r["case_id"])
-        if r["candidate"] == BASELINE or b is None or {b["status"], r["status"]} != {"passed", "failed"}:
+        if r["candidate"] == BASELINE or b is None:
+            continue
+        ob, oc = _outcome(b["status"], errors), _outcome(r["status"], errors)
+        if ob is None or oc is None or ob == oc:
             continue
         out.append({"case_id": r["case_id"], "candidate": r["candidate"], "segment": r["segment"],
-                    "customer": r.get("customer", ""), "flip": "regressed" if b["status"] == "passed" else "fixed",
+                    "customer": r.get("customer", ""), "flip": "regressed" if ob else "fixed",
                     "baseline": b["status"], "result": r["status"]})
     out.sort(key=lambda f: (f["flip"] != "regressed", f["candidate"], f["segment"], f["case_id"]))
     return out
@@ -268,7 +287,7 @@ def run_detail(store: Any, run_id: str, *, customer: str | None = None,
         return None
     results = _run_results(store, run["run_id"], customer, database)
     run["table"] = segment_table(store, run, customer=customer, database=database, results=results)
-    run["flipped"] = flipped_cases(results)
+    run["flipped"] = flipped_cases(results, (run.get("gating") or {}).get("errors") or "fail")
     run["errored_cases"] = sorted({r["case_id"] for r in results if r["status"] == "errored"})
     run.pop("report", None)
     return run

@@ -140,7 +140,7 @@ def seed_board(upstream: Upstream, dsn: str, spool: str, work_dir: str) -> tuple
                           "sampling": {"min_per_segment": 24, "seed": 1}, "limit": 72},
                 "candidates": [{"name": "cand", "model": model, "params": {"temperature": 0}}],
                 "evaluators": [{"type": "not-icontains", "value": "WRONG"}],
-                "gating": {"aggregate": "min_segment", "threshold": 0.85, "min_cases_per_segment": 5},
+                "gating": {"alpha": 0.05, "margin": 0.05, "escalation": {"enabled": False}},
                 "concurrency": 8}, f)
         run_id = f"{run}-r{i + 1}"
         res = CliRunner().invoke(replay_app, ["run", "--spec", spec, "--dsn", dsn, "--gateway", server.url,

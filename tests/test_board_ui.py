@@ -104,6 +104,10 @@ def fmt3(x):
     return "—" if x is None else f"{x:.3f}"
 
 
+def ci(pair):
+    return "—" if pair is None else f"{pair[0]:.3f}–{pair[1]:.3f}"
+
+
 def fmt_delta(x):
     return "—" if x is None else f"{x:+.3f}"
 
@@ -117,7 +121,7 @@ def test_from_a_failing_segment_to_a_case_and_back(board, page, shots, chdb_dsn)
     runs = {r["run"]: r for r in page.eval_on_selector_all("#runs tbody tr", "rs => rs.map(r => ({run: r.dataset.run, "
                                                            "cells: [...r.cells].map(c => c.textContent.trim())}))")}
     assert set(board.runs) <= set(runs)
-    assert runs[bad_run]["cells"][7] == "failed" and runs[board.runs[0]]["cells"][7] == "passed"
+    assert runs[bad_run]["cells"][7] == "regression" and runs[board.runs[0]]["cells"][7] == "passed"
     assert runs[bad_run]["cells"][4] == "cand (cand-bad)" and runs[bad_run]["cells"][2] == board.spec_name
     shot(page, shots, "01-replays")
 
@@ -125,16 +129,16 @@ def test_from_a_failing_segment_to_a_case_and_back(board, page, shots, chdb_dsn)
     assert page.url.endswith(f"/ui/replays/{bad_run}")
     # the per-segment table is the report `tagway replay report RUN --format json` prints
     report = orjson.loads(cli(["report", bad_run, "--dsn", chdb_dsn, "--format", "json"], replay_app))
-    want = [[r["segment"], str(r["n"]), fmt3(r["before"]), fmt3(r["after"]),
-             f"{r['after_ci'][0]:.3f}–{r['after_ci'][1]:.3f}", fmt_delta(r["delta"]), str(r["errored"])]
+    want = [[r["segment"], str(r["n"]), fmt3(r["before"]), fmt3(r["after"]), ci(r["after_ci"]), fmt_delta(r["delta"]),
+             ci(r["delta_ci"]), str(r["errored"]), f"↓{r['pass_fail']} ↑{r['fail_pass']}", r["verdict"]]
             for r in report["candidates"][0]["rows"]]
     got = cells(page, "#segments-cand tbody tr")
-    assert [row[:7] for row in got] == want
+    assert got == want
     refund = next(row for row in got if row[0] == "refund")
-    assert refund[:7] == ["refund", "24", "1.000", "0.500", "0.314–0.686", "-0.500", "0"]
-    assert refund[7] == "↓12 ↑0" and "regression" in refund[8]
+    assert refund[:6] == ["refund", "24", "1.000", "0.500", "0.314–0.686", "-0.500"]
+    assert refund[8:] == ["↓12 ↑0", "regression"]
     assert page.get_attribute("#segments-cand tr[data-segment='refund']", "class") == "failing"
-    assert page.text_content("#reasons") == report["reasons"][0]
+    assert page.eval_on_selector_all("#reasons li", "x => x.map(e => e.textContent)") == report["reasons"]
     flipped = page.eval_on_selector_all("#flipped tbody tr", "rs => rs.map(r => r.dataset.case)")
     assert len(flipped) == 12
     assert page.eval_on_selector_all("#segment-chart g[data-segment='refund'] rect.bar-bad", "x => x.length") == 1
@@ -320,7 +324,8 @@ def test_unknown_ids_and_other_tenants_traces_are_404_pages(board, page, shots, 
                             "WHERE run_id = {r:String} AND candidate = 'cand' AND customer = {c:String} "
                             "GROUP BY segment ORDER BY segment", {"r": board.runs[1], "c": acme})
     assert [r[:4] for r in rows] == [[m["segment"], str(m["n"]), "1.000", f"{m['k'] / m['n']:.3f}"] for m in mine]
-    assert rows[1][:4] == ["refund", "8", "1.000", "0.500"] and all(r[8] == "" for r in rows)  # no marks
+    assert rows[1][:4] == ["refund", "8", "1.000", "0.500"] and rows[1][8] == "↓4 ↑0"
+    assert all(r[9] == "" for r in rows)  # no verdicts: those were decided over every customer
     assert page.query_selector("#reasons") is None
     shot(page, shots, "15-tenant-run")
     goto(page, f"{board.url}/ui#since=1h&by=customer")  # the overview, limited the same way

@@ -464,24 +464,29 @@ function segmentCalls(run, segment) {
 }
 
 function runTable(run, cand, t) {
-  const flips = {};
-  for (const f of run.flipped) if (f.candidate === cand) {
-    flips[f.segment] = flips[f.segment] || { regressed: 0, fixed: 0 };
-    flips[f.segment][f.flip] += 1;
-  }
   const rowOf = (r, isTotal) => el("tr", { "data-segment": r.segment, class: r.marks.includes("regression") ? "failing" : "" },
     el("td", {}, isTotal || !run.dataset_id ? r.segment : link(r.segment, segmentCalls(run, r.segment), { class: "segment-link" })),
     el("td", { class: "r" }, String(r.n)), el("td", { class: "r" }, rate3(r.before)),
     el("td", { class: "r" }, rate3(r.n ? r.after : null)), el("td", { class: "r" }, r.n ? ci3(r.after_ci) : "—"),
     el("td", { class: "r delta " + (r.delta < 0 ? "delta-up" : r.delta > 0 ? "delta-down" : "") }, delta3(r.delta)),
+    el("td", { class: "r" }, r.delta_ci ? ci3(r.delta_ci) : "—"),
     el("td", { class: "r" }, String(r.errored || 0)),
-    el("td", { class: "r" }, isTotal ? "" : (flips[r.segment] ? "↓" + flips[r.segment].regressed + " ↑" + flips[r.segment].fixed : "")),
-    el("td", { class: "marks" }, ...r.marks.map((m) => badge(m, m.replace(/[^a-z]/g, "")))));
+    el("td", { class: "r" }, r.pass_fail === undefined || r.pass_fail === null ? "" : "↓" + r.pass_fail + " ↑" + r.fail_pass),
+    el("td", { class: "marks", title: r.why || "" }, ...r.marks.map((m) => badge(m, m.replace(/[^a-z]/g, ""))),
+      r.more_cases ? el("span", { class: "muted" }, " ~" + r.more_cases + " more cases would decide") : null));
   const body = t.rows.map((r) => rowOf(r, false));
-  const tbl = table(["segment", "n ", "baseline ", "candidate ", "95% CI ", "delta ", "errored ", "flips ", "marks"], body,
-    { id: "segments-" + cand, "data-candidate": cand });
+  const tbl = table(["segment", "n ", "baseline ", "candidate ", "95% CI ", "delta ", "delta 95% CI ", "errored ",
+    "flips ", "verdict"], body, { id: "segments-" + cand, "data-candidate": cand });
   tbl.querySelector("table").appendChild(el("tfoot", {}, rowOf(t.overall, true)));
   return tbl;
+}
+
+function gateLine(g) {
+  if (g.alpha !== undefined) {
+    return `paired sign test per segment, alpha ${g.alpha} (Holm), margin ${g.margin}, errors: ${g.errors || "fail"}, ` +
+      `inconclusive: ${g.inconclusive || "pass"}`;
+  }
+  return g.aggregate ? `${g.aggregate} ${g.metric || "pass_rate"} >= ${g.threshold}` : "";  // runs stored before
 }
 
 async function pageRun() {
@@ -500,9 +505,7 @@ async function pageRun() {
     ["spec", run.spec_name ? trendLink(run) : ""], ["dataset", run.dataset_id], ["judge version", run.judge_version],
     ["baseline", run.baseline_mode], ["candidates", run.candidates.map((c) => c + (run.models[c] ? " (" + run.models[c] + ")" : "")).join(", ")],
     ["cases", fmtInt(run.n_cases)], ["cost", fmtCost(run.cost_usd || 0)],
-    ["gate", g.aggregate ? `${g.aggregate} ${g.metric || "pass_rate"} >= ${g.threshold}` +
-      (g.max_drop !== null && g.max_drop !== undefined ? `, max_drop ${g.max_drop}` : "") +
-      (g.min_cases_per_segment ? `, min ${g.min_cases_per_segment} cases per segment` : "") : ""]]),
+    ["gate", gateLine(g)]]),
   (run.reasons || []).length ? el("ul", { class: "reasons", id: "reasons" }, ...run.reasons.map((r) => el("li", {}, r))) : null));
   if (run.limited_to_customer) main().appendChild(el("p", { class: "muted", id: "tenant-note" }, "Limited to " +
     run.limited_to_customer + "'s cases. The gate's marks were decided over every customer's cases and are shown with the admin key only."));
