@@ -140,7 +140,9 @@ def _describe_store(cfg: GatewayConfig) -> str:
 def demo(data_dir: str = typer.Option("./tagway-data", help="Embedded store directory."),
          port: int = typer.Option(0, help="Port for the demo gateway (0 = any free port)."),
          calls: int = typer.Option(240, min=1, max=100_000, help="How many calls to drive through it."),
-         keep_running: bool = typer.Option(False, help="Keep serving after the demo traffic (Ctrl-C to stop)."),
+         keep_running: Optional[bool] = typer.Option(
+             None, "--keep-running/--exit", help="Keep the gateway and its dashboard up after the demo traffic until "
+             "Ctrl-C, or exit right after it. Default: keep running in a terminal, exit when piped."),
          ) -> None:
     """Start the gateway on the embedded store with mock models and a few tenants, drive tagged traffic through it
     with the openai client, and show what was recorded. Needs no provider keys and no network."""

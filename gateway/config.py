@@ -132,6 +132,14 @@ class ServerConfig(_Strict):
     replay_concurrency: int = Field(4, ge=0)  # replay/judge calls in flight at once (gateway/lanes.py); 0 = no cap
 
 
+class DashboardConfig(_Strict):
+    """Limits of the dashboard's and the read API's interactive queries: ClickHouse stops a query past them and the
+    page says what to narrow, instead of spinning."""
+    query_seconds: float = Field(10.0, gt=0)
+    search_seconds: float = Field(20.0, gt=0)  # free-text search reads the captured content of the whole window
+    search_max_rows: int = Field(0, ge=0)  # rows a search may read; 0 = no limit
+
+
 class StorageConfig(_Strict):
     data_dir: str = "./tagway-data"
     dsn: str | None = None  # default chdb:///<data_dir>/clickhouse
@@ -203,6 +211,7 @@ class GatewayConfig(BaseSettings):
     storage: StorageConfig = StorageConfig()
     recording: RecordingConfig = RecordingConfig()
     metrics: MetricsConfig = MetricsConfig()
+    dashboard: DashboardConfig = DashboardConfig()
     admin_key_env: str = "TAGWAY_ADMIN_KEY"
     admin_key_hash: str | None = None
     keys_file: str | None = None  # where `tagway keys create` stores hashes; default beside the config file

@@ -6,6 +6,7 @@ import datetime as dt
 import os
 import random
 import socket
+import sys
 import threading
 import time
 from typing import Any
@@ -88,7 +89,18 @@ def _traffic(base_url: str, keys: dict[str, str], calls: int) -> dict[str, int]:
     return outcome
 
 
-def run_demo(*, data_dir: str, port: int, calls: int, keep_running: bool) -> int:
+def keep_up(keep_running: bool | None) -> tuple[bool, str]:
+    """Whether the demo keeps serving after its traffic, and why: `--keep-running` / `--exit` decide; without
+    either, it stays up in an interactive terminal (someone is there to look and to press Ctrl-C) and exits when
+    piped or in CI."""
+    if keep_running is not None:
+        return keep_running, "--keep-running was given" if keep_running else "--exit was given"
+    if sys.stdin.isatty() and sys.stdout.isatty():
+        return True, "this is a terminal; `tagway demo --exit` ends right after the traffic"
+    return False, "not a terminal"
+
+
+def run_demo(*, data_dir: str, port: int, calls: int, keep_running: bool | None) -> int:
     import uvicorn  # noqa: PLC0415
     from rich.console import Console  # noqa: PLC0415
 
@@ -139,14 +151,23 @@ def run_demo(*, data_dir: str, port: int, calls: int, keep_running: bool) -> int
         errors = sum(s.errors for s in report.segments)
         console.print(f"client saw {outcome['ok']} ok / {outcome['error']} errors; recorded {total} calls,"
                       f" {errors} errors ({errors / max(total, 1):.1%} overall: the mean hides the worst rows).")
-        console.print(f"metrics: {base_url[:-3]}/metrics   dashboard: {base_url[:-3]}/ui   after the demo exits:"
-                      f" tagway stats --dsn {cfg.storage.resolved_dsn()} --by customer --by intent")
-        if keep_running:
-            console.print(f"keys (shown once): " + ", ".join(f"{t}={k}" for t, k in keys.items())
+        root = base_url[:-3]
+        keep, why = keep_up(keep_running)
+        if keep:
+            app.announce(root)  # `tagway stats` and friends work through this gateway while it holds the store
+            # the key goes in the fragment: browsers never send it, and the page moves it to the tab's storage
+            console.print(f"dashboard: {root}/ui#key={admin_key}   (calls: {root}/ui/calls, replays: {root}/ui/replays)")
+            console.print("keys (shown once): " + ", ".join(f"{t}={k}" for t, k in keys.items())
                           + f", admin={admin_key}")
-            console.print("serving until Ctrl-C")
+            console.print(f"metrics: {root}/metrics   the CLI works meanwhile: tagway stats --dsn "
+                          f"{cfg.storage.resolved_dsn()} --by customer --by intent")
+            console.print(f"serving the gateway and its dashboard until Ctrl-C ({why})")
             while thread.is_alive():
                 time.sleep(0.5)
+        else:
+            console.print(f"the demo gateway stops now ({why}), and its dashboard with it: run `tagway demo "
+                          "--keep-running` to keep both up until Ctrl-C. The calls stay in the store: tagway stats "
+                          f"--dsn {cfg.storage.resolved_dsn()} --by customer --by intent")
         return 0 if total >= calls else 1
     except KeyboardInterrupt:
         return 0

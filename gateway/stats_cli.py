@@ -350,6 +350,8 @@ def errors_command(
 # -- tagway show -----------------------------------------------------------------------------------------------
 def show_command(
     trace_id: Annotated[str, typer.Argument(help="The trace id of the call (from `tagway errors` or a span).")],
+    cases: Annotated[bool, typer.Option("--cases", help="Also every replay result for this call across runs "
+                                                        "(outputs, verdicts and reasons, judge version, diff).")] = False,
     as_json: JsonOpt = False,
     dsn: DsnOpt = None,
     config: ConfigOpt = None,
@@ -360,6 +362,8 @@ def show_command(
         q.parse_trace_id(trace_id)  # bad input fails before a store is opened
 
         def query(store: Store, resolved: str, database: str) -> None:
+            if cases:
+                return show_case(store, resolved, database)
             call = q.get_call(store, trace_id, database=database)
             if call is None:
                 raise _CliError(f"no call with trace id {trace_id.strip()!r} in {redact_dsn(resolved)}")
@@ -367,6 +371,18 @@ def show_command(
                 _json_out(call)
             else:
                 print_call(call, _console())
+
+        def show_case(store: Store, resolved: str, database: str) -> None:
+            from exporters.cases import case_view  # noqa: PLC0415
+
+            from .case_cli import print_case  # noqa: PLC0415
+            view = case_view(store, trace_id, database=database)
+            if view is None:
+                raise _CliError(f"no call with trace id {trace_id.strip()!r} in {redact_dsn(resolved)}")
+            if as_json:
+                _json_out(view)
+            else:
+                print_case(view, _console(), print_call)
 
         _with_store(dsn, config, query)
 

@@ -178,14 +178,19 @@ def test_store_unavailable_and_store_errors(seeded):
             assert "secret" not in res.text
 
 
+SVG_NS = "http://www.w3.org/2000/svg"  # a namespace name, not a URL anything is loaded from
+
+
 def test_ui_page_and_assets(client):
     res = client.get("/ui")  # the page itself needs no key; its data calls do
     assert res.status_code == 200 and res.headers["content-type"].startswith("text/html")
     assert "script-src 'self'" in res.headers["content-security-policy"]
     assert 'src="ui/ui.js"' in res.text and "http://" not in res.text and "https://" not in res.text
-    js = client.get("/ui/ui.js")
-    assert js.status_code == 200 and "javascript" in js.headers["content-type"]
-    assert "sessionStorage" in js.text and "https://" not in js.text
+    for name in ("ui.js", "common.js", "board.js"):
+        js = client.get(f"/ui/{name}")
+        assert js.status_code == 200 and "javascript" in js.headers["content-type"]
+        assert "https://" not in js.text and "http://" not in js.text.replace(SVG_NS, "")  # loads nothing
+    assert "sessionStorage" in client.get("/ui/common.js").text  # the key lives in the tab, never in a URL
     assert client.get("/ui/ui.css").status_code == 200
     assert client.get("/ui/..%2Fstats_api.py").status_code == 404  # only the listed assets are served
     assert client.get("/ui/secret.py").status_code == 404

@@ -288,11 +288,11 @@ def _python_format(kind: str, x) -> str:
 
 
 def test_ui_js_formats_numbers_like_the_cli(tmp_path):
-    """ui.js's formatters in Chromium (no node needed) against stats_cli's for thousands of values, including
+    """common.js's formatters (shared by every page) in Chromium (no node needed) against stats_cli's for thousands of values, including
     1/2000 and 13/2000 (which the page printed as 0.0% and 0.6% while the CLI said 0.1% and 0.7%)."""
     cases = _format_cases()
     assert ["rate", 1 / 2000] in cases and ["rate", 13 / 2000] in cases
-    ui_js = os.path.join(os.path.dirname(stats_cli.__file__), "static", "ui.js")
+    ui_js = os.path.join(os.path.dirname(stats_cli.__file__), "static", "common.js")  # the formatters
     page = tmp_path / "formats.html"
     page.write_text(
         f'<!doctype html><html><body><pre id="out"></pre><script src="file://{ui_js}"></script><script>\n'

@@ -1,68 +1,12 @@
-// tagway dashboard: per-segment failure rates, error rate over time per tenant, top error types.
-// Plain JS, no dependencies. Every data call sends the admin key (kept in sessionStorage, or given once as
-// #key=... in the URL fragment, which is then removed from the address bar). Numbers are formatted exactly as
-// `tagway stats` prints them (gateway/stats_cli.py).
+// tagway dashboard, the overview page (/ui): per-segment failure rates, error rate over time per tenant, top error
+// types. Formatting, the key and HTTP are in common.js. A segment links to its calls (/ui/calls), an example
+// trace id to its call page. A tenant key sees the same page limited to its customer (the server enforces it).
 "use strict";
 
-const KEY_STORE = "tagway.adminKey";
-const PALETTE = ["#d62728", "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf",
-  "#bcbd22", "#7f7f7f"];
-const SVGNS = "http://www.w3.org/2000/svg";
-const $ = (id) => document.getElementById(id);
-
-// -- formatting (same as the CLI) ----------------------------------------------------------------------------
-// Python's format() (what the CLI prints) gives the decimal closest to the exact binary value of v and, only
-// when v lies exactly halfway, the even last digit. toFixed also works on the exact value but breaks a tie away
-// from zero, so only a true tie needs handling. v * 10^digits must not be rounded before that test: 0.05 * 10
-// gives exactly 0.5 in floating point although the double 0.05 is a little above 0.05 (Python: "0.1"). v is a
-// tie only when v * 2^(digits+1) (exact: a power of two) is an odd integer, and then v * 10^digits is that odd
-// integer times 5^digits, halved; the digits come from BigInt arithmetic, without rounding.
-function fixed(v, digits) {
-  if (!Number.isFinite(v)) return String(v);
-  const neg = v < 0 || Object.is(v, -0);  // Python prints -0.0 as "-0.0"
-  const a = Math.abs(v);
-  const half = a * Math.pow(2, digits + 1);
-  let s;
-  if (a >= 1e21) {  // toFixed switches to exponent notation here; such a double is an integer
-    s = BigInt(a).toString() + (digits ? "." + "0".repeat(digits) : "");
-  } else if (Number.isInteger(half) && half % 2 === 1) {
-    const lower = (BigInt(half) * 5n ** BigInt(digits) - 1n) / 2n;  // the tie is lower + 0.5
-    const digitsOf = (lower % 2n === 0n ? lower : lower + 1n).toString().padStart(digits + 1, "0");
-    const cut = digitsOf.length - digits;
-    s = digitsOf.slice(0, cut) + (digits ? "." + digitsOf.slice(cut) : "");
-  } else {
-    s = a.toFixed(digits);
-  }
-  return neg ? "-" + s : s;
-}
-function grouped(s) {  // "1234567.89" -> "1,234,567.89"
-  const neg = s.startsWith("-");
-  const [i, f] = (neg ? s.slice(1) : s).split(".");
-  const g = i.replace(/\B(?=(\d{3})+(?!\d))/g, ",");
-  return (neg ? "-" : "") + g + (f !== undefined ? "." + f : "");
-}
-const fmtInt = (n) => grouped(String(Math.trunc(n)));
-const fmtRate = (x) => (x === null || x === undefined ? "-" : fixed(x * 100, 1) + "%");
-const fmtCI = (ci) => fixed(ci.low * 100, 1) + "-" + fixed(ci.high * 100, 1) + "%";
-const fmtDelta = (x) => {
-  if (x === null || x === undefined) return "-";
-  const s = fixed(x * 100, 1);
-  return (s.startsWith("-") ? s : "+" + s) + " pp";
-};
-const fmtMs = (x) => (x === null || x === undefined ? "-" : grouped(fixed(x, 0)));
-const fmtCost = (x) => "$" + grouped(fixed(x, x < 100 ? 4 : 2));
-const label = (v) => (v === "" ? "(none)" : v);
-
 // -- state ---------------------------------------------------------------------------------------------------
-const apiBase = location.pathname.replace(/\/ui\/?$/, "/");
-
 function readHash() {
+  takeKeyFromFragment();
   const h = new URLSearchParams(location.hash.replace(/^#/, ""));
-  const key = h.get("key");
-  if (key) {
-    sessionStorage.setItem(KEY_STORE, key);
-    h.delete("key");
-  }
   const set = (id, name) => { if (h.has(name)) $(id).value = h.get(name); };
   if (h.has("since") && ![...$("f-since").options].some((o) => o.value === h.get("since"))) {
     const o = document.createElement("option");
@@ -98,72 +42,10 @@ function writeHash() {
   history.replaceState(null, "", location.pathname + location.search + "#" + h.toString());
 }
 
-// "intent=refund tag.region=eu, model=gpt-4o" -> ["intent=refund", "tag.region=eu", "model=gpt-4o"]
-function splitFilters(text) {
-  return text.split(/[\s,]+(?=[A-Za-z0-9_.\-]+!?=)/).map((s) => s.trim().replace(/,$/, "")).filter(Boolean);
-}
-
 function common(params, s) {
   params.set("since", s.since);
   for (const w of splitFilters(s.where)) params.append("where", w);
   if (s.status) params.set("status", s.status);
-}
-
-// -- HTTP ----------------------------------------------------------------------------------------------------
-class ApiError extends Error {
-  constructor(status, message) { super(message); this.status = status; }
-}
-
-async function api(path, params) {
-  const key = sessionStorage.getItem(KEY_STORE) || "";
-  const url = apiBase + path + (params ? "?" + params.toString() : "");
-  const res = await fetch(url, { headers: { Authorization: "Bearer " + key }, cache: "no-store" });
-  let body = null;
-  try { body = await res.json(); } catch (e) { body = null; }
-  if (!res.ok) {
-    const msg = body && body.error && body.error.message ? body.error.message : "HTTP " + res.status;
-    throw new ApiError(res.status, msg);
-  }
-  return body;
-}
-
-// -- DOM helpers ---------------------------------------------------------------------------------------------
-function el(tag, attrs, ...children) {
-  const e = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs || {})) {
-    if (k === "class") e.className = v;
-    else if (k.startsWith("data-")) e.setAttribute(k, v);
-    else if (k === "title") e.title = v;
-    else e[k] = v;
-  }
-  for (const c of children) {
-    if (c === null || c === undefined) continue;
-    e.appendChild(typeof c === "string" ? document.createTextNode(c) : c);
-  }
-  return e;
-}
-function svg(tag, attrs, text) {
-  const e = document.createElementNS(SVGNS, tag);
-  for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, String(v));
-  if (text !== undefined) e.textContent = text;
-  return e;
-}
-function clear(node) { while (node.firstChild) node.removeChild(node.firstChild); }
-function showError(msg) { const b = $("error"); b.textContent = msg; b.hidden = !msg; }
-
-// -- key handling --------------------------------------------------------------------------------------------
-function showKeyPanel(message) {
-  $("key-panel").hidden = false;
-  $("key-error").textContent = message || "";
-  $("key-error").hidden = !message;
-  $("key-state").textContent = "no admin key";
-  $("key-change").hidden = true;
-  $("key-input").focus();
-}
-function keyReady() {
-  $("key-panel").hidden = true;
-  $("key-state").textContent = "admin key set";
-  $("key-change").hidden = false;
 }
 
 // -- rendering -----------------------------------------------------------------------------------------------
@@ -184,12 +66,14 @@ function renderSegments(report) {
     ...numeric.map((k) => el("th", { class: "r" }, k)), el("th", {}, "note")));
   const maxRate = Math.max(0.0001, ...report.segments.map((s) => s.error_rate));
   for (const s of report.segments) {
-    const cells = report.by.map((k) => el("td", { class: "seg", "data-col": k }, label(s.key[k])));
+    const cells = report.by.map((k, i) => el("td", { class: "seg", "data-col": k },
+      i === 0 ? el("a", { href: segmentCallsLink(report, s), title: "list these calls" }, label(s.key[k])) : label(s.key[k])));
     const bar = el("span", { class: "bar" });
     bar.style.width = Math.round(40 * s.error_rate / maxRate) + "px";
     cells.push(
       el("td", { class: "r calls" }, fmtInt(s.calls)),
-      el("td", { class: "r errors" }, fmtInt(s.errors)),
+      el("td", { class: "r errors" }, s.errors ? el("a", { href: segmentCallsLink(report, s, "error"),
+        title: "list the failed calls" }, fmtInt(s.errors)) : fmtInt(s.errors)),
       el("td", { class: "r rate " + rateClass(s.error_rate, s.low_confidence) }, fmtRate(s.error_rate)),
       el("td", { class: "r ci" }, fmtCI(s.error_rate_ci)));
     if (report.compare) {
@@ -319,15 +203,24 @@ function renderChart(ts) {
   if (ts.omitted) legend.appendChild(el("span", { class: "muted" }, "+" + ts.omitted + " more with fewer errors"));
 }
 
+// The calls page for a segment of the table (same window and filters, plus the segment's values).
+function segmentCallsLink(report, seg, status) {
+  const s = formState();
+  const p = new URLSearchParams();
+  common(p, s);
+  for (const k of report.by) p.append("where", k + "=" + seg.key[k]);
+  if (status) p.set("status", status);
+  return uiLink("calls", null, p);
+}
+
 function renderErrors(report) {
   const tbody = $("errors").tBodies[0];
   clear(tbody);
   for (const g of report.errors) {
     const ids = el("td", { class: "mono" });
     for (const id of g.example_trace_ids) {
-      const a = el("span", { class: "trace", title: "show this call" }, id.length > 16 ? id.slice(0, 16) + "…" : id);
-      a.addEventListener("click", () => showCall(id));
-      ids.appendChild(a);
+      ids.appendChild(el("a", { class: "trace", title: "open this call", href: uiLink("calls", id) },
+        id.length > 16 ? id.slice(0, 16) + "…" : id));
     }
     tbody.appendChild(el("tr", { "data-error-type": g.error_type },
       el("td", {}, label(g.error_type)), el("td", { class: "r" }, fmtInt(g.count)),
@@ -339,42 +232,11 @@ function renderErrors(report) {
   }
 }
 
-async function showCall(id) {
-  const panel = $("call-panel"), body = $("call-body");
-  clear(body);
-  $("call-id").textContent = id;
-  panel.hidden = false;
-  try {
-    const c = await api("admin/calls/" + encodeURIComponent(id));
-    const dl = el("dl");
-    const add = (k, v) => { if (v !== null && v !== undefined && v !== "") dl.append(el("dt", {}, k), el("dd", {}, String(v))); };
-    add("time", c.Timestamp); add("status", c.status + (c.error_type ? " (" + c.error_type + ")" : ""));
-    add("http status", c.http_status || ""); add("customer", c.customer); add("intent", c.intent);
-    add("prompt version", c.prompt_version);
-    add("tags", Object.entries(c.tags || {}).map(([k, v]) => k + "=" + v).join("  "));
-    add("model", c.model_requested); add("provider", c.provider);
-    add("latency", fmtMs(c.latency_ms) + " ms"); add("ttft", c.ttft_ms === null ? "" : fmtMs(c.ttft_ms) + " ms");
-    add("tokens", fmtInt(c.input_tokens) + " in / " + fmtInt(c.output_tokens) + " out");
-    add("cost", "$" + fixed(c.cost_usd || 0, 6)); add("source", c.source); add("key id", c.key_id);
-    body.appendChild(dl);
-    for (const [name, k] of [["request", "request_json"], ["response", "response_json"]]) {
-      if (!c[k]) continue;
-      let text = c[k];
-      try { text = JSON.stringify(JSON.parse(text), null, 2); } catch (e) { /* keep as is */ }
-      body.append(el("h2", {}, name), el("pre", {}, text));
-    }
-  } catch (e) {
-    body.appendChild(el("div", { class: "error" }, e.message));
-  }
-  panel.scrollIntoView({ behavior: "smooth", block: "nearest" });
-}
-
 // -- loading -------------------------------------------------------------------------------------------------
 let loading = 0;
 
 async function load() {
-  if (!sessionStorage.getItem(KEY_STORE)) { showKeyPanel(); return; }
-  keyReady();
+  if (!haveKey()) { showKeyPanel(); return; }
   writeHash();
   const s = formState();
   const stats = new URLSearchParams();
@@ -391,8 +253,11 @@ async function load() {
   const mine = ++loading;
   $("status-line").textContent = "loading…";
   try {
+    await whoami();
+    keyReady();
+    const pre = apiPrefix();
     const [report, ts, errs] = await Promise.all([
-      api("admin/stats", stats), api("admin/timeseries", series), api("admin/errors", errors)]);
+      api(pre + "stats", stats), api(pre + "timeseries", series), api(pre + "errors", errors)]);
     if (mine !== loading) return;
     showError("");
     renderSummary(report);
@@ -409,12 +274,7 @@ async function load() {
   } catch (e) {
     if (mine !== loading) return;
     $("status-line").textContent = "";
-    if (e.status === 401 || e.status === 403) {
-      sessionStorage.removeItem(KEY_STORE);
-      showKeyPanel(e.message);
-    } else {
-      showError(e.message);
-    }
+    if (!authFailed(e)) showError(e.message);
     document.body.setAttribute("data-loaded", "error");
   }
 }
@@ -423,15 +283,6 @@ document.addEventListener("DOMContentLoaded", () => {
   readHash();
   $("filters").addEventListener("submit", (ev) => { ev.preventDefault(); load(); });
   for (const id of ["f-since", "f-status", "f-compare"]) $(id).addEventListener("change", load);
-  $("key-form").addEventListener("submit", (ev) => {
-    ev.preventDefault();
-    const k = $("key-input").value.trim();
-    if (!k) return;
-    sessionStorage.setItem(KEY_STORE, k);
-    $("key-input").value = "";
-    load();
-  });
-  $("key-change").addEventListener("click", () => { sessionStorage.removeItem(KEY_STORE); showKeyPanel(); });
-  $("call-close").addEventListener("click", () => { $("call-panel").hidden = true; });
+  wireKeyPanel(load);
   load();
 });

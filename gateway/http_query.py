@@ -1,0 +1,130 @@
+"""What the read-only HTTP APIs (stats, calls, cases, replays, charts) share: query-parameter parsing with one-line
+errors, who is asking (admin, or a tenant forced to its own customer), OpenAI-shaped error responses and the
+mapping of query-layer errors to statuses.
+
+Handlers are sync functions, so FastAPI runs them on its thread pool and the event loop never waits on ClickHouse.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import orjson
+from fastapi import Request
+from fastapi.responses import Response
+
+from exporters import queries as q
+from exporters.calls import QueryTooHeavyError
+from exporters.store import StoreError
+
+from .auth import KeyRing, Principal
+from .errors import GatewayError, bad_request, forbidden
+
+__all__ = ["QueryParams", "Reader", "json_response", "error_response", "run_handler", "reader", "COMMON_PARAMS"]
+
+log = logging.getLogger("tagway.stats")
+
+COMMON_PARAMS = frozenset({"where", "customer", "status", "since", "from", "to"})
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+_HEADERS = {"Cache-Control": "no-store"}
+
+
+def json_response(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json", headers=_HEADERS)
+
+
+def error_response(e: GatewayError) -> Response:
+    return Response(e.body(), status_code=e.status, media_type="application/json", headers=_HEADERS)
+
+
+def _unavailable(message: str, code: str) -> GatewayError:
+    return GatewayError(503, message, type_="server_error", code=code)
+
+
+def run_handler(fn: Callable[[], Any]) -> Response:
+    """Run a handler body; every expected failure becomes an OpenAI-shaped error with the right status."""
+    try:
+        return json_response(fn())
+    except GatewayError as e:
+        return error_response(e)
+    except q.QueryInputError as e:
+        return error_response(bad_request(e.message, code="invalid_query", param=e.param))
+    except QueryTooHeavyError as e:
+        return error_response(GatewayError(504, str(e), type_="server_error", code="query_timeout"))
+    except StoreError as e:
+        log.warning("stats query failed: %s", e)
+        return error_response(_unavailable("The stats query failed; see the gateway log.", "query_failed"))
+
+
+class QueryParams:
+    """The query string of one request, checked against the names a route accepts."""
+
+    def __init__(self, request: Request, allowed: frozenset[str] | set[str]) -> None:
+        self.qp = request.query_params
+        for name in self.qp.keys():
+            if name not in allowed:
+                raise q.QueryInputError(f"unknown query parameter {name[:40]!r}: use one of "
+                                        f"{', '.join(sorted(allowed)) or 'none'}", param=name[:40])
+
+    def one(self, name: str) -> str | None:
+        values = self.qp.getlist(name)
+        if len(values) > 1:
+            raise q.QueryInputError(f"query parameter {name!r} is given more than once", param=name)
+        return values[0] if values else None
+
+    def many(self, name: str) -> list[str]:
+        return self.qp.getlist(name)
+
+    def integer(self, name: str, default: int, low: int, high: int) -> int:
+        raw = self.one(name)
+        if raw is None or raw == "":
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise q.QueryInputError(f"{name} must be a whole number", param=name) from None
+        if not low <= value <= high:
+            raise q.QueryInputError(f"{name} must be between {low} and {high}", param=name)
+        return value
+
+    def boolean(self, name: str) -> bool:
+        raw = (self.one(name) or "").lower()
+        if raw in _TRUE:
+            return True
+        if raw in _FALSE:
+            return False
+        raise q.QueryInputError(f"{name} must be true or false", param=name)
+
+    def selection(self, force_customer: str | None = None) -> q.Selection:
+        where = self.many("where") + [f"customer={c}" for c in self.many("customer")]
+        sel = q.make_selection(where, self.one("status"), self.one("since"), self.one("from"), self.one("to"))
+        if force_customer is not None:
+            for f in sel.filters:
+                if f.key == "customer" and f.op == "=" and f.value != force_customer:
+                    raise forbidden("This key can only read its own customer's calls.", code="customer_not_allowed",
+                                    param="where")
+            sel = sel.with_filter(q.Filter("customer", force_customer))
+        return sel
+
+
+class Reader:
+    """Who is asking: `customer` is None for the admin key (everything), else the tenant key's customer, which
+    every query is limited to server-side."""
+
+    def __init__(self, principal: Principal, customer: str | None) -> None:
+        self.principal = principal
+        self.customer = customer
+
+    @property
+    def is_admin(self) -> bool:
+        return self.customer is None
+
+
+def reader(keyring: KeyRing, request: Request, *, admin_route: bool) -> Reader:
+    """Authenticate. Admin routes need the admin key (403 otherwise); tenant routes take any key and limit a tenant
+    key to its customer (the admin key on a tenant route still reads everything)."""
+    p = keyring.authenticate_headers(request.headers)
+    if admin_route and not p.is_admin:
+        raise forbidden("This route needs the admin key.", code="admin_key_required")
+    return Reader(p, None if p.is_admin else p.customer)
