@@ -1,6 +1,6 @@
 """Gateway load benchmark: throughput and added latency over an instant upstream, in one run.
 
-    python bench/gateway_bench.py [--seconds 10] [--recording on,off] [--rounds 3]
+    python bench/gateway_bench.py [--seconds 10] [--recording on,off,bare] [--rounds 3]
     python bench/gateway_bench.py --recording off --conns 64 --rounds 5 --python /path/to/other/venv/bin/python
 
 `--python` runs a second interpreter (another checkout's venv: the code before a change) beside this one,
@@ -9,7 +9,8 @@ alternating round by round, so before/after figures come from one run on one mac
 What it does (2-core machine): the instant upstream and wrk share core 1 (`taskset`), the gateway gets core 0 to
 itself (one process, uvloop + httptools, as `tagway serve` runs it). For each concurrency (1 and 64) it measures
 the upstream directly and then through the gateway with tags resolved (headers) and spans stamped, recording on
-(embedded chDB, batched off the event loop) and off. Prints req/s, p50/p99, the gateway's added p50/p99 and its CPU per request (user + system time of the
+(embedded chDB, batched off the event loop) and off, and `bare`: bench/bare_passthrough.py, a raw ASGI +
+aiohttp pass-through with no gateway features (the Python ceiling). Prints req/s, p50/p99, the gateway's added p50/p99 and its CPU per request (user + system time of the
 gateway process, all threads, from /proc, over the wrk run): the figure that does not depend on what else the
 machine is doing. Medians over rounds.
 Needs `wrk` (Debian: apt-get install wrk). Everything binds 127.0.0.1 and stops by itself.
@@ -132,7 +133,13 @@ def measure(python: str, tmp: str, up_port: int, mode: str, conns: list[int], se
             lua: tuple[str, str]) -> list[tuple]:
     direct_lua, gw_lua = lua
     rows = []
-    gw, gw_port = start_gateway(tmp, up_port, mode == "on", python)
+    if mode == "bare":  # the Python ceiling: raw ASGI + aiohttp, nothing else (bench/bare_passthrough.py)
+        gw_port = free_port()
+        gw = subprocess.Popen(["taskset", "-c", "0", python, os.path.join(HERE, "bare_passthrough.py"), str(gw_port),
+                               f"http://127.0.0.1:{up_port}/v1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_port(gw_port)
+    else:
+        gw, gw_port = start_gateway(tmp, up_port, mode == "on", python)
     try:
         wrk(f"http://127.0.0.1:{gw_port}/v1/chat/completions", gw_lua, 16, 2)  # warm-up
         for c in conns:
@@ -141,8 +148,8 @@ def measure(python: str, tmp: str, up_port: int, mode: str, conns: list[int], se
             g = wrk(f"http://127.0.0.1:{gw_port}/v1/chat/completions", gw_lua, c, seconds)
             g["cpu_ms"] = (cpu_seconds(gw.pid) - cpu0) * 1000 / max(1.0, g["rps"] * seconds)
             rows.append((mode, c, d, g))
-        time.sleep(2)  # let the exporter drain
-        m = metrics(gw_port)
+        time.sleep(2 if mode != "bare" else 0)  # let the exporter drain
+        m = metrics(gw_port) if mode != "bare" else {}
     finally:
         gw.send_signal(signal.SIGTERM)
         gw.wait(120)
@@ -205,10 +212,15 @@ def main() -> None:
               f" {m['cpu_ms']:>10.3f} | {sum(g['non2xx'] for g in gs)}")
     for c in conns:
         for py in pythons:
-            on, off = med.get((py, "on", c)), med.get((py, "off", c))
+            on, off, bare = med.get((py, "on", c)), med.get((py, "off", c)), med.get((py, "bare", c))
+            label = "this" if py == sys.executable else "other"
             if on and off:
-                print(f"[{'this' if py == sys.executable else 'other'}] recording at {c} connections: throughput"
-                      f" {on['rps'] / off['rps']:.2f}x of off, CPU per request {on['cpu_ms'] / off['cpu_ms']:.2f}x")
+                print(f"[{label}] recording at {c} connections: throughput {on['rps'] / off['rps']:.2f}x of off, CPU"
+                      f" per request {on['cpu_ms'] / off['cpu_ms']:.2f}x (goal: >= 0.90x and <= 1.10x)")
+            for name, m in (("on", on), ("off", off)):
+                if m and bare:
+                    print(f"[{label}] recording {name} at {c} connections: CPU per request {m['cpu_ms'] / bare['cpu_ms']:.2f}x"
+                          f" of the bare pass-through's (goal <= 2x)")
         for mode in args.recording.split(","):
             a, b = med.get((sys.executable, mode, c)), med.get((args.python, mode, c))
             if a and b:

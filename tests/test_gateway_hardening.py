@@ -262,7 +262,7 @@ def test_finding2_a_batch_clickhouse_refuses_is_set_aside_and_recording_goes_on(
         with GatewayProcess(tmp_path, config) as g:
             traces = [chat(g, "acme").headers["x-tagway-trace-id"] for _ in range(5)]
             for t in traces:  # recording goes on: the new calls are stored, not stuck behind the refused batch
-                g.call_row(t, ADMIN, timeout=60)
+                g.call_row(t, ADMIN, timeout=120)
             m = g.get("/metrics", ADMIN).text
             assert metric(m, "tagway_spool_poison_files_total") == 1
             assert metric(m, "tagway_spans_quarantined_total") == 1
@@ -276,7 +276,7 @@ def test_finding2_a_batch_clickhouse_refuses_is_set_aside_and_recording_goes_on(
             # re-queued, the gateway picks it up and (still refused) sets it aside again
             assert g.cli("db", "spool", "retry", "--all").returncode == 0
             assert json.loads(g.cli("db", "spool", "list", "--json").stdout) == []
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + 120
             while not json.loads(g.cli("db", "spool", "list", "--json").stdout):
                 assert time.monotonic() < deadline, "the re-queued batch was not picked up"
                 time.sleep(1)
