@@ -113,8 +113,10 @@ def start_gateway(tmp: str, upstream_port: int, recording: bool,
     path = os.path.join(data_dir, "tagway.yaml")
     yaml.safe_dump(cfg, open(path, "w"))
     env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    # stderr (the access log: one line per call) goes to a file, as an operator's log collector would read it;
+    # a pipe nobody drains would stall the gateway once full
     proc = subprocess.Popen(["taskset", "-c", "0", python, "-m", "gateway.cli", "serve", "--config", path],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            env=env, stdout=subprocess.DEVNULL, stderr=open(os.path.join(data_dir, "stderr.log"), "w"))
     wait_http(f"http://127.0.0.1:{port}/readyz")
     return proc, port
 
@@ -126,7 +128,10 @@ def _hash(key: str) -> str:
 
 def metrics(port: int) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(tagway_\w+) ([\d.e+-]+)$", text, re.M)}
+    totals: dict[str, float] = {}
+    for m in re.finditer(r"^(tagway_\w+)(?:\{[^}]*\})? ([\d.e+-]+)$", text, re.M):  # summed over labels
+        totals[m.group(1)] = totals.get(m.group(1), 0.0) + float(m.group(2))
+    return totals
 
 
 def measure(python: str, tmp: str, up_port: int, mode: str, conns: list[int], seconds: int,

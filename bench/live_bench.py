@@ -161,7 +161,7 @@ def main() -> None:
                     "evaluators": [{"type": "icontains", "value": "refund"}]}, open(spec_path, "w"))
     gw = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", cfg_path],
                           env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"},
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                          stdout=subprocess.DEVNULL, stderr=open(cfg_path + ".stderr.log", "w"))  # access log
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(url + "/readyz")

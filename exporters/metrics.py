@@ -1,4 +1,4 @@
-"""Counters of the export pipeline and their Prometheus text exposition (served by the gateway on /metrics).
+"""Counters of the export pipeline, collected for prometheus_client (the gateway serves them on /metrics).
 
 Every span handed to the processor ends up in exactly one of: exported (straight to ClickHouse), spooled (on
 disk, later counted again as resent once it reaches ClickHouse), dropped (the spool could not be written: disk
@@ -8,14 +8,18 @@ turned off on purpose). So `exported + resent` converges on the number of spans 
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from bisect import bisect_left
+from typing import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 __all__ = ["ExportMetrics", "LATENCY_BUCKETS"]
 
 # Seconds. chDB inserts of a 1k-5k row batch take tens of ms; a server over the network, up to seconds.
 LATENCY_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
-# name -> HELP text. Counters get `_total` appended in the exposition, as Prometheus expects.
+# name -> HELP text. Counters get `_total` appended in the exposition (prometheus_client does it).
 _COUNTERS: dict[str, str] = {
     "spans_exported": "Spans inserted into ClickHouse straight from the in-memory queue.",
     "spans_spooled": "Spans written to the on-disk spool (ClickHouse down or slow, or the queue over its limit).",
@@ -36,6 +40,7 @@ _GAUGES: dict[str, str] = {
     "spool_files_pending": "Spool files waiting to be re-sent.",
     "spool_bytes_pending": "Bytes of spool files waiting to be re-sent.",
     "spool_full": "1 while the spool is at recording.spool_max_bytes and spans are being dropped, else 0.",
+    "spool_spans_pending": "Spans in spool files waiting to be re-sent.",
     "export_degraded": "1 while ClickHouse is failing and new batches go to the spool, else 0.",
 }
 
@@ -48,7 +53,7 @@ class ExportMetrics:
         self._lock = threading.Lock()
         self._counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
         self._gauges: dict[str, Callable[[], float]] = {}
-        self._latency_buckets = [0] * len(LATENCY_BUCKETS)
+        self._latency_buckets = [0] * (len(LATENCY_BUCKETS) + 1)  # the last slot is +Inf
         self._latency_sum = 0.0
         self._latency_count = 0
 
@@ -71,10 +76,7 @@ class ExportMetrics:
         with self._lock:
             self._latency_sum += seconds
             self._latency_count += 1
-            for i, bound in enumerate(LATENCY_BUCKETS):
-                if seconds <= bound:
-                    self._latency_buckets[i] += 1
-                    break
+            self._latency_buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
 
     def snapshot(self) -> dict[str, float]:
         """Every counter and gauge by its short name, plus export_seconds_sum/count."""
@@ -95,32 +97,25 @@ class ExportMetrics:
         except Exception:  # a scrape must never fail because one gauge did
             return float("nan")
 
-    def render_prometheus(self, prefix: str = "tagway_") -> str:
-        """Prometheus text exposition format 0.0.4."""
+    def collect(self, prefix: str = "tagway_") -> Iterator[Metric]:
+        """The metric families for prometheus_client's registry (a custom collector: the counters live here)."""
         with self._lock:
             counters = dict(self._counters)
             buckets = list(self._latency_buckets)
-            lat_sum, lat_count = self._latency_sum, self._latency_count
-        lines: list[str] = []
+            lat_sum = self._latency_sum
         for name, help_text in _COUNTERS.items():
-            full = f"{prefix}{name}_total"
-            lines += [f"# HELP {full} {help_text}", f"# TYPE {full} counter", f"{full} {counters[name]}"]
+            yield CounterMetricFamily(f"{prefix}{name}", help_text, value=counters[name])
         for name, help_text in _GAUGES.items():
-            full = f"{prefix}{name}"
-            lines += [f"# HELP {full} {help_text}", f"# TYPE {full} gauge", f"{full} {_num(self._read_gauge(name))}"]
-        full = f"{prefix}export_duration_seconds"
-        lines += [f"# HELP {full} Duration of ClickHouse inserts of span batches.", f"# TYPE {full} histogram"]
-        cumulative = 0
-        for bound, n in zip(LATENCY_BUCKETS, buckets):
+            yield GaugeMetricFamily(f"{prefix}{name}", help_text, value=self._read_gauge(name))
+        cumulative, points = 0, []
+        for bound, n in zip((*map(str, LATENCY_BUCKETS), "+Inf"), buckets):
             cumulative += n
-            lines.append(f'{full}_bucket{{le="{bound}"}} {cumulative}')
-        lines += [f'{full}_bucket{{le="+Inf"}} {lat_count}', f"{full}_sum {_num(lat_sum)}", f"{full}_count {lat_count}"]
-        return "\n".join(lines) + "\n"
+            points.append((bound, cumulative))
+        yield HistogramMetricFamily(f"{prefix}export_duration_seconds", "Duration of ClickHouse inserts of span "
+                                    "batches.", buckets=points, sum_value=lat_sum)
 
-
-def _num(v: float) -> str:
-    if v != v:
-        return "NaN"
-    if float(v).is_integer():
-        return str(int(v))
-    return repr(float(v))
+    def render(self) -> str:
+        """The text exposition of these metrics alone (the gateway serves them beside its own on /metrics)."""
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(self)
+        return generate_latest(registry).decode()

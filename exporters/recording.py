@@ -64,7 +64,7 @@ class Recorder:
             self.spool.close()
 
     def render_metrics(self) -> str:
-        return self.metrics.render_prometheus()
+        return self.metrics.render()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -82,6 +82,7 @@ class Spool:
         self._lock = threading.Lock()
         self._pending: dict[str, int] = {}  # name -> size in bytes
         self._pending_bytes = 0
+        self._rows: dict[str, int] = {}  # name -> spans in it, as its header says (read once, for the gauge)
         os.makedirs(self.directory, exist_ok=True)
         self._lock_fd: int | None = lock_dir(self.directory, _LOCK, SpoolLockedError(
             f"the spool directory {self.directory} is in use by another process; give each gateway process its own"
@@ -91,6 +92,7 @@ class Spool:
         self.metrics.set_gauge("spool_files_pending", lambda: len(self._pending))
         self.metrics.set_gauge("spool_bytes_pending", lambda: self._pending_bytes)
         self.metrics.set_gauge("spool_full", lambda: 1 if self.full else 0)
+        self.metrics.set_gauge("spool_spans_pending", self.pending_spans)
 
     # -- state ------------------------------------------------------------------------------------------------
     @property
@@ -105,6 +107,23 @@ class Spool:
         """Files waiting to be re-sent, oldest first."""
         with self._lock:
             return [SpoolFile(n, self._pending[n]) for n in sorted(self._pending)]
+
+    def pending_spans(self) -> int:
+        """Spans in the files waiting to be re-sent. A file's count comes from its header, read once (files written
+        here are known already; recovered or re-queued ones are read at the first scrape)."""
+        with self._lock:
+            names = list(self._pending)
+        total = 0
+        for name in names:
+            rows = self._rows.get(name)
+            if rows is None:
+                rows = self._rows[name] = _header_rows(os.path.join(self.directory, name)) or 0
+            total += rows
+        if len(self._rows) > len(names):  # forget the files that were sent or quarantined
+            live = set(names)
+            for gone in [n for n in list(self._rows) if n not in live]:
+                self._rows.pop(gone, None)
+        return total
 
     def oldest_seq(self) -> int | None:
         """Sequence number of the oldest pending file, or None when the spool is empty."""
@@ -184,6 +203,7 @@ class Spool:
         with self._lock:
             self._pending[name] = size
             self._pending_bytes += size
+            self._rows[name] = batch.rows
         return name
 
     # -- read -------------------------------------------------------------------------------------------------
@@ -319,6 +339,17 @@ class Spool:
         if self._pending:
             log.warning("spool %s holds %d file(s) (%d bytes) from an earlier run; they will be re-sent",
                         self.directory, len(self._pending), self._pending_bytes)
+
+
+def _header_rows(path: str) -> int | None:
+    """The span count a spool file's header line claims, or None when it cannot be read."""
+    try:
+        with open(path, "rb") as fh:
+            header = orjson.loads(fh.readline(4096))
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    rows = header.get("rows") if isinstance(header, dict) else None
+    return rows if isinstance(rows, int) and rows >= 0 else None
 
 
 # -- quarantined files, for `tagway db spool` (works on a directory whether or not a gateway uses it) ----------

@@ -25,6 +25,7 @@ from .providers import ProviderRegistry
 from .providers.litellm_provider import preload as preload_litellm
 from .lanes import ReplayLane, is_replay_call
 from .limits import CallLimits
+from .metrics import MetricsEndpoint
 from .proxy import HOT_ROUTES, Proxy
 from .redact import Redactor
 from .store_api import LocalAccess, build_store_router
@@ -309,12 +310,16 @@ def _build_api(app: TagwayApp) -> FastAPI:
                             "used": round(row["spent_usd"] / lim.budget.usd, 6)})
         return {"object": "list", "data": out}
 
-    @api.get("/metrics")
+    endpoint = MetricsEndpoint(app)
+
+    @api.get("/metrics", response_class=PlainTextResponse, tags=["operations"])
     async def metrics(request: Request) -> Response:
+        """Prometheus metrics (text format 0.0.4, or OpenMetrics when the scraper asks for it)."""
         if app.config.metrics.auth and not principal(request).is_admin:
             raise GatewayError(403, "/metrics needs the admin key (metrics.auth is on).", type_="permission_error",
                                code="admin_key_required")
-        return PlainTextResponse(render_metrics(app), media_type="text/plain; version=0.0.4")
+        body, content_type = endpoint.render(request.headers.get("accept"))
+        return Response(body, media_type=content_type)
 
     try:
         from .stats_api import build_stats_router  # noqa: PLC0415
@@ -324,37 +329,6 @@ def _build_api(app: TagwayApp) -> FastAPI:
         api.include_router(build_stats_router(app.keyring, lambda: app.query_store))
     api.include_router(build_store_router(app.keyring, lambda: app.query_store, app.local))
     return api
-
-
-def render_metrics(app: TagwayApp) -> str:
-    lines: list[str] = []
-    p = app.proxy
-    if p is not None:
-        s = p.stats
-        for name, kind, value, help_ in (
-                ("tagway_calls_total", "counter", s.calls, "LLM calls received on /v1/*"),
-                ("tagway_call_errors_total", "counter", s.errors, "LLM calls that ended in an error"),
-                ("tagway_fallbacks_total", "counter", s.fallbacks, "Times a call moved on to a fallback deployment"),
-                ("tagway_record_failures_total", "counter", s.record_failures,
-                 "Calls whose span could not be built (should stay 0)"),
-                ("tagway_capture_failures_total", "counter", s.capture_failures,
-                 "Calls whose input content could not be captured (the call itself was recorded)"),
-                ("tagway_calls_in_flight", "gauge", s.in_flight, "Calls being served now")):
-            lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]
-    refused = app.limits.refused
-    lines += ["# HELP tagway_limited_total Calls refused by a rate limit or a budget (429), by reason",
-              "# TYPE tagway_limited_total counter"]
-    lines += [f'tagway_limited_total{{reason="{r}"}} {n}' for r, n in sorted(refused.items())]
-    failures = dict(app.keyring.failures)
-    if failures:
-        lines += ["# HELP tagway_auth_failures_total Requests refused before a tenant was known, by reason",
-                  "# TYPE tagway_auth_failures_total counter"]
-        lines += [f'tagway_auth_failures_total{{reason="{r}"}} {n}' for r, n in sorted(failures.items())]
-    render = getattr(getattr(app.recorder, "metrics", None), "render_prometheus", None)
-    text = "\n".join(lines) + "\n"
-    if callable(render):
-        text += render()
-    return text
 
 
 def create_app(config: GatewayConfig | str | os.PathLike | None = None, **kwargs: Any) -> TagwayApp:

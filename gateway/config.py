@@ -202,6 +202,13 @@ class RecordingConfig(_Strict):
 
 class MetricsConfig(_Strict):
     auth: bool = False  # /metrics answers only with the admin key (Authorization: Bearer ...)
+    customer_label: bool = False  # a `customer` label on the call counters of /metrics (one series per customer)
+    customer_label_limit: int = Field(100, ge=1)  # customers past this many share the label value `other`
+
+
+class AccessLogConfig(_Strict):
+    enabled: bool = True  # `tagway serve` writes one line per /v1 call to stderr (never content or keys)
+    format: Literal["text", "json"] = "text"  # logfmt-style key=value, or one JSON object per line
 
 
 class GatewayConfig(BaseSettings):
@@ -218,6 +225,7 @@ class GatewayConfig(BaseSettings):
     models: list[ModelConfig] = []
     tenants: list[TenantConfig] = []
     taxonomy: Taxonomy = Taxonomy()
+    access_log: AccessLogConfig = AccessLogConfig()
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
@@ -282,21 +290,31 @@ class GatewayConfig(BaseSettings):
         return next((t for t in self.tenants if t.customer == customer), None)
 
 
-def _format_errors(e: ValidationError) -> list[str]:
+def _format_errors(e: ValidationError, path: str | os.PathLike | None = None,
+                   file_keys: frozenset[str] = frozenset()) -> list[str]:
+    """One line per problem naming where it is: `<file>: models[0].timeout: ...`, or the environment variable
+    family when the setting came from there (`$TAGWAY_SERVER__*: server.port: ...`)."""
     out = []
     for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"])
+        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown setting"
-        out.append(f"{loc}: {msg}" if loc else msg)
-    # cross-checks arrive as one message joined with "; "
-    return [p for line in out for p in line.split("; ")]
+        top = str(err["loc"][0]) if err["loc"] else ""
+        env_prefix = f"TAGWAY_{top.upper()}"
+        if top and top not in file_keys and any(k.upper().startswith(env_prefix) for k in os.environ):
+            where = f"${env_prefix}{'__*' if len(err['loc']) > 1 else ''}: "
+        else:
+            where = f"{path}: " if path else ""
+        # cross-checks arrive as one message joined with "; "
+        out += [f"{where}{loc}: {m}" if loc else f"{where}{m}" for m in msg.split("; ")]
+    return out
 
 
 def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> GatewayConfig:
     """Load the YAML file at `path` (or $TAGWAY_CONFIG, or built-in defaults when neither is given), apply env
-    overrides, validate. Raises ConfigError with one line per problem."""
+    overrides, validate. Raises ConfigError with one line per problem, each naming the file (or environment
+    variable) and the setting."""
     path = path or os.environ.get("TAGWAY_CONFIG")
     data: dict[str, Any] = {}
     if path:
@@ -313,8 +331,9 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Gate
             else str(base / (p.stem + ".keys.yaml"))
         if isinstance(data.get("storage"), dict):
             data["storage"] = anchor_storage_paths(data["storage"], base)
+    file_keys = frozenset(data)
     data.update(overrides)
     try:
         return GatewayConfig(**data)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e)) from None
+        raise ConfigError(_format_errors(e, path, file_keys)) from None

@@ -36,6 +36,7 @@ from .redact import Redactor
 from .request_checks import check_request, parse_object, requested_model, stream_flag
 from .routing import body_for, fallback_chain
 from .tags import check_header, normalise, resolve_tags
+from .observe import CallObserver
 from .telemetry import CallRecord, finish_call_span
 
 __all__ = ["Proxy", "HOT_ROUTES", "ProxyStats"]
@@ -99,6 +100,7 @@ class Proxy:
         self.pricing = pricing
         self.redactor = redactor
         self.stats = ProxyStats()
+        self.observe = CallObserver(config)  # labelled call metrics and the access log (gateway/observe.py)
         self._capture_on = config.recording.capture_content
         self._source = config.recording.source
         self._max_body = config.server.max_body_bytes
@@ -170,6 +172,7 @@ class Proxy:
         except Exception:  # recording never fails a request; the counter makes the failure visible
             self.stats.record_failures += 1
             log.exception("could not record call")
+        self.observe(rec, span.get_span_context().trace_id, time.perf_counter() - t0)  # metrics, access log
         if reraise is not None:
             raise reraise
 

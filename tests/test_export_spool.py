@@ -29,14 +29,17 @@ def test_write_read_in_order_and_remove(tmp_path) -> None:
     assert [sp.read(f).body for f in files] == [_batch(i).body for i in range(3)]
     assert [f.name for f in files] == sorted(os.listdir(tmp_path))[: 3]
     assert sp.pending_files == 3 and sp.pending_bytes == sum(f.size for f in files)
-    assert m.get("spans_spooled") == 9 and m.get("spool_files_pending") == 3
+    assert m.get("spans_spooled") == 9 and m.get("spool_files_pending") == 3 and m.get("spool_spans_pending") == 9
     assert sp.oldest_seq() == seqs[0]
     sp.remove(files[0])
     assert sp.pending_files == 2 and not (tmp_path / files[0].name).exists()
+    assert m.get("spool_spans_pending") == 6
     sp.close()
-    # A new process continues after the highest sequence number on disk.
-    sp2 = Spool(str(tmp_path))
+    # A new process continues after the highest sequence number on disk, and counts the spans left (headers).
+    m2 = ExportMetrics()
+    sp2 = Spool(str(tmp_path), metrics=m2)
     assert sp2.pending_files == 2 and sp2.reserve() == seqs[-1] + 1
+    assert m2.get("spool_spans_pending") == 6
     sp2.close()
 
 
@@ -62,6 +65,7 @@ def test_corrupt_and_torn_files_are_quarantined_loudly(tmp_path, caplog) -> None
         results = [sp.read(f) for f in sp.pending()]
     assert [r is not None for r in results] == [False, False, False, True, True]
     assert m.get("spool_corrupt_files") == 4
+    assert m.get("spool_spans_pending") == 6  # names[3] and the promoted .tmp, 3 spans each (from their headers)
     assert sp.pending_files == 2  # names[3] and the promoted .tmp
     corrupt = sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".corrupt"))
     assert len(corrupt) == 4 and all(p.endswith(".spool.corrupt") for p in corrupt)

@@ -30,12 +30,12 @@ def write_config(path, port, storage):
 
 def start(config_path, port):
     proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", config_path],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=open(config_path + ".stderr.log", "w"),
                             env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"})
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"gateway exited: {proc.stderr.read().decode()[-2000:]}")
+            raise AssertionError(f"gateway exited: {open(config_path + '.stderr.log').read()[-2000:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
                 return proc

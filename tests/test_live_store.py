@@ -49,11 +49,11 @@ def write_config(tmp_path, upstream: Upstream, port: int, name: str = "tagway.ya
 
 def start_gateway(config: str, port: int) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", config],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+                            stdout=subprocess.DEVNULL, stderr=open(config + ".stderr.log", "w"), env=ENV)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"gateway exited: {proc.stderr.read().decode()[-2000:]}")
+            raise AssertionError(f"gateway exited: {open(config + '.stderr.log').read()[-2000:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
                 return proc
