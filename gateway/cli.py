@@ -2,10 +2,12 @@
 entry-point group, so the gateway never imports them. Bad input ends with one line on stderr and exit code 2."""
 from __future__ import annotations
 
+import errno
 import os
+import socket
 import sys
 from importlib.metadata import entry_points
-from typing import Optional
+from typing import Any, Optional
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
@@ -13,11 +15,14 @@ import typer  # noqa: E402
 
 from .config import ConfigError, GatewayConfig, load_config  # noqa: E402
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# Help is click's plain formatter (HELP_STYLE): rich's help panels cut long option names and long words with "…" in an
+# 80-column terminal; click wraps them instead. Other packages' sub-apps use the same setting.
+HELP_STYLE = {"rich_markup_mode": None}
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, **HELP_STYLE,
                   help="tagway: an OpenAI-compatible LLM gateway that records who asked and why.")
-keys_app = typer.Typer(no_args_is_help=True, help="Create, list and revoke virtual keys (stored as hashes).")
-db_app = typer.Typer(no_args_is_help=True, help="ClickHouse schema.")
-config_app = typer.Typer(no_args_is_help=True, help="Configuration.")
+keys_app = typer.Typer(no_args_is_help=True, **HELP_STYLE, help="Create, list and revoke virtual keys (stored as hashes).")
+db_app = typer.Typer(no_args_is_help=True, **HELP_STYLE, help="ClickHouse schema.")
+config_app = typer.Typer(no_args_is_help=True, **HELP_STYLE, help="Configuration.")
 app.add_typer(keys_app, name="keys")
 app.add_typer(db_app, name="db")
 app.add_typer(config_app, name="config")
@@ -25,9 +30,22 @@ app.add_typer(config_app, name="config")
 ConfigOpt = typer.Option(None, "--config", "-c", envvar="TAGWAY_CONFIG", help="Path to tagway.yaml.")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
+
+        try:
+            typer.echo(f"tagway {version('tagway')}")
+        except PackageNotFoundError:
+            typer.echo("tagway (not installed: run `pip install .`)")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Say how the store was reached (directly, or "
-                                       "through the running gateway); also $TAGWAY_VERBOSE=1.")) -> None:
+                                       "through the running gateway); also $TAGWAY_VERBOSE=1."),
+          _: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit.")) -> None:
     if verbose:
         os.environ["TAGWAY_VERBOSE"] = "1"  # read by exporters.store_access, in this process and in replay's
 
@@ -59,6 +77,7 @@ def serve(config: Optional[str] = ConfigOpt,
     from exporters.store import StoreError, is_embedded  # noqa: PLC0415
 
     from .app import TagwayApp, default_recorder  # noqa: PLC0415
+    from .observe import install_access_log  # noqa: PLC0415
     from .store_api import serve as serve_announced  # noqa: PLC0415
 
     from .auth import KeyRing, KeysFileError  # noqa: PLC0415
@@ -73,29 +92,60 @@ def serve(config: Optional[str] = ConfigOpt,
         if cfg.recording.enabled and is_embedded(cfg.storage.resolved_dsn()):
             raise fail("--workers > 1 needs a ClickHouse server DSN: the embedded store allows one process per "
                        "data directory")
+        _bind(host, port).close()  # a busy port fails here, in one line, before any worker starts
         if config:
             os.environ["TAGWAY_CONFIG"] = os.path.abspath(config)
         os.environ["TAGWAY_WORKERS"] = str(workers)  # each worker enforces 1/N of every rate limit
-        uvicorn.run("gateway.app:create_app", factory=True, host=host, port=port, workers=workers,
+        uvicorn.run("gateway.cli:worker_app", factory=True, host=host, port=port, workers=workers,
                     loop="uvloop", http="httptools", access_log=False, log_level=log_level,
                     timeout_graceful_shutdown=60)
         return
+    sock = _bind(host, port)  # before the store is opened and before anything says "serving"
     try:
         recorder = default_recorder(cfg)
     except StoreError as e:
+        sock.close()
         raise fail(_held_by(cfg, e)) from None
     tune_gc()
+    install_access_log(cfg)
     # the app owns the recorder: its lifespan shutdown flushes it, which matters because uvicorn re-raises
     # SIGTERM once it has stopped serving, so nothing after uvicorn.run() would run
     gateway = TagwayApp(cfg, recorder=recorder, owns_recorder=True)
-    typer.echo(f"tagway: serving on http://{host}:{port}/v1 (store: {_describe_store(cfg)})", err=True)
+    typer.echo(f"tagway: serving on http://{host}:{sock.getsockname()[1]}/v1 (store: {_describe_store(cfg)})",
+               err=True)
     try:
         # uvicorn turns SIGTERM/SIGINT into a graceful stop: in-flight calls finish, then we flush the recorder
         # as uvicorn.run, plus the discovery file local CLIs find the store through (gateway/store_api.py)
-        serve_announced(gateway, host=host, port=port, loop="uvloop", http="httptools", lifespan="on",
+        serve_announced(gateway, sockets=[sock], loop="uvloop", http="httptools", lifespan="on",
                         access_log=False, log_level=log_level, timeout_graceful_shutdown=60)
     finally:
         recorder.shutdown()
+
+
+def worker_app() -> Any:
+    """One worker of `tagway serve --workers N` (uvicorn's factory): the app from $TAGWAY_CONFIG, access log on."""
+    from .app import create_app  # noqa: PLC0415
+    from .observe import install_access_log  # noqa: PLC0415
+
+    cfg = load_config(None)
+    install_access_log(cfg)
+    return create_app(cfg)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound now: a port in use is one clear line and exit 2, not a traceback after
+    "serving on" (uvicorn would bind it only once the app had started)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restarts do not wait TIME_WAIT
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        why = "is already in use" if e.errno == errno.EADDRINUSE else f"cannot be bound ({e.strerror or e})"
+        raise fail(f"{host}:{port} {why}: stop what listens there or pick another --port") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def _held_by(cfg: GatewayConfig, e: Exception) -> str:
@@ -183,6 +233,19 @@ def keys_create(customer: str = typer.Option(..., "--customer", help="Tenant the
         raise fail(str(e)) from None
     typer.echo(f"key id: {kid}", err=True)
     typer.echo("store this key now; tagway keeps only its hash and cannot show it again:", err=True)
+    typer.echo(key)
+
+
+@keys_app.command("admin")
+def keys_admin(config: Optional[str] = ConfigOpt) -> None:
+    """Make a new admin key: printed once, with the two ways to give it to the gateway."""
+    from .auth import hash_key, new_key  # noqa: PLC0415
+
+    cfg = _load(config) if config or os.environ.get("TAGWAY_CONFIG") else GatewayConfig()
+    key = new_key()
+    typer.echo("store this admin key now; give it to the gateway in one of two ways:", err=True)
+    typer.echo(f"  - in its environment: export {cfg.admin_key_env}=<the key>", err=True)
+    typer.echo(f"  - or its hash in the config: admin_key_hash: {hash_key(key)}", err=True)
     typer.echo(key)
 
 
@@ -299,13 +362,31 @@ def db_migrate(config: Optional[str] = ConfigOpt,
 
 
 @config_app.command("check")
-def config_check(config: Optional[str] = ConfigOpt) -> None:
-    """Validate the configuration and print a summary."""
+def config_check(config: Optional[str] = ConfigOpt,
+                 strict: bool = typer.Option(False, "--strict", help="Exit 1 when there is any warning.")) -> None:
+    """Validate the configuration, then warn about what would fail at run time: unset key variables, no admin
+    key, an unreachable ClickHouse, no config at all."""
+    from .config_check import findings, probe_store  # noqa: PLC0415
+
     cfg = _load(config)
-    typer.echo(f"ok: {len(cfg.models)} models, {len(cfg.tenants)} tenants, store {_describe_store(cfg)}")
+    path = config or os.environ.get("TAGWAY_CONFIG")
+    found = findings(cfg, path, os.environ, probe_store(cfg))
+    for f in found:
+        typer.echo(f"warning: {f.line()}", err=True)
+    typer.echo(f"{'ok' if not found else f'{len(found)} warning(s)'}: {len(cfg.models)} models, "
+               f"{len(cfg.tenants)} tenants, store {_describe_store(cfg)}")
+    if found and strict:
+        raise typer.Exit(1)
+
+
+_plugins_registered = False
 
 
 def _register_plugins() -> None:
+    global _plugins_registered
+    if _plugins_registered:
+        return
+    _plugins_registered = True
     from . import stats_cli  # noqa: PLC0415
 
     stats_cli.register(app)
@@ -316,10 +397,25 @@ def _register_plugins() -> None:
             typer.echo(f"tagway: warning: plugin {ep.name!r} unavailable: {e}", err=True)
 
 
-def main() -> None:
+def command() -> Any:
+    """The `tagway` click command, every plugin registered. Each subcommand's summary in the command lists is its
+    whole first paragraph: click would otherwise cut it at ~45 characters with "..."."""
     _register_plugins()
+    root = typer.main.get_command(app)
+
+    def summaries(cmd: Any) -> None:
+        for sub in getattr(cmd, "commands", {}).values():
+            if not sub.short_help and sub.help:
+                sub.short_help = " ".join(sub.help.split("\n\n")[0].split())
+            summaries(sub)
+
+    summaries(root)
+    return root
+
+
+def main() -> None:
     try:
-        app()
+        command()(prog_name="tagway")
     except KeyboardInterrupt:
         sys.exit(130)
 

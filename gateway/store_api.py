@@ -199,8 +199,8 @@ def local_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def serve(app: Any, **kwargs: Any) -> None:
-    """uvicorn.run(app, **kwargs), announcing the store to local CLIs once the socket is bound (not before: a CLI
+def serve(app: Any, *, sockets: list | None = None, **kwargs: Any) -> None:
+    """uvicorn.run(app, **kwargs) (on already bound `sockets` if given), announcing the store to local CLIs once the socket is bound (not before: a CLI
     must never find an address that is not listening yet) and withdrawing it at shutdown."""
     import uvicorn  # noqa: PLC0415
 
@@ -216,7 +216,7 @@ def serve(app: Any, **kwargs: Any) -> None:
 
     server = AnnouncingServer(uvicorn.Config(app, **kwargs))
     try:
-        server.run()
+        server.run(sockets=sockets)
     except KeyboardInterrupt:
         pass
     finally:

@@ -25,8 +25,10 @@ from .spec import LEGACY_GATING_HELP, SpecError, apply_overrides, load_spec_data
 __all__ = ["replay_app", "register", "main"]
 
 replay_app = typer.Typer(help="Replay tagged slices of real traffic against candidates; report and gate per segment.",
-                         no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-dataset_app = typer.Typer(help="Pinned datasets: a slice frozen as trace ids.", no_args_is_help=True)
+                         no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                         rich_markup_mode=None)  # plain help: rich's panels cut long names at 80 columns
+dataset_app = typer.Typer(help="Pinned datasets: a slice frozen as trace ids.", no_args_is_help=True,
+                          rich_markup_mode=None)
 replay_app.add_typer(dataset_app, name="dataset")
 
 

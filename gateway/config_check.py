@@ -1,0 +1,92 @@
+"""`tagway config check`: what a valid config still gets wrong at run time, said before the gateway starts.
+
+`findings(...)` is pure (the config, its path, the environment, and the result of probing the store) and returns
+one `Finding` per problem, each naming the setting and what to do; `probe_store(dsn)` is the one piece of I/O.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Mapping
+
+from .config import GatewayConfig
+
+__all__ = ["Finding", "findings", "probe_store", "ADMIN_KEY_HOWTO"]
+
+ADMIN_KEY_HOWTO = ("create one with `tagway keys admin` and set it in the gateway's environment "
+                   "(export {env}=<key>), or put the admin_key_hash it prints in the config")
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    where: str  # the setting (or "config" for the file as a whole)
+    problem: str
+    fix: str = ""
+
+    def line(self) -> str:
+        return f"{self.where}: {self.problem}" + (f"; {self.fix}" if self.fix else "")
+
+
+def findings(cfg: GatewayConfig, path: str | None, env: Mapping[str, str], store_error: str | None) -> list[Finding]:
+    out: list[Finding] = []
+    if not path:
+        out.append(Finding("config", "no config file: running on built-in defaults (no models, no tenants)",
+                           "pass --config tagway.yaml or set TAGWAY_CONFIG (`tagway demo` shows a complete setup)"))
+    if not cfg.admin_key_hash and not env.get(cfg.admin_key_env):
+        out.append(Finding("admin_key_env", f"${cfg.admin_key_env} is not set: no admin key, so the admin API, "
+                           "the /ui dashboard and replays through the gateway cannot authenticate",
+                           ADMIN_KEY_HOWTO.format(env=cfg.admin_key_env)))
+    if not cfg.models:
+        out.append(Finding("models", "no models: every call gets 404 model_not_found",
+                           "add at least one entry under models:"))
+    for i, m in enumerate(cfg.models):
+        if m.api_key_env and not env.get(m.api_key_env):
+            out.append(Finding(f"models[{i}] ({m.name}).api_key_env",
+                               f"${m.api_key_env} is not set: {m.provider} will refuse calls to {m.name}",
+                               f"export {m.api_key_env}=<the provider key>"))
+    if not cfg.tenants:
+        out.append(Finding("tenants", "no tenants: only the admin key can make calls",
+                           "add a tenant (customer: name), then `tagway keys create --customer name`"))
+    if store_error:
+        out.append(Finding("storage.dsn" if cfg.storage.dsn else "storage.data_dir", store_error,
+                           "the gateway would start and spool every call to disk until the store answers"
+                           if cfg.storage.dsn else "choose a data_dir this user can write"))
+    return out
+
+
+def probe_store(cfg: GatewayConfig, timeout: float = 3.0) -> str | None:
+    """Can the configured store be reached? A server DSN is connected to and pinged (an unreachable host, a wrong
+    password or a missing database are all told here); the embedded store's directory must be creatable. Returns
+    the problem in one line, or None."""
+    from exporters.store import StoreError, connect, is_embedded, redact_dsn  # noqa: PLC0415
+
+    if not cfg.recording.enabled:
+        return None
+    dsn = cfg.storage.resolved_dsn()
+    if is_embedded(dsn):
+        return _writable_dir(cfg.storage.data_dir)
+    try:
+        store = connect(dsn, connect_timeout=timeout)
+    except StoreError as e:
+        msg = str(e)
+        return msg if redact_dsn(dsn) in msg else f"ClickHouse at {redact_dsn(dsn)} is unreachable: {msg}"
+    try:
+        if not store.ping():
+            return f"ClickHouse at {redact_dsn(dsn)} does not answer its ping"
+    finally:
+        store.close()
+    return None
+
+
+def _writable_dir(directory: str) -> str | None:
+    d = os.path.abspath(directory)
+    while not os.path.exists(d):  # the gateway creates the missing part: the first existing parent must be writable
+        parent = os.path.dirname(d)
+        if parent == d:
+            break
+        d = parent
+    if not os.path.isdir(d):
+        return f"{d} is not a directory, so the embedded store cannot be created under it"
+    if not os.access(d, os.W_OK | os.X_OK):
+        return f"{d} is not writable by this user, so the embedded store cannot be created there"
+    return None

@@ -1,0 +1,157 @@
+"""The operator's CLI: `tagway --version`, `config check` warnings (a table of cases), config errors that name the
+file and the setting, `tagway keys admin`, and `--help` that is never cut at 80 columns."""
+from __future__ import annotations
+
+import re
+
+import click
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from gateway import cli as gateway_cli
+from gateway.auth import KeyRing, hash_key
+from gateway.config import GatewayConfig
+from tests.fake_clickhouse import WrongPasswordClickHouse
+from tests.http_server import free_port
+
+ENV_KEYS = ("TAGWAY_CONFIG", "TAGWAY_ADMIN_KEY", "OPENAI_API_KEY", "TAGWAY_STORAGE__DSN", "TAGWAY_SERVER__PORT")
+
+
+@pytest.fixture(scope="module")
+def app() -> click.Command:
+    return gateway_cli.command()  # stats, errors, show, replay: every command, as `tagway` has them
+
+
+@pytest.fixture()
+def run(app, monkeypatch, tmp_path):
+    for k in ENV_KEYS:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.chdir(tmp_path)
+
+    def invoke(*args: str, env: dict | None = None):
+        return CliRunner().invoke(app, list(args), env=env, catch_exceptions=False)
+    return invoke
+
+
+def write(tmp_path, **cfg) -> str:
+    base = {"storage": {"data_dir": str(tmp_path / "data")},
+            "models": [{"name": "gpt", "provider": "openai", "api_key_env": "OPENAI_API_KEY"}],
+            "tenants": [{"customer": "acme"}]}
+    base.update(cfg)
+    path = tmp_path / "tagway.yaml"
+    path.write_text(yaml.safe_dump(base))
+    return str(path)
+
+
+FULL_ENV = {"TAGWAY_ADMIN_KEY": "tw-admin-test-key-0123456789", "OPENAI_API_KEY": "sk-test"}
+
+
+# case -> (config overrides (or a function of the servers' addresses) or None for "no config file",
+#          environment, expected warning fragments)
+CASES = {
+    "all set": ({}, FULL_ENV, []),
+    "no config file": (None, FULL_ENV, ["config: no config file", "models: no models", "tenants: no tenants"]),
+    "no admin key": ({}, {"OPENAI_API_KEY": "sk-test"},
+                     ["admin_key_env: $TAGWAY_ADMIN_KEY is not set", "`tagway keys admin`",
+                      "export TAGWAY_ADMIN_KEY=<key>"]),
+    "admin key hash in the config": ({"admin_key_hash": hash_key("x" * 20)}, {"OPENAI_API_KEY": "sk-test"}, []),
+    "provider key unset": ({}, {"TAGWAY_ADMIN_KEY": "tw-admin-test-key-0123456789"},
+                           ["models[0] (gpt).api_key_env: $OPENAI_API_KEY is not set: openai will refuse calls to gpt",
+                            "export OPENAI_API_KEY="]),
+    "several models, two unset": ({"models": [
+        {"name": "a", "provider": "openai", "api_key_env": "OPENAI_API_KEY"},
+        {"name": "b", "provider": "anthropic", "model": "claude", "api_key_env": "TAGWAY_TEST_UNSET_KEY"},
+        {"name": "c", "provider": "mock"}]}, {"TAGWAY_ADMIN_KEY": "k" * 20},
+        ["models[0] (a).api_key_env: $OPENAI_API_KEY", "models[1] (b).api_key_env: $TAGWAY_TEST_UNSET_KEY"]),
+    "closed port": (lambda f: {"storage": {"dsn": f"http://default:s3cret-pw@127.0.0.1:{f['closed']}/tagway"}},
+                    FULL_ENV, ["storage.dsn: ", "127.0.0.1:{closed}", "spool every call"]),
+    "wrong password": (lambda f: {"storage": {"dsn": f["wrong_password"]}}, FULL_ENV,
+                       ["storage.dsn: ", "Authentication failed"]),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_config_check_warnings(run, tmp_path, case):
+    overrides, env, expected = CASES[case]
+    with WrongPasswordClickHouse() as ch:
+        fill = {"closed": str(free_port()), "wrong_password": ch.dsn("s3cret-pw")}
+        args = ["config", "check"]
+        if overrides is not None:
+            args += ["--config", write(tmp_path, **(overrides(fill) if callable(overrides) else overrides))]
+        res = run(*args, env=env)
+    assert res.exit_code == 0, res.output
+    warnings = [x for x in res.stderr.splitlines() if x.startswith("warning: ")]
+    if not expected:
+        assert warnings == [] and res.stdout.startswith("ok: "), res.output
+        return
+    text = "\n".join(warnings)
+    for fragment in expected:
+        assert fragment.format(**fill) in text, (fragment, text)
+    assert re.match(r"\d+ warning\(s\): ", res.stdout)
+    assert "s3cret-pw" not in res.output  # the DSN's password is never printed
+
+
+def test_config_check_strict_exits_1_on_warnings(run, tmp_path):
+    path = write(tmp_path)
+    assert run("config", "check", "--strict", "--config", path, env=FULL_ENV).exit_code == 0
+    assert run("config", "check", "--strict", "--config", path, env={}).exit_code == 1
+
+
+def test_config_errors_name_the_file_and_the_setting(run, tmp_path):
+    path = write(tmp_path, models=[{"name": "gpt", "timeout": -1}], server={"port": "not-a-port"})
+    res = run("config", "check", "--config", path)
+    assert res.exit_code == 2
+    lines = res.stderr.splitlines()
+    assert f"tagway: config error: {path}: models[0].timeout: Input should be greater than 0" in lines
+    assert any(x.startswith(f"tagway: config error: {path}: server.port: ") for x in lines)
+    assert "Traceback" not in res.output
+
+
+def test_config_errors_from_the_environment_name_the_variable(run, tmp_path):
+    res = run("config", "check", "--config", write(tmp_path), env={"TAGWAY_SERVER__PORT": "abc"})
+    assert res.exit_code == 2
+    assert res.stderr.startswith("tagway: config error: $TAGWAY_SERVER__*: server.port: "), res.stderr
+
+
+def test_version(run):
+    from importlib.metadata import version  # noqa: PLC0415
+
+    res = run("--version")
+    assert res.exit_code == 0 and res.stdout == f"tagway {version('tagway')}\n"
+
+
+def test_keys_admin_prints_a_key_the_gateway_accepts(run, tmp_path):
+    res = run("keys", "admin")
+    assert res.exit_code == 0
+    key = res.stdout.strip()
+    assert key.startswith("tw-") and "export TAGWAY_ADMIN_KEY=" in res.stderr
+    digest = re.search(r"admin_key_hash: (sha256:[0-9a-f]{64})", res.stderr).group(1)
+    assert digest == hash_key(key)
+    assert KeyRing(GatewayConfig(admin_key_hash=digest)).authenticate(f"Bearer {key}", None).is_admin
+
+
+def _commands(group: click.Command, path: tuple[str, ...] = ()):
+    yield path, group
+    for name, sub in getattr(group, "commands", {}).items():
+        yield from _commands(sub, path + (name,))
+
+
+def test_help_is_never_cut_at_80_columns(run, app):
+    checked = 0
+    for path, cmd in _commands(app):
+        res = run(*path, "--help", env={"COLUMNS": "80", "TERMINAL_WIDTH": "80"})
+        assert res.exit_code == 0, (path, res.output)
+        out = res.stdout
+        assert "…" not in out, (path, out)  # rich's cut
+        flat = " ".join(out.split())
+        for name, sub in getattr(cmd, "commands", {}).items():  # click cuts summaries with "..." unless told not to
+            summary = " ".join((sub.short_help or sub.help or "").split("\n\n")[0].split())
+            assert summary in flat, (path, name)
+        assert max(len(line) for line in out.splitlines()) <= 80, path
+        words = set(re.findall(r"[\w$<>.,;:()'`=/-]+", out))
+        for param in cmd.params:
+            for word in (getattr(param, "help", None) or "").split():
+                assert word in words or word.strip(".,;:()") in out, (path, param.name, word)
+        checked += 1
+    assert checked >= 15  # serve, demo, stats, errors, show, keys *, db migrate, config check, replay *

@@ -1,0 +1,118 @@
+"""`tagway serve` as an operator runs it: the access log on stderr by default (text, one line per call, nothing
+secret), and a busy port refused in one line before anything says "serving"."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import yaml
+
+from gateway.auth import hash_key
+from tests.http_server import free_port
+
+KEY = "tw-serve-test-0123456789abcdefghijklmnopq"
+
+
+def write_config(tmp_path, port: int, **extra) -> str:
+    cfg = {"server": {"host": "127.0.0.1", "port": port}, "storage": {"data_dir": str(tmp_path / "data")},
+           "recording": {"enabled": False},
+           "models": [{"name": "echo", "provider": "mock", "mock": {"reply": "hello"}}],
+           "tenants": [{"customer": "acme", "keys": [{"id": "acme-1", "hash": hash_key(KEY)}]}], **extra}
+    path = tmp_path / "tagway.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def serve(path: str, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    return subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", path, *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1]
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("gateway did not become ready")
+
+
+def logfmt(line: str) -> dict[str, str]:
+    """key=value fields; a quoted value is a JSON string."""
+    fields = {}
+    for k, v in re.findall(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)', line):
+        fields[k] = json.loads(v) if v.startswith('"') else v
+    return fields
+
+
+def test_serve_writes_one_access_line_per_call_to_stderr(tmp_path):
+    port = free_port()
+    proc = serve(write_config(tmp_path, port))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc)
+        auth = {"authorization": f"Bearer {KEY}"}
+        ok = httpx.post(url + "/v1/chat/completions", headers=auth,
+                        json={"model": "echo", "messages": [{"role": "user", "content": "SECRET-CONTENT-MARKER"}]})
+        assert ok.status_code == 200
+        bad = httpx.post(url + "/v1/chat/completions", headers=auth,
+                         json={"model": 'evil"\nstatus=200 model=x', "messages": [{"role": "user", "content": "x"}]})
+        assert bad.status_code == 404
+        denied = httpx.post(url + "/v1/chat/completions", headers={"authorization": "Bearer tw-wrong-key-123456"},
+                            json={"model": "echo", "messages": [{"role": "user", "content": "x"}]})
+        assert denied.status_code == 401
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    lines = err.splitlines()
+    serving = [i for i, x in enumerate(lines) if "serving on" in x]
+    access = [x for x in lines if x.startswith("time=")]
+    assert serving and len(access) == 3, err
+    first = logfmt(access[0])
+    assert first["trace_id"] == ok.headers["x-tagway-trace-id"]
+    assert first["key_id"] == "acme-1" and first["customer"] == "acme" and first["model"] == "echo"
+    assert first["status"] == "200" and float(first["latency_ms"]) >= 0
+    # a model name a client typed is quoted: it cannot forge a field or a line
+    second = logfmt(access[1])
+    assert second["status"] == "404" and second["model"] == 'evil"\nstatus=200 model=x'
+    assert logfmt(access[2])["status"] == "401" and "key_id" not in logfmt(access[2])
+    assert "SECRET-CONTENT-MARKER" not in err and KEY not in err and "tw-wrong-key" not in err
+
+
+def test_access_log_can_be_turned_off(tmp_path):
+    port = free_port()
+    proc = serve(write_config(tmp_path, port, access_log={"enabled": False}))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc)
+        r = httpx.post(url + "/v1/chat/completions", headers={"authorization": f"Bearer {KEY}"},
+                       json={"model": "echo", "messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 200
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    assert "serving on" in err and "trace_id=" not in err
+
+
+def test_busy_port_fails_before_saying_serving(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = serve(write_config(tmp_path, port))
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert "serving" not in err and "Traceback" not in err
+    assert f"127.0.0.1:{port} is already in use" in err
+    assert len(err.strip().splitlines()) == 1
