@@ -26,6 +26,8 @@ from exporters.store import Store, StoreError, StoreLockedError, chdb_path, is_e
 from exporters.store_access import open_store
 from exporters.vocabulary import COLUMNS, NON_PRODUCTION_SOURCES
 
+from exporters.tables import Col, Row, fit_table, hidden_notice
+
 __all__ = ["register", "resolve_dsn", "default_dsn", "fmt_rate", "fmt_ci", "fmt_delta"]
 
 EXIT_BAD_INPUT = 2
@@ -147,10 +149,10 @@ def _with_store(dsn: str | None, config: str | None, body: Callable[[Store, str,
         store.close()
 
 
-def _console() -> Console:
+def _console(wide: bool = False) -> Console:
     console = Console(highlight=False, soft_wrap=False)
-    if not console.is_terminal:  # piped or captured: don't squeeze the table into 80 columns
-        console = Console(highlight=False, width=max(console.width, 200))
+    if wide or not console.is_terminal:  # --wide, or piped / captured: don't squeeze the table into the terminal
+        console = Console(highlight=False, width=max(console.width, 250))
     return console
 
 
@@ -172,6 +174,8 @@ DsnOpt = Annotated[Optional[str], typer.Option("--dsn", help="ClickHouse DSN (de
                                                              "or the embedded store in ./tagway-data).")]
 ConfigOpt = Annotated[Optional[str], typer.Option("--config", "-c", help="Gateway config file (default $TAGWAY_CONFIG).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for programs.")]
+WideOpt = Annotated[bool, typer.Option("--wide", help="Every column, however wide the terminal (by default columns "
+                                                      "that do not fit are left out, never cut).")]
 
 
 def _window_title(sel: q.Selection, since: str | None, from_: str | None) -> str:
@@ -194,6 +198,7 @@ def stats_command(
     limit: Annotated[int, typer.Option("--limit", help="At most this many segments.")] = 500,
     as_json: JsonOpt = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False,
+    wide: WideOpt = False,
     dsn: DsnOpt = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -220,7 +225,7 @@ def stats_command(
             elif as_csv:
                 sys.stdout.write(stats_csv(report))
             else:
-                print_stats(report, _console(), _window_title(sel, since, from_))
+                print_stats(report, _console(wide), _window_title(sel, since, from_), wide)
 
         _with_store(dsn, config, query)
 
@@ -252,22 +257,19 @@ def stats_csv(report: q.StatsReport) -> str:
     return buf.getvalue()
 
 
-def print_stats(report: q.StatsReport, console: Console, window_title: str) -> None:
+def print_stats(report: q.StatsReport, console: Console, window_title: str, wide: bool = False) -> None:
     title = _text(f"Error rate by {', '.join(report.by)}, {window_title}{_filters_line(report.selection)}",
                   "table.title")
-    table = Table(title=title, title_justify="left", header_style="bold", show_footer=False, pad_edge=False)
-    for k in report.by:
-        table.add_column(k, no_wrap=True)
-    table.add_column("calls", justify="right")
-    table.add_column("errors", justify="right")
-    table.add_column("error rate", justify="right")
-    table.add_column("95% CI", justify="right")
+    # what stays when the terminal is narrow: the segment, calls, errors, the rate (and its change); then the CI,
+    # p50 and the note; latency tails, tokens and cost go first
+    cols = [Col(k, "left", wrap=True, min_width=16) for k in report.by]
+    cols += [Col("calls"), Col("errors"), Col("error rate"), Col("95% CI", priority=8)]
     if report.compare:
-        table.add_column("prev rate", justify="right")
-        table.add_column("delta", justify="right")
-    for col in ("p50 ms", "p95 ms", "p99 ms", "ttft p50", "tok in", "tok out", "cost"):
-        table.add_column(col, justify="right")
-    table.add_column("note")
+        cols += [Col("prev rate", priority=5), Col("delta")]
+    cols += [Col("p50 ms", priority=7), Col("p95 ms", priority=4), Col("p99 ms", priority=6),
+             Col("ttft p50", priority=2), Col("tok in", priority=1), Col("tok out", priority=1),
+             Col("cost", priority=3), Col("note", "left", priority=9, wrap=True)]
+    rows: list[Row] = []
     for s in report.segments:
         low, high = s.error_rate_ci
         rate_style = "bold red" if s.error_rate >= 0.10 and not s.low_confidence else (
@@ -282,7 +284,7 @@ def print_stats(report: q.StatsReport, console: Console, window_title: str) -> N
         cells += [fmt_ms(s.latency_p50), fmt_ms(s.latency_p95), fmt_ms(s.latency_p99), fmt_ms(s.ttft_p50),
                   f"{s.input_tokens:,}", f"{s.output_tokens:,}", fmt_cost(s.cost_usd),
                   Text(f"low n (<{report.min_calls})", style="dim") if s.low_confidence else ""]
-        table.add_row(*cells, style="dim" if s.low_confidence else None)
+        rows.append(Row(cells, "dim" if s.low_confidence else None))
     t = report.total
     low, high = t.error_rate_ci
     total_cells: list[Any] = ["all"] + [""] * (len(report.by) - 1)
@@ -291,9 +293,11 @@ def print_stats(report: q.StatsReport, console: Console, window_title: str) -> N
         total_cells += [fmt_rate(t.prev_error_rate), fmt_delta(t.delta_error_rate)]
     total_cells += ["", "", "", "", f"{t.input_tokens:,}", f"{t.output_tokens:,}", fmt_cost(t.cost_usd), ""]
     if report.segments:
-        table.add_section()
-        table.add_row(*total_cells, style="bold")
+        rows.append(Row(total_cells, "bold", section=True))
+    table, hidden = fit_table(console, cols, rows, wide=wide, title=title, title_justify="left",
+                              header_style="bold", show_footer=False)
     console.print(table)
+    _say_hidden(console, hidden)
     if not report.segments:
         console.print("no calls match this window and these filters")
     flagged = sum(1 for s in report.segments if s.low_confidence)
@@ -302,6 +306,11 @@ def print_stats(report: q.StatsReport, console: Console, window_title: str) -> N
                       style="dim")
     if report.truncated:
         console.print(f"only the first {len(report.segments)} segments are shown (--limit).", style="dim")
+
+
+def _say_hidden(console: Console, hidden: list[str]) -> None:
+    if hidden:
+        console.print(hidden_notice(console, hidden), style="dim", markup=False)
 
 
 # -- tagway errors ---------------------------------------------------------------------------------------------
@@ -313,6 +322,7 @@ def errors_command(
     to: ToOpt = None,
     limit: Annotated[int, typer.Option("--limit", "-n", help="At most this many error types.")] = 10,
     as_json: JsonOpt = False,
+    wide: WideOpt = False,
     dsn: DsnOpt = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -328,17 +338,19 @@ def errors_command(
             if as_json:
                 _json_out(report.to_dict())
                 return
-            console = _console()
+            console = _console(wide)
             title = _text(f"Top error types, {_window_title(sel, since, from_)}{_filters_line(sel)}", "table.title")
-            table = Table(title=title, title_justify="left", header_style="bold", pad_edge=False)
-            for col, just in (("error type", "left"), ("count", "right"), ("share", "right"), ("http", "left"),
-                              ("customers", "right"), ("last seen", "left"), ("example trace ids", "left")):
-                table.add_column(col, justify=just, no_wrap=col != "example trace ids")
-            for g in report.groups:
-                table.add_row(_text(_label(g.error_type)), f"{g.count:,}", fmt_rate(g.share),
-                              ",".join(str(s) for s in g.http_statuses) or "-", str(g.customers),
-                              _text(g.last_seen[:19].replace("T", " ")), _text(" ".join(g.example_trace_ids)))
+            cols = [Col("error type", "left", wrap=True, min_width=16), Col("count"), Col("share", priority=5),
+                    Col("http", "left", priority=4), Col("customers", priority=3), Col("last seen", "left", priority=2),
+                    Col("example trace ids", "left", wrap=True)]
+            rows = [Row([_text(_label(g.error_type)), f"{g.count:,}", fmt_rate(g.share),
+                         ",".join(str(s) for s in g.http_statuses) or "-", str(g.customers),
+                         _text(g.last_seen[:19].replace("T", " ")), _text(" ".join(g.example_trace_ids))])
+                    for g in report.groups]
+            table, hidden = fit_table(console, cols, rows, wide=wide, title=title, title_justify="left",
+                                      header_style="bold")
             console.print(table)
+            _say_hidden(console, hidden)
             if not report.groups:
                 console.print(f"no {sel.status or 'error'} calls match this window and these filters")
 

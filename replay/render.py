@@ -11,11 +11,18 @@ from typing import Any
 
 import orjson
 
+from exporters.tables import hidden_notice
+
 from .report import CandidateReport, Report, SegmentRow
 
 __all__ = ["render_terminal", "render_markdown", "render_json", "render_html", "render", "FORMATS"]
 
 MARKS = {"regression": "❌ regression", "inconclusive": "⚠ inconclusive", "ok": "ok", "": ""}
+# In a terminal ❌ (an emoji: missing from many terminal fonts, two cells wide) is shown as ✗, and a terminal that is
+# not UTF-8 gets ASCII stand-ins for every mark, arrow and dash. Markdown, JSON and HTML keep the originals.
+_UTF8_TERMINAL = str.maketrans({"❌": "✗"})
+_ASCII_TERMINAL = str.maketrans({"❌": "X", "✗": "X", "⚠": "!", "▽": "v", "—": "-", "–": "-", "…": "..", "↓": "v",
+                                 "↑": "^", "→": "->"})
 SHOWN_FLIPS = 10  # per segment in the terminal, Markdown and HTML (JSON keeps what the report holds)
 
 
@@ -128,43 +135,48 @@ def render_terminal(r: Report, console: Any = None) -> str:
         targets.append(console)
     plain = {"markup": False, "emoji": False, "highlight": False}  # values come from traffic and specs
     for out in targets:
-        out.print(_context_line(r), **plain)
+        glyphs = _UTF8_TERMINAL if out.encoding.lower().replace("-", "") == "utf8" else _ASCII_TERMINAL
+        out.print(_context_line(r).translate(glyphs), **plain)
         for c in r.candidates:
-            if c.families:
-                out.print(_rich_table(c, c.families, "families", None))
-            out.print(_rich_table(c, c.rows, "segment", c.overall))
+            tables = ([(c.families, "families", None)] if c.families else []) + [(c.rows, "segment", c.overall)]
+            for rows, first, overall in tables:
+                table, hidden = _rich_table(c, rows, first, overall, out, glyphs)
+                out.print(table)
+                if hidden:
+                    out.print(hidden_notice(out, hidden, "--format md, json or html show every column"), **plain)
             for row in _flipped_rows(c):
-                out.print("\n".join(_flip_lines(row)), **plain)
+                out.print("\n".join(_flip_lines(row)).translate(glyphs), **plain)
             out.print(f"cost ${c.cost_usd:.4f}   {c.status.upper()}", **plain)
-        out.print(_footer_text(r), **plain)
+        out.print(_footer_text(r).translate(glyphs), **plain)
     return buf.getvalue()
 
 
-def _rich_table(c: CandidateReport, rows: list[SegmentRow], first: str, overall: SegmentRow | None) -> Any:
+def _rich_table(c: CandidateReport, rows: list[SegmentRow], first: str, overall: SegmentRow | None, console: Any,
+                glyphs: dict) -> tuple[Any, list[str]]:
     """Every cell and the title are `Text`: segment values and candidate names come from traffic and specs, so a
-    `[red]` or `[/]` in them is shown as written, never read as Rich markup."""
+    `[red]` or `[/]` in them is shown as written, never read as Rich markup. In a narrow terminal whole columns
+    are left out (errored, then the interval, p and flips), never a number cut (exporters.tables)."""
     from rich import box
-    from rich.table import Table
     from rich.text import Text
-    t = Table(title=Text(_title(c) + (" — families" if first == "families" else "")), box=box.SIMPLE_HEAD,
-              title_justify="left")
-    for col, just in ((first, "left"), ("n", "right"), ("before", "right"), ("after", "right"), ("delta", "right"),
-                      ("95% CI delta", "right"), ("flips", "right"), ("p adj", "right"), ("verdict", "left"),
-                      ("errored", "right")):
-        t.add_column(col, justify=just)  # type: ignore[arg-type]
+
+    from exporters.tables import Col, Row, fit_table
+
+    cols = [Col(first, "left", wrap=True, min_width=16), Col("n"), Col("before"), Col("after"), Col("delta"),
+            Col("95% CI delta", priority=4), Col("flips", priority=6), Col("p adj", priority=5),
+            Col("verdict", "left", wrap=True), Col("errored", priority=3, wrap=True)]
 
     def cells(row: SegmentRow) -> list[Text]:
-        return [Text(x) for x in (row.segment, str(row.n), _rate(row.before), _rate(row.after), _delta(row.delta),
-                                  _ci(row.delta_ci, True), _flips(row), _p(row.p_adjusted), _mark(row),
-                                  _errored(row))]
+        return [Text(x.translate(glyphs)) for x in (
+            row.segment, str(row.n), _rate(row.before), _rate(row.after), _delta(row.delta), _ci(row.delta_ci, True),
+            _flips(row), _p(row.p_adjusted), _mark(row), _errored(row))]
 
-    for row in rows:
-        style = "red" if row.verdict == "regression" else "yellow" if row.verdict == "inconclusive" else None
-        t.add_row(*cells(row), style=style)
+    table_rows = [Row(cells(row), "red" if row.verdict == "regression" else
+                      "yellow" if row.verdict == "inconclusive" else None) for row in rows]
     if overall is not None:
-        t.add_section()
-        t.add_row(*cells(overall), style="bold")
-    return t
+        table_rows.append(Row(cells(overall), "bold", section=True))
+    title = Text((_title(c) + (" — families" if first == "families" else "")).translate(glyphs))
+    return fit_table(console, cols, table_rows, title=title, box=box.SIMPLE_HEAD, title_justify="left",
+                     pad_edge=True)
 
 
 def _footer_text(r: Report) -> str:

@@ -211,6 +211,55 @@ def test_terminal_lists_flipped_cases_and_shows_rich_markup_as_written():
     assert "[red]x[/red]" in styled and ">x</span>" not in styled  # shown as written, not as a red "x"
 
 
+def test_terminal_report_at_80_columns_keeps_numbers_whole():
+    """A narrow terminal leaves whole columns out (and says which) instead of cutting numbers; a long segment
+    folds onto more lines with every character kept; the fail mark is ✗, which terminal fonts have."""
+    from rich.console import Console
+
+    def at_80(r) -> list[str]:
+        console = Console(record=True, width=80, force_terminal=True, color_system=None)
+        render_terminal(r, console)
+        lines = console.export_text().splitlines()
+        assert max(len(x) for x in lines) <= 80
+        return lines
+
+    lines = at_80(aggregate(results(SEED_001), Gating(), run_id="run-1"))
+    line = next(x for x in lines if x.split()[:1] == ["refund_flow"])
+    assert line.split()[:6] == ["refund_flow", "47", "0.915", "0.766", "-0.149", "↓7"] and "✗ regression" in line
+    assert not [x for x in lines if "❌" in x]
+    notice = " ".join(x.strip() for x in lines[next(i for i, x in enumerate(lines) if x.startswith("not shown")):][:2])
+    assert notice.startswith("not shown at 80 columns: 95% CI delta, p adj, errored (--format md")
+
+    long = "customer=acme-corporation-international-holdings / intent=refund_escalation"
+    lines = at_80(aggregate(results({long: (30, 10, 30), "short": (30, 30, 30)}), Gating(), run_id="run-2"))
+    first = next(x for x in lines if x.lstrip().startswith("customer=acme"))
+    assert first.split()[1:5] == ["30", "0.333", "1.000", "+0.667"]
+    seg_width = first.index(" 30 ")
+    at = lines.index(first)
+    parts = [first[:seg_width]]
+    for x in lines[at + 1:]:
+        if x[seg_width:].strip():  # the next row
+            break
+        parts.append(x)
+    assert "".join("".join(parts).split()) == "".join(long.split())  # every character of it is there
+
+
+def test_terminal_report_is_plain_ascii_on_a_non_utf8_terminal():
+    import io
+
+    from rich.console import Console
+
+    r = aggregate(results(SEED_001), Gating(), run_id="run-1")
+    raw = io.BytesIO()
+    out = io.TextIOWrapper(raw, encoding="ascii", errors="strict")  # any non-ASCII character would raise here
+    render_terminal(r, Console(file=out, width=160, force_terminal=True, color_system=None))
+    out.flush()
+    text = raw.getvalue().decode("ascii")
+    line = next(x for x in text.splitlines() if "refund_flow" in x and "47" in x)
+    assert "0.766" in line and "v7 ^0" in line and "X regression" in line and "-0.272 .. -0.038" in line
+    assert "VERDICT: REGRESSION" in text and "pass->fail" in text
+
+
 def test_html_is_self_contained_and_escaped():
     rows = results({"<script>x</script>": (25, 20, 20), **SEED_001})
     for x in rows:

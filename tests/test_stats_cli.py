@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 
 import orjson
 import pytest
@@ -261,3 +262,77 @@ def test_print_functions_take_data_as_text():
                           "tags": {"k": "[/k]"}, "input_tokens": 1, "output_tokens": 2}, console)
     text = console.export_text()
     assert "error  ([/])" in text and "[b]c" in text and "k=[/k]" in text
+
+
+# -- narrow terminals --------------------------------------------------------------------------------------------
+@pytest.fixture()
+def terminal_80(monkeypatch):
+    """What rich sees in an 80-column terminal (without colour codes, for reading the text)."""
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setenv("NO_COLOR", "1")
+
+
+def _visible(text: str) -> list[str]:
+    return [ln for ln in _plain(text).splitlines() if ln.strip()]
+
+
+def _plain(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)  # bold and dim stay on a terminal even with NO_COLOR
+
+
+def test_stats_fits_80_columns_and_keeps_every_number_whole(run, seeded, terminal_80):
+    res = run("stats", "--by", "customer", "--by", "intent", "--where", seeded.where, "--compare")
+    assert res.exit_code == 0, res.output
+    lines = _visible(res.stdout)
+    assert max(len(ln) for ln in lines) <= 80, "\n".join(lines)
+    assert "…" not in res.stdout
+    rows = table_rows(_plain(res.stdout))
+    top = rows[0]
+    # the keys (a long one wraps onto a second line), calls, errors, rate and its change stay; nothing is cut
+    assert seeded.acme.startswith(top[0]) and top[1] == "refund"
+    assert top[2:5] == ["100", "30", "30.0%"] and "+25.0 pp" in top
+    assert rows[-1][:5] == ["all", "", "1,004", "34", "3.4%"]
+    (at,) = [i for i, ln in enumerate(lines) if ln.startswith("not shown at 80 columns: ")]
+    hidden = " ".join(lines[at:at + 2])  # the notice wraps like any text
+    assert "tok in" in hidden and "p99 ms" in hidden and "--wide shows every column" in hidden
+    header = next(ln for ln in lines if "calls" in ln and "errors" in ln)
+    for dropped in ("tok in", "tok out", "ttft p50"):
+        assert dropped not in header
+
+
+def test_stats_wide_shows_every_column(run, seeded, terminal_80):
+    res = run("stats", "--by", "customer", "--by", "intent", "--where", seeded.where, "--compare", "--wide")
+    assert res.exit_code == 0, res.output
+    header = next(ln for ln in _visible(res.stdout) if "calls" in ln and "errors" in ln)
+    assert max(len(ln) for ln in _visible(res.stdout)) > 80  # lines run on: that is what --wide asks for
+    for col in ("95% CI", "prev rate", "delta", "p50 ms", "p95 ms", "p99 ms", "ttft p50", "tok in", "tok out", "cost",
+                "note"):
+        assert col in header, col
+    assert "not shown at" not in res.stdout and "…" not in res.stdout
+
+
+def test_errors_fit_80_columns_with_whole_trace_ids(run, seeded, terminal_80):
+    res = run("errors", "--where", seeded.where)
+    assert res.exit_code == 0, res.output
+    lines = _visible(res.stdout)
+    assert max(len(ln) for ln in lines) <= 80 and "…" not in res.stdout
+    # a trace id is never cut or folded: it is what `tagway show` needs (seeded ids: <run>t000123, or uuid4 hex)
+    ids = [tok for ln in lines if ln.startswith("│") for tok in ln.strip("│").split("│")[-1].split()]
+    assert ids and all(re.fullmatch(rf"{seeded.run}t\d{{6}}|[0-9a-f]{{32}}", t) for t in ids), ids
+    assert [c.strip() for c in lines[[i for i, ln in enumerate(lines) if "upstream_5xx" in ln][0]].split("│")[1:3]
+            ] == ["upstream_5xx", "21"]
+
+
+def test_stats_table_is_plain_ascii_on_a_non_utf8_terminal(seeded):
+    from rich.console import Console  # noqa: PLC0415
+
+    raw = io.BytesIO()
+    out = io.TextIOWrapper(raw, encoding="ascii", errors="strict")  # any non-ASCII character would raise here
+    console = Console(file=out, width=80, force_terminal=True, color_system=None)
+    sel = q.make_selection(["customer=acme"])
+    seg = q.SegmentStats(key={"customer": "acme"}, calls=1234, errors=56, cancelled=0)
+    stats_cli.print_stats(q.StatsReport(("customer",), sel, True, 20, [seg], seg), console, "last 24h")
+    out.flush()
+    text = raw.getvalue().decode("ascii")
+    assert "1,234" in text and "4.5%" in text and "|" in text  # rich's ASCII box
