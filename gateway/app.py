@@ -26,6 +26,7 @@ from .providers.litellm_provider import preload as preload_litellm
 from .lanes import ReplayLane, is_replay_call
 from .limits import CallLimits
 from .metrics import MetricsEndpoint
+from .openapi import install_openapi
 from .proxy import HOT_ROUTES, Proxy
 from .redact import Redactor
 from .store_api import LocalAccess, build_store_router
@@ -228,7 +229,8 @@ def _openai_error(status: int, message: str, code: str | None = None, type_: str
 
 
 def _build_api(app: TagwayApp) -> FastAPI:
-    api = FastAPI(title="tagway", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+    api = FastAPI(title="tagway", docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
+    install_openapi(api, _version())  # adds the /v1 routes the proxy serves, and the key schemes
 
     @api.exception_handler(GatewayError)
     async def _gateway_error(_: Request, e: GatewayError) -> Response:
@@ -329,6 +331,15 @@ def _build_api(app: TagwayApp) -> FastAPI:
         api.include_router(build_stats_router(app.keyring, lambda: app.query_store))
     api.include_router(build_store_router(app.keyring, lambda: app.query_store, app.local))
     return api
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
+
+    try:
+        return version("tagway")
+    except PackageNotFoundError:
+        return "0"
 
 
 def create_app(config: GatewayConfig | str | os.PathLike | None = None, **kwargs: Any) -> TagwayApp:
