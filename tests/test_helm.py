@@ -249,3 +249,88 @@ def test_rendered_config_is_a_valid_gateway_config(tmp_path, monkeypatch):
     monkeypatch.setenv("TAGWAY_STORAGE__DSN", "http://default:pw@clickhouse:8123/tagway")  # from the Secret
     cfg = load_config(path)
     assert cfg.storage.resolved_dsn().startswith("http://") and cfg.models
+
+
+# -- alert rules ---------------------------------------------------------------------------------------------------
+PROMTOOL = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool not on PATH (Debian package `prometheus`; "
+                                                              "tests/run.sh installs it)")
+
+
+def prometheus_rule(tmp_path: Path, values: dict | None = None) -> dict:
+    return one(helm_template(tmp_path, {"prometheusRule": {"enabled": True, **(values or {})}}), "PrometheusRule")
+
+
+def test_prometheus_rule_is_off_by_default_and_selects_the_scraped_job(tmp_path):
+    assert by_kind(helm_template(tmp_path), "PrometheusRule") == []
+    rule = prometheus_rule(tmp_path, {"labels": {"release": "kube-prometheus-stack"}})
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    (group,) = rule["spec"]["groups"]
+    assert [r["alert"] for r in group["rules"]] == ["TagwayModelErrorRateHigh", "TagwaySpoolGrowing",
+                                                     "TagwaySpansDropped"]
+    svc = one(helm_template(tmp_path, {"serviceMonitor": {"enabled": True}}), "Service")
+    for r in group["rules"]:  # the ServiceMonitor's job label is the Service's name
+        assert f'job="{svc["metadata"]["name"]}"' in r["expr"] and 'namespace="llm"' in r["expr"]
+
+
+@needs_promtool
+def test_alert_rules_are_valid_and_fire_when_they_should(tmp_path):
+    """promtool checks the rules and evaluates them over made-up series: a model failing 20% of its calls, a quiet
+    model failing every call (no page), a spool that grows and one that holds steady, spans dropped or
+    quarantined on two pods."""
+    rule = prometheus_rule(tmp_path, {"errorRate": {"threshold": 0.05, "minCallsPerSecond": 0.1, "for": "10m",
+                                                    "severity": "warning"}})
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    check = subprocess.run([PROMTOOL, "check", "rules", str(rules)], capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0 and "SUCCESS: 3 rules found" in check.stdout, check.stdout + check.stderr
+
+    job = 'namespace="llm", job="t-tagway"'
+    call = f'operation="chat", provider="openai"'
+    series = [
+        (f'tagway_calls_total{{{job}, {call}, model="gpt", status_class="2xx"}}', "0+48x40"),  # 0.8/s ok
+        (f'tagway_calls_total{{{job}, {call}, model="gpt", status_class="5xx"}}', "0+12x40"),  # 0.2/s failing
+        (f'tagway_call_errors_total{{{job}, {call}, model="gpt", error_type="http_500"}}', "0+12x40"),
+        (f'tagway_calls_total{{{job}, {call}, model="rare", status_class="5xx"}}', "0+1x40"),  # 1/min, all fail
+        (f'tagway_call_errors_total{{{job}, {call}, model="rare", error_type="timeout"}}', "0+1x40"),
+        (f'tagway_spool_spans_pending{{{job}, pod="p1"}}', "0+100x40"),  # growing
+        (f'tagway_spool_spans_pending{{{job}, pod="p2"}}', "500x40"),  # steady: ClickHouse is slow, not down
+        (f'tagway_spans_dropped_total{{{job}, pod="p1"}}', "0x10 7x30"),
+        (f'tagway_spans_quarantined_total{{{job}, pod="p1"}}', "0x40"),
+        (f'tagway_spans_dropped_total{{{job}, pod="p2"}}', "0x40"),
+        (f'tagway_spans_quarantined_total{{{job}, pod="p2"}}', "0x40"),
+    ]
+    error_rate = {"exp_labels": {"severity": "warning", "namespace": "llm", "model": "gpt"},
+                  "exp_annotations": {
+                      "summary": "tagway: gpt fails 20% of its calls",
+                      "description": "More than 5% of the calls to model gpt ended in an error for 10m. `tagway "
+                                     "errors --where model=gpt --since 1h` shows the error types and example trace "
+                                     "ids."}}
+    spool = {"exp_labels": {"severity": "warning", "namespace": "llm", "pod": "p1"},
+             "exp_annotations": {
+                 "summary": "tagway: the spool of p1 keeps growing",
+                 "description": "p1 cannot write its spans to ClickHouse and they pile up in its spool (3k spans "
+                                "waiting). Its /readyz says why (reason); nothing is lost until the spool "
+                                "volume is full."}}
+    dropped = {"exp_labels": {"severity": "critical", "namespace": "llm", "pod": "p1"},
+               "exp_annotations": {
+                   "summary": "tagway: p1 lost 7 spans",
+                   "description": "Spans were dropped (the spool could not be written: disk full or I/O error) or "
+                                  "quarantined as *.corrupt in the spool directory of p1. Its log has the reason "
+                                  "at ERROR."}}
+    tests = {"rule_files": [str(rules)], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m",
+        "input_series": [{"series": s, "values": v} for s, v in series],
+        "alert_rule_test": [
+            {"eval_time": "5m", "alertname": "TagwayModelErrorRateHigh", "exp_alerts": []},  # not for 10m yet
+            {"eval_time": "20m", "alertname": "TagwayModelErrorRateHigh", "exp_alerts": [error_rate]},
+            {"eval_time": "10m", "alertname": "TagwaySpoolGrowing", "exp_alerts": []},
+            {"eval_time": "30m", "alertname": "TagwaySpoolGrowing", "exp_alerts": [spool]},
+            {"eval_time": "9m", "alertname": "TagwaySpansDropped", "exp_alerts": []},
+            {"eval_time": "12m", "alertname": "TagwaySpansDropped", "exp_alerts": [dropped]},
+        ]}]}
+    test_file = tmp_path / "rules-test.yaml"
+    test_file.write_text(yaml.safe_dump(tests, width=1000))
+    run = subprocess.run([PROMTOOL, "test", "rules", str(test_file)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
