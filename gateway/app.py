@@ -126,6 +126,8 @@ class TagwayApp:
     async def shutdown(self) -> None:
         if self._budget_task is not None:
             self._budget_task.cancel()
+        if self.proxy is not None:
+            self.proxy.observe.flush()  # the access lines still queued
         self.local.close()
         if self._query_store is not None:
             self._query_store.close()

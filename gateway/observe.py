@@ -2,9 +2,11 @@
 
 `CallObserver` is called once per call, from the proxy's `finally:`, with the finished `CallRecord` (the same
 record that became the span). It runs on the event loop for every call, so it does the least it can: a dict
-lookup for the call's series, a bisect per histogram and, when the access log is on, one line written to its
-stream (stderr under `tagway serve`). Not through `logging`: a LogRecord costs ~8 us, more than the rest of the
-observation together (bench/observe_bench.py). The Prometheus families are built only at scrape time
+lookup for the call's series, a bisect per histogram and, when the access log is on, one line formatted and
+queued. Lines are written to their stream (stderr under `tagway serve`) together, at most `ACCESS_FLUSH_SECONDS`
+later (or once `ACCESS_FLUSH_LINES` wait), and at shutdown: one write per batch instead of one system call per call,
+as nginx's `access_log ... buffer= flush=` does. Not through `logging`: a LogRecord costs ~8 us, more than the rest
+of the observation together (bench/observe_bench.py). The Prometheus families are built only at scrape time
 (`collect()`, through prometheus_client's registry in gateway/metrics.py).
 
 Labels are bounded on purpose: `model` is the public model name when it is configured (anything else a client
@@ -17,6 +19,7 @@ the gateway itself resolved, numbers and the error type.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import sys
@@ -43,6 +46,8 @@ OTHER_CUSTOMER = "other"
 _BASE = ("operation", "model", "provider")
 _BARE = re.compile(r"[A-Za-z0-9_.:/@+\-]+")  # logfmt values that need no quotes
 _access_stream: TextIO | None = None  # where access lines go in this process (None: nowhere)
+ACCESS_FLUSH_SECONDS = 0.1  # the longest a line waits before it is written
+ACCESS_FLUSH_LINES = 256  # ... or this many lines
 
 
 def status_class(http_status: int) -> str:
@@ -99,21 +104,49 @@ class CallObserver:
         self._json = config.access_log.format == "json"
         self._second = -1  # the access log's time stamp, formatted once per second
         self._stamp = ""
+        self._quoted: dict[str, str] = {}  # access-log values as logfmt writes them
         self._usage: dict[tuple[str, ...], _Usage] = {}  # (operation, model, provider, status_class[, customer])
         self._errors: dict[tuple[str, ...], int] = {}  # (operation, model, provider, error_type[, customer])
         self._latency: dict[tuple[str, ...], _Hist] = {}  # (operation, model, provider, status_class)
         self._upstream: dict[tuple[str, ...], _Hist] = {}  # (operation, model, provider)
         self._ttfb: dict[tuple[str, ...], _Hist] = {}  # (operation, model, provider): streams only
         self.failures = 0  # observations that raised (a bug): never the call's problem
+        self._lines: list[str] = []  # access lines waiting to be written
+        self._flush_at: asyncio.TimerHandle | None = None
 
     def __call__(self, rec: CallRecord, trace_id: int, latency_s: float) -> None:
         try:
             self._count(rec, latency_s)
             if self._access is not None:
-                self._access.write(self.access_line(rec, trace_id, latency_s) + "\n")
+                self._lines.append(self.access_line(rec, trace_id, latency_s))
+                if len(self._lines) >= ACCESS_FLUSH_LINES:
+                    self.flush()
+                elif self._flush_at is None:
+                    self._schedule_flush()
         except Exception:  # observing never fails a call
             self.failures += 1
             logging.getLogger("tagway").exception("could not observe a call")
+
+    def flush(self) -> None:
+        """Write the queued access lines now (also at shutdown)."""
+        if self._flush_at is not None:
+            self._flush_at.cancel()
+            self._flush_at = None
+        if not self._lines or self._access is None:
+            return
+        text = "\n".join(self._lines) + "\n"
+        self._lines.clear()
+        try:
+            self._access.write(text)
+            self._access.flush()
+        except (OSError, ValueError):  # a closed or broken stderr must not fail calls; the lines are lost
+            self.failures += 1
+
+    def _schedule_flush(self) -> None:
+        try:
+            self._flush_at = asyncio.get_running_loop().call_later(ACCESS_FLUSH_SECONDS, self.flush)
+        except RuntimeError:  # called off an event loop: write now
+            self.flush()
 
     # -- metrics ------------------------------------------------------------------------------------------------
     def _count(self, rec: CallRecord, latency_s: float) -> None:
@@ -202,24 +235,30 @@ class CallObserver:
                 "input_tokens": rec.input_tokens, "output_tokens": rec.output_tokens,
                 "cost_usd": round(rec.cost_usd, 8) if rec.cost_usd is not None else None, "stream": rec.stream,
                 "attempts": len(rec.attempts), "source": rec.source}).decode()
-        parts = [f"time={when} trace_id={trace_id:032x}"]
-        for name, value in (("key_id", rec.key_id), ("customer", rec.customer), ("operation", rec.operation),
-                            ("model", model), ("provider", rec.provider)):
-            if value:
-                parts.append(f"{name}={_logfmt(value)}")
-        parts.append(f"status={rec.http_status}" if rec.http_status else "status=-")
-        if rec.error_type:
-            parts.append(f"error_type={_logfmt(rec.error_type)}")
-        parts.append(f"latency_ms={latency_s * 1000:.1f}")
+        q = self._logfmt
+        line = (f"time={when} trace_id={trace_id:032x} key_id={q(rec.key_id)} customer={q(rec.customer)} "
+                f"operation={q(rec.operation)} model={q(model)} provider={q(rec.provider)} "
+                f"status={rec.http_status or '-'} error_type={q(rec.error_type)} latency_ms={latency_s * 1000:.1f}")
         if rec.ttft_s is not None:
-            parts.append(f"ttft_ms={rec.ttft_s * 1000:.1f}")
+            line += f" ttft_ms={rec.ttft_s * 1000:.1f}"
         if rec.input_tokens is not None or rec.output_tokens is not None:
-            parts.append(f"input_tokens={rec.input_tokens or 0} output_tokens={rec.output_tokens or 0}")
+            line += f" input_tokens={rec.input_tokens or 0} output_tokens={rec.output_tokens or 0}"
         if rec.cost_usd is not None:
-            parts.append(f"cost_usd={rec.cost_usd:.8f}")
-        parts.append(f"stream={'true' if rec.stream else 'false'} attempts={len(rec.attempts)} "
-                     f"source={_logfmt(rec.source)}")
-        return " ".join(parts)
+            line += f" cost_usd={rec.cost_usd:.8f}"
+        return f"{line} stream={'true' if rec.stream else 'false'} attempts={len(rec.attempts)} source={q(rec.source)}"
+
+    def _logfmt(self, value: str) -> str:
+        """A logfmt value: `-` when empty, bare when it is a plain word, else a JSON string (quotes, spaces and
+        control characters escaped), so a model name a client typed cannot forge a second line or field. Values
+        repeat (keys, customers, models), so their quoted form is remembered (a bounded number of them)."""
+        if not value:
+            return "-"
+        quoted = self._quoted.get(value)
+        if quoted is None:
+            quoted = value if _BARE.fullmatch(value) else orjson.dumps(value).decode()
+            if len(self._quoted) < 4096:
+                self._quoted[value] = quoted
+        return quoted
 
 
 def _observe(series: dict[tuple[str, ...], _Hist], key: tuple[str, ...], bounds: tuple[float, ...],
@@ -236,9 +275,3 @@ def _histogram(name: str, doc: str, labels: list[str], series: dict[tuple[str, .
     for key, h in list(series.items()):
         fam.add_metric(list(key), h.buckets(bounds), h.total)
     return fam
-
-
-def _logfmt(value: str) -> str:
-    """A logfmt value: bare when it is a plain word, else a JSON string (quotes, spaces and control characters
-    escaped), so a model name a client typed cannot forge a second line or field."""
-    return value if _BARE.fullmatch(value) else orjson.dumps(value).decode()

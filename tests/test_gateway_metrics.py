@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 
 import httpx
 import openai
@@ -169,8 +170,16 @@ def test_openmetrics_when_the_scraper_asks(observed):
     assert 'tagway_calls_total{' in r.text
 
 
+def access_lines(observed, at_least: int) -> list[dict]:
+    """The access log so far, once it has `at_least` lines: lines are written in batches, within 0.1 s."""
+    deadline = time.monotonic() + 5
+    while len(observed.log.getvalue().splitlines()) < at_least and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return [orjson.loads(x) for x in observed.log.getvalue().splitlines()]
+
+
 def test_one_access_line_per_call_without_secrets_or_content(observed):
-    lines = [orjson.loads(x) for x in observed.log.getvalue().splitlines()]
+    lines = access_lines(observed, observed.calls["total"])
     assert len(lines) == observed.calls["total"]
     first = lines[0]
     assert set(first) >= {"time", "trace_id", "key_id", "customer", "model", "status", "latency_ms", "input_tokens",
@@ -188,5 +197,5 @@ def test_access_line_matches_the_response_trace_id(observed):
     r = httpx.post(observed.url + "/v1/chat/completions", headers={"authorization": f"Bearer {KEYS['globex']}"},
                    json={"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 200
-    last = orjson.loads(observed.log.getvalue().splitlines()[-1])
+    last = access_lines(observed, observed.calls["total"] + 1)[-1]
     assert last["trace_id"] == r.headers["x-tagway-trace-id"] and last["customer"] == "globex"

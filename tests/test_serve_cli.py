@@ -86,7 +86,7 @@ def test_serve_writes_one_access_line_per_call_to_stderr(tmp_path):
     # a model name a client typed is quoted: it cannot forge a field or a line
     second = logfmt(access[1])
     assert second["status"] == "404" and second["model"] == 'evil"\nstatus=200 model=x'
-    assert logfmt(access[2])["status"] == "401" and "key_id" not in logfmt(access[2])
+    assert logfmt(access[2])["status"] == "401" and logfmt(access[2])["key_id"] == "-"  # refused: no key id
     assert "SECRET-CONTENT-MARKER" not in err and KEY not in err and "tw-wrong-key" not in err
 
 
