@@ -316,9 +316,9 @@ def test_alert_rules_are_valid_and_fire_when_they_should(tmp_path):
     dropped = {"exp_labels": {"severity": "critical", "namespace": "llm", "pod": "p1"},
                "exp_annotations": {
                    "summary": "tagway: p1 lost 7 spans",
-                   "description": "Spans were dropped (the spool could not be written: disk full or I/O error) or "
-                                  "quarantined as *.corrupt in the spool directory of p1. Its log has the reason "
-                                  "at ERROR."}}
+                   "description": "Spans were dropped (the spool could not be written, or is full) or set aside as "
+                                  "*.poison (ClickHouse refuses their rows) by p1. Its log has the reason at ERROR; "
+                                  "`tagway db spool list` shows the quarantined files."}}
     tests = {"rule_files": [str(rules)], "evaluation_interval": "1m", "tests": [{
         "interval": "1m",
         "input_series": [{"series": s, "values": v} for s, v in series],
