@@ -32,18 +32,20 @@ class GatewayProcess:
         config.setdefault("recording", {}).setdefault("batch_max_seconds", 0.2)
         self.url = f"http://127.0.0.1:{self.port}"
         self.config_path = str(tmp_path / "tagway.yaml")
+        self.stderr_path = str(tmp_path / "gateway.stderr.log")  # a file: an undrained pipe fills with access lines
         with open(self.config_path, "w") as f:
             yaml.safe_dump(config, f)
         self.env = {**ENV, **(env or {})}
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 90) -> "GatewayProcess":
-        self.proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", self.config_path],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=self.env)
+        with open(self.stderr_path, "w") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", self.config_path],
+                                         stdout=subprocess.DEVNULL, stderr=err, env=self.env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"gateway exited: {self.proc.stderr.read().decode()[-2000:]}")
+                raise AssertionError(f"gateway exited: {self.stderr()[-2000:]}")
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
                     return self
@@ -59,11 +61,15 @@ class GatewayProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
-            _, err = self.proc.communicate(timeout=timeout)
+            self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            _, err = self.proc.communicate()
-        return err.decode(errors="replace")
+            self.proc.wait()
+        return self.stderr()
+
+    def stderr(self) -> str:
+        with open(self.stderr_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
 
     def __enter__(self) -> "GatewayProcess":
         return self.start()
