@@ -5,6 +5,7 @@ unvalidated (unknown fields reach the provider as they are, which `extra="allow"
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from fastapi import FastAPI
@@ -167,7 +168,15 @@ def install_openapi(api: FastAPI, version: str) -> None:
             "tagwayKey": {"type": "http", "scheme": "bearer", "description": "A tagway virtual key (tw-...)."},
             "adminKey": {"type": "http", "scheme": "bearer", "description": "The admin key ($TAGWAY_ADMIN_KEY)."}}
         for path, item in schema["paths"].items():
+            templated = re.findall(r"{(\w+)}", path)
             for op in item.values():
+                # routes that read request.path_params themselves declare no parameter: name each one
+                declared = {p.get("name") for p in op.get("parameters", []) if p.get("in") == "path"}
+                op.setdefault("parameters", []).extend(
+                    {"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
+                    for n in templated if n not in declared)
+                if not op["parameters"]:
+                    del op["parameters"]
                 if path.startswith("/admin/"):
                     op["security"] = [{"adminKey": []}]
                 elif path.startswith("/v1/") and "security" not in op:
