@@ -134,9 +134,15 @@ def recover_wal(directory: str, spool: Spool, table: str, max_bytes: int) -> int
     """Spool what a killed process had in its write-ahead log (exporters/wal.py), then remove the log. Returns the
     rows recovered."""
     batches, files = read_pending(directory, max_bytes)
+    if not batches and not files:
+        return 0
+    already = spool.digests()  # a batch spooled just before the kill, whose "done" note never made it
     rows = 0
     for bodies, n in batches:
-        if spool.write(EncodedBatch.of(table, b"".join(bodies), n)) is None:
+        batch = EncodedBatch.of(table, b"".join(bodies), n)
+        if batch.digest in already:
+            continue
+        if spool.write(batch) is None:
             raise StoreError(f"cannot spool what the write-ahead log in {directory} holds; it is kept for the next"
                              " start")
         rows += n

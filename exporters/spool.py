@@ -125,6 +125,19 @@ class Spool:
                 self._rows.pop(gone, None)
         return total
 
+    def digests(self) -> set[str]:
+        """The payload checksums of the pending files (from their headers)."""
+        out = set()
+        for f in self.pending():
+            try:
+                with open(os.path.join(self.directory, f.name), "rb") as fh:
+                    digest = orjson.loads(fh.readline(4096)).get("sha256")
+            except (OSError, orjson.JSONDecodeError, AttributeError):
+                continue
+            if isinstance(digest, str):
+                out.add(digest)
+        return out
+
     def oldest_seq(self) -> int | None:
         """Sequence number of the oldest pending file, or None when the spool is empty."""
         with self._lock:

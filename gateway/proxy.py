@@ -68,11 +68,10 @@ def _caller_link(traceparent: str) -> list[Link] | None:
 
 
 class ProxyStats:
-    """Counters for /metrics (plain ints: updated on the event loop thread only)."""
+    """Counters for /metrics that are not per call (those are in gateway/observe.py); plain ints, updated on the
+    event loop thread only."""
 
     def __init__(self) -> None:
-        self.calls = 0
-        self.errors = 0
         self.fallbacks = 0
         self.record_failures = 0
         self.capture_failures = 0
@@ -127,7 +126,6 @@ class Proxy:
         span = self.tracer.start_span(rec.operation, context=_ROOT, kind=SpanKind.CLIENT, start_time=start_ns,
                                       links=links)
         call.trace_id = b"%032x" % span.get_span_context().trace_id
-        self.stats.calls += 1
         self.stats.in_flight += 1
         reraise: BaseException | None = None
         try:
@@ -165,8 +163,6 @@ class Proxy:
                 reraise = reraise or e
         if call.limited:  # tokens and cost count against the limits the call was admitted under
             self.limits.finish(call.limited, (rec.input_tokens or 0) + (rec.output_tokens or 0), rec.cost_usd or 0.0)
-        if rec.error_type:
-            self.stats.errors += 1
         try:
             finish_call_span(self.tracer, span, rec, start_ns, start_ns + int((time.perf_counter() - t0) * 1e9))
         except Exception:  # recording never fails a request; the counter makes the failure visible

@@ -138,3 +138,24 @@ def test_split_keeps_order_and_rows(tmp_path) -> None:
     assert b"".join(sp.read(h).body for h in halves) == _batch(0, rows=5).body
     assert [sp.read(h).rows for h in halves] == [2, 3] and not (tmp_path / first).exists()
     sp.close()
+
+
+def test_wal_recovery_skips_a_batch_already_in_the_spool(tmp_path) -> None:
+    """Killed between spooling a batch and noting it done: the restart must not spool it twice."""
+    from exporters.recording import recover_wal  # noqa: PLC0415
+    from exporters.wal import WriteAheadLog  # noqa: PLC0415
+
+    wal_dir = str(tmp_path / "spool" / "wal")
+    sp = Spool(str(tmp_path / "spool"))
+    wal = WriteAheadLog(wal_dir)
+    a, b = _batch(0, rows=2), _batch(1, rows=3)
+    wal.chunk(0, 2, a.body)
+    wal.chunk(2, 3, b.body)
+    wal.batch(7, [0, 2])
+    sp.write(EncodedBatch.of("otel_traces", a.body + b.body, 5))  # spooled; the kill came before wal.done
+    wal.chunk(5, 3, _batch(2, rows=3).body)  # encoded, not batched yet
+    assert recover_wal(wal_dir, sp, "otel_traces", 1 << 20) == 3
+    bodies = [sp.read(f).body for f in sp.pending()]
+    assert bodies == [a.body + b.body, _batch(2, rows=3).body]
+    assert not [n for n in os.listdir(wal_dir) if n.endswith(".log")]
+    sp.close()
