@@ -52,7 +52,7 @@ def test_idempotent(text):
 
 def _cost(text: str) -> float:
     best = float("inf")
-    for _ in range(3):  # the least of three: scheduling noise only ever adds time
+    for _ in range(5):  # the least of five: scheduling noise only ever adds time
         t0 = time.perf_counter()
         R.text(text)
         best = min(best, time.perf_counter() - t0)
@@ -67,12 +67,12 @@ PIECE = st.lists(ALPHABET, min_size=1, max_size=4).map("".join)
 def test_cost_is_linear_in_the_text(head, middle, tail):
     """Texts of the shape every ReDoS input has (a run of one thing, something in the middle, a run of another:
     `a...a@a...a` is the one that froze the gateway): 8x the text costs about 8x the time. Quadratic matching
-    would cost 64x; the bound (24x, plus a fixed 2 ms) leaves room for a noisy machine without letting a quadratic
-    slip through."""
+    would cost 64x (the old backtracking pattern: over a second for the larger text); the bound (24x, plus a fixed
+    10 ms) leaves room for a noisy machine without letting a quadratic slip through."""
     def text(n: int) -> str:
         return head * (n // len(head)) + middle + tail * (n // len(tail))
 
-    assert _cost(text(16_000)) <= 24 * _cost(text(2_000)) + 0.002
+    assert _cost(text(16_000)) <= 24 * _cost(text(2_000)) + 0.010
 
 
 def test_the_issue_19_input_is_fast():
