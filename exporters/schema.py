@@ -266,6 +266,74 @@ def _m4_dedup_window(s: SchemaSettings) -> list[str]:
             for t in ("otel_traces", "llm_calls")]
 
 
+def _m6_datasets_feedback(s: SchemaSettings) -> list[str]:
+    # Feedback on a call (issue 12): one row per rating, joined to llm_calls on trace_id. `customer` is the rated
+    # call's own customer (copied at intake, so per-tenant questions need no join); `key_id` says who rated.
+    stmts = _table(s, "llm_feedback", """    Timestamp DateTime64(3) CODEC(Delta, ZSTD(1)),
+    feedback_id String,
+    trace_id String,
+    customer LowCardinality(String),
+    score Nullable(Float64),
+    thumbs LowCardinality(String),
+    complaint Bool,
+    comment String CODEC(ZSTD(3)),
+    source LowCardinality(String),
+    key_id LowCardinality(String),
+    by_admin Bool,
+    INDEX idx_trace_id trace_id TYPE bloom_filter(0.001) GRANULARITY 1""",
+                   "PARTITION BY toDate(Timestamp)\nORDER BY (customer, Timestamp)\n"
+                   f"{s.ttl('Timestamp')}", sharding_key="cityHash64(trace_id)")
+    # Versioned datasets: a version row is the commit (written last); its cases are a full snapshot keyed by the
+    # version's random version_id, so a half-written version or the loser of a concurrent write is never read.
+    # `inserted` is the server's clock: of two writers of the same version, the first insert wins.
+    stmts += _table(s, "dataset_versions", """    name String,
+    version UInt32,
+    version_id String,
+    inserted DateTime64(6) DEFAULT now64(6),
+    created_at DateTime64(3),
+    author String,
+    message String,
+    op LowCardinality(String),
+    parent UInt32,
+    n_cases UInt32,
+    targets_json String""", "ORDER BY (name, version)", sharding_key="cityHash64(name)")
+    stmts += _table(s, "dataset_cases", """    name String,
+    version UInt32,
+    version_id String,
+    dataset_id String,
+    trace_id String,
+    position UInt32,
+    segment String,
+    customer LowCardinality(String),
+    intent LowCardinality(String),
+    prompt_version LowCardinality(String),
+    model LowCardinality(String),
+    source LowCardinality(String),
+    columns Map(LowCardinality(String), String),
+    tags Map(LowCardinality(String), String),
+    captured_at DateTime64(3),
+    added_at DateTime64(3),
+    added_by String,
+    origin LowCardinality(String),
+    difficulty LowCardinality(String),
+    difficulty_source LowCardinality(String),
+    label LowCardinality(String),
+    critique String,
+    labeller String,
+    adjudicated Bool,
+    labelled_at Nullable(DateTime64(3)),
+    locked Bool,
+    expect LowCardinality(String),
+    lock_note String""", "ORDER BY (name, version, version_id, position)", sharding_key="cityHash64(name)")
+    # A case's content (request, production answer) captured when it joined a dataset, so versions outlive the TTL
+    # of llm_calls; a trace's content never changes, so one row per trace serves every version.
+    stmts += _table(s, "dataset_content", """    trace_id String,
+    content String CODEC(ZSTD(3)),
+    added_at DateTime64(3)""", "ORDER BY trace_id", kind="ReplacingMergeTree",
+                    sharding_key="cityHash64(trace_id)")
+    return stmts
+
+
 Migration = tuple[int, str, Callable[[SchemaSettings], list[str]]]
 
 MIGRATIONS: list[Migration] = [
@@ -273,6 +341,7 @@ MIGRATIONS: list[Migration] = [
     (2, "llm_calls and its materialized view", _m2_llm_calls),
     (3, "replay_runs, replay_results and replay_datasets", _m3_replay),
     (4, "deduplication window for re-sent spool batches", _m4_dedup_window),
+    (6, "llm_feedback, dataset_versions, dataset_cases and dataset_content", _m6_datasets_feedback),
 ]
 
 

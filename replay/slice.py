@@ -256,6 +256,8 @@ class Case:
     baseline_latency_ms: float | None = None
     baseline_cost_usd: float | None = None
     timestamp_ms: int = 0
+    label: str = ""  # a dataset's human label of the production answer: pass | fail | "" (the `label` evaluator)
+    critique: str = ""
 
     @property
     def baseline_text(self) -> str:

@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 
 import orjson
 
-from .slice import Case, Sampled, fetch_cases
+from ..slice import Case, Sampled, fetch_cases
 
 __all__ = ["DatasetError", "validate_dataset_id", "validate_run_id", "is_file_ref", "is_dataset_file",
            "check_writable", "save_dataset", "append_to_run_dataset", "load_dataset", "list_datasets", "save_jsonl",
