@@ -24,6 +24,7 @@ import math
 import re
 from typing import Any, Iterable, Sequence
 
+from . import feedback as fb
 from .store import Store
 from .vocabulary import (COLUMNS, NON_PRODUCTION_SOURCES, STATUSES, Filter, Params, QueryInputError,
                          Window, column_expr, filter_condition, parse_dimension, parse_duration, parse_filter,
@@ -186,6 +187,17 @@ class SegmentStats:
     low_confidence: bool = False
     prev_calls: int | None = None  # set in compare mode
     prev_errors: int | None = None
+    complaints: int = 0  # calls with a complaint (exporters.feedback)
+    rated: int = 0  # calls with a score or thumbs
+    score_sum: float = 0.0
+
+    @property
+    def complaint_rate(self) -> float:
+        return self.complaints / self.calls if self.calls else 0.0
+
+    @property
+    def feedback_score(self) -> float | None:
+        return self.score_sum / self.rated if self.rated else None
 
     @property
     def error_rate(self) -> float:
@@ -221,6 +233,10 @@ class SegmentStats:
             "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens,
             "cost_usd": self.cost_usd,
+            "complaints": self.complaints,
+            "complaint_rate": self.complaint_rate,
+            "rated": self.rated,
+            "feedback_score": self.feedback_score,
         }
         if self.prev_calls is not None:
             out["previous"] = {"calls": self.prev_calls, "errors": self.prev_errors,
@@ -318,7 +334,25 @@ def segment_stats(store: Store, sel: Selection, by: Sequence[str] = ("customer",
                              cost_usd=sum(s.cost_usd for s in segments),
                              prev_calls=sum(int(r["prev_calls"]) for r in rows) if compare else None,
                              prev_errors=sum(int(r["prev_errors"]) for r in rows) if compare else None)
+    _attach_feedback(store, sel, by, segments, total, database)
     return StatsReport(by, sel, compare, min_calls, segments, total, truncated)
+
+
+def _attach_feedback(store: Store, sel: Selection, by: Sequence[str], segments: list[SegmentStats],
+                     total: SegmentStats, database: str) -> None:
+    """Complaints and feedback scores per segment, from the rated calls of the selection (exporters.feedback)."""
+    p = _Params()
+    dims = [f"{_dim_select(k, p)} AS d{i}" for i, k in enumerate(by)]
+    where = _where(sel, p, sel.window)
+    rows = fb.segment_feedback(store, dims, where, p.values, p.time(sel.window.start), database)
+    found = {tuple(str(r[f"d{i}"]) for i in range(len(by))): r for r in rows}
+    for s in segments:
+        r = found.get(tuple(s.key.values()))
+        if r is not None:
+            s.complaints, s.rated, s.score_sum = int(r["complaints"]), int(r["rated"]), float(r["score_sum"] or 0)
+    total.complaints = sum(int(r["complaints"]) for r in rows)
+    total.rated = sum(int(r["rated"]) for r in rows)
+    total.score_sum = sum(float(r["score_sum"] or 0) for r in rows)
 
 
 def _segment(r: dict, by: Sequence[str], min_calls: int, compare: bool) -> SegmentStats:

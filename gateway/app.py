@@ -29,6 +29,8 @@ from .metrics import MetricsEndpoint
 from .openapi import install_openapi
 from .proxy import HOT_ROUTES, Proxy
 from .redact import Redactor
+from .datasets_api import build_datasets_router
+from .feedback_api import build_feedback_router
 from .store_api import LocalAccess, build_store_router
 
 __all__ = ["TagwayApp", "create_app"]
@@ -332,6 +334,11 @@ def _build_api(app: TagwayApp) -> FastAPI:
     if build_stats_router is not None:
         api.include_router(build_stats_router(app.keyring, lambda: app.query_store))
     api.include_router(build_store_router(app.keyring, lambda: app.query_store, app.local))
+    db = app.config.storage.database
+    api.include_router(build_feedback_router(app.keyring, lambda: app.query_store,
+                                             lambda: app.proxy.recent if app.proxy is not None else None,
+                                             app.config.feedback, database=db))
+    api.include_router(build_datasets_router(app.keyring, lambda: app.query_store, database=db))
     return api
 
 

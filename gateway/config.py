@@ -200,6 +200,13 @@ class RecordingConfig(_Strict):
         return v
 
 
+class FeedbackConfig(_Strict):
+    """POST /v1/tagway/feedback (gateway/feedback_api.py): ratings per minute per key (a token bucket: a burst of
+    `per_minute`, then refilled evenly), and the longest comment kept."""
+    per_minute: int = Field(120, ge=1)
+    max_comment_chars: int = Field(4000, ge=0, le=100_000)
+
+
 class MetricsConfig(_Strict):
     auth: bool = False  # /metrics answers only with the admin key (Authorization: Bearer ...)
     customer_label: bool = False  # a `customer` label on the call counters of /metrics (one series per customer)
@@ -219,6 +226,7 @@ class GatewayConfig(BaseSettings):
     recording: RecordingConfig = RecordingConfig()
     metrics: MetricsConfig = MetricsConfig()
     dashboard: DashboardConfig = DashboardConfig()
+    feedback: FeedbackConfig = FeedbackConfig()
     admin_key_env: str = "TAGWAY_ADMIN_KEY"
     admin_key_hash: str | None = None
     keys_file: str | None = None  # where `tagway keys create` stores hashes; default beside the config file

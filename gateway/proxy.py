@@ -33,6 +33,7 @@ from .pricing import Pricing
 from .providers import ProviderRegistry, UpstreamCall, UpstreamFailure, UpstreamResponse, server_address
 from .providers.sse import event_data
 from .redact import Redactor
+from .recent import RecentCalls
 from .request_checks import check_request, parse_object, requested_model, stream_flag
 from .routing import body_for, fallback_chain
 from .tags import check_header, normalise, resolve_tags
@@ -100,6 +101,7 @@ class Proxy:
         self.redactor = redactor
         self.stats = ProxyStats()
         self.observe = CallObserver(config)  # labelled call metrics and the access log (gateway/observe.py)
+        self.recent = RecentCalls()  # who owns the calls served lately (feedback may come before they are stored)
         self._capture_on = config.recording.capture_content
         self._source = config.recording.source
         self._max_body = config.server.max_body_bytes
@@ -163,6 +165,7 @@ class Proxy:
                 reraise = reraise or e
         if call.limited:  # tokens and cost count against the limits the call was admitted under
             self.limits.finish(call.limited, (rec.input_tokens or 0) + (rec.output_tokens or 0), rec.cost_usd or 0.0)
+        self.recent.add(call.trace_id, rec.customer, rec.key_id)
         try:
             finish_call_span(self.tracer, span, rec, start_ns, start_ns + int((time.perf_counter() - t0) * 1e9))
         except Exception:  # recording never fails a request; the counter makes the failure visible

@@ -237,7 +237,7 @@ def stats_csv(report: q.StatsReport) -> str:
     w = csv.writer(buf, lineterminator="\n")
     head = list(report.by) + ["calls", "errors", "cancelled", "error_rate", "ci_low", "ci_high", "low_confidence",
                               "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "ttft_p50_ms", "input_tokens",
-                              "output_tokens", "cost_usd"]
+                              "output_tokens", "cost_usd", "complaints", "complaint_rate", "rated", "feedback_score"]
     if report.compare:
         head += ["prev_calls", "prev_errors", "prev_error_rate", "delta_error_rate"]
     w.writerow(head)
@@ -250,11 +250,15 @@ def stats_csv(report: q.StatsReport) -> str:
         row = [s.key[k] for k in report.by] + [
             s.calls, s.errors, s.cancelled, repr(s.error_rate), repr(low), repr(high), str(s.low_confidence).lower(),
             num(s.latency_p50), num(s.latency_p95), num(s.latency_p99), num(s.ttft_p50), s.input_tokens,
-            s.output_tokens, repr(s.cost_usd)]
+            s.output_tokens, repr(s.cost_usd), s.complaints, repr(s.complaint_rate), s.rated, num(s.feedback_score)]
         if report.compare:
             row += [s.prev_calls, s.prev_errors, num(s.prev_error_rate), num(s.delta_error_rate)]
         w.writerow(row)
     return buf.getvalue()
+
+
+def _score(score: float | None, rated: int) -> str:
+    return "-" if score is None else f"{score:.2f} (n={rated:,})"
 
 
 def print_stats(report: q.StatsReport, console: Console, window_title: str, wide: bool = False) -> None:
@@ -268,7 +272,11 @@ def print_stats(report: q.StatsReport, console: Console, window_title: str, wide
         cols += [Col("prev rate", priority=5), Col("delta")]
     cols += [Col("p50 ms", priority=7), Col("p95 ms", priority=4), Col("p99 ms", priority=6),
              Col("ttft p50", priority=2), Col("tok in", priority=1), Col("tok out", priority=1),
-             Col("cost", priority=3), Col("note", "left", priority=9, wrap=True)]
+             Col("cost", priority=3)]
+    rated = bool(report.total.complaints or report.total.rated)  # feedback columns only when there is feedback
+    if rated:
+        cols += [Col("complaints", priority=8), Col("score", priority=7)]
+    cols += [Col("note", "left", priority=9, wrap=True)]
     rows: list[Row] = []
     for s in report.segments:
         low, high = s.error_rate_ci
@@ -282,8 +290,10 @@ def print_stats(report: q.StatsReport, console: Console, window_title: str, wide
                       Text(fmt_delta(d), style="red" if d is not None and d > 0.005 else
                            ("green" if d is not None and d < -0.005 else ""))]
         cells += [fmt_ms(s.latency_p50), fmt_ms(s.latency_p95), fmt_ms(s.latency_p99), fmt_ms(s.ttft_p50),
-                  f"{s.input_tokens:,}", f"{s.output_tokens:,}", fmt_cost(s.cost_usd),
-                  Text(f"low n (<{report.min_calls})", style="dim") if s.low_confidence else ""]
+                  f"{s.input_tokens:,}", f"{s.output_tokens:,}", fmt_cost(s.cost_usd)]
+        if rated:
+            cells += [f"{s.complaints:,} ({fmt_rate(s.complaint_rate)})", _score(s.feedback_score, s.rated)]
+        cells += [Text(f"low n (<{report.min_calls})", style="dim") if s.low_confidence else ""]
         rows.append(Row(cells, "dim" if s.low_confidence else None))
     t = report.total
     low, high = t.error_rate_ci
@@ -291,7 +301,10 @@ def print_stats(report: q.StatsReport, console: Console, window_title: str, wide
     total_cells += [f"{t.calls:,}", f"{t.errors:,}", fmt_rate(t.error_rate), fmt_ci(low, high)]
     if report.compare:
         total_cells += [fmt_rate(t.prev_error_rate), fmt_delta(t.delta_error_rate)]
-    total_cells += ["", "", "", "", f"{t.input_tokens:,}", f"{t.output_tokens:,}", fmt_cost(t.cost_usd), ""]
+    total_cells += ["", "", "", "", f"{t.input_tokens:,}", f"{t.output_tokens:,}", fmt_cost(t.cost_usd)]
+    if rated:
+        total_cells += [f"{t.complaints:,} ({fmt_rate(t.complaint_rate)})", _score(t.feedback_score, t.rated)]
+    total_cells += [""]
     if report.segments:
         rows.append(Row(total_cells, "bold", section=True))
     table, hidden = fit_table(console, cols, rows, wide=wide, title=title, title_justify="left",

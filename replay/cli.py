@@ -16,7 +16,7 @@ from typing import Iterator, List, Optional
 
 import typer
 
-from .datasets import DatasetError
+from .datasets import DatasetError, DatasetStoreError
 from .gate import EXIT_BAD_INPUT, EXIT_INCOMPLETE
 from .runner import FatalRunError
 from .slice import EmptySliceError
@@ -33,8 +33,10 @@ replay_app.add_typer(dataset_app, name="dataset")
 
 
 def register(app: typer.Typer) -> None:
-    """Entry point "tagway.cli": add the `replay` sub-app to the gateway's CLI."""
+    """Entry point "tagway.cli": add the `replay` sub-app, `dataset` and `coverage` to the gateway's CLI."""
+    from .datasets import cli as datasets_cli
     app.add_typer(replay_app, name="replay")
+    datasets_cli.register(app)
 
 
 def main() -> None:
@@ -67,7 +69,8 @@ def _user_errors() -> Iterator[None]:
                     "TAGWAY_DSN), or stop the gateway and use --in-process") from None
     except DsnConfigError as e:
         raise _fail(f"config: {e}") from None
-    except (SpecError, EmptySliceError, DatasetError, FatalRunError, StoreError, RunExistsError) as e:
+    except (SpecError, EmptySliceError, DatasetError, DatasetStoreError, FatalRunError, StoreError,
+            RunExistsError) as e:
         raise _fail(str(e)) from None
 
 
@@ -289,7 +292,7 @@ def report_cmd(
         spec = parse_spec(data, f"run {run_id} spec")
         status = run.status if run.status in ("complete", "incomplete") else "incomplete"
         report = report_for(store, run_id, spec, status=status, n_cases=run.n_cases,
-                            state=GateState.from_report_json(run.report_json))
+                            state=GateState.from_report_json(run.report_json), dataset=run.dataset_id)
         _emit(report, fmt, out)
     raise typer.Exit(report.exit_code)
 

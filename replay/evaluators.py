@@ -398,6 +398,45 @@ class Similar(Evaluator):
         return ok, sim, f"{method} similarity {sim:.3f} {'>=' if ok else '<'} {t}", {"similarity": round(sim, 6)}
 
 
+class LabelReference(Evaluator):
+    """`{type: label}`: a dataset case's human label (pass | fail, with its critique; `tagway dataset label`) is the
+    reference. The labelled answer itself (the logged production answer: the baseline) gets the label as its
+    verdict. Another answer passes when it is like a `pass`-labelled answer, or unlike a `fail`-labelled one (it
+    does not repeat the failure the critique describes): similarity (`method: ratio | jaccard`) against
+    `threshold` (default 0.75). An unlabelled case is an evaluator error unless `unlabelled: pass | fail` says
+    what it gets."""
+    names = ("label",)
+
+    def check(self, spec: EvaluatorSpec) -> None:
+        if spec.option("method", "ratio") not in ("ratio", "jaccard"):
+            raise ValueError("label.method must be ratio or jaccard")
+        if spec.option("unlabelled", "error") not in ("error", "pass", "fail"):
+            raise ValueError("label.unlabelled must be error, pass or fail")
+
+    def run(self, spec: EvaluatorSpec, ctx: EvalContext) -> Outcome:
+        label = str(ctx.vars.get("label") or "")
+        critique = str(ctx.vars.get("critique") or "")
+        if label not in ("pass", "fail"):
+            how = spec.option("unlabelled", "error")
+            if how == "error":
+                raise EvaluatorError(f"label: case {ctx.vars.get('case_id', '')} has no label (tagway dataset label; "
+                                     "or unlabelled: pass | fail)")
+            return how == "pass", float(how == "pass"), f"unlabelled case: {how} (unlabelled: {how})"
+        fields = {"label": label, "critique": critique}
+        if ctx.vars.get("is_reference"):
+            ok = label == "pass"
+            return ok, float(ok), f"labelled {label}" + (f": {critique[:200]}" if critique else ""), fields
+        method = str(spec.option("method", "ratio"))
+        sim = _similarity(ctx.output, ctx.reference, method)
+        t = spec.threshold if spec.threshold is not None else 0.75
+        ok = sim >= t if label == "pass" else sim < t
+        like = "like" if sim >= t else "unlike"
+        reason = f"{like} the answer labelled {label} ({method} similarity {sim:.3f} vs {t})"
+        if label == "fail" and critique:
+            reason += f"; its critique: {critique[:160]}"
+        return ok, float(ok), reason, {**fields, "similarity": round(sim, 6)}
+
+
 class Limit(Evaluator):
     """`latency` (ms) or `cost` (USD) of the call at most the threshold (or a numeric value)."""
 
@@ -571,7 +610,7 @@ class PythonCode(Evaluator):
 
 for _ev in (Equals(), Contains("contains", also=("contains-all",)), Contains("icontains", fold=True),
             Contains("contains-any", any_=True), Contains("icontains-any", fold=True, any_=True), Regex(), JsonValid(),
-            ContainsJson(), JsonSchema(), ToolCallMatch(), Similar(),
+            ContainsJson(), JsonSchema(), ToolCallMatch(), Similar(), LabelReference(),
             Limit("latency", "ms", "latency_ms", "{:.0f} ms", "{:g} ms"),
             Limit("cost", "usd", "cost_usd", "${:.6f}", "${:g}"), LlmJudge(), PythonCode()):
     register(_ev)

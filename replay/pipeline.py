@@ -19,6 +19,7 @@ import orjson
 
 from .datasets import (RUN_DATASET_PREFIX, append_to_run_dataset, is_file_ref, load_cases, load_dataset, save_dataset,
                        validate_run_id)
+from .datasets.resolve import Resolved, resolve
 from .gate import SegmentPlan, next_draws, plan
 from .render import render_json
 from .report import Report, aggregate, flipped_case_ids
@@ -72,6 +73,7 @@ class GateState:
     extra_cases: int = 0
     extra_cost: float = 0.0
     production_errors: dict[str, Any] = dataclasses.field(default_factory=dict)
+    locks: dict[str, dict] = dataclasses.field(default_factory=dict)  # trace id -> {expect, note}: the dataset's locks
 
     def escalation_json(self) -> dict:
         return {"plans": {k: p.to_json() for k, p in sorted(self.plans.items())}, "extra_cases": self.extra_cases,
@@ -79,7 +81,8 @@ class GateState:
 
     def stored_json(self) -> str:
         """What a run row holds before its first report (the report carries the same keys)."""
-        return orjson.dumps({"escalation": self.escalation_json(), "production_errors": self.production_errors}).decode()
+        return orjson.dumps({"escalation": self.escalation_json(), "production_errors": self.production_errors,
+                             "locks": self.locks}).decode()
 
     def next_look(self, report: Report, esc: Any, cost_per_case: float = 0.0) -> tuple[dict[str, int], str]:
         """The segments that get their next planned look and how many cases each (replay.gate.next_draws over
@@ -104,7 +107,7 @@ class GateState:
         esc = d.get("escalation") or {}
         return cls({k: SegmentPlan.from_json(v) for k, v in (esc.get("plans") or {}).items()},
                    int(esc.get("extra_cases") or 0), float(esc.get("cost_usd") or 0.0),
-                   dict(d.get("production_errors") or {}))
+                   dict(d.get("production_errors") or {}), dict(d.get("locks") or {}))
 
 
 def new_run_id() -> str:
@@ -115,15 +118,17 @@ def spec_to_json(spec: ReplaySpec) -> str:
     return spec.model_dump_json(by_alias=True, exclude_none=True)
 
 
-def _select(store: Any, spec: ReplaySpec) -> tuple[list[Case], dict[str, int], list[str], SampleResult | None]:
+def _select(store: Any, spec: ReplaySpec) -> tuple[list[Case], dict[str, int], list[str], SampleResult | None,
+                                                  Resolved | None]:
     if spec.slice is not None:
         cases, sampled = select_slice(store, spec.slice)
-        return cases, sampled.skipped, sampled.notes, sampled
-    cases, skipped = load_cases(store, spec.dataset or "")
-    if not cases:
+        return cases, sampled.skipped, sampled.notes, sampled, None
+    found = resolve(store, spec.dataset or "")
+    if not found.cases:
         raise EmptySliceError(f"dataset {spec.dataset!r} has no replayable case "
-                              f"({'; '.join(f'{n} {r}' for r, n in skipped.items()) or 'empty'})")
-    return cases, skipped, [], None
+                              f"({'; '.join(f'{n} {r}' for r, n in found.skipped.items()) or 'empty'})")
+    notes = [f"dataset {found.dataset_id}"] if found.dataset_id != spec.dataset else []
+    return found.cases, found.skipped, notes, None, found
 
 
 def _initial_state(store: Any, spec: ReplaySpec, sampled: SampleResult | None) -> GateState:
@@ -143,16 +148,18 @@ async def start_run(store: Any, spec: ReplaySpec, opts: RunOptions) -> RunResult
     run_id = validate_run_id(opts.run_id or new_run_id())
     if get_run(store, run_id) is not None:
         raise RunExistsError(f"run {run_id} exists; use tagway replay resume {run_id}")
-    cases, skipped, notes, sampled = _select(store, spec)
-    if spec.slice is not None:
+    cases, skipped, notes, sampled, found = _select(store, spec)
+    if found is None:
         dataset_id = RUN_DATASET_PREFIX + run_id
         save_dataset(store, dataset_id, [Sampled(c.case_id, c.segment) for c in cases],
                      description=f"cases of replay run {run_id}")
     else:
-        dataset_id = spec.dataset or ""
+        dataset_id = found.dataset_id  # the exact version ('refunds' -> 'refunds@3'), so resume and reports agree
     run = RunRow(run_id, "running", spec_to_json(spec), dataset_id, spec.judge_version,
                  [c.name for c in spec.candidates], list(spec.segment_by), len(cases))
     state = _initial_state(store, spec, sampled)
+    if found is not None:
+        state.locks = {t: lk.to_json() for t, lk in found.locks.items()}
     write_run(store, dataclasses.replace(run, report_json=state.stored_json()))
     return await _execute(store, spec, run, cases, opts, skip=set(), skipped=skipped, notes=notes, state=state,
                           sampled=sampled)
@@ -165,12 +172,13 @@ async def resume_run(store: Any, run_id: str, opts: RunOptions) -> RunResult:
     spec = parse_spec(run.spec, f"run {run_id} spec")
     if run.dataset_id == RUN_DATASET_PREFIX + run.run_id:  # the cases this run pinned: an id, whatever it looks like
         cases, skipped = load_cases(store, run.dataset_id, pinned_id=True)
-    else:
+    else:  # a dataset version ('refunds@3') or a file: the same cases as the run started with
         if is_file_ref(run.dataset_id) and opts.spec_dir and not Path(run.dataset_id).is_absolute():
             ref = str(opts.spec_dir / run.dataset_id)
         else:
             ref = run.dataset_id
-        cases, skipped = load_cases(store, ref)
+        found = resolve(store, ref)
+        cases, skipped = found.cases, found.skipped
     skip = done_keys(store, run_id, include_errored=not opts.retry_errored)
     state = GateState.from_report_json(run.report_json)
     sampled = None
@@ -208,7 +216,7 @@ async def _execute(store: Any, spec: ReplaySpec, run: RunRow, cases: list[Case],
         # even a crash or Ctrl-C leaves a consistent run row: incomplete, with what is in replay_results and what
         # the calls made so far cost (a resume's budget starts from it)
         report = report_for(store, run.run_id, spec, status=status, n_cases=n_cases, skipped=skipped, notes=notes,
-                            state=state)
+                            state=state, dataset=run.dataset_id)
         spent = runner.spent if runner is not None else spent_before
         write_run(store, dataclasses.replace(run, status=report.status, verdict=report.verdict, n_cases=n_cases,
                                              report_json=render_json(report), cost_usd=spent,
@@ -253,7 +261,7 @@ async def _escalate(store: Any, spec: ReplaySpec, run: RunRow, runner: Runner, t
 
 def report_for(store: Any, run_id: str, spec: ReplaySpec, *, status: str, n_cases: int = 0,
                skipped: dict[str, int] | None = None, notes: list[str] | None = None,
-               state: GateState | None = None, with_inputs: bool = True) -> Report:
+               state: GateState | None = None, with_inputs: bool = True, dataset: str = "") -> Report:
     """Aggregate what replay_results holds for the run (this session's results and any earlier ones), with the
     flipped cases' inputs from llm_calls."""
     state = state or GateState()
@@ -265,4 +273,5 @@ def report_for(store: Any, run_id: str, spec: ReplaySpec, *, status: str, n_case
                      baseline_mode=spec.baseline.mode, models=models, n_cases=n_cases, skipped=skipped,
                      notes=notes or [], plans=state.plans, order=lambda cid: order_key(seed, cid),
                      family_of=spec.family_of, inputs=inputs, production_errors=state.production_errors,
-                     escalation=state.escalation_json() if state.plans else {})
+                     escalation=state.escalation_json() if state.plans else {}, dataset=dataset,
+                     locks=state.locks)

@@ -97,6 +97,8 @@ def _gate_line(r: Report) -> str:
 def _context_line(r: Report) -> str:
     out = (f"run {r.run_id} ({r.status}), segments by {', '.join(r.segment_by) or '-'}, baseline {r.baseline_mode}, "
            f"{r.n_cases} cases")
+    if r.dataset and not r.dataset.startswith("run-"):
+        out += f", dataset {r.dataset}" + (f" ({len(r.locks)} locked case(s))" if r.locks else "")
     pe = r.production_errors
     if pe:
         n = pe.get("count", 0)
@@ -115,6 +117,17 @@ def _flip_lines(row: SegmentRow) -> list[str]:
         out += [f"  {f.direction}  trace {f.case_id}", f"    input:     {f.input or '—'}",
                 f"    baseline:  {f.baseline or '—'}", f"    candidate: {f.candidate or '—'}",
                 f"    why:       {f.reasons}"]
+    return out
+
+
+def _lock_lines(c: CandidateReport) -> list[str]:
+    """The locked cases of a candidate: broken ones named (a regression whatever the statistics), then a count."""
+    if not c.locks:
+        return []
+    n = {st: sum(1 for lk in c.locks if lk.state == st) for st in ("held", "broken", "undecided")}
+    out = [f"locks: {n['held']} held, {n['broken']} broken" + (f", {n['undecided']} undecided" if n["undecided"]
+                                                                  else "")]
+    out += [f"  BROKEN {lk.describe()}" for lk in c.locks if lk.state == "broken"]
     return out
 
 
@@ -146,6 +159,8 @@ def render_terminal(r: Report, console: Any = None) -> str:
                     out.print(hidden_notice(out, hidden, "--format md, json or html show every column"), **plain)
             for row in _flipped_rows(c):
                 out.print("\n".join(_flip_lines(row)).translate(glyphs), **plain)
+            for line in _lock_lines(c):
+                out.print(line.translate(glyphs), **plain)
             out.print(f"cost ${c.cost_usd:.4f}   {c.status.upper()}", **plain)
         out.print(_footer_text(r).translate(glyphs), **plain)
     return buf.getvalue()
@@ -235,6 +250,7 @@ def render_markdown(r: Report) -> str:
         out.append(_md_row(c.overall, bold=True))
         for row in _flipped_rows(c):
             out += _md_flips(row)
+        out += [f"- {_md(line.strip())}" for line in _lock_lines(c)]
         out += ["", f"cost ${c.cost_usd:.4f}", ""]
     out.append(f"**Verdict: {_verdict_word(r)}{_not_final(r)}** (exit {r.exit_code})")
     out += [f"- {_md(x)}" for x in r.reasons]

@@ -12,8 +12,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from .gate import (EXIT_PASS, INCONCLUSIVE, OK, REGRESSION, Decision, Evidence, Finding, Pairs, SegmentPlan, decide,
-                   exit_code, newcombe_interval, pairs_from, wilson_interval)
+from .gate import (EXIT_PASS, INCONCLUSIVE, OK, REGRESSION, Decision, Evidence, Finding, LockResult, Pairs, SegmentPlan,
+                   check_locks, decide, exit_code, newcombe_interval, pairs_from, wilson_interval)
 
 __all__ = ["Flip", "SegmentRow", "CandidateReport", "Report", "aggregate", "pair_outcome", "BASELINE", "ERRORED",
            "excerpt", "flipped_case_ids"]
@@ -73,6 +73,7 @@ class CandidateReport:
     reasons: list[str]
     cost_usd: float = 0.0
     findings: list[Finding] = dataclasses.field(default_factory=list, repr=False)  # the gate's, for escalation
+    locks: list[LockResult] = dataclasses.field(default_factory=list)  # the dataset's locked cases, checked
 
 
 @dataclasses.dataclass
@@ -93,6 +94,8 @@ class Report:
     notes: list[str] = dataclasses.field(default_factory=list)
     production_errors: dict[str, Any] = dataclasses.field(default_factory=dict)  # {count, included}
     escalation: dict[str, Any] = dataclasses.field(default_factory=dict)  # {plans, extra_cases, cost_usd}
+    dataset: str = ""  # the exact dataset version (or file, or pinned id) the run replayed
+    locks: dict[str, dict] = dataclasses.field(default_factory=dict)  # trace id -> {expect, note}
 
     @property
     def passed(self) -> bool:
@@ -164,7 +167,7 @@ def _flips(paired: list[tuple[str, tuple[bool, bool] | None]], base: Mapping[str
 
 def _candidate(name: str, model: str, cases: Mapping[str, Any], base: Mapping[str, Any], gating: Any, *,
                order: Callable[[str], Any], plans: Mapping[str, SegmentPlan], family_of: Callable[[str], str | None],
-               inputs: Mapping[str, str]) -> CandidateReport:
+               inputs: Mapping[str, str], locks: Mapping[str, Mapping[str, str]]) -> CandidateReport:
     errors = getattr(gating, "errors", "fail")
     segments: dict[str, list[str]] = {}
     for cid, r in cases.items():
@@ -190,7 +193,9 @@ def _candidate(name: str, model: str, cases: Mapping[str, Any], base: Mapping[st
         row.errored, row.before_errored = errored, before_errored
         row.excluded = sum(1 for o in outcomes if o is None)
         rows[seg], paired[seg] = row, list(zip(ids, outcomes))
-    decision = decide(evidence, alpha=gating.alpha, margin=gating.margin)
+    outcomes = {cid: _outcome(r, errors) for cid, r in cases.items()}
+    lock_results = check_locks(locks, outcomes, {cid: r.segment for cid, r in cases.items()})
+    decision = decide(evidence, alpha=gating.alpha, margin=gating.margin, locks=lock_results)
     for f in decision.segments:
         row = rows[f.key]
         row.verdict, row.p_value, row.p_adjusted, row.more_cases = f.verdict, f.p_value, f.p_adjusted, f.more_cases
@@ -212,7 +217,7 @@ def _candidate(name: str, model: str, cases: Mapping[str, Any], base: Mapping[st
     status, reasons = _status(name, decision, list(rows.values()), cases, gating)
     cost = sum(float(r.cost_usd or 0) for r in cases.values())
     return CandidateReport(name, model, list(rows.values()), overall, families, status, reasons, cost,
-                           [*decision.families, *decision.segments])
+                           [*decision.families, *decision.segments], lock_results)
 
 
 def _status(name: str, decision: Decision, rows: list[SegmentRow], cases: Mapping[str, Any],
@@ -223,6 +228,8 @@ def _status(name: str, decision: Decision, rows: list[SegmentRow], cases: Mappin
         first = excerpt(errored[0].error, 200)
         return REGRESSION, [f"candidate {name} errored on every one of its {len(cases)} case(s), so nothing it "
                             f"answered could be scored (first error: {first})"]
+    for lk in decision.broken_locks:
+        reasons.append(f"{lk.describe()}: a regression whatever the statistics (a lock is a unit test)")
     for f in decision.families:
         if f.verdict != OK:
             reasons.append(f"family {f.key}: {f.verdict}: {f.why}")
@@ -247,7 +254,8 @@ def aggregate(results: Iterable[Any], gating: Any, *, run_id: str = "", status: 
               n_cases: int = 0, skipped: dict[str, int] | None = None, notes: Sequence[str] = (),
               plans: Mapping[str, SegmentPlan] | None = None, order: Callable[[str], Any] | None = None,
               family_of: Callable[[str], str | None] | None = None, inputs: Mapping[str, str] | None = None,
-              production_errors: dict[str, Any] | None = None, escalation: dict[str, Any] | None = None) -> Report:
+              production_errors: dict[str, Any] | None = None, escalation: dict[str, Any] | None = None,
+              dataset: str = "", locks: Mapping[str, Mapping[str, str]] | None = None) -> Report:
     """Case results (objects with candidate, case_id, segment, status, error, output, evaluations, cost_usd) ->
     Report. The baseline's results are those of candidate "baseline"; each candidate is compared with it pairwise.
     `plans` (escalation) say which looks each segment had, `order` the cases' seeded order within a segment."""
@@ -257,7 +265,8 @@ def aggregate(results: Iterable[Any], gating: Any, *, run_id: str = "", status: 
     base = by_cand.pop(BASELINE, {})
     errors = getattr(gating, "errors", "fail")
     reports = [_candidate(name, (models or {}).get(name, ""), by_cand[name], base, gating, order=order or str,
-                          plans=plans or {}, family_of=family_of or (lambda s: None), inputs=inputs or {})
+                          plans=plans or {}, family_of=family_of or (lambda s: None), inputs=inputs or {},
+                          locks=locks or {})
                for name in sorted(by_cand)]
     per_target = {c.candidate: c.overall.errored for c in reports}
     per_target[BASELINE] = sum(1 for r in base.values() if r.status == ERRORED)
@@ -283,7 +292,8 @@ def aggregate(results: Iterable[Any], gating: Any, *, run_id: str = "", status: 
     verdict = "passed" if overall == OK else overall
     return Report(run_id, status, list(segment_by), _gating_dict(gating), baseline_mode, reports, verdict, code,
                   reasons, n_cases, n_errored, sum(float(r.cost_usd or 0) for r in base.values()),
-                  dict(skipped or {}), list(notes), dict(production_errors or {}), dict(escalation or {}))
+                  dict(skipped or {}), list(notes), dict(production_errors or {}), dict(escalation or {}), dataset,
+                  {k: dict(v) for k, v in (locks or {}).items()})
 
 
 def flipped_case_ids(results: Iterable[Any]) -> set[str]:

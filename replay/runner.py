@@ -291,7 +291,8 @@ class Runner:
                           latency_ms=ans.latency_ms, cost_usd=ans.cost_usd,
                           vars={"customer": case.customer, "intent": case.intent, "prompt_version": prompt_version,
                                 "tags": case.tags, "case_id": case.case_id, "candidate": target.name,
-                                "messages": case.messages},
+                                "messages": case.messages, "label": case.label, "critique": case.critique,
+                                "is_reference": target.logged},
                           judge=self._judge_fn(case, target))
         verdict = await evaluate(self.spec.evaluators, ctx, self.spec.case_threshold)
         row.status, row.score = verdict.status, verdict.score

@@ -112,9 +112,13 @@ def _conditions(s: SliceSpec, now: float, status: str) -> tuple[list[str], dict[
     return where, params
 
 
-def build_pool_query(s: SliceSpec, *, now: float | None = None, table: str = "llm_calls") -> tuple[str, dict]:
-    """The light pool query. Returns (sql, parameters) for `Store.query`; no value is pasted into the SQL."""
+def build_pool_query(s: SliceSpec, *, now: float | None = None, table: str = "llm_calls",
+                     extra_where: str = "") -> tuple[str, dict]:
+    """The light pool query. Returns (sql, parameters) for `Store.query`; no value is pasted into the SQL.
+    `extra_where`: one more condition from the caller (its values bound as parameters the caller adds)."""
     where, params = _conditions(s, time.time() if now is None else now, s.status)
+    if extra_where:
+        where.append(extra_where)
     params["pool_max"] = s.pool_max
     extra = "".join(f"toString({COLUMNS[k]}) AS seg_{k}, " for k in _extra_columns(s.segment_by))
     sql = (f"SELECT trace_id, customer, intent, prompt_version, model_requested AS model, {extra}tags, "

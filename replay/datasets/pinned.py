@@ -154,6 +154,8 @@ def load_jsonl(path: str | Path) -> list[Case]:
             continue
         try:
             d = orjson.loads(line)
+            if isinstance(d, dict) and "tagway_dataset" in d:  # the header of a versioned export (replay.datasets.jsonl)
+                continue
             if "case_id" not in d and "trace_id" in d:
                 d["case_id"] = d.pop("trace_id")
             if not d.get("messages"):

@@ -18,7 +18,7 @@ from ..slice import Case
 from .capture import Captured, case_from_content, content_json
 
 __all__ = ["DatasetCase", "Lock", "LoadedDataset", "load", "add_cases", "remove_cases", "lock_case", "label_cases",
-           "set_difficulty", "set_targets", "AddResult"]
+           "set_difficulty", "set_targets", "import_version", "AddResult"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,3 +208,16 @@ def set_targets(store: Any, name: str, targets: dict, *, message: str, author: s
         return cases, targets
 
     return commit(store, name, change, author=author, message=message, op="targets", create=False)
+
+
+def import_version(store: Any, name: str, items: Sequence[Captured], targets: dict, *, message: str,
+                   author: str) -> Version:
+    """A new version of `name` (created when missing) holding exactly `items` (an imported file's cases, their
+    labels, difficulty and locks as the file says) and `targets`. Content first, the version last."""
+    new = _norm_captured(items)
+    put_content(store, {c.trace_id: content_json(c.case) for c in new})
+
+    def change(latest: Version | None, cases: list[CaseRecord]) -> tuple[list[CaseRecord], dict]:
+        return [dataclasses.replace(c.record) for c in new], dict(targets)
+
+    return commit(store, name, change, author=author, message=message, op="import")

@@ -8,6 +8,9 @@
 What alpha controls: the chance that the gate calls any segment (or family) a regression when no segment got worse.
 `margin` keeps trivially small drops from blocking; it is not part of the tested hypothesis.
 
+A locked case (replay.gate.locks) that does not keep its expected outcome is a regression of its segment and of
+the candidate regardless of the statistics: a lock is a unit test, not a sample.
+
 The gate: any regression -> exit 1; else any inconclusive -> exit 4 when `inconclusive: block`, 0 when `pass`;
 else 0. An incomplete run is exit 3 whatever it shows.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping, Sequence
 
+from .locks import BROKEN, LockResult
 from .multiplicity import holm_adjusted
 from .paired import Pairs, newcombe_interval, sign_test_drop
 from .power import cases_needed
@@ -71,6 +75,11 @@ class Decision:
     families: list[Finding]
     alpha: float
     margin: float
+    locks: list[LockResult] = dataclasses.field(default_factory=list)
+
+    @property
+    def broken_locks(self) -> list[LockResult]:
+        return [lk for lk in self.locks if lk.state == BROKEN]
 
     @property
     def regressions(self) -> list[Finding]:
@@ -82,7 +91,7 @@ class Decision:
 
     @property
     def status(self) -> str:
-        return REGRESSION if self.regressions else INCONCLUSIVE if self.inconclusive else OK
+        return REGRESSION if self.regressions or self.broken_locks else INCONCLUSIVE if self.inconclusive else OK
 
 
 def classify(pairs: Pairs, rejected: bool, margin: float) -> str:
@@ -118,8 +127,24 @@ def _why(verdict: str, pairs: Pairs, adj: float, margin: float, *, held_back: bo
     return f"change {-pairs.drop:+.3f} within margin {margin:g} ({flips})"
 
 
-def decide(evidence: Sequence[Evidence], *, alpha: float, margin: float) -> Decision:
-    """Verdicts for every segment (and family, when segments carry one). Pure."""
+def decide(evidence: Sequence[Evidence], *, alpha: float, margin: float,
+           locks: Sequence[LockResult] = ()) -> Decision:
+    """Verdicts for every segment (and family, when segments carry one), then the locks: a segment holding a
+    broken lock is a regression whatever its statistics. Pure."""
+    decision = _decide(evidence, alpha=alpha, margin=margin)
+    decision.locks = list(locks)
+    broken: dict[str, list[LockResult]] = {}
+    for lk in decision.broken_locks:
+        broken.setdefault(lk.segment, []).append(lk)
+    for f in decision.segments:
+        if f.key in broken:
+            f.verdict = REGRESSION
+            f.why = (f"{len(broken[f.key])} locked case(s) broke (a lock is a unit test, not a sample): "
+                     + "; ".join(lk.describe() for lk in broken[f.key][:3]) + f"; statistics: {f.why}")
+    return decision
+
+
+def _decide(evidence: Sequence[Evidence], *, alpha: float, margin: float) -> Decision:
     fams: dict[str, list[Evidence]] = {}
     for e in evidence:
         if e.family is not None:

@@ -1,0 +1,152 @@
+"""Feedback and complaints on a call, by the trace id its response carried (`x-tagway-trace-id`):
+
+    POST /v1/tagway/feedback   {"trace_id": "...", "score": 0.2 | "thumbs": "up"|"down", "complaint": true,
+                                "comment": "...", "source": "app"}
+
+Authorised like the call itself: a tenant key rates its own customer's calls (and the calls it made itself, for a
+key that may record other customers); another tenant's call is a 403, an unknown trace id a 404 that names no
+tenant; the admin key rates any call. Stored in `llm_feedback` with the time, the key that rated and the call's
+customer (exporters.feedback), joinable to `llm_calls` on trace_id.
+
+A call is looked up in the calls this process served lately first (gateway.recent: a rating may come before the
+recorder's batch reaches ClickHouse), then in the store. Ratings per key are a token bucket (`feedback.per_minute`;
+gateway/limits.py, the request path's limiter, was not on main when this was written): a flood gets 429 with
+retry-after. Store work runs on the thread pool, never on the event loop.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Callable
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+from exporters.feedback import call_owner, feedback_row, insert_feedback, parse_feedback
+from exporters.store import StoreError
+from exporters.vocabulary import QueryInputError
+
+from .auth import KeyRing, Principal
+from .config import FeedbackConfig
+from .errors import GatewayError, bad_request, forbidden
+from .recent import RecentCalls
+
+__all__ = ["Bucket", "KeyBuckets", "build_feedback_router"]
+
+log = logging.getLogger("tagway.feedback")
+MAX_BODY = 64 * 1024
+
+
+class Bucket:
+    """A token bucket: `per_minute` ratings in a burst, refilled at per_minute / 60 a second."""
+    __slots__ = ("capacity", "rate", "level", "stamp")
+
+    def __init__(self, per_minute: float, now: float) -> None:
+        self.capacity, self.rate, self.level, self.stamp = float(per_minute), per_minute / 60.0, float(per_minute), now
+
+    def take(self, now: float) -> float:
+        """0 when a token was taken; else the seconds until one is there."""
+        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.level >= 1:
+            self.level -= 1
+            return 0.0
+        return (1 - self.level) / self.rate
+
+
+class KeyBuckets:
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic, max_keys: int = 100_000) -> None:
+        self.per_minute, self.clock, self.max_keys = per_minute, clock, max_keys
+        self._buckets: dict[str, Bucket] = {}
+
+    def wait(self, key: str) -> float:
+        now = self.clock()
+        b = self._buckets.get(key)
+        if b is None:
+            if len(self._buckets) >= self.max_keys:  # full buckets are no state worth keeping
+                self._buckets = {k: v for k, v in self._buckets.items() if v.level < v.capacity}
+            b = self._buckets[key] = Bucket(self.per_minute, now)
+        return b.take(now)
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json",
+                    headers={"Cache-Control": "no-store"})
+
+
+def _error(e: GatewayError) -> Response:
+    headers = {"Cache-Control": "no-store", **dict(getattr(e, "extra_headers", {}) or {})}
+    return Response(e.body(), status_code=e.status, media_type="application/json", headers=headers)
+
+
+def build_feedback_router(keyring: KeyRing, get_store: Callable[[], Any], recent: Callable[[], RecentCalls | None],
+                          config: FeedbackConfig, *, database: str = "") -> APIRouter:
+    router = APIRouter()
+    buckets = KeyBuckets(config.per_minute)
+
+    def owner_of(trace_id: str) -> tuple[str, str] | None:
+        r = recent()
+        found = r.get(trace_id) if r is not None else None
+        if found is not None:
+            return found
+        store = get_store()
+        if store is None:
+            raise GatewayError(503, "The call store is not available (recording is off or still starting).",
+                               type_="server_error", code="store_unavailable")
+        return call_owner(store, trace_id, database)
+
+    def allowed(p: Principal, owner: tuple[str, str]) -> bool:
+        customer, key_id = owner
+        return p.is_admin or (bool(p.customer) and customer == p.customer) or (bool(key_id) and key_id == p.key_id)
+
+    def store_row(row: dict) -> None:
+        store = get_store()
+        if store is None:
+            raise GatewayError(503, "The call store is not available; the rating was not stored.",
+                               type_="server_error", code="store_unavailable")
+        insert_feedback(store, [row], database)
+
+    @router.post("/v1/tagway/feedback", tags=["feedback"], status_code=201)
+    async def post_feedback(request: Request) -> Response:
+        """Rate a call (score or thumbs) and/or flag a complaint, by its trace id."""
+        try:
+            p = keyring.authenticate_headers(request.headers)
+            wait = buckets.wait(p.key_id or "admin")
+            if wait:
+                e = GatewayError(429, f"Too many ratings from this key (feedback.per_minute: {config.per_minute}); "
+                                      f"retry in {math.ceil(wait)} s.", type_="rate_limit_error", code="rate_limited")
+                e.extra_headers = {"retry-after": str(max(1, math.ceil(wait)))}  # type: ignore[attr-defined]
+                raise e
+            raw = await request.body()
+            if len(raw) > MAX_BODY:
+                raise GatewayError(413, f"The body is too large (at most {MAX_BODY} bytes).", code="body_too_large")
+            try:
+                body = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                raise bad_request("The body is not valid JSON.", code="invalid_json") from None
+            f = parse_feedback(body, max_comment=config.max_comment_chars)
+            owner = await run_in_threadpool(owner_of, f.trace_id)
+            if owner is None:
+                raise GatewayError(404, "No call with this trace id. (A call is stored within seconds of its end: "
+                                        "retry if it only just finished.)", code="call_not_found", param="trace_id")
+            if not allowed(p, owner):
+                raise forbidden("This key may only rate its own customer's calls.", code="customer_not_allowed",
+                                param="trace_id")
+            row = feedback_row(f, customer=owner[0], key_id=p.key_id, by_admin=p.is_admin)
+            await run_in_threadpool(store_row, row)
+            return _json({"object": "tagway.feedback", "id": row["feedback_id"], "trace_id": f.trace_id,
+                          "created": int(row["Timestamp"]), "score": f.score, "thumbs": f.thumbs or None,
+                          "complaint": f.complaint}, 201)
+        except GatewayError as e:
+            return _error(e)
+        except QueryInputError as e:
+            return _error(bad_request(e.message, code="invalid_feedback", param=e.param))
+        except StoreError as e:
+            log.warning("feedback store failed: %s", e)
+            return _error(GatewayError(503, "The rating could not be stored; see the gateway log.",
+                                       type_="server_error", code="store_failed"))
+
+    return router
