@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from .datasets import latest_versions
 from .feedback import feedback_table
 from .queries import (Selection, _dim_select, _Params, _where, calls_table, parse_by, wilson_interval)
-from .vocabulary import TAG_PREFIX, Filter, QueryInputError, parse_filter
+from .vocabulary import TAG_PREFIX, QueryInputError, parse_filter
 
 __all__ = ["SliceCoverage", "CoverageMap", "coverage_map", "production_counts", "target_key"]
 
@@ -148,6 +148,3 @@ def production_counts(store: Any, sel: Selection, database: str = "") -> dict[st
                     f"complaints FROM {calls_table(database)} WHERE {where}", parameters=p.values)[0]
     return {"calls": int(r["calls"]), "errors": int(r["errors"]), "complaints": int(r["complaints"])}
 
-
-def filters_of(texts: Sequence[str]) -> tuple[Filter, ...]:
-    return tuple(parse_filter(t) for t in texts)

@@ -315,7 +315,8 @@ def relabel(cases: list[CaseRecord], trace_ids: Sequence[str], *, label: str, cr
     now = time.time() if now is None else now
     for t in trace_ids:
         c = by_id[t]
-        c.label, c.critique, c.labeller, c.adjudicated, c.labelled_at = label, critique, labeller, adjudicated, now
+        if (c.label, c.critique, c.labeller, c.adjudicated) != (label, critique, labeller, adjudicated):
+            c.label, c.critique, c.labeller, c.adjudicated, c.labelled_at = label, critique, labeller, adjudicated, now
     return cases
 
 

@@ -81,10 +81,14 @@ def feedback_row(f: FeedbackInput, *, customer: str, key_id: str, by_admin: bool
             "by_admin": by_admin}
 
 
-def feedback_table(database: str = "") -> str:
+def _table(name: str, database: str = "") -> str:
     if not _DB_RE.match(database or ""):
         raise QueryInputError(f"invalid database name {show(database)}", param="database")
-    return f"`{database}`.`{TABLE}`" if database else f"`{TABLE}`"
+    return f"`{database}`.`{name}`" if database else f"`{name}`"
+
+
+def feedback_table(database: str = "") -> str:
+    return _table(TABLE, database)
 
 
 def insert_feedback(store: Any, rows: Sequence[dict], database: str = "") -> None:
@@ -95,8 +99,7 @@ def insert_feedback(store: Any, rows: Sequence[dict], database: str = "") -> Non
 
 def call_owner(store: Any, trace_id: str, database: str = "") -> tuple[str, str] | None:
     """(customer, key_id) of the recorded call with this trace id, or None when there is none (yet)."""
-    from .queries import calls_table  # noqa: PLC0415 - queries imports this module
-    rows = store.query(f"SELECT customer, key_id FROM {calls_table(database)} WHERE trace_id = {{t:String}} "
+    rows = store.query(f"SELECT customer, key_id FROM {_table('llm_calls', database)} WHERE trace_id = {{t:String}} "
                        "ORDER BY Timestamp LIMIT 1", {"t": trace_id})
     return (rows[0]["customer"], rows[0]["key_id"]) if rows else None
 
@@ -106,12 +109,11 @@ def segment_feedback(store: Any, dims: Sequence[str], where: str, params: dict[s
     """Per segment of llm_calls (`dims`: SELECT expressions d0, d1, ...; `where`: the selection's conditions over
     llm_calls, already parameterised) the rated and complained calls: complaints, rated, score_sum. Only calls with
     feedback are read (the bloom-filter index on trace_id takes the IN list)."""
-    from .queries import calls_table  # noqa: PLC0415
     fb = feedback_table(database)
     group = ", ".join(f"d{i}" for i in range(len(dims)))
     sql = (f"SELECT {', '.join(dims)}, countIf(f_complained) AS complaints, countIf(f_rated) AS rated, "
            f"sumIf(f_value, f_rated) AS score_sum\n"
-           f"FROM {calls_table(database)} AS c\n"
+           f"FROM {_table('llm_calls', database)} AS c\n"
            f"INNER JOIN (SELECT trace_id AS f_trace, max(complaint) AS f_complained, "
            f"countIf(v IS NOT NULL) > 0 AS f_rated, argMaxIf(v, Timestamp, v IS NOT NULL) AS f_value "
            f"FROM (SELECT trace_id, Timestamp, complaint, {value_expr} AS v FROM {fb} "

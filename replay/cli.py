@@ -33,10 +33,8 @@ replay_app.add_typer(dataset_app, name="dataset")
 
 
 def register(app: typer.Typer) -> None:
-    """Entry point "tagway.cli": add the `replay` sub-app, `dataset` and `coverage` to the gateway's CLI."""
-    from .datasets import cli as datasets_cli
+    """Entry point "tagway.cli": add the `replay` sub-app to the gateway's CLI."""
     app.add_typer(replay_app, name="replay")
-    datasets_cli.register(app)
 
 
 def main() -> None:

@@ -133,6 +133,7 @@ def test_datasets_from_complaints_to_locks_and_the_coverage_map(gw):
     with pytest.raises(openai.NotFoundError) as e:  # unknown: says nothing of who owns what
         c.post("/tagway/feedback", body={"trace_id": "f" * 32, "complaint": True}, cast_to=httpx.Response)
     assert e.value.code == "call_not_found" and "globex" not in str(e.value) and "acme" not in str(e.value)
+    # (bad input on the CLI side, e.g. unknown datasets naming the nearest, is in test_datasets.py)
     for bad, param in (({"trace_id": acme_r[3], "score": 1.5}, "score"), ({"trace_id": acme_r[3], "thumbs": "meh"},
                                                                            "thumbs"),
                        ({"trace_id": acme_r[3]}, "score"), ({"trace_id": acme_r[3], "complaint": True, "x": 1}, "x")):
@@ -196,12 +197,6 @@ def test_datasets_from_complaints_to_locks_and_the_coverage_map(gw):
     assert (case0["customer"], case0["intent"], case0["prompt_version"], case0["model"], case0["source"],
             case0["segment"], case0["origin"]) == ("acme", "refund", "refund-v4", "gpt-test", "production", "acme",
                                                    "feedback")
-    # the same again: nothing new, no version
-    code, out, err = tagway(gw, "dataset", "add", "refunds", "--from-feedback", "complaints", "--where",
-                            "intent=refund", "--since", "1h")
-    assert code == 0 and "nothing" in (out + err) and "no new version" in err, err
-    code, _, err = tagway(gw, "dataset", "add", "refunds", "--trace", "0" * 32)
-    assert code == 2 and "0" * 32 in err and "never recorded, or removed by the TTL" in err
 
     spec_good, spec_bad = spec(gw, "good", "gpt-test"), spec(gw, "bad", "refund-bad")
     code, run_a = replay(gw, spec_good, "refunds@1")
@@ -213,8 +208,6 @@ def test_datasets_from_complaints_to_locks_and_the_coverage_map(gw):
     code, out, err = tagway(gw, "dataset", "lock", acme_r[1], "--dataset", "refunds", "--expect", "pass",
                             "--note", "refund-v4 dropped the policy clause")
     assert code == 0 and "refunds@2: locked" in out, err
-    code, out, err = tagway(gw, "dataset", "remove", "refunds", acme_r[1])
-    assert code == 2 and "locked" in err and "--force" in err
     code, out, err = tagway(gw, "dataset", "add", "refunds", "--where", "customer=globex", "--where",
                             "intent=refund", "--since", "1h", "--sample", "2", "--seed", "1")
     assert code == 0 and "refunds@3: added 2 case(s)" in out, err + out
@@ -281,12 +274,3 @@ def test_datasets_from_complaints_to_locks_and_the_coverage_map(gw):
                                                        ("since", "1h")], headers={"Authorization": f"Bearer {ADMIN}"})
     assert api.status_code == 200 and api.json()["slices"] == cov["slices"]
     assert httpx.get(gw.url + "/admin/coverage", headers={"Authorization": f"Bearer {KEYS['acme']}"}).status_code == 403
-
-    # -- unknown datasets and versions: exit 2 with the nearest names --------------------------------------------
-    code, _, err = tagway(gw, "dataset", "show", "refund")
-    assert code == 2 and "did you mean refunds" in err
-    code, _, err = tagway(gw, "dataset", "show", "refunds@9")
-    assert code == 2 and "refunds@1 to refunds@3" in err
-    code, _, err = tagway(gw, "replay", "run", "--spec", spec_good, "--dataset", "refundz@1", "--gateway", gw.url,
-                          "--api-key", ADMIN, "--no-progress")
-    assert code == 2 and "did you mean refunds" in err

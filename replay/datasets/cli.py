@@ -1,5 +1,6 @@
-"""`tagway dataset ...` (versioned datasets) and `tagway coverage` (the coverage map), registered with the replay
-commands through the `tagway.cli` entry point (replay.cli.register). Every change makes a new version with a
+"""`tagway dataset ...` (versioned datasets) and `tagway coverage` (the coverage map), registered through the
+`tagway.cli` entry point `datasets` (pyproject.toml), beside the replay commands whose options and error handling
+they share (replay.cli). Every change makes a new version with a
 message (-m), an author (--author, $TAGWAY_AUTHOR, else the login name) and a time. Bad input is one line on stderr
 and exit 2 (unknown datasets and versions name the nearest ones); a change that changes nothing says so and makes
 no version (exit 0).
@@ -264,8 +265,8 @@ def add_cmd(
         exclude = _existing(store, name)
         author_ = _author(author)
         if trace:
-            picked_ids, notes, already = list(dict.fromkeys(trace)), [], [t for t in trace if t in exclude]
-            strict = True
+            picked_ids, strict = list(dict.fromkeys(trace)), True
+            already = sum(1 for t in picked_ids if t in exclude)
         else:
             s = build.slice_spec(where or [], since, sample_n=sample_n, stratify=keys, min_per_segment=min_per_segment,
                                  seed=seed)
@@ -278,9 +279,8 @@ def add_cmd(
             else:
                 sel = build.from_where(store, s, exclude)
                 origin = "where"
-            picked_ids, notes, strict = [p.trace_id for p in sel.picked], sel.notes, False
-            already = ["x"] * sel.already
-            for line in notes:
+            picked_ids, strict, already = [p.trace_id for p in sel.picked], False, sel.already
+            for line in sel.notes:
                 typer.echo(f"note: {line}", err=True)
             if not picked_ids and sel.already:
                 raise core.NoChange(f"nothing new: the {sel.already} matching call(s) are all in {name!r} already; "
@@ -296,7 +296,7 @@ def add_cmd(
         result = add_cases(store, name, caps, message=message or _default_message(trace, from_feedback, from_run,
                                                                                  where), author=author_,
                            difficulty=difficulty or "")
-    dups = len(already) + len(result.duplicates)
+    dups = already + len(result.duplicates)
     _made(result.version, f"added {len(result.added)} case(s)" + (f", {dups} already in it" if dups else ""))
 
 

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 from typing import Any, Mapping, Sequence
 
 from exporters.coverage import production_counts
@@ -175,7 +174,3 @@ def dataset_coverage(store: Any, version: Version, cases: Sequence[CaseRecord], 
                    sum(1 for c in cases if c.difficulty == d)) for d in DIFFICULTIES]
     return DatasetCoverage(version.ref, n, window, slices, rows, sum(1 for c in cases if not c.difficulty))
 
-
-def window_since(since: str) -> Window:
-    from exporters.vocabulary import parse_window  # noqa: PLC0415
-    return parse_window(since, now=dt.datetime.now(dt.timezone.utc))

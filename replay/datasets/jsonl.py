@@ -16,8 +16,7 @@ from typing import Any
 
 import orjson
 
-from exporters.datasets import (DIFFICULTIES, EXPECTS, LABELS, CaseRecord, DatasetStoreError, Version,
-                                validate_name)
+from exporters.datasets import DIFFICULTIES, EXPECTS, LABELS, CaseRecord, DatasetStoreError, validate_name
 
 from ..slice import Case
 from .capture import Captured
@@ -165,7 +164,3 @@ def parse_file(path: str | Path) -> ParsedFile:
         raise DatasetStoreError(f"{p}: no case in the file")
     return ParsedFile(str(p), header, items)
 
-
-def version_of(header: Header | None) -> Version | None:
-    return None if header is None else Version(header.name, header.version, "", 0.0, header.author, header.message,
-                                               "import", 0, 0, header.targets)
