@@ -337,7 +337,7 @@ def _build_api(app: TagwayApp) -> FastAPI:
     db = app.config.storage.database
     api.include_router(build_feedback_router(app.keyring, lambda: app.query_store,
                                              lambda: app.proxy.recent if app.proxy is not None else None,
-                                             app.config.feedback, database=db))
+                                             app.config.feedback, app.limits.limiter, database=db))
     api.include_router(build_datasets_router(app.keyring, lambda: app.query_store, database=db))
     return api
 

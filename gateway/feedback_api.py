@@ -9,15 +9,14 @@ tenant; the admin key rates any call. Stored in `llm_feedback` with the time, th
 customer (exporters.feedback), joinable to `llm_calls` on trace_id.
 
 A call is looked up in the calls this process served lately first (gateway.recent: a rating may come before the
-recorder's batch reaches ClickHouse), then in the store. Ratings per key are a token bucket (`feedback.per_minute`;
-gateway/limits.py, the request path's limiter, was not on main when this was written): a flood gets 429 with
-retry-after. Store work runs on the thread pool, never on the event loop.
+recorder's batch reaches ClickHouse), then in the store. Ratings are rate limited per key by the gateway's limiter
+(gateway.limits) in buckets of their own (`feedback.per_minute`, a worker's share with several workers), so a flood
+of ratings gets 429 with retry-after and never eats the key's budget for calls. Store work runs on the thread pool,
+never on the event loop.
 """
 from __future__ import annotations
 
 import logging
-import math
-import time
 from typing import Any, Callable
 
 import orjson
@@ -32,44 +31,14 @@ from exporters.vocabulary import QueryInputError
 from .auth import KeyRing, Principal
 from .config import FeedbackConfig
 from .errors import GatewayError, bad_request, forbidden
+from .limits import Limiter
 from .recent import RecentCalls
 
-__all__ = ["Bucket", "KeyBuckets", "build_feedback_router"]
+__all__ = ["build_feedback_router", "FEEDBACK_SCOPE"]
 
 log = logging.getLogger("tagway.feedback")
 MAX_BODY = 64 * 1024
-
-
-class Bucket:
-    """A token bucket: `per_minute` ratings in a burst, refilled at per_minute / 60 a second."""
-    __slots__ = ("capacity", "rate", "level", "stamp")
-
-    def __init__(self, per_minute: float, now: float) -> None:
-        self.capacity, self.rate, self.level, self.stamp = float(per_minute), per_minute / 60.0, float(per_minute), now
-
-    def take(self, now: float) -> float:
-        """0 when a token was taken; else the seconds until one is there."""
-        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.level >= 1:
-            self.level -= 1
-            return 0.0
-        return (1 - self.level) / self.rate
-
-
-class KeyBuckets:
-    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic, max_keys: int = 100_000) -> None:
-        self.per_minute, self.clock, self.max_keys = per_minute, clock, max_keys
-        self._buckets: dict[str, Bucket] = {}
-
-    def wait(self, key: str) -> float:
-        now = self.clock()
-        b = self._buckets.get(key)
-        if b is None:
-            if len(self._buckets) >= self.max_keys:  # full buckets are no state worth keeping
-                self._buckets = {k: v for k, v in self._buckets.items() if v.level < v.capacity}
-            b = self._buckets[key] = Bucket(self.per_minute, now)
-        return b.take(now)
+FEEDBACK_SCOPE = "feedback"  # the limiter's buckets for ratings, per key
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -78,14 +47,14 @@ def _json(data: Any, status: int = 200) -> Response:
 
 
 def _error(e: GatewayError) -> Response:
-    headers = {"Cache-Control": "no-store", **dict(getattr(e, "extra_headers", {}) or {})}
+    headers = {"Cache-Control": "no-store", **{k.decode(): v.decode() for k, v in e.headers}}
     return Response(e.body(), status_code=e.status, media_type="application/json", headers=headers)
 
 
 def build_feedback_router(keyring: KeyRing, get_store: Callable[[], Any], recent: Callable[[], RecentCalls | None],
-                          config: FeedbackConfig, *, database: str = "") -> APIRouter:
+                          config: FeedbackConfig, limiter: Limiter, *, database: str = "") -> APIRouter:
+    """`limiter`: the gateway's (gateway.limits), in which ratings have buckets of their own per key."""
     router = APIRouter()
-    buckets = KeyBuckets(config.per_minute)
 
     def owner_of(trace_id: str) -> tuple[str, str] | None:
         r = recent()
@@ -114,12 +83,9 @@ def build_feedback_router(keyring: KeyRing, get_store: Callable[[], Any], recent
         """Rate a call (score or thumbs) and/or flag a complaint, by its trace id."""
         try:
             p = keyring.authenticate_headers(request.headers)
-            wait = buckets.wait(p.key_id or "admin")
-            if wait:
-                e = GatewayError(429, f"Too many ratings from this key (feedback.per_minute: {config.per_minute}); "
-                                      f"retry in {math.ceil(wait)} s.", type_="rate_limit_error", code="rate_limited")
-                e.extra_headers = {"retry-after": str(max(1, math.ceil(wait)))}  # type: ignore[attr-defined]
-                raise e
+            refusal = limiter.admit([((FEEDBACK_SCOPE, p.key_id or "admin"), config.per_minute, None)])
+            if refusal is not None:
+                raise refusal.error()
             raw = await request.body()
             if len(raw) > MAX_BODY:
                 raise GatewayError(413, f"The body is too large (at most {MAX_BODY} bytes).", code="body_too_large")

@@ -403,3 +403,38 @@ def test_key_in_a_query_string_is_refused(board, page):
     res = page.goto(f"{board.url}/ui/calls?key={ADMIN_KEY}")
     assert res.status == 400 and "Keys do not go in a URL" in page.content()
     assert re.search(r"tw-board-admin", page.content()) is None
+
+
+def test_coverage_page_shows_the_map_with_its_gaps(board, page, shots, chdb_store):
+    """The coverage map (issue 12) on the board: the same slices as /admin/coverage, gaps first and marked; a
+    dataset holding the erroring call's trace closes that slice's gap."""
+    from exporters.feedback import feedback_row, insert_feedback, parse_feedback
+    from replay.datasets import add_cases, capture
+
+    name = f"cov-{board.run}"
+    caps, problems = capture(chdb_store, [board.traces["fallback"]], origin="trace", added_by="test")
+    assert problems == {}
+    add_cases(chdb_store, name, caps, message="one case", author="test")
+    initech = board.customers["initech"]
+    complained = chdb_store.query("SELECT trace_id FROM llm_calls WHERE customer = {c:String} AND intent = 'refund' "
+                                  "AND source = 'production' LIMIT 1", {"c": initech})[0]["trace_id"]
+    insert_feedback(chdb_store, [feedback_row(parse_feedback({"trace_id": complained, "complaint": True}),
+                                              customer=initech, key_id="k", by_admin=False)])
+    q = urllib.parse.urlencode([("since", "1h"), ("by", "customer"), ("by", "intent"), ("dataset", name),
+                                ("where", board.where)])
+    assert goto(page, f"{board.url}/ui/coverage?{q}#key={ADMIN_KEY}") == "1"
+    api = admin_api(board, f"/admin/coverage?{q}")
+    rows = cells(page, "#coverage tbody tr")
+    assert [r[:2] for r in rows] == [[s["key"]["customer"], s["key"]["intent"]] for s in api["slices"]]
+    assert [r[2] for r in rows] == [f"{s['calls']:,}" for s in api["slices"]]
+    gaps = page.eval_on_selector_all("#coverage tbody tr[data-gap='1']", "rs => rs.map(r => r.cells[0].textContent "
+                                     "+ '/' + r.cells[1].textContent)")
+    assert api["gaps"] == len(gaps) >= 2 and rows[0][-1].startswith("gap: 1 missing")
+    assert f"{board.customers['globex']}/support" in gaps  # the broken call's slice: no case
+    assert f"{initech}/refund" in gaps  # a complaint, no case
+    covered = next(s for s in api["slices"] if s["cases"] == 1)
+    assert covered["gap"] is False and covered["key"] == {"customer": board.customers["acme"], "intent": "billing"}
+    assert f"against {name}@1" in page.text_content("#status-line")
+    shot(page, shots, "19-coverage")
+    goto(page, f"{board.url}/ui/coverage?since=1h#key={board.keys['acme']}")  # datasets are the operator's
+    assert page.text_content("#admin-only") == "The coverage map needs the admin key."

@@ -20,7 +20,6 @@ from exporters.vocabulary import QueryInputError
 from gateway.auth import KeyRing, hash_key
 from gateway.config import GatewayConfig, KeyConfig, TenantConfig
 from gateway.datasets_api import build_datasets_router
-from gateway.feedback_api import KeyBuckets
 from gateway.recent import RecentCalls
 from replay.datasets.cli import register
 from replay.datasets import capture, load
@@ -365,7 +364,7 @@ def test_unknown_datasets_name_the_nearest(world):
 
 
 # -- feedback pieces ----------------------------------------------------------------------------------------------
-def test_feedback_validation_buckets_and_recent_calls():
+def test_feedback_validation_and_recent_calls():
     ok = parse_feedback({"trace_id": "abc", "thumbs": "down", "complaint": True, "comment": "x", "source": "app"})
     assert (ok.thumbs, ok.complaint, ok.score, ok.source) == ("down", True, None, "app")
     for body, param in (({"score": 1}, "trace_id"), ({"trace_id": "a b", "score": 1}, "trace_id"),
@@ -376,12 +375,6 @@ def test_feedback_validation_buckets_and_recent_calls():
         with pytest.raises(QueryInputError) as e:
             parse_feedback(body)
         assert e.value.param == param, body
-    now = [0.0]
-    b = KeyBuckets(60, clock=lambda: now[0])
-    assert [b.wait("k") for _ in range(60)] == [0.0] * 60 and b.wait("k") == pytest.approx(1.0)
-    assert b.wait("other") == 0.0  # per key
-    now[0] = 2.0
-    assert b.wait("k") == 0.0 and b.wait("k") == 0.0 and b.wait("k") > 0  # refilled at one a second
     r = RecentCalls(size=2)
     for i in range(5):
         r.add(b"t%d" % i, f"c{i}", f"k{i}")

@@ -1,4 +1,4 @@
-// tagway case board: the Calls list, a Call, the Case view, Replays (runs, a run, a trend) and Charts.
+// tagway case board: the Calls list, a Call, the Case view, Replays (runs, a run, a trend), Charts and Coverage.
 // One static shell (board.html) per page; the page name comes from the server (body[data-page]), an id from the
 // path (/ui/calls/<trace id>), and every filter from the query string, so a link can be shared. Data comes from
 // /admin/* with the admin key, or /v1/tagway/* with a tenant key (limited to its customer by the server).
@@ -652,14 +652,68 @@ async function pageCharts() {
   status(ts.series.length + " series · " + fmtTime(ts.window.from) + " to " + fmtTime(ts.window.to) + " UTC" + excluded);
 }
 
+// -- Coverage (issue 12): where production fails or complains and the datasets hold too few cases -------------
+function coverageForm() {
+  const since = el("select", { id: "f-since" });
+  for (const [v, t] of WINDOWS) since.appendChild(el("option", { value: v }, t));
+  const cur = QS.get("since") || "30d";
+  if (!WINDOWS.some(([v]) => v === cur)) since.appendChild(el("option", { value: cur }, cur));
+  since.value = cur;
+  const by = el("input", { id: "f-by", size: 22, spellcheck: false, placeholder: "customer intent" });
+  by.value = (QS.getAll("by").length ? QS.getAll("by") : ["customer", "intent"]).join(" ");
+  const ds = el("input", { id: "f-dataset", size: 18, spellcheck: false, placeholder: "all datasets" });
+  ds.value = QS.getAll("dataset").join(" ");
+  const where = el("input", { id: "f-where", spellcheck: false, placeholder: "intent=refund tag.region=eu" });
+  where.value = QS.getAll("where").join(" ");
+  const form = el("form", { class: "card filters", id: "filters", autocomplete: "off" },
+    el("label", {}, "Window", since), el("label", {}, "Slices by", by), el("label", {}, "Datasets", ds),
+    el("label", { class: "grow" }, "Filters", where), el("button", { type: "submit" }, "Apply"));
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const p = new URLSearchParams([["since", since.value]]);
+    for (const b of by.value.trim().split(/[\s,]+/).filter(Boolean)) p.append("by", b);
+    for (const d of ds.value.trim().split(/[\s,]+/).filter(Boolean)) p.append("dataset", d);
+    for (const w of splitFilters(where.value.trim())) p.append("where", w);
+    location.assign(uiLink("coverage", null, p));
+  });
+  return form;
+}
+
+async function pageCoverage() {
+  document.title = "tagway · coverage";
+  main().appendChild(coverageForm());
+  if (WHO && !WHO.admin) {  // datasets belong to the operator: the map needs the admin key
+    main().appendChild(card("Coverage", el("p", { id: "admin-only" }, "The coverage map needs the admin key.")));
+    status("");
+    return;
+  }
+  const p = new URLSearchParams([["since", QS.get("since") || "30d"]]);
+  for (const k of ["by", "dataset", "where"]) for (const v of QS.getAll(k)) p.append(k, v);
+  if (!QS.getAll("by").length) { p.append("by", "customer"); p.append("by", "intent"); }
+  const m = await api("admin/coverage", p);
+  const rows = m.slices.map((s) => el("tr", { class: s.gap ? "failing" : "", "data-gap": s.gap ? "1" : "0" },
+    ...m.by.map((k) => el("td", {}, s.key[k] || "(none)")),
+    el("td", { class: "r" }, fmtInt(s.calls)), el("td", { class: "r" }, fmtRate(s.failure_rate)),
+    el("td", { class: "r" }, fmtRate(s.complaint_rate)), el("td", { class: "r" }, fmtInt(s.cases)),
+    el("td", { class: "r" }, s.target === null ? "-" : fmtInt(s.target)),
+    el("td", {}, s.gap ? badge("gap: " + s.missing + " missing", "regression") : "")));
+  const heads = m.by.concat(["calls ", "failure rate ", "complaint rate ", "cases ", "target ", ""]);
+  main().append(el("h1", {}, "Coverage: where evaluation is thin"),
+    card(m.gaps + " gap(s): slices that fail or complain with fewer cases than their target (or none), worst first",
+      table(heads, rows, { id: "coverage" })));
+  status((m.datasets.length ? "against " + m.datasets.join(", ") : "no dataset yet") + " · " +
+    fmtTime(m.window.from) + " to " + fmtTime(m.window.to) + " UTC");
+}
+
 // -- start -----------------------------------------------------------------------------------------------------
 const PAGES = { calls: () => (IDENT ? pageCall() : pageCalls()), cases: pageCase,
-  replays: () => (IDENT ? pageRun() : pageRuns()), trend: pageTrend, charts: pageCharts };
+  replays: () => (IDENT ? pageRun() : pageRuns()), trend: pageTrend, charts: pageCharts, coverage: pageCoverage };
 
 function renderNav() {
   const nav = $("nav");
   for (const [page, text, href] of [["overview", "Overview", apiBase + "ui"], ["calls", "Calls", uiLink("calls")],
-    ["charts", "Charts", uiLink("charts")], ["replays", "Replays", uiLink("replays")]]) {
+    ["charts", "Charts", uiLink("charts")], ["replays", "Replays", uiLink("replays")],
+    ["coverage", "Coverage", uiLink("coverage")]]) {
     nav.appendChild(el("a", { href, class: page === PAGE || (page === "replays" && PAGE === "trend") ? "here" : "" }, text));
   }
 }
