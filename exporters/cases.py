@@ -14,7 +14,7 @@ import difflib
 import re
 from typing import Any, Callable
 
-from . import calls, replays
+from . import calls, datasets, feedback, replays
 from .store import Store
 
 __all__ = ["CaseSection", "SECTIONS", "PLANNED_SECTIONS", "case_view", "word_diff", "sections_for"]
@@ -33,8 +33,18 @@ def _datasets(store: Any, trace_id: str, customer: str | None, database: str) ->
     return replays.datasets_for_trace(store, trace_id, database=database)
 
 
+def _labels(store: Any, trace_id: str, customer: str | None, database: str) -> list[dict[str, Any]]:
+    return datasets.cases_for_trace(store, trace_id)
+
+
+def _feedback(store: Any, trace_id: str, customer: str | None, database: str) -> list[dict[str, Any]]:
+    return feedback.for_trace(store, trace_id, customer=customer, database=database)
+
+
 SECTIONS: list[CaseSection] = [
     CaseSection("datasets", "In datasets", "replay_datasets", _datasets),
+    CaseSection("labels", "Human labels", "dataset_cases", _labels),  # versioned datasets (issue 12)
+    CaseSection("feedback", "Feedback", "llm_feedback", _feedback),
 ]
 # What the case board will show once recorded (issue 12: labels and feedback; issue 13: the tag audit log); named
 # here so the page and the CLI can say they are not recorded yet rather than leave the reader guessing.

@@ -25,7 +25,7 @@ import orjson
 __all__ = ["DatasetStoreError", "DatasetNotFound", "NoChange", "ConcurrentChange", "CaseRecord", "Version",
            "LABELS", "DIFFICULTIES", "EXPECTS", "NAME_RE", "validate_name", "parse_ref", "format_ref", "nearest",
            "dataset_names", "latest_versions", "history", "get_version", "read_cases", "commit", "put_content",
-           "get_content", "relabel", "JOIN_SQL"]
+           "get_content", "relabel", "cases_for_trace", "JOIN_SQL"]
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 LABELS = ("pass", "fail")
@@ -318,6 +318,17 @@ def relabel(cases: list[CaseRecord], trace_ids: Sequence[str], *, label: str, cr
         if (c.label, c.critique, c.labeller, c.adjudicated) != (label, critique, labeller, adjudicated):
             c.label, c.critique, c.labeller, c.adjudicated, c.labelled_at = label, critique, labeller, adjudicated, now
     return cases
+
+
+def cases_for_trace(store: Any, trace_id: str) -> list[dict[str, Any]]:
+    """The latest version of each dataset that holds `trace_id`, with the case's label, lock and difficulty (the
+    case board's "labels" section)."""
+    ids = [v.version_id for v in latest_versions(store)]
+    if not ids:
+        return []
+    return store.query("SELECT dataset_id, label, critique, labeller, adjudicated, locked, expect, lock_note, "
+                       "difficulty FROM dataset_cases WHERE trace_id = {t:String} AND version_id IN "
+                       "{ids:Array(String)} ORDER BY dataset_id", {"t": trace_id, "ids": ids})
 
 
 # Every replayed case of a run beside its dataset case (label, lock, difficulty) and the production call it came

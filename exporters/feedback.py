@@ -18,7 +18,7 @@ import orjson
 from .vocabulary import QueryInputError, show
 
 __all__ = ["TABLE", "THUMBS", "FeedbackInput", "parse_feedback", "feedback_row", "insert_feedback", "call_owner",
-           "segment_feedback", "feedback_table", "value_expr", "JOIN_SQL", "MAX_COMMENT_CHARS"]
+           "segment_feedback", "for_trace", "feedback_table", "value_expr", "JOIN_SQL", "MAX_COMMENT_CHARS"]
 
 TABLE = "llm_feedback"
 THUMBS = ("up", "down")
@@ -102,6 +102,16 @@ def call_owner(store: Any, trace_id: str, database: str = "") -> tuple[str, str]
     rows = store.query(f"SELECT customer, key_id FROM {_table('llm_calls', database)} WHERE trace_id = {{t:String}} "
                        "ORDER BY Timestamp LIMIT 1", {"t": trace_id})
     return (rows[0]["customer"], rows[0]["key_id"]) if rows else None
+
+
+def for_trace(store: Any, trace_id: str, *, customer: str | None = None, database: str = "") -> list[dict]:
+    """Every rating of one call, oldest first (the case board's "feedback" section); `customer` limits them to
+    ratings of that customer's call."""
+    where, params = "trace_id = {t:String}", {"t": trace_id}
+    if customer is not None:
+        where, params = where + " AND customer = {c:String}", {**params, "c": customer}
+    return store.query(f"SELECT toFloat64(Timestamp) AS rated_at, score, thumbs, complaint, comment, source, key_id "
+                       f"AS rated_by FROM {feedback_table(database)} WHERE {where} ORDER BY Timestamp", params)
 
 
 def segment_feedback(store: Any, dims: Sequence[str], where: str, params: dict[str, Any], since_param: str,

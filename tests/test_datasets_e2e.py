@@ -249,6 +249,14 @@ def test_datasets_from_complaints_to_locks_and_the_coverage_map(gw):
         {("acme", "refund", "refund-v4", "gpt-test"), ("globex", "refund", "refund-v4", "gpt-test"),
          ("initech", "refund", "refund-v4", "gpt-test")}
 
+    # the case board's view of the locked trace: its labels (datasets) and its feedback
+    view = httpx.get(f"{gw.url}/admin/cases/{acme_r[1]}", headers={"Authorization": f"Bearer {ADMIN}"}).json()
+    sections = {x["name"]: x["rows"] for x in view["sections"]}
+    assert [(r["dataset_id"], r["locked"], r["expect"], r["lock_note"]) for r in sections["labels"]] == [
+        ("refunds@3", True, "pass", "refund-v4 dropped the policy clause")]
+    assert [(r["complaint"], r["thumbs"], r["source"], r["rated_by"]) for r in sections["feedback"]] == [
+        (True, "down", "support", "acme-k")]
+
     # -- the coverage map -------------------------------------------------------------------------------------------
     code, out, err = tagway(gw, "coverage", "--by", "customer", "--by", "intent", "--dataset", "refunds", "--since",
                             "1h", "--json")
