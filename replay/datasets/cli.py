@@ -254,7 +254,7 @@ def add_cmd(
         modes = [m for m, on in (("--where/--since", bool(where) and not from_feedback),
                                  ("--from-feedback", bool(from_feedback)), ("--from-run", bool(from_run)),
                                  ("--trace", bool(trace))) if on]
-        if len(modes) > 1 and not (modes == ["--from-feedback"]):
+        if len(modes) > 1:
             raise SpecError(f"choose one way to pick cases: {', '.join(modes)}")
         if flipped and not from_run:
             raise SpecError("--flipped goes with --from-run RUN_ID")
