@@ -14,7 +14,12 @@ from exporters.store import Store
 
 __all__ = ["NOW", "Seeded", "seed_calls", "call_row", "insert_calls", "Replayed", "seed_replayed"]
 
-NOW = dt.datetime.now(dt.timezone.utc)
+NOW = dt.datetime.now(dt.timezone.utc)  # import time; the seeds below take the time they run at (a long suite must
+# not age rows seeded minutes after import out of the "last hour" the tests ask about)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
 
 
 def _ts(t: dt.datetime) -> str:
@@ -56,10 +61,12 @@ def seed_calls(store: Store) -> Seeded:
                error_trace=f"{run}err0000", span_trace_ok=uuid.uuid4().hex, span_trace_err=uuid.uuid4().hex)
     rows: list[dict] = []
     n = 0
+    now = _now()
 
     def add(customer: str, intent: str, *, count: int, errors: list[tuple[str, int]] = (), cancelled: int = 0,
-            when: dt.datetime = NOW, latency: float | None = None, stream: bool = True, region=lambda i: "us",
-            trace_ids: dict[int, str] | None = None) -> None:
+            when: dt.datetime | None = None, latency: float | None = None, stream: bool = True,
+            region=lambda i: "us", trace_ids: dict[int, str] | None = None) -> None:
+        when = when or now
         nonlocal n
         kinds: list[tuple[str, str, int]] = []
         for etype, status_code in errors:
@@ -93,7 +100,7 @@ def seed_calls(store: Store) -> Seeded:
     add(s.globex, "refund", count=200, latency=100.0, stream=False)
     add(s.globex, "chat", count=290, cancelled=5)
     add(s.initech, "chat", count=10, errors=[("rate_limited", 429)] * 3)
-    before = NOW - dt.timedelta(hours=36)
+    before = now - dt.timedelta(hours=36)
     add(s.acme, "refund", count=100, errors=[("upstream_5xx", 502)] * 5, when=before)
     add(s.globex, "chat", count=100, when=before)
     store.insert_json_rows("llm_calls", b"\n".join(orjson.dumps(r) for r in rows),
@@ -115,7 +122,7 @@ def seed_calls(store: Store) -> Seeded:
             attrs.update({"error.type": "upstream_5xx", "http.response.status_code": "502"})
         else:
             attrs["gen_ai.output.messages"] = '[{"role":"assistant","parts":[{"type":"text","content":"done"}]}]'
-        spans.append({"Timestamp": _ts(NOW - dt.timedelta(minutes=5 + i)), "TraceId": trace,
+        spans.append({"Timestamp": _ts(now - dt.timedelta(minutes=5 + i)), "TraceId": trace,
                       "SpanId": f"{i + 1:016x}", "SpanName": "chat gpt-4o", "SpanKind": "Client",
                       "ServiceName": "tagway", "ScopeName": "tagway.gateway", "SpanAttributes": attrs,
                       "Duration": 120_000_000 + i * 10_000_000, "StatusCode": "Error" if err else "Ok",
@@ -128,7 +135,7 @@ def seed_calls(store: Store) -> Seeded:
 def call_row(run: str, customer: str, i: int, *, status: str = "ok", source: str = "production",
              when: dt.datetime | None = None, **columns) -> dict:
     """One llm_calls row (tag run=<run>) with defaults for what the stats read; `columns` override them."""
-    row = {"Timestamp": _ts((when or NOW) - dt.timedelta(minutes=i % 50, seconds=i % 60)),
+    row = {"Timestamp": _ts((when or _now()) - dt.timedelta(minutes=i % 50, seconds=i % 60)),
            "trace_id": f"{run}x{uuid.uuid4().hex[:12]}", "span_id": f"{i:016x}", "service_name": "tagway",
            "customer": customer, "intent": "refund", "prompt_version": "v1", "tags": {"run": run},
            "operation": "chat", "model_requested": "gpt-4o-mini", "model_served": "gpt-4o-mini", "provider": "openai",
@@ -164,7 +171,7 @@ def seed_replayed(store: Store, customer: str | None = None) -> Replayed:
     """
     run = "rp" + uuid.uuid4().hex[:10]
     r = Replayed(run, customer or f"{run}-acme")
-    before = NOW - dt.timedelta(hours=36)
+    before = _now() - dt.timedelta(hours=36)
     rows = ([call_row(run, r.customer, i) for i in range(50)]
             + [call_row(run, r.customer, i, status="error", source="replay") for i in range(40)]
             + [call_row(run, r.customer, i, status="error", source="replay-judge") for i in range(10)]

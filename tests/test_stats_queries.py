@@ -14,7 +14,7 @@ import pytest
 
 from exporters import queries as q
 from exporters.store import Store
-from tests.calls_seed import NOW, Replayed, Seeded, seed_calls, seed_replayed
+from tests.calls_seed import Replayed, Seeded, seed_calls, seed_replayed
 
 @pytest.fixture(scope="module")
 def seeded(chdb_store: Store) -> Seeded:
@@ -244,7 +244,8 @@ def test_get_call(chdb_store, seeded):
     assert call["status"] == "error" and call["http_status"] == 502
     assert call["tags"] == {"run": seeded.run, "region": "eu"}
     assert call["Timestamp"].endswith("Z")
-    assert dt.datetime.fromisoformat(call["Timestamp"].replace("Z", "+00:00")) <= NOW + dt.timedelta(seconds=1)
+    assert dt.datetime.fromisoformat(call["Timestamp"].replace("Z", "+00:00")) <= \
+        dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=1)
     orjson.dumps(call)  # JSON-ready
     assert q.get_call(chdb_store, "0" * 32) is None
     with pytest.raises(q.QueryInputError):
