@@ -30,6 +30,7 @@ from .openapi import install_openapi
 from .proxy import HOT_ROUTES, Proxy
 from .redact import Redactor
 from .store_api import LocalAccess, build_store_router
+from .tags_api import build_tags_router
 
 __all__ = ["TagwayApp", "create_app"]
 
@@ -331,6 +332,7 @@ def _build_api(app: TagwayApp) -> FastAPI:
         build_stats_router = None
     if build_stats_router is not None:
         api.include_router(build_stats_router(app.keyring, lambda: app.query_store))
+    api.include_router(build_tags_router(app.keyring, lambda: app.query_store))
     api.include_router(build_store_router(app.keyring, lambda: app.query_store, app.local))
     return api
 
