@@ -19,8 +19,8 @@ from .tagstate import TagLock
 # the statuses of a finished run whose tags were reconciled (a preview is complete without touching tags)
 RECONCILED = ("complete", "incomplete")
 
-__all__ = ["RECONCILED", "EvalRun", "EvalResult", "save_evaluator", "get_evaluator", "list_evaluators", "write_run", "get_run",
-           "list_runs", "write_results", "read_results", "covered_rows"]
+__all__ = ["RECONCILED", "EvalRun", "EvalResult", "save_evaluator", "get_evaluator", "list_evaluators", "write_run",
+           "get_run", "list_runs", "write_results", "read_results", "covered_rows"]
 
 
 def save_evaluator(store: Any, name: str, definition_json: str, content_hash: str) -> tuple[int, bool]:
@@ -150,7 +150,8 @@ def covered_rows(store: Any, evaluator: str, dataset: str) -> set[str]:
     reconciled: a delta run scores the others (rows whose evaluation errored are not covered: a delta retries
     them)."""
     rows = store.query("SELECT DISTINCT arrayJoin(dataset_rows) AS t FROM eval_results WHERE evaluator = {e:String} "
-                       "AND dataset = {d:String} AND mode IN ('full', 'delta') AND status != 'errored' AND run_id IN (SELECT run_id FROM "
-                       "eval_runs GROUP BY run_id HAVING argMax(status, version) IN {done:Array(String)})",
+                       "AND dataset = {d:String} AND mode IN ('full', 'delta') AND status != 'errored' AND run_id IN "
+                       "(SELECT run_id FROM eval_runs GROUP BY run_id HAVING argMax(status, version) IN "
+                       "{done:Array(String)})",
                        {"e": evaluator, "d": dataset, "done": list(RECONCILED)})
     return {r["t"] for r in rows}

@@ -28,8 +28,8 @@ import orjson
 
 __all__ = ["MESSAGE", "SESSION", "TAG_NAME_RE", "TagInputError", "TagNotPresent", "TagLockBusy", "Target", "TagEvent",
            "validate_tag_name", "parse_target", "session_target_id", "next_version", "write_events", "current_tags",
-           "tags_of", "audit", "run_events", "target_customer", "human_change", "TagLock", "has_tag_condition", "applied_tags_source",
-           "WRITE_SETTINGS"]
+           "tags_of", "audit", "run_events", "target_customer", "human_change", "TagLock", "has_tag_condition",
+           "applied_tags_source", "WRITE_SETTINGS"]
 
 MESSAGE, SESSION = "message", "session"
 KINDS = (MESSAGE, SESSION)
@@ -167,8 +167,8 @@ def write_events(store: Any, events: Sequence[TagEvent], *, database: str = "") 
         if not e.event_time:
             e.event_time = e.version / 1e9
     for i in range(0, len(events), 5000):
-        store.insert_json_rows(_t(database, "tag_events"), b"\n".join(orjson.dumps(e.row()) for e in events[i:i + 5000]),
-                               settings=WRITE_SETTINGS)
+        body = b"\n".join(orjson.dumps(e.row()) for e in events[i:i + 5000])
+        store.insert_json_rows(_t(database, "tag_events"), body, settings=WRITE_SETTINGS)
     return len(events)
 
 

@@ -23,9 +23,9 @@ from typing import Any, Iterable
 from .tagstate import TagInputError, has_tag_condition, validate_tag_name
 
 __all__ = [
-    "QueryInputError", "COLUMNS", "TAG_PREFIX", "APPLIED_TAG", "TAG_KEY_RE", "STATUSES", "PRODUCTION_SOURCE", "REPLAY_SOURCE",
-    "JUDGE_SOURCE", "NON_PRODUCTION_SOURCES", "MAX_WINDOW", "MAX_VALUE_LEN", "Window", "Filter", "Params",
-    "show", "iso_utc", "validate_tag_key", "parse_duration", "parse_time", "parse_window", "parse_dimension",
+    "QueryInputError", "COLUMNS", "TAG_PREFIX", "APPLIED_TAG", "TAG_KEY_RE", "STATUSES", "PRODUCTION_SOURCE",
+    "REPLAY_SOURCE", "JUDGE_SOURCE", "NON_PRODUCTION_SOURCES", "MAX_WINDOW", "MAX_VALUE_LEN", "Window", "Filter",
+    "Params", "show", "iso_utc", "validate_tag_key", "parse_duration", "parse_time", "parse_window", "parse_dimension",
     "parse_filter", "parse_filters", "column_expr", "filter_condition",
 ]
 

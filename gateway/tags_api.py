@@ -147,5 +147,6 @@ def build_tags_router(keyring: KeyRing, get_store: Callable[[], Any], *, databas
 
 
 def _error(e: GatewayError) -> Response:
-    return Response(e.body(), status_code=e.status, media_type="application/json", headers={"Cache-Control": "no-store"})
+    return Response(e.body(), status_code=e.status, media_type="application/json",
+                    headers={"Cache-Control": "no-store"})
 

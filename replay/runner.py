@@ -30,8 +30,9 @@ from .slice import Case
 from .spec import Candidate, PromptSpec, ReplaySpec
 from .store import ResultRow
 
-__all__ = ["Target", "RunOutcome", "FatalRunError", "Runner", "GatewayPoster", "Answer", "text_of", "fatal_check", "targets_for", "build_request", "replay_headers",
-           "apply_prompt", "gateway_client", "GATEWAY_APP", "RETRY_STATUSES"]
+__all__ = ["Target", "RunOutcome", "FatalRunError", "Runner", "GatewayPoster", "Answer", "text_of", "fatal_check",
+           "targets_for", "build_request", "replay_headers", "apply_prompt", "gateway_client", "GATEWAY_APP",
+           "RETRY_STATUSES"]
 
 GATEWAY_APP = "gateway.app:create_app"
 RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})

@@ -133,7 +133,8 @@ def test_a_full_rerun_removes_a_rule_tag_the_latest_run_did_not_apply(w):
     assert tags(w, t2) == {"negative-sentiment", "low-helpfulness", "low-confidence"}
     assert report["tag_changes"] == [{
         "target_kind": "message", "target_id": t1, "customer": w["a"], "tag": "negative-sentiment",
-        "action": "remove", "actor": f"rule:{name}/negative-sentiment", "evaluator": name, "evaluator_version": 1, "rule": "negative-sentiment",
+        "action": "remove", "actor": f"rule:{name}/negative-sentiment", "evaluator": name, "evaluator_version": 1,
+        "rule": "negative-sentiment",
         "field": "user_sentiment", "field_value": "neutral"}]
 
 
@@ -443,3 +444,73 @@ def _tagway() -> typer.Typer:
     stats_cli.register(app)
     tags_cli.register(app)
     return app
+
+
+# -- people's tags, tenants, session ids ---------------------------------------------------------------------------
+def test_people_tag_through_the_cli_and_tenants_only_their_own_calls(w):
+    tagway, dsn = _tagway(), ["--dsn", w["store"].dsn]
+    mine, _ = w["traffic"].call("", key=KEYS["acme"])  # recorded as acme, by acme's own key
+    theirs, _ = w["traffic"].call("", key=KEYS["support"])
+    sid = unique("sess")
+    in_session, _ = w["traffic"].call("", key=KEYS["acme"], session=sid)
+    w["traffic"].flush(w["store"], [mine, theirs, in_session])
+    res = cli.invoke(tagway, ["tags", "add", mine, "needs-review", "--actor", "ana", *dsn])
+    assert res.exit_code == 0 and f"added needs-review to message:{mine} (as human:ana)" in res.output
+    res = cli.invoke(tagway, ["tags", "remove", mine, "never-there", *dsn])
+    assert res.exit_code == 2 and "does not carry the tag 'never-there'" in res.output
+    res = cli.invoke(tagway, ["tags", "add", "session:acme/no-such-session", "x", *dsn])
+    assert res.exit_code == 2 and "no session session:acme/no-such-session in the store" in res.output
+    res = cli.invoke(tagway, ["tags", "add", mine, "Needs Review", *dsn])
+    assert res.exit_code == 2 and "invalid tag name 'Needs Review'" in res.output
+    # a tenant key tags its own calls and sessions through /v1/tagway/tags, audited with its key id
+    r = human(w, "add", mine, "wrong-answer", key=KEYS["acme"], prefix="/v1/tagway")
+    assert r.status_code == 200 and r.json()["event"]["actor"] == "human:acme-1"
+    r = human(w, "add", f"session:{sid}", "angry-user", key=KEYS["acme"], prefix="/v1/tagway")
+    assert r.status_code == 200 and r.json()["target"] == f"session:acme/{sid}"
+    assert tags(w, f"session:acme/{sid}") == {"angry-user"}
+    for target in (theirs, f"session:{unique('none')}"):  # another tenant's call, a session it does not have
+        r = human(w, "add", target, "x", key=KEYS["acme"], prefix="/v1/tagway")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "target_not_found"
+    with httpx.Client(base_url=w["gw"].url, timeout=10) as h:
+        acme = {"authorization": f"Bearer {KEYS['acme']}"}
+        got = h.get("/v1/tagway/tags", params={"target": mine}, headers=acme).json()
+        assert [t["tag"] for t in got["tags"]] == ["needs-review", "wrong-answer"]
+        log = h.get("/v1/tagway/tags/audit", params={"target": mine}, headers=acme).json()["events"]
+        assert [(e["tag"], e["actor"]) for e in log] == [("needs-review", "human:ana"),
+                                                         ("wrong-answer", "human:acme-1")]
+        assert h.get("/admin/tags/audit", params={"target": mine}, headers=acme).status_code == 403
+        bad = h.post("/admin/tags", json={"target": mine, "tag": "-x"}, headers=ADMIN)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "tag"
+        bad = h.post("/admin/tags", json={"target": mine}, headers=ADMIN)
+        assert bad.status_code == 400 and "tag" in bad.json()["error"]["message"]
+    out = cli.invoke(tagway, ["tags", "list", mine, "--json", *dsn]).stdout
+    assert [t["tag"] for t in orjson.loads(out)["tags"]] == ["needs-review", "wrong-answer"]
+
+
+def test_every_call_records_its_session_id(w):
+    sid = "Conv/Ab-" + uuid.uuid4().hex[:6]  # opaque: case and punctuation are kept
+    (by_header, _), (by_meta, _), (none, _) = (w["traffic"].call(w["a"], session=sid),
+                                               w["traffic"].call(w["a"], session=sid, via="metadata"),
+                                               w["traffic"].call(w["a"]))
+    w["traffic"].flush(w["store"], [by_header, by_meta, none])
+    rows = {r["trace_id"]: (r["session_id"], dict(r["tags"])) for r in w["store"].query(
+        "SELECT trace_id, session_id, tags FROM llm_calls WHERE trace_id IN {ids:Array(String)}",
+        {"ids": [by_header, by_meta, none]})}
+    assert rows[by_header][0] == rows[by_meta][0] == sid and rows[none][0] == ""
+    assert "session_id" not in rows[by_meta][1]  # a field, not a free tag
+    with httpx.Client(base_url=w["gw"].url, timeout=10) as h:
+        r = h.post("/v1/chat/completions", json={"model": "gpt-test", "messages": [{"role": "user", "content": "x"}]},
+                   headers={"authorization": f"Bearer {KEYS['acme']}", "x-tagway-session-id": "s" * 129})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_session_id"
+
+
+def test_a_deterministic_evaluator_keeps_pass_score_and_reason(w):
+    (t1, _), (t2, _) = calls(w, 2)
+    ev = w["tmp"] / "det.yaml"
+    ev.write_text(f"name: {unique('echo')}\ntype: similar\nvalue: 'Echo: ticket'\nthreshold: 0.5\n")
+    res, report = evaluate(w, ev, dataset_of(w, [t1, t2]))
+    assert res.exit_code == 0, res.output
+    row = report["rows"][0]
+    assert row["status"] == "scored" and row["passed"] is True and 0.5 < row["score"] < 1
+    assert "similarity" in row["reason"] and row["fields"] == {"similarity": pytest.approx(row["score"])}
+    assert row["applied_tags"] == [] and report["tag_changes"] == []

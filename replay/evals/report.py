@@ -55,7 +55,8 @@ def print_report(run: EvalRun, results: Sequence[EvalResult], events: Sequence[A
     fields = list(dict.fromkeys(k for r in results for k in r.fields))
     shown = fields[:_MAX_FIELD_COLUMNS]
     s = run.summary
-    title = (f"eval run {run.run_id} ({run.mode}) on {run.dataset}{'@' + run.dataset_version if run.dataset_version else ''}"
+    dataset = f"{run.dataset}@{run.dataset_version}" if run.dataset_version else run.dataset
+    title = (f"eval run {run.run_id} ({run.mode}) on {dataset}"
              f": {', '.join(run.evaluators)}: {s.get('scored', 0)} scored, {s.get('errored', 0)} errored, "
              f"{s.get('skipped', 0)} skipped")
     t = Table(title=Text(title), box=box.SIMPLE_HEAD, title_justify="left")
@@ -67,7 +68,8 @@ def print_report(run: EvalRun, results: Sequence[EvalResult], events: Sequence[A
     t.add_column(APPLIED_TAGS + (" (preview: not applied)" if run.mode == "preview" else ""))
     with_pass = any(r.passed is not None for r in results)
     for r in results:
-        cells = [r.evaluator, _target(r), r.customer or "—", r.status if not r.error else f"{r.status}: {r.error[:80]}"]
+        status = f"{r.status}: {r.error[:80]}" if r.error else r.status
+        cells = [r.evaluator, _target(r), r.customer or "—", status]
         cells += [_cell(r.fields.get(f)) for f in shown]
         if with_pass:
             cells += [_cell(r.passed), _cell(r.score)]

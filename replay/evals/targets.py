@@ -67,7 +67,8 @@ def _sessions_of(store: Any, trace_ids: Sequence[str]) -> dict[str, tuple[str, s
     ids = sorted(set(trace_ids))
     for i in range(0, len(ids), _CHUNK):
         for r in store.query("SELECT trace_id, customer, session_id FROM llm_calls WHERE trace_id IN "
-                             "{ids:Array(String)} AND replay_run_id = '' LIMIT 1 BY trace_id", {"ids": ids[i:i + _CHUNK]}):
+                             "{ids:Array(String)} AND replay_run_id = '' LIMIT 1 BY trace_id",
+                             {"ids": ids[i:i + _CHUNK]}):
             out[r["trace_id"]] = (r["customer"], r["session_id"])
     return out
 
