@@ -33,10 +33,8 @@ replay_app.add_typer(dataset_app, name="dataset")
 
 
 def register(app: typer.Typer) -> None:
-    """Entry point "tagway.cli": add the `replay` and `eval` sub-apps to the gateway's CLI."""
-    from .evals.cli import eval_app  # noqa: PLC0415
+    """Entry point "tagway.cli": add the `replay` sub-app to the gateway's CLI."""
     app.add_typer(replay_app, name="replay")
-    app.add_typer(eval_app, name="eval")
 
 
 def main() -> None:

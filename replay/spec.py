@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -19,8 +19,10 @@ __all__ = [
     "SpecError", "Sampling", "SliceSpec", "PromptSpec", "Candidate", "Baseline", "EvaluatorSpec", "Gating",
     "Escalation", "Families", "LEGACY_GATING", "LEGACY_GATING_HELP",
     "ReplaySpec", "load_spec", "load_spec_data", "apply_overrides", "parse_spec", "one_line_error",
+    "validate_mapping",
 ]
 
+_M = TypeVar("_M", bound=BaseModel)
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:@+-]{1,64}$")
 
 
@@ -328,13 +330,18 @@ def one_line_error(e: ValidationError, source: str) -> str:
     return f"{source}: {loc + ': ' if loc else ''}{msg}{more}"
 
 
-def parse_spec(data: Any, source: str = "spec") -> ReplaySpec:
+def validate_mapping(model: type[_M], data: Any, source: str, error: type[ValueError]) -> _M:
+    """A YAML mapping validated as `model`; anything wrong is `error` with one line naming `source`."""
     if not isinstance(data, dict):
-        raise SpecError(f"{source}: expected a mapping at the top level")
+        raise error(f"{source}: expected a mapping at the top level")
     try:
-        return ReplaySpec.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
-        raise SpecError(one_line_error(e, source)) from None
+        raise error(one_line_error(e, source)) from None
+
+
+def parse_spec(data: Any, source: str = "spec") -> ReplaySpec:
+    return validate_mapping(ReplaySpec, data, source, SpecError)
 
 
 def load_spec(path: str | Path) -> ReplaySpec:

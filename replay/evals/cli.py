@@ -16,9 +16,14 @@ import typer
 
 from ..gate import EXIT_BAD_INPUT
 
-__all__ = ["eval_app"]
+__all__ = ["eval_app", "register"]
 
 eval_app = typer.Typer(help="Evaluators with output schemas and tag rules, run over datasets.", no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    """Entry point "tagway.cli": add `tagway eval`."""
+    app.add_typer(eval_app, name="eval")
 
 
 def _fail(msg: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:

@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from exporters.yamlfile import YamlFileError, load_mapping
 
 from ..evaluators import EvaluatorSpec, evaluator_for
-from ..spec import one_line_error
+from ..spec import validate_mapping
 from .rules import RuleError, TagRule, parse_rules
 from .schema import FIELD_NAME_RE, OutputField, answer_model
 
@@ -141,13 +141,8 @@ class EvaluatorDefinition(BaseModel):
 
 
 def parse_definition(data: Any, source: str = "evaluator") -> EvaluatorDefinition:
-    if not isinstance(data, dict):
-        raise DefinitionError(f"{source}: expected a mapping at the top level")
-    try:
-        return EvaluatorDefinition.model_validate(data)
-    except ValidationError as e:
-        name = data.get("name") if isinstance(data.get("name"), str) else None
-        raise DefinitionError(one_line_error(e, f"{source}{f' ({name})' if name else ''}")) from None
+    name = data.get("name") if isinstance(data, dict) and isinstance(data.get("name"), str) else None
+    return validate_mapping(EvaluatorDefinition, data, f"{source} ({name})" if name else source, DefinitionError)
 
 
 def load_definition(path: str | Path) -> EvaluatorDefinition:
