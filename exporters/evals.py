@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import orjson
 
@@ -19,8 +19,11 @@ from .tagstate import TagLock
 # the statuses of a finished run whose tags were reconciled (a preview is complete without touching tags)
 RECONCILED = ("complete", "incomplete")
 
-__all__ = ["RECONCILED", "EvalRun", "EvalResult", "save_evaluator", "get_evaluator", "list_evaluators", "write_run",
-           "get_run", "list_runs", "write_results", "read_results", "covered_rows"]
+APPLIED_TAGS = "Applied Tags"  # the results column: the tags a row's rules met (a preview applies none)
+
+__all__ = ["APPLIED_TAGS", "run_document", "result_target", "applied_tags", "event_fields", "RECONCILED", "EvalRun",
+           "EvalResult", "save_evaluator", "get_evaluator", "list_evaluators", "write_run", "get_run", "list_runs",
+           "write_results", "read_results", "covered_rows"]
 
 
 def save_evaluator(store: Any, name: str, definition_json: str, content_hash: str) -> tuple[int, bool]:
@@ -77,7 +80,11 @@ def write_run(store: Any, run: EvalRun) -> None:
 _RUN_COLS = ("status", "mode", "dataset", "dataset_version", "evaluators", "summary_json")
 
 
-def _runs(store: Any, where: str, params: dict, limit: int) -> list[EvalRun]:
+def _runs(store: Any, where: str, params: dict, limit: int, customer: str | None = None) -> list[EvalRun]:
+    if customer is not None:  # a tenant sees the runs that evaluated its calls or sessions
+        where = (where + " AND " if where else "WHERE ") + ("run_id IN (SELECT run_id FROM eval_results WHERE "
+                                                              "customer = {customer:String})")
+        params = {**params, "customer": customer}
     latest = ", ".join(f"argMax({c}, version) AS {c}" for c in _RUN_COLS)
     rows = store.query(f"SELECT run_id, {latest}, toFloat64(min(created_at)) AS created_at, "
                        f"toFloat64(argMax(finished_at, version)) AS finished_at FROM eval_runs {where} "
@@ -86,13 +93,14 @@ def _runs(store: Any, where: str, params: dict, limit: int) -> list[EvalRun]:
                     orjson.loads(r["summary_json"] or "{}"), r["created_at"], r["finished_at"]) for r in rows]
 
 
-def get_run(store: Any, run_id: str) -> EvalRun | None:
-    runs = _runs(store, "WHERE run_id = {run_id:String}", {"run_id": run_id}, 1)
+def get_run(store: Any, run_id: str, *, customer: str | None = None) -> EvalRun | None:
+    """A run (for a tenant: only one that evaluated its calls or sessions)."""
+    runs = _runs(store, "WHERE run_id = {run_id:String}", {"run_id": run_id}, 1, customer)
     return runs[0] if runs else None
 
 
-def list_runs(store: Any, limit: int = 20) -> list[EvalRun]:
-    return _runs(store, "", {}, limit)
+def list_runs(store: Any, limit: int = 20, *, customer: str | None = None) -> list[EvalRun]:
+    return _runs(store, "", {}, limit, customer)
 
 
 @dataclasses.dataclass
@@ -133,9 +141,12 @@ def write_results(store: Any, results: Iterable[EvalResult]) -> int:
 _RESULT_COLS = [f.name for f in dataclasses.fields(EvalResult) if f.name != "timestamp"]
 
 
-def read_results(store: Any, run_id: str) -> list[EvalResult]:
+def read_results(store: Any, run_id: str, *, customer: str | None = None) -> list[EvalResult]:
+    """A run's rows (for a tenant: its own calls and sessions only)."""
+    cond = " AND customer = {customer:String}" if customer is not None else ""
     rows = store.query(f"SELECT {', '.join(_RESULT_COLS)}, toFloat64(Timestamp) AS timestamp FROM eval_results "
-                       "WHERE run_id = {run_id:String} ORDER BY evaluator, Timestamp, target_id", {"run_id": run_id})
+                       f"WHERE run_id = {{run_id:String}}{cond} ORDER BY evaluator, Timestamp, target_id",
+                       {"run_id": run_id, **({"customer": customer} if customer is not None else {})})
     out = []
     for r in rows:
         r["fields"] = orjson.loads(r["fields"] or "{}")
@@ -155,3 +166,32 @@ def covered_rows(store: Any, evaluator: str, dataset: str) -> set[str]:
                        "{done:Array(String)})",
                        {"e": evaluator, "d": dataset, "done": list(RECONCILED)})
     return {r["t"] for r in rows}
+
+
+# -- the run as one document (the CLI's JSON, the API, the dashboard) -------------------------------------------
+def result_target(r: EvalResult) -> str:
+    return f"{r.target_kind}:{r.target_id}" if r.target_id else f"(row {', '.join(r.dataset_rows)})"
+
+
+def applied_tags(run: EvalRun, r: EvalResult) -> list[str]:
+    return [] if run.mode == "preview" else list(r.matched_tags)
+
+
+def run_document(run: EvalRun, results: Sequence[EvalResult], events: Sequence[Any]) -> dict:
+    """Everything about a run: its header, each row with its field values and applied tags, the tag changes."""
+    return {
+        "run_id": run.run_id, "mode": run.mode, "status": run.status, "dataset": run.dataset,
+        "dataset_version": run.dataset_version, "evaluators": run.evaluators, "summary": run.summary,
+        "rows": [{"evaluator": r.evaluator, "evaluator_version": r.evaluator_version, "target": result_target(r),
+                  "target_kind": r.target_kind, "target_id": r.target_id, "customer": r.customer,
+                  "status": r.status, "error": r.error, "passed": r.passed, "score": r.score, "reason": r.reason,
+                  "fields": r.fields, "trace_ids": r.trace_ids, "applied_tags": applied_tags(run, r),
+                  "matched_tags": r.matched_tags} for r in results],
+        "tag_changes": [event_fields(e) for e in events],
+    }
+
+
+def event_fields(e: Any) -> dict:
+    d = e if isinstance(e, dict) else e.__dict__
+    return {k: d[k] for k in ("target_kind", "target_id", "customer", "tag", "action", "actor", "evaluator",
+                              "evaluator_version", "rule", "field", "field_value")}

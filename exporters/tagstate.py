@@ -227,11 +227,12 @@ def target_customer(store: Any, target: Target, *, database: str = "") -> str | 
     return target.customer if rows and rows[0]["n"] else None
 
 
-def run_events(store: Any, run_id: str, *, database: str = "") -> list[dict]:
-    """The changes one rule run made, in the order it made them."""
+def run_events(store: Any, run_id: str, *, customer: str | None = None, database: str = "") -> list[dict]:
+    """The changes one rule run made, in the order it made them (for a tenant: on its own targets)."""
     cols = ", ".join(c if c != "event_time" else "toFloat64(event_time) AS event_time" for c in AUDIT_COLUMNS)
-    return store.query(f"SELECT {cols} FROM {_t(database, 'tag_events')} WHERE run_id = {{r:String}} ORDER BY version",
-                       {"r": run_id})
+    cond = " AND customer = {c:String}" if customer is not None else ""
+    return store.query(f"SELECT {cols} FROM {_t(database, 'tag_events')} WHERE run_id = {{r:String}}{cond} "
+                       "ORDER BY version", {"r": run_id, **({"c": customer} if customer is not None else {})})
 
 
 def human_change(store: Any, target: Target, tag: str, action: str, actor: str, customer: str, *,

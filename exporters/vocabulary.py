@@ -43,6 +43,7 @@ COLUMNS: dict[str, str] = {
     "source": "source",
     "key_id": "key_id",
     "stream": "stream",
+    "session_id": "session_id",  # x-tagway-session-id / metadata.session_id (a session is per customer)
 }
 TAG_PREFIX = "tag."
 APPLIED_TAG = "applied_tag"  # a tag applied to the call or its session (exporters.tagstate), not a column

@@ -18,7 +18,7 @@ MAX_LEN = 128
 # Free tags per call. Each becomes a span attribute; an unbounded number would let one request push the span
 # past the SDK's attribute limit (which drops the oldest attributes: tagway.kind and the customer first).
 MAX_TAGS = 64
-SESSION_KEY = "session_id"  # metadata.session_id (or the x-tagway-session-id header): a field, never a free tag
+SESSION_KEY = "session_id"  # metadata.session_id (or the x-tagway-session-id header): the call's session
 MAX_SESSION_ID = 128
 
 
@@ -125,7 +125,6 @@ def resolve_tags(sender: Sender, headers: Mapping[str, str], body: Mapping[str, 
     for r in RESERVED:  # customer, intent and prompt_version are fields, not free tags, whatever their source
         tags.pop(r, None)
     tags.pop("", None)
-    tags.pop(SESSION_KEY, None)
     if len(tags) > MAX_TAGS:
         raise bad_request(f"Too many tags: {len(tags)} (at most {MAX_TAGS} per call).", code="too_many_tags",
                           param="x-tagway-tags")
@@ -137,7 +136,7 @@ def resolve_tags(sender: Sender, headers: Mapping[str, str], body: Mapping[str, 
 def session_id_of(headers: Mapping[str, str], metadata: Mapping[str, Any] | None) -> str:
     """The session the call belongs to: `x-tagway-session-id`, else `metadata.session_id`, kept as the client sent
     it (ids are opaque; case matters), at most MAX_SESSION_ID characters. Session tags (tag rules in session mode)
-    attach to it."""
+    attach to it. (metadata.session_id also stays a free tag, normalised, as every metadata key is.)"""
     raw: Any = headers.get("session-id") or (metadata or {}).get(SESSION_KEY)
     if raw is None or raw == "":
         return ""

@@ -1,4 +1,4 @@
-"""Applied tags over HTTP: a person adds or removes a tag on a message (a call, by trace id) or a session, reads a
+"""Applied tags and evaluation runs over HTTP: a person adds or removes a tag on a message (a call, by trace id) or a session, reads a
 target's tags and its audit log. Tag rules apply and remove the same tags (replay.evals); every change is audited
 (exporters.tagstate).
 
@@ -6,8 +6,11 @@ target's tags and its audit log. Tag rules apply and remove the same tags (repla
     POST   /admin/tags    {"target", "tag"}  add a tag, as human:<key id>; a tag already there changes nothing
     DELETE /admin/tags?target=T&tag=N        remove it (404 tag_not_present when it is not there)
     GET    /admin/tags/audit?target=T        every change, oldest first: time, tag, action, actor, run, mode, value
+    GET    /admin/evals                      evaluation runs, newest first (?limit=)
+    GET    /admin/evals/{run_id}             a run: its rows with field values and the Applied Tags column, its changes
     /v1/tagway/tags, /v1/tagway/tags/audit   the same for a tenant key, on its own customer's calls and sessions
-                                             (a session is `session:<session id>`; another tenant's target is a 404)
+    /v1/tagway/evals[/{run_id}]              (a session is `session:<session id>`; another tenant's target is a
+                                             404; a run shows the tenant's own rows, counted for them alone)
 
 A target is `message:<trace id>` (or the bare trace id) or `session:<customer>/<session id>`; it must exist in
 llm_calls. Errors are OpenAI-shaped: 400 bad target or tag, 401/403 keys, 404 unknown target or missing tag, 409 a
@@ -24,6 +27,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict
 
+from exporters import evals
 from exporters import tagstate as ts
 from exporters.store import StoreError
 
@@ -119,6 +123,31 @@ def build_tags_router(keyring: KeyRing, get_store: Callable[[], Any], *, databas
         target, customer = target_of(p, request.query_params.get("target"), tenant_route)
         return {"target": str(target), "customer": customer, "events": ts.audit(store(), target, database=db)}
 
+    def runs(request: Request, tenant_route: bool) -> Any:
+        p = principal(request, tenant_route)
+        customer = p.customer if tenant_route and not p.is_admin else None
+        try:
+            limit = min(max(int(request.query_params.get("limit") or 50), 1), 1000)
+        except ValueError:
+            raise bad_request("limit must be a whole number", code="invalid_query", param="limit") from None
+        return {"runs": [{"run_id": r.run_id, "mode": r.mode, "status": r.status, "dataset": r.dataset,
+                          "dataset_version": r.dataset_version, "evaluators": r.evaluators, "created_at": r.created_at,
+                          "summary": r.summary if customer is None else {}}
+                         for r in evals.list_runs(store(), limit, customer=customer)],
+                "limited_to_customer": customer}
+
+    def run_one(request: Request, tenant_route: bool, run_id: str) -> Any:
+        p = principal(request, tenant_route)
+        customer = p.customer if tenant_route and not p.is_admin else None
+        run = evals.get_run(store(), run_id, customer=customer)
+        if run is None:
+            raise GatewayError(404, "No evaluation run with this id.", code="run_not_found", param="run_id")
+        results = evals.read_results(store(), run_id, customer=customer)
+        if customer is not None:  # the tenant's own rows, counted for them alone
+            run.summary = {k: sum(1 for r in results if r.status == k) for k in ("scored", "errored", "skipped")}
+        doc = evals.run_document(run, results, ts.run_events(store(), run_id, customer=customer, database=db))
+        return {**doc, "limited_to_customer": customer}
+
     def mount(prefix: str, tenant_route: bool) -> None:
         @router.get(f"{prefix}/tags", tags=["tags"])
         def get_tags(request: Request) -> Response:
@@ -140,6 +169,16 @@ def build_tags_router(keyring: KeyRing, get_store: Callable[[], Any], *, databas
         def get_audit(request: Request) -> Response:
             """Every change of a target's tags, oldest first."""
             return handle(lambda: audit(request, tenant_route))
+
+        @router.get(f"{prefix}/evals", tags=["tags"])
+        def get_runs(request: Request) -> Response:
+            """Evaluation runs, newest first."""
+            return handle(lambda: runs(request, tenant_route))
+
+        @router.get(f"{prefix}/evals/{{run_id}}", tags=["tags"])
+        def get_run(run_id: str, request: Request) -> Response:
+            """One evaluation run: its rows (field values, Applied Tags) and the tag changes it made."""
+            return handle(lambda: run_one(request, tenant_route, run_id))
 
     mount("/admin", False)
     mount("/v1/tagway", True)

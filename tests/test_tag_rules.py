@@ -497,7 +497,7 @@ def test_every_call_records_its_session_id(w):
         "SELECT trace_id, session_id, tags FROM llm_calls WHERE trace_id IN {ids:Array(String)}",
         {"ids": [by_header, by_meta, none]})}
     assert rows[by_header][0] == rows[by_meta][0] == sid and rows[none][0] == ""
-    assert "session_id" not in rows[by_meta][1]  # a field, not a free tag
+    assert rows[by_meta][1]["session_id"] == sid.lower().replace("/", "_")  # still a (normalised) tag, as before
     with httpx.Client(base_url=w["gw"].url, timeout=10) as h:
         r = h.post("/v1/chat/completions", json={"model": "gpt-test", "messages": [{"role": "user", "content": "x"}]},
                    headers={"authorization": f"Bearer {KEYS['acme']}", "x-tagway-session-id": "s" * 129})

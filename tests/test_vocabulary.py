@@ -35,15 +35,15 @@ BAD = [
     ("since", "401d", "window '401d' is too long (at most 400d)"),
     ("since", "57.2w", "window '57.2w' is too long (at most 400d)"),
     ("by", "colour", "unknown group-by column 'colour': use one of customer, intent, prompt_version, model, "
-                     "model_served, provider, operation, status, error_type, source, key_id, stream, applied_tag or "
-                     "tag.<key>"),
+                     "model_served, provider, operation, status, error_type, source, key_id, stream, session_id, "
+                     "applied_tag or tag.<key>"),
     ("by", "tag.Region", "invalid tag key 'Region': tag keys match [a-z0-9_.-]{1,64}"),
     ("by", "tag.a'b", "invalid tag key \"a'b\": tag keys match [a-z0-9_.-]{1,64}"),
     ("by", f"tag.{LONG}", f"invalid tag key '{LONG}': tag keys match [a-z0-9_.-]{{1,64}}"),
     ("where", "intent", "invalid filter 'intent': use key=value (or key!=value)"),
     ("where", "bogus=1", "unknown filter column 'bogus': use one of customer, intent, prompt_version, model, "
-                         "model_served, provider, operation, status, error_type, source, key_id, stream, applied_tag "
-                         "or tag.<key>"),
+                         "model_served, provider, operation, status, error_type, source, key_id, stream, "
+                         "session_id, applied_tag or tag.<key>"),
     ("where", "tag.x'=1", "invalid tag key \"x'\": tag keys match [a-z0-9_.-]{1,64}"),
     ("where", "status=failed", "invalid filter 'status=failed': status is one of ok, error, cancelled"),
     ("where", "stream=maybe", "invalid filter 'stream=maybe': stream is true or false"),

@@ -5,40 +5,14 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from exporters.evals import EvalResult, EvalRun
+from exporters.evals import (APPLIED_TAGS, EvalResult, EvalRun, applied_tags, event_fields, result_target,
+                             run_document)
 
 __all__ = ["report_json", "print_report", "APPLIED_TAGS"]
 
-APPLIED_TAGS = "Applied Tags"
+report_json = run_document
+
 _MAX_FIELD_COLUMNS = 6
-
-
-def _target(r: EvalResult) -> str:
-    return f"{r.target_kind}:{r.target_id}" if r.target_id else f"(row {', '.join(r.dataset_rows)})"
-
-
-def _applied(run: EvalRun, r: EvalResult) -> list[str]:
-    return [] if run.mode == "preview" else list(r.matched_tags)
-
-
-def report_json(run: EvalRun, results: Sequence[EvalResult], events: Sequence[Any]) -> dict:
-    """Everything about a run: its header, each row with its field values and applied tags, the tag changes."""
-    return {
-        "run_id": run.run_id, "mode": run.mode, "status": run.status, "dataset": run.dataset,
-        "dataset_version": run.dataset_version, "evaluators": run.evaluators, "summary": run.summary,
-        "rows": [{"evaluator": r.evaluator, "evaluator_version": r.evaluator_version, "target": _target(r),
-                  "target_kind": r.target_kind, "target_id": r.target_id, "customer": r.customer,
-                  "status": r.status, "error": r.error, "passed": r.passed, "score": r.score, "reason": r.reason,
-                  "fields": r.fields, "trace_ids": r.trace_ids, "applied_tags": _applied(run, r),
-                  "matched_tags": r.matched_tags} for r in results],
-        "tag_changes": [_event(e) for e in events],
-    }
-
-
-def _event(e: Any) -> dict:
-    d = e if isinstance(e, dict) else e.__dict__
-    return {k: d[k] for k in ("target_kind", "target_id", "customer", "tag", "action", "actor", "evaluator",
-                              "evaluator_version", "rule", "field", "field_value")}
 
 
 def _cell(v: Any) -> str:
@@ -69,28 +43,28 @@ def print_report(run: EvalRun, results: Sequence[EvalResult], events: Sequence[A
     with_pass = any(r.passed is not None for r in results)
     for r in results:
         status = f"{r.status}: {r.error[:80]}" if r.error else r.status
-        cells = [r.evaluator, _target(r), r.customer or "—", status]
+        cells = [r.evaluator, result_target(r), r.customer or "—", status]
         cells += [_cell(r.fields.get(f)) for f in shown]
         if with_pass:
             cells += [_cell(r.passed), _cell(r.score)]
-        tags = r.matched_tags if run.mode == "preview" else _applied(run, r)
+        tags = r.matched_tags if run.mode == "preview" else applied_tags(run, r)
         cells.append(", ".join(tags) or "—")
         t.add_row(*(Text(c) for c in cells))
     console.print(t)
-    applied = [e for e in events if _event(e)["action"] == "apply"]
-    removed = [e for e in events if _event(e)["action"] == "remove"]
+    applied = [e for e in events if event_fields(e)["action"] == "apply"]
+    removed = [e for e in events if event_fields(e)["action"] == "remove"]
     if run.mode == "preview":
         console.print(Text("preview: no tag was applied or removed"))
     else:
         console.print(Text(f"tags: {len(applied)} applied, {len(removed)} removed"))
         for e in removed:
-            d = _event(e)
+            d = event_fields(e)
             console.print(Text(f"  removed {d['tag']} from {d['target_kind']}:{d['target_id']} ({d['actor']}, "
                                f"{d['field']} = {d['field_value']})"))
     errored = [r for r in results if r.status == "errored"]
     if errored:
         console.print(Text(f"{len(errored)} row(s) errored; their tags were left as they were:"))
         for r in errored[:50]:
-            console.print(Text(f"  {r.evaluator} {_target(r)}: {r.error}"))
+            console.print(Text(f"  {r.evaluator} {result_target(r)}: {r.error}"))
     if s.get("reconcile_error"):
         console.print(Text(s["reconcile_error"]))
