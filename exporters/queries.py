@@ -37,7 +37,7 @@ __all__ = [
     "parse_duration", "parse_window", "parse_dimension", "parse_filter", "parse_where", "parse_by",
     "make_selection", "wilson_interval", "choose_step",
     "SegmentStats", "StatsReport", "ErrorGroup", "ErrorsReport", "Series", "TimeSeries",
-    "segment_stats", "top_errors", "get_call", "parse_trace_id", "error_timeseries", "calls_table",
+    "segment_stats", "top_errors", "get_call", "parse_trace_id", "error_timeseries", "calls_table", "calls_source",
 ]
 
 # The vocabulary (exporters.vocabulary) under the names this module's users know.
@@ -140,7 +140,7 @@ def calls_table(database: str = "") -> str:
     return f"`{database}`.`llm_calls`" if database else "`llm_calls`"
 
 
-def _source(database: str, by: Sequence[str]) -> str:
+def calls_source(database: str, by: Sequence[str]) -> str:
     """What a query reads: llm_calls, or llm_calls with each call's applied tags when it groups by them."""
     table = calls_table(database)
     return applied_tags_source(table, database) if APPLIED_TAG in by else table
@@ -305,7 +305,7 @@ def segment_stats(store: Store, sel: Selection, by: Sequence[str] = ("customer",
                "quantiles(0.5, 0.95, 0.99)(latency_ms) AS lat, quantile(0.5)(ttft_ms) AS ttft, "
                "sum(input_tokens) AS tin, sum(output_tokens) AS tout, sum(cost_usd) AS cost")
     group = ", ".join(f"d{i}" for i in range(len(by)))
-    sql = (f"SELECT {', '.join(dims)}, {agg}\nFROM {_source(database, by)}\nWHERE {where}\nGROUP BY {group}\n"
+    sql = (f"SELECT {', '.join(dims)}, {agg}\nFROM {calls_source(database, by)}\nWHERE {where}\nGROUP BY {group}\n"
            f"ORDER BY calls = 0, errors / calls DESC, calls DESC, {group}\n"
            f"LIMIT {p.add('n', 'UInt32', limit + 1)}")
     # In compare mode a segment seen only in the previous window comes back with calls = 0: it counts in the
@@ -504,7 +504,7 @@ def error_timeseries(store: Store, sel: Selection, *, by: str = "customer", step
     where = _where(sel, p, sel.window, database)
     sql = (f"SELECT toUnixTimestamp(toStartOfInterval(Timestamp, toIntervalSecond({st}), 'UTC')) AS b, "
            f"{key} AS k, count() AS calls, countIf(status = 'error') AS errors\n"
-           f"FROM {_source(database, [by])}\nWHERE {where}\nGROUP BY b, k\nORDER BY b, k")
+           f"FROM {calls_source(database, [by])}\nWHERE {where}\nGROUP BY b, k\nORDER BY b, k")
     rows = store.query(sql, parameters=p.values)
     start = int(sel.window.start.timestamp()) // step * step
     end = sel.window.end.timestamp()

@@ -137,14 +137,20 @@ def session_id_of(headers: Mapping[str, str], metadata: Mapping[str, Any] | None
     """The session the call belongs to: `x-tagway-session-id`, else `metadata.session_id`, kept as the client sent
     it (ids are opaque; case matters), at most MAX_SESSION_ID characters. Session tags (tag rules in session mode)
     attach to it. (metadata.session_id also stays a free tag, normalised, as every metadata key is.)"""
-    raw: Any = headers.get("session-id") or (metadata or {}).get(SESSION_KEY)
-    if raw is None or raw == "":
-        return ""
-    param = "x-tagway-session-id" if headers.get("session-id") else f"metadata.{SESSION_KEY}"
-    sid = _scalar(SESSION_KEY, raw).strip()
-    if len(sid) > MAX_SESSION_ID or _CONTROL.search(sid):
-        raise bad_request(f"{param} must be at most {MAX_SESSION_ID} characters without control characters.",
-                          code="invalid_session_id", param=param)
+    sid = headers.get("session-id")  # x-tagway-* values were checked for control characters already
+    param = "x-tagway-session-id"
+    if not sid:
+        raw = metadata.get(SESSION_KEY) if metadata else None
+        if raw is None or raw == "":
+            return ""
+        sid, param = _scalar(SESSION_KEY, raw), f"metadata.{SESSION_KEY}"
+        if _CONTROL.search(sid):
+            raise bad_request(f"{param} must not contain control characters.", code="invalid_session_id",
+                              param=param)
+    sid = sid.strip()
+    if len(sid) > MAX_SESSION_ID:
+        raise bad_request(f"{param} must be at most {MAX_SESSION_ID} characters.", code="invalid_session_id",
+                          param=param)
     return sid
 
 

@@ -318,7 +318,14 @@ def test_stats_by_applied_tag_gives_per_tenant_counts_that_match(w):
         d = h.get("/admin/stats", params={"by": "customer", "where": ["applied_tag=low-confidence",
                                                                      f"tag.run={w['run']}"], "since": "1h"},
                   headers=ADMIN).json()
-    assert {s["key"]["customer"]: s["calls"] for s in d["segments"]} == {w["a"]: 3, w["b"]: 3}
+        assert {s["key"]["customer"]: s["calls"] for s in d["segments"]} == {w["a"]: 3, w["b"]: 3}
+        chart = h.get("/admin/charts", params={"by": "applied_tag", "where": f"tag.run={w['run']}", "since": "1h",
+                                               "top": "10"}, headers=ADMIN).json()
+        assert {s["key"]: s["calls"] for s in chart["series"]} == {"negative-sentiment": 4, "low-helpfulness": 4,
+                                                                   "low-confidence": 6, "": 2}
+        listed = h.get("/admin/calls", params={"where": ["applied_tag=negative-sentiment", f"tag.run={w['run']}"],
+                                               "since": "1h"}, headers=ADMIN).json()
+        assert sorted(c["trace_id"] for c in listed["calls"]) == sorted(t for t, m in a[:3] + b[:1])
     bad = cli.invoke(tagway, ["stats", "--where", "applied_tag=Not A Tag", "--dsn", w["store"].dsn])
     assert bad.exit_code == 2 and "invalid tag name" in bad.output
 
@@ -374,6 +381,8 @@ def test_saving_versions_evaluators_and_unknown_ones_are_one_line(w):
     ((t1, _),) = calls(w, 1)
     res, _ = evaluate(w, ev, dataset_of(w, [t1]), "sideways")
     assert res.exit_code == 2 and "--mode 'sideways'" in res.output
+    res, _ = evaluate(w, ev, unique("no-such-dataset"))
+    assert res.exit_code == 2 and "no dataset 'no-such-dataset-" in res.output and "Traceback" not in res.output
 
 
 # -- concurrency ---------------------------------------------------------------------------------------------------
