@@ -110,8 +110,10 @@ def test_seed_example_rules_tag_the_messages_that_meet_them(w):
     assert body["response_format"]["type"] == "json_schema"
     schema = body["response_format"]["json_schema"]["schema"]
     assert schema["properties"]["user_sentiment"]["enum"] == ["positive", "neutral", "negative"]
-    judged = w["store"].query("SELECT source, replay_run_id FROM llm_calls WHERE replay_run_id = {r:String} LIMIT 1",
-                              {"r": report["run_id"]})
+    judge_traces = [r["reason"].split("trace ")[1].rstrip(")") for r in report["rows"]]
+    w["traffic"].flush(w["store"], judge_traces)  # the judge's calls are recorded like any other
+    judged = w["store"].query("SELECT DISTINCT source, replay_run_id FROM llm_calls WHERE trace_id IN "
+                              "{ids:Array(String)}", {"ids": judge_traces})
     assert judged == [{"source": "replay-judge", "replay_run_id": report["run_id"]}]
     # the table shows the Applied Tags column
     table = cli.invoke(eval_app, ["results", report["run_id"], "--dsn", w["store"].dsn]).output

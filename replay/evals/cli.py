@@ -14,6 +14,7 @@ from typing import Iterator, List, Optional
 import orjson
 import typer
 
+from ..cli import ConfigOpt, DsnOpt
 from ..gate import EXIT_BAD_INPUT
 
 __all__ = ["eval_app", "register"]
@@ -52,9 +53,6 @@ def _console():
     return Console() if sys.stdout.isatty() else Console(width=200)
 
 
-DsnOpt = typer.Option(None, "--dsn", help="ClickHouse DSN (default: env TAGWAY_DSN, the gateway config's storage, "
-                      "or ./tagway-data/clickhouse).")
-ConfigOpt = typer.Option(None, "--config", "-c", help="Gateway config file whose storage to open (env TAGWAY_CONFIG).")
 FormatOpt = typer.Option("table", "--format", "-f", help="table | json")
 
 
