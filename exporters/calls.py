@@ -148,7 +148,7 @@ def _list_row(r: dict) -> dict[str, Any]:
 def _page(store: Store, sel: Selection, window: Window, search: str | None, dataset: str | None,
           segment: str | None, limit: int, cursor: Cursor | None, database: str, budget: Budget) -> list[dict]:
     p = _Params()
-    where = [_where(sel, p, window)]
+    where = [_where(sel, p, window, database)]
     if cursor is not None:
         where.append(f"(Timestamp, trace_id) < (fromUnixTimestamp64Nano({p.add('c', 'Int64', cursor.ts_ns)}), "
                      f"{p.add('c', 'String', cursor.trace_id)})")

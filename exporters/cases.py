@@ -5,7 +5,7 @@ against each candidate's, and the sections other parts of tagway record about a 
 Sections plug in: each `CaseSection` names the table it reads and a function returning rows (dicts, shown as a
 table by the page and the CLI). A section appears once its table exists in the store, so the datasets, labels,
 feedback and tag-audit work adds one entry to SECTIONS and nothing else changes. Today: the pinned datasets that
-hold the trace (`replay_datasets`).
+hold the trace (`replay_datasets`) and the audit log of its applied tags (`tag_events`).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import difflib
 import re
 from typing import Any, Callable
 
-from . import calls, datasets, feedback, replays
+from . import calls, datasets, feedback, replays, tagstate
 from .store import Store
 
 __all__ = ["CaseSection", "SECTIONS", "PLANNED_SECTIONS", "case_view", "word_diff", "sections_for"]
@@ -41,13 +41,22 @@ def _feedback(store: Any, trace_id: str, customer: str | None, database: str) ->
     return feedback.for_trace(store, trace_id, customer=customer, database=database)
 
 
+def _tag_audit(store: Any, trace_id: str, customer: str | None, database: str) -> list[dict[str, Any]]:
+    """Every change of the call's applied tags (tag rules and people), oldest first."""
+    return [{"changed_at": e["event_time"], "tag": e["tag"], "action": e["action"], "by": e["actor"],
+             "run": f"{e['run_id']} ({e['mode']})" if e["run_id"] else "",
+             "field value": f"{e['field']} = {e['field_value']}" if e["field"] else ""}
+            for e in tagstate.audit(store, tagstate.Target(tagstate.MESSAGE, trace_id), database=database)]
+
+
 SECTIONS: list[CaseSection] = [
     CaseSection("datasets", "In datasets", "replay_datasets", _datasets),
     CaseSection("labels", "Human labels", "dataset_cases", _labels),  # versioned datasets (issue 12)
     CaseSection("feedback", "Feedback", "llm_feedback", _feedback),
+    CaseSection("tag_audit", "Tag audit", "tag_events", _tag_audit),
 ]
-# What the case board will show once recorded (issue 12: labels and feedback; issue 13: the tag audit log); named
-# here so the page and the CLI can say they are not recorded yet rather than leave the reader guessing.
+# Sections whose tables a store may not have yet (its schema predates them): named here so the page and the CLI say
+# they are not recorded rather than leave the reader guessing.
 PLANNED_SECTIONS = {"labels": "Human labels", "feedback": "Feedback", "tag_audit": "Tag audit"}
 
 

@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 from .calls import Budget, _run
-from .queries import Selection, _dim_select, _iso_us, _num, _Params, _where, calls_table, choose_step
+from .queries import Selection, _dim_select, _iso_us, _num, _Params, _where, calls_source, choose_step
 from .vocabulary import QueryInputError, parse_dimension
 
 __all__ = ["METRICS", "metrics_timeseries"]
@@ -26,8 +26,9 @@ def metrics_timeseries(store: Any, sel: Selection, *, by: str = "customer", step
         raise QueryInputError("step is too small for this window", param="step")
     p = _Params()
     key = _dim_select(by, p)
-    where = _where(sel, p, sel.window)
-    tops = _run(store, f"SELECT {key} AS k, count() AS c, count() OVER () AS keys\nFROM {calls_table(database)}\n"
+    where = _where(sel, p, sel.window, database)
+    source = calls_source(database, [by])  # llm_calls, with each call's applied tags when grouped by them
+    tops = _run(store, f"SELECT {key} AS k, count() AS c, count() OVER () AS keys\nFROM {source}\n"
                        f"WHERE {where}\nGROUP BY k ORDER BY c DESC, k LIMIT {p.add('n', 'UInt32', top)}",
                 p.values, budget, "the chart query")
     named = [str(r["k"]) for r in tops]
@@ -35,11 +36,11 @@ def metrics_timeseries(store: Any, sel: Selection, *, by: str = "customer", step
     p2 = _Params()
     key2 = _dim_select(by, p2)
     st = p2.add("s", "UInt32", step)
-    where2 = _where(sel, p2, sel.window)
+    where2 = _where(sel, p2, sel.window, database)
     sql = (f"SELECT toUnixTimestamp(toStartOfInterval(Timestamp, toIntervalSecond({st}), 'UTC')) AS b, "
            f"{key2} IN {p2.add('v', 'Array(String)', named)} AS named, if(named, {key2}, '') AS k, "
            "count() AS calls, countIf(status = 'error') AS errors, quantiles(0.5, 0.95)(latency_ms) AS lat, "
-           f"sum(cost_usd) AS cost\nFROM {calls_table(database)}\nWHERE {where2}\nGROUP BY b, named, k")
+           f"sum(cost_usd) AS cost\nFROM {source}\nWHERE {where2}\nGROUP BY b, named, k")
     rows = _run(store, sql, p2.values, budget, "the chart query")
     start = int(sel.window.start.timestamp()) // step * step
     buckets = list(range(start, int(math.ceil(sel.window.end.timestamp())), step)) or [start]

@@ -26,7 +26,8 @@ from typing import Any, Iterable, Sequence
 
 from . import feedback as fb
 from .store import Store
-from .vocabulary import (COLUMNS, NON_PRODUCTION_SOURCES, STATUSES, Filter, Params, QueryInputError,
+from .tagstate import applied_tags_source
+from .vocabulary import (APPLIED_TAG, COLUMNS, NON_PRODUCTION_SOURCES, STATUSES, Filter, Params, QueryInputError,
                          Window, column_expr, filter_condition, parse_dimension, parse_duration, parse_filter,
                          parse_filters, parse_window)
 from .vocabulary import iso_utc as _iso
@@ -37,7 +38,7 @@ __all__ = [
     "parse_duration", "parse_window", "parse_dimension", "parse_filter", "parse_where", "parse_by",
     "make_selection", "wilson_interval", "choose_step",
     "SegmentStats", "StatsReport", "ErrorGroup", "ErrorsReport", "Series", "TimeSeries",
-    "segment_stats", "top_errors", "get_call", "parse_trace_id", "error_timeseries", "calls_table",
+    "segment_stats", "top_errors", "get_call", "parse_trace_id", "error_timeseries", "calls_table", "calls_source",
 ]
 
 # The vocabulary (exporters.vocabulary) under the names this module's users know.
@@ -124,9 +125,9 @@ def _dim_select(key: str, p: Params) -> str:
     return f"toString({e})" if key == "stream" else e
 
 
-def _where(sel: Selection, p: _Params, window: Window) -> str:
+def _where(sel: Selection, p: _Params, window: Window, database: str = "") -> str:
     parts = [f"Timestamp >= {p.time(window.start)}", f"Timestamp < {p.time(window.end)}"]
-    parts += [filter_condition(f, p) for f in sel.filters]
+    parts += [filter_condition(f, p, database) for f in sel.filters]
     if sel.status:
         parts.append(f"status = {p.add('v', 'String', sel.status)}")
     if sel.sources_excluded:
@@ -138,6 +139,12 @@ def calls_table(database: str = "") -> str:
     if not _DB_RE.match(database or ""):
         raise QueryInputError(f"invalid database name {_show(database)}", param="database")
     return f"`{database}`.`llm_calls`" if database else "`llm_calls`"
+
+
+def calls_source(database: str, by: Sequence[str]) -> str:
+    """What a query reads: llm_calls, or llm_calls with each call's applied tags when it groups by them."""
+    table = calls_table(database)
+    return applied_tags_source(table, database) if APPLIED_TAG in by else table
 
 
 # -- statistics ------------------------------------------------------------------------------------------------
@@ -300,7 +307,7 @@ def segment_stats(store: Store, sel: Selection, by: Sequence[str] = ("customer",
     dims = [f"{_dim_select(k, p)} AS d{i}" for i, k in enumerate(by)]
     window = sel.window.previous() if compare else sel.window
     window = Window(window.start, sel.window.end)
-    where = _where(sel, p, window)
+    where = _where(sel, p, window, database)
     if compare:
         cur = f"Timestamp >= {p.time(sel.window.start)}"
         agg = (f"countIf({cur}) AS calls, countIf({cur} AND status = 'error') AS errors, "
@@ -314,7 +321,7 @@ def segment_stats(store: Store, sel: Selection, by: Sequence[str] = ("customer",
                "quantiles(0.5, 0.95, 0.99)(latency_ms) AS lat, quantile(0.5)(ttft_ms) AS ttft, "
                "sum(input_tokens) AS tin, sum(output_tokens) AS tout, sum(cost_usd) AS cost")
     group = ", ".join(f"d{i}" for i in range(len(by)))
-    sql = (f"SELECT {', '.join(dims)}, {agg}\nFROM {calls_table(database)}\nWHERE {where}\nGROUP BY {group}\n"
+    sql = (f"SELECT {', '.join(dims)}, {agg}\nFROM {calls_source(database, by)}\nWHERE {where}\nGROUP BY {group}\n"
            f"ORDER BY calls = 0, errors / calls DESC, calls DESC, {group}\n"
            f"LIMIT {p.add('n', 'UInt32', limit + 1)}")
     # In compare mode a segment seen only in the previous window comes back with calls = 0: it counts in the
@@ -324,7 +331,7 @@ def segment_stats(store: Store, sel: Selection, by: Sequence[str] = ("customer",
     rows = rows[:limit]
     segments = [_segment(r, by, min_calls, compare) for r in rows if int(r["calls"]) > 0]
     segments.sort(key=_sort_key)
-    if truncated:
+    if truncated or APPLIED_TAG in by:  # a call with several applied tags is in several segments: count it once
         total = _totals(store, sel, compare, database)
     else:
         total = SegmentStats(key={}, calls=sum(s.calls for s in segments), errors=sum(s.errors for s in segments),
@@ -373,7 +380,7 @@ def _segment(r: dict, by: Sequence[str], min_calls: int, compare: bool) -> Segme
 def _totals(store: Store, sel: Selection, compare: bool, database: str) -> SegmentStats:
     p = _Params()
     window = Window(sel.window.previous().start, sel.window.end) if compare else sel.window
-    where = _where(sel, p, window)
+    where = _where(sel, p, window, database)
     cur = f"Timestamp >= {p.time(sel.window.start)}" if compare else "1"
     sql = (f"SELECT countIf({cur}) AS calls, countIf({cur} AND status = 'error') AS errors, "
            f"countIf({cur} AND status = 'cancelled') AS cancelled, sumIf(input_tokens, {cur}) AS tin, "
@@ -425,7 +432,7 @@ def top_errors(store: Store, sel: Selection, *, limit: int = 10, examples: int =
     if sel.status is None:
         sel = dataclasses.replace(sel, status="error")
     p = _Params()
-    where = _where(sel, p, sel.window)
+    where = _where(sel, p, sel.window, database)
     sql = (f"SELECT error_type, count() AS n, sum(count()) OVER () AS total, "
            f"groupUniqArray(5)(http_status) AS statuses, uniq(customer) AS customers, "
            f"groupArray({p.add('n', 'UInt32', examples)})(trace_id) AS examples, "
@@ -528,10 +535,10 @@ def error_timeseries(store: Store, sel: Selection, *, by: str = "customer", step
     p = _Params()
     key = _dim_select(by, p)
     st = p.add("s", "UInt32", step)
-    where = _where(sel, p, sel.window)
+    where = _where(sel, p, sel.window, database)
     sql = (f"SELECT toUnixTimestamp(toStartOfInterval(Timestamp, toIntervalSecond({st}), 'UTC')) AS b, "
            f"{key} AS k, count() AS calls, countIf(status = 'error') AS errors\n"
-           f"FROM {calls_table(database)}\nWHERE {where}\nGROUP BY b, k\nORDER BY b, k")
+           f"FROM {calls_source(database, [by])}\nWHERE {where}\nGROUP BY b, k\nORDER BY b, k")
     rows = store.query(sql, parameters=p.values)
     start = int(sel.window.start.timestamp()) // step * step
     end = sel.window.end.timestamp()

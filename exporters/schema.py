@@ -33,20 +33,23 @@ class SchemaSettings:
         """Where rows physically live: the table itself on one node, `<table>_local` on a cluster."""
         return self.name(f"{table}_local" if self.cluster else table)
 
-    def engine(self, table: str, kind: str = "MergeTree") -> str:
+    def engine(self, table: str, kind: str = "MergeTree", args: str = "") -> str:
+        """`args`: the engine's own parameters, e.g. the version column of ReplacingMergeTree."""
         if not self.cluster:
-            return f"{kind}()"
+            return f"{kind}({args})"
         db = self.database or "{database}"
-        return f"Replicated{kind}('/clickhouse/tables/{{shard}}/{db}/{table}_local', '{{replica}}')"
+        extra = f", {args}" if args else ""
+        return f"Replicated{kind}('/clickhouse/tables/{{shard}}/{db}/{table}_local', '{{replica}}'{extra})"
 
     def ttl(self, column: str) -> str:
         return f"TTL toDateTime({column}) + toIntervalDay({self.ttl_days})" if self.ttl_days > 0 else ""
 
 
 def _table(s: SchemaSettings, table: str, columns: str, tail: str, kind: str = "MergeTree",
-           sharding_key: str = "rand()") -> list[str]:
+           sharding_key: str = "rand()", engine_args: str = "") -> list[str]:
     """CREATE the (local) table and, on a cluster, the Distributed table in front of it."""
-    stmts = [f"CREATE TABLE IF NOT EXISTS {s.local(table)}{s.on_cluster()} (\n{columns}\n) ENGINE = {s.engine(table, kind)}\n{tail}"]
+    stmts = [f"CREATE TABLE IF NOT EXISTS {s.local(table)}{s.on_cluster()} (\n{columns}\n) "
+             f"ENGINE = {s.engine(table, kind, engine_args)}\n{tail}"]
     if s.cluster:
         db = s.database or "currentDatabase()"
         db_arg = f"'{s.database}'" if s.database else db
@@ -159,10 +162,16 @@ def _m2_llm_calls(s: SchemaSettings) -> list[str]:
                    "PARTITION BY toDate(Timestamp)\nORDER BY (customer, intent, Timestamp)\n"
                    f"{s.ttl('Timestamp')}\nSETTINGS index_granularity=8192, ttl_only_drop_parts = 1",
                    sharding_key="cityHash64(trace_id)")
-    prefix_len = len(sc.TAG_PREFIX)
     stmts.append(f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {s.local('llm_calls_mv')}{s.on_cluster()}
 TO {s.local('llm_calls')}
-AS SELECT
+AS {_llm_calls_select(s)}""")
+    return stmts
+
+
+def _llm_calls_select(s: SchemaSettings, extra: str = "") -> str:
+    """The view's SELECT over the call spans; `extra` adds columns of later migrations (before FROM)."""
+    prefix_len = len(sc.TAG_PREFIX)
+    return f"""SELECT
     Timestamp,
     TraceId AS trace_id,
     SpanId AS span_id,
@@ -198,10 +207,9 @@ AS SELECT
     {_a(sc.OUTPUT_MESSAGES)} AS response_json,
     {_a(sc.REPLAY_RUN_ID)} AS replay_run_id,
     {_a(sc.REPLAY_CANDIDATE)} AS replay_candidate,
-    {_a(sc.REPLAY_CASE_ID)} AS replay_case_id
+    {_a(sc.REPLAY_CASE_ID)} AS replay_case_id{extra}
 FROM {s.local('otel_traces')}
-WHERE {_a(sc.KIND)} = 'call'""")
-    return stmts
+WHERE {_a(sc.KIND)} = 'call'"""
 
 
 def _m3_replay(s: SchemaSettings) -> list[str]:
@@ -334,6 +342,98 @@ def _m6_datasets_feedback(s: SchemaSettings) -> list[str]:
     return stmts
 
 
+def _m7_session_id(s: SchemaSettings) -> list[str]:
+    # The session a call belongs to (`x-tagway-session-id` or metadata.session_id, stamped as gen_ai.conversation.id):
+    # a column, an index for fetching a session's calls, and the view's query replaced in place (MODIFY QUERY is one
+    # statement, so no call is missed while it changes).
+    tables = [s.local("llm_calls")] + ([s.name("llm_calls")] if s.cluster else [])
+    stmts = [f"ALTER TABLE {t}{s.on_cluster()} ADD COLUMN IF NOT EXISTS session_id String CODEC(ZSTD(1))"
+             for t in tables]
+    stmts.append(f"ALTER TABLE {s.local('llm_calls')}{s.on_cluster()} ADD INDEX IF NOT EXISTS idx_session session_id "
+                 "TYPE bloom_filter(0.01) GRANULARITY 1")
+    stmts.append(f"ALTER TABLE {s.local('llm_calls_mv')}{s.on_cluster()} MODIFY QUERY "
+                 f"{_llm_calls_select(s, f',{chr(10)}    {_a(sc.CONVERSATION_ID)} AS session_id')}")
+    return stmts
+
+
+def _m8_evals_and_tags(s: SchemaSettings) -> list[str]:
+    # Tag state (exporters/tagstate.py): the audit log, the current state filled from it by a view, the locks.
+    stmts = _table(s, "tag_events", """    event_time DateTime64(6),
+    version UInt64,
+    target_kind LowCardinality(String),
+    target_id String,
+    customer LowCardinality(String),
+    tag LowCardinality(String),
+    action LowCardinality(String),
+    actor String,
+    run_id String,
+    mode LowCardinality(String),
+    evaluator LowCardinality(String),
+    evaluator_version UInt32,
+    rule String,
+    field String,
+    field_value String,
+    INDEX idx_run run_id TYPE bloom_filter(0.01) GRANULARITY 1""", "ORDER BY (target_kind, target_id, version)",
+                   sharding_key="cityHash64(target_id)")
+    stmts += _table(s, "tag_state", """    target_kind LowCardinality(String),
+    target_id String,
+    tag LowCardinality(String),
+    customer LowCardinality(String),
+    present UInt8,
+    version UInt64,
+    actor String,
+    run_id String,
+    updated_at DateTime64(6)""", "ORDER BY (target_kind, target_id, tag)", kind="ReplacingMergeTree",
+                    sharding_key="cityHash64(target_id)", engine_args="version")
+    stmts.append(f"CREATE MATERIALIZED VIEW IF NOT EXISTS {s.local('tag_state_mv')}{s.on_cluster()}\n"
+                 f"TO {s.local('tag_state')}\nAS SELECT target_kind, target_id, tag, customer, "
+                 "toUInt8(action = 'apply') AS present, version, actor, run_id, event_time AS updated_at\n"
+                 f"FROM {s.local('tag_events')}")
+    stmts += _table(s, "tag_locks", """    lock_key String,
+    token String,
+    run_id String,
+    holder String,
+    acquired_at DateTime64(6) DEFAULT now64(6),
+    lease_seconds UInt32,
+    released UInt8""", "ORDER BY (lock_key, acquired_at)\nTTL toDateTime(acquired_at) + toIntervalDay(7)",
+                    sharding_key="cityHash64(lock_key)")
+    # Evaluation runs (exporters/evals.py): versioned evaluator definitions, runs, per-row results.
+    stmts += _table(s, "eval_evaluators", """    name String,
+    version UInt32,
+    content_hash String,
+    definition_json String CODEC(ZSTD(3)),
+    created_at DateTime64(3)""", "ORDER BY (name, version)", sharding_key="cityHash64(name)")
+    stmts += _table(s, "eval_runs", """    run_id String,
+    created_at DateTime64(3),
+    finished_at Nullable(DateTime64(3)),
+    status LowCardinality(String),
+    mode LowCardinality(String),
+    dataset String,
+    dataset_version String,
+    evaluators Array(String),
+    summary_json String CODEC(ZSTD(3)),
+    version UInt64""", "ORDER BY run_id", sharding_key="cityHash64(run_id)")
+    stmts += _table(s, "eval_results", """    run_id String,
+    Timestamp DateTime64(6),
+    mode LowCardinality(String),
+    dataset String,
+    evaluator LowCardinality(String),
+    evaluator_version UInt32,
+    target_kind LowCardinality(String),
+    target_id String,
+    customer LowCardinality(String),
+    dataset_rows Array(String),
+    trace_ids Array(String),
+    status LowCardinality(String),
+    error String,
+    passed Nullable(Bool),
+    score Nullable(Float64),
+    reason String,
+    fields String CODEC(ZSTD(3)),
+    matched_tags Array(String)""", "ORDER BY (run_id, evaluator, target_id)", sharding_key="cityHash64(run_id)")
+    return stmts
+
+
 Migration = tuple[int, str, Callable[[SchemaSettings], list[str]]]
 
 MIGRATIONS: list[Migration] = [
@@ -342,6 +442,8 @@ MIGRATIONS: list[Migration] = [
     (3, "replay_runs, replay_results and replay_datasets", _m3_replay),
     (4, "deduplication window for re-sent spool batches", _m4_dedup_window),
     (6, "llm_feedback, dataset_versions, dataset_cases and dataset_content", _m6_datasets_feedback),
+    (7, "llm_calls.session_id", _m7_session_id),
+    (8, "evaluators, evaluation runs and results; tag events, state and locks", _m8_evals_and_tags),
 ]
 
 

@@ -25,6 +25,7 @@ ERROR_TYPE = "error.type"
 SERVER_ADDRESS = "server.address"
 SERVER_PORT = "server.port"
 HTTP_STATUS = "http.response.status_code"
+CONVERSATION_ID = "gen_ai.conversation.id"  # the session: x-tagway-session-id or metadata.session_id
 
 # tagway's own
 KIND = "tagway.kind"  # "call" (one per client request: fills llm_calls) | "attempt" (one per upstream try)

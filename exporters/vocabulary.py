@@ -8,6 +8,10 @@ at most MAX_WINDOW. Filters: `key=value` or `key!=value`, the key a column name 
 
 Names and values reach SQL only as server-side parameters (`{name:Type}` placeholders, see `Params`): a key is
 looked up in COLUMNS or, for `tag.<key>`, checked against TAG_KEY_RE and bound as `tags[{k0:String}]`.
+
+`applied_tag` is the tags rules and people put on a call or its session after the fact (exporters.tagstate): a
+filter `applied_tag=<name>` keeps the calls that carry it now, on themselves or on their session; grouping by it
+gives each tag its own row (a call with two tags counts in both, one with none under "").
 """
 from __future__ import annotations
 
@@ -16,10 +20,12 @@ import datetime as dt
 import re
 from typing import Any, Iterable
 
+from .tagstate import TagInputError, has_tag_condition, validate_tag_name
+
 __all__ = [
-    "QueryInputError", "COLUMNS", "TAG_PREFIX", "TAG_KEY_RE", "STATUSES", "PRODUCTION_SOURCE", "REPLAY_SOURCE",
-    "JUDGE_SOURCE", "NON_PRODUCTION_SOURCES", "MAX_WINDOW", "MAX_VALUE_LEN", "Window", "Filter", "Params",
-    "show", "iso_utc", "validate_tag_key", "parse_duration", "parse_time", "parse_window", "parse_dimension",
+    "QueryInputError", "COLUMNS", "TAG_PREFIX", "APPLIED_TAG", "TAG_KEY_RE", "STATUSES", "PRODUCTION_SOURCE",
+    "REPLAY_SOURCE", "JUDGE_SOURCE", "NON_PRODUCTION_SOURCES", "MAX_WINDOW", "MAX_VALUE_LEN", "Window", "Filter",
+    "Params", "show", "iso_utc", "validate_tag_key", "parse_duration", "parse_time", "parse_window", "parse_dimension",
     "parse_filter", "parse_filters", "column_expr", "filter_condition",
 ]
 
@@ -37,8 +43,10 @@ COLUMNS: dict[str, str] = {
     "source": "source",
     "key_id": "key_id",
     "stream": "stream",
+    "session_id": "session_id",  # x-tagway-session-id / metadata.session_id (a session is per customer)
 }
 TAG_PREFIX = "tag."
+APPLIED_TAG = "applied_tag"  # a tag applied to the call or its session (exporters.tagstate), not a column
 TAG_KEY_RE = re.compile(r"^[a-z0-9_.-]{1,64}$")
 STATUSES = ("ok", "error", "cancelled")
 
@@ -82,13 +90,14 @@ def validate_tag_key(key: str, param: str = "by") -> str:
 def parse_dimension(name: str, param: str = "by") -> str:
     """Validate a group-by (param "by") or filter key: a COLUMNS name or `tag.<key>`. Returns it stripped."""
     key = (name or "").strip()
-    if key in COLUMNS:
+    if key in COLUMNS or key == APPLIED_TAG:
         return key
     if key.startswith(TAG_PREFIX):
         validate_tag_key(key[len(TAG_PREFIX):], param)
         return key
     what = "group-by column" if param == "by" else "filter column"
-    raise QueryInputError(f"unknown {what} {show(key)}: use one of {', '.join(COLUMNS)} or tag.<key>", param=param)
+    raise QueryInputError(f"unknown {what} {show(key)}: use one of {', '.join(COLUMNS)}, {APPLIED_TAG} or tag.<key>",
+                          param=param)
 
 
 # -- durations and windows -------------------------------------------------------------------------------------
@@ -163,7 +172,7 @@ def parse_window(since: str | None = None, from_: str | None = None, to: str | N
 # -- filters ---------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Filter:
-    key: str  # a COLUMNS name or tag.<key>
+    key: str  # a COLUMNS name, applied_tag or tag.<key>
     value: str
     op: str = "="  # "=" or "!="
 
@@ -189,6 +198,11 @@ def parse_filter(text: str) -> Filter:
         if low not in ("true", "false", "1", "0"):
             raise QueryInputError(f"invalid filter {show(raw)}: stream is true or false", param="where")
         value = "true" if low in ("true", "1") else "false"
+    if key == APPLIED_TAG:
+        try:
+            validate_tag_name(value)
+        except TagInputError as e:
+            raise QueryInputError(f"invalid filter {show(raw)}: {e.message}", param="where") from None
     if key == "status" and value not in STATUSES:
         raise QueryInputError(f"invalid filter {show(raw)}: status is one of {', '.join(STATUSES)}", param="where")
     return Filter(key, value, op)
@@ -210,13 +224,20 @@ class Params:
 
 
 def column_expr(key: str, p: Params) -> str:
-    """The SQL expression of a validated key: its column, or `tags[<bound key>]`."""
+    """The SQL expression of a validated key: its column, `tags[<bound key>]`, or, for applied_tag, one row per
+    tag (over a source that has the `applied_tags` column: exporters.tagstate.applied_tags_source)."""
+    if key == APPLIED_TAG:
+        return "arrayJoin(if(empty(applied_tags), [''], applied_tags))"
     if key.startswith(TAG_PREFIX):
         return f"tags[{p.add('k', 'String', key[len(TAG_PREFIX):])}]"
     return COLUMNS[key]
 
 
-def filter_condition(f: Filter, p: Params) -> str:
+def filter_condition(f: Filter, p: Params, database: str = "") -> str:
+    """The SQL condition of a filter over `llm_calls` (`database`: where the tag tables are, for applied_tag)."""
+    if f.key == APPLIED_TAG:
+        cond = has_tag_condition(p.add("v", "String", f.value), database)
+        return cond if f.op == "=" else f"NOT {cond}"
     expr = column_expr(f.key, p)
     value = p.add("v", "Bool", f.value == "true") if f.key == "stream" else p.add("v", "String", f.value)
     return f"{expr} {f.op} {value}"

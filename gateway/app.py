@@ -32,6 +32,7 @@ from .redact import Redactor
 from .datasets_api import build_datasets_router
 from .feedback_api import build_feedback_router
 from .store_api import LocalAccess, build_store_router
+from .tags_api import build_tags_router
 
 __all__ = ["TagwayApp", "create_app"]
 
@@ -333,6 +334,7 @@ def _build_api(app: TagwayApp) -> FastAPI:
         build_stats_router = None
     if build_stats_router is not None:
         api.include_router(build_stats_router(app.keyring, lambda: app.query_store))
+    api.include_router(build_tags_router(app.keyring, lambda: app.query_store))
     api.include_router(build_store_router(app.keyring, lambda: app.query_store, app.local))
     db = app.config.storage.database
     api.include_router(build_feedback_router(app.keyring, lambda: app.query_store,

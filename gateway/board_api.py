@@ -40,7 +40,8 @@ STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 ASSETS = {"ui.js": "text/javascript; charset=utf-8", "ui.css": "text/css; charset=utf-8",
           "common.js": "text/javascript; charset=utf-8", "board.js": "text/javascript; charset=utf-8"}
 # page name -> may it take an id (/ui/<page>/<id>)
-PAGES = {"calls": True, "cases": True, "replays": True, "charts": False, "trend": False, "coverage": False}
+PAGES = {"calls": True, "cases": True, "replays": True, "charts": False, "trend": False, "coverage": False,
+         "evals": True}
 # The pages load nothing from elsewhere: no CDN, no inline script.
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")

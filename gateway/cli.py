@@ -387,9 +387,10 @@ def _register_plugins() -> None:
     if _plugins_registered:
         return
     _plugins_registered = True
-    from . import stats_cli  # noqa: PLC0415
+    from . import stats_cli, tags_cli  # noqa: PLC0415
 
     stats_cli.register(app)
+    tags_cli.register(app)
     for ep in entry_points(group="tagway.cli"):
         try:
             ep.load()(app)

@@ -255,6 +255,7 @@ class Proxy:
             check_header(f"x-tagway-{name}", value)
         t = resolve_tags(call.principal, tw, call.payload, self.config.taxonomy, self.redactor.text)
         rec.customer, rec.intent, rec.prompt_version, rec.tags = t.customer, t.intent, t.prompt_version, t.tags
+        rec.session_id = t.session_id
         user, cap = t.end_user, self._max_user_chars
         if len(user) > cap:
             rec.truncated = {"user": len(user)}

@@ -187,7 +187,8 @@ def _window_title(sel: q.Selection, since: str | None, from_: str | None) -> str
 # -- tagway stats ----------------------------------------------------------------------------------------------
 def stats_command(
     by: Annotated[Optional[list[str]], typer.Option(
-        "--by", "-b", help=f"Group by a column ({', '.join(COLUMNS)}) or tag.<key>; repeat.")] = None,
+        "--by", "-b", help=f"Group by a column ({', '.join(COLUMNS)}), applied_tag (a tag rules or people "
+                     "applied to the call or its session) or tag.<key>; repeat.")] = None,
     where: WhereOpt = None,
     status: StatusOpt = None,
     since: SinceOpt = None,

@@ -9,7 +9,7 @@ from typing import Any, Callable, Mapping, Protocol
 from .config import Taxonomy
 from .errors import GatewayError, bad_request, forbidden
 
-__all__ = ["ResolvedTags", "normalise", "parse_tags_header", "resolve_tags", "RESERVED"]
+__all__ = ["ResolvedTags", "normalise", "parse_tags_header", "resolve_tags", "session_id_of", "RESERVED"]
 
 _INVALID = re.compile(r"[^a-z0-9_.-]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -18,6 +18,8 @@ MAX_LEN = 128
 # Free tags per call. Each becomes a span attribute; an unbounded number would let one request push the span
 # past the SDK's attribute limit (which drops the oldest attributes: tagway.kind and the customer first).
 MAX_TAGS = 64
+SESSION_KEY = "session_id"  # metadata.session_id (or the x-tagway-session-id header): the call's session
+MAX_SESSION_ID = 128
 
 
 def normalise(value: str) -> str:
@@ -33,6 +35,7 @@ class ResolvedTags:
     prompt_version: str = ""
     tags: dict[str, str] = dataclasses.field(default_factory=dict)
     end_user: str = ""
+    session_id: str = ""
 
 
 def normalise_key(key: str) -> str:
@@ -125,8 +128,30 @@ def resolve_tags(sender: Sender, headers: Mapping[str, str], body: Mapping[str, 
     if len(tags) > MAX_TAGS:
         raise bad_request(f"Too many tags: {len(tags)} (at most {MAX_TAGS} per call).", code="too_many_tags",
                           param="x-tagway-tags")
-    out = ResolvedTags(customer=customer, intent=intent, prompt_version=prompt_version, tags=tags, end_user=end_user)
+    out = ResolvedTags(customer=customer, intent=intent, prompt_version=prompt_version, tags=tags, end_user=end_user,
+                       session_id=session_id_of(headers, metadata))
     return apply_taxonomy(out, taxonomy)
+
+
+def session_id_of(headers: Mapping[str, str], metadata: Mapping[str, Any] | None) -> str:
+    """The session the call belongs to: `x-tagway-session-id`, else `metadata.session_id`, kept as the client sent
+    it (ids are opaque; case matters), at most MAX_SESSION_ID characters. Session tags (tag rules in session mode)
+    attach to it. (metadata.session_id also stays a free tag, normalised, as every metadata key is.)"""
+    sid = headers.get("session-id")  # x-tagway-* values were checked for control characters already
+    param = "x-tagway-session-id"
+    if not sid:
+        raw = metadata.get(SESSION_KEY) if metadata else None
+        if raw is None or raw == "":
+            return ""
+        sid, param = _scalar(SESSION_KEY, raw), f"metadata.{SESSION_KEY}"
+        if _CONTROL.search(sid):
+            raise bad_request(f"{param} must not contain control characters.", code="invalid_session_id",
+                              param=param)
+    sid = sid.strip()
+    if len(sid) > MAX_SESSION_ID:
+        raise bad_request(f"{param} must be at most {MAX_SESSION_ID} characters.", code="invalid_session_id",
+                          param=param)
+    return sid
 
 
 def apply_taxonomy(t: ResolvedTags, tax: Taxonomy) -> ResolvedTags:

@@ -44,6 +44,7 @@ class CallRecord:
     prompt_version: str = ""
     tags: dict[str, str] = dataclasses.field(default_factory=dict)
     end_user: str = ""
+    session_id: str = ""
     source: str = "production"
     replay: dict[str, str] = dataclasses.field(default_factory=dict)  # replay.run_id/candidate/case_id
     provider: str = ""
@@ -118,7 +119,8 @@ def call_attributes(r: CallRecord, latency_ms: float) -> dict[str, Any]:
     if r.http_status:
         a[sc.HTTP_STATUS] = r.http_status
     for key, value in ((sc.CUSTOMER, r.customer), (sc.INTENT, r.intent), (sc.PROMPT_VERSION, r.prompt_version),
-                       (sc.KEY_ID, r.key_id), (sc.END_USER, r.end_user), (sc.PROVIDER, r.provider),
+                       (sc.KEY_ID, r.key_id), (sc.END_USER, r.end_user), (sc.CONVERSATION_ID, r.session_id),
+                       (sc.PROVIDER, r.provider),
                        (sc.DEPLOYMENT, r.deployment), (sc.SERVER_ADDRESS, r.server_address),
                        (sc.RESPONSE_MODEL, r.response_model), (sc.RESPONSE_ID, r.response_id),
                        (sc.ERROR_TYPE, r.error_type)):

@@ -27,7 +27,7 @@ from .refs import load_ref
 
 __all__ = ["EvaluatorSpec", "EvalContext", "EvalResult", "CaseVerdict", "EvaluatorError", "Evaluator", "REGISTRY",
            "register", "evaluator_for", "run_one", "evaluate", "judge_messages", "parse_judge_answer",
-           "normalize_tool_calls", "json_values"]
+           "normalize_tool_calls", "json_values", "data_block", "data_tag", "strip_fence", "as_text"]
 
 
 class EvaluatorError(RuntimeError):
@@ -155,13 +155,14 @@ def _threshold(spec: EvaluatorSpec, default: float | None = None) -> float:
     return float(t)
 
 
-def _as_text(v: Any) -> str:
+def as_text(v: Any) -> str:
+    """A value as text: strings as they are, anything else as JSON."""
     return v if isinstance(v, str) else orjson.dumps(v).decode()
 
 
 def _values(spec: EvaluatorSpec) -> list[str]:
     v = spec.value
-    return [_as_text(x) for x in v] if isinstance(v, list) else [_as_text(v)]
+    return [as_text(x) for x in v] if isinstance(v, list) else [as_text(v)]
 
 
 # -- deterministic ------------------------------------------------------------------------------------------------
@@ -390,7 +391,7 @@ class Similar(Evaluator):
             raise ValueError("similar.method must be ratio or jaccard")
 
     def run(self, spec: EvaluatorSpec, ctx: EvalContext) -> Outcome:
-        ref = _as_text(spec.value) if spec.value is not None else ctx.reference
+        ref = as_text(spec.value) if spec.value is not None else ctx.reference
         method = str(spec.option("method", "ratio"))
         sim = _similarity(ctx.output, ref, method)
         t = spec.threshold if spec.threshold is not None else 0.75
@@ -469,8 +470,14 @@ JUDGE_SYSTEM = (
 VERDICT_SHAPE = '{"pass": bool, "reason": str}'
 
 
-def _block(name: str, tag: str, text: str) -> str:
+def data_block(name: str, tag: str, text: str) -> str:
+    """Text for a judge to read as data, between markers carrying `tag` (see judge_messages)."""
     return f"<{name}-{tag}>\n{text}\n</{name}-{tag}>"
+
+
+def data_tag(*texts: str) -> str:
+    """The marker tag for a judge prompt: a hash of everything in it, so no text inside can forge the markers."""
+    return hashlib.blake2b("\x00".join(texts).encode(), digest_size=6).hexdigest()
 
 
 def judge_messages(spec: EvaluatorSpec, ctx: EvalContext) -> list[dict]:
@@ -478,15 +485,14 @@ def judge_messages(spec: EvaluatorSpec, ctx: EvalContext) -> list[dict]:
     between markers carrying a tag derived from all of them (blake2b), so text in the response cannot close its
     block early or forge the judge's part: it would have to contain a hash of itself."""
     convo = ctx.vars.get("messages") or []
-    last_user = _as_text(next((m.get("content") for m in reversed(convo) if m.get("role") == "user"), "") or "")
+    last_user = as_text(next((m.get("content") for m in reversed(convo) if m.get("role") == "user"), "") or "")
     reference = ctx.reference if spec.option("include_reference", True) else ""
-    tag = hashlib.blake2b("\x00".join((str(spec.value), last_user, reference, ctx.output)).encode(),
-                          digest_size=6).hexdigest()
+    tag = data_tag(str(spec.value), last_user, reference, ctx.output)
     parts = [f"RUBRIC:\n{spec.value}", f"Data to grade follows; each block is tagged {tag}."]
-    parts.append(_block("user_message", tag, last_user))
+    parts.append(data_block("user_message", tag, last_user))
     if reference:
-        parts.append(_block("reference_answer", tag, reference))
-    parts += [_block("response", tag, ctx.output), f"Grade the response-{tag} block. Answer {VERDICT_SHAPE} only."]
+        parts.append(data_block("reference_answer", tag, reference))
+    parts += [data_block("response", tag, ctx.output), f"Grade the response-{tag} block. Answer {VERDICT_SHAPE} only."]
     return [{"role": "system", "content": str(spec.option("system", JUDGE_SYSTEM))},
             {"role": "user", "content": "\n\n".join(parts)}]
 
@@ -494,17 +500,20 @@ def judge_messages(spec: EvaluatorSpec, ctx: EvalContext) -> list[dict]:
 _WHOLE_FENCE_RE = re.compile(r"\A```(?:json)?\s*(.*?)\s*```\Z", re.DOTALL | re.IGNORECASE)
 
 
+def strip_fence(text: str) -> str:
+    """A judge answer without one ```json fence around the whole of it (the only wrapping tolerated)."""
+    body = text.strip()
+    fenced = _WHOLE_FENCE_RE.match(body)
+    return fenced.group(1) if fenced else body
+
+
 def parse_judge_answer(text: str) -> tuple[bool, float, str]:
     """The judge's answer must be the verdict object and nothing else: {"pass": true|false, "reason": "..."}, with
     an optional "score" in [0, 1] (a single ```json fence around the whole answer is tolerated). Anything else
     (prose, a PASS word, several objects, a verdict quoted from the response) raises EvaluatorError: an evaluator
     error is never a pass. Returns (pass, score, reason)."""
-    body = text.strip()
-    fenced = _WHOLE_FENCE_RE.match(body)
-    if fenced:
-        body = fenced.group(1)
     try:
-        obj = json.loads(body)
+        obj = json.loads(strip_fence(text))
     except ValueError:
         obj = None
     ok, reason = (obj.get("pass"), obj.get("reason")) if isinstance(obj, dict) else (None, None)

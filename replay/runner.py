@@ -30,8 +30,9 @@ from .slice import Case
 from .spec import Candidate, PromptSpec, ReplaySpec
 from .store import ResultRow
 
-__all__ = ["Target", "RunOutcome", "FatalRunError", "Runner", "targets_for", "build_request", "replay_headers",
-           "apply_prompt", "gateway_client", "GATEWAY_APP", "RETRY_STATUSES"]
+__all__ = ["Target", "RunOutcome", "FatalRunError", "Runner", "GatewayPoster", "Answer", "text_of", "fatal_check",
+           "targets_for", "build_request", "replay_headers", "apply_prompt", "gateway_client", "GATEWAY_APP",
+           "RETRY_STATUSES"]
 
 GATEWAY_APP = "gateway.app:create_app"
 RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
@@ -72,7 +73,8 @@ def _candidate_target(c: Candidate, base_dir: Path | None) -> Target:
 _VAR_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-def _text_of(content: Any) -> str:
+def text_of(content: Any) -> str:
+    """The text of an OpenAI message content (a string, or the text of its parts)."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
@@ -92,7 +94,7 @@ def apply_prompt(case: Case, prompt: PromptSpec | None, text: str | None) -> lis
         lead += 1
     system = text
     if prompt.mode == "template":
-        original = "\n\n".join(_text_of(m.get("content")) for m in msgs[:lead])
+        original = "\n\n".join(text_of(m.get("content")) for m in msgs[:lead])
         variables = {**case.tags, **{f"tag_{k}": v for k, v in case.tags.items()}, "original_system": original,
                      "customer": case.customer, "intent": case.intent, "prompt_version": case.prompt_version}
         system = _VAR_RE.sub(lambda m: str(variables[m.group(1)]) if m.group(1) in variables else m.group(0), text)
@@ -142,7 +144,7 @@ class RunOutcome:
 
 
 @dataclasses.dataclass
-class _Answer:
+class Answer:
     ok: bool
     message: dict
     text: str
@@ -174,6 +176,76 @@ def _float_header(resp: httpx.Response, name: str) -> float:
         return 0.0
 
 
+def fatal_check(who: str, model: str, ans: Answer) -> None:
+    """Raise FatalRunError when an answer says the run cannot go on: the model is not served, the key is refused,
+    or the gateway cannot be reached (`who` names the caller: a candidate, a judge)."""
+    if ans.http_status == 404 or ans.error_code == "model_not_found":
+        raise FatalRunError(f"{who}: model {model!r} is not served by the gateway (404 "
+                            f"{ans.error_code or 'not found'}): {ans.error}")
+    if ans.http_status in (401, 403):
+        raise FatalRunError(f"the gateway rejected the API key (HTTP {ans.http_status}): {ans.error}; "
+                            "pass --api-key or set TAGWAY_API_KEY / TAGWAY_ADMIN_KEY")
+    if ans.error_code == "connection":
+        raise FatalRunError(ans.error)
+
+
+class GatewayPoster:
+    """POSTs chat requests to the gateway with retries (exponential backoff with jitter, `retry-after` honoured) on
+    408/409/429/5xx and transport errors; what came back is an `Answer` (never an exception)."""
+
+    def __init__(self, client: httpx.AsyncClient, *, retries: int = 3, backoff_base: float = 0.25,
+                 backoff_max: float = 8.0) -> None:
+        self.client, self.retries = client, retries
+        self.backoff_base, self.backoff_max = backoff_base, backoff_max
+
+    async def post(self, body: dict, headers: dict[str, str]) -> Answer:
+        payload = orjson.dumps(body)
+        attempt = 0
+        while True:
+            attempt += 1
+            t0 = time.perf_counter()
+            try:
+                resp = await self.client.post(CHAT_PATH, content=payload, headers=headers)
+            except httpx.TransportError as e:
+                if attempt > self.retries:
+                    return Answer(False, {}, "", 0, attempt, 0.0, 0.0, "",
+                                  error=f"gateway unreachable after {attempt} attempt(s): {type(e).__name__}: {e}",
+                                  error_code="connection")
+                await asyncio.sleep(self._backoff(attempt, None))
+                continue
+            latency = (time.perf_counter() - t0) * 1000
+            if resp.status_code in RETRY_STATUSES and attempt <= self.retries:
+                await asyncio.sleep(self._backoff(attempt, resp.headers.get("retry-after")))
+                continue
+            cost = _float_header(resp, "x-tagway-cost-usd")
+            trace_id = resp.headers.get("x-tagway-trace-id", "")
+            if resp.status_code != 200:
+                msg, code = _error_of(resp)
+                return Answer(False, {}, "", resp.status_code, attempt, latency, cost, trace_id,
+                              error=f"HTTP {resp.status_code}: {msg}", error_code=code)
+            try:
+                data = resp.json()
+                choice = (data.get("choices") or [{}])[0]
+                message = choice.get("message") or {}
+            except (ValueError, AttributeError, IndexError):
+                return Answer(False, {}, "", 200, attempt, latency, cost, trace_id,
+                              error="gateway answered 200 with a body that is not a chat completion")
+            usage = data.get("usage") or {}
+            content = message.get("content")
+            text = content if isinstance(content, str) else text_of(content)
+            return Answer(True, message, text, 200, attempt, latency, cost, trace_id,
+                          int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+
+    def _backoff(self, attempt: int, retry_after: str | None) -> float:
+        if retry_after:
+            try:
+                return min(float(retry_after), self.backoff_max)
+            except ValueError:
+                pass
+        delay = min(self.backoff_base * (2 ** (attempt - 1)), self.backoff_max)
+        return delay * (0.5 + random.random() / 2)  # jitter: concurrent retries do not come back together
+
+
 class Runner:
     """Runs (case, target) items with bounded concurrency. `sink(rows)` persists a batch (called in a thread)."""
 
@@ -192,7 +264,7 @@ class Runner:
         self.retries = spec.retries if retries is None else retries
         self.max_cost = spec.max_cost if max_cost is None else max_cost
         self.progress = progress
-        self.backoff_base, self.backoff_max = backoff_base, backoff_max
+        self.poster = GatewayPoster(client, retries=self.retries, backoff_base=backoff_base, backoff_max=backoff_max)
         self.batch_size, self.flush_interval = batch_size, flush_interval
         self.spent = spent_before
         self.judge_version = spec.judge_version
@@ -201,58 +273,11 @@ class Runner:
         self._flush_lock = asyncio.Lock()
         self._probing = False  # while True, an unknown model / rejected key / dead gateway stops the run
 
-    # -- HTTP ---------------------------------------------------------------------------------------------------
-    async def _post(self, body: dict, headers: dict[str, str]) -> _Answer:
-        payload = orjson.dumps(body)
-        attempt = 0
-        while True:
-            attempt += 1
-            t0 = time.perf_counter()
-            try:
-                resp = await self.client.post(CHAT_PATH, content=payload, headers=headers)
-            except httpx.TransportError as e:
-                if attempt > self.retries:
-                    return _Answer(False, {}, "", 0, attempt, 0.0, 0.0, "",
-                                   error=f"gateway unreachable after {attempt} attempt(s): {type(e).__name__}: {e}",
-                                   error_code="connection")
-                await asyncio.sleep(self._backoff(attempt, None))
-                continue
-            latency = (time.perf_counter() - t0) * 1000
-            if resp.status_code in RETRY_STATUSES and attempt <= self.retries:
-                await asyncio.sleep(self._backoff(attempt, resp.headers.get("retry-after")))
-                continue
-            cost = _float_header(resp, "x-tagway-cost-usd")
-            trace_id = resp.headers.get("x-tagway-trace-id", "")
-            if resp.status_code != 200:
-                msg, code = _error_of(resp)
-                return _Answer(False, {}, "", resp.status_code, attempt, latency, cost, trace_id,
-                               error=f"HTTP {resp.status_code}: {msg}", error_code=code)
-            try:
-                data = resp.json()
-                choice = (data.get("choices") or [{}])[0]
-                message = choice.get("message") or {}
-            except (ValueError, AttributeError, IndexError):
-                return _Answer(False, {}, "", 200, attempt, latency, cost, trace_id,
-                               error="gateway answered 200 with a body that is not a chat completion")
-            usage = data.get("usage") or {}
-            text = _text_of(message.get("content")) if not isinstance(message.get("content"), str) else message["content"]
-            return _Answer(True, message, text, 200, attempt, latency, cost, trace_id,
-                           int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
-
-    def _backoff(self, attempt: int, retry_after: str | None) -> float:
-        if retry_after:
-            try:
-                return min(float(retry_after), self.backoff_max)
-            except ValueError:
-                pass
-        delay = min(self.backoff_base * (2 ** (attempt - 1)), self.backoff_max)
-        return delay * (0.5 + random.random() / 2)  # jitter: concurrent retries do not come back together
-
     def _judge_fn(self, case: Case, target: Target) -> Callable:
         async def judge(model: str, messages: list[dict], params: dict) -> str:
             headers = replay_headers(case, api_key=self.api_key, run_id=self.run_id, candidate=target.name,
                                      prompt_version=self.judge_version or case.prompt_version, source=JUDGE_SOURCE)
-            ans = await self._post({**params, "model": model, "messages": messages, "stream": False}, headers)
+            ans = await self.poster.post({**params, "model": model, "messages": messages, "stream": False}, headers)
             self.spent += ans.cost_usd
             if not ans.ok:
                 raise RuntimeError(ans.error)
@@ -263,7 +288,7 @@ class Runner:
     async def run_item(self, case: Case, target: Target) -> ResultRow:
         prompt_version = _prompt_version(case, target)
         if target.logged:
-            ans = _Answer(case.baseline_status == "ok", case.baseline_message, case.baseline_text, 0, 0,
+            ans = Answer(case.baseline_status == "ok", case.baseline_message, case.baseline_text, 0, 0,
                           float(case.baseline_latency_ms or 0.0), float(case.baseline_cost_usd or 0.0), case.case_id)
             model = case.model
         else:
@@ -271,7 +296,7 @@ class Runner:
             model = body["model"]
             headers = replay_headers(case, api_key=self.api_key, run_id=self.run_id, candidate=target.name,
                                      prompt_version=prompt_version)
-            ans = await self._post(body, headers)
+            ans = await self.poster.post(body, headers)
             self.spent += ans.cost_usd
         row = ResultRow(run_id=self.run_id, case_id=case.case_id, candidate=target.name, segment=case.segment,
                         status="errored", replay_trace_id="" if target.logged else ans.trace_id,
@@ -303,17 +328,9 @@ class Runner:
                                   if ans.message.get("tool_calls") else "")
         return row
 
-    def _check_fatal(self, target: Target, model: str, ans: _Answer) -> None:
-        if not self._probing:
-            return
-        if ans.http_status == 404 or ans.error_code == "model_not_found":
-            raise FatalRunError(f"{target.name}: model {model!r} is not served by the gateway (404 "
-                                f"{ans.error_code or 'not found'}): {ans.error}")
-        if ans.http_status in (401, 403):
-            raise FatalRunError(f"the gateway rejected the API key (HTTP {ans.http_status}): {ans.error}; "
-                                "pass --api-key or set TAGWAY_API_KEY / TAGWAY_ADMIN_KEY")
-        if ans.error_code == "connection":
-            raise FatalRunError(ans.error)
+    def _check_fatal(self, target: Target, model: str, ans: Answer) -> None:
+        if self._probing:
+            fatal_check(target.name, model, ans)
 
     # -- persistence --------------------------------------------------------------------------------------------
     async def _emit(self, row: ResultRow, results: list[ResultRow]) -> None:

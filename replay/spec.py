@@ -6,11 +6,11 @@ from __future__ import annotations
 import datetime as dt
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from exporters.vocabulary import parse_dimension, parse_duration, parse_filter, validate_tag_key
+from exporters.vocabulary import APPLIED_TAG, parse_dimension, parse_duration, parse_filter, validate_tag_key
 from exporters.yamlfile import YamlFileError, load_mapping
 
 from .evaluators import EvaluatorSpec
@@ -18,9 +18,11 @@ from .evaluators import EvaluatorSpec
 __all__ = [
     "SpecError", "Sampling", "SliceSpec", "PromptSpec", "Candidate", "Baseline", "EvaluatorSpec", "Gating",
     "Escalation", "Families", "LEGACY_GATING", "LEGACY_GATING_HELP",
-    "ReplaySpec", "load_spec", "load_spec_data", "apply_overrides", "parse_spec",
+    "ReplaySpec", "load_spec", "load_spec_data", "apply_overrides", "parse_spec", "one_line_error",
+    "validate_mapping",
 ]
 
+_M = TypeVar("_M", bound=BaseModel)
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:@+-]{1,64}$")
 
 
@@ -105,7 +107,10 @@ class SliceSpec(_Model):
             v = [p.strip() for p in v.split(",") if p.strip()]
         if not v:
             raise ValueError("segment_by needs at least one key")
-        return [parse_dimension(str(k), "by") for k in v]
+        keys = [parse_dimension(str(k), "by") for k in v]
+        if APPLIED_TAG in keys:  # a call may carry several applied tags: it would be in several segments
+            raise ValueError(f"{APPLIED_TAG} cannot be a segment key (filter on it with where: instead)")
+        return keys
 
     @field_validator("since")
     @classmethod
@@ -316,7 +321,8 @@ class ReplaySpec(_Model):
         return ",".join(sorted({str(e.option("judge_version")) for e in self.evaluators if e.kind == "llm_judge"}))
 
 
-def _one_line(e: ValidationError, source: str) -> str:
+def one_line_error(e: ValidationError, source: str) -> str:
+    """A pydantic error as one line: '<source>: <where>: <what> (+N more)'."""
     err = e.errors()[0]
     loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("function-after", "function-before"))
     msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
@@ -324,13 +330,18 @@ def _one_line(e: ValidationError, source: str) -> str:
     return f"{source}: {loc + ': ' if loc else ''}{msg}{more}"
 
 
-def parse_spec(data: Any, source: str = "spec") -> ReplaySpec:
+def validate_mapping(model: type[_M], data: Any, source: str, error: type[ValueError]) -> _M:
+    """A YAML mapping validated as `model`; anything wrong is `error` with one line naming `source`."""
     if not isinstance(data, dict):
-        raise SpecError(f"{source}: expected a mapping at the top level")
+        raise error(f"{source}: expected a mapping at the top level")
     try:
-        return ReplaySpec.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
-        raise SpecError(_one_line(e, source)) from None
+        raise error(one_line_error(e, source)) from None
+
+
+def parse_spec(data: Any, source: str = "spec") -> ReplaySpec:
+    return validate_mapping(ReplaySpec, data, source, SpecError)
 
 
 def load_spec(path: str | Path) -> ReplaySpec:

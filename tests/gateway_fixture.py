@@ -129,14 +129,20 @@ class GatewayServer:
 
 
 @contextlib.contextmanager
-def recorded_gateway(upstream: Upstream, store: Any, spool_dir: str, **recording: Any) -> Iterator[GatewayServer]:
-    """The test gateway recording for real (durable processor, spool) into `store`, e.g. the session's chDB."""
+def recorded_gateway(upstream: Upstream, store: Any, spool_dir: str, *, providers: dict[str, Any] | None = None,
+                     models: list[dict] | None = None, **recording: Any) -> Iterator[GatewayServer]:
+    """The test gateway recording for real (durable processor, spool) into `store`, e.g. the session's chDB.
+    `models` are added to the test models; `providers` (provider name -> e.g. a HandlerProvider) serve them."""
     from exporters.recording import start_recording  # noqa: PLC0415
+    from gateway.providers import ProviderRegistry  # noqa: PLC0415
 
     os.environ["TEST_UPSTREAM_KEY"] = UPSTREAM_KEY
     recorder = start_recording(dsn=store.dsn, spool_dir=spool_dir, store=store,
                                **{"batch_max_seconds": 0.2, **recording})
-    server = GatewayServer(TagwayApp(GatewayConfig(**gateway_config(upstream.base_url)), recorder=recorder)).start()
+    cfg = gateway_config(upstream.base_url)
+    cfg["models"] = [*cfg["models"], *(models or [])]
+    server = GatewayServer(TagwayApp(GatewayConfig(**cfg), recorder=recorder,
+                                     providers=ProviderRegistry(overrides=providers))).start()
     server.recorder = recorder
     try:
         yield server

@@ -35,17 +35,22 @@ BAD = [
     ("since", "401d", "window '401d' is too long (at most 400d)"),
     ("since", "57.2w", "window '57.2w' is too long (at most 400d)"),
     ("by", "colour", "unknown group-by column 'colour': use one of customer, intent, prompt_version, model, "
-                     "model_served, provider, operation, status, error_type, source, key_id, stream or tag.<key>"),
+                     "model_served, provider, operation, status, error_type, source, key_id, stream, session_id, "
+                     "applied_tag or tag.<key>"),
     ("by", "tag.Region", "invalid tag key 'Region': tag keys match [a-z0-9_.-]{1,64}"),
     ("by", "tag.a'b", "invalid tag key \"a'b\": tag keys match [a-z0-9_.-]{1,64}"),
     ("by", f"tag.{LONG}", f"invalid tag key '{LONG}': tag keys match [a-z0-9_.-]{{1,64}}"),
     ("where", "intent", "invalid filter 'intent': use key=value (or key!=value)"),
     ("where", "bogus=1", "unknown filter column 'bogus': use one of customer, intent, prompt_version, model, "
-                         "model_served, provider, operation, status, error_type, source, key_id, stream or tag.<key>"),
+                         "model_served, provider, operation, status, error_type, source, key_id, stream, "
+                         "session_id, applied_tag or tag.<key>"),
     ("where", "tag.x'=1", "invalid tag key \"x'\": tag keys match [a-z0-9_.-]{1,64}"),
     ("where", "status=failed", "invalid filter 'status=failed': status is one of ok, error, cancelled"),
     ("where", "stream=maybe", "invalid filter 'stream=maybe': stream is true or false"),
     ("where", "intent=" + "v" * 1025, "filter value for intent is too long (at most 1024 characters)"),
+    ("where", "applied_tag=Negative Sentiment", "invalid filter 'applied_tag=Negative Sentiment': invalid tag name "
+                                                "'Negative Sentiment': tag names are 1-64 of [a-z0-9_.:-], starting "
+                                                "with a letter or digit"),
 ]
 
 
@@ -103,7 +108,8 @@ def test_a_slice_tags_mapping_checks_tag_keys_the_same_way():
 
 GOOD = [("since", "90s"), ("since", "15m"), ("since", "1.5h"), ("since", "7d"), ("since", "2w"),
         ("since", " 400d "), ("by", "provider"), ("by", "stream"), ("by", "tag.region"),
-        ("where", "provider!=mock"), ("where", "stream=true"), ("where", "tag.region=eu")]
+        ("where", "provider!=mock"), ("where", "stream=true"), ("where", "tag.region=eu"),
+        ("where", "applied_tag=negative-sentiment"), ("where", "applied_tag!=low-confidence")]
 
 
 @pytest.mark.parametrize("what,value", GOOD)

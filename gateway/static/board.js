@@ -296,8 +296,8 @@ async function pageCall() {
   const c = view.call;
   document.title = "tagway · call " + c.trace_id;
   const links = el("div", { class: "links" }, link("case view", uiLink("cases", c.trace_id), { id: "to-case" }));
-  if (c.session) {
-    const p = new URLSearchParams([["since", "30d"], ["where", c.session]]);
+  if (c.session) {  // a session belongs to its customer: two tenants may use the same session id
+    const p = new URLSearchParams([["since", "30d"], ["where", c.session], ["where", "customer=" + c.customer]]);
     links.appendChild(link("session (" + c.session + ")", uiLink("calls", null, p), { id: "to-session" }));
   }
   const same = new URLSearchParams([["since", "24h"], ["where", "customer=" + c.customer], ["where", "intent=" + c.intent]]);
@@ -320,9 +320,120 @@ async function pageCall() {
       ["tokens", fmtInt(c.input_tokens) + " in / " + fmtInt(c.output_tokens) + " out"],
       ["cost", "$" + fixed(c.cost_usd || 0, 6)]]), attemptsTable(c)),
     c.request_params ? card("Request parameters", el("div", { id: "request-params" }, pre(pretty(c.request_params), "json"))) : null,
+    card("Applied tags", await appliedTags(c, "message"), c.session_id ? await appliedTags(c, "session") : null),
     card("Replays of this call", replaysOfCall(view))));
   main().appendChild(grid);
   status("");
+}
+
+// -- applied tags (tag rules and people; seed 002) ---------------------------------------------------------------
+// A message is the call itself; its session is the customer's session id (a tenant key names it without the
+// customer). Every change goes through the API and lands in the audit log shown under it.
+function tagTarget(c, kind) {
+  if (kind === "message") return "message:" + c.trace_id;
+  return "session:" + (WHO && !WHO.admin ? "" : c.customer + "/") + c.session_id;
+}
+async function appliedTags(c, kind) {
+  const target = tagTarget(c, kind);
+  const box = el("div", { class: "applied-tags", id: "applied-" + kind });
+  const q = () => new URLSearchParams([["target", target]]);
+  async function change(action, tag) {
+    try {
+      if (action === "apply") await api(apiPrefix() + "tags", null, { method: "POST", body: { target, tag } });
+      else await api(apiPrefix() + "tags", new URLSearchParams([["target", target], ["tag", tag]]), { method: "DELETE" });
+      showError("");
+    } catch (e) {
+      if (!authFailed(e)) showError(e.message);
+    }
+    await render();
+  }
+  async function render() {
+    const now = await api(apiPrefix() + "tags", q());
+    const log = await api(apiPrefix() + "tags/audit", q());
+    clear(box);
+    const rows = now.tags.map((t) => el("tr", { "data-tag": t.tag }, el("td", {}, badge(t.tag, "tag")),
+      el("td", {}, t.actor), el("td", { class: "mono" }, t.run_id || ""),
+      el("td", {}, el("button", { type: "button", class: "link remove-tag", onclick: () => change("remove", t.tag) }, "remove"))));
+    const input = el("input", { id: "tag-input-" + kind, placeholder: "tag name", spellcheck: false });
+    const form = el("form", { class: "add-tag", id: "add-tag-" + kind, autocomplete: "off" }, input,
+      el("button", { type: "submit" }, "add tag"));
+    form.addEventListener("submit", (ev) => {
+      ev.preventDefault();
+      const tag = input.value.trim();
+      if (tag) change("apply", tag);
+    });
+    const events = log.events.map((e) => el("tr", { "data-action": e.action },
+      el("td", { class: "mono" }, fmtEpoch(e.event_time)), el("td", {}, e.tag), el("td", {}, e.action), el("td", {}, e.actor),
+      el("td", { class: "mono" }, e.run_id ? e.run_id + " (" + e.mode + ")" : ""),
+      el("td", {}, e.field ? e.field + " = " + e.field_value : "")));
+    box.append(el("h3", {}, kind === "message" ? "on this call" : "on its session " + c.session_id),
+      rows.length ? table(["tag", "applied by", "run", ""], rows, { id: "tags-" + kind })
+        : el("p", { class: "muted", id: "no-tags-" + kind }, "no applied tag"),
+      form, events.length ? el("details", { class: "audit" }, el("summary", {}, "audit log (" + events.length + ")"),
+        table(["time", "tag", "action", "by", "run", "field value"], events, { id: "audit-" + kind })) : null);
+    box.setAttribute("data-ready", String(Date.now()));
+  }
+  await render();
+  return box;
+}
+
+// -- Evaluations -------------------------------------------------------------------------------------------------
+const APPLIED = "Applied Tags";
+async function pageEvals() {
+  document.title = "tagway · evaluations";
+  const data = await api(apiPrefix() + "evals");
+  const rows = data.runs.map((r) => el("tr", { "data-run": r.run_id },
+    el("td", { class: "mono" }, link(r.run_id, uiLink("evals", r.run_id), { class: "run-link" })),
+    el("td", {}, fmtEpoch(r.created_at)), el("td", {}, r.mode), el("td", {}, badge(r.status)),
+    el("td", {}, r.dataset + (r.dataset_version ? "@" + r.dataset_version : "")), el("td", {}, r.evaluators.join(", ")),
+    el("td", { class: "r" }, r.summary.applied === undefined ? "" : "+" + r.summary.applied + " −" + r.summary.removed)));
+  main().append(el("h1", {}, "Evaluation runs"), card(null, rows.length
+    ? table(["run", "when", "mode", "status", "dataset", "evaluators", "tags "], rows, { id: "eval-runs" })
+    : el("p", { class: "muted" }, "No evaluation run yet: tagway eval run --evaluator E --dataset D")));
+  status(data.runs.length + " run(s)" + (data.limited_to_customer ? " for customer " + data.limited_to_customer : ""));
+}
+function evalTarget(r) {
+  if (r.target_kind === "message" && r.target_id) return link(r.target, uiLink("calls", r.target_id));
+  if (r.target_kind === "session" && r.target_id) {
+    const [customer, ...rest] = r.target_id.split("/");
+    const p = new URLSearchParams([["since", "30d"], ["where", "session_id=" + rest.join("/")], ["where", "customer=" + customer]]);
+    return link(r.target, uiLink("calls", null, p));
+  }
+  return r.target;
+}
+async function pageEval() {
+  let run;
+  try {
+    run = await api(apiPrefix() + "evals/" + encodeURIComponent(IDENT));
+  } catch (e) {
+    if (e.status === 404) return notFound("No evaluation run " + JSON.stringify(IDENT) + ".");
+    throw e;
+  }
+  document.title = "tagway · evaluation " + run.run_id;
+  const preview = run.mode === "preview";
+  const fields = [...new Set(run.rows.flatMap((r) => Object.keys(r.fields || {})))].slice(0, 6);
+  const scored = run.rows.some((r) => r.passed !== null);
+  const heads = ["evaluator", "target", "customer", "status", ...fields].concat(scored ? ["pass", "score "] : [])
+    .concat([preview ? APPLIED + " (preview: not applied)" : APPLIED]);
+  const rows = run.rows.map((r) => el("tr", { "data-target": r.target, class: "status-" + r.status },
+    el("td", {}, r.evaluator + "@" + r.evaluator_version), el("td", { class: "mono" }, evalTarget(r)),
+    el("td", {}, label(r.customer)), el("td", {}, badge(r.status), r.error ? el("span", { class: "muted" }, " " + r.error) : null),
+    ...fields.map((f) => el("td", { "data-field": f }, r.fields[f] === undefined ? "—" : String(r.fields[f]))),
+    ...(scored ? [el("td", {}, r.passed === null ? "—" : String(r.passed)), el("td", { class: "r" }, r.score === null ? "—" : fixed(r.score, 3))] : []),
+    el("td", { class: "applied" }, ((preview ? r.matched_tags : r.applied_tags) || []).join(", ") || "—")));
+  const changes = run.tag_changes.map((e) => el("tr", { "data-action": e.action },
+    el("td", { class: "mono" }, e.target_kind + ":" + e.target_id), el("td", {}, e.tag), el("td", {}, e.action),
+    el("td", {}, e.actor), el("td", {}, e.field + " = " + e.field_value)));
+  const s = run.summary || {};
+  main().append(el("h1", {}, "Evaluation ", el("code", {}, run.run_id), " ", badge(run.status)),
+    card(null, dl([["mode", run.mode], ["dataset", run.dataset + (run.dataset_version ? "@" + run.dataset_version : "")],
+      ["evaluators", run.evaluators.join(", ")], ["rows", (s.scored || 0) + " scored, " + (s.errored || 0) + " errored, " +
+        (s.skipped || 0) + " skipped"], ["tags", preview ? "preview: none applied or removed" : changes.length + " change(s)"],
+      ["note", s.reconcile_error || ""]])),
+    card("Results", table(heads, rows, { id: "eval-rows" })),
+    preview ? null : card("Tag changes", changes.length ? table(["target", "tag", "action", "by", "field value"], changes,
+      { id: "tag-changes" }) : el("p", { class: "muted" }, "no tag changed")));
+  status(run.rows.length + " row(s)" + (run.limited_to_customer ? " for customer " + run.limited_to_customer : ""));
 }
 
 // -- the Case view ---------------------------------------------------------------------------------------------
@@ -707,13 +818,14 @@ async function pageCoverage() {
 
 // -- start -----------------------------------------------------------------------------------------------------
 const PAGES = { calls: () => (IDENT ? pageCall() : pageCalls()), cases: pageCase,
-  replays: () => (IDENT ? pageRun() : pageRuns()), trend: pageTrend, charts: pageCharts, coverage: pageCoverage };
+  replays: () => (IDENT ? pageRun() : pageRuns()), trend: pageTrend, charts: pageCharts, coverage: pageCoverage,
+  evals: () => (IDENT ? pageEval() : pageEvals()) };
 
 function renderNav() {
   const nav = $("nav");
   for (const [page, text, href] of [["overview", "Overview", apiBase + "ui"], ["calls", "Calls", uiLink("calls")],
     ["charts", "Charts", uiLink("charts")], ["replays", "Replays", uiLink("replays")],
-    ["coverage", "Coverage", uiLink("coverage")]]) {
+    ["coverage", "Coverage", uiLink("coverage")], ["evals", "Evaluations", uiLink("evals")]]) {
     nav.appendChild(el("a", { href, class: page === PAGE || (page === "replays" && PAGE === "trend") ? "here" : "" }, text));
   }
 }

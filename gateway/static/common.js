@@ -96,7 +96,13 @@ async function api(path, params, opts) {
   const timer = setTimeout(() => ctl.abort(), timeout);
   let res;
   try {
-    res = await fetch(url, { headers: { Authorization: "Bearer " + key }, cache: "no-store", signal: ctl.signal });
+    const headers = { Authorization: "Bearer " + key };
+    const init = { headers, cache: "no-store", signal: ctl.signal, method: (opts && opts.method) || "GET" };
+    if (opts && opts.body !== undefined) {  // a change (tags): JSON in the body, never in the URL
+      headers["Content-Type"] = "application/json";
+      init.body = JSON.stringify(opts.body);
+    }
+    res = await fetch(url, init);
   } catch (e) {
     throw new ApiError(0, e.name === "AbortError"
       ? "The gateway did not answer within " + Math.round(timeout / 1000) + " s: narrow the time window or the filters and try again."
