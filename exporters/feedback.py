@@ -115,15 +115,16 @@ def for_trace(store: Any, trace_id: str, *, customer: str | None = None, databas
 
 
 def segment_feedback(store: Any, dims: Sequence[str], where: str, params: dict[str, Any], since_param: str,
-                     database: str = "") -> list[dict]:
+                     database: str = "", source: str | None = None) -> list[dict]:
     """Per segment of llm_calls (`dims`: SELECT expressions d0, d1, ...; `where`: the selection's conditions over
-    llm_calls, already parameterised) the rated and complained calls: complaints, rated, score_sum. Only calls with
+    llm_calls, already parameterised; `source`: what the stats query reads, when not llm_calls itself, e.g. with
+    each call's applied tags) the rated and complained calls: complaints, rated, score_sum. Only calls with
     feedback are read (the bloom-filter index on trace_id takes the IN list)."""
     fb = feedback_table(database)
     group = ", ".join(f"d{i}" for i in range(len(dims)))
     sql = (f"SELECT {', '.join(dims)}, countIf(f_complained) AS complaints, countIf(f_rated) AS rated, "
            f"sumIf(f_value, f_rated) AS score_sum\n"
-           f"FROM {_table('llm_calls', database)} AS c\n"
+           f"FROM {source or _table('llm_calls', database)} AS c\n"
            f"INNER JOIN (SELECT trace_id AS f_trace, max(complaint) AS f_complained, "
            f"countIf(v IS NOT NULL) > 0 AS f_rated, argMaxIf(v, Timestamp, v IS NOT NULL) AS f_value "
            f"FROM (SELECT trace_id, Timestamp, complaint, {value_expr} AS v FROM {fb} "

@@ -351,7 +351,8 @@ def _attach_feedback(store: Store, sel: Selection, by: Sequence[str], segments: 
     p = _Params()
     dims = [f"{_dim_select(k, p)} AS d{i}" for i, k in enumerate(by)]
     where = _where(sel, p, sel.window)
-    rows = fb.segment_feedback(store, dims, where, p.values, p.time(sel.window.start), database)
+    rows = fb.segment_feedback(store, dims, where, p.values, p.time(sel.window.start), database,
+                               source=calls_source(database, by))
     found = {tuple(str(r[f"d{i}"]) for i in range(len(by))): r for r in rows}
     for s in segments:
         r = found.get(tuple(s.key.values()))

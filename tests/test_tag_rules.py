@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 from exporters import tagstate as ts
 from exporters.evals import get_run
 from gateway import stats_cli, tags_cli
-from replay.datasets import Sampled, save_dataset, save_jsonl
+from replay.datasets import save_dataset, save_jsonl
+from replay.slice import Sampled
 from replay.evals.cli import eval_app
 from replay.evals.run import EvalOptions, resolve_evaluators, run_evaluation
 from replay.slice import fetch_cases
@@ -307,6 +308,7 @@ def test_stats_by_applied_tag_gives_per_tenant_counts_that_match(w):
     assert got == {w["a"]: 3, w["b"]: 1}
     res = cli.invoke(tagway, ["stats", "--by", "customer", "--by", "applied_tag", "--where", f"tag.run={w['run']}",
                               "--since", "1h", "--json", "--dsn", w["store"].dsn])
+    assert res.exit_code == 0, res.output
     report = orjson.loads(res.stdout)
     got = {(s["key"]["customer"], s["key"]["applied_tag"]): s["calls"] for s in report["segments"]}
     assert got == {(w["a"], "negative-sentiment"): 3, (w["a"], "low-helpfulness"): 3, (w["a"], "low-confidence"): 3,

@@ -10,7 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from exporters import tagstate as ts
-from replay.datasets import Sampled, save_dataset
+from replay.datasets import save_dataset
+from replay.slice import Sampled
 from replay.evals.cli import eval_app
 from tests.gateway_fixture import ADMIN_KEY, KEYS, recorded_gateway
 from tests.tag_rules_support import JUDGE_MODEL, JudgeDouble, Traffic, seed_evaluator, unique
