@@ -8,6 +8,8 @@ from .errors import bad_request
 
 __all__ = ["parse_object", "requested_model", "check_request", "stream_flag"]
 
+_INT_PARAMS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+
 
 def parse_object(body: bytes) -> dict:
     if not body:
@@ -52,9 +54,11 @@ def check_request(operation: str, p: dict) -> None:
         v = p.get(name)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
             raise bad_request(f"{name} must be a number.", code="invalid_type", param=name)
-    v = p.get("max_tokens")
-    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-        raise bad_request("max_tokens must be a positive integer.", code="invalid_type", param="max_tokens")
+    # types only: the ranges are the upstream's (max_tokens: 0 with echo: true is how prompts are scored)
+    for name in _INT_PARAMS:
+        v = p.get(name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise bad_request(f"{name} must be an integer.", code="invalid_type", param=name)
 
 
 def stream_flag(operation: str, p: dict) -> bool:
