@@ -218,6 +218,33 @@ class AccessLogConfig(_Strict):
     format: Literal["text", "json"] = "text"  # logfmt-style key=value, or one JSON object per line
 
 
+class ApiConfig(_Strict):
+    """How tagway speaks the providers' APIs beyond the body: which headers cross it, and what /v1/models lists."""
+    # client -> upstream (case-insensitive names; `prefix-*` matches a family). Never tagway's own or auth headers.
+    forward_headers: list[str] = ["openai-beta", "idempotency-key", "openai-organization", "openai-project",
+                                  "anthropic-version", "anthropic-beta"]
+    # upstream -> client, beside tagway's own x-tagway-* (request ids for support tickets, rate-limit state, and the
+    # retry advice SDKs follow: retry-after, x-should-retry)
+    return_headers: list[str] = ["x-request-id", "request-id", "x-ratelimit-*", "retry-after", "retry-after-ms",
+                                 "x-should-retry", "openai-processing-ms", "openai-version", "anthropic-ratelimit-*"]
+    list_upstream_models: bool = False  # /v1/models also lists what wildcard routes' upstreams serve
+    upstream_models_ttl: float = Field(300.0, gt=0)  # seconds an upstream's model list is cached
+
+    @field_validator("forward_headers", "return_headers")
+    @classmethod
+    def _header_names(cls, v: list[str]) -> list[str]:
+        out = []
+        for name in v:
+            n = name.strip().lower()
+            if not re.fullmatch(r"[a-z0-9!#$%&'+.^_`|~-]+\*?", n):
+                raise ValueError(f"{name!r} is not a header name (a trailing * matches a family)")
+            if n in ("authorization", "api-key", "x-api-key", "host", "content-length", "content-type",
+                     "transfer-encoding", "connection") or n.startswith("x-tagway-"):
+                raise ValueError(f"{name!r} is tagway's or the connection's own header and cannot be passed through")
+            out.append(n)
+        return out
+
+
 class GatewayConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TAGWAY_", env_nested_delimiter="__", extra="forbid")
 
@@ -234,6 +261,7 @@ class GatewayConfig(BaseSettings):
     tenants: list[TenantConfig] = []
     taxonomy: Taxonomy = Taxonomy()
     access_log: AccessLogConfig = AccessLogConfig()
+    api: ApiConfig = ApiConfig()
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,

@@ -29,6 +29,7 @@ from .capture import StreamAccumulator, capture_input, output_messages
 from .config import GatewayConfig, ModelConfig
 from .errors import GatewayError, error_body, forbidden
 from .limits import CallLimits
+from .headers import HeaderFilter
 from .pricing import Pricing
 from .providers import ProviderRegistry, UpstreamCall, UpstreamFailure, UpstreamResponse, server_address
 from .providers.sse import event_data
@@ -114,6 +115,8 @@ class Proxy:
         self._tenants = {t.customer: t for t in config.tenants}
         self._addresses = {m.name: server_address(m)[0] for m in config.models}
         self._chains = {m.name: fallback_chain(config, m) for m in config.models}
+        self._forward_headers = HeaderFilter(config.api.forward_headers)  # client -> upstream
+        self._return_headers = HeaderFilter(config.api.return_headers)  # upstream -> client
 
     # -- ASGI entry ---------------------------------------------------------------------------------------------
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -122,6 +125,8 @@ class Proxy:
         route = HOT_ROUTES[scope["path"]]
         rec = CallRecord(operation=route[0], source=self._source, start_ns=start_ns)
         call = Call(route, scope, receive, send, rec)
+        if self._forward_headers:
+            call.forward_headers = self._forward_headers.pick(scope["headers"])
         # Every call is the root of its own trace, so its trace id names exactly one call (the response header,
         # `tagway show`, replay case ids). A caller's trace is linked, not adopted as parent.
         links = _caller_link(call.traceparent) if call.traceparent else None
@@ -307,11 +312,25 @@ class Proxy:
     async def _try(self, call: Call, d: ModelConfig) -> UpstreamResponse | _Opened:
         """One deployment: its whole answer, or its stream once the first event is in (a stream that ends before
         any event is a failure, so the next deployment can still answer)."""
-        up_payload, up_body = body_for(call.payload, call.body, d, call.stream and not call.client_wants_usage)
-        upstream = UpstreamCall(d, call.operation, call.upstream_path, up_body, up_payload, call.stream)
+        up_payload, up_body = body_for(call.payload, call.body, d, call.stream and not call.client_wants_usage,
+                                       call.operation)
+        upstream = UpstreamCall(d, call.operation, call.upstream_path, up_body, up_payload, call.stream,
+                                call.forward_headers)
         result = await self.providers.for_deployment(d).send(upstream)
-        if not call.stream or isinstance(result, UpstreamResponse):
+        if isinstance(result, UpstreamResponse):
+            if call.stream:  # e.g. a server that ignores `stream`: relaying its JSON would break the client's parser
+                raise UpstreamFailure("protocol_error", "upstream answered a stream request with "
+                                      f"{result.content_type.split(';')[0] or 'no content type'}, not an event stream")
+            try:
+                result.parsed = orjson.loads(result.body)
+            except orjson.JSONDecodeError:
+                result.parsed = None
+            if not isinstance(result.parsed, dict):
+                raise UpstreamFailure("protocol_error", "upstream answered with a body that is not a JSON object")
             return result
+        if not call.stream:
+            await result.aclose()
+            raise UpstreamFailure("protocol_error", "upstream answered a non-stream request with an event stream")
         events = result.__aiter__()
         try:
             return _Opened(result, events, await events.__anext__())
@@ -323,7 +342,13 @@ class Proxy:
             raise
 
     def _final_error(self, f: UpstreamFailure) -> GatewayError:
-        """All deployments failed: relay the last upstream answer (secrets scrubbed), or say what happened."""
+        """All deployments failed: relay the last upstream answer (secrets scrubbed, its retry advice and request id
+        kept), or say what happened."""
+        e = self._final_error_body(f)
+        e.headers = self._return_headers.pick(f.headers)
+        return e
+
+    def _final_error_body(self, f: UpstreamFailure) -> GatewayError:
         if f.status and f.body:
             body = self._scrub(f.body)
             try:
@@ -337,6 +362,9 @@ class Proxy:
                                     code=err.get("code") if isinstance(err.get("code"), str) else None,
                                     error_type=f.error_type, raw=body)  # the upstream's own bytes, relayed
             return GatewayError(f.status, f.message, type_="api_error", code="upstream_error", error_type=f.error_type)
+        if f.error_type == "protocol_error":
+            return GatewayError(502, f"Upstream protocol error: {f.message}.", type_="api_error",
+                                code="upstream_protocol_error", error_type="protocol_error")
         if f.error_type == "timeout":
             return GatewayError(504, f"Upstream timed out: {f.message}.", type_="api_error", code="upstream_timeout",
                                 error_type="timeout")
@@ -353,11 +381,8 @@ class Proxy:
     async def _respond_whole(self, call: Call, d: ModelConfig, result: UpstreamResponse) -> None:
         rec = call.rec
         body = self._scrub(result.body) if self._secrets else result.body
-        try:
-            obj: Any = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            obj = None
-        extra: list[tuple[bytes, bytes]] = []
+        obj: Any = result.parsed if body is result.body else orjson.loads(body)  # parsed once, unless scrubbed
+        extra = self._return_headers.pick(result.headers)
         if isinstance(obj, dict):
             self._read_usage(obj.get("usage"), rec, d)
             choices = obj.get("choices")
@@ -385,7 +410,7 @@ class Proxy:
         if call.capture:
             call.answer = acc
         done = False
-        await call.start(200, _SSE_HEADERS)
+        await call.start(200, [*_SSE_HEADERS, *self._return_headers.pick(getattr(opened.stream, "headers", ()))])
         event: bytes | None = opened.first
         try:
             while event is not None:

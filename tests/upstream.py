@@ -10,7 +10,11 @@ Behaviour is picked by the upstream model name the gateway sends, so one server 
   garbage-*   answers 502 with an HTML body
   midstreamerror-*  streams one chunk, then an error event (mentioning the upstream key), then [DONE]
   echokey-*   answers 200 with the bearer key it was sent in its text (a provider that leaks its key)
-Every request is recorded (path, headers, JSON body) in `requests`.
+  jsonstream-*  answers a stream request with plain JSON; ssewhole-* answers a non-stream request with SSE;
+  badjson-*     answers 200 with a body that is not JSON
+Every response carries `x-request-id: req-<n>` (n counts requests), `x-ratelimit-remaining-requests`,
+`openai-processing-ms` and a header no allow-list names (`x-upstream-internal`); 429s add `retry-after: 0` and
+`x-should-retry: false`. Every request is recorded (path, headers, JSON body) in `requests`.
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ class Upstream(ThreadedServer):
         self.requests: list[dict[str, Any]] = []
 
     def routes(self, app: web.Application) -> None:
+        app.on_response_prepare.append(self._stamp)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/embeddings", self.embeddings)
@@ -53,6 +58,15 @@ class Upstream(ThreadedServer):
         self.requests.clear()
 
     # -- handlers -----------------------------------------------------------------------------------------------
+    async def _stamp(self, request: web.Request, response: web.StreamResponse) -> None:
+        response.headers["x-request-id"] = f"req-{len(self.requests)}"
+        response.headers["x-ratelimit-remaining-requests"] = "99"
+        response.headers["openai-processing-ms"] = "7"
+        response.headers["x-upstream-internal"] = "not for clients"
+        if response.status == 429:
+            response.headers["retry-after"] = "0"
+            response.headers["x-should-retry"] = "false"
+
     async def _record(self, request: web.Request) -> dict:
         raw = await request.read()
         body = orjson.loads(raw)
@@ -73,6 +87,8 @@ class Upstream(ThreadedServer):
             return web.Response(status=502, text="<html>bad gateway</html>", content_type="text/html")
         if model.startswith("slow"):
             await asyncio.sleep(2)
+        if model.startswith("badjson"):
+            return web.Response(status=200, text='{"id": "chatcmpl-x", "choices": [', content_type="application/json")
         return None
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
@@ -94,7 +110,9 @@ class Upstream(ThreadedServer):
             tool_call = {"id": "call_1", "type": "function",
                          "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
         base = {"id": "chatcmpl-test", "created": int(time.time()), "model": model + "-2026"}
-        if not body.get("stream"):
+        if model.startswith("ssewhole") and not body.get("stream"):
+            body = {**body, "stream": True}
+        if not body.get("stream") or model.startswith("jsonstream"):
             msg: dict[str, Any] = {"role": "assistant", "content": None if tool_call else text}
             if tool_call:
                 msg["tool_calls"] = [tool_call]
