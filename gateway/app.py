@@ -27,6 +27,8 @@ from .lanes import ReplayLane, is_replay_call
 from .limits import CallLimits
 from .metrics import MetricsEndpoint
 from .openapi import install_openapi
+from .model_list import ModelList
+from .model_routes import ModelRoutes
 from .proxy import HOT_ROUTES, Proxy
 from .redact import Redactor
 from .datasets_api import build_datasets_router
@@ -47,6 +49,8 @@ class TagwayApp:
         self.config = config
         self.keyring = KeyRing(config)
         self.providers = providers or ProviderRegistry()
+        self.routes = ModelRoutes(config)
+        self.model_list = ModelList(config, self.routes, self.providers)
         self.pricing = Pricing()
         r = config.recording
         self.redactor = Redactor(list(r.redact_builtin), r.redact_patterns, max_chars=r.capture_max_chars,
@@ -90,7 +94,7 @@ class TagwayApp:
             await self._start_limits(loop)
             self.proxy = Proxy(config=self.config, keyring=self.keyring, providers=self.providers,
                                tracer=self.recorder.tracer, pricing=self.pricing, redactor=self.redactor,
-                               limits=self.limits)
+                               limits=self.limits, routes=self.routes)
 
     async def _start_limits(self, loop: asyncio.AbstractEventLoop) -> None:
         """Budgets read their spend from the store before the first call, then every BUDGET_REFRESH seconds."""
@@ -255,22 +259,18 @@ def _build_api(app: TagwayApp) -> FastAPI:
     def principal(request: Request) -> Any:
         return app.keyring.authenticate_headers(request.headers)
 
-    def model_card(name: str) -> dict:
-        return {"id": name, "object": "model", "created": 0, "owned_by": "tagway"}
-
     @api.get("/v1/models")
     @api.get("/models", include_in_schema=False)
     async def list_models(request: Request) -> dict:
-        p = principal(request)
-        return {"object": "list", "data": [model_card(m.name) for m in app.config.models if p.allows(m.name)]}
+        return {"object": "list", "data": await app.model_list.list(principal(request).allows)}
 
     @api.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str, request: Request) -> dict:
-        p = principal(request)
-        if app.config.model(model_id) is None or not p.allows(model_id):
+        card = app.model_list.card(model_id, principal(request).allows)
+        if card is None:
             raise GatewayError(404, f"The model `{model_id}` does not exist or you do not have access to it.",
                                code="model_not_found", param="model")
-        return model_card(model_id)
+        return card
 
     @api.get("/healthz")
     async def healthz() -> dict:

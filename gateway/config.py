@@ -3,6 +3,8 @@ by pydantic at start-up and reported as one clear line per problem."""
 from __future__ import annotations
 
 import os
+import re
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal
 
@@ -111,7 +113,10 @@ class TenantConfig(_Strict):
     limits: LimitsConfig | None = None  # the tenant's rate limits and budget, over all its keys
 
     def allows(self, model: str) -> bool:
-        return "*" in self.allowed_models or model in self.allowed_models
+        allowed = self.allowed_models
+        if "*" in allowed or model in allowed:
+            return True
+        return any("*" in p and fnmatchcase(model, p) for p in allowed)  # fnmatch caches compiled patterns
 
 
 class TagRule(_Strict):
@@ -277,9 +282,17 @@ class GatewayConfig(BaseSettings):
         for dup in sorted({n for n in names if names.count(n) > 1}):
             problems.append(f"models: duplicate model name {dup!r}")
         known = set(names)
+        wildcards = [n[:-1] for n in names if n.endswith("*")]
         for i, m in enumerate(self.models):
+            if "*" in m.name and (m.name.count("*") > 1 or not m.name.endswith("*")):
+                problems.append(f"models[{i}] ({m.name}).name: a wildcard ends in one * ('openai/*', or '*')")
+            elif m.name.endswith("*") and m.model is not None and m.model.count("*") != 1:
+                problems.append(f"models[{i}] ({m.name}).model: a wildcard's model has one * (the matched rest), "
+                                f"e.g. '*' or 'accounts/acme/models/*'")
             for fb in m.fallbacks:
-                if fb not in known:
+                if fb.endswith("*"):
+                    problems.append(f"models[{i}] ({m.name}).fallbacks: {fb!r} is a wildcard, name a model")
+                elif fb not in known:
                     problems.append(f"models[{i}] ({m.name}).fallbacks: unknown model {fb!r}")
                 if fb == m.name:
                     problems.append(f"models[{i}] ({m.name}).fallbacks: a model cannot fall back to itself")
@@ -296,8 +309,8 @@ class GatewayConfig(BaseSettings):
         for i, t in enumerate(self.tenants):
             if not NAME_RE.match(t.customer):
                 problems.append(f"tenants[{i}].customer: {t.customer!r} must match [a-z0-9_.-]{{1,64}}")
-            for m in t.allowed_models:
-                if m != "*" and m not in known:
+            for m in t.allowed_models:  # names, or glob patterns ('openai/gpt-4o*') checked per call
+                if "*" not in m and m not in known and not any(m.startswith(w) for w in wildcards):
                     problems.append(f"tenants[{i}] ({t.customer}).allowed_models: unknown model {m!r}")
             for k in t.keys:
                 key_ids.append(k.id)

@@ -31,12 +31,13 @@ from .errors import GatewayError, error_body, forbidden
 from .limits import CallLimits
 from .headers import HeaderFilter
 from .pricing import Pricing
-from .providers import ProviderRegistry, UpstreamCall, UpstreamFailure, UpstreamResponse, server_address
+from .providers import ProviderRegistry, UpstreamCall, UpstreamFailure, UpstreamResponse
 from .providers.sse import event_data
 from .redact import Redactor
 from .recent import RecentCalls
 from .request_checks import check_request, parse_object, requested_model, stream_flag
-from .routing import body_for, fallback_chain
+from .model_routes import ModelRoutes
+from .routing import body_for
 from .tags import check_header, normalise, resolve_tags
 from .observe import CallObserver
 from .telemetry import CallRecord, finish_call_span
@@ -92,7 +93,7 @@ class _Opened:
 class Proxy:
     def __init__(self, *, config: GatewayConfig, keyring: KeyRing, providers: ProviderRegistry,
                  tracer: trace.Tracer, pricing: Pricing, redactor: Redactor,
-                 limits: CallLimits | None = None) -> None:
+                 limits: CallLimits | None = None, routes: ModelRoutes | None = None) -> None:
         self.config = config
         self.limits = limits if limits is not None else CallLimits()
         self.keyring = keyring
@@ -113,8 +114,7 @@ class Proxy:
         self._secrets = [s.encode() for s in sorted({m.api_key for m in config.models
                                                      if m.api_key and len(m.api_key) >= 6}, key=len, reverse=True)]
         self._tenants = {t.customer: t for t in config.tenants}
-        self._addresses = {m.name: server_address(m)[0] for m in config.models}
-        self._chains = {m.name: fallback_chain(config, m) for m in config.models}
+        self.routes = routes or ModelRoutes(config)  # model name -> deployment chain (exact names, wildcards, `*`)
         self._forward_headers = HeaderFilter(config.api.forward_headers)  # client -> upstream
         self._return_headers = HeaderFilter(config.api.return_headers)  # upstream -> client
 
@@ -205,7 +205,7 @@ class Proxy:
         # may record calls for a tenant that does not want its content stored).
         tenant = call.tenant = principal.tenant if rec.customer == principal.customer else \
             self._tenants.get(rec.customer)
-        deployment = self.config.model(model)
+        deployment = self.routes.resolve(model)
         if deployment is None:
             raise GatewayError(404, f"The model `{model}` does not exist or you do not have access to it.",
                                code="model_not_found", param="model")
@@ -280,7 +280,7 @@ class Proxy:
 
     # -- forwarding with fallbacks ------------------------------------------------------------------------------
     async def _forward(self, call: Call, first: ModelConfig) -> None:
-        chain = self._chains[first.name]
+        chain = self.routes.chain(call.rec.requested_model)
         opts = call.payload.get("stream_options")
         call.client_wants_usage = bool(call.stream and isinstance(opts, dict) and opts.get("include_usage") is True)
         failure: UpstreamFailure | None = None
@@ -288,7 +288,7 @@ class Proxy:
             if d is not first and not self._allows(call, d.name):
                 call.rec.skipped = [*(call.rec.skipped or ()), d.name]  # a fallback this tenant may not use
                 continue
-            attempt = call.rec.begin_attempt(d, self._addresses.get(d.name, ""), time.time_ns())
+            attempt = call.rec.begin_attempt(d, self.routes.address(d), time.time_ns())
             try:
                 result = await self._try(call, d)
             except UpstreamFailure as f:

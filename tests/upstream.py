@@ -50,6 +50,7 @@ class Upstream(ThreadedServer):
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/embeddings", self.embeddings)
         app.router.add_post("/v1/messages", self.anthropic_messages)
+        app.router.add_get("/v1/models", self.models)
 
     def last(self, path: str = "/v1/chat/completions") -> dict[str, Any]:
         return [r for r in self.requests if r["path"] == path][-1]
@@ -156,6 +157,12 @@ class Upstream(ThreadedServer):
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
+
+    async def models(self, request: web.Request) -> web.Response:
+        self.requests.append({"path": request.path, "headers": dict(request.headers), "body": None, "raw": b""})
+        return web.json_response({"object": "list", "data": [
+            {"id": i, "object": "model", "created": 1700000000, "owned_by": "upstream"}
+            for i in ("ok-a", "ok-tmpl-b", "other")]})
 
     async def completions(self, request: web.Request) -> web.Response:
         body = await self._record(request)

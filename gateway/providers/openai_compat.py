@@ -7,7 +7,7 @@ aiohttp, not httpx, on this path: measured in DESIGN.md, httpx's default transpo
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import aiohttp
 
@@ -24,7 +24,7 @@ __all__ = ["OpenAICompatibleProvider"]
 class _Prepared:
     """Per-deployment values computed once: URL prefix, headers, timeouts."""
 
-    __slots__ = ("url_prefix", "query", "headers", "own", "timeout", "stream_timeout")
+    __slots__ = ("url_prefix", "query", "root", "root_query", "headers", "own", "timeout", "stream_timeout")
 
     def __init__(self, d: ModelConfig) -> None:
         self.headers = {"Content-Type": "application/json", "User-Agent": "tagway", **d.headers}
@@ -32,11 +32,13 @@ class _Prepared:
         if d.provider == "azure":
             self.url_prefix = f"{base_url(d)}/openai/deployments/{d.upstream_model}"
             self.query = f"?api-version={d.api_version}"
+            self.root, self.root_query = f"{base_url(d)}/openai", f"api-version={d.api_version}"
             if key:
                 self.headers["api-key"] = key
         else:
             self.url_prefix = base_url(d)
             self.query = ""
+            self.root, self.root_query = self.url_prefix, ""
             if key:
                 self.headers["Authorization"] = f"Bearer {key}"
         # a client's header never replaces one of these (names lower-case bytes, as ASGI gives them)
@@ -82,15 +84,8 @@ class OpenAICompatibleProvider:
         if call.headers:
             headers = {**{k.decode("latin-1"): v.decode("latin-1") for k, v in call.headers if k not in p.own},
                        **p.headers}
-        try:
-            resp = await session.post(url, data=call.body, headers=headers,
-                                      timeout=p.stream_timeout if call.stream else p.timeout)
-        except asyncio.TimeoutError:
-            raise UpstreamFailure("timeout", f"upstream did not answer within {call.deployment.timeout:g}s") from None
-        except aiohttp.ClientConnectorError as e:
-            raise UpstreamFailure("connect_error", f"cannot connect to upstream: {e.os_error or e}") from None
-        except aiohttp.ClientError as e:
-            raise UpstreamFailure("upstream_error", f"upstream request failed: {type(e).__name__}") from None
+        resp = await _issue(session.post(url, data=call.body, headers=headers,
+                                         timeout=p.stream_timeout if call.stream else p.timeout), call.deployment)
         # what the upstream sent, judged by its content type: the proxy decides whether that is what was asked for
         if resp.status == 200 and resp.content_type == "text/event-stream":
             return _Stream(resp)
@@ -105,10 +100,36 @@ class OpenAICompatibleProvider:
             raise UpstreamFailure.from_status(resp.status, body, resp.raw_headers)
         return UpstreamResponse(200, body, resp.headers.get("Content-Type", "application/json"), resp.raw_headers)
 
+    async def open(self, d: ModelConfig, method: str, path: str, *, query: str = "", body: bytes | None = None,
+                   headers: list[tuple[bytes, bytes]] = (), content_type: str | None = None) -> aiohttp.ClientResponse:
+        """Any other request to the deployment's server (stored completions, responses by id, files, batches, the
+        model list...): bytes out as given, the response returned unread for the caller to relay and release."""
+        p = self._prep(d)
+        q = "&".join(x for x in (query, p.root_query) if x)
+        h = {**{k.decode("latin-1"): v.decode("latin-1") for k, v in headers if k not in p.own}, **p.headers}
+        if content_type:
+            h["Content-Type"] = content_type
+        else:
+            h.pop("Content-Type", None)
+        return await _issue(self._get_session().request(method, p.root + path + (f"?{q}" if q else ""), data=body,
+                                                        headers=h, timeout=p.stream_timeout), d)
+
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+async def _issue(request: Any, d: ModelConfig) -> aiohttp.ClientResponse:
+    """Await an aiohttp request; transport failures become `UpstreamFailure`s."""
+    try:
+        return await request
+    except asyncio.TimeoutError:
+        raise UpstreamFailure("timeout", f"upstream did not answer within {d.timeout:g}s") from None
+    except aiohttp.ClientConnectorError as e:
+        raise UpstreamFailure("connect_error", f"cannot connect to upstream: {e.os_error or e}") from None
+    except aiohttp.ClientError as e:
+        raise UpstreamFailure("upstream_error", f"upstream request failed: {type(e).__name__}") from None
 
 
 class _Stream:
