@@ -29,6 +29,8 @@ from .metrics import MetricsEndpoint
 from .openapi import install_openapi
 from .model_list import ModelList
 from .model_routes import ModelRoutes
+from .passthrough import Passthrough
+from .routes_table import allowed_methods, match as match_route
 from .proxy import HOT_ROUTES, Proxy
 from .redact import Redactor
 from .datasets_api import build_datasets_router
@@ -60,6 +62,7 @@ class TagwayApp:
         # whoever owns the recorder flushes it at shutdown; by default the app owns what it creates
         self._owns_recorder = recorder is None if owns_recorder is None else owns_recorder
         self.proxy: Proxy | None = None
+        self.passthrough: Passthrough | None = None
         self._start_lock: asyncio.Lock | None = None
         limit = config.server.replay_concurrency
         self.replay_lane = ReplayLane(limit) if limit else None
@@ -95,6 +98,8 @@ class TagwayApp:
             self.proxy = Proxy(config=self.config, keyring=self.keyring, providers=self.providers,
                                tracer=self.recorder.tracer, pricing=self.pricing, redactor=self.redactor,
                                limits=self.limits, routes=self.routes)
+            self.passthrough = Passthrough(config=self.config, keyring=self.keyring, providers=self.providers,
+                                           routes=self.routes, tracer=self.recorder.tracer, redactor=self.redactor)
 
     async def _start_limits(self, loop: asyncio.AbstractEventLoop) -> None:
         """Budgets read their spend from the store before the first call, then every BUDGET_REFRESH seconds."""
@@ -166,7 +171,7 @@ class TagwayApp:
 
     # -- ASGI ---------------------------------------------------------------------------------------------------
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] in HOT_ROUTES:
+        if scope["type"] == "http" and scope["path"] in HOT_ROUTES and scope["method"] == "POST":
             if self.proxy is None:
                 await self.startup()
             if self.replay_lane is not None and is_replay_call(scope):
@@ -174,6 +179,13 @@ class TagwayApp:
             else:
                 await self.proxy(scope, receive, send)  # type: ignore[misc]
             return
+        if scope["type"] == "http":
+            carried = match_route(scope["method"], scope["path"])
+            if carried is not None:
+                if self.passthrough is None:
+                    await self.startup()
+                await self.passthrough(scope, receive, send, *carried)  # type: ignore[misc]
+                return
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
             return
@@ -246,8 +258,15 @@ def _build_api(app: TagwayApp) -> FastAPI:
                         headers={k.decode(): v.decode() for k, v in e.headers})
 
     @api.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, e: StarletteHTTPException) -> Response:
+    async def _http_error(request: Request, e: StarletteHTTPException) -> Response:
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+        route = f"{request.method} {request.url.path}"
+        if e.status_code in (404, 405) and e.detail in ("Not Found", "Method Not Allowed"):
+            methods = allowed_methods(request.url.path) + (["POST"] if request.url.path in HOT_ROUTES else [])
+            if methods:  # a route tagway carries, with another method
+                return _openai_error(405, f"{route} is not carried; {request.url.path} takes "
+                                     f"{', '.join(sorted(set(methods)))}.", "method_not_allowed")
+            return _openai_error(e.status_code, f"Invalid URL ({route}): tagway does not carry this route.", code)
         return _openai_error(e.status_code, str(e.detail), code)
 
     @api.exception_handler(RequestValidationError)

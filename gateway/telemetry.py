@@ -12,11 +12,16 @@ from typing import Any
 
 import orjson
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.context import Context
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from exporters import semconv as sc
 
-__all__ = ["CallRecord", "Attempt", "finish_call_span"]
+__all__ = ["CallRecord", "Attempt", "finish_call_span", "start_call_span"]
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+_ROOT = Context()  # an empty context: every call starts a trace of its own
 
 
 @dataclasses.dataclass(slots=True)
@@ -161,6 +166,16 @@ def call_attributes(r: CallRecord, latency_ms: float) -> dict[str, Any]:
 
 def span_name(r: CallRecord) -> str:
     return f"{r.operation} {r.requested_model}" if r.requested_model else r.operation
+
+
+def start_call_span(tracer: trace.Tracer, name: str, start_ns: int, traceparent: str | None) -> trace.Span:
+    """The CLIENT span of one call, the root of its own trace (its trace id names exactly one call); the caller's
+    trace, if it sent one, is linked rather than adopted as parent."""
+    links = None
+    if traceparent:
+        ctx = trace.get_current_span(_PROPAGATOR.extract({"traceparent": traceparent})).get_span_context()
+        links = [Link(ctx, {"tagway.link": "caller"})] if ctx.is_valid else None
+    return tracer.start_span(name, context=_ROOT, kind=SpanKind.CLIENT, start_time=start_ns, links=links)
 
 
 def finish_call_span(tracer: trace.Tracer, span: trace.Span, r: CallRecord, start_ns: int, end_ns: int) -> None:

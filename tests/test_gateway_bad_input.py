@@ -107,10 +107,12 @@ def test_header_with_control_characters(gateway):
 
 
 def test_unknown_method_and_routes_are_openai_shaped(gateway):
-    r = httpx.get(gateway.url + "/v1/chat/completions", headers={"authorization": f"Bearer {KEYS['acme']}"})
-    assert_openai_error(r, 405, "method_not_allowed")
+    r = httpx.put(gateway.url + "/v1/chat/completions", headers={"authorization": f"Bearer {KEYS['acme']}"})
+    assert "/v1/chat/completions takes GET, POST" in assert_openai_error(r, 405, "method_not_allowed")["message"]
+    r = httpx.get(gateway.url + "/v1/embeddings")
+    assert "takes POST" in assert_openai_error(r, 405, "method_not_allowed")["message"]
     r = httpx.get(gateway.url + "/v1/nope")
-    assert_openai_error(r, 404, "not_found")
+    assert "GET /v1/nope" in assert_openai_error(r, 404, "not_found")["message"]
 
 
 def test_gateway_keeps_serving_after_bad_input(gateway):

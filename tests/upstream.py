@@ -19,6 +19,7 @@ Every response carries `x-request-id: req-<n>` (n counts requests), `x-ratelimit
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from typing import Any
 
@@ -28,6 +29,12 @@ from aiohttp import web
 from tests.http_server import ThreadedServer
 
 SECRET_ECHO = "sk-upstream-secret-should-never-leak"
+
+
+def re_fields(raw: bytes) -> list[tuple[str, str]]:
+    """The small text fields of a multipart body (name -> value), enough for the fixture to echo them."""
+    return [(m.group(1).decode(), m.group(2).decode("utf-8", "replace"))
+            for m in re.finditer(rb'name="([^"]+)"\r\n\r\n([^\r\n]{0,200})\r\n', raw)]
 
 
 def _last_user(messages: list) -> str:
@@ -51,6 +58,20 @@ class Upstream(ThreadedServer):
         app.router.add_post("/v1/embeddings", self.embeddings)
         app.router.add_post("/v1/messages", self.anthropic_messages)
         app.router.add_get("/v1/models", self.models)
+        # the resource routes tagway passes through (gateway/routes_table.py)
+        for method, path in (("GET", "/v1/chat/completions"), ("GET", "/v1/chat/completions/{id}"),
+                             ("POST", "/v1/chat/completions/{id}"), ("DELETE", "/v1/chat/completions/{id}"),
+                             ("GET", "/v1/chat/completions/{id}/messages"), ("GET", "/v1/responses/{id}"),
+                             ("DELETE", "/v1/responses/{id}"), ("POST", "/v1/responses/{id}/cancel"),
+                             ("GET", "/v1/responses/{id}/input_items"), ("POST", "/v1/moderations"),
+                             ("POST", "/v1/images/generations"), ("GET", "/v1/files"), ("GET", "/v1/files/{id}"),
+                             ("DELETE", "/v1/files/{id}"), ("POST", "/v1/batches"), ("GET", "/v1/batches/{id}"),
+                             ("POST", "/v1/batches/{id}/cancel"), ("DELETE", "/v1/models/{id}")):
+            app.router.add_route(method, path, self.resource)
+        app.router.add_post("/v1/files", self.upload)
+        app.router.add_post("/v1/audio/transcriptions", self.upload)
+        app.router.add_get("/v1/files/{id}/content", self.file_content)
+        app.router.add_post("/v1/audio/speech", self.speech)
 
     def last(self, path: str = "/v1/chat/completions") -> dict[str, Any]:
         return [r for r in self.requests if r["path"] == path][-1]
@@ -157,6 +178,48 @@ class Upstream(ThreadedServer):
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
+
+    async def resource(self, request: web.Request) -> web.Response:
+        """Any resource route: echoes what it was asked (method, path, query, model) with an id."""
+        raw = await request.read()
+        body = orjson.loads(raw) if raw else None
+        self.requests.append({"path": request.path, "method": request.method, "query": request.query_string,
+                              "headers": dict(request.headers), "body": body, "raw": raw})
+        model = (body or {}).get("model", "") if isinstance(body, dict) else ""
+        if model.startswith("fail"):
+            return self._error(int(model[4:7]), f"upstream says {model[4:7]} (key {SECRET_ECHO})")
+        rid = request.match_info.get("id") or f"res-{len(self.requests)}"
+        out: dict[str, Any] = {"id": rid, "object": "echo", "method": request.method, "path": request.path,
+                               "query": request.query_string, "model": model}
+        if request.method == "GET" and ("id" not in request.match_info or request.path.endswith(("/messages",
+                                                                                                 "/input_items"))):
+            out = {"object": "list", "data": [{"id": "listed-1"}, {"id": "listed-2"}], "has_more": False}
+        if request.path == "/v1/images/generations":
+            out["usage"] = {"input_tokens": 9, "output_tokens": 100, "total_tokens": 109}
+        return web.json_response(out)
+
+    async def upload(self, request: web.Request) -> web.Response:
+        raw = await request.read()
+        self.requests.append({"path": request.path, "method": "POST", "headers": dict(request.headers),
+                              "body": None, "raw": raw})
+        fields = dict(re_fields(raw))
+        return web.json_response({"id": "file-up-1", "object": "file", "bytes": len(raw),
+                                  "model": fields.get("model", ""), "purpose": fields.get("purpose", ""),
+                                  "text": f"heard {fields.get('model', '')}"})
+
+    async def file_content(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append({"path": request.path, "method": "GET", "headers": dict(request.headers),
+                              "body": None, "raw": b""})
+        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        await resp.prepare(request)
+        for i in range(4):  # a file in pieces: relayed as it comes
+            await resp.write(b'{"line": %d}\n' % i)
+        await resp.write_eof()
+        return resp
+
+    async def speech(self, request: web.Request) -> web.Response:
+        await self._record(request)
+        return web.Response(body=b"ID3" + bytes(range(256)) * 4, content_type="audio/mpeg")
 
     async def models(self, request: web.Request) -> web.Response:
         self.requests.append({"path": request.path, "headers": dict(request.headers), "body": None, "raw": b""})
