@@ -59,7 +59,8 @@ class Passthrough:
 
     async def __call__(self, scope: dict, receive: Any, send: Any, route: Route, params: dict[str, str]) -> None:
         start_ns, t0 = time.time_ns(), time.perf_counter()
-        rec = CallRecord(operation=route.operation, source=self.config.recording.source, start_ns=start_ns)
+        rec = CallRecord(operation=route.operation, source=self.config.recording.source, start_ns=start_ns,
+                         api=route.api)
         call = Call((route.operation, scope["path"]), scope, receive, send, rec)
         span = start_call_span(self.tracer, rec.operation, start_ns, call.traceparent)
         call.trace_id = b"%032x" % span.get_span_context().trace_id
@@ -87,10 +88,8 @@ class Passthrough:
                                                       code="internal_error"))
         finally:
             try:
-                attrs = {sc.API: route.api}
                 if route.output_type:
-                    attrs[sc.OUTPUT_TYPE] = route.output_type
-                span.set_attributes(attrs)
+                    span.set_attribute(sc.OUTPUT_TYPE, route.output_type)
                 finish_call_span(self.tracer, span, rec, start_ns, start_ns + int((time.perf_counter() - t0) * 1e9))
             except Exception:
                 log.exception("could not record call")
@@ -112,7 +111,8 @@ class Passthrough:
         model = _model_of(route, payload, body, content_type) or call.tagway_headers.get("model", "")
         for name, value in call.tagway_headers.items():
             check_header(f"x-tagway-{name}", value)
-        t = resolve_tags(principal, call.tagway_headers, payload if "metadata" in payload else {}, self.config.taxonomy)
+        t = resolve_tags(principal, call.tagway_headers, payload if "metadata" in payload else {}, self.config.taxonomy,
+                         self.redactor.text)
         rec.customer, rec.intent, rec.prompt_version, rec.tags = t.customer, t.intent, t.prompt_version, t.tags
         d = self._deployment(model, params, route, scope)
         if model and not principal.allows(model):

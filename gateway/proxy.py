@@ -41,6 +41,7 @@ from .routing import body_for
 from .tags import check_header, normalise, resolve_tags
 from .observe import CallObserver
 from .telemetry import CallRecord, finish_call_span
+from .wire_formats import API_NAMES, SEMCONV_OPERATION, WIRES, WireStreamRelay
 
 __all__ = ["Proxy", "HOT_ROUTES", "ProxyStats"]
 
@@ -50,6 +51,9 @@ HOT_ROUTES: dict[str, tuple[str, str]] = {
     "/v1/chat/completions": ("chat", "/chat/completions"),
     "/v1/completions": ("text_completion", "/completions"),
     "/v1/embeddings": ("embeddings", "/embeddings"),
+    "/v1/responses": ("responses", "/responses"),  # gateway/wire_formats.py: the APIs that are not chat completions
+    "/v1/messages": ("messages", "/messages"),  # Anthropic's, for Anthropic-SDK clients
+    "/responses": ("responses", "/responses"),
     # clients configured with a base_url lacking /v1
     "/chat/completions": ("chat", "/chat/completions"),
     "/completions": ("text_completion", "/completions"),
@@ -90,7 +94,7 @@ class _Opened:
         self.stream, self.events, self.first = stream, events, first
 
 
-class Proxy:
+class Proxy(WireStreamRelay):
     def __init__(self, *, config: GatewayConfig, keyring: KeyRing, providers: ProviderRegistry,
                  tracer: trace.Tracer, pricing: Pricing, redactor: Redactor,
                  limits: CallLimits | None = None, routes: ModelRoutes | None = None) -> None:
@@ -123,7 +127,8 @@ class Proxy:
         start_ns = time.time_ns()
         t0 = time.perf_counter()
         route = HOT_ROUTES[scope["path"]]
-        rec = CallRecord(operation=route[0], source=self._source, start_ns=start_ns)
+        rec = CallRecord(operation=SEMCONV_OPERATION.get(route[0], route[0]), source=self._source, start_ns=start_ns,
+                         api=API_NAMES[route[0]])
         call = Call(route, scope, receive, send, rec)
         if self._forward_headers:
             call.forward_headers = self._forward_headers.pick(scope["headers"])
@@ -199,7 +204,8 @@ class Proxy:
         model = rec.requested_model = requested_model(payload, self._max_model_chars)
         check_request(call.operation, payload)
         call.stream = rec.stream = stream_flag(call.operation, payload)
-        rec.temperature, rec.max_tokens = payload.get("temperature"), payload.get("max_tokens")
+        rec.temperature, rec.max_tokens = payload.get("temperature"), payload.get("max_tokens",
+                                                                                  payload.get("max_output_tokens"))
         self._resolve_tags(call)
         # The tenant the call is recorded as decides its settings, whoever's key sent it (an admin or platform key
         # may record calls for a tenant that does not want its content stored).
@@ -302,6 +308,8 @@ class Proxy:
             attempt.end_ns, attempt.status = time.time_ns(), 200
             if isinstance(result, UpstreamResponse):
                 await self._respond_whole(call, d, result)
+            elif call.operation in WIRES:
+                await self._relay_wire_stream(call, d, result, WIRES[call.operation])
             else:
                 await self._relay_stream(call, d, result)
             return
@@ -312,11 +320,11 @@ class Proxy:
     async def _try(self, call: Call, d: ModelConfig) -> UpstreamResponse | _Opened:
         """One deployment: its whole answer, or its stream once the first event is in (a stream that ends before
         any event is a failure, so the next deployment can still answer)."""
-        up_payload, up_body = body_for(call.payload, call.body, d, call.stream and not call.client_wants_usage,
-                                       call.operation)
+        up_payload, up_body = body_for(call.payload, call.body, d, call.stream and not call.client_wants_usage
+                                       and call.operation not in WIRES, call.operation)
         upstream = UpstreamCall(d, call.operation, call.upstream_path, up_body, up_payload, call.stream,
                                 call.forward_headers)
-        result = await self.providers.for_deployment(d).send(upstream)
+        result = await self.providers.for_deployment(d, call.operation).send(upstream)
         if isinstance(result, UpstreamResponse):
             if call.stream:  # e.g. a server that ignores `stream`: relaying its JSON would break the client's parser
                 raise UpstreamFailure("protocol_error", "upstream answered a stream request with "
@@ -383,7 +391,15 @@ class Proxy:
         body = self._scrub(result.body) if self._secrets else result.body
         obj: Any = result.parsed if body is result.body else orjson.loads(body)  # parsed once, unless scrubbed
         extra = self._return_headers.pick(result.headers)
-        if isinstance(obj, dict):
+        wire = WIRES.get(call.operation)
+        if isinstance(obj, dict) and wire is not None:  # Responses, Anthropic messages: their own shapes
+            self._read_usage(obj.get("usage"), rec, d)
+            rec.answered(obj.get("model"), obj.get("id"), wire.finish_reasons(obj))
+            if call.capture:
+                call.answer, call.answer_bytes = obj, len(result.body)
+            if rec.cost_usd is not None:
+                extra.append((b"x-tagway-cost-usd", b"%.10f" % rec.cost_usd))
+        elif isinstance(obj, dict):
             self._read_usage(obj.get("usage"), rec, d)
             choices = obj.get("choices")
             has_choices = isinstance(choices, list)  # embeddings answer `data`, not choices
@@ -401,6 +417,7 @@ class Proxy:
             return
         rec.usage(usage.get("prompt_tokens", usage.get("input_tokens")),
                   usage.get("completion_tokens", usage.get("output_tokens", 0)))
+        rec.detail_usage(usage)
         if rec.input_tokens is not None:
             rec.cost_usd = self.pricing.cost(d, rec.input_tokens, rec.output_tokens or 0)
 

@@ -47,6 +47,10 @@ def check_request(operation: str, p: dict) -> None:
     elif operation == "text_completion":
         if not isinstance(p.get("prompt"), (str, list)):
             raise bad_request("prompt must be a string or an array.", code="invalid_prompt", param="prompt")
+    elif operation == "responses":
+        _check_responses(p)
+    elif operation == "messages":
+        _check_messages(p)
     elif operation == "embeddings":
         if not isinstance(p.get("input"), (str, list)) or p.get("input") in ("", []):
             raise bad_request("input must be a non-empty string or array.", code="invalid_input", param="input")
@@ -70,3 +74,26 @@ def stream_flag(operation: str, p: dict) -> bool:
     if stream and operation == "embeddings":
         raise bad_request("Embeddings cannot be streamed.", param="stream")
     return stream
+
+
+def _check_responses(p: dict) -> None:
+    if "input" in p and not isinstance(p["input"], (str, list)):
+        raise bad_request("input must be a string or an array of items.", code="invalid_input", param="input")
+    if p.get("instructions") is not None and not isinstance(p["instructions"], str):
+        raise bad_request("instructions must be a string.", code="invalid_type", param="instructions")
+    if isinstance(p.get("input"), list):
+        for i, item in enumerate(p["input"]):
+            if not isinstance(item, dict):
+                raise bad_request(f"input[{i}] must be an object.", code="invalid_input", param=f"input[{i}]")
+
+
+def _check_messages(p: dict) -> None:
+    msgs = p.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise bad_request("messages must be a non-empty array.", code="invalid_messages", param="messages")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise bad_request(f"messages[{i}] must be an object with a role.", code="invalid_messages",
+                              param=f"messages[{i}]")
+    if p.get("system") is not None and not isinstance(p["system"], (str, list)):
+        raise bad_request("system must be a string or an array of blocks.", code="invalid_type", param="system")

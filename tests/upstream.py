@@ -57,6 +57,7 @@ class Upstream(ThreadedServer):
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/embeddings", self.embeddings)
         app.router.add_post("/v1/messages", self.anthropic_messages)
+        app.router.add_post("/v1/responses", self.responses)
         app.router.add_get("/v1/models", self.models)
         # the resource routes tagway passes through (gateway/routes_table.py)
         for method, path in (("GET", "/v1/chat/completions"), ("GET", "/v1/chat/completions/{id}"),
@@ -178,6 +179,72 @@ class Upstream(ThreadedServer):
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        """The Responses API: an echo of the last user input, or (tools-*) a function call first and, once its
+        output is in the input, a message quoting it; streamed as the API's named events when asked."""
+        body = await self._record(request)
+        model = body.get("model", "")
+        early = await self._behaviour(model)
+        if early is not None:
+            return early
+        items = body.get("input")
+        items = [{"role": "user", "content": items}] if isinstance(items, str) else items or []
+        tool_output = next((i.get("output") for i in items if i.get("type") == "function_call_output"), None)
+        user = _last_user([i for i in items if i.get("role") == "user"]) if items else ""
+        if model.startswith("tools") and tool_output is None:
+            out = [{"type": "function_call", "id": "fc_1", "call_id": "call_w1", "name": "get_weather",
+                    "arguments": '{"city": "Paris"}', "status": "completed"}]
+            text = ""
+        else:
+            text = f"The weather is {tool_output}" if tool_output is not None else f"Echo: {user}"
+            out = [{"type": "message", "id": "msg_1", "status": "completed", "role": "assistant",
+                    "content": [{"type": "output_text", "text": text, "annotations": []}]}]
+        usage = {"input_tokens": 10 + len(user.split()), "input_tokens_details": {"cached_tokens": 2},
+                 "output_tokens": max(1, len(text.split())), "output_tokens_details": {"reasoning_tokens": 3}}
+        usage["total_tokens"] = usage["input_tokens"] + usage["output_tokens"]
+        resp = {"id": f"resp_{len(self.requests)}", "object": "response", "created_at": int(time.time()),
+                "status": "completed", "model": model + "-2026", "output": out, "usage": usage,
+                "parallel_tool_calls": True, "tool_choice": "auto", "tools": body.get("tools") or [],
+                "error": None, "incomplete_details": None, "instructions": body.get("instructions"),
+                "metadata": body.get("metadata") or {}, "temperature": None, "top_p": None}
+        if not body.get("stream"):
+            return web.json_response(resp)
+        stream = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await stream.prepare(request)
+        seq = 0
+
+        async def ev(name: str, obj: dict) -> None:
+            nonlocal seq
+            await stream.write(f"event: {name}\n".encode() + b"data: " + orjson.dumps(
+                {"type": name, "sequence_number": seq, **obj}) + b"\n\n")
+            seq += 1
+
+        pending = {**resp, "status": "in_progress", "output": [], "usage": None}
+        await ev("response.created", {"response": pending})
+        await ev("response.in_progress", {"response": pending})
+        for i, item in enumerate(out):
+            empty = {**item, "content": []} if item["type"] == "message" else {**item, "arguments": ""}
+            await ev("response.output_item.added", {"output_index": i, "item": empty})
+            if item["type"] == "message":
+                part = {"type": "output_text", "text": "", "annotations": []}
+                await ev("response.content_part.added", {"item_id": item["id"], "output_index": i,
+                                                         "content_index": 0, "part": part})
+                for n, word in enumerate(text.split(" ")):
+                    await ev("response.output_text.delta", {"item_id": item["id"], "output_index": i,
+                                                            "content_index": 0, "delta": (" " if n else "") + word,
+                                                            "logprobs": []})
+                    if model.startswith("cut") and n == 0:
+                        await asyncio.sleep(0.05)
+                        request.transport.close()
+                        return stream
+            else:
+                await ev("response.function_call_arguments.delta", {"item_id": item["id"], "output_index": i,
+                                                                    "delta": item["arguments"]})
+            await ev("response.output_item.done", {"output_index": i, "item": item})
+        await ev("response.completed", {"response": resp})
+        await stream.write_eof()
+        return stream
 
     async def resource(self, request: web.Request) -> web.Response:
         """Any resource route: echoes what it was asked (method, path, query, model) with an id."""

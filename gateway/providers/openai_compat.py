@@ -49,6 +49,8 @@ class _Prepared:
 
 
 class OpenAICompatibleProvider:
+    _prepared_type = _Prepared  # per-deployment URL and auth (Anthropic's native provider has its own)
+
     def __init__(self, *, pool_size: int = 512) -> None:
         self._pool_size = pool_size
         self._session: aiohttp.ClientSession | None = None
@@ -72,7 +74,7 @@ class OpenAICompatibleProvider:
             return hit[1]
         if len(self._prepared) >= 4096:
             self._prepared.clear()
-        p = _Prepared(d)
+        p = self._prepared_type(d)
         self._prepared[id(d)] = (d, p)
         return p
 
