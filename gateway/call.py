@@ -57,9 +57,9 @@ class Call:
                 tw[name] = v.decode("latin-1")
             elif k == b"content-length":
                 self.content_length = int(v) if v.isdigit() else -1
-            elif k == b"api-key":
+            elif k == b"api-key" or k == b"x-api-key":  # Azure-style, Anthropic-style
                 if self.api_key is not None:
-                    self.repeated = "api-key"
+                    self.repeated = k.decode("latin-1")
                 self.api_key = v.decode("latin-1")
             elif k == b"traceparent":
                 self.traceparent = v.decode("latin-1")
