@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from .config import GatewayConfig, ModelConfig
-from .providers.names import server_address
+from .providers.names import base_url, kind_of, server_address
 from .routing import fallback_chain
 
 __all__ = ["ModelRoutes", "is_wildcard", "wildcard_upstream"]
@@ -41,6 +41,16 @@ class ModelRoutes:
     def default(self) -> ModelConfig | None:
         """The `*` entry: the upstream for names nothing else serves and for routes without a model."""
         return next((m for p, m in self._prefixes if p == ""), None)
+
+    def modelless(self) -> ModelConfig | None:
+        """The upstream for a request that names no model (a Responses call with a stored prompt, a file, a
+        batch): the `*` route, else the one OpenAI-compatible upstream there is (None: several, or none)."""
+        d = self.default
+        if d is not None:
+            return d
+        upstreams = {(base_url(m), m.api_key_env): m for m in self._exact.values()
+                     if kind_of(m.provider) == "pass_through"}
+        return next(iter(upstreams.values())) if len(upstreams) == 1 else None
 
     def entry_for(self, name: str) -> ModelConfig | None:
         """The config entry that serves `name` (exact or wildcard), without making a deployment."""
@@ -73,6 +83,9 @@ class ModelRoutes:
         c = self._chains.get(name)
         if c is not None:
             return c
+        if not name:
+            d = self.modelless()
+            return [d] if d is not None else []
         hit = self._made.get(name)
         if hit is None:
             if self.resolve(name) is None:

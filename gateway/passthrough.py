@@ -29,7 +29,6 @@ from .errors import GatewayError, bad_request, forbidden
 from .headers import HeaderFilter
 from .model_routes import ModelRoutes
 from .providers import ProviderRegistry, UpstreamFailure, kind_of
-from .providers.names import base_url
 from .redact import Redactor
 from .routes_table import Route, strip_version
 from .tags import check_header, resolve_tags
@@ -150,16 +149,12 @@ class Passthrough:
             d = self.routes.resolve(owner)
             if d is not None:
                 return d
-        d = self.routes.default
+        d = self.routes.modelless()
         if d is not None:
             return d
-        upstreams = {(base_url(m), m.api_key_env): m for m in self.config.models
-                     if kind_of(m.provider) == "pass_through" and not m.name.endswith("*")}
-        if len(upstreams) == 1:
-            return next(iter(upstreams.values()))
         raise bad_request(f"{scope['method']} {scope['path']} carries no model, and tagway cannot tell which of its "
-                          f"{len(upstreams)} upstreams serves it: send `x-tagway-model: <a model of that upstream>` or "
-                          "configure a `*` model as the default upstream.", code="upstream_ambiguous")
+                          "upstreams serves it: send `x-tagway-model: <a model of that upstream>` or configure a `*` "
+                          "model as the default upstream.", code="upstream_ambiguous")
 
     async def _relay(self, call: Call, d: ModelConfig, resp: Any, model: str) -> None:
         rec = call.rec

@@ -35,7 +35,7 @@ from .providers import ProviderRegistry, UpstreamCall, UpstreamFailure, Upstream
 from .providers.sse import event_data
 from .redact import Redactor
 from .recent import RecentCalls
-from .request_checks import check_request, parse_object, requested_model, stream_flag
+from .request_checks import check_request, model_of, parse_object, stream_flag
 from .model_routes import ModelRoutes
 from .routing import body_for
 from .tags import check_header, normalise, resolve_tags
@@ -201,7 +201,7 @@ class Proxy(WireStreamRelay):
         await call.read_body(self._max_body)
         call.watch.start(call.receive)
         payload = call.payload = parse_object(call.body)
-        model = rec.requested_model = requested_model(payload, self._max_model_chars)
+        model = rec.requested_model = model_of(call.operation, payload, self._max_model_chars)
         check_request(call.operation, payload)
         call.stream = rec.stream = stream_flag(call.operation, payload)
         rec.temperature, rec.max_tokens = payload.get("temperature"), payload.get("max_tokens",
@@ -211,7 +211,10 @@ class Proxy(WireStreamRelay):
         # may record calls for a tenant that does not want its content stored).
         tenant = call.tenant = principal.tenant if rec.customer == principal.customer else \
             self._tenants.get(rec.customer)
-        deployment = self.routes.resolve(model)
+        deployment = self.routes.resolve(model) if model else self.routes.modelless()
+        if deployment is None and not model:
+            raise GatewayError(400, "The request names no model and no `*` route (a default upstream) is configured.",
+                               code="missing_model", param="model")
         if deployment is None:
             raise GatewayError(404, f"The model `{model}` does not exist or you do not have access to it.",
                                code="model_not_found", param="model")

@@ -35,6 +35,13 @@ def requested_model(p: dict, max_chars: int) -> str:
     return model
 
 
+def model_of(operation: str, p: dict, max_chars: int) -> str:
+    """The requested model; "" for a Responses call without one (its stored `prompt` names the model)."""
+    if operation == "responses" and p.get("model") is None:
+        return ""
+    return requested_model(p, max_chars)
+
+
 def check_request(operation: str, p: dict) -> None:
     if operation == "chat":
         msgs = p.get("messages")

@@ -53,13 +53,14 @@ def upstream_metadata(payload: dict, operation: str) -> dict | None:
 def body_for(payload: dict, body: bytes, d: ModelConfig, ask_usage: bool, operation: str = "chat") -> tuple[dict, bytes]:
     """The body for this deployment: the client's bytes untouched when possible; otherwise a shallow copy with the
     upstream model name, `metadata` as the upstream should see it and usage requested for streams (`ask_usage`)."""
-    needs_model = payload.get("model") != d.upstream_model
+    needs_model = "model" in payload and payload["model"] != d.upstream_model  # a model-less call stays so
     meta = upstream_metadata(payload, operation) if "metadata" in payload else None
     same_meta = "metadata" not in payload or meta == payload["metadata"]
     if not (needs_model or not same_meta or ask_usage):
         return payload, body
     p = dict(payload)
-    p["model"] = d.upstream_model
+    if "model" in payload:
+        p["model"] = d.upstream_model
     if meta is None:
         p.pop("metadata", None)
     else:

@@ -105,3 +105,14 @@ def test_bad_wildcard_config_is_one_clear_line(tmp_path, models, tenants, proble
     assert any(problem in p for p in e.value.problems), e.value.problems
     # a name a wildcard serves is a valid allowed_models entry
     GatewayConfig(models=[{"name": "b/*"}], tenants=[{"customer": "x", "allowed_models": ["b/y", "b/z*"]}])
+
+
+def test_a_responses_call_without_model_goes_to_the_default_route(gw, upstream):
+    """The Responses API lets a stored `prompt` name the model: such a call goes to the `*` route untouched."""
+    r = httpx.post(gw.url + "/v1/responses", json={"prompt": {"id": "pmpt_1"}, "input": "hi"},
+                   headers={"authorization": f"Bearer {ACME}"})
+    assert r.status_code == 200, r.text
+    assert "model" not in upstream.last("/v1/responses")["body"]  # no model invented for it
+    assert gw.recorder.call(r.headers["x-tagway-trace-id"]).attributes[sc.DEPLOYMENT] == "*"
+    r = httpx.post(gw.url + "/v1/responses", json={"input": "hi"}, headers={"authorization": f"Bearer {INITECH}"})
+    assert r.status_code == 403  # a key limited to named models must name one
