@@ -3,7 +3,9 @@
 talks to OpenAI-compatible upstreams never pays it."""
 from __future__ import annotations
 
+import asyncio
 import os
+import sys
 from typing import Any, AsyncIterator
 
 import orjson
@@ -53,7 +55,9 @@ def _failure(e: Exception) -> UpstreamFailure:
 class LiteLLMProvider:
     async def send(self, call: UpstreamCall) -> UpstreamResponse | "_LiteLLMStream":
         d = call.deployment
-        litellm = _litellm()
+        # a gateway whose deployments are all OpenAI-compatible imports litellm only when a Responses or messages
+        # call needs translating: that first import (seconds) runs off the event loop, not in every call's way
+        litellm = sys.modules.get("litellm") or await asyncio.get_running_loop().run_in_executor(None, _litellm)
         p = call.payload
         kwargs: dict[str, Any] = {"model": f"{d.provider}/{d.upstream_model}", "timeout": d.timeout,
                                   "num_retries": 0}  # fallbacks are ours to decide
