@@ -54,6 +54,7 @@ class Passthrough:
         self._owners: OrderedDict[str, str] = OrderedDict()  # resource id -> model name that reaches its upstream
         self._secrets = sorted({m.api_key.encode() for m in config.models if m.api_key and len(m.api_key) >= 6},
                                key=len, reverse=True)
+        self._tenants = {t.customer: t for t in config.tenants}
         self.calls = 0
 
     async def __call__(self, scope: dict, receive: Any, send: Any, route: Route, params: dict[str, str]) -> None:
@@ -114,7 +115,9 @@ class Passthrough:
                          self.redactor.text)
         rec.customer, rec.intent, rec.prompt_version, rec.tags = t.customer, t.intent, t.prompt_version, t.tags
         d = self._deployment(model, params, route, scope)
-        if model and not principal.allows(model):
+        tenant = principal.tenant if rec.customer == principal.customer else self._tenants.get(rec.customer)
+        if model and not (principal.allows(model) and (tenant is None or tenant is principal.tenant
+                                                       or tenant.allows(model))):
             raise forbidden(f"This key may not use model `{model}`.", code="model_not_allowed", param="model")
         if kind_of(d.provider) != "pass_through":
             raise GatewayError(501, f"{scope['method']} {scope['path']} is passed through to OpenAI-compatible "
@@ -168,9 +171,8 @@ class Passthrough:
         attempt = rec.attempts[-1]
         attempt.end_ns, attempt.status = time.time_ns(), resp.status
         if resp.status >= 400 or (ctype.startswith("application/json") and (resp.content_length or 0) <= _READ_WHOLE):
-            body = await resp.read()
+            body = self._scrub(await resp.read())
             if resp.status >= 400:
-                body = self._scrub(body)
                 attempt.error_type = f"http_{resp.status}"
                 rec.fail(attempt.error_type, _error_message(body, resp.status), resp.status)
             else:
@@ -183,7 +185,7 @@ class Passthrough:
         async for chunk in resp.content.iter_any():
             if rec.ttft_s is None:
                 rec.ttft_s = (time.time_ns() - rec.start_ns) / 1e9
-            await call.chunk(chunk)
+            await call.chunk(self._scrub(chunk) if self._secrets else chunk)  # a key cut across chunks can slip
         await call.end_stream()
 
     def _read_answer(self, rec: CallRecord, body: bytes, d: ModelConfig, model: str) -> None:

@@ -188,8 +188,8 @@ API_NAMES = {"chat": "chat.completions", "text_completion": "completions", "embe
 
 
 class WireStreamRelay:
-    """The stream relay for `WIRES` (a mixin of the proxy, which provides `_return_headers`, `_read_usage` and
-    `_scrub`): events go to the client as they come, each read once for the record; the stream is over at the API's
+    """The stream relay for `WIRES` (a mixin of the proxy, which provides `_return_headers`, `_read_usage`,
+    `_secrets` and `_scrub`): events go to the client as they come, each read once for the record; the stream is over at the API's
     last event, and one that ends before it is a cut stream, told in-band in the API's own error shape."""
 
     async def _relay_wire_stream(self, call: Any, d: Any, opened: Any, wire: Wire) -> None:
@@ -201,6 +201,8 @@ class WireStreamRelay:
         event: bytes | None = opened.first
         try:
             while event is not None:
+                if self._secrets:  # a provider that echoes its key must not leak it to the client or the store
+                    event = self._scrub(event)
                 data = event_data(event)
                 if data == b"[DONE]":
                     reader.done = True
@@ -212,8 +214,7 @@ class WireStreamRelay:
                     if isinstance(obj, dict):
                         reader.add(obj)
                         if reader.failed and not rec.error_type:
-                            event = self._scrub(event)
-                            rec.fail("upstream_stream_error", self._scrub(reader.failed.encode()).decode()[:500])
+                            rec.fail("upstream_stream_error", reader.failed[:500])
                     if rec.ttft_s is None:
                         rec.ttft_s = (time.time_ns() - rec.start_ns) / 1e9
                 call.answer_bytes += len(event)
