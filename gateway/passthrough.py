@@ -22,7 +22,7 @@ import orjson
 
 from exporters import semconv as sc
 
-from .auth import KeyRing
+from .auth import CREDENTIAL_HEADERS, KeyRing, duplicate_header
 from .call import Call, ClientGone
 from .config import GatewayConfig, ModelConfig
 from .errors import GatewayError, bad_request, forbidden
@@ -96,8 +96,13 @@ class Passthrough:
 
     async def _handle(self, call: Call, scope: dict, route: Route, params: dict[str, str]) -> None:
         rec = call.rec
+        if call.repeated in CREDENTIAL_HEADERS:  # as on the hot path: a credential sent twice is refused, not guessed
+            self.keyring.refused("duplicate_header")
+            raise duplicate_header(call.repeated)
         principal = call.principal = self.keyring.authenticate(call.auth, call.api_key)
         rec.key_id, rec.customer = principal.key_id, principal.customer
+        if call.repeated:
+            raise duplicate_header(call.repeated)
         body = await call.read_body(self._max_body)
         content_type = _header(scope, b"content-type")
         payload: dict = {}
