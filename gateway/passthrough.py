@@ -12,12 +12,14 @@ these routes: a clear 501.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
 from collections import OrderedDict
 from typing import Any
 
+import aiohttp
 import orjson
 
 from exporters import semconv as sc
@@ -113,7 +115,8 @@ class Passthrough:
                 raise bad_request(f"The request body is not valid JSON: {e}.", code="invalid_json") from None
             if not isinstance(payload, dict):
                 raise bad_request("The request body must be a JSON object.", code="invalid_json")
-        model = _model_of(route, payload, body, content_type) or call.tagway_headers.get("model", "")
+        model = rec.requested_model = _model_of(route, payload, body, content_type) or \
+            call.tagway_headers.get("model", "")
         for name, value in call.tagway_headers.items():
             check_header(f"x-tagway-{name}", value)
         t = resolve_tags(principal, call.tagway_headers, payload if "metadata" in payload else {}, self.config.taxonomy,
@@ -124,11 +127,12 @@ class Passthrough:
         if model and not (principal.allows(model) and (tenant is None or tenant is principal.tenant
                                                        or tenant.allows(model))):
             raise forbidden(f"This key may not use model `{model}`.", code="model_not_allowed", param="model")
-        if kind_of(d.provider) != "pass_through":
+        provider = self.providers.for_deployment(d)
+        if kind_of(d.provider) != "pass_through" or not hasattr(provider, "open"):
             raise GatewayError(501, f"{scope['method']} {scope['path']} is passed through to OpenAI-compatible "
                                f"upstreams only; the upstream of `{model or d.name}` is {d.provider}.",
-                               type_="invalid_request_error", code="route_not_supported")
-        rec.requested_model = model
+                               type_="invalid_request_error", code="route_not_supported",
+                               headers=[(b"x-should-retry", b"false")])  # a 5xx that retrying will not change
         rec.begin_attempt(d, self.routes.address(d), time.time_ns())
         if not model:
             rec.upstream_model = rec.attempts[-1].model = ""  # a resource route: no model involved
@@ -137,7 +141,6 @@ class Passthrough:
         path = strip_version(scope["path"])
         query = scope.get("query_string", b"").decode("latin-1")
         forward = self._forward_headers.pick(scope["headers"]) if self._forward_headers else []
-        provider = self.providers.for_deployment(d)
         resp = await provider.open(d, route.method, path, query=query, body=body or None, headers=forward,
                                    content_type=content_type if body else None)
         try:
@@ -168,10 +171,9 @@ class Passthrough:
         rec = call.rec
         ctype = resp.headers.get("Content-Type", "")
         headers = [(b"content-type", ctype.encode("latin-1"))] if ctype else []
-        for name in (b"content-disposition",):
-            v = resp.headers.get(name.decode())
-            if v:
-                headers.append((name, v.encode("latin-1")))
+        disposition = resp.headers.get("Content-Disposition")  # a file download's name
+        if disposition:
+            headers.append((b"content-disposition", disposition.encode("latin-1")))
         headers += self._return_headers.pick(resp.raw_headers)
         attempt = rec.attempts[-1]
         attempt.end_ns, attempt.status = time.time_ns(), resp.status
@@ -187,10 +189,13 @@ class Passthrough:
             return
         call.watch.stop()
         await call.start(resp.status, headers)
-        async for chunk in resp.content.iter_any():
-            if rec.ttft_s is None:
-                rec.ttft_s = (time.time_ns() - rec.start_ns) / 1e9
-            await call.chunk(self._scrub(chunk) if self._secrets else chunk)  # a key cut across chunks can slip
+        try:
+            async for chunk in resp.content.iter_any():
+                if rec.ttft_s is None:
+                    rec.ttft_s = (time.time_ns() - rec.start_ns) / 1e9
+                await call.chunk(self._scrub(chunk) if self._secrets else chunk)  # a key cut across chunks can slip
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:  # the upstream broke off: the client sees the cut
+            rec.fail("stream_cut", f"upstream broke off mid-response: {type(e).__name__}")
         await call.end_stream()
 
     def _read_answer(self, rec: CallRecord, body: bytes, d: ModelConfig, model: str) -> None:

@@ -121,6 +121,7 @@ def test_translated_upstreams_do_not_serve_these_routes(gw):
     r = httpx.post(gw.url + "/v1/moderations", json={"model": "claude", "input": "x"},
                    headers={"authorization": f"Bearer {ACME}"})
     assert r.status_code == 501 and r.json()["error"]["code"] == "route_not_supported"
+    assert r.headers["x-should-retry"] == "false"  # SDKs retry 5xx; this one would not change
     assert "anthropic" in r.json()["error"]["message"]
 
 
