@@ -95,6 +95,7 @@ class StreamingFront(ThreadedServer):
         super().__init__()
         self.prism_url = prism_url
         self.session: aiohttp.ClientSession | None = None
+        self.count = 0  # requests received
 
     def routes(self, app: web.Application) -> None:
         app.router.add_route("*", "/{tail:.*}", self.forward)
@@ -107,6 +108,7 @@ class StreamingFront(ThreadedServer):
     async def forward(self, request: web.Request) -> web.StreamResponse:
         if self.session is None:
             self.session = aiohttp.ClientSession(auto_decompress=False)
+        self.count += 1
         body = await request.read()
         stream = request.query.get("stream") == "true"
         if body and request.content_type == "application/json":
