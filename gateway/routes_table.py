@@ -48,7 +48,7 @@ ROUTES: tuple[Route, ...] = (
     _r("DELETE", "/chat/completions/{id}", "chat.completions.delete"),
     _r("GET", "/chat/completions/{id}/messages", "chat.completions.messages.list"),
     # models: listing and retrieving are tagway's own (app.py); deleting a fine-tuned model is the upstream's
-    _r("DELETE", "/models/{id}", "models.delete"),
+    _r("DELETE", "/models/{model_id}", "models.delete"),  # the name FastAPI's GET of the same path uses
     _r("POST", "/moderations", "moderations", body="json"),
     _r("POST", "/images/generations", "images.generate", "generate_content", "json", "image"),
     _r("POST", "/images/edits", "images.edit", "generate_content", "multipart", "image"),
