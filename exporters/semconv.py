@@ -22,12 +22,16 @@ INPUT_MESSAGES = "gen_ai.input.messages"  # JSON string, semconv "parts" shape
 OUTPUT_MESSAGES = "gen_ai.output.messages"  # JSON string, semconv "parts" shape
 SYSTEM_INSTRUCTIONS = "gen_ai.system_instructions"  # JSON string
 ERROR_TYPE = "error.type"
+OUTPUT_TYPE = "gen_ai.output.type"  # text | json | image | speech: what the request asked for
+REASONING_TOKENS = "gen_ai.usage.reasoning.output_tokens"  # of the output tokens, those spent reasoning
+CACHE_READ_TOKENS = "gen_ai.usage.cache_read.input_tokens"  # of the input tokens, those read from the prompt cache
 SERVER_ADDRESS = "server.address"
 SERVER_PORT = "server.port"
 HTTP_STATUS = "http.response.status_code"
 CONVERSATION_ID = "gen_ai.conversation.id"  # the session: x-tagway-session-id or metadata.session_id
 
 # tagway's own
+API = "tagway.api"  # the exact API of the call: chat.completions, responses, messages, files.create, ...
 KIND = "tagway.kind"  # "call" (one per client request: fills llm_calls) | "attempt" (one per upstream try)
 CUSTOMER = "tagway.customer"
 INTENT = "tagway.intent"

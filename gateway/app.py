@@ -27,6 +27,10 @@ from .lanes import ReplayLane, is_replay_call
 from .limits import CallLimits
 from .metrics import MetricsEndpoint
 from .openapi import install_openapi
+from .model_list import ModelList
+from .model_routes import ModelRoutes
+from .passthrough import Passthrough
+from .routes_table import allowed_methods, match as match_route
 from .proxy import HOT_ROUTES, Proxy
 from .redact import Redactor
 from .datasets_api import build_datasets_router
@@ -48,6 +52,8 @@ class TagwayApp:
         self.config = config
         self.keyring = KeyRing(config)
         self.providers = providers or ProviderRegistry()
+        self.routes = ModelRoutes(config)
+        self.model_list = ModelList(config, self.routes, self.providers)
         self.pricing = Pricing()
         r = config.recording
         self.redactor = Redactor(list(r.redact_builtin), r.redact_patterns, max_chars=r.capture_max_chars,
@@ -57,6 +63,7 @@ class TagwayApp:
         # whoever owns the recorder flushes it at shutdown; by default the app owns what it creates
         self._owns_recorder = recorder is None if owns_recorder is None else owns_recorder
         self.proxy: Proxy | None = None
+        self.passthrough: Passthrough | None = None
         self._start_lock: asyncio.Lock | None = None
         limit = config.server.replay_concurrency
         self.replay_lane = ReplayLane(limit) if limit else None
@@ -91,7 +98,9 @@ class TagwayApp:
             await self._start_limits(loop)
             self.proxy = Proxy(config=self.config, keyring=self.keyring, providers=self.providers,
                                tracer=self.recorder.tracer, pricing=self.pricing, redactor=self.redactor,
-                               limits=self.limits)
+                               limits=self.limits, routes=self.routes)
+            self.passthrough = Passthrough(config=self.config, keyring=self.keyring, providers=self.providers,
+                                           routes=self.routes, tracer=self.recorder.tracer, redactor=self.redactor)
 
     async def _start_limits(self, loop: asyncio.AbstractEventLoop) -> None:
         """Budgets read their spend from the store before the first call, then every BUDGET_REFRESH seconds."""
@@ -163,7 +172,7 @@ class TagwayApp:
 
     # -- ASGI ---------------------------------------------------------------------------------------------------
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] in HOT_ROUTES:
+        if scope["type"] == "http" and scope["path"] in HOT_ROUTES and scope["method"] == "POST":
             if self.proxy is None:
                 await self.startup()
             if self.replay_lane is not None and is_replay_call(scope):
@@ -171,6 +180,13 @@ class TagwayApp:
             else:
                 await self.proxy(scope, receive, send)  # type: ignore[misc]
             return
+        if scope["type"] == "http":
+            carried = match_route(scope["method"], scope["path"])
+            if carried is not None:
+                if self.passthrough is None:
+                    await self.startup()
+                await self.passthrough(scope, receive, send, *carried)  # type: ignore[misc]
+                return
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
             return
@@ -243,8 +259,15 @@ def _build_api(app: TagwayApp) -> FastAPI:
                         headers={k.decode(): v.decode() for k, v in e.headers})
 
     @api.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, e: StarletteHTTPException) -> Response:
+    async def _http_error(request: Request, e: StarletteHTTPException) -> Response:
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+        route = f"{request.method} {request.url.path}"
+        if e.status_code in (404, 405) and e.detail in ("Not Found", "Method Not Allowed"):
+            methods = allowed_methods(request.url.path) + (["POST"] if request.url.path in HOT_ROUTES else [])
+            if methods:  # a route tagway carries, with another method
+                return _openai_error(405, f"{route} is not carried; {request.url.path} takes "
+                                     f"{', '.join(sorted(set(methods)))}.", "method_not_allowed")
+            return _openai_error(e.status_code, f"Invalid URL ({route}): tagway does not carry this route.", code)
         return _openai_error(e.status_code, str(e.detail), code)
 
     @api.exception_handler(RequestValidationError)
@@ -256,22 +279,18 @@ def _build_api(app: TagwayApp) -> FastAPI:
     def principal(request: Request) -> Any:
         return app.keyring.authenticate_headers(request.headers)
 
-    def model_card(name: str) -> dict:
-        return {"id": name, "object": "model", "created": 0, "owned_by": "tagway"}
-
     @api.get("/v1/models")
     @api.get("/models", include_in_schema=False)
     async def list_models(request: Request) -> dict:
-        p = principal(request)
-        return {"object": "list", "data": [model_card(m.name) for m in app.config.models if p.allows(m.name)]}
+        return {"object": "list", "data": await app.model_list.list(principal(request).allows)}
 
     @api.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str, request: Request) -> dict:
-        p = principal(request)
-        if app.config.model(model_id) is None or not p.allows(model_id):
+        card = app.model_list.card(model_id, principal(request).allows)
+        if card is None:
             raise GatewayError(404, f"The model `{model_id}` does not exist or you do not have access to it.",
                                code="model_not_found", param="model")
-        return model_card(model_id)
+        return card
 
     @api.get("/healthz")
     async def healthz() -> dict:

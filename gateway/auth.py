@@ -31,7 +31,7 @@ KEY_PREFIX = "tw-"
 log = logging.getLogger("tagway.auth")
 # headers that say who is calling: each may come once (two `Authorization` headers must not be read as the first
 # by one route and the last by another)
-CREDENTIAL_HEADERS = ("authorization", "api-key")
+CREDENTIAL_HEADERS = ("authorization", "api-key", "x-api-key")  # x-api-key: Anthropic-SDK clients
 
 
 class KeysFileError(ValueError):
@@ -175,7 +175,7 @@ class KeyRing:
             if len(headers.getlist(name)) > 1:
                 self.refused("duplicate_header")
                 raise duplicate_header(name)
-        return self.authenticate(headers.get("authorization"), headers.get("api-key"))
+        return self.authenticate(headers.get("authorization"), headers.get("api-key") or headers.get("x-api-key"))
 
     def refused(self, reason: str) -> None:
         with self._failures_lock:

@@ -28,7 +28,7 @@ class Call:
     __slots__ = ("operation", "upstream_path", "receive", "send", "trace_id", "rec", "watch", "auth", "api_key",
                  "content_length", "tagway_headers", "traceparent", "principal", "body", "payload", "stream",
                  "client_wants_usage", "capture", "started", "answer", "answer_bytes", "repeated", "tenant",
-                 "extra_headers", "limited")
+                 "extra_headers", "limited", "forward_headers")
 
     def __init__(self, route: tuple[str, str], scope: dict, receive: Any, send: Any, rec: CallRecord) -> None:
         self.operation, self.upstream_path = route
@@ -57,9 +57,9 @@ class Call:
                 tw[name] = v.decode("latin-1")
             elif k == b"content-length":
                 self.content_length = int(v) if v.isdigit() else -1
-            elif k == b"api-key":
+            elif k == b"api-key" or k == b"x-api-key":  # Azure-style, Anthropic-style
                 if self.api_key is not None:
-                    self.repeated = "api-key"
+                    self.repeated = k.decode("latin-1")
                 self.api_key = v.decode("latin-1")
             elif k == b"traceparent":
                 self.traceparent = v.decode("latin-1")
@@ -77,6 +77,7 @@ class Call:
         self.answer_bytes = 0
         self.extra_headers: list[tuple[bytes, bytes]] = []  # ours, on whatever response goes out
         self.limited: list = []  # the rate limits / budgets this call was admitted under (charged when it ends)
+        self.forward_headers: list[tuple[bytes, bytes]] = []  # the client's headers that go upstream (allow-listed)
 
     # -- reading ------------------------------------------------------------------------------------------------
     async def read_body(self, limit: int) -> bytes:

@@ -7,6 +7,7 @@ from typing import Any
 
 import orjson
 
+from exporters import anthropic_format, responses_format
 from exporters.genai_messages import choices_to_semconv_output, to_semconv_input
 
 from .redact import Redactor
@@ -16,6 +17,10 @@ __all__ = ["capture_input", "output_messages", "StreamAccumulator"]
 
 # body fields that are request parameters worth keeping for replay (everything except content and plumbing)
 _NOT_PARAMS = frozenset({"messages", "model", "stream", "stream_options", "metadata", "prompt", "input", "user"})
+# the APIs that are not chat completions: their content, and the mark replay reads to re-send them the same way
+_WIRE_INPUT = {"responses": responses_format.input_to_semconv, "messages": anthropic_format.input_to_semconv}
+_WIRE_OUTPUT = {"responses": responses_format.output_to_semconv, "messages": anthropic_format.output_to_semconv}
+_WIRE_NOT_PARAMS = _NOT_PARAMS | {"instructions", "system"}
 
 
 def capture_input(operation: str, payload: dict, rec: CallRecord, redactor: Redactor) -> None:
@@ -25,6 +30,13 @@ def capture_input(operation: str, payload: dict, rec: CallRecord, redactor: Reda
         system, inp = to_semconv_input(messages if isinstance(messages, list) else [])
         rec.system_instructions = redactor.deep(system) if system else None
         rec.input_messages = redactor.deep(inp)
+    elif operation in _WIRE_INPUT:
+        system, inp = _WIRE_INPUT[operation](payload)
+        rec.system_instructions = redactor.deep(system) if system else None
+        rec.input_messages = redactor.deep(inp)
+        params = {k: v for k, v in payload.items() if k not in _WIRE_NOT_PARAMS}
+        rec.request_params = redactor.deep({**params, responses_format.API_MARK: operation})
+        return
     else:
         content = payload.get("prompt" if operation == "text_completion" else "input")
         texts = content if isinstance(content, list) else [content]
@@ -35,8 +47,11 @@ def capture_input(operation: str, payload: dict, rec: CallRecord, redactor: Reda
     rec.request_params = redactor.deep(params) if params else None
 
 
-def output_messages(operation: str, choices: list) -> list[dict] | None:
-    """A whole response's choices as output messages (embeddings: vectors are not worth recording)."""
+def output_messages(operation: str, choices: Any) -> list[dict] | None:
+    """A whole response's choices as output messages (embeddings: vectors are not worth recording); for the APIs
+    that are not chat completions, their answer (a dict), or their stream's reader."""
+    if operation in _WIRE_OUTPUT:
+        return choices.output() if hasattr(choices, "output") else _WIRE_OUTPUT[operation](choices)
     if operation == "chat":
         return choices_to_semconv_output([c for c in choices if isinstance(c, dict)])
     if operation == "text_completion":

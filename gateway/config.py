@@ -3,6 +3,8 @@ by pydantic at start-up and reported as one clear line per problem."""
 from __future__ import annotations
 
 import os
+import re
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal
 
@@ -111,7 +113,10 @@ class TenantConfig(_Strict):
     limits: LimitsConfig | None = None  # the tenant's rate limits and budget, over all its keys
 
     def allows(self, model: str) -> bool:
-        return "*" in self.allowed_models or model in self.allowed_models
+        allowed = self.allowed_models
+        if "*" in allowed or model in allowed:
+            return True
+        return any("*" in p and fnmatchcase(model, p) for p in allowed)  # fnmatch caches compiled patterns
 
 
 class TagRule(_Strict):
@@ -218,6 +223,33 @@ class AccessLogConfig(_Strict):
     format: Literal["text", "json"] = "text"  # logfmt-style key=value, or one JSON object per line
 
 
+class ApiConfig(_Strict):
+    """How tagway speaks the providers' APIs beyond the body: which headers cross it, and what /v1/models lists."""
+    # client -> upstream (case-insensitive names; `prefix-*` matches a family). Never tagway's own or auth headers.
+    forward_headers: list[str] = ["openai-beta", "idempotency-key", "openai-organization", "openai-project",
+                                  "anthropic-version", "anthropic-beta"]
+    # upstream -> client, beside tagway's own x-tagway-* (request ids for support tickets, rate-limit state, and the
+    # retry advice SDKs follow: retry-after, x-should-retry)
+    return_headers: list[str] = ["x-request-id", "request-id", "x-ratelimit-*", "retry-after", "retry-after-ms",
+                                 "x-should-retry", "openai-processing-ms", "openai-version", "anthropic-ratelimit-*"]
+    list_upstream_models: bool = False  # /v1/models also lists what wildcard routes' upstreams serve
+    upstream_models_ttl: float = Field(300.0, gt=0)  # seconds an upstream's model list is cached
+
+    @field_validator("forward_headers", "return_headers")
+    @classmethod
+    def _header_names(cls, v: list[str]) -> list[str]:
+        out = []
+        for name in v:
+            n = name.strip().lower()
+            if not re.fullmatch(r"[a-z0-9!#$%&'+.^_`|~-]+\*?", n):
+                raise ValueError(f"{name!r} is not a header name (a trailing * matches a family)")
+            if n in ("authorization", "api-key", "x-api-key", "host", "content-length", "content-type",
+                     "transfer-encoding", "connection") or n.startswith("x-tagway-"):
+                raise ValueError(f"{name!r} is tagway's or the connection's own header and cannot be passed through")
+            out.append(n)
+        return out
+
+
 class GatewayConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TAGWAY_", env_nested_delimiter="__", extra="forbid")
 
@@ -234,6 +266,7 @@ class GatewayConfig(BaseSettings):
     tenants: list[TenantConfig] = []
     taxonomy: Taxonomy = Taxonomy()
     access_log: AccessLogConfig = AccessLogConfig()
+    api: ApiConfig = ApiConfig()
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
@@ -249,9 +282,17 @@ class GatewayConfig(BaseSettings):
         for dup in sorted({n for n in names if names.count(n) > 1}):
             problems.append(f"models: duplicate model name {dup!r}")
         known = set(names)
+        wildcards = [n[:-1] for n in names if n.endswith("*")]
         for i, m in enumerate(self.models):
+            if "*" in m.name and (m.name.count("*") > 1 or not m.name.endswith("*")):
+                problems.append(f"models[{i}] ({m.name}).name: a wildcard ends in one * ('openai/*', or '*')")
+            elif m.name.endswith("*") and m.model is not None and m.model.count("*") != 1:
+                problems.append(f"models[{i}] ({m.name}).model: a wildcard's model has one * (the matched rest), "
+                                f"e.g. '*' or 'accounts/acme/models/*'")
             for fb in m.fallbacks:
-                if fb not in known:
+                if fb.endswith("*"):
+                    problems.append(f"models[{i}] ({m.name}).fallbacks: {fb!r} is a wildcard, name a model")
+                elif fb not in known:
                     problems.append(f"models[{i}] ({m.name}).fallbacks: unknown model {fb!r}")
                 if fb == m.name:
                     problems.append(f"models[{i}] ({m.name}).fallbacks: a model cannot fall back to itself")
@@ -268,8 +309,8 @@ class GatewayConfig(BaseSettings):
         for i, t in enumerate(self.tenants):
             if not NAME_RE.match(t.customer):
                 problems.append(f"tenants[{i}].customer: {t.customer!r} must match [a-z0-9_.-]{{1,64}}")
-            for m in t.allowed_models:
-                if m != "*" and m not in known:
+            for m in t.allowed_models:  # names, or glob patterns ('openai/gpt-4o*') checked per call
+                if "*" not in m and m not in known and not any(m.startswith(w) for w in wildcards):
                     problems.append(f"tenants[{i}] ({t.customer}).allowed_models: unknown model {m!r}")
             for k in t.keys:
                 key_ids.append(k.id)

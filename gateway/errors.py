@@ -14,10 +14,12 @@ class GatewayError(Exception):
     """An error the client should see. `error_type` is what the span records as `error.type`."""
 
     def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None, error_type: str | None = None, raw: bytes | None = None) -> None:
+                 param: str | None = None, error_type: str | None = None, raw: bytes | None = None,
+                 headers: list[tuple[bytes, bytes]] | None = None) -> None:
         super().__init__(message)
         self.raw = raw  # an upstream's own error body, relayed as it was (after scrubbing)
-        self.headers: list[tuple[bytes, bytes]] = []  # extra response headers (e.g. retry-after on a 429)
+        # extra response headers: tagway's own (retry-after on a 429) or an upstream's (retry-after, x-request-id)
+        self.headers: list[tuple[bytes, bytes]] = list(headers or [])
         self.status = status
         self.message = message
         self.type = type_

@@ -12,6 +12,8 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ConfigDict, Field
 
+from .routes_table import ROUTES
+
 __all__ = ["install_openapi"]
 
 
@@ -144,6 +146,35 @@ def _v1_operation(summary: str, request: type[BaseModel], response: type[BaseMod
         "responses": responses}}
 
 
+def _carried_operation(summary: str, op_id: str, body: str) -> dict:
+    """The routes whose bodies are the provider API's own (Responses, Anthropic messages, files, batches, ...):
+    tagway passes them through as they are, so the document names them without restating the providers' schemas."""
+    op: dict[str, Any] = {
+        "tags": ["llm"], "summary": summary, "operationId": op_id,
+        "description": "Passed through to the provider as it is, authorised, tagged and recorded (README: what is "
+                       "carried, and how it is recorded).",
+        "security": [{"tagwayKey": []}],
+        "responses": {"200": {"description": "The provider's answer, passed through"},
+                      **{status: {"description": text, "content": {"application/json": {"schema": _ref(ErrorResponse)}}}
+                         for status, text in _ERRORS.items()}}}
+    if body != "none":
+        media = "multipart/form-data" if body == "multipart" else "application/json"
+        op["requestBody"] = {"required": True, "content": {media: {"schema": {"type": "object"}}}}
+    return op
+
+
+def _carried_paths() -> dict[str, dict]:
+    paths: dict[str, dict] = {
+        "/v1/responses": {"post": _carried_operation("Create a response (OpenAI Responses API)", "responses_create",
+                                                     "json")},
+        "/v1/messages": {"post": _carried_operation("Create a message (Anthropic Messages API)", "messages_create",
+                                                    "json")}}
+    for r in ROUTES:
+        paths.setdefault("/v1" + r.path, {})[r.method.lower()] = _carried_operation(
+            r.api, f"{r.api.replace('.', '_')}_{r.method.lower()}", r.body)
+    return paths
+
+
 def install_openapi(api: FastAPI, version: str) -> None:
     """Make `api.openapi()` (and so /openapi.json and /docs) describe everything the gateway serves."""
 
@@ -156,7 +187,9 @@ def install_openapi(api: FastAPI, version: str) -> None:
                         "(intent, prompt version, tags) and recorded in ClickHouse. `/v1/*` takes a tagway key, "
                         "`/admin/*` the admin key, both as `Authorization: Bearer <key>`.")
         paths = {path: _v1_operation(summary, req, resp, streams) for path, summary, req, resp, streams in _V1}
-        schema["paths"] = {**paths, **schema["paths"]}
+        for path, item in [*_carried_paths().items(), *schema["paths"].items()]:  # a path served two ways (GET
+            paths[path] = {**paths.get(path, {}), **item}  # and POST /v1/chat/completions) keeps every method
+        schema["paths"] = paths
         components = schema.setdefault("components", {})
         schemas = components.setdefault("schemas", {})
         for model in (ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ChatCompletion, Completion,

@@ -29,16 +29,19 @@ from .capture import StreamAccumulator, capture_input, output_messages
 from .config import GatewayConfig, ModelConfig
 from .errors import GatewayError, error_body, forbidden
 from .limits import CallLimits
+from .headers import HeaderFilter
 from .pricing import Pricing
-from .providers import ProviderRegistry, UpstreamCall, UpstreamFailure, UpstreamResponse, server_address
+from .providers import ProviderRegistry, UpstreamCall, UpstreamFailure, UpstreamResponse
 from .providers.sse import event_data
 from .redact import Redactor
 from .recent import RecentCalls
-from .request_checks import check_request, parse_object, requested_model, stream_flag
-from .routing import body_for, fallback_chain
+from .request_checks import check_request, model_of, parse_object, stream_flag
+from .model_routes import ModelRoutes
+from .routing import body_for
 from .tags import check_header, normalise, resolve_tags
 from .observe import CallObserver
 from .telemetry import CallRecord, finish_call_span
+from .wire_formats import API_NAMES, SEMCONV_OPERATION, WIRES, WireStreamRelay
 
 __all__ = ["Proxy", "HOT_ROUTES", "ProxyStats"]
 
@@ -48,6 +51,9 @@ HOT_ROUTES: dict[str, tuple[str, str]] = {
     "/v1/chat/completions": ("chat", "/chat/completions"),
     "/v1/completions": ("text_completion", "/completions"),
     "/v1/embeddings": ("embeddings", "/embeddings"),
+    "/v1/responses": ("responses", "/responses"),  # gateway/wire_formats.py: the APIs that are not chat completions
+    "/v1/messages": ("messages", "/messages"),  # Anthropic's, for Anthropic-SDK clients
+    "/responses": ("responses", "/responses"),
     # clients configured with a base_url lacking /v1
     "/chat/completions": ("chat", "/chat/completions"),
     "/completions": ("text_completion", "/completions"),
@@ -88,10 +94,10 @@ class _Opened:
         self.stream, self.events, self.first = stream, events, first
 
 
-class Proxy:
+class Proxy(WireStreamRelay):
     def __init__(self, *, config: GatewayConfig, keyring: KeyRing, providers: ProviderRegistry,
                  tracer: trace.Tracer, pricing: Pricing, redactor: Redactor,
-                 limits: CallLimits | None = None) -> None:
+                 limits: CallLimits | None = None, routes: ModelRoutes | None = None) -> None:
         self.config = config
         self.limits = limits if limits is not None else CallLimits()
         self.keyring = keyring
@@ -112,16 +118,20 @@ class Proxy:
         self._secrets = [s.encode() for s in sorted({m.api_key for m in config.models
                                                      if m.api_key and len(m.api_key) >= 6}, key=len, reverse=True)]
         self._tenants = {t.customer: t for t in config.tenants}
-        self._addresses = {m.name: server_address(m)[0] for m in config.models}
-        self._chains = {m.name: fallback_chain(config, m) for m in config.models}
+        self.routes = routes or ModelRoutes(config)  # model name -> deployment chain (exact names, wildcards, `*`)
+        self._forward_headers = HeaderFilter(config.api.forward_headers)  # client -> upstream
+        self._return_headers = HeaderFilter(config.api.return_headers)  # upstream -> client
 
     # -- ASGI entry ---------------------------------------------------------------------------------------------
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         start_ns = time.time_ns()
         t0 = time.perf_counter()
         route = HOT_ROUTES[scope["path"]]
-        rec = CallRecord(operation=route[0], source=self._source, start_ns=start_ns)
+        rec = CallRecord(operation=SEMCONV_OPERATION.get(route[0], route[0]), source=self._source, start_ns=start_ns,
+                         api=API_NAMES[route[0]])
         call = Call(route, scope, receive, send, rec)
+        if self._forward_headers:
+            call.forward_headers = self._forward_headers.pick(scope["headers"])
         # Every call is the root of its own trace, so its trace id names exactly one call (the response header,
         # `tagway show`, replay case ids). A caller's trace is linked, not adopted as parent.
         links = _caller_link(call.traceparent) if call.traceparent else None
@@ -191,16 +201,20 @@ class Proxy:
         await call.read_body(self._max_body)
         call.watch.start(call.receive)
         payload = call.payload = parse_object(call.body)
-        model = rec.requested_model = requested_model(payload, self._max_model_chars)
+        model = rec.requested_model = model_of(call.operation, payload, self._max_model_chars)
         check_request(call.operation, payload)
         call.stream = rec.stream = stream_flag(call.operation, payload)
-        rec.temperature, rec.max_tokens = payload.get("temperature"), payload.get("max_tokens")
+        rec.temperature, rec.max_tokens = payload.get("temperature"), payload.get("max_tokens",
+                                                                                  payload.get("max_output_tokens"))
         self._resolve_tags(call)
         # The tenant the call is recorded as decides its settings, whoever's key sent it (an admin or platform key
         # may record calls for a tenant that does not want its content stored).
         tenant = call.tenant = principal.tenant if rec.customer == principal.customer else \
             self._tenants.get(rec.customer)
-        deployment = self.config.model(model)
+        deployment = self.routes.resolve(model) if model else self.routes.modelless()
+        if deployment is None and not model:
+            raise GatewayError(400, "The request names no model and no `*` route (a default upstream) is configured.",
+                               code="missing_model", param="model")
         if deployment is None:
             raise GatewayError(404, f"The model `{model}` does not exist or you do not have access to it.",
                                code="model_not_found", param="model")
@@ -276,7 +290,7 @@ class Proxy:
 
     # -- forwarding with fallbacks ------------------------------------------------------------------------------
     async def _forward(self, call: Call, first: ModelConfig) -> None:
-        chain = self._chains[first.name]
+        chain = self.routes.chain(call.rec.requested_model)
         opts = call.payload.get("stream_options")
         call.client_wants_usage = bool(call.stream and isinstance(opts, dict) and opts.get("include_usage") is True)
         failure: UpstreamFailure | None = None
@@ -284,7 +298,7 @@ class Proxy:
             if d is not first and not self._allows(call, d.name):
                 call.rec.skipped = [*(call.rec.skipped or ()), d.name]  # a fallback this tenant may not use
                 continue
-            attempt = call.rec.begin_attempt(d, self._addresses.get(d.name, ""), time.time_ns())
+            attempt = call.rec.begin_attempt(d, self.routes.address(d), time.time_ns())
             try:
                 result = await self._try(call, d)
             except UpstreamFailure as f:
@@ -298,6 +312,8 @@ class Proxy:
             attempt.end_ns, attempt.status = time.time_ns(), 200
             if isinstance(result, UpstreamResponse):
                 await self._respond_whole(call, d, result)
+            elif call.operation in WIRES:
+                await self._relay_wire_stream(call, d, result, WIRES[call.operation])
             else:
                 await self._relay_stream(call, d, result)
             return
@@ -308,11 +324,25 @@ class Proxy:
     async def _try(self, call: Call, d: ModelConfig) -> UpstreamResponse | _Opened:
         """One deployment: its whole answer, or its stream once the first event is in (a stream that ends before
         any event is a failure, so the next deployment can still answer)."""
-        up_payload, up_body = body_for(call.payload, call.body, d, call.stream and not call.client_wants_usage)
-        upstream = UpstreamCall(d, call.operation, call.upstream_path, up_body, up_payload, call.stream)
-        result = await self.providers.for_deployment(d).send(upstream)
-        if not call.stream or isinstance(result, UpstreamResponse):
+        up_payload, up_body = body_for(call.payload, call.body, d, call.stream and not call.client_wants_usage
+                                       and call.operation not in WIRES, call.operation)
+        upstream = UpstreamCall(d, call.operation, call.upstream_path, up_body, up_payload, call.stream,
+                                call.forward_headers)
+        result = await self.providers.for_deployment(d, call.operation).send(upstream)
+        if isinstance(result, UpstreamResponse):
+            if call.stream:  # e.g. a server that ignores `stream`: relaying its JSON would break the client's parser
+                raise UpstreamFailure("protocol_error", "upstream answered a stream request with "
+                                      f"{result.content_type.split(';')[0] or 'no content type'}, not an event stream")
+            try:
+                result.parsed = orjson.loads(result.body)
+            except orjson.JSONDecodeError:
+                result.parsed = None
+            if not isinstance(result.parsed, dict):
+                raise UpstreamFailure("protocol_error", "upstream answered with a body that is not a JSON object")
             return result
+        if not call.stream:
+            await result.aclose()
+            raise UpstreamFailure("protocol_error", "upstream answered a non-stream request with an event stream")
         events = result.__aiter__()
         try:
             return _Opened(result, events, await events.__anext__())
@@ -324,7 +354,13 @@ class Proxy:
             raise
 
     def _final_error(self, f: UpstreamFailure) -> GatewayError:
-        """All deployments failed: relay the last upstream answer (secrets scrubbed), or say what happened."""
+        """All deployments failed: relay the last upstream answer (secrets scrubbed, its retry advice and request id
+        kept), or say what happened."""
+        e = self._final_error_body(f)
+        e.headers = self._return_headers.pick(f.headers)
+        return e
+
+    def _final_error_body(self, f: UpstreamFailure) -> GatewayError:
         if f.status and f.body:
             body = self._scrub(f.body)
             try:
@@ -338,6 +374,9 @@ class Proxy:
                                     code=err.get("code") if isinstance(err.get("code"), str) else None,
                                     error_type=f.error_type, raw=body)  # the upstream's own bytes, relayed
             return GatewayError(f.status, f.message, type_="api_error", code="upstream_error", error_type=f.error_type)
+        if f.error_type == "protocol_error":
+            return GatewayError(502, f"Upstream protocol error: {f.message}.", type_="api_error",
+                                code="upstream_protocol_error", error_type="protocol_error")
         if f.error_type == "timeout":
             return GatewayError(504, f"Upstream timed out: {f.message}.", type_="api_error", code="upstream_timeout",
                                 error_type="timeout")
@@ -354,12 +393,17 @@ class Proxy:
     async def _respond_whole(self, call: Call, d: ModelConfig, result: UpstreamResponse) -> None:
         rec = call.rec
         body = self._scrub(result.body) if self._secrets else result.body
-        try:
-            obj: Any = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            obj = None
-        extra: list[tuple[bytes, bytes]] = []
-        if isinstance(obj, dict):
+        obj: Any = result.parsed if body is result.body else orjson.loads(body)  # parsed once, unless scrubbed
+        extra = self._return_headers.pick(result.headers)
+        wire = WIRES.get(call.operation)
+        if isinstance(obj, dict) and wire is not None:  # Responses, Anthropic messages: their own shapes
+            self._read_usage(obj.get("usage"), rec, d)
+            rec.answered(obj.get("model"), obj.get("id"), wire.finish_reasons(obj))
+            if call.capture:
+                call.answer, call.answer_bytes = obj, len(result.body)
+            if rec.cost_usd is not None:
+                extra.append((b"x-tagway-cost-usd", b"%.10f" % rec.cost_usd))
+        elif isinstance(obj, dict):
             self._read_usage(obj.get("usage"), rec, d)
             choices = obj.get("choices")
             has_choices = isinstance(choices, list)  # embeddings answer `data`, not choices
@@ -377,6 +421,7 @@ class Proxy:
             return
         rec.usage(usage.get("prompt_tokens", usage.get("input_tokens")),
                   usage.get("completion_tokens", usage.get("output_tokens", 0)))
+        rec.detail_usage(usage)
         if rec.input_tokens is not None:
             rec.cost_usd = self.pricing.cost(d, rec.input_tokens, rec.output_tokens or 0)
 
@@ -386,7 +431,7 @@ class Proxy:
         if call.capture:
             call.answer = acc
         done = False
-        await call.start(200, _SSE_HEADERS)
+        await call.start(200, [*_SSE_HEADERS, *self._return_headers.pick(getattr(opened.stream, "headers", ()))])
         event: bytes | None = opened.first
         try:
             while event is not None:

@@ -8,6 +8,8 @@ from .errors import bad_request
 
 __all__ = ["parse_object", "requested_model", "check_request", "stream_flag"]
 
+_INT_PARAMS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+
 
 def parse_object(body: bytes) -> dict:
     if not body:
@@ -33,6 +35,13 @@ def requested_model(p: dict, max_chars: int) -> str:
     return model
 
 
+def model_of(operation: str, p: dict, max_chars: int) -> str:
+    """The requested model; "" for a Responses call without one (its stored `prompt` names the model)."""
+    if operation == "responses" and p.get("model") is None:
+        return ""
+    return requested_model(p, max_chars)
+
+
 def check_request(operation: str, p: dict) -> None:
     if operation == "chat":
         msgs = p.get("messages")
@@ -45,6 +54,10 @@ def check_request(operation: str, p: dict) -> None:
     elif operation == "text_completion":
         if not isinstance(p.get("prompt"), (str, list)):
             raise bad_request("prompt must be a string or an array.", code="invalid_prompt", param="prompt")
+    elif operation == "responses":
+        _check_responses(p)
+    elif operation == "messages":
+        _check_messages(p)
     elif operation == "embeddings":
         if not isinstance(p.get("input"), (str, list)) or p.get("input") in ("", []):
             raise bad_request("input must be a non-empty string or array.", code="invalid_input", param="input")
@@ -52,9 +65,11 @@ def check_request(operation: str, p: dict) -> None:
         v = p.get(name)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
             raise bad_request(f"{name} must be a number.", code="invalid_type", param=name)
-    v = p.get("max_tokens")
-    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-        raise bad_request("max_tokens must be a positive integer.", code="invalid_type", param="max_tokens")
+    # types only: the ranges are the upstream's (max_tokens: 0 with echo: true is how prompts are scored)
+    for name in _INT_PARAMS:
+        v = p.get(name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise bad_request(f"{name} must be an integer.", code="invalid_type", param=name)
 
 
 def stream_flag(operation: str, p: dict) -> bool:
@@ -66,3 +81,26 @@ def stream_flag(operation: str, p: dict) -> bool:
     if stream and operation == "embeddings":
         raise bad_request("Embeddings cannot be streamed.", param="stream")
     return stream
+
+
+def _check_responses(p: dict) -> None:
+    if "input" in p and not isinstance(p["input"], (str, list)):
+        raise bad_request("input must be a string or an array of items.", code="invalid_input", param="input")
+    if p.get("instructions") is not None and not isinstance(p["instructions"], str):
+        raise bad_request("instructions must be a string.", code="invalid_type", param="instructions")
+    if isinstance(p.get("input"), list):
+        for i, item in enumerate(p["input"]):
+            if not isinstance(item, dict):
+                raise bad_request(f"input[{i}] must be an object.", code="invalid_input", param=f"input[{i}]")
+
+
+def _check_messages(p: dict) -> None:
+    msgs = p.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise bad_request("messages must be a non-empty array.", code="invalid_messages", param="messages")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise bad_request(f"messages[{i}] must be an object with a role.", code="invalid_messages",
+                              param=f"messages[{i}]")
+    if p.get("system") is not None and not isinstance(p["system"], (str, list)):
+        raise bad_request("system must be a string or an array of blocks.", code="invalid_type", param="system")

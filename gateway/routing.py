@@ -5,8 +5,11 @@ from __future__ import annotations
 import orjson
 
 from .config import GatewayConfig, ModelConfig
+from .tags import RESERVED, normalise_key
 
-__all__ = ["fallback_chain", "body_for"]
+__all__ = ["fallback_chain", "body_for", "upstream_metadata"]
+
+_STORED_BY_DEFAULT = frozenset({"responses"})  # the Responses API stores unless told `store: false`
 
 
 def fallback_chain(config: GatewayConfig, first: ModelConfig) -> list[ModelConfig]:
@@ -31,15 +34,37 @@ def fallback_chain(config: GatewayConfig, first: ModelConfig) -> list[ModelConfi
     return direct + [m for m in chain if m not in direct]
 
 
-def body_for(payload: dict, body: bytes, d: ModelConfig, ask_usage: bool) -> tuple[dict, bytes]:
+def upstream_metadata(payload: dict, operation: str) -> dict | None:
+    """The `metadata` the upstream gets. It feeds tagway's tags, so it goes upstream only where the upstream keeps
+    it: a stored call (`store: true`; Responses store unless `store: false`), minus tagway's own keys (customer,
+    intent, prompt_version). Anthropic's Messages API knows one key, `user_id`, and refuses others."""
+    meta = payload.get("metadata")
+    if not isinstance(meta, dict) or not meta:
+        return None
+    if operation == "messages":
+        return {"user_id": meta["user_id"]} if "user_id" in meta else None
+    store = payload.get("store")
+    if not (store is True or (store is None and operation in _STORED_BY_DEFAULT)):
+        return None
+    kept = {k: v for k, v in meta.items() if normalise_key(str(k)) not in RESERVED}
+    return kept or None
+
+
+def body_for(payload: dict, body: bytes, d: ModelConfig, ask_usage: bool, operation: str = "chat") -> tuple[dict, bytes]:
     """The body for this deployment: the client's bytes untouched when possible; otherwise a shallow copy with the
-    upstream model name, tagway's `metadata` removed and usage requested for streams (`ask_usage`)."""
-    needs_model = payload.get("model") != d.upstream_model
-    if not (needs_model or "metadata" in payload or ask_usage):
+    upstream model name, `metadata` as the upstream should see it and usage requested for streams (`ask_usage`)."""
+    needs_model = "model" in payload and payload["model"] != d.upstream_model  # a model-less call stays so
+    meta = upstream_metadata(payload, operation) if "metadata" in payload else None
+    same_meta = "metadata" not in payload or meta == payload["metadata"]
+    if not (needs_model or not same_meta or ask_usage):
         return payload, body
     p = dict(payload)
-    p["model"] = d.upstream_model
-    p.pop("metadata", None)
+    if "model" in payload:
+        p["model"] = d.upstream_model
+    if meta is None:
+        p.pop("metadata", None)
+    else:
+        p["metadata"] = meta
     if ask_usage:
         opts = p.get("stream_options")
         p["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}

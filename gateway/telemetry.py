@@ -12,11 +12,16 @@ from typing import Any
 
 import orjson
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.context import Context
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from exporters import semconv as sc
 
-__all__ = ["CallRecord", "Attempt", "finish_call_span"]
+__all__ = ["CallRecord", "Attempt", "finish_call_span", "start_call_span"]
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+_ROOT = Context()  # an empty context: every call starts a trace of its own
 
 
 @dataclasses.dataclass(slots=True)
@@ -36,6 +41,7 @@ class CallRecord:
     """Mutable state of one call, filled in by the proxy as it goes."""
     operation: str = "chat"
     start_ns: int = 0
+    api: str = ""  # the exact API (chat.completions, responses, messages, files.create, ...): tagway.api
     requested_model: str = ""
     stream: bool = False
     key_id: str = ""
@@ -58,6 +64,8 @@ class CallRecord:
     error_message: str = ""
     input_tokens: int | None = None
     output_tokens: int | None = None
+    reasoning_tokens: int | None = None  # of the output tokens
+    cache_read_tokens: int | None = None  # of the input tokens
     cost_usd: float | None = None
     finish_reasons: list[str] = dataclasses.field(default_factory=list)
     ttft_s: float | None = None
@@ -100,6 +108,17 @@ class CallRecord:
         self.input_tokens = input_tokens if isinstance(input_tokens, int) else None
         self.output_tokens = output_tokens if isinstance(output_tokens, int) else None
 
+    def detail_usage(self, usage: dict) -> None:
+        """Reasoning and cached tokens, where an API reports them (chat: *_tokens_details; Responses:
+        input/output_tokens_details; Anthropic: cache_read_input_tokens)."""
+        out = usage.get("completion_tokens_details") or usage.get("output_tokens_details")
+        if isinstance(out, dict) and isinstance(out.get("reasoning_tokens"), int):
+            self.reasoning_tokens = out["reasoning_tokens"]
+        inp = usage.get("prompt_tokens_details") or usage.get("input_tokens_details")
+        cached = inp.get("cached_tokens") if isinstance(inp, dict) else usage.get("cache_read_input_tokens")
+        if isinstance(cached, int):
+            self.cache_read_tokens = cached
+
 
 def _json(obj: Any) -> str:
     return orjson.dumps(obj).decode()
@@ -134,6 +153,12 @@ def call_attributes(r: CallRecord, latency_ms: float) -> dict[str, Any]:
         a[sc.INPUT_TOKENS] = r.input_tokens
     if r.output_tokens is not None:
         a[sc.OUTPUT_TOKENS] = r.output_tokens
+    if r.reasoning_tokens is not None:
+        a[sc.REASONING_TOKENS] = r.reasoning_tokens
+    if r.cache_read_tokens is not None:
+        a[sc.CACHE_READ_TOKENS] = r.cache_read_tokens
+    if r.api:
+        a[sc.API] = r.api
     if r.cost_usd is not None:
         a[sc.COST_USD] = round(r.cost_usd, 10)
     if r.finish_reasons:
@@ -163,6 +188,16 @@ def call_attributes(r: CallRecord, latency_ms: float) -> dict[str, Any]:
 
 def span_name(r: CallRecord) -> str:
     return f"{r.operation} {r.requested_model}" if r.requested_model else r.operation
+
+
+def start_call_span(tracer: trace.Tracer, name: str, start_ns: int, traceparent: str | None) -> trace.Span:
+    """The CLIENT span of one call, the root of its own trace (its trace id names exactly one call); the caller's
+    trace, if it sent one, is linked rather than adopted as parent."""
+    links = None
+    if traceparent:
+        ctx = trace.get_current_span(_PROPAGATOR.extract({"traceparent": traceparent})).get_span_context()
+        links = [Link(ctx, {"tagway.link": "caller"})] if ctx.is_valid else None
+    return tracer.start_span(name, context=_ROOT, kind=SpanKind.CLIENT, start_time=start_ns, links=links)
 
 
 def finish_call_span(tracer: trace.Tracer, span: trace.Span, r: CallRecord, start_ns: int, end_ns: int) -> None:

@@ -22,6 +22,8 @@ from typing import Any, AsyncIterator, Callable, Sequence
 import httpx
 import orjson
 
+from exporters import anthropic_format, responses_format
+from exporters.responses_format import API_MARK
 from exporters.vocabulary import JUDGE_SOURCE, REPLAY_SOURCE
 
 from .evaluators import EvalContext, evaluate
@@ -37,6 +39,11 @@ __all__ = ["Target", "RunOutcome", "FatalRunError", "Runner", "GatewayPoster", "
 GATEWAY_APP = "gateway.app:create_app"
 RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 CHAT_PATH = "/v1/chat/completions"
+# a recorded call that spoke another API (its params carry API_MARK) is re-sent to that API: path, request, answer
+API_PATHS = {"responses": "/v1/responses", "messages": "/v1/messages"}
+_API_REQUEST = {"responses": responses_format.request_from_chat,
+                "messages": lambda msgs, params: anthropic_format.request_from_chat(msgs, params, API_MARK)}
+_API_ANSWER = {"responses": responses_format.answer_as_chat, "messages": anthropic_format.answer_as_chat}
 
 
 class FatalRunError(RuntimeError):
@@ -105,8 +112,13 @@ def build_request(case: Case, target: Target) -> dict:
     """The chat request: rebuilt messages + the original request params, overridden by the target's params and
     model. Replay is never streamed (the answer is scored whole and the gateway reports its cost)."""
     body = {**case.params, **target.params}
-    body.update(model=target.model or case.model, messages=apply_prompt(case, target.prompt, target.prompt_text),
-                stream=False)
+    messages = apply_prompt(case, target.prompt, target.prompt_text)
+    api = body.get(API_MARK)
+    if api in _API_REQUEST:  # a Responses / Anthropic messages call: the same API again (the mark stays for GatewayPoster.post)
+        body = {**_API_REQUEST[api](messages, body), API_MARK: api}
+    else:
+        body["messages"] = messages
+    body.update(model=target.model or case.model, stream=False)
     body.pop("stream_options", None)
     return body
 
@@ -199,13 +211,16 @@ class GatewayPoster:
         self.backoff_base, self.backoff_max = backoff_base, backoff_max
 
     async def post(self, body: dict, headers: dict[str, str]) -> Answer:
-        payload = orjson.dumps(body)
+        """A chat request, or (its body marked with API_MARK) one for the API the recorded call spoke."""
+        api = body.get(API_MARK)
+        path = API_PATHS.get(api, CHAT_PATH)
+        payload = orjson.dumps({k: v for k, v in body.items() if k != API_MARK} if api else body)
         attempt = 0
         while True:
             attempt += 1
             t0 = time.perf_counter()
             try:
-                resp = await self.client.post(CHAT_PATH, content=payload, headers=headers)
+                resp = await self.client.post(path, content=payload, headers=headers)
             except httpx.TransportError as e:
                 if attempt > self.retries:
                     return Answer(False, {}, "", 0, attempt, 0.0, 0.0, "",
@@ -223,6 +238,13 @@ class GatewayPoster:
                 msg, code = _error_of(resp)
                 return Answer(False, {}, "", resp.status_code, attempt, latency, cost, trace_id,
                               error=f"HTTP {resp.status_code}: {msg}", error_code=code)
+            if api in _API_ANSWER:
+                try:
+                    message, text, tin, tout = _API_ANSWER[api](resp.json())
+                except (ValueError, AttributeError, TypeError):
+                    return Answer(False, {}, "", 200, attempt, latency, cost, trace_id,
+                                  error=f"gateway answered 200 with a body that is not a {api} answer")
+                return Answer(True, message, text, 200, attempt, latency, cost, trace_id, tin, tout)
             try:
                 data = resp.json()
                 choice = (data.get("choices") or [{}])[0]

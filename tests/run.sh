@@ -23,5 +23,23 @@ if ! command -v helm >/dev/null 2>&1; then
 fi
 python3 -m pip install -q -e '.[test]'
 
+# openai-python's own API tests against a spec-driven mock (tests/test_openai_sdk_conformance.py): Prism from npm,
+# and the tests from the sdist of the openai release installed above (nothing fetched at test time)
+TOOLS="${TAGWAY_TEST_TOOLS:-$HOME/.cache/tagway-test-tools}"
+export TAGWAY_TEST_TOOLS="$TOOLS"
+if [ ! -x "$TOOLS/prism/node_modules/.bin/prism" ]; then
+  if ! command -v npm >/dev/null 2>&1; then
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nodejs npm >/dev/null
+  fi
+  npm install --prefix "$TOOLS/prism" --no-audit --no-fund --silent @stoplight/prism-cli@5.16.0 >/dev/null
+fi
+OPENAI_VERSION="$(python3 -c 'import openai; print(openai.__version__)')"
+if [ ! -d "$TOOLS/openai-$OPENAI_VERSION/tests/api_resources" ]; then
+  python3 -m pip download -q --no-deps --no-binary :all: "openai==$OPENAI_VERSION" -d "$TOOLS/sdist"
+  tar xzf "$TOOLS/sdist/openai-$OPENAI_VERSION.tar.gz" -C "$TOOLS" "openai-$OPENAI_VERSION/tests" \
+    "openai-$OPENAI_VERSION/pyproject.toml"
+fi
+
 export LITELLM_LOCAL_MODEL_COST_MAP=True
 exec python3 -m pytest -q "$@"

@@ -42,7 +42,9 @@ def assert_openai_error(r, status, code=None):
     ({"model": "gpt-test", "messages": [{"content": "no role"}]}, 400, "invalid_messages", "messages[0]"),
     ({"model": "gpt-test", "messages": MSG, "stream": "yes"}, 400, "invalid_type", "stream"),
     ({"model": "gpt-test", "messages": MSG, "temperature": "hot"}, 400, "invalid_type", "temperature"),
-    ({"model": "gpt-test", "messages": MSG, "max_tokens": -3}, 400, "invalid_type", "max_tokens"),
+    ({"model": "gpt-test", "messages": MSG, "max_tokens": "10"}, 400, "invalid_type", "max_tokens"),
+    ({"model": "gpt-test", "messages": MSG, "max_completion_tokens": 1.5}, 400, "invalid_type",
+     "max_completion_tokens"),
     ({"model": "gpt-test", "messages": MSG, "metadata": "x"}, 400, "invalid_metadata", "metadata"),
     ({"model": "gpt-test", "messages": MSG, "metadata": {"a": {"deep": 1}}}, 400, "invalid_metadata", "metadata.a"),
     ({"model": "no-such-model", "messages": MSG}, 404, "model_not_found", "model"),
@@ -105,10 +107,12 @@ def test_header_with_control_characters(gateway):
 
 
 def test_unknown_method_and_routes_are_openai_shaped(gateway):
-    r = httpx.get(gateway.url + "/v1/chat/completions", headers={"authorization": f"Bearer {KEYS['acme']}"})
-    assert_openai_error(r, 405, "method_not_allowed")
+    r = httpx.put(gateway.url + "/v1/chat/completions", headers={"authorization": f"Bearer {KEYS['acme']}"})
+    assert "/v1/chat/completions takes GET, POST" in assert_openai_error(r, 405, "method_not_allowed")["message"]
+    r = httpx.get(gateway.url + "/v1/embeddings")
+    assert "takes POST" in assert_openai_error(r, 405, "method_not_allowed")["message"]
     r = httpx.get(gateway.url + "/v1/nope")
-    assert_openai_error(r, 404, "not_found")
+    assert "GET /v1/nope" in assert_openai_error(r, 404, "not_found")["message"]
 
 
 def test_gateway_keeps_serving_after_bad_input(gateway):
@@ -226,3 +230,18 @@ def test_malformed_tool_calls_in_history_do_not_change_the_outcome(gateway):
     a = gateway.recorder.call(r.headers["x-tagway-trace-id"]).attributes
     assert sc.ERROR_TYPE not in a and sc.INPUT_MESSAGES in a
     assert "tagway_capture_failures_total 0" in httpx.get(gateway.url + "/metrics").text
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", {"model": "gpt-test", "messages": MSG, "max_tokens": 0}),
+    ("/v1/chat/completions", {"model": "gpt-test", "messages": MSG, "max_completion_tokens": 0}),
+    ("/v1/completions", {"model": "gpt-test", "prompt": "score me", "max_tokens": 0, "echo": True, "logprobs": 0}),
+    ("/v1/chat/completions", {"model": "gpt-test", "messages": MSG, "temperature": 7}),
+])
+def test_ranges_are_the_upstreams_business(gateway, upstream, path, body):
+    """Types are checked, ranges are not: `max_tokens: 0, echo: true` is how prompts are scored, and the upstream
+    knows its own limits (a real one answers its own 400 if it disagrees)."""
+    r = httpx.post(gateway.url + path, json=body, headers={"authorization": f"Bearer {KEYS['acme']}"})
+    assert r.status_code == 200, r.text
+    sent = upstream.last(path)["body"]
+    assert {k: sent[k] for k in body if k != "model"} == {k: v for k, v in body.items() if k != "model"}

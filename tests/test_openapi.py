@@ -77,3 +77,16 @@ def test_docs_page_renders_the_document(gateway):
     r = httpx.get(gateway.url + "/docs")
     assert r.status_code == 200 and "text/html" in r.headers["content-type"]
     assert "/openapi.json" in r.text and "swagger" in r.text.lower()
+
+
+def test_carried_routes_are_documented(spec):
+    """The Responses and Anthropic messages routes and every pass-through route (gateway/routes_table.py)."""
+    from gateway.routes_table import ROUTES  # noqa: PLC0415
+
+    paths = spec["paths"]
+    assert paths["/v1/responses"]["post"]["security"] == [{"tagwayKey": []}]
+    assert "post" in paths["/v1/messages"]
+    for r in ROUTES:
+        assert r.method.lower() in paths["/v1" + r.path], (r.method, r.path)
+    assert set(paths["/v1/models/{model_id}"]) == {"get", "delete"}  # tagway's own GET beside the upstream's DELETE
+    assert "multipart/form-data" in paths["/v1/files"]["post"]["requestBody"]["content"]

@@ -10,11 +10,16 @@ Behaviour is picked by the upstream model name the gateway sends, so one server 
   garbage-*   answers 502 with an HTML body
   midstreamerror-*  streams one chunk, then an error event (mentioning the upstream key), then [DONE]
   echokey-*   answers 200 with the bearer key it was sent in its text (a provider that leaks its key)
-Every request is recorded (path, headers, JSON body) in `requests`.
+  jsonstream-*  answers a stream request with plain JSON; ssewhole-* answers a non-stream request with SSE;
+  badjson-*     answers 200 with a body that is not JSON
+Every response carries `x-request-id: req-<n>` (n counts requests), `x-ratelimit-remaining-requests`,
+`openai-processing-ms` and a header no allow-list names (`x-upstream-internal`); 429s add `retry-after: 0` and
+`x-should-retry: false`. Every request is recorded (path, headers, JSON body) in `requests`.
 """
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from typing import Any
 
@@ -24,6 +29,12 @@ from aiohttp import web
 from tests.http_server import ThreadedServer
 
 SECRET_ECHO = "sk-upstream-secret-should-never-leak"
+
+
+def re_fields(raw: bytes) -> list[tuple[str, str]]:
+    """The small text fields of a multipart body (name -> value), enough for the fixture to echo them."""
+    return [(m.group(1).decode(), m.group(2).decode("utf-8", "replace"))
+            for m in re.finditer(rb'name="([^"]+)"\r\n\r\n([^\r\n]{0,200})\r\n', raw)]
 
 
 def _last_user(messages: list) -> str:
@@ -41,10 +52,27 @@ class Upstream(ThreadedServer):
         self.requests: list[dict[str, Any]] = []
 
     def routes(self, app: web.Application) -> None:
+        app.on_response_prepare.append(self._stamp)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/embeddings", self.embeddings)
         app.router.add_post("/v1/messages", self.anthropic_messages)
+        app.router.add_post("/v1/responses", self.responses)
+        app.router.add_get("/v1/models", self.models)
+        # the resource routes tagway passes through (gateway/routes_table.py)
+        for method, path in (("GET", "/v1/chat/completions"), ("GET", "/v1/chat/completions/{id}"),
+                             ("POST", "/v1/chat/completions/{id}"), ("DELETE", "/v1/chat/completions/{id}"),
+                             ("GET", "/v1/chat/completions/{id}/messages"), ("GET", "/v1/responses/{id}"),
+                             ("DELETE", "/v1/responses/{id}"), ("POST", "/v1/responses/{id}/cancel"),
+                             ("GET", "/v1/responses/{id}/input_items"), ("POST", "/v1/moderations"),
+                             ("POST", "/v1/images/generations"), ("GET", "/v1/files"), ("GET", "/v1/files/{id}"),
+                             ("DELETE", "/v1/files/{id}"), ("POST", "/v1/batches"), ("GET", "/v1/batches/{id}"),
+                             ("POST", "/v1/batches/{id}/cancel"), ("DELETE", "/v1/models/{id}")):
+            app.router.add_route(method, path, self.resource)
+        app.router.add_post("/v1/files", self.upload)
+        app.router.add_post("/v1/audio/transcriptions", self.upload)
+        app.router.add_get("/v1/files/{id}/content", self.file_content)
+        app.router.add_post("/v1/audio/speech", self.speech)
 
     def last(self, path: str = "/v1/chat/completions") -> dict[str, Any]:
         return [r for r in self.requests if r["path"] == path][-1]
@@ -53,6 +81,15 @@ class Upstream(ThreadedServer):
         self.requests.clear()
 
     # -- handlers -----------------------------------------------------------------------------------------------
+    async def _stamp(self, request: web.Request, response: web.StreamResponse) -> None:
+        response.headers["x-request-id"] = f"req-{len(self.requests)}"
+        response.headers["x-ratelimit-remaining-requests"] = "99"
+        response.headers["openai-processing-ms"] = "7"
+        response.headers["x-upstream-internal"] = "not for clients"
+        if response.status == 429:
+            response.headers["retry-after"] = "0"
+            response.headers["x-should-retry"] = "false"
+
     async def _record(self, request: web.Request) -> dict:
         raw = await request.read()
         body = orjson.loads(raw)
@@ -73,6 +110,8 @@ class Upstream(ThreadedServer):
             return web.Response(status=502, text="<html>bad gateway</html>", content_type="text/html")
         if model.startswith("slow"):
             await asyncio.sleep(2)
+        if model.startswith("badjson"):
+            return web.Response(status=200, text='{"id": "chatcmpl-x", "choices": [', content_type="application/json")
         return None
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
@@ -94,7 +133,9 @@ class Upstream(ThreadedServer):
             tool_call = {"id": "call_1", "type": "function",
                          "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
         base = {"id": "chatcmpl-test", "created": int(time.time()), "model": model + "-2026"}
-        if not body.get("stream"):
+        if model.startswith("ssewhole") and not body.get("stream"):
+            body = {**body, "stream": True}
+        if not body.get("stream") or model.startswith("jsonstream"):
             msg: dict[str, Any] = {"role": "assistant", "content": None if tool_call else text}
             if tool_call:
                 msg["tool_calls"] = [tool_call]
@@ -138,6 +179,120 @@ class Upstream(ThreadedServer):
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        """The Responses API: an echo of the last user input, or (tools-*) a function call first and, once its
+        output is in the input, a message quoting it; streamed as the API's named events when asked."""
+        body = await self._record(request)
+        model = body.get("model", "")
+        early = await self._behaviour(model)
+        if early is not None:
+            return early
+        items = body.get("input")
+        items = [{"role": "user", "content": items}] if isinstance(items, str) else items or []
+        tool_output = next((i.get("output") for i in items if i.get("type") == "function_call_output"), None)
+        user = _last_user([i for i in items if i.get("role") == "user"]) if items else ""
+        if model.startswith("tools") and tool_output is None:
+            out = [{"type": "function_call", "id": "fc_1", "call_id": "call_w1", "name": "get_weather",
+                    "arguments": '{"city": "Paris"}', "status": "completed"}]
+            text = ""
+        else:
+            text = f"The weather is {tool_output}" if tool_output is not None else f"Echo: {user}"
+            out = [{"type": "message", "id": "msg_1", "status": "completed", "role": "assistant",
+                    "content": [{"type": "output_text", "text": text, "annotations": []}]}]
+        usage = {"input_tokens": 10 + len(user.split()), "input_tokens_details": {"cached_tokens": 2},
+                 "output_tokens": max(1, len(text.split())), "output_tokens_details": {"reasoning_tokens": 3}}
+        usage["total_tokens"] = usage["input_tokens"] + usage["output_tokens"]
+        resp = {"id": f"resp_{len(self.requests)}", "object": "response", "created_at": int(time.time()),
+                "status": "completed", "model": model + "-2026", "output": out, "usage": usage,
+                "parallel_tool_calls": True, "tool_choice": "auto", "tools": body.get("tools") or [],
+                "error": None, "incomplete_details": None, "instructions": body.get("instructions"),
+                "metadata": body.get("metadata") or {}, "temperature": None, "top_p": None}
+        if not body.get("stream"):
+            return web.json_response(resp)
+        stream = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await stream.prepare(request)
+        seq = 0
+
+        async def ev(name: str, obj: dict) -> None:
+            nonlocal seq
+            await stream.write(f"event: {name}\n".encode() + b"data: " + orjson.dumps(
+                {"type": name, "sequence_number": seq, **obj}) + b"\n\n")
+            seq += 1
+
+        pending = {**resp, "status": "in_progress", "output": [], "usage": None}
+        await ev("response.created", {"response": pending})
+        await ev("response.in_progress", {"response": pending})
+        for i, item in enumerate(out):
+            empty = {**item, "content": []} if item["type"] == "message" else {**item, "arguments": ""}
+            await ev("response.output_item.added", {"output_index": i, "item": empty})
+            if item["type"] == "message":
+                part = {"type": "output_text", "text": "", "annotations": []}
+                await ev("response.content_part.added", {"item_id": item["id"], "output_index": i,
+                                                         "content_index": 0, "part": part})
+                for n, word in enumerate(text.split(" ")):
+                    await ev("response.output_text.delta", {"item_id": item["id"], "output_index": i,
+                                                            "content_index": 0, "delta": (" " if n else "") + word,
+                                                            "logprobs": []})
+                    if model.startswith("cut") and n == 0:
+                        await asyncio.sleep(0.05)
+                        request.transport.close()
+                        return stream
+            else:
+                await ev("response.function_call_arguments.delta", {"item_id": item["id"], "output_index": i,
+                                                                    "delta": item["arguments"]})
+            await ev("response.output_item.done", {"output_index": i, "item": item})
+        await ev("response.completed", {"response": resp})
+        await stream.write_eof()
+        return stream
+
+    async def resource(self, request: web.Request) -> web.Response:
+        """Any resource route: echoes what it was asked (method, path, query, model) with an id."""
+        raw = await request.read()
+        body = orjson.loads(raw) if raw else None
+        self.requests.append({"path": request.path, "method": request.method, "query": request.query_string,
+                              "headers": dict(request.headers), "body": body, "raw": raw})
+        model = (body or {}).get("model", "") if isinstance(body, dict) else ""
+        if model.startswith("fail"):
+            return self._error(int(model[4:7]), f"upstream says {model[4:7]} (key {SECRET_ECHO})")
+        rid = request.match_info.get("id") or f"res-{len(self.requests)}"
+        out: dict[str, Any] = {"id": rid, "object": "echo", "method": request.method, "path": request.path,
+                               "query": request.query_string, "model": model}
+        if request.method == "GET" and ("id" not in request.match_info or request.path.endswith(("/messages",
+                                                                                                 "/input_items"))):
+            out = {"object": "list", "data": [{"id": "listed-1"}, {"id": "listed-2"}], "has_more": False}
+        if request.path == "/v1/images/generations":
+            out["usage"] = {"input_tokens": 9, "output_tokens": 100, "total_tokens": 109}
+        return web.json_response(out)
+
+    async def upload(self, request: web.Request) -> web.Response:
+        raw = await request.read()
+        self.requests.append({"path": request.path, "method": "POST", "headers": dict(request.headers),
+                              "body": None, "raw": raw})
+        fields = dict(re_fields(raw))
+        return web.json_response({"id": "file-up-1", "object": "file", "bytes": len(raw),
+                                  "model": fields.get("model", ""), "purpose": fields.get("purpose", ""),
+                                  "text": f"heard {fields.get('model', '')}"})
+
+    async def file_content(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append({"path": request.path, "method": "GET", "headers": dict(request.headers),
+                              "body": None, "raw": b""})
+        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        await resp.prepare(request)
+        for i in range(4):  # a file in pieces: relayed as it comes
+            await resp.write(b'{"line": %d}\n' % i)
+        await resp.write_eof()
+        return resp
+
+    async def speech(self, request: web.Request) -> web.Response:
+        await self._record(request)
+        return web.Response(body=b"ID3" + bytes(range(256)) * 4, content_type="audio/mpeg")
+
+    async def models(self, request: web.Request) -> web.Response:
+        self.requests.append({"path": request.path, "headers": dict(request.headers), "body": None, "raw": b""})
+        return web.json_response({"object": "list", "data": [
+            {"id": i, "object": "model", "created": 1700000000, "owned_by": "upstream"}
+            for i in ("ok-a", "ok-tmpl-b", "other")]})
 
     async def completions(self, request: web.Request) -> web.Response:
         body = await self._record(request)

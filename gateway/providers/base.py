@@ -24,6 +24,7 @@ class UpstreamCall:
     body: bytes  # the JSON to send, already rewritten for this deployment
     payload: dict[str, Any]  # the same, parsed (providers that translate need it; pass-through ones do not)
     stream: bool
+    headers: list[tuple[bytes, bytes]] = dataclasses.field(default_factory=list)  # the client's, allow-listed
 
 
 @dataclasses.dataclass(slots=True)
@@ -31,10 +32,13 @@ class UpstreamResponse:
     status: int
     body: bytes
     content_type: str = "application/json"
+    headers: tuple[tuple[bytes, bytes], ...] = ()  # the upstream's raw response headers (the proxy picks some)
+    parsed: Any = None  # the body as JSON, once the proxy has checked that it is
 
 
 class UpstreamStream(Protocol):
-    """Raw SSE events (each ending in a blank line), in upstream order."""
+    """Raw SSE events (each ending in a blank line), in upstream order. May have `headers` (the upstream's raw
+    response headers)."""
 
     def __aiter__(self) -> AsyncIterator[bytes]: ...
 
@@ -46,18 +50,19 @@ class UpstreamFailure(Exception):
     no fallback is left); `error_type` goes to the span's `error.type`."""
 
     def __init__(self, error_type: str, message: str, *, status: int | None = None, body: bytes | None = None,
-                 retryable: bool = True) -> None:
+                 retryable: bool = True, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         super().__init__(message)
         self.error_type = error_type
         self.message = message
         self.status = status
         self.body = body
         self.retryable = retryable
+        self.headers = headers  # the upstream's raw response headers (retry-after, x-request-id, ...)
 
     @classmethod
-    def from_status(cls, status: int, body: bytes) -> "UpstreamFailure":
+    def from_status(cls, status: int, body: bytes, headers: tuple[tuple[bytes, bytes], ...] = ()) -> "UpstreamFailure":
         return cls(f"http_{status}", f"upstream answered HTTP {status}", status=status, body=body,
-                   retryable=status in RETRYABLE_STATUS)
+                   retryable=status in RETRYABLE_STATUS, headers=headers)
 
 
 class Provider(Protocol):

@@ -32,9 +32,11 @@ class Stream:
     """SSE events to relay: dicts, raw data (bytes/str), or an exception to raise at that point (a stream that
     breaks mid-way). `done=True` ends it with `data: [DONE]`."""
 
-    def __init__(self, events: Iterable[dict | bytes | str | BaseException], *, done: bool = True) -> None:
+    def __init__(self, events: Iterable[dict | bytes | str | BaseException], *, done: bool = True,
+                 headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         self._events = list(events)
         self._done = done
+        self.headers = headers
         self.closed = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
@@ -62,7 +64,7 @@ class HandlerProvider:
         if isinstance(reply, dict):
             return UpstreamResponse(200, orjson.dumps(reply))
         if isinstance(reply, UpstreamResponse) and reply.status != 200:
-            raise UpstreamFailure.from_status(reply.status, reply.body)
+            raise UpstreamFailure.from_status(reply.status, reply.body, reply.headers)
         if isinstance(reply, (UpstreamResponse, Stream)):
             return reply
         raise TypeError(f"a handler returns a dict, an UpstreamResponse or a Stream, not {type(reply).__name__}")

@@ -3,12 +3,15 @@
 talks to OpenAI-compatible upstreams never pays it."""
 from __future__ import annotations
 
+import asyncio
 import os
+import sys
 from typing import Any, AsyncIterator
 
 import orjson
 
 from .base import UpstreamCall, UpstreamFailure, UpstreamResponse
+from .sse import iter_events
 
 __all__ = ["LiteLLMProvider"]
 
@@ -52,7 +55,9 @@ def _failure(e: Exception) -> UpstreamFailure:
 class LiteLLMProvider:
     async def send(self, call: UpstreamCall) -> UpstreamResponse | "_LiteLLMStream":
         d = call.deployment
-        litellm = _litellm()
+        # a gateway whose deployments are all OpenAI-compatible imports litellm only when a Responses or messages
+        # call needs translating: that first import (seconds) runs off the event loop, not in every call's way
+        litellm = sys.modules.get("litellm") or await asyncio.get_running_loop().run_in_executor(None, _litellm)
         p = call.payload
         kwargs: dict[str, Any] = {"model": f"{d.provider}/{d.upstream_model}", "timeout": d.timeout,
                                   "num_retries": 0}  # fallbacks are ours to decide
@@ -63,6 +68,8 @@ class LiteLLMProvider:
         if d.headers:
             kwargs["extra_headers"] = dict(d.headers)
         try:
+            if call.operation in ("responses", "messages"):
+                return await _translated_api(litellm, call, kwargs)
             if call.operation == "embeddings":
                 resp = await litellm.aembedding(input=p.get("input"), **kwargs)
                 return UpstreamResponse(200, resp.model_dump_json().encode())
@@ -87,6 +94,55 @@ class LiteLLMProvider:
 
     async def aclose(self) -> None:
         pass
+
+
+async def _translated_api(litellm: Any, call: UpstreamCall, kwargs: dict) -> UpstreamResponse | "_EventStream":
+    """The Responses API (litellm.aresponses) or Anthropic's Messages API (litellm's anthropic interface) for a
+    provider that does not speak it: every request field goes to litellm, which maps what the provider knows."""
+    p = {k: v for k, v in call.payload.items() if k not in ("model", "stream")}
+    if call.operation == "responses":
+        result = await litellm.aresponses(stream=call.stream, **p, **kwargs)
+    else:
+        from litellm.anthropic_interface import messages  # noqa: PLC0415 - only for this API
+
+        result = await messages.acreate(stream=call.stream, **{"max_tokens": 1024, **p}, **kwargs)
+    if not call.stream:
+        body = result.model_dump_json() if hasattr(result, "model_dump_json") else orjson.dumps(result).decode()
+        return UpstreamResponse(200, body.encode())
+    return _EventStream(result)
+
+
+class _EventStream:
+    """A translated stream as SSE events: litellm yields event objects (Responses) or SSE bytes (messages)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for event in iter_events(self._pieces()):  # byte chunks need not end where events do
+            yield event
+
+    async def _pieces(self) -> AsyncIterator[bytes]:
+        try:
+            async for item in self._stream:
+                if isinstance(item, (bytes, bytearray, str)):
+                    yield item.encode() if isinstance(item, str) else bytes(item)
+                    continue
+                obj = item.model_dump(mode="json", exclude_none=True) if hasattr(item, "model_dump") else item
+                name = obj.get("type", "message") if isinstance(obj, dict) else "message"
+                yield f"event: {name}\n".encode() + b"data: " + orjson.dumps(obj) + b"\n\n"
+        except UpstreamFailure:
+            raise
+        except Exception as e:
+            raise _failure(e) from None
+
+    async def aclose(self) -> None:
+        close = getattr(self._stream, "aclose", None)
+        if close is not None:
+            try:
+                await close()
+            except Exception:
+                pass
 
 
 class _LiteLLMStream:

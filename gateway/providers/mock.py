@@ -67,6 +67,13 @@ class MockProvider:
             n = sum(_tokens(str(x)) for x in inputs)
             return UpstreamResponse(200, orjson.dumps({"object": "list", "data": data, "model": model,
                                                        "usage": {"prompt_tokens": n, "total_tokens": n}}))
+        if call.operation == "responses":
+            return _mock_response(p, m, rid, created, model, call.stream)
+        if call.operation == "messages":
+            raise UpstreamFailure("unsupported_operation", "the mock provider does not speak Anthropic messages",
+                                  status=501, retryable=False, body=orjson.dumps({"error": {
+                                      "message": "The mock provider does not serve /v1/messages.",
+                                      "type": "invalid_request_error", "param": None, "code": "unsupported_operation"}}))
         if call.operation == "text_completion":
             prompt = p.get("prompt")
             prompt = prompt if isinstance(prompt, str) else " ".join(map(str, prompt or []))
@@ -89,6 +96,46 @@ class MockProvider:
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
                          "finish_reason": "stop", "logprobs": None}],
             "usage": usage}))
+
+    async def aclose(self) -> None:
+        pass
+
+
+def _mock_response(p: dict, m: Any, rid: str, created: int, model: str, stream: bool) -> UpstreamResponse | "_Events":
+    """A Responses API answer: one output message echoing the last user input."""
+    inp = p.get("input")
+    if isinstance(inp, list):
+        inp = _last_user_text([x for x in inp if isinstance(x, dict)])
+    text = m.reply if m and m.reply else f"Echo: {inp or ''}"
+    usage = {"input_tokens": _tokens(str(inp or "")), "output_tokens": _tokens(text),
+             "output_tokens_details": {"reasoning_tokens": 0}}
+    usage["total_tokens"] = usage["input_tokens"] + usage["output_tokens"]
+    item = {"type": "message", "id": "msg_" + rid, "status": "completed", "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": []}]}
+    resp = {"id": "resp_" + rid, "object": "response", "created_at": created, "status": "completed", "model": model,
+            "output": [item], "usage": usage}
+    if not stream:
+        return UpstreamResponse(200, orjson.dumps(resp))
+    pending = {**resp, "status": "in_progress", "output": [], "usage": None}
+    return _Events([("response.created", {"response": pending}),
+                    ("response.output_item.added", {"output_index": 0, "item": {**item, "content": []}}),
+                    ("response.content_part.added", {"output_index": 0, "content_index": 0, "part": {
+                        "type": "output_text", "text": "", "annotations": []}}),
+                    ("response.output_text.delta", {"output_index": 0, "content_index": 0, "delta": text}),
+                    ("response.output_item.done", {"output_index": 0, "item": item}),
+                    ("response.completed", {"response": resp})])
+
+
+class _Events:
+    """Named SSE events, as the Responses API streams them."""
+
+    def __init__(self, events: list[tuple[str, dict]]) -> None:
+        self._events = events
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for n, (name, obj) in enumerate(self._events):
+            data = orjson.dumps({"type": name, "sequence_number": n, **obj})
+            yield b"event: " + name.encode() + b"\ndata: " + data + b"\n\n"
 
     async def aclose(self) -> None:
         pass

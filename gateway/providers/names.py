@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Mapping, Protocol
 from urllib.parse import urlsplit
 
-__all__ = ["PASS_THROUGH", "kind_of", "base_url", "server_address"]
+__all__ = ["PASS_THROUGH", "ANTHROPIC_NATIVE", "kind_of", "base_url", "server_address"]
 
 # OpenAI-compatible providers and their default base URLs ("" = the deployment must give base_url)
 PASS_THROUGH: Mapping[str, str] = {
@@ -24,20 +24,27 @@ PASS_THROUGH: Mapping[str, str] = {
 }
 
 
+# Anthropic-compatible providers (their Messages API takes `POST /v1/messages` as it is) and their default base URLs
+ANTHROPIC_NATIVE: Mapping[str, str] = {"anthropic": "https://api.anthropic.com"}
+
+
 class Deployment(Protocol):  # a config.ModelConfig, as far as names go
     provider: str
     base_url: str | None
 
 
-def kind_of(provider: str) -> str:
-    """`pass_through`, `mock` or `litellm`."""
+def kind_of(provider: str, operation: str = "chat") -> str:
+    """`pass_through`, `mock` or `litellm`; for Anthropic's Messages API (`operation` messages) `anthropic` where
+    the provider speaks it, else `litellm` (which translates it for any provider)."""
     if provider == "mock":
         return "mock"
+    if operation == "messages":
+        return "anthropic" if provider in ANTHROPIC_NATIVE else "litellm"
     return "pass_through" if provider in PASS_THROUGH else "litellm"
 
 
 def base_url(d: Deployment) -> str:
-    return (d.base_url or PASS_THROUGH.get(d.provider, "")).rstrip("/")
+    return (d.base_url or PASS_THROUGH.get(d.provider) or ANTHROPIC_NATIVE.get(d.provider, "")).rstrip("/")
 
 
 def server_address(d: Deployment) -> tuple[str, int | None]:

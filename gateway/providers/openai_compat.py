@@ -7,7 +7,7 @@ aiohttp, not httpx, on this path: measured in DESIGN.md, httpx's default transpo
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import aiohttp
 
@@ -24,7 +24,7 @@ __all__ = ["OpenAICompatibleProvider"]
 class _Prepared:
     """Per-deployment values computed once: URL prefix, headers, timeouts."""
 
-    __slots__ = ("url_prefix", "query", "headers", "timeout", "stream_timeout")
+    __slots__ = ("url_prefix", "query", "root", "root_query", "headers", "own", "timeout", "stream_timeout")
 
     def __init__(self, d: ModelConfig) -> None:
         self.headers = {"Content-Type": "application/json", "User-Agent": "tagway", **d.headers}
@@ -32,23 +32,29 @@ class _Prepared:
         if d.provider == "azure":
             self.url_prefix = f"{base_url(d)}/openai/deployments/{d.upstream_model}"
             self.query = f"?api-version={d.api_version}"
+            self.root, self.root_query = f"{base_url(d)}/openai", f"api-version={d.api_version}"
             if key:
                 self.headers["api-key"] = key
         else:
             self.url_prefix = base_url(d)
             self.query = ""
+            self.root, self.root_query = self.url_prefix, ""
             if key:
                 self.headers["Authorization"] = f"Bearer {key}"
+        # a client's header never replaces one of these (names lower-case bytes, as ASGI gives them)
+        self.own = frozenset(k.lower().encode("latin-1") for k in self.headers)
         self.timeout = aiohttp.ClientTimeout(total=d.timeout, connect=d.connect_timeout)
         # a stream may last long; what must not happen is a silence longer than the timeout
         self.stream_timeout = aiohttp.ClientTimeout(total=None, connect=d.connect_timeout, sock_read=d.timeout)
 
 
 class OpenAICompatibleProvider:
+    _prepared_type = _Prepared  # per-deployment URL and auth (Anthropic's native provider has its own)
+
     def __init__(self, *, pool_size: int = 512) -> None:
         self._pool_size = pool_size
         self._session: aiohttp.ClientSession | None = None
-        self._prepared: dict[int, _Prepared] = {}
+        self._prepared: dict[int, tuple[ModelConfig, _Prepared]] = {}
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -61,25 +67,29 @@ class OpenAICompatibleProvider:
         return self._session
 
     def _prep(self, d: ModelConfig) -> _Prepared:
-        p = self._prepared.get(id(d))
-        if p is None:
-            p = self._prepared[id(d)] = _Prepared(d)
+        # keyed by identity, holding the deployment so that its id cannot be reused while the entry lives;
+        # wildcard routes make deployments per model name, hence the bound
+        hit = self._prepared.get(id(d))
+        if hit is not None and hit[0] is d:
+            return hit[1]
+        if len(self._prepared) >= 4096:
+            self._prepared.clear()
+        p = self._prepared_type(d)
+        self._prepared[id(d)] = (d, p)
         return p
 
     async def send(self, call: UpstreamCall) -> UpstreamResponse | "_Stream":
         p = self._prep(call.deployment)
         url = p.url_prefix + call.path + p.query
         session = self._get_session()
-        try:
-            resp = await session.post(url, data=call.body, headers=p.headers,
-                                      timeout=p.stream_timeout if call.stream else p.timeout)
-        except asyncio.TimeoutError:
-            raise UpstreamFailure("timeout", f"upstream did not answer within {call.deployment.timeout:g}s") from None
-        except aiohttp.ClientConnectorError as e:
-            raise UpstreamFailure("connect_error", f"cannot connect to upstream: {e.os_error or e}") from None
-        except aiohttp.ClientError as e:
-            raise UpstreamFailure("upstream_error", f"upstream request failed: {type(e).__name__}") from None
-        if call.stream and resp.status == 200:
+        headers = p.headers
+        if call.headers:
+            headers = {**{k.decode("latin-1"): v.decode("latin-1") for k, v in call.headers if k not in p.own},
+                       **p.headers}
+        resp = await _issue(session.post(url, data=call.body, headers=headers,
+                                         timeout=p.stream_timeout if call.stream else p.timeout), call.deployment)
+        # what the upstream sent, judged by its content type: the proxy decides whether that is what was asked for
+        if resp.status == 200 and resp.content_type == "text/event-stream":
             return _Stream(resp)
         try:
             body = await resp.read()
@@ -89,8 +99,22 @@ class OpenAICompatibleProvider:
         except aiohttp.ClientError as e:
             raise UpstreamFailure("upstream_error", f"upstream response broke off: {type(e).__name__}") from None
         if resp.status != 200:
-            raise UpstreamFailure.from_status(resp.status, body)
-        return UpstreamResponse(200, body, resp.headers.get("Content-Type", "application/json"))
+            raise UpstreamFailure.from_status(resp.status, body, resp.raw_headers)
+        return UpstreamResponse(200, body, resp.headers.get("Content-Type", "application/json"), resp.raw_headers)
+
+    async def open(self, d: ModelConfig, method: str, path: str, *, query: str = "", body: bytes | None = None,
+                   headers: list[tuple[bytes, bytes]] = (), content_type: str | None = None) -> aiohttp.ClientResponse:
+        """Any other request to the deployment's server (stored completions, responses by id, files, batches, the
+        model list...): bytes out as given, the response returned unread for the caller to relay and release."""
+        p = self._prep(d)
+        q = "&".join(x for x in (query, p.root_query) if x)
+        h = {**{k.decode("latin-1"): v.decode("latin-1") for k, v in headers if k not in p.own}, **p.headers}
+        if content_type:
+            h["Content-Type"] = content_type
+        else:
+            h.pop("Content-Type", None)
+        return await _issue(self._get_session().request(method, p.root + path + (f"?{q}" if q else ""), data=body,
+                                                        headers=h, timeout=p.stream_timeout), d)
 
     async def aclose(self) -> None:
         if self._session is not None:
@@ -98,9 +122,22 @@ class OpenAICompatibleProvider:
             self._session = None
 
 
+async def _issue(request: Any, d: ModelConfig) -> aiohttp.ClientResponse:
+    """Await an aiohttp request; transport failures become `UpstreamFailure`s."""
+    try:
+        return await request
+    except asyncio.TimeoutError:
+        raise UpstreamFailure("timeout", f"upstream did not answer within {d.timeout:g}s") from None
+    except aiohttp.ClientConnectorError as e:
+        raise UpstreamFailure("connect_error", f"cannot connect to upstream: {e.os_error or e}") from None
+    except aiohttp.ClientError as e:
+        raise UpstreamFailure("upstream_error", f"upstream request failed: {type(e).__name__}") from None
+
+
 class _Stream:
     def __init__(self, resp: aiohttp.ClientResponse) -> None:
         self._resp = resp
+        self.headers = resp.raw_headers
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:

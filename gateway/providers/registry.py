@@ -20,6 +20,7 @@ FACTORIES: Mapping[str, str] = {
     "pass_through": "gateway.providers.openai_compat:OpenAICompatibleProvider",
     "mock": "gateway.providers.mock:MockProvider",
     "litellm": "gateway.providers.litellm_provider:LiteLLMProvider",
+    "anthropic": "gateway.providers.anthropic_native:AnthropicProvider",
 }
 
 
@@ -36,11 +37,11 @@ class ProviderRegistry:
         self._overrides = dict(overrides or {})
         self._by_kind: dict[str, Provider] = {}
 
-    def for_deployment(self, d: "ModelConfig") -> Provider:
+    def for_deployment(self, d: "ModelConfig", operation: str = "chat") -> Provider:
         p = self._overrides.get(d.provider)
         if p is not None:
             return p
-        kind = kind_of(d.provider)
+        kind = kind_of(d.provider, operation)
         p = self._by_kind.get(kind)
         if p is None:
             p = self._by_kind[kind] = _make(kind)

@@ -1,0 +1,273 @@
+"""The OpenAI routes beyond the hot ones (gateway/routes_table.py: stored chat completions, responses by id,
+moderations, images, audio, files, batches, deleting a fine-tuned model), passed through to an OpenAI-compatible
+upstream: authorised, tagged and recorded as a span with the route's operation, like every call.
+
+Which upstream: the request's model (JSON `model`, a multipart `model` field, or `x-tagway-model` for routes that
+carry none) routed like the hot path's; for a resource id tagway has seen (a file, batch, stored completion or
+response id in an answer that went through here) the upstream that answered it; otherwise the `*` default route,
+or the one OpenAI-compatible upstream when there is only one. Bodies go out as the client's bytes (the model name
+rewritten when the deployment's differs); answers come back as they are, streamed (file contents, audio, SSE), with
+the allow-listed upstream headers. Upstreams that are not OpenAI-compatible (translated by litellm) do not serve
+these routes: a clear 501.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections import OrderedDict
+from typing import Any
+
+import aiohttp
+import orjson
+
+from exporters import semconv as sc
+
+from .auth import CREDENTIAL_HEADERS, KeyRing, duplicate_header
+from .call import Call, ClientGone
+from .config import GatewayConfig, ModelConfig
+from .errors import GatewayError, bad_request, forbidden
+from .headers import HeaderFilter
+from .model_routes import ModelRoutes
+from .providers import ProviderRegistry, UpstreamFailure, kind_of
+from .redact import Redactor
+from .routes_table import Route, strip_version
+from .tags import check_header, resolve_tags
+from .telemetry import CallRecord, finish_call_span, start_call_span
+
+__all__ = ["Passthrough"]
+
+log = logging.getLogger("tagway.passthrough")
+
+_READ_WHOLE = 1 << 20  # JSON answers up to this size are read whole (ids, usage, model for the record)
+_OWNERS_MAX = 100_000  # resource ids remembered with the upstream that holds them
+_MULTIPART_MODEL = re.compile(rb'(name="model"\r\n(?:[^\r\n]+\r\n)*\r\n)([^\r\n]*)(\r\n)')
+
+
+class Passthrough:
+    def __init__(self, *, config: GatewayConfig, keyring: KeyRing, providers: ProviderRegistry, routes: ModelRoutes,
+                 tracer: Any, redactor: Redactor) -> None:
+        self.config, self.keyring, self.providers, self.routes = config, keyring, providers, routes
+        self.tracer, self.redactor = tracer, redactor
+        self._forward_headers = HeaderFilter(config.api.forward_headers)
+        self._return_headers = HeaderFilter(config.api.return_headers)
+        self._max_body = config.server.max_body_bytes
+        self._owners: OrderedDict[str, str] = OrderedDict()  # resource id -> model name that reaches its upstream
+        self._secrets = sorted({m.api_key.encode() for m in config.models if m.api_key and len(m.api_key) >= 6},
+                               key=len, reverse=True)
+        self._tenants = {t.customer: t for t in config.tenants}
+        self.calls = 0
+
+    async def __call__(self, scope: dict, receive: Any, send: Any, route: Route, params: dict[str, str]) -> None:
+        start_ns, t0 = time.time_ns(), time.perf_counter()
+        rec = CallRecord(operation=route.operation, source=self.config.recording.source, start_ns=start_ns,
+                         api=route.api)
+        call = Call((route.operation, scope["path"]), scope, receive, send, rec)
+        span = start_call_span(self.tracer, rec.operation, start_ns, call.traceparent)
+        call.trace_id = b"%032x" % span.get_span_context().trace_id
+        self.calls += 1
+        try:
+            await self._handle(call, scope, route, params)
+        except GatewayError as e:
+            rec.fail(e.error_type, e.message, e.status)
+            if not call.started:
+                await call.respond_error(e)
+        except UpstreamFailure as f:
+            e = _failure_error(f)
+            rec.fail(e.error_type, e.message, e.status)
+            if not call.started:
+                await call.respond_error(e)
+        except ClientGone:
+            rec.hung_up("before the response")
+        except OSError:
+            rec.hung_up("mid-response")
+        except Exception as e:  # a bug of ours: the client gets a 500, the record is still written
+            log.exception("internal error on %s %s", scope["method"], scope["path"])
+            rec.fail("internal_error", type(e).__name__, 500)
+            if not call.started:
+                await call.respond_error(GatewayError(500, "Internal gateway error.", type_="api_error",
+                                                      code="internal_error"))
+        finally:
+            try:
+                if route.output_type:
+                    span.set_attribute(sc.OUTPUT_TYPE, route.output_type)
+                finish_call_span(self.tracer, span, rec, start_ns, start_ns + int((time.perf_counter() - t0) * 1e9))
+            except Exception:
+                log.exception("could not record call")
+
+    async def _handle(self, call: Call, scope: dict, route: Route, params: dict[str, str]) -> None:
+        rec = call.rec
+        if call.repeated in CREDENTIAL_HEADERS:  # as on the hot path: a credential sent twice is refused, not guessed
+            self.keyring.refused("duplicate_header")
+            raise duplicate_header(call.repeated)
+        principal = call.principal = self.keyring.authenticate(call.auth, call.api_key)
+        rec.key_id, rec.customer = principal.key_id, principal.customer
+        if call.repeated:
+            raise duplicate_header(call.repeated)
+        body = await call.read_body(self._max_body)
+        content_type = _header(scope, b"content-type")
+        payload: dict = {}
+        if route.body == "json" and body:
+            try:
+                payload = orjson.loads(body)
+            except orjson.JSONDecodeError as e:
+                raise bad_request(f"The request body is not valid JSON: {e}.", code="invalid_json") from None
+            if not isinstance(payload, dict):
+                raise bad_request("The request body must be a JSON object.", code="invalid_json")
+        model = rec.requested_model = _model_of(route, payload, body, content_type) or \
+            call.tagway_headers.get("model", "")
+        for name, value in call.tagway_headers.items():
+            check_header(f"x-tagway-{name}", value)
+        t = resolve_tags(principal, call.tagway_headers, payload if "metadata" in payload else {}, self.config.taxonomy,
+                         self.redactor.text)
+        rec.customer, rec.intent, rec.prompt_version, rec.tags = t.customer, t.intent, t.prompt_version, t.tags
+        d = self._deployment(model, params, route, scope)
+        tenant = principal.tenant if rec.customer == principal.customer else self._tenants.get(rec.customer)
+        if model and not (principal.allows(model) and (tenant is None or tenant is principal.tenant
+                                                       or tenant.allows(model))):
+            raise forbidden(f"This key may not use model `{model}`.", code="model_not_allowed", param="model")
+        provider = self.providers.for_deployment(d)
+        if kind_of(d.provider) != "pass_through" or not hasattr(provider, "open"):
+            raise GatewayError(501, f"{scope['method']} {scope['path']} is passed through to OpenAI-compatible "
+                               f"upstreams only; the upstream of `{model or d.name}` is {d.provider}.",
+                               type_="invalid_request_error", code="route_not_supported",
+                               headers=[(b"x-should-retry", b"false")])  # a 5xx that retrying will not change
+        rec.begin_attempt(d, self.routes.address(d), time.time_ns())
+        if not model:
+            rec.upstream_model = rec.attempts[-1].model = ""  # a resource route: no model involved
+        if model and d.upstream_model != model:
+            body = _with_model(route, payload, body, d.upstream_model)
+        path = strip_version(scope["path"])
+        query = scope.get("query_string", b"").decode("latin-1")
+        forward = self._forward_headers.pick(scope["headers"]) if self._forward_headers else []
+        resp = await provider.open(d, route.method, path, query=query, body=body or None, headers=forward,
+                                   content_type=content_type if body else None)
+        try:
+            await self._relay(call, d, resp, model)
+        finally:
+            resp.release()
+
+    def _deployment(self, model: str, params: dict[str, str], route: Route, scope: dict) -> ModelConfig:
+        if model:
+            d = self.routes.resolve(model)
+            if d is None:
+                raise GatewayError(404, f"The model `{model}` does not exist or you do not have access to it.",
+                                   code="model_not_found", param="model")
+            return d
+        owner = self._owners.get(params.get("id", ""))
+        if owner is not None:
+            d = self.routes.resolve(owner)
+            if d is not None:
+                return d
+        d = self.routes.modelless()
+        if d is not None:
+            return d
+        raise bad_request(f"{scope['method']} {scope['path']} carries no model, and tagway cannot tell which of its "
+                          "upstreams serves it: send `x-tagway-model: <a model of that upstream>` or configure a `*` "
+                          "model as the default upstream.", code="upstream_ambiguous")
+
+    async def _relay(self, call: Call, d: ModelConfig, resp: Any, model: str) -> None:
+        rec = call.rec
+        ctype = resp.headers.get("Content-Type", "")
+        headers = [(b"content-type", ctype.encode("latin-1"))] if ctype else []
+        disposition = resp.headers.get("Content-Disposition")  # a file download's name
+        if disposition:
+            headers.append((b"content-disposition", disposition.encode("latin-1")))
+        headers += self._return_headers.pick(resp.raw_headers)
+        attempt = rec.attempts[-1]
+        attempt.end_ns, attempt.status = time.time_ns(), resp.status
+        if resp.status >= 400 or (ctype.startswith("application/json") and (resp.content_length or 0) <= _READ_WHOLE):
+            body = self._scrub(await resp.read())
+            if resp.status >= 400:
+                attempt.error_type = f"http_{resp.status}"
+                rec.fail(attempt.error_type, _error_message(body, resp.status), resp.status)
+            else:
+                self._read_answer(rec, body, d, model)
+            await call.respond(resp.status, body, ctype.encode("latin-1") or b"application/json",
+                               [h for h in headers if h[0] != b"content-type"])
+            return
+        call.watch.stop()
+        await call.start(resp.status, headers)
+        try:
+            async for chunk in resp.content.iter_any():
+                if rec.ttft_s is None:
+                    rec.ttft_s = (time.time_ns() - rec.start_ns) / 1e9
+                await call.chunk(self._scrub(chunk) if self._secrets else chunk)  # a key cut across chunks can slip
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:  # the upstream broke off: the client sees the cut
+            rec.fail("stream_cut", f"upstream broke off mid-response: {type(e).__name__}")
+        await call.end_stream()
+
+    def _read_answer(self, rec: CallRecord, body: bytes, d: ModelConfig, model: str) -> None:
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(obj, dict):
+            return
+        rid = obj.get("id")
+        rec.answered(obj.get("model"), rid if isinstance(rid, str) else "", [])
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            rec.usage(usage.get("input_tokens", usage.get("prompt_tokens")),
+                      usage.get("output_tokens", usage.get("completion_tokens")))
+        owner = model or d.name
+        if owner.endswith("*"):  # the default route: it is where a model-less request goes anyway
+            return
+        ids = [rid] if isinstance(rid, str) else []
+        if isinstance(obj.get("data"), list):  # lists: every item's id lives where the list came from
+            ids += [x["id"] for x in obj["data"] if isinstance(x, dict) and isinstance(x.get("id"), str)]
+        for i in ids:
+            self._owners[i] = owner
+            self._owners.move_to_end(i)
+        while len(self._owners) > _OWNERS_MAX:
+            self._owners.popitem(last=False)
+
+    def _scrub(self, body: bytes) -> bytes:
+        for s in self._secrets:
+            body = body.replace(s, b"***")
+        return body
+
+
+def _header(scope: dict, name: bytes) -> str | None:
+    for k, v in scope["headers"]:
+        if k == name:
+            return v.decode("latin-1")
+    return None
+
+
+def _model_of(route: Route, payload: dict, body: bytes, content_type: str | None) -> str:
+    if route.body == "json":
+        m = payload.get("model")
+        if m is not None and not isinstance(m, str):
+            raise bad_request("model must be a string.", code="invalid_type", param="model")
+        return m or ""
+    if route.body == "multipart" and content_type and content_type.startswith("multipart/form-data"):
+        m = _MULTIPART_MODEL.search(body)
+        return m.group(2).decode("utf-8", "replace") if m else ""
+    return ""
+
+
+def _with_model(route: Route, payload: dict, body: bytes, upstream_model: str) -> bytes:
+    """The body with the deployment's model name (a wildcard or renamed deployment)."""
+    if route.body == "json":
+        return orjson.dumps({**payload, "model": upstream_model})
+    return _MULTIPART_MODEL.sub(lambda m: m.group(1) + upstream_model.encode() + m.group(3), body, count=1)
+
+
+def _error_message(body: bytes, status: int) -> str:
+    try:
+        err = orjson.loads(body).get("error")
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])[:500]
+    except (orjson.JSONDecodeError, AttributeError):
+        pass
+    return f"upstream answered HTTP {status}"
+
+
+def _failure_error(f: UpstreamFailure) -> GatewayError:
+    if f.error_type == "timeout":
+        return GatewayError(504, f"Upstream timed out: {f.message}.", type_="api_error", code="upstream_timeout",
+                            error_type="timeout")
+    return GatewayError(502, f"Upstream unavailable: {f.message}.", type_="api_error", code="upstream_unavailable",
+                        error_type=f.error_type)

@@ -1,0 +1,90 @@
+"""The OpenAI routes tagway carries besides the hot ones (chat, completions, embeddings, responses, messages): each
+route's method and path, the operation its span records, where its model is (if it has one) and which path segment
+is a resource id. `gateway/passthrough.py` serves them; anything else under /v1 is an OpenAI-shaped 404 naming it.
+
+Operations follow the GenAI semantic conventions where a predefined value applies (`generate_content` for images and
+audio, with `gen_ai.output.type`), and OpenAI's own resource names otherwise (`moderations`, `files.create`, ...);
+`tagway.api` on the span always names the exact API. Pure.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+__all__ = ["Route", "ROUTES", "match", "allowed_methods", "strip_version"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Route:
+    method: str
+    path: str  # under /v1, with {name} segments
+    api: str  # the exact API, e.g. "chat.completions.retrieve" (span attribute tagway.api)
+    operation: str  # gen_ai.operation.name
+    body: str = "none"  # none | json | multipart: where the model may be
+    output_type: str = ""  # gen_ai.output.type when it says something (image, speech, text)
+    pattern: re.Pattern = dataclasses.field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        rx = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", self.path)
+        object.__setattr__(self, "pattern", re.compile(rx + r"\Z"))
+
+
+def _r(method: str, path: str, api: str, operation: str | None = None, body: str = "none", output: str = "") -> Route:
+    return Route(method, path, api, operation or api, body, output)
+
+
+ROUTES: tuple[Route, ...] = (
+    # the Responses API beyond `POST /responses` (which the proxy serves)
+    _r("GET", "/responses/{id}", "responses.retrieve"),
+    _r("DELETE", "/responses/{id}", "responses.delete"),
+    _r("POST", "/responses/{id}/cancel", "responses.cancel"),
+    _r("GET", "/responses/{id}/input_items", "responses.input_items.list"),
+    _r("POST", "/responses/input_tokens", "responses.input_tokens", body="json"),
+    _r("POST", "/responses/compact", "responses.compact", body="json"),
+    # stored chat completions
+    _r("GET", "/chat/completions", "chat.completions.list"),
+    _r("GET", "/chat/completions/{id}", "chat.completions.retrieve"),
+    _r("POST", "/chat/completions/{id}", "chat.completions.update", body="json"),
+    _r("DELETE", "/chat/completions/{id}", "chat.completions.delete"),
+    _r("GET", "/chat/completions/{id}/messages", "chat.completions.messages.list"),
+    # models: listing and retrieving are tagway's own (app.py); deleting a fine-tuned model is the upstream's
+    _r("DELETE", "/models/{model_id}", "models.delete"),  # the name FastAPI's GET of the same path uses
+    _r("POST", "/moderations", "moderations", body="json"),
+    _r("POST", "/images/generations", "images.generate", "generate_content", "json", "image"),
+    _r("POST", "/images/edits", "images.edit", "generate_content", "multipart", "image"),
+    _r("POST", "/images/variations", "images.create_variation", "generate_content", "multipart", "image"),
+    _r("POST", "/audio/speech", "audio.speech", "generate_content", "json", "speech"),
+    _r("POST", "/audio/transcriptions", "audio.transcriptions", "generate_content", "multipart", "text"),
+    _r("POST", "/audio/translations", "audio.translations", "generate_content", "multipart", "text"),
+    _r("POST", "/files", "files.create", body="multipart"),
+    _r("GET", "/files", "files.list"),
+    _r("GET", "/files/{id}", "files.retrieve"),
+    _r("DELETE", "/files/{id}", "files.delete"),
+    _r("GET", "/files/{id}/content", "files.content"),
+    _r("POST", "/batches", "batches.create", body="json"),
+    _r("GET", "/batches", "batches.list"),
+    _r("GET", "/batches/{id}", "batches.retrieve"),
+    _r("POST", "/batches/{id}/cancel", "batches.cancel"),
+)
+
+
+def strip_version(path: str) -> str:
+    """/v1/files -> /files; clients configured without /v1 send /files already."""
+    return path[3:] if path.startswith("/v1/") else path
+
+
+def match(method: str, path: str) -> tuple[Route, dict[str, str]] | None:
+    """The route for a request (path with or without /v1) and its path parameters."""
+    p = strip_version(path)
+    for r in ROUTES:
+        if r.method == method:
+            m = r.pattern.match(p)
+            if m:
+                return r, m.groupdict()
+    return None
+
+
+def allowed_methods(path: str) -> list[str]:
+    """The methods carried on this path (for a 405 that says which), empty when the path is not carried."""
+    p = strip_version(path)
+    return sorted({r.method for r in ROUTES if r.pattern.match(p)})
