@@ -106,7 +106,9 @@ async def open_loop(url: str, rps: float, seconds: float, pick, acked: list[str]
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json",
                "x-tagway-intent": "refund", "x-tagway-tags": "region=eu"}
     sent = 0
-    connector = aiohttp.TCPConnector(limit=0)
+    # bounded connections: when the gateway falls behind, requests wait in the client (and show as latency) instead
+    # of opening sockets until the process runs out of file descriptors
+    connector = aiohttp.TCPConnector(limit=256)
     async with aiohttp.ClientSession(connector=connector) as s:
         async def one(data: bytes) -> None:
             t0 = time.perf_counter()
@@ -306,7 +308,14 @@ def soak(args: argparse.Namespace) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def raise_fd_limit() -> None:
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
+
+
 def main() -> None:
+    raise_fd_limit()
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="what", required=True)
     k = sub.add_parser("kill")
