@@ -35,7 +35,7 @@ class PopulationRecord:
     name: str
     window_from: float  # epoch seconds: the traces looked at were recorded from here ...
     watermark: float  # ... up to here, where the next population starts
-    matched: int  # matching traces in the window not in the dataset yet
+    matched: int  # matching traces in the window that the dataset never held
     sampled: int  # of those, the ones the sampling rate takes
     added: int  # of those, the ones added (a cap, or a call without content, leaves some out)
     dataset_version: str = ""  # the version made ('refunds@4'), "" when nothing was new

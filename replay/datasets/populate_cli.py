@@ -88,8 +88,8 @@ def auto_populate_cmd(
 def _report(outcome: Any) -> int:
     pop = outcome.population
     rec = pop.record
-    looked = (f"{rec.matched} new matching trace(s) since {_when(rec.window_from)}, {rec.sampled} sampled at "
-              f"{pop.spec.sample:g}")
+    looked = (f"{rec.matched} matching trace(s) recorded since {_when(rec.window_from)} not in it, {rec.sampled} "
+              f"sampled at {pop.spec.sample:g}")
     if pop.version is None:
         typer.echo(f"{pop.name}: nothing new ({looked}); no version, no run")
     else:
@@ -109,7 +109,7 @@ def _report(outcome: Any) -> int:
 def _outcome_json(outcome: Any) -> dict:
     pop = outcome.population
     return {"dataset": pop.name, "version": pop.version.ref if pop.version else None, "added": pop.added,
-            **{k: v for k, v in pop.record.__dict__.items() if k not in ("name", "dataset_version")},
+            **{k: v for k, v in pop.record.__dict__.items() if k not in ("name", "dataset_version", "added")},
             "runs": [{"evaluator": ev.ref, "run_id": r.run.run_id, "status": r.run.status, "summary": r.run.summary}
                      for ev, r in outcome.runs],
             "failed": [{"evaluator": ev.ref, "error": why} for ev, why in outcome.failed]}
