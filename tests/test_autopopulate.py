@@ -21,7 +21,7 @@ from exporters.evals import get_run, list_runs
 from exporters.vocabulary import JUDGE_SOURCE, NON_PRODUCTION_SOURCES, REPLAY_SOURCE
 from replay.datasets import cli as datasets_cli
 from replay.datasets.autopopulate import is_sampled
-from replay.datasets.populate import lock_key, populate
+from replay.datasets.populate import GRACE, Row, lock_key, pick, populate
 from replay.datasets.populate_cli import watch
 from replay.evals.cli import eval_app
 from replay.evals.populate import populate_and_evaluate
@@ -218,16 +218,34 @@ def test_sampling_is_a_function_of_the_trace_id(w):
     assert again.record.matched > 20 and again.record.sampled == len(again.added)
 
 
+def test_pick_takes_the_oldest_and_stops_the_watermark_at_the_first_left_out():
+    rows = [Row(f"t{i}", 1000.0 + i, has_content=i != 2) for i in range(6)]
+    everything = pick(rows, 1.0, {"t0"}, None, 900.0, 2000.0, full_page=False)
+    assert everything.take == ["t1", "t3", "t4", "t5"] and everything.matched == everything.sampled == 5
+    assert everything.no_content == 1 and everything.watermark == 2000.0 - GRACE  # looked at again next time
+    assert pick(rows, 1.0, set(), None, 1900.0, 2000.0, full_page=False).watermark == 1900.0  # never before start
+    capped = pick(rows, 1.0, {"t0"}, 2, 900.0, 2000.0, full_page=False)
+    assert capped.take == ["t1", "t3"] and capped.watermark == 1004.0  # t4 waits for the next population
+    page = pick(rows, 1.0, set(), None, 900.0, 2000.0, full_page=True)
+    assert page.watermark == 1005.0  # a full page: the next population goes on from its last row
+    none = pick(rows, 0.0, set(), None, 900.0, 2000.0, full_page=False)
+    assert none.take == [] and none.matched == 6 and none.sampled == 0
+
+
 def test_non_production_sources_are_never_added(w):
     run = uuid.uuid4().hex
     prod = record(w["store"], [call_span(customer=w["a"], intent="x", user="p", answer="a", tags={"run": run})])
+    record(w["store"], [call_span(customer=w["a"], intent="x", user="q", answer="a", tags={"run": run},
+                                  capture=False)])  # production, but recorded without content: named, skipped
     others = record(w["store"], [call_span(customer=w["a"], intent="x", user=f"{s}", answer="a", tags={"run": run},
                                            source=s) for s in NON_PRODUCTION_SOURCES])
     seed = record(w["store"], [call_span(customer=w["a"], intent="x", user="s", answer="a")])
     a, b = dataset_with(w, seed), dataset_with(w, seed)
     declare(w, a, "--where", f"tag.run={run}", "--since", "1h")
     declare(w, b, "--where", f"tag.run={run}", "--where", "source!=production", "--since", "1h")
-    assert populate(w["store"], a).added == prod
+    pa = populate(w["store"], a)
+    assert pa.added == prod and pa.record.notes == ["skipped 1: no captured content (content capture off for that "
+                                                    "call)"]
     pb = populate(w["store"], b)
     assert pb.version is None and pb.record.matched == 0
     assert not set(others) & (core.ever_held(w["store"], a) | core.ever_held(w["store"], b))
@@ -336,6 +354,9 @@ def test_bad_input_is_one_line_and_exit_2(w):
     declare(w, name, "--evaluator", ev, "--sample", "0.5")
     shown = tw(w, "dataset", "auto-populate", name)
     assert f"{name} auto-populates: all production calls; sample 0.5; evaluators {ev}" in shown.output
+    res = tw(w, "dataset", "populate", name)  # its evaluator's judge is reached through a gateway: none given
+    assert res.exit_code == 2 and f"no gateway for the judge of {ev}@1 (declared by {name})" in error_line(res)
+    assert versions(w, name) == [f"{name}@1"]
     res = tw(w, "dataset", "populate", name, "--watch", "0")
     assert res.exit_code == 2 and "--watch 0: seconds between populations" in error_line(res)
     off = tw(w, "dataset", "auto-populate", name, "--off")

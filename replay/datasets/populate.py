@@ -30,7 +30,7 @@ from .autopopulate import SEGMENT_BY, AutoPopulate, is_sampled, stored
 from .capture import capture
 from .versions import add_cases
 
-__all__ = ["AUTHOR", "GRACE", "POOL_PAGE", "Population", "Pick", "window_start", "pick", "populate", "lock_key",
+__all__ = ["AUTHOR", "GRACE", "POOL_PAGE", "Row", "Population", "Pick", "window_start", "pick", "populate", "lock_key",
            "require_declaration"]
 
 AUTHOR = "auto-populate"

@@ -142,10 +142,9 @@ def populate_cmd(
     from exporters.tagstate import TagLockBusy
     from ..cli import _api_key
     from ..evals.definition import DefinitionError
-    from ..evals.populate import evaluators_of, populate_and_evaluate
+    from ..evals.populate import populate_and_evaluate, ready
     from ..evals.run import EvalOptions
     from ..spec import SpecError
-    from .populate import require_declaration
     with _errors(), eval_errors():
         if bool(name) == all_:
             raise core.DatasetStoreError("give a dataset NAME or --all")
@@ -153,10 +152,10 @@ def populate_cmd(
             raise core.DatasetStoreError(f"--watch {every:g}: seconds between populations, more than 0")
         check_run_options(concurrency, lock_wait)
         store, _ = _open(dsn, config)
-        if name:
-            evaluators_of(store, require_declaration(store, name)[0].evaluators)  # bad input: exit 2 before anything
         opts = EvalOptions(gateway_url=gateway, in_process=in_process, gateway_config=config,
                            api_key=_api_key(api_key), concurrency=concurrency, lock_wait=lock_wait)
+        if name:
+            ready(store, name, opts)  # bad input: exit 2 before anything is added
 
     def once() -> int:
         names = [name] if name else [d.name for d in declarations(store)]

@@ -18,7 +18,7 @@ from ..runner import FatalRunError
 from .definition import DefinitionError
 from .run import EvalOptions, EvalRunResult, LoadedEvaluator, _is_file, resolve_evaluators, run_evaluation
 
-__all__ = ["declare", "evaluators_of", "Outcome", "populate_and_evaluate"]
+__all__ = ["declare", "evaluators_of", "ready", "Outcome", "populate_and_evaluate"]
 
 
 def evaluators_of(store: Any, refs: Sequence[str]) -> list[LoadedEvaluator]:
@@ -38,6 +38,18 @@ def declare(store: Any, name: str, spec: AutoPopulate | None, *, author: str) ->
     return store_ap.declare(store, name, spec.to_json() if spec is not None else None, author=author)
 
 
+def ready(store: Any, name: str, opts: EvalOptions) -> list[LoadedEvaluator]:
+    """The declared evaluators of `name`, checked before anything is added: the dataset auto-populates, its
+    evaluators exist, and a judge can be reached when one of them needs it."""
+    spec, _ = require_declaration(store, name)
+    evaluators = evaluators_of(store, spec.evaluators)
+    judged = [e.ref for e in evaluators if e.definition.is_llm]
+    if judged and not (opts.gateway_url or opts.transport or opts.in_process):
+        raise DefinitionError(f"no gateway for the judge of {', '.join(judged)} (declared by {name}): pass --gateway "
+                              "URL (or env TAGWAY_GATEWAY_URL), or --in-process")
+    return evaluators
+
+
 @dataclasses.dataclass
 class Outcome:
     population: Population
@@ -53,8 +65,7 @@ async def populate_and_evaluate(store: Any, name: str, opts: EvalOptions, *, loc
     """Populate `name`; on a new version, one delta run per declared evaluator (each its own run, so one that
     cannot go on does not hold back the others). Raises DatasetStoreError, DefinitionError (bad declaration,
     before anything is added) and TagLockBusy (another population held the dataset)."""
-    spec, _ = require_declaration(store, name)
-    evaluators = evaluators_of(store, spec.evaluators)
+    evaluators = ready(store, name, opts)
     pop = await asyncio.to_thread(populate, store, name, lock_wait=lock_wait)
     out = Outcome(pop)
     if pop.version is None:
