@@ -244,8 +244,8 @@ def test_non_production_sources_are_never_added(w):
     declare(w, a, "--where", f"tag.run={run}", "--since", "1h")
     declare(w, b, "--where", f"tag.run={run}", "--where", "source!=production", "--since", "1h")
     pa = populate(w["store"], a)
-    assert pa.added == prod and pa.record.notes == ["skipped 1: no captured content (content capture off for that "
-                                                    "call)"]
+    assert pa.added == prod and pa.record.notes == ["skipped 1: recorded without content (content capture was off "
+                                                    "for that call): nothing to replay"]
     pb = populate(w["store"], b)
     assert pb.version is None and pb.record.matched == 0
     assert not set(others) & (core.ever_held(w["store"], a) | core.ever_held(w["store"], b))

@@ -27,7 +27,7 @@ from exporters.vocabulary import NON_PRODUCTION_SOURCES, parse_duration
 
 from ..slice import build_pool_query
 from .autopopulate import SEGMENT_BY, AutoPopulate, is_sampled, stored
-from .capture import capture
+from .capture import NO_CONTENT, capture
 from .versions import add_cases
 
 __all__ = ["AUTHOR", "GRACE", "POOL_PAGE", "Row", "Population", "Pick", "window_start", "pick", "populate", "lock_key",
@@ -36,7 +36,6 @@ __all__ = ["AUTHOR", "GRACE", "POOL_PAGE", "Row", "Population", "Pick", "window_
 AUTHOR = "auto-populate"
 GRACE = 600.0  # seconds before a population's end that the next one looks at again
 POOL_PAGE = 20_000  # calls looked at per population; a busier window is finished by the next ones
-_NO_CONTENT = "no captured content (content capture off for that call)"
 
 
 @dataclasses.dataclass
@@ -114,18 +113,18 @@ def _rows(store: Any, spec: AutoPopulate, start: float, end: float) -> list[Row]
     return [Row(r["trace_id"], r["ts_ms"] / 1000, bool(r["has_content"])) for r in store.query(sql, params)]
 
 
-def populate(store: Any, name: str, *, lock_wait: float = 30.0, now: float | None = None) -> Population:
+def populate(store: Any, name: str, *, lock_wait: float = 30.0) -> Population:
     """Add the new sampled matching traces of `name` as a version. Raises DatasetStoreError (unknown dataset, no
     declaration) and TagLockBusy (another population held the dataset for `lock_wait` seconds)."""
     spec, declared_at = require_declaration(store, name)
     holder = f"populate {name} (pid {os.getpid()} on {socket.gethostname()})"
     with TagLock(store, [lock_key(name)], run_id="", holder=holder, wait=lock_wait, lease=600):
         last = last_population(store, name)
-        end = time.time() if now is None else now
+        end = time.time()
         start = window_start(spec, declared_at, last)
         rows = _rows(store, spec, start, end)
         p = pick(rows, spec.sample, ever_held(store, name), spec.max, start, end, len(rows) >= POOL_PAGE)
-        notes = [f"skipped {p.no_content}: {_NO_CONTENT}"] if p.no_content else []
+        notes = [f"skipped {p.no_content}: {NO_CONTENT}"] if p.no_content else []
         caps, problems = capture(store, p.take, segment_by=SEGMENT_BY, origin=AUTHOR, added_by=AUTHOR)
         notes += [f"skipped {t}: {why}" for t, why in problems.items()]
         version, added = None, []
