@@ -25,7 +25,7 @@ import orjson
 __all__ = ["DatasetStoreError", "DatasetNotFound", "NoChange", "ConcurrentChange", "CaseRecord", "Version",
            "LABELS", "DIFFICULTIES", "EXPECTS", "NAME_RE", "validate_name", "parse_ref", "format_ref", "nearest",
            "dataset_names", "latest_versions", "history", "get_version", "read_cases", "commit", "put_content",
-           "get_content", "relabel", "cases_for_trace", "JOIN_SQL"]
+           "get_content", "relabel", "cases_for_trace", "ever_held", "JOIN_SQL"]
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 LABELS = ("pass", "fail")
@@ -214,6 +214,14 @@ def read_cases(store: Any, version: Version) -> list[CaseRecord]:
         r["adjudicated"], r["locked"] = bool(r["adjudicated"]), bool(r["locked"])
         out.append(CaseRecord(**r))
     return out
+
+
+def ever_held(store: Any, name: str) -> set[str]:
+    """Every trace any version of `name` ever held: a trace removed by hand stays out of automatic additions."""
+    return {r["trace_id"] for r in store.query(
+        "SELECT DISTINCT trace_id FROM dataset_cases WHERE name = {n:String} AND version_id IN (SELECT version_id "
+        "FROM dataset_versions WHERE name = {n:String} ORDER BY version, inserted, version_id LIMIT 1 BY version)",
+        {"n": name})}
 
 
 def get_content(store: Any, trace_ids: Iterable[str]) -> dict[str, str]:

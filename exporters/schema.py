@@ -434,6 +434,28 @@ def _m8_evals_and_tags(s: SchemaSettings) -> list[str]:
     return stmts
 
 
+def _m9_autopopulate(s: SchemaSettings) -> list[str]:
+    # Auto-population (exporters/autopopulate.py): a dataset's declaration (newest row per name wins; `enabled` 0
+    # switches it off) and the log of its populations, whose newest row is the watermark the next one starts from.
+    stmts = _table(s, "dataset_autopopulate", """    name String,
+    version UInt64,
+    declared_at DateTime64(3),
+    author String,
+    enabled UInt8,
+    declaration_json String""", "ORDER BY (name, version)", sharding_key="cityHash64(name)")
+    stmts += _table(s, "dataset_populations", """    name String,
+    populated_at DateTime64(6),
+    version UInt64,
+    window_from DateTime64(3),
+    watermark DateTime64(3),
+    matched UInt32,
+    sampled UInt32,
+    added UInt32,
+    dataset_version String,
+    notes Array(String)""", "ORDER BY (name, version)", sharding_key="cityHash64(name)")
+    return stmts
+
+
 Migration = tuple[int, str, Callable[[SchemaSettings], list[str]]]
 
 MIGRATIONS: list[Migration] = [
@@ -444,6 +466,7 @@ MIGRATIONS: list[Migration] = [
     (6, "llm_feedback, dataset_versions, dataset_cases and dataset_content", _m6_datasets_feedback),
     (7, "llm_calls.session_id", _m7_session_id),
     (8, "evaluators, evaluation runs and results; tag events, state and locks", _m8_evals_and_tags),
+    (9, "dataset_autopopulate and dataset_populations", _m9_autopopulate),
 ]
 
 

@@ -113,17 +113,19 @@ def _conditions(s: SliceSpec, now: float, status: str) -> tuple[list[str], dict[
 
 
 def build_pool_query(s: SliceSpec, *, now: float | None = None, table: str = "llm_calls",
-                     extra_where: str = "") -> tuple[str, dict]:
+                     extra_where: str = "", oldest_first: bool = False) -> tuple[str, dict]:
     """The light pool query. Returns (sql, parameters) for `Store.query`; no value is pasted into the SQL.
-    `extra_where`: one more condition from the caller (its values bound as parameters the caller adds)."""
+    `extra_where`: one more condition from the caller (its values bound as parameters the caller adds).
+    `oldest_first`: the pool is the oldest `pool_max` calls (a caller paging through time), not the newest."""
     where, params = _conditions(s, time.time() if now is None else now, s.status)
     if extra_where:
         where.append(extra_where)
     params["pool_max"] = s.pool_max
     extra = "".join(f"toString({COLUMNS[k]}) AS seg_{k}, " for k in _extra_columns(s.segment_by))
     sql = (f"SELECT trace_id, customer, intent, prompt_version, model_requested AS model, {extra}tags, "
-           f"request_json != '' AS has_content\nFROM {table}\nWHERE " + "\n  AND ".join(where) +
-           "\nORDER BY Timestamp DESC\nLIMIT 1 BY trace_id\nLIMIT {pool_max:UInt32}")
+           f"request_json != '' AS has_content, toUnixTimestamp64Milli(Timestamp) AS ts_ms\nFROM {table}\nWHERE " +
+           "\n  AND ".join(where) + f"\nORDER BY Timestamp {'ASC' if oldest_first else 'DESC'}\nLIMIT 1 BY trace_id"
+           "\nLIMIT {pool_max:UInt32}")
     return sql, params
 
 

@@ -8,7 +8,10 @@
 - `design`: coverage targets per slice and difficulty mix, and difficulty proposed from run history;
 - `pinned`: the frozen id lists replay runs pin their sampled cases to (`run-<run_id>`), and JSONL case files;
 - `resolve`: what `replay run --dataset REF` loads (a versioned dataset, a pinned id or a file);
-- `cli`: `tagway dataset ...` and `tagway coverage`.
+- `autopopulate`, `populate`: what a dataset declares to take from production (filter, sampling rate by trace id
+  hash, cap, evaluators) and one population: the new sampled matching traces as a version (the delta runs that
+  follow are replay.evals.populate);
+- `cli`, `populate_cli`: `tagway dataset ...` (auto-populate and populate among them) and `tagway coverage`.
 """
 from exporters.datasets import (DatasetNotFound, DatasetStoreError, NoChange, Version, format_ref, parse_ref)
 

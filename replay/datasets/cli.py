@@ -518,3 +518,6 @@ def coverage_cmd(by: Optional[List[str]] = typer.Option(None, "--by", help="Slic
                    f"GAP: {s.missing} case(s) missing" if s.gap else ""] for s in m.slices[:top]])
     if len(m.slices) > top:
         typer.echo(f"... {len(m.slices) - top} more slice(s) (--top, --json)")
+
+
+from . import populate_cli  # noqa: E402,F401 - adds `dataset auto-populate` and `dataset populate` to dataset_app

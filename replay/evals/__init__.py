@@ -7,6 +7,7 @@
 - `targets`: a dataset's rows -> messages or sessions to evaluate;
 - `judge`: the judge prompt and answer parsing;
 - `run`: one evaluation run (full, delta, preview): score, store, reconcile under the tag lock;
+- `populate`: a dataset's auto-population followed by a delta run of each evaluator it declares;
 - `report`, `cli`: the results with their Applied Tags column; `tagway eval ...`.
 Tag state itself (events, current state, locks, audit) lives in exporters.tagstate, shared with the gateway.
 """

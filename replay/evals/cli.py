@@ -54,11 +54,27 @@ def _console():
 
 
 FormatOpt = typer.Option("table", "--format", "-f", help="table | json")
+# how an evaluation reaches its judge (shared with `tagway dataset populate`, whose delta runs need the same)
+GatewayOpt = typer.Option(None, "--gateway", envvar="TAGWAY_GATEWAY_URL", help="Gateway base URL (the LLM judge is "
+                          "called through it).")
+InProcessOpt = typer.Option(False, "--in-process", help="Run the gateway app in this process.")
+ApiKeyOpt = typer.Option(None, "--api-key", help="Gateway key (env TAGWAY_API_KEY or TAGWAY_ADMIN_KEY): the admin "
+                         "key or one that may set its customer.")
+ConcurrencyOpt = typer.Option(8, "--concurrency", help="Judge calls in flight, 1-256.")
+LockWaitOpt = typer.Option(60.0, "--lock-wait", help="Seconds to wait for another run that is reconciling the same "
+                           "tags (0: fail at once).")
 
 
 def _check_format(fmt: str) -> None:
     if fmt not in ("table", "json"):
         raise _fail(f"--format {fmt!r}: use one of table, json")
+
+
+def check_run_options(concurrency: int, lock_wait: float) -> None:
+    if not 1 <= concurrency <= 256:
+        raise _fail(f"--concurrency {concurrency}: must be between 1 and 256")
+    if lock_wait < 0:
+        raise _fail("--lock-wait must be >= 0")
 
 
 @eval_app.command("save")
@@ -110,18 +126,16 @@ def show_cmd(ref: str = typer.Argument(..., help="NAME or NAME@VERSION."),
 def run_cmd(
     evaluator: List[str] = typer.Option(..., "--evaluator", "-e", help="A saved NAME[@VERSION] or a YAML file "
                                         "(saved first); repeatable."),
-    dataset: str = typer.Option(..., "--dataset", "-d", help="A dataset id or a JSONL file of cases."),
+    dataset: str = typer.Option(..., "--dataset", "-d", help="A dataset (NAME: its latest version, or NAME@N), a "
+                                "pinned dataset id or a JSONL file of cases."),
     mode: str = typer.Option("full", "--mode", "-m", help="full: every row | delta: rows not covered yet | "
                              "preview: score, touch no tag."),
     fmt: str = FormatOpt,
-    gateway: Optional[str] = typer.Option(None, "--gateway", envvar="TAGWAY_GATEWAY_URL", help="Gateway base URL "
-                                          "(the LLM judge is called through it)."),
-    in_process: bool = typer.Option(False, "--in-process", help="Run the gateway app in this process."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", help="Gateway key (env TAGWAY_API_KEY or "
-                                          "TAGWAY_ADMIN_KEY): the admin key or one that may set its customer."),
-    concurrency: int = typer.Option(8, "--concurrency", help="Judge calls in flight, 1-256."),
-    lock_wait: float = typer.Option(60.0, "--lock-wait", help="Seconds to wait for another run that is reconciling "
-                                    "the same tags (0: fail at once)."),
+    gateway: Optional[str] = GatewayOpt,
+    in_process: bool = InProcessOpt,
+    api_key: Optional[str] = ApiKeyOpt,
+    concurrency: int = ConcurrencyOpt,
+    lock_wait: float = LockWaitOpt,
     run_id: Optional[str] = typer.Option(None, "--run-id", help="Choose the run id."),
     dsn: Optional[str] = DsnOpt, config: Optional[Path] = ConfigOpt,
 ) -> None:
@@ -136,10 +150,7 @@ def run_cmd(
         _check_format(fmt)
         if mode not in MODES:
             raise _fail(f"--mode {mode!r}: use one of {', '.join(MODES)}")
-        if not 1 <= concurrency <= 256:
-            raise _fail(f"--concurrency {concurrency}: must be between 1 and 256")
-        if lock_wait < 0:
-            raise _fail("--lock-wait must be >= 0")
+        check_run_options(concurrency, lock_wait)
         if run_id is not None:
             validate_run_id(run_id)
         store = _store(dsn, config)

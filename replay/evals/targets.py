@@ -4,8 +4,10 @@
 - session mode: the rows' sessions are the targets, each with all of its recorded calls in order (the session's
   production calls, not only the ones in the dataset). Rows whose call has no session id are named and counted.
 
-`load_rows` is the one seam to the datasets: today a pinned dataset id or a JSONL file of cases
-(replay.datasets); `name` is what a delta run compares against (the rows an evaluator already covered on it).
+`load_rows` is the one seam to the datasets: a versioned dataset (`refunds`, the latest version, or `refunds@3`),
+a pinned dataset id or a JSONL file of cases, as replay.datasets.resolve reads them; `name` is what a delta run
+compares against (the rows an evaluator already covered on it): a versioned dataset's name, whatever its version,
+so a delta run on `refunds@4` scores the rows added since the evaluator's last run on `refunds`.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Any, Sequence
 from exporters.tagstate import MESSAGE, SESSION, session_target_id
 from exporters.vocabulary import NON_PRODUCTION_SOURCES
 
-from ..datasets import load_cases
+from ..datasets.resolve import resolve
 from ..slice import CONTENT_COLUMNS, Case, case_from_row
 
 __all__ = ["DatasetRows", "EvalTarget", "Skipped", "load_rows", "message_targets", "session_targets",
@@ -28,8 +30,8 @@ _CHUNK = 2000
 
 @dataclasses.dataclass
 class DatasetRows:
-    name: str  # the dataset a delta run compares against: an id or a file path
-    ref: str  # what the run records (a version, when datasets have them)
+    name: str  # the dataset a delta run compares against: a versioned dataset's name, an id or a file path
+    ref: str  # what was asked for
     cases: list[Case]  # the rows that have content, in dataset order
     skipped: dict[str, int]  # rows without content, by reason
     version: str = ""
@@ -52,9 +54,10 @@ class Skipped:
 
 
 def load_rows(store: Any, ref: str) -> DatasetRows:
-    """A dataset's rows with their content. Raises replay.datasets.DatasetError for an unknown or bad dataset."""
-    cases, skipped = load_cases(store, ref)
-    return DatasetRows(name=ref, ref=ref, cases=cases, skipped=skipped)
+    """A dataset's rows with their content. Raises DatasetStoreError / DatasetError for an unknown or bad dataset."""
+    found = resolve(store, ref)
+    return DatasetRows(name=found.name, ref=ref, cases=found.cases, skipped=found.skipped,
+                       version=found.dataset_id if found.name != found.dataset_id else "")
 
 
 def message_targets(rows: Sequence[Case]) -> list[EvalTarget]:
