@@ -122,12 +122,12 @@ def _check_limits(max_cost: Optional[float], concurrency: Optional[int]) -> None
         raise SpecError(f"--concurrency {concurrency}: must be between 1 and 1024")
 
 
-def _emit(report, fmt: str, out: Optional[Path]) -> None:
+def _emit(report, fmt: str, out: Optional[Path], dashboard_url: Optional[str] = None) -> None:
     from rich.console import Console
     from .render import render, render_terminal
     if out is not None:
         try:
-            out.write_text(render(report, fmt), encoding="utf-8")
+            out.write_text(render(report, fmt, dashboard_url=dashboard_url), encoding="utf-8")
         except OSError as e:
             raise _fail(f"cannot write the report to {out}: {e.strerror or e} (the run is stored: "
                         f"`tagway replay report {report.run_id} --out FILE` writes it again)") from None
@@ -136,7 +136,7 @@ def _emit(report, fmt: str, out: Optional[Path]) -> None:
     elif fmt == "table":
         render_terminal(report, _console(Console))
     else:
-        sys.stdout.write(render(report, fmt))
+        sys.stdout.write(render(report, fmt, dashboard_url=dashboard_url))
     if report.status != "complete":
         typer.echo(_incomplete_line(report), err=True)
 
@@ -162,7 +162,7 @@ DsnOpt = typer.Option(None, "--dsn", help="ClickHouse DSN (default: env TAGWAY_D
                       "storage, else the embedded store ./tagway-data/clickhouse).")
 ConfigOpt = typer.Option(None, "--config", "-c", help="Gateway config file whose storage to open (env TAGWAY_CONFIG).")
 KeyOpt = typer.Option(None, "--api-key", help="Gateway key (env TAGWAY_API_KEY or TAGWAY_ADMIN_KEY).")
-FormatOpt = typer.Option("table", "--format", "-f", help="table | md | json | html")
+FormatOpt = typer.Option("table", "--format", "-f", help="table | md | github | json | html")
 AlphaOpt = typer.Option(None, "--alpha", help="Chance the gate calls any segment a regression when none got worse, "
                         "in (0, 0.5) (default 0.05).")
 MarginOpt = typer.Option(None, "--margin", help="The drop a segment may show before it counts (default 0.05).")
@@ -266,7 +266,18 @@ def resume_cmd(
 
 @replay_app.command("report")
 def report_cmd(
-    run_id: str = typer.Argument(...),
+    run_id: Optional[str] = typer.Argument(None, help="The run (omit with --shadow)."),
+    shadow: bool = typer.Option(False, "--shadow", help="Gate the shadow traffic the gateway recorded (config "
+                                "`shadow:`): each shadow answer paired with the live answer; stored as a new run."),
+    since: Optional[str] = typer.Option(None, "--since", help="--shadow: the window back from now (default 24h)."),
+    spec: Optional[Path] = typer.Option(None, "--spec", "-s", help="--shadow: a replay spec whose evaluators, "
+                                        "gating and slice.segment_by apply (default: the shadow rule's evaluators "
+                                        "in the gateway config)."),
+    candidate: Optional[List[str]] = typer.Option(None, "--candidate", help="--shadow: only these shadow models."),
+    segment_by: Optional[str] = typer.Option(None, "--segment-by", help="--shadow: e.g. customer or customer,intent"),
+    dashboard_url: Optional[str] = typer.Option(None, "--dashboard-url", help="--format github: link the run page "
+                                                "of the dashboard at this base URL."),
+    gateway: Optional[str] = GatewayOpt, api_key: Optional[str] = KeyOpt,
     fmt: str = FormatOpt, out: Optional[Path] = OutOpt, dsn: Optional[str] = DsnOpt,
     config: Optional[Path] = ConfigOpt,
     alpha: Optional[float] = AlphaOpt, margin: Optional[float] = MarginOpt,
@@ -276,12 +287,26 @@ def report_cmd(
     max_drop: Optional[float] = typer.Option(None, "--max-drop", **_OLD),
     min_cases: Optional[int] = typer.Option(None, "--min-cases-per-segment", **_OLD),
 ) -> None:
-    """Rebuild the report of a run from ClickHouse (optionally re-gated with another alpha, margin, ...)."""
+    """Rebuild the report of a run from ClickHouse (optionally re-gated with another alpha, margin, ...), or, with
+    --shadow, build one from the shadow traffic of a window."""
     from .pipeline import GateState, report_for
     from .store import get_run
     with _user_errors():
         _check_output(fmt, out)
         _no_old_flags(gate_aggregate=gate_aggregate, threshold=threshold, max_drop=max_drop, min_cases=min_cases)
+        if shadow:
+            if run_id is not None:
+                raise SpecError("--shadow builds a new run: give no RUN_ID (`tagway replay report RUN_ID` shows a "
+                                "stored shadow run again)")
+            report = _shadow_report(spec, config, since, candidate, segment_by, gateway, api_key, dsn,
+                                    _gate_flags(alpha, margin, inconclusive, errors))
+            typer.echo(f"shadow run {report.run_id}", err=True)
+            _emit(report, fmt, out, dashboard_url)
+            raise typer.Exit(report.exit_code)
+        if run_id is None:
+            raise SpecError("give a RUN_ID (or --shadow)")
+        if any(v is not None for v in (since, spec, candidate, segment_by)):
+            raise SpecError("--since, --spec, --candidate and --segment-by go with --shadow")
         store = _store(dsn, config)
         run = get_run(store, run_id)
         if run is None:
@@ -291,8 +316,35 @@ def report_cmd(
         status = run.status if run.status in ("complete", "incomplete") else "incomplete"
         report = report_for(store, run_id, spec, status=status, n_cases=run.n_cases,
                             state=GateState.from_report_json(run.report_json), dataset=run.dataset_id)
-        _emit(report, fmt, out)
+        _emit(report, fmt, out, dashboard_url)
     raise typer.Exit(report.exit_code)
+
+
+def _shadow_report(spec: Optional[Path], config: Optional[Path], since: Optional[str], candidates: Optional[list],
+                   segment_by: Optional[str], gateway: Optional[str], api_key: Optional[str], dsn: Optional[str],
+                   gating: dict):
+    """--shadow: the spec (or the shadow rule's evaluators from the gateway config), the window, the run."""
+    from exporters.vocabulary import QueryInputError, parse_window
+    from .shadow import config_spec_data, run_shadow_report, shadow_data
+    from .runner import gateway_client
+    try:
+        window = parse_window(since)
+    except QueryInputError as e:
+        raise SpecError(f"--since: {e}") from None
+    if spec is not None:
+        data, source = load_spec_data(spec), str(spec)
+    else:
+        data, source = config_spec_data(config, candidates), "the gateway config's shadow rule"
+    data = apply_overrides(shadow_data(data), segment_by=segment_by, gating=gating)
+    store = _store(dsn, config)
+
+    async def go():
+        if gateway is None:  # no call is made, unless an LLM judge asks for one
+            return await run_shadow_report(store, data, source, window, candidates=candidates)
+        async with gateway_client(base_url=gateway) as client:
+            return await run_shadow_report(store, data, source, window, candidates=candidates, client=client,
+                                           api_key=_api_key(api_key))
+    return asyncio.run(go())
 
 
 PlainFormatOpt = typer.Option("table", "--format", "-f", help="table | json")
