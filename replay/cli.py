@@ -202,6 +202,8 @@ def run_cmd(
     run_id: Optional[str] = typer.Option(None, "--run-id", help="Choose the run id (default: time + random); a new "
                                          "one: an existing run is continued with `resume`."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    dashboard_url: Optional[str] = typer.Option(None, "--dashboard-url", help="--format github: link the run page "
+                                                "of the dashboard at this base URL."),
 ) -> None:
     """Select a slice (or dataset), replay it against the candidates through the gateway, report and gate."""
     from .datasets import validate_run_id
@@ -228,7 +230,7 @@ def run_cmd(
             result = asyncio.run(start_run(store, parsed, opts))
         except KeyboardInterrupt:
             raise _fail(f"interrupted; resume with: tagway replay resume {rid}", EXIT_INCOMPLETE) from None
-        _emit(result.report, fmt, out)
+        _emit(result.report, fmt, out, dashboard_url)
     raise typer.Exit(result.exit_code)
 
 
