@@ -531,3 +531,70 @@ def dataset_list_cmd(dsn: Optional[str] = DsnOpt, config: Optional[Path] = Confi
         typer.echo("no dataset")
     for r in rows:
         typer.echo(f"{r['dataset_id']}\t{r['n']} cases\t{r['segments']} segments\t{r['description']}")
+
+
+@replay_app.command("trend")
+def trend_cmd(
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="The runs of this dataset: a name takes every "
+                                          "version (a new version breaks the series), name@N one."),
+    spec: Optional[str] = typer.Option(None, "--spec", "-s", help="The runs of this spec: its name, or its file "
+                                       "(whose name: and gating alpha/margin are used)."),
+    by: Optional[str] = typer.Option(None, "--by", help="Segment by customer, intent, prompt_version, model or "
+                                     "tag.<key> (default: each run's own segments)."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="The pinned run every run is compared with "
+                                           "(default: each series' first run)."),
+    candidate: Optional[str] = typer.Option(None, "--candidate", help="Only this candidate."),
+    limit: int = typer.Option(30, "--limit", help="The newest N runs (1-1000)."),
+    alpha: Optional[float] = AlphaOpt, margin: Optional[float] = MarginOpt,
+    fmt: str = PlainFormatOpt, dsn: Optional[str] = DsnOpt, config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Per segment, the pass rate per run over time, the change against the previous run and against a pinned
+    baseline run, a drop the gate's paired test calls a regression marked."""
+    import orjson
+    from exporters import replays
+    from exporters.vocabulary import QueryInputError
+    from pydantic import ValidationError
+    from .spec import Gating, one_line_error
+    from .trend import build_trend, sparkline, trend_json
+    with _user_errors():
+        _check_plain_format(fmt)
+        name, gating = spec, {}
+        if spec is not None and Path(spec).is_file():
+            data = load_spec_data(Path(spec))
+            name, gating = data.get("name"), dict(data.get("gating") or {})
+            if not name:
+                raise SpecError(f"{spec}: the spec has no name: (runs are found by it)")
+        gating.update({k: v for k, v in {"alpha": alpha, "margin": margin}.items() if v is not None})
+        try:
+            g = Gating(**{k: v for k, v in gating.items() if k in ("alpha", "margin")})
+        except ValidationError as e:
+            raise SpecError(one_line_error(e, "gating")) from None
+        try:
+            data = replays.trend(_store(dsn, config), spec=name, dataset=dataset, limit=limit, versions=True, by=by,
+                                 outcomes=True)
+        except QueryInputError as e:
+            raise SpecError(str(e).replace("spec=NAME or dataset=ID", "--spec or --dataset")) from None
+        if not data["runs"]:
+            raise SpecError(f"no replay run of {'spec ' + repr(name) if name else 'dataset ' + repr(dataset)}")
+        if baseline is not None and baseline not in {r["run_id"] for r in data["runs"]}:
+            raise SpecError(f"--baseline {baseline!r} is not one of the trend's runs")
+        if candidate is not None:
+            for seg in data["segments"]:
+                seg["points"] = [p for p in seg["points"] if p["candidate"] == candidate]
+        trends = [t for t in build_trend(data, pinned=baseline, alpha=g.alpha, margin=g.margin) if t.points]
+    if fmt == "json":
+        sys.stdout.write(orjson.dumps(trend_json(trends, data, baseline), option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+
+    def pct(v: Optional[float], signed: bool = False) -> str:
+        return "—" if v is None else f"{v:+.3f}" if signed else f"{v:.3f}"
+
+    pin = f"run {baseline}" if baseline else "each series' first run"
+    _print_table(f"trend of {'spec ' + name if name else 'dataset ' + str(dataset)}: {len(data['runs'])} run(s), "
+                 f"oldest first; drops tested against the previous run and {pin} (paired sign test, Holm, alpha "
+                 f"{g.alpha:g}, margin {g.margin:g}); | = a new dataset version",
+                 ["segment", "candidate", "pass rate per run", "runs", "last", "vs previous", "vs pinned", ""],
+                 [[t.segment, t.candidate, sparkline(t.points), str(len(t.points)), pct(t.points[-1].rate),
+                   pct(t.points[-1].vs_previous, True) + (" ❌" if t.points[-1].previous_regression else ""),
+                   pct(t.points[-1].vs_pinned, True) + (" ❌" if t.points[-1].pinned_regression else ""),
+                   "❌ regression" if t.regressed else ""] for t in trends])
