@@ -125,3 +125,34 @@ def test_bad_input_is_one_line(gw, project):
     res = run(project, gw)
     res.assert_outcomes(failed=1)
     assert "tagway_gate: the gate could not run: " in res.stdout.str() and "nope" in res.stdout.str()
+
+
+def test_the_github_actions_example_gates_a_committed_dataset(gw, tmp_path):
+    """examples/github-actions.yml's replay step, run as written (bash, the `tagway` CLI) against the gateway on its
+    embedded store, with a dataset JSONL exported from it: the PR comment is written and the step records exit 1."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    workflow = yaml.safe_load((Path(__file__).parent.parent / "examples" / "github-actions.yml").read_text())
+    step = next(s for s in workflow["jobs"]["gate"]["steps"] if s.get("id") == "gate")
+    (tmp_path / "ci").mkdir()
+    (tmp_path / "datasets").mkdir()
+    (tmp_path / "ci" / "replay.yaml").write_text(yaml.safe_dump({
+        "candidates": [{"name": "cand", "model": "refund-bad"}],
+        "evaluators": [{"type": "contains", "value": "Echo:"}]}))
+    p = gw.cli("dataset", "export", "refunds@1", "--out", str(tmp_path / "datasets" / "refunds.jsonl"))
+    assert p.returncode == 0, p.stderr
+    out = tmp_path / "github_output"
+    env = {**gw.env, "TAGWAY_CONFIG": gw.config_path, "TAGWAY_ADMIN_KEY": ADMIN, "GITHUB_OUTPUT": str(out),
+           "TAGWAY_DASHBOARD_URL": "https://tw.example", "PATH": os.path.dirname(sys.executable) + ":" +
+           os.environ["PATH"]}
+    script = step["run"].replace("http://127.0.0.1:4000", gw.url)
+    res = subprocess.run(["bash", "-e", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr  # the step itself succeeds; the next one fails the job
+    assert out.read_text() == "exit=1\n"
+    comment = (tmp_path / "gate.md").read_text()
+    assert comment.startswith("## ❌ tagway gate: REGRESSION")
+    assert "| acme | 8 | 1.000 | 0.000 |" in comment and "https://tw.example/ui/replays/" in comment

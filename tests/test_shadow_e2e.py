@@ -44,7 +44,8 @@ def gw(tmp_path_factory):
                          "keys": [{"id": "initech-k", "hash": hash_key(KEYS["initech"])}]},
                         {"customer": "optout", "shadow": False,
                          "keys": [{"id": "optout-k", "hash": hash_key(KEYS["optout"])}]}],
-            "shadow": [{"model": "refund-bad", "sample": 1.0, "max_rps": 100},
+            "shadow": [{"model": "refund-bad", "sample": 1.0, "max_rps": 100,
+                        "evaluators": [{"type": "icontains", "value": "echo"}]},
                        {"model": "hang", "sample": 1.0, "where": {"customer": "globex"}, "max_rps": 1, "queue": 2,
                         "max_in_flight": 1}],
         }
@@ -177,6 +178,19 @@ def test_report_shadow_gates_per_segment(gw, live):
     assert p.returncode == 1, p.stderr
     assert p.stdout.startswith("## ❌ tagway gate: REGRESSION")
     assert f"(https://tw.example/ui/replays/{run_id})" in p.stdout and "| acme | 8 |" in p.stdout
+
+
+def test_report_shadow_with_the_config_rule_evaluators(gw, live):
+    shadow_rows(gw, 2 * N + 3)
+    p = gw.cli("replay", "report", "--shadow", "--candidate", "refund-bad", "--segment-by", "customer",
+               "--format", "json")  # no --spec: the rule's evaluators, from TAGWAY_CONFIG
+    assert p.returncode == 1, p.stderr
+    rep = json.loads(p.stdout)
+    rows = {r["segment"]: r for r in rep["candidates"][0]["rows"]}
+    assert (rows["acme"]["after_pass"], rows["globex"]["after_pass"]) == (0, N)
+    assert rep["candidates"][0]["rows"][0]["flips"][0]["reasons"] == "icontains: missing ['echo']"
+    p = gw.cli("replay", "report", "--shadow", "--format", "json")  # two rules: which one's evaluators?
+    assert p.returncode == 2 and "2 shadow rule(s) match; give --spec S, or --candidate MODEL" in p.stderr
 
 
 def test_report_shadow_bad_input(gw, live):
