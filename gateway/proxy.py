@@ -183,11 +183,7 @@ class Proxy(WireStreamRelay):
         if call.limited:  # tokens and cost count against the limits the call was admitted under
             self.limits.finish(call.limited, (rec.input_tokens or 0) + (rec.output_tokens or 0), rec.cost_usd or 0.0)
         self.recent.add(call.trace_id, rec.customer, rec.key_id)
-        try:
-            finish_call_span(self.tracer, span, rec, start_ns, start_ns + int((time.perf_counter() - t0) * 1e9))
-        except Exception:  # recording never fails a request; the counter makes the failure visible
-            self.stats.record_failures += 1
-            log.exception("could not record call")
+        self._record(span, rec, start_ns, t0)
         self.observe(rec, span.get_span_context().trace_id, time.perf_counter() - t0)  # metrics, access log
         if reraise is not None:
             raise reraise
@@ -230,14 +226,17 @@ class Proxy(WireStreamRelay):
             rec.fail("internal_error", type(e).__name__, 500)
         if call.capture and reraise is None:
             await self._capture(call, inline=False)
-        try:
-            finish_call_span(self.tracer, span, rec, start_ns, start_ns + int((time.perf_counter() - t0) * 1e9))
-        except Exception:
-            self.stats.record_failures += 1
-            log.exception("could not record a shadow call")
+        self._record(span, rec, start_ns, t0)
         if reraise is not None:
             raise reraise
         return not rec.error_type
+
+    def _record(self, span: Any, rec: CallRecord, start_ns: int, t0: float) -> None:
+        try:
+            finish_call_span(self.tracer, span, rec, start_ns, start_ns + int((time.perf_counter() - t0) * 1e9))
+        except Exception:  # recording never fails a request; the counter makes the failure visible
+            self.stats.record_failures += 1
+            log.exception("could not record a %s call", rec.source)
 
     # -- one call -----------------------------------------------------------------------------------------------
     async def _handle(self, call: Call, method: str) -> None:
