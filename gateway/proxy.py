@@ -205,6 +205,8 @@ class Proxy(WireStreamRelay):
         payload["model"] = job.model
         if "stream" in payload:
             payload["stream"] = False
+        if job.route[0] == "responses" or "store" in payload:
+            payload["store"] = False  # a copy leaves no stored response or completion at the provider
         call = Call(job.route, {"headers": ()}, None, _discard, rec)
         call.principal, call.tenant, call.capture = job.principal, job.tenant, job.capture
         call.payload, call.body, call.forward_headers = payload, orjson.dumps(payload), job.forward_headers

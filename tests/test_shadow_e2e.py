@@ -117,6 +117,11 @@ def test_shadow_calls_recorded_with_the_live_keys(gw, live):
             assert question in r["request_json"]
             want = "WRONG" if "refund" in question else f"Echo: {question}"
             assert json.loads(r["response_json"])[0]["parts"][0]["content"] == want
+    # what the candidate was sent: the live request, never streamed (globex's live calls were)
+    sent = [r["body"] for r in gw.upstream.requests if r["body"].get("model") == "refund-bad-model"]
+    assert len(sent) == len(live_ids)
+    assert all(b.get("stream") in (None, False) and "stream_options" not in b for b in sent)
+    assert sum(1 for b in sent if b.get("stream") is False) == N
     # production calls stay production, untouched by their shadows
     prod = gw.query("SELECT count() AS n FROM llm_calls WHERE source = 'production'", ADMIN)[0]["n"]
     assert prod == len(live)
