@@ -249,7 +249,11 @@ def resume_cmd(
 ) -> None:
     """Re-run the (candidate, case) pairs of RUN_ID without a score: not run yet, or errored."""
     from .pipeline import RunOptions, resume_run
+    from .shadow import SHADOW_RUN_PREFIX
     with _user_errors():
+        if run_id.startswith(SHADOW_RUN_PREFIX):
+            raise SpecError(f"run {run_id} scored recorded shadow calls: there is nothing to re-run (`tagway replay "
+                            "report --shadow` builds a new report)")
         _check_output(fmt, out)
         _check_limits(max_cost, concurrency)
         store = _store(dsn, config)

@@ -183,6 +183,8 @@ def test_report_shadow_gates_per_segment(gw, live):
     assert p.returncode == 1, p.stderr
     assert p.stdout.startswith("## ❌ tagway gate: REGRESSION")
     assert f"(https://tw.example/ui/replays/{run_id})" in p.stdout and "| acme | 8 |" in p.stdout
+    p = gw.cli("replay", "resume", run_id)
+    assert p.returncode == 2 and "there is nothing to re-run" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_report_shadow_with_the_config_rule_evaluators(gw, live):
