@@ -25,6 +25,8 @@ __all__ = ["RUN_ID_RE", "parse_run_id", "list_runs", "get_run", "segment_table",
            "trend", "results_for_case", "datasets_for_trace", "BASELINE"]
 
 BASELINE = "baseline"
+_TREND_BY = ("customer", "intent", "prompt_version", "model")  # replay_results columns a trend may segment by
+_TREND_FIELDS = ("case_id", "candidate", "segment", "status", "customer", "intent", "prompt_version", "model", "tags")
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 _RUN_COLS = ("status", "spec_json", "dataset_id", "judge_version", "candidates", "segment_by", "n_cases", "verdict",
              "report_json", "cost_usd")
@@ -77,9 +79,10 @@ def _run_dict(r: dict, *, full: bool) -> dict[str, Any]:
 
 
 def list_runs(store: Any, *, spec: str | None = None, dataset: str | None = None, customer: str | None = None,
-              limit: int = 50, database: str = "") -> list[dict[str, Any]]:
+              limit: int = 50, database: str = "", versions: bool = False) -> list[dict[str, Any]]:
     """Newest first. `spec` (the spec's name) or `dataset` narrow to the runs of one trend; `customer` to the runs
-    that replayed that customer's calls (and hides what was decided over other customers)."""
+    that replayed that customer's calls (and hides what was decided over other customers). With `versions`, a
+    dataset name without a version ('refunds') takes the runs of every version of it ('refunds@1', 'refunds@3')."""
     if not 1 <= limit <= 1000:
         raise QueryInputError("limit must be between 1 and 1000", param="limit")
     params: dict[str, Any] = {"limit": limit}
@@ -88,7 +91,11 @@ def list_runs(store: Any, *, spec: str | None = None, dataset: str | None = None
         having.append("JSONExtractString(spec_json, 'name') = {spec:String}")
         params["spec"] = spec
     if dataset:
-        having.append("dataset_id = {dataset:String}")
+        if versions and "@" not in dataset:
+            having.append("(dataset_id = {dataset:String} OR startsWith(dataset_id, {dataset_at:String}))")
+            params["dataset_at"] = dataset + "@"
+        else:
+            having.append("dataset_id = {dataset:String}")
         params["dataset"] = dataset
     where = ""
     if customer is not None:
@@ -293,27 +300,54 @@ def run_detail(store: Any, run_id: str, *, customer: str | None = None,
     return run
 
 
+def _segment_value(r: dict, by: str) -> str:
+    """A result's value for a trend's own segment key: customer, intent, prompt_version, model or tag.<key>."""
+    v = (r.get("tags") or {}).get(by[4:], "") if by.startswith("tag.") else r.get(by, "")
+    return str(v) if v else "(none)"
+
+
 def trend(store: Any, *, spec: str | None = None, dataset: str | None = None, customer: str | None = None,
-          limit: int = 30, database: str = "") -> dict[str, Any]:
+          limit: int = 30, database: str = "", versions: bool = False, by: str | None = None,
+          outcomes: bool = False) -> dict[str, Any]:
     """Per segment, the candidate's pass rate in each run of one spec (by name) or dataset, oldest run first, with
-    the baseline on the same cases, the delta and the run's marks (a regression is marked)."""
+    the baseline on the same cases, the delta and the run's marks (a regression is marked). `versions`: see
+    list_runs. `by` (customer, intent, prompt_version, model or tag.<key>) segments every run that way (a run
+    segmented otherwise is regrouped from its results, without the gate's marks, which were decided over other
+    segments); `outcomes` adds each point's case outcomes ({case_id: passed, or None when left out}) for paired
+    comparisons between runs."""
     if not spec and not dataset:
         raise QueryInputError("a trend needs spec=NAME or dataset=ID", param="spec")
+    if by is not None and by not in _TREND_BY and not (by.startswith("tag.") and len(by) > 4):
+        raise QueryInputError(f"a trend segments by one of {', '.join(_TREND_BY)} or tag.<key>, not {show(by)}",
+                              param="by")
     runs = list(reversed(list_runs(store, spec=spec, dataset=dataset, customer=customer, limit=limit,
-                                   database=database)))
+                                   database=database, versions=versions)))
     points: dict[str, list[dict[str, Any]]] = {}
     out_runs = []
     for i, run in enumerate(runs):
         full = get_run(store, run["run_id"], customer=customer, database=database) or run
-        table = segment_table(store, full, customer=customer, database=database)
+        errors = (full.get("gating") or {}).get("errors") or "fail"
+        results = None
+        if outcomes or (by is not None and full.get("segment_by") != [by]):
+            results = _run_results(store, run["run_id"], customer, database, _TREND_FIELDS)
+            if by is not None and full.get("segment_by") != [by]:
+                results = [{**r, "segment": _segment_value(r, by)} for r in results]
+                table = _computed_table(results, errors)
+            else:
+                table = segment_table(store, full, customer=customer, database=database)
+        else:
+            table = segment_table(store, full, customer=customer, database=database)
         out_runs.append({k: run.get(k) for k in ("run_id", "created_at", "status", "verdict", "candidates",
-                                                  "dataset_id", "spec_name", "judge_version")})
+                                                  "dataset_id", "spec_name", "judge_version", "segment_by")})
         for cand, t in table.items():
             for row in t["rows"]:
-                points.setdefault(row["segment"], []).append({
-                    "run": i, "run_id": run["run_id"], "candidate": cand, "n": row["n"], "after": row["after"],
-                    "before": row["before"], "delta": row["delta"], "marks": row["marks"],
-                    "regression": "regression" in row["marks"]})
+                point = {"run": i, "run_id": run["run_id"], "candidate": cand, "n": row["n"], "after": row["after"],
+                         "before": row["before"], "delta": row["delta"], "marks": row["marks"],
+                         "regression": "regression" in row["marks"]}
+                if outcomes and results is not None:
+                    point["outcomes"] = {r["case_id"]: _outcome(r["status"], errors) for r in results
+                                         if r["candidate"] == cand and r["segment"] == row["segment"]}
+                points.setdefault(row["segment"], []).append(point)
     segments = [{"segment": s, "points": pts} for s, pts in sorted(points.items())]
     return {"spec": spec, "dataset": dataset, "runs": out_runs, "segments": segments}
 

@@ -24,9 +24,9 @@ from .tagstate import TagInputError, has_tag_condition, validate_tag_name
 
 __all__ = [
     "QueryInputError", "COLUMNS", "TAG_PREFIX", "APPLIED_TAG", "TAG_KEY_RE", "STATUSES", "PRODUCTION_SOURCE",
-    "REPLAY_SOURCE", "JUDGE_SOURCE", "NON_PRODUCTION_SOURCES", "MAX_WINDOW", "MAX_VALUE_LEN", "Window", "Filter",
-    "Params", "show", "iso_utc", "validate_tag_key", "parse_duration", "parse_time", "parse_window", "parse_dimension",
-    "parse_filter", "parse_filters", "column_expr", "filter_condition",
+    "REPLAY_SOURCE", "JUDGE_SOURCE", "SHADOW_SOURCE", "NON_PRODUCTION_SOURCES", "MAX_WINDOW", "MAX_VALUE_LEN", "Window",
+    "Filter", "Params", "show", "iso_utc", "validate_tag_key", "parse_duration", "parse_time", "parse_window",
+    "parse_dimension", "parse_filter", "parse_filters", "column_expr", "filter_condition",
 ]
 
 # Group-by / filter names -> llm_calls columns. `model` is what the client asked for (model_requested).
@@ -52,11 +52,12 @@ STATUSES = ("ok", "error", "cancelled")
 
 # `tagway.source` values. Calls that are not production traffic carry a source from NON_PRODUCTION_SOURCES: stats
 # and replay slices leave them out unless a filter names `source`, and only keys that may speak for other customers
-# may set them. A new kind (e.g. shadow traffic) is one more name here.
+# may set them. A new kind is one more name here.
 PRODUCTION_SOURCE = "production"
 REPLAY_SOURCE = "replay"  # the replay runner's candidate calls
 JUDGE_SOURCE = "replay-judge"  # its LLM judge's calls
-NON_PRODUCTION_SOURCES: tuple[str, ...] = (REPLAY_SOURCE, JUDGE_SOURCE)
+SHADOW_SOURCE = "shadow"  # copies of sampled live calls sent to a candidate by the gateway (gateway/shadow.py)
+NON_PRODUCTION_SOURCES: tuple[str, ...] = (REPLAY_SOURCE, JUDGE_SOURCE, SHADOW_SOURCE)
 
 MAX_WINDOW = dt.timedelta(days=400)
 MAX_VALUE_LEN = 1024

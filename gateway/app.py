@@ -139,6 +139,8 @@ class TagwayApp:
         if self._budget_task is not None:
             self._budget_task.cancel()
         if self.proxy is not None:
+            if self.proxy.shadow is not None:  # before the providers close: shadow calls in flight record themselves
+                await self.proxy.shadow.aclose()
             self.proxy.observe.flush()  # the access lines still queued
         self.local.close()
         if self._query_store is not None:

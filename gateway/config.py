@@ -18,7 +18,8 @@ from exporters.yamlfile import YamlFileError, load_mapping
 from .providers.names import kind_of
 from .redact import PatternError, compile_pattern
 
-__all__ = ["GatewayConfig", "ModelConfig", "TenantConfig", "KeyConfig", "Taxonomy", "ConfigError", "load_config"]
+__all__ = ["GatewayConfig", "ModelConfig", "TenantConfig", "KeyConfig", "Taxonomy", "ShadowConfig", "ConfigError",
+           "load_config"]
 
 NAME_RE = TAG_KEY_RE  # customer names and taxonomy keys follow the tag-key rule
 
@@ -111,6 +112,7 @@ class TenantConfig(_Strict):
     tags: dict[str, str] = {}  # tenant-bound tags, e.g. {intent: support}
     keys: list[KeyConfig] = []
     limits: LimitsConfig | None = None  # the tenant's rate limits and budget, over all its keys
+    shadow: bool = True  # false: none of this tenant's calls is mirrored to a shadow candidate
 
     def allows(self, model: str) -> bool:
         allowed = self.allowed_models
@@ -127,6 +129,30 @@ class Taxonomy(_Strict):
     keys: dict[str, TagRule] = {}  # known keys (customer/intent/prompt_version may list values too)
     required: list[str] = []
     unknown: Literal["keep", "drop", "reject"] = "keep"  # what an unknown key or value gets
+
+
+class ShadowConfig(_Strict):
+    """Mirror a sample of live calls to a candidate model (gateway/shadow.py), off the request path: the client is
+    answered by production; the copy is recorded with source `shadow` and the live call's trace id as its case id."""
+    model: str  # a configured model name (or one a wildcard route serves)
+    sample: float = Field(ge=0.0, le=1.0)  # share of matching live calls mirrored
+    where: dict[str, str] = {}  # customer, intent, prompt_version, model (as requested) or tag.<key> -> value
+    max_rps: float = Field(5.0, gt=0)  # shadow calls started per second, at most
+    queue: int = Field(100, ge=1)  # sampled calls waiting to be sent; past it a sampled call is dropped (counted)
+    max_in_flight: int = Field(16, ge=1)  # shadow calls waiting on the candidate at once (a hanging upstream)
+    evaluators: list[dict[str, Any]] = []  # default evaluators for `tagway replay report --shadow` (not run here)
+
+    @field_validator("where")
+    @classmethod
+    def _where_keys(cls, v: dict[str, str]) -> dict[str, str]:
+        for k in v:
+            bare = k.removeprefix("tag.")
+            if k not in SHADOW_WHERE_KEYS and not (k.startswith("tag.") and TAG_KEY_RE.match(bare)):
+                raise ValueError(f"unknown key {k!r}: use {', '.join(SHADOW_WHERE_KEYS)} or tag.<key>")
+        return v
+
+
+SHADOW_WHERE_KEYS = ("customer", "intent", "prompt_version", "model")
 
 
 class ServerConfig(_Strict):
@@ -267,6 +293,7 @@ class GatewayConfig(BaseSettings):
     taxonomy: Taxonomy = Taxonomy()
     access_log: AccessLogConfig = AccessLogConfig()
     api: ApiConfig = ApiConfig()
+    shadow: list[ShadowConfig] = []
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
@@ -318,6 +345,12 @@ class GatewayConfig(BaseSettings):
                     problems.append(f"tenants[{i}] ({t.customer}).keys: key {k.id!r} hash must be 'sha256:<hex>'")
         for dup in sorted({k for k in key_ids if key_ids.count(k) > 1}):
             problems.append(f"tenants: duplicate key id {dup!r}")
+        for i, sh in enumerate(self.shadow):
+            if sh.model not in known and not any(sh.model.startswith(w) for w in wildcards):
+                problems.append(f"shadow[{i}].model: unknown model {sh.model!r} (shadow to a configured model)")
+        shadowed = [sh.model for sh in self.shadow]
+        for dup in sorted({m for m in shadowed if shadowed.count(m) > 1}):
+            problems.append(f"shadow: two rules mirror to {dup!r} (give one rule per candidate)")
         for k in self.taxonomy.keys:
             if not NAME_RE.match(k):
                 problems.append(f"taxonomy.keys: {k!r} must match [a-z0-9_.-]{{1,64}}")

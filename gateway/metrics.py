@@ -1,6 +1,8 @@
 """`/metrics`: one prometheus_client registry over counters that live where they are counted: the proxy's own
 (`ProxyStats`), the per-call labelled metrics (`gateway.observe.CallObserver`), refused credentials (`KeyRing`),
-calls refused by rate limits and budgets (`CallLimits`) and the export pipeline's (`exporters.metrics.ExportMetrics`). Nothing is copied: each scrape reads them through one custom collector.
+calls refused by rate limits and budgets (`CallLimits`), shadow traffic (`gateway.shadow.ShadowDispatcher`) and the
+export pipeline's (`exporters.metrics.ExportMetrics`). Nothing is copied: each scrape reads them through one custom
+collector.
 
 prometheus_client does the exposition (text 0.0.4, or OpenMetrics when the scraper asks for it), so label values
 that come from traffic (model names, customers, error types) are escaped by the library, not by hand.
@@ -42,6 +44,8 @@ class GatewayCollector:
             observer = getattr(proxy, "observe", None)
             if observer is not None:
                 yield from observer.collect(PREFIX)
+            if proxy.shadow is not None:
+                yield from proxy.shadow.collect(PREFIX)
         refused = CounterMetricFamily(PREFIX + "auth_failures", "Requests refused before a tenant was known, by "
                                       "reason.", labels=["reason"])
         for reason, n in sorted(dict(self.app.keyring.failures).items()):

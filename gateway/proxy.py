@@ -21,7 +21,7 @@ from opentelemetry.trace import Link, SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from exporters import semconv as sc
-from exporters.vocabulary import NON_PRODUCTION_SOURCES
+from exporters.vocabulary import NON_PRODUCTION_SOURCES, SHADOW_SOURCE
 
 from .auth import CREDENTIAL_HEADERS, KeyRing, duplicate_header
 from .call import Call, ClientGone
@@ -38,6 +38,7 @@ from .recent import RecentCalls
 from .request_checks import check_request, model_of, parse_object, stream_flag
 from .model_routes import ModelRoutes
 from .routing import body_for
+from .shadow import ShadowDispatcher, ShadowJob
 from .tags import check_header, normalise, resolve_tags
 from .observe import CallObserver
 from .telemetry import CallRecord, finish_call_span
@@ -72,6 +73,10 @@ _REPLAY_HEADERS = (("replay-run-id", sc.REPLAY_RUN_ID), ("replay-candidate", sc.
 def _caller_link(traceparent: str) -> list[Link] | None:
     ctx = trace.get_current_span(_PROPAGATOR.extract({"traceparent": traceparent})).get_span_context()
     return [Link(ctx, {"tagway.link": "caller"})] if ctx.is_valid else None
+
+
+async def _discard(message: dict) -> None:
+    """Where a shadow call's answer goes: nobody waits for it."""
 
 
 class ProxyStats:
@@ -121,6 +126,8 @@ class Proxy(WireStreamRelay):
         self.routes = routes or ModelRoutes(config)  # model name -> deployment chain (exact names, wildcards, `*`)
         self._forward_headers = HeaderFilter(config.api.forward_headers)  # client -> upstream
         self._return_headers = HeaderFilter(config.api.return_headers)  # upstream -> client
+        # mirrors sampled live calls to shadow candidates once they are answered (gateway/shadow.py)
+        self.shadow = ShadowDispatcher(config.shadow, self.shadow_call) if config.shadow else None
 
     # -- ASGI entry ---------------------------------------------------------------------------------------------
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -176,14 +183,62 @@ class Proxy(WireStreamRelay):
         if call.limited:  # tokens and cost count against the limits the call was admitted under
             self.limits.finish(call.limited, (rec.input_tokens or 0) + (rec.output_tokens or 0), rec.cost_usd or 0.0)
         self.recent.add(call.trace_id, rec.customer, rec.key_id)
+        self._record(span, rec, start_ns, t0)
+        self.observe(rec, span.get_span_context().trace_id, time.perf_counter() - t0)  # metrics, access log
+        if reraise is not None:
+            raise reraise
+        if self.shadow is not None:  # the client has its answer: a sampled copy is queued, never awaited
+            self.shadow.offer(call)
+
+    async def shadow_call(self, job: ShadowJob) -> bool:
+        """Send a live call's request to a shadow candidate through the same routing, providers, capture and
+        recording as the live call, answering nobody; recorded with source `shadow`, the live call's tags and its
+        trace id as case id. Never streamed (the answer is compared whole). True when the candidate answered."""
+        live = job.rec
+        start_ns, t0 = time.time_ns(), time.perf_counter()
+        rec = CallRecord(operation=live.operation, source=SHADOW_SOURCE, start_ns=start_ns, api=live.api,
+                         requested_model=job.model, key_id=live.key_id, customer=live.customer, intent=live.intent,
+                         prompt_version=live.prompt_version, tags=dict(live.tags), end_user=live.end_user,
+                         session_id=live.session_id, temperature=live.temperature, max_tokens=live.max_tokens,
+                         replay={sc.REPLAY_CASE_ID: job.trace_id, sc.REPLAY_CANDIDATE: job.model})
+        payload = {k: v for k, v in job.payload.items() if k != "stream_options"}
+        payload["model"] = job.model
+        if "stream" in payload:
+            payload["stream"] = False
+        if job.route[0] == "responses" or "store" in payload:
+            payload["store"] = False  # a copy leaves no stored response or completion at the provider
+        call = Call(job.route, {"headers": ()}, None, _discard, rec)
+        call.principal, call.tenant, call.capture = job.principal, job.tenant, job.capture
+        call.payload, call.body, call.forward_headers = payload, orjson.dumps(payload), job.forward_headers
+        span = self.tracer.start_span(rec.operation, context=_ROOT, kind=SpanKind.CLIENT, start_time=start_ns)
+        call.trace_id = b"%032x" % span.get_span_context().trace_id
+        reraise: BaseException | None = None
+        try:
+            deployment = self.routes.resolve(job.model)
+            if deployment is None:
+                raise GatewayError(404, f"The shadow model `{job.model}` is not served.", code="model_not_found")
+            await self._forward(call, deployment)
+        except GatewayError as e:
+            rec.fail(e.error_type, e.message, e.status)
+        except asyncio.CancelledError as e:  # the gateway is stopping: the shadow call is recorded as cancelled
+            rec.fail("cancelled", "the shadow call was cancelled by the gateway")
+            reraise = e
+        except Exception as e:
+            log.exception("internal error on a shadow call to %s", job.model)
+            rec.fail("internal_error", type(e).__name__, 500)
+        if call.capture and reraise is None:
+            await self._capture(call, inline=False)
+        self._record(span, rec, start_ns, t0)
+        if reraise is not None:
+            raise reraise
+        return not rec.error_type
+
+    def _record(self, span: Any, rec: CallRecord, start_ns: int, t0: float) -> None:
         try:
             finish_call_span(self.tracer, span, rec, start_ns, start_ns + int((time.perf_counter() - t0) * 1e9))
         except Exception:  # recording never fails a request; the counter makes the failure visible
             self.stats.record_failures += 1
-            log.exception("could not record call")
-        self.observe(rec, span.get_span_context().trace_id, time.perf_counter() - t0)  # metrics, access log
-        if reraise is not None:
-            raise reraise
+            log.exception("could not record a %s call", rec.source)
 
     # -- one call -----------------------------------------------------------------------------------------------
     async def _handle(self, call: Call, method: str) -> None:

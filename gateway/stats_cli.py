@@ -162,9 +162,9 @@ def _json_out(data: Any) -> None:
 
 # -- options shared by the commands ----------------------------------------------------------------------------
 WhereOpt = Annotated[Optional[list[str]], typer.Option(
-    "--where", "-w", help="Filter key=value (or key!=value) on a column or tag.<key>; repeat to AND. Replayed and "
-                          f"judge calls (source {', '.join(NON_PRODUCTION_SOURCES)}) are left out unless a filter "
-                          "names source, e.g. --where source=replay.")]
+    "--where", "-w", help="Filter key=value (or key!=value) on a column or tag.<key>; repeat to AND. Replayed, "
+                          f"judge and shadow calls (source {', '.join(NON_PRODUCTION_SOURCES)}) are left out unless a "
+                          "filter names source, e.g. --where source=replay.")]
 StatusOpt = Annotated[Optional[str], typer.Option("--status", help="Only calls with this status: ok, error, cancelled.")]
 SinceOpt = Annotated[Optional[str], typer.Option("--since", help="Window back from now: a number and a unit s, m, h, d "
                                                                  "or w, e.g. 90s, 15m, 1.5h, 7d (default 24h).")]
@@ -205,7 +205,7 @@ def stats_command(
 ) -> None:
     """Error rate per segment (worst first) with 95% Wilson intervals, latency, tokens and cost.
 
-    Replayed and judge calls (non-production sources) are left out unless --where filters on source
+    Replayed, judge and shadow calls (non-production sources) are left out unless --where filters on source
     (--where source=replay shows them); --json lists what was left out in sources_excluded."""
 
     def body() -> None:

@@ -122,12 +122,12 @@ def _check_limits(max_cost: Optional[float], concurrency: Optional[int]) -> None
         raise SpecError(f"--concurrency {concurrency}: must be between 1 and 1024")
 
 
-def _emit(report, fmt: str, out: Optional[Path]) -> None:
+def _emit(report, fmt: str, out: Optional[Path], dashboard_url: Optional[str] = None) -> None:
     from rich.console import Console
     from .render import render, render_terminal
     if out is not None:
         try:
-            out.write_text(render(report, fmt), encoding="utf-8")
+            out.write_text(render(report, fmt, dashboard_url=dashboard_url), encoding="utf-8")
         except OSError as e:
             raise _fail(f"cannot write the report to {out}: {e.strerror or e} (the run is stored: "
                         f"`tagway replay report {report.run_id} --out FILE` writes it again)") from None
@@ -136,7 +136,7 @@ def _emit(report, fmt: str, out: Optional[Path]) -> None:
     elif fmt == "table":
         render_terminal(report, _console(Console))
     else:
-        sys.stdout.write(render(report, fmt))
+        sys.stdout.write(render(report, fmt, dashboard_url=dashboard_url))
     if report.status != "complete":
         typer.echo(_incomplete_line(report), err=True)
 
@@ -162,7 +162,7 @@ DsnOpt = typer.Option(None, "--dsn", help="ClickHouse DSN (default: env TAGWAY_D
                       "storage, else the embedded store ./tagway-data/clickhouse).")
 ConfigOpt = typer.Option(None, "--config", "-c", help="Gateway config file whose storage to open (env TAGWAY_CONFIG).")
 KeyOpt = typer.Option(None, "--api-key", help="Gateway key (env TAGWAY_API_KEY or TAGWAY_ADMIN_KEY).")
-FormatOpt = typer.Option("table", "--format", "-f", help="table | md | json | html")
+FormatOpt = typer.Option("table", "--format", "-f", help="table | md | github | json | html")
 AlphaOpt = typer.Option(None, "--alpha", help="Chance the gate calls any segment a regression when none got worse, "
                         "in (0, 0.5) (default 0.05).")
 MarginOpt = typer.Option(None, "--margin", help="The drop a segment may show before it counts (default 0.05).")
@@ -202,6 +202,8 @@ def run_cmd(
     run_id: Optional[str] = typer.Option(None, "--run-id", help="Choose the run id (default: time + random); a new "
                                          "one: an existing run is continued with `resume`."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    dashboard_url: Optional[str] = typer.Option(None, "--dashboard-url", help="--format github: link the run page "
+                                                "of the dashboard at this base URL."),
 ) -> None:
     """Select a slice (or dataset), replay it against the candidates through the gateway, report and gate."""
     from .datasets import validate_run_id
@@ -228,7 +230,7 @@ def run_cmd(
             result = asyncio.run(start_run(store, parsed, opts))
         except KeyboardInterrupt:
             raise _fail(f"interrupted; resume with: tagway replay resume {rid}", EXIT_INCOMPLETE) from None
-        _emit(result.report, fmt, out)
+        _emit(result.report, fmt, out, dashboard_url)
     raise typer.Exit(result.exit_code)
 
 
@@ -247,7 +249,11 @@ def resume_cmd(
 ) -> None:
     """Re-run the (candidate, case) pairs of RUN_ID without a score: not run yet, or errored."""
     from .pipeline import RunOptions, resume_run
+    from .shadow import SHADOW_RUN_PREFIX
     with _user_errors():
+        if run_id.startswith(SHADOW_RUN_PREFIX):
+            raise SpecError(f"run {run_id} scored recorded shadow calls: there is nothing to re-run (`tagway replay "
+                            "report --shadow` builds a new report)")
         _check_output(fmt, out)
         _check_limits(max_cost, concurrency)
         store = _store(dsn, config)
@@ -266,7 +272,18 @@ def resume_cmd(
 
 @replay_app.command("report")
 def report_cmd(
-    run_id: str = typer.Argument(...),
+    run_id: Optional[str] = typer.Argument(None, help="The run (omit with --shadow)."),
+    shadow: bool = typer.Option(False, "--shadow", help="Gate the shadow traffic the gateway recorded (config "
+                                "`shadow:`): each shadow answer paired with the live answer; stored as a new run."),
+    since: Optional[str] = typer.Option(None, "--since", help="--shadow: the window back from now (default 24h)."),
+    spec: Optional[Path] = typer.Option(None, "--spec", "-s", help="--shadow: a replay spec whose evaluators, "
+                                        "gating and slice.segment_by apply (default: the shadow rule's evaluators "
+                                        "in the gateway config)."),
+    candidate: Optional[List[str]] = typer.Option(None, "--candidate", help="--shadow: only these shadow models."),
+    segment_by: Optional[str] = typer.Option(None, "--segment-by", help="--shadow: e.g. customer or customer,intent"),
+    dashboard_url: Optional[str] = typer.Option(None, "--dashboard-url", help="--format github: link the run page "
+                                                "of the dashboard at this base URL."),
+    gateway: Optional[str] = GatewayOpt, api_key: Optional[str] = KeyOpt,
     fmt: str = FormatOpt, out: Optional[Path] = OutOpt, dsn: Optional[str] = DsnOpt,
     config: Optional[Path] = ConfigOpt,
     alpha: Optional[float] = AlphaOpt, margin: Optional[float] = MarginOpt,
@@ -276,12 +293,26 @@ def report_cmd(
     max_drop: Optional[float] = typer.Option(None, "--max-drop", **_OLD),
     min_cases: Optional[int] = typer.Option(None, "--min-cases-per-segment", **_OLD),
 ) -> None:
-    """Rebuild the report of a run from ClickHouse (optionally re-gated with another alpha, margin, ...)."""
+    """Rebuild the report of a run from ClickHouse (optionally re-gated with another alpha, margin, ...), or, with
+    --shadow, build one from the shadow traffic of a window."""
     from .pipeline import GateState, report_for
     from .store import get_run
     with _user_errors():
         _check_output(fmt, out)
         _no_old_flags(gate_aggregate=gate_aggregate, threshold=threshold, max_drop=max_drop, min_cases=min_cases)
+        if shadow:
+            if run_id is not None:
+                raise SpecError("--shadow builds a new run: give no RUN_ID (`tagway replay report RUN_ID` shows a "
+                                "stored shadow run again)")
+            report = _shadow_report(spec, config, since, candidate, segment_by, gateway, api_key, dsn,
+                                    _gate_flags(alpha, margin, inconclusive, errors))
+            typer.echo(f"shadow run {report.run_id}", err=True)
+            _emit(report, fmt, out, dashboard_url)
+            raise typer.Exit(report.exit_code)
+        if run_id is None:
+            raise SpecError("give a RUN_ID (or --shadow)")
+        if any(v is not None for v in (since, spec, candidate, segment_by)):
+            raise SpecError("--since, --spec, --candidate and --segment-by go with --shadow")
         store = _store(dsn, config)
         run = get_run(store, run_id)
         if run is None:
@@ -291,8 +322,35 @@ def report_cmd(
         status = run.status if run.status in ("complete", "incomplete") else "incomplete"
         report = report_for(store, run_id, spec, status=status, n_cases=run.n_cases,
                             state=GateState.from_report_json(run.report_json), dataset=run.dataset_id)
-        _emit(report, fmt, out)
+        _emit(report, fmt, out, dashboard_url)
     raise typer.Exit(report.exit_code)
+
+
+def _shadow_report(spec: Optional[Path], config: Optional[Path], since: Optional[str], candidates: Optional[list],
+                   segment_by: Optional[str], gateway: Optional[str], api_key: Optional[str], dsn: Optional[str],
+                   gating: dict):
+    """--shadow: the spec (or the shadow rule's evaluators from the gateway config), the window, the run."""
+    from exporters.vocabulary import QueryInputError, parse_window
+    from .shadow import config_spec_data, run_shadow_report, shadow_data
+    from .runner import gateway_client
+    try:
+        window = parse_window(since)
+    except QueryInputError as e:
+        raise SpecError(f"--since: {e}") from None
+    if spec is not None:
+        data, source = load_spec_data(spec), str(spec)
+    else:
+        data, source = config_spec_data(config, candidates), "the gateway config's shadow rule"
+    data = apply_overrides(shadow_data(data), segment_by=segment_by, gating=gating)
+    store = _store(dsn, config)
+
+    async def go():
+        if gateway is None:  # no call is made, unless an LLM judge asks for one
+            return await run_shadow_report(store, data, source, window, candidates=candidates)
+        async with gateway_client(base_url=gateway) as client:
+            return await run_shadow_report(store, data, source, window, candidates=candidates, client=client,
+                                           api_key=_api_key(api_key))
+    return asyncio.run(go())
 
 
 PlainFormatOpt = typer.Option("table", "--format", "-f", help="table | json")
@@ -477,3 +535,70 @@ def dataset_list_cmd(dsn: Optional[str] = DsnOpt, config: Optional[Path] = Confi
         typer.echo("no dataset")
     for r in rows:
         typer.echo(f"{r['dataset_id']}\t{r['n']} cases\t{r['segments']} segments\t{r['description']}")
+
+
+@replay_app.command("trend")
+def trend_cmd(
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="The runs of this dataset: a name takes every "
+                                          "version (a new version breaks the series), name@N one."),
+    spec: Optional[str] = typer.Option(None, "--spec", "-s", help="The runs of this spec: its name, or its file "
+                                       "(whose name: and gating alpha/margin are used)."),
+    by: Optional[str] = typer.Option(None, "--by", help="Segment by customer, intent, prompt_version, model or "
+                                     "tag.<key> (default: each run's own segments)."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="The pinned run every run is compared with "
+                                           "(default: each series' first run)."),
+    candidate: Optional[str] = typer.Option(None, "--candidate", help="Only this candidate."),
+    limit: int = typer.Option(30, "--limit", help="The newest N runs (1-1000)."),
+    alpha: Optional[float] = AlphaOpt, margin: Optional[float] = MarginOpt,
+    fmt: str = PlainFormatOpt, dsn: Optional[str] = DsnOpt, config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Per segment, the pass rate per run over time, the change against the previous run and against a pinned
+    baseline run, a drop the gate's paired test calls a regression marked."""
+    import orjson
+    from exporters import replays
+    from exporters.vocabulary import QueryInputError
+    from pydantic import ValidationError
+    from .spec import Gating, one_line_error
+    from .trend import build_trend, sparkline, trend_json
+    with _user_errors():
+        _check_plain_format(fmt)
+        name, gating = spec, {}
+        if spec is not None and Path(spec).is_file():
+            data = load_spec_data(Path(spec))
+            name, gating = data.get("name"), dict(data.get("gating") or {})
+            if not name:
+                raise SpecError(f"{spec}: the spec has no name: (runs are found by it)")
+        gating.update({k: v for k, v in {"alpha": alpha, "margin": margin}.items() if v is not None})
+        try:
+            g = Gating(**{k: v for k, v in gating.items() if k in ("alpha", "margin")})
+        except ValidationError as e:
+            raise SpecError(one_line_error(e, "gating")) from None
+        try:
+            data = replays.trend(_store(dsn, config), spec=name, dataset=dataset, limit=limit, versions=True, by=by,
+                                 outcomes=True)
+        except QueryInputError as e:
+            raise SpecError(str(e).replace("spec=NAME or dataset=ID", "--spec or --dataset")) from None
+        if not data["runs"]:
+            raise SpecError(f"no replay run of {'spec ' + repr(name) if name else 'dataset ' + repr(dataset)}")
+        if baseline is not None and baseline not in {r["run_id"] for r in data["runs"]}:
+            raise SpecError(f"--baseline {baseline!r} is not one of the trend's runs")
+        if candidate is not None:
+            for seg in data["segments"]:
+                seg["points"] = [p for p in seg["points"] if p["candidate"] == candidate]
+        trends = [t for t in build_trend(data, pinned=baseline, alpha=g.alpha, margin=g.margin) if t.points]
+    if fmt == "json":
+        sys.stdout.write(orjson.dumps(trend_json(trends, data, baseline), option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+
+    def pct(v: Optional[float], signed: bool = False) -> str:
+        return "—" if v is None else f"{v:+.3f}" if signed else f"{v:.3f}"
+
+    pin = f"run {baseline}" if baseline else "each series' first run"
+    _print_table(f"trend of {'spec ' + name if name else 'dataset ' + str(dataset)}: {len(data['runs'])} run(s), "
+                 f"oldest first; drops tested against the previous run and {pin} (paired sign test, Holm, alpha "
+                 f"{g.alpha:g}, margin {g.margin:g}); | = a new dataset version",
+                 ["segment", "candidate", "pass rate per run", "runs", "last", "vs previous", "vs pinned", ""],
+                 [[t.segment, t.candidate, sparkline(t.points), str(len(t.points)), pct(t.points[-1].rate),
+                   pct(t.points[-1].vs_previous, True) + (" ❌" if t.points[-1].previous_regression else ""),
+                   pct(t.points[-1].vs_pinned, True) + (" ❌" if t.points[-1].pinned_regression else ""),
+                   "❌ regression" if t.regressed else ""] for t in trends])

@@ -1,5 +1,5 @@
-"""The report in four formats, pure: the terminal (rich), Markdown (PR comments), JSON, and a self-contained HTML
-page (replay/templates/report.html.j2, jinja2 with autoescape, inline SVG chart, no CDN). Each shows per segment
+"""The report in five formats, pure: the terminal (rich), Markdown, GitHub Markdown (a PR comment), JSON, and a
+self-contained HTML page (replay/templates/report.html.j2, jinja2 with autoescape, inline SVG chart, no CDN). Each shows per segment
 the paired table (n, before, after, delta with its interval, the flips each way, the adjusted p-value, the verdict)
 and, for regression and inconclusive segments, the flipped cases: trace id, input, both answers, the reasons.
 """
@@ -15,7 +15,8 @@ from exporters.tables import hidden_notice
 
 from .report import CandidateReport, Report, SegmentRow
 
-__all__ = ["render_terminal", "render_markdown", "render_json", "render_html", "render", "FORMATS"]
+__all__ = ["render_terminal", "render_markdown", "render_github", "render_json", "render_html", "render", "run_page",
+           "FORMATS", "GITHUB_MAX_CHARS"]
 
 MARKS = {"regression": "❌ regression", "inconclusive": "⚠ inconclusive", "ok": "ok", "": ""}
 # In a terminal ❌ (an emoji: missing from many terminal fonts, two cells wide) is shown as ✗, and a terminal that is
@@ -260,6 +261,63 @@ def render_markdown(r: Report) -> str:
     return "\n".join(out) + "\n"
 
 
+# -- github (a PR comment) -----------------------------------------------------------------------------------------
+
+GITHUB_MAX_CHARS = 60_000  # GitHub refuses a comment over 65,536 characters; leave room for a bot's own header
+_GITHUB_ICONS = {"passed": "✅", "regression": "❌"}
+
+
+def run_page(dashboard_url: str | None, run_id: str) -> str:
+    """The dashboard's page of a run (gateway /ui/replays/RUN_ID), or "" without a dashboard URL."""
+    from urllib.parse import quote
+    return f"{dashboard_url.rstrip('/')}/ui/replays/{quote(run_id, safe='')}" if dashboard_url else ""
+
+
+def render_github(r: Report, dashboard_url: str | None = None) -> str:
+    """GitHub-flavoured Markdown sized for a PR comment: the verdict first, the regression and inconclusive
+    segments, the full table collapsed, a link to the run's dashboard page. Past GITHUB_MAX_CHARS the flipped cases
+    go first, then the collapsed table is cut, each with a line saying so."""
+    for flips, rows in ((True, None), (False, None), (False, 50), (False, 0)):
+        text = _github(r, dashboard_url, flips=flips, full_rows=rows)
+        if len(text) <= GITHUB_MAX_CHARS:
+            return text
+    return text[:GITHUB_MAX_CHARS - 40] + "\n\n…(cut to fit a GitHub comment)\n"
+
+
+def _github(r: Report, dashboard_url: str | None, *, flips: bool, full_rows: int | None) -> str:
+    icon = "⚠️" if r.status != "complete" else _GITHUB_ICONS.get(r.verdict, "⚠️")
+    page = run_page(dashboard_url, r.run_id)
+    run = f"[`{_md(r.run_id)}`]({page})" if page else f"`{_md(r.run_id)}`"
+    out = [f"## {icon} tagway gate: {_verdict_word(r)}{_not_final(r)}", "",
+           f"Replay run {run}: {len(r.candidates)} candidate(s), {r.n_cases} case(s), segments by "
+           f"{_md(', '.join(r.segment_by) or '-')}" + (f", dataset `{_md(r.dataset)}`" if r.dataset and
+                                                        not r.dataset.startswith("run-") else "") + ".", ""]
+    out += [f"- {_md(x)}" for x in r.reasons] + [""]
+    for c in r.candidates:
+        flagged = [row for row in c.rows if row.verdict in ("regression", "inconclusive")]
+        out += [f"### {_md(_title(c))}: {c.status}", ""]
+        if flagged:
+            out += [x.format(first="segment") for x in _MD_HEAD] + [_md_row(row) for row in flagged]
+            if flips:
+                for row in _flipped_rows(c):
+                    out += _md_flips(row)
+            elif any(row.flips for row in flagged):
+                out += ["", "_Flipped cases left out to fit a comment: see the run page or `tagway replay report "
+                        f"{_md(r.run_id)}`._"]
+        else:
+            out.append(f"No regression or inconclusive segment among {len(c.rows)}.")
+        out += [f"- {_md(line.strip())}" for line in _lock_lines(c)]
+        shown = c.rows if full_rows is None else c.rows[:full_rows]
+        out += ["", f"<details><summary>All {len(c.rows)} segments</summary>", ""]
+        out += [x.format(first="segment") for x in _MD_HEAD] + [_md_row(row) for row in shown]
+        out.append(_md_row(c.overall, bold=True))
+        if len(shown) < len(c.rows):
+            out += ["", f"_{len(c.rows) - len(shown)} more segment(s) left out to fit a comment._"]
+        out += ["", "</details>", ""]
+    out += [f"<sub>{_md(_gate_line(r))}; exit {r.exit_code}" + (f" · [run page]({page})" if page else "") + "</sub>"]
+    return "\n".join(out) + "\n"
+
+
 # -- json ---------------------------------------------------------------------------------------------------------
 
 def render_json(r: Report) -> str:
@@ -313,12 +371,12 @@ def render_html(r: Report) -> str:
         context=_context_line(r), skipped=skipped)
 
 
-FORMATS = {"table": render_terminal, "md": render_markdown, "json": render_json, "html": render_html}
+FORMATS = {"table": render_terminal, "md": render_markdown, "github": render_github, "json": render_json,
+           "html": render_html}
 
 
-def render(r: Report, fmt: str) -> str:
-    try:
-        return FORMATS[fmt](r)
-    except KeyError:
-        raise ValueError(f"unknown format {fmt!r} (use {', '.join(FORMATS)})") from None
+def render(r: Report, fmt: str, *, dashboard_url: str | None = None) -> str:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r} (use {', '.join(FORMATS)})")
+    return render_github(r, dashboard_url) if fmt == "github" else FORMATS[fmt](r)
 

@@ -307,9 +307,13 @@ class Runner:
         return judge
 
     # -- one item -----------------------------------------------------------------------------------------------
-    async def run_item(self, case: Case, target: Target) -> ResultRow:
+    async def run_item(self, case: Case, target: Target, answer: Answer | None = None) -> ResultRow:
+        """Run and score one item; `answer` scores an answer already recorded for the target (a shadow call)
+        instead of calling the gateway."""
         prompt_version = _prompt_version(case, target)
-        if target.logged:
+        if answer is not None:
+            ans, model = answer, target.model or case.model
+        elif target.logged:
             ans = Answer(case.baseline_status == "ok", case.baseline_message, case.baseline_text, 0, 0,
                           float(case.baseline_latency_ms or 0.0), float(case.baseline_cost_usd or 0.0), case.case_id)
             model = case.model
@@ -330,7 +334,7 @@ class Runner:
             # an error is an outcome: the call (or, for a logged baseline, the production call) failed
             row.error = ans.error if not target.logged else f"the production call errored ({case.baseline_status})"
             row.passed = None
-            if not target.logged:
+            if not target.logged and answer is None:
                 self._check_fatal(target, model, ans)
             return row
         ctx = EvalContext(output=ans.text, message=ans.message, reference=case.baseline_text,

@@ -200,7 +200,7 @@ def _one_error_line(res) -> str:
 
 @pytest.mark.parametrize("cmd", ["run", "resume", "report"])
 @pytest.mark.parametrize("args,message", [
-    (["--format", "pdf"], "--format 'pdf': use one of table, md, json, html"),
+    (["--format", "pdf"], "--format 'pdf': use one of table, md, github, json, html"),
     (["--format", "md", "--out", "/nonexistent/dir/r.md"], "--out /nonexistent/dir/r.md: directory /nonexistent/dir "
                                                              "does not exist"),
     (["--out", "."], "--out .: is a directory"),

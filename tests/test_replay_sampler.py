@@ -103,7 +103,7 @@ def test_pool_query_is_parameterized():
     assert (params["w_k0"], params["w_v1"], params["w_k2"], params["w_v3"]) == ("region", "eu", "tier", "gold")
     assert params["w_v4"] == "mock"
     assert params["t_from"] == int((1_000_000 - 7 * 86400) * 1000)
-    assert params["excluded_sources"] == ["replay", "replay-judge"] and params["status"] == "ok"
+    assert params["excluded_sources"] == ["replay", "replay-judge", "shadow"] and params["status"] == "ok"
 
 
 @pytest.mark.parametrize("bad", ["Region", "x y", "a'b", "k]", "x" * 65, ""])

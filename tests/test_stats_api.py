@@ -219,11 +219,11 @@ def test_replay_traffic_is_left_out_unless_asked_for(client, chdb_store, seeded)
     for call in (admin, tenant):
         d = call(client, "/admin/stats" if call is admin else "/v1/tagway/stats", where=r.where, since="24h").json()
         assert [(s["key"]["customer"], s["calls"], s["errors"]) for s in d["segments"]] == [(seeded.acme, 50, 0)]
-        assert d["sources_excluded"] == ["replay", "replay-judge"]
+        assert d["sources_excluded"] == ["replay", "replay-judge", "shadow"]
     d = tenant(client, "/v1/tagway/stats", where=[r.where, "source=replay"], since="24h").json()
     assert (d["total"]["calls"], d["total"]["errors"], d["sources_excluded"]) == (40, 40, [])
     errs = admin(client, "/admin/errors", where=r.where).json()
-    assert errs["errors"] == [] and errs["sources_excluded"] == ["replay", "replay-judge"]
+    assert errs["errors"] == [] and errs["sources_excluded"] == ["replay", "replay-judge", "shadow"]
     ts = admin(client, "/admin/timeseries", where=r.where, since="1h").json()
     assert [(s["key"], s["calls"], s["errors"]) for s in ts["series"]] == [(seeded.acme, 50, 0)]
     judge = admin(client, "/admin/timeseries", where=[r.where, "source=replay-judge"], since="1h").json()

@@ -202,7 +202,7 @@ def test_formatting_matches_the_page():
 def test_stats_leave_out_replay_traffic_and_say_so(run, chdb_store):
     r = seed_replayed(chdb_store)  # production 50/0, replay 40/40, replay-judge 10/10
     d = orjson.loads(run("stats", "--where", r.where, "--json").stdout)
-    assert (d["total"]["calls"], d["total"]["errors"], d["sources_excluded"]) == (50, 0, ["replay", "replay-judge"])
+    assert (d["total"]["calls"], d["total"]["errors"], d["sources_excluded"]) == (50, 0, ["replay", "replay-judge", "shadow"])
     d = orjson.loads(run("stats", "--where", r.where, "--where", "source=replay", "--json").stdout)
     assert (d["total"]["calls"], d["total"]["errors"], d["sources_excluded"]) == (40, 40, [])
     table = run("stats", "--where", r.where)
@@ -213,7 +213,7 @@ def test_stats_leave_out_replay_traffic_and_say_so(run, chdb_store):
     assert "no error calls match" in errs.stdout and "source not replay, replay-judge" in errs.stdout
     for cmd in ("stats", "errors"):
         help_text = " ".join(run(cmd, "--help", dsn=False).stdout.replace("│", " ").split())
-        assert "source replay, replay-judge) are left out unless" in help_text, help_text
+        assert "source replay, replay-judge, shadow) are left out unless" in help_text, help_text
 
 
 HOSTILE = ["[/]", "[/x]", "[red]red[/red]", "[bold", "a\\", ":warning:", "[link=http://x]y[/link]"]

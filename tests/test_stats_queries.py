@@ -306,13 +306,13 @@ def test_replay_and_judge_calls_are_not_production_failures(chdb_store, replayed
     """A replay re-sends a customer's calls (same customer, same tags) to a candidate: its 40 failures and the
     judge's 10 are the candidate's, not the customer's. Left out of every query unless `source` is filtered."""
     sel = q.make_selection([replayed.where], since="24h")
-    assert sel.sources_excluded == q.EXCLUDED_SOURCES == ("replay", "replay-judge")
+    assert sel.sources_excluded == q.EXCLUDED_SOURCES == ("replay", "replay-judge", "shadow")
     r = q.segment_stats(chdb_store, sel, ["customer"])
     (seg,) = r.segments
     assert (seg.key["customer"], seg.calls, seg.errors) == (replayed.customer, 50, 0)
     assert (r.total.calls, r.total.errors) == (50, 0)
     d = r.to_dict()
-    assert d["sources_excluded"] == ["replay", "replay-judge"]
+    assert d["sources_excluded"] == ["replay", "replay-judge", "shadow"]
     # compare mode: the previous window leaves them out too (20 production calls, 2 errors)
     c = q.segment_stats(chdb_store, sel, ["customer"], compare=True)
     assert (c.segments[0].prev_calls, c.segments[0].prev_errors) == (20, 2)
@@ -324,7 +324,7 @@ def test_replay_and_judge_calls_are_not_production_failures(chdb_store, replayed
     assert q.top_errors(chdb_store, sel).groups == []
     ts = q.error_timeseries(chdb_store, sel)
     assert [(s.key, s.calls, s.errors) for s in ts.series] == [(replayed.customer, 50, 0)]
-    assert ts.to_dict()["sources_excluded"] == ["replay", "replay-judge"]
+    assert ts.to_dict()["sources_excluded"] == ["replay", "replay-judge", "shadow"]
 
 
 def test_a_source_filter_shows_replay_traffic(chdb_store, replayed):
