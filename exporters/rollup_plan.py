@@ -17,7 +17,7 @@ import dataclasses
 import datetime as dt
 from typing import Iterable, Sequence
 
-from .rollups import LEVELS, MAIN, MAIN_KEYS, TAG_OTHER_KEYS, TAGS, RollupState
+from .rollups import FAMILIES, MAIN, MAIN_KEYS, TAG_OTHER_KEYS, TAGS, RollupState
 from .vocabulary import APPLIED_TAG, TAG_PREFIX, Filter
 
 __all__ = ["Piece", "Route", "choose_route", "plan_pieces"]
@@ -109,7 +109,8 @@ def plan_pieces(route: Route, start: dt.datetime, end: dt.datetime, splits: Iter
     """The pieces of [start, end), in time order; raw only when the route has no family."""
     if route.family is None or route.covered_from is None:
         return [Piece("llm_calls", 0, start, end)]
-    levels = [lv for lv in LEVELS if step is None or step % lv[1] == 0]
+    family = next(f for f in FAMILIES if f.name == route.family)
+    levels = [lv for lv in family.levels if step is None or step % lv[1] == 0]
     pieces: list[Piece] = []
     cov = route.covered_from
     if start < cov:

@@ -1,18 +1,18 @@
 """Rollups of `llm_calls` (issue 18): per-bucket aggregates that answer per-tenant questions without reading every
 call, with the same counts as the raw table.
 
-Two families, each at three levels (minute, hour, day) in AggregatingMergeTree tables:
-- `llm_calls_1m|1h|1d`: bucket x customer x intent x prompt_version x model_requested x provider x status x
+Two families of AggregatingMergeTree tables:
+- `llm_calls_1m|1h|1d` (minute, hour, day): bucket x customer x intent x prompt_version x model_requested x provider x status x
   error_type x source -> calls, token sums, cost (Decimal128(12), so sums are exact and order-free), and DDSketch
   states of latency (p50/p95/p99) and TTFT (p50) with relative accuracy QUANTILE_ACCURACY (every estimate is within
   1% of the exact value of its rank).
-- `llm_calls_tags_1m|1h|1d`: bucket x tag_key x tag_value x customer x status x source -> calls, tokens, cost and
+- `llm_calls_tags_1h|1d` (hour, day): bucket x tag_key x tag_value x customer x status x source -> calls, tokens, cost and
   the same sketches; one row per call and rolled-up key (value '' when the call has no such tag), so `tag.k != v`
   and grouping by a tag are exact too. Only the keys in `llm_rollup_tag_keys` are rolled up: by default the
   taxonomy keys that list their values (a bounded vocabulary), or `storage.rollup_tag_keys`.
 
-Insert cost: ONE view per family reads `llm_calls` (minute level); the hour and day levels are filled by views on
-the minute tables, whose insert blocks are already aggregated (a few rows per batch), so they cost little.
+Insert cost: ONE view per family reads `llm_calls` (into its finest level); the coarser levels are filled by views on
+the finest tables, whose insert blocks are already aggregated, so they cost little.
 
 Coverage (`llm_rollup_state`): the views roll up calls with Timestamp >= `live_from`, fixed when the migration ran
 (the epoch on an empty store, a few seconds ahead of the clock otherwise); `tagway db backfill-rollups` fills
@@ -54,16 +54,23 @@ class Family:
     name: str  # base table name; levels add _1m, _1h, _1d
     dims: tuple[str, ...]  # llm_calls columns (tag_key/tag_value for the tag family)
     dim_types: tuple[str, ...]
+    levels: tuple[tuple[str, int], ...] = LEVELS  # finest first; the view from llm_calls fills the finest
 
     def table(self, suffix: str) -> str:
         return f"{self.name}_{suffix}"
 
+    @property
+    def finest(self) -> str:
+        return self.table(self.levels[0][0])
+
 
 MAIN = Family("llm_calls", ("customer", "intent", "prompt_version", "model_requested", "provider", "status",
                             "error_type", "source"), ("LowCardinality(String)",) * 8)
+# Hours and days only: a row per call and key makes a minute level about as big as llm_calls itself, and the
+# minutes at the ends of a window are read raw instead (by tag, a time series finer than an hour reads raw).
 TAGS = Family("llm_calls_tags", ("tag_key", "tag_value", "customer", "status", "source"),
               ("LowCardinality(String)", "String", "LowCardinality(String)", "LowCardinality(String)",
-               "LowCardinality(String)"))
+               "LowCardinality(String)"), LEVELS[1:])
 FAMILIES = (MAIN, TAGS)
 
 _MEASURES = f"""    calls SimpleAggregateFunction(sum, UInt64),
@@ -90,10 +97,13 @@ def _merged_measures() -> str:
             f"{TTFT_Q.replace('(', 'MergeState(', 1)}(ttft_state) AS ttft_state")
 
 
-def minute_select(s: Any, family: Family, where: str, keys_expr: str | None = None, src: str = "") -> str:
-    """The minute rollup of the llm_calls rows matching `where` (the view's query over the local table, and the
+_BUCKET = {60: "toStartOfMinute", 3600: "toStartOfHour", 86400: "toStartOfDay"}
+
+
+def finest_select(s: Any, family: Family, where: str, keys_expr: str | None = None, src: str = "") -> str:
+    """The finest rollup of the llm_calls rows matching `where` (the view's query over the local table, and the
     backfill's over `src`). `keys_expr`: the array of tag keys to roll up (tag family only)."""
-    bucket = "toStartOfMinute(toDateTime(Timestamp, 'UTC')) AS bucket"
+    bucket = f"{_BUCKET[family.levels[0][1]]}(toDateTime(Timestamp, 'UTC'), 'UTC') AS bucket"
     src = src or s.local("llm_calls")
     if family is TAGS:
         return (f"SELECT {bucket}, tag_key, tags[tag_key] AS tag_value, customer, status, source, {raw_measures()}\n"
@@ -146,7 +156,7 @@ def rollup_statements(s: Any, table_fn: Callable[..., list[str]]) -> list[str]:
     ttl = (f"TTL bucket + toIntervalDay({int(s.rollup_ttl_days)})" if s.rollup_ttl_days > 0 else "")
     for family in FAMILIES:
         cols = ",\n".join(f"    {d} {t}" for d, t in zip(family.dims, family.dim_types))
-        for suffix, seconds in LEVELS:
+        for suffix, seconds in family.levels:
             part = "toDate(bucket)" if seconds == 60 else "toYYYYMM(bucket)"
             settings = "" if s.cluster else "\nSETTINGS non_replicated_deduplication_window = 1000"
             stmts += table_fn(s, family.table(suffix),
@@ -154,11 +164,11 @@ def rollup_statements(s: Any, table_fn: Callable[..., list[str]]) -> list[str]:
                               f"PARTITION BY {part}\nORDER BY (bucket, {', '.join(family.dims)})\n{ttl}{settings}",
                               kind="AggregatingMergeTree", sharding_key="rand()")
         keys = _view_keys(s) if family is TAGS else None
-        stmts.append(f"CREATE MATERIALIZED VIEW IF NOT EXISTS {s.local(family.table('1m') + '_mv')}{s.on_cluster()}\n"
-                     f"TO {s.local(family.table('1m'))}\nAS "
-                     f"{minute_select(s, family, f'Timestamp >= {_live_from(s)}', keys)}")
-        for (fine, _), (coarse, _) in zip(LEVELS, LEVELS[1:]):
-            start = "toStartOfHour" if coarse == "1h" else "toStartOfDay"
+        stmts.append(f"CREATE MATERIALIZED VIEW IF NOT EXISTS {s.local(family.finest + '_mv')}{s.on_cluster()}\n"
+                     f"TO {s.local(family.finest)}\nAS "
+                     f"{finest_select(s, family, f'Timestamp >= {_live_from(s)}', keys)}")
+        for (fine, _), (coarse, seconds) in zip(family.levels, family.levels[1:]):
+            start = _BUCKET[seconds]
             stmts.append(
                 f"CREATE MATERIALIZED VIEW IF NOT EXISTS {s.local(family.table(coarse) + '_mv')}{s.on_cluster()}\n"
                 f"TO {s.local(family.table(coarse))}\nAS SELECT {start}(bucket, 'UTC') AS bucket, "
@@ -277,7 +287,7 @@ def _delete_range(store: Any, s: Any, a: dt.datetime, b: dt.datetime) -> None:
     """Drop what an interrupted day wrote, at every level: only whole buckets inside [a, b); the bucket that
     straddles live_from is never read (queries read it raw), so it may keep a partial day's rows."""
     for family in FAMILIES:
-        for suffix, seconds in LEVELS:
+        for suffix, seconds in family.levels:
             lo = _ceil(a, seconds)
             hi = _floor(b, seconds)
             if lo < hi:
@@ -297,7 +307,7 @@ def _ceil(t: dt.datetime, seconds: int) -> dt.datetime:
 
 
 def backfill(store: Any, s: Any, *, now: dt.datetime | None = None, settle_seconds: float = 60.0,
-             redo: bool = False, step_seconds: int = 3600,
+             redo: bool = False, rows_per_step: int = 2_000_000,
              progress: Callable[[BackfillStep], None] | None = None) -> RollupState:
     """Roll up the calls stored before the views existed, newest day first; resumable (each finished day moves
     covered_from; an unfinished one is deleted and redone). `redo`: roll up the whole backfilled range again.
@@ -331,8 +341,9 @@ def backfill(store: Any, s: Any, *, now: dt.datetime | None = None, settle_secon
         _write_state(store, s, st, b, a)
         rows = 0
         hi = b
-        while hi > a:  # within the day, an hour at a time: bounded memory, a moving progress bar
-            lo = max(a, _floor(hi - dt.timedelta(microseconds=1), step_seconds))
+        step = _step_seconds(store, s, a, b, rows_per_step)
+        while hi > a:  # within the day, whole hours of ~rows_per_step calls: bounded memory, a moving progress bar
+            lo = max(a, _floor(hi - dt.timedelta(microseconds=1), step))
             rows += _roll_up(store, s, lo, hi, keys)
             hi = lo
             if progress:
@@ -345,6 +356,16 @@ def backfill(store: Any, s: Any, *, now: dt.datetime | None = None, settle_secon
     return read_state(store, s)
 
 
+def _step_seconds(store: Any, s: Any, a: dt.datetime, b: dt.datetime, rows_per_step: int) -> int:
+    """Hours per step (a divisor of 24, so steps stay aligned) for about rows_per_step calls each."""
+    n = int(store.query(f"SELECT count() AS n FROM {s.name('llm_calls')} WHERE Timestamp >= "
+                        "fromUnixTimestamp64Micro({a:Int64}) AND Timestamp < fromUnixTimestamp64Micro({b:Int64})",
+                        parameters={"a": _us(a), "b": _us(b)})[0]["n"])
+    per_hour = max(1.0, n / max(1.0, (b - a).total_seconds() / 3600))
+    hours = max([h for h in (1, 2, 3, 4, 6, 8, 12, 24) if h * per_hour <= rows_per_step] or [1])
+    return hours * 3600
+
+
 def _roll_up(store: Any, s: Any, a: dt.datetime, b: dt.datetime, tag_keys: Sequence[str]) -> int:
     params = {"a": _us(a), "b": _us(b), "keys": list(tag_keys)}
     where = ("Timestamp >= fromUnixTimestamp64Micro({a:Int64}) AND Timestamp < fromUnixTimestamp64Micro({b:Int64})")
@@ -352,9 +373,9 @@ def _roll_up(store: Any, s: Any, a: dt.datetime, b: dt.datetime, tag_keys: Seque
     if not n:
         return 0
     src = s.name("llm_calls")
-    store.command(f"INSERT INTO {s.name(MAIN.table('1m'))} {minute_select(s, MAIN, where, src=src)}",
+    store.command(f"INSERT INTO {s.name(MAIN.finest)} {finest_select(s, MAIN, where, src=src)}",
                   parameters=params)
     if tag_keys:
-        store.command(f"INSERT INTO {s.name(TAGS.table('1m'))} "
-                      f"{minute_select(s, TAGS, where, '{keys:Array(String)}', src)}", parameters=params)
+        store.command(f"INSERT INTO {s.name(TAGS.finest)} "
+                      f"{finest_select(s, TAGS, where, '{keys:Array(String)}', src)}", parameters=params)
     return n

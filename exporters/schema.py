@@ -489,6 +489,6 @@ def migrate(store: Store, settings: SchemaSettings = SchemaSettings(), upto: int
         store.command(f"INSERT INTO {_versions_table(settings)} (version, name) VALUES ({version}, {{name:String}})",
                       parameters={"name": name})
         applied.append(version)
-    if settings.rollup_tag_keys is not None:
+    if settings.rollup_tag_keys is not None and 9 in done | set(applied):
         sync_tag_keys(store, settings, settings.rollup_tag_keys)
     return applied

@@ -204,16 +204,16 @@ def test_cluster_ddl_replicated_distributed_on_cluster():
              if v == 9]
     ddl = [s for s in stmts if not s.startswith("INSERT")]
     assert ddl and all(" ON CLUSTER `prod`" in s for s in ddl)
-    for fam in ("llm_calls", "llm_calls_tags"):
-        for lv in ("1m", "1h", "1d"):
+    for fam, levels in (("llm_calls", ("1m", "1h", "1d")), ("llm_calls_tags", ("1h", "1d"))):
+        for lv in levels:
             local = next(s for s in ddl if s.startswith(f"CREATE TABLE IF NOT EXISTS `tw`.`{fam}_{lv}_local`"))
             assert "ReplicatedAggregatingMergeTree('/clickhouse/tables/{shard}/tw/" in local
             assert "TTL bucket + toIntervalDay(90)" in local
             assert any(f"ENGINE = Distributed('prod', 'tw', '{fam}_{lv}_local'" in s for s in ddl)
     mv = next(s for s in ddl if "`llm_calls_1m_mv_local`" in s)
     assert "TO `tw`.`llm_calls_1m_local`" in mv and "FROM `tw`.`llm_calls_local`" in mv
-    hour_mv = next(s for s in ddl if "`llm_calls_tags_1h_mv_local`" in s)
-    assert "FROM `tw`.`llm_calls_tags_1m_local`" in hour_mv
+    day_mv = next(s for s in ddl if "`llm_calls_tags_1d_mv_local`" in s)
+    assert "FROM `tw`.`llm_calls_tags_1h_local`" in day_mv
     state = next(s for s in ddl if "`llm_rollup_state`" in s.split("(")[0])
     assert "ReplicatedReplacingMergeTree('/clickhouse/tables/all/tw/llm_rollup_state'" in state
     single = [sql for v, sql in statements_for(SchemaSettings()) if v == 9]
