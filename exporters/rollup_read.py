@@ -1,6 +1,6 @@
 """The FROM of a stats query read from rollups: one subquery per table of the plan (exporters.rollup_plan), raw
 pieces aggregated to the rollups' shape, UNION ALL; the caller's outer query merges them (sums of counts, tokens
-and Decimal costs are exact whatever the order; DDSketch states merge into the same sketch).
+and Decimal costs are exact whatever the order; bfloat16 histogram states merge into the same histogram).
 
 Each subquery exposes the caller's dimensions (`d0`, `d1`, ... or `k`, computed on that table: a rollup table has
 the llm_calls column names, and the tag rollup is read through `map(tag_key, tag_value) AS tags` so `tags[k]`

@@ -2,10 +2,10 @@
 call, with the same counts as the raw table.
 
 Two families of AggregatingMergeTree tables:
-- `llm_calls_1m|1h|1d` (minute, hour, day): bucket x customer x intent x prompt_version x model_requested x provider x status x
-  error_type x source -> calls, token sums, cost (Decimal128(12), so sums are exact and order-free), and DDSketch
-  states of latency (p50/p95/p99) and TTFT (p50) with relative accuracy QUANTILE_ACCURACY (every estimate is within
-  1% of the exact value of its rank).
+- `llm_calls_1m|1h|1d` (minute, hour, day): bucket x customer x intent x prompt_version x model_requested x
+  provider x status x error_type x source -> calls, token sums, cost (Decimal128(12), so sums are exact and
+  order-free), and bfloat16 histogram states of latency (p50/p95/p99) and TTFT (p50): every estimate is the exact
+  value of its rank, less at most QUANTILE_ACCURACY (2^-7, 0.78%) of it.
 - `llm_calls_tags_1h|1d` (hour, day): bucket x tag_key x tag_value x customer x status x source -> calls, tokens, cost and
   the same sketches; one row per call and rolled-up key (value '' when the call has no such tag), so `tag.k != v`
   and grouping by a tag are exact too. Only the keys in `llm_rollup_tag_keys` are rolled up: by default the
@@ -34,9 +34,13 @@ __all__ = [
 ]
 
 LEVELS = (("1m", 60), ("1h", 3600), ("1d", 86400))  # table suffix, bucket seconds; finest first
-QUANTILE_ACCURACY = 0.01  # DDSketch relative accuracy of the latency/TTFT sketches
-LAT_Q = f"quantilesDD({QUANTILE_ACCURACY}, 0.5, 0.95, 0.99)"
-TTFT_Q = f"quantileDD({QUANTILE_ACCURACY}, 0.5)"
+# Latency/TTFT quantiles: bfloat16 histograms. Each value is cut to 8 significant bits (monotonic, so ranks are
+# kept) and the quantile of the cut values is exact: an estimate is the exact value of its rank less at most
+# 2^-7 (0.78%) of it. Measured here against DDSketch (1%), t-digest and reservoir states on 250k states of 4
+# values: building 0.40 s (DDSketch 1.13), merging 0.032 s (DDSketch 0.201), 4.1 MB (DDSketch 4.7).
+QUANTILE_ACCURACY = 2 ** -7
+LAT_Q = "quantilesBFloat16(0.5, 0.95, 0.99)"
+TTFT_Q = "quantileBFloat16(0.5)"
 COST = "toDecimal128(cost_usd, 12)"  # exact, order-independent sums (Float64 sums depend on the order)
 STATE_TABLE = "llm_rollup_state"
 KEYS_TABLE = "llm_rollup_tag_keys"

@@ -1,7 +1,7 @@
 """Rollups (issue 18): stats read from the rollups equal the raw answers exactly (counts, errors, cancelled, Wilson
 intervals, tokens, cost) on calls recorded through otel_traces -> llm_calls -> the rollup views, with replay and
 judge calls mixed in, late rows, a re-sent spool batch, windows whose edges fall inside buckets and tag filters;
-quantiles are within the DDSketch bound of the exact ones; questions the rollups cannot answer read raw."""
+quantiles are within the bfloat16 bound of the exact ones; questions the rollups cannot answer read raw."""
 from __future__ import annotations
 
 import datetime as dt
@@ -146,7 +146,7 @@ def test_time_series_equal_raw(chdb_store, seeded, step):
 def _rank_bounds(values: list[float], level: float) -> tuple[float, float]:
     v = sorted(values)
     r = level * (len(v) - 1)
-    return v[max(0, math.floor(r) - 1)], v[min(len(v) - 1, math.ceil(r) + 1)]
+    return v[max(0, math.floor(r))], v[min(len(v) - 1, math.ceil(r))]
 
 
 def test_quantiles_within_the_sketch_bound_of_exact_quantiles(chdb_store, seeded):
@@ -163,7 +163,7 @@ def test_quantiles_within_the_sketch_bound_of_exact_quantiles(chdb_store, seeded
             assert len(lat) == seg.calls
             for level, got in ((0.5, seg.latency_p50), (0.95, seg.latency_p95), (0.99, seg.latency_p99)):
                 lo, hi = _rank_bounds(lat, level)
-                assert lo * (1 - a) - 1e-9 <= got <= hi * (1 + a) + 1e-9, (c, seg.key, level, got, lo, hi)
+                assert lo * (1 - a) - 1e-9 <= got <= hi + 1e-9, (c, seg.key, level, got, lo, hi)  # cut, never up
 
 
 def test_questions_the_rollups_cannot_answer_read_raw(chdb_store, seeded):
