@@ -219,3 +219,46 @@ def test_cluster_ddl_replicated_distributed_on_cluster():
     single = [sql for v, sql in statements_for(SchemaSettings()) if v == 9]
     assert not any("ON CLUSTER" in s or "Replicated" in s or "Distributed" in s for s in single)
     assert all("TTL" not in s for s in single)
+
+
+def test_rollup_tag_keys_default_to_taxonomy_keys_with_values_and_ttl_bounds_coverage():
+    from gateway.config import GatewayConfig
+
+    cfg = GatewayConfig(taxonomy={"keys": {"region": {"values": ["eu", "us"]}, "ticket": {}, "intent": {"values": ["a"]}}})
+    assert cfg.schema_settings().rollup_tag_keys == ("region",)  # free-valued keys and columns are not rolled up
+    cfg = GatewayConfig(storage={"rollup_tag_keys": ["tier", "region"], "rollup_ttl_days": 30, "ttl_days": 7})
+    s = cfg.schema_settings()
+    assert (s.rollup_tag_keys, s.rollup_ttl_days, s.ttl_days) == (("region", "tier"), 30, 7)
+    now = dt.datetime(2026, 12, 1, tzinfo=UTC)
+    st = rollups.RollupState(dt.datetime(2026, 1, 1, tzinfo=UTC), dt.datetime(2026, 1, 1, tzinfo=UTC),
+                             dt.datetime(2026, 1, 1, tzinfo=UTC), 30, {"zone": dt.datetime(2026, 11, 30, tzinfo=UTC)})
+    from exporters.rollup_plan import choose_route
+    assert choose_route({"customer"}, st, now).covered_from == now - dt.timedelta(days=30)  # TTL-dropped: raw
+    assert choose_route({"tag.zone", "customer"}, st, now).covered_from == dt.datetime(2026, 11, 30, tzinfo=UTC)
+    assert choose_route({"tag.zone", "intent"}, st, now).family is None
+
+
+def test_cli_json_says_which_tables_answered(chdb_store, chdb_dsn, seeded, monkeypatch):
+    import orjson
+    import typer
+    from typer.testing import CliRunner
+
+    from gateway import stats_cli
+
+    monkeypatch.delenv("TAGWAY_DSN", raising=False)
+    monkeypatch.delenv("TAGWAY_CONFIG", raising=False)
+    app = typer.Typer()
+    stats_cli.register(app)
+    c0 = seeded["customers"][0]
+    out = {}
+    for by in ("intent", "model_served"):
+        res = CliRunner().invoke(app, ["stats", "--by", by, "--where", f"customer={c0}", "--since", "3h", "--json",
+                                       "--dsn", chdb_dsn], catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        out[by] = orjson.loads(res.stdout)
+    assert out["intent"]["read"]["source"] == "rollup"
+    assert out["model_served"]["read"] == {**out["model_served"]["read"], "source": "raw",
+                                           "reason": "the rollups do not hold model_served"}
+    raw = q.segment_stats(chdb_store, q.make_selection(where=[f"customer={c0}"], since="3h"), ["intent"],
+                          rollups=False)
+    assert (out["intent"]["total"]["calls"], out["intent"]["total"]["errors"]) == (raw.total.calls, raw.total.errors)
