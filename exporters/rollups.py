@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 __all__ = [
     "LEVELS", "QUANTILE_ACCURACY", "MAIN", "TAGS", "MAIN_KEYS", "TAG_OTHER_KEYS", "Family", "RollupState",
-    "rollup_statements", "read_state", "sync_tag_keys", "backfill", "BackfillStep", "RollupError",
+    "rollup_statements", "read_state", "sync_tag_keys", "remove_tag_keys", "backfill", "BackfillStep", "RollupError",
 ]
 
 LEVELS = (("1m", 60), ("1h", 3600), ("1d", 86400))  # table suffix, bucket seconds; finest first
@@ -256,22 +256,28 @@ def _us(t: dt.datetime) -> int:
 
 
 def sync_tag_keys(store: Any, s: Any, keys: Sequence[str]) -> None:
-    """Make `keys` the rolled-up tag keys. A new key is covered from where no call already stored can be missing:
-    live_from on a store with no newer calls, else 5 s past the newest call (the backfill does not fill it)."""
+    """Roll up `keys` too. Keys are only added: gateways with different configs (a rolling deploy) must not turn a
+    key off and on, each time losing its coverage; `remove_tag_keys` stops one. A new key is covered from where no
+    call already stored can be missing: live_from on a store with no newer calls, else 5 s past the newest call
+    (the backfill does not fill it)."""
     st = read_state(store, s)
     if st is None:
         return
-    wanted = set(keys)
-    added = sorted(wanted - set(st.tag_keys))
-    removed = sorted(set(st.tag_keys) - wanted)
+    added = sorted(set(keys) - set(st.tag_keys))
+    if not added:
+        return
     since = st.live_from
-    if added:
-        r = store.query(f"SELECT count() AS n, toUnixTimestamp64Micro(max(Timestamp)) AS t "
-                        f"FROM {s.name('llm_calls')} WHERE Timestamp >= fromUnixTimestamp64Micro({{lf:Int64}})",
-                        parameters={"lf": _us(st.live_from)})[0]
-        if int(r["n"]):
-            since = max(st.live_from, _utc(r["t"]) + dt.timedelta(seconds=5))
-    _write_keys(store, s, {k: since for k in added}, removed)
+    r = store.query(f"SELECT count() AS n, toUnixTimestamp64Micro(max(Timestamp)) AS t "
+                    f"FROM {s.name('llm_calls')} WHERE Timestamp >= fromUnixTimestamp64Micro({{lf:Int64}})",
+                    parameters={"lf": _us(st.live_from)})[0]
+    if int(r["n"]):
+        since = max(st.live_from, _utc(r["t"]) + dt.timedelta(seconds=5))
+    _write_keys(store, s, {k: since for k in added})
+
+
+def remove_tag_keys(store: Any, s: Any, keys: Sequence[str]) -> None:
+    """Stop rolling up `keys` (their rows stay until the rollups' TTL; queries read them raw from now on)."""
+    _write_keys(store, s, {}, sorted(set(keys)))
 
 
 # -- backfill --------------------------------------------------------------------------------------------------

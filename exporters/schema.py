@@ -24,7 +24,7 @@ class SchemaSettings:
     cluster: str = ""  # "" = single node; a name = ON CLUSTER + Replicated*MergeTree + Distributed
     ttl_days: int = 0  # 0 = keep forever
     rollup_ttl_days: int = 0  # the rollups' own TTL (exporters.rollups); 0 = keep forever
-    rollup_tag_keys: tuple[str, ...] | None = None  # tag keys to roll up; None = leave the store's list as it is
+    rollup_tag_keys: tuple[str, ...] | None = None  # tag keys to roll up (added when missing, never removed here)
 
     def on_cluster(self) -> str:
         return f" ON CLUSTER `{self.cluster}`" if self.cluster else ""

@@ -418,6 +418,43 @@ def db_backfill_rollups(config: Optional[str] = ConfigOpt,
         typer.echo(f"rollups cover calls from {cover['covered_from']}")
 
 
+@db_app.command("rollup-tags")
+def db_rollup_tags(config: Optional[str] = ConfigOpt,
+                   dsn: Optional[str] = typer.Option(None, envvar="TAGWAY_DSN", help="Overrides the config's store."),
+                   remove: Optional[list[str]] = typer.Option(None, "--remove", help="Stop rolling up this tag key "
+                                                              "(repeatable); its questions read llm_calls from now on.")
+                   ) -> None:
+    """The tag keys the tag rollup holds and where each one's coverage starts. Keys come from the config
+    (storage.rollup_tag_keys, or the taxonomy keys that list their values) and are only ever added by it."""
+    from exporters.discovery import DiscoveryError  # noqa: PLC0415
+    from exporters.rollups import read_state, remove_tag_keys  # noqa: PLC0415
+    from exporters.store import StoreError  # noqa: PLC0415
+    from exporters.store_access import open_store  # noqa: PLC0415
+
+    cfg = _load(config)
+    try:
+        store = open_store(dsn or cfg.storage.resolved_dsn())
+        try:
+            settings = cfg.schema_settings()
+            state = read_state(store, settings)
+            if state is None:
+                raise fail("the store has no rollups: run `tagway db migrate` first")
+            unknown = sorted(set(remove or ()) - set(state.tag_keys))
+            if unknown:
+                raise fail(f"not a rolled-up tag key: {', '.join(unknown)}")
+            if remove:
+                remove_tag_keys(store, settings, remove)
+                state = read_state(store, settings)
+        finally:
+            store.close()
+    except (DiscoveryError, StoreError) as e:
+        raise fail(str(e)) from None
+    for key, since in sorted(state.tag_keys.items()):
+        typer.echo(f"{key}\tcovered from {since.isoformat()}")
+    if not state.tag_keys:
+        typer.echo("no tag keys are rolled up")
+
+
 @config_app.command("check")
 def config_check(config: Optional[str] = ConfigOpt,
                  strict: bool = typer.Option(False, "--strict", help="Exit 1 when there is any warning.")) -> None:

@@ -22,8 +22,8 @@ def script(path: str, phase: str) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def cli(config: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gateway.cli", "db", "backfill-rollups", "--config", config, *args],
+def cli(config: str, *args: str, command: str = "backfill-rollups") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gateway.cli", "db", command, "--config", config, *args],
                           capture_output=True, text=True, timeout=300, cwd=ROOT, env=ENV)
 
 
@@ -84,3 +84,14 @@ def test_backfill_is_resumable_and_answers_stay_right(tmp_path):
     again = cli(str(config), "--settle", "0", "--redo")
     assert again.returncode == 0 and again.stdout.startswith("rollups cover calls from")
     assert_equal_everywhere(script(path, "check"))
+
+    listed = cli(str(config), command="rollup-tags")
+    assert listed.returncode == 0 and listed.stdout == f"zone\tcovered from {cover['covered_from']}\n"
+    wrong = cli(str(config), "--remove", "nope", command="rollup-tags")
+    assert (wrong.returncode, wrong.stderr) == (2, "tagway: error: not a rolled-up tag key: nope\n")
+    removed = cli(str(config), "--remove", "zone", command="rollup-tags")
+    assert removed.returncode == 0 and removed.stdout == "no tag keys are rolled up\n"
+    gone = script(path, "check")
+    assert_equal_everywhere(gone)
+    assert gone["answers"]["zone"]["read"] == {**gone["answers"]["zone"]["read"], "source": "raw",
+                                               "reason": "tag key 'zone' is not rolled up"}
