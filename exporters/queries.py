@@ -150,8 +150,6 @@ def _plan(store: Store, sel: Selection, by: Sequence[str], window: Window, datab
     keys = question_keys(by, sel.filters, sel.status, bool(sel.sources_excluded))
     if not rollups:
         route = Route(None, "rollups turned off for this question")
-    elif APPLIED_TAG in keys:  # current tag state: always llm_calls joined with it
-        route = Route(None, "applied_tag is current tag state, read from llm_calls")
     else:
         try:
             state = read_state(store, database)
