@@ -22,7 +22,8 @@ __all__ = ["DsnConfigError", "ResolvedDsn", "resolve_dsn", "embedded_dsn", "defa
 
 DEFAULT_DATA_DIR = os.path.join(".", "tagway-data")
 STORAGE_KEYS = frozenset({"data_dir", "dsn", "spool_dir", "database", "cluster", "ttl_days", "query_concurrency",
-                          "query_max_seconds", "query_max_memory_bytes", "query_max_threads"})
+                          "query_max_seconds", "query_max_memory_bytes", "query_max_threads", "rollup_ttl_days",
+                          "rollup_tag_keys"})
 _STRING_KEYS = ("data_dir", "dsn", "database")
 _ENV_OVERRIDES = {"dsn": "TAGWAY_STORAGE__DSN", "data_dir": "TAGWAY_STORAGE__DATA_DIR",
                   "database": "TAGWAY_STORAGE__DATABASE"}

@@ -25,7 +25,10 @@ import re
 from typing import Any, Iterable, Sequence
 
 from . import feedback as fb
-from .store import Store
+from .rollup_plan import Piece, Route, choose_route, plan_pieces, question_keys
+from .rollup_read import read_info, union_source
+from .rollups import COST, LAT_Q, TTFT_Q, read_state
+from .store import Store, StoreError
 from .tagstate import applied_tags_source
 from .vocabulary import (APPLIED_TAG, COLUMNS, NON_PRODUCTION_SOURCES, STATUSES, Filter, Params, QueryInputError,
                          Window, column_expr, filter_condition, parse_dimension, parse_duration, parse_filter,
@@ -126,13 +129,55 @@ def _dim_select(key: str, p: Params) -> str:
 
 
 def _where(sel: Selection, p: _Params, window: Window, database: str = "") -> str:
-    parts = [f"Timestamp >= {p.time(window.start)}", f"Timestamp < {p.time(window.end)}"]
-    parts += [filter_condition(f, p, database) for f in sel.filters]
+    return " AND ".join([f"Timestamp >= {p.time(window.start)}", f"Timestamp < {p.time(window.end)}",
+                         _conditions(sel, p, database)])
+
+
+def _conditions(sel: Selection, p: _Params, database: str = "") -> str:
+    """The selection's filters, status and excluded sources (no time): valid on llm_calls and on the rollups."""
+    parts = [filter_condition(f, p, database) for f in sel.filters]
     if sel.status:
         parts.append(f"status = {p.add('v', 'String', sel.status)}")
     if sel.sources_excluded:
         parts.append(f"source NOT IN {p.add('v', 'Array(String)', list(sel.sources_excluded))}")
-    return " AND ".join(parts)
+    return " AND ".join(parts) or "1"
+
+
+# -- rollups (exporters.rollups): the same answers from per-bucket aggregates when the question allows -----------
+def _plan(store: Store, sel: Selection, by: Sequence[str], window: Window, database: str,
+          splits: Sequence[dt.datetime] = (), step: int | None = None,
+          rollups: bool = True) -> tuple[Route, list[Piece]]:
+    keys = question_keys(by, sel.filters, sel.status, bool(sel.sources_excluded))
+    if not rollups:
+        route = Route(None, "rollups turned off for this question")
+    else:
+        try:
+            state = read_state(store, database)
+        except StoreError:  # not migrated yet (or a store without the rollups): raw answers are still right
+            state = None
+        route = choose_route(keys, state, dt.datetime.now(dt.timezone.utc))
+    return route, plan_pieces(route, window.start, window.end, splits, step)
+
+
+def _rollup_from(route: Route, pieces: list[Piece], sel: Selection, p: _Params, database: str,
+                 dims: Sequence[tuple[str, str]], extras: Sequence[tuple[str, Any]], measures: int = 6) -> str:
+    tag = p.add("k", "String", route.tag_key) if route.tag_key else ""
+    return union_source(pieces, route, _conditions(sel, p, database), dims, extras, p.time,
+                        lambda t: _table_name(t, database), measures, tag)
+
+
+# The outer aggregation over rollup_read.union_source (cur: the row is in the current window, not the previous one).
+_ROLLUP_AGG = (
+    "sumIf(n, cur) AS calls, sumIf(n, cur AND status = 'error') AS errors, "
+    "sumIf(n, cur AND status = 'cancelled') AS cancelled, "
+    f"{LAT_Q.replace('(', 'MergeIf(', 1)}(s_lat, cur) AS lat, {TTFT_Q.replace('(', 'MergeIf(', 1)}(s_ttft, cur) AS ttft, "
+    "sumIf(n_in, cur) AS tin, sumIf(n_out, cur) AS tout, sumIf(n_cost, cur) AS cost, "
+    "sumIf(n, NOT cur) AS prev_calls, sumIf(n, NOT cur AND status = 'error') AS prev_errors")
+
+
+def _table_name(table: str, database: str) -> str:
+    calls_table(database)  # validates the name
+    return f"`{database}`.`{table}`" if database else f"`{table}`"
 
 
 def calls_table(database: str = "") -> str:
@@ -266,6 +311,7 @@ class StatsReport:
     segments: list[SegmentStats]
     total: SegmentStats
     truncated: bool = False
+    read: dict[str, Any] | None = None  # which tables answered (rollup_read.read_info)
 
     @property
     def previous_window(self) -> Window | None:
@@ -288,6 +334,7 @@ class StatsReport:
             "segments": [s.to_dict() for s in self.segments],
             "total": total,
             "truncated": self.truncated,
+            "read": self.read,
         }
 
 
@@ -299,31 +346,39 @@ def _validate_limits(min_calls: int, limit: int) -> None:
 
 
 def segment_stats(store: Store, sel: Selection, by: Sequence[str] = ("customer",), *, compare: bool = False,
-                  min_calls: int = 20, limit: int = 500, database: str = "") -> StatsReport:
+                  min_calls: int = 20, limit: int = 500, database: str = "", rollups: bool = True) -> StatsReport:
     """Per-segment failure rates over `sel`, worst first. `by` keys are validated again here."""
     by = parse_by(by)
     _validate_limits(min_calls, limit)
     p = _Params()
-    dims = [f"{_dim_select(k, p)} AS d{i}" for i, k in enumerate(by)]
     window = sel.window.previous() if compare else sel.window
     window = Window(window.start, sel.window.end)
-    where = _where(sel, p, window, database)
-    if compare:
-        cur = f"Timestamp >= {p.time(sel.window.start)}"
-        agg = (f"countIf({cur}) AS calls, countIf({cur} AND status = 'error') AS errors, "
-               f"countIf({cur} AND status = 'cancelled') AS cancelled, "
-               f"quantilesIf(0.5, 0.95, 0.99)(latency_ms, {cur}) AS lat, quantileIf(0.5)(ttft_ms, {cur}) AS ttft, "
-               f"sumIf(input_tokens, {cur}) AS tin, sumIf(output_tokens, {cur}) AS tout, "
-               f"sumIf(cost_usd, {cur}) AS cost, "
-               f"countIf(NOT ({cur})) AS prev_calls, countIf(NOT ({cur}) AND status = 'error') AS prev_errors")
-    else:
-        agg = ("count() AS calls, countIf(status = 'error') AS errors, countIf(status = 'cancelled') AS cancelled, "
-               "quantiles(0.5, 0.95, 0.99)(latency_ms) AS lat, quantile(0.5)(ttft_ms) AS ttft, "
-               "sum(input_tokens) AS tin, sum(output_tokens) AS tout, sum(cost_usd) AS cost")
+    route, pieces = _plan(store, sel, by, window, database, splits=[sel.window.start], rollups=rollups)
     group = ", ".join(f"d{i}" for i in range(len(by)))
-    sql = (f"SELECT {', '.join(dims)}, {agg}\nFROM {calls_source(database, by)}\nWHERE {where}\nGROUP BY {group}\n"
-           f"ORDER BY calls = 0, errors / calls DESC, calls DESC, {group}\n"
-           f"LIMIT {p.add('n', 'UInt32', limit + 1)}")
+    if any(piece.level for piece in pieces):
+        dims = [(f"d{i}", _dim_select(k, p)) for i, k in enumerate(by)]
+        start = p.time(sel.window.start)
+        src = _rollup_from(route, pieces, sel, p, database, dims, [("cur", lambda tcol: f"{tcol} >= {start}")])
+        agg = _ROLLUP_AGG
+        sql = f"SELECT {''.join(f'd{i}, ' for i in range(len(by)))}{agg}\nFROM {src}\n"
+    else:
+        dims = [f"{_dim_select(k, p)} AS d{i}" for i, k in enumerate(by)]
+        where = _where(sel, p, window, database)
+        if compare:
+            cur = f"Timestamp >= {p.time(sel.window.start)}"
+            agg = (f"countIf({cur}) AS calls, countIf({cur} AND status = 'error') AS errors, "
+                   f"countIf({cur} AND status = 'cancelled') AS cancelled, "
+                   f"quantilesIf(0.5, 0.95, 0.99)(latency_ms, {cur}) AS lat, quantileIf(0.5)(ttft_ms, {cur}) AS ttft, "
+                   f"sumIf(input_tokens, {cur}) AS tin, sumIf(output_tokens, {cur}) AS tout, "
+                   f"sumIf({COST}, {cur}) AS cost, "
+                   f"countIf(NOT ({cur})) AS prev_calls, countIf(NOT ({cur}) AND status = 'error') AS prev_errors")
+        else:
+            agg = ("count() AS calls, countIf(status = 'error') AS errors, countIf(status = 'cancelled') AS cancelled, "
+                   "quantiles(0.5, 0.95, 0.99)(latency_ms) AS lat, quantile(0.5)(ttft_ms) AS ttft, "
+                   f"sum(input_tokens) AS tin, sum(output_tokens) AS tout, sum({COST}) AS cost")
+        sql = f"SELECT {', '.join(dims)}, {agg}\nFROM {calls_source(database, by)}\nWHERE {where}\n"
+    sql += (f"GROUP BY {group}\nORDER BY calls = 0, errors / calls DESC, calls DESC, {group}\n"
+            f"LIMIT {p.add('n', 'UInt32', limit + 1)}")
     # In compare mode a segment seen only in the previous window comes back with calls = 0: it counts in the
     # previous total but is not listed (it has no current rate). Such rows sort last.
     rows = store.query(sql, parameters=p.values)
@@ -332,7 +387,7 @@ def segment_stats(store: Store, sel: Selection, by: Sequence[str] = ("customer",
     segments = [_segment(r, by, min_calls, compare) for r in rows if int(r["calls"]) > 0]
     segments.sort(key=_sort_key)
     if truncated or APPLIED_TAG in by:  # a call with several applied tags is in several segments: count it once
-        total = _totals(store, sel, compare, database)
+        total = _totals(store, sel, compare, database, rollups)
     else:
         total = SegmentStats(key={}, calls=sum(s.calls for s in segments), errors=sum(s.errors for s in segments),
                              cancelled=sum(s.cancelled for s in segments),
@@ -342,7 +397,7 @@ def segment_stats(store: Store, sel: Selection, by: Sequence[str] = ("customer",
                              prev_calls=sum(int(r["prev_calls"]) for r in rows) if compare else None,
                              prev_errors=sum(int(r["prev_errors"]) for r in rows) if compare else None)
     _attach_feedback(store, sel, by, segments, total, database)
-    return StatsReport(by, sel, compare, min_calls, segments, total, truncated)
+    return StatsReport(by, sel, compare, min_calls, segments, total, truncated, read_info(route, pieces))
 
 
 def _attach_feedback(store: Store, sel: Selection, by: Sequence[str], segments: list[SegmentStats],
@@ -378,16 +433,22 @@ def _segment(r: dict, by: Sequence[str], min_calls: int, compare: bool) -> Segme
     )
 
 
-def _totals(store: Store, sel: Selection, compare: bool, database: str) -> SegmentStats:
+def _totals(store: Store, sel: Selection, compare: bool, database: str, rollups: bool = True) -> SegmentStats:
     p = _Params()
     window = Window(sel.window.previous().start, sel.window.end) if compare else sel.window
-    where = _where(sel, p, window, database)
-    cur = f"Timestamp >= {p.time(sel.window.start)}" if compare else "1"
-    sql = (f"SELECT countIf({cur}) AS calls, countIf({cur} AND status = 'error') AS errors, "
-           f"countIf({cur} AND status = 'cancelled') AS cancelled, sumIf(input_tokens, {cur}) AS tin, "
-           f"sumIf(output_tokens, {cur}) AS tout, sumIf(cost_usd, {cur}) AS cost, "
-           f"countIf(NOT ({cur})) AS prev_calls, countIf(NOT ({cur}) AND status = 'error') AS prev_errors\n"
-           f"FROM {calls_table(database)}\nWHERE {where}")
+    route, pieces = _plan(store, sel, (), window, database, splits=[sel.window.start], rollups=rollups)
+    if any(piece.level for piece in pieces):
+        start = p.time(sel.window.start)
+        src = _rollup_from(route, pieces, sel, p, database, [], [("cur", lambda tcol: f"{tcol} >= {start}")])
+        sql = f"SELECT {_ROLLUP_AGG}\nFROM {src}"
+    else:
+        where = _where(sel, p, window, database)
+        cur = f"Timestamp >= {p.time(sel.window.start)}" if compare else "1"
+        sql = (f"SELECT countIf({cur}) AS calls, countIf({cur} AND status = 'error') AS errors, "
+               f"countIf({cur} AND status = 'cancelled') AS cancelled, sumIf(input_tokens, {cur}) AS tin, "
+               f"sumIf(output_tokens, {cur}) AS tout, sumIf({COST}, {cur}) AS cost, "
+               f"countIf(NOT ({cur})) AS prev_calls, countIf(NOT ({cur}) AND status = 'error') AS prev_errors\n"
+               f"FROM {calls_table(database)}\nWHERE {where}")
     r = store.query(sql, parameters=p.values)[0]
     return SegmentStats(key={}, calls=int(r["calls"]), errors=int(r["errors"]), cancelled=int(r["cancelled"]),
                         input_tokens=int(r["tin"]), output_tokens=int(r["tout"]), cost_usd=float(r["cost"] or 0.0),
@@ -513,14 +574,17 @@ class TimeSeries:
     buckets: list[str]
     series: list[Series]
     omitted: int  # series left out by series_limit
+    read: dict[str, Any] | None = None  # which tables answered (rollup_read.read_info)
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.selection.to_dict(), "by": self.by, "step_seconds": self.step_seconds,
-                "buckets": self.buckets, "series": [s.to_dict() for s in self.series], "omitted": self.omitted}
+                "buckets": self.buckets, "series": [s.to_dict() for s in self.series], "omitted": self.omitted,
+                "read": self.read}
 
 
 def error_timeseries(store: Store, sel: Selection, *, by: str = "customer", step: int | None = None,
-                     series_limit: int = 10, min_calls: int = 20, database: str = "") -> TimeSeries:
+                     series_limit: int = 10, min_calls: int = 20, database: str = "",
+                     rollups: bool = True) -> TimeSeries:
     """Error rate per bucket for each value of `by` (a tenant by default). The bucket size follows the window
     (choose_step) unless given. Keeps the `series_limit` worst series, worst first: series with at least
     `min_calls` calls before the others, each group by error rate (then calls), so that on a chart a 1-in-2 tenant
@@ -536,10 +600,18 @@ def error_timeseries(store: Store, sel: Selection, *, by: str = "customer", step
     p = _Params()
     key = _dim_select(by, p)
     st = p.add("s", "UInt32", step)
-    where = _where(sel, p, sel.window, database)
-    sql = (f"SELECT toUnixTimestamp(toStartOfInterval(Timestamp, toIntervalSecond({st}), 'UTC')) AS b, "
-           f"{key} AS k, count() AS calls, countIf(status = 'error') AS errors\n"
-           f"FROM {calls_source(database, [by])}\nWHERE {where}\nGROUP BY b, k\nORDER BY b, k")
+    route, pieces = _plan(store, sel, [by], sel.window, database, step=step, rollups=rollups)
+    if any(piece.level for piece in pieces):
+        src = _rollup_from(route, pieces, sel, p, database, [("k", key)],
+                           [("b", lambda tcol: f"toUnixTimestamp(toStartOfInterval({tcol}, toIntervalSecond({st}), "
+                                               "'UTC'))")], measures=1)
+        sql = (f"SELECT b, k, sum(n) AS calls, sumIf(n, status = 'error') AS errors\nFROM {src}\n"
+               "GROUP BY b, k\nORDER BY b, k")
+    else:
+        where = _where(sel, p, sel.window, database)
+        sql = (f"SELECT toUnixTimestamp(toStartOfInterval(Timestamp, toIntervalSecond({st}), 'UTC')) AS b, "
+               f"{key} AS k, count() AS calls, countIf(status = 'error') AS errors\n"
+               f"FROM {calls_source(database, [by])}\nWHERE {where}\nGROUP BY b, k\nORDER BY b, k")
     rows = store.query(sql, parameters=p.values)
     start = int(sel.window.start.timestamp()) // step * step
     end = sel.window.end.timestamp()
@@ -563,4 +635,4 @@ def error_timeseries(store: Store, sel: Selection, *, by: str = "customer", step
                   for b, (c, e) in zip(bucket_ts, counts)]
         series.append(Series(k, sum(c for c, _ in counts), sum(e for _, e in counts), points))
     return TimeSeries(sel, by, step, [_iso_us(b * 1_000_000) for b in bucket_ts], series,
-                      max(0, len(ranked) - series_limit))
+                      max(0, len(ranked) - series_limit), read_info(route, pieces))

@@ -12,6 +12,7 @@ import dataclasses
 from typing import Callable
 
 from . import semconv as sc
+from .rollups import ROLLUPS_MIGRATION, rollup_statements, sync_tag_keys
 from .store import Store
 
 __all__ = ["SchemaSettings", "MIGRATIONS", "migrate", "applied_versions", "statements_for"]
@@ -22,6 +23,8 @@ class SchemaSettings:
     database: str = ""  # "" = the client's current database
     cluster: str = ""  # "" = single node; a name = ON CLUSTER + Replicated*MergeTree + Distributed
     ttl_days: int = 0  # 0 = keep forever
+    rollup_ttl_days: int = 0  # the rollups' own TTL (exporters.rollups); 0 = keep forever
+    rollup_tag_keys: tuple[str, ...] | None = None  # tag keys to roll up (added when missing, never removed here)
 
     def on_cluster(self) -> str:
         return f" ON CLUSTER `{self.cluster}`" if self.cluster else ""
@@ -456,6 +459,10 @@ def _m9_autopopulate(s: SchemaSettings) -> list[str]:
     return stmts
 
 
+def _m10_rollups(s: SchemaSettings) -> list[str]:
+    return rollup_statements(s, _table)
+
+
 Migration = tuple[int, str, Callable[[SchemaSettings], list[str]]]
 
 MIGRATIONS: list[Migration] = [
@@ -467,6 +474,8 @@ MIGRATIONS: list[Migration] = [
     (7, "llm_calls.session_id", _m7_session_id),
     (8, "evaluators, evaluation runs and results; tag events, state and locks", _m8_evals_and_tags),
     (9, "dataset_autopopulate and dataset_populations", _m9_autopopulate),
+    (ROLLUPS_MIGRATION, "rollups of llm_calls (minute/hour/day, and by tag) with their views and coverage state",
+     _m10_rollups),
 ]
 
 
@@ -489,7 +498,7 @@ def applied_versions(store: Store, settings: SchemaSettings = SchemaSettings()) 
     return {int(r[0]) for r in rows}
 
 
-def migrate(store: Store, settings: SchemaSettings = SchemaSettings()) -> list[int]:
+def migrate(store: Store, settings: SchemaSettings = SchemaSettings(), upto: int | None = None) -> list[int]:
     """Apply the migrations not yet applied, in order. Returns the versions applied now. Every statement is
     `IF NOT EXISTS`, so two gateways migrating at the same time at start-up do no harm."""
     if settings.database:
@@ -497,11 +506,13 @@ def migrate(store: Store, settings: SchemaSettings = SchemaSettings()) -> list[i
     done = applied_versions(store, settings)
     applied: list[int] = []
     for version, name, fn in MIGRATIONS:
-        if version in done:
+        if version in done or (upto is not None and version > upto):
             continue
         for sql in fn(settings):
             store.command(sql)
         store.command(f"INSERT INTO {_versions_table(settings)} (version, name) VALUES ({version}, {{name:String}})",
                       parameters={"name": name})
         applied.append(version)
+    if settings.rollup_tag_keys is not None and ROLLUPS_MIGRATION in done | set(applied):
+        sync_tag_keys(store, settings, settings.rollup_tag_keys)
     return applied

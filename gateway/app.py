@@ -217,7 +217,6 @@ def default_recorder(config: GatewayConfig) -> Any:
     slot under it (an flock), so a restarted worker adopts, and re-sends, whatever a dead one left behind. The
     embedded store allows one process, which takes `worker-0`."""
     from exporters.recording import RecordingLimits, start_recording  # noqa: PLC0415 - chDB import is heavy
-    from exporters.schema import SchemaSettings  # noqa: PLC0415
     from exporters.spool import SpoolLockedError  # noqa: PLC0415
     from exporters.store import is_embedded  # noqa: PLC0415
 
@@ -227,7 +226,7 @@ def default_recorder(config: GatewayConfig) -> Any:
     def start(spool_dir: str) -> Any:
         return start_recording(
             dsn=dsn, spool_dir=spool_dir,
-            schema=SchemaSettings(database=s.database, cluster=s.cluster, ttl_days=s.ttl_days),
+            schema=config.schema_settings(),
             batch_max_rows=r.batch_max_rows, batch_max_seconds=r.batch_max_seconds, queue_max=r.queue_max,
             service_name=r.service_name, enabled=r.enabled,
             limits=RecordingLimits(queue_max_bytes=r.queue_max_bytes, batch_max_bytes=r.batch_max_bytes,

@@ -332,12 +332,12 @@ def db_migrate(config: Optional[str] = ConfigOpt,
                dsn: Optional[str] = typer.Option(None, envvar="TAGWAY_DSN", help="Overrides the config's store."),
                print_only: bool = typer.Option(False, "--print", help="Print the SQL instead of running it.")) -> None:
     """Create or upgrade the ClickHouse schema (also done at gateway start-up)."""
-    from exporters.schema import SchemaSettings, migrate, statements_for  # noqa: PLC0415
+    from exporters.schema import migrate, statements_for  # noqa: PLC0415
     from exporters.store import StoreError  # noqa: PLC0415
 
     cfg = _load(config)
     s = cfg.storage
-    settings = SchemaSettings(database=s.database, cluster=s.cluster, ttl_days=s.ttl_days)
+    settings = cfg.schema_settings()
     if print_only:
         for version, sql in statements_for(settings):
             typer.echo(f"-- migration {version}\n{sql};\n")
@@ -359,6 +359,100 @@ def db_migrate(config: Optional[str] = ConfigOpt,
     except StoreError as e:
         raise fail(str(e)) from None
     typer.echo(f"applied migrations: {', '.join(map(str, applied))}" if applied else "schema is up to date")
+
+
+@db_app.command("backfill-rollups")
+def db_backfill_rollups(config: Optional[str] = ConfigOpt,
+                        dsn: Optional[str] = typer.Option(None, envvar="TAGWAY_DSN",
+                                                          help="Overrides the config's store."),
+                        redo: bool = typer.Option(False, "--redo", help="Roll the backfilled range up again (e.g. "
+                                                  "after old calls arrived late from a spool)."),
+                        settle: float = typer.Option(60.0, min=0, help="Seconds after the rollups went live before "
+                                                     "the backfill starts (calls in flight by then have landed)."),
+                        progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
+                                                                help="Progress bar on stderr (default: when it is "
+                                                                "a terminal)."),
+                        as_json: bool = typer.Option(False, "--json", help="Print the coverage as JSON.")) -> None:
+    """Roll up the calls stored before the rollups existed (migration 10), newest day first, with a progress bar.
+    Resumable: run it again after an interruption; a day cut short is redone. Stats read the rollups only for the
+    range they cover, and llm_calls for the rest, so answers are right before, during and after."""
+    import json  # noqa: PLC0415
+
+    from rich.console import Console  # noqa: PLC0415
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: PLC0415
+
+    from exporters.discovery import DiscoveryError  # noqa: PLC0415
+    from exporters.remote_store import StoreGoneError  # noqa: PLC0415
+    from exporters.rollups import RollupError, backfill  # noqa: PLC0415
+    from exporters.store import StoreError  # noqa: PLC0415
+    from exporters.store_access import open_store  # noqa: PLC0415
+
+    cfg = _load(config)
+    prog = Progress(TextColumn("backfill"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
+                    TextColumn("{task.fields[at]}"), TimeElapsedColumn(),
+                    disable=not (sys.stderr.isatty() if progress is None else progress), console=Console(stderr=True))
+    task = prog.add_task("backfill", total=1.0, at="")
+
+    def step(s: Any) -> None:
+        prog.update(task, total=max(s.total_seconds, 1.0), completed=s.done_seconds,
+                    at=f"covered from {s.covered_from:%Y-%m-%d %H:%M}Z")
+
+    try:
+        store = open_store(dsn or cfg.storage.resolved_dsn())
+        try:
+            with prog:
+                state = backfill(store, cfg.schema_settings(), settle_seconds=settle, redo=redo, progress=step)
+        finally:
+            store.close()
+    except StoreGoneError as e:
+        raise fail(f"{e}; run the backfill again to resume", 3) from None
+    except (RollupError, DiscoveryError, StoreError) as e:
+        raise fail(str(e)) from None
+    except KeyboardInterrupt:
+        raise fail("interrupted: run `tagway db backfill-rollups` again to resume", 130) from None
+    cover = {"covered_from": state.covered_from.isoformat(), "live_from": state.live_from.isoformat(),
+             "tag_keys": {k: v.isoformat() for k, v in sorted(state.tag_keys.items())}}
+    if as_json:
+        typer.echo(json.dumps(cover, indent=2))
+    else:
+        typer.echo(f"rollups cover calls from {cover['covered_from']}")
+
+
+@db_app.command("rollup-tags")
+def db_rollup_tags(config: Optional[str] = ConfigOpt,
+                   dsn: Optional[str] = typer.Option(None, envvar="TAGWAY_DSN", help="Overrides the config's store."),
+                   remove: Optional[list[str]] = typer.Option(None, "--remove", help="Stop rolling up this tag key "
+                                                              "(repeatable); its questions read llm_calls from now on.")
+                   ) -> None:
+    """The tag keys the tag rollup holds and where each one's coverage starts. Keys come from the config
+    (storage.rollup_tag_keys, or the taxonomy keys that list their values) and are only ever added by it."""
+    from exporters.discovery import DiscoveryError  # noqa: PLC0415
+    from exporters.rollups import read_state, remove_tag_keys  # noqa: PLC0415
+    from exporters.store import StoreError  # noqa: PLC0415
+    from exporters.store_access import open_store  # noqa: PLC0415
+
+    cfg = _load(config)
+    try:
+        store = open_store(dsn or cfg.storage.resolved_dsn())
+        try:
+            settings = cfg.schema_settings()
+            state = read_state(store, settings)
+            if state is None:
+                raise fail("the store has no rollups: run `tagway db migrate` first")
+            unknown = sorted(set(remove or ()) - set(state.tag_keys))
+            if unknown:
+                raise fail(f"not a rolled-up tag key: {', '.join(unknown)}")
+            if remove:
+                remove_tag_keys(store, settings, remove)
+                state = read_state(store, settings)
+        finally:
+            store.close()
+    except (DiscoveryError, StoreError) as e:
+        raise fail(str(e)) from None
+    for key, since in sorted(state.tag_keys.items()):
+        typer.echo(f"{key}\tcovered from {since.isoformat()}")
+    if not state.tag_keys:
+        typer.echo("no tag keys are rolled up")
 
 
 @config_app.command("check")

@@ -183,6 +183,10 @@ class StorageConfig(_Strict):
     query_max_seconds: float = Field(30.0, gt=0)
     query_max_memory_bytes: int = Field(4 << 30, ge=64 << 20)
     query_max_threads: int = Field(0, ge=0)  # 0: half the cores
+    # rollups (exporters.rollups): their own TTL, and the tag keys rolled up (None: the taxonomy keys that list
+    # their values, a bounded vocabulary; list only keys with few values)
+    rollup_ttl_days: int = Field(0, ge=0)
+    rollup_tag_keys: list[str] | None = None
 
     def resolved_dsn(self) -> str:
         return self.dsn or embedded_dsn(self.data_dir)  # the one helper replay and stats use too
@@ -354,12 +358,31 @@ class GatewayConfig(BaseSettings):
         for k in self.taxonomy.keys:
             if not NAME_RE.match(k):
                 problems.append(f"taxonomy.keys: {k!r} must match [a-z0-9_.-]{{1,64}}")
+        for k in self.storage.rollup_tag_keys or ():
+            if not NAME_RE.match(k):
+                problems.append(f"storage.rollup_tag_keys: {k!r} must match [a-z0-9_.-]{{1,64}}")
         if problems:
             raise ValueError("; ".join(problems))
         return self
 
     def model(self, name: str) -> ModelConfig | None:
         return self._models_by_name().get(name)
+
+    def rollup_tag_keys(self) -> tuple[str, ...]:
+        """The tag keys the tag rollup holds: storage.rollup_tag_keys, else the taxonomy's keys with listed values
+        (customer, intent and prompt_version are columns, rolled up anyway)."""
+        if self.storage.rollup_tag_keys is not None:
+            return tuple(sorted(set(self.storage.rollup_tag_keys)))
+        columns = ("customer", "intent", "prompt_version")
+        return tuple(sorted(k for k, rule in self.taxonomy.keys.items() if rule.values and k not in columns))
+
+    def schema_settings(self) -> Any:
+        """The store's schema settings (exporters.schema.SchemaSettings) from storage and taxonomy."""
+        from exporters.schema import SchemaSettings  # noqa: PLC0415 - config stays light to import
+
+        s = self.storage
+        return SchemaSettings(database=s.database, cluster=s.cluster, ttl_days=s.ttl_days,
+                              rollup_ttl_days=s.rollup_ttl_days, rollup_tag_keys=self.rollup_tag_keys())
 
     def _models_by_name(self) -> dict[str, ModelConfig]:
         cache = self.__dict__.get("_by_name_cache")

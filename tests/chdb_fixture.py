@@ -20,6 +20,6 @@ def chdb_dsn(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="session")
 def chdb_store(chdb_dsn: str) -> Store:
     store = connect(chdb_dsn)
-    migrate(store, SchemaSettings())
+    migrate(store, SchemaSettings(rollup_tag_keys=("zone",)))  # the tag rollup's key (tests/test_rollups.py)
     yield store
     store.close()

@@ -1,0 +1,76 @@
+"""Run in a process of its own (chDB: one data directory per process) by tests/test_rollups_backfill.py:
+
+    python -m tests.rollup_backfill_script DIR seed       # an existing store (migrations 1-8, 3 days of calls), then 9
+    python -m tests.rollup_backfill_script DIR live       # calls after live_from, and late calls from before it
+    python -m tests.rollup_backfill_script DIR interrupt  # a backfill stopped after its second step
+    python -m tests.rollup_backfill_script DIR check      # rollup vs raw answers, the coverage, as JSON
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+
+from exporters import queries as q
+from exporters import rollups
+from exporters.rollups import ROLLUPS_MIGRATION
+from exporters.schema import SchemaSettings, migrate
+from exporters.store import connect
+from tests.rollup_seed import insert_spans, seed_spans
+
+UTC = dt.timezone.utc
+CUSTOMERS = ["bf-a", "bf-b", "bf-c"]
+
+
+def answers(store) -> dict:
+    out = {}
+    for name, by, where, since in (("tenants", ["customer"], [], "3d"), ("intents", ["customer", "intent"], [], "2d"),
+                                   ("zone", ["tag.zone"], [], "3d"), ("pro", ["customer"], ["tag.zone=eu"], "30h")):
+        sel = q.make_selection(where=where, since=since)
+        fast, raw = q.segment_stats(store, sel, by), q.segment_stats(store, sel, by, rollups=False)
+        key = lambda r: [(s.key, s.calls, s.errors, s.cancelled, s.input_tokens, s.output_tokens, s.cost_usd)  # noqa
+                         for s in r.segments] + [r.total.calls]
+        out[name] = {"equal": key(fast) == key(raw), "calls": raw.total.calls, "read": fast.read}
+    ts = q.make_selection(since="2d")
+    out["series_equal"] = (q.error_timeseries(store, ts, step=3600).to_dict()["series"] ==
+                           q.error_timeseries(store, ts, step=3600, rollups=False).to_dict()["series"])
+    return out
+
+
+def main(path: str, phase: str) -> None:
+    store = connect(f"chdb://{path}")
+    now = dt.datetime.now(UTC)
+    try:
+        if phase == "seed":
+            migrate(store, SchemaSettings(), upto=ROLLUPS_MIGRATION - 1)
+            spans = seed_spans(CUSTOMERS, now - dt.timedelta(hours=60), now - dt.timedelta(seconds=2), 3000)
+            insert_spans(store, spans)
+            migrate(store, SchemaSettings(rollup_tag_keys=("zone",)))
+        elif phase == "live":
+            st = rollups.read_state(store)
+            assert now > st.live_from, (now, st.live_from)
+            insert_spans(store, seed_spans(CUSTOMERS, st.live_from, now, 300, seed=5))
+            insert_spans(store, seed_spans(CUSTOMERS, now - dt.timedelta(hours=30), now - dt.timedelta(hours=29),
+                                           100, seed=6))  # late: from before live_from, before the backfill
+        elif phase == "interrupt":
+            seen = []
+
+            def stop(step: rollups.BackfillStep) -> None:
+                seen.append(step)
+                if len(seen) == 2:
+                    raise KeyboardInterrupt
+
+            try:
+                rollups.backfill(store, SchemaSettings(), settle_seconds=0, progress=stop)
+            except KeyboardInterrupt:
+                pass
+        st = rollups.read_state(store)
+        print(json.dumps({"answers": answers(store), "live_from": st.live_from.isoformat(),
+                          "covered_from": st.covered_from.isoformat(), "pending_from": st.pending_from.isoformat(),
+                          "tag_keys": {k: v.isoformat() for k, v in st.tag_keys.items()}}))
+    finally:
+        store.close()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
