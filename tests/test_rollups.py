@@ -202,7 +202,7 @@ def test_plan_never_reads_a_rollup_before_its_coverage_or_across_live_from():
 
 def test_cluster_ddl_replicated_distributed_on_cluster():
     stmts = [sql for v, sql in statements_for(SchemaSettings(cluster="prod", database="tw", rollup_ttl_days=90))
-             if v == 9]
+             if v == ROLLUPS_MIGRATION]
     ddl = [s for s in stmts if not s.startswith("INSERT")]
     assert ddl and all(" ON CLUSTER `prod`" in s for s in ddl)
     for fam, levels in (("llm_calls", ("1m", "1h", "1d")), ("llm_calls_tags", ("1h", "1d"))):
@@ -217,7 +217,7 @@ def test_cluster_ddl_replicated_distributed_on_cluster():
     assert "FROM `tw`.`llm_calls_tags_1h_local`" in day_mv
     state = next(s for s in ddl if "`llm_rollup_state`" in s.split("(")[0])
     assert "ReplicatedReplacingMergeTree('/clickhouse/tables/all/tw/llm_rollup_state'" in state
-    single = [sql for v, sql in statements_for(SchemaSettings()) if v == 9]
+    single = [sql for v, sql in statements_for(SchemaSettings()) if v == ROLLUPS_MIGRATION]
     assert not any("ON CLUSTER" in s or "Replicated" in s or "Distributed" in s for s in single)
     assert all("TTL" not in s for s in single)
 
