@@ -8,8 +8,8 @@ Rows are generated server-side (INSERT ... SELECT FROM numbers(N)) with current 
 days in time order (TTLs drop old rows), ~50 customers and ~10 intents with a skewed (Zipf-like) mix, a 3% base
 error rate and one hidden bad segment (customer cust-07 on intent refund fails 30%). The rows go in before the
 rollups exist (the migrations before the rollups one), then that migration and `backfill` roll them up (tag keys
-region and tier), as
-`tagway db backfill-rollups` does for an existing store; `--fill views` instead inserts through the rollup views.
+region and tier), as `tagway db backfill-rollups` does for an existing store; `--fill views` instead inserts
+through the rollup views.
 Each query runs on the rollups (where the question allows) and on llm_calls alone (`raw`); the `read` column says
 what answered. Storage per 1M calls is printed for llm_calls and the rollups. Run it as its own process: chDB
 allows one data directory per process.
