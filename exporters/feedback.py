@@ -121,6 +121,13 @@ def segment_feedback(store: Any, dims: Sequence[str], where: str, params: dict[s
     each call's applied tags) the rated and complained calls: complaints, rated, score_sum. Only calls with
     feedback are read (the bloom-filter index on trace_id takes the IN list)."""
     fb = feedback_table(database)
+    # most windows hold no rating: then the join is skipped, whose trace_id scan of llm_calls (bloom index or not)
+    # grows with traffic (0.11 s at 100M calls, half the rollups' answer)
+    since_names = set(re.findall(r"\{(\w+):", since_param))
+    rated = store.query(f"SELECT count() AS n FROM {fb} WHERE Timestamp >= {since_param}",
+                        parameters={k: v for k, v in params.items() if k in since_names})
+    if not rated or not rated[0]["n"]:
+        return []
     group = ", ".join(f"d{i}" for i in range(len(dims)))
     sql = (f"SELECT {', '.join(dims)}, countIf(f_complained) AS complaints, countIf(f_rated) AS rated, "
            f"sumIf(f_value, f_rated) AS score_sum\n"
