@@ -7,74 +7,25 @@ no version (exit 0).
 """
 from __future__ import annotations
 
-import contextlib
-import datetime as dt
-import getpass
-import os
 import sys
 from pathlib import Path
-from typing import Any, Iterator, List, Optional
+from typing import Any, List, Optional
 
-import orjson
 import typer
 
 from exporters import datasets as core
 
-from ..cli import ConfigOpt, DsnOpt, _fail, _print_table, _user_errors
+from ..cli import _print_table
+from .cli_common import (AuthorOpt, ConfigOpt, DsnOpt, JsonOpt, MessageOpt, _author, _errors, _json_out, _open,
+                         _when, dataset_app)
 from ..spec import SpecError
 
 __all__ = ["dataset_app", "register"]
-
-dataset_app = typer.Typer(help="Versioned datasets: the product's memory (cases from production traces, locks, "
-                          "labels, coverage targets, difficulty).", no_args_is_help=True)
-
-AuthorOpt = typer.Option(None, "--author", help="Who makes the change (default $TAGWAY_AUTHOR, else your login).")
-MessageOpt = typer.Option("", "--message", "-m", help="What the change is for (kept in the log).")
-JsonOpt = typer.Option(False, "--json", help="Machine-readable output.")
 
 
 def register(app: typer.Typer) -> None:
     app.add_typer(dataset_app, name="dataset")
     app.command("coverage")(coverage_cmd)
-
-
-@contextlib.contextmanager
-def _errors() -> Iterator[None]:
-    """A change that changes nothing is said and exits 0 (no version made); bad input is one line and exit 2."""
-    from exporters.vocabulary import QueryInputError
-    with _user_errors():
-        try:
-            yield
-        except core.NoChange as e:
-            typer.echo(str(e), err=True)
-            raise typer.Exit(0) from None
-        except QueryInputError as e:
-            raise _fail(e.message) from None
-
-
-def _author(flag: Optional[str]) -> str:
-    if flag:
-        return flag
-    if os.environ.get("TAGWAY_AUTHOR"):
-        return os.environ["TAGWAY_AUTHOR"]
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "unknown"
-
-
-def _open(dsn: Optional[str], config: Optional[Path]) -> tuple[Any, str]:
-    from exporters.dsn import resolve_dsn
-    from ..cli import _store
-    return _store(dsn, config), resolve_dsn(dsn, config).database
-
-
-def _when(t: float) -> str:
-    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
-
-
-def _json_out(data: Any) -> None:
-    sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 
 def _made(v: core.Version, what: str) -> None:

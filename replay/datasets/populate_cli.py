@@ -18,7 +18,7 @@ from exporters import datasets as core
 
 from ..evals.cli import ApiKeyOpt, ConcurrencyOpt, GatewayOpt, InProcessOpt, check_run_options
 from ..evals.cli import _errors as eval_errors
-from .cli import AuthorOpt, ConfigOpt, DsnOpt, JsonOpt, _author, _errors, _json_out, _open, _when, dataset_app
+from .cli_common import AuthorOpt, ConfigOpt, DsnOpt, JsonOpt, _author, _errors, _json_out, _open, _when, dataset_app
 
 __all__ = ["auto_populate_cmd", "populate_cmd", "watch"]
 
