@@ -9,6 +9,7 @@ test, direct and through tagway, use the same front, so they see the same mock.
 """
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
 import subprocess
@@ -25,11 +26,23 @@ REPO = Path(__file__).resolve().parent.parent
 TOOLS = Path(os.environ.get("TAGWAY_TEST_TOOLS", Path.home() / ".cache" / "tagway-test-tools"))
 
 
+# OpenAI's OpenAPI document (v2.3.0, MIT), kept in the repository so a clean clone runs the conformance test
+PACKED_SPEC = REPO / "tests" / "data" / "openai.openapi.yml.gz"
+
+
 def spec_path() -> Path | None:
-    for p in (os.environ.get("TAGWAY_OPENAPI_SPEC"), REPO.parent / "shared" / "openapi" / "openai.openapi.yml"):
-        if p and Path(p).is_file():
-            return Path(p)
-    return None
+    """TAGWAY_OPENAPI_SPEC, else the repository's copy unpacked into the test tools directory."""
+    if os.environ.get("TAGWAY_OPENAPI_SPEC") and Path(os.environ["TAGWAY_OPENAPI_SPEC"]).is_file():
+        return Path(os.environ["TAGWAY_OPENAPI_SPEC"])
+    if not PACKED_SPEC.is_file():
+        return None
+    out = TOOLS / "openai.openapi.yml"
+    if not out.is_file() or out.stat().st_mtime < PACKED_SPEC.stat().st_mtime:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(gzip.decompress(PACKED_SPEC.read_bytes()))
+        tmp.replace(out)  # atomic: xdist workers may unpack it at once
+    return out
 
 
 def prism_bin() -> str | None:

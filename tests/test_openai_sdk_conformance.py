@@ -35,7 +35,7 @@ SDK_KEY = "My API Key"  # what openai-python's tests send
 @pytest.fixture(scope="module")
 def mock():
     spec, binary, tests = spec_path(), prism_bin(), openai_tests_dir()
-    missing = [what for what, have in (("the OpenAPI spec (../shared/openapi)", spec), ("prism", binary),
+    missing = [what for what, have in (("the OpenAPI spec (tests/data/openai.openapi.yml.gz)", spec), ("prism", binary),
                                        ("openai-python's tests", tests)) if not have]
     if missing:
         pytest.skip(f"needs {', '.join(missing)}: run tests/run.sh, which installs them")
