@@ -32,7 +32,7 @@ from .limits import CallLimits
 from .headers import HeaderFilter
 from .pricing import Pricing
 from .providers import ProviderRegistry, UpstreamCall, UpstreamFailure, UpstreamResponse
-from .providers.sse import event_data
+from .providers.sse import event_data, json_object
 from .redact import Redactor
 from .recent import RecentCalls
 from .request_checks import check_request, model_of, parse_object, stream_flag
@@ -497,11 +497,8 @@ class Proxy(WireStreamRelay):
                 if data == b"[DONE]":
                     done = True
                 elif data:
-                    try:
-                        obj = orjson.loads(data)
-                    except orjson.JSONDecodeError:
-                        obj = None
-                    if isinstance(obj, dict):
+                    obj = json_object(data)
+                    if obj is not None:
                         if obj.get("error"):
                             rec.fail("upstream_stream_error", str(obj["error"])[:500])
                         usage = obj.get("usage")

@@ -44,13 +44,7 @@ def model_of(operation: str, p: dict, max_chars: int) -> str:
 
 def check_request(operation: str, p: dict) -> None:
     if operation == "chat":
-        msgs = p.get("messages")
-        if not isinstance(msgs, list) or not msgs:
-            raise bad_request("messages must be a non-empty array.", code="invalid_messages", param="messages")
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                raise bad_request(f"messages[{i}] must be an object with a role.", code="invalid_messages",
-                                  param=f"messages[{i}]")
+        _check_message_list(p)
     elif operation == "text_completion":
         if not isinstance(p.get("prompt"), (str, list)):
             raise bad_request("prompt must be a string or an array.", code="invalid_prompt", param="prompt")
@@ -94,7 +88,8 @@ def _check_responses(p: dict) -> None:
                 raise bad_request(f"input[{i}] must be an object.", code="invalid_input", param=f"input[{i}]")
 
 
-def _check_messages(p: dict) -> None:
+def _check_message_list(p: dict) -> None:
+    """Chat completions and Anthropic messages: a non-empty array of objects with a role."""
     msgs = p.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise bad_request("messages must be a non-empty array.", code="invalid_messages", param="messages")
@@ -102,5 +97,9 @@ def _check_messages(p: dict) -> None:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise bad_request(f"messages[{i}] must be an object with a role.", code="invalid_messages",
                               param=f"messages[{i}]")
+
+
+def _check_messages(p: dict) -> None:
+    _check_message_list(p)
     if p.get("system") is not None and not isinstance(p["system"], (str, list)):
         raise bad_request("system must be a string or an array of blocks.", code="invalid_type", param="system")

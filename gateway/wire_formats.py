@@ -20,7 +20,7 @@ from exporters.responses_format import API_MARK
 
 from .errors import error_body
 from .providers import UpstreamFailure
-from .providers.sse import event_data
+from .providers.sse import event_data, json_object
 
 __all__ = ["WIRES", "SEMCONV_OPERATION", "Wire", "WireStreamRelay", "API_MARK"]
 
@@ -207,11 +207,8 @@ class WireStreamRelay:
                 if data == b"[DONE]":
                     reader.done = True
                 elif data:
-                    try:
-                        obj = orjson.loads(data)
-                    except orjson.JSONDecodeError:
-                        obj = None
-                    if isinstance(obj, dict):
+                    obj = json_object(data)
+                    if obj is not None:
                         reader.add(obj)
                         if reader.failed and not rec.error_type:
                             rec.fail("upstream_stream_error", reader.failed[:500])

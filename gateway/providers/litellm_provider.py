@@ -112,6 +112,16 @@ async def _translated_api(litellm: Any, call: UpstreamCall, kwargs: dict) -> Ups
     return _EventStream(result)
 
 
+async def _close_quietly(stream: Any) -> None:
+    """Close a litellm stream if it can be closed; the call is over either way, so a failure to close is moot."""
+    close = getattr(stream, "aclose", None)
+    if close is not None:
+        try:
+            await close()
+        except Exception:
+            pass
+
+
 class _EventStream:
     """A translated stream as SSE events: litellm yields event objects (Responses) or SSE bytes (messages)."""
 
@@ -137,12 +147,7 @@ class _EventStream:
             raise _failure(e) from None
 
     async def aclose(self) -> None:
-        close = getattr(self._stream, "aclose", None)
-        if close is not None:
-            try:
-                await close()
-            except Exception:
-                pass
+        await _close_quietly(self._stream)
 
 
 class _LiteLLMStream:
@@ -158,9 +163,4 @@ class _LiteLLMStream:
         yield b"data: [DONE]\n\n"
 
     async def aclose(self) -> None:
-        close = getattr(self._stream, "aclose", None)
-        if close is not None:
-            try:
-                await close()
-            except Exception:
-                pass
+        await _close_quietly(self._stream)

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from typing import AsyncIterator
 
-__all__ = ["iter_events", "event_data"]
+import orjson
+
+__all__ = ["iter_events", "event_data", "json_object"]
 
 
 async def iter_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -32,6 +34,15 @@ async def iter_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         buf += b"\n"
     if buf.strip():
         yield buf.rstrip(b"\n") + b"\n\n"
+
+
+def json_object(data: bytes) -> dict | None:
+    """An event's data as a JSON object, or None when it is not one (the relay passes such events on untouched)."""
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 def event_data(event: bytes) -> bytes | None:
