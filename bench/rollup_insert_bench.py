@@ -1,8 +1,9 @@
-"""What the rollup views (migration 10) add to recording: call spans inserted into otel_traces as the exporter
+"""What the rollup views (migrations 10 and 11) add to recording: call spans inserted into otel_traces as the exporter
 inserts them (JSONEachRow batches, current timestamps), with the rollup views and without them, in one chDB store.
 
     python bench/rollup_insert_bench.py                  # 12 rounds of 2,000-span batches, views on/off alternating
     python bench/rollup_insert_bench.py --batch 5000 --rounds 20
+    python bench/rollup_insert_bench.py --migrations 10  # migration 10's views only (11's dropped throughout)
 
 Each round inserts one batch with the views in place and one with them dropped (then re-created), so load on the
 machine hits both alike. Prints CPU (this process, all threads: chDB runs in-process) and wall time per span, and
@@ -26,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import orjson  # noqa: E402
 
 from exporters import semconv as sc  # noqa: E402
-from exporters.rollups import ROLLUPS_MIGRATION  # noqa: E402
+from exporters.rollups import CUSTOMER_MIGRATION, ROLLUPS_MIGRATION  # noqa: E402
 from exporters.schema import SchemaSettings, migrate, statements_for  # noqa: E402
 from exporters.store import connect  # noqa: E402
 
@@ -68,14 +69,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--migrations", default=f"{ROLLUPS_MIGRATION},{CUSTOMER_MIGRATION}",
+                    help="whose views are dropped and re-created (comma-separated migration numbers)")
     args = ap.parse_args()
     path = tempfile.mkdtemp(prefix="tagway-rollup-insert-")
     store = connect(f"chdb://{path}")
     try:
         migrate(store, SchemaSettings(rollup_tag_keys=("region", "tier")))
         views = [sql for v, sql in statements_for(SchemaSettings())
-                 if v == ROLLUPS_MIGRATION and "MATERIALIZED VIEW" in sql]
+                 if str(v) in args.migrations.split(",") and "MATERIALIZED VIEW" in sql]
         names = [sql.split("`")[1] for sql in views]
+        for v, sql in statements_for(SchemaSettings()):  # the views of the migrations not listed: off throughout
+            if v >= ROLLUPS_MIGRATION and str(v) not in args.migrations.split(",") and "MATERIALIZED VIEW" in sql:
+                store.command(f"DROP VIEW `{sql.split('`')[1]}`")
         rnd = random.Random(1)
         bodies = [batch(args.batch, rnd) for _ in range(2 * args.rounds + 2)]
         cost: dict[str, list[tuple[float, float]]] = {"views": [], "no views": []}

@@ -1,13 +1,14 @@
 """Which table answers which part of a stats question (pure functions; exporters.queries builds the SQL).
 
 A question can use a rollup family (exporters.rollups) when every column it groups or filters by is one the family
-holds: the main family for customer, intent, prompt_version, model, provider, status, error_type, source; the tag
-family for one `tag.<key>` among its rolled-up keys plus customer, status and source. Anything else (model_served,
-operation, key_id, stream, session_id, applied_tag, two tag keys) reads `llm_calls`.
+holds: the per-customer family (the smallest) for customer, status and source; the main family for customer,
+intent, prompt_version, model, provider, status, error_type, source; the tag family for one `tag.<key>` among its
+rolled-up keys plus customer, status and source. Anything else (model_served, operation, key_id, stream,
+session_id, applied_tag, two tag keys) reads `llm_calls`.
 
 The window is then cut into pieces: before the rollup's coverage, raw; inside it, whole days from the day table,
-whole hours at the day edges from the hour table, whole minutes at the hour edges from the minute table, and the
-seconds at the ends raw. `splits` are instants no piece may cross (live_from, whose buckets mix view and backfill
+whole hours at the day edges from the hour table, whole minutes at the hour edges from the minute table (the main
+one, for the per-customer family), and the seconds at the ends raw. `splits` are instants no piece may cross (live_from, whose buckets mix view and backfill
 rows and are read raw; the start of the current window in compare mode). A time series uses only levels that
 divide its step, so each rollup bucket falls in one step bucket.
 """
@@ -17,7 +18,7 @@ import dataclasses
 import datetime as dt
 from typing import Iterable, Sequence
 
-from .rollups import FAMILIES, MAIN, MAIN_KEYS, TAG_OTHER_KEYS, TAGS, RollupState
+from .rollups import CUSTOMER, CUSTOMER_KEYS, FAMILIES, MAIN, MAIN_KEYS, TAG_OTHER_KEYS, TAGS, RollupState
 from .vocabulary import APPLIED_TAG, TAG_PREFIX, Filter
 
 __all__ = ["Piece", "Route", "choose_route", "plan_pieces"]
@@ -56,6 +57,9 @@ def choose_route(keys: Iterable[str], state: RollupState | None, now: dt.datetim
         return Route(None, "applied_tag is current tag state, read from llm_calls")
     tags = sorted(k for k in keys if k.startswith(TAG_PREFIX))
     if not tags:
+        since = state.customer_usable_from(now)
+        if since is not None and keys <= CUSTOMER_KEYS:
+            return Route(CUSTOMER.name, covered_from=since)
         other = sorted(keys - MAIN_KEYS)
         if other:
             return Route(None, f"the rollups do not hold {', '.join(other)}")
@@ -91,17 +95,17 @@ def _ceil(t: dt.datetime, seconds: int) -> dt.datetime:
     return f if f == t else f + dt.timedelta(seconds=seconds)
 
 
-def _cut(family: str, a: dt.datetime, b: dt.datetime, levels: Sequence[tuple[str, int]]) -> list[Piece]:
+def _cut(a: dt.datetime, b: dt.datetime, levels: Sequence[tuple[str, int]]) -> list[Piece]:
+    """`levels`: (table, bucket seconds), finest first."""
     if a >= b:
         return []
     if not levels:
         return [Piece("llm_calls", 0, a, b)]
-    suffix, seconds = levels[-1]  # coarsest first
+    table, seconds = levels[-1]  # coarsest first
     lo, hi = _ceil(a, seconds), _floor(b, seconds)
     if lo >= hi:
-        return _cut(family, a, b, levels[:-1])
-    return (_cut(family, a, lo, levels[:-1]) + [Piece(f"{family}_{suffix}", seconds, lo, hi)]
-            + _cut(family, hi, b, levels[:-1]))
+        return _cut(a, b, levels[:-1])
+    return _cut(a, lo, levels[:-1]) + [Piece(table, seconds, lo, hi)] + _cut(hi, b, levels[:-1])
 
 
 def plan_pieces(route: Route, start: dt.datetime, end: dt.datetime, splits: Iterable[dt.datetime] = (),
@@ -110,7 +114,7 @@ def plan_pieces(route: Route, start: dt.datetime, end: dt.datetime, splits: Iter
     if route.family is None or route.covered_from is None:
         return [Piece("llm_calls", 0, start, end)]
     family = next(f for f in FAMILIES if f.name == route.family)
-    levels = [lv for lv in family.levels if step is None or step % lv[1] == 0]
+    levels = [lv for lv in family.read_levels() if step is None or step % lv[1] == 0]
     pieces: list[Piece] = []
     cov = route.covered_from
     if start < cov:
@@ -118,7 +122,7 @@ def plan_pieces(route: Route, start: dt.datetime, end: dt.datetime, splits: Iter
     lo = max(start, cov)
     points = sorted({p for p in splits if lo < p < end})
     for a, b in zip([lo] + points, points + [end]):
-        pieces += _cut(route.family, a, b, levels)
+        pieces += _cut(a, b, levels)
     return _merge_raw(pieces)
 
 

@@ -12,7 +12,7 @@ import dataclasses
 from typing import Callable
 
 from . import semconv as sc
-from .rollups import ROLLUPS_MIGRATION, rollup_statements, sync_tag_keys
+from .rollups import CUSTOMER_MIGRATION, ROLLUPS_MIGRATION, customer_statements, rollup_statements, sync_tag_keys
 from .store import Store
 
 __all__ = ["SchemaSettings", "MIGRATIONS", "migrate", "applied_versions", "statements_for"]
@@ -463,6 +463,10 @@ def _m10_rollups(s: SchemaSettings) -> list[str]:
     return rollup_statements(s, _table)
 
 
+def _m11_customer_rollups(s: SchemaSettings) -> list[str]:
+    return customer_statements(s, _table)
+
+
 Migration = tuple[int, str, Callable[[SchemaSettings], list[str]]]
 
 MIGRATIONS: list[Migration] = [
@@ -476,6 +480,7 @@ MIGRATIONS: list[Migration] = [
     (9, "dataset_autopopulate and dataset_populations", _m9_autopopulate),
     (ROLLUPS_MIGRATION, "rollups of llm_calls (minute/hour/day, and by tag) with their views and coverage state",
      _m10_rollups),
+    (CUSTOMER_MIGRATION, "per-customer rollups (hour/day), fed from the minute rollup", _m11_customer_rollups),
 ]
 
 

@@ -365,8 +365,9 @@ def db_migrate(config: Optional[str] = ConfigOpt,
 def db_backfill_rollups(config: Optional[str] = ConfigOpt,
                         dsn: Optional[str] = typer.Option(None, envvar="TAGWAY_DSN",
                                                           help="Overrides the config's store."),
-                        redo: bool = typer.Option(False, "--redo", help="Roll the backfilled range up again (e.g. "
-                                                  "after old calls arrived late from a spool)."),
+                        redo: bool = typer.Option(False, "--redo", help="Roll the backfilled days before the rollups' "
+                                                  "first live day up again (e.g. after old calls arrived late from a "
+                                                  "spool)."),
                         settle: float = typer.Option(60.0, min=0, help="Seconds after the rollups went live before "
                                                      "the backfill starts (calls in flight by then have landed)."),
                         progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",

@@ -4,6 +4,8 @@
     python -m tests.rollup_backfill_script DIR live       # calls after live_from, and late calls from before it
     python -m tests.rollup_backfill_script DIR interrupt  # a backfill stopped after its second step
     python -m tests.rollup_backfill_script DIR check      # rollup vs raw answers, the coverage, as JSON
+    python -m tests.rollup_backfill_script DIR seed10     # a store with rollups (10) and calls, then 11
+    python -m tests.rollup_backfill_script DIR catchup    # the backfill's copy into the per-customer rollup
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import sys
 
 from exporters import queries as q
 from exporters import rollups
-from exporters.rollups import ROLLUPS_MIGRATION
+from exporters.rollups import CUSTOMER_MIGRATION, ROLLUPS_MIGRATION
 from exporters.schema import SchemaSettings, migrate
 from exporters.store import connect
 from tests.rollup_seed import insert_spans, seed_spans
@@ -22,7 +24,7 @@ UTC = dt.timezone.utc
 CUSTOMERS = ["bf-a", "bf-b", "bf-c"]
 
 
-def answers(store) -> dict:
+def answers(store, now: dt.datetime) -> dict:
     out = {}
     for name, by, where, since in (("tenants", ["customer"], [], "3d"), ("intents", ["customer", "intent"], [], "2d"),
                                    ("zone", ["tag.zone"], [], "3d"), ("pro", ["customer"], ["tag.zone=eu"], "30h")):
@@ -31,6 +33,12 @@ def answers(store) -> dict:
         key = lambda r: [(s.key, s.calls, s.errors, s.cancelled, s.input_tokens, s.output_tokens, s.cost_usd)  # noqa
                          for s in r.segments] + [r.total.calls]
         out[name] = {"equal": key(fast) == key(raw), "calls": raw.total.calls, "read": fast.read}
+    last = q.make_selection(from_=(now - dt.timedelta(hours=50)).isoformat(),
+                            to=(now + dt.timedelta(hours=3)).isoformat())  # reaches hours past the family's start
+    fast, raw = q.segment_stats(store, last, ["customer"]), q.segment_stats(store, last, ["customer"], rollups=False)
+    out["tenants_ahead"] = {"equal": [(s.key, s.calls, s.errors) for s in fast.segments] ==
+                            [(s.key, s.calls, s.errors) for s in raw.segments], "calls": raw.total.calls,
+                            "read": fast.read}
     ts = q.make_selection(since="2d")
     out["series_equal"] = (q.error_timeseries(store, ts, step=3600).to_dict()["series"] ==
                            q.error_timeseries(store, ts, step=3600, rollups=False).to_dict()["series"])
@@ -52,6 +60,22 @@ def main(path: str, phase: str) -> None:
             insert_spans(store, seed_spans(CUSTOMERS, st.live_from, now, 300, seed=5))
             insert_spans(store, seed_spans(CUSTOMERS, now - dt.timedelta(hours=30), now - dt.timedelta(hours=29),
                                            100, seed=6))  # late: from before live_from, before the backfill
+        elif phase == "seed10":  # the rollups existed (and rolled these calls up) before the per-customer family
+            migrate(store, SchemaSettings(), upto=ROLLUPS_MIGRATION)
+            insert_spans(store, seed_spans(CUSTOMERS, now - dt.timedelta(hours=60), now - dt.timedelta(seconds=2),
+                                           3000))
+            migrate(store, SchemaSettings())
+            st = rollups.read_state(store)
+            # past the family's start (2 minutes ahead): through its view; before it: the main rollup only
+            insert_spans(store, seed_spans(CUSTOMERS, st.customer_from, st.customer_from + dt.timedelta(minutes=3),
+                                           200, seed=8))
+            insert_spans(store, seed_spans(CUSTOMERS, now - dt.timedelta(hours=20), now - dt.timedelta(hours=19),
+                                           100, seed=9))
+        elif phase == "catchup":
+            st = rollups.read_state(store)
+            rollups.backfill(store, SchemaSettings(), settle_seconds=0, now=st.customer_from + dt.timedelta(seconds=1))
+            insert_spans(store, seed_spans(CUSTOMERS, now - dt.timedelta(hours=40), now - dt.timedelta(hours=39),
+                                           100, seed=10))  # late, after the copy: through the view now
         elif phase == "interrupt":
             seen = []
 
@@ -65,7 +89,8 @@ def main(path: str, phase: str) -> None:
             except KeyboardInterrupt:
                 pass
         st = rollups.read_state(store)
-        print(json.dumps({"answers": answers(store), "live_from": st.live_from.isoformat(),
+        cust = st.customer_from.isoformat() if st.customer_from else None
+        print(json.dumps({"answers": answers(store, now), "live_from": st.live_from.isoformat(), "customer_from": cust,
                           "covered_from": st.covered_from.isoformat(), "pending_from": st.pending_from.isoformat(),
                           "tag_keys": {k: v.isoformat() for k, v in st.tag_keys.items()}}))
     finally:

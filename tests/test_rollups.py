@@ -176,15 +176,35 @@ def test_questions_the_rollups_cannot_answer_read_raw(chdb_store, seeded):
         fast, raw = both(chdb_store, q.make_selection(where=where, since="3h"), by)
         assert fast.read["source"] == "raw" and why in fast.read["reason"]
         assert exact(fast) == exact(raw)
-    tiny = q.make_selection(since="20s")  # no whole minute inside
+    now = seeded["now"]
+    tiny = q.make_selection(from_=_iso(now - dt.timedelta(minutes=7, seconds=20)),
+                            to=_iso(now - dt.timedelta(minutes=7)))  # 20 s: maybe a minute edge, no whole minute
     assert q.segment_stats(chdb_store, tiny, ["customer"]).read["source"] == "raw"
 
 
 def test_to_dict_says_which_tables_answered(chdb_store, seeded):
-    d = q.segment_stats(chdb_store, q.make_selection(since="3h"), ["customer"]).to_dict()
+    now = seeded["now"]
+    sel = q.make_selection(from_=_iso(now - dt.timedelta(hours=3, seconds=7.5)), to=_iso(now - dt.timedelta(seconds=3)))
+    d = q.segment_stats(chdb_store, sel, ["customer", "intent"]).to_dict()
     tables = [p["table"] for p in d["read"]["pieces"]]
     assert d["read"]["source"] == "rollup" and tables[0] == tables[-1] == "llm_calls"
     assert "llm_calls_1h" in tables and "llm_calls_1m" in tables
+
+
+def test_per_customer_questions_read_the_smallest_family_and_relative_windows_read_no_raw(chdb_store, seeded):
+    """By customer (with status/source filters) the per-customer family answers, its minute edges from the main
+    minutes; a relative window is whole minutes, so nothing is read raw; answers equal raw."""
+    c0 = seeded["customers"][0]
+    for where in ([], ["status=error"], [f"customer!={c0}", "source!=production"]):
+        sel = q.make_selection(where=where, since="3h")
+        fast, raw = both(chdb_store, sel, ["customer"], min_calls=5)
+        assert exact(fast) == exact(raw) and raw.total.calls > 0, where
+        tables = {p["table"] for p in fast.read["pieces"]}
+        assert tables == {"llm_calls_customer_1h", "llm_calls_1m"}, (where, tables)
+    assert sel.window.start.second == sel.window.start.microsecond == 0
+    assert sel.window.end.second == 0 and sel.window.end > dt.datetime.now(UTC)  # through the current minute
+    intent = q.segment_stats(chdb_store, q.make_selection(since="3h"), ["customer", "intent"])
+    assert "llm_calls_customer_1h" not in {p["table"] for p in intent.read["pieces"]}  # not held there
 
 
 def test_plan_never_reads_a_rollup_before_its_coverage_or_across_live_from():

@@ -34,7 +34,7 @@ def t(s: str) -> dt.datetime:
 def assert_equal_everywhere(out: dict) -> None:
     a = out["answers"]
     assert a["series_equal"]
-    for name in ("tenants", "intents", "zone", "pro"):
+    for name in ("tenants", "intents", "zone", "pro", "tenants_ahead"):
         assert a[name]["equal"] and a[name]["calls"] > 0, (name, a[name])
 
 
@@ -95,3 +95,26 @@ def test_backfill_is_resumable_and_answers_stay_right(tmp_path):
     assert_equal_everywhere(gone)
     assert gone["answers"]["zone"]["read"] == {**gone["answers"]["zone"]["read"], "source": "raw",
                                                "reason": "tag key 'zone' is not rolled up"}
+
+
+def test_the_per_customer_rollup_added_to_a_store_that_had_rollups(tmp_path):
+    """Migration 11 on a store whose main rollups already hold calls: the per-customer family starts 2 minutes
+    ahead, is read only from there until the backfill copied the main minutes below it, and then from the start;
+    answers equal raw throughout, late calls included."""
+    path = str(tmp_path / "clickhouse")
+    seeded = script(path, "seed10")
+    assert_equal_everywhere(seeded)
+    start = t(seeded["customer_from"])
+    assert start > dt.datetime.now(dt.timezone.utc) and start.second == 0
+    read = seeded["answers"]["tenants_ahead"]["read"]
+    family = [p for p in read["pieces"] if p["table"].startswith("llm_calls_customer_")]
+    assert family and min(t(p["from"].replace("Z", "+00:00")) for p in family) >= start
+    assert all(t(p["to"].replace("Z", "+00:00")) <= start for p in read["pieces"]
+               if p["table"] in ("llm_calls_1h", "llm_calls_1d"))  # before the start: the main rollup or raw
+
+    caught = script(path, "catchup")
+    assert caught["customer_from"] == "1970-01-01T00:00:00+00:00"
+    assert_equal_everywhere(caught)
+    tenants = caught["answers"]["tenants"]["read"]
+    assert tenants["source"] == "rollup"
+    assert {p["table"] for p in tenants["pieces"]} >= {"llm_calls_customer_1h", "llm_calls_customer_1d"}
