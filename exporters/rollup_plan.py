@@ -8,9 +8,10 @@ session_id, applied_tag, two tag keys) reads `llm_calls`.
 
 The window is then cut into pieces: before the rollup's coverage, raw; inside it, whole days from the day table,
 whole hours at the day edges from the hour table, whole minutes at the hour edges from the minute table (the main
-one, for the per-customer family), and the seconds at the ends raw. `splits` are instants no piece may cross (live_from, whose buckets mix view and backfill
-rows and are read raw; the start of the current window in compare mode). A time series uses only levels that
-divide its step, so each rollup bucket falls in one step bucket.
+one, for the per-customer family), and the seconds at the ends raw. `splits` are instants no piece may cross: the
+start of the current window in compare mode, and live_from when a resumed backfill over-counted the buckets that
+straddle it (RollupState.splits). A time series uses only levels that divide its step, so each rollup bucket falls
+in one step bucket.
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ class Route:
     reason: str = ""
     covered_from: dt.datetime | None = None
     tag_key: str | None = None
+    splits: tuple[dt.datetime, ...] = ()  # instants no rollup piece may cross (RollupState.splits)
 
 
 def choose_route(keys: Iterable[str], state: RollupState | None, now: dt.datetime) -> Route:
@@ -59,11 +61,11 @@ def choose_route(keys: Iterable[str], state: RollupState | None, now: dt.datetim
     if not tags:
         since = state.customer_usable_from(now)
         if since is not None and keys <= CUSTOMER_KEYS:
-            return Route(CUSTOMER.name, covered_from=since)
+            return Route(CUSTOMER.name, covered_from=since, splits=state.splits())
         other = sorted(keys - MAIN_KEYS)
         if other:
             return Route(None, f"the rollups do not hold {', '.join(other)}")
-        return Route(MAIN.name, covered_from=state.usable_from(now))
+        return Route(MAIN.name, covered_from=state.usable_from(now), splits=state.splits())
     if len(tags) > 1:
         return Route(None, "the tag rollup holds one tag key per question")
     key = tags[0][len(TAG_PREFIX):]
@@ -73,7 +75,7 @@ def choose_route(keys: Iterable[str], state: RollupState | None, now: dt.datetim
     other = sorted(keys - TAG_OTHER_KEYS - {tags[0]})
     if other:
         return Route(None, f"the tag rollup does not hold {', '.join(other)}")
-    return Route(TAGS.name, covered_from=since, tag_key=key)
+    return Route(TAGS.name, covered_from=since, tag_key=key, splits=state.splits())
 
 
 def question_keys(by: Sequence[str], filters: Sequence[Filter], status: str | None, excludes_sources: bool) -> set:
@@ -120,7 +122,7 @@ def plan_pieces(route: Route, start: dt.datetime, end: dt.datetime, splits: Iter
     if start < cov:
         pieces.append(Piece("llm_calls", 0, start, min(end, cov)))
     lo = max(start, cov)
-    points = sorted({p for p in splits if lo < p < end})
+    points = sorted({p for p in (*splits, *route.splits) if lo < p < end})
     for a, b in zip([lo] + points, points + [end]):
         pieces += _cut(a, b, levels)
     return _merge_raw(pieces)

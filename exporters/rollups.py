@@ -54,6 +54,9 @@ TTFT_Q = "quantileBFloat16(0.5)"
 COST = "toDecimal128(cost_usd, 12)"  # exact, order-independent sums (Float64 sums depend on the order)
 STATE_TABLE = "llm_rollup_state"
 CUSTOMER_STATE = "customer"  # its row in STATE_TABLE: covered_from = where the family holds the main minutes from
+SPLIT_STATE = "split"  # its row, when present: the buckets straddling live_from over-count, never read them
+# (Rows other than 'calls' keep live_from at the epoch: the main view of a store migrated before they existed reads
+# max(live_from) over every row.)
 KEYS_TABLE = "llm_rollup_tag_keys"
 # Group-by / filter names (exporters.vocabulary.COLUMNS keys) each family holds.
 MAIN_KEYS = frozenset({"customer", "intent", "prompt_version", "model", "provider", "status", "error_type", "source"})
@@ -281,6 +284,11 @@ class RollupState:
     ttl_days: int
     tag_keys: dict[str, dt.datetime]  # rolled-up tag key -> covered from
     customer_from: dt.datetime | None = None  # the per-customer family holds the main minutes from here (None: absent)
+    split_at_live_from: bool = False  # a resumed first day over-counted the buckets that straddle live_from
+
+    def splits(self) -> tuple[dt.datetime, ...]:
+        """Instants no rollup piece may cross."""
+        return (self.live_from,) if self.split_at_live_from else ()
 
     def usable_from(self, now: dt.datetime) -> dt.datetime:
         """Where the main rollup's coverage starts: the backfilled range, inside the rollups' TTL."""
@@ -312,11 +320,12 @@ def read_state(store: Any, database: Any = "") -> RollupState | None:
     r = rows[0]
     keys = store.query(f"SELECT key, toUnixTimestamp64Micro(argMax(covered_from, version)) AS cf, "
                        f"argMax(removed, version) AS removed FROM {_name(database, KEYS_TABLE)} GROUP BY key")
-    cust = store.query(f"SELECT toUnixTimestamp64Micro(argMax(covered_from, version)) AS cf, count() AS n "
-                       f"FROM {_name(database, STATE_TABLE)} WHERE name = '{CUSTOMER_STATE}'")
+    other = {o["name"]: _utc(o["cf"]) for o in store.query(
+        f"SELECT name, toUnixTimestamp64Micro(argMax(covered_from, version)) AS cf FROM "
+        f"{_name(database, STATE_TABLE)} WHERE name IN ('{CUSTOMER_STATE}', '{SPLIT_STATE}') GROUP BY name")}
     return RollupState(_utc(r["lf"]), _utc(r["cf"]), _utc(r["pf"]), int(r["ttl"]),
                        {k["key"]: _utc(k["cf"]) for k in keys if not int(k["removed"])},
-                       _utc(cust[0]["cf"]) if cust and int(cust[0]["n"]) else None)
+                       other.get(CUSTOMER_STATE), SPLIT_STATE in other)
 
 
 def _write_state(store: Any, s: Any, st: RollupState, covered: dt.datetime, pending: dt.datetime) -> None:
@@ -383,9 +392,9 @@ def _floor_day(t: dt.datetime) -> dt.datetime:
 
 
 def _delete_range(store: Any, s: Any, a: dt.datetime, b: dt.datetime) -> None:
-    """Drop what an interrupted day wrote, at every level: only whole buckets inside [a, b). Known limit: when the
-    interrupted day is live_from's, its buckets that straddle live_from keep the rows it wrote (they also hold the
-    views' rows, which no delete may touch)."""
+    """Drop what an interrupted day wrote, at every level: only whole buckets inside [a, b). When the interrupted
+    day is live_from's, its buckets that straddle live_from keep the rows it wrote (they also hold the views'
+    rows, which no delete may touch): the caller marks them never to be read (SPLIT_STATE)."""
     for family in FAMILIES:
         for suffix, seconds in family.levels:
             lo = _ceil(a, seconds)
@@ -445,6 +454,13 @@ def _backfill_main(store: Any, s: Any, st: RollupState, rows_per_step: int,
     oldest = _floor_day(_utc(r[0]["t"]))
     total = (st.covered_from - oldest).total_seconds()
     if st.pending_from < st.covered_from:  # a day cut short by a crash or ^C: drop what it wrote, redo it
+        if st.covered_from >= st.live_from and not st.split_at_live_from:
+            # live_from's own day: its straddling buckets also hold the views' rows, so what it wrote there cannot
+            # be deleted and will count twice. From now on queries read around them (finer levels, raw seconds).
+            store.command(f"INSERT INTO {s.name(STATE_TABLE)} (name, live_from, covered_from, pending_from, "
+                          f"ttl_days, version) VALUES ('{SPLIT_STATE}', toDateTime64(0, 3), "
+                          f"fromUnixTimestamp64Micro({{lf:Int64}}), toDateTime64(0, 3), 0, "
+                          f"toUnixTimestamp64Micro(now64(6)))", parameters={"lf": _us(st.live_from)})
         _delete_range(store, s, st.pending_from, st.covered_from)
     start = b = st.covered_from
     while b > oldest:

@@ -167,11 +167,11 @@ def parse_window(since: str | None = None, from_: str | None = None, to: str | N
         if end - start > MAX_WINDOW:
             raise QueryInputError(f"the window from/to is too long (at most {MAX_WINDOW.days}d)", param="from")
         return Window(start, end)
-    # A relative window covers whole minutes, from the one `since` ago through the current one: its ends are then
-    # the rollups' bucket edges, so no call is read raw (exporters.rollup_plan), and the raw and rollup answers are
-    # of the same calls. It ends at the end of the current minute: every call stored so far is in it.
-    start = _floor_minute(now - parse_duration(since or default_since))
-    return Window(start, _floor_minute(now) + dt.timedelta(minutes=1))
+    # A relative window is whole minutes: the last `since` of them, the current one included (a duration that is
+    # not whole minutes is rounded up to them). Its ends are then the rollups' bucket edges, so no call is read raw
+    # (exporters.rollup_plan), and it ends at the end of the current minute: every call stored so far is in it.
+    end = _floor_minute(now) + dt.timedelta(minutes=1)
+    return Window(_floor_minute(end - parse_duration(since or default_since)), end)
 
 
 def _floor_minute(t: dt.datetime) -> dt.datetime:

@@ -3,6 +3,7 @@
     python -m tests.rollup_backfill_script DIR seed       # an existing store (migrations 1-8, 3 days of calls), then 9
     python -m tests.rollup_backfill_script DIR live       # calls after live_from, and late calls from before it
     python -m tests.rollup_backfill_script DIR interrupt  # a backfill stopped after its second step
+    python -m tests.rollup_backfill_script DIR interrupt_first  # stopped inside live_from's own day (hourly steps)
     python -m tests.rollup_backfill_script DIR check      # rollup vs raw answers, the coverage, as JSON
     python -m tests.rollup_backfill_script DIR seed10     # a store with rollups (10) and calls, then 11
     python -m tests.rollup_backfill_script DIR catchup    # the backfill's copy into the per-customer rollup
@@ -53,6 +54,8 @@ def main(path: str, phase: str) -> None:
             migrate(store, SchemaSettings(), upto=ROLLUPS_MIGRATION - 1)
             spans = seed_spans(CUSTOMERS, now - dt.timedelta(hours=60), now - dt.timedelta(seconds=2), 3000)
             insert_spans(store, spans)
+            # the last second before the upgrade: in the minute/hour/day buckets that straddle live_from
+            insert_spans(store, seed_spans(CUSTOMERS, now - dt.timedelta(seconds=1), now, 30, seed=12))
             migrate(store, SchemaSettings(rollup_tag_keys=("zone",)))
         elif phase == "live":
             st = rollups.read_state(store)
@@ -76,7 +79,7 @@ def main(path: str, phase: str) -> None:
             rollups.backfill(store, SchemaSettings(), settle_seconds=0, now=st.customer_from + dt.timedelta(seconds=1))
             insert_spans(store, seed_spans(CUSTOMERS, now - dt.timedelta(hours=40), now - dt.timedelta(hours=39),
                                            100, seed=10))  # late, after the copy: through the view now
-        elif phase == "interrupt":
+        elif phase in ("interrupt", "interrupt_first"):
             seen = []
 
             def stop(step: rollups.BackfillStep) -> None:
@@ -85,13 +88,15 @@ def main(path: str, phase: str) -> None:
                     raise KeyboardInterrupt
 
             try:
-                rollups.backfill(store, SchemaSettings(), settle_seconds=0, progress=stop)
+                rollups.backfill(store, SchemaSettings(), settle_seconds=0, progress=stop,
+                                 rows_per_step=50 if phase == "interrupt_first" else 2_000_000)
             except KeyboardInterrupt:
                 pass
         st = rollups.read_state(store)
         cust = st.customer_from.isoformat() if st.customer_from else None
         print(json.dumps({"answers": answers(store, now), "live_from": st.live_from.isoformat(), "customer_from": cust,
                           "covered_from": st.covered_from.isoformat(), "pending_from": st.pending_from.isoformat(),
+                          "split": st.split_at_live_from,
                           "tag_keys": {k: v.isoformat() for k, v in st.tag_keys.items()}}))
     finally:
         store.close()

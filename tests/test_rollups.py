@@ -237,7 +237,17 @@ def test_cluster_ddl_replicated_distributed_on_cluster():
     assert "FROM `tw`.`llm_calls_tags_1h_local`" in day_mv
     state = next(s for s in ddl if "`llm_rollup_state`" in s.split("(")[0])
     assert "ReplicatedReplacingMergeTree('/clickhouse/tables/all/tw/llm_rollup_state'" in state
-    single = [sql for v, sql in statements_for(SchemaSettings()) if v == ROLLUPS_MIGRATION]
+    cust = [sql for v, sql in statements_for(SchemaSettings(cluster="prod", database="tw", rollup_ttl_days=90))
+            if v == rollups.CUSTOMER_MIGRATION and not sql.startswith("INSERT")]
+    assert cust and all(" ON CLUSTER `prod`" in s for s in cust)
+    for lv in ("1h", "1d"):
+        local = next(s for s in cust if s.startswith(f"CREATE TABLE IF NOT EXISTS `tw`.`llm_calls_customer_{lv}_local`"))
+        assert "ReplicatedAggregatingMergeTree(" in local and "TTL bucket + toIntervalDay(90)" in local
+        assert any(f"ENGINE = Distributed('prod', 'tw', 'llm_calls_customer_{lv}_local'" in s for s in cust)
+    mv = next(s for s in cust if "`llm_calls_customer_1h_mv_local`" in s)
+    assert "TO `tw`.`llm_calls_customer_1h_local`" in mv and "FROM `tw`.`llm_calls_1m_local` AS m" in mv
+    assert "m.bucket >= (SELECT argMax(covered_from, version) FROM `tw`.`llm_rollup_state`" in mv
+    single = [sql for v, sql in statements_for(SchemaSettings()) if v in (ROLLUPS_MIGRATION, rollups.CUSTOMER_MIGRATION)]
     assert not any("ON CLUSTER" in s or "Replicated" in s or "Distributed" in s for s in single)
     assert all("TTL" not in s for s in single)
 

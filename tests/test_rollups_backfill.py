@@ -118,3 +118,31 @@ def test_the_per_customer_rollup_added_to_a_store_that_had_rollups(tmp_path):
     tenants = caught["answers"]["tenants"]["read"]
     assert tenants["source"] == "rollup"
     assert {p["table"] for p in tenants["pieces"]} >= {"llm_calls_customer_1h", "llm_calls_customer_1d"}
+
+
+def test_a_backfill_stopped_inside_live_froms_day_is_resumed_without_a_wrong_answer(tmp_path):
+    """The first day the backfill rolls up is live_from's: its minute, hour and day that straddle live_from also
+    hold the views' calls, so what the stopped run wrote there cannot be deleted. The resumed run marks them and
+    queries read around live_from from then on; answers equal raw (a window holding that whole hour included)."""
+    path = str(tmp_path / "clickhouse")
+    config = tmp_path / "tagway.yaml"
+    config.write_text(f"storage:\n  dsn: chdb://{path}\n  rollup_tag_keys: [zone]\n")
+    seeded = script(path, "seed")
+    live_from = t(seeded["live_from"])
+    time.sleep(max(0.0, (live_from - dt.datetime.now(dt.timezone.utc)).total_seconds()) + 1)
+    script(path, "live")
+    stopped = script(path, "interrupt_first")
+    day = live_from.replace(hour=0, minute=0, second=0, microsecond=0)
+    assert (t(stopped["pending_from"]), t(stopped["covered_from"])) == (day, live_from) and not stopped["split"]
+    assert_equal_everywhere(stopped)
+
+    done = cli(str(config), "--settle", "0")
+    assert done.returncode == 0, done.stderr
+    after = script(path, "check")
+    assert after["split"] and t(after["covered_from"]) < day
+    assert_equal_everywhere(after)
+    for name in ("tenants", "tenants_ahead", "intents", "zone"):
+        pieces = after["answers"][name]["read"]["pieces"]
+        assert not any(t(p["from"].replace("Z", "+00:00")) < live_from < t(p["to"].replace("Z", "+00:00"))
+                       for p in pieces if p["table"] != "llm_calls"), (name, pieces)
+    assert after["answers"]["tenants"]["read"]["source"] == "rollup"

@@ -49,10 +49,15 @@ def test_wilson_interval_edges():
 
 def test_parse_window():
     now = dt.datetime(2026, 11, 24, 12, 0, tzinfo=dt.timezone.utc)
-    w = q.parse_window("15m", now=now)
-    assert (w.start, w.end) == (now - dt.timedelta(minutes=15), now)
+    minute = dt.timedelta(minutes=1)
+    # a duration window is whole minutes, the current one (12:00:00-12:01:00) included, its length exact
+    w = q.parse_window("15m", now=now + dt.timedelta(seconds=59.9))
+    assert (w.start, w.end) == (now + minute - dt.timedelta(minutes=15), now + minute)
+    assert q.parse_window("15m", now=now) == w
+    assert q.parse_window("90s", now=now).seconds == 120  # rounded up to whole minutes
     assert q.parse_window(None, now=now).seconds == 86400
-    assert q.parse_window("7d", now=now).previous() == q.Window(now - dt.timedelta(days=14), now - dt.timedelta(days=7))
+    end = now + minute
+    assert q.parse_window("7d", now=now).previous() == q.Window(end - dt.timedelta(days=14), end - dt.timedelta(days=7))
     w = q.parse_window(from_="2026-11-20T00:00:00Z", to="2026-11-21T06:00:00+02:00", now=now)
     assert w.start == dt.datetime(2026, 11, 20, tzinfo=dt.timezone.utc)
     assert w.end == dt.datetime(2026, 11, 21, 4, tzinfo=dt.timezone.utc)
