@@ -48,6 +48,7 @@ class Route:
     covered_from: dt.datetime | None = None
     tag_key: str | None = None
     splits: tuple[dt.datetime, ...] = ()  # instants no rollup piece may cross (RollupState.splits)
+    family_from: dt.datetime | None = None  # before this the family it reads (Family.finer) answers for it
 
 
 def choose_route(keys: Iterable[str], state: RollupState | None, now: dt.datetime) -> Route:
@@ -59,9 +60,9 @@ def choose_route(keys: Iterable[str], state: RollupState | None, now: dt.datetim
         return Route(None, "applied_tag is current tag state, read from llm_calls")
     tags = sorted(k for k in keys if k.startswith(TAG_PREFIX))
     if not tags:
-        since = state.customer_usable_from(now)
-        if since is not None and keys <= CUSTOMER_KEYS:
-            return Route(CUSTOMER.name, covered_from=since, splits=state.splits())
+        if state.customer_from is not None and keys <= CUSTOMER_KEYS:
+            return Route(CUSTOMER.name, covered_from=state.usable_from(now), splits=state.splits(),
+                         family_from=state.customer_from)
         other = sorted(keys - MAIN_KEYS)
         if other:
             return Route(None, f"the rollups do not hold {', '.join(other)}")
@@ -116,15 +117,18 @@ def plan_pieces(route: Route, start: dt.datetime, end: dt.datetime, splits: Iter
     if route.family is None or route.covered_from is None:
         return [Piece("llm_calls", 0, start, end)]
     family = next(f for f in FAMILIES if f.name == route.family)
-    levels = [lv for lv in family.read_levels() if step is None or step % lv[1] == 0]
+    fits = lambda lv: step is None or step % lv[1] == 0  # noqa: E731
+    levels = [lv for lv in family.read_levels() if fits(lv)]
+    before = [lv for lv in family.finer.read_levels() if fits(lv)] if family.finer else levels
     pieces: list[Piece] = []
     cov = route.covered_from
     if start < cov:
         pieces.append(Piece("llm_calls", 0, start, min(end, cov)))
     lo = max(start, cov)
-    points = sorted({p for p in (*splits, *route.splits) if lo < p < end})
+    family_from = route.family_from or _EPOCH
+    points = sorted({p for p in (*splits, *route.splits, family_from) if lo < p < end})
     for a, b in zip([lo] + points, points + [end]):
-        pieces += _cut(a, b, levels)
+        pieces += _cut(a, b, before if a < family_from else levels)
     return _merge_raw(pieces)
 
 

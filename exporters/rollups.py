@@ -26,8 +26,8 @@ calls before it and the views' calls after it. Calls older than live_from that a
 day was backfilled are not in the rollup: `tagway db backfill-rollups --redo` rolls the whole days before
 live_from's day up again (that day's straddling buckets cannot be redone without counting its calls twice).
 
-The per-customer family (migration 11) is fed from the main minutes; its own coverage row is `customer_from`
-(see customer_statements).
+The per-customer family (migration 11) is fed from the main minutes; before its own start (`customer_from`, see
+customer_statements) the main family answers for it.
 """
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ CUSTOMER_MIGRATION = 11  # the one that adds the per-customer family
 
 __all__ = [
     "LEVELS", "QUANTILE_ACCURACY", "MAIN", "TAGS", "CUSTOMER", "MAIN_KEYS", "TAG_OTHER_KEYS", "CUSTOMER_KEYS",
-    "Family", "RollupState", "rollup_statements", "customer_statements", "CUSTOMER_MIGRATION", "read_state", "sync_tag_keys", "remove_tag_keys", "backfill", "BackfillStep", "RollupError",
+    "Family", "RollupState", "rollup_statements", "customer_statements", "CUSTOMER_MIGRATION", "read_state",
+    "sync_tag_keys", "remove_tag_keys", "backfill", "BackfillStep", "RollupError",
 ]
 
 LEVELS = (("1m", 60), ("1h", 3600), ("1d", 86400))  # table suffix, bucket seconds; finest first
@@ -53,7 +54,7 @@ LAT_Q = "quantilesBFloat16(0.5, 0.95, 0.99)"
 TTFT_Q = "quantileBFloat16(0.5)"
 COST = "toDecimal128(cost_usd, 12)"  # exact, order-independent sums (Float64 sums depend on the order)
 STATE_TABLE = "llm_rollup_state"
-CUSTOMER_STATE = "customer"  # its row in STATE_TABLE: covered_from = where the family holds the main minutes from
+CUSTOMER_STATE = "customer"  # its row in STATE_TABLE: covered_from = from when the family is complete
 SPLIT_STATE = "split"  # its row, when present: the buckets straddling live_from over-count, never read them
 # (Rows other than 'calls' keep live_from at the epoch: the main view of a store migrated before they existed reads
 # max(live_from) over every row.)
@@ -223,47 +224,22 @@ def _regroup(s: Any, family: Family, src: str, seconds: int, where: str = "") ->
             f"FROM {src} AS m\n{f'WHERE {where}' + chr(10) if where else ''}GROUP BY bucket, {', '.join(family.dims)}")
 
 
-def _customer_from(s: Any) -> str:
-    return (f"(SELECT argMax(covered_from, version) FROM {s.name(STATE_TABLE)} "
-            f"WHERE name = '{CUSTOMER_STATE}')")
-
-
 def customer_statements(s: Any, table_fn: Callable[..., list[str]]) -> list[str]:
-    """Migration CUSTOMER_MIGRATION: the per-customer family, its state row and views. Its hours are fed from the
-    main minutes with bucket >= its covered_from. A store whose main minutes are empty (new, or migrating from
-    before the rollups) starts at the epoch: every main minute ever written flows in, views and backfill alike.
-    Otherwise it starts at a whole minute 2 minutes ahead (no call of those minutes is stored before the view
-    exists), and `backfill` copies the main minutes below it, then moves covered_from to the epoch."""
+    """Migration CUSTOMER_MIGRATION: the per-customer family, its state row and views. Its hours are fed from every
+    main minute written after the view exists, with no filter. Its state row says from when it is complete: the
+    epoch when the main minutes are still empty (a new store, or one migrating from before the rollups: the
+    backfill's minutes flow in too), else 5 s from now, a few seconds after the view exists. Before that instant
+    questions read the main family (rollup_plan), so nothing is copied, no bucket is filled twice and no copy can
+    race the view."""
     minutes = s.name(MAIN.finest)
-    # live_from stays at the epoch: the main view of a store migrated before this one reads max(live_from) of
-    # every row of the state table.
     stmts = [f"INSERT INTO {s.name(STATE_TABLE)} (name, live_from, covered_from, pending_from, ttl_days, version)\n"
              f"SELECT '{CUSTOMER_STATE}', toDateTime64(0, 3), cf, cf, {int(s.rollup_ttl_days)}, "
              f"toUnixTimestamp64Micro(now64(6)) FROM "
              f"(SELECT if((SELECT count() FROM {minutes}) = 0, toDateTime64(0, 3), "
-             f"toDateTime64(toStartOfMinute(now()) + toIntervalMinute(2), 3)) AS cf)\n"
+             f"toDateTime64(now64(3) + toIntervalSecond(5), 3)) AS cf)\n"
              f"WHERE (SELECT count() FROM {s.name(STATE_TABLE)} WHERE name = '{CUSTOMER_STATE}') = 0"]
-    view = _regroup(s, CUSTOMER, s.local(MAIN.finest), CUSTOMER.levels[0][1], f"m.bucket >= {_customer_from(s)}")
+    view = _regroup(s, CUSTOMER, s.local(MAIN.finest), CUSTOMER.levels[0][1])
     return stmts + _family_statements(s, table_fn, CUSTOMER, view)
-
-
-def _catch_up_customer(store: Any, s: Any, st: "RollupState", now: dt.datetime, settle_seconds: float) -> None:
-    """Copy the main minutes below the per-customer family's start into it, once (a store that had rollups before
-    the family existed). Calls re-sent for those minutes between the copy and the state write are missed by the
-    family, as late calls before live_from are by the backfill: `backfill --redo` rolls everything up again."""
-    cf = st.customer_from
-    if cf is None or cf <= _EPOCH:
-        return
-    if now < cf + dt.timedelta(seconds=settle_seconds):
-        raise RollupError(f"the per-customer rollup went live at {cf.isoformat()}; run the backfill again in "
-                          f"{max(1, int((cf + dt.timedelta(seconds=settle_seconds) - now).total_seconds() + 0.999))} s")
-    where = "m.bucket < fromUnixTimestamp64Micro({cf:Int64})"
-    store.command(f"INSERT INTO {s.name(CUSTOMER.finest)} "
-                  f"{_regroup(s, CUSTOMER, s.name(MAIN.finest), CUSTOMER.levels[0][1], where)}",
-                  parameters={"cf": _us(cf)})
-    store.command(f"INSERT INTO {s.name(STATE_TABLE)} (name, live_from, covered_from, pending_from, ttl_days, "
-                  f"version) VALUES ('{CUSTOMER_STATE}', toDateTime64(0, 3), toDateTime64(0, 3), "
-                  f"toDateTime64(0, 3), {int(st.ttl_days)}, toUnixTimestamp64Micro(now64(6)))")
 
 
 # -- state -----------------------------------------------------------------------------------------------------
@@ -283,7 +259,7 @@ class RollupState:
     pending_from: dt.datetime
     ttl_days: int
     tag_keys: dict[str, dt.datetime]  # rolled-up tag key -> covered from
-    customer_from: dt.datetime | None = None  # the per-customer family holds the main minutes from here (None: absent)
+    customer_from: dt.datetime | None = None  # the per-customer family is complete from here (None: absent)
     split_at_live_from: bool = False  # a resumed first day over-counted the buckets that straddle live_from
 
     def splits(self) -> tuple[dt.datetime, ...]:
@@ -300,8 +276,6 @@ class RollupState:
         since = self.tag_keys.get(key)
         return None if since is None else max(since, self.usable_from(now))
 
-    def customer_usable_from(self, now: dt.datetime) -> dt.datetime | None:
-        return None if self.customer_from is None else max(self.customer_from, self.usable_from(now))
 
 
 def _name(s: Any, table: str) -> str:
@@ -440,8 +414,6 @@ def backfill(store: Any, s: Any, *, now: dt.datetime | None = None, settle_secon
         _write_state(store, s, st, redo_to, redo_to)
         st = read_state(store, s)
     _backfill_main(store, s, st, rows_per_step, progress)
-    st = read_state(store, s)
-    _catch_up_customer(store, s, st, now, settle_seconds)
     return read_state(store, s)
 
 

@@ -6,7 +6,7 @@
     python -m tests.rollup_backfill_script DIR interrupt_first  # stopped inside live_from's own day (hourly steps)
     python -m tests.rollup_backfill_script DIR check      # rollup vs raw answers, the coverage, as JSON
     python -m tests.rollup_backfill_script DIR seed10     # a store with rollups (10) and calls, then 11
-    python -m tests.rollup_backfill_script DIR catchup    # the backfill's copy into the per-customer rollup
+    python -m tests.rollup_backfill_script DIR after10    # calls after the per-customer family's start, late ones
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import sys
 
 from exporters import queries as q
 from exporters import rollups
-from exporters.rollups import CUSTOMER_MIGRATION, ROLLUPS_MIGRATION
+from exporters.rollups import ROLLUPS_MIGRATION
 from exporters.schema import SchemaSettings, migrate
 from exporters.store import connect
 from tests.rollup_seed import insert_spans, seed_spans
@@ -68,17 +68,13 @@ def main(path: str, phase: str) -> None:
             insert_spans(store, seed_spans(CUSTOMERS, now - dt.timedelta(hours=60), now - dt.timedelta(seconds=2),
                                            3000))
             migrate(store, SchemaSettings())
+        elif phase == "after10":  # past the family's start: through its view; late calls from before it too
             st = rollups.read_state(store)
-            # past the family's start (2 minutes ahead): through its view; before it: the main rollup only
-            insert_spans(store, seed_spans(CUSTOMERS, st.customer_from, st.customer_from + dt.timedelta(minutes=3),
-                                           200, seed=8))
+            assert now > st.customer_from, (now, st.customer_from)
+            insert_spans(store, seed_spans(CUSTOMERS, st.customer_from, now, 200, seed=8))
             insert_spans(store, seed_spans(CUSTOMERS, now - dt.timedelta(hours=20), now - dt.timedelta(hours=19),
                                            100, seed=9))
-        elif phase == "catchup":
-            st = rollups.read_state(store)
-            rollups.backfill(store, SchemaSettings(), settle_seconds=0, now=st.customer_from + dt.timedelta(seconds=1))
-            insert_spans(store, seed_spans(CUSTOMERS, now - dt.timedelta(hours=40), now - dt.timedelta(hours=39),
-                                           100, seed=10))  # late, after the copy: through the view now
+            rollups.backfill(store, SchemaSettings(), settle_seconds=0)  # nothing to backfill: changes nothing
         elif phase in ("interrupt", "interrupt_first"):
             seen = []
 
