@@ -362,3 +362,29 @@ def test_batches_and_the_memory_backlog_are_capped_in_bytes(chdb_dsn: str, chdb_
     assert flaky.bodies and all(len(b) <= (256 << 10) + 25_000 for b in flaky.bodies)  # inserts capped in bytes
     provider.shutdown()
     spool.close()
+
+
+def test_a_timed_send_takes_what_was_encoded_when_it_began(chdb_dsn: str, chdb_store: Store, tmp_path) -> None:
+    """Spans keep coming while each insert takes a while: the timed send inserts the backlog it found and waits
+    for the next tick, rather than chaining small inserts (each costs chDB a fixed ~50-100 ms through the views)."""
+
+    class SlowStore(FlakyStore):
+        def insert_json_rows(self, table: str, body: bytes, settings: dict | None = None) -> None:
+            time.sleep(0.15)
+            super().insert_json_rows(table, body, settings)
+
+    slow = SlowStore(chdb_store)
+    rec = start_recording(dsn=chdb_dsn, store=slow, spool_dir=str(tmp_path / "spool"), batch_max_rows=20_000,
+                          batch_max_seconds=1.0)
+    run = _run_id()
+    t0 = time.monotonic()
+    n = 0
+    while time.monotonic() - t0 < 3.2:  # ~400 spans a second, steadily
+        _emit(rec, run, 20, start=n)
+        n += 20
+        time.sleep(0.05)
+    assert rec.force_flush()
+    assert _count(chdb_store, run) == (n, n) and slow.inserted == list(range(n))
+    # ~one insert per 1 s tick (3) plus the flush; chaining inserted every ~0.15 s (~20 inserts)
+    assert slow.attempts <= 6, slow.attempts
+    rec.shutdown()
