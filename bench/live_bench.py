@@ -11,6 +11,8 @@ seed calls. Production is open-loop (a request every 1/rps s whatever the previo
 latency) and only requests sent while replay calls were being recorded count for the "with replay" figure
 (the window is read back from llm_calls). Medians over rounds; the ratio is with / without.
 
+Measured 2026-12-06 on a quiet machine, 3 rounds: production p99 alone 7.0 ms, with the replay 8.3 ms (1.20x);
+the replay CLI took 3.2 s for the 1,000 cases.
 Measured 2026-12-03 on the shared 2-core machine under heavy load from other jobs (load average 6-27), so these
 are indications, not results: without the replay lane (no cap), 1 round at load ~6: p99 alone 39.6 ms, with the
 replay 115.5 ms (2.92x). With the lane at its default (server.replay_concurrency 4), 2 rounds at load ~25: 436.6 ->
