@@ -81,11 +81,7 @@ class ClickHouseSpanExporter(SpanExporter):
 
     @staticmethod
     def insert_settings(batch: EncodedBatch) -> dict[str, Any]:
-        # The views' target tables check the token too: an insert cut off (SIGKILL) after a view's part was
-        # written but before otel_traces' was re-sends rows that otel_traces takes once and, without this,
-        # llm_calls (and the rollups) twice (tests/test_export_kill.py, ~1 run in 5).
-        return {"insert_deduplication_token": f"tagway-{batch.digest}",
-                "deduplicate_blocks_in_dependent_materialized_views": 1}
+        return {"insert_deduplication_token": f"tagway-{batch.digest}"}
 
     def connect(self) -> None:
         """Connect and migrate now (raises StoreError, counted as an export error, while ClickHouse cannot be
