@@ -76,11 +76,12 @@ def main() -> None:
     store = connect(f"chdb://{path}")
     try:
         migrate(store, SchemaSettings(rollup_tag_keys=("region", "tier")))
+        toggled = {int(m) for m in args.migrations.split(",")}
         views = [sql for v, sql in statements_for(SchemaSettings())
-                 if str(v) in args.migrations.split(",") and "MATERIALIZED VIEW" in sql]
+                 if v in toggled and "MATERIALIZED VIEW" in sql]
         names = [sql.split("`")[1] for sql in views]
         for v, sql in statements_for(SchemaSettings()):  # the views of the migrations not listed: off throughout
-            if v >= ROLLUPS_MIGRATION and str(v) not in args.migrations.split(",") and "MATERIALIZED VIEW" in sql:
+            if v >= ROLLUPS_MIGRATION and v not in toggled and "MATERIALIZED VIEW" in sql:
                 store.command(f"DROP VIEW `{sql.split('`')[1]}`")
         rnd = random.Random(1)
         bodies = [batch(args.batch, rnd) for _ in range(2 * args.rounds + 2)]

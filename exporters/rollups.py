@@ -217,11 +217,10 @@ def _family_statements(s: Any, table_fn: Callable[..., list[str]], family: Famil
     return stmts
 
 
-def _regroup(s: Any, family: Family, src: str, seconds: int, where: str = "") -> str:
-    """Rows of a finer rollup table `src` (of this family or the one it reads) as rows of `family`'s level.
-    `where` names the finer bucket `m.bucket`: a bare `bucket` there would be the coarser alias."""
-    return (f"SELECT {_BUCKET[seconds]}(m.bucket, 'UTC') AS bucket, {', '.join(family.dims)}, {_merged_measures()}\n"
-            f"FROM {src} AS m\n{f'WHERE {where}' + chr(10) if where else ''}GROUP BY bucket, {', '.join(family.dims)}")
+def _regroup(s: Any, family: Family, src: str, seconds: int) -> str:
+    """Rows of a finer rollup table `src` (of this family or the one it reads) as rows of `family`'s level."""
+    return (f"SELECT {_BUCKET[seconds]}(bucket, 'UTC') AS bucket, {', '.join(family.dims)}, {_merged_measures()}\n"
+            f"FROM {src}\nGROUP BY bucket, {', '.join(family.dims)}")
 
 
 def customer_statements(s: Any, table_fn: Callable[..., list[str]]) -> list[str]:
@@ -277,37 +276,38 @@ class RollupState:
         return None if since is None else max(since, self.usable_from(now))
 
 
-
 def _name(s: Any, table: str) -> str:
     return s.name(table) if hasattr(s, "name") else (f"`{s}`.`{table}`" if s else f"`{table}`")
 
 
 def read_state(store: Any, database: Any = "") -> RollupState | None:
     """The rollups' coverage, or None when the store has no rollups (not migrated to 9)."""
-    rows = store.query(
-        f"SELECT toUnixTimestamp64Micro(max(live_from)) AS lf, "
+    rows = {r["name"]: r for r in store.query(
+        f"SELECT name, toUnixTimestamp64Micro(max(live_from)) AS lf, "
         f"toUnixTimestamp64Micro(argMax(covered_from, version)) AS cf, "
-        f"toUnixTimestamp64Micro(argMax(pending_from, version)) AS pf, argMax(ttl_days, version) AS ttl, "
-        f"count() AS n FROM {_name(database, STATE_TABLE)} WHERE name = 'calls'")
-    if not rows or not int(rows[0]["n"]):
+        f"toUnixTimestamp64Micro(argMax(pending_from, version)) AS pf, argMax(ttl_days, version) AS ttl "
+        f"FROM {_name(database, STATE_TABLE)} GROUP BY name")}
+    r = rows.get("calls")
+    if r is None:
         return None
-    r = rows[0]
     keys = store.query(f"SELECT key, toUnixTimestamp64Micro(argMax(covered_from, version)) AS cf, "
                        f"argMax(removed, version) AS removed FROM {_name(database, KEYS_TABLE)} GROUP BY key")
-    other = {o["name"]: _utc(o["cf"]) for o in store.query(
-        f"SELECT name, toUnixTimestamp64Micro(argMax(covered_from, version)) AS cf FROM "
-        f"{_name(database, STATE_TABLE)} WHERE name IN ('{CUSTOMER_STATE}', '{SPLIT_STATE}') GROUP BY name")}
+    cust = rows.get(CUSTOMER_STATE)
     return RollupState(_utc(r["lf"]), _utc(r["cf"]), _utc(r["pf"]), int(r["ttl"]),
                        {k["key"]: _utc(k["cf"]) for k in keys if not int(k["removed"])},
-                       other.get(CUSTOMER_STATE), SPLIT_STATE in other)
+                       _utc(cust["cf"]) if cust else None, SPLIT_STATE in rows)
 
 
-def _write_state(store: Any, s: Any, st: RollupState, covered: dt.datetime, pending: dt.datetime) -> None:
+def _write_state(store: Any, s: Any, st: RollupState, covered: dt.datetime, pending: dt.datetime,
+                 name: str = "calls") -> None:
+    """A new version of a state row. Rows other than 'calls' keep live_from at the epoch (see SPLIT_STATE)."""
+    live_from = st.live_from if name == "calls" else _EPOCH
     store.command(f"INSERT INTO {s.name(STATE_TABLE)} (name, live_from, covered_from, pending_from, ttl_days, "
-                  "version) VALUES ('calls', fromUnixTimestamp64Micro({lf:Int64}), "
+                  "version) VALUES ({name:String}, fromUnixTimestamp64Micro({lf:Int64}), "
                   "fromUnixTimestamp64Micro({cf:Int64}), fromUnixTimestamp64Micro({pf:Int64}), {ttl:UInt32}, "
                   "toUnixTimestamp64Micro(now64(6)))",
-                  parameters={"lf": _us(st.live_from), "cf": _us(covered), "pf": _us(pending), "ttl": st.ttl_days})
+                  parameters={"name": name, "lf": _us(live_from), "cf": _us(covered), "pf": _us(pending),
+                              "ttl": st.ttl_days})
 
 
 def _write_keys(store: Any, s: Any, keys: dict[str, dt.datetime], removed: Iterable[str] = ()) -> None:
@@ -429,10 +429,7 @@ def _backfill_main(store: Any, s: Any, st: RollupState, rows_per_step: int,
         if st.covered_from >= st.live_from and not st.split_at_live_from:
             # live_from's own day: its straddling buckets also hold the views' rows, so what it wrote there cannot
             # be deleted and will count twice. From now on queries read around them (finer levels, raw seconds).
-            store.command(f"INSERT INTO {s.name(STATE_TABLE)} (name, live_from, covered_from, pending_from, "
-                          f"ttl_days, version) VALUES ('{SPLIT_STATE}', toDateTime64(0, 3), "
-                          f"fromUnixTimestamp64Micro({{lf:Int64}}), toDateTime64(0, 3), 0, "
-                          f"toUnixTimestamp64Micro(now64(6)))", parameters={"lf": _us(st.live_from)})
+            _write_state(store, s, st, st.live_from, _EPOCH, name=SPLIT_STATE)
         _delete_range(store, s, st.pending_from, st.covered_from)
     start = b = st.covered_from
     while b > oldest:

@@ -245,7 +245,7 @@ def test_cluster_ddl_replicated_distributed_on_cluster():
         assert "ReplicatedAggregatingMergeTree(" in local and "TTL bucket + toIntervalDay(90)" in local
         assert any(f"ENGINE = Distributed('prod', 'tw', 'llm_calls_customer_{lv}_local'" in s for s in cust)
     mv = next(s for s in cust if "`llm_calls_customer_1h_mv_local`" in s)
-    assert "TO `tw`.`llm_calls_customer_1h_local`" in mv and "FROM `tw`.`llm_calls_1m_local` AS m" in mv
+    assert "TO `tw`.`llm_calls_customer_1h_local`" in mv and "FROM `tw`.`llm_calls_1m_local`\n" in mv
     assert "WHERE" not in mv  # every minute written after the view exists (rollups.customer_statements)
     single = [sql for v, sql in statements_for(SchemaSettings()) if v in (ROLLUPS_MIGRATION, rollups.CUSTOMER_MIGRATION)]
     assert not any("ON CLUSTER" in s or "Replicated" in s or "Distributed" in s for s in single)
