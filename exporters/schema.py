@@ -13,7 +13,7 @@ from typing import Callable
 
 from . import semconv as sc
 from .rollups import CUSTOMER_MIGRATION, ROLLUPS_MIGRATION, customer_statements, rollup_statements, sync_tag_keys
-from .store import Store
+from .store import Store, chdb_path, is_embedded
 
 __all__ = ["SchemaSettings", "MIGRATIONS", "migrate", "applied_versions", "statements_for"]
 
@@ -484,6 +484,22 @@ MIGRATIONS: list[Migration] = [
 ]
 
 
+def _reload_views(store: Store, s: SchemaSettings) -> None:
+    """Detach and re-attach every materialized view created or changed in this process. chDB (26.9) derives a
+    view's insert-deduplication ids from the view's identity as held in memory, and that differs between the
+    process that created the view and one that loaded it from disk: a spool batch re-sent after a restart was then
+    dropped by otel_traces (its token) but stored again by every view below it (llm_calls and the rollups counted
+    it twice). Reloaded, the views carry the identity every later process will see. Only for the embedded store:
+    it has no other writer, and nothing is inserted while migrate runs."""
+    db = "{db:String}" if s.database else "currentDatabase()"
+    rows, _ = store.query_rows(f"SELECT name FROM system.tables WHERE database = {db} AND engine = 'MaterializedView'"
+                               " ORDER BY name", parameters={"db": s.database} if s.database else None)
+    for (name,) in rows:
+        table = s.name(name)
+        store.command(f"DETACH TABLE {table}")
+        store.command(f"ATTACH TABLE {table}")
+
+
 def statements_for(settings: SchemaSettings, upto: int | None = None) -> list[tuple[int, str]]:
     """Every statement of every migration (version, sql), for review or `tagway db migrate --print`."""
     return [(v, sql) for v, _, fn in MIGRATIONS if upto is None or v <= upto for sql in fn(settings)]
@@ -518,6 +534,8 @@ def migrate(store: Store, settings: SchemaSettings = SchemaSettings(), upto: int
         store.command(f"INSERT INTO {_versions_table(settings)} (version, name) VALUES ({version}, {{name:String}})",
                       parameters={"name": name})
         applied.append(version)
+    if applied and is_embedded(store.dsn) and chdb_path(store.dsn) != ":memory:":
+        _reload_views(store, settings)
     if settings.rollup_tag_keys is not None and ROLLUPS_MIGRATION in done | set(applied):
         sync_tag_keys(store, settings, settings.rollup_tag_keys)
     return applied

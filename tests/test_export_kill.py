@@ -117,9 +117,73 @@ def test_sigkill_mid_load_then_restart_replays_the_spool(tmp_path) -> None:
     assert res["pending_at_start"] > 0 and res["pending_left"] == 0 and res["corrupt"] == 0
     assert res["resent"] > 0
     # Nothing duplicated: one row per span, one span per sequence number, one llm_calls row per call span.
-    assert res["count"] == res["uniq_span"] == res["uniq_seq"] == res["llm_calls"]
+    assert res["count"] == res["uniq_span"] == res["uniq_seq"] == res["llm_calls"], (res["count"], res["uniq_span"], res["llm_calls"], out.stderr[-5000:])
     # Everything reported as handled before the kill is there (spans the child had not yet handled may or may
     # not be: they were only in memory).
     handled = last["handled"]
     assert set(range(handled)) <= set(res["seqs"])
     assert res["max_seq"] < last["ended"] + 1000
+
+
+# A process that creates the store, inserts one batch and is killed before it can remove the batch's spool file.
+# With `cut` the kill falls inside the insert, after llm_calls got its part and before the rollups got theirs: the
+# minute rollup's view is detached for the insert (a plain DETACH: the next process attaches it again).
+INSERTED_THEN_KILLED = r'''
+import datetime as dt, os, signal, sys
+from exporters.clickhouse import ClickHouseSpanExporter
+from exporters.rows import encode_rows
+from exporters.schema import migrate
+from exporters.spool import Spool
+from exporters.store import connect
+from tests.rollup_seed import span
+
+data, spool_dir, cut = sys.argv[1], sys.argv[2], sys.argv[3] == "cut"
+store = connect(f"chdb://{data}")
+migrate(store)
+now = dt.datetime.now(dt.timezone.utc)
+batch = encode_rows([span(now - dt.timedelta(seconds=i), "landed-test") for i in range(60)])
+Spool(spool_dir).write(batch)
+if cut:
+    store.command("DETACH TABLE llm_calls_1m_mv")
+ClickHouseSpanExporter(store=store).send(batch)
+os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+# The next process on the same directories: replay the spool, then count the calls everywhere they are counted.
+COUNT_AFTER_REPLAY = r'''
+import json, sys, time
+from exporters.recording import start_recording
+
+rec = start_recording(dsn=f"chdb://{sys.argv[1]}", spool_dir=sys.argv[2], batch_max_seconds=0.05)
+deadline = time.monotonic() + 30
+while rec.spool.pending_files and time.monotonic() < deadline:
+    time.sleep(0.05)
+counts = {t: rec.store.query_rows(f"SELECT {e} FROM {t} WHERE {c} = 'landed-test'")[0][0][0] for t, e, c in (
+    ("otel_traces", "count()", "SpanAttributes['tagway.customer']"), ("llm_calls", "count()", "customer"),
+    ("llm_calls_1m", "sum(calls)", "customer"), ("llm_calls_1h", "sum(calls)", "customer"),
+    ("llm_calls_customer_1d", "sum(calls)", "customer"))}
+m = rec.metrics.snapshot()
+rec.shutdown()
+print(json.dumps({**counts, "pending": m["spool_files_pending"], "resent": m["spans_resent"]}))
+'''
+
+
+def _run(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", script, *args], cwd=cwd, env=_env(), capture_output=True, text=True,
+                          timeout=90)
+
+
+def test_a_batch_stored_by_the_process_that_created_the_store_is_stored_once_when_re_sent(tmp_path) -> None:
+    # The re-sent batch carries the same deduplication token, and every table that has it must drop it while every
+    # table that lacks it takes it. chDB derived the views' deduplication ids differently in the process that
+    # created the views, so before schema.migrate re-attached them, llm_calls and the rollups held 120 calls here
+    # ("landed"), and 120 in llm_calls with 60 in the rollups ("cut").
+    for case in ("landed", "cut"):
+        data, spool = str(tmp_path / f"data-{case}"), str(tmp_path / f"spool-{case}")
+        first = _run(INSERTED_THEN_KILLED, data, spool, case, cwd=tmp_path)
+        assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
+        out = _run(COUNT_AFTER_REPLAY, data, spool, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr[-3000:]
+        res = json.loads(out.stdout.strip().splitlines()[-1])
+        assert res == {"otel_traces": 60, "llm_calls": 60, "llm_calls_1m": 60, "llm_calls_1h": 60,
+                       "llm_calls_customer_1d": 60, "pending": 0, "resent": 60}, (case, res)
