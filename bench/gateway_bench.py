@@ -149,8 +149,10 @@ def measure(python: str, tmp: str, up_port: int, mode: str, conns: list[int], se
         wrk(f"http://127.0.0.1:{gw_port}/v1/chat/completions", gw_lua, 16, 2)  # warm-up
         for c in conns:
             d = wrk(f"http://127.0.0.1:{up_port}/v1/chat/completions", direct_lua, c, seconds)
+            settle(gw_port, mode)
             cpu0 = cpu_seconds(gw.pid)
             g = wrk(f"http://127.0.0.1:{gw_port}/v1/chat/completions", gw_lua, c, seconds)
+            settle(gw_port, mode)  # the run's own inserts count, the warm-up's do not
             g["cpu_ms"] = (cpu_seconds(gw.pid) - cpu0) * 1000 / max(1.0, g["rps"] * seconds)
             rows.append((mode, c, d, g))
         time.sleep(2 if mode != "bare" else 0)  # let the exporter drain
@@ -164,6 +166,20 @@ def measure(python: str, tmp: str, up_port: int, mode: str, conns: list[int], se
           f" spooled={m.get('tagway_spans_spooled_total', 0):.0f}"
           f" dropped={m.get('tagway_spans_dropped_total', 0):.0f}", flush=True)
     return rows
+
+
+def settle(port: int, mode: str, timeout: float = 15.0) -> None:
+    """With recording on, wait until every call so far is stored (or spooled): the CPU window then holds exactly
+    the inserts of the calls it served (a batch is inserted up to `batch_max_seconds` after its calls)."""
+    if mode != "on":
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = metrics(port)
+        if m.get("tagway_spans_exported_total", 0) + m.get("tagway_spans_spooled_total", 0) >= \
+                m.get("tagway_calls_total", 0):
+            return
+        time.sleep(0.1)
 
 
 def _median(rows: list[dict], key: str) -> float:

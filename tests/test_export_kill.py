@@ -25,10 +25,7 @@ from exporters.schema import migrate
 
 data, spool = sys.argv[1], sys.argv[2]
 store = connect(f"chdb://{data}")
-migrate(store)
-# Until the schema sets it: let MergeTree honour insert_deduplication_token (see exporters/clickhouse.py).
-for table in ("otel_traces", "llm_calls"):
-    store.command(f"ALTER TABLE {table} MODIFY SETTING non_replicated_deduplication_window = 1000")
+migrate(store)  # sets the deduplication window that lets a re-sent batch be dropped (migration 4)
 
 class Flaky:
     def __init__(self, store):
