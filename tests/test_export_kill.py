@@ -114,7 +114,8 @@ def test_sigkill_mid_load_then_restart_replays_the_spool(tmp_path) -> None:
     assert res["pending_at_start"] > 0 and res["pending_left"] == 0 and res["corrupt"] == 0
     assert res["resent"] > 0
     # Nothing duplicated: one row per span, one span per sequence number, one llm_calls row per call span.
-    assert res["count"] == res["uniq_span"] == res["uniq_seq"] == res["llm_calls"], (res["count"], res["uniq_span"], res["llm_calls"], out.stderr[-5000:])
+    assert res["count"] == res["uniq_span"] == res["uniq_seq"] == res["llm_calls"], (
+        res["count"], res["uniq_span"], res["uniq_seq"], res["llm_calls"], out.stderr[-5000:])
     # Everything reported as handled before the kill is there (spans the child had not yet handled may or may
     # not be: they were only in memory).
     handled = last["handled"]
