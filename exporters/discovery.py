@@ -20,7 +20,7 @@ import orjson
 from .store import chdb_path, is_embedded
 
 __all__ = ["Announcement", "DiscoveryError", "DiscoveryPermissionError", "FILENAME", "store_dir", "discovery_path",
-           "announce", "withdraw", "read", "pid_alive"]
+           "announce", "write", "withdraw", "read", "pid_alive"]
 
 FILENAME = "tagway-gateway.json"
 KIND = "tagway-gateway"
@@ -65,8 +65,13 @@ def discovery_path(directory: str) -> str:
 def announce(directory: str, url: str, *, pid: int | None = None) -> Announcement:
     """Write this process's announcement for `directory` (replacing a stale one: the caller holds the store lock,
     so no other gateway can be serving it)."""
-    ann = Announcement(pid=os.getpid() if pid is None else pid, url=url.rstrip("/"), started_at=time.time(),
-                       credential=secrets.token_urlsafe(32), instance=secrets.token_hex(8), store=directory)
+    return write(Announcement(pid=os.getpid() if pid is None else pid, url=url.rstrip("/"), started_at=time.time(),
+                              credential=secrets.token_urlsafe(32), instance=secrets.token_hex(8), store=directory))
+
+
+def write(ann: Announcement) -> Announcement:
+    """Write `ann` as the store directory's discovery file, atomically, 0600."""
+    directory = ann.store
     body = orjson.dumps({"kind": KIND, "version": VERSION, "pid": ann.pid, "url": ann.url,
                          "started_at": ann.started_at, "credential": ann.credential, "instance": ann.instance,
                          "store": ann.store}, option=orjson.OPT_INDENT_2)

@@ -33,6 +33,7 @@ __all__ = ["LocalAccess", "build_store_router", "serve"]
 
 log = logging.getLogger("tagway")
 
+KEEP_TICKS = 20  # every 2 s the gateway checks that its discovery file is still there (LocalAccess.keep)
 # at most this many CLI statements wait for the store at once; the rest get a 503 instead of piling up threads
 MAX_PENDING = 8
 
@@ -50,6 +51,23 @@ class LocalAccess:
             return None
         self.announcement = discovery.announce(directory, url)
         return self.announcement
+
+    def keep(self) -> bool:
+        """Write the discovery file again if it went missing or was damaged while this gateway serves (it holds the
+        store's lock, so the file can only be ours): without it no local CLI could reach the store until a restart.
+        Same credential and instance, so a CLI mid-command is not cut off. True when it was rewritten."""
+        ann = self.announcement
+        if ann is None or self.closed:
+            return False
+        try:
+            current = discovery.read(ann.store)
+        except discovery.DiscoveryError:
+            current = None
+        if current is not None and current.instance == ann.instance:
+            return False
+        self.announcement = discovery.write(ann)
+        log.warning("the discovery file %s was missing or not ours: written again", ann.path)
+        return True
 
     def close(self) -> None:
         """Stop accepting statements and remove the discovery file (idempotent)."""
@@ -213,6 +231,14 @@ def serve(app: Any, *, sockets: list | None = None, **kwargs: Any) -> None:
                     app.announce(local_url(host, port))
                 except OSError as e:  # the gateway still serves traffic; CLIs get the lock error
                     log.warning("could not write the discovery file: %s", e)
+
+        async def on_tick(self, counter: int) -> bool:
+            if counter % KEEP_TICKS == 0:  # uvicorn ticks every 0.1 s
+                try:
+                    app.local.keep()
+                except OSError as e:
+                    log.warning("could not write the discovery file again: %s", e)
+            return await super().on_tick(counter)
 
     server = AnnouncingServer(uvicorn.Config(app, **kwargs))
     try:
