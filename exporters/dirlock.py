@@ -5,7 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 
-__all__ = ["lock_dir"]
+__all__ = ["lock_dir", "holder_pid"]
 
 
 def lock_dir(path: str, filename: str, error: Exception) -> int:
@@ -20,3 +20,13 @@ def lock_dir(path: str, filename: str, error: Exception) -> int:
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
     return fd
+
+
+def holder_pid(path: str, filename: str) -> int | None:
+    """The pid recorded in `path/filename` by the process that locked it last, if it reads as one."""
+    try:
+        with open(os.path.join(path, filename), "rb") as f:
+            text = f.read(32).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None

@@ -496,7 +496,7 @@ def top_errors(store: Store, sel: Selection, *, limit: int = 10, examples: int =
     p = _Params()
     where = _where(sel, p, sel.window, database)
     sql = (f"SELECT error_type, count() AS n, sum(count()) OVER () AS total, "
-           f"groupUniqArray(5)(http_status) AS statuses, uniq(customer) AS customers, "
+           f"groupUniqArray(5)(http_status) AS statuses, uniqIf(customer, customer != '') AS customers, "
            f"groupArray({p.add('n', 'UInt32', examples)})(trace_id) AS examples, "
            f"toUnixTimestamp64Micro(min(Timestamp)) AS first_us, toUnixTimestamp64Micro(max(Timestamp)) AS last_us\n"
            f"FROM {calls_table(database)}\nWHERE {where}\nGROUP BY error_type\n"
@@ -514,8 +514,8 @@ def top_errors(store: Store, sel: Selection, *, limit: int = 10, examples: int =
 def parse_trace_id(trace_id: str) -> str:
     tid = (trace_id or "").strip()
     if not TRACE_ID_RE.match(tid):
-        raise QueryInputError(f"invalid trace id {_show(tid)}: expected letters, digits, '-' or '_'",
-                              param="trace_id")
+        why = "at most 128 characters" if len(tid) > 128 else "letters, digits, '-' or '_'" if tid else "an id"
+        raise QueryInputError(f"invalid trace id {_show(tid)}: expected {why}", param="trace_id")
     return tid
 
 

@@ -26,7 +26,8 @@ __all__ = [
     "QueryInputError", "COLUMNS", "TAG_PREFIX", "APPLIED_TAG", "TAG_KEY_RE", "STATUSES", "PRODUCTION_SOURCE",
     "REPLAY_SOURCE", "JUDGE_SOURCE", "SHADOW_SOURCE", "NON_PRODUCTION_SOURCES", "MAX_WINDOW", "MAX_VALUE_LEN", "Window",
     "Filter", "Params", "show", "iso_utc", "validate_tag_key", "parse_duration", "parse_time", "parse_window",
-    "parse_dimension", "parse_filter", "parse_filters", "column_expr", "filter_condition",
+    "parse_dimension", "parse_filter", "parse_filters", "column_expr", "filter_condition", "normalise",
+    "NORMALISED_LEN", "NORMALISED_COLUMNS",
 ]
 
 # Group-by / filter names -> llm_calls columns. `model` is what the client asked for (model_requested).
@@ -61,6 +62,17 @@ NON_PRODUCTION_SOURCES: tuple[str, ...] = (REPLAY_SOURCE, JUDGE_SOURCE, SHADOW_S
 
 MAX_WINDOW = dt.timedelta(days=400)
 MAX_VALUE_LEN = 1024
+NORMALISED_LEN = 128  # what the gateway keeps of a customer, intent, prompt version, source or tag value
+_NOT_NORMAL = re.compile(r"[^a-z0-9_.-]+")
+# columns whose values the gateway records normalised (gateway/tags.py); tag values are too
+NORMALISED_COLUMNS = ("customer", "intent", "prompt_version", "source")
+
+
+def normalise(value: str) -> str:
+    """Lower-case, and every run of characters outside [a-z0-9_.-] becomes one '_' ('Refund Flow' -> 'refund_flow'):
+    how the gateway records names and tag values, and so how filters on them are read."""
+    # bounded work whatever the input's size: a 1 MB value costs what 512 characters cost
+    return _NOT_NORMAL.sub("_", value[:4 * NORMALISED_LEN].strip().lower()).strip("_")[:NORMALISED_LEN]
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _FILTER_RE = re.compile(r"^\s*([^=!\s]+)\s*(!=|=)(.*)$", re.S)
@@ -212,6 +224,8 @@ def parse_filter(text: str) -> Filter:
             validate_tag_name(value)
         except TagInputError as e:
             raise QueryInputError(f"invalid filter {show(raw)}: {e.message}", param="where") from None
+    if (key in NORMALISED_COLUMNS or key.startswith(TAG_PREFIX)) and value:
+        value = normalise(value)  # 'customer=ACME' finds acme: values are recorded normalised
     if key == "status" and value not in STATUSES:
         raise QueryInputError(f"invalid filter {show(raw)}: status is one of {', '.join(STATUSES)}", param="where")
     return Filter(key, value, op)

@@ -20,6 +20,7 @@ from rich.text import Text
 
 from exporters import queries as q
 from exporters.dsn import DsnConfigError, default_dsn as _default_dsn, resolve_dsn as _resolve
+from exporters.dirlock import holder_pid
 from exporters.discovery import DiscoveryError
 from exporters.remote_store import StoreGoneError
 from exporters.store import Store, StoreError, StoreLockedError, chdb_path, is_embedded, redact_dsn
@@ -109,10 +110,12 @@ def _open_store(dsn: str) -> Store:
     except StoreGoneError as e:
         raise _CliError(str(e), EXIT_GONE) from None
     except StoreLockedError:
+        pid = holder_pid(chdb_path(dsn), "tagway.lock")
         raise _CliError(
-            f"the embedded store {redact_dsn(dsn)} is in use by a running gateway (chDB allows one process per data "
-            "directory): query through the gateway's HTTP API (GET /admin/stats with the admin key, or the /ui "
-            "page) or use a ClickHouse server DSN") from None
+            f"the embedded store {redact_dsn(dsn)} is in use by another process{f' (pid {pid})' if pid else ''} that "
+            "has not announced itself (chDB allows one process per data directory; a serving gateway writes its "
+            "discovery file again within 2 s: retry): query through the gateway's HTTP API (GET /admin/stats with "
+            "the admin key, or the /ui page) or use a ClickHouse server DSN") from None
     except StoreError as e:
         raise _CliError(str(e), EXIT_STORE) from None
 
@@ -390,7 +393,10 @@ def show_command(
         def query(store: Store, resolved: str, database: str) -> None:
             if cases:
                 return show_case(store, resolved, database)
-            call = q.get_call(store, trace_id, database=database)
+            from exporters.calls import call_detail  # noqa: PLC0415
+            # the call's columns plus what only its spans hold (the error message, each fallback attempt), as
+            # GET /admin/calls/{trace_id} answers
+            call = call_detail(store, trace_id, database=database)
             if call is None:
                 raise _CliError(f"no call with trace id {trace_id.strip()!r} in {redact_dsn(resolved)}")
             if as_json:
@@ -438,6 +444,7 @@ def print_call(call: dict[str, Any], console: Console) -> None:
     row("time", call.get("Timestamp"))
     row("span id", call.get("span_id"))
     row("status", status + (f"  ({call['error_type']})" if call.get("error_type") else ""), style)
+    row("message", call.get("error_message"))
     row("http status", call.get("http_status") or None)
     row("customer", call.get("customer"))
     row("intent", call.get("intent"))

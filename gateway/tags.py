@@ -6,15 +6,16 @@ import dataclasses
 import re
 from typing import Any, Callable, Mapping, Protocol
 
+from exporters.vocabulary import NORMALISED_LEN, normalise
+
 from .config import Taxonomy
 from .errors import GatewayError, bad_request, forbidden
 
 __all__ = ["ResolvedTags", "normalise", "parse_tags_header", "resolve_tags", "session_id_of", "RESERVED"]
 
-_INVALID = re.compile(r"[^a-z0-9_.-]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 RESERVED = ("customer", "intent", "prompt_version")
-MAX_LEN = 128
+MAX_LEN = NORMALISED_LEN
 # Free tags per call. Each becomes a span attribute; an unbounded number would let one request push the span
 # past the SDK's attribute limit (which drops the oldest attributes: tagway.kind and the customer first).
 MAX_TAGS = 64
@@ -22,10 +23,6 @@ SESSION_KEY = "session_id"  # metadata.session_id (or the x-tagway-session-id he
 MAX_SESSION_ID = 128
 
 
-def normalise(value: str) -> str:
-    """Lower-case, and every run of characters outside [a-z0-9_.-] becomes one '_' ('Refund Flow' -> 'refund_flow')."""
-    # bounded work whatever the input's size: a 1 MB value costs what 512 characters cost
-    return _INVALID.sub("_", value[:4 * MAX_LEN].strip().lower()).strip("_")[:MAX_LEN]
 
 
 @dataclasses.dataclass(slots=True)

@@ -116,6 +116,10 @@ def test_errors_and_show(run, seeded):
     as_json = run("show", seeded.span_trace_ok, "--json")
     call = orjson.loads(as_json.stdout)
     assert call["customer"] == seeded.spans and call["tags"]["region"] == "eu"
+    # the provider's message lives on the span: shown as GET /admin/calls/{trace_id} shows it
+    failed = run("show", seeded.span_trace_err)
+    assert failed.exit_code == 0 and "upstream 502" in failed.stdout, failed.output
+    assert orjson.loads(run("show", seeded.span_trace_err, "--json").stdout)["error_message"] == "upstream 502"
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -150,6 +154,7 @@ def test_store_locked_by_running_gateway(run, tmp_path):
     data.mkdir()
     fd = os.open(data / "tagway.lock", os.O_RDWR | os.O_CREAT, 0o644)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what exporters.store does for the running gateway
+    os.write(fd, b"4242")
     try:
         res = CliRunner().invoke(_app(), ["stats", "--dsn", f"chdb://{data}"])
     finally:
@@ -157,6 +162,7 @@ def test_store_locked_by_running_gateway(run, tmp_path):
     assert res.exit_code == 2, res.output
     err = res.stderr.strip()
     assert len(err.splitlines()) == 1 and "HTTP API" in err and "server DSN" in err and "Traceback" not in err
+    assert "(pid 4242)" in err and "retry" in err  # who holds it, and that a serving gateway re-announces itself
 
 
 def test_missing_store_dir(tmp_path):
@@ -241,21 +247,21 @@ def test_markup_in_recorded_values_is_printed_as_is(run, chdb_store):
 @pytest.mark.parametrize("value", HOSTILE)
 def test_markup_in_filter_values_is_printed_as_is(run, seeded, value):
     for cmd in ("stats", "errors"):
-        res = run(cmd, "--where", seeded.where, "--where", f"intent={value}")
+        res = run(cmd, "--where", seeded.where, "--where", f"model={value}")  # a column kept as sent
         assert res.exit_code == 0, res.output
-        assert f"where tag.run={seeded.run}  intent={value}  " in res.stdout, res.stdout
+        assert f"where tag.run={seeded.run}  model={value}  " in res.stdout, res.stdout
 
 
 def test_print_functions_take_data_as_text():
     """print_stats / print_call straight to a recording console: no markup parsed, no emoji code replaced."""
     from rich.console import Console  # noqa: PLC0415
 
-    sel = q.make_selection(["intent=[/oops]", "tag.x=:warning:"])
+    sel = q.make_selection(["model=[/oops]", "key_id=:warning:"])  # columns kept as sent (not normalised)
     seg = q.SegmentStats(key={"model": "[red]gpt[/red]"}, calls=3, errors=1, cancelled=0)
     console = Console(record=True, width=250)
     stats_cli.print_stats(q.StatsReport(("model",), sel, False, 20, [seg], seg), console, "last 24h")
     text = console.export_text()
-    assert "where intent=[/oops]  tag.x=:warning:  source not replay, replay-judge" in text
+    assert "where model=[/oops]  key_id=:warning:  source not replay, replay-judge" in text
     assert "│[red]gpt[/red] │" in text
     console = Console(record=True, width=250)
     stats_cli.print_call({"trace_id": "t1", "status": "error", "error_type": "[/]", "customer": "[b]c",
@@ -336,3 +342,13 @@ def test_stats_table_is_plain_ascii_on_a_non_utf8_terminal(seeded):
     out.flush()
     text = raw.getvalue().decode("ascii")
     assert "1,234" in text and "4.5%" in text and "|" in text  # rich's ASCII box
+
+
+def test_filter_values_are_read_as_the_gateway_records_them(run, seeded):
+    """Names and tag values are recorded normalised (lower case): a filter typed in capitals finds them."""
+    import json as _json  # noqa: PLC0415
+    lower = run("stats", "--where", seeded.where, "--where", f"customer={seeded.acme}", "--json")
+    upper = run("stats", "--where", seeded.where, "--where", f"customer={seeded.acme.upper()}", "--json")
+    assert lower.exit_code == upper.exit_code == 0, upper.output
+    calls = [_json.loads(r.stdout)["total"]["calls"] for r in (lower, upper)]
+    assert calls[0] > 0 and calls[0] == calls[1]

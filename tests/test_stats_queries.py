@@ -75,7 +75,11 @@ def test_parse_dimensions_and_filters():
     assert q.parse_by(["customer,intent", "tag.region"]) == ("customer", "intent", "tag.region")
     assert q.parse_where(["intent=refund", "tag.region!=eu", "stream=1"]) == (
         q.Filter("intent", "refund"), q.Filter("tag.region", "eu", "!="), q.Filter("stream", "true"))
-    assert q.parse_filter("tag.note=a=b").value == "a=b"
+    # values of the columns the gateway records normalised are read the same way ('=' is never recorded)
+    assert q.parse_filter("tag.note=a=b").value == "a_b"
+    assert [str(q.parse_filter(f)) for f in ("customer=ACME", "intent=Refund Flow", "source!=Batch Job",
+                                              "tag.region=EU", "model=GPT-4o", "key_id=Jane")] == [
+        "customer=acme", "intent=refund_flow", "source!=batch_job", "tag.region=eu", "model=GPT-4o", "key_id=Jane"]
     for bad in (["nope"], ["tag.a'b"], ["tag.x; DROP TABLE llm_calls"], ["tag.UPPER"], ["tag." + "a" * 65],
                 ["customer", "customer"], ["customer) FROM system.tables --"]):
         with pytest.raises(q.QueryInputError) as e:
@@ -226,6 +230,26 @@ def test_values_are_parameters_not_sql(chdb_store, seeded):
 
 
 # -- errors, one call, time series -----------------------------------------------------------------------------
+def test_top_errors_counts_no_customer_as_none(chdb_store):
+    """A refused key's calls carry no customer: they make no customer of their own in `customers`."""
+    from tests.rollup_seed import insert_spans, span
+    now = dt.datetime.now(dt.timezone.utc)
+    tag = {"errors-no-customer": "1"}
+    insert_spans(chdb_store, [span(now, "", status="error", error_type="invalid_api_key", tags=tag),
+                              span(now, "", status="error", error_type="invalid_api_key", tags=tag),
+                              span(now, "acme-nc", status="error", error_type="upstream_5xx", tags=tag),
+                              span(now, "globex-nc", status="error", error_type="upstream_5xx", tags=tag)])
+    rep = q.top_errors(chdb_store, q.make_selection(["tag.errors-no-customer=1"], since="1h"))
+    assert {g.error_type: (g.count, g.customers) for g in rep.groups} == {"invalid_api_key": (2, 0),
+                                                                          "upstream_5xx": (2, 2)}
+
+
+def test_a_trace_id_too_long_says_so():
+    with pytest.raises(q.QueryInputError, match="at most 128 characters"):
+        q.parse_trace_id("a" * 129)
+    assert q.parse_trace_id("a" * 128) == "a" * 128
+
+
 def test_top_errors(chdb_store, seeded):
     rep = q.top_errors(chdb_store, q.make_selection([seeded.where], since="24h"))
     assert [(g.error_type, g.count) for g in rep.groups] == [("upstream_5xx", 21), ("timeout", 10), ("rate_limited", 3)]
