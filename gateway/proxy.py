@@ -21,7 +21,7 @@ from opentelemetry.trace import Link, SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from exporters import semconv as sc
-from exporters.vocabulary import NON_PRODUCTION_SOURCES, SHADOW_SOURCE
+from exporters.vocabulary import NON_PRODUCTION_SOURCES, REPLAY_SOURCE, SHADOW_SOURCE
 
 from .auth import CREDENTIAL_HEADERS, KeyRing, duplicate_header
 from .call import Call, ClientGone
@@ -337,6 +337,8 @@ class Proxy(WireStreamRelay):
         source = normalise(tw["source"]) if tw.get("source") else ""
         replay = [(attr, tw[h][:128]) for h, attr in _REPLAY_HEADERS if tw.get(h)]
         if (replay or source in NON_PRODUCTION_SOURCES) and not call.principal.may_set_customer:
+            # Still recorded, but as what it claimed to be: a refused replay attempt is no production error.
+            rec.source = source if source in NON_PRODUCTION_SOURCES else REPLAY_SOURCE
             raise forbidden("Only the admin key or a key that may set its customer can mark calls as replay.",
                             code="replay_marks_not_allowed", param="x-tagway-source")
         if source:

@@ -48,8 +48,9 @@ def _fail(msg: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
 
 
 @contextlib.contextmanager
-def _user_errors() -> Iterator[None]:
-    """Bad input becomes one line on stderr and exit 2, never a traceback."""
+def _user_errors(run_id: str | None = None) -> Iterator[None]:
+    """Bad input becomes one line on stderr and exit 2, never a traceback. `run_id`: the run a command works on,
+    named in how to finish it when the store goes away midway."""
     from exporters.discovery import DiscoveryError
     from exporters.dsn import DsnConfigError
     from exporters.remote_store import StoreGoneError
@@ -58,8 +59,8 @@ def _user_errors() -> Iterator[None]:
     try:
         yield
     except StoreGoneError as e:
-        raise _fail(f"{e}; what was stored is kept (`tagway replay resume RUN_ID` finishes a run)",
-                    EXIT_INCOMPLETE) from None
+        finish = f": `tagway replay resume {run_id}` finishes the run" if run_id else ""
+        raise _fail(f"{e}; what was stored is kept{finish}", EXIT_INCOMPLETE) from None
     except DiscoveryError as e:
         raise _fail(str(e)) from None
     except StoreLockedError as e:
@@ -206,6 +207,7 @@ def run_cmd(
                                                 "of the dashboard at this base URL."),
 ) -> None:
     """Select a slice (or dataset), replay it against the candidates through the gateway, report and gate."""
+    from exporters.remote_store import StoreGoneError
     from .datasets import validate_run_id
     from .pipeline import RunOptions, new_run_id, start_run
     with _user_errors():
@@ -230,6 +232,9 @@ def run_cmd(
             result = asyncio.run(start_run(store, parsed, opts))
         except KeyboardInterrupt:
             raise _fail(f"interrupted; resume with: tagway replay resume {rid}", EXIT_INCOMPLETE) from None
+        except StoreGoneError as e:
+            raise _fail(f"{e}; what was stored is kept: `tagway replay resume {rid}` finishes the run",
+                        EXIT_INCOMPLETE) from None
         _emit(result.report, fmt, out, dashboard_url)
     raise typer.Exit(result.exit_code)
 
@@ -250,7 +255,7 @@ def resume_cmd(
     """Re-run the (candidate, case) pairs of RUN_ID without a score: not run yet, or errored."""
     from .pipeline import RunOptions, resume_run
     from .shadow import SHADOW_RUN_PREFIX
-    with _user_errors():
+    with _user_errors(run_id):
         if run_id.startswith(SHADOW_RUN_PREFIX):
             raise SpecError(f"run {run_id} scored recorded shadow calls: there is nothing to re-run (`tagway replay "
                             "report --shadow` builds a new report)")

@@ -286,9 +286,10 @@ def aggregate(results: Iterable[Any], gating: Any, *, run_id: str = "", status: 
     if status != "complete":
         reasons.append(f"run {status}: the verdict covers only the cases that finished")
     statuses = {c.status for c in reports}
-    overall = REGRESSION if REGRESSION in statuses or not reports else INCONCLUSIVE if INCONCLUSIVE in statuses else OK
-    code = exit_code(overall, complete=status == "complete",
-                     inconclusive_blocks=getattr(gating, "inconclusive", "block") == "block")
+    # no candidate result is no evidence either way: inconclusive (which blocks by default), never "regression"
+    overall = REGRESSION if REGRESSION in statuses else INCONCLUSIVE if INCONCLUSIVE in statuses or not reports else OK
+    code = exit_code(overall, complete=status == "complete",  # nothing tested never passes, whatever the policy
+                     inconclusive_blocks=getattr(gating, "inconclusive", "block") == "block" or not reports)
     verdict = "passed" if overall == OK else overall
     return Report(run_id, status, list(segment_by), _gating_dict(gating), baseline_mode, reports, verdict, code,
                   reasons, n_cases, n_errored, sum(float(r.cost_usd or 0) for r in base.values()),

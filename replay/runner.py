@@ -195,8 +195,11 @@ def fatal_check(who: str, model: str, ans: Answer) -> None:
         raise FatalRunError(f"{who}: model {model!r} is not served by the gateway (404 "
                             f"{ans.error_code or 'not found'}): {ans.error}")
     if ans.http_status in (401, 403):
-        raise FatalRunError(f"the gateway rejected the API key (HTTP {ans.http_status}): {ans.error}; "
-                            "pass --api-key or set TAGWAY_API_KEY / TAGWAY_ADMIN_KEY")
+        why = ans.error.removeprefix(f"HTTP {ans.http_status}: ")  # said once
+        hint = ("replay needs the admin key or a key that may set its customer (--api-key, TAGWAY_API_KEY / "
+                "TAGWAY_ADMIN_KEY)" if ans.http_status == 403 else "pass --api-key or set TAGWAY_API_KEY / "
+                "TAGWAY_ADMIN_KEY")
+        raise FatalRunError(f"the gateway rejected the API key (HTTP {ans.http_status}): {why}; {hint}")
     if ans.error_code == "connection":
         raise FatalRunError(ans.error)
 

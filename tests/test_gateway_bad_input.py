@@ -196,6 +196,10 @@ def test_tenant_keys_cannot_mark_calls_as_replay(gateway):
                     {"x-tagway-replay-case-id": "abc"}):
         r = post(gateway, {"model": "gpt-test", "messages": MSG}, headers=headers)
         assert_openai_error(r, 403, "replay_marks_not_allowed")
+        # recorded, as the replay attempt it was: the tenant's production error rate does not move
+        a = gateway.recorder.call(r.headers["x-tagway-trace-id"]).attributes
+        assert a[sc.CUSTOMER] == "acme" and a[sc.ERROR_TYPE] == "replay_marks_not_allowed"
+        assert a[sc.SOURCE] == "replay"
     r = post(gateway, {"model": "gpt-test", "messages": MSG}, headers={"x-tagway-source": "Batch Job"})
     assert r.status_code == 200  # any other source is the tenant's own business
     assert gateway.recorder.call(r.headers["x-tagway-trace-id"]).attributes[sc.SOURCE] == "batch_job"

@@ -130,7 +130,17 @@ def test_the_gateway_stopping_mid_query_is_one_line_and_exit_3(tmp_path):
             lines = res.stderr.strip().splitlines()
             assert len(lines) == 1 and "stopped before it answered" in lines[0], lines
             assert "Traceback" not in res.output
-
+        # replay says how to finish the run it was on (and names none when no run had started)
+        spec = tmp_path / "spec.yaml"
+        spec.write_text("slice: {customer: [acme], since: 1h}\ncandidates: [{name: c, model: m}]\n"
+                        "evaluators: [{type: contains, value: ok}]\n")
+        for argv, finish in ((["run", "--spec", str(spec), "--run-id", "gone-run"], ""),
+                             (["resume", "gone-run"], ": `tagway replay resume gone-run` finishes the run")):
+            res = CliRunner().invoke(replay_app, [*argv, "--dsn", f"chdb://{d}", "--gateway", server.url,
+                                                  "--api-key", "k", "--no-progress"])
+            assert res.exit_code == 3, res.output
+            lines = res.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].endswith(f"what was stored is kept{finish}"), lines
 
 def test_a_port_now_used_by_someone_else_makes_the_file_stale(tmp_path):
     """The announced pid is alive (ours) but the port answers with another identity: reported once, then the store

@@ -294,3 +294,15 @@ def test_html_renders_in_headless_chromium(tmp_path):
     assert '<tr class="inconclusive" data-segment="tiny">' in dom
     assert "gate REGRESSION, exit 1" in dom and dom.count('<g class="seg"') == len(SEED_001)
     assert dom.count('<tr class="flip"') == 7 + 3  # refund_flow's 7 and tiny's 3
+
+
+def test_no_candidate_result_is_inconclusive_and_never_passes():
+    """A run that replayed nothing (the gateway refused the key at the first call, say) has no evidence either way:
+    inconclusive, not "regression", and it blocks even where inconclusive segments are let through."""
+    from replay.gate import EXIT_INCOMPLETE, EXIT_INCONCLUSIVE  # noqa: PLC0415
+    for inconclusive in ("block", "pass"):
+        r = aggregate([], Gating(inconclusive=inconclusive), run_id="r")
+        assert (r.verdict, r.exit_code) == ("inconclusive", EXIT_INCONCLUSIVE)
+        assert "no candidate result: nothing to gate on" in r.reasons
+    stopped = aggregate([], Gating(), run_id="r", status="incomplete")
+    assert (stopped.verdict, stopped.exit_code) == ("inconclusive", EXIT_INCOMPLETE)

@@ -493,3 +493,13 @@ def test_production_errors_are_counted_or_kept_as_failing_cases(chdb_store):
     assert (row.n, row.before_pass, row.after_pass, row.before_errored, row.fail_pass) == (15, 12, 15, 3, 3)
     errored = [r for r in read_results(chdb_store, kept.run_id) if r.candidate == "baseline" and r.status == "errored"]
     assert len(errored) == 3 and all(r.error == "the production call errored (error)" for r in errored)
+
+
+def test_a_key_refused_for_replay_says_which_key_it_takes():
+    from replay.runner import Answer, fatal_check  # noqa: PLC0415
+    refused = Answer(False, {}, "", 403, 1, 1.0, 0.0, "t", error="HTTP 403: Only the admin key or a key that may set "
+                     "its customer can mark calls as replay.", error_code="replay_marks_not_allowed")
+    with pytest.raises(FatalRunError) as e:
+        fatal_check("candidate c", "m", refused)
+    msg = str(e.value)
+    assert msg.count("HTTP 403") == 1 and "replay needs the admin key" in msg
