@@ -23,8 +23,6 @@ SESSION_KEY = "session_id"  # metadata.session_id (or the x-tagway-session-id he
 MAX_SESSION_ID = 128
 
 
-
-
 @dataclasses.dataclass(slots=True)
 class ResolvedTags:
     customer: str = ""
