@@ -10,7 +10,8 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from exporters.vocabulary import APPLIED_TAG, parse_dimension, parse_duration, parse_filter, validate_tag_key
+from exporters.vocabulary import (APPLIED_TAG, normalise, parse_dimension, parse_duration, parse_filter,
+                                  validate_tag_key)
 from exporters.yamlfile import YamlFileError, load_mapping
 
 from .evaluators import EvaluatorSpec
@@ -88,12 +89,18 @@ class SliceSpec(_Model):
             return v
         return [v]
 
+    @field_validator("customer", "intent", "prompt_version", "source")
+    @classmethod
+    def _normalised(cls, v: list[str] | None) -> list[str] | None:
+        # recorded normalised by the gateway: a slice reads them the same way (customer: [ACME] finds acme)
+        return None if v is None else [normalise(x) for x in v]
+
     @field_validator("tags", mode="before")
     @classmethod
     def _tags(cls, v: Any) -> Any:
         if not isinstance(v, dict):
             raise ValueError("tags must be a mapping of key: value")
-        return {validate_tag_key(str(k), "tags"): str(val) for k, val in v.items()}
+        return {validate_tag_key(str(k), "tags"): normalise(str(val)) for k, val in v.items()}
 
     @field_validator("where")
     @classmethod

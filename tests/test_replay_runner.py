@@ -503,3 +503,13 @@ def test_a_key_refused_for_replay_says_which_key_it_takes():
         fatal_check("candidate c", "m", refused)
     msg = str(e.value)
     assert msg.count("HTTP 403") == 1 and "replay needs the admin key" in msg
+
+
+def test_a_slice_reads_names_and_tag_values_as_they_are_recorded(chdb_store, slice_data):
+    """customer: [ACME-...] and tags: {region: EU} find the calls recorded as acme-... and eu."""
+    from replay.slice import select_slice  # noqa: PLC0415
+    a, _, _ = slice_data
+    spec = parse_spec({**spec_for([a.upper()]), "slice": {**spec_for([a.upper()])["slice"],
+                                                           "intent": ["Refund"], "tags": {"region": "EU"}}})
+    assert spec.slice.customer == [a] and spec.slice.intent == ["refund"] and spec.slice.tags == {"region": "eu"}
+    assert len(select_slice(chdb_store, spec.slice)[0]) > 0
