@@ -5,7 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 
-__all__ = ["lock_dir", "holder_pid"]
+__all__ = ["lock_dir", "holder_pid", "is_locked"]
 
 
 def lock_dir(path: str, filename: str, error: Exception) -> int:
@@ -30,3 +30,18 @@ def holder_pid(path: str, filename: str) -> int | None:
     except OSError:
         return None
     return int(text) if text.isdigit() else None
+
+
+def is_locked(path: str, filename: str) -> bool:
+    """Does some process hold the lock on `path/filename` now? (Takes and drops it when free; writes nothing.)"""
+    try:
+        fd = os.open(os.path.join(path, filename), os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops a lock we took
+    return False

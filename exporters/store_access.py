@@ -6,6 +6,8 @@
 - An embedded store nobody serves: `connect` opens it directly. A discovery file left by a gateway that died
   (SIGKILL: the process is gone or its port refuses connections) is reported in one line, the store is opened
   directly once the kernel has released the dead gateway's lock, and the stale file is removed.
+- A serving gateway whose discovery file was deleted or damaged writes it again within 2 s: a command that finds
+  the store locked without a usable announcement waits up to REANNOUNCE_WAIT_SECONDS for the new one.
 
 `TAGWAY_VERBOSE=1` (set by `tagway --verbose`) prints one line saying which path was taken.
 """
@@ -17,12 +19,14 @@ import time
 from typing import Any, Callable
 
 from . import discovery
+from .dirlock import is_locked
 from .remote_store import RemoteStore, StoreAccessDenied, StoreGoneError
 from .store import Store, StoreLockedError, connect
 
 __all__ = ["open_store", "verbose_enabled"]
 
 LOCK_WAIT_SECONDS = 10.0
+REANNOUNCE_WAIT_SECONDS = 3.0  # a serving gateway checks its discovery file every 2 s
 
 
 def verbose_enabled() -> bool:
@@ -45,32 +49,85 @@ def open_store(dsn: str, *, verbose: bool | None = None, say: Callable[[str], No
         if verbose:
             say(f"store: opened directly ({_label(dsn)})")
         return store
-    ann = discovery.read(directory) if os.path.isdir(directory) else None
-    stale = False
+    try:
+        ann = discovery.read(directory) if os.path.isdir(directory) else None
+    except discovery.DiscoveryPermissionError:
+        raise
+    except discovery.DiscoveryError:
+        # a damaged file; if a gateway holds the store it writes the file again within seconds: use that one
+        new = _reannounced(directory, None, REANNOUNCE_WAIT_SECONDS) if is_locked(directory, "tagway.lock") else None
+        remote = _reach(dsn, new)[0] if new is not None else None
+        if remote is None:
+            raise
+        if verbose:
+            say(f"store: through the running gateway ({new.describe()}), announced again in {new.path}")
+        return remote
+    stale = ""  # why the announcement could not be used
+    wait = 0.0  # how long the lock may take to be freed: only when the announced gateway is going or gone
     if ann is not None:
         if not discovery.pid_alive(ann.pid):
             say(f"the gateway that served {directory} ({ann.describe()}) is gone (process not running); "
                 "opening the store directly")
-            stale = True
+            wait = lock_wait
         else:
-            remote = RemoteStore(dsn, ann)
-            try:
-                remote.identify()
-            except (StoreGoneError, StoreAccessDenied) as e:
-                remote.close()
-                say(f"{e}; treating its discovery file as stale and opening the store directly")
-                stale = True
-            else:
+            remote, stale, gone = _reach(dsn, ann)
+            if remote is not None:
                 if verbose:
                     say(f"store: through the running gateway ({ann.describe()}), announced in {ann.path}")
                 return remote
-    store = _connect_when_free(dsn, lock_wait if stale else 0.0)
-    if stale and ann is not None:
+            wait = lock_wait if gone else 0.0
+    try:
+        store = _connect_when_free(dsn, wait)
+    except StoreLockedError:
+        # Held, and by a gateway that lost its discovery file (or whose file could not be used): it writes the
+        # file again within seconds (gateway/store_api.py), so wait for a new announcement before giving up.
+        new = _reannounced(directory, ann.instance if ann is not None else None, REANNOUNCE_WAIT_SECONDS)
+        remote = _reach(dsn, new)[0] if new is not None else None
+        if remote is None:
+            if stale:
+                say(stale)
+            raise
+        if verbose:
+            say(f"store: through the running gateway ({new.describe()}), announced again in {new.path}")
+        return remote
+    if stale:
+        say(f"{stale}; its discovery file was stale: opened the store directly")
+    if ann is not None:
         # we hold the store lock now, so no gateway serves it: the file is certainly stale
         discovery.withdraw(ann)
     if verbose:
         say(f"store: opened directly ({directory})")
     return store
+
+
+def _reach(dsn: str, ann: discovery.Announcement) -> tuple[RemoteStore | None, str, bool]:
+    """(a RemoteStore to the announced gateway, "", False), or (None, why it cannot be used, whether it is going or
+    gone rather than refusing our credential)."""
+    remote = RemoteStore(dsn, ann)
+    try:
+        remote.identify()
+    except StoreGoneError as e:
+        remote.close()
+        return None, str(e), True
+    except StoreAccessDenied as e:
+        remote.close()
+        return None, str(e), False
+    return remote, "", False
+
+
+def _reannounced(directory: str, old_instance: str | None, wait: float) -> discovery.Announcement | None:
+    """An announcement other than `old_instance` appearing in `directory` within `wait` s, else None."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            ann = discovery.read(directory)
+        except discovery.DiscoveryError:
+            ann = None
+        if ann is not None and ann.instance != old_instance and discovery.pid_alive(ann.pid):
+            return ann
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.1)
 
 
 def _connect_when_free(dsn: str, wait: float) -> Store:

@@ -10,6 +10,7 @@ Statements run on the thread pool, never on the event loop, so a heavy CLI query
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import ipaddress
 import logging
@@ -63,7 +64,7 @@ class LocalAccess:
             current = discovery.read(ann.store)
         except discovery.DiscoveryError:
             current = None
-        if current is not None and current.instance == ann.instance:
+        if current is not None and dataclasses.replace(current, path="") == dataclasses.replace(ann, path=""):
             return False
         self.announcement = discovery.write(ann)
         log.warning("the discovery file %s was missing or not ours: written again", ann.path)
