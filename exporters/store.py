@@ -21,7 +21,10 @@ from clickhouse_connect.driver.exceptions import ClickHouseError
 
 from .dirlock import lock_dir
 
-__all__ = ["Store", "StoreError", "StoreLockedError", "connect", "is_embedded", "chdb_path", "redact_dsn"]
+__all__ = ["Store", "StoreError", "StoreLockedError", "connect", "is_embedded", "chdb_path", "redact_dsn",
+           "LOCK_FILE"]
+
+LOCK_FILE = "tagway.lock"  # in an embedded store's directory: held by the one process that opens it
 
 _CODE = re.compile(r"\bCode: (\d+)\b")
 
@@ -149,7 +152,7 @@ def connect(dsn: str, *, settings: dict[str, Any] | None = None, connect_timeout
                 path = chdb_path(dsn)
                 if path != ":memory:" and not role:
                     os.makedirs(path, exist_ok=True)
-                    lock_fd = lock_dir(path, "tagway.lock", StoreLockedError(
+                    lock_fd = lock_dir(path, LOCK_FILE, StoreLockedError(
                         f"the embedded store {path} is in use by another process (chDB allows one process per data"
                         " directory); stop the other tagway process, choose another data directory, or use a"
                         " ClickHouse server DSN"))

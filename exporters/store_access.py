@@ -21,7 +21,7 @@ from typing import Any, Callable
 from . import discovery
 from .dirlock import is_locked
 from .remote_store import RemoteStore, StoreAccessDenied, StoreGoneError
-from .store import Store, StoreLockedError, connect
+from .store import LOCK_FILE, Store, StoreLockedError, connect
 
 __all__ = ["open_store", "verbose_enabled"]
 
@@ -55,12 +55,11 @@ def open_store(dsn: str, *, verbose: bool | None = None, say: Callable[[str], No
         raise
     except discovery.DiscoveryError:
         # a damaged file; if a gateway holds the store it writes the file again within seconds: use that one
-        new = _reannounced(directory, None, REANNOUNCE_WAIT_SECONDS) if is_locked(directory, "tagway.lock") else None
-        remote = _reach(dsn, new)[0] if new is not None else None
+        remote = None
+        if is_locked(directory, LOCK_FILE):
+            remote = _through_reannouncement(dsn, directory, None, verbose, say)
         if remote is None:
             raise
-        if verbose:
-            say(f"store: through the running gateway ({new.describe()}), announced again in {new.path}")
         return remote
     stale = ""  # why the announcement could not be used
     wait = 0.0  # how long the lock may take to be freed: only when the announced gateway is going or gone
@@ -81,14 +80,11 @@ def open_store(dsn: str, *, verbose: bool | None = None, say: Callable[[str], No
     except StoreLockedError:
         # Held, and by a gateway that lost its discovery file (or whose file could not be used): it writes the
         # file again within seconds (gateway/store_api.py), so wait for a new announcement before giving up.
-        new = _reannounced(directory, ann.instance if ann is not None else None, REANNOUNCE_WAIT_SECONDS)
-        remote = _reach(dsn, new)[0] if new is not None else None
+        remote = _through_reannouncement(dsn, directory, ann.instance if ann is not None else None, verbose, say)
         if remote is None:
             if stale:
                 say(stale)
             raise
-        if verbose:
-            say(f"store: through the running gateway ({new.describe()}), announced again in {new.path}")
         return remote
     if stale:
         say(f"{stale}; its discovery file was stale: opened the store directly")
@@ -113,6 +109,17 @@ def _reach(dsn: str, ann: discovery.Announcement) -> tuple[RemoteStore | None, s
         remote.close()
         return None, str(e), False
     return remote, "", False
+
+
+def _through_reannouncement(dsn: str, directory: str, old_instance: str | None, verbose: bool,
+                            say: Callable[[str], None]) -> RemoteStore | None:
+    """The gateway holding the store, once it has announced itself again (gateway/store_api.py rewrites a lost or
+    damaged discovery file within seconds); None when no usable announcement comes in time."""
+    new = _reannounced(directory, old_instance, REANNOUNCE_WAIT_SECONDS)
+    remote = _reach(dsn, new)[0] if new is not None else None
+    if remote is not None and verbose:
+        say(f"store: through the running gateway ({new.describe()}), announced again in {new.path}")
+    return remote
 
 
 def _reannounced(directory: str, old_instance: str | None, wait: float) -> discovery.Announcement | None:

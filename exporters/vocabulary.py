@@ -73,6 +73,8 @@ def normalise(value: str) -> str:
     how the gateway records names and tag values, and so how filters on them are read."""
     # bounded work whatever the input's size: a 1 MB value costs what 512 characters cost
     return _NOT_NORMAL.sub("_", value[:4 * NORMALISED_LEN].strip().lower()).strip("_")[:NORMALISED_LEN]
+
+
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _FILTER_RE = re.compile(r"^\s*([^=!\s]+)\s*(!=|=)(.*)$", re.S)

@@ -23,7 +23,7 @@ from exporters.dsn import DsnConfigError, default_dsn as _default_dsn, resolve_d
 from exporters.dirlock import holder_pid
 from exporters.discovery import DiscoveryError
 from exporters.remote_store import StoreGoneError
-from exporters.store import Store, StoreError, StoreLockedError, chdb_path, is_embedded, redact_dsn
+from exporters.store import LOCK_FILE, Store, StoreError, StoreLockedError, chdb_path, is_embedded, redact_dsn
 from exporters.store_access import open_store
 from exporters.vocabulary import COLUMNS, NON_PRODUCTION_SOURCES
 
@@ -110,7 +110,7 @@ def _open_store(dsn: str) -> Store:
     except StoreGoneError as e:
         raise _CliError(str(e), EXIT_GONE) from None
     except StoreLockedError:
-        pid = holder_pid(chdb_path(dsn), "tagway.lock")
+        pid = holder_pid(chdb_path(dsn), LOCK_FILE)
         raise _CliError(
             f"the embedded store {redact_dsn(dsn)} is in use by another process{f' (pid {pid})' if pid else ''} that "
             "has not announced itself (chDB allows one process per data directory; a serving gateway writes its "

@@ -47,6 +47,11 @@ def _fail(msg: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _store_gone(e: Exception, run_id: str | None) -> typer.Exit:
+    finish = f": `tagway replay resume {run_id}` finishes the run" if run_id else ""
+    return _fail(f"{e}; what was stored is kept{finish}", EXIT_INCOMPLETE)
+
+
 @contextlib.contextmanager
 def _user_errors(run_id: str | None = None) -> Iterator[None]:
     """Bad input becomes one line on stderr and exit 2, never a traceback. `run_id`: the run a command works on,
@@ -59,8 +64,7 @@ def _user_errors(run_id: str | None = None) -> Iterator[None]:
     try:
         yield
     except StoreGoneError as e:
-        finish = f": `tagway replay resume {run_id}` finishes the run" if run_id else ""
-        raise _fail(f"{e}; what was stored is kept{finish}", EXIT_INCOMPLETE) from None
+        raise _store_gone(e, run_id) from None
     except DiscoveryError as e:
         raise _fail(str(e)) from None
     except StoreLockedError as e:
@@ -233,8 +237,7 @@ def run_cmd(
         except KeyboardInterrupt:
             raise _fail(f"interrupted; resume with: tagway replay resume {rid}", EXIT_INCOMPLETE) from None
         except StoreGoneError as e:
-            raise _fail(f"{e}; what was stored is kept: `tagway replay resume {rid}` finishes the run",
-                        EXIT_INCOMPLETE) from None
+            raise _store_gone(e, rid) from None
         _emit(result.report, fmt, out, dashboard_url)
     raise typer.Exit(result.exit_code)
 

@@ -196,10 +196,9 @@ def fatal_check(who: str, model: str, ans: Answer) -> None:
                             f"{ans.error_code or 'not found'}): {ans.error}")
     if ans.http_status in (401, 403):
         why = ans.error.removeprefix(f"HTTP {ans.http_status}: ")  # said once
-        hint = ("replay needs the admin key or a key that may set its customer (--api-key, TAGWAY_API_KEY / "
-                "TAGWAY_ADMIN_KEY)" if ans.http_status == 403 else "pass --api-key or set TAGWAY_API_KEY / "
-                "TAGWAY_ADMIN_KEY")
-        raise FatalRunError(f"the gateway rejected the API key (HTTP {ans.http_status}): {why}; {hint}")
+        need = "replay needs the admin key or a key that may set its customer: " if ans.http_status == 403 else ""
+        raise FatalRunError(f"the gateway rejected the API key (HTTP {ans.http_status}): {why}; {need}pass "
+                            "--api-key or set TAGWAY_API_KEY / TAGWAY_ADMIN_KEY")
     if ans.error_code == "connection":
         raise FatalRunError(ans.error)
 

@@ -10,8 +10,8 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from exporters.vocabulary import (APPLIED_TAG, normalise, parse_dimension, parse_duration, parse_filter,
-                                  validate_tag_key)
+from exporters.vocabulary import (APPLIED_TAG, NORMALISED_COLUMNS, normalise, parse_dimension, parse_duration,
+                                  parse_filter, validate_tag_key)
 from exporters.yamlfile import YamlFileError, load_mapping
 
 from .evaluators import EvaluatorSpec
@@ -89,7 +89,7 @@ class SliceSpec(_Model):
             return v
         return [v]
 
-    @field_validator("customer", "intent", "prompt_version", "source")
+    @field_validator(*NORMALISED_COLUMNS)
     @classmethod
     def _normalised(cls, v: list[str] | None) -> list[str] | None:
         # recorded normalised by the gateway: a slice reads them the same way (customer: [ACME] finds acme)
