@@ -30,6 +30,9 @@ __all__ = ["RemoteStore", "StoreGoneError", "StoreAccessDenied", "encode_value",
            "decode_rows", "API_PREFIX"]
 
 API_PREFIX = "/admin/store"
+# identify() waits this long for the gateway's answer, which comes after it stored its pending calls (at most 4 s,
+# gateway.app.FLUSH_SECONDS): longer than that is a gateway that is stuck, not busy
+IDENTIFY_SECONDS = 8.0
 
 
 class StoreGoneError(StoreError):
@@ -197,9 +200,11 @@ class RemoteStore:
         return r.status_code == 200 and _json(r).get("instance") == self.announcement.instance
 
     def identify(self) -> None:
-        """Check that the gateway that announced itself answers (raises StoreGoneError / StoreAccessDenied)."""
+        """Check that the gateway that announced itself answers (raises StoreGoneError / StoreAccessDenied), and
+        have it store the calls it answered but has not inserted yet (its batch window): a command counts every
+        call answered before it ran, as it would on the store opened directly after the gateway stopped."""
         try:
-            r = self._http.get("/ping", timeout=httpx.Timeout(5.0, connect=2.0))
+            r = self._http.get("/ping", params={"flush": "1"}, timeout=httpx.Timeout(IDENTIFY_SECONDS, connect=2.0))
         except httpx.HTTPError as e:
             raise StoreGoneError(self._gone(e)) from None
         if r.status_code in (401, 403, 404) or (r.status_code == 200

@@ -41,6 +41,7 @@ from .tags_api import build_tags_router
 __all__ = ["TagwayApp", "create_app"]
 
 BUDGET_REFRESH = 30.0  # seconds between reads of recorded spend (calls are counted in-process meanwhile)
+FLUSH_SECONDS = 4.0  # the most a local CLI command waits for the calls answered before it to be stored
 
 log = logging.getLogger("tagway")
 
@@ -128,6 +129,14 @@ class TagwayApp:
                            "AND Timestamp >= fromUnixTimestamp64Nano({since:Int64}) AND source = {src:String}",
                            parameters={"who": who, "since": int(since * 1e9), "src": PRODUCTION_SOURCE})
         return float(rows[0]["usd"] or 0.0) if rows else 0.0
+
+    def flush_recording(self) -> bool:
+        """Insert the calls answered so far (blocking: a worker thread). The batch window (recording.batch_max_seconds)
+        keeps inserts big and few; a local CLI command asks for this first, so it sees every call answered before it
+        started. False when they could not all be stored within FLUSH_SECONDS (they are not lost: still queued)."""
+        if self.recorder is None or not self.recorder.enabled:
+            return True
+        return self.recorder.force_flush(int(FLUSH_SECONDS * 1000))
 
     def announce(self, url: str) -> None:
         """Tell local CLIs (through the store directory) that this gateway serves its embedded store at `url`."""
@@ -355,7 +364,7 @@ def _build_api(app: TagwayApp) -> FastAPI:
     if build_stats_router is not None:
         api.include_router(build_stats_router(app.keyring, lambda: app.query_store))
     api.include_router(build_tags_router(app.keyring, lambda: app.query_store))
-    api.include_router(build_store_router(app.keyring, lambda: app.query_store, app.local))
+    api.include_router(build_store_router(app.keyring, lambda: app.query_store, app.local, app.flush_recording))
     db = app.config.storage.database
     api.include_router(build_feedback_router(app.keyring, lambda: app.query_store,
                                              lambda: app.proxy.recent if app.proxy is not None else None,

@@ -100,7 +100,10 @@ def _error(status: int, message: str, code: str, type_: str = "invalid_request_e
     return Response(error_body(message, type_, code), status_code=status, media_type="application/json")
 
 
-def build_store_router(keyring: KeyRing, get_store: Callable[[], Any], access: LocalAccess) -> APIRouter:
+def build_store_router(keyring: KeyRing, get_store: Callable[[], Any], access: LocalAccess,
+                       flush: Callable[[], Any] | None = None) -> APIRouter:
+    """`flush`: stores the calls this gateway has answered but not inserted yet (its recorder's force_flush); a
+    CLI asks for it once, when it connects, so it counts every call answered before it ran."""
     router = APIRouter(include_in_schema=False)
     pending = asyncio.Semaphore(MAX_PENDING)
 
@@ -155,7 +158,15 @@ def build_store_router(keyring: KeyRing, get_store: Callable[[], Any], access: L
         if denied is not None:
             return denied
         ann = access.announcement
-        return Response(orjson.dumps({"instance": ann.instance if ann else "", "pid": os.getpid()}),
+        flushed = None
+        if flush is not None and request.query_params.get("flush") == "1":
+            try:
+                flushed = bool(await run_in_threadpool(flush))
+            except Exception as e:  # the answer still stands, only less fresh
+                log.warning("could not store the pending calls for a local command: %s", e)
+                flushed = False
+        return Response(orjson.dumps({"instance": ann.instance if ann else "", "pid": os.getpid(),
+                                      "flushed": flushed}),
                         media_type="application/json")
 
     async def run_statement(request: Request, execute: Callable[[Any, str, Any, Any], bytes]) -> Response:

@@ -31,11 +31,12 @@ ENV.pop("TAGWAY_DSN", None)
 ENV.pop("TAGWAY_VERBOSE", None)
 
 
-def write_config(tmp_path, upstream: Upstream, port: int, name: str = "tagway.yaml") -> str:
+def write_config(tmp_path, upstream: Upstream, port: int, name: str = "tagway.yaml",
+                 batch_max_seconds: float = 0.2) -> str:
     up = {"provider": "openai", "base_url": upstream.base_url, "api_key_env": "TEST_UPSTREAM_KEY"}
     cfg = {"server": {"host": "127.0.0.1", "port": port},
            "storage": {"data_dir": str(tmp_path / "data")},
-           "recording": {"batch_max_seconds": 0.2},
+           "recording": {"batch_max_seconds": batch_max_seconds},
            "admin_key_hash": hash_key(ADMIN),
            "models": [{"name": "gpt-test", "model": "ok-model", **up, "input_cost_per_token": 1e-6,
                        "output_cost_per_token": 2e-6},
@@ -98,6 +99,24 @@ def traffic(port: int) -> None:
 def upstream():
     with Upstream() as up:
         yield up
+
+
+def test_a_command_counts_every_call_answered_before_it_even_inside_the_batch_window(tmp_path, upstream):
+    """The gateway inserts calls in big batches (recording.batch_max_seconds); a local command has it store what it
+    holds first. With a 10-minute window nothing is inserted on its own during this test."""
+    port = free_port()
+    config = write_config(tmp_path, upstream, port, batch_max_seconds=600)
+    gw = start_gateway(config, port)
+    try:
+        traffic(port)
+        live, err = stats_of(config)
+        assert "through the running gateway" in err
+        assert (live["total"]["calls"], live["total"]["errors"]) == (17, 3)
+        errors = tagway("errors", "--since", "1h", "--json", config=config)
+        assert errors.returncode == 0 and jout(errors)["errors"][0]["count"] == 3, errors.stderr
+    finally:
+        gw.send_signal(signal.SIGTERM)
+        gw.wait(60)
 
 
 def test_cli_works_through_a_serving_gateway_then_directly_then_after_sigkill(tmp_path, upstream):
