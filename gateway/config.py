@@ -211,7 +211,8 @@ class RecordingConfig(_Strict):
     queue_max: int = Field(50_000, ge=100)
     # memory and disk are capped by bytes too: rows with big captured content are not interchangeable with small
     queue_max_bytes: int = Field(256 << 20, ge=1 << 20)  # encoded spans in memory; past it, the oldest go to the spool
-    batch_max_bytes: int = Field(16 << 20, ge=64 << 10)  # one insert
+    # one insert; 32 MiB lets a 5 s window of ~3 KB spans fill at ~2,500 calls/s (a 16 MiB cap cut it at ~5,500 rows)
+    batch_max_bytes: int = Field(32 << 20, ge=64 << 10)
     spool_max_bytes: int = Field(5 << 30, ge=0)  # pending spool files (0: no cap)
     spool_full: Literal["drop_oldest", "drop_newest"] = "drop_oldest"  # what goes when the spool is full (counted)
     poison_attempts: int = Field(3, ge=1)  # refusals of a batch's rows before the refused rows are set aside
