@@ -336,6 +336,29 @@ def test_resending_a_batch_that_already_landed_does_not_duplicate(chdb_store: St
         chdb_store.command(f"DROP TABLE IF EXISTS {table}")
 
 
+# -- how an embedded insert runs (issue 17) -------------------------------------------------------------------------
+def test_an_embedded_insert_runs_on_one_thread_and_the_callers_settings_still_apply(chdb_store: Store) -> None:
+    """Views run inside the insert's query, so one that reads getSetting() records the settings the insert had:
+    the embedded store parses and runs its views on the calling thread alone (a pool of parsing threads waking on
+    the cores that serve calls made recording cost 13% more CPU a call), and a caller's own setting wins."""
+    probe, seen = f"insert_probe_{uuid.uuid4().hex[:8]}", f"insert_seen_{uuid.uuid4().hex[:8]}"
+    chdb_store.command(f"CREATE TABLE {probe} (x UInt8) ENGINE = Null")
+    chdb_store.command(f"CREATE TABLE {seen} (x UInt8, parallel_parsing UInt8, max_threads UInt64) "
+                       "ENGINE = MergeTree ORDER BY x")
+    chdb_store.command(f"CREATE MATERIALIZED VIEW {seen}_mv TO {seen} AS SELECT x, "
+                       "toUInt8(getSetting('input_format_parallel_parsing')) AS parallel_parsing, "
+                       f"toUInt64(getSetting('max_threads')) AS max_threads FROM {probe}")
+    try:
+        chdb_store.insert_json_rows(probe, b'{"x": 1}\n{"x": 1}\n',
+                                    settings={"insert_deduplication_token": uuid.uuid4().hex})
+        chdb_store.insert_json_rows(probe, b'{"x": 2}\n', settings={"max_threads": 3})
+        rows, _ = chdb_store.query_rows(f"SELECT x, parallel_parsing, max_threads FROM {seen} ORDER BY x")
+        assert [tuple(r) for r in rows] == [(1, 0, 1), (1, 0, 1), (2, 0, 3)]
+    finally:
+        for name in (f"{seen}_mv", seen, probe):
+            chdb_store.command(f"DROP TABLE IF EXISTS {name}")
+
+
 # -- byte caps (issue 19): rows with big captured content are not interchangeable with small ones -----------------
 def test_batches_and_the_memory_backlog_are_capped_in_bytes(chdb_dsn: str, chdb_store: Store, tmp_path) -> None:
     flaky = FlakyStore(chdb_store)
