@@ -223,11 +223,14 @@ def main() -> None:
     results: dict[tuple, list[tuple[dict, dict]]] = {}
     try:
         wait_port(up_port)
-        for _ in range(args.rounds):
+        for rnd in range(1, args.rounds + 1):
             for mode in args.recording.split(","):
                 for py in pythons:
                     for mode_, c, d, g in measure(py, tmp, up_port, mode, conns, args.seconds, lua):
                         results.setdefault((py, mode_, c), []).append((d, g))
+                        label = "this" if py == sys.executable else "other"  # each round too: its spread shows
+                        print(f"  round {rnd}: {label} {mode_} c{c}: {g['rps']:.0f} req/s, p99 {g['p99']:.1f} ms,"
+                              f" {g['cpu_ms']:.3f} CPU ms/req", flush=True)
     finally:
         upstream.terminate()
         upstream.wait(10)
