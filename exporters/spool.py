@@ -336,7 +336,9 @@ class Spool:
                     with open(path, "rb") as fh:
                         _parse(fh.read())
                 except (_Corrupt, OSError) as e:
-                    self.quarantine(name, f"incomplete write from an earlier process: {e}")
+                    self.quarantine(name, f"incomplete write from an earlier process ({e}); it never counted as "
+                                          "stored, so the write-ahead log (recording.write_ahead, on by "
+                                          "default) spools its spans again")
                     continue
                 final = name[1:].removesuffix(_TMP)
                 os.rename(path, os.path.join(self.directory, final))

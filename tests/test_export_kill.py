@@ -58,6 +58,7 @@ while True:
 REPLAYER = r'''
 import json, sys, time
 from exporters.recording import start_recording
+from exporters.spool import quarantined
 
 data, spool = sys.argv[1], sys.argv[2]
 rec = start_recording(dsn=f"chdb://{data}", spool_dir=spool, batch_max_seconds=0.05)
@@ -73,10 +74,11 @@ seqs, _ = rec.store.query_rows("SELECT DISTINCT toUInt64(SpanAttributes['kill.se
 calls, _ = rec.store.query_rows("SELECT count() FROM llm_calls WHERE customer = 'kill-test'")
 m = rec.metrics.snapshot()
 rec.shutdown()
+torn = [q.reason for q in quarantined(spool)]
 print(json.dumps({"pending_at_start": pending_at_start, "pending_left": m["spool_files_pending"],
                   "count": rows[0][0], "uniq_span": rows[0][1], "uniq_seq": rows[0][2], "max_seq": rows[0][3],
                   "seqs": sorted(int(r[0]) for r in seqs), "llm_calls": calls[0][0], "resent": m["spans_resent"],
-                  "corrupt": m["spool_corrupt_files"]}))
+                  "corrupt": m["spool_corrupt_files"], "quarantined": torn}))
 '''
 
 
@@ -111,7 +113,11 @@ def test_sigkill_mid_load_then_restart_replays_the_spool(tmp_path) -> None:
                          capture_output=True, text=True, timeout=90)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    assert res["pending_at_start"] > 0 and res["pending_left"] == 0 and res["corrupt"] == 0
+    assert res["pending_at_start"] > 0 and res["pending_left"] == 0
+    # The kill may land inside a spool write (its fsync is slow on a loaded machine): that one `.tmp` is set aside,
+    # and its spans come back from the write-ahead log (the checks below). Nothing else may be.
+    assert res["corrupt"] == len(res["quarantined"]) <= 1, res["quarantined"]
+    assert all(r.startswith("incomplete write from an earlier process") for r in res["quarantined"]), res
     assert res["resent"] > 0
     # Nothing duplicated: one row per span, one span per sequence number, one llm_calls row per call span.
     assert res["count"] == res["uniq_span"] == res["uniq_seq"] == res["llm_calls"], (
@@ -120,6 +126,8 @@ def test_sigkill_mid_load_then_restart_replays_the_spool(tmp_path) -> None:
     # not be: they were only in memory).
     handled = last["handled"]
     assert set(range(handled)) <= set(res["seqs"])
+    # ... and what is stored is every span up to some point: none lost in between (a torn write's included).
+    assert res["seqs"] == list(range(len(res["seqs"])))
     assert res["max_seq"] < last["ended"] + 1000
 
 
