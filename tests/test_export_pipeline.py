@@ -340,7 +340,7 @@ def test_resending_a_batch_that_already_landed_does_not_duplicate(chdb_store: St
 def test_an_embedded_insert_runs_on_one_thread_and_the_callers_settings_still_apply(chdb_store: Store) -> None:
     """Views run inside the insert's query, so one that reads getSetting() records the settings the insert had:
     the embedded store parses and runs its views on the calling thread alone (a pool of parsing threads waking on
-    the cores that serve calls made recording cost 13% more CPU a call), and a caller's own setting wins."""
+    the cores that serve calls made recording cost up to 15% more CPU a call), and a caller's own setting wins."""
     probe, seen = f"insert_probe_{uuid.uuid4().hex[:8]}", f"insert_seen_{uuid.uuid4().hex[:8]}"
     chdb_store.command(f"CREATE TABLE {probe} (x UInt8) ENGINE = Null")
     chdb_store.command(f"CREATE TABLE {seen} (x UInt8, parallel_parsing UInt8, max_threads UInt64) "
