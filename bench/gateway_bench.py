@@ -197,6 +197,11 @@ def settle(port: int, mode: str, timeout: float = 15.0) -> None:
         time.sleep(0.1)
 
 
+def _label(python: str) -> str:
+    """How the report names an interpreter: this checkout's, or the one given with --python."""
+    return "this" if python == sys.executable else "other"
+
+
 def _median(rows: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
@@ -228,8 +233,8 @@ def main() -> None:
                 for py in pythons:
                     for mode_, c, d, g in measure(py, tmp, up_port, mode, conns, args.seconds, lua):
                         results.setdefault((py, mode_, c), []).append((d, g))
-                        label = "this" if py == sys.executable else "other"  # each round too: its spread shows
-                        print(f"  round {rnd}: {label} {mode_} c{c}: {g['rps']:.0f} req/s, p99 {g['p99']:.1f} ms,"
+                        # each round too: its spread shows
+                        print(f"  round {rnd}: {_label(py)} {mode_} c{c}: {g['rps']:.0f} req/s, p99 {g['p99']:.1f} ms,"
                               f" {g['cpu_ms']:.3f} CPU ms/req", flush=True)
     finally:
         upstream.terminate()
@@ -244,7 +249,7 @@ def main() -> None:
         ds, gs = [d for d, _ in pairs], [g for _, g in pairs]
         m = {k: _median(gs, k) for k in ("rps", "p50", "p99", "cpu_ms")}
         med[(py, mode, c)] = m
-        label = "this" if py == sys.executable else "other"
+        label = _label(py)
         print(f"{label:>8} {mode:>9} {c:>5} | {_median(ds, 'rps'):>10.0f} {_median(ds, 'p50'):>7.3f}"
               f" {_median(ds, 'p99'):>7.3f} | {m['rps']:>11.0f} {m['p50']:>7.3f} {m['p99']:>7.3f} |"
               f" {m['p50'] - _median(ds, 'p50'):>9.3f} {m['p99'] - _median(ds, 'p99'):>9.3f} |"
@@ -252,7 +257,7 @@ def main() -> None:
     for c in conns:
         for py in pythons:
             on, off, bare = med.get((py, "on", c)), med.get((py, "off", c)), med.get((py, "bare", c))
-            label = "this" if py == sys.executable else "other"
+            label = _label(py)
             if on and off:
                 print(f"[{label}] recording at {c} connections: throughput {on['rps'] / off['rps']:.2f}x of off, CPU"
                       f" per request {on['cpu_ms'] / off['cpu_ms']:.2f}x (goal: >= 0.90x and <= 1.10x)")
