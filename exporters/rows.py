@@ -3,10 +3,11 @@
 Pure functions. The Collector (exporter/clickhouseexporter, traces) writes: hex ids, `SpanKind`/`StatusCode` as
 the short names of `traceutil.SpanKindStr`/`StatusCodeStr`, every attribute as a string (`pcommon.Value.AsString`:
 bools "true"/"false", arrays as JSON) and Events/Links as parallel arrays of the Nested columns. Grafana's trace
-view and our `llm_calls` materialized view read exactly that, so we write exactly that.
+view and our `llm_calls` materialized view read exactly that, so we write exactly that (a span with no events or
+no links leaves those arrays out of its row: the table's default for them is the same empty array).
 
 These run on the export thread and hold the GIL, so they stay flat: one dict and one `orjson.dumps` per span,
-no intermediate objects, the resource's map converted once per resource rather than once per span.
+no intermediate objects, the resource's map converted and serialised once per resource rather than once per span.
 """
 from __future__ import annotations
 
@@ -87,20 +88,22 @@ def _to_string(v: Any) -> str:
     return str(v)
 
 
-# Resources are immutable and shared by every span of a provider: convert each once. The entry keeps the
-# Resource alive, so its id() cannot be reused by another object while cached.
-_RESOURCE_CACHE: dict[int, tuple[Resource, dict[str, str], str]] = {}
+# Resources are immutable and shared by every span of a provider: convert and serialise each once (an
+# `orjson.Fragment` is written into every row as it is). The entry keeps the Resource alive, so its id() cannot be
+# reused by another object while cached.
+_RESOURCE_CACHE: dict[int, tuple[Resource, orjson.Fragment, str]] = {}
 
 
-def _resource(resource: Resource) -> tuple[dict[str, str], str]:
+def _resource(resource: Resource) -> tuple[orjson.Fragment, str]:
     hit = _RESOURCE_CACHE.get(id(resource))
     if hit is not None and hit[0] is resource:
         return hit[1], hit[2]
     attrs = attributes_to_strings(resource.attributes)
     if len(_RESOURCE_CACHE) >= 64:
         _RESOURCE_CACHE.clear()
-    _RESOURCE_CACHE[id(resource)] = (resource, attrs, attrs.get("service.name", ""))
-    return attrs, attrs.get("service.name", "")
+    fragment, service = orjson.Fragment(orjson.dumps(attrs)), attrs.get("service.name", "")
+    _RESOURCE_CACHE[id(resource)] = (resource, fragment, service)
+    return fragment, service
 
 
 def _span_attributes(span: ReadableSpan) -> Mapping[str, Any]:
@@ -137,15 +140,9 @@ def span_to_row(span: ReadableSpan) -> dict[str, Any]:
         "Duration": end - start if end > start else 0,
         "StatusCode": _STATUS.get(status.status_code, "Unset"),
         "StatusMessage": status.description or "",
-        "Events.Timestamp": [],
-        "Events.Name": [],
-        "Events.Attributes": [],
-        "Links.TraceId": [],
-        "Links.SpanId": [],
-        "Links.TraceState": [],
-        "Links.Attributes": [],
     }
-    # Most gateway spans carry neither events nor links: skip the eight list builds for them.
+    # Most gateway spans carry neither events nor links: their seven arrays are left out, and ClickHouse fills an
+    # omitted column with its default (an empty array), so the row is ~140 bytes shorter to build and to parse.
     events = getattr(span, "_events", None)  # the property copies to a tuple even when empty
     if events is None:
         events = span.events
