@@ -184,7 +184,8 @@ def _connect_and_migrate(dsn: str, store: Store | None, schema: SchemaSettings, 
 
 def disabled_recorder(*, service_name: str = "tagway",
                       resource_attributes: Mapping[str, Any] | None = None) -> Recorder:
-    """A Recorder whose spans are created as usual (same cost on the request path) but discarded, counted."""
+    """A Recorder whose spans are created as usual (each call still gets its trace id and is counted) but discarded.
+    The gateway captures no content for it (gateway/proxy.py): nothing would store it."""
     metrics = ExportMetrics()
     processor = DiscardingSpanProcessor(metrics)
     provider = _provider(service_name, resource_attributes)

@@ -99,7 +99,8 @@ class TagwayApp:
             await self._start_limits(loop)
             self.proxy = Proxy(config=self.config, keyring=self.keyring, providers=self.providers,
                                tracer=self.recorder.tracer, pricing=self.pricing, redactor=self.redactor,
-                               limits=self.limits, routes=self.routes)
+                               limits=self.limits, routes=self.routes,
+                               recording=getattr(self.recorder, "enabled", True))
             self.passthrough = Passthrough(config=self.config, keyring=self.keyring, providers=self.providers,
                                            routes=self.routes, tracer=self.recorder.tracer, redactor=self.redactor)
 

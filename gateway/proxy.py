@@ -102,7 +102,7 @@ class _Opened:
 class Proxy(WireStreamRelay):
     def __init__(self, *, config: GatewayConfig, keyring: KeyRing, providers: ProviderRegistry,
                  tracer: trace.Tracer, pricing: Pricing, redactor: Redactor,
-                 limits: CallLimits | None = None, routes: ModelRoutes | None = None) -> None:
+                 limits: CallLimits | None = None, routes: ModelRoutes | None = None, recording: bool = True) -> None:
         self.config = config
         self.limits = limits if limits is not None else CallLimits()
         self.keyring = keyring
@@ -113,7 +113,8 @@ class Proxy(WireStreamRelay):
         self.stats = ProxyStats()
         self.observe = CallObserver(config)  # labelled call metrics and the access log (gateway/observe.py)
         self.recent = RecentCalls()  # who owns the calls served lately (feedback may come before they are stored)
-        self._capture_on = config.recording.capture_content
+        # content is captured (and redacted) only to be recorded: with recording off nobody would ever read it
+        self._capture_on = config.recording.capture_content and recording
         self._source = config.recording.source
         self._max_body = config.server.max_body_bytes
         self._max_model_chars = config.server.max_model_chars

@@ -11,8 +11,11 @@ import httpx
 import openai
 import orjson
 import pytest
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
+from exporters import semconv as sc
 from exporters.recording import disabled_recorder
 from gateway.app import TagwayApp
 from gateway.config import GatewayConfig
@@ -34,8 +37,12 @@ def observed(upstream: Upstream):
                                          access_log={"format": "json"}))
     log = io.StringIO()
     handler = install_access_log(cfg, stream=log)
-    server = GatewayServer(TagwayApp(cfg, recorder=disabled_recorder())).start()
+    recorder = disabled_recorder()
+    spans = InMemorySpanExporter()  # beside the discarding processor: what the spans of a non-recording gateway hold
+    recorder.tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+    server = GatewayServer(TagwayApp(cfg, recorder=recorder)).start()
     server.log = log
+    server.spans = spans
     server.calls = drive(server.url)
     yield server
     server.stop()
@@ -161,6 +168,16 @@ def test_proxy_and_export_counters_are_served_beside_them(observed):
     for name in ("queue_depth", "spool_spans_pending", "spool_bytes_pending", "spool_files_pending"):
         assert f[f"tagway_{name}"].type == "gauge"
     assert scrape(observed.url).headers["content-type"].startswith("text/plain; version=0.0.4")
+
+
+def test_recording_off_captures_no_content(observed):
+    """Content is captured and redacted only to be recorded: with recording off the call spans still carry who and
+    what (the metrics and the trace id need them), never the messages."""
+    calls = [s for s in observed.spans.get_finished_spans() if s.attributes.get(sc.KIND) == "call"]
+    assert len(calls) >= observed.calls["total"]
+    assert {s.attributes.get(sc.CUSTOMER) for s in calls} >= {"acme"}
+    content = (sc.INPUT_MESSAGES, sc.OUTPUT_MESSAGES, sc.SYSTEM_INSTRUCTIONS, sc.REQUEST_PARAMS)
+    assert [s.name for s in calls if any(k in s.attributes for k in content)] == []
 
 
 def test_openmetrics_when_the_scraper_asks(observed):
