@@ -43,6 +43,7 @@ class Announcement:
     credential: str
     instance: str  # random id of this start; the gateway's ping answers it, so a reused port is not mistaken
     store: str  # the store directory the gateway holds
+    spool: str = ""  # the gateway's spool directory (what it has not stored yet waits there if it dies)
     path: str = ""  # where this announcement was read from (not written)
 
     def describe(self) -> str:
@@ -62,11 +63,12 @@ def discovery_path(directory: str) -> str:
     return os.path.join(directory, FILENAME)
 
 
-def announce(directory: str, url: str, *, pid: int | None = None) -> Announcement:
+def announce(directory: str, url: str, *, pid: int | None = None, spool: str = "") -> Announcement:
     """Write this process's announcement for `directory` (replacing a stale one: the caller holds the store lock,
     so no other gateway can be serving it)."""
     return write(Announcement(pid=os.getpid() if pid is None else pid, url=url.rstrip("/"), started_at=time.time(),
-                              credential=secrets.token_urlsafe(32), instance=secrets.token_hex(8), store=directory))
+                              credential=secrets.token_urlsafe(32), instance=secrets.token_hex(8), store=directory,
+                              spool=spool))
 
 
 def write(ann: Announcement) -> Announcement:
@@ -74,7 +76,7 @@ def write(ann: Announcement) -> Announcement:
     directory = ann.store
     body = orjson.dumps({"kind": KIND, "version": VERSION, "pid": ann.pid, "url": ann.url,
                          "started_at": ann.started_at, "credential": ann.credential, "instance": ann.instance,
-                         "store": ann.store}, option=orjson.OPT_INDENT_2)
+                         "store": ann.store, "spool": ann.spool}, option=orjson.OPT_INDENT_2)
     final = discovery_path(directory)
     tmp = f"{final}.{ann.pid}.tmp"
     # created 0600 from the start (not chmod-ed after): the credential is never readable by others, even briefly
@@ -132,7 +134,7 @@ def read(directory: str) -> Announcement | None:
     try:
         ann = Announcement(pid=_int(data["pid"]), url=_str(data["url"]), started_at=float(data["started_at"]),
                            credential=_str(data["credential"]), instance=_str(data["instance"]),
-                           store=_str(data["store"]), path=path)
+                           store=_str(data["store"]), spool=data["spool"] if isinstance(data.get("spool"), str) else "", path=path)
     except (KeyError, TypeError, ValueError) as e:
         raise DiscoveryError(f"{path} is a damaged tagway gateway discovery file ({e}); if no gateway serves this "
                              "store, remove it") from None

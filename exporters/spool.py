@@ -31,10 +31,11 @@ import orjson
 from .dirlock import lock_dir
 from .metrics import ExportMetrics
 from .rows import EncodedBatch
+from .wal import read_pending
 from .store import StoreLockedError
 
 __all__ = ["Spool", "SpoolFile", "SpoolLockedError", "FORMAT", "VERSION", "Quarantined", "quarantined",
-           "requeue", "purge"]
+           "requeue", "purge", "unsent_spans"]
 
 log = logging.getLogger(__name__)
 
@@ -365,6 +366,20 @@ def _header_rows(path: str) -> int | None:
         return None
     rows = header.get("rows") if isinstance(header, dict) else None
     return rows if isinstance(rows, int) and rows >= 0 else None
+
+
+def unsent_spans(directory: str) -> int:
+    """Spans a gateway left under its spool `directory` (and its worker-N slots) that are not stored yet: the
+    batches waiting in spool files and what its write-ahead log holds. It counts up to that many: a batch whose
+    insert landed just before a SIGKILL is still in the log (sent again, ClickHouse drops the copy). Read-only, and
+    works whether or not a gateway uses the directory."""
+    n = 0
+    for root, _dirs, files in os.walk(directory):
+        if os.path.basename(root) == "wal":
+            n += sum(rows for _chunks, rows in read_pending(root)[0])
+            continue
+        n += sum(_rows_in(os.path.join(root, name)) for name in files if name.endswith(_SUFFIX))
+    return n
 
 
 # -- quarantined files, for `tagway db spool` (works on a directory whether or not a gateway uses it) ----------

@@ -5,7 +5,9 @@
   statement to that gateway over loopback. Same methods, same rows, same errors, so every command works unchanged.
 - An embedded store nobody serves: `connect` opens it directly. A discovery file left by a gateway that died
   (SIGKILL: the process is gone or its port refuses connections) is reported in one line, the store is opened
-  directly once the kernel has released the dead gateway's lock, and the stale file is removed.
+  directly once the kernel has released the dead gateway's lock, and the stale file is removed. Calls it answered
+  but had not stored (its write-ahead log and spool) are counted and named in one more line, on every direct
+  open until a gateway starts on the store again and stores them.
 - A serving gateway whose discovery file was deleted or damaged writes it again within 2 s: a command that finds
   the store locked without a usable announcement waits up to REANNOUNCE_WAIT_SECONDS for the new one.
 
@@ -21,6 +23,7 @@ from typing import Any, Callable
 from . import discovery
 from .dirlock import is_locked
 from .remote_store import RemoteStore, StoreAccessDenied, StoreGoneError
+from .spool import unsent_spans
 from .store import LOCK_FILE, Store, StoreLockedError, connect
 
 __all__ = ["open_store", "verbose_enabled"]
@@ -91,9 +94,24 @@ def open_store(dsn: str, *, verbose: bool | None = None, say: Callable[[str], No
     if ann is not None:
         # we hold the store lock now, so no gateway serves it: the file is certainly stale
         discovery.withdraw(ann)
+    _say_unsent(ann.spool if ann is not None and ann.spool else os.path.join(os.path.dirname(directory), "spool"),
+                say)
     if verbose:
         say(f"store: opened directly ({directory})")
     return store
+
+
+def _say_unsent(spool: str, say: Callable[[str], None]) -> None:
+    """Calls a gateway answered but had not stored when it died (SIGKILL, OOM) wait in its spool directory until a
+    gateway starts on the store again: a command that reads the store before then must not undercount in silence."""
+    try:
+        n = unsent_spans(spool) if os.path.isdir(spool) else 0
+    except OSError:
+        return
+    if n:
+        say(f"up to {n} call(s) the gateway answered are not in the store yet: they wait in {spool} (its write-ahead "
+            "log and spool) and are stored when a gateway starts on this store again; until then these figures leave "
+            "them out")
 
 
 def _reach(dsn: str, ann: discovery.Announcement) -> tuple[RemoteStore | None, str, bool]:

@@ -143,7 +143,7 @@ class TagwayApp:
         """Tell local CLIs (through the store directory) that this gateway serves its embedded store at `url`."""
         store = self.store
         if store is not None and getattr(store, "embedded", False):
-            self.local.announce(store.dsn, url)
+            self.local.announce(store.dsn, url, spool=self.config.storage.resolved_spool())
 
     async def shutdown(self) -> None:
         if self._budget_task is not None:

@@ -46,11 +46,11 @@ class LocalAccess:
         self.announcement: discovery.Announcement | None = None
         self.closed = False
 
-    def announce(self, dsn: str, url: str) -> discovery.Announcement | None:
+    def announce(self, dsn: str, url: str, spool: str = "") -> discovery.Announcement | None:
         directory = discovery.store_dir(dsn)
         if directory is None:  # a server DSN: every CLI opens it directly
             return None
-        self.announcement = discovery.announce(directory, url)
+        self.announcement = discovery.announce(directory, url, spool=spool)
         return self.announcement
 
     def keep(self) -> bool:

@@ -238,3 +238,35 @@ def test_cli_works_through_a_serving_gateway_then_directly_then_after_sigkill(tm
     d = jout(after)
     assert {"segments": d["segments"], "total": d["total"]}["total"]["calls"] >= 17
     assert not os.path.exists(disc), "the stale file is removed once the store is ours"
+
+
+def test_after_a_sigkill_the_cli_names_the_calls_not_stored_yet_and_a_restart_stores_them(tmp_path, upstream):
+    """A gateway killed inside its batch window leaves answered calls in its write-ahead log. A command that opens
+    the store directly meanwhile must not undercount in silence: it says how many wait and where, on every direct
+    open, until a gateway starts again and stores them (then the figures include them and the line is gone)."""
+    port = free_port()
+    config = write_config(tmp_path, upstream, port, batch_max_seconds=600)  # nothing inserted on its own
+    gw = start_gateway(config, port)
+    try:
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEYS["acme"], max_retries=0)
+        for i in range(5):
+            client.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": f"q{i}"}])
+        time.sleep(1.0)  # the write-ahead log is written every ~100 ms
+    finally:
+        gw.send_signal(signal.SIGKILL)
+        gw.wait(30)
+    for attempt in range(2):  # said on every direct open, not only the first (which removes the stale file)
+        r = tagway("stats", "--since", "1h", "--json", config=config, verbose=False)
+        assert r.returncode == 0, r.stderr
+        lines = r.stderr.strip().splitlines()
+        waiting = [line for line in lines if "not in the store yet" in line]
+        assert len(waiting) == 1 and "up to 5 call(s)" in waiting[0], lines
+        assert str(tmp_path / "data" / "spool") in waiting[0]
+        assert len(lines) == (2 if attempt == 0 else 1), lines  # the first also says the gateway is gone
+        assert jout(r)["total"]["calls"] == 0
+    gw = start_gateway(write_config(tmp_path, upstream, port, name="again.yaml"), port)  # recovers the log
+    gw.send_signal(signal.SIGTERM)
+    gw.wait(60)
+    r = tagway("stats", "--since", "1h", "--json", config=config, verbose=False)
+    assert r.returncode == 0 and "not in the store yet" not in r.stderr, r.stderr
+    assert jout(r)["total"]["calls"] == 5
