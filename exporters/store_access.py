@@ -26,7 +26,7 @@ from .remote_store import RemoteStore, StoreAccessDenied, StoreGoneError
 from .spool import unsent_spans
 from .store import LOCK_FILE, Store, StoreLockedError, connect
 
-__all__ = ["open_store", "verbose_enabled"]
+__all__ = ["open_store", "verbose_enabled", "reannounced", "REANNOUNCE_WAIT_SECONDS"]
 
 LOCK_WAIT_SECONDS = 10.0
 REANNOUNCE_WAIT_SECONDS = 3.0  # a serving gateway checks its discovery file every 2 s
@@ -133,14 +133,14 @@ def _through_reannouncement(dsn: str, directory: str, old_instance: str | None, 
                             say: Callable[[str], None]) -> RemoteStore | None:
     """The gateway holding the store, once it has announced itself again (gateway/store_api.py rewrites a lost or
     damaged discovery file within seconds); None when no usable announcement comes in time."""
-    new = _reannounced(directory, old_instance, REANNOUNCE_WAIT_SECONDS)
+    new = reannounced(directory, old_instance, REANNOUNCE_WAIT_SECONDS)
     remote = _reach(dsn, new)[0] if new is not None else None
     if remote is not None and verbose:
         say(f"store: through the running gateway ({new.describe()}), announced again in {new.path}")
     return remote
 
 
-def _reannounced(directory: str, old_instance: str | None, wait: float) -> discovery.Announcement | None:
+def reannounced(directory: str, old_instance: str | None, wait: float) -> discovery.Announcement | None:
     """An announcement other than `old_instance` appearing in `directory` within `wait` s, else None."""
     deadline = time.monotonic() + wait
     while True:

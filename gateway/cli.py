@@ -149,9 +149,12 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def _held_by(cfg: GatewayConfig, e: Exception) -> str:
-    """The lock error of a second gateway on the same store, naming the first one when it announced itself."""
+    """The lock error of a second gateway on the same store, naming the first one when it announced itself. A
+    serving gateway writes a missing or damaged discovery file again within seconds: wait for it (as the CLI's
+    store access does) rather than blame the spool directory, whose lock may be the first one hit."""
     from exporters import discovery  # noqa: PLC0415
     from exporters.store import StoreLockedError  # noqa: PLC0415
+    from exporters.store_access import REANNOUNCE_WAIT_SECONDS, reannounced  # noqa: PLC0415
 
     directory = discovery.store_dir(cfg.storage.resolved_dsn())
     if not isinstance(e, StoreLockedError) or directory is None:
@@ -161,6 +164,8 @@ def _held_by(cfg: GatewayConfig, e: Exception) -> str:
     except discovery.DiscoveryError:
         ann = None
     if ann is None or not discovery.pid_alive(ann.pid):
+        ann = reannounced(directory, None, REANNOUNCE_WAIT_SECONDS)
+    if ann is None:
         return str(e)
     return (f"the embedded store {directory} is in use by another process: the gateway {ann.describe()} serves it "
             "(chDB allows one process per data directory); use that gateway, or choose another data directory")

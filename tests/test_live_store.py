@@ -195,7 +195,9 @@ def test_cli_works_through_a_serving_gateway_then_directly_then_after_sigkill(tm
         kept = next(n for n in resumed["notes"] if n.startswith("resumed:"))
         assert 0 < int(kept.split()[1]) < 14, kept  # some results survived the kill, the rest ran now
 
-        # a second gateway on the same store: exit 2, one line naming the first one
+        # a second gateway on the same store: exit 2, one line naming the first one, even while the first one's
+        # discovery file is missing (it writes it again within seconds; the spool's lock is the first one hit)
+        os.unlink(disc)
         other = write_config(tmp_path, upstream, free_port(), name="other.yaml")
         second = subprocess.run([sys.executable, "-m", "gateway.cli", "serve", "--config", other],
                                 capture_output=True, text=True, timeout=60, env=ENV)
