@@ -134,7 +134,8 @@ def read(directory: str) -> Announcement | None:
     try:
         ann = Announcement(pid=_int(data["pid"]), url=_str(data["url"]), started_at=float(data["started_at"]),
                            credential=_str(data["credential"]), instance=_str(data["instance"]),
-                           store=_str(data["store"]), spool=data["spool"] if isinstance(data.get("spool"), str) else "", path=path)
+                           store=_str(data["store"]), path=path,
+                           spool=data["spool"] if isinstance(data.get("spool"), str) else "")  # "" from older gateways
     except (KeyError, TypeError, ValueError) as e:
         raise DiscoveryError(f"{path} is a damaged tagway gateway discovery file ({e}); if no gateway serves this "
                              "store, remove it") from None

@@ -31,8 +31,8 @@ import orjson
 from .dirlock import lock_dir
 from .metrics import ExportMetrics
 from .rows import EncodedBatch
-from .wal import read_pending
 from .store import StoreLockedError
+from .wal import read_pending
 
 __all__ = ["Spool", "SpoolFile", "SpoolLockedError", "FORMAT", "VERSION", "Quarantined", "quarantined",
            "requeue", "purge", "unsent_spans"]

@@ -55,13 +55,28 @@ def fail(message: str, code: int = 2) -> "typer.Exit":
     return typer.Exit(code)
 
 
-def _load(path: Optional[str]) -> GatewayConfig:
+def _load(path: Optional[str], *, providers: bool = False) -> GatewayConfig:
+    """The config, or its problems one line each and exit 2. `providers`: also refuse provider names nobody serves
+    (serve and config check: that needs litellm's list, which the gateway imports at start anyway)."""
     try:
-        return load_config(path)
+        cfg = load_config(path)
     except ConfigError as e:
         for line in e.problems:
             typer.echo(f"tagway: config error: {line}", err=True)
         raise typer.Exit(2) from None
+    if providers:
+        from .providers.names import unknown_providers  # noqa: PLC0415
+
+        unknown = unknown_providers(m.provider for m in cfg.models)
+        where = f"{path}: " if path else ""
+        for i, m in enumerate(cfg.models):
+            if m.provider in unknown:
+                typer.echo(f"tagway: config error: {where}models[{i}] ({m.name}).provider: unknown provider "
+                           f"{m.provider!r}; use openai (any OpenAI-compatible /v1 server, with base_url), anthropic, "
+                           "mock, or a litellm provider name (bedrock, vertex_ai, gemini, ...)", err=True)
+        if unknown:
+            raise typer.Exit(2)
+    return cfg
 
 
 # -- serve --------------------------------------------------------------------------------------------------------
@@ -82,7 +97,7 @@ def serve(config: Optional[str] = ConfigOpt,
 
     from .auth import KeyRing, KeysFileError  # noqa: PLC0415
 
-    cfg = _load(config)
+    cfg = _load(config, providers=True)
     host, port = host or cfg.server.host, port or cfg.server.port
     try:
         KeyRing(cfg)  # a broken keys file is a start-up error of one line, not a traceback in a worker
@@ -468,8 +483,8 @@ def config_check(config: Optional[str] = ConfigOpt,
     key, an unreachable ClickHouse, no config at all."""
     from .config_check import findings, probe_store  # noqa: PLC0415
 
-    cfg = _load(config)
     path = config or os.environ.get("TAGWAY_CONFIG")
+    cfg = _load(path, providers=True)
     found = findings(cfg, path, os.environ, probe_store(cfg))
     for f in found:
         typer.echo(f"warning: {f.line()}", err=True)

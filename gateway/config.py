@@ -7,6 +7,7 @@ import re
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -333,6 +334,9 @@ class GatewayConfig(BaseSettings):
                     problems.append(f"models[{i}] ({m.name}).fallbacks: a model cannot fall back to itself")
             if m.provider == "mock":
                 continue
+            if m.base_url is not None and not _http_url(m.base_url):
+                problems.append(f"models[{i}] ({m.name}).base_url: {m.base_url!r} is not an http(s) URL, e.g. "
+                                "http://10.0.0.5:8000/v1")
             if m.provider == "azure" and not (m.base_url and m.api_version):
                 problems.append(f"models[{i}] ({m.name}): azure needs base_url and api_version")
             if kind_of(m.provider) == "litellm" and "/" in (m.model or ""):
@@ -397,6 +401,11 @@ class GatewayConfig(BaseSettings):
 
     def tenant(self, customer: str) -> TenantConfig | None:
         return next((t for t in self.tenants if t.customer == customer), None)
+
+
+def _http_url(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 def _format_errors(e: ValidationError, path: str | os.PathLike | None = None,

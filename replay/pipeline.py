@@ -23,7 +23,7 @@ from .datasets.resolve import Resolved, resolve
 from .gate import SegmentPlan, next_draws, plan
 from .render import render_json
 from .report import Report, aggregate, flipped_case_ids
-from .runner import GATEWAY_APP, RunOutcome, Runner, Target, gateway_client, targets_for
+from .runner import GATEWAY_APP, RunOutcome, Runner, Target, check_gateway, gateway_client, targets_for
 from .slice import Case, EmptySliceError, SampleResult, Sampled, count_production_errors, fetch_cases, order_key, \
     sample_pool, select_slice
 from .spec import ReplaySpec, SpecError, parse_spec
@@ -144,10 +144,19 @@ def _initial_state(store: Any, spec: ReplaySpec, sampled: SampleResult | None) -
     return state
 
 
+async def _check_gateway(opts: RunOptions, spec: ReplaySpec) -> None:
+    """A gateway given by URL answers and takes the key before the run stores anything (runner.check_gateway)."""
+    if opts.in_process or opts.transport is not None or not opts.gateway_url:
+        return  # in-process: the app is built here; a given transport: the caller's; no URL: gateway_client says so
+    async with gateway_client(base_url=opts.gateway_url, timeout=min(spec.timeout, 10.0), concurrency=1) as client:
+        await check_gateway(client, opts.api_key, opts.gateway_url)
+
+
 async def start_run(store: Any, spec: ReplaySpec, opts: RunOptions) -> RunResult:
     run_id = validate_run_id(opts.run_id or new_run_id())
     if get_run(store, run_id) is not None:
         raise RunExistsError(f"run {run_id} exists; use tagway replay resume {run_id}")
+    await _check_gateway(opts, spec)
     cases, skipped, notes, sampled, found = _select(store, spec)
     if found is None:
         dataset_id = RUN_DATASET_PREFIX + run_id
@@ -170,6 +179,7 @@ async def resume_run(store: Any, run_id: str, opts: RunOptions) -> RunResult:
     if run is None:
         raise SpecError(f"no replay run {run_id!r}")
     spec = parse_spec(run.spec, f"run {run_id} spec")
+    await _check_gateway(opts, spec)
     if run.dataset_id == RUN_DATASET_PREFIX + run.run_id:  # the cases this run pinned: an id, whatever it looks like
         cases, skipped = load_cases(store, run.dataset_id, pinned_id=True)
     else:  # a dataset version ('refunds@3') or a file: the same cases as the run started with

@@ -18,6 +18,7 @@ import re
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Sequence
+from urllib.parse import urlsplit
 
 import httpx
 import orjson
@@ -201,6 +202,23 @@ def fatal_check(who: str, model: str, ans: Answer) -> None:
                             "--api-key or set TAGWAY_API_KEY / TAGWAY_ADMIN_KEY")
     if ans.error_code == "connection":
         raise FatalRunError(ans.error)
+
+
+async def check_gateway(client: httpx.AsyncClient, api_key: str, where: str) -> None:
+    """Before a run stores anything: the gateway answers and takes the key. `GET /v1/models` records no call, so a
+    wrong --gateway or --api-key costs one line instead of a stored run of errored cases (and, for a bad key, a
+    burst of refused calls in the gateway's record). Raises FatalRunError."""
+    try:
+        resp = await client.get("/v1/models", headers={"authorization": f"Bearer {api_key}"})
+    except httpx.HTTPError as e:
+        raise FatalRunError(f"cannot reach the gateway at {where}: {type(e).__name__}: {e}") from None
+    if resp.status_code in (401, 403):
+        why, _ = _error_of(resp)
+        raise FatalRunError(f"the gateway at {where} rejected the API key (HTTP {resp.status_code}): {why}; pass "
+                            "--api-key or set TAGWAY_API_KEY / TAGWAY_ADMIN_KEY")
+    if resp.status_code != 200:
+        raise FatalRunError(f"{where} does not answer as a tagway gateway (GET /v1/models: HTTP {resp.status_code});"
+                            " pass the gateway's base URL, e.g. http://127.0.0.1:4000")
 
 
 class GatewayPoster:
@@ -505,6 +523,11 @@ def _fast_transport(limits: httpx.Limits) -> httpx.AsyncBaseTransport | None:
     return AiohttpTransport(limits=limits)
 
 
+def _http_url(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
 @contextlib.asynccontextmanager
 async def gateway_client(*, base_url: str | None = None, transport: httpx.AsyncBaseTransport | None = None,
                          in_process: bool = False, app_ref: str = GATEWAY_APP, app_config: str | Path | None = None,
@@ -522,6 +545,8 @@ async def gateway_client(*, base_url: str | None = None, transport: httpx.AsyncB
         return
     if not base_url and transport is None:
         raise FatalRunError("no gateway: pass --gateway URL (or env TAGWAY_GATEWAY_URL), or --in-process")
+    if base_url and not _http_url(base_url):
+        raise FatalRunError(f"--gateway {base_url!r} is not an http(s) URL, e.g. http://127.0.0.1:4000")
     if transport is None:
         transport = _fast_transport(limits)
     async with httpx.AsyncClient(base_url=base_url or "http://gateway", transport=transport, timeout=tm,

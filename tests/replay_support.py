@@ -55,6 +55,10 @@ class FakeLLM(ThreadedServer):
                                              "code": code}}, status=status)
 
     async def models(self, request: web.Request) -> web.Response:
+        self.requests.append({"path": request.path, "headers": dict(request.headers), "body": None,
+                              "t": time.monotonic()})
+        if self.require_key and request.headers.get("authorization") != f"Bearer {self.require_key}":
+            return self._error(401, "invalid api key", "invalid_api_key")  # as the gateway's /v1/models
         return web.json_response({"object": "list", "data": [{"id": m, "object": "model"} for m in self.answers]})
 
     async def chat(self, request: web.Request) -> web.Response:

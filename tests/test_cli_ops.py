@@ -108,6 +108,28 @@ def test_config_errors_name_the_file_and_the_setting(run, tmp_path):
     assert "Traceback" not in res.output
 
 
+def test_config_check_refuses_a_provider_nobody_serves_and_a_base_url_that_is_no_url(run, tmp_path):
+    """A mistyped provider or base_url used to pass every check; each call then failed (litellm's 400 "LLM Provider
+    NOT provided", a 502 InvalidUrl). Both are config errors now, with the setting named; litellm's own provider
+    names still pass."""
+    path = write(tmp_path, models=[{"name": "m", "provider": "nosuchprovider"},
+                                   {"name": "b", "provider": "bedrock", "model": "anthropic.claude-v2"},
+                                   {"name": "v", "provider": "openai", "base_url": "not a url"}])
+    res = run("config", "check", "--config", path, env=FULL_ENV)
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.splitlines()
+    assert f"tagway: config error: {path}: models[2] (v).base_url: 'not a url' is not an http(s) URL, e.g. " \
+           "http://10.0.0.5:8000/v1" in lines, lines
+    path = write(tmp_path, models=[{"name": "m", "provider": "nosuchprovider"},
+                                   {"name": "b", "provider": "bedrock", "model": "anthropic.claude-v2"}])
+    res = run("config", "check", "--config", path, env=FULL_ENV)
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"tagway: config error: {path}: models[0] (m).provider: unknown provider 'nosuchprovider'; use openai"), lines
+    assert "Traceback" not in res.output
+
+
 def test_config_errors_from_the_environment_name_the_variable(run, tmp_path):
     res = run("config", "check", "--config", write(tmp_path), env={"TAGWAY_SERVER__PORT": "abc"})
     assert res.exit_code == 2

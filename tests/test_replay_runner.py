@@ -149,20 +149,29 @@ def test_unknown_candidate_model_stops_before_running_everything(chdb_store, sli
         assert len(gw.chat_requests()) == 1  # the probe only
 
 
-def test_rejected_key_is_fatal(chdb_store, slice_data):
+def test_rejected_key_is_fatal_before_anything_is_stored(chdb_store, slice_data):
+    """A wrong key is found by one GET /v1/models (which records no call) before the run, its dataset or any case
+    is stored, and before any chat request reaches the gateway."""
     a, _, _ = slice_data
     with FakeLLM({"cand-model": approve_unless("nobody")}) as gw:
-        with pytest.raises(FatalRunError, match="rejected the API key .HTTP 401"):
+        with pytest.raises(FatalRunError, match=f"the gateway at {gw.url} rejected the API key .HTTP 401"):
             asyncio.run(start_run(chdb_store, parse_spec(spec_for([a])), RunOptions(
-                gateway_url=gw.url, api_key="wrong", progress=False)))
+                gateway_url=gw.url, api_key="wrong", progress=False, run_id="bad-key-run")))
+        assert gw.chat_requests() == [] and [r["path"] for r in gw.requests] == ["/v1/models"]
+    assert get_run(chdb_store, "bad-key-run") is None
 
 
-def test_unreachable_gateway_is_fatal_at_the_probe(chdb_store, slice_data):
+def test_unreachable_or_malformed_gateway_is_fatal_before_anything_is_stored(chdb_store, slice_data):
     from tests.replay_support import free_port
     a, _, _ = slice_data
-    with pytest.raises(FatalRunError, match="gateway unreachable after 3 attempt"):
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(FatalRunError, match=f"cannot reach the gateway at {url}: .*Connect"):
         asyncio.run(start_run(chdb_store, parse_spec(spec_for([a])), RunOptions(
-            gateway_url=f"http://127.0.0.1:{free_port()}", api_key=API_KEY, progress=False, backoff_base=0.01)))
+            gateway_url=url, api_key=API_KEY, progress=False, run_id="unreachable-run")))
+    with pytest.raises(FatalRunError, match="--gateway 'not-a-url' is not an http.s. URL"):  # not retried 4 times
+        asyncio.run(start_run(chdb_store, parse_spec(spec_for([a])), RunOptions(
+            gateway_url="not-a-url", api_key=API_KEY, progress=False, run_id="malformed-run")))
+    assert get_run(chdb_store, "unreachable-run") is None and get_run(chdb_store, "malformed-run") is None
 
 
 def case(i: int, customer: str = "acme") -> Case:

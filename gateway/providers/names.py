@@ -3,10 +3,11 @@ with their default base URLs, and which kind of implementation serves a name. A 
 provider registry both read it."""
 from __future__ import annotations
 
-from typing import Mapping, Protocol
+import os
+from typing import Iterable, Mapping, Protocol
 from urllib.parse import urlsplit
 
-__all__ = ["PASS_THROUGH", "ANTHROPIC_NATIVE", "kind_of", "base_url", "server_address"]
+__all__ = ["PASS_THROUGH", "ANTHROPIC_NATIVE", "kind_of", "base_url", "server_address", "unknown_providers"]
 
 # OpenAI-compatible providers and their default base URLs ("" = the deployment must give base_url)
 PASS_THROUGH: Mapping[str, str] = {
@@ -50,3 +51,16 @@ def base_url(d: Deployment) -> str:
 def server_address(d: Deployment) -> tuple[str, int | None]:
     parts = urlsplit(base_url(d))
     return parts.hostname or "", parts.port
+
+
+def unknown_providers(providers: Iterable[str]) -> set[str]:
+    """The names neither tagway nor litellm serves. litellm (seconds to import) is imported only when a name is not
+    one of ours; its own list decides, so a provider litellm adds needs no change here."""
+    rest = {p for p in providers if p != "mock" and p not in PASS_THROUGH and p not in ANTHROPIC_NATIVE}
+    if not rest:
+        return set()
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # never fetch the price list at import
+    import litellm  # noqa: PLC0415
+
+    known = {getattr(p, "value", p) for p in litellm.provider_list}
+    return rest - known
