@@ -12,7 +12,7 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Any, Iterator, List, Optional
 
 import typer
 
@@ -108,6 +108,28 @@ def _check_output(fmt: str, out: Optional[Path]) -> None:
 def _gate_flags(alpha: Optional[float], margin: Optional[float], inconclusive: Optional[str],
                 errors: Optional[str]) -> dict:
     return {"alpha": alpha, "margin": margin, "inconclusive": inconclusive, "errors": errors}
+
+
+def _parse_with_flags(data: dict, spec: Path, flags: dict[str, tuple[str, object]]) -> Any:
+    """The spec with the flags applied, validated; an error in a value a flag gave names the flag, not the file
+    (`--alpha 0.9: Input should be less than 0.5`, not `replay.yaml: gating.alpha: ...`). `flags`: spec field ->
+    (flag, the value given or None)."""
+    try:
+        return parse_spec(data, str(spec))
+    except SpecError as e:
+        text, prefix = str(e), f"{spec}: "
+        for field, (flag, value) in flags.items():
+            if value is not None and text.startswith(f"{prefix}{field}: "):
+                raise SpecError(f"{flag} {value}: {text[len(prefix) + len(field) + 2:]}") from None
+        raise
+
+
+def _run_flags(*, alpha: object, margin: object, inconclusive: object, errors: object, max_cases: object,
+               max_cost: object, concurrency: object, limit: object) -> dict[str, tuple[str, object]]:
+    return {"gating.alpha": ("--alpha", alpha), "gating.margin": ("--margin", margin),
+            "gating.inconclusive": ("--inconclusive", inconclusive), "gating.errors": ("--errors", errors),
+            "gating.escalation.max_cases": ("--escalation-max-cases", max_cases), "max_cost": ("--max-cost", max_cost),
+            "concurrency": ("--concurrency", concurrency), "slice.limit": ("--limit", limit)}
 
 
 def _no_old_flags(**given: object) -> None:
@@ -224,7 +246,9 @@ def run_cmd(
                                gating=_gate_flags(alpha, margin, inconclusive, errors),
                                escalation={"enabled": escalate, "max_cases": escalation_max_cases},
                                max_cost=max_cost, concurrency=concurrency)
-        parsed = parse_spec(data, str(spec))
+        parsed = _parse_with_flags(data, spec, _run_flags(
+            alpha=alpha, margin=margin, inconclusive=inconclusive, errors=errors, max_cases=escalation_max_cases,
+            max_cost=max_cost, concurrency=concurrency, limit=limit))
         spec_dir = spec.resolve().parent
         sys.path[:0] = [str(spec_dir), os.getcwd()]  # `python` evaluators: module:function beside the spec
         store = _store(dsn, config)

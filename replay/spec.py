@@ -246,7 +246,7 @@ class Families(_Model):
 # The rule the paired gate replaced; a spec or flag still using these keys gets this, not a silent other meaning.
 LEGACY_GATING = ("aggregate", "threshold", "max_drop", "min_cases_per_segment")
 LEGACY_GATING_HELP = (
-    "the gate is now paired and significance-aware (README, 'Gate a replay'): a segment is a regression when its "
+    "the gate is now paired and significance-aware (README, 'Replay a slice, gate on the worst segment'): a segment is a regression when its "
     "drop beyond `margin` is significant at `alpha` across all segments (Holm); use gating.margin where you had "
     "max_drop, and remove aggregate, threshold and min_cases_per_segment")
 
@@ -329,11 +329,19 @@ class ReplaySpec(_Model):
 
 
 def one_line_error(e: ValidationError, source: str) -> str:
-    """A pydantic error as one line: '<source>: <where>: <what> (+N more)'."""
-    err = e.errors()[0]
-    loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("function-after", "function-before"))
+    """A pydantic error as one line: '<source>: <where>: <what> (+N more: <where>, ...)'. Our own explanations
+    (value errors: a migration hint, a rule) come before pydantic's generic ones, which would hide them (an old spec
+    lacking `evaluators` said only "evaluators: Field required (+1 more)")."""
+    errors = sorted(e.errors(), key=lambda err: err.get("type") != "value_error")  # stable: file order otherwise
+
+    def where(err: Any) -> str:
+        return ".".join(str(p) for p in err.get("loc", ()) if p not in ("function-after", "function-before"))
+
+    err = errors[0]
+    loc = where(err)
     msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
-    more = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+    rest = [where(x) or "spec" for x in errors[1:]]
+    more = f" (+{len(rest)} more: {', '.join(rest[:3])}{', ...' if len(rest) > 3 else ''})" if rest else ""
     return f"{source}: {loc + ': ' if loc else ''}{msg}{more}"
 
 

@@ -135,11 +135,12 @@ def test_datasets_pin_a_slice(world):
     (["--customer", "nobody-at-all"], "the slice matched no replayable call"),
     (["--gate-aggregate", "mean"], "--gate-aggregate: no longer used: the gate is now paired"),
     (["--max-drop", "0.05"], "--max-drop: no longer used (--margin replaces --max-drop)"),
-    (["--alpha", "0.7"], "gating.alpha: Input should be less than 0.5"),
-    (["--alpha", "0"], "gating.alpha: Input should be greater than 0"),
-    (["--margin", "-0.1"], "gating.margin: Input should be greater than or equal to 0"),
-    (["--inconclusive", "maybe"], "gating.inconclusive: Input should be 'block' or 'pass'"),
-    (["--escalate", "--escalation-max-cases", "0"], "gating.escalation.max_cases: Input should be greater than"),
+    # a value a flag gave is blamed on the flag, not on the spec file it was merged into
+    (["--alpha", "0.7"], "error: --alpha 0.7: Input should be less than 0.5"),
+    (["--alpha", "0"], "error: --alpha 0.0: Input should be greater than 0"),
+    (["--margin", "-0.1"], "error: --margin -0.1: Input should be greater than or equal to 0"),
+    (["--inconclusive", "maybe"], "error: --inconclusive maybe: Input should be 'block' or 'pass'"),
+    (["--escalate", "--escalation-max-cases", "0"], "error: --escalation-max-cases 0: Input should be greater than"),
     (["--format", "pdf"], "--format 'pdf'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(world, args, message):
@@ -164,6 +165,11 @@ def test_bad_spec_file_and_unknown_run(world, tmp_path):
     line = _one_error_line(res)
     assert res.exit_code == 2 and "gating: aggregate, threshold, min_cases_per_segment: no longer used" in line
     assert "use gating.margin where you had max_drop" in line and not world["gw"].chat_requests()
+    # an old spec that lacks evaluators too: the migration is what it says first, the other problem is named
+    bad.write_text(yaml.safe_dump({k: v for k, v in spec.items() if k != "evaluators"}))
+    line = _one_error_line(invoke("run", "--spec", bad, *world["common"]))
+    assert f"{bad}: gating: aggregate, threshold, min_cases_per_segment: no longer used" in line, line
+    assert "README, 'Replay a slice, gate on the worst segment'" in line and line.endswith("(+1 more: evaluators)")
     assert invoke("resume", "no-such-run", *world["common"]).exit_code == 2
 
 
