@@ -52,6 +52,10 @@ class StoreLockedError(StoreError):
     """Another process holds the embedded data directory."""
 
 
+class DsnError(StoreError):
+    """The DSN itself cannot name a store (an unknown scheme): the user's input, not the server, is wrong."""
+
+
 def is_embedded(dsn: str) -> bool:
     return dsn.startswith("chdb:")
 
@@ -169,7 +173,10 @@ def connect(dsn: str, *, settings: dict[str, Any] | None = None, connect_timeout
                         " ClickHouse server DSN"))
                 client = clickhouse_connect.get_client(dsn=f"chdb://{path}", settings=settings)
             else:
-                client = clickhouse_connect.get_client(dsn=dsn, settings=settings, connect_timeout=connect_timeout,
+                # clickhouse-connect takes host, port, user and database from the DSN but not its scheme (TLS only
+                # on ports 443/8443): the scheme is checked here, and https:// asks for TLS whatever the port
+                client = clickhouse_connect.get_client(dsn=dsn, interface=_interface(dsn), settings=settings,
+                                                       connect_timeout=connect_timeout,
                                                        send_receive_timeout=send_receive_timeout)
         except StoreError:
             raise
@@ -180,6 +187,15 @@ def connect(dsn: str, *, settings: dict[str, Any] | None = None, connect_timeout
         store = Store(dsn, client, lock_fd, key=key, defaults=defaults)
         _REGISTRY[key] = store
         return store
+
+
+def _interface(dsn: str) -> str | None:
+    """https:// means TLS on any port; http:// leaves it to the driver (TLS on 443/8443, as before)."""
+    scheme = dsn.partition("://")[0].lower() if "://" in dsn else ""
+    if scheme not in ("http", "https"):
+        raise DsnError(f"{redact_dsn(dsn)}: unsupported DSN; use chdb:///path/to/dir (embedded), "
+                       "http://user:password@host:8123/database or https://... (a ClickHouse server)")
+    return "https" if scheme == "https" else None
 
 
 def redact_dsn(dsn: str) -> str:

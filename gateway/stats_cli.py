@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 import sys
 from typing import Annotated, Any, Callable, Optional
@@ -23,7 +24,7 @@ from exporters.dsn import DsnConfigError, default_dsn as _default_dsn, resolve_d
 from exporters.dirlock import holder_pid
 from exporters.discovery import DiscoveryError
 from exporters.remote_store import StoreGoneError
-from exporters.store import LOCK_FILE, Store, StoreError, StoreLockedError, chdb_path, is_embedded, redact_dsn
+from exporters.store import LOCK_FILE, DsnError, Store, StoreError, StoreLockedError, chdb_path, is_embedded, redact_dsn
 from exporters.store_access import open_store
 from exporters.vocabulary import COLUMNS, NON_PRODUCTION_SOURCES
 
@@ -103,9 +104,11 @@ def _open_store(dsn: str) -> Store:
         path = chdb_path(dsn)
         if path != ":memory:" and not os.path.isdir(path):
             raise _CliError(f"no tagway store at {path}: start the gateway once, or pass --dsn / --config")
+    # the driver logs a connection failure as a warning before raising it: the error line below says it once
+    logging.getLogger("clickhouse_connect").setLevel(logging.ERROR)
     try:
         return open_store(dsn)  # through the running gateway when one serves this store (exporters.store_access)
-    except DiscoveryError as e:
+    except (DiscoveryError, DsnError) as e:
         raise _CliError(str(e)) from None
     except StoreGoneError as e:
         raise _CliError(str(e), EXIT_GONE) from None

@@ -193,7 +193,8 @@ FormatOpt = typer.Option("table", "--format", "-f", help="table | md | github | 
 AlphaOpt = typer.Option(None, "--alpha", help="Chance the gate calls any segment a regression when none got worse, "
                         "in (0, 0.5) (default 0.05).")
 MarginOpt = typer.Option(None, "--margin", help="The drop a segment may show before it counts (default 0.05).")
-InconclusiveOpt = typer.Option(None, "--inconclusive", help="pass: exit 0, the inconclusive segments listed (default) | block: exit 4.")
+InconclusiveOpt = typer.Option(None, "--inconclusive",
+                               help="pass: exit 0, the inconclusive segments listed (default) | block: exit 4.")
 ErrorsOpt = typer.Option(None, "--errors", help="fail: an errored result is a failed case (default) | exclude.")
 # the flags of the gate the paired gate replaced: hidden, and a clear error when used
 _OLD = {"hidden": True}

@@ -246,9 +246,9 @@ class Families(_Model):
 # The rule the paired gate replaced; a spec or flag still using these keys gets this, not a silent other meaning.
 LEGACY_GATING = ("aggregate", "threshold", "max_drop", "min_cases_per_segment")
 LEGACY_GATING_HELP = (
-    "the gate is now paired and significance-aware (README, 'Replay a slice, gate on the worst segment'): a segment is a regression when its "
-    "drop beyond `margin` is significant at `alpha` across all segments (Holm); use gating.margin where you had "
-    "max_drop, and remove aggregate, threshold and min_cases_per_segment")
+    "the gate is now paired and significance-aware (README, 'Replay a slice, gate on the worst segment'): a "
+    "segment is a regression when its drop beyond `margin` is significant at `alpha` across all segments (Holm); "
+    "use gating.margin where you had max_drop, and remove aggregate, threshold and min_cases_per_segment")
 
 
 class Gating(_Model):

@@ -177,3 +177,24 @@ def test_help_is_never_cut_at_80_columns(run, app):
                 assert word in words or word.strip(".,;:()") in out, (path, param.name, word)
         checked += 1
     assert checked >= 15  # serve, demo, stats, errors, show, keys *, db migrate, config check, replay *
+
+
+def test_a_dsn_scheme_is_checked_and_https_means_tls(run):
+    """An unknown scheme is the user's input, said in one line with exit 2 (it used to be read as http:// to a host
+    named by the rest, with a stray driver warning and a long connection error). https:// asks for TLS on any port
+    (the driver alone takes TLS from ports 443/8443 only): against a plain-HTTP server it fails in the TLS handshake,
+    where http:// reaches the server and hears its answer."""
+    from exporters.store import DsnError, StoreError, connect  # noqa: PLC0415
+
+    res = run("stats", "--dsn", "bogus://x")
+    assert res.exit_code == 2, res.output
+    assert res.stderr.splitlines() == ["error: bogus://x: unsupported DSN; use chdb:///path/to/dir (embedded), "
+                                       "http://user:password@host:8123/database or https://... (a ClickHouse server)"]
+    with pytest.raises(DsnError):
+        connect("tcp://127.0.0.1:9000/db")
+    with WrongPasswordClickHouse() as ch:
+        with pytest.raises(StoreError, match="Authentication failed"):
+            connect(ch.dsn("pw"))
+        with pytest.raises(StoreError) as tls:
+            connect(ch.dsn("pw").replace("http://", "https://"), connect_timeout=3)
+        assert "Authentication failed" not in str(tls.value) and "SSL" in str(tls.value), tls.value
