@@ -27,7 +27,7 @@ __all__ = [
     "REPLAY_SOURCE", "JUDGE_SOURCE", "SHADOW_SOURCE", "NON_PRODUCTION_SOURCES", "MAX_WINDOW", "MAX_VALUE_LEN", "Window",
     "Filter", "Params", "show", "iso_utc", "validate_tag_key", "parse_duration", "parse_time", "parse_window",
     "parse_dimension", "parse_filter", "parse_filters", "column_expr", "filter_condition", "normalise",
-    "NORMALISED_LEN", "NORMALISED_COLUMNS",
+    "NORMALISED_LEN", "NORMALISED_COLUMNS", "normalise_tag_key",
 ]
 
 # Group-by / filter names -> llm_calls columns. `model` is what the client asked for (model_requested).
@@ -75,6 +75,12 @@ def normalise(value: str) -> str:
     return _NOT_NORMAL.sub("_", value[:4 * NORMALISED_LEN].strip().lower()).strip("_")[:NORMALISED_LEN]
 
 
+def normalise_tag_key(key: str) -> str:
+    """Tag keys additionally use '_' for '-', so `prompt-version`, `Prompt Version` and `prompt_version` agree: how
+    the gateway records them (gateway/tags.py), and so how a query's `tag.<key>` is read."""
+    return normalise(key).replace("-", "_")
+
+
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _FILTER_RE = re.compile(r"^\s*([^=!\s]+)\s*(!=|=)(.*)$", re.S)
@@ -97,8 +103,13 @@ def show(text: str, limit: int = 80) -> str:
 
 # -- tag keys and columns --------------------------------------------------------------------------------------
 def validate_tag_key(key: str, param: str = "by") -> str:
+    """Keys are matched exactly (a query never guesses which key was meant), but the error names the key the gateway
+    would have recorded for this one, when there is one: `Region` -> `region`."""
     if not TAG_KEY_RE.match(key or ""):
-        raise QueryInputError(f"invalid tag key {show(key or '')}: tag keys match [a-z0-9_.-]{{1,64}}", param=param)
+        recorded = normalise_tag_key(key or "")
+        hint = f" (the gateway records {show(key)} as {show(recorded)})" if TAG_KEY_RE.match(recorded) else ""
+        raise QueryInputError(f"invalid tag key {show(key or '')}: tag keys match [a-z0-9_.-]{{1,64}}{hint}",
+                              param=param)
     return key
 
 

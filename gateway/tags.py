@@ -6,7 +6,7 @@ import dataclasses
 import re
 from typing import Any, Callable, Mapping, Protocol
 
-from exporters.vocabulary import NORMALISED_LEN, normalise
+from exporters.vocabulary import NORMALISED_LEN, normalise, normalise_tag_key
 
 from .config import Taxonomy
 from .errors import GatewayError, bad_request, forbidden
@@ -35,7 +35,7 @@ class ResolvedTags:
 
 def normalise_key(key: str) -> str:
     """Tag keys additionally use '_' for '-', so `prompt-version`, `Prompt Version` and `prompt_version` agree."""
-    return normalise(key).replace("-", "_")
+    return normalise_tag_key(key)
 
 
 def check_header(name: str, value: str) -> str:

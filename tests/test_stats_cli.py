@@ -128,6 +128,9 @@ def test_errors_and_show(run, seeded):
     (["stats", "--since", "1h; DROP TABLE llm_calls"], "invalid window"),
     (["stats", "--by", "tag.a'b"], "invalid tag key \"a'b\""),
     (["stats", "--by", "tag.x; DROP TABLE llm_calls"], "invalid tag key"),
+    # keys are matched exactly, and the error names the key the gateway recorded for this one
+    (["stats", "--by", "tag.Region"], "invalid tag key 'Region': tag keys match [a-z0-9_.-]{1,64} (the gateway records "
+                                      "'Region' as 'region')"),
     (["stats", "--where", "tag.x'='1"], "invalid tag key"),
     (["stats", "--where", "intent"], "use key=value"),
     (["stats", "--status", "failed"], "invalid status 'failed'"),
