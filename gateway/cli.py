@@ -21,7 +21,7 @@ HELP_STYLE = {"rich_markup_mode": None}
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, **HELP_STYLE,
                   help="tagway: an OpenAI-compatible LLM gateway that records who asked and why.")
 keys_app = typer.Typer(no_args_is_help=True, **HELP_STYLE, help="Create, list and revoke virtual keys (stored as hashes).")
-db_app = typer.Typer(no_args_is_help=True, **HELP_STYLE, help="ClickHouse schema.")
+db_app = typer.Typer(no_args_is_help=True, **HELP_STYLE, help="The store: status, schema, spool, rollups.")
 config_app = typer.Typer(no_args_is_help=True, **HELP_STYLE, help="Configuration.")
 app.add_typer(keys_app, name="keys")
 app.add_typer(db_app, name="db")
@@ -345,6 +345,46 @@ def db_spool(action: str = typer.Argument("list", help="list | retry | purge"),
                 typer.echo(f"purged {q.path} ({q.rows if q.rows is not None else '?'} rows deleted)")
         except OSError as e:
             raise fail(f"cannot {action} {q.path}: {e.strerror or e}") from None
+
+
+@db_app.command("status")
+def db_status(config: Optional[str] = ConfigOpt,
+              dsn: Optional[str] = typer.Option(None, envvar="TAGWAY_DSN", help="Overrides the config's store."),
+              as_json: bool = typer.Option(False, "--json", help="One JSON object.")) -> None:
+    """What the store holds (schema, calls, spans) and what waits in the spool; through a running gateway when
+    one serves the store."""
+    import orjson  # noqa: PLC0415
+
+    from exporters.discovery import DiscoveryError  # noqa: PLC0415
+    from exporters.remote_store import StoreGoneError  # noqa: PLC0415
+    from exporters.store import StoreError  # noqa: PLC0415
+    from exporters.store_access import open_store  # noqa: PLC0415
+
+    from .db_status import gather, render  # noqa: PLC0415
+
+    from exporters.store import chdb_path, is_embedded  # noqa: PLC0415
+
+    cfg = _load(config)
+    target = dsn or cfg.storage.resolved_dsn()
+    if is_embedded(target) and chdb_path(target) != ":memory:" and not os.path.isdir(chdb_path(target)):
+        raise fail(f"no tagway store at {chdb_path(target)}: start the gateway once, or pass --dsn / --config")
+    try:
+        store = open_store(target)
+        try:
+            status = gather(store, target, cfg.schema_settings(), cfg.storage.resolved_spool())
+        finally:
+            store.close()
+    except DiscoveryError as e:
+        raise fail(str(e)) from None
+    except StoreGoneError as e:
+        raise fail(str(e), 3) from None
+    except StoreError as e:
+        raise fail(str(e)) from None
+    if as_json:
+        typer.echo(orjson.dumps(status, option=orjson.OPT_INDENT_2).decode())
+    else:
+        for line in render(status):
+            typer.echo(line)
 
 
 @db_app.command("migrate")

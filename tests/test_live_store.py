@@ -112,6 +112,11 @@ def test_a_command_counts_every_call_answered_before_it_even_inside_the_batch_wi
         live, err = stats_of(config)
         assert "through the running gateway" in err
         assert (live["total"]["calls"], live["total"]["errors"]) == (17, 3)
+        status = tagway("db", "status", "--json", config=config, verbose=False)  # the same store, the same count
+        assert status.returncode == 0, status.stderr
+        st = jout(status)
+        assert st["access"] == f"through the running gateway (pid {gw.pid} at http://127.0.0.1:{port})"
+        assert st["calls"]["total"] == 17 and st["schema"]["missing"] == [] and st["spool"]["unsent"] == 0
         errors = tagway("errors", "--since", "1h", "--json", config=config)
         assert errors.returncode == 0 and jout(errors)["errors"][0]["count"] == 3, errors.stderr
     finally:
@@ -266,6 +271,9 @@ def test_after_a_sigkill_the_cli_names_the_calls_not_stored_yet_and_a_restart_st
         assert str(tmp_path / "data" / "spool") in waiting[0]
         assert len(lines) == (2 if attempt == 0 else 1), lines  # the first also says the gateway is gone
         assert jout(r)["total"]["calls"] == 0
+    status = tagway("db", "status", "--json", config=config, verbose=False)
+    assert status.returncode == 0, status.stderr
+    assert jout(status)["spool"]["unsent"] == 5 and jout(status)["access"] == "opened directly"
     gw = start_gateway(write_config(tmp_path, upstream, port, name="again.yaml"), port)  # recovers the log
     gw.send_signal(signal.SIGTERM)
     gw.wait(60)
