@@ -119,6 +119,7 @@ class DurableBatchSpanProcessor(SpanProcessor):
         self._flush_target = 0  # spans below this index are wanted out now (force_flush)
 
         self._degraded = False
+        self._inherited = False  # degraded only by an earlier process's spool, not by a failure seen here
         self.last_error = ""  # why the processor is degraded (the last ClickHouse error), for /readyz
         self._backoff = 0.0
         self._retry_at = 0.0  # monotonic; replay the spool no earlier than this
@@ -132,6 +133,7 @@ class DurableBatchSpanProcessor(SpanProcessor):
         self.metrics.set_gauge("export_degraded", lambda: 1 if self._degraded else 0)
         if spool.pending_files:
             self._degraded = True  # behind the files of an earlier run until they are re-sent
+            self._inherited = True  # ...which is not ClickHouse failing: _recovered says which it was
         self._encoder = threading.Thread(target=self._run_encoder, name="tagway-span-encode", daemon=True)
         self._sender = threading.Thread(target=self._run_sender, name="tagway-span-send", daemon=True)
         self._encoder.start()
@@ -514,6 +516,7 @@ class DurableBatchSpanProcessor(SpanProcessor):
         # Jitter, so gateway replicas do not retry against a recovering server in lockstep.
         self._retry_at = time.monotonic() + self._backoff * random.uniform(0.8, 1.2)
         self.last_error = str(err)
+        self._inherited = False  # a failure of its own now
         what = (f"{rows} spans go to the spool at {self._spool.directory}" if rows else
                 "replay of the spool failed" if self._spool.pending_files else
                 f"spans go to the spool at {self._spool.directory} until it answers")
@@ -526,8 +529,12 @@ class DurableBatchSpanProcessor(SpanProcessor):
         self._degraded = True
 
     def _recovered(self, resent: int) -> None:
-        if self._degraded:
+        if self._degraded and self._inherited:
+            log.warning("stored %d spans an earlier process left in the spool (or its write-ahead log); spool empty",
+                        resent)
+        elif self._degraded:
             log.warning("ClickHouse reachable again: re-sent %d spooled spans; spool empty", resent)
+        self._inherited = False
         self._degraded = False
         self.last_error = ""
         self._backoff = 0.0

@@ -239,12 +239,12 @@ class CallObserver:
         line = (f"time={when} trace_id={trace_id:032x} key_id={q(rec.key_id)} customer={q(rec.customer)} "
                 f"operation={q(rec.operation)} model={q(model)} provider={q(rec.provider)} "
                 f"status={rec.http_status or '-'} error_type={q(rec.error_type)} latency_ms={latency_s * 1000:.1f}")
-        if rec.ttft_s is not None:
-            line += f" ttft_ms={rec.ttft_s * 1000:.1f}"
-        if rec.input_tokens is not None or rec.output_tokens is not None:
-            line += f" input_tokens={rec.input_tokens or 0} output_tokens={rec.output_tokens or 0}"
-        if rec.cost_usd is not None:
-            line += f" cost_usd={rec.cost_usd:.8f}"
+        # every line has every field (`-` when the call has none), so a line's fields never shift for a parser
+        ttft = f"{rec.ttft_s * 1000:.1f}" if rec.ttft_s is not None else "-"
+        tin = rec.input_tokens if rec.input_tokens is not None else "-"
+        tout = rec.output_tokens if rec.output_tokens is not None else "-"
+        cost = f"{rec.cost_usd:.8f}" if rec.cost_usd is not None else "-"
+        line += f" ttft_ms={ttft} input_tokens={tin} output_tokens={tout} cost_usd={cost}"
         return f"{line} stream={'true' if rec.stream else 'false'} attempts={len(rec.attempts)} source={q(rec.source)}"
 
     def _logfmt(self, value: str) -> str:

@@ -411,7 +411,9 @@ class Runner:
         rest = [it for it in items if id(it) not in probe_ids]
         stop_reason = ""
         done = 0
-        with _progress(self.progress, len(items)) as bar:
+        # the bar counts calls: each case runs once per target (candidates, and the baseline when it is re-run)
+        label = f"replay {len(cases)} case(s) x {len(targets)}" if len(targets) > 1 else f"replay {len(cases)} case(s)"
+        with _progress(self.progress, len(items), label) as bar:
             async def one(case: Case, target: Target) -> bool:
                 """Run one item unless the budget is spent (then say so and return False)."""
                 nonlocal stop_reason, done
@@ -448,14 +450,14 @@ class Runner:
 
 
 @contextlib.contextmanager
-def _progress(enabled: bool, total: int):
+def _progress(enabled: bool, total: int, label: str = "replay"):
     if not enabled:
         yield lambda done, cost: None
         return
     from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
-    prog = Progress(TextColumn("replay"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
+    prog = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
                     TimeRemainingColumn(), TextColumn("${task.fields[cost]:.4f}"), console=Console(stderr=True),
                     transient=False)
     with prog:

@@ -197,12 +197,17 @@ def test_refused_connection_spools_then_a_later_start_replays(chdb_dsn: str, chd
     rec.shutdown()
     assert rec.spool.pending_files >= 3
 
-    # Same spool, ClickHouse reachable: the files left behind are re-sent on start.
-    rec2 = start_recording(dsn=chdb_dsn, spool_dir=spool_dir, batch_max_seconds=0.05)
-    assert _wait(lambda: rec2.spool.pending_files == 0)
-    assert _count(chdb_store, run) == (120, 120)
-    assert rec2.metrics.get("spans_resent") == 120
-    rec2.shutdown()
+    # Same spool, ClickHouse reachable: the files left behind are re-sent on start, and the log says what happened
+    # (an earlier process's spool stored), not that ClickHouse came back (this process never saw it fail).
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="exporters.processor"):
+        rec2 = start_recording(dsn=chdb_dsn, spool_dir=spool_dir, batch_max_seconds=0.05)
+        assert _wait(lambda: rec2.spool.pending_files == 0)
+        assert _count(chdb_store, run) == (120, 120)
+        assert rec2.metrics.get("spans_resent") == 120
+        rec2.shutdown()
+    assert "stored 120 spans an earlier process left in the spool" in caplog.text, caplog.text
+    assert "reachable again" not in caplog.text
 
 
 # -- (c) corruption in the spool is found and quarantined -----------------------------------------------------------

@@ -216,3 +216,21 @@ def test_access_line_matches_the_response_trace_id(observed):
     assert r.status_code == 200
     last = access_lines(observed, observed.calls["total"] + 1)[-1]
     assert last["trace_id"] == r.headers["x-tagway-trace-id"] and last["customer"] == "globex"
+
+
+def test_text_access_lines_have_the_same_fields_whatever_the_call():
+    """logfmt lines keep one schema: a failed call's missing ttft, tokens and cost are `-`, as the README says,
+    so its fields line up with a successful call's."""
+    from gateway.observe import CallObserver  # noqa: PLC0415
+    from gateway.telemetry import CallRecord  # noqa: PLC0415
+
+    obs = CallObserver(GatewayConfig(access_log={"format": "text"}))
+    ok = CallRecord(start_ns=time.time_ns(), requested_model="gpt-test", key_id="k1", customer="acme",
+                    provider="openai", http_status=200, input_tokens=12, output_tokens=3, cost_usd=1e-5, ttft_s=0.02)
+    failed = CallRecord(start_ns=time.time_ns(), requested_model="gpt-test", key_id="k1", customer="acme",
+                        http_status=502, error_type="upstream_error")
+    lines = [obs.access_line(r, 0xABC, 0.1) for r in (ok, failed)]
+    keys = [[f.split("=", 1)[0] for f in line.split(" ")] for line in lines]
+    assert keys[0] == keys[1], lines
+    assert "ttft_ms=- input_tokens=- output_tokens=- cost_usd=-" in lines[1]
+    assert "ttft_ms=20.0 input_tokens=12 output_tokens=3 cost_usd=0.00001000" in lines[0]

@@ -522,3 +522,16 @@ def test_a_slice_reads_names_and_tag_values_as_they_are_recorded(chdb_store, sli
                                                            "intent": ["Refund"], "tags": {"region": "EU"}}})
     assert spec.slice.customer == [a] and spec.slice.intent == ["refund"] and spec.slice.tags == {"region": "eu"}
     assert len(select_slice(chdb_store, spec.slice)[0]) > 0
+
+
+def test_the_progress_bar_counts_calls_and_says_so(chdb_store, slice_data, capsys):
+    """The bar counts calls (a case runs once per target: the candidate, and the baseline's prompt re-run), and its
+    label says so (a trial saw 46/46 under a bare 'replay' for 23 cases)."""
+    a, _, _ = slice_data
+    spec = parse_spec(spec_for([a]))
+    with FakeLLM({"cand-model": approve_unless("nobody")}) as gw:
+        res = asyncio.run(start_run(chdb_store, spec, RunOptions(gateway_url=gw.url, api_key=API_KEY, progress=True,
+                                                                 backoff_base=0.01)))
+    n, t = res.report.n_cases, len(targets_for(spec))
+    err = capsys.readouterr().err
+    assert t == 2 and f"replay {n} case(s) x 2 " in err and f"{n * t}/{n * t}" in err, err
