@@ -50,6 +50,49 @@ def test_idempotent(text):
     assert R.text(once) == once
 
 
+B = Redactor(list(BUILTIN), [])  # built-ins only: every rule has a pre-check, so whole structures can be cleared
+SEEN = st.lists(st.sampled_from(["a", "Z", "0", "9", "4111 ", "1111-", "4111111111111111", "5500 0000 0000 0004",
+                                 "@", "x@y.io", " ", "-", "sk-", "SK-", "Bearer ", "bEaReR\t", "tw-", "ſk-",
+                                 "0123456789abcdefghij", "\n", "é", "\"", "\\"]),
+                max_size=60).map("".join)
+
+
+def _unchecked(r: Redactor, s: str) -> str:
+    """What text() gives when every pattern runs whatever its pre-check says."""
+    for rx, repl, _pre in r._rules:
+        s = rx.sub(repl, s)
+    return s
+
+
+@settings(max_examples=400, deadline=None)
+@given(SEEN)
+def test_a_pre_check_never_skips_a_match(text):
+    """The pre-checks only save time: each is necessary for its pattern, so skipping on them changes nothing."""
+    assert B.text(text) == _unchecked(B, text)
+
+
+JSONISH = st.recursive(st.none() | st.integers() | st.floats(allow_nan=False) | SEEN,
+                       lambda kids: st.lists(kids, max_size=4) | st.dictionaries(SEEN, kids, max_size=4), max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSONISH)
+def test_a_structure_cleared_in_one_test_is_what_the_walk_gives(obj):
+    """deep() first tests the structure's JSON text against every pre-check and returns it untouched when none
+    passes; that must give exactly what redacting string by string gives."""
+    walk = Redactor(list(BUILTIN), [])
+    walk._prechecks = None  # the string-by-string walk, always
+    assert B.deep(obj) == walk.deep(obj)
+
+
+def test_cleared_structures_are_returned_as_they_are_and_the_rest_redacted():
+    quiet = [{"role": "user", "parts": [{"type": "text", "content": "Where is my refund for order 1234?"}]}]
+    assert B.deep(quiet) is quiet  # nothing to redact, nothing to cut: not even copied
+    loud = [{"role": "user", "parts": [{"type": "text", "content": "card 4111 1111 1111 1111, mail bob@x.io"}]}]
+    assert B.deep(loud)[0]["parts"][0]["content"] == "card [REDACTED:card], mail [REDACTED:email]"
+    assert R.deep(quiet) == quiet and R.deep(quiet) is not quiet  # an operator pattern: the walk, every time
+
+
 def _cost(text: str) -> float:
     best = float("inf")
     for _ in range(5):  # the least of five: scheduling noise only ever adds time
