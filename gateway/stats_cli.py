@@ -461,6 +461,11 @@ def print_call(call: dict[str, Any], console: Console) -> None:
     row("provider", call.get("provider"))
     row("deployment", call.get("deployment"))
     row("attempts", call.get("attempts") or None)
+    for a in call.get("attempts_detail") or ():  # a fallback call: what each upstream try hit
+        outcome = f"{a['http_status'] or '-'} {a['error_type']}".strip() if a["status"] == "error" else \
+            f"{a['http_status'] or 'ok'}"
+        row(f"  attempt {a['attempt']}", f"{a['deployment']} ({a['provider']} {a['model']}): {outcome}, "
+            f"{a['duration_ms']:,.1f} ms", "red" if a["status"] == "error" else "")
     row("stream", "yes" if call.get("stream") else "no")
     row("latency", f"{call['latency_ms']:,.1f} ms" if call.get("latency_ms") is not None else None)
     row("time to first token", f"{call['ttft_ms']:,.1f} ms" if call.get("ttft_ms") is not None else None)

@@ -124,6 +124,19 @@ def test_call_detail_and_truncation(board):
     assert [r["run_id"] for r in trend["runs"]] == [board.runs[1]]
 
 
+def test_show_says_what_each_attempt_of_a_fallback_call_hit(board, chdb_dsn):
+    """`tagway show` on a call that fell back: one line per upstream try (a trial saw only "attempts 2")."""
+    app = typer.Typer()
+    stats_cli.register(app)
+    res = CliRunner().invoke(app, ["show", board.traces["fallback"], "--dsn", chdb_dsn], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    lines = [" ".join(line.split()) for line in res.stdout.splitlines()]
+    first = next(x for x in lines if "attempt 1" in x)
+    second = next(x for x in lines if "attempt 2" in x)
+    assert "flaky (openai fail503-flaky): 503 " in first and " ms" in first, first
+    assert "gpt-prod (openai " in second and "): 200," in second, second
+
+
 def test_show_cases_cli_matches_the_case_view(board, chdb_dsn):
     case = get(board, f"/admin/replays/{board.runs[1]}").json()["flipped"][0]["case_id"]
     app = typer.Typer()
