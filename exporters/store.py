@@ -28,7 +28,7 @@ LOCK_FILE = "tagway.lock"  # in an embedded store's directory: held by the one p
 
 # Inserts into the embedded store run on the calling thread alone. By default ClickHouse parses a big JSONEachRow
 # body on a pool of threads and runs the views' pipeline on max_threads more; in the gateway those threads wake on
-# the cores that serve calls, for every batch. Paired in bench/gateway_bench.py (wrk, the gateway on one core,
+# the cores that serve calls, for every 5 s batch. Paired in bench/gateway_bench.py (wrk, the gateway on one core,
 # 3-5 rounds, medians), recording's CPU a call against the default: 0.85-0.95x in four runs, 1.04x in a fifth;
 # parsing alone single-threaded 0.96x, max_threads 1 alone 1.02x. One thread still stores ~33,000 spans a second
 # with every view (11,000-span batches; the default's pool: ~31,000 on 2 cores), ten times what one gateway process

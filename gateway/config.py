@@ -205,16 +205,15 @@ class RecordingConfig(_Strict):
     redact_builtin: list[Literal["email", "card", "bearer"]] = ["email", "card", "bearer"]
     redact_patterns: list[str] = []
     # Big, few inserts: each costs chDB ~50-100 ms of CPU whatever its size (the views' query analysis, a part per
-    # table, their merges), so under load the window sets the cost (bench, recording's CPU a call: 5 s vs 2 s 8%
-    # less, 10 s vs 5 s another 8%). 10 s is LiteLLM's spend-log batch too. Local CLI commands do not wait for it
-    # (they have the gateway flush first); the dashboard and the HTTP API see a call once its batch is in.
+    # table, their merges), so under load the window sets the cost (bench: 5 s vs 2 s, 8% less CPU a call). 5 s is
+    # the OpenTelemetry batch processor's default too. Local CLI commands do not wait for it (they flush first).
     batch_max_rows: int = Field(20_000, ge=1)
-    batch_max_seconds: float = Field(10.0, gt=0)
+    batch_max_seconds: float = Field(5.0, gt=0)
     queue_max: int = Field(50_000, ge=100)
     # memory and disk are capped by bytes too: rows with big captured content are not interchangeable with small
     queue_max_bytes: int = Field(256 << 20, ge=1 << 20)  # encoded spans in memory; past it, the oldest go to the spool
-    # one insert; 64 MiB lets batch_max_rows of ~3 KB spans fill (a 16 MiB cap cut a batch at ~5,500 rows)
-    batch_max_bytes: int = Field(64 << 20, ge=64 << 10)
+    # one insert; 32 MiB lets a 5 s window of ~3 KB spans fill at ~2,500 calls/s (a 16 MiB cap cut it at ~5,500 rows)
+    batch_max_bytes: int = Field(32 << 20, ge=64 << 10)
     spool_max_bytes: int = Field(5 << 30, ge=0)  # pending spool files (0: no cap)
     spool_full: Literal["drop_oldest", "drop_newest"] = "drop_oldest"  # what goes when the spool is full (counted)
     poison_attempts: int = Field(3, ge=1)  # refusals of a batch's rows before the refused rows are set aside
