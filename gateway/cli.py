@@ -371,7 +371,7 @@ def db_status(config: Optional[str] = ConfigOpt,
     try:
         store = open_store(target)
         try:
-            status = gather(store, target, cfg.schema_settings(), cfg.storage.resolved_spool())
+            status = gather(store, target, cfg.schema_settings(), _spool_of(cfg, dsn))
         finally:
             store.close()
     except DiscoveryError as e:
@@ -385,6 +385,16 @@ def db_status(config: Optional[str] = ConfigOpt,
     else:
         for line in render(status):
             typer.echo(line)
+
+
+def _spool_of(cfg: GatewayConfig, dsn: Optional[str]) -> str:
+    """The spool directory beside the store a command reads: the config's, or for `--dsn chdb://DIR/clickhouse`
+    the gateway's default beside it (DIR/spool)."""
+    from exporters.store import chdb_path, is_embedded  # noqa: PLC0415
+
+    if dsn and is_embedded(dsn) and chdb_path(dsn) != ":memory:":
+        return os.path.join(os.path.dirname(chdb_path(dsn)), "spool")
+    return cfg.storage.resolved_spool()
 
 
 @db_app.command("migrate")

@@ -274,6 +274,12 @@ def test_after_a_sigkill_the_cli_names_the_calls_not_stored_yet_and_a_restart_st
     status = tagway("db", "status", "--json", config=config, verbose=False)
     assert status.returncode == 0, status.stderr
     assert jout(status)["spool"]["unsent"] == 5 and jout(status)["access"] == "opened directly"
+    elsewhere = tmp_path / "elsewhere"  # --dsn from another directory: the spool beside that store is read
+    elsewhere.mkdir()
+    by_dsn = subprocess.run([sys.executable, "-m", "gateway.cli", "db", "status", "--json", "--dsn",
+                             f"chdb://{tmp_path / 'data' / 'clickhouse'}"], capture_output=True, text=True,
+                            timeout=120, env=ENV, cwd=elsewhere)
+    assert by_dsn.returncode == 0 and jout(by_dsn)["spool"]["unsent"] == 5, by_dsn.stderr
     gw = start_gateway(write_config(tmp_path, upstream, port, name="again.yaml"), port)  # recovers the log
     gw.send_signal(signal.SIGTERM)
     gw.wait(60)
