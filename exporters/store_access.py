@@ -26,10 +26,25 @@ from .remote_store import RemoteStore, StoreAccessDenied, StoreGoneError
 from .spool import unsent_spans
 from .store import LOCK_FILE, Store, StoreLockedError, connect
 
-__all__ = ["open_store", "verbose_enabled", "reannounced", "REANNOUNCE_WAIT_SECONDS"]
+__all__ = ["open_store", "verbose_enabled", "reannounced", "REANNOUNCE_WAIT_SECONDS", "missing_store", "spool_beside"]
 
 LOCK_WAIT_SECONDS = 10.0
 REANNOUNCE_WAIT_SECONDS = 3.0  # a serving gateway checks its discovery file every 2 s
+
+
+def missing_store(dsn: str) -> str | None:
+    """The one-line problem when an embedded DSN names a directory with no store yet (a command that only reads must
+    not create one), else None."""
+    directory = discovery.store_dir(dsn)
+    if directory is not None and not os.path.isdir(directory):
+        return f"no tagway store at {directory}: start the gateway once, or pass --dsn / --config"
+    return None
+
+
+def spool_beside(store_dir: str) -> str:
+    """The spool a gateway keeps beside its embedded store when storage.spool_dir is not set: <data_dir>/spool for
+    the store <data_dir>/clickhouse (gateway/config.py)."""
+    return os.path.join(os.path.dirname(store_dir), "spool")
 
 
 def verbose_enabled() -> bool:
@@ -94,8 +109,7 @@ def open_store(dsn: str, *, verbose: bool | None = None, say: Callable[[str], No
     if ann is not None:
         # we hold the store lock now, so no gateway serves it: the file is certainly stale
         discovery.withdraw(ann)
-    _say_unsent(ann.spool if ann is not None and ann.spool else os.path.join(os.path.dirname(directory), "spool"),
-                say)
+    _say_unsent(ann.spool if ann is not None and ann.spool else spool_beside(directory), say)
     if verbose:
         say(f"store: opened directly ({directory})")
     return store

@@ -358,16 +358,15 @@ def db_status(config: Optional[str] = ConfigOpt,
     from exporters.discovery import DiscoveryError  # noqa: PLC0415
     from exporters.remote_store import StoreGoneError  # noqa: PLC0415
     from exporters.store import StoreError  # noqa: PLC0415
-    from exporters.store_access import open_store  # noqa: PLC0415
+    from exporters.store_access import missing_store, open_store  # noqa: PLC0415
 
     from .db_status import gather, render  # noqa: PLC0415
 
-    from exporters.store import chdb_path, is_embedded  # noqa: PLC0415
-
     cfg = _load(config)
     target = dsn or cfg.storage.resolved_dsn()
-    if is_embedded(target) and chdb_path(target) != ":memory:" and not os.path.isdir(chdb_path(target)):
-        raise fail(f"no tagway store at {chdb_path(target)}: start the gateway once, or pass --dsn / --config")
+    missing = missing_store(target)
+    if missing:
+        raise fail(missing)
     try:
         store = open_store(target)
         try:
@@ -390,11 +389,11 @@ def db_status(config: Optional[str] = ConfigOpt,
 def _spool_of(cfg: GatewayConfig, dsn: Optional[str]) -> str:
     """The spool directory beside the store a command reads: the config's, or for `--dsn chdb://DIR/clickhouse`
     the gateway's default beside it (DIR/spool)."""
-    from exporters.store import chdb_path, is_embedded  # noqa: PLC0415
+    from exporters.discovery import store_dir  # noqa: PLC0415
+    from exporters.store_access import spool_beside  # noqa: PLC0415
 
-    if dsn and is_embedded(dsn) and chdb_path(dsn) != ":memory:":
-        return os.path.join(os.path.dirname(chdb_path(dsn)), "spool")
-    return cfg.storage.resolved_spool()
+    directory = store_dir(dsn) if dsn else None
+    return spool_beside(directory) if directory is not None else cfg.storage.resolved_spool()
 
 
 @db_app.command("migrate")

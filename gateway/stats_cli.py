@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import os
 import sys
 from typing import Annotated, Any, Callable, Optional
 
@@ -24,8 +23,8 @@ from exporters.dsn import DsnConfigError, default_dsn as _default_dsn, resolve_d
 from exporters.dirlock import holder_pid
 from exporters.discovery import DiscoveryError
 from exporters.remote_store import StoreGoneError
-from exporters.store import LOCK_FILE, DsnError, Store, StoreError, StoreLockedError, chdb_path, is_embedded, redact_dsn
-from exporters.store_access import open_store
+from exporters.store import LOCK_FILE, DsnError, Store, StoreError, StoreLockedError, chdb_path, redact_dsn
+from exporters.store_access import missing_store, open_store
 from exporters.vocabulary import COLUMNS, NON_PRODUCTION_SOURCES
 
 from exporters.tables import Col, Row, fit_table, hidden_notice
@@ -100,10 +99,9 @@ def default_dsn() -> str:
 
 
 def _open_store(dsn: str) -> Store:
-    if is_embedded(dsn):
-        path = chdb_path(dsn)
-        if path != ":memory:" and not os.path.isdir(path):
-            raise _CliError(f"no tagway store at {path}: start the gateway once, or pass --dsn / --config")
+    missing = missing_store(dsn)
+    if missing:
+        raise _CliError(missing)
     # the driver logs a connection failure as a warning before raising it: the error line below says it once
     logging.getLogger("clickhouse_connect").setLevel(logging.ERROR)
     try:
