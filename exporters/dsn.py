@@ -14,11 +14,12 @@ import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 from .yamlfile import YamlFileError, load_mapping
 
 __all__ = ["DsnConfigError", "ResolvedDsn", "resolve_dsn", "embedded_dsn", "default_dsn", "DEFAULT_DATA_DIR",
-           "STORAGE_KEYS", "anchor_storage_paths"]
+           "STORAGE_KEYS", "anchor_storage_paths", "is_http_url"]
 
 DEFAULT_DATA_DIR = os.path.join(".", "tagway-data")
 STORAGE_KEYS = frozenset({"data_dir", "dsn", "spool_dir", "database", "cluster", "ttl_days", "query_concurrency",
@@ -38,6 +39,12 @@ class ResolvedDsn:
     dsn: str
     database: str = ""
     source: str = "default"  # flag | env | config | default
+
+
+def is_http_url(url: str) -> bool:
+    """An http:// or https:// URL with a host: what a model's base_url and replay's --gateway must be."""
+    parts = urlsplit(url)
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 def embedded_dsn(data_dir: str | os.PathLike[str]) -> str:

@@ -7,12 +7,11 @@ import re
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from exporters.dsn import anchor_storage_paths, embedded_dsn
+from exporters.dsn import anchor_storage_paths, embedded_dsn, is_http_url
 from exporters.vocabulary import PRODUCTION_SOURCE, TAG_KEY_RE
 from exporters.yamlfile import YamlFileError, load_mapping
 
@@ -334,7 +333,7 @@ class GatewayConfig(BaseSettings):
                     problems.append(f"models[{i}] ({m.name}).fallbacks: a model cannot fall back to itself")
             if m.provider == "mock":
                 continue
-            if m.base_url is not None and not _http_url(m.base_url):
+            if m.base_url is not None and not is_http_url(m.base_url):
                 problems.append(f"models[{i}] ({m.name}).base_url: {m.base_url!r} is not an http(s) URL, e.g. "
                                 "http://10.0.0.5:8000/v1")
             if m.provider == "azure" and not (m.base_url and m.api_version):
@@ -401,11 +400,6 @@ class GatewayConfig(BaseSettings):
 
     def tenant(self, customer: str) -> TenantConfig | None:
         return next((t for t in self.tenants if t.customer == customer), None)
-
-
-def _http_url(url: str) -> bool:
-    parts = urlsplit(url)
-    return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 def _format_errors(e: ValidationError, path: str | os.PathLike | None = None,

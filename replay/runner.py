@@ -18,12 +18,12 @@ import re
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Sequence
-from urllib.parse import urlsplit
 
 import httpx
 import orjson
 
 from exporters import anthropic_format, responses_format
+from exporters.dsn import is_http_url
 from exporters.responses_format import API_MARK
 from exporters.vocabulary import JUDGE_SOURCE, REPLAY_SOURCE
 
@@ -525,11 +525,6 @@ def _fast_transport(limits: httpx.Limits) -> httpx.AsyncBaseTransport | None:
     return AiohttpTransport(limits=limits)
 
 
-def _http_url(url: str) -> bool:
-    parts = urlsplit(url)
-    return parts.scheme in ("http", "https") and bool(parts.hostname)
-
-
 @contextlib.asynccontextmanager
 async def gateway_client(*, base_url: str | None = None, transport: httpx.AsyncBaseTransport | None = None,
                          in_process: bool = False, app_ref: str = GATEWAY_APP, app_config: str | Path | None = None,
@@ -547,7 +542,7 @@ async def gateway_client(*, base_url: str | None = None, transport: httpx.AsyncB
         return
     if not base_url and transport is None:
         raise FatalRunError("no gateway: pass --gateway URL (or env TAGWAY_GATEWAY_URL), or --in-process")
-    if base_url and not _http_url(base_url):
+    if base_url and not is_http_url(base_url):
         raise FatalRunError(f"--gateway {base_url!r} is not an http(s) URL, e.g. http://127.0.0.1:4000")
     if transport is None:
         transport = _fast_transport(limits)
