@@ -107,9 +107,12 @@ def _resource(resource: Resource) -> tuple[orjson.Fragment, str]:
 
 
 def _span_attributes(span: ReadableSpan) -> Mapping[str, Any]:
-    # `ReadableSpan.attributes` wraps a `BoundedAttributes` (a Python-level MutableMapping) in a MappingProxy:
-    # iterating that costs ~2x the conversion itself. Read the plain dict underneath when it is there.
+    # `ReadableSpan.attributes` wraps the attributes in a MappingProxy, and an SDK span's are a `BoundedAttributes`
+    # (a Python-level MutableMapping): iterating those costs ~2x the conversion itself. Read the plain dict: the
+    # gateway's call spans hold one (gateway/telemetry.py), SDK spans one underneath.
     raw = getattr(span, "_attributes", None)
+    if type(raw) is dict:
+        return raw
     d = getattr(raw, "_dict", None)
     return d if type(d) is dict else span.attributes
 

@@ -22,7 +22,6 @@ from typing import Any
 import aiohttp
 import orjson
 
-from exporters import semconv as sc
 
 from .auth import CREDENTIAL_HEADERS, KeyRing, duplicate_header
 from .call import Call, ClientGone
@@ -34,7 +33,7 @@ from .providers import ProviderRegistry, UpstreamFailure, kind_of
 from .redact import Redactor
 from .routes_table import Route, strip_version
 from .tags import check_header, resolve_tags
-from .telemetry import CallRecord, finish_call_span, start_call_span
+from .telemetry import CallRecord, CallSpans
 
 __all__ = ["Passthrough"]
 
@@ -49,7 +48,7 @@ class Passthrough:
     def __init__(self, *, config: GatewayConfig, keyring: KeyRing, providers: ProviderRegistry, routes: ModelRoutes,
                  tracer: Any, redactor: Redactor) -> None:
         self.config, self.keyring, self.providers, self.routes = config, keyring, providers, routes
-        self.tracer, self.redactor = tracer, redactor
+        self.spans, self.redactor = CallSpans(tracer), redactor
         self._forward_headers = HeaderFilter(config.api.forward_headers)
         self._return_headers = HeaderFilter(config.api.return_headers)
         self._max_body = config.server.max_body_bytes
@@ -62,10 +61,10 @@ class Passthrough:
     async def __call__(self, scope: dict, receive: Any, send: Any, route: Route, params: dict[str, str]) -> None:
         start_ns, t0 = time.time_ns(), time.perf_counter()
         rec = CallRecord(operation=route.operation, source=self.config.recording.source, start_ns=start_ns,
-                         api=route.api)
+                         api=route.api, output_type=route.output_type or "")
         call = Call((route.operation, scope["path"]), scope, receive, send, rec)
-        span = start_call_span(self.tracer, rec.operation, start_ns, call.traceparent)
-        call.trace_id = b"%032x" % span.get_span_context().trace_id
+        ids = self.spans.begin(call.traceparent)
+        call.trace_id = ids.header
         self.calls += 1
         try:
             await self._handle(call, scope, route, params)
@@ -90,9 +89,7 @@ class Passthrough:
                                                       code="internal_error"))
         finally:
             try:
-                if route.output_type:
-                    span.set_attribute(sc.OUTPUT_TYPE, route.output_type)
-                finish_call_span(self.tracer, span, rec, start_ns, start_ns + int((time.perf_counter() - t0) * 1e9))
+                self.spans.finish(ids, rec, start_ns, start_ns + int((time.perf_counter() - t0) * 1e9))
             except Exception:
                 log.exception("could not record call")
 

@@ -16,9 +16,6 @@ from typing import Any
 
 import orjson
 from opentelemetry import trace
-from opentelemetry.context import Context
-from opentelemetry.trace import Link, SpanKind
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from exporters import semconv as sc
 from exporters.vocabulary import NON_PRODUCTION_SOURCES, REPLAY_SOURCE, SHADOW_SOURCE
@@ -41,7 +38,7 @@ from .routing import body_for
 from .shadow import ShadowDispatcher, ShadowJob
 from .tags import check_header, normalise, resolve_tags
 from .observe import CallObserver
-from .telemetry import CallRecord, finish_call_span
+from .telemetry import CallRecord, CallSpans, SpanIds
 from .wire_formats import API_NAMES, SEMCONV_OPERATION, WIRES, WireStreamRelay
 
 __all__ = ["Proxy", "HOT_ROUTES", "ProxyStats"]
@@ -62,17 +59,10 @@ HOT_ROUTES: dict[str, tuple[str, str]] = {
 }
 _SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                 (b"x-accel-buffering", b"no")]
-_PROPAGATOR = TraceContextTextMapPropagator()
-_ROOT = Context()  # an empty context: start a new trace
 # captured content up to this size (request + response bytes) is redacted inline; above it, on a worker thread
 CAPTURE_INLINE_BYTES = 64 * 1024
 _REPLAY_HEADERS = (("replay-run-id", sc.REPLAY_RUN_ID), ("replay-candidate", sc.REPLAY_CANDIDATE),
                    ("replay-case-id", sc.REPLAY_CASE_ID))
-
-
-def _caller_link(traceparent: str) -> list[Link] | None:
-    ctx = trace.get_current_span(_PROPAGATOR.extract({"traceparent": traceparent})).get_span_context()
-    return [Link(ctx, {"tagway.link": "caller"})] if ctx.is_valid else None
 
 
 async def _discard(message: dict) -> None:
@@ -107,7 +97,7 @@ class Proxy(WireStreamRelay):
         self.limits = limits if limits is not None else CallLimits()
         self.keyring = keyring
         self.providers = providers
-        self.tracer = tracer
+        self.spans = CallSpans(tracer)
         self.pricing = pricing
         self.redactor = redactor
         self.stats = ProxyStats()
@@ -140,12 +130,8 @@ class Proxy(WireStreamRelay):
         call = Call(route, scope, receive, send, rec)
         if self._forward_headers:
             call.forward_headers = self._forward_headers.pick(scope["headers"])
-        # Every call is the root of its own trace, so its trace id names exactly one call (the response header,
-        # `tagway show`, replay case ids). A caller's trace is linked, not adopted as parent.
-        links = _caller_link(call.traceparent) if call.traceparent else None
-        span = self.tracer.start_span(rec.operation, context=_ROOT, kind=SpanKind.CLIENT, start_time=start_ns,
-                                      links=links)
-        call.trace_id = b"%032x" % span.get_span_context().trace_id
+        ids = self.spans.begin(call.traceparent)  # a trace of its own; a caller's trace is linked
+        call.trace_id = ids.header
         self.stats.in_flight += 1
         reraise: BaseException | None = None
         try:
@@ -184,8 +170,8 @@ class Proxy(WireStreamRelay):
         if call.limited:  # tokens and cost count against the limits the call was admitted under
             self.limits.finish(call.limited, (rec.input_tokens or 0) + (rec.output_tokens or 0), rec.cost_usd or 0.0)
         self.recent.add(call.trace_id, rec.customer, rec.key_id)
-        self._record(span, rec, start_ns, t0)
-        self.observe(rec, span.get_span_context().trace_id, time.perf_counter() - t0)  # metrics, access log
+        self._record(ids, rec, start_ns, t0)
+        self.observe(rec, ids.trace_id, time.perf_counter() - t0)  # metrics, access log
         if reraise is not None:
             raise reraise
         if self.shadow is not None:  # the client has its answer: a sampled copy is queued, never awaited
@@ -211,8 +197,8 @@ class Proxy(WireStreamRelay):
         call = Call(job.route, {"headers": ()}, None, _discard, rec)
         call.principal, call.tenant, call.capture = job.principal, job.tenant, job.capture
         call.payload, call.body, call.forward_headers = payload, orjson.dumps(payload), job.forward_headers
-        span = self.tracer.start_span(rec.operation, context=_ROOT, kind=SpanKind.CLIENT, start_time=start_ns)
-        call.trace_id = b"%032x" % span.get_span_context().trace_id
+        ids = self.spans.begin()
+        call.trace_id = ids.header
         reraise: BaseException | None = None
         try:
             deployment = self.routes.resolve(job.model)
@@ -229,14 +215,14 @@ class Proxy(WireStreamRelay):
             rec.fail("internal_error", type(e).__name__, 500)
         if call.capture and reraise is None:
             await self._capture(call, inline=False)
-        self._record(span, rec, start_ns, t0)
+        self._record(ids, rec, start_ns, t0)
         if reraise is not None:
             raise reraise
         return not rec.error_type
 
-    def _record(self, span: Any, rec: CallRecord, start_ns: int, t0: float) -> None:
+    def _record(self, ids: SpanIds, rec: CallRecord, start_ns: int, t0: float) -> None:
         try:
-            finish_call_span(self.tracer, span, rec, start_ns, start_ns + int((time.perf_counter() - t0) * 1e9))
+            self.spans.finish(ids, rec, start_ns, start_ns + int((time.perf_counter() - t0) * 1e9))
         except Exception:  # recording never fails a request; the counter makes the failure visible
             self.stats.record_failures += 1
             log.exception("could not record a %s call", rec.source)
