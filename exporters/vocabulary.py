@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import re
 from typing import Any, Iterable
 
@@ -72,7 +73,18 @@ def normalise(value: str) -> str:
     """Lower-case, and every run of characters outside [a-z0-9_.-] becomes one '_' ('Refund Flow' -> 'refund_flow'):
     how the gateway records names and tag values, and so how filters on them are read."""
     # bounded work whatever the input's size: a 1 MB value costs what 512 characters cost
-    return _NOT_NORMAL.sub("_", value[:4 * NORMALISED_LEN].strip().lower()).strip("_")[:NORMALISED_LEN]
+    value = value[:4 * NORMALISED_LEN]
+    # A gateway normalises the same few intents, versions and tag values on every call (~7 a call): remembered,
+    # each is one lookup instead of four string passes and a regex (~2.5 us -> ~0.1 us).
+    return _normalise_cached(value) if len(value) <= _CACHED_LEN else _normalise(value)
+
+
+def _normalise(value: str) -> str:
+    return _NOT_NORMAL.sub("_", value.strip().lower()).strip("_")[:NORMALISED_LEN]
+
+
+_CACHED_LEN = 160  # longer values are rare (free text in metadata) and not kept: the cache holds <= ~1 MB
+_normalise_cached = functools.lru_cache(maxsize=4096)(_normalise)
 
 
 def normalise_tag_key(key: str) -> str:
