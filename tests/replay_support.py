@@ -105,7 +105,8 @@ def call_span(*, customer: str, intent: str, user: str, answer: str, model: str 
              sc.RESPONSE_MODEL: model, sc.PROVIDER: "openai", sc.CUSTOMER: customer, sc.INTENT: intent,
              sc.PROMPT_VERSION: prompt_version, sc.SOURCE: source, sc.COST_USD: str(cost),
              sc.INPUT_TOKENS: str(input_tokens), sc.OUTPUT_TOKENS: str(len(answer.split())), sc.REQUEST_STREAM: "false",
-             sc.REQUEST_PARAMS: orjson.dumps(params or {"temperature": 0.7}).decode(), sc.HTTP_STATUS: "200"}
+             sc.REQUEST_PARAMS: orjson.dumps(params or {"temperature": 0.7}).decode(), sc.HTTP_STATUS: "200",
+             sc.ATTEMPTS: "1"}
     for k, v in (tags or {}).items():
         attrs[sc.TAG_PREFIX + k] = v
     if capture:

@@ -258,11 +258,19 @@ def test_datasets_from_complaints_to_locks_and_the_coverage_map(gw):
         (True, "down", "support", "acme-k")]
 
     # -- the coverage map -------------------------------------------------------------------------------------------
+    # a call refused before any model was tried (a wrong key: recorded, as an error without customer or intent)
+    # is no model behaviour a case could cover: neither a slice nor a gap
+    refused = httpx.post(f"{gw.url}/v1/chat/completions", headers={"Authorization": "Bearer tw-not-a-key"},
+                         json={"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]})
+    assert refused.status_code == 401
+    code, out, err = tagway(gw, "errors", "--since", "1h", "--json")
+    assert code == 0 and 401 in [s for g in jout(out)["errors"] for s in g["http_statuses"]], out  # it is recorded
     code, out, err = tagway(gw, "coverage", "--by", "customer", "--by", "intent", "--dataset", "refunds", "--since",
                             "1h", "--json")
     assert code == 0, err
     cov = jout(out)
     assert cov["datasets"] == ["refunds@3"] and cov["gaps"] == 2
+    assert all(s["key"]["customer"] for s in cov["slices"]), cov["slices"]  # the refused call is in no slice
     got = [(s["key"]["customer"], s["key"]["intent"], s["calls"], s["errors"], s["complaints"], s["cases"], s["gap"])
            for s in cov["slices"]]
     assert got[:2] == [("globex", "billing", 3, 3, 0, 0, True),  # 3 failures, no case: the worst gap
