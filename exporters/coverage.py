@@ -2,7 +2,8 @@
 slice (any vocabulary columns and tags), its calls, failure rate and complaint rate over a window beside the dataset
 cases that cover it (the latest versions of the named datasets, or of all) and their target; a slice with failures
 or complaints but fewer cases than its target (or none) is a gap. Worst gaps first: gaps, then by the calls that
-went wrong (errors + complaints), then by volume. Only calls that reached a model count (`REACHED_A_MODEL`). `tagway coverage` and `GET /admin/coverage` both answer from here.
+went wrong (errors + complaints), then by volume. Only calls that reached a model count (`REACHED_A_MODEL`).
+`tagway coverage` and `GET /admin/coverage` both answer from here.
 
 A dataset target applies to a slice when it names exactly the slice's dimensions with its values
 (`intent=refund,tag.tier=enterprise: 30` for `--by intent --by tag.tier`); several datasets: the largest target.

@@ -6,9 +6,11 @@ the call ends, builds the finished span as the SDK's own `ReadableSpan` and hand
 (`Tracer.span_processor`): the record the SDK's `Span.end()` would hand over, without its mutable life in between.
 That life cost the event loop ~20 us a call (a lock, a `BoundedAttributes`, `set_attributes` validating each of ~30
 attributes the gateway itself had just built from typed fields): 25.7 -> 5.7 us in bench/hot_path_bench.py, where
-the gateway's whole work on a call was ~90 us. What it leaves out: processors' `on_start` (ours have none; a call span is only ever read whole)
-and the sampler (every call is recorded, so the call span is always sampled: `ALWAYS_ON` in exporters/recording.py).
-Attempt spans are built the same way from their recorded times: a call served on the first try pays for none.
+the gateway's whole work on a call was ~90 us. What it leaves out: processors' `on_start` (ours have none; a call
+span is only ever read whole), the sampler (every call is recorded, so a call span is always sampled, as `ALWAYS_ON`
+in exporters/recording.py decides) and the SDK's attribute limits (a call span has ~40 attributes and at most 64
+tags; exporters/recording.py allows 256). Attempt spans are built the same way from their recorded times: a call
+served on the first try pays for none.
 """
 from __future__ import annotations
 
@@ -220,7 +222,7 @@ class CallSpans:
     def __init__(self, tracer: trace.Tracer) -> None:
         processor = getattr(tracer, "span_processor", None)
         if processor is None:
-            raise TypeError(f"calls are recorded through a tracer of the OpenTelemetry SDK, not {type(tracer).__name__}")
+            raise TypeError(f"calls are recorded through an OpenTelemetry SDK tracer, not {type(tracer).__name__}")
         self._on_end = processor.on_end
         self._resource = tracer.resource
         ids = tracer.id_generator
