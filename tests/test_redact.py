@@ -85,6 +85,20 @@ def test_a_structure_cleared_in_one_test_is_what_the_walk_gives(obj):
     assert B.deep(obj) == walk.deep(obj)
 
 
+@pytest.mark.parametrize("text, redacted", [
+    ("mail bob@x.io", "mail [REDACTED:email]"),
+    ("card 4222222222222", "card [REDACTED:card]"),  # exactly 13 digits: the least the card pre-check lets through
+    ("key tw-abcdefghijklmnopqrst", "key [REDACTED:secret]"),
+    ("key SK-abcdefghijklmnopqrst", "key [REDACTED:secret]"),
+    ("é: bearer abcdefghijklmnopqrst", "é: [REDACTED:secret]"),  # not ASCII: the text is case-folded
+])
+def test_each_pre_check_alone_sends_a_structure_to_redaction(text, redacted):
+    """A secret that passes exactly one rule's pre-check: that pre-check on the structure's JSON text must see it
+    (a weakened one would store the secret)."""
+    msg = [{"role": "user", "parts": [{"type": "text", "content": text}]}]
+    assert B.deep(msg) == [{"role": "user", "parts": [{"type": "text", "content": redacted}]}]
+
+
 def test_cleared_structures_are_returned_as_they_are_and_the_rest_redacted():
     quiet = [{"role": "user", "parts": [{"type": "text", "content": "Where is my refund for order 1234?"}]}]
     assert B.deep(quiet) is quiet  # nothing to redact, nothing to cut: not even copied
