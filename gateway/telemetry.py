@@ -8,9 +8,11 @@ That life cost the event loop ~20 us a call (a lock, a `BoundedAttributes`, `set
 attributes the gateway itself had just built from typed fields): 25.7 -> 5.7 us in bench/hot_path_bench.py, where
 the gateway's whole work on a call was ~90 us. What it leaves out: processors' `on_start` (ours have none; a call
 span is only ever read whole), the sampler (every call is recorded, so a call span is always sampled, as `ALWAYS_ON`
-in exporters/recording.py decides) and the SDK's attribute limits (a call span has ~40 attributes and at most 64
-tags; exporters/recording.py allows 256). Attempt spans are built the same way from their recorded times: a call
-served on the first try pays for none.
+in exporters/recording.py decides) and the SDK's attribute limits, counts and lengths alike, including
+OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT: a call span has ~40 attributes and at most 64 tags, tagway caps captured content
+itself (recording.capture_max_chars) and a length limit would cut a content attribute's JSON into something no
+reader can parse. Attempt spans are built the same way from their recorded times: a call served on the first try
+pays for none.
 """
 from __future__ import annotations
 
@@ -29,7 +31,6 @@ from exporters import semconv as sc
 __all__ = ["CallRecord", "Attempt", "CallSpans", "SpanIds"]
 
 _PROPAGATOR = TraceContextTextMapPropagator()
-_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _OK = Status(StatusCode.UNSET)
 
 
@@ -227,8 +228,13 @@ class CallSpans:
         self._resource = tracer.resource
         ids = tracer.id_generator
         self._trace_id, self._span_id = ids.generate_trace_id, ids.generate_span_id
+        # the flags the SDK's start_span gives a sampled span of a random trace id (W3C trace context level 2)
+        self._flags = TraceFlags(TraceFlags.SAMPLED | (TraceFlags.RANDOM_TRACE_ID if ids.is_trace_id_random() else 0))
         info = tracer.instrumentation_info
-        self._scope = InstrumentationScope(info.name, info.version, info.schema_url)
+        self._info = info
+        # the tracer's own scope (with any attributes) where the SDK keeps it; else the same name and version
+        self._scope = getattr(tracer, "_instrumentation_scope", None) or InstrumentationScope(
+            info.name, info.version, info.schema_url)
 
     def begin(self, traceparent: str | None = None) -> SpanIds:
         links: tuple[Link, ...] = ()
@@ -240,7 +246,7 @@ class CallSpans:
 
     def finish(self, ids: SpanIds, r: CallRecord, start_ns: int, end_ns: int) -> None:
         """Hand the call's finished span (and its attempts', when there were several) to the span processor."""
-        ctx = SpanContext(ids.trace_id, ids.span_id, False, _SAMPLED)
+        ctx = SpanContext(ids.trace_id, ids.span_id, False, self._flags)
         attempts = r.attempts
         if len(attempts) > 1:  # children end first, as they would have in a live trace
             for i, at in enumerate(attempts):
@@ -248,8 +254,8 @@ class CallSpans:
         status = Status(StatusCode.ERROR, r.error_message[:500] or r.error_type) if r.error_type else _OK
         self._on_end(ReadableSpan(
             span_name(r), ctx, resource=self._resource, attributes=call_attributes(r, (end_ns - start_ns) / 1e6),
-            links=ids.links, kind=SpanKind.CLIENT, status=status, start_time=start_ns, end_time=end_ns,
-            instrumentation_scope=self._scope))
+            links=ids.links, kind=SpanKind.CLIENT, instrumentation_info=self._info, status=status, start_time=start_ns,
+            end_time=end_ns, instrumentation_scope=self._scope))
 
     def _attempt(self, parent: SpanContext, r: CallRecord, at: Attempt, n: int, end_ns: int) -> None:
         attrs: dict[str, Any] = {sc.KIND: "attempt", sc.OPERATION: r.operation, sc.REQUEST_MODEL: at.model,
@@ -261,8 +267,8 @@ class CallSpans:
             attrs[sc.HTTP_STATUS] = at.status
         if at.error_type:
             attrs[sc.ERROR_TYPE] = at.error_type
-        ctx = SpanContext(parent.trace_id, self._span_id(), False, _SAMPLED)
+        ctx = SpanContext(parent.trace_id, self._span_id(), False, self._flags)
         self._on_end(ReadableSpan(
             f"{r.operation} {at.model}", ctx, parent, resource=self._resource, attributes=attrs, kind=SpanKind.CLIENT,
-            status=Status(StatusCode.ERROR, at.error_type) if at.error_type else _OK, start_time=at.start_ns,
-            end_time=at.end_ns or end_ns, instrumentation_scope=self._scope))
+            instrumentation_info=self._info, status=Status(StatusCode.ERROR, at.error_type) if at.error_type else _OK,
+            start_time=at.start_ns, end_time=at.end_ns or end_ns, instrumentation_scope=self._scope))

@@ -1,0 +1,102 @@
+"""gateway/telemetry.CallSpans builds each call's finished span itself instead of living through the SDK's
+start_span / set_attributes / end. Whatever reads spans (the exporter's rows, an added OTLP exporter, the tests'
+in-memory exporter) must get what the SDK's own lifecycle gives for the same call: compared here field by field,
+with the same ids, on a call with a caller's traceparent, a failed fallback attempt and an error."""
+from __future__ import annotations
+
+import orjson
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.id_generator import IdGenerator
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from exporters.recording import _provider, _tracer
+from exporters.rows import span_to_row
+from gateway.telemetry import Attempt, CallRecord, CallSpans, call_attributes, span_name
+
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+START, END = 1_700_000_000_000_000_000, 1_700_000_000_900_000_000
+
+
+class FixedIds(IdGenerator):
+    """The same trace and span ids in both worlds."""
+
+    def __init__(self) -> None:
+        self.span = 0x10
+
+    def generate_trace_id(self) -> int:
+        return 0x1234ABCD
+
+    def generate_span_id(self) -> int:
+        self.span += 1
+        return self.span
+
+    def is_trace_id_random(self) -> bool:
+        return True
+
+
+def world():
+    provider = _provider("tagway", {"deployment.environment": "test"})
+    provider.id_generator = FixedIds()
+    spans = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    return _tracer(provider), spans
+
+
+def record() -> CallRecord:
+    r = CallRecord(operation="chat", start_ns=START, requested_model="gpt", customer="acme", intent="refund",
+                   tags={"tier": "pro"}, finish_reasons=["stop"], input_tokens=12, output_tokens=3, cost_usd=1e-5,
+                   temperature=0.2, input_messages=[{"role": "user", "parts": [{"type": "text", "content": "hi"}]}])
+    r.attempts.append(Attempt("a", "openai", "m-a", START + 100, START + 200, "http_503", 503, "up-a"))
+    r.attempts.append(Attempt("b", "openai", "m-b", START + 300))
+    r.fail("upstream_error", "boom", 502)
+    return r
+
+
+def the_sdk_way(tracer: trace.Tracer, r: CallRecord) -> None:
+    """The SDK's own lifecycle of one call, as the gateway stamped calls before CallSpans."""
+    ctx = trace.get_current_span(TraceContextTextMapPropagator().extract({"traceparent": TRACEPARENT}))
+    span = tracer.start_span(r.operation, context=Context(), kind=SpanKind.CLIENT, start_time=START,
+                             links=[Link(ctx.get_span_context(), {"tagway.link": "caller"})])
+    span.update_name(span_name(r))
+    span.set_attributes(call_attributes(r, (END - START) / 1e6))
+    span.set_status(Status(StatusCode.ERROR, r.error_message))
+    parent = trace.set_span_in_context(span)
+    for i, at in enumerate(r.attempts):
+        attrs = {"tagway.kind": "attempt", "gen_ai.operation.name": r.operation, "gen_ai.request.model": at.model,
+                 "gen_ai.provider.name": at.provider, "tagway.deployment": at.deployment,
+                 "tagway.model.requested": r.requested_model, "tagway.attempt": i + 1}
+        attrs.update({"server.address": at.server_address} if at.server_address else {})
+        attrs.update({"http.response.status_code": at.status} if at.status else {})
+        attrs.update({"error.type": at.error_type} if at.error_type else {})
+        child = tracer.start_span(f"{r.operation} {at.model}", context=parent, kind=SpanKind.CLIENT,
+                                  start_time=at.start_ns, attributes=attrs)
+        if at.error_type:
+            child.set_status(Status(StatusCode.ERROR, at.error_type))
+        child.end(end_time=at.end_ns or END)
+    span.end(end_time=END)
+
+
+def test_call_spans_hand_the_processor_what_the_sdk_would():
+    sdk_tracer, sdk_spans = world()
+    the_sdk_way(sdk_tracer, record())
+    tracer, spans = world()
+    calls = CallSpans(tracer)
+    ids = calls.begin(TRACEPARENT)
+    assert ids.header == b"%032x" % 0x1234ABCD
+    calls.finish(ids, record(), START, END)
+    want, got = sdk_spans.get_finished_spans(), spans.get_finished_spans()
+    assert [s.name for s in got] == [s.name for s in want] == ["chat m-a", "chat m-b", "chat gpt"]
+    for w, g in zip(want, got):
+        assert orjson.loads(g.to_json()) == orjson.loads(w.to_json())  # ids, parent, kind, times, status, attrs...
+        assert g.context.trace_flags == w.context.trace_flags and g.context.trace_flags.sampled
+        assert (g.parent and g.parent.trace_flags) == (w.parent and w.parent.trace_flags)
+        assert g.instrumentation_scope == w.instrumentation_scope and g.instrumentation_info == w.instrumentation_info
+        assert dict(g.attributes) == dict(w.attributes)
+        assert [type(v) for v in g.attributes.values()] == [type(v) for v in w.attributes.values()]
+        assert orjson.dumps(span_to_row(g)) == orjson.dumps(span_to_row(w))  # the otel_traces row, byte for byte
+    assert got[-1].parent is None and [s.parent.span_id for s in got[:2]] == [got[-1].context.span_id] * 2
+    assert got[-1].links[0].context.trace_id == 0x0AF7651916CD43DD8448EB211C80319C
