@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 from opentelemetry import trace as trace_api
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import SpanLimits, ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, SpanProcessor, Tracer, TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 
 from .clickhouse import ClickHouseSpanExporter
@@ -94,6 +94,8 @@ def start_recording(*, dsn: str, spool_dir: str, schema: SchemaSettings | None =
     """
     if not enabled:
         return disabled_recorder(service_name=service_name, resource_attributes=resource_attributes)
+    provider = _provider(service_name, resource_attributes)
+    tracer = _tracer(provider)  # before anything is opened: it refuses an SDK turned off
     schema = schema if schema is not None else SchemaSettings()
     metrics = ExportMetrics()
     owns_store = store is None
@@ -124,9 +126,8 @@ def start_recording(*, dsn: str, spool_dir: str, schema: SchemaSettings | None =
         if store is not None and owns_store:
             store.close()
         raise
-    provider = _provider(service_name, resource_attributes)
     provider.add_span_processor(processor)
-    return Recorder(tracer_provider=provider, tracer=_tracer(provider), metrics=metrics, processor=processor,
+    return Recorder(tracer_provider=provider, tracer=tracer, metrics=metrics, processor=processor,
                     exporter=exporter, spool=spool, enabled=True)
 
 
@@ -219,8 +220,16 @@ def _provider(service_name: str, resource_attributes: Mapping[str, Any] | None) 
     return TracerProvider(resource=Resource.create(attrs), sampler=ALWAYS_ON, span_limits=limits)
 
 
+class SdkDisabledError(StoreError):
+    """The OpenTelemetry SDK is turned off in this process (OTEL_SDK_DISABLED), so no call could be stamped."""
+
+
 def _tracer(provider: TracerProvider) -> trace_api.Tracer:
-    return provider.get_tracer(SCOPE_NAME, _version() or None)
+    tracer = provider.get_tracer(SCOPE_NAME, _version() or None)
+    if not isinstance(tracer, Tracer):  # what the SDK hands out under OTEL_SDK_DISABLED=true: a no-op tracer
+        raise SdkDisabledError("OTEL_SDK_DISABLED=true turns off the OpenTelemetry SDK, which tagway stamps every "
+                               "call with: unset it for the gateway (recording.enabled: false stops storing calls)")
+    return tracer
 
 
 @functools.cache

@@ -29,8 +29,8 @@ def write_config(tmp_path, port: int, **extra) -> str:
     return str(path)
 
 
-def serve(path: str, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+def serve(path: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", path, *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -116,3 +116,15 @@ def test_busy_port_fails_before_saying_serving(tmp_path):
     assert "serving" not in err and "Traceback" not in err
     assert f"127.0.0.1:{port} is already in use" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_an_sdk_turned_off_by_environment_is_one_line_not_a_gateway_without_trace_ids(tmp_path):
+    """OTEL_SDK_DISABLED=true makes the SDK hand out no-op tracers: every call would go unrecorded under trace id 0.
+    The gateway refuses to start, recording on or off, and says which variable to unset."""
+    for recording in (True, False):
+        path = write_config(tmp_path, free_port(), recording={"enabled": recording})
+        proc = serve(path, env={"OTEL_SDK_DISABLED": "true"})
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 2, err
+        assert "serving" not in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert "OTEL_SDK_DISABLED=true turns off the OpenTelemetry SDK" in err and "unset it" in err
