@@ -2,7 +2,7 @@
 slice (any vocabulary columns and tags), its calls, failure rate and complaint rate over a window beside the dataset
 cases that cover it (the latest versions of the named datasets, or of all) and their target; a slice with failures
 or complaints but fewer cases than its target (or none) is a gap. Worst gaps first: gaps, then by the calls that
-went wrong (errors + complaints), then by volume. Only calls that reached a model count (`REACHED_A_MODEL`).
+went wrong (errors + complaints), then by volume. Only calls that reached an upstream count (`REACHED_UPSTREAM`).
 `tagway coverage` and `GET /admin/coverage` both answer from here.
 
 A dataset target applies to a slice when it names exactly the slice's dimensions with its values
@@ -21,9 +21,10 @@ from .vocabulary import TAG_PREFIX, QueryInputError, parse_filter
 __all__ = ["SliceCoverage", "CoverageMap", "coverage_map", "production_counts", "target_key"]
 
 MAX_SLICES = 10_000
-# Coverage is about what models did: a call the gateway refused before trying any deployment (no key, a bad
-# request, a rate limit) is no model behaviour a dataset case could cover, so it is neither counted nor a gap.
-REACHED_A_MODEL = "attempts > 0"
+# Coverage is about what upstreams did: a call the gateway refused before trying any deployment (no key, a bad
+# request, a rate limit, a budget) is no model behaviour a dataset case could cover, so it is neither counted nor a
+# gap. `tagway stats` counts those calls, so a slice's failure rate there can be higher than on the map.
+REACHED_UPSTREAM = "attempts > 0"
 
 
 @dataclasses.dataclass
@@ -111,7 +112,7 @@ def coverage_map(store: Any, sel: Selection, by: Sequence[str], *, datasets: Seq
             raise QueryInputError(f"no dataset {missing[0]!r} (see `tagway dataset list`)", param="dataset")
     p = _Params()
     dims = [f"{_dim_select(k, p)} AS d{i}" for i, k in enumerate(by)]
-    where = f"{_where(sel, p, sel.window)} AND {REACHED_A_MODEL}"
+    where = f"{_where(sel, p, sel.window)} AND {REACHED_UPSTREAM}"
     since = p.time(sel.window.start)
     group = ", ".join(f"d{i}" for i in range(len(by)))
     complained = f"trace_id IN (SELECT trace_id FROM {feedback_table(database)} WHERE complaint AND Timestamp >= {since})"
@@ -145,7 +146,7 @@ def coverage_map(store: Any, sel: Selection, by: Sequence[str], *, datasets: Seq
 def production_counts(store: Any, sel: Selection, database: str = "") -> dict[str, int]:
     """Calls, errors and complained calls of one selection (a dataset target's slice)."""
     p = _Params()
-    where = f"{_where(sel, p, sel.window)} AND {REACHED_A_MODEL}"
+    where = f"{_where(sel, p, sel.window)} AND {REACHED_UPSTREAM}"
     since = p.time(sel.window.start)
     complained = f"trace_id IN (SELECT trace_id FROM {feedback_table(database)} WHERE complaint AND Timestamp >= {since})"
     r = store.query(f"SELECT count() AS calls, countIf(status = 'error') AS errors, countIf({complained}) AS "

@@ -83,7 +83,7 @@ def _normalise(value: str) -> str:
     return _NOT_NORMAL.sub("_", value.strip().lower()).strip("_")[:NORMALISED_LEN]
 
 
-_CACHED_LEN = 160  # longer values are rare (free text in metadata) and not kept: the cache holds <= ~1 MB
+_CACHED_LEN = 160  # longer values are rare (free text in metadata) and not kept: the cache holds ~2-4 MB at most
 _normalise_cached = functools.lru_cache(maxsize=4096)(_normalise)
 
 

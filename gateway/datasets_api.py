@@ -98,6 +98,8 @@ def build_datasets_router(keyring: KeyRing, get_store: Callable[[], Any], *, dat
 
     @router.get("/admin/coverage", tags=["datasets"])
     def coverage(request: Request) -> Response:
+        """The coverage map (exporters/coverage.py): per slice, the calls that reached an upstream, their failures
+        and complaints, beside the dataset cases covering it; calls the gateway refused itself are not counted."""
         def run() -> Any:
             qp = request.query_params
             unknown = sorted(set(qp.keys()) - COVERAGE_PARAMS)

@@ -449,7 +449,8 @@ def coverage_cmd(by: Optional[List[str]] = typer.Option(None, "--by", help="Slic
                  top: int = typer.Option(50, "--top", help="Slices to show (the JSON has them all)."),
                  as_json: bool = JsonOpt, dsn: Optional[str] = DsnOpt, config: Optional[Path] = ConfigOpt) -> None:
     """Where production fails or complains and the datasets have no (or too few) cases: per slice, calls, failure
-    rate, complaint rate, the cases covering it and their target, gaps first."""
+    rate, complaint rate, the cases covering it and their target, gaps first. Only calls that reached an upstream
+    count: calls the gateway refused itself (a wrong key, a bad request, a rate limit) are in `tagway errors`."""
     from exporters.coverage import coverage_map
     from exporters.queries import make_selection, parse_by
     with _errors():
