@@ -11,7 +11,6 @@ a candidate that breaks the locked case fails the gate although no segment's sta
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 import openai

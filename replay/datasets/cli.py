@@ -178,7 +178,7 @@ def add_cmd(
     where: Optional[List[str]] = typer.Option(None, "--where", help="key=value / key!=value, as tagway stats."),
     since: str = typer.Option("30d", "--since", help="How far back to look (e.g. 7d, 30d)."),
     sample_n: Optional[int] = typer.Option(None, "--sample", help="How many new cases to take (default: all "
-                                           f"that match, up to 10,000)."),
+                                           "that match, up to 10,000)."),
     stratify: str = typer.Option("customer", "--stratify", help="Segment keys (comma separated) to sample by; "
                                  "also each case's segment."),
     min_per_segment: int = typer.Option(0, "--min-per-segment", help="Floor of cases per segment in a sample."),
