@@ -213,9 +213,10 @@ def _provider(service_name: str, resource_attributes: Mapping[str, Any] | None) 
     attrs.update(resource_attributes or {})
     # ALWAYS_ON, not the default ParentBased: a caller's `traceparent` with sampled=0 must not switch recording
     # off, since every call has to be counted.
-    # The SDK's default limit (128 attributes, oldest dropped first, values unbounded by env) would silently cut a
-    # call span's first attributes (tagway.kind, the customer) if a call carried many tags; the gateway caps tags at
-    # 64 and a call span has ~40 attributes of its own, so 256 leaves room and never truncates content values.
+    # The gateway's call spans are built finished and never pass through these limits (gateway/telemetry.CallSpans);
+    # they hold for any span started the SDK's way on this provider. The SDK's default (128 attributes, oldest
+    # dropped first) would silently cut a span's first attributes (tagway.kind, the customer) when it carried many
+    # tags; 256 leaves room for ~40 of a call's own and 64 tags.
     limits = SpanLimits(max_span_attributes=256, max_attribute_length=None)
     return TracerProvider(resource=Resource.create(attrs), sampler=ALWAYS_ON, span_limits=limits)
 
