@@ -206,7 +206,7 @@ def test_one_access_line_per_call_without_secrets_or_content(observed):
     assert [x["status"] for x in lines if x["model"] == "broken"] == [500]
     assert [x["error_type"] for x in lines if x["model"] == "broken"] == ["http_500"]
     text = observed.log.getvalue()
-    for secret in (*KEYS.values(), ADMIN_KEY, UPSTREAM_KEY, "PLUMTREE", "4111", "stream please", "Bearer"):
+    for secret in (*KEYS.values(), ADMIN_KEY, UPSTREAM_KEY, "PLUMTREE", "4111 1111", "stream please", "Bearer"):
         assert secret not in text, f"{secret!r} leaked into the access log"
 
 
