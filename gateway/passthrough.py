@@ -22,7 +22,6 @@ from typing import Any
 import aiohttp
 import orjson
 
-
 from .auth import CREDENTIAL_HEADERS, KeyRing, duplicate_header
 from .call import Call, ClientGone
 from .config import GatewayConfig, ModelConfig
