@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import orjson
 
+from exporters.vocabulary import normalise_tag_key
+
 from .config import GatewayConfig, ModelConfig
-from .tags import RESERVED, normalise_key
+from .tags import RESERVED
 
 __all__ = ["fallback_chain", "body_for", "upstream_metadata"]
 
@@ -46,7 +48,7 @@ def upstream_metadata(payload: dict, operation: str) -> dict | None:
     store = payload.get("store")
     if not (store is True or (store is None and operation in _STORED_BY_DEFAULT)):
         return None
-    kept = {k: v for k, v in meta.items() if normalise_key(str(k)) not in RESERVED}
+    kept = {k: v for k, v in meta.items() if normalise_tag_key(str(k)) not in RESERVED}
     return kept or None
 
 

@@ -33,11 +33,6 @@ class ResolvedTags:
     session_id: str = ""
 
 
-def normalise_key(key: str) -> str:
-    """Tag keys additionally use '_' for '-', so `prompt-version`, `Prompt Version` and `prompt_version` agree."""
-    return normalise_tag_key(key)
-
-
 def check_header(name: str, value: str) -> str:
     if _CONTROL.search(value):
         raise bad_request(f"Header {name} contains control characters.", code="invalid_header", param=name)
@@ -51,7 +46,7 @@ def parse_tags_header(value: str) -> dict[str, str]:
         if not seg.strip():
             continue
         k, sep, v = seg.partition("=")
-        key = normalise_key(k)
+        key = normalise_tag_key(k)
         if not sep or not key:
             raise bad_request(f"x-tagway-tags: {seg.strip()!r} is not key=value with a key of [a-z0-9_.-].",
                               code="invalid_tag", param="x-tagway-tags")
@@ -90,7 +85,7 @@ def resolve_tags(sender: Sender, headers: Mapping[str, str], body: Mapping[str, 
     if metadata and len(metadata) > MAX_TAGS:
         raise bad_request(f"Too many metadata keys: {len(metadata)} (at most {MAX_TAGS}).", code="too_many_tags",
                           param="metadata")
-    meta = {normalise_key(str(k)[:MAX_LEN]): normalise(scrub(_scalar(str(k)[:MAX_LEN], v)[:4 * MAX_LEN]))
+    meta = {normalise_tag_key(str(k)[:MAX_LEN]): normalise(scrub(_scalar(str(k)[:MAX_LEN], v)[:4 * MAX_LEN]))
             for k, v in (metadata or {}).items()}
     if user is not None and not isinstance(user, str):
         raise bad_request("user must be a string.", code="invalid_type", param="user")
@@ -116,7 +111,7 @@ def resolve_tags(sender: Sender, headers: Mapping[str, str], body: Mapping[str, 
     prompt_version = pick("prompt_version", "prompt-version")
     tags = {k: v for k, v in meta.items() if k and v}
     tags.update(parse_tags_header(headers["tags"]) if headers.get("tags") else {})
-    tags.update({normalise_key(k): normalise(v) for k, v in key_tags.items() if k not in RESERVED})
+    tags.update({normalise_tag_key(k): normalise(v) for k, v in key_tags.items() if k not in RESERVED})
     for r in RESERVED:  # customer, intent and prompt_version are fields, not free tags, whatever their source
         tags.pop(r, None)
     tags.pop("", None)
