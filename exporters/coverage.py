@@ -95,6 +95,14 @@ def target_key(filters: Sequence[str], by: Sequence[str]) -> tuple[str, ...] | N
     return tuple(values[k] for k in by)
 
 
+def _production(sel: Selection, p: _Params, database: str) -> tuple[str, str]:
+    """The condition on the selection's calls that reached an upstream, and the expression true for a complained one
+    (feedback since the window's start)."""
+    since = p.time(sel.window.start)
+    return (f"{_where(sel, p, sel.window)} AND {REACHED_UPSTREAM}",
+            f"trace_id IN (SELECT trace_id FROM {feedback_table(database)} WHERE complaint AND Timestamp >= {since})")
+
+
 def _case_dim(key: str, p: _Params) -> str:
     if key.startswith(TAG_PREFIX):
         return f"tags[{p.add('k', 'String', key[len(TAG_PREFIX):])}]"
@@ -112,10 +120,8 @@ def coverage_map(store: Any, sel: Selection, by: Sequence[str], *, datasets: Seq
             raise QueryInputError(f"no dataset {missing[0]!r} (see `tagway dataset list`)", param="dataset")
     p = _Params()
     dims = [f"{_dim_select(k, p)} AS d{i}" for i, k in enumerate(by)]
-    where = f"{_where(sel, p, sel.window)} AND {REACHED_UPSTREAM}"
-    since = p.time(sel.window.start)
+    where, complained = _production(sel, p, database)
     group = ", ".join(f"d{i}" for i in range(len(by)))
-    complained = f"trace_id IN (SELECT trace_id FROM {feedback_table(database)} WHERE complaint AND Timestamp >= {since})"
     rows = store.query(f"SELECT {', '.join(dims)}, count() AS calls, countIf(status = 'error') AS errors, "
                        f"countIf({complained}) AS complaints\nFROM {calls_table(database)}\nWHERE {where}\n"
                        f"GROUP BY {group}\nORDER BY errors + complaints DESC, calls DESC\n"
@@ -146,9 +152,7 @@ def coverage_map(store: Any, sel: Selection, by: Sequence[str], *, datasets: Seq
 def production_counts(store: Any, sel: Selection, database: str = "") -> dict[str, int]:
     """Calls, errors and complained calls of one selection (a dataset target's slice)."""
     p = _Params()
-    where = f"{_where(sel, p, sel.window)} AND {REACHED_UPSTREAM}"
-    since = p.time(sel.window.start)
-    complained = f"trace_id IN (SELECT trace_id FROM {feedback_table(database)} WHERE complaint AND Timestamp >= {since})"
+    where, complained = _production(sel, p, database)
     r = store.query(f"SELECT count() AS calls, countIf(status = 'error') AS errors, countIf({complained}) AS "
                     f"complaints FROM {calls_table(database)} WHERE {where}", parameters=p.values)[0]
     return {"calls": int(r["calls"]), "errors": int(r["errors"]), "complaints": int(r["complaints"])}
