@@ -12,6 +12,7 @@ from exporters.remote_store import RemoteStore
 from exporters.schema import MIGRATIONS, SchemaSettings, applied_versions
 from exporters.spool import quarantined, unsent_spans
 from exporters.store import is_embedded, redact_dsn
+from exporters.vocabulary import iso_utc
 
 __all__ = ["gather", "render"]
 
@@ -26,7 +27,7 @@ def gather(store: Any, dsn: str, settings: SchemaSettings, spool_dir: str) -> di
     missing = [v for v in known if v not in applied]
     out: dict[str, Any] = {
         "store": redact_dsn(dsn), "embedded": is_embedded(dsn), "access": via,
-        "schema": {"applied": len([v for v in known if v in applied]), "known": len(known), "missing": missing},
+        "schema": {"applied": len(known) - len(missing), "known": len(known), "missing": missing},
     }
     if not missing:
         db = f"`{settings.database}`." if settings.database else ""
@@ -63,7 +64,6 @@ def render(d: dict[str, Any]) -> list[str]:
 
 
 def _iso(value: Any) -> str:
-    if isinstance(value, dt.datetime):
-        v = value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
-        return v.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if isinstance(value, dt.datetime):  # chDB gives naive UTC times; seconds are enough here
+        return iso_utc((value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)).replace(microsecond=0))
     return str(value)
