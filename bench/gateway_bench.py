@@ -206,6 +206,13 @@ def _median(rows: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
 
+def _per_round(results: dict, py: str, c: int, a: str, b: str, key: str) -> str:
+    """Mode a over mode b in each round, and their median: the same ratio as the medians' but from measurements
+    taken close together, so a machine that speeds up or slows down during the run moves it less."""
+    ratios = [ga[key] / gb[key] for (_, ga), (_, gb) in zip(results[(py, a, c)], results[(py, b, c)])]
+    return ", ".join(f"{r:.2f}x" for r in ratios) + f" (median {statistics.median(ratios):.2f}x)"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=10)
@@ -261,6 +268,9 @@ def main() -> None:
             if on and off:
                 print(f"[{label}] recording at {c} connections: throughput {on['rps'] / off['rps']:.2f}x of off, CPU"
                       f" per request {on['cpu_ms'] / off['cpu_ms']:.2f}x (goal: >= 0.90x and <= 1.10x)")
+                print(f"[{label}]   round by round (on and off minutes apart, so the machine's drift cancels):"
+                      f" CPU {_per_round(results, py, c, 'on', 'off', 'cpu_ms')},"
+                      f" throughput {_per_round(results, py, c, 'on', 'off', 'rps')}")
             split = med.get((py, "split", c))
             if split and off:
                 print(f"[{label}] recording, its threads on their own core, at {c} connections: throughput"
