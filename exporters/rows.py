@@ -68,9 +68,18 @@ def attributes_to_strings(attrs: Mapping[str, Any] | None) -> dict[str, str]:
             out[k] = "true" if v else "false"
         elif t is int or t is float:
             out[k] = str(v)
+        elif t is tuple or t is list:  # SDK sequence attributes (finish reasons): skip the ABC checks below
+            out[k] = _json_array(v)
         else:
             out[k] = _to_string(v)
     return out
+
+
+def _json_array(v: Sequence[Any]) -> str:
+    try:
+        return orjson.dumps(v, option=orjson.OPT_NON_STR_KEYS).decode()
+    except TypeError:
+        return orjson.dumps([str(x) for x in v]).decode()
 
 
 def _to_string(v: Any) -> str:
@@ -81,10 +90,7 @@ def _to_string(v: Any) -> str:
     if isinstance(v, (bytes, bytearray)):
         return v.decode("utf-8", "replace")
     if isinstance(v, Sequence) and not isinstance(v, str):
-        try:
-            return orjson.dumps(list(v), option=orjson.OPT_NON_STR_KEYS).decode()
-        except TypeError:
-            return orjson.dumps([str(x) for x in v]).decode()
+        return _json_array(list(v))
     return str(v)
 
 

@@ -69,6 +69,9 @@ def test_attribute_strings_match_the_collector() -> None:
     assert attributes_to_strings({"a": 1.25, "b": True, "c": (0.5, 1.0), "d": ""}) == {
         "a": "1.25", "b": "true", "c": "[0.5,1.0]", "d": ""}
     assert attributes_to_strings(None) == {}
+    # lists and tuples (the fast path) and other sequences render alike; what JSON cannot hold, as its str()
+    assert attributes_to_strings({"e": ["stop", "length"], "f": (b"x",), "g": (), "h": range(2)}) == {
+        "e": '["stop","length"]', "f": '["b\'x\'"]', "g": "[]", "h": "[0,1]"}
     assert format_timestamp(5) == "0.000000005"
 
 
