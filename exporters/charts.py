@@ -39,7 +39,7 @@ def metrics_timeseries(store: Any, sel: Selection, *, by: str = "customer", step
     where2 = _where(sel, p2, sel.window, database)
     sql = (f"SELECT toUnixTimestamp(toStartOfInterval(Timestamp, toIntervalSecond({st}), 'UTC')) AS b, "
            f"{key2} IN {p2.add('v', 'Array(String)', named)} AS named, if(named, {key2}, '') AS k, "
-           "count() AS calls, countIf(status = 'error') AS errors, quantiles(0.5, 0.95)(latency_ms) AS lat, "
+           "count() AS calls, countIf(status = 'error') AS errors, quantilesBFloat16(0.5, 0.95)(latency_ms) AS lat, "
            f"sum(cost_usd) AS cost\nFROM {source}\nWHERE {where2}\nGROUP BY b, named, k")
     rows = _run(store, sql, p2.values, budget, "the chart query")
     start = int(sel.window.start.timestamp()) // step * step

@@ -44,9 +44,11 @@ def seeded(chdb_store: Store) -> dict:
 
 
 def exact(report: q.StatsReport) -> list:
-    """Everything that must be equal between the rollup and the raw answer (quantiles aside)."""
+    """Everything that must be equal between the rollup and the raw answer, quantiles too (the raw query takes the
+    rollups' bfloat16 histograms: one definition, whichever table answers)."""
     segs = [(tuple(s.key.items()), s.calls, s.errors, s.cancelled, s.error_rate_ci, s.input_tokens, s.output_tokens,
-             s.cost_usd, s.prev_calls, s.prev_errors, s.low_confidence) for s in report.segments]
+             s.cost_usd, s.prev_calls, s.prev_errors, s.low_confidence, s.latency_p50, s.latency_p95, s.latency_p99,
+             s.ttft_p50) for s in report.segments]
     t = report.total
     return segs + [("total", t.calls, t.errors, t.cancelled, t.input_tokens, t.output_tokens, t.cost_usd, t.prev_calls,
                     t.prev_errors, report.truncated)]
