@@ -490,7 +490,7 @@ class ErrorsReport:
 def top_errors(store: Store, sel: Selection, *, limit: int = 10, examples: int = 3,
                database: str = "") -> ErrorsReport:
     """The most frequent error types among the selected calls (status 'error' unless the selection says
-    otherwise), each with up to `examples` trace ids to look at with `tagway show`."""
+    otherwise), each with up to `examples` trace ids to look at with `tagway show`: its newest calls."""
     if not isinstance(limit, int) or not 1 <= limit <= 1000:
         raise QueryInputError("limit must be between 1 and 1000", param="limit")
     if not isinstance(examples, int) or not 1 <= examples <= 20:
@@ -501,7 +501,9 @@ def top_errors(store: Store, sel: Selection, *, limit: int = 10, examples: int =
     where = _where(sel, p, sel.window, database)
     sql = (f"SELECT error_type, count() AS n, sum(count()) OVER () AS total, "
            f"groupUniqArray(5)(http_status) AS statuses, uniqIf(customer, customer != '') AS customers, "
-           f"groupArray({p.add('n', 'UInt32', examples)})(trace_id) AS examples, "
+           # the newest calls (ties by trace id): the same examples on every read, whichever process answers
+           f"arrayMap(x -> x.2, groupArraySorted({p.add('n', 'UInt32', examples)})"
+           f"((-toUnixTimestamp64Nano(Timestamp), trace_id))) AS examples, "
            f"toUnixTimestamp64Micro(min(Timestamp)) AS first_us, toUnixTimestamp64Micro(max(Timestamp)) AS last_us\n"
            f"FROM {calls_table(database)}\nWHERE {where}\nGROUP BY error_type\n"
            f"ORDER BY n DESC, error_type\nLIMIT {p.add('n', 'UInt32', limit)}")

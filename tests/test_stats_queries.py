@@ -256,7 +256,9 @@ def test_top_errors(chdb_store, seeded):
     assert rep.total_errors == 34
     g = rep.groups[0]
     assert g.http_statuses == [502] and g.customers == 2 and g.share == pytest.approx(21 / 34)
-    assert 1 <= len(g.example_trace_ids) <= 3
+    newest = chdb_store.query("SELECT trace_id FROM llm_calls WHERE tags['run'] = {r:String} AND error_type = "
+                              "'upstream_5xx' ORDER BY Timestamp DESC, trace_id LIMIT 3", parameters={"r": seeded.run})
+    assert g.example_trace_ids == [r["trace_id"] for r in newest]  # the newest three: the same on every read
     for tid in g.example_trace_ids:
         call = q.get_call(chdb_store, tid)
         assert call["status"] == "error" and call["error_type"] == "upstream_5xx"
