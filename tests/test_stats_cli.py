@@ -326,9 +326,10 @@ def test_errors_fit_80_columns_with_whole_trace_ids(run, seeded, terminal_80):
     assert res.exit_code == 0, res.output
     lines = _visible(res.stdout)
     assert max(len(ln) for ln in lines) <= 80 and "…" not in res.stdout
-    # a trace id is never cut or folded: it is what `tagway show` needs (seeded ids: <run>t000123, or uuid4 hex)
+    # a trace id is never cut or folded: it is what `tagway show` needs (seeded ids: <run>t000123, <run>err0000, or
+    # uuid4 hex)
     ids = [tok for ln in lines if ln.startswith("│") for tok in ln.strip("│").split("│")[-1].split()]
-    assert ids and all(re.fullmatch(rf"{seeded.run}t\d{{6}}|[0-9a-f]{{32}}", t) for t in ids), ids
+    assert ids and all(re.fullmatch(rf"{seeded.run}(t\d{{6}}|err\d{{4}})|[0-9a-f]{{32}}", t) for t in ids), ids
     assert [c.strip() for c in lines[[i for i, ln in enumerate(lines) if "upstream_5xx" in ln][0]].split("│")[1:3]
             ] == ["upstream_5xx", "21"]
 
