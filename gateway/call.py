@@ -28,7 +28,7 @@ class Call:
     __slots__ = ("operation", "upstream_path", "receive", "send", "trace_id", "rec", "watch", "auth", "api_key",
                  "content_length", "tagway_headers", "traceparent", "principal", "body", "payload", "stream",
                  "client_wants_usage", "capture", "started", "answer", "answer_bytes", "repeated", "tenant",
-                 "extra_headers", "limited", "forward_headers")
+                 "extra_headers", "limited", "forward_headers", "resolved")
 
     def __init__(self, route: tuple[str, str], scope: dict, receive: Any, send: Any, rec: CallRecord) -> None:
         self.operation, self.upstream_path = route
@@ -67,6 +67,7 @@ class Call:
         self.tenant: TenantConfig | None = None  # the tenant the call is recorded as (its settings apply)
         self.body = b""
         self.payload: dict = {}
+        self.resolved = False  # who and why (customer, source, tags) worked out from headers and body
         self.stream = False
         self.client_wants_usage = False  # a stream whose client asked for the usage chunk itself
         self.capture = False  # record the content of this call (the tenant allows it)

@@ -162,6 +162,8 @@ class Proxy(WireStreamRelay):
         finally:
             call.watch.stop()
             self.stats.in_flight -= 1
+        if not call.resolved and call.principal is not None:
+            self._resolve_after_failure(call)
         if call.capture:  # after the response: the client never waits for capture and redaction
             try:
                 await self._capture(call, inline=reraise is not None)
@@ -305,11 +307,28 @@ class Proxy(WireStreamRelay):
             log.warning("could not capture the content of a %s call", call.operation, exc_info=True)
             return False
 
-    def _resolve_tags(self, call: Call) -> None:
+    def _resolve_after_failure(self, call: Call) -> None:
+        """A call that failed, or whose client left, before its tags were worked out (a bad or unread body) is
+        still recorded as what its headers say: a replay's call as a replay, for the customer it names, not as a
+        production call of nobody. The body's metadata counts when the body was read; bad input there is no
+        second error."""
+        for payload in (call.payload, {}) if call.payload else ({},):
+            try:
+                self._resolve_tags(call, payload)
+                return
+            except GatewayError:
+                if call.resolved:  # a refused replay mark: recorded as what it claimed to be
+                    return
+            except Exception:  # recording never fails a call; what was set stays
+                log.debug("could not resolve the tags of a failed call", exc_info=True)
+                return
+
+    def _resolve_tags(self, call: Call, payload: dict | None = None) -> None:
         tw, rec = call.tagway_headers, call.rec
         for name, value in tw.items():
             check_header(f"x-tagway-{name}", value)
-        t = resolve_tags(call.principal, tw, call.payload, self.config.taxonomy, self.redactor.text)
+        t = resolve_tags(call.principal, tw, call.payload if payload is None else payload, self.config.taxonomy,
+                         self.redactor.text)
         rec.customer, rec.intent, rec.prompt_version, rec.tags = t.customer, t.intent, t.prompt_version, t.tags
         rec.session_id = t.session_id
         user, cap = t.end_user, self._max_user_chars
@@ -326,11 +345,13 @@ class Proxy(WireStreamRelay):
         if (replay or source in NON_PRODUCTION_SOURCES) and not call.principal.may_set_customer:
             # Still recorded, but as what it claimed to be: a refused replay attempt is no production error.
             rec.source = source if source in NON_PRODUCTION_SOURCES else REPLAY_SOURCE
+            call.resolved = True
             raise forbidden("Only the admin key or a key that may set its customer can mark calls as replay.",
                             code="replay_marks_not_allowed", param="x-tagway-source")
         if source:
             rec.source = source
         rec.replay.update(replay)
+        call.resolved = True
 
     # -- forwarding with fallbacks ------------------------------------------------------------------------------
     async def _forward(self, call: Call, first: ModelConfig) -> None:

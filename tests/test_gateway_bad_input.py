@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import socket
+import time
+import uuid
 
 import httpx
 import openai
@@ -203,6 +205,41 @@ def test_tenant_keys_cannot_mark_calls_as_replay(gateway):
     r = post(gateway, {"model": "gpt-test", "messages": MSG}, headers={"x-tagway-source": "Batch Job"})
     assert r.status_code == 200  # any other source is the tenant's own business
     assert gateway.recorder.call(r.headers["x-tagway-trace-id"]).attributes[sc.SOURCE] == "batch_job"
+
+
+def test_a_replay_call_with_a_bad_body_is_recorded_as_the_replay_it_was(gateway):
+    """Its tags come from its headers even though the body could not be read: not a production call of nobody."""
+    for key in (ADMIN_KEY, KEYS["platform"]):
+        r = post(gateway, b"{bad", key=key, headers={"x-tagway-source": "replay", "x-tagway-customer": "globex",
+                                                       "x-tagway-intent": "refund", "x-tagway-tags": "run=r9"})
+        assert_openai_error(r, 400, "invalid_json")
+        a = gateway.recorder.call(r.headers["x-tagway-trace-id"]).attributes
+        assert (a[sc.SOURCE], a[sc.CUSTOMER], a[sc.INTENT], a[sc.TAG_PREFIX + "run"]) == ("replay", "globex", "refund",
+                                                                                           "r9")
+    # bad metadata in a body that was read: the headers still count
+    r = post(gateway, {"model": "gpt-test", "messages": MSG, "metadata": "x"}, key=ADMIN_KEY,
+             headers={"x-tagway-source": "replay", "x-tagway-customer": "globex"})
+    assert_openai_error(r, 400, "invalid_metadata")
+    a = gateway.recorder.call(r.headers["x-tagway-trace-id"]).attributes
+    assert (a[sc.SOURCE], a[sc.CUSTOMER]) == ("replay", "globex")
+
+
+def test_a_client_that_leaves_before_its_body_is_recorded_as_its_headers_say(gateway):
+    intent = "gone-" + uuid.uuid4().hex[:8]
+    req = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+           b"Authorization: Bearer " + ADMIN_KEY.encode() + b"\r\nx-tagway-source: replay\r\n"
+           b"x-tagway-customer: globex\r\nx-tagway-intent: " + intent.encode() + b"\r\n"
+           b"Content-Length: 500\r\n\r\n" + b'{"model": "gpt-test", "mess')
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as s:
+        s.sendall(req)
+        time.sleep(0.2)  # the gateway is reading the body when the client goes
+    deadline = time.monotonic() + 5
+    while not (calls := [sp for sp in gateway.recorder.exporter.get_finished_spans()
+                         if sp.attributes.get(sc.INTENT) == intent]) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(calls) == 1
+    a = calls[0].attributes
+    assert (a[sc.SOURCE], a[sc.CUSTOMER], a[sc.ERROR_TYPE]) == ("replay", "globex", "client_disconnected")
 
 
 def test_too_many_tags_is_a_400_not_a_lost_record(gateway):
