@@ -254,15 +254,27 @@ def run_cmd(
         sys.path[:0] = [str(spec_dir), os.getcwd()]  # `python` evaluators: module:function beside the spec
         store = _store(dsn, config)
         rid = run_id or new_run_id()
+        stored: list[str] = []
+
+        def announce(run: str) -> None:  # once the run is stored: an id that `resume` and `report` know
+            stored.append(run)
+            typer.echo(f"replay run {run}", err=True)
+
         opts = RunOptions(gateway_url=gateway, in_process=in_process, api_key=_api_key(api_key), progress=progress,
-                          spec_dir=spec_dir, run_id=rid, gateway_config=config)
-        typer.echo(f"replay run {rid}", err=True)
+                          spec_dir=spec_dir, run_id=rid, gateway_config=config, on_running=announce)
         try:
             result = asyncio.run(start_run(store, parsed, opts))
         except KeyboardInterrupt:
+            if not stored:
+                raise _fail("interrupted before the run was stored; nothing to resume", EXIT_INCOMPLETE) from None
             raise _fail(f"interrupted; resume with: tagway replay resume {rid}", EXIT_INCOMPLETE) from None
         except StoreGoneError as e:
-            raise _store_gone(e, rid) from None
+            raise _store_gone(e, rid if stored else None) from None
+        except FatalRunError as e:
+            if not (stored and e.unreachable):  # a wrong gateway, key or model: bad input (exit 2)
+                raise
+            raise _fail(f"{e}; what was stored is kept: `tagway replay resume {rid}` finishes the run",
+                        EXIT_INCOMPLETE) from None
         _emit(result.report, fmt, out, dashboard_url)
     raise typer.Exit(result.exit_code)
 
@@ -292,13 +304,19 @@ def resume_cmd(
         store = _store(dsn, config)
         base = (spec_dir or Path.cwd()).resolve()
         sys.path[:0] = [str(base)]
+        running: list[str] = []
         opts = RunOptions(gateway_url=gateway, in_process=in_process, api_key=_api_key(api_key), progress=progress,
                           spec_dir=base, retry_errored=retry_errored, max_cost=max_cost, concurrency=concurrency,
-                          gateway_config=config)
+                          gateway_config=config, on_running=running.append)
         try:
             result = asyncio.run(resume_run(store, run_id, opts))
         except KeyboardInterrupt:
             raise _fail(f"interrupted; resume again with: tagway replay resume {run_id}", EXIT_INCOMPLETE) from None
+        except FatalRunError as e:
+            if not (running and e.unreachable):  # a wrong gateway, key or model: bad input (exit 2)
+                raise
+            raise _fail(f"{e}; what was stored is kept: `tagway replay resume {run_id}` finishes the run",
+                        EXIT_INCOMPLETE) from None
         _emit(result.report, fmt, out)
     raise typer.Exit(result.exit_code)
 

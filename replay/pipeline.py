@@ -12,7 +12,7 @@ import dataclasses
 import secrets
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import httpx
 import orjson
@@ -52,6 +52,8 @@ class RunOptions:
     backoff_base: float = 0.25
     max_cost: float | None = None  # overrides the spec's (a resume may raise the budget); total for the run
     concurrency: int | None = None
+    # called with the run id once the run is stored and the gateway answered: from then on it can be resumed
+    on_running: Callable[[str], None] | None = None
 
 
 @dataclasses.dataclass
@@ -170,6 +172,8 @@ async def start_run(store: Any, spec: ReplaySpec, opts: RunOptions) -> RunResult
     if found is not None:
         state.locks = {t: lk.to_json() for t, lk in found.locks.items()}
     write_run(store, dataclasses.replace(run, report_json=state.stored_json()))
+    if opts.on_running is not None:
+        opts.on_running(run_id)
     return await _execute(store, spec, run, cases, opts, skip=set(), skipped=skipped, notes=notes, state=state,
                           sampled=sampled)
 
@@ -180,6 +184,8 @@ async def resume_run(store: Any, run_id: str, opts: RunOptions) -> RunResult:
         raise SpecError(f"no replay run {run_id!r}")
     spec = parse_spec(run.spec, f"run {run_id} spec")
     await _check_gateway(opts, spec)
+    if opts.on_running is not None:
+        opts.on_running(run_id)
     if run.dataset_id == RUN_DATASET_PREFIX + run.run_id:  # the cases this run pinned: an id, whatever it looks like
         cases, skipped = load_cases(store, run.dataset_id, pinned_id=True)
     else:  # a dataset version ('refunds@3') or a file: the same cases as the run started with

@@ -48,7 +48,12 @@ _API_ANSWER = {"responses": responses_format.answer_as_chat, "messages": anthrop
 
 
 class FatalRunError(RuntimeError):
-    """The run cannot go on (unknown model, rejected key, unreachable gateway): one line for the user."""
+    """The run cannot go on (unknown model, rejected key, unreachable gateway): one line for the user.
+    `unreachable`: the gateway stopped answering (it may come back: the run can be resumed as it is)."""
+
+    def __init__(self, message: str, *, unreachable: bool = False) -> None:
+        super().__init__(message)
+        self.unreachable = unreachable
 
 
 @dataclasses.dataclass
@@ -201,7 +206,18 @@ def fatal_check(who: str, model: str, ans: Answer) -> None:
         raise FatalRunError(f"the gateway rejected the API key (HTTP {ans.http_status}): {why}; {need}pass "
                             "--api-key or set TAGWAY_API_KEY / TAGWAY_ADMIN_KEY")
     if ans.error_code == "connection":
-        raise FatalRunError(ans.error)
+        raise FatalRunError(ans.error, unreachable=True)
+
+
+def transport_reason(e: BaseException) -> str:
+    """What went wrong on the wire, in words: a refused connection says so (httpx-aiohttp reports it as a
+    ConnectTimeout, which sends the user looking for a slow network)."""
+    seen, x = 0, e
+    while x is not None and seen < 8:
+        if isinstance(x, ConnectionRefusedError):
+            return "connection refused (is the gateway running there?)"
+        x, seen = x.__cause__ or x.__context__, seen + 1
+    return f"{type(e).__name__}: {e}"
 
 
 async def check_gateway(client: httpx.AsyncClient, api_key: str, where: str) -> None:
@@ -211,7 +227,7 @@ async def check_gateway(client: httpx.AsyncClient, api_key: str, where: str) -> 
     try:
         resp = await client.get("/v1/models", headers={"authorization": f"Bearer {api_key}"})
     except httpx.HTTPError as e:
-        raise FatalRunError(f"cannot reach the gateway at {where}: {type(e).__name__}: {e}") from None
+        raise FatalRunError(f"cannot reach the gateway at {where}: {transport_reason(e)}") from None
     if resp.status_code in (401, 403):
         why, _ = _error_of(resp)
         raise FatalRunError(f"the gateway at {where} rejected the API key (HTTP {resp.status_code}): {why}; pass "
@@ -244,7 +260,7 @@ class GatewayPoster:
             except httpx.TransportError as e:
                 if attempt > self.retries:
                     return Answer(False, {}, "", 0, attempt, 0.0, 0.0, "",
-                                  error=f"gateway unreachable after {attempt} attempt(s): {type(e).__name__}: {e}",
+                                  error=f"gateway unreachable after {attempt} attempt(s): {transport_reason(e)}",
                                   error_code="connection")
                 await asyncio.sleep(self._backoff(attempt, None))
                 continue

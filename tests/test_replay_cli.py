@@ -3,7 +3,10 @@ one-line errors, flags overriding the spec, report / resume / dataset commands."
 from __future__ import annotations
 
 import fcntl
+import http.server
 import os
+import socket
+import threading
 
 import orjson
 import pytest
@@ -361,3 +364,48 @@ def test_config_option_opens_the_gateway_store(world, tmp_path, monkeypatch):
     bad.write_text("storage:\n  nope: 1\n")
     res = invoke("report", run_id, "--config", bad)
     assert res.exit_code == 2 and _one_error_line(res) == "error: config: storage.nope: unknown setting"
+
+
+class _ModelsThenHangUp(http.server.BaseHTTPRequestHandler):
+    """A gateway that answers the pre-run check and then goes away: every call's connection drops unanswered."""
+
+    def do_GET(self):  # noqa: N802
+        body = b'{"object": "list", "data": []}'
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):  # noqa: N802
+        self.close_connection = True  # no status line: the client sees the connection drop
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_gateway_that_goes_away_mid_run_leaves_a_resumable_run_and_exit_3(world):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ModelsThenHangUp)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        run_id = unique("gone")
+        res = invoke("run", "--spec", world["spec"], *world["common"], "--gateway",
+                     f"http://127.0.0.1:{server.server_address[1]}", "--run-id", run_id, "--concurrency", "1")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert res.exit_code == 3, res.output
+    assert f"replay run {run_id}" in res.output and f"tagway replay resume {run_id}" in res.output
+    assert "Traceback" not in res.output
+    res = invoke("resume", run_id, *world["common"])  # the real gateway is back: the run finishes
+    assert res.exit_code in (0, 1), res.output
+
+
+def test_a_gateway_unreachable_from_the_start_stores_no_run(world):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    res = invoke("run", "--spec", world["spec"], *world["common"], "--gateway", f"http://127.0.0.1:{port}")
+    assert res.exit_code == 2, res.output
+    assert f"cannot reach the gateway at http://127.0.0.1:{port}: connection refused" in res.output
+    assert "replay run " not in res.output and "Timeout" not in res.output
