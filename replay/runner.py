@@ -496,6 +496,27 @@ def _load_app(ref: str, config: str | Path | None = None) -> Any:
         raise FatalRunError(f"the in-process gateway could not be built ({where}): {reason}") from None
 
 
+def _refuse_beside_a_serving_gateway(app: Any) -> None:
+    """An in-process gateway on an embedded store that a gateway already serves cannot start (chDB allows one
+    process per data directory; its spool lock is hit first, whose message sends the user the wrong way): say
+    which gateway serves it and how to replay through it."""
+    from exporters import discovery
+    config = getattr(app, "config", None)
+    storage = getattr(config, "storage", None)
+    if storage is None:
+        return
+    directory = discovery.store_dir(storage.resolved_dsn())
+    if directory is None:
+        return
+    try:
+        ann = discovery.read(directory)
+    except discovery.DiscoveryError:
+        return  # the start-up that follows fails on the store's lock, in its own words
+    if ann is not None and discovery.pid_alive(ann.pid):
+        raise FatalRunError(f"the gateway {ann.describe()} serves the store {directory}: use --gateway {ann.url} "
+                            "(--in-process would start a second gateway on the same store)")
+
+
 @contextlib.asynccontextmanager
 async def _lifespan(app: Any) -> AsyncIterator[None]:
     """Run the ASGI lifespan protocol (startup/shutdown), which httpx.ASGITransport does not do by itself."""
@@ -551,6 +572,7 @@ async def gateway_client(*, base_url: str | None = None, transport: httpx.AsyncB
     tm = httpx.Timeout(timeout, connect=min(timeout, 10.0))
     if in_process:
         app = _load_app(app_ref, app_config)
+        _refuse_beside_a_serving_gateway(app)
         async with _lifespan(app):
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://tagway.in-process",
                                          timeout=tm) as client:

@@ -180,6 +180,11 @@ def test_cli_works_through_a_serving_gateway_then_directly_then_after_sigkill(tm
         assert report.returncode == run.returncode, report.stderr
         live_report = jout(report)
         assert live_report["candidates"] == run_report["candidates"] and live_report["passed"] == run_report["passed"]
+        # --in-process would start a second gateway on this store: refused, naming the one to use
+        inproc = tagway("replay", "run", "--spec", str(spec), "--in-process", "--no-progress", config=config)
+        assert inproc.returncode == 2 and "Traceback" not in inproc.stderr, inproc.stderr
+        assert f"the gateway pid {gw.pid} at http://127.0.0.1:{port} serves the store" in inproc.stderr
+        assert f"use --gateway http://127.0.0.1:{port}" in inproc.stderr and "spool" not in inproc.stderr
 
         # a replay CLI killed mid-run: `replay resume` finishes it through the gateway
         slow = tmp_path / "slow.yaml"
