@@ -29,7 +29,9 @@ def print_report(run: EvalRun, results: Sequence[EvalResult], events: Sequence[A
     fields = list(dict.fromkeys(k for r in results for k in r.fields))
     shown = fields[:_MAX_FIELD_COLUMNS]
     s = run.summary
-    dataset = f"{run.dataset}@{run.dataset_version}" if run.dataset_version else run.dataset
+    version = run.dataset_version  # a dataset's version ref ('refunds@4') or a bare version ('4')
+    dataset = version if version.startswith(f"{run.dataset}@") else \
+        f"{run.dataset}@{version}" if version else run.dataset
     title = (f"eval run {run.run_id} ({run.mode}) on {dataset}"
              f": {', '.join(run.evaluators)}: {s.get('scored', 0)} scored, {s.get('errored', 0)} errored, "
              f"{s.get('skipped', 0)} skipped")
