@@ -414,7 +414,10 @@ def _format_errors(e: ValidationError, path: str | os.PathLike | None = None,
             msg = "unknown setting"
         top = str(err["loc"][0]) if err["loc"] else ""
         env_prefix = f"TAGWAY_{top.upper()}"
-        if top and top not in file_keys and any(k.upper().startswith(env_prefix) for k in os.environ):
+        exact = "TAGWAY_" + "__".join(str(p).upper() for p in err["loc"])  # the variable of this very setting
+        if any(k.upper() == exact for k in os.environ):  # set in both: the environment's value is the one read
+            where = f"${exact}: "
+        elif top and top not in file_keys and any(k.upper().startswith(env_prefix) for k in os.environ):
             where = f"${env_prefix}{'__*' if len(err['loc']) > 1 else ''}: "
         else:
             where = f"{path}: " if path else ""

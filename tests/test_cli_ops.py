@@ -133,7 +133,12 @@ def test_config_check_refuses_a_provider_nobody_serves_and_a_base_url_that_is_no
 def test_config_errors_from_the_environment_name_the_variable(run, tmp_path):
     res = run("config", "check", "--config", write(tmp_path), env={"TAGWAY_SERVER__PORT": "abc"})
     assert res.exit_code == 2
-    assert res.stderr.startswith("tagway: config error: $TAGWAY_SERVER__*: server.port: "), res.stderr
+    assert res.stderr.startswith("tagway: config error: $TAGWAY_SERVER__PORT: server.port: "), res.stderr
+    # the file has a server section too: the variable's value is the one read, so the variable is named
+    res = run("config", "check", "--config", write(tmp_path, server={"port": 4000, "host": "127.0.0.1"}),
+              env={"TAGWAY_SERVER__PORT": "abc"})
+    assert res.exit_code == 2
+    assert res.stderr.startswith("tagway: config error: $TAGWAY_SERVER__PORT: server.port: "), res.stderr
 
 
 def test_version(run):
