@@ -110,14 +110,14 @@ def _gate_flags(alpha: Optional[float], margin: Optional[float], inconclusive: O
     return {"alpha": alpha, "margin": margin, "inconclusive": inconclusive, "errors": errors}
 
 
-def _parse_with_flags(data: dict, spec: Path, flags: dict[str, tuple[str, object]]) -> Any:
+def _parse_with_flags(data: dict, source: str, flags: dict[str, tuple[str, object]]) -> Any:
     """The spec with the flags applied, validated; an error in a value a flag gave names the flag, not the file
     (`--alpha 0.9: Input should be less than 0.5`, not `replay.yaml: gating.alpha: ...`). `flags`: spec field ->
     (flag, the value given or None)."""
     try:
-        return parse_spec(data, str(spec))
+        return parse_spec(data, source)
     except SpecError as e:
-        text, prefix = str(e), f"{spec}: "
+        text, prefix = str(e), f"{source}: "
         for field, (flag, value) in flags.items():
             if value is not None and text.startswith(f"{prefix}{field}: "):
                 raise SpecError(f"{flag} {value}: {text[len(prefix) + len(field) + 2:]}") from None
@@ -247,7 +247,7 @@ def run_cmd(
                                gating=_gate_flags(alpha, margin, inconclusive, errors),
                                escalation={"enabled": escalate, "max_cases": escalation_max_cases},
                                max_cost=max_cost, concurrency=concurrency)
-        parsed = _parse_with_flags(data, spec, _run_flags(
+        parsed = _parse_with_flags(data, str(spec), _run_flags(
             alpha=alpha, margin=margin, inconclusive=inconclusive, errors=errors, max_cases=escalation_max_cases,
             max_cost=max_cost, concurrency=concurrency, limit=limit))
         spec_dir = spec.resolve().parent
@@ -369,7 +369,9 @@ def report_cmd(
         if run is None:
             raise SpecError(f"no replay run {run_id!r}")
         data = apply_overrides(run.spec, gating=_gate_flags(alpha, margin, inconclusive, errors))
-        spec = parse_spec(data, f"run {run_id} spec")
+        spec = _parse_with_flags(data, f"run {run_id} spec", _run_flags(
+            alpha=alpha, margin=margin, inconclusive=inconclusive, errors=errors, max_cases=None, max_cost=None,
+            concurrency=None, limit=None))
         status = run.status if run.status in ("complete", "incomplete") else "incomplete"
         report = report_for(store, run_id, spec, status=status, n_cases=run.n_cases,
                             state=GateState.from_report_json(run.report_json), dataset=run.dataset_id)

@@ -97,6 +97,9 @@ def test_report_rebuilds_and_regates_a_run_exit_4_when_inconclusive(world):
     # ... when `inconclusive: block`; with `pass` (the default) it is exit 0, the segment still listed
     res = invoke("report", run_id, "--dsn", world["dsn"], "--alpha", "0.0001", "--format", "md")
     assert res.exit_code == 0 and f"| {world['a']} | 20 |" in res.output and "inconclusive (~" in res.output
+    # a bad value a flag gave is blamed on the flag, not on the run's stored spec
+    res = invoke("report", run_id, "--dsn", world["dsn"], "--alpha", "2")
+    assert res.exit_code == 2 and "error: --alpha 2.0: Input should be less than 0.5" in res.output, res.output
 
 
 def test_budget_makes_the_run_incomplete_and_resume_finishes_it(world):
