@@ -497,6 +497,9 @@ def top_errors(store: Store, sel: Selection, *, limit: int = 10, examples: int =
         raise QueryInputError("examples must be between 1 and 20", param="examples")
     if sel.status is None:
         sel = dataclasses.replace(sel, status="error")
+    if sel.status == "ok":  # answered calls have no error type: a table of them under "(none)" says nothing
+        raise QueryInputError("status=ok: the errors view lists failed calls; use status error or cancelled "
+                              "(tagway stats counts the answered ones)", param="status")
     p = _Params()
     where = _where(sel, p, sel.window, database)
     sql = (f"SELECT error_type, count() AS n, sum(count()) OVER () AS total, "
