@@ -13,6 +13,7 @@ the candidate failed, or the other way round) always come from the results.
 from __future__ import annotations
 
 import re
+import time
 from typing import Any, Iterable
 
 import orjson
@@ -22,7 +23,8 @@ from .queries import wilson_interval
 from .vocabulary import QueryInputError, show
 
 __all__ = ["RUN_ID_RE", "parse_run_id", "list_runs", "get_run", "segment_table", "flipped_cases", "run_detail",
-           "trend", "results_for_case", "datasets_for_trace", "BASELINE"]
+           "trend", "results_for_case", "datasets_for_trace", "BASELINE", "STALE_RUN_SECONDS", "LAST_WRITE",
+           "settle_running"]
 
 BASELINE = "baseline"
 _TREND_BY = ("customer", "intent", "prompt_version", "model")  # replay_results columns a trend may segment by
@@ -54,8 +56,32 @@ def _loads(text: str | None) -> Any:
 def _run_select(database: str, where: str) -> str:
     latest = ", ".join(f"argMax({c}, version) AS {c}" for c in _RUN_COLS)
     return (f"SELECT run_id, {latest}, toFloat64(min(created_at)) AS created_at, "
-            f"toFloat64(argMax(finished_at, version)) AS finished_at\n"
+            f"toFloat64(argMax(finished_at, version)) AS finished_at, {LAST_WRITE}\n"
             f"FROM {table_name('replay_runs', database)} {where}\nGROUP BY run_id")
+
+
+# A run's process writes the run's row when it starts and when it ends, and its results as cases finish. One that
+# was killed in between (SIGKILL, its machine, the store it wrote to gone) leaves the row 'running' for good: a
+# 'running' run with neither a row nor a result written for STALE_RUN_SECONDS is shown as what it is, incomplete
+# (`tagway replay resume` finishes it). A live run writes a result at least once a case's timeout and retries.
+STALE_RUN_SECONDS = 900
+LAST_WRITE = "max(version) / 1e9 AS last_write"  # `version` is the time.time_ns() of each write of the row
+
+
+def settle_running(store: Any, rows: list[dict], database: str = "", now: float | None = None) -> None:
+    """In place: the stale 'running' rows of `rows` (run_id, status, last_write) become 'incomplete'; every row
+    loses its `last_write`."""
+    now = time.time() if now is None else now
+    suspects = [r for r in rows if r.get("status") == "running" and now - r["last_write"] > STALE_RUN_SECONDS]
+    if suspects:
+        last = {x["run_id"]: x["t"] for x in store.query(
+            f"SELECT run_id, toFloat64(max(Timestamp)) AS t FROM {table_name('replay_results', database)} "
+            "WHERE run_id IN {ids:Array(String)} GROUP BY run_id", parameters={"ids": [r["run_id"] for r in suspects]})}
+        for r in suspects:
+            if now - max(r["last_write"], last.get(r["run_id"], 0.0)) > STALE_RUN_SECONDS:
+                r["status"] = "incomplete"
+    for r in rows:
+        r.pop("last_write", None)
 
 
 def _run_dict(r: dict, *, full: bool) -> dict[str, Any]:
@@ -106,6 +132,7 @@ def list_runs(store: Any, *, spec: str | None = None, dataset: str | None = None
     if having:
         sql += "\nHAVING " + " AND ".join(having)
     rows = store.query(sql + "\nORDER BY created_at DESC, run_id DESC LIMIT {limit:UInt32}", parameters=params)
+    settle_running(store, rows, database)
     runs = [_run_dict(r, full=customer is None) for r in rows]
     for r in runs:
         r.pop("report", None)
@@ -124,6 +151,7 @@ def get_run(store: Any, run_id: str, *, customer: str | None = None, database: s
     rows = store.query(_run_select(database, "WHERE run_id = {run_id:String}"), parameters={"run_id": rid})
     if not rows:
         return None
+    settle_running(store, rows, database)
     run = _run_dict(rows[0], full=customer is None)
     if customer is not None:
         n = store.query(f"SELECT count() AS n, sum(cost_usd) AS cost FROM {table_name('replay_results', database)} "
@@ -367,6 +395,7 @@ def results_for_case(store: Any, trace_id: str, *, customer: str | None = None,
     runs = store.query(
         _run_select(database, "WHERE run_id IN {ids:Array(String)}"),
         parameters={"ids": sorted({r["run_id"] for r in rows})})
+    settle_running(store, runs, database)
     info = {r["run_id"]: _run_dict(dict(r), full=customer is None) for r in runs}
     for r in rows:
         run = info.get(r["run_id"], {})

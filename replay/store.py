@@ -17,6 +17,7 @@ from typing import Any, Iterable
 import orjson
 
 from exporters.genai_messages import from_semconv_input, loads_or_empty
+from exporters.replays import LAST_WRITE, settle_running
 from exporters.vocabulary import COLUMNS
 
 __all__ = ["ResultRow", "RunRow", "write_results", "read_results", "done_keys", "write_run", "get_run", "list_runs",
@@ -130,13 +131,15 @@ _RUN_COLS = ("run_id", "status", "spec_json", "dataset_id", "judge_version", "ca
 def _run_select(where: str) -> str:
     latest = ", ".join(f"argMax({c}, version) AS {c}" for c in _RUN_COLS[1:])
     return (f"SELECT run_id, {latest}, toFloat64(min(created_at)) AS created_at, "
-            f"toFloat64(argMax(finished_at, version)) AS finished_at FROM replay_runs {where} GROUP BY run_id")
+            f"toFloat64(argMax(finished_at, version)) AS finished_at, {LAST_WRITE} FROM replay_runs {where} "
+            "GROUP BY run_id")
 
 
 def get_run(store: Any, run_id: str) -> RunRow | None:
     rows = store.query(_run_select("WHERE run_id = {run_id:String}"), {"run_id": run_id})
     if not rows:
         return None
+    settle_running(store, rows)  # a run whose process is gone reads as incomplete
     r = rows[0]
     r["candidates"], r["segment_by"] = list(r["candidates"]), list(r["segment_by"])
     return RunRow(**r)
@@ -144,6 +147,7 @@ def get_run(store: Any, run_id: str) -> RunRow | None:
 
 def list_runs(store: Any, limit: int = 20) -> list[RunRow]:
     rows = store.query(_run_select("") + " ORDER BY created_at DESC LIMIT {limit:UInt32}", {"limit": limit})
+    settle_running(store, rows)
     return [RunRow(**{**r, "candidates": list(r["candidates"]), "segment_by": list(r["segment_by"])}) for r in rows]
 
 
