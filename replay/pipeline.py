@@ -23,7 +23,7 @@ from .datasets.resolve import Resolved, resolve
 from .gate import SegmentPlan, next_draws, plan
 from .render import render_json
 from .report import Report, aggregate, flipped_case_ids
-from .runner import GATEWAY_APP, RunOutcome, Runner, Target, check_gateway, gateway_client, targets_for
+from .runner import GATEWAY_APP, RunOutcome, Runner, Target, check_gateway, check_in_process, gateway_client, targets_for
 from .slice import Case, EmptySliceError, SampleResult, Sampled, count_production_errors, fetch_cases, order_key, \
     sample_pool, select_slice
 from .spec import ReplaySpec, SpecError, parse_spec
@@ -147,9 +147,13 @@ def _initial_state(store: Any, spec: ReplaySpec, sampled: SampleResult | None) -
 
 
 async def _check_gateway(opts: RunOptions, spec: ReplaySpec) -> None:
-    """A gateway given by URL answers and takes the key before the run stores anything (runner.check_gateway)."""
-    if opts.in_process or opts.transport is not None or not opts.gateway_url:
-        return  # in-process: the app is built here; a given transport: the caller's; no URL: gateway_client says so
+    """A gateway given by URL answers and takes the key before the run stores anything (runner.check_gateway);
+    an in-process one can be built and is not refused for a gateway serving its store."""
+    if opts.in_process:
+        check_in_process(opts.app_ref, opts.gateway_config)
+        return
+    if opts.transport is not None or not opts.gateway_url:
+        return  # a given transport: the caller's; no URL: gateway_client says so
     async with gateway_client(base_url=opts.gateway_url, timeout=min(spec.timeout, 10.0), concurrency=1) as client:
         await check_gateway(client, opts.api_key, opts.gateway_url)
 

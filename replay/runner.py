@@ -496,6 +496,11 @@ def _load_app(ref: str, config: str | Path | None = None) -> Any:
         raise FatalRunError(f"the in-process gateway could not be built ({where}): {reason}") from None
 
 
+def check_in_process(app_ref: str = GATEWAY_APP, config: str | Path | None = None) -> None:
+    """Before a run stores anything: the in-process gateway can be built, and no gateway serves its store."""
+    _refuse_beside_a_serving_gateway(_load_app(app_ref, config))
+
+
 def _refuse_beside_a_serving_gateway(app: Any) -> None:
     """An in-process gateway on an embedded store that a gateway already serves cannot start (chDB allows one
     process per data directory; its spool lock is hit first, whose message sends the user the wrong way): say

@@ -185,6 +185,7 @@ def test_cli_works_through_a_serving_gateway_then_directly_then_after_sigkill(tm
         assert inproc.returncode == 2 and "Traceback" not in inproc.stderr, inproc.stderr
         assert f"the gateway pid {gw.pid} at http://127.0.0.1:{port} serves the store" in inproc.stderr
         assert f"use --gateway http://127.0.0.1:{port}" in inproc.stderr and "spool" not in inproc.stderr
+        assert "replay run " not in inproc.stderr  # refused before anything was stored: no run to list
 
         # a replay CLI killed mid-run: `replay resume` finishes it through the gateway
         slow = tmp_path / "slow.yaml"
