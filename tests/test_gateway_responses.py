@@ -151,3 +151,21 @@ def test_translated_for_a_provider_without_the_api(gateway, upstream):
     assert upstream.last("/v1/messages")["body"]["model"] == "claude-test"
     a = attrs(gateway, raw.headers["x-tagway-trace-id"])
     assert a[sc.PROVIDER] == "anthropic" and a[sc.API] == "responses" and a[sc.INPUT_TOKENS] == 11
+
+
+def test_a_module_litellm_lacks_is_a_one_line_500_of_ours_not_an_upstream_failure(gateway, upstream, monkeypatch):
+    """litellm imports some modules only when a call needs them (its Responses path imports `mcp`); one that is not
+    installed is the gateway's failure: a 500 naming the module, no traceback or bug-report link for the client,
+    recorded as `translation_unavailable` after one attempt (no fallback), not as the upstream's 500."""
+    import sys  # noqa: PLC0415
+    for name in [m for m in sys.modules if m.startswith(("litellm.responses.mcp", "litellm.proxy._experimental"))]:
+        monkeypatch.delitem(sys.modules, name)
+    for name in ("mcp", "mcp.types"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import mcp.types` now raises ImportError
+    with pytest.raises(openai.InternalServerError) as e:
+        client(gateway).responses.create(model="claude", input="translate me", max_output_tokens=50)
+    err = e.value.body
+    assert err["code"] == "translation_unavailable" and "mcp" in err["message"], err
+    assert "Traceback" not in err["message"] and "\n" not in err["message"] and "github.com" not in err["message"]
+    a = attrs(gateway, e.value.response.headers["x-tagway-trace-id"])
+    assert a[sc.ERROR_TYPE] == "translation_unavailable" and a["tagway.attempts"] == 1

@@ -36,7 +36,32 @@ def _litellm() -> Any:
     return litellm
 
 
+def _missing_module(e: BaseException) -> ImportError | None:
+    """The ImportError behind a litellm exception, if any: litellm wraps its own failures (a module it imports
+    lazily, not installed) in the same exception classes as a provider's answer."""
+    x: BaseException | None = e
+    for _ in range(8):
+        if x is None:
+            return None
+        if isinstance(x, ImportError):
+            return x
+        x = x.__cause__ or x.__context__
+    return None
+
+
+def _first_line(text: str) -> str:
+    # litellm appends a traceback and a prefilled bug-report link to some messages: neither is for the client
+    return text.strip().split("\n", 1)[0][:2000]
+
+
 def _failure(e: Exception) -> UpstreamFailure:
+    missing = _missing_module(e)
+    if missing is not None:  # the gateway's fault, not the upstream's: a 500 that names it, no fallback
+        message = (f"The gateway cannot translate this call: litellm needs a module that is not installed "
+                   f"({_first_line(str(missing))}).")
+        body = orjson.dumps({"error": {"message": message, "type": "api_error", "param": None,
+                                       "code": "translation_unavailable"}})
+        return UpstreamFailure("translation_unavailable", message, status=500, body=body, retryable=False)
     status = getattr(e, "status_code", None)
     if not isinstance(status, int):
         name = type(e).__name__
@@ -45,9 +70,9 @@ def _failure(e: Exception) -> UpstreamFailure:
         if "Connection" in name:
             return UpstreamFailure("connect_error", "cannot connect to upstream")
         return UpstreamFailure("upstream_error", f"upstream call failed: {name}")
-    message = str(getattr(e, "message", "")) or f"upstream answered HTTP {status}"
+    message = _first_line(str(getattr(e, "message", ""))) or f"upstream answered HTTP {status}"
     # litellm prefixes messages with its own exception names; keep the provider's words, not a traceback
-    body = orjson.dumps({"error": {"message": message[:2000], "type": "upstream_error", "param": None,
+    body = orjson.dumps({"error": {"message": message, "type": "upstream_error", "param": None,
                                    "code": str(status)}})
     return UpstreamFailure.from_status(status, body)
 
