@@ -417,6 +417,9 @@ def _attach_feedback(store: Store, sel: Selection, by: Sequence[str], segments: 
         r = found.get(tuple(s.key.values()))
         if r is not None:
             s.complaints, s.rated, s.score_sum = int(r["complaints"]), int(r["rated"]), float(r["score_sum"] or 0)
+    if APPLIED_TAG in by and rows:  # a call with several applied tags is in several segments: count it once
+        rows = fb.segment_feedback(store, ["'' AS d0"], where, p.values, p.time(sel.window.start), database,
+                                   source=calls_source(database, ()))
     total.complaints = sum(int(r["complaints"]) for r in rows)
     total.rated = sum(int(r["rated"]) for r in rows)
     total.score_sum = sum(float(r["score_sum"] or 0) for r in rows)

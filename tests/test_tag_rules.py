@@ -306,10 +306,15 @@ def test_stats_by_applied_tag_gives_per_tenant_counts_that_match(w):
     assert res.exit_code == 0, res.output
     got = {s["key"]["customer"]: s["calls"] for s in orjson.loads(res.stdout)["segments"]}
     assert got == {w["a"]: 3, w["b"]: 1}
+    # one complaint (with a score) on a call that carries three applied tags
+    from exporters.feedback import feedback_row, insert_feedback, parse_feedback  # noqa: PLC0415
+    insert_feedback(w["store"], [feedback_row(parse_feedback({"trace_id": a[0][0], "complaint": True, "score": 0.2}),
+                                              customer=w["a"], key_id="k", by_admin=True)])
     res = cli.invoke(tagway, ["stats", "--by", "customer", "--by", "applied_tag", "--where", f"tag.run={w['run']}",
                               "--since", "1h", "--json", "--dsn", w["store"].dsn])
     assert res.exit_code == 0, res.output
     report = orjson.loads(res.stdout)
+    assert (report["total"]["complaints"], report["total"]["rated"]) == (1, 1), report["total"]  # counted once
     got = {(s["key"]["customer"], s["key"]["applied_tag"]): s["calls"] for s in report["segments"]}
     assert got == {(w["a"], "negative-sentiment"): 3, (w["a"], "low-helpfulness"): 3, (w["a"], "low-confidence"): 3,
                    (w["a"], ""): 2, (w["b"], "negative-sentiment"): 1, (w["b"], "low-helpfulness"): 1,
