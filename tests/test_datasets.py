@@ -156,8 +156,11 @@ def test_from_run_flipped_takes_the_cases_the_gate_found(world):
 # -- the lock -----------------------------------------------------------------------------------------------------
 def test_a_locked_case_goes_only_with_force_and_a_reason_kept_in_the_log(world):
     name, t = uid("locks"), world["ids"][world["a"]][1]
+    res = tw("dataset", "lock", t, "--dataset", name, "--expect", "pass", *world["common"])
+    assert res.exit_code == 2 and f"no dataset {name!r}" in error_line(res) and "--create" in error_line(res)
+    assert name not in core.dataset_names(world["store"])  # a mistyped name makes no dataset
     res = tw("dataset", "lock", t, "--dataset", name, "--expect", "pass", "--note", "refund-v4 dropped the clause",
-             *world["common"])
+             "--create", *world["common"])
     assert res.exit_code == 0 and f"{name}@1: locked {t}" in res.output, res.output
     add(world, name, "--trace", world["ids"][world["a"]][2])
     assert load(world["store"], name).locks()[t].note == "refund-v4 dropped the clause"
@@ -199,6 +202,9 @@ def test_labels_from_the_cli_and_the_admin_api_are_versions(world, monkeypatch):
     for bad in (["--label", "maybe"], ["--label", "good"]):
         res = tw("dataset", "label", name, t0, *bad, *world["common"])
         assert res.exit_code == 2 and "pass or fail" in error_line(res)
+    for twice in (["--pass", "--fail"], ["--fail", "--label", "fail"], []):  # never the last one, silently
+        res = tw("dataset", "label", name, t0, *twice, *world["common"])
+        assert res.exit_code == 2 and "give the label once" in error_line(res), res.output
     res = tw("dataset", "label", name, "nope", "--pass", *world["common"])
     assert res.exit_code == 2 and "not in this dataset: nope" in error_line(res)
 

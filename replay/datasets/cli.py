@@ -291,6 +291,8 @@ def lock_cmd(trace_id: str = typer.Argument(..., help="The fixed bug's trace id.
              expect: str = typer.Option("pass", "--expect", help="pass | fail: the outcome every candidate must "
                                         "keep."),
              note: str = typer.Option("", "--note", help="What the bug was (shown when the lock breaks)."),
+             create: bool = typer.Option(False, "--create", help="Start the dataset with this lock when it does "
+                                         "not exist yet (a mistyped name is refused otherwise)."),
              message: str = MessageOpt, author: Optional[str] = AuthorOpt,
              dsn: Optional[str] = DsnOpt, config: Optional[Path] = ConfigOpt) -> None:
     """Turn a fixed bug's trace into a permanent case with its expected outcome: a locked case that does not keep
@@ -301,6 +303,11 @@ def lock_cmd(trace_id: str = typer.Argument(..., help="The fixed bug's trace id.
         if expect not in core.EXPECTS:
             raise core.DatasetStoreError(f"--expect {expect!r}: pass or fail")
         store, _ = _open(dsn, config)
+        names = core.dataset_names(store)
+        if not create and core.validate_name(dataset) not in names:
+            close = core.nearest(dataset, list(names))
+            hint = f"did you mean {', '.join(close)}?" if close else "see `tagway dataset list`"
+            raise core.DatasetStoreError(f"no dataset {dataset!r} ({hint}); --create starts it with this lock")
         author_ = _author(author)
         item = None
         if trace_id not in _existing(store, core.validate_name(dataset)):
@@ -314,7 +321,8 @@ def lock_cmd(trace_id: str = typer.Argument(..., help="The fixed bug's trace id.
 
 @dataset_app.command("label")
 def label_cmd(name: str = typer.Argument(...), traces: List[str] = typer.Argument(..., help="Case trace ids."),
-              verdict: Optional[bool] = typer.Option(None, "--pass/--fail", help="The human label."),
+              passed: bool = typer.Option(False, "--pass", help="The human label: pass."),
+              failed: bool = typer.Option(False, "--fail", help="The human label: fail."),
               label: Optional[str] = typer.Option(None, "--label", help="pass | fail (same as --pass / --fail)."),
               critique: str = typer.Option("", "--critique", help="Why: the nuance a binary label leaves out."),
               labeller: Optional[str] = typer.Option(None, "--labeller", help="Who labelled (default: the author)."),
@@ -325,9 +333,10 @@ def label_cmd(name: str = typer.Argument(...), traces: List[str] = typer.Argumen
     """Label cases pass or fail with a critique (a new version)."""
     from .versions import label_cases
     with _errors():
-        if (verdict is None) == (label is None):
+        given = [v for v, on in (("pass", passed), ("fail", failed), (label, label is not None)) if on]
+        if len(given) != 1:  # --pass --fail was the last one silently, as a click flag pair
             raise core.DatasetStoreError("give the label once: --pass, --fail or --label pass|fail")
-        value = label if label is not None else ("pass" if verdict else "fail")
+        value = given[0]
         if value not in core.LABELS:
             raise core.DatasetStoreError(f"bad label {value!r}: a label is pass or fail (binary; the nuance goes in "
                                          "--critique)")
