@@ -50,6 +50,9 @@ def parse_feedback(body: Any, *, max_comment: int = MAX_COMMENT_CHARS) -> Feedba
     if unknown:
         raise QueryInputError(f"unknown field {show(unknown[0], 40)}: use {', '.join(FIELDS)}", param=unknown[0][:40])
     tid = body.get("trace_id")
+    if tid is not None and not isinstance(tid, str):
+        raise QueryInputError("trace_id must be a string: the x-tagway-trace-id of the call being rated",
+                              param="trace_id")
     if not isinstance(tid, str) or not _TRACE_RE.match(tid):
         raise QueryInputError("trace_id is required: the x-tagway-trace-id of the call being rated", param="trace_id")
     score = body.get("score")

@@ -381,6 +381,8 @@ def test_feedback_validation_and_recent_calls():
         with pytest.raises(QueryInputError) as e:
             parse_feedback(body)
         assert e.value.param == param, body
+    with pytest.raises(QueryInputError, match="trace_id must be a string"):  # a wrong type is not "required"
+        parse_feedback({"trace_id": 5, "score": 1})
     r = RecentCalls(size=2)
     for i in range(5):
         r.add(b"t%d" % i, f"c{i}", f"k{i}")
