@@ -30,6 +30,17 @@ __all__ = ["TokenBucket", "Limiter", "Budgets", "CallLimits", "period_bounds", "
 log = logging.getLogger("tagway.limits")
 
 
+
+def usd_text(usd: float) -> str:
+    """Dollars as a person reads them: cents from a dollar up, else enough significant digits to tell small sums
+    apart ($0.000012 of $0.00001, not $0.00 of $1e-05)."""
+    if usd >= 1 or usd == 0:
+        return f"${usd:,.2f}"
+    if usd < 1e-6:
+        return f"${usd:.2g}"
+    text = f"{usd:.6f}".rstrip("0")
+    return "$" + (text if len(text.split(".")[1]) >= 2 else f"{usd:.2f}")
+
 class TokenBucket:
     __slots__ = ("capacity", "rate", "level", "stamp")
 
@@ -180,11 +191,11 @@ class Budgets:
         if spent >= usd:
             self.refused += 1
             _, end = period_bounds(per, self.clock())
-            return Refusal("budget_exceeded", f"Budget reached: {who[0]} {who[1]!r} spent ${spent:.2f} of "
-                           f"${usd:g} per {per}; calls resume when the period ends.",
+            return Refusal("budget_exceeded", f"Budget reached: {who[0]} {who[1]!r} spent {usd_text(spent)} of "
+                           f"{usd_text(usd)} per {per}; calls resume when the period ends.",
                            max(1.0, end - self.clock())), ""
         if spent >= soft * usd:
-            return None, f"{who[0]} {who[1]} spent {spent:.4f} of {usd:g} USD per {per} ({spent / usd:.0%})"
+            return None, f"{who[0]} {who[1]} spent {usd_text(spent)} of {usd_text(usd)} per {per} ({spent / usd:.0%})"
         return None, ""
 
     def add(self, who: tuple[str, str], per: str, cost: float) -> None:

@@ -80,8 +80,12 @@ def test_budget_soft_warning_hard_refusal_until_the_period_ends():
     refusal, _ = b.check(who, 1.0, "1d", 0.8)
     assert refusal.code == "budget_exceeded" and refusal.retry_after == pytest.approx(12 * 3600)
     assert refusal.error().status == 429 and dict(refusal.error().headers)[b"x-should-retry"] == b"false"
+    assert "spent $1.05 of $1.00 per 1d" in refusal.message
     clock.t += 12 * 3600  # the next day: a new period
     assert b.check(who, 1.0, "1d", 0.8) == (None, "")
+    tiny = ("tenant", "tiny")  # small budgets read as amounts, not $0.00 of $1e-05
+    b.add(tiny, "1d", 0.000012)
+    assert "spent $0.000012 of $0.00001 per 1d" in b.check(tiny, 0.00001, "1d", 0.8)[0].message
 
 
 def test_refresh_takes_the_store_figure_and_keeps_calls_the_store_may_not_have_yet():
