@@ -158,7 +158,8 @@ def main() -> None:
         for mode in modes:
             out = subprocess.run(["taskset", "-c", "0", sys.executable, os.path.abspath(__file__), "--one", mode,
                                   "--seconds", str(args.seconds), "--rate", str(args.rate)],
-                                 capture_output=True, text=True, env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"})
+                                 capture_output=True, text=True,
+                                 env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"})
             line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
                 sys.exit(f"mode {mode} failed:\n{out.stderr[-2000:]}")

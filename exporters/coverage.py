@@ -16,7 +16,7 @@ from typing import Any, Sequence
 from .datasets import DatasetNotFound, dataset_names, latest_versions, nearest
 from .feedback import feedback_table
 from .queries import (Selection, _dim_select, _Params, _where, calls_table, parse_by, wilson_interval)
-from .vocabulary import TAG_PREFIX, QueryInputError, parse_filter
+from .vocabulary import TAG_PREFIX, parse_filter
 
 __all__ = ["SliceCoverage", "CoverageMap", "coverage_map", "production_counts", "target_key"]
 

@@ -23,7 +23,8 @@ from .datasets.resolve import Resolved, resolve
 from .gate import SegmentPlan, next_draws, plan
 from .render import render_json
 from .report import Report, aggregate, flipped_case_ids
-from .runner import GATEWAY_APP, RunOutcome, Runner, Target, check_gateway, check_in_process, gateway_client, targets_for
+from .runner import (GATEWAY_APP, RunOutcome, Runner, Target, check_gateway, check_in_process, gateway_client,
+                     targets_for)
 from .slice import Case, EmptySliceError, SampleResult, Sampled, count_production_errors, fetch_cases, order_key, \
     sample_pool, select_slice
 from .spec import ReplaySpec, SpecError, parse_spec

@@ -288,7 +288,8 @@ def test_datasets_from_complaints_to_locks_and_the_coverage_map(gw):
     api = httpx.get(gw.url + "/admin/coverage", params=[("by", "customer"), ("by", "intent"), ("dataset", "refunds"),
                                                        ("since", "1h")], headers={"Authorization": f"Bearer {ADMIN}"})
     assert api.status_code == 200 and api.json()["slices"] == cov["slices"]
-    typo = httpx.get(gw.url + "/admin/coverage", params={"dataset": "refundz"}, headers={"Authorization": f"Bearer {ADMIN}"})
+    typo = httpx.get(gw.url + "/admin/coverage", params={"dataset": "refundz"},
+                     headers={"Authorization": f"Bearer {ADMIN}"})
     assert typo.status_code == 404 and typo.json()["error"]["code"] == "dataset_not_found"  # as /admin/datasets/NAME
     assert "did you mean refunds?" in typo.json()["error"]["message"]
     assert httpx.get(gw.url + "/admin/coverage", headers={"Authorization": f"Bearer {KEYS['acme']}"}).status_code == 403
