@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
-from .datasets import DatasetNotFound, dataset_names, latest_versions, nearest
+from .datasets import latest_versions, not_found
 from .feedback import feedback_table
 from .queries import (Selection, _dim_select, _Params, _where, calls_table, parse_by, wilson_interval)
 from .vocabulary import TAG_PREFIX, parse_filter
@@ -117,10 +117,7 @@ def coverage_map(store: Any, sel: Selection, by: Sequence[str], *, datasets: Seq
     if datasets is not None:
         missing = sorted(set(datasets) - {v.name for v in versions})
         if missing:
-            # the same error (a 404 over HTTP) as every other dataset lookup, with the same hint
-            close = nearest(missing[0], dataset_names(store))
-            hint = f"did you mean {', '.join(close)}?" if close else "see `tagway dataset list`"
-            raise DatasetNotFound(f"no dataset {missing[0]!r} ({hint})")
+            raise not_found(store, missing[0])  # the same error (a 404 over HTTP) as every other dataset lookup
     p = _Params()
     dims = [f"{_dim_select(k, p)} AS d{i}" for i, k in enumerate(by)]
     where, complained = _production(sel, p, database)

@@ -24,7 +24,7 @@ import orjson
 
 __all__ = ["DatasetStoreError", "DatasetNotFound", "NoChange", "ConcurrentChange", "CaseRecord", "Version",
            "LABELS", "DIFFICULTIES", "EXPECTS", "NAME_RE", "validate_name", "parse_ref", "format_ref", "nearest",
-           "dataset_names", "latest_versions", "history", "get_version", "read_cases", "commit", "put_content",
+           "dataset_names", "not_found", "latest_versions", "history", "get_version", "read_cases", "commit", "put_content",
            "get_content", "relabel", "cases_for_trace", "ever_held", "JOIN_SQL"]
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -174,11 +174,12 @@ def history(store: Any, name: str) -> list[Version]:
     rows = store.query(f"SELECT {_VERSION_COLS} FROM ({_WINNERS.format(where='WHERE name = {name:String}')}) "
                        "ORDER BY version DESC", {"name": validate_name(name)})
     if not rows:
-        raise _not_found(store, name)
+        raise not_found(store, name)
     return [_version(r) for r in rows]
 
 
-def _not_found(store: Any, name: str) -> DatasetNotFound:
+def not_found(store: Any, name: str) -> DatasetNotFound:
+    """The error for a dataset that is not there, naming the nearest names (or what there is)."""
     names = dataset_names(store)
     close = nearest(name, names)
     hint = (f"did you mean {', '.join(close)}?" if close else

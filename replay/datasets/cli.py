@@ -303,11 +303,8 @@ def lock_cmd(trace_id: str = typer.Argument(..., help="The fixed bug's trace id.
         if expect not in core.EXPECTS:
             raise core.DatasetStoreError(f"--expect {expect!r}: pass or fail")
         store, _ = _open(dsn, config)
-        names = core.dataset_names(store)
-        if not create and core.validate_name(dataset) not in names:
-            close = core.nearest(dataset, list(names))
-            hint = f"did you mean {', '.join(close)}?" if close else "see `tagway dataset list`"
-            raise core.DatasetStoreError(f"no dataset {dataset!r} ({hint}); --create starts it with this lock")
+        if not create and core.validate_name(dataset) not in core.dataset_names(store):
+            raise core.DatasetStoreError(f"{core.not_found(store, dataset)}; --create starts it with this lock")
         author_ = _author(author)
         item = None
         if trace_id not in _existing(store, core.validate_name(dataset)):
