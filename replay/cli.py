@@ -47,7 +47,8 @@ def _fail(msg: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _store_gone(e: Exception, run_id: str | None) -> typer.Exit:
+def _stopped(e: Exception, run_id: str | None) -> typer.Exit:
+    """Exit 3 for a run stopped midway (its store or its gateway gone): what it stored stays, resume finishes it."""
     finish = f": `tagway replay resume {run_id}` finishes the run" if run_id else ""
     return _fail(f"{e}; what was stored is kept{finish}", EXIT_INCOMPLETE)
 
@@ -64,7 +65,7 @@ def _user_errors(run_id: str | None = None) -> Iterator[None]:
     try:
         yield
     except StoreGoneError as e:
-        raise _store_gone(e, run_id) from None
+        raise _stopped(e, run_id) from None
     except DiscoveryError as e:
         raise _fail(str(e)) from None
     except StoreLockedError as e:
@@ -269,12 +270,11 @@ def run_cmd(
                 raise _fail("interrupted before the run was stored; nothing to resume", EXIT_INCOMPLETE) from None
             raise _fail(f"interrupted; resume with: tagway replay resume {rid}", EXIT_INCOMPLETE) from None
         except StoreGoneError as e:
-            raise _store_gone(e, rid if stored else None) from None
+            raise _stopped(e, rid if stored else None) from None
         except FatalRunError as e:
             if not (stored and e.unreachable):  # a wrong gateway, key or model: bad input (exit 2)
                 raise
-            raise _fail(f"{e}; what was stored is kept: `tagway replay resume {rid}` finishes the run",
-                        EXIT_INCOMPLETE) from None
+            raise _stopped(e, rid) from None
         _emit(result.report, fmt, out, dashboard_url)
     raise typer.Exit(result.exit_code)
 
@@ -315,8 +315,7 @@ def resume_cmd(
         except FatalRunError as e:
             if not (running and e.unreachable):  # a wrong gateway, key or model: bad input (exit 2)
                 raise
-            raise _fail(f"{e}; what was stored is kept: `tagway replay resume {run_id}` finishes the run",
-                        EXIT_INCOMPLETE) from None
+            raise _stopped(e, run_id) from None
         _emit(result.report, fmt, out)
     raise typer.Exit(result.exit_code)
 
