@@ -20,7 +20,7 @@ import orjson
 from .store import chdb_path, is_embedded
 
 __all__ = ["Announcement", "DiscoveryError", "DiscoveryPermissionError", "FILENAME", "store_dir", "discovery_path",
-           "announce", "write", "withdraw", "read", "pid_alive"]
+           "announce", "write", "withdraw", "read", "serving", "pid_alive"]
 
 FILENAME = "tagway-gateway.json"
 KIND = "tagway-gateway"
@@ -146,6 +146,16 @@ def read(directory: str) -> Announcement | None:
         raise DiscoveryError(f"{path} names {ann.url!r}, not a gateway address; if no gateway serves this store, "
                              "remove it")
     return ann
+
+
+def serving(directory: str) -> Announcement | None:
+    """The gateway announced in `directory` while its process runs; None when none is announced, it is gone, or its
+    file cannot be read (a caller that must say which uses `read` and `pid_alive`)."""
+    try:
+        ann = read(directory)
+    except DiscoveryError:
+        return None
+    return ann if ann is not None and pid_alive(ann.pid) else None
 
 
 def _int(v: Any) -> int:

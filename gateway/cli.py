@@ -174,12 +174,7 @@ def _held_by(cfg: GatewayConfig, e: Exception) -> str:
     directory = discovery.store_dir(cfg.storage.resolved_dsn())
     if not isinstance(e, StoreLockedError) or directory is None:
         return str(e)
-    try:
-        ann = discovery.read(directory)
-    except discovery.DiscoveryError:
-        ann = None
-    if ann is None or not discovery.pid_alive(ann.pid):
-        ann = reannounced(directory, None, REANNOUNCE_WAIT_SECONDS)
+    ann = discovery.serving(directory) or reannounced(directory, None, REANNOUNCE_WAIT_SECONDS)
     if ann is None:
         return str(e)
     return (f"the embedded store {directory} is in use by another process: the gateway {ann.describe()} serves it "

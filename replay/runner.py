@@ -513,11 +513,8 @@ def _refuse_beside_a_serving_gateway(app: Any) -> None:
     directory = discovery.store_dir(storage.resolved_dsn())
     if directory is None:
         return
-    try:
-        ann = discovery.read(directory)
-    except discovery.DiscoveryError:
-        return  # the start-up that follows fails on the store's lock, in its own words
-    if ann is not None and discovery.pid_alive(ann.pid):
+    ann = discovery.serving(directory)  # an unreadable file: the start-up that follows says what is wrong
+    if ann is not None:
         raise FatalRunError(f"the gateway {ann.describe()} serves the store {directory}: use --gateway {ann.url} "
                             "(--in-process would start a second gateway on the same store)")
 
