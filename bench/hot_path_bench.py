@@ -40,13 +40,15 @@ HEADERS = [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"),
            (b"content-length", b"%d" % len(BODY))]
 
 
-def config() -> GatewayConfig:
+def config(**settings: object) -> GatewayConfig:
+    """One model and one tenant key, recording off unless `settings` (top-level sections) say otherwise."""
     return GatewayConfig.model_validate({
         "recording": {"enabled": False},
         "models": [{"name": "gpt-bench", "provider": "openai", "base_url": "http://127.0.0.1:9/v1",
                     "input_cost_per_token": 1.5e-7, "output_cost_per_token": 6e-7}],
         "tenants": [{"customer": "acme", "keys": [{"id": "bench",
-                                                   "hash": "sha256:" + hashlib.sha256(KEY.encode()).hexdigest()}]}]})
+                                                   "hash": "sha256:" + hashlib.sha256(KEY.encode()).hexdigest()}]}],
+        **settings})
 
 
 class Instant:

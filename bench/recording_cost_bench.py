@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import os
 import shutil
 import statistics
@@ -31,16 +30,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-KEY = "tw-bench-0123456789abcdefghijklmnopqrstuv"
-ANSWER = (b'{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"gpt-bench","choices":[{"index":0,'
-          b'"message":{"role":"assistant","content":"Your refund was issued on Monday."},"finish_reason":"stop"}],'
-          b'"usage":{"prompt_tokens":21,"completion_tokens":9,"total_tokens":30}}')
-BODY = (b'{"model":"gpt-bench","messages":[{"role":"system","content":"You are a refunds assistant."},'
-        b'{"role":"user","content":"Where is my refund for order 1234?"}],"temperature":0.2}')
-HEADERS = [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"),
-           (b"authorization", b"Bearer " + KEY.encode()), (b"x-tagway-intent", b"refund"),
-           (b"x-tagway-prompt-version", b"refund-v4"), (b"x-tagway-tags", b"region=eu,tier=pro"),
-           (b"content-length", b"%d" % len(BODY))]
 MODES = ("off", "python", "otel", "on")
 
 
@@ -81,25 +70,14 @@ def _patch(mode: str) -> None:
 
 async def _drive(mode: str, seconds: float, rate: int) -> None:
     from gateway.app import TagwayApp, default_recorder
-    from gateway.config import GatewayConfig
-    from gateway.providers import UpstreamResponse
+    from hot_path_bench import BODY, HEADERS, Instant, config  # the same call, key and instant upstream
 
     tmp = tempfile.mkdtemp(prefix="tagway-reccost-")
-    cfg = GatewayConfig.model_validate({
-        "recording": {"enabled": mode != "off"}, "storage": {"data_dir": tmp},
-        "models": [{"name": "gpt-bench", "provider": "openai", "base_url": "http://127.0.0.1:9/v1",
-                    "input_cost_per_token": 1.5e-7, "output_cost_per_token": 6e-7}],
-        "tenants": [{"customer": "acme", "keys": [{"id": "bench",
-                                                   "hash": "sha256:" + hashlib.sha256(KEY.encode()).hexdigest()}]}]})
-
-    class Stub:  # the upstream's answer, without a network
-        async def send(self, call):
-            return UpstreamResponse(200, ANSWER, "application/json", [(b"content-type", b"application/json")])
-
+    cfg = config(recording={"enabled": mode != "off"}, storage={"data_dir": tmp})
     rec = default_recorder(cfg)
     app = TagwayApp(cfg, recorder=rec, owns_recorder=True)  # its shutdown stops the recorder
     await app.startup()
-    stub = Stub()
+    stub = Instant()
     app.proxy.providers.for_deployment = lambda d, op: stub
     scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": HEADERS, "query_string": b""}
 
