@@ -25,20 +25,10 @@ def parse_object(body: bytes) -> dict:
     return payload
 
 
-def _json_type(v: object) -> str:
-    """How OpenAI's errors name a JSON value's type."""
-    if isinstance(v, bool):
-        return "a boolean"
-    if isinstance(v, int):
-        return "an integer"
-    return {float: "a decimal", list: "an array", dict: "an object"}.get(type(v), "a value of another type")
-
-
 def requested_model(p: dict, max_chars: int) -> str:
     model = p.get("model")
-    if model is not None and not isinstance(model, str):  # as OpenAI words it: the type, not "missing"
-        raise bad_request(f"Invalid type for 'model': expected a string, but got {_json_type(model)} instead.",
-                          code="invalid_type", param="model")
+    if model is not None and not isinstance(model, str):  # the type is wrong, not the model missing
+        raise bad_request("model must be a string.", code="invalid_type", param="model")
     if not model:
         raise bad_request("You must provide a model parameter.", code="missing_model", param="model")
     if len(model) > max_chars:  # cutting a model name would route (and record) a different model: refuse
