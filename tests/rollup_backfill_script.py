@@ -78,9 +78,13 @@ def main(path: str, phase: str) -> None:
         elif phase in ("interrupt", "interrupt_first"):
             seen = []
 
+            # interrupt_first stops after its first step: live_from's day may hold only one (live_from in the
+            # day's first hour), and stopping after two would then cut short the day before instead.
+            last = 1 if phase == "interrupt_first" else 2
+
             def stop(step: rollups.BackfillStep) -> None:
                 seen.append(step)
-                if len(seen) == 2:
+                if len(seen) == last:
                     raise KeyboardInterrupt
 
             try:
