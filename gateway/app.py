@@ -92,6 +92,10 @@ class TagwayApp:
                 # connecting, migrating and replaying a spool are blocking work: keep them off the event loop
                 self.recorder = await loop.run_in_executor(None, self._recorder_factory, self.config)
             await loop.run_in_executor(None, self.pricing.load)
+            for d in self.pricing.unpriced(self.config.models):
+                log.warning("model %r (%s/%s) has no price in litellm's map or the config: its calls are recorded "
+                            "without a cost, so stats show $0 for them and budgets do not count them; set its "
+                            "input_cost_per_token and output_cost_per_token", d.name, d.provider, d.upstream_model)
             if self.providers.translates(self.config.models):
                 # importing litellm takes seconds: pay it now, off the loop, not on the first call
                 await loop.run_in_executor(None, preload_litellm)

@@ -57,6 +57,11 @@ class Pricing:
         self._per_deployment[key] = prices
         return prices
 
+    def unpriced(self, models: list[ModelConfig]) -> list[ModelConfig]:
+        """The deployments with no known price: their calls are recorded without a cost. A wildcard route's price
+        is its matched model's, known only per call."""
+        return [d for d in models if "*" not in d.name and self._prices(d) is None]
+
     def cost(self, d: ModelConfig, input_tokens: int, output_tokens: int) -> float | None:
         """USD, or None when the model has no known price (recorded as unknown, not as free)."""
         prices = self._prices(d)
