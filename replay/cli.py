@@ -18,7 +18,7 @@ import typer
 
 from .datasets import DatasetError, DatasetStoreError
 from .gate import EXIT_BAD_INPUT, EXIT_INCOMPLETE
-from .runner import FatalRunError
+from .runner import FatalRunError, gateway_for
 from .slice import EmptySliceError
 from .spec import LEGACY_GATING_HELP, SpecError, apply_overrides, load_spec_data, parse_spec
 
@@ -254,6 +254,7 @@ def run_cmd(
         spec_dir = spec.resolve().parent
         sys.path[:0] = [str(spec_dir), os.getcwd()]  # `python` evaluators: module:function beside the spec
         store = _store(dsn, config)
+        gateway = gateway_for(gateway, store, in_process=in_process)
         rid = run_id or new_run_id()
         stored: list[str] = []
 
@@ -302,6 +303,7 @@ def resume_cmd(
         _check_output(fmt, out)
         _check_limits(max_cost, concurrency)
         store = _store(dsn, config)
+        gateway = gateway_for(gateway, store, in_process=in_process)
         base = (spec_dir or Path.cwd()).resolve()
         sys.path[:0] = [str(base)]
         running: list[str] = []
@@ -395,6 +397,7 @@ def _shadow_report(spec: Optional[Path], config: Optional[Path], since: Optional
         data, source = config_spec_data(config, candidates), "the gateway config's shadow rule"
     data = apply_overrides(shadow_data(data), segment_by=segment_by, gating=gating)
     store = _store(dsn, config)
+    gateway = gateway_for(gateway, store)
 
     async def go():
         if gateway is None:  # no call is made, unless an LLM judge asks for one

@@ -23,8 +23,8 @@ from .datasets.resolve import Resolved, resolve
 from .gate import SegmentPlan, next_draws, plan
 from .render import render_json
 from .report import Report, aggregate, flipped_case_ids
-from .runner import (GATEWAY_APP, RunOutcome, Runner, Target, check_gateway, check_in_process, gateway_client,
-                     targets_for)
+from .runner import (GATEWAY_APP, NO_GATEWAY, FatalRunError, RunOutcome, Runner, Target, check_gateway,
+                     check_in_process, gateway_client, targets_for)
 from .slice import Case, EmptySliceError, SampleResult, Sampled, count_production_errors, fetch_cases, order_key, \
     sample_pool, select_slice
 from .spec import ReplaySpec, SpecError, parse_spec
@@ -153,8 +153,10 @@ async def _check_gateway(opts: RunOptions, spec: ReplaySpec) -> None:
     if opts.in_process:
         check_in_process(opts.app_ref, opts.gateway_config)
         return
-    if opts.transport is not None or not opts.gateway_url:
-        return  # a given transport: the caller's; no URL: gateway_client says so
+    if opts.transport is not None:
+        return  # a given transport: the caller's
+    if not opts.gateway_url:
+        raise FatalRunError(NO_GATEWAY)
     async with gateway_client(base_url=opts.gateway_url, timeout=min(spec.timeout, 10.0), concurrency=1) as client:
         await check_gateway(client, opts.api_key, opts.gateway_url)
 
@@ -163,6 +165,7 @@ async def start_run(store: Any, spec: ReplaySpec, opts: RunOptions) -> RunResult
     run_id = validate_run_id(opts.run_id or new_run_id())
     if get_run(store, run_id) is not None:
         raise RunExistsError(f"run {run_id} exists; use tagway replay resume {run_id}")
+    targets = targets_for(spec, opts.spec_dir)  # prompt files read (and refused) before the run is stored
     await _check_gateway(opts, spec)
     cases, skipped, notes, sampled, found = _select(store, spec)
     if found is None:
@@ -179,8 +182,8 @@ async def start_run(store: Any, spec: ReplaySpec, opts: RunOptions) -> RunResult
     write_run(store, dataclasses.replace(run, report_json=state.stored_json()))
     if opts.on_running is not None:
         opts.on_running(run_id)
-    return await _execute(store, spec, run, cases, opts, skip=set(), skipped=skipped, notes=notes, state=state,
-                          sampled=sampled)
+    return await _execute(store, spec, run, cases, targets, opts, skip=set(), skipped=skipped, notes=notes,
+                          state=state, sampled=sampled)
 
 
 async def resume_run(store: Any, run_id: str, opts: RunOptions) -> RunResult:
@@ -188,6 +191,7 @@ async def resume_run(store: Any, run_id: str, opts: RunOptions) -> RunResult:
     if run is None:
         raise SpecError(f"no replay run {run_id!r}")
     spec = parse_spec(run.spec, f"run {run_id} spec")
+    targets = targets_for(spec, opts.spec_dir)
     await _check_gateway(opts, spec)
     if opts.on_running is not None:
         opts.on_running(run_id)
@@ -205,15 +209,15 @@ async def resume_run(store: Any, run_id: str, opts: RunOptions) -> RunResult:
     sampled = None
     if spec.escalates and state.plans:
         sampled, _ = sample_pool(store, spec.slice)  # where further looks draw from
-    return await _execute(store, spec, dataclasses.replace(run, n_cases=len(cases)), cases, opts, skip=skip,
+    return await _execute(store, spec, dataclasses.replace(run, n_cases=len(cases)), cases, targets, opts, skip=skip,
                           skipped=skipped, notes=[f"resumed: {len(skip)} result(s) kept from before"],
                           spent_before=run.cost_usd, state=state, sampled=sampled)
 
 
-async def _execute(store: Any, spec: ReplaySpec, run: RunRow, cases: list[Case], opts: RunOptions, *,
+async def _execute(store: Any, spec: ReplaySpec, run: RunRow, cases: list[Case], targets: list[Target],
+                   opts: RunOptions, *,
                    skip: set[tuple[str, str]], skipped: dict[str, int], notes: list[str], state: GateState,
                    sampled: SampleResult | None, spent_before: float = 0.0) -> RunResult:
-    targets = targets_for(spec, opts.spec_dir)
     outcome: RunOutcome | None = None
     runner: Runner | None = None
     status = "incomplete"

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import random
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Sequence
@@ -25,6 +26,7 @@ import orjson
 from exporters import anthropic_format, responses_format
 from exporters.dsn import is_http_url
 from exporters.responses_format import API_MARK
+from exporters.store_access import verbose_enabled
 from exporters.vocabulary import JUDGE_SOURCE, REPLAY_SOURCE
 
 from .evaluators import EvalContext, evaluate
@@ -34,10 +36,11 @@ from .spec import Candidate, PromptSpec, ReplaySpec
 from .store import ResultRow
 
 __all__ = ["Target", "RunOutcome", "FatalRunError", "Runner", "GatewayPoster", "Answer", "text_of", "fatal_check",
-           "targets_for", "build_request", "replay_headers", "apply_prompt", "gateway_client", "GATEWAY_APP",
-           "RETRY_STATUSES"]
+           "targets_for", "build_request", "replay_headers", "apply_prompt", "gateway_client", "gateway_for",
+           "GATEWAY_APP", "NO_GATEWAY", "RETRY_STATUSES"]
 
 GATEWAY_APP = "gateway.app:create_app"
+NO_GATEWAY = "no gateway: pass --gateway URL (or env TAGWAY_GATEWAY_URL), or --in-process"
 RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 CHAT_PATH = "/v1/chat/completions"
 # a recorded call that spoke another API (its params carry API_MARK) is re-sent to that API: path, request, answer
@@ -564,6 +567,19 @@ def _fast_transport(limits: httpx.Limits) -> httpx.AsyncBaseTransport | None:
     return AiohttpTransport(limits=limits)
 
 
+def gateway_for(flag: str | None, store: Any, *, in_process: bool = False) -> str | None:
+    """Where calls go: --gateway (env TAGWAY_GATEWAY_URL), else the gateway serving the embedded store this command
+    reached through it (exporters.store_access: its announced loopback URL), else None (the caller says so)."""
+    if flag or in_process:
+        return flag
+    ann = getattr(store, "announcement", None)
+    if ann is None:
+        return None
+    if verbose_enabled():
+        sys.stderr.write(f"tagway: calls through the gateway serving the store ({ann.describe()})\n")
+    return ann.url
+
+
 @contextlib.asynccontextmanager
 async def gateway_client(*, base_url: str | None = None, transport: httpx.AsyncBaseTransport | None = None,
                          in_process: bool = False, app_ref: str = GATEWAY_APP, app_config: str | Path | None = None,
@@ -581,7 +597,7 @@ async def gateway_client(*, base_url: str | None = None, transport: httpx.AsyncB
                 yield client
         return
     if not base_url and transport is None:
-        raise FatalRunError("no gateway: pass --gateway URL (or env TAGWAY_GATEWAY_URL), or --in-process")
+        raise FatalRunError(NO_GATEWAY)
     if base_url and not is_http_url(base_url):
         raise FatalRunError(f"--gateway {base_url!r} is not an http(s) URL, e.g. http://127.0.0.1:4000")
     if transport is None:

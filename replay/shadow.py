@@ -21,7 +21,7 @@ from exporters.yamlfile import YamlFileError, load_mapping
 from .pipeline import report_for, spec_to_json
 from .render import render_json
 from .report import BASELINE, Report
-from .runner import Answer, Runner, Target
+from .runner import Answer, FatalRunError, Runner, Target, check_gateway
 from .slice import Case, PoolRow, Sampled, fetch_cases, segment_of
 from .spec import ReplaySpec, SpecError, parse_spec
 from .store import RunRow, call_attributes, write_results, write_run
@@ -144,6 +144,12 @@ async def run_shadow_report(store: Any, data: dict, source: str, window: Window,
         raise SpecError(f"no shadow call recorded from {iso_utc(window.start)} to {iso_utc(window.end)}"
                         + (f" for {', '.join(candidates)}" if candidates else "")
                         + " (is `shadow:` in the gateway config, and did sampled traffic arrive?)")
+    judges = [e.name for e in spec.evaluators if e.kind == "llm_judge"]
+    if judges:  # the judge's calls go through a gateway: reach it, with the key, before anything is stored
+        if client is None:
+            raise FatalRunError(f"the llm_judge evaluator(s) {', '.join(judges)} call a model through a gateway: "
+                                "pass --gateway URL (or env TAGWAY_GATEWAY_URL)")
+        await check_gateway(client, api_key, str(client.base_url))
     live_ids = sorted({c.case_id for c in calls})
     segments = _segments(store, live_ids, spec.segment_by)
     cases, skipped = fetch_cases(store, [Sampled(cid, segments.get(cid, "")) for cid in live_ids])

@@ -198,9 +198,11 @@ def test_cli_works_through_a_serving_gateway_then_directly_then_after_sigkill(tm
         time.sleep(9)  # start-up, then a few 2 s rounds of 2 cases: some results stored, most not
         killed.kill()
         killed.wait(30)
-        resume = tagway("replay", "resume", "live-run-2", "--gateway", f"http://127.0.0.1:{port}", "--api-key",
-                        ADMIN, "--format", "json", "--no-progress", "--concurrency", "16", config=config)
+        # no --gateway: the calls go through the gateway serving the store, as the store's statements do
+        resume = tagway("replay", "resume", "live-run-2", "--api-key", ADMIN, "--format", "json", "--no-progress",
+                        "--concurrency", "16", config=config)
         assert resume.returncode in (0, 1, 4), resume.stderr
+        assert f"calls through the gateway serving the store (pid {gw.pid} at http://127.0.0.1:{port})" in resume.stderr
         resumed = jout(resume)
         assert resumed["status"] == "complete" and resumed["n_cases"] == 14
         kept = next(n for n in resumed["notes"] if n.startswith("resumed:"))

@@ -412,3 +412,51 @@ def test_a_gateway_unreachable_from_the_start_stores_no_run(world):
     assert res.exit_code == 2, res.output
     assert f"cannot reach the gateway at http://127.0.0.1:{port}: connection refused" in res.output
     assert "replay run " not in res.output and "Timeout" not in res.output
+
+
+def test_a_run_that_cannot_start_stores_nothing_and_a_refused_resume_changes_nothing(world, monkeypatch):
+    """No gateway, or a prompt file that cannot be read: exit 2 before the run is stored (no ghost run that
+    `resume` would then try). A resume refused for want of a gateway leaves a finished run as it was."""
+    from replay.store import get_run
+    from exporters.store import connect
+
+    monkeypatch.delenv("TAGWAY_GATEWAY_URL", raising=False)
+    no_gateway = ["--dsn", world["dsn"], "--api-key", API_KEY, "--no-progress"]
+    ghost = unique("nogw")
+    res = invoke("run", "--spec", world["spec"], *no_gateway, "--run-id", ghost)
+    assert res.exit_code == 2 and _one_error_line(res) == (
+        "error: no gateway: pass --gateway URL (or env TAGWAY_GATEWAY_URL), or --in-process")
+    spec = yaml.safe_load(world["spec"].read_text())
+    spec["candidates"][0]["prompt"] = {"file": "missing.txt", "version": "v2"}
+    bad = world["tmp"] / "bad-prompt.yaml"
+    bad.write_text(yaml.safe_dump(spec))
+    unread = unique("noprompt")
+    res = invoke("run", "--spec", bad, *world["common"], "--run-id", unread)
+    assert res.exit_code == 2 and "missing.txt" in _one_error_line(res)
+    assert not world["gw"].chat_requests()
+
+    done = unique("done")
+    assert invoke("run", "--spec", world["spec"], *world["common"], "--run-id", done).exit_code == 1
+    res = invoke("resume", done, *no_gateway)
+    assert res.exit_code == 2 and "no gateway" in _one_error_line(res)
+    store = connect(world["dsn"])
+    try:
+        assert get_run(store, ghost) is None and get_run(store, unread) is None
+        assert get_run(store, done).status == "complete"
+    finally:
+        store.close()
+
+
+def test_dataset_flag_on_a_spec_that_escalates_its_slice():
+    """The README's replay.yaml (a slice with escalation on) with --dataset: the slice and its escalation give way to
+    the dataset's fixed cases; --escalate with --dataset is still refused."""
+    from replay.spec import SpecError, apply_overrides, parse_spec
+
+    data = {"slice": {"since": "7d", "segment_by": ["customer"]},
+            "candidates": [{"name": "cand", "model": "m"}], "evaluators": [{"type": "icontains", "value": "x"}],
+            "gating": {"alpha": 0.05, "escalation": {"enabled": True, "max_cases": 2000, "looks": 2}}}
+    spec = parse_spec(apply_overrides(data, dataset="refunds@1"), "replay.yaml")
+    assert spec.dataset == "refunds@1" and not spec.escalates and spec.gating.alpha == 0.05
+    assert data["gating"]["escalation"]["enabled"] is True  # the caller's mapping is left as it was
+    with pytest.raises(SpecError, match="gating.escalation draws more cases from production: it needs a slice"):
+        parse_spec(apply_overrides(data, dataset="refunds@1", escalation={"enabled": True}), "replay.yaml")

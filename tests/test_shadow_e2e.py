@@ -208,3 +208,20 @@ def test_report_shadow_bad_input(gw, live):
     assert p.returncode == 2 and "--since" in p.stderr and "Traceback" not in p.stderr
     p = gw.cli("replay", "report", "some-run", "--shadow")
     assert p.returncode == 2 and "give no RUN_ID" in p.stderr
+
+
+def test_report_shadow_with_a_judge_reaches_the_gateway_before_storing_a_run(gw, live):
+    """An llm_judge calls a model through a gateway: with none given, the one serving the store; a key it refuses is
+    bad input (exit 2) before anything is stored, not a run of errored judgements reported as a regression."""
+    shadow_rows(gw, 2 * N + 3)
+    spec = gw.tmp / "judged.yaml"
+    spec.write_text(yaml.safe_dump({"slice": {"segment_by": ["customer"]},
+                                    "evaluators": [{"type": "llm_judge", "value": "Is it an echo?",
+                                                    "model": "gpt-test", "judge_version": "1"}]}))
+    runs = {r["run_id"] for r in gw.get("/admin/replays", ADMIN).json()["runs"]}
+    p = gw.cli("--verbose", "replay", "report", "--shadow", "--since", "1h", "--spec", str(spec), "--candidate",
+               "refund-bad")
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert f"calls through the gateway serving the store (pid {gw.proc.pid} at {gw.url})" in p.stderr
+    assert p.stderr.splitlines()[-1].startswith(f"error: the gateway at {gw.url} rejected the API key (HTTP 401)")
+    assert {r["run_id"] for r in gw.get("/admin/replays", ADMIN).json()["runs"]} == runs

@@ -144,6 +144,7 @@ def populate_cmd(
     from ..evals.definition import DefinitionError
     from ..evals.populate import populate_and_evaluate, ready
     from ..evals.run import EvalOptions
+    from ..runner import gateway_for
     from ..spec import SpecError
     with _errors(), eval_errors():
         if bool(name) == all_:
@@ -152,7 +153,8 @@ def populate_cmd(
             raise core.DatasetStoreError(f"--watch {every:g}: seconds between populations, more than 0")
         check_run_options(concurrency, lock_wait)
         store, _ = _open(dsn, config)
-        opts = EvalOptions(gateway_url=gateway, in_process=in_process, gateway_config=config,
+        opts = EvalOptions(gateway_url=gateway_for(gateway, store, in_process=in_process), in_process=in_process,
+                           gateway_config=config,
                            api_key=_api_key(api_key), concurrency=concurrency, lock_wait=lock_wait)
         if name:
             ready(store, name, opts)  # bad input: exit 2 before anything is added

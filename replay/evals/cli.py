@@ -145,6 +145,7 @@ def run_cmd(
     from ..cli import _api_key  # noqa: PLC0415
     from ..datasets import validate_run_id  # noqa: PLC0415
     from .report import print_report, report_json  # noqa: PLC0415
+    from ..runner import gateway_for  # noqa: PLC0415
     from .run import MODES, EvalOptions, resolve_evaluators, run_evaluation  # noqa: PLC0415
     with _errors():
         _check_format(fmt)
@@ -155,7 +156,8 @@ def run_cmd(
             validate_run_id(run_id)
         store = _store(dsn, config)
         evaluators = resolve_evaluators(store, evaluator)
-        opts = EvalOptions(mode=mode, gateway_url=gateway, in_process=in_process, gateway_config=config,
+        opts = EvalOptions(mode=mode, gateway_url=gateway_for(gateway, store, in_process=in_process),
+                           in_process=in_process, gateway_config=config,
                            api_key=_api_key(api_key), concurrency=concurrency, lock_wait=lock_wait, run_id=run_id)
         result = asyncio.run(run_evaluation(store, evaluators, dataset, opts))
         events = run_events(store, result.run.run_id)
