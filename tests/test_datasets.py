@@ -283,6 +283,22 @@ def test_export_import_carry_content_labels_and_locks_and_a_bad_line_imports_not
     assert b.version.targets == a.version.targets and b.version.message.endswith(f"(exported from {name}@4)")
     assert [c.case.messages for c in b.cases] == [c.case.messages for c in a.cases]
 
+    # an older export imported over a dataset that moved on: a lock it does not keep goes only with --force and
+    # --reason (as with remove); the cases and labels it drops are said
+    older = tmp_path / "older.jsonl"
+    assert tw("dataset", "export", f"{name}@1", "--out", older, *world["common"]).exit_code == 0
+    res = tw("dataset", "import", older, "--name", name, *world["common"])
+    assert res.exit_code == 2 and error_line(res) == (
+        f"error: the file does not keep 1 lock(s) of {name}@4 ({ids[2]}): a locked case goes only with --force and "
+        "--reason, which the log keeps")
+    assert load(store, name).version.version == 4  # nothing imported
+    res = tw("dataset", "import", older, "--name", name, "--force", "--reason", "back to the first cut",
+             *world["common"])
+    assert res.exit_code == 0 and res.output.strip() == (
+        f"{name}@5: imported 2 case(s) from {older}; against {name}@4: 1 case(s) removed, 1 lock(s) dropped, "
+        "1 label(s) cleared or changed (2 case(s))"), res.output
+    assert load(store, name).version.message.endswith("(forced: back to the first cut)")
+
     bad = tmp_path / "bad.jsonl"
     text = out.read_text().splitlines()
     bad.write_text("\n".join(text[:2] + ['{"trace_id": "x1", "messages": [{"role": "user", "content": "hi"}], '

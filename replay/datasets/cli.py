@@ -152,10 +152,14 @@ def export_cmd(ref: str = typer.Argument(...),
 def import_cmd(file: Path = typer.Argument(..., help="A JSONL file (tagway dataset export, or replay dataset save)."),
                name: Optional[str] = typer.Option(None, "--name", help="Dataset to import into (default: the "
                                                   "file's own name)."),
+               force: bool = typer.Option(False, "--force", help="Also when the file does not keep a lock of the "
+                                          "latest version (needs --reason)."),
+               reason: str = typer.Option("", "--reason", help="Why the locks go (kept in the log)."),
                message: str = MessageOpt, author: Optional[str] = AuthorOpt,
                dsn: Optional[str] = DsnOpt, config: Optional[Path] = ConfigOpt) -> None:
     """A new version holding exactly the file's cases (and its targets). Every line is checked first: a bad line
-    stops the import with its line number, and nothing is imported."""
+    stops the import with its line number, and nothing is imported. A lock of the latest version that the file does
+    not keep goes only with --force and --reason, as with `remove`; cases and labels it drops are said."""
     from .jsonl import parse_file
     from .versions import import_version
     with _errors():
@@ -166,9 +170,16 @@ def import_cmd(file: Path = typer.Argument(..., help="A JSONL file (tagway datas
         core.validate_name(target)
         store, _ = _open(dsn, config)
         origin = f" (exported from {parsed.header.ref})" if parsed.header and parsed.header.ref else ""
+        msg = message or f"import {file.name}{origin}"
+        if force and reason:
+            msg += f" (forced: {reason})"
+        lost: dict[str, list[str]] = {}
         v = import_version(store, target, parsed.items, parsed.header.targets if parsed.header else {},
-                           message=message or f"import {file.name}{origin}", author=_author(author))
-    _made(v, f"imported {len(parsed.items)} case(s) from {file}")
+                           message=msg, author=_author(author), force=force, reason=reason, losses=lost)
+    dropped = [f"{len(lost[k])} {what}" for k, what in (("cases", "case(s) removed"), ("locks", "lock(s) dropped"),
+                                                         ("labels", "label(s) cleared or changed")) if lost.get(k)]
+    against = f"; against {v.name}@{v.parent}: {', '.join(dropped)}" if dropped else ""
+    _made(v, f"imported {len(parsed.items)} case(s) from {file}{against}")
 
 
 # -- changes ------------------------------------------------------------------------------------------------------

@@ -210,14 +210,43 @@ def set_targets(store: Any, name: str, targets: dict, *, message: str, author: s
     return commit(store, name, change, author=author, message=message, op="targets", create=False)
 
 
+def import_losses(before: Sequence[CaseRecord], after: Sequence[CaseRecord]) -> dict[str, list[str]]:
+    """What a version holding exactly `after` takes away from `before`, by trace id: cases gone, locks dropped
+    (gone, unlocked or expecting another outcome) and labels cleared or changed."""
+    now = {c.trace_id: c for c in after}
+    out: dict[str, list[str]] = {"cases": [], "locks": [], "labels": []}
+    for c in before:
+        n = now.get(c.trace_id)
+        if n is None:
+            out["cases"].append(c.trace_id)
+        if c.locked and (n is None or not n.locked or n.expect != c.expect):
+            out["locks"].append(c.trace_id)
+        if c.label and n is not None and n.label != c.label:
+            out["labels"].append(c.trace_id)
+    return out
+
+
 def import_version(store: Any, name: str, items: Sequence[Captured], targets: dict, *, message: str,
-                   author: str) -> Version:
+                   author: str, force: bool = False, reason: str = "",
+                   losses: dict[str, list[str]] | None = None) -> Version:
     """A new version of `name` (created when missing) holding exactly `items` (an imported file's cases, their
-    labels, difficulty and locks as the file says) and `targets`. Content first, the version last."""
+    labels, difficulty and locks as the file says) and `targets`. Content first, the version last. A lock of the
+    latest version that the file does not keep goes only with `force` and a `reason`, as in `remove_cases`;
+    `losses` (when given) is filled with what the import took away (import_losses)."""
     new = _norm_captured(items)
     put_content(store, {c.trace_id: content_json(c.case) for c in new})
 
     def change(latest: Version | None, cases: list[CaseRecord]) -> tuple[list[CaseRecord], dict]:
-        return [dataclasses.replace(c.record) for c in new], dict(targets)
+        after = [dataclasses.replace(c.record) for c in new]
+        lost = import_losses(cases, after)
+        if lost["locks"] and not (force and reason.strip()):
+            ids = lost["locks"]
+            raise DatasetStoreError(f"the file does not keep {len(ids)} lock(s) of {latest.ref if latest else name} "
+                                    f"({', '.join(ids[:5])}{', ...' if len(ids) > 5 else ''}): a locked case goes "
+                                    "only with --force and --reason, which the log keeps")
+        if losses is not None:
+            losses.clear()
+            losses.update(lost)
+        return after, dict(targets)
 
     return commit(store, name, change, author=author, message=message, op="import")
