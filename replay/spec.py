@@ -384,6 +384,12 @@ def apply_overrides(data: dict, *, customer: list[str] | None = None, intent: li
     if dataset is not None:
         data.pop("slice", None)
         data["dataset"] = dataset
+        gating_of = data.get("gating")
+        esc_of = gating_of.get("escalation") if isinstance(gating_of, dict) else None
+        if isinstance(esc_of, dict) and esc_of.get("enabled") is True:
+            # the spec's escalation drew from the slice --dataset replaced: a dataset's cases are fixed (an
+            # explicit --escalate with --dataset is still refused, by the spec's own check)
+            data["gating"] = {**gating_of, "escalation": {**esc_of, "enabled": False}}
     slice_over = {k: v for k, v in {"customer": customer or None, "intent": intent or None, "since": since,
                                     "segment_by": segment_by, "limit": limit}.items() if v is not None}
     if tags:
