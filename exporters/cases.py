@@ -4,8 +4,8 @@ against each candidate's, and the sections other parts of tagway record about a 
 
 Sections plug in: each `CaseSection` names the table it reads and a function returning rows (dicts, shown as a
 table by the page and the CLI). A section appears once its table exists in the store, so the datasets, labels,
-feedback and tag-audit work adds one entry to SECTIONS and nothing else changes. Today: the pinned datasets that
-hold the trace (`replay_datasets`) and the audit log of its applied tags (`tag_events`).
+feedback and tag-audit work adds one entry to SECTIONS and nothing else changes. Today: the datasets that hold the
+trace (versioned and pinned), its labels and locks, its feedback and the audit log of its applied tags.
 """
 from __future__ import annotations
 
@@ -30,7 +30,9 @@ class CaseSection:
 
 
 def _datasets(store: Any, trace_id: str, customer: str | None, database: str) -> list[dict[str, Any]]:
-    return replays.datasets_for_trace(store, trace_id, database=database)
+    """The versioned datasets holding the trace (their latest versions), then the pinned ones (a replay run's
+    cases, `replay dataset save`)."""
+    return datasets.holding_trace(store, trace_id) + replays.datasets_for_trace(store, trace_id, database=database)
 
 
 def _labels(store: Any, trace_id: str, customer: str | None, database: str) -> list[dict[str, Any]]:

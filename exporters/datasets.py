@@ -340,6 +340,20 @@ def cases_for_trace(store: Any, trace_id: str) -> list[dict[str, Any]]:
                        "{ids:Array(String)} ORDER BY dataset_id", {"t": trace_id, "ids": ids})
 
 
+def holding_trace(store: Any, trace_id: str) -> list[dict[str, Any]]:
+    """The latest version of each dataset that holds `trace_id` (the case board's "In datasets" section, beside the
+    pinned ones): its ref, the case's segment, when the case was added and the version's message."""
+    latest = {v.version_id: v for v in latest_versions(store)}
+    if not latest:
+        return []
+    rows = store.query("SELECT version_id, segment, toFloat64(added_at) AS added_at FROM dataset_cases "
+                       "WHERE trace_id = {t:String} AND version_id IN {ids:Array(String)}",
+                       {"t": trace_id, "ids": list(latest)})
+    return sorted(({"dataset_id": latest[r["version_id"]].ref, "segment": r["segment"],
+                    "description": latest[r["version_id"]].message, "added_at": r["added_at"]} for r in rows),
+                  key=lambda r: r["dataset_id"])
+
+
 # Every replayed case of a run beside its dataset case (label, lock, difficulty) and the production call it came
 # from: one query on the shared keys.
 JOIN_SQL = """SELECT r.run_id AS run_id, r.candidate AS candidate, r.case_id AS trace_id, r.status AS status,

@@ -253,6 +253,9 @@ def test_datasets_from_complaints_to_locks_and_the_coverage_map(gw):
     sections = {x["name"]: x["rows"] for x in view["sections"]}
     assert [(r["dataset_id"], r["locked"], r["expect"], r["lock_note"]) for r in sections["labels"]] == [
         ("refunds@3", True, "pass", "refund-v4 dropped the policy clause")]
+    held = sections["datasets"]  # the versioned dataset (its latest version) first, then any pinned ones
+    assert held and held[0]["dataset_id"] == "refunds@3" and held[0]["segment"] == "acme"
+    assert all(not r["dataset_id"].startswith("refunds@") for r in held[1:])
     assert [(r["complaint"], r["thumbs"], r["source"], r["rated_by"]) for r in sections["feedback"]] == [
         (True, "down", "support", "acme-k")]
 
