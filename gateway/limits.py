@@ -7,7 +7,9 @@ overdraws waits until the bucket refills. Budgets cap the spend (recorded `cost_
 period: `per` is a duration (1h, 1d, 7d, 30d: windows aligned to the Unix epoch, UTC) or `month` (calendar month,
 UTC); at `soft` (a fraction) responses carry a warning header, at the budget calls are refused until the next
 period. Spend is read from the store (every `refresh_seconds`, off the event loop) and topped up in-process by
-each call's cost, so a burst cannot outrun the last refresh by more than the calls in flight.
+each call's cost. A call's cost is known only when it ends, so the calls in flight count too, each at the scope's
+recent average cost a call: a burst of concurrent calls stops at the budget (give or take one call), instead of
+every call of the burst being admitted against the spend before it.
 
 Buckets live in the process. With `tagway serve --workers N` each worker enforces its 1/N share of every rate
 limit (the OpenAI SDK's clients spread over workers evenly enough for this); budgets are shared through the store.
@@ -147,6 +149,7 @@ def period_bounds(per: str, now: float) -> tuple[float, float]:
     return start, start + length
 
 
+_COST_WEIGHT = 0.2  # of the newest call in the average cost a call that calls in flight are counted at
 # calls reach the store a few seconds after they end (batching): their cost stays counted in-process this long
 # after a refresh, even if the store already had it (counting it twice errs on the side of the budget)
 _STORE_LAG = 15.0
@@ -172,6 +175,8 @@ class Budgets:
         self.clock = clock
         self._spend: dict[tuple[str, str], _Spend] = {}
         self._periods: dict[tuple[str, str], str] = {}
+        self._in_flight: dict[tuple[str, str], int] = {}  # admitted calls not ended yet
+        self._per_call: dict[tuple[str, str], float] = {}  # recent average cost of a call (EWMA of ended calls)
         self.refused = 0
 
     def _current(self, who: tuple[str, str], per: str) -> _Spend:
@@ -188,11 +193,14 @@ class Budgets:
         """A refusal at the budget, else the warning header value past `soft` (or '')."""
         self._periods[who] = per
         spent = self.spent(who, per)
-        if spent >= usd:
+        n = self._in_flight.get(who, 0)
+        pending = n * self._per_call.get(who, 0.0)
+        if spent + pending >= usd:
             self.refused += 1
             _, end = period_bounds(per, self.clock())
+            flying = f", with {n} call(s) in flight (~{usd_text(pending)})" if pending and spent < usd else ""
             return Refusal("budget_exceeded", f"Budget reached: {who[0]} {who[1]!r} spent {usd_text(spent)} of "
-                           f"{usd_text(usd)} per {per}; calls resume when the period ends.",
+                           f"{usd_text(usd)} per {per}{flying}; calls resume when the period ends.",
                            max(1.0, end - self.clock())), ""
         if spent >= soft * usd:
             return None, f"{who[0]} {who[1]} spent {usd_text(spent)} of {usd_text(usd)} per {per} ({spent / usd:.0%})"
@@ -201,6 +209,21 @@ class Budgets:
     def add(self, who: tuple[str, str], per: str, cost: float) -> None:
         if cost > 0:
             self._current(who, per).recent.append((self.clock(), cost))
+
+    def begin(self, who: tuple[str, str]) -> None:
+        """An admitted call: it counts against the budget at the scope's average cost a call until it ends."""
+        self._in_flight[who] = self._in_flight.get(who, 0) + 1
+
+    def end(self, who: tuple[str, str], cost: float) -> None:
+        """The call `begin` counted ended having cost `cost` (0 for one that failed or was not priced)."""
+        n = self._in_flight.get(who, 0) - 1
+        if n > 0:
+            self._in_flight[who] = n
+        else:
+            self._in_flight.pop(who, None)
+        if cost > 0:  # unpriced or failed calls cost nothing and say nothing of what the next call costs
+            prev = self._per_call.get(who)
+            self._per_call[who] = cost if prev is None else prev + _COST_WEIGHT * (cost - prev)
 
     def refresh(self) -> None:
         """Re-read every tracked spend from the store (blocking: run it on a thread)."""
@@ -265,13 +288,21 @@ class CallLimits:
                 if warning:
                     warnings.append(warning)
         refusal = self.limiter.admit([(who, lim.rpm, lim.tpm) for who, lim in scopes])
-        return refusal, ([] if refusal else warnings)
+        if refusal is not None:
+            return refusal, []
+        for who, lim in scopes:
+            if lim.budget is not None:
+                self.budgets.begin(who)
+        return None, warnings
 
     def finish(self, scopes: list[Scope], tokens: int, cost: float) -> None:
+        """A call `admit` let through ended: its tokens and cost are charged (every admitted call comes here once)."""
         self.limiter.charge([(who, lim.rpm, lim.tpm) for who, lim in scopes], tokens)
         for who, lim in scopes:
-            if lim.budget is not None and cost:
-                self.budgets.add(who, lim.budget.per, cost)
+            if lim.budget is not None:
+                self.budgets.end(who, cost)
+                if cost:
+                    self.budgets.add(who, lim.budget.per, cost)
 
     @property
     def refused(self) -> dict[str, int]:

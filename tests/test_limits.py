@@ -125,3 +125,34 @@ def test_call_limits_scopes_and_finish():
     refusal, _ = cl.admit(scopes)
     assert refusal.code == "budget_exceeded" and cl.refused == {"rate_limited": 0, "budget_exceeded": 1}
     assert CallLimits.scopes("admin", None, None) == []
+
+
+def test_calls_in_flight_count_against_the_budget_at_the_recent_cost_a_call():
+    """The trial's burst: $0.04 of $0.05 spent, calls of $0.02 each, eight at once. Before, all eight were admitted
+    against the spend before them ($0.20 of $0.05); now the calls in flight count at the average cost a call."""
+    lim = LimitsConfig(budget=BudgetConfig(usd=0.05, per="1d"))
+    cl = CallLimits()
+    cl.budgets.clock = Clock(dt.datetime(2026, 3, 10, 12, tzinfo=dt.timezone.utc).timestamp())
+    scopes = [(("tenant", "dd"), lim)]
+    for _ in range(2):  # two calls before the burst: $0.04, and what a call costs
+        assert cl.admit(scopes) == (None, [])
+        cl.finish(scopes, tokens=10, cost=0.02)
+    burst = [cl.admit(scopes)[0] for _ in range(8)]
+    assert [r is None for r in burst] == [True] + [False] * 7  # $0.04 + one call in flight (~$0.02) >= $0.05
+    assert "spent $0.04 of $0.05 per 1d, with 1 call(s) in flight (~$0.02)" in burst[1].message
+    cl.finish(scopes, tokens=10, cost=0.02)  # the admitted one ends: $0.06, over by at most that one call
+    assert cl.budgets.spent(("tenant", "dd"), "1d") == pytest.approx(0.06) and cl.admit(scopes)[0] is not None
+    # a failed or unpriced call ends without a cost: it leaves the flight and does not lower the average
+    fresh = [(("tenant", "ee"), LimitsConfig(budget=BudgetConfig(usd=1.0, per="1d")))]
+    assert cl.admit(fresh)[0] is None
+    cl.finish(fresh, tokens=0, cost=0.0)
+    assert cl.budgets._in_flight == {} and ("tenant", "ee") not in cl.budgets._per_call
+
+
+def test_a_rate_limited_call_is_not_counted_in_flight():
+    lim = LimitsConfig(rpm=1, budget=BudgetConfig(usd=1.0, per="1d"))
+    cl = CallLimits()
+    scopes = [(("key", "k"), lim)]
+    assert cl.admit(scopes)[0] is None
+    refusal, _ = cl.admit(scopes)
+    assert refusal.code == "rate_limited" and cl.budgets._in_flight == {("key", "k"): 1}
