@@ -121,6 +121,11 @@ def serve(config: Optional[str] = ConfigOpt,
     except StoreError as e:
         sock.close()
         raise fail(_held_by(cfg, e)) from None
+    except OSError as e:  # a read-only or full data directory, a spool path that is a file: one line, no traceback
+        sock.close()
+        where = f": {e.filename}" if e.filename else ""
+        raise fail(f"cannot start recording: {e.strerror or e}{where} (the spool and the embedded store live under "
+                   "storage.data_dir, the spool under storage.spool_dir when set)") from None
     tune_gc()
     install_access_log(cfg)
     # the app owns the recorder: its lifespan shutdown flushes it, which matters because uvicorn re-raises

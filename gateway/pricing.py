@@ -59,8 +59,8 @@ class Pricing:
 
     def unpriced(self, models: list[ModelConfig]) -> list[ModelConfig]:
         """The deployments with no known price: their calls are recorded without a cost. A wildcard route's price
-        is its matched model's, known only per call."""
-        return [d for d in models if "*" not in d.name and self._prices(d) is None]
+        is its matched model's, known only per call; a mock model calls no provider."""
+        return [d for d in models if "*" not in d.name and d.provider != "mock" and self._prices(d) is None]
 
     def cost(self, d: ModelConfig, input_tokens: int, output_tokens: int) -> float | None:
         """USD, or None when the model has no known price (recorded as unknown, not as free)."""

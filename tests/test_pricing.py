@@ -23,7 +23,8 @@ def test_unpriced_models_are_named_at_start_and_their_calls_carry_no_cost(upstre
         models=[{"name": "priced", "model": "ok-priced", **up, "input_cost_per_token": 1e-6},  # the config's price
                 {"name": "mapped", "model": "gpt-4o-mini", **up},  # litellm's local price map
                 {"name": "house", "model": "ok-house", **up},  # neither
-                {"name": "up/*", **up}],  # a wildcard's price is its matched model's: known per call only
+                {"name": "up/*", **up},  # a wildcard's price is its matched model's: known per call only
+                {"name": "canned", "provider": "mock", "mock": {"reply": "hi"}}],  # calls no provider
         tenants=[{"customer": "acme", "keys": [{"id": "a", "hash": hash_key(KEY)}]}])
     recorder = MemoryRecorder()
     with caplog.at_level(logging.WARNING, logger="tagway"):

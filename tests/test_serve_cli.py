@@ -128,3 +128,18 @@ def test_an_sdk_turned_off_by_environment_is_one_line_not_a_gateway_without_trac
         assert proc.returncode == 2, err
         assert "serving" not in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
         assert "OTEL_SDK_DISABLED=true turns off the OpenTelemetry SDK" in err and "unset it" in err
+
+
+def test_a_spool_that_cannot_be_written_is_one_line(tmp_path):
+    """A read-only or broken data directory (here: the spool's parent is a file) fails start-up in one line naming
+    the path, before anything says "serving", not in a traceback from inside the recorder."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    path = write_config(tmp_path, free_port(), recording={"enabled": True},
+                        storage={"data_dir": str(tmp_path / "data"), "spool_dir": str(blocker / "spool")})
+    proc = serve(path)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in err and "serving" not in err, err
+    assert err.strip().splitlines() == [f"tagway: error: cannot start recording: Not a directory: {blocker}/spool "
+                                        "(the spool and the embedded store live under storage.data_dir, the spool "
+                                        "under storage.spool_dir when set)"]
