@@ -2,11 +2,12 @@
 by pydantic at start-up and reported as one clear line per problem."""
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -448,7 +449,28 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Gate
             data["storage"] = anchor_storage_paths(data["storage"], base)
     file_keys = frozenset(data)
     data.update(overrides)
+    unknown = _unknown_sections(os.environ)
     try:
-        return GatewayConfig(**data)
+        cfg = GatewayConfig(**data)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, path, file_keys)) from None
+        raise ConfigError(unknown + _format_errors(e, path, file_keys)) from None
+    if unknown:
+        raise ConfigError(unknown)
+    return cfg
+
+
+def _unknown_sections(environ: Mapping[str, str]) -> list[str]:
+    """A `TAGWAY_X__Y` variable whose section X is no setting would be ignored without a word (pydantic-settings
+    reads only the sections it knows): TAGWAY_ACCESSLOG__ENABLED=false would leave the access log on."""
+    sections = {name.upper(): name for name in GatewayConfig.model_fields}
+    out = []
+    for var in sorted(environ):
+        if not var.upper().startswith("TAGWAY_") or "__" not in var[len("TAGWAY_"):]:
+            continue
+        section = var[len("TAGWAY_"):].split("__", 1)[0].upper()
+        if section in sections:
+            continue
+        near = difflib.get_close_matches(section.lower(), list(sections.values()), n=1, cutoff=0.6)
+        hint = f" (did you mean $TAGWAY_{near[0].upper()}__...?)" if near else ""
+        out.append(f"${var}: {section.lower()}: unknown settings section{hint}")
+    return out

@@ -141,6 +141,20 @@ def test_config_errors_from_the_environment_name_the_variable(run, tmp_path):
     assert res.stderr.startswith("tagway: config error: $TAGWAY_SERVER__PORT: server.port: "), res.stderr
 
 
+def test_a_variable_of_no_settings_section_is_an_error_not_ignored(run, tmp_path):
+    """TAGWAY_ACCESSLOG__ENABLED=false (for access_log) was read by nobody: the access log stayed on, config check
+    said nothing. A `__` variable names a section, so one naming none is refused, with the nearest section."""
+    res = run("config", "check", "--config", write(tmp_path),
+              env={"TAGWAY_ACCESSLOG__ENABLED": "false", "TAGWAY_ZZZ__X": "1"})
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert res.stderr.splitlines() == [
+        "tagway: config error: $TAGWAY_ACCESSLOG__ENABLED: accesslog: unknown settings section (did you mean "
+        "$TAGWAY_ACCESS_LOG__...?)",
+        "tagway: config error: $TAGWAY_ZZZ__X: zzz: unknown settings section"]
+    assert run("config", "check", "--config", write(tmp_path),
+               env={"TAGWAY_ACCESS_LOG__ENABLED": "false"}).exit_code == 0
+
+
 def test_version(run):
     from importlib.metadata import version  # noqa: PLC0415
 
