@@ -14,9 +14,13 @@ __all__ = ["print_case"]
 _STATUS_STYLE = {"passed": "green", "failed": "bold red", "errored": "yellow"}
 
 
-def _diff_text(diff: list[list[str]]) -> Text:
+def _diff_text(diff: list[list[str]], plain: bool = False) -> Text:
+    """Deleted words red and struck through, inserted ones green; `plain` (no colours: a pipe, NO_COLOR) marks them
+    as `git diff --word-diff=plain` does, [-deleted-]{+inserted+}, so the two never run together."""
     out = Text()
     for op, text in diff:
+        if plain and op in "-+":
+            text = f"[-{text}-]" if op == "-" else f"{{+{text}+}}"
         out.append(text, style={"-": "red strike", "+": "green"}.get(op, ""))
     return out
 
@@ -63,7 +67,7 @@ def print_case(view: dict[str, Any], console: Console, print_call: Any) -> None:
             console.print(_result(f"candidate {cand['candidate']}", cand))
             if cand.get("diff") is not None:
                 console.print(Text(f"diff baseline -> {cand['candidate']}:", style="bold"))
-                console.print(_diff_text(cand["diff"]))
+                console.print(_diff_text(cand["diff"], plain=console.color_system is None))
     for s in view["sections"]:
         console.print()
         if s["rows"] is None:
