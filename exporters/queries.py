@@ -484,9 +484,15 @@ class ErrorsReport:
     selection: Selection
     total_errors: int
     groups: list[ErrorGroup]
+    error_types: int = 0  # all the error types of the selection; `groups` holds the top `limit` of them
+
+    @property
+    def omitted(self) -> tuple[int, int]:
+        """The error types past the limit, and their calls."""
+        return self.error_types - len(self.groups), self.total_errors - sum(g.count for g in self.groups)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.selection.to_dict(), "total_errors": self.total_errors,
+        return {**self.selection.to_dict(), "total_errors": self.total_errors, "error_types": self.error_types,
                 "errors": [g.to_dict() for g in self.groups]}
 
 
@@ -505,7 +511,7 @@ def top_errors(store: Store, sel: Selection, *, limit: int = 10, examples: int =
                               "(tagway stats counts the answered ones)", param="status")
     p = _Params()
     where = _where(sel, p, sel.window, database)
-    sql = (f"SELECT error_type, count() AS n, sum(count()) OVER () AS total, "
+    sql = (f"SELECT error_type, count() AS n, sum(count()) OVER () AS total, count() OVER () AS types, "
            f"groupUniqArray(5)(http_status) AS statuses, uniqIf(customer, customer != '') AS customers, "
            # the newest calls (ties by trace id): the same examples on every read, whichever process answers
            f"arrayMap(x -> x.2, groupArraySorted({p.add('n', 'UInt32', examples)})"
@@ -519,7 +525,7 @@ def top_errors(store: Store, sel: Selection, *, limit: int = 10, examples: int =
                          http_statuses=sorted(int(s) for s in r["statuses"] if s), customers=int(r["customers"]),
                          example_trace_ids=list(r["examples"]), first_seen=_iso_us(r["first_us"]),
                          last_seen=_iso_us(r["last_us"])) for r in rows]
-    return ErrorsReport(sel, total, groups)
+    return ErrorsReport(sel, total, groups, int(rows[0]["types"]) if rows else 0)
 
 
 # -- one call --------------------------------------------------------------------------------------------------

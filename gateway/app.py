@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 from typing import Any, Callable
 
 from fastapi import FastAPI, Request

@@ -369,6 +369,10 @@ def errors_command(
                                       header_style="bold")
             console.print(table)
             _say_hidden(console, hidden)
+            types, calls = report.omitted
+            if types > 0:
+                console.print(f"... and {types:,} more error type(s) with {calls:,} call(s) (--limit {limit}: "
+                              f"raise it to list them)")
             if not report.groups:
                 console.print(f"no {sel.status or 'error'} calls match this window and these filters")
 

@@ -105,12 +105,16 @@ def test_errors_and_show(run, seeded):
     table = run("errors", "--where", seeded.where, "--limit", "2")
     assert table.exit_code == 0
     assert "upstream_5xx" in table.stdout and "timeout" in table.stdout and "rate_limited" not in table.stdout
+    assert d["error_types"] == 3 and d["total_errors"] == 34
+    # what the limit leaves out is said, so the shares need not add up to 100% unexplained
+    assert "... and 1 more error type(s) with 3 call(s) (--limit 2: raise it to list them)" in table.stdout
+    assert "more error type" not in run("errors", "--where", seeded.where, "--limit", "3").stdout
     example = d["errors"][0]["example_trace_ids"][0]
     assert example in table.stdout or any(t in table.stdout for t in d["errors"][0]["example_trace_ids"])
 
     shown = run("show", seeded.error_trace)
     assert shown.exit_code == 0, shown.output
-    for text in (seeded.acme, "refund", "upstream_5xx", "502", f"region=eu", "run=" + seeded.run, "10 in / 5 out",
+    for text in (seeded.acme, "refund", "upstream_5xx", "502", "region=eu", "run=" + seeded.run, "10 in / 5 out",
                  "$0.001000", "request", '"hi"'):
         assert text in shown.stdout, text
     as_json = run("show", seeded.span_trace_ok, "--json")

@@ -223,6 +223,21 @@ def test_page_with_a_wrong_key_asks_again(server, seeded):
     assert dom.table("segments") == []
 
 
+def test_top_errors_say_what_the_ten_rows_leave_out(server, chdb_store):
+    """12 error types, the page lists the top 10: a last row says the 2 more and their calls, so the shares shown
+    need not add up to 100% unexplained (the CLI says the same under its table)."""
+    run = "et" + os.urandom(5).hex()
+    rows = [call_row(run, "acme", i, status="error", error_type=f"kind_{t:02d}")
+            for t in range(12) for i in range(20 - t)]  # kind_00: 20 calls ... kind_11: 9
+    insert_calls(chdb_store, rows)
+    dom = parse(dump_dom(page_url(server, key=ADMIN, since="1h", by="customer", where=f"tag.run={run}")))
+    errors = dom.table("errors")
+    assert [r["cells"][0] for r in errors[:10]] == [f"kind_{t:02d}" for t in range(10)]
+    assert errors[10]["attrs"].get("class") == "more"
+    assert errors[10]["cells"] == ["+2 more error type(s) with 19 call(s)"]
+    assert len(errors) == 11
+
+
 # -- number formatting: the page prints what the CLI prints ----------------------------------------------------
 def test_page_rounds_rates_like_the_cli(server, chdb_store, chdb_dsn):
     """1 error in 2000 calls is 0.05% as a double a little above 0.05: the CLI prints 0.1%, and so must the page

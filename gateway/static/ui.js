@@ -227,6 +227,12 @@ function renderErrors(report) {
       el("td", { class: "r" }, fmtRate(g.share)), el("td", {}, g.http_statuses.join(",") || "-"),
       el("td", { class: "r" }, String(g.customers)), el("td", {}, g.last_seen.slice(0, 19).replace("T", " ")), ids));
   }
+  const shownCalls = report.errors.reduce((n, g) => n + g.count, 0);
+  const moreTypes = (report.error_types || 0) - report.errors.length;
+  if (moreTypes > 0) {  // the top 10: say what the table leaves out, so the shares need not add up to 100%
+    tbody.appendChild(el("tr", { class: "more" }, el("td", { colSpan: 7, class: "muted" },
+      `+${fmtInt(moreTypes)} more error type(s) with ${fmtInt(report.total_errors - shownCalls)} call(s)`)));
+  }
   if (!report.errors.length) {
     tbody.appendChild(el("tr", {}, el("td", { colSpan: 7, class: "muted" }, "no errors in this window")));
   }
