@@ -99,13 +99,16 @@ def resolve_tags(sender: Sender, headers: Mapping[str, str], body: Mapping[str, 
         return meta.get(name, "")
 
     # customer: the key's tenant unless the key may set it; an attempt to record as someone else is refused
-    asked = normalise(headers.get("customer", "")) or meta.get("customer", "")
+    from_header = normalise(headers.get("customer", ""))
+    asked = from_header or meta.get("customer", "")
     if may_set_customer:
-        customer = asked or normalise(end_user) or bound_customer
+        # `user` redacted like every recorded value: an e-mail address as user id must not become a customer name
+        customer = asked or (normalise(scrub(end_user)) if end_user else "") or bound_customer
     else:
         if asked and asked != bound_customer:
             raise forbidden(f"This key is bound to customer {bound_customer!r} and may not record calls as {asked!r}.",
-                            code="customer_not_allowed", param="x-tagway-customer")
+                            code="customer_not_allowed",
+                            param="x-tagway-customer" if from_header else "metadata.customer")
         customer = bound_customer
     intent = pick("intent", "intent")
     prompt_version = pick("prompt_version", "prompt-version")

@@ -71,3 +71,19 @@ def test_customer_rules():
     assert resolve(may_set_customer=True, headers={"customer": "globex"}).customer == "globex"
     assert resolve(may_set_customer=True, user="Hooli").customer == "hooli"
     assert resolve(may_set_customer=True).customer == "acme"
+    # the refusal names where the customer came from
+    assert e.value.param == "x-tagway-customer"
+    with pytest.raises(GatewayError) as e:
+        resolve(metadata={"customer": "globex"})
+    assert (e.value.status, e.value.param) == (403, "metadata.customer")
+
+
+def test_a_customer_taken_from_user_is_redacted_like_the_user():
+    """A platform key's calls take their customer from `user` when nothing else names it: an e-mail address there
+    is redacted as the recorded `user` is, not kept as a customer name in stats, rollups and the dashboard."""
+    from gateway.redact import Redactor
+    scrub = Redactor(["email", "card", "bearer"], []).text
+    sender = SimpleNamespace(customer="platform", may_set_customer=True, key_tags={})
+    got = resolve_tags(sender, {}, {"user": "carol@example.com"}, Taxonomy(), scrub)
+    assert got.customer == normalise("[REDACTED:email]") and "carol" not in got.customer
+    assert resolve_tags(sender, {}, {"user": "Hooli"}, Taxonomy(), scrub).customer == "hooli"
