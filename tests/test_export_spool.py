@@ -159,3 +159,30 @@ def test_wal_recovery_skips_a_batch_already_in_the_spool(tmp_path) -> None:
     assert bodies == [a.body + b.body, _batch(2, rows=3).body]
     assert not [n for n in os.listdir(wal_dir) if n.endswith(".log")]
     sp.close()
+
+
+def test_the_wal_gives_its_space_back_once_its_chunks_are_stored(tmp_path) -> None:
+    """A batch stored (or spooled, or dropped on a full disk) is done: its chunks' segment goes, the current one too
+    when nothing in it waits any more, so a full disk gets the write-ahead log's space back at once (it kept a
+    7.7 MB segment until a restart). Segments roll at their (small) cap while chunks still wait in older ones."""
+    from exporters.wal import WriteAheadLog  # noqa: PLC0415
+
+    wal_dir = tmp_path / "wal"
+    wal = WriteAheadLog(str(wal_dir), segment_bytes=1000)
+
+    def on_disk() -> int:
+        return sum(p.stat().st_size for p in wal_dir.glob("wal-*.log"))
+
+    body = _batch(0, rows=40).body  # ~900 bytes: a new segment about every chunk
+    for start in range(0, 200, 40):
+        wal.chunk(start, 40, body)
+    assert len(list(wal_dir.glob("wal-*.log"))) >= 3 and on_disk() >= 5 * len(body)
+    wal.batch(1, [0, 40])
+    wal.done([0, 40])  # the first two chunks stored: their segments go, the rest wait
+    assert len(body) * 3 <= on_disk() < len(body) * 5
+    wal.batch(2, [80, 120, 160])
+    wal.done([80, 120, 160])  # nothing waits: nothing is kept
+    assert on_disk() == 0
+    wal.chunk(200, 40, body)  # and the log goes on in a fresh segment
+    assert on_disk() > len(body)
+    wal.close()
