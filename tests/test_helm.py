@@ -238,6 +238,14 @@ def test_refuses_bad_combinations(tmp_path):
     assert "spool.mountPath" in helm_template_error(tmp_path, {"config": config})
     config["storage"]["spool_dir"] = None  # values merge over the defaults; null removes the key
     assert "spool_dir is not set" in helm_template_error(tmp_path, {"config": config})
+    # a ServiceMonitor that would get 401 on every scrape
+    guarded = {"config": {"metrics": {"auth": True}}, "serviceMonitor": {"enabled": True}}
+    assert "set serviceMonitor.authorization" in helm_template_error(tmp_path, guarded)
+    auth = {"type": "Bearer", "credentials": {"name": "tagway", "key": "TAGWAY_ADMIN_KEY"}}
+    (monitor,) = by_kind(helm_template(tmp_path, {**guarded, "serviceMonitor": {"enabled": True,
+                                                                               "authorization": auth}}),
+                         "ServiceMonitor")
+    assert monitor["spec"]["endpoints"][0]["authorization"] == auth
 
 
 def test_rendered_config_is_a_valid_gateway_config(tmp_path, monkeypatch):

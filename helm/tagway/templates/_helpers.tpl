@@ -95,6 +95,10 @@ clear message instead of a pod that never starts.
 {{- if ne (toString $storage.spool_dir) .Values.spool.mountPath }}
 {{- fail (printf "config.storage.spool_dir (%s) must equal spool.mountPath (%s): the spool must live on the writable spool volume" $storage.spool_dir .Values.spool.mountPath) }}
 {{- end }}
+{{- $metrics := (.Values.config | default dict).metrics | default dict }}
+{{- if and .Values.serviceMonitor.enabled $metrics.auth (not .Values.serviceMonitor.authorization) }}
+{{- fail "serviceMonitor.enabled with config.metrics.auth: /metrics needs the admin key, so Prometheus would get 401 on every scrape; set serviceMonitor.authorization (e.g. {type: Bearer, credentials: {name: <secret>, key: TAGWAY_ADMIN_KEY}})" }}
+{{- end }}
 {{- if and .Values.podDisruptionBudget.enabled (not (kindIs "invalid" .Values.podDisruptionBudget.maxUnavailable)) (not (kindIs "invalid" .Values.podDisruptionBudget.minAvailable)) }}
 {{- fail "podDisruptionBudget: set only one of maxUnavailable and minAvailable (set the other to null)" }}
 {{- end }}
