@@ -3,6 +3,7 @@ entry-point group, so the gateway never imports them. Bad input ends with one li
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
 import sys
@@ -579,6 +580,9 @@ def command() -> Any:
 
 
 def main() -> None:
+    # clickhouse-connect logs every failed request as a bare "Unexpected Http Driver Exception" warning before it
+    # raises; tagway says what failed in its own line (a command's error, the recorder's outage and recovery lines)
+    logging.getLogger("clickhouse_connect").setLevel(logging.ERROR)
     try:
         command()(prog_name="tagway")
     except KeyboardInterrupt:

@@ -2,7 +2,10 @@
 file and the setting, `tagway keys admin`, and `--help` that is never cut at 80 columns."""
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import click
 import pytest
@@ -217,3 +220,15 @@ def test_a_dsn_scheme_is_checked_and_https_means_tls(run):
         with pytest.raises(StoreError) as tls:
             connect(ch.dsn("pw").replace("http://", "https://"), connect_timeout=3)
         assert "Authentication failed" not in str(tls.value) and "SSL" in str(tls.value), tls.value
+
+
+def test_a_store_that_is_down_is_one_line_without_the_drivers_warning(tmp_path):
+    """clickhouse-connect logs "Unexpected Http Driver Exception" before raising: the command says what failed in
+    its own line, and that line is the only one."""
+    env = {k: v for k, v in os.environ.items() if k not in ENV_KEYS}
+    out = subprocess.run([sys.executable, "-m", "gateway.cli", "db", "status", "--dsn",
+                          f"http://default:pw@127.0.0.1:{free_port()}/tagway"],
+                         capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    (line,) = out.stderr.splitlines()
+    assert line.startswith("tagway: error: cannot open ClickHouse at http://default:***@127.0.0.1:")
