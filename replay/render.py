@@ -95,8 +95,15 @@ def _gate_line(r: Report) -> str:
     return line
 
 
+def _segments_by(r: Report) -> str:
+    """How the run's cases are segmented: the slice's keys, or a dataset's own segments (set when it was built)."""
+    if list(r.segment_by) == ["segment"]:
+        return "the dataset's segments"
+    return "segments by " + (", ".join(r.segment_by) or "-")
+
+
 def _context_line(r: Report) -> str:
-    out = (f"run {r.run_id} ({r.status}), segments by {', '.join(r.segment_by) or '-'}, baseline {r.baseline_mode}, "
+    out = (f"run {r.run_id} ({r.status}), {_segments_by(r)}, baseline {r.baseline_mode}, "
            f"{r.n_cases} cases")
     if r.dataset and not r.dataset.startswith("run-"):
         out += f", dataset {r.dataset}" + (f" ({len(r.locks)} locked case(s))" if r.locks else "")
@@ -289,8 +296,8 @@ def _github(r: Report, dashboard_url: str | None, *, flips: bool, full_rows: int
     page = run_page(dashboard_url, r.run_id)
     run = f"[`{_md(r.run_id)}`]({page})" if page else f"`{_md(r.run_id)}`"
     out = [f"## {icon} tagway gate: {_verdict_word(r)}{_not_final(r)}", "",
-           f"Replay run {run}: {len(r.candidates)} candidate(s), {r.n_cases} case(s), segments by "
-           f"{_md(', '.join(r.segment_by) or '-')}" + (f", dataset `{_md(r.dataset)}`" if r.dataset and
+           f"Replay run {run}: {len(r.candidates)} candidate(s), {r.n_cases} case(s), "
+           f"{_md(_segments_by(r))}" + (f", dataset `{_md(r.dataset)}`" if r.dataset and
                                                         not r.dataset.startswith("run-") else "") + ".", ""]
     out += [f"- {_md(x)}" for x in r.reasons] + [""]
     for c in r.candidates:

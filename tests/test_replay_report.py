@@ -306,3 +306,15 @@ def test_no_candidate_result_is_inconclusive_and_never_passes():
         assert "no candidate result: nothing to gate on" in r.reasons
     stopped = aggregate([], Gating(), run_id="r", status="incomplete")
     assert (stopped.verdict, stopped.exit_code) == ("inconclusive", EXIT_INCOMPLETE)
+
+
+def test_the_header_names_how_cases_are_segmented():
+    """A slice's keys, or a dataset's own segments (a dataset run's segment_by is ["segment"]: it read 'segments by
+    segment')."""
+    from replay.render import render_github  # noqa: PLC0415
+
+    sliced = aggregate(results(SEED_001), Gating(), run_id="r1", segment_by=["intent"])
+    fixed = aggregate(results(SEED_001), Gating(), run_id="r2", segment_by=["segment"], dataset="refunds@3")
+    assert "segments by intent" in render_markdown(sliced) and "segments by intent" in render_github(sliced)
+    for text in (render_markdown(fixed), render_github(fixed)):
+        assert "the dataset's segments" in text and "segments by segment" not in text
