@@ -41,7 +41,7 @@ CUSTOMER_MIGRATION = 11  # the one that adds the per-customer family
 __all__ = [
     "LEVELS", "QUANTILE_ACCURACY", "MAIN", "TAGS", "CUSTOMER", "MAIN_KEYS", "TAG_OTHER_KEYS", "CUSTOMER_KEYS",
     "Family", "RollupState", "rollup_statements", "customer_statements", "CUSTOMER_MIGRATION", "read_state",
-    "sync_tag_keys", "remove_tag_keys", "backfill", "BackfillStep", "RollupError",
+    "sync_tag_keys", "remove_tag_keys", "backfill", "BackfillStep", "RollupError", "rollup_tables", "set_ttl",
 ]
 
 LEVELS = (("1m", 60), ("1h", 3600), ("1d", 86400))  # table suffix, bucket seconds; finest first
@@ -308,6 +308,23 @@ def _write_state(store: Any, s: Any, st: RollupState, covered: dt.datetime, pend
                   "toUnixTimestamp64Micro(now64(6)))",
                   parameters={"name": name, "lf": _us(live_from), "cf": _us(covered), "pf": _us(pending),
                               "ttl": st.ttl_days})
+
+
+def rollup_tables() -> list[str]:
+    """Every rollup table, of every family and level."""
+    return [f.table(sfx) for f in (MAIN, TAGS, CUSTOMER) for sfx, _ in f.levels]
+
+
+def set_ttl(store: Any, s: Any, st: RollupState, days: int, now: dt.datetime) -> None:
+    """The rollups now keep `days` (0: forever; exporters.retention changed their tables' TTL). A longer TTL cannot
+    bring back what the old one deleted: coverage starts no earlier than the old horizon (older days read raw, or
+    are rolled up again by a backfill, under the new TTL)."""
+    covered = st.covered_from
+    if st.ttl_days > 0 and (days == 0 or days > st.ttl_days):
+        covered = max(covered, now - dt.timedelta(days=st.ttl_days))
+    # a day a backfill cut short (pending < covered) stays to be redone; else nothing is pending
+    pending = st.pending_from if st.pending_from < st.covered_from else covered
+    _write_state(store, s, dataclasses.replace(st, ttl_days=days), covered, pending)
 
 
 def _write_keys(store: Any, s: Any, keys: dict[str, dt.datetime], removed: Iterable[str] = ()) -> None:

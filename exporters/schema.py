@@ -13,6 +13,7 @@ from typing import Callable
 
 from . import semconv as sc
 from .rollups import CUSTOMER_MIGRATION, ROLLUPS_MIGRATION, customer_statements, rollup_statements, sync_tag_keys
+from .retention import sync_retention
 from .store import Store, chdb_path, is_embedded
 
 __all__ = ["SchemaSettings", "MIGRATIONS", "migrate", "applied_versions", "statements_for"]
@@ -25,6 +26,9 @@ class SchemaSettings:
     ttl_days: int = 0  # 0 = keep forever
     rollup_ttl_days: int = 0  # the rollups' own TTL (exporters.rollups); 0 = keep forever
     rollup_tag_keys: tuple[str, ...] | None = None  # tag keys to roll up (added when missing, never removed here)
+    # the TTLs above are the operator's (the gateway's config): an existing store's tables are brought to them
+    # (exporters.retention); off for the defaults other commands migrate with
+    apply_retention: bool = False
 
     def on_cluster(self) -> str:
         return f" ON CLUSTER `{self.cluster}`" if self.cluster else ""
@@ -538,4 +542,6 @@ def migrate(store: Store, settings: SchemaSettings = SchemaSettings(), upto: int
         _reload_views(store, settings)
     if settings.rollup_tag_keys is not None and ROLLUPS_MIGRATION in done | set(applied):
         sync_tag_keys(store, settings, settings.rollup_tag_keys)
+    if settings.apply_retention:
+        sync_retention(store, settings)
     return applied

@@ -390,7 +390,8 @@ class GatewayConfig(BaseSettings):
 
         s = self.storage
         return SchemaSettings(database=s.database, cluster=s.cluster, ttl_days=s.ttl_days,
-                              rollup_ttl_days=s.rollup_ttl_days, rollup_tag_keys=self.rollup_tag_keys())
+                              rollup_ttl_days=s.rollup_ttl_days, rollup_tag_keys=self.rollup_tag_keys(),
+                              apply_retention=True)
 
     def _models_by_name(self) -> dict[str, ModelConfig]:
         cache = self.__dict__.get("_by_name_cache")
