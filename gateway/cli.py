@@ -276,6 +276,11 @@ def keys_revoke(key_id: str, config: Optional[str] = ConfigOpt) -> None:
     from .auth import revoke_key_in_file  # noqa: PLC0415
 
     cfg = _load(config)
+    inline = next(((i, j) for i, t in enumerate(cfg.tenants) for j, k in enumerate(t.keys) if k.id == key_id), None)
+    if inline is not None:  # not in the keys file: the config itself names it, and only an edit of it revokes it
+        i, j = inline
+        raise fail(f"key {key_id!r} is written in the config (tenants[{i}].keys[{j}]), not in the keys file: set "
+                   "`revoked: true` there (a running gateway reads the config only at start)")
     try:
         revoke_key_in_file(_keys_file(cfg), key_id)
     except (ValueError, OSError) as e:

@@ -82,3 +82,14 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path, monkeypatch):
     assert cfg.storage.resolved_spool() == str(tmp_path / "etc" / "spool")
     cfg_path.write_text(yaml.safe_dump({"storage": {"dsn": "chdb://db/ch"}}))
     assert load_config(cfg_path).storage.resolved_dsn() == f"chdb://{tmp_path / 'etc' / 'db' / 'ch'}"
+
+
+def test_revoking_a_key_written_in_the_config_says_where_it_is(tmp_path):
+    """`keys list` shows config keys beside the keys file's; revoking one said 'no key with id ... in <keys file>'."""
+    cfg_path = tmp_path / "tagway.yaml"
+    cfg_path.write_text(yaml.safe_dump({"tenants": [{"customer": "acme", "keys": [
+        {"id": "a-inline", "hash": "sha256:" + "0" * 64}]}]}))
+    res = runner.invoke(cli, ["keys", "revoke", "a-inline", "--config", str(cfg_path)])
+    assert res.exit_code == 2 and res.stderr.strip() == (
+        "tagway: error: key 'a-inline' is written in the config (tenants[0].keys[0]), not in the keys file: set "
+        "`revoked: true` there (a running gateway reads the config only at start)")
