@@ -342,3 +342,17 @@ def test_alert_rules_are_valid_and_fire_when_they_should(tmp_path):
     test_file.write_text(yaml.safe_dump(tests, width=1000))
     run = subprocess.run([PROMTOOL, "test", "rules", str(test_file)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_a_keys_file_from_a_secret_as_the_helm_readme_shows(tmp_path):
+    docs = helm_template(tmp_path, {"config": {"keys_file": "/etc/tagway-keys/tagway.keys.yaml"},
+                                    "extraVolumes": [{"name": "keys", "secret": {"secretName": "tagway-keys"}}],
+                                    "extraVolumeMounts": [{"name": "keys", "mountPath": "/etc/tagway-keys",
+                                                           "readOnly": True}]})
+    dep = one(docs, "Deployment")
+    mounts = {m["name"]: m for m in gateway_container(dep)["volumeMounts"]}
+    assert mounts["keys"]["mountPath"] == "/etc/tagway-keys" and mounts["keys"]["readOnly"] is True
+    volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["keys"]["secret"]["secretName"] == "tagway-keys"
+    cm = next(d for d in by_kind(docs, "ConfigMap") if "tagway.yaml" in (d.get("data") or {}))
+    assert yaml.safe_load(cm["data"]["tagway.yaml"])["keys_file"] == "/etc/tagway-keys/tagway.keys.yaml"
