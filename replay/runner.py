@@ -208,6 +208,8 @@ def fatal_check(who: str, model: str, ans: Answer) -> None:
         need = "replay needs the admin key or a key that may set its customer: " if ans.http_status == 403 else ""
         raise FatalRunError(f"the gateway rejected the API key (HTTP {ans.http_status}): {why}; {need}pass "
                             "--api-key or set TAGWAY_API_KEY / TAGWAY_ADMIN_KEY")
+    if ans.error_code == "upstream_auth_error":  # the gateway's provider key: no case of this model can run
+        raise FatalRunError(f"{who}: model {model!r}: {ans.error.removeprefix('HTTP 502: ')}")
     if ans.error_code == "connection":
         raise FatalRunError(ans.error, unreachable=True)
 

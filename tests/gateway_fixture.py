@@ -73,6 +73,8 @@ def gateway_config(upstream_base: str, **overrides: Any) -> dict:
             {"name": "rate-limited", "model": "fail429-a", **openai, "fallbacks": ["flaky"]},
             {"name": "rate-limited-alone", "model": "fail429-b", **openai},
             {"name": "broken", "model": "fail500-a", **openai},
+            {"name": "provider-key-bad", "model": "fail401-a", **openai},
+            {"name": "provider-forbids", "model": "fail403-a", **openai, "fallbacks": ["gpt-test"]},
             {"name": "bad-request", "model": "fail400-a", **openai, "fallbacks": ["gpt-test"]},
             {"name": "garbage", "model": "garbage-a", **openai},
             {"name": "slow", "model": "slow-a", **openai, "timeout": 0.5, "fallbacks": ["gpt-test"]},

@@ -191,6 +191,25 @@ def test_client_errors_are_not_retried_elsewhere(gateway, upstream):
     assert "upstream says 400" in e.value.message
 
 
+def test_a_provider_refusing_the_gateways_key_is_a_502_not_the_clients_401(gateway, upstream):
+    """An upstream 401/403 is about the gateway's provider key or account: relayed as is, the client's SDK raised
+    AuthenticationError, as if the client's valid tagway key were wrong. It is a 502 naming the provider's refusal
+    (scrubbed), recorded as the upstream's status; another deployment in the chain is tried first."""
+    with pytest.raises(openai.InternalServerError) as e:
+        client(gateway).chat.completions.create(model="provider-key-bad", messages=MSG)
+    err = e.value.response.json()["error"]
+    assert e.value.status_code == 502 and (err["code"], err["type"]) == ("upstream_auth_error", "api_error")
+    assert err["message"].startswith("The provider refused the gateway's credentials for this model (HTTP 401: "
+                                     "upstream says 401 (key ***)). Your key is fine")
+    assert UPSTREAM_KEY not in e.value.response.text
+    span = gateway.recorder.call(e.value.response.headers["x-tagway-trace-id"])
+    assert span.attributes[sc.ERROR_TYPE] == "http_401"
+    upstream.clear()
+    raw = client(gateway).chat.completions.with_raw_response.create(model="provider-forbids", messages=MSG)
+    assert raw.parse().choices[0].message.content == "Echo: hello there" and len(upstream.requests) == 2
+    assert gateway.recorder.call(raw.headers["x-tagway-trace-id"]).attributes[sc.ATTEMPTS] == 2
+
+
 def test_final_upstream_error_is_relayed_without_secrets(gateway):
     with pytest.raises(openai.InternalServerError) as e:
         client(gateway).chat.completions.create(model="broken", messages=MSG)

@@ -514,6 +514,18 @@ def test_a_key_refused_for_replay_says_which_key_it_takes():
     assert msg.count("HTTP 403") == 1 and "replay needs the admin key" in msg
 
 
+def test_a_provider_refusing_the_gateways_key_stops_the_run_naming_the_model_not_the_replay_key():
+    """The gateway's 502 upstream_auth_error (its provider key was refused): no case of that model can run, and
+    the replay's own key is fine (a relayed 401 used to be read as 'the gateway rejected the API key')."""
+    from replay.runner import Answer, fatal_check  # noqa: PLC0415
+    refused = Answer(False, {}, "", 502, 1, 1.0, 0.0, "t", error="HTTP 502: The provider refused the gateway's "
+                     "credentials for this model (HTTP 401: bad key ***).", error_code="upstream_auth_error")
+    with pytest.raises(FatalRunError) as e:
+        fatal_check("candidate c", "gpt-x", refused)
+    assert str(e.value) == ("candidate c: model 'gpt-x': The provider refused the gateway's credentials for this "
+                            "model (HTTP 401: bad key ***).")
+
+
 def test_a_slice_reads_names_and_tag_values_as_they_are_recorded(chdb_store, slice_data):
     """customer: [ACME-...] and tags: {region: EU} find the calls recorded as acme-... and eu."""
     from replay.slice import select_slice  # noqa: PLC0415
