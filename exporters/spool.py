@@ -46,6 +46,7 @@ _CORRUPT = ".corrupt"
 _POISON = ".poison"  # refused by ClickHouse for its own rows (see exporters/insert_errors.py)
 _REASON = ".reason"  # beside a quarantined file: why, one line
 _TMP = ".tmp"
+WRITE_ERROR_SECONDS = 60.0  # a failed spool write is news this long (/readyz)
 _LOCK = "spool.lock"
 
 
@@ -80,6 +81,8 @@ class Spool:
         self.max_bytes = max_bytes
         self.on_full = on_full
         self.full = False
+        self.write_error = ""  # why the last spool write failed (disk full, ...); "" once one succeeds again
+        self._write_error_at = 0.0
         self._lock = threading.Lock()
         self._pending: dict[str, int] = {}  # name -> size in bytes
         self._pending_bytes = 0
@@ -210,15 +213,24 @@ class Spool:
             _unlink_quietly(tmp)
             reason = "disk full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or type(e).__name__)
             log.error("spool write failed, %d spans DROPPED: %s (%s)", batch.rows, reason, e)
+            self.write_error, self._write_error_at = f"{reason} at {self.directory}", time.monotonic()
             self.metrics.inc("spool_write_errors")
             self.metrics.inc("spans_dropped", batch.rows)
             return None
+        self.write_error = ""
         size = len(header) + len(batch.body)
         with self._lock:
             self._pending[name] = size
             self._pending_bytes += size
             self._rows[name] = batch.rows
         return name
+
+    def write_failing(self) -> str:
+        """Why spool writes are failing, when the last one failed within WRITE_ERROR_SECONDS ("" otherwise): spans
+        are being dropped now. Once nothing needs the spool (ClickHouse answers), nothing is lost and it clears."""
+        if self.write_error and time.monotonic() - self._write_error_at <= WRITE_ERROR_SECONDS:
+            return self.write_error
+        return ""
 
     # -- read -------------------------------------------------------------------------------------------------
     def read(self, f: SpoolFile) -> EncodedBatch | None:

@@ -319,6 +319,10 @@ def _build_api(app: TagwayApp) -> FastAPI:
         body: dict[str, Any] = {"status": "ready"}
         if not getattr(rec, "enabled", True):
             body["recording"] = "off"
+        elif failing := getattr(getattr(rec, "spool", None), "write_failing", lambda: "")():
+            body["recording"] = "degraded"  # the one way spans are being lost: said before anything else
+            body["reason"] = (f"spool writes failing ({failing}): spans that cannot be inserted are dropped, "
+                              "counted in /metrics")
         elif getattr(getattr(rec, "spool", None), "full", False):
             body["recording"] = "degraded"
             body["reason"] = (f"spool full (recording.spool_max_bytes): dropping the "

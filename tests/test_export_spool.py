@@ -89,6 +89,9 @@ def test_disk_full_counts_dropped_and_logs_error(tmp_path, monkeypatch, caplog) 
     assert m.get("spans_dropped") == 7 and m.get("spool_write_errors") == 1 and m.get("spans_spooled") == 0
     assert "disk full" in caplog.text and "7 spans DROPPED" in caplog.text
     assert sp.pending_files == 0 and os.listdir(tmp_path) == ["spool.lock"]  # no temp file left behind
+    assert sp.write_error == f"disk full at {tmp_path}"  # /readyz says it (gateway/app.py) until a write succeeds
+    monkeypatch.undo()
+    assert sp.write(_batch(1, rows=2)) is not None and sp.write_error == ""
     sp.close()
 
 

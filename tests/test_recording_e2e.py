@@ -203,3 +203,39 @@ def test_clickhouse_outage_while_traffic_flows_loses_nothing(recorded, chdb_stor
     assert values["tagway_spans_spooled_total"] >= 30 and values["tagway_spans_resent_total"] >= 30
     if spooled_before is not None:
         assert values["tagway_spans_spooled_total"] - spooled_before >= 30
+
+
+def test_readyz_says_when_spool_writes_fail_and_spans_are_lost(recorded, monkeypatch):
+    """ClickHouse down and the spool's disk full: the one way the pipeline loses spans. /readyz says so first (it
+    said only that ClickHouse was down), and stops saying it once nothing needs the spool."""
+    import errno  # noqa: PLC0415
+
+    from exporters import spool as spool_mod  # noqa: PLC0415
+
+    def full(fd: int, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    directory = recorded.recorder.spool.directory
+    monkeypatch.setattr(spool_mod, "_write_all", full)
+    recorded.store.down.set()
+    try:
+        call(recorded, "gpt-test", customer=f"full-{uuid.uuid4().hex[:8]}")
+        deadline = time.monotonic() + 10
+        while "spool writes" not in (ready := httpx.get(recorded.url + "/readyz").json()).get("reason", "") \
+                and time.monotonic() < deadline:
+            recorded.recorder.force_flush()
+            time.sleep(0.05)
+        assert ready == {"status": "ready", "recording": "degraded",
+                         "reason": f"spool writes failing (disk full at {directory}): spans that cannot be inserted "
+                                   "are dropped, counted in /metrics"}
+    finally:
+        recorded.store.down.clear()
+        monkeypatch.undo()
+    monkeypatch.setattr(spool_mod, "WRITE_ERROR_SECONDS", 0.0)  # news for a minute in production
+    deadline = time.monotonic() + 20
+    while httpx.get(recorded.url + "/readyz").json() != {"status": "ready", "recording": "ok"} \
+            and time.monotonic() < deadline:
+        call(recorded, "gpt-test")
+        recorded.recorder.force_flush()
+        time.sleep(0.1)
+    assert httpx.get(recorded.url + "/readyz").json() == {"status": "ready", "recording": "ok"}
