@@ -309,8 +309,7 @@ class DurableBatchSpanProcessor(SpanProcessor):
             size += len(chunk.body)
         self._encoded_rows -= rows
         self._encoded_bytes -= size
-        body = b"".join(c.body for c in chunks)
-        return _Batch([c.start for c in chunks], EncodedBatch.of(self._exporter.table, body, rows),
+        return _Batch([c.start for c in chunks], EncodedBatch.of(self._exporter.table, [c.body for c in chunks], rows),
                       self._spool.reserve())
 
     def _formed(self, batch: _Batch) -> None:

@@ -140,7 +140,7 @@ def recover_wal(directory: str, spool: Spool, table: str, max_bytes: int) -> int
     already = spool.digests()  # a batch spooled just before the kill, whose "done" note never made it
     rows = 0
     for bodies, n in batches:
-        batch = EncodedBatch.of(table, b"".join(bodies), n)
+        batch = EncodedBatch.of(table, bodies, n)
         if batch.digest in already:
             continue
         if spool.write(batch) is None:

@@ -12,6 +12,7 @@ no intermediate objects, the resource's map converted and serialised once per re
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -35,19 +36,38 @@ _KIND = {
 _STATUS = {StatusCode.UNSET: "Unset", StatusCode.OK: "Ok", StatusCode.ERROR: "Error"}
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True)
 class EncodedBatch:
     """The bytes of one batch, built once: inserted as they are, or written to the spool as they are.
-    `digest` (sha256 hex of `body`) is both the spool checksum and the insert deduplication token."""
+
+    `parts` are the bytes in order: one, or the encoded chunks a batch was formed from, never joined on the way to
+    the store or the spool (a 5 s batch is ~30 MB: joining it cost ~3.7 µs a span in page faults alone). `digest`
+    (sha256 hex of the bytes) is both the spool checksum and the insert deduplication token; it is computed when
+    first asked for, so the encoder's ~100 ms chunks, which are batched before anything needs one, pay for none."""
 
     table: str
-    body: bytes
+    parts: tuple[bytes, ...]
     rows: int
-    digest: str
 
     @classmethod
-    def of(cls, table: str, body: bytes, rows: int) -> EncodedBatch:
-        return cls(table, body, rows, hashlib.sha256(body).hexdigest())
+    def of(cls, table: str, body: bytes | Sequence[bytes], rows: int) -> EncodedBatch:
+        return cls(table, (body,) if isinstance(body, (bytes, bytearray)) else tuple(body), rows)
+
+    @property
+    def body(self) -> bytes:
+        """The bytes as one object (joined when there are several parts: only the rare paths ask)."""
+        return self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
+
+    @functools.cached_property
+    def size(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    @functools.cached_property
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for p in self.parts:
+            h.update(p)
+        return h.hexdigest()
 
 
 def format_timestamp(ns: int) -> str:

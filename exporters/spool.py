@@ -171,7 +171,7 @@ class Spool:
 
     def _make_room(self, batch: EncodedBatch) -> bool:
         """Under the cap: True. Else drop what the policy says (counted, logged) and say whether `batch` may go."""
-        need = len(batch.body) + 256  # + the header line
+        need = batch.size + 256  # + the header line
         if self._pending_bytes + need <= self.max_bytes:
             return True
         if not self.full:
@@ -196,12 +196,13 @@ class Spool:
         final = os.path.join(self.directory, name)
         tmp = os.path.join(self.directory, f".{name}{_TMP}")
         header = orjson.dumps({"format": FORMAT, "v": VERSION, "table": batch.table, "rows": batch.rows,
-                               "bytes": len(batch.body), "sha256": batch.digest}) + b"\n"
+                               "bytes": batch.size, "sha256": batch.digest}) + b"\n"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
                 _write_all(fd, header)
-                _write_all(fd, batch.body)
+                for part in batch.parts:
+                    _write_all(fd, part)
                 if self._fsync:
                     os.fsync(fd)
             finally:
@@ -218,7 +219,7 @@ class Spool:
             self.metrics.inc("spans_dropped", batch.rows)
             return None
         self.write_error = ""
-        size = len(header) + len(batch.body)
+        size = len(header) + batch.size
         with self._lock:
             self._pending[name] = size
             self._pending_bytes += size
@@ -466,13 +467,13 @@ def _parse(data: bytes) -> EncodedBatch:
     body = data[nl + 1:]
     if len(body) != header.get("bytes"):
         raise _Corrupt(f"payload is {len(body)} bytes, header says {header.get('bytes')} (torn write)")
-    digest = hashlib.sha256(body).hexdigest()
-    if digest != header.get("sha256"):
-        raise _Corrupt("payload checksum mismatch")
     table, rows = header.get("table"), header.get("rows")
     if not isinstance(table, str) or not table or not isinstance(rows, int):
         raise _Corrupt("header lacks table or rows")
-    return EncodedBatch(table, body, rows, digest)
+    batch = EncodedBatch.of(table, body, rows)
+    if batch.digest != header.get("sha256"):
+        raise _Corrupt("payload checksum mismatch")
+    return batch
 
 
 def _rows_in(path: str) -> int:

@@ -103,10 +103,16 @@ class Store:
             res = self._client.query(sql, parameters=parameters, settings=self._settings(settings))
         return res.result_rows, tuple(res.column_names)
 
-    def insert_json_rows(self, table: str, body: bytes, settings: dict[str, Any] | None = None) -> None:
-        """Insert newline-separated JSON objects (JSONEachRow). The exporter builds these bytes once and either
-        sends them here or writes the very same bytes to the spool. `settings` are per-insert ClickHouse settings
-        (the exporter passes `insert_deduplication_token` so a re-sent batch is not stored twice)."""
+    def insert_json_rows(self, table: str, body: bytes | Sequence[bytes],
+                         settings: dict[str, Any] | None = None) -> None:
+        """Insert newline-separated JSON objects (JSONEachRow): bytes, or parts to be sent in order (a batch's
+        chunks). The exporter builds these bytes once and either sends them here or writes the very same bytes to
+        the spool. `settings` are per-insert ClickHouse settings (the exporter passes `insert_deduplication_token`
+        so a re-sent batch is not stored twice)."""
+        if not isinstance(body, (bytes, bytearray)):
+            # the embedded driver writes parts to its INFILE one by one; over HTTP one body keeps the driver's
+            # retry of a request the server closed early (it re-sends bytes, never a generator)
+            body = list(body) if self.embedded else b"".join(body)
         if not body:
             return
         if self.embedded:
