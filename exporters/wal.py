@@ -50,14 +50,20 @@ class WriteAheadLog:
         self._size = 0
         self._pending: dict[int, set[int]] = {}  # segment -> chunk starts written there and not yet done
         self._where: dict[int, int] = {}  # chunk start -> segment
+        self._closed = False
+        self._open_failed = False
         self._open_next()
 
     # -- the three records ------------------------------------------------------------------------------------
     def chunk(self, start: int, rows: int, body: bytes) -> None:
         rec = _D.pack(b"D", start, rows, len(body), zlib.crc32(body)) + body
         with self._lock:
+            if self._closed:
+                return  # shutdown's last sweep goes straight to the spool
             if self._fd < 0:
-                return  # closed: shutdown's last sweep goes straight to the spool
+                self._open_next()  # a segment could not be opened (a full disk): try again
+                if self._fd < 0:
+                    return
             self._write(rec)
             self._pending[self._seg].add(start)
             self._where[start] = self._seg
@@ -79,12 +85,16 @@ class WriteAheadLog:
                     self._pending[seg].discard(s)
             for seg in [g for g, left in self._pending.items() if not left and g != self._seg]:
                 self._drop(seg)  # every chunk in it is stored: nothing to recover from it
-            if self._fd >= 0 and self._size and not self._pending.get(self._seg):
-                self._open_next()  # the current one too (a quiet moment): its space back now, not at its cap
+            if self._fd >= 0 and self._size and not any(self._pending.values()):
+                # nothing waits anywhere (a quiet moment): the current segment too, its space back now rather than
+                # at its cap. Only then: a batch record (B) or a done record (F) in it may still describe chunks
+                # that wait in an older segment, and recovery needs it to rebuild that batch byte for byte.
+                self._open_next()
 
     def close(self) -> None:
         """At a clean stop: the log goes when everything in it is done (else it stays, for the next start)."""
         with self._lock:
+            self._closed = True
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
@@ -106,14 +116,22 @@ class WriteAheadLog:
 
     def _open_next(self) -> None:
         if self._fd >= 0:
-            os.close(self._fd)
+            fd, self._fd = self._fd, -1  # never written to again, even if the next open fails
+            os.close(fd)
             if not self._pending.get(self._seg):
                 self._drop(self._seg)
         self._seg += 1
-        self._fd = os.open(os.path.join(self.directory, f"{_PREFIX}{self._seg:08d}{_SUFFIX}"),
-                           os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._size = 0
         self._pending[self._seg] = set()
+        try:
+            self._fd = os.open(os.path.join(self.directory, f"{_PREFIX}{self._seg:08d}{_SUFFIX}"),
+                               os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            self._open_failed = False
+        except OSError as e:  # a full or read-only disk: the log is a safety net, recording goes on without it
+            if not self._open_failed:  # said once, not on every chunk that tries again
+                log.error("write-ahead log %s: cannot open a new segment (%s); spans are protected only once they "
+                          "are batched until one can be opened", self.directory, e.strerror or e)
+            self._open_failed = True
 
     def _drop(self, seg: int) -> None:
         self._pending.pop(seg, None)

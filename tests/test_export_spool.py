@@ -189,3 +189,45 @@ def test_the_wal_gives_its_space_back_once_its_chunks_are_stored(tmp_path) -> No
     wal.chunk(200, 40, body)  # and the log goes on in a fresh segment
     assert on_disk() > len(body)
     wal.close()
+
+
+def test_the_wal_keeps_a_batch_record_while_its_chunks_wait_elsewhere(tmp_path) -> None:
+    """Two batches in flight (the sender's insert, and a spill): the one that ends first must not take with it the
+    segment holding the other's batch record, or a restart cannot rebuild that batch byte for byte (its
+    deduplication token) and spools the ended one a second time."""
+    from exporters.recording import recover_wal  # noqa: PLC0415
+    from exporters.wal import WriteAheadLog  # noqa: PLC0415
+
+    wal_dir = str(tmp_path / "spool" / "wal")
+    wal = WriteAheadLog(wal_dir, segment_bytes=100)
+    x, y = _batch(0, rows=2), _batch(1, rows=2)
+    wal.chunk(0, 2, x.body)  # segment 0, full: the next chunk opens segment 1
+    wal.chunk(2, 2, y.body)
+    wal.batch(1, [0])  # being inserted: its batch record is in segment 1
+    wal.batch(2, [2])  # spilled, done
+    wal.done([2])
+    # killed here: recovery rebuilds batch 1 alone, as it was formed, and nothing of batch 2
+    sp = Spool(str(tmp_path / "spool"))
+    assert recover_wal(wal_dir, sp, "otel_traces", 1 << 20) == 2
+    assert [sp.read(f).digest for f in sp.pending()] == [x.digest]
+    sp.close()
+
+
+def test_a_wal_segment_that_cannot_be_opened_is_tried_again(tmp_path, monkeypatch, caplog) -> None:
+    from exporters import wal as wal_mod  # noqa: PLC0415
+
+    wal = wal_mod.WriteAheadLog(str(tmp_path / "wal"), segment_bytes=10)
+    real_open = os.open
+
+    def full(path, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(wal_mod.os, "open", full)
+    with caplog.at_level(logging.ERROR, logger="exporters.wal"):
+        for start in range(0, 50, 10):
+            wal.chunk(start, 10, _batch(start).body)  # the first fills its segment; the next ones find none
+    assert caplog.text.count("cannot open a new segment") == 1  # said once
+    monkeypatch.setattr(wal_mod.os, "open", real_open)
+    wal.chunk(50, 10, _batch(50).body)  # the disk has room again: a new segment, written
+    assert any(p.stat().st_size for p in (tmp_path / "wal").glob("wal-*.log"))
+    wal.close()
