@@ -26,13 +26,18 @@ log = logging.getLogger(__name__)
 # the tables created with `SchemaSettings.ttl(column)`: calls, spans, their trace index, feedback
 RAW_TABLES = (("otel_traces", "Timestamp"), ("otel_traces_trace_id_ts", "Start"), ("llm_calls", "Timestamp"),
               ("llm_feedback", "Timestamp"))
-_TTL_DAYS = re.compile(r"\bTTL\b.*?toIntervalDay\((\d+)\)", re.S)
+_TTL = re.compile(r"\bTTL\s+(.*?)(?:\s+SETTINGS\s|\s*$)", re.S)
 
 
-def ttl_days_of(create_query: str) -> int:
-    """The days a table's TTL keeps rows, from its CREATE statement (0: no TTL, kept forever)."""
-    m = _TTL_DAYS.search(create_query)
-    return int(m.group(1)) if m else 0
+def ttl_days_of(create_query: str, column: str) -> int | None:
+    """The days a table's TTL keeps rows, from its CREATE statement: 0 with no TTL (kept forever), None for a TTL
+    tagway does not write (moves to volumes, another unit or column, several rules: an operator's own, left as is)."""
+    m = _TTL.search(create_query)
+    if m is None:
+        return 0
+    own = re.fullmatch(rf"(?:toDateTime\({re.escape(column)}\)|{re.escape(column)}) \+ toIntervalDay\((\d+)\)",
+                       m.group(1).strip())
+    return int(own.group(1)) if own else None
 
 
 def _days(n: int) -> str:
@@ -57,22 +62,31 @@ def sync_retention(store: Any, s: Any, now: dt.datetime | None = None) -> list[s
     tables = _tables(store, s)
     local = (lambda t: f"{t}_local") if s.cluster else (lambda t: t)
     changes: list[str] = []
-    raw = [(t, col, ttl_days_of(tables[local(t)])) for t, col in RAW_TABLES if local(t) in tables]
-    moved = [(t, col, days) for t, col, days in raw if days != s.ttl_days]
-    for t, col, _ in moved:
-        store.command(_alter(s, t, f"toDateTime({col})", s.ttl_days))
-    if moved:
-        changes.append(f"calls and spans ({', '.join(t for t, _, _ in moved)}): kept {_days(moved[0][2])}, now "
-                       f"{_days(s.ttl_days)} (storage.ttl_days)")
+    if "ttl_days" in s.apply_retention:
+        for t, col in RAW_TABLES:
+            if local(t) not in tables:
+                continue
+            days = ttl_days_of(tables[local(t)], col)
+            if days is None:
+                log.warning("retention: %s has a TTL tagway did not write; left as it is (storage.ttl_days %s)", t,
+                            _days(s.ttl_days))
+            elif days != s.ttl_days:
+                store.command(_alter(s, t, f"toDateTime({col})", s.ttl_days))
+                changes.append(f"{t}: kept {_days(days)}, now {_days(s.ttl_days)} (storage.ttl_days)")
     st = rollups.read_state(store, s) if rollups.STATE_TABLE in tables or local(rollups.STATE_TABLE) in tables \
         else None
-    if st is not None and st.ttl_days != s.rollup_ttl_days:
-        for table in rollups.rollup_tables():
-            if local(table) in tables:
+    if st is not None and st.ttl_days != s.rollup_ttl_days and "rollup_ttl_days" in s.apply_retention:
+        present = [t for t in rollups.rollup_tables() if local(t) in tables]
+        foreign = [t for t in present if ttl_days_of(tables[local(t)], "bucket") is None]
+        if foreign:  # the state's TTL must be the tables': all of them change, or none
+            log.warning("retention: %s have a TTL tagway did not write; the rollups keep theirs (storage."
+                        "rollup_ttl_days %s not applied)", ", ".join(foreign), _days(s.rollup_ttl_days))
+        else:
+            for table in present:
                 store.command(_alter(s, table, "bucket", s.rollup_ttl_days))
-        rollups.set_ttl(store, s, st, s.rollup_ttl_days, now or dt.datetime.now(dt.timezone.utc))
-        changes.append(f"rollups: kept {_days(st.ttl_days)}, now {_days(s.rollup_ttl_days)} "
-                       "(storage.rollup_ttl_days)")
+            rollups.set_ttl(store, s, st, s.rollup_ttl_days, now or dt.datetime.now(dt.timezone.utc))
+            changes.append(f"rollups: kept {_days(st.ttl_days)}, now {_days(s.rollup_ttl_days)} "
+                           "(storage.rollup_ttl_days)")
     for line in changes:
         log.warning("retention changed: %s", line)
     return changes

@@ -319,11 +319,15 @@ def set_ttl(store: Any, s: Any, st: RollupState, days: int, now: dt.datetime) ->
     """The rollups now keep `days` (0: forever; exporters.retention changed their tables' TTL). A longer TTL cannot
     bring back what the old one deleted: coverage starts no earlier than the old horizon (older days read raw, or
     are rolled up again by a backfill, under the new TTL)."""
-    covered = st.covered_from
-    if st.ttl_days > 0 and (days == 0 or days > st.ttl_days):
-        covered = max(covered, now - dt.timedelta(days=st.ttl_days))
-    # a day a backfill cut short (pending < covered) stays to be redone; else nothing is pending
-    pending = st.pending_from if st.pending_from < st.covered_from else covered
+    covered, pending = st.covered_from, st.pending_from
+    if st.ttl_days > 0 and (days == 0 or days > st.ttl_days) and now - dt.timedelta(days=st.ttl_days) > covered:
+        covered = now - dt.timedelta(days=st.ttl_days)
+        # what the old TTL's merges had not deleted yet below the new start is dropped by the next backfill before
+        # it rolls those days up again (as a day cut short is), so nothing is counted twice
+        pending = min(st.pending_from, st.covered_from)
+        # tag keys covered from before it: from it now, so the backfill rolls them up with the days it redoes
+        moved = {k: covered for k, since in st.tag_keys.items() if since < covered}
+        _write_keys(store, s, moved)
     _write_state(store, s, dataclasses.replace(st, ttl_days=days), covered, pending)
 
 

@@ -9,14 +9,17 @@ from the `tagway.kind = 'call'` spans. Migrations are append-only: never edit an
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Callable
 
 from . import semconv as sc
 from .rollups import CUSTOMER_MIGRATION, ROLLUPS_MIGRATION, customer_statements, rollup_statements, sync_tag_keys
 from .retention import sync_retention
-from .store import Store, chdb_path, is_embedded
+from .store import Store, StoreError, chdb_path, is_embedded
 
 __all__ = ["SchemaSettings", "MIGRATIONS", "migrate", "applied_versions", "statements_for"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,9 +29,9 @@ class SchemaSettings:
     ttl_days: int = 0  # 0 = keep forever
     rollup_ttl_days: int = 0  # the rollups' own TTL (exporters.rollups); 0 = keep forever
     rollup_tag_keys: tuple[str, ...] | None = None  # tag keys to roll up (added when missing, never removed here)
-    # the TTLs above are the operator's (the gateway's config): an existing store's tables are brought to them
-    # (exporters.retention); off for the defaults other commands migrate with
-    apply_retention: bool = False
+    # which of the TTLs above the operator set (in the gateway's config, or its environment): an existing store's
+    # tables are brought to those (exporters.retention); none for defaults, whoever migrates with them
+    apply_retention: tuple[str, ...] = ()  # "ttl_days", "rollup_ttl_days"
 
     def on_cluster(self) -> str:
         return f" ON CLUSTER `{self.cluster}`" if self.cluster else ""
@@ -543,5 +546,9 @@ def migrate(store: Store, settings: SchemaSettings = SchemaSettings(), upto: int
     if settings.rollup_tag_keys is not None and ROLLUPS_MIGRATION in done | set(applied):
         sync_tag_keys(store, settings, settings.rollup_tag_keys)
     if settings.apply_retention:
-        sync_retention(store, settings)
+        try:
+            sync_retention(store, settings)
+        except StoreError as e:  # e.g. a user without ALTER rights: the schema is fine, the TTLs stay as they are
+            log.error("retention could not be applied (%s): the tables keep their TTLs; apply it with a user that "
+                      "may ALTER them (`tagway db migrate`)", e)
     return applied

@@ -391,7 +391,8 @@ class GatewayConfig(BaseSettings):
         s = self.storage
         return SchemaSettings(database=s.database, cluster=s.cluster, ttl_days=s.ttl_days,
                               rollup_ttl_days=s.rollup_ttl_days, rollup_tag_keys=self.rollup_tag_keys(),
-                              apply_retention=True)
+                              apply_retention=tuple(f for f in ("ttl_days", "rollup_ttl_days")
+                                                    if f in s.model_fields_set))
 
     def _models_by_name(self) -> dict[str, ModelConfig]:
         cache = self.__dict__.get("_by_name_cache")
