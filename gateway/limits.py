@@ -69,16 +69,17 @@ class TokenBucket:
 @dataclasses.dataclass(frozen=True, slots=True)
 class Refusal:
     """Why a call must wait: an OpenAI-shaped 429 with `retry-after`."""
-    code: str  # rate_limited | budget_exceeded
+    code: str  # rate_limited | budget_exceeded | budget_in_flight
     message: str
     retry_after: float
 
     def error(self) -> GatewayError:
-        e = GatewayError(429, self.message, type_="rate_limit_error" if self.code == "rate_limited" else
-                         "insufficient_quota", code=self.code, error_type=self.code)
+        spent = self.code == "budget_exceeded"  # only a spent budget is final until the period ends
+        e = GatewayError(429, self.message, type_="insufficient_quota" if spent else "rate_limit_error",
+                         code=self.code, error_type=self.code)
         e.headers = [(b"retry-after", b"%d" % max(1, math.ceil(self.retry_after))),
                      (b"retry-after-ms", b"%d" % max(1, math.ceil(self.retry_after * 1000))),
-                     (b"x-should-retry", b"true" if self.code == "rate_limited" else b"false")]
+                     (b"x-should-retry", b"false" if spent else b"true")]
         return e
 
 
@@ -149,6 +150,7 @@ def period_bounds(per: str, now: float) -> tuple[float, float]:
     return start, start + length
 
 
+IN_FLIGHT_RETRY_SECONDS = 2.0  # a refusal for calls in flight: soon, when they have ended
 _COST_WEIGHT = 0.2  # of the newest call in the average cost a call that calls in flight are counted at
 # calls reach the store a few seconds after they end (batching): their cost stays counted in-process this long
 # after a refresh, even if the store already had it (counting it twice errs on the side of the budget)
@@ -178,6 +180,7 @@ class Budgets:
         self._in_flight: dict[tuple[str, str], int] = {}  # admitted calls not ended yet
         self._per_call: dict[tuple[str, str], float] = {}  # recent average cost of a call (EWMA of ended calls)
         self.refused = 0
+        self.refused_in_flight = 0
 
     def _current(self, who: tuple[str, str], per: str) -> _Spend:
         start, _ = period_bounds(per, self.clock())
@@ -193,15 +196,19 @@ class Budgets:
         """A refusal at the budget, else the warning header value past `soft` (or '')."""
         self._periods[who] = per
         spent = self.spent(who, per)
-        n = self._in_flight.get(who, 0)
-        pending = n * self._per_call.get(who, 0.0)
-        if spent + pending >= usd:
+        if spent >= usd:
             self.refused += 1
             _, end = period_bounds(per, self.clock())
-            flying = f", with {n} call(s) in flight (~{usd_text(pending)})" if pending and spent < usd else ""
             return Refusal("budget_exceeded", f"Budget reached: {who[0]} {who[1]!r} spent {usd_text(spent)} of "
-                           f"{usd_text(usd)} per {per}{flying}; calls resume when the period ends.",
+                           f"{usd_text(usd)} per {per}; calls resume when the period ends.",
                            max(1.0, end - self.clock())), ""
+        n = self._in_flight.get(who, 0)
+        pending = n * self._per_call.get(who, 0.0)
+        if spent + pending >= usd:  # the calls in flight will likely spend the rest: wait for them, not the period
+            self.refused_in_flight += 1
+            return Refusal("budget_in_flight", f"Budget nearly reached: {who[0]} {who[1]!r} spent "
+                           f"{usd_text(spent)} of {usd_text(usd)} per {per}, and {n} call(s) in flight will likely "
+                           f"spend ~{usd_text(pending)}; retry once they end.", IN_FLIGHT_RETRY_SECONDS), ""
         if spent >= soft * usd:
             return None, f"{who[0]} {who[1]} spent {usd_text(spent)} of {usd_text(usd)} per {per} ({spent / usd:.0%})"
         return None, ""
@@ -306,4 +313,5 @@ class CallLimits:
 
     @property
     def refused(self) -> dict[str, int]:
-        return {"rate_limited": self.limiter.refused, "budget_exceeded": self.budgets.refused}
+        return {"rate_limited": self.limiter.refused, "budget_exceeded": self.budgets.refused,
+                "budget_in_flight": self.budgets.refused_in_flight}

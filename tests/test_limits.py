@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -123,7 +124,8 @@ def test_call_limits_scopes_and_finish():
     assert cl.admit(scopes) == (None, [])
     cl.finish(scopes, tokens=150, cost=0.002)
     refusal, _ = cl.admit(scopes)
-    assert refusal.code == "budget_exceeded" and cl.refused == {"rate_limited": 0, "budget_exceeded": 1}
+    assert refusal.code == "budget_exceeded" and cl.refused == {"rate_limited": 0, "budget_exceeded": 1,
+                                                                "budget_in_flight": 0}
     assert CallLimits.scopes("admin", None, None) == []
 
 
@@ -139,9 +141,18 @@ def test_calls_in_flight_count_against_the_budget_at_the_recent_cost_a_call():
         cl.finish(scopes, tokens=10, cost=0.02)
     burst = [cl.admit(scopes)[0] for _ in range(8)]
     assert [r is None for r in burst] == [True] + [False] * 7  # $0.04 + one call in flight (~$0.02) >= $0.05
-    assert "spent $0.04 of $0.05 per 1d, with 1 call(s) in flight (~$0.02)" in burst[1].message
+    # not spent yet: a short wait the SDKs honour (retry-after 2 s, x-should-retry true), not "until the period ends"
+    wait = burst[1]
+    assert wait.code == "budget_in_flight" and wait.retry_after == 2.0
+    assert wait.message == ("Budget nearly reached: tenant 'dd' spent $0.04 of $0.05 per 1d, and 1 call(s) in flight "
+                            "will likely spend ~$0.02; retry once they end.")
+    err = wait.error()
+    assert (err.status, err.type, err.code) == (429, "rate_limit_error", "budget_in_flight")
+    assert dict(err.headers)[b"x-should-retry"] == b"true" and dict(err.headers)[b"retry-after"] == b"2"
+    assert cl.refused == {"rate_limited": 0, "budget_exceeded": 0, "budget_in_flight": 7}
     cl.finish(scopes, tokens=10, cost=0.02)  # the admitted one ends: $0.06, over by at most that one call
-    assert cl.budgets.spent(("tenant", "dd"), "1d") == pytest.approx(0.06) and cl.admit(scopes)[0] is not None
+    spent = cl.admit(scopes)[0]
+    assert cl.budgets.spent(("tenant", "dd"), "1d") == pytest.approx(0.06) and spent.code == "budget_exceeded"
     # a failed or unpriced call ends without a cost: it leaves the flight and does not lower the average
     fresh = [(("tenant", "ee"), LimitsConfig(budget=BudgetConfig(usd=1.0, per="1d")))]
     assert cl.admit(fresh)[0] is None
@@ -156,3 +167,51 @@ def test_a_rate_limited_call_is_not_counted_in_flight():
     assert cl.admit(scopes)[0] is None
     refusal, _ = cl.admit(scopes)
     assert refusal.code == "rate_limited" and cl.budgets._in_flight == {("key", "k"): 1}
+
+
+def test_every_admitted_call_leaves_the_flight_whatever_its_end(upstream):
+    """Through the real gateway: answered, streamed, failed upstream, a stream the client drops midway, a
+    fallback chain. Afterwards nothing is counted in flight, so a tenant's budget is never held by ghosts."""
+    import os  # noqa: PLC0415
+
+    import httpx  # noqa: PLC0415
+    import openai  # noqa: PLC0415
+
+    from gateway.app import TagwayApp  # noqa: PLC0415
+    from gateway.auth import hash_key  # noqa: PLC0415
+    from gateway.config import GatewayConfig  # noqa: PLC0415
+    from tests.gateway_fixture import UPSTREAM_KEY, GatewayServer, MemoryRecorder  # noqa: PLC0415
+
+    os.environ["TEST_UPSTREAM_KEY"] = UPSTREAM_KEY
+    key = "tw-flight-acme-0123456789abcdefghijklmnop"
+    up = {"provider": "openai", "base_url": upstream.base_url, "api_key_env": "TEST_UPSTREAM_KEY",
+          "input_cost_per_token": 1e-6, "output_cost_per_token": 1e-6}
+    cfg = GatewayConfig(models=[{"name": "ok", "model": "ok-model", **up},
+                                {"name": "broken", "model": "fail500-a", **up},
+                                {"name": "slowstream", "model": "slowstream-a", **up},
+                                {"name": "chain", "model": "fail503-a", **up, "fallbacks": ["ok"]}],
+                        tenants=[{"customer": "acme", "keys": [{"id": "a", "hash": hash_key(key)}],
+                                  "limits": {"budget": {"usd": 100, "per": "1d"}}}])
+    recorder = MemoryRecorder()
+    server = GatewayServer(TagwayApp(cfg, recorder=recorder)).start()
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+        msg = [{"role": "user", "content": "hi"}]
+        client.chat.completions.create(model="ok", messages=msg)
+        for _ in client.chat.completions.create(model="ok", messages=msg, stream=True):
+            pass
+        with pytest.raises(openai.InternalServerError):
+            client.chat.completions.create(model="broken", messages=msg)
+        client.chat.completions.create(model="chain", messages=msg)
+        with httpx.stream("POST", server.url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
+                          json={"model": "slowstream", "messages": msg, "stream": True}, timeout=10) as r:
+            next(r.iter_bytes())  # the first event, then the client goes away
+        budgets = server.app.proxy.limits.budgets
+        deadline = time.monotonic() + 10
+        while budgets._in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert budgets._in_flight == {}
+        assert budgets.spent(("tenant", "acme"), "1d") > 0  # the answered calls were charged
+    finally:
+        server.stop()
+        recorder.shutdown()
