@@ -435,6 +435,8 @@ class Proxy(WireStreamRelay):
         kept), or say what happened."""
         e = self._final_error_body(f)
         e.headers = self._return_headers.pick(f.headers)
+        if e.code == "upstream_auth_error":  # the SDKs retry a 5xx: this one fails the same way until fixed
+            e.headers = [*e.headers, (b"x-should-retry", b"false")]
         return e
 
     def _final_error_body(self, f: UpstreamFailure) -> GatewayError:

@@ -270,7 +270,8 @@ class GatewayPoster:
                 await asyncio.sleep(self._backoff(attempt, None))
                 continue
             latency = (time.perf_counter() - t0) * 1000
-            if resp.status_code in RETRY_STATUSES and attempt <= self.retries:
+            if (resp.status_code in RETRY_STATUSES and attempt <= self.retries
+                    and resp.headers.get("x-should-retry") != "false"):  # as the OpenAI SDKs read it
                 await asyncio.sleep(self._backoff(attempt, resp.headers.get("retry-after")))
                 continue
             cost = _float_header(resp, "x-tagway-cost-usd")

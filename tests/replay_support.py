@@ -37,6 +37,7 @@ class FakeLLM(ThreadedServer):
         self.require_key = require_key
         self.fail_once: dict[str, int] = {}
         self.fail_always: dict[str, int] = {}  # model -> the status every call to it answers
+        self.fail_headers: dict[str, str] = {}  # headers of those answers (e.g. x-should-retry)
         self.requests: list[dict[str, Any]] = []
         self.in_flight = 0
         self.max_in_flight = 0
@@ -50,9 +51,10 @@ class FakeLLM(ThreadedServer):
         return [r for r in self.requests if r["path"] == "/v1/chat/completions"]
 
     @staticmethod
-    def _error(status: int, message: str, code: str | None = None) -> web.Response:
+    def _error(status: int, message: str, code: str | None = None,
+               headers: dict[str, str] | None = None) -> web.Response:
         return web.json_response({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                             "code": code}}, status=status)
+                                             "code": code}}, status=status, headers=headers)
 
     async def models(self, request: web.Request) -> web.Response:
         self.requests.append({"path": request.path, "headers": dict(request.headers), "body": None,
@@ -77,7 +79,7 @@ class FakeLLM(ThreadedServer):
                 return self._error(self.fail_once.pop(case), "try again later")
             model = body.get("model", "")
             if model in self.fail_always:
-                return self._error(self.fail_always[model], f"{model} is broken", "server_error")
+                return self._error(self.fail_always[model], f"{model} is broken", "server_error", self.fail_headers)
             if model not in self.answers:
                 return self._error(404, f"The model `{model}` does not exist", "model_not_found")
             text = self.answers[model](last_user(body.get("messages")), headers)

@@ -202,6 +202,7 @@ def test_a_provider_refusing_the_gateways_key_is_a_502_not_the_clients_401(gatew
     assert err["message"].startswith("The provider refused the gateway's credentials for this model (HTTP 401: "
                                      "upstream says 401 (key ***)). Your key is fine")
     assert UPSTREAM_KEY not in e.value.response.text
+    assert e.value.response.headers["x-should-retry"] == "false"  # the SDKs would retry a 5xx that cannot pass
     span = gateway.recorder.call(e.value.response.headers["x-tagway-trace-id"])
     assert span.attributes[sc.ERROR_TYPE] == "http_401"
     upstream.clear()

@@ -526,6 +526,28 @@ def test_a_provider_refusing_the_gateways_key_stops_the_run_naming_the_model_not
                             "model (HTTP 401: bad key ***).")
 
 
+def test_an_answer_that_says_not_to_retry_is_not_retried():
+    """x-should-retry: false (a spent budget, a provider refusing the gateway's key) is final, as the OpenAI SDKs
+    read it: one attempt, not four with backoff; a plain 502 is still retried."""
+    import httpx  # noqa: PLC0415
+
+    from replay.runner import GatewayPoster  # noqa: PLC0415
+
+    async def attempts(fake: FakeLLM) -> int:
+        async with httpx.AsyncClient(base_url=fake.url) as client:
+            ans = await GatewayPoster(client, retries=3, backoff_base=0.001, backoff_max=0.01).post(
+                {"model": "cand-model", "messages": [{"role": "user", "content": "hi"}]},
+                {"authorization": f"Bearer {API_KEY}"})
+        assert not ans.ok and ans.http_status == 502
+        return ans.attempts
+
+    with FakeLLM({}) as fake:
+        fake.fail_always["cand-model"] = 502
+        assert asyncio.run(attempts(fake)) == 4
+        fake.fail_headers["x-should-retry"] = "false"
+        assert asyncio.run(attempts(fake)) == 1
+
+
 def test_a_slice_reads_names_and_tag_values_as_they_are_recorded(chdb_store, slice_data):
     """customer: [ACME-...] and tags: {region: EU} find the calls recorded as acme-... and eu."""
     from replay.slice import select_slice  # noqa: PLC0415
