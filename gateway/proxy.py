@@ -24,12 +24,11 @@ from .auth import CREDENTIAL_HEADERS, KeyRing, duplicate_header
 from .call import Call, ClientGone
 from .capture import StreamAccumulator, capture_input, output_messages
 from .config import GatewayConfig, ModelConfig
-from .errors import GatewayError, error_body, forbidden
+from .errors import UPSTREAM_AUTH_STATUS, GatewayError, error_body, forbidden, upstream_auth_error
 from .limits import CallLimits
 from .headers import HeaderFilter
 from .pricing import Pricing
 from .providers import ProviderRegistry, UpstreamCall, UpstreamFailure, UpstreamResponse
-from .providers.base import UPSTREAM_AUTH_STATUS
 from .providers.sse import event_data, json_object
 from .redact import Redactor
 from .recent import RecentCalls
@@ -68,17 +67,6 @@ _REPLAY_HEADERS = (("replay-run-id", sc.REPLAY_RUN_ID), ("replay-candidate", sc.
 
 async def _discard(message: dict) -> None:
     """Where a shadow call's answer goes: nobody waits for it."""
-
-
-def _upstream_message(body: bytes) -> str:
-    """The provider's own error message, from an OpenAI-shaped body (else its first 200 characters)."""
-    try:
-        obj = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return body[:200].decode("utf-8", "replace").strip()
-    err = obj.get("error") if isinstance(obj, dict) else None
-    msg = err.get("message") if isinstance(err, dict) else (err if isinstance(err, str) else None)
-    return str(msg)[:500] if msg else ""
 
 
 class ProxyStats:
@@ -434,20 +422,12 @@ class Proxy(WireStreamRelay):
         """All deployments failed: relay the last upstream answer (secrets scrubbed, its retry advice and request id
         kept), or say what happened."""
         e = self._final_error_body(f)
-        e.headers = self._return_headers.pick(f.headers)
-        if e.code == "upstream_auth_error":  # the SDKs retry a 5xx: this one fails the same way until fixed
-            e.headers = [*e.headers, (b"x-should-retry", b"false")]
+        e.headers = [*self._return_headers.pick(f.headers), *e.headers]
         return e
 
     def _final_error_body(self, f: UpstreamFailure) -> GatewayError:
         if f.status in UPSTREAM_AUTH_STATUS:
-            # the provider refused the gateway's own credentials: relayed as a 401/403, the client's SDK would call
-            # the client's (valid) tagway key wrong; this is the operator's to fix
-            said = _upstream_message(self._scrub(f.body)) if f.body else ""
-            return GatewayError(502, f"The provider refused the gateway's credentials for this model (HTTP "
-                                f"{f.status}{': ' + said if said else ''}). Your key is fine: the gateway's "
-                                "provider key or account needs fixing.", type_="api_error",
-                                code="upstream_auth_error", error_type=f.error_type)
+            return upstream_auth_error(f.status, self._scrub(f.body) if f.body else None, f.error_type)
         if f.status and f.body:
             body = self._scrub(f.body)
             try:

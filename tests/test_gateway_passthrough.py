@@ -115,6 +115,13 @@ def test_upstream_errors_are_relayed_scrubbed_and_recorded(gw):
     assert r.status_code == 503 and UPSTREAM_KEY not in r.text and r.json()["error"]["message"]
     s = gw.recorder.call(r.headers["x-tagway-trace-id"])
     assert s.attributes[sc.ERROR_TYPE] == "http_503" and s.status.status_code.name == "ERROR"
+    # the provider refusing the gateway's own key: a 502 saying so, as on the chat routes, not the client's 401
+    r = httpx.post(gw.url + "/v1/moderations", json={"model": "fail401-x", "input": "x"},
+                   headers={"authorization": f"Bearer {ACME}"})
+    err = r.json()["error"]
+    assert (r.status_code, err["code"], r.headers["x-should-retry"]) == (502, "upstream_auth_error", "false")
+    assert err["message"].startswith("The provider refused the gateway's credentials") and UPSTREAM_KEY not in r.text
+    assert gw.recorder.call(r.headers["x-tagway-trace-id"]).attributes[sc.ERROR_TYPE] == "http_401"
 
 
 def test_translated_upstreams_do_not_serve_these_routes(gw):

@@ -7,16 +7,15 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol
 
+from ..errors import UPSTREAM_AUTH_STATUS
+
 if TYPE_CHECKING:  # config imports the provider registry: no import back at run time
     from ..config import ModelConfig
 
-__all__ = ["UpstreamCall", "UpstreamResponse", "UpstreamStream", "UpstreamFailure", "Provider", "RETRYABLE_STATUS",
-           "UPSTREAM_AUTH_STATUS"]
+__all__ = ["UpstreamCall", "UpstreamResponse", "UpstreamStream", "UpstreamFailure", "Provider", "RETRYABLE_STATUS"]
 
 # 408/409 are retried by the OpenAI SDK too; 429 and 5xx are the classic fallback triggers.
 RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504, 520, 522, 524, 529})
-# the provider refused the gateway's own key or account: another deployment (another key, another provider) may not
-UPSTREAM_AUTH_STATUS = frozenset({401, 403})
 
 
 @dataclasses.dataclass(slots=True)
@@ -65,6 +64,7 @@ class UpstreamFailure(Exception):
     @classmethod
     def from_status(cls, status: int, body: bytes, headers: tuple[tuple[bytes, bytes], ...] = ()) -> "UpstreamFailure":
         return cls(f"http_{status}", f"upstream answered HTTP {status}", status=status, body=body,
+                   # a refused provider key or account: another deployment (key, provider) may still serve it
                    retryable=status in RETRYABLE_STATUS or status in UPSTREAM_AUTH_STATUS, headers=headers)
 
 
