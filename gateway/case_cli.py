@@ -14,6 +14,12 @@ __all__ = ["print_case"]
 _STATUS_STYLE = {"passed": "green", "failed": "bold red", "errored": "yellow"}
 
 
+def plain_diff(console: Console) -> bool:
+    """Mark the diff in text when colours will not show it: no colours (a pipe) or NO_COLOR (rich keeps a colour
+    system then, and only drops the colours)."""
+    return console.no_color or console.color_system is None
+
+
 def _diff_text(diff: list[list[str]], plain: bool = False) -> Text:
     """Deleted words red and struck through, inserted ones green; `plain` (no colours: a pipe, NO_COLOR) marks them
     as `git diff --word-diff=plain` does, [-deleted-]{+inserted+}, so the two never run together."""
@@ -67,7 +73,7 @@ def print_case(view: dict[str, Any], console: Console, print_call: Any) -> None:
             console.print(_result(f"candidate {cand['candidate']}", cand))
             if cand.get("diff") is not None:
                 console.print(Text(f"diff baseline -> {cand['candidate']}:", style="bold"))
-                console.print(_diff_text(cand["diff"], plain=console.color_system is None))
+                console.print(_diff_text(cand["diff"], plain=plain_diff(console)))
     for s in view["sections"]:
         console.print()
         if s["rows"] is None:

@@ -7,7 +7,7 @@ import os
 import re
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Iterator, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -451,7 +451,8 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Gate
             data["storage"] = anchor_storage_paths(data["storage"], base)
     file_keys = frozenset(data)
     data.update(overrides)
-    unknown = _unknown_sections(os.environ)
+    named = {v for v in _env_names(data) if isinstance(v, str)}  # the variables the config names (*_env)
+    unknown = _unknown_sections({k: v for k, v in os.environ.items() if k not in named})
     try:
         cfg = GatewayConfig(**data)
     except ValidationError as e:
@@ -459,6 +460,20 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Gate
     if unknown:
         raise ConfigError(unknown)
     return cfg
+
+
+def _env_names(data: Any) -> Iterator[Any]:
+    """The values of every `*_env` setting in the raw config (api_key_env, admin_key_env, ...): variables it names
+    to read secrets from, whatever they are called (TAGWAY_OPENAI__KEY is a key, not a settings section)."""
+    if isinstance(data, dict):
+        for k, v in data.items():
+            if isinstance(k, str) and k.endswith("_env"):
+                yield v
+            else:
+                yield from _env_names(v)
+    elif isinstance(data, list):
+        for v in data:
+            yield from _env_names(v)
 
 
 def _unknown_sections(environ: Mapping[str, str]) -> list[str]:

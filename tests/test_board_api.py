@@ -175,6 +175,18 @@ def test_pages_refuse_a_key_in_the_query_string(board):
     assert httpx.get(board.url + "/ui/nope/x").status_code == 404
 
 
+def test_the_word_diff_is_marked_in_text_when_colours_will_not_show():
+    import io  # noqa: PLC0415
+
+    from rich.console import Console  # noqa: PLC0415
+
+    from gateway.case_cli import plain_diff  # noqa: PLC0415
+
+    assert plain_diff(Console(file=io.StringIO(), force_terminal=True, no_color=True))  # NO_COLOR on a terminal
+    assert plain_diff(Console(file=io.StringIO()))  # a pipe
+    assert not plain_diff(Console(file=io.StringIO(), force_terminal=True, color_system="standard"))
+
+
 # -- the pure parts --------------------------------------------------------------------------------------------
 def test_cursor_round_trip_and_rejects():
     cur = c.Cursor(1_796_517_264_326_750_542, "abc-DEF_123")

@@ -156,6 +156,9 @@ def test_a_variable_of_no_settings_section_is_an_error_not_ignored(run, tmp_path
         "tagway: config error: $TAGWAY_ZZZ__X: zzz: unknown settings section"]
     assert run("config", "check", "--config", write(tmp_path),
                env={"TAGWAY_ACCESS_LOG__ENABLED": "false"}).exit_code == 0
+    # a variable the config names for a secret is not a section, whatever its name
+    named = write(tmp_path, models=[{"name": "gpt", "provider": "openai", "api_key_env": "TAGWAY_OPENAI__KEY"}])
+    assert run("config", "check", "--config", named, env={"TAGWAY_OPENAI__KEY": "sk-x"}).exit_code == 0
 
 
 def test_version(run):
