@@ -102,8 +102,10 @@ def resolve_tags(sender: Sender, headers: Mapping[str, str], body: Mapping[str, 
     from_header = normalise(headers.get("customer", ""))
     asked = from_header or meta.get("customer", "")
     if may_set_customer:
-        # `user` redacted like every recorded value: an e-mail address as user id must not become a customer name
-        customer = asked or (normalise(scrub(end_user)) if end_user else "") or bound_customer
+        # a `user` that redaction changes (an e-mail address as user id) names no customer: the call stays the
+        # key's, rather than a customer name holding personal data or one fake customer for every such user
+        from_user = normalise(end_user) if end_user and scrub(end_user) == end_user else ""
+        customer = asked or from_user or bound_customer
     else:
         if asked and asked != bound_customer:
             raise forbidden(f"This key is bound to customer {bound_customer!r} and may not record calls as {asked!r}.",

@@ -78,12 +78,14 @@ def test_customer_rules():
     assert (e.value.status, e.value.param) == (403, "metadata.customer")
 
 
-def test_a_customer_taken_from_user_is_redacted_like_the_user():
-    """A platform key's calls take their customer from `user` when nothing else names it: an e-mail address there
-    is redacted as the recorded `user` is, not kept as a customer name in stats, rollups and the dashboard."""
+def test_a_user_that_redaction_changes_names_no_customer():
+    """A platform key's calls take their customer from `user` when nothing else names it. An e-mail address there
+    (redacted in the recorded `user`) was kept as a customer name in stats, rollups and the dashboard; the call is
+    now the key's own customer's (not one fake customer for every such user)."""
     from gateway.redact import Redactor
     scrub = Redactor(["email", "card", "bearer"], []).text
     sender = SimpleNamespace(customer="platform", may_set_customer=True, key_tags={})
-    got = resolve_tags(sender, {}, {"user": "carol@example.com"}, Taxonomy(), scrub)
-    assert got.customer == normalise("[REDACTED:email]") and "carol" not in got.customer
+    for user in ("carol@example.com", "Carol <carol@example.com>"):
+        got = resolve_tags(sender, {}, {"user": user}, Taxonomy(), scrub)
+        assert got.customer == "platform" and got.end_user == user  # the proxy redacts the recorded user
     assert resolve_tags(sender, {}, {"user": "Hooli"}, Taxonomy(), scrub).customer == "hooli"
