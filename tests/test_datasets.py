@@ -292,6 +292,8 @@ def test_export_import_carry_content_labels_and_locks_and_a_bad_line_imports_not
         f"error: the file does not keep 1 lock(s) of {name}@4 ({ids[2]}): a locked case goes only with --force and "
         "--reason, which the log keeps")
     assert load(store, name).version.version == 4  # nothing imported
+    res = tw("dataset", "import", older, "--name", name, "--reason", "why", *world["common"])
+    assert res.exit_code == 2 and error_line(res) == "error: --reason goes with --force (it says why locks go)"
     res = tw("dataset", "import", older, "--name", name, "--force", "--reason", "back to the first cut",
              *world["common"])
     assert res.exit_code == 0 and res.output.strip() == (

@@ -163,6 +163,8 @@ def import_cmd(file: Path = typer.Argument(..., help="A JSONL file (tagway datas
     from .jsonl import parse_file
     from .versions import import_version
     with _errors():
+        if reason and not force:
+            raise core.DatasetStoreError("--reason goes with --force (it says why locks go)")
         parsed = parse_file(file)
         target = name or (parsed.header.name if parsed.header else "")
         if not target:
