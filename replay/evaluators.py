@@ -486,7 +486,15 @@ def judge_messages(spec: EvaluatorSpec, ctx: EvalContext) -> list[dict]:
     block early or forge the judge's part: it would have to contain a hash of itself."""
     convo = ctx.vars.get("messages") or []
     last_user = as_text(next((m.get("content") for m in reversed(convo) if m.get("role") == "user"), "") or "")
-    reference = ctx.reference if spec.option("include_reference", True) else ""
+    # The reference is the production answer. When that answer is the baseline (a logged baseline, the default),
+    # the baseline would be graded against itself and the candidate against the baseline: two different
+    # measurements, which a paired test cannot compare (an A/A run blocked, trial). Both arms are then judged on
+    # their own; with a re-run baseline both are judged against the production answer. `include_reference: true`
+    # forces it in (the user's call).
+    include = spec.option("include_reference", None)
+    if include is None:
+        include = not ctx.vars.get("baseline_logged", False)
+    reference = ctx.reference if include else ""
     tag = data_tag(str(spec.value), last_user, reference, ctx.output)
     parts = [f"RUBRIC:\n{spec.value}", f"Data to grade follows; each block is tagged {tag}."]
     parts.append(data_block("user_message", tag, last_user))

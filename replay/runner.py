@@ -385,7 +385,8 @@ class Runner:
                           vars={"customer": case.customer, "intent": case.intent, "prompt_version": prompt_version,
                                 "tags": case.tags, "case_id": case.case_id, "candidate": target.name,
                                 "messages": case.messages, "label": case.label, "critique": case.critique,
-                                "is_reference": target.logged},
+                                "is_reference": target.logged,
+                                "baseline_logged": self.spec.baseline.mode == "logged"},
                           judge=self._judge_fn(case, target))
         verdict = await evaluate(self.spec.evaluators, ctx, self.spec.case_threshold)
         row.status, row.score = verdict.status, verdict.score

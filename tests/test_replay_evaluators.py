@@ -223,6 +223,27 @@ def test_llm_judge_calls_the_judge_in_json_mode_with_delimited_data():
     assert seen["params"] == {"temperature": 0, "seed": 1}
 
 
+def test_a_judge_sees_the_reference_only_when_both_arms_are_graded_against_it():
+    """With a logged baseline the reference IS the baseline's answer: it would grade the baseline against itself
+    and the candidate against the baseline, two measurements a paired test cannot compare (a trial's A/A run
+    blocked). Both arms are judged alone then; with a re-run baseline both see the production answer; and
+    include_reference says what it says."""
+    from replay.evaluators import judge_messages  # noqa: PLC0415
+
+    def sees_reference(spec, **vars) -> bool:
+        ctx = EvalContext(output="Refunded $42", reference="Refunded $42",
+                          vars={"messages": [{"role": "user", "content": "refund"}], **vars})
+        return "<reference_answer-" in judge_messages(spec, ctx)[1]["content"]
+
+    judge = ev(type="llm_judge", value="r", model="j", judge_version="1")
+    for is_reference in (True, False):  # the baseline's grading and the candidate's: the same
+        assert not sees_reference(judge, baseline_logged=True, is_reference=is_reference)
+        assert sees_reference(judge, baseline_logged=False, is_reference=is_reference)
+    forced = ev(type="llm_judge", value="r", model="j", judge_version="1", include_reference=True)
+    assert sees_reference(forced, baseline_logged=True)
+    assert not sees_reference(ev(type="llm_judge", value="r", model="j", judge_version="1", include_reference=False))
+
+
 def test_llm_judge_errors_when_the_call_or_the_answer_fails():
     async def down(model, messages, params):
         raise RuntimeError("HTTP 503: upstream down")
