@@ -53,13 +53,13 @@ def _tag_audit(store: Any, trace_id: str, customer: str | None, database: str) -
 
 SECTIONS: list[CaseSection] = [
     CaseSection("datasets", "In datasets", "replay_datasets", _datasets),
-    CaseSection("labels", "Human labels", "dataset_cases", _labels),  # versioned datasets (issue 12)
+    CaseSection("labels", "Labels and locks", "dataset_cases", _labels),  # versioned datasets (issue 12)
     CaseSection("feedback", "Feedback", "llm_feedback", _feedback),
     CaseSection("tag_audit", "Tag audit", "tag_events", _tag_audit),
 ]
 # Sections whose tables a store may not have yet (its schema predates them): named here so the page and the CLI say
 # they are not recorded rather than leave the reader guessing.
-PLANNED_SECTIONS = {"labels": "Human labels", "feedback": "Feedback", "tag_audit": "Tag audit"}
+PLANNED_SECTIONS = {"labels": "Labels and locks", "feedback": "Feedback", "tag_audit": "Tag audit"}
 
 
 def _existing_tables(store: Any, database: str) -> set[str]:

@@ -330,14 +330,15 @@ def relabel(cases: list[CaseRecord], trace_ids: Sequence[str], *, label: str, cr
 
 
 def cases_for_trace(store: Any, trace_id: str) -> list[dict[str, Any]]:
-    """The latest version of each dataset that holds `trace_id`, with the case's label, lock and difficulty (the
-    case board's "labels" section)."""
+    """The latest version of each dataset that holds `trace_id` and labels, locks or grades it: the case's label,
+    lock and difficulty (the case board's "labels" section; a dataset merely holding it is in "In datasets")."""
     ids = [v.version_id for v in latest_versions(store)]
     if not ids:
         return []
     return store.query("SELECT dataset_id, label, critique, labeller, adjudicated, locked, expect, lock_note, "
                        "difficulty FROM dataset_cases WHERE trace_id = {t:String} AND version_id IN "
-                       "{ids:Array(String)} ORDER BY dataset_id", {"t": trace_id, "ids": ids})
+                       "{ids:Array(String)} AND (label != '' OR locked OR difficulty != '') ORDER BY dataset_id",
+                       {"t": trace_id, "ids": ids})
 
 
 def holding_trace(store: Any, trace_id: str) -> list[dict[str, Any]]:

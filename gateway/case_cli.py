@@ -3,6 +3,7 @@
 candidate's output, the evaluator verdicts and reasons, the judge version and a word diff, then the sections."""
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 from rich.console import Console
@@ -81,4 +82,11 @@ def print_case(view: dict[str, Any], console: Console, print_call: Any) -> None:
             continue
         console.print(Text(f"{s['title']}: {len(s['rows'])}", style="bold"))
         for row in s["rows"]:
-            console.print(Text("  " + "  ".join(f"{k}={v}" for k, v in row.items())))
+            console.print(Text("  " + "  ".join(f"{k}={_cell(k, v)}" for k, v in row.items())))
+
+
+def _cell(key: str, value: Any) -> str:
+    """A section's value as the page shows it: times (`*_at`, epoch seconds) in UTC, the rest as they are."""
+    if key.endswith("_at") and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return dt.datetime.fromtimestamp(value, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return str(value)

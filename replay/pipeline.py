@@ -24,7 +24,7 @@ from .gate import SegmentPlan, next_draws, plan
 from .render import render_json
 from .report import Report, aggregate, flipped_case_ids
 from .runner import (GATEWAY_APP, NO_GATEWAY, FatalRunError, RunOutcome, Runner, Target, check_gateway,
-                     check_in_process, gateway_client, targets_for)
+                     check_in_process, check_models, gateway_client, models_named, targets_for)
 from .slice import Case, EmptySliceError, SampleResult, Sampled, count_production_errors, fetch_cases, order_key, \
     sample_pool, select_slice
 from .spec import ReplaySpec, SpecError, parse_spec
@@ -159,6 +159,7 @@ async def _check_gateway(opts: RunOptions, spec: ReplaySpec) -> None:
         raise FatalRunError(NO_GATEWAY)
     async with gateway_client(base_url=opts.gateway_url, timeout=min(spec.timeout, 10.0), concurrency=1) as client:
         await check_gateway(client, opts.api_key, opts.gateway_url)
+        await check_models(client, opts.api_key, models_named(spec))
 
 
 async def start_run(store: Any, spec: ReplaySpec, opts: RunOptions) -> RunResult:

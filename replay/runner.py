@@ -225,6 +225,30 @@ def transport_reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+def models_named(spec: ReplaySpec) -> list[tuple[str, str]]:
+    """(who, model) of every model a run calls by name: the candidates, a re-run baseline's, the LLM judges'."""
+    out = [(f"candidate {c.name}", c.model) for c in spec.candidates]
+    if spec.baseline.mode == "rerun" and spec.baseline.model:
+        out.append(("baseline", spec.baseline.model))
+    out += [(f"judge {e.name}", str(e.option("model"))) for e in spec.evaluators
+            if e.kind == "llm_judge" and e.option("model")]
+    return out
+
+
+async def check_models(client: httpx.AsyncClient, api_key: str, named: Sequence[tuple[str, str]]) -> None:
+    """Before a run stores anything: the gateway serves every model it names to this key (`GET /v1/models/{id}`
+    resolves wildcard routes too, and records no call). A model it does not serve was a stored run stopped at its
+    first case, incomplete for good. Raises FatalRunError."""
+    for who, model in dict.fromkeys(named):
+        try:
+            resp = await client.get(f"/v1/models/{model}", headers={"authorization": f"Bearer {api_key}"})
+        except httpx.HTTPError as e:
+            raise FatalRunError(f"cannot reach the gateway: {transport_reason(e)}") from None
+        if resp.status_code == 404:
+            raise FatalRunError(f"{who}: model {model!r} is not served by the gateway (or not to this key): "
+                                "GET /v1/models lists the models it serves")
+
+
 async def check_gateway(client: httpx.AsyncClient, api_key: str, where: str) -> None:
     """Before a run stores anything: the gateway answers and takes the key. `GET /v1/models` records no call, so a
     wrong --gateway or --api-key costs one line instead of a stored run of errored cases (and, for a bad key, a

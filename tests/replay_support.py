@@ -46,6 +46,7 @@ class FakeLLM(ThreadedServer):
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/models/{model:.+}", self.model)
 
     def chat_requests(self) -> list[dict]:
         return [r for r in self.requests if r["path"] == "/v1/chat/completions"]
@@ -62,6 +63,15 @@ class FakeLLM(ThreadedServer):
         if self.require_key and request.headers.get("authorization") != f"Bearer {self.require_key}":
             return self._error(401, "invalid api key", "invalid_api_key")  # as the gateway's /v1/models
         return web.json_response({"object": "list", "data": [{"id": m, "object": "model"} for m in self.answers]})
+
+    async def model(self, request: web.Request) -> web.Response:
+        """GET /v1/models/{id}: as the gateway answers it, a card for a model it serves, else 404."""
+        model = request.match_info["model"]
+        self.requests.append({"path": request.path, "headers": dict(request.headers), "body": None,
+                              "t": time.monotonic()})
+        if model not in self.answers and model not in self.fail_always:
+            return self._error(404, f"The model `{model}` does not exist", "model_not_found")
+        return web.json_response({"id": model, "object": "model", "owned_by": "tagway"})
 
     async def chat(self, request: web.Request) -> web.Response:
         body = orjson.loads(await request.read())

@@ -160,7 +160,9 @@ def test_show_cases_cli_matches_the_case_view(board, chdb_dsn):
     diff = out.rsplit("diff baseline -> cand:", 1)[1].splitlines()[1]
     assert re.fullmatch(r"\[-Echo: Where is my refund for order \d+\?-\]\{\+WRONG\+\}", diff), diff
     # every section's table exists on a migrated store: each is listed, empty for this case
-    assert all(f"{t}: 0" in out for t in ("Human labels", "Feedback", "Tag audit")) and "not recorded" not in out
+    assert all(f"{t}: 0" in out for t in ("Labels and locks", "Feedback", "Tag audit")) and "not recorded" not in out
+    held = out.split("In datasets:", 1)[1].splitlines()[1]  # times read as times, as on the page
+    assert re.search(r"added_at=20\d\d-\d\d-\d\d \d\d:\d\d:\d\d", held), held
     missing = CliRunner().invoke(app, ["show", "f" * 32, "--cases", "--dsn", chdb_dsn])
     assert missing.exit_code == 2 and "no call with trace id" in missing.output
 

@@ -135,7 +135,8 @@ def test_datasets_pin_a_slice(world):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--candidate-model", "gpt-nope"], "model 'gpt-nope' is not served by the gateway (404 model_not_found)"),
+    (["--candidate-model", "gpt-nope"], "error: candidate cand: model 'gpt-nope' is not served by the gateway (or "
+                                        "not to this key)"),
     (["--tag", "region"], "--tag 'region': expected key=value"),
     (["--segment-by", "customer,colour"], "unknown group-by column 'colour'"),
     (["--customer", "nobody-at-all"], "the slice matched no replayable call"),
@@ -433,6 +434,9 @@ def test_a_run_that_cannot_start_stores_nothing_and_a_refused_resume_changes_not
     unread = unique("noprompt")
     res = invoke("run", "--spec", bad, *world["common"], "--run-id", unread)
     assert res.exit_code == 2 and "missing.txt" in _one_error_line(res)
+    unknown = unique("nomodel")  # a model the gateway does not serve: asked before the run is stored
+    res = invoke("run", "--spec", world["spec"], *world["common"], "--run-id", unknown, "--candidate-model", "gpt-x")
+    assert res.exit_code == 2 and "model 'gpt-x' is not served by the gateway" in _one_error_line(res)
     assert not world["gw"].chat_requests()
 
     done = unique("done")
@@ -441,7 +445,7 @@ def test_a_run_that_cannot_start_stores_nothing_and_a_refused_resume_changes_not
     assert res.exit_code == 2 and "no gateway" in _one_error_line(res)
     store = connect(world["dsn"])
     try:
-        assert get_run(store, ghost) is None and get_run(store, unread) is None
+        assert get_run(store, ghost) is None and get_run(store, unread) is None and get_run(store, unknown) is None
         assert get_run(store, done).status == "complete"
     finally:
         store.close()

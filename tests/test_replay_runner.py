@@ -140,13 +140,18 @@ def test_budget_stops_the_run_and_resume_finishes_only_the_missing_cases(chdb_st
     assert get_run(chdb_store, res.run_id).status == "complete"
 
 
-def test_unknown_candidate_model_stops_before_running_everything(chdb_store, slice_data):
+def test_unknown_candidate_model_stops_before_anything_is_stored(chdb_store, slice_data):
+    """GET /v1/models/{id} (which resolves wildcard routes and records no call) before the run is stored: it used
+    to be stored, stopped at its first case, and left incomplete for good."""
     a, _, _ = slice_data
     spec = parse_spec({**spec_for([a]), "candidates": [{"name": "typo", "model": "gpt-nope"}]})
     with FakeLLM({"cand-model": approve_unless("nobody")}) as gw:
-        with pytest.raises(FatalRunError, match="model 'gpt-nope' is not served by the gateway .404 model_not_found"):
-            asyncio.run(start_run(chdb_store, spec, opts(gw)))
-        assert len(gw.chat_requests()) == 1  # the probe only
+        with pytest.raises(FatalRunError, match="candidate typo: model 'gpt-nope' is not served by the gateway"):
+            asyncio.run(start_run(chdb_store, spec, RunOptions(gateway_url=gw.url, api_key=API_KEY, progress=False,
+                                                               run_id="typo-run")))
+        assert gw.chat_requests() == [] and [r["path"] for r in gw.requests] == ["/v1/models",
+                                                                                "/v1/models/gpt-nope"]
+    assert get_run(chdb_store, "typo-run") is None
 
 
 def test_rejected_key_is_fatal_before_anything_is_stored(chdb_store, slice_data):
