@@ -168,7 +168,8 @@ async def run_shadow_report(store: Any, data: dict, source: str, window: Window,
                                               shadow_answer(call)))
     write_results(store, rows)
     notes = [f"shadow traffic from {iso_utc(window.start)} to {iso_utc(window.end)}: {len(calls)} shadow call(s) "
-             f"of {len(live_ids)} live call(s)"]
+             f"recorded, shadowing {len(live_ids)} live call(s); sampled calls the gateway dropped under load (a full "
+             "queue) were never sent and are not here: tagway_shadow_calls_total{outcome=\"dropped\"} counts them"]
     report = report_for(store, rid, spec, status="complete", n_cases=len(cases), skipped=skipped, notes=notes,
                         dataset=f"shadow {iso_utc(window.start)}..{iso_utc(window.end)}")
     write_run(store, RunRow(rid, report.status, spec_to_json(spec), report.dataset, spec.judge_version,
