@@ -119,20 +119,24 @@ async def test_stream_breaking_midway_cannot_fall_back_and_is_recorded(monkeypat
     await app.shutdown()
 
 
-async def test_upstream_error_relayed_as_its_own_body_with_the_key_scrubbed(monkeypatch):
+async def test_a_provider_refusing_the_gateways_key_falls_back_then_is_a_502_with_the_key_scrubbed(monkeypatch):
+    """A provider's 401 is about the gateway's own key: the next deployment is tried (another key, another
+    provider), and when every one refuses, the client gets a 502 upstream_auth_error quoting the provider (its key
+    scrubbed), not a 401 its SDK would blame on the client's valid key."""
     body = ('{"error": {"message": "Incorrect API key provided: %s", "type": "invalid_request_error", '
             '"param": null, "code": "invalid_api_key"}}' % SECRET).encode()
     primary = HandlerProvider(lambda call: UpstreamResponse(401, body))
-    backup = HandlerProvider(lambda call: completion("never"))
+    refused = ('{"error": {"message": "project of key %s has no access"}}' % SECRET).encode()
+    backup = HandlerProvider(lambda call: UpstreamResponse(403, refused))
     app, rec = make({"primary": primary, "backup": backup}, monkeypatch)
     client = await client_for(app)
-    with pytest.raises(openai.AuthenticationError) as e:
+    with pytest.raises(openai.InternalServerError) as e:
         await client.chat.completions.create(model="primary", messages=[{"role": "user", "content": "hi"}])
-    assert SECRET not in e.value.response.text and "***" in e.value.response.text
-    assert e.value.code == "invalid_api_key"
-    assert backup.calls == []  # a 401 is not retryable: no fallback
+    assert SECRET not in e.value.response.text and e.value.status_code == 502
+    assert e.value.code == "upstream_auth_error" and "HTTP 403: project of key *** has no access" in e.value.message
+    assert len(backup.calls) == 1  # tried: its key may work where the first one's did not
     span = rec.call(e.value.response.headers["x-tagway-trace-id"])
-    assert span.attributes[sc.ERROR_TYPE] == "http_401" and span.attributes[sc.HTTP_STATUS] == 401
+    assert span.attributes[sc.ERROR_TYPE] == "http_403" and span.attributes[sc.ATTEMPTS] == 2
     await app.shutdown()
 
 
