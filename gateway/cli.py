@@ -109,6 +109,11 @@ def serve(config: Optional[str] = ConfigOpt,
             raise fail("--workers > 1 needs a ClickHouse server DSN: the embedded store allows one process per "
                        "data directory")
         _bind(host, port).close()  # a busy port fails here, in one line, before any worker starts
+        if cfg.recording.enabled:  # and a spool the workers cannot write (each would die in a traceback)
+            try:
+                os.makedirs(cfg.storage.resolved_spool(), exist_ok=True)
+            except OSError as e:
+                raise fail(_cannot_record(e)) from None
         if config:
             os.environ["TAGWAY_CONFIG"] = os.path.abspath(config)
         os.environ["TAGWAY_WORKERS"] = str(workers)  # each worker enforces 1/N of every rate limit
@@ -124,9 +129,7 @@ def serve(config: Optional[str] = ConfigOpt,
         raise fail(_held_by(cfg, e)) from None
     except OSError as e:  # a read-only or full data directory, a spool path that is a file: one line, no traceback
         sock.close()
-        where = f": {e.filename}" if e.filename else ""
-        raise fail(f"cannot start recording: {e.strerror or e}{where} (the spool and the embedded store live under "
-                   "storage.data_dir, the spool under storage.spool_dir when set)") from None
+        raise fail(_cannot_record(e)) from None
     tune_gc()
     install_access_log(cfg)
     # the app owns the recorder: its lifespan shutdown flushes it, which matters because uvicorn re-raises
@@ -582,6 +585,12 @@ def command() -> Any:
 
     summaries(root)
     return root
+
+
+def _cannot_record(e: OSError) -> str:
+    where = f": {e.filename}" if e.filename else ""
+    return (f"cannot start recording: {e.strerror or e}{where} (the spool and the embedded store live under "
+            "storage.data_dir, the spool under storage.spool_dir when set)")
 
 
 def main() -> None:

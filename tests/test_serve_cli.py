@@ -140,6 +140,13 @@ def test_a_spool_that_cannot_be_written_is_one_line(tmp_path):
     proc = serve(path)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "Traceback" not in err and "serving" not in err, err
-    assert err.strip().splitlines() == [f"tagway: error: cannot start recording: Not a directory: {blocker}/spool "
-                                        "(the spool and the embedded store live under storage.data_dir, the spool "
-                                        "under storage.spool_dir when set)"]
+    said = [f"tagway: error: cannot start recording: Not a directory: {blocker}/spool (the spool and the embedded "
+            "store live under storage.data_dir, the spool under storage.spool_dir when set)"]
+    assert err.strip().splitlines() == said
+    # with workers too (a server DSN): said before any worker starts, not in a traceback from each
+    server = write_config(tmp_path, free_port(), recording={"enabled": True},
+                          storage={"dsn": f"http://default:pw@127.0.0.1:{free_port()}/tagway",
+                                   "spool_dir": str(blocker / "spool")})
+    proc = serve(server, "--workers", "2")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and err.strip().splitlines() == said, err
