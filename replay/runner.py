@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Sequence
+from urllib.parse import quote
 
 import httpx
 import orjson
@@ -241,7 +242,9 @@ async def check_models(client: httpx.AsyncClient, api_key: str, named: Sequence[
     first case, incomplete for good. Raises FatalRunError."""
     for who, model in dict.fromkeys(named):
         try:
-            resp = await client.get(f"/v1/models/{model}", headers={"authorization": f"Bearer {api_key}"})
+            # quoted: a '?' or '#' in a model id must stay in the path (the gateway decodes it; '/' stays a '/')
+            resp = await client.get(f"/v1/models/{quote(model, safe='/:@+')}",
+                                    headers={"authorization": f"Bearer {api_key}"})
         except httpx.HTTPError as e:
             raise FatalRunError(f"cannot reach the gateway: {transport_reason(e)}") from None
         if resp.status_code == 404:

@@ -152,6 +152,11 @@ def test_unknown_candidate_model_stops_before_anything_is_stored(chdb_store, sli
         assert gw.chat_requests() == [] and [r["path"] for r in gw.requests] == ["/v1/models",
                                                                                 "/v1/models/gpt-nope"]
     assert get_run(chdb_store, "typo-run") is None
+    odd = parse_spec({**spec_for([a]), "candidates": [{"name": "odd", "model": "team/gpt?x#1"}]})
+    with FakeLLM({"cand-model": approve_unless("nobody")}) as gw:
+        with pytest.raises(FatalRunError, match=r"model 'team/gpt\?x#1' is not served"):
+            asyncio.run(start_run(chdb_store, odd, RunOptions(gateway_url=gw.url, api_key=API_KEY, progress=False)))
+        assert gw.requests[-1]["path"] == "/v1/models/team/gpt?x#1"  # the whole id asked for, quoted on the wire
 
 
 def test_rejected_key_is_fatal_before_anything_is_stored(chdb_store, slice_data):
