@@ -266,11 +266,12 @@ def _same(a: list[CaseRecord], b: list[CaseRecord]) -> bool:
     return [x.to_json() for x in a] == [x.to_json() for x in b]
 
 
-def commit(store: Any, name: str, change: Change, *, author: str, message: str, op: str,
-           create: bool = True, attempts: int = 5) -> Version:
+def commit(store: Any, name: str, change: Change, *, author: str, message: str | Callable[[], str],
+           op: str, create: bool = True, attempts: int = 5) -> Version:
     """Make the next version of `name` from its latest one with `change` (a pure function of the latest cases).
     Creates the dataset (version 1) when `create` and it does not exist. Refuses an empty version (and a change
-    that changes nothing: NoChange). Retries on a concurrent writer, applying `change` to the winner."""
+    that changes nothing: NoChange). Retries on a concurrent writer, applying `change` to the winner. `message` may
+    be a function, asked once `change` has run (what the version says may depend on what it changed)."""
     validate_name(name)
     for _ in range(attempts):
         try:
@@ -287,8 +288,9 @@ def commit(store: Any, name: str, change: Change, *, author: str, message: str, 
                                     "case)")
         if latest is not None and _same(cases, before) and targets == latest.targets:
             raise NoChange(f"nothing changed: {latest.ref} already holds this; no new version")
-        v = Version(name, (latest.version if latest else 0) + 1, secrets.token_hex(8), time.time(), author, message,
-                    op, latest.version if latest else 0, len(cases), targets)
+        v = Version(name, (latest.version if latest else 0) + 1, secrets.token_hex(8), time.time(), author,
+                    message() if callable(message) else message, op, latest.version if latest else 0, len(cases),
+                    targets)
         for i in range(0, len(cases), _CHUNK):
             store.insert_json_rows("dataset_cases", b"\n".join(_case_row(v, i + j, c)
                                                                 for j, c in enumerate(cases[i:i + _CHUNK])))

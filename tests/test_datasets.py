@@ -300,6 +300,9 @@ def test_export_import_carry_content_labels_and_locks_and_a_bad_line_imports_not
         f"{name}@5: imported 2 case(s) from {older}; against {name}@4: 1 case(s) removed, 1 lock(s) dropped, "
         "1 label(s) cleared or changed (2 case(s))"), res.output
     assert load(store, name).version.message.endswith("(forced: back to the first cut)")
+    # forced, with no lock to drop: the version says nothing of it
+    res = tw("dataset", "import", out, "--name", name, "--force", "--reason", "again", *world["common"])
+    assert res.exit_code == 0 and "forced" not in load(store, name).version.message, res.output
 
     bad = tmp_path / "bad.jsonl"
     text = out.read_text().splitlines()

@@ -173,11 +173,10 @@ def import_cmd(file: Path = typer.Argument(..., help="A JSONL file (tagway datas
         store, _ = _open(dsn, config)
         origin = f" (exported from {parsed.header.ref})" if parsed.header and parsed.header.ref else ""
         msg = message or f"import {file.name}{origin}"
-        if force and reason:
-            msg += f" (forced: {reason})"
         lost: dict[str, list[str]] = {}
         v = import_version(store, target, parsed.items, parsed.header.targets if parsed.header else {},
-                           message=msg, author=_author(author), force=force, reason=reason, losses=lost)
+                           message=lambda: msg + (f" (forced: {reason})" if lost.get("locks") else ""),
+                           author=_author(author), force=force, reason=reason, losses=lost)
     dropped = [f"{len(lost[k])} {what}" for k, what in (("cases", "case(s) removed"), ("locks", "lock(s) dropped"),
                                                          ("labels", "label(s) cleared or changed")) if lost.get(k)]
     against = f"; against {v.name}@{v.parent}: {', '.join(dropped)}" if dropped else ""

@@ -9,7 +9,7 @@ pure function of the latest version's cases handed to `exporters.datasets.commit
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from exporters.datasets import (DIFFICULTIES, EXPECTS, CaseRecord, DatasetStoreError, NoChange, Version, commit,
                                 get_content, get_version, put_content, read_cases, relabel)
@@ -226,8 +226,8 @@ def import_losses(before: Sequence[CaseRecord], after: Sequence[CaseRecord]) -> 
     return out
 
 
-def import_version(store: Any, name: str, items: Sequence[Captured], targets: dict, *, message: str,
-                   author: str, force: bool = False, reason: str = "",
+def import_version(store: Any, name: str, items: Sequence[Captured], targets: dict, *,
+                   message: str | Callable[[], str], author: str, force: bool = False, reason: str = "",
                    losses: dict[str, list[str]] | None = None) -> Version:
     """A new version of `name` (created when missing) holding exactly `items` (an imported file's cases, their
     labels, difficulty and locks as the file says) and `targets`. Content first, the version last. A lock of the
