@@ -73,18 +73,19 @@ class WriteAheadLog:
     def batch(self, seq: int, starts: Iterable[int]) -> None:
         starts = list(starts)
         with self._lock:
+            self._ensure_open()
             self._write(_B.pack(b"B", seq, len(starts)) + b"".join(_U64.pack(s) for s in starts))
 
     def done(self, starts: Iterable[int]) -> None:
         starts = list(starts)
         with self._lock:
+            self._ensure_open()
             self._write(_F.pack(b"F", len(starts)) + b"".join(_U64.pack(s) for s in starts))
             for s in starts:
                 seg = self._where.pop(s, None)
                 if seg is not None:
                     self._pending[seg].discard(s)
-            for seg in [g for g, left in self._pending.items() if not left and g != self._seg]:
-                self._drop(seg)  # every chunk in it is stored: nothing to recover from it
+            self._drop_done_prefix()
             if self._fd >= 0 and self._size and not any(self._pending.values()):
                 # nothing waits anywhere (a quiet moment): the current segment too, its space back now rather than
                 # at its cap. Only then: a batch record (B) or a done record (F) in it may still describe chunks
@@ -98,8 +99,7 @@ class WriteAheadLog:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
-            for seg in [g for g, left in self._pending.items() if not left]:
-                self._drop(seg)
+            self._drop_done_prefix(current_too=True)
 
     # -- internals --------------------------------------------------------------------------------------------
     def _write(self, rec: bytes) -> None:
@@ -111,18 +111,37 @@ class WriteAheadLog:
                 n += os.write(self._fd, rec[n:])
             self._size += len(rec)
         except OSError as e:  # the log is a safety net: a full disk must not stop recording
+            try:  # no torn record mid-segment: reading stops at one, and would lose every record after it
+                os.ftruncate(self._fd, self._size)
+            except OSError:
+                pass
             log.error("write-ahead log %s: write failed (%s); spans of the next moments are protected only once"
                       " they are batched", self.directory, e.strerror or e)
+
+    def _ensure_open(self) -> None:
+        """A segment to write to, after one could not be opened (a full disk): batch and done records matter as
+        much as chunks for recovery."""
+        if self._fd < 0 and not self._closed:
+            self._open_next()
+
+    def _drop_done_prefix(self, current_too: bool = False) -> None:
+        """Delete the oldest segments while nothing in them or before them waits. Oldest first, and only those: a
+        segment's batch (B) and done (F) records may describe chunks of any older segment, so one is safe to delete
+        only when every older one is stored too (deleting a later segment first lost a batch record recovery
+        needed, and a done record, so stored chunks were spooled again)."""
+        for seg in sorted(self._pending):
+            if self._pending[seg] or (seg == self._seg and not current_too):
+                return
+            self._drop(seg)
 
     def _open_next(self) -> None:
         if self._fd >= 0:
             fd, self._fd = self._fd, -1  # never written to again, even if the next open fails
             os.close(fd)
-            if not self._pending.get(self._seg):
-                self._drop(self._seg)
         self._seg += 1
         self._size = 0
         self._pending[self._seg] = set()
+        self._drop_done_prefix()  # the segment just closed too, when it and all before it are stored
         try:
             self._fd = os.open(os.path.join(self.directory, f"{_PREFIX}{self._seg:08d}{_SUFFIX}"),
                                os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)

@@ -213,6 +213,29 @@ def test_the_wal_keeps_a_batch_record_while_its_chunks_wait_elsewhere(tmp_path) 
     sp.close()
 
 
+def test_the_wal_deletes_segments_oldest_first_only(tmp_path) -> None:
+    """Batches end out of order (a spill while an insert runs): a later segment whose own chunks are all stored may
+    hold the batch record of a chunk still waiting in an older one, and the done record of another. Deleting it lost
+    both: a restart spooled the stored chunk again and rebuilt the running batch with other chunks (a new token)."""
+    from exporters.wal import WriteAheadLog, read_pending  # noqa: PLC0415
+
+    d = str(tmp_path / "wal")
+    w = WriteAheadLog(d, segment_bytes=100)
+    w.chunk(0, 1, b"a" * 60)
+    w.chunk(1, 1, b"b" * 60)  # segment 0 full: segment 1
+    w.batch(1, [0])  # being inserted (its chunk in segment 0)
+    w.batch(2, [1])
+    w.done([1])  # spilled: batch and done records in segment 1
+    w.chunk(2, 1, b"c" * 90)  # segment 1 full: segment 2
+    w.batch(3, [2])
+    w.done([2])
+    batches, _ = read_pending(d, 1 << 20)  # killed here
+    assert batches == [([b"a" * 60], 1)]  # batch 1 alone, as formed; chunk 1 not again
+    w.done([0])
+    w.close()
+    assert not [n for n in os.listdir(d) if n.endswith(".log")]  # all stored: nothing kept
+
+
 def test_a_wal_segment_that_cannot_be_opened_is_tried_again(tmp_path, monkeypatch, caplog) -> None:
     from exporters import wal as wal_mod  # noqa: PLC0415
 
