@@ -320,14 +320,15 @@ def set_ttl(store: Any, s: Any, st: RollupState, days: int, now: dt.datetime) ->
     bring back what the old one deleted: coverage starts no earlier than the old horizon (older days read raw, or
     are rolled up again by a backfill, under the new TTL)."""
     covered, pending = st.covered_from, st.pending_from
-    if st.ttl_days > 0 and (days == 0 or days > st.ttl_days) and now - dt.timedelta(days=st.ttl_days) > covered:
-        covered = now - dt.timedelta(days=st.ttl_days)
-        # what the old TTL's merges had not deleted yet below the new start is dropped by the next backfill before
-        # it rolls those days up again (as a day cut short is), so nothing is counted twice
-        pending = min(st.pending_from, st.covered_from)
-        # tag keys covered from before it: from it now, so the backfill rolls them up with the days it redoes
-        moved = {k: covered for k, since in st.tag_keys.items() if since < covered}
-        _write_keys(store, s, moved)
+    horizon = now - dt.timedelta(days=st.ttl_days)
+    if st.ttl_days > 0 and (days == 0 or days > st.ttl_days) and horizon > covered:
+        # Coverage starts at the old horizon's next midnight: whole days, so whole buckets at every level. What the
+        # old TTL's merges had not deleted yet below it goes now (a backfill rolls those days up again from the raw
+        # calls, under the new TTL, with nothing left to count twice); nothing is pending any more.
+        covered = pending = _ceil(horizon, 86400)
+        _delete_range(store, s, _EPOCH, covered)
+        # tag keys covered from before it: from it now, so a backfill rolls them up with the days it redoes
+        _write_keys(store, s, {k: covered for k, since in st.tag_keys.items() if since < covered})
     _write_state(store, s, dataclasses.replace(st, ttl_days=days), covered, pending)
 
 

@@ -60,12 +60,11 @@ def test_a_changed_ttl_reaches_the_tables_and_the_rollup_state(chdb_store, caplo
         f"retention changed: {t}: kept 90 days, now 30 days (storage.ttl_days)" for t in raw] + [
         "retention changed: rollups: kept 400 days, now forever (storage.rollup_ttl_days)"]
     st2 = rollups.read_state(chdb_store, db)
-    # a longer TTL cannot bring back what the old one deleted: coverage starts no earlier than its horizon, tag
-    # keys' too, and the next backfill first drops what lies below it (pending) before rolling those days up again
-    horizon = now - dt.timedelta(days=400)
-    assert st2.ttl_days == 0 and horizon - dt.timedelta(seconds=5) <= st2.covered_from <= horizon + \
-        dt.timedelta(seconds=5)
-    assert st2.tag_keys["zone"] == st2.covered_from and st2.pending_from == st.covered_from
+    # a longer TTL cannot bring back what the old one deleted: coverage starts at the old horizon's next midnight
+    # (whole buckets), tag keys' too; what lay below it is gone, and nothing is pending
+    horizon = (now - dt.timedelta(days=400)).replace(hour=0, minute=0, second=0, microsecond=0) + dt.timedelta(days=1)
+    assert st2.ttl_days == 0 and st2.covered_from == st2.pending_from == horizon
+    assert st2.tag_keys["zone"] == horizon and not st2.split_at_live_from
     assert sync_retention(chdb_store, wanted) == []  # settled
 
     # an operator's own TTL on one table is left alone, said once
