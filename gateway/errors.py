@@ -58,6 +58,17 @@ def upstream_auth_error(status: int, body: bytes | None, error_type: str) -> Gat
                         headers=[(b"x-should-retry", b"false")])
 
 
+def with_own_headers(e: GatewayError, relayed: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """An error's own headers after the upstream's relayed ones, the upstream's of the same name left out (two
+    x-should-retry headers read as 'true, false', which the SDKs take for neither). An upstream_auth_error keeps
+    none of the provider's retry advice: nothing changes until the operator fixes the key."""
+    own = {k.lower() for k, _ in e.headers}
+    drop_retry = e.code == "upstream_auth_error"
+    kept = [(k, v) for k, v in relayed
+            if k.lower() not in own and not (drop_retry and k.lower().startswith(b"retry-after"))]
+    return [*kept, *e.headers]
+
+
 def _upstream_message(body: bytes) -> str:
     """The provider's own error message, from an OpenAI-shaped body (else its first 200 characters)."""
     try:

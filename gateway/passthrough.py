@@ -25,7 +25,8 @@ import orjson
 from .auth import CREDENTIAL_HEADERS, KeyRing, duplicate_header
 from .call import Call, ClientGone
 from .config import GatewayConfig, ModelConfig
-from .errors import UPSTREAM_AUTH_STATUS, GatewayError, bad_request, forbidden, upstream_auth_error
+from .errors import (UPSTREAM_AUTH_STATUS, GatewayError, bad_request, forbidden, upstream_auth_error,
+                     with_own_headers)
 from .headers import HeaderFilter
 from .model_routes import ModelRoutes
 from .providers import ProviderRegistry, UpstreamFailure, kind_of
@@ -180,8 +181,8 @@ class Passthrough:
                 rec.fail(attempt.error_type, _error_message(body, resp.status), resp.status)
                 if resp.status in UPSTREAM_AUTH_STATUS:  # the gateway's provider key, not the client's: a 502
                     e = upstream_auth_error(resp.status, body, attempt.error_type)
-                    await call.respond(e.status, e.body(), b"application/json",
-                                       [*(h for h in headers if h[0] != b"content-type"), *e.headers])
+                    relayed = [h for h in headers if h[0] not in (b"content-type", b"content-disposition")]
+                    await call.respond(e.status, e.body(), b"application/json", with_own_headers(e, relayed))
                     return
             else:
                 self._read_answer(rec, body, d, model)

@@ -24,7 +24,8 @@ from .auth import CREDENTIAL_HEADERS, KeyRing, duplicate_header
 from .call import Call, ClientGone
 from .capture import StreamAccumulator, capture_input, output_messages
 from .config import GatewayConfig, ModelConfig
-from .errors import UPSTREAM_AUTH_STATUS, GatewayError, error_body, forbidden, upstream_auth_error
+from .errors import (UPSTREAM_AUTH_STATUS, GatewayError, error_body, forbidden, upstream_auth_error,
+                     with_own_headers)
 from .limits import CallLimits
 from .headers import HeaderFilter
 from .pricing import Pricing
@@ -422,7 +423,7 @@ class Proxy(WireStreamRelay):
         """All deployments failed: relay the last upstream answer (secrets scrubbed, its retry advice and request id
         kept), or say what happened."""
         e = self._final_error_body(f)
-        e.headers = [*self._return_headers.pick(f.headers), *e.headers]
+        e.headers = with_own_headers(e, self._return_headers.pick(f.headers))
         return e
 
     def _final_error_body(self, f: UpstreamFailure) -> GatewayError:

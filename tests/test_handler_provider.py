@@ -152,3 +152,14 @@ async def test_transport_failure_on_one_deployment_falls_back(monkeypatch):
     assert backup.calls[0].payload["model"] == "backup-model"
     assert app.proxy.stats.fallbacks == 1
     await app.shutdown()
+
+
+def test_an_errors_own_headers_replace_the_upstreams_of_the_same_name():
+    """A provider's 401 with `x-should-retry: true` and `retry-after`: the 502 said both true and false (read as
+    'true, false', which the SDKs take for neither, so they retried) and relayed the provider's retry advice."""
+    from gateway.errors import upstream_auth_error, with_own_headers  # noqa: PLC0415
+
+    relayed = [(b"x-request-id", b"req-1"), (b"x-should-retry", b"true"), (b"retry-after", b"3"),
+               (b"retry-after-ms", b"3000")]
+    e = upstream_auth_error(401, b'{"error": {"message": "bad key"}}', "http_401")
+    assert with_own_headers(e, relayed) == [(b"x-request-id", b"req-1"), (b"x-should-retry", b"false")]
