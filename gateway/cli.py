@@ -110,8 +110,11 @@ def serve(config: Optional[str] = ConfigOpt,
                        "data directory")
         _bind(host, port).close()  # a busy port fails here, in one line, before any worker starts
         if cfg.recording.enabled:  # and a spool the workers cannot write (each would die in a traceback)
+            spool = cfg.storage.resolved_spool()
             try:
-                os.makedirs(cfg.storage.resolved_spool(), exist_ok=True)
+                os.makedirs(spool, exist_ok=True)
+                if not os.access(spool, os.W_OK | os.X_OK):  # an existing one on a read-only mount, another owner
+                    raise OSError(errno.EACCES, "cannot write there", spool)
             except OSError as e:
                 raise fail(_cannot_record(e)) from None
         if config:

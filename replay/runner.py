@@ -247,7 +247,7 @@ async def check_models(client: httpx.AsyncClient, api_key: str, named: Sequence[
                                     headers={"authorization": f"Bearer {api_key}"})
         except httpx.HTTPError as e:
             raise FatalRunError(f"cannot reach the gateway: {transport_reason(e)}") from None
-        if resp.status_code == 404:
+        if resp.status_code == 404 and _error_of(resp)[1] == "model_not_found":  # the gateway's answer, not a proxy's
             raise FatalRunError(f"{who}: model {model!r} is not served by the gateway (or not to this key): "
                                 "GET /v1/models lists the models it serves")
 
