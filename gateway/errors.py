@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import orjson
 
-__all__ = ["GatewayError", "error_body", "upstream_auth_error", "UPSTREAM_AUTH_STATUS"]
+__all__ = ["GatewayError", "error_body", "upstream_auth_error", "upstream_message", "UPSTREAM_AUTH_STATUS"]
 
 
 def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> bytes:
@@ -51,7 +51,7 @@ UPSTREAM_AUTH_STATUS = frozenset({401, 403})
 def upstream_auth_error(status: int, body: bytes | None, error_type: str) -> GatewayError:
     """A 502 naming the provider's refusal (its scrubbed `body`'s message), not retried by the SDKs: it fails the
     same way until the operator fixes the provider key or account."""
-    said = _upstream_message(body) if body else ""
+    said = (upstream_message(body) or body[:200].decode("utf-8", "replace").strip()) if body else ""
     return GatewayError(502, f"The provider refused the gateway's credentials for this model (HTTP {status}"
                         f"{': ' + said if said else ''}). Your key is fine: the gateway's provider key or account "
                         "needs fixing.", type_="api_error", code="upstream_auth_error", error_type=error_type,
@@ -69,12 +69,13 @@ def with_own_headers(e: GatewayError, relayed: list[tuple[bytes, bytes]]) -> lis
     return [*kept, *e.headers]
 
 
-def _upstream_message(body: bytes) -> str:
-    """The provider's own error message, from an OpenAI-shaped body (else its first 200 characters)."""
+def upstream_message(body: bytes) -> str:
+    """The provider's own error message from an OpenAI-shaped body (`{"error": {"message": ...}}`, or a bare
+    `{"error": "..."}`), at most 500 characters; "" when the body has none."""
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return body[:200].decode("utf-8", "replace").strip()
+        return ""
     err = obj.get("error") if isinstance(obj, dict) else None
     msg = err.get("message") if isinstance(err, dict) else (err if isinstance(err, str) else None)
     return str(msg)[:500] if msg else ""

@@ -26,7 +26,7 @@ from .auth import CREDENTIAL_HEADERS, KeyRing, duplicate_header
 from .call import Call, ClientGone
 from .config import GatewayConfig, ModelConfig
 from .errors import (UPSTREAM_AUTH_STATUS, GatewayError, bad_request, forbidden, upstream_auth_error,
-                     with_own_headers)
+                     upstream_message, with_own_headers)
 from .headers import HeaderFilter
 from .model_routes import ModelRoutes
 from .providers import ProviderRegistry, UpstreamFailure, kind_of
@@ -258,13 +258,7 @@ def _with_model(route: Route, payload: dict, body: bytes, upstream_model: str) -
 
 
 def _error_message(body: bytes, status: int) -> str:
-    try:
-        err = orjson.loads(body).get("error")
-        if isinstance(err, dict) and err.get("message"):
-            return str(err["message"])[:500]
-    except (orjson.JSONDecodeError, AttributeError):
-        pass
-    return f"upstream answered HTTP {status}"
+    return upstream_message(body) or f"upstream answered HTTP {status}"
 
 
 def _failure_error(f: UpstreamFailure) -> GatewayError:
