@@ -24,8 +24,8 @@ import orjson
 
 __all__ = ["DatasetStoreError", "DatasetNotFound", "NoChange", "ConcurrentChange", "CaseRecord", "Version",
            "LABELS", "DIFFICULTIES", "EXPECTS", "NAME_RE", "validate_name", "parse_ref", "format_ref", "nearest",
-           "dataset_names", "not_found", "latest_versions", "history", "get_version", "read_cases", "commit", "put_content",
-           "get_content", "relabel", "cases_for_trace", "ever_held", "JOIN_SQL"]
+           "dataset_names", "not_found", "latest_versions", "history", "get_version", "read_cases", "commit",
+           "put_content", "get_content", "relabel", "cases_for_trace", "holding_trace", "ever_held", "JOIN_SQL"]
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 LABELS = ("pass", "fail")

@@ -2,7 +2,7 @@
 read only when a table was created, so changing them on a running deployment did nothing, silently. The gateway's
 start-up and `tagway db migrate` now compare each table's TTL with the config and change it where it differs
 (`ALTER TABLE ... MODIFY TTL`, which re-evaluates the existing parts in the background; `REMOVE TTL` for 0, keep
-forever), saying so in a log line per table family.
+forever), saying so in a log line per table.
 
 Only a migration that carries the gateway's own settings does this (`SchemaSettings.apply_retention`): a replay or
 stats command migrating with the defaults must not remove the TTL an operator set.

@@ -312,7 +312,7 @@ def _write_state(store: Any, s: Any, st: RollupState, covered: dt.datetime, pend
 
 def rollup_tables() -> list[str]:
     """Every rollup table, of every family and level."""
-    return [f.table(sfx) for f in (MAIN, TAGS, CUSTOMER) for sfx, _ in f.levels]
+    return [f.table(sfx) for f in FAMILIES for sfx, _ in f.levels]
 
 
 def set_ttl(store: Any, s: Any, st: RollupState, days: int, now: dt.datetime) -> None:

@@ -60,10 +60,9 @@ class WriteAheadLog:
         with self._lock:
             if self._closed:
                 return  # shutdown's last sweep goes straight to the spool
+            self._ensure_open()
             if self._fd < 0:
-                self._open_next()  # a segment could not be opened (a full disk): try again
-                if self._fd < 0:
-                    return
+                return  # still no segment (a full disk): tried again on the next chunk
             self._write(rec)
             self._pending[self._seg].add(start)
             self._where[start] = self._seg
