@@ -70,6 +70,7 @@ def _patch(mode: str) -> None:
 
 async def _drive(mode: str, seconds: float, rate: int) -> None:
     from gateway.app import TagwayApp, default_recorder
+    from gateway.cli import tune_gc
     from hot_path_bench import BODY, HEADERS, Instant, config  # the same call, key and instant upstream
 
     tmp = tempfile.mkdtemp(prefix="tagway-reccost-")
@@ -77,6 +78,7 @@ async def _drive(mode: str, seconds: float, rate: int) -> None:
     rec = default_recorder(cfg)
     app = TagwayApp(cfg, recorder=rec, owns_recorder=True)  # its shutdown stops the recorder
     await app.startup()
+    tune_gc()  # as `tagway serve` does after start-up
     stub = Instant()
     app.proxy.providers.for_deployment = lambda d, op: stub
     scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": HEADERS, "query_string": b""}

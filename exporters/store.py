@@ -35,6 +35,18 @@ LOCK_FILE = "tagway.lock"  # in an embedded store's directory: held by the one p
 # serves. A ClickHouse server parses on cores of its own: inserts there keep its defaults.
 EMBEDDED_INSERT_SETTINGS = {"input_format_parallel_parsing": 0, "max_threads": 1, "max_insert_threads": 1}
 
+# Start-up options of the embedded engine (server settings, given as clickhouse-local arguments). With its defaults
+# chDB polls each MergeTree table's background jobs every 0.1 s while they have nothing to do, and its memory worker
+# wakes every 50 ms: with tagway's tables that is ~50-70 ms of CPU a second, idle or serving (bench/
+# recording_cost_bench.py). An insert wakes its tables' merge selection itself, so the idle poll can be slow; the
+# memory worker (the memory tracker's correction from RSS) once a second is soon enough for one embedded store.
+EMBEDDED_ENGINE_OPTIONS = {
+    "background_processing_pool_thread_sleep_seconds_if_nothing_to_do": "5",
+    "background_streaming_processing_pool_thread_sleep_seconds_if_nothing_to_do": "5",
+    "background_move_processing_pool_thread_sleep_seconds_if_nothing_to_do": "5",
+    "memory_worker_period_ms": "1000",
+}
+
 _CODE = re.compile(r"\bCode: (\d+)\b")
 
 
@@ -177,7 +189,8 @@ def connect(dsn: str, *, settings: dict[str, Any] | None = None, connect_timeout
                         f"the embedded store {path} is in use by another process (chDB allows one process per data"
                         " directory); stop the other tagway process, choose another data directory, or use a"
                         " ClickHouse server DSN"))
-                client = clickhouse_connect.get_client(dsn=f"chdb://{path}", settings=settings)
+                client = clickhouse_connect.get_client(dsn=f"chdb://{path}", settings=settings,
+                                                       chdb_options=dict(EMBEDDED_ENGINE_OPTIONS))
             else:
                 # clickhouse-connect takes host, port, user and database from the DSN but not its scheme (TLS only
                 # on ports 443/8443): the scheme is checked here, and https:// asks for TLS whatever the port
