@@ -37,9 +37,10 @@ EMBEDDED_INSERT_SETTINGS = {"input_format_parallel_parsing": 0, "max_threads": 1
 
 # Start-up options of the embedded engine (server settings, given as clickhouse-local arguments). With its defaults
 # chDB polls each MergeTree table's background jobs every 0.1 s while they have nothing to do, and its memory worker
-# wakes every 50 ms: with tagway's tables that is ~50-70 ms of CPU a second, idle or serving (bench/
-# recording_cost_bench.py). An insert wakes its tables' merge selection itself, so the idle poll can be slow; the
-# memory worker (the memory tracker's correction from RSS) once a second is soon enough for one embedded store.
+# wakes every 50 ms: with tagway's ~30 tables chDB's threads took ~50-60 ms of CPU a second with nothing to do (an
+# idle `tagway serve` 54 -> 28 ms a second in all with these options; under load the saving is within the benches'
+# spread, README "Performance"). An insert wakes its tables' merge selection itself, so the idle poll can be slow;
+# the memory worker (the memory tracker's correction from RSS) once a second is soon enough for one embedded store.
 EMBEDDED_ENGINE_OPTIONS = {
     "background_processing_pool_thread_sleep_seconds_if_nothing_to_do": "5",
     "background_streaming_processing_pool_thread_sleep_seconds_if_nothing_to_do": "5",
