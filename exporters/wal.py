@@ -146,6 +146,8 @@ class WriteAheadLog:
                                os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             self._open_failed = False
         except OSError as e:  # a full or read-only disk: the log is a safety net, recording goes on without it
+            # no file, so nothing to track (each chunk tries again: ~36,000 empty entries an hour of a full disk)
+            self._pending.pop(self._seg, None)
             if not self._open_failed:  # said once, not on every chunk that tries again
                 log.error("write-ahead log %s: cannot open a new segment (%s); spans are protected only once they "
                           "are batched until one can be opened", self.directory, e.strerror or e)

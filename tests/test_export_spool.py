@@ -249,7 +249,10 @@ def test_a_wal_segment_that_cannot_be_opened_is_tried_again(tmp_path, monkeypatc
     with caplog.at_level(logging.ERROR, logger="exporters.wal"):
         for start in range(0, 50, 10):
             wal.chunk(start, 10, _batch(start).body)  # the first fills its segment; the next ones find none
+        for _ in range(200):  # a long full disk: every chunk tries a segment again
+            wal.chunk(60, 10, _batch(60).body)
     assert caplog.text.count("cannot open a new segment") == 1  # said once
+    assert len(wal._pending) <= 2  # segments never opened are not tracked (it grew by one a chunk)
     monkeypatch.setattr(wal_mod.os, "open", real_open)
     wal.chunk(50, 10, _batch(50).body)  # the disk has room again: a new segment, written
     assert any(p.stat().st_size for p in (tmp_path / "wal").glob("wal-*.log"))
