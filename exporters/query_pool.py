@@ -1,7 +1,8 @@
-"""Reads apart from writes: the stats API, the dashboard, the CLI's store API and budget reads go through a pool of
+"""Reads apart from writes: the stats API, the dashboard, the CLI's store API and budget reads go through pools of
 clients of their own, so a heavy question neither waits behind the span inserts nor holds them up, and each
-statement carries limits (time, memory, threads, and a lower OS priority for its threads) so that questions
-cannot take the CPU the gateway serves calls with. At most `size` statements run at once; others wait their turn.
+statement carries limits (memory, threads, a lower OS priority for its threads, and time but for the CLI's) so that
+questions cannot take the CPU the gateway serves calls with. At most `size` statements run at once; others wait
+their turn.
 """
 from __future__ import annotations
 
@@ -15,19 +16,24 @@ from .store import Store, connect
 __all__ = ["QueryPool", "query_settings"]
 
 
-def query_settings(max_seconds: float, max_memory_bytes: int, max_threads: int) -> dict[str, Any]:
-    """ClickHouse settings for a read. `max_threads` 0: half the machine's cores (the other half serves calls)."""
-    return {"max_execution_time": max_seconds, "max_memory_usage": max_memory_bytes,
-            "max_threads": max_threads or max(1, (os.cpu_count() or 2) // 2),
-            "os_thread_priority": 10}  # niced: when both want the CPU, serving calls wins
+def query_settings(max_seconds: float | None, max_memory_bytes: int, max_threads: int) -> dict[str, Any]:
+    """ClickHouse settings for a read. `max_seconds` None: no time limit. `max_threads` 0: half the machine's cores
+    (the other half serves calls)."""
+    out: dict[str, Any] = {"max_memory_usage": max_memory_bytes,
+                           "max_threads": max_threads or max(1, (os.cpu_count() or 2) // 2),
+                           "os_thread_priority": 10}  # niced: when both want the CPU, serving calls wins
+    if max_seconds is not None:
+        out["max_execution_time"] = max_seconds
+    return out
 
 
 class QueryPool:
-    """`Store`'s statement methods over `size` clients of `dsn` (role `query-<i>`), one per statement at a time."""
+    """`Store`'s statement methods over `size` clients of `dsn` (role `<role>-<i>`), one per statement at a time."""
 
-    def __init__(self, dsn: str, *, size: int = 1, defaults: dict[str, Any] | None = None) -> None:
+    def __init__(self, dsn: str, *, size: int = 1, defaults: dict[str, Any] | None = None,
+                 role: str = "query") -> None:
         self.dsn = dsn
-        self._stores = [connect(dsn, role=f"query-{i}", defaults=defaults) for i in range(max(1, size))]
+        self._stores = [connect(dsn, role=f"{role}-{i}", defaults=defaults) for i in range(max(1, size))]
         self.embedded = self._stores[0].embedded
         self._free: queue.Queue[Store] = queue.Queue()
         for s in self._stores:

@@ -1,10 +1,10 @@
 """`RemoteStore`: the `exporters.store.Store` interface over a running gateway's loopback store API.
 
 While a gateway holds an embedded store, a CLI process cannot open it (one chDB process per data directory), so the
-CLI sends each statement to the gateway (`gateway/store_api.py`), which runs it on its own `Store` (same lock, same
-limits) and sends the rows back. Queries, commands and JSONEachRow inserts carry exactly what `Store` takes, and
-rows come back as the same Python values: JSON plus a few tagged types (`encode_value` / `decode_value`) so a
-DateTime64 is still a zoned `datetime`, a Map a dict, a Decimal a Decimal.
+CLI sends each statement to the gateway (`gateway/store_api.py`), which runs it on clients of its own (niced,
+without the dashboard's time limit) and sends the rows back. Queries, commands and JSONEachRow inserts carry exactly
+what `Store` takes, and rows come back as the same Python values: JSON plus a few tagged types (`encode_value` /
+`decode_value`) so a DateTime64 is still a zoned `datetime`, a Map a dict, a Decimal a Decimal.
 
 Errors: a statement ClickHouse refused is `StoreError` with the engine's own one-line message (the same text as the
 direct path); the gateway going away (refused, reset, stopped mid-answer) is `StoreGoneError`.
@@ -26,17 +26,25 @@ import orjson
 from .discovery import Announcement
 from .store import StoreError
 
-__all__ = ["RemoteStore", "StoreGoneError", "StoreAccessDenied", "encode_value", "decode_value", "encode_rows",
-           "decode_rows", "API_PREFIX"]
+__all__ = ["RemoteStore", "StoreGoneError", "GatewayStuckError", "StoreAccessDenied", "encode_value", "decode_value",
+           "encode_rows", "decode_rows", "API_PREFIX"]
 
 API_PREFIX = "/admin/store"
 # identify() waits this long for the gateway's answer, which comes after it stored its pending calls (at most 4 s,
 # gateway.app.FLUSH_SECONDS): longer than that is a gateway that is stuck, not busy
 IDENTIFY_SECONDS = 8.0
+# A statement may run as long as it takes (as on the store opened directly), and the gateway sends a space every 5 s
+# while it runs (gateway/store_api.HEARTBEAT_SECONDS): this long without a byte is a gateway that is stuck or stopped
+# (SIGSTOP, a debugger), said in one line instead of a command that hangs.
+SILENCE_SECONDS = 20.0
 
 
 class StoreGoneError(StoreError):
     """The gateway that serves the store stopped answering (stopped, killed, or its port refuses connections)."""
+
+
+class GatewayStuckError(StoreGoneError):
+    """The gateway's process is there but sends nothing (SIGSTOP, stuck): waiting for its lock would be in vain."""
 
 
 class StoreAccessDenied(StoreError):
@@ -158,14 +166,16 @@ class RemoteStore:
 
     embedded = True
 
-    def __init__(self, dsn: str, ann: Announcement, *, timeout: float = 600.0,
+    def __init__(self, dsn: str, ann: Announcement, *, silence: float | None = None,
                  transport: httpx.BaseTransport | None = None) -> None:
         self.dsn = dsn
         self.announcement = ann
         self.via = ann.url
-        # connect fast (a dead port must not hang the CLI); a heavy query may take as long as it takes directly
+        # connect fast (a dead port must not hang the CLI); a heavy statement may take as long as it takes directly,
+        # its answer streaming a space every few seconds meanwhile: only silence means the gateway is stuck
+        self._silence = silence = silence if silence is not None else SILENCE_SECONDS
         self._http = httpx.Client(base_url=ann.url + API_PREFIX, transport=transport,
-                                  timeout=httpx.Timeout(timeout, connect=3.0),
+                                  timeout=httpx.Timeout(silence, connect=3.0),
                                   headers={"authorization": f"Bearer {ann.credential}"}, trust_env=False)
 
     # -- statements -------------------------------------------------------------------------------------------
@@ -206,7 +216,7 @@ class RemoteStore:
         try:
             r = self._http.get("/ping", params={"flush": "1"}, timeout=httpx.Timeout(IDENTIFY_SECONDS, connect=2.0))
         except httpx.HTTPError as e:
-            raise StoreGoneError(self._gone(e)) from None
+            raise self._gone(e, IDENTIFY_SECONDS) from None
         if r.status_code in (401, 403, 404) or (r.status_code == 200
                                                 and _json(r).get("instance") != self.announcement.instance):
             raise StoreAccessDenied(f"{self.via} does not answer as the gateway ({self.announcement.describe()}) "
@@ -234,25 +244,30 @@ class RemoteStore:
                                 headers={"content-type": "application/json" if json_body is not None
                                          else "application/x-ndjson"})
         except httpx.HTTPError as e:
-            raise StoreGoneError(self._gone(e)) from None
+            raise self._gone(e, self._silence) from None
         except TypeError as e:  # a parameter value that has no wire form: a programming error, said plainly
             raise StoreError(str(e)) from None
-        if r.status_code == 200:
-            return _json(r)
-        err = _json(r).get("error") or {}
+        data = _json(r)
+        err = data.get("error") or {}
+        if r.status_code == 200 and not err:
+            return data
         message = err.get("message") or f"the gateway answered {r.status_code}"
         if r.status_code in (401, 403):
             raise StoreAccessDenied(f"the gateway ({self.announcement.describe()}) refused the local credential "
                                     f"from {self.announcement.path}: {message}")
         if r.status_code == 503 and err.get("code") == "store_unavailable":
             raise StoreGoneError(f"the gateway ({self.announcement.describe()}) is shutting down: {message}")
-        raise StoreError(message)
+        raise StoreError(message)  # a refusal (400), or one sent inside a long statement's 200 stream
 
-    def _gone(self, e: httpx.HTTPError) -> str:
+    def _gone(self, e: httpx.HTTPError, waited: float) -> StoreGoneError:
+        who = f"the gateway serving this store ({self.announcement.describe()})"
+        if isinstance(e, httpx.ReadTimeout):
+            return GatewayStuckError(f"{who} is running but sent nothing for {waited:.0f} s (stopped with SIGSTOP, or "
+                                     "stuck): retry, or restart it")
         what = "refused the connection" if isinstance(e, httpx.ConnectError) else \
             "stopped before it answered" if isinstance(e, (httpx.RemoteProtocolError, httpx.ReadError)) else \
             f"did not answer ({type(e).__name__})"
-        return f"the gateway serving this store ({self.announcement.describe()}) {what}"
+        return StoreGoneError(f"{who} {what}")
 
 
 def _json(r: httpx.Response) -> dict:

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from . import discovery
 from .dirlock import is_locked
-from .remote_store import RemoteStore, StoreAccessDenied, StoreGoneError
+from .remote_store import GatewayStuckError, RemoteStore, StoreAccessDenied, StoreGoneError
 from .spool import unsent_spans
 from .store import LOCK_FILE, Store, StoreLockedError, connect
 
@@ -130,10 +130,13 @@ def _say_unsent(spool: str, say: Callable[[str], None]) -> None:
 
 def _reach(dsn: str, ann: discovery.Announcement) -> tuple[RemoteStore | None, str, bool]:
     """(a RemoteStore to the announced gateway, "", False), or (None, why it cannot be used, whether it is going or
-    gone rather than refusing our credential)."""
+    gone rather than refusing our credential). Raises GatewayStuckError for a gateway that is there but silent."""
     remote = RemoteStore(dsn, ann)
     try:
         remote.identify()
+    except GatewayStuckError:  # its process is there and keeps the lock: waiting for it would be in vain
+        remote.close()
+        raise
     except StoreGoneError as e:
         remote.close()
         return None, str(e), True

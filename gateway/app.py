@@ -73,6 +73,7 @@ class TagwayApp:
                                  read_spend=self._read_spend)
         self._budget_task: asyncio.Future | None = None
         self._query_store: Any = None
+        self._local_store: Any = None
         db = config.storage.database
         self._calls_table = f"{db}.llm_calls" if db else "llm_calls"
         self.api = _build_api(self)
@@ -156,9 +157,10 @@ class TagwayApp:
                 await self.proxy.shadow.aclose()
             self.proxy.observe.flush()  # the access lines still queued
         self.local.close()
-        if self._query_store is not None:
-            self._query_store.close()
-            self._query_store = None
+        for pool in (self._query_store, self._local_store):
+            if pool is not None:
+                pool.close()
+        self._query_store = self._local_store = None
         self.keyring.stop_watching()
         await self.providers.aclose()
         if self.recorder is not None and self._owns_recorder:
@@ -184,6 +186,24 @@ class TagwayApp:
                 log.warning("cannot open clients for reads (%s); reads share the recorder's client", e)
                 return self.store
         return self._query_store
+
+    @property
+    def local_store(self) -> Any:
+        """Where local commands' statements go (the CLI through gateway/store_api.py): clients of their own, niced,
+        with the reads' thread and memory limits but no time limit, so a command runs as long as it would on the
+        store opened directly (a backfill, a question over months); None until the store is reached."""
+        if self._local_store is None and self.store is not None:
+            from exporters.query_pool import QueryPool, query_settings  # noqa: PLC0415
+
+            s = self.config.storage
+            try:
+                self._local_store = QueryPool(self.store.dsn, size=s.query_concurrency, role="local",
+                                              defaults=query_settings(None, s.query_max_memory_bytes,
+                                                                      s.query_max_threads))
+            except Exception as e:
+                log.warning("cannot open clients for local commands (%s); they share the reads' clients", e)
+                return self.query_store
+        return self._local_store
 
     # -- ASGI ---------------------------------------------------------------------------------------------------
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -372,7 +392,7 @@ def _build_api(app: TagwayApp) -> FastAPI:
     if build_stats_router is not None:
         api.include_router(build_stats_router(app.keyring, lambda: app.query_store))
     api.include_router(build_tags_router(app.keyring, lambda: app.query_store))
-    api.include_router(build_store_router(app.keyring, lambda: app.query_store, app.local, app.flush_recording))
+    api.include_router(build_store_router(app.keyring, lambda: app.local_store, app.local, app.flush_recording))
     db = app.config.storage.database
     api.include_router(build_feedback_router(app.keyring, lambda: app.query_store,
                                              lambda: app.proxy.recent if app.proxy is not None else None,

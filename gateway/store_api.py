@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import orjson
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from exporters import discovery
@@ -37,6 +37,10 @@ log = logging.getLogger("tagway")
 KEEP_TICKS = 20  # every 2 s the gateway checks that its discovery file is still there (LocalAccess.keep)
 # at most this many CLI statements wait for the store at once; the rest get a 503 instead of piling up threads
 MAX_PENDING = 8
+# A statement still running after this long answers in a stream that sends a space this often until its JSON: the
+# CLI waits as long as the statement takes (no time limit, as on the store opened directly) yet tells a stuck or
+# stopped gateway by the silence (exporters/remote_store.SILENCE_SECONDS).
+HEARTBEAT_SECONDS = 5.0
 
 
 class LocalAccess:
@@ -100,6 +104,20 @@ def _error(status: int, message: str, code: str, type_: str = "invalid_request_e
     return Response(error_body(message, type_, code), status_code=status, media_type="application/json")
 
 
+def _outcome(task: asyncio.Future) -> tuple[int, bytes]:
+    """A finished statement's HTTP status and JSON body."""
+    try:
+        return 200, task.result()
+    except StoreError as e:
+        message = str(e)
+        if "MEMORY_LIMIT_EXCEEDED" in message:
+            message += (" (statements for local commands run in the gateway's process under its "
+                        "storage.query_max_memory_bytes: raise it, or narrow the command)")
+        return 400, error_body(message, "store_error", "store_error")
+    except (ValueError, TypeError, KeyError) as e:
+        return 400, error_body(f"bad store request: {e}", "invalid_request_error", "invalid_request")
+
+
 def build_store_router(keyring: KeyRing, get_store: Callable[[], Any], access: LocalAccess,
                        flush: Callable[[], Any] | None = None) -> APIRouter:
     """`flush`: stores the calls this gateway has answered but not inserted yet (its recorder's force_flush); a
@@ -132,14 +150,19 @@ def build_store_router(keyring: KeyRing, get_store: Callable[[], Any], access: L
         if pending.locked():
             return _error(503, f"Too many store statements in flight (max {MAX_PENDING}); retry.", "store_busy",
                           "server_error")
-        async with pending:
-            try:
-                body = await run_in_threadpool(fn)
-            except StoreError as e:
-                return _error(400, str(e), "store_error", "store_error")
-            except (ValueError, TypeError, KeyError) as e:
-                return _error(400, f"bad store request: {e}", "invalid_request")
-        return Response(body, media_type="application/json")
+        await pending.acquire()
+        task = asyncio.ensure_future(run_in_threadpool(fn))
+        task.add_done_callback(lambda _: pending.release())  # when the statement ends, even if the caller left
+        done, _ = await asyncio.wait({task}, timeout=HEARTBEAT_SECONDS)
+        if done:
+            status, body = _outcome(task)
+            return Response(body, status_code=status, media_type="application/json")
+        return StreamingResponse(_beats(task), media_type="application/json")
+
+    async def _beats(task: asyncio.Future) -> Any:
+        while not (await asyncio.wait({task}, timeout=HEARTBEAT_SECONDS))[0]:
+            yield b" "  # JSON allows leading white space
+        yield _outcome(task)[1]  # a refusal is its error object, the status being sent already
 
     async def statement(request: Request) -> tuple[str, Any, Any] | Response:
         try:

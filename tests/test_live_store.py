@@ -294,3 +294,35 @@ def test_after_a_sigkill_the_cli_names_the_calls_not_stored_yet_and_a_restart_st
     r = tagway("stats", "--since", "1h", "--json", config=config, verbose=False)
     assert r.returncode == 0 and "not in the store yet" not in r.stderr, r.stderr
     assert jout(r)["total"]["calls"] == 5
+
+
+def test_a_local_command_runs_as_long_as_it_takes_through_the_gateway(tmp_path, upstream):
+    """Local commands' statements carry no time limit through the gateway (storage.query_max_seconds is the
+    dashboard's and the HTTP API's), as on the store opened directly: a backfill or a question over months must not
+    fail only because a gateway serves. One that outlasts the gateway's heartbeat interval comes back in a stream of
+    spaces and then its answer, or its refusal."""
+    from exporters.store import StoreError
+    from exporters.store_access import open_store
+
+    port = free_port()
+    config = write_config(tmp_path, upstream, port)
+    cfg = yaml.safe_load(open(config))
+    cfg["storage"]["query_max_seconds"] = 1  # the dashboard's limit: a local command's statements do not carry it
+    open(config, "w").write(yaml.safe_dump(cfg))
+    gw = start_gateway(config, port)
+    try:
+        store = open_store(f"chdb://{(tmp_path / 'data' / 'clickhouse').resolve()}")
+        try:
+            assert type(store).__name__ == "RemoteStore"
+            slow = "SELECT sum(sleepEachRow(1)) + count() FROM numbers(6)"  # ~6 s: one row a block
+            rows, _ = store.query_rows(slow, settings={"max_block_size": 1})
+            assert rows == [(6,)]
+            with pytest.raises(StoreError) as e:  # refused after the answer began: said as on the direct path
+                store.query_rows(slow.replace("count()", "throwIf(count() = 6, 'six rows')"),
+                                 settings={"max_block_size": 1})
+            assert "six rows" in str(e.value)
+        finally:
+            store.close()
+    finally:
+        gw.send_signal(signal.SIGTERM)
+        gw.wait(60)

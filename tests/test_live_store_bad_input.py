@@ -2,6 +2,7 @@
 refuses strangers and tenant keys before any statement runs; values survive the wire with their Python types."""
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import decimal
 import ipaddress
@@ -141,6 +142,88 @@ def test_the_gateway_stopping_mid_query_is_one_line_and_exit_3(tmp_path):
             assert res.exit_code == 3, res.output
             lines = res.stderr.strip().splitlines()
             assert len(lines) == 1 and lines[0].endswith(f"what was stored is kept{finish}"), lines
+
+class SilentGateway(ThreadedServer):
+    """A gateway that is there but sends nothing (stopped with SIGSTOP, stuck): on its ping (`stuck_at="ping"`) or
+    mid-statement (`"query"`), after which it answers a ping as itself."""
+
+    def __init__(self, instance: str, stuck_at: str) -> None:
+        super().__init__()
+        self.instance, self.stuck_at = instance, stuck_at
+
+    def routes(self, app: web.Application) -> None:
+        async def silent(request: web.Request) -> web.Response:
+            await request.read()
+            await asyncio.sleep(4)  # past the silence the test allows; short, so the server stops soon
+            return web.Response()
+
+        async def ping(request: web.Request) -> web.Response:
+            if self.stuck_at == "ping":
+                return await silent(request)
+            return web.json_response({"instance": self.instance, "pid": os.getpid()})
+
+        app.router.add_get("/admin/store/ping", ping)
+        app.router.add_post("/admin/store/{op}", silent)
+
+
+@pytest.mark.parametrize("stuck_at, says", [("ping", "sent nothing for 1 s"), ("query", "sent nothing for 2 s")])
+def test_a_gateway_that_is_there_but_silent_is_one_line_and_exit_3(tmp_path, monkeypatch, stuck_at, says):
+    """Its process lives and holds the store's lock, so waiting for the lock would be in vain (it waited 13 s, then
+    said the gateway 'has not announced itself'); a statement that gets no byte, not even the gateway's heartbeat
+    spaces, for the silence interval is given up on (it hung for up to 600 s)."""
+    import fcntl
+    import time
+
+    from exporters import remote_store
+
+    monkeypatch.setattr(remote_store, "IDENTIFY_SECONDS", 1.0)
+    monkeypatch.setattr(remote_store, "SILENCE_SECONDS", 2.0)
+    d = _store_dir(tmp_path)
+    server = SilentGateway("", stuck_at)
+    with server:
+        ann = discovery.announce(d, server.url, pid=os.getpid())
+        server.instance = ann.instance
+        fd = os.open(os.path.join(d, "tagway.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held, as the gateway's process holds it
+        try:
+            t0 = time.monotonic()
+            res = CliRunner().invoke(_stats_app(), ["stats", "--dsn", f"chdb://{d}"])
+            took = time.monotonic() - t0
+        finally:
+            os.close(fd)
+    assert res.exit_code == 3, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0] and f"pid {os.getpid()}" in lines[0], lines
+    assert "Traceback" not in res.output and took < 8, took
+
+
+def test_a_refusal_sent_inside_a_long_statements_stream_is_a_store_error(tmp_path):
+    """A statement that outlasts the heartbeat interval answers 200 and streams spaces; if ClickHouse then refuses
+    it, the error object follows the spaces: the command says ClickHouse's message, as on the direct path."""
+    from exporters.remote_store import RemoteStore
+    from exporters.store import StoreError
+
+    class StreamingGateway(ThreadedServer):
+        def routes(self, app: web.Application) -> None:
+            async def query(request: web.Request) -> web.StreamResponse:
+                await request.read()
+                resp = web.StreamResponse(status=200, headers={"content-type": "application/json"})
+                await resp.prepare(request)
+                await resp.write(b"   ")
+                await resp.write(orjson.dumps({"error": {"message": "Code: 395. DB::Exception: six rows",
+                                                         "type": "store_error", "code": "store_error"}}))
+                await resp.write_eof()
+                return resp
+
+            app.router.add_post("/admin/store/query", query)
+
+    d = _store_dir(tmp_path)
+    with StreamingGateway() as server:
+        ann = discovery.announce(d, server.url, pid=os.getpid())
+        with RemoteStore(f"chdb://{d}", ann) as store, pytest.raises(StoreError) as e:
+            store.query_rows("SELECT 1")
+    assert str(e.value) == "Code: 395. DB::Exception: six rows" and type(e.value) is StoreError
+
 
 def test_a_port_now_used_by_someone_else_makes_the_file_stale(tmp_path):
     """The announced pid is alive (ours) but the port answers with another identity: the store would be opened
