@@ -532,3 +532,32 @@ def test_a_deterministic_evaluator_keeps_pass_score_and_reason(w):
     assert row["status"] == "scored" and row["passed"] is True and 0.5 < row["score"] < 1
     assert "similarity" in row["reason"] and row["fields"] == {"similarity": pytest.approx(row["score"])}
     assert row["applied_tags"] == [] and report["tag_changes"] == []
+
+
+def test_a_refused_run_stores_nothing_and_an_interrupted_one_is_incomplete(w, monkeypatch):
+    """Refused before the run row is written (as replay runs and `dataset populate` are): no gateway, an unreachable
+    one; they were listed `running` for ever. A run stopped midway where the store still answers is `incomplete`."""
+    from replay import runner
+    from replay.evals import run as eval_run
+    from tests.http_server import free_port
+
+    ((t1, m1),) = calls(w, 1)
+    w["judge"].answers[m1] = NEG
+    ev, ds = seed_evaluator(w["tmp"] / "e.yaml", unique("refused")), dataset_of(w, [t1])
+    for gateway, says in (([], "no gateway"), (["--gateway", f"http://127.0.0.1:{free_port()}"], "unreachable")):
+        run_id = f"refused-{uuid.uuid4().hex[:8]}"
+        res = cli.invoke(eval_app, ["run", "--evaluator", str(ev), "--dataset", ds, "--dsn", w["store"].dsn,
+                                    "--api-key", ADMIN_KEY, "--run-id", run_id, *gateway])
+        assert res.exit_code == 2 and says in res.output, res.output
+        assert get_run(w["store"], run_id) is None
+
+    async def stopped(*a, **k):  # the judge's gateway goes away after the first (probe) call
+        raise runner.FatalRunError("gateway unreachable after 4 attempt(s)", unreachable=True)
+
+    monkeypatch.setattr(eval_run, "_score_all", stopped)
+    run_id = f"stopped-{uuid.uuid4().hex[:8]}"
+    res = cli.invoke(eval_app, ["run", "--evaluator", str(ev), "--dataset", ds, "--dsn", w["store"].dsn,
+                                "--gateway", w["gw"].url, "--api-key", ADMIN_KEY, "--run-id", run_id])
+    assert res.exit_code != 0 and "Traceback" not in res.output
+    run = get_run(w["store"], run_id)
+    assert run is not None and run.status == "incomplete" and "unreachable" in run.summary["interrupted"]

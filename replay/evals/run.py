@@ -187,14 +187,17 @@ async def _poster(opts: EvalOptions, needed: bool) -> AsyncIterator[GatewayPoste
         yield GatewayPoster(client, retries=opts.retries, backoff_base=opts.backoff_base)
 
 
-async def _score_all(scorer: _Scorer, work: list[tuple[LoadedEvaluator, EvalTarget]],
-                     concurrency: int) -> list[store_evals.EvalResult]:
-    """Every item, with at most `concurrency` at once. The first judge call runs alone: an unknown judge model, a
-    refused key or an unreachable gateway stops the run before the rest is sent (FatalRunError)."""
-    results: list[store_evals.EvalResult | None] = [None] * len(work)
+async def _probe(scorer: _Scorer, work: list[tuple[LoadedEvaluator, EvalTarget]]) -> dict[int, store_evals.EvalResult]:
+    """The first judge call, alone: an unknown judge model, a refused key or an unreachable gateway stops the run
+    (FatalRunError) before anything is stored or the rest is sent."""
     first = next((i for i, (ev, _) in enumerate(work) if ev.definition.is_llm), None)
-    if first is not None:
-        results[first] = await scorer.score(*work[first], probe=True)
+    return {} if first is None else {first: await scorer.score(*work[first], probe=True)}
+
+
+async def _score_all(scorer: _Scorer, work: list[tuple[LoadedEvaluator, EvalTarget]], done: dict[int, Any],
+                     concurrency: int) -> list[store_evals.EvalResult]:
+    """Every item not `done` yet, with at most `concurrency` at once."""
+    results: list[store_evals.EvalResult | None] = [done.get(i) for i in range(len(work))]
     sem = asyncio.Semaphore(concurrency)
 
     async def one(i: int) -> None:
@@ -278,6 +281,18 @@ def _summary(rows: DatasetRows, results: Sequence[store_evals.EvalResult], event
             "reconcile_error": reconcile_error}
 
 
+def _interrupted(store: Any, run: store_evals.EvalRun, e: BaseException) -> None:
+    """Mark a run stopped midway `incomplete` (no result of it was stored: they are written together), if the store
+    still answers; a store that went away with the gateway keeps it `running`."""
+    run.status = "incomplete"
+    run.summary = {"interrupted": f"{type(e).__name__}: {e}"[:300] if str(e) else type(e).__name__}
+    run.finished_at = time.time()
+    try:
+        store_evals.write_run(store, run)
+    except Exception:
+        pass
+
+
 async def run_evaluation(store: Any, evaluators: Sequence[LoadedEvaluator], dataset_ref: str,
                          opts: EvalOptions) -> EvalRunResult:
     if opts.mode not in MODES:
@@ -288,10 +303,16 @@ async def run_evaluation(store: Any, evaluators: Sequence[LoadedEvaluator], data
         raise DefinitionError(f"evaluation run {run_id!r} already exists: choose another --run-id")
     work, skipped = _plan(store, rows, evaluators, opts.mode)
     run = store_evals.EvalRun(run_id, opts.mode, "running", rows.name, rows.version, [e.ref for e in evaluators])
-    store_evals.write_run(store, run)
+    # a run refused (no gateway, an unreachable one, an unknown judge model, a refused key) stores nothing
     async with _poster(opts, any(ev.definition.is_llm for ev, _ in work)) as poster:
         scorer = _Scorer(run_id, opts.mode, rows.name, poster, opts.api_key)
-        results = await _score_all(scorer, work, opts.concurrency)
+        probed = await _probe(scorer, work)
+        store_evals.write_run(store, run)
+        try:
+            results = await _score_all(scorer, work, probed, opts.concurrency)
+        except BaseException as e:  # stopped midway (Ctrl-C, the gateway gone): not left "running" where we can say
+            _interrupted(store, run, e)
+            raise
     results += _skipped_results(run_id, opts.mode, rows.name, skipped)
     await asyncio.to_thread(store_evals.write_results, store, results)
     events: list[TagEvent] = []
