@@ -92,7 +92,7 @@ def serve(config: Optional[str] = ConfigOpt,
 
     from exporters.store import StoreError, is_embedded  # noqa: PLC0415
 
-    from .app import TagwayApp, default_recorder  # noqa: PLC0415
+    from .app import TagwayApp  # noqa: PLC0415
     from .observe import install_access_log  # noqa: PLC0415
     from .store_api import serve as serve_announced  # noqa: PLC0415
 
@@ -126,7 +126,7 @@ def serve(config: Optional[str] = ConfigOpt,
         return
     sock = _bind(host, port)  # before the store is opened and before anything says "serving"
     try:
-        recorder = default_recorder(cfg)
+        recorder = _recorder_when_free(cfg)
     except StoreError as e:
         sock.close()
         raise fail(_held_by(cfg, e)) from None
@@ -175,6 +175,56 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+SERVE_LOCK_WAIT_SECONDS = 30.0  # how long `tagway serve` waits for a local command that has the store open
+
+
+def _recorder_when_free(cfg: GatewayConfig) -> Any:
+    """default_recorder(), waiting up to SERVE_LOCK_WAIT_SECONDS while a local command (a cron's `tagway stats`, say)
+    has the embedded store open directly: it lets go when it ends, where failing made a restart race it."""
+    import time  # noqa: PLC0415
+
+    from exporters import discovery  # noqa: PLC0415
+    from exporters.store import StoreLockedError  # noqa: PLC0415
+
+    from .app import default_recorder  # noqa: PLC0415
+
+    directory = discovery.store_dir(cfg.storage.resolved_dsn()) if cfg.recording.enabled else None
+    deadline = None
+    while True:
+        try:
+            return default_recorder(cfg)
+        except StoreLockedError:
+            holder = _store_holder(directory) if directory else None
+            if holder is None or "serve" in holder[1].split() or discovery.serving(directory):
+                raise  # nobody named, or a gateway: it does not end on its own (_held_by says who)
+            if deadline is None:
+                deadline = time.monotonic() + SERVE_LOCK_WAIT_SECONDS
+                typer.echo(f"tagway: the embedded store {directory} is open in pid {holder[0]} ({holder[1]}); "
+                           f"waiting up to {SERVE_LOCK_WAIT_SECONDS:.0f} s for it to finish", err=True)
+            elif time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)
+
+
+def _store_holder(directory: str) -> tuple[int, str] | None:
+    """(pid, command line) of the process that holds the embedded store's lock, when it names itself and lives."""
+    from exporters.dirlock import holder_pid, is_locked  # noqa: PLC0415
+    from exporters.store import LOCK_FILE  # noqa: PLC0415
+
+    pid = holder_pid(directory, LOCK_FILE)
+    if pid is None or pid == os.getpid() or not is_locked(directory, LOCK_FILE):
+        return None
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return None
+    # `python -m gateway.cli stats ...` or `/venv/bin/tagway stats ...`: shown from the program's own name on
+    names = [os.path.basename(a) for a in argv]
+    start = next((i for i, n in enumerate(names) if n in ("tagway", "gateway.cli")), 0)
+    return pid, " ".join(["tagway", *argv[start + 1:]] if start or names[:1] == ["tagway"] else argv)[:120]
+
+
 def _held_by(cfg: GatewayConfig, e: Exception) -> str:
     """The lock error of a second gateway on the same store, naming the first one when it announced itself. A
     serving gateway writes a missing or damaged discovery file again within seconds: wait for it (as the CLI's
@@ -188,7 +238,12 @@ def _held_by(cfg: GatewayConfig, e: Exception) -> str:
         return str(e)
     ann = discovery.serving(directory) or reannounced(directory, None, REANNOUNCE_WAIT_SECONDS)
     if ann is None:
-        return str(e)
+        holder = _store_holder(directory)
+        if holder is None:
+            return str(e)
+        return (f"the embedded store {directory} is in use by pid {holder[0]} ({holder[1]}), still after "
+                f"{SERVE_LOCK_WAIT_SECONDS:.0f} s (chDB allows one process per data directory): let it finish or "
+                "stop it, then start the gateway again")
     return (f"the embedded store {directory} is in use by another process: the gateway {ann.describe()} serves it "
             "(chDB allows one process per data directory); use that gateway, or choose another data directory")
 

@@ -150,3 +150,56 @@ def test_a_spool_that_cannot_be_written_is_one_line(tmp_path):
     proc = serve(server, "--workers", "2")
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and err.strip().splitlines() == said, err
+
+
+HOLD = """import os, time
+from exporters.store import connect
+store = connect(os.environ["HOLD_DSN"])
+print("held", flush=True)
+time.sleep(float(os.environ["HOLD_SECONDS"]))
+store.close()
+"""
+
+
+def _hold(tmp_path, seconds: float) -> subprocess.Popen:
+    """A local command with the embedded store open directly, as `tagway stats --since 7d` has it while no gateway
+    serves (a script named `tagway`, so its command line reads like the installed one's)."""
+    script = tmp_path / "bin" / "tagway"
+    script.parent.mkdir(exist_ok=True)
+    script.write_text(HOLD)
+    proc = subprocess.Popen([sys.executable, str(script), "stats", "--since", "7d"], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+                                 "HOLD_DSN": f"chdb://{tmp_path / 'data' / 'clickhouse'}", "HOLD_SECONDS": str(seconds)})
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_serve_waits_for_a_local_command_that_has_the_store_open_and_names_it(tmp_path):
+    """A restart racing a cron's `tagway stats` used to fail at once ('in use by another process', nobody named)."""
+    port = free_port()
+    path = write_config(tmp_path, port, recording={"enabled": True})
+    holder = _hold(tmp_path, 3)
+    proc = serve(path)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", proc)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+        holder.wait(30)
+    assert f"is open in pid {holder.pid} (tagway stats --since 7d); waiting up to 30 s" in err, err
+
+
+def test_a_store_held_past_the_wait_names_the_holder(tmp_path):
+    from gateway import cli
+    from gateway.config import load_config
+    from exporters.store import StoreLockedError
+
+    port = free_port()
+    cfg = load_config(write_config(tmp_path, port, recording={"enabled": True}))
+    holder = _hold(tmp_path, 60)
+    try:
+        message = cli._held_by(cfg, StoreLockedError("in use"))
+    finally:
+        holder.kill()
+        holder.wait(30)
+    assert f"is in use by pid {holder.pid} (tagway stats --since 7d), still after 30 s" in message, message
