@@ -298,6 +298,8 @@ def _build_api(app: TagwayApp) -> FastAPI:
         route = f"{request.method} {request.url.path}"
         if e.status_code in (404, 405) and e.detail in ("Not Found", "Method Not Allowed"):
             methods = allowed_methods(request.url.path) + (["POST"] if request.url.path in HOT_ROUTES else [])
+            if e.status_code == 405:  # one of the app's own routes (/admin/*, /ui...): starlette says which methods
+                methods += [m.strip() for m in (e.headers or {}).get("Allow", "").split(",") if m.strip()]
             if methods:  # a route tagway carries, with another method
                 return _openai_error(405, f"{route} is not carried; {request.url.path} takes "
                                      f"{', '.join(sorted(set(methods)))}.", "method_not_allowed")

@@ -116,6 +116,10 @@ def test_unknown_method_and_routes_are_openai_shaped(gateway):
     assert "takes POST" in assert_openai_error(r, 405, "method_not_allowed")["message"]
     r = httpx.get(gateway.url + "/v1/nope")
     assert "GET /v1/nope" in assert_openai_error(r, 404, "not_found")["message"]
+    for method, path, takes in (("GET", "/admin/store/query", "takes POST"), ("DELETE", "/admin/stats", "takes GET")):
+        r = httpx.request(method, gateway.url + path)  # the app's own routes: their methods, not "not carried"
+        message = assert_openai_error(r, 405, "method_not_allowed")["message"]
+        assert f"{path} {takes}" in message and "does not carry" not in message, message
 
 
 def test_gateway_keeps_serving_after_bad_input(gateway):
