@@ -5,6 +5,7 @@ history, and the bad input the issue lists. The end-to-end path through the real
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 
 import orjson
@@ -270,6 +271,9 @@ def test_export_import_carry_content_labels_and_locks_and_a_bad_line_imports_not
     head = orjson.loads(lines[0])
     assert head["tagway_dataset"] == 1 and head["ref"] == f"{name}@4" and len(lines) == 4
     assert head["targets"] == {"slices": [{"filters": ["tag.tier=smb"], "n": 5}], "mix": {"easy": 0.5, "hard": 0.5}}
+    res = tw("dataset", "export", name, "--out", "-", *world["common"])  # "-": stdout, not a file named "-"
+    assert res.exit_code == 0 and res.stdout.encode().splitlines() == lines, res.output
+    assert not os.path.exists("-")
     found = resolve(store, str(out))  # replay run --dataset FILE: cases and locks from the file alone
     assert [c.case_id for c in found.cases] == ids[:2] + [ids[2]] and set(found.locks) == {ids[2]}
     assert found.cases[0].label == "fail" and found.cases[0].messages[-1]["content"].startswith("refund #0")

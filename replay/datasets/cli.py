@@ -128,13 +128,15 @@ def diff_cmd(a: str = typer.Argument(..., help="NAME@N (or NAME)"), b: str = typ
 
 @dataset_app.command("export")
 def export_cmd(ref: str = typer.Argument(...),
-               out: Optional[Path] = typer.Option(None, "--out", "-o", help="File to write (default: stdout)."),
+               out: Optional[Path] = typer.Option(None, "--out", "-o", help="File to write (default, or -: stdout)."),
                force: bool = typer.Option(False, "--force", help="Overwrite a file that is not a tagway dataset."),
                dsn: Optional[str] = DsnOpt, config: Optional[Path] = ConfigOpt) -> None:
     """A version as JSONL with its content (a header line, then one case a line): it can live in a repo, and be
     imported after the calls are gone."""
     from .jsonl import export_lines, write_export
     from .versions import load
+    if out is not None and str(out) == "-":  # the usual spelling of stdout (it wrote a file named "-")
+        out = None
     with _errors():
         if out is not None:
             from .pinned import check_writable, is_dataset_file
