@@ -98,7 +98,7 @@ def open_store(dsn: str, *, verbose: bool | None = None, say: Callable[[str], No
     except StoreLockedError:
         # Held, and by a gateway that lost its discovery file (or whose file could not be used): it writes the
         # file again within seconds (gateway/store_api.py), so wait for a new announcement before giving up.
-        remote = _through_reannouncement(dsn, directory, ann.instance if ann is not None else None, verbose, say)
+        remote = _through_reannouncement(dsn, directory, ann, verbose, say)
         if remote is None:
             if stale:
                 say(stale)
@@ -146,26 +146,27 @@ def _reach(dsn: str, ann: discovery.Announcement) -> tuple[RemoteStore | None, s
     return remote, "", False
 
 
-def _through_reannouncement(dsn: str, directory: str, old_instance: str | None, verbose: bool,
+def _through_reannouncement(dsn: str, directory: str, old: discovery.Announcement | None, verbose: bool,
                             say: Callable[[str], None]) -> RemoteStore | None:
-    """The gateway holding the store, once it has announced itself again (gateway/store_api.py rewrites a lost or
-    damaged discovery file within seconds); None when no usable announcement comes in time."""
-    new = reannounced(directory, old_instance, REANNOUNCE_WAIT_SECONDS)
+    """The gateway holding the store, once it has announced itself again (gateway/store_api.py rewrites a lost,
+    damaged or altered discovery file within seconds); None when no usable announcement comes in time."""
+    new = reannounced(directory, old, REANNOUNCE_WAIT_SECONDS)
     remote = _reach(dsn, new)[0] if new is not None else None
     if remote is not None and verbose:
         say(f"store: through the running gateway ({new.describe()}), announced again in {new.path}")
     return remote
 
 
-def reannounced(directory: str, old_instance: str | None, wait: float) -> discovery.Announcement | None:
-    """An announcement other than `old_instance` appearing in `directory` within `wait` s, else None."""
+def reannounced(directory: str, old: discovery.Announcement | None, wait: float) -> discovery.Announcement | None:
+    """An announcement other than `old` (another gateway, or the same one writing its file again over one altered,
+    say a credential that no longer matches) appearing in `directory` within `wait` s, else None."""
     deadline = time.monotonic() + wait
     while True:
         try:
             ann = discovery.read(directory)
         except discovery.DiscoveryError:
             ann = None
-        if ann is not None and ann.instance != old_instance and discovery.pid_alive(ann.pid):
+        if ann is not None and ann != old and discovery.pid_alive(ann.pid):
             return ann
         if time.monotonic() >= deadline:
             return None

@@ -15,6 +15,7 @@ import sys
 import time
 
 import httpx
+import orjson
 import pytest
 import yaml
 from openai import OpenAI
@@ -148,12 +149,16 @@ def test_cli_works_through_a_serving_gateway_then_directly_then_after_sigkill(tm
         assert (live["total"]["calls"], live["total"]["errors"]) == (17, 3)
         # the discovery file lost, then damaged, while the gateway serves: the gateway writes it again (same
         # credential) and a command run meanwhile waits for it rather than failing on the lock
-        for damage in ("delete", "garbage"):
+        for damage in ("delete", "garbage", "credential"):
             if damage == "delete":
                 os.unlink(disc)
-            else:
+            elif damage == "garbage":
                 with open(disc, "w") as f:
                     f.write("garbage{{{")
+            else:  # readable, but its credential no longer matches: it failed at once (401), not waiting
+                data = orjson.loads(open(disc, "rb").read())
+                with open(disc, "wb") as f:
+                    f.write(orjson.dumps({**data, "credential": "wrong"}))
             again = tagway("stats", "--since", "1h", "--json", config=config)
             assert again.returncode == 0, again.stderr
             assert "through the running gateway" in again.stderr and jout(again)["total"]["calls"] == 17
