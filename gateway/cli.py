@@ -124,7 +124,7 @@ def serve(config: Optional[str] = ConfigOpt,
                     loop="uvloop", http="httptools", access_log=False, log_level=log_level,
                     timeout_graceful_shutdown=60)
         return
-    sock = _bind(host, port)  # before the store is opened and before anything says "serving"
+    sock = _bind(host, port, cfg)  # before the store is opened and before anything says "serving"
     try:
         recorder = _recorder_when_free(cfg)
     except StoreError as e:
@@ -159,9 +159,10 @@ def worker_app() -> Any:
     return create_app(cfg)
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def _bind(host: str, port: int, cfg: GatewayConfig | None = None) -> socket.socket:
     """The listening socket, bound now: a port in use is one clear line and exit 2, not a traceback after
-    "serving on" (uvicorn would bind it only once the app had started)."""
+    "serving on" (uvicorn would bind it only once the app had started); it names the gateway serving `cfg`'s store
+    when that one has the port."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restarts do not wait TIME_WAIT
@@ -170,9 +171,21 @@ def _bind(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         why = "is already in use" if e.errno == errno.EADDRINUSE else f"cannot be bound ({e.strerror or e})"
+        ann = _serving(cfg) if e.errno == errno.EADDRINUSE and cfg is not None else None
+        if ann is not None and ann.url.rsplit(":", 1)[-1] == str(port):
+            raise fail(f"{host}:{port} {why}: the gateway {ann.describe()} already serves this store there "
+                       "(chDB allows one process per data directory); use that gateway") from None
         raise fail(f"{host}:{port} {why}: stop what listens there or pick another --port") from None
     sock.set_inheritable(True)
     return sock
+
+
+def _serving(cfg: GatewayConfig) -> Any:
+    """The announcement of a gateway serving `cfg`'s embedded store, if one does."""
+    from exporters import discovery  # noqa: PLC0415
+
+    directory = discovery.store_dir(cfg.storage.resolved_dsn()) if cfg.recording.enabled else None
+    return discovery.serving(directory) if directory else None
 
 
 SERVE_LOCK_WAIT_SECONDS = 30.0  # how long `tagway serve` waits for a local command that has the store open

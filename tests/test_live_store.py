@@ -222,6 +222,13 @@ def test_cli_works_through_a_serving_gateway_then_directly_then_after_sigkill(tm
         lines = second.stderr.strip().splitlines()
         assert second.returncode == 2 and len(lines) == 1, second.stderr
         assert f"pid {gw.pid}" in lines[0] and f"http://127.0.0.1:{port}" in lines[0]
+        # the same config again (so the same port): named too, where it said only that the port was in use
+        same = subprocess.run([sys.executable, "-m", "gateway.cli", "serve", "--config", config],
+                              capture_output=True, text=True, timeout=60, env=ENV)
+        lines = same.stderr.strip().splitlines()
+        assert same.returncode == 2 and len(lines) == 1, same.stderr
+        assert f"already in use: the gateway pid {gw.pid} at http://127.0.0.1:{port} already serves this store" \
+            in lines[0], lines
 
         # a tenant key never reaches a statement; the credential does
         api = f"http://127.0.0.1:{port}/admin/store"
