@@ -37,6 +37,9 @@ def missing_store(dsn: str) -> str | None:
     not create one), else None."""
     directory = discovery.store_dir(dsn)
     if directory is not None and not os.path.isdir(directory):
+        if os.path.isfile("tagway.yaml") and not os.environ.get("TAGWAY_CONFIG"):  # there, but read only when named
+            return (f"no tagway store at {directory}: ./tagway.yaml is read only when named: pass --config "
+                    "tagway.yaml (or set TAGWAY_CONFIG=tagway.yaml) for the store it names")
         return f"no tagway store at {directory}: start the gateway once, or pass --dsn / --config"
     return None
 

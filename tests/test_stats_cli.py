@@ -172,10 +172,17 @@ def test_store_locked_by_running_gateway(run, tmp_path):
     assert "(pid 4242)" in err and "retry" in err  # who holds it, and that a serving gateway re-announces itself
 
 
-def test_missing_store_dir(tmp_path):
+def test_missing_store_dir(tmp_path, monkeypatch):
     res = CliRunner().invoke(_app(), ["stats", "--dsn", f"chdb://{tmp_path / 'nothing-here'}"])
-    assert res.exit_code == 2 and "no tagway store at" in res.stderr
+    assert res.exit_code == 2 and "no tagway store at" in res.stderr and "start the gateway once" in res.stderr
     assert not (tmp_path / "nothing-here").exists()
+    # a tagway.yaml beside it is read only when named: said, rather than "start the gateway" (on the wrong store)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TAGWAY_CONFIG", raising=False)
+    (tmp_path / "tagway.yaml").write_text("storage: {data_dir: ./elsewhere}\n")
+    res = CliRunner().invoke(_app(), ["stats"])
+    assert res.exit_code == 2 and "./tagway.yaml is read only when named: pass --config tagway.yaml" in res.stderr
+    assert "start the gateway" not in res.stderr
 
 
 def _app() -> typer.Typer:
