@@ -255,7 +255,7 @@ class RemoteStore:
         if r.status_code in (401, 403):
             raise StoreAccessDenied(f"the gateway ({self.announcement.describe()}) refused the local credential "
                                     f"from {self.announcement.path}: {message}")
-        if r.status_code == 503 and err.get("code") == "store_unavailable":
+        if err.get("code") == "store_unavailable":  # a 503, or said inside a long statement's stream
             raise StoreGoneError(f"the gateway ({self.announcement.describe()}) is shutting down: {message}")
         raise StoreError(message)  # a refusal (400), or one sent inside a long statement's 200 stream
 
@@ -263,7 +263,7 @@ class RemoteStore:
         who = f"the gateway serving this store ({self.announcement.describe()})"
         if isinstance(e, httpx.ReadTimeout):
             return GatewayStuckError(f"{who} is running but sent nothing for {waited:.0f} s (stopped with SIGSTOP, or "
-                                     "stuck): retry, or restart it")
+                                     "stuck): check it, or restart it")
         what = "refused the connection" if isinstance(e, httpx.ConnectError) else \
             "stopped before it answered" if isinstance(e, (httpx.RemoteProtocolError, httpx.ReadError)) else \
             f"did not answer ({type(e).__name__})"

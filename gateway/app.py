@@ -41,6 +41,7 @@ __all__ = ["TagwayApp", "create_app"]
 
 BUDGET_REFRESH = 30.0  # seconds between reads of recorded spend (calls are counted in-process meanwhile)
 FLUSH_SECONDS = 4.0  # the most a local CLI command waits for the calls answered before it to be stored
+CLOSE_WAIT_SECONDS = 10.0  # at shutdown, the most a store client's running statement is waited for
 
 log = logging.getLogger("tagway")
 
@@ -157,9 +158,14 @@ class TagwayApp:
                 await self.proxy.shadow.aclose()
             self.proxy.observe.flush()  # the access lines still queued
         self.local.close()
-        for pool in (self._query_store, self._local_store):
-            if pool is not None:
-                pool.close()
+        if self._local_store is not None:  # local commands' statements still running end now, not in an hour
+            await asyncio.get_running_loop().run_in_executor(None, self.kill_local, "")
+        for pool in (self._local_store, self._query_store):
+            if pool is not None:  # off the loop, and not for ever: a statement that ignores the kill is left to exit
+                try:
+                    await asyncio.wait_for(asyncio.to_thread(pool.close), CLOSE_WAIT_SECONDS)
+                except asyncio.TimeoutError:
+                    log.warning("a statement is still running on a store client; not waiting for it")
         self._query_store = self._local_store = None
         self.keyring.stop_watching()
         await self.providers.aclose()
@@ -186,6 +192,19 @@ class TagwayApp:
                 log.warning("cannot open clients for reads (%s); reads share the recorder's client", e)
                 return self.store
         return self._query_store
+
+    def kill_local(self, mark: str) -> None:
+        """Stop the local command's statement marked `mark` (gateway/store_api.marked), or every one for "": its
+        command left, or the gateway stops. Through the reads' clients: the local ones may all be busy."""
+        from .store_api import LOCAL_MARK  # noqa: PLC0415
+
+        store = self.query_store
+        if store is None:
+            return
+        try:
+            store.command(f"KILL QUERY WHERE query LIKE '%{LOCAL_MARK}{mark}%' AND query NOT LIKE '%KILL QUERY%' ASYNC")
+        except Exception as e:  # the statement ends on its own, later
+            log.warning("could not stop a local command's statement: %s", e)
 
     @property
     def local_store(self) -> Any:
@@ -394,7 +413,8 @@ def _build_api(app: TagwayApp) -> FastAPI:
     if build_stats_router is not None:
         api.include_router(build_stats_router(app.keyring, lambda: app.query_store))
     api.include_router(build_tags_router(app.keyring, lambda: app.query_store))
-    api.include_router(build_store_router(app.keyring, lambda: app.local_store, app.local, app.flush_recording))
+    api.include_router(build_store_router(app.keyring, lambda: app.query_store, app.local, app.flush_recording,
+                                         app.kill_local, lambda: app.local_store))
     db = app.config.storage.database
     api.include_router(build_feedback_router(app.keyring, lambda: app.query_store,
                                              lambda: app.proxy.recent if app.proxy is not None else None,

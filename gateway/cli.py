@@ -201,21 +201,30 @@ def _recorder_when_free(cfg: GatewayConfig) -> Any:
 
     from .app import default_recorder  # noqa: PLC0415
 
+    from exporters.dirlock import is_locked  # noqa: PLC0415
+    from exporters.store import LOCK_FILE  # noqa: PLC0415
+
     directory = discovery.store_dir(cfg.storage.resolved_dsn()) if cfg.recording.enabled else None
-    deadline = None
+    deadline = time.monotonic() + SERVE_LOCK_WAIT_SECONDS
+    said = False
     while True:
         try:
             return default_recorder(cfg)
         except StoreLockedError:
-            holder = _store_holder(directory) if directory else None
-            if holder is None or "serve" in holder[1].split() or discovery.serving(directory):
-                raise  # nobody named, or a gateway: it does not end on its own (_held_by says who)
-            if deadline is None:
-                deadline = time.monotonic() + SERVE_LOCK_WAIT_SECONDS
+            if directory is None or time.monotonic() >= deadline:
+                raise
+            holder = _store_holder(directory)
+            if holder is None:
+                if is_locked(directory, LOCK_FILE):
+                    raise  # held by a process that names no command we can wait for (_held_by says what it can)
+                time.sleep(0.1)  # let go just now (the command we waited for ended): try again
+                continue
+            if "serve" in holder[1].split() or discovery.serving(directory):
+                raise  # a gateway, starting, serving or stopping: it does not end on its own
+            if not said:
+                said = True
                 typer.echo(f"tagway: the embedded store {directory} is open in pid {holder[0]} ({holder[1]}); "
                            f"waiting up to {SERVE_LOCK_WAIT_SECONDS:.0f} s for it to finish", err=True)
-            elif time.monotonic() >= deadline:
-                raise
             time.sleep(0.2)
 
 
@@ -254,9 +263,12 @@ def _held_by(cfg: GatewayConfig, e: Exception) -> str:
         holder = _store_holder(directory)
         if holder is None:
             return str(e)
-        return (f"the embedded store {directory} is in use by pid {holder[0]} ({holder[1]}), still after "
-                f"{SERVE_LOCK_WAIT_SECONDS:.0f} s (chDB allows one process per data directory): let it finish or "
-                "stop it, then start the gateway again")
+        if "serve" in holder[1].split():
+            return (f"the embedded store {directory} is in use by a gateway starting or stopping there (pid "
+                    f"{holder[0]}: {holder[1]}; chDB allows one process per data directory): wait for it, or stop it")
+        return (f"the embedded store {directory} is in use by pid {holder[0]} ({holder[1]}; chDB allows one process "
+                f"per data directory, and serve waits up to {SERVE_LOCK_WAIT_SECONDS:.0f} s for a command to "
+                "finish): let it finish or stop it, then start the gateway again")
     return (f"the embedded store {directory} is in use by another process: the gateway {ann.describe()} serves it "
             "(chDB allows one process per data directory); use that gateway, or choose another data directory")
 

@@ -1,7 +1,9 @@
 """The local store API: lets `tagway stats|errors|show|replay|db` work while this gateway holds the embedded store.
 
-chDB allows one process per data directory, so the gateway runs the CLI's statements on its own `Store` (same lock,
-same limits as its own work) and sends rows back (`exporters.remote_store` is the client). Who may use it:
+chDB allows one process per data directory, so the gateway runs the CLI's statements on clients of its own (niced, with
+the reads' memory and thread limits but no time limit, as on the store opened directly; a statement whose command
+left, or still running when the gateway stops, is killed) and sends rows back (`exporters.remote_store` is the
+client). Who may use it:
 - only connections from this host (loopback, or the gateway's own address): anything else gets a 404;
 - only with the per-start local credential that `exporters.discovery` writes 0600 into the store directory (or the
   admin key). A tenant key never reaches a statement: 403.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import uuid
 import hmac
 import ipaddress
 import logging
@@ -41,6 +44,9 @@ MAX_PENDING = 8
 # CLI waits as long as the statement takes (no time limit, as on the store opened directly) yet tells a stuck or
 # stopped gateway by the silence (exporters/remote_store.SILENCE_SECONDS).
 HEARTBEAT_SECONDS = 5.0
+# Each statement of a local command carries this comment and its own id, so it can be found and killed
+# (`KILL QUERY WHERE query LIKE ...`: chDB does not keep a query_id given in the settings).
+LOCAL_MARK = "tagway-local:"
 
 
 class LocalAccess:
@@ -49,6 +55,7 @@ class LocalAccess:
     def __init__(self) -> None:
         self.announcement: discovery.Announcement | None = None
         self.closed = False
+        self.stopping = False  # the server is stopping: statements still streaming are killed, so it need not wait
 
     def announce(self, dsn: str, url: str, spool: str = "") -> discovery.Announcement | None:
         directory = discovery.store_dir(dsn)
@@ -116,12 +123,26 @@ def _outcome(task: asyncio.Future) -> tuple[int, bytes]:
         return 400, error_body(message, "store_error", "store_error")
     except (ValueError, TypeError, KeyError) as e:
         return 400, error_body(f"bad store request: {e}", "invalid_request_error", "invalid_request")
+    except Exception as e:  # a bug of ours: said as such, not as a gateway that stopped mid-answer
+        log.exception("a local command's statement failed")
+        return 500, error_body(f"internal error running the statement: {type(e).__name__}", "server_error",
+                               "internal_error")
+
+
+def marked(sql: str, mark: str) -> str:
+    return f"/* {LOCAL_MARK}{mark} */ {sql}"
 
 
 def build_store_router(keyring: KeyRing, get_store: Callable[[], Any], access: LocalAccess,
-                       flush: Callable[[], Any] | None = None) -> APIRouter:
-    """`flush`: stores the calls this gateway has answered but not inserted yet (its recorder's force_flush); a
-    CLI asks for it once, when it connects, so it counts every call answered before it ran."""
+                       flush: Callable[[], Any] | None = None,
+                       kill: Callable[[str], Any] | None = None,
+                       get_local: Callable[[], Any] | None = None) -> APIRouter:
+    """`get_store`: where statements sent with the admin key run (the reads' clients, with their limits);
+    `get_local`: where a local command's run, sent with the per-start credential (no time limit, as on the store
+    opened directly; default `get_store`). `flush`: stores the calls this gateway has answered but not inserted yet
+    (its recorder's force_flush); a CLI asks for it once, when it connects, so it counts every call answered before
+    it ran. `kill(mark)`: stops the statement marked so (`marked`), when its command has left."""
+    get_local = get_local or get_store
     router = APIRouter(include_in_schema=False)
     pending = asyncio.Semaphore(MAX_PENDING)
 
@@ -131,8 +152,7 @@ def build_store_router(keyring: KeyRing, get_store: Callable[[], Any], access: L
         if any(len(request.headers.getlist(h)) > 1 for h in CREDENTIAL_HEADERS):
             return _error(400, "A credential header is sent more than once; send it once.", "duplicate_header")
         auth = request.headers.get("authorization") or ""
-        token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-        if not (token and access.credential_ok(token)):
+        if not _by_credential(request):
             try:
                 p = keyring.authenticate(auth or None, request.headers.get("api-key"))
             except GatewayError:
@@ -146,23 +166,36 @@ def build_store_router(keyring: KeyRing, get_store: Callable[[], Any], access: L
                           "store_unavailable", "server_error")
         return None
 
-    async def run(fn: Callable[[], Any]) -> Response:
+    async def run(fn: Callable[[], Any], mark: str = "") -> Response:
         if pending.locked():
             return _error(503, f"Too many store statements in flight (max {MAX_PENDING}); retry.", "store_busy",
                           "server_error")
         await pending.acquire()
         task = asyncio.ensure_future(run_in_threadpool(fn))
-        task.add_done_callback(lambda _: pending.release())  # when the statement ends, even if the caller left
+        task.add_done_callback(_finished)  # when the statement ends, even if the caller left
         done, _ = await asyncio.wait({task}, timeout=HEARTBEAT_SECONDS)
         if done:
             status, body = _outcome(task)
             return Response(body, status_code=status, media_type="application/json")
-        return StreamingResponse(_beats(task), media_type="application/json")
+        return StreamingResponse(_beats(task, mark), media_type="application/json")
 
-    async def _beats(task: asyncio.Future) -> Any:
-        while not (await asyncio.wait({task}, timeout=HEARTBEAT_SECONDS))[0]:
-            yield b" "  # JSON allows leading white space
-        yield _outcome(task)[1]  # a refusal is its error object, the status being sent already
+    def _finished(task: asyncio.Future) -> None:
+        pending.release()
+        if not task.cancelled():
+            task.exception()  # retrieved (an error whose caller left is not "never retrieved")
+
+    async def _beats(task: asyncio.Future, mark: str) -> Any:
+        try:
+            while not (await asyncio.wait({task}, timeout=HEARTBEAT_SECONDS))[0]:
+                if access.stopping or access.closed:  # said as the 503 a new statement gets; finally kills it
+                    yield error_body("The gateway is stopping: the statement was stopped.", "server_error",
+                                     "store_unavailable")
+                    return
+                yield b" "  # JSON allows leading white space
+            yield _outcome(task)[1]  # a refusal is its error object, the status being sent already
+        finally:
+            if not task.done() and mark and kill is not None:  # the command left: its statement goes too
+                asyncio.ensure_future(run_in_threadpool(kill, mark))
 
     async def statement(request: Request) -> tuple[str, Any, Any] | Response:
         try:
@@ -200,7 +233,15 @@ def build_store_router(keyring: KeyRing, get_store: Callable[[], Any], access: L
         st = await statement(request)
         if isinstance(st, Response):
             return st
-        return await run(lambda: execute(get_store(), *st))
+        sql, params, settings = st
+        mark = uuid.uuid4().hex
+        target = get_local if _by_credential(request) else get_store
+        return await run(lambda: execute(target(), marked(sql, mark), params, settings), mark)
+
+    def _by_credential(request: Request) -> bool:
+        auth = request.headers.get("authorization") or ""
+        token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        return bool(token) and access.credential_ok(token)
 
     def query_rows(store: Any, sql: str, params: Any, settings: Any) -> bytes:
         rows, cols = store.query_rows(sql, params, settings)
@@ -266,6 +307,10 @@ def serve(app: Any, *, sockets: list | None = None, **kwargs: Any) -> None:
                     app.announce(local_url(host, port))
                 except OSError as e:  # the gateway still serves traffic; CLIs get the lock error
                     log.warning("could not write the discovery file: %s", e)
+
+        async def shutdown(self, sockets: Any = None) -> None:
+            app.local.stopping = True  # before uvicorn waits for open requests: a long statement's stream ends now
+            await super().shutdown(sockets)
 
         async def on_tick(self, counter: int) -> bool:
             if counter % KEEP_TICKS == 0:  # uvicorn ticks every 0.1 s

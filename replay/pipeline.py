@@ -210,10 +210,10 @@ async def resume_run(store: Any, run_id: str, opts: RunOptions) -> RunResult:
     sampled = None
     if spec.escalates and state.plans:
         sampled, _ = sample_pool(store, spec.slice)  # where further looks draw from
-    names = {c.name for c in spec.candidates}  # the logged baseline's rows are kept too, but are not replayed
+    names = {t.name for t in targets if not t.logged}  # a logged baseline's rows are kept too, but never replayed
     kept = sum(1 for candidate, _ in skip if candidate in names)
     return await _execute(store, spec, dataclasses.replace(run, n_cases=len(cases)), cases, targets, opts, skip=skip,
-                          skipped=skipped, notes=[f"resumed: {kept} candidate result(s) kept from before"],
+                          skipped=skipped, notes=[f"resumed: {kept} replayed result(s) kept from before"],
                           spent_before=run.cost_usd, state=state, sampled=sampled)
 
 

@@ -333,8 +333,32 @@ def test_a_local_command_runs_as_long_as_it_takes_through_the_gateway(tmp_path, 
                 store.query_rows(slow.replace("count()", "throwIf(count() = 6, 'six rows')"),
                                  settings={"max_block_size": 1})
             assert "six rows" in str(e.value)
+            # a command that leaves mid-statement: its statement is killed, not left to hold a client for a minute
+            ann = store.announcement
+            long = {"sql": "SELECT sum(sleepEachRow(1)) FROM numbers(60)", "settings": {"max_block_size": 1}}
+            running = ("SELECT count() FROM system.processes WHERE query LIKE '%numbers(60)%' "
+                       "AND query NOT LIKE '%system.processes%'")
+            with httpx.Client(base_url=ann.url + "/admin/store", timeout=30,
+                              headers={"authorization": f"Bearer {ann.credential}"}) as h:
+                with h.stream("POST", "/query", json=long) as r:  # its headers come with the first heartbeat
+                    assert r.status_code == 200
+                    assert store.query_rows(running)[0] == [(1,)]
+            deadline = time.monotonic() + 20
+            while store.query_rows(running)[0] != [(0,)]:
+                assert time.monotonic() < deadline, "the statement of a command that left still runs"
+                time.sleep(0.5)
         finally:
             store.close()
+        # and the gateway stops without waiting for a statement still running for a command
+        with httpx.Client(base_url=ann.url + "/admin/store", timeout=30,
+                          headers={"authorization": f"Bearer {ann.credential}"}) as h:
+            with h.stream("POST", "/query", json=long) as r:
+                assert r.status_code == 200
+                t0 = time.monotonic()
+                gw.send_signal(signal.SIGTERM)
+                gw.wait(40)
+        assert time.monotonic() - t0 < 30
     finally:
-        gw.send_signal(signal.SIGTERM)
-        gw.wait(60)
+        if gw.poll() is None:
+            gw.send_signal(signal.SIGTERM)
+            gw.wait(60)

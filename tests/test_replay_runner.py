@@ -139,7 +139,7 @@ def test_budget_stops_the_run_and_resume_finishes_only_the_missing_cases(chdb_st
     assert again.exit_code == 0 and again.report.status == "complete"
     assert again.report.candidates[0].rows[0].n == 24
     # the logged baseline's rows are kept too, but the note counts what the candidate does not run again
-    assert "resumed: 5 candidate result(s) kept from before" in again.report.notes, again.report.notes
+    assert "resumed: 5 replayed result(s) kept from before" in again.report.notes, again.report.notes
     assert get_run(chdb_store, res.run_id).status == "complete"
 
 

@@ -202,4 +202,5 @@ def test_a_store_held_past_the_wait_names_the_holder(tmp_path):
     finally:
         holder.kill()
         holder.wait(30)
-    assert f"is in use by pid {holder.pid} (tagway stats --since 7d), still after 30 s" in message, message
+    assert f"is in use by pid {holder.pid} (tagway stats --since 7d; chDB allows" in message, message
+    assert "serve waits up to 30 s for a command to finish" in message
