@@ -504,11 +504,14 @@ def db_migrate(config: Optional[str] = ConfigOpt,
             typer.echo(f"-- migration {version}\n{sql};\n")
         return
     from exporters.discovery import DiscoveryError  # noqa: PLC0415
-    from exporters.remote_store import StoreGoneError  # noqa: PLC0415
+    from exporters.remote_store import GatewayStuckError, StoreGoneError  # noqa: PLC0415
     from exporters.store_access import open_store  # noqa: PLC0415
 
     try:
-        store = open_store(dsn or s.resolved_dsn())  # through a running gateway when one holds the store
+        try:
+            store = open_store(dsn or s.resolved_dsn())  # through a running gateway when one holds the store
+        except GatewayStuckError as e:  # before anything ran
+            raise fail(str(e), 3) from None
         try:
             applied = migrate(store, settings)
         finally:

@@ -82,9 +82,13 @@ def _store(dsn: Optional[str], config: Optional[Path]):
     """The store the gateway writes to: --dsn > $TAGWAY_DSN > the gateway config (--config / $TAGWAY_CONFIG) >
     ./tagway-data/clickhouse (exporters.dsn, the same resolution as `tagway stats`)."""
     from exporters.dsn import resolve_dsn
+    from exporters.remote_store import GatewayStuckError
     from exporters.schema import migrate
     from exporters.store_access import open_store
-    store = open_store(resolve_dsn(dsn, config).dsn)  # through the running gateway when one serves this store
+    try:
+        store = open_store(resolve_dsn(dsn, config).dsn)  # through the running gateway when one serves this store
+    except GatewayStuckError as e:  # before anything ran: not the "stopped midway" of _stopped
+        raise _fail(str(e), EXIT_INCOMPLETE) from None
     migrate(store)
     return store
 

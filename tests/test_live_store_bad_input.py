@@ -189,12 +189,21 @@ def test_a_gateway_that_is_there_but_silent_is_one_line_and_exit_3(tmp_path, mon
             t0 = time.monotonic()
             res = CliRunner().invoke(_stats_app(), ["stats", "--dsn", f"chdb://{d}"])
             took = time.monotonic() - t0
+            others = []
+            if stuck_at == "ping":  # silent before anything ran: no "what was stored is kept", no "partly applied"
+                from gateway.cli import app as tagway_app
+                others = [CliRunner().invoke(replay_app, ["report", "some-run", "--dsn", f"chdb://{d}"]),
+                          CliRunner().invoke(tagway_app, ["db", "migrate", "--dsn", f"chdb://{d}"])]
         finally:
             os.close(fd)
     assert res.exit_code == 3, res.output
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and says in lines[0] and f"pid {os.getpid()}" in lines[0], lines
     assert "Traceback" not in res.output and took < 8, took
+    for other in others:
+        lines = other.stderr.strip().splitlines()
+        assert other.exit_code == 3 and len(lines) == 1 and says in lines[0], other.output
+        assert "kept" not in lines[0] and "partly" not in lines[0], lines
 
 
 def test_a_refusal_sent_inside_a_long_statements_stream_is_a_store_error(tmp_path):
