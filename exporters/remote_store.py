@@ -173,9 +173,9 @@ class RemoteStore:
         self.via = ann.url
         # connect fast (a dead port must not hang the CLI); a heavy statement may take as long as it takes directly,
         # its answer streaming a space every few seconds meanwhile: only silence means the gateway is stuck
-        self._silence = silence = silence if silence is not None else SILENCE_SECONDS
+        self._silence = silence if silence is not None else SILENCE_SECONDS
         self._http = httpx.Client(base_url=ann.url + API_PREFIX, transport=transport,
-                                  timeout=httpx.Timeout(silence, connect=3.0),
+                                  timeout=httpx.Timeout(self._silence, connect=3.0),
                                   headers={"authorization": f"Bearer {ann.credential}"}, trust_env=False)
 
     # -- statements -------------------------------------------------------------------------------------------

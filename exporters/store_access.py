@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from . import discovery
 from .dirlock import is_locked
-from .dsn import DEFAULT_DATA_DIR
+from .dsn import default_dsn
 from .remote_store import GatewayStuckError, RemoteStore, StoreAccessDenied, StoreGoneError
 from .spool import unsent_spans
 from .store import LOCK_FILE, Store, StoreLockedError, connect
@@ -38,8 +38,7 @@ def missing_store(dsn: str) -> str | None:
     not create one), else None."""
     directory = discovery.store_dir(dsn)
     if directory is not None and not os.path.isdir(directory):
-        default = os.path.abspath(os.path.join(DEFAULT_DATA_DIR, "clickhouse"))
-        if directory == default and os.path.isfile("tagway.yaml"):  # no store named, and a config there, unread
+        if directory == discovery.store_dir(default_dsn()) and os.path.isfile("tagway.yaml"):  # none named, one there
             return (f"no tagway store at {directory}: ./tagway.yaml is read only when named: pass --config "
                     "tagway.yaml (or set TAGWAY_CONFIG=tagway.yaml) for the store it names")
         return f"no tagway store at {directory}: start the gateway once, or pass --dsn / --config"

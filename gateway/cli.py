@@ -180,12 +180,24 @@ def _bind(host: str, port: int, cfg: GatewayConfig | None = None) -> socket.sock
     return sock
 
 
+def _store_dir(cfg: GatewayConfig) -> str | None:
+    """The embedded store's directory `cfg` records to; None for a server DSN or with recording off."""
+    from exporters import discovery  # noqa: PLC0415
+
+    return discovery.store_dir(cfg.storage.resolved_dsn()) if cfg.recording.enabled else None
+
+
 def _serving(cfg: GatewayConfig) -> Any:
     """The announcement of a gateway serving `cfg`'s embedded store, if one does."""
     from exporters import discovery  # noqa: PLC0415
 
-    directory = discovery.store_dir(cfg.storage.resolved_dsn()) if cfg.recording.enabled else None
+    directory = _store_dir(cfg)
     return discovery.serving(directory) if directory else None
+
+
+def _is_gateway(command: str) -> bool:
+    """A holder's command line (_store_holder) that is a gateway: it does not end on its own."""
+    return "serve" in command.split()
 
 
 SERVE_LOCK_WAIT_SECONDS = 30.0  # how long `tagway serve` waits for a local command that has the store open
@@ -197,14 +209,12 @@ def _recorder_when_free(cfg: GatewayConfig) -> Any:
     import time  # noqa: PLC0415
 
     from exporters import discovery  # noqa: PLC0415
-    from exporters.store import StoreLockedError  # noqa: PLC0415
+    from exporters.dirlock import is_locked  # noqa: PLC0415
+    from exporters.store import LOCK_FILE, StoreLockedError  # noqa: PLC0415
 
     from .app import default_recorder  # noqa: PLC0415
 
-    from exporters.dirlock import is_locked  # noqa: PLC0415
-    from exporters.store import LOCK_FILE  # noqa: PLC0415
-
-    directory = discovery.store_dir(cfg.storage.resolved_dsn()) if cfg.recording.enabled else None
+    directory = _store_dir(cfg)
     deadline = time.monotonic() + SERVE_LOCK_WAIT_SECONDS
     said = False
     while True:
@@ -219,7 +229,7 @@ def _recorder_when_free(cfg: GatewayConfig) -> Any:
                     raise  # held by a process that names no command we can wait for (_held_by says what it can)
                 time.sleep(0.1)  # let go just now (the command we waited for ended): try again
                 continue
-            if "serve" in holder[1].split() or discovery.serving(directory):
+            if _is_gateway(holder[1]) or discovery.serving(directory):
                 raise  # a gateway, starting, serving or stopping: it does not end on its own
             if not said:
                 said = True
@@ -242,9 +252,8 @@ def _store_holder(directory: str) -> tuple[int, str] | None:
     except OSError:
         return None
     # `python -m gateway.cli stats ...` or `/venv/bin/tagway stats ...`: shown from the program's own name on
-    names = [os.path.basename(a) for a in argv]
-    start = next((i for i, n in enumerate(names) if n in ("tagway", "gateway.cli")), 0)
-    return pid, " ".join(["tagway", *argv[start + 1:]] if start or names[:1] == ["tagway"] else argv)[:120]
+    start = next((i for i, a in enumerate(argv) if os.path.basename(a) in ("tagway", "gateway.cli")), None)
+    return pid, " ".join(argv if start is None else ["tagway", *argv[start + 1:]])[:120]
 
 
 def _held_by(cfg: GatewayConfig, e: Exception) -> str:
@@ -263,7 +272,7 @@ def _held_by(cfg: GatewayConfig, e: Exception) -> str:
         holder = _store_holder(directory)
         if holder is None:
             return str(e)
-        if "serve" in holder[1].split():
+        if _is_gateway(holder[1]):
             return (f"the embedded store {directory} is in use by a gateway starting or stopping there (pid "
                     f"{holder[0]}: {holder[1]}; chDB allows one process per data directory): wait for it, or stop it")
         return (f"the embedded store {directory} is in use by pid {holder[0]} ({holder[1]}; chDB allows one process "

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import uuid
 import hmac
 import ipaddress
 import logging
 import os
 import sys
+import uuid
 from typing import Any, Callable
 
 import orjson

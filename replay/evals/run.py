@@ -194,7 +194,8 @@ async def _probe(scorer: _Scorer, work: list[tuple[LoadedEvaluator, EvalTarget]]
     return {} if first is None else {first: await scorer.score(*work[first], probe=True)}
 
 
-async def _score_all(scorer: _Scorer, work: list[tuple[LoadedEvaluator, EvalTarget]], done: dict[int, Any],
+async def _score_all(scorer: _Scorer, work: list[tuple[LoadedEvaluator, EvalTarget]],
+                     done: dict[int, store_evals.EvalResult],
                      concurrency: int) -> list[store_evals.EvalResult]:
     """Every item not `done` yet, with at most `concurrency` at once."""
     results: list[store_evals.EvalResult | None] = [done.get(i) for i in range(len(work))]
