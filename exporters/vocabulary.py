@@ -25,7 +25,8 @@ from .tagstate import TagInputError, has_tag_condition, validate_tag_name
 
 __all__ = [
     "QueryInputError", "COLUMNS", "TAG_PREFIX", "APPLIED_TAG", "TAG_KEY_RE", "STATUSES", "PRODUCTION_SOURCE",
-    "REPLAY_SOURCE", "JUDGE_SOURCE", "SHADOW_SOURCE", "NON_PRODUCTION_SOURCES", "MAX_WINDOW", "MAX_VALUE_LEN", "Window",
+    "REPLAY_SOURCE", "JUDGE_SOURCE", "SHADOW_SOURCE", "NON_PRODUCTION_SOURCES", "REDACTED_MARK", "TRUNCATED_MARK",
+    "MAX_WINDOW", "MAX_VALUE_LEN", "Window",
     "Filter", "Params", "show", "iso_utc", "validate_tag_key", "parse_duration", "parse_time", "parse_window",
     "parse_dimension", "parse_filter", "parse_filters", "column_expr", "filter_condition", "normalise",
     "NORMALISED_LEN", "NORMALISED_COLUMNS", "normalise_tag_key",
@@ -60,6 +61,11 @@ REPLAY_SOURCE = "replay"  # the replay runner's candidate calls
 JUDGE_SOURCE = "replay-judge"  # its LLM judge's calls
 SHADOW_SOURCE = "shadow"  # copies of sampled live calls sent to a candidate by the gateway (gateway/shadow.py)
 NON_PRODUCTION_SOURCES: tuple[str, ...] = (REPLAY_SOURCE, JUDGE_SOURCE, SHADOW_SOURCE)
+
+# What the gateway's redaction and content cap write into captured text (gateway/redact.py builds its replacements
+# from these): recorded content that holds one is not what the client was sent.
+REDACTED_MARK = "[REDACTED"
+TRUNCATED_MARK = "[truncated by tagway:"
 
 MAX_WINDOW = dt.timedelta(days=400)
 MAX_VALUE_LEN = 1024

@@ -15,6 +15,8 @@ from typing import Any, Callable
 import orjson
 import re2
 
+from exporters.vocabulary import REDACTED_MARK, TRUNCATED_MARK
+
 __all__ = ["Redactor", "BUILTIN", "compile_pattern", "PatternError", "TRUNCATED"]
 
 # RE2 refuses rather than backtracks; its log lines about refused patterns are noise next to our own error
@@ -55,14 +57,14 @@ def _bearer_hint(s: str) -> bool:
 # name -> (pattern, replacement, pre-check that must pass before the pattern runs). Capture runs on every call,
 # and most text holds no e-mail, card or token: the pre-checks keep redaction off the profile.
 BUILTIN: dict[str, tuple[Any, str, Callable[[str], bool] | None]] = {
-    "email": (compile_pattern(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}"), "[REDACTED:email]",
+    "email": (compile_pattern(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}"), f"{REDACTED_MARK}:email]",
               lambda s: "@" in s),
     # 13-19 digits, optionally grouped by spaces or dashes; checked with Luhn so order ids survive
-    "card": (compile_pattern(r"\b(?:\d[ -]?){12,18}\d\b"), "[REDACTED:card]", lambda s: _digits(s) >= 13),
-    "bearer": (compile_pattern(r"(?i)\b(?:bearer\s+|sk-|tw-)[A-Za-z0-9._~+/=-]{16,}"), "[REDACTED:secret]",
+    "card": (compile_pattern(r"\b(?:\d[ -]?){12,18}\d\b"), f"{REDACTED_MARK}:card]", lambda s: _digits(s) >= 13),
+    "bearer": (compile_pattern(r"(?i)\b(?:bearer\s+|sk-|tw-)[A-Za-z0-9._~+/=-]{16,}"), f"{REDACTED_MARK}:secret]",
                _bearer_hint),
 }
-TRUNCATED = "...[truncated by tagway: {} more characters]"
+TRUNCATED = "..." + TRUNCATED_MARK + " {} more characters]"
 
 
 def _luhn_ok(digits: str) -> bool:
@@ -80,7 +82,7 @@ def _luhn_ok(digits: str) -> bool:
 
 def _card(m: Any) -> str:
     text = m.group()
-    return "[REDACTED:card]" if _luhn_ok(_NON_DIGITS.sub("", text)) else text
+    return f"{REDACTED_MARK}:card]" if _luhn_ok(_NON_DIGITS.sub("", text)) else text
 
 
 class Redactor:
@@ -94,7 +96,7 @@ class Redactor:
         for name in builtin:
             rx, repl, precheck = BUILTIN[name]
             self._rules.append((rx, _card if name == "card" else repl, precheck))
-        self._rules += [(compile_pattern(p), "[REDACTED]", None) for p in patterns]
+        self._rules += [(compile_pattern(p), f"{REDACTED_MARK}]", None) for p in patterns]
         # every rule has a pre-check (the built-ins): a structure can be cleared in one test of its JSON text
         self._prechecks = [pre for _, _, pre in self._rules] if all(pre for _, _, pre in self._rules) else None
 

@@ -23,12 +23,13 @@ from .datasets.resolve import Resolved, resolve
 from .gate import SegmentPlan, next_draws, plan
 from .render import render_json
 from .report import Report, aggregate, flipped_case_ids
-from .runner import (GATEWAY_APP, NO_GATEWAY, FatalRunError, RunOutcome, Runner, Target, check_gateway,
-                     check_in_process, check_models, gateway_client, models_named, targets_for)
+from .runner import (GATEWAY_APP, NO_GATEWAY, Answer, FatalRunError, RunOutcome, Runner, Target, check_gateway,
+                     check_in_process, check_models, gateway_client, models_named, recorded_answer, targets_for)
 from .slice import Case, EmptySliceError, SampleResult, Sampled, count_production_errors, fetch_cases, order_key, \
     sample_pool, select_slice
 from .spec import ReplaySpec, SpecError, parse_spec
-from .store import RunRow, case_inputs, done_keys, get_run, read_results, write_results, write_run
+from .store import (RunRow, case_inputs, done_keys, get_run, read_results, recorded_calls, recorded_cost, write_results,
+                    write_run)
 
 __all__ = ["RunOptions", "RunResult", "RunExistsError", "GateState", "new_run_id", "start_run", "resume_run",
            "report_for", "spec_to_json"]
@@ -212,15 +213,43 @@ async def resume_run(store: Any, run_id: str, opts: RunOptions) -> RunResult:
         sampled, _ = sample_pool(store, spec.slice)  # where further looks draw from
     names = {t.name for t in targets if not t.logged}  # a logged baseline's rows are kept too, but never replayed
     kept = sum(1 for candidate, _ in skip if candidate in names)
+    notes = [f"resumed: {kept} replayed result(s) kept from before"]
+    recorded = _paid_answers(store, run_id, cases, targets, skip)
+    if recorded:
+        notes.append(f"{len(recorded)} call(s) answered before the stop, whose results were not stored, scored from "
+                     "the gateway's record without calling again")
+    # a killed CLI never wrote what it spent: the gateway's record of the run's calls says it
+    spent = max(run.cost_usd, recorded_cost(store, run_id))
     return await _execute(store, spec, dataclasses.replace(run, n_cases=len(cases)), cases, targets, opts, skip=skip,
-                          skipped=skipped, notes=[f"resumed: {kept} replayed result(s) kept from before"],
-                          spent_before=run.cost_usd, state=state, sampled=sampled)
+                          skipped=skipped, notes=notes, spent_before=spent, state=state, sampled=sampled,
+                          recorded=recorded)
+
+
+def _paid_answers(store: Any, run_id: str, cases: list[Case], targets: list[Target],
+                  skip: set[tuple[str, str]]) -> dict[tuple[str, str], Answer]:
+    """The answers a stopped run's calls got that no stored result holds (the CLI stopped before writing them),
+    from the gateway's record: for calling targets, the model the target asks for, and content as it was sent."""
+    by_case = {c.case_id: c for c in cases}
+    calling = {t.name: t for t in targets if not t.logged}
+    out: dict[tuple[str, str], Answer] = {}
+    for call in recorded_calls(store, run_id):
+        key = (call["candidate"], call["case_id"])
+        target, case = calling.get(key[0]), by_case.get(key[1])
+        if target is None or case is None or key in skip:
+            continue
+        if call["model_requested"] != (target.model or case.model):
+            continue
+        answer = recorded_answer(call)
+        if answer is not None:
+            out[key] = answer
+    return out
 
 
 async def _execute(store: Any, spec: ReplaySpec, run: RunRow, cases: list[Case], targets: list[Target],
                    opts: RunOptions, *,
                    skip: set[tuple[str, str]], skipped: dict[str, int], notes: list[str], state: GateState,
-                   sampled: SampleResult | None, spent_before: float = 0.0) -> RunResult:
+                   sampled: SampleResult | None, spent_before: float = 0.0,
+                   recorded: dict[tuple[str, str], Answer] | None = None) -> RunResult:
     outcome: RunOutcome | None = None
     runner: Runner | None = None
     status = "incomplete"
@@ -233,7 +262,7 @@ async def _execute(store: Any, spec: ReplaySpec, run: RunRow, cases: list[Case],
                             sink=lambda rows: write_results(store, rows), progress=opts.progress,
                             backoff_base=opts.backoff_base, spent_before=spent_before, max_cost=opts.max_cost,
                             concurrency=opts.concurrency)
-            outcome = await runner.run(cases, targets, skip)
+            outcome = await runner.run(cases, targets, skip, recorded)
             if sampled is not None and state.plans and outcome.complete:
                 outcome, n_cases = await _escalate(store, spec, run, runner, targets, sampled, state, outcome,
                                                    [c.case_id for c in cases])

@@ -18,7 +18,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Sequence
+from typing import Any, AsyncIterator, Callable, Mapping, Sequence
 from urllib.parse import quote
 
 import httpx
@@ -26,9 +26,10 @@ import orjson
 
 from exporters import anthropic_format, responses_format
 from exporters.dsn import is_http_url
+from exporters.genai_messages import loads_or_empty
 from exporters.responses_format import API_MARK
 from exporters.store_access import verbose_enabled
-from exporters.vocabulary import JUDGE_SOURCE, REPLAY_SOURCE
+from exporters.vocabulary import JUDGE_SOURCE, REDACTED_MARK, REPLAY_SOURCE, TRUNCATED_MARK
 
 from .evaluators import EvalContext, evaluate
 from .refs import load_ref
@@ -38,6 +39,7 @@ from .store import ResultRow
 
 __all__ = ["Target", "RunOutcome", "FatalRunError", "Runner", "GatewayPoster", "Answer", "text_of", "fatal_check",
            "targets_for", "build_request", "replay_headers", "apply_prompt", "gateway_client", "gateway_for",
+           "recorded_answer",
            "GATEWAY_APP", "NO_GATEWAY", "RETRY_STATUSES"]
 
 GATEWAY_APP = "gateway.app:create_app"
@@ -179,6 +181,24 @@ class Answer:
     output_tokens: int = 0
     error: str = ""
     error_code: str = ""
+
+
+def recorded_answer(call: dict) -> Answer | None:
+    """An answered call the gateway recorded (a row of replay.store.recorded_calls) as the answer the runner scores,
+    or None when the record is not the answer the client got: no content captured, or content that redaction or the
+    content cap changed (scoring `[REDACTED:email]` for an address, or a cut answer, would flip cases that did
+    not change)."""
+    text = call.get("response_json") or ""
+    if not text or REDACTED_MARK in text or TRUNCATED_MARK in text:
+        return None
+    output = loads_or_empty(text)
+    if not isinstance(output, list) or not output:
+        return None
+    shown = Case(call["case_id"], "", baseline_output=output)
+    return Answer(True, shown.baseline_message, shown.baseline_text, int(call.get("http_status") or 200),
+                  int(call.get("attempts") or 1), float(call.get("latency_ms") or 0.0),
+                  float(call.get("cost_usd") or 0.0), call["trace_id"], int(call.get("input_tokens") or 0),
+                  int(call.get("output_tokens") or 0))
 
 
 def _error_of(resp: httpx.Response) -> tuple[str, str]:
@@ -377,8 +397,8 @@ class Runner:
 
     # -- one item -----------------------------------------------------------------------------------------------
     async def run_item(self, case: Case, target: Target, answer: Answer | None = None) -> ResultRow:
-        """Run and score one item; `answer` scores an answer already recorded for the target (a shadow call)
-        instead of calling the gateway."""
+        """Run and score one item; `answer` scores an answer already recorded for the target (a shadow call, or a
+        call of this run that the gateway recorded) instead of calling the gateway."""
         prompt_version = _prompt_version(case, target)
         if answer is not None:
             ans, model = answer, target.model or case.model
@@ -446,15 +466,18 @@ class Runner:
 
     # -- the run ------------------------------------------------------------------------------------------------
     async def run(self, cases: Sequence[Case], targets: Sequence[Target],
-                  skip: set[tuple[str, str]] = frozenset()) -> RunOutcome:  # type: ignore[assignment]
+                  skip: set[tuple[str, str]] = frozenset(),  # type: ignore[assignment]
+                  recorded: Mapping[tuple[str, str], Answer] | None = None) -> RunOutcome:
         """Every (case, target) not in `skip`, case-major so a partial run still has paired results. The first item
         of each calling target runs alone first (a probe): an unknown model or a rejected key stops the run
-        before the rest is sent."""
+        before the rest is sent. An item with an answer in `recorded` (by (target name, case id): a call already
+        paid for) is scored from it, without a call and outside the budget."""
+        recorded = recorded or {}
         items = [(c, t) for c in cases for t in targets if (t.name, c.case_id) not in skip]
         results: list[ResultRow] = []
         probes: list[tuple[Case, Target]] = []
         for t in targets:
-            first = next((it for it in items if it[1] is t), None)
+            first = next((it for it in items if it[1] is t and (t.name, it[0].case_id) not in recorded), None)
             if first is not None and not t.logged:
                 probes.append(first)
         probe_ids = {id(p) for p in probes}
@@ -467,10 +490,11 @@ class Runner:
             async def one(case: Case, target: Target) -> bool:
                 """Run one item unless the budget is spent (then say so and return False)."""
                 nonlocal stop_reason, done
-                if self.max_cost is not None and self.spent >= self.max_cost:
+                answer = recorded.get((target.name, case.case_id))
+                if answer is None and self.max_cost is not None and self.spent >= self.max_cost:
                     stop_reason = f"budget reached: spent ${self.spent:.4f} of max_cost ${self.max_cost:g}"
                     return False
-                await self._emit(await self.run_item(case, target), results)
+                await self._emit(await self.run_item(case, target, answer), results)
                 done += 1
                 bar(done, self.spent)
                 return True

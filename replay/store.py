@@ -18,10 +18,10 @@ import orjson
 
 from exporters.genai_messages import from_semconv_input, loads_or_empty
 from exporters.replays import LAST_WRITE, settle_running
-from exporters.vocabulary import COLUMNS
+from exporters.vocabulary import COLUMNS, JUDGE_SOURCE, REPLAY_SOURCE
 
 __all__ = ["ResultRow", "RunRow", "write_results", "read_results", "done_keys", "write_run", "get_run", "list_runs",
-           "case_inputs", "call_attributes", "RESULT_COLUMNS", "JOIN_SQL"]
+           "case_inputs", "call_attributes", "recorded_calls", "recorded_cost", "RESULT_COLUMNS", "JOIN_SQL"]
 
 
 @dataclasses.dataclass
@@ -112,6 +112,26 @@ def done_keys(store: Any, run_id: str, *, include_errored: bool = True) -> set[t
         "SELECT candidate, case_id, argMax(status, Timestamp) AS st FROM replay_results "
         "WHERE run_id = {run_id:String} GROUP BY candidate, case_id", {"run_id": run_id})
     return {(r["candidate"], r["case_id"]) for r in rows if include_errored or r["st"] != "errored"}
+
+
+def recorded_calls(store: Any, run_id: str) -> list[dict]:
+    """The newest answered (status ok) call per (candidate, case) that the gateway recorded for a run's replay:
+    among them the calls a stopped run paid for and never stored the result of (a CLI killed before its results
+    were written), which a resume can score without calling again."""
+    return store.query(
+        "SELECT trace_id, replay_candidate AS candidate, replay_case_id AS case_id, model_requested, latency_ms, "
+        "cost_usd, input_tokens, output_tokens, http_status, attempts, response_json FROM llm_calls "
+        "WHERE replay_run_id = {run_id:String} AND source = {src:String} AND status = 'ok' AND replay_case_id != '' "
+        "ORDER BY Timestamp DESC LIMIT 1 BY replay_candidate, replay_case_id",
+        {"run_id": run_id, "src": REPLAY_SOURCE})
+
+
+def recorded_cost(store: Any, run_id: str) -> float:
+    """What the gateway recorded a run's calls (replayed and judge) as costing: a run whose CLI was killed never
+    wrote its spend, so a resume's budget starts from this when it is more."""
+    rows = store.query("SELECT sum(cost_usd) AS spent FROM llm_calls WHERE replay_run_id = {run_id:String} "
+                       "AND source IN {srcs:Array(String)}", {"run_id": run_id, "srcs": [REPLAY_SOURCE, JUDGE_SOURCE]})
+    return float(rows[0]["spent"] or 0.0) if rows else 0.0
 
 
 def write_run(store: Any, run: RunRow) -> None:

@@ -3,6 +3,7 @@ request body, retries, bounded concurrency, the cost budget, resume, unknown mod
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import time
 
@@ -10,11 +11,12 @@ import httpx
 import orjson
 import pytest
 
+from exporters import semconv as sc
 from replay.pipeline import RunOptions, resume_run, start_run
-from replay.runner import FatalRunError, Runner, gateway_client, targets_for
+from replay.runner import FatalRunError, Runner, gateway_client, recorded_answer, targets_for
 from replay.slice import Case
 from replay.spec import parse_spec
-from replay.store import JOIN_SQL, get_run, read_results
+from replay.store import JOIN_SQL, get_run, read_results, write_run
 from tests.replay_support import API_KEY, FakeLLM, call_span, record, unique
 
 
@@ -360,6 +362,68 @@ def test_an_existing_run_id_is_refused_before_any_call(chdb_store, slice_data):
             asyncio.run(start_run(chdb_store, parse_spec(spec_for([b])), opts(gw, run_id=run_id)))
         assert len(gw.chat_requests()) == sent
     assert {r.segment for r in read_results(chdb_store, run_id)} == {a}  # nothing of b merged in
+
+
+def replayed_call(run_id: str, case_id: str, answer: str, *, model: str = "cand-model", status: str = "Ok",
+                  cost: float = 0.001) -> dict:
+    """A candidate call of a replay run as the gateway records it (source replay, the run's keys)."""
+    span = call_span(customer="c", intent="refund", user="u", answer=answer, model=model, source="replay",
+                     status=status, cost=cost)
+    span["SpanAttributes"].update({sc.REPLAY_RUN_ID: run_id, sc.REPLAY_CANDIDATE: "cand", sc.REPLAY_CASE_ID: case_id})
+    return span
+
+
+def test_resume_scores_the_calls_a_killed_run_paid_for_from_the_gateways_record(chdb_store, slice_data):
+    """A CLI killed after its calls were answered but before their results were written: the gateway recorded the
+    calls (llm_calls, with the run's keys), so resume scores those answers rather than paying for them again, and
+    its budget starts from what the record says was spent. A recorded answer that redaction changed, an errored
+    call, or a call of another model is run again."""
+    a, _, _ = slice_data
+    spec = parse_spec(spec_for([a], concurrency=1, max_cost=0.0055))
+    with FakeLLM({"cand-model": approve_unless("nobody")}) as gw:
+        res = asyncio.run(start_run(chdb_store, spec, opts(gw)))
+        lost = [r["headers"]["x-tagway-replay-case-id"] for r in gw.chat_requests()]
+        assert len(lost) == 6
+        # the kill: no result reached the store, the run row still says running and $0
+        chdb_store.command(f"ALTER TABLE replay_results DELETE WHERE run_id = '{res.run_id}' "
+                           "SETTINGS mutations_sync = 2")
+        assert read_results(chdb_store, res.run_id) == []
+        write_run(chdb_store, dataclasses.replace(get_run(chdb_store, res.run_id), status="running", cost_usd=0.0))
+        ids = record(chdb_store, [
+            replayed_call(res.run_id, lost[0], "denied"),  # scored from the record: the fake would say approved
+            replayed_call(res.run_id, lost[1], "approved"),
+            replayed_call(res.run_id, lost[2], "mail [REDACTED:email] to confirm"),  # not what the client got
+            replayed_call(res.run_id, lost[3], "", status="Error", cost=0.0),
+            replayed_call(res.run_id, lost[4], "approved", model="other-model"),
+        ])  # lost[5]: answered, never recorded
+
+        again = asyncio.run(resume_run(chdb_store, res.run_id, opts(gw, max_cost=1.0)))
+        second = [r["headers"]["x-tagway-replay-case-id"] for r in gw.chat_requests()[6:]]
+    assert len(second) == 22 and not {lost[0], lost[1]} & set(second) and set(lost[2:]) <= set(second)
+    rows = {r.case_id: r for r in read_results(chdb_store, res.run_id) if r.candidate == "cand"}
+    assert len(rows) == 24 and again.report.status == "complete"
+    assert (rows[lost[0]].status, rows[lost[0]].output, rows[lost[0]].replay_trace_id) == ("failed", "denied", ids[0])
+    assert (rows[lost[1]].status, rows[lost[1]].replay_trace_id) == ("passed", ids[1])
+    assert rows[lost[2]].status == "passed" and rows[lost[2]].output == "approved"  # called again
+    assert "resumed: 0 replayed result(s) kept from before" in again.report.notes
+    assert ("2 call(s) answered before the stop, whose results were not stored, scored from the gateway's record "
+            "without calling again") in again.report.notes, again.report.notes
+    # the budget started from the recorded $0.004 (4 recorded calls at $0.001), then 22 calls
+    assert get_run(chdb_store, res.run_id).cost_usd == pytest.approx(0.026)
+
+
+def test_a_recorded_answer_is_used_only_as_the_client_got_it():
+    call = {"trace_id": "t1", "case_id": "c1", "http_status": 200, "attempts": 2, "latency_ms": 12.5,
+            "cost_usd": 0.002, "input_tokens": 7, "output_tokens": 3,
+            "response_json": orjson.dumps([{"role": "assistant", "parts": [{"type": "text", "content": "yes"}],
+                                            "finish_reason": "stop"}]).decode()}
+    ans = recorded_answer(call)
+    assert (ans.ok, ans.text, ans.trace_id, ans.attempts, ans.cost_usd, ans.output_tokens) == \
+        (True, "yes", "t1", 2, 0.002, 3)
+    assert recorded_answer({**call, "response_json": ""}) is None  # content not captured
+    assert recorded_answer({**call, "response_json": "[]"}) is None
+    cut = call["response_json"].replace("yes", "y...[truncated by tagway: 9 more characters]")
+    assert recorded_answer({**call, "response_json": cut}) is None
 
 
 _CALLS = {"n": 0}
