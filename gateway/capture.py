@@ -24,27 +24,26 @@ _WIRE_NOT_PARAMS = _NOT_PARAMS | {"instructions", "system"}
 
 
 def capture_input(operation: str, payload: dict, rec: CallRecord, redactor: Redactor) -> None:
-    """The request's messages (system instructions apart) and parameters, redacted, onto the record."""
+    """The request's messages (system instructions apart) and parameters, redacted, onto the record as JSON text."""
     if operation == "chat":
         messages = payload.get("messages")
         system, inp = to_semconv_input(messages if isinstance(messages, list) else [])
-        rec.system_instructions = redactor.deep(system) if system else None
-        rec.input_messages = redactor.deep(inp)
+        rec.system_instructions = redactor.json(system) if system else None
+        rec.input_messages = redactor.json(inp)
     elif operation in _WIRE_INPUT:
         system, inp = _WIRE_INPUT[operation](payload)
-        rec.system_instructions = redactor.deep(system) if system else None
-        rec.input_messages = redactor.deep(inp)
+        rec.system_instructions = redactor.json(system) if system else None
+        rec.input_messages = redactor.json(inp)
         params = {k: v for k, v in payload.items() if k not in _WIRE_NOT_PARAMS}
-        rec.request_params = redactor.deep({**params, responses_format.API_MARK: operation})
+        rec.request_params = redactor.json({**params, responses_format.API_MARK: operation})
         return
     else:
         content = payload.get("prompt" if operation == "text_completion" else "input")
         texts = content if isinstance(content, list) else [content]
-        rec.input_messages = redactor.deep(
-            [{"role": "user", "parts": [{"type": "text", "content": t if isinstance(t, str) else orjson.dumps(t).decode()}
-                                        for t in texts]}])
+        parts = [{"type": "text", "content": t if isinstance(t, str) else orjson.dumps(t).decode()} for t in texts]
+        rec.input_messages = redactor.json([{"role": "user", "parts": parts}])
     params = {k: v for k, v in payload.items() if k not in _NOT_PARAMS}
-    rec.request_params = redactor.deep(params) if params else None
+    rec.request_params = redactor.json(params) if params else None
 
 
 def output_messages(operation: str, choices: Any) -> list[dict] | None:

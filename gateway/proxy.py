@@ -299,10 +299,13 @@ class Proxy(WireStreamRelay):
         rec, redactor = call.rec, self.redactor
         try:
             capture_input(call.operation, call.payload, rec, redactor)
+            out = None
             if isinstance(call.answer, StreamAccumulator):
-                rec.output_messages = redactor.deep(call.answer.output())
+                out = call.answer.output()
             elif call.answer is not None:
-                rec.output_messages = redactor.deep(output_messages(call.operation, call.answer))
+                out = output_messages(call.operation, call.answer)
+            if out is not None:  # embeddings: no output recorded
+                rec.output_messages = redactor.json(out)
             return True
         except Exception:  # odd shapes must never change the call's outcome
             log.warning("could not capture the content of a %s call", call.operation, exc_info=True)

@@ -100,22 +100,26 @@ class Redactor:
         # every rule has a pre-check (the built-ins): a structure can be cleared in one test of its JSON text
         self._prechecks = [pre for _, _, pre in self._rules] if all(pre for _, _, pre in self._rules) else None
 
-    def _quiet(self, obj: Any) -> bool:
-        """True when `deep` would return `obj` unchanged: nothing to cut, and no rule's pre-check passes on the
-        structure's JSON text. Sound because a pre-check is necessary for its pattern and every character it looks
-        for (`@`, digits, `-`, letters) is written as itself in orjson's JSON (UTF-8, not \\u escapes), so a string
-        that would pass it makes the whole text pass it (escapes and keys can only add passes, which just means the
-        walk below runs). Operator patterns have no pre-check: then every string is redacted one by one."""
+    def _quiet(self, obj: Any) -> str | None:
+        """The structure's JSON text when `deep` would return `obj` unchanged: nothing to cut, and no rule's
+        pre-check passes on that text; else None. Sound because a pre-check is necessary for its pattern and every
+        character it looks for (`@`, digits, `-`, letters) is written as itself in orjson's JSON (UTF-8, not \\u
+        escapes), so a string that would pass it makes the whole text pass it (escapes and keys can only add passes,
+        which just means the walk below runs). Operator patterns have no pre-check: then every string is redacted
+        one by one."""
         if self._prechecks is None:
-            return False
+            return None
         try:
             text = orjson.dumps(obj)
         except TypeError:  # not JSON (a caller's odd object): the walk handles it
-            return False
+            return None
         if len(text) > min(self.max_chars, self.max_string_chars):
-            return False  # something may need cutting
+            return None  # something may need cutting
         decoded = text.decode()
-        return not any(pre(decoded) for pre in self._prechecks)
+        for pre in self._prechecks:
+            if pre(decoded):
+                return None
+        return decoded
 
     def text(self, s: str) -> str:
         for rx, repl, precheck in self._rules:
@@ -125,8 +129,17 @@ class Redactor:
 
     def deep(self, obj: Any) -> Any:
         """Redact every string in a JSON-like structure (keys are left alone), within the character budget."""
-        if self._quiet(obj):
+        if self._quiet(obj) is not None:
             return obj
+        return self._walk(obj)
+
+    def json(self, obj: Any) -> str:
+        """`deep(obj)` as the JSON text it is recorded as: a structure with nothing to redact or cut is serialised
+        once, by the check that clears it."""
+        text = self._quiet(obj)
+        return text if text is not None else orjson.dumps(self._walk(obj)).decode()
+
+    def _walk(self, obj: Any) -> Any:
         budget = [self.max_chars]
 
         def walk(x: Any) -> Any:

@@ -83,11 +83,11 @@ class CallRecord:
     temperature: Any = None
     max_tokens: Any = None
     attempts: list[Attempt] = dataclasses.field(default_factory=list)
-    # captured content (already redacted), JSON-ready
-    system_instructions: list | None = None
-    input_messages: list | None = None
-    output_messages: list | None = None
-    request_params: dict | None = None
+    # captured content, redacted, as the JSON text it is recorded as (Redactor.json)
+    system_instructions: str | None = None
+    input_messages: str | None = None
+    output_messages: str | None = None
+    request_params: str | None = None
     truncated: dict[str, int] | None = None  # client values cut to their cap: field -> original length
     skipped: list[str] | None = None  # fallbacks passed over: the tenant may not use them
     output_type: str = ""  # what a request asked for (text, json, image, speech), where its route says
@@ -183,13 +183,13 @@ def call_attributes(r: CallRecord, latency_ms: float) -> dict[str, Any]:
     if isinstance(r.max_tokens, int) and not isinstance(r.max_tokens, bool):
         a[sc.REQUEST_MAX_TOKENS] = r.max_tokens
     if r.input_messages is not None:
-        a[sc.INPUT_MESSAGES] = _json(r.input_messages)
+        a[sc.INPUT_MESSAGES] = r.input_messages
     if r.system_instructions:
-        a[sc.SYSTEM_INSTRUCTIONS] = _json(r.system_instructions)
+        a[sc.SYSTEM_INSTRUCTIONS] = r.system_instructions
     if r.output_messages is not None:
-        a[sc.OUTPUT_MESSAGES] = _json(r.output_messages)
+        a[sc.OUTPUT_MESSAGES] = r.output_messages
     if r.request_params:
-        a[sc.REQUEST_PARAMS] = _json(r.request_params)
+        a[sc.REQUEST_PARAMS] = r.request_params
     if r.truncated:
         a[sc.TRUNCATED] = _json(r.truncated)
     if r.skipped:

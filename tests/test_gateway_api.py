@@ -130,6 +130,7 @@ def test_embeddings_completions_and_models(gateway):
     assert [d.embedding for d in e.parse().data] == [[0.1, 0.2, 0.3]] * 2
     a = gateway.recorder.call(trace_of(e)).attributes
     assert a[sc.OPERATION] == "embeddings" and a[sc.INPUT_TOKENS] == 8
+    assert sc.OUTPUT_MESSAGES not in a and json.loads(a[sc.INPUT_MESSAGES])[0]["parts"][1]["content"] == "b"
     comp = c.completions.with_raw_response.create(model="gpt-test", prompt="say hi")
     assert comp.parse().choices[0].text == "Echo: say hi"
     assert gateway.recorder.call(trace_of(comp)).attributes[sc.OPERATION] == "text_completion"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -83,6 +84,16 @@ def test_a_structure_cleared_in_one_test_is_what_the_walk_gives(obj):
     walk = Redactor(list(BUILTIN), [])
     walk._prechecks = None  # the string-by-string walk, always
     assert B.deep(obj) == walk.deep(obj)
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSONISH)
+def test_the_recorded_json_is_the_redacted_structure_serialised(obj):
+    """json() is what capture records: the JSON text of deep(obj), whether the structure was cleared in one test
+    (its text reused) or walked."""
+    walk = Redactor(list(BUILTIN), [])
+    walk._prechecks = None
+    assert B.json(obj) == walk.json(obj) == orjson.dumps(B.deep(obj)).decode()
 
 
 @pytest.mark.parametrize("text, redacted", [
