@@ -56,14 +56,14 @@ class WriteAheadLog:
 
     # -- the three records ------------------------------------------------------------------------------------
     def chunk(self, start: int, rows: int, body: bytes) -> None:
-        rec = _D.pack(b"D", start, rows, len(body), zlib.crc32(body)) + body
+        head = _D.pack(b"D", start, rows, len(body), zlib.crc32(body))  # written with the body, not joined to it
         with self._lock:
             if self._closed:
                 return  # shutdown's last sweep goes straight to the spool
             self._ensure_open()
             if self._fd < 0:
                 return  # still no segment (a full disk): tried again on the next chunk
-            self._write(rec)
+            self._write(head, body)
             self._pending[self._seg].add(start)
             self._where[start] = self._seg
             if self._size >= self._segment_bytes:
@@ -101,14 +101,18 @@ class WriteAheadLog:
             self._drop_done_prefix(current_too=True)
 
     # -- internals --------------------------------------------------------------------------------------------
-    def _write(self, rec: bytes) -> None:
+    def _write(self, *pieces: bytes) -> None:
+        """One record, from its pieces in order (a chunk's header and body: one system call, no joined copy)."""
         if self._fd < 0:
             return  # closed: shutdown's last sweep goes straight to the spool
+        total = sum(len(p) for p in pieces)
         try:
-            n = os.write(self._fd, rec)
-            while n < len(rec):  # a short write (rare on a regular file): finish it
-                n += os.write(self._fd, rec[n:])
-            self._size += len(rec)
+            n = os.writev(self._fd, pieces)
+            if n < total:  # a short write (rare on a regular file): finish it
+                rest = b"".join(pieces)[n:]
+                while rest:
+                    rest = rest[os.write(self._fd, rest):]
+            self._size += total
         except OSError as e:  # the log is a safety net: a full disk must not stop recording
             try:  # no torn record mid-segment: reading stops at one, and would lose every record after it
                 os.ftruncate(self._fd, self._size)
