@@ -49,7 +49,7 @@ def world():
 def record() -> CallRecord:
     r = CallRecord(operation="chat", start_ns=START, requested_model="gpt", customer="acme", intent="refund",
                    tags={"tier": "pro"}, finish_reasons=["stop"], input_tokens=12, output_tokens=3, cost_usd=1e-5,
-                   temperature=0.2, input_messages=[{"role": "user", "parts": [{"type": "text", "content": "hi"}]}])
+                   temperature=0.2, input_messages='[{"role":"user","parts":[{"type":"text","content":"hi"}]}]')
     r.attempts.append(Attempt("a", "openai", "m-a", START + 100, START + 200, "http_503", 503, "up-a"))
     r.attempts.append(Attempt("b", "openai", "m-b", START + 300))
     r.fail("upstream_error", "boom", 502)

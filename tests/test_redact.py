@@ -93,7 +93,13 @@ def test_the_recorded_json_is_the_redacted_structure_serialised(obj):
     (its text reused) or walked."""
     walk = Redactor(list(BUILTIN), [])
     walk._prechecks = None
-    assert B.json(obj) == walk.json(obj) == orjson.dumps(B.deep(obj)).decode()
+    try:
+        expected = orjson.dumps(B.deep(obj)).decode()
+    except TypeError:  # not JSON (an integer past 64 bits): capture fails alike either way, and is counted
+        with pytest.raises(TypeError):
+            B.json(obj)
+        return
+    assert B.json(obj) == walk.json(obj) == expected
 
 
 @pytest.mark.parametrize("text, redacted", [
