@@ -11,9 +11,11 @@ itself (one process, uvloop + httptools, as `tagway serve` runs it). For each co
 the upstream directly and then through the gateway with tags resolved (headers) and spans stamped, recording on
 (embedded chDB, batched off the event loop) and off, and `bare`: bench/bare_passthrough.py, a raw ASGI +
 aiohttp pass-through with no gateway features (the Python ceiling); `split` is recording on with every gateway
-thread but the event loop's moved to core 1, as a host with a core to spare would run them. Prints req/s, p50/p99, the gateway's added p50/p99 and its CPU per request (user + system time of the
-gateway process, all threads, from /proc, over the wrk run and until its calls are stored): the figure that does not depend on what else the
-machine is doing. Medians over rounds.
+thread but the event loop's moved to core 1, as a host with a core to spare would run them. Prints req/s,
+p50/p99, the gateway's added p50/p99 and its CPU per request (user + system time of the gateway process, all
+threads, from /proc, over the wrk run and until its calls are stored): the figure that does not depend on what else
+the machine is doing, and its split by thread (the event loop, the exporter's Python threads, chDB's). Medians over
+rounds.
 Needs `wrk` (Debian: apt-get install wrk). Everything binds 127.0.0.1 and stops by itself.
 """
 from __future__ import annotations
@@ -92,6 +94,30 @@ def wrk(url: str, script: str, conns: int, seconds: int) -> dict:
             "socket_errors": errors.group(1) if errors else ""}
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of each live thread of a process, by thread id with its group: `loop` (the main thread: the event
+    loop), `python` (the exporter's and other Python threads, which keep the interpreter's name) or `chdb`."""
+    out: dict[str, float] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            stat = open(f"/proc/{pid}/task/{tid}/stat").read()
+        except OSError:
+            continue  # ended meanwhile
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        group = "loop" if tid == str(pid) else "python" if comm.startswith("python") else "chdb"
+        out[f"{group}:{tid}"] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def by_group(before: dict[str, float], after: dict[str, float], calls: float) -> dict[str, float]:
+    """µs of CPU a call by thread group between two thread_cpu snapshots."""
+    out = {"loop": 0.0, "python": 0.0, "chdb": 0.0}
+    for key, t in after.items():
+        out[key.split(":")[0]] += (t - before.get(key, 0.0)) * 1e6 / max(calls, 1.0)
+    return out
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU of a process and its (waited-for and live) children, all threads."""
     fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
@@ -153,10 +179,11 @@ def measure(python: str, tmp: str, up_port: int, mode: str, conns: list[int], se
         for c in conns:
             d = wrk(f"http://127.0.0.1:{up_port}/v1/chat/completions", direct_lua, c, seconds)
             settle(gw_port, mode)
-            cpu0 = cpu_seconds(gw.pid)
+            cpu0, threads0 = cpu_seconds(gw.pid), thread_cpu(gw.pid)
             g = wrk(f"http://127.0.0.1:{gw_port}/v1/chat/completions", gw_lua, c, seconds)
             settle(gw_port, mode)  # the run's own inserts count, the warm-up's do not
             g["cpu_ms"] = (cpu_seconds(gw.pid) - cpu0) * 1000 / max(1.0, g["rps"] * seconds)
+            g["threads"] = by_group(threads0, thread_cpu(gw.pid), g["rps"] * seconds)
             rows.append((mode, c, d, g))
         time.sleep(2 if mode != "bare" else 0)  # let the exporter drain
         m = metrics(gw_port) if mode != "bare" else {}
@@ -244,7 +271,8 @@ def main() -> None:
                         results.setdefault((py, mode_, c), []).append((d, g))
                         # each round too: its spread shows
                         print(f"  round {rnd}: {_label(py)} {mode_} c{c}: {g['rps']:.0f} req/s, p99 {g['p99']:.1f} ms,"
-                              f" {g['cpu_ms']:.3f} CPU ms/req", flush=True)
+                              f" {g['cpu_ms']:.3f} CPU ms/req (µs by thread: "
+                              + ", ".join(f"{k} {v:.0f}" for k, v in g["threads"].items()) + ")", flush=True)
     finally:
         upstream.terminate()
         upstream.wait(10)
@@ -263,6 +291,11 @@ def main() -> None:
               f" {_median(ds, 'p99'):>7.3f} | {m['rps']:>11.0f} {m['p50']:>7.3f} {m['p99']:>7.3f} |"
               f" {m['p50'] - _median(ds, 'p50'):>9.3f} {m['p99'] - _median(ds, 'p99'):>9.3f} |"
               f" {m['cpu_ms']:>10.3f} | {sum(g['non2xx'] for g in gs)}")
+    print("CPU a request by thread (µs, medians): loop = the event loop, python = the exporter's threads, chdb = the"
+          " store's")
+    for (py, mode, c), pairs in results.items():
+        groups = {k: statistics.median(g["threads"][k] for _, g in pairs) for k in ("loop", "python", "chdb")}
+        print(f"{_label(py):>8} {mode:>9} {c:>5} | " + "  ".join(f"{k} {v:.1f}" for k, v in groups.items()))
     for c in conns:
         for py in pythons:
             on, off, bare = med.get((py, "on", c)), med.get((py, "off", c)), med.get((py, "bare", c))
