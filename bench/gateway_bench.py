@@ -96,7 +96,9 @@ def wrk(url: str, script: str, conns: int, seconds: int) -> dict:
 
 def thread_cpu(pid: int) -> dict[str, float]:
     """CPU seconds of each live thread of a process, by thread id with its group: `loop` (the main thread: the event
-    loop), `python` (the exporter's and other Python threads, which keep the interpreter's name) or `chdb`."""
+    loop), `python` (the exporter's and other Python threads, which keep the interpreter's name) or `chdb` (its
+    threads name themselves). Approximate: a thread that ends between two snapshots is not counted, so the groups
+    can add up to less than the process's CPU."""
     out: dict[str, float] = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:

@@ -99,9 +99,20 @@ def _quote_string(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+_SETTING_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
 def _settings_clause(settings: dict[str, Any]) -> str:
-    return ", ".join(f"{k} = {v if isinstance(v, (int, float)) else _quote_string(str(v))}"
-                     for k, v in settings.items())
+    """A SETTINGS clause as the driver would send the settings: names checked, booleans as 1/0, None left out."""
+    out = []
+    for k, v in settings.items():
+        if not _SETTING_NAME.fullmatch(str(k)):
+            raise StoreError(f"not a ClickHouse setting name: {k!r}")
+        if v is None:
+            continue
+        value = int(v) if isinstance(v, bool) else v if isinstance(v, (int, float)) else _quote_string(str(v))
+        out.append(f"{k} = {value}")
+    return ", ".join(out)
 
 
 class StoreError(RuntimeError):
@@ -158,8 +169,13 @@ class Store:
     # -- statements -------------------------------------------------------------------------------------------
     def command(self, sql: str, parameters: dict | None = None, settings: dict | None = None) -> Any:
         with self._lock, _driver_errors():
-            _COMMANDS[0] += 1  # it may change a table's columns (a migration): every Store reads them again
-            return self._client.command(sql, parameters=parameters, settings=self._settings(settings))
+            # It may change a table's columns (a migration): every Store reads them again, after it too (another
+            # client's insert may have read them while it ran)
+            _COMMANDS[0] += 1
+            try:
+                return self._client.command(sql, parameters=parameters, settings=self._settings(settings))
+            finally:
+                _COMMANDS[0] += 1
 
     def query(self, sql: str, parameters: dict | None = None, settings: dict | None = None) -> list[dict]:
         """Rows as dicts (column name -> value)."""
@@ -210,11 +226,13 @@ class Store:
     def _insert_plain(self, table: str, read: tuple[str, str], body: bytes | Sequence[bytes],
                       settings: dict[str, Any]) -> None:
         names, structure = read
-        with tempfile.NamedTemporaryFile(suffix=".jsonl", delete=False) as f:
-            for part in ([body] if isinstance(body, (bytes, bytearray)) else body):
-                f.write(part)
+        f = tempfile.NamedTemporaryFile(suffix=".jsonl", delete=False)  # noqa: SIM115 - unlinked below
         try:
-            clause = f" SETTINGS {_settings_clause(settings)}" if settings else ""
+            with f:
+                for part in ([body] if isinstance(body, (bytes, bytearray)) else body):
+                    f.write(part)
+            clause = _settings_clause(settings)
+            clause = f" SETTINGS {clause}" if clause else ""
             self._client.command(f"INSERT INTO {table} ({names}){clause} SELECT {names} FROM "
                                  f"file({_quote_string(f.name)}, 'JSONEachRow', {_quote_string(structure)})")
         finally:

@@ -228,7 +228,8 @@ async def resume_run(store: Any, run_id: str, opts: RunOptions) -> RunResult:
 def _paid_answers(store: Any, run_id: str, cases: list[Case], targets: list[Target],
                   skip: set[tuple[str, str]]) -> dict[tuple[str, str], Answer]:
     """The answers a stopped run's calls got that no stored result holds (the CLI stopped before writing them),
-    from the gateway's record: for calling targets, the model the target asks for, and content as it was sent."""
+    from the gateway's record: for calling targets, where the record is what the same request got and the client
+    saw (runner.recorded_answer)."""
     by_case = {c.case_id: c for c in cases}
     calling = {t.name: t for t in targets if not t.logged}
     out: dict[tuple[str, str], Answer] = {}
@@ -237,9 +238,7 @@ def _paid_answers(store: Any, run_id: str, cases: list[Case], targets: list[Targ
         target, case = calling.get(key[0]), by_case.get(key[1])
         if target is None or case is None or key in skip:
             continue
-        if call["model_requested"] != (target.model or case.model):
-            continue
-        answer = recorded_answer(call)
+        answer = recorded_answer(call, case, target)
         if answer is not None:
             out[key] = answer
     return out

@@ -183,11 +183,20 @@ class Answer:
     error_code: str = ""
 
 
-def recorded_answer(call: dict) -> Answer | None:
-    """An answered call the gateway recorded (a row of replay.store.recorded_calls) as the answer the runner scores,
-    or None when the record is not the answer the client got: no content captured, or content that redaction or the
-    content cap changed (scoring `[REDACTED:email]` for an address, or a cut answer, would flip cases that did
-    not change)."""
+def recorded_answer(call: dict, case: Case, target: Target) -> Answer | None:
+    """An answered call the gateway recorded (a row of replay.store.recorded_calls) as the answer the runner scores
+    for (case, target), or None when it may not be the answer this request would get: another model, prompt version
+    or system prompt (a prompt file edited since), or a record that is not the answer the client got: no content
+    captured, or content that redaction or the content cap changed (scoring `[REDACTED:email]` for an address, or a
+    cut answer, would flip cases that did not change)."""
+    if call.get("model_requested") != (target.model or case.model):
+        return None
+    if call.get("prompt_version") != _prompt_version(case, target):
+        return None
+    if target.prompt_text is not None:
+        system = apply_prompt(case, target.prompt, target.prompt_text)[0]["content"]
+        if _parts_text(call.get("system_instructions")) != system:
+            return None
     text = call.get("response_json") or ""
     if not text or REDACTED_MARK in text or TRUNCATED_MARK in text:
         return None
@@ -199,6 +208,14 @@ def recorded_answer(call: dict) -> Answer | None:
                   int(call.get("attempts") or 1), float(call.get("latency_ms") or 0.0),
                   float(call.get("cost_usd") or 0.0), call["trace_id"], int(call.get("input_tokens") or 0),
                   int(call.get("output_tokens") or 0))
+
+
+def _parts_text(system_instructions: str | None) -> str | None:
+    """The text of recorded system instructions (semconv parts), or None when there is none to read."""
+    parts = loads_or_empty(system_instructions)
+    if not isinstance(parts, list) or not parts:
+        return None
+    return "".join(str(p.get("content", "")) for p in parts if isinstance(p, dict) and p.get("type") == "text")
 
 
 def _error_of(resp: httpx.Response) -> tuple[str, str]:
@@ -468,20 +485,23 @@ class Runner:
     async def run(self, cases: Sequence[Case], targets: Sequence[Target],
                   skip: set[tuple[str, str]] = frozenset(),  # type: ignore[assignment]
                   recorded: Mapping[tuple[str, str], Answer] | None = None) -> RunOutcome:
-        """Every (case, target) not in `skip`, case-major so a partial run still has paired results. The first item
-        of each calling target runs alone first (a probe): an unknown model or a rejected key stops the run
-        before the rest is sent. An item with an answer in `recorded` (by (target name, case id): a call already
-        paid for) is scored from it, without a call and outside the budget."""
+        """Every (case, target) not in `skip`, case-major so a partial run still has paired results. An item with
+        an answer in `recorded` (by (target name, case id): a call already paid for) is scored from it first, with
+        no call, outside the budget unless an LLM judge scores it. Then the first item of each calling target runs
+        alone (a probe): an unknown model or a rejected key stops the run before the rest is sent."""
         recorded = recorded or {}
+        judged = any(e.kind == "llm_judge" for e in self.spec.evaluators)  # scoring an answer makes paid calls
         items = [(c, t) for c in cases for t in targets if (t.name, c.case_id) not in skip]
         results: list[ResultRow] = []
+        from_record = [it for it in items if (it[1].name, it[0].case_id) in recorded]
+        to_call = [it for it in items if (it[1].name, it[0].case_id) not in recorded]
         probes: list[tuple[Case, Target]] = []
         for t in targets:
-            first = next((it for it in items if it[1] is t and (t.name, it[0].case_id) not in recorded), None)
+            first = next((it for it in to_call if it[1] is t), None)
             if first is not None and not t.logged:
                 probes.append(first)
         probe_ids = {id(p) for p in probes}
-        rest = [it for it in items if id(it) not in probe_ids]
+        rest = [it for it in to_call if id(it) not in probe_ids]
         stop_reason = ""
         done = 0
         # the bar counts calls: each case runs once per target (candidates, and the baseline when it is re-run)
@@ -491,7 +511,7 @@ class Runner:
                 """Run one item unless the budget is spent (then say so and return False)."""
                 nonlocal stop_reason, done
                 answer = recorded.get((target.name, case.case_id))
-                if answer is None and self.max_cost is not None and self.spent >= self.max_cost:
+                if (answer is None or judged) and self.max_cost is not None and self.spent >= self.max_cost:
                     stop_reason = f"budget reached: spent ${self.spent:.4f} of max_cost ${self.max_cost:g}"
                     return False
                 await self._emit(await self.run_item(case, target, answer), results)
@@ -499,20 +519,24 @@ class Runner:
                 bar(done, self.spent)
                 return True
 
-            try:
-                self._probing = True
-                for case, target in probes:
-                    if not await one(case, target):
-                        break
-                self._probing = False
-                queue = iter(rest) if not stop_reason else iter(())
+            async def pool(batch: list[tuple[Case, Target]]) -> None:
+                queue = iter(batch)
 
                 async def worker() -> None:
                     for case, target in queue:
                         if not await one(case, target):
                             return
 
-                await asyncio.gather(*(worker() for _ in range(min(self.concurrency, max(len(rest), 1)))))
+                await asyncio.gather(*(worker() for _ in range(min(self.concurrency, max(len(batch), 1)))))
+
+            try:
+                await pool(from_record)
+                self._probing = True
+                for case, target in probes if not stop_reason else ():
+                    if not await one(case, target):
+                        break
+                self._probing = False
+                await pool(rest if not stop_reason else [])
             finally:
                 self._probing = False
                 await asyncio.shield(self.flush())

@@ -119,9 +119,12 @@ def recorded_calls(store: Any, run_id: str) -> list[dict]:
     among them the calls a stopped run paid for and never stored the result of (a CLI killed before its results
     were written), which a resume can score without calling again."""
     return store.query(
-        "SELECT trace_id, replay_candidate AS candidate, replay_case_id AS case_id, model_requested, latency_ms, "
-        "cost_usd, input_tokens, output_tokens, http_status, attempts, response_json FROM llm_calls "
-        "WHERE replay_run_id = {run_id:String} AND source = {src:String} AND status = 'ok' AND replay_case_id != '' "
+        "SELECT trace_id, replay_candidate AS candidate, replay_case_id AS case_id, model_requested, prompt_version, "
+        "latency_ms, cost_usd, input_tokens, output_tokens, http_status, attempts, system_instructions, response_json "
+        "FROM llm_calls WHERE replay_run_id = {run_id:String} AND source = {src:String} AND status = 'ok' "
+        "AND replay_case_id != '' AND (replay_candidate, replay_case_id) NOT IN ("  # not the pairs scored already
+        "SELECT candidate, case_id FROM replay_results WHERE run_id = {run_id:String} GROUP BY candidate, case_id "
+        "HAVING argMax(status, Timestamp) != 'errored') "
         "ORDER BY Timestamp DESC LIMIT 1 BY replay_candidate, replay_case_id",
         {"run_id": run_id, "src": REPLAY_SOURCE})
 

@@ -8,7 +8,7 @@ import pytest
 
 from exporters.insert_errors import may_be_poison
 from exporters.rows import encode_spans
-from exporters.store import StoreError, connect, plain_read, plain_type
+from exporters.store import StoreError, _settings_clause, connect, plain_read, plain_type
 from tests.replay_support import call_span, unique
 from tests.test_export_rows import _spans
 
@@ -28,6 +28,23 @@ def test_plain_read_only_where_it_changes_nothing():
     assert plain_read([("a", "String", ""), ("n", "UInt8", "")]) is None  # nothing to gain
     assert plain_read([("a", "LowCardinality(String)", ""), ("t", "DateTime", "DEFAULT")]) is None
     assert plain_read([("a", "LowCardinality(String)", ""), ("t", "String", "MATERIALIZED")]) is None
+
+
+def test_settings_are_sent_as_the_driver_sends_them():
+    assert _settings_clause({"max_threads": 1, "insert_deduplicate": True, "skip": None,
+                             "insert_deduplication_token": "tagway-ab'c"}) == \
+        "max_threads = 1, insert_deduplicate = 1, insert_deduplication_token = 'tagway-ab\\'c'"
+    with pytest.raises(StoreError, match="not a ClickHouse setting name"):
+        _settings_clause({"max_threads = 1; DROP TABLE x --": 1})
+
+
+def test_the_rows_file_is_removed_whatever_happens(chdb_store, tmp_path, monkeypatch):
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    chdb_store.insert_json_rows("otel_traces", encode_spans(_spans()).body)
+    with pytest.raises(StoreError):
+        chdb_store.insert_json_rows("otel_traces", b'{"Duration": "not a number"}\n')
+    assert list(tmp_path.iterdir()) == []
 
 
 def _rows(store, table: str) -> list[tuple]:

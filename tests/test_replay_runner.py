@@ -13,7 +13,7 @@ import pytest
 
 from exporters import semconv as sc
 from replay.pipeline import RunOptions, resume_run, start_run
-from replay.runner import FatalRunError, Runner, gateway_client, recorded_answer, targets_for
+from replay.runner import FatalRunError, Runner, Target, gateway_client, recorded_answer, targets_for
 from replay.slice import Case
 from replay.spec import parse_spec
 from replay.store import JOIN_SQL, get_run, read_results, write_run
@@ -365,10 +365,11 @@ def test_an_existing_run_id_is_refused_before_any_call(chdb_store, slice_data):
 
 
 def replayed_call(run_id: str, case_id: str, answer: str, *, model: str = "cand-model", status: str = "Ok",
-                  cost: float = 0.001) -> dict:
-    """A candidate call of a replay run as the gateway records it (source replay, the run's keys)."""
+                  cost: float = 0.001, system: str = "You are precise. Was: You are helpful.") -> dict:
+    """A candidate call of a replay run as the gateway records it (source replay, the run's keys; spec_for's
+    candidate: its prompt version and its system prompt filled in for a production call of call_span)."""
     span = call_span(customer="c", intent="refund", user="u", answer=answer, model=model, source="replay",
-                     status=status, cost=cost)
+                     status=status, cost=cost, prompt_version="v2", system=system)
     span["SpanAttributes"].update({sc.REPLAY_RUN_ID: run_id, sc.REPLAY_CANDIDATE: "cand", sc.REPLAY_CASE_ID: case_id})
     return span
 
@@ -377,13 +378,13 @@ def test_resume_scores_the_calls_a_killed_run_paid_for_from_the_gateways_record(
     """A CLI killed after its calls were answered but before their results were written: the gateway recorded the
     calls (llm_calls, with the run's keys), so resume scores those answers rather than paying for them again, and
     its budget starts from what the record says was spent. A recorded answer that redaction changed, an errored
-    call, or a call of another model is run again."""
+    call, a call of another model or of the prompt before its file was edited is run again."""
     a, _, _ = slice_data
-    spec = parse_spec(spec_for([a], concurrency=1, max_cost=0.0055))
+    spec = parse_spec(spec_for([a], concurrency=1, max_cost=0.0065))
     with FakeLLM({"cand-model": approve_unless("nobody")}) as gw:
         res = asyncio.run(start_run(chdb_store, spec, opts(gw)))
         lost = [r["headers"]["x-tagway-replay-case-id"] for r in gw.chat_requests()]
-        assert len(lost) == 6
+        assert len(lost) == 7
         # the kill: no result reached the store, the run row still says running and $0
         chdb_store.command(f"ALTER TABLE replay_results DELETE WHERE run_id = '{res.run_id}' "
                            "SETTINGS mutations_sync = 2")
@@ -395,10 +396,11 @@ def test_resume_scores_the_calls_a_killed_run_paid_for_from_the_gateways_record(
             replayed_call(res.run_id, lost[2], "mail [REDACTED:email] to confirm"),  # not what the client got
             replayed_call(res.run_id, lost[3], "", status="Error", cost=0.0),
             replayed_call(res.run_id, lost[4], "approved", model="other-model"),
-        ])  # lost[5]: answered, never recorded
+            replayed_call(res.run_id, lost[5], "approved", system="You were precise. Was: You are helpful."),
+        ])  # lost[6]: answered, never recorded
 
         again = asyncio.run(resume_run(chdb_store, res.run_id, opts(gw, max_cost=1.0)))
-        second = [r["headers"]["x-tagway-replay-case-id"] for r in gw.chat_requests()[6:]]
+        second = [r["headers"]["x-tagway-replay-case-id"] for r in gw.chat_requests()[7:]]
     assert len(second) == 22 and not {lost[0], lost[1]} & set(second) and set(lost[2:]) <= set(second)
     rows = {r.case_id: r for r in read_results(chdb_store, res.run_id) if r.candidate == "cand"}
     assert len(rows) == 24 and again.report.status == "complete"
@@ -408,22 +410,65 @@ def test_resume_scores_the_calls_a_killed_run_paid_for_from_the_gateways_record(
     assert "resumed: 0 replayed result(s) kept from before" in again.report.notes
     assert ("2 call(s) answered before the stop, whose results were not stored, scored from the gateway's record "
             "without calling again") in again.report.notes, again.report.notes
-    # the budget started from the recorded $0.004 (4 recorded calls at $0.001), then 22 calls
-    assert get_run(chdb_store, res.run_id).cost_usd == pytest.approx(0.026)
+    # the budget started from the recorded $0.005 (5 recorded calls at $0.001), then 22 calls
+    assert get_run(chdb_store, res.run_id).cost_usd == pytest.approx(0.027)
 
 
-def test_a_recorded_answer_is_used_only_as_the_client_got_it():
+def test_a_recorded_answer_is_used_only_as_the_client_got_it_for_the_same_request():
+    spec = parse_spec(spec_for(["acme"]))
+    target = targets_for(spec)[1]
+    case = Case("c1", "acme", messages=[{"role": "system", "content": "Be kind."}, {"role": "user", "content": "hi"}],
+                model="prod-model", prompt_version="v1")
     call = {"trace_id": "t1", "case_id": "c1", "http_status": 200, "attempts": 2, "latency_ms": 12.5,
-            "cost_usd": 0.002, "input_tokens": 7, "output_tokens": 3,
+            "cost_usd": 0.002, "input_tokens": 7, "output_tokens": 3, "model_requested": "cand-model",
+            "prompt_version": "v2",
+            "system_instructions": '[{"type":"text","content":"You are precise. Was: Be kind."}]',
             "response_json": orjson.dumps([{"role": "assistant", "parts": [{"type": "text", "content": "yes"}],
                                             "finish_reason": "stop"}]).decode()}
-    ans = recorded_answer(call)
+    ans = recorded_answer(call, case, target)
     assert (ans.ok, ans.text, ans.trace_id, ans.attempts, ans.cost_usd, ans.output_tokens) == \
         (True, "yes", "t1", 2, 0.002, 3)
-    assert recorded_answer({**call, "response_json": ""}) is None  # content not captured
-    assert recorded_answer({**call, "response_json": "[]"}) is None
+    assert recorded_answer({**call, "response_json": ""}, case, target) is None  # content not captured
+    assert recorded_answer({**call, "response_json": "[]"}, case, target) is None
     cut = call["response_json"].replace("yes", "y...[truncated by tagway: 9 more characters]")
-    assert recorded_answer({**call, "response_json": cut}) is None
+    assert recorded_answer({**call, "response_json": cut}, case, target) is None
+    assert recorded_answer({**call, "model_requested": "prod-model"}, case, target) is None
+    assert recorded_answer({**call, "prompt_version": "v1"}, case, target) is None
+    edited = '[{"type":"text","content":"You are terse. Was: Be kind."}]'  # the prompt file changed since
+    assert recorded_answer({**call, "system_instructions": edited}, case, target) is None
+
+
+def test_recorded_answers_are_scored_past_the_budget_unless_a_judge_would_be_paid():
+    """Budget spent before the resume: the recorded answers are still scored (they cost nothing, even when the
+    first item to call would hit the budget), unless an LLM judge scores them (that is paid); nothing is called."""
+    calls: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(orjson.loads(request.content)["model"])
+        return httpx.Response(200, json={"choices": [{"message": {"role": "assistant", "content": "approved"}}]},
+                              headers={"x-tagway-trace-id": "t", "x-tagway-cost-usd": "0.001"})
+
+    output = [{"role": "assistant", "parts": [{"type": "text", "content": "approved"}]}]
+    answered = recorded_answer({"trace_id": "rec", "case_id": "case-1", "model_requested": "cand-model",
+                                "prompt_version": "", "response_json": orjson.dumps(output).decode()},
+                               case(1), Target("cand", "cand-model"))
+    recorded = {("cand", "case-2"): answered, ("cand", "case-3"): answered}
+    plain = {"type": "icontains", "value": "approved"}
+    judge = {"type": "llm-rubric", "value": "approve refunds", "model": "judge-model", "judge_version": "j1"}
+    for evaluator, scored in ((plain, 2), (judge, 0)):
+        spec = parse_spec({"dataset": "x.jsonl", "candidates": [{"name": "cand", "model": "cand-model"}],
+                           "evaluators": [evaluator]})
+
+        async def go():
+            async with gateway_client(transport=httpx.MockTransport(handler)) as client:
+                runner = Runner(client, spec, run_id="r", api_key="k", progress=False, max_cost=0.01,
+                                spent_before=0.01)
+                return await runner.run([case(1), case(2), case(3)], targets_for(spec)[1:], recorded=recorded)
+
+        out = asyncio.run(go())
+        assert sorted(r.case_id for r in out.results) == ["case-2", "case-3"][:scored], evaluator
+        assert all(r.status == "passed" and r.replay_trace_id == "rec" for r in out.results)
+        assert out.pending == 3 - scored and "budget reached" in out.stop_reason and calls == []
 
 
 _CALLS = {"n": 0}
