@@ -314,7 +314,7 @@ def demo(data_dir: str = typer.Option("./tagway-data", help="Embedded store dire
     with the openai client, and show what was recorded. Needs no provider keys and no network."""
     from .demo import run_demo  # noqa: PLC0415
 
-    code = run_demo(data_dir=data_dir, port=port, calls=calls, keep_running=keep_running)
+    code = run_demo(data_dir=data_dir, port=port, calls=calls, keep_running=keep_running, explain=_held_by)
     raise typer.Exit(code)
 
 

@@ -9,7 +9,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Any
+from typing import Callable
 
 from .auth import hash_key, new_key
 from .config import GatewayConfig
@@ -100,9 +100,13 @@ def keep_up(keep_running: bool | None) -> tuple[bool, str]:
     return False, "not a terminal"
 
 
-def run_demo(*, data_dir: str, port: int, calls: int, keep_running: bool | None) -> int:
+def run_demo(*, data_dir: str, port: int, calls: int, keep_running: bool | None,
+             explain: Callable[[GatewayConfig, Exception], str] | None = None) -> int:
+    """`explain(cfg, error)`: the line for a store that cannot be opened (the CLI's, which names the gateway that
+    serves the data directory rather than the spool lock it hit first)."""
     import uvicorn  # noqa: PLC0415
     from rich.console import Console  # noqa: PLC0415
+    from rich.markup import escape  # noqa: PLC0415
 
     from exporters import queries as q  # noqa: PLC0415
 
@@ -120,7 +124,8 @@ def run_demo(*, data_dir: str, port: int, calls: int, keep_running: bool | None)
     try:
         recorder = default_recorder(cfg)
     except StoreError as e:
-        console.print(f"[red]tagway: error:[/] {e}")
+        console.print(f"[red]tagway: error:[/] {escape(explain(cfg, e) if explain else str(e))}", highlight=False,
+                      soft_wrap=True)
         return 2
     port = port or _free_port()
     app = TagwayApp(cfg, recorder=recorder)

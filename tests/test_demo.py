@@ -55,3 +55,18 @@ def test_keep_running_serves_the_dashboard_until_ctrl_c(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_demo_on_a_data_directory_a_gateway_serves_names_that_gateway(tmp_path):
+    """Bad input: the demo's gateway would be a second one on the store. One line naming the gateway that serves it
+    (it named the spool lock it hit first), exit 2."""
+    from tests.gateway_process import GatewayProcess
+
+    data = tmp_path / "data"
+    with GatewayProcess(tmp_path, {"storage": {"data_dir": str(data)},
+                                   "models": [{"name": "m", "provider": "mock"}]}) as gw:
+        res = subprocess.run(DEMO + ["--data-dir", str(data), "--exit"], capture_output=True, text=True, timeout=120,
+                             env=_env(), stdin=subprocess.DEVNULL)
+        lines = (res.stdout + res.stderr).strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1, res.stdout + res.stderr
+        assert f"the gateway pid {gw.proc.pid} at {gw.url} serves it" in lines[0] and "spool" not in lines[0]
