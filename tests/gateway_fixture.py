@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import threading
 import time
 from typing import Any, Iterator
@@ -61,6 +62,19 @@ class MemoryRecorder:
             time.sleep(0.01)
 
 
+_HELD: list[socket.socket] = []
+
+
+def refusing_port() -> int:
+    """A port that refuses connections for the rest of the session: bound and never listening, so no server started
+    later can take it (a port free_port() found free was once taken by the gateway under test, which answered the
+    'down' model's call with a 401)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    _HELD.append(s)
+    return s.getsockname()[1]
+
+
 def gateway_config(upstream_base: str, **overrides: Any) -> dict:
     root = upstream_base.rsplit("/v1", 1)[0]
     openai = {"provider": "openai", "base_url": upstream_base, "api_key_env": "TEST_UPSTREAM_KEY"}
@@ -79,7 +93,7 @@ def gateway_config(upstream_base: str, **overrides: Any) -> dict:
             {"name": "garbage", "model": "garbage-a", **openai},
             {"name": "slow", "model": "slow-a", **openai, "timeout": 0.5, "fallbacks": ["gpt-test"]},
             {"name": "slow-alone", "model": "slow-b", **openai, "timeout": 0.5},
-            {"name": "down", "model": "ok-x", "provider": "openai", "base_url": f"http://127.0.0.1:{free_port()}/v1",
+            {"name": "down", "model": "ok-x", "provider": "openai", "base_url": f"http://127.0.0.1:{refusing_port()}/v1",
              "fallbacks": ["gpt-test"]},
             {"name": "cut", "model": "cut-a", **openai},
             {"name": "midstream-error", "model": "midstreamerror-a", **openai},
