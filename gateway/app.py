@@ -182,16 +182,21 @@ class TagwayApp:
         """Where reads go (exporters/query_pool.py): clients of their own, with limits; None until the store is
         reached."""
         if self._query_store is None and self.store is not None:
-            from exporters.query_pool import QueryPool, query_settings  # noqa: PLC0415
-
-            s = self.config.storage
             try:
-                self._query_store = QueryPool(self.store.dsn, size=s.query_concurrency, defaults=query_settings(
-                    s.query_max_seconds, s.query_max_memory_bytes, s.query_max_threads))
+                self._query_store = self._pool("query", self.config.storage.query_max_seconds)
             except Exception as e:  # the store answers the recorder but not a new client: read through it
                 log.warning("cannot open clients for reads (%s); reads share the recorder's client", e)
                 return self.store
         return self._query_store
+
+    def _pool(self, role: str, max_seconds: float | None) -> Any:
+        """`storage.query_concurrency` clients of the recorder's store with the reads' limits (`max_seconds` None:
+        no time limit)."""
+        from exporters.query_pool import QueryPool, query_settings  # noqa: PLC0415
+
+        s = self.config.storage
+        return QueryPool(self.store.dsn, size=s.query_concurrency, role=role,
+                         defaults=query_settings(max_seconds, s.query_max_memory_bytes, s.query_max_threads))
 
     def kill_local(self, mark: str) -> None:
         """Stop the local command's statement marked `mark` (gateway/store_api.marked), or every one for "": its
@@ -212,13 +217,8 @@ class TagwayApp:
         with the reads' thread and memory limits but no time limit, so a command runs as long as it would on the
         store opened directly (a backfill, a question over months); None until the store is reached."""
         if self._local_store is None and self.store is not None:
-            from exporters.query_pool import QueryPool, query_settings  # noqa: PLC0415
-
-            s = self.config.storage
             try:
-                self._local_store = QueryPool(self.store.dsn, size=s.query_concurrency, role="local",
-                                              defaults=query_settings(None, s.query_max_memory_bytes,
-                                                                      s.query_max_threads))
+                self._local_store = self._pool("local", None)
             except Exception as e:
                 log.warning("cannot open clients for local commands (%s); they share the reads' clients", e)
                 return self.query_store

@@ -264,7 +264,7 @@ def _held_by(cfg: GatewayConfig, e: Exception) -> str:
     from exporters.store import StoreLockedError  # noqa: PLC0415
     from exporters.store_access import REANNOUNCE_WAIT_SECONDS, reannounced  # noqa: PLC0415
 
-    directory = discovery.store_dir(cfg.storage.resolved_dsn())
+    directory = _store_dir(cfg)
     if not isinstance(e, StoreLockedError) or directory is None:
         return str(e)
     ann = discovery.serving(directory) or reannounced(directory, None, REANNOUNCE_WAIT_SECONDS)

@@ -39,7 +39,7 @@ from .store import ResultRow
 
 __all__ = ["Target", "RunOutcome", "FatalRunError", "Runner", "GatewayPoster", "Answer", "text_of", "fatal_check",
            "targets_for", "build_request", "replay_headers", "apply_prompt", "gateway_client", "gateway_for",
-           "recorded_answer",
+           "recorded_answer", "answer_of_record",
            "GATEWAY_APP", "NO_GATEWAY", "RETRY_STATUSES"]
 
 GATEWAY_APP = "gateway.app:create_app"
@@ -203,11 +203,20 @@ def recorded_answer(call: dict, case: Case, target: Target) -> Answer | None:
     output = loads_or_empty(text)
     if not isinstance(output, list) or not output:
         return None
-    shown = Case(call["case_id"], "", baseline_output=output)
-    return Answer(True, shown.baseline_message, shown.baseline_text, int(call.get("http_status") or 200),
-                  int(call.get("attempts") or 1), float(call.get("latency_ms") or 0.0),
-                  float(call.get("cost_usd") or 0.0), call["trace_id"], int(call.get("input_tokens") or 0),
-                  int(call.get("output_tokens") or 0))
+    return answer_of_record(output, call["trace_id"], float(call.get("latency_ms") or 0.0),
+                            float(call.get("cost_usd") or 0.0), int(call.get("input_tokens") or 0),
+                            int(call.get("output_tokens") or 0), http_status=int(call.get("http_status") or 200),
+                            attempts=int(call.get("attempts") or 1))
+
+
+def answer_of_record(output: list[dict], trace_id: str, latency_ms: float, cost_usd: float, input_tokens: int,
+                     output_tokens: int, *, ok: bool = True, http_status: int = 200, attempts: int = 1,
+                     error: str = "") -> Answer:
+    """A recorded call's output messages (semconv) as the answer the runner scores, read as a logged baseline's
+    (Case.baseline_message / baseline_text); a failed call (`ok` False) has no message."""
+    shown = Case(trace_id, "", baseline_output=output if ok else [])
+    return Answer(ok, shown.baseline_message if ok else {}, shown.baseline_text if ok else "", http_status, attempts,
+                  latency_ms, cost_usd, trace_id, input_tokens, output_tokens, error=error)
 
 
 def _parts_text(system_instructions: str | None) -> str | None:

@@ -21,7 +21,7 @@ from exporters.yamlfile import YamlFileError, load_mapping
 from .pipeline import report_for, spec_to_json
 from .render import render_json
 from .report import BASELINE, Report
-from .runner import Answer, FatalRunError, Runner, Target, check_gateway
+from .runner import Answer, FatalRunError, Runner, Target, answer_of_record, check_gateway
 from .slice import Case, PoolRow, Sampled, fetch_cases, segment_of
 from .spec import ReplaySpec, SpecError, parse_spec
 from .store import RunRow, call_attributes, write_results, write_run
@@ -114,11 +114,10 @@ def shadow_spec(data: dict, source: str, models: list[str]) -> ReplaySpec:
 
 def shadow_answer(call: ShadowCall) -> Answer:
     """A recorded shadow call as the answer the runner scores."""
-    shown = Case(call.case_id, "", baseline_output=call.output)
     ok = call.status == "ok"
-    return Answer(ok, shown.baseline_message if ok else {}, shown.baseline_text if ok else "", 200 if ok else 0, 1,
-                  call.latency_ms, call.cost_usd, call.trace_id, call.input_tokens, call.output_tokens,
-                  error="" if ok else f"the shadow call errored ({call.error_type or call.status})")
+    return answer_of_record(call.output, call.trace_id, call.latency_ms, call.cost_usd, call.input_tokens,
+                            call.output_tokens, ok=ok, http_status=200 if ok else 0,
+                            error="" if ok else f"the shadow call errored ({call.error_type or call.status})")
 
 
 def _segments(store: Any, case_ids: list[str], segment_by: list[str]) -> dict[str, str]:
