@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from .metrics import ExportMetrics
-from .rows import TABLE, EncodedBatch, encode_spans
+from .rows import INSERT_SETTINGS, TABLE, EncodedBatch, encode_spans
 from .schema import SchemaSettings, migrate
 from .store import Store, StoreError, connect, redact_dsn
 
@@ -84,7 +84,7 @@ class ClickHouseSpanExporter(SpanExporter):
 
     @staticmethod
     def insert_settings(batch: EncodedBatch) -> dict[str, Any]:
-        return {"insert_deduplication_token": f"tagway-{batch.digest}"}
+        return {**INSERT_SETTINGS, "insert_deduplication_token": f"tagway-{batch.digest}"}
 
     def connect(self) -> None:
         """Connect and migrate now (raises StoreError, counted as an export error, while ClickHouse cannot be

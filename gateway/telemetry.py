@@ -1,9 +1,10 @@
 """Span stamping: everything the proxy learnt about one call becomes one CLIENT span with the OpenTelemetry GenAI
 attributes and the tags under `tagway.*`, plus a child span per upstream attempt when there was more than one.
 
-`CallSpans` takes the call's ids when the request arrives (its trace id goes back in a response header) and, when
-the call ends, builds the finished span as the SDK's own `ReadableSpan` and hands it to the tracer's span processor
-(`Tracer.span_processor`): the record the SDK's `Span.end()` would hand over, without its mutable life in between.
+`CallSpans` takes the call's ids when the request arrives (its trace id goes back in a response header) and, when the
+call ends, builds the finished span as the SDK's own `ReadableSpan` (a `JSONTypedSpan`: exporters/rows.py writes its
+typed attributes into the row as they are) and hands it to the tracer's span processor (`Tracer.span_processor`): the
+record the SDK's `Span.end()` would hand over, without its mutable life in between.
 That life cost the event loop ~20 us a call (a lock, a `BoundedAttributes`, `set_attributes` validating each of ~30
 attributes the gateway itself had just built from typed fields): 25.7 -> 5.7 us in bench/hot_path_bench.py, where
 the gateway's whole work on a call was ~90 us. What it leaves out: processors' `on_start` (ours have none; a call
@@ -21,12 +22,12 @@ from typing import Any
 
 import orjson
 from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from exporters import semconv as sc
+from exporters.rows import JSONTypedSpan
 
 __all__ = ["CallRecord", "Attempt", "CallSpans", "SpanIds"]
 
@@ -252,7 +253,7 @@ class CallSpans:
             for i, at in enumerate(attempts):
                 self._attempt(ctx, r, at, i + 1, end_ns)
         status = Status(StatusCode.ERROR, r.error_message[:500] or r.error_type) if r.error_type else _OK
-        self._on_end(ReadableSpan(
+        self._on_end(JSONTypedSpan(
             span_name(r), ctx, resource=self._resource, attributes=call_attributes(r, (end_ns - start_ns) / 1e6),
             links=ids.links, kind=SpanKind.CLIENT, instrumentation_info=self._info, status=status, start_time=start_ns,
             end_time=end_ns, instrumentation_scope=self._scope))
@@ -268,7 +269,7 @@ class CallSpans:
         if at.error_type:
             attrs[sc.ERROR_TYPE] = at.error_type
         ctx = SpanContext(parent.trace_id, self._span_id(), False, self._flags)
-        self._on_end(ReadableSpan(
+        self._on_end(JSONTypedSpan(
             f"{r.operation} {at.model}", ctx, parent, resource=self._resource, attributes=attrs, kind=SpanKind.CLIENT,
             instrumentation_info=self._info, status=Status(StatusCode.ERROR, at.error_type) if at.error_type else _OK,
             start_time=at.start_ns, end_time=at.end_ns or end_ns, instrumentation_scope=self._scope))

@@ -14,7 +14,8 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from exporters.recording import _provider, _tracer
-from exporters.rows import span_to_row
+from exporters.clickhouse import ClickHouseSpanExporter
+from exporters.rows import EncodedBatch, attributes_to_strings, encode_spans, span_to_row
 from gateway.telemetry import Attempt, CallRecord, CallSpans, call_attributes, span_name
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -97,6 +98,55 @@ def test_call_spans_hand_the_processor_what_the_sdk_would():
         assert g.instrumentation_scope == w.instrumentation_scope and g.instrumentation_info == w.instrumentation_info
         assert dict(g.attributes) == dict(w.attributes)
         assert [type(v) for v in g.attributes.values()] == [type(v) for v in w.attributes.values()]
-        assert orjson.dumps(span_to_row(g)) == orjson.dumps(span_to_row(w))  # the otel_traces row, byte for byte
+        grow, wrow = span_to_row(g), span_to_row(w)  # the otel_traces row: the same but for the attributes' types
+        assert grow.pop("SpanAttributes") == dict(g.attributes) and wrow.pop("SpanAttributes") == \
+            attributes_to_strings(w.attributes)
+        assert orjson.dumps(grow) == orjson.dumps(wrow)
     assert got[-1].parent is None and [s.parent.span_id for s in got[:2]] == [got[-1].context.span_id] * 2
     assert got[-1].links[0].context.trace_id == 0x0AF7651916CD43DD8448EB211C80319C
+
+
+def test_a_call_span_is_stored_as_the_sdk_spans_string_attributes(chdb_store):
+    """A call span's row carries its attributes typed (exporters/rows.JSONTypedSpan); ClickHouse, with the exporter's
+    insert settings, stores each as the SDK span's string rendering: the same text, but for a float (the same
+    number, written `1e-5` or `0.00001` instead of Python's `1e-05`)."""
+    sdk_tracer, sdk_spans = world()
+    the_sdk_way(sdk_tracer, record())
+    tracer, spans = world()
+    calls = CallSpans(tracer)
+    calls.finish(calls.begin(TRACEPARENT), record(), START, END)
+    chdb_store.command("CREATE TABLE typed_twin AS otel_traces")
+    for table, finished in (("otel_traces", spans), ("typed_twin", sdk_spans)):
+        rows = finished.get_finished_spans()
+        body = encode_spans(rows).body
+        assert (b'"tagway.attempts":2' in body) == (table == "otel_traces")  # typed, or strings
+        chdb_store.insert_json_rows(table, body, settings=ClickHouseSpanExporter.insert_settings(
+            EncodedBatch.of(table, body, len(rows))))
+    sql = "SELECT SpanId, SpanAttributes FROM {} ORDER BY SpanId"
+    got, want = chdb_store.query_rows(sql.format("otel_traces"))[0], chdb_store.query_rows(sql.format("typed_twin"))[0]
+    assert len(got) == len(want) == 3
+    floats = {k for s in sdk_spans.get_finished_spans() for k, v in s.attributes.items() if type(v) is float}
+    assert floats  # latency, cost, temperature
+    for (gid, gattrs), (wid, wattrs) in zip(got, want):
+        assert gid == wid and gattrs.keys() == wattrs.keys()
+        assert {k: v for k, v in gattrs.items() if k not in floats} == \
+            {k: v for k, v in wattrs.items() if k not in floats}
+        assert all(float(gattrs[k]) == float(wattrs[k]) for k in floats & gattrs.keys())
+
+
+def test_a_value_orjson_cannot_write_is_stored_as_its_string():
+    """An integer past 64 bits (a provider adapter's own JSON parser can give one) sends the span's attributes through
+    attributes_to_strings instead of failing the chunk's encoding."""
+    tracer, spans = world()
+    calls = CallSpans(tracer)
+    r = record()
+    r.attempts = r.attempts[:1]
+    r.input_tokens = 2 ** 70
+    calls.finish(calls.begin(), r, START, END)
+    calls.finish(calls.begin(), record(), START, END)
+    finished = spans.get_finished_spans()
+    lines = encode_spans(finished).body.splitlines()
+    assert len(lines) == len(finished) == 4
+    big = orjson.loads(lines[0])["SpanAttributes"]
+    assert big["gen_ai.usage.input_tokens"] == str(2 ** 70) and big["tagway.attempts"] == "1"
+    assert orjson.loads(lines[-1])["SpanAttributes"]["tagway.attempts"] == 2  # the others stay typed
