@@ -10,9 +10,12 @@ the process and its port are still alive (`exporters.store_access`).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import secrets
+import socket
 import time
+import urllib.parse
 from typing import Any
 
 import orjson
@@ -116,8 +119,8 @@ def read(directory: str) -> Announcement | None:
         return None
     except PermissionError:
         raise DiscoveryPermissionError(
-            f"cannot read {path}: permission denied. A gateway serves this store, and only the user who started it "
-            "(or root) may read its local credential: run the command as that user") from None
+            f"cannot read {path}: permission denied. A gateway serves (or served) this store, and only the user who "
+            "started it (or root) may read its local credential: run the command as that user") from None
     except OSError as e:
         raise DiscoveryError(f"cannot read {path}: {e.strerror or e}") from None
     try:
@@ -145,7 +148,26 @@ def read(directory: str) -> Announcement | None:
     if not ann.url.startswith("http://"):
         raise DiscoveryError(f"{path} names {ann.url!r}, not a gateway address; if no gateway serves this store, "
                              "remove it")
+    if not _this_host(ann.url):  # the local credential goes to that address: never off this machine
+        raise DiscoveryError(f"{path} names {ann.url!r}, not an address of this host (a gateway announces the "
+                             "loopback or a local address it is bound to); if no gateway serves this store, remove it")
     return ann
+
+
+def _this_host(url: str) -> bool:
+    """The URL's host is an IP address of this machine (loopback, or one of its own interfaces): binding a socket
+    to it succeeds only then. A gateway announces the address it is bound to, as an IP (store_api.local_url)."""
+    try:
+        host = urllib.parse.urlsplit(url).hostname or ""
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return False  # a name, not an address: never written by a gateway
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.bind((host, 0))
+    except OSError:
+        return False
+    return True
 
 
 def serving(directory: str) -> Announcement | None:

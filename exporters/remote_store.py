@@ -260,7 +260,7 @@ class RemoteStore:
         raise StoreError(message)  # a refusal (400), or one sent inside a long statement's 200 stream
 
     def _gone(self, e: httpx.HTTPError, waited: float) -> StoreGoneError:
-        who = f"the gateway serving this store ({self.announcement.describe()})"
+        who = f"the gateway announced for this store ({self.announcement.describe()})"
         if isinstance(e, httpx.ReadTimeout):
             return GatewayStuckError(f"{who} is running but sent nothing for {waited:.0f} s (stopped with SIGSTOP, or "
                                      "stuck): check it, or restart it")

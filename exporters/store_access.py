@@ -25,7 +25,7 @@ from .dirlock import is_locked
 from .dsn import default_dsn
 from .remote_store import GatewayStuckError, RemoteStore, StoreAccessDenied, StoreGoneError
 from .spool import unsent_spans
-from .store import LOCK_FILE, Store, StoreLockedError, connect
+from .store import LOCK_FILE, Store, StoreError, StoreLockedError, connect
 
 __all__ = ["open_store", "verbose_enabled", "reannounced", "REANNOUNCE_WAIT_SECONDS", "missing_store", "spool_beside"]
 
@@ -41,7 +41,8 @@ def missing_store(dsn: str) -> str | None:
         if directory == discovery.store_dir(default_dsn()) and os.path.isfile("tagway.yaml"):  # none named, one there
             return (f"no tagway store at {directory}: ./tagway.yaml is read only when named: pass --config "
                     "tagway.yaml (or set TAGWAY_CONFIG=tagway.yaml) for the store it names")
-        return f"no tagway store at {directory}: start the gateway once, or pass --dsn / --config"
+        return (f"no tagway store at {directory}: start the gateway once (or run `tagway db migrate`), or pass "
+                "--dsn / --config")
     return None
 
 
@@ -61,10 +62,16 @@ def _say(line: str) -> None:
 
 
 def open_store(dsn: str, *, verbose: bool | None = None, say: Callable[[str], None] = _say,
-               lock_wait: float = LOCK_WAIT_SECONDS) -> Store | RemoteStore:
-    """The store for `dsn`: through the gateway that serves it, else opened directly. Raises
+               lock_wait: float = LOCK_WAIT_SECONDS, create: bool = False) -> Store | RemoteStore:
+    """The store for `dsn`: through the gateway that serves it, else opened directly. An embedded store that does
+    not exist yet is created only with `create` (`tagway db migrate`): any other command would answer from an
+    empty store made in the wrong place (./tagway-data when the config was not named). Raises
     discovery.DiscoveryError (bad or unreadable discovery file), StoreLockedError, StoreError."""
     verbose = verbose_enabled() if verbose is None else verbose
+    if not create:
+        missing = missing_store(dsn)
+        if missing:
+            raise StoreError(missing)
     directory = discovery.store_dir(dsn)
     if directory is None:
         store = connect(dsn)

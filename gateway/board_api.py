@@ -171,10 +171,12 @@ def build_board_router(keyring: KeyRing, store: Callable[[], Any], *, database: 
 
     @router.get("/v1/tagway/whoami", tags=["board"])
     def whoami(request: Request) -> Response:
-        """Which key this is: the admin key, or a tenant key and its customer."""
+        """Which key this is: the admin key, or a tenant key and its customer; and whether it may mark calls as
+        replay (what a replay run checks before it stores anything)."""
         def run() -> Any:
             who = reader(keyring, request, admin_route=False)
-            return {"admin": who.is_admin, "customer": who.customer, "key_id": who.principal.key_id}
+            return {"admin": who.is_admin, "customer": who.customer, "key_id": who.principal.key_id,
+                    "may_mark_replay": who.principal.may_set_customer}
         return run_handler(run)
 
     # -- the pages ---------------------------------------------------------------------------------------------

@@ -518,7 +518,7 @@ def db_migrate(config: Optional[str] = ConfigOpt,
 
     try:
         try:
-            store = open_store(dsn or s.resolved_dsn())  # through a running gateway when one holds the store
+            store = open_store(dsn or s.resolved_dsn(), create=True)  # through a running gateway when one holds it
         except GatewayStuckError as e:  # before anything ran
             raise fail(str(e), 3) from None
         try:

@@ -78,7 +78,7 @@ class GateRunner:
             from exporters.dsn import resolve_dsn
             from exporters.schema import migrate
             from exporters.store_access import open_store
-            self._store = open_store(resolve_dsn(self.dsn, self.config).dsn)
+            self._store = open_store(resolve_dsn(self.dsn, self.config).dsn, create=True)  # a gate may seed a new store
             migrate(self._store)
         return self._store
 

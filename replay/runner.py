@@ -244,6 +244,9 @@ def _float_header(resp: httpx.Response, name: str) -> float:
         return 0.0
 
 
+WHOAMI_PATH = "/v1/tagway/whoami"  # which key this is, and whether it may mark calls as replay
+
+
 def fatal_check(who: str, model: str, ans: Answer) -> None:
     """Raise FatalRunError when an answer says the run cannot go on: the model is not served, the key is refused,
     or the gateway cannot be reached (`who` names the caller: a candidate, a judge)."""
@@ -313,6 +316,17 @@ async def check_gateway(client: httpx.AsyncClient, api_key: str, where: str) -> 
     if resp.status_code != 200:
         raise FatalRunError(f"{where} does not answer as a tagway gateway (GET /v1/models: HTTP {resp.status_code});"
                             " pass the gateway's base URL, e.g. http://127.0.0.1:4000")
+    # A tenant key lists the models but may not mark calls as replay: every case would be refused (403) after the
+    # run was stored. The gateway says which keys may (`may_mark_replay`; a gateway too old to say is not asked).
+    try:
+        who = await client.get(WHOAMI_PATH, headers={"authorization": f"Bearer {api_key}"})
+        may = who.json().get("may_mark_replay") if who.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, AttributeError):
+        may = None
+    if may is False:
+        raise FatalRunError(f"the gateway at {where} does not let this API key mark calls as replay: replay needs the "
+                            "admin key or a key that may set its customer; pass --api-key or set TAGWAY_API_KEY / "
+                            "TAGWAY_ADMIN_KEY")
 
 
 class GatewayPoster:

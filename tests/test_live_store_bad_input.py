@@ -8,6 +8,7 @@ import decimal
 import ipaddress
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import uuid
@@ -78,6 +79,54 @@ def test_a_discovery_file_for_another_store_is_refused(tmp_path):
     shutil.copy(discovery.discovery_path(str(other)), discovery.discovery_path(d))
     res = CliRunner().invoke(_stats_app(), ["stats", "--dsn", f"chdb://{d}"])
     assert res.exit_code == 2 and "announces a gateway for another store" in res.stderr
+
+
+@pytest.mark.parametrize("url", ["http://10.255.1.2:4713", "http://example.com:4000", "http://[2001:db8::1]:4000"])
+def test_a_discovery_file_naming_another_host_is_refused(tmp_path, url):
+    """The CLI sends the local credential to the announced address: one that is not this machine's (a tampered
+    file) is a damaged file, named in one line, and nothing is sent."""
+    d = _store_dir(tmp_path)
+    discovery.announce(d, url, pid=os.getpid())
+    res = CliRunner().invoke(_stats_app(), ["stats", "--dsn", f"chdb://{d}"])
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and discovery.discovery_path(d) in lines[0] and "not an address of this host" in lines[0]
+
+
+def _ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def test_a_gateway_on_a_local_address_is_announced_as_this_host(tmp_path):
+    d = _store_dir(tmp_path)
+    for url in ("http://127.0.0.1:4000", "http://127.0.0.5:4000") + (("http://[::1]:4000",) if _ipv6() else ()):
+        discovery.announce(d, url, pid=os.getpid())
+        assert discovery.read(d).url == url
+
+
+@pytest.mark.parametrize("argv", [["dataset", "list"], ["coverage", "--by", "customer"], ["replay", "report", "r1"],
+                                  ["db", "rollup-tags"], ["tags", "audit", "0123456789abcdef0123456789abcdef"], ["stats"]])
+def test_a_command_on_a_store_that_is_not_there_creates_none(tmp_path, argv):
+    """Only `tagway db migrate` (and the gateway) create an embedded store: any other command on a missing one (the
+    config not named, a mistyped --dsn) says so in one line and leaves nothing behind, rather than answering from an
+    empty store it made in the wrong place."""
+    from click.testing import CliRunner as ClickRunner
+
+    from gateway.cli import command
+    app = command()  # the `tagway` command with every plugin (replay, dataset, ...) registered
+    where = tmp_path / "nowhere" / "clickhouse"
+    res = ClickRunner().invoke(app, [*argv, "--dsn", f"chdb://{where}"])
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"no tagway store at {where}" in lines[0] and "db migrate" in lines[0], lines
+    assert not where.exists() and "Traceback" not in res.output
+    res = ClickRunner().invoke(app, ["db", "migrate", "--dsn", f"chdb://{where}"])
+    assert res.exit_code == 0 and where.is_dir(), res.output
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")

@@ -176,6 +176,22 @@ def test_rejected_key_is_fatal_before_anything_is_stored(chdb_store, slice_data)
     assert get_run(chdb_store, "bad-key-run") is None
 
 
+def test_a_key_that_may_not_mark_replay_is_fatal_before_anything_is_stored(chdb_store, slice_data, gateway):
+    """A tenant key lists the models (GET /v1/models answers it) but every replay call of it would be refused
+    (403): the gateway's whoami says so, and the run is refused before it, its dataset or any call is stored."""
+    from tests.gateway_fixture import ADMIN_KEY, KEYS
+    a, _, _ = slice_data
+    whoami = {k: httpx.get(gateway.url + "/v1/tagway/whoami", headers={"authorization": f"Bearer {key}"}).json()
+              for k, key in (("tenant", KEYS["acme"]), ("platform", KEYS["platform"]), ("admin", ADMIN_KEY))}
+    assert [whoami[k]["may_mark_replay"] for k in ("tenant", "platform", "admin")] == [False, True, True]
+    before = len(gateway.recorder.exporter.get_finished_spans())
+    with pytest.raises(FatalRunError, match="does not let this API key mark calls as replay"):
+        asyncio.run(start_run(chdb_store, parse_spec(spec_for([a])), RunOptions(
+            gateway_url=gateway.url, api_key=KEYS["acme"], progress=False, run_id="tenant-key-run")))
+    assert get_run(chdb_store, "tenant-key-run") is None
+    assert len(gateway.recorder.exporter.get_finished_spans()) == before  # not one call made (or refused)
+
+
 def test_unreachable_or_malformed_gateway_is_fatal_before_anything_is_stored(chdb_store, slice_data):
     from tests.replay_support import free_port
     a, _, _ = slice_data
