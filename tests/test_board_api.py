@@ -66,7 +66,8 @@ def test_calls_bad_input(board, params, param, needle):
 def test_tenant_keys_see_their_own_customer_and_nothing_else(board):
     acme, globex = board.customers["acme"], board.customers["globex"]
     key = board.keys["acme"]
-    assert get(board, "/v1/tagway/whoami", key).json() == {"admin": False, "customer": acme, "key_id": "acme-key"}
+    assert get(board, "/v1/tagway/whoami", key).json() == {"admin": False, "customer": acme, "key_id": "acme-key",
+                                                           "may_mark_replay": False}
     mine = get(board, "/v1/tagway/calls", key, since="1h", limit=500).json()
     assert {x["customer"] for x in mine["calls"]} == {acme} and len(mine["calls"]) == 24 + 4  # + fallback, tools, 2 session
     assert error_of(get(board, "/v1/tagway/calls", key, where=f"customer={globex}"), 403)["code"] == "customer_not_allowed"

@@ -16,6 +16,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from exporters.recording import _provider, _tracer
 from exporters.clickhouse import ClickHouseSpanExporter
 from exporters.rows import EncodedBatch, attributes_to_strings, encode_spans, span_to_row
+from tests.replay_support import unique
 from gateway.telemetry import Attempt, CallRecord, CallSpans, call_attributes, span_name
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -115,15 +116,18 @@ def test_a_call_span_is_stored_as_the_sdk_spans_string_attributes(chdb_store):
     tracer, spans = world()
     calls = CallSpans(tracer)
     calls.finish(calls.begin(TRACEPARENT), record(), START, END)
-    chdb_store.command("CREATE TABLE typed_twin AS otel_traces")
-    for table, finished in (("otel_traces", spans), ("typed_twin", sdk_spans)):
+    # the session's store: tables of this test's own
+    mine, twin = unique("typed").replace("-", "_"), unique("strings").replace("-", "_")
+    chdb_store.command(f"CREATE TABLE {mine} AS otel_traces")
+    chdb_store.command(f"CREATE TABLE {twin} AS otel_traces")
+    for table, finished in ((mine, spans), (twin, sdk_spans)):
         rows = finished.get_finished_spans()
         body = encode_spans(rows).body
-        assert (b'"tagway.attempts":2' in body) == (table == "otel_traces")  # typed, or strings
+        assert (b'"tagway.attempts":2' in body) == (table == mine)  # typed, or strings
         chdb_store.insert_json_rows(table, body, settings=ClickHouseSpanExporter.insert_settings(
             EncodedBatch.of(table, body, len(rows))))
     sql = "SELECT SpanId, SpanAttributes FROM {} ORDER BY SpanId"
-    got, want = chdb_store.query_rows(sql.format("otel_traces"))[0], chdb_store.query_rows(sql.format("typed_twin"))[0]
+    got, want = chdb_store.query_rows(sql.format(mine))[0], chdb_store.query_rows(sql.format(twin))[0]
     assert len(got) == len(want) == 3
     floats = {k for s in sdk_spans.get_finished_spans() for k, v in s.attributes.items() if type(v) is float}
     assert floats  # latency, cost, temperature

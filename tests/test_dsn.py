@@ -92,18 +92,29 @@ def test_bad_config_is_one_clear_error(clean_env, tmp_path, text, message):
 
 
 def test_replay_opens_the_resolved_store_not_the_filesystem_root(clean_env, tmp_path):
-    """Before: `chdb:///./tagway-data` (/tagway-data). Now `dataset list` with no DSN opens ./tagway-data/clickhouse
-    (a subprocess: this test process already holds the session's chDB store)."""
+    """Before: `chdb:///./tagway-data` (/tagway-data). Now `dataset list` with no DSN opens ./tagway-data/clickhouse,
+    once `tagway db migrate` (the one command that creates a store) made it (subprocesses: this test process
+    already holds the session's chDB store)."""
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k not in ENV}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, "-m", "replay", "dataset", "list"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=120)
+    store = tmp_path / "tagway-data" / "clickhouse"
+
+    def run(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", *argv], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=120)
+
+    out = run("replay", "dataset", "list")
+    assert out.returncode == 2 and out.stderr.strip() == \
+        f"error: no tagway store at {store}: start the gateway once (or run `tagway db migrate`), or pass --dsn / " \
+        "--config" and not store.exists(), out.stderr
+    assert run("gateway.cli", "db", "migrate").returncode == 0 and store.is_dir()
+    out = run("replay", "dataset", "list")
     assert out.returncode == 0, out.stderr
-    assert (tmp_path / "tagway-data" / "clickhouse" / "tagway.lock").exists()
+    assert (store / "tagway.lock").exists()
 
 
 def test_replay_config_errors_are_one_line(clean_env, tmp_path):

@@ -110,7 +110,7 @@ def test_a_gateway_on_a_local_address_is_announced_as_this_host(tmp_path):
 
 
 @pytest.mark.parametrize("argv", [["dataset", "list"], ["coverage", "--by", "customer"], ["replay", "report", "r1"],
-                                  ["db", "rollup-tags"], ["tags", "audit", "0123456789abcdef0123456789abcdef"], ["stats"]])
+                                  ["db", "rollup-tags"], ["tags", "audit", "0123456789abcdef" * 2], ["stats"]])
 def test_a_command_on_a_store_that_is_not_there_creates_none(tmp_path, argv):
     """Only `tagway db migrate` (and the gateway) create an embedded store: any other command on a missing one (the
     config not named, a mistyped --dsn) says so in one line and leaves nothing behind, rather than answering from an
@@ -124,9 +124,7 @@ def test_a_command_on_a_store_that_is_not_there_creates_none(tmp_path, argv):
     assert res.exit_code == 2, res.output
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and f"no tagway store at {where}" in lines[0] and "db migrate" in lines[0], lines
-    assert not where.exists() and "Traceback" not in res.output
-    res = ClickRunner().invoke(app, ["db", "migrate", "--dsn", f"chdb://{where}"])
-    assert res.exit_code == 0 and where.is_dir(), res.output
+    assert not where.exists() and "Traceback" not in res.output  # `db migrate` creates it: tests/test_dsn.py
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
