@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from .metrics import ExportMetrics
-from .rows import INSERT_SETTINGS, TABLE, EncodedBatch, encode_spans
+from .rows import INSERT_SETTINGS, TABLE, EncodedBatch, encode_spans, strings_only
 from .schema import SchemaSettings, migrate
 from .store import Store, StoreError, connect, redact_dsn
 
@@ -51,6 +51,7 @@ class ClickHouseSpanExporter(SpanExporter):
         self._schema_ready = schema_ready
         self._ready_lock = threading.Lock()
         self._shutdown = False
+        self._typed_rows: bool | None = None  # the server reads typed attribute values (INSERT_SETTINGS); asked once
 
     @property
     def store(self) -> Store | None:
@@ -69,8 +70,12 @@ class ClickHouseSpanExporter(SpanExporter):
             store = self._ready()
             # our own Store takes the batch's parts as they are (no ~30 MB join); other stores (a test's, the
             # remote one) take the bytes of the insert_json_rows protocol
-            body = batch.parts if isinstance(store, Store) else batch.body
-            store.insert_json_rows(batch.table, body, settings=self.insert_settings(batch))
+            body: Any = batch.parts if isinstance(store, Store) else batch.body
+            settings = self.insert_settings(batch)
+            if not self._reads_typed_rows(store):  # a server before 24.1: the attributes go as strings
+                body = strings_only(batch.body)
+                settings = {k: v for k, v in settings.items() if k not in INSERT_SETTINGS}
+            store.insert_json_rows(batch.table, body, settings=settings)
         except StoreError:
             self.metrics.inc("export_errors")
             raise
@@ -85,6 +90,22 @@ class ClickHouseSpanExporter(SpanExporter):
     @staticmethod
     def insert_settings(batch: EncodedBatch) -> dict[str, Any]:
         return {**INSERT_SETTINGS, "insert_deduplication_token": f"tagway-{batch.digest}"}
+
+    def _reads_typed_rows(self, store: Store) -> bool:
+        """Whether the server knows every setting of INSERT_SETTINGS (ClickHouse 24.1 added the last; chDB has them
+        all): one look at system.settings, kept. An older server would refuse each insert for an unknown setting,
+        read as the rows' fault, and quarantine every call; it gets the rows with string attributes instead."""
+        if self._typed_rows is None:
+            try:
+                rows, _ = store.query_rows("SELECT count() FROM system.settings WHERE name IN {names:Array(String)}",
+                                           {"names": list(INSERT_SETTINGS)})
+                self._typed_rows = bool(rows) and rows[0][0] == len(INSERT_SETTINGS)
+            except Exception:  # noqa: BLE001 - not known yet: strings, which any server reads; asked again next time
+                return False
+            if not self._typed_rows:
+                log.info("ClickHouse before 24.1 (no %s): spans are inserted with string attributes",
+                         ", ".join(INSERT_SETTINGS))
+        return self._typed_rows
 
     def connect(self) -> None:
         """Connect and migrate now (raises StoreError, counted as an export error, while ClickHouse cannot be

@@ -22,7 +22,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
 
 __all__ = ["EncodedBatch", "TABLE", "JSONTypedSpan", "INSERT_SETTINGS", "encode_spans", "encode_rows", "span_to_row",
-           "attributes_to_strings", "format_timestamp"]
+           "attributes_to_strings", "strings_only", "format_timestamp"]
 
 TABLE = "otel_traces"
 
@@ -72,7 +72,7 @@ class EncodedBatch:
 
 # How ClickHouse reads a JSON number, bool or array where a String is expected (an attribute map's values): as its JSON
 # text, verbatim (1 -> "1", true -> "true", ["stop"] -> '["stop"]'). The defaults of current servers and chDB; sent with
-# every insert all the same, so an older server's defaults cannot turn a typed value into a refused row.
+# every insert all the same. A server that lacks one (before 24.1) gets `strings_only` rows (exporters/clickhouse.py).
 INSERT_SETTINGS = {"input_format_json_read_numbers_as_strings": 1, "input_format_json_read_bools_as_strings": 1,
                    "input_format_json_read_arrays_as_strings": 1}
 
@@ -231,6 +231,22 @@ def encode_spans(spans: Sequence[ReadableSpan], table: str = TABLE) -> EncodedBa
     except TypeError:  # a typed attribute orjson cannot write: that chunk's rows one by one
         parts = [_dump_row(s) for s in spans]
     return EncodedBatch.of(table, b"".join(parts), len(parts))
+
+
+def strings_only(body: bytes) -> bytes:
+    """JSONEachRow rows whose SpanAttributes hold typed values (JSONTypedSpan), with every value a string as
+    `attributes_to_strings` renders it: for a server that cannot read them typed. A null (orjson's NaN) is "", as
+    ClickHouse reads it."""
+    out: list[bytes] = []
+    for line in body.splitlines():
+        if not line:
+            continue
+        row = orjson.loads(line)
+        attrs = row.get("SpanAttributes")
+        if attrs and any(type(v) is not str for v in attrs.values()):
+            row["SpanAttributes"] = attributes_to_strings({k: "" if v is None else v for k, v in attrs.items()})
+        out.append(orjson.dumps(row, option=_NEWLINE))
+    return b"".join(out)
 
 
 def _dump_row(span: ReadableSpan) -> bytes:

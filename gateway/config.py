@@ -58,8 +58,9 @@ class ModelConfig(_Strict):
     connect_timeout: float = Field(5.0, gt=0)
     fallbacks: list[str] = []
     headers: dict[str, str] = {}
-    input_cost_per_token: float | None = None  # overrides litellm's local price map
-    output_cost_per_token: float | None = None
+    # override litellm's local price map; finite and not negative (an infinite or NaN price is no cost anyone can sum)
+    input_cost_per_token: float | None = Field(None, ge=0, allow_inf_nan=False)
+    output_cost_per_token: float | None = Field(None, ge=0, allow_inf_nan=False)
     mock: MockConfig | None = None
 
     @property

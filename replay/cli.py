@@ -78,15 +78,17 @@ def _user_errors(run_id: str | None = None) -> Iterator[None]:
         raise _fail(str(e)) from None
 
 
-def _store(dsn: Optional[str], config: Optional[Path]):
+def _store(dsn: Optional[str], config: Optional[Path], *, create: bool = False):
     """The store the gateway writes to: --dsn > $TAGWAY_DSN > the gateway config (--config / $TAGWAY_CONFIG) >
-    ./tagway-data/clickhouse (exporters.dsn, the same resolution as `tagway stats`)."""
+    ./tagway-data/clickhouse (exporters.dsn, the same resolution as `tagway stats`). `create`: an embedded store
+    that is not there yet is made (for what brings its own cases: a run on a dataset file, an import); a command
+    that reads one refuses it (exporters.store_access.open_store)."""
     from exporters.dsn import resolve_dsn
     from exporters.remote_store import GatewayStuckError
     from exporters.schema import migrate
     from exporters.store_access import open_store
     try:
-        store = open_store(resolve_dsn(dsn, config).dsn)  # through the running gateway when one serves this store
+        store = open_store(resolve_dsn(dsn, config).dsn, create=create)  # through the gateway when one serves it
     except GatewayStuckError as e:  # before anything ran: not the "stopped midway" of _stopped
         raise _fail(str(e), EXIT_INCOMPLETE) from None
     migrate(store)
@@ -257,7 +259,7 @@ def run_cmd(
             max_cost=max_cost, concurrency=concurrency, limit=limit))
         spec_dir = spec.resolve().parent
         sys.path[:0] = [str(spec_dir), os.getcwd()]  # `python` evaluators: module:function beside the spec
-        store = _store(dsn, config)
+        store = _store(dsn, config, create=True)  # a run may bring its own cases (a JSONL dataset)
         gateway = gateway_for(gateway, store, in_process=in_process)
         rid = run_id or new_run_id()
         stored: list[str] = []

@@ -5,6 +5,7 @@ with the same ids, on a call with a caller's traceparent, a failed fallback atte
 from __future__ import annotations
 
 import orjson
+import pytest
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -15,7 +16,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from exporters.recording import _provider, _tracer
 from exporters.clickhouse import ClickHouseSpanExporter
-from exporters.rows import EncodedBatch, attributes_to_strings, encode_spans, span_to_row
+from exporters.rows import INSERT_SETTINGS, EncodedBatch, attributes_to_strings, encode_spans, span_to_row
 from tests.replay_support import unique
 from gateway.telemetry import Attempt, CallRecord, CallSpans, call_attributes, span_name
 
@@ -136,6 +137,10 @@ def test_a_call_span_is_stored_as_the_sdk_spans_string_attributes(chdb_store):
         assert {k: v for k, v in gattrs.items() if k not in floats} == \
             {k: v for k, v in wattrs.items() if k not in floats}
         assert all(float(gattrs[k]) == float(wattrs[k]) for k in floats & gattrs.keys())
+    for table in (mine, twin):
+        chdb_store.command(f"DROP TABLE {table}")
+    # chDB knows every setting: the exporter sends it typed rows (a server before 24.1 gets strings: below)
+    assert ClickHouseSpanExporter(store=chdb_store, schema_ready=True, owns_store=False)._reads_typed_rows(chdb_store)
 
 
 def test_a_value_orjson_cannot_write_is_stored_as_its_string():
@@ -154,3 +159,42 @@ def test_a_value_orjson_cannot_write_is_stored_as_its_string():
     big = orjson.loads(lines[0])["SpanAttributes"]
     assert big["gen_ai.usage.input_tokens"] == str(2 ** 70) and big["tagway.attempts"] == "1"
     assert orjson.loads(lines[-1])["SpanAttributes"]["tagway.attempts"] == 2  # the others stay typed
+
+
+class _Server:
+    """A store that records what it is sent and knows the settings a ClickHouse version has."""
+    dsn = "clickhouse://127.0.0.1:8123/default"
+
+    def __init__(self, known: list[str]) -> None:
+        self.known, self.sent, self.asked = known, [], 0
+
+    def query_rows(self, sql: str, parameters: dict | None = None, settings: dict | None = None) -> tuple:
+        self.asked += 1
+        return [(sum(n in self.known for n in (parameters or {}).get("names", ())),)], ("count()",)
+
+    def insert_json_rows(self, table: str, body: bytes, settings: dict | None = None) -> None:
+        self.sent.append((body, settings))
+
+
+@pytest.mark.parametrize("version, known", [("24.1+", list(INSERT_SETTINGS)), ("23.8", list(INSERT_SETTINGS)[:2])])
+def test_the_exporter_sends_typed_rows_only_to_a_server_that_reads_them(version, known):
+    """Every insert carries INSERT_SETTINGS, so the server renders typed values as strings; a server that lacks one
+    (before 24.1) would refuse each insert for an unknown setting (read as the rows' fault: every call quarantined),
+    so it gets the rows with string attributes and no such setting. The server is asked once."""
+    tracer, spans = world()
+    calls = CallSpans(tracer)
+    calls.finish(calls.begin(), record(), START, END)
+    server = _Server(known)
+    exporter = ClickHouseSpanExporter(store=server, schema_ready=True, owns_store=False)
+    for _ in range(2):
+        exporter.send(exporter.encode(spans.get_finished_spans()))
+    assert server.asked == 1 and len(server.sent) == 2
+    body, settings = server.sent[0]
+    attrs = orjson.loads(body.splitlines()[-1])["SpanAttributes"]
+    assert settings["insert_deduplication_token"].startswith("tagway-")
+    if version == "24.1+":
+        assert all(settings[k] == 1 for k in INSERT_SETTINGS) and attrs["tagway.attempts"] == 2
+    else:
+        assert not set(INSERT_SETTINGS) & set(settings)
+        assert all(type(v) is str for line in body.splitlines() for v in orjson.loads(line)["SpanAttributes"].values())
+        assert attrs["tagway.attempts"] == "2" and attrs["gen_ai.response.finish_reasons"] == '["stop"]'

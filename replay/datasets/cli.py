@@ -172,7 +172,7 @@ def import_cmd(file: Path = typer.Argument(..., help="A JSONL file (tagway datas
         if not target:
             raise core.DatasetStoreError(f"{file} has no dataset header: say --name NAME")
         core.validate_name(target)
-        store, _ = _open(dsn, config)
+        store, _ = _open(dsn, config, create=True)  # the file brings the cases: a new store may start here
         origin = f" (exported from {parsed.header.ref})" if parsed.header and parsed.header.ref else ""
         msg = message or f"import {file.name}{origin}"
         lost: dict[str, list[str]] = {}

@@ -54,10 +54,10 @@ def _author(flag: Optional[str]) -> str:
         return "unknown"
 
 
-def _open(dsn: Optional[str], config: Optional[Path]) -> tuple[Any, str]:
+def _open(dsn: Optional[str], config: Optional[Path], *, create: bool = False) -> tuple[Any, str]:
     from exporters.dsn import resolve_dsn
     from ..cli import _store
-    return _store(dsn, config), resolve_dsn(dsn, config).database
+    return _store(dsn, config, create=create), resolve_dsn(dsn, config).database
 
 
 def _when(t: float) -> str:
