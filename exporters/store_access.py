@@ -64,8 +64,9 @@ def _say(line: str) -> None:
 def open_store(dsn: str, *, verbose: bool | None = None, say: Callable[[str], None] = _say,
                lock_wait: float = LOCK_WAIT_SECONDS, create: bool = False) -> Store | RemoteStore:
     """The store for `dsn`: through the gateway that serves it, else opened directly. An embedded store that does
-    not exist yet is created only with `create` (`tagway db migrate`): any other command would answer from an
-    empty store made in the wrong place (./tagway-data when the config was not named). Raises
+    not exist yet is created only with `create` (`tagway db migrate`, and commands that bring their own cases): a
+    command that reads would answer from an empty store made in the wrong place (./tagway-data when the config was
+    not named). Raises
     discovery.DiscoveryError (bad or unreadable discovery file), StoreLockedError, StoreError."""
     verbose = verbose_enabled() if verbose is None else verbose
     if not create:
