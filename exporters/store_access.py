@@ -27,10 +27,15 @@ from .remote_store import GatewayStuckError, RemoteStore, StoreAccessDenied, Sto
 from .spool import unsent_spans
 from .store import LOCK_FILE, Store, StoreError, StoreLockedError, connect
 
-__all__ = ["open_store", "verbose_enabled", "reannounced", "REANNOUNCE_WAIT_SECONDS", "missing_store", "spool_beside"]
+__all__ = ["open_store", "verbose_enabled", "reannounced", "REANNOUNCE_WAIT_SECONDS", "missing_store", "spool_beside",
+           "MissingStoreError"]
 
 LOCK_WAIT_SECONDS = 10.0
 REANNOUNCE_WAIT_SECONDS = 3.0  # a serving gateway checks its discovery file every 2 s
+
+
+class MissingStoreError(StoreError):
+    """An embedded store that is not there, for a command that may not create one: bad input, said in one line."""
 
 
 def missing_store(dsn: str) -> str | None:
@@ -67,12 +72,12 @@ def open_store(dsn: str, *, verbose: bool | None = None, say: Callable[[str], No
     not exist yet is created only with `create` (`tagway db migrate`, and commands that bring their own cases): a
     command that reads would answer from an empty store made in the wrong place (./tagway-data when the config was
     not named). Raises
-    discovery.DiscoveryError (bad or unreadable discovery file), StoreLockedError, StoreError."""
+    discovery.DiscoveryError (bad or unreadable discovery file), MissingStoreError, StoreLockedError, StoreError."""
     verbose = verbose_enabled() if verbose is None else verbose
     if not create:
         missing = missing_store(dsn)
         if missing:
-            raise StoreError(missing)
+            raise MissingStoreError(missing)
     directory = discovery.store_dir(dsn)
     if directory is None:
         store = connect(dsn)

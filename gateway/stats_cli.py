@@ -24,7 +24,7 @@ from exporters.dirlock import holder_pid
 from exporters.discovery import DiscoveryError
 from exporters.remote_store import StoreGoneError
 from exporters.store import LOCK_FILE, DsnError, Store, StoreError, StoreLockedError, chdb_path, redact_dsn
-from exporters.store_access import missing_store, open_store
+from exporters.store_access import MissingStoreError, open_store
 from exporters.vocabulary import COLUMNS, NON_PRODUCTION_SOURCES
 
 from exporters.tables import Col, Row, fit_table, hidden_notice
@@ -99,14 +99,11 @@ def default_dsn() -> str:
 
 
 def _open_store(dsn: str) -> Store:
-    missing = missing_store(dsn)
-    if missing:
-        raise _CliError(missing)
     # the driver logs a connection failure as a warning before raising it: the error line below says it once
     logging.getLogger("clickhouse_connect").setLevel(logging.ERROR)
     try:
         return open_store(dsn)  # through the running gateway when one serves this store (exporters.store_access)
-    except (DiscoveryError, DsnError) as e:
+    except (DiscoveryError, DsnError, MissingStoreError) as e:
         raise _CliError(str(e)) from None
     except StoreGoneError as e:
         raise _CliError(str(e), EXIT_GONE) from None
