@@ -110,7 +110,9 @@ def withdraw(ann: Announcement) -> None:
 
 def read(directory: str) -> Announcement | None:
     """The announcement in `directory`, None when there is none. Raises DiscoveryError (one line, naming the file)
-    when it cannot be read or is not a tagway gateway's announcement for this store."""
+    when it cannot be read or is not a tagway gateway's announcement for this store, or names an address that is not
+    this host's while its process runs. A dead gateway's announcement is returned as it is: check `pid_alive`
+    before sending anything to its address."""
     path = discovery_path(directory)
     try:
         with open(path, "rb") as f:
@@ -148,7 +150,10 @@ def read(directory: str) -> Announcement | None:
     if not ann.url.startswith("http://"):
         raise DiscoveryError(f"{path} names {ann.url!r}, not a gateway address; if no gateway serves this store, "
                              "remove it")
-    if not _this_host(ann.url):  # the local credential goes to that address: never off this machine
+    # The local credential goes to that address: never off this machine. A dead gateway's file is stale whatever it
+    # names (its address may be gone since, after a DHCP or VPN change) and nothing is sent to it: the caller opens
+    # the store directly once the lock is free.
+    if not _this_host(ann.url) and pid_alive(ann.pid):
         raise DiscoveryError(f"{path} names {ann.url!r}, not an address of this host (a gateway announces the "
                              "loopback or a local address it is bound to); if no gateway serves this store, remove it")
     return ann

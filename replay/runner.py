@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import random
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Mapping, Sequence
@@ -28,7 +27,6 @@ from exporters import anthropic_format, responses_format
 from exporters.dsn import is_http_url
 from exporters.genai_messages import loads_or_empty
 from exporters.responses_format import API_MARK
-from exporters.store_access import verbose_enabled
 from exporters.vocabulary import JUDGE_SOURCE, REDACTED_MARK, REPLAY_SOURCE, TRUNCATED_MARK
 
 from .evaluators import EvalContext, evaluate
@@ -674,12 +672,8 @@ def gateway_for(flag: str | None, store: Any, *, in_process: bool = False) -> st
     reached through it (exporters.store_access: its announced loopback URL), else None (the caller says so)."""
     if flag or in_process:
         return flag
-    ann = getattr(store, "announcement", None)
-    if ann is None:
-        return None
-    if verbose_enabled():
-        sys.stderr.write(f"tagway: calls through the gateway serving the store ({ann.describe()})\n")
-    return ann.url
+    ann = getattr(store, "announcement", None)  # --verbose said "store: through the running gateway (...)" already
+    return ann.url if ann is not None else None
 
 
 @contextlib.asynccontextmanager

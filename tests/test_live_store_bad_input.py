@@ -93,6 +93,29 @@ def test_a_discovery_file_naming_another_host_is_refused(tmp_path, url):
     assert len(lines) == 1 and discovery.discovery_path(d) in lines[0] and "not an address of this host" in lines[0]
 
 
+def test_a_dead_gateways_file_naming_an_address_gone_since_is_stale(tmp_path):
+    """A gateway killed on an address this host no longer has (a DHCP or VPN change): its file is stale like any
+    dead gateway's, not damaged. The command says the gateway is gone, opens the store directly and answers, the
+    file is removed, and nothing is sent to the address. (Subprocesses: a store of its own, one chDB path a
+    process.)"""
+    d = _store_dir(tmp_path)
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    cli = [sys.executable, "-m", "gateway.cli"]
+    subprocess.run([*cli, "db", "migrate", "--dsn", f"chdb://{d}"], check=True, capture_output=True, timeout=120,
+                   env=env)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    discovery.announce(d, "http://10.255.1.2:4713", pid=dead.pid)
+    assert discovery.read(d).url == "http://10.255.1.2:4713"  # returned as it is, for the caller to find it dead
+    r = subprocess.run([*cli, "stats", "--dsn", f"chdb://{d}", "--by", "customer"], capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "10.255.1.2" in lines[0], lines
+    assert "is gone (process not running); opening the store directly" in lines[0]
+    assert not os.path.exists(discovery.discovery_path(d))
+
+
 def _ipv6() -> bool:
     try:
         with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:

@@ -223,6 +223,7 @@ def test_report_shadow_with_a_judge_reaches_the_gateway_before_storing_a_run(gw,
     p = gw.cli("--verbose", "replay", "report", "--shadow", "--since", "1h", "--spec", str(spec), "--candidate",
                "refund-bad")
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
-    assert f"calls through the gateway serving the store (pid {gw.proc.pid} at {gw.url})" in p.stderr
+    said = [ln for ln in p.stderr.splitlines() if ln.startswith("tagway: store:")]  # one --verbose line
+    assert len(said) == 1 and f"through the running gateway (pid {gw.proc.pid} at {gw.url})" in said[0], p.stderr
     assert p.stderr.splitlines()[-1].startswith(f"error: the gateway at {gw.url} rejected the API key (HTTP 401)")
     assert {r["run_id"] for r in gw.get("/admin/replays", ADMIN).json()["runs"]} == runs
