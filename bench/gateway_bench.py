@@ -11,7 +11,8 @@ itself (one process, uvloop + httptools, as `tagway serve` runs it). For each co
 the upstream directly and then through the gateway with tags resolved (headers) and spans stamped, recording on
 (embedded chDB, batched off the event loop) and off, and `bare`: bench/bare_passthrough.py, a raw ASGI +
 aiohttp pass-through with no gateway features (the Python ceiling); `split` is recording on with every gateway
-thread but the event loop's moved to core 1, as a host with a core to spare would run them. Prints req/s,
+thread but the event loop's moved to core 1, as a host with a core to spare would run them; `nocontent` is recording
+on with `recording.capture_content: false` (calls, tags, tokens and cost recorded, no prompts or answers). Prints req/s,
 p50/p99, the gateway's added p50/p99 and its CPU per request (user + system time of the gateway process, all
 threads, from /proc, over the wrk run and until its calls are stored): the figure that does not depend on what else
 the machine is doing, and its split by thread (the event loop, the exporter's Python threads, chDB's). Medians over
@@ -128,13 +129,13 @@ def cpu_seconds(pid: int) -> float:
 
 
 def start_gateway(tmp: str, upstream_port: int, recording: bool,
-                  python: str = sys.executable) -> tuple[subprocess.Popen, int]:
+                  python: str = sys.executable, capture: bool = True) -> tuple[subprocess.Popen, int]:
     port = free_port()
     data_dir = tempfile.mkdtemp(dir=tmp)
     cfg = {
         "server": {"host": "127.0.0.1", "port": port},
         "storage": {"data_dir": data_dir},
-        "recording": {"enabled": recording},
+        "recording": {"enabled": recording, "capture_content": capture},
         "models": [{"name": "gpt-bench", "provider": "openai", "base_url": f"http://127.0.0.1:{upstream_port}/v1",
                     "input_cost_per_token": 1.5e-7, "output_cost_per_token": 6e-7}],
         "tenants": [{"customer": "acme", "keys": [{"id": "bench", "hash": _hash(KEY)}]}],
@@ -173,7 +174,8 @@ def measure(python: str, tmp: str, up_port: int, mode: str, conns: list[int], se
                                f"http://127.0.0.1:{up_port}/v1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         wait_port(gw_port)
     else:
-        gw, gw_port = start_gateway(tmp, up_port, mode in ("on", "split"), python)
+        gw, gw_port = start_gateway(tmp, up_port, mode in ("on", "split", "nocontent"), python,
+                                    capture=mode != "nocontent")
     try:
         wrk(f"http://127.0.0.1:{gw_port}/v1/chat/completions", gw_lua, 16, 2)  # warm-up
         if mode == "split":
@@ -215,7 +217,7 @@ def off_the_loop_core(pid: int) -> None:
 def settle(port: int, mode: str, timeout: float = 15.0) -> None:
     """With recording on, wait until every call so far is stored (or spooled): the CPU window then holds exactly
     the inserts of the calls it served (a batch is inserted up to `batch_max_seconds` after its calls)."""
-    if mode not in ("on", "split"):
+    if mode not in ("on", "split", "nocontent"):
         return
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -308,11 +310,16 @@ def main() -> None:
                 print(f"[{label}]   round by round (on and off minutes apart, so the machine's drift cancels):"
                       f" CPU {_per_round(results, py, c, 'on', 'off', 'cpu_ms')},"
                       f" throughput {_per_round(results, py, c, 'on', 'off', 'rps')}")
+            nocontent = med.get((py, "nocontent", c))
+            if nocontent and off:
+                print(f"[{label}] recording without content capture at {c} connections: throughput"
+                      f" {nocontent['rps'] / off['rps']:.2f}x of off, CPU per request"
+                      f" {nocontent['cpu_ms'] / off['cpu_ms']:.2f}x")
             split = med.get((py, "split", c))
             if split and off:
                 print(f"[{label}] recording, its threads on their own core, at {c} connections: throughput"
                       f" {split['rps'] / off['rps']:.2f}x of off, CPU per request {split['cpu_ms'] / off['cpu_ms']:.2f}x")
-            for name, m in (("on", on), ("off", off)):
+            for name, m in (("on", on), ("off", off), ("without content capture", nocontent)):
                 if m and bare:
                     print(f"[{label}] recording {name} at {c} connections: CPU per request {m['cpu_ms'] / bare['cpu_ms']:.2f}x"
                           f" of the bare pass-through's (goal <= 2x)")

@@ -52,7 +52,7 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Say how t
 
 
 def fail(message: str, code: int = 2) -> "typer.Exit":
-    typer.echo(f"tagway: error: {message}", err=True)
+    typer.echo(f"error: {message}", err=True)
     return typer.Exit(code)
 
 

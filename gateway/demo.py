@@ -124,7 +124,7 @@ def run_demo(*, data_dir: str, port: int, calls: int, keep_running: bool | None,
     try:
         recorder = default_recorder(cfg)
     except StoreError as e:
-        console.print(f"[red]tagway: error:[/] {escape(explain(cfg, e) if explain else str(e))}", highlight=False,
+        console.print(f"[red]error:[/] {escape(explain(cfg, e) if explain else str(e))}", highlight=False,
                       soft_wrap=True)
         return 2
     port = port or _free_port()
@@ -135,7 +135,7 @@ def run_demo(*, data_dir: str, port: int, calls: int, keep_running: bool | None,
     thread.start()
     while not server.started:
         if not thread.is_alive():
-            console.print("[red]tagway: error:[/] the demo gateway did not start")
+            console.print("[red]error:[/] the demo gateway did not start")
             recorder.shutdown()
             return 1
         time.sleep(0.02)

@@ -91,5 +91,5 @@ def test_revoking_a_key_written_in_the_config_says_where_it_is(tmp_path):
         {"id": "a-inline", "hash": "sha256:" + "0" * 64}]}]}))
     res = runner.invoke(cli, ["keys", "revoke", "a-inline", "--config", str(cfg_path)])
     assert res.exit_code == 2 and res.stderr.strip() == (
-        "tagway: error: key 'a-inline' is written in the config (tenants[0].keys[0]), not in the keys file: set "
+        "error: key 'a-inline' is written in the config (tenants[0].keys[0]), not in the keys file: set "
         "`revoked: true` there (a running gateway reads the config only at start)")

@@ -57,7 +57,7 @@ def test_backfill_is_resumable_and_answers_stay_right(tmp_path):
 
     early = cli(str(config), "--settle", "3600")
     assert early.returncode == 2 and "Traceback" not in early.stderr
-    assert early.stderr.startswith("tagway: error: the rollups went live at") and len(early.stderr.splitlines()) == 1
+    assert early.stderr.startswith("error: the rollups went live at") and len(early.stderr.splitlines()) == 1
 
     time.sleep(max(0.0, (live_from - dt.datetime.now(dt.timezone.utc)).total_seconds()) + 1)
     live = script(path, "live")  # new calls through the views, late old calls that only the backfill can see
@@ -88,7 +88,7 @@ def test_backfill_is_resumable_and_answers_stay_right(tmp_path):
     listed = cli(str(config), command="rollup-tags")
     assert listed.returncode == 0 and listed.stdout == f"zone\tcovered from {cover['covered_from']}\n"
     wrong = cli(str(config), "--remove", "nope", command="rollup-tags")
-    assert (wrong.returncode, wrong.stderr) == (2, "tagway: error: not a rolled-up tag key: nope\n")
+    assert (wrong.returncode, wrong.stderr) == (2, "error: not a rolled-up tag key: nope\n")
     removed = cli(str(config), "--remove", "zone", command="rollup-tags")
     assert removed.returncode == 0 and removed.stdout == "no tag keys are rolled up\n"
     gone = script(path, "check")

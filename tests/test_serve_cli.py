@@ -140,7 +140,7 @@ def test_a_spool_that_cannot_be_written_is_one_line(tmp_path):
     proc = serve(path)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "Traceback" not in err and "serving" not in err, err
-    said = [f"tagway: error: cannot start recording: Not a directory: {blocker}/spool (the spool and the embedded "
+    said = [f"error: cannot start recording: Not a directory: {blocker}/spool (the spool and the embedded "
             "store live under storage.data_dir, the spool under storage.spool_dir when set)"]
     assert err.strip().splitlines() == said
     # with workers too (a server DSN): said before any worker starts, not in a traceback from each
