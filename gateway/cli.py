@@ -84,7 +84,7 @@ def _load(path: Optional[str], *, providers: bool = False) -> GatewayConfig:
 @app.command()
 def serve(config: Optional[str] = ConfigOpt,
           host: Optional[str] = typer.Option(None, help="Bind address (default from config: 127.0.0.1)."),
-          port: Optional[int] = typer.Option(None, help="Port (default from config: 4000)."),
+          port: Optional[int] = typer.Option(None, min=0, max=65535, help="Port (default from config: 4000)."),
           workers: int = typer.Option(1, min=1, help="Worker processes (needs a ClickHouse server DSN)."),
           log_level: str = typer.Option("warning")) -> None:
     """Run the gateway."""

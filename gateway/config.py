@@ -159,8 +159,8 @@ SHADOW_WHERE_KEYS = ("customer", "intent", "prompt_version", "model")
 
 class ServerConfig(_Strict):
     host: str = "127.0.0.1"
-    port: int = 4000
-    max_body_bytes: int = 8 * 1024 * 1024
+    port: int = Field(4000, ge=0, le=65535)  # 0: any free port (said at start)
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1)
     max_model_chars: int = Field(256, ge=1)  # a longer model name is refused (400), never cut
     replay_concurrency: int = Field(4, ge=0)  # replay/judge calls in flight at once (gateway/lanes.py); 0 = no cap
 

@@ -144,6 +144,22 @@ def test_config_errors_from_the_environment_name_the_variable(run, tmp_path):
     assert res.stderr.startswith("tagway: config error: $TAGWAY_SERVER__PORT: server.port: "), res.stderr
 
 
+@pytest.mark.parametrize("server, says", [({"port": 70000}, "server.port: Input should be less than or equal to 65535"),
+                                          ({"port": -5}, "server.port: Input should be greater than or equal to 0"),
+                                          ({"max_body_bytes": 0}, "server.max_body_bytes: Input should be greater")])
+def test_a_port_or_body_cap_out_of_range_is_a_config_error(run, tmp_path, server, says):
+    """A port past 65535 reached the socket and ended `tagway serve` with an OverflowError traceback."""
+    path = write(tmp_path, server=server)
+    for argv in (("config", "check", "--config", path), ("serve", "--config", path)):
+        res = run(*argv)
+        assert res.exit_code == 2, res.output
+        lines = res.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"tagway: config error: {path}: {says}"), lines
+        assert "Traceback" not in res.output
+    res = run("serve", "--config", write(tmp_path), "--port", "65536")
+    assert res.exit_code == 2 and "Invalid value for '--port'" in res.output and "Traceback" not in res.output
+
+
 def test_a_variable_of_no_settings_section_is_an_error_not_ignored(run, tmp_path):
     """TAGWAY_ACCESSLOG__ENABLED=false (for access_log) was read by nobody: the access log stayed on, config check
     said nothing. A `__` variable names a section, so one naming none is refused, with the nearest section."""
