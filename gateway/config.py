@@ -38,13 +38,13 @@ class _Strict(BaseModel):
 
 
 class MockConfig(_Strict):
-    latency_ms: float = 0.0
-    jitter_ms: float = 0.0
+    latency_ms: float = Field(0.0, ge=0.0, allow_inf_nan=False)
+    jitter_ms: float = Field(0.0, ge=0.0, allow_inf_nan=False)
     error_rate: float = Field(0.0, ge=0.0, le=1.0)
-    error_status: int = 503
+    error_status: int = Field(503, ge=400, le=599)  # an error the upstream answers with
     seed: int = 0
     reply: str | None = None  # fixed reply; default is a deterministic echo of the last user message
-    stream_chunk_words: int = 3
+    stream_chunk_words: int = Field(3, ge=1)
 
 
 class ModelConfig(_Strict):
