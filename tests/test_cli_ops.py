@@ -160,6 +160,17 @@ def test_a_port_or_body_cap_out_of_range_is_a_config_error(run, tmp_path, server
     assert res.exit_code == 2 and "Invalid value for '--port'" in res.output and "Traceback" not in res.output
 
 
+@pytest.mark.parametrize("mock, says", [({"stream_chunk_words": 0}, "mock.stream_chunk_words: Input should be greater"),
+                                        ({"error_status": 200}, "mock.error_status: Input should be greater"),
+                                        ({"latency_ms": -1}, "mock.latency_ms: Input should be greater")])
+def test_mock_settings_out_of_range_are_config_errors(run, tmp_path, mock, says):
+    path = write(tmp_path, models=[{"name": "m", "provider": "mock", "mock": mock}])
+    res = run("config", "check", "--config", path)
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"tagway: config error: {path}: models[0].{says}"), lines
+
+
 def test_a_variable_of_no_settings_section_is_an_error_not_ignored(run, tmp_path):
     """TAGWAY_ACCESSLOG__ENABLED=false (for access_log) was read by nobody: the access log stayed on, config check
     said nothing. A `__` variable names a section, so one naming none is refused, with the nearest section."""
