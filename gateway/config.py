@@ -5,12 +5,14 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import typing
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from exporters.dsn import anchor_storage_paths, embedded_dsn, is_http_url
 from exporters.vocabulary import PRODUCTION_SOURCE, TAG_KEY_RE
@@ -458,9 +460,43 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Gate
         cfg = GatewayConfig(**data)
     except ValidationError as e:
         raise ConfigError(unknown + _format_errors(e, path, file_keys)) from None
+    except SettingsError as e:  # a variable holding a list or a section is read as JSON, and this one is not JSON
+        raise ConfigError(unknown + _env_json_errors(e)) from None
     if unknown:
         raise ConfigError(unknown)
     return cfg
+
+
+def _env_json_errors(e: SettingsError) -> list[str]:
+    """pydantic-settings names only the section whose variable was not JSON: name the variable(s) too."""
+    m = re.search(r'field "(\w+)"', str(e))
+    section = m.group(1) if m else ""
+    cause = e.__cause__ or e.__context__
+    why = f" ({cause})" if isinstance(cause, ValueError) else ""
+    prefix = f"TAGWAY_{section.upper()}"
+    bad = []
+    for var in sorted(v for v in os.environ if v.upper() == prefix or v.upper().startswith(prefix + "__")):
+        try:
+            orjson.loads(os.environ[var])
+        except orjson.JSONDecodeError:
+            bad.append(var)
+    # the section's own variable is JSON; a nested one only when its setting holds a list, a mapping or a section
+    bad = [v for v in bad if v.upper() == prefix] or [v for v in bad if _json_setting(section, v)] or [prefix]
+    return [f"${v}: {v[len('TAGWAY_'):].lower().replace('__', '.')}: not valid JSON{why}; a setting that holds a list "
+            "or a section is given as JSON ('[...]' or '{...}')" for v in bad]
+
+
+def _json_setting(section: str, var: str) -> bool:
+    """Whether the setting `var` names (TAGWAY_SECTION__NAME) is read as JSON: a list, a mapping or a section."""
+    field = GatewayConfig.model_fields.get(section)
+    sub = var.split("__", 1)[1].lower() if "__" in var else ""
+    model = field.annotation if field is not None else None
+    inner = model.model_fields.get(sub) if isinstance(model, type) and issubclass(model, BaseModel) else None
+    if inner is None:
+        return True  # not a setting we can see: keep it named
+    kinds = [inner.annotation, *typing.get_args(inner.annotation)]
+    return any(typing.get_origin(k) in (list, dict, tuple, set) or (isinstance(k, type) and issubclass(k, BaseModel))
+               for k in kinds)
 
 
 def _env_names(data: Any) -> Iterator[Any]:

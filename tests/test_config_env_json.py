@@ -1,0 +1,39 @@
+"""A setting that holds a list or a section, set from the environment, is read as JSON (pydantic-settings): a value
+that is not JSON is a config error naming the variable, for `config check` and `serve` alike, never a traceback."""
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from gateway import cli as gateway_cli
+from tests.test_cli_ops import ENV_KEYS, write
+
+
+@pytest.mark.parametrize("var, value, setting", [
+    ("TAGWAY_MODELS", "oops", "models"),
+    ("TAGWAY_SERVER", "notjson", "server"),
+    ("TAGWAY_RECORDING__REDACT_PATTERNS", "[", "recording.redact_patterns"),
+    ("TAGWAY_TAXONOMY__KEYS", "zz", "taxonomy.keys"),
+])
+def test_a_variable_that_is_not_json_is_a_config_error_naming_it(tmp_path, monkeypatch, var, value, setting):
+    for k in ENV_KEYS:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("TAGWAY_RECORDING__SOURCE", "prod")  # a plain string setting: not JSON, and not to blame
+    path = write(tmp_path)
+    for argv in (["config", "check", "--config", path], ["serve", "--config", path]):
+        res = CliRunner().invoke(gateway_cli.command(), argv, env={var: value})
+        assert res.exit_code == 2, res.output
+        lines = res.stderr.splitlines()
+        assert lines == [f"tagway: config error: ${var}: {setting}: not valid JSON (Expecting value: line 1 column "
+                         f"{2 if value == '[' else 1} (char {1 if value == '[' else 0})); a setting that holds a list "
+                         "or a section is given as JSON ('[...]' or '{...}')"], lines
+        assert "Traceback" not in res.output
+
+
+def test_valid_json_from_the_environment_still_configures(tmp_path, monkeypatch):
+    for k in ENV_KEYS:
+        monkeypatch.delenv(k, raising=False)
+    res = CliRunner().invoke(gateway_cli.command(), ["config", "check", "--config", write(tmp_path)],
+                             env={"TAGWAY_RECORDING__REDACT_PATTERNS": '["ACCT-[0-9]+"]',
+                                  "TAGWAY_ADMIN_KEY": "tw-admin-test-key-0123456789", "OPENAI_API_KEY": "sk-test"})
+    assert res.exit_code == 0, res.output
