@@ -175,7 +175,13 @@ def _bind(host: str, port: int, cfg: GatewayConfig | None = None) -> socket.sock
         if ann is not None and ann.url.rsplit(":", 1)[-1] == str(port):
             raise fail(f"{host}:{port} {why}: the gateway {ann.describe()} already serves this store there "
                        "(chDB allows one process per data directory); use that gateway") from None
-        raise fail(f"{host}:{port} {why}: stop what listens there or pick another --port") from None
+        if e.errno == errno.EADDRINUSE:
+            advice = "stop what listens there or pick another --port"
+        elif e.errno == errno.EACCES:
+            advice = "ports below 1024 need privileges: pick another --port"
+        else:  # a name that does not resolve, or an address this host does not have
+            advice = "--host must be an address of this host (127.0.0.1, ::1, 0.0.0.0 for all) or a name for one"
+        raise fail(f"{host}:{port} {why}: {advice}") from None
     sock.set_inheritable(True)
     return sock
 

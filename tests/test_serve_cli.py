@@ -118,6 +118,19 @@ def test_busy_port_fails_before_saying_serving(tmp_path):
     assert len(err.strip().splitlines()) == 1
 
 
+def test_a_host_this_machine_does_not_have_is_one_line_about_the_host_not_the_port(tmp_path):
+    """A name that does not resolve, or an address of no interface here: the advice is about --host (it used to say
+    "stop what listens there or pick another --port", which nothing did)."""
+    path = write_config(tmp_path, free_port())
+    for host in ("::1x", "0.0.0.0.0", "192.0.2.1"):  # not a name, not an address, TEST-NET-1 (no interface has it)
+        proc = serve(path, "--host", host)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 2, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {host}:") and "cannot be bound" in lines[0], lines
+        assert "--host must be an address of this host" in lines[0] and "another --port" not in lines[0]
+
+
 def test_an_sdk_turned_off_by_environment_is_one_line_not_a_gateway_without_trace_ids(tmp_path):
     """OTEL_SDK_DISABLED=true makes the SDK hand out no-op tracers: every call would go unrecorded under trace id 0.
     The gateway refuses to start, recording on or off, and says which variable to unset."""
