@@ -114,9 +114,12 @@ class CallObserver:
         self._lines: list[str] = []  # access lines waiting to be written
         self._flush_at: asyncio.TimerHandle | None = None
 
-    def __call__(self, rec: CallRecord, trace_id: int, latency_s: float) -> None:
+    def __call__(self, rec: CallRecord, trace_id: int, latency_s: float, *, count: bool = True) -> None:
+        """Count the call in the metrics (`count`: a shadow call, which answers no client, has its own counter and
+        only an access line) and queue its access line."""
         try:
-            self._count(rec, latency_s)
+            if count:
+                self._count(rec, latency_s)
             if self._access is not None:
                 self._lines.append(self.access_line(rec, trace_id, latency_s))
                 if len(self._lines) >= ACCESS_FLUSH_LINES:

@@ -219,6 +219,7 @@ class Proxy(WireStreamRelay):
         if call.capture and reraise is None:
             await self._capture(call, inline=False)
         self._record(ids, rec, start_ns, t0)
+        self.observe(rec, ids.trace_id, time.perf_counter() - t0, count=False)  # an access line, source=shadow
         if reraise is not None:
             raise reraise
         return not rec.error_type

@@ -151,6 +151,21 @@ def test_hanging_shadow_is_bounded_and_counted(gw, live):
     assert all(r["status"] == "error" and r["error_type"] == "timeout" for r in hung)
 
 
+def test_shadow_calls_have_access_lines_but_stay_out_of_the_client_metrics(gw, live):
+    """The access log has one line per call, shadow calls included (source=shadow, the candidate's model); the
+    client-call metrics count only the calls a client made (shadows have tagway_shadow_calls_total)."""
+    shadow_rows(gw, 2 * N + 3 + 2)  # every shadow call recorded, so every access line queued
+    time.sleep(0.3)  # lines are written at most 0.1 s after their call
+    lines = [ln for ln in gw.stderr().splitlines() if " source=" in ln and " trace_id=" in ln]
+    shadow = [ln for ln in lines if ln.endswith(" source=shadow")]
+    bad = [ln for ln in shadow if " model=refund-bad " in ln]
+    assert len(bad) == 2 * N + 3 and all(" status=200 " in ln for ln in bad), shadow[:3]
+    assert len([ln for ln in lines if ln.endswith(" source=production")]) == len(live)
+    calls = [ln for ln in gw.get("/metrics", ADMIN).text.splitlines() if ln.startswith("tagway_calls_total{")]
+    assert not [ln for ln in calls if 'model="refund-bad"' in ln or 'model="hang"' in ln], calls
+    assert sum(float(ln.rpartition(" ")[2]) for ln in calls) == len(live), calls
+
+
 def test_stats_leave_shadow_out(gw, live):
     r = gw.get("/admin/stats?by=customer&since=1h", ADMIN)
     assert r.status_code == 200, r.text
