@@ -308,7 +308,9 @@ def connect(dsn: str, *, settings: dict[str, Any] | None = None, connect_timeout
         except Exception as e:  # the driver raises several types for "cannot connect"
             if lock_fd is not None:
                 os.close(lock_fd)
-            raise StoreError(f"cannot open ClickHouse at {redact_dsn(dsn)}: {_one_line(e)}") from e
+            reason = _unreachable(e)
+            raise StoreError(f"cannot reach ClickHouse at {redact_dsn(dsn)} ({reason})" if reason else
+                             f"cannot open ClickHouse at {redact_dsn(dsn)}: {_one_line(e)}") from e
         store = Store(dsn, client, lock_fd, key=key, defaults=defaults)
         _REGISTRY[key] = store
         return store
@@ -339,9 +341,27 @@ def _driver_errors() -> Iterator[None]:
     try:
         yield
     except ClickHouseError as e:
-        raise StoreError(_one_line(e)) from e
+        reason = _unreachable(e)
+        raise StoreError(f"ClickHouse unreachable ({reason})" if reason else _one_line(e)) from e
     except OSError as e:
         raise StoreError(f"ClickHouse unreachable: {e}") from e
+
+
+def _unreachable(e: BaseException) -> str:
+    """Why the server could not be reached ("connection refused", "name or service not known", "timed out"), from
+    the socket error under the driver's and urllib3's wrappers (whose text repeats a URL with a query id); "" when
+    the server answered."""
+    seen = 0
+    x: BaseException | None = e
+    while x is not None and seen < 10:
+        if _CODE.search(str(x)):
+            return ""  # the server answered with an error code: it was reached
+        if isinstance(x, TimeoutError):
+            return "timed out"
+        if isinstance(x, OSError) and x.strerror:
+            return x.strerror[:1].lower() + x.strerror[1:]
+        x, seen = x.__cause__ or x.__context__, seen + 1
+    return ""
 
 
 def _one_line(e: BaseException) -> str:
