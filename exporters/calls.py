@@ -24,6 +24,7 @@ from typing import Any
 
 import orjson
 
+from . import semconv as sc
 from .queries import _EPOCH, Selection, _Params, _where, calls_table, get_call, parse_trace_id
 from .store import Store, StoreError
 from .vocabulary import QueryInputError, Window, show
@@ -270,7 +271,8 @@ def _attempt(span: dict, call_start_ns: int) -> dict[str, Any]:
 def call_detail(store: Store, trace_id: str, *, customer: str | None = None, max_chars: int | None = None,
                 database: str = "", budget: Budget = Budget()) -> dict[str, Any] | None:
     """Every column of the call (exporters.queries.get_call) plus `error_message` (the provider's or gateway's
-    message, from the span status), `attempts` (per upstream try, when it fell back), `session` (the list filter
+    message, from the span status), `cost_known` (False when the gateway recorded no cost: `cost_usd` is then 0
+    but means unknown, not free), `attempts` (per upstream try, when it fell back), `session` (the list filter
     of its session) and `truncated` (content column -> characters left out, when `max_chars` cut it).
     None when there is no such call, or it belongs to another customer than `customer`: a tenant cannot tell
     another tenant's trace from one that does not exist."""
@@ -280,6 +282,10 @@ def call_detail(store: Store, trace_id: str, *, customer: str | None = None, max
     spans = _spans(store, call["trace_id"], call["Timestamp"], database, budget)
     own = next((s for s in spans if s["kind"] == "call" and s["SpanId"] == call.get("span_id")), None)
     call["error_message"] = own["StatusMessage"] if own and own["StatusCode"] == "Error" else ""
+    # llm_calls stores 0 for a call the gateway gave no cost (a model without a price, a call without token usage:
+    # no tagway.cost_usd on its span); the span tells that from a real $0. Without the span (a row written straight
+    # into llm_calls) only a cost that is not zero is known to be one.
+    call["cost_known"] = (sc.COST_USD in (own["attrs"] or {})) if own else bool(call.get("cost_usd"))
     start_ns = int(own["ts_ns"]) if own else 0
     attempts = [_attempt(s, start_ns) for s in spans if s["kind"] == "attempt"
                 and (own is None or s["ParentSpanId"] == own["SpanId"])]

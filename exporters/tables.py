@@ -9,6 +9,8 @@ terminal's edge (pipe it to `less -S`, or use --json / --csv).
 from __future__ import annotations
 
 import dataclasses
+import math
+from decimal import Decimal
 from typing import Any, Sequence
 
 from rich.cells import cell_len
@@ -16,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-__all__ = ["Col", "Row", "fit_table", "hidden_notice", "KEEP"]
+__all__ = ["Col", "Row", "fit_table", "hidden_notice", "fmt_usd", "KEEP"]
 
 KEEP = 100  # a priority that is never dropped
 
@@ -100,3 +102,22 @@ def _table_width(widths: Sequence[int], pad_edge: bool = False) -> int:
 def hidden_notice(console: Console, hidden: Sequence[str], how: str = "--wide shows every column") -> str:
     """The line that says which columns a narrow terminal left out ("" when none were), and how to see them."""
     return f"not shown at {console.width} columns: {', '.join(hidden)} ({how})" if hidden else ""
+
+
+def fmt_usd(x: float | None, digits: int = 2) -> str:
+    """A cost as the CLI and the replay reports print it: from a dollar up to the cent ($12.34, $1,234.50), under
+    a dollar to `digits` significant digits ($0.42, $0.015, $0.000027), so a cost that is not zero never prints as
+    zero (a model with no price is recorded as 0 and prints $0.00). "-" for None or NaN. Exact values: --json, --csv.
+    A spend set against a budget takes more digits (the budget is as precise as it was typed)."""
+    if x is None or math.isnan(x):
+        return "-"
+    if x == 0:
+        return "$0.00"
+    sign = "-" if x < 0 else ""
+    x = abs(x)
+    if math.isinf(x):
+        return f"{sign}$inf"
+    sig = f"{x:#.{digits}g}"  # significant digits, trailing zeros kept (0.0010), maybe as an exponent (2.7e-05)
+    if float(sig) >= 1:  # 0.996 rounds up to a dollar: cents from there
+        return f"{sign}${x:,.2f}"
+    return f"{sign}${format(Decimal(sig), 'f')}"

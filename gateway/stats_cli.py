@@ -27,7 +27,7 @@ from exporters.store import LOCK_FILE, DsnError, Store, StoreError, StoreLockedE
 from exporters.store_access import MissingStoreError, open_store
 from exporters.vocabulary import COLUMNS, NON_PRODUCTION_SOURCES
 
-from exporters.tables import Col, Row, fit_table, hidden_notice
+from exporters.tables import Col, Row, fit_table, fmt_usd, hidden_notice
 
 __all__ = ["register", "resolve_dsn", "default_dsn", "fmt_rate", "fmt_ci", "fmt_delta"]
 
@@ -42,7 +42,7 @@ class _CliError(Exception):
         self.code = code
 
 
-# -- formatting (the page's ui.js formats the same way) ---------------------------------------------------------
+# -- formatting (the page's ui.js formats rates the same way) ---------------------------------------------------
 def fmt_rate(x: float | None) -> str:
     return "-" if x is None else f"{x * 100:.1f}%"
 
@@ -59,8 +59,10 @@ def fmt_ms(x: float | None) -> str:
     return "-" if x is None else f"{x:,.0f}"
 
 
-def fmt_cost(x: float) -> str:
-    return f"${x:,.4f}" if x < 100 else f"${x:,.2f}"
+def fmt_cost(x: float | None) -> str:
+    """$12.34 from a dollar up, two significant digits under it ($0.000027): never $0 for a cost that is not zero.
+    The same in the replay reports (exporters.tables.fmt_usd); --json and --csv keep the exact numbers."""
+    return fmt_usd(x)
 
 
 def _label(value: str) -> str:
@@ -469,7 +471,7 @@ def print_call(call: dict[str, Any], console: Console) -> None:
     row("latency", f"{call['latency_ms']:,.1f} ms" if call.get("latency_ms") is not None else None)
     row("time to first token", f"{call['ttft_ms']:,.1f} ms" if call.get("ttft_ms") is not None else None)
     row("tokens", f"{call.get('input_tokens', 0):,} in / {call.get('output_tokens', 0):,} out")
-    row("cost", f"${call.get('cost_usd') or 0:.6f}")
+    row("cost", _call_cost(call), "" if call.get("cost_known", True) else "dim")
     row("finish reasons", call.get("finish_reasons"))
     row("source", call.get("source"))
     row("key id", call.get("key_id"))
@@ -487,6 +489,16 @@ def print_call(call: dict[str, Any], console: Console) -> None:
             console.print(Text(_pretty_json(call[key])))
     if not call.get("request_json") and not call.get("response_json"):
         console.print(Text("content not captured for this call", style="dim"))
+
+
+def _call_cost(call: dict[str, Any]) -> str:
+    """The call's cost, or why it has none: the gateway records no cost for a model without a price, nor for a
+    call without token usage (most failed calls); llm_calls stores 0 for both (exporters.calls.call_detail tells
+    them from a real $0 by the call's span)."""
+    if call.get("cost_known", True):
+        return fmt_cost(call.get("cost_usd") or 0.0)
+    used = call.get("input_tokens") or call.get("output_tokens")
+    return "unknown (no price for this model)" if used else "unknown (no token usage recorded)"
 
 
 # -- wiring ----------------------------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ from typing import Any, Callable
 import httpx
 import orjson
 
+from exporters.tables import fmt_usd
+
 from .datasets import (RUN_DATASET_PREFIX, append_to_run_dataset, is_file_ref, load_cases, load_dataset, save_dataset,
                        validate_run_id)
 from .datasets.resolve import Resolved, resolve
@@ -97,7 +99,7 @@ class GateState:
         draws = next_draws(findings, self.plans, esc.max_cases - self.extra_cases, trigger=esc.trigger)
         if draws and esc.max_cost is not None and self.extra_cost + cost_per_case * sum(draws.values()) > esc.max_cost:
             return {}, (f"escalation stopped: its next look would pass escalation.max_cost ${esc.max_cost:g} "
-                        f"(spent ${self.extra_cost:.4f})")
+                        f"(spent {fmt_usd(self.extra_cost, 4)})")
         return draws, ""
 
     def took_look(self, draws: dict[str, int], drawn: int) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from exporters.tables import hidden_notice
+from exporters.tables import fmt_usd, hidden_notice
 
 from .report import CandidateReport, Report, SegmentRow
 
@@ -169,7 +169,7 @@ def render_terminal(r: Report, console: Any = None) -> str:
                 out.print("\n".join(_flip_lines(row)).translate(glyphs), **plain)
             for line in _lock_lines(c):
                 out.print(line.translate(glyphs), **plain)
-            out.print(f"cost ${c.cost_usd:.4f}   {c.status.upper()}", **plain)
+            out.print(f"cost {fmt_usd(c.cost_usd)}   {c.status.upper()}", **plain)
         out.print(_footer_text(r).translate(glyphs), **plain)
     return buf.getvalue()
 
@@ -259,7 +259,7 @@ def render_markdown(r: Report) -> str:
         for row in _flipped_rows(c):
             out += _md_flips(row)
         out += [f"- {_md(line.strip())}" for line in _lock_lines(c)]
-        out += ["", f"cost ${c.cost_usd:.4f}", ""]
+        out += ["", f"cost {fmt_usd(c.cost_usd)}", ""]
     out.append(f"**Verdict: {_verdict_word(r)}{_not_final(r)}** (exit {r.exit_code})")
     out += [f"- {_md(x)}" for x in r.reasons]
     if r.skipped:
@@ -368,8 +368,9 @@ def _cells(row: SegmentRow) -> dict:
 
 def render_html(r: Report) -> str:
     """A self-contained page (inline CSS and SVG, no CDN) from replay/templates/report.html.j2."""
-    candidates = [{"report": c, "title": _title(c), "rows": [_cells(row) for row in c.rows],
-                   "families": [_cells(f) for f in c.families], "overall": _cells(c.overall), "chart": _chart(c),
+    candidates = [{"report": c, "title": _title(c), "cost": fmt_usd(c.cost_usd),
+                   "rows": [_cells(row) for row in c.rows], "families": [_cells(f) for f in c.families],
+                   "overall": _cells(c.overall), "chart": _chart(c),
                    "flipped": [(row, row.flips[:SHOWN_FLIPS]) for row in _flipped_rows(c)]}
                   for c in r.candidates]
     skipped = "; ".join(f"{n} {why}" for why, n in r.skipped.items())

@@ -27,6 +27,7 @@ from exporters import anthropic_format, responses_format
 from exporters.dsn import is_http_url
 from exporters.genai_messages import loads_or_empty
 from exporters.responses_format import API_MARK
+from exporters.tables import fmt_usd
 from exporters.vocabulary import JUDGE_SOURCE, REDACTED_MARK, REPLAY_SOURCE, TRUNCATED_MARK
 
 from .evaluators import EvalContext, evaluate
@@ -533,7 +534,7 @@ class Runner:
                 nonlocal stop_reason, done
                 answer = recorded.get((target.name, case.case_id))
                 if (answer is None or judged) and self.max_cost is not None and self.spent >= self.max_cost:
-                    stop_reason = f"budget reached: spent ${self.spent:.4f} of max_cost ${self.max_cost:g}"
+                    stop_reason = f"budget reached: spent {fmt_usd(self.spent, 4)} of max_cost ${self.max_cost:g}"
                     return False
                 await self._emit(await self.run_item(case, target, answer), results)
                 done += 1
@@ -577,11 +578,11 @@ def _progress(enabled: bool, total: int, label: str = "replay"):
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
     prog = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
-                    TimeRemainingColumn(), TextColumn("${task.fields[cost]:.4f}"), console=Console(stderr=True),
+                    TimeRemainingColumn(), TextColumn("{task.fields[cost]}"), console=Console(stderr=True),
                     transient=False)
     with prog:
-        task = prog.add_task("replay", total=total, cost=0.0)
-        yield lambda done, cost: prog.update(task, completed=done, cost=cost)
+        task = prog.add_task("replay", total=total, cost=fmt_usd(0.0))
+        yield lambda done, cost: prog.update(task, completed=done, cost=fmt_usd(cost))
 
 
 # -- the client ---------------------------------------------------------------------------------------------------

@@ -318,3 +318,24 @@ def test_the_header_names_how_cases_are_segmented():
     assert "segments by intent" in render_markdown(sliced) and "segments by intent" in render_github(sliced)
     for text in (render_markdown(fixed), render_github(fixed)):
         assert "the dataset's segments" in text and "segments by segment" not in text
+
+
+def test_every_renderer_prints_a_small_cost_as_it_is():
+    """30 cases at $0.00000137 a call: $0.000041, never the $0.0000 a model without a price also showed; a
+    dollar up in cents. JSON keeps the exact sum."""
+    from rich.console import Console
+
+    def report(per_call: float):
+        rows = results({"a": (30, 27, 28)})
+        for x in rows:
+            if x.candidate != "baseline":
+                x.cost_usd = per_call
+        return aggregate(rows, Gating(), run_id="run-cost")
+
+    small, large = report(0.00000137), report(0.4115)
+    assert render_terminal(small, Console(record=True, width=160)).count("cost $0.000041   OK") == 1
+    assert "\ncost $0.000041\n" in render_markdown(small)
+    assert '<p class="muted">cost $0.000041</p>' in render_html(small)
+    assert orjson.loads(render_json(small))["candidates"][0]["cost_usd"] == pytest.approx(30 * 0.00000137)
+    assert "cost $12.35   OK" in render_terminal(large, Console(record=True, width=160))
+    assert "\ncost $12.35\n" in render_markdown(large) and "cost $12.35</p>" in render_html(large)

@@ -3,6 +3,7 @@ open the data directory this test process holds, so the commands get the already
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import io
 import os
 import re
@@ -13,6 +14,7 @@ import typer
 from typer.testing import CliRunner
 
 from exporters import queries as q
+from exporters.tables import fmt_usd
 from gateway import stats_cli
 from tests.calls_seed import Seeded, call_row, insert_calls, seed_calls, seed_replayed
 
@@ -115,7 +117,7 @@ def test_errors_and_show(run, seeded):
     shown = run("show", seeded.error_trace)
     assert shown.exit_code == 0, shown.output
     for text in (seeded.acme, "refund", "upstream_5xx", "502", "region=eu", "run=" + seeded.run, "10 in / 5 out",
-                 "$0.001000", "request", '"hi"'):
+                 "$0.0010", "request", '"hi"'):
         assert text in shown.stdout, text
     as_json = run("show", seeded.span_trace_ok, "--json")
     call = orjson.loads(as_json.stdout)
@@ -367,3 +369,105 @@ def test_filter_values_are_read_as_the_gateway_records_them(run, seeded):
     assert lower.exit_code == upper.exit_code == 0, upper.output
     calls = [_json.loads(r.stdout)["total"]["calls"] for r in (lower, upper)]
     assert calls[0] > 0 and calls[0] == calls[1]
+
+
+# -- costs: small ones are never printed as $0, and an unknown one is said to be unknown ------------------------------
+def test_fmt_cost_never_prints_a_cost_as_zero():
+    f = stats_cli.fmt_cost
+    assert [f(x) for x in (0.000027, 4.11e-05, 0.00012345, 0.001, 0.015, 0.42, 1e-10)] == [
+        "$0.000027", "$0.000041", "$0.00012", "$0.0010", "$0.015", "$0.42", "$0.00000000010"]
+    # a dollar up: to the cent, grouped; 0.996 rounds to a dollar and is printed as one
+    assert [f(x) for x in (0.994, 0.996, 1, 12.345, 1234.5, 0)] == ["$0.99", "$1.00", "$1.00", "$12.35", "$1,234.50",
+                                                                     "$0.00"]
+    assert f(None) == "-" and f(float("nan")) == "-"
+    # a spend against a budget: more digits
+    assert (fmt_usd(0.0155, 4), fmt_usd(0.0000123456, 4), fmt_usd(3.1, 4)) == ("$0.01550", "$0.00001235", "$3.10")
+
+
+def test_stats_table_shows_small_costs_and_json_keeps_them_exact(run, chdb_store):
+    """Three calls at $0.000009 each: $0.000027, not the $0.0000 a model without a price also showed."""
+    run_id = "co" + os.urandom(5).hex()
+    priced, unpriced = f"{run_id}-priced", f"{run_id}-unpriced"
+    rows = ([call_row(run_id, priced, i, cost_usd=0.000009) for i in range(3)]
+            + [call_row(run_id, unpriced, i, cost_usd=0.0) for i in range(2)])
+    insert_calls(chdb_store, rows)
+    for extra in ((), ("--compare",)):
+        res = run("stats", "--by", "customer", "--where", f"tag.run={run_id}", "--wide", *extra)
+        assert res.exit_code == 0, res.output
+        header = next(ln for ln in res.stdout.splitlines() if "calls" in ln and "errors" in ln)
+        at = [c.strip() for c in header.strip().strip("┃").split("┃")].index("cost")
+        cost = {r[0]: r[at] for r in table_rows(res.stdout)}
+        assert cost == {priced: "$0.000027", unpriced: "$0.00", "all": "$0.000027"}, res.stdout
+    d = orjson.loads(run("stats", "--by", "customer", "--where", f"tag.run={run_id}", "--json").stdout)
+    by = {s["key"]["customer"]: s["cost_usd"] for s in d["segments"]}
+    assert by[priced] == pytest.approx(0.000027, rel=1e-12) and by[unpriced] == 0 and isinstance(by[unpriced], float)
+    csv_rows = list(csv.DictReader(io.StringIO(run("stats", "--by", "customer", "--where", f"tag.run={run_id}",
+                                                   "--csv").stdout)))
+    assert {r["customer"]: float(r["cost_usd"]) for r in csv_rows} == pytest.approx({priced: 0.000027, unpriced: 0.0})
+
+
+def _span_call(store, trace: str, customer: str, *, cost: str | None, tokens: bool = True, error: bool = False) -> None:
+    """One call as the gateway records it: a span in otel_traces, which reaches llm_calls through the view. The
+    gateway sets tagway.cost_usd only when the model has a price and the call reported usage."""
+    attrs = {"tagway.kind": "call", "tagway.customer": customer, "tagway.intent": "chat",
+             "gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai", "gen_ai.request.model": "my-model",
+             "tagway.model.requested": "my-model", "tagway.source": "production",
+             "http.response.status_code": "502" if error else "200"}
+    if tokens:
+        attrs.update({"gen_ai.usage.input_tokens": "120", "gen_ai.usage.output_tokens": "30"})
+    if cost is not None:
+        attrs["tagway.cost_usd"] = cost
+    if error:
+        attrs["error.type"] = "upstream_5xx"
+    now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=1)
+    span = {"Timestamp": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "TraceId": trace, "SpanId": os.urandom(8).hex(),
+            "SpanName": "chat my-model", "SpanKind": "Client", "ServiceName": "tagway", "ScopeName": "tagway.gateway",
+            "SpanAttributes": attrs, "Duration": 100_000_000, "StatusCode": "Error" if error else "Ok",
+            "StatusMessage": "upstream 502" if error else ""}
+    store.insert_json_rows("otel_traces", orjson.dumps(span), settings={"date_time_input_format": "best_effort"})
+
+
+def _cost_line(text: str) -> str:
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("cost ")]
+    return " ".join(line.split())
+
+
+def test_show_says_a_cost_is_unknown_when_the_gateway_recorded_none(run, chdb_store):
+    customer = "cu" + os.urandom(5).hex()
+    unpriced, cheap, free, failed = (os.urandom(16).hex() for _ in range(4))
+    _span_call(chdb_store, unpriced, customer, cost=None)  # a model with no price: no tagway.cost_usd
+    _span_call(chdb_store, cheap, customer, cost="0.0000123")
+    _span_call(chdb_store, free, customer, cost="0")  # priced at 0 (a free model): a known $0
+    _span_call(chdb_store, failed, customer, cost=None, tokens=False, error=True)  # no usage, so no cost
+
+    expected = {unpriced: ("cost unknown (no price for this model)", False, 0.0),
+                cheap: ("cost $0.000012", True, 0.0000123),
+                free: ("cost $0.00", True, 0.0),
+                failed: ("cost unknown (no token usage recorded)", False, 0.0)}
+    for trace, (line, known, usd) in expected.items():
+        shown = run("show", trace)
+        assert shown.exit_code == 0, shown.output
+        assert _cost_line(shown.stdout) == line
+        call = orjson.loads(run("show", trace, "--json").stdout)
+        # cost_usd keeps its type and value (0 as llm_calls stores it); cost_known says whether it is a cost
+        assert call["cost_known"] is known and isinstance(call["cost_usd"], float)
+        assert call["cost_usd"] == pytest.approx(usd)
+    # the case view prints the production call the same way
+    cases = run("show", unpriced, "--cases")
+    assert cases.exit_code == 0, cases.output
+    assert _cost_line(cases.stdout) == "cost unknown (no price for this model)"
+    assert orjson.loads(run("show", unpriced, "--cases", "--json").stdout)["call"]["cost_known"] is False
+    # what stats make of them: the known costs summed, the unknown ones counted as 0
+    d = orjson.loads(run("stats", "--where", f"customer={customer}", "--json").stdout)
+    assert d["total"]["calls"] == 4 and d["total"]["cost_usd"] == pytest.approx(0.0000123)
+
+
+def test_show_of_a_row_without_its_span_trusts_a_non_zero_cost(run, chdb_store):
+    """A row written straight into llm_calls (no span to tell): a cost that is not zero is known, a zero is not."""
+    run_id = "ns" + os.urandom(5).hex()
+    rows = [call_row(run_id, f"{run_id}-c", 0, cost_usd=0.0000042), call_row(run_id, f"{run_id}-c", 1, cost_usd=0.0)]
+    insert_calls(chdb_store, rows)
+    assert _cost_line(run("show", rows[0]["trace_id"]).stdout) == "cost $0.0000042"
+    assert orjson.loads(run("show", rows[0]["trace_id"], "--json").stdout)["cost_known"] is True
+    assert _cost_line(run("show", rows[1]["trace_id"]).stdout) == "cost unknown (no price for this model)"
+    assert orjson.loads(run("show", rows[1]["trace_id"], "--json").stdout)["cost_known"] is False
