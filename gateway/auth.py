@@ -19,23 +19,29 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from exporters.yamlfile import YamlFileError, item_line, load_yaml
+from exporters.yamlfile import YamlFileError, load_yaml
 
 from .config import GatewayConfig, KeyConfig, LimitsConfig, TenantConfig
 from .errors import GatewayError, bad_request, unauthorized
 
 __all__ = ["Principal", "KeyRing", "KeysFileError", "hash_key", "new_key", "add_key_to_file", "revoke_key_in_file",
-           "read_keys_file", "CREDENTIAL_HEADERS"]
+           "read_keys_file", "read_keys", "keys_without_tenant", "CREDENTIAL_HEADERS"]
 
 KEY_PREFIX = "tw-"
 log = logging.getLogger("tagway.auth")
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when PyYAML has it, as exporters.yamlfile reads
 # headers that say who is calling: each may come once (two `Authorization` headers must not be read as the first
 # by one route and the last by another)
 CREDENTIAL_HEADERS = ("authorization", "api-key", "x-api-key")  # x-api-key: Anthropic-SDK clients
 
 
 class KeysFileError(ValueError):
-    """The keys file cannot be used; `str(e)` is one line naming the file (and the line, where there is one)."""
+    """The keys file cannot be used. `problems`: one line each, naming the file (and the line and the entry, where
+    there are some); `str(e)` is all of them on one line."""
+
+    def __init__(self, problems: str | list[str]) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("; ".join(self.problems))
 
 
 def hash_key(key: str) -> str:
@@ -90,7 +96,7 @@ class KeyRing:
         """Build the lookup tables and swap them in whole (readers on the event loop never see half a load)."""
         path = self.config.keys_file
         mtime = os.path.getmtime(path) if path and os.path.exists(path) else None
-        from_file = self._read_file(path) if mtime is not None else []
+        from_file = read_keys(self.config) if mtime is not None else []
         by_hash: dict[str, tuple[KeyConfig, TenantConfig]] = {}
         revoked: set[str] = set()
         tenants = {t.customer: t for t in self.config.tenants}
@@ -104,27 +110,6 @@ class KeyRing:
             (revoked.add(k.hash) if k.revoked else by_hash.__setitem__(k.hash, (k, t)))
         self._by_hash, self._revoked = by_hash, revoked
         self._file_mtime = mtime  # only after a successful load, so a failed one is retried
-
-    @staticmethod
-    def _read_file(path: str) -> list[KeyConfig]:
-        try:
-            data = load_yaml(path, "keys file") or []
-        except YamlFileError as e:
-            raise KeysFileError(str(e)) from None
-        if not isinstance(data, list):
-            raise KeysFileError(f"{path}: expected a list of keys (as `tagway keys create` writes)")
-        keys = []
-        for i, item in enumerate(data):
-            try:
-                if not isinstance(item, dict):
-                    raise ValueError("each key must be a mapping")
-                keys.append(KeyConfig(**item))
-            except (ValidationError, ValueError, TypeError) as e:
-                line = item_line(path, i)
-                what = e.errors()[0] if isinstance(e, ValidationError) else None
-                why = f"{'.'.join(map(str, what['loc']))}: {what['msg']}" if what else str(e)
-                raise KeysFileError(f"{path}:{line or '?'}: key #{i + 1}: {why}") from None
-        return keys
 
     def keys(self) -> list[tuple[KeyConfig, TenantConfig]]:
         """Every active key with its tenant (config and keys file)."""
@@ -210,13 +195,97 @@ def duplicate_header(name: str) -> GatewayError:
 
 # -- the keys file (written by the CLI) ------------------------------------------------------------------------
 def read_keys_file(path: str) -> list[dict]:
-    if not os.path.exists(path):
+    """The keys file's entries as written ([] when there is no file yet), for the CLI to list or rewrite them; a
+    KeysFileError of one line per problem when it is not YAML, not a list, or holds something other than mappings.
+    What makes an entry unusable is `read_keys`'s to say: a file with a bad entry can still be listed and revoked in."""
+    if not path or not os.path.exists(path):
         return []
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f) or []
+    if os.path.isdir(path):
+        raise KeysFileError(f"{path}: is a directory; keys_file names the file `tagway keys create` writes")
+    try:
+        data = load_yaml(path, "keys file")
+    except YamlFileError as e:
+        raise KeysFileError(str(e)) from None
+    if data is None:
+        return []
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a list of keys")
+        raise KeysFileError(f"{path}: expected a list of keys (as `tagway keys create` writes)")
+    bad = [i for i, item in enumerate(data) if not isinstance(item, dict)]
+    if bad:
+        lines = _entry_lines(path)
+        raise KeysFileError([f"{_entry(path, lines, i)}: each key must be a mapping" for i in bad])
     return data
+
+
+def read_keys(config: GatewayConfig) -> list[KeyConfig]:
+    """The keys of the config's keys file ([] when there is none), one per entry in file order; or a KeysFileError
+    with one line per problem (`<file>:<line>: key #<n>: <what>`) when any entry cannot work: a field missing or of
+    the wrong type, a hash that is not `sha256:<hex>` (it would never match), no customer (it would authenticate
+    nobody), an id used twice in the file or also by a key in the config (`tagway keys revoke` would revoke the
+    wrong one, or refuse). `tagway serve` refuses to start with such a file and `tagway config check` reports it the
+    same way; a running gateway keeps its previous keys when the file changes into one.
+
+    A key whose customer is not a tenant of the config is no problem here: removing a tenant is how its keys are
+    shut out (see `keys_without_tenant`)."""
+    path = config.keys_file
+    if not path:
+        return []
+    items = read_keys_file(path)
+    problems: list[tuple[int, str]] = []
+    keys: list[KeyConfig] = []
+    inline = {k.id: f"tenants[{i}].keys[{j}]" for i, t in enumerate(config.tenants) for j, k in enumerate(t.keys)}
+    first: dict[str, int] = {}  # id -> the entry that has it first
+    for i, item in enumerate(items):
+        try:
+            k = KeyConfig.model_validate(item)
+        except ValidationError as e:
+            problems += [(i, f"{'.'.join(map(str, err['loc'])) or 'key'}: {err['msg']}") for err in e.errors()]
+            continue
+        keys.append(k)
+        if not k.hash.startswith("sha256:"):  # the value is not quoted: it might be a key pasted by mistake
+            problems.append((i, ("hash: must be 'sha256:<hex>' as `tagway keys create` writes it; this key can "
+                                 "never match")))
+        if not k.customer:
+            problems.append((i, ("customer: missing: a key in the keys file names its tenant (customer: <name>); "
+                                 "this key authenticates nobody")))
+        if k.id in inline:
+            problems.append((i, (f"id: {k.id!r} is also the id of a key in the config ({inline[k.id]}); give each "
+                                 "key its own id")))
+        if k.id in first:
+            problems.append((i, f"id: {k.id!r} is already the id of key #{first[k.id] + 1}; give each key its own id"))
+        else:
+            first[k.id] = i
+    if problems:
+        lines = _entry_lines(path)
+        raise KeysFileError([f"{_entry(path, lines, i)}: {what}" for i, what in problems])
+    return keys
+
+
+def keys_without_tenant(config: GatewayConfig, keys: list[KeyConfig]) -> list[tuple[str, KeyConfig]]:
+    """The active keys of the keys file (`keys` as `read_keys` returns them) whose customer is no tenant of the
+    config, each with where it is (`<file>:<line>: key #<n>`). They get 401 "Incorrect API key provided." until
+    the tenant is added; not an error, since removing a tenant from the config is how its keys are shut out (the
+    keys file keeps revoked and orphaned entries), and `tagway keys create` may run before any tenant exists."""
+    tenants = {t.customer for t in config.tenants}
+    orphans = [(i, k) for i, k in enumerate(keys) if not k.revoked and k.customer and k.customer not in tenants]
+    if not orphans:
+        return []
+    lines = _entry_lines(config.keys_file or "")
+    return [(_entry(config.keys_file or "", lines, i), k) for i, k in orphans]
+
+
+def _entry_lines(path: str) -> list[int]:
+    """The line (1-based) where each entry of the file's top-level list starts, read once for all the entries."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            node = yaml.compose(f.read(), Loader=_LOADER)
+    except (yaml.YAMLError, OSError, UnicodeDecodeError):
+        return []
+    return [n.start_mark.line + 1 for n in node.value] if isinstance(node, yaml.SequenceNode) else []
+
+
+def _entry(path: str, lines: list[int], index: int) -> str:
+    return f"{path}:{lines[index] if index < len(lines) else '?'}: key #{index + 1}"
 
 
 def _write_list(path: str, items: list[dict]) -> None:

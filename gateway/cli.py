@@ -80,6 +80,19 @@ def _load(path: Optional[str], *, providers: bool = False) -> GatewayConfig:
     return cfg
 
 
+def _load_keys(cfg: GatewayConfig) -> list[Any]:
+    """The keys file's keys, or its problems one line each (`error: <file>:<line>: key #<n>: <what>`) and exit 2:
+    what `serve` refuses to start with, `config check` says the same way."""
+    from .auth import KeysFileError, read_keys  # noqa: PLC0415
+
+    try:
+        return read_keys(cfg)
+    except KeysFileError as e:
+        for line in e.problems:
+            typer.echo(f"error: {line}", err=True)
+        raise typer.Exit(2) from None
+
+
 # -- serve --------------------------------------------------------------------------------------------------------
 @app.command()
 def serve(config: Optional[str] = ConfigOpt,
@@ -96,14 +109,9 @@ def serve(config: Optional[str] = ConfigOpt,
     from .observe import install_access_log  # noqa: PLC0415
     from .store_api import serve as serve_announced  # noqa: PLC0415
 
-    from .auth import KeyRing, KeysFileError  # noqa: PLC0415
-
     cfg = _load(config, providers=True)
     host, port = host or cfg.server.host, port or cfg.server.port
-    try:
-        KeyRing(cfg)  # a broken keys file is a start-up error of one line, not a traceback in a worker
-    except KeysFileError as e:
-        raise fail(str(e)) from None
+    _load_keys(cfg)  # a broken keys file is a start-up error of one line per problem, not a traceback in a worker
     if workers > 1:
         if cfg.recording.enabled and is_embedded(cfg.storage.resolved_dsn()):
             raise fail("--workers > 1 needs a ClickHouse server DSN: the embedded store allows one process per "
@@ -397,12 +405,16 @@ def keys_list(config: Optional[str] = ConfigOpt) -> None:
     cfg = _load(config)
     rows = [(k.id, t.customer, "revoked" if k.revoked else "active", "config") for t in cfg.tenants for k in t.keys]
     try:
-        rows += [(i.get("id", ""), i.get("customer", ""), "revoked" if i.get("revoked") else "active", "keys file")
-                 for i in read_keys_file(_keys_file(cfg))]
+        rows += [(_text(i.get("id")), _text(i.get("customer")), "revoked" if i.get("revoked") else "active",
+                  "keys file") for i in read_keys_file(_keys_file(cfg))]
     except ValueError as e:
         raise fail(str(e)) from None
     for r in rows:
         typer.echo("\t".join(r))
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)  # a hand-edited entry may hold a number where a name belongs
 
 
 # -- db -----------------------------------------------------------------------------------------------------------
@@ -635,13 +647,15 @@ def db_rollup_tags(config: Optional[str] = ConfigOpt,
 @config_app.command("check")
 def config_check(config: Optional[str] = ConfigOpt,
                  strict: bool = typer.Option(False, "--strict", help="Exit 1 when there is any warning.")) -> None:
-    """Validate the configuration, then warn about what would fail at run time: unset key variables, no admin
-    key, an unreachable ClickHouse, no config at all."""
+    """Validate the configuration and its keys file, then warn about what would fail at run time: unset key
+    variables, no admin key, keys of no tenant, an unreachable ClickHouse, no config at all."""
+    from .auth import keys_without_tenant  # noqa: PLC0415
     from .config_check import findings, probe_store  # noqa: PLC0415
 
     path = config or os.environ.get("TAGWAY_CONFIG")
     cfg = _load(path, providers=True)
-    found = findings(cfg, path, os.environ, probe_store(cfg))
+    keys = _load_keys(cfg)  # the keys file serve would refuse: the same lines, exit 2
+    found = findings(cfg, path, os.environ, probe_store(cfg), keys_without_tenant(cfg, keys))
     for f in found:
         typer.echo(f"warning: {f.line()}", err=True)
     typer.echo(f"{'ok' if not found else f'{len(found)} warning(s)'}: {len(cfg.models)} models, "

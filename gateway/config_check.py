@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Mapping
+from typing import Mapping, Sequence
 
-from .config import GatewayConfig
+from .config import GatewayConfig, KeyConfig
 
 __all__ = ["Finding", "findings", "probe_store", "ADMIN_KEY_HOWTO"]
 
@@ -27,7 +27,10 @@ class Finding:
         return f"{self.where}: {self.problem}" + (f"; {self.fix}" if self.fix else "")
 
 
-def findings(cfg: GatewayConfig, path: str | None, env: Mapping[str, str], store_error: str | None) -> list[Finding]:
+def findings(cfg: GatewayConfig, path: str | None, env: Mapping[str, str], store_error: str | None,
+             keys_without_tenant: Sequence[tuple[str, KeyConfig]] = ()) -> list[Finding]:
+    """`keys_without_tenant`: the keys file's active keys whose customer is no tenant, each with where it is
+    (`gateway.auth.keys_without_tenant`)."""
     out: list[Finding] = []
     if not path:
         out.append(Finding("config", "no config file: running on built-in defaults (no models, no tenants)",
@@ -47,6 +50,10 @@ def findings(cfg: GatewayConfig, path: str | None, env: Mapping[str, str], store
     if not cfg.tenants:
         out.append(Finding("tenants", "no tenants: only the admin key can make calls",
                            "add a tenant (customer: name), then `tagway keys create --customer name`"))
+    for where, k in keys_without_tenant:  # a warning: removing a tenant is how its keys are shut out
+        out.append(Finding(f"{where} ({k.id})", f"customer {k.customer!r} is not a tenant in the config: this key "
+                           "gets 401 \"Incorrect API key provided.\"",
+                           f"add the tenant (customer: {k.customer}), or `tagway keys revoke {k.id}`"))
     if store_error:
         out.append(Finding("storage.dsn" if cfg.storage.dsn else "storage.data_dir", store_error,
                            "the gateway would start and spool every call to disk until the store answers"

@@ -1,13 +1,18 @@
 """`tagway keys create/revoke/list` against a running gateway: printed once, stored hashed, revoked live."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 
 import httpx
+import pytest
 import yaml
 from typer.testing import CliRunner
 
 from gateway.app import TagwayApp
+from gateway.auth import KeyRing, KeysFileError, hash_key
 from gateway.cli import app as cli
 from gateway.config import load_config
 from tests.gateway_fixture import GatewayServer, MemoryRecorder
@@ -93,3 +98,133 @@ def test_revoking_a_key_written_in_the_config_says_where_it_is(tmp_path):
     assert res.exit_code == 2 and res.stderr.strip() == (
         "error: key 'a-inline' is written in the config (tenants[0].keys[0]), not in the keys file: set "
         "`revoked: true` there (a running gateway reads the config only at start)")
+
+
+# -- the keys file: what `serve` refuses, `config check` says the same way; `keys *` read it without tracebacks -----
+def _setup(tmp_path, keys_text: str, **cfg) -> tuple[str, str]:
+    """A config (one mock model, tenant acme, an inline key `inline`) and its keys file holding `keys_text`."""
+    cfg_path = tmp_path / "tagway.yaml"
+    cfg_path.write_text(yaml.safe_dump({
+        "storage": {"data_dir": str(tmp_path / "data")}, "models": [{"name": "m", "provider": "mock"}],
+        "tenants": [{"customer": "acme", "keys": [{"id": "inline", "hash": "sha256:" + "1" * 64}]}], **cfg}))
+    keys = tmp_path / "tagway.keys.yaml"
+    keys.write_text(keys_text)
+    return str(cfg_path), str(keys)
+
+
+CHECK_ENV = {"TAGWAY_CONFIG": None, "TAGWAY_ADMIN_KEY": "tw-admin-test-key-0123456789", "TAGWAY_STORAGE__DSN": None}
+H = "sha256:" + "0" * 64
+
+# case -> (keys file, the lines `serve` and `config check` print, {k} standing for the keys file's path)
+BAD_KEYS_FILES = {
+    "not a list": ("{a: 1}\n", ["error: {k}: expected a list of keys (as `tagway keys create` writes)"]),
+    "YAML syntax": ("- [unclosed\n",
+                    ["error: {k}: invalid YAML at line 2, column 1: expected ',' or ']', but got '<stream end>'"]),
+    "no hash": ("- {id: x, customer: acme}\n", ["error: {k}:1: key #1: hash: Field required"]),
+    "not a mapping": ("- {id: x, customer: acme, hash: '%s'}\n- just-a-string\n" % H,
+                      ["error: {k}:2: key #2: each key must be a mapping"]),
+    "hash without sha256:": ("- {id: x, customer: acme, hash: nothash}\n",
+                             ["error: {k}:1: key #1: hash: must be 'sha256:<hex>' as `tagway keys create` writes it; "
+                              "this key can never match"]),
+    "no customer": ("- {id: x, hash: '%s'}\n" % H,
+                    ["error: {k}:1: key #1: customer: missing: a key in the keys file names its tenant "
+                     "(customer: <name>); this key authenticates nobody"]),
+    "id twice": ("- {id: x, customer: acme, hash: '%s'}\n- {id: y, customer: acme, hash: 'sha256:2'}\n"
+                 "- {id: x, customer: acme, hash: 'sha256:3', revoked: true}\n" % H,
+                 ["error: {k}:3: key #3: id: 'x' is already the id of key #1; give each key its own id"]),
+    "id of a config key": ("- {id: inline, customer: acme, hash: '%s'}\n" % H,
+                           ["error: {k}:1: key #1: id: 'inline' is also the id of a key in the config "
+                            "(tenants[0].keys[0]); give each key its own id"]),
+    "every bad entry, one line each": (
+        "- {id: a, customer: acme, hash: nothash}\n- {id: b, customer: acme, hash: '%s', colour: red}\n"
+        "- {id: a, hash: 'sha256:4'}\n" % H,
+        ["error: {k}:1: key #1: hash: must be 'sha256:<hex>' as `tagway keys create` writes it; this key can never "
+         "match",
+         "error: {k}:2: key #2: colour: Extra inputs are not permitted",
+         "error: {k}:3: key #3: customer: missing: a key in the keys file names its tenant (customer: <name>); "
+         "this key authenticates nobody",
+         "error: {k}:3: key #3: id: 'a' is already the id of key #1; give each key its own id"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_KEYS_FILES)
+def test_config_check_refuses_what_serve_refuses_in_the_keys_file(tmp_path, case):
+    """`config check` did not read the keys file (exit 0 on files `serve` refused), and `serve` started with entries
+    that could never work: a hash without `sha256:`, no customer, an id twice (`keys revoke` would revoke one)."""
+    text, expected = BAD_KEYS_FILES[case]
+    cfg_path, keys = _setup(tmp_path, text)
+    expected = [line.format(k=keys) for line in expected]
+    for argv in (["config", "check"], ["serve", "--port", "1"]):  # serve stops before it binds
+        res = runner.invoke(cli, [*argv, "--config", cfg_path], env=CHECK_ENV)
+        assert res.exit_code == 2, (argv, res.output)
+        assert res.stderr.splitlines() == expected, argv
+        assert res.stdout == "" and "Traceback" not in res.output
+    with pytest.raises(KeysFileError) as e:  # the running gateway's reload reads it the same way
+        KeyRing(load_config(cfg_path))
+    assert e.value.problems == [line.removeprefix("error: ") for line in expected]
+
+
+def test_keys_the_cli_writes_and_sha256_hashes_pass(tmp_path):
+    """No valid form is refused: keys from `tagway keys create` (revoked or not), hand-written `sha256:` hashes,
+    an id reused by no one."""
+    cfg_path, _ = _setup(tmp_path, "- {id: hand, customer: acme, hash: '%s', tags: {team: cx}}\n" % H)
+    for args in (["--customer", "acme", "--id", "a1"], ["--customer", "acme"]):
+        assert runner.invoke(cli, ["keys", "create", *args, "--config", cfg_path]).exit_code == 0
+    assert runner.invoke(cli, ["keys", "revoke", "a1", "--config", cfg_path]).exit_code == 0
+    res = runner.invoke(cli, ["config", "check", "--config", cfg_path], env=CHECK_ENV)
+    assert res.exit_code == 0 and res.stderr == "" and res.stdout.startswith("ok: "), res.output
+    assert len(KeyRing(load_config(cfg_path)).keys()) == 3  # inline, hand, the second created (a1 is revoked)
+
+
+def test_a_key_of_no_tenant_is_a_config_check_warning(tmp_path):
+    """A key whose customer is no tenant gets 401 "Incorrect API key provided.", which blames the client. Removing a
+    tenant is how its keys are shut out (the keys file keeps their entries), and `keys create` runs before any
+    tenant exists: so `serve` starts and `config check` warns, once per active key (not for revoked ones)."""
+    text = (f"- {{id: ok, customer: acme, hash: '{H}'}}\n- {{id: gone, customer: nobody, hash: 'sha256:5'}}\n"
+            "- {id: old, customer: nobody, hash: 'sha256:6', revoked: true}\n")
+    cfg_path, keys = _setup(tmp_path, text)
+    res = runner.invoke(cli, ["config", "check", "--config", cfg_path], env=CHECK_ENV)
+    assert res.exit_code == 0, res.output
+    assert res.stderr.splitlines() == [
+        f"warning: {keys}:2: key #2 (gone): customer 'nobody' is not a tenant in the config: this key gets 401 "
+        "\"Incorrect API key provided.\"; add the tenant (customer: nobody), or `tagway keys revoke gone`"]
+    assert res.stdout.startswith("1 warning(s): ")
+    assert runner.invoke(cli, ["config", "check", "--strict", "--config", cfg_path], env=CHECK_ENV).exit_code == 1
+    ring = KeyRing(load_config(cfg_path))  # what serve builds: it starts
+    assert [k.id for k, _ in ring.keys()] == ["inline", "ok"]
+
+
+def test_a_running_gateway_keeps_its_keys_when_the_file_turns_bad(tmp_path):
+    cfg_path, keys = _setup(tmp_path, f"- {{id: ok, customer: acme, hash: '{hash_key('tw-ok')}'}}\n")
+    ring = KeyRing(load_config(cfg_path))
+    with open(keys, "a") as f:
+        f.write("- {id: ok, customer: acme, hash: 'sha256:7'}\n")
+    os.utime(keys, (time.time() + 5, time.time() + 5))
+    assert ring.reload_if_changed() is False
+    assert ring.authenticate("Bearer tw-ok").key_id == "ok"
+
+
+@pytest.mark.parametrize("argv", [["keys", "list"], ["keys", "create", "--customer", "acme"],
+                                  ["keys", "revoke", "x"]])
+def test_keys_commands_on_a_keys_file_with_a_yaml_error_say_one_line(tmp_path, argv):
+    """`keys list` printed PyYAML's two raw lines (`expected ',' or ']' ... in "k.keys.yaml", line 2, column 1`)
+    with exit 1; every keys command says what `serve` says, exit 2, and leaves the file as it was."""
+    text = "- {id: x, customer: acme, hash: '%s'}\n- [unclosed\n" % H
+    cfg_path, keys = _setup(tmp_path, text)
+    r = subprocess.run([sys.executable, "-m", "gateway.cli", *argv, "--config", cfg_path], capture_output=True,
+                       text=True, env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.splitlines() == [
+        f"error: {keys}: invalid YAML at line 3, column 1: expected ',' or ']', but got '<stream end>'"]
+    assert r.stdout == "" and (tmp_path / "tagway.keys.yaml").read_text() == text
+
+
+def test_keys_list_shows_entries_serve_would_refuse(tmp_path):
+    """A file with a bad entry can still be listed (to find it) and revoked in; a number where a name belongs is
+    shown, not a TypeError."""
+    cfg_path, _ = _setup(tmp_path, f"- {{id: 7, customer: acme, hash: nothash}}\n- {{id: x, hash: '{H}'}}\n")
+    res = runner.invoke(cli, ["keys", "list", "--config", cfg_path])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines() == ["inline\tacme\tactive\tconfig", "7\tacme\tactive\tkeys file",
+                                       "x\t\tactive\tkeys file"]
+    assert runner.invoke(cli, ["keys", "revoke", "x", "--config", cfg_path]).exit_code == 0
