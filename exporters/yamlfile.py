@@ -15,7 +15,34 @@ import yaml
 
 __all__ = ["YamlFileError", "load_mapping", "load_yaml", "item_line"]
 
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when PyYAML has it: ~10x faster
+
+
+class _UniqueKeys:
+    """A mapping that names a key twice is an error (YAML 1.2 says keys are unique; PyYAML keeps the last one, so a
+    second `server:` section would silently replace the first)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)  # type: ignore[attr-defined]
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice (first at line {seen[key]})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)  # type: ignore[misc]
+
+
+class _FastLoader(_UniqueKeys, getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """libyaml when PyYAML has it: ~10x faster."""
+
+
+class _PyLoader(_UniqueKeys, yaml.SafeLoader):
+    """The pure-Python parser: it words its errors the same on every machine."""
+
+
+_LOADER = _FastLoader
 
 
 class YamlFileError(ValueError):
@@ -32,7 +59,7 @@ def load_yaml(path: str | os.PathLike[str], what: str = "config file") -> Any:
         try:
             return yaml.load(text, Loader=_LOADER)
         except yaml.YAMLError:
-            return yaml.safe_load(text)  # the pure-Python parser words its errors the same on every machine
+            return yaml.load(text, Loader=_PyLoader)  # the pure-Python parser words its errors the same everywhere
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

@@ -25,6 +25,11 @@ def messages(path) -> list[str]:
     ("a: 1\n  b: 2\n", "invalid YAML at line 2, column 4: mapping values are not allowed here"),
     ("a: 'open\n", "invalid YAML at line 2, column 1: found unexpected end of stream"),
     ("- a\n- b\n", "the top level must be a mapping"),
+    # PyYAML keeps the last of two equal keys: a second `server:` silently replaced the first
+    ("server:\n  port: 4000\nmodels: []\nserver:\n  port: 5000\n",
+     "invalid YAML at line 4, column 1: the key 'server' is given twice (first at line 1)"),
+    ("storage:\n  data_dir: a\n  data_dir: b\n",
+     "invalid YAML at line 3, column 3: the key 'data_dir' is given twice (first at line 2)"),
 ])
 def test_one_error_format_for_every_yaml_file(tmp_path, text, expected):
     path = tmp_path / "broken.yaml"
@@ -43,3 +48,11 @@ def test_a_missing_file_is_named(tmp_path):
     config, dsn, spec = messages(path)
     assert config == dsn == f"config file {str(path)!r} does not exist"
     assert spec == f"spec {str(path)!r} does not exist"
+
+
+def test_merge_keys_still_override(tmp_path):
+    """`<<: *anchor` then a key of the anchor's: YAML's merge, not a key given twice."""
+    from exporters.yamlfile import load_mapping
+    path = tmp_path / "merge.yaml"
+    path.write_text("base: &b\n  a: 1\n  c: 3\nx:\n  <<: *b\n  a: 2\n")
+    assert load_mapping(path) == {"base": {"a": 1, "c": 3}, "x": {"a": 2, "c": 3}}
