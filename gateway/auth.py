@@ -160,7 +160,11 @@ class KeyRing:
             if len(headers.getlist(name)) > 1:
                 self.refused("duplicate_header")
                 raise duplicate_header(name)
-        return self.authenticate(headers.get("authorization"), headers.get("api-key") or headers.get("x-api-key"))
+        azure, anthropic = headers.get("api-key"), headers.get("x-api-key")
+        if azure and anthropic and azure.strip() != anthropic.strip():
+            self.refused("conflicting_api_keys")
+            raise conflicting_keys()
+        return self.authenticate(headers.get("authorization"), azure or anthropic)
 
     def refused(self, reason: str) -> None:
         with self._failures_lock:
@@ -172,8 +176,11 @@ class KeyRing:
             scheme, _, value = authorization.partition(" ")
             if scheme.lower() == "bearer" and value.strip():
                 key = value.strip()
-        if key is None and api_key_header:
-            key = api_key_header.strip()
+        other = api_key_header.strip() if api_key_header else ""
+        if key is not None and other and other != key:  # whose call is it? never a guess
+            raise conflicting_keys()
+        if key is None and other:
+            key = other
         if not key:
             raise unauthorized("Missing API key: send 'Authorization: Bearer <tagway key>'.", code="missing_api_key")
         h = hash_key(key)
@@ -186,6 +193,11 @@ class KeyRing:
             raise unauthorized("Incorrect API key provided.", code="invalid_api_key")
         k, tenant = hit
         return Principal(key_id=k.id, tenant=tenant, key_tags={**tenant.tags, **k.tags}, limits=k.limits)
+
+
+def conflicting_keys() -> GatewayError:
+    return bad_request("Two different API keys are sent (in Authorization and api-key or x-api-key); send one.",
+                       code="conflicting_api_keys", param="authorization")
 
 
 def duplicate_header(name: str) -> GatewayError:

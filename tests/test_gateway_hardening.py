@@ -128,6 +128,25 @@ def test_finding7_a_repeated_credential_header_is_refused_on_every_route(gw):
     assert r.status_code == 400 and r.json()["error"]["param"] == "x-tagway-customer"
 
 
+def test_two_different_keys_in_two_credential_headers_are_refused_on_every_route(gw):
+    """Authorization for one tenant and api-key (or x-api-key) for another: whose call it is would be a guess (it
+    was Authorization's, silently). The same key in both is one credential and passes."""
+    chat_body = {"model": "gpt-test", "messages": [{"role": "user", "content": "x"}]}
+    for other in ("api-key", "x-api-key"):
+        mixed = {"Authorization": f"Bearer {KEYS['acme']}", other: KEYS["globex"]}
+        r = httpx.post(gw.url + "/v1/chat/completions", headers=mixed, json=chat_body)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "conflicting_api_keys", r.text
+        r = httpx.get(gw.url + "/v1/tagway/stats", headers=mixed)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "conflicting_api_keys", r.text
+    both = {"api-key": KEYS["acme"], "x-api-key": KEYS["globex"]}
+    r = httpx.get(gw.url + "/v1/tagway/stats", headers=both)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "conflicting_api_keys", r.text
+    same = {"Authorization": f"Bearer {KEYS['acme']}", "api-key": KEYS["acme"]}
+    r = httpx.post(gw.url + "/v1/chat/completions", headers=same, json=chat_body)
+    assert r.status_code == 200, r.text
+    assert gw.call_row(r.headers["x-tagway-trace-id"], ADMIN)["customer"] == "acme"
+
+
 def test_finding8_a_provider_echoing_its_key_leaks_it_nowhere(gw):
     raw = chat(gw, "acme", model="echokey")
     text = raw.parse().choices[0].message.content
