@@ -110,7 +110,7 @@ def serve(config: Optional[str] = ConfigOpt,
     from .store_api import serve as serve_announced  # noqa: PLC0415
 
     cfg = _load(config, providers=True)
-    host, port = host or cfg.server.host, port or cfg.server.port
+    host, port = host or cfg.server.host, (port if port is not None else cfg.server.port)  # --port 0: any free port
     _load_keys(cfg)  # a broken keys file is a start-up error of one line per problem, not a traceback in a worker
     if workers > 1:
         if cfg.recording.enabled and is_embedded(cfg.storage.resolved_dsn()):

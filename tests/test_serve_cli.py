@@ -131,6 +131,20 @@ def test_a_host_this_machine_does_not_have_is_one_line_about_the_host_not_the_po
         assert "--host must be an address of this host" in lines[0] and "another --port" not in lines[0]
 
 
+def test_port_0_serves_on_a_free_port_and_says_which(tmp_path):
+    """`--port 0` was read as "not given" and served on the config's port."""
+    configured = free_port()
+    proc = serve(write_config(tmp_path, configured), "--port", "0")
+    try:
+        first = proc.stderr.readline()
+        m = re.match(r"tagway: serving on http://127\.0\.0\.1:(\d+)/v1 ", first)
+        assert m and int(m.group(1)) not in (0, configured), first
+        wait_ready(f"http://127.0.0.1:{m.group(1)}", proc)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)
+
+
 def test_an_sdk_turned_off_by_environment_is_one_line_not_a_gateway_without_trace_ids(tmp_path):
     """OTEL_SDK_DISABLED=true makes the SDK hand out no-op tracers: every call would go unrecorded under trace id 0.
     The gateway refuses to start, recording on or off, and says which variable to unset."""
