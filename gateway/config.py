@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import itertools
 import re
 import typing
 from fnmatch import fnmatchcase
@@ -420,8 +421,12 @@ def _format_errors(e: ValidationError, path: str | os.PathLike | None = None,
             msg = "unknown setting"
         top = str(err["loc"][0]) if err["loc"] else ""
         env_prefix = f"TAGWAY_{top.upper()}"
-        exact = "TAGWAY_" + "__".join(str(p).upper() for p in err["loc"])  # the variable of this very setting
-        if any(k.upper() == exact for k in os.environ):  # set in both: the environment's value is the one read
+        # the variable of this very setting, or of the section or list holding it (TAGWAY_TENANTS='[...]')
+        names = list(itertools.takewhile(lambda p: isinstance(p, str), err["loc"]))
+        present = {k.upper() for k in os.environ}
+        exact = next((v for v in ("TAGWAY_" + "__".join(names[:i]).upper() for i in range(len(names), 0, -1))
+                      if v in present), None)
+        if exact:  # set in both: the environment's value is the one read
             where = f"${exact}: "
         elif top and top not in file_keys and any(k.upper().startswith(env_prefix) for k in os.environ):
             where = f"${env_prefix}{'__*' if len(err['loc']) > 1 else ''}: "

@@ -32,8 +32,10 @@ def compile_pattern(pattern: str) -> Any:
     try:
         return re2.compile(pattern, options=_OPTIONS)
     except re2.error as e:
-        raise PatternError(f"pattern {pattern!r} cannot be used (RE2 syntax, no backreferences or look-around): "
-                           f"{e}") from None
+        why = e.args[0] if e.args else str(e)  # RE2 gives its reason as bytes
+        why = why.decode("utf-8", "replace") if isinstance(why, bytes) else str(why)
+        raise PatternError(f"pattern '{pattern}' cannot be used (RE2 syntax, no backreferences or look-around): "
+                           f"{why}") from None
 
 
 # Pre-checks: what a text must hold for a pattern to match in it, tested in C-speed string operations (Python's

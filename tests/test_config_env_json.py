@@ -37,3 +37,15 @@ def test_valid_json_from_the_environment_still_configures(tmp_path, monkeypatch)
                              env={"TAGWAY_RECORDING__REDACT_PATTERNS": '["ACCT-[0-9]+"]',
                                   "TAGWAY_ADMIN_KEY": "tw-admin-test-key-0123456789", "OPENAI_API_KEY": "sk-test"})
     assert res.exit_code == 0, res.output
+
+
+def test_a_list_from_the_environment_with_a_bad_item_names_its_variable(tmp_path, monkeypatch):
+    """TAGWAY_TENANTS='[1]': the variable that holds the list, not `$TAGWAY_TENANTS__*` (no such variable)."""
+    for k in ENV_KEYS:
+        monkeypatch.delenv(k, raising=False)
+    res = CliRunner().invoke(gateway_cli.command(), ["config", "check", "--config", write(tmp_path)],
+                             env={"TAGWAY_TENANTS": "[1]"})
+    assert res.exit_code == 2, res.output
+    assert res.stderr.splitlines() == [
+        "tagway: config error: $TAGWAY_TENANTS: tenants[0]: Input should be a valid dictionary or instance of "
+        "TenantConfig"]

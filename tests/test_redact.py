@@ -35,10 +35,14 @@ def test_deep_cuts_per_string_and_per_call_and_says_so():
 
 
 def test_a_backtracking_pattern_is_refused_with_a_clear_error():
-    with pytest.raises(PatternError, match="no backreferences or look-around"):
+    with pytest.raises(PatternError) as e:
         compile_pattern(r"(a)\1")
-    with pytest.raises(PatternError):
+    # the pattern as written and RE2's reason as text (not a bytes repr with doubled backslashes)
+    assert str(e.value) == ("pattern '(a)\\1' cannot be used (RE2 syntax, no backreferences or look-around): "
+                            "invalid escape sequence: \\1")
+    with pytest.raises(PatternError) as e:
         compile_pattern(r"(?<=x)y")
+    assert str(e.value).endswith("look-around): invalid perl operator: (?<=")
 
 
 ALPHABET = st.sampled_from(["a", "Z", "0", "9", ".", "-", "_", "@", " ", "sk-", "Bearer ", "4111", "\n", "é"])
