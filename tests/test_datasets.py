@@ -427,3 +427,19 @@ def test_the_new_tables_follow_the_cluster_setting():
     assert len(ttl) == 1 and "`llm_feedback_local`" in ttl[0]  # ratings age with the calls; datasets never do
     single = [sql for v, sql in statements_for(SchemaSettings(ttl_days=30)) if v == 6]
     assert not any("ON CLUSTER" in s or "Distributed" in s for s in single)
+
+
+@pytest.mark.parametrize("line, says", [
+    ({"case_id": 5, "messages": [{"role": "user", "content": "x"}]}, "bad case (no valid case_id"),
+    ({"trace_id": "a b", "messages": [{"role": "user", "content": "x"}]}, "bad case (no valid trace_id"),
+    ({"messages": [{"role": "user", "content": "x"}]}, "bad case (no valid trace_id"),
+])
+def test_a_case_line_without_a_usable_id_names_the_field_it_has(tmp_path, line, says):
+    """Exported files name a case's id `case_id`: a bad one is called that, not `trace_id`."""
+    from replay.datasets.jsonl import parse_file
+    from exporters.datasets import DatasetStoreError
+    path = tmp_path / "cases.jsonl"
+    path.write_bytes(orjson.dumps(line) + b"\n")
+    with pytest.raises(DatasetStoreError) as e:
+        parse_file(path)
+    assert str(e.value).startswith(f"{path}:1: {says}"), str(e.value)
