@@ -163,7 +163,7 @@ def test_from_a_failing_segment_to_a_case_and_back(board, page, shots, chdb_dsn)
     assert facts["prompt version"] == shown["prompt_version"] and facts["model"] == shown["model_requested"]
     assert facts["latency"] == f"{shown['latency_ms']:,.0f} ms"
     assert facts["tokens"] == f"{shown['input_tokens']:,} in / {shown['output_tokens']:,} out"
-    assert facts["cost"] == f"${shown['cost_usd']:.6f}"
+    assert facts["cost"] == stats_cli.fmt_cost(shown["cost_usd"]) and shown["cost_known"]  # as `tagway show` says it
     roles = page.eval_on_selector_all("#conversation .msg", "x => x.map(e => e.dataset.role)")
     assert roles == ["system", "user", "assistant"]
     assert "refund" in page.text_content("#conversation .msg[data-role='user']")
@@ -259,6 +259,8 @@ def test_call_page_fallback_tools_redaction_errors_and_show_all(board, page, sho
     message = page.text_content("dd[data-field='message']")
     assert "upstream says 500" in message and "sk-upstream" not in page.content()
     assert page.text_content("dd[data-field='error type']") == "http_500"
+    # no usage, so the gateway recorded no cost: said so, as `tagway show` says it, not $0
+    assert page.text_content("dd[data-field='cost']") == "unknown (no token usage recorded)"
     shot(page, shots, "10-call-error")
 
     goto(page, f"{board.url}/ui/calls/{board.traces['redacted']}")

@@ -44,6 +44,12 @@ function dl(pairs) {
   }
   return d;
 }
+// A call's cost as `tagway show` says it: the gateway records none for a model without a price, nor for a call
+// without token usage; llm_calls stores 0 for both, and the call's span tells them apart (cost_known).
+function callCost(c) {
+  if (c.cost_known !== false) return fmtCost(c.cost_usd || 0);
+  return (c.input_tokens || c.output_tokens) ? "unknown (no price for this model)" : "unknown (no token usage recorded)";
+}
 function badge(text, kind) { return el("span", { class: "badge " + (kind || text) }, text); }
 function link(text, href, attrs) { return el("a", Object.assign({ href }, attrs || {}), text); }
 function table(heads, rows, attrs) {
@@ -318,7 +324,7 @@ async function pageCall() {
       ["time to first byte", c.ttft_ms === null || c.ttft_ms === undefined ? "" : fmtMs(c.ttft_ms) + " ms"],
       ["attempts", String(c.attempts || 1)],
       ["tokens", fmtInt(c.input_tokens) + " in / " + fmtInt(c.output_tokens) + " out"],
-      ["cost", "$" + fixed(c.cost_usd || 0, 6)]]), attemptsTable(c)),
+      ["cost", callCost(c)]]), attemptsTable(c)),
     c.request_params ? card("Request parameters", el("div", { id: "request-params" }, pre(pretty(c.request_params), "json"))) : null,
     card("Applied tags", await appliedTags(c, "message"), c.session_id ? await appliedTags(c, "session") : null),
     card("Replays of this call", replaysOfCall(view))));
@@ -490,7 +496,7 @@ async function pageCase() {
   main().appendChild(card("Production trace", dl([["time", fmtTime(c.Timestamp) + " UTC"], ["status", c.status +
     (c.error_type ? " (" + c.error_type + ")" : "")], ["customer", label(c.customer)], ["intent", label(c.intent)],
   ["prompt version", label(c.prompt_version)], ["model", c.model_requested], ["tags", tagsText(c.tags)],
-  ["latency", fmtMs(c.latency_ms) + " ms"], ["cost", "$" + fixed(c.cost_usd || 0, 6)]]),
+  ["latency", fmtMs(c.latency_ms) + " ms"], ["cost", callCost(c)]]),
   truncationNote(c), conversation(c, { id: "production" })));
   if (!view.runs.length) main().appendChild(card("Replays", el("p", { class: "muted", id: "no-runs" },
     "No replay has used this case yet.")));

@@ -53,7 +53,20 @@ const fmtDelta = (x) => {
   return (s.startsWith("-") ? s : "+" + s) + " pp";
 };
 const fmtMs = (x) => (x === null || x === undefined ? "-" : grouped(fixed(x, 0)));
-const fmtCost = (x) => "$" + grouped(fixed(x, x < 100 ? 4 : 2));
+// A cost as the CLI prints it (exporters/tables.py fmt_usd): cents from a dollar up, two significant digits under
+// it ($0.000027), so a cost that is not zero never reads $0; "-" for none.
+function fmtCost(x) {
+  if (x === null || x === undefined || Number.isNaN(x)) return "-";
+  if (x === 0) return "$0.00";
+  const sign = x < 0 ? "-" : "";
+  const a = Math.abs(x);
+  if (!Number.isFinite(a)) return sign + "$inf";
+  const e = Number(a.toExponential().split("e")[1]);  // the decimal exponent of the exact value
+  let sig = fixed(a, Math.max(0, 1 - e));  // two significant digits, ties to even as Python rounds
+  if (Number(sig) >= Math.pow(10, e + 1) && e + 1 < 0) sig = fixed(a, -e);  // 0.0996 -> 0.10, not 0.100
+  if (Number(sig) >= 1) return sign + "$" + grouped(fixed(a, 2));
+  return sign + "$" + sig;
+}
 const label = (v) => (v === "" ? "(none)" : v);
 
 // -- where things are ------------------------------------------------------------------------------------------
