@@ -108,6 +108,8 @@ class KeyRing:
             if t is None:
                 continue  # a key for a tenant no longer configured authenticates nobody
             (revoked.add(k.hash) if k.revoked else by_hash.__setitem__(k.hash, (k, t)))
+        for h in revoked:  # a key revoked anywhere is revoked, whatever another entry of the same key says
+            by_hash.pop(h, None)
         self._by_hash, self._revoked = by_hash, revoked
         self._file_mtime = mtime  # only after a successful load, so a failed one is retried
 
@@ -247,6 +249,9 @@ def read_keys(config: GatewayConfig) -> list[KeyConfig]:
     keys: list[KeyConfig] = []
     inline = {k.id: f"tenants[{i}].keys[{j}]" for i, t in enumerate(config.tenants) for j, k in enumerate(t.keys)}
     first: dict[str, int] = {}  # id -> the entry that has it first
+    inline_hashes = {k.hash: f"tenants[{i}].keys[{j}]" for i, t in enumerate(config.tenants)
+                     for j, k in enumerate(t.keys)}
+    first_hash: dict[str, int] = {}  # hash -> the entry that has it first
     for i, item in enumerate(items):
         try:
             k = KeyConfig.model_validate(item)
@@ -267,6 +272,14 @@ def read_keys(config: GatewayConfig) -> list[KeyConfig]:
             problems.append((i, f"id: {k.id!r} is already the id of key #{first[k.id] + 1}; give each key its own id"))
         else:
             first[k.id] = i
+        # the same key twice: whose tenant it is, and whether revoking one entry revokes it, would be a guess
+        if k.hash in first_hash:
+            problems.append((i, f"hash: the same key as key #{first_hash[k.hash] + 1}; keep one entry per key"))
+        elif k.hash in inline_hashes:
+            problems.append((i, f"hash: the same key as {inline_hashes[k.hash]} in the config; keep one entry per "
+                                "key"))
+        else:
+            first_hash[k.hash] = i
     if problems:
         lines = _entry_lines(path)
         raise KeysFileError([f"{_entry(path, lines, i)}: {what}" for i, what in problems])

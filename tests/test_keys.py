@@ -135,6 +135,12 @@ BAD_KEYS_FILES = {
     "id of a config key": ("- {id: inline, customer: acme, hash: '%s'}\n" % H,
                            ["error: {k}:1: key #1: id: 'inline' is also the id of a key in the config "
                             "(tenants[0].keys[0]); give each key its own id"]),
+    "the same key twice": ("- {id: x, customer: acme, hash: '%s'}\n- {id: y, customer: acme, hash: '%s', "
+                           "revoked: true}\n" % (H, H),
+                           ["error: {k}:2: key #2: hash: the same key as key #1; keep one entry per key"]),
+    "the same key as a config key": ("- {id: x, customer: acme, hash: 'sha256:%s'}\n" % ("1" * 64),
+                                     ["error: {k}:1: key #1: hash: the same key as tenants[0].keys[0] in the config; "
+                                      "keep one entry per key"]),
     "every bad entry, one line each": (
         "- {id: a, customer: acme, hash: nothash}\n- {id: b, customer: acme, hash: '%s', colour: red}\n"
         "- {id: a, hash: 'sha256:4'}\n" % H,
@@ -228,3 +234,16 @@ def test_keys_list_shows_entries_serve_would_refuse(tmp_path):
     assert res.stdout.splitlines() == ["inline\tacme\tactive\tconfig", "7\tacme\tactive\tkeys file",
                                        "x\t\tactive\tkeys file"]
     assert runner.invoke(cli, ["keys", "revoke", "x", "--config", cfg_path]).exit_code == 0
+
+
+def test_a_key_revoked_in_one_entry_is_revoked_whatever_another_says(tmp_path):
+    """Two entries of one key in the config, one revoked: the active one used to win the lookup, so the revocation
+    did nothing."""
+    from gateway.errors import GatewayError
+    key = "tw-twice-0123456789abcdefghijklmnopqrstu"
+    cfg = load_config(_setup(tmp_path, "", tenants=[
+        {"customer": "acme", "keys": [{"id": "a1", "hash": hash_key(key), "revoked": True}]},
+        {"customer": "globex", "keys": [{"id": "g1", "hash": hash_key(key)}]}])[0])
+    with pytest.raises(GatewayError) as e:
+        KeyRing(cfg).authenticate(f"Bearer {key}")
+    assert e.value.status == 401 and e.value.code == "revoked_api_key"
