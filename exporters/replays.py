@@ -137,13 +137,24 @@ def list_runs(store: Any, *, spec: str | None = None, dataset: str | None = None
     for r in runs:
         r.pop("report", None)
     if customer is not None and runs:
-        costs = store.query(f"SELECT run_id, sum(cost_usd) AS cost FROM {table_name('replay_results', database)} "
-                            "WHERE customer = {customer:String} AND run_id IN {ids:Array(String)} GROUP BY run_id",
-                            parameters={"customer": customer, "ids": [r["run_id"] for r in runs]})
-        by_run = {c["run_id"]: float(c["cost"]) for c in costs}
+        mine = _customer_share(store, [r["run_id"] for r in runs], customer, database)
         for r in runs:
-            r["cost_usd"] = by_run.get(r["run_id"], 0.0)
+            r["n_cases"], r["cost_usd"] = mine.get(r["run_id"], (0, 0.0))
     return runs
+
+
+def _customer_share(store: Any, run_ids: list[str], customer: str, database: str) -> dict[str, tuple[int, float]]:
+    """run id -> (the customer's cases, what the run's calls for them cost). The cost is the recorded calls the run
+    made as this customer (candidates, a re-run baseline, judges): a result row of a logged baseline carries the
+    production call's cost, which the run never paid, and a judge's calls have no result row."""
+    cases = store.query(f"SELECT run_id, uniqExact(case_id) AS n FROM {table_name('replay_results', database)} "
+                        "WHERE customer = {customer:String} AND run_id IN {ids:Array(String)} GROUP BY run_id",
+                        parameters={"customer": customer, "ids": run_ids})
+    costs = store.query(f"SELECT replay_run_id AS run_id, sum(cost_usd) AS cost FROM {table_name('llm_calls', database)} "
+                        "WHERE customer = {customer:String} AND replay_run_id IN {ids:Array(String)} "
+                        "GROUP BY replay_run_id", parameters={"customer": customer, "ids": run_ids})
+    cost = {c["run_id"]: float(c["cost"] or 0.0) for c in costs}
+    return {c["run_id"]: (int(c["n"]), cost.get(c["run_id"], 0.0)) for c in cases}
 
 
 def get_run(store: Any, run_id: str, *, customer: str | None = None, database: str = "") -> dict[str, Any] | None:
@@ -154,12 +165,10 @@ def get_run(store: Any, run_id: str, *, customer: str | None = None, database: s
     settle_running(store, rows, database)
     run = _run_dict(rows[0], full=customer is None)
     if customer is not None:
-        n = store.query(f"SELECT count() AS n, sum(cost_usd) AS cost FROM {table_name('replay_results', database)} "
-                        "WHERE run_id = {run_id:String} AND customer = {customer:String}",
-                        parameters={"run_id": rid, "customer": customer})[0]
-        if not int(n["n"]):
+        mine = _customer_share(store, [rid], customer, database).get(rid)
+        if mine is None:
             return None  # a run that never touched this customer does not exist for its key
-        run["cost_usd"] = float(n["cost"] or 0.0)
+        run["n_cases"], run["cost_usd"] = mine
     return run
 
 

@@ -63,7 +63,7 @@ def test_calls_bad_input(board, params, param, needle):
     assert err["param"] == param and needle in err["message"]
 
 
-def test_tenant_keys_see_their_own_customer_and_nothing_else(board):
+def test_tenant_keys_see_their_own_customer_and_nothing_else(board, chdb_store):
     acme, globex = board.customers["acme"], board.customers["globex"]
     key = board.keys["acme"]
     assert get(board, "/v1/tagway/whoami", key).json() == {"admin": False, "customer": acme, "key_id": "acme-key",
@@ -83,6 +83,16 @@ def test_tenant_keys_see_their_own_customer_and_nothing_else(board):
     runs = get(board, "/v1/tagway/replays", key).json()["runs"]
     assert [r["run_id"] for r in runs] == board.runs[::-1] and all(r["verdict"] == "" for r in runs)
     run = get(board, f"/v1/tagway/replays/{board.runs[1]}", key).json()
+    # its share of the run: its cases, and what the run's calls for them cost (not the logged baseline's production
+    # cost, which the run never paid: that doubled the figure)
+    share = chdb_store.query("SELECT count() AS n, sum(cost_usd) AS cost FROM llm_calls WHERE replay_run_id = {r:String} "
+                             "AND customer = {c:String}", parameters={"r": board.runs[1], "c": acme})[0]
+    cases = chdb_store.query("SELECT uniqExact(case_id) AS n FROM replay_results WHERE run_id = {r:String} "
+                             "AND customer = {c:String}", parameters={"r": board.runs[1], "c": acme})[0]["n"]
+    admin = get(board, f"/admin/replays/{board.runs[1]}").json()
+    assert int(share["n"]) > 0 and float(share["cost"]) > 0 and run["cost_usd"] == pytest.approx(float(share["cost"]))
+    assert run["n_cases"] == cases < admin["n_cases"]
+    assert {r["run_id"]: r["cost_usd"] for r in runs}[board.runs[1]] == pytest.approx(run["cost_usd"])
     assert {f["customer"] for f in run["flipped"]} == {acme} and len(run["flipped"]) == 4
     assert "reasons" not in run and run["limited_to_customer"] == acme
     assert sum(r["n"] for r in run["table"]["cand"]["rows"]) == run["table"]["cand"]["overall"]["n"] < 72
