@@ -5,6 +5,7 @@ versions, eval runs, tags and audit log read back from the store."""
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 import uuid
@@ -26,6 +27,7 @@ from replay.datasets.populate_cli import watch
 from replay.evals.cli import eval_app
 from replay.evals.populate import populate_and_evaluate
 from replay.evals.run import EvalOptions
+from replay.runner import FatalRunError
 from tests.gateway_fixture import ADMIN_KEY, recorded_gateway
 from tests.replay_support import call_span, record
 from tests.tag_rules_support import JUDGE_MODEL, JudgeDouble, Traffic, seed_evaluator, unique
@@ -357,6 +359,21 @@ def test_bad_input_is_one_line_and_exit_2(w):
     res = tw(w, "dataset", "populate", name)  # its evaluator's judge is reached through a gateway: none given
     assert res.exit_code == 2 and f"no gateway for the judge of {ev}@1 (declared by {name})" in error_line(res)
     assert versions(w, name) == [f"{name}@1"]
+    # a judge's gateway that refuses the key, or is not there: said before anything is added (a version added and
+    # never scored would be skipped by the next population as not new)
+    gw = w["gw"].url
+    for args, message in ((["--gateway", gw, "--api-key", "tw-wrong-key-0123456789abcdefghijkl"],
+                           f"the gateway at {gw} rejected the API key (HTTP 401)"),
+                          (["--gateway", "http://127.0.0.1:1", "--api-key", ADMIN_KEY],
+                           "cannot reach the gateway at http://127.0.0.1:1")):
+        res = tw(w, "dataset", "populate", name, *args)
+        assert res.exit_code == 2 and message in error_line(res), res.output
+        assert versions(w, name) == [f"{name}@1"]
+        # `--all` populates one dataset after another through the same check (not run here: it would populate
+        # every other test's datasets in the session's store)
+        with pytest.raises(FatalRunError, match=re.escape(message)):
+            asyncio.run(populate_and_evaluate(w["store"], name, EvalOptions(gateway_url=args[1], api_key=args[3])))
+        assert versions(w, name) == [f"{name}@1"]
     res = tw(w, "dataset", "populate", name, "--watch", "0")
     assert res.exit_code == 2 and "--watch 0: seconds between populations" in error_line(res)
     off = tw(w, "dataset", "auto-populate", name, "--off")

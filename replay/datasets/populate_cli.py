@@ -142,7 +142,8 @@ def populate_cmd(
     from exporters.tagstate import TagLockBusy
     from ..cli import _api_key
     from ..evals.definition import DefinitionError
-    from ..evals.populate import populate_and_evaluate, ready
+    from ..evals.populate import judge_reachable, populate_and_evaluate, ready
+    from ..runner import FatalRunError
     from ..evals.run import EvalOptions
     from ..runner import gateway_for
     from ..spec import SpecError
@@ -156,8 +157,8 @@ def populate_cmd(
         opts = EvalOptions(gateway_url=gateway_for(gateway, store, in_process=in_process), in_process=in_process,
                            gateway_config=config,
                            api_key=_api_key(api_key), concurrency=concurrency, lock_wait=lock_wait)
-        if name:
-            ready(store, name, opts)  # bad input: exit 2 before anything is added
+        if name:  # bad input (a judge's gateway unreachable or refusing the key too): exit 2 before anything is added
+            asyncio.run(judge_reachable(ready(store, name, opts), opts))
 
     def once() -> int:
         names = [name] if name else [d.name for d in declarations(store)]
@@ -171,7 +172,8 @@ def populate_cmd(
                 typer.echo(f"error: {n}: not populated: {e}", err=True)
                 code = EXIT_INCOMPLETE
                 continue
-            except (core.DatasetStoreError, DefinitionError, SpecError) as e:  # a declaration changed under us
+            except (core.DatasetStoreError, DefinitionError, SpecError, FatalRunError) as e:
+                # a declaration changed under us, or (--all) a judge's gateway refused before anything was added
                 typer.echo(f"error: {n}: {e}", err=True)
                 code = EXIT_INCOMPLETE
                 continue

@@ -18,7 +18,7 @@ from ..runner import FatalRunError
 from .definition import DefinitionError
 from .run import EvalOptions, EvalRunResult, LoadedEvaluator, _is_file, resolve_evaluators, run_evaluation
 
-__all__ = ["declare", "evaluators_of", "ready", "Outcome", "populate_and_evaluate"]
+__all__ = ["declare", "evaluators_of", "ready", "judge_reachable", "Outcome", "populate_and_evaluate"]
 
 
 def evaluators_of(store: Any, refs: Sequence[str]) -> list[LoadedEvaluator]:
@@ -50,6 +50,18 @@ def ready(store: Any, name: str, opts: EvalOptions) -> list[LoadedEvaluator]:
     return evaluators
 
 
+async def judge_reachable(evaluators: Sequence[LoadedEvaluator], opts: EvalOptions) -> None:
+    """Before anything is added: the gateway a declared judge calls through answers and takes the key (a version
+    added and then never scored would be skipped by the next population as not new). Raises FatalRunError."""
+    if not opts.gateway_url or opts.transport is not None or opts.in_process:
+        return
+    if not any(e.definition.is_llm for e in evaluators):
+        return
+    from ..runner import check_gateway, gateway_client  # noqa: PLC0415
+    async with gateway_client(base_url=opts.gateway_url) as client:
+        await check_gateway(client, opts.api_key, opts.gateway_url)
+
+
 @dataclasses.dataclass
 class Outcome:
     population: Population
@@ -66,6 +78,7 @@ async def populate_and_evaluate(store: Any, name: str, opts: EvalOptions, *, loc
     cannot go on does not hold back the others). Raises DatasetStoreError, DefinitionError (bad declaration,
     before anything is added) and TagLockBusy (another population held the dataset)."""
     evaluators = ready(store, name, opts)
+    await judge_reachable(evaluators, opts)
     pop = await asyncio.to_thread(populate, store, name, lock_wait=lock_wait)
     out = Outcome(pop)
     if pop.version is None:
