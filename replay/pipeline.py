@@ -30,8 +30,8 @@ from .runner import (GATEWAY_APP, NO_GATEWAY, Answer, FatalRunError, RunOutcome,
 from .slice import Case, EmptySliceError, SampleResult, Sampled, count_production_errors, fetch_cases, order_key, \
     sample_pool, select_slice
 from .spec import ReplaySpec, SpecError, parse_spec
-from .store import (RunRow, case_inputs, done_keys, get_run, read_results, recorded_calls, recorded_cost, write_results,
-                    write_run)
+from .store import (RunRow, case_inputs, done_keys, get_run, judge_cost, read_results, recorded_calls, recorded_cost,
+                    write_results, write_run)
 
 __all__ = ["RunOptions", "RunResult", "RunExistsError", "GateState", "new_run_id", "start_run", "resume_run",
            "report_for", "spec_to_json"]
@@ -274,7 +274,8 @@ async def _execute(store: Any, spec: ReplaySpec, run: RunRow, cases: list[Case],
         # even a crash or Ctrl-C leaves a consistent run row: incomplete, with what is in replay_results and what
         # the calls made so far cost (a resume's budget starts from it)
         report = report_for(store, run.run_id, spec, status=status, n_cases=n_cases, skipped=skipped, notes=notes,
-                            state=state, dataset=run.dataset_id)
+                            state=state, dataset=run.dataset_id,
+                            judge_spent=runner.judge_spent if runner is not None else 0.0)
         spent = runner.spent if runner is not None else spent_before
         write_run(store, dataclasses.replace(run, status=report.status, verdict=report.verdict, n_cases=n_cases,
                                              report_json=render_json(report), cost_usd=spent,
@@ -319,9 +320,11 @@ async def _escalate(store: Any, spec: ReplaySpec, run: RunRow, runner: Runner, t
 
 def report_for(store: Any, run_id: str, spec: ReplaySpec, *, status: str, n_cases: int = 0,
                skipped: dict[str, int] | None = None, notes: list[str] | None = None,
-               state: GateState | None = None, with_inputs: bool = True, dataset: str = "") -> Report:
+               state: GateState | None = None, with_inputs: bool = True, dataset: str = "",
+               judge_spent: float = 0.0) -> Report:
     """Aggregate what replay_results holds for the run (this session's results and any earlier ones), with the
-    flipped cases' inputs from llm_calls."""
+    flipped cases' inputs from llm_calls, and what its judge calls cost (the gateway's record, or `judge_spent`
+    when this session knows more: its last calls reach the record a batch later)."""
     state = state or GateState()
     results = read_results(store, run_id)
     inputs = case_inputs(store, flipped_case_ids(results)) if with_inputs else {}
@@ -332,4 +335,4 @@ def report_for(store: Any, run_id: str, spec: ReplaySpec, *, status: str, n_case
                      notes=notes or [], plans=state.plans, order=lambda cid: order_key(seed, cid),
                      family_of=spec.family_of, inputs=inputs, production_errors=state.production_errors,
                      escalation=state.escalation_json() if state.plans else {}, dataset=dataset,
-                     locks=state.locks)
+                     locks=state.locks, judge_cost_usd=max(judge_cost(store, run_id), judge_spent))

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from exporters.tables import fmt_usd
+
 from .gate import (EXIT_PASS, INCONCLUSIVE, OK, REGRESSION, Decision, Evidence, Finding, LockResult, Pairs, SegmentPlan,
                    check_locks, decide, exit_code, newcombe_interval, pairs_from, wilson_interval)
 
@@ -96,6 +98,7 @@ class Report:
     escalation: dict[str, Any] = dataclasses.field(default_factory=dict)  # {plans, extra_cases, cost_usd}
     dataset: str = ""  # the exact dataset version (or file, or pinned id) the run replayed
     locks: dict[str, dict] = dataclasses.field(default_factory=dict)  # trace id -> {expect, note}
+    judge_cost_usd: float = 0.0  # the LLM judge's calls: in the run's spend (and max_cost), in no candidate's cost
 
     @property
     def passed(self) -> bool:
@@ -255,7 +258,8 @@ def aggregate(results: Iterable[Any], gating: Any, *, run_id: str = "", status: 
               plans: Mapping[str, SegmentPlan] | None = None, order: Callable[[str], Any] | None = None,
               family_of: Callable[[str], str | None] | None = None, inputs: Mapping[str, str] | None = None,
               production_errors: dict[str, Any] | None = None, escalation: dict[str, Any] | None = None,
-              dataset: str = "", locks: Mapping[str, Mapping[str, str]] | None = None) -> Report:
+              dataset: str = "", locks: Mapping[str, Mapping[str, str]] | None = None,
+              judge_cost_usd: float = 0.0) -> Report:
     """Case results (objects with candidate, case_id, segment, status, error, output, evaluations, cost_usd) ->
     Report. The baseline's results are those of candidate "baseline"; each candidate is compared with it pairwise.
     `plans` (escalation) say which looks each segment had, `order` the cases' seeded order within a segment."""
@@ -291,10 +295,14 @@ def aggregate(results: Iterable[Any], gating: Any, *, run_id: str = "", status: 
     code = exit_code(overall, complete=status == "complete",  # nothing tested never passes, whatever the policy
                      inconclusive_blocks=getattr(gating, "inconclusive", "block") == "block" or not reports)
     verdict = "passed" if overall == OK else overall
+    notes = list(notes)
+    if judge_cost_usd > 0:  # the judge's calls have no result row: without this line the costs shown add up short
+        notes.append(f"the LLM judge's calls cost {fmt_usd(judge_cost_usd)}: counted in the run's spend and its "
+                     "max_cost, in no candidate's cost")
     return Report(run_id, status, list(segment_by), _gating_dict(gating), baseline_mode, reports, verdict, code,
                   reasons, n_cases, n_errored, sum(float(r.cost_usd or 0) for r in base.values()),
-                  dict(skipped or {}), list(notes), dict(production_errors or {}), dict(escalation or {}), dataset,
-                  {k: dict(v) for k, v in (locks or {}).items()})
+                  dict(skipped or {}), notes, dict(production_errors or {}), dict(escalation or {}), dataset,
+                  {k: dict(v) for k, v in (locks or {}).items()}, judge_cost_usd)
 
 
 def flipped_case_ids(results: Iterable[Any]) -> set[str]:

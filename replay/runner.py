@@ -417,6 +417,7 @@ class Runner:
         self.poster = GatewayPoster(client, retries=self.retries, backoff_base=backoff_base, backoff_max=backoff_max)
         self.batch_size, self.flush_interval = batch_size, flush_interval
         self.spent = spent_before
+        self.judge_spent = 0.0  # this session's judge calls (in `spent` too): the report shows them apart
         self.judge_version = spec.judge_version
         self._buffer: list[ResultRow] = []
         self._last_flush = time.monotonic()
@@ -429,6 +430,7 @@ class Runner:
                                      prompt_version=self.judge_version or case.prompt_version, source=JUDGE_SOURCE)
             ans = await self.poster.post({**params, "model": model, "messages": messages, "stream": False}, headers)
             self.spent += ans.cost_usd
+            self.judge_spent += ans.cost_usd
             if not ans.ok:
                 raise RuntimeError(ans.error)
             return ans.text

@@ -137,6 +137,13 @@ def recorded_cost(store: Any, run_id: str) -> float:
     return float(rows[0]["spent"] or 0.0) if rows else 0.0
 
 
+def judge_cost(store: Any, run_id: str) -> float:
+    """What the gateway recorded a run's judge calls as costing (they have no result row of their own)."""
+    rows = store.query("SELECT sum(cost_usd) AS spent FROM llm_calls WHERE replay_run_id = {run_id:String} "
+                       "AND source = {src:String}", {"run_id": run_id, "src": JUDGE_SOURCE})
+    return float(rows[0]["spent"] or 0.0) if rows else 0.0
+
+
 def write_run(store: Any, run: RunRow) -> None:
     row = {
         "run_id": run.run_id, "created_at": run.created_at, "finished_at": run.finished_at, "status": run.status,

@@ -123,6 +123,13 @@ def test_replay_through_the_gateway_gates_per_segment(stack, chdb_store, tmp_pat
     assert [(r["source"], r["replay_candidate"], r["n"], r["cases"]) for r in replayed] == [
         ("replay", "cand", 3 * N, 3 * N), ("replay-judge", "baseline", 3 * N, 3 * N),
         ("replay-judge", "cand", 3 * N, 3 * N)]
+    # the judge's calls have no result row: the report says what they cost, apart from the candidate's cost
+    judged = chdb_store.query("SELECT sum(cost_usd) AS c FROM llm_calls WHERE replay_run_id = {r:String} "
+                              "AND source = 'replay-judge'", {"r": run_id})[0]["c"]
+    assert judged > 0 and report["judge_cost_usd"] == pytest.approx(judged)
+    assert any(n.startswith("the LLM judge's calls cost $") for n in report["notes"]), report["notes"]
+    run_row = chdb_store.query("SELECT cost_usd FROM replay_runs FINAL WHERE run_id = {r:String}", {"r": run_id})[0]
+    assert run_row["cost_usd"] == pytest.approx(report["candidates"][0]["cost_usd"] + judged)  # what max_cost counts
     tagged = chdb_store.query("SELECT DISTINCT prompt_version, tags['region'] AS region FROM llm_calls "
                               "WHERE replay_run_id = {r:String} AND source = 'replay'", {"r": run_id})
     assert tagged == [{"prompt_version": "p1", "region": "eu"}]
