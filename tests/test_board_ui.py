@@ -336,6 +336,11 @@ def test_unknown_ids_and_other_tenants_traces_are_404_pages(board, page, shots, 
     goto(page, f"{board.url}/ui#since=1h&by=customer")  # the overview, limited the same way
     assert page.get_attribute("body", "data-loaded") == "1"
     assert page.eval_on_selector_all("#segments tbody tr", "rs => rs.map(r => r.dataset.segment)") == [acme]
+    # the overview's own page links every page the others do (it lacked Coverage and Evaluations)
+    nav = "ns => ns.map(a => a.textContent + ' ' + new URL(a.href).pathname)"
+    overview = page.eval_on_selector_all("nav a", nav)
+    goto(page, f"{board.url}/ui/calls?since=1h")
+    assert overview == page.eval_on_selector_all("nav a", nav) and len(overview) == 6, overview
 
 
 def test_charts_and_trend(board, page, shots):

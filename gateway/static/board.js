@@ -50,6 +50,11 @@ function callCost(c) {
   if (c.cost_known !== false) return fmtCost(c.cost_usd || 0);
   return (c.input_tokens || c.output_tokens) ? "unknown (no price for this model)" : "unknown (no token usage recorded)";
 }
+// An evaluation run's dataset version: the API gives the name and the version's ref (name@N) apart.
+function datasetRef(r) {
+  const v = r.dataset_version ? String(r.dataset_version) : "";
+  return v.includes("@") ? v : r.dataset + (v ? "@" + v : "");
+}
 function badge(text, kind) { return el("span", { class: "badge " + (kind || text) }, text); }
 function link(text, href, attrs) { return el("a", Object.assign({ href }, attrs || {}), text); }
 function table(heads, rows, attrs) {
@@ -391,7 +396,7 @@ async function pageEvals() {
   const rows = data.runs.map((r) => el("tr", { "data-run": r.run_id },
     el("td", { class: "mono" }, link(r.run_id, uiLink("evals", r.run_id), { class: "run-link" })),
     el("td", {}, fmtEpoch(r.created_at)), el("td", {}, r.mode), el("td", {}, badge(r.status)),
-    el("td", {}, r.dataset + (r.dataset_version ? "@" + r.dataset_version : "")), el("td", {}, r.evaluators.join(", ")),
+    el("td", {}, datasetRef(r)), el("td", {}, r.evaluators.join(", ")),
     el("td", { class: "r" }, r.summary.applied === undefined ? "" : "+" + r.summary.applied + " −" + r.summary.removed)));
   main().append(el("h1", {}, "Evaluation runs"), card(null, rows.length
     ? table(["run", "when", "mode", "status", "dataset", "evaluators", "tags "], rows, { id: "eval-runs" })
@@ -432,7 +437,7 @@ async function pageEval() {
     el("td", {}, e.actor), el("td", {}, e.field + " = " + e.field_value)));
   const s = run.summary || {};
   main().append(el("h1", {}, "Evaluation ", el("code", {}, run.run_id), " ", badge(run.status)),
-    card(null, dl([["mode", run.mode], ["dataset", run.dataset + (run.dataset_version ? "@" + run.dataset_version : "")],
+    card(null, dl([["mode", run.mode], ["dataset", datasetRef(run)],
       ["evaluators", run.evaluators.join(", ")], ["rows", (s.scored || 0) + " scored, " + (s.errored || 0) + " errored, " +
         (s.skipped || 0) + " skipped"], ["tags", preview ? "preview: none applied or removed" : changes.length + " change(s)"],
       ["note", s.reconcile_error || ""]])),
