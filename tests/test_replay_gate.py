@@ -96,6 +96,17 @@ def test_cases_needed_is_connors_formula():
     assert d30 > d200 > 0 and detectable_drop(3, 0.87, 0.05 / 40) is None
 
 
+@pytest.mark.parametrize("alpha", [0.05, 0.05 / 3, 0.01, 0.05 / 40, 0.001])
+def test_cases_needed_never_asks_for_fewer_pairs_than_the_exact_test_can_reject_on(alpha):
+    """Every case flipped (drop 1, discordance 1): the exact sign test rejects once 2^-n <= alpha, so that many cases
+    are needed; Connor's normal approximation alone said fewer (5 instead of 6 at alpha 0.05/3), and the report
+    promised "~3 more" where 4 were needed."""
+    exact = next(n for n in range(1, 100) if binom_sf_half(n, n) <= alpha)
+    assert cases_needed(1.0, 1.0, alpha) == exact
+    for psi in (0.5, 0.25):  # the expected discordant pairs reach that many at least
+        assert cases_needed(psi, psi, alpha) * psi >= exact
+
+
 def ev(key: str, *looks: Pairs, schedule=(), family=None) -> Evidence:
     return Evidence(key, tuple(looks), tuple(schedule) or (looks[-1].n,), family)
 
