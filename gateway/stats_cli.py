@@ -323,6 +323,20 @@ def print_stats(report: q.StatsReport, console: Console, window_title: str, wide
                       style="dim")
     if report.truncated:
         console.print(f"only the first {len(report.segments)} segments are shown (--limit).", style="dim")
+    for line in untagged_notes(report):
+        console.print(line, style="dim", markup=False)
+
+
+def untagged_notes(report: Any) -> list[str]:
+    """A `tag.KEY` dimension no call in the window carries: KEY may be a tag that tag rules or people applied after
+    the fact, which is `applied_tag`, not a call's own tag (every call then sat under "(none)" without a word)."""
+    out = []
+    for k in report.by:
+        if k.startswith("tag.") and report.segments and not any(s.key.get(k) for s in report.segments):
+            key = k[len("tag."):]
+            out.append(f"no call here carries the tag {key!r} (every call is under (none)); a tag applied by tag "
+                       f"rules or people is --by applied_tag or --where applied_tag={key}")
+    return out
 
 
 def _say_hidden(console: Console, hidden: list[str]) -> None:

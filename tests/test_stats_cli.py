@@ -98,6 +98,16 @@ def test_stats_tag_group_by_and_status(run, seeded):
     assert {s["key"]["tag.region"]: s["calls"] for s in d["segments"]} == {"eu": 30}
 
 
+def test_a_tag_no_call_carries_says_where_applied_tags_are(run, seeded):
+    """`--by tag.negative-sentiment` (a tag rules apply) put every call under (none) without a word."""
+    res = run("stats", "--by", "tag.negative-sentiment", "--where", seeded.where)
+    assert res.exit_code == 0, res.output
+    assert ("no call here carries the tag 'negative-sentiment' (every call is under (none)); a tag applied by tag "
+            "rules or people is --by applied_tag or --where applied_tag=negative-sentiment") in " ".join(res.stdout.split())
+    res = run("stats", "--by", "tag.region", "--where", seeded.where)  # a tag the calls carry: no such line
+    assert res.exit_code == 0 and "no call here carries" not in res.stdout
+
+
 def test_errors_and_show(run, seeded):
     res = run("errors", "--where", seeded.where, "--since", "24h", "--json")
     assert res.exit_code == 0, res.output
