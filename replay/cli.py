@@ -540,7 +540,7 @@ def discover_cmd(
         _print_table(f"discover {run_id}, candidate {name}: where the flips concentrate (paired sign test per cell, "
                      f"Holm across {len(cells)} cells)",
                      ["dimension", "value", "n", "before", "after", "delta", "flips", "lift", "p adj", ""],
-                     [[c.dimension, c.value, str(c.n), f"{c.before:.3f}", f"{c.after:.3f}", f"{c.delta:+.3f}",
+                     [[c.dimension, c.value, str(c.n), f"{c.before:.3f}", f"{c.after:.3f}", f"{round(c.delta, 3) + 0.0:+.3f}",
                        f"↓{c.pass_fail} ↑{c.fail_pass}", f"{c.lift:.2f}", f"{c.p_adjusted:.3g}",
                        "❌ regression" if c.regression else ""] for c in cells[:top]])
 
@@ -652,7 +652,7 @@ def trend_cmd(
         return
 
     def pct(v: Optional[float], signed: bool = False) -> str:
-        return "—" if v is None else f"{v:+.3f}" if signed else f"{v:.3f}"
+        return "—" if v is None else f"{round(v, 3) + 0.0:+.3f}" if signed else f"{v:.3f}"  # never "-0.000"
 
     pin = f"run {baseline}" if baseline else "each series' first run"
     _print_table(f"trend of {'spec ' + name if name else 'dataset ' + str(dataset)}: {len(data['runs'])} run(s), "

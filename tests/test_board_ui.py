@@ -311,6 +311,7 @@ def test_unknown_ids_and_other_tenants_traces_are_404_pages(board, page, shots, 
     assert page.get_attribute("body", "data-loaded") == "404"
     goto(page, f"{board.url}/ui/replays/no-such-run")
     assert page.get_attribute("body", "data-loaded") == "404" and "No replay run" in page.text_content("#not-found")
+    assert page.text_content("#status-line") == ""  # not "loading…" beside "Not found (404)"
 
     # a tenant key: the same pages, limited to its customer; another tenant's trace is a 404 like an unknown one
     acme, globex = board.customers["acme"], board.customers["globex"]

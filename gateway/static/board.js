@@ -74,6 +74,7 @@ function pre(text, cls) { return el("pre", { class: cls || "" }, markedText(text
 function loaded(state) { document.body.setAttribute("data-loaded", state); }
 function status(text) { $("status-line").textContent = text; }
 function notFound(message) {
+  status("");  // not "loading…" beside the answer
   clear(main());
   main().appendChild(el("section", { class: "card notfound", id: "not-found" },
     el("h2", {}, "Not found (404)"), el("p", {}, message)));
