@@ -126,8 +126,21 @@ class KeyRing:
             self._load()
         except Exception as e:  # a half-written or broken file: keep the previous keys, retry next time
             log.error("cannot load the keys file %s (keeping the previous keys): %s", path, e)
+            self._revoke_from(path)
             return False
         return True
+
+    def _revoke_from(self, path: str | None) -> None:
+        """A file the gateway cannot load (an entry hand-edited wrong) still revokes what it marks revoked: a
+        revocation must not wait until unrelated entries are fixed."""
+        try:
+            items = read_keys_file(path or "")
+        except Exception:  # not even a list of mappings: nothing can be read from it
+            return
+        gone = {i["hash"] for i in items if i.get("revoked") is True and isinstance(i.get("hash"), str)}
+        if gone & set(self._by_hash):
+            self._by_hash = {h: v for h, v in self._by_hash.items() if h not in gone}
+            self._revoked = self._revoked | gone
 
     def start_watching(self, interval: float = 1.0) -> None:
         """Re-read the keys file when it changes, on a thread: parsing thousands of keys must not stall calls,

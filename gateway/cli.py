@@ -357,6 +357,9 @@ def keys_create(customer: str = typer.Option(..., "--customer", help="Tenant the
         if not sep or not k:
             raise fail(f"--tag {t!r} is not key=value")
         tags[normalise(k)] = normalise(v)
+    inline = {k.id for t in cfg.tenants for k in t.keys}
+    if key_id in inline:  # the gateway would refuse the file (and with it every later revocation in it)
+        raise fail(f"a key with id {key_id!r} is written in the config; give the new key another --id")
     try:
         kid, key = add_key_to_file(_keys_file(cfg), customer, key_id, tags)
     except (ValueError, OSError) as e:

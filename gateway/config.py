@@ -349,16 +349,22 @@ class GatewayConfig(BaseSettings):
         for dup in sorted({c for c in customers if customers.count(c) > 1}):
             problems.append(f"tenants: duplicate customer {dup!r}")
         key_ids: list[str] = []
+        first_hash: dict[str, str] = {}  # a key's hash -> where it is first written
         for i, t in enumerate(self.tenants):
             if not NAME_RE.match(t.customer):
                 problems.append(f"tenants[{i}].customer: {t.customer!r} must match [a-z0-9_.-]{{1,64}}")
             for m in t.allowed_models:  # names, or glob patterns ('openai/gpt-4o*') checked per call
                 if "*" not in m and m not in known and not any(m.startswith(w) for w in wildcards):
                     problems.append(f"tenants[{i}] ({t.customer}).allowed_models: unknown model {m!r}")
-            for k in t.keys:
+            for j, k in enumerate(t.keys):
                 key_ids.append(k.id)
                 if not k.hash.startswith("sha256:"):
                     problems.append(f"tenants[{i}] ({t.customer}).keys: key {k.id!r} hash must be 'sha256:<hex>'")
+                if k.hash in first_hash:  # whose tenant the key is would be the last entry's say
+                    problems.append(f"tenants[{i}] ({t.customer}).keys[{j}]: key {k.id!r} is the same key as "
+                                    f"{first_hash[k.hash]} (keep one entry per key)")
+                else:
+                    first_hash[k.hash] = f"tenants[{i}].keys[{j}] ({k.id!r})"
         for dup in sorted({k for k in key_ids if key_ids.count(k) > 1}):
             problems.append(f"tenants: duplicate key id {dup!r}")
         for i, sh in enumerate(self.shadow):

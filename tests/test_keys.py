@@ -236,14 +236,41 @@ def test_keys_list_shows_entries_serve_would_refuse(tmp_path):
     assert runner.invoke(cli, ["keys", "revoke", "x", "--config", cfg_path]).exit_code == 0
 
 
-def test_a_key_revoked_in_one_entry_is_revoked_whatever_another_says(tmp_path):
-    """Two entries of one key in the config, one revoked: the active one used to win the lookup, so the revocation
-    did nothing."""
+def test_one_key_under_two_entries_of_the_config_is_refused(tmp_path):
+    """The same key under two tenants: whose calls they are was the last entry's say (and a revocation of one entry
+    did nothing while the other was active)."""
+    key = hash_key("tw-twice-0123456789abcdefghijklmnopqrstu")
+    cfg_path, _ = _setup(tmp_path, "", tenants=[{"customer": "acme", "keys": [{"id": "a1", "hash": key, "revoked": True}]},
+                                               {"customer": "globex", "keys": [{"id": "g1", "hash": key}]}])
+    res = runner.invoke(cli, ["config", "check", "--config", cfg_path], env=CHECK_ENV)
+    assert res.exit_code == 2, res.output
+    assert res.stderr.splitlines() == [f"tagway: config error: {cfg_path}: tenants[1] (globex).keys[0]: key 'g1' is "
+                                       "the same key as tenants[0].keys[0] ('a1') (keep one entry per key)"]
+
+
+def test_a_keys_file_the_gateway_cannot_load_still_revokes(tmp_path):
+    """A hand-edited entry makes the file unloadable (the gateway keeps its keys): a revocation written in it
+    applies all the same, instead of waiting until the unrelated entry is fixed."""
     from gateway.errors import GatewayError
-    key = "tw-twice-0123456789abcdefghijklmnopqrstu"
-    cfg = load_config(_setup(tmp_path, "", tenants=[
-        {"customer": "acme", "keys": [{"id": "a1", "hash": hash_key(key), "revoked": True}]},
-        {"customer": "globex", "keys": [{"id": "g1", "hash": hash_key(key)}]}])[0])
+    cfg_path, keys = _setup(tmp_path, f"- {{id: ok, customer: acme, hash: '{hash_key('tw-ok')}'}}\n"
+                                      f"- {{id: other, customer: acme, hash: '{hash_key('tw-other')}'}}\n")
+    ring = KeyRing(load_config(cfg_path))
+    with open(keys, "w") as f:
+        f.write(f"- {{id: ok, customer: acme, hash: '{hash_key('tw-ok')}', revoked: true}}\n"
+                f"- {{id: other, customer: acme, hash: '{hash_key('tw-other')}'}}\n"
+                "- {id: broken, hash: 'sha256:9'}\n")  # no customer: the file cannot be loaded
+    os.utime(keys, (time.time() + 5, time.time() + 5))
+    assert ring.reload_if_changed() is False
     with pytest.raises(GatewayError) as e:
-        KeyRing(cfg).authenticate(f"Bearer {key}")
-    assert e.value.status == 401 and e.value.code == "revoked_api_key"
+        ring.authenticate("Bearer tw-ok")
+    assert e.value.code == "revoked_api_key"
+    assert ring.authenticate("Bearer tw-other").key_id == "other"  # the rest as they were
+
+
+def test_keys_create_refuses_the_id_of_a_key_in_the_config(tmp_path):
+    """The file would then hold an id the gateway refuses, and every later revocation in it would wait on that."""
+    cfg_path, keys = _setup(tmp_path, "")
+    res = runner.invoke(cli, ["keys", "create", "--customer", "acme", "--id", "inline", "--config", cfg_path])
+    assert res.exit_code == 2 and res.stderr.splitlines() == [
+        "error: a key with id 'inline' is written in the config; give the new key another --id"], res.output
+    assert open(keys).read() == ""
