@@ -427,11 +427,11 @@ def _format_errors(e: ValidationError, path: str | os.PathLike | None = None,
             msg = "unknown setting"
         top = str(err["loc"][0]) if err["loc"] else ""
         env_prefix = f"TAGWAY_{top.upper()}"
-        # the variable of this very setting, or of the section or list holding it (TAGWAY_TENANTS='[...]')
+        # the variable of this very setting, or of the list holding it (TAGWAY_TENANTS='[...]': a list is read whole;
+        # a section's variable is merged with the file's section, so the value may be the file's)
         names = list(itertools.takewhile(lambda p: isinstance(p, str), err["loc"]))
-        present = {k.upper() for k in os.environ}
-        exact = next((v for v in ("TAGWAY_" + "__".join(names[:i]).upper() for i in range(len(names), 0, -1))
-                      if v in present), None)
+        var = "TAGWAY_" + "__".join(names).upper()
+        exact = var if names and any(k.upper() == var for k in os.environ) else None
         if exact:  # set in both: the environment's value is the one read
             where = f"${exact}: "
         elif top and top not in file_keys and any(k.upper().startswith(env_prefix) for k in os.environ):

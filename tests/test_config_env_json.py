@@ -49,3 +49,15 @@ def test_a_list_from_the_environment_with_a_bad_item_names_its_variable(tmp_path
     assert res.stderr.splitlines() == [
         "tagway: config error: $TAGWAY_TENANTS: tenants[0]: Input should be a valid dictionary or instance of "
         "TenantConfig"]
+
+
+def test_a_bad_value_from_the_file_is_not_blamed_on_a_section_variable(tmp_path, monkeypatch):
+    """TAGWAY_SERVER='{"host": ...}' is merged with the file's `server:`: a bad port from the file is the file's."""
+    for k in ENV_KEYS:
+        monkeypatch.delenv(k, raising=False)
+    path = write(tmp_path, server={"port": 99999})
+    res = CliRunner().invoke(gateway_cli.command(), ["config", "check", "--config", path],
+                             env={"TAGWAY_SERVER": '{"host": "0.0.0.0"}'})
+    assert res.exit_code == 2, res.output
+    assert res.stderr.splitlines() == [
+        f"tagway: config error: {path}: server.port: Input should be less than or equal to 65535"]
