@@ -159,11 +159,12 @@ class KeyRing:
         self._stop.set()
 
     # -- per request ------------------------------------------------------------------------------------------
-    def authenticate(self, authorization: str | None, api_key_header: str | None = None) -> Principal:
+    def authenticate(self, authorization: str | None, api_key_header: str | None = None,
+                     other_api_key: str | None = None) -> Principal:
         """`Authorization: Bearer <key>` (or Azure-style `api-key`) -> Principal, or a 401 GatewayError (counted
         by reason in `failures`)."""
         try:
-            return self._principal(authorization, api_key_header)
+            return self._principal(authorization, api_key_header, other_api_key)
         except GatewayError as e:
             self.refused(e.code or "invalid_api_key")
             raise
@@ -176,16 +177,14 @@ class KeyRing:
                 self.refused("duplicate_header")
                 raise duplicate_header(name)
         azure, anthropic = headers.get("api-key"), headers.get("x-api-key")
-        if azure and anthropic and azure.strip() != anthropic.strip():
-            self.refused("conflicting_api_keys")
-            raise conflicting_keys()
-        return self.authenticate(headers.get("authorization"), azure or anthropic)
+        return self.authenticate(headers.get("authorization"), azure or anthropic, anthropic if azure else None)
 
     def refused(self, reason: str) -> None:
         with self._failures_lock:
             self.failures[reason] = self.failures.get(reason, 0) + 1
 
-    def _principal(self, authorization: str | None, api_key_header: str | None) -> Principal:
+    def _principal(self, authorization: str | None, api_key_header: str | None,
+                   other_api_key: str | None = None) -> Principal:
         key = None
         if authorization:
             scheme, _, value = authorization.partition(" ")
@@ -193,6 +192,8 @@ class KeyRing:
                 key = value.strip()
         other = api_key_header.strip() if api_key_header else ""
         if key is not None and other and other != key:  # whose call is it? never a guess
+            raise conflicting_keys()
+        if other_api_key is not None and other_api_key.strip() != other:  # api-key and x-api-key disagree
             raise conflicting_keys()
         if key is None and other:
             key = other

@@ -28,7 +28,7 @@ class Call:
     __slots__ = ("operation", "upstream_path", "receive", "send", "trace_id", "rec", "watch", "auth", "api_key",
                  "content_length", "tagway_headers", "traceparent", "principal", "body", "payload", "stream",
                  "client_wants_usage", "capture", "started", "answer", "answer_bytes", "repeated", "tenant",
-                 "extra_headers", "limited", "forward_headers", "resolved")
+                 "extra_headers", "limited", "forward_headers", "resolved", "api_key_from", "other_api_key")
 
     def __init__(self, route: tuple[str, str], scope: dict, receive: Any, send: Any, rec: CallRecord) -> None:
         self.operation, self.upstream_path = route
@@ -38,6 +38,8 @@ class Call:
         self.watch = DisconnectWatch()
         self.auth: str | None = None
         self.api_key: str | None = None
+        self.api_key_from = b""  # which of api-key / x-api-key gave it
+        self.other_api_key: str | None = None  # the other one, when both came (the same key, or a conflict)
         self.traceparent: str | None = None
         self.content_length = -1
         self.tagway_headers: dict[str, str] = {}  # x-tagway-* by short name (customer, intent, tags, ...)
@@ -58,9 +60,12 @@ class Call:
             elif k == b"content-length":
                 self.content_length = int(v) if v.isdigit() else -1
             elif k == b"api-key" or k == b"x-api-key":  # Azure-style, Anthropic-style
-                if self.api_key is not None:
+                if self.api_key is None:
+                    self.api_key, self.api_key_from = v.decode("latin-1"), k
+                elif k == self.api_key_from:
                     self.repeated = k.decode("latin-1")
-                self.api_key = v.decode("latin-1")
+                else:
+                    self.other_api_key = v.decode("latin-1")
             elif k == b"traceparent":
                 self.traceparent = v.decode("latin-1")
         self.principal: Principal | None = None

@@ -98,7 +98,7 @@ class Passthrough:
         if call.repeated in CREDENTIAL_HEADERS:  # as on the hot path: a credential sent twice is refused, not guessed
             self.keyring.refused("duplicate_header")
             raise duplicate_header(call.repeated)
-        principal = call.principal = self.keyring.authenticate(call.auth, call.api_key)
+        principal = call.principal = self.keyring.authenticate(call.auth, call.api_key, call.other_api_key)
         rec.key_id, rec.customer = principal.key_id, principal.customer
         if call.repeated:
             raise duplicate_header(call.repeated)

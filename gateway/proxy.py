@@ -237,7 +237,7 @@ class Proxy(WireStreamRelay):
         if call.repeated in CREDENTIAL_HEADERS:
             self.keyring.refused("duplicate_header")
             raise duplicate_header(call.repeated)
-        principal = self.keyring.authenticate(call.auth, call.api_key)
+        principal = self.keyring.authenticate(call.auth, call.api_key, call.other_api_key)
         call.principal = principal
         rec.key_id, rec.customer = principal.key_id, principal.customer
         if call.repeated:

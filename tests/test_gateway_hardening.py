@@ -139,12 +139,14 @@ def test_two_different_keys_in_two_credential_headers_are_refused_on_every_route
         r = httpx.get(gw.url + "/v1/tagway/stats", headers=mixed)
         assert r.status_code == 400 and r.json()["error"]["code"] == "conflicting_api_keys", r.text
     both = {"api-key": KEYS["acme"], "x-api-key": KEYS["globex"]}
-    r = httpx.get(gw.url + "/v1/tagway/stats", headers=both)
-    assert r.status_code == 400 and r.json()["error"]["code"] == "conflicting_api_keys", r.text
-    same = {"Authorization": f"Bearer {KEYS['acme']}", "api-key": KEYS["acme"]}
-    r = httpx.post(gw.url + "/v1/chat/completions", headers=same, json=chat_body)
-    assert r.status_code == 200, r.text
-    assert gw.call_row(r.headers["x-tagway-trace-id"], ADMIN)["customer"] == "acme"
+    for route in (("POST", "/v1/chat/completions"), ("GET", "/v1/tagway/stats"), ("GET", "/v1/models")):
+        r = httpx.request(*route[:1], gw.url + route[1], headers=both, json=chat_body if route[0] == "POST" else None)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "conflicting_api_keys", (route, r.text)
+    for same in ({"Authorization": f"Bearer {KEYS['acme']}", "api-key": KEYS["acme"]},
+                 {"api-key": KEYS["acme"], "x-api-key": KEYS["acme"]}):
+        r = httpx.post(gw.url + "/v1/chat/completions", headers=same, json=chat_body)
+        assert r.status_code == 200, r.text
+        assert gw.call_row(r.headers["x-tagway-trace-id"], ADMIN)["customer"] == "acme"
 
 
 def test_finding8_a_provider_echoing_its_key_leaks_it_nowhere(gw):
