@@ -168,7 +168,7 @@ class Store:
 
     # -- statements -------------------------------------------------------------------------------------------
     def command(self, sql: str, parameters: dict | None = None, settings: dict | None = None) -> Any:
-        with self._lock, _driver_errors():
+        with self._lock, _driver_errors(self.embedded):
             # It may change a table's columns (a migration): every Store reads them again, after it too (another
             # client's insert may have read them while it ran)
             _COMMANDS[0] += 1
@@ -184,7 +184,7 @@ class Store:
 
     def query_rows(self, sql: str, parameters: dict | None = None,
                    settings: dict | None = None) -> tuple[Sequence[Sequence[Any]], tuple[str, ...]]:
-        with self._lock, _driver_errors():
+        with self._lock, _driver_errors(self.embedded):
             res = self._client.query(sql, parameters=parameters, settings=self._settings(settings))
         return res.result_rows, tuple(res.column_names)
 
@@ -202,7 +202,7 @@ class Store:
             return
         if self.embedded:
             settings = {**EMBEDDED_INSERT_SETTINGS, **(settings or {})}
-        with self._lock, _driver_errors():
+        with self._lock, _driver_errors(self.embedded):
             read = self._plain_read(table) if self.embedded else None
             if read is None:
                 self._client.raw_insert(table, insert_block=body, fmt="JSONEachRow", settings=settings)
@@ -308,7 +308,7 @@ def connect(dsn: str, *, settings: dict[str, Any] | None = None, connect_timeout
         except Exception as e:  # the driver raises several types for "cannot connect"
             if lock_fd is not None:
                 os.close(lock_fd)
-            reason = _unreachable(e)
+            reason = "" if is_embedded(dsn) else _unreachable(e)  # the embedded store's errors are the disk's
             raise StoreError(f"cannot reach ClickHouse at {redact_dsn(dsn)} ({reason})" if reason else
                              f"cannot open ClickHouse at {redact_dsn(dsn)}: {_one_line(e)}") from e
         store = Store(dsn, client, lock_fd, key=key, defaults=defaults)
@@ -336,12 +336,13 @@ def redact_dsn(dsn: str) -> str:
 
 
 @contextlib.contextmanager
-def _driver_errors() -> Iterator[None]:
-    """Driver errors of a statement as StoreError with a one-line message."""
+def _driver_errors(embedded: bool = False) -> Iterator[None]:
+    """Driver errors of a statement as StoreError with a one-line message (a server's, with why it could not be
+    reached; the embedded engine's as it says them)."""
     try:
         yield
     except ClickHouseError as e:
-        reason = _unreachable(e)
+        reason = "" if embedded else _unreachable(e)
         raise StoreError(f"ClickHouse unreachable ({reason})" if reason else _one_line(e)) from e
     except OSError as e:
         raise StoreError(f"ClickHouse unreachable: {e}") from e
@@ -353,7 +354,7 @@ def _unreachable(e: BaseException) -> str:
     the server answered."""
     seen = 0
     x: BaseException | None = e
-    while x is not None and seen < 10:
+    while x is not None and seen < 10:  # __context__ too: urllib3 raises its wrappers inside `except`
         if _CODE.search(str(x)):
             return ""  # the server answered with an error code: it was reached
         if isinstance(x, TimeoutError):

@@ -261,6 +261,17 @@ def test_a_store_that_is_down_is_one_line_without_the_drivers_warning(tmp_path):
                          capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
     assert out.returncode == 2, out.stderr
     (line,) = out.stderr.splitlines()
-    # the socket's reason, not urllib3's retry text with a query id in a URL
+    # the socket's reason, not urllib3's retry text with a query id in a URL (an embedded store's disk errors are
+    # said as they are: tests/test_cli_ops.py::test_an_embedded_store_on_a_bad_path_is_not_unreachable)
     assert re.fullmatch(r"error: cannot reach ClickHouse at http://default:\*\*\*@127\.0\.0\.1:\d+/tagway "
                         r"\(connection refused\)", line), line
+
+
+def test_an_embedded_store_on_a_bad_path_is_not_unreachable(tmp_path):
+    """The embedded store's errors are its disk's: never worded as a server that cannot be reached."""
+    from exporters.store import StoreError, connect
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(StoreError) as e:
+        connect(f"chdb://{blocker}/store")
+    assert str(e.value).startswith(f"cannot open ClickHouse at chdb://{blocker}/store: ") and "reach" not in str(e.value)
