@@ -27,7 +27,7 @@ class _UniqueKeys:
             if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
                 continue
             key = self.construct_object(key_node, deep=True)  # type: ignore[attr-defined]
-            if key in seen:
+            if key in seen:  # equal in Python (1, 1.0, true) is one key too: a dict would keep only the last
                 raise yaml.constructor.ConstructorError(
                     None, None, f"the key {key!r} is given twice (first at line {seen[key]})", key_node.start_mark)
             seen[key] = key_node.start_mark.line + 1

@@ -34,7 +34,8 @@ def compile_pattern(pattern: str) -> Any:
     except re2.error as e:
         why = e.args[0] if e.args else str(e)  # RE2 gives its reason as bytes
         why = why.decode("utf-8", "replace") if isinstance(why, bytes) else str(why)
-        raise PatternError(f"pattern '{pattern}' cannot be used (RE2 syntax, no backreferences or look-around): "
+        shown = f"'{pattern}'" if pattern.isprintable() else repr(pattern)  # one line, whatever the pattern holds
+        raise PatternError(f"pattern {shown} cannot be used (RE2 syntax, no backreferences or look-around): "
                            f"{why}") from None
 
 

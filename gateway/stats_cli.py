@@ -332,7 +332,8 @@ def untagged_notes(report: Any) -> list[str]:
     the fact, which is `applied_tag`, not a call's own tag (every call then sat under "(none)" without a word)."""
     out = []
     for k in report.by:
-        if k.startswith("tag.") and report.segments and not any(s.key.get(k) for s in report.segments):
+        if (k.startswith("tag.") and report.segments and not report.truncated  # --limit may hide the carriers
+                and not any(s.key.get(k) for s in report.segments)):
             key = k[len("tag."):]
             out.append(f"no call here carries the tag {key!r} (every call is under (none)); a tag applied by tag "
                        f"rules or people is --by applied_tag or --where applied_tag={key}")

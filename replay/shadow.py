@@ -170,7 +170,8 @@ async def run_shadow_report(store: Any, data: dict, source: str, window: Window,
              f"recorded, shadowing {len(live_ids)} live call(s); sampled calls the gateway dropped under load (a full "
              "queue) were never sent and are not here: tagway_shadow_calls_total{outcome=\"dropped\"} counts them"]
     report = report_for(store, rid, spec, status="complete", n_cases=len(cases), skipped=skipped, notes=notes,
-                        dataset=f"shadow {iso_utc(window.start)}..{iso_utc(window.end)}")
+                        dataset=f"shadow {iso_utc(window.start)}..{iso_utc(window.end)}",
+                        judge_spent=runner.judge_spent)  # this session's judge calls: the record lags a batch
     write_run(store, RunRow(rid, report.status, spec_to_json(spec), report.dataset, spec.judge_version,
                             [c.name for c in spec.candidates], list(spec.segment_by), len(cases), report.verdict,
                             render_json(report), sum(r.cost_usd for r in rows), finished_at=time.time()))

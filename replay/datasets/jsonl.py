@@ -107,7 +107,7 @@ def _case(d: Any) -> Captured:
         raise ValueError("a case line is a JSON object")
     tid = d.get("trace_id") or d.get("case_id")
     if not isinstance(tid, str) or not _TRACE_RE.match(tid):
-        field = "trace_id" if "trace_id" in d or "case_id" not in d else "case_id"
+        field = "trace_id" if d.get("trace_id") or "case_id" not in d else "case_id"  # the one that was read
         raise ValueError(f"no valid {field} (a string of letters, digits, - and _)")
     msgs = d.get("messages")
     if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
