@@ -91,6 +91,12 @@ def test_tenant_keys_see_their_own_customer_and_nothing_else(board, chdb_store):
                              "AND customer = {c:String}", parameters={"r": board.runs[1], "c": acme})[0]["n"]
     admin = get(board, f"/admin/replays/{board.runs[1]}").json()
     assert int(share["n"]) > 0 and float(share["cost"]) > 0 and run["cost_usd"] == pytest.approx(float(share["cost"]))
+    # from the other side: the candidate's results for its cases (no judge in this spec; the logged baseline's rows
+    # carry production's cost and are not the run's)
+    paid = chdb_store.query("SELECT sum(cost_usd) AS c FROM (SELECT cost_usd FROM replay_results WHERE run_id = "
+                            "{r:String} AND customer = {c:String} AND candidate != 'baseline' ORDER BY Timestamp DESC "
+                            "LIMIT 1 BY candidate, case_id)", parameters={"r": board.runs[1], "c": acme})[0]["c"]
+    assert run["cost_usd"] == pytest.approx(float(paid))
     assert run["n_cases"] == cases < admin["n_cases"]
     assert {r["run_id"]: r["cost_usd"] for r in runs}[board.runs[1]] == pytest.approx(run["cost_usd"])
     assert {f["customer"] for f in run["flipped"]} == {acme} and len(run["flipped"]) == 4

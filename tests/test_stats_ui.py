@@ -285,7 +285,8 @@ def _format_cases() -> list[list]:
     costs = ties + [i * 0.00005 for i in range(400)] + [0.0001 * i + 0.00005 for i in range(200)]
     costs += [rng.uniform(0, 5) for _ in range(500)] + [99.995, 99.99995, 100.005, 123.455, 1234567.125, 1e22]
     # under a dollar: two significant digits, carries across a power of ten, tiny costs
-    costs += [2.7e-05, 4.11e-05, 0.0996, 0.000999999, 0.00995, 0.995, 0.9951, 1e-9, 3.15e-06, 0.125, 0.0125]
+    costs += [2.7e-05, 4.11e-05, 0.0996, 0.000999999, 0.00995, 0.995, 0.9951, 1e-9, 3.15e-06, 0.125, 0.0125,
+              9.96e-21, 9.999e-21, 1e-20]  # where 10**k is not exact in floating point
     costs += [rng.uniform(0, 1) * 10 ** -rng.randrange(1, 9) for _ in range(500)]
     cases += [["cost", abs(x)] for x in costs] + [["fixed6", abs(x)] for x in costs]
     return cases

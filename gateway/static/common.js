@@ -62,8 +62,9 @@ function fmtCost(x) {
   const a = Math.abs(x);
   if (!Number.isFinite(a)) return sign + "$inf";
   const e = Number(a.toExponential().split("e")[1]);  // the decimal exponent of the exact value
+  if (1 - e > 100) return sign + "$" + a.toExponential(1);  // toFixed stops at 100 digits (below 1e-99: no cost)
   let sig = fixed(a, Math.max(0, 1 - e));  // two significant digits, ties to even as Python rounds
-  if (Number(sig) >= Math.pow(10, e + 1) && e + 1 < 0) sig = fixed(a, -e);  // 0.0996 -> 0.10, not 0.100
+  if (Number(sig) >= Number("1e" + (e + 1)) && e + 1 < 0) sig = fixed(a, -e);  // 0.0996 -> 0.10, not 0.100
   if (Number(sig) >= 1) return sign + "$" + grouped(fixed(a, 2));
   return sign + "$" + sig;
 }
