@@ -111,7 +111,11 @@ def serve(config: Optional[str] = ConfigOpt,
 
     cfg = _load(config, providers=True)
     host, port = host or cfg.server.host, (port if port is not None else cfg.server.port)  # --port 0: any free port
-    _load_keys(cfg)  # a broken keys file is a start-up error of one line per problem, not a traceback in a worker
+    keys = _load_keys(cfg)  # a broken keys file is a start-up error of one line per problem, not a traceback
+    from .auth import keys_without_tenant  # noqa: PLC0415
+    from .config_check import orphan_keys  # noqa: PLC0415
+    for f in orphan_keys(keys_without_tenant(cfg, keys)):  # as `config check` says them
+        typer.echo(f"tagway: warning: {f.line()}", err=True)
     if workers > 1:
         if cfg.recording.enabled and is_embedded(cfg.storage.resolved_dsn()):
             raise fail("--workers > 1 needs a ClickHouse server DSN: the embedded store allows one process per "

@@ -11,7 +11,7 @@ from typing import Mapping, Sequence
 
 from .config import GatewayConfig, KeyConfig
 
-__all__ = ["Finding", "findings", "probe_store", "ADMIN_KEY_HOWTO"]
+__all__ = ["Finding", "findings", "orphan_keys", "probe_store", "ADMIN_KEY_HOWTO"]
 
 ADMIN_KEY_HOWTO = ("create one with `tagway keys admin` and set it in the gateway's environment "
                    "(export {env}=<key>), or put the admin_key_hash it prints in the config")
@@ -50,10 +50,7 @@ def findings(cfg: GatewayConfig, path: str | None, env: Mapping[str, str], store
     if not cfg.tenants:
         out.append(Finding("tenants", "no tenants: only the admin key can make calls",
                            "add a tenant (customer: name), then `tagway keys create --customer name`"))
-    for where, k in keys_without_tenant:  # a warning: removing a tenant is how its keys are shut out
-        out.append(Finding(f"{where} ({k.id})", f"customer {k.customer!r} is not a tenant in the config: this key "
-                           "gets 401 \"Incorrect API key provided.\"",
-                           f"add the tenant (customer: {k.customer}), or `tagway keys revoke {k.id}`"))
+    out += orphan_keys(keys_without_tenant)
     if store_error:
         out.append(Finding("storage.dsn" if cfg.storage.dsn else "storage.data_dir", store_error,
                            "the gateway would start and spool every call to disk until the store answers"
@@ -97,3 +94,11 @@ def _writable_dir(directory: str) -> str | None:
     if not os.access(d, os.W_OK | os.X_OK):
         return f"{d} is not writable by this user, so the embedded store cannot be created there"
     return None
+
+
+def orphan_keys(keys_without_tenant: Sequence[tuple[str, KeyConfig]]) -> list[Finding]:
+    """The keys file's active keys whose customer is no tenant: warnings (`config check`, and `tagway serve` at
+    start), not errors, since removing a tenant is how its keys are shut out."""
+    return [Finding(f"{where} ({k.id})", f"customer {k.customer!r} is not a tenant in the config: this key gets 401 "
+                    "\"Incorrect API key provided.\"", f"add the tenant (customer: {k.customer}), or `tagway keys "
+                    f"revoke {k.id}`") for where, k in keys_without_tenant]

@@ -145,6 +145,23 @@ def test_port_0_serves_on_a_free_port_and_says_which(tmp_path):
         proc.communicate(timeout=60)
 
 
+def test_serve_warns_about_keys_whose_tenant_is_gone(tmp_path):
+    """Removing a tenant shuts its keys out (not an error), but the gateway says so at start, as `config check`
+    does, rather than leaving the 401s to be puzzled over."""
+    path = write_config(tmp_path, free_port())
+    keys = tmp_path / "tagway.keys.yaml"
+    keys.write_text(f"- {{id: gone-1, customer: gone, hash: '{hash_key('tw-gone-0123456789')}'}}\n")
+    proc = serve(path, "--port", "0")
+    try:
+        first, second = proc.stderr.readline(), proc.stderr.readline()
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)
+    assert first.startswith(f"tagway: warning: {keys}:1: key #1 (gone-1): customer 'gone' is not a tenant in the "
+                            "config: this key gets 401"), first
+    assert second.startswith("tagway: serving on http://127.0.0.1:"), second
+
+
 def test_an_sdk_turned_off_by_environment_is_one_line_not_a_gateway_without_trace_ids(tmp_path):
     """OTEL_SDK_DISABLED=true makes the SDK hand out no-op tracers: every call would go unrecorded under trace id 0.
     The gateway refuses to start, recording on or off, and says which variable to unset."""
