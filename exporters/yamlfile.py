@@ -13,8 +13,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["YamlFileError", "load_mapping", "load_yaml", "item_line"]
-
+__all__ = ["YamlFileError", "load_mapping", "load_yaml", "item_lines"]
 
 
 class _UniqueKeys:
@@ -83,12 +82,11 @@ def load_mapping(path: str | os.PathLike[str], what: str = "config file") -> dic
     return loaded
 
 
-def item_line(path: str | os.PathLike[str], index: int) -> int | None:
-    """The line (1-based) where item `index` of the file's top-level list starts, to point at a bad entry."""
+def item_lines(path: str | os.PathLike[str]) -> list[int]:
+    """The line (1-based) where each item of the file's top-level list starts, to point at bad entries (read once
+    for all of them); [] when the file is not a readable YAML list."""
     try:
         node = yaml.compose(Path(path).read_text(encoding="utf-8"), Loader=_LOADER)
     except (yaml.YAMLError, OSError, UnicodeDecodeError):
-        return None
-    if isinstance(node, yaml.SequenceNode) and 0 <= index < len(node.value):
-        return node.value[index].start_mark.line + 1
-    return None
+        return []
+    return [n.start_mark.line + 1 for n in node.value] if isinstance(node, yaml.SequenceNode) else []

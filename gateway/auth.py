@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from exporters.yamlfile import YamlFileError, load_yaml
+from exporters.yamlfile import YamlFileError, item_lines, load_yaml
 
 from .config import GatewayConfig, KeyConfig, LimitsConfig, TenantConfig
 from .errors import GatewayError, bad_request, unauthorized
@@ -29,7 +29,6 @@ __all__ = ["Principal", "KeyRing", "KeysFileError", "hash_key", "new_key", "add_
 
 KEY_PREFIX = "tw-"
 log = logging.getLogger("tagway.auth")
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when PyYAML has it, as exporters.yamlfile reads
 # headers that say who is calling: each may come once (two `Authorization` headers must not be read as the first
 # by one route and the last by another)
 CREDENTIAL_HEADERS = ("authorization", "api-key", "x-api-key")  # x-api-key: Anthropic-SDK clients
@@ -108,8 +107,6 @@ class KeyRing:
             if t is None:
                 continue  # a key for a tenant no longer configured authenticates nobody
             (revoked.add(k.hash) if k.revoked else by_hash.__setitem__(k.hash, (k, t)))
-        for h in revoked:  # a key revoked anywhere is revoked, whatever another entry of the same key says
-            by_hash.pop(h, None)
         self._by_hash, self._revoked = by_hash, revoked
         self._file_mtime = mtime  # only after a successful load, so a failed one is retried
 
@@ -240,7 +237,7 @@ def read_keys_file(path: str) -> list[dict]:
         raise KeysFileError(f"{path}: expected a list of keys (as `tagway keys create` writes)")
     bad = [i for i, item in enumerate(data) if not isinstance(item, dict)]
     if bad:
-        lines = _entry_lines(path)
+        lines = item_lines(path)
         raise KeysFileError([f"{_entry(path, lines, i)}: each key must be a mapping" for i in bad])
     return data
 
@@ -261,10 +258,12 @@ def read_keys(config: GatewayConfig) -> list[KeyConfig]:
     items = read_keys_file(path)
     problems: list[tuple[int, str]] = []
     keys: list[KeyConfig] = []
-    inline = {k.id: f"tenants[{i}].keys[{j}]" for i, t in enumerate(config.tenants) for j, k in enumerate(t.keys)}
+    inline: dict[str, str] = {}  # a config key's id -> where it is written
+    inline_hashes: dict[str, str] = {}  # its hash -> the same
+    for i, t in enumerate(config.tenants):
+        for j, k in enumerate(t.keys):
+            inline[k.id] = inline_hashes[k.hash] = f"tenants[{i}].keys[{j}]"
     first: dict[str, int] = {}  # id -> the entry that has it first
-    inline_hashes = {k.hash: f"tenants[{i}].keys[{j}]" for i, t in enumerate(config.tenants)
-                     for j, k in enumerate(t.keys)}
     first_hash: dict[str, int] = {}  # hash -> the entry that has it first
     for i, item in enumerate(items):
         try:
@@ -295,7 +294,7 @@ def read_keys(config: GatewayConfig) -> list[KeyConfig]:
         else:
             first_hash[k.hash] = i
     if problems:
-        lines = _entry_lines(path)
+        lines = item_lines(path)
         raise KeysFileError([f"{_entry(path, lines, i)}: {what}" for i, what in problems])
     return keys
 
@@ -309,18 +308,8 @@ def keys_without_tenant(config: GatewayConfig, keys: list[KeyConfig]) -> list[tu
     orphans = [(i, k) for i, k in enumerate(keys) if not k.revoked and k.customer and k.customer not in tenants]
     if not orphans:
         return []
-    lines = _entry_lines(config.keys_file or "")
+    lines = item_lines(config.keys_file or "")
     return [(_entry(config.keys_file or "", lines, i), k) for i, k in orphans]
-
-
-def _entry_lines(path: str) -> list[int]:
-    """The line (1-based) where each entry of the file's top-level list starts, read once for all the entries."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            node = yaml.compose(f.read(), Loader=_LOADER)
-    except (yaml.YAMLError, OSError, UnicodeDecodeError):
-        return []
-    return [n.start_mark.line + 1 for n in node.value] if isinstance(node, yaml.SequenceNode) else []
 
 
 def _entry(path: str, lines: list[int], index: int) -> str:

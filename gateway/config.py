@@ -3,8 +3,8 @@ by pydantic at start-up and reported as one clear line per problem."""
 from __future__ import annotations
 
 import difflib
-import os
 import itertools
+import os
 import re
 import typing
 from fnmatch import fnmatchcase

@@ -18,6 +18,7 @@ import httpx
 import orjson
 
 from exporters.tables import fmt_usd
+from exporters.vocabulary import JUDGE_SOURCE
 
 from .datasets import (RUN_DATASET_PREFIX, append_to_run_dataset, is_file_ref, load_cases, load_dataset, save_dataset,
                        validate_run_id)
@@ -30,8 +31,8 @@ from .runner import (GATEWAY_APP, NO_GATEWAY, Answer, FatalRunError, RunOutcome,
 from .slice import Case, EmptySliceError, SampleResult, Sampled, count_production_errors, fetch_cases, order_key, \
     sample_pool, select_slice
 from .spec import ReplaySpec, SpecError, parse_spec
-from .store import (RunRow, case_inputs, done_keys, get_run, judge_cost, read_results, recorded_calls, recorded_cost,
-                    write_results, write_run)
+from .store import (RunRow, case_inputs, done_keys, get_run, read_results, recorded_calls, recorded_cost, write_results,
+                    write_run)
 
 __all__ = ["RunOptions", "RunResult", "RunExistsError", "GateState", "new_run_id", "start_run", "resume_run",
            "report_for", "spec_to_json"]
@@ -335,4 +336,5 @@ def report_for(store: Any, run_id: str, spec: ReplaySpec, *, status: str, n_case
                      notes=notes or [], plans=state.plans, order=lambda cid: order_key(seed, cid),
                      family_of=spec.family_of, inputs=inputs, production_errors=state.production_errors,
                      escalation=state.escalation_json() if state.plans else {}, dataset=dataset,
-                     locks=state.locks, judge_cost_usd=max(judge_cost(store, run_id), judge_spent))
+                     locks=state.locks,
+                     judge_cost_usd=max(recorded_cost(store, run_id, (JUDGE_SOURCE,)), judge_spent))

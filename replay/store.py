@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import orjson
 
@@ -129,18 +129,12 @@ def recorded_calls(store: Any, run_id: str) -> list[dict]:
         {"run_id": run_id, "src": REPLAY_SOURCE})
 
 
-def recorded_cost(store: Any, run_id: str) -> float:
-    """What the gateway recorded a run's calls (replayed and judge) as costing: a run whose CLI was killed never
-    wrote its spend, so a resume's budget starts from this when it is more."""
+def recorded_cost(store: Any, run_id: str, sources: Sequence[str] = (REPLAY_SOURCE, JUDGE_SOURCE)) -> float:
+    """What the gateway recorded a run's calls (replayed and judge, or `sources`) as costing: a run whose CLI was
+    killed never wrote its spend, so a resume's budget starts from this when it is more; the judge's calls alone
+    are what the report shows apart (they have no result row of their own)."""
     rows = store.query("SELECT sum(cost_usd) AS spent FROM llm_calls WHERE replay_run_id = {run_id:String} "
-                       "AND source IN {srcs:Array(String)}", {"run_id": run_id, "srcs": [REPLAY_SOURCE, JUDGE_SOURCE]})
-    return float(rows[0]["spent"] or 0.0) if rows else 0.0
-
-
-def judge_cost(store: Any, run_id: str) -> float:
-    """What the gateway recorded a run's judge calls as costing (they have no result row of their own)."""
-    rows = store.query("SELECT sum(cost_usd) AS spent FROM llm_calls WHERE replay_run_id = {run_id:String} "
-                       "AND source = {src:String}", {"run_id": run_id, "src": JUDGE_SOURCE})
+                       "AND source IN {srcs:Array(String)}", {"run_id": run_id, "srcs": list(sources)})
     return float(rows[0]["spent"] or 0.0) if rows else 0.0
 
 
