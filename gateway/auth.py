@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from exporters.yamlfile import YamlFileError, item_lines, load_yaml
 
-from .config import GatewayConfig, KeyConfig, LimitsConfig, TenantConfig
+from .config import KEY_HASH_FORM, GatewayConfig, KeyConfig, LimitsConfig, TenantConfig, key_hash_ok
 from .errors import GatewayError, bad_request, unauthorized
 
 __all__ = ["Principal", "KeyRing", "KeysFileError", "hash_key", "new_key", "add_key_to_file", "revoke_key_in_file",
@@ -245,7 +245,7 @@ def read_keys_file(path: str) -> list[dict]:
 def read_keys(config: GatewayConfig) -> list[KeyConfig]:
     """The keys of the config's keys file ([] when there is none), one per entry in file order; or a KeysFileError
     with one line per problem (`<file>:<line>: key #<n>: <what>`) when any entry cannot work: a field missing or of
-    the wrong type, a hash that is not `sha256:<hex>` (it would never match), no customer (it would authenticate
+    the wrong type, a hash that is not `sha256:` and 64 hex digits (it would never match), no customer (it would authenticate
     nobody), an id used twice in the file or also by a key in the config (`tagway keys revoke` would revoke the
     wrong one, or refuse). `tagway serve` refuses to start with such a file and `tagway config check` reports it the
     same way; a running gateway keeps its previous keys when the file changes into one.
@@ -272,9 +272,8 @@ def read_keys(config: GatewayConfig) -> list[KeyConfig]:
             problems += [(i, f"{'.'.join(map(str, err['loc'])) or 'key'}: {err['msg']}") for err in e.errors()]
             continue
         keys.append(k)
-        if not k.hash.startswith("sha256:"):  # the value is not quoted: it might be a key pasted by mistake
-            problems.append((i, ("hash: must be 'sha256:<hex>' as `tagway keys create` writes it; this key can "
-                                 "never match")))
+        if not key_hash_ok(k.hash):  # the value is not quoted: it might be a key pasted by mistake, or cut short
+            problems.append((i, f"hash: must be {KEY_HASH_FORM}; this key can never match"))
         if not k.customer:
             problems.append((i, ("customer: missing: a key in the keys file names its tenant (customer: <name>); "
                                  "this key authenticates nobody")))

@@ -99,6 +99,24 @@ class LimitsConfig(_Strict):
     budget: BudgetConfig | None = None
 
 
+# a key's stored form, as `tagway keys create` writes it (gateway/auth.hash_key)
+_KEY_HASH = re.compile(r"sha256:[0-9a-f]{64}")
+_KEY_HASH_ANY_CASE = re.compile(r"sha256:[0-9a-f]{64}", re.IGNORECASE)
+KEY_HASH_FORM = "'sha256:' and 64 hex digits, as `tagway keys create` writes it"
+
+
+def normal_key_hash(value: Any) -> Any:
+    """A hash written with capital hex digits or spaces around it is the same hash: stored as hash_key writes it."""
+    if isinstance(value, str) and _KEY_HASH_ANY_CASE.fullmatch(value.strip()):
+        return "sha256:" + value.strip()[7:].lower()
+    return value
+
+
+def key_hash_ok(value: str | None) -> bool:
+    """A stored hash that some key can match (anything else, a pasted key or a cut digest, never authenticates)."""
+    return isinstance(value, str) and _KEY_HASH.fullmatch(value) is not None
+
+
 class KeyConfig(_Strict):
     id: str
     hash: str  # "sha256:<hex>" of the key; the key itself is never stored
@@ -107,6 +125,8 @@ class KeyConfig(_Strict):
     created_at: str | None = None
     tags: dict[str, str] = {}  # key-bound tags: the highest authority
     limits: LimitsConfig | None = None  # this key's rate limits and budget
+
+    _hash = field_validator("hash", mode="before")(normal_key_hash)
 
 
 class TenantConfig(_Strict):
@@ -299,7 +319,7 @@ class GatewayConfig(BaseSettings):
     dashboard: DashboardConfig = DashboardConfig()
     feedback: FeedbackConfig = FeedbackConfig()
     admin_key_env: str = "TAGWAY_ADMIN_KEY"
-    admin_key_hash: str | None = None
+    admin_key_hash: str | None = None  # "sha256:<hex>" of the admin key, instead of the key in admin_key_env
     keys_file: str | None = None  # where `tagway keys create` stores hashes; default beside the config file
     models: list[ModelConfig] = []
     tenants: list[TenantConfig] = []
@@ -315,9 +335,14 @@ class GatewayConfig(BaseSettings):
         # The YAML file arrives as init values; the environment overrides it (12-factor deployments).
         return env_settings, init_settings
 
+    _admin_hash = field_validator("admin_key_hash", mode="before")(normal_key_hash)
+
     @model_validator(mode="after")
     def _cross_checks(self) -> "GatewayConfig":
         problems: list[str] = []
+        if self.admin_key_hash is not None and not key_hash_ok(self.admin_key_hash):
+            problems.append("admin_key_hash: must be 'sha256:' and 64 hex digits, as `tagway keys admin` prints it "
+                            "(no admin key could ever match this one)")
         names = [m.name for m in self.models]
         for dup in sorted({n for n in names if names.count(n) > 1}):
             problems.append(f"models: duplicate model name {dup!r}")
@@ -358,8 +383,8 @@ class GatewayConfig(BaseSettings):
                     problems.append(f"tenants[{i}] ({t.customer}).allowed_models: unknown model {m!r}")
             for j, k in enumerate(t.keys):
                 key_ids.append(k.id)
-                if not k.hash.startswith("sha256:"):
-                    problems.append(f"tenants[{i}] ({t.customer}).keys: key {k.id!r} hash must be 'sha256:<hex>'")
+                if not key_hash_ok(k.hash):
+                    problems.append(f"tenants[{i}] ({t.customer}).keys: key {k.id!r} hash must be {KEY_HASH_FORM}")
                 if k.hash in first_hash:  # whose tenant the key is would be the last entry's say
                     problems.append(f"tenants[{i}] ({t.customer}).keys[{j}]: key {k.id!r} is the same key as "
                                     f"{first_hash[k.hash]} (keep one entry per key)")

@@ -239,12 +239,13 @@ def test_finding8_a_hanging_clickhouse_does_not_hold_start_up(tmp_path):
 
 def test_finding8_a_broken_keys_file_is_one_line_and_exit_2(tmp_path):
     keys = tmp_path / "tagway.keys.yaml"
-    keys.write_text("- id: ok\n  customer: acme\n  hash: sha256:00\n- id: bad\n  customer: acme\n  hash: [1\n")
+    ok = "- id: ok\n  customer: acme\n  hash: sha256:" + "0" * 64 + "\n"
+    keys.write_text(ok + "- id: bad\n  customer: acme\n  hash: [1\n")
     g = GatewayProcess(tmp_path, {"tenants": [{"customer": "acme"}]})
     r = g.cli("serve")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"{keys}: invalid YAML at line 7, column 1" in r.stderr
-    keys.write_text("- id: ok\n  customer: acme\n  hash: sha256:00\n- id: bad\n  customer: acme\n  colour: red\n")
+    keys.write_text(ok + "- id: bad\n  customer: acme\n  colour: red\n")
     r = g.cli("serve")
     assert r.returncode == 2 and f"{keys}:4: key #2: " in r.stderr and "Traceback" not in r.stderr
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from gateway.app import TagwayApp
 from gateway.auth import KeyRing, KeysFileError, hash_key
 from gateway.cli import app as cli
-from gateway.config import load_config
+from gateway.config import ConfigError, GatewayConfig, load_config
 from tests.gateway_fixture import GatewayServer, MemoryRecorder
 
 runner = CliRunner()
@@ -115,6 +115,11 @@ def _setup(tmp_path, keys_text: str, **cfg) -> tuple[str, str]:
 CHECK_ENV = {"TAGWAY_CONFIG": None, "TAGWAY_ADMIN_KEY": "tw-admin-test-key-0123456789", "TAGWAY_STORAGE__DSN": None}
 H = "sha256:" + "0" * 64
 
+
+def hx(c: str) -> str:
+    """Another well-formed hash (no key has it)."""
+    return "sha256:" + c * 64
+
 # case -> (keys file, the lines `serve` and `config check` print, {k} standing for the keys file's path)
 BAD_KEYS_FILES = {
     "not a list": ("{a: 1}\n", ["error: {k}: expected a list of keys (as `tagway keys create` writes)"]),
@@ -124,13 +129,16 @@ BAD_KEYS_FILES = {
     "not a mapping": ("- {id: x, customer: acme, hash: '%s'}\n- just-a-string\n" % H,
                       ["error: {k}:2: key #2: each key must be a mapping"]),
     "hash without sha256:": ("- {id: x, customer: acme, hash: nothash}\n",
-                             ["error: {k}:1: key #1: hash: must be 'sha256:<hex>' as `tagway keys create` writes it; "
-                              "this key can never match"]),
+                             ["error: {k}:1: key #1: hash: must be 'sha256:' and 64 hex digits, as `tagway keys "
+                              "create` writes it; this key can never match"]),
+    "a digest cut short": ("- {id: x, customer: acme, hash: 'sha256:00'}\n",
+                           ["error: {k}:1: key #1: hash: must be 'sha256:' and 64 hex digits, as `tagway keys "
+                            "create` writes it; this key can never match"]),
     "no customer": ("- {id: x, hash: '%s'}\n" % H,
                     ["error: {k}:1: key #1: customer: missing: a key in the keys file names its tenant "
                      "(customer: <name>); this key authenticates nobody"]),
-    "id twice": ("- {id: x, customer: acme, hash: '%s'}\n- {id: y, customer: acme, hash: 'sha256:2'}\n"
-                 "- {id: x, customer: acme, hash: 'sha256:3', revoked: true}\n" % H,
+    "id twice": (f"- {{id: x, customer: acme, hash: '{H}'}}\n- {{id: y, customer: acme, hash: '{hx('2')}'}}\n"
+                 f"- {{id: x, customer: acme, hash: '{hx('3')}', revoked: true}}\n",
                  ["error: {k}:3: key #3: id: 'x' is already the id of key #1; give each key its own id"]),
     "id of a config key": ("- {id: inline, customer: acme, hash: '%s'}\n" % H,
                            ["error: {k}:1: key #1: id: 'inline' is also the id of a key in the config "
@@ -143,9 +151,9 @@ BAD_KEYS_FILES = {
                                       "keep one entry per key"]),
     "every bad entry, one line each": (
         "- {id: a, customer: acme, hash: nothash}\n- {id: b, customer: acme, hash: '%s', colour: red}\n"
-        "- {id: a, hash: 'sha256:4'}\n" % H,
-        ["error: {k}:1: key #1: hash: must be 'sha256:<hex>' as `tagway keys create` writes it; this key can never "
-         "match",
+        "- {id: a, hash: '%s'}\n" % (H, hx("4")),
+        ["error: {k}:1: key #1: hash: must be 'sha256:' and 64 hex digits, as `tagway keys create` writes it; this "
+         "key can never match",
          "error: {k}:2: key #2: colour: Extra inputs are not permitted",
          "error: {k}:3: key #3: customer: missing: a key in the keys file names its tenant (customer: <name>); "
          "this key authenticates nobody",
@@ -186,8 +194,8 @@ def test_a_key_of_no_tenant_is_a_config_check_warning(tmp_path):
     """A key whose customer is no tenant gets 401 "Incorrect API key provided.", which blames the client. Removing a
     tenant is how its keys are shut out (the keys file keeps their entries), and `keys create` runs before any
     tenant exists: so `serve` starts and `config check` warns, once per active key (not for revoked ones)."""
-    text = (f"- {{id: ok, customer: acme, hash: '{H}'}}\n- {{id: gone, customer: nobody, hash: 'sha256:5'}}\n"
-            "- {id: old, customer: nobody, hash: 'sha256:6', revoked: true}\n")
+    text = (f"- {{id: ok, customer: acme, hash: '{H}'}}\n- {{id: gone, customer: nobody, hash: '{hx('5')}'}}\n"
+            f"- {{id: old, customer: nobody, hash: '{hx('6')}', revoked: true}}\n")
     cfg_path, keys = _setup(tmp_path, text)
     res = runner.invoke(cli, ["config", "check", "--config", cfg_path], env=CHECK_ENV)
     assert res.exit_code == 0, res.output
@@ -204,7 +212,7 @@ def test_a_running_gateway_keeps_its_keys_when_the_file_turns_bad(tmp_path):
     cfg_path, keys = _setup(tmp_path, f"- {{id: ok, customer: acme, hash: '{hash_key('tw-ok')}'}}\n")
     ring = KeyRing(load_config(cfg_path))
     with open(keys, "a") as f:
-        f.write("- {id: ok, customer: acme, hash: 'sha256:7'}\n")
+        f.write(f"- {{id: ok, customer: acme, hash: '{hx('7')}'}}\n")
     os.utime(keys, (time.time() + 5, time.time() + 5))
     assert ring.reload_if_changed() is False
     assert ring.authenticate("Bearer tw-ok").key_id == "ok"
@@ -258,7 +266,7 @@ def test_a_keys_file_the_gateway_cannot_load_still_revokes(tmp_path):
     with open(keys, "w") as f:
         f.write(f"- {{id: ok, customer: acme, hash: '{hash_key('tw-ok')}', revoked: true}}\n"
                 f"- {{id: other, customer: acme, hash: '{hash_key('tw-other')}'}}\n"
-                "- {id: broken, hash: 'sha256:9'}\n")  # no customer: the file cannot be loaded
+                f"- {{id: broken, hash: '{hx('9')}'}}\n")  # no customer: the file cannot be loaded
     os.utime(keys, (time.time() + 5, time.time() + 5))
     assert ring.reload_if_changed() is False
     with pytest.raises(GatewayError) as e:
@@ -274,3 +282,21 @@ def test_keys_create_refuses_the_id_of_a_key_in_the_config(tmp_path):
     assert res.exit_code == 2 and res.stderr.splitlines() == [
         "error: a key with id 'inline' is written in the config; give the new key another --id"], res.output
     assert open(keys).read() == ""
+
+
+def test_a_hash_with_capital_digits_is_the_same_hash_and_an_admin_hash_of_another_form_is_refused(tmp_path):
+    """A hand-pasted digest in capitals authenticates its key; an admin_key_hash that no key could match (a pasted
+    key, a cut digest) used to leave the gateway with no admin at all, silently."""
+    upper = hash_key("tw-upper").replace("sha256:", "SHA256:").upper()
+    cfg_path, _ = _setup(tmp_path, f"- {{id: up, customer: acme, hash: ' {upper} '}}\n")
+    assert KeyRing(load_config(cfg_path)).authenticate("Bearer tw-upper").key_id == "up"
+    assert KeyRing(GatewayConfig(admin_key_hash=hash_key("tw-adm").upper().replace("SHA", "sha"))).authenticate(
+        "Bearer tw-adm").is_admin
+    for bad in ("tw-the-key-itself", "sha256:00", "sha256:" + "g" * 64):
+        cfg_path, _ = _setup(tmp_path, "", admin_key_hash=bad)
+        with pytest.raises(ConfigError) as e:
+            load_config(cfg_path)
+        assert e.value.problems == [f"{cfg_path}: admin_key_hash: must be 'sha256:' and 64 hex digits, as `tagway "
+                                    "keys admin` prints it (no admin key could ever match this one)"]
+        res = runner.invoke(cli, ["config", "check", "--config", cfg_path], env=CHECK_ENV)
+        assert res.exit_code == 2 and len(res.stderr.splitlines()) == 1 and "admin_key_hash: must be" in res.stderr
