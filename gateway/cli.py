@@ -120,7 +120,9 @@ def serve(config: Optional[str] = ConfigOpt,
         if cfg.recording.enabled and is_embedded(cfg.storage.resolved_dsn()):
             raise fail("--workers > 1 needs a ClickHouse server DSN: the embedded store allows one process per "
                        "data directory")
-        _bind(host, port).close()  # a busy port fails here, in one line, before any worker starts
+        probe = _bind(host, port)  # a busy port fails here, in one line, before any worker starts
+        port = probe.getsockname()[1]  # --port 0: the free port found now (uvicorn binds it again, in a moment)
+        probe.close()
         if cfg.recording.enabled:  # and a spool the workers cannot write (each would die in a traceback)
             spool = cfg.storage.resolved_spool()
             try:
@@ -132,6 +134,8 @@ def serve(config: Optional[str] = ConfigOpt,
         if config:
             os.environ["TAGWAY_CONFIG"] = os.path.abspath(config)
         os.environ["TAGWAY_WORKERS"] = str(workers)  # each worker enforces 1/N of every rate limit
+        typer.echo(f"tagway: serving on http://{host}:{port}/v1 with {workers} workers (store: "
+                   f"{_describe_store(cfg)})", err=True)
         uvicorn.run("gateway.cli:worker_app", factory=True, host=host, port=port, workers=workers,
                     loop="uvloop", http="httptools", access_log=False, log_level=log_level,
                     timeout_graceful_shutdown=60)

@@ -145,6 +145,25 @@ def test_port_0_serves_on_a_free_port_and_says_which(tmp_path):
         proc.communicate(timeout=60)
 
 
+def test_workers_on_port_0_say_the_port_they_serve_on(tmp_path):
+    """`serve --workers N` said nothing at start (uvicorn logs at warning), so `--port 0` served on a port nobody
+    could learn. Recording is off here: workers need a ClickHouse server to record."""
+    proc = serve(write_config(tmp_path, free_port()), "--port", "0", "--workers", "2")
+    try:
+        first = proc.stderr.readline()
+        m = re.match(r"tagway: serving on http://127\.0\.0\.1:(\d+)/v1 with 2 workers \(store: recording off\)$",
+                     first.strip())
+        assert m and int(m.group(1)) != 0, first
+        url = f"http://127.0.0.1:{m.group(1)}"
+        wait_ready(url, proc)
+        r = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+        assert r.status_code == 200 and [m["id"] for m in r.json()["data"]] == ["echo"]
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)
+    assert proc.returncode == 0
+
+
 def test_serve_warns_about_keys_whose_tenant_is_gone(tmp_path):
     """Removing a tenant shuts its keys out (not an error), but the gateway says so at start, as `config check`
     does, rather than leaving the 401s to be puzzled over."""
