@@ -22,7 +22,7 @@ from .pipeline import report_for, spec_to_json
 from .render import render_json
 from .report import BASELINE, Report
 from .runner import Answer, FatalRunError, Runner, Target, answer_of_record, check_gateway
-from .slice import Case, PoolRow, Sampled, fetch_cases, segment_of
+from .slice import PoolRow, Sampled, fetch_cases, segment_of
 from .spec import ReplaySpec, SpecError, parse_spec
 from .store import RunRow, call_attributes, write_results, write_run
 

@@ -21,7 +21,7 @@ from exporters.vocabulary import parse_duration
 
 from ..report import BASELINE, pair_outcome
 from ..slice import PoolRow, Sampled, SampleResult, build_pool_query, sample
-from ..spec import Sampling, SliceSpec, SpecError
+from ..spec import SliceSpec, SpecError
 from ..store import get_run, read_results
 
 __all__ = ["FEEDBACK_KINDS", "Selection", "slice_spec", "from_where", "from_feedback", "from_run", "MAX_UNSAMPLED"]

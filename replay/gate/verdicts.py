@@ -17,7 +17,7 @@ else 0. An incomplete run is exit 3 whatever it shows.
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Sequence
+from typing import Sequence
 
 from .locks import BROKEN, LockResult
 from .multiplicity import holm_adjusted
