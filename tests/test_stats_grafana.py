@@ -31,7 +31,7 @@ def dashboard() -> dict:
 def expand(sql: str, database: str, variables: dict[str, list[str]], min_calls: str = "20") -> str:
     """What the plugin sends for a 1 h time range and 60 s interval, with the given variable values
     (an empty list = All)."""
-    now = int(time.time())
+    now = int(time.time()) + 1  # the plugin's `to` (whole seconds) is after rows written this very second
 
     def cond_all(m: re.Match) -> str:
         return "1=1" if not variables.get(m.group(2)) else m.group(1)
@@ -95,3 +95,25 @@ def test_per_tenant_table_matches_the_query_layer(chdb_store, seeded, dashboard)
         assert r["note"] == ("low n" if s.low_confidence else "")
     top = rows[0]
     assert (top["customer"], top["intent"], top["calls"], top["errors"]) == (seeded.acme, "refund", 100, 30)
+
+
+def test_the_dashboards_defaults_count_what_tagway_stats_counts(chdb_store, dashboard):
+    """The source variable defaulted to All: replay and judge calls (re-sent or graded customer traffic, failing
+    here) were counted beside production, so a tenant's error rate differed from `tagway stats`'s. Its default is
+    production now; the interval's ends stay within [0, 1] when a segment has no error."""
+    from tests.calls_seed import seed_replayed  # noqa: PLC0415
+
+    r = seed_replayed(chdb_store)
+    db = chdb_store.query_rows("SELECT currentDatabase()")[0][0][0]
+    source = next(v for v in dashboard["templating"]["list"] if v["name"] == "source")
+    assert source["includeAll"] and source["current"]["value"] == ["production"]
+    panel = next(p for p in dashboard["panels"] if p["title"].startswith("Failure rate per tenant (worst"))
+    (row,) = chdb_store.query(expand(panel["targets"][0]["rawSql"], db, {"customer": [r.customer], "intent": [],
+                                                                         "source": source["current"]["value"]}))
+    ours = q.segment_stats(chdb_store, q.make_selection([f"customer={r.customer}"], since="1h"), ["customer"])
+    (seg,) = ours.segments
+    assert (row["calls"], row["errors"]) == (seg.calls, seg.errors) == (50, 0)
+    assert row["ci low"] == 0 and row["ci high"] == pytest.approx(seg.error_rate_ci[1], abs=1e-4)
+    (every,) = chdb_store.query(expand(panel["targets"][0]["rawSql"], db, {"customer": [r.customer], "intent": [],
+                                                                           "source": []}))
+    assert (every["calls"], every["errors"]) == (100, 50)  # All: production, replay and judge calls
