@@ -40,8 +40,12 @@ def tagged(upstream, chdb_store, tmp_path_factory):
                                             "--dsn", chdb_store.dsn, "--gateway", gw.url, "--api-key", ADMIN_KEY,
                                             "--format", "json"])
         assert res.exit_code == 0, res.output
+        preview = CliRunner().invoke(eval_app, ["run", "-e", str(tmp / "e.yaml"), "-d", ds, "--mode", "preview",
+                                                "--dsn", chdb_store.dsn, "--gateway", gw.url, "--api-key", ADMIN_KEY,
+                                                "--format", "json"])
+        assert preview.exit_code == 0, preview.output
         yield {"gw": gw, "t1": t1, "t2": t2, "sid": sid, "name": name, "store": chdb_store,
-               "report": orjson.loads(res.stdout)}
+               "report": orjson.loads(res.stdout), "preview": orjson.loads(preview.stdout)}
 
 
 def test_the_run_page_shows_the_applied_tags_column(tagged, page):  # noqa: F811
@@ -56,6 +60,14 @@ def test_the_run_page_shows_the_applied_tags_column(tagged, page):  # noqa: F811
     assert rows[f"message:{tagged['t1']}"][-1] == "negative-sentiment, low-helpfulness, low-confidence"
     assert rows[f"message:{tagged['t2']}"][-1] == "—"
     assert len(cells(page, "#tag-changes tbody tr")) == 3
+
+
+def test_a_preview_runs_page_has_no_tag_changes_card(tagged, page):  # noqa: F811
+    """A preview changes no tag: its page has no such card, and nothing in its place (it printed "null")."""
+    run_id = tagged["preview"]["run_id"]
+    assert goto(page, f"{tagged['gw'].url}/ui/evals/{run_id}#key={ADMIN_KEY}") == "1"
+    assert len(cells(page, "#eval-rows tbody tr")) == 2 and page.query_selector("#tag-changes") is None
+    assert "null" not in page.text_content("main")
 
 
 def test_a_person_tags_a_call_and_its_session_on_the_call_page(tagged, page):  # noqa: F811
@@ -89,6 +101,8 @@ def test_a_person_tags_a_call_and_its_session_on_the_call_page(tagged, page):  #
     # the session card, with the tenant's own key: its session is named without the customer
     assert goto(page, f"{tagged['gw'].url}/ui/calls/{tagged['t2']}#key={KEYS['acme']}") == "1"
     assert page.text_content("#no-tags-session") == "no applied tag"
+    # no audit log yet: nothing in its place (a `null` child of append() printed the word "null" after the form)
+    assert page.query_selector("#audit-session") is None and "null" not in page.text_content("main")
     page.fill("#tag-input-session", "angry-user")
     page.click("#add-tag-session button")
     page.wait_for_selector('#tags-session tr[data-tag="angry-user"]')

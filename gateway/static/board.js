@@ -381,8 +381,8 @@ async function appliedTags(c, kind) {
     box.append(el("h3", {}, kind === "message" ? "on this call" : "on its session " + c.session_id),
       rows.length ? table(["tag", "applied by", "run", ""], rows, { id: "tags-" + kind })
         : el("p", { class: "muted", id: "no-tags-" + kind }, "no applied tag"),
-      form, events.length ? el("details", { class: "audit" }, el("summary", {}, "audit log (" + events.length + ")"),
-        table(["time", "tag", "action", "by", "run", "field value"], events, { id: "audit-" + kind })) : null);
+      form, ...(events.length ? [el("details", { class: "audit" }, el("summary", {}, "audit log (" + events.length + ")"),
+        table(["time", "tag", "action", "by", "run", "field value"], events, { id: "audit-" + kind }))] : []));
     box.setAttribute("data-ready", String(Date.now()));
   }
   await render();
@@ -443,8 +443,8 @@ async function pageEval() {
         (s.skipped || 0) + " skipped"], ["tags", preview ? "preview: none applied or removed" : changes.length + " change(s)"],
       ["note", s.reconcile_error || ""]])),
     card("Results", table(heads, rows, { id: "eval-rows" })),
-    preview ? null : card("Tag changes", changes.length ? table(["target", "tag", "action", "by", "field value"], changes,
-      { id: "tag-changes" }) : el("p", { class: "muted" }, "no tag changed")));
+    ...(preview ? [] : [card("Tag changes", changes.length ? table(["target", "tag", "action", "by", "field value"], changes,
+      { id: "tag-changes" }) : el("p", { class: "muted" }, "no tag changed"))]));
   status(run.rows.length + " row(s)" + (run.limited_to_customer ? " for customer " + run.limited_to_customer : ""));
 }
 
