@@ -344,7 +344,7 @@ class StatsReport:
 
 def _validate_limits(min_calls: int, limit: int) -> None:
     if not isinstance(min_calls, int) or min_calls < 0 or min_calls > 10**9:
-        raise QueryInputError("min_calls must be a whole number >= 0", param="min_calls")
+        raise QueryInputError("min_calls must be a whole number from 0 to 1000000000", param="min_calls")
     if not isinstance(limit, int) or limit < 1 or limit > 10_000:
         raise QueryInputError("limit must be between 1 and 10000", param="limit")
 

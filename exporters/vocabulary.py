@@ -166,11 +166,21 @@ def parse_time(text: str, param: str) -> dt.datetime:
     try:
         value = dt.datetime.fromisoformat(raw[:-1] + "+00:00" if raw.endswith(("Z", "z")) else raw)
     except ValueError:
-        raise QueryInputError(f"invalid --{param} time {show(raw)}: use an ISO timestamp such as "
+        raise QueryInputError(f"invalid {param} time {show(raw)}: use an ISO timestamp such as "
                               "2026-11-24T09:00:00Z", param=param) from None
     if value.tzinfo is None:
         value = value.replace(tzinfo=dt.timezone.utc)
-    return value.astimezone(dt.timezone.utc)
+    try:
+        value = value.astimezone(dt.timezone.utc)
+    except OverflowError:  # year 1 or 9999 moved past what a datetime holds: out of range below, as it is
+        pass
+    if not _EPOCH_YEARS[0] <= value.year <= _EPOCH_YEARS[1]:  # ClickHouse's DateTime range: past it, an overflow
+        raise QueryInputError(f"{param} time {show(raw)} is out of range: use a time from {_EPOCH_YEARS[0]} to "
+                              f"{_EPOCH_YEARS[1]}", param=param)
+    return value
+
+
+_EPOCH_YEARS = (1970, 2105)  # whole years of DateTime (1970-01-01 to 2106-02-07), which the queries compare with
 
 
 def iso_utc(t: dt.datetime) -> str:
@@ -202,11 +212,11 @@ def parse_window(since: str | None = None, from_: str | None = None, to: str | N
         raise QueryInputError("give either a window (since) or from/to times, not both", param="since")
     if from_ or to:
         if not from_:
-            raise QueryInputError("--to needs --from (or use --since)", param="from")
+            raise QueryInputError("a window with a `to` time needs a `from` time (or use since)", param="from")
         start = parse_time(from_, "from")
         end = parse_time(to, "to") if to else now
         if end <= start:
-            raise QueryInputError("--from must be before --to", param="from")
+            raise QueryInputError("the from time must be before the to time", param="from")
         if end - start > MAX_WINDOW:
             raise QueryInputError(f"the window from/to is too long (at most {MAX_WINDOW.days}d)", param="from")
         return Window(start, end)

@@ -134,7 +134,10 @@ def test_auth(client, seeded):
     ({"where": "nokey"}, "where", "key=value"),
     ({"since": "3x"}, "since", "invalid window"),
     ({"since": "1h); DROP TABLE t; --"}, "since", "invalid window"),
-    ({"from": "not-a-time"}, "from", "invalid --from time"),
+    ({"from": "not-a-time"}, "from", "invalid from time"),
+    ({"from": "0001-01-01T00:00:00", "to": "0001-01-02T00:00:00"}, "from", "from time '0001-01-01T00:00:00' is out of "
+     "range: use a time from 1970 to 2105"),
+    ({"to": "2026-01-01T00:00:00Z"}, "from", "a window with a `to` time needs a `from` time (or use since)"),
     ({"status": "failed"}, "status", "invalid status"),
     ({"min_calls": "abc"}, "min_calls", "whole number"),
     ({"compare": "maybe"}, "compare", "true or false"),
