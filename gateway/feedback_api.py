@@ -30,7 +30,7 @@ from exporters.vocabulary import QueryInputError
 
 from .auth import KeyRing, Principal
 from .config import FeedbackConfig
-from .errors import GatewayError, bad_request, forbidden
+from .errors import GatewayError, bad_request
 from .limits import Limiter
 from .recent import RecentCalls
 
@@ -95,12 +95,10 @@ def build_feedback_router(keyring: KeyRing, get_store: Callable[[], Any], recent
                 raise bad_request("The body is not valid JSON.", code="invalid_json") from None
             f = parse_feedback(body, max_comment=config.max_comment_chars)
             owner = await run_in_threadpool(owner_of, f.trace_id)
-            if owner is None:
+            # another tenant's call answers as one that does not exist: a 403 would tell that it does
+            if owner is None or not allowed(p, owner):
                 raise GatewayError(404, "No call with this trace id. (A call is stored within seconds of its end: "
                                         "retry if it only just finished.)", code="call_not_found", param="trace_id")
-            if not allowed(p, owner):
-                raise forbidden("This key may only rate its own customer's calls.", code="customer_not_allowed",
-                                param="trace_id")
             row = feedback_row(f, customer=owner[0], key_id=p.key_id, by_admin=p.is_admin)
             await run_in_threadpool(store_row, row)
             return _json({"object": "tagway.feedback", "id": row["feedback_id"], "trace_id": f.trace_id,

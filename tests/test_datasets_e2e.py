@@ -126,12 +126,13 @@ def test_datasets_from_complaints_to_locks_and_the_coverage_map(gw):
     rate(gw, KEYS["initech"], trace_id=initech_r[0], complaint=True, score=0.0)
     rate(gw, ADMIN, trace_id=initech_r[1], thumbs="up")  # the admin key rates any call
     c = client(gw, KEYS["acme"])
-    with pytest.raises(openai.PermissionDeniedError) as e:  # another tenant's call
-        c.post("/tagway/feedback", body={"trace_id": globex_r[2], "complaint": True}, cast_to=httpx.Response)
-    assert e.value.code == "customer_not_allowed"
-    with pytest.raises(openai.NotFoundError) as e:  # unknown: says nothing of who owns what
-        c.post("/tagway/feedback", body={"trace_id": "f" * 32, "complaint": True}, cast_to=httpx.Response)
-    assert e.value.code == "call_not_found" and "globex" not in str(e.value) and "acme" not in str(e.value)
+    answers = []
+    for trace_id in (globex_r[2], "f" * 32):  # another tenant's call answers as an unknown one: it may not exist
+        with pytest.raises(openai.NotFoundError) as e:
+            c.post("/tagway/feedback", body={"trace_id": trace_id, "complaint": True}, cast_to=httpx.Response)
+        assert e.value.code == "call_not_found" and "globex" not in str(e.value) and "acme" not in str(e.value)
+        answers.append(e.value.body)
+    assert answers[0] == answers[1]
     # (bad input on the CLI side, e.g. unknown datasets naming the nearest, is in test_datasets.py)
     for bad, param in (({"trace_id": acme_r[3], "score": 1.5}, "score"), ({"trace_id": acme_r[3], "thumbs": "meh"},
                                                                            "thumbs"),
