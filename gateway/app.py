@@ -49,7 +49,7 @@ log = logging.getLogger("tagway")
 class TagwayApp:
     def __init__(self, config: GatewayConfig, *, recorder: Any = None, owns_recorder: bool | None = None,
                  recorder_factory: Callable[[GatewayConfig], Any] | None = None,
-                 providers: ProviderRegistry | None = None) -> None:
+                 providers: ProviderRegistry | None = None, workers: int = 1) -> None:
         self.config = config
         self.keyring = KeyRing(config)
         self.providers = providers or ProviderRegistry()
@@ -70,8 +70,7 @@ class TagwayApp:
         self.replay_lane = ReplayLane(limit) if limit else None
         self.local = LocalAccess()  # the discovery file and credential that let local CLIs use our store
         # rate limits and budgets; with --workers N each worker holds 1/N of every rate limit (gateway/limits.py)
-        self.limits = CallLimits(share=1 / max(1, int(os.environ.get("TAGWAY_WORKERS", "1") or 1)),
-                                 read_spend=self._read_spend)
+        self.limits = CallLimits(share=1 / max(1, workers), read_spend=self._read_spend)
         self._budget_task: asyncio.Future | None = None
         self._query_store: Any = None
         self._local_store: Any = None

@@ -99,9 +99,15 @@ def serve(config: Optional[str] = ConfigOpt,
           host: Optional[str] = typer.Option(None, help="Bind address (default from config: 127.0.0.1)."),
           port: Optional[int] = typer.Option(None, min=0, max=65535, help="Port (default from config: 4000)."),
           workers: int = typer.Option(1, min=1, help="Worker processes (needs a ClickHouse server DSN)."),
-          log_level: str = typer.Option("warning")) -> None:
+          log_level: str = typer.Option("warning", help="The server's own log: critical, error, warning, info, "
+                                                         "debug or trace (calls go to the access log).")) -> None:
     """Run the gateway."""
     import uvicorn  # noqa: PLC0415
+    from uvicorn.config import LOG_LEVELS  # noqa: PLC0415
+
+    log_level = log_level.lower()
+    if log_level not in LOG_LEVELS:  # else uvicorn's KeyError traceback, after "serving on"
+        raise fail(f"--log-level {log_level!r} is not a level: use one of {', '.join(LOG_LEVELS)}")
 
     from exporters.store import StoreError, is_embedded  # noqa: PLC0415
 
@@ -133,12 +139,12 @@ def serve(config: Optional[str] = ConfigOpt,
                 raise fail(_cannot_record(e)) from None
         if config:
             os.environ["TAGWAY_CONFIG"] = os.path.abspath(config)
-        os.environ["TAGWAY_WORKERS"] = str(workers)  # each worker enforces 1/N of every rate limit
+        os.environ[_WORKERS_ENV] = str(workers)  # each worker enforces 1/N of every rate limit
         typer.echo(f"tagway: serving on http://{host}:{port}/v1 with {workers} workers (store: "
                    f"{_describe_store(cfg)})", err=True)
         uvicorn.run("gateway.cli:worker_app", factory=True, host=host, port=port, workers=workers,
                     loop="uvloop", http="httptools", access_log=False, log_level=log_level,
-                    timeout_graceful_shutdown=60)
+                    timeout_graceful_shutdown=cfg.server.graceful_shutdown_seconds)
         return
     sock = _bind(host, port, cfg)  # before the store is opened and before anything says "serving"
     try:
@@ -160,9 +166,14 @@ def serve(config: Optional[str] = ConfigOpt,
         # uvicorn turns SIGTERM/SIGINT into a graceful stop: in-flight calls finish, then we flush the recorder
         # as uvicorn.run, plus the discovery file local CLIs find the store through (gateway/store_api.py)
         serve_announced(gateway, sockets=[sock], loop="uvloop", http="httptools", lifespan="on",
-                        access_log=False, log_level=log_level, timeout_graceful_shutdown=60)
+                        access_log=False, log_level=log_level,
+                        timeout_graceful_shutdown=cfg.server.graceful_shutdown_seconds)
     finally:
         recorder.shutdown()
+
+
+# how `serve --workers N` tells its workers N (uvicorn's factory takes no arguments); only they read it
+_WORKERS_ENV = "TAGWAY_WORKERS"
 
 
 def worker_app() -> Any:
@@ -172,7 +183,7 @@ def worker_app() -> Any:
 
     cfg = load_config(None)
     install_access_log(cfg)
-    return create_app(cfg)
+    return create_app(cfg, workers=int(os.environ[_WORKERS_ENV]))
 
 
 def _bind(host: str, port: int, cfg: GatewayConfig | None = None) -> socket.socket:
@@ -661,12 +672,12 @@ def config_check(config: Optional[str] = ConfigOpt,
     """Validate the configuration and its keys file, then warn about what would fail at run time: unset key
     variables, no admin key, keys of no tenant, an unreachable ClickHouse, no config at all."""
     from .auth import keys_without_tenant  # noqa: PLC0415
-    from .config_check import findings, probe_store  # noqa: PLC0415
+    from .config_check import findings, probe_spool, probe_store  # noqa: PLC0415
 
     path = config or os.environ.get("TAGWAY_CONFIG")
     cfg = _load(path, providers=True)
     keys = _load_keys(cfg)  # the keys file serve would refuse: the same lines, exit 2
-    found = findings(cfg, path, os.environ, probe_store(cfg), keys_without_tenant(cfg, keys))
+    found = findings(cfg, path, os.environ, probe_store(cfg), keys_without_tenant(cfg, keys), probe_spool(cfg))
     for f in found:
         typer.echo(f"warning: {f.line()}", err=True)
     typer.echo(f"{'ok' if not found else f'{len(found)} warning(s)'}: {len(cfg.models)} models, "

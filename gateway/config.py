@@ -183,9 +183,20 @@ SHADOW_WHERE_KEYS = ("customer", "intent", "prompt_version", "model")
 class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(4000, ge=0, le=65535)  # 0: any free port (said at start)
+    # SIGTERM: calls in flight get this long to finish (streams of long generations: raise it, with the pod's
+    # terminationGracePeriodSeconds above it); past it they are cancelled, and recorded as such
+    graceful_shutdown_seconds: float = Field(60.0, gt=0)
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1)
     max_model_chars: int = Field(256, ge=1)  # a longer model name is refused (400), never cut
     replay_concurrency: int = Field(4, ge=0)  # replay/judge calls in flight at once (gateway/lanes.py); 0 = no cap
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        # an empty host binds every interface: a templated value that came out empty must not expose the gateway
+        if not v.strip():
+            raise ValueError("empty: give an address (127.0.0.1 for this machine only, 0.0.0.0 for every interface)")
+        return v.strip()
 
 
 class DashboardConfig(_Strict):
@@ -212,6 +223,18 @@ class StorageConfig(_Strict):
     # their values, a bounded vocabulary; list only keys with few values)
     rollup_ttl_days: int = Field(0, ge=0)
     rollup_tag_keys: list[str] | None = None
+
+    @field_validator("dsn")
+    @classmethod
+    def _dsn(cls, v: str | None) -> str | None:
+        # a scheme no driver speaks would start a gateway that spools for ever, "degraded until it answers"
+        if not v:
+            return v
+        scheme, sep, rest = v.strip().partition("://")
+        if not sep or scheme.lower() not in ("chdb", "http", "https"):
+            raise ValueError("unsupported DSN: use chdb:///path/to/dir (embedded), "
+                             "http://user:password@host:8123/database or https://... (a ClickHouse server)")
+        return f"{scheme.lower()}://{rest}"
 
     def resolved_dsn(self) -> str:
         return self.dsn or embedded_dsn(self.data_dir)  # the one helper replay and stats use too

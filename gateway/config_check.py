@@ -1,7 +1,7 @@
 """`tagway config check`: what a valid config still gets wrong at run time, said before the gateway starts.
 
 `findings(...)` is pure (the config, its path, the environment, and the result of probing the store) and returns
-one `Finding` per problem, each naming the setting and what to do; `probe_store(dsn)` is the one piece of I/O.
+one `Finding` per problem, each naming the setting and what to do; `probe_store` and `probe_spool` are its I/O.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Mapping, Sequence
 
 from .config import GatewayConfig, KeyConfig
 
-__all__ = ["Finding", "findings", "orphan_keys", "probe_store", "ADMIN_KEY_HOWTO"]
+__all__ = ["Finding", "findings", "orphan_keys", "probe_store", "probe_spool", "ADMIN_KEY_HOWTO"]
 
 ADMIN_KEY_HOWTO = ("create one with `tagway keys admin` and set it in the gateway's environment "
                    "(export {env}=<key>), or put the admin_key_hash it prints in the config")
@@ -28,7 +28,8 @@ class Finding:
 
 
 def findings(cfg: GatewayConfig, path: str | None, env: Mapping[str, str], store_error: str | None,
-             keys_without_tenant: Sequence[tuple[str, KeyConfig]] = ()) -> list[Finding]:
+             keys_without_tenant: Sequence[tuple[str, KeyConfig]] = (), spool_error: str | None = None
+             ) -> list[Finding]:
     """`keys_without_tenant`: the keys file's active keys whose customer is no tenant, each with where it is
     (`gateway.auth.keys_without_tenant`)."""
     out: list[Finding] = []
@@ -55,6 +56,9 @@ def findings(cfg: GatewayConfig, path: str | None, env: Mapping[str, str], store
         out.append(Finding("storage.dsn" if cfg.storage.dsn else "storage.data_dir", store_error,
                            "the gateway would start and spool every call to disk until the store answers"
                            if cfg.storage.dsn else "choose a data_dir this user can write"))
+    if spool_error and not (store_error and not cfg.storage.spool_dir):  # under data_dir: said just above
+        out.append(Finding("storage.spool_dir" if cfg.storage.spool_dir else "storage.data_dir", spool_error,
+                           "`tagway serve` refuses to start without a spool; choose a directory this user can write"))
     return out
 
 
@@ -68,7 +72,7 @@ def probe_store(cfg: GatewayConfig, timeout: float = 3.0) -> str | None:
         return None
     dsn = cfg.storage.resolved_dsn()
     if is_embedded(dsn):
-        return _writable_dir(cfg.storage.data_dir)
+        return _writable_dir(cfg.storage.data_dir, "the embedded store")
     try:
         store = connect(dsn, connect_timeout=timeout)
     except StoreError as e:
@@ -82,7 +86,13 @@ def probe_store(cfg: GatewayConfig, timeout: float = 3.0) -> str | None:
     return None
 
 
-def _writable_dir(directory: str) -> str | None:
+def probe_spool(cfg: GatewayConfig) -> str | None:
+    """Can the spool (and the write-ahead log beside it) be written? What the gateway falls back on while the store
+    fails, and all a server-DSN deployment writes locally. The problem in one line, or None."""
+    return _writable_dir(cfg.storage.resolved_spool(), "the spool") if cfg.recording.enabled else None
+
+
+def _writable_dir(directory: str, what: str) -> str | None:
     d = os.path.abspath(directory)
     while not os.path.exists(d):  # the gateway creates the missing part: the first existing parent must be writable
         parent = os.path.dirname(d)
@@ -90,9 +100,9 @@ def _writable_dir(directory: str) -> str | None:
             break
         d = parent
     if not os.path.isdir(d):
-        return f"{d} is not a directory, so the embedded store cannot be created under it"
+        return f"{d} is not a directory, so {what} cannot be created under it"
     if not os.access(d, os.W_OK | os.X_OK):
-        return f"{d} is not writable by this user, so the embedded store cannot be created there"
+        return f"{d} is not writable by this user, so {what} cannot be created there"
     return None
 
 

@@ -71,6 +71,11 @@ CASES = {
                     FULL_ENV, ["storage.dsn: ", "127.0.0.1:{closed}", "spool every call"]),
     "wrong password": (lambda f: {"storage": {"dsn": f["wrong_password"]}}, FULL_ENV,
                        ["storage.dsn: ", "Authentication failed"]),
+    # a server DSN's deployment writes only the spool locally: `serve` refused it, `config check` said ok
+    "spool that cannot be created": (lambda f: {"storage": {"dsn": f"http://default:s3cret-pw@127.0.0.1:{f['closed']}/t",
+                                                            "spool_dir": f"{f['file']}/spool"}}, FULL_ENV,
+                                     ["storage.spool_dir: {file} is not a directory, so the spool cannot be created "
+                                      "under it; `tagway serve` refuses to start without a spool"]),
 }
 
 
@@ -78,7 +83,8 @@ CASES = {
 def test_config_check_warnings(run, tmp_path, case):
     overrides, env, expected = CASES[case]
     with WrongPasswordClickHouse() as ch:
-        fill = {"closed": str(free_port()), "wrong_password": ch.dsn("s3cret-pw")}
+        (tmp_path / "a-file").write_text("")
+        fill = {"closed": str(free_port()), "wrong_password": ch.dsn("s3cret-pw"), "file": str(tmp_path / "a-file")}
         args = ["config", "check"]
         if overrides is not None:
             args += ["--config", write(tmp_path, **(overrides(fill) if callable(overrides) else overrides))]
@@ -229,6 +235,43 @@ def test_help_is_never_cut_at_80_columns(run, app):
                 assert word in words or word.strip(".,;:()") in out, (path, param.name, word)
         checked += 1
     assert checked >= 15  # serve, demo, stats, errors, show, keys *, db migrate, config check, replay *
+
+
+def test_a_config_no_gateway_could_serve_is_refused_in_one_line(run, tmp_path):
+    """An unsupported DSN scheme in the config started a gateway that spooled for ever ("degraded until it answers");
+    an empty host bound every interface; both are config errors now. `CHDB://` is chdb://."""
+    for storage, server, said in (
+            ({"dsn": "ftp://u:s3cret-pw@x/db"}, {}, "storage.dsn: unsupported DSN: use chdb:///path/to/dir (embedded), "
+             "http://user:password@host:8123/database or https://... (a ClickHouse server)"),
+            ({}, {"host": " "}, "server.host: empty: give an address (127.0.0.1 for this machine only, 0.0.0.0 for "
+                                "every interface)")):
+        path = write(tmp_path, storage={"data_dir": str(tmp_path / "data"), **storage}, server=server)
+        for argv in (("config", "check"), ("serve",)):
+            res = run(*argv, "--config", path, env=FULL_ENV)
+            assert res.exit_code == 2 and res.stderr.splitlines() == [f"tagway: config error: {path}: {said}"], \
+                res.output
+            assert "s3cret-pw" not in res.output
+    from gateway.config import load_config  # noqa: PLC0415
+    path = write(tmp_path, storage={"dsn": f"CHDB://{tmp_path}/db"})
+    assert load_config(path).storage.resolved_dsn() == f"chdb://{tmp_path}/db"
+
+
+def test_serve_refuses_an_unknown_log_level_before_it_serves(run, tmp_path):
+    res = run("serve", "--log-level", "loud", "--config", write(tmp_path), env=FULL_ENV)
+    assert res.exit_code == 2 and "serving" not in res.output and "Traceback" not in res.output
+    assert res.stderr.splitlines() == ["error: --log-level 'loud' is not a level: use one of critical, error, "
+                                       "warning, info, debug, trace"]
+
+
+def test_a_stray_workers_variable_does_not_divide_a_single_gateways_limits(tmp_path, monkeypatch):
+    """$TAGWAY_WORKERS told `serve --workers N`'s workers their share of each rate limit; a single gateway read it
+    too (5 divided every limit by 5, 'abc' was a traceback). Only the workers' factory reads it now."""
+    from gateway.app import TagwayApp  # noqa: PLC0415
+    from gateway.config import load_config  # noqa: PLC0415
+
+    monkeypatch.setenv("TAGWAY_WORKERS", "5")
+    cfg = load_config(write(tmp_path, recording={"enabled": False}))
+    assert TagwayApp(cfg).limits.limiter.share == 1 and TagwayApp(cfg, workers=4).limits.limiter.share == 0.25
 
 
 def test_a_dsn_scheme_is_checked_and_https_means_tls(run):

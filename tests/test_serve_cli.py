@@ -267,3 +267,30 @@ def test_a_store_held_past_the_wait_names_the_holder(tmp_path):
         holder.wait(30)
     assert f"is in use by pid {holder.pid} (tagway stats --since 7d; chDB allows" in message, message
     assert "serve waits up to 30 s for a command to finish" in message
+
+
+def test_sigterm_gives_calls_in_flight_the_configured_grace(tmp_path):
+    """The grace for calls in flight at SIGTERM was 60 s whatever the pod allowed (helm says to raise
+    terminationGracePeriodSeconds for long generations): it is `server.graceful_shutdown_seconds` now."""
+    import threading  # noqa: PLC0415
+
+    path = write_config(tmp_path, free_port(), server={"host": "127.0.0.1", "port": 0,
+                                                       "graceful_shutdown_seconds": 1.5},
+                        models=[{"name": "slow", "provider": "mock", "mock": {"reply": "late", "latency_ms": 30_000}}])
+    proc = serve(path)
+    url = "http://127.0.0.1:" + re.match(r"tagway: serving on http://127\.0\.0\.1:(\d+)/v1 ",
+                                         proc.stderr.readline()).group(1)
+    wait_ready(url, proc)
+    answers: list = []
+    call = threading.Thread(target=lambda: answers.append(httpx.post(
+        url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+        json={"model": "slow", "messages": [{"role": "user", "content": "hi"}]})))
+    call.start()
+    time.sleep(1.0)  # the call is in flight
+    started = time.monotonic()
+    proc.terminate()
+    proc.communicate(timeout=60)
+    call.join(60)
+    took = time.monotonic() - started
+    assert 1.4 < took < 15, took  # the grace, not the call's 30 s nor the old 60 s
+    assert answers and answers[0].status_code >= 500
