@@ -14,7 +14,7 @@ import functools
 import importlib.metadata
 import logging
 import os
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from opentelemetry import trace as trace_api
 from opentelemetry.sdk.resources import Resource
@@ -27,7 +27,7 @@ from .processor import DurableBatchSpanProcessor
 from .rows import TABLE, EncodedBatch
 from .schema import SchemaSettings, migrate
 from .semconv import SCOPE_NAME
-from .spool import Spool
+from .spool import Spool, SpoolLockedError
 from .store import Store, StoreError, StoreLockedError, connect, is_embedded, redact_dsn
 from .wal import WriteAheadLog, read_pending
 
@@ -83,14 +83,16 @@ def start_recording(*, dsn: str, spool_dir: str, schema: SchemaSettings | None =
                     batch_max_rows: int = 2000, batch_max_seconds: float = 1.0, queue_max: int = 50_000,
                     retry_min_seconds: float = 1.0, retry_max_seconds: float = 30.0, service_name: str = "tagway",
                     resource_attributes: Mapping[str, Any] | None = None, enabled: bool = True,
-                    store: Store | None = None, limits: RecordingLimits | None = None) -> Recorder:
+                    store: Store | None = None, limits: RecordingLimits | None = None,
+                    adopt: Iterable[str] = ()) -> Recorder:
     """Connect, migrate, replay any spool left by an earlier process, and return a recording `Recorder`.
 
     Raises `StoreLockedError` (one clear line) when another process holds the embedded data directory or the
     spool directory, and `StoreError` when the embedded store cannot be opened. A ClickHouse *server* that is
     down is not an error: spans are spooled and the schema is migrated once it answers.
 
-    `store` overrides `dsn` with an already open store, which the recorder then does not close.
+    `store` overrides `dsn` with an already open store, which the recorder then does not close. `adopt`: other
+    spool directories whose leftovers this recorder sends, when no process holds them (`adopt_spools`).
     """
     if not enabled:
         return disabled_recorder(service_name=service_name, resource_attributes=resource_attributes)
@@ -104,6 +106,7 @@ def start_recording(*, dsn: str, spool_dir: str, schema: SchemaSettings | None =
     spool = Spool(spool_dir, metrics=metrics, max_bytes=limits.spool_max_bytes, on_full=limits.spool_full)
     try:
         recover_wal(os.path.join(spool.directory, WAL_DIR), spool, schema.name(TABLE), limits.batch_max_bytes)
+        adopt_spools(spool, adopt, schema.name(TABLE), limits.batch_max_bytes)
         store, schema_ready = _connect_and_migrate(dsn, store, schema, owns_store, spool_dir)
     except BaseException:
         spool.close()
@@ -153,6 +156,33 @@ def recover_wal(directory: str, spool: Spool, table: str, max_bytes: int) -> int
         log.warning("recovered %d spans from the write-ahead log of a process that did not stop cleanly; they are"
                     " in the spool and will be sent", rows)
     return rows
+
+
+def adopt_spools(spool: Spool, directories: Iterable[str], table: str, max_bytes: int) -> int:
+    """Move into `spool` the files (and write-ahead logs, recovered first) that other spool directories hold, each
+    while no process holds it: a gateway restarted with fewer workers sends what the missing workers' spools kept,
+    which nobody would ever open again. A directory in use (a running worker's) is left alone. Returns the files
+    moved."""
+    moved = 0
+    for directory in directories:
+        if os.path.realpath(directory) == spool.directory or not os.path.isdir(directory):
+            continue
+        try:
+            other = Spool(directory, metrics=ExportMetrics())
+        except SpoolLockedError:
+            continue
+        try:
+            recover_wal(os.path.join(other.directory, WAL_DIR), other, table, max_bytes)
+            for f in other.pending():  # the same file system: a rename, oldest first
+                os.rename(os.path.join(other.directory, f.name), os.path.join(spool.directory, f.name))
+                moved += 1
+        finally:
+            other.close()
+    if moved:
+        spool.rescan()
+        log.warning("took over %d spool file(s) left by gateway processes that no longer run (a restart with fewer "
+                    "workers); they will be sent", moved)
+    return moved
 
 
 def _connect_and_migrate(dsn: str, store: Store | None, schema: SchemaSettings, owns_store: bool,

@@ -275,7 +275,12 @@ def default_recorder(config: GatewayConfig) -> Any:
     dsn = s.resolved_dsn()
 
     def start(spool_dir: str) -> Any:
+        # the other slots' leftovers too, where no process holds them: a restart with fewer workers strands them
+        parent = s.resolved_spool()
+        others = [os.path.join(parent, n) for n in sorted(os.listdir(parent)) if n.startswith("worker-")] \
+            if os.path.isdir(parent) else []
         return start_recording(
+            adopt=others,
             dsn=dsn, spool_dir=spool_dir,
             schema=config.schema_settings(),
             batch_max_rows=r.batch_max_rows, batch_max_seconds=r.batch_max_seconds, queue_max=r.queue_max,
