@@ -181,6 +181,7 @@ def worker_app() -> Any:
     from .app import create_app  # noqa: PLC0415
     from .observe import install_access_log  # noqa: PLC0415
 
+    _quiet_driver()  # a worker is a process of uvicorn's, not started through main()
     cfg = load_config(None)
     install_access_log(cfg)
     return create_app(cfg, workers=int(os.environ[_WORKERS_ENV]))
@@ -727,10 +728,14 @@ def _cannot_record(e: OSError) -> str:
             "storage.data_dir, the spool under storage.spool_dir when set)")
 
 
-def main() -> None:
+def _quiet_driver() -> None:
     # clickhouse-connect logs every failed request as a bare "Unexpected Http Driver Exception" warning before it
     # raises; tagway says what failed in its own line (a command's error, the recorder's outage and recovery lines)
     logging.getLogger("clickhouse_connect").setLevel(logging.ERROR)
+
+
+def main() -> None:
+    _quiet_driver()
     try:
         command()(prog_name="tagway")
     except KeyboardInterrupt:

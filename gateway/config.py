@@ -9,7 +9,7 @@ import re
 import typing
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping
+from typing import Any, Iterable, Iterator, Literal, Mapping
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -274,6 +274,9 @@ class RecordingConfig(_Strict):
     def _batch_fits_queue(self) -> "RecordingConfig":
         if self.batch_max_rows > self.queue_max:
             raise ValueError(f"batch_max_rows ({self.batch_max_rows}) cannot exceed queue_max ({self.queue_max})")
+        if self.spool_max_bytes and self.spool_max_bytes < self.batch_max_bytes:  # no full batch would ever fit
+            raise ValueError(f"spool_max_bytes ({self.spool_max_bytes}) is below batch_max_bytes "
+                             f"({self.batch_max_bytes}): a full batch could never be spooled (0 = no cap)")
         return self
 
     @field_validator("redact_patterns")
@@ -482,8 +485,10 @@ def _format_errors(e: ValidationError, path: str | os.PathLike | None = None,
         exact = var if names and any(k.upper() == var for k in os.environ) else None
         if exact:  # set in both: the environment's value is the one read
             where = f"${exact}: "
-        elif top and top not in file_keys and any(k.upper().startswith(env_prefix) for k in os.environ):
-            where = f"${env_prefix}{'__*' if len(err['loc']) > 1 else ''}: "
+        elif top and top not in file_keys and (family := sorted(
+                k for k in os.environ if k.upper() == env_prefix or k.upper().startswith(env_prefix + "__"))):
+            # the one variable of the section that is set, or the family when several are
+            where = f"${family[0]}: " if len(family) == 1 else f"${env_prefix}__*: "
         else:
             where = f"{path}: " if path else ""
         # cross-checks arrive as one message joined with "; "
@@ -515,6 +520,9 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Gate
     data.update(overrides)
     named = {v for v in _env_names(data) if isinstance(v, str)}  # the variables the config names (*_env)
     unknown = _unknown_sections({k: v for k, v in os.environ.items() if k not in named})
+    indexed = _indexed_variables(k for k in os.environ if k not in named)
+    if indexed:  # read as a mapping {"0": ...} that replaces the list: its errors would blame the file
+        raise ConfigError(unknown + indexed)
     try:
         cfg = GatewayConfig(**data)
     except ValidationError as e:
@@ -570,6 +578,20 @@ def _env_names(data: Any) -> Iterator[Any]:
     elif isinstance(data, list):
         for v in data:
             yield from _env_names(v)
+
+
+def _indexed_variables(names: Iterable[str]) -> list[str]:
+    """`TAGWAY_MODELS__0__TIMEOUT`: pydantic-settings cannot set one item of a list; it reads a mapping that
+    replaces the whole list. Said as what it is, naming the variable to use instead."""
+    out = []
+    for var in sorted(names):
+        parts = var.split("__")
+        if not var.upper().startswith("TAGWAY_") or not any(p.isdigit() for p in parts[1:]):
+            continue
+        head = "__".join(parts[:next(i for i, p in enumerate(parts) if i and p.isdigit())])
+        out.append(f"${var}: {head[len('TAGWAY_'):].lower().replace('__', '.')}: a list's items cannot be set one by "
+                   f"one; set ${head.upper()} to the whole list as JSON ('[...]')")
+    return out
 
 
 def _unknown_sections(environ: Mapping[str, str]) -> list[str]:

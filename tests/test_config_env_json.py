@@ -61,3 +61,26 @@ def test_a_bad_value_from_the_file_is_not_blamed_on_a_section_variable(tmp_path,
     assert res.exit_code == 2, res.output
     assert res.stderr.splitlines() == [
         f"tagway: config error: {path}: server.port: Input should be less than or equal to 65535"]
+
+
+@pytest.mark.parametrize("env, said", [
+    # an item of a list cannot be set alone: pydantic-settings read a mapping that replaced the file's whole list,
+    # and the error ("models: Input should be a valid list") blamed the file
+    ({"TAGWAY_MODELS__0__TIMEOUT": "abc"}, ["$TAGWAY_MODELS__0__TIMEOUT: models: a list's items cannot be set one by "
+                                            "one; set $TAGWAY_MODELS to the whole list as JSON ('[...]')"]),
+    ({"TAGWAY_SHADOW__0__SAMPLE": "2"}, ["$TAGWAY_SHADOW__0__SAMPLE: shadow: a list's items cannot be set one by one; "
+                                         "set $TAGWAY_SHADOW to the whole list as JSON ('[...]')"]),
+    # a section's cross-check named $TAGWAY_RECORDING, which is not set: the one variable of the section that is
+    ({"TAGWAY_RECORDING__SPOOL_MAX_BYTES": "1000"},
+     ["$TAGWAY_RECORDING__SPOOL_MAX_BYTES: recording: spool_max_bytes (1000) is below batch_max_bytes (33554432): a "
+      "full batch could never be spooled (0 = no cap)"]),
+    ({"TAGWAY_RECORDING__SPOOL_MAX_BYTES": "1000", "TAGWAY_RECORDING__BATCH_MAX_BYTES": "70000"},
+     ["$TAGWAY_RECORDING__*: recording: spool_max_bytes (1000) is below batch_max_bytes (70000): a full batch could "
+      "never be spooled (0 = no cap)"]),
+])
+def test_a_variable_is_blamed_for_what_it_set(tmp_path, monkeypatch, env, said):
+    for k in ENV_KEYS:
+        monkeypatch.delenv(k, raising=False)
+    path = write(tmp_path, shadow=[])
+    res = CliRunner().invoke(gateway_cli.command(), ["config", "check", "--config", path], env=env)
+    assert res.exit_code == 2 and res.stderr.splitlines() == [f"tagway: config error: {s}" for s in said], res.output
