@@ -6,8 +6,10 @@ Skipped only when no helm binary is found; install one with `bash helm/scripts/i
 from __future__ import annotations
 
 import base64
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,6 +66,49 @@ def secret_data(secret: dict) -> dict[str, str]:
 
 def chart_values() -> dict:
     return yaml.safe_load((CHART / "values.yaml").read_text())
+
+
+_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30,
+          "Ti": 2**40}
+
+
+def quantity_bytes(q: str) -> int:
+    """A Kubernetes quantity of bytes (2Gi, 500M, 1073741824) as an int."""
+    digits = q.rstrip("".join(_UNITS))
+    return int(float(digits) * _UNITS[q[len(digits):]])
+
+
+def wal_room(recording: dict | None = None) -> int:
+    """What one gateway process's write-ahead log can take beside its spool (exporters/wal.py, under
+    <spool_dir>/worker-<i>/wal): the in-memory backlog it mirrors, the batches in flight, two 8 MiB segments. The
+    defaults are the gateway's own (gateway/config.py), so the chart cannot drift from them unnoticed."""
+    from gateway.config import RecordingConfig
+
+    r = RecordingConfig(**(recording or {}))
+    return max(r.queue_max_bytes, r.batch_max_bytes) + 2 * r.batch_max_bytes + (16 << 20) if r.write_ahead else 0
+
+
+def derived_spool_cap(volume: str, workers: int = 1, recording: dict | None = None) -> int:
+    """The recording.spool_max_bytes the chart sets: 80% of the spool volume per process, less its write-ahead log."""
+    return int(quantity_bytes(volume) * 0.8 / workers - wal_room(recording))
+
+
+def rendered_config(docs: list[dict]) -> dict:
+    cm = next(d for d in by_kind(docs, "ConfigMap") if "tagway.yaml" in (d.get("data") or {}))
+    return yaml.safe_load(cm["data"]["tagway.yaml"])
+
+
+def gateway_config_check(tmp_path: Path, docs: list[dict]) -> subprocess.CompletedProcess:
+    """`tagway config check` on the rendered tagway.yaml, with the env the pod gets (a DSN nothing listens on: the
+    check only warns that ClickHouse is unreachable; a config error exits 2)."""
+    path = tmp_path / "rendered-tagway.yaml"
+    path.write_text(next(d for d in by_kind(docs, "ConfigMap") if "tagway.yaml" in (d.get("data") or {}))
+                    ["data"]["tagway.yaml"])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TAGWAY_")}
+    env.update(TAGWAY_STORAGE__DSN="http://default:pw@127.0.0.1:9/tagway", TAGWAY_ADMIN_KEY="admin",
+               OPENAI_API_KEY="sk-test", LITELLM_LOCAL_MODEL_COST_MAP="True")
+    return subprocess.run([sys.executable, "-m", "gateway.cli", "config", "check", "--config", str(path)],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
 
 
 def test_helm_lint_passes():
@@ -156,6 +201,8 @@ def test_admin_key_is_generated_when_not_given(tmp_path):
 def test_configmap_is_the_config_block_verbatim(tmp_path):
     docs = helm_template(tmp_path)
     rendered = yaml.safe_load(one(docs, "ConfigMap")["data"]["tagway.yaml"])
+    # verbatim, plus the one key the chart derives (the spool cap, from the spool volume: see the spool tests)
+    assert rendered.pop("recording") == {"spool_max_bytes": derived_spool_cap("2Gi")}
     assert rendered == chart_values()["config"]
     assert rendered["storage"]["spool_dir"] == "/var/lib/tagway/spool"
     assert rendered["admin_key_env"] == "TAGWAY_ADMIN_KEY"
@@ -167,7 +214,8 @@ def test_configmap_is_the_config_block_verbatim(tmp_path):
     config["storage"]["cluster"] = "analytics"
     config["future_section"] = {"anything": [1, 2, 3]}
     docs2 = helm_template(tmp_path, {"config": config})
-    assert yaml.safe_load(one(docs2, "ConfigMap")["data"]["tagway.yaml"]) == config
+    assert yaml.safe_load(one(docs2, "ConfigMap")["data"]["tagway.yaml"]) == {
+        **config, "recording": {"spool_max_bytes": derived_spool_cap("2Gi")}}
     checksum = lambda d: one(d, "Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
     assert checksum(docs) != checksum(docs2)
 
@@ -248,6 +296,132 @@ def test_refuses_bad_combinations(tmp_path):
     assert monitor["spec"]["endpoints"][0]["authorization"] == auth
 
 
+# -- the spool cap fits the spool volume ----------------------------------------------------------------------------
+def test_spool_cap_is_derived_from_the_emptydir_and_passes_config_check(tmp_path):
+    """The gateway's own default cap (5 GiB) outgrew the 2Gi emptyDir: in a long ClickHouse outage the kubelet would
+    evict the pod (spool and write-ahead log deleted, nothing counted) before the cap applied."""
+    docs = helm_template(tmp_path)
+    volumes = one(docs, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    (spool_volume,) = [v for v in volumes if v["name"] == "spool"]
+    volume = quantity_bytes(spool_volume["emptyDir"]["sizeLimit"])
+    cap = rendered_config(docs)["recording"]["spool_max_bytes"]
+    assert cap == derived_spool_cap("2Gi") == 1365665382  # 1302 MiB
+    assert cap + wal_room() <= 0.8 * volume  # spool + write-ahead log (both under spool_dir) leave 20% free
+
+    check = gateway_config_check(tmp_path, docs)
+    assert check.returncode == 0 and "warning(s): 1 models" in check.stdout, check.stdout + check.stderr
+    from gateway.config import load_config
+
+    assert load_config(tmp_path / "rendered-tagway.yaml").recording.spool_max_bytes == cap
+
+
+def test_spool_cap_follows_the_pvc_the_workers_and_the_recording_limits(tmp_path):
+    sts = {"kind": "StatefulSet", "spool": {"persistence": {"enabled": True}}}
+    assert rendered_config(helm_template(tmp_path, sts))["recording"]["spool_max_bytes"] == derived_spool_cap("5Gi")
+    pvc = {"kind": "StatefulSet", "spool": {"persistence": {"enabled": True, "size": "20Gi"}}}
+    assert rendered_config(helm_template(tmp_path, pvc))["recording"]["spool_max_bytes"] == derived_spool_cap("20Gi")
+    # `serve --workers N`: N processes, each with its own spool slot, write-ahead log and cap
+    for args in (["--workers", "4"], ["--workers=4"]):
+        docs = helm_template(tmp_path, {"extraArgs": args, "spool": {"emptyDir": {"sizeLimit": "8Gi"}}})
+        cap = rendered_config(docs)["recording"]["spool_max_bytes"]
+        assert cap == derived_spool_cap("8Gi", workers=4) and 4 * (cap + wal_room()) <= quantity_bytes("8Gi")
+    # the write-ahead log's room follows the config's own limits
+    recording = {"queue_max_bytes": 64 << 20, "batch_max_bytes": 8 << 20}
+    docs = helm_template(tmp_path, {"config": {"recording": recording}})
+    assert rendered_config(docs)["recording"] == {**recording,
+                                                  "spool_max_bytes": derived_spool_cap("2Gi", recording=recording)}
+    assert gateway_config_check(tmp_path, docs).returncode == 0
+    # no size limit: nothing to derive from, the gateway's default applies
+    unbounded = rendered_config(helm_template(tmp_path, {"spool": {"emptyDir": {"sizeLimit": ""}}}))
+    assert "spool_max_bytes" not in (unbounded.get("recording") or {})
+
+
+def test_spool_cap_set_by_hand_is_kept_when_it_fits_and_refused_when_it_does_not(tmp_path):
+    docs = helm_template(tmp_path, {"config": {"recording": {"spool_max_bytes": 1 << 30}}})
+    assert rendered_config(docs)["recording"]["spool_max_bytes"] == 1 << 30
+    for too_big in (2 << 30, 0):  # the volume itself; 0 = no cap
+        err = helm_template_error(tmp_path, {"config": {"recording": {"spool_max_bytes": too_big}}})
+        assert "config.recording.spool_max_bytes" in err and "does not fit the spool volume" in err, err
+    err = helm_template_error(tmp_path, {"spool": {"emptyDir": {"sizeLimit": "256Mi"}}})
+    assert "spool.emptyDir.sizeLimit 256Mi" in err and "too small" in err, err
+    assert "not a size" in helm_template_error(tmp_path, {"spool": {"emptyDir": {"sizeLimit": "2GB"}}})
+
+
+# -- the ClickHouse DSN --------------------------------------------------------------------------------------------
+def test_an_empty_dsn_fails_the_render(tmp_path):
+    """Without a DSN the gateway fell back to its embedded store under the read-only working directory and
+    crash-looped; the chart rendered it without a word."""
+    for empty in ("", None, "  "):
+        err = helm_template_error(tmp_path, {"secrets": {"clickhouseDsn": empty}})
+        assert "secrets.clickhouseDsn is empty" in err and "existingSecret" in err, err
+    # a DSN in the config itself is enough
+    docs = helm_template(tmp_path, {"secrets": {"clickhouseDsn": ""},
+                                    "config": {"storage": {"dsn": "https://u:p@ch.example.internal:8443/tagway"}}})
+    assert "TAGWAY_STORAGE__DSN" not in secret_data(one(docs, "Secret"))
+
+
+def test_existing_secret_dsn_is_a_required_key_reference(tmp_path):
+    """An existingSecret without the DSN key started gateways with no store (envFrom skips missing keys); a
+    secretKeyRef that is not optional keeps the pod in CreateContainerConfigError with "couldn't find key"."""
+    docs = helm_template(tmp_path, {"secrets": {"existingSecret": "tagway-prod"}, "migrations": {"enabled": True}})
+    required = {"name": "TAGWAY_STORAGE__DSN",
+                "valueFrom": {"secretKeyRef": {"name": "tagway-prod", "key": "TAGWAY_STORAGE__DSN"}}}
+    assert required in gateway_container(one(docs, "Deployment"))["env"]  # no `optional`: it defaults to false
+    (job,) = by_kind(docs, "Job")
+    assert required in job["spec"]["template"]["spec"]["containers"][0]["env"]
+
+    docs = helm_template(tmp_path, {"secrets": {"existingSecret": "vault-tagway", "existingSecretDsnKey": "dsn"}})
+    env = {e["name"]: e for e in gateway_container(one(docs, "Deployment"))["env"]}
+    assert env["TAGWAY_STORAGE__DSN"]["valueFrom"] == {"secretKeyRef": {"name": "vault-tagway", "key": "dsn"}}
+    # an explicit extraEnv entry of the same name is the user's: not doubled
+    own = {"name": "TAGWAY_STORAGE__DSN", "valueFrom": {"secretKeyRef": {"name": "other", "key": "url"}}}
+    docs = helm_template(tmp_path, {"secrets": {"existingSecret": "tagway-prod"}, "extraEnv": [own]})
+    assert [e for e in gateway_container(one(docs, "Deployment"))["env"]
+            if e["name"] == "TAGWAY_STORAGE__DSN"] == [own]
+
+
+def test_chdb_and_other_dsn_schemes_are_refused_in_any_case(tmp_path):
+    for dsn in ("CHDB:///var/lib/tagway/data", "ChDb:///x", " chdb:///x"):
+        assert "chDB" in helm_template_error(tmp_path, {"secrets": {"clickhouseDsn": dsn}})
+        assert "chDB" in helm_template_error(tmp_path, {"config": {"storage": {"dsn": dsn}}})
+    err = helm_template_error(tmp_path, {"secrets": {"clickhouseDsn": "clickhouse://ch:9000/tagway"}})
+    assert "http(s)://" in err, err
+    docs = helm_template(tmp_path, {"secrets": {"clickhouseDsn": "HTTPS://u:p@ch:8443/tagway"}})  # as the gateway
+    assert secret_data(one(docs, "Secret"))["TAGWAY_STORAGE__DSN"] == "HTTPS://u:p@ch:8443/tagway"
+
+
+# -- values the API server or the gateway would refuse later -------------------------------------------------------
+def helm_set_error(*sets: str, command: str = "template") -> str:
+    args = [HELM, command, *(["t"] if command == "template" else []), str(CHART)]
+    for s in sets:
+        args += ["--set", s]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0, f"helm {command} should have refused {sets}"
+    return out.stdout + out.stderr
+
+
+def test_bad_port_replicas_and_shutdown_timing_are_refused(tmp_path):
+    for command in ("template", "lint"):  # values.schema.json: helm lint refuses these too
+        assert "/containerPort': got string, want integer" in helm_set_error("containerPort=abc", command=command)
+        assert "/containerPort': maximum" in helm_set_error("containerPort=70000", command=command)
+    # checks across values are the templates' `fail`s (helm lint only logs those, at INFO; template/install fail)
+    err = helm_set_error("autoscaling.minReplicas=5", "autoscaling.maxReplicas=3")
+    assert "autoscaling.minReplicas (5) is greater than autoscaling.maxReplicas (3)" in err, err
+    err = helm_set_error("preStopSleepSeconds=90")  # = terminationGracePeriodSeconds
+    assert "preStopSleepSeconds (90) must be less than terminationGracePeriodSeconds (90)" in err, err
+    # the same through a values file (numbers arrive as floats there)
+    assert "containerPort" in helm_template_error(tmp_path, {"containerPort": "4000x"})
+    assert "minReplicas" in helm_template_error(tmp_path, {"autoscaling": {"minReplicas": 4, "maxReplicas": 2}})
+    assert "preStopSleepSeconds" in helm_template_error(tmp_path, {"preStopSleepSeconds": 120,
+                                                                    "terminationGracePeriodSeconds": 60})
+    # and what is fine still renders: the HPA off ignores its bounds, a preStop sleep inside the grace period
+    helm_template(tmp_path, {"autoscaling": {"enabled": False, "minReplicas": 5, "maxReplicas": 3}})
+    pod = one(helm_template(tmp_path, {"preStopSleepSeconds": 10, "terminationGracePeriodSeconds": 60,
+                                       "containerPort": 8080}), "Deployment")["spec"]["template"]["spec"]
+    assert gateway_container({"spec": {"template": {"spec": pod}}})["ports"][0]["containerPort"] == 8080
+    assert pod["terminationGracePeriodSeconds"] == 60
+
+
 def test_rendered_config_is_a_valid_gateway_config(tmp_path, monkeypatch):
     from gateway.config import load_config
 
@@ -285,7 +459,8 @@ def test_prometheus_rule_is_off_by_default_and_selects_the_scraped_job(tmp_path)
 @needs_promtool
 def test_alert_rules_are_valid_and_fire_when_they_should(tmp_path):
     """promtool checks the rules and evaluates them over made-up series: a model failing 20% of its calls, a quiet
-    model failing every call (no page), a spool that grows and one that holds steady, spans dropped or
+    model failing every call (no page), a busy model half of whose calls tagway refuses for rate limits and budgets
+    (no page: the tenants' doing, not the model's), a spool that grows and one that holds steady, spans dropped or
     quarantined on two pods."""
     rule = prometheus_rule(tmp_path, {"errorRate": {"threshold": 0.05, "minCallsPerSecond": 0.1, "for": "10m",
                                                     "severity": "warning"}})
@@ -302,6 +477,15 @@ def test_alert_rules_are_valid_and_fire_when_they_should(tmp_path):
         (f'tagway_call_errors_total{{{job}, {call}, model="gpt", error_type="http_500"}}', "0+12x40"),
         (f'tagway_calls_total{{{job}, {call}, model="rare", status_class="5xx"}}', "0+1x40"),  # 1/min, all fail
         (f'tagway_call_errors_total{{{job}, {call}, model="rare", error_type="timeout"}}', "0+1x40"),
+        # 2/s, half of them refused by tagway itself (429 rate_limited / budget_exceeded) or bad requests upstream
+        (f'tagway_calls_total{{{job}, {call}, model="busy", status_class="2xx"}}', "0+60x40"),
+        (f'tagway_calls_total{{{job}, {call}, model="busy", status_class="4xx"}}', "0+60x40"),
+        (f'tagway_call_errors_total{{{job}, {call}, model="busy", error_type="rate_limited"}}', "0+40x40"),
+        (f'tagway_call_errors_total{{{job}, {call}, model="busy", error_type="budget_exceeded"}}', "0+15x40"),
+        (f'tagway_call_errors_total{{{job}, {call}, model="busy", error_type="http_400"}}', "0+5x40"),
+        # streams that start (200) and then break: counted, though their status class is 2xx
+        (f'tagway_calls_total{{{job}, {call}, model="streamy", status_class="2xx"}}', "0+30x40"),
+        (f'tagway_call_errors_total{{{job}, {call}, model="streamy", error_type="stream_cut"}}', "0+3x40"),
         (f'tagway_spool_spans_pending{{{job}, pod="p1"}}', "0+100x40"),  # growing
         (f'tagway_spool_spans_pending{{{job}, pod="p2"}}', "500x40"),  # steady: ClickHouse is slow, not down
         (f'tagway_spans_dropped_total{{{job}, pod="p1"}}', "0x10 7x30"),
@@ -311,16 +495,25 @@ def test_alert_rules_are_valid_and_fire_when_they_should(tmp_path):
     ]
     error_rate = {"exp_labels": {"severity": "warning", "namespace": "llm", "model": "gpt"},
                   "exp_annotations": {
-                      "summary": "tagway: gpt fails 20% of its calls",
-                      "description": "More than 5% of the calls to model gpt ended in an error for 10m. `tagway "
-                                     "errors --where model=gpt --since 1h` shows the error types and example trace "
-                                     "ids."}}
+                      "summary": "tagway: gpt fails 20% of its calls upstream",
+                      "description": "More than 5% of the calls to model gpt failed upstream or in the gateway for "
+                                     "10m (provider 5xx, provider auth or 429, timeouts, connection, protocol or "
+                                     "stream errors, gateway errors). Refusals by the gateway (rate_limited, "
+                                     "budget_exceeded, keys, invalid requests), provider 4xx answers to bad requests "
+                                     "and client hang-ups are not counted. `tagway errors --where model=gpt --since "
+                                     "1h` shows the error types and example trace ids."}}
+    streamy = {"exp_labels": {**error_rate["exp_labels"], "model": "streamy"},
+               "exp_annotations": {k: v.replace("gpt", "streamy").replace("20%", "10%")
+                                   for k, v in error_rate["exp_annotations"].items()}}
+    cap = derived_spool_cap("2Gi")  # the cap the chart set (the old text promised nothing lost until the volume was full)
     spool = {"exp_labels": {"severity": "warning", "namespace": "llm", "pod": "p1"},
              "exp_annotations": {
                  "summary": "tagway: the spool of p1 keeps growing",
                  "description": "p1 cannot write its spans to ClickHouse and they pile up in its spool (3k spans "
-                                "waiting). Its /readyz says why (reason); nothing is lost until the spool "
-                                "volume is full."}}
+                                "waiting). Its /readyz says why (reason). Once the spool reaches "
+                                f"recording.spool_max_bytes ({cap} bytes, {cap >> 20} MiB), the gateway drops the "
+                                "oldest spans, counted (TagwaySpansDropped). The spool is an emptyDir: it is lost "
+                                "if the pod is deleted meanwhile (rollout, drain, eviction)."}}
     dropped = {"exp_labels": {"severity": "critical", "namespace": "llm", "pod": "p1"},
                "exp_annotations": {
                    "summary": "tagway: p1 lost 7 spans",
@@ -332,7 +525,7 @@ def test_alert_rules_are_valid_and_fire_when_they_should(tmp_path):
         "input_series": [{"series": s, "values": v} for s, v in series],
         "alert_rule_test": [
             {"eval_time": "5m", "alertname": "TagwayModelErrorRateHigh", "exp_alerts": []},  # not for 10m yet
-            {"eval_time": "20m", "alertname": "TagwayModelErrorRateHigh", "exp_alerts": [error_rate]},
+            {"eval_time": "20m", "alertname": "TagwayModelErrorRateHigh", "exp_alerts": [error_rate, streamy]},
             {"eval_time": "10m", "alertname": "TagwaySpoolGrowing", "exp_alerts": []},
             {"eval_time": "30m", "alertname": "TagwaySpoolGrowing", "exp_alerts": [spool]},
             {"eval_time": "9m", "alertname": "TagwaySpansDropped", "exp_alerts": []},

@@ -57,11 +57,18 @@ spec:
         - name: http
           containerPort: {{ .Values.containerPort }}
           protocol: TCP
-      {{- if or .Values.env .Values.extraEnv }}
+      {{- $own := list }}
+      {{- range .Values.extraEnv }}{{ $own = append $own .name }}{{ end }}
+      {{- $dsnEnv := ternary "" (include "tagway.dsnEnv" . | trim) (has "TAGWAY_STORAGE__DSN" $own) }}
+      {{- if or .Values.env .Values.extraEnv $dsnEnv }}
       env:
         {{- range $name, $value := .Values.env }}
         - name: {{ $name }}
           value: {{ $value | toString | quote }}
+        {{- end }}
+        {{- with $dsnEnv }}
+        # The DSN by key: a Secret without it fails the pod visibly (explicit env wins over envFrom).
+        {{- . | nindent 8 }}
         {{- end }}
         {{- with .Values.extraEnv }}
         {{- toYaml . | nindent 8 }}
