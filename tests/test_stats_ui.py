@@ -210,6 +210,60 @@ def test_page_compare_and_filters(server, seeded):
     assert {r["attrs"]["data-segment"] for r in rows} == {seeded.acme, seeded.globex, seeded.spans}
 
 
+def test_page_takes_its_filters_from_the_query_string(server, seeded):
+    """/ui?by=intent&since=7d&where=... (the query string, as every other board page and the README's links take
+    filters) shows that grouping, window and filter; it showed the default (24 h, by customer, unfiltered), as the
+    page read only the fragment. The key stays in the fragment. The filters then move into the fragment, which the
+    form keeps up to date: a reload after a change shows the change, not the query string's filters again; the
+    fragment wins over the query string where both name a filter."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (tests/run.sh installs it)")
+    binary = chromium_binary()
+    if binary is None:
+        pytest.skip("no chromium binary on PATH (Debian: apt-get install chromium); the page test needs one")
+    query = urllib.parse.urlencode([("by", "intent"), ("since", "7d"), ("where", f"tag.run={seeded.run}"),
+                                    ("where", f"customer={seeded.acme}")])
+
+    def segments(pg) -> dict[str, list[str]]:
+        pg.wait_for_selector("body[data-loaded]", timeout=20_000)
+        assert pg.get_attribute("body", "data-loaded") == "1", pg.text_content("#error")
+        return {tr.get_attribute("data-segment"): [td.text_content().strip() for td in tr.query_selector_all("td")]
+                for tr in pg.query_selector_all("#segments tbody tr[data-segment]")}
+
+    def form(pg) -> tuple[str, str, str]:
+        return pg.input_value("#f-since"), pg.input_value("#f-by"), pg.input_value("#f-where")
+
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=binary, args=["--no-sandbox", "--disable-gpu",
+                                                                  "--disable-dev-shm-usage"])
+        try:
+            pg = browser.new_context().new_page()
+            pg.goto(f"{server}/ui?{query}#key={ADMIN}")
+            # by intent, acme only, over 7 days: the refund calls of 36 h ago count too (24 h: 100 calls, 30 errors)
+            got = segments(pg)
+            assert {k: v[:4] for k, v in got.items()} == {"refund": ["refund", "200", "35", "17.5%"],
+                                                          "chat": ["chat", "400", "0", "0.0%"]}, got
+            assert form(pg) == ("7d", "intent", f"tag.run={seeded.run} customer={seeded.acme}")
+            url = urllib.parse.urlsplit(pg.url)
+            assert url.query == "" and "key" not in url.fragment
+            assert dict(urllib.parse.parse_qsl(url.fragment)) == {
+                "since": "7d", "by": "intent", "where": f"tag.run={seeded.run} customer={seeded.acme}"}
+            # a change in the form, then a reload: the change holds
+            pg.fill("#f-by", "customer")
+            pg.evaluate("document.body.removeAttribute('data-loaded')")
+            pg.press("#f-by", "Enter")
+            assert list(segments(pg)) == [seeded.acme]
+            pg.evaluate("document.body.removeAttribute('data-loaded')")
+            pg.reload()
+            assert form(pg) == ("7d", "customer", f"tag.run={seeded.run} customer={seeded.acme}")
+            assert segments(pg)[seeded.acme][:3] == [seeded.acme, "600", "35"]
+            # both: the fragment's by, the query string's window and filters
+            pg.goto(f"{server}/ui?{query}#by=prompt_version")
+            assert form(pg) == ("7d", "prompt_version", f"tag.run={seeded.run} customer={seeded.acme}")
+            assert sorted(segments(pg)) == ["v1", "v2"]
+        finally:
+            browser.close()
+
+
 def test_page_without_key_shows_no_data(server, seeded):
     dom = parse(dump_dom(f"{server}/ui"))
     assert "hidden" not in dom.attrs_by_id["key-panel"], "the page should ask for the admin key"

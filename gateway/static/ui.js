@@ -4,18 +4,39 @@
 "use strict";
 
 // -- state ---------------------------------------------------------------------------------------------------
+// The filters come from the query string, as on every other page (/ui?by=tag.region&since=7d&where=intent=refund,
+// `where` and `by` repeatable), and from the fragment (/ui#by=...), which the page keeps up to date as they change;
+// the fragment wins where both name a filter. The query string's filters then move into the fragment, so the one
+// left in the address bar is the form's state. A key goes only in the fragment (the server refuses ?key=).
+const FILTERS = ["since", "by", "where", "status", "min_calls", "compare"];
+
+function filterValue(params, name) {
+  const all = params.getAll(name);
+  if (!all.length) return null;
+  return name === "where" ? all.join(" ") : name === "by" ? all.join(",") : all[0];
+}
+
 function readHash() {
   takeKeyFromFragment();
+  const q = new URLSearchParams(location.search);
   const h = new URLSearchParams(location.hash.replace(/^#/, ""));
-  const set = (id, name) => { if (h.has(name)) $(id).value = h.get(name); };
-  if (h.has("since") && ![...$("f-since").options].some((o) => o.value === h.get("since"))) {
+  const f = {};
+  for (const name of FILTERS) {
+    const v = filterValue(h, name) ?? filterValue(q, name);
+    if (v !== null) f[name] = v;
+    q.delete(name);
+  }
+  if ("since" in f && ![...$("f-since").options].some((o) => o.value === f.since)) {
     const o = document.createElement("option");
-    o.value = o.textContent = h.get("since");
+    o.value = o.textContent = f.since;
     $("f-since").appendChild(o);
   }
+  const set = (id, name) => { if (name in f) $(id).value = f[name]; };
   set("f-since", "since"); set("f-by", "by"); set("f-where", "where"); set("f-status", "status");
   set("f-min", "min_calls");
-  if (h.has("compare")) $("f-compare").checked = ["1", "true", "yes", "on"].includes(h.get("compare"));
+  if ("compare" in f) $("f-compare").checked = ["1", "true", "yes", "on"].includes(f.compare);
+  const rest = q.toString();
+  history.replaceState(null, "", location.pathname + (rest ? "?" + rest : "") + location.hash);
   writeHash();
 }
 
