@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import random
+import signal
 import socket
 import sys
 import threading
@@ -100,6 +101,33 @@ def keep_up(keep_running: bool | None) -> tuple[bool, str]:
     return False, "not a terminal"
 
 
+class _Interrupt:
+    """SIGTERM and SIGINT end the demo as Ctrl-C does: a KeyboardInterrupt in the main thread, whose `finally` stops
+    the gateway (its lifespan removes the discovery file) and shuts the recorder down (its last batch is stored).
+    uvicorn installs no handler of its own in a thread, so without this SIGTERM killed the process outright. Once
+    the demo is stopping, further signals are ignored: raising again would cut that cleanup short."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.stopping = False
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> _Interrupt:
+        if threading.current_thread() is threading.main_thread():  # signal.signal works only there
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if not self.stopping:
+            self.stopping = True
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
 def run_demo(*, data_dir: str, port: int, calls: int, keep_running: bool | None,
              explain: Callable[[GatewayConfig, Exception], str] | None = None) -> int:
     """`explain(cfg, error)`: the line for a store that cannot be opened (the CLI's, which names the gateway that
@@ -108,12 +136,9 @@ def run_demo(*, data_dir: str, port: int, calls: int, keep_running: bool | None,
     from rich.console import Console  # noqa: PLC0415
     from rich.markup import escape  # noqa: PLC0415
 
-    from exporters import queries as q  # noqa: PLC0415
-
     from exporters.store import StoreError  # noqa: PLC0415
 
     from .app import TagwayApp, default_recorder  # noqa: PLC0415
-    from .stats_cli import print_stats  # noqa: PLC0415
 
     console = Console()
     if not console.is_terminal:  # piped or in CI: rich would squeeze the table into 80 columns
@@ -129,54 +154,68 @@ def run_demo(*, data_dir: str, port: int, calls: int, keep_running: bool | None,
         return 2
     port = port or _free_port()
     app = TagwayApp(cfg, recorder=recorder)
+    # a bounded graceful stop, so the lifespan shutdown (which removes the discovery file) runs within the join below
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="on", log_level="warning",
-                                           access_log=False))
+                                           access_log=False, timeout_graceful_shutdown=10))
     thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            console.print("[red]error:[/] the demo gateway did not start")
-            recorder.shutdown()
-            return 1
-        time.sleep(0.02)
+    with _Interrupt() as interrupt:
+        try:
+            thread.start()
+            while not server.started:
+                if not thread.is_alive():
+                    console.print("[red]error:[/] the demo gateway did not start")
+                    return 1
+                time.sleep(0.02)
+            return _serve(console, cfg, app, recorder, thread, keys, admin_key, port, calls, keep_running)
+        except KeyboardInterrupt:  # Ctrl-C, SIGINT or SIGTERM: a graceful stop, as `tagway serve` makes
+            return 0
+        finally:
+            interrupt.stopping = True  # a second signal must not cut the cleanup short
+            server.should_exit = True
+            if thread.is_alive():
+                thread.join(30)
+            app.local.close()  # idempotent: the lifespan has removed the discovery file unless the join timed out
+            recorder.shutdown()  # the calls still queued are stored
+
+
+def _serve(console, cfg: GatewayConfig, app, recorder, thread: threading.Thread, keys: dict[str, str],
+           admin_key: str, port: int, calls: int, keep_running: bool | None) -> int:
+    """The demo's traffic and summary, then, when it keeps running, serving until a signal (KeyboardInterrupt)."""
+    from exporters import queries as q  # noqa: PLC0415
+
+    from .stats_cli import print_stats  # noqa: PLC0415
+
     base_url = f"http://127.0.0.1:{port}/v1"
     console.print(f"tagway demo gateway on [bold]{base_url}[/] (embedded store {cfg.storage.resolved_dsn()})")
     started_ns = time.time_ns()
-    try:
-        with console.status(f"driving {calls} tagged calls through the openai client..."):
-            outcome = _traffic(base_url, keys, calls)
-        recorder.force_flush()
-        # the same query layer and table as `tagway stats`
-        started = dt.datetime.fromtimestamp(started_ns / 1e9, dt.timezone.utc).isoformat()
-        report = q.segment_stats(recorder.store, q.make_selection(where=["source=demo"], from_=started),
-                                 by=["customer", "intent"], min_calls=10)
-        console.print()
-        print_stats(report, console, "this demo run")
-        total = sum(s.calls for s in report.segments)
-        errors = sum(s.errors for s in report.segments)
-        console.print(f"client saw {outcome['ok']} ok / {outcome['error']} errors; recorded {total} calls,"
-                      f" {errors} errors ({errors / max(total, 1):.1%} overall: the mean hides the worst rows).")
-        root = base_url[:-3]
-        keep, why = keep_up(keep_running)
-        if keep:
-            app.announce(root)  # `tagway stats` and friends work through this gateway while it holds the store
-            # the key goes in the fragment: browsers never send it, and the page moves it to the tab's storage
-            console.print(f"dashboard: {root}/ui#key={admin_key}   (calls: {root}/ui/calls, replays: {root}/ui/replays)")
-            console.print("keys (shown once): " + ", ".join(f"{t}={k}" for t, k in keys.items())
-                          + f", admin={admin_key}")
-            console.print(f"metrics: {root}/metrics   the CLI works meanwhile: tagway stats --dsn "
-                          f"{cfg.storage.resolved_dsn()} --by customer --by intent")
-            console.print(f"serving the gateway and its dashboard until Ctrl-C ({why})")
-            while thread.is_alive():
-                time.sleep(0.5)
-        else:
-            console.print(f"the demo gateway stops now ({why}), and its dashboard with it: run `tagway demo "
-                          "--keep-running` to keep both up until Ctrl-C. The calls stay in the store: tagway stats "
-                          f"--dsn {cfg.storage.resolved_dsn()} --by customer --by intent")
-        return 0 if total >= calls else 1
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        recorder.shutdown()
+    with console.status(f"driving {calls} tagged calls through the openai client..."):
+        outcome = _traffic(base_url, keys, calls)
+    recorder.force_flush()
+    # the same query layer and table as `tagway stats`
+    started = dt.datetime.fromtimestamp(started_ns / 1e9, dt.timezone.utc).isoformat()
+    report = q.segment_stats(recorder.store, q.make_selection(where=["source=demo"], from_=started),
+                             by=["customer", "intent"], min_calls=10)
+    console.print()
+    print_stats(report, console, "this demo run")
+    total = sum(s.calls for s in report.segments)
+    errors = sum(s.errors for s in report.segments)
+    console.print(f"client saw {outcome['ok']} ok / {outcome['error']} errors; recorded {total} calls,"
+                  f" {errors} errors ({errors / max(total, 1):.1%} overall: the mean hides the worst rows).")
+    root = base_url[:-3]
+    keep, why = keep_up(keep_running)
+    if keep:
+        app.announce(root)  # `tagway stats` and friends work through this gateway while it holds the store
+        # the key goes in the fragment: browsers never send it, and the page moves it to the tab's storage
+        console.print(f"dashboard: {root}/ui#key={admin_key}   (calls: {root}/ui/calls, replays: {root}/ui/replays)")
+        console.print("keys (shown once): " + ", ".join(f"{t}={k}" for t, k in keys.items())
+                      + f", admin={admin_key}")
+        console.print(f"metrics: {root}/metrics   the CLI works meanwhile: tagway stats --dsn "
+                      f"{cfg.storage.resolved_dsn()} --by customer --by intent")
+        console.print(f"serving the gateway and its dashboard until Ctrl-C ({why})")
+        while thread.is_alive():
+            time.sleep(0.5)
+    else:
+        console.print(f"the demo gateway stops now ({why}), and its dashboard with it: run `tagway demo "
+                      "--keep-running` to keep both up until Ctrl-C. The calls stay in the store: tagway stats "
+                      f"--dsn {cfg.storage.resolved_dsn()} --by customer --by intent")
+    return 0 if total >= calls else 1

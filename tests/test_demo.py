@@ -57,6 +57,67 @@ def test_keep_running_serves_the_dashboard_until_ctrl_c(tmp_path):
             proc.wait(10)
 
 
+def _until_serving(proc: subprocess.Popen) -> str:
+    lines, deadline = [], time.monotonic() + 180
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if "until Ctrl-C" in line:
+            break
+    return " ".join("".join(lines).split())
+
+
+def test_sigterm_stops_the_kept_demo_cleanly(tmp_path):
+    """`tagway demo --keep-running` stopped with SIGTERM (a service manager, `kill`, a container stop) stops as Ctrl-C
+    does: exit 0 promptly, the discovery file removed, and the recorder flushed, so the store (opened directly
+    afterwards) holds every call the demo made and the calls made through it just before the signal. It had no
+    SIGTERM handler (uvicorn runs in a thread there, which installs none), so SIGTERM killed it: exit -15, the
+    discovery file left behind, the last batch not stored."""
+    data = tmp_path / "d"
+    proc = subprocess.Popen(DEMO + ["--data-dir", str(data), "--keep-running"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=_env(), stdin=subprocess.DEVNULL)
+    try:
+        text = _until_serving(proc)
+        assert "until Ctrl-C (--keep-running was given)" in text, text[-2000:]
+        said = re.search(r"client saw (\d+) ok / (\d+) errors; recorded (\d+) calls", text)
+        root = re.search(r"dashboard: (http://127\.0\.0\.1:\d+)/ui#key=", text)
+        acme = re.search(r"keys \(shown once\): acme=(tw-[A-Za-z0-9_-]+)", text)
+        assert said and root and acme, text[-2000:]
+        made = int(said[1]) + int(said[2])
+        assert int(said[3]) == made == 12 + 2, text[-2000:]  # --calls 12, a rejected model and a wrong key
+        discovery = data / "clickhouse" / "tagway-gateway.json"
+        assert discovery.exists()
+        # a last batch: answered, still in the recorder's 0.5 s batch window when the signal comes
+        extra = 3
+        with httpx.Client(base_url=root[1], timeout=30, headers={"Authorization": f"Bearer {acme[1]}"}) as h:
+            for i in range(extra):
+                r = h.post("/v1/chat/completions", json={"model": "gpt-4o", "messages": [
+                    {"role": "user", "content": f"last batch {i}"}]}, headers={"x-tagway-intent": "refund"})
+                assert r.status_code == 200, r.text
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        assert proc.wait(30) == 0, proc.stdout.read()[-2000:]
+        assert time.monotonic() - t0 < 15
+        assert not discovery.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    # opened directly (no gateway announces it any more), in a process of its own as a CLI would
+    count = subprocess.run([sys.executable, "-c", """
+import sys
+from exporters.store_access import open_store
+store = open_store(sys.argv[1])
+assert type(store).__name__ != "RemoteStore", type(store)
+rows, _ = store.query_rows("SELECT count() FROM llm_calls WHERE source = 'demo'")
+print(rows[0][0])
+""", f"chdb://{(data / 'clickhouse').resolve()}"], capture_output=True, text=True, timeout=120, env=_env())
+    assert count.returncode == 0, count.stderr[-2000:]
+    assert int(count.stdout.split()[-1]) == made + extra
+
+
 def test_demo_on_a_data_directory_a_gateway_serves_names_that_gateway(tmp_path):
     """Bad input: the demo's gateway would be a second one on the store. One line naming the gateway that serves it
     (it named the spool lock it hit first), exit 2."""
