@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal, Mapping
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from exporters.dsn import anchor_storage_paths, embedded_dsn, is_http_url
@@ -228,8 +228,10 @@ class StorageConfig(_Strict):
     @classmethod
     def _dsn(cls, v: str | None) -> str | None:
         # a scheme no driver speaks would start a gateway that spools for ever, "degraded until it answers"
-        if not v:
+        if v is None:
             return v
+        if not v.strip():  # a Secret's empty value: the embedded store instead of the server, unsaid
+            raise ValueError("empty: leave it out to use the embedded store under data_dir, or give a DSN")
         scheme, sep, rest = v.strip().partition("://")
         if not sep or scheme.lower() not in ("chdb", "http", "https"):
             raise ValueError("unsupported DSN: use chdb:///path/to/dir (embedded), "
@@ -337,6 +339,7 @@ class ApiConfig(_Strict):
 
 class GatewayConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TAGWAY_", env_nested_delimiter="__", extra="forbid")
+    _config_file: str | None = PrivateAttr(None)  # the file load_config read, if any
 
     server: ServerConfig = ServerConfig()
     storage: StorageConfig = StorageConfig()
@@ -450,10 +453,14 @@ class GatewayConfig(BaseSettings):
         from exporters.schema import SchemaSettings  # noqa: PLC0415 - config stays light to import
 
         s = self.storage
+        # A config file states the retention, a TTL it leaves out included (0: kept for ever): a line removed from
+        # it is a TTL removed at the next start. Without a file only what the environment sets is applied, so a
+        # command run on defaults never removes a TTL an operator set.
+        ttls = ("ttl_days", "rollup_ttl_days")
         return SchemaSettings(database=s.database, cluster=s.cluster, ttl_days=s.ttl_days,
                               rollup_ttl_days=s.rollup_ttl_days, rollup_tag_keys=self.rollup_tag_keys(),
-                              apply_retention=tuple(f for f in ("ttl_days", "rollup_ttl_days")
-                                                    if f in s.model_fields_set))
+                              apply_retention=ttls if self._config_file else tuple(
+                                  f for f in ttls if f in s.model_fields_set))
 
     def _models_by_name(self) -> dict[str, ModelConfig]:
         cache = self.__dict__.get("_by_name_cache")
@@ -531,6 +538,7 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Gate
         raise ConfigError(unknown + _env_json_errors(e)) from None
     if unknown:
         raise ConfigError(unknown)
+    cfg._config_file = str(path) if path else None
     return cfg
 
 

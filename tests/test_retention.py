@@ -6,6 +6,8 @@ import datetime as dt
 import logging
 import uuid
 
+import yaml
+
 from exporters import rollups
 from exporters.retention import RAW_TABLES, sync_retention, ttl_days_of
 from exporters.schema import SchemaSettings, migrate
@@ -81,6 +83,27 @@ def test_the_gateways_schema_settings_apply_the_retention_it_sets():
         "ttl_days", "rollup_ttl_days")
     assert GatewayConfig(storage={"ttl_days": 7}).schema_settings().apply_retention == ("ttl_days",)
     assert SchemaSettings().apply_retention == ()
+
+
+def test_a_ttl_removed_from_the_config_file_is_removed_from_the_tables(chdb_store, tmp_path, monkeypatch):
+    """Deleting `ttl_days: 7` from the file left the 7-day TTL in place ("schema is up to date"), though the README
+    gives 0 (kept for ever) as the default: a config file now states the retention whole. A command run without a
+    config file still never removes one."""
+    from gateway.config import load_config  # noqa: PLC0415
+
+    monkeypatch.delenv("TAGWAY_STORAGE__TTL_DAYS", raising=False)
+    db = "ret_" + uuid.uuid4().hex[:8]
+    path = tmp_path / "tagway.yaml"
+    path.write_text(yaml.safe_dump({"storage": {"database": db, "ttl_days": 7}}))
+    migrate(chdb_store, load_config(str(path)).schema_settings())
+    assert {ttls(chdb_store, db)[t] for t, _ in RAW_TABLES} == {7}
+    migrate(chdb_store, GatewayConfig(storage={"database": db}).schema_settings())  # no file: left alone
+    assert {ttls(chdb_store, db)[t] for t, _ in RAW_TABLES} == {7}
+    path.write_text(yaml.safe_dump({"storage": {"database": db}}))  # the line deleted
+    settings = load_config(str(path)).schema_settings()
+    assert settings.apply_retention == ("ttl_days", "rollup_ttl_days")
+    migrate(chdb_store, settings)
+    assert {ttls(chdb_store, db)[t] for t, _ in RAW_TABLES} == {0}
 
 
 def test_a_store_that_refuses_the_alter_still_migrates(chdb_store, caplog):
