@@ -105,7 +105,7 @@ def build_board_router(keyring: KeyRing, store: Callable[[], Any], *, database: 
 
     def calls_list(request: Request, who: Reader, _: dict) -> Any:
         params = QueryParams(request, PARAMS["calls"])
-        sel = params.selection(who.customer)
+        sel = params.selection(who)
         raw_cursor = params.one("cursor")
         search = params.one("q")
         page = c.list_calls(store(), sel, search=search, dataset=params.one("dataset") or None,
@@ -120,17 +120,17 @@ def build_board_router(keyring: KeyRing, store: Callable[[], Any], *, database: 
 
     def call_one(request: Request, who: Reader, path: dict) -> Any:
         params = QueryParams(request, PARAMS["call"])
-        call = c.call_detail(store(), path["trace_id"], customer=who.customer, max_chars=max_chars(params),
-                             database=db, budget=lim.query)
-        if call is None:
+        call = c.call_detail(store(), path["trace_id"], customer=None if who.key_id else who.customer,
+                             max_chars=max_chars(params), database=db, budget=lim.query)
+        if call is None or not who.may_read(call):
             raise _not_found("No call with this trace id.", "call_not_found", "trace_id")
         return call
 
     def case_one(request: Request, who: Reader, path: dict) -> Any:
         params = QueryParams(request, PARAMS["call"])
-        view = cases.case_view(store(), path["trace_id"], customer=who.customer, max_chars=max_chars(params),
-                               database=db)
-        if view is None:
+        view = cases.case_view(store(), path["trace_id"], customer=None if who.key_id else who.customer,
+                               max_chars=max_chars(params), database=db)
+        if view is None or not who.may_read(view.get("call") or {}):
             raise _not_found("No call with this trace id.", "call_not_found", "trace_id")
         return view
 
@@ -155,7 +155,7 @@ def build_board_router(keyring: KeyRing, store: Callable[[], Any], *, database: 
 
     def chart(request: Request, who: Reader, _: dict) -> Any:
         params = QueryParams(request, PARAMS["charts"])
-        sel = params.selection(who.customer)
+        sel = params.selection(who)
         return charts.metrics_timeseries(store(), sel, by=params.one("by") or "customer",
                                          step=params.integer("step", 0, 0, 30 * 86400) or None,
                                          top=params.integer("top", 5, 1, charts.TOP_MAX), database=db,

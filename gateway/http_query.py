@@ -96,9 +96,14 @@ class QueryParams:
             return False
         raise q.QueryInputError(f"{name} must be true or false", param=name)
 
-    def selection(self, force_customer: str | None = None) -> q.Selection:
+    def selection(self, who: "Reader | None" = None) -> q.Selection:
+        """The request's window and filters, limited to what `who` may read: a tenant key its customer's calls, a
+        platform key (may_set_customer) the calls it made, for whichever customers it named."""
         where = self.many("where") + [f"customer={c}" for c in self.many("customer")]
         sel = q.make_selection(where, self.one("status"), self.one("since"), self.one("from"), self.one("to"))
+        if who is not None and who.key_id is not None:
+            return sel.with_filter(q.Filter("key_id", who.key_id))
+        force_customer = who.customer if who is not None else None
         if force_customer is not None:
             for f in sel.filters:
                 if f.key == "customer" and f.op == "=" and f.value != force_customer:
@@ -110,15 +115,24 @@ class QueryParams:
 
 class Reader:
     """Who is asking: `customer` is None for the admin key (everything), else the tenant key's customer, which
-    every query is limited to server-side."""
+    every query is limited to server-side. A platform key (may_set_customer) records its calls under the customers
+    it names, so its reads of calls are limited by `key_id` instead (the calls it made); what is not a call
+    (replay and evaluation runs, tags) stays limited to its own customer."""
 
-    def __init__(self, principal: Principal, customer: str | None) -> None:
+    def __init__(self, principal: Principal, customer: str | None, key_id: str | None = None) -> None:
         self.principal = principal
         self.customer = customer
+        self.key_id = key_id
 
     @property
     def is_admin(self) -> bool:
         return self.customer is None
+
+    def may_read(self, call: dict) -> bool:
+        """Whether a call (a row of llm_calls, as read for the admin) is this reader's to see."""
+        if self.key_id is not None:
+            return call.get("key_id") == self.key_id
+        return self.customer is None or call.get("customer") == self.customer
 
 
 def reader(keyring: KeyRing, request: Request, *, admin_route: bool) -> Reader:
@@ -127,4 +141,6 @@ def reader(keyring: KeyRing, request: Request, *, admin_route: bool) -> Reader:
     p = keyring.authenticate_headers(request.headers)
     if admin_route and not p.is_admin:
         raise forbidden("This route needs the admin key.", code="admin_key_required")
-    return Reader(p, None if p.is_admin else p.customer)
+    if p.is_admin:
+        return Reader(p, None)
+    return Reader(p, p.customer, key_id=p.key_id if p.may_set_customer else None)

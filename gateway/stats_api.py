@@ -48,7 +48,7 @@ def build_stats_router(keyring: KeyRing, get_store: Callable[[], Any], *,
     def stats(request: Request, admin_route: bool) -> Any:
         who = reader(keyring, request, admin_route=admin_route)
         params = QueryParams(request, ALLOWED_PARAMS["stats"])
-        sel = params.selection(who.customer)
+        sel = params.selection(who)
         by = q.parse_by(params.many("by"))
         report = q.segment_stats(store(), sel, by, compare=params.boolean("compare"),
                                  min_calls=params.integer("min_calls", 20, 0, 10**9),
@@ -58,14 +58,14 @@ def build_stats_router(keyring: KeyRing, get_store: Callable[[], Any], *,
     def errors(request: Request, admin_route: bool) -> Any:
         who = reader(keyring, request, admin_route=admin_route)
         params = QueryParams(request, ALLOWED_PARAMS["errors"])
-        sel = params.selection(who.customer)
+        sel = params.selection(who)
         return q.top_errors(store(), sel, limit=params.integer("limit", 10, 1, 1000),
                             examples=params.integer("examples", 3, 1, 20), database=db).to_dict()
 
     def timeseries(request: Request, admin_route: bool) -> Any:
         who = reader(keyring, request, admin_route=admin_route)
         params = QueryParams(request, ALLOWED_PARAMS["timeseries"])
-        sel = params.selection(who.customer)
+        sel = params.selection(who)
         step = params.integer("step", 0, 0, 30 * 86400) or None
         return q.error_timeseries(store(), sel, by=params.one("by") or "customer", step=step,
                                   series_limit=params.integer("series", 10, 1, 100),

@@ -50,6 +50,36 @@ def test_keyset_pages_cover_every_call_once_newest_first(board, chdb_store):
     assert len(replayed["calls"]) == 144 and {x["replay_run_id"] for x in replayed["calls"]} == set(board.runs)
 
 
+def test_a_platform_key_reads_the_calls_it_made(board, chdb_store):
+    """A platform key (may_set_customer) records its calls under the customers it names, and was pinned to its own
+    customer on every read: 0 calls, its own trace a 404, though feedback on that same trace was accepted. It now
+    reads the calls it made (whichever customer), and only those."""
+    from tests.board_seed import PLATFORM_KEY  # noqa: PLC0415
+
+    # a customer of its own (the board's tests count the seeded customers' calls), tagged apart from the board's
+    customer, run = "pf-" + board.run, "pf-" + board.run
+    res = httpx.post(board.url + "/v1/chat/completions", headers={
+        "Authorization": f"Bearer {PLATFORM_KEY}", "x-tagway-customer": customer, "x-tagway-intent": "platform-read",
+        "x-tagway-tags": f"run={run}"}, json={"model": "gpt-prod", "messages": [{"role": "user", "content": "hi"}]})
+    assert res.status_code == 200, res.text
+    mine = res.headers["x-tagway-trace-id"]
+    assert board.app.recorder.force_flush()
+    calls = get(board, "/v1/tagway/calls", PLATFORM_KEY, since="1h", limit=500).json()["calls"]
+    assert [(x["trace_id"], x["customer"], x["key_id"]) for x in calls] == [(mine, customer, "platform")]
+    replayed = get(board, "/v1/tagway/calls", PLATFORM_KEY, since="1h", where=[board.where, "source=replay"],
+                   limit=500).json()["calls"]  # the board's replays ran with this key, for its customers
+    assert len(replayed) == 144 and {x["key_id"] for x in replayed} == {"platform"}
+    stats = get(board, "/v1/tagway/stats", PLATFORM_KEY, since="1h", by="intent").json()
+    assert [(s["key"]["intent"], s["calls"]) for s in stats["segments"]] == [("platform-read", 1)]
+    assert get(board, f"/v1/tagway/calls/{mine}", PLATFORM_KEY).json()["customer"] == customer
+    assert get(board, f"/v1/tagway/cases/{mine}", PLATFORM_KEY).json()["call"]["trace_id"] == mine
+    # a tenant's own call, which this key did not make, answers as an unknown one
+    other = get(board, f"/v1/tagway/calls/{board.traces['fallback']}", PLATFORM_KEY)
+    assert error_of(other, 404)["code"] == "call_not_found"
+    assert other.content == get(board, f"/v1/tagway/calls/{'f' * 32}", PLATFORM_KEY).content
+    assert get(board, f"/v1/tagway/cases/{board.traces['fallback']}", PLATFORM_KEY).status_code == 404
+
+
 @pytest.mark.parametrize("params,param,needle", [
     ({"cursor": "not-a-cursor"}, "cursor", "invalid cursor"),
     ({"limit": "0"}, "limit", "limit must be between 1 and 500"),
