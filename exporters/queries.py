@@ -506,7 +506,9 @@ def top_errors(store: Store, sel: Selection, *, limit: int = 10, examples: int =
         raise QueryInputError("examples must be between 1 and 20", param="examples")
     if sel.status is None:
         sel = dataclasses.replace(sel, status="error")
-    if sel.status == "ok":  # answered calls have no error type: a table of them under "(none)" says nothing
+    if sel.status == "ok" or any(f.key == "status" and f.op == "=" and f.value == "ok" for f in sel.filters):
+        # answered calls have no error type: a table of them under "(none)" says nothing (and `--where status=ok`
+        # beside the default status=error was an empty list, exit 0)
         raise QueryInputError("status=ok: the errors view lists failed calls; use status error or cancelled "
                               "(tagway stats counts the answered ones)", param="status")
     p = _Params()
