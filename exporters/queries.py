@@ -69,6 +69,9 @@ def parse_by(by: Iterable[str] | None) -> tuple[str, ...]:
         keys = ["customer"]
     if len(set(keys)) != len(keys):
         raise QueryInputError("a group-by column is repeated", param="by")
+    if "session_id" in keys and "customer" not in keys:
+        # a session is per customer: two customers' "sess-1" are two sessions, not one row of both
+        keys.insert(keys.index("session_id"), "customer")
     if len(keys) > MAX_DIMENSIONS:
         raise QueryInputError(f"at most {MAX_DIMENSIONS} group-by columns", param="by")
     return tuple(keys)

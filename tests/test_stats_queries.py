@@ -8,13 +8,14 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import math
+import uuid
 
 import orjson
 import pytest
 
 from exporters import queries as q
 from exporters.store import Store
-from tests.calls_seed import Replayed, Seeded, seed_calls, seed_replayed
+from tests.calls_seed import Replayed, Seeded, call_row, insert_calls, seed_calls, seed_replayed
 
 @pytest.fixture(scope="module")
 def seeded(chdb_store: Store) -> Seeded:
@@ -73,6 +74,10 @@ def test_parse_window():
 def test_parse_dimensions_and_filters():
     assert q.parse_by(None) == ("customer",)
     assert q.parse_by(["customer,intent", "tag.region"]) == ("customer", "intent", "tag.region")
+    # a session is per customer: grouping by it alone merged two customers' "sess-1" into one row
+    assert q.parse_by(["session_id"]) == ("customer", "session_id")
+    assert q.parse_by(["intent,session_id"]) == ("intent", "customer", "session_id")
+    assert q.parse_by(["session_id", "customer"]) == ("session_id", "customer")
     assert q.parse_where(["intent=refund", "tag.region!=eu", "stream=1"]) == (
         q.Filter("intent", "refund"), q.Filter("tag.region", "eu", "!="), q.Filter("stream", "true"))
     # values of the columns the gateway records normalised are read the same way ('=' is never recorded)
@@ -390,3 +395,12 @@ def test_replay_slices_leave_out_the_same_sources(chdb_store, replayed):
     assert pool() == stats_calls == 50
     assert pool(where=["source!=production"]) == 50  # replay 40 + judge 10, as test_a_source_filter_... counts
     assert pool(where=["source=replay-judge", "status=error"]) == 10
+
+
+def test_two_customers_sessions_of_one_name_are_two_rows(chdb_store):
+    run = "sess" + uuid.uuid4().hex[:8]
+    insert_calls(chdb_store, [call_row(run, f"{run}-a", i, session_id="sess-1") for i in range(2)]
+                 + [call_row(run, f"{run}-b", i, session_id="sess-1") for i in range(3)])
+    got = q.segment_stats(chdb_store, q.make_selection([f"tag.run={run}"], since="2h"), q.parse_by(["session_id"]))
+    assert sorted((s.key["customer"], s.key["session_id"], s.calls) for s in got.segments) == [
+        (f"{run}-a", "sess-1", 2), (f"{run}-b", "sess-1", 3)]
