@@ -99,7 +99,11 @@ class QueryParams:
     def selection(self, who: "Reader | None" = None) -> q.Selection:
         """The request's window and filters, limited to what `who` may read: a tenant key its customer's calls, a
         platform key (may_set_customer) the calls it made, for whichever customers it named."""
-        where = self.many("where") + [f"customer={c}" for c in self.many("customer")]
+        customers = self.many("customer")
+        if len(customers) > 1:  # filters are ANDed: two customers would select no call at all, without a word
+            raise q.QueryInputError("query parameter 'customer' is given more than once: filters are ANDed, so ask "
+                                    "one customer at a time (or group by customer)", param="customer")
+        where = self.many("where") + [f"customer={c}" for c in customers]
         sel = q.make_selection(where, self.one("status"), self.one("since"), self.one("from"), self.one("to"))
         if who is not None and who.key_id is not None:
             return sel.with_filter(q.Filter("key_id", who.key_id))

@@ -143,6 +143,7 @@ def test_auth(client, seeded):
     ({"compare": "maybe"}, "compare", "true or false"),
     ({"group": "customer"}, "group", "unknown query parameter 'group'"),
     ({"since": ["1h", "2h"]}, "since", "more than once"),
+    ({"customer": ["acme", "globex"]}, "customer", "'customer' is given more than once: filters are ANDed"),
 ])
 def test_bad_input_is_400(client, params, param, needle):
     err = assert_openai_error(admin(client, "/admin/stats", **params), 400, code="invalid_query", param=param)
