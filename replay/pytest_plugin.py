@@ -113,11 +113,14 @@ class GateRunner:
         key = (str(spec), dataset, tuple(sorted((k, repr(v)) for k, v in overrides.items())))
         if key not in self._reports:
             from .pipeline import RunOptions, new_run_id, start_run
+            from .runner import gateway_for
             parsed = self.parsed(spec, dataset, overrides)
             sys.path[:0] = [str(spec.parent)]  # `python` evaluators beside the spec, as the CLI does
-            opts = RunOptions(gateway_url=self.gateway, in_process=self.gateway is None, api_key=self.api_key,
-                              progress=False, spec_dir=spec.parent, run_id=new_run_id(), gateway_config=self.config)
             try:
+                # --gateway, else the gateway serving the store (as `tagway replay run` finds it), else in-process
+                gateway = self.gateway or gateway_for(None, self.store)
+                opts = RunOptions(gateway_url=gateway, in_process=gateway is None, api_key=self.api_key,
+                                  progress=False, spec_dir=spec.parent, run_id=new_run_id(), gateway_config=self.config)
                 self._reports[key] = asyncio.run(start_run(self.store, parsed, opts)).report
             except Exception as e:  # bad input, an unreachable gateway or store: the test fails with one line
                 self._reports[key] = f"tagway_gate: the gate could not run: {type(e).__name__}: {e}"

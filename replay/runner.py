@@ -256,7 +256,7 @@ def fatal_check(who: str, model: str, ans: Answer) -> None:
         why = ans.error.removeprefix(f"HTTP {ans.http_status}: ")  # said once
         need = "replay needs the admin key or a key that may set its customer: " if ans.http_status == 403 else ""
         raise FatalRunError(f"the gateway rejected the API key (HTTP {ans.http_status}): {why}; {need}pass "
-                            "--api-key or set TAGWAY_API_KEY / TAGWAY_ADMIN_KEY")
+                            "--api-key (pytest: --tagway-api-key) or set TAGWAY_API_KEY / TAGWAY_ADMIN_KEY")
     if ans.error_code == "upstream_auth_error":  # the gateway's provider key: no case of this model can run
         raise FatalRunError(f"{who}: model {model!r}: {ans.error.removeprefix('HTTP 502: ')}")
     if ans.error_code == "connection":
@@ -311,7 +311,7 @@ async def check_gateway(client: httpx.AsyncClient, api_key: str, where: str) -> 
     if resp.status_code in (401, 403):
         why, _ = _error_of(resp)
         raise FatalRunError(f"the gateway at {where} rejected the API key (HTTP {resp.status_code}): {why}; pass "
-                            "--api-key or set TAGWAY_API_KEY / TAGWAY_ADMIN_KEY")
+                            "--api-key (pytest: --tagway-api-key) or set TAGWAY_API_KEY / TAGWAY_ADMIN_KEY")
     if resp.status_code != 200:
         raise FatalRunError(f"{where} does not answer as a tagway gateway (GET /v1/models: HTTP {resp.status_code});"
                             " pass the gateway's base URL, e.g. http://127.0.0.1:4000")
@@ -324,8 +324,8 @@ async def check_gateway(client: httpx.AsyncClient, api_key: str, where: str) -> 
         may = None
     if may is False:
         raise FatalRunError(f"the gateway at {where} does not let this API key mark calls as replay: replay needs the "
-                            "admin key or a key that may set its customer; pass --api-key or set TAGWAY_API_KEY / "
-                            "TAGWAY_ADMIN_KEY")
+                            "admin key or a key that may set its customer; pass --api-key (pytest: "
+                            "--tagway-api-key) or set TAGWAY_API_KEY / TAGWAY_ADMIN_KEY")
 
 
 class GatewayPoster:

@@ -117,6 +117,20 @@ def test_the_gate_under_xdist(gw, project):
     res.assert_outcomes(passed=1, failed=1)
 
 
+def test_without_gateway_the_gateway_serving_the_store_takes_the_calls(gw, project):
+    """With no --gateway the plugin ran the gateway in-process, which cannot start beside `tagway serve` on the
+    same embedded store: every test failed with "... use --gateway". It now replays through the serving gateway,
+    as `tagway replay run` does."""
+    project.makepyfile(test_gate="""
+        def test_good(tagway_gate):
+            report = tagway_gate(spec="good.yaml", dataset="refunds@1")
+            assert report.verdict == "passed"
+    """)
+    res = project.runpytest_subprocess("-p", "no:cacheprovider")
+    res.assert_outcomes(passed=1)
+    assert "use --gateway" not in res.stdout.str()
+
+
 def test_bad_input_is_one_line(gw, project):
     project.makepyfile(test_bad_input="""
         def test_missing_dataset(tagway_gate):
