@@ -502,7 +502,7 @@ def db_status(config: Optional[str] = ConfigOpt,
     from exporters.store import StoreError  # noqa: PLC0415
     from exporters.store_access import open_store  # noqa: PLC0415
 
-    from .db_status import gather, render  # noqa: PLC0415
+    from .db_status import gather, render, spool_line, spool_status  # noqa: PLC0415
 
     cfg = _load(config)
     target = dsn or cfg.storage.resolved_dsn()
@@ -517,6 +517,10 @@ def db_status(config: Optional[str] = ConfigOpt,
     except StoreGoneError as e:
         raise fail(str(e), 3) from None
     except StoreError as e:
+        # ClickHouse down is when what waits in the spool matters most: said before the error (still exit 2)
+        spool = spool_status(_spool_of(cfg, dsn))
+        typer.echo(orjson.dumps({"error": str(e), "spool": spool}, option=orjson.OPT_INDENT_2).decode()
+                   if as_json else spool_line(spool))
         raise fail(str(e)) from None
     if as_json:
         typer.echo(orjson.dumps(status, option=orjson.OPT_INDENT_2).decode())

@@ -14,7 +14,7 @@ from exporters.spool import quarantined, unsent_spans
 from exporters.store import is_embedded, redact_dsn
 from exporters.vocabulary import iso_utc
 
-__all__ = ["gather", "render"]
+__all__ = ["gather", "render", "spool_status", "spool_line"]
 
 
 def gather(store: Any, dsn: str, settings: SchemaSettings, spool_dir: str) -> dict[str, Any]:
@@ -37,9 +37,13 @@ def gather(store: Any, dsn: str, settings: SchemaSettings, spool_dir: str) -> di
         spans = store.query_rows(f"SELECT count() FROM {db}otel_traces")[0][0][0]
         out["calls"] = {"total": int(calls), "production": int(production), "spans": int(spans),
                         "oldest": _iso(oldest) if calls else None, "newest": _iso(newest) if calls else None}
-    out["spool"] = {"directory": spool_dir, "unsent": unsent_spans(spool_dir),
-                    "quarantined_files": len(quarantined(spool_dir))}
+    out["spool"] = spool_status(spool_dir)
     return out
+
+
+def spool_status(spool_dir: str) -> dict[str, Any]:
+    """What waits in the spool: said also when the store cannot be reached, which is when it matters most."""
+    return {"directory": spool_dir, "unsent": unsent_spans(spool_dir), "quarantined_files": len(quarantined(spool_dir))}
 
 
 def render(d: dict[str, Any]) -> list[str]:
@@ -54,13 +58,16 @@ def render(d: dict[str, Any]) -> list[str]:
     if c is not None:
         span = f", {c['oldest']} to {c['newest']}" if c["total"] else ""
         lines.append(f"calls: {c['total']:,} ({c['production']:,} production){span}; spans: {c['spans']:,}")
-    sp = d["spool"]
+    lines.append(spool_line(d["spool"]))
+    return lines
+
+
+def spool_line(sp: dict[str, Any]) -> str:
     waiting = (f"{sp['unsent']:,} span(s) not stored yet (stored when a gateway runs on this store)"
                if sp["unsent"] else "nothing waiting")
-    lines.append(f"spool: {sp['directory']}: {waiting}"
-                 + (f"; {sp['quarantined_files']} quarantined file(s): `tagway db spool list`"
-                    if sp["quarantined_files"] else ""))
-    return lines
+    return (f"spool: {sp['directory']}: {waiting}"
+            + (f"; {sp['quarantined_files']} quarantined file(s): `tagway db spool list`" if sp["quarantined_files"]
+               else ""))
 
 
 def _iso(value: Any) -> str:

@@ -298,11 +298,20 @@ def test_a_dsn_scheme_is_checked_and_https_means_tls(run):
 def test_a_store_that_is_down_is_one_line_without_the_drivers_warning(tmp_path):
     """clickhouse-connect logs "Unexpected Http Driver Exception" before raising: the command says what failed in
     its own line, and that line is the only one."""
+    from exporters.rows import EncodedBatch  # noqa: PLC0415
+    from exporters.spool import Spool  # noqa: PLC0415
+
+    spool = Spool(str(tmp_path / "tagway-data" / "spool" / "worker-0"), fsync=False)  # what a gateway left waiting
+    spool.write(EncodedBatch.of("otel_traces", b'{"TraceId":"t"}\n' * 4, 4))
+    spool.close()
     env = {k: v for k, v in os.environ.items() if k not in ENV_KEYS}
     out = subprocess.run([sys.executable, "-m", "gateway.cli", "db", "status", "--dsn",
                           f"http://default:pw@127.0.0.1:{free_port()}/tagway"],
                          capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
     assert out.returncode == 2, out.stderr
+    # what waits in the spool is said even so: ClickHouse down is when it matters
+    assert out.stdout.splitlines() == [f"spool: {tmp_path}/tagway-data/spool: 4 span(s) not stored yet (stored when "
+                                       "a gateway runs on this store)"]
     (line,) = out.stderr.splitlines()
     # the socket's reason, not urllib3's retry text with a query id in a URL (an embedded store's disk errors are
     # said as they are: tests/test_cli_ops.py::test_an_embedded_store_on_a_bad_path_is_not_unreachable)
