@@ -6,14 +6,19 @@ takes effect within a second without a restart.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
+import fcntl
 import hashlib
 import hmac
 import logging
 import os
 import secrets
+import stat
+import tempfile
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import yaml
@@ -78,9 +83,9 @@ class Principal:
 class KeyRing:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        self._file_mtime: float | None = None
         self._by_hash: dict[str, tuple[KeyConfig, TenantConfig]] = {}
         self._revoked: set[str] = set()
+        self._from_file = 0  # active keys loaded from the keys file
         self._admin_hash = config.admin_key_hash
         if not self._admin_hash and os.environ.get(config.admin_key_env):
             self._admin_hash = hash_key(os.environ[config.admin_key_env])
@@ -88,43 +93,73 @@ class KeyRing:
         self._watcher: threading.Thread | None = None
         self._failures_lock = threading.Lock()
         self.failures: dict[str, int] = {}  # refused credentials by reason (code), for /metrics
+        # the keys file as last seen (_file_state), and whether that one could not be loaded: each change of the
+        # file is acted on (and logged) once, not on every tick of the watcher
+        self._seen, _ = _file_state(config.keys_file)
+        self._broken = False
+        self._gone = False  # the file went away and that was said (until it is back)
         self._load()
 
     # -- loading ----------------------------------------------------------------------------------------------
     def _load(self) -> None:
         """Build the lookup tables and swap them in whole (readers on the event loop never see half a load)."""
         path = self.config.keys_file
-        mtime = os.path.getmtime(path) if path and os.path.exists(path) else None
-        from_file = read_keys(self.config) if mtime is not None else []
+        from_file = read_keys(self.config) if path and os.path.exists(path) else []
         by_hash: dict[str, tuple[KeyConfig, TenantConfig]] = {}
         revoked: set[str] = set()
         tenants = {t.customer: t for t in self.config.tenants}
         for t in self.config.tenants:
             for k in t.keys:
                 (revoked.add(k.hash) if k.revoked else by_hash.__setitem__(k.hash, (k, t)))
+        n = 0
         for k in from_file:
             t = tenants.get(k.customer or "")
             if t is None:
                 continue  # a key for a tenant no longer configured authenticates nobody
-            (revoked.add(k.hash) if k.revoked else by_hash.__setitem__(k.hash, (k, t)))
-        self._by_hash, self._revoked = by_hash, revoked
-        self._file_mtime = mtime  # only after a successful load, so a failed one is retried
+            if k.revoked:
+                revoked.add(k.hash)
+            else:
+                by_hash[k.hash] = (k, t)
+                n += 1
+        self._by_hash, self._revoked, self._from_file = by_hash, revoked, n
 
     def keys(self) -> list[tuple[KeyConfig, TenantConfig]]:
         """Every active key with its tenant (config and keys file)."""
         return list(self._by_hash.values())
 
     def reload_if_changed(self) -> bool:
+        """Re-read the keys file if it changed since it was last seen; True when new keys were swapped in.
+
+        A file that cannot be loaded keeps the previous keys (but its revocations apply) and is logged as an ERROR
+        once per change of the file, not on every call; a file that loads again after that, a file that is gone
+        (its keys stop authenticating: a WARNING, once until it is back) and one that is back are logged once too."""
         path = self.config.keys_file
-        mtime = os.path.getmtime(path) if path and os.path.exists(path) else None
-        if mtime == self._file_mtime:
+        state, why = _file_state(path)
+        if state == self._seen:
             return False
+        was, was_broken, self._seen = self._seen, self._broken, state
+        if state is None:  # moved away or deleted: only the config's keys are left
+            before = self._from_file
+            self._load()
+            self._broken = False
+            if was is not None and not self._gone:
+                self._gone = True
+                log.warning("the keys file %s is gone (%s): its %d active key(s) no longer authenticate until it is "
+                            "back", path, why, before)
+            return True
         try:
             self._load()
-        except Exception as e:  # a half-written or broken file: keep the previous keys, retry next time
-            log.error("cannot load the keys file %s (keeping the previous keys): %s", path, e)
+        except Exception as e:  # a half-written or broken file: keep the previous keys, retry when it changes
+            self._broken = True
+            log.error("cannot load the keys file %s (keeping the previous keys; said again only when the file "
+                      "changes): %s", path, e)
             self._revoke_from(path)
             return False
+        self._broken = False
+        if was_broken or self._gone:
+            log.warning("the keys file %s %s: %d active key(s) from it", path,
+                        "loads again" if was_broken else "is back", self._from_file)
+        self._gone = False
         return True
 
     def _revoke_from(self, path: str | None) -> None:
@@ -147,7 +182,10 @@ class KeyRing:
 
         def run() -> None:
             while not self._stop.wait(interval):
-                self.reload_if_changed()
+                try:
+                    self.reload_if_changed()
+                except Exception:  # never let one bad tick end the watching (and with it every later revocation)
+                    log.exception("re-reading the keys file %s failed", self.config.keys_file)
 
         self._watcher = threading.Thread(target=run, name="tagway-keys-watch", daemon=True)
         self._watcher.start()
@@ -206,6 +244,19 @@ class KeyRing:
             raise unauthorized("Incorrect API key provided.", code="invalid_api_key")
         k, tenant = hit
         return Principal(key_id=k.id, tenant=tenant, key_tags={**tenant.tags, **k.tags}, limits=k.limits)
+
+
+def _file_state(path: str | None) -> tuple[tuple[int, ...] | None, str]:
+    """What tells one version of the keys file from another without reading it (device, inode, size, mtime and
+    ctime, so a rewrite within the same mtime tick, a `mv` over it or a chmod count as changes), or None when there
+    is no file to read, with why."""
+    if not path:
+        return None, "no keys file"
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return None, e.strerror or str(e)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns), ""
 
 
 def conflicting_keys() -> GatewayError:
@@ -315,37 +366,93 @@ def _entry(path: str, lines: list[int], index: int) -> str:
     return f"{path}:{lines[index] if index < len(lines) else '?'}: key #{index + 1}"
 
 
+@contextlib.contextmanager
+def _locked(path: str) -> Iterator[None]:
+    """Hold an exclusive lock on the keys file's sidecar `<file>.lock` (created 0600 beside it, never removed):
+    `tagway keys create/revoke` read, change and rewrite the file under it, so two of them at once cannot lose each
+    other's entries. The gateway reads without it (the file is only ever replaced whole)."""
+    lock = f"{path}.lock"
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+    except OSError as e:
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise KeysFileError(f"{path}: cannot write the keys file: no directory {directory}") from None
+        raise KeysFileError(f"{path}: cannot lock the keys file ({lock}: {e.strerror or e})") from None
+    try:
+        with contextlib.suppress(OSError):  # root writing a user's file leaves the lock usable by that user
+            st = os.stat(path)
+            if os.fstat(fd).st_uid != st.st_uid:
+                os.fchown(fd, st.st_uid, st.st_gid)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def _write_list(path: str, items: list[dict]) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("# tagway virtual keys: hashes only; managed by `tagway keys create/revoke`\n")
-        yaml.safe_dump(items, f, sort_keys=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    """Replace the keys file whole (readers see the old file or the new one), through a temporary file of its own in
+    the same directory; the file keeps its mode (0600 for a new one) and, where allowed, its owner. Call it under
+    `_locked(path)`. A failure is a KeysFileError naming the keys file, and leaves it as it was."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        st: os.stat_result | None = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise KeysFileError(f"{path}: cannot write the keys file: {e.strerror or e}") from None
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)  # 0600
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("# tagway virtual keys: hashes only; managed by `tagway keys create/revoke`\n")
+            yaml.safe_dump(items, f, sort_keys=False)
+            f.flush()
+            if st is not None:
+                os.fchmod(f.fileno(), stat.S_IMODE(st.st_mode))
+                if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
+                    with contextlib.suppress(OSError):  # only root (or the owner, for a group) may: best effort
+                        os.fchown(f.fileno(), st.st_uid, st.st_gid)
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        raise KeysFileError(f"{path}: cannot write the keys file: {e.strerror or e}") from None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    with contextlib.suppress(OSError):  # the rename itself survives a crash once the directory is on disk
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
 
 
 def add_key_to_file(path: str, customer: str, key_id: str | None = None,
                     tags: dict[str, str] | None = None) -> tuple[str, str]:
-    """Create a key for `customer`, store its hash in the keys file, return (key_id, key). The key is not kept."""
-    items = read_keys_file(path)
-    key = new_key()
-    key_id = key_id or f"{customer}-{secrets.token_hex(3)}"
-    if any(i.get("id") == key_id for i in items):
-        raise ValueError(f"a key with id {key_id!r} already exists")
-    items.append({"id": key_id, "customer": customer, "hash": hash_key(key),
-                  "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                  "revoked": False, "tags": tags or {}})
-    _write_list(path, items)
+    """Create a key for `customer`, store its hash in the keys file, return (key_id, key). The key is not kept.
+    Safe to run alongside other `keys create/revoke` on the same file: each sees the others' entries."""
+    with _locked(path):
+        items = read_keys_file(path)
+        key = new_key()
+        key_id = key_id or f"{customer}-{secrets.token_hex(3)}"
+        if any(i.get("id") == key_id for i in items):
+            raise ValueError(f"a key with id {key_id!r} already exists")
+        items.append({"id": key_id, "customer": customer, "hash": hash_key(key),
+                      "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                      "revoked": False, "tags": tags or {}})
+        _write_list(path, items)
     return key_id, key
 
 
 def revoke_key_in_file(path: str, key_id: str) -> None:
-    items = read_keys_file(path)
-    for i in items:
-        if i.get("id") == key_id:
-            i["revoked"] = True
-            _write_list(path, items)
-            return
+    with _locked(path):
+        items = read_keys_file(path)
+        for i in items:
+            if i.get("id") == key_id:
+                i["revoked"] = True
+                _write_list(path, items)
+                return
     raise ValueError(f"no key with id {key_id!r} in {path}")

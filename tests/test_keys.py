@@ -1,10 +1,13 @@
 """`tagway keys create/revoke/list` against a running gateway: printed once, stored hashed, revoked live."""
 from __future__ import annotations
 
+import logging
 import os
+import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -15,6 +18,7 @@ from gateway.app import TagwayApp
 from gateway.auth import KeyRing, KeysFileError, hash_key
 from gateway.cli import app as cli
 from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.errors import GatewayError
 from tests.gateway_fixture import GatewayServer, MemoryRecorder
 
 runner = CliRunner()
@@ -259,7 +263,6 @@ def test_one_key_under_two_entries_of_the_config_is_refused(tmp_path):
 def test_a_keys_file_the_gateway_cannot_load_still_revokes(tmp_path):
     """A hand-edited entry makes the file unloadable (the gateway keeps its keys): a revocation written in it
     applies all the same, instead of waiting until the unrelated entry is fixed."""
-    from gateway.errors import GatewayError
     cfg_path, keys = _setup(tmp_path, f"- {{id: ok, customer: acme, hash: '{hash_key('tw-ok')}'}}\n"
                                       f"- {{id: other, customer: acme, hash: '{hash_key('tw-other')}'}}\n")
     ring = KeyRing(load_config(cfg_path))
@@ -300,3 +303,141 @@ def test_a_hash_with_capital_digits_is_the_same_hash_and_an_admin_hash_of_anothe
                                     "keys admin` prints it (no admin key could ever match this one)"]
         res = runner.invoke(cli, ["config", "check", "--config", cfg_path], env=CHECK_ENV)
         assert res.exit_code == 2 and len(res.stderr.splitlines()) == 1 and "admin_key_hash: must be" in res.stderr
+
+
+# -- `keys create/revoke` at the same time; the running gateway's view of a broken or vanished keys file -----------
+def _cli(*argv: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "gateway.cli", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"})
+
+
+def test_keys_create_and_revoke_at_the_same_time_lose_nothing(tmp_path):
+    """Eight `keys create` and a `keys revoke` at once each read, changed and rewrote the file through the same
+    `<file>.tmp`: keys printed as created were missing from the file (they could never work), keys nobody saw were
+    in it, runs failed naming `<file>.tmp`, and a revocation said `revoked` but the key stayed active."""
+    cfg_path, keys = _setup(tmp_path, "")
+    os.remove(keys)  # the first `keys create` makes it (0600)
+    first = runner.invoke(cli, ["keys", "create", "--customer", "acme", "--id", "victim", "--config", cfg_path])
+    assert first.exit_code == 0, first.output
+    victim = first.stdout.strip().splitlines()[-1]
+    # a file of a thousand keys, as a gateway in use has: reading and rewriting it takes a moment, as it does there
+    before = yaml.safe_load(Path(keys).read_text()) + [{"id": f"old-{i}", "customer": "acme", "hash": hash_key(f"tw-old-{i}"),
+                                            "revoked": False, "tags": {}} for i in range(1000)]
+    with open(keys, "w") as f:
+        yaml.safe_dump(before, f, sort_keys=False)
+    procs = [_cli("keys", "create", "--customer", "acme", "--config", cfg_path) for _ in range(8)]
+    procs.append(_cli("keys", "revoke", "victim", "--config", cfg_path))
+    outs = [(p.wait(timeout=120), *p.communicate()) for p in procs]
+    for rc, out, err in outs:
+        assert rc == 0 and "Traceback" not in err, err
+    assert outs[-1][1] == "revoked victim\n"
+    created = {}  # id -> key, as each run printed them
+    for _, out, err in outs[:-1]:
+        assert "store this key now" in err
+        kid = next(line for line in err.splitlines() if line.startswith("key id: ")).removeprefix("key id: ")
+        created[kid] = out.strip()
+    assert len(created) == 8
+    entries = yaml.safe_load(Path(keys).read_text())
+    assert sorted(e["id"] for e in entries) == sorted([e["id"] for e in before] + [*created])  # all, nothing else
+    assert {e["id"]: e["revoked"] for e in entries} == {**{e["id"]: False for e in before},
+                                                        **{k: False for k in created}, "victim": True}
+    ring = KeyRing(load_config(cfg_path))
+    for kid, key in created.items():
+        assert ring.authenticate(f"Bearer {key}").key_id == kid
+    with pytest.raises(GatewayError) as e:
+        ring.authenticate(f"Bearer {victim}")
+    assert e.value.code == "revoked_api_key"
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]  # no temporary file left behind
+    assert stat.S_IMODE(os.stat(keys).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(keys + ".lock").st_mode) == 0o600
+
+
+def test_keys_create_keeps_the_files_mode_and_its_errors_name_the_keys_file(tmp_path):
+    """The file was made 0600 on every write (a group-readable file the gateway's group reads turned unreadable),
+    and a failure to write it said `[Errno 2] No such file or directory: '<file>.tmp'`."""
+    cfg_path, keys = _setup(tmp_path, "")
+    os.chmod(keys, 0o640)
+    assert runner.invoke(cli, ["keys", "create", "--customer", "acme", "--config", cfg_path]).exit_code == 0
+    assert stat.S_IMODE(os.stat(keys).st_mode) == 0o640
+    assert runner.invoke(cli, ["keys", "revoke", yaml.safe_load(Path(keys).read_text())[0]["id"],
+                               "--config", cfg_path]).exit_code == 0
+    assert stat.S_IMODE(os.stat(keys).st_mode) == 0o640
+    nowhere = tmp_path / "missing" / "k.yaml"
+    res = runner.invoke(cli, ["keys", "create", "--customer", "acme", "--config", cfg_path],
+                        env={"TAGWAY_KEYS_FILE": str(nowhere)})
+    assert res.exit_code == 2, res.output
+    assert res.stderr.splitlines() == [f"error: {nowhere}: cannot write the keys file: no directory "
+                                       f"{tmp_path / 'missing'}"]
+
+
+def _said(caplog) -> list[tuple[str, str]]:
+    return [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "tagway.auth"]
+
+
+def _touch(path: str, ahead: float) -> None:
+    os.utime(path, (time.time() + ahead, time.time() + ahead))
+
+
+def test_a_keys_file_that_cannot_be_loaded_is_logged_once_per_change(tmp_path, caplog):
+    """The watcher retried a broken file every second and logged the same ERROR each time (3,600 lines an hour);
+    now once per change of the file, and once more when it loads again."""
+    caplog.set_level(logging.INFO, logger="tagway.auth")
+    ok = f"- {{id: ok, customer: acme, hash: '{hash_key('tw-ok')}'}}\n"
+    cfg_path, keys = _setup(tmp_path, ok)
+    ring = KeyRing(load_config(cfg_path))
+    with open(keys, "a") as f:
+        f.write(f"- {{id: broken, hash: '{hx('9')}'}}\n")  # no customer
+    _touch(keys, 5)
+    for _ in range(5):  # five ticks of the watcher
+        assert ring.reload_if_changed() is False
+    problem = (f"{keys}:2: key #2: customer: missing: a key in the keys file names its tenant (customer: <name>); "
+               "this key authenticates nobody")
+    error = ("ERROR", f"cannot load the keys file {keys} (keeping the previous keys; said again only when the file "
+                      f"changes): {problem}")
+    assert _said(caplog) == [error]
+    assert ring.authenticate("Bearer tw-ok").key_id == "ok"
+
+    with open(keys, "a") as f:  # changed, still broken: said again, once
+        f.write(f"- {{id: new, customer: acme, hash: '{hash_key('tw-new')}'}}\n")
+    _touch(keys, 10)
+    for _ in range(3):
+        assert ring.reload_if_changed() is False
+    assert _said(caplog) == [error, error]
+
+    with open(keys, "w") as f:  # fixed
+        f.write(ok + f"- {{id: new, customer: acme, hash: '{hash_key('tw-new')}'}}\n")
+    _touch(keys, 15)
+    assert ring.reload_if_changed() is True
+    assert ring.reload_if_changed() is False
+    assert _said(caplog) == [error, error, ("WARNING", f"the keys file {keys} loads again: 2 active key(s) from it")]
+    assert ring.authenticate("Bearer tw-new").key_id == "new"
+
+
+def test_a_keys_file_that_goes_away_is_said_once(tmp_path, caplog):
+    """A keys file moved away or deleted under a running gateway took every key in it out of service with no log
+    line at all; now one WARNING naming the file, until it is back (said too)."""
+    caplog.set_level(logging.INFO, logger="tagway.auth")
+    cfg_path, keys = _setup(tmp_path, f"- {{id: ok, customer: acme, hash: '{hash_key('tw-ok')}'}}\n")
+    ring = KeyRing(load_config(cfg_path))
+    aside = str(tmp_path / "aside.yaml")
+    gone = ("WARNING", f"the keys file {keys} is gone (No such file or directory): its 1 active key(s) no longer "
+                       "authenticate until it is back")
+    os.rename(keys, aside)
+    for _ in range(5):
+        ring.reload_if_changed()
+    assert _said(caplog) == [gone]
+    with pytest.raises(GatewayError) as e:
+        ring.authenticate("Bearer tw-ok")
+    assert e.value.code == "invalid_api_key"
+    assert [k.id for k, _ in ring.keys()] == ["inline"]  # the config's keys are not the file's
+
+    os.rename(aside, keys)
+    assert ring.reload_if_changed() is True
+    assert ring.authenticate("Bearer tw-ok").key_id == "ok"
+    back = ("WARNING", f"the keys file {keys} is back: 1 active key(s) from it")
+    assert _said(caplog) == [gone, back]
+    os.remove(keys)  # gone again: said again
+    for _ in range(3):
+        ring.reload_if_changed()
+    assert _said(caplog) == [gone, back, gone]
