@@ -32,7 +32,8 @@ _COUNTERS: dict[str, str] = {
     "spans_quarantined": "Spans in *.poison files: kept on disk, not in ClickHouse until re-queued.",
     "export_errors": "Failed insert attempts into ClickHouse (live batches and spool replays).",
     "batches_exported": "Batches inserted into ClickHouse (live and replayed).",
-    "spool_write_errors": "Spool writes that failed (each one drops its batch; see spans_dropped).",
+    "spool_write_errors": "Spool writes that failed (a full or failing disk; the batch is kept and written again "
+                          "later, see spans_dropped for what could not be kept).",
 }
 _GAUGES: dict[str, str] = {
     "queue_depth": "Spans waiting in memory for the export thread.",

@@ -43,7 +43,7 @@ from .clickhouse import ClickHouseSpanExporter
 from .insert_errors import may_be_poison
 from .metrics import ExportMetrics
 from .rows import EncodedBatch
-from .spool import Spool, SpoolFile
+from .spool import Spool, SpoolFile, SpoolWriteError
 from .store import StoreError
 from .wal import WriteAheadLog
 
@@ -118,6 +118,14 @@ class DurableBatchSpanProcessor(SpanProcessor):
         self._inflight: set[int] = set()  # start index of every chunk not yet exported/spooled
         self._flush_target = 0  # spans below this index are wanted out now (force_flush)
 
+        # Batches the spool could not write (a full disk): kept, oldest first, and written again each retry
+        # interval; their chunks stay undone in the write-ahead log, so a stop before that rebuilds them at the
+        # next start. Past queue_max_bytes the oldest are dropped, counted. Guarded by `_cv`.
+        self._stranded: collections.deque[_Batch] = collections.deque()
+        self._stranded_bytes = 0
+        self._stranded_rows = 0
+        self._stranded_retry_at = 0.0
+
         self._degraded = False
         self._inherited = False  # degraded only by an earlier process's spool, not by a failure seen here
         self.last_error = ""  # why the processor is degraded (the last ClickHouse error), for /readyz
@@ -128,7 +136,7 @@ class DurableBatchSpanProcessor(SpanProcessor):
         self._closed = False  # the final sweep has begun: a late span is spooled by on_end itself
         self._shutdown_lock = threading.Lock()
 
-        self.metrics.set_gauge("queue_depth", lambda: len(self._spans) + self._encoded_rows)
+        self.metrics.set_gauge("queue_depth", lambda: len(self._spans) + self._encoded_rows + self._stranded_rows)
         self.metrics.set_gauge("queue_bytes", lambda: self._encoded_bytes)
         self.metrics.set_gauge("export_degraded", lambda: 1 if self._degraded else 0)
         if spool.pending_files:
@@ -207,8 +215,9 @@ class DurableBatchSpanProcessor(SpanProcessor):
 
     @property
     def queue_depth(self) -> int:
-        """Spans held in memory: not yet encoded, or encoded and not yet inserted or spooled."""
-        return len(self._spans) + self._encoded_rows
+        """Spans held in memory: not yet encoded, or encoded and not yet inserted or spooled (or kept after a spool
+        write failed)."""
+        return len(self._spans) + self._encoded_rows + self._stranded_rows
 
     @property
     def handled_spans(self) -> int:
@@ -336,10 +345,79 @@ class DurableBatchSpanProcessor(SpanProcessor):
             if batch is None:
                 return
             self._formed(batch)
+            handled = True
             try:
-                self._spool.write(batch.encoded, batch.seq)
+                handled = self._spool_or_keep(batch)
             finally:
-                self._done(batch)
+                if handled:
+                    self._done(batch)
+
+    def _spool_or_keep(self, b: _Batch) -> bool:
+        """Spool the batch; True when that is settled (written, or dropped by the cap's policy, counted). A write
+        that fails keeps the batch for a later try (False): a full disk does not drop what the log still holds."""
+        try:
+            self._spool.write(b.encoded, b.seq, keep_on_error=True)
+            return True
+        except SpoolWriteError:
+            pass
+        dropped: list[_Batch] = []
+        with self._cv:
+            self._stranded.append(b)
+            self._stranded_bytes += b.encoded.size
+            self._stranded_rows += b.encoded.rows
+            while self._stranded_bytes > self._queue_max_bytes and len(self._stranded) > 1:
+                old = self._stranded.popleft()
+                self._stranded_bytes -= old.encoded.size
+                self._stranded_rows -= old.encoded.rows
+                dropped.append(old)
+        for old in dropped:  # memory is bounded too: the oldest go, counted
+            log.error("spool still cannot be written (%s): %d spans kept too long are DROPPED",
+                      self._spool.write_error, old.encoded.rows)
+            self.metrics.inc("spans_dropped", old.encoded.rows)
+            self._done(old)
+        return False
+
+    def _retry_stranded(self, *, final: bool = False) -> None:
+        """Write the kept batches to the spool, oldest first, until one fails again (at most once a retry interval,
+        unless `final`). At the end (`final`), what still cannot be written stays in the write-ahead log for the
+        next start, or without one is dropped, counted."""
+        now = time.monotonic()
+        if not self._stranded or (not final and now < self._stranded_retry_at):
+            return
+        self._stranded_retry_at = now + self._retry_min
+        while True:
+            with self._cv:
+                if not self._stranded:
+                    return
+                b = self._stranded.popleft()
+                self._stranded_bytes -= b.encoded.size
+                self._stranded_rows -= b.encoded.rows
+            try:
+                self._spool.write(b.encoded, b.seq, keep_on_error=True)
+            except SpoolWriteError:
+                with self._cv:
+                    self._stranded.appendleft(b)
+                    self._stranded_bytes += b.encoded.size
+                    self._stranded_rows += b.encoded.rows
+                if final:
+                    self._give_up_stranded()
+                return
+            self._done(b)
+
+    def _give_up_stranded(self) -> None:
+        with self._cv:
+            left = list(self._stranded)
+            self._stranded.clear()
+            self._stranded_bytes = self._stranded_rows = 0
+        rows = sum(b.encoded.rows for b in left)
+        if self._wal is not None:  # undone there: rebuilt into the spool at the next start
+            log.error("spool cannot be written (%s): %d spans stay in the write-ahead log and are spooled at the "
+                      "next start", self._spool.write_error, rows)
+            return
+        log.error("spool cannot be written (%s): %d spans DROPPED", self._spool.write_error, rows)
+        self.metrics.inc("spans_dropped", rows)
+        for b in left:
+            self._done(b)
 
     # -- sending ----------------------------------------------------------------------------------------------
     def _run_sender(self) -> None:
@@ -389,6 +467,7 @@ class DurableBatchSpanProcessor(SpanProcessor):
         # A partial (timed) send takes what was encoded when it began. Taking what arrives during its inserts too
         # chained small batches back to back as long as spans kept coming (~250 a batch at ~1,000 calls/s instead of
         # ~1,000), and each insert's fixed cost (~50-100 ms of chDB CPU through the views) with them.
+        self._retry_stranded()
         with self._cv:
             cutoff = self._taken if not final else float("inf")
         while True:
@@ -403,33 +482,34 @@ class DurableBatchSpanProcessor(SpanProcessor):
             if batch is None:
                 return
             self._formed(batch)
+            handled = True
             try:
-                self._export_or_spool(batch, final=final)
+                handled = self._export_or_spool(batch, final=final)
             finally:
-                self._done(batch)
+                if handled:
+                    self._done(batch)
 
-    def _export_or_spool(self, b: _Batch, *, final: bool) -> None:
+    def _export_or_spool(self, b: _Batch, *, final: bool) -> bool:
+        """Insert the batch, or spool it; False when the spool could not take it and it is kept for later."""
         batch, seq = b.encoded, b.seq
         if batch.rows == 0:
-            return
+            return True
         if self._degraded and (final or time.monotonic() < self._retry_at):
-            self._spool.write(batch, seq)  # still backing off (or shutting down): queue up behind older batches
-            return
+            return self._spool_or_keep(b)  # still backing off (or shutting down): queue up behind older batches
         # Batches spooled before this one (seq < ours) must reach ClickHouse first.
         self._maybe_replay(final=final, before=seq)
         oldest = self._spool.oldest_seq()
         if (self._degraded and time.monotonic() < self._retry_at) or (oldest is not None and oldest < seq):
-            self._spool.write(batch, seq)
-            return
+            return self._spool_or_keep(b)
         try:
             self._exporter.send(batch)
         except StoreError as e:
             self._failed(e, batch.rows)
-            self._spool.write(batch, seq)
-            return
+            return self._spool_or_keep(b)
         self.metrics.inc("spans_exported", batch.rows)
         if self._degraded and not self._spool.pending_files:
             self._recovered(0)
+        return True
 
     def _maybe_replay(self, *, final: bool, before: int | None = None) -> None:
         """Re-send spool files oldest first (only those older than sequence `before`, when given), if the backoff
@@ -545,6 +625,7 @@ class DurableBatchSpanProcessor(SpanProcessor):
         while self._encode_chunk_into_backlog():
             pass
         self._spill(low_water=0)
+        self._retry_stranded(final=True)
 
     def _encode_chunk_into_backlog(self) -> bool:
         chunks = self._encode_chunk()

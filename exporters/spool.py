@@ -33,7 +33,7 @@ from .rows import EncodedBatch
 from .store import StoreLockedError
 from .wal import read_pending
 
-__all__ = ["Spool", "SpoolFile", "SpoolLockedError", "FORMAT", "VERSION", "Quarantined", "quarantined",
+__all__ = ["Spool", "SpoolFile", "SpoolLockedError", "SpoolWriteError", "FORMAT", "VERSION", "Quarantined", "quarantined",
            "requeue", "purge", "unsent_spans"]
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,11 @@ _LOCK = "spool.lock"
 
 class SpoolLockedError(StoreLockedError):
     """Another process uses the spool directory. (A StoreLockedError so the CLI reports both the same way.)"""
+
+
+class SpoolWriteError(OSError):
+    """A batch the spool could not write (a full or failing disk), for a caller that keeps the batch and tries
+    again (`Spool.write(..., keep_on_error=True)`): nothing was dropped."""
 
 
 class _Corrupt(Exception):
@@ -154,16 +159,18 @@ class Spool:
             return seq
 
     # -- write ------------------------------------------------------------------------------------------------
-    def write(self, batch: EncodedBatch, seq: int | None = None) -> str | None:
+    def write(self, batch: EncodedBatch, seq: int | None = None, *, keep_on_error: bool = False) -> str | None:
         """Persist one batch. Returns the file name, or None when it could not be written (the batch is then
-        counted as dropped and logged at ERROR: the only way the pipeline loses data)."""
+        counted as dropped and logged at ERROR: the only way the pipeline loses data). `keep_on_error`: a write
+        that fails (a full disk) raises SpoolWriteError instead, dropping nothing, for a caller that keeps the batch
+        and tries again; the cap's policy (`on_full`) still drops, counted, as configured."""
         if batch.rows == 0:
             return None
         if seq is None:
             seq = self.reserve()
         if self.max_bytes and not self._make_room(batch):
             return None
-        name = self._write_file(f"{seq:016d}-{time.time_ns()}{_SUFFIX}", batch)
+        name = self._write_file(f"{seq:016d}-{time.time_ns()}{_SUFFIX}", batch, keep_on_error)
         if name is not None:
             self.metrics.inc("spans_spooled", batch.rows)
         return name
@@ -191,7 +198,7 @@ class Spool:
         self.metrics.inc("spans_dropped", batch.rows)
         return False
 
-    def _write_file(self, name: str, batch: EncodedBatch) -> str | None:
+    def _write_file(self, name: str, batch: EncodedBatch, keep_on_error: bool = False) -> str | None:
         final = os.path.join(self.directory, name)
         tmp = os.path.join(self.directory, f".{name}{_TMP}")
         header = orjson.dumps({"format": FORMAT, "v": VERSION, "table": batch.table, "rows": batch.rows,
@@ -212,9 +219,15 @@ class Spool:
         except OSError as e:
             _unlink_quietly(tmp)
             reason = "disk full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or type(e).__name__)
-            log.error("spool write failed, %d spans DROPPED: %s (%s)", batch.rows, reason, e)
+            first = not self.write_error  # a disk that stays full: said when it starts, not on every retry
             self.write_error, self._write_error_at = f"{reason} at {self.directory}", time.monotonic()
             self.metrics.inc("spool_write_errors")
+            if keep_on_error:
+                if first:
+                    log.error("spool write failed: %s (%s); the batches are kept (in memory, and in the write-ahead "
+                              "log when it is on) and written once there is room", reason, e)
+                raise SpoolWriteError(e.errno, reason) from None
+            log.error("spool write failed, %d spans DROPPED: %s (%s)", batch.rows, reason, e)
             self.metrics.inc("spans_dropped", batch.rows)
             return None
         self.write_error = ""

@@ -4,6 +4,7 @@ overflow, shutdown. Tests isolate their rows by unique trace ids / customers / r
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
@@ -418,3 +419,66 @@ def test_a_timed_send_takes_what_was_encoded_when_it_began(chdb_dsn: str, chdb_s
     # ~one insert per 1 s tick (3) plus the flush; chaining inserted every ~0.15 s (~20 inserts)
     assert slow.attempts <= 6, slow.attempts
     rec.shutdown()
+
+
+# -- a full disk while ClickHouse is down (an operator's trial): the spool's copy needs room the disk lacks ------
+def test_a_full_disk_keeps_the_batches_and_writes_them_once_there_is_room(chdb_store: Store, tmp_path, monkeypatch,
+                                                                          caplog) -> None:
+    """With the write-ahead log on, a nearly full disk dropped every batch whose spool write failed ("60 spans
+    DROPPED"), deleting the log's copy too. Now the batch is kept and written once the disk has room; stopping
+    while it is still full leaves it in the write-ahead log, which the next start spools. (A full disk cannot be
+    made here without privileges: the spool's writes fail as `ENOSPC` would, as in tests/test_export_spool.py.)"""
+    import errno  # noqa: PLC0415
+
+    from exporters import spool as spool_mod  # noqa: PLC0415
+    from exporters.recording import WAL_DIR, recover_wal  # noqa: PLC0415
+    from exporters.wal import WriteAheadLog  # noqa: PLC0415
+
+    real_write_all = spool_mod._write_all
+
+    def full(fd: int, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def run(stop_while_full: bool) -> tuple[ExportMetrics, Spool, str]:
+        flaky = FlakyStore(chdb_store)
+        flaky.down = True  # ClickHouse is down: every batch goes to the spool
+        metrics = ExportMetrics()
+        directory = str(tmp_path / ("stop" if stop_while_full else "room"))
+        exporter = ClickHouseSpanExporter(store=flaky, metrics=metrics, owns_store=False, schema_ready=True)
+        spool = Spool(directory, metrics=metrics, fsync=False)
+        proc = DurableBatchSpanProcessor(exporter, spool, metrics=metrics, batch_max_rows=100, batch_max_seconds=0.05,
+                                         queue_max=1000, retry_min_seconds=0.05, retry_max_seconds=0.1,
+                                         wal=WriteAheadLog(os.path.join(spool.directory, WAL_DIR)))
+        provider = TracerProvider()
+        provider.add_span_processor(proc)
+        tracer = provider.get_tracer("t")
+        monkeypatch.setattr(spool_mod, "_write_all", full)
+        for i in range(60):
+            with tracer.start_as_current_span("chat m") as span:
+                span.set_attributes({"run.seq": i, sc.KIND: "call"})
+        assert _wait(lambda: metrics.get("spool_write_errors") > 0 and proc.queue_depth == 60, 10)
+        assert metrics.get("spans_dropped") == 0 and spool.pending_files == 0
+        if not stop_while_full:
+            monkeypatch.setattr(spool_mod, "_write_all", real_write_all)  # room again
+            assert proc.force_flush(10_000)
+            assert spool.pending_spans() == 60 and proc.queue_depth == 0
+        provider.shutdown()
+        monkeypatch.setattr(spool_mod, "_write_all", real_write_all)
+        spool.close()
+        return metrics, spool, directory
+
+    with caplog.at_level(logging.ERROR):
+        metrics, _, _ = run(stop_while_full=False)
+    assert metrics.get("spans_dropped") == 0
+    assert caplog.text.count("spool write failed: disk full") == 1  # said when it starts, not on every retry
+
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        metrics, _, directory = run(stop_while_full=True)
+    assert metrics.get("spans_dropped") == 0
+    assert "60 spans stay in the write-ahead log and are spooled at the next start" in caplog.text
+    # the next start: what the log kept becomes spool files
+    again = Spool(directory, fsync=False)
+    assert recover_wal(os.path.join(again.directory, WAL_DIR), again, "otel_traces", 16 << 20) == 60
+    assert again.pending_spans() == 60
+    again.close()
