@@ -339,7 +339,8 @@ def _describe_store(cfg: GatewayConfig) -> str:
 @app.command()
 def demo(data_dir: str = typer.Option("./tagway-data", help="Embedded store directory."),
          port: int = typer.Option(0, help="Port for the demo gateway (0 = any free port)."),
-         calls: int = typer.Option(240, min=1, max=100_000, help="How many calls to drive through it."),
+         calls: int = typer.Option(240, min=1, max=100_000, help="How many calls to drive through it (plus 2 refused "
+                                   "ones, an unknown model and a wrong key, recorded too)."),
          keep_running: Optional[bool] = typer.Option(
              None, "--keep-running/--exit", help="Keep the gateway and its dashboard up after the demo traffic until "
              "Ctrl-C, or exit right after it. Default: keep running in a terminal, exit when piped."),
