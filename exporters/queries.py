@@ -319,6 +319,9 @@ class StatsReport:
     total: SegmentStats
     truncated: bool = False
     read: dict[str, Any] | None = None  # which tables answered (rollup_read.read_info)
+    # compare: segments with calls in the previous window and none in this one (no current rate, so no row; a
+    # tenant that went silent is news)
+    gone: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @property
     def previous_window(self) -> Window | None:
@@ -342,6 +345,7 @@ class StatsReport:
             "total": total,
             "truncated": self.truncated,
             "read": self.read,
+            **({"gone": self.gone} if self.compare else {}),
         }
 
 
@@ -387,11 +391,13 @@ def segment_stats(store: Store, sel: Selection, by: Sequence[str] = ("customer",
     sql += (f"GROUP BY {group}\nORDER BY calls = 0, errors / calls DESC, calls DESC, {group}\n"
             f"LIMIT {p.add('n', 'UInt32', limit + 1)}")
     # In compare mode a segment seen only in the previous window comes back with calls = 0: it counts in the
-    # previous total but is not listed (it has no current rate). Such rows sort last.
+    # previous total, and is listed apart (`gone`: it has no current rate). Such rows sort last.
     rows = store.query(sql, parameters=p.values)
     truncated = len(rows) > limit
     rows = rows[:limit]
     segments = [_segment(r, by, min_calls, compare) for r in rows if int(r["calls"]) > 0]
+    gone = [{"key": {k: str(r[f"d{i}"]) for i, k in enumerate(by)}, "prev_calls": int(r["prev_calls"]),
+             "prev_errors": int(r["prev_errors"])} for r in rows if compare and int(r["calls"]) == 0]
     segments.sort(key=_sort_key)
     if truncated or APPLIED_TAG in by:  # a call with several applied tags is in several segments: count it once
         total = _totals(store, sel, compare, database, rollups)
@@ -404,7 +410,7 @@ def segment_stats(store: Store, sel: Selection, by: Sequence[str] = ("customer",
                              prev_calls=sum(int(r["prev_calls"]) for r in rows) if compare else None,
                              prev_errors=sum(int(r["prev_errors"]) for r in rows) if compare else None)
     _attach_feedback(store, sel, by, segments, total, database)
-    return StatsReport(by, sel, compare, min_calls, segments, total, truncated, read_info(route, pieces))
+    return StatsReport(by, sel, compare, min_calls, segments, total, truncated, read_info(route, pieces), gone)
 
 
 def _attach_feedback(store: Store, sel: Selection, by: Sequence[str], segments: list[SegmentStats],

@@ -321,6 +321,12 @@ def print_stats(report: q.StatsReport, console: Console, window_title: str, wide
     if flagged:
         console.print(f"{flagged} segment(s) under --min-calls {report.min_calls} are flagged 'low n' (low confidence).",
                       style="dim")
+    if report.gone:
+        shown = ", ".join(f"{' / '.join(_label(v) for v in g['key'].values())} ({g['prev_calls']:,} calls, "
+                          f"{g['prev_errors']:,} errors)" for g in report.gone[:10])
+        more = f" and {len(report.gone) - 10} more (--json lists them)" if len(report.gone) > 10 else ""
+        console.print(f"no calls in this window, {len(report.gone)} segment(s) with calls in the previous one: "
+                      f"{shown}{more}", markup=False)
     if report.truncated:
         console.print(f"only the first {len(report.segments)} segments are shown (--limit).", style="dim")
     for line in untagged_notes(report):

@@ -481,3 +481,17 @@ def test_show_of_a_row_without_its_span_trusts_a_non_zero_cost(run, chdb_store):
     assert orjson.loads(run("show", rows[0]["trace_id"], "--json").stdout)["cost_known"] is True
     assert _cost_line(run("show", rows[1]["trace_id"]).stdout) == "cost unknown (no price for this model)"
     assert orjson.loads(run("show", rows[1]["trace_id"], "--json").stdout)["cost_known"] is False
+
+
+def test_compare_says_which_segments_went_silent(run, chdb_store):
+    import uuid  # noqa: PLC0415
+
+    tag = "gone" + uuid.uuid4().hex[:8]
+    before = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=30)
+    insert_calls(chdb_store, [call_row(tag, f"{tag}-a", i) for i in range(3)]
+                 + [call_row(tag, f"{tag}-b", i, when=before, status="error" if i else "ok") for i in range(2)])
+    res = run("stats", "--where", f"tag.run={tag}", "--since", "24h", "--compare")
+    assert res.exit_code == 0, res.output
+    said = " ".join(res.stdout.split())  # the console may wrap the line
+    assert (f"no calls in this window, 1 segment(s) with calls in the previous one: {tag}-b (2 calls, 1 errors)"
+            in said), res.stdout

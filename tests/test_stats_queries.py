@@ -204,6 +204,25 @@ def test_compare_counts_segments_only_in_previous_window(chdb_store, seeded):
     r = q.segment_stats(chdb_store, sel, ["prompt_version"], compare=True)
     assert {s.key["prompt_version"]: s.calls for s in r.segments} == {"v1": 50, "v2": 50}
     assert r.total.prev_calls == 100
+    # the previous window's segments with no call now are listed apart (they have no current rate): a version, or a
+    # tenant, that went silent is news; the rows' and the gone ones' previous calls add up to the total's
+    assert sum(s.prev_calls for s in r.segments) + sum(g["prev_calls"] for g in r.gone) == r.total.prev_calls
+
+
+def test_compare_lists_the_segments_that_went_silent(chdb_store):
+    """A tenant with calls in the previous window and none now was not listed at all: the total's previous count
+    had its calls, the rows' did not add up to it."""
+    run = "gone" + uuid.uuid4().hex[:8]
+    before = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=30)
+    insert_calls(chdb_store, [call_row(run, f"{run}-a", i) for i in range(3)]
+                 + [call_row(run, f"{run}-b", i, when=before, status="error" if i else "ok") for i in range(2)])
+    r = q.segment_stats(chdb_store, q.make_selection([f"tag.run={run}"], since="24h"), ["customer"], compare=True)
+    assert [s.key["customer"] for s in r.segments] == [f"{run}-a"]
+    assert r.gone == [{"key": {"customer": f"{run}-b"}, "prev_calls": 2, "prev_errors": 1}]
+    assert r.total.prev_calls == sum(g["prev_calls"] for g in r.gone) + sum(s.prev_calls for s in r.segments) == 2
+    assert orjson.loads(orjson.dumps(r.to_dict()))["gone"] == r.gone
+    assert "gone" not in q.segment_stats(chdb_store, q.make_selection([f"tag.run={run}"], since="24h"),
+                                         ["customer"]).to_dict()
 
 
 def test_limit_truncates_and_totals_stay_exact(chdb_store, seeded):
