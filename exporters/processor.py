@@ -24,7 +24,10 @@ end and nobody knows. Here nothing falls off:
   refused rows are quarantined (`*.poison`, kept on disk, counted, one log line; `tagway db spool` lists, re-queues
   or purges them), so one bad row never stops recording.
 
-The only loss is a spool write that fails (disk full / I/O error): counted as dropped and logged at ERROR.
+A spool write that fails (a full disk, an I/O error) keeps its batch and writes it again each retry interval
+(straight to ClickHouse once it answers), in memory up to `queue_max_bytes` more; a stop before that leaves it in
+the write-ahead log, which the next start spools. What neither can keep is counted as dropped and logged at ERROR:
+the only loss.
 """
 from __future__ import annotations
 
@@ -137,7 +140,7 @@ class DurableBatchSpanProcessor(SpanProcessor):
         self._shutdown_lock = threading.Lock()
 
         self.metrics.set_gauge("queue_depth", lambda: len(self._spans) + self._encoded_rows + self._stranded_rows)
-        self.metrics.set_gauge("queue_bytes", lambda: self._encoded_bytes)
+        self.metrics.set_gauge("queue_bytes", lambda: self._encoded_bytes + self._stranded_bytes)
         self.metrics.set_gauge("export_degraded", lambda: 1 if self._degraded else 0)
         if spool.pending_files:
             self._degraded = True  # behind the files of an earlier run until they are re-sent
@@ -354,7 +357,10 @@ class DurableBatchSpanProcessor(SpanProcessor):
 
     def _spool_or_keep(self, b: _Batch) -> bool:
         """Spool the batch; True when that is settled (written, or dropped by the cap's policy, counted). A write
-        that fails keeps the batch for a later try (False): a full disk does not drop what the log still holds."""
+        that fails keeps the batch for a later try (False): a full disk does not drop what can wait. A kept batch
+        no longer holds up a flush (it cannot reach the store before the disk has room, and a flush that waited
+        for it would stall every local command and the spool's replay), but its chunks stay undone in the
+        write-ahead log until it is written."""
         try:
             self._spool.write(b.encoded, b.seq, keep_on_error=True)
             return True
@@ -365,11 +371,13 @@ class DurableBatchSpanProcessor(SpanProcessor):
             self._stranded.append(b)
             self._stranded_bytes += b.encoded.size
             self._stranded_rows += b.encoded.rows
+            self._inflight.difference_update(b.starts)
             while self._stranded_bytes > self._queue_max_bytes and len(self._stranded) > 1:
                 old = self._stranded.popleft()
                 self._stranded_bytes -= old.encoded.size
                 self._stranded_rows -= old.encoded.rows
                 dropped.append(old)
+            self._cv.notify_all()
         for old in dropped:  # memory is bounded too: the oldest go, counted
             log.error("spool still cannot be written (%s): %d spans kept too long are DROPPED",
                       self._spool.write_error, old.encoded.rows)
@@ -378,9 +386,10 @@ class DurableBatchSpanProcessor(SpanProcessor):
         return False
 
     def _retry_stranded(self, *, final: bool = False) -> None:
-        """Write the kept batches to the spool, oldest first, until one fails again (at most once a retry interval,
-        unless `final`). At the end (`final`), what still cannot be written stays in the write-ahead log for the
-        next start, or without one is dropped, counted."""
+        """Store the kept batches, oldest first: straight into ClickHouse while it answers, else into the spool,
+        until one fails again (at most once a retry interval, unless `final`). At the end (`final`), what still
+        cannot be written stays in the write-ahead log for the next start where the log holds it, and is dropped,
+        counted, where it does not."""
         now = time.monotonic()
         if not self._stranded or (not final and now < self._stranded_retry_at):
             return
@@ -392,6 +401,16 @@ class DurableBatchSpanProcessor(SpanProcessor):
                 b = self._stranded.popleft()
                 self._stranded_bytes -= b.encoded.size
                 self._stranded_rows -= b.encoded.rows
+            if not final and (not self._degraded or time.monotonic() >= self._retry_at):
+                try:  # ClickHouse answers (or it is time to ask again): the batch needs no disk at all
+                    self._exporter.send(b.encoded)
+                    self.metrics.inc("spans_exported", b.encoded.rows)
+                    self._done(b)
+                    if self._degraded and not self._spool.pending_files:
+                        self._recovered(0)
+                    continue
+                except StoreError as e:
+                    self._failed(e, b.encoded.rows)
             try:
                 self._spool.write(b.encoded, b.seq, keep_on_error=True)
             except SpoolWriteError:
@@ -409,15 +428,18 @@ class DurableBatchSpanProcessor(SpanProcessor):
             left = list(self._stranded)
             self._stranded.clear()
             self._stranded_bytes = self._stranded_rows = 0
-        rows = sum(b.encoded.rows for b in left)
-        if self._wal is not None:  # undone there: rebuilt into the spool at the next start
+        wal = self._wal
+        held = [b for b in left if wal is not None and wal.holds(b.starts)]
+        lost = [b for b in left if wal is None or not wal.holds(b.starts)]
+        if held:  # undone there: rebuilt into the spool at the next start
             log.error("spool cannot be written (%s): %d spans stay in the write-ahead log and are spooled at the "
-                      "next start", self._spool.write_error, rows)
-            return
-        log.error("spool cannot be written (%s): %d spans DROPPED", self._spool.write_error, rows)
-        self.metrics.inc("spans_dropped", rows)
-        for b in left:
-            self._done(b)
+                      "next start", self._spool.write_error, sum(b.encoded.rows for b in held))
+        if lost:  # the log could not take them either (the same full disk), or there is none
+            rows = sum(b.encoded.rows for b in lost)
+            log.error("spool cannot be written (%s): %d spans DROPPED", self._spool.write_error, rows)
+            self.metrics.inc("spans_dropped", rows)
+            for b in lost:
+                self._done(b)
 
     # -- sending ----------------------------------------------------------------------------------------------
     def _run_sender(self) -> None:

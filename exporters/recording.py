@@ -9,11 +9,13 @@ discards every span on purpose, counted as `spans_discarded`: the benchmark's "r
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib.metadata
 import logging
 import os
+import time
 from typing import Any, Iterable, Mapping
 
 from opentelemetry import trace as trace_api
@@ -27,7 +29,7 @@ from .processor import DurableBatchSpanProcessor
 from .rows import TABLE, EncodedBatch
 from .schema import SchemaSettings, migrate
 from .semconv import SCOPE_NAME
-from .spool import Spool, SpoolLockedError
+from .spool import Spool, SpoolLockedError, SpoolWriteError
 from .store import Store, StoreError, StoreLockedError, connect, is_embedded, redact_dsn
 from .wal import WriteAheadLog, read_pending
 
@@ -134,28 +136,59 @@ def start_recording(*, dsn: str, spool_dir: str, schema: SchemaSettings | None =
                     exporter=exporter, spool=spool, enabled=True)
 
 
+HELD_PREFIX = "wal-held-"  # a dead process's write-ahead log that could not be spooled yet (a full disk)
+
+
 def recover_wal(directory: str, spool: Spool, table: str, max_bytes: int) -> int:
     """Spool what a killed process had in its write-ahead log (exporters/wal.py), then remove the log. Returns the
-    rows recovered."""
+    rows recovered. A log that cannot be spooled now (a full disk) is moved aside whole, beside the spool, and tried
+    again at every start, oldest first: the gateway starts meanwhile, and its own new log starts afresh."""
+    parent = os.path.dirname(directory)
+    held = sorted(os.path.join(parent, n) for n in os.listdir(parent) if n.startswith(HELD_PREFIX)) \
+        if os.path.isdir(parent) else []
+    rows = 0
+    for d in held + [directory]:
+        got, ok = _spool_log(d, spool, table, max_bytes)
+        rows += got
+        if ok:
+            continue
+        if d == directory:  # its segments go aside whole (a rename needs no room), under a name of their own
+            aside = os.path.join(parent, f"{HELD_PREFIX}{time.time_ns()}")
+            try:
+                os.rename(directory, aside)
+            except OSError as e:
+                raise StoreError(f"cannot spool what the write-ahead log in {directory} holds, nor set it aside "
+                                 f"({e.strerror or e}); it is kept for the next start") from None
+            d = aside
+        log.error("cannot spool what the write-ahead log in %s holds (%s); it is kept there and spooled at a later "
+                  "start", d, spool.write_error or "the spool cannot be written")
+    if rows:
+        log.warning("recovered %d spans from the write-ahead log of a process that did not stop cleanly; they are"
+                    " in the spool and will be sent", rows)
+    return rows
+
+
+def _spool_log(directory: str, spool: Spool, table: str, max_bytes: int) -> tuple[int, bool]:
+    """Spool one log directory's batches and remove it: (rows spooled, whether all of it was)."""
     batches, files = read_pending(directory, max_bytes)
-    if not batches and not files:
-        return 0
-    already = spool.digests()  # a batch spooled just before the kill, whose "done" note never made it
+    already = spool.digests()  # a batch spooled just before the kill (or by an earlier, partial try)
     rows = 0
     for bodies, n in batches:
         batch = EncodedBatch.of(table, bodies, n)
         if batch.digest in already:
             continue
-        if spool.write(batch) is None:
-            raise StoreError(f"cannot spool what the write-ahead log in {directory} holds; it is kept for the next"
-                             " start")
+        try:
+            if spool.write(batch, keep_on_error=True) is None:
+                continue  # the cap's policy dropped it, counted, as it drops any batch past the cap
+        except SpoolWriteError:
+            return rows, False
         rows += n
     for path in files:
         os.unlink(path)
-    if rows:
-        log.warning("recovered %d spans from the write-ahead log of a process that did not stop cleanly; they are"
-                    " in the spool and will be sent", rows)
-    return rows
+    if os.path.basename(directory).startswith(HELD_PREFIX):
+        with contextlib.suppress(OSError):
+            os.rmdir(directory)
+    return rows, True
 
 
 def adopt_spools(spool: Spool, directories: Iterable[str], table: str, max_bytes: int) -> int:

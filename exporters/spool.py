@@ -18,6 +18,7 @@ One process per spool directory (an flock on `spool.lock`), as with chDB's data 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import logging
@@ -240,7 +241,7 @@ class Spool:
 
     def write_failing(self) -> str:
         """Why spool writes are failing, when the last one failed within WRITE_ERROR_SECONDS ("" otherwise): spans
-        are being dropped now. Once nothing needs the spool (ClickHouse answers), nothing is lost and it clears."""
+        are being held in memory, or dropped, now. Once nothing needs the spool (ClickHouse answers) it clears."""
         if self.write_error and time.monotonic() - self._write_error_at <= WRITE_ERROR_SECONDS:
             return self.write_error
         return ""
@@ -327,6 +328,8 @@ class Spool:
                 with self._lock:
                     self._pending[name] = size
                     self._pending_bytes += size
+                    with contextlib.suppress(ValueError):  # later batches sort after it, as after our own files
+                        self._next_seq = max(self._next_seq, int(name.split("-", 1)[0]) + 1)
                 found += 1
         return found
 
@@ -400,7 +403,7 @@ def unsent_spans(directory: str) -> int:
     works whether or not a gateway uses the directory."""
     n = 0
     for root, _dirs, files in os.walk(directory):
-        if os.path.basename(root) == "wal":
+        if os.path.basename(root) == "wal" or os.path.basename(root).startswith("wal-held-"):
             n += sum(rows for _chunks, rows in read_pending(root)[0])
             continue
         n += sum(_rows_in(os.path.join(root, name)) for name in files if name.endswith(_SUFFIX))

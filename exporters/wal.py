@@ -63,11 +63,17 @@ class WriteAheadLog:
             self._ensure_open()
             if self._fd < 0:
                 return  # still no segment (a full disk): tried again on the next chunk
-            self._write(head, body)
+            if not self._write(head, body):
+                return  # not in the log (a full disk): `holds` says so
             self._pending[self._seg].add(start)
             self._where[start] = self._seg
             if self._size >= self._segment_bytes:
                 self._open_next()
+
+    def holds(self, starts: Iterable[int]) -> bool:
+        """Whether every one of these chunks is written here and not yet done: what a restart would rebuild."""
+        with self._lock:
+            return all(s in self._where for s in starts)
 
     def batch(self, seq: int, starts: Iterable[int]) -> None:
         starts = list(starts)
@@ -101,10 +107,11 @@ class WriteAheadLog:
             self._drop_done_prefix(current_too=True)
 
     # -- internals --------------------------------------------------------------------------------------------
-    def _write(self, *pieces: bytes) -> None:
-        """One record, from its pieces in order (a chunk's header and body: one system call, no joined copy)."""
+    def _write(self, *pieces: bytes) -> bool:
+        """One record, from its pieces in order (a chunk's header and body: one system call, no joined copy).
+        False when it could not be written."""
         if self._fd < 0:
-            return  # closed: shutdown's last sweep goes straight to the spool
+            return False  # closed: shutdown's last sweep goes straight to the spool
         total = sum(len(p) for p in pieces)
         try:
             n = os.writev(self._fd, pieces)
@@ -113,6 +120,7 @@ class WriteAheadLog:
                 while rest:
                     rest = rest[os.write(self._fd, rest):]
             self._size += total
+            return True
         except OSError as e:  # the log is a safety net: a full disk must not stop recording
             try:  # no torn record mid-segment: reading stops at one, and would lose every record after it
                 os.ftruncate(self._fd, self._size)
@@ -120,6 +128,7 @@ class WriteAheadLog:
                 pass
             log.error("write-ahead log %s: write failed (%s); spans of the next moments are protected only once"
                       " they are batched", self.directory, e.strerror or e)
+            return False
 
     def _ensure_open(self) -> None:
         """A segment to write to, after one could not be opened (a full disk): batch and done records matter as

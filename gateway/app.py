@@ -365,9 +365,9 @@ def _build_api(app: TagwayApp) -> FastAPI:
         if not getattr(rec, "enabled", True):
             body["recording"] = "off"
         elif failing := getattr(getattr(rec, "spool", None), "write_failing", lambda: "")():
-            body["recording"] = "degraded"  # the one way spans are being lost: said before anything else
-            body["reason"] = (f"spool writes failing ({failing}): spans that cannot be inserted are dropped, "
-                              "counted in /metrics")
+            body["recording"] = "degraded"  # where spans may be lost: said before anything else
+            body["reason"] = (f"spool writes failing ({failing}): spans that cannot be inserted are kept in memory "
+                              "(up to recording.queue_max_bytes, then dropped, counted in /metrics) until it has room")
         elif getattr(getattr(rec, "spool", None), "full", False):
             body["recording"] = "degraded"
             body["reason"] = (f"spool full (recording.spool_max_bytes): dropping the "

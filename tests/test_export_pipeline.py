@@ -422,63 +422,105 @@ def test_a_timed_send_takes_what_was_encoded_when_it_began(chdb_dsn: str, chdb_s
 
 
 # -- a full disk while ClickHouse is down (an operator's trial): the spool's copy needs room the disk lacks ------
-def test_a_full_disk_keeps_the_batches_and_writes_them_once_there_is_room(chdb_store: Store, tmp_path, monkeypatch,
-                                                                          caplog) -> None:
-    """With the write-ahead log on, a nearly full disk dropped every batch whose spool write failed ("60 spans
-    DROPPED"), deleting the log's copy too. Now the batch is kept and written once the disk has room; stopping
-    while it is still full leaves it in the write-ahead log, which the next start spools. (A full disk cannot be
-    made here without privileges: the spool's writes fail as `ENOSPC` would, as in tests/test_export_spool.py.)"""
+def _full_disk_run(chdb_store: Store, directory: str, monkeypatch, *, then: str, wal_fails: bool = False
+                   ) -> tuple[ExportMetrics, list]:
+    """60 spans while ClickHouse is down and every spool write fails as ENOSPC would (a full disk cannot be made
+    here without privileges, as in tests/test_export_spool.py); then `then`: "room" (the disk has room again),
+    "clickhouse" (ClickHouse answers, the disk still full) or "stop" (shut down while it is all still so)."""
     import errno  # noqa: PLC0415
 
     from exporters import spool as spool_mod  # noqa: PLC0415
-    from exporters.recording import WAL_DIR, recover_wal  # noqa: PLC0415
+    from exporters import wal as wal_mod  # noqa: PLC0415
+    from exporters.recording import WAL_DIR  # noqa: PLC0415
     from exporters.wal import WriteAheadLog  # noqa: PLC0415
 
-    real_write_all = spool_mod._write_all
-
-    def full(fd: int, data: bytes) -> None:
+    def full(*_: Any) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    def run(stop_while_full: bool) -> tuple[ExportMetrics, Spool, str]:
-        flaky = FlakyStore(chdb_store)
-        flaky.down = True  # ClickHouse is down: every batch goes to the spool
-        metrics = ExportMetrics()
-        directory = str(tmp_path / ("stop" if stop_while_full else "room"))
-        exporter = ClickHouseSpanExporter(store=flaky, metrics=metrics, owns_store=False, schema_ready=True)
-        spool = Spool(directory, metrics=metrics, fsync=False)
-        proc = DurableBatchSpanProcessor(exporter, spool, metrics=metrics, batch_max_rows=100, batch_max_seconds=0.05,
-                                         queue_max=1000, retry_min_seconds=0.05, retry_max_seconds=0.1,
-                                         wal=WriteAheadLog(os.path.join(spool.directory, WAL_DIR)))
-        provider = TracerProvider()
-        provider.add_span_processor(proc)
-        tracer = provider.get_tracer("t")
-        monkeypatch.setattr(spool_mod, "_write_all", full)
-        for i in range(60):
-            with tracer.start_as_current_span("chat m") as span:
-                span.set_attributes({"run.seq": i, sc.KIND: "call"})
-        assert _wait(lambda: metrics.get("spool_write_errors") > 0 and proc.queue_depth == 60, 10)
-        assert metrics.get("spans_dropped") == 0 and spool.pending_files == 0
-        if not stop_while_full:
-            monkeypatch.setattr(spool_mod, "_write_all", real_write_all)  # room again
-            assert proc.force_flush(10_000)
-            assert spool.pending_spans() == 60 and proc.queue_depth == 0
-        provider.shutdown()
-        monkeypatch.setattr(spool_mod, "_write_all", real_write_all)
-        spool.close()
-        return metrics, spool, directory
+    flaky = FlakyStore(chdb_store)
+    flaky.down = True  # every batch goes to the spool
+    metrics = ExportMetrics()
+    exporter = ClickHouseSpanExporter(store=flaky, metrics=metrics, owns_store=False, schema_ready=True)
+    spool = Spool(directory, metrics=metrics, fsync=False)
+    proc = DurableBatchSpanProcessor(exporter, spool, metrics=metrics, batch_max_rows=100, batch_max_seconds=0.05,
+                                     queue_max=1000, retry_min_seconds=0.05, retry_max_seconds=0.1,
+                                     wal=WriteAheadLog(os.path.join(spool.directory, WAL_DIR)))
+    provider = TracerProvider()
+    provider.add_span_processor(proc)
+    tracer = provider.get_tracer("t")
+    monkeypatch.setattr(spool_mod, "_write_all", full)
+    if wal_fails:  # the log is on the same full disk
+        monkeypatch.setattr(wal_mod.os, "writev", full)
+    run = _run_id()
+    for i in range(60):
+        with tracer.start_as_current_span("chat m") as span:
+            span.set_attributes({"run.id": run, "run.seq": i, sc.KIND: "call"})
+    assert _wait(lambda: metrics.get("spool_write_errors") > 0 and proc.queue_depth == 60, 10)
+    assert metrics.get("spans_dropped") == 0 and spool.pending_files == 0
+    t0 = time.monotonic()
+    assert proc.force_flush(10_000)  # kept batches hold no flush up: a local command does not wait on a full disk
+    assert time.monotonic() - t0 < 5
+    if then == "room":
+        monkeypatch.setattr(spool_mod, "_write_all", _REAL_WRITE_ALL)
+        assert _wait(lambda: proc.queue_depth == 0, 10) and spool.pending_spans() == 60
+    elif then == "clickhouse":  # the kept batches go straight in: they need no disk
+        flaky.down = False
+        assert _wait(lambda: proc.queue_depth == 0, 10) and _count(chdb_store, run) == (60, 60)
+        assert spool.pending_files == 0
+    provider.shutdown()
+    monkeypatch.undo()
+    spool.close()
+    return metrics, sorted(flaky.inserted)
 
+
+def _real_write_all() -> Any:
+    from exporters import spool as spool_mod  # noqa: PLC0415
+    return spool_mod._write_all
+
+
+_REAL_WRITE_ALL = _real_write_all()
+
+
+def test_a_full_disk_keeps_the_batches_and_writes_them_once_there_is_room(chdb_store: Store, tmp_path, monkeypatch,
+                                                                          caplog) -> None:
+    """With the write-ahead log on, a nearly full disk dropped every batch whose spool write failed ("60 spans
+    DROPPED"), deleting the log's copy too. Now the batch is kept and written once the disk has room, or sent
+    straight to ClickHouse once it answers."""
     with caplog.at_level(logging.ERROR):
-        metrics, _, _ = run(stop_while_full=False)
+        metrics, _ = _full_disk_run(chdb_store, str(tmp_path / "room"), monkeypatch, then="room")
     assert metrics.get("spans_dropped") == 0
     assert caplog.text.count("spool write failed: disk full") == 1  # said when it starts, not on every retry
+    metrics, inserted = _full_disk_run(chdb_store, str(tmp_path / "ch"), monkeypatch, then="clickhouse")
+    assert metrics.get("spans_dropped") == 0 and inserted == list(range(60))
+
+
+def test_a_stop_on_a_full_disk_leaves_the_batches_to_the_next_start(chdb_store: Store, tmp_path, monkeypatch,
+                                                                    caplog) -> None:
+    """Stopping while the disk is still full: what the write-ahead log holds is spooled at the next start (moved
+    aside whole if the disk is still full then, and the gateway starts anyway); what it could not take (the same
+    full disk) is counted as dropped, not claimed safe."""
+    from exporters.recording import HELD_PREFIX, WAL_DIR, recover_wal  # noqa: PLC0415
+    from exporters import spool as spool_mod  # noqa: PLC0415
+    from exporters.spool import unsent_spans  # noqa: PLC0415
+
+    with caplog.at_level(logging.ERROR):
+        metrics, _ = _full_disk_run(chdb_store, str(tmp_path / "stop"), monkeypatch, then="stop")
+    assert metrics.get("spans_dropped") == 0
+    assert "60 spans stay in the write-ahead log and are spooled at the next start" in caplog.text
+    assert unsent_spans(str(tmp_path / "stop")) == 60
+    # the next start, the disk still full: the log goes aside whole, the start goes on
+    again = Spool(str(tmp_path / "stop"), fsync=False)
+    monkeypatch.setattr(spool_mod, "_write_all", lambda *_: (_ for _ in ()).throw(OSError(28, "No space left")))
+    assert recover_wal(os.path.join(again.directory, WAL_DIR), again, "otel_traces", 16 << 20) == 0
+    monkeypatch.undo()
+    assert [n for n in os.listdir(again.directory) if n.startswith(HELD_PREFIX)] and unsent_spans(again.directory) == 60
+    # and the start after, with room: spooled, the held log removed
+    assert recover_wal(os.path.join(again.directory, WAL_DIR), again, "otel_traces", 16 << 20) == 60
+    assert again.pending_spans() == 60 and not [n for n in os.listdir(again.directory) if n.startswith(HELD_PREFIX)]
+    again.close()
 
     caplog.clear()
     with caplog.at_level(logging.ERROR):
-        metrics, _, directory = run(stop_while_full=True)
-    assert metrics.get("spans_dropped") == 0
-    assert "60 spans stay in the write-ahead log and are spooled at the next start" in caplog.text
-    # the next start: what the log kept becomes spool files
-    again = Spool(directory, fsync=False)
-    assert recover_wal(os.path.join(again.directory, WAL_DIR), again, "otel_traces", 16 << 20) == 60
-    assert again.pending_spans() == 60
-    again.close()
+        metrics, _ = _full_disk_run(chdb_store, str(tmp_path / "both"), monkeypatch, then="stop", wal_fails=True)
+    assert metrics.get("spans_dropped") == 60 and "60 spans DROPPED" in caplog.text
+    assert "stay in the write-ahead log" not in caplog.text
