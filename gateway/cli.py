@@ -115,7 +115,7 @@ def serve(config: Optional[str] = ConfigOpt,
     from .observe import install_access_log  # noqa: PLC0415
     from .store_api import serve as serve_announced  # noqa: PLC0415
 
-    cfg = _load(config, providers=True)
+    cfg = _load(config, providers=True).states_retention()
     host, port = host or cfg.server.host, (port if port is not None else cfg.server.port)  # --port 0: any free port
     keys = _load_keys(cfg)  # a broken keys file is a start-up error of one line per problem, not a traceback
     from .auth import keys_without_tenant  # noqa: PLC0415
@@ -182,9 +182,13 @@ def worker_app() -> Any:
     from .observe import install_access_log  # noqa: PLC0415
 
     _quiet_driver()  # a worker is a process of uvicorn's, not started through main()
-    cfg = load_config(None)
+    cfg = load_config(None).states_retention()
     install_access_log(cfg)
-    return create_app(cfg, workers=int(os.environ[_WORKERS_ENV]))
+    try:
+        workers = max(1, int(os.environ.get(_WORKERS_ENV, "1")))
+    except ValueError:
+        workers = 1  # set by `serve --workers N` itself; anything else is not ours to trust
+    return create_app(cfg, workers=workers)
 
 
 def _bind(host: str, port: int, cfg: GatewayConfig | None = None) -> socket.socket:
@@ -548,7 +552,7 @@ def db_migrate(config: Optional[str] = ConfigOpt,
     from exporters.schema import migrate, statements_for  # noqa: PLC0415
     from exporters.store import StoreError  # noqa: PLC0415
 
-    cfg = _load(config)
+    cfg = _load(config).states_retention()
     s = cfg.storage
     settings = cfg.schema_settings()
     if print_only:

@@ -232,11 +232,11 @@ class StorageConfig(_Strict):
             return v
         if not v.strip():  # a Secret's empty value: the embedded store instead of the server, unsaid
             raise ValueError("empty: leave it out to use the embedded store under data_dir, or give a DSN")
-        scheme, sep, rest = v.strip().partition("://")
-        if not sep or scheme.lower() not in ("chdb", "http", "https"):
+        scheme, sep, _ = v.strip().partition("://")
+        if not sep or scheme not in ("chdb", "http", "https"):  # lower case, as every reader of a DSN expects it
             raise ValueError("unsupported DSN: use chdb:///path/to/dir (embedded), "
                              "http://user:password@host:8123/database or https://... (a ClickHouse server)")
-        return f"{scheme.lower()}://{rest}"
+        return v.strip()
 
     def resolved_dsn(self) -> str:
         return self.dsn or embedded_dsn(self.data_dir)  # the one helper replay and stats use too
@@ -340,6 +340,10 @@ class ApiConfig(_Strict):
 class GatewayConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TAGWAY_", env_nested_delimiter="__", extra="forbid")
     _config_file: str | None = PrivateAttr(None)  # the file load_config read, if any
+    # set by `tagway serve` and `tagway db migrate` (the operator's own commands): their config file states the
+    # retention whole; any other process that loads a config (an in-process gateway of a replay or a pytest gate)
+    # applies only the TTLs it sets
+    _states_retention: bool = PrivateAttr(False)
 
     server: ServerConfig = ServerConfig()
     storage: StorageConfig = StorageConfig()
@@ -448,18 +452,23 @@ class GatewayConfig(BaseSettings):
         columns = ("customer", "intent", "prompt_version")
         return tuple(sorted(k for k, rule in self.taxonomy.keys.items() if rule.values and k not in columns))
 
+    def states_retention(self) -> "GatewayConfig":
+        """Mark this config as the gateway's own (`serve`, `db migrate`): its file states the retention whole."""
+        self._states_retention = True
+        return self
+
     def schema_settings(self) -> Any:
         """The store's schema settings (exporters.schema.SchemaSettings) from storage and taxonomy."""
         from exporters.schema import SchemaSettings  # noqa: PLC0415 - config stays light to import
 
         s = self.storage
-        # A config file states the retention, a TTL it leaves out included (0: kept for ever): a line removed from
-        # it is a TTL removed at the next start. Without a file only what the environment sets is applied, so a
-        # command run on defaults never removes a TTL an operator set.
+        # The gateway's config file states the retention, a TTL it leaves out included (0: kept for ever): a line
+        # removed from it is a TTL removed at the next start (`serve`, `db migrate`). Otherwise only what the file
+        # or the environment sets is applied, so a command run on other settings never removes a TTL.
         ttls = ("ttl_days", "rollup_ttl_days")
         return SchemaSettings(database=s.database, cluster=s.cluster, ttl_days=s.ttl_days,
                               rollup_ttl_days=s.rollup_ttl_days, rollup_tag_keys=self.rollup_tag_keys(),
-                              apply_retention=ttls if self._config_file else tuple(
+                              apply_retention=ttls if self._config_file and self._states_retention else tuple(
                                   f for f in ttls if f in s.model_fields_set))
 
     def _models_by_name(self) -> dict[str, ModelConfig]:
