@@ -26,7 +26,8 @@ from pydantic import ValidationError
 
 from exporters.yamlfile import YamlFileError, item_lines, load_yaml
 
-from .config import KEY_HASH_FORM, GatewayConfig, KeyConfig, LimitsConfig, TenantConfig, key_hash_ok
+from .config import (KEY_HASH_FORM, GatewayConfig, KeyConfig, LimitsConfig, TenantConfig, key_hash_ok,
+                     normal_key_hash)
 from .errors import GatewayError, bad_request, unauthorized
 
 __all__ = ["Principal", "KeyRing", "KeysFileError", "hash_key", "new_key", "add_key_to_file", "revoke_key_in_file",
@@ -169,7 +170,8 @@ class KeyRing:
             items = read_keys_file(path or "")
         except Exception:  # not even a list of mappings: nothing can be read from it
             return
-        gone = {i["hash"] for i in items if i.get("revoked") is True and isinstance(i.get("hash"), str)}
+        gone = {normal_key_hash(i["hash"]) for i in items
+                if i.get("revoked") is True and isinstance(i.get("hash"), str)}
         if gone & set(self._by_hash):
             self._by_hash = {h: v for h, v in self._by_hash.items() if h not in gone}
             self._revoked = self._revoked | gone
