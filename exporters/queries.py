@@ -69,12 +69,17 @@ def parse_by(by: Iterable[str] | None) -> tuple[str, ...]:
         keys = ["customer"]
     if len(set(keys)) != len(keys):
         raise QueryInputError("a group-by column is repeated", param="by")
-    if "session_id" in keys and "customer" not in keys:
-        # a session is per customer: two customers' "sess-1" are two sessions, not one row of both
-        keys.insert(keys.index("session_id"), "customer")
     if len(keys) > MAX_DIMENSIONS:
         raise QueryInputError(f"at most {MAX_DIMENSIONS} group-by columns", param="by")
     return tuple(keys)
+
+
+def _sessions_per_customer(by: tuple[str, ...]) -> tuple[str, ...]:
+    """A session is per customer: grouped by session_id alone, two customers' "sess-1" were one row of both."""
+    if "session_id" not in by or "customer" in by:
+        return by
+    i = by.index("session_id")
+    return by[:i] + ("customer",) + by[i:]
 
 
 def parse_where(items: Iterable[str] | None) -> tuple[Filter, ...]:
@@ -359,7 +364,7 @@ def _validate_limits(min_calls: int, limit: int) -> None:
 def segment_stats(store: Store, sel: Selection, by: Sequence[str] = ("customer",), *, compare: bool = False,
                   min_calls: int = 20, limit: int = 500, database: str = "", rollups: bool = True) -> StatsReport:
     """Per-segment failure rates over `sel`, worst first. `by` keys are validated again here."""
-    by = parse_by(by)
+    by = _sessions_per_customer(parse_by(by))
     _validate_limits(min_calls, limit)
     p = _Params()
     window = sel.window.previous() if compare else sel.window
