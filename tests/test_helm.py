@@ -549,3 +549,18 @@ def test_a_keys_file_from_a_secret_as_the_helm_readme_shows(tmp_path):
     assert volumes["keys"]["secret"]["secretName"] == "tagway-keys"
     cm = next(d for d in by_kind(docs, "ConfigMap") if "tagway.yaml" in (d.get("data") or {}))
     assert yaml.safe_load(cm["data"]["tagway.yaml"])["keys_file"] == "/etc/tagway-keys/tagway.keys.yaml"
+
+
+def test_the_gateways_grace_fits_the_pods(tmp_path):
+    """The gateway gives calls in flight server.graceful_shutdown_seconds (60 s by default) at SIGTERM; a pod grace
+    that ends first SIGKILLs it mid-call and mid-flush. Unset, the chart lowers it to fit; set too high, it refuses."""
+    def server(values: dict) -> dict:
+        return yaml.safe_load(one(helm_template(tmp_path, values), "ConfigMap")["data"]["tagway.yaml"]).get("server",
+                                                                                                                {})
+    assert "graceful_shutdown_seconds" not in server({})  # 90 - 5 - 5 = 80: the gateway's 60 fits
+    assert server({"preStopSleepSeconds": 10, "terminationGracePeriodSeconds": 60})["graceful_shutdown_seconds"] == 45
+    config = chart_values()["config"]
+    config["server"] = {**config.get("server", {}), "graceful_shutdown_seconds": 120}
+    err = helm_template_error(tmp_path, {"config": config})
+    assert "config.server.graceful_shutdown_seconds (120) does not fit terminationGracePeriodSeconds (90)" in err, err
+    assert server({"config": config, "terminationGracePeriodSeconds": 200})["graceful_shutdown_seconds"] == 120

@@ -178,6 +178,19 @@ verbatim, plus recording.spool_max_bytes derived from the spool volume when the 
 {{- else }}
 {{- $_ := include "tagway.spoolMaxBytes" . }}
 {{- end }}
+{{- /* The gateway's grace for calls in flight at SIGTERM (server.graceful_shutdown_seconds, 60 s by default) must
+end before the pod's grace does, less the preStop sleep and a few seconds for the last flush: else the kubelet's
+SIGKILL cuts calls and the flush short. Unset: lowered to fit when 60 s does not; set: refused when it does not. */}}
+{{- $server := $config.server | default dict }}
+{{- $room := sub (sub (int .Values.terminationGracePeriodSeconds) (int .Values.preStopSleepSeconds)) 5 }}
+{{- if kindIs "invalid" $server.graceful_shutdown_seconds }}
+{{- if lt $room 60 }}
+{{- $_ := set $server "graceful_shutdown_seconds" (max 1 $room) }}
+{{- $_ := set $config "server" $server }}
+{{- end }}
+{{- else if gt (float64 $server.graceful_shutdown_seconds) (float64 $room) }}
+{{- fail (printf "config.server.graceful_shutdown_seconds (%v) does not fit terminationGracePeriodSeconds (%v) less preStopSleepSeconds (%v) and 5 s for the last flush: the kubelet would kill the gateway before its calls finish and its spans are flushed; raise terminationGracePeriodSeconds or lower it" $server.graceful_shutdown_seconds .Values.terminationGracePeriodSeconds .Values.preStopSleepSeconds) }}
+{{- end }}
 {{- toYaml $config }}
 {{- end }}
 
