@@ -205,9 +205,10 @@ def test_clickhouse_outage_while_traffic_flows_loses_nothing(recorded, chdb_stor
         assert values["tagway_spans_spooled_total"] - spooled_before >= 30
 
 
-def test_readyz_says_when_spool_writes_fail_and_spans_are_lost(recorded, monkeypatch):
-    """ClickHouse down and the spool's disk full: the one way the pipeline loses spans. /readyz says so first (it
-    said only that ClickHouse was down), and stops saying it once nothing needs the spool."""
+def test_readyz_says_when_spool_writes_fail_and_the_calls_are_kept(recorded, monkeypatch):
+    """ClickHouse down and the spool's disk full: where the pipeline may lose spans. /readyz says so first (it said
+    only that ClickHouse was down), and stops saying it once nothing needs the spool; the call made meanwhile was
+    kept (it used to be dropped) and is stored once ClickHouse answers."""
     import errno  # noqa: PLC0415
 
     from exporters import spool as spool_mod  # noqa: PLC0415
@@ -219,7 +220,7 @@ def test_readyz_says_when_spool_writes_fail_and_spans_are_lost(recorded, monkeyp
     monkeypatch.setattr(spool_mod, "_write_all", full)
     recorded.store.down.set()
     try:
-        call(recorded, "gpt-test", customer=f"full-{uuid.uuid4().hex[:8]}")
+        kept = call(recorded, "gpt-test", customer=f"full-{uuid.uuid4().hex[:8]}")
         deadline = time.monotonic() + 10
         while "spool writes" not in (ready := httpx.get(recorded.url + "/readyz").json()).get("reason", "") \
                 and time.monotonic() < deadline:
@@ -227,7 +228,8 @@ def test_readyz_says_when_spool_writes_fail_and_spans_are_lost(recorded, monkeyp
             time.sleep(0.05)
         assert ready == {"status": "ready", "recording": "degraded",
                          "reason": f"spool writes failing (disk full at {directory}): spans that cannot be inserted "
-                                   "are dropped, counted in /metrics"}
+                                   "are kept in memory (up to recording.queue_max_bytes, then dropped, counted in "
+                                   "/metrics) until it has room"}
     finally:
         recorded.store.down.clear()
         monkeypatch.undo()
@@ -239,3 +241,4 @@ def test_readyz_says_when_spool_writes_fail_and_spans_are_lost(recorded, monkeyp
         recorded.recorder.force_flush()
         time.sleep(0.1)
     assert httpx.get(recorded.url + "/readyz").json() == {"status": "ready", "recording": "ok"}
+    assert recorded.recorder.force_flush() and set(rows_for(recorded.store, [kept])) == {kept}
