@@ -225,8 +225,8 @@ class Spool:
             self.metrics.inc("spool_write_errors")
             if keep_on_error:
                 if first:
-                    log.error("spool write failed: %s (%s); the batches are kept (in memory, and in the write-ahead "
-                              "log when it is on) and written once there is room", reason, e)
+                    log.error("spool write failed: %s (%s); the batches are kept in memory and written once there "
+                              "is room, or sent once ClickHouse answers", reason, e)
                 raise SpoolWriteError(e.errno, reason) from None
             log.error("spool write failed, %d spans DROPPED: %s (%s)", batch.rows, reason, e)
             self.metrics.inc("spans_dropped", batch.rows)

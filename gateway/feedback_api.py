@@ -4,8 +4,8 @@
                                 "comment": "...", "source": "app"}
 
 Authorised like the call itself: a tenant key rates its own customer's calls (and the calls it made itself, for a
-key that may record other customers); another tenant's call is a 403, an unknown trace id a 404 that names no
-tenant; the admin key rates any call. Stored in `llm_feedback` with the time, the key that rated and the call's
+key that may record other customers); another tenant's call answers as an unknown trace id does, a 404 that names
+no tenant; the admin key rates any call. Stored in `llm_feedback` with the time, the key that rated and the call's
 customer (exporters.feedback), joinable to `llm_calls` on trace_id.
 
 A call is looked up in the calls this process served lately first (gateway.recent: a rating may come before the

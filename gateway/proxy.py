@@ -150,6 +150,13 @@ class Proxy(WireStreamRelay):
             else:  # the server is shutting down (or something above us cancelled): record it, then let it go on
                 rec.fail("cancelled", "the call was cancelled by the gateway")
                 reraise = e
+                if not call.started:  # an OpenAI-shaped answer the SDKs retry, not the server's plain-text 500
+                    try:
+                        await call.respond_error(GatewayError(
+                            503, "The gateway is shutting down (server.graceful_shutdown_seconds passed); retry the "
+                            "request.", type_="server_error", code="gateway_shutting_down"))
+                    except BaseException:  # cancelled again, or the client is gone: the record says what happened
+                        pass
         except Exception as e:  # a bug of ours: the client gets a 500, the record still gets written
             call.watch.stop()
             log.exception("internal error on %s", scope["path"])

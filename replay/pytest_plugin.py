@@ -43,7 +43,8 @@ class GateFailed(AssertionError):
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("tagway", "tagway replay gates")
     group.addoption("--gateway", "--tagway-gateway", dest="tagway_gateway", default=None,
-                    help="tagway gateway base URL for tagway_gate (env TAGWAY_GATEWAY_URL; default: in-process).")
+                    help="tagway gateway base URL for tagway_gate (env TAGWAY_GATEWAY_URL; default: the gateway "
+                         "serving the config's store, else in-process).")
     group.addoption("--tagway-config", dest="tagway_config", default=None,
                     help="Gateway config: its store, and the in-process gateway (env TAGWAY_CONFIG).")
     group.addoption("--tagway-dsn", dest="tagway_dsn", default=None, help="ClickHouse DSN (env TAGWAY_DSN).")
