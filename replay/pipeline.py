@@ -26,6 +26,7 @@ from .datasets.resolve import Resolved, resolve
 from .gate import SegmentPlan, next_draws, plan
 from .render import render_json
 from .report import Report, aggregate, flipped_case_ids
+from .run_lock import run_lock
 from .runner import (GATEWAY_APP, NO_GATEWAY, Answer, FatalRunError, RunOutcome, Runner, Target, check_gateway,
                      check_in_process, check_models, gateway_client, models_named, recorded_answer, targets_for)
 from .slice import Case, EmptySliceError, SampleResult, Sampled, count_production_errors, fetch_cases, order_key, \
@@ -168,6 +169,11 @@ async def _check_gateway(opts: RunOptions, spec: ReplaySpec) -> None:
 
 async def start_run(store: Any, spec: ReplaySpec, opts: RunOptions) -> RunResult:
     run_id = validate_run_id(opts.run_id or new_run_id())
+    with run_lock(run_id):  # a resume of this run, while it runs, is refused (replay/run_lock.py)
+        return await _start_run(store, spec, opts, run_id)
+
+
+async def _start_run(store: Any, spec: ReplaySpec, opts: RunOptions, run_id: str) -> RunResult:
     if get_run(store, run_id) is not None:
         raise RunExistsError(f"run {run_id} exists; use tagway replay resume {run_id}")
     targets = targets_for(spec, opts.spec_dir)  # prompt files read (and refused) before the run is stored
@@ -192,6 +198,11 @@ async def start_run(store: Any, spec: ReplaySpec, opts: RunOptions) -> RunResult
 
 
 async def resume_run(store: Any, run_id: str, opts: RunOptions) -> RunResult:
+    with run_lock(run_id):  # one process at a time per run: two resumes paid for every case twice
+        return await _resume_run(store, run_id, opts)
+
+
+async def _resume_run(store: Any, run_id: str, opts: RunOptions) -> RunResult:
     run = get_run(store, run_id)
     if run is None:
         raise SpecError(f"no replay run {run_id!r}")

@@ -114,6 +114,35 @@ def test_budget_makes_the_run_incomplete_and_resume_finishes_it(world):
     assert len(world["gw"].chat_requests()) == 40 and sent == 10
 
 
+def test_a_second_process_on_the_same_run_is_refused(world, tmp_path, monkeypatch):
+    """Two `replay resume` of one run at once (or one while the run still went) both ran: every case was paid for
+    twice and each checked max_cost alone. A run is one process's at a time on a host (replay/run_lock.py)."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    run_id = unique("run")
+    res = invoke("run", "--spec", world["spec"], *world["common"], "--run-id", run_id, "--max-cost", "0.0095",
+                 "--concurrency", "1")
+    assert res.exit_code == 3, res.output
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom replay.run_lock import run_lock\n"
+                               f"with run_lock({run_id!r}):\n    print('held', flush=True)\n    time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        sent = len(world["gw"].chat_requests())
+        res = invoke("resume", run_id, *world["common"], "--max-cost", "1")
+        assert res.exit_code == 2, res.output
+        assert (f"replay run {run_id} is being run by another process on this host (pid {holder.pid}): wait for it "
+                "to finish, or stop it, then resume") in res.output
+        assert len(world["gw"].chat_requests()) == sent  # nothing paid for
+    finally:
+        holder.kill()  # SIGKILL: the lock goes with the process
+        holder.wait()
+    res = invoke("resume", run_id, *world["common"], "--max-cost", "1")
+    assert res.exit_code == 1, res.output  # the run finishes, a regression as in the test above
+
+
 def test_datasets_pin_a_slice(world):
     ds = unique("ds")
     res = invoke("dataset", "save", ds, "--spec", world["spec"], "--dsn", world["dsn"], "--customer", world["b"],
