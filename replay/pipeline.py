@@ -267,6 +267,9 @@ async def _execute(store: Any, spec: ReplaySpec, run: RunRow, cases: list[Case],
     runner: Runner | None = None
     status = "incomplete"
     n_cases = len(cases)
+    # the judge calls of this run's earlier sessions (a resume): this session's own are counted as they are paid,
+    # and the record alone lags this session's last batch
+    judge_before = recorded_cost(store, run.run_id, (JUDGE_SOURCE,))
     try:
         async with gateway_client(base_url=opts.gateway_url, transport=opts.transport, in_process=opts.in_process,
                                   app_ref=opts.app_ref, app_config=opts.gateway_config, timeout=spec.timeout,
@@ -287,7 +290,7 @@ async def _execute(store: Any, spec: ReplaySpec, run: RunRow, cases: list[Case],
         # the calls made so far cost (a resume's budget starts from it)
         report = report_for(store, run.run_id, spec, status=status, n_cases=n_cases, skipped=skipped, notes=notes,
                             state=state, dataset=run.dataset_id,
-                            judge_spent=runner.judge_spent if runner is not None else 0.0)
+                            judge_spent=judge_before + (runner.judge_spent if runner is not None else 0.0))
         spent = runner.spent if runner is not None else spent_before
         write_run(store, dataclasses.replace(run, status=report.status, verdict=report.verdict, n_cases=n_cases,
                                              report_json=render_json(report), cost_usd=spent,

@@ -174,5 +174,8 @@ async def run_shadow_report(store: Any, data: dict, source: str, window: Window,
                         judge_spent=runner.judge_spent)  # this session's judge calls: the record lags a batch
     write_run(store, RunRow(rid, report.status, spec_to_json(spec), report.dataset, spec.judge_version,
                             [c.name for c in spec.candidates], list(spec.segment_by), len(cases), report.verdict,
-                            render_json(report), sum(r.cost_usd for r in rows), finished_at=time.time()))
+                            # what this report paid: the shadow calls and its judge, not the logged production
+                            # calls' cost (the baseline rows carry it; nobody paid it for the run)
+                            render_json(report), sum(r.cost_usd for r in rows if r.candidate != BASELINE)
+                            + report.judge_cost_usd, finished_at=time.time()))
     return report

@@ -142,6 +142,21 @@ def test_replay_through_the_gateway_gates_per_segment(stack, chdb_store, tmp_pat
         {"r": run_id})
     assert both[0]["n"] == 3 * N  # each candidate result also lines up with the replayed call's own span
 
+    # a run stopped by its budget and resumed: the report's judge cost is every session's (a resume counted only its
+    # own, and stored the short figure)
+    stopped = unique("e2e")
+    res = cli.invoke(replay_app, ["run", *common, "--run-id", stopped, "--max-cost", str(judged / 3),
+                                  "--concurrency", "1"])
+    assert res.exit_code == 3, res.output
+    res = cli.invoke(replay_app, ["resume", stopped, "--dsn", chdb_store.dsn, "--gateway", server.url,
+                                  "--api-key", PLATFORM_KEY, "--no-progress", "--max-cost", "10", "--format", "json"])
+    assert res.exit_code == 1, res.output
+    resumed = orjson.loads(res.output[res.output.index("{"):])
+    assert app.recorder.force_flush()
+    paid = chdb_store.query("SELECT sum(cost_usd) AS c FROM llm_calls WHERE replay_run_id = {r:String} "
+                            "AND source = 'replay-judge'", {"r": stopped})[0]["c"]
+    assert resumed["judge_cost_usd"] == pytest.approx(paid) and paid == pytest.approx(judged)  # every case judged once
+
 
 def test_in_process_mode_runs_the_gateway_app_inside_the_replay(stack, chdb_store, chdb_dsn, tmp_path, monkeypatch):
     """`--in-process`: no gateway server; replay imports gateway.app:create_app by name (config from

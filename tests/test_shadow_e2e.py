@@ -35,8 +35,11 @@ def gw(tmp_path_factory):
         base = {"provider": "openai", "base_url": up.base_url, "api_key_env": "SH_UPSTREAM_KEY"}
         config = {
             "admin_key_hash": hash_key(ADMIN),
-            "models": [{"name": "gpt-test", "model": "ok-model", **base},
-                       {"name": "refund-bad", "model": "refund-bad-model", **base},
+            # priced, so a run's cost says which calls it counts (the live model's 10x the shadow's)
+            "models": [{"name": "gpt-test", "model": "ok-model", **base, "input_cost_per_token": 1e-5,
+                        "output_cost_per_token": 2e-5},
+                       {"name": "refund-bad", "model": "refund-bad-model", **base, "input_cost_per_token": 1e-6,
+                        "output_cost_per_token": 2e-6},
                        {"name": "hang", "model": "slow-model", "timeout": 0.5, **base}],
             "tenants": [{"customer": "acme", "keys": [{"id": "acme-k", "hash": hash_key(KEYS["acme"])}]},
                         {"customer": "globex", "keys": [{"id": "globex-k", "hash": hash_key(KEYS["globex"])}]},
@@ -194,6 +197,10 @@ def test_report_shadow_gates_per_segment(gw, live):
     assert any("shadow call(s) recorded, shadowing" in n and 'outcome="dropped"' in n for n in rep["notes"])
     run_id = rep["run_id"]
     assert run_id.startswith("shadow-")
+    # the run's listed cost is what the report paid for (the shadow calls it scored; no judge here), not that plus
+    # the logged production calls' cost, which the baseline rows carry and nobody paid for this run
+    listed = gw.get(f"/admin/replays/{run_id}", ADMIN).json()["cost_usd"]
+    assert listed == pytest.approx(cand["cost_usd"] + rep["judge_cost_usd"]) and listed > 0
     # the run is stored: shown again, as a PR comment with the dashboard's run page linked
     p = gw.cli("replay", "report", run_id, "--format", "github", "--dashboard-url", "https://tw.example")
     assert p.returncode == 1, p.stderr
