@@ -5,7 +5,8 @@ and the run's verdict and exit code. Rendering lives in replay.render.
 Errors are outcomes: with `errors: fail` (the default) an errored result (the call failed after its retries, an
 evaluator or the judge could not decide, the production call itself errored) is a failed case, shown in its own
 column; with `errors: exclude` the pair is left out of the test and the run stays incomplete until `tagway replay
-resume` scores it. A candidate that errored on every case fails the gate whatever the statistics say.
+resume` scores it. A candidate that errored on every case fails the gate whatever the statistics say; when every
+call was answered and only the evaluators failed, that is no evidence about the candidate: inconclusive, and blocking.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ __all__ = ["Flip", "SegmentRow", "CandidateReport", "Report", "aggregate", "pair
 
 BASELINE = "baseline"
 ERRORED = "errored"
+UNSCORED = "evaluators could not score"  # a candidate whose every answer no evaluator could score: no evidence
 MAX_FLIPS = 20  # flipped cases kept per segment (the count says how many there were)
 
 
@@ -217,18 +219,27 @@ def _candidate(name: str, model: str, cases: Mapping[str, Any], base: Mapping[st
     overall.errored = sum(r.errored for r in rows.values())
     overall.before_errored = sum(r.before_errored for r in rows.values())
     overall.excluded = sum(r.excluded for r in rows.values())
-    status, reasons = _status(name, decision, list(rows.values()), cases, gating)
+    status, reasons = _status(name, decision, list(rows.values()), cases, base, gating)
     cost = sum(float(r.cost_usd or 0) for r in cases.values())
     return CandidateReport(name, model, list(rows.values()), overall, families, status, reasons, cost,
                            [*decision.families, *decision.segments], lock_results)
 
 
 def _status(name: str, decision: Decision, rows: list[SegmentRow], cases: Mapping[str, Any],
-            gating: Any) -> tuple[str, list[str]]:
+            base: Mapping[str, Any], gating: Any) -> tuple[str, list[str]]:
     reasons = []
     errored = [r for r in cases.values() if r.status == ERRORED]
     if cases and len(errored) == len(cases):
         first = excerpt(errored[0].error, 200)
+        # Every call was answered and the evaluators could not score the baseline's answers either (a judge that
+        # answers in prose): not the candidate's doing, and no evidence, which blocks whatever the inconclusive
+        # policy says (see aggregate). Evaluators that score the baseline but not the candidate's answers (a
+        # candidate that echoes the rubric at the judge) are the candidate's doing: a regression, below.
+        unscored_base = all(base.get(cid) is None or (base[cid].status == ERRORED and base[cid].evaluations)
+                            for cid in cases)
+        if all(r.evaluations for r in errored) and unscored_base:
+            return INCONCLUSIVE, [f"{UNSCORED}: every one of candidate {name}'s {len(cases)} case(s) was answered "
+                                  f"but no evaluator could score it; fix the evaluators (first error: {first})"]
         return REGRESSION, [f"candidate {name} errored on every one of its {len(cases)} case(s), so nothing it "
                             f"answered could be scored (first error: {first})"]
     for lk in decision.broken_locks:
@@ -292,8 +303,10 @@ def aggregate(results: Iterable[Any], gating: Any, *, run_id: str = "", status: 
     statuses = {c.status for c in reports}
     # no candidate result is no evidence either way: inconclusive (which blocks by default), never "regression"
     overall = REGRESSION if REGRESSION in statuses else INCONCLUSIVE if INCONCLUSIVE in statuses or not reports else OK
+    unscored = any(c.reasons and c.reasons[0].startswith(UNSCORED) for c in reports)
     code = exit_code(overall, complete=status == "complete",  # nothing tested never passes, whatever the policy
-                     inconclusive_blocks=getattr(gating, "inconclusive", "block") == "block" or not reports)
+                     inconclusive_blocks=getattr(gating, "inconclusive", "block") == "block" or not reports
+                     or unscored)
     verdict = "passed" if overall == OK else overall
     notes = list(notes)
     if judge_cost_usd > 0:  # the judge's calls have no result row: without this line the costs shown add up short

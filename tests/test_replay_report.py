@@ -116,6 +116,21 @@ def test_an_always_erroring_candidate_fails_the_gate_with_a_clear_message():
     assert aggregate(rows, Gating()).exit_code == 1
 
 
+def test_evaluators_that_score_nothing_block_as_no_evidence_not_as_a_regression():
+    """A judge that answers in prose errors on every result, the candidate's and the baseline's alike: the candidate
+    answered every case, so the run says the evaluators failed (inconclusive, blocking under either policy, exit 4),
+    not that the candidate regressed (exit 1)."""
+    rows = results({"a": (20, 20, 20), "b": (20, 20, 20)})
+    for x in rows:
+        x.status, x.error, x.evaluations = "errored", "llm_judge: no PASS/FAIL verdict in the judge's answer", [
+            {"name": "llm_judge", "error": "no PASS/FAIL verdict"}]
+    for policy in ("block", "pass"):
+        r = aggregate(rows, Gating(inconclusive=policy), run_id="r")
+        assert r.candidates[0].status == "inconclusive" and r.verdict == "inconclusive" and r.exit_code == 4, policy
+        assert any("evaluators could not score: every one of candidate cand's 40 case(s) was answered but no "
+                   "evaluator could score it; fix the evaluators" in x for x in r.reasons), r.reasons
+
+
 def test_a_segment_with_no_scored_pair_is_inconclusive_and_gets_no_bar():
     rows = results({"a": (25, 25, 25), "gone": (3, 3, 3)})
     for x in rows:
