@@ -264,6 +264,12 @@ def test_export_import_carry_content_labels_and_locks_and_a_bad_line_imports_not
     tw("dataset", "lock", ids[2], "--dataset", name, "--expect", "pass", "--note", "n", *world["common"])
     tw("dataset", "label", name, ids[0], "--fail", "--critique", "c", *world["common"])
     tw("dataset", "targets", name, "--target", "tier=smb: 5", "--mix", "easy=50%,hard=50%", *world["common"])
+    # a version that changes only the targets is a change diff shows (it said "0 added, 0 removed, 0 changed")
+    res = tw("dataset", "diff", f"{name}@3", f"{name}@4", *world["common"])
+    assert res.exit_code == 0 and res.stdout.splitlines() == [
+        f"{name}@3 -> {name}@4: 0 added, 0 removed, 0 changed, 2 target(s) changed",
+        "~ target mix: None -> {'easy': 0.5, 'hard': 0.5}",
+        "~ target slices: None -> [{'filters': ['tag.tier=smb'], 'n': 5}]"], res.output
     out = tmp_path / "ship.jsonl"
     res = tw("dataset", "export", name, "--out", out, *world["common"])
     assert res.exit_code == 0, res.output

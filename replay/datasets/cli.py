@@ -115,15 +115,22 @@ def diff_cmd(a: str = typer.Argument(..., help="NAME@N (or NAME)"), b: str = typ
     changed = {t: {f: [getattr(ca[t], f), getattr(cb[t], f)] for f in _DIFF_FIELDS
                    if getattr(ca[t], f) != getattr(cb[t], f)} for t in cb if t in ca}
     changed = {t: d for t, d in changed.items() if d}
+    # the coverage targets a version sets (`dataset target`): a version that changes only those is a change too
+    targets = {k: [va.targets.get(k), vb.targets.get(k)] for k in sorted(set(va.targets) | set(vb.targets))
+               if va.targets.get(k) != vb.targets.get(k)}
     if as_json:
-        return _json_out({"from": va.ref, "to": vb.ref, "added": added, "removed": removed, "changed": changed})
-    typer.echo(f"{va.ref} -> {vb.ref}: {len(added)} added, {len(removed)} removed, {len(changed)} changed")
+        return _json_out({"from": va.ref, "to": vb.ref, "added": added, "removed": removed, "changed": changed,
+                          "targets": targets})
+    typer.echo(f"{va.ref} -> {vb.ref}: {len(added)} added, {len(removed)} removed, {len(changed)} changed"
+               + (f", {len(targets)} target(s) changed" if targets else ""))
     for t in added:
         typer.echo(f"+ {t}")
     for t in removed:
         typer.echo(f"- {t}")
     for t, d in changed.items():
         typer.echo(f"~ {t}: " + "; ".join(f"{f} {x!r} -> {y!r}" for f, (x, y) in d.items()))
+    for k, (x, y) in targets.items():
+        typer.echo(f"~ target {k}: {x!r} -> {y!r}")
 
 
 @dataset_app.command("export")
