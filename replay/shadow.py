@@ -94,10 +94,16 @@ def config_spec_data(config: Any, candidates: list[str] | None) -> dict:
         rules = load_mapping(Path(path)).get("shadow") or []
     except YamlFileError as e:
         raise SpecError(str(e)) from None
-    rules = [r for r in rules if isinstance(r, dict) and (not candidates or r.get("model") in candidates)]
-    if len(rules) != 1:
-        raise SpecError(f"{path}: {len(rules)} shadow rule(s) match; give --spec S, or --candidate MODEL for one "
+    rules = [r for r in rules if isinstance(r, dict)]
+    models = sorted({str(r.get("model")) for r in rules})
+    matching = [r for r in rules if not candidates or r.get("model") in candidates]
+    if not matching and candidates:
+        raise SpecError(f"{path}: no shadow rule mirrors to {', '.join(map(repr, candidates))} (its rules mirror to "
+                        f"{', '.join(models) or 'nothing'}); give --spec S, or --candidate one of those")
+    if len(matching) != 1:
+        raise SpecError(f"{path}: {len(matching)} shadow rule(s) match; give --spec S, or --candidate MODEL for one "
                         "rule's evaluators")
+    rules = matching
     if not rules[0].get("evaluators"):
         raise SpecError(f"{path}: the shadow rule for {rules[0].get('model')!r} lists no evaluators; give --spec S")
     return {"evaluators": rules[0]["evaluators"]}

@@ -221,6 +221,9 @@ def test_report_shadow_with_the_config_rule_evaluators(gw, live):
     assert rep["candidates"][0]["rows"][0]["flips"][0]["reasons"] == "icontains: missing ['echo']"
     p = gw.cli("replay", "report", "--shadow", "--format", "json")  # two rules: which one's evaluators?
     assert p.returncode == 2 and "2 shadow rule(s) match; give --spec S, or --candidate MODEL" in p.stderr
+    # a candidate no rule mirrors to: said as that (it said "0 rule(s) match; give ... --candidate MODEL")
+    p = gw.cli("replay", "report", "--shadow", "--candidate", "gpt-test", "--format", "json")
+    assert p.returncode == 2 and "no shadow rule mirrors to 'gpt-test' (its rules mirror to" in p.stderr, p.stderr
 
 
 def test_report_shadow_bad_input(gw, live):
