@@ -266,6 +266,15 @@ def _same(a: list[CaseRecord], b: list[CaseRecord]) -> bool:
     return [x.to_json() for x in a] == [x.to_json() for x in b]
 
 
+def _refuse_pinned_name(store: Any, name: str) -> None:
+    """A new versioned dataset may not take the name of a pinned one (`replay dataset save`): `--dataset NAME`
+    would silently switch from the pinned cases to the new version's (a CI gate's input changing unsaid)."""
+    rows = store.query("SELECT count() AS n FROM replay_datasets WHERE dataset_id = {id:String}", {"id": name})
+    if rows and rows[0]["n"]:
+        raise DatasetStoreError(f"a pinned dataset named {name!r} exists (`tagway replay dataset save`): "
+                                f"`--dataset {name}` would stop meaning it; choose another name")
+
+
 def commit(store: Any, name: str, change: Change, *, author: str, message: str | Callable[[], str],
            op: str, create: bool = True, attempts: int = 5) -> Version:
     """Make the next version of `name` from its latest one with `change` (a pure function of the latest cases).
@@ -280,6 +289,7 @@ def commit(store: Any, name: str, change: Change, *, author: str, message: str |
             if not create:
                 raise
             latest = None
+            _refuse_pinned_name(store, name)
         before = read_cases(store, latest) if latest is not None else []
         cases, targets = change(latest, [dataclasses.replace(c) for c in before])
         _check_unique(cases)

@@ -400,6 +400,22 @@ def test_unknown_datasets_name_the_nearest(world):
         assert res.exit_code == 2 and msg in error_line(res), (args, res.output)
 
 
+def test_a_pinned_and_a_versioned_dataset_never_share_a_name(world):
+    """`dataset add NAME` on the name of a pinned dataset (`replay dataset save`) made NAME resolve to the new
+    version: `replay run --dataset NAME` silently replayed 1 case instead of the 40 pinned. Both ways are refused."""
+    from replay.datasets import DatasetError, save_dataset  # noqa: PLC0415
+    from replay.slice import Sampled  # noqa: PLC0415
+
+    pinned, versioned = uid("pinned"), uid("versioned")
+    trace = world["ids"][world["a"]][0]
+    save_dataset(world["store"], pinned, [Sampled(trace, "x")])
+    res = add(world, pinned, "--trace", trace)
+    assert res.exit_code == 2 and f"a pinned dataset named {pinned!r} exists" in error_line(res), res.output
+    assert add(world, versioned, "--trace", trace).exit_code == 0
+    with pytest.raises(DatasetError, match=f"a versioned dataset named {versioned!r} exists"):
+        save_dataset(world["store"], versioned, [Sampled(trace, "x")])
+
+
 # -- feedback pieces ----------------------------------------------------------------------------------------------
 def test_feedback_validation_and_recent_calls():
     ok = parse_feedback({"trace_id": "abc", "thumbs": "down", "complaint": True, "comment": "x", "source": "app"})

@@ -12,6 +12,8 @@ from typing import Any, Callable, Sequence
 
 import orjson
 
+from exporters.datasets import dataset_names
+
 from ..slice import Case, Sampled, fetch_cases
 
 __all__ = ["DatasetError", "validate_dataset_id", "validate_run_id", "is_file_ref", "is_dataset_file",
@@ -102,6 +104,8 @@ def save_dataset(store: Any, dataset_id: str, picked: Sequence[Sampled], descrip
     n = store.query("SELECT count() AS n FROM replay_datasets WHERE dataset_id = {id:String}", {"id": dataset_id})
     if n and n[0]["n"]:
         raise DatasetError(f"dataset {dataset_id!r} already exists (datasets are pinned: choose a new id)")
+    if dataset_id in dataset_names(store):  # `--dataset ID` resolves to the versioned one first: this would be unseen
+        raise DatasetError(f"a versioned dataset named {dataset_id!r} exists (`tagway dataset`): choose a new id")
     return _insert(store, dataset_id, picked, 0, description)
 
 
