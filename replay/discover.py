@@ -1,8 +1,12 @@
 """`tagway replay discover RUN_ID`, pure: where do a run's flips concentrate, beyond the segments it was cut by?
 
-Every case of the run is described by every recorded column of its original call, every tag, and derived
-dimensions (input and output length and latency in quartile buckets of the run's own cases, the number of user
-turns). For each (dimension, value) the same paired test as the gate (exact one-sided sign test on the flipped
+Every case of the run is described by what was known before its original call was answered: the recorded columns
+that say who asked and how (not its status, error type, served model, output length or latency), every tag, and
+derived dimensions (input length in quartile buckets of the run's own cases, the number of user turns). What the
+production answer itself was is left out on purpose: the baseline's pass or fail comes from that answer, so a cell
+cut by it (short answers, say, where every baseline passed) could only flip one way, and its sign test would flag an
+honest candidate (a trial: 23 down, 0 up in the longest-answer bucket of a candidate that flipped 38 down and 33 up
+overall). For each (dimension, value) the same paired test as the gate (exact one-sided sign test on the flipped
 cases, replay.gate.paired) asks whether the candidate got worse there; Holm across every cell tested keeps the
 chance of any false lead at alpha. Cells are ranked by p-value; `lift` is how much likelier a pass->fail flip is
 in the cell than in the run. This is how a "document length" regression would show up when the run was cut by
@@ -18,7 +22,9 @@ from .gate import Pairs, holm_adjusted, newcombe_interval, pairs_from, sign_test
 
 __all__ = ["Cell", "DERIVED", "bucket_labels", "turns_label", "describe", "discover"]
 
-DERIVED = {"input_tokens": "input_length", "output_tokens": "output_length", "latency_ms": "latency"}
+DERIVED = {"input_tokens": "input_length"}
+# columns of the original call that its answer decided: conditioning on them biases the paired test (see above)
+OUTCOME_COLUMNS = frozenset({"status", "error_type", "model_served"})
 
 
 @dataclasses.dataclass
@@ -75,7 +81,7 @@ def describe(calls: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> dict
     for c in calls:
         attrs = out[c["trace_id"]]
         for col in columns:
-            if c.get(col) not in (None, ""):
+            if col not in OUTCOME_COLUMNS and c.get(col) not in (None, ""):
                 attrs[col] = str(c[col])
         for k, v in (c.get("tags") or {}).items():
             attrs[f"tag.{k}"] = str(v)

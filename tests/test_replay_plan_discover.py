@@ -65,7 +65,9 @@ def test_discover_finds_the_input_length_the_segments_were_not_cut_by(world):
     for c in world["customers"]:  # each customer dropped too, but far less sharply
         assert by[("customer", c)]["p_value"] > top["p_value"] and by[("customer", c)]["lift"] == pytest.approx(1.0)
     assert all(not by[k]["regression"] for k in by if k[0] == "input_length" and k != ("input_length", top["value"]))
-    assert ("latency", ) not in by and any(k[0] == "latency" for k in by)  # derived latency buckets are tested
+    # what the production answer was (its length, latency, status) is not a dimension: cut by it, a cell can only
+    # flip one way (see test_an_honest_candidate_gets_no_lead_from_what_the_baseline_answered)
+    assert not any(k[0] in ("latency", "output_length", "status", "error_type", "model_served") for k in by)
     assert not any(k[0] in ("operation", "turns") for k in by)  # one value only: nothing to compare
 
     table = invoke("discover", world["run_id"], "--dsn", world["dsn"], "--top", "3")
@@ -120,3 +122,23 @@ def test_quartile_buckets_keep_ties_together():
     assert set(bucket_labels({k: 7 for k in "abcdef"}).values()) == {"q1 7-7"}
     assert bucket_labels({"a": 12_000, "b": 50}) == {"a": "q2 12.0k-12.0k", "b": "q1 50-50"}
     assert [turns_label(n) for n in (1, 2, 3, 4, 9)] == ["1", "2", "3-4", "3-4", "5+"]
+
+
+def test_an_honest_candidate_gets_no_lead_from_what_the_baseline_answered():
+    """A candidate as good as production, flipping as many cases each way, whose flips line up with how long the
+    production answer was (a passing answer is long, a failing one short): bucketed by that length, every cell of
+    long answers can only flip down, and the sign test called it a regression (p 3.9e-06 in a trial). Only what was
+    known before the answer is a dimension now, so no lead comes out of it."""
+    from replay.discover import describe, discover  # noqa: PLC0415
+
+    outcomes, calls = {}, []
+    for i in range(120):
+        before = i % 2 == 0  # production passed on half the cases...
+        after = not before if i < 80 else before  # ...and the candidate flips 40 each way
+        outcomes[f"c{i}"] = (before, after)
+        calls.append({"trace_id": f"c{i}", "customer": "acme", "status": "ok" if before else "error",
+                      "input_tokens": 100 + i % 7, "output_tokens": 400 if before else 20, "latency_ms": 900 if before
+                      else 100, "tags": {}, "turns": 1})
+    cells = discover(outcomes, describe(calls, ["customer", "status"]), alpha=0.05, margin=0.0)
+    assert not any(c.regression for c in cells)
+    assert not any(c.dimension in ("output_length", "latency", "status") for c in cells)
