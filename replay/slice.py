@@ -35,6 +35,10 @@ class EmptySliceError(ValueError):
     """The slice (or dataset) has no replayable call."""
 
 
+# why a call is not a case: nothing recorded to re-send (a tenant with capture off, or a call refused, e.g. an unknown
+# model's 404, before its content was read)
+NO_CONTENT = "no captured content (content capture off for that call, or the call refused before capture)"
+
 @dataclasses.dataclass(frozen=True)
 class PoolRow:
     trace_id: str
@@ -213,7 +217,7 @@ def sample(rows: Iterable[PoolRow], segment_by: Sequence[str], limit: int | None
             continue
         seen.add(r.trace_id)
         if not r.has_content:
-            skipped["no captured content (content capture off for that call)"] += 1
+            skipped[NO_CONTENT] += 1
             continue
         groups.setdefault(segment_of(r, segment_by), []).append(r)
     for g in groups.values():
@@ -286,7 +290,7 @@ class Case:
 def case_from_row(row: dict, segment: str) -> tuple[Case | None, str | None]:
     """A `llm_calls` row -> (Case, None), or (None, skip reason) when it cannot be replayed."""
     if not row.get("request_json"):
-        return None, "no captured content (content capture off for that call)"
+        return None, NO_CONTENT
     try:
         inputs = orjson.loads(row["request_json"])
         system = loads_or_empty(row.get("system_instructions"))

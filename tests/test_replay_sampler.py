@@ -131,4 +131,5 @@ def test_case_from_row_rebuilds_messages_and_drops_stream():
     assert case.params == {"temperature": 0.2}
     assert case.baseline_text == "hello"
     assert case_from_row({**row, "request_json": ""}, "acme") == (None, "no captured content (content capture off "
-                                                                        "for that call)")
+                                                                        "for that call, or the call refused before "
+                                                                        "capture)")
