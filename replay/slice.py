@@ -39,6 +39,7 @@ class EmptySliceError(ValueError):
 # model's 404, before its content was read)
 NO_CONTENT = "no captured content (content capture off for that call, or the call refused before capture)"
 
+
 @dataclasses.dataclass(frozen=True)
 class PoolRow:
     trace_id: str
