@@ -12,6 +12,7 @@ the candidate failed, or the other way round) always come from the results.
 """
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from typing import Any, Iterable
@@ -91,7 +92,10 @@ def _run_dict(r: dict, *, full: bool) -> dict[str, Any]:
     out = {**r, "candidates": list(r.get("candidates") or []), "segment_by": list(r.get("segment_by") or []),
            "spec_name": spec.get("name") or "", "models": models,
            "baseline_mode": (spec.get("baseline") or {}).get("mode", ""),
-           "gating": report.get("gating") or spec.get("gating") or {}}
+           "gating": report.get("gating") or spec.get("gating") or {},
+           # what scored the run: runs scored differently are not one series (replay/trend.py)
+           "evaluators_key": hashlib.sha256(orjson.dumps(spec.get("evaluators") or [],
+                                                         option=orjson.OPT_SORT_KEYS)).hexdigest()[:12]}
     finished = out.get("finished_at")
     out["finished_at"] = None if finished is None or finished != finished else finished
     if full:
@@ -374,8 +378,9 @@ def trend(store: Any, *, spec: str | None = None, dataset: str | None = None, cu
                 table = segment_table(store, full, customer=customer, database=database)
         else:
             table = segment_table(store, full, customer=customer, database=database)
-        out_runs.append({k: run.get(k) for k in ("run_id", "created_at", "status", "verdict", "candidates",
-                                                  "dataset_id", "spec_name", "judge_version", "segment_by")})
+        out_runs.append({k: full.get(k, run.get(k)) for k in ("run_id", "created_at", "status", "verdict",
+                                                               "candidates", "dataset_id", "spec_name",
+                                                               "judge_version", "segment_by", "evaluators_key")})
         for cand, t in table.items():
             for row in t["rows"]:
                 point = {"run": i, "run_id": run["run_id"], "candidate": cand, "n": row["n"], "after": row["after"],

@@ -3,8 +3,9 @@ exporters.replays.trend), with the change against the previous run and against a
 with the gate's own paired test (replay.gate: the sign test on the cases both runs scored, Holm across the segments
 of one comparison, the spec's alpha and margin): a drop it calls a regression is marked.
 
-Runs of different dataset versions replay different cases, so they are never compared or drawn as one line: a
-series breaks where the version changes (`|` in the sparkline, `break` in JSON) and restarts there.
+Runs of different dataset versions replay different cases, and runs scored by different evaluators (or judge
+versions) measure different things, so neither is compared or drawn as one line: a series breaks where either
+changes (`|` in the sparkline, `break` in JSON) and restarts there.
 
 Pure functions over the query's output; the CLI (replay/cli.py) does the I/O.
 """
@@ -30,7 +31,7 @@ class TrendPoint:
     rate: float | None  # the candidate's pass rate on the run's cases
     baseline_rate: float | None  # the run's baseline on the same cases
     gate: str  # the run's own gate mark for this segment (regression | inconclusive | ok | "")
-    breaks: bool = False  # the dataset version changed since the previous point: not compared with it
+    breaks: bool = False  # the dataset version or the evaluators changed since the previous point: not compared
     vs_previous: float | None = None
     previous_regression: bool = False  # the drop from the previous run is a regression by the gate's test
     vs_pinned: float | None = None
@@ -91,8 +92,9 @@ def build_trend(data: dict, *, pinned: str | None, alpha: float, margin: float) 
         for p in seg["points"]:
             series.setdefault((seg["segment"], p["candidate"]), []).append(p)
 
-    def version(p: dict) -> str:
-        return runs[p["run_id"]].get("dataset_id") or ""
+    def version(p: dict) -> str:  # what a run measured: its cases, and what scored them
+        run = runs[p["run_id"]]
+        return "\x00".join(str(run.get(k) or "") for k in ("dataset_id", "evaluators_key", "judge_version"))
 
     def previous(pts: list[dict], i: int) -> dict | None:
         return pts[i - 1] if i and version(pts[i - 1]) == version(pts[i]) else None
@@ -111,7 +113,8 @@ def build_trend(data: dict, *, pinned: str | None, alpha: float, margin: float) 
             prev, ref = previous(pts, i), pinned_point(pts, i)
             gate = "regression" if p.get("regression") else (p.get("marks") or [""])[0]
             points.append(TrendPoint(
-                p["run_id"], float(run.get("created_at") or 0), version(p), int(p.get("n") or 0), p.get("after"),
+                p["run_id"], float(run.get("created_at") or 0), run.get("dataset_id") or "", int(p.get("n") or 0),
+                p.get("after"),
                 p.get("before"), gate, breaks=bool(i) and version(pts[i - 1]) != version(p),
                 vs_previous=_diff(p, prev), previous_regression=prev_v.get((key, i)) == REGRESSION,
                 vs_pinned=_diff(p, ref), pinned_regression=pin_v.get((key, i)) == REGRESSION))

@@ -19,7 +19,7 @@ N = 40
 
 
 def seed_run(store, run_id: str, dataset: str, created_at: float, passes: dict[str, int],
-             base_passes: dict[str, int], prefix: str) -> None:
+             base_passes: dict[str, int], prefix: str, evaluators: list | None = None) -> None:
     """Per customer N cases (ids shared by every run of one dataset version); the first `passes` pass."""
     rows = []
     for customer in passes:
@@ -32,7 +32,8 @@ def seed_run(store, run_id: str, dataset: str, created_at: float, passes: dict[s
     write_results(store, rows)
     report = aggregate(read_results(store, run_id), Gating(), run_id=run_id, segment_by=["customer"],
                        dataset=dataset)
-    write_run(store, RunRow(run_id, "complete", orjson.dumps({"name": "refunds-gate"}).decode(), dataset, "",
+    spec = {"name": "refunds-gate", **({"evaluators": evaluators} if evaluators else {})}
+    write_run(store, RunRow(run_id, "complete", orjson.dumps(spec).decode(), dataset, "",
                             ["cand"], ["customer"], 2 * N, report.verdict, render_json(report),
                             created_at=created_at, finished_at=created_at + 1))
 
@@ -125,3 +126,22 @@ def test_trend_bad_input_is_one_line(seeded, args, message):
     res = CliRunner().invoke(replay_app, ["trend", "--dsn", seeded["dsn"], *args], catch_exceptions=False)
     assert res.exit_code == 2
     assert res.stderr.startswith(message) and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_a_series_breaks_where_the_evaluators_change(chdb_store):
+    """Runs of one dataset version scored by different evaluators measure different things: the trend compared them
+    and marked a -0.967 "regression" when a label evaluator replaced icontains. The series now breaks there."""
+    name = unique("evals")
+    runs = [unique("e1"), unique("e2"), unique("e3")]
+    contains = [{"type": "icontains", "value": "approved"}]
+    label = [{"type": "label"}]
+    for run, at, evaluators, passes in ((runs[0], 1000.0, contains, 36), (runs[1], 2000.0, contains, 36),
+                                        (runs[2], 3000.0, label, 2)):
+        seed_run(chdb_store, run, f"{name}@1", at, {"acme": passes}, {"acme": 36}, name, evaluators)
+    res = CliRunner().invoke(replay_app, ["trend", "--dataset", name, "--dsn", chdb_store.dsn, "--format", "json"],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    (acme,) = orjson.loads(res.stdout)["series"]
+    assert [p["breaks"] for p in acme["points"]] == [False, False, True]
+    last = acme["points"][-1]
+    assert last["vs_previous"] is None and not last["previous_regression"] and not last["pinned_regression"]
