@@ -470,7 +470,7 @@ def test_alert_rules_are_valid_and_fire_when_they_should(tmp_path):
     assert check.returncode == 0 and "SUCCESS: 3 rules found" in check.stdout, check.stdout + check.stderr
 
     job = 'namespace="llm", job="t-tagway"'
-    call = f'operation="chat", provider="openai"'
+    call = 'operation="chat", provider="openai"'
     series = [
         (f'tagway_calls_total{{{job}, {call}, model="gpt", status_class="2xx"}}', "0+48x40"),  # 0.8/s ok
         (f'tagway_calls_total{{{job}, {call}, model="gpt", status_class="5xx"}}', "0+12x40"),  # 0.2/s failing
