@@ -26,19 +26,24 @@ def test_piped_demo_exits_and_says_how_to_keep_the_dashboard(tmp_path):
     assert "stops now (not a terminal)" in out and "tagway demo --keep-running" in out
 
 
+def _until_serving(proc: subprocess.Popen) -> str:
+    """The demo's output so far, on one line: up to the line that says it serves until Ctrl-C (or its end)."""
+    lines, deadline = [], time.monotonic() + 180
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if "until Ctrl-C" in line:
+            break
+    return " ".join("".join(lines).split())
+
+
 def test_keep_running_serves_the_dashboard_until_ctrl_c(tmp_path):
     proc = subprocess.Popen(DEMO + ["--data-dir", str(tmp_path / "d"), "--keep-running"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=_env(), stdin=subprocess.DEVNULL)
     try:
-        lines, deadline = [], time.monotonic() + 180
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if "until Ctrl-C" in line:
-                break
-        text = " ".join("".join(lines).split())
+        text = _until_serving(proc)
         assert "serving the gateway and its dashboard until Ctrl-C (--keep-running was given)" in text, text[-2000:]
         m = re.search(r"dashboard: (http://127\.0\.0\.1:\d+)/ui#key=(tw-[A-Za-z0-9_-]+)", text)
         assert m, text[-2000:]
@@ -55,18 +60,6 @@ def test_keep_running_serves_the_dashboard_until_ctrl_c(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-
-
-def _until_serving(proc: subprocess.Popen) -> str:
-    lines, deadline = [], time.monotonic() + 180
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if "until Ctrl-C" in line:
-            break
-    return " ".join("".join(lines).split())
 
 
 def test_sigterm_stops_the_kept_demo_cleanly(tmp_path):
