@@ -368,15 +368,10 @@ class DurableBatchSpanProcessor(SpanProcessor):
             pass
         dropped: list[_Batch] = []
         with self._cv:
-            self._stranded.append(b)
-            self._stranded_bytes += b.encoded.size
-            self._stranded_rows += b.encoded.rows
+            self._keep(b)
             self._inflight.difference_update(b.starts)
             while self._stranded_bytes > self._queue_max_bytes and len(self._stranded) > 1:
-                old = self._stranded.popleft()
-                self._stranded_bytes -= old.encoded.size
-                self._stranded_rows -= old.encoded.rows
-                dropped.append(old)
+                dropped.append(self._take())
             self._cv.notify_all()
         for old in dropped:  # memory is bounded too: the oldest go, counted
             log.error("spool still cannot be written (%s): %d spans kept too long are DROPPED",
@@ -384,6 +379,19 @@ class DurableBatchSpanProcessor(SpanProcessor):
             self.metrics.inc("spans_dropped", old.encoded.rows)
             self._done(old)
         return False
+
+    def _keep(self, b: _Batch, *, first: bool = False) -> None:
+        """Hold a batch the spool could not take (caller holds `_cv`): last, or `first` when it goes back."""
+        (self._stranded.appendleft if first else self._stranded.append)(b)
+        self._stranded_bytes += b.encoded.size
+        self._stranded_rows += b.encoded.rows
+
+    def _take(self) -> _Batch:
+        """The oldest kept batch, out of the count (caller holds `_cv`)."""
+        b = self._stranded.popleft()
+        self._stranded_bytes -= b.encoded.size
+        self._stranded_rows -= b.encoded.rows
+        return b
 
     def _retry_stranded(self, *, final: bool = False) -> None:
         """Store the kept batches, oldest first: straight into ClickHouse while it answers, else into the spool,
@@ -398,9 +406,7 @@ class DurableBatchSpanProcessor(SpanProcessor):
             with self._cv:
                 if not self._stranded:
                     return
-                b = self._stranded.popleft()
-                self._stranded_bytes -= b.encoded.size
-                self._stranded_rows -= b.encoded.rows
+                b = self._take()
             if not final and (not self._degraded or time.monotonic() >= self._retry_at):
                 try:  # ClickHouse answers (or it is time to ask again): the batch needs no disk at all
                     self._exporter.send(b.encoded)
@@ -415,9 +421,7 @@ class DurableBatchSpanProcessor(SpanProcessor):
                 self._spool.write(b.encoded, b.seq, keep_on_error=True)
             except SpoolWriteError:
                 with self._cv:
-                    self._stranded.appendleft(b)
-                    self._stranded_bytes += b.encoded.size
-                    self._stranded_rows += b.encoded.rows
+                    self._keep(b, first=True)
                 if final:
                     self._give_up_stranded()
                 return
@@ -425,12 +429,11 @@ class DurableBatchSpanProcessor(SpanProcessor):
 
     def _give_up_stranded(self) -> None:
         with self._cv:
-            left = list(self._stranded)
-            self._stranded.clear()
-            self._stranded_bytes = self._stranded_rows = 0
-        wal = self._wal
-        held = [b for b in left if wal is not None and wal.holds(b.starts)]
-        lost = [b for b in left if wal is None or not wal.holds(b.starts)]
+            left = [self._take() for _ in range(len(self._stranded))]
+        held: list[_Batch] = []
+        lost: list[_Batch] = []
+        for b in left:
+            (held if self._wal is not None and self._wal.holds(b.starts) else lost).append(b)
         if held:  # undone there: rebuilt into the spool at the next start
             log.error("spool cannot be written (%s): %d spans stay in the write-ahead log and are spooled at the "
                       "next start", self._spool.write_error, sum(b.encoded.rows for b in held))

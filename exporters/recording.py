@@ -31,9 +31,8 @@ from .schema import SchemaSettings, migrate
 from .semconv import SCOPE_NAME
 from .spool import Spool, SpoolLockedError, SpoolWriteError
 from .store import Store, StoreError, StoreLockedError, connect, is_embedded, redact_dsn
-from .wal import WriteAheadLog, read_pending
+from .wal import HELD_PREFIX, WAL_DIR, WriteAheadLog, read_pending
 
-WAL_DIR = "wal"  # under the spool directory
 
 __all__ = ["Recorder", "RecordingLimits", "start_recording", "disabled_recorder", "DiscardingSpanProcessor"]
 
@@ -134,9 +133,6 @@ def start_recording(*, dsn: str, spool_dir: str, schema: SchemaSettings | None =
     provider.add_span_processor(processor)
     return Recorder(tracer_provider=provider, tracer=tracer, metrics=metrics, processor=processor,
                     exporter=exporter, spool=spool, enabled=True)
-
-
-HELD_PREFIX = "wal-held-"  # a dead process's write-ahead log that could not be spooled yet (a full disk)
 
 
 def recover_wal(directory: str, spool: Spool, table: str, max_bytes: int) -> int:

@@ -32,10 +32,10 @@ from .dirlock import lock_dir
 from .metrics import ExportMetrics
 from .rows import EncodedBatch
 from .store import StoreLockedError
-from .wal import read_pending
+from .wal import is_log_dir, read_pending
 
-__all__ = ["Spool", "SpoolFile", "SpoolLockedError", "SpoolWriteError", "FORMAT", "VERSION", "Quarantined", "quarantined",
-           "requeue", "purge", "unsent_spans"]
+__all__ = ["Spool", "SpoolFile", "SpoolLockedError", "SpoolWriteError", "FORMAT", "VERSION", "Quarantined",
+           "quarantined", "requeue", "purge", "unsent_spans"]
 
 log = logging.getLogger(__name__)
 
@@ -403,7 +403,7 @@ def unsent_spans(directory: str) -> int:
     works whether or not a gateway uses the directory."""
     n = 0
     for root, _dirs, files in os.walk(directory):
-        if os.path.basename(root) == "wal" or os.path.basename(root).startswith("wal-held-"):
+        if is_log_dir(root):
             n += sum(rows for _chunks, rows in read_pending(root)[0])
             continue
         n += sum(_rows_in(os.path.join(root, name)) for name in files if name.endswith(_SUFFIX))

@@ -25,7 +25,7 @@ import threading
 import zlib
 from typing import Iterable, Iterator
 
-__all__ = ["WriteAheadLog", "read_pending"]
+__all__ = ["WriteAheadLog", "read_pending", "WAL_DIR", "HELD_PREFIX", "is_log_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,14 @@ _B = struct.Struct("<cQI")
 _F = struct.Struct("<cI")
 _U64 = struct.Struct("<Q")
 _PREFIX, _SUFFIX = "wal-", ".log"
+WAL_DIR = "wal"  # under the spool directory
+HELD_PREFIX = "wal-held-"  # beside it: a dead process's log that could not be spooled yet (a full disk)
+
+
+def is_log_dir(path: str) -> bool:
+    """A write-ahead log directory under a spool: the live one, or one set aside."""
+    name = os.path.basename(path)
+    return name == WAL_DIR or name.startswith(HELD_PREFIX)
 
 
 class WriteAheadLog:
