@@ -230,13 +230,14 @@ class StorageConfig(_Strict):
         # a scheme no driver speaks would start a gateway that spools for ever, "degraded until it answers"
         if v is None:
             return v
-        if not v.strip():  # a Secret's empty value: the embedded store instead of the server, unsaid
+        v = v.strip()
+        if not v:  # a Secret's empty value: the embedded store instead of the server, unsaid
             raise ValueError("empty: leave it out to use the embedded store under data_dir, or give a DSN")
-        scheme, sep, _ = v.strip().partition("://")
+        scheme, sep, _ = v.partition("://")
         if not sep or scheme not in ("chdb", "http", "https"):  # lower case, as every reader of a DSN expects it
             raise ValueError("unsupported DSN: use chdb:///path/to/dir (embedded), "
                              "http://user:password@host:8123/database or https://... (a ClickHouse server)")
-        return v.strip()
+        return v
 
     def resolved_dsn(self) -> str:
         return self.dsn or embedded_dsn(self.data_dir)  # the one helper replay and stats use too
@@ -603,9 +604,10 @@ def _indexed_variables(names: Iterable[str]) -> list[str]:
     out = []
     for var in sorted(names):
         parts = var.split("__")
-        if not var.upper().startswith("TAGWAY_") or not any(p.isdigit() for p in parts[1:]):
+        index = next((i for i, p in enumerate(parts) if i and p.isdigit()), None)  # the first list index
+        if not var.upper().startswith("TAGWAY_") or index is None:
             continue
-        head = "__".join(parts[:next(i for i, p in enumerate(parts) if i and p.isdigit())])
+        head = "__".join(parts[:index])
         out.append(f"${var}: {head[len('TAGWAY_'):].lower().replace('__', '.')}: a list's items cannot be set one by "
                    f"one; set ${head.upper()} to the whole list as JSON ('[...]')")
     return out
