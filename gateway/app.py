@@ -274,11 +274,12 @@ def default_recorder(config: GatewayConfig) -> Any:
     s, r = config.storage, config.recording
     dsn = s.resolved_dsn()
 
+    # the other slots' leftovers too, where no process holds them: a restart with fewer workers strands them
+    parent = s.resolved_spool()
+    others = [os.path.join(parent, n) for n in sorted(os.listdir(parent)) if n.startswith("worker-")] \
+        if os.path.isdir(parent) else []
+
     def start(spool_dir: str) -> Any:
-        # the other slots' leftovers too, where no process holds them: a restart with fewer workers strands them
-        parent = s.resolved_spool()
-        others = [os.path.join(parent, n) for n in sorted(os.listdir(parent)) if n.startswith("worker-")] \
-            if os.path.isdir(parent) else []
         return start_recording(
             adopt=others,
             dsn=dsn, spool_dir=spool_dir,
