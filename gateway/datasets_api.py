@@ -27,6 +27,7 @@ from exporters.store import StoreError
 
 from .auth import KeyRing
 from .errors import GatewayError, bad_request, forbidden
+from .http_query import read_body
 
 __all__ = ["build_datasets_router"]
 
@@ -90,8 +91,14 @@ def build_datasets_router(keyring: KeyRing, get_store: Callable[[], Any], *, dat
 
     @router.post("/admin/datasets/{name}/labels", tags=["datasets"])
     async def label(name: str, request: Request) -> Response:
+        # the key first: a caller without the admin key had its body read and parsed, whatever its size
         try:
-            body = orjson.loads(await request.body())
+            admin(request)
+            raw = await read_body(request, keyring.config.server.max_body_bytes)
+        except GatewayError as e:
+            return Response(e.body(), status_code=e.status, media_type="application/json")
+        try:
+            body = orjson.loads(raw)
         except orjson.JSONDecodeError:
             return _error(400, "The body is not valid JSON.", "invalid_json")
         return await _run_sync(lambda: handle(request, lambda: _label(store(), name, body), 201))

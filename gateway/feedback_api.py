@@ -31,6 +31,7 @@ from exporters.vocabulary import QueryInputError
 from .auth import KeyRing, Principal
 from .config import FeedbackConfig
 from .errors import GatewayError, bad_request
+from .http_query import read_body
 from .limits import Limiter
 from .recent import RecentCalls
 
@@ -86,9 +87,7 @@ def build_feedback_router(keyring: KeyRing, get_store: Callable[[], Any], recent
             refusal = limiter.admit([((FEEDBACK_SCOPE, p.key_id or "admin"), config.per_minute, None)])
             if refusal is not None:
                 raise refusal.error()
-            raw = await request.body()
-            if len(raw) > MAX_BODY:
-                raise GatewayError(413, f"The body is too large (at most {MAX_BODY} bytes).", code="body_too_large")
+            raw = await read_body(request, MAX_BODY)  # refused as it arrives, not once all of it is in memory
             try:
                 body = orjson.loads(raw)
             except orjson.JSONDecodeError:

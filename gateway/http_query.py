@@ -20,7 +20,8 @@ from exporters.store import StoreError
 from .auth import KeyRing, Principal
 from .errors import GatewayError, bad_request, forbidden
 
-__all__ = ["QueryParams", "Reader", "json_response", "error_response", "run_handler", "reader", "COMMON_PARAMS"]
+__all__ = ["QueryParams", "Reader", "json_response", "error_response", "run_handler", "reader", "read_body",
+           "COMMON_PARAMS"]
 
 log = logging.getLogger("tagway.stats")
 
@@ -137,6 +138,24 @@ class Reader:
         if self.key_id is not None:
             return call.get("key_id") == self.key_id
         return self.customer is None or call.get("customer") == self.customer
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request's body, refused with a 413 as soon as it is past `limit` bytes (by its Content-Length, or while it
+    arrives): `request.body()` and FastAPI's body parameters hold the whole of it in memory first, whatever its size.
+    Authenticate before calling this, so that no body is read for a caller without a key."""
+    length = request.headers.get("content-length", "")
+    if not (length.isdigit() and int(length) > limit):
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                break
+            chunks.append(chunk)
+        else:
+            return b"".join(chunks)
+    raise GatewayError(413, f"The body is too large (at most {limit} bytes).", code="body_too_large")
 
 
 def reader(keyring: KeyRing, request: Request, *, admin_route: bool) -> Reader:

@@ -23,7 +23,8 @@ from typing import Any, Callable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from exporters import evals
 from exporters import tagstate as ts
@@ -31,7 +32,7 @@ from exporters import tagstate as ts
 from .auth import KeyRing
 from .board_api import store_getter
 from .errors import GatewayError, bad_request
-from .http_query import QueryParams, Reader, reader, run_handler
+from .http_query import QueryParams, Reader, error_response, read_body, reader, run_handler
 
 __all__ = ["build_tags_router"]
 
@@ -44,6 +45,20 @@ class TagBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     target: str
     tag: str
+
+
+MAX_BODY = 64 * 1024  # {"target", "tag"}: a few hundred bytes
+_TAG_BODY_DOC = {"requestBody": {"required": True,
+                                 "content": {"application/json": {"schema": TagBody.model_json_schema()}}}}
+
+
+def _tag_body(raw: bytes) -> TagBody:
+    try:
+        return TagBody.model_validate_json(raw)
+    except ValidationError as e:  # said as the app says a body parameter's errors
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        raise bad_request(f"{where}: {first['msg']}" if where else first["msg"]) from None
 
 
 def _event(e: ts.TagEvent) -> dict:
@@ -133,10 +148,17 @@ def build_tags_router(keyring: KeyRing, get_store: Callable[[], Any], *, databas
             """The tags a message or session carries now."""
             return _handle(lambda: current(request, admin_route))
 
-        @router.post(f"{prefix}/tags", tags=["tags"])
-        def add_tag(body: TagBody, request: Request) -> Response:
+        @router.post(f"{prefix}/tags", tags=["tags"], openapi_extra=_TAG_BODY_DOC)
+        async def add_tag(request: Request) -> Response:
             """Add a tag as a person (audited as human:<key id>)."""
-            return _handle(lambda: change(request, admin_route, body.target, body.tag, "apply"))
+            # the key before the body (a FastAPI body parameter read and parsed it for anyone, whatever its size)
+            try:
+                reader(keyring, request, admin_route=admin_route)
+                body = _tag_body(await read_body(request, MAX_BODY))
+            except GatewayError as e:
+                return error_response(e)
+            return await run_in_threadpool(_handle, lambda: change(request, admin_route, body.target, body.tag,
+                                                                   "apply"))
 
         @router.delete(f"{prefix}/tags", tags=["tags"])
         def remove_tag(request: Request) -> Response:
