@@ -28,9 +28,11 @@ def _content_to_parts(content: Any) -> list[dict]:
             elif p.get("type") == "text":
                 parts.append({"type": "text", "content": p.get("text", "")})
             elif p.get("type") == "image_url":
-                url = p.get("image_url", {})
-                url = url.get("url", "") if isinstance(url, dict) else url
-                parts.append({"type": "uri", "modality": "image", "uri": url})
+                img = p.get("image_url", {})
+                part = {"type": "uri", "modality": "image", "uri": img.get("url", "") if isinstance(img, dict) else img}
+                if isinstance(img, dict) and img.get("detail") is not None:  # low/high/auto: what replay re-sends
+                    part["detail"] = img["detail"]
+                parts.append(part)
             else:  # audio, file, refusal...: kept verbatim so replay can send it back
                 parts.append({"type": "openai_part", "part": p})
     return parts
@@ -48,7 +50,10 @@ def _parts_to_content(parts: list[dict]) -> Any:
         if t == "text":
             out.append({"type": "text", "text": p.get("content", "")})
         elif t == "uri":
-            out.append({"type": "image_url", "image_url": {"url": p.get("uri", "")}})
+            img = {"url": p.get("uri", "")}
+            if p.get("detail") is not None:
+                img["detail"] = p["detail"]
+            out.append({"type": "image_url", "image_url": img})
         elif t == "openai_part":
             out.append(p.get("part", {}))
     return out

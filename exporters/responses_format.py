@@ -48,7 +48,10 @@ def _content_parts(content: Any) -> list[dict]:
         elif p.get("type") == "refusal":
             parts.append({"type": "text", "content": str(p.get("refusal", ""))})
         elif p.get("type") == "input_image" and isinstance(p.get("image_url"), str):
-            parts.append({"type": "uri", "modality": "image", "uri": p["image_url"]})
+            part = {"type": "uri", "modality": "image", "uri": p["image_url"]}
+            if p.get("detail") is not None:  # low/high/auto: what replay re-sends
+                part["detail"] = p["detail"]
+            parts.append(part)
         else:  # files, images by file id, audio: kept verbatim so replay can send them back
             parts.append({"type": "openai_part", "part": p})
     return parts
@@ -149,7 +152,7 @@ def _input_content(content: Any, role: str) -> Any:
         elif p.get("type") == "image_url":
             url = p.get("image_url")
             out.append({"type": "input_image", "image_url": url.get("url", "") if isinstance(url, dict) else url,
-                        "detail": "auto"})
+                        "detail": (url.get("detail") if isinstance(url, dict) else None) or "auto"})
         else:
             out.append(p)
     return out

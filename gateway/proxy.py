@@ -257,8 +257,11 @@ class Proxy(WireStreamRelay):
         model = rec.requested_model = model_of(call.operation, payload, self._max_model_chars)
         check_request(call.operation, payload)
         call.stream = rec.stream = stream_flag(call.operation, payload)
-        rec.temperature, rec.max_tokens = payload.get("temperature"), payload.get("max_tokens",
-                                                                                  payload.get("max_output_tokens"))
+        rec.temperature = payload.get("temperature")
+        # chat's current name for the limit (max_tokens is its deprecated one), legacy completions', Responses'
+        max_tokens = payload.get("max_completion_tokens")
+        rec.max_tokens = payload.get("max_tokens", payload.get("max_output_tokens")) if max_tokens is None \
+            else max_tokens
         self._resolve_tags(call)
         # The tenant the call is recorded as decides its settings, whoever's key sent it (an admin or platform key
         # may record calls for a tenant that does not want its content stored).
@@ -407,19 +410,23 @@ class Proxy(WireStreamRelay):
                                 call.forward_headers)
         result = await self.providers.for_deployment(d, call.operation).send(upstream)
         if isinstance(result, UpstreamResponse):
+            # a protocol error keeps the upstream's headers: its x-request-id is what its support asks for
             if call.stream:  # e.g. a server that ignores `stream`: relaying its JSON would break the client's parser
                 raise UpstreamFailure("protocol_error", "upstream answered a stream request with "
-                                      f"{result.content_type.split(';')[0] or 'no content type'}, not an event stream")
+                                      f"{result.content_type.split(';')[0] or 'no content type'}, not an event stream",
+                                      headers=result.headers)
             try:
                 result.parsed = orjson.loads(result.body)
             except orjson.JSONDecodeError:
                 result.parsed = None
             if not isinstance(result.parsed, dict):
-                raise UpstreamFailure("protocol_error", "upstream answered with a body that is not a JSON object")
+                raise UpstreamFailure("protocol_error", "upstream answered with a body that is not a JSON object",
+                                      headers=result.headers)
             return result
         if not call.stream:
             await result.aclose()
-            raise UpstreamFailure("protocol_error", "upstream answered a non-stream request with an event stream")
+            raise UpstreamFailure("protocol_error", "upstream answered a non-stream request with an event stream",
+                                  headers=getattr(result, "headers", ()))
         events = result.__aiter__()
         try:
             return _Opened(result, events, await events.__anext__())

@@ -1,0 +1,116 @@
+"""An application developer's compatibility trial: what an app calling OpenAI directly does, sent through tagway,
+answered and recorded the same way. Real parts: the fixture upstream on 127.0.0.1, the real openai SDK, the
+gateway recording into the session's chDB store."""
+from __future__ import annotations
+
+import gzip
+import uuid
+
+import httpx
+import openai
+import pytest
+
+from exporters import responses_format
+from replay.slice import case_from_row
+from tests.gateway_fixture import KEYS, recorded_gateway
+
+IMAGE = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9aw"
+         "AAAABJRU5ErkJggg==")
+
+
+@pytest.fixture(scope="module")
+def recorded(upstream, chdb_store, tmp_path_factory):
+    with recorded_gateway(upstream, chdb_store, str(tmp_path_factory.mktemp("spool"))) as server:
+        yield server
+
+
+def client(gw, customer: str, **kw) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gw.url + "/v1", api_key=KEYS["platform"], max_retries=0,
+                         default_headers={"x-tagway-customer": customer}, **kw)
+
+
+def row(gw, store, trace_id: str) -> dict:
+    assert gw.recorder.force_flush()
+    rows = store.query("SELECT * FROM llm_calls WHERE trace_id = {id:String}", parameters={"id": trace_id})
+    assert len(rows) == 1, f"expected one llm_calls row for {trace_id}"
+    return rows[0]
+
+
+class _GzipRequests(httpx.HTTPTransport):
+    """What an app does when it compresses its big prompts on the wire: every request body gzipped."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        packed = gzip.compress(request.read())
+        request.headers["Content-Encoding"] = "gzip"
+        request.headers["Content-Length"] = str(len(packed))
+        request.stream = httpx.ByteStream(packed)
+        request._content = packed
+        return super().handle_request(request)
+
+
+def test_a_gzipped_request_body_is_answered_and_recorded(recorded, upstream, chdb_store):
+    cust = f"gz-{uuid.uuid4().hex[:8]}"
+    c = client(recorded, cust, http_client=httpx.Client(transport=_GzipRequests()))
+    raw = c.chat.completions.with_raw_response.create(model="gpt-test",
+                                                      messages=[{"role": "user", "content": "packed prompt"}])
+    assert raw.parse().choices[0].message.content == "Echo: packed prompt"  # was a 400 'not valid UTF-8'
+    sent = upstream.last()
+    assert sent["body"]["messages"] == [{"role": "user", "content": "packed prompt"}]
+    assert "Content-Encoding" not in sent["headers"]  # the upstream gets plain JSON, as it is told
+    r = row(recorded, chdb_store, raw.headers["x-tagway-trace-id"])
+    assert (r["status"], r["customer"]) == ("ok", cust) and "packed prompt" in r["request_json"]
+    # a body tagway cannot inflate is an OpenAI-shaped refusal that says why, not a JSON or UTF-8 complaint
+    h = {"authorization": f"Bearer {KEYS['acme']}", "content-type": "application/json"}
+    bad = httpx.post(recorded.url + "/v1/chat/completions", content=b"not gzip",
+                     headers={**h, "content-encoding": "gzip"})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_content_encoding"
+    br = httpx.post(recorded.url + "/v1/chat/completions", content=b"{}", headers={**h, "content-encoding": "br"})
+    assert br.status_code == 415 and br.json()["error"]["code"] == "unsupported_content_encoding"
+    # a small body may not inflate past the body limit (64 KiB in the test config)
+    bomb = gzip.compress(b'{"model": "gpt-test", "messages": [], "pad": "' + b"x" * 200_000 + b'"}')
+    big = httpx.post(recorded.url + "/v1/chat/completions", content=bomb, headers={**h, "content-encoding": "gzip"})
+    assert big.status_code == 413
+
+
+def test_max_completion_tokens_is_recorded_as_the_requested_limit(recorded, chdb_store):
+    c = client(recorded, f"mct-{uuid.uuid4().hex[:8]}")
+    raw = c.chat.completions.with_raw_response.create(model="gpt-test", max_completion_tokens=37,
+                                                      messages=[{"role": "user", "content": "hi"}])
+    trace_id = raw.headers["x-tagway-trace-id"]
+    row(recorded, chdb_store, trace_id)
+    got = chdb_store.query("SELECT SpanAttributes['gen_ai.request.max_tokens'] AS m FROM otel_traces "
+                           "WHERE TraceId = {id:String} AND SpanAttributes['tagway.kind'] = 'call'",
+                           parameters={"id": trace_id})
+    assert [g["m"] for g in got] == ["37"]  # chat's current parameter (max_tokens is the deprecated one)
+
+
+def test_an_upstream_protocol_error_keeps_the_upstreams_request_id(recorded, chdb_store):
+    """A 200 whose body is not JSON: the client gets a 502, and the upstream's x-request-id with it (what the
+    provider's support asks for), as it does for every other upstream failure."""
+    with pytest.raises(openai.InternalServerError) as e:
+        client(recorded, f"pe-{uuid.uuid4().hex[:8]}").chat.completions.create(
+            model="bad-json", messages=[{"role": "user", "content": "hi"}])
+    assert e.value.status_code == 502 and e.value.code == "upstream_protocol_error"
+    assert (e.value.request_id or "").startswith("req-")
+    r = row(recorded, chdb_store, e.value.response.headers["x-tagway-trace-id"])
+    assert (r["status"], r["error_type"], r["http_status"]) == ("error", "protocol_error", 502)
+
+
+def test_image_detail_is_recorded_and_replayed_as_sent(recorded, upstream, chdb_store):
+    """`detail: low` decides what an image costs and what the model sees: the record keeps it, and a replay of the
+    call (chat or Responses) sends it again."""
+    c = client(recorded, f"img-{uuid.uuid4().hex[:8]}")
+    raw = c.chat.completions.with_raw_response.create(model="gpt-test", messages=[{"role": "user", "content": [
+        {"type": "text", "text": "what is this"},
+        {"type": "image_url", "image_url": {"url": IMAGE, "detail": "low"}}]}])
+    assert upstream.last()["body"]["messages"][0]["content"][1]["image_url"]["detail"] == "low"
+    case, why = case_from_row(row(recorded, chdb_store, raw.headers["x-tagway-trace-id"]), "all")
+    assert why is None
+    assert case.messages[0]["content"][1] == {"type": "image_url", "image_url": {"url": IMAGE, "detail": "low"}}
+
+    raw = c.responses.with_raw_response.create(model="gpt-test", input=[{"role": "user", "content": [
+        {"type": "input_text", "text": "and this"}, {"type": "input_image", "image_url": IMAGE, "detail": "high"}]}])
+    case, why = case_from_row(row(recorded, chdb_store, raw.headers["x-tagway-trace-id"]), "all")
+    assert why is None
+    body = responses_format.request_from_chat(case.messages, case.params)
+    assert body["input"][0]["content"][1] == {"type": "input_image", "image_url": IMAGE, "detail": "high"}
