@@ -8,7 +8,8 @@ them; only the model calls are simulated.
 
 Scenarios (issue 10): A/A, candidate = baseline, 40 segments x 30 cases at a pass rate of 0.87, outcomes independent
 or correlated through per-case difficulty (each case's pass probability drawn from Beta(0.87 k, 0.13 k), k = 2, the
-same for both sides); seed 001's case, one segment of 47 cases going 0.915 -> 0.766 and 39 unchanged, with
+same for both sides); thin, 40 segments x 5 cases (too few for the exact test to call any of them, so each
+is inconclusive until escalation draws enough); seed 001's case, one segment of 47 cases going 0.915 -> 0.766 and 39 unchanged, with
 production holding 200 cases of every segment, escalation on and off. "block" = a non-zero exit code.
 """
 from __future__ import annotations
@@ -162,6 +163,8 @@ SCENARIOS = [
     ("A/A difficulty, escalation off, inconclusive: pass", dict(difficulty=True, escalate=False)),
     ("A/A independent, escalation on, inconclusive: block", dict(inconclusive="block")),
     ("A/A independent, escalation off, inconclusive: block", dict(escalate=False, inconclusive="block")),
+    ("A/A thin: 40 x 5 cases, recommended gate (production 200)", dict(cases=5)),
+    ("A/A thin: 40 x 5 cases, escalation off, inconclusive: pass", dict(cases=5, escalate=False)),
     ("seed 001 independent, recommended gate (production 200)", dict(seed_case=True)),
     ("seed 001 difficulty, recommended gate (production 200)", dict(seed_case=True, difficulty=True)),
     ("seed 001 independent, recommended gate (production 400)", dict(seed_case=True, production=400)),

@@ -179,7 +179,7 @@ def test_a_locked_case_goes_only_with_force_and_a_reason_kept_in_the_log(world):
 def test_locks_decide_the_gate_whatever_the_statistics():
     """Pure: a segment that improved (8 fail->pass) with one broken lock is a regression; held and undecided locks
     change nothing."""
-    improved = Evidence("acme", (pairs_from([(False, True)] * 8 + [(True, True)] * 4),))
+    improved = Evidence("acme", (pairs_from([(False, True)] * 8 + [(True, True)] * 6),))  # 6 passes: can be judged
     locks = check_locks({"t1": {"expect": "pass", "note": "bug 1"}, "t2": {"expect": "fail"}, "t3": {}},
                         {"t1": False, "t2": False, "t3": None}, {"t1": "acme", "t2": "acme", "t3": "acme"})
     assert [(lk.trace_id, lk.state) for lk in locks] == [("t1", BROKEN), ("t2", HELD), ("t3", UNDECIDED)]

@@ -124,6 +124,28 @@ def test_three_verdicts():
     assert small.segments[0].p_value < 1e-8 and small.segments[0].verdict == OK
 
 
+def test_a_segment_too_thin_for_its_test_is_inconclusive_never_ok():
+    """Minimum power: with 4 segments each is tested at 0.05/4 = 0.0125 at best, and the exact test needs 7 flips for
+    that (2^-7 = 0.0078; 2^-6 = 0.0156 is not enough). A segment with fewer baseline passes could not have been
+    called a regression whatever the candidate did, so no drop seen there passes nothing."""
+    d = decide([ev("six", Pairs(6, 0, 0, 0)), ev("seven", Pairs(7, 0, 0, 0)), ev("improved", Pairs(3, 0, 5, 2)),
+                ev("floor", Pairs(0, 0, 0, 40))], alpha=0.05, margin=0.05)
+    v = {f.key: f for f in d.segments}
+    assert v["seven"].verdict == OK and v["six"].verdict == INCONCLUSIVE and d.status == INCONCLUSIVE
+    assert v["six"].why.startswith("too few cases to tell: the baseline passed 6 of 6") and "it takes 7" in v["six"].why
+    assert "~1 more case(s)" in v["six"].why and v["six"].more_cases is None
+    assert v["improved"].verdict == INCONCLUSIVE and "~14 more" in v["improved"].why  # 3 of 10 pass: 7 at 30% = 24
+    assert v["floor"].verdict == INCONCLUSIVE and "passed none of its 40" in v["floor"].why
+    # the boundary follows the segment's share of alpha: one segment alone is tested at 0.05, which 5 flips reach
+    assert decide([ev("five", Pairs(5, 0, 0, 0))], alpha=0.05, margin=0.05).status == OK
+    assert decide([ev("four", Pairs(4, 0, 0, 0))], alpha=0.05, margin=0.05).status == INCONCLUSIVE
+    # a thin segment inside a family is judged by its family's pooled test; a thin family is inconclusive
+    fam = decide([ev("f/a", Pairs(3, 0, 0, 0), family="f"), ev("f/b", Pairs(30, 0, 0, 0), family="f"),
+                  ev("g/a", Pairs(4, 0, 0, 0), family="g")], alpha=0.05, margin=0.05)
+    assert {f.key: f.verdict for f in fam.families} == {"f": OK, "g": INCONCLUSIVE}
+    assert {f.key: f.verdict for f in fam.segments} == {"f/a": OK, "f/b": OK, "g/a": OK}
+
+
 def test_families_gate_first_then_name_segments_within():
     segs = [ev("ent/acme", Pairs(10, 10, 0, 0), family="ent"), ev("ent/globex", Pairs(18, 1, 0, 1), family="ent"),
             ev("smb/a", Pairs(20, 3, 0, 7), family="smb"), ev("smb/b", Pairs(28, 0, 1, 1), family="smb")]

@@ -14,10 +14,16 @@ from __future__ import annotations
 import math
 from statistics import NormalDist
 
-__all__ = ["POWER", "cases_needed", "independent_discordance", "detectable_drop"]
+__all__ = ["POWER", "fewest_flips", "cases_needed", "independent_discordance", "detectable_drop"]
 
 POWER = 0.8
 _N = NormalDist()
+
+
+def fewest_flips(alpha: float) -> int:
+    """The fewest pass->fail flips on which the exact sign test can reject at level alpha: with d flips and none the
+    other way p = 2^-d, so d >= log2(1/alpha)."""
+    return max(1, math.ceil(math.log2(1 / alpha) - 1e-9)) if 0 < alpha < 1 else 1
 
 
 def cases_needed(delta: float, psi: float, alpha: float, power: float = POWER) -> int | None:
@@ -28,11 +34,10 @@ def cases_needed(delta: float, psi: float, alpha: float, power: float = POWER) -
     psi = min(1.0, max(psi, delta))  # at least the flips the drop itself needs
     za, zb = _N.inv_cdf(1 - alpha), _N.inv_cdf(power)
     n = (za * math.sqrt(psi) + zb * math.sqrt(max(psi - delta * delta, 0.0))) ** 2 / (delta * delta)
-    # The gate's test is the exact sign test, which cannot reject on fewer than `fewest` discordant pairs (all of
+    # The gate's test is the exact sign test, which cannot reject on fewer than `fewest_flips` discordant pairs (all of
     # them pass->fail: p = 2^-d): the normal approximation asks for less at small n (every case flipped at alpha
     # 0.0167: it said 5 cases, the exact test needs 6), so the expected discordant pairs must reach that many.
-    fewest = max(1, math.ceil(math.log2(1 / alpha) - 1e-9)) if 0 < alpha < 1 else 1
-    return max(1, math.ceil(n), math.ceil(fewest / psi - 1e-9))
+    return max(1, math.ceil(n), math.ceil(fewest_flips(alpha) / psi - 1e-9))
 
 
 def independent_discordance(p0: float, delta: float) -> float:

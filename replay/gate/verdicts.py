@@ -4,7 +4,12 @@
   the observed drop is beyond `margin`;
 - `inconclusive`: the observed drop is beyond `margin` but the evidence is not enough (the report says how many
   more cases would decide it: power 80% at the observed drop and discordance, at the family-wise level);
-- `ok`: the observed drop is within `margin` (an improvement, no change, or a drop too small to matter).
+- `ok`: the observed drop is within `margin` (an improvement, no change, or a drop too small to matter), on enough
+  evidence: a segment whose test could not have found a regression whatever the candidate did (fewer baseline
+  passes than the exact test's fewest flips at the segment's share alpha/m of the level: with b passes all failing,
+  p = 2^-b) is `inconclusive`, never `ok`, however it came out: no drop seen by a test that could not see one is
+  absence of evidence, not evidence of absence (Altman & Bland 1995, BMJ 311:485).
+  Segments inside a family are judged by their family's pooled test, so the rule applies to the family, not to them.
 What alpha controls: the chance that the gate calls any segment (or family) a regression when no segment got worse.
 `margin` keeps trivially small drops from blocking; it is not part of the tested hypothesis.
 
@@ -17,12 +22,13 @@ else 0. An incomplete run is exit 3 whatever it shows.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence
 
 from .locks import BROKEN, LockResult
 from .multiplicity import holm_adjusted
 from .paired import Pairs, newcombe_interval, sign_test_drop
-from .power import cases_needed
+from .power import cases_needed, fewest_flips
 from .sequential import sequential_p, spending_weights
 
 __all__ = ["REGRESSION", "OK", "INCONCLUSIVE", "Evidence", "Finding", "Decision", "classify", "decide",
@@ -102,15 +108,34 @@ def classify(pairs: Pairs, rejected: bool, margin: float) -> str:
     return REGRESSION if rejected else INCONCLUSIVE
 
 
+def powerless(pairs: Pairs, alpha_each: float) -> bool:
+    """The segment's exact test could not reject at alpha_each even if every baseline pass had failed (p = 2^-b)."""
+    return pairs.n > 0 and pairs.before_pass < fewest_flips(alpha_each)
+
+
 def _finding(key: str, pairs: Pairs, p: float, adj: float, rejected: bool, alpha_each: float, margin: float, *,
-             family: str | None = None, looks: int = 1, may_regress: bool = True) -> Finding:
+             family: str | None = None, looks: int = 1, may_regress: bool = True, min_power: bool = True) -> Finding:
     verdict = classify(pairs, rejected and may_regress, margin)
+    if verdict == OK and min_power and powerless(pairs, alpha_each):
+        why = _too_few(pairs, alpha_each)
+        return Finding(key, INCONCLUSIVE, pairs, p, adj, newcombe_interval(pairs), None, family, looks, why)
     more = None
     if verdict == INCONCLUSIVE and pairs.n:
         need = cases_needed(pairs.drop, pairs.discordant / pairs.n, alpha_each)
         more = None if need is None else max(need - pairs.n, 1)
     why = _why(verdict, pairs, adj, margin, held_back=rejected and not may_regress)
     return Finding(key, verdict, pairs, p, adj, newcombe_interval(pairs), more, family, looks, why)
+
+
+def _too_few(pairs: Pairs, alpha_each: float) -> str:
+    flips = f"{pairs.pass_fail} pass->fail, {pairs.fail_pass} fail->pass of {pairs.n}"
+    need, b = fewest_flips(alpha_each), pairs.before_pass
+    if b == 0:
+        return f"too few cases to tell: the baseline passed none of its {pairs.n}, so no drop can show here ({flips})"
+    more = math.ceil(need * pairs.n / b) - pairs.n
+    return (f"too few cases to tell: the baseline passed {b} of {pairs.n}; even if all {b} failed, p={0.5 ** b:.2g} "
+            f"would not reach the segment's level {alpha_each:.2g} (it takes {need}; ~{more} more case(s) at this pass "
+            f"rate) ({flips})")
 
 
 def _why(verdict: str, pairs: Pairs, adj: float, margin: float, *, held_back: bool = False) -> str:
@@ -169,7 +194,7 @@ def _decide(evidence: Sequence[Evidence], *, alpha: float, margin: float) -> Dec
         adj = holm_adjusted({e.key: e.p_value for e in members})
         for e in members:
             segs.append(_finding(e.key, e.pairs, e.p_value, adj[e.key], adj[e.key] <= alpha, alpha / len(members),
-                                 margin, family=f, looks=len(e.looks), may_regress=f in dropped))
+                                 margin, family=f, looks=len(e.looks), may_regress=f in dropped, min_power=False))
     segs.sort(key=lambda s: s.key)
     return Decision(segs, families, alpha, margin)
 
