@@ -423,7 +423,7 @@ def _attach_feedback(store: Store, sel: Selection, by: Sequence[str], segments: 
     """Complaints and feedback scores per segment, from the rated calls of the selection (exporters.feedback)."""
     p = _Params()
     dims = [f"{_dim_select(k, p)} AS d{i}" for i, k in enumerate(by)]
-    where = _where(sel, p, sel.window)
+    where = _where(sel, p, sel.window, database)  # an applied_tag filter reads this database's tag tables
     rows = fb.segment_feedback(store, dims, where, p.values, p.time(sel.window.start), database,
                                source=calls_source(database, by))
     found = {tuple(str(r[f"d{i}"]) for i in range(len(by))): r for r in rows}

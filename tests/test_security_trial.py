@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import socket
 import time
+import uuid
 
 import httpx
 import openai
+import orjson
 import pytest
 
 from tests.gateway_fixture import ADMIN_KEY, KEYS
@@ -88,3 +90,31 @@ def test_a_tags_header_of_many_entries_is_refused_before_it_is_read(gateway):
     tags = {k: v for k, v in gateway.recorder.call(raw.headers["x-tagway-trace-id"]).attributes.items()
             if k.startswith("tagway.tag.")}
     assert len(tags) == 64 and tags["tagway.tag.k0"] == "w"
+
+
+def test_feedback_per_segment_reads_the_configured_database(chdb_store):
+    """With storage.database set, stats filtered by applied_tag counted complaints against the tag tables of the
+    client's default database (another deployment's, or none): the wrong calls' feedback, silently."""
+    from exporters import queries as q
+    from exporters import tagstate as ts
+    from exporters.feedback import insert_feedback
+    from exporters.schema import SchemaSettings, migrate
+    from tests.calls_seed import call_row
+
+    db = "sectrial"
+    migrate(chdb_store, SchemaSettings(database=db))
+    run = "st" + uuid.uuid4().hex[:10]
+    rows = [call_row(run, f"{run}-c", i) for i in range(2)]
+    chdb_store.insert_json_rows(f"{db}.llm_calls", b"\n".join(orjson.dumps(r) for r in rows),
+                                settings={"date_time_input_format": "best_effort"})
+    flagged, other = rows[0]["trace_id"], rows[1]["trace_id"]
+    ts.human_change(chdb_store, ts.Target(ts.MESSAGE, flagged), "flagged", "apply", "human:t", f"{run}-c",
+                    database=db)
+    insert_feedback(chdb_store, [{"Timestamp": time.time(), "feedback_id": uuid.uuid4().hex[:16], "trace_id": t,
+                                  "customer": f"{run}-c", "score": None, "thumbs": "down", "complaint": True,
+                                  "comment": "", "source": "app", "key_id": "k", "by_admin": False}
+                                 for t in (flagged, other)], db)
+    sel = q.make_selection([f"tag.run={run}", "applied_tag=flagged"], since="2h")
+    report = q.segment_stats(chdb_store, sel, ("customer",), min_calls=0, database=db)
+    assert [(s.calls, s.complaints) for s in report.segments] == [(1, 1)]
+    assert report.total.complaints == 1
