@@ -143,14 +143,17 @@ def build_board_router(keyring: KeyRing, store: Callable[[], Any], *, database: 
 
     def runs_list(request: Request, who: Reader, _: dict) -> Any:
         params = QueryParams(request, PARAMS["runs"])
+        # a dataset's name without @version takes every version's runs, as the CLI does
         runs = replays.list_runs(store(), spec=params.one("spec") or None, dataset=params.one("dataset") or None,
-                                 customer=who.customer, limit=params.integer("limit", 50, 1, 1000), database=db)
+                                 customer=who.customer, limit=params.integer("limit", 50, 1, 1000), database=db,
+                                 versions=True)
         return {"runs": runs, "limited_to_customer": who.customer}
 
     def runs_trend(request: Request, who: Reader, _: dict) -> Any:
         params = QueryParams(request, PARAMS["runs"])
         return replays.trend(store(), spec=params.one("spec") or None, dataset=params.one("dataset") or None,
-                             customer=who.customer, limit=params.integer("limit", 30, 1, 200), database=db)
+                             customer=who.customer, limit=params.integer("limit", 30, 1, 200), database=db,
+                             versions=True)
 
     def run_one(request: Request, who: Reader, path: dict) -> Any:
         QueryParams(request, PARAMS["run"])

@@ -4,6 +4,7 @@ and the pure helpers (cursor, truncation, diff, session link)."""
 from __future__ import annotations
 
 import re
+import time
 
 import orjson
 import pytest
@@ -16,6 +17,7 @@ from exporters.cases import word_diff
 from exporters.vocabulary import QueryInputError
 from gateway import stats_cli
 from tests.board_seed import ADMIN_KEY, HUGE_CHARS
+from tests.replay_support import unique
 
 
 def get(board, path: str, key: str = ADMIN_KEY, **params) -> httpx.Response:
@@ -171,6 +173,20 @@ def test_call_detail_and_truncation(board):
     assert [r["run_id"] for r in by_spec] == board.runs[::-1]
     trend = get(board, "/admin/replays/trend", dataset=f"run-{board.runs[1]}").json()
     assert [r["run_id"] for r in trend["runs"]] == [board.runs[1]]
+
+
+def test_runs_and_trend_take_a_dataset_name_as_the_cli_does(board, chdb_store):
+    """`dataset=refunds` takes the runs of refunds@1 and refunds@2, as `tagway replay trend --dataset refunds` does
+    (the API found none: it wanted the exact id); an exact id still takes only its version's."""
+    from tests.test_replay_trend import seed_run
+    name, r1, r2 = unique("trendapi"), unique("r1"), unique("r2")
+    now = time.time()
+    seed_run(chdb_store, r1, f"{name}@1", now - 60, {"acme": 30}, {"acme": 30}, name + "v1")
+    seed_run(chdb_store, r2, f"{name}@2", now - 30, {"acme": 20}, {"acme": 30}, name + "v2")
+    assert [r["run_id"] for r in get(board, "/admin/replays", dataset=name).json()["runs"]] == [r2, r1]
+    trend = get(board, "/admin/replays/trend", dataset=name).json()
+    assert [r["run_id"] for r in trend["runs"]] == [r1, r2]
+    assert [r["run_id"] for r in get(board, "/admin/replays/trend", dataset=f"{name}@2").json()["runs"]] == [r2]
 
 
 def test_show_says_what_each_attempt_of_a_fallback_call_hit(board, chdb_dsn):
