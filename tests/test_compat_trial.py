@@ -9,10 +9,12 @@ import uuid
 import httpx
 import openai
 import pytest
+from aiohttp import web
 
 from exporters import responses_format
 from replay.slice import case_from_row
 from tests.gateway_fixture import KEYS, recorded_gateway
+from tests.http_server import ThreadedServer
 
 IMAGE = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9aw"
          "AAAABJRU5ErkJggg==")
@@ -20,8 +22,26 @@ IMAGE = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAA
 
 @pytest.fixture(scope="module")
 def recorded(upstream, chdb_store, tmp_path_factory):
-    with recorded_gateway(upstream, chdb_store, str(tmp_path_factory.mktemp("spool"))) as server:
+    busy = BusyAnthropic().start()
+    claude = {"provider": "anthropic", "base_url": busy.url, "api_key_env": "TEST_UPSTREAM_KEY"}
+    with recorded_gateway(upstream, chdb_store, str(tmp_path_factory.mktemp("spool")),
+                          models=[{"name": "claude-busy", "model": "claude-x", **claude}]) as server:
         yield server
+    busy.stop()
+
+
+class BusyAnthropic(ThreadedServer):
+    """Anthropic's Messages API at its rate limit: a 429 as Anthropic words it, with its retry advice."""
+
+    def routes(self, app: web.Application) -> None:
+        async def messages(request: web.Request) -> web.Response:
+            await request.read()
+            return web.json_response({"type": "error", "error": {"type": "rate_limit_error", "message":
+                                      "Number of request tokens has exceeded your per-minute rate limit"}},
+                                     status=429, headers={"retry-after": "3", "request-id": "req_busy_1",
+                                                          "anthropic-ratelimit-requests-remaining": "0"})
+
+        app.router.add_post("/v1/messages", messages)
 
 
 def client(gw, customer: str, **kw) -> openai.OpenAI:
@@ -114,3 +134,20 @@ def test_image_detail_is_recorded_and_replayed_as_sent(recorded, upstream, chdb_
     assert why is None
     body = responses_format.request_from_chat(case.messages, case.params)
     assert body["input"][0]["content"][1] == {"type": "input_image", "image_url": IMAGE, "detail": "high"}
+
+
+def test_a_translated_providers_429_keeps_its_retry_advice(recorded, chdb_store):
+    """Anthropic through litellm answers 429 with retry-after: the client's SDK gets it (and the provider's request
+    id and rate-limit state), so it waits as the provider asked, as it would calling the provider; the error carries
+    the provider's words and type and OpenAI's code, not litellm's exception name and the provider's raw JSON."""
+    with pytest.raises(openai.RateLimitError) as e:
+        client(recorded, f"rl-{uuid.uuid4().hex[:8]}").chat.completions.create(
+            model="claude-busy", messages=[{"role": "user", "content": "hi"}])
+    h = e.value.response.headers
+    assert h.get("retry-after") == "3" and h.get("request-id") == "req_busy_1"
+    assert h.get("anthropic-ratelimit-requests-remaining") == "0"
+    err = e.value.body
+    assert err["message"] == "Number of request tokens has exceeded your per-minute rate limit"
+    assert (err["type"], err["code"]) == ("rate_limit_error", "rate_limit_exceeded")
+    r = row(recorded, chdb_store, h["x-tagway-trace-id"])
+    assert (r["status"], r["error_type"], r["http_status"]) == ("error", "http_429", 429)

@@ -70,11 +70,42 @@ def _failure(e: Exception) -> UpstreamFailure:
         if "Connection" in name:
             return UpstreamFailure("connect_error", "cannot connect to upstream")
         return UpstreamFailure("upstream_error", f"upstream call failed: {name}")
-    message = _first_line(str(getattr(e, "message", ""))) or f"upstream answered HTTP {status}"
-    # litellm prefixes messages with its own exception names; keep the provider's words, not a traceback
-    body = orjson.dumps({"error": {"message": message, "type": "upstream_error", "param": None,
-                                   "code": str(status)}})
-    return UpstreamFailure.from_status(status, body)
+    raw = _first_line(str(getattr(e, "message", "")))
+    said = _provider_error(raw)
+    # litellm prefixes messages with its own exception names and the provider's JSON: keep the provider's words
+    # and its error type (Anthropic's invalid_request_error is OpenAI's too), and the code OpenAI gives the kinds
+    # of errors apps test for (context_length_exceeded, ...)
+    body = orjson.dumps({"error": {"message": said.get("message") or raw or f"upstream answered HTTP {status}",
+                                   "type": said.get("type") or "upstream_error", "param": None,
+                                   "code": _OPENAI_CODES.get(type(e).__name__, str(status))}})
+    # the provider's response headers: its retry-after (the SDKs wait that long), request id and rate-limit state
+    headers = getattr(e, "litellm_response_headers", None)
+    raw_headers = tuple((k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.multi_items()) \
+        if hasattr(headers, "multi_items") else ()
+    return UpstreamFailure.from_status(status, body, raw_headers)
+
+
+# litellm's exception classes -> the `code` OpenAI answers for the same error
+_OPENAI_CODES = {"ContextWindowExceededError": "context_length_exceeded",
+                 "ContentPolicyViolationError": "content_policy_violation",
+                 "RateLimitError": "rate_limit_exceeded", "NotFoundError": "model_not_found"}
+
+
+def _provider_error(message: str) -> dict:
+    """The provider's own error (message, type) in a litellm message (`litellm.X: ProviderException - {json}`)."""
+    i = message.find("{")
+    if i < 0:
+        return {}
+    try:
+        obj = orjson.loads(message[i:])
+    except orjson.JSONDecodeError:
+        return {}
+    err = obj.get("error") if isinstance(obj, dict) else None
+    if isinstance(err, str):
+        return {"message": err}
+    if not isinstance(err, dict):
+        return {}
+    return {k: str(err[k]) for k in ("message", "type") if isinstance(err.get(k), (str, int)) and err.get(k)}
 
 
 class LiteLLMProvider:
