@@ -234,7 +234,7 @@ def _row(segment: str, cand: list[dict], base: dict[str, dict], errors: str) -> 
             "fail_pass": sum(1 for ob, oc in pairs if oc and not ob),
             "errored": sum(1 for r in cand if r["status"] == "errored"),
             "before_errored": sum(1 for r in cand if base.get(r["case_id"], {}).get("status") == "errored"),
-            "excluded": excluded, "marks": [], "more_cases": None, "why": ""}
+            "excluded": excluded, "marks": [], "more_cases": None, "why": "", "too_few": False}
 
 
 def _computed_table(results: list[dict], errors: str) -> dict[str, dict[str, Any]]:
@@ -272,6 +272,7 @@ def _report_row(row: dict) -> dict[str, Any]:
             "delta_ci", "pass_fail", "fail_pass", "errored", "before_errored", "excluded", "more_cases", "why",
             "p_value", "p_adjusted", "family")
     out = {k: row.get(k) for k in keep}
+    out["too_few"] = bool(row.get("too_few"))
     for k in ("before_ci", "after_ci", "delta_ci"):
         if out[k] is not None:
             out[k] = list(out[k])

@@ -58,7 +58,9 @@ def _errored(row: SegmentRow) -> str:
 
 def _mark(row: SegmentRow) -> str:
     mark = MARKS.get(row.verdict, row.verdict)
-    if row.verdict == "inconclusive" and row.more_cases:
+    if row.verdict == "inconclusive" and row.too_few:
+        mark += " (too few" + (f": ~{row.more_cases} more)" if row.more_cases else ")")
+    elif row.verdict == "inconclusive" and row.more_cases:
         mark += f" (~{row.more_cases} more)"
     return mark
 

@@ -58,10 +58,11 @@ class SegmentRow:
     verdict: str = OK  # regression | ok | inconclusive ("" for the overall row)
     p_value: float | None = None
     p_adjusted: float | None = None
-    more_cases: int | None = None  # inconclusive: pairs more that would decide it at 80% power
+    more_cases: int | None = None  # inconclusive: pairs more that would decide it at 80% power (too_few: judge it)
     looks: int = 1
     family: str | None = None
     why: str = ""
+    too_few: bool = False  # inconclusive because its test could not have called a regression (replay.gate.verdicts)
     flips: list[Flip] = dataclasses.field(default_factory=list)
     flips_total: int = 0
 
@@ -204,15 +205,15 @@ def _candidate(name: str, model: str, cases: Mapping[str, Any], base: Mapping[st
     for f in decision.segments:
         row = rows[f.key]
         row.verdict, row.p_value, row.p_adjusted, row.more_cases = f.verdict, f.p_value, f.p_adjusted, f.more_cases
-        row.looks, row.family, row.why = f.looks, f.family, f.why
+        row.looks, row.family, row.why, row.too_few = f.looks, f.family, f.why, f.too_few
         if row.verdict != OK:  # flips are listed where they matter: regression and inconclusive segments
             flips = _flips(paired[f.key], base, cases, inputs)
             row.flips, row.flips_total = flips[:MAX_FLIPS], len(flips)
     families = []
     for f in decision.families:
         frow = _row(f.key, f.pairs)
-        frow.verdict, frow.p_value, frow.p_adjusted, frow.more_cases, frow.why = (
-            f.verdict, f.p_value, f.p_adjusted, f.more_cases, f.why)
+        frow.verdict, frow.p_value, frow.p_adjusted, frow.more_cases, frow.why, frow.too_few = (
+            f.verdict, f.p_value, f.p_adjusted, f.more_cases, f.why, f.too_few)
         families.append(frow)
     overall = _row("all segments (pooled)", pooled)
     overall.verdict = ""
@@ -252,7 +253,7 @@ def _status(name: str, decision: Decision, rows: list[SegmentRow], cases: Mappin
             reasons.append(f"segment {r.segment}: regression: {r.why}")
     for r in rows:
         if r.verdict == INCONCLUSIVE:
-            more = f"; ~{r.more_cases} more case(s) would decide it (80% power)" if r.more_cases else ""
+            more = "" if r.too_few or not r.more_cases else f"; ~{r.more_cases} more case(s) would decide it (80% power)"
             reasons.append(f"segment {r.segment}: inconclusive: {r.why}{more}")
     status = decision.status
     if status == OK:

@@ -344,6 +344,29 @@ def test_unknown_ids_and_other_tenants_traces_are_404_pages(board, page, shots, 
     assert overview == page.eval_on_selector_all("nav a", nav) and len(overview) == 6, overview
 
 
+def test_a_segment_too_thin_to_judge_says_so_on_the_run_page(board, page, chdb_store):
+    """A 3-case segment with no drop is inconclusive (its test could not have called a regression), and the run
+    page says why beside the verdict, not "ok": at 0.05 / 2 segments the exact test needs 6 flips, 3 more cases."""
+    from replay.render import render_json
+    from replay.report import aggregate
+    from replay.spec import Gating
+    from replay.store import ResultRow, RunRow, read_results, write_results, write_run
+    run_id = f"{board.run}-thin"
+    rows = [ResultRow(run_id, f"{run_id}-{seg}-{i}", cand, seg, "passed", customer=seg, dataset_id=f"run-{run_id}")
+            for seg, n in (("wide", 30), ("tiny", 3)) for i in range(n) for cand in ("baseline", "cand")]
+    write_results(chdb_store, rows)
+    report = aggregate(read_results(chdb_store, run_id), Gating(), run_id=run_id, segment_by=["customer"])
+    now = time.time()
+    write_run(chdb_store, RunRow(run_id, "complete", orjson.dumps({"name": f"thin-{board.run}"}).decode(),
+                                 f"run-{run_id}", "", ["cand"], ["customer"], 66, report.verdict, render_json(report),
+                                 created_at=now, finished_at=now))
+    assert goto(page, f"{board.url}/ui/replays/{run_id}#key={ADMIN_KEY}") == "1"
+    verdicts = {r[0]: r[9] for r in cells(page, "#segments-cand tbody tr")}
+    assert verdicts == {"tiny": "inconclusive too few cases to judge: ~3 more", "wide": "ok"}, verdicts
+    assert "too few cases to tell: the baseline passed 3 of 3" in page.get_attribute(
+        "#segments-cand tr[data-segment='tiny'] td.marks", "title")
+
+
 def test_charts_and_trend(board, page, shots):
     q = urllib.parse.urlencode([("since", "1h"), ("by", "customer"), ("top", "2"), ("where", board.where)])
     assert goto(page, f"{board.url}/ui/charts?{q}#key={ADMIN_KEY}") == "1"

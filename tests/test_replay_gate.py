@@ -133,9 +133,10 @@ def test_a_segment_too_thin_for_its_test_is_inconclusive_never_ok():
     v = {f.key: f for f in d.segments}
     assert v["seven"].verdict == OK and v["six"].verdict == INCONCLUSIVE and d.status == INCONCLUSIVE
     assert v["six"].why.startswith("too few cases to tell: the baseline passed 6 of 6") and "it takes 7" in v["six"].why
-    assert "~1 more case(s)" in v["six"].why and v["six"].more_cases is None
+    assert "~1 more case(s)" in v["six"].why and v["six"].more_cases == 1 and v["six"].too_few
     assert v["improved"].verdict == INCONCLUSIVE and "~14 more" in v["improved"].why  # 3 of 10 pass: 7 at 30% = 24
     assert v["floor"].verdict == INCONCLUSIVE and "passed none of its 40" in v["floor"].why
+    assert v["floor"].more_cases is None and not v["seven"].too_few
     # the boundary follows the segment's share of alpha: one segment alone is tested at 0.05, which 5 flips reach
     assert decide([ev("five", Pairs(5, 0, 0, 0))], alpha=0.05, margin=0.05).status == OK
     assert decide([ev("four", Pairs(4, 0, 0, 0))], alpha=0.05, margin=0.05).status == INCONCLUSIVE

@@ -92,7 +92,7 @@ def test_run_sends_the_contract_and_records_joinable_results(chdb_store, slice_d
     assert (seg[b].n, round(seg[b].before, 3), seg[b].after) == (24, 0.833, 1.0)
     # C: 4 cases, all passing both ways: no drop seen, but even 4 of 4 failing (p = 1/16) could not reach its
     # level 0.05/3, so the segment is too thin to pass
-    assert seg[c].n == 4 and seg[c].verdict == "inconclusive" and seg[c].why.startswith("too few cases to tell")
+    assert seg[c].n == 4 and seg[c].verdict == "inconclusive" and seg[c].too_few and seg[c].more_cases == 2
     # A: 8 pass->fail flips, none back: p = 0.5**8, Holm across 3 segments -> 0.012 <= 0.05: a regression
     assert (seg[a].pass_fail, seg[a].fail_pass, seg[a].verdict) == (8, 0, "regression")
     assert seg[a].p_adjusted == pytest.approx(3 * 0.5 ** 8) and seg[b].verdict == "ok"

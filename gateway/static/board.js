@@ -596,7 +596,8 @@ function runTable(run, cand, t) {
     el("td", { class: "r" }, String(r.errored || 0)),
     el("td", { class: "r" }, r.pass_fail === undefined || r.pass_fail === null ? "" : "↓" + r.pass_fail + " ↑" + r.fail_pass),
     el("td", { class: "marks", title: r.why || "" }, ...r.marks.map((m) => badge(m, m.replace(/[^a-z]/g, ""))),
-      r.more_cases ? el("span", { class: "muted" }, " ~" + r.more_cases + " more cases would decide") : null));
+      r.too_few ? el("span", { class: "muted" }, " too few cases to judge" + (r.more_cases ? ": ~" + r.more_cases + " more" : ""))
+        : r.more_cases ? el("span", { class: "muted" }, " ~" + r.more_cases + " more cases would decide") : null));
   const body = t.rows.map((r) => rowOf(r, false));
   const tbl = table(["segment", "n ", "baseline ", "candidate ", "95% CI ", "delta ", "delta 95% CI ", "errored ",
     "flips ", "verdict"], body, { id: "segments-" + cand, "data-candidate": cand });

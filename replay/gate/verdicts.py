@@ -73,6 +73,7 @@ class Finding:
     family: str | None = None
     looks: int = 1
     why: str = ""
+    too_few: bool = False  # inconclusive because the test could not have called a regression here (see above)
 
 
 @dataclasses.dataclass
@@ -117,8 +118,9 @@ def _finding(key: str, pairs: Pairs, p: float, adj: float, rejected: bool, alpha
              family: str | None = None, looks: int = 1, may_regress: bool = True, min_power: bool = True) -> Finding:
     verdict = classify(pairs, rejected and may_regress, margin)
     if verdict == OK and min_power and powerless(pairs, alpha_each):
-        why = _too_few(pairs, alpha_each)
-        return Finding(key, INCONCLUSIVE, pairs, p, adj, newcombe_interval(pairs), None, family, looks, why)
+        more = _judgeable_at(pairs, alpha_each)
+        return Finding(key, INCONCLUSIVE, pairs, p, adj, newcombe_interval(pairs), more and more - pairs.n, family,
+                       looks, _too_few(pairs, alpha_each, more), too_few=True)
     more = None
     if verdict == INCONCLUSIVE and pairs.n:
         need = cases_needed(pairs.drop, pairs.discordant / pairs.n, alpha_each)
@@ -127,15 +129,20 @@ def _finding(key: str, pairs: Pairs, p: float, adj: float, rejected: bool, alpha
     return Finding(key, verdict, pairs, p, adj, newcombe_interval(pairs), more, family, looks, why)
 
 
-def _too_few(pairs: Pairs, alpha_each: float) -> str:
+def _judgeable_at(pairs: Pairs, alpha_each: float) -> int | None:
+    """The cases at which, at the segment's baseline pass rate, the test could call a regression at all."""
+    b = pairs.before_pass
+    return math.ceil(fewest_flips(alpha_each) * pairs.n / b) if b else None
+
+
+def _too_few(pairs: Pairs, alpha_each: float, judgeable_at: int | None) -> str:
     flips = f"{pairs.pass_fail} pass->fail, {pairs.fail_pass} fail->pass of {pairs.n}"
-    need, b = fewest_flips(alpha_each), pairs.before_pass
-    if b == 0:
+    b = pairs.before_pass
+    if judgeable_at is None:
         return f"too few cases to tell: the baseline passed none of its {pairs.n}, so no drop can show here ({flips})"
-    more = math.ceil(need * pairs.n / b) - pairs.n
     return (f"too few cases to tell: the baseline passed {b} of {pairs.n}; even if all {b} failed, p={0.5 ** b:.2g} "
-            f"would not reach the segment's level {alpha_each:.2g} (it takes {need}; ~{more} more case(s) at this pass "
-            f"rate) ({flips})")
+            f"would not reach the segment's level {alpha_each:.2g} (it takes {fewest_flips(alpha_each)}; "
+            f"~{judgeable_at - pairs.n} more case(s) at this pass rate) ({flips})")
 
 
 def _why(verdict: str, pairs: Pairs, adj: float, margin: float, *, held_back: bool = False) -> str:
