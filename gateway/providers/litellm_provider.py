@@ -80,7 +80,8 @@ def _failure(e: Exception) -> UpstreamFailure:
                                    "code": _OPENAI_CODES.get(type(e).__name__, str(status))}})
     # the provider's response headers: its retry-after (the SDKs wait that long), request id and rate-limit state
     headers = getattr(e, "litellm_response_headers", None)
-    raw_headers = tuple((k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.multi_items()) \
+    raw_headers = tuple((k.encode("latin-1", "replace"), v.encode("latin-1", "replace"))
+                        for k, v in headers.multi_items()) \
         if hasattr(headers, "multi_items") else ()
     return UpstreamFailure.from_status(status, body, raw_headers)
 
