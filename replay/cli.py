@@ -2,7 +2,8 @@
 gateway never imports replay. `python -m replay` runs the same commands on their own.
 
 Exit codes (replay.gate.verdicts): 0 gate passed, 1 a regression, 2 bad spec or input (one line, no traceback),
-3 run incomplete, 4 inconclusive (with `gating.inconclusive: block`, the default; `pass` makes it 0).
+3 run incomplete, 4 inconclusive (with `gating.inconclusive: block`; `pass`, the default, makes an undecided
+segment 0), or evaluators that could score no answer of a candidate, whatever the policy.
 """
 from __future__ import annotations
 
@@ -139,6 +140,27 @@ def _run_flags(*, alpha: object, margin: object, inconclusive: object, errors: o
             "concurrency": ("--concurrency", concurrency), "slice.limit": ("--limit", limit)}
 
 
+def _anchor_prompt_files(data: dict, spec_dir: Path) -> dict:
+    """The prompt files of the candidates and the baseline (relative to the spec's directory) as absolute paths in
+    the spec the run stores. `resume` has only the stored spec and read relative paths from its own working
+    directory (or --spec-dir): a resume where the run was started (`tagway replay run --spec ci/replay.yaml`, then
+    `tagway replay resume RUN_ID`, as the run's message says) stopped with "cannot read prompt file", or sent
+    another file of the same name there as the candidate's prompt."""
+    def anchored(entry: object) -> object:
+        prompt = entry.get("prompt") if isinstance(entry, dict) else None
+        file = prompt.get("file") if isinstance(prompt, dict) else None
+        if not isinstance(file, str) or not file or Path(file).is_absolute():
+            return entry
+        return {**entry, "prompt": {**prompt, "file": os.path.normpath(spec_dir / file)}}
+
+    out = {**data}
+    if isinstance(out.get("candidates"), list):
+        out["candidates"] = [anchored(c) for c in out["candidates"]]
+    if "baseline" in out:
+        out["baseline"] = anchored(out["baseline"])
+    return out
+
+
 def _no_old_flags(**given: object) -> None:
     old = {"gate_aggregate": "--gate-aggregate", "threshold": "--threshold", "max_drop": "--max-drop",
            "min_cases": "--min-cases-per-segment"}
@@ -254,10 +276,11 @@ def run_cmd(
                                gating=_gate_flags(alpha, margin, inconclusive, errors),
                                escalation={"enabled": escalate, "max_cases": escalation_max_cases},
                                max_cost=max_cost, concurrency=concurrency)
+        spec_dir = spec.resolve().parent
+        data = _anchor_prompt_files(data, spec_dir)
         parsed = _parse_with_flags(data, str(spec), _run_flags(
             alpha=alpha, margin=margin, inconclusive=inconclusive, errors=errors, max_cases=escalation_max_cases,
             max_cost=max_cost, concurrency=concurrency, limit=limit))
-        spec_dir = spec.resolve().parent
         sys.path[:0] = [str(spec_dir), os.getcwd()]  # `python` evaluators: module:function beside the spec
         store = _store(dsn, config, create=True)  # a run may bring its own cases (a JSONL dataset)
         gateway = gateway_for(gateway, store, in_process=in_process)
@@ -447,8 +470,10 @@ def plan_cmd(
     drop: float = typer.Option(0.10, "--drop", help="Target drop to detect (cases needed), in (0, pass rate]."),
     customer: Optional[List[str]] = typer.Option(None, "--customer"),
     intent: Optional[List[str]] = typer.Option(None, "--intent"),
+    tag: Optional[List[str]] = typer.Option(None, "--tag", help="key=value, repeatable."),
     since: Optional[str] = typer.Option(None, "--since"),
     segment_by: Optional[str] = typer.Option(None, "--segment-by"),
+    limit: Optional[int] = typer.Option(None, "--limit"),
     fmt: str = PlainFormatOpt, dsn: Optional[str] = DsnOpt, config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Before a run: per segment, the cases production holds, the smallest drop the gate can detect (80% power,
@@ -462,9 +487,10 @@ def plan_cmd(
             raise SpecError(f"--pass-rate {pass_rate:g}: must be in (0, 1]")
         if not 0 < drop <= pass_rate:
             raise SpecError(f"--drop {drop:g}: must be in (0, --pass-rate]")
-        data = apply_overrides(load_spec_data(spec), customer=customer, intent=intent, since=since,
-                               segment_by=segment_by)
-        parsed = parse_spec(data, str(spec))
+        # the slice flags of `replay run` (a plan is of the run those flags would make)
+        data = apply_overrides(load_spec_data(spec), customer=customer, intent=intent, tags=tag, since=since,
+                               segment_by=segment_by, limit=limit)
+        parsed = _parse_with_flags(data, str(spec), {"slice.limit": ("--limit", limit)})
         if parsed.slice is None:
             raise SpecError("plan needs a spec with a slice (a dataset's coverage is fixed)")
         sampled, matched = sample_pool(_store(dsn, config), parsed.slice)
@@ -627,8 +653,13 @@ def trend_cmd(
         if spec is not None and Path(spec).is_file():
             data = load_spec_data(Path(spec))
             name, gating = data.get("name"), dict(data.get("gating") or {})
-            if not name:
-                raise SpecError(f"{spec}: the spec has no name: (runs are found by it)")
+            if not name:  # its gating levels still apply: to the runs of --dataset, or of the spec's own dataset
+                given = dataset or (data.get("dataset") if isinstance(data.get("dataset"), str) else None)
+                if not given:
+                    raise SpecError(f"{spec} has no `name:`, and a spec's runs are found by the name they were run "
+                                    "with: add `name: ...` to the spec (its runs from then on carry it), or give "
+                                    "--dataset NAME (the runs of a dataset; the spec's alpha and margin apply)")
+                name, dataset = None, given
         gating.update({k: v for k, v in {"alpha": alpha, "margin": margin}.items() if v is not None})
         try:
             g = Gating(**{k: v for k, v in gating.items() if k in ("alpha", "margin")})

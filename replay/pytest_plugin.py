@@ -13,11 +13,12 @@
 
 A gate is the replay of `tagway replay run --spec S --dataset D` (replay.pipeline.start_run: the run and its results
 are stored as usual), once per (spec, dataset, overrides) per pytest process (per xdist worker), through the gateway
-of `--gateway URL` (`--tagway-gateway`, env TAGWAY_GATEWAY_URL) or, without one, the gateway app in-process (built
-from `--tagway-config` / TAGWAY_CONFIG). The store: `--tagway-dsn` / TAGWAY_DSN / the config's, as the CLI resolves
-it. A test fails when the gate does not pass (a regression, an incomplete run, inconclusive under `inconclusive:
-block`); a segment's test fails when its own row does. Spec paths are relative to the test file, then the
-working directory. `-k` selects segments by id; `-x` stops at the first failed one.
+of `--gateway URL` (`--tagway-gateway`, the only name when the project's conftest has its own `--gateway`; env
+TAGWAY_GATEWAY_URL) or, without one, the gateway app in-process (built from `--tagway-config` / TAGWAY_CONFIG). The
+store: `--tagway-dsn` / TAGWAY_DSN / the config's, as the CLI resolves it. A test fails when the gate does not pass
+(a regression, an incomplete run, inconclusive under `inconclusive: block`); a segment's test fails when its own row
+does. Spec paths are relative to the test file, then the working directory. `-k` selects segments by id; `-x` stops
+at the first failed one.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import asyncio
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
@@ -40,16 +41,31 @@ class GateFailed(AssertionError):
     """The gate did not pass; the message is the per-segment table."""
 
 
+_GATEWAY_HELP = ("tagway gateway base URL for tagway_gate (env TAGWAY_GATEWAY_URL; default: the gateway serving "
+                 "the config's store, else in-process).")
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("tagway", "tagway replay gates")
-    group.addoption("--gateway", "--tagway-gateway", dest="tagway_gateway", default=None,
-                    help="tagway gateway base URL for tagway_gate (env TAGWAY_GATEWAY_URL; default: the gateway "
-                         "serving the config's store, else in-process).")
+    group.addoption("--tagway-gateway", dest="tagway_gateway", default=None, help=_GATEWAY_HELP)
     group.addoption("--tagway-config", dest="tagway_config", default=None,
                     help="Gateway config: its store, and the in-process gateway (env TAGWAY_CONFIG).")
     group.addoption("--tagway-dsn", dest="tagway_dsn", default=None, help="ClickHouse DSN (env TAGWAY_DSN).")
     group.addoption("--tagway-api-key", dest="tagway_api_key", default=None,
                     help="Gateway key (env TAGWAY_API_KEY or TAGWAY_ADMIN_KEY).")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Parser, args: list[str]) -> Any:
+    """`--gateway` (the short name of --tagway-gateway) is added once the project's conftests have added their
+    options, and only when none of them (nor another plugin) took the name: this plugin loads wherever tagway is
+    installed, and a project whose conftest had its own `--gateway` could not run its tests at all (argparse's
+    "conflicting option string: --gateway"). Such a project keeps its option; the gate's is --tagway-gateway."""
+    yield
+    taken = {name for group in getattr(parser, "_groups", ()) for opt in getattr(group, "options", ())
+             for name in opt.names()}
+    if "--gateway" not in taken:
+        parser.getgroup("tagway").addoption("--gateway", dest="tagway_gateway", default=None, help=_GATEWAY_HELP)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -155,6 +171,17 @@ def failure(report: Any, segment: str | None) -> str | None:
     return head.rstrip(": ") + "\n" + render_terminal(report)
 
 
+def _in_test(get: Callable[[], Any]) -> Any:
+    """In a test, a spec that is not there or not valid fails the test with its one line, not with a traceback
+    through this plugin (a pytest.UsageError raised in a test is shown as an error in the plugin's code). At
+    collection (tagway_segment) the same errors stay usage errors: pytest stops with the line."""
+    try:
+        return get()
+    except pytest.UsageError as e:
+        why = str(e)
+    pytest.fail(why, pytrace=False)  # outside the except: no "During handling of the above exception"
+
+
 @pytest.fixture(scope="session")
 def tagway_gates(pytestconfig: pytest.Config) -> Any:
     runner = GateRunner(pytestconfig)
@@ -169,7 +196,7 @@ def tagway_gate(tagway_gates: GateRunner, request: pytest.FixtureRequest) -> Any
     near = Path(str(request.path)).parent
 
     def gate(spec: str | os.PathLike, dataset: str | None = None, segment: str | None = None, **overrides: Any) -> Any:
-        report = tagway_gates.report(tagway_gates.spec_path(spec, near), dataset, overrides)
+        report = _in_test(lambda: tagway_gates.report(tagway_gates.spec_path(spec, near), dataset, overrides))
         why = failure(report, segment)
         if why is not None:
             pytest.fail(why, pytrace=False)
@@ -214,7 +241,7 @@ def pytest_runtest_call(item: pytest.Item) -> None:
     runner: GateRunner = item._request.getfixturevalue("tagway_gates")
     spec, dataset, overrides = _mark_args(mark)
     segment = item.callspec.params.get("tagway_segment") if hasattr(item, "callspec") else None
-    report = runner.report(runner.spec_path(spec, Path(str(item.path)).parent), dataset, overrides)
+    report = _in_test(lambda: runner.report(runner.spec_path(spec, Path(str(item.path)).parent), dataset, overrides))
     why = failure(report, segment)
     if why is not None:
         pytest.fail(why, pytrace=False)
