@@ -1,6 +1,8 @@
 """OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}` with the status the SDKs expect."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import orjson
 
 __all__ = ["GatewayError", "error_body", "upstream_auth_error", "upstream_message", "UPSTREAM_AUTH_STATUS"]
@@ -48,13 +50,30 @@ def forbidden(message: str, code: str = "permission_denied", param: str | None =
 UPSTREAM_AUTH_STATUS = frozenset({401, 403})
 
 
-def upstream_auth_error(status: int, body: bytes | None, error_type: str) -> GatewayError:
+# The SDKs send these from the app's environment (OPENAI_ORG_ID, OPENAI_PROJECT_ID); forwarded with the gateway's key
+# (api.forward_headers), a provider refuses a key outside them, and the operator would look for the fault in the key.
+ACCOUNT_HEADERS = (b"openai-organization", b"openai-project")
+
+
+def upstream_auth_error(status: int, body: bytes | None, error_type: str,
+                        forwarded: Sequence[tuple[bytes, bytes]] = ()) -> GatewayError:
     """A 502 naming the provider's refusal (its scrubbed `body`'s message), not retried by the SDKs: it fails the
-    same way until the operator fixes the provider key or account."""
+    same way until the operator fixes the provider key or account, or the client stops sending the organization or
+    project headers that went upstream with the gateway's key (`forwarded`: the client's headers sent)."""
     said = (upstream_message(body) or body[:200].decode("utf-8", "replace").strip()) if body else ""
-    return GatewayError(502, f"The provider refused the gateway's credentials for this model (HTTP {status}"
-                        f"{': ' + said if said else ''}). Your key is fine: the gateway's provider key or account "
-                        "needs fixing.", type_="api_error", code="upstream_auth_error", error_type=error_type,
+    message = (f"The provider refused the gateway's credentials for this model (HTTP {status}"
+               f"{': ' + said if said else ''}). ")
+    account = [(k.decode("latin-1"), v.decode("latin-1", "replace")) for k, v in forwarded
+               if k.lower() in ACCOUNT_HEADERS]
+    if account:
+        sent = ", ".join(f"{k}: {v[:80]}" for k, v in account)
+        message += (f"Your request's {sent} went with the gateway's provider key; if the key is not in that "
+                    "organization or project, drop the header (the OpenAI SDKs send it from OPENAI_ORG_ID / "
+                    "OPENAI_PROJECT_ID), or remove it from the gateway's api.forward_headers. Otherwise the "
+                    "gateway's provider key or account needs fixing.")
+    else:
+        message += "Your key is fine: the gateway's provider key or account needs fixing."
+    return GatewayError(502, message, type_="api_error", code="upstream_auth_error", error_type=error_type,
                         headers=[(b"x-should-retry", b"false")])
 
 

@@ -141,7 +141,7 @@ class Passthrough:
         resp = await provider.open(d, route.method, path, query=query, body=body or None, headers=forward,
                                    content_type=content_type if body else None)
         try:
-            await self._relay(call, d, resp, model)
+            await self._relay(call, d, resp, model, forward)
         finally:
             resp.release()
 
@@ -164,7 +164,8 @@ class Passthrough:
                           "upstreams serves it: send `x-tagway-model: <a model of that upstream>` or configure a `*` "
                           "model as the default upstream.", code="upstream_ambiguous")
 
-    async def _relay(self, call: Call, d: ModelConfig, resp: Any, model: str) -> None:
+    async def _relay(self, call: Call, d: ModelConfig, resp: Any, model: str,
+                     forward: list[tuple[bytes, bytes]]) -> None:
         rec = call.rec
         ctype = resp.headers.get("Content-Type", "")
         headers = [(b"content-type", ctype.encode("latin-1"))] if ctype else []
@@ -180,7 +181,7 @@ class Passthrough:
                 attempt.error_type = f"http_{resp.status}"
                 rec.fail(attempt.error_type, _error_message(body, resp.status), resp.status)
                 if resp.status in UPSTREAM_AUTH_STATUS:  # the gateway's provider key, not the client's: a 502
-                    e = upstream_auth_error(resp.status, body, attempt.error_type)
+                    e = upstream_auth_error(resp.status, body, attempt.error_type, forward)
                     relayed = [h for h in headers if h[0] not in (b"content-type", b"content-disposition")]
                     await call.respond(e.status, e.body(), b"application/json", with_own_headers(e, relayed))
                     return

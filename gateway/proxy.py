@@ -399,7 +399,7 @@ class Proxy(WireStreamRelay):
             return
         if failure is None:  # pragma: no cover - the first deployment is always tried
             raise GatewayError(502, "No deployment could serve this call.", type_="api_error", code="no_deployment")
-        raise self._final_error(failure)
+        raise self._final_error(failure, call.forward_headers)
 
     async def _try(self, call: Call, d: ModelConfig) -> UpstreamResponse | _Opened:
         """One deployment: its whole answer, or its stream once the first event is in (a stream that ends before
@@ -437,16 +437,16 @@ class Proxy(WireStreamRelay):
             await result.aclose()
             raise
 
-    def _final_error(self, f: UpstreamFailure) -> GatewayError:
+    def _final_error(self, f: UpstreamFailure, forwarded: list[tuple[bytes, bytes]] = ()) -> GatewayError:
         """All deployments failed: relay the last upstream answer (secrets scrubbed, its retry advice and request id
-        kept), or say what happened."""
-        e = self._final_error_body(f)
+        kept), or say what happened. `forwarded`: the client's headers that went upstream."""
+        e = self._final_error_body(f, forwarded)
         e.headers = with_own_headers(e, self._return_headers.pick(f.headers))
         return e
 
-    def _final_error_body(self, f: UpstreamFailure) -> GatewayError:
+    def _final_error_body(self, f: UpstreamFailure, forwarded: list[tuple[bytes, bytes]]) -> GatewayError:
         if f.status in UPSTREAM_AUTH_STATUS:
-            return upstream_auth_error(f.status, self._scrub(f.body) if f.body else None, f.error_type)
+            return upstream_auth_error(f.status, self._scrub(f.body) if f.body else None, f.error_type, forwarded)
         if f.status and f.body:
             body = self._scrub(f.body)
             try:

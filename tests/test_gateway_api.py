@@ -7,11 +7,10 @@ import time
 
 import httpx
 import openai
-import orjson
 import pytest
 
 from exporters import semconv as sc
-from tests.gateway_fixture import ADMIN_KEY, KEYS, UPSTREAM_KEY
+from tests.gateway_fixture import KEYS, UPSTREAM_KEY
 
 MSG = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "hello there"}]
 
@@ -206,6 +205,12 @@ def test_a_provider_refusing_the_gateways_key_is_a_502_not_the_clients_401(gatew
     assert e.value.response.headers["x-should-retry"] == "false"  # the SDKs would retry a 5xx that cannot pass
     span = gateway.recorder.call(e.value.response.headers["x-tagway-trace-id"])
     assert span.attributes[sc.ERROR_TYPE] == "http_401"
+    # an app whose SDK sends OpenAI-Organization (OPENAI_ORG_ID) hears that its header went with the gateway's key
+    with pytest.raises(openai.InternalServerError) as e:
+        client(gateway, organization="org-app").chat.completions.create(model="provider-key-bad", messages=MSG)
+    said = e.value.response.json()["error"]["message"]
+    assert "Your request's openai-organization: org-app went with the gateway's provider key" in said, said
+    assert "Your key is fine" not in said and e.value.response.headers["x-should-retry"] == "false"
     upstream.clear()
     raw = client(gateway).chat.completions.with_raw_response.create(model="provider-forbids", messages=MSG)
     assert raw.parse().choices[0].message.content == "Echo: hello there" and len(upstream.requests) == 2

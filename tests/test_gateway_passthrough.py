@@ -122,6 +122,9 @@ def test_upstream_errors_are_relayed_scrubbed_and_recorded(gw):
     assert (r.status_code, err["code"], r.headers["x-should-retry"]) == (502, "upstream_auth_error", "false")
     assert err["message"].startswith("The provider refused the gateway's credentials") and UPSTREAM_KEY not in r.text
     assert gw.recorder.call(r.headers["x-tagway-trace-id"]).attributes[sc.ERROR_TYPE] == "http_401"
+    r = httpx.post(gw.url + "/v1/moderations", json={"model": "fail401-x", "input": "x"},
+                   headers={"authorization": f"Bearer {ACME}", "openai-project": "proj_app"})
+    assert "Your request's openai-project: proj_app went with the gateway's provider key" in r.json()["error"]["message"]
 
 
 def test_translated_upstreams_do_not_serve_these_routes(gw):
