@@ -403,10 +403,34 @@ def report_cmd(
             alpha=alpha, margin=margin, inconclusive=inconclusive, errors=errors, max_cases=None, max_cost=None,
             concurrency=None, limit=None))
         status = run.status if run.status in ("complete", "incomplete") else "incomplete"
+        shown = _stored_report(run.report_json)
         report = report_for(store, run_id, spec, status=status, n_cases=run.n_cases,
-                            state=GateState.from_report_json(run.report_json), dataset=run.dataset_id)
+                            skipped=shown.get("skipped") or {}, state=GateState.from_report_json(run.report_json),
+                            dataset=run.dataset_id)
+        # what the run said about its cases (the floor over --limit, a resume's kept and recorded results, a shadow
+        # window's dropped calls) is shown again; a note this rebuild makes itself (the judge's cost) once
+        report.notes = [*(n for n in shown.get("notes") or [] if n not in report.notes
+                          and not n.startswith(_JUDGE_NOTE)), *report.notes]
         _emit(report, fmt, out, dashboard_url)
     raise typer.Exit(report.exit_code)
+
+
+_JUDGE_NOTE = "the LLM judge's calls cost "  # replay.report.aggregate's note, made again from the record
+
+
+def _stored_report(report_json: str) -> dict:
+    """The report the run stored when it ended (`report` rebuilds the rest from replay_results); {} for a run
+    stopped before it wrote one, or one this version cannot read."""
+    import orjson
+    try:
+        stored = orjson.loads(report_json) if report_json else {}
+    except orjson.JSONDecodeError:
+        return {}
+    if not isinstance(stored, dict):
+        return {}
+    notes, skipped = stored.get("notes"), stored.get("skipped")
+    return {"notes": [n for n in notes if isinstance(n, str)] if isinstance(notes, list) else [],
+            "skipped": {k: v for k, v in skipped.items() if isinstance(v, int)} if isinstance(skipped, dict) else {}}
 
 
 def _shadow_report(spec: Optional[Path], config: Optional[Path], since: Optional[str], candidates: Optional[list],

@@ -9,7 +9,8 @@ and pytest as CI runs them:
   `--gateway` could not start pytest at all (argparse "conflicting option string");
 - `tagway_gate` with a spec that is not there (or not valid) failed with a traceback through the plugin;
 - `replay plan` refused `--limit` and `--tag`, which `replay run` takes;
-- `replay trend --spec FILE` of a spec without `name:` stopped, even with `--dataset`.
+- `replay trend --spec FILE` of a spec without `name:` stopped, even with `--dataset`;
+- `replay report RUN_ID` dropped the notes and skipped counts the run had reported.
 """
 from __future__ import annotations
 
@@ -173,3 +174,23 @@ def test_trend_of_a_spec_file_without_a_name(gw, tmp_path):
     assert {s["segment"]: s["points"][-1]["rate"] for s in trend["series"]} == {"acme": 0.0, "globex": 1.0}
     p = tagway(gw, tmp_path, "replay", "trend", "--spec", "replay.yaml")
     assert p.returncode == 2 and "has no `name:`" in p.stderr and "--dataset" in p.stderr
+
+
+def test_report_of_a_stored_run_is_the_run_s_own_report(gw, tmp_path):
+    """`replay report RUN_ID --format json` rebuilt the report without what the run said about its cases: its notes
+    (here the per-segment floor that overrode --limit; a resume's kept and recorded results; a shadow window's
+    dropped calls) and its skipped counts, so the JSON a CI job stored differed from the one it fetched later."""
+    (tmp_path / "replay.yaml").write_text(yaml.safe_dump({
+        "slice": {"since": "1h", "segment_by": ["customer"], "sampling": {"min_per_segment": 8}},
+        "candidates": [{"name": "bad", "model": "refund-bad"}], "evaluators": [{"type": "contains", "value": "Echo:"}],
+        "gating": {"escalation": {"enabled": False}}}))
+    p = tagway(gw, tmp_path, "replay", "run", "--spec", "replay.yaml", "--gateway", gw.url, "--no-progress",
+               "--limit", "2", "--format", "json")
+    assert p.returncode == 1, p.stderr
+    ran = orjson.loads(p.stdout)
+    assert ran["notes"] == ["the per-segment floor (8 x 2 segments = 16) exceeds limit 2; the floor wins"]
+    p = tagway(gw, tmp_path, "replay", "report", ran["run_id"], "--format", "json")
+    assert p.returncode == 1, p.stderr
+    assert orjson.loads(p.stdout) == ran
+    p = tagway(gw, tmp_path, "replay", "report", ran["run_id"], "--format", "md")
+    assert "- note: the per-segment floor (8 x 2 segments = 16) exceeds limit 2; the floor wins" in p.stdout
