@@ -77,6 +77,7 @@ class TagwayApp:
         db = config.storage.database
         self._calls_table = f"{db}.llm_calls" if db else "llm_calls"
         self.api = _build_api(self)
+        self._cors = _cors(config.server.cors_allow_origins, self._dispatch)
 
     # -- lifetime -----------------------------------------------------------------------------------------------
     async def startup(self) -> None:
@@ -225,6 +226,12 @@ class TagwayApp:
 
     # -- ASGI ---------------------------------------------------------------------------------------------------
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if self._cors is not None and scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            await self._cors(scope, receive, send)
+            return
+        await self._dispatch(scope, receive, send)
+
+    async def _dispatch(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["path"] in HOT_ROUTES and scope["method"] == "POST":
             if self.proxy is None:
                 await self.startup()
@@ -261,6 +268,18 @@ class TagwayApp:
                 finally:
                     await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _cors(origins: list[str], app: Any) -> Any:
+    """Starlette's CORS middleware around the /v1 routes when origins are configured: it answers a browser's
+    preflight and adds the allow and expose headers (the SDKs read x-request-id, retry-after and the rate-limit
+    state; the trace id links the call). Keys travel in Authorization, never cookies: no credentials mode."""
+    if not origins:
+        return None
+    from starlette.middleware.cors import CORSMiddleware  # noqa: PLC0415
+
+    return CORSMiddleware(app, allow_origins=origins, allow_methods=["*"], allow_headers=["*"],
+                          expose_headers=["*"], max_age=600)
 
 
 def default_recorder(config: GatewayConfig) -> Any:

@@ -189,6 +189,20 @@ class ServerConfig(_Strict):
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1)
     max_model_chars: int = Field(256, ge=1)  # a longer model name is refused (400), never cut
     replay_concurrency: int = Field(4, ge=0)  # replay/judge calls in flight at once (gateway/lanes.py); 0 = no cap
+    # browser apps (openai-node's dangerouslyAllowBrowser) on these origins may call /v1 (CORS); "*" for any.
+    # Empty: no CORS headers, and a browser's preflight is refused as before.
+    cors_allow_origins: list[str] = []
+
+    @field_validator("cors_allow_origins")
+    @classmethod
+    def _origins(cls, v: list[str]) -> list[str]:
+        out = []
+        for origin in v:
+            o = origin.strip().rstrip("/")
+            if o != "*" and not re.fullmatch(r"https?://[^/\s?#]+", o):
+                raise ValueError(f"{origin!r} is not an origin: scheme://host[:port] (no path), or *")
+            out.append(o)
+        return out
 
     @field_validator("host")
     @classmethod
