@@ -31,9 +31,11 @@ from .config import (KEY_HASH_FORM, GatewayConfig, KeyConfig, LimitsConfig, Tena
 from .errors import GatewayError, bad_request, unauthorized
 
 __all__ = ["Principal", "KeyRing", "KeysFileError", "hash_key", "new_key", "add_key_to_file", "revoke_key_in_file",
-           "read_keys_file", "read_keys", "keys_without_tenant", "CREDENTIAL_HEADERS"]
+           "read_keys_file", "read_keys", "keys_without_tenant", "key_id_problem", "ADMIN_KEY_ID",
+           "CREDENTIAL_HEADERS"]
 
 KEY_PREFIX = "tw-"
+ADMIN_KEY_ID = "admin"  # the admin key's id: what its calls are recorded as (llm_calls.key_id)
 log = logging.getLogger("tagway.auth")
 # headers that say who is calling: each may come once (two `Authorization` headers must not be read as the first
 # by one route and the last by another)
@@ -47,6 +49,17 @@ class KeysFileError(ValueError):
     def __init__(self, problems: str | list[str]) -> None:
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         super().__init__("; ".join(self.problems))
+
+
+def key_id_problem(key_id: str) -> str:
+    """Why no key may have this id, or "". Calls are recorded with their key's id, a platform key reads the calls
+    recorded with its own and any key rates them: a key with the admin key's id read (and rated) every call the admin
+    key made, for every customer; a blank one, the calls refused for having no valid key."""
+    if not key_id.strip():
+        return "a key's id must not be blank"
+    if key_id == ADMIN_KEY_ID:
+        return f"{ADMIN_KEY_ID!r} is the admin key's id (its calls are recorded under it); give this key another id"
+    return ""
 
 
 def hash_key(key: str) -> str:
@@ -109,8 +122,11 @@ class KeyRing:
         by_hash: dict[str, tuple[KeyConfig, TenantConfig]] = {}
         revoked: set[str] = set()
         tenants = {t.customer: t for t in self.config.tenants}
-        for t in self.config.tenants:
-            for k in t.keys:
+        for i, t in enumerate(self.config.tenants):
+            for j, k in enumerate(t.keys):
+                if why := key_id_problem(k.id):  # it authenticates nobody, as a key of no tenant does
+                    log.error("tenants[%d].keys[%d]: key %r is not used: %s", i, j, k.id, why)
+                    continue
                 (revoked.add(k.hash) if k.revoked else by_hash.__setitem__(k.hash, (k, t)))
         n = 0
         for k in from_file:
@@ -238,7 +254,7 @@ class KeyRing:
             raise unauthorized("Missing API key: send 'Authorization: Bearer <tagway key>'.", code="missing_api_key")
         h = hash_key(key)
         if self._admin_hash and hmac.compare_digest(h, self._admin_hash):
-            return Principal(key_id="admin", tenant=None, key_tags={}, is_admin=True)
+            return Principal(key_id=ADMIN_KEY_ID, tenant=None, key_tags={}, is_admin=True)
         hit = self._by_hash.get(h)
         if hit is None:
             if h in self._revoked:
@@ -330,6 +346,8 @@ def read_keys(config: GatewayConfig) -> list[KeyConfig]:
         if not k.customer:
             problems.append((i, ("customer: missing: a key in the keys file names its tenant (customer: <name>); "
                                  "this key authenticates nobody")))
+        if why := key_id_problem(k.id):
+            problems.append((i, f"id: {why}"))
         if k.id in inline:
             problems.append((i, (f"id: {k.id!r} is also the id of a key in the config ({inline[k.id]}); give each "
                                  "key its own id")))
@@ -440,6 +458,8 @@ def add_key_to_file(path: str, customer: str, key_id: str | None = None,
         items = read_keys_file(path)
         key = new_key()
         key_id = key_id or f"{customer}-{secrets.token_hex(3)}"
+        if why := key_id_problem(key_id):
+            raise ValueError(why)
         if any(i.get("id") == key_id for i in items):
             raise ValueError(f"a key with id {key_id!r} already exists")
         items.append({"id": key_id, "customer": customer, "hash": hash_key(key),

@@ -118,3 +118,35 @@ def test_feedback_per_segment_reads_the_configured_database(chdb_store):
     report = q.segment_stats(chdb_store, sel, ("customer",), min_calls=0, database=db)
     assert [(s.calls, s.complaints) for s in report.segments] == [(1, 1)]
     assert report.total.complaints == 1
+
+
+def test_no_key_can_take_the_admin_keys_id(upstream, tmp_path, caplog):
+    """Calls are recorded with their key's id and a platform key reads the calls recorded with its own: a platform
+    key given the id `admin` read every call the admin key made, for every customer, content included."""
+    from gateway.app import TagwayApp
+    from gateway.auth import KeysFileError, add_key_to_file, hash_key, read_keys
+    from gateway.config import GatewayConfig
+    from tests.gateway_fixture import GatewayServer, MemoryRecorder, gateway_config
+
+    ops_key = "tw-test-ops-admin-id-0123456789abcdefghij"
+    cfg = gateway_config(upstream.base_url)
+    cfg["tenants"] = [*cfg["tenants"], {"customer": "ops", "may_set_customer": True,
+                                        "keys": [{"id": "admin", "hash": hash_key(ops_key)}]}]
+    server = GatewayServer(TagwayApp(GatewayConfig(**cfg), recorder=MemoryRecorder())).start()
+    try:
+        r = httpx.get(server.url + "/v1/tagway/whoami", headers={"authorization": f"Bearer {ops_key}"})
+        assert r.status_code == 401, r.text  # was 200 {"key_id": "admin", "may_mark_replay": true}
+        r = httpx.get(server.url + "/v1/tagway/whoami", headers={"authorization": f"Bearer {ADMIN_KEY}"})
+        assert r.json()["admin"] is True and r.json()["key_id"] == "admin"
+    finally:
+        server.stop()
+    assert "tenants[4].keys[0]: key 'admin' is not used" in caplog.text
+    # the keys file: `tagway keys create --id admin` is refused, and so is such an entry written by hand
+    keys_file = str(tmp_path / "tagway.keys.yaml")
+    for bad in ("admin", "  "):
+        with pytest.raises(ValueError, match="admin key's id|blank"):
+            add_key_to_file(keys_file, "platform", bad)
+    with open(keys_file, "w") as f:
+        f.write(f'- {{id: admin, customer: platform, hash: "{hash_key(ops_key)}"}}\n')
+    with pytest.raises(KeysFileError, match="key #1: id: 'admin' is the admin key's id"):
+        read_keys(GatewayConfig(**{**cfg, "keys_file": keys_file}))
