@@ -9,6 +9,7 @@ score and leaves it incomplete too.
 from __future__ import annotations
 
 import dataclasses
+import os
 import secrets
 import time
 from pathlib import Path
@@ -185,6 +186,8 @@ async def _start_run(store: Any, spec: ReplaySpec, opts: RunOptions, run_id: str
                      description=f"cases of replay run {run_id}")
     else:
         dataset_id = found.dataset_id  # the exact version ('refunds' -> 'refunds@3'), so resume and reports agree
+        if is_file_ref(dataset_id) and not Path(dataset_id).is_absolute():
+            dataset_id = os.path.abspath(dataset_id)  # where this run read it: a resume reads the same file
     run = RunRow(run_id, "running", spec_to_json(spec), dataset_id, spec.judge_version,
                  [c.name for c in spec.candidates], list(spec.segment_by), len(cases))
     state = _initial_state(store, spec, sampled)
@@ -214,10 +217,9 @@ async def _resume_run(store: Any, run_id: str, opts: RunOptions) -> RunResult:
     if run.dataset_id == RUN_DATASET_PREFIX + run.run_id:  # the cases this run pinned: an id, whatever it looks like
         cases, skipped = load_cases(store, run.dataset_id, pinned_id=True)
     else:  # a dataset version ('refunds@3') or a file: the same cases as the run started with
-        if is_file_ref(run.dataset_id) and opts.spec_dir and not Path(run.dataset_id).is_absolute():
-            ref = str(opts.spec_dir / run.dataset_id)
-        else:
-            ref = run.dataset_id
+        ref = run.dataset_id
+        if is_file_ref(ref) and not Path(ref).is_absolute() and not Path(ref).is_file() and opts.spec_dir:
+            ref = str(opts.spec_dir / ref)  # a run stored before file paths were made absolute
         found = resolve(store, ref)
         cases, skipped = found.cases, found.skipped
     skip = done_keys(store, run_id, include_errored=not opts.retry_errored)

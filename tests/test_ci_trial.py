@@ -97,6 +97,30 @@ def test_resume_where_the_run_started_reads_the_prompt_file_beside_the_spec(gw, 
     assert systems.count("You are the v5 agent.") == 16 and not [s for s in systems if "DECOY" in s]
 
 
+def test_resume_with_spec_dir_reads_the_jsonl_dataset_the_run_read(gw, tmp_path):
+    """`--dataset datasets/refunds.jsonl` is read from the working directory; `resume --spec-dir ci` (what python
+    evaluators beside the spec need) read it from ci/ instead: exit 2 "cannot read .../ci/datasets/refunds.jsonl".
+    The run now records where it read the file."""
+    (tmp_path / "ci").mkdir()
+    (tmp_path / "datasets").mkdir()
+    (tmp_path / "ci" / "replay.yaml").write_text(yaml.safe_dump({
+        "slice": {"customer": ["acme", "globex"], "since": "1h", "segment_by": ["customer"]},
+        "candidates": [{"name": "same", "model": "gpt-test"}],
+        "evaluators": [{"type": "contains", "value": "Echo:"}]}))
+    p = tagway(gw, tmp_path, "replay", "dataset", "save", "datasets/refunds.jsonl", "--spec", "ci/replay.yaml")
+    assert p.returncode == 0, p.stderr
+    run_id = f"ci-trial-jsonl-{os.getpid()}-{time.monotonic_ns()}"
+    p = tagway(gw, tmp_path, "replay", "run", "--spec", "ci/replay.yaml", "--dataset", "datasets/refunds.jsonl",
+               "--gateway", gw.url, "--no-progress", "--run-id", run_id, "--max-cost", "0.03", "--concurrency", "1")
+    assert p.returncode == 3, p.stderr
+    p = tagway(gw, tmp_path, "replay", "resume", run_id, "--spec-dir", "ci", "--gateway", gw.url, "--no-progress",
+               "--max-cost", "10", "--format", "json")
+    assert p.returncode == 0, p.stderr
+    report = orjson.loads(p.stdout)
+    assert report["status"] == "complete" and sum(r["n"] for r in report["candidates"][0]["rows"]) == 16
+    assert report["dataset"] == str(tmp_path / "datasets" / "refunds.jsonl")
+
+
 def test_the_plugin_leaves_a_project_its_own_gateway_option(gw, pytester, monkeypatch):
     """A project's conftest with `--gateway` (its own API gateway): pytest stopped before collecting anything,
     argparse "conflicting option string: --gateway", in every project of an environment with tagway installed."""
