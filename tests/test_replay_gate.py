@@ -132,6 +132,7 @@ def test_a_segment_too_thin_for_its_test_is_inconclusive_never_ok():
                 ev("floor", Pairs(0, 0, 0, 40))], alpha=0.05, margin=0.05)
     v = {f.key: f for f in d.segments}
     assert v["seven"].verdict == OK and v["six"].verdict == INCONCLUSIVE and d.status == INCONCLUSIVE
+    assert v["seven"].why.startswith("change +0.000 within margin")  # not "-0.000" (a drop of 0.0 negated)
     assert v["six"].why.startswith("too few cases to tell: the baseline passed 6 of 6") and "it takes 7" in v["six"].why
     assert "~1 more case(s)" in v["six"].why and v["six"].more_cases == 1 and v["six"].too_few
     assert v["improved"].verdict == INCONCLUSIVE and "~14 more" in v["improved"].why  # 3 of 10 pass: 7 at 30% = 24

@@ -156,7 +156,7 @@ def _why(verdict: str, pairs: Pairs, adj: float, margin: float, *, held_back: bo
                 f"p={adj:.2g}; {flips}) but the family as a whole did not drop")
     if verdict == INCONCLUSIVE:
         return f"dropped {pairs.drop:.3f} > margin {margin:g}, not significant (adjusted p={adj:.2g}; {flips})"
-    return f"change {-pairs.drop:+.3f} within margin {margin:g} ({flips})"
+    return f"change {round(-pairs.drop, 3) + 0.0:+.3f} within margin {margin:g} ({flips})"  # + 0.0: no "-0.000"
 
 
 def decide(evidence: Sequence[Evidence], *, alpha: float, margin: float,
