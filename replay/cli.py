@@ -181,9 +181,12 @@ def _check_limits(max_cost: Optional[float], concurrency: Optional[int]) -> None
 def _emit(report, fmt: str, out: Optional[Path], dashboard_url: Optional[str] = None) -> None:
     from rich.console import Console
     from .render import render, render_terminal
+    text = "" if out is None and fmt == "table" else render(report, fmt, dashboard_url=dashboard_url)
+    if text and not text.endswith("\n"):
+        text += "\n"  # a file (or a CI log) `cat` shows whole, not run into the next line
     if out is not None:
         try:
-            out.write_text(render(report, fmt, dashboard_url=dashboard_url), encoding="utf-8")
+            out.write_text(text, encoding="utf-8")
         except OSError as e:
             raise _fail(f"cannot write the report to {out}: {e.strerror or e} (the run is stored: "
                         f"`tagway replay report {report.run_id} --out FILE` writes it again)") from None
@@ -192,7 +195,7 @@ def _emit(report, fmt: str, out: Optional[Path], dashboard_url: Optional[str] = 
     elif fmt == "table":
         render_terminal(report, _console(Console))
     else:
-        sys.stdout.write(render(report, fmt, dashboard_url=dashboard_url))
+        sys.stdout.write(text)
     if report.status != "complete":
         typer.echo(_incomplete_line(report), err=True)
 

@@ -58,7 +58,7 @@ def test_a_significant_drop_is_a_regression_exit_1_with_its_flipped_cases(world)
     row = next(line for line in res.output.splitlines() if world["a"] in line and "0.500" in line)
     assert "1.000" in row and "-0.500" in row and "↓10 ↑0" in row and "regression" in row
     text = md.read_text()
-    assert text.startswith("### tagway replay `") and "gate REGRESSION, exit 1" in text
+    assert text.startswith("### tagway replay `") and "gate REGRESSION, exit 1" in text and text.endswith(")\n")
     assert f"| {world['a']} | 20 | 1.000 | 0.500 | -0.500 |" in text and "**Verdict: REGRESSION** (exit 1)" in text
     assert f"| {world['b']} | 20 | 0.750 | 1.000 | +0.250 |" in text
     assert f"Flipped cases in <b>{world['a']}</b> (regression: 10 pass→fail, 0 fail→pass; showing 10 of 10)" in text
