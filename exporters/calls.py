@@ -286,6 +286,8 @@ def call_detail(store: Store, trace_id: str, *, customer: str | None = None, max
     # no tagway.cost_usd on its span); the span tells that from a real $0. Without the span (a row written straight
     # into llm_calls) only a cost that is not zero is known to be one.
     call["cost_known"] = (sc.COST_USD in (own["attrs"] or {})) if own else bool(call.get("cost_usd"))
+    # a stream cut short: its tokens (and so its cost) are the gateway's estimate, not the provider's count
+    call["usage_estimated"] = bool(own) and (own["attrs"] or {}).get(sc.USAGE_ESTIMATED) == "true"
     start_ns = int(own["ts_ns"]) if own else 0
     attempts = [_attempt(s, start_ns) for s in spans if s["kind"] == "attempt"
                 and (own is None or s["ParentSpanId"] == own["SpanId"])]

@@ -61,7 +61,8 @@ def output_messages(operation: str, choices: Any) -> list[dict] | None:
 
 class StreamAccumulator:
     """Reassembles what a stream said (for the record), by choice index. Without capture it keeps only the model,
-    id and finish reasons."""
+    id, finish reasons and how many characters were generated (a stream cut short is billed for them:
+    gateway/usage_estimate.py)."""
 
     def __init__(self, capture: bool) -> None:
         self.capture = capture
@@ -70,6 +71,7 @@ class StreamAccumulator:
         self.text: dict[int, list[str]] = {}
         self.tools: dict[int, dict[int, dict]] = {}
         self.finish: dict[int, str] = {}
+        self.chars = 0  # generated text and tool-call arguments, every choice
 
     def add(self, obj: dict) -> None:
         if not self.model and obj.get("model"):
@@ -80,22 +82,34 @@ class StreamAccumulator:
             i = c.get("index", 0)
             if c.get("finish_reason"):
                 self.finish[i] = str(c["finish_reason"])
-            if not self.capture:
-                continue
             delta = c.get("delta")
             if isinstance(delta, dict):
-                if delta.get("content"):
-                    self.text.setdefault(i, []).append(str(delta["content"]))
+                content = delta.get("content")
+                if content:
+                    content = str(content)
+                    self.chars += len(content)
+                    if self.capture:
+                        self.text.setdefault(i, []).append(content)
                 for tc in delta.get("tool_calls") or ():
+                    if not isinstance(tc, dict):
+                        continue
+                    fn = tc.get("function")
+                    fn = fn if isinstance(fn, dict) else {}
+                    name, args = str(fn.get("name") or ""), str(fn.get("arguments") or "")
+                    self.chars += len(name) + len(args)
+                    if not self.capture:
+                        continue
                     slot = self.tools.setdefault(i, {}).setdefault(tc.get("index", 0), {
                         "id": "", "type": "function", "function": {"name": "", "arguments": ""}})
                     if tc.get("id"):
                         slot["id"] = tc["id"]
-                    fn = tc.get("function") or {}
-                    slot["function"]["name"] += fn.get("name") or ""
-                    slot["function"]["arguments"] += fn.get("arguments") or ""
+                    slot["function"]["name"] += name
+                    slot["function"]["arguments"] += args
             elif "text" in c:  # /v1/completions streams
-                self.text.setdefault(i, []).append(str(c.get("text") or ""))
+                text = str(c.get("text") or "")
+                self.chars += len(text)
+                if self.capture:
+                    self.text.setdefault(i, []).append(text)
 
     def finish_reasons(self) -> list[str]:
         return [self.finish[i] for i in sorted(self.finish)]

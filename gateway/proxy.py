@@ -40,6 +40,7 @@ from .shadow import ShadowDispatcher, ShadowJob
 from .tags import check_header, normalise, resolve_tags
 from .observe import CallObserver
 from .telemetry import CallRecord, CallSpans, SpanIds
+from .usage_estimate import estimate_prompt_tokens, tokens_of_chars
 from .wire_formats import API_NAMES, SEMCONV_OPERATION, WIRES, WireStreamRelay
 
 __all__ = ["Proxy", "HOT_ROUTES", "ProxyStats"]
@@ -511,6 +512,14 @@ class Proxy(WireStreamRelay):
         if rec.input_tokens is not None:
             rec.cost_usd = self.pricing.cost(d, rec.input_tokens, rec.output_tokens or 0)
 
+    def _estimate_usage(self, call: Call, d: ModelConfig, acc: StreamAccumulator) -> None:
+        """A stream cut short (the client hung up, the upstream broke off): the provider bills the prompt and what
+        it generated, so the record carries estimated counts and their cost, marked as estimates."""
+        rec = call.rec
+        rec.usage(estimate_prompt_tokens(call.payload), tokens_of_chars(acc.chars))
+        rec.usage_estimated = True
+        rec.cost_usd = self.pricing.cost(d, rec.input_tokens, rec.output_tokens or 0)
+
     async def _relay_stream(self, call: Call, d: ModelConfig, opened: _Opened) -> None:
         rec = call.rec
         acc = StreamAccumulator(call.capture)
@@ -558,6 +567,8 @@ class Proxy(WireStreamRelay):
         except OSError:  # a send to a client that has gone
             rec.hung_up("mid-stream")
         finally:
+            if rec.input_tokens is None and not done:  # cut or cancelled before its usage chunk: billed all the same
+                self._estimate_usage(call, d, acc)
             await opened.stream.aclose()
             rec.answered(acc.model, acc.id, acc.finish_reasons())
             if not rec.client_disconnected and not call.watch.client_gone:

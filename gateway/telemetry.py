@@ -81,6 +81,7 @@ class CallRecord:
     finish_reasons: list[str] = dataclasses.field(default_factory=list)
     ttft_s: float | None = None
     client_disconnected: bool = False
+    usage_estimated: bool = False  # the token counts are an estimate (a stream that ended before its usage)
     temperature: Any = None
     max_tokens: Any = None
     attempts: list[Attempt] = dataclasses.field(default_factory=list)
@@ -179,6 +180,8 @@ def call_attributes(r: CallRecord, latency_ms: float) -> dict[str, Any]:
         a[sc.TIME_TO_FIRST_CHUNK] = round(r.ttft_s, 6)
     if r.client_disconnected:
         a[sc.CLIENT_DISCONNECTED] = True
+    if r.usage_estimated:
+        a[sc.USAGE_ESTIMATED] = True
     if isinstance(r.temperature, (int, float)) and not isinstance(r.temperature, bool):
         a[sc.REQUEST_TEMPERATURE] = float(r.temperature)
     if isinstance(r.max_tokens, int) and not isinstance(r.max_tokens, bool):

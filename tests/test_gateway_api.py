@@ -248,6 +248,10 @@ def test_stream_cut_midway_ends_with_an_error_the_sdk_raises(gateway):
     assert "stream" in str(e.value).lower()
     span = gateway.recorder.call(trace_of(raw))
     assert span.attributes[sc.ERROR_TYPE] == "stream_cut" and span.status.status_code.name == "ERROR"
+    # cut before its usage chunk, yet billed: estimated counts, marked. Prompt: 25 characters -> 7 tokens, plus 3
+    # for each of the 2 messages and the reply's primer; output: "Echo:" before the cut -> 2
+    assert (span.attributes[sc.INPUT_TOKENS], span.attributes[sc.OUTPUT_TOKENS]) == (16, 2)
+    assert span.attributes[sc.USAGE_ESTIMATED] is True
 
 
 def test_client_disconnect_mid_stream_is_recorded(gateway):
@@ -259,6 +263,13 @@ def test_client_disconnect_mid_stream_is_recorded(gateway):
     span = gateway.recorder.call(tid, timeout=10)
     assert span.attributes[sc.ERROR_TYPE] == "client_disconnected"
     assert span.attributes[sc.CLIENT_DISCONNECTED] is True
+    assert span.attributes[sc.INPUT_TOKENS] == 16 and span.attributes[sc.USAGE_ESTIMATED] is True
+    # a stream that ends with its usage chunk keeps the provider's counts, unmarked
+    raw = client(gateway).chat.completions.with_raw_response.create(model="gpt-test", messages=MSG, stream=True)
+    list(raw.parse())
+    done = gateway.recorder.call(trace_of(raw))
+    usage = (done.attributes[sc.INPUT_TOKENS], done.attributes[sc.OUTPUT_TOKENS])
+    assert sc.USAGE_ESTIMATED not in done.attributes and usage == (12, 3)  # tests/upstream.py's counts
 
 
 # -- litellm-translated provider -----------------------------------------------------------------------------------

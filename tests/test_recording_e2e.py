@@ -148,6 +148,37 @@ EXPECTED_OTEL_TRACES = [
 ]
 
 
+def test_a_stream_cut_short_is_billed_at_estimated_counts(upstream, chdb_store, tmp_path, chdb_dsn):
+    """The provider bills a stream that broke off for its prompt and what it generated; without a usage chunk the
+    call was recorded with no tokens and no cost, so stats and budgets counted it free. Its counts are now
+    estimated (~4 characters a token, a few tokens a message), priced, and marked as estimates in `tagway show`."""
+    from typer.testing import CliRunner  # noqa: PLC0415
+    import typer  # noqa: PLC0415
+    from gateway import stats_cli  # noqa: PLC0415
+
+    cust = f"cut-{uuid.uuid4().hex[:8]}"
+    priced = {"name": "cut-priced", "model": "cut-priced", "provider": "openai", "base_url": upstream.base_url,
+              "api_key_env": "TEST_UPSTREAM_KEY", "input_cost_per_token": 1e-6, "output_cost_per_token": 2e-6}
+    long = "word " * 400  # 2,000 characters -> 500 tokens
+    with recorded_gateway(upstream, chdb_store, str(tmp_path / "spool"), models=[priced]) as gw:
+        c = openai.OpenAI(base_url=gw.url + "/v1", api_key=KEYS["platform"], max_retries=0,
+                          default_headers={"x-tagway-customer": cust})
+        raw = c.chat.completions.with_raw_response.create(model="cut-priced", stream=True, messages=[
+            {"role": "user", "content": long}])
+        with pytest.raises(openai.APIError):
+            list(raw.parse())
+        tid = raw.headers["x-tagway-trace-id"]
+        assert gw.recorder.force_flush()
+    row = rows_for(chdb_store, [tid])[tid]
+    assert (row["error_type"], row["input_tokens"], row["output_tokens"]) == ("stream_cut", 500 + 6, 2)
+    assert row["cost_usd"] == pytest.approx(506e-6 + 2 * 2e-6)
+    app = typer.Typer()
+    stats_cli.register(app)
+    shown = CliRunner().invoke(app, ["show", tid, "--dsn", chdb_dsn], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    assert "506 in / 2 out (estimated: the stream ended before the provider's count)" in shown.stdout
+
+
 def test_otel_traces_has_the_collector_columns(chdb_store):
     got = [(r["name"], r["type"]) for r in chdb_store.query("DESCRIBE TABLE otel_traces")]
     assert got == EXPECTED_OTEL_TRACES

@@ -1,0 +1,46 @@
+"""Token counts for a stream that ended early (the client hung up, the upstream cut it): it never got to its usage
+chunk, yet the provider bills the prompt and what it generated, and without counts the call cost nothing in stats
+and budgets. The record then carries an estimate, marked as one (`tagway.usage.estimated`).
+
+The estimate is OpenAI's rule of thumb, ~4 characters a token of English text, plus the chat format's few tokens a
+message. A tokenizer would be closer (tiktoken, on the files litellm ships), but holds ~75-115 MB per process for a
+rare path; the estimate's error (~10-25% on prose, more on code or CJK) is small beside the zero it replaces.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import orjson
+
+__all__ = ["CHARS_PER_TOKEN", "tokens_of_chars", "estimate_prompt_tokens"]
+
+CHARS_PER_TOKEN = 4
+_PER_MESSAGE = 3  # each chat message's role and separators (and the reply's primer)
+_NOT_TEXT = frozenset({"type", "role", "id", "tool_call_id", "image_url", "input_audio", "file", "cache_control"})
+
+
+def tokens_of_chars(chars: int) -> int:
+    return math.ceil(chars / CHARS_PER_TOKEN)
+
+
+def _chars(value: Any) -> int:
+    """Characters of every string in a message's content (text parts, tool calls' names and arguments), not its
+    keys, ids or inline data (an image's base64 is billed by its size in pixels, not counted here)."""
+    if isinstance(value, str):
+        return 0 if value.startswith("data:") else len(value)
+    if isinstance(value, dict):
+        return sum(_chars(v) for k, v in value.items() if k not in _NOT_TEXT)
+    if isinstance(value, list):
+        return sum(_chars(v) for v in value)
+    return 0
+
+
+def estimate_prompt_tokens(payload: dict) -> int:
+    """A request's prompt tokens: chat messages and tool definitions, or a completion's prompt."""
+    messages = payload.get("messages")
+    if isinstance(messages, list):
+        tools = payload.get("tools")
+        tool_chars = len(orjson.dumps(tools)) if isinstance(tools, list) and tools else 0  # schemas' keys count too
+        return tokens_of_chars(_chars(messages) + tool_chars) + _PER_MESSAGE * (len(messages) + 1)
+    return tokens_of_chars(_chars(payload.get("prompt")))
