@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from exporters.vocabulary import PRODUCTION_SOURCE
+from exporters.vocabulary import NON_PRODUCTION_SOURCES
 
 from .auth import KeyRing
 from .config import GatewayConfig, load_config
@@ -126,14 +126,18 @@ class TagwayApp:
         self._budget_task = asyncio.ensure_future(refresh_forever())
 
     def _read_spend(self, scope: str, who: str, since: float) -> float:
-        """Recorded production spend of a tenant or key since a Unix time (blocking; on a worker thread)."""
+        """Recorded spend of a tenant or key since a Unix time (blocking; on a worker thread): every call but the
+        gateway's own replay, judge and shadow calls, which only privileged keys can mark. A tenant names its own
+        calls' source freely (`x-tagway-source: batch`): counting `production` alone let it spend past its budget."""
         store = self.query_store
         if store is None:
             raise RuntimeError("the store is not reachable")
         column = "customer" if scope == "tenant" else "key_id"
         rows = store.query(f"SELECT sum(cost_usd) AS usd FROM {self._calls_table} WHERE {column} = {{who:String}} "
-                           "AND Timestamp >= fromUnixTimestamp64Nano({since:Int64}) AND source = {src:String}",
-                           parameters={"who": who, "since": int(since * 1e9), "src": PRODUCTION_SOURCE})
+                           "AND Timestamp >= fromUnixTimestamp64Nano({since:Int64}) "
+                           "AND source NOT IN {gateway_own:Array(String)}",
+                           parameters={"who": who, "since": int(since * 1e9),
+                                       "gateway_own": list(NON_PRODUCTION_SOURCES)})
         return float(rows[0]["usd"] or 0.0) if rows else 0.0
 
     def flush_recording(self) -> bool:

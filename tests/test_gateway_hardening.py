@@ -381,7 +381,9 @@ def test_rate_limits_and_budgets_per_key_and_tenant(tmp_path):
             row = g.call_row(e.value.response.headers["x-tagway-trace-id"], ADMIN)
             assert (row["error_type"], row["http_status"], row["customer"]) == ("rate_limited", 429, "limited")
 
-            spender = openai.OpenAI(base_url=g.url + "/v1", api_key=keys["spender"], max_retries=0)
+            # a source the tenant names itself is still its spend (only replay, judge and shadow calls are not)
+            spender = openai.OpenAI(base_url=g.url + "/v1", api_key=keys["spender"], max_retries=0,
+                                    default_headers={"x-tagway-source": "free-tier"})
             first = spender.chat.completions.with_raw_response.create(
                 model="gpt-test", messages=[{"role": "user", "content": "hi"}])
             assert "x-tagway-budget-warning" not in first.headers
