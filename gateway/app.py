@@ -230,7 +230,7 @@ class TagwayApp:
 
     # -- ASGI ---------------------------------------------------------------------------------------------------
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if self._cors is not None and scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if self._cors is not None and scope["type"] == "http" and _cors_path(scope["path"]):
             await self._cors(scope, receive, send)
             return
         await self._dispatch(scope, receive, send)
@@ -272,6 +272,12 @@ class TagwayApp:
                 finally:
                     await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _cors_path(path: str) -> bool:
+    """The OpenAI API's routes, not tagway's own under /v1/tagway (a tenant's recorded calls: a key shipped in a
+    browser app must not let the app's visitors read them)."""
+    return path.startswith("/v1/") and not path.startswith("/v1/tagway")
 
 
 def _cors(origins: list[str], app: Any) -> Any:

@@ -105,8 +105,9 @@ def test_preflight_answers_and_nothing_changes_without_the_setting(cors_gateway,
     pre = httpx.options(cors_gateway.url + "/v1/chat/completions", headers=ask)
     assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == origins[0]
     assert "x-stainless-os" in pre.headers["access-control-allow-headers"]  # the SDK's own headers pass
-    # the admin API and the dashboard are not opened to other origins
-    assert "access-control-allow-origin" not in httpx.options(cors_gateway.url + "/admin/stats", headers=ask).headers
+    # the admin API, the dashboard and tagway's own /v1/tagway routes (a tenant's recorded calls) stay same-origin
+    for path in ("/admin/stats", "/v1/tagway/calls"):
+        assert "access-control-allow-origin" not in httpx.options(cors_gateway.url + path, headers=ask).headers
     # no origins configured: a preflight is refused as before, and answers carry no CORS header
     assert httpx.options(gateway.url + "/v1/chat/completions", headers=ask).status_code == 405
     r = httpx.post(gateway.url + "/v1/chat/completions", headers={"origin": origins[0],
