@@ -31,7 +31,7 @@ from .headers import HeaderFilter
 from .model_routes import ModelRoutes
 from .providers import ProviderRegistry, UpstreamFailure, kind_of
 from .redact import Redactor
-from .routes_table import Route, strip_version
+from .routes_table import Route, check_resource_id, strip_version
 from .tags import check_header, resolve_tags
 from .telemetry import CallRecord, CallSpans
 
@@ -102,6 +102,8 @@ class Passthrough:
         rec.key_id, rec.customer = principal.key_id, principal.customer
         if call.repeated:
             raise duplicate_header(call.repeated)
+        for name, value in params.items():
+            check_resource_id(name, value)
         body = await call.read_body(self._max_body)
         content_type = _header(scope, b"content-type")
         payload: dict = {}

@@ -11,7 +11,14 @@ from __future__ import annotations
 import dataclasses
 import re
 
-__all__ = ["Route", "ROUTES", "match", "allowed_methods", "strip_version"]
+from .errors import bad_request
+
+__all__ = ["Route", "ROUTES", "match", "allowed_methods", "strip_version", "check_resource_id"]
+
+# What an upstream's resource ids look like (file-abc, batch_abc, resp_..., chatcmpl-..., ft:gpt-4o:org:x:id). The
+# ASGI path is percent-decoded: an id of %2e%2e or with %3F would reach other upstream paths (POST {base}/cancel)
+# or add a query, with the gateway's provider key.
+_RESOURCE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,255}\Z")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -66,6 +73,12 @@ ROUTES: tuple[Route, ...] = (
     _r("GET", "/batches/{id}", "batches.retrieve"),
     _r("POST", "/batches/{id}/cancel", "batches.cancel"),
 )
+
+
+def check_resource_id(name: str, value: str) -> None:
+    if not _RESOURCE_ID.match(value):
+        raise bad_request(f"{value[:64]!r} is not a resource id (letters, digits, '_', '-', '.', ':').",
+                          code="invalid_resource_id", param=name)
 
 
 def strip_version(path: str) -> str:

@@ -152,3 +152,17 @@ def test_model_less_route_with_several_upstreams_needs_a_hint(gateway, upstream)
     assert r.status_code == 400 and r.json()["error"]["code"] == "upstream_ambiguous"
     r = httpx.get(gateway.url + "/v1/files/file-1", headers={**h, "x-tagway-model": "gpt-test"})
     assert r.status_code == 200 and r.json()["path"] == "/v1/files/file-1"
+
+
+@pytest.mark.parametrize("raw_path", ["/v1/files/%2e%2e/content", "/v1/batches/%2E%2E/cancel",
+                                      "/v1/files/file-a%3Fpurpose=x", "/v1/responses/%2e%2e"])
+def test_a_resource_id_that_would_reach_another_upstream_path_is_refused(gw, upstream, raw_path):
+    """The ASGI path is percent-decoded: `%2e%2e` became `..`, which the upstream client resolved to another path
+    (`POST {base}/cancel`, `GET {base}/content`), and `%3F` a query, all with the gateway's provider key."""
+    upstream.clear()
+    method = "POST" if raw_path.endswith("/cancel") else "GET"
+    with httpx.Client() as h:
+        r = h.send(h.build_request(method, gw.url + raw_path, headers={"authorization": f"Bearer {ACME}"}))
+    err = r.json()["error"]
+    assert (r.status_code, err["code"], err["param"]) == (400, "invalid_resource_id", "id"), r.text
+    assert upstream.requests == []
