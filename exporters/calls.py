@@ -112,8 +112,8 @@ class Cursor:
         except (ValueError, binascii.Error, UnicodeDecodeError, QueryInputError):
             raise QueryInputError(f"invalid cursor {show(raw, 40)}: pass the `next` value of the previous page "
                                   "as it is", param="cursor") from None
-        if cursor.ts_ns < 0:
-            raise QueryInputError("invalid cursor: negative time", param="cursor")
+        if not 0 <= cursor.ts_ns < 2**63:  # an Int64 of nanoseconds, as the pages' cursors are made
+            raise QueryInputError("invalid cursor: its time is out of range", param="cursor")
         return cursor
 
 

@@ -3,6 +3,7 @@ traffic and two replay runs (tests/board_seed.py): keyset pages, tenant limits w
 and the pure helpers (cursor, truncation, diff, session link)."""
 from __future__ import annotations
 
+import base64
 import re
 import time
 
@@ -84,6 +85,8 @@ def test_a_platform_key_reads_the_calls_it_made(board, chdb_store):
 
 @pytest.mark.parametrize("params,param,needle", [
     ({"cursor": "not-a-cursor"}, "cursor", "invalid cursor"),
+    # a time past Int64's nanoseconds was an OverflowError: a plain 500 and a traceback in the log
+    ({"cursor": base64.urlsafe_b64encode(f"{10**30}:{'a' * 32}".encode()).decode()}, "cursor", "out of range"),
     ({"limit": "0"}, "limit", "limit must be between 1 and 500"),
     ({"q": "x" * 201}, "q", "search text is too long"),
     ({"segment": "refund"}, "segment", "segment needs dataset"),
