@@ -9,7 +9,8 @@ UTC); at `soft` (a fraction) responses carry a warning header, at the budget cal
 period. Spend is read from the store (every `refresh_seconds`, off the event loop) and topped up in-process by
 each call's cost. A call's cost is known only when it ends, so the calls in flight count too, each at the scope's
 recent average cost a call: a burst of concurrent calls stops at the budget (give or take one call), instead of
-every call of the burst being admitted against the spend before it.
+every call of the burst being admitted against the spend before it. Until a call of the scope has ended (since the
+gateway started) that cost is unknown, so its calls are admitted one at a time until then.
 
 Buckets live in the process. With `tagway serve --workers N` each worker enforces its 1/N share of every rate
 limit (the OpenAI SDK's clients spread over workers evenly enough for this); budgets are shared through the store.
@@ -44,10 +45,12 @@ def usd_text(usd: float) -> str:
     return "$" + (text if len(text.split(".")[1]) >= 2 else f"{usd:.2f}")
 
 class TokenBucket:
-    __slots__ = ("capacity", "rate", "level", "stamp")
+    __slots__ = ("limit", "capacity", "rate", "level", "stamp")
 
     def __init__(self, per_minute: float, now: float) -> None:
-        self.capacity = float(per_minute)
+        self.limit = per_minute
+        # at least one request: a bucket smaller than one (rpm 1 shared by 2 workers: 0.5 each) never admits any
+        self.capacity = max(1.0, float(per_minute))
         self.rate = per_minute / 60.0  # per second
         self.level = self.capacity
         self.stamp = now
@@ -97,7 +100,7 @@ class Limiter:
     def _bucket(self, table: dict, who: tuple[str, str], per_minute: int, now: float) -> TokenBucket:
         b = table.get(who)
         limit = per_minute * self.share
-        if b is None or b.capacity != limit:  # new, or the limit changed
+        if b is None or b.limit != limit:  # new, or the limit changed
             b = table[who] = TokenBucket(limit, now)
         return b
 
@@ -179,6 +182,7 @@ class Budgets:
         self._periods: dict[tuple[str, str], str] = {}
         self._in_flight: dict[tuple[str, str], int] = {}  # admitted calls not ended yet
         self._per_call: dict[tuple[str, str], float] = {}  # recent average cost of a call (EWMA of ended calls)
+        self._ended: set[tuple[str, str]] = set()  # scopes a call has ended in since start
         self.refused = 0
         self.refused_in_flight = 0
 
@@ -203,6 +207,11 @@ class Budgets:
                            f"{usd_text(usd)} per {per}; calls resume when the period ends.",
                            max(1.0, end - self.clock())), ""
         n = self._in_flight.get(who, 0)
+        if n and who not in self._ended:  # no call has ended yet: what one costs is unknown, so one at a time
+            self.refused_in_flight += 1
+            return Refusal("budget_in_flight", f"Budget: {who[0]} {who[1]!r} spent {usd_text(spent)} of "
+                           f"{usd_text(usd)} per {per}, and a call is in flight whose cost is not known yet (the "
+                           "first since the gateway started); retry once it ends.", IN_FLIGHT_RETRY_SECONDS), ""
         pending = n * self._per_call.get(who, 0.0)
         if spent + pending >= usd:  # the calls in flight will likely spend the rest: wait for them, not the period
             self.refused_in_flight += 1
@@ -223,6 +232,7 @@ class Budgets:
 
     def end(self, who: tuple[str, str], cost: float) -> None:
         """The call `begin` counted ended having cost `cost` (0 for one that failed or was not priced)."""
+        self._ended.add(who)
         n = self._in_flight.get(who, 0) - 1
         if n > 0:
             self._in_flight[who] = n

@@ -161,9 +161,11 @@ def test_calls_in_flight_count_against_the_budget_at_the_recent_cost_a_call():
 
 
 def test_a_rate_limited_call_is_not_counted_in_flight():
-    lim = LimitsConfig(rpm=1, budget=BudgetConfig(usd=1.0, per="1d"))
+    lim = LimitsConfig(rpm=2, budget=BudgetConfig(usd=1.0, per="1d"))
     cl = CallLimits()
     scopes = [(("key", "k"), lim)]
+    assert cl.admit(scopes)[0] is None
+    cl.finish(scopes, tokens=10, cost=0.01)  # one call ended: what a call costs is known (until then, one at a time)
     assert cl.admit(scopes)[0] is None
     refusal, _ = cl.admit(scopes)
     assert refusal.code == "rate_limited" and cl.budgets._in_flight == {("key", "k"): 1}

@@ -1,0 +1,132 @@
+"""Multi-tenant limits trial (a platform team's first week): budgets and rate limits through the real `tagway serve`
+(embedded chDB), a real OpenAI-compatible upstream on 127.0.0.1 and the openai SDK's async client."""
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from gateway.auth import hash_key
+from tests.gateway_process import ENV, GatewayProcess
+from tests.http_server import free_port
+from tests.upstream import Upstream
+
+ADMIN = "tw-trial-admin-0123456789abcdefghijklmnop"
+KEY = "tw-trial-beta-0123456789abcdefghijklmnopqr"
+PRICE = {"input_cost_per_token": 0.001, "output_cost_per_token": 0.001}  # "hi" -> 11 + 2 tokens: $0.013 a call
+CALL_USD = 0.013
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    up = Upstream().start()
+    yield up
+    up.stop()
+
+
+def _burst(url: str, key: str, model: str, n: int, retries: int = 0) -> list:
+    """n concurrent chat calls with the SDK's async client: each a response or the exception it raised."""
+    async def run() -> list:
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=key, max_retries=retries, timeout=30)
+        msg = [{"role": "user", "content": "hi"}]
+        try:
+            return await asyncio.gather(*(client.chat.completions.with_raw_response.create(model=model, messages=msg)
+                                          for _ in range(n)), return_exceptions=True)
+        finally:
+            await client.close()
+    return asyncio.run(run())
+
+
+def test_a_first_burst_stops_at_the_budget(tmp_path, upstream):
+    """A tenant's first calls since the gateway started: no call had ended, so the average cost a call that calls in
+    flight are counted at was unknown (0), and a burst of 30 concurrent calls was admitted whole against a budget of
+    about four calls ($0.39 of $0.05; the trial saw 58 calls, $0.75 of $0.13). Until one call has ended they are now
+    admitted one at a time (the others get a 429 budget_in_flight the SDKs retry), and spending stops at the budget
+    give or take one call."""
+    cfg = {"admin_key_env": "TAGWAY_ADMIN_KEY",
+           "models": [{"name": "slow", "provider": "openai", "model": "slow-priced", "base_url": upstream.base_url,
+                       "api_key_env": "UP_KEY", **PRICE}],
+           "tenants": [{"customer": "beta", "keys": [{"id": "beta-1", "hash": hash_key(KEY)}],
+                        "limits": {"budget": {"usd": 0.05, "per": "month"}}}]}
+    with GatewayProcess(tmp_path, cfg, env={"TAGWAY_ADMIN_KEY": ADMIN, "UP_KEY": "sk-up"}) as gw:
+        first = _burst(gw.url, KEY, "slow", 30)  # the upstream takes 2 s: every call is in flight at once
+        answered = [r for r in first if not isinstance(r, Exception)]
+        refused = [r for r in first if isinstance(r, openai.RateLimitError)]
+        assert len(answered) == 1 and len(refused) == 29, [type(r).__name__ for r in first]
+        r = refused[0]
+        assert r.code == "budget_in_flight" and r.body["type"] == "rate_limit_error"
+        assert r.response.headers["retry-after"] == "2" and r.response.headers["x-should-retry"] == "true"
+        assert "not known yet" in r.message
+        # the cost of a call is known now: the next burst is admitted up to the budget, give or take one call
+        second = _burst(gw.url, KEY, "slow", 30)
+        answered += [r for r in second if not isinstance(r, Exception)]
+        assert 1 < len(answered) <= round(0.05 / CALL_USD) + 1
+        assert all(isinstance(r, openai.RateLimitError) for r in second if isinstance(r, Exception))
+        # spent: the SDK does not retry a spent budget (x-should-retry: false), whatever its max_retries
+        t0 = time.monotonic()
+        with pytest.raises(openai.RateLimitError) as spent:
+            openai.OpenAI(base_url=gw.url + "/v1", api_key=KEY, max_retries=3).chat.completions.create(
+                model="slow", messages=[{"role": "user", "content": "hi"}])
+        assert spent.value.code == "budget_exceeded" and time.monotonic() - t0 < 1.5
+        rows = gw.get("/admin/budgets", ADMIN).json()["data"]
+        assert rows[0]["id"] == "beta" and rows[0]["spent_usd"] <= 0.05 + CALL_USD + 1e-9
+        # what the store recorded agrees: the calls answered, each at its price
+        deadline = time.monotonic() + 15
+        while True:
+            stored = gw.query("SELECT count() AS n, sum(cost_usd) AS usd FROM llm_calls WHERE customer = 'beta' "
+                              "AND http_status = 200", ADMIN)[0]
+            if stored["n"] == len(answered) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert stored["n"] == len(answered) and float(stored["usd"]) == pytest.approx(CALL_USD * len(answered))
+
+
+def test_rpm_below_the_number_of_workers_still_admits_calls(tmp_path, upstream):
+    """`rpm: 1` with `tagway serve --workers 2`: each worker's share was a bucket of half a request, which never
+    holds one, so every call was refused for ever (429, retry-after 60, repeated). A worker's bucket now holds at
+    least one request: the limit is kept over time, not refused outright."""
+    key = "tw-trial-small-0123456789abcdefghijklmnopq"
+    port = free_port()
+    cfg = {"server": {"host": "127.0.0.1", "port": port}, "recording": {"enabled": False},
+           "storage": {"data_dir": str(tmp_path / "data")},
+           "models": [{"name": "ok", "provider": "openai", "model": "ok-a", "base_url": upstream.base_url,
+                       "api_key_env": "UP_KEY", **PRICE}],
+           "tenants": [{"customer": "small", "keys": [{"id": "small-1", "hash": hash_key(key)}],
+                        "limits": {"rpm": 1}}]}
+    path = tmp_path / "tagway.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with open(tmp_path / "stderr.log", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", str(path), "--workers", "2"],
+                                stdout=subprocess.DEVNULL, stderr=err, env={**ENV, "UP_KEY": "sk-up"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, (tmp_path / "stderr.log").read_text()
+            try:
+                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "gateway did not become ready"
+            time.sleep(0.1)
+        time.sleep(1)  # both workers up
+        results = _burst(url, key, "ok", 10)
+        answered = [r for r in results if not isinstance(r, Exception)]
+        assert 1 <= len(answered) <= 2, [type(r).__name__ for r in results]  # one per worker at most
+        assert all(isinstance(r, openai.RateLimitError) and r.code == "rate_limited"
+                   for r in results if isinstance(r, Exception))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
