@@ -92,7 +92,7 @@ class Spool:
         self._pending: dict[str, int] = {}  # name -> size in bytes
         self._pending_bytes = 0
         self._rows: dict[str, int] = {}  # name -> spans in it, as its header says (read once, for the gauge)
-        os.makedirs(self.directory, exist_ok=True)
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)  # spooled spans hold captured prompts: the owner's
         self._lock_fd: int | None = lock_dir(self.directory, _LOCK, SpoolLockedError(
             f"the spool directory {self.directory} is in use by another process; give each gateway process its own"
             " spool directory"))
@@ -205,7 +205,7 @@ class Spool:
         header = orjson.dumps({"format": FORMAT, "v": VERSION, "table": batch.table, "rows": batch.rows,
                                "bytes": batch.size, "sha256": batch.digest}) + b"\n"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 _write_all(fd, header)
                 for part in batch.parts:

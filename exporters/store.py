@@ -290,7 +290,7 @@ def connect(dsn: str, *, settings: dict[str, Any] | None = None, connect_timeout
             if is_embedded(dsn):
                 path = chdb_path(dsn)
                 if path != ":memory:" and not role:
-                    os.makedirs(path, exist_ok=True)
+                    os.makedirs(path, mode=0o700, exist_ok=True)  # every tenant's captured content is in it
                     lock_fd = lock_dir(path, LOCK_FILE, StoreLockedError(
                         f"the embedded store {path} is in use by another process (chDB allows one process per data"
                         " directory); stop the other tagway process, choose another data directory, or use a"

@@ -50,7 +50,7 @@ class WriteAheadLog:
     # full disk's last megabytes for minutes.
     def __init__(self, directory: str, *, segment_bytes: int = 8 << 20) -> None:
         self.directory = directory
-        os.makedirs(directory, exist_ok=True)
+        os.makedirs(directory, mode=0o700, exist_ok=True)  # the log holds captured prompts: the owner's only
         self._segment_bytes = segment_bytes
         self._lock = threading.Lock()
         self._seg = max((_segment_no(n) for n in os.listdir(directory) if _segment_no(n) is not None), default=-1)
@@ -164,7 +164,7 @@ class WriteAheadLog:
         self._drop_done_prefix()  # the segment just closed too, when it and all before it are stored
         try:
             self._fd = os.open(os.path.join(self.directory, f"{_PREFIX}{self._seg:08d}{_SUFFIX}"),
-                               os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                               os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             self._open_failed = False
         except OSError as e:  # a full or read-only disk: the log is a safety net, recording goes on without it
             # no file, so nothing to track (each chunk tries again: ~36,000 empty entries an hour of a full disk)

@@ -257,3 +257,23 @@ def test_a_wal_segment_that_cannot_be_opened_is_tried_again(tmp_path, monkeypatc
     wal.chunk(50, 10, _batch(50).body)  # the disk has room again: a new segment, written
     assert any(p.stat().st_size for p in (tmp_path / "wal").glob("wal-*.log"))
     wal.close()
+
+
+def test_spooled_and_logged_spans_are_the_owners_only(tmp_path) -> None:
+    """Spool files and the write-ahead log hold every tenant's captured prompts: on a host with other users they
+    were 0644 in a 0755 directory, readable by anyone (security trial). Now 0600 in 0700 directories."""
+    from exporters.wal import WriteAheadLog
+
+    sp = Spool(str(tmp_path / "spool"), metrics=ExportMetrics())
+    assert sp.write(_batch(1), sp.reserve())
+    (f,) = sp.pending()
+    wal = WriteAheadLog(str(tmp_path / "spool" / "wal"))
+    wal.chunk(0, 3, _batch(2).body)
+    logs = [p for p in (tmp_path / "spool" / "wal").iterdir() if p.is_file() and p.stat().st_size]
+    assert logs
+    for path in [tmp_path / "spool" / f.name, *logs]:
+        assert path.stat().st_mode & 0o777 == 0o600, path
+    for d in (tmp_path / "spool", tmp_path / "spool" / "wal"):
+        assert d.stat().st_mode & 0o777 == 0o700, d
+    wal.close()
+    sp.close()
