@@ -99,7 +99,7 @@ def _production(sel: Selection, p: _Params, database: str) -> tuple[str, str]:
     """The condition on the selection's calls that reached an upstream, and the expression true for a complained one
     (feedback since the window's start)."""
     since = p.time(sel.window.start)
-    return (f"{_where(sel, p, sel.window)} AND {REACHED_UPSTREAM}",
+    return (f"{_where(sel, p, sel.window, database)} AND {REACHED_UPSTREAM}",
             f"trace_id IN (SELECT trace_id FROM {feedback_table(database)} WHERE complaint AND Timestamp >= {since})")
 
 

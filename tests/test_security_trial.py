@@ -119,6 +119,9 @@ def test_feedback_per_segment_reads_the_configured_database(chdb_store):
     report = q.segment_stats(chdb_store, sel, ("customer",), min_calls=0, database=db)
     assert [(s.calls, s.complaints) for s in report.segments] == [(1, 1)]
     assert report.total.complaints == 1
+    # the coverage map's production counts had the same default-database join (review)
+    from exporters.coverage import production_counts
+    assert production_counts(chdb_store, sel, db) == {"calls": 1, "errors": 0, "complaints": 1}
 
 
 def test_no_key_can_take_the_admin_keys_id(upstream, tmp_path, caplog):
