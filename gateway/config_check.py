@@ -11,7 +11,7 @@ from typing import Mapping, Sequence
 
 from .config import GatewayConfig, KeyConfig
 
-__all__ = ["Finding", "findings", "orphan_keys", "probe_store", "probe_spool", "ADMIN_KEY_HOWTO"]
+__all__ = ["Finding", "findings", "orphan_keys", "unpriced_budgets", "probe_store", "probe_spool", "ADMIN_KEY_HOWTO"]
 
 ADMIN_KEY_HOWTO = ("create one with `tagway keys admin` and set it in the gateway's environment "
                    "(export {env}=<key>), or put the admin_key_hash it prints in the config")
@@ -52,6 +52,7 @@ def findings(cfg: GatewayConfig, path: str | None, env: Mapping[str, str], store
         out.append(Finding("tenants", "no tenants: only the admin key can make calls",
                            "add a tenant (customer: name), then `tagway keys create --customer name`"))
     out += orphan_keys(keys_without_tenant)
+    out += unpriced_budgets(cfg)
     if store_error:
         out.append(Finding("storage.dsn" if cfg.storage.dsn else "storage.data_dir", store_error,
                            "the gateway would start and spool every call to disk until the store answers"
@@ -59,6 +60,30 @@ def findings(cfg: GatewayConfig, path: str | None, env: Mapping[str, str], store
     if spool_error and not (store_error and not cfg.storage.spool_dir):  # under data_dir: said just above
         out.append(Finding("storage.spool_dir" if cfg.storage.spool_dir else "storage.data_dir", spool_error,
                            "`tagway serve` refuses to start without a spool; choose a directory this user can write"))
+    return out
+
+
+def unpriced_budgets(cfg: GatewayConfig) -> list[Finding]:
+    """Budgets over models that have no price (in the config or litellm's map): their calls carry no cost, so the
+    budget never counts them (`tagway serve` names such models at start, but not the budgets they defeat)."""
+    budgets = [(f"tenants[{i}] ({t.customer}).limits.budget", t) for i, t in enumerate(cfg.tenants)
+               if t.limits is not None and t.limits.budget is not None]
+    budgets += [(f"tenants[{i}] ({t.customer}).keys[{j}] ({k.id}).limits.budget", t) for i, t in enumerate(cfg.tenants)
+                for j, k in enumerate(t.keys) if k.limits is not None and k.limits.budget is not None and not k.revoked]
+    if not budgets:
+        return []
+    from .pricing import Pricing  # noqa: PLC0415 - reads litellm's packaged price map: only when there are budgets
+
+    unpriced = Pricing().unpriced(cfg.models)
+    out = []
+    for where, tenant in budgets:
+        names = [m.name for m in unpriced if tenant.allows(m.name)]
+        if names:
+            out.append(Finding(where, f"{', '.join(names)} {'has' if len(names) == 1 else 'have'} no price, so "
+                               "calls to it are recorded without a cost and this budget does not count them",
+                               "set input_cost_per_token and output_cost_per_token on "
+                               f"{'it' if len(names) == 1 else 'them'}, or leave it out of the tenant's "
+                               "allowed_models"))
     return out
 
 

@@ -130,3 +130,31 @@ def test_rpm_below_the_number_of_workers_still_admits_calls(tmp_path, upstream):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_config_check_warns_about_a_budget_over_unpriced_models(tmp_path, upstream):
+    """A tenant's budget whose models have no price (none in the config, none in litellm's map) never counts their
+    calls; `tagway config check` said "ok" (only `tagway serve`'s start-up log named the model, not the budget)."""
+    cfg = {"admin_key_env": "TAGWAY_ADMIN_KEY", "storage": {"data_dir": str(tmp_path / "data")},
+           "models": [{"name": "my-llama", "provider": "openai", "model": "ok-llama-local", "api_key_env": "UP_KEY",
+                       "base_url": upstream.base_url},
+                      {"name": "priced", "provider": "openai", "model": "ok-a", "api_key_env": "UP_KEY",
+                       "base_url": upstream.base_url, **PRICE}],
+           "tenants": [{"customer": "acme", "limits": {"budget": {"usd": 5}}},
+                       {"customer": "beta", "allowed_models": ["priced"], "limits": {"budget": {"usd": 5}}},
+                       {"customer": "gamma"}]}
+    path = tmp_path / "tagway.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**ENV, "TAGWAY_ADMIN_KEY": ADMIN, "UP_KEY": "sk-up"}
+    run = subprocess.run([sys.executable, "-m", "gateway.cli", "config", "check", "--config", str(path), "--strict"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 1, run.stdout + run.stderr
+    warnings = [line for line in run.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: tenants[0] (acme).limits.budget: my-llama has no price, so calls to it are recorded "
+                        "without a cost and this budget does not count them; set input_cost_per_token and "
+                        "output_cost_per_token on it, or leave it out of the tenant's allowed_models"]
+    cfg["models"][0].update(PRICE)  # priced: nothing to say
+    path.write_text(yaml.safe_dump(cfg))
+    run = subprocess.run([sys.executable, "-m", "gateway.cli", "config", "check", "--config", str(path), "--strict"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0 and run.stdout.startswith("ok:"), run.stdout + run.stderr
