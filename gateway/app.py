@@ -77,7 +77,7 @@ class TagwayApp:
         db = config.storage.database
         self._calls_table = f"{db}.llm_calls" if db else "llm_calls"
         self.api = _build_api(self)
-        self._cors = _cors(config.server.cors_allow_origins, self._dispatch)
+        self._cors = _cors(config.server.cors_allow_origins, self)
 
     # -- lifetime -----------------------------------------------------------------------------------------------
     async def startup(self) -> None:
@@ -230,12 +230,11 @@ class TagwayApp:
 
     # -- ASGI ---------------------------------------------------------------------------------------------------
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if self._cors is not None and scope["type"] == "http" and _cors_path(scope["path"]):
+        # CORS (when configured) wraps this very method; the mark in the scope says it has been through
+        if self._cors is not None and scope["type"] == "http" and _CORS_MARK not in scope and _cors_path(scope["path"]):
+            scope[_CORS_MARK] = True
             await self._cors(scope, receive, send)
             return
-        await self._dispatch(scope, receive, send)
-
-    async def _dispatch(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["path"] in HOT_ROUTES and scope["method"] == "POST":
             if self.proxy is None:
                 await self.startup()
@@ -272,6 +271,9 @@ class TagwayApp:
                 finally:
                     await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+_CORS_MARK = "tagway.cors"
 
 
 def _cors_path(path: str) -> bool:

@@ -198,9 +198,11 @@ class ServerConfig(_Strict):
     def _origins(cls, v: list[str]) -> list[str]:
         out = []
         for origin in v:
-            o = origin.strip().rstrip("/")
-            if o != "*" and not re.fullmatch(r"https?://[^/\s?#]+", o):
-                raise ValueError(f"{origin!r} is not an origin: scheme://host[:port] (no path), or *")
+            # browsers send the origin lower-case, compared as a string: no wildcard or user inside it
+            o = origin.strip().rstrip("/").lower()
+            if o != "*" and not re.fullmatch(r"https?://([a-z0-9.\-]+|\[[0-9a-f:.]+\])(:[0-9]{1,5})?", o):
+                raise ValueError(f"{origin!r} is not an origin: scheme://host[:port] (no path, no wildcard in the "
+                                 "host), or * alone")
             out.append(o)
         return out
 

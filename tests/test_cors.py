@@ -116,6 +116,11 @@ def test_preflight_answers_and_nothing_changes_without_the_setting(cors_gateway,
     assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
 
 
-def test_an_origin_with_a_path_is_a_config_error():
+@pytest.mark.parametrize("origin", ["https://app.example/path", "https://*.example.com", "https://u@app.example"])
+def test_an_origin_that_could_never_match_is_a_config_error(origin):
+    """Browsers send `scheme://host[:port]`, lower-case, compared as a string: a path, a wildcard in the host or a
+    user would pass the config and silently never match."""
     with pytest.raises(ValueError, match="is not an origin"):
-        GatewayConfig(models=[], server={"cors_allow_origins": ["https://app.example/path"]})
+        GatewayConfig(models=[], server={"cors_allow_origins": [origin]})
+    upper = GatewayConfig(models=[], server={"cors_allow_origins": ["https://App.Example.com:8443/"]})
+    assert upper.server.cors_allow_origins == ["https://app.example.com:8443"]
