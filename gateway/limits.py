@@ -165,9 +165,10 @@ class _Spend:
     period_start: float
     stored: float = 0.0  # spend in the period, as the store last said
     recent: list[tuple[float, float]] = dataclasses.field(default_factory=list)  # (time, cost) added in-process
+    recent_usd: float = 0.0  # their sum, kept as they are added: every call's check reads it
 
     def total(self) -> float:
-        return self.stored + sum(c for _, c in self.recent)
+        return self.stored + self.recent_usd
 
 
 class Budgets:
@@ -224,7 +225,9 @@ class Budgets:
 
     def add(self, who: tuple[str, str], per: str, cost: float) -> None:
         if cost > 0:
-            self._current(who, per).recent.append((self.clock(), cost))
+            s = self._current(who, per)
+            s.recent.append((self.clock(), cost))
+            s.recent_usd += cost
 
     def begin(self, who: tuple[str, str]) -> None:
         """An admitted call: it counts against the budget at the scope's average cost a call until it ends."""
@@ -257,7 +260,7 @@ class Budgets:
             old = self._spend.get(who)
             recent = [(t, c) for t, c in (old.recent if old and old.period_start == start else ())
                       if t > now - _STORE_LAG]
-            self._spend[who] = _Spend(start, stored, recent)
+            self._spend[who] = _Spend(start, stored, recent, sum(c for _, c in recent))
 
     def report(self) -> list[dict]:
         """Every tracked budget's spend in its current period (for /admin/budgets)."""
