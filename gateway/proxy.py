@@ -29,7 +29,7 @@ from .errors import (UPSTREAM_AUTH_STATUS, GatewayError, error_body, forbidden, 
 from .limits import CallLimits
 from .headers import HeaderFilter
 from .pricing import Pricing
-from .providers import ProviderRegistry, UpstreamCall, UpstreamFailure, UpstreamResponse
+from .providers import ProviderRegistry, UpstreamCall, UpstreamFailure, UpstreamResponse, kind_of
 from .providers.sse import event_data, json_object
 from .redact import Redactor
 from .recent import RecentCalls
@@ -375,11 +375,13 @@ class Proxy(WireStreamRelay):
         opts = call.payload.get("stream_options")
         call.client_wants_usage = bool(call.stream and isinstance(opts, dict) and opts.get("include_usage") is True)
         failure: UpstreamFailure | None = None
+        last = first
         for d in chain:
             if d is not first and not self._allows(call, d.name):
                 call.rec.skipped = [*(call.rec.skipped or ()), d.name]  # a fallback this tenant may not use
                 continue
             attempt = call.rec.begin_attempt(d, self.routes.address(d), time.time_ns())
+            last = d
             try:
                 result = await self._try(call, d)
             except UpstreamFailure as f:
@@ -400,7 +402,7 @@ class Proxy(WireStreamRelay):
             return
         if failure is None:  # pragma: no cover - the first deployment is always tried
             raise GatewayError(502, "No deployment could serve this call.", type_="api_error", code="no_deployment")
-        raise self._final_error(failure, call.forward_headers)
+        raise self._final_error(failure, _sent_upstream(call.forward_headers, last))
 
     async def _try(self, call: Call, d: ModelConfig) -> UpstreamResponse | _Opened:
         """One deployment: its whole answer, or its stream once the first event is in (a stream that ends before
@@ -576,3 +578,12 @@ class Proxy(WireStreamRelay):
                     await call.end_stream()
                 except OSError:
                     rec.hung_up("mid-stream")
+
+
+def _sent_upstream(forwarded: list[tuple[bytes, bytes]], d: ModelConfig) -> list[tuple[bytes, bytes]]:
+    """The client's headers that went with a deployment's request: an OpenAI-compatible provider sends them unless
+    the deployment sets the same header itself; litellm's translation sends none."""
+    if not forwarded or kind_of(d.provider) != "pass_through":
+        return []
+    own = {k.lower().encode("latin-1") for k in d.headers}
+    return [(k, v) for k, v in forwarded if k not in own]

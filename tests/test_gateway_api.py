@@ -217,6 +217,27 @@ def test_a_provider_refusing_the_gateways_key_is_a_502_not_the_clients_401(gatew
     assert gateway.recorder.call(raw.headers["x-tagway-trace-id"]).attributes[sc.ATTEMPTS] == 2
 
 
+def test_a_translated_providers_refusal_names_no_header_it_never_got(upstream):
+    """litellm's translation sends none of the client's headers: an Anthropic deployment refusing the gateway's key
+    is the key's fault, whatever OpenAI-Organization the client sent (review: the 502 blamed the header)."""
+    from gateway.app import TagwayApp  # noqa: PLC0415
+    from gateway.config import GatewayConfig  # noqa: PLC0415
+    from tests.gateway_fixture import GatewayServer, MemoryRecorder, gateway_config  # noqa: PLC0415
+
+    cfg = gateway_config(upstream.base_url)
+    cfg["models"] = [*cfg["models"], {"name": "claude-key-bad", "provider": "anthropic", "model": "fail401-claude",
+                                      "base_url": upstream.url, "api_key_env": "TEST_UPSTREAM_KEY"}]
+    server = GatewayServer(TagwayApp(GatewayConfig(**cfg), recorder=MemoryRecorder())).start()
+    try:
+        with pytest.raises(openai.InternalServerError) as e:
+            client(server, organization="org-app").chat.completions.create(model="claude-key-bad", messages=MSG)
+    finally:
+        server.stop()
+    said = e.value.response.json()["error"]
+    assert said["code"] == "upstream_auth_error" and "Your key is fine" in said["message"], said
+    assert "org-app" not in said["message"]
+
+
 def test_final_upstream_error_is_relayed_without_secrets(gateway):
     with pytest.raises(openai.InternalServerError) as e:
         client(gateway).chat.completions.create(model="broken", messages=MSG)

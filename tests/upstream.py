@@ -322,8 +322,9 @@ class Upstream(ThreadedServer):
         model = body.get("model", "")
         if model.startswith("fail"):
             status = int(model[4:7])
-            return web.json_response({"type": "error", "error": {"type": "overloaded_error",
-                                                                 "message": f"anthropic says {status}"}},
+            kind = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 429: "rate_limit_error"}.get(status, "overloaded_error")  # Anthropic's
+            return web.json_response({"type": "error", "error": {"type": kind, "message": f"anthropic says {status}"}},
                                      status=status)
         user = ""
         for m in body.get("messages", []):
