@@ -62,7 +62,9 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Pa
     installed, and a project whose conftest had its own `--gateway` could not run its tests at all (argparse's
     "conflicting option string: --gateway"). Such a project keeps its option; the gate's is --tagway-gateway."""
     yield
-    taken = {name for group in getattr(parser, "_groups", ()) for opt in getattr(group, "options", ())
+    # a conftest's parser.addoption lands in the anonymous group, which pytest 8 keeps out of _groups (9 does not)
+    groups = [*getattr(parser, "_groups", ()), getattr(parser, "_anonymous", None)]
+    taken = {name for group in groups if group is not None for opt in getattr(group, "options", ())
              for name in opt.names()}
     if "--gateway" not in taken:
         parser.getgroup("tagway").addoption("--gateway", dest="tagway_gateway", default=None, help=_GATEWAY_HELP)
