@@ -125,20 +125,25 @@ class TagwayApp:
 
         self._budget_task = asyncio.ensure_future(refresh_forever())
 
-    def _read_spend(self, scope: str, who: str, since: float) -> float:
-        """Recorded spend of a tenant or key since a Unix time (blocking; on a worker thread): every call but the
-        gateway's own replay, judge and shadow calls, which only privileged keys can mark. A tenant names its own
-        calls' source freely (`x-tagway-source: batch`): counting `production` alone let it spend past its budget."""
+    def _read_spend(self, scope: str, who: str, since: float) -> tuple[float, int]:
+        """Recorded spend of a tenant or key since a Unix time, and how many priced calls made it (blocking; on a
+        worker thread): every call but the gateway's own replay, judge and shadow calls, which only privileged keys
+        can mark. A tenant names its own calls' source freely (`x-tagway-source: batch`): counting `production`
+        alone let it spend past its budget. A tenant's spend is its calls' and its keys' (a platform key's calls
+        are recorded as the customers it names)."""
         store = self.query_store
         if store is None:
             raise RuntimeError("the store is not reachable")
-        column = "customer" if scope == "tenant" else "key_id"
-        rows = store.query(f"SELECT sum(cost_usd) AS usd FROM {self._calls_table} WHERE {column} = {{who:String}} "
-                           "AND Timestamp >= fromUnixTimestamp64Nano({since:Int64}) "
-                           "AND source NOT IN {gateway_own:Array(String)}",
-                           parameters={"who": who, "since": int(since * 1e9),
-                                       "gateway_own": list(NON_PRODUCTION_SOURCES)})
-        return float(rows[0]["usd"] or 0.0) if rows else 0.0
+        params: dict[str, Any] = {"who": who, "since": int(since * 1e9), "gateway_own": list(NON_PRODUCTION_SOURCES)}
+        if scope == "tenant":
+            params["keys"] = sorted({k.id for k, t in self.keyring.keys() if t.customer == who})
+            whose = "(customer = {who:String} OR key_id IN {keys:Array(String)})"
+        else:
+            whose = "key_id = {who:String}"
+        rows = store.query(f"SELECT sum(cost_usd) AS usd, countIf(cost_usd > 0) AS priced FROM {self._calls_table} "
+                           f"WHERE {whose} AND Timestamp >= fromUnixTimestamp64Nano({{since:Int64}}) "
+                           "AND source NOT IN {gateway_own:Array(String)}", parameters=params)
+        return (float(rows[0]["usd"] or 0.0), int(rows[0]["priced"] or 0)) if rows else (0.0, 0)
 
     def flush_recording(self) -> bool:
         """Insert the calls answered so far (blocking: a worker thread). The batch window (recording.batch_max_seconds)

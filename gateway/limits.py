@@ -172,10 +172,11 @@ class _Spend:
 
 
 class Budgets:
-    """Spend against budget per (scope, id). `read_spend(scope, id, since)` returns the recorded production spend
-    since a Unix time; it is called off the event loop by `refresh()`."""
+    """Spend against budget per (scope, id). `read_spend(scope, id, since)` returns the recorded spend since a Unix
+    time, or (spend, priced calls), which also tells what a call costs before one has ended since the start; it is
+    called off the event loop by `refresh()`."""
 
-    def __init__(self, read_spend: Callable[[str, str, float], float] | None,
+    def __init__(self, read_spend: Callable[[str, str, float], Any] | None,
                  clock: Callable[[], float] = time.time) -> None:
         self._read = read_spend
         self.clock = clock
@@ -257,6 +258,12 @@ class Budgets:
             except Exception as e:  # the store is down: keep counting in-process
                 log.warning("cannot read spend for %s %s (%s); using the last known figure", *who, e)
                 continue
+            if isinstance(stored, tuple):  # (spend, priced calls): what a call costs is known from the record
+                stored, priced = stored
+                if priced and who not in self._per_call:
+                    # calls in flight count at this average from the first one after a start, not one at a time
+                    self._per_call[who] = stored / priced
+                    self._ended.add(who)
             old = self._spend.get(who)
             recent = [(t, c) for t, c in (old.recent if old and old.period_start == start else ())
                       if t > now - _STORE_LAG]
@@ -278,7 +285,7 @@ Scope = tuple[tuple[str, str], Any]  # ((scope, id), LimitsConfig)
 class CallLimits:
     """The limits a call falls under (its key's and its recorded tenant's), checked and charged as one."""
 
-    def __init__(self, share: float = 1.0, read_spend: Callable[[str, str, float], float] | None = None) -> None:
+    def __init__(self, share: float = 1.0, read_spend: Callable[[str, str, float], Any] | None = None) -> None:
         self.limiter = Limiter(share)
         self.budgets = Budgets(read_spend)
 

@@ -278,6 +278,9 @@ class Proxy(WireStreamRelay):
         if not self._allows(call, model):
             raise forbidden(f"This key may not use model `{model}`.", code="model_not_allowed", param="model")
         scopes = self.limits.scopes(principal.key_id, principal.limits, tenant)
+        if principal.tenant is not None and principal.tenant is not tenant and principal.tenant.limits is not None:
+            # a platform key recording calls for other customers: its own tenant's limits hold over them too
+            scopes += self.limits.scopes("", None, principal.tenant)
         if scopes:
             refusal, warnings = self.limits.admit(scopes)
             if refusal is not None:
