@@ -141,6 +141,16 @@ def test_a_segment_too_thin_for_its_test_is_inconclusive_never_ok():
     # the boundary follows the segment's share of alpha: one segment alone is tested at 0.05, which 5 flips reach
     assert decide([ev("five", Pairs(5, 0, 0, 0))], alpha=0.05, margin=0.05).status == OK
     assert decide([ev("four", Pairs(4, 0, 0, 0))], alpha=0.05, margin=0.05).status == INCONCLUSIVE
+    # escalation: a first look of 15 (of 15 -> 55 -> 200 planned) spends (15/200)^3 of alpha, so even 13 of 13
+    # passes failing (p = 2^-13 / 0.00042 = 0.29) could not decide it: inconclusive, and escalation goes on
+    early = decide([Evidence(f"s{i}", (Pairs(13, 0, 0, 2),), (15, 55, 200)) for i in range(40)], alpha=0.05,
+                   margin=0.05)
+    assert {f.verdict for f in early.segments} == {INCONCLUSIVE} and early.segments[0].too_few
+    assert "p=0.29" in early.segments[0].why
+    # a baseline that passes (almost) nothing cannot drop beyond the margin: ok however few flips it allows
+    floor = decide([ev("broken", Pairs(0, 0, 0, 100)), ev("fixed", Pairs(0, 0, 100, 0)),
+                    ev("rare", Pairs(1, 0, 0, 199))], alpha=0.05, margin=0.05)
+    assert {f.key: f.verdict for f in floor.segments} == {"broken": OK, "fixed": OK, "rare": OK}
     # a thin segment inside a family is judged by its family's pooled test; a thin family is inconclusive
     fam = decide([ev("f/a", Pairs(3, 0, 0, 0), family="f"), ev("f/b", Pairs(30, 0, 0, 0), family="f"),
                   ev("g/a", Pairs(4, 0, 0, 0), family="g")], alpha=0.05, margin=0.05)
