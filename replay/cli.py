@@ -140,27 +140,6 @@ def _run_flags(*, alpha: object, margin: object, inconclusive: object, errors: o
             "concurrency": ("--concurrency", concurrency), "slice.limit": ("--limit", limit)}
 
 
-def _anchor_prompt_files(data: dict, spec_dir: Path) -> dict:
-    """The prompt files of the candidates and the baseline (relative to the spec's directory) as absolute paths in
-    the spec the run stores. `resume` has only the stored spec and read relative paths from its own working
-    directory (or --spec-dir): a resume where the run was started (`tagway replay run --spec ci/replay.yaml`, then
-    `tagway replay resume RUN_ID`, as the run's message says) stopped with "cannot read prompt file", or sent
-    another file of the same name there as the candidate's prompt."""
-    def anchored(entry: object) -> object:
-        prompt = entry.get("prompt") if isinstance(entry, dict) else None
-        file = prompt.get("file") if isinstance(prompt, dict) else None
-        if not isinstance(file, str) or not file or Path(file).is_absolute():
-            return entry
-        return {**entry, "prompt": {**prompt, "file": os.path.normpath(spec_dir / file)}}
-
-    out = {**data}
-    if isinstance(out.get("candidates"), list):
-        out["candidates"] = [anchored(c) for c in out["candidates"]]
-    if "baseline" in out:
-        out["baseline"] = anchored(out["baseline"])
-    return out
-
-
 def _no_old_flags(**given: object) -> None:
     old = {"gate_aggregate": "--gate-aggregate", "threshold": "--threshold", "max_drop": "--max-drop",
            "min_cases": "--min-cases-per-segment"}
@@ -280,7 +259,6 @@ def run_cmd(
                                escalation={"enabled": escalate, "max_cases": escalation_max_cases},
                                max_cost=max_cost, concurrency=concurrency)
         spec_dir = spec.resolve().parent
-        data = _anchor_prompt_files(data, spec_dir)
         parsed = _parse_with_flags(data, str(spec), _run_flags(
             alpha=alpha, margin=margin, inconclusive=inconclusive, errors=errors, max_cases=escalation_max_cases,
             max_cost=max_cost, concurrency=concurrency, limit=limit))

@@ -9,7 +9,6 @@ score and leaves it incomplete too.
 from __future__ import annotations
 
 import dataclasses
-import os
 import secrets
 import time
 from pathlib import Path
@@ -29,7 +28,8 @@ from .render import render_json
 from .report import Report, aggregate, flipped_case_ids
 from .run_lock import run_lock
 from .runner import (GATEWAY_APP, NO_GATEWAY, Answer, FatalRunError, RunOutcome, Runner, Target, check_gateway,
-                     check_in_process, check_models, gateway_client, models_named, recorded_answer, targets_for)
+                     check_in_process, check_models, gateway_client, inline_prompts, models_named, recorded_answer,
+                     targets_for)
 from .slice import Case, EmptySliceError, SampleResult, Sampled, count_production_errors, fetch_cases, order_key, \
     sample_pool, select_slice
 from .spec import ReplaySpec, SpecError, parse_spec
@@ -186,9 +186,9 @@ async def _start_run(store: Any, spec: ReplaySpec, opts: RunOptions, run_id: str
                      description=f"cases of replay run {run_id}")
     else:
         dataset_id = found.dataset_id  # the exact version ('refunds' -> 'refunds@3'), so resume and reports agree
-        if is_file_ref(dataset_id) and not Path(dataset_id).is_absolute():
-            dataset_id = os.path.abspath(dataset_id)  # where this run read it: a resume reads the same file
-    run = RunRow(run_id, "running", spec_to_json(spec), dataset_id, spec.judge_version,
+    # the spec stored holds its prompt files' text as read now: a resume (from another directory, another checkout,
+    # after the file was edited) sends the run's own prompts, and the run's id names no local path
+    run = RunRow(run_id, "running", spec_to_json(inline_prompts(spec, targets)), dataset_id, spec.judge_version,
                  [c.name for c in spec.candidates], list(spec.segment_by), len(cases))
     state = _initial_state(store, spec, sampled)
     if found is not None:
@@ -219,7 +219,7 @@ async def _resume_run(store: Any, run_id: str, opts: RunOptions) -> RunResult:
     else:  # a dataset version ('refunds@3') or a file: the same cases as the run started with
         ref = run.dataset_id
         if is_file_ref(ref) and not Path(ref).is_absolute() and not Path(ref).is_file() and opts.spec_dir:
-            ref = str(opts.spec_dir / ref)  # a run stored before file paths were made absolute
+            ref = str(opts.spec_dir / ref)  # read from the working directory, as the run did; else beside the spec
         found = resolve(store, ref)
         cases, skipped = found.cases, found.skipped
     skip = done_keys(store, run_id, include_errored=not opts.retry_errored)

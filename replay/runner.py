@@ -86,6 +86,20 @@ def _candidate_target(c: Candidate, base_dir: Path | None) -> Target:
     return Target(c.name, c.model, c.prompt, c.prompt.text(base_dir) if c.prompt else None, dict(c.params))
 
 
+def inline_prompts(spec: ReplaySpec, targets: list[Target]) -> ReplaySpec:
+    """The spec with each prompt file replaced by the text `targets` read from it (mode and version kept)."""
+    texts = {t.name: t.prompt_text for t in targets}
+
+    def inlined(prompt: Any, name: str) -> Any:
+        if prompt is None or prompt.file is None or texts.get(name) is None:
+            return prompt
+        return prompt.model_copy(update={"system": texts[name], "file": None})
+
+    return spec.model_copy(update={
+        "baseline": spec.baseline.model_copy(update={"prompt": inlined(spec.baseline.prompt, "baseline")}),
+        "candidates": [c.model_copy(update={"prompt": inlined(c.prompt, c.name)}) for c in spec.candidates]})
+
+
 # -- request building (pure) --------------------------------------------------------------------------------------
 
 _VAR_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
