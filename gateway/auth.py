@@ -232,6 +232,19 @@ class KeyRing:
         azure, anthropic = headers.get("api-key"), headers.get("x-api-key")
         return self.authenticate(headers.get("authorization"), azure or anthropic, anthropic if azure else None)
 
+    def may_mark_replay(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        """Whether a request's key (ASGI headers) may mark its call as a replay's: the admin key or a platform key.
+        Nothing is counted: the call itself is authenticated, and refused, later."""
+        got: dict[bytes, str] = {}
+        for name, value in headers:
+            if name in (b"authorization", b"api-key", b"x-api-key"):
+                got.setdefault(name, value.decode("latin-1"))
+        try:
+            return self._principal(got.get(b"authorization"), got.get(b"api-key") or got.get(b"x-api-key"),
+                                   got.get(b"x-api-key") if got.get(b"api-key") else None).may_set_customer
+        except GatewayError:
+            return False
+
     def refused(self, reason: str) -> None:
         with self._failures_lock:
             self.failures[reason] = self.failures.get(reason, 0) + 1
@@ -314,10 +327,10 @@ def read_keys_file(path: str) -> list[dict]:
 def read_keys(config: GatewayConfig) -> list[KeyConfig]:
     """The keys of the config's keys file ([] when there is none), one per entry in file order; or a KeysFileError
     with one line per problem (`<file>:<line>: key #<n>: <what>`) when any entry cannot work: a field missing or of
-    the wrong type, a hash that is not `sha256:` and 64 hex digits (it would never match), no customer (it would authenticate
-    nobody), an id used twice in the file or also by a key in the config (`tagway keys revoke` would revoke the
-    wrong one, or refuse). `tagway serve` refuses to start with such a file and `tagway config check` reports it the
-    same way; a running gateway keeps its previous keys when the file changes into one.
+    the wrong type, a hash that is not `sha256:` and 64 hex digits (it would never match), no customer (it would
+    authenticate nobody), an id used twice in the file or also by a key in the config (`tagway keys revoke` would
+    revoke the wrong one, or refuse). `tagway serve` refuses to start with such a file and `tagway config check`
+    reports it the same way; a running gateway keeps its previous keys when the file changes into one.
 
     A key whose customer is not a tenant of the config is no problem here: removing a tenant is how its keys are
     shut out (see `keys_without_tenant`)."""

@@ -197,3 +197,37 @@ def test_a_huge_user_field_is_not_redacted_whole_on_the_event_loop(upstream):
             assert recorder.call(raw.headers["x-tagway-trace-id"]).attributes[sc.CUSTOMER] == customer, user
     finally:
         server.stop()
+
+
+def test_a_key_that_may_not_mark_replays_cannot_hold_the_replay_lane(upstream):
+    """The replay lane (server.replay_concurrency slots) was entered on the `x-tagway-source: replay` header alone,
+    before the key was checked: a tenant whose key may not mark replays held every slot with requests whose bodies
+    never finish, and the replay runner's calls waited behind them. Such a request now bypasses the lane (and is
+    refused, 403, once its body is in)."""
+    import socket
+
+    from gateway.app import TagwayApp
+    from gateway.config import GatewayConfig
+    from tests.gateway_fixture import GatewayServer, MemoryRecorder, gateway_config
+
+    cfg = gateway_config(upstream.base_url)
+    cfg["server"] = {**cfg["server"], "replay_concurrency": 1}
+    server = GatewayServer(TagwayApp(GatewayConfig(**cfg), recorder=MemoryRecorder())).start()
+    stalls = []
+    try:
+        for _ in range(3):  # a tenant's replay-marked requests, their bodies never finished
+            s = socket.create_connection(("127.0.0.1", server.port))
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                      b"authorization: Bearer " + KEYS["acme"].encode() + b"\r\nx-tagway-source: replay\r\n"
+                      b"content-length: 1000\r\n\r\n{\"model\": ")
+            stalls.append(s)
+        time.sleep(0.3)
+        r = httpx.post(server.url + "/v1/chat/completions", timeout=5,
+                       json={"model": "gpt-test", "messages": [{"role": "user", "content": "replayed"}]},
+                       headers={"authorization": f"Bearer {KEYS['platform']}", "x-tagway-source": "replay",
+                                "x-tagway-customer": "acme"})
+        assert r.status_code == 200, r.text  # the old code: a ReadTimeout, the lane's slot held by acme
+    finally:
+        for s in stalls:
+            s.close()
+        server.stop()
