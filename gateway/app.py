@@ -23,6 +23,7 @@ from .pricing import Pricing
 from .providers import ProviderRegistry
 from .providers.litellm_provider import preload as preload_litellm
 from .lanes import ReplayLane, is_replay_call
+from .resources import ResourceOwners
 from .limits import CallLimits
 from .metrics import MetricsEndpoint
 from .openapi import install_openapi
@@ -102,12 +103,16 @@ class TagwayApp:
                 await loop.run_in_executor(None, preload_litellm)
             self.keyring.start_watching()
             await self._start_limits(loop)
+            recorded = getattr(self.recorder, "store", None) is not None  # else only this process's answers tell
+            owners = ResourceOwners((lambda: self.query_store) if recorded else None, self.config.storage.database) \
+                if self.config.api.tenant_resources == "isolated" else None
             self.proxy = Proxy(config=self.config, keyring=self.keyring, providers=self.providers,
                                tracer=self.recorder.tracer, pricing=self.pricing, redactor=self.redactor,
                                limits=self.limits, routes=self.routes,
-                               recording=getattr(self.recorder, "enabled", True))
+                               recording=getattr(self.recorder, "enabled", True), owners=owners)
             self.passthrough = Passthrough(config=self.config, keyring=self.keyring, providers=self.providers,
-                                           routes=self.routes, tracer=self.recorder.tracer, redactor=self.redactor)
+                                           routes=self.routes, tracer=self.recorder.tracer, redactor=self.redactor,
+                                           owners=owners)
 
     async def _start_limits(self, loop: asyncio.AbstractEventLoop) -> None:
         """Budgets read their spend from the store before the first call, then every BUDGET_REFRESH seconds."""

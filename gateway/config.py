@@ -338,6 +338,10 @@ class ApiConfig(_Strict):
                                  "x-should-retry", "openai-processing-ms", "openai-version", "anthropic-ratelimit-*"]
     list_upstream_models: bool = False  # /v1/models also lists what wildcard routes' upstreams serve
     upstream_models_ttl: float = Field(300.0, gt=0)  # seconds an upstream's model list is cached
+    # files, batches, responses and stored completions live on the provider account the deployments share:
+    # `isolated`, a tenant key reaches (and lists) only those its tenant created through the gateway
+    # (gateway/resources.py); `shared`, any key reaches any of them, as the account's own keys do
+    tenant_resources: Literal["isolated", "shared"] = "isolated"
 
     @field_validator("forward_headers", "return_headers")
     @classmethod

@@ -31,6 +31,7 @@ from .headers import HeaderFilter
 from .model_routes import ModelRoutes
 from .providers import ProviderRegistry, UpstreamFailure, kind_of
 from .redact import Redactor
+from .resources import CREATING_APIS, ResourceOwners, not_found, referenced_ids
 from .routes_table import Route, check_resource_id, strip_version
 from .tags import check_header, resolve_tags
 from .telemetry import CallRecord, CallSpans
@@ -46,7 +47,8 @@ _MULTIPART_MODEL = re.compile(rb'(name="model"\r\n(?:[^\r\n]+\r\n)*\r\n)([^\r\n]
 
 class Passthrough:
     def __init__(self, *, config: GatewayConfig, keyring: KeyRing, providers: ProviderRegistry, routes: ModelRoutes,
-                 tracer: Any, redactor: Redactor) -> None:
+                 tracer: Any, redactor: Redactor, owners: ResourceOwners | None = None) -> None:
+        self.owners = owners  # whose files, batches and responses are whose (api.tenant_resources: isolated)
         self.config, self.keyring, self.providers, self.routes = config, keyring, providers, routes
         self.spans, self.redactor = CallSpans(tracer), redactor
         self._forward_headers = HeaderFilter(config.api.forward_headers)
@@ -126,6 +128,10 @@ class Passthrough:
         if model and not (principal.allows(model) and (tenant is None or tenant is principal.tenant
                                                        or tenant.allows(model))):
             raise forbidden(f"This key may not use model `{model}`.", code="model_not_allowed", param="model")
+        # a tenant key reaches its tenant's resources only, and lists only those (api.tenant_resources: isolated)
+        mine_only = principal.customer if self.owners is not None and not principal.may_set_customer else None
+        if mine_only is not None:
+            await self._check_owned(route, params, payload, mine_only)
         provider = self.providers.for_deployment(d)
         if kind_of(d.provider) != "pass_through" or not hasattr(provider, "open"):
             raise GatewayError(501, f"{scope['method']} {scope['path']} is passed through to OpenAI-compatible "
@@ -143,9 +149,19 @@ class Passthrough:
         resp = await provider.open(d, route.method, path, query=query, body=body or None, headers=forward,
                                    content_type=content_type if body else None)
         try:
-            await self._relay(call, d, resp, model, forward)
+            await self._relay(call, d, resp, model, forward, route,
+                              mine_only if route.method == "GET" and not params else None)
         finally:
             resp.release()
+
+    async def _check_owned(self, route: Route, params: dict[str, str], payload: dict, customer: str) -> None:
+        wanted = [(name, rid) for name, rid in params.items()]  # a resource's id (or a model to delete)
+        wanted += referenced_ids(payload)  # a batch's input file, a response's predecessor
+        if wanted:
+            mine = await self.owners.owned([rid for _, rid in wanted], customer)
+            for name, rid in wanted:
+                if rid not in mine:
+                    raise not_found(rid, name)
 
     def _deployment(self, model: str, params: dict[str, str], route: Route, scope: dict) -> ModelConfig:
         if model:
@@ -166,8 +182,9 @@ class Passthrough:
                           "upstreams serves it: send `x-tagway-model: <a model of that upstream>` or configure a `*` "
                           "model as the default upstream.", code="upstream_ambiguous")
 
-    async def _relay(self, call: Call, d: ModelConfig, resp: Any, model: str,
-                     forward: list[tuple[bytes, bytes]]) -> None:
+    async def _relay(self, call: Call, d: ModelConfig, resp: Any, model: str, forward: list[tuple[bytes, bytes]],
+                     route: Route, list_for: str | None) -> None:
+        """`list_for`: the customer a list answer is filtered to (its items that customer owns), or None."""
         rec = call.rec
         ctype = resp.headers.get("Content-Type", "")
         headers = [(b"content-type", ctype.encode("latin-1"))] if ctype else []
@@ -177,7 +194,9 @@ class Passthrough:
         headers += self._return_headers.pick(resp.raw_headers)
         attempt = rec.attempts[-1]
         attempt.end_ns, attempt.status = time.time_ns(), resp.status
-        if resp.status >= 400 or (ctype.startswith("application/json") and (resp.content_length or 0) <= _READ_WHOLE):
+        whole = ctype.startswith("application/json") and (list_for is not None
+                                                           or (resp.content_length or 0) <= _READ_WHOLE)
+        if resp.status >= 400 or whole:
             body = self._scrub(await resp.read())
             if resp.status >= 400:
                 attempt.error_type = f"http_{resp.status}"
@@ -189,6 +208,10 @@ class Passthrough:
                     return
             else:
                 self._read_answer(rec, body, d, model)
+                if list_for is not None:
+                    body = await self._own_items(body, list_for)
+                elif self.owners is not None and route.api in CREATING_APIS and rec.response_id:
+                    self.owners.created(rec.response_id, rec.customer)
             await call.respond(resp.status, body, ctype.encode("latin-1") or b"application/json",
                                [h for h in headers if h[0] != b"content-type"])
             return
@@ -227,6 +250,25 @@ class Passthrough:
             self._owners.move_to_end(i)
         while len(self._owners) > _OWNERS_MAX:
             self._owners.popitem(last=False)
+
+    async def _own_items(self, body: bytes, customer: str) -> bytes:
+        """A list answer with only the items `customer` owns (each upstream page filtered: a page may come back
+        shorter, or empty while `has_more` says there are more)."""
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            obj = None
+        items = obj.get("data") if isinstance(obj, dict) else None
+        if not isinstance(items, list):
+            return body
+        ids = [x["id"] for x in items if isinstance(x, dict) and isinstance(x.get("id"), str)]
+        mine = await self.owners.owned(ids, customer) if ids else set()
+        kept = [x for x in items if isinstance(x, dict) and x.get("id") in mine]
+        obj["data"] = kept
+        for key, at in (("first_id", 0), ("last_id", -1)):
+            if key in obj:
+                obj[key] = kept[at]["id"] if kept else None
+        return orjson.dumps(obj)
 
     def _scrub(self, body: bytes) -> bytes:
         for s in self._secrets:

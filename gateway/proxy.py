@@ -40,6 +40,7 @@ from .shadow import ShadowDispatcher, ShadowJob
 from .tags import check_header, normalise, resolve_tags
 from .observe import CallObserver
 from .telemetry import CallRecord, CallSpans, SpanIds
+from .resources import ResourceOwners, not_found, referenced_ids
 from .usage_estimate import estimate_prompt_tokens, tokens_of_chars
 from .wire_formats import API_NAMES, SEMCONV_OPERATION, WIRES, WireStreamRelay
 
@@ -94,8 +95,10 @@ class _Opened:
 class Proxy(WireStreamRelay):
     def __init__(self, *, config: GatewayConfig, keyring: KeyRing, providers: ProviderRegistry,
                  tracer: trace.Tracer, pricing: Pricing, redactor: Redactor,
-                 limits: CallLimits | None = None, routes: ModelRoutes | None = None, recording: bool = True) -> None:
+                 limits: CallLimits | None = None, routes: ModelRoutes | None = None, recording: bool = True,
+                 owners: ResourceOwners | None = None) -> None:
         self.config = config
+        self.owners = owners  # whose files and responses are whose (api.tenant_resources: isolated)
         self.limits = limits if limits is not None else CallLimits()
         self.keyring = keyring
         self.providers = providers
@@ -181,6 +184,8 @@ class Proxy(WireStreamRelay):
         if call.limited:  # tokens and cost count against the limits the call was admitted under
             self.limits.finish(call.limited, (rec.input_tokens or 0) + (rec.output_tokens or 0), rec.cost_usd or 0.0)
         self.recent.add(call.trace_id, rec.customer, rec.key_id)
+        if self.owners is not None and rec.response_id and not rec.error_type and _stored(call):
+            self.owners.created(rec.response_id, rec.customer)  # retrievable later: whose it is
         self._record(ids, rec, start_ns, t0)
         self.observe(rec, ids.trace_id, time.perf_counter() - t0)  # metrics, access log
         if reraise is not None:
@@ -277,6 +282,9 @@ class Proxy(WireStreamRelay):
                                code="model_not_found", param="model")
         if not self._allows(call, model):
             raise forbidden(f"This key may not use model `{model}`.", code="model_not_allowed", param="model")
+        if self.owners is not None and not principal.may_set_customer and (
+                b"previous_response_id" in call.body or b"file_id" in call.body):
+            await self._check_references(payload, principal.customer)
         scopes = self.limits.scopes(principal.key_id, principal.limits, tenant)
         if principal.tenant is not None and principal.tenant is not tenant and principal.tenant.limits is not None:
             # a platform key recording calls for other customers: its own tenant's limits hold over them too
@@ -290,6 +298,16 @@ class Proxy(WireStreamRelay):
         call.capture = self._capture_on and (tenant.capture_content if tenant is not None else
                                              principal.capture_content)
         await self._forward(call, deployment)
+
+    async def _check_references(self, payload: dict, customer: str) -> None:
+        """A tenant key may name only its tenant's resources: another tenant's previous response would continue
+        that tenant's conversation, its file would be read into this call (api.tenant_resources: isolated)."""
+        wanted = referenced_ids(payload)
+        if wanted:
+            mine = await self.owners.owned([rid for _, rid in wanted], customer)
+            for param, rid in wanted:
+                if rid not in mine:
+                    raise not_found(rid, param)
 
     def _allows(self, call: Call, model: str) -> bool:
         """The key may use the model, and so may the tenant the call is recorded as. Replays are exempt from the
@@ -590,3 +608,10 @@ def _sent_upstream(forwarded: list[tuple[bytes, bytes]], d: ModelConfig) -> list
         return []
     own = {k.lower().encode("latin-1") for k in d.headers}
     return [(k, v) for k, v in forwarded if k not in own]
+
+
+def _stored(call: Call) -> bool:
+    """The answer is kept by the provider, retrievable by its id: a response unless `store: false`, a chat
+    completion with `store: true`."""
+    store = call.payload.get("store") if isinstance(call.payload, dict) else None
+    return store is not False if call.operation == "responses" else call.operation == "chat" and store is True

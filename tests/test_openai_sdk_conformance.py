@@ -53,7 +53,9 @@ def tagway(mock):
     cfg = GatewayConfig(models=[{"name": "*", "provider": "openai", "base_url": front.url,
                                  "api_key_env": "CONFORMANCE_UPSTREAM_KEY", "timeout": 60}],
                         tenants=[{"customer": "sdk", "keys": [{"id": "sdk", "hash": hash_key(SDK_KEY)}]}],
-                        server={"max_body_bytes": 32 * 1024 * 1024})
+                        server={"max_body_bytes": 32 * 1024 * 1024},
+                        # the SDK's tests name made-up resource ids: the wire is what is compared here
+                        api={"tenant_resources": "shared"})
     recorder = MemoryRecorder()
     server = GatewayServer(TagwayApp(cfg, recorder=recorder)).start()
     server.recorder = recorder

@@ -261,6 +261,9 @@ class Upstream(ThreadedServer):
         if request.method == "GET" and ("id" not in request.match_info or request.path.endswith(("/messages",
                                                                                                  "/input_items"))):
             out = {"object": "list", "data": [{"id": "listed-1"}, {"id": "listed-2"}], "has_more": False}
+            if request.path == "/v1/files":  # the account's files: every upload, whoever made it
+                out["data"] = [{"id": f"file-up-{i}"} for i in range(1, getattr(self, "uploads", 0) + 1)] + \
+                    out["data"]
         if request.path == "/v1/images/generations":
             out["usage"] = {"input_tokens": 9, "output_tokens": 100, "total_tokens": 109}
         return web.json_response(out)
@@ -270,7 +273,8 @@ class Upstream(ThreadedServer):
         self.requests.append({"path": request.path, "method": "POST", "headers": dict(request.headers),
                               "body": None, "raw": raw})
         fields = dict(re_fields(raw))
-        return web.json_response({"id": "file-up-1", "object": "file", "bytes": len(raw),
+        self.uploads = getattr(self, "uploads", 0) + 1  # each upload its own id, as a provider's
+        return web.json_response({"id": f"file-up-{self.uploads}", "object": "file", "bytes": len(raw),
                                   "model": fields.get("model", ""), "purpose": fields.get("purpose", ""),
                                   "text": f"heard {fields.get('model', '')}"})
 

@@ -1,0 +1,88 @@
+"""Tenants share the provider account behind the gateway, so the files, batches, responses and stored completions
+one tenant creates were any other tenant's to read, list and delete (security trial: globex read, then deleted,
+acme's uploaded file, and continued acme's response). With `api.tenant_resources: isolated`, the default, a tenant
+key reaches and lists only what its tenant created through the gateway; ownership comes from the record, so it
+holds after a restart. Real gateway recording into chDB, the test upstream, the openai SDK."""
+from __future__ import annotations
+
+import openai
+import pytest
+
+from tests.gateway_fixture import KEYS, UPSTREAM_KEY, recorded_gateway
+
+
+def sdk(gw, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0)
+
+
+def refused(call, param: str = "id") -> dict:
+    with pytest.raises(openai.NotFoundError) as e:
+        call()
+    err = e.value.response.json()["error"]
+    assert (err["code"], err["param"]) == ("resource_not_found", param), err
+    return err
+
+
+@pytest.fixture()
+def gateways(upstream, chdb_store, tmp_path):
+    """A recording gateway, and a way to start another on the same store (a restart: nothing in memory)."""
+    star = [{"name": "*", "provider": "openai", "base_url": upstream.base_url, "api_key_env": "TEST_UPSTREAM_KEY"}]
+    return lambda name: recorded_gateway(upstream, chdb_store, str(tmp_path / name), models=star)
+
+
+def test_a_tenant_reaches_and_lists_only_its_own_files_and_responses(gateways, upstream):
+    acme, globex, platform = KEYS["acme"], KEYS["globex"], KEYS["platform"]
+    with gateways("spool-1") as gw:
+        mine = sdk(gw, acme).files.create(file=("a.jsonl", b'{"secret": 1}\n', "application/jsonl"), purpose="batch")
+        theirs = sdk(gw, globex).files.create(file=("g.jsonl", b"{}\n", "application/jsonl"), purpose="batch")
+        upstream.clear()
+        refused(lambda: sdk(gw, globex).files.retrieve(mine.id))
+        refused(lambda: sdk(gw, globex).files.content(mine.id))
+        refused(lambda: sdk(gw, globex).files.delete(mine.id))
+        err = refused(lambda: sdk(gw, globex).batches.create(input_file_id=mine.id, endpoint="/v1/chat/completions",
+                                                               completion_window="24h"), "input_file_id")
+        assert mine.id in err["message"]
+        assert upstream.requests == [], "nothing of another tenant's reaches the provider"
+        assert sdk(gw, acme).files.retrieve(mine.id).id == mine.id
+        assert sdk(gw, platform).files.retrieve(mine.id).id == mine.id  # platform and admin keys reach everything
+        # lists: the account's files, each tenant's page filtered to its own
+        assert [f.id for f in sdk(gw, acme).files.list()] == [mine.id]
+        assert [f.id for f in sdk(gw, globex).files.list()] == [theirs.id]
+        every = [f.id for f in sdk(gw, platform).files.list()]
+        assert {mine.id, theirs.id, "listed-1"} <= set(every)
+        # the hot path: another tenant's response can be neither continued nor read
+        r = sdk(gw, acme).responses.create(model="gpt-test", input="remember: the code is 7")
+        refused(lambda: sdk(gw, globex).responses.create(model="gpt-test", input="and the code?",
+                                                         previous_response_id=r.id), "previous_response_id")
+        refused(lambda: sdk(gw, globex).responses.retrieve(r.id))
+        follow = sdk(gw, acme).responses.create(model="gpt-test", input="and the code?", previous_response_id=r.id)
+        assert follow.id != r.id
+        assert sdk(gw, acme).responses.retrieve(r.id).id == r.id
+        assert gw.recorder.force_flush()
+    # a restart knows nothing in memory: the record says whose each id is
+    with gateways("spool-2") as gw:
+        assert sdk(gw, acme).files.retrieve(mine.id).id == mine.id
+        refused(lambda: sdk(gw, globex).files.retrieve(mine.id))
+        refused(lambda: sdk(gw, acme).files.retrieve("file-never-made"))
+        assert sdk(gw, acme).responses.retrieve(r.id).id == r.id
+        refused(lambda: sdk(gw, globex).responses.retrieve(r.id))
+
+
+def test_shared_resources_are_the_accounts_as_before(upstream, chdb_store, tmp_path, monkeypatch):
+    """`api.tenant_resources: shared`: any key reaches any id, as the provider account's own keys do."""
+    import os  # noqa: PLC0415
+
+    from gateway.app import TagwayApp  # noqa: PLC0415
+    from gateway.config import GatewayConfig  # noqa: PLC0415
+    from tests.gateway_fixture import GatewayServer, MemoryRecorder, gateway_config  # noqa: PLC0415
+
+    os.environ["TEST_UPSTREAM_KEY"] = UPSTREAM_KEY
+    cfg = gateway_config(upstream.base_url, api={"tenant_resources": "shared"})
+    cfg["models"] = [*cfg["models"], {"name": "*", "provider": "openai", "base_url": upstream.base_url,
+                                      "api_key_env": "TEST_UPSTREAM_KEY"}]
+    server = GatewayServer(TagwayApp(GatewayConfig(**cfg), recorder=MemoryRecorder())).start()
+    try:
+        f = sdk(server, KEYS["acme"]).files.create(file=("a.jsonl", b"{}\n", "application/jsonl"), purpose="batch")
+        assert sdk(server, KEYS["globex"]).files.retrieve(f.id).id == f.id
+    finally:
+        server.stop()
