@@ -103,7 +103,9 @@ class TagwayApp:
                 await loop.run_in_executor(None, preload_litellm)
             self.keyring.start_watching()
             await self._start_limits(loop)
-            recorded = getattr(self.recorder, "store", None) is not None  # else only this process's answers tell
+            # a recorder that stores spans may reach its store only later (a ClickHouse server starting up): the
+            # lookups wait for it (503), never settle for this process's memory alone
+            recorded = bool(getattr(self.recorder, "enabled", False))
             owners = ResourceOwners((lambda: self.query_store) if recorded else None, self.config.storage.database) \
                 if self.config.api.tenant_resources == "isolated" else None
             self.proxy = Proxy(config=self.config, keyring=self.keyring, providers=self.providers,
@@ -140,15 +142,21 @@ class TagwayApp:
         if store is None:
             raise RuntimeError("the store is not reachable")
         params: dict[str, Any] = {"who": who, "since": int(since * 1e9), "gateway_own": list(NON_PRODUCTION_SOURCES)}
-        if scope == "tenant":
+        wheres = ["customer = {who:String}" if scope == "tenant" else "key_id = {who:String}"]
+        if scope == "tenant" and any(t.customer == who and t.may_set_customer for t in self.config.tenants):
+            # a platform tenant's keys record calls as other customers: those count too (a second scan, by key,
+            # for these tenants only; the first reads the table's (customer, ...) key range)
             params["keys"] = sorted({k.id for k, t in self.keyring.keys() if t.customer == who})
-            whose = "(customer = {who:String} OR key_id IN {keys:Array(String)})"
-        else:
-            whose = "key_id = {who:String}"
-        rows = store.query(f"SELECT sum(cost_usd) AS usd, countIf(cost_usd > 0) AS priced FROM {self._calls_table} "
-                           f"WHERE {whose} AND Timestamp >= fromUnixTimestamp64Nano({{since:Int64}}) "
-                           "AND source NOT IN {gateway_own:Array(String)}", parameters=params)
-        return (float(rows[0]["usd"] or 0.0), int(rows[0]["priced"] or 0)) if rows else (0.0, 0)
+            wheres.append("key_id IN {keys:Array(String)} AND customer != {who:String}")
+        usd, priced = 0.0, 0
+        for whose in wheres:
+            rows = store.query(f"SELECT sum(cost_usd) AS usd, countIf(cost_usd > 0) AS priced FROM "
+                               f"{self._calls_table} WHERE {whose} AND Timestamp >= "
+                               "fromUnixTimestamp64Nano({since:Int64}) AND source NOT IN {gateway_own:Array(String)}",
+                               parameters=params)
+            if rows:
+                usd, priced = usd + float(rows[0]["usd"] or 0.0), priced + int(rows[0]["priced"] or 0)
+        return usd, priced
 
     def flush_recording(self) -> bool:
         """Insert the calls answered so far (blocking: a worker thread). The batch window (recording.batch_max_seconds)

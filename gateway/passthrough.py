@@ -16,6 +16,7 @@ import asyncio
 import logging
 import re
 import time
+import urllib.parse
 from collections import OrderedDict
 from typing import Any
 
@@ -41,6 +42,7 @@ __all__ = ["Passthrough"]
 log = logging.getLogger("tagway.passthrough")
 
 _READ_WHOLE = 1 << 20  # JSON answers up to this size are read whole (ids, usage, model for the record)
+_LIST_PAGES = 5  # upstream pages a tenant's filtered list reads at most for one of its own
 _OWNERS_MAX = 100_000  # resource ids remembered with the upstream that holds them
 _MULTIPART_MODEL = re.compile(rb'(name="model"\r\n(?:[^\r\n]+\r\n)*\r\n)([^\r\n]*)(\r\n)')
 
@@ -131,7 +133,7 @@ class Passthrough:
         # a tenant key reaches its tenant's resources only, and lists only those (api.tenant_resources: isolated)
         mine_only = principal.customer if self.owners is not None and not principal.may_set_customer else None
         if mine_only is not None:
-            await self._check_owned(route, params, payload, mine_only)
+            await self._check_owned(route, params, payload or _json_or_empty(body, content_type), mine_only)
         provider = self.providers.for_deployment(d)
         if kind_of(d.provider) != "pass_through" or not hasattr(provider, "open"):
             raise GatewayError(501, f"{scope['method']} {scope['path']} is passed through to OpenAI-compatible "
@@ -148,19 +150,32 @@ class Passthrough:
         forward = self._forward_headers.pick(scope["headers"]) if self._forward_headers else []
         resp = await provider.open(d, route.method, path, query=query, body=body or None, headers=forward,
                                    content_type=content_type if body else None)
+        list_for = mine_only if route.method == "GET" and not params else None
+
+        async def next_page(after: str) -> bytes | None:  # the list's next upstream page (tenant lists scan on)
+            q = urllib.parse.urlencode([*((k, v) for k, v in urllib.parse.parse_qsl(query, keep_blank_values=True)
+                                          if k != "after"), ("after", after)])
+            page = await provider.open(d, "GET", path, query=q, body=None, headers=forward, content_type=None)
+            try:
+                return self._scrub(await page.read()) if page.status == 200 else None
+            finally:
+                page.release()
+
         try:
-            await self._relay(call, d, resp, model, forward, route,
-                              mine_only if route.method == "GET" and not params else None)
+            await self._relay(call, d, resp, model, forward, route, list_for, (next_page, _list_limit(query)))
         finally:
             resp.release()
 
     async def _check_owned(self, route: Route, params: dict[str, str], payload: dict, customer: str) -> None:
-        wanted = [(name, rid) for name, rid in params.items()]  # a resource's id (or a model to delete)
-        wanted += referenced_ids(payload)  # a batch's input file, a response's predecessor
+        if route.api == "models.delete":  # the account's models, not any tenant's
+            raise forbidden("Deleting a model is the provider account's: it takes a platform or the admin key "
+                            "(api.tenant_resources: isolated).", code="permission_denied", param="model")
+        wanted = [(name, rid) for name, rid in params.items()]  # the resource the path names
+        wanted += referenced_ids(payload)  # a batch's input file, a response's predecessor, file parts
         if wanted:
-            mine = await self.owners.owned([rid for _, rid in wanted], customer)
+            theirs = set(await self.owners.foreign([rid for _, rid in wanted], customer))
             for name, rid in wanted:
-                if rid not in mine:
+                if rid in theirs:
                     raise not_found(rid, name)
 
     def _deployment(self, model: str, params: dict[str, str], route: Route, scope: dict) -> ModelConfig:
@@ -183,8 +198,10 @@ class Passthrough:
                           "model as the default upstream.", code="upstream_ambiguous")
 
     async def _relay(self, call: Call, d: ModelConfig, resp: Any, model: str, forward: list[tuple[bytes, bytes]],
-                     route: Route, list_for: str | None) -> None:
-        """`list_for`: the customer a list answer is filtered to (its items that customer owns), or None."""
+                     route: Route, list_for: str | None, paging: tuple[Any, int] = (None, 0)) -> None:
+        """`list_for`: the customer a list answer is filtered to (its items that customer owns), or None;
+        `paging`: the upstream's next page of that list (`next_page(after)`) and how many items the client asked
+        for."""
         rec = call.rec
         ctype = resp.headers.get("Content-Type", "")
         headers = [(b"content-type", ctype.encode("latin-1"))] if ctype else []
@@ -209,7 +226,7 @@ class Passthrough:
             else:
                 self._read_answer(rec, body, d, model)
                 if list_for is not None:
-                    body = await self._own_items(body, list_for)
+                    body = await self._own_items(body, list_for, *paging)
                 elif self.owners is not None and route.api in CREATING_APIS and rec.response_id:
                     self.owners.created(rec.response_id, rec.customer)
             await call.respond(resp.status, body, ctype.encode("latin-1") or b"application/json",
@@ -251,9 +268,10 @@ class Passthrough:
         while len(self._owners) > _OWNERS_MAX:
             self._owners.popitem(last=False)
 
-    async def _own_items(self, body: bytes, customer: str) -> bytes:
-        """A list answer with only the items `customer` owns (each upstream page filtered: a page may come back
-        shorter, or empty while `has_more` says there are more)."""
+    async def _own_items(self, body: bytes, customer: str, next_page: Any, limit: int) -> bytes:
+        """A list answer with only the items `customer` owns. Other tenants' items would leave a page short or
+        empty (and the SDKs stop paging at an empty one): the upstream's next pages are read on, up to
+        _LIST_PAGES, until `limit` own items are found; the client's next page starts after the last one shown."""
         try:
             obj = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -261,13 +279,23 @@ class Passthrough:
         items = obj.get("data") if isinstance(obj, dict) else None
         if not isinstance(items, list):
             return body
-        ids = [x["id"] for x in items if isinstance(x, dict) and isinstance(x.get("id"), str)]
-        mine = await self.owners.owned(ids, customer) if ids else set()
-        kept = [x for x in items if isinstance(x, dict) and x.get("id") in mine]
-        obj["data"] = kept
+        kept: list = []
+        for pages in range(1, _LIST_PAGES + 1):
+            ids = [x["id"] for x in items if isinstance(x, dict) and isinstance(x.get("id"), str)]
+            mine = await self.owners.owned(ids, customer) if ids else set()
+            kept += [x for x in items if isinstance(x, dict) and x.get("id") in mine]
+            if len(kept) >= limit or not obj.get("has_more") or not ids or pages == _LIST_PAGES:
+                break
+            more = await next_page(ids[-1])
+            page = _loads_or_none(more) if more is not None else None
+            if not isinstance(page, dict) or not isinstance(page.get("data"), list):
+                break
+            obj, items = page, page["data"]
+        obj["data"] = kept[:limit]
+        obj["has_more"] = bool(obj.get("has_more")) or len(kept) > limit
         for key, at in (("first_id", 0), ("last_id", -1)):
             if key in obj:
-                obj[key] = kept[at]["id"] if kept else None
+                obj[key] = obj["data"][at]["id"] if obj["data"] else None
         return orjson.dumps(obj)
 
     def _scrub(self, body: bytes) -> bytes:
@@ -312,3 +340,30 @@ def _failure_error(f: UpstreamFailure) -> GatewayError:
                             error_type="timeout")
     return GatewayError(502, f"Upstream unavailable: {f.message}.", type_="api_error", code="upstream_unavailable",
                         error_type=f.error_type)
+
+
+def _json_or_empty(body: bytes, content_type: str | None) -> dict:
+    """A JSON body on a route whose model may come in multipart (the JSON form of images.edits names files by
+    id): read for the resources it names."""
+    if not body or not (content_type or "").startswith("application/json"):
+        return {}
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def _loads_or_none(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _list_limit(query: str) -> int:
+    """The page size a list request asks for (`limit`, 1-100; 20 when it says none, as most of OpenAI's lists)."""
+    for k, v in urllib.parse.parse_qsl(query):
+        if k == "limit" and v.isdigit():
+            return min(max(int(v), 1), 100)
+    return 20

@@ -184,8 +184,8 @@ class Proxy(WireStreamRelay):
         if call.limited:  # tokens and cost count against the limits the call was admitted under
             self.limits.finish(call.limited, (rec.input_tokens or 0) + (rec.output_tokens or 0), rec.cost_usd or 0.0)
         self.recent.add(call.trace_id, rec.customer, rec.key_id)
-        if self.owners is not None and rec.response_id and not rec.error_type and _stored(call):
-            self.owners.created(rec.response_id, rec.customer)  # retrievable later: whose it is
+        if self.owners is not None and rec.response_id and _stored(call):
+            self.owners.created(rec.response_id, rec.customer)  # retrievable later (failed or cut too): whose it is
         self._record(ids, rec, start_ns, t0)
         self.observe(rec, ids.trace_id, time.perf_counter() - t0)  # metrics, access log
         if reraise is not None:
@@ -283,10 +283,14 @@ class Proxy(WireStreamRelay):
         if not self._allows(call, model):
             raise forbidden(f"This key may not use model `{model}`.", code="model_not_allowed", param="model")
         if self.owners is not None and not principal.may_set_customer and (
-                b"previous_response_id" in call.body or b"file_id" in call.body):
+                "previous_response_id" in payload or b"file_id" in call.body or b"\\u" in call.body):  # escapes too
             await self._check_references(payload, principal.customer)
-        scopes = self.limits.scopes(principal.key_id, principal.limits, tenant)
-        if principal.tenant is not None and principal.tenant is not tenant and principal.tenant.limits is not None:
+        # the gateway's own replay, judge and shadow calls are no tenant's spend (budgets read from the store leave
+        # them out too): only the key's limits hold
+        production = rec.source not in NON_PRODUCTION_SOURCES
+        scopes = self.limits.scopes(principal.key_id, principal.limits, tenant if production else None)
+        if production and principal.tenant is not None and principal.tenant is not tenant \
+                and principal.tenant.limits is not None:
             # a platform key recording calls for other customers: its own tenant's limits hold over them too
             scopes += self.limits.scopes("", None, principal.tenant)
         if scopes:
@@ -304,9 +308,9 @@ class Proxy(WireStreamRelay):
         that tenant's conversation, its file would be read into this call (api.tenant_resources: isolated)."""
         wanted = referenced_ids(payload)
         if wanted:
-            mine = await self.owners.owned([rid for _, rid in wanted], customer)
+            theirs = set(await self.owners.foreign([rid for _, rid in wanted], customer))
             for param, rid in wanted:
-                if rid not in mine:
+                if rid in theirs:
                     raise not_found(rid, param)
 
     def _allows(self, call: Call, model: str) -> bool:
@@ -591,7 +595,10 @@ class Proxy(WireStreamRelay):
             rec.hung_up("mid-stream")
         finally:
             if rec.input_tokens is None and not done:  # cut or cancelled before its usage chunk: billed all the same
-                self._estimate_usage(call, d, acc)
+                try:
+                    self._estimate_usage(call, d, acc)
+                except Exception:  # an estimate must never cost the call its ending or its record
+                    log.exception("could not estimate a cut stream's usage")
             await opened.stream.aclose()
             rec.answered(acc.model, acc.id, acc.finish_reasons())
             if not rec.client_disconnected and not call.watch.client_gone:

@@ -1,12 +1,16 @@
 """Whose a provider resource is: the files, batches, responses and stored chat completions tenants create through
 the gateway live on the provider account its deployments share, where any key of that account reaches any of them.
-With `api.tenant_resources: isolated` (the default) a tenant key reaches only those its tenant created here.
+With `api.tenant_resources: isolated` (the default) a tenant key may not reach one another customer created here,
+and lists only its own.
 
 The owner of an id is the customer recorded on the call that created it (a `files.create`, `batches.create`,
 `responses` or `chat.completions` call answered with that id): remembered in memory as the answer passes, and
 otherwise looked up in the record (`otel_traces`, whose bloom filter over span attribute values finds an id's
-granules), so ownership survives a restart and is shared by workers. Looked-up answers are cached: an owner for
-good, "nobody" for a few seconds (a resource created on another worker is in the record within a batch window).
+granules), so ownership survives a restart and is shared by workers. An id nobody created here (a batch's output
+file, a file uploaded straight to the provider, an id made on another worker a moment ago and not stored yet)
+belongs to no tenant and is not refused: resource ids are unguessable, and lists, the one way to learn another's,
+show a tenant only its own. Refusing them would break batches (their output files are the provider's) and make
+every worker but the creating one refuse a fresh id for a batch window.
 """
 from __future__ import annotations
 
@@ -18,88 +22,110 @@ from typing import Any, Callable, Iterable
 
 from exporters import semconv as sc
 
-from .errors import GatewayError
+from .errors import GatewayError, bad_request
 
 log = logging.getLogger("tagway")
 
-__all__ = ["CREATING_APIS", "ResourceOwners", "not_found", "referenced_ids"]
+__all__ = ["CREATING_APIS", "MAX_IDS_PER_REQUEST", "ResourceOwners", "not_found", "referenced_ids"]
 
 # the APIs whose answer's id is a resource later reached by id (tagway.api of the creating call)
 CREATING_APIS = ("files.create", "batches.create", "responses", "chat.completions")
+MAX_IDS_PER_REQUEST = 64
 _MAX_IDS = 100_000
-_NOBODY_SECONDS = 5.0
+_UNKNOWN_SECONDS = 2.0  # "nobody's" is believed this long (a lookup a second for an id asked again and again)
 _LOOKUP_SECONDS = 5.0
+# body fields that name resources; `annotations` (citations in a model's own output, re-sent by stateless loops)
+# are not requests for a resource
+_ID_KEYS = frozenset({"file_id", "input_file_id", "previous_response_id"})
+_ID_LIST_KEYS = frozenset({"file_ids"})
+_SKIP = frozenset({"annotations"})
 
 
 def not_found(rid: str, param: str = "id") -> GatewayError:
-    return GatewayError(404, f"No resource `{rid[:100]}` for this key: a tenant key reaches the files, batches, "
-                        "responses and stored completions its tenant created through the gateway "
-                        "(api.tenant_resources).", code="resource_not_found", param=param)
+    return GatewayError(404, f"No resource `{rid[:100]}` for this key: another customer created it through the "
+                        "gateway (api.tenant_resources).", code="resource_not_found", param=param)
 
 
 def referenced_ids(payload: Any) -> list[tuple[str, str]]:
-    """(parameter, id) of the resources a request body names: a batch's input file, a response's predecessor, and
-    file parts (`file_id`) anywhere in its messages or input."""
+    """(field, id) of the resources a request body names anywhere: a batch's input file, a response's predecessor,
+    file parts and tools' file lists (iterative: a deep body costs no recursion)."""
     out: list[tuple[str, str]] = []
-    if not isinstance(payload, dict):
-        return out
-    for param in ("input_file_id", "previous_response_id"):
-        v = payload.get(param)
-        if isinstance(v, str) and v:
-            out.append((param, v))
-    _file_ids(payload.get("messages"), out)
-    _file_ids(payload.get("input"), out)
+    stack = [payload]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k in _ID_KEYS and isinstance(v, str):
+                    out.append((k, v))
+                elif k in _ID_LIST_KEYS and isinstance(v, list):
+                    out += [(k, x) for x in v if isinstance(x, str)]
+                elif k not in _SKIP and isinstance(v, (dict, list)):
+                    stack.append(v)
+        elif isinstance(node, list):
+            stack += [v for v in node if isinstance(v, (dict, list))]
+    if len(out) > MAX_IDS_PER_REQUEST:
+        raise bad_request(f"The request names {len(out)} resources; at most {MAX_IDS_PER_REQUEST} are checked for a "
+                          "tenant key.", code="too_many_resource_ids")
     return out
 
 
-def _file_ids(value: Any, out: list[tuple[str, str]], depth: int = 0) -> None:
-    if depth > 8:
-        return
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if k == "file_id" and isinstance(v, str) and v:
-                out.append(("file_id", v))
-            elif isinstance(v, (dict, list)):
-                _file_ids(v, out, depth + 1)
-    elif isinstance(value, list):
-        for v in value:
-            _file_ids(v, out, depth + 1)
-
-
 class ResourceOwners:
-    """id -> owning customer, from answers seen here and from the record. `store` returns the reads' client (None
-    when the store is not reachable yet), or is None when nothing is recorded (only this process's answers then
-    tell); `database` is storage.database."""
+    """id -> the customer that created it, from answers seen here and from the record. `store` returns the reads'
+    client (None while the store is not reachable), or is None when nothing is recorded (only this process's
+    answers then tell); `database` is storage.database."""
 
     def __init__(self, store: Callable[[], Any] | None, database: str = "",
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._store, self._database, self._clock = store, database, clock
-        self._owner: OrderedDict[str, str] = OrderedDict()
-        self._nobody: dict[str, float] = {}  # id -> until when "no owner on record" is believed
+        self._owner: OrderedDict[str, str] = OrderedDict()  # least recently asked first
+        self._unknown: OrderedDict[str, float] = OrderedDict()  # id -> until when "nobody's" is believed
 
     def created(self, rid: str, customer: str) -> None:
-        """An answer that created `rid` for `customer` passed (the first owner stays: an id is created once)."""
+        """An answer with `rid` passed for `customer`: the first owner stays (an id is created once)."""
         if rid and rid not in self._owner:
             self._owner[rid] = customer
             if len(self._owner) > _MAX_IDS:
                 self._owner.popitem(last=False)
-        self._nobody.pop(rid, None)
+        self._unknown.pop(rid, None)
+
+    async def foreign(self, ids: Iterable[str], customer: str) -> list[str]:
+        """The ids among `ids` that another customer created here (an id nobody created here is nobody's)."""
+        owners = await self._owners(ids)
+        return [i for i, who in owners.items() if who is not None and who != customer]
 
     async def owned(self, ids: Iterable[str], customer: str) -> set[str]:
-        """The ids among `ids` that `customer` owns. A lookup the store cannot answer is a 503 (never a guess)."""
+        """The ids among `ids` that `customer` created here (what a list shows a tenant)."""
+        owners = await self._owners(ids)
+        return {i for i, who in owners.items() if who == customer}
+
+    async def _owners(self, ids: Iterable[str]) -> dict[str, str | None]:
+        """Each id's creator, or None. A lookup the store cannot answer is a 503 (never a guess)."""
         ids = [i for i in dict.fromkeys(ids) if i]
         now = self._clock()
-        unknown = [i for i in ids if i not in self._owner and self._nobody.get(i, 0.0) <= now]
-        if unknown:
-            found = await self._look_up(unknown)
-            for rid in unknown:
+        out: dict[str, str | None] = {}
+        ask = []
+        for i in ids:
+            who = self._owner.get(i)
+            if who is not None:
+                self._owner.move_to_end(i)
+                out[i] = who
+            elif self._unknown.get(i, 0.0) > now:
+                out[i] = None
+            else:
+                ask.append(i)
+        if ask:
+            found = await self._look_up(ask)
+            for rid in ask:
                 if rid in found:
                     self.created(rid, found[rid])
+                    out[rid] = found[rid]
                 else:
-                    self._nobody[rid] = now + _NOBODY_SECONDS
-            if len(self._nobody) > _MAX_IDS:
-                self._nobody = {k: t for k, t in self._nobody.items() if t > now}
-        return {i for i in ids if self._owner.get(i) == customer}
+                    self._unknown[rid] = now + _UNKNOWN_SECONDS
+                    self._unknown.move_to_end(rid)
+                    out[rid] = None
+            while len(self._unknown) > _MAX_IDS:
+                self._unknown.popitem(last=False)
+        return out
 
     async def _look_up(self, ids: list[str]) -> dict[str, str]:
         if self._store is None:
@@ -112,7 +138,7 @@ class ResourceOwners:
                f"argMin(SpanAttributes[{{customer_key:String}}], Timestamp) AS customer FROM {table} "
                "WHERE hasAny(mapValues(SpanAttributes), {ids:Array(String)}) "
                "AND SpanAttributes[{rid_key:String}] IN {ids:Array(String)} "
-               "AND SpanAttributes[{kind_key:String}] = 'call' AND StatusCode != 'Error' "
+               "AND SpanAttributes[{kind_key:String}] = 'call' "
                "AND SpanAttributes[{api_key:String}] IN {apis:Array(String)} GROUP BY rid")
         params = {"ids": ids, "apis": list(CREATING_APIS), "rid_key": sc.RESPONSE_ID, "customer_key": sc.CUSTOMER,
                   "kind_key": sc.KIND, "api_key": sc.API}

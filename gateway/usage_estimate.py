@@ -26,14 +26,18 @@ def tokens_of_chars(chars: int) -> int:
 
 def _chars(value: Any) -> int:
     """Characters of every string in a message's content (text parts, tool calls' names and arguments), not its
-    keys, ids or inline data (an image's base64 is billed by its size in pixels, not counted here)."""
-    if isinstance(value, str):
-        return 0 if value.startswith("data:") else len(value)
-    if isinstance(value, dict):
-        return sum(_chars(v) for k, v in value.items() if k not in _NOT_TEXT)
-    if isinstance(value, list):
-        return sum(_chars(v) for v in value)
-    return 0
+    keys, ids or inline data (an image's base64 is billed by its size in pixels, not counted here). Iterative: a
+    deeply nested body costs no recursion."""
+    n, stack = 0, [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            n += 0 if v.startswith("data:") else len(v)
+        elif isinstance(v, dict):
+            stack += [x for k, x in v.items() if k not in _NOT_TEXT]
+        elif isinstance(v, list):
+            stack += v
+    return n
 
 
 def estimate_prompt_tokens(payload: dict) -> int:

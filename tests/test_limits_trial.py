@@ -251,3 +251,26 @@ def test_a_platform_keys_own_tenant_limits_hold_over_the_customers_it_names(tmp_
         assert b["spent_usd"] == pytest.approx(5 * CALL_USD)
     finally:
         gw.stop()
+
+
+def test_replay_calls_spend_no_tenants_limits(tmp_path, upstream):
+    """A replay run's calls (a platform key, `x-tagway-source: replay`, the case's customer) were admitted against
+    that customer's rpm and budget in-process, though the budget's store read leaves them out: a replay could 429
+    the tenant's production calls (review). Only the key's own limits hold for the gateway's own calls."""
+    platform = "tw-trial-replayer-0123456789abcdefghijklmn"
+    cfg = {"admin_key_env": "TAGWAY_ADMIN_KEY",
+           "models": [{"name": "ok", "provider": "openai", "model": "ok-priced", "base_url": upstream.base_url,
+                       "api_key_env": "UP_KEY", **PRICE}],
+           "tenants": [{"customer": "beta", "keys": [{"id": "beta-1", "hash": hash_key(KEY)}], "limits": {"rpm": 2}},
+                       {"customer": "ops", "may_set_customer": True, "limits": {"rpm": 2},
+                        "keys": [{"id": "ops-1", "hash": hash_key(platform)}]}]}
+    with GatewayProcess(tmp_path, cfg, env={"TAGWAY_ADMIN_KEY": ADMIN, "UP_KEY": "sk-up"}) as gw:
+        replayer = openai.OpenAI(base_url=gw.url + "/v1", api_key=platform, max_retries=0, default_headers={
+            "x-tagway-source": "replay", "x-tagway-customer": "beta"})
+        for _ in range(4):
+            replayer.chat.completions.create(model="ok", messages=[{"role": "user", "content": "hi"}])
+        tenant = openai.OpenAI(base_url=gw.url + "/v1", api_key=KEY, max_retries=0)
+        for _ in range(2):  # beta's own rpm is untouched by the replay
+            tenant.chat.completions.create(model="ok", messages=[{"role": "user", "content": "hi"}])
+        with pytest.raises(openai.RateLimitError):
+            tenant.chat.completions.create(model="ok", messages=[{"role": "user", "content": "hi"}])

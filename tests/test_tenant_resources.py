@@ -1,11 +1,13 @@
 """Tenants share the provider account behind the gateway, so the files, batches, responses and stored completions
 one tenant creates were any other tenant's to read, list and delete (security trial: globex read, then deleted,
 acme's uploaded file, and continued acme's response). With `api.tenant_resources: isolated`, the default, a tenant
-key reaches and lists only what its tenant created through the gateway; ownership comes from the record, so it
-holds after a restart. Real gateway recording into chDB, the test upstream, the openai SDK."""
+key may not reach what another customer created through the gateway, and lists only its own; ownership comes from
+the record, so it holds after a restart. Real gateway recording into chDB, the test upstream, the openai SDK."""
 from __future__ import annotations
 
+import httpx
 import openai
+import orjson
 import pytest
 
 from tests.gateway_fixture import KEYS, UPSTREAM_KEY, recorded_gateway
@@ -63,7 +65,8 @@ def test_a_tenant_reaches_and_lists_only_its_own_files_and_responses(gateways, u
     with gateways("spool-2") as gw:
         assert sdk(gw, acme).files.retrieve(mine.id).id == mine.id
         refused(lambda: sdk(gw, globex).files.retrieve(mine.id))
-        refused(lambda: sdk(gw, acme).files.retrieve("file-never-made"))
+        # an id nobody created here (a batch's output file, a file uploaded straight to the provider) is nobody's
+        assert sdk(gw, acme).files.retrieve("file-batch-output-1").id == "file-batch-output-1"
         assert sdk(gw, acme).responses.retrieve(r.id).id == r.id
         refused(lambda: sdk(gw, globex).responses.retrieve(r.id))
 
@@ -86,3 +89,62 @@ def test_shared_resources_are_the_accounts_as_before(upstream, chdb_store, tmp_p
         assert sdk(server, KEYS["globex"]).files.retrieve(f.id).id == f.id
     finally:
         server.stop()
+
+
+def test_every_way_a_body_names_another_tenants_resource_is_refused(gateways, upstream):
+    """Review of the first version: a key written with a JSON escape (`previous\\u005fresponse_id`) passed the
+    byte pre-check; file ids in tools (code interpreter), in prompt variables and in the JSON form of images.edits
+    were never looked at. A citation in a model's own output (re-sent by a stateless loop) is no request."""
+    acme, globex = KEYS["acme"], KEYS["globex"]
+    with gateways("spool-refs") as gw:
+        f = sdk(gw, acme).files.create(file=("a.jsonl", b"{}\n", "application/jsonl"), purpose="user_data").id
+        r = sdk(gw, acme).responses.create(model="gpt-test", input="mine").id
+        h = {"authorization": f"Bearer {globex}", "content-type": "application/json"}
+
+        def post(path: str, raw: bytes) -> httpx.Response:
+            return httpx.post(gw.url + path, content=raw, headers=h, timeout=10)
+
+        bodies = [
+            ("/v1/responses", b'{"model": "gpt-test", "input": "x", "previous\\u005fresponse_id": "%s"}' % r.encode()),
+            ("/v1/responses", orjson.dumps({"model": "gpt-test", "input": "x", "tools": [
+                {"type": "code_interpreter", "container": {"type": "auto", "file_ids": [f]}}]})),
+            ("/v1/responses", orjson.dumps({"model": "gpt-test", "input": "x", "prompt": {
+                "id": "pmpt_1", "variables": {"doc": {"type": "input_file", "file_id": f}}}})),
+            ("/v1/responses", b'{"model": "gpt-test", "input": [{"role": "user", "content": [{"type": '
+                              b'"input_file", "file\\u005fid": "%s"}]}]}' % f.encode()),
+            ("/v1/images/edits", orjson.dumps({"model": "gpt-image-1", "prompt": "x", "images": [{"file_id": f}]})),
+            ("/v1/chat/completions", orjson.dumps({"model": "gpt-test", "messages": [{"role": "user", "content": [
+                {"type": "file", "file": {"file_id": f}}]}]})),
+        ]
+        upstream.clear()
+        for path, raw in bodies:
+            got = post(path, raw)
+            assert got.status_code == 404 and got.json()["error"]["code"] == "resource_not_found", (path, got.text)
+        assert upstream.requests == []
+        # the model's own citations, re-sent: not a request for the file they cite
+        cited = orjson.dumps({"model": "gpt-test", "input": [
+            {"role": "assistant", "content": [{"type": "output_text", "text": "see",
+                                               "annotations": [{"type": "file_citation", "file_id": f}]}]},
+            {"role": "user", "content": "and?"}]})
+        assert post("/v1/responses", cited).status_code == 200
+        # a tenant key does not delete the account's models; too many ids in one body is a clear 400
+        gone = httpx.delete(gw.url + "/v1/models/ft:gpt-4o:acme:x:1", headers=h)
+        assert gone.status_code == 403 and gone.json()["error"]["param"] == "model"
+        many = orjson.dumps({"model": "gpt-test", "input": "x", "tools": [
+            {"type": "code_interpreter", "container": {"type": "auto", "file_ids": [f"file-{i}" for i in range(65)]}}]})
+        assert post("/v1/responses", many).json()["error"]["code"] == "too_many_resource_ids"
+
+
+def test_a_tenants_list_reads_past_other_tenants_pages(gateways, upstream):
+    """Filtered lists left a page of other tenants' items empty, and the SDKs stop paging at an empty page: a tenant
+    saw none of its files once a page's worth of newer foreign ones existed (review). The gateway reads on, up to 5
+    upstream pages, for the tenant's own; the SDK's paging then walks them all."""
+    acme, globex = KEYS["acme"], KEYS["globex"]
+    with gateways("spool-pages") as gw:
+        theirs = [sdk(gw, globex).files.create(file=("g.jsonl", b"{}\n", "application/jsonl"), purpose="batch").id
+                  for _ in range(5)]
+        mine = sdk(gw, acme).files.create(file=("a.jsonl", b"{}\n", "application/jsonl"), purpose="batch").id
+        seen = [f.id for f in sdk(gw, acme).files.list(limit=2)]  # the SDK pages on while has_more
+        assert mine in seen and not set(theirs) & set(seen), seen
+        page = sdk(gw, globex).files.list(limit=2)
+        assert len(page.data) == 2 and mine not in {x.id for x in page.data}

@@ -261,9 +261,11 @@ class Upstream(ThreadedServer):
         if request.method == "GET" and ("id" not in request.match_info or request.path.endswith(("/messages",
                                                                                                  "/input_items"))):
             out = {"object": "list", "data": [{"id": "listed-1"}, {"id": "listed-2"}], "has_more": False}
-            if request.path == "/v1/files":  # the account's files: every upload, whoever made it
-                out["data"] = [{"id": f"file-up-{i}"} for i in range(1, getattr(self, "uploads", 0) + 1)] + \
-                    out["data"]
+            if request.path == "/v1/files":  # the account's files: every upload, whoever made it, paged
+                every = [{"id": f"file-up-{i}"} for i in range(1, getattr(self, "uploads", 0) + 1)] + out["data"]
+                after, limit = request.query.get("after"), int(request.query.get("limit", "10000"))
+                start = next((n + 1 for n, x in enumerate(every) if x["id"] == after), 0) if after else 0
+                out["data"], out["has_more"] = every[start:start + limit], start + limit < len(every)
         if request.path == "/v1/images/generations":
             out["usage"] = {"input_tokens": 9, "output_tokens": 100, "total_tokens": 109}
         return web.json_response(out)
