@@ -32,7 +32,7 @@ from .headers import HeaderFilter
 from .model_routes import ModelRoutes
 from .providers import ProviderRegistry, UpstreamFailure, kind_of
 from .redact import Redactor
-from .resources import CREATING_APIS, ResourceOwners, not_found, referenced_ids
+from .resources import CREATING_APIS, ResourceOwners, not_found, referenced_ids, referenced_ids_in_lines
 from .routes_table import Route, check_resource_id, strip_version
 from .tags import check_header, resolve_tags
 from .telemetry import CallRecord, CallSpans
@@ -133,7 +133,7 @@ class Passthrough:
         # a tenant key reaches its tenant's resources only, and lists only those (api.tenant_resources: isolated)
         mine_only = principal.customer if self.owners is not None and not principal.may_set_customer else None
         if mine_only is not None:
-            await self._check_owned(route, params, payload or _json_or_empty(body, content_type), mine_only)
+            await self._check_owned(route, params, payload or _json_or_empty(body, content_type), mine_only, body)
         provider = self.providers.for_deployment(d)
         if kind_of(d.provider) != "pass_through" or not hasattr(provider, "open"):
             raise GatewayError(501, f"{scope['method']} {scope['path']} is passed through to OpenAI-compatible "
@@ -166,12 +166,15 @@ class Passthrough:
         finally:
             resp.release()
 
-    async def _check_owned(self, route: Route, params: dict[str, str], payload: dict, customer: str) -> None:
+    async def _check_owned(self, route: Route, params: dict[str, str], payload: dict, customer: str,
+                           body: bytes) -> None:
         if route.api == "models.delete":  # the account's models, not any tenant's
             raise forbidden("Deleting a model is the provider account's: it takes a platform or the admin key "
                             "(api.tenant_resources: isolated).", code="permission_denied", param="model")
         wanted = [(name, rid) for name, rid in params.items()]  # the resource the path names
         wanted += referenced_ids(payload)  # a batch's input file, a response's predecessor, file parts
+        if route.api == "files.create":  # a batch's input: the requests in its lines
+            wanted += referenced_ids_in_lines(body)
         if wanted:
             theirs = set(await self.owners.foreign([rid for _, rid in wanted], customer))
             for name, rid in wanted:

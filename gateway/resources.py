@@ -20,17 +20,21 @@ import time
 from collections import OrderedDict
 from typing import Any, Callable, Iterable
 
+import orjson
+
 from exporters import semconv as sc
 
 from .errors import GatewayError, bad_request
 
 log = logging.getLogger("tagway")
 
-__all__ = ["CREATING_APIS", "MAX_IDS_PER_REQUEST", "ResourceOwners", "not_found", "referenced_ids"]
+__all__ = ["CREATING_APIS", "MAX_IDS_PER_REQUEST", "MAX_IDS_PER_UPLOAD", "ResourceOwners", "not_found",
+           "referenced_ids", "referenced_ids_in_lines"]
 
 # the APIs whose answer's id is a resource later reached by id (tagway.api of the creating call)
 CREATING_APIS = ("files.create", "batches.create", "responses", "chat.completions")
 MAX_IDS_PER_REQUEST = 64
+MAX_IDS_PER_UPLOAD = 10_000  # a batch's input file: one request a line
 _MAX_IDS = 100_000
 _UNKNOWN_SECONDS = 2.0  # "nobody's" is believed this long (a lookup a second for an id asked again and again)
 _LOOKUP_SECONDS = 5.0
@@ -46,7 +50,7 @@ def not_found(rid: str, param: str = "id") -> GatewayError:
                         "gateway (api.tenant_resources).", code="resource_not_found", param=param)
 
 
-def referenced_ids(payload: Any) -> list[tuple[str, str]]:
+def referenced_ids(payload: Any, cap: int = MAX_IDS_PER_REQUEST) -> list[tuple[str, str]]:
     """(field, id) of the resources a request body names anywhere: a batch's input file, a response's predecessor,
     file parts and tools' file lists (iterative: a deep body costs no recursion)."""
     out: list[tuple[str, str]] = []
@@ -63,9 +67,29 @@ def referenced_ids(payload: Any) -> list[tuple[str, str]]:
                     stack.append(v)
         elif isinstance(node, list):
             stack += [v for v in node if isinstance(v, (dict, list))]
-    if len(out) > MAX_IDS_PER_REQUEST:
-        raise bad_request(f"The request names {len(out)} resources; at most {MAX_IDS_PER_REQUEST} are checked for a "
-                          "tenant key.", code="too_many_resource_ids")
+    if len(out) > cap:
+        raise bad_request(f"The request names {len(out)} resources; at most {cap} are checked for a tenant key.",
+                          code="too_many_resource_ids")
+    return out
+
+
+def referenced_ids_in_lines(body: bytes) -> list[tuple[str, str]]:
+    """The resources the JSON lines of an upload name (a batch's input file: each line a request the provider will
+    run, so another tenant's previous response or file there would be read through the batch). Lines are read out
+    of the raw (multipart) bytes; only those that may name one are parsed."""
+    out: list[tuple[str, str]] = []
+    if b"_id" not in body and b"\\u" not in body:
+        return out
+    for line in body.splitlines():
+        if b"_id" in line or b"\\u" in line:
+            try:
+                obj = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue  # a multipart boundary or header, or not JSON
+            out += referenced_ids(obj, MAX_IDS_PER_UPLOAD)
+            if len(out) > MAX_IDS_PER_UPLOAD:
+                raise bad_request(f"The upload names more than {MAX_IDS_PER_UPLOAD} resources; at most that many "
+                                  "are checked for a tenant key.", code="too_many_resource_ids")
     return out
 
 

@@ -120,7 +120,17 @@ def test_every_way_a_body_names_another_tenants_resource_is_refused(gateways, up
         for path, raw in bodies:
             got = post(path, raw)
             assert got.status_code == 404 and got.json()["error"]["code"] == "resource_not_found", (path, got.text)
+        # a batch's input file: each line a request the provider runs, and whose output globex could read
+        line = {"custom_id": "1", "method": "POST", "url": "/v1/responses",
+                "body": {"model": "gpt-test", "input": "x", "previous_response_id": r}}
+        with pytest.raises(openai.NotFoundError) as e:
+            sdk(gw, globex).files.create(file=("in.jsonl", orjson.dumps(line) + b"\n", "application/jsonl"),
+                                         purpose="batch")
+        assert e.value.response.json()["error"]["param"] == "previous_response_id"
         assert upstream.requests == []
+        own = {**line, "body": {**line["body"], "previous_response_id": "resp_not_acmes"}}
+        assert sdk(gw, globex).files.create(file=("in.jsonl", orjson.dumps(own) + b"\n", "application/jsonl"),
+                                            purpose="batch").id
         # the model's own citations, re-sent: not a request for the file they cite
         cited = orjson.dumps({"model": "gpt-test", "input": [
             {"role": "assistant", "content": [{"type": "output_text", "text": "see",
