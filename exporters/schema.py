@@ -466,6 +466,22 @@ def _m9_autopopulate(s: SchemaSettings) -> list[str]:
     return stmts
 
 
+def _m12_resource_owners(s: SchemaSettings) -> list[str]:
+    # Whose a provider resource is (gateway/resources.py): the customer of the call whose answer created it, read by
+    # id (the primary key: a lookup of thousands of ids reads a few granules, where the span attributes' bloom filter
+    # let most through). Kept past the calls' retention: a file lives as long as its owner keeps it.
+    stmts = _table(s, "resource_owners", """    rid String,
+    customer String,
+    created DateTime64(3)""", "ORDER BY rid\nTTL toDateTime(created) + toIntervalDay(400)",
+                   kind="ReplacingMergeTree", sharding_key="cityHash64(rid)")
+    stmts.append(f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {s.local('resource_owners_mv')}{s.on_cluster()}
+TO {s.local('resource_owners')}
+AS SELECT {_a(sc.RESPONSE_ID)} AS rid, {_a(sc.CUSTOMER)} AS customer, Timestamp AS created
+FROM {s.local('otel_traces')}
+WHERE {_a(sc.KIND)} = 'call' AND {_a(sc.CREATES_RESOURCE)} = 'true' AND {_a(sc.RESPONSE_ID)} != ''""")
+    return stmts
+
+
 def _m10_rollups(s: SchemaSettings) -> list[str]:
     return rollup_statements(s, _table)
 
@@ -488,6 +504,7 @@ MIGRATIONS: list[Migration] = [
     (ROLLUPS_MIGRATION, "rollups of llm_calls (minute/hour/day, and by tag) with their views and coverage state",
      _m10_rollups),
     (CUSTOMER_MIGRATION, "per-customer rollups (hour/day), fed from the minute rollup", _m11_customer_rollups),
+    (12, "resource_owners: whose each file, batch and stored response is", _m12_resource_owners),
 ]
 
 

@@ -32,7 +32,7 @@ from .headers import HeaderFilter
 from .model_routes import ModelRoutes
 from .providers import ProviderRegistry, UpstreamFailure, kind_of
 from .redact import Redactor
-from .resources import CREATING_APIS, ResourceOwners, not_found, referenced_ids, referenced_ids_in_lines
+from .resources import CREATING_APIS, ResourceOwners, batch_input_ids, not_found, referenced_ids
 from .routes_table import Route, check_resource_id, strip_version
 from .tags import check_header, resolve_tags
 from .telemetry import CallRecord, CallSpans
@@ -43,6 +43,7 @@ log = logging.getLogger("tagway.passthrough")
 
 _READ_WHOLE = 1 << 20  # JSON answers up to this size are read whole (ids, usage, model for the record)
 _LIST_PAGES = 5  # upstream pages a tenant's filtered list reads at most for one of its own
+_UPSTREAM_PAGE = 100  # items an upstream page of a tenant's list asks for (the largest OpenAI's lists all give)
 _OWNERS_MAX = 100_000  # resource ids remembered with the upstream that holds them
 _MULTIPART_MODEL = re.compile(rb'(name="model"\r\n(?:[^\r\n]+\r\n)*\r\n)([^\r\n]*)(\r\n)')
 
@@ -133,7 +134,8 @@ class Passthrough:
         # a tenant key reaches its tenant's resources only, and lists only those (api.tenant_resources: isolated)
         mine_only = principal.customer if self.owners is not None and not principal.may_set_customer else None
         if mine_only is not None:
-            await self._check_owned(route, params, payload or _json_or_empty(body, content_type), mine_only, body)
+            await self._check_owned(route, params, payload or _json_or_empty(body, content_type), mine_only, body,
+                                    content_type)
         provider = self.providers.for_deployment(d)
         if kind_of(d.provider) != "pass_through" or not hasattr(provider, "open"):
             raise GatewayError(501, f"{scope['method']} {scope['path']} is passed through to OpenAI-compatible "
@@ -148,9 +150,12 @@ class Passthrough:
         path = strip_version(scope["path"])
         query = scope.get("query_string", b"").decode("latin-1")
         forward = self._forward_headers.pick(scope["headers"]) if self._forward_headers else []
+        list_for = mine_only if route.method == "GET" and not params else None
+        asked = _list_limit(query)
+        if list_for is not None:  # upstream pages as large as they come: fewer pages to read past others' items
+            query = _with_page_size(query, _UPSTREAM_PAGE)
         resp = await provider.open(d, route.method, path, query=query, body=body or None, headers=forward,
                                    content_type=content_type if body else None)
-        list_for = mine_only if route.method == "GET" and not params else None
 
         async def next_page(after: str) -> bytes | None:  # the list's next upstream page (tenant lists scan on)
             q = urllib.parse.urlencode([*((k, v) for k, v in urllib.parse.parse_qsl(query, keep_blank_values=True)
@@ -162,19 +167,19 @@ class Passthrough:
                 page.release()
 
         try:
-            await self._relay(call, d, resp, model, forward, route, list_for, (next_page, _list_limit(query)))
+            await self._relay(call, d, resp, model, forward, route, list_for, (next_page, asked))
         finally:
             resp.release()
 
     async def _check_owned(self, route: Route, params: dict[str, str], payload: dict, customer: str,
-                           body: bytes) -> None:
+                           body: bytes, content_type: str | None) -> None:
         if route.api == "models.delete":  # the account's models, not any tenant's
             raise forbidden("Deleting a model is the provider account's: it takes a platform or the admin key "
                             "(api.tenant_resources: isolated).", code="permission_denied", param="model")
         wanted = [(name, rid) for name, rid in params.items()]  # the resource the path names
         wanted += referenced_ids(payload)  # a batch's input file, a response's predecessor, file parts
-        if route.api == "files.create":  # a batch's input: the requests in its lines
-            wanted += referenced_ids_in_lines(body)
+        if route.api == "files.create" and body and content_type:  # a batch's input: the requests in its lines
+            wanted += await asyncio.get_running_loop().run_in_executor(None, batch_input_ids, body, content_type)
         if wanted:
             theirs = set(await self.owners.foreign([rid for _, rid in wanted], customer))
             for name, rid in wanted:
@@ -214,8 +219,10 @@ class Passthrough:
         headers += self._return_headers.pick(resp.raw_headers)
         attempt = rec.attempts[-1]
         attempt.end_ns, attempt.status = time.time_ns(), resp.status
-        whole = ctype.startswith("application/json") and (list_for is not None
-                                                           or (resp.content_length or 0) <= _READ_WHOLE)
+        json_answer = ctype.lower().startswith("application/json")
+        if list_for is not None and resp.status < 400 and not json_answer:  # unfiltered, it would show everyone's
+            raise _unreadable_list()
+        whole = json_answer and (list_for is not None or (resp.content_length or 0) <= _READ_WHOLE)
         if resp.status >= 400 or whole:
             body = self._scrub(await resp.read())
             if resp.status >= 400:
@@ -230,8 +237,10 @@ class Passthrough:
                 self._read_answer(rec, body, d, model)
                 if list_for is not None:
                     body = await self._own_items(body, list_for, *paging)
-                elif self.owners is not None and route.api in CREATING_APIS and rec.response_id:
-                    self.owners.created(rec.response_id, rec.customer)
+                elif route.api in CREATING_APIS and rec.response_id:
+                    rec.creates_resource = True  # whose it is, in the record (exporters/schema.py resource_owners)
+                    if self.owners is not None:
+                        self.owners.created(rec.response_id, rec.customer)
             await call.respond(resp.status, body, ctype.encode("latin-1") or b"application/json",
                                [h for h in headers if h[0] != b"content-type"])
             return
@@ -275,13 +284,10 @@ class Passthrough:
         """A list answer with only the items `customer` owns. Other tenants' items would leave a page short or
         empty (and the SDKs stop paging at an empty one): the upstream's next pages are read on, up to
         _LIST_PAGES, until `limit` own items are found; the client's next page starts after the last one shown."""
-        try:
-            obj = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            obj = None
+        obj = _loads_or_none(body)
         items = obj.get("data") if isinstance(obj, dict) else None
-        if not isinstance(items, list):
-            return body
+        if not isinstance(items, list):  # passed on as it is, it could hold every tenant's items
+            raise _unreadable_list()
         kept: list = []
         for pages in range(1, _LIST_PAGES + 1):
             ids = [x["id"] for x in items if isinstance(x, dict) and isinstance(x.get("id"), str)]
@@ -292,6 +298,10 @@ class Passthrough:
             more = await next_page(ids[-1])
             page = _loads_or_none(more) if more is not None else None
             if not isinstance(page, dict) or not isinstance(page.get("data"), list):
+                if not kept:  # an empty 200 would end the client's paging as if there were nothing more
+                    raise GatewayError(502, "The upstream's next page of this list failed; retry the request.",
+                                       type_="api_error", code="upstream_list_failed")
+                obj["has_more"] = True
                 break
             obj, items = page, page["data"]
         obj["data"] = kept[:limit]
@@ -348,13 +358,24 @@ def _failure_error(f: UpstreamFailure) -> GatewayError:
 def _json_or_empty(body: bytes, content_type: str | None) -> dict:
     """A JSON body on a route whose model may come in multipart (the JSON form of images.edits names files by
     id): read for the resources it names."""
-    if not body or not (content_type or "").startswith("application/json"):
+    if not body or not (content_type or "").lower().startswith("application/json"):
         return {}
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError:
         return {}
     return obj if isinstance(obj, dict) else {}
+
+
+def _unreadable_list() -> GatewayError:
+    return GatewayError(502, "The upstream answered this list in a form the gateway cannot filter to this key's "
+                        "items.", type_="api_error", code="upstream_protocol_error")
+
+
+def _with_page_size(query: str, size: int) -> str:
+    """The query with the upstream's page size raised to `size` (a tenant's list reads past other tenants' items)."""
+    pairs = [(k, v) for k, v in urllib.parse.parse_qsl(query, keep_blank_values=True) if k != "limit"]
+    return urllib.parse.urlencode([*pairs, ("limit", str(size))])
 
 
 def _loads_or_none(body: bytes) -> Any:

@@ -184,8 +184,10 @@ class Proxy(WireStreamRelay):
         if call.limited:  # tokens and cost count against the limits the call was admitted under
             self.limits.finish(call.limited, (rec.input_tokens or 0) + (rec.output_tokens or 0), rec.cost_usd or 0.0)
         self.recent.add(call.trace_id, rec.customer, rec.key_id)
-        if self.owners is not None and rec.response_id and _stored(call):
-            self.owners.created(rec.response_id, rec.customer)  # retrievable later (failed or cut too): whose it is
+        if rec.response_id and _stored(call):  # retrievable later (failed or cut too): whose it is
+            rec.creates_resource = True
+            if self.owners is not None:
+                self.owners.created(rec.response_id, rec.customer)
         self._record(ids, rec, start_ns, t0)
         self.observe(rec, ids.trace_id, time.perf_counter() - t0)  # metrics, access log
         if reraise is not None:

@@ -3,10 +3,11 @@ the gateway live on the provider account its deployments share, where any key of
 With `api.tenant_resources: isolated` (the default) a tenant key may not reach one another customer created here,
 and lists only its own.
 
-The owner of an id is the customer recorded on the call that created it (a `files.create`, `batches.create`,
-`responses` or `chat.completions` call answered with that id): remembered in memory as the answer passes, and
-otherwise looked up in the record (`otel_traces`, whose bloom filter over span attribute values finds an id's
-granules), so ownership survives a restart and is shared by workers. An id nobody created here (a batch's output
+The owner of an id is the customer recorded on the call that created it (a `files.create` or `batches.create`
+call, a stored response or chat completion, answered with that id; its span says `tagway.creates_resource`):
+remembered in memory as the answer passes, and otherwise looked up in `resource_owners` (filled from those spans by
+a view, read by its primary key, kept 400 days whatever the calls' retention), so ownership survives a restart and
+is shared by workers. An owner of "" (the admin key's own calls) is nobody. An id nobody created here (a batch's output
 file, a file uploaded straight to the provider, an id made on another worker a moment ago and not stored yet)
 belongs to no tenant and is not refused: resource ids are unguessable, and lists, the one way to learn another's,
 show a tenant only its own. Refusing them would break batches (their output files are the provider's) and make
@@ -15,6 +16,8 @@ every worker but the creating one refuse a fresh id for a batch window.
 from __future__ import annotations
 
 import asyncio
+import email.parser
+import email.policy
 import logging
 import time
 from collections import OrderedDict
@@ -22,14 +25,12 @@ from typing import Any, Callable, Iterable
 
 import orjson
 
-from exporters import semconv as sc
-
 from .errors import GatewayError, bad_request
 
 log = logging.getLogger("tagway")
 
 __all__ = ["CREATING_APIS", "MAX_IDS_PER_REQUEST", "MAX_IDS_PER_UPLOAD", "ResourceOwners", "not_found",
-           "referenced_ids", "referenced_ids_in_lines"]
+           "referenced_ids", "batch_input_ids"]
 
 # the APIs whose answer's id is a resource later reached by id (tagway.api of the creating call)
 CREATING_APIS = ("files.create", "batches.create", "responses", "chat.completions")
@@ -42,12 +43,11 @@ _LOOKUP_SECONDS = 5.0
 # are not requests for a resource
 _ID_KEYS = frozenset({"file_id", "input_file_id", "previous_response_id"})
 _ID_LIST_KEYS = frozenset({"file_ids"})
-_SKIP = frozenset({"annotations"})
+_SKIP = frozenset({"annotations", "arguments", "parameters", "schema", "json_schema", "metadata"})
 
 
 def not_found(rid: str, param: str = "id") -> GatewayError:
-    return GatewayError(404, f"No resource `{rid[:100]}` for this key: another customer created it through the "
-                        "gateway (api.tenant_resources).", code="resource_not_found", param=param)
+    return GatewayError(404, f"No such resource: {rid[:100]}.", code="resource_not_found", param=param)
 
 
 def referenced_ids(payload: Any, cap: int = MAX_IDS_PER_REQUEST) -> list[tuple[str, str]]:
@@ -58,6 +58,8 @@ def referenced_ids(payload: Any, cap: int = MAX_IDS_PER_REQUEST) -> list[tuple[s
     while stack:
         node = stack.pop()
         if isinstance(node, dict):
+            if node.get("type") == "tool_use":  # a model's own tool call, re-sent: its input is no request
+                continue
             for k, v in node.items():
                 if k in _ID_KEYS and isinstance(v, str):
                     out.append((k, v))
@@ -67,29 +69,54 @@ def referenced_ids(payload: Any, cap: int = MAX_IDS_PER_REQUEST) -> list[tuple[s
                     stack.append(v)
         elif isinstance(node, list):
             stack += [v for v in node if isinstance(v, (dict, list))]
-    if len(out) > cap:
-        raise bad_request(f"The request names {len(out)} resources; at most {cap} are checked for a tenant key.",
-                          code="too_many_resource_ids")
+    out = list(dict.fromkeys(out))
+    if len({rid for _, rid in out}) > cap:
+        raise bad_request(f"The request names more than {cap} resources; at most {cap} are checked for a tenant "
+                          "key.", code="too_many_resource_ids")
     return out
 
 
-def referenced_ids_in_lines(body: bytes) -> list[tuple[str, str]]:
-    """The resources the JSON lines of an upload name (a batch's input file: each line a request the provider will
-    run, so another tenant's previous response or file there would be read through the batch). Lines are read out
-    of the raw (multipart) bytes; only those that may name one are parsed."""
+def batch_input_ids(body: bytes, content_type: str) -> list[tuple[str, str]]:
+    """The resources the requests of a batch input upload name (a `files.create` with purpose `batch`: each line a
+    request the provider will run, so another tenant's previous response or file there would be read through the
+    batch, whose output file is nobody's). Blocking (a whole upload is parsed): run it off the event loop.
+
+    The multipart body is parsed as a mail parser reads it (transfer encodings decoded, which other parsers honour
+    too), and every line of the file must be a JSON object: a line this cannot read (a bare CR splitting an object,
+    NaN, a pretty-printed object) could be read otherwise by the provider, so it is refused, not skipped."""
+    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1", "replace") + b"\r\n\r\n" + body)
+    if not msg.is_multipart():
+        return []
+    purpose, files = "", []
+    for part in msg.iter_parts():
+        encoding = str(part.get("content-transfer-encoding") or "").strip().lower()
+        if encoding not in ("", "7bit", "8bit", "binary"):
+            raise bad_request(f"An upload's part may not be sent {encoding}-encoded.", code="invalid_upload")
+        data = part.get_payload(decode=True) or b""
+        name = part.get_param("name", header="content-disposition")
+        if name == "purpose":
+            purpose = data.decode("utf-8", "replace").strip()
+        elif name == "file" or part.get_filename() is not None:
+            files.append(data)
+    if purpose != "batch":
+        return []
     out: list[tuple[str, str]] = []
-    if b"_id" not in body and b"\\u" not in body:
-        return out
-    for line in body.splitlines():
-        if b"_id" in line or b"\\u" in line:
+    for data in files:
+        for n, line in enumerate(data.removeprefix(b"\xef\xbb\xbf").split(b"\n"), 1):
+            if not line.strip():
+                continue
             try:
                 obj = orjson.loads(line)
             except orjson.JSONDecodeError:
-                continue  # a multipart boundary or header, or not JSON
+                obj = None
+            if not isinstance(obj, dict):
+                raise bad_request(f"Line {n} of the batch input is not a JSON object.", code="invalid_batch_input")
             out += referenced_ids(obj, MAX_IDS_PER_UPLOAD)
-            if len(out) > MAX_IDS_PER_UPLOAD:
-                raise bad_request(f"The upload names more than {MAX_IDS_PER_UPLOAD} resources; at most that many "
-                                  "are checked for a tenant key.", code="too_many_resource_ids")
+    out = list(dict.fromkeys(out))
+    if len({rid for _, rid in out}) > MAX_IDS_PER_UPLOAD:
+        raise bad_request(f"The batch input names more than {MAX_IDS_PER_UPLOAD} resources; at most that many are "
+                          "checked for a tenant key.", code="too_many_resource_ids")
     return out
 
 
@@ -115,12 +142,12 @@ class ResourceOwners:
     async def foreign(self, ids: Iterable[str], customer: str) -> list[str]:
         """The ids among `ids` that another customer created here (an id nobody created here is nobody's)."""
         owners = await self._owners(ids)
-        return [i for i, who in owners.items() if who is not None and who != customer]
+        return [i for i, who in owners.items() if who and who != customer]
 
     async def owned(self, ids: Iterable[str], customer: str) -> set[str]:
         """The ids among `ids` that `customer` created here (what a list shows a tenant)."""
         owners = await self._owners(ids)
-        return {i for i, who in owners.items() if who == customer}
+        return {i for i, who in owners.items() if who and who == customer}
 
     async def _owners(self, ids: Iterable[str]) -> dict[str, str | None]:
         """Each id's creator, or None. A lookup the store cannot answer is a 503 (never a guess)."""
@@ -157,15 +184,10 @@ class ResourceOwners:
         store = self._store()
         if store is None:
             raise _unreachable()
-        table = f"{self._database}.otel_traces" if self._database else "otel_traces"
-        sql = (f"SELECT SpanAttributes[{{rid_key:String}}] AS rid, "
-               f"argMin(SpanAttributes[{{customer_key:String}}], Timestamp) AS customer FROM {table} "
-               "WHERE hasAny(mapValues(SpanAttributes), {ids:Array(String)}) "
-               "AND SpanAttributes[{rid_key:String}] IN {ids:Array(String)} "
-               "AND SpanAttributes[{kind_key:String}] = 'call' "
-               "AND SpanAttributes[{api_key:String}] IN {apis:Array(String)} GROUP BY rid")
-        params = {"ids": ids, "apis": list(CREATING_APIS), "rid_key": sc.RESPONSE_ID, "customer_key": sc.CUSTOMER,
-                  "kind_key": sc.KIND, "api_key": sc.API}
+        table = f"{self._database}.resource_owners" if self._database else "resource_owners"
+        sql = (f"SELECT rid, argMin(customer, created) AS customer FROM {table} WHERE rid IN {{ids:Array(String)}} "
+               "GROUP BY rid")  # by the primary key; the first creator stays
+        params = {"ids": ids}
         loop = asyncio.get_running_loop()
         try:
             rows = await asyncio.wait_for(loop.run_in_executor(None, lambda: store.query(sql, params)),

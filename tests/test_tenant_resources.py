@@ -10,7 +10,7 @@ import openai
 import orjson
 import pytest
 
-from tests.gateway_fixture import KEYS, UPSTREAM_KEY, recorded_gateway
+from tests.gateway_fixture import ADMIN_KEY, KEYS, UPSTREAM_KEY, recorded_gateway
 
 
 def sdk(gw, key: str) -> openai.OpenAI:
@@ -129,8 +129,25 @@ def test_every_way_a_body_names_another_tenants_resource_is_refused(gateways, up
         assert e.value.response.json()["error"]["param"] == "previous_response_id"
         assert upstream.requests == []
         own = {**line, "body": {**line["body"], "previous_response_id": "resp_not_acmes"}}
-        assert sdk(gw, globex).files.create(file=("in.jsonl", orjson.dumps(own) + b"\n", "application/jsonl"),
+        assert sdk(gw, globex).files.create(file=("in.jsonl", orjson.dumps(own) + b"\r\n", "application/jsonl"),
                                             purpose="batch").id
+        # a bare CR inside a line is JSON whitespace, not a line break (the first version split there and skipped
+        # both halves); a line that is not one JSON object is refused, not skipped; so is a transfer-encoded part
+        split = orjson.dumps(line).replace(b',"body"', b',\r"body"') + b"\n"
+        with pytest.raises(openai.NotFoundError) as e:
+            sdk(gw, globex).files.create(file=("in.jsonl", split, "application/jsonl"), purpose="batch")
+        assert e.value.response.json()["error"]["param"] == "previous_response_id"
+        with pytest.raises(openai.BadRequestError) as e:
+            sdk(gw, globex).files.create(file=("in.jsonl", orjson.dumps(line)[:-1] + b"\n", "application/jsonl"),
+                                         purpose="batch")
+        assert e.value.response.json()["error"]["code"] == "invalid_batch_input"
+        b64 = (b"--b\r\ncontent-disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n--b\r\n"
+               b"content-disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\n"
+               b"content-transfer-encoding: base64\r\n\r\n" + __import__("base64").b64encode(orjson.dumps(line))
+               + b"\r\n--b--\r\n")
+        sent = httpx.post(gw.url + "/v1/files", content=b64, headers={
+            "authorization": f"Bearer {globex}", "content-type": "multipart/form-data; boundary=b"})
+        assert sent.status_code == 400 and sent.json()["error"]["code"] == "invalid_upload", sent.text
         # the model's own citations, re-sent: not a request for the file they cite
         cited = orjson.dumps({"model": "gpt-test", "input": [
             {"role": "assistant", "content": [{"type": "output_text", "text": "see",
@@ -143,6 +160,14 @@ def test_every_way_a_body_names_another_tenants_resource_is_refused(gateways, up
         many = orjson.dumps({"model": "gpt-test", "input": "x", "tools": [
             {"type": "code_interpreter", "container": {"type": "auto", "file_ids": [f"file-{i}" for i in range(65)]}}]})
         assert post("/v1/responses", many).json()["error"]["code"] == "too_many_resource_ids"
+        # the same id named 65 times is one resource; a model's own tool call re-sent is no request
+        again = orjson.dumps({"model": "gpt-test", "input": "x", "tools": [
+            {"type": "code_interpreter", "container": {"type": "auto", "file_ids": ["file-g"] * 65}}]})
+        assert post("/v1/responses", again).status_code == 200
+        # what the admin key made with no customer is nobody's
+        admin_file = sdk(gw, ADMIN_KEY).files.create(file=("x.jsonl", b"{}\n", "application/jsonl"),
+                                                     purpose="batch").id
+        assert sdk(gw, globex).files.retrieve(admin_file).id == admin_file
 
 
 def test_a_tenants_list_reads_past_other_tenants_pages(gateways, upstream):
