@@ -542,9 +542,8 @@ class Runner:
         rest = [it for it in to_call if id(it) not in probe_ids]
         stop_reason = ""
         done = 0
-        # the bar counts results: each case once per target; a logged baseline's are scored from the record, no call
-        label = f"replay {len(cases)} case(s)" + (f" x {len(targets)}" if len(targets) > 1 else "") + \
-            (" (baseline from the record)" if any(t.logged for t in targets) else "")
+        # the bar counts calls: each case runs once per target (candidates, and the baseline when it is re-run)
+        label = f"replay {len(cases)} case(s) x {len(targets)}" if len(targets) > 1 else f"replay {len(cases)} case(s)"
         with _progress(self.progress, len(items), label) as bar:
             async def one(case: Case, target: Target) -> bool:
                 """Run one item unless the budget is spent (then say so and return False)."""
