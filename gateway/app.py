@@ -117,18 +117,26 @@ class TagwayApp:
                                            owners=owners)
 
     async def _start_limits(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Budgets read their spend from the store before the first call, then every BUDGET_REFRESH seconds."""
+        """Budgets read their spend from the store before the first call, then every BUDGET_REFRESH seconds, and at
+        once when a budget first seen since the start (a key given one in the keys file) is checked: it would
+        otherwise count from $0 for up to BUDGET_REFRESH."""
+        budgets = self.limits.budgets
         scopes = [s for t in self.config.tenants for s in self.limits.scopes("", None, t)]
         scopes += [s for k, _t in self.keyring.keys() for s in self.limits.scopes(k.id, k.limits, None)]
         self.limits.register(scopes)
-        if not self.limits.budgets._periods:
-            return
-        await loop.run_in_executor(None, self.limits.budgets.refresh)
+        if budgets._periods:
+            await loop.run_in_executor(None, budgets.refresh)
+        budgets.wake = asyncio.Event()
 
         async def refresh_forever() -> None:
             while True:
-                await asyncio.sleep(BUDGET_REFRESH)
-                await loop.run_in_executor(None, self.limits.budgets.refresh)
+                try:
+                    await asyncio.wait_for(budgets.wake.wait(), BUDGET_REFRESH)
+                except asyncio.TimeoutError:
+                    pass
+                budgets.wake.clear()
+                if budgets._periods:
+                    await loop.run_in_executor(None, budgets.refresh)
 
         self._budget_task = asyncio.ensure_future(refresh_forever())
 

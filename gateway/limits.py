@@ -185,6 +185,7 @@ class Budgets:
         self._in_flight: dict[tuple[str, str], int] = {}  # admitted calls not ended yet
         self._per_call: dict[tuple[str, str], float] = {}  # recent average cost of a call (EWMA of ended calls)
         self._ended: set[tuple[str, str]] = set()  # scopes a call has ended in since start
+        self.wake: Any = None  # an asyncio.Event the gateway's refresh loop waits on (set: read the store now)
         self.refused = 0
         self.refused_in_flight = 0
 
@@ -200,6 +201,8 @@ class Budgets:
 
     def check(self, who: tuple[str, str], usd: float, per: str, soft: float) -> tuple[Refusal | None, str]:
         """A refusal at the budget, else the warning header value past `soft` (or '')."""
+        if who not in self._periods and self.wake is not None:
+            self.wake.set()  # a budget new since the start: its recorded spend is read now, not in up to 30 s
         self._periods[who] = per
         spent = self.spent(who, per)
         if spent >= usd:

@@ -274,3 +274,37 @@ def test_replay_calls_spend_no_tenants_limits(tmp_path, upstream):
             tenant.chat.completions.create(model="ok", messages=[{"role": "user", "content": "hi"}])
         with pytest.raises(openai.RateLimitError):
             tenant.chat.completions.create(model="ok", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_a_budget_given_to_a_key_while_the_gateway_runs_counts_what_it_spent(tmp_path, upstream):
+    """A budget added to a key in the keys file started from $0 until the next store read, up to 30 s later (the
+    trial spent $0.104 more of a $0.10 budget the key had long passed); with no budget at the start, spend was never
+    read from the store at all. A budget first seen since the start now has its spend read at once."""
+    keys = tmp_path / "keys.yaml"
+
+    def write_keys(limits: dict | None) -> None:
+        entry = {"id": "beta-1", "customer": "beta", "hash": hash_key(KEY), **({"limits": limits} if limits else {})}
+        keys.write_text(yaml.safe_dump([entry]))
+        os.utime(keys, (time.time() + 2, time.time() + 2))  # a change the watcher cannot miss
+
+    write_keys(None)
+    cfg = {"admin_key_env": "TAGWAY_ADMIN_KEY", "keys_file": str(keys),
+           "models": [{"name": "ok", "provider": "openai", "model": "ok-priced", "base_url": upstream.base_url,
+                       "api_key_env": "UP_KEY", **PRICE}],
+           "tenants": [{"customer": "beta"}]}
+    with GatewayProcess(tmp_path, cfg, env={"TAGWAY_ADMIN_KEY": ADMIN, "UP_KEY": "sk-up"}) as gw:
+        c = openai.OpenAI(base_url=gw.url + "/v1", api_key=KEY, max_retries=0)
+        raws = [c.chat.completions.with_raw_response.create(model="ok", messages=[{"role": "user", "content": "hi"}])
+                for _ in range(4)]
+        gw.call_row(raws[-1].headers["x-tagway-trace-id"], ADMIN)  # ~$0.052 is in the store
+        write_keys({"budget": {"usd": 0.02, "per": "month"}})
+        refused, deadline = None, time.monotonic() + 10
+        while refused is None and time.monotonic() < deadline:
+            try:
+                c.chat.completions.create(model="ok", messages=[{"role": "user", "content": "hi"}])
+            except openai.RateLimitError as e:
+                refused = e
+            time.sleep(0.5)
+        assert refused is not None and refused.code == "budget_exceeded"
+        (b,) = [b for b in gw.get("/admin/budgets", ADMIN).json()["data"] if b["id"] == "beta-1"]
+        assert b["spent_usd"] >= 4 * CALL_USD
