@@ -31,8 +31,9 @@ from .errors import (UPSTREAM_AUTH_STATUS, GatewayError, bad_request, forbidden,
 from .headers import HeaderFilter
 from .model_routes import ModelRoutes
 from .providers import ProviderRegistry, UpstreamFailure, kind_of
+from .providers.sse import json_object
 from .redact import Redactor
-from .resources import CREATING_APIS, ResourceOwners, batch_input_ids, not_found, referenced_ids
+from .resources import CREATING_APIS, ResourceOwners, batch_input_ids, referenced_ids
 from .routes_table import Route, check_resource_id, strip_version
 from .tags import check_header, resolve_tags
 from .telemetry import CallRecord, CallSpans
@@ -153,14 +154,13 @@ class Passthrough:
         list_for = mine_only if route.method == "GET" and not params else None
         asked = _list_limit(query)
         if list_for is not None:  # upstream pages as large as they come: fewer pages to read past others' items
-            query = _with_page_size(query, _UPSTREAM_PAGE)
+            query = _with_param(query, "limit", str(_UPSTREAM_PAGE))
         resp = await provider.open(d, route.method, path, query=query, body=body or None, headers=forward,
                                    content_type=content_type if body else None)
 
         async def next_page(after: str) -> bytes | None:  # the list's next upstream page (tenant lists scan on)
-            q = urllib.parse.urlencode([*((k, v) for k, v in urllib.parse.parse_qsl(query, keep_blank_values=True)
-                                          if k != "after"), ("after", after)])
-            page = await provider.open(d, "GET", path, query=q, body=None, headers=forward, content_type=None)
+            page = await provider.open(d, "GET", path, query=_with_param(query, "after", after), body=None,
+                                       headers=forward, content_type=None)
             try:
                 return self._scrub(await page.read()) if page.status == 200 else None
             finally:
@@ -180,11 +180,7 @@ class Passthrough:
         wanted += referenced_ids(payload)  # a batch's input file, a response's predecessor, file parts
         if route.api == "files.create" and body and content_type:  # a batch's input: the requests in its lines
             wanted += await asyncio.get_running_loop().run_in_executor(None, batch_input_ids, body, content_type)
-        if wanted:
-            theirs = set(await self.owners.foreign([rid for _, rid in wanted], customer))
-            for name, rid in wanted:
-                if rid in theirs:
-                    raise not_found(rid, name)
+        await self.owners.refuse_foreign(wanted, customer)
 
     def _deployment(self, model: str, params: dict[str, str], route: Route, scope: dict) -> ModelConfig:
         if model:
@@ -284,8 +280,8 @@ class Passthrough:
         """A list answer with only the items `customer` owns. Other tenants' items would leave a page short or
         empty (and the SDKs stop paging at an empty one): the upstream's next pages are read on, up to
         _LIST_PAGES, until `limit` own items are found; the client's next page starts after the last one shown."""
-        obj = _loads_or_none(body)
-        items = obj.get("data") if isinstance(obj, dict) else None
+        obj = json_object(body)
+        items = obj.get("data") if obj is not None else None
         if not isinstance(items, list):  # passed on as it is, it could hold every tenant's items
             raise _unreadable_list()
         kept: list = []
@@ -296,8 +292,8 @@ class Passthrough:
             if len(kept) >= limit or not obj.get("has_more") or not ids or pages == _LIST_PAGES:
                 break
             more = await next_page(ids[-1])
-            page = _loads_or_none(more) if more is not None else None
-            if not isinstance(page, dict) or not isinstance(page.get("data"), list):
+            page = json_object(more) if more is not None else None
+            if page is None or not isinstance(page.get("data"), list):
                 if not kept:  # an empty 200 would end the client's paging as if there were nothing more
                     raise GatewayError(502, "The upstream's next page of this list failed; retry the request.",
                                        type_="api_error", code="upstream_list_failed")
@@ -360,11 +356,7 @@ def _json_or_empty(body: bytes, content_type: str | None) -> dict:
     id): read for the resources it names."""
     if not body or not (content_type or "").lower().startswith("application/json"):
         return {}
-    try:
-        obj = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return {}
-    return obj if isinstance(obj, dict) else {}
+    return json_object(body) or {}
 
 
 def _unreadable_list() -> GatewayError:
@@ -372,17 +364,10 @@ def _unreadable_list() -> GatewayError:
                         "items.", type_="api_error", code="upstream_protocol_error")
 
 
-def _with_page_size(query: str, size: int) -> str:
-    """The query with the upstream's page size raised to `size` (a tenant's list reads past other tenants' items)."""
-    pairs = [(k, v) for k, v in urllib.parse.parse_qsl(query, keep_blank_values=True) if k != "limit"]
-    return urllib.parse.urlencode([*pairs, ("limit", str(size))])
-
-
-def _loads_or_none(body: bytes) -> Any:
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
+def _with_param(query: str, name: str, value: str) -> str:
+    """The query string with `name` set to `value` (a tenant's list: the upstream's page size, the next page)."""
+    pairs = [(k, v) for k, v in urllib.parse.parse_qsl(query, keep_blank_values=True) if k != name]
+    return urllib.parse.urlencode([*pairs, (name, value)])
 
 
 def _list_limit(query: str) -> int:

@@ -40,7 +40,7 @@ from .shadow import ShadowDispatcher, ShadowJob
 from .tags import check_header, normalise, resolve_tags
 from .observe import CallObserver
 from .telemetry import CallRecord, CallSpans, SpanIds
-from .resources import ResourceOwners, not_found, referenced_ids
+from .resources import ResourceOwners, referenced_ids
 from .usage_estimate import estimate_prompt_tokens, tokens_of_chars
 from .wire_formats import API_NAMES, SEMCONV_OPERATION, WIRES, WireStreamRelay
 
@@ -308,12 +308,7 @@ class Proxy(WireStreamRelay):
     async def _check_references(self, payload: dict, customer: str) -> None:
         """A tenant key may name only its tenant's resources: another tenant's previous response would continue
         that tenant's conversation, its file would be read into this call (api.tenant_resources: isolated)."""
-        wanted = referenced_ids(payload)
-        if wanted:
-            theirs = set(await self.owners.foreign([rid for _, rid in wanted], customer))
-            for param, rid in wanted:
-                if rid in theirs:
-                    raise not_found(rid, param)
+        await self.owners.refuse_foreign(referenced_ids(payload), customer)
 
     def _allows(self, call: Call, model: str) -> bool:
         """The key may use the model, and so may the tenant the call is recorded as. Replays are exempt from the

@@ -32,8 +32,9 @@ log = logging.getLogger("tagway")
 __all__ = ["CREATING_APIS", "MAX_IDS_PER_REQUEST", "MAX_IDS_PER_UPLOAD", "ResourceOwners", "not_found",
            "referenced_ids", "batch_input_ids"]
 
-# the APIs whose answer's id is a resource later reached by id (tagway.api of the creating call)
-CREATING_APIS = ("files.create", "batches.create", "responses", "chat.completions")
+# the pass-through APIs whose answer's id is a resource later reached by id (the hot routes' stored responses and
+# completions are told by the proxy: gateway/proxy.py `_stored`)
+CREATING_APIS = ("files.create", "batches.create")
 MAX_IDS_PER_REQUEST = 64
 MAX_IDS_PER_UPLOAD = 10_000  # a batch's input file: one request a line
 _MAX_IDS = 100_000
@@ -143,6 +144,14 @@ class ResourceOwners:
         """The ids among `ids` that another customer created here (an id nobody created here is nobody's)."""
         owners = await self._owners(ids)
         return [i for i, who in owners.items() if who and who != customer]
+
+    async def refuse_foreign(self, wanted: list[tuple[str, str]], customer: str) -> None:
+        """A 404 for the first (field, id) of `wanted` that another customer created here."""
+        if wanted:
+            theirs = set(await self.foreign([rid for _, rid in wanted], customer))
+            for field, rid in wanted:
+                if rid in theirs:
+                    raise not_found(rid, field)
 
     async def owned(self, ids: Iterable[str], customer: str) -> set[str]:
         """The ids among `ids` that `customer` created here (what a list shows a tenant)."""
