@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 from pydantic import ValidationError
+from starlette.datastructures import Headers
 
 from exporters.yamlfile import YamlFileError, item_lines, load_yaml
 
@@ -229,19 +230,13 @@ class KeyRing:
             if len(headers.getlist(name)) > 1:
                 self.refused("duplicate_header")
                 raise duplicate_header(name)
-        azure, anthropic = headers.get("api-key"), headers.get("x-api-key")
-        return self.authenticate(headers.get("authorization"), azure or anthropic, anthropic if azure else None)
+        return self.authenticate(*_credentials(headers))
 
     def may_mark_replay(self, headers: list[tuple[bytes, bytes]]) -> bool:
         """Whether a request's key (ASGI headers) may mark its call as a replay's: the admin key or a platform key.
         Nothing is counted: the call itself is authenticated, and refused, later."""
-        got: dict[bytes, str] = {}
-        for name, value in headers:
-            if name in (b"authorization", b"api-key", b"x-api-key"):
-                got.setdefault(name, value.decode("latin-1"))
         try:
-            return self._principal(got.get(b"authorization"), got.get(b"api-key") or got.get(b"x-api-key"),
-                                   got.get(b"x-api-key") if got.get(b"api-key") else None).may_set_customer
+            return self._principal(*_credentials(Headers(raw=headers))).may_set_customer
         except GatewayError:
             return False
 
@@ -322,6 +317,12 @@ def read_keys_file(path: str) -> list[dict]:
         lines = item_lines(path)
         raise KeysFileError([f"{_entry(path, lines, i)}: each key must be a mapping" for i in bad])
     return data
+
+
+def _credentials(headers: Any) -> tuple[str | None, str | None, str | None]:
+    """(Authorization, the api-key or x-api-key value, x-api-key when both came) from a request's headers."""
+    azure, anthropic = headers.get("api-key"), headers.get("x-api-key")
+    return headers.get("authorization"), azure or anthropic, anthropic if azure else None
 
 
 def read_keys(config: GatewayConfig) -> list[KeyConfig]:

@@ -151,6 +151,10 @@ def _finding(key: str, pairs: Pairs, p: float, adj: float, rejected: bool, alpha
     return Finding(key, verdict, pairs, p, adj, newcombe_interval(pairs), more, family, looks, why)
 
 
+def _flips(pairs: Pairs) -> str:
+    return f"{pairs.pass_fail} pass->fail, {pairs.fail_pass} fail->pass of {pairs.n}"
+
+
 def _judgeable_at(pairs: Pairs, level: float) -> int | None:
     """The cases at which, at the segment's baseline pass rate, the test could call a regression at `level` at
     all (its last planned look's share of the segment's alpha)."""
@@ -159,7 +163,7 @@ def _judgeable_at(pairs: Pairs, level: float) -> int | None:
 
 
 def _too_few(pairs: Pairs, best_p: float, alpha_each: float, level: float, judgeable_at: int | None) -> str:
-    flips = f"{pairs.pass_fail} pass->fail, {pairs.fail_pass} fail->pass of {pairs.n}"
+    flips = _flips(pairs)
     b = pairs.before_pass
     if judgeable_at is None:
         hi = wilson_interval(0, pairs.n)[1]
@@ -172,7 +176,7 @@ def _too_few(pairs: Pairs, best_p: float, alpha_each: float, level: float, judge
 
 
 def _why(verdict: str, pairs: Pairs, adj: float, margin: float, *, held_back: bool = False) -> str:
-    flips = f"{pairs.pass_fail} pass->fail, {pairs.fail_pass} fail->pass of {pairs.n}"
+    flips = _flips(pairs)
     if pairs.n == 0:
         return "no scored case"
     if verdict == REGRESSION:
