@@ -26,20 +26,6 @@ from gateway.board_api import Limits
 from gateway.stats_api import build_stats_router
 from replay.cli import replay_app
 from tests.board_seed import ADMIN_KEY, HUGE_CHARS, XSS
-from tests.test_stats_ui import chromium_binary
-
-sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (tests/run.sh installs it)")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    binary = chromium_binary()
-    if binary is None:
-        pytest.skip("no chromium binary on PATH (Debian: apt-get install chromium); the page tests need one")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=binary, args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")

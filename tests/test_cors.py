@@ -13,9 +13,6 @@ from gateway.app import TagwayApp
 from gateway.config import GatewayConfig
 from tests.gateway_fixture import KEYS, UPSTREAM_KEY, GatewayServer, MemoryRecorder, gateway_config
 from tests.http_server import ThreadedServer
-from tests.test_stats_ui import chromium_binary
-
-sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (tests/run.sh installs it)")
 
 FETCH = """async ([url, key]) => {
   try {
@@ -57,30 +54,19 @@ def cors_gateway(upstream, origins):
     recorder.shutdown()
 
 
-@pytest.fixture(scope="module")
-def browser():
-    binary = chromium_binary()
-    if binary is None:
-        pytest.skip("no chromium binary on PATH (Debian: apt-get install chromium); the browser tests need one")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=binary, args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
-        yield b
-        b.close()
-
-
-def page_at(browser, origin: str):
+def fetch_from(browser, origin: str, gateway_url: str) -> dict:
+    """FETCH run by a page of `origin` against the gateway, as a browser app would."""
     context = browser.new_context()
-    pg = context.new_page()
-    pg.goto(origin + "/")
-    return context, pg
+    try:
+        pg = context.new_page()
+        pg.goto(origin + "/")
+        return pg.evaluate(FETCH, [gateway_url, KEYS["acme"]])
+    finally:
+        context.close()
 
 
 def test_a_listed_origin_calls_the_gateway_from_a_browser(cors_gateway, browser, origins):
-    context, pg = page_at(browser, origins[0])
-    try:
-        got = pg.evaluate(FETCH, [cors_gateway.url, KEYS["acme"]])
-    finally:
-        context.close()
+    got = fetch_from(browser, origins[0], cors_gateway.url)
     assert got.get("status") == 200 and got["text"].startswith("Echo: hi from a browser"), got
     assert len(got["trace"] or "") == 32  # an exposed header: the app can link its call
     call = cors_gateway.recorder.call(got["trace"])
@@ -88,11 +74,7 @@ def test_a_listed_origin_calls_the_gateway_from_a_browser(cors_gateway, browser,
 
 
 def test_an_origin_not_listed_is_refused_by_the_browser(cors_gateway, browser, origins):
-    context, pg = page_at(browser, origins[1])
-    try:
-        got = pg.evaluate(FETCH, [cors_gateway.url, KEYS["acme"]])
-    finally:
-        context.close()
+    got = fetch_from(browser, origins[1], cors_gateway.url)
     assert "error" in got and "Failed to fetch" in got["error"], got
     pre = httpx.options(cors_gateway.url + "/v1/chat/completions",
                         headers={"origin": origins[1], "access-control-request-method": "POST"})
