@@ -50,6 +50,7 @@ class Upstream(ThreadedServer):
         super().__init__()
         self.base_url = f"{self.url}/v1"
         self.requests: list[dict[str, Any]] = []
+        self.uploads = 0  # files uploaded: each gets its own id, as a provider's
 
     def routes(self, app: web.Application) -> None:
         app.on_response_prepare.append(self._stamp)
@@ -262,7 +263,7 @@ class Upstream(ThreadedServer):
                                                                                                  "/input_items"))):
             out = {"object": "list", "data": [{"id": "listed-1"}, {"id": "listed-2"}], "has_more": False}
             if request.path == "/v1/files":  # the account's files: every upload, whoever made it, paged
-                every = [{"id": f"file-up-{i}"} for i in range(1, getattr(self, "uploads", 0) + 1)] + out["data"]
+                every = [{"id": f"file-up-{i}"} for i in range(1, self.uploads + 1)] + out["data"]
                 after, limit = request.query.get("after"), int(request.query.get("limit", "10000"))
                 start = next((n + 1 for n, x in enumerate(every) if x["id"] == after), 0) if after else 0
                 out["data"], out["has_more"] = every[start:start + limit], start + limit < len(every)
@@ -275,7 +276,7 @@ class Upstream(ThreadedServer):
         self.requests.append({"path": request.path, "method": "POST", "headers": dict(request.headers),
                               "body": None, "raw": raw})
         fields = dict(re_fields(raw))
-        self.uploads = getattr(self, "uploads", 0) + 1  # each upload its own id, as a provider's
+        self.uploads += 1
         return web.json_response({"id": f"file-up-{self.uploads}", "object": "file", "bytes": len(raw),
                                   "model": fields.get("model", ""), "purpose": fields.get("purpose", ""),
                                   "text": f"heard {fields.get('model', '')}"})
