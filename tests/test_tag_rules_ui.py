@@ -15,7 +15,7 @@ from replay.slice import Sampled
 from replay.evals.cli import eval_app
 from tests.gateway_fixture import ADMIN_KEY, KEYS, recorded_gateway
 from tests.tag_rules_support import JUDGE_MODEL, JudgeDouble, Traffic, seed_evaluator, unique
-from tests.test_board_ui import browser, cells, goto, loaded, page  # noqa: F401 - fixtures and helpers
+from tests.test_board_ui import cells, goto, loaded, page  # noqa: F401 - fixtures and helpers (browser: conftest)
 
 NEG = {"user_sentiment": "negative", "expected_helpfulness": 2, "confidence_score": 0.3}
 
