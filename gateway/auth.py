@@ -18,7 +18,7 @@ import secrets
 import stat
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import yaml
@@ -439,7 +439,7 @@ def _write_list(path: str, items: list[dict]) -> None:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)  # 0600
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("# tagway virtual keys: hashes only; managed by `tagway keys create/revoke`\n")
+            f.write("# tagway virtual keys: hashes only; managed by `tagway keys create/revoke/limits`\n")
             yaml.safe_dump(items, f, sort_keys=False)
             f.flush()
             if st is not None:
@@ -465,7 +465,7 @@ def _write_list(path: str, items: list[dict]) -> None:
 
 
 def add_key_to_file(path: str, customer: str, key_id: str | None = None,
-                    tags: dict[str, str] | None = None) -> tuple[str, str]:
+                    tags: dict[str, str] | None = None, limits: dict | None = None) -> tuple[str, str]:
     """Create a key for `customer`, store its hash in the keys file, return (key_id, key). The key is not kept.
     Safe to run alongside other `keys create/revoke` on the same file: each sees the others' entries."""
     with _locked(path):
@@ -478,9 +478,27 @@ def add_key_to_file(path: str, customer: str, key_id: str | None = None,
             raise ValueError(f"a key with id {key_id!r} already exists")
         items.append({"id": key_id, "customer": customer, "hash": hash_key(key),
                       "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                      "revoked": False, "tags": tags or {}})
+                      "revoked": False, "tags": tags or {}, **({"limits": limits} if limits else {})})
         _write_list(path, items)
     return key_id, key
+
+
+def set_key_limits_in_file(path: str, key_id: str, change: Callable[[Any], dict | None]) -> dict | None:
+    """Replace a key's `limits` with `change(its current limits)` (None removes them), under the file's lock so a
+    concurrent `keys create/revoke` is not lost; returns what was written. A running gateway applies it within a
+    second, as it does a revocation."""
+    with _locked(path):
+        items = read_keys_file(path)
+        for i in items:
+            if i.get("id") == key_id:
+                limits = change(i.get("limits"))
+                if limits:
+                    i["limits"] = limits
+                else:
+                    i.pop("limits", None)
+                _write_list(path, items)
+                return limits
+    raise ValueError(f"no key with id {key_id!r} in {path}")
 
 
 def revoke_key_in_file(path: str, key_id: str) -> None:

@@ -364,13 +364,24 @@ def _keys_file(cfg: GatewayConfig) -> str:
     raise fail("no keys file: pass --config (keys are stored beside it) or set keys_file in the config")
 
 
+# a key's limits from flags, for `keys create` and `keys limits` (0 removes a limit)
+RpmOpt = typer.Option(None, "--rpm", help="Requests per minute (0 removes the limit).")
+TpmOpt = typer.Option(None, "--tpm", help="Tokens (input + output) per minute (0 removes the limit).")
+BudgetOpt = typer.Option(None, "--budget", help="Spend per period in USD (0 removes the budget).")
+BudgetPerOpt = typer.Option(None, "--budget-per", help="The budget's period: month (default) or 1h, 1d, 7d, 30d...")
+BudgetSoftOpt = typer.Option(None, "--budget-soft", help="Warn past this share of the budget (default 0.8).")
+
+
 @keys_app.command("create")
 def keys_create(customer: str = typer.Option(..., "--customer", help="Tenant the key belongs to."),
                 key_id: Optional[str] = typer.Option(None, "--id", help="Key id (default: <customer>-<random>)."),
                 tag: list[str] = typer.Option([], "--tag", help="Key-bound tag k=v (repeatable)."),
+                rpm: Optional[int] = RpmOpt, tpm: Optional[int] = TpmOpt, budget: Optional[float] = BudgetOpt,
+                budget_per: Optional[str] = BudgetPerOpt, budget_soft: Optional[float] = BudgetSoftOpt,
                 config: Optional[str] = ConfigOpt) -> None:
-    """Create a key: printed once, only its hash is stored."""
+    """Create a key: printed once, only its hash is stored. Its own limits with --rpm, --tpm, --budget."""
     from .auth import add_key_to_file  # noqa: PLC0415
+    from .key_limits import LimitFlags, apply_flags  # noqa: PLC0415
     from .tags import normalise  # noqa: PLC0415
 
     cfg = _load(config)
@@ -386,12 +397,44 @@ def keys_create(customer: str = typer.Option(..., "--customer", help="Tenant the
     if key_id in inline:  # the gateway would refuse the file (and with it every later revocation in it)
         raise fail(f"a key with id {key_id!r} is written in the config; give the new key another --id")
     try:
-        kid, key = add_key_to_file(_keys_file(cfg), customer, key_id, tags)
+        limits = apply_flags(None, LimitFlags(rpm, tpm, budget, budget_per, budget_soft))
+        kid, key = add_key_to_file(_keys_file(cfg), customer, key_id, tags, limits)
     except (ValueError, OSError) as e:
         raise fail(str(e)) from None
     typer.echo(f"key id: {kid}", err=True)
     typer.echo("store this key now; tagway keeps only its hash and cannot show it again:", err=True)
     typer.echo(key)
+
+
+@keys_app.command("limits")
+def keys_limits(key_id: str, rpm: Optional[int] = RpmOpt, tpm: Optional[int] = TpmOpt,
+                budget: Optional[float] = BudgetOpt, budget_per: Optional[str] = BudgetPerOpt,
+                budget_soft: Optional[float] = BudgetSoftOpt,
+                clear: bool = typer.Option(False, "--clear", help="Remove every limit first."),
+                config: Optional[str] = ConfigOpt) -> None:
+    """Show or change a key's own limits (a running gateway applies them within a second). Flags not given are
+    kept; 0 removes a limit. Without flags, prints the key's limits."""
+    from .auth import read_keys_file, set_key_limits_in_file  # noqa: PLC0415
+    from .key_limits import LimitFlags, apply_flags, describe  # noqa: PLC0415
+
+    cfg = _load(config)
+    inline = next(((i, j) for i, t in enumerate(cfg.tenants) for j, k in enumerate(t.keys) if k.id == key_id), None)
+    if inline is not None:  # as for revoke: only an edit of the config changes it
+        i, j = inline
+        raise fail(f"key {key_id!r} is written in the config (tenants[{i}].keys[{j}]), not in the keys file: set its "
+                   "`limits:` there (a running gateway reads the config only at start)")
+    flags = LimitFlags(rpm, tpm, budget, budget_per, budget_soft, clear)
+    try:
+        if flags.empty():
+            entry = next((i for i in read_keys_file(_keys_file(cfg)) if i.get("id") == key_id), None)
+            if entry is None:
+                raise ValueError(f"no key with id {key_id!r} in {_keys_file(cfg)}")
+            typer.echo(f"{key_id}\t{describe(entry.get('limits'))}")
+            return
+        limits = set_key_limits_in_file(_keys_file(cfg), key_id, lambda current: apply_flags(current, flags))
+    except (ValueError, OSError) as e:
+        raise fail(str(e)) from None
+    typer.echo(f"{key_id}\t{describe(limits)}")
 
 
 @keys_app.command("admin")
@@ -427,14 +470,17 @@ def keys_revoke(key_id: str, config: Optional[str] = ConfigOpt) -> None:
 
 @keys_app.command("list")
 def keys_list(config: Optional[str] = ConfigOpt) -> None:
-    """List key ids, customers and states (never the keys)."""
+    """List key ids, customers, states, where each is written, and its own limits (never the keys)."""
     from .auth import read_keys_file  # noqa: PLC0415
+    from .key_limits import describe  # noqa: PLC0415
 
     cfg = _load(config)
-    rows = [(k.id, t.customer, "revoked" if k.revoked else "active", "config") for t in cfg.tenants for k in t.keys]
+    rows = [(k.id, t.customer, "revoked" if k.revoked else "active", "config",
+             describe(k.limits.model_dump(exclude_none=True) if k.limits else None))
+            for t in cfg.tenants for k in t.keys]
     try:
         rows += [(_text(i.get("id")), _text(i.get("customer")), "revoked" if i.get("revoked") else "active",
-                  "keys file") for i in read_keys_file(_keys_file(cfg))]
+                  "keys file", describe(i.get("limits"))) for i in read_keys_file(_keys_file(cfg))]
     except ValueError as e:
         raise fail(str(e)) from None
     for r in rows:

@@ -243,8 +243,8 @@ def test_keys_list_shows_entries_serve_would_refuse(tmp_path):
     cfg_path, _ = _setup(tmp_path, f"- {{id: 7, customer: acme, hash: nothash}}\n- {{id: x, hash: '{H}'}}\n")
     res = runner.invoke(cli, ["keys", "list", "--config", cfg_path])
     assert res.exit_code == 0, res.output
-    assert res.stdout.splitlines() == ["inline\tacme\tactive\tconfig", "7\tacme\tactive\tkeys file",
-                                       "x\t\tactive\tkeys file"]
+    assert res.stdout.splitlines() == ["inline\tacme\tactive\tconfig\t-", "7\tacme\tactive\tkeys file\t-",
+                                       "x\t\tactive\tkeys file\t-"]
     assert runner.invoke(cli, ["keys", "revoke", "x", "--config", cfg_path]).exit_code == 0
 
 
@@ -441,3 +441,66 @@ def test_a_keys_file_that_goes_away_is_said_once(tmp_path, caplog):
     for _ in range(3):
         ring.reload_if_changed()
     assert _said(caplog) == [gone, back, gone]
+
+
+def test_keys_create_with_limits_and_keys_limits_change_them_on_a_running_gateway(tmp_path):
+    """A platform team gives each new key its own rate limit and budget from the CLI, and changes them live."""
+    cfg_path = tmp_path / "tagway.yaml"
+    cfg_path.write_text(yaml.safe_dump({"models": [{"name": "m", "provider": "mock"}],
+                                        "tenants": [{"customer": "acme"}]}))
+    res = runner.invoke(cli, ["keys", "create", "--customer", "acme", "--id", "acme-ci", "--rpm", "2",
+                              "--budget", "25", "--budget-per", "7d", "--config", str(cfg_path)])
+    assert res.exit_code == 0, res.output
+    key = res.stdout.strip().splitlines()[-1]
+    entry = yaml.safe_load((tmp_path / "tagway.keys.yaml").read_text())[0]
+    assert entry["limits"] == {"rpm": 2, "budget": {"usd": 25.0, "per": "7d"}}
+    listing = runner.invoke(cli, ["keys", "list", "--config", str(cfg_path)]).stdout
+    assert "acme-ci\tacme\tactive\tkeys file\trpm=2 budget=$25/7d" in listing
+
+    recorder = MemoryRecorder()
+    server = GatewayServer(TagwayApp(load_config(cfg_path), recorder=recorder)).start()
+    try:
+        def call() -> httpx.Response:
+            return httpx.post(server.url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
+                              json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+
+        assert [call().status_code for _ in range(3)] == [200, 200, 429]  # the key's own 2 a minute
+        res = runner.invoke(cli, ["keys", "limits", "acme-ci", "--rpm", "0", "--config", str(cfg_path)])
+        assert res.exit_code == 0 and res.stdout == "acme-ci\tbudget=$25/7d\n", res.output
+        deadline = time.monotonic() + 5
+        while (r := call()).status_code == 429 and time.monotonic() < deadline:
+            time.sleep(0.2)  # the running gateway reads the changed file within a second
+        assert r.status_code == 200
+        assert [call().status_code for _ in range(3)] == [200, 200, 200]
+
+        show = runner.invoke(cli, ["keys", "limits", "acme-ci", "--config", str(cfg_path)])
+        assert show.exit_code == 0 and show.stdout == "acme-ci\tbudget=$25/7d\n"
+        cleared = runner.invoke(cli, ["keys", "limits", "acme-ci", "--clear", "--config", str(cfg_path)])
+        assert cleared.exit_code == 0 and cleared.stdout == "acme-ci\t-\n"
+        assert "limits" not in yaml.safe_load((tmp_path / "tagway.keys.yaml").read_text())[0]
+    finally:
+        server.stop()
+        recorder.shutdown()
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["keys", "create", "--customer", "acme", "--rpm", "-1"], "error: --rpm must be a positive number of requests "
+     "a minute, or 0 to remove the limit"),
+    (["keys", "create", "--customer", "acme", "--budget", "5", "--budget-per", "fortnight"],
+     "error: limits: budget.per: invalid window 'fortnight'"),
+    (["keys", "limits", "a1", "--budget-soft", "0.5"], "error: --budget-per and --budget-soft change a budget: give "
+     "--budget USD too (the key has none)"),
+    (["keys", "limits", "a1", "--budget", "5", "--budget-soft", "2"], "error: limits: budget.soft: Input should be "
+     "less than or equal to 1"),
+    (["keys", "limits", "nobody", "--rpm", "5"], "error: no key with id 'nobody' in "),
+    (["keys", "limits", "inline", "--rpm", "5"], "error: key 'inline' is written in the config (tenants[0].keys[0]), "
+     "not in the keys file: set its `limits:` there"),
+])
+def test_bad_limit_flags_are_one_line_and_change_nothing(tmp_path, argv, says):
+    cfg_path, keys = _setup(tmp_path, "")
+    assert runner.invoke(cli, ["keys", "create", "--customer", "acme", "--id", "a1", "--tpm", "100",
+                               "--config", cfg_path]).exit_code == 0
+    before = Path(keys).read_text()
+    res = runner.invoke(cli, [*argv, "--config", cfg_path])
+    assert res.exit_code == 2 and res.stderr.startswith(says) and res.stderr.count("\n") == 1, res.output
+    assert Path(keys).read_text() == before
