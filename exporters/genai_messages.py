@@ -75,15 +75,18 @@ def _tool_call_part(tc: dict) -> dict:
 
 
 def to_semconv_input(messages: list[dict]) -> tuple[list[dict], list[dict]]:
-    """OpenAI `messages` -> (system_instructions parts, input messages). System/developer messages become system
-    instructions, as the semconv asks; their role is kept on each part so the conversion can be undone."""
+    """OpenAI `messages` -> (system_instructions parts, input messages). The system/developer messages that open
+    the conversation become its system instructions (their role kept on each part so the conversion can be undone);
+    one that comes later is part of the chat history and stays in the input messages where it was, with its role
+    ("instructions that are part of the chat history SHOULD be recorded in gen_ai.input.messages"), so a replay
+    sends it back in its place."""
     system: list[dict] = []
     out: list[dict] = []
     for m in messages:
         if not isinstance(m, dict):
             continue
         role = m.get("role", "user")
-        if role in ("system", "developer"):
+        if role in ("system", "developer") and not out:
             for p in _content_to_parts(m.get("content")):
                 system.append({**p, "role": role} if role != "system" else p)
             continue
@@ -102,7 +105,8 @@ def to_semconv_input(messages: list[dict]) -> tuple[list[dict], list[dict]]:
 
 
 def from_semconv_input(system: list[dict] | None, messages: list[dict] | None) -> list[dict]:
-    """Inverse of `to_semconv_input`: rebuild OpenAI chat messages (system first, as recorded)."""
+    """Inverse of `to_semconv_input`: rebuild OpenAI chat messages (the system instructions first, then the
+    input messages in their recorded order and roles)."""
     out: list[dict] = []
     for p in system or []:
         role = p.get("role", "system")

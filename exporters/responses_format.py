@@ -3,7 +3,8 @@
 messages to a Responses request and from a Responses answer to a chat-shaped message (for replay, which re-sends a
 recorded Responses call as a Responses call). Pure functions, no I/O; the chat direction is genai_messages.py.
 
-Mapping: message items keep their role (system/developer ones become system instructions, as for chat);
+Mapping: message items keep their role (system/developer ones before the conversation become system instructions,
+as for chat; later ones stay in the input, in their place);
 `function_call` items are assistant `tool_call` parts (id = call_id); `function_call_output` items are `tool`
 messages with a `tool_call_response`; `reasoning` items are `reasoning` parts (their summary text); any other item
 (web search, file search, MCP, ...) is kept as a part of its own type so nothing said is lost from the record.
@@ -16,8 +17,8 @@ import orjson
 
 from .genai_messages import from_semconv_input
 
-__all__ = ["API_MARK", "input_to_semconv", "output_to_semconv", "finish_reason", "request_from_chat",
-           "answer_as_chat", "TERMINAL_EVENTS"]
+__all__ = ["API_MARK", "input_to_semconv", "output_to_semconv", "finish_reason", "messages_from_record",
+           "request_from_chat", "answer_as_chat", "TERMINAL_EVENTS"]
 
 # the key in a recorded call's request_params that says which API it spoke (absent: chat completions), so replay
 # re-sends it the same way
@@ -83,7 +84,9 @@ def _item_parts(item: dict) -> tuple[str, list[dict]]:
 
 
 def input_to_semconv(payload: dict) -> tuple[list[dict], list[dict]]:
-    """A Responses request -> (system instructions parts, input messages)."""
+    """A Responses request -> (system instructions parts, input messages). `instructions` is a part without a role;
+    a system/developer input item before the conversation is a part with its role; one after it stays an input
+    message in its place."""
     system: list[dict] = []
     instructions = payload.get("instructions")
     if isinstance(instructions, str) and instructions:
@@ -98,7 +101,7 @@ def input_to_semconv(payload: dict) -> tuple[list[dict], list[dict]]:
         if item.get("type", "message") == "message" and "role" in item:
             role = str(item.get("role") or "user")
             parts = _content_parts(item.get("content"))
-            if role in ("system", "developer"):
+            if role in ("system", "developer") and not out:
                 system += [{**p, "role": role} for p in parts]
                 continue
             out.append({"role": role, "parts": parts})
@@ -158,12 +161,30 @@ def _input_content(content: Any, role: str) -> Any:
     return out
 
 
+def messages_from_record(system: list[dict], inputs: list[dict]) -> list[dict]:
+    """A recorded Responses call's system instructions and input messages -> chat-shaped messages for replay
+    (from_semconv_input): `instructions` first, then the input items in their order. A system/developer message
+    that was an input item (its recorded parts carry their role), not the instructions, keeps the API's
+    `"type": "message"`, so `request_from_chat` sends it back as an item, not as `instructions`."""
+    instructions = [p for p in system if isinstance(p, dict) and "role" not in p]
+    items = [p for p in system if isinstance(p, dict) and "role" in p]
+    out = from_semconv_input(instructions, [])
+    for m in from_semconv_input(items, inputs):
+        if m.get("role") in ("system", "developer"):
+            m["type"] = "message"
+        out.append(m)
+    return out
+
+
 def request_from_chat(messages: list[dict], params: dict) -> dict:
-    """Chat-shaped messages (system first, as replay rebuilds them) + recorded params -> a Responses request body
-    (without model). Leading system/developer messages become `instructions`."""
+    """Chat-shaped messages (as messages_from_record rebuilds them) + recorded params -> a Responses request body
+    (without model). The leading system/developer messages that were not input items (`"type": "message"`), such
+    as the instructions or a candidate's prompt, become `instructions`; every other message is an input item, in
+    its order and role."""
     body = {k: v for k, v in params.items() if k != API_MARK}
     lead = 0
-    while lead < len(messages) and messages[lead].get("role") in ("system", "developer"):
+    while (lead < len(messages) and messages[lead].get("role") in ("system", "developer")
+           and "type" not in messages[lead]):
         lead += 1
     system = "\n\n".join(_text(m.get("content")) if not isinstance(m.get("content"), list) else
                          "".join(p.get("text", "") for p in m["content"] if isinstance(p, dict))

@@ -15,6 +15,7 @@ from typing import Any, Iterable, Sequence
 import orjson
 
 from exporters.genai_messages import from_semconv_input, loads_or_empty, output_text
+from exporters.responses_format import API_MARK, messages_from_record
 from exporters.vocabulary import (COLUMNS, NON_PRODUCTION_SOURCES, TAG_PREFIX, Filter, Params, filter_condition,
                                   parse_duration, parse_filter)
 
@@ -29,6 +30,9 @@ NONE_SEGMENT = "(none)"
 _LIST_FILTERS = {k: COLUMNS[k] for k in ("customer", "intent", "prompt_version", "model")}
 # request params never forwarded as recorded: replay is non-streaming
 _DROP_PARAMS = {"stream", "stream_options", "messages", "model"}
+# a recorded call's messages, rebuilt for the API it spoke (tagway.api); chat completions and Anthropic messages
+# need nothing more than the chat shape
+_MESSAGES_FROM_RECORD = {"responses": messages_from_record}
 
 
 class EmptySliceError(ValueError):
@@ -302,10 +306,11 @@ def case_from_row(row: dict, segment: str) -> tuple[Case | None, str | None]:
     params = loads_or_empty(row.get("request_params")) or {}
     params = {k: v for k, v in params.items() if k not in _DROP_PARAMS} if isinstance(params, dict) else {}
     output = loads_or_empty(row.get("response_json"))
+    rebuild = _MESSAGES_FROM_RECORD.get(str(params.get(API_MARK)), from_semconv_input)
     return Case(
         case_id=row["trace_id"], segment=segment, customer=row.get("customer") or "", intent=row.get("intent") or "",
         prompt_version=row.get("prompt_version") or "", model=row.get("model") or "", tags=dict(row.get("tags") or {}),
-        messages=from_semconv_input(system if isinstance(system, list) else [], inputs), params=params,
+        messages=rebuild(system if isinstance(system, list) else [], inputs), params=params,
         baseline_output=output if isinstance(output, list) else [], baseline_status=row.get("status") or "ok",
         baseline_latency_ms=row.get("latency_ms"), baseline_cost_usd=row.get("cost_usd"),
         timestamp_ms=int(row.get("ts_ms") or 0),

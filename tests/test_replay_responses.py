@@ -7,12 +7,13 @@ import asyncio
 
 import openai
 import anthropic
+import orjson
 import pytest
 
 from exporters.responses_format import API_MARK
 from replay.runner import Runner, Target, build_request, gateway_client
-from replay.slice import select_slice
-from replay.spec import ReplaySpec, SliceSpec
+from replay.slice import case_from_row, select_slice
+from replay.spec import PromptSpec, ReplaySpec, SliceSpec
 from tests.gateway_fixture import ADMIN_KEY, recorded_gateway
 from tests.replay_support import unique
 
@@ -74,3 +75,76 @@ def test_responses_and_messages_calls_replay_as_themselves(recorded, upstream, c
     assert sent["/v1/chat/completions"]["messages"] == [{"role": "user", "content": "plain chat"}]
     outputs = sorted(r.output for r in by_api.values())
     assert outputs == ["Claude echo: hi claude", "Echo: plain chat", "The weather is sunny"]
+
+
+def test_system_messages_later_in_a_conversation_are_replayed_where_they_were(recorded, upstream, chdb_store):
+    """A system or developer message in the middle of a conversation was recorded with the system instructions,
+    and a replay sent it first: not the recorded request. The opening ones stay the system instructions; a later
+    one is chat history (the semconv's gen_ai.input.messages), recorded and re-sent in its place with its role. For
+    the Responses API, `instructions` go back as `instructions` and a developer or system input item as an item."""
+    gw, _ = recorded
+    customer = unique("midsys")
+    h = {"x-tagway-customer": customer}
+    oa = openai.OpenAI(base_url=gw.url + "/v1", api_key=ADMIN_KEY, max_retries=0)
+    upstream.clear()
+    oa.chat.completions.create(model="gpt-test", extra_headers=h, messages=[
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "How far is Paris?"},
+        {"role": "assistant", "content": "465 km."}, {"role": "developer", "content": "Answer in miles now."},
+        {"role": "user", "content": "And in miles?"}, {"role": "system", "content": "Round it."},
+        {"role": "user", "content": "Roughly?"}])
+    oa.responses.create(model="gpt-test", instructions="Be exact.", extra_headers=h, input=[
+        {"role": "developer", "content": "Use the metric system."}, {"role": "user", "content": "How far is Lyon?"},
+        {"role": "assistant", "content": "392 km."}, {"role": "system", "content": "Answer in miles now."},
+        {"role": "user", "content": "And in miles?"}])
+    sent = {r["path"]: r["body"] for r in upstream.requests}
+    assert gw.recorder.force_flush()
+    rows = chdb_store.query("SELECT system_instructions, request_json FROM llm_calls WHERE customer = {c:String} "
+                            "ORDER BY Timestamp", {"c": customer})
+    assert [orjson.loads(r["system_instructions"]) for r in rows] == [
+        [{"type": "text", "content": "Be brief."}],
+        [{"type": "text", "content": "Be exact."}, {"type": "text", "content": "Use the metric system.",
+                                                    "role": "developer"}]]
+    assert [m["role"] for m in orjson.loads(rows[0]["request_json"])] == [
+        "user", "assistant", "developer", "user", "system", "user"]
+
+    cases, _ = select_slice(chdb_store, SliceSpec(customer=[customer], since="1h", segment_by=["customer"]))
+    spec = ReplaySpec(slice={"customer": [customer]}, candidates=[{"name": "cand", "model": "gpt-test"}],
+                      evaluators=[{"type": "icontains", "value": "echo"}])
+
+    async def run():
+        async with gateway_client(base_url=gw.url) as client:
+            runner = Runner(client, spec, run_id=unique("run"), api_key=ADMIN_KEY, progress=False)
+            return await runner.run(cases, [Target("cand", model=None)])
+
+    upstream.clear()
+    outcome = asyncio.run(run())
+    assert outcome.complete, [r.error for r in outcome.results]
+    replayed = {r["path"]: r["body"] for r in upstream.requests}
+    assert replayed["/v1/chat/completions"]["messages"] == sent["/v1/chat/completions"]["messages"]
+    assert replayed["/v1/responses"]["instructions"] == "Be exact."
+    assert replayed["/v1/responses"]["input"] == sent["/v1/responses"]["input"]
+    # a candidate's system prompt still replaces the opening instructions only
+    resp_case = next(c for c in cases if c.params.get(API_MARK) == "responses")
+    body = build_request(resp_case, Target("cand", model="gpt-test", prompt=PromptSpec(system="New."),
+                                           prompt_text="New."))
+    assert body["instructions"] == "New." and [i["role"] for i in body["input"]] == [
+        "user", "assistant", "system", "user"]
+
+
+def test_recordings_made_before_keep_replaying():
+    """A call recorded before (every system or developer message among the system instructions) still rebuilds:
+    the instructions first, as it was replayed then; a Responses call's developer item stays an input item."""
+    old_chat = {"system_instructions": orjson.dumps([{"type": "text", "content": "Be brief."},
+                                                     {"type": "text", "content": "Later.", "role": "developer"}]),
+                "request_json": orjson.dumps([{"role": "user", "parts": [{"type": "text", "content": "hi"}]}]),
+                "request_params": b"{}"}
+    case, why = case_from_row({"trace_id": "old-chat", **old_chat}, "all")
+    assert why is None and case.messages == [{"role": "system", "content": "Be brief."},
+                                             {"role": "developer", "content": "Later."},
+                                             {"role": "user", "content": "hi"}]
+    case, why = case_from_row({"trace_id": "old-resp", **old_chat,
+                               "request_params": orjson.dumps({API_MARK: "responses"})}, "all")
+    assert why is None
+    body = build_request(case, Target("cand", model="gpt-test"))
+    assert body["instructions"] == "Be brief." and body["input"] == [{"role": "developer", "content": "Later."},
+                                                                      {"role": "user", "content": "hi"}]
