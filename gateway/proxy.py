@@ -536,11 +536,13 @@ class Proxy(WireStreamRelay):
         if rec.input_tokens is not None:
             rec.cost_usd = self.pricing.cost(d, rec.input_tokens, rec.output_tokens or 0)
 
-    def _estimate_usage(self, call: Call, d: ModelConfig, acc: StreamAccumulator) -> None:
+    def _estimate_usage(self, call: Call, d: ModelConfig, generated_chars: int) -> None:
         """A stream cut short (the client hung up, the upstream broke off): the provider bills the prompt and what
-        it generated, so the record carries estimated counts and their cost, marked as estimates."""
+        it generated, so the record carries estimated counts and their cost, marked as estimates. A prompt count
+        the stream already gave (Anthropic's message_start) is kept; its output count there is a stub."""
         rec = call.rec
-        rec.usage(estimate_prompt_tokens(call.payload), tokens_of_chars(acc.chars))
+        prompt = rec.input_tokens or estimate_prompt_tokens(call.payload, call.operation)
+        rec.usage(prompt, max(rec.output_tokens or 0, tokens_of_chars(generated_chars)))
         rec.usage_estimated = True
         rec.cost_usd = self.pricing.cost(d, rec.input_tokens, rec.output_tokens or 0)
 
@@ -593,7 +595,7 @@ class Proxy(WireStreamRelay):
         finally:
             if rec.input_tokens is None and not done:  # cut or cancelled before its usage chunk: billed all the same
                 try:
-                    self._estimate_usage(call, d, acc)
+                    self._estimate_usage(call, d, acc.chars)
                 except Exception:  # an estimate must never cost the call its ending or its record
                     log.exception("could not estimate a cut stream's usage")
             await opened.stream.aclose()

@@ -17,7 +17,9 @@ __all__ = ["CHARS_PER_TOKEN", "tokens_of_chars", "estimate_prompt_tokens"]
 
 CHARS_PER_TOKEN = 4
 _PER_MESSAGE = 3  # each chat message's role and separators (and the reply's primer)
-_NOT_TEXT = frozenset({"type", "role", "id", "tool_call_id", "image_url", "input_audio", "file", "cache_control"})
+# ids and inline data, not text the model reads as tokens (Anthropic's image `source`, a Responses `file_data`)
+_NOT_TEXT = frozenset({"type", "role", "id", "tool_call_id", "call_id", "tool_use_id", "image_url", "input_audio",
+                       "file", "file_id", "file_data", "source", "cache_control"})
 
 
 def tokens_of_chars(chars: int) -> int:
@@ -40,11 +42,19 @@ def _chars(value: Any) -> int:
     return n
 
 
-def estimate_prompt_tokens(payload: dict) -> int:
-    """A request's prompt tokens: chat messages and tool definitions, or a completion's prompt."""
-    messages = payload.get("messages")
-    if isinstance(messages, list):
-        tools = payload.get("tools")
-        tool_chars = len(orjson.dumps(tools)) if isinstance(tools, list) and tools else 0  # schemas' keys count too
-        return tokens_of_chars(_chars(messages) + tool_chars) + _PER_MESSAGE * (len(messages) + 1)
-    return tokens_of_chars(_chars(payload.get("prompt")))
+def estimate_prompt_tokens(payload: dict, operation: str = "chat") -> int:
+    """A request's prompt tokens: its messages (chat's; Anthropic's, with its `system`; a Responses call's input
+    items, with its `instructions`) and tool definitions, or a completion's prompt."""
+    if operation == "responses":
+        items = payload.get("input")
+        messages = [items] if isinstance(items, str) else items if isinstance(items, list) else []
+        instructions = payload.get("instructions")
+    elif operation == "text_completion":
+        return tokens_of_chars(_chars(payload.get("prompt")))
+    else:
+        messages, instructions = payload.get("messages"), payload.get("system")  # system: Anthropic's
+        messages = messages if isinstance(messages, list) else []
+    tools = payload.get("tools")
+    tool_chars = len(orjson.dumps(tools)) if isinstance(tools, list) and tools else 0  # schemas' keys count too
+    n = len(messages) + (1 if instructions else 0)
+    return tokens_of_chars(_chars(messages) + _chars(instructions) + tool_chars) + _PER_MESSAGE * (n + 1)

@@ -10,6 +10,7 @@ API it was, so replay re-sends the call the same way.
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -24,6 +25,8 @@ from .providers.sse import event_data, json_object
 
 __all__ = ["WIRES", "SEMCONV_OPERATION", "Wire", "WireStreamRelay", "API_MARK"]
 
+log = logging.getLogger("tagway.proxy")
+
 _SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                 (b"x-accel-buffering", b"no")]
 
@@ -34,7 +37,8 @@ def _usage_of(obj: Any) -> dict | None:
 
 class _ResponsesStream:
     """What a Responses stream said: the response object as its lifecycle events carry it (the last one has the
-    output and usage), the output items done so far (for a stream cut before the end)."""
+    output and usage), the output items done so far (for a stream cut before the end), and how many characters
+    were generated (a stream cut before its usage is billed for them: gateway/usage_estimate.py)."""
 
     def __init__(self, capture: bool) -> None:
         self.capture = capture
@@ -42,11 +46,18 @@ class _ResponsesStream:
         self.items: dict[int, dict] = {}
         self.done = False
         self.failed = ""
+        self.chars = 0  # text, reasoning, refusals and tool-call names and arguments streamed so far
 
     def add(self, obj: dict) -> None:
-        t = obj.get("type", "")
-        if t.startswith("response.") and isinstance(obj.get("response"), dict):
+        t = obj.get("type")
+        t = t if isinstance(t, str) else ""
+        delta = obj.get("delta")
+        if isinstance(delta, str) and t.endswith(".delta") and t != "response.audio.delta":  # audio is base64
+            self.chars += len(delta)
+        elif t.startswith("response.") and isinstance(obj.get("response"), dict):
             self.response = obj["response"]
+        elif t == "response.output_item.added" and isinstance(obj.get("item"), dict):
+            self.chars += len(str(obj["item"].get("name") or ""))  # a function call's name
         elif t == "response.output_item.done" and self.capture and isinstance(obj.get("item"), dict):
             self.items[int(obj.get("output_index") or 0)] = obj["item"]
         if t == "error":
@@ -68,6 +79,11 @@ class _ResponsesStream:
     def usage(self) -> dict | None:
         return _usage_of(self.response.get("usage"))
 
+    @property
+    def usage_final(self) -> bool:
+        """The provider's count came (only the last lifecycle events carry usage)."""
+        return self.usage() is not None
+
     def finish_reasons(self) -> list[str]:
         return [responses_format.finish_reason(self.response)] if self.done and self.response else []
 
@@ -78,8 +94,13 @@ class _ResponsesStream:
         return responses_format.output_to_semconv(resp)
 
 
+# the field of each Anthropic content delta that holds generated text
+_DELTA_TEXT = {"text_delta": "text", "thinking_delta": "thinking", "input_json_delta": "partial_json"}
+
+
 class _MessagesStream:
-    """What an Anthropic Messages stream said, block by block."""
+    """What an Anthropic Messages stream said, block by block, and how many characters were generated (a stream
+    cut before its final usage is billed for them: gateway/usage_estimate.py)."""
 
     def __init__(self, capture: bool) -> None:
         self.capture = capture
@@ -88,8 +109,10 @@ class _MessagesStream:
         self.json: dict[int, list[str]] = {}
         self.stop_reason = ""
         self.usage_: dict = {}
+        self.usage_final = False  # message_delta brought the final output count (message_start's is a stub)
         self.done = False
         self.failed = ""
+        self.chars = 0
 
     def add(self, obj: dict) -> None:
         t = obj.get("type")
@@ -98,21 +121,26 @@ class _MessagesStream:
             self.usage_.update(self.message.get("usage") or {})
         elif t == "message_delta":
             self.stop_reason = str((obj.get("delta") or {}).get("stop_reason") or self.stop_reason)
-            self.usage_.update({k: v for k, v in (obj.get("usage") or {}).items() if v is not None})
+            usage = obj.get("usage") or {}
+            self.usage_.update({k: v for k, v in usage.items() if v is not None})
+            self.usage_final = self.usage_final or "output_tokens" in usage
         elif t == "error":
             err = obj.get("error") or {}
             self.failed = str(err.get("message") if isinstance(err, dict) else err) or "error event"
-        elif self.capture and t == "content_block_start" and isinstance(obj.get("content_block"), dict):
-            self.blocks[int(obj.get("index") or 0)] = dict(obj["content_block"])
-        elif self.capture and t == "content_block_delta":
+        elif t == "content_block_start" and isinstance(obj.get("content_block"), dict):
+            self.chars += len(str(obj["content_block"].get("name") or ""))  # a tool use's name
+            if self.capture:
+                self.blocks[int(obj.get("index") or 0)] = dict(obj["content_block"])
+        elif t == "content_block_delta":
             i, delta = int(obj.get("index") or 0), obj.get("delta") or {}
-            block = self.blocks.setdefault(i, {"type": "text", "text": ""})
-            if delta.get("type") == "text_delta":
-                block["text"] = block.get("text", "") + str(delta.get("text", ""))
-            elif delta.get("type") == "thinking_delta":
-                block["thinking"] = block.get("thinking", "") + str(delta.get("thinking", ""))
-            elif delta.get("type") == "input_json_delta":
-                self.json.setdefault(i, []).append(str(delta.get("partial_json", "")))
+            field = _DELTA_TEXT.get(delta.get("type"))
+            text = str(delta.get(field, "")) if field else ""
+            self.chars += len(text)
+            if self.capture and field == "partial_json":
+                self.json.setdefault(i, []).append(text)
+            elif self.capture and field:
+                block = self.blocks.setdefault(i, {"type": "text", "text": ""})
+                block[field] = block.get(field, "") + text
         if t in anthropic_format.TERMINAL_EVENTS:
             self.done = True
 
@@ -189,8 +217,9 @@ API_NAMES = {"chat": "chat.completions", "text_completion": "completions", "embe
 
 class WireStreamRelay:
     """The stream relay for `WIRES` (a mixin of the proxy, which provides `_return_headers`, `_read_usage`,
-    `_secrets` and `_scrub`): events go to the client as they come, each read once for the record; the stream is over at the API's
-    last event, and one that ends before it is a cut stream, told in-band in the API's own error shape."""
+    `_estimate_usage`, `_secrets` and `_scrub`): events go to the client as they come, each read once for the
+    record; the stream is over at the API's last event, and one that ends before it is a cut stream, told in-band in
+    the API's own error shape and billed at estimated counts."""
 
     async def _relay_wire_stream(self, call: Any, d: Any, opened: Any, wire: Wire) -> None:
         rec = call.rec
@@ -230,8 +259,13 @@ class WireStreamRelay:
         except OSError:  # a send to a client that has gone
             rec.hung_up("mid-stream")
         finally:
-            await opened.stream.aclose()
             self._read_usage(reader.usage(), rec, d)
+            if not reader.usage_final and not reader.done:  # cut or cancelled before its usage: billed all the same
+                try:
+                    self._estimate_usage(call, d, reader.chars)
+                except Exception:  # an estimate must never cost the call its ending or its record
+                    log.exception("could not estimate a cut stream's usage")
+            await opened.stream.aclose()
             rec.answered(reader.model, reader.id, reader.finish_reasons())
             if not rec.client_disconnected and not call.watch.client_gone:
                 try:

@@ -7,6 +7,7 @@ import time
 import uuid
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -177,6 +178,107 @@ def test_a_stream_cut_short_is_billed_at_estimated_counts(upstream, chdb_store, 
     shown = CliRunner().invoke(app, ["show", tid, "--dsn", chdb_dsn], env={"COLUMNS": "200"})
     assert shown.exit_code == 0, shown.output
     assert "506 in / 2 out (estimated: the stream ended before the provider's count)" in shown.stdout
+
+
+@pytest.fixture(scope="module")
+def priced_streams(upstream, chdb_store, tmp_path_factory):
+    """A gateway with priced Responses and Anthropic Messages models, each in a version whose upstream breaks off
+    after the first text delta (cut-*) and one that streams slowly enough for a client to hang up (slowstream-*)."""
+    prices = {"input_cost_per_token": 1e-6, "output_cost_per_token": 2e-6, "api_key_env": "TEST_UPSTREAM_KEY"}
+    oa = {"provider": "openai", "base_url": upstream.base_url, **prices}
+    claude = {"provider": "anthropic", "base_url": upstream.base_url.rsplit("/v1", 1)[0], **prices}
+    models = [{"name": "resp-cut", "model": "cut-resp", **oa}, {"name": "resp-slow", "model": "slowstream-resp", **oa},
+              {"name": "claude-cut", "model": "cut-claude", **claude},
+              {"name": "claude-slow", "model": "slowstream-claude", **claude}]
+    with recorded_gateway(upstream, chdb_store, str(tmp_path_factory.mktemp("spool")), models=models) as gw:
+        yield gw
+
+
+def estimated_call(gw, store: Store, trace_id: str) -> tuple[dict, str]:
+    """The recorded call's row, and its span's `tagway.usage.estimated` (a call the client left ends once the
+    gateway sees it gone: waited for)."""
+    deadline = time.monotonic() + 10
+    while True:
+        assert gw.recorder.force_flush()
+        row = rows_for(store, [trace_id]).get(trace_id)
+        if row is not None or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert row is not None, f"call {trace_id} was not recorded"
+    marks = store.query("SELECT SpanAttributes['tagway.usage.estimated'] AS e FROM otel_traces WHERE TraceId = "
+                        "{id:String} AND SpanAttributes['tagway.kind'] = 'call'", parameters={"id": trace_id})
+    return row, marks[0]["e"]
+
+
+LONG = "word " * 400  # 2,000 characters -> 500 tokens
+
+
+@pytest.mark.parametrize("how", ["upstream breaks off", "client hangs up"])
+def test_a_responses_stream_cut_short_is_billed_at_estimated_counts(priced_streams, chdb_store, how):
+    """A Responses stream cut before its last event (which alone carries usage) was recorded with no tokens and
+    cost $0, so budgets missed it. It is billed as chat's is: the prompt (~4 characters a token, 3 a message and
+    3 for the reply) and what was streamed so far, priced, marked as an estimate."""
+    c = openai.OpenAI(base_url=priced_streams.url + "/v1", api_key=KEYS["platform"], max_retries=0,
+                      default_headers={"x-tagway-customer": f"cutr-{uuid.uuid4().hex[:8]}"})
+    model = "resp-cut" if how == "upstream breaks off" else "resp-slow"
+    raw = c.responses.with_raw_response.create(model=model, input=LONG, stream=True)
+    stream = raw.parse()
+    if how == "upstream breaks off":
+        with pytest.raises(openai.APIError, match="Upstream stream failed"):
+            list(stream)
+    else:
+        for event in stream:
+            if event.type == "response.output_text.delta":
+                break  # "Echo:" arrived; the rest comes 0.3 s a word
+        stream.close()
+    row, estimated = estimated_call(priced_streams, chdb_store, raw.headers["x-tagway-trace-id"])
+    error = "stream_cut" if how == "upstream breaks off" else "client_disconnected"
+    # prompt: 500 tokens + 3 for the one input item + 3 for the reply; output: "Echo:" -> 2
+    assert (row["error_type"], row["input_tokens"], row["output_tokens"], estimated) == (error, 506, 2, "true")
+    assert row["cost_usd"] == pytest.approx(506e-6 + 2 * 2e-6)
+
+
+@pytest.mark.parametrize("how", ["upstream breaks off", "client hangs up"])
+def test_an_anthropic_messages_stream_cut_short_is_billed_at_estimated_counts(priced_streams, chdb_store, how):
+    """An Anthropic stream cut before message_delta (which carries the output count) was recorded at
+    message_start's stub (1 output token). The prompt count message_start gave is kept (the provider's, 11 here);
+    the output is estimated from what was streamed, priced, and the call marked as an estimate."""
+    c = anthropic.Anthropic(base_url=priced_streams.url, api_key=KEYS["platform"], max_retries=0,
+                            default_headers={"x-tagway-customer": f"cutm-{uuid.uuid4().hex[:8]}"})
+    model = "claude-cut" if how == "upstream breaks off" else "claude-slow"
+    raw = c.messages.with_raw_response.create(model=model, max_tokens=64, system="Be brief.", stream=True,
+                                              messages=[{"role": "user", "content": LONG}])
+    stream = raw.parse()
+    if how == "upstream breaks off":
+        with pytest.raises(anthropic.APIError, match="Upstream stream failed"):
+            list(stream)
+    else:
+        for event in stream:
+            if event.type == "content_block_delta":
+                break  # "Claude " arrived; the rest comes 0.3 s a word
+        stream.close()
+    row, estimated = estimated_call(priced_streams, chdb_store, raw.headers["x-tagway-trace-id"])
+    error = "stream_cut" if how == "upstream breaks off" else "client_disconnected"
+    # output: "Claude " (7 characters) -> 2 tokens, over message_start's stub of 1
+    assert (row["error_type"], row["input_tokens"], row["output_tokens"], estimated) == (error, 11, 2, "true")
+    assert row["cost_usd"] == pytest.approx(11e-6 + 2 * 2e-6)
+
+
+def test_prompt_estimates_of_responses_and_messages_requests():
+    """Without a count from the stream, the prompt is estimated from what the request sends: a Responses call's
+    instructions and input items, an Anthropic call's system and messages (their ids and inline data left out)."""
+    from gateway.usage_estimate import estimate_prompt_tokens  # noqa: PLC0415
+
+    image = {"type": "input_image", "image_url": "data:image/png;base64,AAAA"}
+    resp = {"instructions": "x" * 40, "input": [
+        {"role": "user", "content": [{"type": "input_text", "text": "y" * 40}, image]},
+        {"type": "function_call_output", "call_id": "call_123", "output": "z" * 20}]}
+    assert estimate_prompt_tokens(resp, "responses") == 25 + 3 * (3 + 1)  # 100 characters, 2 items + instructions
+    assert estimate_prompt_tokens({"input": "y" * 40}, "responses") == 10 + 3 * 2
+    msgs = {"system": [{"type": "text", "text": "x" * 40}], "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "y" * 40}, {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                                        "data": "QUJD" * 1000}}]}]}
+    assert estimate_prompt_tokens(msgs, "messages") == 20 + 3 * (2 + 1)
 
 
 def test_otel_traces_has_the_collector_columns(chdb_store):

@@ -4,8 +4,8 @@ Behaviour is picked by the upstream model name the gateway sends, so one server 
   ok-*        answers normally (streams real SSE when asked; usage only when stream_options.include_usage)
   tools-*     answers with a tool call
   fail503-*, fail500-*, fail429-*, fail400-*   answers that HTTP error with an OpenAI-shaped body
-  slow-*      waits 2 s before answering (for timeouts)
-  cut-*       streams two chunks then drops the connection
+  slow-*      waits 2 s before answering (for timeouts); slowstream-* waits 0.3 s after each streamed text delta
+  cut-*       streams two chunks (Responses and Anthropic: up to the first text delta) then drops the connection
   refund-bad-* answers "WRONG" when the prompt mentions refund, else like ok-*
   garbage-*   answers 502 with an HTML body
   midstreamerror-*  streams one chunk, then an error event (mentioning the upstream key), then [DONE]
@@ -239,6 +239,8 @@ class Upstream(ThreadedServer):
                         await asyncio.sleep(0.05)
                         request.transport.close()
                         return stream
+                    if model.startswith("slowstream"):
+                        await asyncio.sleep(0.3)
             else:
                 await ev("response.function_call_arguments.delta", {"item_id": item["id"], "output_index": i,
                                                                     "delta": item["arguments"]})
@@ -354,9 +356,15 @@ class Upstream(ThreadedServer):
             "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 11, "output_tokens": 1}}})
         await ev("content_block_start", {"type": "content_block_start", "index": 0,
                                           "content_block": {"type": "text", "text": ""}})
-        for word in text.split(" "):
+        for n, word in enumerate(text.split(" ")):
             await ev("content_block_delta", {"type": "content_block_delta", "index": 0,
                                              "delta": {"type": "text_delta", "text": word + " "}})
+            if model.startswith("cut") and n == 0:  # drop the connection mid-stream
+                await asyncio.sleep(0.05)
+                request.transport.close()
+                return resp
+            if model.startswith("slowstream"):
+                await asyncio.sleep(0.3)
         await ev("content_block_stop", {"type": "content_block_stop", "index": 0})
         await ev("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn",
                                                                       "stop_sequence": None},
