@@ -24,7 +24,7 @@ from .providers import ProviderRegistry
 from .providers.litellm_provider import preload as preload_litellm
 from .lanes import ReplayLane, is_replay_call
 from .resources import ResourceOwners
-from .limits import CallLimits
+from .limits import CallLimits, model_scope, split_scope
 from .metrics import MetricsEndpoint
 from .openapi import install_openapi
 from .model_list import ModelList
@@ -121,8 +121,8 @@ class TagwayApp:
         once when a budget first seen since the start (a key given one in the keys file) is checked: it would
         otherwise count from $0 for up to BUDGET_REFRESH."""
         budgets = self.limits.budgets
-        scopes = [s for t in self.config.tenants for s in self.limits.scopes("", None, t)]
-        scopes += [s for k, _t in self.keyring.keys() for s in self.limits.scopes(k.id, k.limits, None)]
+        scopes = [s for t in self.config.tenants for s in self.limits.all_scopes("", None, t)]
+        scopes += [s for k, _t in self.keyring.keys() for s in self.limits.all_scopes(k.id, k.limits, None)]
         self.limits.register(scopes)
         if budgets._periods:
             await loop.run_in_executor(None, budgets.refresh)
@@ -141,15 +141,17 @@ class TagwayApp:
         self._budget_task = asyncio.ensure_future(refresh_forever())
 
     def _read_spend(self, scope: str, who: str, since: float) -> tuple[float, int]:
-        """Recorded spend of a tenant or key since a Unix time, and how many priced calls made it (blocking; on a
-        worker thread): every call but the gateway's own replay, judge and shadow calls, which only privileged keys
-        can mark. A tenant names its own calls' source freely (`x-tagway-source: batch`): counting `production`
-        alone let it spend past its budget. A tenant's spend is its calls' and its keys' (a platform key's calls
-        are recorded as the customers it names)."""
+        """Recorded spend of a tenant or key (or of its calls to one model: gateway/limits.split_scope) since a Unix
+        time, and how many priced calls made it (blocking; on a worker thread): every call but the gateway's own
+        replay, judge and shadow calls, which only privileged keys can mark. A tenant names its own calls' source
+        freely (`x-tagway-source: batch`): counting `production` alone let it spend past its budget. A tenant's
+        spend is its calls' and its keys' (a platform key's calls are recorded as the customers it names)."""
         store = self.query_store
         if store is None:
             raise RuntimeError("the store is not reachable")
-        params: dict[str, Any] = {"who": who, "since": int(since * 1e9), "gateway_own": list(NON_PRODUCTION_SOURCES)}
+        scope, who, model = split_scope((scope, who))
+        params: dict[str, Any] = {"who": who, "since": int(since * 1e9), "gateway_own": list(NON_PRODUCTION_SOURCES),
+                                  "model": model or ""}
         wheres = ["customer = {who:String}" if scope == "tenant" else "key_id = {who:String}"]
         if scope == "tenant" and any(t.customer == who and t.may_set_customer for t in self.config.tenants):
             # a platform tenant's keys record calls as other customers: those count too (a second scan, by key,
@@ -160,7 +162,8 @@ class TagwayApp:
         for whose in wheres:
             rows = store.query(f"SELECT sum(cost_usd) AS usd, countIf(cost_usd > 0) AS priced FROM "
                                f"{self._calls_table} WHERE {whose} AND Timestamp >= "
-                               "fromUnixTimestamp64Nano({since:Int64}) AND source NOT IN {gateway_own:Array(String)}",
+                               "fromUnixTimestamp64Nano({since:Int64}) AND source NOT IN {gateway_own:Array(String)}"
+                               + (" AND model_requested = {model:String}" if model is not None else ""),
                                parameters=params)
             if rows:
                 usd, priced = usd + float(rows[0]["usd"] or 0.0), priced + int(rows[0]["priced"] or 0)
@@ -450,11 +453,12 @@ def _build_api(app: TagwayApp) -> FastAPI:
         if not principal(request).is_admin:
             raise GatewayError(403, "This route needs the admin key.", type_="permission_error",
                                code="admin_key_required")
-        limits = {("tenant", t.customer): t.limits for t in app.config.tenants if t.limits}
-        limits.update({("key", k.id): k.limits for k, _ in app.keyring.keys() if k.limits})
+        limits = dict(s for t in app.config.tenants for s in CallLimits.all_scopes("", None, t))
+        limits.update(s for k, _ in app.keyring.keys() for s in CallLimits.all_scopes(k.id, k.limits, None))
         out = []
         for row in app.limits.budgets.report():
-            lim = limits.get((row["scope"], row["id"]))
+            who = model_scope(row["scope"], row["id"], row["model"]) if "model" in row else (row["scope"], row["id"])
+            lim = limits.get(who)
             if lim is not None and lim.budget is not None:
                 out.append({**row, "budget_usd": lim.budget.usd, "soft": lim.budget.soft,
                             "used": round(row["spent_usd"] / lim.budget.usd, 6)})

@@ -143,8 +143,8 @@ def serve(config: Optional[str] = ConfigOpt,
         typer.echo(f"tagway: serving on http://{host}:{port}/v1 with {workers} workers (store: "
                    f"{_describe_store(cfg)})", err=True)
         uvicorn.run("gateway.cli:worker_app", factory=True, host=host, port=port, workers=workers,
-                    loop="uvloop", http="httptools", access_log=False, log_level=log_level,
-                    timeout_graceful_shutdown=cfg.server.graceful_shutdown_seconds)
+                    loop="uvloop", access_log=False, log_level=log_level,
+                    timeout_graceful_shutdown=cfg.server.graceful_shutdown_seconds, **_http_protocol(cfg))
         return
     sock = _bind(host, port, cfg)  # before the store is opened and before anything says "serving"
     try:
@@ -165,11 +165,18 @@ def serve(config: Optional[str] = ConfigOpt,
     try:
         # uvicorn turns SIGTERM/SIGINT into a graceful stop: in-flight calls finish, then we flush the recorder
         # as uvicorn.run, plus the discovery file local CLIs find the store through (gateway/store_api.py)
-        serve_announced(gateway, sockets=[sock], loop="uvloop", http="httptools", lifespan="on",
+        serve_announced(gateway, sockets=[sock], loop="uvloop", lifespan="on",
                         access_log=False, log_level=log_level,
-                        timeout_graceful_shutdown=cfg.server.graceful_shutdown_seconds)
+                        timeout_graceful_shutdown=cfg.server.graceful_shutdown_seconds, **_http_protocol(cfg))
     finally:
         recorder.shutdown()
+
+
+def _http_protocol(cfg: GatewayConfig) -> dict[str, Any]:
+    """uvicorn's settings for the HTTP protocol: httptools with the request head capped (gateway/server_protocol)."""
+    from .server_protocol import HeadCappedProtocol  # noqa: PLC0415
+
+    return {"http": HeadCappedProtocol, "h11_max_incomplete_event_size": cfg.server.max_header_bytes}
 
 
 # how `serve --workers N` tells its workers N (uvicorn's factory takes no arguments); only they read it
@@ -370,6 +377,8 @@ TpmOpt = typer.Option(None, "--tpm", help="Tokens (input + output) per minute (0
 BudgetOpt = typer.Option(None, "--budget", help="Spend per period in USD (0 removes the budget).")
 BudgetPerOpt = typer.Option(None, "--budget-per", help="The budget's period: month (default) or 1h, 1d, 7d, 30d...")
 BudgetSoftOpt = typer.Option(None, "--budget-soft", help="Warn past this share of the budget (default 0.8).")
+ModelOpt = typer.Option(None, "--model", help="These limits hold the key's calls to this model (the name clients "
+                        "ask for), beside its own.")
 
 
 @keys_app.command("create")
@@ -378,8 +387,9 @@ def keys_create(customer: str = typer.Option(..., "--customer", help="Tenant the
                 tag: list[str] = typer.Option([], "--tag", help="Key-bound tag k=v (repeatable)."),
                 rpm: Optional[int] = RpmOpt, tpm: Optional[int] = TpmOpt, budget: Optional[float] = BudgetOpt,
                 budget_per: Optional[str] = BudgetPerOpt, budget_soft: Optional[float] = BudgetSoftOpt,
-                config: Optional[str] = ConfigOpt) -> None:
-    """Create a key: printed once, only its hash is stored. Its own limits with --rpm, --tpm, --budget."""
+                model: Optional[str] = ModelOpt, config: Optional[str] = ConfigOpt) -> None:
+    """Create a key: printed once, only its hash is stored. Its own limits with --rpm, --tpm, --budget (with
+    --model: on that model)."""
     from .auth import add_key_to_file  # noqa: PLC0415
     from .key_limits import LimitFlags, apply_flags  # noqa: PLC0415
     from .tags import normalise  # noqa: PLC0415
@@ -397,7 +407,7 @@ def keys_create(customer: str = typer.Option(..., "--customer", help="Tenant the
     if key_id in inline:  # the gateway would refuse the file (and with it every later revocation in it)
         raise fail(f"a key with id {key_id!r} is written in the config; give the new key another --id")
     try:
-        limits = apply_flags(None, LimitFlags(rpm, tpm, budget, budget_per, budget_soft))
+        limits = apply_flags(None, LimitFlags(rpm, tpm, budget, budget_per, budget_soft, model=model))
         kid, key = add_key_to_file(_keys_file(cfg), customer, key_id, tags, limits)
     except (ValueError, OSError) as e:
         raise fail(str(e)) from None
@@ -410,10 +420,11 @@ def keys_create(customer: str = typer.Option(..., "--customer", help="Tenant the
 def keys_limits(key_id: str, rpm: Optional[int] = RpmOpt, tpm: Optional[int] = TpmOpt,
                 budget: Optional[float] = BudgetOpt, budget_per: Optional[str] = BudgetPerOpt,
                 budget_soft: Optional[float] = BudgetSoftOpt,
-                clear: bool = typer.Option(False, "--clear", help="Remove every limit first."),
-                config: Optional[str] = ConfigOpt) -> None:
-    """Show or change a key's own limits (a running gateway applies them within a second). Flags not given are
-    kept; 0 removes a limit. Without flags, prints the key's limits."""
+                clear: bool = typer.Option(False, "--clear", help="Remove every limit first (with --model: that "
+                                           "model's)."),
+                model: Optional[str] = ModelOpt, config: Optional[str] = ConfigOpt) -> None:
+    """Show or change a key's own limits, or with --model its limits on one model (a running gateway applies them
+    within a second). Flags not given are kept; 0 removes a limit. Without flags, prints the key's limits."""
     from .auth import read_keys_file, set_key_limits_in_file  # noqa: PLC0415
     from .key_limits import LimitFlags, apply_flags, describe  # noqa: PLC0415
 
@@ -423,7 +434,7 @@ def keys_limits(key_id: str, rpm: Optional[int] = RpmOpt, tpm: Optional[int] = T
         i, j = inline
         raise fail(f"key {key_id!r} is written in the config (tenants[{i}].keys[{j}]), not in the keys file: set its "
                    "`limits:` there (a running gateway reads the config only at start)")
-    flags = LimitFlags(rpm, tpm, budget, budget_per, budget_soft, clear)
+    flags = LimitFlags(rpm, tpm, budget, budget_per, budget_soft, clear, model)
     try:
         if flags.empty():
             entry = next((i for i in read_keys_file(_keys_file(cfg)) if i.get("id") == key_id), None)

@@ -93,10 +93,15 @@ class BudgetConfig(_Strict):
         return v
 
 
-class LimitsConfig(_Strict):
+class ModelLimitsConfig(_Strict):
     rpm: int | None = Field(None, ge=1)  # requests per minute
     tpm: int | None = Field(None, ge=1)  # tokens (input + output) per minute
     budget: BudgetConfig | None = None
+
+
+class LimitsConfig(ModelLimitsConfig):
+    # limits on one model (the name clients ask for) beside the key's or tenant's own: {gpt-4o: {rpm: 60}}
+    models: dict[str, ModelLimitsConfig] = {}
 
 
 # a key's stored form, as `tagway keys create` writes it (gateway/auth.hash_key)
@@ -187,6 +192,9 @@ class ServerConfig(_Strict):
     # terminationGracePeriodSeconds above it); past it they are cancelled, and recorded as such
     graceful_shutdown_seconds: float = Field(60.0, gt=0)
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1)
+    # the request line and headers: a larger head is a 431 before any of it is buffered past this (the SDKs send
+    # ~1 KiB; an unauthenticated client's 40 MB header block was read whole)
+    max_header_bytes: int = Field(64 * 1024, ge=4096)
     max_model_chars: int = Field(256, ge=1)  # a longer model name is refused (400), never cut
     replay_concurrency: int = Field(4, ge=0)  # replay/judge calls in flight at once (gateway/lanes.py); 0 = no cap
     # browser apps (openai-node's dangerouslyAllowBrowser) on these origins may call /v1 (CORS); "*" for any.

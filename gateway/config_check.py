@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from .config import GatewayConfig, KeyConfig
 
-__all__ = ["Finding", "findings", "orphan_keys", "unpriced_budgets", "probe_store", "probe_spool", "ADMIN_KEY_HOWTO"]
+__all__ = ["Finding", "findings", "orphan_keys", "unpriced_budgets", "limits_on_unknown_models", "probe_store",
+           "probe_spool", "ADMIN_KEY_HOWTO"]
 
 ADMIN_KEY_HOWTO = ("create one with `tagway keys admin` and set it in the gateway's environment "
                    "(export {env}=<key>), or put the admin_key_hash it prints in the config")
@@ -53,6 +54,7 @@ def findings(cfg: GatewayConfig, path: str | None, env: Mapping[str, str], store
                            "add a tenant (customer: name), then `tagway keys create --customer name`"))
     out += orphan_keys(keys_without_tenant)
     out += unpriced_budgets(cfg)
+    out += limits_on_unknown_models(cfg)
     if store_error:
         out.append(Finding("storage.dsn" if cfg.storage.dsn else "storage.data_dir", store_error,
                            "the gateway would start and spool every call to disk until the store answers"
@@ -70,12 +72,17 @@ def unpriced_budgets(cfg: GatewayConfig) -> list[Finding]:
                if t.limits is not None and t.limits.budget is not None]
     budgets += [(f"tenants[{i}] ({t.customer}).keys[{j}] ({k.id}).limits.budget", t) for i, t in enumerate(cfg.tenants)
                 for j, k in enumerate(t.keys) if k.limits is not None and k.limits.budget is not None and not k.revoked]
-    if not budgets:
+    on_model = [(f"{where}.budget", name) for where, name, lim in _model_limits(cfg) if lim.budget is not None]
+    if not budgets and not on_model:
         return []
     from .pricing import Pricing  # noqa: PLC0415 - reads litellm's packaged price map: only when there are budgets
 
     unpriced = Pricing().unpriced(cfg.models)
     out = []
+    for where, name in on_model:
+        if any(m.name == name for m in unpriced):
+            out.append(Finding(where, f"{name} has no price, so calls to it are recorded without a cost and this "
+                               "budget never counts them", "set input_cost_per_token and output_cost_per_token on it"))
     for where, tenant in budgets:
         names = [m.name for m in unpriced if tenant.allows(m.name)]
         if names:
@@ -85,6 +92,28 @@ def unpriced_budgets(cfg: GatewayConfig) -> list[Finding]:
                                f"{'it' if len(names) == 1 else 'them'}, or leave it out of the tenant's "
                                "allowed_models"))
     return out
+
+
+def _model_limits(cfg: GatewayConfig) -> list[tuple[str, str, Any]]:
+    """(where, model name, its limits) for every `limits.models` entry of the config's tenants and keys."""
+    out = []
+    for i, t in enumerate(cfg.tenants):
+        owners = [(f"tenants[{i}] ({t.customer}).limits", t.limits)]
+        owners += [(f"tenants[{i}] ({t.customer}).keys[{j}] ({k.id}).limits", k.limits) for j, k in enumerate(t.keys)
+                   if not k.revoked]
+        out += [(f"{where}.models.{name}", name, lim) for where, limits in owners if limits is not None
+                for name, lim in limits.models.items()]
+    return out
+
+
+def limits_on_unknown_models(cfg: GatewayConfig) -> list[Finding]:
+    """A limit on a model no `models:` entry serves (a typo, a renamed model) would never hold: say so."""
+    from .model_routes import ModelRoutes  # noqa: PLC0415
+
+    routes = ModelRoutes(cfg)
+    return [Finding(where, f"no model {name!r} is served (no `models:` entry has that name or a wildcard that "
+                    "matches it), so this limit never applies", "use the name clients ask for, as in `models:`")
+            for where, name, _ in _model_limits(cfg) if routes.entry_for(name) is None]
 
 
 def probe_store(cfg: GatewayConfig, timeout: float = 3.0) -> str | None:

@@ -1,4 +1,4 @@
-"""Rate limits and budgets per key and per tenant, checked before a call is forwarded.
+"""Rate limits and budgets per key and per tenant, and per model under either, checked before a call is forwarded.
 
 Rate limits are token buckets (requests per minute, tokens per minute) that refill continuously: a key with
 `rpm: 60` may burst 60 calls, then one a second. Tokens are only known once a call ends, so a call is admitted
@@ -28,9 +28,32 @@ from typing import Any, Callable, Iterable
 
 from .errors import GatewayError
 
-__all__ = ["TokenBucket", "Limiter", "Budgets", "CallLimits", "period_bounds", "Refusal"]
+__all__ = ["TokenBucket", "Limiter", "Budgets", "CallLimits", "period_bounds", "Refusal", "model_scope",
+           "split_scope", "scope_text"]
 
 log = logging.getLogger("tagway.limits")
+
+
+# A limit's scope is (kind, id): ("key", "acme-ci"), ("tenant", "acme"), or, for a limit on one model under a key or
+# tenant (`limits.models`), ("key-model", "acme-ci/gpt-4o"). Key ids and customer names hold no "/" (gateway/auth.py,
+# gateway/tags.py), so the first one splits the id from the model name, which may hold more.
+def model_scope(kind: str, who: str, model: str) -> tuple[str, str]:
+    return f"{kind}-model", f"{who}/{model}"
+
+
+def split_scope(scope: tuple[str, str]) -> tuple[str, str, str | None]:
+    """(kind, id, model or None): ("key-model", "acme-ci/gpt-4o") -> ("key", "acme-ci", "gpt-4o")."""
+    kind, who = scope
+    if kind.endswith("-model"):
+        owner, _, model = who.partition("/")
+        return kind.removesuffix("-model"), owner, model
+    return kind, who, None
+
+
+def scope_text(scope: tuple[str, str]) -> str:
+    """How refusals and warnings name a scope: `key 'acme-ci'`, `tenant 'acme' on model 'gpt-4o'`."""
+    kind, who, model = split_scope(scope)
+    return f"{kind} {who!r}" + (f" on model {model!r}" if model is not None else "")
 
 
 
@@ -114,12 +137,12 @@ class Limiter:
                 b = self._bucket(self._rpm, who, rpm, now)
                 wait = b.wait_for(1, now)
                 if wait > 0:
-                    return self._refuse(f"{who[0]} {who[1]!r} is over its limit of {rpm} requests per minute", wait)
+                    return self._refuse(f"{scope_text(who)} is over its limit of {rpm} requests per minute", wait)
                 checks.append(b)
             if tpm:
                 b = self._bucket(self._tpm, who, tpm, now)
                 if b.level <= 0 and b.wait_for(1, now) > 0:  # in debt from earlier calls' tokens
-                    return self._refuse(f"{who[0]} {who[1]!r} is over its limit of {tpm} tokens per minute",
+                    return self._refuse(f"{scope_text(who)} is over its limit of {tpm} tokens per minute",
                                         b.wait_for(1, now))
         for b in checks:
             b.take(1, now)
@@ -208,23 +231,25 @@ class Budgets:
         if spent >= usd:
             self.refused += 1
             _, end = period_bounds(per, self.clock())
-            return Refusal("budget_exceeded", f"Budget reached: {who[0]} {who[1]!r} spent {usd_text(spent)} of "
+            return Refusal("budget_exceeded", f"Budget reached: {scope_text(who)} spent {usd_text(spent)} of "
                            f"{usd_text(usd)} per {per}; calls resume when the period ends.",
                            max(1.0, end - self.clock())), ""
         n = self._in_flight.get(who, 0)
         if n and who not in self._ended:  # no call has ended yet: what one costs is unknown, so one at a time
             self.refused_in_flight += 1
-            return Refusal("budget_in_flight", f"Budget: {who[0]} {who[1]!r} spent {usd_text(spent)} of "
+            return Refusal("budget_in_flight", f"Budget: {scope_text(who)} spent {usd_text(spent)} of "
                            f"{usd_text(usd)} per {per}, and a call is in flight whose cost is not known yet (the "
                            "first since the gateway started); retry once it ends.", IN_FLIGHT_RETRY_SECONDS), ""
         pending = n * self._per_call.get(who, 0.0)
         if spent + pending >= usd:  # the calls in flight will likely spend the rest: wait for them, not the period
             self.refused_in_flight += 1
-            return Refusal("budget_in_flight", f"Budget nearly reached: {who[0]} {who[1]!r} spent "
+            return Refusal("budget_in_flight", f"Budget nearly reached: {scope_text(who)} spent "
                            f"{usd_text(spent)} of {usd_text(usd)} per {per}, and {n} call(s) in flight will likely "
                            f"spend ~{usd_text(pending)}; retry once they end.", IN_FLIGHT_RETRY_SECONDS), ""
         if spent >= soft * usd:
-            return None, f"{who[0]} {who[1]} spent {usd_text(spent)} of {usd_text(usd)} per {per} ({spent / usd:.0%})"
+            kind, owner, model = split_scope(who)  # the header's form: `key acme-ci [model gpt-4o] spent ...`
+            return None, (f"{kind} {owner}" + (f" model {model}" if model is not None else "") +
+                          f" spent {usd_text(spent)} of {usd_text(usd)} per {per} ({spent / usd:.0%})")
         return None, ""
 
     def add(self, who: tuple[str, str], per: str, cost: float) -> None:
@@ -277,8 +302,9 @@ class Budgets:
         out = []
         for who, per in sorted(self._periods.items()):
             start, end = period_bounds(per, self.clock())
-            out.append({"scope": who[0], "id": who[1], "per": per, "period_start": start, "period_end": end,
-                        "spent_usd": round(self.spent(who, per), 6)})
+            kind, owner, model = split_scope(who)
+            out.append({"scope": kind, "id": owner, **({"model": model} if model is not None else {}), "per": per,
+                        "period_start": start, "period_end": end, "spent_usd": round(self.spent(who, per), 6)})
         return out
 
 
@@ -293,12 +319,27 @@ class CallLimits:
         self.budgets = Budgets(read_spend)
 
     @staticmethod
-    def scopes(key_id: str, key_limits: Any, tenant: Any) -> list[Scope]:
+    def scopes(key_id: str, key_limits: Any, tenant: Any, model: str = "") -> list[Scope]:
+        """The scopes a call to `model` falls under: the key's and the tenant's limits, and their limits on that
+        model (`limits.models`, by the name the client asked for); `model` "" leaves the latter out."""
         out: list[Scope] = []
-        if key_limits is not None:
-            out.append((("key", key_id), key_limits))
-        if tenant is not None and tenant.limits is not None:
-            out.append((("tenant", tenant.customer), tenant.limits))
+        for kind, who, lim in (("key", key_id, key_limits),
+                               ("tenant", tenant.customer if tenant is not None else "",
+                                tenant.limits if tenant is not None else None)):
+            if lim is None:
+                continue
+            out.append(((kind, who), lim))
+            on_model = lim.models.get(model) if model and lim.models else None
+            if on_model is not None:
+                out.append((model_scope(kind, who, model), on_model))
+        return out
+
+    @staticmethod
+    def all_scopes(key_id: str, key_limits: Any, tenant: Any) -> list[Scope]:
+        """Every scope of a key's or a tenant's limits, each model's included (budgets known at start-up)."""
+        out = CallLimits.scopes(key_id, key_limits, tenant)
+        for (kind, who), lim in list(out):
+            out += [(model_scope(kind, who, m), on_model) for m, on_model in (lim.models or {}).items()]
         return out
 
     def register(self, scopes: Iterable[Scope]) -> None:

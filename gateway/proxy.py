@@ -290,11 +290,11 @@ class Proxy(WireStreamRelay):
         # the gateway's own replay, judge and shadow calls are no tenant's spend (budgets read from the store leave
         # them out too): only the key's limits hold
         production = rec.source not in NON_PRODUCTION_SOURCES
-        scopes = self.limits.scopes(principal.key_id, principal.limits, tenant if production else None)
+        scopes = self.limits.scopes(principal.key_id, principal.limits, tenant if production else None, model)
         if production and principal.tenant is not None and principal.tenant is not tenant \
                 and principal.tenant.limits is not None:
             # a platform key recording calls for other customers: its own tenant's limits hold over them too
-            scopes += self.limits.scopes("", None, principal.tenant)
+            scopes += self.limits.scopes("", None, principal.tenant, model)
         if scopes:
             refusal, warnings = self.limits.admit(scopes)
             if refusal is not None:

@@ -489,7 +489,7 @@ def test_keys_create_with_limits_and_keys_limits_change_them_on_a_running_gatewa
     (["keys", "create", "--customer", "acme", "--budget", "5", "--budget-per", "fortnight"],
      "error: limits: budget.per: invalid window 'fortnight'"),
     (["keys", "limits", "a1", "--budget-soft", "0.5"], "error: --budget-per and --budget-soft change a budget: give "
-     "--budget USD too (the key has none)"),
+     "--budget USD too (there is none)"),
     (["keys", "limits", "a1", "--budget", "5", "--budget-soft", "2"], "error: limits: budget.soft: Input should be "
      "less than or equal to 1"),
     (["keys", "limits", "nobody", "--rpm", "5"], "error: no key with id 'nobody' in "),
