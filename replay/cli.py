@@ -49,7 +49,8 @@ def _fail(msg: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
 
 
 def _stopped(e: Exception, run_id: str | None) -> typer.Exit:
-    """Exit 3 for a run stopped midway (its store or its gateway gone): what it stored stays, resume finishes it."""
+    """Exit 3 for a run stopped midway by its store going away: what it stored stays, resume finishes it (a gateway
+    gone midway is reported: RunResult.stopped)."""
     finish = f": `tagway replay resume {run_id}` finishes the run" if run_id else ""
     return _fail(f"{e}; what was stored is kept{finish}", EXIT_INCOMPLETE)
 
@@ -157,7 +158,7 @@ def _check_limits(max_cost: Optional[float], concurrency: Optional[int]) -> None
         raise SpecError(f"--concurrency {concurrency}: must be between 1 and 1024")
 
 
-def _emit(report, fmt: str, out: Optional[Path], dashboard_url: Optional[str] = None) -> None:
+def _emit(report, fmt: str, out: Optional[Path], dashboard_url: Optional[str] = None, stopped: str = "") -> None:
     from rich.console import Console
     from .render import render, render_terminal
     text = "" if out is None and fmt == "table" else render(report, fmt, dashboard_url=dashboard_url)
@@ -176,7 +177,7 @@ def _emit(report, fmt: str, out: Optional[Path], dashboard_url: Optional[str] = 
     else:
         sys.stdout.write(text)
     if report.status != "complete":
-        typer.echo(_incomplete_line(report), err=True)
+        typer.echo(_incomplete_line(report, stopped), err=True)
 
 
 def _console(console_cls):
@@ -185,9 +186,12 @@ def _console(console_cls):
     return console_cls() if sys.stdout.isatty() else console_cls(width=160)
 
 
-def _incomplete_line(report) -> str:
-    """What exit 3 means for this run and what finishes it."""
+def _incomplete_line(report, stopped: str = "") -> str:
+    """What exit 3 means for this run and what finishes it (`stopped`: why the run stopped midway)."""
     rid = report.run_id
+    if stopped:
+        return (f"error: {stopped}; the report is of what completed: `tagway replay resume {rid}` runs the rest "
+                "once the gateway answers again")
     if report.errored and report.gating.get("errors") == "exclude":
         return (f"run {rid} incomplete: {report.errored} errored case result(s) not counted; "
                 f"`tagway replay resume {rid}` retries them")
@@ -282,11 +286,7 @@ def run_cmd(
             raise _fail(f"interrupted; resume with: tagway replay resume {rid}", EXIT_INCOMPLETE) from None
         except StoreGoneError as e:
             raise _stopped(e, rid if stored else None) from None
-        except FatalRunError as e:
-            if not (stored and e.unreachable):  # a wrong gateway, key or model: bad input (exit 2)
-                raise
-            raise _stopped(e, rid) from None
-        _emit(result.report, fmt, out, dashboard_url)
+        _emit(result.report, fmt, out, dashboard_url, result.stopped)  # a gateway gone midway: what completed
     raise typer.Exit(result.exit_code)
 
 
@@ -316,19 +316,14 @@ def resume_cmd(
         gateway = gateway_for(gateway, store, in_process=in_process)
         base = (spec_dir or Path.cwd()).resolve()
         sys.path[:0] = [str(base)]
-        running: list[str] = []
         opts = RunOptions(gateway_url=gateway, in_process=in_process, api_key=_api_key(api_key), progress=progress,
                           spec_dir=base, retry_errored=retry_errored, max_cost=max_cost, concurrency=concurrency,
-                          gateway_config=config, on_running=running.append)
+                          gateway_config=config)
         try:
             result = asyncio.run(resume_run(store, run_id, opts))
         except KeyboardInterrupt:
             raise _fail(f"interrupted; resume again with: tagway replay resume {run_id}", EXIT_INCOMPLETE) from None
-        except FatalRunError as e:
-            if not (running and e.unreachable):  # a wrong gateway, key or model: bad input (exit 2)
-                raise
-            raise _stopped(e, run_id) from None
-        _emit(result.report, fmt, out)
+        _emit(result.report, fmt, out, stopped=result.stopped)
     raise typer.Exit(result.exit_code)
 
 

@@ -68,6 +68,7 @@ class RunResult:
     run_id: str
     report: Report
     outcome: RunOutcome | None
+    stopped: str = ""  # why the run stopped before its end (the gateway went away): the report is of what completed
 
     @property
     def exit_code(self) -> int:
@@ -268,6 +269,7 @@ async def _execute(store: Any, spec: ReplaySpec, run: RunRow, cases: list[Case],
     outcome: RunOutcome | None = None
     runner: Runner | None = None
     status = "incomplete"
+    stopped = ""
     n_cases = len(cases)
     # the judge calls of this run's earlier sessions (a resume): this session's own are counted as they are paid,
     # and the record alone lags this session's last batch
@@ -287,6 +289,12 @@ async def _execute(store: Any, spec: ReplaySpec, run: RunRow, cases: list[Case],
         status = "complete" if outcome.complete else "incomplete"
         if outcome.stop_reason:
             notes = [*notes, outcome.stop_reason]
+    except FatalRunError as e:
+        if not e.unreachable:  # a wrong model or key: the caller's to say
+            raise
+        # the gateway went away: what completed is stored and reported (incomplete), resume runs the rest
+        stopped = str(e)
+        notes = [*notes, f"stopped: {stopped}; `tagway replay resume {run.run_id}` runs the rest"]
     finally:
         # even a crash or Ctrl-C leaves a consistent run row: incomplete, with what is in replay_results and what
         # the calls made so far cost (a resume's budget starts from it)
@@ -297,7 +305,7 @@ async def _execute(store: Any, spec: ReplaySpec, run: RunRow, cases: list[Case],
         write_run(store, dataclasses.replace(run, status=report.status, verdict=report.verdict, n_cases=n_cases,
                                              report_json=render_json(report), cost_usd=spent,
                                              finished_at=time.time()))
-    return RunResult(run.run_id, report, outcome)
+    return RunResult(run.run_id, report, outcome, stopped)
 
 
 async def _escalate(store: Any, spec: ReplaySpec, run: RunRow, runner: Runner, targets: list[Target],

@@ -70,12 +70,11 @@ def _title(c: CandidateReport) -> str:
 
 
 def _verdict_word(r: Report) -> str:
-    return {"passed": "PASSED", "regression": "REGRESSION", "inconclusive": "INCONCLUSIVE"}.get(r.verdict,
-                                                                                             r.verdict.upper())
+    return r.verdict.upper()
 
 
 def _not_final(r: Report) -> str:
-    return "" if r.status == "complete" else f" (run {r.status}: not final)"
+    return "" if r.status == "complete" or r.verdict == r.status else f" (run {r.status}: not final)"
 
 
 def _headline(r: Report) -> str:

@@ -89,7 +89,7 @@ class Report:
     gating: dict[str, Any]
     baseline_mode: str
     candidates: list[CandidateReport]
-    verdict: str  # passed | regression | inconclusive
+    verdict: str  # passed | regression | inconclusive | incomplete (nothing found in a run not finished)
     exit_code: int
     reasons: list[str]
     n_cases: int = 0
@@ -308,7 +308,8 @@ def aggregate(results: Iterable[Any], gating: Any, *, run_id: str = "", status: 
     code = exit_code(overall, complete=status == "complete",  # nothing tested never passes, whatever the policy
                      inconclusive_blocks=getattr(gating, "inconclusive", "block") == "block" or not reports
                      or unscored)
-    verdict = "passed" if overall == OK else overall
+    # an incomplete run never reads as a pass: what ran found nothing, the rest is still to run
+    verdict = overall if overall != OK else "passed" if status == "complete" else "incomplete"
     notes = list(notes)
     if judge_cost_usd > 0:  # the judge's calls have no result row: without this line the costs shown add up short
         notes.append(f"the LLM judge's calls cost {fmt_usd(judge_cost_usd)}: counted in the run's spend and its "

@@ -44,6 +44,10 @@ __all__ = ["Target", "RunOutcome", "FatalRunError", "Runner", "GatewayPoster", "
 GATEWAY_APP = "gateway.app:create_app"
 NO_GATEWAY = "no gateway: pass --gateway URL (or env TAGWAY_GATEWAY_URL), or --in-process"
 RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
+# an Answer's error_code when the gateway could not be reached at all after the tries (refused, reset, dropped): no
+# outcome of the candidate's, and the gateway is taken as gone; a timeout is "timeout" (a slow answer is one)
+GONE = "connection"
+_GONE_ERRORS = (httpx.NetworkError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
 CHAT_PATH = "/v1/chat/completions"
 # a recorded call that spoke another API (its params carry API_MARK) is re-sent to that API: path, request, answer
 API_PATHS = {"responses": "/v1/responses", "messages": "/v1/messages"}
@@ -273,7 +277,7 @@ def fatal_check(who: str, model: str, ans: Answer) -> None:
                             "--api-key (pytest: --tagway-api-key) or set TAGWAY_API_KEY / TAGWAY_ADMIN_KEY")
     if ans.error_code == "upstream_auth_error":  # the gateway's provider key: no case of this model can run
         raise FatalRunError(f"{who}: model {model!r}: {ans.error.removeprefix('HTTP 502: ')}")
-    if ans.error_code == "connection":
+    if ans.error_code in (GONE, "timeout"):
         raise FatalRunError(ans.error, unreachable=True)
 
 
@@ -366,7 +370,7 @@ class GatewayPoster:
                 if attempt > self.retries:
                     return Answer(False, {}, "", 0, attempt, 0.0, 0.0, "",
                                   error=f"gateway unreachable after {attempt} attempt(s): {transport_reason(e)}",
-                                  error_code="connection")
+                                  error_code=GONE if isinstance(e, _GONE_ERRORS) else "timeout")
                 await asyncio.sleep(self._backoff(attempt, None))
                 continue
             latency = (time.perf_counter() - t0) * 1000
@@ -437,6 +441,7 @@ class Runner:
         self._last_flush = time.monotonic()
         self._flush_lock = asyncio.Lock()
         self._probing = False  # while True, an unknown model / rejected key / dead gateway stops the run
+        self._gone = ""  # why the gateway is taken as gone (a call could not reach it after its tries): stop the run
 
     def _judge_fn(self, case: Case, target: Target) -> Callable:
         async def judge(model: str, messages: list[dict], params: dict) -> str:
@@ -445,6 +450,8 @@ class Runner:
             ans = await self.poster.post({**params, "model": model, "messages": messages, "stream": False}, headers)
             self.spent += ans.cost_usd
             self.judge_spent += ans.cost_usd
+            if ans.error_code == GONE:
+                self._gone = ans.error
             if not ans.ok:
                 raise RuntimeError(ans.error)
             return ans.text
@@ -468,6 +475,8 @@ class Runner:
                                      prompt_version=prompt_version)
             ans = await self.poster.post(body, headers)
             self.spent += ans.cost_usd
+            if ans.error_code == GONE:
+                self._gone = ans.error
         row = ResultRow(run_id=self.run_id, case_id=case.case_id, candidate=target.name, segment=case.segment,
                         status="errored", replay_trace_id="" if target.logged else ans.trace_id,
                         customer=case.customer, intent=case.intent, prompt_version=prompt_version, model=model,
@@ -526,7 +535,10 @@ class Runner:
         """Every (case, target) not in `skip`, case-major so a partial run still has paired results. An item with
         an answer in `recorded` (by (target name, case id): a call already paid for) is scored from it first, with
         no call, outside the budget unless an LLM judge scores it. Then the first item of each calling target runs
-        alone (a probe): an unknown model or a rejected key stops the run before the rest is sent."""
+        alone (a probe): an unknown model or a rejected key stops the run before the rest is sent. A call that
+        cannot reach the gateway after its tries stops the run too (FatalRunError, unreachable), once what completed
+        is stored: the items it left, and those the gateway's going left errored, are no outcome, and stay for
+        `resume`."""
         recorded = recorded or {}
         judged = any(e.kind == "llm_judge" for e in self.spec.evaluators)  # scoring an answer makes paid calls
         items = [(c, t) for c in cases for t in targets if (t.name, c.case_id) not in skip]
@@ -546,13 +558,18 @@ class Runner:
         label = f"replay {len(cases)} case(s) x {len(targets)}" if len(targets) > 1 else f"replay {len(cases)} case(s)"
         with _progress(self.progress, len(items), label) as bar:
             async def one(case: Case, target: Target) -> bool:
-                """Run one item unless the budget is spent (then say so and return False)."""
+                """Run one item unless the budget is spent (then say so) or the gateway is gone: then False."""
                 nonlocal stop_reason, done
+                if self._gone:
+                    return False
                 answer = recorded.get((target.name, case.case_id))
                 if (answer is None or judged) and self.max_cost is not None and self.spent >= self.max_cost:
                     stop_reason = f"budget reached: spent {fmt_usd(self.spent, 4)} of max_cost ${self.max_cost:g}"
                     return False
-                await self._emit(await self.run_item(case, target, answer), results)
+                row = await self.run_item(case, target, answer)
+                if self._gone and row.status == "errored":  # the gateway went away under it: not the case's outcome
+                    return False
+                await self._emit(row, results)
                 done += 1
                 bar(done, self.spent)
                 return True
@@ -578,6 +595,8 @@ class Runner:
             finally:
                 self._probing = False
                 await asyncio.shield(self.flush())
+        if self._gone:
+            raise FatalRunError(f"the gateway went away mid-run: {self._gone}", unreachable=True)
         left = len(items) - done
         errored = sum(1 for r in results if r.status == "errored")
         # with `errors: fail` an errored result is an outcome (a failed case); with `exclude` it still needs a score

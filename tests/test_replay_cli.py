@@ -12,6 +12,7 @@ import orjson
 import pytest
 import typer
 import yaml
+from aiohttp import web
 from typer.testing import CliRunner
 
 from replay.cli import register, replay_app
@@ -432,6 +433,48 @@ def test_a_gateway_that_goes_away_mid_run_leaves_a_resumable_run_and_exit_3(worl
     assert "Traceback" not in res.output
     res = invoke("resume", run_id, *world["common"])  # the real gateway is back: the run finishes
     assert res.exit_code in (0, 1), res.output
+
+
+class _GoesAwayAfter(FakeLLM):
+    """A gateway that answers `k` calls, then drops every connection unanswered: it went away for the rest."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__({"cand-model": lambda user, headers: "approved"})
+        self.k = k
+
+    async def chat(self, request):
+        if len(self.chat_requests()) >= self.k:
+            self.requests.append({"path": request.path, "dropped": True})
+            request.transport.close()
+            return web.Response()
+        return await super().chat(request)
+
+
+def test_a_gateway_gone_after_some_cases_writes_the_report_of_what_completed(world):
+    """The gateway went away mid-run: exit 3 and one line, but no report of the cases that had completed (and a
+    gateway gone after the first call left the rest errored, failures under `errors: fail`). The report is written as
+    a normal run's (--format, --out), marked incomplete, no verdict claiming a pass, with the command that finishes
+    the run; `resume` then does."""
+    run_id, md = unique("gone"), world["tmp"] / "gone.md"
+    with _GoesAwayAfter(6) as gone:
+        res = invoke("run", "--spec", world["spec"], *world["common"], "--gateway", gone.url, "--run-id", run_id,
+                     "--concurrency", "1", "--format", "md", "--out", md)
+    assert res.exit_code == 3, res.output
+    assert f"replay run {run_id}" in res.output and "Traceback" not in res.output
+    assert f"the report is of what completed: `tagway replay resume {run_id}` runs the rest" in res.output
+    text = md.read_text()
+    assert "gate INCOMPLETE, exit 3" in text and "**Verdict: INCOMPLETE** (exit 3)" in text and "PASSED" not in text
+    assert "note: stopped: the gateway went away mid-run: gateway unreachable after 4 attempt(s)" in text
+    assert f"'tagway replay resume {run_id}' runs the rest" in text  # Markdown's cell-safe quotes
+    pooled = next(line for line in text.splitlines() if line.startswith("| **all segments (pooled)**"))
+    assert pooled.startswith("| **all segments (pooled)** | **6** |")  # the 6 answered cases, none errored
+    shown = orjson.loads(invoke("report", run_id, "--dsn", world["dsn"], "--format", "json").stdout)
+    assert (shown["status"], shown["verdict"], shown["passed"], shown["errored"]) == ("incomplete", "incomplete",
+                                                                                     False, 0)
+    res = invoke("resume", run_id, *world["common"])  # the gateway is back
+    assert res.exit_code == 1, res.output  # complete now: customer a's regression
+    done = orjson.loads(invoke("report", run_id, "--dsn", world["dsn"], "--format", "json").stdout)
+    assert done["status"] == "complete" and done["candidates"][0]["overall"]["n"] == 40
 
 
 def test_a_gateway_unreachable_from_the_start_stores_no_run(world):

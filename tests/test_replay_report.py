@@ -354,3 +354,20 @@ def test_every_renderer_prints_a_small_cost_as_it_is():
     assert orjson.loads(render_json(small))["candidates"][0]["cost_usd"] == pytest.approx(30 * 0.00000137)
     assert "cost $12.35   OK" in render_terminal(large, Console(record=True, width=160))
     assert "\ncost $12.35\n" in render_markdown(large) and "cost $12.35</p>" in render_html(large)
+
+
+def test_an_incomplete_run_never_reads_as_a_pass():
+    """A run stopped midway (its budget, an interruption, the gateway gone) whose finished cases show no drop said
+    `gate PASSED (run incomplete: not final)` and `"verdict": "passed"`, which reads as a pass. Its verdict is
+    `incomplete` in every format; what the finished cases did show (a regression) is still said."""
+    from replay.render import render_github  # noqa: PLC0415
+
+    stopped = aggregate(results({"a": (40, 36, 36)}), Gating(), run_id="r", status="incomplete")
+    assert (stopped.verdict, stopped.exit_code, stopped.passed) == ("incomplete", 3, False)
+    assert orjson.loads(render_json(stopped))["verdict"] == "incomplete"
+    for text in (render_terminal(stopped), render_markdown(stopped), render_github(stopped), render_html(stopped)):
+        assert "INCOMPLETE" in text and "PASSED" not in text
+    assert "gate INCOMPLETE, exit 3" in render_markdown(stopped)
+    found = aggregate(results(SEED_001), Gating(), run_id="r", status="incomplete")
+    assert (found.verdict, found.exit_code) == ("regression", 3)
+    assert "gate REGRESSION (run incomplete: not final), exit 3" in render_markdown(found)

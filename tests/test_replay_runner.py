@@ -212,7 +212,7 @@ def case(i: int, customer: str = "acme") -> Case:
                 messages=[{"role": "user", "content": f"#{i}"}], baseline_output=[])
 
 
-def test_errored_cases_and_a_dead_gateway_after_the_probe():
+def test_errored_cases_and_a_dead_gateway_after_the_probe_stop_the_run():
     spec = parse_spec({"dataset": "x.jsonl", "candidates": [{"name": "cand", "model": "cand-model"}],
                        "evaluators": [{"type": "latency", "threshold": 1e9}, {"type": "python", "value": "nope:fn"}],
                        "retries": 1, "gating": {"errors": "exclude"}})
@@ -225,17 +225,20 @@ def test_errored_cases_and_a_dead_gateway_after_the_probe():
         return httpx.Response(200, json={"choices": [{"message": {"role": "assistant", "content": "ok"}}]},
                               headers={"x-tagway-trace-id": "t1"})
 
+    stored: list = []
+
     async def go():
         async with gateway_client(transport=httpx.MockTransport(handler)) as client:
-            runner = Runner(client, spec, run_id="r", api_key="k", progress=False, backoff_base=0.001)
+            runner = Runner(client, spec, run_id="r", api_key="k", progress=False, backoff_base=0.001,
+                            sink=stored.extend)
             return await runner.run([case(1), case(2)], targets_for(spec)[1:])
 
-    out = asyncio.run(go())
-    by = {r.case_id: r for r in out.results}
-    assert by["case-1"].status == "errored" and "cannot load 'nope:fn'" in by["case-1"].error
-    assert by["case-2"].status == "errored" and "gateway unreachable after 2 attempt(s)" in by["case-2"].error
-    # every item ran, but with errors: exclude errored results are not scores: the outcome is not complete
-    assert not out.complete and (out.pending, out.errored) == (0, 2) and len(sent) == 3
+    # the gateway gone after the probe stops the run (it used to leave case 2 errored, a failed case under the
+    # default `errors: fail`): what completed is stored, case 2 is left for resume
+    with pytest.raises(FatalRunError, match="the gateway went away mid-run: gateway unreachable after 2 attempt"):
+        asyncio.run(go())
+    assert [(r.case_id, r.status) for r in stored] == [("case-1", "errored")] and len(sent) == 3
+    assert "cannot load 'nope:fn'" in stored[0].error
 
 
 class TinyGateway:
