@@ -9,15 +9,25 @@ that come from traffic (model names, customers, error types) are escaped by the 
 """
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 from typing import Any, Iterator
 
-from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
 __all__ = ["GatewayCollector", "MetricsEndpoint"]
 
 PREFIX = "tagway_"
+
+
+@functools.cache
+def _version() -> str:
+    try:
+        return importlib.metadata.version("tagway")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"  # run from a checkout without `pip install`
 
 # ProxyStats attribute -> (metric name, kind, HELP)
 _PROXY: tuple[tuple[str, str, str, str], ...] = (
@@ -36,6 +46,8 @@ class GatewayCollector:
         self.app = app
 
     def collect(self) -> Iterator[Metric]:
+        yield InfoMetricFamily(PREFIX + "build", "The tagway release serving (a dashboard joins on it to tell "
+                               "versions apart across a rollout).", value={"version": _version()})
         proxy = self.app.proxy
         if proxy is not None:
             for attr, name, kind, doc in _PROXY:
@@ -69,6 +81,10 @@ class MetricsEndpoint:
     def __init__(self, app: Any) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(GatewayCollector(app))
+        # the process's own CPU, memory, open files and start time (process_*), and the Python it runs (python_info):
+        # what an SRE's standard dashboards and alerts read, from /proc, at scrape time only
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
 
     def render(self, accept: str | None) -> tuple[bytes, str]:
         encoder, content_type = choose_encoder(accept or "")

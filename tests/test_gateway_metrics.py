@@ -234,3 +234,17 @@ def test_text_access_lines_have_the_same_fields_whatever_the_call():
     assert keys[0] == keys[1], lines
     assert "ttft_ms=- input_tokens=- output_tokens=- cost_usd=-" in lines[1]
     assert "ttft_ms=20.0 input_tokens=12 output_tokens=3 cost_usd=0.00001000" in lines[0]
+
+
+def test_the_process_its_python_and_the_release_are_exposed(observed):
+    """What an SRE's standard dashboards read: process_* (CPU, memory, file descriptors, start time), python_info,
+    and the release serving (tagway_build_info)."""
+    import importlib.metadata  # noqa: PLC0415
+
+    f = families(scrape(observed.url).text)
+    assert value(f["process_cpu_seconds"], "_total") > 0
+    assert value(f["process_resident_memory_bytes"]) > 10 * 2 ** 20
+    assert 0 < value(f["process_open_fds"]) < value(f["process_max_fds"])
+    assert value(f["process_start_time_seconds"]) < time.time()
+    assert samples(f["python_info"], implementation="CPython")
+    assert value(f["tagway_build_info"], version=importlib.metadata.version("tagway")) == 1
