@@ -45,6 +45,7 @@ REQUESTED_MODEL = "tagway.model.requested"  # public name the client asked for
 DEPLOYMENT = "tagway.deployment"  # deployment that served (or last failed)
 ATTEMPTS = "tagway.attempts"  # number of upstream attempts
 FALLBACKS_SKIPPED = "tagway.fallbacks_skipped"  # fallbacks the recorded tenant may not use (JSON array of names)
+DEPLOYMENTS_COOLING = "tagway.deployments_cooling"  # passed over: cooling down after failures (JSON array of names)
 REQUEST_PARAMS = "tagway.request.params"  # JSON: request parameters other than messages (tools, temperature, ...)
 LATENCY_MS = "tagway.latency_ms"
 TRUNCATED = "tagway.truncated"  # JSON {field: original length} for client values cut to their cap

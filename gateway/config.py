@@ -330,6 +330,13 @@ class MetricsConfig(_Strict):
     customer_label_limit: int = Field(100, ge=1)  # customers past this many share the label value `other`
 
 
+class CooldownConfig(_Strict):
+    """A deployment that failed this many times in a row, in ways a fallback takes over, is passed over for its
+    fallbacks for `seconds` (gateway/cooldowns.py); 0 failures: never."""
+    after_failures: int = Field(3, ge=0)
+    seconds: float = Field(30.0, gt=0)
+
+
 class AccessLogConfig(_Strict):
     enabled: bool = True  # `tagway serve` writes one line per /v1 call to stderr (never content or keys)
     format: Literal["text", "json"] = "text"  # logfmt-style key=value, or one JSON object per line
@@ -389,6 +396,7 @@ class GatewayConfig(BaseSettings):
     access_log: AccessLogConfig = AccessLogConfig()
     api: ApiConfig = ApiConfig()
     shadow: list[ShadowConfig] = []
+    cooldown: CooldownConfig = CooldownConfig()
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,

@@ -58,6 +58,7 @@ class GatewayCollector:
                 yield from observer.collect(PREFIX)
             if proxy.shadow is not None:
                 yield from proxy.shadow.collect(PREFIX)
+            yield from proxy.cooldowns.collect(PREFIX)
         refused = CounterMetricFamily(PREFIX + "auth_failures", "Requests refused before a tenant was known, by "
                                       "reason.", labels=["reason"])
         for reason, n in sorted(dict(self.app.keyring.failures).items()):

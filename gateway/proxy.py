@@ -24,6 +24,7 @@ from .auth import CREDENTIAL_HEADERS, KeyRing, duplicate_header
 from .call import Call, ClientGone
 from .capture import StreamAccumulator, capture_input, output_messages
 from .config import GatewayConfig, ModelConfig
+from .cooldowns import Cooldowns
 from .errors import (UPSTREAM_AUTH_STATUS, GatewayError, error_body, forbidden, upstream_auth_error,
                      with_own_headers)
 from .limits import CallLimits
@@ -120,6 +121,7 @@ class Proxy(WireStreamRelay):
                                                      if m.api_key and len(m.api_key) >= 6}, key=len, reverse=True)]
         self._tenants = {t.customer: t for t in config.tenants}
         self.routes = routes or ModelRoutes(config)  # model name -> deployment chain (exact names, wildcards, `*`)
+        self.cooldowns = Cooldowns(config.cooldown.after_failures, config.cooldown.seconds)  # failing deployments
         self._forward_headers = HeaderFilter(config.api.forward_headers)  # client -> upstream
         self._return_headers = HeaderFilter(config.api.return_headers)  # upstream -> client
         # mirrors sampled live calls to shadow candidates once they are answered (gateway/shadow.py)
@@ -398,9 +400,13 @@ class Proxy(WireStreamRelay):
         call.client_wants_usage = bool(call.stream and isinstance(opts, dict) and opts.get("include_usage") is True)
         failure: UpstreamFailure | None = None
         last = first
-        for d in chain:
+        cooldowns = self.cooldowns
+        for i, d in enumerate(chain):
             if d is not first and not self._allows(call, d.name):
                 call.rec.skipped = [*(call.rec.skipped or ()), d.name]  # a fallback this tenant may not use
+                continue
+            if cooldowns.cooling(d.name) and self._another(call, chain, i):
+                call.rec.cooling = [*(call.rec.cooling or ()), d.name]  # it kept failing: its fallback answers
                 continue
             attempt = call.rec.begin_attempt(d, self.routes.address(d), time.time_ns())
             last = d
@@ -411,9 +417,11 @@ class Proxy(WireStreamRelay):
                 failure = f
                 if not f.retryable:
                     break
+                cooldowns.failed(d.name)
                 if d is not chain[-1]:
                     self.stats.fallbacks += 1
                 continue
+            cooldowns.answered(d.name)
             attempt.end_ns, attempt.status = time.time_ns(), 200
             if isinstance(result, UpstreamResponse):
                 await self._respond_whole(call, d, result)
@@ -425,6 +433,10 @@ class Proxy(WireStreamRelay):
         if failure is None:  # pragma: no cover - the first deployment is always tried
             raise GatewayError(502, "No deployment could serve this call.", type_="api_error", code="no_deployment")
         raise self._final_error(failure, _sent_upstream(call.forward_headers, last))
+
+    def _another(self, call: Call, chain: list[ModelConfig], i: int) -> bool:
+        """A deployment after chain[i] that this call may use and that is not cooling down."""
+        return any(self._allows(call, d.name) and not self.cooldowns.cooling(d.name) for d in chain[i + 1:])
 
     async def _try(self, call: Call, d: ModelConfig) -> UpstreamResponse | _Opened:
         """One deployment: its whole answer, or its stream once the first event is in (a stream that ends before

@@ -93,6 +93,7 @@ class CallRecord:
     request_params: str | None = None
     truncated: dict[str, int] | None = None  # client values cut to their cap: field -> original length
     skipped: list[str] | None = None  # fallbacks passed over: the tenant may not use them
+    cooling: list[str] | None = None  # deployments passed over: cooling down after failures (gateway/cooldowns.py)
     output_type: str = ""  # what a request asked for (text, json, image, speech), where its route says
 
     def fail(self, error_type: str, message: str, http_status: int = 0) -> None:
@@ -201,6 +202,8 @@ def call_attributes(r: CallRecord, latency_ms: float) -> dict[str, Any]:
         a[sc.TRUNCATED] = _json(r.truncated)
     if r.skipped:
         a[sc.FALLBACKS_SKIPPED] = _json(r.skipped)
+    if r.cooling:
+        a[sc.DEPLOYMENTS_COOLING] = _json(r.cooling)
     if r.output_type:
         a[sc.OUTPUT_TYPE] = r.output_type
     return a

@@ -1,0 +1,67 @@
+"""Deployments that keep failing are passed over for a while when a fallback can serve instead (a circuit breaker,
+as LiteLLM's router cools a deployment down after `allowed_fails`).
+
+Without it, every call of an outage first waits on the broken deployment (up to its `timeout`, 60 s by default, for
+one that hangs) before its fallback answers. After `after_failures` failures in a row that would have sent a call on
+to a fallback (429, 5xx, 401/403 of the gateway's own key, timeouts, connection errors), the deployment cools for
+`seconds`: calls go straight to the next deployment of their chain that is not cooling. When the period ends the
+next call tries it again (half-open): one more failure cools it again, a success clears it. A deployment with no
+other to go to is always tried: a chance of an answer beats a certain error.
+
+State lives in the process (each worker of `--workers N` learns by itself) and is touched on the event loop only.
+The hot path pays one dict lookup per call while nothing fails.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+__all__ = ["Cooldowns"]
+
+
+class Cooldowns:
+    def __init__(self, after_failures: int, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.after = after_failures  # 0: never cool a deployment down
+        self.seconds = seconds
+        self.clock = clock
+        self._fails: dict[str, int] = {}  # failures in a row, by deployment name (absent: the last try answered)
+        self._until: dict[str, float] = {}  # deployments cooling, until this clock time
+        self.started: dict[str, int] = {}  # times each deployment began cooling (a metric)
+
+    def cooling(self, name: str) -> bool:
+        until = self._until.get(name) if self._until else None
+        if until is None:
+            return False
+        if self.clock() < until:
+            return True
+        del self._until[name]  # its time is up: the next call tries it (one failure cools it again)
+        return False
+
+    def failed(self, name: str) -> None:
+        """A try that failed in a way a fallback would take over (UpstreamFailure.retryable)."""
+        if not self.after:
+            return
+        n = self._fails[name] = self._fails.get(name, 0) + 1
+        if n >= self.after and name not in self._until:
+            self._until[name] = self.clock() + self.seconds
+            self.started[name] = self.started.get(name, 0) + 1
+
+    def answered(self, name: str) -> None:
+        if self._fails:
+            self._fails.pop(name, None)
+            self._until.pop(name, None)
+
+    def collect(self, prefix: str) -> Iterator[Metric]:
+        now = self.clock()
+        gauge = GaugeMetricFamily(prefix + "deployment_cooling", "1 while a deployment that kept failing is passed "
+                                  "over for its fallbacks (cooldown.seconds).", labels=["model"])
+        for name, until in sorted(self._until.items()):
+            gauge.add_metric([name], 1.0 if now < until else 0.0)
+        yield gauge
+        started = CounterMetricFamily(prefix + "deployment_cooldowns", "Times a deployment began cooling down after "
+                                      "cooldown.after_failures failures in a row.", labels=["model"])
+        for name, n in sorted(self.started.items()):
+            started.add_metric([name], n)
+        yield started

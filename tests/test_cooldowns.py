@@ -1,0 +1,128 @@
+"""A deployment that keeps failing is passed over for its fallback for a while (gateway/cooldowns.py): the rule on a
+clock, then through the real gateway with a real upstream that hangs, the openai SDK and /metrics."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import httpx
+import openai
+import pytest
+
+from exporters import semconv as sc
+from gateway.app import TagwayApp
+from gateway.auth import hash_key
+from gateway.config import GatewayConfig
+from gateway.cooldowns import Cooldowns
+from tests.gateway_fixture import UPSTREAM_KEY, GatewayServer, MemoryRecorder
+from tests.upstream import Upstream
+
+KEY = "tw-cool-acme-0123456789abcdefghijklmnopq"
+SOLO = "tw-cool-solo-0123456789abcdefghijklmnopq"
+MSG = [{"role": "user", "content": "hi"}]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_failures_in_a_row_cool_a_deployment_until_its_time_is_up_then_one_try_decides():
+    clock = Clock()
+    c = Cooldowns(after_failures=3, seconds=30, clock=clock)
+    c.failed("a")
+    c.failed("a")
+    c.answered("a")  # an answer between failures: not "in a row"
+    c.failed("a")
+    c.failed("a")
+    assert not c.cooling("a")
+    c.failed("a")
+    assert c.cooling("a") and c.started == {"a": 1}
+    clock.t += 29.9
+    assert c.cooling("a")
+    clock.t += 0.2
+    assert not c.cooling("a")  # half-open: the next call tries it
+    c.failed("a")  # and one more failure cools it again at once
+    assert c.cooling("a") and c.started == {"a": 2}
+    c.answered("a")
+    assert not c.cooling("a")
+    c.failed("a")
+    assert not c.cooling("a")  # an answer cleared the count
+
+    never = Cooldowns(after_failures=0, seconds=30, clock=clock)
+    for _ in range(10):
+        never.failed("a")
+    assert not never.cooling("a") and never.started == {}
+
+
+@pytest.fixture()
+def gateway():
+    up = Upstream().start()
+    os.environ["TEST_UPSTREAM_KEY"] = UPSTREAM_KEY
+    base = {"provider": "openai", "base_url": up.base_url, "api_key_env": "TEST_UPSTREAM_KEY"}
+    cfg = GatewayConfig(
+        models=[{"name": "hangs", "model": "slow-a", "timeout": 0.3, "fallbacks": ["backup"], **base},
+                {"name": "backup", "model": "ok-b", **base},
+                {"name": "alone", "model": "slow-c", "timeout": 0.3, **base}],
+        tenants=[{"customer": "acme", "keys": [{"id": "acme-k", "hash": hash_key(KEY)}]},
+                 {"customer": "solo", "allowed_models": ["hangs"], "keys": [{"id": "solo-k", "hash": hash_key(SOLO)}]}],
+        cooldown={"after_failures": 2, "seconds": 1.5})
+    recorder = MemoryRecorder()
+    server = GatewayServer(TagwayApp(cfg, recorder=recorder)).start()
+    server.recorder = recorder
+    yield server
+    server.stop()
+    recorder.shutdown()
+    up.stop()
+
+
+def _call(server, model: str, key: str = KEY) -> dict:
+    """The recorded call span's attributes of one call (answered or not)."""
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+    try:
+        raw = c.chat.completions.with_raw_response.create(model=model, messages=MSG)
+        trace = raw.headers["x-tagway-trace-id"]
+    except openai.APIStatusError as e:
+        trace = e.response.headers["x-tagway-trace-id"]
+    return dict(server.recorder.call(trace).attributes)
+
+
+def _metric(server, name: str, model: str) -> float | None:
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith(f'{name}{{model="{model}"}} '):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_a_hanging_deployment_is_passed_over_for_its_fallback_then_tried_again(gateway):
+    first = [_call(gateway, "hangs") for _ in range(2)]  # each waits out the timeout, then the fallback answers
+    assert [(a[sc.ATTEMPTS], a[sc.DEPLOYMENT]) for a in first] == [(2, "backup"), (2, "backup")]
+    cooled = _call(gateway, "hangs")  # straight to the fallback: no wait on the deployment that hangs
+    assert (cooled[sc.ATTEMPTS], cooled[sc.DEPLOYMENT]) == (1, "backup")
+    assert json.loads(cooled[sc.DEPLOYMENTS_COOLING]) == ["hangs"] and sc.ERROR_TYPE not in cooled
+    assert _metric(gateway, "tagway_deployment_cooling", "hangs") == 1
+    assert _metric(gateway, "tagway_deployment_cooldowns_total", "hangs") == 1
+
+    time.sleep(1.6)  # its time is up: the next call tries it, and its failure cools it again at once
+    retried = _call(gateway, "hangs")
+    assert (retried[sc.ATTEMPTS], retried[sc.DEPLOYMENT]) == (2, "backup") and sc.DEPLOYMENTS_COOLING not in retried
+    assert _call(gateway, "hangs")[sc.ATTEMPTS] == 1
+    assert _metric(gateway, "tagway_deployment_cooldowns_total", "hangs") == 2
+
+
+def test_a_deployment_with_nothing_to_fall_back_to_is_always_tried(gateway):
+    for _ in range(3):  # no fallback: its chance of an answer beats a certain error
+        a = _call(gateway, "alone")
+        assert (a[sc.ATTEMPTS], a[sc.DEPLOYMENT], a[sc.ERROR_TYPE]) == (1, "alone", "timeout")
+    assert _metric(gateway, "tagway_deployment_cooling", "alone") == 1
+
+    for _ in range(2):
+        _call(gateway, "hangs")  # acme's calls cool `hangs` down
+    assert _call(gateway, "hangs")[sc.ATTEMPTS] == 1
+    solo = _call(gateway, "hangs", key=SOLO)  # solo may not use the fallback: `hangs` is tried all the same
+    assert (solo[sc.ATTEMPTS], solo[sc.DEPLOYMENT], solo[sc.ERROR_TYPE]) == (1, "hangs", "timeout")
+    assert json.loads(solo[sc.FALLBACKS_SKIPPED]) == ["backup"] and sc.DEPLOYMENTS_COOLING not in solo
