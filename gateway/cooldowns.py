@@ -13,12 +13,15 @@ The hot path pays one dict lookup per call while nothing fails.
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Callable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 __all__ = ["Cooldowns"]
+
+log = logging.getLogger("tagway.cooldowns")
 
 
 class Cooldowns:
@@ -39,18 +42,23 @@ class Cooldowns:
         del self._until[name]  # its time is up: the next call tries it (one failure cools it again)
         return False
 
-    def failed(self, name: str) -> None:
-        """A try that failed in a way a fallback would take over (UpstreamFailure.retryable)."""
+    def failed(self, name: str, why: str = "") -> None:
+        """A try that failed in a way a fallback would take over (UpstreamFailure.retryable); `why` its error type."""
         if not self.after:
             return
         n = self._fails[name] = self._fails.get(name, 0) + 1
         if n >= self.after and name not in self._until:
             self._until[name] = self.clock() + self.seconds
             self.started[name] = self.started.get(name, 0) + 1
+            if n == self.after:  # said once an outage, not at every half-open try that fails again
+                log.warning("deployment %r failed %d times in a row (last: %s): calls that can go to a fallback "
+                            "pass it over for %gs at a time until it answers again", name, n, why or "error",
+                            self.seconds)
 
     def answered(self, name: str) -> None:
         if self._fails:
-            self._fails.pop(name, None)
+            if self._fails.pop(name, 0) >= self.after > 0:
+                log.info("deployment %r answers again: calls go to it first again", name)
             self._until.pop(name, None)
 
     def collect(self, prefix: str) -> Iterator[Metric]:

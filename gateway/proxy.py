@@ -417,7 +417,7 @@ class Proxy(WireStreamRelay):
                 failure = f
                 if not f.retryable:
                     break
-                cooldowns.failed(d.name)
+                cooldowns.failed(d.name, f.error_type)
                 if d is not chain[-1]:
                     self.stats.fallbacks += 1
                 continue

@@ -3,6 +3,7 @@ clock, then through the real gateway with a real upstream that hangs, the openai
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 
@@ -31,7 +32,8 @@ class Clock:
         return self.t
 
 
-def test_failures_in_a_row_cool_a_deployment_until_its_time_is_up_then_one_try_decides():
+def test_failures_in_a_row_cool_a_deployment_until_its_time_is_up_then_one_try_decides(caplog):
+    caplog.set_level(logging.INFO, logger="tagway.cooldowns")
     clock = Clock()
     c = Cooldowns(after_failures=3, seconds=30, clock=clock)
     c.failed("a")
@@ -40,7 +42,7 @@ def test_failures_in_a_row_cool_a_deployment_until_its_time_is_up_then_one_try_d
     c.failed("a")
     c.failed("a")
     assert not c.cooling("a")
-    c.failed("a")
+    c.failed("a", "timeout")
     assert c.cooling("a") and c.started == {"a": 1}
     clock.t += 29.9
     assert c.cooling("a")
@@ -52,6 +54,11 @@ def test_failures_in_a_row_cool_a_deployment_until_its_time_is_up_then_one_try_d
     assert not c.cooling("a")
     c.failed("a")
     assert not c.cooling("a")  # an answer cleared the count
+    # on-call reads one line when it starts cooling (not at each failed half-open try) and one when it answers again
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", "deployment 'a' failed 3 times in a row (last: timeout): calls that can go to a fallback pass it "
+                    "over for 30s at a time until it answers again"),
+        ("INFO", "deployment 'a' answers again: calls go to it first again")]
 
     never = Cooldowns(after_failures=0, seconds=30, clock=clock)
     for _ in range(10):
