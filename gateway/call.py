@@ -140,9 +140,9 @@ class Call:
     async def chunk(self, data: bytes) -> None:
         await self.send({"type": "http.response.body", "body": data, "more_body": True})
 
-    async def end_stream(self) -> None:
+    async def end_stream(self, last: bytes = b"") -> None:
         self.watch.stop()  # the end of the response is not a client disconnect
-        await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+        await self.send({"type": "http.response.body", "body": last, "more_body": False})
 
 
 def _too_large(limit: int) -> GatewayError:

@@ -5,7 +5,8 @@ from typing import Sequence
 
 import orjson
 
-__all__ = ["GatewayError", "error_body", "upstream_auth_error", "upstream_message", "UPSTREAM_AUTH_STATUS"]
+__all__ = ["GatewayError", "error_body", "shutting_down", "upstream_auth_error", "upstream_message",
+           "UPSTREAM_AUTH_STATUS"]
 
 
 def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> bytes:
@@ -31,6 +32,13 @@ class GatewayError(Exception):
 
     def body(self) -> bytes:
         return self.raw if self.raw is not None else error_body(self.message, self.type, self.code, self.param)
+
+
+def shutting_down() -> GatewayError:
+    """A call still running when `server.graceful_shutdown_seconds` has passed: a 503 the SDKs retry, or, once a
+    stream has started, the same error as its last event."""
+    return GatewayError(503, "The gateway is shutting down (server.graceful_shutdown_seconds passed); retry the "
+                        "request.", type_="server_error", code="gateway_shutting_down", error_type="cancelled")
 
 
 def bad_request(message: str, *, code: str = "invalid_request", param: str | None = None) -> GatewayError:

@@ -25,7 +25,7 @@ from .call import Call, ClientGone
 from .capture import StreamAccumulator, capture_input, output_messages
 from .config import GatewayConfig, ModelConfig
 from .cooldowns import Cooldowns
-from .errors import (UPSTREAM_AUTH_STATUS, GatewayError, error_body, forbidden, upstream_auth_error,
+from .errors import (UPSTREAM_AUTH_STATUS, GatewayError, error_body, forbidden, shutting_down, upstream_auth_error,
                      with_own_headers)
 from .limits import CallLimits
 from .headers import HeaderFilter
@@ -107,6 +107,7 @@ class Proxy(WireStreamRelay):
         self.pricing = pricing
         self.redactor = redactor
         self.stats = ProxyStats()
+        self._cut = 0  # calls cut at the shutdown deadline, not yet logged
         self.observe = CallObserver(config)  # labelled call metrics and the access log (gateway/observe.py)
         self.recent = RecentCalls()  # who owns the calls served lately (feedback may come before they are stored)
         # content is captured (and redacted) only to be recorded: with recording off nobody would ever read it
@@ -141,6 +142,7 @@ class Proxy(WireStreamRelay):
         call.trace_id = ids.header
         self.stats.in_flight += 1
         reraise: BaseException | None = None
+        stopping = False  # cancelled by the server: server.graceful_shutdown_seconds has passed
         try:
             await self._handle(call, scope["method"])
         except GatewayError as e:
@@ -150,17 +152,19 @@ class Proxy(WireStreamRelay):
                 await call.respond_error(e)
         except ClientGone:
             rec.hung_up("before the response")
-        except asyncio.CancelledError as e:
+        except asyncio.CancelledError:
             if call.watch.client_gone:  # our own watcher cancelled the call: the client hung up, stop paying upstream
                 rec.hung_up("mid-stream" if call.started else "before the response")
-            else:  # the server is shutting down (or something above us cancelled): record it, then let it go on
+            else:
+                # uvicorn cancels what still runs at the deadline. A stream has ended with the error event (the
+                # relays); any other call gets an OpenAI-shaped 503 the SDKs retry. The cancellation ends here: a
+                # re-raised one is uvicorn's "Exception in ASGI application" and a traceback, for a cut it made.
                 rec.fail("cancelled", "the call was cancelled by the gateway")
-                reraise = e
-                if not call.started:  # an OpenAI-shaped answer the SDKs retry, not the server's plain-text 500
+                stopping = True
+                self._cut_at_shutdown()
+                if not call.started:
                     try:
-                        await call.respond_error(GatewayError(
-                            503, "The gateway is shutting down (server.graceful_shutdown_seconds passed); retry the "
-                            "request.", type_="server_error", code="gateway_shutting_down"))
+                        await call.respond_error(shutting_down())
                     except BaseException:  # cancelled again, or the client is gone: the record says what happened
                         pass
         except Exception as e:  # a bug of ours: the client gets a 500, the record still gets written
@@ -180,9 +184,9 @@ class Proxy(WireStreamRelay):
             self._resolve_after_failure(call)
         if call.capture:  # after the response: the client never waits for capture and redaction
             try:
-                await self._capture(call, inline=reraise is not None)
-            except asyncio.CancelledError as e:  # stopping mid-capture: the call is still recorded, without content
-                reraise = reraise or e
+                await self._capture(call, inline=stopping or reraise is not None)
+            except asyncio.CancelledError:  # the deadline, mid-capture: the call is still recorded, without content
+                pass
         if call.limited:  # tokens and cost count against the limits the call was admitted under
             self.limits.finish(call.limited, (rec.input_tokens or 0) + (rec.output_tokens or 0), rec.cost_usd or 0.0)
         self.recent.add(call.trace_id, rec.customer, rec.key_id)
@@ -196,6 +200,19 @@ class Proxy(WireStreamRelay):
             raise reraise
         if self.shadow is not None:  # the client has its answer: a sampled copy is queued, never awaited
             self.shadow.offer(call)
+
+    def _cut_at_shutdown(self) -> None:
+        """Count a call cut at the shutdown deadline. uvicorn cancels them all at once: one WARNING says how many,
+        a loop iteration later, once each has ended."""
+        self._cut += 1
+        if self._cut == 1:
+            asyncio.get_running_loop().call_soon(self._say_cut)
+
+    def _say_cut(self) -> None:
+        log.warning("server.graceful_shutdown_seconds passed: %d call(s) still running were cut (a 503 "
+                    "gateway_shutting_down, or that error as a stream's last event) and recorded as cancelled",
+                    self._cut)
+        self._cut = 0
 
     async def shadow_call(self, job: ShadowJob) -> bool:
         """Send a live call's request to a shadow candidate through the same routing, providers, capture and
@@ -566,6 +583,7 @@ class Proxy(WireStreamRelay):
         done = False
         await call.start(200, [*_SSE_HEADERS, *self._return_headers.pick(getattr(opened.stream, "headers", ()))])
         event: bytes | None = opened.first
+        last = b""  # what ends the stream besides the upstream's events
         try:
             while event is not None:
                 if self._secrets:
@@ -604,6 +622,10 @@ class Proxy(WireStreamRelay):
                                                     f.error_type) + b"\n\n")
         except OSError:  # a send to a client that has gone
             rec.hung_up("mid-stream")
+        except asyncio.CancelledError:
+            if not call.watch.client_gone:  # the shutdown grace is over: an error the SDKs raise, not a silent cut
+                last = b"data: " + shutting_down().body() + b"\n\n"
+            raise
         finally:
             if rec.input_tokens is None and not done:  # cut or cancelled before its usage chunk: billed all the same
                 try:
@@ -614,7 +636,7 @@ class Proxy(WireStreamRelay):
             rec.answered(acc.model, acc.id, acc.finish_reasons())
             if not rec.client_disconnected and not call.watch.client_gone:
                 try:
-                    await call.end_stream()
+                    await call.end_stream(last)
                 except OSError:
                     rec.hung_up("mid-stream")
 

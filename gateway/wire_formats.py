@@ -10,6 +10,7 @@ API it was, so replay re-sends the call the same way.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -19,7 +20,7 @@ import orjson
 from exporters import anthropic_format, responses_format
 from exporters.responses_format import API_MARK
 
-from .errors import error_body
+from .errors import error_body, shutting_down
 from .providers import UpstreamFailure
 from .providers.sse import event_data, json_object
 
@@ -188,16 +189,16 @@ class Wire:
     def reader(self, capture: bool) -> Any:
         return self._stream_type(capture)
 
-    def error_event(self, message: str, code: str) -> bytes:
-        return self._error_event(message, code)
+    def error_event(self, message: str, code: str, type_: str = "api_error") -> bytes:
+        return self._error_event(message, code, type_)
 
 
-def _openai_error_event(message: str, code: str) -> bytes:
-    return b"data: " + error_body(message, "api_error", code) + b"\n\n"
+def _openai_error_event(message: str, code: str, type_: str = "api_error") -> bytes:
+    return b"data: " + error_body(message, type_, code) + b"\n\n"
 
 
-def _anthropic_error_event(message: str, code: str) -> bytes:
-    # the Anthropic SDK raises on an `error` event with this shape
+def _anthropic_error_event(message: str, code: str, type_: str = "api_error") -> bytes:
+    # the Anthropic SDK raises on an `error` event with this shape (its error types are its own: api_error here)
     return b"event: error\ndata: " + orjson.dumps({"type": "error", "error": {"type": "api_error",
                                                                              "message": message}}) + b"\n\n"
 
@@ -228,6 +229,7 @@ class WireStreamRelay:
             call.answer = reader
         await call.start(200, [*_SSE_HEADERS, *self._return_headers.pick(getattr(opened.stream, "headers", ()))])
         event: bytes | None = opened.first
+        last = b""  # what ends the stream besides its own events
         try:
             while event is not None:
                 if self._secrets:  # a provider that echoes its key must not leak it to the client or the store
@@ -258,6 +260,11 @@ class WireStreamRelay:
             await call.chunk(wire.error_event(f"Upstream stream failed: {f.message}.", f.error_type))
         except OSError:  # a send to a client that has gone
             rec.hung_up("mid-stream")
+        except asyncio.CancelledError:
+            if not call.watch.client_gone:  # the shutdown grace is over: an error the SDKs raise, not a silent cut
+                e = shutting_down()
+                last = wire.error_event(e.message, e.code, e.type)
+            raise
         finally:
             self._read_usage(reader.usage(), rec, d)
             if not reader.usage_final and not reader.done:  # cut or cancelled before its usage: billed all the same
@@ -269,6 +276,6 @@ class WireStreamRelay:
             rec.answered(reader.model, reader.id, reader.finish_reasons())
             if not rec.client_disconnected and not call.watch.client_gone:
                 try:
-                    await call.end_stream()
+                    await call.end_stream(last)
                 except OSError:
                     rec.hung_up("mid-stream")
