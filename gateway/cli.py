@@ -99,8 +99,9 @@ def serve(config: Optional[str] = ConfigOpt,
           host: Optional[str] = typer.Option(None, help="Bind address (default from config: 127.0.0.1)."),
           port: Optional[int] = typer.Option(None, min=0, max=65535, help="Port (default from config: 4000)."),
           workers: int = typer.Option(1, min=1, help="Worker processes (needs a ClickHouse server DSN)."),
-          log_level: str = typer.Option("warning", help="The server's own log: critical, error, warning, info, "
-                                                         "debug or trace (calls go to the access log).")) -> None:
+          log_level: str = typer.Option("warning", help="The operational log's level (tagway's and the server's "
+                                                         "own lines): critical, error, warning, info, debug or trace "
+                                                         "(calls go to the access log).")) -> None:
     """Run the gateway."""
     import uvicorn  # noqa: PLC0415
     from uvicorn.config import LOG_LEVELS  # noqa: PLC0415
@@ -112,7 +113,7 @@ def serve(config: Optional[str] = ConfigOpt,
     from exporters.store import StoreError, is_embedded  # noqa: PLC0415
 
     from .app import TagwayApp  # noqa: PLC0415
-    from .observe import install_access_log  # noqa: PLC0415
+    from .observe import install_access_log, install_log  # noqa: PLC0415
     from .store_api import serve as serve_announced  # noqa: PLC0415
 
     cfg = _load(config, providers=True).states_retention()
@@ -140,13 +141,17 @@ def serve(config: Optional[str] = ConfigOpt,
         if config:
             os.environ["TAGWAY_CONFIG"] = os.path.abspath(config)
         os.environ[_WORKERS_ENV] = str(workers)  # each worker enforces 1/N of every rate limit
+        os.environ[_LOG_LEVEL_ENV] = log_level  # each worker's operational log
+        install_log(cfg, LOG_LEVELS[log_level])  # this process's: uvicorn's supervisor lines
         typer.echo(f"tagway: serving on http://{host}:{port}/v1 with {workers} workers (store: "
                    f"{_describe_store(cfg)})", err=True)
         uvicorn.run("gateway.cli:worker_app", factory=True, host=host, port=port, workers=workers,
-                    loop="uvloop", access_log=False, log_level=log_level,
+                    loop="uvloop", access_log=False, log_level=log_level, log_config=None,
                     timeout_graceful_shutdown=cfg.server.graceful_shutdown_seconds, **_http_protocol(cfg))
         return
     sock = _bind(host, port, cfg)  # before the store is opened and before anything says "serving"
+    # once it will serve (a refusal before is one plain line), before the store is reached (the recorder's lines)
+    install_log(cfg, LOG_LEVELS[log_level])
     try:
         recorder = _recorder_when_free(cfg)
     except StoreError as e:
@@ -166,7 +171,7 @@ def serve(config: Optional[str] = ConfigOpt,
         # uvicorn turns SIGTERM/SIGINT into a graceful stop: in-flight calls finish, then we flush the recorder
         # as uvicorn.run, plus the discovery file local CLIs find the store through (gateway/store_api.py)
         serve_announced(gateway, sockets=[sock], loop="uvloop", lifespan="on",
-                        access_log=False, log_level=log_level,
+                        access_log=False, log_level=log_level, log_config=None,
                         timeout_graceful_shutdown=cfg.server.graceful_shutdown_seconds, **_http_protocol(cfg))
     finally:
         recorder.shutdown()
@@ -179,17 +184,24 @@ def _http_protocol(cfg: GatewayConfig) -> dict[str, Any]:
     return {"http": HeadCappedProtocol, "h11_max_incomplete_event_size": cfg.server.max_header_bytes}
 
 
-# how `serve --workers N` tells its workers N (uvicorn's factory takes no arguments); only they read it
+# how `serve --workers N` tells its workers N and --log-level (uvicorn's factory takes no arguments); only they
+# read them
 _WORKERS_ENV = "TAGWAY_WORKERS"
+_LOG_LEVEL_ENV = "TAGWAY_LOG_LEVEL"
 
 
 def worker_app() -> Any:
-    """One worker of `tagway serve --workers N` (uvicorn's factory): the app from $TAGWAY_CONFIG, access log on."""
+    """One worker of `tagway serve --workers N` (uvicorn's factory): the app from $TAGWAY_CONFIG, access log and
+    operational log on."""
+    from uvicorn.config import LOG_LEVELS  # noqa: PLC0415
+
     from .app import create_app  # noqa: PLC0415
-    from .observe import install_access_log  # noqa: PLC0415
+    from .observe import install_access_log, install_log  # noqa: PLC0415
 
     _quiet_driver()  # a worker is a process of uvicorn's, not started through main()
     cfg = load_config(None).states_retention()
+    # a spawned process: nothing of the parent's logging set-up carried over
+    install_log(cfg, LOG_LEVELS.get(os.environ.get(_LOG_LEVEL_ENV, ""), logging.WARNING))
     install_access_log(cfg)
     try:
         workers = max(1, int(os.environ.get(_WORKERS_ENV, "1")))

@@ -16,6 +16,10 @@ typed is `unknown`), `provider` and `operation` come from the config and the rou
 
 The access log never carries content, keys or error messages (which can quote upstream bodies): only ids, tags
 the gateway itself resolved, numbers and the error type.
+
+Beside it on stderr runs the operational log (`install_log`): tagway's own `logging` lines, uvicorn's and any
+library's, each with its UTC time, level and logger, in the access log's format (`text` or `json`). A JSON
+operational line has `level` and `logger`, which no access line has: that is how a reader tells the two apart.
 """
 from __future__ import annotations
 
@@ -33,7 +37,8 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from .config import GatewayConfig
 from .telemetry import CallRecord
 
-__all__ = ["CallObserver", "install_access_log", "LATENCY_BUCKETS", "TTFB_BUCKETS", "status_class"]
+__all__ = ["CallObserver", "LogFormatter", "install_access_log", "install_log", "LATENCY_BUCKETS", "TTFB_BUCKETS",
+           "status_class"]
 
 # Seconds. A call is an LLM generation: from a few ms (cached, embeddings, errors) to minutes (long streams).
 LATENCY_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0,
@@ -60,6 +65,57 @@ def install_access_log(config: GatewayConfig, stream: TextIO | None = None) -> T
     global _access_stream
     _access_stream = (stream if stream is not None else sys.stderr) if config.access_log.enabled else None
     return _access_stream
+
+
+class LogFormatter(logging.Formatter):
+    """`2026-12-07T19:01:20.123Z WARNING tagway.limits: message` (a traceback follows on its own lines), or with
+    `json` one object a line: time, level, logger, message and, for an exception, its traceback as one string
+    (`exception`)."""
+
+    def __init__(self, *, json: bool = False) -> None:
+        super().__init__()
+        self.json = json
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(record.created))}.{int(record.msecs):03d}Z"
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        exc = self.formatException(record.exc_info) if record.exc_info else ""
+        if record.stack_info:
+            exc = f"{exc}\n{self.formatStack(record.stack_info)}" if exc else self.formatStack(record.stack_info)
+        if self.json:
+            obj = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
+                   "message": message}
+            if exc:
+                obj["exception"] = exc
+            return orjson.dumps(obj).decode()
+        line = f"{self.formatTime(record)} {record.levelname} {record.name}: {message}"
+        return f"{line}\n{exc}" if exc else line
+
+
+# the loggers --log-level sets; any other library's lines are shown from WARNING up, as before
+_OWN_LOGGERS = ("tagway", "exporters")
+# litellm writes its loggers' lines with a handler of its own (which redacts secrets): not a second time through ours
+_OWN_HANDLER_LOGGERS = ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy")
+
+
+def install_log(config: GatewayConfig, level: int, stream: TextIO | None = None) -> logging.Handler:
+    """The operational log of `tagway serve` and of each of its workers: one handler on the root logger, writing
+    to stderr (or `stream`) in the access log's format; tagway's loggers at `level` (--log-level). uvicorn runs
+    with `log_config=None`, so its own lines (`uvicorn.error`) come through here too."""
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.setFormatter(LogFormatter(json=config.access_log.format == "json"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(max(level, logging.WARNING))
+    for name in _OWN_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+    for name in _OWN_HANDLER_LOGGERS:
+        logging.getLogger(name).propagate = False
+    return handler
 
 
 class _Hist:
