@@ -277,8 +277,9 @@ class CallObserver:
 
     # -- access log ---------------------------------------------------------------------------------------------
     def access_line(self, rec: CallRecord, trace_id: int, latency_s: float) -> str:
-        """time, trace id, key id, customer, operation, model, provider, status, error type, latency, ttft, tokens,
-        cost, stream, attempts, source: ids, numbers and names the gateway resolved; never content or keys."""
+        """time, trace id, key id, customer, intent, prompt version, operation, model, deployment, provider, status,
+        error type, latency, ttft, tokens, cost, stream, attempts, source: ids, numbers and names the gateway
+        resolved (tags are normalised); never content or keys."""
         second, ms = divmod(rec.start_ns // 1_000_000, 1000)
         if second != self._second:
             self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
@@ -287,8 +288,10 @@ class CallObserver:
         if self._json:
             return orjson.dumps({
                 "time": when, "trace_id": f"{trace_id:032x}", "key_id": rec.key_id or None,
-                "customer": rec.customer or None, "operation": rec.operation, "model": model or None,
-                "provider": rec.provider or None, "status": rec.http_status or None,
+                "customer": rec.customer or None, "intent": rec.intent or None,
+                "prompt_version": rec.prompt_version or None, "operation": rec.operation, "model": model or None,
+                "deployment": rec.deployment or None, "provider": rec.provider or None,
+                "status": rec.http_status or None,
                 "error_type": rec.error_type or None, "latency_ms": round(latency_s * 1000, 1),
                 "ttft_ms": round(rec.ttft_s * 1000, 1) if rec.ttft_s is not None else None,
                 "input_tokens": rec.input_tokens, "output_tokens": rec.output_tokens,
@@ -296,7 +299,8 @@ class CallObserver:
                 "attempts": len(rec.attempts), "source": rec.source}).decode()
         q = self._logfmt
         line = (f"time={when} trace_id={trace_id:032x} key_id={q(rec.key_id)} customer={q(rec.customer)} "
-                f"operation={q(rec.operation)} model={q(model)} provider={q(rec.provider)} "
+                f"intent={q(rec.intent)} prompt_version={q(rec.prompt_version)} operation={q(rec.operation)} "
+                f"model={q(model)} deployment={q(rec.deployment)} provider={q(rec.provider)} "
                 f"status={rec.http_status or '-'} error_type={q(rec.error_type)} latency_ms={latency_s * 1000:.1f}")
         # every line has every field (`-` when the call has none), so a line's fields never shift for a parser
         ttft = f"{rec.ttft_s * 1000:.1f}" if rec.ttft_s is not None else "-"

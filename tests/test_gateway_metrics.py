@@ -210,6 +210,22 @@ def test_one_access_line_per_call_without_secrets_or_content(observed):
         assert secret not in text, f"{secret!r} leaked into the access log"
 
 
+def test_access_lines_say_why_and_where_a_call_went(observed):
+    """On-call reads the intent and prompt version a call was made for and the deployment that served it (a
+    fallback's name when the first one failed) from the access line alone."""
+    r = httpx.post(observed.url + "/v1/chat/completions", headers={
+        "authorization": f"Bearer {KEYS['acme']}", "x-tagway-intent": "Refund", "x-tagway-prompt-version": "v7"},
+        json={"model": "flaky", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200
+    (line,) = [x for x in access_lines(observed, observed.calls["total"] + 1)
+               if x["trace_id"] == r.headers["x-tagway-trace-id"]]
+    observed.calls["total"] += 1  # the tests after this one count it
+    assert (line["intent"], line["prompt_version"], line["model"], line["deployment"], line["attempts"]) == \
+        ("refund", "v7", "flaky", "gpt-test", 2)
+    plain = [x for x in access_lines(observed, observed.calls["total"]) if x["model"] == "gpt-test"][0]
+    assert plain["intent"] is None and plain["deployment"] == "gpt-test"
+
+
 def test_access_line_matches_the_response_trace_id(observed):
     r = httpx.post(observed.url + "/v1/chat/completions", headers={"authorization": f"Bearer {KEYS['globex']}"},
                    json={"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]})
@@ -233,6 +249,7 @@ def test_text_access_lines_have_the_same_fields_whatever_the_call():
     keys = [[f.split("=", 1)[0] for f in line.split(" ")] for line in lines]
     assert keys[0] == keys[1], lines
     assert "ttft_ms=- input_tokens=- output_tokens=- cost_usd=-" in lines[1]
+    assert "customer=acme intent=- prompt_version=- operation=" in lines[1] and " deployment=- " in lines[1]
     assert "ttft_ms=20.0 input_tokens=12 output_tokens=3 cost_usd=0.00001000" in lines[0]
 
 
