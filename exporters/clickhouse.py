@@ -19,10 +19,11 @@ from typing import Any, Sequence
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
+from .insert_errors import NotSentError
 from .metrics import ExportMetrics
 from .rows import INSERT_SETTINGS, TABLE, EncodedBatch, encode_spans, strings_only
-from .schema import SchemaSettings, migrate
-from .store import Store, StoreError, connect, redact_dsn
+from .schema import SchemaSettings, connect_creating_database, migrate
+from .store import Store, StoreError, redact_dsn
 
 __all__ = ["ClickHouseSpanExporter"]
 
@@ -67,7 +68,10 @@ class ClickHouseSpanExporter(SpanExporter):
             raise StoreError("exporter is shut down")
         t0 = time.perf_counter()
         try:
-            store = self._ready()
+            try:
+                store = self._ready()
+            except StoreError as e:  # nothing was sent: never a reason to set the rows aside (insert_errors)
+                raise NotSentError(str(e)) from e
             # our own Store takes the batch's parts as they are (no ~30 MB join); other stores (a test's, the
             # remote one) take the bytes of the insert_json_rows protocol
             body: Any = batch.parts if isinstance(store, Store) else batch.body
@@ -116,14 +120,21 @@ class ClickHouseSpanExporter(SpanExporter):
             self.metrics.inc("export_errors")
             raise
 
+    @property
+    def ready(self) -> bool:
+        """Connected, and the schema migrated (no insert has to wait for either)."""
+        return self._store is not None and self._schema_ready
+
     def _ready(self) -> Store:
-        """The store, connected and migrated; raises StoreError while ClickHouse cannot be reached."""
+        """The store, connected and migrated; raises StoreError while ClickHouse cannot be reached, is too old, or
+        has migrations pending that this user may not apply (schema.MigrationsPendingError): asked again at the
+        next send."""
         store = self._store
         if store is not None and self._schema_ready:
             return store
         with self._ready_lock:
             if self._store is None:
-                self._store = connect(self._dsn)
+                self._store = connect_creating_database(self._dsn, self._schema)  # the DSN's database, if missing
                 self._owns_store = True
                 log.info("connected to ClickHouse at %s", redact_dsn(self._dsn))
             if not self._schema_ready:

@@ -483,12 +483,27 @@ class DurableBatchSpanProcessor(SpanProcessor):
         except Exception as e:  # a driver bug: the first send will try again
             self._failed(StoreError(f"{type(e).__name__}: {e}"), 0)
 
+    def _retry_connect(self, *, final: bool) -> None:
+        """Reach ClickHouse again, on the backoff's schedule, when start-up could not (down, refusing, too old, its
+        schema behind what this user may migrate) and nothing waits in the spool to retry with: /readyz then clears
+        as soon as it answers, not at the next call."""
+        if (final or not self._degraded or self._spool.pending_files or self._stranded
+                or getattr(self._exporter, "ready", True) or time.monotonic() < self._retry_at):
+            return
+        try:
+            self._exporter.connect()
+        except Exception as e:  # noqa: BLE001 - a driver bug counts as a failure too; the next cycle asks again
+            self._failed(e if isinstance(e, StoreError) else StoreError(f"{type(e).__name__}: {e}"), 0)
+            return
+        self._recovered(0)
+
     def _send_cycle(self, *, partial: bool, final: bool) -> None:
         now = time.monotonic()
         if now >= self._rescan_at and not final:  # files re-queued by `tagway db spool retry`
             self._rescan_at = now + 5.0
             self._spool.rescan()
         self._maybe_replay(final=final)
+        self._retry_connect(final=final)
         # A partial (timed) send takes what was encoded when it began. Taking what arrives during its inserts too
         # chained small batches back to back as long as spans kept coming (~250 a batch at ~1,000 calls/s instead of
         # ~1,000), and each insert's fixed cost (~50-100 ms of chDB CPU through the views) with them.

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Callable
+from typing import Any, Callable
+from urllib.parse import urlsplit
 
 from . import semconv as sc
 from .rollups import CUSTOMER_MIGRATION, ROLLUPS_MIGRATION, customer_statements, rollup_statements, sync_tag_keys
 from .retention import sync_retention
-from .store import Store, StoreError, chdb_path, is_embedded
+from .store import Store, StoreError, chdb_path, connect, dsn_database, is_embedded, without_database
 
-__all__ = ["SchemaSettings", "MIGRATIONS", "migrate", "applied_versions", "statements_for"]
+__all__ = ["SchemaSettings", "MIGRATIONS", "migrate", "applied_versions", "statements_for", "pending_versions",
+           "may_run_ddl", "may_create_database", "connect_creating_database", "MigrationsPendingError", "NO_DDL_CODES",
+           "pending_message", "no_database_message"]
 
 log = logging.getLogger(__name__)
 
@@ -533,31 +536,138 @@ def _versions_table(s: SchemaSettings) -> str:
     return s.name("tagway_schema_migrations")
 
 
+# ClickHouse's refusals of a statement to this user (ACCESS_DENIED, READONLY), checked before IF NOT EXISTS
+NO_DDL_CODES = frozenset({497, 164})
+
+
+class MigrationsPendingError(StoreError):
+    """Migrations are pending and this ClickHouse user may not run DDL: the store takes no spans until a privileged
+    user migrates it (a deployment's migrations Job may be about to), so the gateway spools and asks again."""
+
+
+def _exists(store: Store, s: SchemaSettings, table: str) -> bool:
+    db = "{db:String}" if s.database else "currentDatabase()"
+    rows, _ = store.query_rows(f"SELECT count() FROM system.tables WHERE database = {db} AND name = {{t:String}}",
+                               parameters={"t": table, **({"db": s.database} if s.database else {})})
+    return bool(rows and rows[0][0])
+
+
 def applied_versions(store: Store, settings: SchemaSettings = SchemaSettings()) -> set[int]:
-    store.command(
-        f"CREATE TABLE IF NOT EXISTS {_versions_table(settings)}{settings.on_cluster()} "
-        "(version UInt32, name String, applied_at DateTime DEFAULT now()) "
-        f"ENGINE = {settings.engine('tagway_schema_migrations')} ORDER BY version"
-    )
+    """The migrations the store has applied. Reads only (system.tables, then the versions table), so a user without
+    DDL rights can ask: ClickHouse checks the CREATE grant before `IF NOT EXISTS`, and refuses even a no-op."""
+    if settings.database and not _database_exists(store, settings.database):
+        return set()
+    if not _exists(store, settings, "tagway_schema_migrations"):
+        return set()
     rows, _ = store.query_rows(f"SELECT DISTINCT version FROM {_versions_table(settings)}")
     return {int(r[0]) for r in rows}
 
 
+def pending_versions(store: Store, settings: SchemaSettings = SchemaSettings()) -> list[int]:
+    done = applied_versions(store, settings)
+    return [v for v, _, _ in MIGRATIONS if v not in done]
+
+
+def may_run_ddl(store: Store, settings: SchemaSettings = SchemaSettings()) -> bool:
+    """Whether this user may create tagway's tables, asked without creating anything: a CREATE of the versions table
+    with an engine no server has. ClickHouse checks the grant first (InterpreterCreateQuery::execute) and refuses
+    with ACCESS_DENIED or READONLY; a user who may gets the unknown engine instead (or nothing, the table being
+    there), and no table is made."""
+    try:
+        store.command(f"CREATE TABLE IF NOT EXISTS {_versions_table(settings)} (version UInt32) "
+                      "ENGINE = TagwayGrantProbeNoSuchEngine")
+    except StoreError as e:
+        return e.code not in NO_DDL_CODES
+    return True
+
+
+def may_create_database(store: Store, database: str) -> bool:
+    """Whether this user may create `database`, asked as may_run_ddl asks (an engine no server has: nothing is
+    made)."""
+    try:
+        store.command(f"CREATE DATABASE IF NOT EXISTS `{database}` ENGINE = TagwayGrantProbeNoSuchEngine")
+    except StoreError as e:
+        return e.code not in NO_DDL_CODES
+    return True
+
+
+def _database_exists(store: Store, database: str) -> bool:
+    rows, _ = store.query_rows("SELECT count() FROM system.databases WHERE name = {db:String}",
+                               parameters={"db": database})
+    return bool(rows and rows[0][0])
+
+
+def pending_message(n: int) -> str:
+    return (f"{n} migration{'s' if n != 1 else ''} pending; this user may not run DDL: run `tagway db migrate` with a "
+            "privileged user / the chart's migrations Job")
+
+
+def _create_versions_table(store: Store, s: SchemaSettings) -> None:
+    store.command(
+        f"CREATE TABLE IF NOT EXISTS {_versions_table(s)}{s.on_cluster()} "
+        "(version UInt32, name String, applied_at DateTime DEFAULT now()) "
+        f"ENGINE = {s.engine('tagway_schema_migrations')} ORDER BY version"
+    )
+
+
+def connect_creating_database(dsn: str, settings: SchemaSettings, open_store: Callable[[str], Any] = connect) -> Any:
+    """`open_store(dsn)`, and when the server says the DSN's database does not exist (the driver asks for it as it
+    connects), create it first through the user's default database, as migrating needs. For the migrations only
+    (`tagway db migrate`, the gateway's own at start): a command that reads must not make a database. A user who may
+    not create it gets one line naming the database and the grant."""
+    try:
+        return open_store(dsn)
+    except StoreError as e:
+        database = dsn_database(dsn)
+        if e.code != 81 or not database:  # 81: UNKNOWN_DATABASE
+            raise
+    bare = connect(without_database(dsn))
+    try:
+        _create_database(bare, database, settings)
+    finally:
+        bare.close()
+    return open_store(dsn)
+
+
+def no_database_message(database: str, dsn: str) -> str:
+    user = urlsplit(dsn).username or "default"
+    return (f"database `{database}` does not exist and ClickHouse user {user} may not create it: create it with a "
+            f"privileged user, or GRANT CREATE DATABASE ON `{database}`.* TO {user}")
+
+
+def _create_database(store: Store, database: str, s: SchemaSettings) -> None:
+    try:
+        store.command(f"CREATE DATABASE IF NOT EXISTS `{database}`{s.on_cluster()}")
+    except StoreError as e:
+        if e.code not in NO_DDL_CODES:
+            raise
+        raise StoreError(no_database_message(database, store.dsn)) from None
+    log.info("created the ClickHouse database `%s` (it did not exist)", database)
+
+
 def migrate(store: Store, settings: SchemaSettings = SchemaSettings(), upto: int | None = None) -> list[int]:
     """Apply the migrations not yet applied, in order. Returns the versions applied now. Every statement is
-    `IF NOT EXISTS`, so two gateways migrating at the same time at start-up do no harm."""
-    if settings.database:
-        store.command(f"CREATE DATABASE IF NOT EXISTS `{settings.database}`{settings.on_cluster()}")
+    `IF NOT EXISTS`, so two gateways migrating at the same time at start-up do no harm. A store with nothing to
+    apply gets no DDL at all (its user may have none: `helm/README.md`, migrations.enabled); one with migrations
+    pending and a user who may not run DDL raises MigrationsPendingError."""
+    if settings.database and not _database_exists(store, settings.database):
+        _create_database(store, settings.database, settings)
     done = applied_versions(store, settings)
+    todo = [(v, name, fn) for v, name, fn in MIGRATIONS if v not in done and (upto is None or v <= upto)]
     applied: list[int] = []
-    for version, name, fn in MIGRATIONS:
-        if version in done or (upto is not None and version > upto):
-            continue
-        for sql in fn(settings):
-            store.command(sql)
-        store.command(f"INSERT INTO {_versions_table(settings)} (version, name) VALUES ({version}, {{name:String}})",
-                      parameters={"name": name})
-        applied.append(version)
+    try:
+        if todo:
+            _create_versions_table(store, settings)
+        for version, name, fn in todo:
+            for sql in fn(settings):
+                store.command(sql)
+            store.command(f"INSERT INTO {_versions_table(settings)} (version, name) VALUES ({version}, "
+                          "{name:String})", parameters={"name": name})
+            applied.append(version)
+    except StoreError as e:
+        if e.code not in NO_DDL_CODES:
+            raise
+        raise MigrationsPendingError(f"{pending_message(len(todo) - len(applied))} ({e})") from e
     if applied and is_embedded(store.dsn) and chdb_path(store.dsn) != ":memory:":
         _reload_views(store, settings)
     if settings.rollup_tag_keys is not None and ROLLUPS_MIGRATION in done | set(applied):

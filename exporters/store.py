@@ -10,12 +10,16 @@ engine's opaque "Error initializing EmbeddedServer".
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import re
+import ssl
 import tempfile
 import threading
+import urllib.request
 from typing import Any, Iterator, Sequence
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 import clickhouse_connect
 from clickhouse_connect.driver.exceptions import ClickHouseError
@@ -23,7 +27,7 @@ from clickhouse_connect.driver.exceptions import ClickHouseError
 from .dirlock import lock_dir
 
 __all__ = ["Store", "StoreError", "StoreLockedError", "connect", "is_embedded", "chdb_path", "redact_dsn",
-           "LOCK_FILE"]
+           "LOCK_FILE", "MIN_SERVER_VERSION", "ServerTooOldError", "dsn_database", "without_database"]
 
 LOCK_FILE = "tagway.lock"  # in an embedded store's directory: held by the one process that opens it
 
@@ -60,6 +64,13 @@ EMBEDDED_ENGINE_OPTIONS = {
 # columns: file() would fill an omitted field with its type's default where a plain insert computes the expression.
 _LOW_CARDINALITY = "LowCardinality("
 _NO_PLAIN_READ = ("DEFAULT", "MATERIALIZED", "EPHEMERAL")
+
+# The oldest ClickHouse server tagway's schema runs on: the llm_calls view (migration 2) reads its tags with
+# mapFilter/mapApply, which came in 22.3 (the engine's own system.functions.introduced_in); the rest is older (Bool
+# 21.12, insert_deduplication_token 22.2, quantileBFloat16 21.7, Map 21.1). 22.3 is an LTS release.
+MIN_SERVER_VERSION = (22, 3)
+# a refusal of our credentials: the server answered, but no query of ours ran (no version to ask about either)
+_AUTH_CODES = frozenset({192, 193, 194, 195, 516, 720})
 
 _CODE = re.compile(r"\bCode: (\d+)\b")
 _COMMANDS = [0]  # commands run by any Store of this process: a table's columns are read again after one
@@ -131,6 +142,11 @@ class StoreLockedError(StoreError):
 
 class DsnError(StoreError):
     """The DSN itself cannot name a store (an unknown scheme): the user's input, not the server, is wrong."""
+
+
+class ServerTooOldError(StoreError):
+    """The ClickHouse server is older than MIN_SERVER_VERSION (an upgrade fixes it, so it is retried like an
+    outage)."""
 
 
 def is_embedded(dsn: str) -> bool:
@@ -303,17 +319,69 @@ def connect(dsn: str, *, settings: dict[str, Any] | None = None, connect_timeout
                 client = clickhouse_connect.get_client(dsn=dsn, interface=_interface(dsn), settings=settings,
                                                        connect_timeout=connect_timeout,
                                                        send_receive_timeout=send_receive_timeout)
+                try:  # the driver asked version() as it connected: a server too old is refused here, once
+                    _check_version(client.server_version)
+                except StoreError:
+                    client.close()
+                    raise
         except StoreError:
             raise
         except Exception as e:  # the driver raises several types for "cannot connect"
             if lock_fd is not None:
                 os.close(lock_fd)
             reason = "" if is_embedded(dsn) else _unreachable(e)  # the embedded store's errors are the disk's
-            raise StoreError(f"cannot reach ClickHouse at {redact_dsn(dsn)} ({reason})" if reason else
-                             f"cannot open ClickHouse at {redact_dsn(dsn)}: {_one_line(e)}") from e
+            err = StoreError(f"cannot reach ClickHouse at {redact_dsn(dsn)} ({reason})" if reason else
+                             f"cannot open ClickHouse at {redact_dsn(dsn)}: {_one_line(e)}")
+            if not reason and not is_embedded(dsn) and err.code not in _AUTH_CODES:
+                # The server answered, and refused what the driver asks as it connects: a server older than the
+                # driver (18.16 has no system.settings.readonly) is told as too old, not as the driver's query.
+                _check_version(_ask_version(dsn, connect_timeout))
+            raise err from e
         store = Store(dsn, client, lock_fd, key=key, defaults=defaults)
         _REGISTRY[key] = store
         return store
+
+
+def _check_version(version: str | None) -> None:
+    """Raise ServerTooOldError for a server before MIN_SERVER_VERSION; a version that cannot be read passes."""
+    parts = re.match(r"(\d+)\.(\d+)", version or "")
+    if parts and (int(parts.group(1)), int(parts.group(2))) < MIN_SERVER_VERSION:
+        need = ".".join(map(str, MIN_SERVER_VERSION))
+        raise ServerTooOldError(f"ClickHouse {parts.group(1)}.{parts.group(2)} is too old: tagway needs >= {need}")
+
+
+def _ask_version(dsn: str, timeout: float) -> str | None:
+    """version() over ClickHouse's plain HTTP interface, without the driver (which failed before it said it) and
+    without the DSN's database (which may be what failed); None when that fails too."""
+    u = urlsplit(dsn)
+    secure = u.scheme == "https" or (u.scheme == "http" and u.port in (443, 8443))
+    port = u.port or (8443 if secure else 8123)
+    host = f"[{u.hostname}]" if ":" in (u.hostname or "") else u.hostname  # an IPv6 address
+    url = f"{'https' if secure else 'http'}://{host}:{port}/?query=SELECT%20version()"
+    user, password = unquote(u.username or "default"), unquote(u.password or "")
+    auth = base64.b64encode(f"{user}:{password}".encode()).decode()
+    context = None
+    if secure and parse_qs(u.query).get("verify", ["true"])[0].lower() in ("false", "0"):
+        context = ssl._create_unverified_context()  # noqa: S323 - what the DSN asked the driver for
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                         urllib.request.HTTPSHandler(context=context))
+    try:
+        with opener.open(urllib.request.Request(url, headers={"Authorization": f"Basic {auth}"}),
+                         timeout=timeout) as r:
+            return r.read(64).decode().strip()
+    except Exception:  # noqa: BLE001 - the driver's error is the one to tell
+        return None
+
+
+def dsn_database(dsn: str) -> str:
+    """The database a server DSN names (its path, as clickhouse-connect reads it); "" for none."""
+    return unquote(urlsplit(dsn).path[1:].split("/")[0]) if "://" in dsn and not is_embedded(dsn) else ""
+
+
+def without_database(dsn: str) -> str:
+    """The same server DSN without its database: the user's default database."""
+    u = urlsplit(dsn)
+    return urlunsplit((u.scheme, u.netloc, "", u.query, u.fragment))
 
 
 def _interface(dsn: str) -> str | None:

@@ -618,7 +618,7 @@ def db_migrate(config: Optional[str] = ConfigOpt,
                dsn: Optional[str] = typer.Option(None, envvar="TAGWAY_DSN", help="Overrides the config's store."),
                print_only: bool = typer.Option(False, "--print", help="Print the SQL instead of running it.")) -> None:
     """Create or upgrade the ClickHouse schema (also done at gateway start-up)."""
-    from exporters.schema import migrate, statements_for  # noqa: PLC0415
+    from exporters.schema import connect_creating_database, migrate, statements_for  # noqa: PLC0415
     from exporters.store import StoreError  # noqa: PLC0415
 
     cfg = _load(config).states_retention()
@@ -634,7 +634,9 @@ def db_migrate(config: Optional[str] = ConfigOpt,
 
     try:
         try:
-            store = open_store(dsn or s.resolved_dsn(), create=True)  # through a running gateway when one holds it
+            # through a running gateway when one holds it; a server DSN's database is created when missing
+            store = connect_creating_database(dsn or s.resolved_dsn(), settings,
+                                              lambda target: open_store(target, create=True))
         except GatewayStuckError as e:  # before anything ran
             raise fail(str(e), 3) from None
         try:

@@ -57,7 +57,7 @@ def findings(cfg: GatewayConfig, path: str | None, env: Mapping[str, str], store
     out += limits_on_unknown_models(cfg)
     if store_error:
         out.append(Finding("storage.dsn" if cfg.storage.dsn else "storage.data_dir", store_error,
-                           "the gateway would start and spool every call to disk until the store answers"
+                           "the gateway would start and spool every call to disk until the store takes them"
                            if cfg.storage.dsn else "choose a data_dir this user can write"))
     if spool_error and not (store_error and not cfg.storage.spool_dir):  # under data_dir: said just above
         out.append(Finding("storage.spool_dir" if cfg.storage.spool_dir else "storage.data_dir", spool_error,
@@ -117,27 +117,61 @@ def limits_on_unknown_models(cfg: GatewayConfig) -> list[Finding]:
 
 
 def probe_store(cfg: GatewayConfig, timeout: float = 3.0) -> str | None:
-    """Can the configured store be reached? A server DSN is connected to and pinged (an unreachable host, a wrong
-    password or a missing database are all told here); the embedded store's directory must be creatable. Returns
-    the problem in one line, or None."""
-    from exporters.store import StoreError, connect, is_embedded, redact_dsn  # noqa: PLC0415
+    """Can the configured store be reached, and can the gateway's user record into it? A server DSN is connected to
+    and pinged (an unreachable host, a wrong password, a server too old are all told here), and its schema read: a
+    database or migrations the gateway would have to make, with a user who may not make them, are told too (asked
+    without making anything). The embedded store's directory must be creatable. Returns the problem in one line,
+    or None."""
+    from exporters.schema import may_run_ddl, pending_message, pending_versions  # noqa: PLC0415
+    from exporters.store import ServerTooOldError, StoreError, connect, dsn_database, is_embedded  # noqa: PLC0415
+    from exporters.store import redact_dsn  # noqa: PLC0415
 
     if not cfg.recording.enabled:
         return None
     dsn = cfg.storage.resolved_dsn()
     if is_embedded(dsn):
         return _writable_dir(cfg.storage.data_dir, "the embedded store")
+    where = f"ClickHouse at {redact_dsn(dsn)}"
     try:
         store = connect(dsn, connect_timeout=timeout)
     except StoreError as e:
         msg = str(e)
-        return msg if redact_dsn(dsn) in msg else f"ClickHouse at {redact_dsn(dsn)} is unreachable: {msg}"
+        database = dsn_database(dsn)
+        if e.code == 81 and database:  # the gateway creates the DSN's database at start, if its user may
+            return _probe_database(dsn, database, timeout)
+        if redact_dsn(dsn) in msg:
+            return msg
+        return f"{where}: {msg}" if isinstance(e, ServerTooOldError) else f"{where} is unreachable: {msg}"
     try:
         if not store.ping():
-            return f"ClickHouse at {redact_dsn(dsn)} does not answer its ping"
+            return f"{where} does not answer its ping"
+        settings = cfg.schema_settings()
+        pending = pending_versions(store, settings)
+        if pending and not may_run_ddl(store, settings):
+            return f"{where}: {pending_message(len(pending))}"
+    except StoreError as e:
+        return f"{where}: {e}"
     finally:
         store.close()
     return None
+
+
+def _probe_database(dsn: str, database: str, timeout: float) -> str | None:
+    """The DSN's database is missing: None when the gateway's user may create it (the gateway does, at start)."""
+    from exporters.schema import may_create_database, no_database_message  # noqa: PLC0415
+    from exporters.store import StoreError, connect, redact_dsn, without_database  # noqa: PLC0415
+
+    try:
+        store = connect(without_database(dsn), connect_timeout=timeout)
+    except StoreError as e:
+        return f"ClickHouse at {redact_dsn(dsn)}: {e}"
+    try:
+        return None if may_create_database(store, database) else \
+            f"ClickHouse at {redact_dsn(dsn)}: {no_database_message(database, dsn)}"
+    except StoreError as e:
+        return f"ClickHouse at {redact_dsn(dsn)}: {e}"
+    finally:
+        store.close()
 
 
 def probe_spool(cfg: GatewayConfig) -> str | None:

@@ -51,7 +51,8 @@ def render(d: dict[str, Any]) -> list[str]:
     s = d["schema"]
     if s["missing"]:
         lines.append(f"schema: {s['applied']} of {s['known']} migrations applied, missing "
-                     f"{', '.join(map(str, s['missing']))}: run `tagway db migrate` (the gateway does at start-up)")
+                     f"{', '.join(map(str, s['missing']))}: run `tagway db migrate` (the gateway does at start-up "
+                     "when its user may run DDL)")
     else:
         lines.append(f"schema: up to date ({s['known']} migrations)")
     c = d.get("calls")
