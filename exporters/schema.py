@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit
 
 from . import semconv as sc
@@ -18,9 +18,9 @@ from .rollups import CUSTOMER_MIGRATION, ROLLUPS_MIGRATION, customer_statements,
 from .retention import sync_retention
 from .store import Store, StoreError, chdb_path, connect, dsn_database, is_embedded, without_database
 
-__all__ = ["SchemaSettings", "MIGRATIONS", "migrate", "applied_versions", "statements_for", "pending_versions",
-           "may_run_ddl", "may_create_database", "connect_creating_database", "MigrationsPendingError", "NO_DDL_CODES",
-           "pending_message", "no_database_message"]
+__all__ = ["SchemaSettings", "MIGRATIONS", "migrate", "applied_versions", "statements_for", "migration_script",
+           "pending_versions", "may_run_ddl", "may_create_database", "connect_creating_database",
+           "MigrationsPendingError", "NO_DDL_CODES", "pending_message", "no_database_message"]
 
 log = logging.getLogger(__name__)
 
@@ -532,6 +532,23 @@ def statements_for(settings: SchemaSettings, upto: int | None = None) -> list[tu
     return [(v, sql) for v, _, fn in MIGRATIONS if upto is None or v <= upto for sql in fn(settings)]
 
 
+def migration_script(settings: SchemaSettings, versions: Iterable[int] | None = None) -> list[str]:
+    """What `migrate` runs for `versions` (default: every migration), as statements a DBA can run by hand
+    (`tagway db migrate --print`): the database and the versions table, each migration's statements, and the row
+    that marks it applied. Without those rows a store migrated by hand would look unmigrated, and a gateway whose
+    user may not run DDL would wait on it for ever."""
+    wanted = None if versions is None else set(versions)
+    out = [f"CREATE DATABASE IF NOT EXISTS `{settings.database}`{settings.on_cluster()}"] if settings.database else []
+    todo = [(v, name, fn) for v, name, fn in MIGRATIONS if wanted is None or v in wanted]
+    if todo:
+        out.append(_versions_table_sql(settings))
+    for version, name, fn in todo:
+        out += fn(settings)
+        quoted = name.replace("\\", "\\\\").replace("'", "\\'")  # a ClickHouse string literal
+        out.append(f"INSERT INTO {_versions_table(settings)} (version, name) VALUES ({version}, '{quoted}')")
+    return out
+
+
 def _versions_table(s: SchemaSettings) -> str:
     return s.name("tagway_schema_migrations")
 
@@ -602,12 +619,14 @@ def pending_message(n: int) -> str:
             "privileged user / the chart's migrations Job")
 
 
+def _versions_table_sql(s: SchemaSettings) -> str:
+    return (f"CREATE TABLE IF NOT EXISTS {_versions_table(s)}{s.on_cluster()} "
+            "(version UInt32, name String, applied_at DateTime DEFAULT now()) "
+            f"ENGINE = {s.engine('tagway_schema_migrations')} ORDER BY version")
+
+
 def _create_versions_table(store: Store, s: SchemaSettings) -> None:
-    store.command(
-        f"CREATE TABLE IF NOT EXISTS {_versions_table(s)}{s.on_cluster()} "
-        "(version UInt32, name String, applied_at DateTime DEFAULT now()) "
-        f"ENGINE = {s.engine('tagway_schema_migrations')} ORDER BY version"
-    )
+    store.command(_versions_table_sql(s))
 
 
 def connect_creating_database(dsn: str, settings: SchemaSettings, open_store: Callable[[str], Any] = connect) -> Any:

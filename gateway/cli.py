@@ -616,22 +616,38 @@ def _spool_of(cfg: GatewayConfig, dsn: Optional[str]) -> str:
 @db_app.command("migrate")
 def db_migrate(config: Optional[str] = ConfigOpt,
                dsn: Optional[str] = typer.Option(None, envvar="TAGWAY_DSN", help="Overrides the config's store."),
-               print_only: bool = typer.Option(False, "--print", help="Print the SQL instead of running it.")) -> None:
+               print_only: bool = typer.Option(False, "--print", help="Print the SQL script instead of running it "
+                                               "(every migration, and the rows that mark them applied)."),
+               pending: bool = typer.Option(False, "--pending", help="With --print: only the migrations this store "
+                                            "has not applied (reads the store, changes nothing).")) -> None:
     """Create or upgrade the ClickHouse schema (also done at gateway start-up)."""
-    from exporters.schema import connect_creating_database, migrate, statements_for  # noqa: PLC0415
+    from exporters.schema import connect_creating_database, migrate, migration_script, pending_versions  # noqa: PLC0415
     from exporters.store import StoreError  # noqa: PLC0415
 
     cfg = _load(config).states_retention()
     s = cfg.storage
     settings = cfg.schema_settings()
-    if print_only:
-        for version, sql in statements_for(settings):
-            typer.echo(f"-- migration {version}\n{sql};\n")
+    if pending and not print_only:
+        raise fail("--pending goes with --print (a plain `db migrate` applies what is pending)")
+    if print_only and not pending:
+        typer.echo("\n".join(f"{sql};\n" for sql in migration_script(settings)))
         return
     from exporters.discovery import DiscoveryError  # noqa: PLC0415
     from exporters.remote_store import GatewayStuckError, StoreGoneError  # noqa: PLC0415
     from exporters.store_access import open_store  # noqa: PLC0415
 
+    if print_only:  # --pending: what this store lacks, asked without DDL (its user may have none)
+        try:
+            store = open_store(dsn or s.resolved_dsn())
+            try:
+                todo = pending_versions(store, settings)
+            finally:
+                store.close()
+        except (DiscoveryError, StoreError, GatewayStuckError, StoreGoneError) as e:
+            raise fail(str(e)) from None
+        script = migration_script(settings, todo) if todo else []
+        typer.echo("\n".join(f"{sql};\n" for sql in script) if script else "-- schema is up to date")
+        return
     try:
         try:
             # through a running gateway when one holds it; a server DSN's database is created when missing
