@@ -58,6 +58,8 @@ def key_id_problem(key_id: str) -> str:
     key made, for every customer; a blank one, the calls refused for having no valid key."""
     if not key_id.strip():
         return "a key's id must not be blank"
+    if any(c < " " or c == "\x7f" for c in key_id):  # they would also split a limit's scope (gateway/limits.py)
+        return "a key's id must not hold control characters"
     if key_id == ADMIN_KEY_ID:
         return f"{ADMIN_KEY_ID!r} is the admin key's id (its calls are recorded under it); give this key another id"
     return ""

@@ -418,11 +418,15 @@ def keys_create(customer: str = typer.Option(..., "--customer", help="Tenant the
     inline = {k.id for t in cfg.tenants for k in t.keys}
     if key_id in inline:  # the gateway would refuse the file (and with it every later revocation in it)
         raise fail(f"a key with id {key_id!r} is written in the config; give the new key another --id")
+    flags = LimitFlags(rpm, tpm, budget, budget_per, budget_soft, model=model)
+    if model is not None and flags.empty():
+        raise fail("--model names the model that --rpm, --tpm or --budget limit: give one of them too")
     try:
-        limits = apply_flags(None, LimitFlags(rpm, tpm, budget, budget_per, budget_soft, model=model))
+        limits = apply_flags(None, flags)
         kid, key = add_key_to_file(_keys_file(cfg), customer, key_id, tags, limits)
     except (ValueError, OSError) as e:
         raise fail(str(e)) from None
+    _warn_unserved(cfg, model)
     typer.echo(f"key id: {kid}", err=True)
     typer.echo("store this key now; tagway keeps only its hash and cannot show it again:", err=True)
     typer.echo(key)
@@ -457,7 +461,18 @@ def keys_limits(key_id: str, rpm: Optional[int] = RpmOpt, tpm: Optional[int] = T
         limits = set_key_limits_in_file(_keys_file(cfg), key_id, lambda current: apply_flags(current, flags))
     except (ValueError, OSError) as e:
         raise fail(str(e)) from None
+    if flags.rpm or flags.tpm or flags.budget:  # a limit set (not one removed) on a model nobody serves
+        _warn_unserved(cfg, model)
     typer.echo(f"{key_id}\t{describe(limits)}")
+
+
+def _warn_unserved(cfg: GatewayConfig, model: Optional[str]) -> None:
+    """The limit is written all the same (the model may be added to the config next), but would hold nothing now."""
+    from .config_check import unserved_model  # noqa: PLC0415
+    from .model_routes import ModelRoutes  # noqa: PLC0415
+
+    if model is not None and ModelRoutes(cfg).entry_for(model) is None:
+        typer.echo(f"warning: {unserved_model(model)}", err=True)
 
 
 @keys_app.command("admin")
@@ -774,7 +789,8 @@ def config_check(config: Optional[str] = ConfigOpt,
     path = config or os.environ.get("TAGWAY_CONFIG")
     cfg = _load(path, providers=True)
     keys = _load_keys(cfg)  # the keys file serve would refuse: the same lines, exit 2
-    found = findings(cfg, path, os.environ, probe_store(cfg), keys_without_tenant(cfg, keys), probe_spool(cfg))
+    found = findings(cfg, path, os.environ, probe_store(cfg), keys_without_tenant(cfg, keys), probe_spool(cfg),
+                     file_keys=keys)
     for f in found:
         typer.echo(f"warning: {f.line()}", err=True)
     typer.echo(f"{'ok' if not found else f'{len(found)} warning(s)'}: {len(cfg.models)} models, "

@@ -29,9 +29,10 @@ class Finding:
 
 
 def findings(cfg: GatewayConfig, path: str | None, env: Mapping[str, str], store_error: str | None,
-             keys_without_tenant: Sequence[tuple[str, KeyConfig]] = (), spool_error: str | None = None
-             ) -> list[Finding]:
-    """`keys_without_tenant`: the keys file's active keys whose customer is no tenant, each with where it is
+             keys_without_tenant: Sequence[tuple[str, KeyConfig]] = (), spool_error: str | None = None,
+             file_keys: Sequence[KeyConfig] = ()) -> list[Finding]:
+    """`file_keys`: the keys file's keys (`tagway keys create/limits` write their limits there).
+    `keys_without_tenant`: the keys file's active keys whose customer is no tenant, each with where it is
     (`gateway.auth.keys_without_tenant`)."""
     out: list[Finding] = []
     if not path:
@@ -53,8 +54,8 @@ def findings(cfg: GatewayConfig, path: str | None, env: Mapping[str, str], store
         out.append(Finding("tenants", "no tenants: only the admin key can make calls",
                            "add a tenant (customer: name), then `tagway keys create --customer name`"))
     out += orphan_keys(keys_without_tenant)
-    out += unpriced_budgets(cfg)
-    out += limits_on_unknown_models(cfg)
+    out += unpriced_budgets(cfg, file_keys)
+    out += limits_on_unknown_models(cfg, file_keys)
     if store_error:
         out.append(Finding("storage.dsn" if cfg.storage.dsn else "storage.data_dir", store_error,
                            "the gateway would start and spool every call to disk until the store takes them"
@@ -65,14 +66,15 @@ def findings(cfg: GatewayConfig, path: str | None, env: Mapping[str, str], store
     return out
 
 
-def unpriced_budgets(cfg: GatewayConfig) -> list[Finding]:
+def unpriced_budgets(cfg: GatewayConfig, file_keys: Sequence[KeyConfig] = ()) -> list[Finding]:
     """Budgets over models that have no price (in the config or litellm's map): their calls carry no cost, so the
     budget never counts them (`tagway serve` names such models at start, but not the budgets they defeat)."""
     budgets = [(f"tenants[{i}] ({t.customer}).limits.budget", t) for i, t in enumerate(cfg.tenants)
                if t.limits is not None and t.limits.budget is not None]
     budgets += [(f"tenants[{i}] ({t.customer}).keys[{j}] ({k.id}).limits.budget", t) for i, t in enumerate(cfg.tenants)
                 for j, k in enumerate(t.keys) if k.limits is not None and k.limits.budget is not None and not k.revoked]
-    on_model = [(f"{where}.budget", name) for where, name, lim in _model_limits(cfg) if lim.budget is not None]
+    on_model = [(f"{where}.budget", name) for where, name, lim in _model_limits(cfg, file_keys)
+                if lim.budget is not None]
     if not budgets and not on_model:
         return []
     from .pricing import Pricing  # noqa: PLC0415 - reads litellm's packaged price map: only when there are budgets
@@ -94,9 +96,12 @@ def unpriced_budgets(cfg: GatewayConfig) -> list[Finding]:
     return out
 
 
-def _model_limits(cfg: GatewayConfig) -> list[tuple[str, str, Any]]:
-    """(where, model name, its limits) for every `limits.models` entry of the config's tenants and keys."""
-    out = []
+def _model_limits(cfg: GatewayConfig, file_keys: Sequence[KeyConfig] = ()) -> list[tuple[str, str, Any]]:
+    """(where, model name, its limits) for every `limits.models` entry of the config's tenants and keys, and of the
+    keys file's keys."""
+    keys_file = os.path.basename(cfg.keys_file or "keys file")
+    out = [(f"{keys_file}: key {k.id}.limits.models.{name}", name, lim) for k in file_keys
+           if k.limits is not None and not k.revoked for name, lim in k.limits.models.items()]
     for i, t in enumerate(cfg.tenants):
         owners = [(f"tenants[{i}] ({t.customer}).limits", t.limits)]
         owners += [(f"tenants[{i}] ({t.customer}).keys[{j}] ({k.id}).limits", k.limits) for j, k in enumerate(t.keys)
@@ -106,14 +111,18 @@ def _model_limits(cfg: GatewayConfig) -> list[tuple[str, str, Any]]:
     return out
 
 
-def limits_on_unknown_models(cfg: GatewayConfig) -> list[Finding]:
+def limits_on_unknown_models(cfg: GatewayConfig, file_keys: Sequence[KeyConfig] = ()) -> list[Finding]:
     """A limit on a model no `models:` entry serves (a typo, a renamed model) would never hold: say so."""
     from .model_routes import ModelRoutes  # noqa: PLC0415
 
     routes = ModelRoutes(cfg)
-    return [Finding(where, f"no model {name!r} is served (no `models:` entry has that name or a wildcard that "
-                    "matches it), so this limit never applies", "use the name clients ask for, as in `models:`")
-            for where, name, _ in _model_limits(cfg) if routes.entry_for(name) is None]
+    return [Finding(where, unserved_model(name), "use the name clients ask for, as in `models:`")
+            for where, name, _ in _model_limits(cfg, file_keys) if routes.entry_for(name) is None]
+
+
+def unserved_model(name: str) -> str:
+    return (f"no model {name!r} is served (no `models:` entry has that name or a wildcard that matches it), so this "
+            "limit never applies")
 
 
 def probe_store(cfg: GatewayConfig, timeout: float = 3.0) -> str | None:

@@ -35,17 +35,21 @@ log = logging.getLogger("tagway.limits")
 
 
 # A limit's scope is (kind, id): ("key", "acme-ci"), ("tenant", "acme"), or, for a limit on one model under a key or
-# tenant (`limits.models`), ("key-model", "acme-ci/gpt-4o"). Key ids and customer names hold no "/" (gateway/auth.py,
-# gateway/tags.py), so the first one splits the id from the model name, which may hold more.
+# tenant (`limits.models`), ("key-model", "acme-ci" + SEP + "gpt-4o"). Key ids hold no control character
+# (gateway/auth.key_id_problem) and customer names are normalised (gateway/tags.py), so the first SEP splits the id
+# from the model name, whatever either holds besides ("team/ci" on "openai/gpt-4o").
+SEP = "\x1f"
+
+
 def model_scope(kind: str, who: str, model: str) -> tuple[str, str]:
-    return f"{kind}-model", f"{who}/{model}"
+    return f"{kind}-model", f"{who}{SEP}{model}"
 
 
 def split_scope(scope: tuple[str, str]) -> tuple[str, str, str | None]:
-    """(kind, id, model or None): ("key-model", "acme-ci/gpt-4o") -> ("key", "acme-ci", "gpt-4o")."""
+    """(kind, id, model or None): model_scope("key", "acme-ci", "gpt-4o") -> ("key", "acme-ci", "gpt-4o")."""
     kind, who = scope
     if kind.endswith("-model"):
-        owner, _, model = who.partition("/")
+        owner, _, model = who.partition(SEP)
         return kind.removesuffix("-model"), owner, model
     return kind, who, None
 
@@ -224,8 +228,10 @@ class Budgets:
 
     def check(self, who: tuple[str, str], usd: float, per: str, soft: float) -> tuple[Refusal | None, str]:
         """A refusal at the budget, else the warning header value past `soft` (or '')."""
-        if who not in self._periods and self.wake is not None:
-            self.wake.set()  # a budget new since the start: its recorded spend is read now, not in up to 30 s
+        if self._periods.get(who) != per and self.wake is not None:
+            # a budget new since the start, or given another period (`keys limits --budget-per`): its recorded spend
+            # in the period is read now, not counted from $0 for up to 30 s
+            self.wake.set()
         self._periods[who] = per
         spent = self.spent(who, per)
         if spent >= usd:

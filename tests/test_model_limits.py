@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from gateway.auth import hash_key
 from gateway.config import GatewayConfig, LimitsConfig
-from gateway.limits import CallLimits, scope_text, split_scope
+from gateway.limits import CallLimits, model_scope, scope_text, split_scope
 from tests.gateway_process import GatewayProcess
 from tests.upstream import Upstream
 
@@ -27,14 +27,19 @@ def test_a_call_falls_under_its_models_limits_beside_the_key_and_tenant_limits()
     tenant = SimpleNamespace(customer="acme", limits=LimitsConfig.model_validate(
         {"models": {"big": {"budget": {"usd": 5}}, "meta-llama/llama-3": {"tpm": 10}}}))
     whos = [who for who, _ in CallLimits.scopes("acme-ci", key, tenant, "big")]
-    assert whos == [("key", "acme-ci"), ("key-model", "acme-ci/big"), ("tenant", "acme"), ("tenant-model", "acme/big")]
+    assert whos == [("key", "acme-ci"), model_scope("key", "acme-ci", "big"), ("tenant", "acme"),
+                    model_scope("tenant", "acme", "big")]
     assert [who for who, _ in CallLimits.scopes("acme-ci", key, tenant, "small")] == [("key", "acme-ci"),
                                                                                        ("tenant", "acme")]
     assert {who for who, _ in CallLimits.all_scopes("", None, tenant)} == {
-        ("tenant", "acme"), ("tenant-model", "acme/big"), ("tenant-model", "acme/meta-llama/llama-3")}
-    assert split_scope(("tenant-model", "acme/meta-llama/llama-3")) == ("tenant", "acme", "meta-llama/llama-3")
-    assert scope_text(("key-model", "acme-ci/big")) == "key 'acme-ci' on model 'big'"
+        ("tenant", "acme"), model_scope("tenant", "acme", "big"), model_scope("tenant", "acme", "meta-llama/llama-3")}
+    assert scope_text(model_scope("key", "acme-ci", "big")) == "key 'acme-ci' on model 'big'"
     assert scope_text(("tenant", "acme")) == "tenant 'acme'"
+    # ids and model names with "/" stay apart: key "a/b" on model "c" is not key "a" on model "b/c" (a review found
+    # a "/" separator read the first as the second, so the key's budget read someone else's spend)
+    assert split_scope(model_scope("key", "a/b", "c")) == ("key", "a/b", "c")
+    assert split_scope(model_scope("key", "a", "b/c")) == ("key", "a", "b/c")
+    assert model_scope("key", "a/b", "c") != model_scope("key", "a", "b/c")
 
     cl = CallLimits()
     scopes = cl.scopes("acme-ci", key, tenant, "big")
@@ -164,3 +169,66 @@ def test_config_check_names_a_limit_on_a_model_nobody_serves_and_a_model_budget_
         "a cost and this budget never counts them; set input_cost_per_token and output_cost_per_token on it",
         "warning: tenants[0] (acme).limits.models.bigg: no model 'bigg' is served (no `models:` entry has that name "
         "or a wildcard that matches it), so this limit never applies; use the name clients ask for, as in `models:`"]
+
+
+def test_a_key_id_with_a_control_character_is_refused(tmp_path):
+    from typer.testing import CliRunner  # noqa: PLC0415
+
+    from gateway.cli import app as cli  # noqa: PLC0415
+
+    path = tmp_path / "tagway.yaml"
+    path.write_text(yaml.safe_dump({"tenants": [{"customer": "acme"}]}))
+    res = CliRunner().invoke(cli, ["keys", "create", "--customer", "acme", "--id", "team\x1fci", "--config", str(path)])
+    assert (res.exit_code, res.stderr) == (2, "error: a key's id must not hold control characters\n")
+
+
+def test_a_budget_given_another_period_reads_its_spend_at_once():
+    """`keys limits ID --budget-per 1d` on a running gateway: the new period's spend is read from the store now, not
+    counted from $0 until the next 30 s refresh."""
+    from gateway.limits import Budgets  # noqa: PLC0415
+
+    class Wake:
+        def __init__(self) -> None:
+            self.times = 0
+
+        def set(self) -> None:
+            self.times += 1
+
+    b = Budgets(read_spend=lambda *_: (0.0, 0))
+    b.wake = Wake()
+    b.check(("key", "k"), 5.0, "month", 0.8)
+    b.check(("key", "k"), 5.0, "month", 0.8)
+    assert b.wake.times == 1
+    b.check(("key", "k"), 5.0, "1d", 0.8)
+    assert b.wake.times == 2
+
+
+def test_limits_on_models_written_by_the_cli_are_checked_like_the_configs(tmp_path, monkeypatch):
+    """The keys file is where `keys create/limits --model` write: `config check` reads it too, the commands warn
+    about a model nobody serves, and `--model` without a limit is refused (it was dropped in silence)."""
+    from typer.testing import CliRunner  # noqa: PLC0415
+
+    from gateway.cli import app as cli  # noqa: PLC0415
+
+    path = tmp_path / "tagway.yaml"
+    path.write_text(yaml.safe_dump({"storage": {"data_dir": str(tmp_path / "data")}, "tenants": [{"customer": "acme"}],
+                                    "models": [{"name": "big", "provider": "openai",
+                                                "base_url": "http://127.0.0.1:9/v1"}]}))
+    runner = CliRunner()
+    bare = runner.invoke(cli, ["keys", "create", "--customer", "acme", "--model", "big", "--config", str(path)])
+    assert (bare.exit_code, bare.stderr) == (2, "error: --model names the model that --rpm, --tpm or --budget limit: "
+                                                "give one of them too\n")
+    typo = runner.invoke(cli, ["keys", "create", "--customer", "acme", "--id", "k1", "--model", "bigg", "--rpm", "3",
+                               "--config", str(path)])
+    unserved = ("no model 'bigg' is served (no `models:` entry has that name or a wildcard that matches it), so this "
+                "limit never applies")
+    assert typo.exit_code == 0 and f"warning: {unserved}\n" in typo.stderr
+    served = runner.invoke(cli, ["keys", "limits", "k1", "--model", "big", "--budget", "5", "--config", str(path)])
+    assert served.exit_code == 0 and "warning" not in served.stderr
+    monkeypatch.setenv("TAGWAY_ADMIN_KEY", ADMIN)
+    check = runner.invoke(cli, ["config", "check", "--config", str(path)])
+    warnings = [line for line in check.stderr.splitlines() if line.startswith("warning:")]
+    assert f"warning: tagway.keys.yaml: key k1.limits.models.bigg: {unserved}; use the name clients ask for, as in " \
+           "`models:`" in warnings
+    assert any(w.startswith("warning: tagway.keys.yaml: key k1.limits.models.big.budget: big has no price") for w in
+               warnings), warnings
