@@ -4,9 +4,11 @@ as LiteLLM's router cools a deployment down after `allowed_fails`).
 Without it, every call of an outage first waits on the broken deployment (up to its `timeout`, 60 s by default, for
 one that hangs) before its fallback answers. After `after_failures` failures in a row that would have sent a call on
 to a fallback (429, 5xx, 401/403 of the gateway's own key, timeouts, connection errors), the deployment cools for
-`seconds`: calls go straight to the next deployment of their chain that is not cooling. When the period ends the
-next call tries it again (half-open): one more failure cools it again, a success clears it. A deployment with no
-other to go to is always tried: a chance of an answer beats a certain error.
+`seconds`: calls go straight to the next deployment of their chain that is not cooling. When the period ends one
+call tries it again (half-open) while the others still pass it over, until that try ends: a failure cools it again,
+an answer clears it, a try that ends with neither (the client left, a 400) lets the next call try. Otherwise every
+call after the period would wait out a hanging deployment's timeout until the first of them failed. A deployment
+with no other to go to is always tried: a chance of an answer beats a certain error.
 
 State lives in the process (each worker of `--workers N` learns by itself) and is touched on the event loop only.
 The hot path pays one dict lookup per call while nothing fails.
@@ -31,42 +33,53 @@ class Cooldowns:
         self.clock = clock
         self._fails: dict[str, int] = {}  # failures in a row, by deployment name (absent: the last try answered)
         self._until: dict[str, float] = {}  # deployments cooling, until this clock time
+        self._probing: set[str] = set()  # cooled deployments whose period is over and that one call is trying
         self.started: dict[str, int] = {}  # times each deployment began cooling (a metric)
 
     def cooling(self, name: str) -> bool:
+        """Whether calls that can go elsewhere should pass the deployment over now."""
         until = self._until.get(name) if self._until else None
-        if until is None:
-            return False
-        if self.clock() < until:
-            return True
-        del self._until[name]  # its time is up: the next call tries it (one failure cools it again)
-        return False
+        return until is not None and (self.clock() < until or name in self._probing)
+
+    def trying(self, name: str) -> None:
+        """A call is about to try the deployment: once its period is over, that call is the one probe."""
+        if self._until and name in self._until and self.clock() >= self._until[name]:
+            self._probing.add(name)
 
     def failed(self, name: str, why: str = "") -> None:
         """A try that failed in a way a fallback would take over (UpstreamFailure.retryable); `why` its error type."""
+        self._probing.discard(name)
         if not self.after:
             return
         n = self._fails[name] = self._fails.get(name, 0) + 1
-        if n >= self.after and name not in self._until:
-            self._until[name] = self.clock() + self.seconds
-            self.started[name] = self.started.get(name, 0) + 1
-            if n == self.after:  # said once an outage, not at every half-open try that fails again
+        if n >= self.after:
+            new = name not in self._until
+            self._until[name] = self.clock() + self.seconds  # a failed probe cools it again
+            if new:
+                self.started[name] = self.started.get(name, 0) + 1
                 log.warning("deployment %r failed %d times in a row (last: %s): calls that can go to a fallback "
                             "pass it over for %gs at a time until it answers again", name, n, why or "error",
                             self.seconds)
 
     def answered(self, name: str) -> None:
         if self._fails:
+            self._probing.discard(name)
             if self._fails.pop(name, 0) >= self.after > 0:
                 log.info("deployment %r answers again: calls go to it first again", name)
             self._until.pop(name, None)
+
+    def ended(self, name: str) -> None:
+        """A try that ended with no word on the deployment's health (cancelled, the client's own error): if it was
+        the probe, the next call may try."""
+        if self._probing:
+            self._probing.discard(name)
 
     def collect(self, prefix: str) -> Iterator[Metric]:
         now = self.clock()
         gauge = GaugeMetricFamily(prefix + "deployment_cooling", "1 while a deployment that kept failing is passed "
                                   "over for its fallbacks (cooldown.seconds).", labels=["model"])
         for name, until in sorted(self._until.items()):
-            gauge.add_metric([name], 1.0 if now < until else 0.0)
+            gauge.add_metric([name], 1.0 if now < until or name in self._probing else 0.0)
         yield gauge
         started = CounterMetricFamily(prefix + "deployment_cooldowns", "Times a deployment began cooling down after "
                                       "cooldown.after_failures failures in a row.", labels=["model"])

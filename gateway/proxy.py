@@ -427,17 +427,22 @@ class Proxy(WireStreamRelay):
                 continue
             attempt = call.rec.begin_attempt(d, self.routes.address(d), time.time_ns())
             last = d
+            cooldowns.trying(d.name)
             try:
                 result = await self._try(call, d)
             except UpstreamFailure as f:
                 attempt.end_ns, attempt.error_type, attempt.status = time.time_ns(), f.error_type, f.status or 0
                 failure = f
                 if not f.retryable:
+                    cooldowns.ended(d.name)  # the request's fault, not the deployment's
                     break
                 cooldowns.failed(d.name, f.error_type)
                 if d is not chain[-1]:
                     self.stats.fallbacks += 1
                 continue
+            except BaseException:  # cancelled, the client gone: no word on the deployment
+                cooldowns.ended(d.name)
+                raise
             cooldowns.answered(d.name)
             attempt.end_ns, attempt.status = time.time_ns(), 200
             if isinstance(result, UpstreamResponse):

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -47,9 +48,16 @@ def test_failures_in_a_row_cool_a_deployment_until_its_time_is_up_then_one_try_d
     clock.t += 29.9
     assert c.cooling("a")
     clock.t += 0.2
-    assert not c.cooling("a")  # half-open: the next call tries it
-    c.failed("a")  # and one more failure cools it again at once
-    assert c.cooling("a") and c.started == {"a": 2}
+    assert not c.cooling("a")  # half-open: the next call tries it...
+    c.trying("a")
+    assert c.cooling("a")  # ...alone: the others still pass it over while that try runs
+    c.ended("a")  # that try ended with no word on the deployment (the client left): the next call tries
+    assert not c.cooling("a")
+    c.trying("a")
+    c.failed("a")  # and a failure cools it again at once (the same outage: not a new cooldown)
+    assert c.cooling("a") and c.started == {"a": 1}
+    clock.t += 30
+    c.trying("a")
     c.answered("a")
     assert not c.cooling("a")
     c.failed("a")
@@ -114,11 +122,13 @@ def test_a_hanging_deployment_is_passed_over_for_its_fallback_then_tried_again(g
     assert _metric(gateway, "tagway_deployment_cooling", "hangs") == 1
     assert _metric(gateway, "tagway_deployment_cooldowns_total", "hangs") == 1
 
-    time.sleep(1.6)  # its time is up: the next call tries it, and its failure cools it again at once
-    retried = _call(gateway, "hangs")
-    assert (retried[sc.ATTEMPTS], retried[sc.DEPLOYMENT]) == (2, "backup") and sc.DEPLOYMENTS_COOLING not in retried
-    assert _call(gateway, "hangs")[sc.ATTEMPTS] == 1
-    assert _metric(gateway, "tagway_deployment_cooldowns_total", "hangs") == 2
+    time.sleep(1.6)  # its time is up: one call tries it while the others still go straight to the fallback
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda _: _call(gateway, "hangs"), range(4)))
+    assert sorted(a[sc.ATTEMPTS] for a in together) == [1, 1, 1, 2], together
+    assert all(a[sc.DEPLOYMENT] == "backup" and sc.ERROR_TYPE not in a for a in together)
+    assert _call(gateway, "hangs")[sc.ATTEMPTS] == 1  # the try failed: cooling again, in the same outage
+    assert _metric(gateway, "tagway_deployment_cooldowns_total", "hangs") == 1
 
 
 def test_a_deployment_with_nothing_to_fall_back_to_is_always_tried(gateway):
