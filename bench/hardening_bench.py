@@ -208,7 +208,10 @@ def isolation(args: argparse.Namespace) -> None:
     g = Gateway(tmp, up_port).start()
     small = body(200)
     try:
-        r = httpx.post(g.url + "/admin/store/command", headers={"Authorization": f"Bearer {ADMIN}"},
+        # a command takes the gateway's local credential (its discovery file), not the admin key
+        from exporters import discovery  # noqa: PLC0415
+        credential = discovery.read(os.path.join(tmp, "data", "clickhouse")).credential
+        r = httpx.post(g.url + "/admin/store/command", headers={"Authorization": f"Bearer {credential}"},
                        json={"sql": SEED, "parameters": {"n": args.rows}}, timeout=600)
         r.raise_for_status()
         questions = ["/admin/stats?by=customer&by=intent&since=7d", "/admin/stats?by=tag.region&since=7d",

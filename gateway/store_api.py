@@ -7,6 +7,10 @@ client). Who may use it:
 - only connections from this host (loopback, or the gateway's own address): anything else gets a 404;
 - only with the per-start local credential that `exporters.discovery` writes 0600 into the store directory (or the
   admin key). A tenant key never reaches a statement: 403.
+- the admin key reads, and only the store: one statement, read-only in the engine, no settings of its own, no
+  function that reads files, reaches the network or runs programs (`admin_read_refusal`). Commands and inserts take
+  the credential, which only the gateway's own OS user can read (the CLIs' statements migrate, write and may do as
+  that user could anyway).
 Statements run on the thread pool, never on the event loop, so a heavy CLI query does not stall the proxy.
 """
 from __future__ import annotations
@@ -15,8 +19,10 @@ import asyncio
 import dataclasses
 import hmac
 import ipaddress
+import itertools
 import logging
 import os
+import re
 import sys
 import uuid
 from typing import Any, Callable
@@ -111,6 +117,10 @@ def _error(status: int, message: str, code: str, type_: str = "invalid_request_e
     return Response(error_body(message, type_, code), status_code=status, media_type="application/json")
 
 
+class NotAllowed(ValueError):
+    """A statement the admin key may not run (400 statement_not_allowed)."""
+
+
 def _outcome(task: asyncio.Future) -> tuple[int, bytes]:
     """A finished statement's HTTP status and JSON body."""
     try:
@@ -121,12 +131,54 @@ def _outcome(task: asyncio.Future) -> tuple[int, bytes]:
             message += (" (statements for local commands run in the gateway's process under its "
                         "storage.query_max_memory_bytes: raise it, or narrow the command)")
         return 400, error_body(message, "store_error", "store_error")
+    except NotAllowed as e:
+        return 400, error_body(str(e), "invalid_request_error", "statement_not_allowed")
     except (ValueError, TypeError, KeyError) as e:
         return 400, error_body(f"bad store request: {e}", "invalid_request_error", "invalid_request")
     except Exception as e:  # a bug of ours: said as such, not as a gateway that stopped mid-answer
         log.exception("a local command's statement failed")
         return 500, error_body(f"internal error running the statement: {type(e).__name__}", "server_error",
                                "internal_error")
+
+
+# What the admin key may not call: table functions (and the scalar file()) that read the host's files, reach the
+# network, run programs or run a string as a query; lower-cased. A name that starts with one of _REFUSED_FAMILIES is
+# one of a family (s3Cluster, icebergS3, deltaLakeAzureCluster, ...). tests/test_store_admin_reads.py checks this
+# against the engine's own list of the table functions it refuses in readonly mode.
+_REFUSED_FUNCTIONS = frozenset({
+    "file", "filecluster", "filesystem", "url", "urlcluster", "remote", "remotesecure", "gcs", "oss", "cosn",
+    "executable", "python", "mysql", "postgresql", "sqlite", "mongodb", "redis", "odbc", "jdbc", "bigquery",
+    "ytsaurus", "arrowstream", "dictionary", "input", "eval"})
+_REFUSED_FAMILIES = ("s3", "hdfs", "azureblobstorage", "iceberg", "deltalake", "hudi", "paimon")
+_READ_STATEMENTS = frozenset({"SELECT", "WITH", "SHOW", "DESCRIBE", "EXISTS", "EXPLAIN"})
+# formatQuery's output: '...' strings and `...` identifiers with backslash escapes, words, anything else
+_CANONICAL_TOKEN = re.compile(r"'(?:[^'\\]|\\.)*'|`((?:[^`\\]|\\.)*)`|([A-Za-z_][A-Za-z0-9_]*)|(\S)", re.DOTALL)
+
+
+def admin_read_refusal(store: Any, sql: str) -> str | None:
+    """Why the admin key may not run `sql` (None: it may). The statement is checked as the engine parses it: the
+    engine's formatQuery() gives it back canonical (comments gone, one statement or a syntax error, identifiers
+    unquoted and unescaped: `fi\\x6ce` is file), so case, spacing, comments and quoting cannot hide a name. It runs
+    with readonly=1 as well (the engine refuses writes, DDL, settings changes and every table function that reaches
+    outside in a SELECT; but not the scalar file(), INTO OUTFILE, KILL or USE, nor schema inference in DESCRIBE).
+    Limits: what is expanded at run time is not seen (a view or dictionary over an outside source: the admin key
+    cannot create one), and a table function a later chDB adds is refused by the engine's readonly in a SELECT only
+    until it is added above (the test named there fails first)."""
+    rows, _ = store.query_rows("SELECT formatQuery({q:String})", {"q": sql}, {"readonly": 1})
+    tokens = [(quoted, word, other) for quoted, word, other in _CANONICAL_TOKEN.findall(rows[0][0])
+              if quoted or word or other]  # strings are left out: they are data
+    if not tokens or tokens[0][1].upper() not in _READ_STATEMENTS:
+        return ("The admin key reads the store: SELECT, WITH, SHOW, DESCRIBE, EXISTS or EXPLAIN (commands take the "
+                "gateway's local credential).")
+    for (quoted, word, _), nxt in zip(tokens, tokens[1:] + [("", "", "")]):
+        name = (word or re.sub(r"\\(.)", r"\1", quoted)).lower()
+        if nxt[2] == "(" and (name in _REFUSED_FUNCTIONS or name.startswith(_REFUSED_FAMILIES)):
+            return (f"{word or quoted}() is not allowed with the admin key: it reaches outside the store (the "
+                    "gateway host's files, its network, programs).")
+    words = [w.upper() for _, w, _ in tokens]
+    if any(a == "INTO" and b == "OUTFILE" for a, b in itertools.pairwise(words)):
+        return "INTO OUTFILE is not allowed with the admin key: it writes a file on the gateway's host."
+    return None
 
 
 def marked(sql: str, mark: str) -> str:
@@ -230,13 +282,32 @@ def build_store_router(keyring: KeyRing, get_store: Callable[[], Any], access: L
         denied = check(request)
         if denied is not None:
             return denied
+        local = _by_credential(request)
+        if not local and execute is not query_rows:
+            return _admin_reads_only()
         st = await statement(request)
         if isinstance(st, Response):
             return st
         sql, params, settings = st
         mark = uuid.uuid4().hex
-        target = get_local if _by_credential(request) else get_store
-        return await run(lambda: execute(target(), marked(sql, mark), params, settings), mark)
+        if local:
+            return await run(lambda: execute(get_local(), marked(sql, mark), params, settings), mark)
+        if settings:  # they are applied before readonly takes hold: one could turn on what readonly keeps off
+            return _error(400, "Statements sent with the admin key take no settings: they run read-only under the "
+                               "gateway's limits.", "statement_not_allowed")
+
+        def admin_read() -> bytes:
+            store = get_store()
+            refusal = admin_read_refusal(store, sql)
+            if refusal:
+                raise NotAllowed(refusal)
+            return query_rows(store, marked(sql, mark), params, {"readonly": 1})
+
+        return await run(admin_read, mark)
+
+    def _admin_reads_only() -> Response:
+        return _error(403, "The admin key may only read the store (/admin/store/query); commands and inserts take the "
+                           "gateway's local credential.", "local_credential_required", "permission_error")
 
     def _by_credential(request: Request) -> bool:
         auth = request.headers.get("authorization") or ""
@@ -266,6 +337,8 @@ def build_store_router(keyring: KeyRing, get_store: Callable[[], Any], access: L
         denied = check(request)
         if denied is not None:
             return denied
+        if not _by_credential(request):
+            return _admin_reads_only()
         table = request.query_params.get("table") or ""
         try:
             settings = orjson.loads(request.query_params["settings"]) if "settings" in request.query_params else None
