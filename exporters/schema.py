@@ -493,6 +493,13 @@ def _m11_customer_rollups(s: SchemaSettings) -> list[str]:
     return customer_statements(s, _table)
 
 
+def _m13_replay_run_key(s: SchemaSettings) -> list[str]:
+    # The key that started a replay run (as the gateway names it): a resume with another key is refused, and only
+    # the calls made with it are the run's recorded answers (replay/pipeline.py)
+    tables = [s.local("replay_runs")] + ([s.name("replay_runs")] if s.cluster else [])
+    return [f"ALTER TABLE {t}{s.on_cluster()} ADD COLUMN IF NOT EXISTS key_id String" for t in tables]
+
+
 Migration = tuple[int, str, Callable[[SchemaSettings], list[str]]]
 
 MIGRATIONS: list[Migration] = [
@@ -508,6 +515,7 @@ MIGRATIONS: list[Migration] = [
      _m10_rollups),
     (CUSTOMER_MIGRATION, "per-customer rollups (hour/day), fed from the minute rollup", _m11_customer_rollups),
     (12, "resource_owners: whose each file, batch and stored response is", _m12_resource_owners),
+    (13, "replay_runs.key_id: the key that started a run", _m13_replay_run_key),
 ]
 
 

@@ -27,7 +27,7 @@ from .gate import SegmentPlan, next_draws, plan
 from .render import render_json
 from .report import Report, aggregate, flipped_case_ids
 from .run_lock import run_lock
-from .runner import (GATEWAY_APP, NO_GATEWAY, Answer, FatalRunError, RunOutcome, Runner, Target, check_gateway,
+from .runner import (GATEWAY_APP, NO_GATEWAY, Answer, Caller, FatalRunError, RunOutcome, Runner, Target, check_gateway,
                      check_in_process, check_models, gateway_client, inline_prompts, models_named, recorded_answer,
                      targets_for)
 from .slice import Case, EmptySliceError, SampleResult, Sampled, count_production_errors, fetch_cases, order_key, \
@@ -154,19 +154,33 @@ def _initial_state(store: Any, spec: ReplaySpec, sampled: SampleResult | None) -
     return state
 
 
-async def _check_gateway(opts: RunOptions, spec: ReplaySpec) -> None:
-    """A gateway given by URL answers and takes the key before the run stores anything (runner.check_gateway);
-    an in-process one can be built and is not refused for a gateway serving its store."""
+async def _check_gateway(opts: RunOptions, spec: ReplaySpec) -> Caller | None:
+    """A gateway given by URL answers and takes the key before the run stores anything (runner.check_gateway), and
+    says which key it is; an in-process one can be built and is not refused for a gateway serving its store (None:
+    the run's gateway is this process's own app, built from a config its user holds, so its key guards nothing)."""
     if opts.in_process:
         check_in_process(opts.app_ref, opts.gateway_config)
-        return
+        return None
     if opts.transport is not None:
-        return  # a given transport: the caller's
+        return None  # a given transport: the caller's
     if not opts.gateway_url:
         raise FatalRunError(NO_GATEWAY)
     async with gateway_client(base_url=opts.gateway_url, timeout=min(spec.timeout, 10.0), concurrency=1) as client:
-        await check_gateway(client, opts.api_key, opts.gateway_url)
+        who = await check_gateway(client, opts.api_key, opts.gateway_url)
         await check_models(client, opts.api_key, models_named(spec))
+    return who
+
+
+def _resume_refusal(run: RunRow, who: Caller | None) -> str | None:
+    """Why this key may not resume `run` (None: it may): only the key that started it, or the admin key. A resume
+    sends the run's cases (its customers' prompts) with this key and writes the answers into the run."""
+    if who is None or who.admin or (run.key_id and who.key_id == run.key_id):
+        return None
+    if run.key_id:
+        return (f"run {run.run_id} was started with key {run.key_id!r}, not this one ({who.key_id!r}): resume it "
+                "with that key or the admin key")
+    return (f"run {run.run_id} recorded no key (started in-process, or before tagway recorded it): resume it with "
+            "the admin key")
 
 
 async def start_run(store: Any, spec: ReplaySpec, opts: RunOptions) -> RunResult:
@@ -179,7 +193,7 @@ async def _start_run(store: Any, spec: ReplaySpec, opts: RunOptions, run_id: str
     if get_run(store, run_id) is not None:
         raise RunExistsError(f"run {run_id} exists; use tagway replay resume {run_id}")
     targets = targets_for(spec, opts.spec_dir)  # prompt files read (and refused) before the run is stored
-    await _check_gateway(opts, spec)
+    who = await _check_gateway(opts, spec)
     cases, skipped, notes, sampled, found = _select(store, spec)
     if found is None:
         dataset_id = RUN_DATASET_PREFIX + run_id
@@ -190,7 +204,7 @@ async def _start_run(store: Any, spec: ReplaySpec, opts: RunOptions, run_id: str
     # the spec stored holds its prompt files' text as read now: a resume (from another directory, another checkout,
     # after the file was edited) sends the run's own prompts, and the run's id names no local path
     run = RunRow(run_id, "running", spec_to_json(inline_prompts(spec, targets)), dataset_id, spec.judge_version,
-                 [c.name for c in spec.candidates], list(spec.segment_by), len(cases))
+                 [c.name for c in spec.candidates], list(spec.segment_by), len(cases), key_id=who.key_id if who else "")
     state = _initial_state(store, spec, sampled)
     if found is not None:
         state.locks = {t: lk.to_json() for t, lk in found.locks.items()}
@@ -212,7 +226,9 @@ async def _resume_run(store: Any, run_id: str, opts: RunOptions) -> RunResult:
         raise SpecError(f"no replay run {run_id!r}")
     spec = parse_spec(run.spec, f"run {run_id} spec")
     targets = targets_for(spec, opts.spec_dir)
-    await _check_gateway(opts, spec)
+    refusal = _resume_refusal(run, await _check_gateway(opts, spec))
+    if refusal:
+        raise FatalRunError(refusal)
     if opts.on_running is not None:
         opts.on_running(run_id)
     if run.dataset_id == RUN_DATASET_PREFIX + run.run_id:  # the cases this run pinned: an id, whatever it looks like
@@ -231,7 +247,7 @@ async def _resume_run(store: Any, run_id: str, opts: RunOptions) -> RunResult:
     names = {t.name for t in targets if not t.logged}  # a logged baseline's rows are kept too, but never replayed
     kept = sum(1 for candidate, _ in skip if candidate in names)
     notes = [f"resumed: {kept} replayed result(s) kept from before"]
-    recorded = _paid_answers(store, run_id, cases, targets, skip)
+    recorded = _paid_answers(store, run, cases, targets, skip)
     if recorded:
         notes.append(f"{len(recorded)} call(s) answered before the stop, whose results were not stored, scored from "
                      "the gateway's record without calling again")
@@ -242,15 +258,15 @@ async def _resume_run(store: Any, run_id: str, opts: RunOptions) -> RunResult:
                           recorded=recorded)
 
 
-def _paid_answers(store: Any, run_id: str, cases: list[Case], targets: list[Target],
+def _paid_answers(store: Any, run: RunRow, cases: list[Case], targets: list[Target],
                   skip: set[tuple[str, str]]) -> dict[tuple[str, str], Answer]:
     """The answers a stopped run's calls got that no stored result holds (the CLI stopped before writing them),
     from the gateway's record: for calling targets, where the record is what the same request got and the client
-    saw (runner.recorded_answer)."""
+    saw (runner.recorded_answer), made with the run's key when it recorded one."""
     by_case = {c.case_id: c for c in cases}
     calling = {t.name: t for t in targets if not t.logged}
     out: dict[tuple[str, str], Answer] = {}
-    for call in recorded_calls(store, run_id):
+    for call in recorded_calls(store, run.run_id, run.key_id):
         key = (call["candidate"], call["case_id"])
         target, case = calling.get(key[0]), by_case.get(key[1])
         if target is None or case is None or key in skip:

@@ -36,7 +36,8 @@ from .slice import Case
 from .spec import Candidate, PromptSpec, ReplaySpec
 from .store import ResultRow
 
-__all__ = ["Target", "RunOutcome", "FatalRunError", "Runner", "GatewayPoster", "Answer", "text_of", "fatal_check",
+__all__ = ["Target", "RunOutcome", "FatalRunError", "Runner", "GatewayPoster", "Answer", "Caller", "text_of",
+           "fatal_check",
            "targets_for", "build_request", "replay_headers", "apply_prompt", "gateway_client", "gateway_for",
            "recorded_answer", "answer_of_record",
            "GATEWAY_APP", "NO_GATEWAY", "RETRY_STATUSES"]
@@ -264,6 +265,14 @@ def _float_header(resp: httpx.Response, name: str) -> float:
 WHOAMI_PATH = "/v1/tagway/whoami"  # which key this is, and whether it may mark calls as replay
 
 
+@dataclasses.dataclass(frozen=True)
+class Caller:
+    """Which key a run's calls go with, as the gateway says it (WHOAMI_PATH): what a run records as its key, and
+    what a resume is checked against."""
+    key_id: str
+    admin: bool
+
+
 def fatal_check(who: str, model: str, ans: Answer) -> None:
     """Raise FatalRunError when an answer says the run cannot go on: the model is not served, the key is refused,
     or the gateway cannot be reached (`who` names the caller: a candidate, a judge)."""
@@ -318,10 +327,11 @@ async def check_models(client: httpx.AsyncClient, api_key: str, named: Sequence[
                                 "GET /v1/models lists the models it serves")
 
 
-async def check_gateway(client: httpx.AsyncClient, api_key: str, where: str) -> None:
+async def check_gateway(client: httpx.AsyncClient, api_key: str, where: str) -> Caller | None:
     """Before a run stores anything: the gateway answers and takes the key. `GET /v1/models` records no call, so a
     wrong --gateway or --api-key costs one line instead of a stored run of errored cases (and, for a bad key, a
-    burst of refused calls in the gateway's record). Raises FatalRunError."""
+    burst of refused calls in the gateway's record). Raises FatalRunError. Returns which key it is (None from a
+    gateway too old to say)."""
     try:
         resp = await client.get("/v1/models", headers={"authorization": f"Bearer {api_key}"})
     except httpx.HTTPError as e:
@@ -337,13 +347,16 @@ async def check_gateway(client: httpx.AsyncClient, api_key: str, where: str) -> 
     # run was stored. The gateway says which keys may (`may_mark_replay`; a gateway too old to say is not asked).
     try:
         who = await client.get(WHOAMI_PATH, headers={"authorization": f"Bearer {api_key}"})
-        may = who.json().get("may_mark_replay") if who.status_code == 200 else None
+        said = who.json() if who.status_code == 200 else {}
+        may = said.get("may_mark_replay")
+        key_id = said.get("key_id")
     except (httpx.HTTPError, ValueError, AttributeError):
-        may = None
+        said, may, key_id = {}, None, None
     if may is False:
         raise FatalRunError(f"the gateway at {where} does not let this API key mark calls as replay: replay needs the "
                             "admin key or a key that may set its customer; pass --api-key (pytest: "
                             "--tagway-api-key) or set TAGWAY_API_KEY / TAGWAY_ADMIN_KEY")
+    return Caller(key_id, said.get("admin") is True) if isinstance(key_id, str) and key_id else None
 
 
 class GatewayPoster:

@@ -78,6 +78,7 @@ class RunRow:
     cost_usd: float = 0.0
     created_at: float = dataclasses.field(default_factory=time.time)
     finished_at: float | None = None
+    key_id: str = ""  # the key that started it, as the gateway named it ("" when it did not say: in-process, older)
 
     @property
     def spec(self) -> dict:
@@ -114,19 +115,21 @@ def done_keys(store: Any, run_id: str, *, include_errored: bool = True) -> set[t
     return {(r["candidate"], r["case_id"]) for r in rows if include_errored or r["st"] != "errored"}
 
 
-def recorded_calls(store: Any, run_id: str) -> list[dict]:
+def recorded_calls(store: Any, run_id: str, key_id: str = "") -> list[dict]:
     """The newest answered (status ok) call per (candidate, case) that the gateway recorded for a run's replay:
     among them the calls a stopped run paid for and never stored the result of (a CLI killed before its results
-    were written), which a resume can score without calling again."""
+    were written), which a resume can score without calling again. `key_id`: only the calls made with the run's
+    key (any key that may mark replay calls can mark them with any run's id)."""
     return store.query(
         "SELECT trace_id, replay_candidate AS candidate, replay_case_id AS case_id, model_requested, prompt_version, "
         "latency_ms, cost_usd, input_tokens, output_tokens, http_status, attempts, system_instructions, response_json "
         "FROM llm_calls WHERE replay_run_id = {run_id:String} AND source = {src:String} AND status = 'ok' "
-        "AND replay_case_id != '' AND (replay_candidate, replay_case_id) NOT IN ("  # not the pairs scored already
+        "AND replay_case_id != '' AND ({key:String} = '' OR key_id = {key:String}) "
+        "AND (replay_candidate, replay_case_id) NOT IN ("  # not the pairs scored already
         "SELECT candidate, case_id FROM replay_results WHERE run_id = {run_id:String} GROUP BY candidate, case_id "
         "HAVING argMax(status, Timestamp) != 'errored') "
         "ORDER BY Timestamp DESC LIMIT 1 BY replay_candidate, replay_case_id",
-        {"run_id": run_id, "src": REPLAY_SOURCE})
+        {"run_id": run_id, "src": REPLAY_SOURCE, "key": key_id})
 
 
 def recorded_cost(store: Any, run_id: str, sources: Sequence[str] = (REPLAY_SOURCE, JUDGE_SOURCE)) -> float:
@@ -143,13 +146,13 @@ def write_run(store: Any, run: RunRow) -> None:
         "run_id": run.run_id, "created_at": run.created_at, "finished_at": run.finished_at, "status": run.status,
         "spec_json": run.spec_json, "dataset_id": run.dataset_id, "judge_version": run.judge_version,
         "candidates": run.candidates, "segment_by": run.segment_by, "n_cases": run.n_cases, "verdict": run.verdict,
-        "report_json": run.report_json, "cost_usd": run.cost_usd, "version": time.time_ns(),
+        "report_json": run.report_json, "cost_usd": run.cost_usd, "key_id": run.key_id, "version": time.time_ns(),
     }
     store.insert_json_rows("replay_runs", orjson.dumps(row))
 
 
 _RUN_COLS = ("run_id", "status", "spec_json", "dataset_id", "judge_version", "candidates", "segment_by", "n_cases",
-             "verdict", "report_json", "cost_usd")
+             "verdict", "report_json", "cost_usd", "key_id")
 
 
 def _run_select(where: str) -> str:
