@@ -159,8 +159,9 @@ def admin_read_refusal(store: Any, sql: str) -> str | None:
     """Why the admin key may not run `sql` (None: it may). The statement is checked as the engine parses it: the
     engine's formatQuery() gives it back canonical (comments gone, one statement or a syntax error, identifiers
     unquoted and unescaped: `fi\\x6ce` is file), so case, spacing, comments and quoting cannot hide a name. It runs
-    with readonly=1 as well (the engine refuses writes, DDL, settings changes and every table function that reaches
-    outside in a SELECT; but not the scalar file(), INTO OUTFILE, KILL or USE, nor schema inference in DESCRIBE).
+    with readonly=1 as well (the engine refuses writes, DDL, changing readonly and most settings, and every table
+    function that reaches outside in a SELECT; but not the scalar file(), INTO OUTFILE, KILL, USE, nor schema
+    inference in DESCRIBE).
     Limits: what is expanded at run time is not seen (a view or dictionary over an outside source: the admin key
     cannot create one), and a table function a later chDB adds is refused by the engine's readonly in a SELECT only
     until it is added above (the test named there fails first)."""
