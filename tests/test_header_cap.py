@@ -113,3 +113,26 @@ def test_workers_take_the_configured_cap(tmp_path):
         proc.terminate()
         proc.wait(60)
     assert proc.returncode == 0, g.stderr()
+
+
+def _rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_trailers_after_a_chunked_body_are_not_kept(gw):
+    """A chunked body may end in trailer fields of any size, past the head's cap: uvicorn's protocol appended them to
+    the request's headers (a client with no key grew the gateway by ~40 MB). They are dropped as they are parsed."""
+    port = int(gw.url.rsplit(":", 1)[1])
+    before = _rss_kb(gw.proc.pid)
+    line = b"X-Trailer: " + b"t" * 8000 + b"\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n")
+        for _ in range(40):  # 40 x 800 KB of trailer fields: 32 MB, no key
+            s.sendall(line * 100)
+        s.sendall(b"\r\n")
+        (status, _), = answers(s, 1)
+    assert status == 401
+    grown_mb = (_rss_kb(gw.proc.pid) - before) / 1024
+    assert grown_mb < 12, f"the gateway grew by {grown_mb:.0f} MB reading 32 MB of trailers"
