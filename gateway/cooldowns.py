@@ -31,7 +31,9 @@ class Cooldowns:
         self.after = after_failures  # 0: never cool a deployment down
         self.seconds = seconds
         self.clock = clock
-        self._fails: dict[str, int] = {}  # failures in a row, by deployment name (absent: the last try answered)
+        # failures in a row, by deployment name (absent: the last try answered). Empty (no deployment failing or
+        # cooling) almost always: the hot path tests it before asking about each deployment
+        self.failing: dict[str, int] = {}
         self._until: dict[str, float] = {}  # deployments cooling, until this clock time
         self._probing: set[str] = set()  # cooled deployments whose period is over and that one call is trying
         self.started: dict[str, int] = {}  # times each deployment began cooling (a metric)
@@ -51,7 +53,7 @@ class Cooldowns:
         self._probing.discard(name)
         if not self.after:
             return
-        n = self._fails[name] = self._fails.get(name, 0) + 1
+        n = self.failing[name] = self.failing.get(name, 0) + 1
         if n >= self.after:
             new = name not in self._until
             self._until[name] = self.clock() + self.seconds  # a failed probe cools it again
@@ -62,9 +64,9 @@ class Cooldowns:
                             self.seconds)
 
     def answered(self, name: str) -> None:
-        if self._fails:
+        if self.failing:
             self._probing.discard(name)
-            if self._fails.pop(name, 0) >= self.after > 0:
+            if self.failing.pop(name, 0) >= self.after > 0:
                 log.info("deployment %r answers again: calls go to it first again", name)
             self._until.pop(name, None)
 

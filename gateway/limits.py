@@ -317,6 +317,13 @@ class Budgets:
 Scope = tuple[tuple[str, str], Any]  # ((scope, id), LimitsConfig)
 
 
+def _add(out: list[Scope], kind: str, who: str, lim: Any, model: str) -> None:
+    out.append(((kind, who), lim))
+    on_model = lim.models.get(model) if model and lim.models else None
+    if on_model is not None:
+        out.append((model_scope(kind, who, model), on_model))
+
+
 class CallLimits:
     """The limits a call falls under (its key's and its recorded tenant's), checked and charged as one."""
 
@@ -329,15 +336,10 @@ class CallLimits:
         """The scopes a call to `model` falls under: the key's and the tenant's limits, and their limits on that
         model (`limits.models`, by the name the client asked for); `model` "" leaves the latter out."""
         out: list[Scope] = []
-        for kind, who, lim in (("key", key_id, key_limits),
-                               ("tenant", tenant.customer if tenant is not None else "",
-                                tenant.limits if tenant is not None else None)):
-            if lim is None:
-                continue
-            out.append(((kind, who), lim))
-            on_model = lim.models.get(model) if model and lim.models else None
-            if on_model is not None:
-                out.append((model_scope(kind, who, model), on_model))
+        if key_limits is not None:
+            _add(out, "key", key_id, key_limits, model)
+        if tenant is not None and tenant.limits is not None:
+            _add(out, "tenant", tenant.customer, tenant.limits, model)
         return out
 
     @staticmethod

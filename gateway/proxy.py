@@ -418,16 +418,17 @@ class Proxy(WireStreamRelay):
         failure: UpstreamFailure | None = None
         last = first
         cooldowns = self.cooldowns
-        for i, d in enumerate(chain):
+        for d in chain:
             if d is not first and not self._allows(call, d.name):
                 call.rec.skipped = [*(call.rec.skipped or ()), d.name]  # a fallback this tenant may not use
                 continue
-            if cooldowns.cooling(d.name) and self._another(call, chain, i):
-                call.rec.cooling = [*(call.rec.cooling or ()), d.name]  # it kept failing: its fallback answers
-                continue
+            if cooldowns.failing:  # some deployment fails or cools (almost never: the cheap test, every call)
+                if cooldowns.cooling(d.name) and self._another(call, chain, chain.index(d)):
+                    call.rec.cooling = [*(call.rec.cooling or ()), d.name]  # it kept failing: its fallback answers
+                    continue
+                cooldowns.trying(d.name)
             attempt = call.rec.begin_attempt(d, self.routes.address(d), time.time_ns())
             last = d
-            cooldowns.trying(d.name)
             try:
                 result = await self._try(call, d)
             except UpstreamFailure as f:
@@ -443,7 +444,8 @@ class Proxy(WireStreamRelay):
             except BaseException:  # cancelled, the client gone: no word on the deployment
                 cooldowns.ended(d.name)
                 raise
-            cooldowns.answered(d.name)
+            if cooldowns.failing:
+                cooldowns.answered(d.name)
             attempt.end_ns, attempt.status = time.time_ns(), 200
             if isinstance(result, UpstreamResponse):
                 await self._respond_whole(call, d, result)
