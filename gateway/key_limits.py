@@ -92,7 +92,8 @@ def describe(limits: Any) -> str:
     """One short column for `keys list`: `rpm=60 budget=$50/month gpt-4o:[rpm=10]`, or `-` for none."""
     if not isinstance(limits, dict) or not limits:
         return "-"
-    parts = [_level(limits)] if _level(limits) else []
+    own = _level(limits)
+    parts = [own] if own else []
     models = limits.get("models")
     if isinstance(models, dict):
         parts += [f"{name}:[{_level(lim) or '-'}]" for name, lim in models.items()]
