@@ -1,21 +1,25 @@
 """`tagway db migrate --print [--pending]`: the script a DBA runs by hand migrates the store as `db migrate` would,
-the rows that mark each migration applied included, so a gateway whose ClickHouse user may not run DDL records."""
+the rows that mark each migration applied included, so a gateway whose ClickHouse user may not run DDL records.
+Each test works in a database of its own inside the session's one embedded store (tests/chdb_fixture.py)."""
 from __future__ import annotations
+
+import uuid
 
 import yaml
 from typer.testing import CliRunner
 
 from exporters.schema import MIGRATIONS, applied_versions, migrate
-from exporters.store import connect
 from gateway.cli import app as cli
+from gateway.config import GatewayConfig
 
 runner = CliRunner()
 
 
-def _config(tmp_path) -> str:
+def _config(tmp_path, dsn: str) -> tuple[str, object]:
+    storage = {"dsn": dsn, "database": f"hand_{uuid.uuid4().hex[:10]}"}
     path = tmp_path / "tagway.yaml"
-    path.write_text(yaml.safe_dump({"storage": {"data_dir": str(tmp_path / "data")}}))
-    return str(path)
+    path.write_text(yaml.safe_dump({"storage": storage}))
+    return str(path), GatewayConfig(storage=storage).schema_settings()
 
 
 def _run_by_hand(store, script: str) -> int:
@@ -26,36 +30,24 @@ def _run_by_hand(store, script: str) -> int:
     return len(statements)
 
 
-def test_the_printed_script_run_by_hand_leaves_nothing_pending(tmp_path):
-    config = _config(tmp_path)
+def test_the_printed_script_run_by_hand_leaves_nothing_pending(tmp_path, chdb_store, chdb_dsn):
+    config, settings = _config(tmp_path, chdb_dsn)
     res = runner.invoke(cli, ["db", "migrate", "--print", "--config", config])
     assert res.exit_code == 0, res.output
-    store = connect(f"chdb://{tmp_path / 'data' / 'clickhouse'}")
-    try:
-        assert _run_by_hand(store, res.stdout) > len(MIGRATIONS)
-        assert applied_versions(store) == {v for v, _, _ in MIGRATIONS}  # before: the rows were not printed
-        assert migrate(store) == []  # a gateway starting on it has nothing to do (no DDL)
-    finally:
-        store.close()
+    assert _run_by_hand(chdb_store, res.stdout) > len(MIGRATIONS)
+    assert applied_versions(chdb_store, settings) == {v for v, _, _ in MIGRATIONS}  # the rows were not printed
+    assert migrate(chdb_store, settings) == []  # a gateway starting on it has nothing to do (no DDL)
 
 
-def test_print_pending_prints_only_what_this_store_lacks(tmp_path):
-    config = _config(tmp_path)
-    last = MIGRATIONS[-1][0]
-    store = connect(f"chdb://{tmp_path / 'data' / 'clickhouse'}")
-    try:
-        migrate(store, upto=MIGRATIONS[-2][0])  # a store one release behind
-    finally:
-        store.close()
+def test_print_pending_prints_only_what_this_store_lacks(tmp_path, chdb_store, chdb_dsn):
+    config, settings = _config(tmp_path, chdb_dsn)
+    last, before = MIGRATIONS[-1][0], MIGRATIONS[-2][0]
+    migrate(chdb_store, settings, upto=before)  # a store one release behind
     res = runner.invoke(cli, ["db", "migrate", "--print", "--pending", "--config", config])
     assert res.exit_code == 0, res.output
-    assert f"VALUES ({last}, " in res.stdout and f"VALUES ({MIGRATIONS[-2][0]}, " not in res.stdout
-    store = connect(f"chdb://{tmp_path / 'data' / 'clickhouse'}")
-    try:
-        _run_by_hand(store, res.stdout)
-        assert migrate(store) == []
-    finally:
-        store.close()
+    assert f"VALUES ({last}, " in res.stdout and f"VALUES ({before}, " not in res.stdout
+    _run_by_hand(chdb_store, res.stdout)
+    assert migrate(chdb_store, settings) == []
     again = runner.invoke(cli, ["db", "migrate", "--print", "--pending", "--config", config])
     assert (again.exit_code, again.stdout) == (0, "-- schema is up to date\n")
     alone = runner.invoke(cli, ["db", "migrate", "--pending", "--config", config])
