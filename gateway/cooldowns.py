@@ -43,10 +43,13 @@ class Cooldowns:
         until = self._until.get(name) if self._until else None
         return until is not None and (self.clock() < until or name in self._probing)
 
-    def trying(self, name: str) -> None:
-        """A call is about to try the deployment: once its period is over, that call is the one probe."""
-        if self._until and name in self._until and self.clock() >= self._until[name]:
+    def trying(self, name: str) -> bool:
+        """A call is about to try the deployment: once its period is over, that call is the one probe (True); only
+        it may hand the try on (`ended`)."""
+        if self._until and name in self._until and name not in self._probing and self.clock() >= self._until[name]:
             self._probing.add(name)
+            return True
+        return False
 
     def failed(self, name: str, why: str = "") -> None:
         """A try that failed in a way a fallback would take over (UpstreamFailure.retryable); `why` its error type."""
@@ -71,10 +74,9 @@ class Cooldowns:
             self._until.pop(name, None)
 
     def ended(self, name: str) -> None:
-        """A try that ended with no word on the deployment's health (cancelled, the client's own error): if it was
-        the probe, the next call may try."""
-        if self._probing:
-            self._probing.discard(name)
+        """The probe's try ended with no word on the deployment's health (cancelled, the client's own error): the
+        next call may try. Only the call `trying` chose calls this."""
+        self._probing.discard(name)
 
     def collect(self, prefix: str) -> Iterator[Metric]:
         now = self.clock()

@@ -422,11 +422,12 @@ class Proxy(WireStreamRelay):
             if d is not first and not self._allows(call, d.name):
                 call.rec.skipped = [*(call.rec.skipped or ()), d.name]  # a fallback this tenant may not use
                 continue
+            probe = False  # this call is the one that tries a deployment whose cooldown is over
             if cooldowns.failing:  # some deployment fails or cools (almost never: the cheap test, every call)
                 if cooldowns.cooling(d.name) and self._another(call, chain, chain.index(d)):
                     call.rec.cooling = [*(call.rec.cooling or ()), d.name]  # it kept failing: its fallback answers
                     continue
-                cooldowns.trying(d.name)
+                probe = cooldowns.trying(d.name)
             attempt = call.rec.begin_attempt(d, self.routes.address(d), time.time_ns())
             last = d
             try:
@@ -435,14 +436,16 @@ class Proxy(WireStreamRelay):
                 attempt.end_ns, attempt.error_type, attempt.status = time.time_ns(), f.error_type, f.status or 0
                 failure = f
                 if not f.retryable:
-                    cooldowns.ended(d.name)  # the request's fault, not the deployment's
+                    if probe:  # the request's fault, not the deployment's: the next call tries it
+                        cooldowns.ended(d.name)
                     break
                 cooldowns.failed(d.name, f.error_type)
                 if d is not chain[-1]:
                     self.stats.fallbacks += 1
                 continue
             except BaseException:  # cancelled, the client gone: no word on the deployment
-                cooldowns.ended(d.name)
+                if probe:
+                    cooldowns.ended(d.name)
                 raise
             if cooldowns.failing:
                 cooldowns.answered(d.name)

@@ -49,15 +49,16 @@ def test_failures_in_a_row_cool_a_deployment_until_its_time_is_up_then_one_try_d
     assert c.cooling("a")
     clock.t += 0.2
     assert not c.cooling("a")  # half-open: the next call tries it...
-    c.trying("a")
+    assert c.trying("a")
     assert c.cooling("a")  # ...alone: the others still pass it over while that try runs
-    c.ended("a")  # that try ended with no word on the deployment (the client left): the next call tries
+    assert not c.trying("a")  # a call with no fallback tries it too, but is not the probe: its end frees nothing
+    c.ended("a")  # the probe's try ended with no word on the deployment (the client left): the next call tries
     assert not c.cooling("a")
-    c.trying("a")
+    assert c.trying("a")
     c.failed("a")  # and a failure cools it again at once (the same outage: not a new cooldown)
     assert c.cooling("a") and c.started == {"a": 1}
     clock.t += 30
-    c.trying("a")
+    assert c.trying("a")
     c.answered("a")
     assert not c.cooling("a")
     c.failed("a")
