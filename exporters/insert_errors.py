@@ -15,7 +15,9 @@ __all__ = ["may_be_poison", "NotSentError", "TRANSIENT_CODES"]
 
 # ClickHouse error codes (src/Common/ErrorCodes.cpp) that say nothing about the rows sent. Left out on purpose: the
 # limits a batch can pass by its own size (TOO_MANY_ROWS 158, TOO_MANY_BYTES 307, TOO_MANY_ROWS_OR_BYTES 396,
-# TOO_MANY_PARTITIONS 565), which halving the batch may get under.
+# TOO_MANY_PARTITIONS 565), which halving the batch may get under. TOO_MANY_PARTS (252) is both: the table has too
+# many parts (a state: wait), or one insert block spans more partitions (days) than max_partitions_per_insert_block
+# allows (the rows: a batch whose timestamps jumped), told apart by the message (`_ROWS_252`).
 TRANSIENT_CODES = frozenset({
     3,    # UNEXPECTED_END_OF_FILE (a cut connection)
     16,   # NO_SUCH_COLUMN_IN_TABLE: a migration not applied yet
@@ -85,9 +87,16 @@ class NotSentError(StoreError):
     code ClickHouse gave, the rows had nothing to do with it."""
 
 
+# ClickHouse's text for the partitions-per-insert limit ("Too many partitions for single INSERT block (more than
+# 100). The limit is controlled by 'max_partitions_per_insert_block' setting")
+_ROWS_252 = "max_partitions_per_insert_block"
+
+
 def may_be_poison(err: BaseException) -> bool:
     """The server answered, and with an error that can come from the rows themselves."""
     if isinstance(err, NotSentError):
         return False
     code = err.code if isinstance(err, StoreError) else None
+    if code == 252 and _ROWS_252 in str(err):
+        return True  # halving the batch gets its rows under the limit (or sets the one that spans it aside)
     return code is not None and code not in TRANSIENT_CODES

@@ -102,3 +102,18 @@ def test_a_resent_batch_with_its_token_is_stored_once_through_the_views(chdb_sto
     assert chdb_store.query_rows(f"SELECT count() FROM llm_calls WHERE customer = '{customer}'")[0] == [(3,)]
     ids = ", ".join(f"'{s['TraceId']}'" for s in spans)
     assert chdb_store.query_rows(f"SELECT count() FROM otel_traces WHERE TraceId IN ({ids})")[0] == [(3,)]
+
+
+def test_a_batch_spanning_too_many_days_may_be_its_rows_fault_and_too_many_parts_is_not(chdb_store):
+    """TOO_MANY_PARTS (252) is a state of the table (wait), except when one insert spans more day partitions than
+    max_partitions_per_insert_block: then halving the batch helps, so it may be poison (it was retried for ever)."""
+    import time  # noqa: PLC0415
+
+    now = int(time.time())
+    rows = b"".join(orjson.dumps({"Timestamp": f"{now + day * 86400}.000000000", "TraceId": unique("days"),
+                                  "SpanId": "ab" * 8, "SpanName": "x", "Duration": 1}) + b"\n" for day in range(101))
+    with pytest.raises(StoreError) as e:  # the real engine's refusal: 101 days in one block
+        chdb_store.insert_json_rows("otel_traces", rows)
+    assert e.value.code == 252 and may_be_poison(e.value), str(e.value)[:300]
+    assert not may_be_poison(StoreError("Code: 252. DB::Exception: Too many parts (3001) in table 'x'. Merges are "
+                                        "processing significantly slower than inserts. (TOO_MANY_PARTS)"))
