@@ -27,9 +27,9 @@ from .gate import SegmentPlan, next_draws, plan
 from .render import render_json
 from .report import Report, aggregate, flipped_case_ids
 from .run_lock import run_lock
-from .runner import (GATEWAY_APP, NO_GATEWAY, Answer, Caller, FatalRunError, RunOutcome, Runner, Target, check_gateway,
-                     check_in_process, check_models, gateway_client, inline_prompts, models_named, recorded_answer,
-                     targets_for)
+from .runner import (GATEWAY_APP, NO_GATEWAY, WHOAMI_PATH, Answer, Caller, FatalRunError, RunOutcome, Runner, Target,
+                     check_gateway, check_in_process, check_models, gateway_client, inline_prompts, models_named,
+                     recorded_answer, targets_for)
 from .slice import Case, EmptySliceError, SampleResult, Sampled, count_production_errors, fetch_cases, order_key, \
     sample_pool, select_slice
 from .spec import ReplaySpec, SpecError, parse_spec
@@ -171,11 +171,20 @@ async def _check_gateway(opts: RunOptions, spec: ReplaySpec) -> Caller | None:
     return who
 
 
-def _resume_refusal(run: RunRow, who: Caller | None) -> str | None:
+def _resume_refusal(run: RunRow, who: Caller | None, *, asked: bool = True) -> str | None:
     """Why this key may not resume `run` (None: it may): only the key that started it, or the admin key. A resume
-    sends the run's cases (its customers' prompts) with this key and writes the answers into the run."""
-    if who is None or who.admin or (run.key_id and who.key_id == run.key_id):
+    sends the run's cases (its customers' prompts) with this key and writes the answers into the run. `asked`: the
+    gateway was asked whose key this is (False only in-process or with a given transport, where the key guards
+    nothing); `who` None after asking means it did not say (a 5xx, a timeout, a proxy that strips /v1/tagway/*)."""
+    if not asked or (who is not None and (who.admin or (run.key_id and who.key_id == run.key_id))):
         return None
+    if who is None:
+        if not run.key_id:
+            return None  # nothing to check against: a run that recorded no key, as before keys were recorded
+        # an unknown key is refused: letting it through let any key that may mark replay calls resume another's run
+        return (f"run {run.run_id} was started with key {run.key_id!r}, and the gateway could not say whose key this "
+                f"is ({WHOAMI_PATH} did not answer): resume it with that key or the admin key through a gateway "
+                "that answers it")
     if run.key_id:
         return (f"run {run.run_id} was started with key {run.key_id!r}, not this one ({who.key_id!r}): resume it "
                 "with that key or the admin key")
@@ -226,7 +235,8 @@ async def _resume_run(store: Any, run_id: str, opts: RunOptions) -> RunResult:
         raise SpecError(f"no replay run {run_id!r}")
     spec = parse_spec(run.spec, f"run {run_id} spec")
     targets = targets_for(spec, opts.spec_dir)
-    refusal = _resume_refusal(run, await _check_gateway(opts, spec))
+    refusal = _resume_refusal(run, await _check_gateway(opts, spec),
+                              asked=not opts.in_process and opts.transport is None)  # as _check_gateway skips
     if refusal:
         raise FatalRunError(refusal)
     if opts.on_running is not None:
@@ -262,7 +272,8 @@ def _paid_answers(store: Any, run: RunRow, cases: list[Case], targets: list[Targ
                   skip: set[tuple[str, str]]) -> dict[tuple[str, str], Answer]:
     """The answers a stopped run's calls got that no stored result holds (the CLI stopped before writing them),
     from the gateway's record: for calling targets, where the record is what the same request got and the client
-    saw (runner.recorded_answer), made with the run's key when it recorded one."""
+    saw (runner.recorded_answer), made with the run's key (or the admin key) when it
+    recorded one."""
     by_case = {c.case_id: c for c in cases}
     calling = {t.name: t for t in targets if not t.logged}
     out: dict[tuple[str, str], Answer] = {}

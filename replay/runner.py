@@ -330,8 +330,8 @@ async def check_models(client: httpx.AsyncClient, api_key: str, named: Sequence[
 async def check_gateway(client: httpx.AsyncClient, api_key: str, where: str) -> Caller | None:
     """Before a run stores anything: the gateway answers and takes the key. `GET /v1/models` records no call, so a
     wrong --gateway or --api-key costs one line instead of a stored run of errored cases (and, for a bad key, a
-    burst of refused calls in the gateway's record). Raises FatalRunError. Returns which key it is (None from a
-    gateway too old to say)."""
+    burst of refused calls in the gateway's record). Raises FatalRunError. Returns which key it is (None when the
+    gateway does not say: too old, a 5xx, a proxy in front; a resume then refuses a run that recorded a key)."""
     try:
         resp = await client.get("/v1/models", headers={"authorization": f"Bearer {api_key}"})
     except httpx.HTTPError as e:

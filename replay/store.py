@@ -20,6 +20,8 @@ from exporters.genai_messages import from_semconv_input, loads_or_empty
 from exporters.replays import LAST_WRITE, settle_running
 from exporters.vocabulary import COLUMNS, JUDGE_SOURCE, REPLAY_SOURCE
 
+ADMIN_KEY_ID = "admin"  # gateway.auth.ADMIN_KEY_ID: what the admin key's calls are recorded under (llm_calls.key_id)
+
 __all__ = ["ResultRow", "RunRow", "write_results", "read_results", "done_keys", "write_run", "get_run", "list_runs",
            "case_inputs", "call_attributes", "recorded_calls", "recorded_cost", "RESULT_COLUMNS", "JOIN_SQL"]
 
@@ -119,17 +121,18 @@ def recorded_calls(store: Any, run_id: str, key_id: str = "") -> list[dict]:
     """The newest answered (status ok) call per (candidate, case) that the gateway recorded for a run's replay:
     among them the calls a stopped run paid for and never stored the result of (a CLI killed before its results
     were written), which a resume can score without calling again. `key_id`: only the calls made with the run's
-    key (any key that may mark replay calls can mark them with any run's id)."""
+    key (any key that may mark replay calls can mark them with any run's id), or the admin key's (ADMIN_KEY_ID): an
+    admin resume of a tenant's run pays with the admin key, and a later resume with the run's key must not pay again."""
     return store.query(
         "SELECT trace_id, replay_candidate AS candidate, replay_case_id AS case_id, model_requested, prompt_version, "
         "latency_ms, cost_usd, input_tokens, output_tokens, http_status, attempts, system_instructions, response_json "
         "FROM llm_calls WHERE replay_run_id = {run_id:String} AND source = {src:String} AND status = 'ok' "
-        "AND replay_case_id != '' AND ({key:String} = '' OR key_id = {key:String}) "
+        "AND replay_case_id != '' AND ({key:String} = '' OR key_id IN ({key:String}, {admin:String})) "
         "AND (replay_candidate, replay_case_id) NOT IN ("  # not the pairs scored already
         "SELECT candidate, case_id FROM replay_results WHERE run_id = {run_id:String} GROUP BY candidate, case_id "
         "HAVING argMax(status, Timestamp) != 'errored') "
         "ORDER BY Timestamp DESC LIMIT 1 BY replay_candidate, replay_case_id",
-        {"run_id": run_id, "src": REPLAY_SOURCE, "key": key_id})
+        {"run_id": run_id, "src": REPLAY_SOURCE, "key": key_id, "admin": ADMIN_KEY_ID})
 
 
 def recorded_cost(store: Any, run_id: str, sources: Sequence[str] = (REPLAY_SOURCE, JUDGE_SOURCE)) -> float:

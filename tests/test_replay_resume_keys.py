@@ -122,4 +122,101 @@ def test_a_run_that_recorded_no_key_is_resumed_by_the_admin_key_only():
     assert _resume_refusal(run, Caller("platform-b-1", admin=False)) == (
         "run old-run recorded no key (started in-process, or before tagway recorded it): resume it with the admin key")
     assert _resume_refusal(run, Caller("admin", admin=True)) is None
-    assert _resume_refusal(run, None) is None  # in-process, or a gateway too old to say which key it is
+    assert _resume_refusal(run, None) is None  # a gateway that does not say which key it is: nothing to check against
+    assert _resume_refusal(run, None, asked=False) is None  # in-process, or a given transport
+
+
+def test_an_unknown_key_does_not_resume_a_run_that_recorded_one_unless_the_check_is_skipped_by_intent():
+    run = RunRow("keyed-run", "incomplete", key_id="platform-a-1")
+    assert "the gateway could not say whose key this is" in _resume_refusal(run, None)
+    assert _resume_refusal(run, None, asked=False) is None  # in-process / a given transport: the key guards nothing
+
+
+class NoWhoami:
+    """A proxy-like ASGI front of the gateway whose /v1/tagway/whoami answers `status` (a 5xx, or a proxy that
+    does not route /v1/tagway/*): everything else is the gateway's (already started: lifespan answered here)."""
+
+    def __init__(self, app, status: int) -> None:
+        self.app, self.status = app, status
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            while True:
+                msg = await receive()
+                if msg["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                else:
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] == "http" and scope["path"] == "/v1/tagway/whoami":
+            await send({"type": "http.response.start", "status": self.status, "headers": []})
+            await send({"type": "http.response.body", "body": b"unavailable"})
+            return
+        await self.app(scope, receive, send)
+
+
+def _started_run(stack, chdb_store, tmp_path, key: str) -> tuple[str, list[str]]:
+    server, app, upstream = stack
+    customer = unique("resume-keys")
+    client = OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+    for i in range(3):
+        client.chat.completions.create(model="prod-model", messages=[{"role": "user", "content": f"refund #{i}"}],
+                                       extra_headers={"x-tagway-customer": customer, "x-tagway-prompt-version": "p1"})
+    assert app.recorder.force_flush()
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({
+        "slice": {"customer": [customer], "since": "1h", "segment_by": ["customer"]},
+        "candidates": [{"name": "cand", "model": "cand-model"}],
+        "evaluators": [{"type": "icontains", "value": "approved"}], "concurrency": 1}))
+    run_id = unique("keys")
+    res = CliRunner().invoke(replay_app, ["run", "--spec", str(spec), "--run-id", run_id, "--api-key", key,
+                                          "--dsn", chdb_store.dsn, "--gateway", server.url, "--no-progress"])
+    assert res.exit_code == 0, res.output
+    return run_id, sorted(r.case_id for r in read_results(chdb_store, run_id) if r.candidate == "cand")
+
+
+@pytest.mark.parametrize("status", [503, 404])
+def test_a_gateway_that_does_not_say_whose_key_it_is_lets_no_other_key_resume(stack, chdb_store, tmp_path, status):
+    server, app, upstream = stack
+    run_id, cases = _started_run(stack, chdb_store, tmp_path, KEY_A)
+    chdb_store.command("ALTER TABLE replay_results DELETE WHERE run_id = {r:String} AND candidate = 'cand' "
+                       "AND case_id = {c:String} SETTINGS mutations_sync = 2", {"r": run_id, "c": cases[0]})
+    front = GatewayServer(NoWhoami(app, status)).start()
+    try:
+        sent, stored = len(upstream.chat_requests()), len(read_results(chdb_store, run_id))
+        res = CliRunner().invoke(replay_app, ["resume", run_id, "--api-key", KEY_B, "--dsn", chdb_store.dsn,
+                                              "--gateway", front.url, "--no-progress"])
+        assert res.exit_code == 2, res.output
+        lines = [x for x in res.output.splitlines() if x.strip()]
+        assert len(lines) == 1 and "Traceback" not in res.output, res.output
+        assert (f"run {run_id} was started with key 'platform-a-1', and the gateway could not say whose key this is "
+                "(/v1/tagway/whoami did not answer)") in lines[0], lines[0]
+        assert len(upstream.chat_requests()) == sent and len(read_results(chdb_store, run_id)) == stored
+    finally:
+        front.stop()
+
+
+def test_answers_paid_during_an_admin_resume_are_not_paid_again_by_the_runs_own_key(stack, chdb_store, tmp_path):
+    server, app, upstream = stack
+    run_id, cases = _started_run(stack, chdb_store, tmp_path, KEY_A)
+    where = ["--dsn", chdb_store.dsn, "--gateway", server.url, "--no-progress"]
+    lost = {"r": run_id, "c": cases[0]}
+    # the result and key A's recorded call gone: the admin resume pays for that case again (recorded as 'admin')
+    chdb_store.command("ALTER TABLE replay_results DELETE WHERE run_id = {r:String} AND candidate = 'cand' "
+                       "AND case_id = {c:String} SETTINGS mutations_sync = 2", lost)
+    chdb_store.command("ALTER TABLE llm_calls DELETE WHERE replay_run_id = {r:String} AND replay_case_id = {c:String} "
+                       "SETTINGS mutations_sync = 2", lost)
+    sent = len(upstream.chat_requests())
+    res = CliRunner().invoke(replay_app, ["resume", run_id, "--api-key", ADMIN, *where])
+    assert res.exit_code == 0, res.output
+    assert app.recorder.force_flush()
+    assert len(upstream.chat_requests()) == sent + 1
+    # ... and its CLI was killed before it wrote that result: the run's own key scores it from the admin's call
+    chdb_store.command("ALTER TABLE replay_results DELETE WHERE run_id = {r:String} AND candidate = 'cand' "
+                       "AND case_id = {c:String} SETTINGS mutations_sync = 2", lost)
+    res = CliRunner().invoke(replay_app, ["resume", run_id, "--api-key", KEY_A, "--format", "json", *where])
+    assert res.exit_code == 0, res.output
+    report = orjson.loads(res.output[res.output.index("{"):])
+    assert "1 call(s) answered before the stop, whose results were not stored, scored from the gateway's record " \
+           "without calling again" in report["notes"], report["notes"]
+    assert len(upstream.chat_requests()) == sent + 1
