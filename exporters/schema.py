@@ -585,6 +585,37 @@ def applied_versions(store: Store, settings: SchemaSettings = SchemaSettings()) 
     if not _exists(store, settings, "tagway_schema_migrations"):
         return set()
     rows, _ = store.query_rows(f"SELECT DISTINCT version FROM {_versions_table(settings)}")
+    done = {int(r[0]) for r in rows}
+    if settings.cluster and any(v not in done for v, _, _ in MIGRATIONS):
+        done |= _applied_on_cluster(store, settings)
+    return done
+
+
+def _cluster_versions_sql(s: SchemaSettings) -> str:
+    """The versions every node of the cluster holds. The versions table is Replicated with `{shard}` in its path and
+    its rows are INSERTed on one node, so only that node's shard holds them: read alone, the other shards' nodes saw
+    no migration applied (and a gateway there without DDL rights waited for ever). Read across the cluster rather
+    than moving the table to a shard-independent path: that would need DDL on existing clusters (the very thing such
+    a gateway may not run) and a second table. A version held anywhere counts, every migration running ON CLUSTER;
+    a node that does not answer is skipped (one that holds them answers, or the store is pending for a while)."""
+    cluster = s.cluster.replace("\\", "\\\\").replace("'", "\\'")
+    db = f"'{s.database}'" if s.database else "currentDatabase()"
+    return (f"SELECT DISTINCT version FROM clusterAllReplicas('{cluster}', {db}, 'tagway_schema_migrations') "
+            "SETTINGS skip_unavailable_shards = 1")
+
+
+def _applied_on_cluster(store: Store, s: SchemaSettings) -> set[int]:
+    """Asked only when this node's shard lacks some version (a store migrated in full answers locally, no fan-out).
+    A user refused table functions (they need CREATE TEMPORARY TABLE / REMOTE on some servers) gets this node's
+    answer, as before, with the grant named."""
+    try:
+        rows, _ = store.query_rows(_cluster_versions_sql(s))
+    except StoreError as e:
+        if e.code not in NO_DDL_CODES:
+            raise
+        log.warning("cannot read the applied migrations across cluster %s (%s): only this node's shard is read; "
+                    "GRANT CREATE TEMPORARY TABLE, REMOTE ON *.* to this ClickHouse user", s.cluster, e)
+        return set()
     return {int(r[0]) for r in rows}
 
 
