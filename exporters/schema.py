@@ -592,7 +592,7 @@ def applied_versions(store: Store, settings: SchemaSettings = SchemaSettings()) 
 
 
 def _cluster_versions_sql(s: SchemaSettings) -> str:
-    """The versions every node of the cluster holds. The versions table is Replicated with `{shard}` in its path and
+    """The versions any node of the cluster holds. The versions table is Replicated with `{shard}` in its path and
     its rows are INSERTed on one node, so only that node's shard holds them: read alone, the other shards' nodes saw
     no migration applied (and a gateway there without DDL rights waited for ever). Read across the cluster rather
     than moving the table to a shard-independent path: that would need DDL on existing clusters (the very thing such
