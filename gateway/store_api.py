@@ -141,10 +141,17 @@ def _outcome(task: asyncio.Future) -> tuple[int, bytes]:
                                "internal_error")
 
 
-# What the admin key may not call: table functions (and the scalar file()) that read the host's files, reach the
-# network, run programs or run a string as a query; lower-cased. A name that starts with one of _REFUSED_FAMILIES is
-# one of a family (s3Cluster, icebergS3, deltaLakeAzureCluster, ...). tests/test_store_admin_reads.py checks this
-# against the engine's own list of the table functions it refuses in readonly mode.
+# What the admin key may call as a table function: those that stay inside the store (lower-cased). Every other table
+# function the engine itself lists (system.table_functions, asked once per store) is refused, so a server with table
+# functions chDB lacks (arrowFlight, hive, a later release's) refuses them too. Besides, by name (the scalar file(),
+# eval(), and names an engine may not list): _REFUSED_FUNCTIONS, and any name that starts with one of
+# _REFUSED_FAMILIES (s3Cluster, icebergS3, deltaLakeAzureCluster, ...).
+_LOCAL_TABLE_FUNCTIONS = frozenset({
+    "numbers", "numbers_mt", "zeros", "zeros_mt", "primes", "values", "sqlstandardvalues", "null", "generaterandom",
+    "generateseries", "generate_series", "view", "viewifpermitted", "viewexplain", "merge", "loop", "format",
+    "fuzzjson", "fuzzquery", "cluster", "clusterallreplicas", "mergetreeindex", "mergetreeprojection",
+    "mergetreecodecblockcounts", "mergetreetextindex", "mergetreeanalyzeindexes", "mergetreeanalyzeindexesuuid"})
+_TABLE_FUNCTIONS: dict[str, frozenset[str]] = {}  # by store dsn: the engine's own table functions
 _REFUSED_FUNCTIONS = frozenset({
     "file", "filecluster", "filesystem", "url", "urlcluster", "remote", "remotesecure", "gcs", "oss", "cosn",
     "executable", "python", "mysql", "postgresql", "sqlite", "mongodb", "redis", "odbc", "jdbc", "bigquery",
@@ -163,9 +170,9 @@ def admin_read_refusal(store: Any, sql: str) -> str | None:
     function that reaches outside in a SELECT; but not the scalar file(), INTO OUTFILE, KILL, USE, nor schema
     inference in DESCRIBE).
     Limits: what is expanded at run time is not seen (a view or dictionary over an outside source: the admin key
-    cannot create one), and a table function a later chDB adds is refused by the engine's readonly in a SELECT only
-    until it is added above (the test named there fails first)."""
+    cannot create one); a function that is not a table function but reaches outside must be named above."""
     rows, _ = store.query_rows("SELECT formatQuery({q:String})", {"q": sql}, {"readonly": 1})
+    outside = _outside_table_functions(store)
     tokens = [(quoted, word, other) for quoted, word, other in _CANONICAL_TOKEN.findall(rows[0][0])
               if quoted or word or other]  # strings are left out: they are data
     if not tokens or tokens[0][1].upper() not in _READ_STATEMENTS:
@@ -173,13 +180,23 @@ def admin_read_refusal(store: Any, sql: str) -> str | None:
                 "gateway's local credential).")
     for (quoted, word, _), nxt in zip(tokens, tokens[1:] + [("", "", "")]):
         name = (word or re.sub(r"\\(.)", r"\1", quoted)).lower()
-        if nxt[2] == "(" and (name in _REFUSED_FUNCTIONS or name.startswith(_REFUSED_FAMILIES)):
+        if nxt[2] == "(" and (name in _REFUSED_FUNCTIONS or name.startswith(_REFUSED_FAMILIES) or name in outside):
             return (f"{word or quoted}() is not allowed with the admin key: it reaches outside the store (the "
                     "gateway host's files, its network, programs).")
     words = [w.upper() for _, w, _ in tokens]
     if any(a == "INTO" and b == "OUTFILE" for a, b in itertools.pairwise(words)):
         return "INTO OUTFILE is not allowed with the admin key: it writes a file on the gateway's host."
     return None
+
+
+def _outside_table_functions(store: Any) -> frozenset[str]:
+    """The engine's table functions that are not known to stay in the store, lower-cased (asked once per store)."""
+    key = str(getattr(store, "dsn", id(store)))
+    names = _TABLE_FUNCTIONS.get(key)
+    if names is None:
+        rows, _ = store.query_rows("SELECT lower(name) FROM system.table_functions", None, {"readonly": 1})
+        names = _TABLE_FUNCTIONS[key] = frozenset(r[0] for r in rows) - _LOCAL_TABLE_FUNCTIONS
+    return names
 
 
 def marked(sql: str, mark: str) -> str:
