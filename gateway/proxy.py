@@ -25,7 +25,7 @@ from .call import Call, ClientGone
 from .capture import StreamAccumulator, capture_input, output_messages
 from .config import GatewayConfig, ModelConfig
 from .cooldowns import Cooldowns
-from .errors import (UPSTREAM_AUTH_STATUS, GatewayError, error_body, forbidden, shutting_down, upstream_auth_error,
+from .errors import (UPSTREAM_AUTH_STATUS, GatewayError, forbidden, shutting_down, upstream_auth_error,
                      with_own_headers)
 from .limits import CallLimits
 from .headers import HeaderFilter
@@ -43,7 +43,7 @@ from .observe import CallObserver
 from .telemetry import CallRecord, CallSpans, SpanIds
 from .resources import ResourceOwners, referenced_ids
 from .usage_estimate import estimate_prompt_tokens, tokens_of_chars
-from .wire_formats import API_NAMES, SEMCONV_OPERATION, WIRES, WireStreamRelay
+from .wire_formats import API_NAMES, SEMCONV_OPERATION, WIRES, WireStreamRelay, openai_error_event, shutdown_event
 
 __all__ = ["Proxy", "HOT_ROUTES", "ProxyStats"]
 
@@ -628,27 +628,16 @@ class Proxy(WireStreamRelay):
         except UpstreamFailure as f:
             # bytes already reached the client: no fallback is possible; end with an error event the SDK raises on
             rec.fail(f.error_type, f.message)
-            await call.chunk(b"data: " + error_body(f"Upstream stream failed: {f.message}.", "api_error",
-                                                    f.error_type) + b"\n\n")
+            await call.chunk(openai_error_event(f"Upstream stream failed: {f.message}.", f.error_type))
         except OSError:  # a send to a client that has gone
             rec.hung_up("mid-stream")
         except asyncio.CancelledError:
             if not call.watch.client_gone:  # the shutdown grace is over: an error the SDKs raise, not a silent cut
-                last = b"data: " + shutting_down().body() + b"\n\n"
+                last = shutdown_event(openai_error_event)
             raise
-        finally:
-            if rec.input_tokens is None and not done:  # cut or cancelled before its usage chunk: billed all the same
-                try:
-                    self._estimate_usage(call, d, acc.chars)
-                except Exception:  # an estimate must never cost the call its ending or its record
-                    log.exception("could not estimate a cut stream's usage")
-            await opened.stream.aclose()
-            rec.answered(acc.model, acc.id, acc.finish_reasons())
-            if not rec.client_disconnected and not call.watch.client_gone:
-                try:
-                    await call.end_stream(last)
-                except OSError:
-                    rec.hung_up("mid-stream")
+        finally:  # a stream cut or cancelled before its usage chunk is billed all the same
+            await self._end_relayed(call, d, opened, cut=rec.input_tokens is None and not done, chars=acc.chars,
+                                    answer=(acc.model, acc.id, acc.finish_reasons()), last=last)
 
 
 def _sent_upstream(forwarded: list[tuple[bytes, bytes]], d: ModelConfig) -> list[tuple[bytes, bytes]]:

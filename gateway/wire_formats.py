@@ -24,7 +24,8 @@ from .errors import error_body, shutting_down
 from .providers import UpstreamFailure
 from .providers.sse import event_data, json_object
 
-__all__ = ["WIRES", "SEMCONV_OPERATION", "Wire", "WireStreamRelay", "API_MARK"]
+__all__ = ["WIRES", "SEMCONV_OPERATION", "Wire", "WireStreamRelay", "API_MARK", "openai_error_event",
+           "shutdown_event"]
 
 log = logging.getLogger("tagway.proxy")
 
@@ -193,7 +194,8 @@ class Wire:
         return self._error_event(message, code, type_)
 
 
-def _openai_error_event(message: str, code: str, type_: str = "api_error") -> bytes:
+def openai_error_event(message: str, code: str, type_: str = "api_error") -> bytes:
+    """The in-band error that ends an OpenAI stream (chat completions' and the Responses API's): the SDKs raise it."""
     return b"data: " + error_body(message, type_, code) + b"\n\n"
 
 
@@ -205,7 +207,7 @@ def _anthropic_error_event(message: str, code: str, type_: str = "api_error") ->
 
 WIRES: dict[str, Wire] = {
     "responses": Wire("responses", _ResponsesStream, lambda o: [responses_format.finish_reason(o)],
-                      responses_format.output_to_semconv, _openai_error_event),
+                      responses_format.output_to_semconv, openai_error_event),
     "messages": Wire("messages", _MessagesStream,
                      lambda o: [anthropic_format.FINISH_REASONS.get(o.get("stop_reason") or "",
                                                                     o.get("stop_reason") or "")],
@@ -214,6 +216,13 @@ WIRES: dict[str, Wire] = {
 SEMCONV_OPERATION = {"responses": "chat", "messages": "chat"}
 API_NAMES = {"chat": "chat.completions", "text_completion": "completions", "embeddings": "embeddings",
              "responses": "responses", "messages": "messages"}
+
+
+def shutdown_event(error_event: Any) -> bytes:
+    """The error event that ends a stream still running when server.graceful_shutdown_seconds has passed, in the
+    stream's API's shape (`error_event`): the SDKs raise it, where a bare end would read as a complete answer."""
+    e = shutting_down()
+    return error_event(e.message, e.code, e.type)
 
 
 class WireStreamRelay:
@@ -262,20 +271,30 @@ class WireStreamRelay:
             rec.hung_up("mid-stream")
         except asyncio.CancelledError:
             if not call.watch.client_gone:  # the shutdown grace is over: an error the SDKs raise, not a silent cut
-                e = shutting_down()
-                last = wire.error_event(e.message, e.code, e.type)
+                last = shutdown_event(wire.error_event)
             raise
         finally:
             self._read_usage(reader.usage(), rec, d)
-            if not reader.usage_final and not reader.done:  # cut or cancelled before its usage: billed all the same
-                try:
-                    self._estimate_usage(call, d, reader.chars)
-                except Exception:  # an estimate must never cost the call its ending or its record
-                    log.exception("could not estimate a cut stream's usage")
-            await opened.stream.aclose()
-            rec.answered(reader.model, reader.id, reader.finish_reasons())
-            if not rec.client_disconnected and not call.watch.client_gone:
-                try:
-                    await call.end_stream(last)
-                except OSError:
-                    rec.hung_up("mid-stream")
+            await self._end_relayed(call, d, opened, cut=not reader.usage_final and not reader.done,
+                                    chars=reader.chars, answer=(reader.model, reader.id, reader.finish_reasons()),
+                                    last=last)
+
+    async def _end_relayed(self, call: Any, d: Any, opened: Any, *, cut: bool, chars: int, answer: tuple,
+                           last: bytes) -> None:
+        """The end of a relayed stream (every API's), whatever ended it. One `cut` (or cancelled) before its usage
+        is billed all the same, at estimated counts from the `chars` generated; the upstream is released; the
+        answer (model, id, finish reasons) is recorded; the client's response ends with `last` (the shutdown's error
+        event, or nothing) unless the client has gone."""
+        rec = call.rec
+        if cut:
+            try:
+                self._estimate_usage(call, d, chars)
+            except Exception:  # an estimate must never cost the call its ending or its record
+                log.exception("could not estimate a cut stream's usage")
+        await opened.stream.aclose()
+        rec.answered(*answer)
+        if not rec.client_disconnected and not call.watch.client_gone:
+            try:
+                await call.end_stream(last)
+            except OSError:
+                rec.hung_up("mid-stream")
