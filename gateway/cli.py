@@ -445,11 +445,10 @@ def keys_limits(key_id: str, rpm: Optional[int] = RpmOpt, tpm: Optional[int] = T
     from .key_limits import LimitFlags, apply_flags, describe  # noqa: PLC0415
 
     cfg = _load(config)
-    inline = next(((i, j) for i, t in enumerate(cfg.tenants) for j, k in enumerate(t.keys) if k.id == key_id), None)
-    if inline is not None:  # as for revoke: only an edit of the config changes it
-        i, j = inline
-        raise fail(f"key {key_id!r} is written in the config (tenants[{i}].keys[{j}]), not in the keys file: set its "
-                   "`limits:` there (a running gateway reads the config only at start)")
+    inline = _written_in_config(cfg, key_id)
+    if inline:  # as for revoke: only an edit of the config changes it
+        raise fail(f"key {key_id!r} is written in the config ({inline}), not in the keys file: set its `limits:` "
+                   "there (a running gateway reads the config only at start)")
     flags = LimitFlags(rpm, tpm, budget, budget_per, budget_soft, clear, model)
     try:
         if flags.empty():
@@ -464,6 +463,12 @@ def keys_limits(key_id: str, rpm: Optional[int] = RpmOpt, tpm: Optional[int] = T
     if flags.rpm or flags.tpm or flags.budget:  # a limit set (not one removed) on a model nobody serves
         _warn_unserved(cfg, model)
     typer.echo(f"{key_id}\t{describe(limits)}")
+
+
+def _written_in_config(cfg: GatewayConfig, key_id: str) -> str:
+    """Where the config itself writes a key (`tenants[0].keys[1]`), or "": only an edit of the config changes it."""
+    return next((f"tenants[{i}].keys[{j}]" for i, t in enumerate(cfg.tenants) for j, k in enumerate(t.keys)
+                 if k.id == key_id), "")
 
 
 def _warn_unserved(cfg: GatewayConfig, model: Optional[str]) -> None:
@@ -494,11 +499,10 @@ def keys_revoke(key_id: str, config: Optional[str] = ConfigOpt) -> None:
     from .auth import revoke_key_in_file  # noqa: PLC0415
 
     cfg = _load(config)
-    inline = next(((i, j) for i, t in enumerate(cfg.tenants) for j, k in enumerate(t.keys) if k.id == key_id), None)
-    if inline is not None:  # not in the keys file: the config itself names it, and only an edit of it revokes it
-        i, j = inline
-        raise fail(f"key {key_id!r} is written in the config (tenants[{i}].keys[{j}]), not in the keys file: set "
-                   "`revoked: true` there (a running gateway reads the config only at start)")
+    inline = _written_in_config(cfg, key_id)
+    if inline:  # not in the keys file: the config itself names it, and only an edit of it revokes it
+        raise fail(f"key {key_id!r} is written in the config ({inline}), not in the keys file: set `revoked: true` "
+                   "there (a running gateway reads the config only at start)")
     try:
         revoke_key_in_file(_keys_file(cfg), key_id)
     except (ValueError, OSError) as e:
@@ -645,7 +649,7 @@ def db_migrate(config: Optional[str] = ConfigOpt,
     if pending and not print_only:
         raise fail("--pending goes with --print (a plain `db migrate` applies what is pending)")
     if print_only and not pending:
-        typer.echo("\n".join(f"{sql};\n" for sql in migration_script(settings)))
+        _print_script(migration_script(settings))
         return
     from exporters.discovery import DiscoveryError  # noqa: PLC0415
     from exporters.remote_store import GatewayStuckError, StoreGoneError  # noqa: PLC0415
@@ -660,8 +664,7 @@ def db_migrate(config: Optional[str] = ConfigOpt,
                 store.close()
         except (DiscoveryError, StoreError, GatewayStuckError, StoreGoneError) as e:
             raise fail(str(e)) from None
-        script = migration_script(settings, todo) if todo else []
-        typer.echo("\n".join(f"{sql};\n" for sql in script) if script else "-- schema is up to date")
+        _print_script(migration_script(settings, todo) if todo else [])
         return
     try:
         try:
@@ -681,6 +684,10 @@ def db_migrate(config: Optional[str] = ConfigOpt,
     except StoreError as e:
         raise fail(str(e)) from None
     typer.echo(f"applied migrations: {', '.join(map(str, applied))}" if applied else "schema is up to date")
+
+
+def _print_script(statements: list[str]) -> None:
+    typer.echo("\n".join(f"{sql};\n" for sql in statements) if statements else "-- schema is up to date")
 
 
 @db_app.command("backfill-rollups")
