@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 from . import semconv as sc
 from .rollups import CUSTOMER_MIGRATION, ROLLUPS_MIGRATION, customer_statements, rollup_statements, sync_tag_keys
 from .retention import sync_retention
-from .store import Store, StoreError, chdb_path, connect, dsn_database, is_embedded, without_database
+from .store import Store, StoreError, chdb_path, connect, dsn_database, is_embedded, quote_string, without_database
 
 __all__ = ["SchemaSettings", "MIGRATIONS", "migrate", "applied_versions", "statements_for", "migration_script",
            "pending_versions", "may_run_ddl", "may_create_database", "connect_creating_database",
@@ -552,8 +552,7 @@ def migration_script(settings: SchemaSettings, versions: Iterable[int] | None = 
         out.append(_versions_table_sql(settings))
     for version, name, fn in todo:
         out += fn(settings)
-        quoted = name.replace("\\", "\\\\").replace("'", "\\'")  # a ClickHouse string literal
-        out.append(f"INSERT INTO {_versions_table(settings)} (version, name) VALUES ({version}, '{quoted}')")
+        out.append(f"INSERT INTO {_versions_table(settings)} (version, name) VALUES ({version}, {quote_string(name)})")
     return out
 
 
@@ -598,10 +597,9 @@ def _cluster_versions_sql(s: SchemaSettings) -> str:
     than moving the table to a shard-independent path: that would need DDL on existing clusters (the very thing such
     a gateway may not run) and a second table. A version held anywhere counts, every migration running ON CLUSTER;
     a node that does not answer is skipped (one that holds them answers, or the store is pending for a while)."""
-    cluster = s.cluster.replace("\\", "\\\\").replace("'", "\\'")
-    db = f"'{s.database}'" if s.database else "currentDatabase()"
-    return (f"SELECT DISTINCT version FROM clusterAllReplicas('{cluster}', {db}, 'tagway_schema_migrations') "
-            "SETTINGS skip_unavailable_shards = 1")
+    db = quote_string(s.database) if s.database else "currentDatabase()"
+    return (f"SELECT DISTINCT version FROM clusterAllReplicas({quote_string(s.cluster)}, {db}, "
+            "'tagway_schema_migrations') SETTINGS skip_unavailable_shards = 1")
 
 
 def _applied_on_cluster(store: Store, s: SchemaSettings) -> set[int]:
@@ -629,19 +627,20 @@ def may_run_ddl(store: Store, settings: SchemaSettings = SchemaSettings()) -> bo
     with an engine no server has. ClickHouse checks the grant first (InterpreterCreateQuery::execute) and refuses
     with ACCESS_DENIED or READONLY; a user who may gets the unknown engine instead (or nothing, the table being
     there), and no table is made."""
-    try:
-        store.command(f"CREATE TABLE IF NOT EXISTS {_versions_table(settings)} (version UInt32) "
-                      "ENGINE = TagwayGrantProbeNoSuchEngine")
-    except StoreError as e:
-        return e.code not in NO_DDL_CODES
-    return True
+    return _may(store, f"CREATE TABLE IF NOT EXISTS {_versions_table(settings)} (version UInt32) "
+                       "ENGINE = TagwayGrantProbeNoSuchEngine")
 
 
 def may_create_database(store: Store, database: str) -> bool:
     """Whether this user may create `database`, asked as may_run_ddl asks (an engine no server has: nothing is
     made)."""
+    return _may(store, f"CREATE DATABASE IF NOT EXISTS `{database}` ENGINE = TagwayGrantProbeNoSuchEngine")
+
+
+def _may(store: Store, probe: str) -> bool:
+    """Whether the grant a `probe` statement (one that can make nothing) needs is this user's."""
     try:
-        store.command(f"CREATE DATABASE IF NOT EXISTS `{database}` ENGINE = TagwayGrantProbeNoSuchEngine")
+        store.command(probe)
     except StoreError as e:
         return e.code not in NO_DDL_CODES
     return True

@@ -24,7 +24,7 @@ from clickhouse_connect.driver.exceptions import ClickHouseError
 from .dirlock import lock_dir
 
 __all__ = ["Store", "StoreError", "StoreLockedError", "connect", "is_embedded", "chdb_path", "redact_dsn",
-           "LOCK_FILE", "MIN_SERVER_VERSION", "ServerTooOldError", "dsn_database", "without_database"]
+           "LOCK_FILE", "MIN_SERVER_VERSION", "ServerTooOldError", "dsn_database", "without_database", "quote_string"]
 
 LOCK_FILE = "tagway.lock"  # in an embedded store's directory: held by the one process that opens it
 
@@ -103,7 +103,8 @@ def _quote_identifier(name: str) -> str:
     return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"
 
 
-def _quote_string(value: str) -> str:
+def quote_string(value: str) -> str:
+    """A ClickHouse string literal."""
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
@@ -118,7 +119,7 @@ def _settings_clause(settings: dict[str, Any]) -> str:
             raise StoreError(f"not a ClickHouse setting name: {k!r}")
         if v is None:
             continue
-        value = int(v) if isinstance(v, bool) else v if isinstance(v, (int, float)) else _quote_string(str(v))
+        value = int(v) if isinstance(v, bool) else v if isinstance(v, (int, float)) else quote_string(str(v))
         out.append(f"{k} = {value}")
     return ", ".join(out)
 
@@ -247,7 +248,7 @@ class Store:
             clause = _settings_clause(settings)
             clause = f" SETTINGS {clause}" if clause else ""
             self._client.command(f"INSERT INTO {table} ({names}){clause} SELECT {names} FROM "
-                                 f"file({_quote_string(f.name)}, 'JSONEachRow', {_quote_string(structure)})")
+                                 f"file({quote_string(f.name)}, 'JSONEachRow', {quote_string(structure)})")
         finally:
             os.unlink(f.name)
 
