@@ -53,11 +53,13 @@ def stack(chdb_dsn, chdb_store, tmp_path_factory):
     upstream.stop()
 
 
-def test_a_run_is_resumed_only_with_its_own_key_and_its_own_recorded_answers(stack, chdb_store, tmp_path):
+def _started_run(stack, chdb_store, tmp_path, key: str, calls: int = 3) -> tuple[str, list[str], str]:
+    """A run of `calls` recorded calls of a customer of its own, started with `key`: (run id, its case ids, the
+    customer)."""
     server, app, upstream = stack
     customer = unique("resume-keys")
-    client = OpenAI(base_url=server.url + "/v1", api_key=KEY_A, max_retries=0)
-    for i in range(6):
+    client = OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+    for i in range(calls):
         client.chat.completions.create(model="prod-model", messages=[{"role": "user", "content": f"refund #{i}"}],
                                        extra_headers={"x-tagway-customer": customer, "x-tagway-prompt-version": "p1"})
     assert app.recorder.force_flush()
@@ -67,10 +69,17 @@ def test_a_run_is_resumed_only_with_its_own_key_and_its_own_recorded_answers(sta
         "candidates": [{"name": "cand", "model": "cand-model"}],
         "evaluators": [{"type": "icontains", "value": "approved"}], "concurrency": 1}))
     run_id = unique("keys")
+    res = CliRunner().invoke(replay_app, ["run", "--spec", str(spec), "--run-id", run_id, "--api-key", key,
+                                          "--dsn", chdb_store.dsn, "--gateway", server.url, "--no-progress"])
+    assert res.exit_code == 0, res.output
+    return run_id, sorted(r.case_id for r in read_results(chdb_store, run_id) if r.candidate == "cand"), customer
+
+
+def test_a_run_is_resumed_only_with_its_own_key_and_its_own_recorded_answers(stack, chdb_store, tmp_path):
+    server, app, upstream = stack
+    run_id, _, customer = _started_run(stack, chdb_store, tmp_path, KEY_A, calls=6)
     where = ["--dsn", chdb_store.dsn, "--gateway", server.url, "--no-progress"]
     cli = CliRunner()
-    res = cli.invoke(replay_app, ["run", "--spec", str(spec), "--run-id", run_id, "--api-key", KEY_A, *where])
-    assert res.exit_code == 0, res.output
     assert get_run(chdb_store, run_id).key_id == "platform-a-1"
 
     # the run's CLI killed before two results were written: the gateway recorded those calls (key A's)
@@ -155,30 +164,10 @@ class NoWhoami:
         await self.app(scope, receive, send)
 
 
-def _started_run(stack, chdb_store, tmp_path, key: str) -> tuple[str, list[str]]:
-    server, app, upstream = stack
-    customer = unique("resume-keys")
-    client = OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
-    for i in range(3):
-        client.chat.completions.create(model="prod-model", messages=[{"role": "user", "content": f"refund #{i}"}],
-                                       extra_headers={"x-tagway-customer": customer, "x-tagway-prompt-version": "p1"})
-    assert app.recorder.force_flush()
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(yaml.safe_dump({
-        "slice": {"customer": [customer], "since": "1h", "segment_by": ["customer"]},
-        "candidates": [{"name": "cand", "model": "cand-model"}],
-        "evaluators": [{"type": "icontains", "value": "approved"}], "concurrency": 1}))
-    run_id = unique("keys")
-    res = CliRunner().invoke(replay_app, ["run", "--spec", str(spec), "--run-id", run_id, "--api-key", key,
-                                          "--dsn", chdb_store.dsn, "--gateway", server.url, "--no-progress"])
-    assert res.exit_code == 0, res.output
-    return run_id, sorted(r.case_id for r in read_results(chdb_store, run_id) if r.candidate == "cand")
-
-
 @pytest.mark.parametrize("status", [503, 404])
 def test_a_gateway_that_does_not_say_whose_key_it_is_lets_no_other_key_resume(stack, chdb_store, tmp_path, status):
     server, app, upstream = stack
-    run_id, cases = _started_run(stack, chdb_store, tmp_path, KEY_A)
+    run_id, cases, _ = _started_run(stack, chdb_store, tmp_path, KEY_A)
     chdb_store.command("ALTER TABLE replay_results DELETE WHERE run_id = {r:String} AND candidate = 'cand' "
                        "AND case_id = {c:String} SETTINGS mutations_sync = 2", {"r": run_id, "c": cases[0]})
     front = GatewayServer(NoWhoami(app, status)).start()
@@ -198,7 +187,7 @@ def test_a_gateway_that_does_not_say_whose_key_it_is_lets_no_other_key_resume(st
 
 def test_answers_paid_during_an_admin_resume_are_not_paid_again_by_the_runs_own_key(stack, chdb_store, tmp_path):
     server, app, upstream = stack
-    run_id, cases = _started_run(stack, chdb_store, tmp_path, KEY_A)
+    run_id, cases, _ = _started_run(stack, chdb_store, tmp_path, KEY_A)
     where = ["--dsn", chdb_store.dsn, "--gateway", server.url, "--no-progress"]
     lost = {"r": run_id, "c": cases[0]}
     # the result and key A's recorded call gone: the admin resume pays for that case again (recorded as 'admin')
