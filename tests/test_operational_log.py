@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 
-import httpx
 import openai
 import orjson
 import pytest
@@ -20,6 +19,7 @@ import yaml
 from gateway.auth import hash_key
 from tests.gateway_process import ENV
 from tests.http_server import free_port
+from tests.test_serve_cli import wait_ready
 from tests.upstream import Upstream
 
 KEY = "tw-oplog-acme-0123456789abcdefghijklmnopq"
@@ -32,19 +32,6 @@ def upstream():
     up = Upstream().start()
     yield up
     up.stop()
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "the gateway exited"
-        try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("gateway did not become ready")
 
 
 def _serve(tmp_path, models: list[dict], *args: str, **extra) -> tuple[subprocess.Popen, str, str]:

@@ -38,7 +38,7 @@ def serve(path: str, *args: str, env: dict[str, str] | None = None) -> subproces
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()[1]
+        assert proc.poll() is None, proc.communicate()[1] or "the gateway exited"  # its stderr, unless a file took it
         try:
             if httpx.get(url + "/readyz", timeout=1).status_code == 200:
                 return
