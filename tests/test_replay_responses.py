@@ -39,6 +39,19 @@ def recorded(upstream, chdb_store, tmp_path_factory):
         yield gw, customer
 
 
+def _replay(gw, cases, customer: str, *, model: str, contains: str):
+    """The cases replayed through the gateway on candidate `model` (the admin key), scored by an icontains."""
+    spec = ReplaySpec(slice={"customer": [customer]}, candidates=[{"name": "cand", "model": model}],
+                      evaluators=[{"type": "icontains", "value": contains}])
+
+    async def run():
+        async with gateway_client(base_url=gw.url) as client:
+            runner = Runner(client, spec, run_id=unique("run"), api_key=ADMIN_KEY, progress=False)
+            return await runner.run(cases, [Target("cand", model=None)])
+
+    return asyncio.run(run())
+
+
 def test_responses_and_messages_calls_replay_as_themselves(recorded, upstream, chdb_store):
     gw, customer = recorded
     cases, _ = select_slice(chdb_store, SliceSpec(customer=[customer], since="1h", segment_by=["customer"]))
@@ -54,16 +67,8 @@ def test_responses_and_messages_calls_replay_as_themselves(recorded, upstream, c
         {"type": "function_call_output", "call_id": "call_w1", "output": "sunny"}]
     assert resp_case.baseline_text == "The weather is sunny"
 
-    spec = ReplaySpec(slice={"customer": [customer]}, candidates=[{"name": "cand", "model": "tools"}],
-                      evaluators=[{"type": "icontains", "value": "e"}])
-
-    async def run():
-        async with gateway_client(base_url=gw.url) as client:
-            runner = Runner(client, spec, run_id=unique("run"), api_key=ADMIN_KEY, progress=False)
-            return await runner.run(cases, [Target("cand", model=None)])
-
     upstream.clear()
-    outcome = asyncio.run(run())
+    outcome = _replay(gw, cases, customer, model="tools", contains="e")
     assert outcome.complete, [r.error for r in outcome.results]
     by_api = {r.case_id: r for r in outcome.results}
     sent = {r["path"]: r["body"] for r in upstream.requests}
@@ -108,16 +113,8 @@ def test_system_messages_later_in_a_conversation_are_replayed_where_they_were(re
         "user", "assistant", "developer", "user", "system", "user"]
 
     cases, _ = select_slice(chdb_store, SliceSpec(customer=[customer], since="1h", segment_by=["customer"]))
-    spec = ReplaySpec(slice={"customer": [customer]}, candidates=[{"name": "cand", "model": "gpt-test"}],
-                      evaluators=[{"type": "icontains", "value": "echo"}])
-
-    async def run():
-        async with gateway_client(base_url=gw.url) as client:
-            runner = Runner(client, spec, run_id=unique("run"), api_key=ADMIN_KEY, progress=False)
-            return await runner.run(cases, [Target("cand", model=None)])
-
     upstream.clear()
-    outcome = asyncio.run(run())
+    outcome = _replay(gw, cases, customer, model="gpt-test", contains="echo")
     assert outcome.complete, [r.error for r in outcome.results]
     replayed = {r["path"]: r["body"] for r in upstream.requests}
     assert replayed["/v1/chat/completions"]["messages"] == sent["/v1/chat/completions"]["messages"]
