@@ -114,7 +114,8 @@ class TagwayApp:
                                recording=getattr(self.recorder, "enabled", True), owners=owners)
             self.passthrough = Passthrough(config=self.config, keyring=self.keyring, providers=self.providers,
                                            routes=self.routes, tracer=self.recorder.tracer, redactor=self.redactor,
-                                           owners=owners)
+                                           owners=owners, observe=self.proxy.observe,
+                                           cut_at_shutdown=self.proxy.cut_at_shutdown)
 
     async def _start_limits(self, loop: asyncio.AbstractEventLoop) -> None:
         """Budgets read their spend from the store before the first call, then every BUDGET_REFRESH seconds, and at

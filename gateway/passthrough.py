@@ -18,7 +18,7 @@ import re
 import time
 import urllib.parse
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Callable
 
 import aiohttp
 import orjson
@@ -27,7 +27,7 @@ from .auth import CREDENTIAL_HEADERS, KeyRing, duplicate_header
 from .call import Call, ClientGone
 from .config import GatewayConfig, ModelConfig
 from .errors import (UPSTREAM_AUTH_STATUS, GatewayError, bad_request, forbidden, upstream_auth_error,
-                     upstream_message, with_own_headers)
+                     shutting_down, upstream_message, with_own_headers)
 from .headers import HeaderFilter
 from .model_routes import ModelRoutes
 from .providers import ProviderRegistry, UpstreamFailure, kind_of
@@ -51,7 +51,8 @@ _MULTIPART_MODEL = re.compile(rb'(name="model"\r\n(?:[^\r\n]+\r\n)*\r\n)([^\r\n]
 
 class Passthrough:
     def __init__(self, *, config: GatewayConfig, keyring: KeyRing, providers: ProviderRegistry, routes: ModelRoutes,
-                 tracer: Any, redactor: Redactor, owners: ResourceOwners | None = None) -> None:
+                 tracer: Any, redactor: Redactor, owners: ResourceOwners | None = None,
+                 observe: Callable[..., None] | None = None, cut_at_shutdown: Callable[[], None] | None = None) -> None:
         self.owners = owners  # whose files, batches and responses are whose (api.tenant_resources: isolated)
         self.config, self.keyring, self.providers, self.routes = config, keyring, providers, routes
         self.spans, self.redactor = CallSpans(tracer), redactor
@@ -63,6 +64,9 @@ class Passthrough:
                                key=len, reverse=True)
         self._tenants = {t.customer: t for t in config.tenants}
         self.calls = 0
+        # the hot path's metrics and access log, and its count of calls cut at the shutdown deadline: one place each
+        self._observe = observe
+        self._cut_at_shutdown = cut_at_shutdown
 
     async def __call__(self, scope: dict, receive: Any, send: Any, route: Route, params: dict[str, str]) -> None:
         start_ns, t0 = time.time_ns(), time.perf_counter()
@@ -87,6 +91,18 @@ class Passthrough:
             rec.hung_up("before the response")
         except OSError:
             rec.hung_up("mid-response")
+        except asyncio.CancelledError:
+            # uvicorn cancels what still runs when server.graceful_shutdown_seconds has passed: an OpenAI-shaped 503
+            # the SDKs retry (a relayed body is cut), as on the hot path (gateway/proxy.py); re-raised, it was
+            # uvicorn's plain 500 and "Exception in ASGI application" with a traceback
+            rec.fail("cancelled", "the call was cancelled by the gateway")
+            if self._cut_at_shutdown is not None:
+                self._cut_at_shutdown()
+            if not call.started:
+                try:
+                    await call.respond_error(shutting_down())
+                except BaseException:  # cancelled again, or the client is gone: the record says what happened
+                    pass
         except Exception as e:  # a bug of ours: the client gets a 500, the record is still written
             log.exception("internal error on %s %s", scope["method"], scope["path"])
             rec.fail("internal_error", type(e).__name__, 500)
@@ -98,6 +114,8 @@ class Passthrough:
                 self.spans.finish(ids, rec, start_ns, start_ns + int((time.perf_counter() - t0) * 1e9))
             except Exception:
                 log.exception("could not record call")
+            if self._observe is not None:  # metrics and the access line (the observer never raises)
+                self._observe(rec, ids.trace_id, time.perf_counter() - t0)
 
     async def _handle(self, call: Call, scope: dict, route: Route, params: dict[str, str]) -> None:
         rec = call.rec

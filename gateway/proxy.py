@@ -161,7 +161,7 @@ class Proxy(WireStreamRelay):
                 # re-raised one is uvicorn's "Exception in ASGI application" and a traceback, for a cut it made.
                 rec.fail("cancelled", "the call was cancelled by the gateway")
                 stopping = True
-                self._cut_at_shutdown()
+                self.cut_at_shutdown()
                 if not call.started:
                     try:
                         await call.respond_error(shutting_down())
@@ -201,7 +201,7 @@ class Proxy(WireStreamRelay):
         if self.shadow is not None:  # the client has its answer: a sampled copy is queued, never awaited
             self.shadow.offer(call)
 
-    def _cut_at_shutdown(self) -> None:
+    def cut_at_shutdown(self) -> None:
         """Count a call cut at the shutdown deadline. uvicorn cancels them all at once: one WARNING says how many,
         a loop iteration later, once each has ended."""
         self._cut += 1
@@ -210,7 +210,8 @@ class Proxy(WireStreamRelay):
 
     def _say_cut(self) -> None:
         log.warning("server.graceful_shutdown_seconds passed: %d call(s) still running were cut (a 503 "
-                    "gateway_shutting_down, or that error as a stream's last event) and recorded as cancelled",
+                    "gateway_shutting_down, or that error as a stream's last event; a relayed file or audio body "
+                    "ends short) and recorded as cancelled",
                     self._cut)
         self._cut = 0
 

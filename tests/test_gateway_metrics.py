@@ -77,7 +77,8 @@ def drive(url: str) -> dict:
     for customer in ("c1", "c2", "c3", "c4"):  # acme + c1 + c2 fill the cap of 3; c3, c4 become "other"
         platform.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "x"}],
                                          extra_headers={"x-tagway-customer": customer})
-    return {"usage": usage, "total": 3 + 1 + 1 + 1 + 1 + 4}
+    acme.moderations.create(model="gpt-test", input="x")  # a passed-through route (gateway/passthrough.py)
+    return {"usage": usage, "total": 3 + 1 + 1 + 1 + 1 + 4 + 1}
 
 
 def scrape(url: str, accept: str | None = None) -> httpx.Response:
@@ -150,7 +151,7 @@ def test_histograms_have_the_documented_buckets(observed):
             assert counts[-1] == value(h, "_count", **labels) > 0
     latency = f["tagway_call_duration_seconds"]
     assert {s.labels.get("customer") for s in latency.samples} == {None}  # no customer on histograms
-    assert value(latency, "_count", model="gpt-test", status_class="2xx") == 4 + 4
+    assert value(latency, "_count", operation="chat", model="gpt-test", status_class="2xx") == 4 + 4
     assert value(f["tagway_time_to_first_token_seconds"], "_count", model="gpt-test") == 1  # the one stream
     # both attempts of the fallback call count as time spent on providers, in one observation
     assert value(f["tagway_upstream_duration_seconds"], "_count", model="flaky") == 1
@@ -224,6 +225,17 @@ def test_access_lines_say_why_and_where_a_call_went(observed):
         ("refund", "v7", "flaky", "gpt-test", 2)
     plain = [x for x in access_lines(observed, observed.calls["total"]) if x["model"] == "gpt-test"][0]
     assert plain["intent"] is None and plain["deployment"] == "gpt-test"
+
+
+def test_a_passed_through_call_is_counted_and_has_its_access_line(observed):
+    """Moderations, images, files...: calls like the others for whoever watches the metrics and the log."""
+    f = families(scrape(observed.url).text)
+    assert value(f["tagway_calls"], "_total", operation="moderations", model="gpt-test", provider="openai",
+                 status_class="2xx", customer="acme") == 1
+    assert value(f["tagway_call_duration_seconds"], "_count", operation="moderations", model="gpt-test") == 1
+    (line,) = [x for x in access_lines(observed, observed.calls["total"]) if x["operation"] == "moderations"]
+    assert (line["customer"], line["model"], line["deployment"], line["status"]) == ("acme", "gpt-test", "gpt-test",
+                                                                                    200)
 
 
 def test_access_line_matches_the_response_trace_id(observed):

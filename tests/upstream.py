@@ -4,7 +4,8 @@ Behaviour is picked by the upstream model name the gateway sends, so one server 
   ok-*        answers normally (streams real SSE when asked; usage only when stream_options.include_usage)
   tools-*     answers with a tool call
   fail503-*, fail500-*, fail429-*, fail400-*   answers that HTTP error with an OpenAI-shaped body
-  slow-*      waits 2 s before answering (for timeouts); slowstream-* waits 0.3 s after each streamed text delta
+  slow-*      waits 2 s before answering (for timeouts); hang-* (resource routes) waits 30 s or until the caller hangs
+              up; slowstream-* waits 0.3 s after each streamed text delta
   cut-*       streams two chunks (Responses and Anthropic: up to the first text delta) then drops the connection
   refund-bad-* answers "WRONG" when the prompt mentions refund, else like ok-*
   garbage-*   answers 502 with an HTML body
@@ -258,6 +259,11 @@ class Upstream(ThreadedServer):
         model = (body or {}).get("model", "") if isinstance(body, dict) else ""
         if model.startswith("fail"):
             return self._error(int(model[4:7]), f"upstream says {model[4:7]} (key {SECRET_ECHO})")
+        if model.startswith("hang"):  # no answer for 30 s, or until the caller hangs up
+            for _ in range(300):
+                if request.transport is None or request.transport.is_closing():
+                    break
+                await asyncio.sleep(0.1)
         rid = request.match_info.get("id") or f"res-{len(self.requests)}"
         out: dict[str, Any] = {"id": rid, "object": "echo", "method": request.method, "path": request.path,
                                "query": request.query_string, "model": model}
