@@ -61,6 +61,9 @@ class ModelConfig(_Strict):
     connect_timeout: float = Field(5.0, gt=0)
     fallbacks: list[str] = []
     headers: dict[str, str] = {}
+    # translated providers (litellm): drop the OpenAI parameters the provider has no equivalent for (presence_penalty,
+    # seed, n... on Anthropic) instead of answering 400 unsupported_parameter
+    drop_params: bool = False
     # override litellm's local price map; finite and not negative (an infinite or NaN price is no cost anyone can sum)
     input_cost_per_token: float | None = Field(None, ge=0, allow_inf_nan=False)
     output_cost_per_token: float | None = Field(None, ge=0, allow_inf_nan=False)

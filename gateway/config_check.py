@@ -10,6 +10,7 @@ import os
 from typing import Any, Mapping, Sequence
 
 from .config import GatewayConfig, KeyConfig
+from .providers.names import kind_of
 
 __all__ = ["Finding", "findings", "orphan_keys", "unpriced_budgets", "limits_on_unknown_models", "probe_store",
            "probe_spool", "ADMIN_KEY_HOWTO"]
@@ -50,6 +51,10 @@ def findings(cfg: GatewayConfig, path: str | None, env: Mapping[str, str], store
             out.append(Finding(f"models[{i}] ({m.name}).api_key_env",
                                f"${m.api_key_env} is not set: {m.provider} will refuse calls to {m.name}",
                                f"export {m.api_key_env}=<the provider key>"))
+        if m.drop_params and kind_of(m.provider) != "litellm":
+            out.append(Finding(f"models[{i}] ({m.name}).drop_params",
+                               f"has no effect: {m.provider} is passed the request as it is sent, not translated, "
+                               "so its own API answers a parameter it does not take", "remove it"))
     if not cfg.tenants:
         out.append(Finding("tenants", "no tenants: only the admin key can make calls",
                            "add a tenant (customer: name), then `tagway keys create --customer name`"))

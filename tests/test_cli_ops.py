@@ -67,6 +67,11 @@ CASES = {
         {"name": "b", "provider": "anthropic", "model": "claude", "api_key_env": "TAGWAY_TEST_UNSET_KEY"},
         {"name": "c", "provider": "mock"}]}, {"TAGWAY_ADMIN_KEY": "k" * 20},
         ["models[0] (a).api_key_env: $OPENAI_API_KEY", "models[1] (b).api_key_env: $TAGWAY_TEST_UNSET_KEY"]),
+    # drop_params is litellm's: a provider passed the request as it is never drops anything
+    "drop_params where nothing is translated": ({"models": [
+        {"name": "gpt", "provider": "openai", "api_key_env": "OPENAI_API_KEY", "drop_params": True},
+        {"name": "claude", "provider": "anthropic", "api_key_env": "OPENAI_API_KEY", "drop_params": True}]}, FULL_ENV,
+        ["models[0] (gpt).drop_params: has no effect: openai is passed the request as it is sent"]),
     "closed port": (lambda f: {"storage": {"dsn": f"http://default:s3cret-pw@127.0.0.1:{f['closed']}/tagway"}},
                     FULL_ENV, ["storage.dsn: ", "127.0.0.1:{closed}", "spool every call"]),
     "wrong password": (lambda f: {"storage": {"dsn": f["wrong_password"]}}, FULL_ENV,

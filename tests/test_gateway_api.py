@@ -310,6 +310,41 @@ def test_anthropic_through_litellm(gateway, upstream):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip() == "Claude echo: hello there"
 
 
+def test_a_parameter_the_translated_provider_lacks_is_refused_in_tagways_terms_or_dropped(gateway, upstream):
+    """litellm refuses an OpenAI parameter Anthropic has no equivalent for, telling the client to set
+    `litellm.drop_params` or a LiteLLM proxy setting: the client gets OpenAI's own shape for it instead, naming the
+    parameter and tagway's setting; a model with `drop_params: true` drops it and answers."""
+    from gateway.app import TagwayApp  # noqa: PLC0415
+    from gateway.config import GatewayConfig  # noqa: PLC0415
+    from tests.gateway_fixture import GatewayServer, MemoryRecorder, gateway_config  # noqa: PLC0415
+
+    with pytest.raises(openai.BadRequestError) as e:
+        client(gateway).chat.completions.create(model="claude", messages=MSG, max_tokens=50, presence_penalty=0.5)
+    err = e.value
+    assert (err.code, err.type, err.param) == ("unsupported_parameter", "invalid_request_error", "presence_penalty")
+    assert "anthropic does not support presence_penalty" in err.message and "drop_params: true" in err.message
+    assert "litellm" not in err.message.lower() and "claude-test" not in err.message  # the public model name
+    span = gateway.recorder.call(err.response.headers["x-tagway-trace-id"])
+    assert span.attributes[sc.ERROR_TYPE] == "unsupported_parameter" and span.attributes[sc.HTTP_STATUS] == 400
+
+    cfg = gateway_config(upstream.base_url)
+    cfg["models"] = [dict(m, drop_params=True) if m["name"] == "claude" else m for m in cfg["models"]]
+    recorder = MemoryRecorder()
+    lenient = GatewayServer(TagwayApp(GatewayConfig(**cfg), recorder=recorder)).start()
+    try:
+        for stream in (False, True):
+            r = client(lenient).chat.completions.create(model="claude", messages=MSG, max_tokens=50, seed=3,
+                                                        presence_penalty=0.5, stream=stream)
+            text = r.choices[0].message.content if not stream else "".join(
+                c.choices[0].delta.content or "" for c in r if c.choices)
+            assert text.strip() == "Claude echo: hello there"
+            sent = upstream.last("/v1/messages")["body"]
+            assert "presence_penalty" not in sent and "seed" not in sent and sent["max_tokens"] == 50
+    finally:
+        lenient.stop()
+        recorder.shutdown()
+
+
 def test_mid_stream_error_event_is_relayed_without_secrets(gateway):
     raw = client(gateway).chat.completions.with_raw_response.create(model="midstream-error", messages=MSG,
                                                                       stream=True)

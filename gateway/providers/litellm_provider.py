@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sys
 from typing import Any, AsyncIterator
 
@@ -52,6 +53,27 @@ def _missing_module(e: BaseException) -> ImportError | None:
 def _first_line(text: str) -> str:
     # litellm appends a traceback and a prefilled bug-report link to some messages: neither is for the client
     return text.strip().split("\n", 1)[0][:2000]
+
+
+_UNSUPPORTED = re.compile(r"does not support parameters: \[([^\]]*)\]")
+
+
+def _unsupported_params(e: Exception, model: str, provider: str) -> UpstreamFailure | None:
+    """litellm's refusal of an OpenAI parameter the provider has no equivalent for, said in tagway's terms: its
+    own message tells the client to set `litellm.drop_params` or a LiteLLM proxy setting, neither of which a
+    tagway user has. OpenAI's own answer to a parameter a model does not take is this shape (code
+    `unsupported_parameter`, the parameter in `param`)."""
+    if type(e).__name__ != "UnsupportedParamsError":
+        return None
+    m = _UNSUPPORTED.search(str(getattr(e, "message", "") or e))
+    names = re.findall(r"'([^']+)'", m.group(1)) if m else []
+    listed = ", ".join(names) or "some of this request's parameters"
+    message = (f"Provider {provider} does not support {listed} (model {model!r}). Leave "
+               f"{'it' if len(names) == 1 else 'them'} out, or ask the gateway's operator to set "
+               f"`drop_params: true` on this model, which drops what the provider does not support.")
+    body = orjson.dumps({"error": {"message": message, "type": "invalid_request_error",
+                                   "param": names[0] if names else None, "code": "unsupported_parameter"}})
+    return UpstreamFailure("unsupported_parameter", message, status=400, body=body, retryable=False)
 
 
 def _failure(e: Exception) -> UpstreamFailure:
@@ -128,7 +150,8 @@ class LiteLLMProvider:
             if call.operation in ("responses", "messages"):
                 return await _translated_api(litellm, call, kwargs)
             if call.operation == "embeddings":
-                resp = await litellm.aembedding(input=p.get("input"), **kwargs)
+                resp = await litellm.aembedding(input=p.get("input"), **kwargs,
+                                                **({"drop_params": True} if d.drop_params else {}))
                 return UpstreamResponse(200, resp.model_dump_json().encode())
             if call.operation != "chat":
                 raise UpstreamFailure("unsupported_operation", f"{d.provider} supports chat and embeddings only",
@@ -138,6 +161,8 @@ class LiteLLMProvider:
                                                                    "type": "invalid_request_error", "param": None,
                                                                    "code": "unsupported_operation"}}))
             params = {k: v for k, v in p.items() if k in _CHAT_PARAMS}
+            if d.drop_params:  # what the provider has no equivalent for is left out, not refused
+                params["drop_params"] = True
             if call.stream:
                 stream = await litellm.acompletion(messages=p.get("messages"), stream=True,
                                                    stream_options={"include_usage": True}, **params, **kwargs)
@@ -147,7 +172,7 @@ class LiteLLMProvider:
         except UpstreamFailure:
             raise
         except Exception as e:  # litellm maps provider errors onto OpenAI-like exception classes with status_code
-            raise _failure(e) from None
+            raise _unsupported_params(e, d.name, d.provider) or _failure(e) from None
 
     async def aclose(self) -> None:
         pass
