@@ -19,7 +19,7 @@ from exporters.vocabulary import NON_PRODUCTION_SOURCES
 from .auth import KeyRing
 from .config import GatewayConfig, load_config
 from .errors import GatewayError, error_body
-from .pricing import Pricing
+from .pricing import Pricing, unpriced_warning
 from .providers import ProviderRegistry
 from .providers.litellm_provider import preload as preload_litellm
 from .lanes import ReplayLane, is_replay_call
@@ -72,6 +72,7 @@ class TagwayApp:
         self.local = LocalAccess()  # the discovery file and credential that let local CLIs use our store
         # rate limits and budgets; with --workers N each worker holds 1/N of every rate limit (gateway/limits.py)
         self.limits = CallLimits(share=1 / max(1, workers), read_spend=self._read_spend)
+        self._worker_of_many = workers > 1
         self._budget_task: asyncio.Future | None = None
         self._query_store: Any = None
         self._local_store: Any = None
@@ -94,10 +95,9 @@ class TagwayApp:
                 # connecting, migrating and replaying a spool are blocking work: keep them off the event loop
                 self.recorder = await loop.run_in_executor(None, self._recorder_factory, self.config)
             await loop.run_in_executor(None, self.pricing.load)
-            for d in self.pricing.unpriced(self.config.models):
-                log.warning("model %r (%s/%s) has no price in litellm's map or the config: its calls are recorded "
-                            "without a cost, so stats show $0 for them and budgets do not count them; set its "
-                            "input_cost_per_token and output_cost_per_token", d.name, d.provider, d.upstream_model)
+            if not self._worker_of_many:  # `serve --workers N` says it once, before they start
+                for d in self.pricing.unpriced(self.config.models):
+                    log.warning(unpriced_warning(d))
             if self.providers.translates(self.config.models):
                 # importing litellm takes seconds: pay it now, off the loop, not on the first call
                 await loop.run_in_executor(None, preload_litellm)
@@ -116,6 +116,8 @@ class TagwayApp:
                                            routes=self.routes, tracer=self.recorder.tracer, redactor=self.redactor,
                                            owners=owners, observe=self.proxy.observe,
                                            cut_at_shutdown=self.proxy.cut_at_shutdown)
+            log.info("ready (pid %d): %d model(s), %d tenant(s), recording %s", os.getpid(), len(self.config.models),
+                     len(self.config.tenants), "on" if recorded else "off")
 
     async def _start_limits(self, loop: asyncio.AbstractEventLoop) -> None:
         """Budgets read their spend from the store before the first call, then every BUDGET_REFRESH seconds, and at

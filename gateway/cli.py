@@ -145,6 +145,7 @@ def serve(config: Optional[str] = ConfigOpt,
         install_log(cfg, LOG_LEVELS[log_level])  # this process's: uvicorn's supervisor lines
         typer.echo(f"tagway: serving on http://{host}:{port}/v1 with {workers} workers (store: "
                    f"{_describe_store(cfg)})", err=True)
+        _say_unpriced(cfg)  # once here, not once a worker
         uvicorn.run("gateway.cli:worker_app", factory=True, host=host, port=port, workers=workers,
                     loop="uvloop", access_log=False, log_level=log_level, log_config=None,
                     timeout_graceful_shutdown=cfg.server.graceful_shutdown_seconds, **_http_protocol(cfg))
@@ -175,6 +176,15 @@ def serve(config: Optional[str] = ConfigOpt,
                         timeout_graceful_shutdown=cfg.server.graceful_shutdown_seconds, **_http_protocol(cfg))
     finally:
         recorder.shutdown()
+
+
+def _say_unpriced(cfg: GatewayConfig) -> None:
+    from .pricing import Pricing, unpriced_warning  # noqa: PLC0415
+
+    pricing = Pricing()
+    pricing.load()
+    for d in pricing.unpriced(cfg.models):
+        logging.getLogger("tagway").warning(unpriced_warning(d))
 
 
 def _http_protocol(cfg: GatewayConfig) -> dict[str, Any]:

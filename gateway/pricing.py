@@ -25,6 +25,12 @@ def _price_map_path() -> str | None:
     return path if os.path.exists(path) else None
 
 
+def unpriced_warning(d: ModelConfig) -> str:
+    return (f"model {d.name!r} ({d.provider}/{d.upstream_model}) has no price in litellm's map or the config: its "
+            "calls are recorded without a cost, so stats show $0 for them and budgets do not count them; set its "
+            "input_cost_per_token and output_cost_per_token")
+
+
 class Pricing:
     def __init__(self) -> None:
         self._map: dict | None = None

@@ -118,22 +118,24 @@ def test_json_lines_in_every_worker_and_apart_from_access_lines(tmp_path, upstre
         assert re.fullmatch(STAMP, obj["time"]) and obj["level"] in ("INFO", "WARNING"), obj
     assert len(access) == 1 and access[0]["trace_id"] == trace and "logger" not in access[0], access
     said = [(o["level"], o["logger"], o["message"]) for o in ops]
-    # each worker set up its own log (a spawned process inherits none of the parent's), and so did the parent
-    assert sum(1 for lv, lg, m in said if (lv, lg) == ("WARNING", "tagway") and "has no price" in m) == 2, said
+    # each worker set up its own log (a spawned process inherits none of the parent's) at --log-level, and so did
+    # the parent, which says what concerns them all once (the unpriced model: it was said once a worker)
+    assert sum(1 for lv, lg, m in said if (lv, lg) == ("INFO", "tagway") and m.startswith("ready (pid ")) == 2, said
+    assert sum(1 for lv, lg, m in said if (lv, lg) == ("WARNING", "tagway") and "has no price" in m) == 1, said
     assert sum(1 for lv, lg, m in said if (lv, lg) == ("INFO", "uvicorn.error")
                and m.startswith("Application startup complete")) == 2, said
     assert any(lg == "uvicorn.error" and m.startswith("Started parent process") for _, lg, m in said), said
 
 
 def test_log_level_reaches_the_workers(tmp_path, upstream):
-    """`--log-level error` quiets tagway's own warnings in each worker, as in one process."""
+    """`--log-level error` quiets tagway's own warnings, as in one process (each worker's INFO lines: above)."""
     proc, url, err = _serve(tmp_path, [_unpriced(upstream)], "--log-level", "error", "--workers", "2",
                             recording={"enabled": False})
     try:
         _call(url)
     finally:
         text = _stop(proc, err)
-    assert "has no price" not in text and "trace_id=" in text, text
+    assert "has no price" not in text and "ready (pid" not in text and "trace_id=" in text, text
 
 
 def test_an_exception_is_one_field_of_one_json_line():
