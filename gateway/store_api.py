@@ -48,8 +48,10 @@ KEEP_TICKS = 20  # every 2 s the gateway checks that its discovery file is still
 MAX_PENDING = 8
 # A statement still running after this long answers in a stream that sends a space this often until its JSON: the
 # CLI waits as long as the statement takes (no time limit, as on the store opened directly) yet tells a stuck or
-# stopped gateway by the silence (exporters/remote_store.SILENCE_SECONDS).
-HEARTBEAT_SECONDS = 5.0
+# stopped gateway by the silence (exporters/remote_store.SILENCE_SECONDS). TAGWAY_STORE_HEARTBEAT_SECONDS is an
+# internal knob for the tests (a test gateway beats every second, so its statements need not last 6 s); not documented
+# for users: it must stay well under SILENCE_SECONDS.
+HEARTBEAT_SECONDS = float(os.environ.get("TAGWAY_STORE_HEARTBEAT_SECONDS") or 5.0)
 # Each statement of a local command carries this comment and its own id, so it can be found and killed
 # (`KILL QUERY WHERE query LIKE ...`: chDB does not keep a query_id given in the settings).
 LOCAL_MARK = "tagway-local:"

@@ -49,9 +49,10 @@ def write_config(tmp_path, upstream: Upstream, port: int, name: str = "tagway.ya
     return str(path)
 
 
-def start_gateway(config: str, port: int) -> subprocess.Popen:
+def start_gateway(config: str, port: int, env: dict | None = None) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", config],
-                            stdout=subprocess.DEVNULL, stderr=open(config + ".stderr.log", "w"), env=ENV)
+                            stdout=subprocess.DEVNULL, stderr=open(config + ".stderr.log", "w"),
+                            env={**ENV, **(env or {})})
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -315,7 +316,8 @@ def test_a_local_command_runs_as_long_as_it_takes_through_the_gateway(tmp_path, 
     """Local commands' statements carry no time limit through the gateway (storage.query_max_seconds is the
     dashboard's and the HTTP API's), as on the store opened directly: a backfill or a question over months must not
     fail only because a gateway serves. One that outlasts the gateway's heartbeat interval comes back in a stream of
-    spaces and then its answer, or its refusal."""
+    spaces and then its answer, or its refusal. This gateway beats every second (5 s in production), so a 2 s
+    statement outlasts it."""
     from exporters.store import StoreError
     from exporters.store_access import open_store
 
@@ -324,18 +326,18 @@ def test_a_local_command_runs_as_long_as_it_takes_through_the_gateway(tmp_path, 
     cfg = yaml.safe_load(open(config))
     cfg["storage"]["query_max_seconds"] = 1  # the dashboard's limit: a local command's statements do not carry it
     open(config, "w").write(yaml.safe_dump(cfg))
-    gw = start_gateway(config, port)
+    gw = start_gateway(config, port, env={"TAGWAY_STORE_HEARTBEAT_SECONDS": "1"})
     try:
         store = open_store(f"chdb://{(tmp_path / 'data' / 'clickhouse').resolve()}")
         try:
             assert type(store).__name__ == "RemoteStore"
-            slow = "SELECT sum(sleepEachRow(1)) + count() FROM numbers(6)"  # ~6 s: one row a block
+            slow = "SELECT sum(sleepEachRow(1)) + count() FROM numbers(2)"  # ~2 s: one row a block
             rows, _ = store.query_rows(slow, settings={"max_block_size": 1})
-            assert rows == [(6,)]
+            assert rows == [(2,)]
+            refused = slow.replace("count()", "throwIf(count() = 2, 'two rows')")
             with pytest.raises(StoreError) as e:  # refused after the answer began: said as on the direct path
-                store.query_rows(slow.replace("count()", "throwIf(count() = 6, 'six rows')"),
-                                 settings={"max_block_size": 1})
-            assert "six rows" in str(e.value)
+                store.query_rows(refused, settings={"max_block_size": 1})
+            assert "two rows" in str(e.value)
             # a command that leaves mid-statement: its statement is killed, not left to hold a client for a minute
             ann = store.announcement
             long = {"sql": "SELECT sum(sleepEachRow(1)) FROM numbers(60)", "settings": {"max_block_size": 1}}
@@ -343,6 +345,10 @@ def test_a_local_command_runs_as_long_as_it_takes_through_the_gateway(tmp_path, 
                        "AND query NOT LIKE '%system.processes%'")
             with httpx.Client(base_url=ann.url + "/admin/store", timeout=30,
                               headers={"authorization": f"Bearer {ann.credential}"}) as h:
+                # it did begin: a 200 and a heartbeat's space, then the refusal (a 2 s statement outlasts the beat)
+                r = h.post("/query", json={"sql": refused, "settings": {"max_block_size": 1}})
+                assert r.status_code == 200 and r.content.startswith(b" "), (r.status_code, r.text[:300])
+                assert "two rows" in r.json()["error"]["message"], r.text[:300]
                 with h.stream("POST", "/query", json=long) as r:  # its headers come with the first heartbeat
                     assert r.status_code == 200
                     assert store.query_rows(running)[0] == [(1,)]
