@@ -33,9 +33,10 @@ ENV.pop("TAGWAY_VERBOSE", None)
 
 
 def write_config(tmp_path, upstream: Upstream, port: int, name: str = "tagway.yaml",
-                 batch_max_seconds: float = 0.2) -> str:
+                 batch_max_seconds: float = 0.2, replay_concurrency: int | None = None) -> str:
     up = {"provider": "openai", "base_url": upstream.base_url, "api_key_env": "TEST_UPSTREAM_KEY"}
-    cfg = {"server": {"host": "127.0.0.1", "port": port},
+    lane = {} if replay_concurrency is None else {"replay_concurrency": replay_concurrency}
+    cfg = {"server": {"host": "127.0.0.1", "port": port, **lane},
            "storage": {"data_dir": str(tmp_path / "data")},
            "recording": {"batch_max_seconds": batch_max_seconds},
            "admin_key_hash": hash_key(ADMIN),
@@ -128,7 +129,8 @@ def test_a_command_counts_every_call_answered_before_it_even_inside_the_batch_wi
 
 def test_cli_works_through_a_serving_gateway_then_directly_then_after_sigkill(tmp_path, upstream):
     port = free_port()
-    config = write_config(tmp_path, upstream, port)
+    # replay slots for the resume's 16 cases at once (the default 4 would send its 2 s calls 4 at a time)
+    config = write_config(tmp_path, upstream, port, replay_concurrency=16)
     store_dir = str((tmp_path / "data" / "clickhouse").resolve())
     disc = discovery.discovery_path(store_dir)
     spec = tmp_path / "replay.yaml"
@@ -201,7 +203,13 @@ def test_cli_works_through_a_serving_gateway_then_directly_then_after_sigkill(tm
                                    "--run-id", "live-run-2", "--concurrency", "2"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                   env={**ENV, "TAGWAY_CONFIG": config})
-        time.sleep(9)  # start-up, then a few 2 s rounds of 2 cases: some results stored, most not
+        # killed once a first result is stored (each case takes 2 s, 2 at a time: most are not stored yet)
+        stored = {"sql": "SELECT count() FROM replay_results WHERE run_id = 'live-run-2'"}
+        deadline = time.monotonic() + 90
+        while httpx.post(f"{ann.url}/admin/store/query", json=stored, timeout=30,
+                         headers={"authorization": f"Bearer {ann.credential}"}).json()["rows"][0][0] == 0:
+            assert killed.poll() is None and time.monotonic() < deadline, "the replay stored no result"
+            time.sleep(0.2)
         killed.kill()
         killed.wait(30)
         # no --gateway: the calls go through the gateway serving the store, as the store's statements do
