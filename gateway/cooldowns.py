@@ -37,11 +37,16 @@ class Cooldowns:
         self._until: dict[str, float] = {}  # deployments cooling, until this clock time
         self._probing: set[str] = set()  # cooled deployments whose period is over and that one call is trying
         self.started: dict[str, int] = {}  # times each deployment began cooling (a metric)
+        self.passed_over: dict[str, int] = {}  # calls sent past each deployment while it cooled (a metric)
 
     def cooling(self, name: str) -> bool:
         """Whether calls that can go elsewhere should pass the deployment over now."""
         until = self._until.get(name) if self._until else None
         return until is not None and (self.clock() < until or name in self._probing)
+
+    def pass_over(self, name: str) -> None:
+        """A call goes past the cooling deployment to a fallback."""
+        self.passed_over[name] = self.passed_over.get(name, 0) + 1
 
     def trying(self, name: str) -> bool:
         """A call is about to try the deployment: once its period is over, that call is the one probe (True); only
@@ -82,11 +87,17 @@ class Cooldowns:
         now = self.clock()
         gauge = GaugeMetricFamily(prefix + "deployment_cooling", "1 while a deployment that kept failing is passed "
                                   "over for its fallbacks (cooldown.seconds).", labels=["model"])
-        for name, until in sorted(self._until.items()):
-            gauge.add_metric([name], 1.0 if now < until or name in self._probing else 0.0)
+        for name in sorted(self.started):  # every deployment that ever cooled: 0 once it answers again
+            until = self._until.get(name)
+            gauge.add_metric([name], 1.0 if until is not None and (now < until or name in self._probing) else 0.0)
         yield gauge
         started = CounterMetricFamily(prefix + "deployment_cooldowns", "Times a deployment began cooling down after "
                                       "cooldown.after_failures failures in a row.", labels=["model"])
         for name, n in sorted(self.started.items()):
             started.add_metric([name], n)
         yield started
+        passed = CounterMetricFamily(prefix + "deployment_passed_over", "Calls sent straight to a fallback because "
+                                     "this deployment was cooling down.", labels=["model"])
+        for name, n in sorted(self.passed_over.items()):
+            passed.add_metric([name], n)
+        yield passed

@@ -31,7 +31,8 @@ def _version() -> str:
 
 # ProxyStats attribute -> (metric name, kind, HELP)
 _PROXY: tuple[tuple[str, str, str, str], ...] = (
-    ("fallbacks", "fallbacks", "counter", "Times a call moved on to a fallback deployment."),
+    ("fallbacks", "fallbacks", "counter", "Times a call moved on to a fallback deployment after one failed (calls "
+     "sent past a cooling deployment: deployment_passed_over)."),
     ("record_failures", "record_failures", "counter", "Calls whose span could not be built (should stay 0)."),
     ("capture_failures", "capture_failures", "counter",
      "Calls whose input content could not be captured (the call itself was recorded)."),

@@ -427,8 +427,11 @@ class Proxy(WireStreamRelay):
             if cooldowns.failing:  # some deployment fails or cools (almost never: the cheap test, every call)
                 if cooldowns.cooling(d.name) and self._another(call, chain, chain.index(d)):
                     call.rec.cooling = [*(call.rec.cooling or ()), d.name]  # it kept failing: its fallback answers
+                    cooldowns.pass_over(d.name)
                     continue
                 probe = cooldowns.trying(d.name)
+            if failure is not None:  # the one before failed: this call moves on to a fallback it may use
+                self.stats.fallbacks += 1
             attempt = call.rec.begin_attempt(d, self.routes.address(d), time.time_ns())
             last = d
             try:
@@ -441,8 +444,6 @@ class Proxy(WireStreamRelay):
                         cooldowns.ended(d.name)
                     break
                 cooldowns.failed(d.name, f.error_type)
-                if d is not chain[-1]:
-                    self.stats.fallbacks += 1
                 continue
             except BaseException:  # cancelled, the client gone: no word on the deployment
                 if probe:

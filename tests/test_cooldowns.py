@@ -69,6 +69,12 @@ def test_failures_in_a_row_cool_a_deployment_until_its_time_is_up_then_one_try_d
                     "over for 30s at a time until it answers again"),
         ("INFO", "deployment 'a' answers again: calls go to it first again")]
 
+    # /metrics: a deployment that cooled reads 0 once it answers again (the series stays); the calls sent past it
+    c.pass_over("a")
+    metrics = {m.name: {tuple(x.labels.values()): x.value for x in m.samples} for m in c.collect("t_")}
+    assert metrics["t_deployment_cooling"] == {("a",): 0.0} and metrics["t_deployment_cooldowns"] == {("a",): 1}
+    assert metrics["t_deployment_passed_over"] == {("a",): 1}
+
     never = Cooldowns(after_failures=0, seconds=30, clock=clock)
     for _ in range(10):
         never.failed("a")
@@ -114,14 +120,22 @@ def _metric(server, name: str, model: str) -> float | None:
     return None
 
 
+def _fallbacks(server) -> float:
+    (line,) = [x for x in httpx.get(server.url + "/metrics").text.splitlines() if x.startswith("tagway_fallbacks_total ")]
+    return float(line.rsplit(" ", 1)[1])
+
+
 def test_a_hanging_deployment_is_passed_over_for_its_fallback_then_tried_again(gateway):
     first = [_call(gateway, "hangs") for _ in range(2)]  # each waits out the timeout, then the fallback answers
     assert [(a[sc.ATTEMPTS], a[sc.DEPLOYMENT]) for a in first] == [(2, "backup"), (2, "backup")]
+    assert _fallbacks(gateway) == 2 and _metric(gateway, "tagway_deployment_passed_over_total", "hangs") is None
     cooled = _call(gateway, "hangs")  # straight to the fallback: no wait on the deployment that hangs
     assert (cooled[sc.ATTEMPTS], cooled[sc.DEPLOYMENT]) == (1, "backup")
     assert json.loads(cooled[sc.DEPLOYMENTS_COOLING]) == ["hangs"] and sc.ERROR_TYPE not in cooled
     assert _metric(gateway, "tagway_deployment_cooling", "hangs") == 1
     assert _metric(gateway, "tagway_deployment_cooldowns_total", "hangs") == 1
+    # on-call counts the calls the cooldown sent on apart from those that moved on after a failure
+    assert _metric(gateway, "tagway_deployment_passed_over_total", "hangs") == 1 and _fallbacks(gateway) == 2
 
     time.sleep(1.6)  # its time is up: one call tries it while the others still go straight to the fallback
     with ThreadPoolExecutor(4) as pool:
@@ -130,6 +144,7 @@ def test_a_hanging_deployment_is_passed_over_for_its_fallback_then_tried_again(g
     assert all(a[sc.DEPLOYMENT] == "backup" and sc.ERROR_TYPE not in a for a in together)
     assert _call(gateway, "hangs")[sc.ATTEMPTS] == 1  # the try failed: cooling again, in the same outage
     assert _metric(gateway, "tagway_deployment_cooldowns_total", "hangs") == 1
+    assert _metric(gateway, "tagway_deployment_passed_over_total", "hangs") == 1 + 3 + 1 and _fallbacks(gateway) == 3
 
 
 def test_a_deployment_with_nothing_to_fall_back_to_is_always_tried(gateway):
@@ -141,6 +156,8 @@ def test_a_deployment_with_nothing_to_fall_back_to_is_always_tried(gateway):
     for _ in range(2):
         _call(gateway, "hangs")  # acme's calls cool `hangs` down
     assert _call(gateway, "hangs")[sc.ATTEMPTS] == 1
+    moved = _fallbacks(gateway)
     solo = _call(gateway, "hangs", key=SOLO)  # solo may not use the fallback: `hangs` is tried all the same
     assert (solo[sc.ATTEMPTS], solo[sc.DEPLOYMENT], solo[sc.ERROR_TYPE]) == (1, "hangs", "timeout")
     assert json.loads(solo[sc.FALLBACKS_SKIPPED]) == ["backup"] and sc.DEPLOYMENTS_COOLING not in solo
+    assert _fallbacks(gateway) == moved  # it failed with no fallback it may use: it moved on to none
