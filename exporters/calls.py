@@ -268,11 +268,21 @@ def _attempt(span: dict, call_start_ns: int) -> dict[str, Any]:
             "duration_ms": int(span["Duration"]) / 1e6}
 
 
+def _names(text: str | None) -> list[str]:
+    """A span's JSON array of deployment names ([] when absent or not one)."""
+    try:
+        names = orjson.loads(text) if text else []
+    except orjson.JSONDecodeError:
+        return []
+    return [str(n) for n in names] if isinstance(names, list) else []
+
+
 def call_detail(store: Store, trace_id: str, *, customer: str | None = None, max_chars: int | None = None,
                 database: str = "", budget: Budget = Budget()) -> dict[str, Any] | None:
     """Every column of the call (exporters.queries.get_call) plus `error_message` (the provider's or gateway's
     message, from the span status), `cost_known` (False when the gateway recorded no cost: `cost_usd` is then 0
-    but means unknown, not free), `attempts` (per upstream try, when it fell back), `session` (the list filter
+    but means unknown, not free), `attempts` (per upstream try, when it fell back), `deployments_cooling` and
+    `fallbacks_skipped` (deployments it passed over, and why), `session` (the list filter
     of its session) and `truncated` (content column -> characters left out, when `max_chars` cut it).
     None when there is no such call, or it belongs to another customer than `customer`: a tenant cannot tell
     another tenant's trace from one that does not exist."""
@@ -288,6 +298,9 @@ def call_detail(store: Store, trace_id: str, *, customer: str | None = None, max
     call["cost_known"] = (sc.COST_USD in (own["attrs"] or {})) if own else bool(call.get("cost_usd"))
     # a stream cut short: its tokens (and so its cost) are the gateway's estimate, not the provider's count
     call["usage_estimated"] = bool(own) and (own["attrs"] or {}).get(sc.USAGE_ESTIMATED) == "true"
+    # why it did or did not fall back: deployments passed over while cooling, fallbacks its tenant may not use
+    for key, attr in (("deployments_cooling", sc.DEPLOYMENTS_COOLING), ("fallbacks_skipped", sc.FALLBACKS_SKIPPED)):
+        call[key] = _names((own["attrs"] or {}).get(attr)) if own else []
     start_ns = int(own["ts_ns"]) if own else 0
     attempts = [_attempt(s, start_ns) for s in spans if s["kind"] == "attempt"
                 and (own is None or s["ParentSpanId"] == own["SpanId"])]

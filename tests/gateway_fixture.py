@@ -151,9 +151,11 @@ class GatewayServer:
 
 @contextlib.contextmanager
 def recorded_gateway(upstream: Upstream, store: Any, spool_dir: str, *, providers: dict[str, Any] | None = None,
-                     models: list[dict] | None = None, **recording: Any) -> Iterator[GatewayServer]:
+                     models: list[dict] | None = None, config: dict | None = None,
+                     **recording: Any) -> Iterator[GatewayServer]:
     """The test gateway recording for real (durable processor, spool) into `store`, e.g. the session's chDB.
-    `models` are added to the test models; `providers` (provider name -> e.g. a HandlerProvider) serve them."""
+    `models` are added to the test models; `providers` (provider name -> e.g. a HandlerProvider) serve them;
+    `config` replaces top-level settings (tenants, cooldown, ...)."""
     from exporters.recording import start_recording  # noqa: PLC0415
     from gateway.providers import ProviderRegistry  # noqa: PLC0415
 
@@ -162,6 +164,7 @@ def recorded_gateway(upstream: Upstream, store: Any, spool_dir: str, *, provider
                                **{"batch_max_seconds": 0.2, **recording})
     cfg = gateway_config(upstream.base_url)
     cfg["models"] = [*cfg["models"], *(models or [])]
+    cfg.update(config or {})
     server = GatewayServer(TagwayApp(GatewayConfig(**cfg), recorder=recorder,
                                      providers=ProviderRegistry(overrides=providers))).start()
     server.recorder = recorder

@@ -17,7 +17,7 @@ from gateway.app import TagwayApp
 from gateway.auth import hash_key
 from gateway.config import GatewayConfig
 from gateway.cooldowns import Cooldowns
-from tests.gateway_fixture import UPSTREAM_KEY, GatewayServer, MemoryRecorder
+from tests.gateway_fixture import UPSTREAM_KEY, GatewayServer, MemoryRecorder, recorded_gateway
 from tests.upstream import Upstream
 
 KEY = "tw-cool-acme-0123456789abcdefghijklmnopq"
@@ -161,3 +161,47 @@ def test_a_deployment_with_nothing_to_fall_back_to_is_always_tried(gateway):
     assert (solo[sc.ATTEMPTS], solo[sc.DEPLOYMENT], solo[sc.ERROR_TYPE]) == (1, "hangs", "timeout")
     assert json.loads(solo[sc.FALLBACKS_SKIPPED]) == ["backup"] and sc.DEPLOYMENTS_COOLING not in solo
     assert _fallbacks(gateway) == moved  # it failed with no fallback it may use: it moved on to none
+
+
+def test_show_says_which_deployments_a_call_passed_over_and_why(tmp_path, chdb_store, chdb_dsn):
+    """On-call reading one call: `tagway show` (and the call's JSON) says the deployment it passed over while that
+    cooled, and the fallback its customer may not use (both were on the span only: "attempts 1" and no reason)."""
+    import typer  # noqa: PLC0415
+    from typer.testing import CliRunner  # noqa: PLC0415
+
+    from exporters.calls import call_detail  # noqa: PLC0415
+    from gateway import stats_cli  # noqa: PLC0415
+
+    up = Upstream().start()
+    base = {"provider": "openai", "base_url": up.base_url, "api_key_env": "TEST_UPSTREAM_KEY"}
+    models = [{"name": "hangs", "model": "slow-a", "timeout": 0.3, "fallbacks": ["backup"], **base},
+              {"name": "backup", "model": "ok-b", **base}]
+    tenants = [{"customer": "acme", "keys": [{"id": "acme-k", "hash": hash_key(KEY)}]},
+               {"customer": "solo", "allowed_models": ["hangs"], "keys": [{"id": "solo-k", "hash": hash_key(SOLO)}]}]
+    try:
+        with recorded_gateway(up, chdb_store, str(tmp_path / "spool"), models=models,
+                              config={"tenants": tenants, "cooldown": {"after_failures": 2, "seconds": 60}}) as gw:
+            traces = []
+            for key in (KEY, KEY, KEY, SOLO):  # two fall back and cool it down, one passes it over, solo may not
+                c = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0)
+                try:
+                    traces.append(c.chat.completions.with_raw_response.create(
+                        model="hangs", messages=MSG).headers["x-tagway-trace-id"])
+                except openai.APIStatusError as e:
+                    traces.append(e.response.headers["x-tagway-trace-id"])
+            assert gw.recorder.force_flush()
+    finally:
+        up.stop()
+    passed, skipped = call_detail(chdb_store, traces[2]), call_detail(chdb_store, traces[3])
+    assert (passed["deployments_cooling"], passed["fallbacks_skipped"]) == (["hangs"], [])
+    assert (skipped["deployments_cooling"], skipped["fallbacks_skipped"]) == ([], ["backup"])
+    app = typer.Typer()
+    stats_cli.register(app)
+    shown = []
+    for trace in traces[2:]:
+        res = CliRunner().invoke(app, ["show", trace, "--dsn", chdb_dsn], env={"COLUMNS": "200"})
+        assert res.exit_code == 0, res.output
+        shown.append(" ".join(res.stdout.split()))
+    assert "passed over hangs (cooling down after failures: sent on to its fallback)" in shown[0], shown[0]
+    assert "fallbacks skipped" not in shown[0] and "passed over" not in shown[1]
+    assert "fallbacks skipped backup (this customer may not use them)" in shown[1], shown[1]
