@@ -141,6 +141,41 @@ def _where(sel: Selection, p: _Params, window: Window, database: str = "") -> st
                          _conditions(sel, p, database)])
 
 
+# filters worth a "did you mean": names people type, whose recorded values are few and named by people
+_HINTED = ("customer", "intent", "prompt_version", "model", "model_served", "provider", "key_id")
+
+
+def filter_hints(store: Store, sel: Selection, database: str = "") -> list[str]:
+    """For a question that matched nothing: each `key=value` filter on a named column whose value no call in the
+    window has, with the recorded values closest to it (a typo'd customer read as "nothing wrong" at 3 a.m.).
+    One small query a filter, run only after an empty answer."""
+    import difflib  # noqa: PLC0415 - only for an empty answer
+
+    hints = []
+    for f in sel.filters:
+        if f.op != "=" or f.key not in _HINTED:
+            continue
+        p = _Params()
+        col = COLUMNS[f.key]
+        window = (f"Timestamp >= {p.time(sel.window.start)} AND Timestamp < {p.time(sel.window.end)}"
+                  + (f" AND source NOT IN {p.add('v', 'Array(String)', list(sel.sources_excluded))}"
+                     if sel.sources_excluded else ""))
+        rows = store.query(f"SELECT {col} AS v, count() AS n FROM {calls_table(database)} WHERE {window} "
+                           f"GROUP BY v ORDER BY n DESC LIMIT 10000", p.values)
+        values = [str(r["v"]) for r in rows if r["v"] != ""]
+        if f.value in values:
+            continue
+        close = difflib.get_close_matches(f.value, values, n=3, cutoff=0.6)
+        if close:
+            hints.append(f"no call in this window has {f.key}={f.value}; did you mean "
+                         f"{' or '.join(f'{f.key}={v}' for v in close)}?")
+        else:
+            known = ", ".join(values[:8]) + (f" and {len(values) - 8} more" if len(values) > 8 else "")
+            hints.append(f"no call in this window has {f.key}={f.value}"
+                         + (f" (those with calls: {known})" if values else ""))
+    return hints
+
+
 def _conditions(sel: Selection, p: _Params, database: str = "") -> str:
     """The selection's filters, status and excluded sources (no time): valid on llm_calls and on the rollups."""
     parts = [filter_condition(f, p, database) for f in sel.filters]

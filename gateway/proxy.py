@@ -211,7 +211,7 @@ class Proxy(WireStreamRelay):
     def _say_cut(self) -> None:
         log.warning("server.graceful_shutdown_seconds passed: %d call(s) still running were cut (a 503 "
                     "gateway_shutting_down, or that error as a stream's last event; a relayed file or audio body "
-                    "ends short) and recorded as cancelled",
+                    "ends short) and recorded as errors of type cancelled (`--where error_type=cancelled`)",
                     self._cut)
         self._cut = 0
 

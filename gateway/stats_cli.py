@@ -229,7 +229,10 @@ def stats_command(
             elif as_csv:
                 sys.stdout.write(stats_csv(report))
             else:
-                print_stats(report, _console(wide), _window_title(sel, since, from_), wide)
+                console = _console(wide)
+                print_stats(report, console, _window_title(sel, since, from_), wide)
+                if not report.segments:
+                    _say_hints(console, store, sel, database)
 
         _with_store(dsn, config, query)
 
@@ -259,6 +262,12 @@ def stats_csv(report: q.StatsReport) -> str:
             row += [s.prev_calls, s.prev_errors, num(s.prev_error_rate), num(s.delta_error_rate)]
         w.writerow(row)
     return buf.getvalue()
+
+
+def _say_hints(console: Console, store: Store, sel: q.Selection, database: str) -> None:
+    """After an empty answer: a filter value no call has, and the recorded values closest to it."""
+    for hint in q.filter_hints(store, sel, database):
+        console.print(hint, style="yellow", markup=False)
 
 
 def _score(score: float | None, rated: int) -> str:
@@ -395,6 +404,7 @@ def errors_command(
                               f"raise it to list them)")
             if not report.groups:
                 console.print(f"no {sel.status or 'error'} calls match this window and these filters")
+                _say_hints(console, store, sel, database)
 
         _with_store(dsn, config, query)
 

@@ -121,7 +121,8 @@ def _metric(server, name: str, model: str) -> float | None:
 
 
 def _fallbacks(server) -> float:
-    (line,) = [x for x in httpx.get(server.url + "/metrics").text.splitlines() if x.startswith("tagway_fallbacks_total ")]
+    text = httpx.get(server.url + "/metrics").text
+    (line,) = [x for x in text.splitlines() if x.startswith("tagway_fallbacks_total ")]
     return float(line.rsplit(" ", 1)[1])
 
 

@@ -108,6 +108,24 @@ def test_a_tag_no_call_carries_says_where_applied_tags_are(run, seeded):
     assert res.exit_code == 0 and "no call here carries" not in res.stdout
 
 
+def test_a_filter_value_no_call_has_is_said_with_the_closest_ones(run, seeded):
+    """On-call's typo (`customer=initek`) read as "no error calls match": a confident nothing-wrong while initech
+    failed. An empty answer now names the filter value no call has, and the recorded values closest to it."""
+    typo = seeded.acme[:-1] + ("x" if seeded.acme[-1] != "x" else "y")
+    for command in ("errors", "stats"):
+        res = run(command, "--where", seeded.where, "--where", f"customer={typo}")
+        assert res.exit_code == 0, res.output
+        text = " ".join(res.stdout.split())
+        assert "match this window and these filters" in text
+        assert f"no call in this window has customer={typo}; did you mean customer={seeded.acme}" in text, text
+    far = run("errors", "--where", seeded.where, "--where", "customer=zz-nobody-like-this-qq")
+    assert "no call in this window has customer=zz-nobody-like-this-qq (those with calls: " in " ".join(far.stdout.split())
+    # a value some call has (only not with the other filters): no hint; nor in JSON
+    both = run("errors", "--where", seeded.where, "--where", f"customer={seeded.acme}", "--where", "intent=no-such")
+    assert f"customer={seeded.acme}" not in " ".join(both.stdout.split()).split("match this window")[1]
+    assert "did you mean" not in run("errors", "--where", f"customer={typo}", "--json").stdout
+
+
 def test_errors_and_show(run, seeded):
     res = run("errors", "--where", seeded.where, "--since", "24h", "--json")
     assert res.exit_code == 0, res.output
