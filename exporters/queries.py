@@ -523,6 +523,7 @@ class ErrorGroup:
     example_trace_ids: list[str]
     first_seen: str
     last_seen: str
+    top_customers: list[str] = dataclasses.field(default_factory=list)  # the customers with most of them (<= 3)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -564,6 +565,7 @@ def top_errors(store: Store, sel: Selection, *, limit: int = 10, examples: int =
     where = _where(sel, p, sel.window, database)
     sql = (f"SELECT error_type, count() AS n, sum(count()) OVER () AS total, count() OVER () AS types, "
            f"groupUniqArray(5)(http_status) AS statuses, uniqIf(customer, customer != '') AS customers, "
+           f"topKIf(3)(customer, customer != '') AS top_customers, "
            # the newest calls (ties by trace id): the same examples on every read, whichever process answers
            f"arrayMap(x -> x.2, groupArraySorted({p.add('n', 'UInt32', examples)})"
            f"((-toUnixTimestamp64Nano(Timestamp), trace_id))) AS examples, "
@@ -574,6 +576,7 @@ def top_errors(store: Store, sel: Selection, *, limit: int = 10, examples: int =
     total = int(rows[0]["total"]) if rows else 0
     groups = [ErrorGroup(error_type=r["error_type"], count=int(r["n"]), share=int(r["n"]) / total if total else 0.0,
                          http_statuses=sorted(int(s) for s in r["statuses"] if s), customers=int(r["customers"]),
+                         top_customers=list(r["top_customers"]),
                          example_trace_ids=list(r["examples"]), first_seen=_iso_us(r["first_us"]),
                          last_seen=_iso_us(r["last_us"])) for r in rows]
     return ErrorsReport(sel, total, groups, int(rows[0]["types"]) if rows else 0)

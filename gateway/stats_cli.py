@@ -264,6 +264,14 @@ def stats_csv(report: q.StatsReport) -> str:
     return buf.getvalue()
 
 
+def _customers(g: q.ErrorGroup) -> str:
+    """Who has the errors: '3: initech, acme, globex', '5: initech, acme, globex +2'."""
+    if not g.customers:
+        return "0"
+    more = g.customers - len(g.top_customers)
+    return f"{g.customers}: {', '.join(g.top_customers)}" + (f" +{more}" if more > 0 else "")
+
+
 def _say_hints(console: Console, store: Store, sel: q.Selection, database: str) -> None:
     """After an empty answer: a filter value no call has, and the recorded values closest to it."""
     for hint in q.filter_hints(store, sel, database):
@@ -388,11 +396,13 @@ def errors_command(
             console = _console(wide)
             title = _text(f"Top error types, {_window_title(sel, since, from_)}{_filters_line(sel)}", "table.title")
             cols = [Col("error type", "left", wrap=True, min_width=16), Col("count"), Col("share", priority=5),
-                    Col("http", "left", priority=4), Col("customers", priority=3), Col("last seen", "left", priority=2),
+                    Col("http", "left", priority=4), Col("customers", "left", wrap=True, priority=3),
+                    Col("first seen", "left", priority=1), Col("last seen", "left", priority=2),
                     Col("example trace ids", "left", wrap=True)]
             rows = [Row([_text(_label(g.error_type)), f"{g.count:,}", fmt_rate(g.share),
-                         ",".join(str(s) for s in g.http_statuses) or "-", str(g.customers),
-                         _text(g.last_seen[:19].replace("T", " ")), _text(" ".join(g.example_trace_ids))])
+                         ",".join(str(s) for s in g.http_statuses) or "-", _text(_customers(g)),
+                         _text(g.first_seen[:19].replace("T", " ")), _text(g.last_seen[:19].replace("T", " ")),
+                         _text(" ".join(g.example_trace_ids))])
                     for g in report.groups]
             table, hidden = fit_table(console, cols, rows, wide=wide, title=title, title_justify="left",
                                       header_style="bold")

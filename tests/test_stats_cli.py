@@ -134,6 +134,15 @@ def test_errors_and_show(run, seeded):
                                                                     ("rate_limited", 3)]
     table = run("errors", "--where", seeded.where, "--limit", "2")
     assert table.exit_code == 0
+    # who has them and since when, in the table too (on-call saw a count of customers and only the last time)
+    top = d["errors"][0]
+    assert 1 <= len(top["top_customers"]) <= 3 <= top["customers"] or len(top["top_customers"]) == top["customers"]
+    assert set(top["top_customers"]) <= {seeded.acme, seeded.globex, seeded.initech, seeded.spans}
+    assert top["first_seen"] <= top["last_seen"]
+    wide = run("errors", "--where", seeded.where, "--limit", "1", "--wide")
+    line = " ".join(wide.stdout.split())
+    assert f"{top['customers']}: {top['top_customers'][0]}" in line, line
+    assert "first seen" in line and top["first_seen"][:19].replace("T", " ") in line
     assert "upstream_5xx" in table.stdout and "timeout" in table.stdout and "rate_limited" not in table.stdout
     assert d["error_types"] == 3 and d["total_errors"] == 34
     # what the limit leaves out is said, so the shares need not add up to 100% unexplained
