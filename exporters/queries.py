@@ -48,6 +48,7 @@ __all__ = [
 GROUP_COLUMNS = COLUMNS
 EXCLUDED_SOURCES = NON_PRODUCTION_SOURCES
 TRACE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+_W3C_TRACE_ID = re.compile(r"^[0-9A-Fa-f]{32}$")
 _DB_RE = re.compile(r"^[A-Za-z0-9_]{0,64}$")
 MAX_DIMENSIONS = 5
 MAX_FILTERS = 20
@@ -588,7 +589,8 @@ def parse_trace_id(trace_id: str) -> str:
     if not TRACE_ID_RE.match(tid):
         why = "at most 128 characters" if len(tid) > 128 else "letters, digits, '-' or '_'" if tid else "an id"
         raise QueryInputError(f"invalid trace id {_show(tid)}: expected {why}", param="trace_id")
-    return tid
+    # a W3C trace id is recorded in lower case; one copied from a tool that prints it upper case is the same id
+    return tid.lower() if _W3C_TRACE_ID.match(tid) else tid
 
 
 def get_call(store: Store, trace_id: str, *, database: str = "") -> dict[str, Any] | None:

@@ -159,6 +159,9 @@ def test_errors_and_show(run, seeded):
     as_json = run("show", seeded.span_trace_ok, "--json")
     call = orjson.loads(as_json.stdout)
     assert call["customer"] == seeded.spans and call["tags"]["region"] == "eu"
+    # a W3C trace id copied in upper case (a tool that prints it so) is the same call, not "no call with trace id"
+    upper = run("show", seeded.span_trace_ok.upper(), "--json")
+    assert upper.exit_code == 0 and orjson.loads(upper.stdout)["trace_id"] == seeded.span_trace_ok, upper.output
     # the provider's message lives on the span: shown as GET /admin/calls/{trace_id} shows it
     failed = run("show", seeded.span_trace_err)
     assert failed.exit_code == 0 and "upstream 502" in failed.stdout, failed.output
