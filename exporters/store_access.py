@@ -97,6 +97,7 @@ def open_store(dsn: str, *, verbose: bool | None = None, say: Callable[[str], No
             raise
         return remote
     stale = ""  # why the announcement could not be used
+    stopping = False  # its process is there but refuses: said before the wait
     wait = 0.0  # how long the lock may take to be freed: only when the announced gateway is going or gone
     if ann is not None:
         if not discovery.pid_alive(ann.pid):
@@ -109,7 +110,11 @@ def open_store(dsn: str, *, verbose: bool | None = None, say: Callable[[str], No
                 if verbose:
                     say(f"store: through the running gateway ({ann.describe()}), announced in {ann.path}")
                 return remote
-            wait = lock_wait if gone else 0.0
+            if gone:  # its process is there but no longer serves: stopping (a drain can take a while), said now
+                wait = lock_wait
+                say(f"{stale}: it is stopping; waiting up to {lock_wait:g} s for it to release the store")
+                stale = ""
+                stopping = True
     try:
         store = _connect_when_free(dsn, wait)
     except StoreLockedError:
@@ -123,6 +128,8 @@ def open_store(dsn: str, *, verbose: bool | None = None, say: Callable[[str], No
         return remote
     if stale:
         say(f"{stale}; its discovery file was stale: opened the store directly")
+    elif stopping:
+        say("the gateway has stopped: opened the store directly")
     if ann is not None:
         # we hold the store lock now, so no gateway serves it: the file is certainly stale
         discovery.withdraw(ann)

@@ -326,6 +326,29 @@ def test_a_port_now_used_by_someone_else_makes_the_file_stale(tmp_path):
     assert len(lines) == 1 and "does not answer as the gateway" in lines[0], lines  # no "opening directly" here
 
 
+def test_a_gateway_that_refuses_while_its_process_lives_is_said_to_be_stopping_before_the_wait(tmp_path):
+    """During a SIGTERM drain the gateway's process lives but no longer accepts connections: a command said nothing
+    while it waited for the store, then called the file stale (an on-call trial). It says at once that the gateway
+    is stopping and how long it waits; here another holder keeps the lock, so the lock error follows."""
+    import fcntl
+
+    from tests.http_server import free_port
+
+    d = _store_dir(tmp_path)
+    discovery.announce(d, f"http://127.0.0.1:{free_port()}", pid=os.getpid())  # alive, and nothing listens there
+    fd = os.open(os.path.join(d, "tagway.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    lines: list[str] = []
+    try:
+        with pytest.raises(StoreLockedError):
+            open_store(f"chdb://{d}", lock_wait=0.3, say=lines.append)
+    finally:
+        os.close(fd)
+    assert len(lines) == 1 and lines[0].endswith("refused the connection: it is stopping; waiting up to 0.3 s for it "
+                                                 "to release the store"), lines
+    assert "stale" not in lines[0]
+
+
 # -- the store API's guard (the in-process app: no store is touched) ---------------------------------------------
 @pytest.fixture()
 def app(upstream):
