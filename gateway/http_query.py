@@ -16,6 +16,7 @@ from fastapi.responses import Response
 from exporters import queries as q
 from exporters.calls import QueryTooHeavyError
 from exporters.store import StoreError
+from exporters.vocabulary import parse_duration
 
 from .auth import KeyRing, Principal
 from .errors import GatewayError, bad_request, forbidden
@@ -87,6 +88,27 @@ class QueryParams:
             raise q.QueryInputError(f"{name} must be a whole number", param=name) from None
         if not low <= value <= high:
             raise q.QueryInputError(f"{name} must be between {low} and {high}", param=name)
+        return value
+
+    def seconds(self, name: str, high: int) -> int | None:
+        """A whole number of seconds, or a duration as the windows take ('90s', '5m', '1h'); None when absent or 0."""
+        raw = self.one(name)
+        if raw is None or raw == "":
+            return None
+        if raw.isdigit():
+            value = int(raw)
+            if value == 0:  # the default: a step chosen for the window
+                return None
+        else:
+            try:
+                value = parse_duration(raw, name).total_seconds()
+            except q.QueryInputError:
+                raise q.QueryInputError(f"{name} must be seconds (300) or a duration (5m, 1h)", param=name) from None
+            if value != int(value):
+                raise q.QueryInputError(f"{name} must be a whole number of seconds", param=name)
+            value = int(value)
+        if not 1 <= value <= high:
+            raise q.QueryInputError(f"{name} must be between 1 s and {high} s", param=name)
         return value
 
     def boolean(self, name: str) -> bool:

@@ -66,7 +66,7 @@ def build_stats_router(keyring: KeyRing, get_store: Callable[[], Any], *,
         who = reader(keyring, request, admin_route=admin_route)
         params = QueryParams(request, ALLOWED_PARAMS["timeseries"])
         sel = params.selection(who)
-        step = params.integer("step", 0, 0, 30 * 86400) or None
+        step = params.seconds("step", 30 * 86400)
         return q.error_timeseries(store(), sel, by=params.one("by") or "customer", step=step,
                                   series_limit=params.integer("series", 10, 1, 100),
                                   min_calls=params.integer("min_calls", 20, 0, 10**9), database=db).to_dict()

@@ -166,6 +166,12 @@ def test_errors_calls_timeseries(client, seeded):
     assert ts["series"][0]["key"] == seeded.acme and ts["series"][0]["errors"] == 30
     assert ts["series"][0]["error_rate"] == pytest.approx(0.06)
     assert_openai_error(admin(client, "/admin/timeseries", by="tag.a'b"), 400, param="by")
+    # step: seconds or a duration as `since` takes (step=1m was a 400 "step must be a whole number")
+    for step, seconds in (("120", 120), ("2m", 120), ("0", 60)):
+        got = admin(client, "/admin/timeseries", where=seeded.where, since="1h", step=step).json()
+        assert got["step_seconds"] == seconds and got["series"][0]["errors"] == 30, (step, got["step_seconds"])
+    for bad in ("1.5s", "soon", "-5"):
+        assert_openai_error(admin(client, "/admin/timeseries", since="1h", step=bad), 400, param="step")
 
 
 def test_store_unavailable_and_store_errors(seeded):
