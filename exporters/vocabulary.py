@@ -216,7 +216,13 @@ def parse_window(since: str | None = None, from_: str | None = None, to: str | N
         start = parse_time(from_, "from")
         end = parse_time(to, "to") if to else now
         if end <= start:
+            if start > now and not to:  # `to` is now: a from time in the future is the mistake
+                raise QueryInputError(f"the from time {iso_utc(start)} is in the future (the to time defaults to now, "
+                                      f"{iso_utc(now)})", param="from")
             raise QueryInputError("the from time must be before the to time", param="from")
+        if start >= now:  # nothing can be recorded there yet: an empty answer would read as "all quiet"
+            raise QueryInputError(f"the window starts at {iso_utc(start)}, in the future (now is {iso_utc(now)})",
+                                  param="from")
         if end - start > MAX_WINDOW:
             raise QueryInputError(f"the window from/to is too long (at most {MAX_WINDOW.days}d)", param="from")
         return Window(start, end)

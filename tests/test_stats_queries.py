@@ -69,6 +69,15 @@ def test_parse_window():
         with pytest.raises(q.QueryInputError) as e:
             q.parse_window(now=now, **bad)
         assert "\n" not in str(e.value)
+    # a window in the future: nothing can be there, and an empty table read as "all quiet" (an on-call trial)
+    with pytest.raises(q.QueryInputError) as e:
+        q.parse_window(from_="2030-01-01T00:00:00", now=now)  # `to` is now: the from time is the mistake
+    assert str(e.value) == ("the from time 2030-01-01T00:00:00Z is in the future (the to time defaults to now, "
+                            "2026-11-24T12:00:00Z)")
+    with pytest.raises(q.QueryInputError) as e:
+        q.parse_window(from_="2030-01-01T00:00:00", to="2030-01-02T00:00:00", now=now)
+    assert str(e.value).startswith("the window starts at 2030-01-01T00:00:00Z, in the future (now is 2026-11-24")
+    assert q.parse_window(from_="2026-11-24T11:00", to="2026-12-01", now=now).end.day == 1  # ends later: fine
 
 
 def test_parse_dimensions_and_filters():
