@@ -8,6 +8,7 @@ import html.parser
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -178,6 +179,8 @@ def test_page_shows_the_seeded_numbers(server, seeded, chdb_dsn):
     (total,) = dom.table("segments", "tfoot")
     assert total["cells"][:6] == ["all", "", "1,000", "33", "3.3%", "2.4-4.6%"]  # the mean that hides it
     assert dom.by_id["m-rate"] == "3.3%" and dom.by_id["m-calls"] == "1,000"
+    # every time on the page in UTC, the refresh time too (it was the browser's local 12-hour clock)
+    assert re.search(r" · updated \d\d:\d\d:\d\d UTC$", dom.by_id["status-line"]), dom.by_id["status-line"]
     assert dom.by_id["m-worst"] == f"{seeded.acme} · refund"
     # error rate over time: one series per tenant, worst first
     assert dom.series[:1] == [seeded.acme] and set(dom.series) == {seeded.acme, seeded.globex, seeded.initech}

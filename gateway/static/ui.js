@@ -296,7 +296,7 @@ async function load() {
     const excluded = (report.sources_excluded || []).length ? ` · source not ${report.sources_excluded.join(", ")}` : "";
     $("status-line").textContent = `${report.segments.length} segment(s) · ${w.from.slice(0, 16).replace("T", " ")} to ` +
       `${w.to.slice(0, 16).replace("T", " ")} UTC${excluded} · bucket ${ts.step_seconds / 60} min · updated ` +
-      new Date().toLocaleTimeString();
+      new Date().toISOString().slice(11, 19) + " UTC";  // in UTC, as every other time on the page
     document.body.setAttribute("data-loaded", "1");
   } catch (e) {
     if (mine !== loading) return;
