@@ -1,15 +1,19 @@
 """`tagway db backfill-rollups` on a store that had calls before the rollups existed: before and during the backfill
 the stats read raw for the range the rollups do not cover (never a wrong fast answer); an interrupted backfill
 resumes without counting a day twice; afterwards the rollups answer, equal to raw. Each step is a process of its
-own (chDB: one data directory per process)."""
+own (chDB: one data directory per process). The stores are seeded once for the module (the rollups go live 5 s after
+their migration: both stores wait those seconds together) and each test works on a copy of its own."""
 from __future__ import annotations
 
 import datetime as dt
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONPATH": ROOT}
@@ -43,24 +47,55 @@ def rollup_pieces_from(read: dict) -> dt.datetime | None:
     return min(starts) if starts else None
 
 
-def test_backfill_is_resumable_and_answers_stay_right(tmp_path):
-    path = str(tmp_path / "clickhouse")
+def config_for(path: str, tmp_path) -> str:
     config = tmp_path / "tagway.yaml"
     config.write_text(f"storage:\n  dsn: chdb://{path}\n  rollup_tag_keys: [zone]\n")
+    return str(config)
 
-    seeded = script(path, "seed")  # 60 h of calls stored before the rollups migration
+
+def sleep_past(when: dt.datetime) -> None:
+    time.sleep(max(0.0, (when - dt.datetime.now(dt.timezone.utc)).total_seconds()) + 1)
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory) -> dict:
+    """Two stores, made once: "backfill" (calls from before the rollups migration, then after live_from: the
+    'seed' and 'live' phases) and "customer" (rollups with calls, then the per-customer family: 'seed10'), each
+    with what its steps printed. Tests copy them (`copy_of`)."""
+    base = tmp_path_factory.mktemp("seeded")
+    out: dict = {"dir": base}
+    path = str(base / "backfill")
+    out["seed"] = script(path, "seed")  # 60 h of calls stored before the rollups migration
+    live_from = t(out["seed"]["live_from"])
+    out["seed_now"] = dt.datetime.now(dt.timezone.utc)
+    out["early"] = cli(config_for(path, base), "--settle", "3600")  # before live_from
+    out["seed10"] = script(str(base / "customer"), "seed10")
+    out["seed10_now"] = dt.datetime.now(dt.timezone.utc)
+    sleep_past(max(live_from, t(out["seed10"]["customer_from"])))
+    out["live"] = script(path, "live")  # new calls through the views, late old calls that only the backfill can see
+    return out
+
+
+def copy_of(stores: dict, name: str, tmp_path) -> str:
+    path = str(tmp_path / "clickhouse")
+    shutil.copytree(stores["dir"] / name, path, symlinks=True)  # chDB's links are relative: kept in the copy
+    return path
+
+
+def test_backfill_is_resumable_and_answers_stay_right(stores, tmp_path):
+    path = copy_of(stores, "backfill", tmp_path)
+    config = config_for(path, tmp_path)
+
+    seed_now, seeded, early, live = stores["seed_now"], stores["seed"], stores["early"], stores["live"]
     live_from = t(seeded["live_from"])
-    assert seeded["covered_from"] == seeded["live_from"] and live_from > dt.datetime.now(dt.timezone.utc)
+    assert seeded["covered_from"] == seeded["live_from"] and live_from > seed_now
     assert_equal_everywhere(seeded)
     for name in ("tenants", "intents", "zone", "pro"):
         assert seeded["answers"][name]["read"]["source"] == "raw"  # nothing rolled up yet: raw, and right
 
-    early = cli(str(config), "--settle", "3600")
     assert early.returncode == 2 and "Traceback" not in early.stderr
     assert early.stderr.startswith("error: the rollups went live at") and len(early.stderr.splitlines()) == 1
 
-    time.sleep(max(0.0, (live_from - dt.datetime.now(dt.timezone.utc)).total_seconds()) + 1)
-    live = script(path, "live")  # new calls through the views, late old calls that only the backfill can see
     assert_equal_everywhere(live)
 
     stopped = script(path, "interrupt")
@@ -97,17 +132,16 @@ def test_backfill_is_resumable_and_answers_stay_right(tmp_path):
                                                "reason": "tag key 'zone' is not rolled up"}
 
 
-def test_the_per_customer_rollup_added_to_a_store_that_had_rollups(tmp_path):
+def test_the_per_customer_rollup_added_to_a_store_that_had_rollups(stores, tmp_path):
     """Migration 11 on a store whose main rollups already hold calls: the per-customer family is complete from
     5 s after the upgrade; before that the main family answers for it (nothing copied, no bucket filled twice);
     answers equal raw, late calls included."""
-    path = str(tmp_path / "clickhouse")
-    seeded = script(path, "seed10")
+    path = copy_of(stores, "customer", tmp_path)
+    seed_now, seeded = stores["seed10_now"], stores["seed10"]
     start = t(seeded["customer_from"])
-    assert start > dt.datetime.now(dt.timezone.utc)
+    assert start > seed_now
     assert_equal_everywhere(seeded)
-    time.sleep(max(0.0, (start - dt.datetime.now(dt.timezone.utc)).total_seconds()) + 1)
-    after = script(path, "after10")
+    after = script(path, "after10")  # past start: the module's stores waited for it
     assert after["customer_from"] == seeded["customer_from"]
     assert_equal_everywhere(after)
     pieces = after["answers"]["tenants_ahead"]["read"]["pieces"]
@@ -118,17 +152,13 @@ def test_the_per_customer_rollup_added_to_a_store_that_had_rollups(tmp_path):
     assert main and max(b for _, b in main) <= start  # the main family before it
 
 
-def test_a_backfill_stopped_inside_live_froms_day_is_resumed_without_a_wrong_answer(tmp_path):
+def test_a_backfill_stopped_inside_live_froms_day_is_resumed_without_a_wrong_answer(stores, tmp_path):
     """The first day the backfill rolls up is live_from's: its minute, hour and day that straddle live_from also
     hold the views' calls, so what the stopped run wrote there cannot be deleted. The resumed run marks them and
     queries read around live_from from then on; answers equal raw (a window holding that whole hour included)."""
-    path = str(tmp_path / "clickhouse")
-    config = tmp_path / "tagway.yaml"
-    config.write_text(f"storage:\n  dsn: chdb://{path}\n  rollup_tag_keys: [zone]\n")
-    seeded = script(path, "seed")
-    live_from = t(seeded["live_from"])
-    time.sleep(max(0.0, (live_from - dt.datetime.now(dt.timezone.utc)).total_seconds()) + 1)
-    script(path, "live")
+    path = copy_of(stores, "backfill", tmp_path)  # seeded, then calls after live_from (the 'live' phase)
+    config = config_for(path, tmp_path)
+    live_from = t(stores["seed"]["live_from"])
     stopped = script(path, "interrupt_first")
     day = live_from.replace(hour=0, minute=0, second=0, microsecond=0)
     assert (t(stopped["pending_from"]), t(stopped["covered_from"])) == (day, live_from) and not stopped["split"]
