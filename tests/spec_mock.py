@@ -9,6 +9,7 @@ test, direct and through tagway, use the same front, so they see the same mock.
 """
 from __future__ import annotations
 
+import collections
 import gzip
 import os
 import shutil
@@ -108,7 +109,7 @@ class StreamingFront(ThreadedServer):
         super().__init__()
         self.prism_url = prism_url
         self.session: aiohttp.ClientSession | None = None
-        self.count = 0  # requests received
+        self.by_key: collections.Counter[str] = collections.Counter()  # requests received by Authorization header
 
     def routes(self, app: web.Application) -> None:
         app.router.add_route("*", "/{tail:.*}", self.forward)
@@ -121,7 +122,7 @@ class StreamingFront(ThreadedServer):
     async def forward(self, request: web.Request) -> web.StreamResponse:
         if self.session is None:
             self.session = aiohttp.ClientSession(auto_decompress=False)
-        self.count += 1
+        self.by_key[request.headers.get("authorization", "")] += 1
         body = await request.read()
         stream = request.query.get("stream") == "true"
         if body and request.content_type == "application/json":
