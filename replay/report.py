@@ -243,6 +243,22 @@ def _status(name: str, decision: Decision, rows: list[SegmentRow], cases: Mappin
                                   f"but no evaluator could score it; fix the evaluators (first error: {first})"]
         return REGRESSION, [f"candidate {name} errored on every one of its {len(cases)} case(s), so nothing it "
                             f"answered could be scored (first error: {first})"]
+    # The same, in one segment: its every case answered on both sides and scored on neither (an evaluator that
+    # fails on that tenant's inputs). Counted as failures on both sides (errors: fail) it read as "the baseline
+    # passed none", a segment too thin to judge, and the gate passed over a segment nobody had looked at.
+    status = decision.status
+    unscored = _unscored_segments(cases, base)
+    if unscored:
+        first = excerpt(next((r.error for r in cases.values() if r.segment in unscored and r.error), ""), 200)
+        for r in rows:
+            if r.segment in unscored:
+                r.verdict, r.too_few, r.more_cases = INCONCLUSIVE, True, None
+                r.why = f"{UNSCORED}: no evaluator could score its cases, the baseline's or candidate {name}'s"
+        reasons.append(f"{UNSCORED}: segment(s) {', '.join(sorted(unscored))} of candidate {name} were answered but "
+                       f"no evaluator could score them, nor the baseline there; fix the evaluators (first error: "
+                       f"{first})")
+        if status == OK:
+            status = INCONCLUSIVE
     for lk in decision.broken_locks:
         reasons.append(f"{lk.describe()}: a regression whatever the statistics (a lock is a unit test)")
     for f in decision.families:
@@ -254,14 +270,25 @@ def _status(name: str, decision: Decision, rows: list[SegmentRow], cases: Mappin
     for r in rows:
         if r.verdict == INCONCLUSIVE:
             more = "" if r.too_few or not r.more_cases else f"; ~{r.more_cases} more case(s) would decide it (80% power)"
-            reasons.append(f"segment {r.segment}: inconclusive: {r.why}{more}")
-    status = decision.status
+            if r.segment not in unscored:  # said first, above
+                reasons.append(f"segment {r.segment}: inconclusive: {r.why}{more}")
     if status == OK:
         m = len(decision.families) or len(rows)
         what = "families" if decision.families else "segments"
         reasons.append(f"no regression: {m} {what} within margin {gating.margin:g} or not significant at alpha "
                        f"{gating.alpha:g} (Holm across {what})")
     return status, reasons
+
+
+def _unscored_segments(cases: Mapping[str, Any], base: Mapping[str, Any]) -> set[str]:
+    """Segments whose every candidate case was answered but errored in the evaluators, and whose baseline cases
+    (where there are any) were not scored either."""
+    by_seg: dict[str, list[str]] = {}
+    for cid, r in cases.items():
+        by_seg.setdefault(r.segment, []).append(cid)
+    return {seg for seg, ids in by_seg.items()
+            if all(cases[c].status == ERRORED and cases[c].evaluations for c in ids)
+            and all(base.get(c) is None or (base[c].status == ERRORED and base[c].evaluations) for c in ids)}
 
 
 def aggregate(results: Iterable[Any], gating: Any, *, run_id: str = "", status: str = "complete",
@@ -304,7 +331,7 @@ def aggregate(results: Iterable[Any], gating: Any, *, run_id: str = "", status: 
     statuses = {c.status for c in reports}
     # no candidate result is no evidence either way: inconclusive (which blocks by default), never "regression"
     overall = REGRESSION if REGRESSION in statuses else INCONCLUSIVE if INCONCLUSIVE in statuses or not reports else OK
-    unscored = any(c.reasons and c.reasons[0].startswith(UNSCORED) for c in reports)
+    unscored = any(x.startswith(UNSCORED) for c in reports for x in c.reasons)
     code = exit_code(overall, complete=status == "complete",  # nothing tested never passes, whatever the policy
                      inconclusive_blocks=getattr(gating, "inconclusive", "block") == "block" or not reports
                      or unscored)

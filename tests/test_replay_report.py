@@ -131,6 +131,38 @@ def test_evaluators_that_score_nothing_block_as_no_evidence_not_as_a_regression(
                    "evaluator could score it; fix the evaluators" in x for x in r.reasons), r.reasons
 
 
+def test_a_segment_no_evaluator_could_score_blocks_as_no_evidence_beside_segments_that_pass():
+    """An evaluator that fails on one tenant's inputs (a replay trial's python evaluator raising for globex): that
+    segment's every case errored in the evaluators, baseline and candidate alike. Counted as failures it read as "the
+    baseline passed none", too thin to judge, and the default gate exited 0 over a segment nobody had scored (its
+    candidate was in fact worse there). It blocks now, as a run no evaluator could score does (exit 4), under
+    either policy; a regression elsewhere still exits 1."""
+    rows = results({"acme": (40, 36, 36), "globex": (45, 40, 20), "initech": (40, 35, 35)})
+    for x in rows:
+        if x.segment == "globex":
+            x.status, x.error, x.evaluations = "errored", "python: KeyError: 'globex'", [
+                {"name": "python", "error": "KeyError: 'globex'"}]
+    for policy in ("block", "pass"):
+        r = aggregate(rows, Gating(inconclusive=policy), run_id="r")
+        seg = {row.segment: row for row in r.candidates[0].rows}
+        assert (seg["acme"].verdict, seg["initech"].verdict, seg["globex"].verdict) == ("ok", "ok", "inconclusive")
+        assert seg["globex"].why.startswith("evaluators could not score: no evaluator could score its cases")
+        assert r.verdict == "inconclusive" and r.exit_code == 4, (policy, r.exit_code, r.reasons)
+        assert any(x.startswith("evaluators could not score: segment(s) globex of candidate cand were answered but "
+                                "no evaluator could score them") and "KeyError: 'globex'" in x for x in r.reasons)
+    # the baseline scored there (the evaluator fails on the candidate's answers only): the candidate's doing, not this
+    for x in rows:
+        if x.segment == "globex" and x.candidate == "baseline":
+            x.status, x.error, x.evaluations = "passed", "", []
+    assert aggregate(rows, Gating()).exit_code == 1  # 45 pass->fail flips: a regression, as before
+    # and with a regression in another segment the run still fails on it
+    worse = results({"acme": (40, 36, 20), "globex": (45, 40, 40)})
+    for x in worse:
+        if x.segment == "globex":
+            x.status, x.error, x.evaluations = "errored", "python: boom", [{"name": "python", "error": "boom"}]
+    assert aggregate(worse, Gating()).exit_code == 1
+
+
 def test_a_segment_with_no_scored_pair_is_inconclusive_and_gets_no_bar():
     rows = results({"a": (25, 25, 25), "gone": (3, 3, 3)})
     for x in rows:
