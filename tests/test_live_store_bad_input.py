@@ -220,11 +220,17 @@ class SilentGateway(ThreadedServer):
     def __init__(self, instance: str, stuck_at: str) -> None:
         super().__init__()
         self.instance, self.stuck_at = instance, stuck_at
+        self.released: asyncio.Event | None = None  # set when the server stops: the silent requests end then
 
     def routes(self, app: web.Application) -> None:
+        self.released = asyncio.Event()
+
         async def silent(request: web.Request) -> web.Response:
             await request.read()
-            await asyncio.sleep(4)  # past the silence the test allows; short, so the server stops soon
+            try:  # silent until the server stops, well past the silence the test allows (at most 30 s: no hang)
+                await asyncio.wait_for(self.released.wait(), 30)
+            except asyncio.TimeoutError:
+                pass
             return web.Response()
 
         async def ping(request: web.Request) -> web.Response:
@@ -234,6 +240,11 @@ class SilentGateway(ThreadedServer):
 
         app.router.add_get("/admin/store/ping", ping)
         app.router.add_post("/admin/store/{op}", silent)
+
+    def stop(self) -> None:
+        if self._loop and self.released:
+            self._loop.call_soon_threadsafe(self.released.set)
+        super().stop()
 
 
 @pytest.mark.parametrize("stuck_at, says", [("ping", "sent nothing for 1 s"), ("query", "sent nothing for 2 s")])
