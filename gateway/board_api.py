@@ -80,6 +80,17 @@ def store_getter(get_store: Callable[[], Any]) -> Callable[[], Any]:
     return store
 
 
+def _store_location(config: Any) -> dict[str, str]:
+    """The gateway's store as the admin may learn it: an embedded store's directory (on the gateway's host), or a
+    server's DSN without its password."""
+    from exporters.store import chdb_path, is_embedded, redact_dsn  # noqa: PLC0415
+
+    dsn = config.storage.resolved_dsn()
+    if is_embedded(dsn):
+        return {"embedded": os.path.abspath(chdb_path(dsn))}
+    return {"server": redact_dsn(dsn), "database": config.storage.database or ""}
+
+
 def _not_found(what: str, code: str, param: str) -> GatewayError:
     return GatewayError(404, what, code=code, param=param)
 
@@ -185,8 +196,11 @@ def build_board_router(keyring: KeyRing, store: Callable[[], Any], *, database: 
         replay (what a replay run checks before it stores anything)."""
         def run() -> Any:
             who = reader(keyring, request, admin_route=False)
-            return {"admin": who.is_admin, "customer": who.customer, "key_id": who.principal.key_id,
-                    "may_mark_replay": who.principal.may_set_customer}
+            out = {"admin": who.is_admin, "customer": who.customer, "key_id": who.principal.key_id,
+                   "may_mark_replay": who.principal.may_set_customer}
+            if who.is_admin:  # where the calls are recorded: a replay CLI given only --gateway stores its run there
+                out["store"] = _store_location(keyring.config)
+            return out
         return run_handler(run)
 
     # -- the pages ---------------------------------------------------------------------------------------------

@@ -80,17 +80,21 @@ def _user_errors(run_id: str | None = None) -> Iterator[None]:
         raise _fail(str(e)) from None
 
 
-def _store(dsn: Optional[str], config: Optional[Path], *, create: bool = False):
+def _store(dsn: Optional[str], config: Optional[Path], *, create: bool = False, gateway: Optional[str] = None,
+           api_key: str = ""):
     """The store the gateway writes to: --dsn > $TAGWAY_DSN > the gateway config (--config / $TAGWAY_CONFIG) >
-    ./tagway-data/clickhouse (exporters.dsn, the same resolution as `tagway stats`). `create`: an embedded store
-    that is not there yet is made (for what brings its own cases: a run on a dataset file, an import); a command
-    that reads one refuses it (exporters.store_access.open_store)."""
+    with --gateway, the store that gateway names to the admin key > ./tagway-data/clickhouse (exporters.dsn, the
+    same resolution as `tagway stats`). `create`: an embedded store that is not there yet is made (for what brings
+    its own cases: a run on a dataset file, an import); a command that reads one refuses it
+    (exporters.store_access.open_store)."""
     from exporters.dsn import resolve_dsn
     from exporters.remote_store import GatewayStuckError
     from exporters.schema import migrate
     from exporters.store_access import open_store
+    from .runner import store_dsn_for
+    target = store_dsn_for(resolve_dsn(dsn, config), gateway, api_key)
     try:
-        store = open_store(resolve_dsn(dsn, config).dsn, create=create)  # through the gateway when one serves it
+        store = open_store(target, create=create)  # through the gateway when one serves it
     except GatewayStuckError as e:  # before anything ran: not the "stopped midway" of _stopped
         raise _fail(str(e), EXIT_INCOMPLETE) from None
     migrate(store)
@@ -267,7 +271,8 @@ def run_cmd(
             alpha=alpha, margin=margin, inconclusive=inconclusive, errors=errors, max_cases=escalation_max_cases,
             max_cost=max_cost, concurrency=concurrency, limit=limit))
         sys.path[:0] = [str(spec_dir), os.getcwd()]  # `python` evaluators: module:function beside the spec
-        store = _store(dsn, config, create=True)  # a run may bring its own cases (a JSONL dataset)
+        # a run may bring its own cases (a JSONL dataset)
+        store = _store(dsn, config, create=True, gateway=None if in_process else gateway, api_key=_api_key(api_key))
         gateway = gateway_for(gateway, store, in_process=in_process)
         rid = run_id or new_run_id()
         stored: list[str] = []
@@ -312,7 +317,7 @@ def resume_cmd(
                             "report --shadow` builds a new report)")
         _check_output(fmt, out)
         _check_limits(max_cost, concurrency)
-        store = _store(dsn, config)
+        store = _store(dsn, config, gateway=None if in_process else gateway, api_key=_api_key(api_key))
         gateway = gateway_for(gateway, store, in_process=in_process)
         base = (spec_dir or Path.cwd()).resolve()
         sys.path[:0] = [str(base)]

@@ -97,7 +97,11 @@ class GateRunner:
             from exporters.dsn import resolve_dsn
             from exporters.schema import migrate
             from exporters.store_access import open_store
-            self._store = open_store(resolve_dsn(self.dsn, self.config).dsn, create=True)  # a gate may seed a new store
+
+            from .runner import store_dsn_for
+            # a gate may seed a new store; given only --tagway-gateway, the store that gateway records to
+            self._store = open_store(store_dsn_for(resolve_dsn(self.dsn, self.config), self.gateway, self.api_key),
+                                     create=True)
             migrate(self._store)
         return self._store
 

@@ -716,6 +716,35 @@ def _fast_transport(limits: httpx.Limits) -> httpx.AsyncBaseTransport | None:
     return AiohttpTransport(limits=limits)
 
 
+def store_dsn_for(resolved: Any, gateway: str | None, api_key: str) -> str:
+    """The DSN a replay command opens: the one resolved from its flags, config and environment (exporters.dsn), or,
+    when it was given none of them but a gateway (`resolved.source` "default"), the store that gateway names to the
+    admin key (WHOAMI_PATH), when it is on this machine. Otherwise the run would be stored in a new ./tagway-data
+    beside the gateway's store, where neither its dashboard nor `replay report --config` finds it: refused, unless
+    there is a store here already (the one the command was run beside, as before)."""
+    from exporters.store import chdb_path  # noqa: PLC0415
+
+    from .spec import SpecError  # noqa: PLC0415
+
+    if resolved.source != "default" or not gateway:
+        return resolved.dsn
+    try:
+        r = httpx.get(gateway.rstrip("/") + WHOAMI_PATH, headers={"authorization": f"Bearer {api_key}"}, timeout=10)
+        where = r.json().get("store") if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, AttributeError):
+        where = None
+    where = where if isinstance(where, dict) else {}
+    embedded, server = where.get("embedded"), where.get("server")
+    if isinstance(embedded, str) and Path(embedded).is_dir():
+        return f"chdb://{embedded}"
+    if Path(chdb_path(resolved.dsn)).is_dir():
+        return resolved.dsn
+    said = (f"it records to {server}" if server else f"its store {embedded} is not on this machine" if embedded
+            else "it names its store only to the admin key")
+    raise SpecError(f"which store? --gateway {gateway} was given but no store ({said}): pass the gateway's "
+                    "--config, or --dsn, so the run is stored where the gateway records, not in a new ./tagway-data")
+
+
 def gateway_for(flag: str | None, store: Any, *, in_process: bool = False) -> str | None:
     """Where calls go: --gateway (env TAGWAY_GATEWAY_URL), else the gateway serving the embedded store this command
     reached through it (exporters.store_access: its announced loopback URL), else None (the caller says so)."""

@@ -221,3 +221,36 @@ def test_report_of_a_stored_run_is_the_run_s_own_report(gw, tmp_path):
     assert orjson.loads(p.stdout) == ran
     p = tagway(gw, tmp_path, "replay", "report", ran["run_id"], "--format", "md")
     assert "- note: the per-segment floor (8 x 2 segments = 16) exceeds limit 2; the floor wins" in p.stdout
+
+
+def test_a_run_given_only_the_gateway_is_stored_where_the_gateway_records(gw, tmp_path):
+    """The README's CI line names the gateway and no store: the run went into a new ./tagway-data in the job's
+    directory, so `replay report RUN --config` (and the dashboard link of a PR comment) said "no replay run" and a
+    slice found no call there (a replay trial). The gateway names its store to the admin key; a key it names it to
+    nobody else gets one line asking for --config or --dsn, and no store is made."""
+    (tmp_path / "replay.yaml").write_text(yaml.safe_dump({
+        "slice": {"customer": ["acme"], "since": "1h", "segment_by": ["customer"]},
+        "candidates": [{"name": "same", "model": "gpt-test"}],
+        "evaluators": [{"type": "contains", "value": "Echo:"}]}))
+    env = {k: v for k, v in gw.env.items() if k not in ("TAGWAY_CONFIG", "TAGWAY_DSN")}
+    run_id = f"ci-trial-gw-only-{os.getpid()}-{time.monotonic_ns()}"
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "gateway.cli", *args], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300, env=env)
+
+    p = run("replay", "run", "--spec", "replay.yaml", "--gateway", gw.url, "--api-key", ADMIN, "--no-progress",
+            "--run-id", run_id, "--format", "json")
+    assert p.returncode == 0, p.stderr
+    assert sum(r["n"] for r in orjson.loads(p.stdout)["candidates"][0]["rows"]) == 8  # acme's 8 calls: its store
+    assert not (tmp_path / "tagway-data").exists()
+    p = tagway(gw, tmp_path, "replay", "report", run_id, "--format", "json")  # through the gateway's config
+    assert p.returncode == 0 and orjson.loads(p.stdout)["run_id"] == run_id, p.stderr
+
+    p = run("replay", "run", "--spec", "replay.yaml", "--gateway", gw.url, "--api-key", KEYS["acme"],
+            "--no-progress")
+    assert p.returncode == 2, p.stderr
+    (line,) = [x for x in p.stderr.splitlines() if x.strip()]
+    assert f"which store? --gateway {gw.url} was given but no store (it names its store only to the admin key): " \
+           "pass the gateway's --config, or --dsn" in line, line
+    assert not (tmp_path / "tagway-data").exists()
