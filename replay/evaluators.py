@@ -54,6 +54,13 @@ class EvaluatorSpec(BaseModel):
 
     @model_validator(mode="after")
     def _options(self) -> "EvaluatorSpec":
+        # a misspelt setting (`thresold: 0.9`) was kept as an extra and ignored: the default ran in its place
+        unknown = sorted(set(self.model_extra or {}) - self.evaluator.options)
+        if unknown:
+            takes = ["value", "threshold", "weight", "metric", *sorted(self.evaluator.options)]
+            close = difflib.get_close_matches(unknown[0], takes, n=1)
+            raise ValueError(f"{self.type} has no setting {', '.join(map(repr, unknown))}"
+                             + (f" (did you mean {close[0]!r}?)" if close else "") + f"; it takes {', '.join(takes)}")
         self.evaluator.check(self)
         return self
 
@@ -124,6 +131,7 @@ class Evaluator:
     `check` raises ValueError (one line) for a spec it cannot run; `run` scores one answer."""
     names: tuple[str, ...] = ()
     needs_value = False
+    options: frozenset[str] = frozenset()  # the type's own settings beside value, threshold, weight and metric
 
     def check(self, spec: EvaluatorSpec) -> None:
         if self.needs_value and spec.value is None:
@@ -343,6 +351,7 @@ class ToolCallMatch(Evaluator):
     """The answer's tool calls against `value` (or, without one, the baseline's calls): names and arguments
     (`arguments: exact | subset | ignore`)."""
     names = ("tool_call_match",)
+    options = frozenset({"arguments"})
 
     def check(self, spec: EvaluatorSpec) -> None:
         if spec.option("arguments", "exact") not in ("exact", "subset", "ignore"):
@@ -385,6 +394,7 @@ def _similarity(a: str, b: str, method: str) -> float:
 class Similar(Evaluator):
     """Text similarity to `value` (or the baseline answer): `method: ratio` (difflib) or `jaccard` (word sets)."""
     names = ("similar",)
+    options = frozenset({"method"})
 
     def check(self, spec: EvaluatorSpec) -> None:
         if spec.option("method", "ratio") not in ("ratio", "jaccard"):
@@ -407,6 +417,7 @@ class LabelReference(Evaluator):
     `threshold` (default 0.75). An unlabelled case is an evaluator error unless `unlabelled: pass | fail` says
     what it gets."""
     names = ("label",)
+    options = frozenset({"method", "unlabelled"})
 
     def check(self, spec: EvaluatorSpec) -> None:
         if spec.option("method", "ratio") not in ("ratio", "jaccard"):
@@ -539,6 +550,7 @@ class LlmJudge(Evaluator):
     providers honour and litellm translates; `json_mode: false` for a provider that rejects it) unless `params` say
     otherwise. Its answer must be the strict verdict (parse_judge_answer)."""
     names = ("llm_judge", "llm-rubric")
+    options = frozenset({"include_reference", "json_mode", "judge_version", "model", "params", "system"})
     needs_value = True
 
     def check(self, spec: EvaluatorSpec) -> None:
@@ -589,6 +601,7 @@ class PythonCode(Evaluator):
     """`value: module:function`, called as fn(output, context) -> bool, a number (>= threshold, default 0.5) or
     {pass, score, reason, fields}; sync or async."""
     names = ("python",)
+    options = frozenset({"config"})
     needs_value = True
 
     def check(self, spec: EvaluatorSpec) -> None:

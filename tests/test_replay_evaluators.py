@@ -302,6 +302,14 @@ BASE = {"slice": {"customer": "acme"}, "candidates": [{"name": "c1", "model": "m
                                                                                     "from production"),
     ({"candidates": [{"name": "c", "model": "m", "prompt": {"file": "p.txt"}}]}, "needs a version"),
     ({"bogus": 1}, "bogus: Extra inputs are not permitted"),
+    # a misspelt evaluator setting was ignored and its default used (a replay trial's `thresold: 0.99`)
+    ({"evaluators": [{"type": "similar", "value": "x", "thresold": 0.99}]},
+     "similar has no setting 'thresold' (did you mean 'threshold'?); it takes value, threshold, weight, metric, "
+     "method"),
+    ({"evaluators": [{"type": "icontains", "value": "x", "wieght": 2, "metirc": "tk"}]},
+     "icontains has no setting 'metirc', 'wieght' (did you mean 'metric'?)"),
+    ({"evaluators": [{"type": "llm_judge", "value": "r", "model": "j", "judge_version": "1", "modle": "k"}]},
+     "llm_judge has no setting 'modle' (did you mean 'model'?)"),
 ])
 def test_spec_errors_are_one_line(patch, message):
     with pytest.raises(SpecError) as e:
