@@ -299,9 +299,11 @@ def test_finding2_a_batch_clickhouse_refuses_is_set_aside_and_recording_goes_on(
             assert g.cli("db", "spool", "retry", "--all").returncode == 0
             assert json.loads(g.cli("db", "spool", "list", "--json").stdout) == []
             deadline = time.monotonic() + 120
-            while not json.loads(g.cli("db", "spool", "list", "--json").stdout):
+            while metric(g.get("/metrics", ADMIN).text, "tagway_spool_poison_files_total") < 2:
                 assert time.monotonic() < deadline, "the re-queued batch was not picked up"
-                time.sleep(1)
+                time.sleep(0.2)
+            (again,) = json.loads(g.cli("db", "spool", "list", "--json").stdout)
+            assert again["kind"] == "poison" and again["rows"] == 1
             purged = g.cli("db", "spool", "purge", "--all")
             assert purged.returncode == 0 and "1 rows deleted" in purged.stdout
             assert g.cli("db", "spool", "list").stdout.strip() == "no quarantined batches"
@@ -344,17 +346,19 @@ def test_finding5_sigkill_loses_at_most_a_flush_interval(tmp_path):
     assert len(acked) > 100
     g.start()  # same data directory: the log is recovered into the spool and re-sent
     try:
-        # until every acknowledged call is stored, or the count has not moved for 3 s once the spool is sent (a
-        # few calls may be lost by design: waiting for all of them took the whole deadline)
-        deadline, stored, since = time.monotonic() + 60, -1, time.monotonic()
+        # until every acknowledged call is stored, or the spool is empty: the log was recovered into it at start-up,
+        # so once it holds nothing, the count read after that is all there will be (a few calls may be lost by
+        # design: waiting for all of them took the whole deadline)
+        deadline = time.monotonic() + 60
         while True:
+            m = g.get("/metrics", ADMIN).text
+            assert "tagway_spool_files_pending" in m
+            sent = metric(m, "tagway_spool_files_pending") == 0
             rows = g.query("SELECT count() AS n FROM llm_calls WHERE trace_id IN {t:Array(String)}", ADMIN, t=acked)
             lost = len(acked) - rows[0]["n"]
-            if rows[0]["n"] != stored:
-                stored, since = rows[0]["n"], time.monotonic()
-            if lost <= 0 or time.monotonic() > deadline or (stored > 0 and time.monotonic() - since > 3):
+            if lost <= 0 or sent or time.monotonic() > deadline:
                 break
-            time.sleep(0.5)
+            time.sleep(0.2)
     finally:
         g.stop()
     rate = len(acked) / seconds
