@@ -255,6 +255,7 @@ def run_cmd(
     """Select a slice (or dataset), replay it against the candidates through the gateway, report and gate."""
     from exporters.remote_store import StoreGoneError
     from .datasets import validate_run_id
+    from .evaluators import EvaluatorError, load_python_evaluators
     from .pipeline import RunOptions, new_run_id, start_run
     with _user_errors():
         _check_output(fmt, out)
@@ -271,6 +272,10 @@ def run_cmd(
             alpha=alpha, margin=margin, inconclusive=inconclusive, errors=errors, max_cases=escalation_max_cases,
             max_cost=max_cost, concurrency=concurrency, limit=limit))
         sys.path[:0] = [str(spec_dir), os.getcwd()]  # `python` evaluators: module:function beside the spec
+        try:
+            load_python_evaluators(parsed.evaluators)
+        except EvaluatorError as e:
+            raise SpecError(f"{spec}: evaluators: {e} (looked in {spec_dir} and the working directory)") from None
         # a run may bring its own cases (a JSONL dataset)
         store = _store(dsn, config, create=True, gateway=None if in_process else gateway, api_key=_api_key(api_key))
         gateway = gateway_for(gateway, store, in_process=in_process)

@@ -588,13 +588,25 @@ _REF_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 def _load_callable(ref: str) -> Callable:
+    # the caller prefixes the evaluator's name ("python: ...")
     try:
         fn = load_ref(ref)
     except ImportError as e:
-        raise EvaluatorError(f"python: cannot load {ref!r}: {e}") from None
+        raise EvaluatorError(f"cannot load {ref!r}: {e}") from None
     if not callable(fn):
-        raise EvaluatorError(f"python: {ref!r} is not callable")
+        raise EvaluatorError(f"{ref!r} is not callable")
     return fn
+
+
+def load_python_evaluators(specs: Sequence[EvaluatorSpec]) -> None:
+    """Import every `python` evaluator's function now, before a call is paid for: one that cannot be loaded
+    failed every case after the whole run had been paid (a replay trial). Raises EvaluatorError."""
+    for spec in specs:
+        if spec.kind == "python":
+            try:
+                _load_callable(str(spec.value))
+            except EvaluatorError as e:
+                raise EvaluatorError(f"{spec.name}: {e}") from None
 
 
 class PythonCode(Evaluator):

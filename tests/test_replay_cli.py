@@ -506,6 +506,15 @@ def test_a_run_that_cannot_start_stores_nothing_and_a_refused_resume_changes_not
     unread = unique("noprompt")
     res = invoke("run", "--spec", bad, *world["common"], "--run-id", unread)
     assert res.exit_code == 2 and "missing.txt" in _one_error_line(res)
+    # a python evaluator whose module is not there: it failed every case once the whole run had been paid for
+    spec = yaml.safe_load(world["spec"].read_text())
+    spec["evaluators"] = [{"type": "python", "value": "nomodule_here:fn"}]
+    bad.write_text(yaml.safe_dump(spec))
+    unloaded = unique("nopython")
+    res = invoke("run", "--spec", bad, *world["common"], "--run-id", unloaded)
+    line = _one_error_line(res)
+    assert res.exit_code == 2 and f"{bad}: evaluators: python: cannot load 'nomodule_here:fn': No module named " \
+        "'nomodule_here'" in line and "python: python" not in line, line
     unknown = unique("nomodel")  # a model the gateway does not serve: asked before the run is stored
     res = invoke("run", "--spec", world["spec"], *world["common"], "--run-id", unknown, "--candidate-model", "gpt-x")
     assert res.exit_code == 2 and "model 'gpt-x' is not served by the gateway" in _one_error_line(res)
@@ -518,6 +527,7 @@ def test_a_run_that_cannot_start_stores_nothing_and_a_refused_resume_changes_not
     store = connect(world["dsn"])
     try:
         assert get_run(store, ghost) is None and get_run(store, unread) is None and get_run(store, unknown) is None
+        assert get_run(store, unloaded) is None
         assert get_run(store, done).status == "complete"
     finally:
         store.close()
