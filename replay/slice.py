@@ -345,7 +345,15 @@ def sample_pool(store: Any, s: SliceSpec, *, now: float | None = None) -> tuple[
     extra = _extra_columns(s.segment_by)
     pool = [PoolRow(r["trace_id"], r["customer"], r["intent"], r["prompt_version"], r["model"], dict(r["tags"] or {}),
                     bool(r["has_content"]), {k: str(r[f"seg_{k}"]) for k in extra}) for r in store.query(sql, params)]
-    return sample(pool, s.segment_by, s.limit, s.sampling), len(pool)
+    result = sample(pool, s.segment_by, s.limit, s.sampling)
+    # a value the slice names that no call has (a typo'd or silent customer) dropped out of the report unseen
+    for field in ("customer", "intent", "prompt_version"):
+        seen = {getattr(r, field) for r in pool}
+        missing = [v for v in getattr(s, field) or () if v not in seen]
+        if missing and pool:
+            result.notes.append(f"slice.{field}: no call matched {', '.join(map(repr, missing))}: the report has "
+                                f"no segment for {'it' if len(missing) == 1 else 'them'}")
+    return result, len(pool)
 
 
 def select_slice(store: Any, s: SliceSpec, *, now: float | None = None) -> tuple[list[Case], SampleResult]:

@@ -706,6 +706,21 @@ def test_a_slice_reads_names_and_tag_values_as_they_are_recorded(chdb_store, sli
     assert len(select_slice(chdb_store, spec.slice)[0]) > 0
 
 
+def test_a_slice_value_no_call_has_is_noted_not_dropped_in_silence(chdb_store, slice_data):
+    """customer: [acme, umbrella] (umbrella a typo, or a tenant gone quiet) passed with acme's segment only and no
+    word about umbrella (a replay trial): the sample notes each named value that no call matched."""
+    from replay.slice import select_slice  # noqa: PLC0415
+    a, _, _ = slice_data
+    spec = parse_spec({**spec_for([a, "umbrella-nobody"]), "slice": {**spec_for([a, "umbrella-nobody"])["slice"],
+                                                                    "intent": ["refund", "no-such-intent"]}})
+    cases, result = select_slice(chdb_store, spec.slice)
+    assert cases and {c.customer for c in cases} == {a}
+    assert "slice.customer: no call matched 'umbrella-nobody': the report has no segment for it" in result.notes
+    assert "slice.intent: no call matched 'no-such-intent': the report has no segment for it" in result.notes
+    plain = select_slice(chdb_store, parse_spec(spec_for([a])).slice)[1]
+    assert not [n for n in plain.notes if n.startswith("slice.")]
+
+
 def test_the_progress_bar_counts_calls_and_says_so(chdb_store, slice_data, capsys):
     """The bar counts calls (a case runs once per target: the candidate, and the baseline's prompt re-run), and its
     label says so (a trial saw 46/46 under a bare 'replay' for 23 cases)."""
