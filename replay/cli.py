@@ -634,6 +634,15 @@ def dataset_list_cmd(dsn: Optional[str] = DsnOpt, config: Optional[Path] = Confi
         typer.echo(f"{r['dataset_id']}\t{r['n']} cases\t{r['segments']} segments\t{r['description']}")
 
 
+def _trend_mark(t: Any) -> str:
+    """Why a series is marked: a drop between runs (the columns beside it carry ❌), or only the last run's own gate
+    against its baseline, said as such (a bare "regression" beside +0.000 changes read as a drop between runs)."""
+    last = t.points[-1]
+    if last.previous_regression or last.pinned_regression:
+        return "❌ regression"
+    return "❌ last run's gate: regression vs its baseline" if t.regressed else ""
+
+
 @replay_app.command("trend")
 def trend_cmd(
     dataset: Optional[str] = typer.Option(None, "--dataset", help="The runs of this dataset: a name takes every "
@@ -703,4 +712,4 @@ def trend_cmd(
                  [[t.segment, t.candidate, sparkline(t.points), str(len(t.points)), pct(t.points[-1].rate),
                    pct(t.points[-1].vs_previous, True) + (" ❌" if t.points[-1].previous_regression else ""),
                    pct(t.points[-1].vs_pinned, True) + (" ❌" if t.points[-1].pinned_regression else ""),
-                   "❌ regression" if t.regressed else ""] for t in trends])
+                   _trend_mark(t)] for t in trends])

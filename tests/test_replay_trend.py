@@ -113,6 +113,21 @@ def test_trend_table(seeded):
     assert "| = a new dataset version" in " ".join(res.stdout.split())
 
 
+def test_a_mark_from_the_last_runs_own_gate_says_so(chdb_store):
+    """Two runs whose candidate is worse than their baseline by the same amount: no drop between them (+0.000), and
+    a bare "❌ regression" beside +0.000 read as one (a replay trial). The mark says it is the run's own gate."""
+    name = unique("samedrop")
+    runs = [unique("s1"), unique("s2")]
+    for i, run in enumerate(runs):
+        seed_run(chdb_store, run, f"{name}@1", 1000.0 * (i + 1), {"acme": 10}, {"acme": 36}, name + "v1")
+    res = CliRunner().invoke(replay_app, ["trend", "--dataset", name, "--dsn", chdb_store.dsn], env={"COLUMNS": "250"},
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    line = " ".join(next(x for x in res.stdout.splitlines() if " acme " in f" {x} ").split())
+    # vs previous, vs pinned (no drop: no ❌ of their own), then the mark
+    assert "+0.000 +0.000 ❌ last run's gate: regression vs its baseline" in line, line
+
+
 @pytest.mark.parametrize("args, message", [
     ([], "error: a trend needs --spec or --dataset"),
     (["--dataset", "nothing-here"], "error: no replay run of dataset 'nothing-here'"),
