@@ -265,6 +265,17 @@ def _float_header(resp: httpx.Response, name: str) -> float:
 WHOAMI_PATH = "/v1/tagway/whoami"  # which key this is, and whether it may mark calls as replay
 
 
+def interleaved(cases: Sequence[Case]) -> list[Case]:
+    """The cases in turns across their segments (each segment's own order kept): a run stopped early (its
+    max_cost, Ctrl-C) has scored a share of every segment, not spent its budget on the first segments in the
+    sampler's order and reached none of the rest (a replay trial's globex refund, never run)."""
+    by_segment: dict[str, list[Case]] = {}
+    for c in cases:
+        by_segment.setdefault(c.segment, []).append(c)
+    queues = list(by_segment.values())
+    return [q[i] for i in range(max((len(q) for q in queues), default=0)) for q in queues if i < len(q)]
+
+
 @dataclasses.dataclass(frozen=True)
 class Caller:
     """Which key a run's calls go with, as the gateway says it (WHOAMI_PATH): what a run records as its key, and
@@ -554,7 +565,7 @@ class Runner:
         `resume`."""
         recorded = recorded or {}
         judged = any(e.kind == "llm_judge" for e in self.spec.evaluators)  # scoring an answer makes paid calls
-        items = [(c, t) for c in cases for t in targets if (t.name, c.case_id) not in skip]
+        items = [(c, t) for c in interleaved(cases) for t in targets if (t.name, c.case_id) not in skip]
         results: list[ResultRow] = []
         from_record = [it for it in items if (it[1].name, it[0].case_id) in recorded]
         to_call = [it for it in items if (it[1].name, it[0].case_id) not in recorded]

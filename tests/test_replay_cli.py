@@ -463,14 +463,17 @@ def test_a_gateway_gone_after_some_cases_writes_the_report_of_what_completed(wor
     assert f"replay run {run_id}" in res.output and "Traceback" not in res.output
     assert f"the report is of what completed: `tagway replay resume {run_id}` runs the rest" in res.output
     text = md.read_text()
-    assert "gate INCOMPLETE, exit 3" in text and "**Verdict: INCOMPLETE** (exit 3)" in text and "PASSED" not in text
+    # the cases run in turns across the segments (a stop has a share of each), so the 6 that completed include
+    # customer a's drop: too few to judge, said as such; never a pass, and exit 3 whatever it found
+    assert "PASSED" not in text and ("gate INCOMPLETE, exit 3" in text and "**Verdict: INCOMPLETE** (exit 3)" in text
+                                     or "gate INCONCLUSIVE (run incomplete: not final), exit 3" in text), text
     assert "note: stopped: the gateway went away mid-run: gateway unreachable after 4 attempt(s)" in text
     assert f"'tagway replay resume {run_id}' runs the rest" in text  # Markdown's cell-safe quotes
     pooled = next(line for line in text.splitlines() if line.startswith("| **all segments (pooled)**"))
     assert pooled.startswith("| **all segments (pooled)** | **6** |")  # the 6 answered cases, none errored
     shown = orjson.loads(invoke("report", run_id, "--dsn", world["dsn"], "--format", "json").stdout)
-    assert (shown["status"], shown["verdict"], shown["passed"], shown["errored"]) == ("incomplete", "incomplete",
-                                                                                     False, 0)
+    assert (shown["status"], shown["passed"], shown["errored"]) == ("incomplete", False, 0)
+    assert shown["verdict"] in ("incomplete", "inconclusive")
     res = invoke("resume", run_id, *world["common"])  # the gateway is back
     assert res.exit_code == 1, res.output  # complete now: customer a's regression
     done = orjson.loads(invoke("report", run_id, "--dsn", world["dsn"], "--format", "json").stdout)

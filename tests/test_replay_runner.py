@@ -732,3 +732,17 @@ def test_the_progress_bar_counts_calls_and_says_so(chdb_store, slice_data, capsy
     n, t = res.report.n_cases, len(targets_for(spec))
     err = capsys.readouterr().err
     assert t == 2 and f"replay {n} case(s) x 2 " in err and f"{n * t}/{n * t}" in err, err
+
+
+def test_cases_run_in_turns_across_segments_so_an_early_stop_has_a_share_of_each():
+    """A budget stop spent everything on the first segments in the sampler's order and reached none of the rest
+    (a replay trial's globex refund): the runner takes the segments in turns, each in its own order."""
+    from replay.runner import interleaved  # noqa: PLC0415
+    from replay.slice import Case  # noqa: PLC0415
+
+    def case(seg: str, i: int) -> Case:
+        return Case(case_id=f"{seg}{i}", segment=seg)
+
+    cases = [case("acme", i) for i in range(3)] + [case("globex", i) for i in range(2)] + [case("initech", 0)]
+    assert [c.case_id for c in interleaved(cases)] == ["acme0", "globex0", "initech0", "acme1", "globex1", "acme2"]
+    assert interleaved([]) == []
