@@ -191,18 +191,27 @@ def _last_user_text(request_json: str) -> str:
 
 
 def case_inputs(store: Any, case_ids: Iterable[str], *, chunk: int = 2000) -> dict[str, str]:
-    """The last user message of each original call (for the flipped cases of a report); calls past their TTL are
-    simply absent."""
+    """The last user message of each original call (for the flipped cases of a report); for a case whose original
+    call is not in the store (past its TTL, or a JSONL dataset's case from elsewhere), that of a replayed call of it,
+    which sent the same user turns."""
     ids = sorted(set(case_ids))
     out: dict[str, str] = {}
-    for i in range(0, len(ids), chunk):
-        rows = store.query("SELECT trace_id, any(request_json) AS request_json FROM llm_calls WHERE trace_id IN "
-                           "{ids:Array(String)} AND replay_run_id = '' GROUP BY trace_id", {"ids": ids[i:i + chunk]})
-        for r in rows:
-            try:
-                out[r["trace_id"]] = _last_user_text(r["request_json"])
-            except (TypeError, ValueError, AttributeError):
-                out[r["trace_id"]] = ""
+    queries = ("SELECT trace_id AS id, any(request_json) AS rj FROM llm_calls WHERE trace_id IN "
+               "{ids:Array(String)} AND replay_run_id = '' GROUP BY trace_id",
+               "SELECT replay_case_id AS id, any(request_json) AS rj FROM llm_calls WHERE replay_case_id IN "
+               "{ids:Array(String)} AND replay_run_id != '' AND request_json != '' GROUP BY replay_case_id")
+    for sql in queries:
+        for i in range(0, len(ids), chunk):
+            for r in store.query(sql, {"ids": ids[i:i + chunk]}):
+                if r["id"] in out:
+                    continue
+                try:
+                    out[r["id"]] = _last_user_text(r["rj"])
+                except (TypeError, ValueError, AttributeError):
+                    out[r["id"]] = ""
+        ids = [x for x in ids if x not in out]
+        if not ids:
+            break
     return out
 
 

@@ -746,3 +746,24 @@ def test_cases_run_in_turns_across_segments_so_an_early_stop_has_a_share_of_each
     cases = [case("acme", i) for i in range(3)] + [case("globex", i) for i in range(2)] + [case("initech", 0)]
     assert [c.case_id for c in interleaved(cases)] == ["acme0", "globex0", "initech0", "acme1", "globex1", "acme2"]
     assert interleaved([]) == []
+
+
+def test_a_flipped_case_whose_production_call_is_gone_shows_the_input_its_replay_sent(chdb_store):
+    """A JSONL dataset's cases (or calls past their TTL) have no production row: the report's flipped cases showed
+    an empty input (a replay trial). The replayed call of the case sent the same user turns: its input is shown."""
+    import uuid  # noqa: PLC0415
+
+    from replay.store import case_inputs  # noqa: PLC0415
+    from tests.calls_seed import call_row, insert_calls  # noqa: PLC0415
+
+    run = f"inputs{uuid.uuid4().hex[:8]}"
+    here, gone = f"{run}here", f"{run}gone"
+    ask = lambda text: orjson.dumps([{"role": "user", "parts": [{"type": "text", "content": text}]}]).decode()  # noqa: E731
+    insert_calls(chdb_store, [
+        call_row(run, "acme", 0, trace_id=here, request_json=ask("production question")),
+        call_row(run, "acme", 1, trace_id=f"{run}r1", source="replay", replay_run_id=run, replay_case_id=here,
+                 request_json=ask("production question")),
+        call_row(run, "acme", 2, trace_id=f"{run}r2", source="replay", replay_run_id=run, replay_case_id=gone,
+                 request_json=ask("a dataset's question"))])
+    assert case_inputs(chdb_store, [here, gone, f"{run}nowhere"]) == {here: "production question",
+                                                                       gone: "a dataset's question"}
