@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from exporters import semconv as sc
-from tests.gateway_fixture import KEYS
+from tests.gateway_fixture import KEYS, UPSTREAM_KEY
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -151,6 +151,24 @@ def test_translated_for_a_provider_without_the_api(gateway, upstream):
     assert upstream.last("/v1/messages")["body"]["model"] == "claude-test"
     a = attrs(gateway, raw.headers["x-tagway-trace-id"])
     assert a[sc.PROVIDER] == "anthropic" and a[sc.API] == "responses" and a[sc.INPUT_TOKENS] == 11
+
+
+def test_a_translated_call_takes_only_the_apis_fields_not_litellms_controls(gateway, upstream):
+    """Every body field went to litellm as a keyword argument, among them its own controls: `api_base` (where the
+    operator's provider key is sent), `api_key`, `mock_response` (an answer no provider gave). Only the API's fields
+    go now; the call reaches the configured upstream with the configured key."""
+    upstream.clear()
+    r = httpx.post(gateway.url + "/v1/responses", headers={"authorization": f"Bearer {KEYS['acme']}"}, json={
+        "model": "claude", "input": "translate me", "max_output_tokens": 50, "api_base": "http://127.0.0.1:9/v1",
+        "api_key": "sk-client-chosen", "mock_response": "pwned", "custom_llm_provider": "openai"})
+    assert r.status_code == 200, r.text
+    assert "translate me" in r.text and "pwned" not in r.text
+    sent = upstream.last("/v1/messages")
+    assert sent["body"]["model"] == "claude-test" and sent["headers"]["x-api-key"] == UPSTREAM_KEY
+    r = httpx.post(gateway.url + "/v1/messages", headers={"authorization": f"Bearer {KEYS['acme']}"}, json={
+        "model": "gpt-test", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}],
+        "mock_response": "pwned", "api_key": "sk-client-chosen"})
+    assert r.status_code == 200 and r.json()["content"][0]["text"] == "Echo: hi", r.text
 
 
 def test_a_module_litellm_lacks_is_a_one_line_500_of_ours_not_an_upstream_failure(gateway, upstream, monkeypatch):

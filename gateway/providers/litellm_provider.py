@@ -178,10 +178,26 @@ class LiteLLMProvider:
         pass
 
 
+# The request fields of each API that go to litellm, which maps what the provider knows. Only these: litellm takes
+# its own controls as keyword arguments beside them (api_base, api_key, custom_llm_provider, mock_response, ...),
+# so a client's `"api_base": "https://elsewhere"` would have sent the operator's provider key there.
+_TRANSLATED_PARAMS = {
+    "responses": frozenset({
+        "input", "instructions", "max_output_tokens", "temperature", "top_p", "tools", "tool_choice",
+        "parallel_tool_calls", "previous_response_id", "reasoning", "store", "metadata", "text", "truncation", "user",
+        "include", "background", "prompt", "service_tier", "top_logprobs", "prompt_cache_key", "safety_identifier",
+        "conversation", "max_tool_calls", "stream_options"}),
+    "messages": frozenset({
+        "messages", "system", "max_tokens", "metadata", "stop_sequences", "temperature", "top_k", "top_p", "tools",
+        "tool_choice", "thinking", "service_tier", "container", "mcp_servers"}),
+}
+
+
 async def _translated_api(litellm: Any, call: UpstreamCall, kwargs: dict) -> UpstreamResponse | "_EventStream":
     """The Responses API (litellm.aresponses) or Anthropic's Messages API (litellm's anthropic interface) for a
-    provider that does not speak it: every request field goes to litellm, which maps what the provider knows."""
-    p = {k: v for k, v in call.payload.items() if k not in ("model", "stream")}
+    provider that does not speak it: the API's request fields go to litellm, which maps what the provider knows."""
+    known = _TRANSLATED_PARAMS[call.operation]
+    p = {k: v for k, v in call.payload.items() if k in known}
     if call.operation == "responses":
         result = await litellm.aresponses(stream=call.stream, **p, **kwargs)
     else:
