@@ -379,7 +379,7 @@ def report_for(store: Any, run_id: str, spec: ReplaySpec, *, status: str, n_case
     when this session knows more: its last calls reach the record a batch later)."""
     state = state or GateState()
     results = read_results(store, run_id)
-    inputs = case_inputs(store, flipped_case_ids(results)) if with_inputs else {}
+    inputs = case_inputs(store, flipped_case_ids(results), run_id=run_id) if with_inputs else {}
     seed = spec.slice.sampling.seed if spec.slice is not None else 0
     models = {c.name: c.model for c in spec.candidates}
     return aggregate(results, spec.gating, run_id=run_id, status=status, segment_by=spec.segment_by,

@@ -190,19 +190,22 @@ def _last_user_text(request_json: str) -> str:
     return ""
 
 
-def case_inputs(store: Any, case_ids: Iterable[str], *, chunk: int = 2000) -> dict[str, str]:
+def case_inputs(store: Any, case_ids: Iterable[str], *, run_id: str = "", chunk: int = 2000) -> dict[str, str]:
     """The last user message of each original call (for the flipped cases of a report); for a case whose original
-    call is not in the store (past its TTL, or a JSONL dataset's case from elsewhere), that of a replayed call of it,
-    which sent the same user turns."""
+    call is not in the store (past its TTL, or a JSONL dataset's case from elsewhere), that of this run's (`run_id`)
+    replayed call of it, which sent the same user turns: never another run's (a dataset's own case ids repeat
+    across runs and tenants) nor its judge's calls (their prompt holds the rubric and answers)."""
     ids = sorted(set(case_ids))
     out: dict[str, str] = {}
-    queries = ("SELECT trace_id AS id, any(request_json) AS rj FROM llm_calls WHERE trace_id IN "
-               "{ids:Array(String)} AND replay_run_id = '' GROUP BY trace_id",
-               "SELECT replay_case_id AS id, any(request_json) AS rj FROM llm_calls WHERE replay_case_id IN "
-               "{ids:Array(String)} AND replay_run_id != '' AND request_json != '' GROUP BY replay_case_id")
-    for sql in queries:
+    queries: list[tuple[str, dict]] = [("SELECT trace_id AS id, any(request_json) AS rj FROM llm_calls WHERE trace_id "
+                                        "IN {ids:Array(String)} AND replay_run_id = '' GROUP BY trace_id", {})]
+    if run_id:
+        queries.append(("SELECT replay_case_id AS id, any(request_json) AS rj FROM llm_calls WHERE replay_run_id = "
+                        "{run:String} AND source = {src:String} AND replay_case_id IN {ids:Array(String)} AND "
+                        "request_json != '' GROUP BY replay_case_id", {"run": run_id, "src": REPLAY_SOURCE}))
+    for sql, params in queries:
         for i in range(0, len(ids), chunk):
-            for r in store.query(sql, {"ids": ids[i:i + chunk]}):
+            for r in store.query(sql, {"ids": ids[i:i + chunk], **params}):
                 if r["id"] in out:
                     continue
                 try:

@@ -759,11 +759,19 @@ def test_a_flipped_case_whose_production_call_is_gone_shows_the_input_its_replay
     run = f"inputs{uuid.uuid4().hex[:8]}"
     here, gone = f"{run}here", f"{run}gone"
     ask = lambda text: orjson.dumps([{"role": "user", "parts": [{"type": "text", "content": text}]}]).decode()  # noqa: E731
+    other, only = f"{run}other", f"{run}only"
     insert_calls(chdb_store, [
         call_row(run, "acme", 0, trace_id=here, request_json=ask("production question")),
         call_row(run, "acme", 1, trace_id=f"{run}r1", source="replay", replay_run_id=run, replay_case_id=here,
                  request_json=ask("production question")),
-        call_row(run, "acme", 2, trace_id=f"{run}r2", source="replay", replay_run_id=run, replay_case_id=gone,
-                 request_json=ask("a dataset's question"))])
-    assert case_inputs(chdb_store, [here, gone, f"{run}nowhere"]) == {here: "production question",
-                                                                       gone: "a dataset's question"}
+        # the judge's call of the case comes first in the store: its prompt (rubric, answers) is never the input
+        call_row(run, "acme", 2, trace_id=f"{run}j2", source="replay-judge", replay_run_id=run, replay_case_id=gone,
+                 request_json=ask("RUBRIC: grade <answer>secret</answer>")),
+        call_row(run, "acme", 3, trace_id=f"{run}r2", source="replay", replay_run_id=run, replay_case_id=gone,
+                 request_json=ask("a dataset's question")),
+        # another run (another tenant's) with the same dataset case id: never this run's input
+        call_row(run, "globex", 4, trace_id=f"{run}r3", source="replay", replay_run_id=other, replay_case_id=only,
+                 request_json=ask("globex's private question"))])
+    assert case_inputs(chdb_store, [here, gone, only, f"{run}nowhere"], run_id=run) == {
+        here: "production question", gone: "a dataset's question"}
+    assert case_inputs(chdb_store, [here, gone]) == {here: "production question"}  # no run: production rows only
