@@ -175,6 +175,11 @@ def _this_host(url: str) -> bool:
     return True
 
 
+def this_host(url: str) -> bool:
+    """The URL names this machine: `localhost`, or one of its own addresses."""
+    return (urllib.parse.urlsplit(url).hostname or "") == "localhost" or _this_host(url)
+
+
 def serving(directory: str) -> Announcement | None:
     """The gateway announced in `directory` while its process runs; None when none is announced, it is gone, or its
     file cannot be read (a caller that must say which uses `read` and `pid_alive`)."""

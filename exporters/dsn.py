@@ -43,8 +43,11 @@ class ResolvedDsn:
 
 def is_http_url(url: str) -> bool:
     """An http:// or https:// URL with a host: what a model's base_url and replay's --gateway must be."""
-    parts = urlsplit(url)
-    return parts.scheme in ("http", "https") and bool(parts.hostname)
+    try:
+        parts = urlsplit(url)
+        return parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # 'http://[::1', a port that is no number: not one
+        return False
 
 
 def embedded_dsn(data_dir: str | os.PathLike[str]) -> str:

@@ -13,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import random
 import re
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Mapping, Sequence
 from urllib.parse import quote
@@ -730,29 +732,48 @@ def _fast_transport(limits: httpx.Limits) -> httpx.AsyncBaseTransport | None:
 def store_dsn_for(resolved: Any, gateway: str | None, api_key: str) -> str:
     """The DSN a replay command opens: the one resolved from its flags, config and environment (exporters.dsn), or,
     when it was given none of them but a gateway (`resolved.source` "default"), the store that gateway names to the
-    admin key (WHOAMI_PATH), when it is on this machine. Otherwise the run would be stored in a new ./tagway-data
-    beside the gateway's store, where neither its dashboard nor `replay report --config` finds it: refused, unless
-    there is a store here already (the one the command was run beside, as before)."""
+    admin key (WHOAMI_PATH), used only when it is the store a gateway on this machine at that port announces (never
+    a path a remote gateway, or something posing as one, names). Otherwise the run would be stored in a new
+    ./tagway-data beside the gateway's store, where neither its dashboard nor `replay report --config` finds it:
+    refused in one line, unless the gateway named no store and there is one here already (as before)."""
+    from exporters import discovery  # noqa: PLC0415
     from exporters.store import chdb_path  # noqa: PLC0415
 
     from .spec import SpecError  # noqa: PLC0415
 
-    if resolved.source != "default" or not gateway:
-        return resolved.dsn
+    if resolved.source != "default" or not gateway or not is_http_url(gateway):
+        return resolved.dsn  # a URL that is none is said where the gateway is first used
+    why, where = "", {}
     try:
         r = httpx.get(gateway.rstrip("/") + WHOAMI_PATH, headers={"authorization": f"Bearer {api_key}"}, timeout=10)
-        where = r.json().get("store") if r.status_code == 200 else None
-    except (httpx.HTTPError, ValueError, AttributeError):
-        where = None
-    where = where if isinstance(where, dict) else {}
+    except (httpx.HTTPError, ValueError) as e:
+        why = f"the gateway did not answer: {transport_reason(e)}"
+    else:
+        try:
+            body = r.json()
+        except ValueError:
+            body = None
+        body = body if isinstance(body, dict) else {}
+        if r.status_code in (401, 403):
+            why = f"the gateway refused the key (HTTP {r.status_code})"
+        elif r.status_code != 200:
+            why = f"the gateway answered HTTP {r.status_code}"
+        elif body.get("admin") is not True:
+            why = "it names its store only to the admin key"
+        elif isinstance(body.get("store"), dict):
+            where = body["store"]
     embedded, server = where.get("embedded"), where.get("server")
-    if isinstance(embedded, str) and Path(embedded).is_dir():
-        return f"chdb://{embedded}"
-    if Path(chdb_path(resolved.dsn)).is_dir():
+    if isinstance(embedded, str) and embedded:
+        ann = discovery.serving(embedded) if os.path.isdir(embedded) else None
+        if ann is not None and discovery.this_host(gateway) and \
+                urllib.parse.urlsplit(ann.url).port == urllib.parse.urlsplit(gateway).port:
+            return f"chdb://{embedded}"
+        why = f"its store {embedded} is not the one a gateway on this machine announces at that address"
+    elif server:
+        why = f"it records to {server}"
+    if not where and Path(chdb_path(resolved.dsn)).is_dir():
         return resolved.dsn
-    said = (f"it records to {server}" if server else f"its store {embedded} is not on this machine" if embedded
-            else "it names its store only to the admin key")
-    raise SpecError(f"which store? --gateway {gateway} was given but no store ({said}): pass the gateway's "
+    raise SpecError(f"which store? --gateway {gateway} was given but no store ({why}): pass the gateway's "
                     "--config, or --dsn, so the run is stored where the gateway records, not in a new ./tagway-data")
 
 

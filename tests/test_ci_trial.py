@@ -254,3 +254,60 @@ def test_a_run_given_only_the_gateway_is_stored_where_the_gateway_records(gw, tm
     assert f"which store? --gateway {gw.url} was given but no store (it names its store only to the admin key): " \
            "pass the gateway's --config, or --dsn" in line, line
     assert not (tmp_path / "tagway-data").exists()
+
+
+class _Whoami:
+    """A server posing as a gateway: its whoami says what the test wants (admin or not, a store)."""
+
+    def __init__(self, answer: dict, status: int = 200) -> None:
+        from aiohttp import web  # noqa: PLC0415
+
+        from tests.http_server import ThreadedServer  # noqa: PLC0415
+
+        class Server(ThreadedServer):
+            def routes(self, app: web.Application) -> None:
+                async def whoami(_: web.Request) -> web.Response:
+                    return web.json_response(answer, status=status)
+                app.router.add_get("/v1/tagway/whoami", whoami)
+
+        self.server = Server()
+
+    def __enter__(self) -> str:
+        return self.server.start().url
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.stop()
+
+
+def test_a_gateway_naming_a_store_is_believed_only_for_the_store_it_announces_here(gw, tmp_path, monkeypatch):
+    """The store a gateway names is used only when it is the store a gateway on this machine announces at that
+    address: a remote gateway (or a server posing as one) naming an existing local path got that path opened, and
+    a store named but unusable here fell back to a leftover ./tagway-data (a review)."""
+    from exporters.dsn import resolve_dsn  # noqa: PLC0415
+    from replay.runner import store_dsn_for  # noqa: PLC0415
+    from replay.spec import SpecError  # noqa: PLC0415
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TAGWAY_CONFIG", raising=False)
+    monkeypatch.delenv("TAGWAY_DSN", raising=False)
+    default = resolve_dsn()
+    store = os.path.realpath(os.path.join(os.path.dirname(gw.config_path), "data", "clickhouse"))
+    assert store_dsn_for(default, gw.url, ADMIN) == f"chdb://{store}"  # the real one: announced here, same port
+    (tmp_path / "tagway-data" / "clickhouse").mkdir(parents=True)  # a leftover local store
+    for answer, said in (({"admin": True, "store": {"embedded": str(tmp_path)}}, "is not the one a gateway on this "
+                                                                                   "machine announces"),
+                         ({"admin": True, "store": {"embedded": store}}, "is not the one a gateway on this machine "
+                                                                          "announces"),  # another port than gw's
+                         ({"admin": True, "store": {"server": "http://ch:8123/tagway"}}, "it records to http://ch")):
+        with _Whoami(answer) as url, pytest.raises(SpecError) as e:
+            store_dsn_for(default, url, ADMIN)
+        assert said in str(e.value) and "pass the gateway's --config, or --dsn" in str(e.value), e.value
+    with _Whoami({"admin": False, "store": {"embedded": store}}) as url:  # not admin: its store is not taken
+        assert store_dsn_for(default, url, ADMIN) == default.dsn  # nothing named: the local store, as before
+    with _Whoami({"error": {}}, status=401) as url:
+        (tmp_path / "tagway-data" / "clickhouse").rmdir()
+        with pytest.raises(SpecError) as e:
+            store_dsn_for(default, url, "wrong")
+        assert "the gateway refused the key (HTTP 401)" in str(e.value)
+    assert store_dsn_for(default, "localhost:4000", ADMIN) == default.dsn  # not a URL: said where it is used
+    assert store_dsn_for(default, "http://[::1", ADMIN) == default.dsn  # nor this (it was a traceback)
