@@ -123,12 +123,12 @@ def _gate_flags(alpha: Optional[float], margin: Optional[float], inconclusive: O
     return {"alpha": alpha, "margin": margin, "inconclusive": inconclusive, "errors": errors}
 
 
-def _parse_with_flags(data: dict, source: str, flags: dict[str, tuple[str, object]]) -> Any:
+def _parse_with_flags(data: dict, source: str, flags: dict[str, tuple[str, object]], stored: bool = False) -> Any:
     """The spec with the flags applied, validated; an error in a value a flag gave names the flag, not the file
     (`--alpha 0.9: Input should be less than 0.5`, not `replay.yaml: gating.alpha: ...`). `flags`: spec field ->
     (flag, the value given or None)."""
     try:
-        return parse_spec(data, source)
+        return parse_spec(data, source, stored=stored)
     except SpecError as e:
         text, prefix = str(e), f"{source}: "
         for field, (flag, value) in flags.items():
@@ -387,7 +387,7 @@ def report_cmd(
         data = apply_overrides(run.spec, gating=_gate_flags(alpha, margin, inconclusive, errors))
         spec = _parse_with_flags(data, f"run {run_id} spec", _run_flags(
             alpha=alpha, margin=margin, inconclusive=inconclusive, errors=errors, max_cases=None, max_cost=None,
-            concurrency=None, limit=None))
+            concurrency=None, limit=None), stored=True)
         status = run.status if run.status in ("complete", "incomplete") else "incomplete"
         shown = _stored_report(run.report_json)
         report = report_for(store, run_id, spec, status=status, n_cases=run.n_cases,
@@ -550,7 +550,7 @@ def discover_cmd(
         run = get_run(store, run_id)
         if run is None:
             raise SpecError(f"no replay run {run_id!r}")
-        gating = parse_spec(run.spec, f"run {run_id} spec").gating
+        gating = parse_spec(run.spec, f"run {run_id} spec", stored=True).gating
         results = read_results(store, run_id)
         base = {r.case_id: r for r in results if r.candidate == BASELINE}
         names = sorted({r.candidate for r in results} - {BASELINE})

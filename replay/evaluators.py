@@ -9,6 +9,8 @@ other way round. `fields` are the typed outputs (similarity, latency_ms, verdict
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import difflib
 import hashlib
@@ -17,7 +19,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable, Iterator, Sequence
 
 import jsonschema
 import orjson
@@ -32,6 +34,20 @@ __all__ = ["EvaluatorSpec", "EvalContext", "EvalResult", "CaseVerdict", "Evaluat
 
 class EvaluatorError(RuntimeError):
     """The evaluator could not decide; the case is marked errored with this message."""
+
+
+_STORED: contextvars.ContextVar[bool] = contextvars.ContextVar("tagway_stored_spec", default=False)
+
+
+@contextlib.contextmanager
+def stored_specs() -> Iterator[None]:
+    """Within it, evaluator specs are read as stored (a run's spec, a saved evaluator definition): a setting the
+    type does not take is ignored, as it was when they were stored, instead of refused (a spec file's typo is)."""
+    token = _STORED.set(True)
+    try:
+        yield
+    finally:
+        _STORED.reset(token)
 
 
 class EvaluatorSpec(BaseModel):
@@ -54,9 +70,10 @@ class EvaluatorSpec(BaseModel):
 
     @model_validator(mode="after")
     def _options(self) -> "EvaluatorSpec":
-        # a misspelt setting (`thresold: 0.9`) was kept as an extra and ignored: the default ran in its place
+        # a misspelt setting (`thresold: 0.9`) was kept as an extra and ignored: the default ran in its place. What
+        # was stored before this check (a run's spec, a saved evaluator) is read as it ran: its extras ignored.
         unknown = sorted(set(self.model_extra or {}) - self.evaluator.options)
-        if unknown:
+        if unknown and not _STORED.get():
             takes = ["value", "threshold", "weight", "metric", *sorted(self.evaluator.options)]
             close = difflib.get_close_matches(unknown[0], takes, n=1)
             raise ValueError(f"{self.type} has no setting {', '.join(map(repr, unknown))}"

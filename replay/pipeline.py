@@ -233,7 +233,7 @@ async def _resume_run(store: Any, run_id: str, opts: RunOptions) -> RunResult:
     run = get_run(store, run_id)
     if run is None:
         raise SpecError(f"no replay run {run_id!r}")
-    spec = parse_spec(run.spec, f"run {run_id} spec")
+    spec = parse_spec(run.spec, f"run {run_id} spec", stored=True)
     targets = targets_for(spec, opts.spec_dir)
     refusal = _resume_refusal(run, await _check_gateway(opts, spec),
                               asked=not opts.in_process and opts.transport is None)  # as _check_gateway skips

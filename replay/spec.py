@@ -14,7 +14,7 @@ from exporters.vocabulary import (APPLIED_TAG, NORMALISED_COLUMNS, normalise, pa
                                   parse_filter, validate_tag_key)
 from exporters.yamlfile import YamlFileError, load_mapping
 
-from .evaluators import EvaluatorSpec
+from .evaluators import EvaluatorSpec, stored_specs
 
 __all__ = [
     "SpecError", "Sampling", "SliceSpec", "PromptSpec", "Candidate", "Baseline", "EvaluatorSpec", "Gating",
@@ -355,7 +355,11 @@ def validate_mapping(model: type[_M], data: Any, source: str, error: type[ValueE
         raise error(one_line_error(e, source)) from None
 
 
-def parse_spec(data: Any, source: str = "spec") -> ReplaySpec:
+def parse_spec(data: Any, source: str = "spec", *, stored: bool = False) -> ReplaySpec:
+    """`stored`: a run's spec read back from the store, taken as it ran (replay.evaluators.stored_specs)."""
+    if stored:
+        with stored_specs():
+            return validate_mapping(ReplaySpec, data, source, SpecError)
     return validate_mapping(ReplaySpec, data, source, SpecError)
 
 

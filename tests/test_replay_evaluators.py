@@ -327,3 +327,25 @@ def test_spec_defaults_and_shorthands():
     assert s.escalates and g.escalation.max_cases == 2000 and g.families is None  # on for a slice ...
     assert not parse_spec({**BASE, "slice": None, "dataset": "d1"}).escalates  # ... off for a dataset
     assert s.slice.sampling.mode == "stratified"
+
+
+def test_a_setting_refused_in_a_file_is_read_as_it_ran_when_stored():
+    """A run stored before settings were checked (its spec says `thresold`), or a saved evaluator with a setting its
+    type does not take: `resume`, `report` and `eval run` read them as they ran (the setting ignored), where a spec
+    file with the same typo is refused (a review: they all stopped with exit 2 and no way around it)."""
+    from replay.evals.definition import parse_definition  # noqa: PLC0415
+    from replay.evaluators import stored_specs  # noqa: PLC0415
+
+    data = {**BASE, "evaluators": [{"type": "similar", "value": "x", "thresold": 0.99}]}
+    with pytest.raises(SpecError):
+        parse_spec(data, "spec.yaml")
+    spec = parse_spec(data, "run r spec", stored=True)
+    assert spec.evaluators[0].threshold is None and spec.evaluators[0].kind == "similar"
+    saved = {"name": "refund-word", "type": "icontains", "value": "refund", "options": {"case_sensitive": True}}
+    with pytest.raises(ValueError, match="icontains has no setting 'case_sensitive'"):
+        parse_definition(saved, "evaluator.yaml")
+    with stored_specs():
+        d = parse_definition(saved, "stored evaluator refund-word@2")
+    assert d.spec().kind == "icontains"  # and at run time, outside the store's reading
+    with pytest.raises(SpecError):  # the context ends with its block
+        parse_spec(data, "spec.yaml")

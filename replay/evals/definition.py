@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 
 from exporters.yamlfile import YamlFileError, load_mapping
 
-from ..evaluators import EvaluatorSpec, evaluator_for
+from ..evaluators import EvaluatorSpec, evaluator_for, stored_specs
 from ..spec import validate_mapping
 from .rules import RuleError, TagRule, parse_rules
 from .schema import FIELD_NAME_RE, OutputField, answer_model
@@ -99,7 +99,7 @@ class EvaluatorDefinition(BaseModel):
             if self.output:
                 raise ValueError(f"output: only an LLM evaluator declares an output schema (a {self.type} evaluator "
                                  "reports pass, score, reason and its own fields)")
-            self.spec()  # the type checks its own options
+            self._spec()  # the type checks its own options (strictly, unless read from the store)
         try:
             self._rules = parse_rules(self.tag_rules, self.output)
         except RuleError as e:
@@ -121,7 +121,12 @@ class EvaluatorDefinition(BaseModel):
         return self._answer_model
 
     def spec(self) -> EvaluatorSpec:
-        """A deterministic definition as the registry's EvaluatorSpec."""
+        """A deterministic definition as the registry's EvaluatorSpec (its options were checked when it was read:
+        a stored one's are taken as they were saved)."""
+        with stored_specs():
+            return self._spec()
+
+    def _spec(self) -> EvaluatorSpec:
         return EvaluatorSpec(type=self.type, value=self.value, threshold=self.threshold, metric=self.name,
                              **self.options)
 

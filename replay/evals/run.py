@@ -29,7 +29,7 @@ from exporters import evals as store_evals
 from exporters.tagstate import MESSAGE, SESSION, TagEvent, TagLock, TagLockBusy, current_tags, write_events
 from exporters.vocabulary import JUDGE_SOURCE
 
-from ..evaluators import EvalContext, run_one
+from ..evaluators import EvalContext, run_one, stored_specs
 from ..pipeline import new_run_id
 from ..runner import GATEWAY_APP, Answer, GatewayPoster, fatal_check, gateway_client
 from .definition import DefinitionError, EvaluatorDefinition, load_definition, parse_definition, parse_ref
@@ -110,7 +110,8 @@ def resolve_evaluators(store: Any, refs: Sequence[str]) -> list[LoadedEvaluator]
                 raise DefinitionError(f"no {what} (saved: {', '.join(saved) or 'none'}; `tagway eval save FILE` "
                                       "saves one)")
             version, text = found
-            d = parse_definition(_loads(text), f"stored evaluator {name}@{version}")
+            with stored_specs():  # as it was saved
+                d = parse_definition(_loads(text), f"stored evaluator {name}@{version}")
         out.append(LoadedEvaluator(d, version))
     names = [e.name for e in out]
     dup = next((n for n in names if names.count(n) > 1), None)
