@@ -589,8 +589,7 @@ def parse_trace_id(trace_id: str) -> str:
     if not TRACE_ID_RE.match(tid):
         why = "at most 128 characters" if len(tid) > 128 else "letters, digits, '-' or '_'" if tid else "an id"
         raise QueryInputError(f"invalid trace id {_show(tid)}: expected {why}", param="trace_id")
-    # a W3C trace id is recorded in lower case; one copied from a tool that prints it upper case is the same id
-    return tid.lower() if _W3C_TRACE_ID.match(tid) else tid
+    return tid
 
 
 def get_call(store: Store, trace_id: str, *, database: str = "") -> dict[str, Any] | None:
@@ -598,8 +597,12 @@ def get_call(store: Store, trace_id: str, *, database: str = "") -> dict[str, An
     Timestamps come back as ISO strings (UTC), `tags` as a dict."""
     tid = parse_trace_id(trace_id)
     p = _Params()
+    # the id as given first; a W3C trace id (recorded lower case) copied from a tool that prints it upper case is
+    # the same call
+    ids = [tid, tid.lower()] if _W3C_TRACE_ID.match(tid) and tid != tid.lower() else [tid]
     sql = (f"SELECT *, toUnixTimestamp64Micro(Timestamp) AS _ts_us FROM {calls_table(database)}\n"
-           f"WHERE trace_id = {p.add('v', 'String', tid)}\nORDER BY Timestamp\nLIMIT 1")
+           f"WHERE trace_id IN {p.add('v', 'Array(String)', ids)}\nORDER BY trace_id = {p.add('v', 'String', tid)} "
+           f"DESC, Timestamp\nLIMIT 1")
     rows = store.query(sql, parameters=p.values)
     if not rows:
         return None

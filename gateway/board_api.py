@@ -88,7 +88,8 @@ def _store_location(config: Any) -> dict[str, str]:
     dsn = config.storage.resolved_dsn()
     if is_embedded(dsn):
         return {"embedded": os.path.abspath(chdb_path(dsn))}
-    return {"server": redact_dsn(dsn), "database": config.storage.database or ""}
+    # without its query string either: clickhouse-connect reads a password or token there too
+    return {"server": redact_dsn(dsn).split("?", 1)[0], "database": config.storage.database or ""}
 
 
 def _not_found(what: str, code: str, param: str) -> GatewayError:

@@ -95,7 +95,7 @@ class QueryParams:
         raw = self.one(name)
         if raw is None or raw == "":
             return None
-        if raw.isdigit():
+        if raw.isascii() and raw.isdigit():  # '²' is a digit to str.isdigit, not to int()
             value = int(raw)
             if value == 0:  # the default: a step chosen for the window
                 return None

@@ -350,7 +350,7 @@ def sample_pool(store: Any, s: SliceSpec, *, now: float | None = None) -> tuple[
     for field in ("customer", "intent", "prompt_version"):
         seen = {getattr(r, field) for r in pool}
         missing = [v for v in getattr(s, field) or () if v not in seen]
-        if missing and pool:
+        if missing and 0 < len(pool) < s.pool_max:  # a capped pool holds the newest calls only: no claim then
             result.notes.append(f"slice.{field}: no call matched {', '.join(map(repr, missing))}: the report has "
                                 f"no segment for {'it' if len(missing) == 1 else 'them'}")
     return result, len(pool)

@@ -170,7 +170,7 @@ def test_errors_calls_timeseries(client, seeded):
     for step, seconds in (("120", 120), ("2m", 120), ("0", 60)):
         got = admin(client, "/admin/timeseries", where=seeded.where, since="1h", step=step).json()
         assert got["step_seconds"] == seconds and got["series"][0]["errors"] == 30, (step, got["step_seconds"])
-    for bad in ("1.5s", "soon", "-5"):
+    for bad in ("1.5s", "soon", "-5", "²"):  # '²' was a 500: a digit to str.isdigit, not to int()
         assert_openai_error(admin(client, "/admin/timeseries", since="1h", step=bad), 400, param="step")
 
 
