@@ -304,7 +304,7 @@ async def _execute(store: Any, spec: ReplaySpec, run: RunRow, cases: list[Case],
     try:
         async with gateway_client(base_url=opts.gateway_url, transport=opts.transport, in_process=opts.in_process,
                                   app_ref=opts.app_ref, app_config=opts.gateway_config, timeout=spec.timeout,
-                                  concurrency=spec.concurrency) as client:
+                                  concurrency=opts.concurrency or spec.concurrency) as client:  # as the runner's
             runner = Runner(client, spec, run_id=run.run_id, api_key=opts.api_key, dataset_id=run.dataset_id,
                             sink=lambda rows: write_results(store, rows), progress=opts.progress,
                             backoff_base=opts.backoff_base, spent_before=spent_before, max_cost=opts.max_cost,

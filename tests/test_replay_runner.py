@@ -775,3 +775,13 @@ def test_a_flipped_case_whose_production_call_is_gone_shows_the_input_its_replay
     assert case_inputs(chdb_store, [here, gone, only, f"{run}nowhere"], run_id=run) == {
         here: "production question", gone: "a dataset's question"}
     assert case_inputs(chdb_store, [here, gone]) == {here: "production question"}  # no run: production rows only
+
+
+def test_the_commands_concurrency_reaches_the_http_client_too(chdb_store, slice_data):
+    """`--concurrency 16` over a spec's 1: the runner ran 16 workers, but the HTTP client was sized by the spec's
+    value (at least 10 connections), so at most 10 calls were in flight (the suite-time helper saw it)."""
+    a, b, _ = slice_data
+    spec = parse_spec(spec_for([a, b], concurrency=1))
+    with FakeLLM({"cand-model": approve_unless("nobody")}, delay=0.2) as gw:
+        asyncio.run(start_run(chdb_store, spec, opts(gw, concurrency=16)))
+        assert gw.max_in_flight == 16
