@@ -13,7 +13,7 @@ from typing import Any
 
 from .auth import Principal
 from .config import TenantConfig
-from .errors import GatewayError
+from .errors import GatewayError, shutting_down
 from .telemetry import CallRecord
 
 __all__ = ["Call", "ClientGone", "DisconnectWatch"]
@@ -129,6 +129,18 @@ class Call:
         await self.start(status, [(b"content-type", content_type), (b"content-length", b"%d" % len(body)),
                                   *(extra or ())])
         await self.send({"type": "http.response.body", "body": body})
+
+    async def answer_shutdown(self) -> None:
+        """uvicorn cancelled the call when server.graceful_shutdown_seconds had passed: recorded as cancelled, and
+        a call that sent nothing yet gets the OpenAI-shaped 503 the SDKs retry (a stream has ended with that error
+        as its last event, in the relays). The caller ends the cancellation there: re-raised, it is uvicorn's plain
+        500 and "Exception in ASGI application" with a traceback, for a cut it made."""
+        self.rec.fail("cancelled", "the call was cancelled by the gateway")
+        if not self.started:
+            try:
+                await self.respond_error(shutting_down())
+            except BaseException:  # cancelled again, or the client is gone: the record says what happened
+                pass
 
     async def respond_error(self, e: GatewayError) -> None:
         """An error before the response started; the client may be gone already (the record says what it was sent)."""

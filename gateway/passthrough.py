@@ -27,7 +27,7 @@ from .auth import CREDENTIAL_HEADERS, KeyRing, duplicate_header
 from .call import Call, ClientGone
 from .config import GatewayConfig, ModelConfig
 from .errors import (UPSTREAM_AUTH_STATUS, GatewayError, bad_request, forbidden, upstream_auth_error,
-                     shutting_down, upstream_message, with_own_headers)
+                     upstream_message, with_own_headers)
 from .headers import HeaderFilter
 from .model_routes import ModelRoutes
 from .providers import ProviderRegistry, UpstreamFailure, kind_of
@@ -92,17 +92,10 @@ class Passthrough:
         except OSError:
             rec.hung_up("mid-response")
         except asyncio.CancelledError:
-            # uvicorn cancels what still runs when server.graceful_shutdown_seconds has passed: an OpenAI-shaped 503
-            # the SDKs retry (a relayed body is cut), as on the hot path (gateway/proxy.py); re-raised, it was
-            # uvicorn's plain 500 and "Exception in ASGI application" with a traceback
-            rec.fail("cancelled", "the call was cancelled by the gateway")
+            # uvicorn's cut at the shutdown deadline, as on the hot path (a relayed body ends short): it ends here
             if self._cut_at_shutdown is not None:
                 self._cut_at_shutdown()
-            if not call.started:
-                try:
-                    await call.respond_error(shutting_down())
-                except BaseException:  # cancelled again, or the client is gone: the record says what happened
-                    pass
+            await call.answer_shutdown()
         except Exception as e:  # a bug of ours: the client gets a 500, the record is still written
             log.exception("internal error on %s %s", scope["method"], scope["path"])
             rec.fail("internal_error", type(e).__name__, 500)

@@ -25,7 +25,7 @@ from .call import Call, ClientGone
 from .capture import StreamAccumulator, capture_input, output_messages
 from .config import GatewayConfig, ModelConfig
 from .cooldowns import Cooldowns
-from .errors import (UPSTREAM_AUTH_STATUS, GatewayError, forbidden, shutting_down, upstream_auth_error,
+from .errors import (UPSTREAM_AUTH_STATUS, GatewayError, forbidden, upstream_auth_error,
                      with_own_headers)
 from .limits import CallLimits
 from .headers import HeaderFilter
@@ -155,18 +155,10 @@ class Proxy(WireStreamRelay):
         except asyncio.CancelledError:
             if call.watch.client_gone:  # our own watcher cancelled the call: the client hung up, stop paying upstream
                 rec.hung_up("mid-stream" if call.started else "before the response")
-            else:
-                # uvicorn cancels what still runs at the deadline. A stream has ended with the error event (the
-                # relays); any other call gets an OpenAI-shaped 503 the SDKs retry. The cancellation ends here: a
-                # re-raised one is uvicorn's "Exception in ASGI application" and a traceback, for a cut it made.
-                rec.fail("cancelled", "the call was cancelled by the gateway")
+            else:  # uvicorn cancels what still runs at the deadline: the cancellation ends here
                 stopping = True
                 self.cut_at_shutdown()
-                if not call.started:
-                    try:
-                        await call.respond_error(shutting_down())
-                    except BaseException:  # cancelled again, or the client is gone: the record says what happened
-                        pass
+                await call.answer_shutdown()
         except Exception as e:  # a bug of ours: the client gets a 500, the record still gets written
             call.watch.stop()
             log.exception("internal error on %s", scope["path"])
