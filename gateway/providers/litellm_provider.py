@@ -149,9 +149,10 @@ class LiteLLMProvider:
         try:
             if call.operation in ("responses", "messages"):
                 return await _translated_api(litellm, call, kwargs)
+            # what the provider has no equivalent for is left out, not refused (chat and embeddings)
+            drop = {"drop_params": True} if d.drop_params else {}
             if call.operation == "embeddings":
-                resp = await litellm.aembedding(input=p.get("input"), **kwargs,
-                                                **({"drop_params": True} if d.drop_params else {}))
+                resp = await litellm.aembedding(input=p.get("input"), **kwargs, **drop)
                 return UpstreamResponse(200, resp.model_dump_json().encode())
             if call.operation != "chat":
                 raise UpstreamFailure("unsupported_operation", f"{d.provider} supports chat and embeddings only",
@@ -160,9 +161,7 @@ class LiteLLMProvider:
                                                                    " support /v1/completions; use chat.",
                                                                    "type": "invalid_request_error", "param": None,
                                                                    "code": "unsupported_operation"}}))
-            params = {k: v for k, v in p.items() if k in _CHAT_PARAMS}
-            if d.drop_params:  # what the provider has no equivalent for is left out, not refused
-                params["drop_params"] = True
+            params = {**{k: v for k, v in p.items() if k in _CHAT_PARAMS}, **drop}
             if call.stream:
                 stream = await litellm.acompletion(messages=p.get("messages"), stream=True,
                                                    stream_options={"include_usage": True}, **params, **kwargs)
