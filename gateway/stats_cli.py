@@ -508,10 +508,11 @@ def print_call(call: dict[str, Any], console: Console) -> None:
             f"{a['http_status'] or 'ok'}"
         row(f"  attempt {a['attempt']}", f"{a['deployment']} ({a['provider']} {a['model']}): {outcome}, "
             f"{a['duration_ms']:,.1f} ms", "red" if a["status"] == "error" else "")
-    row("passed over", ", ".join(call.get("deployments_cooling") or ()) and
-        f"{', '.join(call['deployments_cooling'])} (cooling down after failures: sent on to its fallback)")
-    row("fallbacks skipped", ", ".join(call.get("fallbacks_skipped") or ()) and
-        f"{', '.join(call['fallbacks_skipped'])} (this customer may not use them)")
+    for key, name, why in (("deployments_cooling", "passed over", "cooling down after failures: sent on to its "
+                                                                   "fallback"),
+                           ("fallbacks_skipped", "fallbacks skipped", "this customer may not use them")):
+        names = call.get(key)
+        row(name, f"{', '.join(names)} ({why})" if names else None)
     row("stream", "yes" if call.get("stream") else "no")
     row("latency", f"{call['latency_ms']:,.1f} ms" if call.get("latency_ms") is not None else None)
     row("time to first token", f"{call['ttft_ms']:,.1f} ms" if call.get("ttft_ms") is not None else None)
