@@ -33,7 +33,7 @@ from .model_routes import ModelRoutes
 from .providers import ProviderRegistry, UpstreamFailure, kind_of
 from .providers.sse import json_object
 from .redact import Redactor
-from .resources import CREATING_APIS, ResourceOwners, batch_input_ids, referenced_ids
+from .resources import CREATING_APIS, ResourceOwners, as_not_found, batch_input_ids, not_found, referenced_ids
 from .routes_table import Route, check_resource_id, strip_version
 from .tags import check_header, resolve_tags
 from .telemetry import CallRecord, CallSpans
@@ -145,9 +145,10 @@ class Passthrough:
             raise forbidden(f"This key may not use model `{model}`.", code="model_not_allowed", param="model")
         # a tenant key reaches its tenant's resources only, and lists only those (api.tenant_resources: isolated)
         mine_only = principal.customer if self.owners is not None and not principal.may_set_customer else None
+        wanted = None  # a tenant key's: the (field, id) its request names, path and body
         if mine_only is not None:
-            await self._check_owned(route, params, payload or _json_or_empty(body, content_type), mine_only, body,
-                                    content_type)
+            wanted = await self._check_owned(route, params, payload or _json_or_empty(body, content_type), mine_only,
+                                             body, content_type)
         provider = self.providers.for_deployment(d)
         if kind_of(d.provider) != "pass_through" or not hasattr(provider, "open"):
             raise GatewayError(501, f"{scope['method']} {scope['path']} is passed through to OpenAI-compatible "
@@ -178,12 +179,12 @@ class Passthrough:
                 page.release()
 
         try:
-            await self._relay(call, d, resp, model, forward, route, list_for, (next_page, asked))
+            await self._relay(call, d, resp, model, forward, route, list_for, (next_page, asked), wanted)
         finally:
             resp.release()
 
     async def _check_owned(self, route: Route, params: dict[str, str], payload: dict, customer: str,
-                           body: bytes, content_type: str | None) -> None:
+                           body: bytes, content_type: str | None) -> list[tuple[str, str]]:
         if route.api == "models.delete":  # the account's models, not any tenant's
             raise forbidden("Deleting a model is the provider account's: it takes a platform or the admin key "
                             "(api.tenant_resources: isolated).", code="permission_denied", param="model")
@@ -192,6 +193,7 @@ class Passthrough:
         if route.api == "files.create" and body and content_type:  # a batch's input: the requests in its lines
             wanted += await asyncio.get_running_loop().run_in_executor(None, batch_input_ids, body, content_type)
         await self.owners.refuse_foreign(wanted, customer)
+        return wanted
 
     def _deployment(self, model: str, params: dict[str, str], route: Route, scope: dict) -> ModelConfig:
         if model:
@@ -213,10 +215,12 @@ class Passthrough:
                           "model as the default upstream.", code="upstream_ambiguous")
 
     async def _relay(self, call: Call, d: ModelConfig, resp: Any, model: str, forward: list[tuple[bytes, bytes]],
-                     route: Route, list_for: str | None, paging: tuple[Any, int] = (None, 0)) -> None:
+                     route: Route, list_for: str | None, paging: tuple[Any, int] = (None, 0),
+                     wanted: list[tuple[str, str]] | None = None) -> None:
         """`list_for`: the customer a list answer is filtered to (its items that customer owns), or None;
         `paging`: the upstream's next page of that list (`next_page(after)`) and how many items the client asked
-        for."""
+        for; `wanted`: what a tenant key's request names (path first), whose "no such resource" is answered as the
+        gateway's refusal of another tenant's is."""
         rec = call.rec
         ctype = resp.headers.get("Content-Type", "")
         headers = [(b"content-type", ctype.encode("latin-1"))] if ctype else []
@@ -240,6 +244,13 @@ class Passthrough:
                     relayed = [h for h in headers if h[0] not in (b"content-type", b"content-disposition")]
                     await call.respond(e.status, e.body(), b"application/json", with_own_headers(e, relayed))
                     return
+                if wanted:  # an id in the path that is not there, or one the body names: as another tenant's
+                    path_id = [(n, rid) for n, rid in wanted if params_named(route, n)]
+                    if resp.status == 404 and path_id:
+                        raise not_found(path_id[0][1], path_id[0][0])
+                    e = as_not_found(GatewayError(resp.status, "", raw=body), wanted)
+                    if e.code == "resource_not_found":
+                        raise e
             else:
                 self._read_answer(rec, body, d, model)
                 if list_for is not None:
@@ -322,6 +333,11 @@ class Passthrough:
         for s in self._secrets:
             body = body.replace(s, b"***")
         return body
+
+
+def params_named(route: Route, name: str) -> bool:
+    """Whether `name` is one of the route's path parameters."""
+    return "{" + name + "}" in route.path
 
 
 def _header(scope: dict, name: bytes) -> str | None:

@@ -41,7 +41,7 @@ from .shadow import ShadowDispatcher, ShadowJob
 from .tags import check_header, normalise, resolve_tags
 from .observe import CallObserver
 from .telemetry import CallRecord, CallSpans, SpanIds
-from .resources import ResourceOwners, referenced_ids
+from .resources import ResourceOwners, as_not_found, referenced_ids
 from .usage_estimate import estimate_prompt_tokens, tokens_of_chars
 from .wire_formats import API_NAMES, SEMCONV_OPERATION, WIRES, WireStreamRelay, openai_error_event, shutdown_event
 
@@ -65,6 +65,9 @@ _SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache
                 (b"x-accel-buffering", b"no")]
 # captured content up to this size (request + response bytes) is redacted inline; above it, on a worker thread
 CAPTURE_INLINE_BYTES = 64 * 1024
+# the APIs whose bodies can name a provider resource (a previous response, a file, a conversation, a container, vector
+# stores): a tenant key's body is checked for another tenant's (api.tenant_resources: isolated)
+_NAMES_RESOURCES = frozenset({"chat", "responses", "messages"})
 _REPLAY_HEADERS = (("replay-run-id", sc.REPLAY_RUN_ID), ("replay-candidate", sc.REPLAY_CANDIDATE),
                    ("replay-case-id", sc.REPLAY_CASE_ID))
 
@@ -296,9 +299,12 @@ class Proxy(WireStreamRelay):
                                code="model_not_found", param="model")
         if not self._allows(call, model):
             raise forbidden(f"This key may not use model `{model}`.", code="model_not_allowed", param="model")
-        if self.owners is not None and not principal.may_set_customer and (
-                "previous_response_id" in payload or b"file_id" in call.body or b"\\u" in call.body):  # escapes too
-            await self._check_references(payload, principal.customer)
+        # the resources the body names (a walk of the parsed body: escapes and case variants are already resolved,
+        # and it costs less than scanning the bytes; the APIs that name none are not walked)
+        wanted = referenced_ids(payload) if self.owners is not None and not principal.may_set_customer \
+            and call.operation in _NAMES_RESOURCES else None
+        if wanted:
+            await self.owners.refuse_foreign(wanted, principal.customer)
         # the gateway's own replay, judge and shadow calls are no tenant's spend (budgets read from the store leave
         # them out too): only the key's limits hold
         production = rec.source not in NON_PRODUCTION_SOURCES
@@ -315,12 +321,13 @@ class Proxy(WireStreamRelay):
             call.extra_headers.extend((b"x-tagway-budget-warning", w.encode()) for w in warnings)
         call.capture = self._capture_on and (tenant.capture_content if tenant is not None else
                                              principal.capture_content)
-        await self._forward(call, deployment)
-
-    async def _check_references(self, payload: dict, customer: str) -> None:
-        """A tenant key may name only its tenant's resources: another tenant's previous response would continue
-        that tenant's conversation, its file would be read into this call (api.tenant_resources: isolated)."""
-        await self.owners.refuse_foreign(referenced_ids(payload), customer)
+        if not wanted:
+            await self._forward(call, deployment)
+            return
+        try:
+            await self._forward(call, deployment)
+        except GatewayError as e:  # "no such resource" looks the same whether the id is another tenant's or nobody's
+            raise as_not_found(e, wanted) from None
 
     def _allows(self, call: Call, model: str) -> bool:
         """The key may use the model, and so may the tenant the call is recorded as. Replays are exempt from the

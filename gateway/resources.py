@@ -30,7 +30,7 @@ from .errors import GatewayError, bad_request
 log = logging.getLogger("tagway")
 
 __all__ = ["CREATING_APIS", "MAX_IDS_PER_REQUEST", "MAX_IDS_PER_UPLOAD", "ResourceOwners", "not_found",
-           "referenced_ids", "batch_input_ids"]
+           "referenced_ids", "batch_input_ids", "UNTRACKED_FIELDS", "as_not_found"]
 
 # the pass-through APIs whose answer's id is a resource later reached by id (the hot routes' stored responses and
 # completions are told by the proxy: gateway/proxy.py `_stored`)
@@ -41,19 +41,40 @@ _MAX_IDS = 100_000
 _UNKNOWN_SECONDS = 2.0  # "nobody's" is believed this long (a lookup a second for an id asked again and again)
 _LOOKUP_SECONDS = 5.0
 # body fields that name resources; `annotations` (citations in a model's own output, re-sent by stateless loops)
-# are not requests for a resource
+# are not requests for a resource. Keys compare case-folded: an upstream may match them case-insensitively (Go's
+# encoding/json, which many relays are written with, reads `Previous_Response_Id`, and `previouſ_response_id` with
+# a long s, as previous_response_id), so a spelling the gateway did not look at must not reach it unchecked.
 _ID_KEYS = frozenset({"file_id", "input_file_id", "previous_response_id"})
-_ID_LIST_KEYS = frozenset({"file_ids"})
+_ID_LIST_KEYS = frozenset({"file_ids", "vector_store_ids"})
 _SKIP = frozenset({"annotations", "arguments", "parameters", "schema", "json_schema", "metadata"})
+# Resources made where the gateway does not see it (the Conversations, Vector Stores and Containers APIs are not
+# carried; a code interpreter's container is made by the provider mid-call): nobody here owns one, so "nobody's
+# passes" would let a tenant key use any of them, another tenant's included. A tenant key may not name one at all.
+UNTRACKED_FIELDS = frozenset({"conversation", "vector_store_ids", "container"})
 
 
 def not_found(rid: str, param: str = "id") -> GatewayError:
     return GatewayError(404, f"No such resource: {rid[:100]}.", code="resource_not_found", param=param)
 
 
+def as_not_found(e: GatewayError, wanted: list[tuple[str, str]]) -> GatewayError:
+    """An upstream's 400 or 404 about a resource a tenant's request named (it does not exist, or is not the
+    account's) as the gateway's own 404 for another tenant's: the same status, body and headers (none of the
+    upstream's), so a tenant cannot tell an id another tenant holds from one that does not exist. Any other
+    error as it is."""
+    if e.status not in (400, 404) or not wanted:
+        return e
+    said = e.raw if e.raw is not None else e.message.encode("utf-8", "replace")
+    for field, rid in wanted:
+        if rid and rid.encode("utf-8", "replace") in said:
+            return not_found(rid, field)
+    return e
+
+
 def referenced_ids(payload: Any, cap: int = MAX_IDS_PER_REQUEST) -> list[tuple[str, str]]:
     """(field, id) of the resources a request body names anywhere: a batch's input file, a response's predecessor,
-    file parts and tools' file lists (iterative: a deep body costs no recursion)."""
+    file parts and tools' file lists, a conversation, vector stores, a container (iterative: a deep body costs no
+    recursion). Fields are named case-folded (`Previous_Response_Id` is previous_response_id)."""
     out: list[tuple[str, str]] = []
     stack = [payload]
     while stack:
@@ -62,10 +83,16 @@ def referenced_ids(payload: Any, cap: int = MAX_IDS_PER_REQUEST) -> list[tuple[s
             if node.get("type") == "tool_use":  # a model's own tool call, re-sent: its input is no request
                 continue
             for k, v in node.items():
+                k = k.casefold() if isinstance(k, str) else k
                 if k in _ID_KEYS and isinstance(v, str):
                     out.append((k, v))
                 elif k in _ID_LIST_KEYS and isinstance(v, list):
                     out += [(k, x) for x in v if isinstance(x, str)]
+                elif (k == "conversation" or k == "container") and isinstance(v, str):
+                    out.append((k, v))  # a conversation id, a container id (`{"type": "auto"}` makes a new one)
+                elif k == "conversation" and isinstance(v, dict):  # `{"id": "conv_..."}`
+                    out += [(k, x) for n, x in v.items() if isinstance(n, str) and n.casefold() == "id"
+                            and isinstance(x, str)]
                 elif k not in _SKIP and isinstance(v, (dict, list)):
                     stack.append(v)
         elif isinstance(node, list):
@@ -146,8 +173,12 @@ class ResourceOwners:
         return [i for i, who in owners.items() if who and who != customer]
 
     async def refuse_foreign(self, wanted: list[tuple[str, str]], customer: str) -> None:
-        """A 404 for the first (field, id) of `wanted` that another customer created here."""
+        """A 404 for the first (field, id) of `wanted` that another customer created here, or that is of a kind
+        the gateway never sees made (UNTRACKED_FIELDS: nobody here can own one)."""
         if wanted:
+            for field, rid in wanted:
+                if field in UNTRACKED_FIELDS:
+                    raise not_found(rid, field)
             theirs = set(await self.foreign([rid for _, rid in wanted], customer))
             for field, rid in wanted:
                 if rid in theirs:

@@ -1,0 +1,194 @@
+"""A tenant (globex) after another's (acme's) provider resources, through the real `tagway serve` (a subprocess on
+an embedded store of its own), the real openai SDK and httpx, against an upstream on 127.0.0.1 that behaves as a
+provider does: it knows the ids it made and answers any other with its own 404 (or, for a body's id, a 400 naming
+it), and reads JSON keys case-insensitively, as Go relays do. Each test fails on the gateway before this trial:
+
+- another tenant's id answered the gateway's 404 `resource_not_found`, a missing one the provider's 404 with its
+  headers: a tenant could tell which ids exist for someone else;
+- `Previous_Response_Id`, `previouſ_response_id`, `File_Id` passed unchecked (a relay reads them as the real key);
+- conversations, vector stores and containers are made where the gateway does not see it, so nobody owned one and
+  any tenant key could name any of them.
+"""
+from __future__ import annotations
+
+import openai
+import orjson
+import pytest
+from aiohttp import web
+
+from gateway.auth import hash_key
+from tests.gateway_process import GatewayProcess
+from tests.upstream import Upstream
+
+ACME, GLOBEX = "tw-iso-acme-0123456789abcdefghijklmnop", "tw-iso-globex-0123456789abcdefghijklmn"
+PLATFORM, ADMIN = "tw-iso-platform-0123456789abcdefghijklm", "tw-iso-admin-0123456789abcdefghijklmnop"
+
+
+def _fold(d: dict) -> dict:
+    """Keys as a Go relay reads them (encoding/json matches field names case-insensitively, ſ as s)."""
+    return {k.casefold(): v for k, v in d.items()} if isinstance(d, dict) else d
+
+
+class ProviderLike(Upstream):
+    """Knows what it made; anything else is its own 404 (path) or 400 naming the id (body)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.made: set[str] = set()
+
+    async def resource(self, request: web.Request) -> web.Response:
+        rid = request.match_info.get("id")
+        raw = await request.read()
+        body = _fold(orjson.loads(raw)) if raw else {}
+        missing = rid if rid and rid not in self.made else None
+        if request.path == "/v1/batches" and body.get("input_file_id") not in self.made:
+            missing = body.get("input_file_id")
+        if missing is None:
+            return await super().resource(request)
+        self.requests.append({"path": request.path, "method": request.method, "headers": dict(request.headers),
+                              "body": body, "raw": raw})
+        status = 404 if rid else 400
+        return web.json_response({"error": {"message": f"No such object: '{missing}'", "param": "id" if rid else
+                                            "input_file_id", "type": "invalid_request_error", "code": None}},
+                                 status=status)
+
+    async def file_content(self, request: web.Request) -> web.StreamResponse:
+        rid = request.match_info["id"]
+        if rid not in self.made:
+            self.requests.append({"path": request.path, "method": "GET", "headers": dict(request.headers)})
+            return web.json_response({"error": {"message": f"No such object: '{rid}'", "param": "id",
+                                                "type": "invalid_request_error", "code": None}}, status=404)
+        return await super().file_content(request)
+
+    async def upload(self, request: web.Request) -> web.Response:
+        answer = await super().upload(request)
+        self.made.add(f"file-up-{self.uploads}")
+        return answer
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        body = _fold(orjson.loads(await request.read()))
+        prev = body.get("previous_response_id")
+        if prev is not None and prev not in self.made:
+            self.requests.append({"path": request.path, "headers": dict(request.headers), "body": body})
+            return web.json_response({"error": {
+                "message": f"Previous response with id '{prev}' not found.", "type": "invalid_request_error",
+                "param": "previous_response_id", "code": "previous_response_not_found"}}, status=400)
+        answer = await super().responses(request)
+        self.made.add(f"resp_{len(self.requests)}")
+        return answer
+
+
+@pytest.fixture(scope="module")
+def provider():
+    up = ProviderLike().start()
+    yield up
+    up.stop()
+
+
+@pytest.fixture(scope="module")
+def gw(provider, tmp_path_factory):
+    model = {"provider": "openai", "base_url": provider.base_url, "api_key_env": "ISO_UPSTREAM_KEY"}
+    cfg = {"models": [{"name": "gpt-test", "model": "ok-model", **model}, {"name": "*", **model}],
+           "tenants": [{"customer": "acme", "keys": [{"id": "acme-1", "hash": hash_key(ACME)}]},
+                       {"customer": "globex", "keys": [{"id": "globex-1", "hash": hash_key(GLOBEX)}]},
+                       {"customer": "platform", "may_set_customer": True,
+                        "keys": [{"id": "platform-1", "hash": hash_key(PLATFORM)}]}],
+           "admin_key_hash": hash_key(ADMIN)}
+    with GatewayProcess(tmp_path_factory.mktemp("iso"), cfg, env={"ISO_UPSTREAM_KEY": "sk-iso-upstream-key"}) as g:
+        yield g
+
+
+def sdk(gw, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0)
+
+
+def not_found(call) -> tuple[dict, list[str]]:
+    """The 404's error body, its id aside, and the names of its headers but for the per-call ones."""
+    with pytest.raises(openai.NotFoundError) as e:
+        call()
+    err = dict(e.value.response.json()["error"])
+    err["message"] = err["message"].replace(err["message"].split(": ", 1)[-1], "<id>")
+    return err, sorted(h for h in e.value.response.headers if h not in ("date", "content-length"))
+
+
+def test_another_tenants_id_and_a_missing_one_get_the_same_404(gw, provider):
+    file_id = sdk(gw, ACME).files.create(file=("a.jsonl", b'{"secret": 1}\n', "application/jsonl"),
+                                         purpose="batch").id
+    resp_id = sdk(gw, ACME).responses.create(model="gpt-test", input="the code is 7").id
+    g = sdk(gw, GLOBEX)
+    pairs = [  # (another tenant's, nobody's): each pair must be answered alike
+        (lambda: g.files.retrieve(file_id), lambda: g.files.retrieve("file-none")),
+        (lambda: g.files.content(file_id), lambda: g.files.content("file-none")),
+        (lambda: g.files.delete(file_id), lambda: g.files.delete("file-none")),
+        (lambda: g.files.retrieve(file_id), lambda: g.files.retrieve(file_id.upper())),  # a case variant too
+        (lambda: g.responses.retrieve(resp_id), lambda: g.responses.retrieve("resp_none")),
+        (lambda: g.responses.delete(resp_id), lambda: g.responses.delete("resp_none")),
+        (lambda: g.responses.create(model="gpt-test", input="and?", previous_response_id=resp_id),
+         lambda: g.responses.create(model="gpt-test", input="and?", previous_response_id="resp_none")),
+        (lambda: g.batches.create(input_file_id=file_id, endpoint="/v1/responses", completion_window="24h"),
+         lambda: g.batches.create(input_file_id="file-none", endpoint="/v1/responses", completion_window="24h")),
+    ]
+    for theirs, missing in pairs:
+        a, b = not_found(theirs), not_found(missing)
+        assert a == b, (a, b)
+        assert a[0]["code"] == "resource_not_found" and "x-request-id" not in a[1], a
+    # the owner still reaches its own; the provider's other answers are relayed as before
+    assert sdk(gw, ACME).files.retrieve(file_id).id == file_id
+    assert sdk(gw, ACME).responses.create(model="gpt-test", input="and?", previous_response_id=resp_id).id
+    with pytest.raises(openai.BadRequestError) as e:  # an admin key's miss is the provider's answer, as it was
+        sdk(gw, ADMIN).responses.create(model="gpt-test", input="and?", previous_response_id="resp_none")
+    assert e.value.response.json()["error"]["code"] == "previous_response_not_found"
+
+
+def test_keys_an_upstream_reads_case_insensitively_are_checked(gw, provider):
+    file_id = sdk(gw, ACME).files.create(file=("a.jsonl", b"{}\n", "application/jsonl"), purpose="user_data").id
+    resp_id = sdk(gw, ACME).responses.create(model="gpt-test", input="mine").id
+    g = sdk(gw, GLOBEX)
+    provider.clear()
+    spellings = [{"Previous_Response_Id": resp_id}, {"PREVIOUS_RESPONSE_ID": resp_id},
+                 {"previou\u017f_response_id": resp_id},  # a long s: Go's case folding reads it as s
+                 {"input": [{"role": "user", "content": [{"type": "input_file", "File_Id": file_id}]}]}]
+    for extra in spellings:
+        with pytest.raises(openai.NotFoundError) as e:
+            g.responses.create(model="gpt-test", input="x", extra_body=extra)
+        assert e.value.response.json()["error"]["code"] == "resource_not_found", extra
+    line = {"custom_id": "1", "method": "POST", "url": "/v1/responses",
+            "body": {"model": "gpt-test", "input": "x", "Previous_Response_ID": resp_id}}
+    with pytest.raises(openai.NotFoundError):
+        g.files.create(file=("in.jsonl", orjson.dumps(line) + b"\n", "application/jsonl"), purpose="batch")
+    assert provider.requests == [], "none of them reached the provider"
+    # acme's own, spelled any way, still passes
+    assert sdk(gw, ACME).responses.create(model="gpt-test", input="x", extra_body={"Previous_Response_Id": resp_id}).id
+
+
+def test_resources_made_out_of_the_gateways_sight_are_no_tenants(gw, provider):
+    """Conversations, vector stores and containers: the gateway never sees one made, so no tenant owns one."""
+    g = sdk(gw, GLOBEX)
+    provider.clear()
+    asks = [({"conversation": "conv_acme1"}, "conversation"), ({"conversation": {"id": "conv_acme1"}}, "conversation"),
+            ({"tools": [{"type": "file_search", "vector_store_ids": ["vs_acme1"]}]}, "vector_store_ids"),
+            ({"tools": [{"type": "code_interpreter", "container": "cntr_acme1"}]}, "container")]
+    shapes = set()
+    for extra, param in asks:
+        with pytest.raises(openai.NotFoundError) as e:
+            g.responses.create(model="gpt-test", input="x", extra_body=extra)
+        err = e.value.response.json()["error"]
+        assert (err["code"], err["param"]) == ("resource_not_found", param), err
+        shapes.add(err["type"])
+    assert provider.requests == [] and shapes == {"invalid_request_error"}
+    # a container the provider makes for the call is fine; a platform key reaches the account's resources
+    assert g.responses.create(model="gpt-test", input="x", tools=[{"type": "code_interpreter",
+                                                                    "container": {"type": "auto"}}]).id
+    assert sdk(gw, PLATFORM).responses.create(model="gpt-test", input="x", extra_body={"conversation": "conv_p"}).id
+
+
+def test_every_spelling_and_kind_of_reference_is_found():
+    """What the hot path checks: a walk of the parsed body (JSON escapes already resolved), keys case-folded."""
+    from gateway.resources import referenced_ids  # noqa: PLC0415
+
+    body = {"model": "m", "Input": [{"role": "user", "content": [{"type": "input_file", "FILE_ID": "f1"}]}],
+            "tools": [{"type": "file_search", "vector_store_ids": ["vs_1"]},
+                      {"type": "code_interpreter", "container": {"type": "auto", "file_ids": ["f2"]}}],
+            "metadata": {"conversation": "not-a-request"}, "conversation": {"ID": "conv_1"}}
+    assert sorted(referenced_ids(body)) == [("conversation", "conv_1"), ("file_id", "f1"), ("file_ids", "f2"),
+                                            ("vector_store_ids", "vs_1")]
