@@ -28,7 +28,7 @@ from .call import Call, ClientGone
 from .config import GatewayConfig, ModelConfig
 from .errors import (UPSTREAM_AUTH_STATUS, GatewayError, bad_request, forbidden, upstream_auth_error,
                      upstream_message, with_own_headers)
-from .headers import HeaderFilter
+from .headers import HeaderFilter, KeyScope
 from .model_routes import ModelRoutes
 from .providers import ProviderRegistry, UpstreamFailure, kind_of
 from .providers.sse import json_object
@@ -62,6 +62,7 @@ class Passthrough:
         self._owners: OrderedDict[str, str] = OrderedDict()  # resource id -> model name that reaches its upstream
         self._secrets = sorted({m.api_key.encode() for m in config.models if m.api_key and len(m.api_key) >= 6},
                                key=len, reverse=True)
+        self._key_scope = KeyScope(b"\0".join(sorted(self._secrets)))  # as the hot path's (gateway/headers.py)
         self._tenants = {t.customer: t for t in config.tenants}
         self.calls = 0
         # the hot path's metrics and access log, and its count of calls cut at the shutdown deadline: one place each
@@ -163,6 +164,8 @@ class Passthrough:
         path = strip_version(scope["path"])
         query = scope.get("query_string", b"").decode("latin-1")
         forward = self._forward_headers.pick(scope["headers"]) if self._forward_headers else []
+        if forward:  # a tenant key's org/project stay behind; idempotency keys get its tenant's namespace
+            forward = self._key_scope.fit(forward, principal.customer, not principal.may_set_customer)
         list_for = mine_only if route.method == "GET" and not params else None
         asked = _list_limit(query)
         if list_for is not None:  # upstream pages as large as they come: fewer pages to read past others' items

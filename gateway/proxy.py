@@ -28,7 +28,7 @@ from .cooldowns import Cooldowns
 from .errors import (UPSTREAM_AUTH_STATUS, GatewayError, forbidden, upstream_auth_error,
                      with_own_headers)
 from .limits import CallLimits
-from .headers import HeaderFilter
+from .headers import HeaderFilter, KeyScope
 from .pricing import Pricing
 from .providers import ProviderRegistry, UpstreamCall, UpstreamFailure, UpstreamResponse, kind_of
 from .providers.sse import event_data, json_object
@@ -128,6 +128,7 @@ class Proxy(WireStreamRelay):
         self.cooldowns = Cooldowns(config.cooldown.after_failures, config.cooldown.seconds)  # failing deployments
         self._forward_headers = HeaderFilter(config.api.forward_headers)  # client -> upstream
         self._return_headers = HeaderFilter(config.api.return_headers)  # upstream -> client
+        self._key_scope = KeyScope(b"\0".join(sorted(self._secrets)))  # those headers fitted to the key's tenant
         # mirrors sampled live calls to shadow candidates once they are answered (gateway/shadow.py)
         self.shadow = ShadowDispatcher(config.shadow, self.shadow_call) if config.shadow else None
 
@@ -229,7 +230,9 @@ class Proxy(WireStreamRelay):
             payload["store"] = False  # a copy leaves no stored response or completion at the provider
         call = Call(job.route, {"headers": ()}, None, _discard, rec)
         call.principal, call.tenant, call.capture = job.principal, job.tenant, job.capture
-        call.payload, call.body, call.forward_headers = payload, orjson.dumps(payload), job.forward_headers
+        # never the live call's idempotency key: the provider would answer the copy with the live call's answer
+        call.payload, call.body = payload, orjson.dumps(payload)
+        call.forward_headers = [h for h in job.forward_headers if h[0] != b"idempotency-key"]
         ids = self.spans.begin()
         call.trace_id = ids.header
         reraise: BaseException | None = None
@@ -272,6 +275,9 @@ class Proxy(WireStreamRelay):
         rec.key_id, rec.customer = principal.key_id, principal.customer
         if call.repeated:
             raise duplicate_header(call.repeated)
+        if call.forward_headers:  # a tenant key's org/project stay behind; idempotency keys get its namespace
+            call.forward_headers = self._key_scope.fit(call.forward_headers, principal.customer,
+                                                       not principal.may_set_customer)
         if method != "POST":
             raise GatewayError(405, f"Method {method} not allowed; use POST.", code="method_not_allowed")
         await call.read_body(self._max_body)

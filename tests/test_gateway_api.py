@@ -207,7 +207,8 @@ def test_a_provider_refusing_the_gateways_key_is_a_502_not_the_clients_401(gatew
     assert span.attributes[sc.ERROR_TYPE] == "http_401"
     # an app whose SDK sends OpenAI-Organization (OPENAI_ORG_ID) hears that its header went with the gateway's key
     with pytest.raises(openai.InternalServerError) as e:
-        client(gateway, organization="org-app").chat.completions.create(model="provider-key-bad", messages=MSG)
+        client(gateway, KEYS["platform"], organization="org-app").chat.completions.create(model="provider-key-bad",
+                                                                                       messages=MSG)
     said = e.value.response.json()["error"]["message"]
     assert "Your request's openai-organization: org-app went with the gateway's provider key" in said, said
     assert "Your key is fine" not in said and e.value.response.headers["x-should-retry"] == "false"

@@ -33,10 +33,16 @@ def test_client_openai_headers_reach_the_upstream(gateway, upstream):
         extra_headers={"OpenAI-Beta": "assistants=v2", "Idempotency-Key": "idem-1", "OpenAI-Organization": "org-9",
                        "OpenAI-Project": "proj-3", "X-Not-Listed": "stays", "x-tagway-intent": "refund"})
     h = {k.lower(): v for k, v in upstream.last()["headers"].items()}
-    assert h["openai-beta"] == "assistants=v2" and h["idempotency-key"] == "idem-1"
-    assert h["openai-organization"] == "org-9" and h["openai-project"] == "proj-3"
+    # the idempotency key in the tenant's own namespace; a tenant key's organisation and project stay behind
+    # (tests/test_tenant_isolation_trial.py), a platform key's go up
+    assert h["openai-beta"] == "assistants=v2" and h["idempotency-key"].endswith("-idem-1")
+    assert "openai-organization" not in h and "openai-project" not in h
     assert "x-not-listed" not in h and not any(k.startswith("x-tagway") for k in h)
     assert h["authorization"].startswith("Bearer sk-upstream")  # the deployment's key, not the client's
+    openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEYS["platform"], max_retries=0).chat.completions.create(
+        model="gpt-test", messages=MSG, extra_headers={"OpenAI-Organization": "org-9", "OpenAI-Project": "proj-3"})
+    h = {k.lower(): v for k, v in upstream.last()["headers"].items()}
+    assert h["openai-organization"] == "org-9" and h["openai-project"] == "proj-3"
 
 
 def test_request_id_and_rate_limits_reach_the_sdk(gateway):

@@ -126,7 +126,8 @@ def test_upstream_errors_are_relayed_scrubbed_and_recorded(gw):
     assert gw.recorder.call(r.headers["x-tagway-trace-id"]).attributes[sc.ERROR_TYPE] == "http_401"
     r = httpx.post(gw.url + "/v1/moderations", json={"model": "fail401-x", "input": "x"},
                    headers={"authorization": f"Bearer {ACME}", "openai-project": "proj_app"})
-    assert "Your request's openai-project: proj_app went with the gateway's provider key" in r.json()["error"]["message"]
+    # a tenant key's OpenAI-Project stays behind (gateway/headers.py KeyScope): the refusal is the key's alone
+    assert r.status_code == 502 and "openai-project" not in r.json()["error"]["message"], r.text
 
 
 def test_translated_upstreams_do_not_serve_these_routes(gw):

@@ -7,10 +7,13 @@ it), and reads JSON keys case-insensitively, as Go relays do. Each test fails on
   headers: a tenant could tell which ids exist for someone else;
 - `Previous_Response_Id`, `previouſ_response_id`, `File_Id` passed unchecked (a relay reads them as the real key);
 - conversations, vector stores and containers are made where the gateway does not see it, so nobody owned one and
-  any tenant key could name any of them.
+  any tenant key could name any of them;
+- a tenant key's `OpenAI-Organization`/`OpenAI-Project` pointed the operator's provider key at another organisation
+  or project of the account, and tenants' `Idempotency-Key`s shared the account's one namespace.
 """
 from __future__ import annotations
 
+import httpx
 import openai
 import orjson
 import pytest
@@ -180,6 +183,28 @@ def test_resources_made_out_of_the_gateways_sight_are_no_tenants(gw, provider):
     assert g.responses.create(model="gpt-test", input="x", tools=[{"type": "code_interpreter",
                                                                     "container": {"type": "auto"}}]).id
     assert sdk(gw, PLATFORM).responses.create(model="gpt-test", input="x", extra_body={"conversation": "conv_p"}).id
+
+
+def test_account_headers_stay_behind_and_idempotency_keys_are_the_tenants(gw, provider):
+    def sent(key: str, path: str = "/v1/responses") -> dict:
+        headers = {"OpenAI-Organization": "org-other", "OpenAI-Project": "proj_other", "Idempotency-Key": "order-42"}
+        provider.clear()
+        if path == "/v1/responses":
+            sdk(gw, key).responses.create(model="gpt-test", input="x", extra_headers=headers)
+        else:
+            r = httpx.post(gw.url + "/v1/files", files={"file": ("a.jsonl", b"{}\n")}, data={"purpose": "batch"},
+                           headers={"Authorization": f"Bearer {key}", **headers})
+            assert r.status_code == 200, r.text
+        return {k.lower(): v for k, v in provider.requests[-1]["headers"].items()}
+
+    for path in ("/v1/responses", "/v1/files"):
+        a, again, b, p = sent(ACME, path), sent(ACME, path), sent(GLOBEX, path), sent(PLATFORM, path)
+        assert "openai-organization" not in a and "openai-project" not in a, a
+        assert (p["openai-organization"], p["openai-project"]) == ("org-other", "proj_other")
+        keys = [h["idempotency-key"] for h in (a, again, b, p)]
+        assert all(k.endswith("-order-42") for k in keys), keys
+        assert keys[0] == keys[1] and len({keys[0], keys[2], keys[3]}) == 3, keys  # one namespace per tenant
+        assert not any(name in k for k in keys for name in ("acme", "globex", "platform"))  # names no tenant
 
 
 def test_every_spelling_and_kind_of_reference_is_found():
