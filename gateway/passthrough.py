@@ -149,7 +149,7 @@ class Passthrough:
         wanted = None  # a tenant key's: the (field, id) its request names, path and body
         if mine_only is not None:
             wanted = await self._check_owned(route, params, payload or _json_or_empty(body, content_type), mine_only,
-                                             body, content_type)
+                                             body, content_type, scope.get("query_string", b"").decode("latin-1"))
         provider = self.providers.for_deployment(d)
         if kind_of(d.provider) != "pass_through" or not hasattr(provider, "open"):
             raise GatewayError(501, f"{scope['method']} {scope['path']} is passed through to OpenAI-compatible "
@@ -187,11 +187,13 @@ class Passthrough:
             resp.release()
 
     async def _check_owned(self, route: Route, params: dict[str, str], payload: dict, customer: str,
-                           body: bytes, content_type: str | None) -> list[tuple[str, str]]:
+                           body: bytes, content_type: str | None, query: str = "") -> list[tuple[str, str]]:
         if route.api == "models.delete":  # the account's models, not any tenant's
             raise forbidden("Deleting a model is the provider account's: it takes a platform or the admin key "
                             "(api.tenant_resources: isolated).", code="permission_denied", param="model")
         wanted = [(name, rid) for name, rid in params.items()]  # the resource the path names
+        if route.method == "GET" and query:  # a list's cursor: another tenant's id there would say it exists
+            wanted += [(k, v) for k, v in urllib.parse.parse_qsl(query) if k in ("after", "before") and v]
         wanted += referenced_ids(payload)  # a batch's input file, a response's predecessor, file parts
         if route.api == "files.create" and body and content_type:  # a batch's input: the requests in its lines
             wanted += await asyncio.get_running_loop().run_in_executor(None, batch_input_ids, body, content_type)

@@ -46,6 +46,8 @@ class ProviderLike(Upstream):
         missing = rid if rid and rid not in self.made else None
         if request.path == "/v1/batches" and body.get("input_file_id") not in self.made:
             missing = body.get("input_file_id")
+        if request.method == "GET" and request.query.get("after") and request.query["after"] not in self.made:
+            missing = request.query["after"]  # a list's cursor that names nothing
         if missing is None:
             return await super().resource(request)
         self.requests.append({"path": request.path, "method": request.method, "headers": dict(request.headers),
@@ -128,6 +130,7 @@ def test_another_tenants_id_and_a_missing_one_get_the_same_404(gw, provider):
         (lambda: g.responses.delete(resp_id), lambda: g.responses.delete("resp_none")),
         (lambda: g.responses.create(model="gpt-test", input="and?", previous_response_id=resp_id),
          lambda: g.responses.create(model="gpt-test", input="and?", previous_response_id="resp_none")),
+        (lambda: g.files.list(after=file_id), lambda: g.files.list(after="file-none")),  # a list's cursor
         (lambda: g.batches.create(input_file_id=file_id, endpoint="/v1/responses", completion_window="24h"),
          lambda: g.batches.create(input_file_id="file-none", endpoint="/v1/responses", completion_window="24h")),
     ]
@@ -137,6 +140,7 @@ def test_another_tenants_id_and_a_missing_one_get_the_same_404(gw, provider):
         assert a[0]["code"] == "resource_not_found" and "x-request-id" not in a[1], a
     # the owner still reaches its own; the provider's other answers are relayed as before
     assert sdk(gw, ACME).files.retrieve(file_id).id == file_id
+    sdk(gw, ACME).files.list(after=file_id)  # its own cursor passes
     assert sdk(gw, ACME).responses.create(model="gpt-test", input="and?", previous_response_id=resp_id).id
     with pytest.raises(openai.BadRequestError) as e:  # an admin key's miss is the provider's answer, as it was
         sdk(gw, ADMIN).responses.create(model="gpt-test", input="and?", previous_response_id="resp_none")
