@@ -127,22 +127,48 @@ def _parse_with_flags(data: dict, source: str, flags: dict[str, tuple[str, objec
     """The spec with the flags applied, validated; an error in a value a flag gave names the flag, not the file
     (`--alpha 0.9: Input should be less than 0.5`, not `replay.yaml: gating.alpha: ...`). `flags`: spec field ->
     (flag, the value given or None)."""
-    try:
+    with _flag_errors(source, flags):
         return parse_spec(data, source, stored=stored)
+
+
+@contextlib.contextmanager
+def _flag_errors(source: str, flags: dict[str, tuple[str, object]]) -> Iterator[None]:
+    """A SpecError `<source>: <field>[.<more>]: <what>` about a field a flag gave becomes `<flag> <value>: <what>`:
+    the value is the flag's, not the file's (`--since 7x`, not `replay.yaml: slice.since`)."""
+    try:
+        yield
     except SpecError as e:
         text, prefix = str(e), f"{source}: "
-        for field, (flag, value) in flags.items():
-            if value is not None and text.startswith(f"{prefix}{field}: "):
-                raise SpecError(f"{flag} {value}: {text[len(prefix) + len(field) + 2:]}") from None
+        if text.startswith(prefix):
+            where, _, what = text[len(prefix):].partition(": ")
+            for field, (flag, value) in flags.items():
+                if value is not None and (where == field or where.startswith(field + ".")):
+                    raise SpecError(f"{flag} {_flag_value(value)}: {what}") from None
         raise
 
 
+def _flag_value(value: object) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return repr(value) if value == "" or (isinstance(value, str) and value != value.strip()) else str(value)
+
+
+def _slice_flags(*, customer: object = None, intent: object = None, since: object = None,
+                 segment_by: object = None, limit: object = None) -> dict[str, tuple[str, object]]:
+    """The slice flags of run, plan and dataset save (--tag is checked as it is read: replay.spec)."""
+    return {"slice.customer": ("--customer", customer or None), "slice.intent": ("--intent", intent or None),
+            "slice.since": ("--since", since), "slice.segment_by": ("--segment-by", segment_by),
+            "slice.limit": ("--limit", limit)}
+
+
 def _run_flags(*, alpha: object, margin: object, inconclusive: object, errors: object, max_cases: object,
-               max_cost: object, concurrency: object, limit: object) -> dict[str, tuple[str, object]]:
+               max_cost: object, concurrency: object, limit: object, since: object = None, segment_by: object = None,
+               customer: object = None, intent: object = None) -> dict[str, tuple[str, object]]:
     return {"gating.alpha": ("--alpha", alpha), "gating.margin": ("--margin", margin),
             "gating.inconclusive": ("--inconclusive", inconclusive), "gating.errors": ("--errors", errors),
             "gating.escalation.max_cases": ("--escalation-max-cases", max_cases), "max_cost": ("--max-cost", max_cost),
-            "concurrency": ("--concurrency", concurrency), "slice.limit": ("--limit", limit)}
+            "concurrency": ("--concurrency", concurrency),
+            **_slice_flags(customer=customer, intent=intent, since=since, segment_by=segment_by, limit=limit)}
 
 
 def _no_old_flags(**given: object) -> None:
@@ -270,7 +296,8 @@ def run_cmd(
         spec_dir = spec.resolve().parent
         parsed = _parse_with_flags(data, str(spec), _run_flags(
             alpha=alpha, margin=margin, inconclusive=inconclusive, errors=errors, max_cases=escalation_max_cases,
-            max_cost=max_cost, concurrency=concurrency, limit=limit))
+            max_cost=max_cost, concurrency=concurrency, limit=limit, since=since, segment_by=segment_by,
+            customer=customer, intent=intent))
         sys.path[:0] = [str(spec_dir), os.getcwd()]  # `python` evaluators: module:function beside the spec
         try:
             load_python_evaluators(parsed.evaluators)
@@ -435,6 +462,11 @@ def _shadow_report(spec: Optional[Path], config: Optional[Path], since: Optional
     else:
         data, source = config_spec_data(config, candidates), "the gateway config's shadow rule"
     data = apply_overrides(shadow_data(data), segment_by=segment_by, gating=gating)
+    flags = {f"gating.{k}": (f"--{k}", v) for k, v in gating.items()}
+    flags["slice.segment_by"] = ("--segment-by", segment_by)
+    with _flag_errors(source, flags):  # the spec is parsed once the shadow models are known
+        from .shadow import shadow_spec
+        shadow_spec(data, source, ["-"])
     store = _store(dsn, config)
     gateway = gateway_for(gateway, store)
 
@@ -500,7 +532,8 @@ def plan_cmd(
         # the slice flags of `replay run` (a plan is of the run those flags would make)
         data = apply_overrides(load_spec_data(spec), customer=customer, intent=intent, tags=tag, since=since,
                                segment_by=segment_by, limit=limit)
-        parsed = _parse_with_flags(data, str(spec), {"slice.limit": ("--limit", limit)})
+        parsed = _parse_with_flags(data, str(spec), _slice_flags(customer=customer, intent=intent, since=since,
+                                                                 segment_by=segment_by, limit=limit))
         if parsed.slice is None:
             raise SpecError("plan needs a spec with a slice (a dataset's coverage is fixed)")
         sampled, matched = sample_pool(_store(dsn, config), parsed.slice)
@@ -607,7 +640,8 @@ def dataset_save_cmd(
             validate_dataset_id(dataset_id)
         data = apply_overrides(load_spec_data(spec), customer=customer, intent=intent, tags=tag, since=since,
                                segment_by=segment_by, limit=limit)
-        parsed = parse_spec(data, str(spec))
+        parsed = _parse_with_flags(data, str(spec), _slice_flags(customer=customer, intent=intent, since=since,
+                                                                 segment_by=segment_by, limit=limit))
         if parsed.slice is None:
             raise SpecError("dataset save needs a spec with a slice")
         store = _store(dsn, config)
@@ -680,10 +714,11 @@ def trend_cmd(
                                     "--dataset NAME (the runs of a dataset; the spec's alpha and margin apply)")
                 name, dataset = None, given
         gating.update({k: v for k, v in {"alpha": alpha, "margin": margin}.items() if v is not None})
-        try:
-            g = Gating(**{k: v for k, v in gating.items() if k in ("alpha", "margin")})
-        except ValidationError as e:
-            raise SpecError(one_line_error(e, "gating")) from None
+        with _flag_errors("gating", {"alpha": ("--alpha", alpha), "margin": ("--margin", margin)}):
+            try:
+                g = Gating(**{k: v for k, v in gating.items() if k in ("alpha", "margin")})
+            except ValidationError as e:
+                raise SpecError(one_line_error(e, "gating")) from None
         try:
             data = replays.trend(_store(dsn, config), spec=name, dataset=dataset, limit=limit, versions=True, by=by,
                                  outcomes=True)

@@ -373,6 +373,10 @@ def _parse_tag_flags(values: list[str]) -> dict[str, str]:
         k, sep, val = v.partition("=")
         if not sep or not k.strip():
             raise SpecError(f"--tag {v!r}: expected key=value")
+        try:  # here, not once merged into the spec's tags: the error names the flag, not the spec file
+            validate_tag_key(k.strip(), "--tag")
+        except ValueError as e:
+            raise SpecError(f"--tag {v!r}: {e}") from None
         out[k.strip()] = val.strip()
     return out
 
