@@ -625,7 +625,8 @@ def dataset_save_cmd(
     segment_by: Optional[str] = typer.Option(None, "--segment-by"),
     limit: Optional[int] = typer.Option(None, "--limit"),
     description: str = typer.Option("", "--description"),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing file that is not a tagway dataset."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file (without it, a file that is "
+                               "there, a tagway dataset or not, is left alone)."),
     dsn: Optional[str] = DsnOpt, config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Pin a slice: the sampled trace ids (and their segments) under an id, or the full cases in a JSONL file.
@@ -636,6 +637,10 @@ def dataset_save_cmd(
         to_file = is_file_ref(dataset_id)
         if to_file:
             check_writable(dataset_id, "dataset file", force=force, keep_unless=is_dataset_file)
+            if not force and Path(dataset_id).exists():
+                # a dataset file is what runs of `--dataset FILE` replay: replacing it silently changed their cases
+                raise DatasetError(f"dataset file {dataset_id}: already holds a tagway dataset; refusing to overwrite "
+                                   "it (pass --force to replace it, or give another file)")
         else:
             validate_dataset_id(dataset_id)
         data = apply_overrides(load_spec_data(spec), customer=customer, intent=intent, tags=tag, since=since,

@@ -353,8 +353,8 @@ def _trace_ids(world, customer: str) -> list[str]:
 
 
 def test_dataset_names_are_ids_unless_they_say_file(world, monkeypatch):
-    """`golden` is an id even when ./golden exists (it is left alone); `./golden` is a file, overwritten only when it
-    holds a tagway dataset or with --force; a missing directory is one line."""
+    """`golden` is an id even when ./golden exists (it is left alone); `./golden` is a file, overwritten only with
+    --force (a tagway dataset or not); a missing directory is one line."""
     monkeypatch.chdir(world["tmp"])
     precious = world["tmp"] / "golden"
     precious.write_text("precious notes\n")
@@ -371,7 +371,11 @@ def test_dataset_names_are_ids_unless_they_say_file(world, monkeypatch):
     assert precious.read_text() == "precious notes\n"
     assert invoke("dataset", "save", "./golden", *base, "--force").exit_code == 0
     assert len(precious.read_text().splitlines()) == 20
-    assert invoke("dataset", "save", "./golden", *base, "--customer", world["a"]).exit_code == 0  # a dataset file
+    # a dataset file too: what `--dataset ./golden` runs replay changed under them without a word (replay trial)
+    res = invoke("dataset", "save", "./golden", *base, "--customer", world["a"])
+    assert res.exit_code == 2 and "dataset file ./golden: already holds a tagway dataset; refusing to overwrite it " \
+        "(pass --force to replace it" in _one_error_line(res)
+    assert len(precious.read_text().splitlines()) == 20
 
     res = invoke("dataset", "save", "/nonexistent/d.jsonl", *base)
     assert res.exit_code == 2 and "directory /nonexistent does not exist" in _one_error_line(res)
