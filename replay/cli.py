@@ -188,7 +188,10 @@ def _check_limits(max_cost: Optional[float], concurrency: Optional[int]) -> None
         raise SpecError(f"--concurrency {concurrency}: must be between 1 and 1024")
 
 
-def _emit(report, fmt: str, out: Optional[Path], dashboard_url: Optional[str] = None, stopped: str = "") -> None:
+def _emit(report, fmt: str, out: Optional[Path], dashboard_url: Optional[str] = None, stopped: str = "",
+          table: bool = True) -> None:
+    """The report in `fmt` to stdout, or to `out` with one line saying so on stderr. `table`: with --out, the terminal
+    table is printed too (run and resume: a CI log shows the run; `report --out` only writes the file)."""
     from rich.console import Console
     from .render import render, render_terminal
     text = "" if out is None and fmt == "table" else render(report, fmt, dashboard_url=dashboard_url)
@@ -200,7 +203,8 @@ def _emit(report, fmt: str, out: Optional[Path], dashboard_url: Optional[str] = 
         except OSError as e:
             raise _fail(f"cannot write the report to {out}: {e.strerror or e} (the run is stored: "
                         f"`tagway replay report {report.run_id} --out FILE` writes it again)") from None
-        render_terminal(report, _console(Console))
+        if table:
+            render_terminal(report, _console(Console))
         typer.echo(f"report written to {out}", err=True)
     elif fmt == "table":
         render_terminal(report, _console(Console))
@@ -401,7 +405,7 @@ def report_cmd(
             report = _shadow_report(spec, config, since, candidate, segment_by, gateway, api_key, dsn,
                                     _gate_flags(alpha, margin, inconclusive, errors))
             typer.echo(f"shadow run {report.run_id}", err=True)
-            _emit(report, fmt, out, dashboard_url)
+            _emit(report, fmt, out, dashboard_url, table=False)
             raise typer.Exit(report.exit_code)
         if run_id is None:
             raise SpecError("give a RUN_ID (or --shadow)")
@@ -424,7 +428,7 @@ def report_cmd(
         # window's dropped calls) is shown again; a note this rebuild makes itself (the judge's cost) once
         report.notes = [*(n for n in shown.get("notes") or [] if n not in report.notes
                           and not n.startswith(_JUDGE_NOTE)), *report.notes]
-        _emit(report, fmt, out, dashboard_url)
+        _emit(report, fmt, out, dashboard_url, table=False)  # --out: the file, and one line saying so
     raise typer.Exit(report.exit_code)
 
 
