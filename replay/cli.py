@@ -356,7 +356,7 @@ def resume_cmd(
         store = _store(dsn, config, gateway=None if in_process else gateway, api_key=_api_key(api_key))
         gateway = gateway_for(gateway, store, in_process=in_process)
         base = (spec_dir or Path.cwd()).resolve()
-        sys.path[:0] = [str(base)]
+        sys.path[:0] = [str(base), os.getcwd()]  # `python` evaluators, as `run` finds them (resume_run loads them)
         opts = RunOptions(gateway_url=gateway, in_process=in_process, api_key=_api_key(api_key), progress=progress,
                           spec_dir=base, retry_errored=retry_errored, max_cost=max_cost, concurrency=concurrency,
                           gateway_config=config)

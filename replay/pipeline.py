@@ -192,6 +192,18 @@ def _resume_refusal(run: RunRow, who: Caller | None, *, asked: bool = True) -> s
             "the admin key")
 
 
+def _load_evaluators(spec: ReplaySpec, source: str, opts: RunOptions, hint: str = "") -> None:
+    """Import the spec's `python` evaluators before the run is stored or a call paid for: one that cannot be loaded
+    failed every case once the whole run had been paid (replay.evaluators.load_python_evaluators). The caller puts
+    their directory on sys.path (the CLI: beside the spec, and the working directory)."""
+    from .evaluators import EvaluatorError, load_python_evaluators
+    try:
+        load_python_evaluators(spec.evaluators)
+    except EvaluatorError as e:
+        where = f"{opts.spec_dir} and the working directory" if opts.spec_dir else "the working directory"
+        raise SpecError(f"{source}: evaluators: {e} (looked in {where}{hint})") from None
+
+
 async def start_run(store: Any, spec: ReplaySpec, opts: RunOptions) -> RunResult:
     run_id = validate_run_id(opts.run_id or new_run_id())
     with run_lock(run_id):  # a resume of this run, while it runs, is refused (replay/run_lock.py)
@@ -202,6 +214,7 @@ async def _start_run(store: Any, spec: ReplaySpec, opts: RunOptions, run_id: str
     if get_run(store, run_id) is not None:
         raise RunExistsError(f"run {run_id} exists; use tagway replay resume {run_id}")
     targets = targets_for(spec, opts.spec_dir)  # prompt files read (and refused) before the run is stored
+    _load_evaluators(spec, "spec", opts)
     who = await _check_gateway(opts, spec)
     cases, skipped, notes, sampled, found = _select(store, spec)
     if found is None:
@@ -235,6 +248,8 @@ async def _resume_run(store: Any, run_id: str, opts: RunOptions) -> RunResult:
         raise SpecError(f"no replay run {run_id!r}")
     spec = parse_spec(run.spec, f"run {run_id} spec", stored=True)
     targets = targets_for(spec, opts.spec_dir)
+    # as `replay run`: an evaluator that cannot be loaded is one line before any call (it errored every case)
+    _load_evaluators(spec, f"run {run_id} spec", opts, hint=": --spec-dir DIR names where they live")
     refusal = _resume_refusal(run, await _check_gateway(opts, spec),
                               asked=not opts.in_process and opts.transport is None)  # as _check_gateway skips
     if refusal:

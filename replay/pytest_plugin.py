@@ -137,8 +137,15 @@ class GateRunner:
         if key not in self._reports:
             from .pipeline import RunOptions, new_run_id, start_run
             from .runner import gateway_for
+            from .evaluators import EvaluatorError, load_python_evaluators
             parsed = self.parsed(spec, dataset, overrides)
-            sys.path[:0] = [str(spec.parent)]  # `python` evaluators beside the spec, as the CLI does
+            sys.path[:0] = [str(spec.parent), os.getcwd()]  # `python` evaluators beside the spec, as the CLI does
+            try:  # as `tagway replay run`: one that cannot be loaded fails the test before a call is paid for
+                load_python_evaluators(parsed.evaluators)
+            except EvaluatorError as e:
+                self._reports[key] = (f"tagway_gate: {spec}: evaluators: {e} (looked in {spec.parent} and the "
+                                      "working directory); nothing was run")
+                return self._reports[key]
             try:
                 # --gateway, else the gateway serving the store (as `tagway replay run` finds it), else in-process
                 gateway = self.gateway or gateway_for(None, self.store)
