@@ -521,10 +521,13 @@ def plan_cmd(
     segment_by: Optional[str] = typer.Option(None, "--segment-by"),
     limit: Optional[int] = typer.Option(None, "--limit"),
     fmt: str = PlainFormatOpt, dsn: Optional[str] = DsnOpt, config: Optional[Path] = ConfigOpt,
+    gateway: Optional[str] = GatewayOpt, api_key: Optional[str] = KeyOpt,
 ) -> None:
     """Before a run: per segment, the cases production holds, the smallest drop the gate can detect (80% power,
-    family-wise level), the cases a target drop needs, and the coverage a dataset can adopt."""
+    family-wise level), the cases a target drop needs, and the coverage a dataset can adopt. With a gateway
+    (--gateway, or the one serving the store), the models the spec calls are checked as `run` checks them."""
     import orjson
+    from .pipeline import check_serving
     from .planning import plan_segments
     from .slice import sample_pool
     with _user_errors():
@@ -540,7 +543,11 @@ def plan_cmd(
                                                                  segment_by=segment_by, limit=limit))
         if parsed.slice is None:
             raise SpecError("plan needs a spec with a slice (a dataset's coverage is fixed)")
-        sampled, matched = sample_pool(_store(dsn, config), parsed.slice)
+        store = _store(dsn, config)
+        where = gateway_for(gateway, store)
+        if where is not None:  # a model the gateway does not serve (or a misspelt one) is what `run` would stop on
+            asyncio.run(check_serving(parsed, where, _api_key(api_key)))
+        sampled, matched = sample_pool(store, parsed.slice)
         if not sampled.available:
             raise EmptySliceError(f"the slice's segments have no replayable case ({matched} call(s) matched the "
                                   "filters): nothing to plan")
@@ -548,9 +555,14 @@ def plan_cmd(
         p = plan_segments(sampled.available, sampled.selected, alpha=parsed.gating.alpha, pass_rate=pass_rate,
                           target_drop=drop, escalation_per_segment=esc.max_per_segment if parsed.escalates else 0,
                           extra_looks=esc.looks)
+    unchecked = ("note: the models the spec calls were not checked (no gateway): --gateway URL (or env "
+                 "TAGWAY_GATEWAY_URL) checks them as `replay run` does")
     if fmt == "json":
-        sys.stdout.write(orjson.dumps({**dataclasses.asdict(p), "coverage": p.coverage()},
+        sys.stdout.write(orjson.dumps({**dataclasses.asdict(p), "coverage": p.coverage(),
+                                       "models_checked": where is not None},
                                       option=orjson.OPT_INDENT_2).decode() + "\n")
+        if where is None:
+            typer.echo(unchecked, err=True)
         return
     _print_table(f"plan: {len(p.rows)} segment(s), alpha {p.alpha:g} family-wise (level {p.level:.2g} per segment), "
                  f"pass rate {p.pass_rate:g}, power {p.power:.0%}",
@@ -562,6 +574,8 @@ def plan_cmd(
                "holds)\ncoverage:")
     for seg, n in p.coverage().items():
         typer.echo(f"  {orjson.dumps(seg).decode()}: {n}")
+    if where is None:
+        typer.echo(unchecked, err=True)
 
 
 @replay_app.command("discover")

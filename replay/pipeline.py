@@ -37,7 +37,7 @@ from .store import (RunRow, case_inputs, done_keys, get_run, read_results, recor
                     write_run)
 
 __all__ = ["RunOptions", "RunResult", "RunExistsError", "GateState", "new_run_id", "start_run", "resume_run",
-           "report_for", "spec_to_json"]
+           "report_for", "spec_to_json", "check_serving"]
 
 
 class RunExistsError(ValueError):
@@ -169,6 +169,13 @@ async def _check_gateway(opts: RunOptions, spec: ReplaySpec) -> Caller | None:
         who = await check_gateway(client, opts.api_key, opts.gateway_url)
         await check_models(client, opts.api_key, models_named(spec))
     return who
+
+
+async def check_serving(spec: ReplaySpec, gateway_url: str, api_key: str) -> None:
+    """What `run` checks before it stores anything, for `plan`: the gateway at `gateway_url` answers, takes the
+    key, and serves every model the spec calls by name (its candidates, a re-run baseline, the LLM judges) to it.
+    Raises FatalRunError (one line)."""
+    await _check_gateway(RunOptions(gateway_url=gateway_url, api_key=api_key), spec)
 
 
 def _resume_refusal(run: RunRow, who: Caller | None, *, asked: bool = True) -> str | None:

@@ -336,8 +336,22 @@ async def check_models(client: httpx.AsyncClient, api_key: str, named: Sequence[
         except httpx.HTTPError as e:
             raise FatalRunError(f"cannot reach the gateway: {transport_reason(e)}") from None
         if resp.status_code == 404 and _error_of(resp)[1] == "model_not_found":  # the gateway's answer, not a proxy's
-            raise FatalRunError(f"{who}: model {model!r} is not served by the gateway (or not to this key): "
-                                "GET /v1/models lists the models it serves")
+            raise FatalRunError(f"{who}: model {model!r} is not served by the gateway (or not to this key)"
+                                f"{await _closest_model(client, api_key, model)}: GET /v1/models lists the models "
+                                "it serves")
+
+
+async def _closest_model(client: httpx.AsyncClient, api_key: str, model: str) -> str:
+    """'; did you mean 'gpt-4o-mini'?' when the gateway serves a model named like `model` (a misspelt name), else
+    "". Never raises: the error it decorates is what matters."""
+    import difflib  # noqa: PLC0415
+    try:
+        resp = await client.get("/v1/models", headers={"authorization": f"Bearer {api_key}"})
+        served = [str(m.get("id")) for m in resp.json().get("data") or [] if isinstance(m, dict) and m.get("id")]
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return ""
+    close = difflib.get_close_matches(model, served, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 async def check_gateway(client: httpx.AsyncClient, api_key: str, where: str) -> Caller | None:

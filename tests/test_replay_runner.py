@@ -156,14 +156,15 @@ def test_unknown_candidate_model_stops_before_anything_is_stored(chdb_store, sli
         with pytest.raises(FatalRunError, match="candidate typo: model 'gpt-nope' is not served by the gateway"):
             asyncio.run(start_run(chdb_store, spec, RunOptions(gateway_url=gw.url, api_key=API_KEY, progress=False,
                                                                run_id="typo-run")))
+        # the last: the models it serves, for a "did you mean" (none here is close to gpt-nope)
         assert gw.chat_requests() == [] and [r["path"] for r in gw.requests] == ["/v1/models",
-                                                                                "/v1/models/gpt-nope"]
+                                                                                "/v1/models/gpt-nope", "/v1/models"]
     assert get_run(chdb_store, "typo-run") is None
     odd = parse_spec({**spec_for([a]), "candidates": [{"name": "odd", "model": "team/gpt?x#1"}]})
     with FakeLLM({"cand-model": approve_unless("nobody")}) as gw:
         with pytest.raises(FatalRunError, match=r"model 'team/gpt\?x#1' is not served"):
             asyncio.run(start_run(chdb_store, odd, RunOptions(gateway_url=gw.url, api_key=API_KEY, progress=False)))
-        assert gw.requests[-1]["path"] == "/v1/models/team/gpt?x#1"  # the whole id asked for, quoted on the wire
+        assert gw.requests[-2]["path"] == "/v1/models/team/gpt?x#1"  # the whole id asked for, quoted on the wire
 
 
 def test_rejected_key_is_fatal_before_anything_is_stored(chdb_store, slice_data):
