@@ -134,7 +134,7 @@ def test_a_mark_from_the_last_runs_own_gate_says_so(chdb_store):
     (["--dataset", "DATASET", "--baseline", "nope"], "error: --baseline 'nope' is not one of the trend's runs"),
     (["--dataset", "DATASET", "--by", "colour"], "error: a trend segments by one of customer, intent, "
                                                  "prompt_version, model or tag.<key>, not 'colour'"),
-    (["--dataset", "DATASET", "--alpha", "0.9"], "error: gating: alpha:"),
+    (["--dataset", "DATASET", "--alpha", "0.9"], "error: --alpha 0.9: Input should be less than 0.5"),
 ])
 def test_trend_bad_input_is_one_line(seeded, args, message):
     args = [seeded["name"] if a == "DATASET" else a for a in args]
