@@ -423,7 +423,8 @@ def report_cmd(
         shown = _stored_report(run.report_json)
         report = report_for(store, run_id, spec, status=status, n_cases=run.n_cases,
                             skipped=shown.get("skipped") or {}, state=GateState.from_report_json(run.report_json),
-                            dataset=run.dataset_id)
+                            dataset=run.dataset_id, stop_reason=shown.get("stop_reason", "") if status != "complete"
+                            else "")
         # what the run said about its cases (the floor over --limit, a resume's kept and recorded results, a shadow
         # window's dropped calls) is shown again; a note this rebuild makes itself (the judge's cost) once
         report.notes = [*(n for n in shown.get("notes") or [] if n not in report.notes
@@ -445,9 +446,10 @@ def _stored_report(report_json: str) -> dict:
         return {}
     if not isinstance(stored, dict):
         return {}
-    notes, skipped = stored.get("notes"), stored.get("skipped")
+    notes, skipped, stop = stored.get("notes"), stored.get("skipped"), stored.get("stop_reason")
     return {"notes": [n for n in notes if isinstance(n, str)] if isinstance(notes, list) else [],
-            "skipped": {k: v for k, v in skipped.items() if isinstance(v, int)} if isinstance(skipped, dict) else {}}
+            "skipped": {k: v for k, v in skipped.items() if isinstance(v, int)} if isinstance(skipped, dict) else {},
+            "stop_reason": stop if isinstance(stop, str) else ""}
 
 
 def _shadow_report(spec: Optional[Path], config: Optional[Path], since: Optional[str], candidates: Optional[list],

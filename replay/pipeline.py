@@ -84,6 +84,8 @@ class GateState:
     extra_cost: float = 0.0
     production_errors: dict[str, Any] = dataclasses.field(default_factory=dict)
     locks: dict[str, dict] = dataclasses.field(default_factory=dict)  # trace id -> {expect, note}: the dataset's locks
+    # the run's cases per segment: a report lists a segment the run stopped before as not run, never leaves it out
+    segments: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def escalation_json(self) -> dict:
         return {"plans": {k: p.to_json() for k, p in sorted(self.plans.items())}, "extra_cases": self.extra_cases,
@@ -92,7 +94,7 @@ class GateState:
     def stored_json(self) -> str:
         """What a run row holds before its first report (the report carries the same keys)."""
         return orjson.dumps({"escalation": self.escalation_json(), "production_errors": self.production_errors,
-                             "locks": self.locks}).decode()
+                             "locks": self.locks, "segments": self.segments}).decode()
 
     def next_look(self, report: Report, esc: Any, cost_per_case: float = 0.0) -> tuple[dict[str, int], str]:
         """The segments that get their next planned look and how many cases each (replay.gate.next_draws over
@@ -115,9 +117,18 @@ class GateState:
     def from_report_json(cls, text: str) -> "GateState":
         d = orjson.loads(text) if text else {}
         esc = d.get("escalation") or {}
+        segments = d.get("segments") if isinstance(d.get("segments"), dict) else {}
         return cls({k: SegmentPlan.from_json(v) for k, v in (esc.get("plans") or {}).items()},
                    int(esc.get("extra_cases") or 0), float(esc.get("cost_usd") or 0.0),
-                   dict(d.get("production_errors") or {}), dict(d.get("locks") or {}))
+                   dict(d.get("production_errors") or {}), dict(d.get("locks") or {}),
+                   {str(k): int(v) for k, v in segments.items() if isinstance(v, int)})
+
+
+def _per_segment(cases: list[Case]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for c in cases:
+        out[c.segment] = out.get(c.segment, 0) + 1
+    return out
 
 
 def new_run_id() -> str:
@@ -235,6 +246,7 @@ async def _start_run(store: Any, spec: ReplaySpec, opts: RunOptions, run_id: str
     run = RunRow(run_id, "running", spec_to_json(inline_prompts(spec, targets)), dataset_id, spec.judge_version,
                  [c.name for c in spec.candidates], list(spec.segment_by), len(cases), key_id=who.key_id if who else "")
     state = _initial_state(store, spec, sampled)
+    state.segments = _per_segment(cases)
     if found is not None:
         state.locks = {t: lk.to_json() for t, lk in found.locks.items()}
     write_run(store, dataclasses.replace(run, report_json=state.stored_json()))
@@ -273,6 +285,7 @@ async def _resume_run(store: Any, run_id: str, opts: RunOptions) -> RunResult:
         cases, skipped = found.cases, found.skipped
     skip = done_keys(store, run_id, include_errored=not opts.retry_errored)
     state = GateState.from_report_json(run.report_json)
+    state.segments = _per_segment(cases)  # escalated cases included (they are pinned to the run's dataset)
     sampled = None
     if spec.escalates and state.plans:
         sampled, _ = sample_pool(store, spec.slice)  # where further looks draw from
@@ -318,7 +331,7 @@ async def _execute(store: Any, spec: ReplaySpec, run: RunRow, cases: list[Case],
     outcome: RunOutcome | None = None
     runner: Runner | None = None
     status = "incomplete"
-    stopped = ""
+    stopped = stop_reason = ""
     n_cases = len(cases)
     # the judge calls of this run's earlier sessions (a resume): this session's own are counted as they are paid,
     # and the record alone lags this session's last batch
@@ -338,6 +351,8 @@ async def _execute(store: Any, spec: ReplaySpec, run: RunRow, cases: list[Case],
         status = "complete" if outcome.complete else "incomplete"
         if outcome.stop_reason:
             notes = [*notes, outcome.stop_reason]
+        if not outcome.complete:  # the runner's stop reason: its budget (an escalation's own stop leaves it complete)
+            stop_reason = outcome.stop_reason
     except FatalRunError as e:
         if not e.unreachable:  # a wrong model or key: the caller's to say
             raise
@@ -348,7 +363,7 @@ async def _execute(store: Any, spec: ReplaySpec, run: RunRow, cases: list[Case],
         # even a crash or Ctrl-C leaves a consistent run row: incomplete, with what is in replay_results and what
         # the calls made so far cost (a resume's budget starts from it)
         report = report_for(store, run.run_id, spec, status=status, n_cases=n_cases, skipped=skipped, notes=notes,
-                            state=state, dataset=run.dataset_id,
+                            state=state, dataset=run.dataset_id, stop_reason=stop_reason,
                             judge_spent=judge_before + (runner.judge_spent if runner is not None else 0.0))
         spent = runner.spent if runner is not None else spent_before
         write_run(store, dataclasses.replace(run, status=report.status, verdict=report.verdict, n_cases=n_cases,
@@ -382,6 +397,8 @@ async def _escalate(store: Any, spec: ReplaySpec, run: RunRow, runner: Runner, t
         drawn |= {p.trace_id for p in picked}
         write_run(store, dataclasses.replace(run, n_cases=len(drawn), report_json=state.stored_json()))
         new_cases, _ = fetch_cases(store, picked)
+        for c in new_cases:  # the cases a run holds, per segment (fetched: a call without content is no case)
+            state.segments[c.segment] = state.segments.get(c.segment, 0) + 1
         before = runner.spent
         more = await runner.run(new_cases, targets, set())
         state.extra_cost += runner.spent - before
@@ -395,7 +412,7 @@ async def _escalate(store: Any, spec: ReplaySpec, run: RunRow, runner: Runner, t
 def report_for(store: Any, run_id: str, spec: ReplaySpec, *, status: str, n_cases: int = 0,
                skipped: dict[str, int] | None = None, notes: list[str] | None = None,
                state: GateState | None = None, with_inputs: bool = True, dataset: str = "",
-               judge_spent: float = 0.0) -> Report:
+               judge_spent: float = 0.0, stop_reason: str = "") -> Report:
     """Aggregate what replay_results holds for the run (this session's results and any earlier ones), with the
     flipped cases' inputs from llm_calls, and what its judge calls cost (the gateway's record, or `judge_spent`
     when this session knows more: its last calls reach the record a batch later)."""
@@ -409,5 +426,5 @@ def report_for(store: Any, run_id: str, spec: ReplaySpec, *, status: str, n_case
                      notes=notes or [], plans=state.plans, order=lambda cid: order_key(seed, cid),
                      family_of=spec.family_of, inputs=inputs, production_errors=state.production_errors,
                      escalation=state.escalation_json() if state.plans else {}, dataset=dataset,
-                     locks=state.locks,
+                     locks=state.locks, segments=state.segments, stop_reason=stop_reason,
                      judge_cost_usd=max(recorded_cost(store, run_id, (JUDGE_SOURCE,)), judge_spent))

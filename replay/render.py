@@ -13,12 +13,12 @@ import orjson
 
 from exporters.tables import fmt_usd, hidden_notice
 
-from .report import CandidateReport, Report, SegmentRow
+from .report import NOT_RUN, CandidateReport, Report, SegmentRow
 
 __all__ = ["render_terminal", "render_markdown", "render_github", "render_json", "render_html", "render", "run_page",
            "FORMATS", "GITHUB_MAX_CHARS"]
 
-MARKS = {"regression": "❌ regression", "inconclusive": "⚠ inconclusive", "ok": "ok", "": ""}
+MARKS = {"regression": "❌ regression", "inconclusive": "⚠ inconclusive", "ok": "ok", "not run": "not run", "": ""}
 # In a terminal ❌ (an emoji: missing from many terminal fonts, two cells wide) is shown as ✗, and a terminal that is
 # not UTF-8 gets ASCII stand-ins for every mark, arrow and dash. Markdown, JSON and HTML keep the originals.
 _UTF8_TERMINAL = str.maketrans({"❌": "✗"})
@@ -53,12 +53,15 @@ def _flips(row: SegmentRow) -> str:
 
 def _errored(row: SegmentRow) -> str:
     out = str(row.errored) + (f" (+{row.before_errored} baseline)" if row.before_errored else "")
-    return out + (f", {row.excluded} left out" if row.excluded else "")
+    out += f", {row.excluded} left out" if row.excluded else ""
+    return out + (f", {row.not_run} not run" if row.not_run and row.verdict != NOT_RUN else "")
 
 
 def _mark(row: SegmentRow) -> str:
     mark = MARKS.get(row.verdict, row.verdict)
-    if row.verdict == "inconclusive" and row.too_few:
+    if row.verdict == NOT_RUN:
+        mark += f" ({row.not_run} case(s))"
+    elif row.verdict == "inconclusive" and row.too_few:
         mark += " (too few" + (f": ~{row.more_cases} more)" if row.more_cases else ")")
     elif row.verdict == "inconclusive" and row.more_cases:
         mark += f" (~{row.more_cases} more)"
@@ -117,6 +120,37 @@ def _context_line(r: Report) -> str:
     return out
 
 
+def _budget_stop(r: Report) -> str:
+    """"the budget stopped the run: spent $X of max_cost $Y", or "" for a run its budget did not stop."""
+    if not r.stop_reason or r.status == "complete":
+        return ""
+    return "the budget stopped the run: " + r.stop_reason.removeprefix("budget reached: ")
+
+
+def _candidate_cost(r: Report, c: CandidateReport, status: bool) -> str:
+    """A candidate's cost line; a run its budget stopped says so there (its "OK" covers only what ran)."""
+    line = f"cost {fmt_usd(c.cost_usd)}" + (f"   {c.status.upper()}" if status else "")
+    stop = _budget_stop(r)
+    return line + (f"{' so far' if status else ''} ({stop})" if stop else "")
+
+
+def _run_cost(r: Report) -> str:
+    """The run's cost in its parts (candidates, a re-run baseline, the LLM judge), when it has more than one or its
+    budget stopped it; "" otherwise (the candidate's cost line says it all)."""
+    parts = [(f"candidate {c.candidate}", c.cost_usd) for c in r.candidates]
+    if r.baseline_mode == "rerun":
+        parts.append(("baseline (re-run)", r.rerun_baseline_cost_usd))
+    if r.judge_cost_usd > 0:
+        parts.append(("LLM judge", r.judge_cost_usd))
+    stop = _budget_stop(r)
+    if len(parts) < 2 and not stop:
+        return ""
+    line = f"run cost {fmt_usd(r.run_cost_usd)}"
+    if len(parts) > 1:
+        line += ": " + ", ".join(f"{what} {fmt_usd(usd)}" for what, usd in parts)
+    return line + (f"; {stop}" if stop else "")
+
+
 def _flip_lines(row: SegmentRow) -> list[str]:
     shown = row.flips[:SHOWN_FLIPS]
     head = (f"flipped cases in {row.segment} ({row.verdict}: {row.pass_fail} pass->fail, {row.fail_pass} "
@@ -170,7 +204,9 @@ def render_terminal(r: Report, console: Any = None) -> str:
                 out.print("\n".join(_flip_lines(row)).translate(glyphs), **plain)
             for line in _lock_lines(c):
                 out.print(line.translate(glyphs), **plain)
-            out.print(f"cost {fmt_usd(c.cost_usd)}   {c.status.upper()}", **plain)
+            out.print(_candidate_cost(r, c, status=True), **plain)
+        if _run_cost(r):
+            out.print(_run_cost(r).translate(glyphs), **plain)
         out.print(_footer_text(r).translate(glyphs), **plain)
     return buf.getvalue()
 
@@ -195,7 +231,8 @@ def _rich_table(c: CandidateReport, rows: list[SegmentRow], first: str, overall:
             _flips(row), _p(row.p_adjusted), _mark(row), _errored(row))]
 
     table_rows = [Row(cells(row), "red" if row.verdict == "regression" else
-                      "yellow" if row.verdict == "inconclusive" else None) for row in rows]
+                      "yellow" if row.verdict == "inconclusive" else "dim" if row.verdict == NOT_RUN else None)
+                  for row in rows]
     if overall is not None:
         table_rows.append(Row(cells(overall), "bold", section=True))
     title = Text((_title(c) + (" — families" if first == "families" else "")).translate(glyphs))
@@ -260,7 +297,9 @@ def render_markdown(r: Report) -> str:
         for row in _flipped_rows(c):
             out += _md_flips(row)
         out += [f"- {_md(line.strip())}" for line in _lock_lines(c)]
-        out += ["", f"cost {fmt_usd(c.cost_usd)}", ""]
+        out += ["", _md(_candidate_cost(r, c, status=False)), ""]
+    if _run_cost(r):
+        out += [_md(_run_cost(r)), ""]
     out.append(f"**Verdict: {_verdict_word(r)}{_not_final(r)}** (exit {r.exit_code})")
     out += [f"- {_md(x)}" for x in r.reasons]
     if r.skipped:
@@ -302,7 +341,7 @@ def _github(r: Report, dashboard_url: str | None, *, flips: bool, full_rows: int
                                                         not r.dataset.startswith("run-") else "") + ".", ""]
     out += [f"- {_md(x)}" for x in r.reasons] + [""]
     for c in r.candidates:
-        flagged = [row for row in c.rows if row.verdict in ("regression", "inconclusive")]
+        flagged = [row for row in c.rows if row.verdict in ("regression", "inconclusive", NOT_RUN)]
         out += [f"### {_md(_title(c))}: {c.status}", ""]
         if flagged:
             out += [x.format(first="segment") for x in _MD_HEAD] + [_md_row(row) for row in flagged]
@@ -322,7 +361,9 @@ def _github(r: Report, dashboard_url: str | None, *, flips: bool, full_rows: int
         if len(shown) < len(c.rows):
             out += ["", f"_{len(c.rows) - len(shown)} more segment(s) left out to fit a comment._"]
         out += ["", "</details>", ""]
-    out += [f"<sub>{_md(_gate_line(r))}; exit {r.exit_code}" + (f" · [run page]({page})" if page else "") + "</sub>"]
+    cost = _run_cost(r)
+    out += [f"<sub>{_md(_gate_line(r))}; exit {r.exit_code}" + (f"; {_md(cost)}" if cost else "")
+            + (f" · [run page]({page})" if page else "") + "</sub>"]
     return "\n".join(out) + "\n"
 
 
@@ -369,7 +410,7 @@ def _cells(row: SegmentRow) -> dict:
 
 def render_html(r: Report) -> str:
     """A self-contained page (inline CSS and SVG, no CDN) from replay/templates/report.html.j2."""
-    candidates = [{"report": c, "title": _title(c), "cost": fmt_usd(c.cost_usd),
+    candidates = [{"report": c, "title": _title(c), "cost": _candidate_cost(r, c, status=False),
                    "rows": [_cells(row) for row in c.rows], "families": [_cells(f) for f in c.families],
                    "overall": _cells(c.overall), "chart": _chart(c),
                    "flipped": [(row, row.flips[:SHOWN_FLIPS]) for row in _flipped_rows(c)]}
@@ -377,7 +418,7 @@ def render_html(r: Report) -> str:
     skipped = "; ".join(f"{n} {why}" for why, n in r.skipped.items())
     return _templates().get_template("report.html.j2").render(
         r=r, candidates=candidates, headline=_headline(r), verdict_word=_verdict_word(r), gate_line=_gate_line(r),
-        context=_context_line(r), skipped=skipped)
+        context=_context_line(r), skipped=skipped, run_cost=_run_cost(r))
 
 
 FORMATS = {"table": render_terminal, "md": render_markdown, "github": render_github, "json": render_json,

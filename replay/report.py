@@ -19,10 +19,11 @@ from .gate import (EXIT_PASS, INCONCLUSIVE, OK, REGRESSION, Decision, Evidence, 
                    check_locks, decide, exit_code, newcombe_interval, pairs_from, wilson_interval)
 
 __all__ = ["Flip", "SegmentRow", "CandidateReport", "Report", "aggregate", "pair_outcome", "BASELINE", "ERRORED",
-           "excerpt", "flipped_case_ids"]
+           "NOT_RUN", "excerpt", "flipped_case_ids"]
 
 BASELINE = "baseline"
 ERRORED = "errored"
+NOT_RUN = "not run"  # a segment's verdict when none of its cases ran for the candidate (the run stopped first)
 UNSCORED = "evaluators could not score"  # a candidate whose every answer no evaluator could score: no evidence
 MAX_FLIPS = 20  # flipped cases kept per segment (the count says how many there were)
 
@@ -55,6 +56,7 @@ class SegmentRow:
     errored: int = 0  # candidate results that errored (failures under errors: fail, else left out)
     before_errored: int = 0
     excluded: int = 0  # pairs left out (errors: exclude, or one side not run yet)
+    not_run: int = 0  # the segment's cases of the run without a result of the candidate (the run stopped first)
     verdict: str = OK  # regression | ok | inconclusive ("" for the overall row)
     p_value: float | None = None
     p_adjusted: float | None = None
@@ -102,14 +104,27 @@ class Report:
     dataset: str = ""  # the exact dataset version (or file, or pinned id) the run replayed
     locks: dict[str, dict] = dataclasses.field(default_factory=dict)  # trace id -> {expect, note}
     judge_cost_usd: float = 0.0  # the LLM judge's calls: in the run's spend (and max_cost), in no candidate's cost
+    segments: dict[str, int] = dataclasses.field(default_factory=dict)  # cases per segment the run holds
+    stop_reason: str = ""  # why the run stopped before its end (its budget): the runner's line
 
     @property
     def passed(self) -> bool:
         return self.exit_code == EXIT_PASS
 
+    @property
+    def rerun_baseline_cost_usd(self) -> float:
+        """What re-running the baseline cost; a logged baseline's cost is production's, not the run's."""
+        return self.baseline_cost_usd if self.baseline_mode == "rerun" else 0.0
+
+    @property
+    def run_cost_usd(self) -> float:
+        """What the run's scored calls cost: the candidates', a re-run baseline's and the LLM judge's."""
+        return sum(c.cost_usd for c in self.candidates) + self.rerun_baseline_cost_usd + self.judge_cost_usd
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["passed"] = self.passed
+        d["run_cost_usd"] = self.run_cost_usd
         for c in d["candidates"]:
             del c["findings"]
         return d
@@ -173,7 +188,10 @@ def _flips(paired: list[tuple[str, tuple[bool, bool] | None]], base: Mapping[str
 
 def _candidate(name: str, model: str, cases: Mapping[str, Any], base: Mapping[str, Any], gating: Any, *,
                order: Callable[[str], Any], plans: Mapping[str, SegmentPlan], family_of: Callable[[str], str | None],
-               inputs: Mapping[str, str], locks: Mapping[str, Mapping[str, str]]) -> CandidateReport:
+               inputs: Mapping[str, str], locks: Mapping[str, Mapping[str, str]],
+               planned: Mapping[str, int]) -> CandidateReport:
+    """`planned`: the run's cases per segment; a segment none of which ran for this candidate gets a row marked
+    NOT_RUN (outside the test), and every row counts its cases without a result."""
     errors = getattr(gating, "errors", "fail")
     segments: dict[str, list[str]] = {}
     for cid, r in cases.items():
@@ -202,6 +220,13 @@ def _candidate(name: str, model: str, cases: Mapping[str, Any], base: Mapping[st
     outcomes = {cid: _outcome(r, errors) for cid, r in cases.items()}
     lock_results = check_locks(locks, outcomes, {cid: r.segment for cid, r in cases.items()})
     decision = decide(evidence, alpha=gating.alpha, margin=gating.margin, locks=lock_results)
+    for seg, row in rows.items():
+        row.not_run = max(0, int(planned.get(seg, 0)) - len(segments[seg]))
+    for seg in set(planned) - set(rows):  # the run stopped before any of them: said, never silently missing
+        k = int(planned[seg])
+        rows[seg] = SegmentRow(seg, 0, verdict=NOT_RUN, not_run=k,
+                               why=f"not run: the run stopped before any of its {k} case(s) ran for {name}")
+    rows = dict(sorted(rows.items()))
     for f in decision.segments:
         row = rows[f.key]
         row.verdict, row.p_value, row.p_adjusted, row.more_cases = f.verdict, f.p_value, f.p_adjusted, f.more_cases
@@ -229,6 +254,9 @@ def _candidate(name: str, model: str, cases: Mapping[str, Any], base: Mapping[st
 def _status(name: str, decision: Decision, rows: list[SegmentRow], cases: Mapping[str, Any],
             base: Mapping[str, Any], gating: Any) -> tuple[str, list[str]]:
     reasons = []
+    if not cases:  # a run stopped before this candidate's first call (aggregate lists it with its segments)
+        return INCONCLUSIVE, [f"candidate {name} has no result: the run stopped before any of its calls; nothing to "
+                              "gate on"]
     errored = [r for r in cases.values() if r.status == ERRORED]
     if cases and len(errored) == len(cases):
         first = excerpt(errored[0].error, 200)
@@ -272,8 +300,13 @@ def _status(name: str, decision: Decision, rows: list[SegmentRow], cases: Mappin
             more = "" if r.too_few or not r.more_cases else f"; ~{r.more_cases} more case(s) would decide it (80% power)"
             if r.segment not in unscored:  # said first, above
                 reasons.append(f"segment {r.segment}: inconclusive: {r.why}{more}")
-    if status == OK:
-        m = len(decision.families) or len(rows)
+    missing = [r for r in rows if r.verdict == NOT_RUN]
+    if missing:
+        reasons.append(f"{NOT_RUN}: segment(s) {', '.join(r.segment for r in missing)} ({sum(r.not_run for r in missing)}"
+                       f" case(s)): the run stopped before any of them ran for candidate {name}; the verdict says "
+                       "nothing about them")
+    if status == OK and decision.segments:
+        m = len(decision.families) or len(decision.segments)
         what = "families" if decision.families else "segments"
         reasons.append(f"no regression: {m} {what} within margin {gating.margin:g} or not significant at alpha "
                        f"{gating.alpha:g} (Holm across {what})")
@@ -298,18 +331,24 @@ def aggregate(results: Iterable[Any], gating: Any, *, run_id: str = "", status: 
               family_of: Callable[[str], str | None] | None = None, inputs: Mapping[str, str] | None = None,
               production_errors: dict[str, Any] | None = None, escalation: dict[str, Any] | None = None,
               dataset: str = "", locks: Mapping[str, Mapping[str, str]] | None = None,
-              judge_cost_usd: float = 0.0) -> Report:
+              judge_cost_usd: float = 0.0, segments: Mapping[str, int] | None = None,
+              stop_reason: str = "") -> Report:
     """Case results (objects with candidate, case_id, segment, status, error, output, evaluations, cost_usd) ->
     Report. The baseline's results are those of candidate "baseline"; each candidate is compared with it pairwise.
-    `plans` (escalation) say which looks each segment had, `order` the cases' seeded order within a segment."""
+    `plans` (escalation) say which looks each segment had, `order` the cases' seeded order within a segment.
+    `segments`: the run's cases per segment (a segment without a result is listed as not run; with them, a candidate
+    of `models` without any result is listed too). `stop_reason`: why the run stopped before its end (its budget)."""
     by_cand: dict[str, dict[str, Any]] = {}
     for r in results:
         by_cand.setdefault(r.candidate, {})[r.case_id] = r
     base = by_cand.pop(BASELINE, {})
+    if segments and status != "complete":
+        for name in models or {}:
+            by_cand.setdefault(name, {})  # stopped before its first call: its segments are listed as not run
     errors = getattr(gating, "errors", "fail")
     reports = [_candidate(name, (models or {}).get(name, ""), by_cand[name], base, gating, order=order or str,
                           plans=plans or {}, family_of=family_of or (lambda s: None), inputs=inputs or {},
-                          locks=locks or {})
+                          locks=locks or {}, planned=segments or {})
                for name in sorted(by_cand)]
     per_target = {c.candidate: c.overall.errored for c in reports}
     per_target[BASELINE] = sum(1 for r in base.values() if r.status == ERRORED)
@@ -344,7 +383,7 @@ def aggregate(results: Iterable[Any], gating: Any, *, run_id: str = "", status: 
     return Report(run_id, status, list(segment_by), _gating_dict(gating), baseline_mode, reports, verdict, code,
                   reasons, n_cases, n_errored, sum(float(r.cost_usd or 0) for r in base.values()),
                   dict(skipped or {}), notes, dict(production_errors or {}), dict(escalation or {}), dataset,
-                  {k: dict(v) for k, v in (locks or {}).items()}, judge_cost_usd)
+                  {k: dict(v) for k, v in (locks or {}).items()}, judge_cost_usd, dict(segments or {}), stop_reason)
 
 
 def flipped_case_ids(results: Iterable[Any]) -> set[str]:
