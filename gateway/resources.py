@@ -51,6 +51,13 @@ _SKIP = frozenset({"annotations", "arguments", "parameters", "schema", "json_sch
 # carried; a code interpreter's container is made by the provider mid-call): nobody here owns one, so "nobody's
 # passes" would let a tenant key use any of them, another tenant's included. A tenant key may not name one at all.
 UNTRACKED_FIELDS = frozenset({"conversation", "vector_store_ids", "container"})
+# the keys most bodies are made of, which name no resource whatever their case: read without case folding (a chat
+# body's walk 2.8 -> 1.9 µs a call; it runs on every tenant key's chat, responses and messages call)
+_PLAIN_KEYS = frozenset({"role", "content", "type", "text", "name", "model", "messages", "tools", "function",
+                         "tool_calls", "tool_call_id", "id", "image_url", "url", "detail", "input", "output", "call_id",
+                         "stream", "instructions", "description", "refusal", "audio", "data", "format", "image",
+                         "source", "media_type", "temperature", "max_tokens", "status", "strict", "tool_choice",
+                         "user", "summary"})
 
 
 def not_found(rid: str, param: str = "id") -> GatewayError:
@@ -83,6 +90,10 @@ def referenced_ids(payload: Any, cap: int = MAX_IDS_PER_REQUEST) -> list[tuple[s
             if node.get("type") == "tool_use":  # a model's own tool call, re-sent: its input is no request
                 continue
             for k, v in node.items():
+                if k in _PLAIN_KEYS:
+                    if isinstance(v, (dict, list)):
+                        stack.append(v)
+                    continue
                 k = k.casefold() if isinstance(k, str) else k
                 if k in _ID_KEYS and isinstance(v, str):
                     out.append((k, v))

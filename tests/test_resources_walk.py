@@ -1,0 +1,54 @@
+"""referenced_ids reads the common keys without case folding (a fast path on every tenant call): it must find what
+folding every key finds, on any body."""
+from __future__ import annotations
+
+from hypothesis import given, settings, strategies as st
+
+from gateway import resources
+from gateway.resources import referenced_ids
+
+_KEYS = sorted(resources._PLAIN_KEYS) + ["file_id", "File_Id", "previouſ_response_id", "PREVIOUS_RESPONSE_ID",
+                                          "file_ids", "vector_store_ids", "Conversation", "container", "metadata",
+                                          "arguments", "other", "ID"]
+
+
+def _folding_every_key(payload, out=None):
+    """The walk without the fast path: every key folded."""
+    out = [] if out is None else out
+    if isinstance(payload, dict):
+        if payload.get("type") == "tool_use":
+            return out
+        for k, v in payload.items():
+            k = k.casefold()
+            if k in resources._ID_KEYS and isinstance(v, str):
+                out.append((k, v))
+            elif k in resources._ID_LIST_KEYS and isinstance(v, list):
+                out += [(k, x) for x in v if isinstance(x, str)]
+            elif k in ("conversation", "container") and isinstance(v, str):
+                out.append((k, v))
+            elif k == "conversation" and isinstance(v, dict):
+                out += [(k, x) for n, x in v.items() if n.casefold() == "id" and isinstance(x, str)]
+            elif k not in resources._SKIP:
+                _folding_every_key(v, out)
+    elif isinstance(payload, list):
+        for v in payload:
+            _folding_every_key(v, out)
+    return out
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.sampled_from(["file-a", "resp_b", "conv_c", "x"]),
+                     lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.sampled_from(_KEYS), kids,
+                                                                               max_size=5),
+                     max_leaves=25)
+
+
+def test_the_plain_keys_name_nothing_in_any_case():
+    for k in resources._PLAIN_KEYS:
+        assert k == k.casefold() and k not in resources._SKIP
+        assert k not in resources._ID_KEYS | resources._ID_LIST_KEYS | resources.UNTRACKED_FIELDS
+
+
+@settings(max_examples=400, deadline=None)
+@given(_json)
+def test_the_walk_finds_what_folding_every_key_finds(payload):
+    assert sorted(set(referenced_ids(payload, cap=10_000))) == sorted(set(_folding_every_key(payload)))
