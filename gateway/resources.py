@@ -19,6 +19,7 @@ import asyncio
 import email.parser
 import email.policy
 import logging
+import re
 import time
 from collections import OrderedDict
 from typing import Any, Callable, Iterable
@@ -60,6 +61,12 @@ _PLAIN_KEYS = frozenset({"role", "content", "type", "text", "name", "model", "me
                          "user", "summary"})
 
 
+# a provider's 400 that says an id names nothing (OpenAI: "Previous response with id '...' not found.", code
+# previous_response_not_found; "No such File object: ..."): only these are answered as the gateway's 404. A 400 about
+# the resource itself ("file-x is not valid JSONL") is the tenant's own to read.
+_SAYS_MISSING = re.compile(rb"(?i)not[ _]found|no such|does not exist|doesn't exist|not exist")
+
+
 def not_found(rid: str, param: str = "id") -> GatewayError:
     return GatewayError(404, f"No such resource: {rid[:100]}.", code="resource_not_found", param=param)
 
@@ -72,6 +79,8 @@ def as_not_found(e: GatewayError, wanted: list[tuple[str, str]]) -> GatewayError
     if e.status not in (400, 404) or not wanted:
         return e
     said = e.raw if e.raw is not None else e.message.encode("utf-8", "replace")
+    if e.status == 400 and not _SAYS_MISSING.search(said):  # a real complaint about the tenant's own resource
+        return e
     for field, rid in wanted:
         if rid and rid.encode("utf-8", "replace") in said:
             return not_found(rid, field)

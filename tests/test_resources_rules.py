@@ -1,11 +1,14 @@
-"""referenced_ids reads the common keys without case folding (a fast path on every tenant call): it must find what
-folding every key finds, on any body."""
+"""The pure rules of tenant resources: referenced_ids reads the common keys without case folding (a fast path on every
+tenant call) and must find what folding every key finds, on any body; only a provider's "no such resource" about an
+id the request named is answered as the gateway's 404."""
 from __future__ import annotations
 
+import orjson
 from hypothesis import given, settings, strategies as st
 
 from gateway import resources
-from gateway.resources import referenced_ids
+from gateway.errors import GatewayError
+from gateway.resources import as_not_found, referenced_ids
 
 _KEYS = sorted(resources._PLAIN_KEYS) + ["file_id", "File_Id", "previouſ_response_id", "PREVIOUS_RESPONSE_ID",
                                           "file_ids", "vector_store_ids", "Conversation", "container", "metadata",
@@ -52,3 +55,23 @@ def test_the_plain_keys_name_nothing_in_any_case():
 @given(_json)
 def test_the_walk_finds_what_folding_every_key_finds(payload):
     assert sorted(set(referenced_ids(payload, cap=10_000))) == sorted(set(_folding_every_key(payload)))
+
+
+def _provider_error(status: int, message: str, code: str | None = None) -> GatewayError:
+    body = orjson.dumps({"error": {"message": message, "type": "invalid_request_error", "code": code}})
+    return GatewayError(status, "", raw=body)
+
+
+def test_only_a_providers_no_such_resource_is_answered_as_the_gateways_404():
+    wanted = [("input_file_id", "file-abc")]
+    for status, message, code in [(404, "No such File object: file-abc", None),
+                                  (400, "Previous response with id 'file-abc' not found.", "previous_response_not_found"),
+                                  (400, "Invalid 'input_file_id': 'file-abc' does not exist.", None)]:
+        e = as_not_found(_provider_error(status, message, code), wanted)
+        assert (e.status, e.code, e.param) == (404, "resource_not_found", "input_file_id"), message
+    # a complaint about the tenant's own file stays the provider's: the tenant needs to read it
+    own = _provider_error(400, "File file-abc is not valid JSONL: line 2 is not a JSON object.", "invalid_file")
+    assert as_not_found(own, wanted) is own
+    other = _provider_error(404, "No such File object: file-zzz")  # not an id the request named
+    assert as_not_found(other, wanted) is other
+    assert as_not_found(_provider_error(500, "file-abc not found"), wanted).status == 500
