@@ -74,10 +74,15 @@ def resource_of(test_id: str) -> str:
 def run_sdk_tests(tests: Path, base_url: str, paths: list[str], out: Path, timeout: float,
                   select: list[str]) -> dict[str, str]:
     """Run openai-python's tests against `base_url`; test id -> passed | failed | skipped."""
-    env = {**os.environ, "TEST_API_BASE_URL": base_url}
-    subprocess.run([sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "-p", "no:cacheprovider", *select,
-                    f"--junitxml={out}", *[str(tests / "tests" / "api_resources" / p) for p in paths]],
-                   cwd=tests, env=env, capture_output=True, timeout=timeout)
+    # not this session's xdist worker variables: a plugin of the inner run (pytest-benchmark, where installed) then
+    # warns that xdist is active, which openai's warnings-as-errors turn into an INTERNALERROR and no report
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}
+    env["TEST_API_BASE_URL"] = base_url
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "-p", "no:cacheprovider", *select,
+                          f"--junitxml={out}", *[str(tests / "tests" / "api_resources" / p) for p in paths]],
+                         cwd=tests, env=env, capture_output=True, timeout=timeout)
+    assert out.exists(), f"openai-python's tests wrote no report (exit {run.returncode}): " \
+        f"{(run.stdout + run.stderr).decode(errors='replace')[-2000:]}"
     outcomes = {}
     for case in ET.parse(out).getroot().iter("testcase"):
         name = f"{case.get('classname')}::{case.get('name')}"
