@@ -500,6 +500,17 @@ def _m13_replay_run_key(s: SchemaSettings) -> list[str]:
     return [f"ALTER TABLE {t}{s.on_cluster()} ADD COLUMN IF NOT EXISTS key_id String" for t in tables]
 
 
+def _m14_owned_by_answer(s: SchemaSettings) -> list[str]:
+    # Ids a call's answer made known as its customer's beside the one it created (a batch's output and error files,
+    # named in the batch objects relayed to the batch's owner: gateway/passthrough.py), into the same table
+    ids = f"arrayFilter(x -> x != '', JSONExtract({_a(sc.OWNS_RESOURCES)}, 'Array(String)'))"
+    return [f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {s.local('resource_owners_known_mv')}{s.on_cluster()}
+TO {s.local('resource_owners')}
+AS SELECT arrayJoin({ids}) AS rid, {_a(sc.CUSTOMER)} AS customer, Timestamp AS created
+FROM {s.local('otel_traces')}
+WHERE {_a(sc.KIND)} = 'call' AND {_a(sc.OWNS_RESOURCES)} != ''"""]
+
+
 Migration = tuple[int, str, Callable[[SchemaSettings], list[str]]]
 
 MIGRATIONS: list[Migration] = [
@@ -516,6 +527,8 @@ MIGRATIONS: list[Migration] = [
     (CUSTOMER_MIGRATION, "per-customer rollups (hour/day), fed from the minute rollup", _m11_customer_rollups),
     (12, "resource_owners: whose each file, batch and stored response is", _m12_resource_owners),
     (13, "replay_runs.key_id: the key that started a run", _m13_replay_run_key),
+    (14, "resource_owners from the ids an answer makes its customer's (a batch's output and error files)",
+     _m14_owned_by_answer),
 ]
 
 

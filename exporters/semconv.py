@@ -51,6 +51,8 @@ LATENCY_MS = "tagway.latency_ms"
 TRUNCATED = "tagway.truncated"  # JSON {field: original length} for client values cut to their cap
 CLIENT_DISCONNECTED = "tagway.client_disconnected"  # "true" when the client went away mid-call
 CREATES_RESOURCE = "tagway.creates_resource"  # "true": the answer's id is a resource its customer owns (a file, ...)
+# JSON array: ids the answer made known that its customer owns from then on (a batch's output and error files)
+OWNS_RESOURCES = "tagway.owns_resources"
 USAGE_ESTIMATED = "tagway.usage.estimated"  # "true": a stream cut short, its tokens estimated (usage_estimate.py)
 REPLAY_RUN_ID = "replay.run_id"
 REPLAY_CANDIDATE = "replay.candidate"

@@ -33,7 +33,8 @@ from .model_routes import ModelRoutes
 from .providers import ProviderRegistry, UpstreamFailure, kind_of
 from .providers.sse import json_object
 from .redact import Redactor
-from .resources import CREATING_APIS, ResourceOwners, as_not_found, batch_input_ids, not_found, referenced_ids
+from .resources import (CREATING_APIS, ResourceOwners, as_not_found, batch_files, batch_input_ids, not_found,
+                        referenced_ids)
 from .routes_table import Route, check_resource_id, strip_version
 from .tags import check_header, resolve_tags
 from .telemetry import CallRecord, CallSpans
@@ -182,7 +183,7 @@ class Passthrough:
                 page.release()
 
         try:
-            await self._relay(call, d, resp, model, forward, route, list_for, (next_page, asked), wanted)
+            await self._relay(call, d, resp, model, forward, route, list_for, (next_page, asked), wanted, mine_only)
         finally:
             resp.release()
 
@@ -221,8 +222,8 @@ class Passthrough:
 
     async def _relay(self, call: Call, d: ModelConfig, resp: Any, model: str, forward: list[tuple[bytes, bytes]],
                      route: Route, list_for: str | None, paging: tuple[Any, int] = (None, 0),
-                     wanted: list[tuple[str, str]] | None = None) -> None:
-        """`list_for`: the customer a list answer is filtered to (its items that customer owns), or None;
+                     wanted: list[tuple[str, str]] | None = None, mine: str | None = None) -> None:
+        """`mine`: the customer of a tenant key (api.tenant_resources: isolated), else None; `list_for`: the customer a list answer is filtered to (its items that customer owns), or None;
         `paging`: the upstream's next page of that list (`next_page(after)`) and how many items the client asked
         for; `wanted`: what a tenant key's request names (path first), whose "no such resource" is answered as the
         gateway's refusal of another tenant's is."""
@@ -264,6 +265,10 @@ class Passthrough:
                     rec.creates_resource = True  # whose it is, in the record (exporters/schema.py resource_owners)
                     if self.owners is not None:
                         self.owners.created(rec.response_id, rec.customer)
+                if mine and route.api.startswith("batches.") and rec.customer == mine:
+                    # a batch's output and error files are its owner's (the provider makes them; they are named
+                    # only in the batch objects, which a tenant key reaches for its own batches only)
+                    rec.owns_resources = self.owners.made_known(batch_files(json_object(body)), mine)
             await call.respond(resp.status, body, ctype.encode("latin-1") or b"application/json",
                                [h for h in headers if h[0] != b"content-type"])
             return

@@ -7,11 +7,12 @@ The owner of an id is the customer recorded on the call that created it (a `file
 call, a stored response or chat completion, answered with that id; its span says `tagway.creates_resource`):
 remembered in memory as the answer passes, and otherwise looked up in `resource_owners` (filled from those spans by
 a view, read by its primary key, kept 400 days whatever the calls' retention), so ownership survives a restart and
-is shared by workers. An owner of "" (the admin key's own calls) is nobody. An id nobody created here (a batch's output
-file, a file uploaded straight to the provider, an id made on another worker a moment ago and not stored yet)
-belongs to no tenant and is not refused: resource ids are unguessable, and lists, the one way to learn another's,
-show a tenant only its own. Refusing them would break batches (their output files are the provider's) and make
-every worker but the creating one refuse a fresh id for a batch window.
+is shared by workers. A batch's output and error files are the provider's making, named only in batch objects:
+they become the batch owner's when a batch object naming them is relayed to its tenant key (`made_known`; the
+span's `tagway.owns_resources`, read by a second view). An owner of "" (the admin key's own calls) is nobody. An id
+nobody created here (a file uploaded straight to the provider, an id made on another worker a moment ago and not
+stored yet) belongs to no tenant and is not refused: resource ids are unguessable, and lists, the one way to learn
+another's, show a tenant only its own.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from .errors import GatewayError, bad_request
 log = logging.getLogger("tagway")
 
 __all__ = ["CREATING_APIS", "MAX_IDS_PER_REQUEST", "MAX_IDS_PER_UPLOAD", "ResourceOwners", "not_found",
-           "referenced_ids", "batch_input_ids", "UNTRACKED_FIELDS", "as_not_found"]
+           "referenced_ids", "batch_input_ids", "batch_files", "UNTRACKED_FIELDS", "as_not_found"]
 
 # the pass-through APIs whose answer's id is a resource later reached by id (the hot routes' stored responses and
 # completions are told by the proxy: gateway/proxy.py `_stored`)
@@ -124,6 +125,13 @@ def referenced_ids(payload: Any, cap: int = MAX_IDS_PER_REQUEST) -> list[tuple[s
     return out
 
 
+def batch_files(obj: Any) -> list[str]:
+    """The output and error file ids of a batch object, or of each batch of a list of them."""
+    items = obj.get("data") if isinstance(obj, dict) and obj.get("object") == "list" else [obj]
+    return [x[k] for x in items if isinstance(x, dict) for k in ("output_file_id", "error_file_id")
+            if isinstance(x.get(k), str) and x[k]] if isinstance(items, list) else []
+
+
 def batch_input_ids(body: bytes, content_type: str) -> list[tuple[str, str]]:
     """The resources the requests of a batch input upload name (a `files.create` with purpose `batch`: each line a
     request the provider will run, so another tenant's previous response or file there would be read through the
@@ -178,6 +186,14 @@ class ResourceOwners:
         self._store, self._database, self._clock = store, database, clock
         self._owner: OrderedDict[str, str] = OrderedDict()  # least recently asked first
         self._unknown: OrderedDict[str, float] = OrderedDict()  # id -> until when "nobody's" is believed
+
+    def made_known(self, ids: Iterable[str], customer: str) -> tuple[str, ...]:
+        """An answer relayed to `customer` named `ids` as its own (a batch's output and error files): those not
+        known here yet become its, and are returned for the call's record (the first owner stays)."""
+        new = tuple(i for i in dict.fromkeys(ids) if i and i not in self._owner)
+        for i in new:
+            self.created(i, customer)
+        return new
 
     def created(self, rid: str, customer: str) -> None:
         """An answer with `rid` passed for `customer`: the first owner stays (an id is created once)."""

@@ -83,6 +83,7 @@ class CallRecord:
     client_disconnected: bool = False
     usage_estimated: bool = False  # the token counts are an estimate (a stream that ended before its usage)
     creates_resource: bool = False  # the answer's id is a resource the call's customer owns (gateway/resources.py)
+    owns_resources: tuple[str, ...] = ()  # other ids the answer made known that the call's customer owns from now on
     temperature: Any = None
     max_tokens: Any = None
     attempts: list[Attempt] = dataclasses.field(default_factory=list)
@@ -186,6 +187,8 @@ def call_attributes(r: CallRecord, latency_ms: float) -> dict[str, Any]:
         a[sc.USAGE_ESTIMATED] = True
     if r.creates_resource:
         a[sc.CREATES_RESOURCE] = True
+    if r.owns_resources:
+        a[sc.OWNS_RESOURCES] = r.owns_resources
     if isinstance(r.temperature, (int, float)) and not isinstance(r.temperature, bool):
         a[sc.REQUEST_TEMPERATURE] = float(r.temperature)
     if isinstance(r.max_tokens, int) and not isinstance(r.max_tokens, bool):

@@ -38,6 +38,7 @@ class ProviderLike(Upstream):
     def __init__(self) -> None:
         super().__init__()
         self.made: set[str] = set()
+        self.batches: dict[str, dict] = {}
 
     async def resource(self, request: web.Request) -> web.Response:
         rid = request.match_info.get("id")
@@ -48,6 +49,8 @@ class ProviderLike(Upstream):
             missing = body.get("input_file_id")
         if request.method == "GET" and request.query.get("after") and request.query["after"] not in self.made:
             missing = request.query["after"]  # a list's cursor that names nothing
+        if missing is None and request.path.startswith("/v1/batches"):
+            return await self.batch(request, rid, body)
         if missing is None:
             return await super().resource(request)
         self.requests.append({"path": request.path, "method": request.method, "headers": dict(request.headers),
@@ -56,6 +59,36 @@ class ProviderLike(Upstream):
         return web.json_response({"error": {"message": f"No such object: '{missing}'", "param": "id" if rid else
                                             "input_file_id", "type": "invalid_request_error", "code": None}},
                                  status=status)
+
+    def routes(self, app: web.Application) -> None:
+        super().routes(app)
+        app.router.add_get("/v1/batches", self.resource)
+
+    async def batch(self, request: web.Request, rid: str | None, body: dict) -> web.Response:
+        """Batches as the provider keeps them: made from an uploaded input file, and finished at once, with an
+        output and an error file of the provider's making (named only in the batch object)."""
+        self.requests.append({"path": request.path, "method": request.method, "headers": dict(request.headers),
+                              "body": body, "query": request.query_string})
+        if rid is None and request.method == "GET":  # the account's batches, newest first
+            data = [self.batches[b] for b in reversed(self.batches)]
+            return web.json_response({"object": "list", "data": data, "has_more": False,
+                                      "first_id": data[0]["id"] if data else None,
+                                      "last_id": data[-1]["id"] if data else None})
+        if rid is None:
+            n = len(self.batches) + 1
+            rid = f"batch_{n}"
+            self.batches[rid] = {"id": rid, "object": "batch", "endpoint": body.get("endpoint"),
+                                 "input_file_id": body["input_file_id"], "completion_window": "24h",
+                                 "created_at": 1700000000, "status": "validating", "output_file_id": None,
+                                 "error_file_id": None}
+            self.made.update({rid, f"file-out-{n}", f"file-err-{n}"})
+            answer = dict(self.batches[rid])
+            self.batches[rid].update(status="completed", output_file_id=f"file-out-{n}",
+                                     error_file_id=f"file-err-{n}")
+            return web.json_response(answer)
+        if request.path.endswith("/cancel"):
+            self.batches[rid]["status"] = "cancelling"
+        return web.json_response(self.batches[rid])
 
     async def file_content(self, request: web.Request) -> web.StreamResponse:
         rid = request.match_info["id"]
@@ -90,16 +123,22 @@ def provider():
     up.stop()
 
 
+def _config(provider) -> dict:
+    model = {"provider": "openai", "base_url": provider.base_url, "api_key_env": "ISO_UPSTREAM_KEY"}
+    return {"models": [{"name": "gpt-test", "model": "ok-model", **model}, {"name": "*", **model}],
+            "tenants": [{"customer": "acme", "keys": [{"id": "acme-1", "hash": hash_key(ACME)}]},
+                        {"customer": "globex", "keys": [{"id": "globex-1", "hash": hash_key(GLOBEX)}]},
+                        {"customer": "platform", "may_set_customer": True,
+                         "keys": [{"id": "platform-1", "hash": hash_key(PLATFORM)}]}],
+            "admin_key_hash": hash_key(ADMIN)}
+
+
+_ENV = {"ISO_UPSTREAM_KEY": "sk-iso-upstream-key"}
+
+
 @pytest.fixture(scope="module")
 def gw(provider, tmp_path_factory):
-    model = {"provider": "openai", "base_url": provider.base_url, "api_key_env": "ISO_UPSTREAM_KEY"}
-    cfg = {"models": [{"name": "gpt-test", "model": "ok-model", **model}, {"name": "*", **model}],
-           "tenants": [{"customer": "acme", "keys": [{"id": "acme-1", "hash": hash_key(ACME)}]},
-                       {"customer": "globex", "keys": [{"id": "globex-1", "hash": hash_key(GLOBEX)}]},
-                       {"customer": "platform", "may_set_customer": True,
-                        "keys": [{"id": "platform-1", "hash": hash_key(PLATFORM)}]}],
-           "admin_key_hash": hash_key(ADMIN)}
-    with GatewayProcess(tmp_path_factory.mktemp("iso"), cfg, env={"ISO_UPSTREAM_KEY": "sk-iso-upstream-key"}) as g:
+    with GatewayProcess(tmp_path_factory.mktemp("iso"), _config(provider), env=_ENV) as g:
         yield g
 
 
@@ -221,3 +260,51 @@ def test_every_spelling_and_kind_of_reference_is_found():
             "metadata": {"conversation": "not-a-request"}, "conversation": {"ID": "conv_1"}}
     assert sorted(referenced_ids(body)) == [("conversation", "conv_1"), ("file_id", "f1"), ("file_ids", "f2"),
                                             ("vector_store_ids", "vs_1")]
+
+
+_LINE = orjson.dumps({"custom_id": "1", "method": "POST", "url": "/v1/responses",
+                      "body": {"model": "gpt-test", "input": "x"}}) + b"\n"
+
+
+def _batch(client: openai.OpenAI) -> str:
+    inp = client.files.create(file=("in.jsonl", _LINE, "application/jsonl"), purpose="batch").id
+    b = client.batches.create(input_file_id=inp, endpoint="/v1/responses", completion_window="24h")
+    assert b.output_file_id is None  # the provider makes them as the batch runs
+    return b.id
+
+
+def _refused_files(client: openai.OpenAI, *ids: str) -> None:
+    for fid in ids:
+        for call in (lambda: client.files.content(fid), lambda: client.files.retrieve(fid)):
+            err, _ = not_found(call)
+            assert err["code"] == "resource_not_found", err
+
+
+def test_a_batchs_output_and_error_files_are_its_owners(gw, provider):
+    """A batch's output and error files are the provider's making, named only in the batch object: nobody owned
+    them, so any tenant key that learnt the id read another tenant's batch results (security trial). They are the
+    owner's once a batch object naming them is relayed to it: retrieved, listed or cancelled."""
+    a, g = sdk(gw, ACME), sdk(gw, GLOBEX)
+    done = a.batches.retrieve(_batch(a))
+    listed_id, cancelled_id = _batch(a), _batch(a)
+    listed = next(b for b in a.batches.list() if b.id == listed_id)  # learnt from a list only
+    cancelled = a.batches.cancel(cancelled_id)
+    files = [x for b in (done, listed, cancelled) for x in (b.output_file_id, b.error_file_id)]
+    assert all(files) and len(set(files)) == 6, files
+    provider.clear()
+    _refused_files(g, *files)
+    assert provider.requests == [], "another tenant's batch files never reach the provider"
+    for fid in files:
+        assert a.files.content(fid).read() and a.files.retrieve(fid).id == fid
+    assert sdk(gw, PLATFORM).files.retrieve(files[0]).id == files[0]
+    assert not [b for b in g.batches.list() if b.id in (done.id, listed_id, cancelled_id)]
+
+
+def test_a_batchs_files_stay_its_owners_after_a_restart(provider, tmp_path):
+    """Recorded, not only remembered: a restarted gateway (nothing in memory) still knows whose they are."""
+    gw = GatewayProcess(tmp_path, _config(provider), env=_ENV)
+    with gw:
+        b = sdk(gw, ACME).batches.retrieve(_batch(sdk(gw, ACME)))
+    with gw:
+        _refused_files(sdk(gw, GLOBEX), b.output_file_id, b.error_file_id)
+        assert sdk(gw, ACME).files.content(b.output_file_id).read()
