@@ -511,6 +511,22 @@ FROM {s.local('otel_traces')}
 WHERE {_a(sc.KIND)} = 'call' AND {_a(sc.OWNS_RESOURCES)} != ''"""]
 
 
+def _m15_backfill_owners(s: SchemaSettings) -> list[str]:
+    # Tenant keys are refused ids nobody owns (gateway/resources.py): the resources made through the gateway before
+    # its calls said whose they were (tagway.creates_resource) are read from the record once, so they stay their
+    # creator's. The creating calls by their API: an upload, a batch, a response (stored unless `store: false`, as
+    # far as the captured parameters say), a chat completion stored with `store: true`. Within resource_owners'
+    # own 400 days; rows already there are harmless twins (the first creator is read).
+    params = _a(sc.REQUEST_PARAMS)
+    return [f"""INSERT INTO {s.name('resource_owners')} (rid, customer, created)
+SELECT {_a(sc.RESPONSE_ID)}, {_a(sc.CUSTOMER)}, Timestamp
+FROM {s.name('otel_traces')}
+WHERE {_a(sc.KIND)} = 'call' AND {_a(sc.RESPONSE_ID)} != '' AND Timestamp > now() - toIntervalDay(400)
+  AND ({_a(sc.CREATES_RESOURCE)} = 'true' OR {_a(sc.API)} IN ('files.create', 'batches.create')
+       OR ({_a(sc.API)} = 'responses' AND JSONExtractRaw({params}, 'store') != 'false')
+       OR ({_a(sc.API)} = 'chat.completions' AND JSONExtractRaw({params}, 'store') = 'true'))"""]
+
+
 Migration = tuple[int, str, Callable[[SchemaSettings], list[str]]]
 
 MIGRATIONS: list[Migration] = [
@@ -529,6 +545,7 @@ MIGRATIONS: list[Migration] = [
     (13, "replay_runs.key_id: the key that started a run", _m13_replay_run_key),
     (14, "resource_owners from the ids an answer makes its customer's (a batch's output and error files)",
      _m14_owned_by_answer),
+    (15, "resource_owners backfilled from the creating calls recorded before owners were", _m15_backfill_owners),
 ]
 
 

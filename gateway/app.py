@@ -106,7 +106,9 @@ class TagwayApp:
             # a recorder that stores spans may reach its store only later (a ClickHouse server starting up): the
             # lookups wait for it (503), never settle for this process's memory alone
             recorded = bool(getattr(self.recorder, "enabled", False))
-            owners = ResourceOwners((lambda: self.query_store) if recorded else None, self.config.storage.database) \
+            owners = ResourceOwners((lambda: self.query_store) if recorded else None, self.config.storage.database,
+                                    settle=self._settle_seconds(recorded),
+                                    granted={rid: t.customer for t in self.config.tenants for rid in t.resources}) \
                 if self.config.api.tenant_resources == "isolated" else None
             self.proxy = Proxy(config=self.config, keyring=self.keyring, providers=self.providers,
                                tracer=self.recorder.tracer, pricing=self.pricing, redactor=self.redactor,
@@ -118,6 +120,16 @@ class TagwayApp:
                                            cut_at_shutdown=self.proxy.cut_at_shutdown)
             log.info("ready (pid %d): %d model(s), %d tenant(s), recording %s", os.getpid(), len(self.config.models),
                      len(self.config.tenants), "on" if recorded else "off")
+
+    def _settle_seconds(self, recorded: bool) -> float:
+        """How long a tenant key's id nobody owns is looked for again before it is refused: with a ClickHouse
+        server, other workers or gateways may have made it a moment ago, and their call is stored within a batch
+        window (recording.batch_max_seconds); the embedded store has one process, which knows its own at once."""
+        from exporters.store import is_embedded  # noqa: PLC0415
+
+        if not recorded or is_embedded(self.config.storage.resolved_dsn()):
+            return 0.0
+        return self.config.recording.batch_max_seconds + 1.0
 
     async def _start_limits(self, loop: asyncio.AbstractEventLoop) -> None:
         """Budgets read their spend from the store before the first call, then every BUDGET_REFRESH seconds, and at

@@ -146,6 +146,9 @@ class TenantConfig(_Strict):
     keys: list[KeyConfig] = []
     limits: LimitsConfig | None = None  # the tenant's rate limits and budget, over all its keys
     shadow: bool = True  # false: none of this tenant's calls is mirrored to a shadow candidate
+    # provider resource ids made outside the gateway (uploaded straight to the provider, before tagway recorded
+    # owners) that this tenant's keys may reach and list (api.tenant_resources: isolated): nobody's are refused
+    resources: list[str] = []
 
     def allows(self, model: str) -> bool:
         allowed = self.allowed_models
@@ -465,6 +468,12 @@ class GatewayConfig(BaseSettings):
                     first_hash[k.hash] = f"tenants[{i}].keys[{j}] ({k.id!r})"
         for dup in sorted({k for k in key_ids if key_ids.count(k) > 1}):
             problems.append(f"tenants: duplicate key id {dup!r}")
+        granted: dict[str, str] = {}  # a resource id -> the tenant it is first granted to
+        for i, t in enumerate(self.tenants):
+            for rid in t.resources:
+                if granted.setdefault(rid, t.customer) != t.customer:
+                    problems.append(f"tenants[{i}] ({t.customer}).resources: {rid!r} is granted to "
+                                    f"{granted[rid]!r} too (a resource has one owner)")
         for i, sh in enumerate(self.shadow):
             if sh.model not in known and not any(sh.model.startswith(w) for w in wildcards):
                 problems.append(f"shadow[{i}].model: unknown model {sh.model!r} (shadow to a configured model)")

@@ -1,18 +1,22 @@
 """Whose a provider resource is: the files, batches, responses and stored chat completions tenants create through
 the gateway live on the provider account its deployments share, where any key of that account reaches any of them.
-With `api.tenant_resources: isolated` (the default) a tenant key may not reach one another customer created here,
-and lists only its own.
+With `api.tenant_resources: isolated` (the default) a tenant key reaches only what its tenant created here, and
+lists only that.
 
 The owner of an id is the customer recorded on the call that created it (a `files.create` or `batches.create`
 call, a stored response or chat completion, answered with that id; its span says `tagway.creates_resource`):
 remembered in memory as the answer passes, and otherwise looked up in `resource_owners` (filled from those spans by
-a view, read by its primary key, kept 400 days whatever the calls' retention), so ownership survives a restart and
-is shared by workers. A batch's output and error files are the provider's making, named only in batch objects:
-they become the batch owner's when a batch object naming them is relayed to its tenant key (`made_known`; the
-span's `tagway.owns_resources`, read by a second view). An owner of "" (the admin key's own calls) is nobody. An id
-nobody created here (a file uploaded straight to the provider, an id made on another worker a moment ago and not
-stored yet) belongs to no tenant and is not refused: resource ids are unguessable, and lists, the one way to learn
-another's, show a tenant only its own.
+a view, read by its primary key, kept 400 days whatever the calls' retention; migration 15 filled it once from the
+calls recorded before), so ownership survives a restart and is shared by workers. A batch's output and error files
+are the provider's making, named only in batch objects: they become the batch owner's when a batch object naming
+them is relayed to its tenant key (`made_known`; the span's `tagway.owns_resources`, read by a second view). The
+operator may grant a tenant ids made elsewhere (`tenants[].resources`).
+
+A tenant key is refused (the same 404 as for another tenant's) every id its tenant does not own: another's, and
+nobody's too (the admin key's own, a file uploaded straight to the provider, anything made before owners were
+recorded or out of the gateway's sight). An id nobody owns may be one another worker or gateway made a moment ago
+and has not stored yet: with a ClickHouse server it is looked for again for a batch window (`settle`) before the
+refusal; the embedded store has one process, which knows its own at once.
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ MAX_IDS_PER_UPLOAD = 10_000  # a batch's input file: one request a line
 _MAX_IDS = 100_000
 _UNKNOWN_SECONDS = 2.0  # "nobody's" is believed this long (a lookup a second for an id asked again and again)
 _LOOKUP_SECONDS = 5.0
+_SETTLE_POLL = 0.5  # how often an id nobody owns is looked up again while it may be another worker's fresh one
 # body fields that name resources; `annotations` (citations in a model's own output, re-sent by stateless loops)
 # are not requests for a resource. Keys compare case-folded: an upstream may match them case-insensitively (Go's
 # encoding/json, which many relays are written with, reads `Previous_Response_Id`, and `previouſ_response_id` with
@@ -50,8 +55,8 @@ _ID_KEYS = frozenset({"file_id", "input_file_id", "previous_response_id"})
 _ID_LIST_KEYS = frozenset({"file_ids", "vector_store_ids"})
 _SKIP = frozenset({"annotations", "arguments", "parameters", "schema", "json_schema", "metadata"})
 # Resources made where the gateway does not see it (the Conversations, Vector Stores and Containers APIs are not
-# carried; a code interpreter's container is made by the provider mid-call): nobody here owns one, so "nobody's
-# passes" would let a tenant key use any of them, another tenant's included. A tenant key may not name one at all.
+# carried; a code interpreter's container is made by the provider mid-call): nobody here owns one, and a tenant key
+# may not name one at all (refused before any lookup, whatever an operator's grant says).
 UNTRACKED_FIELDS = frozenset({"conversation", "vector_store_ids", "container"})
 # the keys most bodies are made of, which name no resource whatever their case: read without case folding (a chat
 # body's walk 2.8 -> 1.9 µs a call; it runs on every tenant key's chat, responses and messages call)
@@ -182,8 +187,13 @@ class ResourceOwners:
     answers then tell); `database` is storage.database."""
 
     def __init__(self, store: Callable[[], Any] | None, database: str = "",
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self._store, self._database, self._clock = store, database, clock
+                 clock: Callable[[], float] = time.monotonic, settle: float = 0.0,
+                 granted: dict[str, str] | None = None) -> None:
+        """`settle`: how long an id nobody owns is looked for again before a tenant key is refused it (another
+        process of the gateway may have made it a moment ago and not stored its call yet); `granted`: ids the
+        operator gave a tenant (tenants[].resources), id -> customer."""
+        self._store, self._database, self._clock, self._settle = store, database, clock, settle
+        self._granted = dict(granted or {})
         self._owner: OrderedDict[str, str] = OrderedDict()  # least recently asked first
         self._unknown: OrderedDict[str, float] = OrderedDict()  # id -> until when "nobody's" is believed
 
@@ -204,13 +214,24 @@ class ResourceOwners:
         self._unknown.pop(rid, None)
 
     async def foreign(self, ids: Iterable[str], customer: str) -> list[str]:
-        """The ids among `ids` that another customer created here (an id nobody created here is nobody's)."""
+        """The ids among `ids` that are not `customer`'s: another customer's, or nobody's (made outside the
+        gateway, by the admin key, or before it recorded owners), once looked for again for `settle` seconds."""
         owners = await self._owners(ids)
-        return [i for i, who in owners.items() if who and who != customer]
+        missing = [i for i, who in owners.items() if who is None]
+        deadline = self._clock() + self._settle
+        while missing and self._settle > 0:  # made by another worker a moment ago: known once its call is stored
+            left = deadline - self._clock()
+            if left <= 0:
+                break
+            await asyncio.sleep(min(_SETTLE_POLL, left))
+            found = await self._owners(missing, fresh=True)
+            owners.update(found)
+            missing = [i for i in missing if found[i] is None]
+        return [i for i, who in owners.items() if who != customer]
 
     async def refuse_foreign(self, wanted: list[tuple[str, str]], customer: str) -> None:
-        """A 404 for the first (field, id) of `wanted` that another customer created here, or that is of a kind
-        the gateway never sees made (UNTRACKED_FIELDS: nobody here can own one)."""
+        """A 404 for the first (field, id) of `wanted` that is not `customer`'s (another's, or nobody's), or that
+        is of a kind the gateway never sees made (UNTRACKED_FIELDS: nobody here can own one)."""
         if wanted:
             for field, rid in wanted:
                 if field in UNTRACKED_FIELDS:
@@ -225,18 +246,20 @@ class ResourceOwners:
         owners = await self._owners(ids)
         return {i for i, who in owners.items() if who and who == customer}
 
-    async def _owners(self, ids: Iterable[str]) -> dict[str, str | None]:
-        """Each id's creator, or None. A lookup the store cannot answer is a 503 (never a guess)."""
+    async def _owners(self, ids: Iterable[str], fresh: bool = False) -> dict[str, str | None]:
+        """Each id's creator (the tenant the operator granted it to first), or None. A lookup the store cannot
+        answer is a 503 (never a guess). `fresh`: ask the store even for an id it did not know a moment ago."""
         ids = [i for i in dict.fromkeys(ids) if i]
         now = self._clock()
         out: dict[str, str | None] = {}
         ask = []
         for i in ids:
-            who = self._owner.get(i)
+            who = self._granted.get(i) or self._owner.get(i)
             if who is not None:
-                self._owner.move_to_end(i)
+                if i in self._owner:
+                    self._owner.move_to_end(i)
                 out[i] = who
-            elif self._unknown.get(i, 0.0) > now:
+            elif not fresh and self._unknown.get(i, 0.0) > now:
                 out[i] = None
             else:
                 ask.append(i)

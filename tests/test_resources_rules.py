@@ -75,3 +75,32 @@ def test_only_a_providers_no_such_resource_is_answered_as_the_gateways_404():
     other = _provider_error(404, "No such File object: file-zzz")  # not an id the request named
     assert as_not_found(other, wanted) is other
     assert as_not_found(_provider_error(500, "file-abc not found"), wanted).status == 500
+
+
+class _SlowRecord:
+    """A store that learns an id's owner only after `after` lookups (another worker's call, stored a moment later)."""
+
+    def __init__(self, owners: dict[str, str], after: int) -> None:
+        self.owners, self.after, self.asked = owners, after, 0
+
+    def query(self, sql, params):
+        self.asked += 1
+        return [{"rid": i, "customer": self.owners[i]} for i in params["ids"] if i in self.owners] \
+            if self.asked > self.after else []
+
+
+async def test_an_id_nobody_owns_is_refused_unless_its_owners_record_arrives_within_the_settle_window():
+    """Fail closed: nobody's is not the tenant's. With other processes writing the record, an id is looked for
+    again for `settle` seconds first (a fresh id another worker made); the admin key's own ("") is nobody's."""
+    from gateway.resources import ResourceOwners  # noqa: PLC0415
+
+    record = _SlowRecord({"file-fresh": "acme", "file-admin": ""}, after=2)
+    owners = ResourceOwners(lambda: record, settle=3.0)
+    assert await owners.foreign(["file-fresh"], "acme") == []  # found on the third lookup, ~1 s later
+    assert await owners.foreign(["file-fresh"], "globex") == ["file-fresh"]
+    assert await owners.foreign(["file-admin", "file-none"], "acme") == ["file-admin", "file-none"]
+    assert record.asked < 12
+    closed = ResourceOwners(lambda: _SlowRecord({"file-fresh": "acme"}, after=2))  # the embedded store: no wait
+    assert await closed.foreign(["file-fresh"], "acme") == ["file-fresh"]
+    granted = ResourceOwners(lambda: _SlowRecord({}, after=0), granted={"vs_1": "acme"})
+    assert await granted.foreign(["vs_1"], "acme") == [] and await granted.owned(["vs_1"], "acme") == {"vs_1"}

@@ -13,6 +13,10 @@ it), and reads JSON keys case-insensitively, as Go relays do. Each test fails on
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import httpx
 import openai
 import orjson
@@ -126,7 +130,8 @@ def provider():
 def _config(provider) -> dict:
     model = {"provider": "openai", "base_url": provider.base_url, "api_key_env": "ISO_UPSTREAM_KEY"}
     return {"models": [{"name": "gpt-test", "model": "ok-model", **model}, {"name": "*", **model}],
-            "tenants": [{"customer": "acme", "keys": [{"id": "acme-1", "hash": hash_key(ACME)}]},
+            "tenants": [{"customer": "acme", "keys": [{"id": "acme-1", "hash": hash_key(ACME)}],
+                         "resources": ["file-granted-acme"]},  # made outside the gateway, given to acme
                         {"customer": "globex", "keys": [{"id": "globex-1", "hash": hash_key(GLOBEX)}]},
                         {"customer": "platform", "may_set_customer": True,
                          "keys": [{"id": "platform-1", "hash": hash_key(PLATFORM)}]}],
@@ -308,3 +313,78 @@ def test_a_batchs_files_stay_its_owners_after_a_restart(provider, tmp_path):
     with gw:
         _refused_files(sdk(gw, GLOBEX), b.output_file_id, b.error_file_id)
         assert sdk(gw, ACME).files.content(b.output_file_id).read()
+
+
+def test_ids_no_tenant_owns_are_refused_to_tenant_keys(gw, provider):
+    """An id nobody created here passed for any tenant key (security trial): a file uploaded straight to the
+    provider, the admin key's own upload and response, anything made before owners were recorded. It now fails
+    closed: the same 404 as another tenant's, before the provider is asked; platform and admin keys reach them."""
+    provider.made.update({"file-direct", "file-granted-acme"})  # uploaded straight to the provider
+    admin_file = sdk(gw, ADMIN).files.create(file=("x.jsonl", _LINE, "application/jsonl"), purpose="batch").id
+    admin_resp = sdk(gw, ADMIN).responses.create(model="gpt-test", input="the admin's").id
+    acmes = sdk(gw, ACME).files.create(file=("a.jsonl", _LINE, "application/jsonl"), purpose="batch").id
+    g = sdk(gw, GLOBEX)
+    another = not_found(lambda: g.files.retrieve(acmes))
+    provider.clear()
+    for key in (ACME, GLOBEX):
+        c = sdk(gw, key)
+        for fid in ("file-direct", admin_file):
+            assert not_found(lambda: c.files.retrieve(fid)) == another
+            assert not_found(lambda: c.files.content(fid))[0]["code"] == "resource_not_found"
+            assert not_found(lambda: c.batches.create(input_file_id=fid, endpoint="/v1/responses",
+                                                      completion_window="24h"))[0]["param"] == "input_file_id"
+        err, _ = not_found(lambda: c.responses.create(model="gpt-test", input="and?", previous_response_id=admin_resp))
+        assert err["param"] == "previous_response_id"
+    assert provider.requests == [], "nothing nobody owns reaches the provider for a tenant key"
+    for key in (PLATFORM, ADMIN):
+        assert sdk(gw, key).files.retrieve("file-direct").id == "file-direct"
+        assert sdk(gw, key).responses.create(model="gpt-test", input="and?", previous_response_id=admin_resp).id
+    # what the operator granted a tenant (tenants[].resources) is that tenant's alone
+    assert sdk(gw, ACME).files.retrieve("file-granted-acme").id == "file-granted-acme"
+    assert not_found(lambda: g.files.retrieve("file-granted-acme")) == another
+
+
+def test_a_resource_is_granted_to_one_tenant():
+    from gateway.config import GatewayConfig  # noqa: PLC0415
+
+    cfg = {"tenants": [{"customer": "acme", "resources": ["file-1"]}, {"customer": "globex", "resources": ["file-1"]}]}
+    with pytest.raises(Exception, match="'file-1' is granted to 'acme' too"):
+        GatewayConfig(**cfg)
+
+
+_UNRECORD = """
+import sys
+from exporters.dsn import embedded_dsn
+from exporters.store import connect
+st = connect(embedded_dsn(sys.argv[1]))
+# the record of a version that did not say whose: no owner attributes on the call spans, no resource_owners rows
+st.command("ALTER TABLE otel_traces UPDATE SpanAttributes = mapFilter((k, v) -> k NOT IN "
+           "('tagway.creates_resource', 'tagway.owns_resources'), SpanAttributes) WHERE 1 SETTINGS mutations_sync = 2")
+st.command("TRUNCATE TABLE resource_owners")
+st.command("ALTER TABLE tagway_schema_migrations DELETE WHERE version >= 15 SETTINGS mutations_sync = 2")
+"""
+
+
+def test_an_upgrade_keeps_what_tenants_made_before_owners_were_recorded(provider, tmp_path):
+    """A store from before owner tracking has the creating calls but no owners: refusing nobody's ids would take
+    their own files and responses from every tenant. The migration fills resource_owners from those calls."""
+    gw = GatewayProcess(tmp_path, _config(provider), env=_ENV)
+    with gw:
+        a = sdk(gw, ACME)
+        fid = a.files.create(file=("a.jsonl", _LINE, "application/jsonl"), purpose="batch").id
+        rid = a.responses.create(model="gpt-test", input="remember 7").id
+        cid = a.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "hi"}], store=True).id
+        provider.made.add(cid)
+        unstored = sdk(gw, GLOBEX).responses.create(model="gpt-test", input="x", store=False).id
+    done = subprocess.run([sys.executable, "-c", _UNRECORD, str(tmp_path / "data")], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
+    assert done.returncode == 0, done.stderr
+    with gw:  # the upgraded gateway migrates its store as it starts
+        a, g = sdk(gw, ACME), sdk(gw, GLOBEX)
+        assert a.files.retrieve(fid).id == fid
+        assert a.responses.create(model="gpt-test", input="and?", previous_response_id=rid).id
+        assert a.chat.completions.retrieve(cid).id == cid
+        _refused_files(g, fid)
+        not_found(lambda: g.responses.retrieve(rid))
+        not_found(lambda: g.chat.completions.retrieve(cid))
+        not_found(lambda: g.responses.retrieve(unstored))  # `store: false`: nothing to own

@@ -65,8 +65,9 @@ def test_a_tenant_reaches_and_lists_only_its_own_files_and_responses(gateways, u
     with gateways("spool-2") as gw:
         assert sdk(gw, acme).files.retrieve(mine.id).id == mine.id
         refused(lambda: sdk(gw, globex).files.retrieve(mine.id))
-        # an id nobody created here (a batch's output file, a file uploaded straight to the provider) is nobody's
-        assert sdk(gw, acme).files.retrieve("file-batch-output-1").id == "file-batch-output-1"
+        # an id nobody created here (a file uploaded straight to the provider) is no tenant's: refused too
+        refused(lambda: sdk(gw, acme).files.retrieve("file-direct-1"))
+        assert sdk(gw, platform).files.retrieve("file-direct-1").id == "file-direct-1"
         assert sdk(gw, acme).responses.retrieve(r.id).id == r.id
         refused(lambda: sdk(gw, globex).responses.retrieve(r.id))
 
@@ -128,7 +129,8 @@ def test_every_way_a_body_names_another_tenants_resource_is_refused(gateways, up
                                          purpose="batch")
         assert e.value.response.json()["error"]["param"] == "previous_response_id"
         assert upstream.requests == []
-        own = {**line, "body": {**line["body"], "previous_response_id": "resp_not_acmes"}}
+        theirs = sdk(gw, globex).responses.create(model="gpt-test", input="globex's").id
+        own = {**line, "body": {**line["body"], "previous_response_id": theirs}}
         assert sdk(gw, globex).files.create(file=("in.jsonl", orjson.dumps(own) + b"\r\n", "application/jsonl"),
                                             purpose="batch").id
         # a bare CR inside a line is JSON whitespace, not a line break (the first version split there and skipped
@@ -161,13 +163,15 @@ def test_every_way_a_body_names_another_tenants_resource_is_refused(gateways, up
             {"type": "code_interpreter", "container": {"type": "auto", "file_ids": [f"file-{i}" for i in range(65)]}}]})
         assert post("/v1/responses", many).json()["error"]["code"] == "too_many_resource_ids"
         # the same id named 65 times is one resource; a model's own tool call re-sent is no request
+        g_file = sdk(gw, globex).files.create(file=("g.txt", b"g", "text/plain"), purpose="user_data").id
         again = orjson.dumps({"model": "gpt-test", "input": "x", "tools": [
-            {"type": "code_interpreter", "container": {"type": "auto", "file_ids": ["file-g"] * 65}}]})
+            {"type": "code_interpreter", "container": {"type": "auto", "file_ids": [g_file] * 65}}]})
         assert post("/v1/responses", again).status_code == 200
-        # what the admin key made with no customer is nobody's
+        # what the admin key made with no customer is nobody's: no tenant key's
         admin_file = sdk(gw, ADMIN_KEY).files.create(file=("x.jsonl", b"{}\n", "application/jsonl"),
                                                      purpose="batch").id
-        assert sdk(gw, globex).files.retrieve(admin_file).id == admin_file
+        refused(lambda: sdk(gw, globex).files.retrieve(admin_file))
+        assert sdk(gw, ADMIN_KEY).files.retrieve(admin_file).id == admin_file
 
 
 def test_a_tenants_list_reads_past_other_tenants_pages(gateways, upstream):
