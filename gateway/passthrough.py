@@ -193,7 +193,8 @@ class Passthrough:
             raise forbidden("Deleting a model is the provider account's: it takes a platform or the admin key "
                             "(api.tenant_resources: isolated).", code="permission_denied", param="model")
         wanted = [(name, rid) for name, rid in params.items()]  # the resource the path names
-        if route.method == "GET" and query:  # a list's cursor: another tenant's id there would say it exists
+        if route.method == "GET" and query and not params:  # a list's cursor: another tenant's id would say it exists
+            # (a list inside a resource, its input items or messages, pages by ids of its own parts: not checked)
             wanted += [(k, v) for k, v in urllib.parse.parse_qsl(query) if k in ("after", "before") and v]
         wanted += referenced_ids(payload)  # a batch's input file, a response's predecessor, file parts
         if route.api == "files.create" and body and content_type:  # a batch's input: the requests in its lines
@@ -223,7 +224,8 @@ class Passthrough:
     async def _relay(self, call: Call, d: ModelConfig, resp: Any, model: str, forward: list[tuple[bytes, bytes]],
                      route: Route, list_for: str | None, paging: tuple[Any, int] = (None, 0),
                      wanted: list[tuple[str, str]] | None = None, mine: str | None = None) -> None:
-        """`mine`: the customer of a tenant key (api.tenant_resources: isolated), else None; `list_for`: the customer a list answer is filtered to (its items that customer owns), or None;
+        """`mine`: the customer of a tenant key (api.tenant_resources: isolated), else None; `list_for`: the
+        customer a list answer is filtered to (its items that customer owns), or None;
         `paging`: the upstream's next page of that list (`next_page(after)`) and how many items the client asked
         for; `wanted`: what a tenant key's request names (path first), whose "no such resource" is answered as the
         gateway's refusal of another tenant's is."""

@@ -51,7 +51,8 @@ class ProviderLike(Upstream):
         missing = rid if rid and rid not in self.made else None
         if request.path == "/v1/batches" and body.get("input_file_id") not in self.made:
             missing = body.get("input_file_id")
-        if request.method == "GET" and request.query.get("after") and request.query["after"] not in self.made:
+        after = request.query.get("after")
+        if request.method == "GET" and not rid and after and after not in self.made:
             missing = request.query["after"]  # a list's cursor that names nothing
         if missing is None and request.path.startswith("/v1/batches"):
             return await self.batch(request, rid, body)
@@ -185,6 +186,8 @@ def test_another_tenants_id_and_a_missing_one_get_the_same_404(gw, provider):
     # the owner still reaches its own; the provider's other answers are relayed as before
     assert sdk(gw, ACME).files.retrieve(file_id).id == file_id
     sdk(gw, ACME).files.list(after=file_id)  # its own cursor passes
+    # a list inside its own resource pages by the ids of its parts, which nobody owns: they pass
+    assert sdk(gw, ACME).responses.input_items.list(resp_id, after="msg_1").data
     assert sdk(gw, ACME).responses.create(model="gpt-test", input="and?", previous_response_id=resp_id).id
     with pytest.raises(openai.BadRequestError) as e:  # an admin key's miss is the provider's answer, as it was
         sdk(gw, ADMIN).responses.create(model="gpt-test", input="and?", previous_response_id="resp_none")
