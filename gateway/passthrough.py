@@ -1,6 +1,7 @@
 """The OpenAI routes beyond the hot ones (gateway/routes_table.py: stored chat completions, responses by id,
-moderations, images, audio, files, batches, deleting a fine-tuned model), passed through to an OpenAI-compatible
-upstream: authorised, tagged and recorded as a span with the route's operation, like every call.
+moderations, images, audio, files, batches, conversations, vector stores, deleting a fine-tuned model), passed
+through to an OpenAI-compatible upstream: authorised, tagged and recorded as a span with the route's operation,
+like every call.
 
 Which upstream: the request's model (JSON `model`, a multipart `model` field, or `x-tagway-model` for routes that
 carry none) routed like the hot path's; for a resource id tagway has seen (a file, batch, stored completion or
@@ -35,7 +36,7 @@ from .providers.sse import json_object
 from .redact import Redactor
 from .resources import (CREATING_APIS, ResourceOwners, as_not_found, batch_files, batch_input_ids, not_found,
                         referenced_ids)
-from .routes_table import Route, check_resource_id, strip_version
+from .routes_table import PART_PARAMS, Route, check_resource_id, strip_version
 from .tags import check_header, resolve_tags
 from .telemetry import CallRecord, CallSpans
 
@@ -192,14 +193,17 @@ class Passthrough:
         if route.api == "models.delete":  # the account's models, not any tenant's
             raise forbidden("Deleting a model is the provider account's: it takes a platform or the admin key "
                             "(api.tenant_resources: isolated).", code="permission_denied", param="model")
-        wanted = [(name, rid) for name, rid in params.items()]  # the resource the path names
+        # the resource the path names; a part of it (a conversation's item) is found only inside it, so the
+        # resource's owner decides: the part is named for the 404s only (`_relay`), not looked up
+        wanted = [(name, rid) for name, rid in params.items()]
+        parts = [w for w in wanted if w[0] in PART_PARAMS]
         if route.method == "GET" and query and not params:  # a list's cursor: another tenant's id would say it exists
             # (a list inside a resource, its input items or messages, pages by ids of its own parts: not checked)
             wanted += [(k, v) for k, v in urllib.parse.parse_qsl(query) if k in ("after", "before") and v]
         wanted += referenced_ids(payload)  # a batch's input file, a response's predecessor, file parts
         if route.api == "files.create" and body and content_type:  # a batch's input: the requests in its lines
             wanted += await asyncio.get_running_loop().run_in_executor(None, batch_input_ids, body, content_type)
-        await self.owners.refuse_foreign(wanted, customer)
+        await self.owners.refuse_foreign([w for w in wanted if w not in parts] if parts else wanted, customer)
         return wanted
 
     def _deployment(self, model: str, params: dict[str, str], route: Route, scope: dict) -> ModelConfig:
@@ -254,8 +258,8 @@ class Passthrough:
                     return
                 if wanted:  # an id in the path that is not there, or one the body names: as another tenant's
                     path_id = [(n, rid) for n, rid in wanted if params_named(route, n)]
-                    if resp.status == 404 and path_id:
-                        raise not_found(path_id[0][1], path_id[0][0])
+                    if resp.status == 404 and path_id:  # the innermost: a conversation's item, else the resource
+                        raise not_found(path_id[-1][1], path_id[-1][0])
                     e = as_not_found(GatewayError(resp.status, "", raw=body), wanted)
                     if e.code == "resource_not_found":
                         raise e

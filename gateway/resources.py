@@ -1,13 +1,13 @@
-"""Whose a provider resource is: the files, batches, responses and stored chat completions tenants create through
-the gateway live on the provider account its deployments share, where any key of that account reaches any of them.
-With `api.tenant_resources: isolated` (the default) a tenant key reaches only what its tenant created here, and
-lists only that.
+"""Whose a provider resource is: the files, batches, responses, stored chat completions, conversations and vector
+stores tenants create through the gateway live on the provider account its deployments share, where any key of
+that account reaches any of them. With `api.tenant_resources: isolated` (the default) a tenant key reaches only what
+its tenant created here, and lists only that.
 
-The owner of an id is the customer recorded on the call that created it (a `files.create` or `batches.create`
-call, a stored response or chat completion, answered with that id; its span says `tagway.creates_resource`):
-remembered in memory as the answer passes, and otherwise looked up in `resource_owners` (filled from those spans by
-a view, read by its primary key, kept 400 days whatever the calls' retention; migration 15 filled it once from the
-calls recorded before), so ownership survives a restart and is shared by workers. A batch's output and error files
+The owner of an id is the customer recorded on the call that created it (one of CREATING_APIS, a stored response or
+chat completion, answered with that id; its span says `tagway.creates_resource`): remembered in memory as the
+answer passes, and otherwise looked up in `resource_owners` (filled from those spans by a view, read by its
+primary key, kept 400 days whatever the calls' retention; migration 15 filled it once from the calls recorded
+before), so ownership survives a restart and is shared by workers. A batch's output and error files
 are the provider's making, named only in batch objects: they become the batch owner's when a batch object naming
 them is relayed to its tenant key (`made_known`; the span's `tagway.owns_resources`, read by a second view). The
 operator may grant a tenant ids made elsewhere (`tenants[].resources`).
@@ -40,7 +40,8 @@ __all__ = ["CREATING_APIS", "MAX_IDS_PER_REQUEST", "MAX_IDS_PER_UPLOAD", "Resour
 
 # the pass-through APIs whose answer's id is a resource later reached by id (the hot routes' stored responses and
 # completions are told by the proxy: gateway/proxy.py `_stored`)
-CREATING_APIS = ("files.create", "batches.create")
+CREATING_APIS = ("files.create", "batches.create", "conversations.create", "vector_stores.create",
+                 "vector_stores.file_batches.create")
 MAX_IDS_PER_REQUEST = 64
 MAX_IDS_PER_UPLOAD = 10_000  # a batch's input file: one request a line
 _MAX_IDS = 100_000
@@ -54,10 +55,10 @@ _SETTLE_POLL = 0.5  # how often an id nobody owns is looked up again while it ma
 _ID_KEYS = frozenset({"file_id", "input_file_id", "previous_response_id"})
 _ID_LIST_KEYS = frozenset({"file_ids", "vector_store_ids"})
 _SKIP = frozenset({"annotations", "arguments", "parameters", "schema", "json_schema", "metadata"})
-# Resources made where the gateway does not see it (the Conversations, Vector Stores and Containers APIs are not
-# carried; a code interpreter's container is made by the provider mid-call): nobody here owns one, and a tenant key
-# may not name one at all (refused before any lookup, whatever an operator's grant says).
-UNTRACKED_FIELDS = frozenset({"conversation", "vector_store_ids", "container"})
+# Resources made where the gateway does not see it (the Containers API is not carried; a code interpreter's
+# container is made by the provider mid-call): nobody here owns one, and a tenant key may not name one at all
+# (refused before any lookup, whatever an operator's grant says). Conversations and vector stores are carried.
+UNTRACKED_FIELDS = frozenset({"container"})
 # the keys most bodies are made of, which name no resource whatever their case: read without case folding (a chat
 # body's walk 2.8 -> 1.9 µs a call; it runs on every tenant key's chat, responses and messages call)
 _PLAIN_KEYS = frozenset({"role", "content", "type", "text", "name", "model", "messages", "tools", "function",

@@ -13,7 +13,7 @@ import re
 
 from .errors import bad_request
 
-__all__ = ["Route", "ROUTES", "match", "allowed_methods", "strip_version", "check_resource_id"]
+__all__ = ["Route", "ROUTES", "PART_PARAMS", "match", "allowed_methods", "strip_version", "check_resource_id"]
 
 # What an upstream's resource ids look like (file-abc, batch_abc, resp_..., chatcmpl-..., ft:gpt-4o:org:x:id). The
 # ASGI path is percent-decoded: an id of %2e%2e or with %3F would reach other upstream paths (POST {base}/cancel)
@@ -72,7 +72,37 @@ ROUTES: tuple[Route, ...] = (
     _r("GET", "/batches", "batches.list"),
     _r("GET", "/batches/{id}", "batches.retrieve"),
     _r("POST", "/batches/{id}/cancel", "batches.cancel"),
+    # conversations (the Responses API's state) and their items
+    _r("POST", "/conversations", "conversations.create", body="json"),
+    _r("GET", "/conversations/{id}", "conversations.retrieve"),
+    _r("POST", "/conversations/{id}", "conversations.update", body="json"),
+    _r("DELETE", "/conversations/{id}", "conversations.delete"),
+    _r("POST", "/conversations/{id}/items", "conversations.items.create", body="json"),
+    _r("GET", "/conversations/{id}/items", "conversations.items.list"),
+    _r("GET", "/conversations/{id}/items/{item_id}", "conversations.items.retrieve"),
+    _r("DELETE", "/conversations/{id}/items/{item_id}", "conversations.items.delete"),
+    # vector stores (file_search), their files and file batches
+    _r("POST", "/vector_stores", "vector_stores.create", body="json"),
+    _r("GET", "/vector_stores", "vector_stores.list"),
+    _r("GET", "/vector_stores/{id}", "vector_stores.retrieve"),
+    _r("POST", "/vector_stores/{id}", "vector_stores.update", body="json"),
+    _r("DELETE", "/vector_stores/{id}", "vector_stores.delete"),
+    _r("POST", "/vector_stores/{id}/search", "vector_stores.search", body="json"),
+    _r("POST", "/vector_stores/{id}/files", "vector_stores.files.create", body="json"),
+    _r("GET", "/vector_stores/{id}/files", "vector_stores.files.list"),
+    _r("GET", "/vector_stores/{id}/files/{file_id}", "vector_stores.files.retrieve"),
+    _r("POST", "/vector_stores/{id}/files/{file_id}", "vector_stores.files.update", body="json"),
+    _r("DELETE", "/vector_stores/{id}/files/{file_id}", "vector_stores.files.delete"),
+    _r("GET", "/vector_stores/{id}/files/{file_id}/content", "vector_stores.files.content"),
+    _r("POST", "/vector_stores/{id}/file_batches", "vector_stores.file_batches.create", body="json"),
+    _r("GET", "/vector_stores/{id}/file_batches/{batch_id}", "vector_stores.file_batches.retrieve"),
+    _r("POST", "/vector_stores/{id}/file_batches/{batch_id}/cancel", "vector_stores.file_batches.cancel"),
+    _r("GET", "/vector_stores/{id}/file_batches/{batch_id}/files", "vector_stores.file_batches.list_files"),
 )
+
+# path parameters that name a part of the resource before them (a conversation's item, a vector store's file or
+# file batch): the provider finds them only inside that resource, so whose they are is the resource's owner's
+PART_PARAMS = frozenset({"item_id", "file_id", "batch_id"})
 
 
 def check_resource_id(name: str, value: str) -> None:

@@ -43,6 +43,8 @@ class ProviderLike(Upstream):
         super().__init__()
         self.made: set[str] = set()
         self.batches: dict[str, dict] = {}
+        self.objects: dict[str, dict] = {}  # conversations and vector stores
+        self.parts: dict[tuple[str, str], dict[str, dict]] = {}  # (its id, items|files|file_batches) -> id -> part
 
     async def resource(self, request: web.Request) -> web.Response:
         rid = request.match_info.get("id")
@@ -68,6 +70,108 @@ class ProviderLike(Upstream):
     def routes(self, app: web.Application) -> None:
         super().routes(app)
         app.router.add_get("/v1/batches", self.resource)
+        for kind, subs in (("conversations", ("items",)), ("vector_stores", ("files", "file_batches"))):
+            base = f"/v1/{kind}"
+            app.router.add_post(base, self.stores)
+            app.router.add_get(base, self.stores)
+            for path in (base + "/{id}", base + "/{id}/search", *(f"{base}/{{id}}/{sub}" for sub in subs),
+                         *(f"{base}/{{id}}/{sub}/{{part}}" for sub in subs),
+                         *(f"{base}/{{id}}/{sub}/{{part}}/{{more}}" for sub in subs)):
+                for method in ("GET", "POST", "DELETE"):
+                    app.router.add_route(method, path, self.stores)
+
+    async def stores(self, request: web.Request) -> web.Response:
+        """Conversations and vector stores as the provider keeps them, with their items, files and file batches;
+        an id it did not make is its 404."""
+        raw = await request.read()
+        body = orjson.loads(raw) if raw else {}
+        self.requests.append({"path": request.path, "method": request.method, "headers": dict(request.headers),
+                              "body": body, "query": request.query_string})
+        kind, *rest = request.path.split("/")[2:]
+        conv = kind == "conversations"
+        if not rest and request.method == "GET":  # the account's vector stores (conversations have no list)
+            data = [o for o in reversed(self.objects.values()) if o["object"] == "vector_store"]
+            return web.json_response({"object": "list", "data": data, "has_more": False,
+                                      "first_id": data[0]["id"] if data else None,
+                                      "last_id": data[-1]["id"] if data else None})
+        if not rest:
+            oid = f"{'conv' if conv else 'vs'}_{len(self.objects) + 1}"
+            self.objects[oid] = {"id": oid, "object": "conversation" if conv else "vector_store",
+                                 "created_at": 1700000000, "metadata": body.get("metadata") or {},
+                                 **({} if conv else {"name": body.get("name"), "status": "completed",
+                                                     "usage_bytes": 0, "file_counts": {}})}
+            self.made.add(oid)
+            for item in body.get("items") or []:
+                self._part(oid, "items", item)
+            for fid in body.get("file_ids") or []:
+                self._part(oid, "files", {"id": fid})
+            return web.json_response(self.objects[oid])
+        oid = rest[0]
+        if oid not in self.objects:
+            return self._missing(oid)
+        if len(rest) == 1:
+            if request.method == "DELETE":
+                del self.objects[oid]
+                return web.json_response({"id": oid, "object": f"{'conversation' if conv else 'vector_store'}.deleted",
+                                          "deleted": True})
+            if request.method == "POST":
+                self.objects[oid].update({k: v for k, v in body.items() if k in ("metadata", "name")})
+            return web.json_response(self.objects[oid])
+        sub = rest[1]
+        if sub == "search":
+            return web.json_response({"object": "vector_store.search_results.page", "search_query": [body["query"]],
+                                      "data": [], "has_more": False, "next_page": None})
+        parts = self.parts.setdefault((oid, sub), {})
+        if len(rest) == 2 and request.method == "GET":
+            data = list(parts.values())
+            return web.json_response({"object": "list", "data": data, "has_more": False,
+                                      "first_id": data[0]["id"] if data else None,
+                                      "last_id": data[-1]["id"] if data else None})
+        if len(rest) == 2:
+            if sub == "items":
+                made = [self._part(oid, sub, item) for item in body["items"]]
+                return web.json_response({"object": "list", "data": made, "has_more": False,
+                                          "first_id": made[0]["id"], "last_id": made[-1]["id"]})
+            if sub == "files":
+                return web.json_response(self._part(oid, sub, {"id": body["file_id"]}))
+            for fid in body.get("file_ids") or []:
+                self._part(oid, "files", {"id": fid})
+            return web.json_response(self._part(oid, sub, {"id": f"vsfb_{len(self.made)}",
+                                                            "file_ids": body.get("file_ids") or []}))
+        pid = rest[2]
+        if pid not in parts:
+            return self._missing(pid)
+        if len(rest) == 4 and rest[3] == "content":
+            return web.json_response({"object": "vector_store.file_content.page", "has_more": False,
+                                      "next_page": None, "data": [{"type": "text", "text": "the handbook"}]})
+        if len(rest) == 4 and rest[3] == "cancel":
+            parts[pid]["status"] = "cancelled"
+            return web.json_response(parts[pid])
+        if len(rest) == 4:  # a file batch's files
+            data = [self.parts[(oid, "files")][f] for f in parts[pid]["file_ids"]]
+            return web.json_response({"object": "list", "data": data, "has_more": False})
+        if request.method == "DELETE":
+            del parts[pid]
+            return web.json_response(self.objects[oid] if conv else {"id": pid, "deleted": True,
+                                                                       "object": "vector_store.file.deleted"})
+        if request.method == "POST":
+            parts[pid]["attributes"] = body.get("attributes")
+        return web.json_response(parts[pid])
+
+    def _part(self, oid: str, sub: str, obj: dict) -> dict:
+        if sub == "items":
+            obj = {**obj, "id": f"msg_{len(self.made)}", "status": "completed"}
+        else:
+            obj = {**obj, "object": "vector_store.file" if sub == "files" else "vector_store.files_batch",
+                   "vector_store_id": oid, "status": "completed", "created_at": 1700000000}
+        self.made.add(obj["id"])
+        self.parts.setdefault((oid, sub), {})[obj["id"]] = obj
+        return obj
+
+    @staticmethod
+    def _missing(rid: str) -> web.Response:
+        return web.json_response({"error": {"message": f"No such object: '{rid}'", "param": None,
+                                            "type": "invalid_request_error", "code": None}}, status=404)
 
     async def batch(self, request: web.Request, rid: str | None, body: dict) -> web.Response:
         """Batches as the provider keeps them: made from an uploaded input file, and finished at once, with an
@@ -111,6 +215,14 @@ class ProviderLike(Upstream):
     async def responses(self, request: web.Request) -> web.StreamResponse:
         body = _fold(orjson.loads(await request.read()))
         prev = body.get("previous_response_id")
+        conv = body.get("conversation")
+        conv = conv.get("id") if isinstance(conv, dict) else conv
+        stores = [v for t in body.get("tools") or [] for v in t.get("vector_store_ids") or []]
+        for rid in [conv] * bool(conv) + stores:
+            if rid not in self.made:
+                self.requests.append({"path": request.path, "headers": dict(request.headers), "body": body})
+                return web.json_response({"error": {"message": f"No such object: '{rid}'", "param": None,
+                                                    "type": "invalid_request_error", "code": None}}, status=404)
         if prev is not None and prev not in self.made:
             self.requests.append({"path": request.path, "headers": dict(request.headers), "body": body})
             return web.json_response({"error": {
@@ -233,6 +345,7 @@ def test_resources_made_out_of_the_gateways_sight_are_no_tenants(gw, provider):
     # a container the provider makes for the call is fine; a platform key reaches the account's resources
     assert g.responses.create(model="gpt-test", input="x", tools=[{"type": "code_interpreter",
                                                                     "container": {"type": "auto"}}]).id
+    provider.made.add("conv_p")  # made straight at the provider
     assert sdk(gw, PLATFORM).responses.create(model="gpt-test", input="x", extra_body={"conversation": "conv_p"}).id
 
 
@@ -313,9 +426,14 @@ def test_a_batchs_files_stay_its_owners_after_a_restart(provider, tmp_path):
     gw = GatewayProcess(tmp_path, _config(provider), env=_ENV)
     with gw:
         b = sdk(gw, ACME).batches.retrieve(_batch(sdk(gw, ACME)))
+        conv, vs = sdk(gw, ACME).conversations.create().id, sdk(gw, ACME).vector_stores.create(name="kb").id
     with gw:
         _refused_files(sdk(gw, GLOBEX), b.output_file_id, b.error_file_id)
         assert sdk(gw, ACME).files.content(b.output_file_id).read()
+        assert sdk(gw, ACME).responses.create(model="gpt-test", input="x", conversation=conv).id
+        assert sdk(gw, ACME).vector_stores.retrieve(vs).id == vs
+        not_found(lambda: sdk(gw, GLOBEX).conversations.retrieve(conv))
+        not_found(lambda: sdk(gw, GLOBEX).vector_stores.retrieve(vs))
 
 
 def test_ids_no_tenant_owns_are_refused_to_tenant_keys(gw, provider):
@@ -391,3 +509,82 @@ def test_an_upgrade_keeps_what_tenants_made_before_owners_were_recorded(provider
         not_found(lambda: g.responses.retrieve(rid))
         not_found(lambda: g.chat.completions.retrieve(cid))
         not_found(lambda: g.responses.retrieve(unstored))  # `store: false`: nothing to own
+
+
+def test_conversations_and_vector_stores_are_carried_and_their_creators(gw, provider):
+    """The Conversations and Vector Stores APIs were not carried, so the gateway never saw one made and refused every
+    tenant key's `conversation` and `vector_store_ids` (security trial: tenants lost the Responses API's state and
+    file_search). Carried, what a tenant creates is its own: it uses, lists and changes it; another tenant's, like
+    nobody's, is the 404, in the path or the body, before the provider is asked."""
+    a, g = sdk(gw, ACME), sdk(gw, GLOBEX)
+    conv = a.conversations.create(items=[{"type": "message", "role": "user", "content": "my code is 7"}],
+                                  metadata={"topic": "codes"})
+    item = a.conversations.items.list(conv.id).data[0].id
+    assert a.conversations.items.create(conv.id, items=[{"type": "message", "role": "user", "content": "ok"}]).data
+    assert a.conversations.items.retrieve(item, conversation_id=conv.id).id == item
+    assert a.conversations.update(conv.id, metadata={"topic": "other"}).metadata == {"topic": "other"}
+    assert a.responses.create(model="gpt-test", input="and the code?", conversation=conv.id).id
+    assert a.responses.create(model="gpt-test", input="again?", conversation={"id": conv.id}).id
+    f1, f2 = (a.files.create(file=(f"{n}.txt", b"handbook", "text/plain"), purpose="assistants").id for n in "ab")
+    vs = a.vector_stores.create(name="kb", file_ids=[f1])
+    assert a.vector_stores.files.create(vector_store_id=vs.id, file_id=f2).id == f2
+    assert {f.id for f in a.vector_stores.files.list(vs.id)} == {f1, f2}
+    assert a.vector_stores.files.retrieve(f1, vector_store_id=vs.id).id == f1
+    assert a.vector_stores.files.update(f1, vector_store_id=vs.id, attributes={"k": "v"}).attributes == {"k": "v"}
+    assert [c.text for c in a.vector_stores.files.content(f1, vector_store_id=vs.id)] == ["the handbook"]
+    fb = a.vector_stores.file_batches.create(vs.id, file_ids=[f1])
+    assert a.vector_stores.file_batches.retrieve(fb.id, vector_store_id=vs.id).id == fb.id
+    assert [f.id for f in a.vector_stores.file_batches.list_files(fb.id, vector_store_id=vs.id)] == [f1]
+    a.vector_stores.file_batches.cancel(fb.id, vector_store_id=vs.id)
+    assert a.vector_stores.search(vs.id, query="refunds").search_query == ["refunds"]
+    assert a.vector_stores.update(vs.id, name="kb2").name == "kb2"
+    assert a.responses.create(model="gpt-test", input="x", tools=[{"type": "file_search",
+                                                                    "vector_store_ids": [vs.id]}]).id
+    theirs = g.vector_stores.create(name="globex kb")
+    assert vs.id in [v.id for v in a.vector_stores.list()] and theirs.id not in [v.id for v in a.vector_stores.list()]
+    assert [v.id for v in g.vector_stores.list()] == [theirs.id]
+    provider.clear()
+    pairs = [  # (acme's, nobody's): globex gets the same 404 for each
+        (lambda: g.conversations.retrieve(conv.id), lambda: g.conversations.retrieve("conv_none")),
+        (lambda: g.conversations.items.list(conv.id), lambda: g.conversations.items.list("conv_none")),
+        (lambda: g.conversations.items.retrieve(item, conversation_id=conv.id),
+         lambda: g.conversations.items.retrieve(item, conversation_id="conv_none")),
+        (lambda: g.conversations.items.create(conv.id, items=[{"type": "message", "role": "user", "content": "x"}]),
+         lambda: g.conversations.items.create("conv_none", items=[{"type": "message", "role": "user",
+                                                                     "content": "x"}])),
+        (lambda: g.conversations.delete(conv.id), lambda: g.conversations.delete("conv_none")),
+        (lambda: g.responses.create(model="gpt-test", input="the code?", conversation=conv.id),
+         lambda: g.responses.create(model="gpt-test", input="the code?", conversation="conv_none")),
+        (lambda: g.vector_stores.retrieve(vs.id), lambda: g.vector_stores.retrieve("vs_none")),
+        (lambda: g.vector_stores.search(vs.id, query="x"), lambda: g.vector_stores.search("vs_none", query="x")),
+        (lambda: g.vector_stores.files.list(vs.id), lambda: g.vector_stores.files.list("vs_none")),
+        (lambda: g.vector_stores.files.content(f1, vector_store_id=vs.id),
+         lambda: g.vector_stores.files.content(f1, vector_store_id="vs_none")),
+        (lambda: g.vector_stores.file_batches.retrieve(fb.id, vector_store_id=vs.id),
+         lambda: g.vector_stores.file_batches.retrieve(fb.id, vector_store_id="vs_none")),
+        (lambda: g.vector_stores.delete(vs.id), lambda: g.vector_stores.delete("vs_none")),
+        (lambda: g.responses.create(model="gpt-test", input="x", tools=[{"type": "file_search",
+                                                                         "vector_store_ids": [vs.id]}]),
+         lambda: g.responses.create(model="gpt-test", input="x", tools=[{"type": "file_search",
+                                                                         "vector_store_ids": ["vs_none"]}])),
+        (lambda: g.vector_stores.list(after=vs.id), lambda: g.vector_stores.list(after="vs_none")),
+        # acme's files into globex's own store, or a new one
+        (lambda: g.vector_stores.files.create(vector_store_id=theirs.id, file_id=f1),
+         lambda: g.vector_stores.files.create(vector_store_id=theirs.id, file_id="file-none")),
+        (lambda: g.vector_stores.create(name="x", file_ids=[f1]),
+         lambda: g.vector_stores.create(name="x", file_ids=["file-none"])),
+    ]
+    for n, (mine, missing) in enumerate(pairs):
+        x, y = not_found(mine), not_found(missing)
+        assert x == y and x[0]["code"] == "resource_not_found", (n, x, y)
+    assert provider.requests == [], "nothing of acme's reached the provider for globex"
+    assert sdk(gw, PLATFORM).conversations.retrieve(conv.id).id == conv.id  # platform and admin keys reach all
+    assert sdk(gw, ADMIN).vector_stores.retrieve(vs.id).id == vs.id
+    # a part the provider does not have, inside the tenant's own: the gateway's 404 naming the part
+    with pytest.raises(openai.NotFoundError) as e:
+        a.conversations.items.retrieve("msg_none", conversation_id=conv.id)
+    err = e.value.response.json()["error"]
+    assert "msg_none" in err["message"] and err["param"] == "item_id", err
+    a.conversations.items.delete(item, conversation_id=conv.id)
+    a.vector_stores.files.delete(f2, vector_store_id=vs.id)
+    assert a.vector_stores.delete(vs.id).deleted and a.conversations.delete(conv.id).deleted
