@@ -218,16 +218,14 @@ class ResourceOwners:
         """The ids among `ids` that are not `customer`'s: another customer's, or nobody's (made outside the
         gateway, by the admin key, or before it recorded owners), once looked for again for `settle` seconds."""
         owners = await self._owners(ids)
-        missing = [i for i, who in owners.items() if who is None]
-        deadline = self._clock() + self._settle
-        while missing and self._settle > 0:  # made by another worker a moment ago: known once its call is stored
-            left = deadline - self._clock()
-            if left <= 0:
-                break
-            await asyncio.sleep(min(_SETTLE_POLL, left))
-            found = await self._owners(missing, fresh=True)
-            owners.update(found)
-            missing = [i for i in missing if found[i] is None]
+        if self._settle > 0 and None in owners.values():  # made by another worker a moment ago: known once stored
+            missing = [i for i, who in owners.items() if who is None]
+            deadline = self._clock() + self._settle
+            while missing and (left := deadline - self._clock()) > 0:
+                await asyncio.sleep(min(_SETTLE_POLL, left))
+                found = await self._owners(missing, fresh=True)
+                owners.update(found)
+                missing = [i for i in missing if found[i] is None]
         return [i for i, who in owners.items() if who != customer]
 
     async def refuse_foreign(self, wanted: list[tuple[str, str]], customer: str) -> None:
@@ -254,11 +252,14 @@ class ResourceOwners:
         now = self._clock()
         out: dict[str, str | None] = {}
         ask = []
+        granted = self._granted
         for i in ids:
-            who = self._granted.get(i) or self._owner.get(i)
-            if who is not None:
-                if i in self._owner:
+            who = granted.get(i) if granted else None
+            if who is None:
+                who = self._owner.get(i)
+                if who is not None:
                     self._owner.move_to_end(i)
+            if who is not None:
                 out[i] = who
             elif not fresh and self._unknown.get(i, 0.0) > now:
                 out[i] = None
