@@ -7,17 +7,30 @@ the provider's per-deployment state are computed once per model name. Pure looku
 """
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 
 from .config import GatewayConfig, ModelConfig
 from .providers.names import base_url, kind_of, server_address
 from .routing import fallback_chain
 
-__all__ = ["ModelRoutes", "is_wildcard", "wildcard_upstream"]
+__all__ = ["ModelRoutes", "is_wildcard", "wildcard_upstream", "wildcard_match_ok"]
 
 
 def is_wildcard(name: str) -> bool:
     return name.endswith("*")
+
+
+# What a wildcard's match may hold. It becomes the upstream model, which some providers put in a URL's path
+# (Azure's deployment; Bedrock's and Vertex's model ids through litellm): a tenant's `az/gpt-4o/../admin` reached
+# {base}/admin with the operator's key, past allowed_models' `az/gpt-4o*`. So: no `.`/`..` segment, none of
+# `? # % \`, no whitespace or control character; and for Azure, whose deployment is one path segment, no `/`.
+# Names like `meta-llama/Llama-3.1-8B`, `llama3:8b` and `ft:gpt-4o:org::id` stay valid.
+_UNSAFE_MATCH = re.compile(r"[?#%\\\s\x00-\x1f\x7f]|(?:^|/)\.\.?(?:/|\Z)")
+
+
+def wildcard_match_ok(entry: ModelConfig, rest: str) -> bool:
+    return not _UNSAFE_MATCH.search(rest) and not (entry.provider == "azure" and "/" in rest)
 
 
 def wildcard_upstream(entry: ModelConfig, requested: str) -> str:
@@ -59,7 +72,8 @@ class ModelRoutes:
             return m
         for prefix, m in self._prefixes:
             if name.startswith(prefix) and len(name) > len(prefix):
-                return m
+                # a match that could leave its place in the upstream's URL names no model (a 404, as unknown)
+                return m if wildcard_match_ok(m, name[len(prefix):]) else None
         return None
 
     def resolve(self, name: str) -> ModelConfig | None:
