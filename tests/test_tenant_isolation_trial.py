@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import httpx
 import openai
@@ -24,6 +25,7 @@ import pytest
 from aiohttp import web
 
 from gateway.auth import hash_key
+from tests.fake_clickhouse import ChdbClickHouse
 from tests.gateway_process import GatewayProcess
 from tests.upstream import Upstream
 
@@ -588,3 +590,27 @@ def test_conversations_and_vector_stores_are_carried_and_their_creators(gw, prov
     a.conversations.items.delete(item, conversation_id=conv.id)
     a.vector_stores.files.delete(f2, vector_store_id=vs.id)
     assert a.vector_stores.delete(vs.id).deleted and a.conversations.delete(conv.id).deleted
+
+
+def test_an_id_another_gateway_made_a_moment_ago_is_found_before_the_refusal(provider, tmp_path):
+    """Two gateways (or workers) on one ClickHouse server: an id one made is known to the other once its call is
+    stored, a batch window later. Refusing nobody's ids at once refused the tenant its own fresh file there; the
+    other gateway looks again for recording.batch_max_seconds + 1 s first. Another tenant's is refused at once."""
+    with ChdbClickHouse(tmp_path / "ch") as ch:
+        def config() -> dict:
+            return {**_config(provider), "storage": {"dsn": ch.dsn("admin", "tw_settle")},
+                    "recording": {"batch_max_seconds": 1.0}}
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        with GatewayProcess(tmp_path / "a", config(), env=_ENV) as a, \
+                GatewayProcess(tmp_path / "b", config(), env=_ENV) as b:
+            fid = sdk(a, ACME).files.create(file=("a.jsonl", _LINE, "application/jsonl"), purpose="batch").id
+            t = time.monotonic()
+            assert sdk(b, ACME).files.retrieve(fid).id == fid
+            assert time.monotonic() - t < 2.5
+            t = time.monotonic()
+            not_found(lambda: sdk(b, GLOBEX).files.retrieve(fid))
+            assert time.monotonic() - t < 1.0, "another tenant's: no wait"
+            t = time.monotonic()
+            assert not_found(lambda: sdk(b, ACME).files.retrieve("file-nobodys"))[0]["code"] == "resource_not_found"
+            assert 1.9 < time.monotonic() - t < 5, "nobody's: refused once the window has passed"
