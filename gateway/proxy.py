@@ -597,7 +597,7 @@ class Proxy(WireStreamRelay):
         acc = StreamAccumulator(call.capture)
         if call.capture:
             call.answer = acc
-        done = False
+        done = failed = False  # failed: the upstream's own error event came (OpenAI ends the stream there)
         await call.start(200, [*_SSE_HEADERS, *self._return_headers.pick(getattr(opened.stream, "headers", ()))])
         event: bytes | None = opened.first
         last = b""  # what ends the stream besides the upstream's events
@@ -614,6 +614,7 @@ class Proxy(WireStreamRelay):
                     if obj is not None:
                         if obj.get("error"):
                             rec.fail("upstream_stream_error", str(obj["error"])[:500])
+                            failed = True
                         usage = obj.get("usage")
                         if usage:
                             self._read_usage(usage, rec, d)
@@ -630,7 +631,7 @@ class Proxy(WireStreamRelay):
                     event = await opened.events.__anext__()
                 except StopAsyncIteration:
                     event = None
-            if not done:
+            if not done and not failed:  # after its error event the client has the upstream's own word
                 raise UpstreamFailure("stream_cut", "upstream ended the stream without [DONE]")
         except UpstreamFailure as f:
             # bytes already reached the client: no fallback is possible; end with an error event the SDK raises on

@@ -275,9 +275,10 @@ class WireStreamRelay:
             raise
         finally:
             self._read_usage(reader.usage(), rec, d)
-            await self._end_relayed(call, d, opened, cut=not reader.usage_final and not reader.done,
-                                    chars=reader.chars, answer=(reader.model, reader.id, reader.finish_reasons()),
-                                    last=last)
+            # an error event ends the stream without the provider's count: billed at estimates, as a cut is
+            cut = not reader.usage_final and (not reader.done or bool(reader.failed))
+            await self._end_relayed(call, d, opened, cut=cut, chars=reader.chars,
+                                    answer=(reader.model, reader.id, reader.finish_reasons()), last=last)
 
     async def _end_relayed(self, call: Any, d: Any, opened: Any, *, cut: bool, chars: int, answer: tuple,
                            last: bytes) -> None:

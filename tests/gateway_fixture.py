@@ -97,6 +97,7 @@ def gateway_config(upstream_base: str, **overrides: Any) -> dict:
              "fallbacks": ["gpt-test"]},
             {"name": "cut", "model": "cut-a", **openai},
             {"name": "midstream-error", "model": "midstreamerror-a", **openai},
+            {"name": "error-end", "model": "errorend-a", **openai},
             {"name": "slowstream", "model": "slowstream-a", **openai},
             {"name": "tools", "model": "tools-a", **openai},
             {"name": "embed", "model": "ok-embed", **openai},

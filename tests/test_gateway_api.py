@@ -357,6 +357,31 @@ def test_mid_stream_error_event_is_relayed_without_secrets(gateway):
     assert UPSTREAM_KEY not in (span.status.description or "") and "***" in span.status.description
 
 
+def test_a_stream_the_upstream_ends_with_its_error_event_is_its_error_told_once_and_billed(gateway):
+    """OpenAI ends a failed stream with an error event and no [DONE]: the client gets that event alone (it was
+    followed by tagway's own 'stream without [DONE]' one), and the record says the provider's error, not a cut,
+    at estimated counts (app-developer trial)."""
+    with httpx.stream("POST", gateway.url + "/v1/chat/completions", headers={"authorization": f"Bearer {KEYS['acme']}"},
+                      json={"model": "error-end", "messages": MSG, "stream": True}) as r:
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+        trace = r.headers["x-tagway-trace-id"]
+    errors = [json.loads(e[6:]) for e in events if '"error"' in e]
+    assert [e["error"]["message"] for e in errors] == ["The server had an error while processing your request."]
+    with pytest.raises(openai.APIError, match="The server had an error"):  # the SDK raises the provider's words
+        list(client(gateway).chat.completions.create(model="error-end", messages=MSG, stream=True))
+    a = gateway.recorder.call(trace).attributes
+    assert a[sc.ERROR_TYPE] == "upstream_stream_error" and a[sc.USAGE_ESTIMATED] in (True, "true")
+    assert a[sc.INPUT_TOKENS] > 0 and a[sc.OUTPUT_TOKENS] >= 1
+    # the Responses API's error event: the provider's error, and billed at estimates too (it was 0 tokens)
+    with httpx.stream("POST", gateway.url + "/v1/responses", headers={"authorization": f"Bearer {KEYS['acme']}"},
+                      json={"model": "error-end", "input": "hello there", "stream": True}) as r:
+        assert sum(1 for line in r.iter_lines() if line.startswith("event: error")) == 1
+        trace = r.headers["x-tagway-trace-id"]
+    a = gateway.recorder.call(trace).attributes
+    assert a[sc.ERROR_TYPE] == "upstream_stream_error" and a[sc.USAGE_ESTIMATED] in (True, "true")
+    assert a[sc.INPUT_TOKENS] > 0 and a[sc.OUTPUT_TOKENS] >= 1
+
+
 def test_non_stream_client_hang_up_cancels_the_upstream_call_and_is_recorded(gateway, upstream):
     upstream.clear()
     with pytest.raises(httpx.ReadTimeout):

@@ -10,6 +10,8 @@ Behaviour is picked by the upstream model name the gateway sends, so one server 
   refund-bad-* answers "WRONG" when the prompt mentions refund, else like ok-*
   garbage-*   answers 502 with an HTML body
   midstreamerror-*  streams one chunk, then an error event (mentioning the upstream key), then [DONE]
+  errorend-*  streams one chunk (Responses: one text delta), then the API's error event, and ends without [DONE]
+              (as OpenAI ends a stream that failed)
   echokey-*   answers 200 with the bearer key it was sent in its text (a provider that leaks its key)
   jsonstream-*  answers a stream request with plain JSON; ssewhole-* answers a non-stream request with SSE;
   badjson-*     answers 200 with a body that is not JSON
@@ -163,6 +165,11 @@ class Upstream(ThreadedServer):
             for i, word in enumerate(text.split(" ")):
                 await event({**chunk, "choices": [{"index": 0, "delta": {"content": (" " if i else "") + word},
                                                    "finish_reason": None}]})
+                if model.startswith("errorend") and i == 0:
+                    await event({"error": {"message": "The server had an error while processing your request.",
+                                           "type": "server_error"}})
+                    await resp.write_eof()
+                    return resp
                 if model.startswith("midstreamerror") and i == 0:
                     await event({"error": {"message": f"overloaded (key {SECRET_ECHO})", "type": "server_error"}})
                     await resp.write(b"data: [DONE]\n\n")
@@ -239,6 +246,11 @@ class Upstream(ThreadedServer):
                     if model.startswith("cut") and n == 0:
                         await asyncio.sleep(0.05)
                         request.transport.close()
+                        return stream
+                    if model.startswith("errorend") and n == 0:
+                        await ev("error", {"code": "server_error", "message": "The server had an error.",
+                                           "param": None})
+                        await stream.write_eof()
                         return stream
                     if model.startswith("slowstream"):
                         await asyncio.sleep(0.3)
