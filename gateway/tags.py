@@ -175,6 +175,9 @@ def apply_taxonomy(t: ResolvedTags, tax: Taxonomy) -> ResolvedTags:
     kept: dict[str, str] = {}
     for k, v in t.tags.items():
         rule = tax.keys.get(k)
+        if rule is None and k == SESSION_KEY:  # metadata.session_id names the call's session: never unknown
+            kept[k] = v
+            continue
         if rule is None or (rule.values is not None and v not in rule.values):
             if tax.unknown == "reject":
                 unknown(f"tag {k}={v!r}" if rule else f"tag key {k!r}", f"tags.{k}")

@@ -63,6 +63,18 @@ def test_taxonomy_reject_and_required():
     assert (ok.intent, ok.tags) == ("refund", {"region": "eu"})
 
 
+@pytest.mark.parametrize("unknown", ["reject", "drop"])
+def test_a_strict_taxonomy_still_takes_the_documented_session_id(unknown):
+    """metadata.session_id names the call's session (README): a taxonomy that refuses or drops unknown keys left
+    apps no way to send one in the body (400 'tag key session_id is not in the tag taxonomy')."""
+    tax = Taxonomy(keys={"region": {"values": ["eu"]}}, unknown=unknown)
+    t = resolve(metadata={"session_id": "Chat-42", "region": "eu"}, taxonomy=tax)
+    assert t.session_id == "Chat-42" and t.tags == {"region": "eu", "session_id": "chat-42"}
+    if unknown == "reject":
+        with pytest.raises(GatewayError):  # any other unknown key still is
+            resolve(metadata={"session_id": "Chat-42", "color": "red"}, taxonomy=tax)
+
+
 def test_customer_rules():
     with pytest.raises(GatewayError) as e:
         resolve(headers={"customer": "globex"})
