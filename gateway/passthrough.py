@@ -264,7 +264,7 @@ class Passthrough:
                     if e.code == "resource_not_found":
                         raise e
             else:
-                self._read_answer(rec, body, d, model)
+                self._read_answer(rec, body, d, model, spends=_spends(route))
                 if list_for is not None:
                     body = await self._own_items(body, list_for, *paging)
                 elif route.api in CREATING_APIS and rec.response_id:
@@ -289,7 +289,8 @@ class Passthrough:
             rec.fail("stream_cut", f"upstream broke off mid-response: {type(e).__name__}")
         await call.end_stream()
 
-    def _read_answer(self, rec: CallRecord, body: bytes, d: ModelConfig, model: str) -> None:
+    def _read_answer(self, rec: CallRecord, body: bytes, d: ModelConfig, model: str, *, spends: bool = True) -> None:
+        """`spends`: the call made what its answer's usage counts (not a stored object read back: _spends)."""
         try:
             obj = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -299,7 +300,7 @@ class Passthrough:
         rid = obj.get("id")
         rec.answered(obj.get("model"), rid if isinstance(rid, str) else "", [])
         usage = obj.get("usage")
-        if isinstance(usage, dict):
+        if spends and isinstance(usage, dict):
             rec.usage(usage.get("input_tokens", usage.get("prompt_tokens")),
                       usage.get("output_tokens", usage.get("completion_tokens")))
         owner = model or d.name
@@ -349,6 +350,12 @@ class Passthrough:
         for s in self._secrets:
             body = body.replace(s, b"***")
         return body
+
+
+def _spends(route: Route) -> bool:
+    """Whether the usage in the route's answer was spent by this call: a stored response or completion read back,
+    updated, cancelled or listed carries the usage of the call that made it (counted then), not this one's."""
+    return route.method == "POST" and not route.api.endswith((".cancel", ".update"))
 
 
 def params_named(route: Route, name: str) -> bool:

@@ -66,6 +66,14 @@ def test_responses_by_id(gw, upstream):
     r = sdk(gw).responses
     raw = r.with_raw_response.retrieve("resp_1")
     assert span(gw, raw).attributes[sc.OPERATION] == "responses.retrieve"
+    # a stored object read back, cancelled or updated carries the usage of the call that made it, counted then: not
+    # again for this call (16 retrieves added 3,558 tokens to a tenant's stats: app-developer trial)
+    for raw in (raw, r.with_raw_response.cancel("resp_1"),
+                sdk(gw).chat.completions.with_raw_response.retrieve("chatcmpl-abc"),
+                sdk(gw).chat.completions.with_raw_response.update("chatcmpl-abc", metadata={"k": "v"})):
+        assert raw.http_response.json()["usage"]["input_tokens"] == 40  # the upstream's answer carries it
+        a = span(gw, raw).attributes
+        assert sc.INPUT_TOKENS not in a and sc.OUTPUT_TOKENS not in a, a[sc.API]
     r.cancel("resp_1")
     assert upstream.last("/v1/responses/resp_1/cancel")["method"] == "POST"
     assert [i.id for i in r.input_items.list("resp_1")] == ["listed-1", "listed-2"]
