@@ -64,6 +64,11 @@ class ModelConfig(_Strict):
     # translated providers (litellm): drop the OpenAI parameters the provider has no equivalent for (presence_penalty,
     # seed, n... on Anthropic) instead of answering 400 unsupported_parameter
     drop_params: bool = False
+    # pass-through streams (chat, completions): ask the upstream for its usage chunk (`stream_options.include_usage`)
+    # so the call's tokens are counted. Left true, an upstream's first refusal of the field (a 400 naming
+    # stream_options) turns it off for that model until a restart; false never sends it. Either way such streams'
+    # tokens are estimated (gateway/usage_estimate.py)
+    stream_usage: bool = True
     # override litellm's local price map; finite and not negative (an infinite or NaN price is no cost anyone can sum)
     input_cost_per_token: float | None = Field(None, ge=0, allow_inf_nan=False)
     output_cost_per_token: float | None = Field(None, ge=0, allow_inf_nan=False)

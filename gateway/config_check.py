@@ -55,6 +55,10 @@ def findings(cfg: GatewayConfig, path: str | None, env: Mapping[str, str], store
             out.append(Finding(f"models[{i}] ({m.name}).drop_params",
                                f"has no effect: {m.provider} is passed the request as it is sent, not translated, "
                                "so its own API answers a parameter it does not take", "remove it"))
+        if not m.stream_usage and kind_of(m.provider) != "pass_through":
+            out.append(Finding(f"models[{i}] ({m.name}).stream_usage",
+                               f"has no effect: {m.provider} is not passed the request as it is sent, and its "
+                               "translation always counts a stream's tokens", "remove it"))
     if not cfg.tenants:
         out.append(Finding("tenants", "no tenants: only the admin key can make calls",
                            "add a tenant (customer: name), then `tagway keys create --customer name`"))

@@ -36,7 +36,7 @@ from .redact import Redactor
 from .recent import RecentCalls
 from .request_checks import check_request, model_of, parse_object, stream_flag
 from .model_routes import ModelRoutes
-from .routing import body_for
+from .routing import body_for, refuses_stream_options
 from .shadow import ShadowDispatcher, ShadowJob
 from .tags import check_header, normalise, resolve_tags
 from .observe import CallObserver
@@ -131,6 +131,8 @@ class Proxy(WireStreamRelay):
         self._key_scope = KeyScope(b"\0".join(sorted(self._secrets)))  # those headers fitted to the key's tenant
         # mirrors sampled live calls to shadow candidates once they are answered (gateway/shadow.py)
         self.shadow = ShadowDispatcher(config.shadow, self.shadow_call) if config.shadow else None
+        # deployments whose upstream refused the stream_options tagway adds to ask for usage: never asked again
+        self._usage_refused: set[str] = set()
 
     # -- ASGI entry ---------------------------------------------------------------------------------------------
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -475,11 +477,26 @@ class Proxy(WireStreamRelay):
     async def _try(self, call: Call, d: ModelConfig) -> UpstreamResponse | _Opened:
         """One deployment: its whole answer, or its stream once the first event is in (a stream that ends before
         any event is a failure, so the next deployment can still answer)."""
-        up_payload, up_body = body_for(call.payload, call.body, d, call.stream and not call.client_wants_usage
-                                       and call.operation not in WIRES, call.operation)
-        upstream = UpstreamCall(d, call.operation, call.upstream_path, up_body, up_payload, call.stream,
-                                call.forward_headers)
-        result = await self.providers.for_deployment(d, call.operation).send(upstream)
+        ask_usage = call.stream and not call.client_wants_usage and call.operation not in WIRES and d.stream_usage \
+            and d.name not in self._usage_refused
+        up_payload, up_body = body_for(call.payload, call.body, d, ask_usage, call.operation)
+        provider = self.providers.for_deployment(d, call.operation)
+        try:
+            result = await provider.send(UpstreamCall(d, call.operation, call.upstream_path, up_body, up_payload,
+                                                      call.stream, call.forward_headers))
+        except UpstreamFailure as f:
+            if not (ask_usage and refuses_stream_options(f.status, f.body, call.payload)):
+                raise
+            # the field tagway added, refused: once more without it, and never again for this deployment (the
+            # stream's tokens are then estimated)
+            if d.name not in self._usage_refused:
+                self._usage_refused.add(d.name)
+                log.warning("model %r: the upstream refused stream_options (HTTP %s); its streams go without it "
+                            "from now on and their tokens are estimated (`stream_usage: false` on the model skips "
+                            "this first refusal)", d.name, f.status)
+            up_payload, up_body = body_for(call.payload, call.body, d, False, call.operation)
+            result = await provider.send(UpstreamCall(d, call.operation, call.upstream_path, up_body, up_payload,
+                                                      call.stream, call.forward_headers))
         if isinstance(result, UpstreamResponse):
             # a protocol error keeps the upstream's headers: its x-request-id is what its support asks for
             if call.stream:  # e.g. a server that ignores `stream`: relaying its JSON would break the client's parser
@@ -643,8 +660,8 @@ class Proxy(WireStreamRelay):
             if not call.watch.client_gone:  # the shutdown grace is over: an error the SDKs raise, not a silent cut
                 last = shutdown_event(openai_error_event)
             raise
-        finally:  # a stream cut or cancelled before its usage chunk is billed all the same
-            await self._end_relayed(call, d, opened, cut=rec.input_tokens is None and not done, chars=acc.chars,
+        finally:  # a stream cut or cancelled before its usage chunk, or without one, is billed all the same
+            await self._end_relayed(call, d, opened, cut=rec.input_tokens is None, chars=acc.chars,
                                     answer=(acc.model, acc.id, acc.finish_reasons()), last=last)
 
 

@@ -9,7 +9,7 @@ from exporters.vocabulary import normalise_tag_key
 from .config import GatewayConfig, ModelConfig
 from .tags import RESERVED
 
-__all__ = ["fallback_chain", "body_for", "upstream_metadata"]
+__all__ = ["fallback_chain", "body_for", "upstream_metadata", "refuses_stream_options"]
 
 _STORED_BY_DEFAULT = frozenset({"responses"})  # the Responses API stores unless told `store: false`
 
@@ -71,3 +71,10 @@ def body_for(payload: dict, body: bytes, d: ModelConfig, ask_usage: bool, operat
         opts = p.get("stream_options")
         p["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
     return p, orjson.dumps(p)
+
+
+def refuses_stream_options(status: int | None, body: bytes | None, payload: dict) -> bool:
+    """The upstream refused the `stream_options` tagway added to ask for a stream's usage (older Azure api-versions:
+    400 `Unrecognized request argument supplied: stream_options`; strict servers: 400 or 422 naming the field),
+    not one the client sent itself."""
+    return status in (400, 422) and body is not None and b"stream_options" in body and "stream_options" not in payload
