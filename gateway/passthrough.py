@@ -32,6 +32,7 @@ from .errors import (UPSTREAM_AUTH_STATUS, GatewayError, bad_request, forbidden,
 from .headers import HeaderFilter, KeyScope
 from .model_routes import ModelRoutes
 from .providers import ProviderRegistry, UpstreamFailure, kind_of
+from .providers.litellm_provider import TRANSLATED_RESPONSE_PREFIX
 from .providers.sse import json_object
 from .redact import Redactor
 from .resources import (CREATING_APIS, ResourceOwners, as_not_found, batch_files, batch_input_ids, not_found,
@@ -213,6 +214,11 @@ class Passthrough:
                 raise GatewayError(404, f"The model `{model}` does not exist or you do not have access to it.",
                                    code="model_not_found", param="model")
             return d
+        if params.get("id", "").startswith(TRANSLATED_RESPONSE_PREFIX):  # a translated provider's: stored nowhere
+            raise GatewayError(501, f"{scope['method']} {scope['path']}: the response was made by a provider tagway "
+                               "translates (litellm), which keeps no responses; stored-response routes are passed "
+                               "through to OpenAI-compatible upstreams only.", type_="invalid_request_error",
+                               code="route_not_supported", headers=[(b"x-should-retry", b"false")])
         owner = self._owners.get(params.get("id", ""))
         if owner is not None:
             d = self.routes.resolve(owner)

@@ -4,6 +4,7 @@ talks to OpenAI-compatible upstreams never pays it."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import re
 import sys
@@ -14,7 +15,7 @@ import orjson
 from .base import UpstreamCall, UpstreamFailure, UpstreamResponse
 from .sse import iter_events
 
-__all__ = ["LiteLLMProvider"]
+__all__ = ["LiteLLMProvider", "TRANSLATED_RESPONSE_PREFIX"]
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # never fetch the price list at import
 
@@ -167,7 +168,7 @@ class LiteLLMProvider:
                                                    stream_options={"include_usage": True}, **params, **kwargs)
                 return _LiteLLMStream(stream)
             resp = await litellm.acompletion(messages=p.get("messages"), **params, **kwargs)
-            return UpstreamResponse(200, resp.model_dump_json().encode())
+            return UpstreamResponse(200, orjson.dumps(_openai_completion(resp.model_dump())))
         except UpstreamFailure:
             raise
         except Exception as e:  # litellm maps provider errors onto OpenAI-like exception classes with status_code
@@ -192,20 +193,50 @@ _TRANSLATED_PARAMS = {
 }
 
 
+# the id of a response a translated provider made: litellm's own (base64 of `litellm:custom_llm_provider:<provider>;
+# model_id:...;response_id:...`, which names the provider behind the gateway and which only litellm's proxy, with its
+# database, could continue) becomes an opaque one with this prefix; nothing stores such a response, so its id is
+# never sent back to litellm (`previous_response_id` is refused, the stored-response routes answer 501)
+TRANSLATED_RESPONSE_PREFIX = "resp_tagway_"
+_LITELLM_RESPONSE_ID = "resp_bGl0ZWxs"  # "resp_" + base64("litell...")
+
+
+def _opaque_id(rid: Any) -> Any:
+    if isinstance(rid, str) and rid.startswith(_LITELLM_RESPONSE_ID):
+        return TRANSLATED_RESPONSE_PREFIX + hashlib.sha256(rid.encode()).hexdigest()[:40]
+    return rid
+
+
+def _no_previous_response(d: Any) -> UpstreamFailure:
+    """A translated provider keeps no responses (litellm's session handler needs its own proxy's database): a
+    follow-up turn names what to send instead, before litellm is asked. A 400: retrying will not change it."""
+    message = (f"Model {d.name!r} is served through translation (provider {d.provider}), which keeps no stored "
+               "responses, so `previous_response_id` cannot continue one. Send the whole conversation as `input` "
+               "instead: the earlier turns' input items and the output items they got, then the new input.")
+    body = orjson.dumps({"error": {"message": message, "type": "invalid_request_error",
+                                   "param": "previous_response_id", "code": "unsupported_parameter"}})
+    return UpstreamFailure("unsupported_parameter", message, status=400, body=body, retryable=False)
+
+
 async def _translated_api(litellm: Any, call: UpstreamCall, kwargs: dict) -> UpstreamResponse | "_EventStream":
     """The Responses API (litellm.aresponses) or Anthropic's Messages API (litellm's anthropic interface) for a
     provider that does not speak it: the API's request fields go to litellm, which maps what the provider knows."""
     known = _TRANSLATED_PARAMS[call.operation]
     p = {k: v for k, v in call.payload.items() if k in known}
     if call.operation == "responses":
+        if p.get("previous_response_id"):
+            raise _no_previous_response(call.deployment)
         result = await litellm.aresponses(stream=call.stream, **p, **kwargs)
     else:
         from litellm.anthropic_interface import messages  # noqa: PLC0415 - only for this API
 
         result = await messages.acreate(stream=call.stream, **{"max_tokens": 1024, **p}, **kwargs)
     if not call.stream:
-        body = result.model_dump_json() if hasattr(result, "model_dump_json") else orjson.dumps(result).decode()
-        return UpstreamResponse(200, body.encode())
+        obj = result.model_dump(mode="json") if hasattr(result, "model_dump") else result
+        if isinstance(obj, dict) and call.operation == "responses":
+            obj["id"] = _opaque_id(obj.get("id"))
+            obj.pop("provider_specific_fields", None)
+        return UpstreamResponse(200, orjson.dumps(obj))
     return _EventStream(result)
 
 
@@ -237,6 +268,9 @@ class _EventStream:
                     continue
                 obj = item.model_dump(mode="json", exclude_none=True) if hasattr(item, "model_dump") else item
                 name = obj.get("type", "message") if isinstance(obj, dict) else "message"
+                response = obj.get("response") if isinstance(obj, dict) else None
+                if isinstance(response, dict) and "id" in response:  # created, in_progress, completed, ...
+                    response["id"] = _opaque_id(response["id"])
                 yield f"event: {name}\n".encode() + b"data: " + orjson.dumps(obj) + b"\n\n"
         except UpstreamFailure:
             raise
@@ -247,6 +281,59 @@ class _EventStream:
         await _close_quietly(self._stream)
 
 
+# what litellm adds to OpenAI's chat shapes (a completion, its choices' messages; a chunk, its choices' deltas)
+_LITELLM_ONLY = ("provider_specific_fields", "citations")
+
+
+def _drop_nulls(usage: Any) -> None:
+    """litellm's usage has keys of its own, null unless the provider said something (iterations, speed, ...)."""
+    if isinstance(usage, dict):
+        for k in [k for k, v in usage.items() if v is None]:
+            del usage[k]
+
+
+def _openai_completion(obj: dict) -> dict:
+    """A translated chat completion in OpenAI's shape: without litellm's own keys."""
+    for k in _LITELLM_ONLY:
+        obj.pop(k, None)
+    _drop_nulls(obj.get("usage"))
+    for c in obj.get("choices") or ():
+        m = c.get("message") if isinstance(c, dict) else None
+        if isinstance(m, dict):
+            for k in _LITELLM_ONLY:
+                m.pop(k, None)
+    return obj
+
+
+def _openai_chunks(obj: dict) -> tuple[dict, ...]:
+    """A translated stream chunk in OpenAI's shape: without litellm's own keys, and usage on a chunk of its own
+    with `choices: []` (litellm gives it a stub choice after the finish, or puts it on a chunk with content), which
+    the proxy relays only to a client that asked for it (`stream_options.include_usage`)."""
+    for k in _LITELLM_ONLY:
+        obj.pop(k, None)
+    choices = obj.get("choices") or ()
+    stub = True
+    for c in choices:
+        delta = c.get("delta") if isinstance(c, dict) else None
+        if isinstance(delta, dict):
+            for k in _LITELLM_ONLY:
+                delta.pop(k, None)
+        if stub and (not isinstance(c, dict) or c.get("finish_reason") is not None
+                     or (isinstance(delta, dict) and any(v is not None for v in delta.values()))):
+            stub = False
+    usage = obj.get("usage")
+    if not usage:
+        if "usage" in obj:
+            del obj["usage"]
+        return (obj,)
+    _drop_nulls(usage)
+    if stub:
+        obj["choices"] = []
+        return (obj,)
+    rest = {k: v for k, v in obj.items() if k != "usage"}
+    return rest, {**obj, "choices": []}
+
+
 class _LiteLLMStream:
     def __init__(self, stream: Any) -> None:
         self._stream = stream
@@ -254,7 +341,8 @@ class _LiteLLMStream:
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
             async for chunk in self._stream:
-                yield b"data: " + chunk.model_dump_json(exclude_none=False).encode() + b"\n\n"
+                for obj in _openai_chunks(chunk.model_dump()):
+                    yield b"data: " + orjson.dumps(obj) + b"\n\n"
         except Exception as e:
             raise _failure(e) from None
         yield b"data: [DONE]\n\n"
