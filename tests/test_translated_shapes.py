@@ -102,6 +102,13 @@ def test_a_translated_responses_follow_up_turn_is_a_400_naming_what_to_send_inst
         {"role": "user", "content": "hello there"}, *[o.model_dump(exclude_none=True) for o in first.output],
         {"role": "user", "content": "and again"}])
     assert "and again" in again.output_text
+    # a conversation is state a translated provider does not keep either (a platform key: a tenant key's
+    # conversation id nobody owns is the 404 before this)
+    platform = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEYS["platform"], max_retries=0)
+    upstream.clear()
+    with pytest.raises(openai.BadRequestError) as e:
+        platform.responses.create(model="claude", input="and again", conversation="conv_abc", max_output_tokens=50)
+    assert (e.value.code, e.value.param) == ("unsupported_parameter", "conversation") and upstream.requests == []
 
 
 def test_a_translated_response_id_is_opaque_and_its_stored_routes_answer_501(gateway):

@@ -207,14 +207,19 @@ def _opaque_id(rid: Any) -> Any:
     return rid
 
 
-def _no_previous_response(d: Any) -> UpstreamFailure:
-    """A translated provider keeps no responses (litellm's session handler needs its own proxy's database): a
-    follow-up turn names what to send instead, before litellm is asked. A 400: retrying will not change it."""
+# what continues state kept at the provider: a translated provider keeps none (a stored response, a conversation)
+_STATE_PARAMS = ("previous_response_id", "conversation")
+
+
+def _no_previous_response(d: Any, param: str = "previous_response_id") -> UpstreamFailure:
+    """A translated provider keeps no responses or conversations (litellm's session handler needs its own proxy's
+    database): a follow-up turn names what to send instead, before litellm is asked. A 400: retrying will not
+    change it."""
     message = (f"Model {d.name!r} is served through translation (provider {d.provider}), which keeps no stored "
-               "responses, so `previous_response_id` cannot continue one. Send the whole conversation as `input` "
-               "instead: the earlier turns' input items and the output items they got, then the new input.")
+               f"responses or conversations, so `{param}` cannot continue one. Send the whole conversation as "
+               "`input` instead: the earlier turns' input items and the output items they got, then the new input.")
     body = orjson.dumps({"error": {"message": message, "type": "invalid_request_error",
-                                   "param": "previous_response_id", "code": "unsupported_parameter"}})
+                                   "param": param, "code": "unsupported_parameter"}})
     return UpstreamFailure("unsupported_parameter", message, status=400, body=body, retryable=False)
 
 
@@ -224,8 +229,9 @@ async def _translated_api(litellm: Any, call: UpstreamCall, kwargs: dict) -> Ups
     known = _TRANSLATED_PARAMS[call.operation]
     p = {k: v for k, v in call.payload.items() if k in known}
     if call.operation == "responses":
-        if p.get("previous_response_id"):
-            raise _no_previous_response(call.deployment)
+        for param in _STATE_PARAMS:
+            if p.get(param):
+                raise _no_previous_response(call.deployment, param)
         result = await litellm.aresponses(stream=call.stream, **p, **kwargs)
     else:
         from litellm.anthropic_interface import messages  # noqa: PLC0415 - only for this API
