@@ -517,7 +517,7 @@ def print_call(call: dict[str, Any], console: Console) -> None:
     row("latency", f"{call['latency_ms']:,.1f} ms" if call.get("latency_ms") is not None else None)
     row("time to first token", f"{call['ttft_ms']:,.1f} ms" if call.get("ttft_ms") is not None else None)
     row("tokens", f"{call.get('input_tokens', 0):,} in / {call.get('output_tokens', 0):,} out"
-        + (" (estimated: the stream ended before the provider's count)" if call.get("usage_estimated") else ""))
+        + (" (estimated: the stream gave no count of its own)" if call.get("usage_estimated") else ""))
     row("cost", _call_cost(call), "" if call.get("cost_known", True) else "dim")
     row("finish reasons", call.get("finish_reasons"))
     row("source", call.get("source"))

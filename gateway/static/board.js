@@ -329,7 +329,7 @@ async function pageCall() {
     card("Timings, tokens, cost", dl([["latency", fmtMs(c.latency_ms) + " ms"],
       ["time to first byte", c.ttft_ms === null || c.ttft_ms === undefined ? "" : fmtMs(c.ttft_ms) + " ms"],
       ["attempts", String(c.attempts || 1)],
-      ["tokens", fmtInt(c.input_tokens) + " in / " + fmtInt(c.output_tokens) + " out" + (c.usage_estimated ? " (estimated: the stream ended before the provider's count)" : "")],
+      ["tokens", fmtInt(c.input_tokens) + " in / " + fmtInt(c.output_tokens) + " out" + (c.usage_estimated ? " (estimated: the stream gave no count of its own)" : "")],
       ["cost", callCost(c)]]), attemptsTable(c)),
     c.request_params ? card("Request parameters", el("div", { id: "request-params" }, pre(pretty(c.request_params), "json"))) : null,
     card("Applied tags", await appliedTags(c, "message"), c.session_id ? await appliedTags(c, "session") : null),
