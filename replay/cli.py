@@ -424,7 +424,7 @@ def report_cmd(
         report = report_for(store, run_id, spec, status=status, n_cases=run.n_cases,
                             skipped=shown.get("skipped") or {}, state=GateState.from_report_json(run.report_json),
                             dataset=run.dataset_id, stop_reason=shown.get("stop_reason", "") if status != "complete"
-                            else "")
+                            else "", running=run.status == "running")
         # what the run said about its cases (the floor over --limit, a resume's kept and recorded results, a shadow
         # window's dropped calls) is shown again; a note this rebuild makes itself (the judge's cost) once
         report.notes = [*(n for n in shown.get("notes") or [] if n not in report.notes

@@ -412,10 +412,11 @@ async def _escalate(store: Any, spec: ReplaySpec, run: RunRow, runner: Runner, t
 def report_for(store: Any, run_id: str, spec: ReplaySpec, *, status: str, n_cases: int = 0,
                skipped: dict[str, int] | None = None, notes: list[str] | None = None,
                state: GateState | None = None, with_inputs: bool = True, dataset: str = "",
-               judge_spent: float = 0.0, stop_reason: str = "") -> Report:
+               judge_spent: float = 0.0, stop_reason: str = "", running: bool = False) -> Report:
     """Aggregate what replay_results holds for the run (this session's results and any earlier ones), with the
     flipped cases' inputs from llm_calls, and what its judge calls cost (the gateway's record, or `judge_spent`
-    when this session knows more: its last calls reach the record a batch later)."""
+    when this session knows more: its last calls reach the record a batch later). `running`: the run is still
+    running (`status` incomplete): what has no result is not run yet, not stopped before."""
     state = state or GateState()
     results = read_results(store, run_id)
     inputs = case_inputs(store, flipped_case_ids(results), run_id=run_id) if with_inputs else {}
@@ -426,5 +427,5 @@ def report_for(store: Any, run_id: str, spec: ReplaySpec, *, status: str, n_case
                      notes=notes or [], plans=state.plans, order=lambda cid: order_key(seed, cid),
                      family_of=spec.family_of, inputs=inputs, production_errors=state.production_errors,
                      escalation=state.escalation_json() if state.plans else {}, dataset=dataset,
-                     locks=state.locks, segments=state.segments, stop_reason=stop_reason,
+                     locks=state.locks, segments=state.segments, stop_reason=stop_reason, running=running,
                      judge_cost_usd=max(recorded_cost(store, run_id, (JUDGE_SOURCE,)), judge_spent))

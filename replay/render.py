@@ -54,13 +54,14 @@ def _flips(row: SegmentRow) -> str:
 def _errored(row: SegmentRow) -> str:
     out = str(row.errored) + (f" (+{row.before_errored} baseline)" if row.before_errored else "")
     out += f", {row.excluded} left out" if row.excluded else ""
-    return out + (f", {row.not_run} not run" if row.not_run and row.verdict != NOT_RUN else "")
+    yet = " yet" if row.not_run_yet else ""  # the run is still running, it did not stop before them
+    return out + (f", {row.not_run} not run{yet}" if row.not_run and row.verdict != NOT_RUN else "")
 
 
 def _mark(row: SegmentRow) -> str:
     mark = MARKS.get(row.verdict, row.verdict)
     if row.verdict == NOT_RUN:
-        mark += f" ({row.not_run} case(s))"
+        mark += f"{' yet' if row.not_run_yet else ''} ({row.not_run} case(s))"
     elif row.verdict == "inconclusive" and row.too_few:
         mark += " (too few" + (f": ~{row.more_cases} more)" if row.more_cases else ")")
     elif row.verdict == "inconclusive" and row.more_cases:

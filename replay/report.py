@@ -57,6 +57,7 @@ class SegmentRow:
     before_errored: int = 0
     excluded: int = 0  # pairs left out (errors: exclude, or one side not run yet)
     not_run: int = 0  # the segment's cases of the run without a result of the candidate (the run stopped first)
+    not_run_yet: bool = False  # the run is still running: its not_run cases are to come, the run did not stop
     verdict: str = OK  # regression | ok | inconclusive ("" for the overall row)
     p_value: float | None = None
     p_adjusted: float | None = None
@@ -189,9 +190,10 @@ def _flips(paired: list[tuple[str, tuple[bool, bool] | None]], base: Mapping[str
 def _candidate(name: str, model: str, cases: Mapping[str, Any], base: Mapping[str, Any], gating: Any, *,
                order: Callable[[str], Any], plans: Mapping[str, SegmentPlan], family_of: Callable[[str], str | None],
                inputs: Mapping[str, str], locks: Mapping[str, Mapping[str, str]],
-               planned: Mapping[str, int]) -> CandidateReport:
+               planned: Mapping[str, int], running: bool = False) -> CandidateReport:
     """`planned`: the run's cases per segment; a segment none of which ran for this candidate gets a row marked
-    NOT_RUN (outside the test), and every row counts its cases without a result."""
+    NOT_RUN (outside the test), and every row counts its cases without a result. `running`: the run is still
+    running (its cases without a result are not run yet), not stopped."""
     errors = getattr(gating, "errors", "fail")
     segments: dict[str, list[str]] = {}
     for cid, r in cases.items():
@@ -222,10 +224,12 @@ def _candidate(name: str, model: str, cases: Mapping[str, Any], base: Mapping[st
     decision = decide(evidence, alpha=gating.alpha, margin=gating.margin, locks=lock_results)
     for seg, row in rows.items():
         row.not_run = max(0, int(planned.get(seg, 0)) - len(segments[seg]))
+        row.not_run_yet = running and row.not_run > 0
     for seg in set(planned) - set(rows):  # the run stopped before any of them: said, never silently missing
         k = int(planned[seg])
-        rows[seg] = SegmentRow(seg, 0, verdict=NOT_RUN, not_run=k,
-                               why=f"not run: the run stopped before any of its {k} case(s) ran for {name}")
+        why = (f"not run yet: none of its {k} case(s) has run for {name} (the run is still running)" if running
+               else f"not run: the run stopped before any of its {k} case(s) ran for {name}")
+        rows[seg] = SegmentRow(seg, 0, verdict=NOT_RUN, not_run=k, not_run_yet=running, why=why)
     rows = dict(sorted(rows.items()))
     for f in decision.segments:
         row = rows[f.key]
@@ -245,18 +249,18 @@ def _candidate(name: str, model: str, cases: Mapping[str, Any], base: Mapping[st
     overall.errored = sum(r.errored for r in rows.values())
     overall.before_errored = sum(r.before_errored for r in rows.values())
     overall.excluded = sum(r.excluded for r in rows.values())
-    status, reasons = _status(name, decision, list(rows.values()), cases, base, gating)
+    status, reasons = _status(name, decision, list(rows.values()), cases, base, gating, running=running)
     cost = sum(float(r.cost_usd or 0) for r in cases.values())
     return CandidateReport(name, model, list(rows.values()), overall, families, status, reasons, cost,
                            [*decision.families, *decision.segments], lock_results)
 
 
 def _status(name: str, decision: Decision, rows: list[SegmentRow], cases: Mapping[str, Any],
-            base: Mapping[str, Any], gating: Any) -> tuple[str, list[str]]:
+            base: Mapping[str, Any], gating: Any, running: bool = False) -> tuple[str, list[str]]:
     reasons = []
-    if not cases:  # a run stopped before this candidate's first call (aggregate lists it with its segments)
-        return INCONCLUSIVE, [f"candidate {name} has no result: the run stopped before any of its calls; nothing to "
-                              "gate on"]
+    if not cases:  # a run stopped (or still running) before this candidate's first call (aggregate lists it)
+        why = "not run yet (the run is still running)" if running else "the run stopped before any of its calls"
+        return INCONCLUSIVE, [f"candidate {name} has no result: {why}; nothing to gate on"]
     errored = [r for r in cases.values() if r.status == ERRORED]
     if cases and len(errored) == len(cases):
         first = excerpt(errored[0].error, 200)
@@ -302,9 +306,10 @@ def _status(name: str, decision: Decision, rows: list[SegmentRow], cases: Mappin
                 reasons.append(f"segment {r.segment}: inconclusive: {r.why}{more}")
     missing = [r for r in rows if r.verdict == NOT_RUN]
     if missing:
-        reasons.append(f"{NOT_RUN}: segment(s) {', '.join(r.segment for r in missing)} ({sum(r.not_run for r in missing)}"
-                       f" case(s)): the run stopped before any of them ran for candidate {name}; the verdict says "
-                       "nothing about them")
+        what = f"segment(s) {', '.join(r.segment for r in missing)} ({sum(r.not_run for r in missing)} case(s))"
+        why = (f"none of them has run for candidate {name} yet (the run is still running)" if running
+               else f"the run stopped before any of them ran for candidate {name}")
+        reasons.append(f"{NOT_RUN}{' yet' if running else ''}: {what}: {why}; the verdict says nothing about them")
     if status == OK and decision.segments:
         m = len(decision.families) or len(decision.segments)
         what = "families" if decision.families else "segments"
@@ -332,23 +337,29 @@ def aggregate(results: Iterable[Any], gating: Any, *, run_id: str = "", status: 
               production_errors: dict[str, Any] | None = None, escalation: dict[str, Any] | None = None,
               dataset: str = "", locks: Mapping[str, Mapping[str, str]] | None = None,
               judge_cost_usd: float = 0.0, segments: Mapping[str, int] | None = None,
-              stop_reason: str = "") -> Report:
+              stop_reason: str = "", running: bool = False) -> Report:
     """Case results (objects with candidate, case_id, segment, status, error, output, evaluations, cost_usd) ->
     Report. The baseline's results are those of candidate "baseline"; each candidate is compared with it pairwise.
     `plans` (escalation) say which looks each segment had, `order` the cases' seeded order within a segment.
     `segments`: the run's cases per segment (a segment without a result is listed as not run; with them, a candidate
-    of `models` without any result is listed too). `stop_reason`: why the run stopped before its end (its budget)."""
+    of `models` without any result is listed too). `stop_reason`: why the run stopped before its end (its budget).
+    `running`: the run (not complete) is still running: what has no result is not run yet, not stopped before.
+    A candidate without any result is listed but is not gated on: a run that is not complete reads "incomplete"
+    unless what did run says otherwise (a complete run has a result of every candidate)."""
     by_cand: dict[str, dict[str, Any]] = {}
     for r in results:
         by_cand.setdefault(r.candidate, {})[r.case_id] = r
     base = by_cand.pop(BASELINE, {})
+    running = running and status != "complete"
+    unreached: set[str] = set()  # candidates the run stopped (or is still running) before: listed, not gated on
     if segments and status != "complete":
-        for name in models or {}:
-            by_cand.setdefault(name, {})  # stopped before its first call: its segments are listed as not run
+        unreached = {name for name in models or {} if name not in by_cand}
+        for name in unreached:
+            by_cand[name] = {}  # stopped before its first call: its segments are listed as not run
     errors = getattr(gating, "errors", "fail")
     reports = [_candidate(name, (models or {}).get(name, ""), by_cand[name], base, gating, order=order or str,
                           plans=plans or {}, family_of=family_of or (lambda s: None), inputs=inputs or {},
-                          locks=locks or {}, planned=segments or {})
+                          locks=locks or {}, planned=segments or {}, running=running)
                for name in sorted(by_cand)]
     per_target = {c.candidate: c.overall.errored for c in reports}
     per_target[BASELINE] = sum(1 for r in base.values() if r.status == ERRORED)
@@ -367,7 +378,8 @@ def aggregate(results: Iterable[Any], gating: Any, *, run_id: str = "", status: 
             reasons.append(f"{n_errored} errored result(s) ({by}) count as failures (errors: fail)")
     if status != "complete":
         reasons.append(f"run {status}: the verdict covers only the cases that finished")
-    statuses = {c.status for c in reports}
+    # a candidate not run is no evidence, and not "inconclusive" either: the run is unfinished (exit 3 all the same)
+    statuses = {c.status for c in reports if c.candidate not in unreached}
     # no candidate result is no evidence either way: inconclusive (which blocks by default), never "regression"
     overall = REGRESSION if REGRESSION in statuses else INCONCLUSIVE if INCONCLUSIVE in statuses or not reports else OK
     unscored = any(x.startswith(UNSCORED) for c in reports for x in c.reasons)

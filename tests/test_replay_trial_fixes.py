@@ -51,6 +51,7 @@ def world(chdb_store, tmp_path):
     path.write_text(yaml.safe_dump(spec))
     with FakeLLM({"cand-model": lambda u, h: "approved", "base-model": lambda u, h: "approved"}) as gw:
         yield {"customers": customers, "spec": path, "gw": gw, "dsn": chdb_store.dsn, "tmp": tmp_path,
+               "store": chdb_store,
                "common": ["--dsn", chdb_store.dsn, "--gateway", gw.url, "--api-key", API_KEY, "--no-progress"]}
 
 
@@ -127,6 +128,99 @@ def test_a_candidate_the_budget_stopped_before_its_first_call_is_listed():
     assert [(x.segment, x.verdict, x.not_run) for x in by["one"].rows] == [("a", "inconclusive", 0), ("b", NOT_RUN, 2)]
     assert any("segment(s) b (2 case(s)): the run stopped before any of them ran for candidate one" in x
                for x in r.reasons), r.reasons
+
+
+def test_a_candidate_not_run_leaves_an_unfinished_run_incomplete_not_inconclusive():
+    """An A/A run the budget stopped before its second candidate's first call: the first found nothing, the second
+    is listed as not run. Its verdict (the run row's, the shadow record's, the pytest plugin's header) read
+    "inconclusive", as if the evidence were mixed, when the run was unfinished. A complete run reads as before."""
+    from types import SimpleNamespace
+
+    from replay.render import render_markdown
+    rows = [SimpleNamespace(candidate=c, case_id=f"c{i}", segment="a", status="passed", error="", output="ok",
+                            evaluations=[], cost_usd=0.001) for c in ("baseline", "one") for i in range(300)]
+    r = aggregate(rows, Gating(), run_id="r", status="incomplete", models={"one": "m1", "two": "m2"},
+                  segments={"a": 300}, stop_reason="budget reached: spent $0.6000 of max_cost $0.6")
+    by = {c.candidate: c for c in r.candidates}
+    assert by["one"].status == "ok" and by["two"].status == "inconclusive"  # still listed, its segment not run
+    assert (r.verdict, r.exit_code, r.passed) == ("incomplete", 3, False)
+    assert "**Verdict: INCOMPLETE** (exit 3)" in render_markdown(r)
+    # what did run still speaks: a regression (or an inconclusive segment) of a candidate that ran is the verdict
+    worse = [x if x.candidate == "baseline" or int(x.case_id[1:]) >= 60 else SimpleNamespace(**{**vars(x),
+             "status": "failed"}) for x in rows]
+    assert aggregate(worse, Gating(), run_id="r", status="incomplete", models={"one": "m1", "two": "m2"},
+                     segments={"a": 300}).verdict == "regression"
+    # every candidate stopped before (the re-run baseline's probe spent the budget): incomplete too
+    base_only = [x for x in rows if x.candidate == "baseline"]
+    assert aggregate(base_only, Gating(), run_id="r", status="incomplete", models={"one": "m1"},
+                     segments={"a": 300}).verdict == "incomplete"
+    # a complete run: unchanged
+    assert aggregate(rows, Gating(), run_id="r", models={"one": "m1"}, segments={"a": 300}).verdict == "passed"
+
+
+def test_a_run_stopped_before_its_candidates_first_call_is_stored_as_incomplete(world):
+    """$0.0005 pays the re-run baseline's probe only: the candidate is never called. The run row (and every
+    format) said "inconclusive"."""
+    from replay.store import get_run
+    run_id = unique("nocall")
+    res = invoke("run", "--spec", world["spec"], *world["common"], "--run-id", run_id, "--max-cost", "0.0005",
+                 "--concurrency", "1", "--format", "json")
+    assert res.exit_code == 3, res.output
+    rep = orjson.loads(res.stdout)
+    assert rep["verdict"] == "incomplete" and rep["candidates"][0]["rows"][0]["verdict"] == NOT_RUN, rep["verdict"]
+    assert "candidate cand has no result: the run stopped before any of its calls; nothing to gate on" in \
+        rep["reasons"]
+    assert get_run(world["store"], run_id).verdict == "incomplete"
+    res = invoke("report", run_id, "--dsn", world["dsn"])
+    assert res.exit_code == 3 and "VERDICT: INCOMPLETE (exit 3)" in res.stdout, res.stdout
+
+
+def test_report_on_a_running_run_says_not_run_yet(world):
+    """`report RUN_ID` on a run still running said its unreached segments and candidate were left because "the run
+    stopped before" them. It has not stopped: they are not run yet."""
+    import dataclasses
+
+    from replay.pipeline import GateState
+    from replay.store import get_run, write_run
+    run_id = unique("live")
+    res = invoke("run", "--spec", world["spec"], *world["common"], "--run-id", run_id, "--max-cost", "0.0015",
+                 "--concurrency", "1")
+    assert res.exit_code == 3, res.output
+    store = world["store"]
+    run = get_run(store, run_id)
+    # as the row reads while the run is under way: running, what it wrote before its first report
+    write_run(store, dataclasses.replace(run, status="running", verdict="",
+                                         report_json=GateState.from_report_json(run.report_json).stored_json()))
+    assert get_run(store, run_id).status == "running"
+    res = invoke("report", run_id, "--dsn", world["dsn"])
+    assert res.exit_code == 3, res.output
+    out = res.stdout
+    assert "stopped" not in out, out
+    ran = [c for c in world["customers"] if any(c in line and "1.000" in line for line in out.splitlines())]
+    missing = sorted(set(world["customers"]) - set(ran))
+    assert len(ran) == 1, out
+    for seg in missing:
+        row = next(line for line in out.splitlines() if line.strip().startswith(seg))
+        assert "not run yet (6 case(s))" in row, row
+    assert f"not run yet: segment(s) {', '.join(missing)} (12 case(s)): none of them has run for candidate cand " \
+        "yet (the run is still running)" in out, out
+    rep = orjson.loads(invoke("report", run_id, "--dsn", world["dsn"], "--format", "json").stdout)
+    rows = {r["segment"]: r for r in rep["candidates"][0]["rows"]}
+    assert rows[missing[0]]["why"].startswith("not run yet:") and rows[missing[0]]["not_run_yet"] is True
+    assert "5 not run yet" in invoke("report", run_id, "--dsn", world["dsn"], "--format", "md").stdout
+
+    # a candidate not called yet: "not run yet", and the run's verdict is incomplete
+    only_base = unique("live0")
+    assert invoke("run", "--spec", world["spec"], *world["common"], "--run-id", only_base, "--max-cost", "0.0005",
+                  "--concurrency", "1").exit_code == 3
+    run = get_run(store, only_base)
+    write_run(store, dataclasses.replace(run, status="running", verdict="",
+                                         report_json=GateState.from_report_json(run.report_json).stored_json()))
+    rep = orjson.loads(invoke("report", only_base, "--dsn", world["dsn"], "--format", "json").stdout)
+    assert rep["verdict"] == "incomplete"
+    assert "candidate cand has no result: not run yet (the run is still running); nothing to gate on" in \
+        rep["reasons"], rep["reasons"]
+    assert not any("stopped" in x for x in rep["reasons"]), rep["reasons"]
 
 
 # -- 2: plan checks the models, as run does ------------------------------------------------------------------------
