@@ -588,7 +588,15 @@ class Proxy(WireStreamRelay):
                 call.answer, call.answer_bytes = choices, len(body)
             if rec.cost_usd is not None:
                 extra.append((b"x-tagway-cost-usd", b"%.10f" % rec.cost_usd))
+        self._own(call, rec.response_id)
         await call.respond(200, body, result.content_type.encode("latin-1"), extra)
+
+    def _own(self, call: Call, rid: str) -> None:
+        """A stored response or completion is its caller's before the client can name it: a follow-up turn
+        (`previous_response_id`) may come the moment the answer, or a stream's first event, arrives. (Recorded after
+        capture, a long call's own id was refused to it for as long as capture ran on a worker thread.)"""
+        if self.owners is not None and rid and _stored(call):
+            self.owners.created(rid, call.rec.customer)
 
     def _read_usage(self, usage: Any, rec: CallRecord, d: ModelConfig) -> None:
         if not isinstance(usage, dict):
@@ -614,7 +622,7 @@ class Proxy(WireStreamRelay):
         acc = StreamAccumulator(call.capture)
         if call.capture:
             call.answer = acc
-        done = failed = False  # failed: the upstream's own error event came (OpenAI ends the stream there)
+        done = failed = owned = False  # failed: the upstream's own error event came (OpenAI ends the stream there)
         await call.start(200, [*_SSE_HEADERS, *self._return_headers.pick(getattr(opened.stream, "headers", ()))])
         event: bytes | None = opened.first
         last = b""  # what ends the stream besides the upstream's events
@@ -637,6 +645,9 @@ class Proxy(WireStreamRelay):
                             self._read_usage(usage, rec, d)
                             relay = call.client_wants_usage or bool(obj.get("choices"))
                         acc.add(obj)
+                        if not owned and acc.id:  # a stored completion's id, before the client has it
+                            self._own(call, acc.id)
+                            owned = True
                 if relay:
                     if rec.ttft_s is None and data and data != b"[DONE]":
                         rec.ttft_s = (time.time_ns() - rec.start_ns) / 1e9

@@ -227,7 +227,7 @@ def shutdown_event(error_event: Any) -> bytes:
 
 class WireStreamRelay:
     """The stream relay for `WIRES` (a mixin of the proxy, which provides `_return_headers`, `_read_usage`,
-    `_estimate_usage`, `_secrets` and `_scrub`): events go to the client as they come, each read once for the
+    `_estimate_usage`, `_own`, `_secrets` and `_scrub`): events go to the client as they come, each read once for the
     record; the stream is over at the API's last event, and one that ends before it is a cut stream, told in-band in
     the API's own error shape and billed at estimated counts."""
 
@@ -239,6 +239,7 @@ class WireStreamRelay:
         await call.start(200, [*_SSE_HEADERS, *self._return_headers.pick(getattr(opened.stream, "headers", ()))])
         event: bytes | None = opened.first
         last = b""  # what ends the stream besides its own events
+        owned = False
         try:
             while event is not None:
                 if self._secrets:  # a provider that echoes its key must not leak it to the client or the store
@@ -250,6 +251,9 @@ class WireStreamRelay:
                     obj = json_object(data)
                     if obj is not None:
                         reader.add(obj)
+                        if not owned and reader.id:  # a stored response's id, before the client has it
+                            self._own(call, reader.id)
+                            owned = True
                         if reader.failed and not rec.error_type:
                             rec.fail("upstream_stream_error", reader.failed[:500])
                     if rec.ttft_s is None:

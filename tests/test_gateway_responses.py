@@ -4,6 +4,7 @@ shape's messages, tool calls, reasoning and cached tokens; fallbacks, cut stream
 translation for a provider without the API."""
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -187,3 +188,26 @@ def test_a_module_litellm_lacks_is_a_one_line_500_of_ours_not_an_upstream_failur
     assert "Traceback" not in err["message"] and "\n" not in err["message"] and "github.com" not in err["message"]
     a = attrs(gateway, e.value.response.headers["x-tagway-trace-id"])
     assert a[sc.ERROR_TYPE] == "translation_unavailable" and a["tagway.attempts"] == 1
+
+
+def test_a_tenants_response_is_its_own_the_moment_it_arrives(gateway, monkeypatch):
+    """A follow-up turn may name a response the moment its answer (or its stream's first event) arrives: its owner
+    is known before the answer leaves the gateway. It was recorded after capture, which runs on a worker thread for
+    a long call, and a tenant's next turn was refused its own response meanwhile (a review: 1-3 in 10 with a 300 KB
+    input). Capture is slowed here so the gap cannot close by luck."""
+    proxy = gateway.app.proxy
+    capture = proxy._capture
+
+    async def slow_capture(call, *, inline):
+        await asyncio.sleep(1.5)
+        await capture(call, inline=inline)
+
+    monkeypatch.setattr(proxy, "_capture", slow_capture)
+    c = client(gateway)
+    first = c.responses.create(model="gpt-test", input="hello there")
+    assert c.responses.create(model="gpt-test", input="and again", previous_response_id=first.id).id
+    with c.responses.stream(model="gpt-test", input="streamed") as s:
+        created = next(e for e in s if e.type == "response.created").response.id
+        # the stream is still open (and its capture not begun): its id is already the tenant's
+        assert c.responses.create(model="gpt-test", input="and again", previous_response_id=created).id
+        assert created == s.get_final_response().id
