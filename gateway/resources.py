@@ -103,8 +103,6 @@ def referenced_ids(payload: Any, cap: int = MAX_IDS_PER_REQUEST) -> list[tuple[s
     while stack:
         node = stack.pop()
         if isinstance(node, dict):
-            if node.get("type") == "tool_use":  # a model's own tool call, re-sent: its input is no request
-                continue
             for k, v in node.items():
                 if k in _PLAIN_KEYS:
                     if isinstance(v, (dict, list)):
@@ -123,12 +121,21 @@ def referenced_ids(payload: Any, cap: int = MAX_IDS_PER_REQUEST) -> list[tuple[s
                 elif k not in _SKIP and isinstance(v, (dict, list)):
                     stack.append(v)
         elif isinstance(node, list):
-            stack += [v for v in node if isinstance(v, (dict, list))]
+            stack += [_without_tool_input(v) for v in node if isinstance(v, (dict, list))]
     out = list(dict.fromkeys(out))
     if len({rid for _, rid in out}) > cap:
         raise bad_request(f"The request names more than {cap} resources; at most {cap} are checked for a tenant "
                           "key.", code="too_many_resource_ids")
     return out
+
+
+def _without_tool_input(v: Any) -> Any:
+    """A content block of a model's own tool call, re-sent (`{"type": "tool_use", "input": {...}}`): its input is the
+    model's arguments, no request for a resource. Only its input is passed over, and only in a list of blocks: a
+    request or a batch line that says `"type": "tool_use"` at its top is read whole (it hid every id it named)."""
+    if isinstance(v, dict) and v.get("type") == "tool_use" and "input" in v:
+        return {k: x for k, x in v.items() if k != "input"}
+    return v
 
 
 def batch_files(obj: Any) -> list[str]:

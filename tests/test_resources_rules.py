@@ -19,8 +19,6 @@ def _folding_every_key(payload, out=None):
     """The walk without the fast path: every key folded."""
     out = [] if out is None else out
     if isinstance(payload, dict):
-        if payload.get("type") == "tool_use":
-            return out
         for k, v in payload.items():
             k = k.casefold()
             if k in resources._ID_KEYS and isinstance(v, str):
@@ -34,12 +32,14 @@ def _folding_every_key(payload, out=None):
             elif k not in resources._SKIP:
                 _folding_every_key(v, out)
     elif isinstance(payload, list):
-        for v in payload:
+        for v in payload:  # a re-sent tool call block's input (its arguments) is the one thing passed over
+            if isinstance(v, dict) and v.get("type") == "tool_use":
+                v = {k: x for k, x in v.items() if k != "input"}
             _folding_every_key(v, out)
     return out
 
 
-_json = st.recursive(st.none() | st.booleans() | st.integers() | st.sampled_from(["file-a", "resp_b", "conv_c", "x"]),
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.sampled_from(["file-a", "resp_b", "conv_c", "x", "tool_use"]),
                      lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.sampled_from(_KEYS), kids,
                                                                                max_size=5),
                      max_leaves=25)
@@ -104,3 +104,16 @@ async def test_an_id_nobody_owns_is_refused_unless_its_owners_record_arrives_wit
     assert await closed.foreign(["file-fresh"], "acme") == ["file-fresh"]
     granted = ResourceOwners(lambda: _SlowRecord({}, after=0), granted={"vs_1": "acme"})
     assert await granted.foreign(["vs_1"], "acme") == [] and await granted.owned(["vs_1"], "acme") == {"vs_1"}
+
+
+def test_a_tool_calls_input_is_passed_over_only_inside_a_list_of_blocks():
+    """A re-sent tool_use block's arguments name no resource; but `"type": "tool_use"` at a request's or a batch
+    line's top hid every id in it (review), as did the block's own keys beside its input."""
+    hidden = {"type": "tool_use", "model": "m", "previous_response_id": "resp_A",
+              "tools": [{"type": "file_search", "vector_store_ids": ["vs_A"]}]}
+    assert sorted(referenced_ids(hidden)) == [("previous_response_id", "resp_A"), ("vector_store_ids", "vs_A")]
+    line = {"custom_id": "1", "type": "tool_use", "body": {"type": "tool_use", "previous_response_id": "resp_A"}}
+    assert referenced_ids(line) == [("previous_response_id", "resp_A")]
+    blocks = {"messages": [{"role": "assistant", "content": [
+        {"type": "tool_use", "id": "t1", "name": "f", "input": {"file_id": "file-args"}, "file_id": "file-B"}]}]}
+    assert referenced_ids(blocks) == [("file_id", "file-B")]
