@@ -487,16 +487,16 @@ class Proxy(WireStreamRelay):
         except UpstreamFailure as f:
             if not (ask_usage and refuses_stream_options(f.status, f.body, call.payload)):
                 raise
-            # the field tagway added, refused: once more without it, and never again for this deployment (the
-            # stream's tokens are then estimated)
+            # the field tagway added, refused: once more without it; and, once that is answered, never again for
+            # this deployment (its streams' tokens are then estimated)
+            up_payload, up_body = body_for(call.payload, call.body, d, False, call.operation)
+            result = await provider.send(UpstreamCall(d, call.operation, call.upstream_path, up_body, up_payload,
+                                                      call.stream, call.forward_headers))
             if d.name not in self._usage_refused:
                 self._usage_refused.add(d.name)
                 log.warning("model %r: the upstream refused stream_options (HTTP %s); its streams go without it "
                             "from now on and their tokens are estimated (`stream_usage: false` on the model skips "
                             "this first refusal)", d.name, f.status)
-            up_payload, up_body = body_for(call.payload, call.body, d, False, call.operation)
-            result = await provider.send(UpstreamCall(d, call.operation, call.upstream_path, up_body, up_payload,
-                                                      call.stream, call.forward_headers))
         if isinstance(result, UpstreamResponse):
             # a protocol error keeps the upstream's headers: its x-request-id is what its support asks for
             if call.stream:  # e.g. a server that ignores `stream`: relaying its JSON would break the client's parser

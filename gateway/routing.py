@@ -2,6 +2,8 @@
 deployment gets. Pure."""
 from __future__ import annotations
 
+import re
+
 import orjson
 
 from exporters.vocabulary import normalise_tag_key
@@ -73,8 +75,32 @@ def body_for(payload: dict, body: bytes, d: ModelConfig, ask_usage: bool, operat
     return p, orjson.dumps(p)
 
 
+# what an upstream says when it refuses a field it does not know, about stream_options (an error that only echoes
+# the request, which holds the field tagway added, is about something else: a pydantic 422 for another field)
+_UNKNOWN_FIELD = re.compile(r"(?i)(unrecognized|unknown|unsupported|not supported|not allowed|not permitted|extra|"
+                            r"unexpected|invalid)\b[^.\n]{0,60}stream_options|stream_options\b[^.\n]{0,60}"
+                            r"(unrecognized|unknown|unsupported|not supported|not allowed|not permitted|unexpected)")
+
+
 def refuses_stream_options(status: int | None, body: bytes | None, payload: dict) -> bool:
-    """The upstream refused the `stream_options` tagway added to ask for a stream's usage (older Azure api-versions:
-    400 `Unrecognized request argument supplied: stream_options`; strict servers: 400 or 422 naming the field),
-    not one the client sent itself."""
-    return status in (400, 422) and body is not None and b"stream_options" in body and "stream_options" not in payload
+    """The upstream refused the `stream_options` tagway added to ask for a stream's usage, not one the client sent
+    itself: older Azure api-versions' 400 `Unrecognized request argument supplied: stream_options` (or an OpenAI
+    error whose `param` is stream_options), a FastAPI/pydantic 422 whose error is at the field (`loc` ending in
+    stream_options). An error that merely echoes the request (which holds the field) is not a refusal of it: a
+    tenant's bad request must not switch usage off for every tenant of the deployment."""
+    if status not in (400, 422) or not body or b"stream_options" not in body or "stream_options" in payload:
+        return False
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return bool(_UNKNOWN_FIELD.search(body.decode("utf-8", "replace")[:2000]))
+    err = obj.get("error") if isinstance(obj, dict) else None
+    if isinstance(err, dict):
+        return err.get("param") == "stream_options" or bool(_UNKNOWN_FIELD.search(str(err.get("message") or "")))
+    detail = obj.get("detail") if isinstance(obj, dict) else None
+    if isinstance(detail, list):  # FastAPI: the refused field is the last of an error's `loc`
+        return any(isinstance(d, dict) and isinstance(d.get("loc"), list) and d["loc"][-1:] == ["stream_options"]
+                   for d in detail)
+    if isinstance(obj, dict) and isinstance(obj.get("message"), str):
+        return bool(_UNKNOWN_FIELD.search(obj["message"]))
+    return False

@@ -19,6 +19,7 @@ from exporters import semconv as sc
 from gateway.app import TagwayApp
 from gateway.config import GatewayConfig
 from gateway.config_check import findings
+from gateway.routing import refuses_stream_options
 from tests.gateway_fixture import KEYS, UPSTREAM_KEY, GatewayServer, MemoryRecorder, gateway_config
 from tests.http_server import ThreadedServer
 
@@ -143,3 +144,22 @@ def test_config_check_says_stream_usage_is_for_pass_through_models():
     said = [f.line() for f in findings(cfg, "tagway.yaml", {}, None) if "stream_usage" in f.where]
     assert said == ["models[1] (c).stream_usage: has no effect: anthropic is not passed the request as it is sent, "
                     "and its translation always counts a stream's tokens; remove it"]
+
+
+@pytest.mark.parametrize("status,body,refused", [
+    (400, {"error": {"message": "Unrecognized request argument supplied: stream_options", "param": None}}, True),
+    (400, {"error": {"message": "bad", "param": "stream_options"}}, True),
+    (422, {"detail": [{"type": "extra_forbidden", "loc": ["body", "stream_options"],
+                       "msg": "Extra inputs are not permitted"}]}, True),
+    # an error about something else that echoes the request (with the field tagway added) is not a refusal of it
+    (422, {"detail": [{"type": "int_parsing", "loc": ["body", "max_tokens"], "msg": "Input should be an integer",
+                       "input": {"max_tokens": "x", "stream_options": {"include_usage": True}}}]}, False),
+    (400, {"error": {"message": "max_tokens is too large; request was {'stream_options': {'include_usage': true}}",
+                     "param": "max_tokens"}}, False),
+    (500, {"error": {"message": "Unrecognized request argument supplied: stream_options"}}, False),
+])
+def test_only_an_error_about_the_field_is_a_refusal_of_it(status, body, refused):
+    """A tenant's bad request that an upstream answers with an echo of the body must not switch usage off for every
+    tenant of the deployment (review)."""
+    assert refuses_stream_options(status, orjson.dumps(body), {"model": "m", "stream": True}) is refused
+    assert refuses_stream_options(status, orjson.dumps(body), {"stream_options": {}}) is False  # the client's own
