@@ -514,9 +514,11 @@ WHERE {_a(sc.KIND)} = 'call' AND {_a(sc.OWNS_RESOURCES)} != ''"""]
 def _m15_backfill_owners(s: SchemaSettings) -> list[str]:
     # Tenant keys are refused ids nobody owns (gateway/resources.py): the resources made through the gateway before
     # its calls said whose they were (tagway.creates_resource) are read from the record once, so they stay their
-    # creator's. The creating calls by their API: an upload, a batch, a response (stored unless `store: false`, as
-    # far as the captured parameters say), a chat completion stored with `store: true`. Within resource_owners'
-    # own 400 days; rows already there are harmless twins (the first creator is read).
+    # creator's. The creating calls by their API: an upload, a batch, a response unless its captured parameters say
+    # `store: false`, a chat completion whose captured parameters say `store: true` or that were not captured (a
+    # tenant with capture_content false: whether the provider kept it is unknown, and owning an id the provider never
+    # kept harms no one; every chat call of the others would only fill the table). Within resource_owners' own 400
+    # days; rows already there are harmless twins (the first creator is read).
     params = _a(sc.REQUEST_PARAMS)
     return [f"""INSERT INTO {s.name('resource_owners')} (rid, customer, created)
 SELECT {_a(sc.RESPONSE_ID)}, {_a(sc.CUSTOMER)}, Timestamp
@@ -524,7 +526,7 @@ FROM {s.name('otel_traces')}
 WHERE {_a(sc.KIND)} = 'call' AND {_a(sc.RESPONSE_ID)} != '' AND Timestamp > now() - toIntervalDay(400)
   AND ({_a(sc.CREATES_RESOURCE)} = 'true' OR {_a(sc.API)} IN ('files.create', 'batches.create')
        OR ({_a(sc.API)} = 'responses' AND JSONExtractRaw({params}, 'store') != 'false')
-       OR ({_a(sc.API)} = 'chat.completions' AND JSONExtractRaw({params}, 'store') = 'true'))"""]
+       OR ({_a(sc.API)} = 'chat.completions' AND ({params} = '' OR JSONExtractRaw({params}, 'store') = 'true')))"""]
 
 
 Migration = tuple[int, str, Callable[[SchemaSettings], list[str]]]
