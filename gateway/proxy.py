@@ -311,8 +311,6 @@ class Proxy(WireStreamRelay):
         # and it costs less than scanning the bytes; the APIs that name none are not walked)
         wanted = referenced_ids(payload) if self.owners is not None and not principal.may_set_customer \
             and call.operation in _NAMES_RESOURCES else None
-        if wanted:
-            await self.owners.refuse_foreign(wanted, principal.customer)
         # the gateway's own replay, judge and shadow calls are no tenant's spend (budgets read from the store leave
         # them out too): only the key's limits hold
         production = rec.source not in NON_PRODUCTION_SOURCES
@@ -327,6 +325,9 @@ class Proxy(WireStreamRelay):
                 raise refusal.error()
             call.limited = scopes
             call.extra_headers.extend((b"x-tagway-budget-warning", w.encode()) for w in warnings)
+        if wanted:  # after the limits: a request naming ids it may not use is a request all the same (and its
+            # owner lookups cost the store), so it counts against the key's rate
+            await self.owners.refuse_foreign(wanted, principal.customer)
         call.capture = self._capture_on and (tenant.capture_content if tenant is not None else
                                              principal.capture_content)
         if not wanted:

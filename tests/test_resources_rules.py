@@ -117,3 +117,28 @@ def test_a_tool_calls_input_is_passed_over_only_inside_a_list_of_blocks():
     blocks = {"messages": [{"role": "assistant", "content": [
         {"type": "tool_use", "id": "t1", "name": "f", "input": {"file_id": "file-args"}, "file_id": "file-B"}]}]}
     assert referenced_ids(blocks) == [("file_id", "file-B")]
+
+
+async def test_waiting_requests_share_one_poll_and_another_tenants_id_waits_as_a_missing_one():
+    """A review: 100 concurrent requests naming one unknown id made 1,300 store queries (each polled alone), and
+    another tenant's id was refused at once where a missing one took the whole window (a timing oracle)."""
+    import asyncio  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    from gateway.resources import ResourceOwners  # noqa: PLC0415
+
+    record = _SlowRecord({"file-theirs": "globex"}, after=0)
+    owners = ResourceOwners(lambda: record, settle=1.5)
+    t0 = time.monotonic()
+    answers = await asyncio.gather(*(owners.foreign([f"file-none-{i % 3}"], "acme") for i in range(100)))
+    assert all(a == [f"file-none-{i % 3}"] for i, a in enumerate(answers))
+    # each request's own first lookup (as for any id), then one query a poll for all of them: not 12 each
+    assert record.asked - 100 <= 5, record.asked
+    missing_took = time.monotonic() - t0
+    t0 = time.monotonic()
+    assert await owners.foreign(["file-theirs"], "acme") == ["file-theirs"]
+    theirs_took = time.monotonic() - t0
+    assert 1.2 < missing_took < 3.0 and 1.2 < theirs_took < 3.0, (missing_took, theirs_took)
+    record.owners["file-mine"] = "acme"
+    t0 = time.monotonic()
+    assert await owners.foreign(["file-mine"], "acme") == [] and time.monotonic() - t0 < 0.5  # one's own: no wait

@@ -595,22 +595,24 @@ def test_conversations_and_vector_stores_are_carried_and_their_creators(gw, prov
 def test_an_id_another_gateway_made_a_moment_ago_is_found_before_the_refusal(provider, tmp_path):
     """Two gateways (or workers) on one ClickHouse server: an id one made is known to the other once its call is
     stored, a batch window later. Refusing nobody's ids at once refused the tenant its own fresh file there; the
-    other gateway looks again for recording.batch_max_seconds + 1 s first. Another tenant's is refused at once."""
+    other gateway looks again for recording.batch_max_seconds + 1 s first. Another tenant's is refused after as long
+    (an immediate refusal told it from a missing one by timing)."""
     with ChdbClickHouse(tmp_path / "ch") as ch:
         def config() -> dict:
             return {**_config(provider), "storage": {"dsn": ch.dsn("admin", "tw_settle")},
-                    "recording": {"batch_max_seconds": 1.0}}
+                    "recording": {"batch_max_seconds": 2.0}}
         (tmp_path / "a").mkdir()
         (tmp_path / "b").mkdir()
         with GatewayProcess(tmp_path / "a", config(), env=_ENV) as a, \
                 GatewayProcess(tmp_path / "b", config(), env=_ENV) as b:
             fid = sdk(a, ACME).files.create(file=("a.jsonl", _LINE, "application/jsonl"), purpose="batch").id
+            assert sdk(b, ACME).files.retrieve(fid).id == fid  # found within the window (its length: below)
             t = time.monotonic()
-            assert sdk(b, ACME).files.retrieve(fid).id == fid
-            assert time.monotonic() - t < 2.5
+            theirs = not_found(lambda: sdk(b, GLOBEX).files.retrieve(fid))
+            theirs_took = time.monotonic() - t
             t = time.monotonic()
-            not_found(lambda: sdk(b, GLOBEX).files.retrieve(fid))
-            assert time.monotonic() - t < 1.0, "another tenant's: no wait"
-            t = time.monotonic()
-            assert not_found(lambda: sdk(b, ACME).files.retrieve("file-nobodys"))[0]["code"] == "resource_not_found"
-            assert 1.9 < time.monotonic() - t < 5, "nobody's: refused once the window has passed"
+            missing = not_found(lambda: sdk(b, ACME).files.retrieve("file-nobodys"))
+            missing_took = time.monotonic() - t
+            assert theirs[0]["code"] == missing[0]["code"] == "resource_not_found"
+            # refused once the window (2 + 1 s) has passed, another tenant's as a missing one: not told by timing
+            assert 2.5 < theirs_took < 10 and 2.5 < missing_took < 10, (theirs_took, missing_took)

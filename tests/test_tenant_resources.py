@@ -187,3 +187,21 @@ def test_a_tenants_list_reads_past_other_tenants_pages(gateways, upstream):
         assert mine in seen and not set(theirs) & set(seen), seen
         page = sdk(gw, globex).files.list(limit=2)
         assert len(page.data) == 2 and mine not in {x.id for x in page.data}
+
+
+def test_requests_naming_ids_a_key_may_not_use_count_against_its_rate(upstream, chdb_store, tmp_path):
+    """The owner check runs after the key's limits: a stream of requests naming ids the tenant may not use costs the
+    record a lookup each, so each counts as a request (it was free of the key's rpm: a review)."""
+    from gateway.auth import hash_key  # noqa: PLC0415
+
+    key = "tw-rate-probe-0123456789abcdefghijklmnop"
+    tenants = [{"customer": "acme", "keys": [{"id": "acme-1", "hash": hash_key(KEYS["acme"])}]},
+               {"customer": "prober", "limits": {"rpm": 3}, "keys": [{"id": "p-1", "hash": hash_key(key)}]}]
+    with recorded_gateway(upstream, chdb_store, str(tmp_path / "spool-rate"), config={"tenants": tenants}) as gw:
+        theirs = sdk(gw, KEYS["acme"]).responses.create(model="gpt-test", input="mine").id
+        probe = sdk(gw, key)
+        for _ in range(3):
+            refused(lambda: probe.responses.create(model="gpt-test", input="x", previous_response_id=theirs),
+                    "previous_response_id")
+        with pytest.raises(openai.RateLimitError):
+            probe.responses.create(model="gpt-test", input="x", previous_response_id=theirs)
