@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from typing import TYPE_CHECKING, Any, AsyncIterator
+from urllib.parse import quote
 
 import aiohttp
 
@@ -30,7 +31,8 @@ class _Prepared:
         self.headers = {"Content-Type": "application/json", "User-Agent": "tagway", **d.headers}
         key = d.api_key
         if d.provider == "azure":
-            self.url_prefix = f"{base_url(d)}/openai/deployments/{d.upstream_model}"
+            # the deployment is one path segment, quoted whatever a wildcard let through (model_routes refuses / .. ?)
+            self.url_prefix = f"{base_url(d)}/openai/deployments/{quote(d.upstream_model, safe='')}"
             self.query = f"?api-version={d.api_version}"
             self.root, self.root_query = f"{base_url(d)}/openai", f"api-version={d.api_version}"
             if key:
