@@ -264,11 +264,15 @@ class Passthrough:
                     return
                 if wanted:  # an id in the path that is not there, or one the body names: as another tenant's
                     path_id = [(n, rid) for n, rid in wanted if params_named(route, n)]
-                    if resp.status == 404 and path_id:  # the innermost: a conversation's item, else the resource
-                        raise not_found(path_id[-1][1], path_id[-1][0])
-                    e = as_not_found(GatewayError(resp.status, "", raw=body), wanted)
+                    # the id the provider's error names first (a body's file_id missing from a tenant's own vector
+                    # store was told as the vector store); a bare 404 is the path's innermost id (an item, else the
+                    # resource)
+                    e = as_not_found(GatewayError(resp.status, "", raw=body),
+                                     [w for w in wanted if w not in path_id] + path_id[::-1])
                     if e.code == "resource_not_found":
                         raise e
+                    if resp.status == 404 and path_id:
+                        raise not_found(path_id[-1][1], path_id[-1][0])
             else:
                 self._read_answer(rec, body, d, model, spends=_spends(route))
                 if list_for is not None:

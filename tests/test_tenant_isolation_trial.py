@@ -135,6 +135,8 @@ class ProviderLike(Upstream):
                 return web.json_response({"object": "list", "data": made, "has_more": False,
                                           "first_id": made[0]["id"], "last_id": made[-1]["id"]})
             if sub == "files":
+                if body["file_id"] not in self.made:  # a file the provider no longer has (deleted, expired)
+                    return self._missing(body["file_id"])
                 return web.json_response(self._part(oid, sub, {"id": body["file_id"]}))
             for fid in body.get("file_ids") or []:
                 self._part(oid, "files", {"id": fid})
@@ -616,3 +618,17 @@ def test_an_id_another_gateway_made_a_moment_ago_is_found_before_the_refusal(pro
             assert theirs[0]["code"] == missing[0]["code"] == "resource_not_found"
             # refused once the window (2 + 1 s) has passed, another tenant's as a missing one: not told by timing
             assert 2.5 < theirs_took < 10 and 2.5 < missing_took < 10, (theirs_took, missing_took)
+
+
+def test_a_missing_file_added_to_a_tenants_own_vector_store_is_named_as_the_file(gw, provider):
+    """The provider's 404 names the body's file, not the tenant's own vector store in the path (a review: the gateway
+    answered 'No such resource: vs_...', sending the tenant to look for the wrong thing)."""
+    a = sdk(gw, ACME)
+    fid = a.files.create(file=("h.txt", b"the handbook", "text/plain"), purpose="assistants").id
+    vs = a.vector_stores.create(name="kb")
+    provider.made.discard(fid)  # the provider no longer has it (deleted there, or expired)
+    with pytest.raises(openai.NotFoundError) as e:
+        a.vector_stores.files.create(vector_store_id=vs.id, file_id=fid)
+    err = e.value.response.json()["error"]
+    assert (err["code"], err["param"]) == ("resource_not_found", "file_id") and fid in err["message"], err
+    assert a.vector_stores.retrieve(vs.id).id == vs.id  # the vector store is there all along
