@@ -9,6 +9,7 @@ import logging
 import os
 from typing import Any, Callable
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -106,9 +107,11 @@ class TagwayApp:
             # a recorder that stores spans may reach its store only later (a ClickHouse server starting up): the
             # lookups wait for it (503), never settle for this process's memory alone
             recorded = bool(getattr(self.recorder, "enabled", False))
+            settle = self._settle_seconds(recorded)
             owners = ResourceOwners((lambda: self.query_store) if recorded else None, self.config.storage.database,
-                                    settle=self._settle_seconds(recorded),
-                                    granted={rid: t.customer for t in self.config.tenants for rid in t.resources}) \
+                                    settle=settle,
+                                    granted={rid: t.customer for t in self.config.tenants for rid in t.resources},
+                                    announce=self._write_owners if settle > 0 else None) \
                 if self.config.api.tenant_resources == "isolated" else None
             self.proxy = Proxy(config=self.config, keyring=self.keyring, providers=self.providers,
                                tracer=self.recorder.tracer, pricing=self.pricing, redactor=self.redactor,
@@ -120,6 +123,19 @@ class TagwayApp:
                                            cut_at_shutdown=self.proxy.cut_at_shutdown)
             log.info("ready (pid %d): %d model(s), %d tenant(s), recording %s", os.getpid(), len(self.config.models),
                      len(self.config.tenants), "on" if recorded else "off")
+
+    def _write_owners(self, rows: list[tuple[str, str, float]]) -> None:
+        """Owners of what this process answered, written to the record ahead of their calls' batch (a ClickHouse
+        server's other workers look them up: gateway/resources.py). Through the recorder's client, whose lock
+        keeps it to one statement at a time; the server gathers these small inserts (async_insert)."""
+        store = self.store
+        if store is None:
+            raise RuntimeError("the store is not reached yet")
+        db = self.config.storage.database
+        body = b"".join(orjson.dumps({"rid": rid, "customer": customer, "created": round(t, 3)}) + b"\n"
+                        for rid, customer, t in rows)
+        store.insert_json_rows(f"{db}.resource_owners" if db else "resource_owners", body,
+                               settings={"async_insert": 1, "wait_for_async_insert": 1})
 
     def _settle_seconds(self, recorded: bool) -> float:
         """How long a tenant key's id nobody owns is looked for again before it is refused: with a ClickHouse

@@ -49,6 +49,11 @@ _UNKNOWN_SECONDS = 2.0  # "nobody's" is believed this long (a lookup a second fo
 _LOOKUP_SECONDS = 5.0
 _SETTLE_POLL = 0.5  # how often an id nobody owns is looked up again while it may be another worker's fresh one
 _MAX_SETTLING = 1_000  # ids waited for at once (one query a poll); past it an unknown id is refused at once
+# With a ClickHouse server, the owners of what this process answers are written ahead of their calls' batch, at most
+# this late, so another worker's lookup finds them in a poll or two instead of a batch window (the span's view
+# writes the same row later: the record stays the source of truth, this only makes it known sooner)
+_ANNOUNCE_SECONDS = 0.2
+_MAX_ANNOUNCING = 10_000
 # body fields that name resources; `annotations` (citations in a model's own output, re-sent by stateless loops)
 # are not requests for a resource. Keys compare case-folded: an upstream may match them case-insensitively (Go's
 # encoding/json, which many relays are written with, reads `Previous_Response_Id`, and `previouſ_response_id` with
@@ -197,11 +202,16 @@ class ResourceOwners:
 
     def __init__(self, store: Callable[[], Any] | None, database: str = "",
                  clock: Callable[[], float] = time.monotonic, settle: float = 0.0,
-                 granted: dict[str, str] | None = None) -> None:
+                 granted: dict[str, str] | None = None,
+                 announce: Callable[[list[tuple[str, str, float]]], None] | None = None) -> None:
         """`settle`: how long an id nobody owns is looked for again before a tenant key is refused it (another
         process of the gateway may have made it a moment ago and not stored its call yet); `granted`: ids the
-        operator gave a tenant (tenants[].resources), id -> customer."""
+        operator gave a tenant (tenants[].resources), id -> customer; `announce`: writes (id, customer, unix time)
+        rows of what this process answered to the record ahead of their calls (blocking: run on a worker thread)."""
         self._store, self._database, self._clock, self._settle = store, database, clock, settle
+        self._announce = announce
+        self._announcing: list[tuple[str, str, float]] = []
+        self._announcer: asyncio.TimerHandle | asyncio.Task | None = None
         self._granted = dict(granted or {})
         self._owner: OrderedDict[str, str] = OrderedDict()  # least recently asked first
         self._unknown: OrderedDict[str, float] = OrderedDict()  # id -> until when "nobody's" is believed
@@ -218,12 +228,46 @@ class ResourceOwners:
         return new
 
     def created(self, rid: str, customer: str) -> None:
-        """An answer with `rid` passed for `customer`: the first owner stays (an id is created once)."""
+        """An answer of this process with `rid` passed for `customer`: the first owner stays (an id is created
+        once), and other workers are told soon (announce)."""
+        if rid and rid not in self._owner and self._announce is not None:
+            self._announcing.append((rid, customer, time.time()))
+            if len(self._announcing) > _MAX_ANNOUNCING:  # the store is slow: the calls' record will tell them
+                del self._announcing[0]
+            self._schedule_announce()
+        self._remember(rid, customer)
+
+    def _remember(self, rid: str, customer: str) -> None:
         if rid and rid not in self._owner:
             self._owner[rid] = customer
             if len(self._owner) > _MAX_IDS:
                 self._owner.popitem(last=False)
         self._unknown.pop(rid, None)
+
+    def _schedule_announce(self) -> None:
+        if self._announcer is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop here: the calls' record tells the others
+            return
+        self._announcer = loop.call_later(_ANNOUNCE_SECONDS, self._start_announcing, loop)
+
+    def _start_announcing(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._announcer = loop.create_task(self._write_announced(loop))
+
+    async def _write_announced(self, loop: asyncio.AbstractEventLoop) -> None:
+        rows, self._announcing = self._announcing, []
+        try:
+            if rows and self._announce is not None:
+                await loop.run_in_executor(None, self._announce, rows)
+        except Exception as e:  # only sooner, never lost: the calls' spans write the same owners
+            log.warning("could not write %d new resource owner(s) ahead of their calls (%s); other workers learn "
+                        "them from the record, a batch window later", len(rows), e)
+        finally:
+            self._announcer = None
+            if self._announcing:
+                self._schedule_announce()
 
     async def foreign(self, ids: Iterable[str], customer: str) -> list[str]:
         """The ids among `ids` that are not `customer`'s: another customer's, or nobody's (made outside the
@@ -276,7 +320,7 @@ class ResourceOwners:
             for i in ids:
                 fut, until = self._settling[i]
                 if i in found:
-                    self.created(i, found[i])
+                    self._remember(i, found[i])
                 elif now < until - _SETTLE_POLL / 2:
                     continue
                 del self._settling[i]
@@ -324,7 +368,7 @@ class ResourceOwners:
             found = await self._look_up(ask)
             for rid in ask:
                 if rid in found:
-                    self.created(rid, found[rid])
+                    self._remember(rid, found[rid])
                     out[rid] = found[rid]
                 else:
                     self._unknown[rid] = now + _UNKNOWN_SECONDS

@@ -632,3 +632,24 @@ def test_a_missing_file_added_to_a_tenants_own_vector_store_is_named_as_the_file
     err = e.value.response.json()["error"]
     assert (err["code"], err["param"]) == ("resource_not_found", "file_id") and fid in err["message"], err
     assert a.vector_stores.retrieve(vs.id).id == vs.id  # the vector store is there all along
+
+
+def test_a_fresh_id_is_known_to_other_gateways_before_its_calls_batch_is_stored(provider, tmp_path):
+    """With a ClickHouse server a follow-up turn may land on another worker or replica the moment the answer is out.
+    Its owner was known there only once the creating call's batch was stored (up to recording.batch_max_seconds,
+    5 s by default, which the turn waited for): the owners of what a gateway answers are written ahead now, within
+    a poll or two. Here the batch window is 20 s: found well inside it."""
+    with ChdbClickHouse(tmp_path / "ch") as ch:
+        def config() -> dict:
+            return {**_config(provider), "storage": {"dsn": ch.dsn("admin", "tw_ahead")},
+                    "recording": {"batch_max_seconds": 20.0}}
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        with GatewayProcess(tmp_path / "a", config(), env=_ENV) as a, \
+                GatewayProcess(tmp_path / "b", config(), env=_ENV) as b:
+            fid = sdk(a, ACME).files.create(file=("a.jsonl", _LINE, "application/jsonl"), purpose="batch").id
+            rid = sdk(a, ACME).responses.create(model="gpt-test", input="the code is 7").id
+            t = time.monotonic()
+            assert sdk(b, ACME).files.retrieve(fid).id == fid
+            assert sdk(b, ACME).responses.create(model="gpt-test", input="and?", previous_response_id=rid).id
+            assert time.monotonic() - t < 8, "found by the owners written ahead, not the 20 s batch"
