@@ -212,6 +212,7 @@ class ResourceOwners:
         self._announce = announce
         self._announcing: list[tuple[str, str, float]] = []
         self._announcer: asyncio.TimerHandle | asyncio.Task | None = None
+        self._announce_failing = False
         self._granted = dict(granted or {})
         self._owner: OrderedDict[str, str] = OrderedDict()  # least recently asked first
         self._unknown: OrderedDict[str, float] = OrderedDict()  # id -> until when "nobody's" is believed
@@ -261,9 +262,14 @@ class ResourceOwners:
         try:
             if rows and self._announce is not None:
                 await loop.run_in_executor(None, self._announce, rows)
+                if self._announce_failing:
+                    self._announce_failing = False
+                    log.info("new resource owners are written ahead of their calls again")
         except Exception as e:  # only sooner, never lost: the calls' spans write the same owners
-            log.warning("could not write %d new resource owner(s) ahead of their calls (%s); other workers learn "
-                        "them from the record, a batch window later", len(rows), e)
+            if not self._announce_failing:  # once a streak (a store outage would say it five times a second)
+                self._announce_failing = True
+                log.warning("could not write %d new resource owner(s) ahead of their calls (%s); other workers "
+                            "learn them from the record, a batch window later", len(rows), e)
         finally:
             self._announcer = None
             if self._announcing:

@@ -142,3 +142,34 @@ async def test_waiting_requests_share_one_poll_and_another_tenants_id_waits_as_a
     record.owners["file-mine"] = "acme"
     t0 = time.monotonic()
     assert await owners.foreign(["file-mine"], "acme") == [] and time.monotonic() - t0 < 0.5  # one's own: no wait
+
+
+async def test_owners_are_written_ahead_in_batches_and_a_failing_write_is_said_once(caplog):
+    """What this process answers is written ahead for other workers (a ClickHouse server), a batch every ~0.2 s;
+    a store that refuses is said once a streak, not five times a second, and lookups' own finds are not re-sent."""
+    import asyncio  # noqa: PLC0415
+    import logging  # noqa: PLC0415
+
+    from gateway.resources import ResourceOwners  # noqa: PLC0415
+
+    written: list[list] = []
+    failing = [True]
+
+    def announce(rows):
+        if failing[0]:
+            raise OSError("connection refused")
+        written.append([r[:2] for r in rows])
+
+    owners = ResourceOwners(lambda: _SlowRecord({"file-seen": "acme"}, after=0), settle=1.0, announce=announce)
+    with caplog.at_level(logging.WARNING, logger="tagway"):
+        for i in range(3):
+            owners.created(f"resp_{i}", "acme")
+            await asyncio.sleep(0.35)
+    assert caplog.text.count("could not write") == 1 and written == []
+    failing[0] = False
+    owners.created("resp_a", "acme")
+    owners.created("resp_b", "globex")
+    owners.created("resp_a", "acme")  # known already: not again
+    assert await owners.foreign(["file-seen"], "acme") == []  # found by a lookup: not written back
+    await asyncio.sleep(0.4)
+    assert written == [[("resp_a", "acme"), ("resp_b", "globex")]]
