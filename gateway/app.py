@@ -127,7 +127,8 @@ class TagwayApp:
     def _write_owners(self, rows: list[tuple[str, str, float]]) -> None:
         """Owners of what this process answered, written to the record ahead of their calls' batch (a ClickHouse
         server's other workers look them up: gateway/resources.py). Through the recorder's client, whose lock
-        keeps it to one statement at a time; the server gathers these small inserts (async_insert)."""
+        keeps it to one statement at a time; the server gathers these small inserts (async_insert, not waited
+        for: they only make owners known sooner)."""
         store = self.store
         if store is None:
             raise RuntimeError("the store is not reached yet")
@@ -135,7 +136,7 @@ class TagwayApp:
         body = b"".join(orjson.dumps({"rid": rid, "customer": customer, "created": round(t, 3)}) + b"\n"
                         for rid, customer, t in rows)
         store.insert_json_rows(f"{db}.resource_owners" if db else "resource_owners", body,
-                               settings={"async_insert": 1, "wait_for_async_insert": 1})
+                               settings={"async_insert": 1, "wait_for_async_insert": 0})
 
     def _settle_seconds(self, recorded: bool) -> float:
         """How long a tenant key's id nobody owns is looked for again before it is refused: with a ClickHouse

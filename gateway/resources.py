@@ -26,7 +26,7 @@ import email.policy
 import logging
 import re
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Any, Callable, Iterable
 
 import orjson
@@ -48,11 +48,15 @@ _MAX_IDS = 100_000
 _UNKNOWN_SECONDS = 2.0  # "nobody's" is believed this long (a lookup a second for an id asked again and again)
 _LOOKUP_SECONDS = 5.0
 _SETTLE_POLL = 0.5  # how often an id nobody owns is looked up again while it may be another worker's fresh one
-_MAX_SETTLING = 1_000  # ids waited for at once (one query a poll); past it an unknown id is refused at once
+_MAX_SETTLING_EACH = 256  # ids a customer has polled at once (one query a poll for all); past it, not polled
+# the least time any refusal takes, so a 404 for an id known in memory (another tenant's) and one looked up in the
+# store (missing) cannot be told apart by when they come (with a ClickHouse server, the settle window is the time)
+_REFUSAL_FLOOR = 0.1
 # With a ClickHouse server, the owners of what this process answers are written ahead of their calls' batch, at most
 # this late, so another worker's lookup finds them in a poll or two instead of a batch window (the span's view
 # writes the same row later: the record stays the source of truth, this only makes it known sooner)
 _ANNOUNCE_SECONDS = 0.2
+_ANNOUNCE_RETRY_SECONDS = 5.0
 _MAX_ANNOUNCING = 10_000
 # body fields that name resources; `annotations` (citations in a model's own output, re-sent by stateless loops)
 # are not requests for a resource. Keys compare case-folded: an upstream may match them case-insensitively (Go's
@@ -210,7 +214,7 @@ class ResourceOwners:
         rows of what this process answered to the record ahead of their calls (blocking: run on a worker thread)."""
         self._store, self._database, self._clock, self._settle = store, database, clock, settle
         self._announce = announce
-        self._announcing: list[tuple[str, str, float]] = []
+        self._announcing: deque[tuple[str, str, float]] = deque(maxlen=_MAX_ANNOUNCING)  # the oldest go first
         self._announcer: asyncio.TimerHandle | asyncio.Task | None = None
         self._announce_failing = False
         self._granted = dict(granted or {})
@@ -218,7 +222,9 @@ class ResourceOwners:
         self._unknown: OrderedDict[str, float] = OrderedDict()  # id -> until when "nobody's" is believed
         # ids waited for (settle): each one's future, resolved by one poll for all of them, and until when it waits
         self._settling: dict[str, tuple[asyncio.Future, float]] = {}
+        self._polled_by: dict[str, int] = {}  # customer -> its ids polled now
         self._poller: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def made_known(self, ids: Iterable[str], customer: str) -> tuple[str, ...]:
         """An answer relayed to `customer` named `ids` as its own (a batch's output and error files): those not
@@ -232,9 +238,7 @@ class ResourceOwners:
         """An answer of this process with `rid` passed for `customer`: the first owner stays (an id is created
         once), and other workers are told soon (announce)."""
         if rid and rid not in self._owner and self._announce is not None:
-            self._announcing.append((rid, customer, time.time()))
-            if len(self._announcing) > _MAX_ANNOUNCING:  # the store is slow: the calls' record will tell them
-                del self._announcing[0]
+            self._announcing.append((rid, customer, time.time()))  # past the cap the record tells the oldest
             self._schedule_announce()
         self._remember(rid, customer)
 
@@ -246,19 +250,24 @@ class ResourceOwners:
         self._unknown.pop(rid, None)
 
     def _schedule_announce(self) -> None:
-        if self._announcer is not None:
-            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no loop here: the calls' record tells the others
             return
-        self._announcer = loop.call_later(_ANNOUNCE_SECONDS, self._start_announcing, loop)
+        if loop is not self._loop:  # a timer of a loop that is gone would never fire
+            self._check_loop()
+        if self._announcer is not None:
+            return
+        # while the store refuses, a try every few seconds (each may hold the recorder's client that long)
+        delay = _ANNOUNCE_RETRY_SECONDS if self._announce_failing else _ANNOUNCE_SECONDS
+        self._announcer = loop.call_later(delay, self._start_announcing, loop)
 
     def _start_announcing(self, loop: asyncio.AbstractEventLoop) -> None:
         self._announcer = loop.create_task(self._write_announced(loop))
 
     async def _write_announced(self, loop: asyncio.AbstractEventLoop) -> None:
-        rows, self._announcing = self._announcing, []
+        rows = list(self._announcing)
+        self._announcing.clear()
         try:
             if rows and self._announce is not None:
                 await loop.run_in_executor(None, self._announce, rows)
@@ -277,38 +286,62 @@ class ResourceOwners:
 
     async def foreign(self, ids: Iterable[str], customer: str) -> list[str]:
         """The ids among `ids` that are not `customer`'s: another customer's, or nobody's (made outside the
-        gateway, by the admin key, or before it recorded owners), once looked for again for `settle` seconds."""
+        gateway, by the admin key, or before it recorded owners), once looked for again for `settle` seconds.
+
+        Any refusal is answered at one fixed time after the request came, whatever its kind (another tenant's id
+        known in memory, a missing one looked up, found by a poll or not): `settle` with a ClickHouse server, a
+        short floor on the embedded store. So the time of a 404 tells nothing either (a review measured both)."""
+        self._check_loop()
+        deadline = self._clock() + max(self._settle, _REFUSAL_FLOOR)
         owners = await self._owners(ids)
         if self._settle > 0 and any(who != customer for who in owners.values()):
-            deadline = self._clock() + self._settle
             missing = [i for i, who in owners.items() if who is None]
-            if missing:  # made by another worker a moment ago: known once its call is stored
-                owners.update(await self._settled(missing, deadline))
-            # another tenant's id is refused when a missing one would be: the two must not be told apart by timing
-            if any(who is not None and who != customer for who in owners.values()) \
-                    and (left := deadline - self._clock()) > 0:
-                await asyncio.sleep(left)
-        return [i for i, who in owners.items() if who != customer]
+            if missing:  # made by another worker a moment ago: known once its owner is written
+                owners.update(await self._settled(missing, deadline, customer))
+        theirs = [i for i, who in owners.items() if who != customer]
+        if theirs and (left := deadline - self._clock()) > 0:
+            await asyncio.sleep(left)
+        return theirs
 
-    async def _settled(self, ids: list[str], deadline: float) -> dict[str, str | None]:
-        """Each id's owner once the record has it, or None at `deadline`. One poll serves every waiting request
-        (one store query each _SETTLE_POLL for all their ids): a burst of requests naming unknown ids costs the
-        store a query a tick, not a dozen each (a review measured 1,300 queries for 100 requests)."""
+    async def _settled(self, ids: list[str], deadline: float, customer: str) -> dict[str, str | None]:
+        """Each id's owner once the record has it, or None at `deadline` (each waiter's own: another request for
+        the same id never makes this one wait longer). One poll serves every waiting request (one store query each
+        _SETTLE_POLL for all their ids): a burst of requests naming unknown ids costs the store a query a tick, not
+        a dozen each (a review measured 1,300 queries for 100 requests). A customer has at most _MAX_SETTLING_EACH
+        ids polled at once: one tenant's made-up ids cannot crowd out another's fresh ones."""
         loop = asyncio.get_running_loop()
-        waits: dict[str, asyncio.Future | None] = {}
+        polled = self._polled_by.get(customer, 0)
+        waits: dict[str, asyncio.Future] = {}
         for i in ids:
             entry = self._settling.get(i)
-            if entry is None and len(self._settling) >= _MAX_SETTLING:
-                waits[i] = None  # a flood of made-up ids: refused at once
-                continue
-            fut = entry[0] if entry is not None else loop.create_future()
             if entry is None:
+                if polled + len(waits) >= _MAX_SETTLING_EACH:
+                    continue  # past this customer's share: not polled (still answered at the deadline)
+                fut = loop.create_future()
                 fut.add_done_callback(_retrieved)
-            self._settling[i] = (fut, max(deadline, entry[1]) if entry is not None else deadline)
-            waits[i] = fut
-        if self._settling and (self._poller is None or self._poller.done()):
+                entry = (fut, deadline)
+            self._settling[i] = (entry[0], max(deadline, entry[1]))  # how long the poll keeps asking
+            waits[i] = entry[0]
+        if waits and (self._poller is None or self._poller.done()):
             self._poller = loop.create_task(self._poll())
-        return {i: None if f is None else await asyncio.shield(f) for i, f in waits.items()}
+        self._polled_by[customer] = polled + len(waits)
+        out: dict[str, str | None] = dict.fromkeys(ids)
+        try:
+            for i, fut in waits.items():
+                left = deadline - self._clock()
+                if left <= 0:
+                    break
+                try:
+                    out[i] = await asyncio.wait_for(asyncio.shield(fut), left)
+                except asyncio.TimeoutError:
+                    break  # the deadline: this one and the rest are nobody's
+        finally:
+            n = self._polled_by.get(customer, 0) - len(waits)
+            if n > 0:
+                self._polled_by[customer] = n
+            else:
+                self._polled_by.pop(customer, None)
+        return out
 
     async def _poll(self) -> None:
         while self._settling:
@@ -316,22 +349,37 @@ class ResourceOwners:
             ids = list(self._settling)
             try:
                 found = await self._look_up(ids)
-            except GatewayError as e:  # the record cannot answer: every waiter gets the 503, never a guess
+            except GatewayError:  # the record cannot answer: every waiter gets the 503, never a guess
                 for i in ids:
                     fut, _ = self._settling.pop(i)
                     if not fut.done():
-                        fut.set_exception(e)
+                        fut.set_exception(_unreachable())  # one of its own each (a raised error carries state)
+                continue
+            except Exception:  # never a dead poller: its waiters are bounded, but new ones need it
+                log.exception("resource owner poll failed")
                 continue
             now = self._clock()
             for i in ids:
                 fut, until = self._settling[i]
-                if i in found:
-                    self._remember(i, found[i])
-                elif now < until - _SETTLE_POLL / 2:
+                who = found.get(i) if i in found else self._owner.get(i)  # or this process made it meanwhile
+                if who is not None:
+                    self._remember(i, who)
+                elif now < until:
                     continue
                 del self._settling[i]
                 if not fut.done():
-                    fut.set_result(found.get(i))
+                    fut.set_result(who)
+
+    def _check_loop(self) -> None:
+        """Waits and timers belong to the event loop that made them: an app started again on another loop (an
+        in-process restart, a test client) starts these afresh instead of waiting on a closed one."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._loop = loop
+            self._settling.clear()
+            self._polled_by.clear()
+            self._poller = None
+            self._announcer = None
 
     async def refuse_foreign(self, wanted: list[tuple[str, str]], customer: str) -> None:
         """A 404 for the first (field, id) of `wanted` that is not `customer`'s (another's, or nobody's), or that

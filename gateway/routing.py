@@ -97,6 +97,8 @@ def refuses_stream_options(status: int | None, body: bytes | None, payload: dict
     err = obj.get("error") if isinstance(obj, dict) else None
     if isinstance(err, dict):
         return err.get("param") == "stream_options" or bool(_UNKNOWN_FIELD.search(str(err.get("message") or "")))
+    if isinstance(err, str):  # {"error": "json: unknown field \"stream_options\""} (TGI-style, Go servers)
+        return bool(_UNKNOWN_FIELD.search(err))
     detail = obj.get("detail") if isinstance(obj, dict) else None
     if isinstance(detail, list):  # FastAPI: the refused field is the last of an error's `loc`
         return any(isinstance(d, dict) and isinstance(d.get("loc"), list) and d["loc"][-1:] == ["stream_options"]

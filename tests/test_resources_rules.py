@@ -144,13 +144,17 @@ async def test_waiting_requests_share_one_poll_and_another_tenants_id_waits_as_a
     assert await owners.foreign(["file-mine"], "acme") == [] and time.monotonic() - t0 < 0.5  # one's own: no wait
 
 
-async def test_owners_are_written_ahead_in_batches_and_a_failing_write_is_said_once(caplog):
+async def test_owners_are_written_ahead_in_batches_and_a_failing_write_is_said_once(caplog, monkeypatch):
     """What this process answers is written ahead for other workers (a ClickHouse server), a batch every ~0.2 s;
-    a store that refuses is said once a streak, not five times a second, and lookups' own finds are not re-sent."""
+    a store that refuses is said once a streak, not five times a second, and tried again after a pause (here 0.3 s;
+    5 s in service); lookups' own finds are not re-sent."""
     import asyncio  # noqa: PLC0415
     import logging  # noqa: PLC0415
 
+    from gateway import resources  # noqa: PLC0415
     from gateway.resources import ResourceOwners  # noqa: PLC0415
+
+    monkeypatch.setattr(resources, "_ANNOUNCE_RETRY_SECONDS", 0.3)
 
     written: list[list] = []
     failing = [True]
@@ -171,5 +175,74 @@ async def test_owners_are_written_ahead_in_batches_and_a_failing_write_is_said_o
     owners.created("resp_b", "globex")
     owners.created("resp_a", "acme")  # known already: not again
     assert await owners.foreign(["file-seen"], "acme") == []  # found by a lookup: not written back
-    await asyncio.sleep(0.4)
+    await asyncio.sleep(0.8)
     assert written == [[("resp_a", "acme"), ("resp_b", "globex")]]
+
+
+async def test_a_refusal_comes_at_one_time_whatever_its_kind_and_no_one_else_can_stretch_or_crowd_a_wait():
+    """A second review: another tenant's id (in memory) and a missing one (looked up, found by no poll) were still
+    told apart by when their 404 came, on the embedded store too; a request naming the same missing id every 1.5 s
+    kept another's wait going for ever; one tenant's made-up ids filled a cap shared by all, and another tenant's
+    fresh id was refused at once."""
+    import asyncio  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    from gateway import resources  # noqa: PLC0415
+    from gateway.resources import ResourceOwners  # noqa: PLC0415
+
+    async def took(owners, ids, customer):
+        t0 = time.monotonic()
+        out = await owners.foreign(ids, customer)
+        return out, time.monotonic() - t0
+
+    embedded = ResourceOwners(lambda: _SlowRecord({"file-theirs": "globex"}, after=0))  # no settle window
+    await embedded.foreign(["file-theirs"], "acme")  # known in memory from now on
+    (a, ta), (b, tb) = await took(embedded, ["file-theirs"], "acme"), await took(embedded, ["file-none"], "acme")
+    assert a == ["file-theirs"] and b == ["file-none"]
+    assert resources._REFUSAL_FLOOR <= ta < resources._REFUSAL_FLOOR + 0.05
+    assert resources._REFUSAL_FLOOR <= tb < resources._REFUSAL_FLOOR + 0.05
+
+    record = _SlowRecord({}, after=0)
+    owners = ResourceOwners(lambda: record, settle=1.0)
+    first = asyncio.create_task(took(owners, ["file-x"], "acme"))
+    await asyncio.sleep(0.6)
+    later = asyncio.create_task(took(owners, ["file-x"], "mallory"))  # the same id, asked again
+    (_, t_first), (_, t_later) = await first, await later
+    assert 0.95 < t_first < 1.3 and 0.95 < t_later < 1.3, (t_first, t_later)  # each its own deadline
+
+    record = _SlowRecord({}, after=0)
+    owners = ResourceOwners(lambda: record, settle=1.0)
+    flood = asyncio.create_task(owners.foreign([f"file-fake-{i}" for i in range(400)], "mallory"))
+    await asyncio.sleep(0.1)
+    fresh = asyncio.create_task(owners.foreign(["file-fresh"], "acme"))
+    await asyncio.sleep(0.3)
+    record.owners["file-fresh"] = "acme"  # another worker's owner row lands
+    assert await fresh == [] and len(await flood) == 400
+
+
+def test_an_owners_map_outlives_its_event_loop():
+    """The app started again on another loop (an in-process restart, a second test client): waits and the
+    write-ahead timer of the first loop are dropped, not waited on (a review: a request hung, and writing ahead
+    stopped for good)."""
+    import asyncio  # noqa: PLC0415
+
+    from gateway.resources import ResourceOwners  # noqa: PLC0415
+
+    written = []
+    record = _SlowRecord({}, after=0)
+    owners = ResourceOwners(lambda: record, settle=0.6, announce=lambda rows: written.extend(r[0] for r in rows))
+
+    async def first():
+        owners.created("resp_1", "acme")  # its timer is left behind when this loop ends
+        task = asyncio.create_task(owners.foreign(["file-none"], "acme"))
+        await asyncio.sleep(0.05)
+        task.cancel()
+
+    async def second():
+        owners.created("resp_2", "acme")
+        assert await asyncio.wait_for(owners.foreign(["file-none"], "acme"), 3) == ["file-none"]
+        await asyncio.sleep(0.4)
+
+    asyncio.run(first())
+    asyncio.run(second())
+    assert "resp_2" in written

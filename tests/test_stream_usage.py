@@ -157,6 +157,7 @@ def test_config_check_says_stream_usage_is_for_pass_through_models():
     (400, {"error": {"message": "max_tokens is too large; request was {'stream_options': {'include_usage': true}}",
                      "param": "max_tokens"}}, False),
     (500, {"error": {"message": "Unrecognized request argument supplied: stream_options"}}, False),
+    (400, {"error": 'json: unknown field "stream_options"'}, True),  # the error as a string (Go, TGI-style)
 ])
 def test_only_an_error_about_the_field_is_a_refusal_of_it(status, body, refused):
     """A tenant's bad request that an upstream answers with an echo of the body must not switch usage off for every
