@@ -13,6 +13,7 @@ it), and reads JSON keys case-insensitively, as Go relays do. Each test fails on
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -594,30 +595,36 @@ def test_conversations_and_vector_stores_are_carried_and_their_creators(gw, prov
     assert a.vector_stores.delete(vs.id).deleted and a.conversations.delete(conv.id).deleted
 
 
+@contextlib.contextmanager
+def _two_gateways(provider, tmp_path, database: str, *, batch_seconds: float):
+    """Two `tagway serve` processes (workers or replicas) on one ClickHouse server, with this batch window."""
+    with ChdbClickHouse(tmp_path / "ch") as ch:
+        config = {**_config(provider), "storage": {"dsn": ch.dsn("admin", database)},
+                  "recording": {"batch_max_seconds": batch_seconds}}
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        with GatewayProcess(tmp_path / "a", config, env=_ENV) as a, \
+                GatewayProcess(tmp_path / "b", config, env=_ENV) as b:
+            yield a, b
+
+
 def test_an_id_another_gateway_made_a_moment_ago_is_found_before_the_refusal(provider, tmp_path):
     """Two gateways (or workers) on one ClickHouse server: an id one made is known to the other once its call is
     stored, a batch window later. Refusing nobody's ids at once refused the tenant its own fresh file there; the
     other gateway looks again for recording.batch_max_seconds + 1 s first. Another tenant's is refused after as long
     (an immediate refusal told it from a missing one by timing)."""
-    with ChdbClickHouse(tmp_path / "ch") as ch:
-        def config() -> dict:
-            return {**_config(provider), "storage": {"dsn": ch.dsn("admin", "tw_settle")},
-                    "recording": {"batch_max_seconds": 2.0}}
-        (tmp_path / "a").mkdir()
-        (tmp_path / "b").mkdir()
-        with GatewayProcess(tmp_path / "a", config(), env=_ENV) as a, \
-                GatewayProcess(tmp_path / "b", config(), env=_ENV) as b:
-            fid = sdk(a, ACME).files.create(file=("a.jsonl", _LINE, "application/jsonl"), purpose="batch").id
-            assert sdk(b, ACME).files.retrieve(fid).id == fid  # found within the window (its length: below)
-            t = time.monotonic()
-            theirs = not_found(lambda: sdk(b, GLOBEX).files.retrieve(fid))
-            theirs_took = time.monotonic() - t
-            t = time.monotonic()
-            missing = not_found(lambda: sdk(b, ACME).files.retrieve("file-nobodys"))
-            missing_took = time.monotonic() - t
-            assert theirs[0]["code"] == missing[0]["code"] == "resource_not_found"
-            # refused once the window (2 + 1 s) has passed, another tenant's as a missing one: not told by timing
-            assert 2.5 < theirs_took < 10 and 2.5 < missing_took < 10, (theirs_took, missing_took)
+    with _two_gateways(provider, tmp_path, "tw_settle", batch_seconds=2.0) as (a, b):
+        fid = sdk(a, ACME).files.create(file=("a.jsonl", _LINE, "application/jsonl"), purpose="batch").id
+        assert sdk(b, ACME).files.retrieve(fid).id == fid  # found within the window (its length: below)
+        t = time.monotonic()
+        theirs = not_found(lambda: sdk(b, GLOBEX).files.retrieve(fid))
+        theirs_took = time.monotonic() - t
+        t = time.monotonic()
+        missing = not_found(lambda: sdk(b, ACME).files.retrieve("file-nobodys"))
+        missing_took = time.monotonic() - t
+        assert theirs[0]["code"] == missing[0]["code"] == "resource_not_found"
+        # refused once the window (2 + 1 s) has passed, another tenant's as a missing one: not told by timing
+        assert 2.5 < theirs_took < 10 and 2.5 < missing_took < 10, (theirs_took, missing_took)
 
 
 def test_a_missing_file_added_to_a_tenants_own_vector_store_is_named_as_the_file(gw, provider):
@@ -639,17 +646,10 @@ def test_a_fresh_id_is_known_to_other_gateways_before_its_calls_batch_is_stored(
     Its owner was known there only once the creating call's batch was stored (up to recording.batch_max_seconds,
     5 s by default, which the turn waited for): the owners of what a gateway answers are written ahead now, within
     a poll or two. Here the batch window is 20 s: found well inside it."""
-    with ChdbClickHouse(tmp_path / "ch") as ch:
-        def config() -> dict:
-            return {**_config(provider), "storage": {"dsn": ch.dsn("admin", "tw_ahead")},
-                    "recording": {"batch_max_seconds": 20.0}}
-        (tmp_path / "a").mkdir()
-        (tmp_path / "b").mkdir()
-        with GatewayProcess(tmp_path / "a", config(), env=_ENV) as a, \
-                GatewayProcess(tmp_path / "b", config(), env=_ENV) as b:
-            fid = sdk(a, ACME).files.create(file=("a.jsonl", _LINE, "application/jsonl"), purpose="batch").id
-            rid = sdk(a, ACME).responses.create(model="gpt-test", input="the code is 7").id
-            t = time.monotonic()
-            assert sdk(b, ACME).files.retrieve(fid).id == fid
-            assert sdk(b, ACME).responses.create(model="gpt-test", input="and?", previous_response_id=rid).id
-            assert time.monotonic() - t < 8, "found by the owners written ahead, not the 20 s batch"
+    with _two_gateways(provider, tmp_path, "tw_ahead", batch_seconds=20.0) as (a, b):
+        fid = sdk(a, ACME).files.create(file=("a.jsonl", _LINE, "application/jsonl"), purpose="batch").id
+        rid = sdk(a, ACME).responses.create(model="gpt-test", input="the code is 7").id
+        t = time.monotonic()
+        assert sdk(b, ACME).files.retrieve(fid).id == fid
+        assert sdk(b, ACME).responses.create(model="gpt-test", input="and?", previous_response_id=rid).id
+        assert time.monotonic() - t < 8, "found by the owners written ahead, not the 20 s batch"
