@@ -398,9 +398,9 @@ class ResourceOwners:
         owners = await self._owners(ids)
         return {i for i, who in owners.items() if who and who == customer}
 
-    async def _owners(self, ids: Iterable[str], fresh: bool = False) -> dict[str, str | None]:
+    async def _owners(self, ids: Iterable[str]) -> dict[str, str | None]:
         """Each id's creator (the tenant the operator granted it to first), or None. A lookup the store cannot
-        answer is a 503 (never a guess). `fresh`: ask the store even for an id it did not know a moment ago."""
+        answer is a 503 (never a guess)."""
         ids = [i for i in dict.fromkeys(ids) if i]
         now = self._clock()
         out: dict[str, str | None] = {}
@@ -414,7 +414,7 @@ class ResourceOwners:
                     self._owner.move_to_end(i)
             if who is not None:
                 out[i] = who
-            elif not fresh and self._unknown.get(i, 0.0) > now:
+            elif self._unknown.get(i, 0.0) > now:
                 out[i] = None
             else:
                 ask.append(i)
