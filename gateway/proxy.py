@@ -28,7 +28,7 @@ from .cooldowns import Cooldowns
 from .errors import (UPSTREAM_AUTH_STATUS, GatewayError, forbidden, upstream_auth_error,
                      with_own_headers)
 from .limits import CallLimits
-from .headers import HeaderFilter, KeyScope
+from .headers import IDEMPOTENCY_KEY, HeaderFilter, KeyScope
 from .pricing import Pricing
 from .providers import ProviderRegistry, UpstreamCall, UpstreamFailure, UpstreamResponse, kind_of
 from .providers.sse import event_data, json_object
@@ -234,7 +234,7 @@ class Proxy(WireStreamRelay):
         call.principal, call.tenant, call.capture = job.principal, job.tenant, job.capture
         # never the live call's idempotency key: the provider would answer the copy with the live call's answer
         call.payload, call.body = payload, orjson.dumps(payload)
-        call.forward_headers = [h for h in job.forward_headers if h[0] != b"idempotency-key"]
+        call.forward_headers = [h for h in job.forward_headers if h[0] != IDEMPOTENCY_KEY]
         ids = self.spans.begin()
         call.trace_id = ids.header
         reraise: BaseException | None = None
