@@ -291,6 +291,12 @@ class _EventStream:
 _LITELLM_ONLY = ("provider_specific_fields", "citations")
 
 
+def _drop_litellm_keys(d: Any) -> None:
+    if isinstance(d, dict):
+        for k in _LITELLM_ONLY:
+            d.pop(k, None)
+
+
 def _drop_nulls(usage: Any) -> None:
     """litellm's usage has keys of its own, null unless the provider said something (iterations, speed, ...)."""
     if isinstance(usage, dict):
@@ -300,14 +306,10 @@ def _drop_nulls(usage: Any) -> None:
 
 def _openai_completion(obj: dict) -> dict:
     """A translated chat completion in OpenAI's shape: without litellm's own keys."""
-    for k in _LITELLM_ONLY:
-        obj.pop(k, None)
+    _drop_litellm_keys(obj)
     _drop_nulls(obj.get("usage"))
     for c in obj.get("choices") or ():
-        m = c.get("message") if isinstance(c, dict) else None
-        if isinstance(m, dict):
-            for k in _LITELLM_ONLY:
-                m.pop(k, None)
+        _drop_litellm_keys(c.get("message") if isinstance(c, dict) else None)
     return obj
 
 
@@ -315,15 +317,12 @@ def _openai_chunks(obj: dict) -> tuple[dict, ...]:
     """A translated stream chunk in OpenAI's shape: without litellm's own keys, and usage on a chunk of its own
     with `choices: []` (litellm gives it a stub choice after the finish, or puts it on a chunk with content), which
     the proxy relays only to a client that asked for it (`stream_options.include_usage`)."""
-    for k in _LITELLM_ONLY:
-        obj.pop(k, None)
+    _drop_litellm_keys(obj)
     choices = obj.get("choices") or ()
     stub = True
     for c in choices:
         delta = c.get("delta") if isinstance(c, dict) else None
-        if isinstance(delta, dict):
-            for k in _LITELLM_ONLY:
-                delta.pop(k, None)
+        _drop_litellm_keys(delta)
         if stub and (not isinstance(c, dict) or c.get("finish_reason") is not None
                      or (isinstance(delta, dict) and any(v is not None for v in delta.values()))):
             stub = False
