@@ -206,8 +206,8 @@ def render_terminal(r: Report, console: Any = None) -> str:
             for line in _lock_lines(c):
                 out.print(line.translate(glyphs), **plain)
             out.print(_candidate_cost(r, c, status=True), **plain)
-        if _run_cost(r):
-            out.print(_run_cost(r).translate(glyphs), **plain)
+        if run_cost := _run_cost(r):
+            out.print(run_cost.translate(glyphs), **plain)
         out.print(_footer_text(r).translate(glyphs), **plain)
     return buf.getvalue()
 
@@ -299,8 +299,8 @@ def render_markdown(r: Report) -> str:
             out += _md_flips(row)
         out += [f"- {_md(line.strip())}" for line in _lock_lines(c)]
         out += ["", _md(_candidate_cost(r, c, status=False)), ""]
-    if _run_cost(r):
-        out += [_md(_run_cost(r)), ""]
+    if run_cost := _run_cost(r):
+        out += [_md(run_cost), ""]
     out.append(f"**Verdict: {_verdict_word(r)}{_not_final(r)}** (exit {r.exit_code})")
     out += [f"- {_md(x)}" for x in r.reasons]
     if r.skipped:
